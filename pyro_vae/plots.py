@@ -1,0 +1,132 @@
+"""PNG figures of a run: prior samples, reconstructions, the latent space and training curves.
+
+Figures are drawn with matplotlib's Agg backend (no display needed) and saved atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .io import atomic_path  # noqa: E402
+
+if TYPE_CHECKING:
+    from .data import Dataset
+    from .models import VAE
+    from .train import History
+
+SAMPLES_PNG = "samples.png"
+RECONSTRUCTIONS_PNG = "reconstructions.png"
+LATENT_PNG = "latent.png"
+CURVES_PNG = "curves.png"
+NUM_RECONSTRUCTIONS = 16
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: torch.Tensor, image_shape: Sequence[int], ncols: int,
+               pad: int = 1) -> np.ndarray:
+    """Tile ``images`` ``[N, H*W]`` into one ``[rows*(H+pad), ncols*(W+pad)]`` array."""
+    h, w = image_shape
+    images = images.detach().cpu().reshape(-1, h, w).numpy()
+    rows = -(-len(images) // ncols)
+    grid = np.ones((rows * (h + pad) - pad, ncols * (w + pad) - pad), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncols)
+        grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = image
+    return grid
+
+
+def plot_grid(images: torch.Tensor, image_shape: Sequence[int], ncols: int, title: str,
+              row_labels: Sequence[str] | None = None,
+              col_labels: Sequence[str] | None = None) -> plt.Figure:
+    grid = image_grid(images, image_shape, ncols)
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * ncols), max(3.0, 0.5 * grid.shape[0]
+                                                                / (image_shape[0] + 1))))
+    ax.imshow(grid, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_title(title)
+    h, w = image_shape
+    if row_labels is not None:
+        ax.set_yticks([(h + 1) * i + h / 2 - 0.5 for i in range(len(row_labels))], row_labels)
+    else:
+        ax.set_yticks([])
+    if col_labels is not None:
+        ax.set_xticks([(w + 1) * i + w / 2 - 0.5 for i in range(len(col_labels))], col_labels)
+    else:
+        ax.set_xticks([])
+    return fig
+
+
+def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
+                         image_shape: Sequence[int]) -> plt.Figure:
+    """Two rows: test images above, their reconstructions (decoder mean at the guide mean) below."""
+    both = torch.cat([originals, reconstructions])
+    return plot_grid(both, image_shape, ncols=originals.shape[0],
+                     title="test images (top) and reconstructions (bottom)")
+
+
+def project_2d(points: torch.Tensor) -> tuple[np.ndarray, str]:
+    """The points themselves if 2-D, otherwise their projection on the first two principal axes."""
+    points = points.detach().cpu().double()
+    if points.shape[1] == 1:
+        return torch.cat([points, torch.zeros_like(points)], 1).numpy(), "z"
+    if points.shape[1] == 2:
+        return points.numpy(), "z"
+    centred = points - points.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ v[:2].T).numpy(), "PCA of z"
+
+
+def plot_latent(locs: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
+    """Guide means of the test set coloured by label (the aggregate posterior's clusters)."""
+    xy, axis = project_2d(locs)
+    labels = labels.detach().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
+    fig.colorbar(scatter, ax=ax, label="label")
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
+    ax.set_title("latent means of the test set")
+    return fig
+
+
+def plot_curves(history: "History") -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(history.epoch, [-v for v in history.train_loss], label="train ELBO (estimator)")
+    ax.plot(history.epoch, history.test_elbo, label="test ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per datapoint")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset", history: "History",
+                    test_images: torch.Tensor, seed: int = 0) -> list[Path]:
+    """Write samples, reconstructions, latent and curves PNGs into ``run_dir``."""
+    run_dir = Path(run_dir)
+    generator = torch.Generator(device=test_images.device).manual_seed(seed)
+    samples = model.sample(64, generator=generator)
+    originals = test_images[:NUM_RECONSTRUCTIONS]
+    locs, _ = model.encode(test_images)
+    return [
+        save_figure(plot_grid(samples, dataset.image_shape, 8, "samples from the prior "
+                              "(decoder mean)"), run_dir / SAMPLES_PNG),
+        save_figure(plot_reconstructions(originals, model.reconstruct(originals),
+                                         dataset.image_shape), run_dir / RECONSTRUCTIONS_PNG),
+        save_figure(plot_latent(locs, dataset.test.labels), run_dir / LATENT_PNG),
+        save_figure(plot_curves(history), run_dir / CURVES_PNG),
+    ]

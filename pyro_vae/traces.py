@@ -1,0 +1,193 @@
+"""Trace mechanics in one place: per-datapoint log p(x, z) and log q(z|x) with vectorized particles.
+
+The guide is run inside an outer particle plate (left of the model's plates), the model is replayed
+on the guide's samples, and every sample site's log-density is reduced over all dimensions except the
+particle dimension and the data plate's dimension. The data plate is kept, never summed away, so
+each datapoint's weight uses only its own sites.
+
+Densities are the true ones: ``poutine.scale`` factors (subsampling, β weights) are ignored here
+and masks are applied. Estimators that weight terms do so themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Distribution
+from pyro.poutine.util import prune_subsample_sites
+
+from .errors import ConfigError
+
+PARTICLE_PLATE = "_pyro_vae_particles"
+
+
+@dataclass
+class ParticleLogProbs:
+    """Per-particle, per-datapoint log-densities, each of shape ``[K, N]``.
+
+    ``log_p`` is log p(x, z) (every model site: latent and observed), ``log_q`` is log q(z|x);
+    ``log_weights`` = ``log_p − log_q``. The traces are kept for estimators that need more.
+    """
+
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    model_trace: Any
+    guide_trace: Any
+    data_plate: str
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        return self.log_p - self.log_q
+
+
+def _plates_of(site: dict) -> dict[str, int]:
+    return {frame.name: frame.dim for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.name != PARTICLE_PLATE}
+
+
+def detach_distribution(fn: Distribution) -> Distribution:
+    """A shallow copy of ``fn`` whose tensor parameters (and those of nested distributions) are
+    detached, so ``log_prob`` passes gradients to the value but not to the parameters.
+
+    This is the "stop gradient on the guide's parameters" used by the STL and DReG estimators.
+    """
+    out = copy.copy(fn)
+    for key, value in vars(fn).items():
+        if isinstance(value, torch.Tensor):
+            setattr(out, key, value.detach())
+        elif isinstance(value, torch.distributions.Distribution):
+            setattr(out, key, detach_distribution(value))
+    return out
+
+
+def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict
+               ) -> tuple[Any, Any]:
+    """Trace ``guide`` and replay ``model`` on it; subsample sites are pruned."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Run the pair once (outside any particle plate) and count the deepest plate nesting.
+
+    The global random state is restored afterwards, so guessing does not shift later draws.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with poutine.block(), torch.random.fork_rng(devices=devices):
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+    depth = 0
+    for trace in (model_trace, guide_trace):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                dims = [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]
+                depth = max([depth, *dims])
+    return depth
+
+
+def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> str:
+    """The name of the plate that indexes datapoints.
+
+    With ``data_plate=None`` the plate is found automatically: the one vectorized plate that every
+    sample site of model and guide lies in. Otherwise the named plate must exist.
+    """
+    sites = [site for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+             if site["type"] == "sample"]
+    if not sites:
+        raise ConfigError("the model/guide pair has no sample sites")
+    common = set(_plates_of(sites[0]))
+    for site in sites[1:]:
+        common &= set(_plates_of(site))
+    if data_plate is not None:
+        outside = [site["name"] for site in sites if data_plate not in _plates_of(site)]
+        if outside:
+            raise ConfigError(
+                f"sample sites {outside} are outside the data plate {data_plate!r}: per-datapoint "
+                "weights need every latent and observed site inside pyro.plate"
+                f"({data_plate!r}, N)")
+        return data_plate
+    if len(common) == 1:
+        return common.pop()
+    if not common:
+        raise ConfigError(
+            "could not find a data plate: no pyro.plate contains every sample site of the model "
+            "and guide. Put the latent and observed sites inside one pyro.plate('data', N), "
+            "or pass data_plate=NAME")
+    raise ConfigError(f"several plates {sorted(common)} contain every sample site; "
+                      "pass data_plate=NAME to say which one indexes datapoints")
+
+
+def _site_log_prob(site: dict, detach: bool) -> torch.Tensor:
+    fn = detach_distribution(site["fn"]) if detach else site["fn"]
+    log_prob = fn.log_prob(site["value"])
+    if site["mask"] is not None:
+        log_prob = torch.where(site["mask"], log_prob, log_prob.new_zeros(()))
+    return log_prob
+
+
+def _reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int,
+                                  shape: tuple[int, int]) -> torch.Tensor:
+    """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
+    the particle dim (leftmost) and ``data_dim``; the result has shape ``shape`` = ``[K, N]``."""
+    log_prob = log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
+    keep = {0, num_dims + data_dim}
+    others = [d for d in range(num_dims) if d not in keep]
+    if others:
+        log_prob = log_prob.sum(others, keepdim=True)
+    return log_prob.reshape(log_prob.shape[0], log_prob.shape[num_dims + data_dim]).expand(shape)
+
+
+def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
+                         max_plate_nesting: int | None = None, data_plate: str | None = None,
+                         detach_guide: bool = False, **kwargs: Any) -> ParticleLogProbs:
+    """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x).
+
+    The particles are an outer vectorized plate at dim ``-(max_plate_nesting + 1)``; there is no
+    Python loop over particles or datapoints. Gradients flow as usual (wrap in ``torch.no_grad()``
+    for evaluation); ``detach_guide=True`` evaluates log q with the guide's distribution
+    parameters detached (the sample itself keeps its reparameterized path).
+
+    :returns: :class:`ParticleLogProbs` with ``log_p`` and ``log_q`` of shape ``[K, N]``.
+    """
+    if num_particles < 1:
+        raise ConfigError(f"num_particles must be >= 1, got {num_particles}")
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    particle_dim = -(max_plate_nesting + 1)
+
+    def in_particle_plate(fn: Callable) -> Callable:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+                return fn(*a, **k)
+        return wrapped
+
+    model_trace, guide_trace = trace_pair(in_particle_plate(model), in_particle_plate(guide),
+                                          args, kwargs)
+    name = find_data_plate(model_trace, guide_trace, data_plate)
+    num_dims = max_plate_nesting + 1
+
+    frame = next(frame for trace in (guide_trace, model_trace) for site in trace.nodes.values()
+                 if site["type"] == "sample" for frame in site["cond_indep_stack"]
+                 if frame.name == name)
+    data_dim, shape = frame.dim, (num_particles, frame.size)
+
+    def total(trace, latent_only: bool, detach: bool) -> torch.Tensor:
+        out = None
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or (latent_only and site["is_observed"]):
+                continue
+            lp = _reduce_to_particles_and_data(_site_log_prob(site, detach), num_dims, data_dim,
+                                               shape)
+            out = lp if out is None else out + lp
+        if out is None:
+            raise ConfigError("the guide has no latent sample sites")
+        return out
+
+    log_p = total(model_trace, latent_only=False, detach=False)
+    log_q = total(guide_trace, latent_only=True, detach=detach_guide)
+    return ParticleLogProbs(log_p, log_q, model_trace, guide_trace, name)
