@@ -177,14 +177,16 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
             raise DataError(f"MNIST file {path} is corrupt: its MD5 is not the published {md5}")
         arrays[key] = read_idx(path)
     splits = {}
+    image_shape = tuple(arrays["train_images"].shape[1:])
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0] \
+                or images.shape[1:] != image_shape:
             raise DataError(f"MNIST {split} files disagree: images {images.shape}, "
                             f"labels {labels.shape}")
         splits[split] = Split(torch.from_numpy(images.reshape(len(images), -1)).float() / 255.0,
                               torch.from_numpy(labels.astype(np.int64)))
-    return Dataset("mnist", splits["train"], splits["test"], (28, 28), 10)
+    return Dataset("mnist", splits["train"], splits["test"], image_shape, 10)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,

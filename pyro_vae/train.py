@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -175,7 +176,7 @@ def _train_images_for_epoch(images: torch.Tensor, config: TrainConfig,
 
 
 def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-          progress: bool = True, download: bool = False,
+          progress: bool = True, download: bool = False, model: VAE | None = None,
           on_epoch: Callable[[int, History], None] | None = None) -> TrainResult:
     """Train a :class:`~pyro_vae.models.VAE` with SVI; return the model and its :class:`History`.
 
@@ -183,6 +184,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     With ``run_dir`` the config, history, checkpoint and weights are written there after every
     epoch (atomically); ``resume=True`` continues the run saved in ``run_dir`` up to
     ``config.epochs`` and reaches the same parameters as an uninterrupted run.
+    ``model`` may be given (built for the dataset's input size); by default it is built from
+    ``config.model``. ``on_epoch(epoch, history)`` is called after each epoch's checkpoint.
     Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss becomes NaN or infinite; the
     last good checkpoint stays on disk.
     """
@@ -197,17 +200,23 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
 
     pyro.set_rng_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model = VAE.from_config(dataset.input_dim, config.model).to(device)
-    model.decoder.set_output_bias(dataset.train.images.mean(0))
+    if model is None:
+        model = VAE.from_config(dataset.input_dim, config.model)
+        model.decoder.set_output_bias(dataset.train.images.mean(0))
+    elif model.input_dim != dataset.input_dim:
+        raise ConfigError(f"the model takes {model.input_dim} inputs, {config.dataset} has "
+                          f"{dataset.input_dim}")
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history = History()
 
     if resume:
         state = load_checkpoint(run_dir, map_location=device)
         saved = TrainConfig.from_dict(state["config"])
-        if saved.replace(epochs=config.epochs, device=config.device) != config:
+        if saved.replace(epochs=config.epochs, device=config.device,
+                         data_dir=config.data_dir) != config:
             raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
-                                  "--epochs and --device may change on resume")
+                                  "epochs, device and data_dir may change on resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], generator)
@@ -234,7 +243,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         epoch_images = _train_images_for_epoch(train_images, config, generator, fixed)
         order = torch.randperm(num_train, device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")
             for begin in range(0, num_train, config.batch_size):
                 batch = epoch_images[order[begin:begin + config.batch_size]]
                 optimizer.zero_grad(set_to_none=True)
@@ -249,7 +259,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
             raise TrainingDiverged(f"the training loss became {mean_loss} in epoch {epoch}{kept}. "
                                    "Try a smaller --lr.")
         model.eval()
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")
             elbo_value = test_elbo(model, test_images, eval_elbo, config.batch_size)
         history.append(epoch, mean_loss, elbo_value, time.perf_counter() - start)
         bar.set_postfix(loss=f"{mean_loss:.2f}", test_elbo=f"{elbo_value:.2f}")

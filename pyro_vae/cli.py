@@ -1,0 +1,173 @@
+"""Command line: ``pyro-vae train | sample | evaluate``.
+
+``main`` maps arguments onto :class:`~pyro_vae.config.TrainConfig` and calls library functions
+that are just as usable from Python. A user error prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import BINARIZATIONS, DATASETS, DEVICES, ELBOS, ModelConfig, TrainConfig
+from .errors import PyroVAEError
+
+DEFAULT_RUN_ROOT = Path("runs")
+EXIT_USER_ERROR = 2
+RESUMABLE = {"epochs", "device", "data_dir"}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer sizes like 256,128, got {text!r}") from None
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    defaults = TrainConfig()
+    p = sub.add_parser("train", help="train a VAE with SVI",
+                       description="Train a VAE with SVI and write a run folder "
+                                   "(config, history, checkpoint, weights, plots).")
+    p.add_argument("--dataset", choices=DATASETS, help=f"default {defaults.dataset}")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files "
+                                      "(default: $PYRO_VAE_DATA_DIR)")
+    p.add_argument("--download", action="store_true",
+                   help="download missing MNIST files into --data-dir (checksums verified)")
+    p.add_argument("--binarize", choices=BINARIZATIONS, help=f"default {defaults.binarize}")
+    p.add_argument("--elbo", choices=ELBOS,
+                   help=f"estimator: trace (Monte Carlo KL) or meanfield (closed-form KL); "
+                        f"default {defaults.elbo}")
+    p.add_argument("--particles", type=_positive_int,
+                   help=f"particles averaged per datapoint (default {defaults.particles})")
+    p.add_argument("--latent-dim", type=_positive_int,
+                   help=f"default {defaults.model.latent_dim}")
+    p.add_argument("--hidden", type=_hidden,
+                   help="hidden layer sizes, comma-separated (default "
+                        f"{','.join(map(str, defaults.model.hidden))})")
+    p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+    p.add_argument("--batch-size", type=_positive_int, help=f"default {defaults.batch_size}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
+    p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<dataset>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="write a grid of new images from a saved run")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--binary", action="store_true",
+                   help="draw Bernoulli pixels instead of showing the decoder mean")
+    p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-vae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_sample(sub)
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    defaults = TrainConfig()
+    model = ModelConfig(
+        latent_dim=args.latent_dim or defaults.model.latent_dim,
+        hidden=args.hidden or defaults.model.hidden,
+    )
+    given = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize,
+        "elbo": args.elbo, "particles": args.particles, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
+    }
+    return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import read_config, train
+
+    if args.resume is not None:
+        changed = [name for name in ("dataset", "binarize", "elbo", "particles", "latent_dim",
+                                     "hidden", "batch_size", "lr", "seed", "out")
+                   if getattr(args, name) is not None]
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            raise PyroVAEError(f"{flags} cannot change on --resume: only --epochs, --device "
+                               "and --data-dir may be given")
+        config = read_config(args.resume)
+        updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
+        config = config.replace(**updates)
+        run_dir = args.resume
+    else:
+        config = _train_config(args)
+        run_dir = args.out or DEFAULT_RUN_ROOT / config.dataset
+    result = train(config, run_dir, resume=args.resume is not None, progress=not args.quiet,
+                   download=args.download)
+    history = result.history
+    if history.epoch:
+        print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}, "
+              f"test ELBO {history.test_elbo[-1]:.3f} nats per datapoint")
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_grid, save_figure
+    from .train import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    device = next(run.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    images = run.model.sample(args.num, mean=not args.binary, generator=generator)
+    output = args.output or args.run_dir / f"samples-{args.seed}.png"
+    ncols = max(1, int(round(args.num ** 0.5)))
+    save_figure(plot_grid(images, run.dataset.image_shape, ncols,
+                          f"{args.num} samples from the prior"), output)
+    print(f"wrote {output}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PyroVAEError as exc:
+        print(f"pyro-vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        print(f"pyro-vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

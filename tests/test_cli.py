@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from pyro_vae.cli import main
+
+TINY = ["--epochs", "1", "--batch-size", "256", "--quiet", "--hidden", "16", "--latent-dim", "2"]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_run_folder(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run_dir)]) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["epochs"] == 1 and config["model"]["latent_dim"] == 2
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history["epoch"] == [1] and history["test_elbo"][0] < 0
+    assert "test ELBO" in capsys.readouterr().out
+
+
+def test_train_resume_extends_the_run(run_dir):
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((run_dir / "history.json").read_text())["epoch"] == [1, 2]
+
+
+def test_sample_writes_a_grid(run_dir, tmp_path, capsys):
+    output = tmp_path / "grid.png"
+    assert main(["sample", str(run_dir), "--num", "9", "--output", str(output)]) == 0
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sample", str(run_dir), "--binary"]) == 0
+    assert (run_dir / "samples-0.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
+     "train-images-idx3-ubyte.gz not found"),
+    (["train", "--resume", "/nonexistent/run"], "no config.json"),
+    (["sample", "/nonexistent/run"], "does not exist"),
+    (["train", "--epochs", "-3"], "epochs must be >= 0"),
+])
+def test_user_errors_exit_nonzero_with_one_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_resume_rejects_changed_flags(run_dir, capsys):
+    assert main(["train", "--resume", str(run_dir), "--lr", "0.1"]) == 2
+    assert "--lr cannot change on --resume" in capsys.readouterr().err
+
+
+def test_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--hidden", "a,b"])
+    assert info.value.code == 2
+    assert "comma-separated" in capsys.readouterr().err

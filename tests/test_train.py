@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from pyro_vae import VAE, ConfigError, TrainConfig, TrainingDiverged, load_run, train
+from pyro_vae.errors import CheckpointError
+from pyro_vae.train import CHECKPOINT_FILE, load_checkpoint
+
+TINY = TrainConfig(epochs=2, batch_size=128, eval_particles=2)
+
+
+def test_a_few_epochs_raise_the_test_elbo():
+    history = train(TINY.replace(epochs=15, batch_size=64), progress=False).history
+    assert history.epoch == list(range(1, 16))
+    assert all(torch.isfinite(torch.tensor(history.test_elbo)))
+    # digits, 64 binary pixels: the first epoch sits near the pixel-marginal baseline
+    # (about -27.5 nats); 15 epochs gain well over a nat.
+    assert history.test_elbo[-1] > history.test_elbo[0] + 1.5
+    assert history.train_loss[-1] < history.train_loss[0] - 1.5
+
+
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_resume_reaches_the_uninterrupted_result(tmp_path, elbo):
+    config = TINY.replace(epochs=4, elbo=elbo, particles=2)
+    full = train(config, tmp_path / "full", progress=False)
+    train(config.replace(epochs=2), tmp_path / "part", progress=False)
+    resumed = train(config, tmp_path / "part", resume=True, progress=False)
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert resumed.history.train_loss == full.history.train_loss
+    assert resumed.history.test_elbo == full.history.test_elbo
+    saved = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert saved["epoch"] == [1, 2, 3, 4]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    result = train(TINY, tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.config == TINY
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(value, run.model.state_dict()[name])
+    assert run.history.test_elbo == result.history.test_elbo
+    for png in ("samples.png", "reconstructions.png", "latent.png", "curves.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 0
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_checkpoint_is_loaded_without_unpickling_code(tmp_path):
+    train(TINY.replace(epochs=1), tmp_path, progress=False)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert set(state) == {"model", "optimizer", "rng", "history", "config"}
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = VAE(64, latent_dim=TINY.model.latent_dim, hidden=TINY.model.hidden)
+
+    def poison(epoch, history):
+        with torch.no_grad():
+            model.decoder.net[-1].bias.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
+        train(TINY.replace(epochs=3), tmp_path, progress=False, model=model, on_epoch=poison)
+    state = load_checkpoint(tmp_path)
+    assert state["history"]["epoch"] == [1]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train(TINY.replace(epochs=1), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(TINY, tmp_path, progress=False)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train(TINY.replace(epochs=1), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="differs"):
+        train(TINY.replace(lr=0.5), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"binarize": "none"}, "binary data"),
+    ({"dataset": "cifar"}, "dataset must be one of"),
+    ({"particles": 0}, "particles must be >= 1"),
+    ({"lr": -1.0}, "lr must be > 0"),
+])
+def test_bad_configs(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        train(TINY.replace(**changes), progress=False)
+
+
+def test_cuda_request_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        train(TINY.replace(device="cuda"), progress=False)
+
+
+@pytest.mark.cuda
+def test_training_runs_on_the_gpu(tmp_path):
+    result = train(TINY.replace(device="cuda"), tmp_path, progress=False)
+    assert all(p.device.type == "cuda" for p in result.model.parameters())
+    assert result.history.test_elbo[-1] > result.history.test_elbo[0] - 1.0
+    run = load_run(tmp_path, device="cpu")
+    assert all(p.device.type == "cpu" for p in run.model.parameters())
