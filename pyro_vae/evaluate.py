@@ -212,11 +212,10 @@ def _plot_gap(gap: torch.Tensor, path: Path, title: str) -> None:
 
 
 @contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's generators inside a fork, leaving the caller's random state untouched."""
-    devices = [device.index or 0] if device.type == "cuda" else []
+def _forked_rng() -> Iterator[None]:
+    """Run a block on a copy of torch's random state (CPU and every CUDA device in use)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
         yield
 
 
@@ -438,8 +437,9 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
 
     Loads the run with :func:`pyro_vae.train.load_run`, evaluates its VAE with
     :func:`evaluate_dataset` on the run's fixed binarization of ``split`` (the first ``limit``
-    images if given), seeded with ``seed`` inside a fork of torch's random state and with the
-    run's parameters in a scope of their own in Pyro's param store. Writes the files of
+    images if given), seeded with ``seed`` on a fork of torch's random state (the caller's state
+    is left untouched) and with the run's parameters in a scope of their own in Pyro's param
+    store (so it works in a process that holds other parameters). Writes the files of
     :func:`save_evaluation` into ``out`` (default: ``run_dir``) and returns the result; print
     ``format_table(result.summary())`` for a report.
     """
@@ -448,17 +448,20 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                         keep_log_weights=keep_log_weights)
     from .train import load_run
 
-    run = load_run(run_dir, device=device, data_dir=data_dir)
-    images = run.eval_images(config.split)
-    if config.limit is not None:
-        images = images[:config.limit]
-    keep = (particles * images.shape[0] <= KEEP_LOG_WEIGHTS_MAX
-            if config.keep_log_weights is None else config.keep_log_weights)
-    with pyro.get_param_store().scope(), _seeded(config.seed, images.device):
-        result = evaluate_dataset(run.model.model, run.model.guide, images,
-                                  num_particles=config.particles, batch_size=config.batch_size,
-                                  particle_chunk=config.particle_chunk, keep_log_weights=keep,
-                                  progress=progress)
+    with _forked_rng():
+        run = load_run(run_dir, device=device, data_dir=data_dir)
+        images = run.eval_images(config.split)
+        if config.limit is not None:
+            images = images[:config.limit]
+        keep = (particles * images.shape[0] <= KEEP_LOG_WEIGHTS_MAX
+                if config.keep_log_weights is None else config.keep_log_weights)
+        torch.manual_seed(config.seed)
+        with pyro.get_param_store().scope():
+            result = evaluate_dataset(run.model.model, run.model.guide, images,
+                                      num_particles=config.particles,
+                                      batch_size=config.batch_size,
+                                      particle_chunk=config.particle_chunk,
+                                      keep_log_weights=keep, progress=progress)
     metadata = {"run_dir": str(run_dir), "config": asdict(config)}
     save_evaluation(result, run_dir if out is None else out, config.split, metadata)
     return result
