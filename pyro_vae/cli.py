@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import BINARIZATIONS, DATASETS, DEVICES, ELBOS, ModelConfig, TrainConfig
+from .config import (BINARIZATIONS, DATASETS, DEVICES, ELBOS, MODEL_FAMILIES, ModelConfig,
+                     TrainConfig)
 from .errors import PyroVAEError
 
 DEFAULT_RUN_ROOT = Path("runs")
@@ -50,6 +51,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                       "(default: $PYRO_VAE_DATA_DIR)")
     p.add_argument("--download", action="store_true",
                    help="download missing MNIST files into --data-dir (checksums verified)")
+    p.add_argument("--model", choices=MODEL_FAMILIES,
+                   help=f"vae, or cvae (conditioned on the label); default {defaults.model.family}")
     p.add_argument("--binarize", choices=BINARIZATIONS, help=f"default {defaults.binarize}")
     p.add_argument("--elbo", choices=ELBOS,
                    help=f"estimator: trace (Monte Carlo KL) or meanfield (closed-form KL); "
@@ -79,6 +82,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--binary", action="store_true",
                    help="draw Bernoulli pixels instead of showing the decoder mean")
+    p.add_argument("--label", type=int, action="append",
+                   help="CVAE runs: generate this label (repeatable; default one row per label)")
     p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
     p.add_argument("--device", choices=DEVICES, default="auto")
 
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     defaults = TrainConfig()
     model = ModelConfig(
+        family=args.model or defaults.model.family,
         latent_dim=args.latent_dim or defaults.model.latent_dim,
         hidden=args.hidden or defaults.model.hidden,
     )
@@ -109,7 +115,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import read_config, train
 
     if args.resume is not None:
-        changed = [name for name in ("dataset", "binarize", "elbo", "particles", "latent_dim",
+        changed = [name for name in ("dataset", "model", "binarize", "elbo", "particles", "latent_dim",
                                      "hidden", "batch_size", "lr", "seed", "out")
                    if getattr(args, name) is not None]
         if changed:
@@ -142,11 +148,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, device=args.device)
     device = next(run.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    images = run.model.sample(args.num, mean=not args.binary, generator=generator)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
-    ncols = max(1, int(round(args.num ** 0.5)))
-    save_figure(plot_grid(images, run.dataset.image_shape, ncols,
-                          f"{args.num} samples from the prior"), output)
+    if run.model.conditional:
+        labels = args.label if args.label else list(range(run.model.num_classes))
+        if any(not 0 <= label < run.model.num_classes for label in labels):
+            raise PyroVAEError(f"--label must lie in 0..{run.model.num_classes - 1}")
+        per_label = max(1, args.num // len(labels))
+        wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
+        images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
+                                  labels=wanted)
+        figure = plot_grid(images, run.dataset.image_shape, per_label,
+                           f"samples per label ({per_label} each)",
+                           row_labels=[str(label) for label in labels])
+    else:
+        if args.label:
+            raise PyroVAEError("--label needs a conditional run (pyro-vae train --model cvae)")
+        images = run.model.sample(args.num, mean=not args.binary, generator=generator)
+        ncols = max(1, int(round(args.num ** 0.5)))
+        figure = plot_grid(images, run.dataset.image_shape, ncols,
+                           f"{args.num} samples from the prior")
+    save_figure(figure, output)
     print(f"wrote {output}")
     return 0
 

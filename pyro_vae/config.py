@@ -14,6 +14,7 @@ BINARIZATIONS = ("dynamic", "fixed", "none")
 ELBOS = ("trace", "meanfield")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_FNS = ("softplus", "exp")
+MODEL_FAMILIES = ("vae", "cvae")
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,10 @@ class ModelConfig:
 
     ``hidden`` lists the widths of the encoder's hidden layers; the decoder mirrors them.
     ``scale_fn`` maps the encoder's raw output to the guide's standard deviation.
+    ``family`` is ``"vae"`` or ``"cvae"`` (conditioned on the label).
     """
 
+    family: str = "vae"
     latent_dim: int = 8
     hidden: tuple[int, ...] = (128,)
     scale_fn: str = "softplus"
@@ -33,6 +36,8 @@ class ModelConfig:
             raise ConfigError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden layer sizes must be >= 1, got {list(self.hidden)}")
+        if self.family not in MODEL_FAMILIES:
+            raise ConfigError(f"model must be one of {MODEL_FAMILIES}, got {self.family!r}")
         if self.scale_fn not in SCALE_FNS:
             raise ConfigError(f"scale_fn must be one of {SCALE_FNS}, got {self.scale_fn!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))

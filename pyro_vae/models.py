@@ -54,6 +54,8 @@ class VAE(nn.Module):
     ``pyro.infer.SVI``; they are ordinary ``nn.Module`` parameters too, so any torch optimizer works.
     """
 
+    conditional = False
+
     def __init__(self, input_dim: int, latent_dim: int = 8, hidden: Sequence[int] = (128,),
                  scale_fn: str = "softplus", name: str = "vae"):
         super().__init__()
@@ -66,9 +68,9 @@ class VAE(nn.Module):
         self.encoder = GaussianEncoder(input_dim, self.config.hidden, latent_dim, scale_fn)
         self.decoder = LogitDecoder(latent_dim, self.config.hidden, input_dim)
 
-    @classmethod
-    def from_config(cls, input_dim: int, config: ModelConfig, name: str = "vae") -> "VAE":
-        return cls(input_dim, config.latent_dim, config.hidden, config.scale_fn, name=name)
+    def set_output_bias(self, mean_image: torch.Tensor) -> None:
+        """Start the decoder at the data's pixel marginals (see :class:`LogitDecoder`)."""
+        self.decoder.set_output_bias(mean_image)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

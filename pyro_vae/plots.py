@@ -119,14 +119,27 @@ def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset", histo
     """Write samples, reconstructions, latent and curves PNGs into ``run_dir``."""
     run_dir = Path(run_dir)
     generator = torch.Generator(device=test_images.device).manual_seed(seed)
-    samples = model.sample(64, generator=generator)
+    labels = dataset.test.labels
     originals = test_images[:NUM_RECONSTRUCTIONS]
-    locs, _ = model.encode(test_images)
+    if model.conditional:
+        classes = torch.arange(model.num_classes, device=labels.device)
+        samples = model.sample(8 * model.num_classes, generator=generator,
+                               labels=classes.repeat_interleave(8))
+        samples_fig = plot_grid(samples, dataset.image_shape, 8, "samples per label "
+                                "(decoder mean)", row_labels=[str(c) for c in range(
+                                    model.num_classes)])
+        locs, _ = model.encode(test_images, labels)
+        recon = model.reconstruct(originals, labels[:NUM_RECONSTRUCTIONS])
+    else:
+        samples = model.sample(64, generator=generator)
+        samples_fig = plot_grid(samples, dataset.image_shape, 8, "samples from the prior "
+                                "(decoder mean)")
+        locs, _ = model.encode(test_images)
+        recon = model.reconstruct(originals)
     return [
-        save_figure(plot_grid(samples, dataset.image_shape, 8, "samples from the prior "
-                              "(decoder mean)"), run_dir / SAMPLES_PNG),
-        save_figure(plot_reconstructions(originals, model.reconstruct(originals),
-                                         dataset.image_shape), run_dir / RECONSTRUCTIONS_PNG),
-        save_figure(plot_latent(locs, dataset.test.labels), run_dir / LATENT_PNG),
+        save_figure(samples_fig, run_dir / SAMPLES_PNG),
+        save_figure(plot_reconstructions(originals, recon, dataset.image_shape),
+                    run_dir / RECONSTRUCTIONS_PNG),
+        save_figure(plot_latent(locs, labels), run_dir / LATENT_PNG),
         save_figure(plot_curves(history), run_dir / CURVES_PNG),
     ]

@@ -25,6 +25,7 @@ from . import data as data_lib
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .io import atomic_path, write_json
+from .cvae import CVAE
 from .models import VAE
 
 CONFIG_FILE = "config.json"
@@ -53,6 +54,23 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
         raise ConfigError(f"unknown elbo {name!r}: choose one of {sorted(classes)}")
     return classes[name](num_particles=num_particles, vectorize_particles=num_particles > 1,
                          max_plate_nesting=MAX_PLATE_NESTING)
+
+
+def build_model(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
+    """The model family named by ``config.model.family``, sized for ``dataset``."""
+    spec = config.model
+    common = dict(latent_dim=spec.latent_dim, hidden=spec.hidden, scale_fn=spec.scale_fn)
+    if spec.family == "cvae":
+        model = CVAE(dataset.input_dim, dataset.num_classes, **common)
+        model.set_class_probs(dataset.train.labels)
+    else:
+        model = VAE(dataset.input_dim, **common)
+    return model
+
+
+def model_args(model: VAE, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The positional arguments of ``model.model`` / ``model.guide`` for a batch."""
+    return (images, labels) if model.conditional else (images,)
 
 
 @dataclass
@@ -94,11 +112,14 @@ def evaluation_images(dataset: data_lib.Dataset, split: str, config: TrainConfig
 
 
 @torch.no_grad()
-def test_elbo(model: VAE, images: torch.Tensor, elbo: ELBO, batch_size: int) -> float:
+def test_elbo(model: VAE, images: torch.Tensor, labels: torch.Tensor, elbo: ELBO,
+              batch_size: int) -> float:
     """Estimate of the mean per-datapoint ELBO over ``images`` (nats)."""
     total = 0.0
     for start in range(0, images.shape[0], batch_size):
-        total -= elbo.loss(model.model, model.guide, images[start:start + batch_size])
+        chunk = slice(start, start + batch_size)
+        total -= elbo.loss(model.model, model.guide, *model_args(model, images[chunk],
+                                                                 labels[chunk]))
     return total / images.shape[0]
 
 
@@ -201,8 +222,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     pyro.set_rng_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     if model is None:
-        model = VAE.from_config(dataset.input_dim, config.model)
-        model.decoder.set_output_bias(dataset.train.images.mean(0))
+        model = build_model(dataset, config)
+        model.set_output_bias(dataset.train.images.mean(0))
     elif model.input_dim != dataset.input_dim:
         raise ConfigError(f"the model takes {model.input_dim} inputs, {config.dataset} has "
                           f"{dataset.input_dim}")
@@ -224,7 +245,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
 
     train_elbo = make_elbo(config.elbo, config.particles)
     eval_elbo = make_elbo(config.elbo, config.eval_particles)
-    train_images = dataset.train.images
+    train_images, train_labels = dataset.train.images, dataset.train.labels
     fixed = (data_lib.fixed_binarization(train_images, config.seed)
              if config.binarize == "fixed" else None)
     test_images = evaluation_images(dataset, "test", config)
@@ -246,10 +267,11 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
             for begin in range(0, num_train, config.batch_size):
-                batch = epoch_images[order[begin:begin + config.batch_size]]
+                index = order[begin:begin + config.batch_size]
+                args = model_args(model, epoch_images[index], train_labels[index])
                 optimizer.zero_grad(set_to_none=True)
-                loss = train_elbo.differentiable_loss(model.model, model.guide, batch)
-                (loss / batch.shape[0]).backward()
+                loss = train_elbo.differentiable_loss(model.model, model.guide, *args)
+                (loss / index.shape[0]).backward()
                 optimizer.step()
                 loss_sum += loss.detach()
         mean_loss = loss_sum.item() / num_train
@@ -261,7 +283,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         model.eval()
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
-            elbo_value = test_elbo(model, test_images, eval_elbo, config.batch_size)
+            elbo_value = test_elbo(model, test_images, dataset.test.labels, eval_elbo,
+                                   config.batch_size)
         history.append(epoch, mean_loss, elbo_value, time.perf_counter() - start)
         bar.set_postfix(loss=f"{mean_loss:.2f}", test_elbo=f"{elbo_value:.2f}")
         if run_dir is not None:
@@ -312,7 +335,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
     torch_device = resolve_device(device)
     state = load_checkpoint(run_dir, map_location=torch_device)
     dataset = prepare_data(config, torch_device)
-    model = VAE.from_config(dataset.input_dim, config.model).to(torch_device)
+    model = build_model(dataset, config).to(torch_device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
