@@ -38,6 +38,13 @@ def register_module(name: str, module: nn.Module) -> None:
                 "call pyro.clear_param_store() or give this model a different name=")
 
 
+def forget_params(name: str) -> None:
+    """Drop the param-store entries registered under ``name`` (and only those)."""
+    store = pyro.get_param_store()
+    for key in [key for key in store.keys() if key.startswith(f"{name}.")]:
+        del store[key]
+
+
 class VAE(nn.Module):
     """Variational autoencoder with a N(0, I) prior, a Bernoulli decoder on logits and a
     diagonal-Gaussian encoder.

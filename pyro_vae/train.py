@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .io import atomic_path, write_json
 from .cvae import CVAE
-from .models import VAE
+from .models import VAE, forget_params
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
@@ -207,6 +207,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     ``config.epochs`` and reaches the same parameters as an uninterrupted run.
     ``model`` may be given (built for the dataset's input size); by default it is built from
     ``config.model``. ``on_epoch(epoch, history)`` is called after each epoch's checkpoint.
+    Entries of Pyro's param store under the model's name are replaced by the model's parameters;
+    other entries are left alone.
     Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss becomes NaN or infinite; the
     last good checkpoint stays on disk.
     """
@@ -253,7 +255,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_FILE, config.to_dict())
 
-    pyro.clear_param_store()
+    forget_params(model.name)
     num_train = train_images.shape[0]
     first_epoch = len(history.epoch) + 1
     bar = tqdm(range(first_epoch, config.epochs + 1), desc="train", unit="epoch",
