@@ -1,0 +1,464 @@
+"""Train the same VAE with each ELBO estimator and compare bounds, likelihoods and gradient SNR.
+
+For every seed and estimator (``trace``, ``meanfield``, ``iwae``, ``stl``, ``dreg``) the same
+VAE (same initial weights, same data order and dynamic binarization) is trained for the same
+number of epochs (or, with ``--time-budget``, for the same training wall time) by a plain torch
+loop: ``estimator.differentiable_loss(model.model, model.guide, batch) / B``, backward,
+``torch.optim.Adam`` on ``model.parameters()``, Pyro validation off. Then, per run:
+
+``train bound``
+    the estimator's own bound per datapoint on a fixed binarization of the training set
+    (the ELBO for trace/meanfield/stl, the K-sample IWAE bound for iwae/dreg);
+``test ELBO``, ``test log p̂_K``, ``gap``
+    from :func:`pyro_vae.evaluate.evaluate_dataset` with ``--eval-particles`` K on a fixed
+    binarization of the test set (the same for every run);
+``active units``
+    latent dimensions whose posterior mean varies over the test set by more than 0.01
+    (Burda et al. 2016);
+``SNR enc``, ``SNR dec``
+    gradient signal-to-noise ratio |E g| / std g per parameter element (Rainforth et al. 2018)
+    from ``--snr-draws`` gradient draws at the final parameters on one fixed training batch,
+    averaged over the encoder's / decoder's elements;
+``steps/s``
+    training steps per second of training time (evaluation excluded).
+
+With several ``--seeds`` the table shows mean ± std over seeds. Also, at the final parameters of
+each seed's ``iwae`` run (or its first run), the encoder and decoder SNR of the iwae and dreg
+gradients for each K of ``--snr-ks``. Outputs in ``--out`` (written atomically): ``table.md``,
+``runs.csv``, ``summary.csv``, ``results.json``, ``log_px_vs_epoch.png``, ``snr_vs_k.png``.
+
+    python benchmarks/compare_estimators.py --out bench-estimators            # digits, ~5 min
+    python benchmarks/compare_estimators.py --seeds 0 --epochs 20 --out /tmp/quick
+    python benchmarks/compare_estimators.py --data-dir ~/mnist --eval-particles 5000 --out mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyro
+import torch
+
+from pyro_vae import data as data_lib
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.io import atomic_path, write_json, write_text
+from pyro_vae.models import VAE
+from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
+
+INSIDE_LOG = ("iwae", "dreg")
+ACTIVE_UNIT_THRESHOLD = 0.01
+TRAIN_EVAL_SEED = 0
+TEST_EVAL_SEED = 1
+EVAL_RNG_OFFSET = 10_000
+METRICS = ("train_bound", "test_elbo", "test_log_px", "test_gap", "active_units",
+           "snr_encoder", "snr_decoder", "steps_per_s")
+HEADERS = {"train_bound": "train bound", "test_elbo": "test ELBO",
+           "test_log_px": "test log p̂_K", "test_gap": "gap", "active_units": "active units",
+           "snr_encoder": "SNR enc", "snr_decoder": "SNR dec", "steps_per_s": "steps/s"}
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Every default of the comparison in one place (see the module docstring)."""
+
+    estimators: tuple[str, ...] = ESTIMATORS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 100
+    time_budget: float | None = None
+    batch_size: int = 64
+    lr: float = 3e-3
+    latent_dim: int = 8
+    hidden: tuple[int, ...] = (128,)
+    particles: int = 1
+    importance_samples: int = 5
+    beta: float = 1.0
+    warmup: int = 0
+    eval_particles: int | None = None
+    curve_particles: int = 100
+    eval_every: int = 10
+    snr_draws: int = 100
+    snr_ks: tuple[int, ...] = (1, 5, 10, 50)
+    threads: int = 1
+
+    @property
+    def final_eval_particles(self) -> int:
+        """K of the final test log p̂_K: 1000 on digits, 5000 (the paper protocol) on MNIST."""
+        if self.eval_particles is not None:
+            return self.eval_particles
+        return 1000 if self.dataset == "digits" else 5000
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.estimators) - set(ESTIMATORS))
+        if unknown or not self.estimators or not self.seeds:
+            raise ValueError(f"need seeds and estimators from {ESTIMATORS}; got "
+                             f"{self.estimators}, seeds {self.seeds}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if self.snr_draws < 2:
+            raise ValueError(f"snr_draws must be >= 2, got {self.snr_draws}")
+
+    def importance_samples_of(self, name: str) -> int:
+        return self.importance_samples if name in INSIDE_LOG else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["final_eval_particles"] = self.final_eval_particles
+        return out
+
+
+@dataclass
+class Data:
+    train: torch.Tensor
+    train_fixed: torch.Tensor
+    test_fixed: torch.Tensor
+
+
+def load_data(config: BenchmarkConfig) -> Data:
+    dataset = (data_lib.load_digits() if config.dataset == "digits"
+               else data_lib.load_mnist(config.data_dir))
+    return Data(train=dataset.train.images,
+                train_fixed=data_lib.fixed_binarization(dataset.train.images, TRAIN_EVAL_SEED),
+                test_fixed=data_lib.fixed_binarization(dataset.test.images, TEST_EVAL_SEED))
+
+
+def _estimator(name: str, config: BenchmarkConfig, importance_samples: int | None = None
+               ) -> ELBOEstimator:
+    k = config.importance_samples_of(name) if importance_samples is None else importance_samples
+    return make_estimator(name, num_particles=config.particles, importance_samples=k,
+                          beta=config.beta, max_plate_nesting=1)
+
+
+@torch.no_grad()
+def test_log_px(model: VAE, images: torch.Tensor, particles: int, seed: int) -> dict[str, float]:
+    """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``images``, on a fork of the RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + EVAL_RNG_OFFSET)
+        result = evaluate_dataset(model.model, model.guide, images, num_particles=particles,
+                                  batch_size=100, particle_chunk=500, khat=False,
+                                  max_plate_nesting=1)
+    return {"test_log_px": result.log_px.mean().item(), "test_elbo": result.elbo.mean().item(),
+            "test_gap": result.gap.mean().item()}
+
+
+@torch.no_grad()
+def own_bound(model: VAE, estimator: ELBOEstimator, images: torch.Tensor, seed: int,
+              batch_size: int = 500) -> float:
+    """The estimator's bound per datapoint over ``images`` (nats)."""
+    total = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + EVAL_RNG_OFFSET)
+        for start in range(0, images.shape[0], batch_size):
+            total -= estimator.loss(model.model, model.guide, images[start:start + batch_size])
+    return total / images.shape[0]
+
+
+@torch.no_grad()
+def active_units(model: VAE, images: torch.Tensor) -> int:
+    """Latent dimensions whose posterior mean has variance > 0.01 over ``images``."""
+    loc, _ = model.encode(images)
+    return int((loc.var(0) > ACTIVE_UNIT_THRESHOLD).sum())
+
+
+def gradient_snr(model: VAE, estimator: ELBOEstimator, batch: torch.Tensor, draws: int
+                 ) -> dict[str, float]:
+    """Mean over parameter elements of |E g| / std g, from ``draws`` gradients at fixed
+    parameters on ``batch``, for the encoder's and the decoder's parameters."""
+    groups = {"snr_encoder": list(model.encoder.parameters()),
+              "snr_decoder": list(model.decoder.parameters())}
+    params = [p for group in groups.values() for p in group]
+    samples = []
+    for _ in range(draws):
+        loss = estimator.differentiable_loss(model.model, model.guide, batch) / batch.shape[0]
+        samples.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    grads = torch.stack(samples).double()
+    mean, std = grads.mean(0).abs(), grads.std(0)
+    out, start = {}, 0
+    for key, group in groups.items():
+        size = sum(p.numel() for p in group)
+        m, s = mean[start:start + size], std[start:start + size]
+        informative = s > 0
+        out[key] = (m[informative] / s[informative]).mean().item()
+        start += size
+    return out
+
+
+def _init_model(config: BenchmarkConfig, data: Data, seed: int, name: str) -> VAE:
+    """The same initial weights for every estimator of a seed; a param-store name of its own."""
+    torch.manual_seed(seed)
+    model = VAE(data.train.shape[1], config.latent_dim, config.hidden, name=f"{name}-{seed}")
+    model.set_output_bias(data.train.mean(0))
+    return model
+
+
+def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data) -> dict[str, Any]:
+    """Train one VAE with estimator ``name``; return its model, metrics and curve."""
+    model = _init_model(config, data, seed, name)
+    estimator = _estimator(name, config)
+    schedule = LinearWarmup(config.warmup or None, end=config.beta)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    num_train = data.train.shape[0]
+    curve = [(0, test_log_px(model, data.test_fixed, config.curve_particles, seed)["test_log_px"])]
+    steps, train_seconds, epoch = 0, 0.0, 0
+    out_of_time = False
+    while not out_of_time and (config.time_budget is not None or epoch < config.epochs):
+        epoch += 1
+        order = torch.randperm(num_train, generator=generator)
+        images = data_lib.binarize(data.train, generator)[order]
+        started = time.perf_counter()
+        with pyro.validation_enabled(False):
+            for start in range(0, num_train, config.batch_size):
+                batch = images[start:start + config.batch_size]
+                estimator.beta = schedule(steps)
+                loss = estimator.differentiable_loss(model.model, model.guide, batch)
+                optimizer.zero_grad()
+                (loss / batch.shape[0]).backward()
+                optimizer.step()
+                steps += 1
+                if (config.time_budget is not None
+                        and train_seconds + time.perf_counter() - started >= config.time_budget):
+                    out_of_time = True
+                    break
+        train_seconds += time.perf_counter() - started
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"{name}, seed {seed}: the loss diverged at epoch {epoch}")
+        if epoch % config.eval_every == 0 or out_of_time or epoch == config.epochs:
+            value = test_log_px(model, data.test_fixed, config.curve_particles, seed)
+            curve.append((epoch, value["test_log_px"]))
+    estimator.beta = config.beta
+    metrics: dict[str, Any] = {"estimator": name, "seed": seed, "epochs": epoch, "steps": steps,
+                               "train_seconds": train_seconds,
+                               "steps_per_s": steps / train_seconds}
+    metrics["train_bound"] = own_bound(model, estimator, data.train_fixed, seed)
+    metrics.update(test_log_px(model, data.test_fixed, config.final_eval_particles, seed))
+    metrics["active_units"] = active_units(model, data.test_fixed)
+    with pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + EVAL_RNG_OFFSET)
+        metrics.update(gradient_snr(model, estimator, data.train_fixed[:config.batch_size],
+                                    config.snr_draws))
+    return {"metrics": metrics, "curve": curve, "model": model}
+
+
+def snr_versus_k(model: VAE, config: BenchmarkConfig, data: Data, seed: int
+                 ) -> dict[str, dict[str, list[float]]]:
+    """Encoder/decoder SNR of the iwae and dreg gradients at ``model``'s parameters, per K."""
+    out: dict[str, dict[str, list[float]]] = {}
+    batch = data.train_fixed[:config.batch_size]
+    for name in INSIDE_LOG:
+        rows: dict[str, list[float]] = {"snr_encoder": [], "snr_decoder": []}
+        for k in config.snr_ks:
+            with pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + EVAL_RNG_OFFSET)
+                snr = gradient_snr(model, _estimator(name, config, importance_samples=k), batch,
+                                   config.snr_draws)
+            for key, value in snr.items():
+                rows[key].append(value)
+        out[name] = rows
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def summarize(runs: list[dict[str, Any]], config: BenchmarkConfig) -> list[dict[str, Any]]:
+    rows = []
+    for name in config.estimators:
+        mine = [run for run in runs if run["estimator"] == name]
+        row: dict[str, Any] = {"estimator": name, "K": config.importance_samples_of(name),
+                               "P": config.particles, "seeds": len(mine)}
+        for metric in METRICS:
+            row[metric], row[f"{metric}_std"] = _mean_std([run[metric] for run in mine])
+        rows.append(row)
+    return rows
+
+
+def _format(value: float, std: float, digits: int) -> str:
+    text = f"{value:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    digits = {"train_bound": 2, "test_elbo": 2, "test_log_px": 2, "test_gap": 2,
+              "active_units": 1, "snr_encoder": 3, "snr_decoder": 3, "steps_per_s": 0}
+    header = ["estimator", *(HEADERS[m] for m in METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary:
+        label = row["estimator"] + (f" (K={row['K']})" if row["K"] > 1 else "")
+        cells = [_format(row[m], row[f"{m}_std"], digits[m]) for m in METRICS]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _figure(ncols: int = 1) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(5.5 * ncols, 3.8), layout="constrained")
+
+
+def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, k: int) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, per_seed in curves.items():
+        epochs = [epoch for epoch, _ in per_seed[0]]
+        values = torch.tensor([[value for _, value in curve] for curve in per_seed
+                               if len(curve) == len(epochs)], dtype=torch.float64)
+        mean = values.mean(0)
+        ax.plot(epochs, mean.tolist(), marker=".", label=name)
+        if values.shape[0] > 1:
+            std = values.std(0)
+            ax.fill_between(epochs, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=f"test log p̂_K (K = {k}), nats", title="test log-likelihood")
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def plot_snr(snr: dict[str, dict[str, list[float]]], ks: Sequence[int], path: Path) -> None:
+    fig = _figure(2)
+    for i, (key, title) in enumerate((("snr_encoder", "encoder (guide)"),
+                                      ("snr_decoder", "decoder (model)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for name, rows in snr.items():
+            ax.plot(list(ks), rows[key], marker="o", label=name)
+        ax.set(xscale="log", xlabel="importance samples K", ylabel="mean |E g| / std g",
+               title=f"gradient SNR: {title}")
+        ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate every (seed, estimator); return everything that gets written."""
+    torch.set_num_threads(config.threads)
+    pyro.clear_param_store()
+    data = load_data(config)
+    runs, curves = [], {name: [] for name in config.estimators}
+    snr_runs = []
+    started = time.perf_counter()
+    for seed in config.seeds:
+        models = {}
+        for name in config.estimators:
+            result = train_run(name, seed, config, data)
+            runs.append(result["metrics"])
+            curves[name].append(result["curve"])
+            models[name] = result["model"]
+            if progress:
+                m = result["metrics"]
+                print(f"[{time.perf_counter() - started:6.0f}s] seed {seed} {name:9s} "
+                      f"log p̂ {m['test_log_px']:.2f}  ELBO {m['test_elbo']:.2f}  "
+                      f"{m['steps_per_s']:.0f} steps/s", file=sys.stderr, flush=True)
+        base = models.get("iwae", next(iter(models.values())))
+        snr_runs.append(snr_versus_k(base, config, data, seed))
+    snr = {name: {key: [statistics.fmean(run[name][key][i] for run in snr_runs)
+                        for i in range(len(config.snr_ks))]
+                  for key in ("snr_encoder", "snr_decoder")}
+           for name in INSIDE_LOG}
+    return {"config": config.to_dict(), "runs": runs, "summary": summarize(runs, config),
+            "curves": curves, "snr_vs_k": {"K": list(config.snr_ks), **snr},
+            "seconds": time.perf_counter() - started,
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "pyro": pyro.__version__, "platform": platform.platform(),
+                            "threads": config.threads}}
+
+
+def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
+    table = markdown_table(results["summary"])
+    config = results["config"]
+    write_text(out / "table.md", f"```\n{command}\n```\n\n{table}")
+    write_text(out / "runs.csv", _csv(results["runs"]))
+    write_text(out / "summary.csv", _csv(results["summary"]))
+    write_json(out / "results.json", {**results, "command": command})
+    plot_curves(results["curves"], out / "log_px_vs_epoch.png", config["curve_particles"])
+    snr = {name: results["snr_vs_k"][name] for name in INSIDE_LOG}
+    plot_snr(snr, results["snr_vs_k"]["K"], out / "snr_vs_k.png")
+    return table
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[BenchmarkConfig, Path]:
+    defaults = BenchmarkConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
+    p.add_argument("--dataset", choices=("digits", "mnist"), default=None,
+                   help="default: mnist if --data-dir is given, else digits")
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="equal training wall time per run instead of equal epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--latent-dim", type=_positive_int, default=defaults.latent_dim)
+    p.add_argument("--hidden", nargs="+", type=_positive_int, default=list(defaults.hidden))
+    p.add_argument("--particles", type=_positive_int, default=defaults.particles,
+                   help="P, averaged outside the log (every estimator)")
+    p.add_argument("--importance-samples", type=_positive_int,
+                   default=defaults.importance_samples, help="K inside the log (iwae, dreg)")
+    p.add_argument("--beta", type=float, default=defaults.beta)
+    p.add_argument("--warmup", type=int, default=defaults.warmup,
+                   help="KL warm-up steps (0: constant beta)")
+    p.add_argument("--eval-particles", type=_positive_int, default=None,
+                   help="K of the final test log p̂_K (default 1000 on digits, 5000 on MNIST)")
+    p.add_argument("--curve-particles", type=_positive_int, default=defaults.curve_particles)
+    p.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every)
+    p.add_argument("--snr-draws", type=_positive_int, default=defaults.snr_draws)
+    p.add_argument("--snr-ks", nargs="+", type=_positive_int, default=list(defaults.snr_ks))
+    p.add_argument("--threads", type=_positive_int, default=defaults.threads)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    dataset = args.dataset or ("mnist" if args.data_dir else "digits")
+    config = BenchmarkConfig(
+        estimators=tuple(dict.fromkeys(args.estimators)), seeds=tuple(args.seeds),
+        dataset=dataset, data_dir=args.data_dir, epochs=args.epochs,
+        time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
+        latent_dim=args.latent_dim, hidden=tuple(args.hidden), particles=args.particles,
+        importance_samples=args.importance_samples, beta=args.beta, warmup=args.warmup,
+        eval_particles=args.eval_particles, curve_particles=args.curve_particles,
+        eval_every=args.eval_every, snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks),
+        threads=args.threads)
+    return config, args.out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, out = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/compare_estimators.py", *argv])
+    results = run_benchmark(config)
+    print(write_outputs(results, out, command))
+    print(f"{results['seconds']:.0f} s; results in {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""ELBO estimators against closed forms of a linear-Gaussian model (float64).
+
+Monte Carlo tolerances: a mean of R independent draws is compared within ``NUM_SE`` = 5
+standard errors, the standard error estimated from the draws themselves (a false failure has
+probability < 6e-7 per compared number; the suite compares a few hundred). Each draw is one call
+of an estimator with P vectorized particles, i.e. already a mean of P particles. Exact
+statements (equal values, zero variance) use a float64 rounding tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+from torch.distributions import MultivariateNormal, Normal
+
+from pyro_vae.models import VAE
+from pyro_vae.objectives import (ESTIMATORS, DoublyReparameterizedELBO, ELBOEstimator,
+                                 ImportanceWeightedELBO, LinearWarmup, MeanFieldELBO,
+                                 StickingTheLandingELBO, TraceELBO, make_estimator)
+from pyro_vae.traces import vectorized_log_probs
+
+from linear_gaussian import LinearGaussian
+
+NUM_SE = 5.0
+ROUNDING = 1e-9
+MODEL_PARAMS = ("weight", "bias", "log_noise_scale")
+GUIDE_PARAMS = ("loc_shift", "log_scale_factor")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscribing shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pair(guide: str = "diagonal", exact: bool = False) -> LinearGaussian:
+    """D = 3, d = 2; a shifted, over-dispersed guide unless ``exact``."""
+    if exact:
+        return LinearGaussian.random(3, 2, noise_scale=0.7, guide="full")
+    return LinearGaussian.random(3, 2, noise_scale=0.7, guide=guide,
+                                 loc_shift=torch.tensor([0.3, -0.2]), scale_factor=1.3)
+
+
+def _data(lg: LinearGaussian, num_data: int = 3) -> torch.Tensor:
+    return lg.sample(num_data, torch.Generator().manual_seed(1))
+
+
+def _params(module: nn.Module, names=MODEL_PARAMS + GUIDE_PARAMS) -> list[torch.Tensor]:
+    return [getattr(module, name) for name in names]
+
+
+def _guide_moments(lg: LinearGaussian, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [N, d] and covariance [d, d] of q(z|x)."""
+    q = lg.guide_distribution(x)
+    if isinstance(q, MultivariateNormal):
+        return q.loc, q.covariance_matrix[0]
+    return q.base_dist.loc, torch.diag_embed(q.base_dist.scale.square())[0]
+
+
+def expected_log_lik(lg: LinearGaussian, x: torch.Tensor) -> torch.Tensor:
+    """E_q[log N(x; W z + b, σ² I)] per datapoint, in closed form."""
+    mean, cov = _guide_moments(lg, x)
+    var = lg.noise_scale ** 2
+    residual = x - mean @ lg.weight.T - lg.bias
+    spread = torch.trace(lg.weight @ cov @ lg.weight.T)
+    return (-0.5 * lg.data_dim * torch.log(2 * math.pi * var)
+            - (residual.square().sum(-1) + spread) / (2 * var))
+
+
+def rate(lg: LinearGaussian, x: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) ‖ N(0, I)) per datapoint, in closed form."""
+    mean, cov = _guide_moments(lg, x)
+    return 0.5 * (torch.trace(cov) + mean.square().sum(-1) - lg.latent_dim - torch.logdet(cov))
+
+
+def beta_elbo(lg: LinearGaussian, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    return expected_log_lik(lg, x) - beta * rate(lg, x)
+
+
+def iw_reference(lg: LinearGaussian, x: torch.Tensor, k: int, replicates: int,
+                 seed: int = 123) -> tuple[float, float]:
+    """Mean and SE of Σ_n log (1/K) Σ_k w_k, sampled with torch.distributions (no Pyro)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = lg.guide_distribution(x)
+    with torch.no_grad():
+        if isinstance(q, MultivariateNormal):
+            loc, tril = q.loc, q.scale_tril
+        else:
+            loc, tril = q.base_dist.loc, torch.diag_embed(q.base_dist.scale)
+        eps = torch.randn(replicates, k, *loc.shape, generator=generator, dtype=loc.dtype)
+        z = loc + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+        log_q = MultivariateNormal(loc, scale_tril=tril).log_prob(z)
+        log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_lik = Normal(z @ lg.weight.T + lg.bias, lg.noise_scale).log_prob(x).sum(-1)
+        bound = torch.logsumexp(log_lik + log_prior - log_q, 1) - math.log(k)
+        total = bound.sum(-1)
+    return total.mean().item(), total.std().item() / math.sqrt(replicates)
+
+
+def draws(fn: Callable[[], torch.Tensor], repeats: int) -> torch.Tensor:
+    return torch.stack([fn().detach().flatten() for _ in range(repeats)])
+
+
+def loss_draws(estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int) -> torch.Tensor:
+    with torch.no_grad():
+        return draws(lambda: estimator.differentiable_loss(module.model, module.guide, x),
+                     repeats)
+
+
+def grad_draws(estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int,
+               params: list[torch.Tensor]) -> torch.Tensor:
+    def one() -> torch.Tensor:
+        loss = estimator.differentiable_loss(module.model, module.guide, x)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    return draws(one, repeats)
+
+
+def exact_grad(value: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
+
+
+def assert_mean_matches(samples: torch.Tensor, expected: torch.Tensor | float,
+                        extra_se: float = 0.0, what: str = "") -> None:
+    """Every column's mean within NUM_SE standard errors (plus a rounding floor) of expected."""
+    expected = torch.as_tensor(expected, dtype=samples.dtype).flatten()
+    mean = samples.mean(0)
+    se = (samples.var(0) / samples.shape[0] + extra_se ** 2).sqrt()
+    tolerance = NUM_SE * se + ROUNDING * (1 + expected.abs())
+    bad = (mean - expected).abs() > tolerance
+    assert not bad.any(), (f"{what}: mean {mean[bad].tolist()} vs expected "
+                           f"{expected.expand_as(mean)[bad].tolist()} (SE {se[bad].tolist()})")
+
+
+def assert_same_mean(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    difference = a.mean(0) - b.mean(0)
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    bad = difference.abs() > NUM_SE * se + ROUNDING
+    assert not bad.any(), f"{what}: differences {difference[bad].tolist()} (SE {se[bad].tolist()})"
+
+
+def total_variance(samples: torch.Tensor) -> tuple[float, float]:
+    """Trace of the covariance of the rows, and its standard error (distribution-free)."""
+    squared = (samples - samples.mean(0)).square().sum(1) * samples.shape[0] / (
+        samples.shape[0] - 1)
+    return squared.mean().item(), squared.std().item() / math.sqrt(samples.shape[0])
+
+
+class Hierarchical(nn.Module):
+    """Two scalar latents per datapoint, with a guide whose second site depends on the first::
+
+        model:  z1 ~ N(0, 1),  z2 | z1 ~ N(a z1, 1),  x | z2 ~ N(z2, σ²)
+        guide:  z1 ~ N(m1 + r1 x, s1²),  z2 | z1 ~ N(c z1 + m2 + r2 x, s2²)
+
+    Everything is Gaussian and linear, so the ELBO has a closed form in all the parameters, and
+    the guide family contains the exact posterior (``exact=True``).
+    """
+
+    names = ("a", "log_sigma", "m1", "r1", "log_s1", "c", "m2", "r2", "log_s2")
+
+    def __init__(self, exact: bool = False):
+        super().__init__()
+        a, var_x = 0.8, 0.36
+        if exact:
+            precision = 1 + a ** 2 / (1 + var_x)
+            guide = (0.0, a / (1 + var_x) / precision, -0.5 * math.log(precision),
+                     a * var_x / (1 + var_x), 0.0, 1 / (1 + var_x),
+                     0.5 * math.log(var_x / (1 + var_x)))
+        else:
+            guide = (0.2, 0.3, math.log(0.7), 0.4, -0.1, 0.5, math.log(0.9))
+        for name, value in zip(self.names, (a, 0.5 * math.log(var_x), *guide)):
+            setattr(self, name, nn.Parameter(torch.tensor(value, dtype=torch.float64)))
+
+    def model(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(()), 1.0))
+            z2 = pyro.sample("z2", dist.Normal(self.a * z1, 1.0))
+            pyro.sample("x", dist.Normal(z2, self.log_sigma.exp()), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(self.m1 + self.r1 * x, self.log_s1.exp()))
+            pyro.sample("z2", dist.Normal(self.c * z1 + self.m2 + self.r2 * x,
+                                          self.log_s2.exp()))
+
+    def elbo(self, x: torch.Tensor) -> torch.Tensor:
+        log_2pi = math.log(2 * math.pi)
+        v1, v2_cond = (2 * self.log_s1).exp(), (2 * self.log_s2).exp()
+        var_x = (2 * self.log_sigma).exp()
+        mu1 = self.m1 + self.r1 * x
+        mu2 = self.c * mu1 + self.m2 + self.r2 * x
+        v2 = self.c ** 2 * v1 + v2_cond
+        log_z1 = -0.5 * log_2pi - 0.5 * (mu1 ** 2 + v1)
+        log_z2 = -0.5 * log_2pi - 0.5 * ((mu2 - self.a * mu1) ** 2
+                                         + (self.c - self.a) ** 2 * v1 + v2_cond)
+        log_x = -0.5 * (log_2pi + var_x.log()) - ((x - mu2) ** 2 + v2) / (2 * var_x)
+        entropy = 0.5 * (log_2pi + 1 + v1.log()) + 0.5 * (log_2pi + 1 + v2_cond.log())
+        return log_z1 + log_z2 + log_x + entropy
+
+    def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
+        return Normal(0.0, (self.a ** 2 + 1 + (2 * self.log_sigma).exp()).sqrt()).log_prob(x)
+
+
+HIERARCHICAL_DATA = (0.5, -1.0, 2.0)
+
+
+def _estimator(name: str, k: int = 1, particles: int = 1, beta: float = 1.0) -> ELBOEstimator:
+    return make_estimator(name, num_particles=particles, importance_samples=k, beta=beta,
+                          max_plate_nesting=1)
+
+
+# ----------------------------------------------------------------------------- values
+
+def test_exact_guide_makes_every_bound_log_marginal():
+    lg = _pair(exact=True)
+    x = _data(lg)
+    log_px = lg.log_marginal(x).sum()
+    for name in ESTIMATORS:
+        k = 7 if name in ("iwae", "dreg") else 1
+        estimator = _estimator(name, k=k, particles=5)
+        loss = estimator.differentiable_loss(lg.model, lg.guide, x)
+        assert abs(loss.item() + log_px.item()) < ROUNDING * abs(log_px.item()), name
+        assert abs(estimator.loss(lg.model, lg.guide, x) - loss.item()) < 1e-12, name
+
+
+def test_closed_form_elbo_agrees_with_the_gap_identity():
+    lg = _pair(guide="full")
+    x = _data(lg)
+    torch.testing.assert_close(beta_elbo(lg, x), lg.log_marginal(x) - lg.kl_guide_to_posterior(x))
+
+
+@pytest.mark.parametrize("name", ["trace", "meanfield", "stl", "iwae", "dreg"])
+@pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
+def test_single_sample_loss_mean_is_the_beta_elbo(name, beta):
+    lg = _pair()
+    x = _data(lg)
+    losses = loss_draws(_estimator(name, particles=64, beta=beta), lg, x, repeats=40)
+    assert_mean_matches(losses, -beta_elbo(lg, x, beta).sum().detach(), what=name)
+
+
+@pytest.mark.parametrize("name", ["iwae", "dreg"])
+def test_importance_weighted_loss_mean_is_the_iwae_bound(name):
+    lg = _pair(guide="full")
+    x = _data(lg)
+    reference, reference_se = iw_reference(lg, x, k=4, replicates=200_000)
+    losses = loss_draws(_estimator(name, k=4, particles=64), lg, x, repeats=40)
+    assert_mean_matches(-losses, reference, extra_se=reference_se, what=name)
+
+
+def test_iwae_bound_increases_with_k_toward_log_marginal():
+    lg = _pair(guide="full")
+    x = _data(lg)
+    log_px = lg.log_marginal(x).sum().item()
+    elbo = beta_elbo(lg, x).sum().item()
+    bounds = [iw_reference(lg, x, k, replicates=20_000, seed=k) for k in (1, 4, 16, 64)]
+    assert abs(bounds[0][0] - elbo) < NUM_SE * bounds[0][1]
+    for (low, low_se), (high, high_se) in zip(bounds, bounds[1:]):
+        assert high - low > NUM_SE * math.hypot(low_se, high_se), bounds
+    for bound, se in bounds:
+        assert bound < log_px + NUM_SE * se
+    # the gap shrinks roughly like var(log w) / (2K): by far more than half from K = 1 to 64
+    assert log_px - bounds[-1][0] < 0.1 * (log_px - elbo), (log_px, bounds)
+
+
+def test_loss_of_trace_and_meanfield_equals_pyro_on_the_same_draws():
+    vae = VAE(12, 2, (8,))
+    x = torch.bernoulli(torch.full((5, 12), 0.4))
+    params = list(vae.parameters())
+    for ours, pyros in (("trace", Trace_ELBO), ("meanfield", TraceMeanField_ELBO)):
+        for particles in (1, 3):
+            pyro.set_rng_seed(1)
+            loss = _estimator(ours, particles=particles).differentiable_loss(
+                vae.model, vae.guide, x)
+            grads = torch.autograd.grad(loss, params)
+            pyro.set_rng_seed(1)
+            reference = pyros(num_particles=particles, vectorize_particles=True,
+                              max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x)
+            expected = torch.autograd.grad(reference, params)
+            torch.testing.assert_close(loss, reference)
+            for grad, want in zip(grads, expected):
+                torch.testing.assert_close(grad, want)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("name, beta, guide", [
+    ("trace", 1.0, "diagonal"), ("meanfield", 1.0, "diagonal"), ("stl", 1.0, "diagonal"),
+    ("stl", 1.0, "full"), ("trace", 0.5, "full"), ("meanfield", 0.3, "diagonal"),
+    ("stl", 0.5, "full")])
+def test_mean_gradient_is_the_closed_form_elbo_gradient(name, beta, guide):
+    lg = _pair(guide=guide)
+    x = _data(lg)
+    params = _params(lg)
+    expected = exact_grad(-beta_elbo(lg, x, beta).sum(), params)
+    grads = grad_draws(_estimator(name, particles=64, beta=beta), lg, x, 40, params)
+    assert_mean_matches(grads, expected, what=f"{name}, beta={beta}, {guide}")
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_dreg_and_iwae_gradients_agree_in_expectation(beta):
+    lg = _pair(guide="full")
+    x = _data(lg)
+    params = _params(lg)
+    iwae = grad_draws(_estimator("iwae", k=4, particles=32, beta=beta), lg, x, 40, params)
+    dreg = grad_draws(_estimator("dreg", k=4, particles=32, beta=beta), lg, x, 40, params)
+    assert_same_mean(dreg, iwae, what=f"beta={beta}")
+
+
+def test_k1_dreg_is_stl_and_k1_iwae_is_trace():
+    lg = _pair(guide="full")
+    x = _data(lg)
+    params = _params(lg)
+    for one, same in (("dreg", "stl"), ("iwae", "trace")):
+        pyro.set_rng_seed(3)
+        a = grad_draws(_estimator(one, particles=4), lg, x, 1, params)
+        pyro.set_rng_seed(3)
+        b = grad_draws(_estimator(same, particles=4), lg, x, 1, params)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_single_site_shortcut_equals_the_replayed_guide(monkeypatch):
+    lg = _pair(guide="full")
+    x = _data(lg)
+    params = _params(lg)
+    for name in ("stl", "dreg"):
+        pyro.set_rng_seed(5)
+        fast = grad_draws(_estimator(name, k=3, particles=2) if name == "dreg"
+                          else _estimator(name, particles=2), lg, x, 1, params)
+        with monkeypatch.context() as patch:
+            patch.setattr(ELBOEstimator, "single_site_shortcut", False)
+            pyro.set_rng_seed(5)
+            replayed = grad_draws(_estimator(name, k=3, particles=2) if name == "dreg"
+                                  else _estimator(name, particles=2), lg, x, 1, params)
+        torch.testing.assert_close(fast, replayed, rtol=1e-10, atol=1e-12)
+
+
+def test_stl_guide_gradient_has_zero_variance_at_the_exact_posterior():
+    lg = _pair(exact=True)
+    x = _data(lg)
+    params = _params(lg, GUIDE_PARAMS)
+    stl = grad_draws(_estimator("stl"), lg, x, 20, params)
+    trace = grad_draws(_estimator("trace"), lg, x, 20, params)
+    assert stl.abs().max().item() < ROUNDING
+    assert trace.var(0).min().item() > 1e-3
+
+
+def test_dreg_guide_gradient_variance_is_below_iwae_at_k50():
+    lg = _pair(guide="full")
+    x = _data(lg)
+    params = _params(lg, GUIDE_PARAMS)
+    iwae = total_variance(grad_draws(_estimator("iwae", k=50), lg, x, 200, params))
+    dreg = total_variance(grad_draws(_estimator("dreg", k=50), lg, x, 200, params))
+    assert dreg[0] + NUM_SE * dreg[1] < iwae[0] - NUM_SE * iwae[1], (dreg, iwae)
+
+
+# ----------------------------------------------------------------------------- hierarchical guide
+
+def test_hierarchical_closed_form():
+    x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
+    exact = Hierarchical(exact=True)
+    torch.testing.assert_close(exact.elbo(x), exact.log_marginal(x))
+    assert (Hierarchical().elbo(x) < exact.log_marginal(x)).all()
+
+
+def test_stl_is_unbiased_for_a_hierarchical_guide():
+    pair = Hierarchical()
+    x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
+    params = list(pair.parameters())
+    expected = exact_grad(-pair.elbo(x).sum(), params)
+    grads = grad_draws(_estimator("stl", particles=64), pair, x, 40, params)
+    assert_mean_matches(grads, expected, what="stl, hierarchical guide")
+
+
+def test_hierarchical_exact_posterior_gives_zero_variance_only_with_the_replayed_guide():
+    """At q = p(z|x) the path derivative of log p(x, z) − log q(z) vanishes, so STL and DReG
+    guide gradients are exactly zero. Detaching each guide site's distribution parameters
+    instead (``detach_guide=True``) also cuts the path of z1 through q(z2 | z1): still unbiased
+    for STL, but no longer zero-variance."""
+    pair = Hierarchical(exact=True)
+    x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
+    params = [getattr(pair, name) for name in Hierarchical.names[2:]]
+    for estimator in (_estimator("stl", particles=4), _estimator("dreg", k=5)):
+        assert grad_draws(estimator, pair, x, 10, params).abs().max().item() < ROUNDING
+
+    def detached_sites() -> torch.Tensor:
+        logs = vectorized_log_probs(pair.model, pair.guide, x, num_particles=4,
+                                    max_plate_nesting=1, detach_guide=True)
+        loss = -(logs.log_p - logs.log_q).sum(1).mean(0)
+        return exact_grad(loss, params)
+
+    assert draws(detached_sites, 10).var(0).max().item() > 1e-3
+
+
+def test_detaching_site_parameters_would_bias_dreg_for_a_hierarchical_guide():
+    """DReG's w̃² correlates with the conditional score of q(z2 | z1) that detaching each site's
+    parameters leaves in the path term, so that shortcut is biased here; the replayed guide
+    is not (``test_hierarchical_values_and_dreg_gradient``)."""
+    pair = Hierarchical()
+    x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
+    params = [getattr(pair, name) for name in Hierarchical.names[2:]]
+    k, particles = 4, 64
+
+    def detached_sites() -> torch.Tensor:
+        logs = vectorized_log_probs(pair.model, pair.guide, x, num_particles=k * particles,
+                                    max_plate_nesting=1, detach_guide=True)
+        log_weights = logs.log_weights.reshape(particles, k, -1)
+        squared = torch.softmax(log_weights.detach(), 1).square()
+        return exact_grad(-(squared * log_weights).sum((1, 2)).mean(), params)
+
+    naive = draws(detached_sites, 100)
+    iwae = grad_draws(_estimator("iwae", k=k, particles=particles), pair, x, 100, params)
+    difference = naive.mean(0) - iwae.mean(0)
+    se = (naive.var(0) / 100 + iwae.var(0) / 100).sqrt()
+    assert (difference.abs() > NUM_SE * se).any(), (difference / se).tolist()
+
+
+def test_hierarchical_values_and_dreg_gradient():
+    pair = Hierarchical()
+    x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
+    params = list(pair.parameters())
+    exact = -pair.elbo(x).sum().detach()
+    for name in ("trace", "meanfield", "stl"):
+        assert_mean_matches(loss_draws(_estimator(name, particles=64), pair, x, 40), exact,
+                            what=name)
+    iwae = grad_draws(_estimator("iwae", k=4, particles=32), pair, x, 40, params)
+    dreg = grad_draws(_estimator("dreg", k=4, particles=32), pair, x, 40, params)
+    assert_same_mean(dreg, iwae, what="hierarchical")
+
+
+# ----------------------------------------------------------------------------- knobs, β, warm-up
+
+def test_beta_zero_trace_is_the_expected_log_likelihood():
+    lg = _pair()
+    x = _data(lg)
+    estimator = _estimator("trace", particles=64, beta=0.0)
+    losses = loss_draws(estimator, lg, x, 40)
+    assert_mean_matches(losses, -expected_log_lik(lg, x).sum().detach(), what="beta=0")
+    estimator.beta = 1.0
+    assert_mean_matches(loss_draws(estimator, lg, x, 40), -beta_elbo(lg, x).sum().detach())
+
+
+def test_linear_warmup():
+    schedule = LinearWarmup(10, start=0.1, end=0.5)
+    assert [schedule(step) for step in (0, 5, 10, 11, 1000)] == pytest.approx(
+        [0.1, 0.3, 0.5, 0.5, 0.5])
+    assert LinearWarmup(4)(2) == 0.5
+    for constant in (LinearWarmup(None, end=0.3), LinearWarmup(0, end=0.3)):
+        assert constant(0) == constant(99) == 0.3
+    estimator = _estimator("meanfield")
+    estimator.beta = LinearWarmup(4)(1)
+    assert estimator.beta == 0.25
+    with pytest.raises(ValueError, match="steps"):
+        LinearWarmup(-1)
+    with pytest.raises(ValueError, match="start"):
+        LinearWarmup(3, start=-0.1)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        schedule(-1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="trace", importance_samples=5), "trace averages particles outside the log.*"
+                                               "use --elbo iwae"),
+    (dict(name="meanfield", importance_samples=5), "meanfield averages particles outside the "
+                                                   "log.*use --elbo iwae for importance samples "
+                                                   "inside it"),
+    (dict(name="stl", importance_samples=2), "use --elbo dreg"),
+    (dict(name="iwae", num_particles=0), "num_particles must be an integer >= 1"),
+    (dict(name="dreg", importance_samples=0), "importance_samples must be an integer >= 1"),
+    (dict(name="iwae", beta=-1.0), "beta must be a finite number >= 0"),
+    (dict(name="trace", beta=math.nan), "beta must be a finite number >= 0"),
+    (dict(name="elbo"), "unknown estimator 'elbo': choose one of trace, meanfield, iwae"),
+])
+def test_bad_combinations_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_estimator(**kwargs)
+
+
+def test_names_classes_and_settable_beta():
+    classes = (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO, StickingTheLandingELBO,
+               DoublyReparameterizedELBO)
+    for name, cls in zip(ESTIMATORS, classes):
+        estimator = make_estimator(name, num_particles=2, beta=0.5)
+        assert type(estimator) is cls and isinstance(estimator, pyro.infer.ELBO)
+        assert (estimator.num_particles, estimator.importance_samples, estimator.beta) == (
+            2, 1, 0.5)
+    estimator = make_estimator("dreg", importance_samples=8)
+    estimator.beta = 0
+    assert estimator.beta == 0.0 and isinstance(estimator.beta, float)
+    with pytest.raises(ValueError, match="beta"):
+        estimator.beta = -0.5
+
+
+def test_non_reparameterized_guide_is_refused():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(0.5))
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(0.3))
+
+    with pytest.raises(ValueError, match="not reparameterizable"):
+        _estimator("trace").loss(model, guide, torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- SVI and nn.Module
+
+def _binary_data(num_data: int = 32, dim: int = 12) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(2)
+    probs = torch.linspace(0.05, 0.95, dim).expand(num_data, dim)
+    return torch.bernoulli(probs, generator=generator)
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_svi_lowers_the_loss(name):
+    vae = VAE(12, 2, (8,))
+    x = _binary_data()
+    k = 3 if name in ("iwae", "dreg") else 1
+    estimator = make_estimator(name, num_particles=2, importance_samples=k)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.05}), estimator)
+    losses = [svi.step(x) for _ in range(40)]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-5:]) < sum(losses[:5]) - 5 * 5, losses
+
+
+@pytest.mark.parametrize("name", ESTIMATORS)
+def test_estimator_as_an_nn_module_loss(name):
+    vae = VAE(12, 2, (8,))
+    x = _binary_data(8)
+    k = 3 if name in ("iwae", "dreg") else 1
+    loss_fn = make_estimator(name, num_particles=2, importance_samples=k)(vae.model, vae.guide)
+    assert isinstance(loss_fn, nn.Module)
+    loss = loss_fn(x)
+    loss.backward()
+    grads = [p.grad for p in vae.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in (vae.encoder.head.weight.grad,
+                                            vae.decoder.net[-1].weight.grad))
+
+
+# ----------------------------------------------------------------------------- benchmark smoke test
+
+def test_compare_estimators_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_estimators.py"
+    spec = importlib.util.spec_from_file_location("compare_estimators", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    assert bench.main(["--estimators", "stl", "dreg", "--seeds", "0", "--time-budget", "0.3",
+                       "--importance-samples", "3", "--warmup", "5", "--eval-particles", "20",
+                       "--curve-particles", "5", "--snr-draws", "3", "--snr-ks", "1", "4",
+                       "--out", str(out)]) == 0
+    names = {"table.md", "runs.csv", "summary.csv", "results.json", "log_px_vs_epoch.png",
+             "snr_vs_k.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    table = (out / "table.md").read_text()
+    assert "| stl |" in table and "| dreg (K=3) |" in table
