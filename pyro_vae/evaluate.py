@@ -24,6 +24,10 @@ chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle
 batch or chunk sizes draw different particles with the same distribution: the results agree in
 distribution, and exactly (to rounding) when the guide is the exact posterior, where every
 log-weight equals log p(x).
+
+Pyro's distribution validation, when enabled, runs on the first particle chunk of every
+model/guide call (so every batch's data are checked); later chunks of the same batch skip it, as
+they see the same data and parameters. Non-finite log-weights raise :class:`EvaluationError`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -108,12 +112,17 @@ def _chunk_sizes(total: int, chunk: int | None) -> list[int]:
 def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                        num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
                        data_plate: str | None) -> Iterator[torch.Tensor]:
-    """Yield ``[k, N]`` blocks of log-weights whose k add up to ``num_particles``."""
+    """Yield ``[k, N]`` blocks of log-weights whose k add up to ``num_particles``.
+
+    Pyro's validation (when enabled) checks the first chunk only: the later chunks see the same
+    data and parameters, and NaN densities are caught by :func:`_check_finite` regardless.
+    """
     num_data = None
-    for size in _chunk_sizes(num_particles, particle_chunk):
-        log_weights = vectorized_log_probs(
-            model, guide, *args, num_particles=size, max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate, **kwargs).log_weights
+    for index, size in enumerate(_chunk_sizes(num_particles, particle_chunk)):
+        with nullcontext() if index == 0 else pyro.validation_enabled(False):
+            log_weights = vectorized_log_probs(
+                model, guide, *args, num_particles=size, max_plate_nesting=max_plate_nesting,
+                data_plate=data_plate, **kwargs).log_weights
         num_data = log_weights.shape[1] if num_data is None else num_data
         assert log_weights.shape == (size, num_data), (log_weights.shape, size, num_data)
         yield log_weights
@@ -439,7 +448,9 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
     :func:`evaluate_dataset` on the run's fixed binarization of ``split`` (the first ``limit``
     images if given), seeded with ``seed`` on a fork of torch's random state (the caller's state
     is left untouched) and with the run's parameters in a scope of their own in Pyro's param
-    store (so it works in a process that holds other parameters). Writes the files of
+    store (so it works in a process that holds other parameters). Pyro's validation is off, as
+    in training: the images are the run's own binarization, checked when the run is loaded, and
+    non-finite log-weights still raise :class:`EvaluationError`. Writes the files of
     :func:`save_evaluation` into ``out`` (default: ``run_dir``) and returns the result; print
     ``format_table(result.summary())`` for a report.
     """
@@ -456,7 +467,7 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
         keep = (particles * images.shape[0] <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
         torch.manual_seed(config.seed)
-        with pyro.get_param_store().scope():
+        with pyro.get_param_store().scope(), pyro.validation_enabled(False):
             result = evaluate_dataset(run.model.model, run.model.guide, images,
                                       num_particles=config.particles,
                                       batch_size=config.batch_size,

@@ -1,0 +1,278 @@
+"""Per-datapoint log p̂_K(x) of one VAE three ways: the package's evaluator, hand-written torch,
+and stock ``pyro.infer.Importance``.
+
+``package``
+    :func:`pyro_vae.evaluate.evaluate_dataset` on the VAE's ``model``/``guide`` pair: traces with a
+    vectorized particle plate, ``particle_chunk`` particles × ``batch_size`` datapoints per call,
+    streaming statistics (log p̂, ELBO, var log w, ESS), k-hat off. ``package+khat`` is the same
+    with PSIS k-hat, which needs every weight of a batch and an ArviZ fit per datapoint.
+``torch``
+    The same computation written by hand on the model's own encoder and decoder modules:
+    ``z = loc + scale * eps``, log p(x|z) by ``binary_cross_entropy_with_logits``, Gaussian
+    log-densities, a streaming logsumexp over the same chunks and batches. This is the floor.
+``importance``
+    What a Pyro user would write without this package: ``Importance(model, guide, K).run(x_n)``
+    per datapoint and ``get_log_normalizer()`` (one trace per particle). It is far slower, so it
+    runs on fewer datapoints and particles, and rates are compared per (datapoint × particle).
+
+The implementations run in one process on the same K, images and network; ``package`` and
+``torch`` are timed in ``--rounds`` rounds whose order rotates (so they share the machine's noise);
+the fastest round is the headline (the least disturbed by other processes), and the median
+and the CPU time (user + system, less sensitive to other processes on a shared machine) are
+reported too. With the same seed, ``package`` and ``torch`` consume the same random numbers in
+the same order, so their log p̂ agree to float rounding; the check reports the largest
+difference (and, were the draws different, the paired difference in standard errors).
+
+    python benchmarks/bench_evaluate.py                                   # digits, K = 5000
+    python benchmarks/bench_evaluate.py --data mnist --data-dir DIR --num-data 200 --out b.json
+    python benchmarks/bench_evaluate.py --run-dir runs/my-run --particles 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import pyro
+import torch
+from pyro.infer import Importance
+from torch.distributions import Normal
+from torch.nn import functional as F
+
+from pyro_vae import VAE, ModelConfig, TrainConfig, load_digits, load_mnist
+from pyro_vae.data import fixed_binarization
+from pyro_vae.evaluate import evaluate_dataset, format_table
+from pyro_vae.io import write_json
+
+NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
+            "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
+TARGET_HANDWRITTEN_RATIO = 1.1
+TARGET_IMPORTANCE_SPEEDUP = 100.0
+NUM_SE = 4.0
+ROUNDING_TOLERANCE = 1e-3
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", choices=sorted(NETWORKS), default="digits")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (for --data mnist)")
+    p.add_argument("--run-dir", help="evaluate this trained run's VAE instead of a new one")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="train the new VAE this many epochs first (default 0: random weights)")
+    p.add_argument("--particles", type=int, default=5000, help="K (default 5000)")
+    p.add_argument("--num-data", type=int, default=300, help="test images evaluated")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--particle-chunk", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--importance-data", type=int, default=3,
+                   help="datapoints for pyro.infer.Importance")
+    p.add_argument("--importance-particles", type=int, default=200,
+                   help="particles per datapoint for pyro.infer.Importance")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-validation", action="store_true",
+                   help="turn Pyro's distribution validation off (default: Pyro's default, on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def _setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor]:
+    """The VAE and the binarized test images (first ``--num-data``)."""
+    if args.run_dir:
+        from pyro_vae.train import load_run
+
+        run = load_run(args.run_dir, device="cpu", data_dir=args.data_dir)
+        return run.model, run.eval_images("test")[:args.num_data]
+    dataset = load_digits() if args.data == "digits" else load_mnist(args.data_dir)
+    images = fixed_binarization(dataset.test.images[:args.num_data], args.seed)
+    if args.epochs > 0:
+        from pyro_vae.train import train
+
+        config = TrainConfig(dataset=args.data, data_dir=args.data_dir, epochs=args.epochs,
+                             model=NETWORKS[args.data], seed=args.seed, device="cpu")
+        model = train(config, progress=False).model
+    else:
+        torch.manual_seed(args.seed)
+        model = VAE(dataset.input_dim, NETWORKS[args.data].latent_dim, NETWORKS[args.data].hidden)
+        model.decoder.set_output_bias(dataset.train.images.mean(0))
+    pyro.clear_param_store()
+    return model.eval(), images
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+@torch.no_grad()
+def handwritten_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
+                       particle_chunk: int) -> torch.Tensor:
+    """log p̂_K(x) per image with torch ops only, streamed over the same chunks and batches."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size]
+        loc, scale = vae.encoder(x)
+        guide = Normal(loc, scale)
+        lse = x.new_full((x.shape[0],), -math.inf)
+        for size in _chunks(particles, particle_chunk):
+            z = loc + scale * torch.randn((size, *loc.shape), dtype=x.dtype)
+            logits = vae.decoder(z)
+            log_lik = -F.binary_cross_entropy_with_logits(
+                logits, x.expand_as(logits), reduction="none").sum(-1)
+            log_prior = Normal(0.0, 1.0).log_prob(z).sum(-1)
+            log_w = log_lik + log_prior - guide.log_prob(z).sum(-1)
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+        out.append(lse - math.log(particles))
+    return torch.cat(out)
+
+
+def package_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
+                   particle_chunk: int, khat: bool) -> torch.Tensor:
+    result = evaluate_dataset(vae.model, vae.guide, images, num_particles=particles,
+                              batch_size=batch_size, particle_chunk=particle_chunk, khat=khat)
+    return result.log_px
+
+
+def importance_log_px(vae: VAE, images: torch.Tensor, particles: int) -> torch.Tensor:
+    """Stock Pyro: one ``Importance`` run (one trace per particle) per datapoint."""
+    values = []
+    for n in range(images.shape[0]):
+        posterior = Importance(vae.model, vae.guide, num_samples=particles).run(images[n:n + 1])
+        values.append(float(posterior.get_log_normalizer()))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
+    """Wall-clock and CPU seconds (user + system, this process) of ``fn()``, and its value."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, value
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Largest |a − b|, and the mean paired difference with its standard error."""
+    diff = (a.double() - b.double())
+    se = diff.std().item() / math.sqrt(diff.shape[0]) if diff.shape[0] > 1 else math.nan
+    return {"max_abs_difference": diff.abs().max().item(), "mean_difference": diff.mean().item(),
+            "stderr": se}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vae, images = _setup(args)
+    n, k = images.shape[0], args.particles
+    shared = dict(particles=k, batch_size=args.batch_size, particle_chunk=args.particle_chunk)
+    runners: dict[str, Callable[[], torch.Tensor]] = {
+        "package": lambda: package_log_px(vae, images, khat=False, **shared),
+        "package+khat": lambda: package_log_px(vae, images, khat=True, **shared),
+        "torch": lambda: handwritten_log_px(vae, images, **shared),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in runners}
+    values: dict[str, torch.Tensor] = {}
+    with pyro.validation_enabled(not args.no_validation):
+        small = images[:1, :]
+        for name, run in runners.items():
+            pyro.set_rng_seed(args.seed)
+            if name == "torch":
+                handwritten_log_px(vae, small, 10, 10, 10)
+            else:
+                package_log_px(vae, small, 30, 10, 10, khat=name.endswith("khat"))
+        names = list(runners)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                pyro.set_rng_seed(args.seed + r)
+                elapsed, cpu, values[name] = _timed(runners[name])
+                seconds[name].append(elapsed)
+                cpu_seconds[name].append(cpu)
+                print(f"round {r + 1}/{args.rounds} {name:<13} {elapsed:8.3f} s wall "
+                      f"{cpu:8.3f} s CPU", flush=True)
+        imp_n, imp_k = min(args.importance_data, n), args.importance_particles
+        pyro.set_rng_seed(args.seed)
+        imp_seconds, _, imp_values = _timed(
+            lambda: importance_log_px(vae, images[:imp_n], imp_k))
+
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    best = {name: min(times) for name, times in seconds.items()}
+    best_cpu = {name: min(times) for name, times in cpu_seconds.items()}
+    rate = {name: n * k / best[name] for name in best}
+    rate["importance"] = imp_n * imp_k / imp_seconds
+    report = {
+        "setup": {"data": args.data if not args.run_dir else f"run {args.run_dir}",
+                  "epochs": args.epochs, "num_data": n, "particles": k,
+                  "batch_size": args.batch_size, "particle_chunk": args.particle_chunk,
+                  "rounds": args.rounds, "importance_data": imp_n, "importance_particles": imp_k,
+                  "validation": not args.no_validation, "seed": args.seed,
+                  "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                  "torch": torch.__version__, "pyro": pyro.__version__,
+                  "python": platform.python_version()},
+        "seconds_min": best, "seconds_median": median, "seconds_all": seconds,
+        "cpu_seconds_min": best_cpu, "cpu_seconds_all": cpu_seconds,
+        "importance_seconds": imp_seconds, "rate_datapoint_particles_per_s": rate,
+        "ratio_package_over_torch": best["package"] / best["torch"],
+        "ratio_package_over_torch_median": median["package"] / median["torch"],
+        "ratio_package_over_torch_cpu": best_cpu["package"] / best_cpu["torch"],
+        "ratio_package_khat_over_torch": best["package+khat"] / best["torch"],
+        "speedup_package_over_importance": rate["package"] / rate["importance"],
+        "speedup_package_khat_over_importance": rate["package+khat"] / rate["importance"],
+        "mean_log_px": {name: value.double().mean().item() for name, value in values.items()},
+        "agreement_package_minus_torch": _agreement(values["package"], values["torch"]),
+        "importance_mean_log_px": imp_values.mean().item(),
+        "package_mean_log_px_same_datapoints": values["package"][:imp_n].double().mean().item(),
+    }
+    _print(report)
+    with pyro.validation_enabled(not args.no_validation):
+        pyro.set_rng_seed(args.seed)
+        summary = evaluate_dataset(vae.model, vae.guide, images, num_particles=k,
+                                   batch_size=args.batch_size,
+                                   particle_chunk=args.particle_chunk).summary()
+    print("\n" + format_table(summary))
+    report["summary"] = summary
+    if args.out:
+        write_json(args.out, report)
+        print(f"\nwrote {args.out}")
+    return report
+
+
+def _print(report: dict[str, Any]) -> None:
+    setup = report["setup"]
+    print(f"\n{setup['data']}: N = {setup['num_data']} images, K = {setup['particles']}, "
+          f"batch {setup['batch_size']}, chunk {setup['particle_chunk']}, "
+          f"{setup['torch_threads']} torch threads, validation {setup['validation']}")
+    print(f"{'implementation':<16}{'min s':>10}{'median s':>10}{'min CPU s':>11}"
+          f"{'(datapoint×particle)/s':>26}")
+    for name, seconds in report["seconds_min"].items():
+        print(f"{name:<16}{seconds:>10.3f}{report['seconds_median'][name]:>10.3f}"
+              f"{report['cpu_seconds_min'][name]:>11.3f}"
+              f"{report['rate_datapoint_particles_per_s'][name]:>26,.0f}")
+    print(f"{'importance':<16}{report['importance_seconds']:>10.3f}{'':>21}"
+          f"{report['rate_datapoint_particles_per_s']['importance']:>26,.0f}"
+          f"   ({setup['importance_data']} datapoints × {setup['importance_particles']})")
+    ratio = report["ratio_package_over_torch"]
+    speedup = report["speedup_package_over_importance"]
+    print(f"package / hand-written torch: {ratio:.3f}× (target ≤ {TARGET_HANDWRITTEN_RATIO}; "
+          f"median rounds {report['ratio_package_over_torch_median']:.3f}×, CPU time "
+          f"{report['ratio_package_over_torch_cpu']:.3f}×); "
+          f"with k-hat {report['ratio_package_khat_over_torch']:.3f}×")
+    print(f"package vs Importance: {speedup:,.0f}× faster per datapoint×particle "
+          f"(target ≥ {TARGET_IMPORTANCE_SPEEDUP:.0f}); with k-hat "
+          f"{report['speedup_package_khat_over_importance']:,.0f}×")
+    agree = report["agreement_package_minus_torch"]
+    if agree["max_abs_difference"] < ROUNDING_TOLERANCE:
+        verdict = "identical up to float rounding (same draws)"
+    elif abs(agree["mean_difference"]) < NUM_SE * agree["stderr"]:
+        verdict = f"agree within {NUM_SE:.0f} SE"
+    else:
+        verdict = "DISAGREE"
+    print(f"log p̂ package − torch: max |Δ| {agree['max_abs_difference']:.2e}, mean "
+          f"{agree['mean_difference']:+.2e} ± {agree['stderr']:.2e} nats: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
