@@ -400,7 +400,7 @@ def format_table(summary: dict[str, Any]) -> str:
     units = {"log_px": "nats", "elbo": "nats", "gap": "nats", "var_log_w": "nats²", "ess": ""}
 
     def number(value: float | None) -> str:
-        return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+        return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
     lines = [f"{summary['num_datapoints']} datapoints, K = {summary['num_particles']} particles",
              f"{'':<12}{'mean':>12}{'stderr':>12}"]

@@ -337,6 +337,7 @@ def test_save_evaluation_writes_json_netcdf_and_plots(tmp_path):
         assert paths[name].read_bytes().startswith(b"\x89PNG")
     table = ev.format_table(result.summary())
     assert "30 particles" in table and f"{result.log_px.mean().item():.4f}" in table
+    assert "median -inf" in table and "good 100.0%" in table
 
 
 def test_eval_config_rejects_bad_options():
