@@ -55,10 +55,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"vae, or cvae (conditioned on the label); default {defaults.model.family}")
     p.add_argument("--binarize", choices=BINARIZATIONS, help=f"default {defaults.binarize}")
     p.add_argument("--elbo", choices=ELBOS,
-                   help=f"estimator: trace (Monte Carlo KL) or meanfield (closed-form KL); "
+                   help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
+                        f"stl (sticking the landing), dreg (doubly reparameterized IWAE); "
                         f"default {defaults.elbo}")
     p.add_argument("--particles", type=_positive_int,
-                   help=f"particles averaged per datapoint (default {defaults.particles})")
+                   help="draws averaged per datapoint outside the log: lower variance "
+                        f"(default {defaults.particles})")
+    p.add_argument("--importance-samples", type=_positive_int,
+                   help="draws inside the log, a tighter bound (iwae and dreg only; "
+                        f"default {defaults.importance_samples})")
+    p.add_argument("--beta", type=float, help=f"weight of the KL (rate) term "
+                                              f"(default {defaults.beta})")
+    p.add_argument("--warmup", type=int, metavar="STEPS",
+                   help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} over STEPS "
+                        "optimizer steps (default 0: none)")
     p.add_argument("--latent-dim", type=_positive_int,
                    help=f"default {defaults.model.latent_dim}")
     p.add_argument("--hidden", type=_hidden,
@@ -105,7 +115,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
     given = {
         "dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize,
-        "elbo": args.elbo, "particles": args.particles, "epochs": args.epochs,
+        "elbo": args.elbo, "particles": args.particles,
+        "importance_samples": args.importance_samples, "beta": args.beta, "warmup": args.warmup,
+        "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
     }
     return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
@@ -115,7 +127,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import read_config, train
 
     if args.resume is not None:
-        changed = [name for name in ("dataset", "model", "binarize", "elbo", "particles", "latent_dim",
+        changed = [name for name in ("dataset", "model", "binarize", "elbo", "particles",
+                                     "importance_samples", "beta", "warmup", "latent_dim",
                                      "hidden", "batch_size", "lr", "seed", "out")
                    if getattr(args, name) is not None]
         if changed:

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .objectives import ESTIMATORS as ELBOS
+from .objectives import LinearWarmup, make_estimator
 
 DATASETS = ("digits", "mnist")
 BINARIZATIONS = ("dynamic", "fixed", "none")
-ELBOS = ("trace", "meanfield")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_FNS = ("softplus", "exp")
 MODEL_FAMILIES = ("vae", "cvae")
@@ -47,9 +48,11 @@ class ModelConfig:
 class TrainConfig:
     """Everything that determines a training run (and so must be saved with it).
 
-    ``elbo`` names the estimator (``"trace"`` = Monte Carlo KL, ``"meanfield"`` = closed-form KL);
-    ``particles`` is the number of samples averaged per datapoint (vectorized).
-    ``eval_particles`` is the number of particles of the per-epoch test ELBO.
+    ``elbo`` names the estimator (:data:`pyro_vae.objectives.ESTIMATORS`); ``particles`` is the
+    number of draws averaged per datapoint outside the log (variance), ``importance_samples`` the
+    number inside it (the bound: ``iwae`` and ``dreg`` only). ``beta`` weights the rate (KL) term;
+    with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
+    ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL).
     """
 
     dataset: str = "digits"
@@ -58,6 +61,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     elbo: str = "meanfield"
     particles: int = 1
+    importance_samples: int = 1
+    beta: float = 1.0
+    warmup: int = 0
+    warmup_start: float = 0.01
     eval_particles: int = 10
     epochs: int = 100
     batch_size: int = 64
@@ -81,6 +88,8 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
+        LinearWarmup(self.warmup, self.warmup_start, self.beta)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import pytest
@@ -20,9 +21,13 @@ def test_a_few_epochs_raise_the_test_elbo():
     assert history.train_loss[-1] < history.train_loss[0] - 1.5
 
 
-@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
-def test_resume_reaches_the_uninterrupted_result(tmp_path, elbo):
-    config = TINY.replace(epochs=4, elbo=elbo, particles=2)
+@pytest.mark.parametrize("estimator", [
+    {"elbo": "trace", "particles": 2},
+    {"elbo": "meanfield", "particles": 2},
+    {"elbo": "dreg", "importance_samples": 3, "warmup": 30},
+])
+def test_resume_reaches_the_uninterrupted_result(tmp_path, estimator):
+    config = TINY.replace(epochs=4, **estimator)
     full = train(config, tmp_path / "full", progress=False)
     train(config.replace(epochs=2), tmp_path / "part", progress=False)
     resumed = train(config, tmp_path / "part", resume=True, progress=False)
@@ -86,10 +91,34 @@ def test_resume_refuses_a_changed_config(tmp_path):
     ({"dataset": "cifar"}, "dataset must be one of"),
     ({"particles": 0}, "particles must be >= 1"),
     ({"lr": -1.0}, "lr must be > 0"),
+    ({"elbo": "stl", "importance_samples": 4}, "--elbo dreg"),
+    ({"warmup": -5}, "warm-up steps"),
 ])
 def test_bad_configs(changes, message):
     with pytest.raises(ConfigError, match=message):
         train(TINY.replace(**changes), progress=False)
+
+
+def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
+    train_module = importlib.import_module("pyro_vae.train")
+    seen = []
+    real = train_module.make_elbo
+
+    def recording(*args, **kwargs):
+        estimator = real(*args, **kwargs)
+        original = estimator.differentiable_loss
+
+        def loss(*a, **k):
+            seen.append(estimator.beta)
+            return original(*a, **k)
+
+        estimator.differentiable_loss = loss
+        return estimator
+
+    monkeypatch.setattr(train_module, "make_elbo", recording)
+    config = TINY.replace(epochs=2, batch_size=300, warmup=5, warmup_start=0.1, beta=0.6)
+    train(config, progress=False)
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5] + [0.6] * 5)  # 1497 images: 5 steps an epoch
 
 
 def test_cuda_request_without_a_gpu(monkeypatch):
