@@ -98,11 +98,35 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import EvalConfig
+
+    defaults = EvalConfig()
+    p = sub.add_parser("evaluate", help="per-datapoint log p_K(x), ELBO, gap, ESS and k-hat",
+                       description="Importance-weighted evaluation of a saved run: writes "
+                                   "eval-<split>.json, eval-<split>.nc, khat-<split>.png and "
+                                   "gap-<split>.png into the run folder.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--particles", type=_positive_int, default=defaults.particles,
+                   help=f"importance samples K per datapoint (default {defaults.particles})")
+    p.add_argument("--split", choices=("train", "test"), default=defaults.split)
+    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N datapoints")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help=f"datapoints per call (default {defaults.batch_size})")
+    p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
+                   help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-vae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -148,6 +172,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if history.epoch:
         print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}, "
               f"test ELBO {history.test_elbo[-1]:.3f} nats per datapoint")
+    final = history.extra.get("final")
+    if final:
+        print(f"test log p_K(x), K = {final['particles']}: {final['test_log_px']:.3f} "
+              f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})")
     print(f"run written to {run_dir}")
     return 0
 
@@ -185,7 +213,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample}
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run, format_table
+
+    result = evaluate_run(args.run_dir, particles=args.particles, split=args.split,
+                          limit=args.limit, batch_size=args.batch_size,
+                          particle_chunk=args.particle_chunk, seed=args.seed, device=args.device,
+                          data_dir=args.data_dir, progress=not args.quiet)
+    print(format_table(result.summary()))
+    print(f"wrote eval-{args.split}.json, eval-{args.split}.nc, khat-{args.split}.png and "
+          f"gap-{args.split}.png in {args.run_dir}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,7 +52,9 @@ class TrainConfig:
     number of draws averaged per datapoint outside the log (variance), ``importance_samples`` the
     number inside it (the bound: ``iwae`` and ``dreg`` only). ``beta`` weights the rate (KL) term;
     with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
-    ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL).
+    ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
+    ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
+    (0: none).
     """
 
     dataset: str = "digits"
@@ -66,6 +68,7 @@ class TrainConfig:
     warmup: int = 0
     warmup_start: float = 0.01
     eval_particles: int = 10
+    final_particles: int = 100
     epochs: int = 100
     batch_size: int = 64
     lr: float = 3e-3
@@ -81,6 +84,8 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
             (self.eval_particles >= 1, f"eval_particles must be >= 1, got {self.eval_particles}"),
+            (self.final_particles >= 0,
+             f"final_particles must be >= 0, got {self.final_particles}"),
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

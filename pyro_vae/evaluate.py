@@ -457,18 +457,20 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
     config = EvalConfig(particles=particles, split=split, limit=limit, batch_size=batch_size,
                         particle_chunk=particle_chunk, seed=seed,
                         keep_log_weights=keep_log_weights)
-    from .train import load_run
+    from .train import load_run, model_args
 
     with _forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
         images = run.eval_images(config.split)
+        labels = getattr(run.dataset, config.split).labels
         if config.limit is not None:
-            images = images[:config.limit]
+            images, labels = images[:config.limit], labels[:config.limit]
         keep = (particles * images.shape[0] <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
         torch.manual_seed(config.seed)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
-            result = evaluate_dataset(run.model.model, run.model.guide, images,
+            result = evaluate_dataset(run.model.model, run.model.guide,
+                                      model_args(run.model, images, labels),
                                       num_particles=config.particles,
                                       batch_size=config.batch_size,
                                       particle_chunk=config.particle_chunk,

@@ -48,7 +48,7 @@ from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
 from .errors import ConfigError
-from .traces import (PARTICLE_PLATE, _reduce_to_particles_and_data, _site_log_prob,
+from .traces import (PARTICLE_PLATE, reduce_to_particles_and_data, site_log_prob,
                      guess_max_plate_nesting, trace_pair, vectorized_log_probs)
 
 ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")
@@ -100,8 +100,8 @@ def _site_total(sites: list[dict], particle_dim: int, data_dim: int, like: torch
     shape = tuple(like.shape)
     total = like.new_zeros(shape)
     for site in sites:
-        total = total + _reduce_to_particles_and_data(
-            _site_log_prob(site, detach=False), -particle_dim, data_dim, shape)
+        total = total + reduce_to_particles_and_data(
+            site_log_prob(site, detach=False), -particle_dim, data_dim, shape)
     return total
 
 
@@ -131,7 +131,7 @@ class _Particles:
 
     def reduce(self, log_prob: torch.Tensor) -> torch.Tensor:
         """A site's log-density (or KL), summed to ``[M, N]``."""
-        return _reduce_to_particles_and_data(log_prob, -self.particle_dim, self.data_dim,
+        return reduce_to_particles_and_data(log_prob, -self.particle_dim, self.data_dim,
                                              self.shape)
 
     def site_total(self, sites: list[dict]) -> torch.Tensor:
@@ -265,7 +265,7 @@ class ELBOEstimator(ELBO):
         latent = _latent_sites(particles.guide_trace)
         if len(latent) == 1 and self.single_site_shortcut:
             site = latent[0]
-            return particles.reduce(_site_log_prob(dict(site, value=site["value"].detach()),
+            return particles.reduce(site_log_prob(dict(site, value=site["value"].detach()),
                                                    detach=False))
         replayed = particles.replay(guide, args, kwargs)
         if [s["name"] for s in _latent_sites(replayed)] != [s["name"] for s in latent]:
@@ -352,18 +352,18 @@ class MeanFieldELBO(ELBOEstimator):
             guide_names.add(site["name"])
             prior = model_sites.get(site["name"])
             if prior is None or prior["type"] != "sample" or prior["is_observed"]:
-                rate = rate + particles.reduce(_site_log_prob(site, detach=False))
+                rate = rate + particles.reduce(site_log_prob(site, detach=False))
                 continue
             try:
                 kl = kl_divergence(site["fn"], prior["fn"])
             except NotImplementedError:
-                kl = _site_log_prob(site, detach=False) - _site_log_prob(prior, detach=False)
+                kl = site_log_prob(site, detach=False) - site_log_prob(prior, detach=False)
             else:
                 kl = _masked(kl, site)
             rate = rate + particles.reduce(kl)
         for site in _latent_sites(particles.model_trace):
             if site["name"] not in guide_names:
-                rate = rate - particles.reduce(_site_log_prob(site, detach=False))
+                rate = rate - particles.reduce(site_log_prob(site, detach=False))
         return rate
 
     def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,

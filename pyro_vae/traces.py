@@ -30,7 +30,8 @@ PARTICLE_PLATE = "_pyro_vae_particles"
 class ParticleLogProbs:
     """Per-particle, per-datapoint log-densities, each of shape ``[K, N]``.
 
-    ``log_p`` is log p(x, z) (every model site: latent and observed), ``log_q`` is log q(z|x);
+    ``log_p`` is log p(x, z) (the observed sites and the latent sites the guide samples; a model
+    latent that the guide leaves to the prior cancels from the weight), ``log_q`` is log q(z|x);
     ``log_weights`` = ``log_p − log_q``. The traces are kept for estimators that need more.
     """
 
@@ -122,18 +123,28 @@ def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> 
                       "pass data_plate=NAME to say which one indexes datapoints")
 
 
-def _site_log_prob(site: dict, detach: bool) -> torch.Tensor:
+def site_log_prob(site: dict, detach: bool = False) -> torch.Tensor:
+    """The site's unscaled log-density at its value, batch-shaped, with its mask applied
+    (``detach=True``: with the distribution's parameters detached)."""
     fn = detach_distribution(site["fn"]) if detach else site["fn"]
     log_prob = fn.log_prob(site["value"])
-    if site["mask"] is not None:
-        log_prob = torch.where(site["mask"], log_prob, log_prob.new_zeros(()))
-    return log_prob
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return log_prob
+    if mask is False:
+        return torch.zeros_like(log_prob)
+    return torch.where(mask, log_prob, log_prob.new_zeros(()))
 
 
-def _reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int,
-                                  shape: tuple[int, int]) -> torch.Tensor:
+def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int,
+                                 shape: tuple[int, int], name: str = "") -> torch.Tensor:
     """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
     the particle dim (leftmost) and ``data_dim``; the result has shape ``shape`` = ``[K, N]``."""
+    if log_prob.dim() > num_dims:
+        raise ConfigError(
+            f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
+            f"{num_dims - 1} declared plate(s): put every batch dimension in a pyro.plate or "
+            "move it into the event with .to_event()")
     log_prob = log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
     keep = {0, num_dims + data_dim}
     others = [d for d in range(num_dims) if d not in keep]
@@ -176,18 +187,22 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
                  if frame.name == name)
     data_dim, shape = frame.dim, (num_particles, frame.size)
 
-    def total(trace, latent_only: bool, detach: bool) -> torch.Tensor:
+    def total(trace, sites: list[str], detach: bool) -> torch.Tensor:
         out = None
-        for site in trace.nodes.values():
-            if site["type"] != "sample" or (latent_only and site["is_observed"]):
-                continue
-            lp = _reduce_to_particles_and_data(_site_log_prob(site, detach), num_dims, data_dim,
-                                               shape)
+        for name in sites:
+            lp = reduce_to_particles_and_data(site_log_prob(trace.nodes[name], detach), num_dims,
+                                              data_dim, shape, name)
             out = lp if out is None else out + lp
         if out is None:
             raise ConfigError("the guide has no latent sample sites")
         return out
 
-    log_p = total(model_trace, latent_only=False, detach=False)
-    log_q = total(guide_trace, latent_only=True, detach=detach_guide)
+    guide_latents = [name for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and not site["is_observed"]]
+    # A model latent the guide does not sample is drawn from its prior on replay: the prior is
+    # its own proposal, so its density cancels from the weight and is left out of both sides.
+    model_sites = [name for name, site in model_trace.nodes.items()
+                   if site["type"] == "sample" and (site["is_observed"] or name in guide_latents)]
+    log_p = total(model_trace, model_sites, detach=False)
+    log_q = total(guide_trace, guide_latents, detach=detach_guide)
     return ParticleLogProbs(log_p, log_q, model_trace, guide_trace, name)

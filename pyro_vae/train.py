@@ -122,6 +122,23 @@ def test_elbo(model: VAE, images: torch.Tensor, labels: torch.Tensor, elbo: ELBO
     return total / images.shape[0]
 
 
+def final_estimate(model: VAE, images: torch.Tensor, labels: torch.Tensor,
+                   config: TrainConfig) -> dict[str, float]:
+    """Importance-weighted test log p̂_K(x) and ELBO (K = ``config.final_particles``) with their
+    standard errors, computed on a fork of the random state so training is not disturbed."""
+    from .evaluate import evaluate_dataset
+
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        torch.manual_seed(config.seed)
+        summary = evaluate_dataset(model.model, model.guide, model_args(model, images, labels),
+                                   num_particles=config.final_particles,
+                                   batch_size=config.batch_size, khat=False).summary()
+    return {"particles": config.final_particles,
+            "test_log_px": summary["log_px"]["mean"], "test_log_px_stderr": summary["log_px"]["stderr"],
+            "test_elbo": summary["elbo"]["mean"], "test_gap": summary["gap"]["mean"]}
+
+
 def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
     if generator.device.type == "cuda":
@@ -299,7 +316,10 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         if on_epoch is not None:
             on_epoch(epoch, history)
     bar.close()
+    if config.final_particles and history.epoch:
+        history.extra["final"] = final_estimate(model, test_images, dataset.test.labels, config)
     if run_dir is not None:
+        write_json(run_dir / HISTORY_FILE, history.to_dict())
         from .plots import write_run_plots
 
         write_run_plots(run_dir, model, dataset, history, test_images)

@@ -42,6 +42,7 @@ def test_sample_writes_a_grid(run_dir, tmp_path, capsys):
      "train-images-idx3-ubyte.gz not found"),
     (["train", "--resume", "/nonexistent/run"], "no config.json"),
     (["sample", "/nonexistent/run"], "does not exist"),
+    (["evaluate", "/nonexistent/run"], "does not exist"),
     (["train", "--epochs", "-3"], "epochs must be >= 0"),
 ])
 def test_user_errors_exit_nonzero_with_one_message(argv, message, capsys):
@@ -61,3 +62,21 @@ def test_argument_errors_exit_2(capsys):
         main(["train", "--hidden", "a,b"])
     assert info.value.code == 2
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_evaluate_prints_a_table_and_writes_its_files(run_dir, capsys):
+    argv = ["evaluate", str(run_dir), "--particles", "30", "--limit", "12", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "12 datapoints, K = 30 particles" in out and "log p_K(x)" in out
+    report = json.loads((run_dir / "eval-test.json").read_text())
+    assert report["summary"]["num_datapoints"] == 12
+    for name in ("eval-test.nc", "khat-test.png", "gap-test.png"):
+        assert (run_dir / name).stat().st_size > 0
+
+
+def test_training_reports_the_importance_weighted_estimate(run_dir):
+    final = json.loads((run_dir / "history.json").read_text())["final"]
+    assert final["particles"] == 100
+    # log p̂_K is a tighter bound than the ELBO: the estimated gap is positive
+    assert final["test_log_px"] > final["test_elbo"] and final["test_gap"] > 0
