@@ -1,4 +1,4 @@
-"""Command line: ``pyro-vae train | sample | evaluate``.
+"""Command line: ``pyro-vae train | sample | evaluate | classify | transfer``.
 
 ``main`` maps arguments onto :class:`~pyro_vae.config.TrainConfig` and calls library functions
 that are just as usable from Python. A user error prints one line and exits with status 2.
@@ -121,12 +121,42 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
+    from .evaluate import EvalConfig
+
+    defaults = EvalConfig()
+    p = sub.add_parser("classify", help="generative classification with a CVAE run",
+                       description="Classify by argmax_y log p_K(x | y) + log p(y); writes "
+                                   "classify-<split>.json (with p(y | x) per image) and "
+                                   "confusion-<split>.png into the run folder.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--particles", type=_positive_int, default=100,
+                   help="importance samples K per image and label (default 100)")
+    p.add_argument("--split", choices=("train", "test"), default=defaults.split)
+    p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help="image-label pairs per call")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+
+    p = sub.add_parser("transfer", help="style transfer with a CVAE run",
+                       description="Encode test images with their true label and decode the "
+                                   "same z with every label: a grid, one row per image.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--num", type=_positive_int, default=8, help="source images (default 8)")
+    p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/transfer.png)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-vae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
     _add_evaluate(sub)
+    _add_cvae_commands(sub)
     return parser
 
 
@@ -226,7 +256,59 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate}
+def _load_conditional_run(args: argparse.Namespace):
+    from .train import load_run
+
+    run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    if not run.model.conditional:
+        raise PyroVAEError(f"{args.command} needs a conditional run: train one with "
+                           "pyro-vae train --model cvae")
+    return run
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .classify import classify, format_classification, save_classification
+
+    run = _load_conditional_run(args)
+    images = run.eval_images(args.split)
+    labels = getattr(run.dataset, args.split).labels
+    if args.limit is not None:
+        images, labels = images[:args.limit], labels[:args.limit]
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed)
+        result = classify(run.model, images, labels, num_particles=args.particles,
+                          batch_size=args.batch_size)
+    paths = save_classification(result, args.run_dir, args.split)
+    print(format_classification(result.summary()))
+    print(f"wrote {paths['json'].name} and {paths['confusion'].name} in {args.run_dir}")
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_grid, save_figure
+
+    run = _load_conditional_run(args)
+    images = run.eval_images("test")[:args.num]
+    labels = run.dataset.test.labels[:args.num]
+    decoded = run.model.transfer(images, labels)
+    grid = torch.cat([images.unsqueeze(1), decoded], dim=1).flatten(0, 1)
+    figure = plot_grid(grid, run.dataset.image_shape, ncols=run.model.num_classes + 1,
+                       title="style transfer: source image, then decoded with each label",
+                       row_labels=[f"y={int(label)}" for label in labels],
+                       col_labels=["source", *map(str, range(run.model.num_classes))])
+    output = args.output or args.run_dir / "transfer.png"
+    save_figure(figure, output)
+    print(f"wrote {output}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate,
+            "classify": _cmd_classify, "transfer": _cmd_transfer}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
@@ -89,6 +90,8 @@ class CVAE(VAE):
             n = y.shape[0]
         else:
             n = 1 if num_data is None else num_data
+        if y is not None and is_validation_enabled():
+            self.check_labels(y, n)
         probs = self.class_probs
         with pyro.plate(DATA_PLATE, n):
             y = pyro.sample(LABEL_SITE, dist.Categorical(probs), obs=y)
@@ -103,6 +106,8 @@ class CVAE(VAE):
         register_module(f"{self.name}.encoder", self.encoder)
         if y is None:
             raise DataError("the CVAE's guide q(z | x, y) needs the labels y")
+        if is_validation_enabled():
+            self.check_labels(y, x.shape[0])
         with pyro.plate(DATA_PLATE, x.shape[0]):
             loc, scale = self.encoder(x, y)
             return pyro.sample(LATENT_SITE, dist.Normal(loc, scale).to_event(1))
@@ -144,6 +149,8 @@ class CVAE(VAE):
         every target label. Returns ``[N, len(targets), D]`` decoder means."""
         if targets is None:
             targets = torch.arange(self.num_classes, device=x.device)
+        self.check_labels(y, x.shape[0])
+        self.check_labels(targets, targets.shape[0])
         loc, _ = self.encoder(x, y)
         n, t = loc.shape[0], targets.shape[0]
         z = loc.unsqueeze(1).expand(n, t, self.latent_dim)

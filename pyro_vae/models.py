@@ -27,15 +27,16 @@ OBS_SITE = "x"
 def register_module(name: str, module: nn.Module) -> None:
     """Register ``module``'s parameters with Pyro's param store (as ``pyro.module`` does).
 
-    Unlike ``pyro.module`` this refuses, with a clear message, to silently bind the name to
-    parameters that another module put in the store first.
+    Unlike ``pyro.module`` it never binds the name to parameters that another module put in the
+    store first: entries under ``name`` always point at this module's own tensors, so two models
+    with one name never silently share (or swap) parameters; the one that ran last is registered.
     """
+    store = pyro.get_param_store()
     for param_name, value in module.named_parameters():
-        stored = pyro.param(param_with_module_name(name, param_name), value)
-        if stored is not value:
-            raise ConfigError(
-                f"Pyro's param store already holds '{name}' parameters of another module; "
-                "call pyro.clear_param_store() or give this model a different name=")
+        full_name = param_with_module_name(name, param_name)
+        if pyro.param(full_name, value) is not value:
+            del store[full_name]
+            pyro.param(full_name, value)
 
 
 def forget_params(name: str) -> None:
@@ -59,6 +60,8 @@ class VAE(nn.Module):
 
     Parameters are registered with Pyro's param store under ``name`` so the pair works with
     ``pyro.infer.SVI``; they are ordinary ``nn.Module`` parameters too, so any torch optimizer works.
+    The module owns them: the store's entries always point at the tensors of the model that ran
+    last under ``name`` (see :func:`register_module`).
     """
 
     conditional = False

@@ -92,13 +92,23 @@ def test_sampling_is_reproducible_with_a_generator(vae_and_data):
     assert torch.equal(a, b)
 
 
-def test_two_models_with_one_name_refuse_to_share_the_param_store(vae_and_data):
+def test_two_models_with_one_name_never_share_parameters(vae_and_data):
     vae, x = vae_and_data
-    vae.guide(x)
     other = VAE(D, latent_dim=LATENT, hidden=(16,))
-    with pytest.raises(ConfigError, match="clear_param_store"):
-        other.guide(x)
-    VAE(D, latent_dim=LATENT, hidden=(16,), name="other").guide(x)
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    vae.guide(x)
+    svi = SVI(other.model, other.guide, pyro.optim.Adam({"lr": 0.05}),
+              Trace_ELBO(max_plate_nesting=1))
+    other_before = other.encoder.head.weight.detach().clone()
+    for _ in range(3):
+        svi.step(x)
+    for name, p in vae.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert not torch.equal(other.encoder.head.weight, other_before)
+    store = pyro.get_param_store()
+    assert store["vae.encoder$$$head.weight"] is other.encoder.head.weight
+    vae.guide(x)
+    assert store["vae.encoder$$$head.weight"] is vae.encoder.head.weight
 
 
 def test_bad_model_arguments():
