@@ -15,33 +15,61 @@ DATASETS = ("digits", "mnist")
 BINARIZATIONS = ("dynamic", "fixed", "none")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_FNS = ("softplus", "exp")
-MODEL_FAMILIES = ("vae", "cvae")
+MODEL_FAMILIES = ("vae", "cvae", "vae2")
+LIKELIHOODS = ("bernoulli", "gaussian")
+GUIDES = ("diagonal", "full")
+ACTIVATION_NAMES = ("softplus", "tanh", "relu")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a :class:`~pyro_vae.models.VAE`.
+    """Architecture of a model family (:func:`pyro_vae.train.build_model`).
 
-    ``hidden`` lists the widths of the encoder's hidden layers; the decoder mirrors them.
-    ``scale_fn`` maps the encoder's raw output to the guide's standard deviation.
-    ``family`` is ``"vae"`` or ``"cvae"`` (conditioned on the label).
+    ``family``: ``"vae"``, ``"cvae"`` (conditioned on the label) or ``"vae2"`` (two stochastic
+    layers). ``hidden`` lists the widths of the encoder's hidden layers; the decoder mirrors them.
+    ``likelihood``: ``"bernoulli"`` (binary pixels) or ``"gaussian"`` with a fixed standard
+    deviation ``obs_scale`` or, with ``obs_scale=None``, a learned one shared by all pixels.
+    ``guide``: ``"diagonal"`` or ``"full"`` covariance. ``scale_fn`` maps raw encoder outputs to
+    standard deviations. ``latent2_dim`` and ``hidden2`` size the second stochastic layer of
+    ``vae2`` (z1 → z2).
     """
 
     family: str = "vae"
     latent_dim: int = 8
     hidden: tuple[int, ...] = (128,)
     scale_fn: str = "softplus"
+    likelihood: str = "bernoulli"
+    obs_scale: float | None = None
+    guide: str = "diagonal"
+    activation: str = "softplus"
+    latent2_dim: int = 4
+    hidden2: tuple[int, ...] = (64,)
 
     def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ConfigError(f"latent_dim must be >= 1, got {self.latent_dim}")
-        if any(h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden layer sizes must be >= 1, got {list(self.hidden)}")
-        if self.family not in MODEL_FAMILIES:
-            raise ConfigError(f"model must be one of {MODEL_FAMILIES}, got {self.family!r}")
-        if self.scale_fn not in SCALE_FNS:
-            raise ConfigError(f"scale_fn must be one of {SCALE_FNS}, got {self.scale_fn!r}")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "hidden2", tuple(int(h) for h in self.hidden2))
+        checks = [
+            (self.family in MODEL_FAMILIES,
+             f"model must be one of {MODEL_FAMILIES}, got {self.family!r}"),
+            (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
+            (self.latent2_dim >= 1, f"latent2_dim must be >= 1, got {self.latent2_dim}"),
+            (all(h >= 1 for h in self.hidden + self.hidden2),
+             f"hidden layer sizes must be >= 1, got {list(self.hidden)} and {list(self.hidden2)}"),
+            (self.scale_fn in SCALE_FNS,
+             f"scale_fn must be one of {SCALE_FNS}, got {self.scale_fn!r}"),
+            (self.likelihood in LIKELIHOODS,
+             f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),
+            (self.guide in GUIDES, f"guide must be one of {GUIDES}, got {self.guide!r}"),
+            (self.activation in ACTIVATION_NAMES,
+             f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}"),
+            (self.obs_scale is None or self.obs_scale > 0,
+             f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}"),
+            (self.family != "vae2" or self.guide == "diagonal",
+             "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -93,6 +121,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if (self.model.likelihood == "bernoulli") == (self.binarize == "none"):
+            raise ConfigError(
+                "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "
+                "Gaussian one needs the intensities (--binarize none)")
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 
@@ -102,6 +134,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"]["hidden"] = list(self.model.hidden)
+        out["model"]["hidden2"] = list(self.model.hidden2)
         return out
 
     @classmethod
@@ -117,8 +150,9 @@ class TrainConfig:
         model_known = {f.name for f in dataclasses.fields(ModelConfig)}
         if set(model) - model_known:
             raise ConfigError(f"unknown model config keys: {sorted(set(model) - model_known)}")
-        if "hidden" in model:
-            model["hidden"] = tuple(model["hidden"])
+        for key in ("hidden", "hidden2"):
+            if key in model:
+                model[key] = tuple(model[key])
         return cls(model=ModelConfig(**model), **raw)
 
 

@@ -22,7 +22,6 @@ from torch.nn import functional as F
 
 from .errors import ConfigError, DataError
 from .models import DATA_PLATE, LATENT_SITE, OBS_SITE, VAE, register_module
-from .nets import GaussianEncoder, LogitDecoder
 
 LABEL_SITE = "y"
 
@@ -42,7 +41,8 @@ class _Conditioned(nn.Module):
 
 
 class CVAE(VAE):
-    """Conditional VAE with a Bernoulli decoder and a diagonal-Gaussian encoder.
+    """Conditional VAE: :class:`~pyro_vae.models.VAE`'s likelihoods and guides (``**options``:
+    ``likelihood``, ``obs_scale``, ``guide``, ``activation``) with the label as an extra input.
 
     ``model(x, y)`` / ``guide(x, y)`` are twins over the sites ``"z"`` (latent), ``"y"`` (label,
     observed) and ``"x"`` (image, observed), all inside ``pyro.plate("data", N)``.
@@ -52,16 +52,16 @@ class CVAE(VAE):
 
     def __init__(self, input_dim: int, num_classes: int, latent_dim: int = 8,
                  hidden: Sequence[int] = (128,), scale_fn: str = "softplus", name: str = "cvae",
-                 class_probs: torch.Tensor | None = None):
-        super().__init__(input_dim, latent_dim, hidden, scale_fn, name=name)
+                 class_probs: torch.Tensor | None = None, **options):
         if num_classes < 2:
             raise ConfigError(f"a CVAE needs at least 2 classes, got {num_classes}")
+        super().__init__(input_dim, latent_dim, hidden, scale_fn, name=name,
+                         encoder_input_dim=input_dim + num_classes,
+                         decoder_input_dim=latent_dim + num_classes, **options)
+        self.config = self.config.__class__(**{**self.config.__dict__, "family": "cvae"})
         self.num_classes = num_classes
-        self.encoder = _Conditioned(
-            GaussianEncoder(input_dim + num_classes, self.config.hidden, latent_dim, scale_fn),
-            num_classes)
-        self.decoder = _Conditioned(
-            LogitDecoder(latent_dim + num_classes, self.config.hidden, input_dim), num_classes)
+        self.encoder = _Conditioned(self.encoder, num_classes)
+        self.decoder = _Conditioned(self.decoder, num_classes)
         probs = torch.full((num_classes,), 1.0 / num_classes) if class_probs is None \
             else torch.as_tensor(class_probs, dtype=torch.float32)
         self.register_buffer("class_probs", probs / probs.sum())
@@ -71,8 +71,8 @@ class CVAE(VAE):
         counts = torch.bincount(labels.cpu(), minlength=self.num_classes).float() + 1.0
         self.class_probs.copy_(counts / counts.sum())
 
-    def set_output_bias(self, mean_image: torch.Tensor) -> None:
-        self.decoder.net.set_output_bias(mean_image)
+    def _decoder_net(self):
+        return self.decoder.net
 
     def check_labels(self, y: torch.Tensor, n: int) -> None:
         if y.dim() != 1 or y.shape[0] != n:
@@ -83,7 +83,7 @@ class CVAE(VAE):
     def model(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
               num_data: int | None = None) -> torch.Tensor:
         """π(y) p(z) p(x | z, y); ``y=None`` draws the labels, ``x=None`` draws the images."""
-        register_module(f"{self.name}.decoder", self.decoder)
+        self._register_decoder()
         if x is not None:
             n = x.shape[0]
         elif y is not None:
@@ -97,8 +97,7 @@ class CVAE(VAE):
             y = pyro.sample(LABEL_SITE, dist.Categorical(probs), obs=y)
             prior = dist.Normal(probs.new_zeros(()), 1.0).expand([self.latent_dim]).to_event(1)
             z = pyro.sample(LATENT_SITE, prior)
-            logits = self.decoder(z, y)
-            return pyro.sample(OBS_SITE, dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            return pyro.sample(OBS_SITE, self.observation_dist(self.decoder(z, y)), obs=x)
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None,
               num_data: int | None = None) -> torch.Tensor:
@@ -109,8 +108,7 @@ class CVAE(VAE):
         if is_validation_enabled():
             self.check_labels(y, x.shape[0])
         with pyro.plate(DATA_PLATE, x.shape[0]):
-            loc, scale = self.encoder(x, y)
-            return pyro.sample(LATENT_SITE, dist.Normal(loc, scale).to_event(1))
+            return pyro.sample(LATENT_SITE, self.latent_dist(*self.encoder(x, y)))
 
     @torch.no_grad()
     def sample(self, num_samples: int, mean: bool = True, generator: torch.Generator | None = None,
@@ -123,23 +121,27 @@ class CVAE(VAE):
         labels = torch.as_tensor(labels, device=device)
         self.check_labels(labels, num_samples)
         z = torch.randn(num_samples, self.latent_dim, device=device, generator=generator)
-        probs = torch.sigmoid(self.decoder(z, labels))
-        return probs if mean else torch.bernoulli(probs, generator=generator)
+        means = self.decode(z, labels)
+        return means if mean else self._draw(means, generator)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(x, y)
+        """The guide's mean and marginal standard deviations given images and labels."""
+        loc, scale = self.encoder(x, y)
+        if self.guide_family == "full":
+            scale = scale.pow(2).sum(-1).sqrt()
+        return loc, scale
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Decoder mean for latent codes ``z`` under labels ``y``."""
-        return torch.sigmoid(self.decoder(z, y))
+        return self.observation_mean(self.decoder(z, y))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor,
                     sample_latent: bool = False) -> torch.Tensor:
-        loc, scale = self.encoder(x, y)
-        z = loc + scale * torch.randn_like(loc) if sample_latent else loc
+        params = self.encoder(x, y)
+        z = self.latent_dist(*params).sample() if sample_latent else params[0]
         return self.decode(z, y)
 
     @torch.no_grad()
@@ -151,7 +153,7 @@ class CVAE(VAE):
             targets = torch.arange(self.num_classes, device=x.device)
         self.check_labels(y, x.shape[0])
         self.check_labels(targets, targets.shape[0])
-        loc, _ = self.encoder(x, y)
+        loc = self.encoder(x, y)[0]
         n, t = loc.shape[0], targets.shape[0]
         z = loc.unsqueeze(1).expand(n, t, self.latent_dim)
         return self.decode(z, targets.expand(n, t))

@@ -14,14 +14,17 @@ import pyro.distributions as dist
 import torch
 from pyro.params import param_with_module_name
 from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
-from .config import ModelConfig
+from .config import GUIDES, LIKELIHOODS, ModelConfig
 from .errors import ConfigError
-from .nets import GaussianEncoder, LogitDecoder
+from .nets import (Decoder, FullCovarianceEncoder, GaussianEncoder, ObservationScale,
+                   activation_class)
 
 DATA_PLATE = "data"
 LATENT_SITE = "z"
 OBS_SITE = "x"
+LOGIT_EPS = 1e-3
 
 
 def register_module(name: str, module: nn.Module) -> None:
@@ -46,17 +49,37 @@ def forget_params(name: str) -> None:
         del store[key]
 
 
+@register_kl(MultivariateNormal, Independent)
+def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tensor:
+    r"""KL(N(μ, L Lᵀ) ‖ N(m, diag s²)) in closed form:
+    ½ [Σ_i (L Lᵀ)_ii / s_i² + Σ_i ((μ_i − m_i)/s_i)² − d + 2 Σ log s_i − 2 Σ log L_ii]."""
+    base = p.base_dist
+    if not isinstance(base, Normal) or p.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError
+    tril = q.scale_tril
+    var_ratio = (tril.pow(2).sum(-1) / base.scale.pow(2)).sum(-1)
+    mahalanobis = ((q.loc - base.loc) / base.scale).pow(2).sum(-1)
+    log_det = 2 * (base.scale.log().sum(-1) - tril.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+    return 0.5 * (var_ratio + mahalanobis - q.event_shape[0] + log_det)
+
+
 class VAE(nn.Module):
-    """Variational autoencoder with a N(0, I) prior, a Bernoulli decoder on logits and a
-    diagonal-Gaussian encoder.
+    """Variational autoencoder: a N(0, I) prior, an MLP decoder and an amortized Gaussian guide.
 
-    Generative model (``model``)::
+    Generative model (``model``), for n in plate ``"data"``::
 
-        z_n ~ N(0, I_d),   x_n | z_n ~ Bernoulli(sigmoid(decoder(z_n)))     for n in plate "data"
+        z_n ~ N(0, I_d),   x_n | z_n ~ Bernoulli(sigmoid(f(z_n)))           likelihood="bernoulli"
+                           x_n | z_n ~ N(f(z_n), σ² I_D)                     likelihood="gaussian"
 
-    Guide (``guide``)::
+    with σ fixed (``obs_scale=β``, the reconstruction/KL trade-off) or learned and shared over
+    pixels (``obs_scale=None``). Guide (``guide``)::
 
-        z_n | x_n ~ N(loc(x_n), diag scale(x_n)²)
+        z_n | x_n ~ N(loc(x_n), diag scale(x_n)²)                            guide="diagonal"
+        z_n | x_n ~ N(loc(x_n), L(x_n) L(x_n)ᵀ),  L lower-triangular        guide="full"
+
+    For fixed networks the learned σ's optimum is σ*² = (1/D) E‖x − f(z)‖² (z ~ q(z|x)); the
+    full-covariance guide's KL to the prior has a closed form (registered with
+    :func:`torch.distributions.kl_divergence`, so the ``meanfield`` estimator uses it).
 
     Parameters are registered with Pyro's param store under ``name`` so the pair works with
     ``pyro.infer.SVI``; they are ordinary ``nn.Module`` parameters too, so any torch optimizer works.
@@ -67,27 +90,85 @@ class VAE(nn.Module):
     conditional = False
 
     def __init__(self, input_dim: int, latent_dim: int = 8, hidden: Sequence[int] = (128,),
-                 scale_fn: str = "softplus", name: str = "vae"):
+                 scale_fn: str = "softplus", name: str = "vae", *,
+                 likelihood: str = "bernoulli", obs_scale: float | None = None,
+                 guide: str = "diagonal", activation: str = "softplus",
+                 encoder_input_dim: int | None = None, decoder_input_dim: int | None = None):
         super().__init__()
         if input_dim < 1:
             raise ConfigError(f"input_dim must be >= 1, got {input_dim}")
-        self.config = ModelConfig(latent_dim=latent_dim, hidden=tuple(hidden), scale_fn=scale_fn)
+        if likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if guide not in GUIDES:
+            raise ConfigError(f"guide must be one of {GUIDES}, got {guide!r}")
+        if obs_scale is not None and not obs_scale > 0:
+            raise ConfigError(f"obs_scale must be > 0 (or None to learn it), got {obs_scale}")
+        activation_class(activation)
+        self.config = ModelConfig(latent_dim=latent_dim, hidden=tuple(hidden), scale_fn=scale_fn,
+                                  likelihood=likelihood, obs_scale=obs_scale, guide=guide,
+                                  activation=activation)
         self.input_dim = input_dim
         self.latent_dim = latent_dim
         self.name = name
-        self.encoder = GaussianEncoder(input_dim, self.config.hidden, latent_dim, scale_fn)
-        self.decoder = LogitDecoder(latent_dim, self.config.hidden, input_dim)
+        self.likelihood = likelihood
+        self.guide_family = guide
+        encoder_class = FullCovarianceEncoder if guide == "full" else GaussianEncoder
+        self.encoder = encoder_class(encoder_input_dim or input_dim, self.config.hidden,
+                                     latent_dim, scale_fn, activation)
+        self.decoder = Decoder(decoder_input_dim or latent_dim, self.config.hidden, input_dim,
+                               activation)
+        self.obs_scale = (ObservationScale() if likelihood == "gaussian" and obs_scale is None
+                          else None)
+        self.fixed_obs_scale = obs_scale
 
     def set_output_bias(self, mean_image: torch.Tensor) -> None:
-        """Start the decoder at the data's pixel marginals (see :class:`LogitDecoder`)."""
-        self.decoder.set_output_bias(mean_image)
+        """Start the decoder at the data's pixel marginals: logit(mean) for Bernoulli pixels,
+        the mean itself for Gaussian ones."""
+        if self.likelihood == "bernoulli":
+            mean_image = torch.logit(mean_image.clamp(LOGIT_EPS, 1 - LOGIT_EPS))
+        self._decoder_net().set_output_bias(mean_image)
+
+    def initialize_from_data(self, images: torch.Tensor) -> None:
+        """Decoder bias from the mean image (:meth:`set_output_bias`) and, for a learned
+        Gaussian σ, σ = the root-mean-square deviation of the pixels from that mean."""
+        mean_image = images.mean(0)
+        self.set_output_bias(mean_image)
+        if self.obs_scale is not None:
+            rms = (images - mean_image).pow(2).mean().sqrt().clamp_min(LOGIT_EPS)
+            with torch.no_grad():
+                self.obs_scale.log_scale.copy_(rms.log())
+
+    def _decoder_net(self) -> Decoder:
+        return self.decoder
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _register_decoder(self) -> None:
+        register_module(f"{self.name}.decoder", self.decoder)
+        if self.obs_scale is not None:
+            register_module(f"{self.name}.likelihood", self.obs_scale)
+
+    def observation_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
+        """p(x | z) from the decoder's output (one event over the pixels)."""
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out).to_event(1)
+        scale = self.obs_scale() if self.obs_scale is not None else self.fixed_obs_scale
+        return dist.Normal(out, scale * torch.ones_like(out)).to_event(1)
+
+    def latent_dist(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x) from the encoder's output: ``scale`` is a vector (diagonal guide) or a
+        lower-triangular matrix (full guide)."""
+        if self.guide_family == "full":
+            return dist.MultivariateNormal(loc, scale_tril=scale)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def observation_mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
     def model(self, x: torch.Tensor | None = None, num_data: int | None = None) -> torch.Tensor:
         """p(z) p(x|z). With ``x=None`` it samples ``num_data`` new images (default 1)."""
-        register_module(f"{self.name}.decoder", self.decoder)
+        self._register_decoder()
         if x is None:
             n = 1 if num_data is None else num_data
             zeros = torch.zeros((), device=self._device())
@@ -97,32 +178,40 @@ class VAE(nn.Module):
         with pyro.plate(DATA_PLATE, n):
             prior = dist.Normal(zeros, 1.0).expand([self.latent_dim]).to_event(1)
             z = pyro.sample(LATENT_SITE, prior)
-            logits = self.decoder(z)
-            return pyro.sample(OBS_SITE, dist.Bernoulli(logits=logits).to_event(1), obs=x)
+            return pyro.sample(OBS_SITE, self.observation_dist(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
-        """q(z|x), a diagonal Gaussian from the encoder."""
+        """q(z|x), a Gaussian from the encoder."""
         register_module(f"{self.name}.encoder", self.encoder)
         with pyro.plate(DATA_PLATE, x.shape[0]):
-            loc, scale = self.encoder(x)
-            return pyro.sample(LATENT_SITE, dist.Normal(loc, scale).to_event(1))
+            return pyro.sample(LATENT_SITE, self.latent_dist(*self.encoder(x)))
+
+    def _draw(self, mean: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.likelihood == "bernoulli":
+            return torch.bernoulli(mean, generator=generator)
+        scale = self.obs_scale() if self.obs_scale is not None else self.fixed_obs_scale
+        noise = torch.randn(mean.shape, device=mean.device, generator=generator)
+        return mean + scale * noise
 
     @torch.no_grad()
     def sample(self, num_samples: int, mean: bool = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """New images: z ~ N(0, I), then the decoder's mean (``mean=True``) or a Bernoulli draw."""
+        """New images: z ~ N(0, I), then the decoder's mean (``mean=True``) or a draw of x."""
         z = torch.randn(num_samples, self.latent_dim, device=self._device(), generator=generator)
-        probs = torch.sigmoid(self.decoder(z))
-        return probs if mean else torch.bernoulli(probs, generator=generator)
+        means = self.observation_mean(self.decoder(z))
+        return means if mean else self._draw(means, generator)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The guide's (loc, scale) for each row of ``x``."""
-        return self.encoder(x)
+        """The guide's mean and marginal standard deviations for each row of ``x``."""
+        loc, scale = self.encoder(x)
+        if self.guide_family == "full":
+            scale = scale.pow(2).sum(-1).sqrt()
+        return loc, scale
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, sample_latent: bool = False) -> torch.Tensor:
         """Decoder mean at the guide's mean (or at a draw z ~ q(z|x) with ``sample_latent``)."""
-        loc, scale = self.encoder(x)
-        z = loc + scale * torch.randn_like(loc) if sample_latent else loc
-        return torch.sigmoid(self.decoder(z))
+        params = self.encoder(x)
+        z = self.latent_dist(*params).sample() if sample_latent else params[0]
+        return self.observation_mean(self.decoder(z))

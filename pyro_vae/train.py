@@ -26,7 +26,12 @@ from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .io import atomic_path, write_json
 from .cvae import CVAE
+from .distributed import (SHARED_ORDER_STREAM, SINGLE, DistributedContext, all_gather_objects,
+                          all_reduce_sum, average_gradients, barrier, broadcast_tensors,
+                          check_in_sync, derive_seed, init_distributed, rank_seed,
+                          shard_indices)
 from .models import VAE, forget_params
+from .vae2 import VAE2
 from .objectives import ELBOEstimator, LinearWarmup, make_estimator
 
 CONFIG_FILE = "config.json"
@@ -58,12 +63,17 @@ def make_elbo(name: str, num_particles: int = 1, importance_samples: int = 1,
 def build_model(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
     """The model family named by ``config.model.family``, sized for ``dataset``."""
     spec = config.model
-    common = dict(latent_dim=spec.latent_dim, hidden=spec.hidden, scale_fn=spec.scale_fn)
+    common = dict(latent_dim=spec.latent_dim, hidden=spec.hidden, scale_fn=spec.scale_fn,
+                  likelihood=spec.likelihood, obs_scale=spec.obs_scale,
+                  activation=spec.activation)
     if spec.family == "cvae":
-        model = CVAE(dataset.input_dim, dataset.num_classes, **common)
+        model = CVAE(dataset.input_dim, dataset.num_classes, guide=spec.guide, **common)
         model.set_class_probs(dataset.train.labels)
+    elif spec.family == "vae2":
+        model = VAE2(dataset.input_dim, latent2_dim=spec.latent2_dim, hidden2=spec.hidden2,
+                     **common)
     else:
-        model = VAE(dataset.input_dim, **common)
+        model = VAE(dataset.input_dim, guide=spec.guide, **common)
     return model
 
 
@@ -112,20 +122,26 @@ def evaluation_images(dataset: data_lib.Dataset, split: str, config: TrainConfig
 
 @torch.no_grad()
 def test_elbo(model: VAE, images: torch.Tensor, labels: torch.Tensor, elbo: ELBO,
-              batch_size: int) -> float:
-    """Estimate of the mean per-datapoint ELBO over ``images`` (nats)."""
+              batch_size: int, dist: DistributedContext = SINGLE) -> float:
+    """Estimate of the mean per-datapoint ELBO over ``images`` (nats). Under ``dist`` the batches
+    are dealt round-robin to the ranks and the sum is all-reduced: every rank gets the value."""
     total = 0.0
-    for start in range(0, images.shape[0], batch_size):
+    for start in range(0, images.shape[0], batch_size)[dist.rank::dist.world_size]:
         chunk = slice(start, start + batch_size)
         total -= elbo.loss(model.model, model.guide, *model_args(model, images[chunk],
                                                                  labels[chunk]))
+    if dist.enabled:
+        summed = torch.tensor(total, dtype=torch.float64, device=images.device)
+        total = all_reduce_sum(summed, dist, "summing the test ELBO").item()
     return total / images.shape[0]
 
 
 def final_estimate(model: VAE, images: torch.Tensor, labels: torch.Tensor,
-                   config: TrainConfig) -> dict[str, float]:
+                   config: TrainConfig, dist: DistributedContext = SINGLE) -> dict[str, float]:
     """Importance-weighted test log p̂_K(x) and ELBO (K = ``config.final_particles``) with their
-    standard errors, computed on a fork of the random state so training is not disturbed."""
+    standard errors, computed on a fork of the random state so training is not disturbed.
+    Under ``dist`` the batches are shared out among the ranks, each seeded from
+    ``config.seed`` and its index (see :func:`~pyro_vae.evaluate.evaluate_dataset`)."""
     from .evaluate import evaluate_dataset
 
     devices = [images.device] if images.device.type == "cuda" else []
@@ -133,7 +149,9 @@ def final_estimate(model: VAE, images: torch.Tensor, labels: torch.Tensor,
         torch.manual_seed(config.seed)
         summary = evaluate_dataset(model.model, model.guide, model_args(model, images, labels),
                                    num_particles=config.final_particles,
-                                   batch_size=config.batch_size, khat=False).summary()
+                                   batch_size=config.batch_size, khat=False,
+                                   batch_seed=config.seed if dist.enabled else None,
+                                   dist=dist).summary()
     return {"particles": config.final_particles,
             "test_log_px": summary["log_px"]["mean"], "test_log_px_stderr": summary["log_px"]["stderr"],
             "test_elbo": summary["elbo"]["mean"], "test_gap": summary["gap"]["mean"]}
@@ -147,14 +165,18 @@ def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
+    torch.set_rng_state(state["torch"].cpu())
+    generator.set_state(state["data"].cpu())
     if "cuda" in state and generator.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], generator.device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), generator.device)
 
 
 def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, history: History, config: TrainConfig) -> None:
+                    generator: torch.Generator, history: History, config: TrainConfig,
+                    ranks: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint, weights and history; ``ranks`` (a distributed run's world size,
+    every rank's random states and the shared order generator's) is stored under
+    ``"distributed"``."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -162,6 +184,8 @@ def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
         "history": history.to_dict(),
         "config": config.to_dict(),
     }
+    if ranks is not None:
+        state["distributed"] = ranks
     with atomic_path(run_dir / CHECKPOINT_FILE) as tmp:
         torch.save(state, tmp)
     with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
@@ -195,9 +219,6 @@ def read_config(run_dir: str | Path) -> TrainConfig:
 def prepare_data(config: TrainConfig, device: torch.device, download: bool = False
                  ) -> data_lib.Dataset:
     dataset = data_lib.load_dataset(config.dataset, config.data_dir, download=download)
-    if config.binarize == "none":
-        raise ConfigError("the VAE's Bernoulli likelihood needs binary data: "
-                          "use --binarize dynamic or fixed")
     for split in ("train", "test"):
         part = getattr(dataset, split)
         data_lib.validate_images(part.images, labels=part.labels,
@@ -212,9 +233,54 @@ def _train_images_for_epoch(images: torch.Tensor, config: TrainConfig,
     return fixed if fixed is not None else images
 
 
+def svi_step(loss_fn: Callable[[], torch.Tensor], num_data: int,
+             optimizer: torch.optim.Optimizer, dist: DistributedContext = SINGLE) -> torch.Tensor:
+    """One optimizer step on ``loss_fn() / num_data``, the per-datapoint mean of a loss summed
+    over a batch of ``num_data``; returns the summed loss, detached.
+
+    Under ``dist`` the gradients are averaged over the ranks before the step (the reduction of
+    DistributedDataParallel, :func:`~pyro_vae.distributed.average_gradients`): with batches of
+    equal size on every rank, that is the gradient of the mean loss over the combined batch of
+    ``world_size * num_data`` datapoints, and every rank takes the same step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    (loss / num_data).backward()
+    average_gradients([p for group in optimizer.param_groups for p in group["params"]], dist)
+    optimizer.step()
+    return loss.detach()
+
+
+def _restore_rng_states(state: dict[str, Any], generator: torch.Generator,
+                        order_generator: torch.Generator, dist: DistributedContext,
+                        run_dir: Path) -> None:
+    ranks = state.get("distributed")
+    saved_world = ranks["world_size"] if ranks is not None else 1
+    if saved_world != dist.world_size:
+        raise CheckpointError(f"{run_dir} was trained by {saved_world} process(es) and this is "
+                              f"{dist.world_size}: resume it with the same number (torchrun "
+                              f"--nproc-per-node={saved_world} ...), which the data shards and "
+                              "random streams need to continue exactly")
+    if ranks is None:
+        _set_rng_state(state["rng"], generator)
+        return
+    _set_rng_state(ranks["rng"][dist.rank], generator)
+    order_generator.set_state(ranks["order"].cpu())
+
+
+def _rank_states(generator: torch.Generator, order_generator: torch.Generator,
+                 dist: DistributedContext) -> dict[str, Any] | None:
+    """Every rank's random states, gathered on every rank (``None`` in a single process)."""
+    if not dist.enabled:
+        return None
+    states = all_gather_objects(_rng_state(generator), dist, "gathering the random states")
+    return {"world_size": dist.world_size, "rng": states, "order": order_generator.get_state()}
+
+
 def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
           progress: bool = True, download: bool = False, model: VAE | None = None,
-          on_epoch: Callable[[int, History], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[int, History], None] | None = None,
+          dist_timeout: float | None = None) -> TrainResult:
     """Train a :class:`~pyro_vae.models.VAE` with SVI; return the model and its :class:`History`.
 
     Each step minimizes the chosen estimator's loss (:mod:`pyro_vae.objectives`) averaged per
@@ -229,6 +295,13 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     other entries are left alone.
     Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss becomes NaN or infinite; the
     last good checkpoint stays on disk.
+
+    Under torchrun (``WORLD_SIZE`` > 1; see :doc:`distributed`) every rank calls this function:
+    each trains on its :class:`~torch.utils.data.DistributedSampler` share of every epoch with
+    ``config.batch_size`` datapoints per step and per rank, the gradients are averaged over the
+    ranks (:func:`svi_step`), and rank 0 alone writes the run folder. Collectives wait at most
+    ``dist_timeout`` seconds (default ``$PYRO_VAE_DIST_TIMEOUT`` or 300) and then raise
+    :class:`~pyro_vae.distributed.DistributedError`.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume and run_dir is None:
@@ -237,17 +310,25 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir} "
                           "or choose another --out")
     device = resolve_device(config.device)
+    dist = init_distributed(device, dist_timeout)
     dataset = prepare_data(config, device, download=download)
 
     pyro.set_rng_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(rank_seed(config.seed, dist.rank))
+    order_generator = generator if not dist.enabled else torch.Generator(device=device)
+    if dist.enabled:
+        order_generator.manual_seed(derive_seed(config.seed, SHARED_ORDER_STREAM))
     if model is None:
         model = build_model(dataset, config)
-        model.set_output_bias(dataset.train.images.mean(0))
+        model.initialize_from_data(dataset.train.images)
     elif model.input_dim != dataset.input_dim:
         raise ConfigError(f"the model takes {model.input_dim} inputs, {config.dataset} has "
                           f"{dataset.input_dim}")
     model = model.to(device)
+    if dist.enabled:
+        broadcast_tensors(model.state_dict().values(), dist)
+        if dist.rank:
+            pyro.set_rng_seed(rank_seed(config.seed, dist.rank))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history = History()
 
@@ -260,7 +341,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
                                   "epochs, device and data_dir may change on resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"], generator)
+        _restore_rng_states(state, generator, order_generator, dist, run_dir)
         history = History.from_dict(state["history"])
 
     train_elbo = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta)
@@ -270,35 +351,37 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     fixed = (data_lib.fixed_binarization(train_images, config.seed)
              if config.binarize == "fixed" else None)
     test_images = evaluation_images(dataset, "test", config)
-    if run_dir is not None:
+    if run_dir is not None and dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_FILE, config.to_dict())
 
     forget_params(model.name)
     num_train = train_images.shape[0]
-    steps_per_epoch = -(-num_train // config.batch_size)
+    per_rank = -(-num_train // dist.world_size)
+    steps_per_epoch = -(-per_rank // config.batch_size)
     first_epoch = len(history.epoch) + 1
     bar = tqdm(range(first_epoch, config.epochs + 1), desc="train", unit="epoch",
-               disable=not progress, initial=first_epoch - 1, total=config.epochs)
+               disable=not progress or not dist.is_main, initial=first_epoch - 1,
+               total=config.epochs)
     for epoch in bar:
         start = time.perf_counter()
         model.train()
         epoch_images = _train_images_for_epoch(train_images, config, generator, fixed)
-        order = torch.randperm(num_train, device=device, generator=generator)
+        order = torch.randperm(num_train, device=device, generator=order_generator)
+        order = shard_indices(order, dist)
         loss_sum = torch.zeros((), device=device)
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
-            for step, begin in enumerate(range(0, num_train, config.batch_size),
+            for step, begin in enumerate(range(0, order.shape[0], config.batch_size),
                                          start=(epoch - 1) * steps_per_epoch):
                 train_elbo.beta = warmup(step)
                 index = order[begin:begin + config.batch_size]
                 args = model_args(model, epoch_images[index], train_labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss = train_elbo.differentiable_loss(model.model, model.guide, *args)
-                (loss / index.shape[0]).backward()
-                optimizer.step()
-                loss_sum += loss.detach()
-        mean_loss = loss_sum.item() / num_train
+                loss_sum += svi_step(
+                    lambda: train_elbo.differentiable_loss(model.model, model.guide, *args),
+                    index.shape[0], optimizer, dist)
+        all_reduce_sum(loss_sum, dist, "summing the training loss")
+        mean_loss = loss_sum.item() / (dist.world_size * order.shape[0])
         if not math.isfinite(mean_loss):
             kept = f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}" \
                 if run_dir is not None and history.epoch else ""
@@ -308,21 +391,26 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
             elbo_value = test_elbo(model, test_images, dataset.test.labels, eval_elbo,
-                                   config.batch_size)
+                                   config.batch_size, dist)
+        check_in_sync(model.parameters(), dist)
         history.append(epoch, mean_loss, elbo_value, time.perf_counter() - start)
         bar.set_postfix(loss=f"{mean_loss:.2f}", test_elbo=f"{elbo_value:.2f}")
         if run_dir is not None:
-            save_checkpoint(run_dir, model, optimizer, generator, history, config)
+            ranks = _rank_states(generator, order_generator, dist)
+            if dist.is_main:
+                save_checkpoint(run_dir, model, optimizer, generator, history, config, ranks)
         if on_epoch is not None:
             on_epoch(epoch, history)
     bar.close()
     if config.final_particles and history.epoch:
-        history.extra["final"] = final_estimate(model, test_images, dataset.test.labels, config)
-    if run_dir is not None:
+        history.extra["final"] = final_estimate(model, test_images, dataset.test.labels, config,
+                                                dist)
+    if run_dir is not None and dist.is_main:
         write_json(run_dir / HISTORY_FILE, history.to_dict())
         from .plots import write_run_plots
 
         write_run_plots(run_dir, model, dataset, history, test_images)
+    barrier(dist, "waiting for rank 0 to write the run folder")
     return TrainResult(model, history, run_dir)
 
 
