@@ -30,6 +30,7 @@ gradients for each K of ``--snr-ks``. Outputs in ``--out`` (written atomically):
     python benchmarks/compare_estimators.py --out bench-estimators            # digits, ~5 min
     python benchmarks/compare_estimators.py --seeds 0 --epochs 20 --out /tmp/quick
     python benchmarks/compare_estimators.py --data-dir ~/mnist --eval-particles 5000 --out mnist
+    python benchmarks/compare_estimators.py --model-factory my_models.py:build --out mine
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
 from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
+from pyro_vae.protocol import check_model, guide_parameters, load_factory
 
 INSIDE_LOG = ("iwae", "dreg")
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -93,6 +95,7 @@ class BenchmarkConfig:
     snr_draws: int = 100
     snr_ks: tuple[int, ...] = (1, 5, 10, 50)
     threads: int = 1
+    model_factory: str | None = None
 
     @property
     def final_eval_particles(self) -> int:
@@ -167,23 +170,30 @@ def own_bound(model: VAE, estimator: ELBOEstimator, images: torch.Tensor, seed: 
 
 
 @torch.no_grad()
-def active_units(model: VAE, images: torch.Tensor) -> int:
-    """Latent dimensions whose posterior mean has variance > 0.01 over ``images``."""
+def active_units(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Latent dimensions whose posterior mean has variance > 0.01 over ``images`` (NaN for a
+    model without an ``encode`` method)."""
+    if not callable(getattr(model, "encode", None)):
+        return math.nan
     loc, _ = model.encode(images)
     return int((loc.var(0) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
-def gradient_snr(model: VAE, estimator: ELBOEstimator, batch: torch.Tensor, draws: int
-                 ) -> dict[str, float]:
+def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator, batch: torch.Tensor,
+                 draws: int) -> dict[str, float]:
     """Mean over parameter elements of |E g| / std g, from ``draws`` gradients at fixed
-    parameters on ``batch``, for the encoder's and the decoder's parameters."""
-    groups = {"snr_encoder": list(model.encoder.parameters()),
-              "snr_decoder": list(model.decoder.parameters())}
+    parameters on ``batch``, for the guide's (encoder) and the model's (decoder) parameters."""
+    encoder = guide_parameters(model, batch)
+    encoder_ids = {id(p) for p in encoder}
+    decoder = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    groups = {"snr_encoder": encoder, "snr_decoder": decoder}
     params = [p for group in groups.values() for p in group]
     samples = []
     for _ in range(draws):
         loss = estimator.differentiable_loss(model.model, model.guide, batch) / batch.shape[0]
-        samples.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        samples.append(torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten()
+                                  for p, g in zip(params, grads)]))
     grads = torch.stack(samples).double()
     mean, std = grads.mean(0).abs(), grads.std(0)
     out, start = {}, 0
@@ -191,16 +201,23 @@ def gradient_snr(model: VAE, estimator: ELBOEstimator, batch: torch.Tensor, draw
         size = sum(p.numel() for p in group)
         m, s = mean[start:start + size], std[start:start + size]
         informative = s > 0
-        out[key] = (m[informative] / s[informative]).mean().item()
+        out[key] = (m[informative] / s[informative]).mean().item() if informative.any() \
+            else math.nan
         start += size
     return out
 
 
-def _init_model(config: BenchmarkConfig, data: Data, seed: int, name: str) -> VAE:
-    """The same initial weights for every estimator of a seed; a param-store name of its own."""
+def _init_model(config: BenchmarkConfig, data: Data, seed: int, name: str) -> torch.nn.Module:
+    """The same initial weights for every estimator of a seed; a param-store name of its own.
+    With ``config.model_factory`` the model is ``factory(input_dim, name)``: a user's own pair."""
     torch.manual_seed(seed)
-    model = VAE(data.train.shape[1], config.latent_dim, config.hidden, name=f"{name}-{seed}")
-    model.set_output_bias(data.train.mean(0))
+    if config.model_factory is not None:
+        model = load_factory(config.model_factory)(data.train.shape[1], f"{name}-{seed}")
+        check_model(model, data.train_fixed[:2])
+    else:
+        model = VAE(data.train.shape[1], config.latent_dim, config.hidden, name=f"{name}-{seed}")
+    if hasattr(model, "initialize_from_data"):
+        model.initialize_from_data(data.train)
     return model
 
 
@@ -435,6 +452,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchmarkConfig, Path]:
     p.add_argument("--snr-draws", type=_positive_int, default=defaults.snr_draws)
     p.add_argument("--snr-ks", nargs="+", type=_positive_int, default=list(defaults.snr_ks))
     p.add_argument("--threads", type=_positive_int, default=defaults.threads)
+    p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                   help="compare on your own pair: FUNCTION(input_dim, name) returns an "
+                        "nn.Module with model/guide methods (see pyro_vae.protocol); "
+                        "MODULE may be a .py file")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     dataset = args.dataset or ("mnist" if args.data_dir else "digits")
@@ -446,7 +467,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[BenchmarkConfig, Path]:
         importance_samples=args.importance_samples, beta=args.beta, warmup=args.warmup,
         eval_particles=args.eval_particles, curve_particles=args.curve_particles,
         eval_every=args.eval_every, snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks),
-        threads=args.threads)
+        threads=args.threads, model_factory=args.model_factory)
     return config, args.out
 
 

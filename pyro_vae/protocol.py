@@ -1,0 +1,114 @@
+"""What the package needs from a user's own model/guide pair, stated and checked in one place.
+
+A pair works with the training loop (:func:`pyro_vae.train.train`), the evaluator
+(:mod:`pyro_vae.evaluate`) and the estimators (:mod:`pyro_vae.objectives`) when:
+
+1. it is a :class:`torch.nn.Module` that owns every learnable parameter (so one
+   ``torch.optim`` optimizer over ``module.parameters()`` trains it, and a ``state_dict``
+   checkpoints it);
+2. it has callables ``model(x)`` and ``guide(x)`` (``model(x, y)`` / ``guide(x, y)`` with
+   ``conditional = True``, where ``y`` are the integer labels);
+3. every sample site of both (latent and observed) lies inside one ``pyro.plate`` over the rows of
+   ``x``, named ``"data"`` (or named by the attribute ``data_plate``); latent dimensions are events
+   (``.to_event(1)``), so each datapoint has one log-density per site;
+4. the guide's latent sites are reparameterizable (``has_rsample``), as every Gaussian is.
+
+Optional attributes, used when present: ``name`` (the prefix of the pair's Pyro param-store
+entries, replaced by :func:`~pyro_vae.train.train`), ``initialize_from_data(images)`` (called
+before training a freshly built model), and ``sample(n)``, ``encode(x)``, ``reconstruct(x)`` for
+the plots of a run folder (a run without them gets the training curves only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from torch import nn
+
+from .errors import ConfigError
+from .models import DATA_PLATE
+from .traces import find_data_plate, trace_pair
+
+
+def data_plate_name(module: Any) -> str:
+    return getattr(module, "data_plate", DATA_PLATE)
+
+
+def check_model(module: Any, *example_args: torch.Tensor) -> None:
+    """Raise :class:`~pyro_vae.errors.ConfigError` naming the first requirement (see the module
+    docstring) that ``module`` misses; with ``example_args`` (a small batch) the pair is also
+    run once to check its plate and sites."""
+    what = type(module).__name__
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{what} must be a torch.nn.Module that owns the parameters of its "
+                          "model and guide")
+    for method in ("model", "guide"):
+        if not callable(getattr(module, method, None)):
+            raise ConfigError(f"{what} needs a callable {method}(x) method (the Pyro {method})")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ConfigError(f"{what} has no trainable parameters: register its networks as "
+                          "submodules (self.encoder = ...) or nn.Parameter attributes")
+    if not example_args:
+        return
+    with poutine.block(), pyro.validation_enabled(True), torch.random.fork_rng(devices=[]):
+        model_trace, guide_trace = trace_pair(module.model, module.guide, example_args, {})
+    plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
+    size = next(frame.size for site in guide_trace.nodes.values() if site["type"] == "sample"
+                for frame in site["cond_indep_stack"] if frame.name == plate)
+    if size != example_args[0].shape[0]:
+        raise ConfigError(f"the plate {plate!r} of {what} has size {size} but the batch has "
+                          f"{example_args[0].shape[0]} rows: use pyro.plate({plate!r}, "
+                          "x.shape[0])")
+    not_reparam = [name for name, site in guide_trace.nodes.items()
+                   if site["type"] == "sample" and not site["is_observed"]
+                   and not site["fn"].has_rsample]
+    if not_reparam:
+        raise ConfigError(f"the guide's sites {not_reparam} are not reparameterizable; the "
+                          "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal)")
+    if any(site["type"] == "sample" and site["is_observed"]
+           for site in guide_trace.nodes.values()):
+        raise ConfigError(f"the guide of {what} observes a site: observations belong in the model")
+
+
+def load_factory(spec: str):
+    """The callable named by ``"package.module:function"`` or ``"path/to/file.py:function"``
+    (how benchmarks take a user's model without touching package code)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    module_name, sep, attribute = spec.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.exists():
+                raise ConfigError(f"no file {path}")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name}: {exc}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name} has no callable {attribute!r}")
+    return factory
+
+
+def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Parameter]:
+    """The parameters the guide's log-density depends on (found by autograd on one trace);
+    the others are the model's. Used to report encoder and decoder gradients separately."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    with poutine.block(), torch.random.fork_rng(devices=[]):
+        guide_trace = poutine.trace(module.guide).get_trace(*args)
+    guide_trace.compute_log_prob()
+    log_q = sum(site["log_prob"].sum() for site in guide_trace.nodes.values()
+                if site["type"] == "sample" and not site["is_observed"])
+    grads = torch.autograd.grad(log_q, params, allow_unused=True)
+    return [p for p, g in zip(params, grads) if g is not None]
