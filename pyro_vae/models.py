@@ -144,6 +144,14 @@ class VAE(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _plate_size_and_zero(self, x: torch.Tensor | None, num_data: int | None
+                             ) -> tuple[int, torch.Tensor]:
+        """The data plate's size and a scalar zero on the data's device (the parameters' device
+        when generating without data, ``num_data`` images, default 1)."""
+        if x is not None:
+            return x.shape[0], x.new_zeros(())
+        return (1 if num_data is None else num_data), torch.zeros((), device=self._device())
+
     def _register_decoder(self) -> None:
         register_module(f"{self.name}.decoder", self.decoder)
         if self.obs_scale is not None:
@@ -169,12 +177,7 @@ class VAE(nn.Module):
     def model(self, x: torch.Tensor | None = None, num_data: int | None = None) -> torch.Tensor:
         """p(z) p(x|z). With ``x=None`` it samples ``num_data`` new images (default 1)."""
         self._register_decoder()
-        if x is None:
-            n = 1 if num_data is None else num_data
-            zeros = torch.zeros((), device=self._device())
-        else:
-            n = x.shape[0]
-            zeros = x.new_zeros(())
+        n, zeros = self._plate_size_and_zero(x, num_data)
         with pyro.plate(DATA_PLATE, n):
             prior = dist.Normal(zeros, 1.0).expand([self.latent_dim]).to_event(1)
             z = pyro.sample(LATENT_SITE, prior)

@@ -56,12 +56,7 @@ class VAE2(VAE):
         """p(z2) p(z1 | z2) p(x | z1); ``x=None`` samples ``num_data`` images (default 1)."""
         self._register_decoder()
         register_module(f"{self.name}.prior_net", self.prior_net)
-        if x is None:
-            n = 1 if num_data is None else num_data
-            zeros = torch.zeros((), device=self._device())
-        else:
-            n = x.shape[0]
-            zeros = x.new_zeros(())
+        n, zeros = self._plate_size_and_zero(x, num_data)
         with pyro.plate(DATA_PLATE, n):
             top = dist.Normal(zeros, 1.0).expand([self.latent2_dim]).to_event(1)
             z2 = pyro.sample(TOP_SITE, top)
