@@ -2,6 +2,9 @@
 
 ``main`` maps arguments onto :class:`~pyro_vae.config.TrainConfig` and calls library functions
 that are just as usable from Python. A user error prints one line and exits with status 2.
+``python -m pyro_vae`` runs the same ``main``; under torchrun
+(``torchrun --nproc-per-node=N -m pyro_vae train ...``) ``train`` and ``evaluate`` run on every
+rank and only rank 0 prints the summary.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
 
 
@@ -83,6 +96,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dist_timeout(p)
+
+
+def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
+    from .distributed import DEFAULT_TIMEOUT_S, ENV_TIMEOUT
+
+    parser.add_argument("--dist-timeout", type=_positive_float, metavar="SECONDS",
+                        help="under torchrun: how long a rank waits for the others before "
+                             f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})")
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -119,6 +141,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dist_timeout(p)
 
 
 def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
@@ -178,6 +201,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import current_context
     from .train import read_config, train
 
     if args.resume is not None:
@@ -197,7 +221,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = _train_config(args)
         run_dir = args.out or DEFAULT_RUN_ROOT / config.dataset
     result = train(config, run_dir, resume=args.resume is not None, progress=not args.quiet,
-                   download=args.download)
+                   download=args.download, dist_timeout=args.dist_timeout)
+    if not current_context().is_main:
+        return 0
     history = result.history
     if history.epoch:
         print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}, "
@@ -244,12 +270,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .distributed import current_context
     from .evaluate import evaluate_run, format_table
 
     result = evaluate_run(args.run_dir, particles=args.particles, split=args.split,
                           limit=args.limit, batch_size=args.batch_size,
                           particle_chunk=args.particle_chunk, seed=args.seed, device=args.device,
-                          data_dir=args.data_dir, progress=not args.quiet)
+                          data_dir=args.data_dir, progress=not args.quiet,
+                          dist_timeout=args.dist_timeout)
+    if not current_context().is_main:
+        return 0
     print(format_table(result.summary()))
     print(f"wrote eval-{args.split}.json, eval-{args.split}.nc, khat-{args.split}.png and "
           f"gap-{args.split}.png in {args.run_dir}")
@@ -324,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

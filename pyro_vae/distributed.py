@@ -21,6 +21,7 @@ Every collective runs under a timeout (``--dist-timeout``, ``$PYRO_VAE_DIST_TIME
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from contextlib import contextmanager
@@ -121,19 +122,23 @@ def init_distributed(device: torch.device | str = "cpu",
     timeout = resolve_timeout(timeout_s)
     context = DistributedContext(_env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0),
                                  timeout)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(context.local_rank)
+    options: dict[str, Any] = {"backend": "gloo"}
+    if torch.device(device).type == "cuda":
+        gpu = torch.device("cuda", context.local_rank)
+        torch.cuda.set_device(gpu)
+        options = {"backend": "nccl", "device_id": gpu}
     with _collective(context, "joining the process group"):
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                             timeout=timedelta(seconds=timeout),
-                                             rank=context.rank, world_size=world_size)
+        torch.distributed.init_process_group(timeout=timedelta(seconds=timeout),
+                                             rank=context.rank, world_size=world_size,
+                                             **options)
     _owned_timeout_s = timeout
+    atexit.register(shutdown)
     return context
 
 
 def shutdown() -> None:
-    """Leave the process group if :func:`init_distributed` created it."""
+    """Leave the process group if :func:`init_distributed` created it (also run at exit: a
+    group left behind after a failed collective aborts the interpreter when it is torn down)."""
     global _owned_timeout_s
     if _owned_timeout_s is not None and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -225,7 +230,8 @@ def check_in_sync(tensors: Iterable[torch.Tensor], context: DistributedContext) 
     """Raise :class:`DistributedError` on every rank unless all ranks hold bit-identical
     ``tensors``: rank 0's copy is broadcast and compared bit for bit, and the verdict is
     all-reduced so that the ranks fail (or pass) together."""
-    if not context.enabled:
+    tensors = list(tensors)
+    if not context.enabled or not tensors:
         return
     with torch.no_grad():
         local = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
@@ -252,5 +258,6 @@ def all_gather_objects(obj: Any, context: DistributedContext, what: str) -> list
 def barrier(context: DistributedContext, what: str) -> None:
     """Wait until every rank gets here."""
     if context.enabled:
+        nccl = torch.distributed.get_backend() == "nccl"
         with _collective(context, what):
-            torch.distributed.barrier()
+            torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)

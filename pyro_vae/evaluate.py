@@ -20,10 +20,13 @@ streaming logsumexp, so only k-hat (which needs every weight of a datapoint) hol
 ``[K, batch_size]`` block at once, and the full ``[K, N]`` log-weights are kept only on request.
 
 Random numbers come from torch's global generator in a fixed order (batch by batch, chunk by
-chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk``. Other
-batch or chunk sizes draw different particles with the same distribution: the results agree in
-distribution, and exactly (to rounding) when the guide is the exact posterior, where every
-log-weight equals log p(x).
+chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk``. With
+``batch_seed`` (as :func:`evaluate_run` does) each batch is instead drawn from its own seed, made
+from ``batch_seed`` and the batch's index, so its numbers do not depend on which process
+evaluates it: that is what lets ranks under torchrun share the batches out and still reproduce a
+single process exactly. Other batch or chunk sizes draw different particles with the same
+distribution: the results agree in distribution, and exactly (to rounding) when the guide is the
+exact posterior, where every log-weight equals log p(x).
 
 Pyro's distribution validation, when enabled, runs on the first particle chunk of every
 model/guide call (so every batch's data are checked); later chunks of the same batch skip it, as
@@ -44,6 +47,8 @@ import numpy as np
 import pyro
 import torch
 
+from .distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gather_objects,
+                          derive_seed, init_distributed)
 from .errors import ConfigError, PyroVAEError
 from .io import atomic_path, write_json
 from .traces import guess_max_plate_nesting, vectorized_log_probs
@@ -228,6 +233,18 @@ def _forked_rng() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _batch_rng(batch_seed: int | None, index: int) -> Iterator[None]:
+    """Batch ``index``'s own random stream when ``batch_seed`` is given (on a fork of torch's
+    state); otherwise the global stream, left as it is."""
+    if batch_seed is None:
+        yield
+        return
+    with _forked_rng():
+        torch.manual_seed(derive_seed(batch_seed, EVAL_BATCH_STREAM, index))
+        yield
+
+
 @torch.no_grad()
 def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int,
                 particle_chunk: int | None = None, max_plate_nesting: int | None = None,
@@ -338,7 +355,8 @@ def evaluate_dataset(model: Callable, guide: Callable,
                      particle_chunk: int | None = EvalConfig.particle_chunk,
                      khat: bool | None = None, keep_log_weights: bool = False,
                      max_plate_nesting: int | None = None, data_plate: str | None = None,
-                     progress: bool = False, **kwargs: Any) -> "EvaluationResult":
+                     progress: bool = False, batch_seed: int | None = None,
+                     dist: DistributedContext = SINGLE, **kwargs: Any) -> "EvaluationResult":
     """Evaluate a pair batch by batch: ``model(*batch, **kwargs)`` on slices of ``data``.
 
     ``data`` is a tensor, or a sequence of tensors sliced together along their first dimension
@@ -348,7 +366,17 @@ def evaluate_dataset(model: Callable, guide: Callable,
     ``[K, batch_size]`` block for k-hat; ``keep_log_weights=True`` also keeps all ``[K, N]``
     log-weights (on the CPU). Datapoints are independent given the parameters, so batching
     changes which particles are drawn but not their distribution.
+
+    With ``batch_seed`` batch i draws from torch's generator seeded with a mix of ``batch_seed``
+    and i (on a fork: the caller's random state is left alone), so each batch's numbers depend
+    only on the seed, ``batch_size`` and ``particle_chunk``. Under a ``dist`` of several ranks
+    (:func:`~pyro_vae.distributed.init_distributed`), which needs ``batch_seed``, rank r
+    evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
+    per datapoint to a single process's with the same ``batch_seed``.
     """
+    if dist.enabled and batch_seed is None:
+        raise ConfigError("sharded evaluation needs batch_seed, so that each batch draws the "
+                          "same particles whichever rank evaluates it")
     tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
     if not tensors or tensors[0].dim() == 0 or tensors[0].shape[0] == 0:
         raise ConfigError("data must hold at least one datapoint")
@@ -360,21 +388,38 @@ def evaluate_dataset(model: Callable, guide: Callable,
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if max_plate_nesting is None:
         first = tuple(t[:batch_size] for t in tensors)
-        max_plate_nesting = guess_max_plate_nesting(model, guide, first, kwargs)
+        with nullcontext() if batch_seed is None else _forked_rng():
+            max_plate_nesting = guess_max_plate_nesting(model, guide, first, kwargs)
     from tqdm.auto import tqdm
 
-    parts = []
-    for start in tqdm(range(0, num_data, batch_size), desc="evaluate", unit="batch",
-                      disable=not progress):
-        batch = tuple(t[start:start + batch_size] for t in tensors)
-        part = _batch_result(model, guide, batch, kwargs, num_particles=num_particles,
-                             particle_chunk=particle_chunk, max_plate_nesting=max_plate_nesting,
-                             data_plate=data_plate, khat=khat, keep_log_weights=keep_log_weights,
-                             first_index=start)
-        if part.num_datapoints != batch[0].shape[0]:
-            raise ConfigError(f"the data plate has {part.num_datapoints} entries for a batch of "
-                              f"{batch[0].shape[0]} rows: its size must be the batch's length")
-        parts.append(part)
+    starts = range(0, num_data, batch_size)
+    parts, failure = [], None
+    try:
+        for start in tqdm(starts[dist.rank::dist.world_size], desc="evaluate", unit="batch",
+                          disable=not progress or not dist.is_main):
+            batch = tuple(t[start:start + batch_size] for t in tensors)
+            with _batch_rng(batch_seed, start // batch_size):
+                part = _batch_result(model, guide, batch, kwargs, num_particles=num_particles,
+                                     particle_chunk=particle_chunk,
+                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
+                                     khat=khat, keep_log_weights=keep_log_weights,
+                                     first_index=start)
+            if part.num_datapoints != batch[0].shape[0]:
+                raise ConfigError(f"the data plate has {part.num_datapoints} entries for a batch "
+                                  f"of {batch[0].shape[0]} rows: its size must be the batch's "
+                                  "length")
+            parts.append(part)
+    except PyroVAEError as exc:
+        if not dist.enabled:
+            raise
+        failure = exc
+    if dist.enabled:
+        gathered = all_gather_objects((parts, failure), dist, "gathering the evaluation")
+        failures = [error for _, error in gathered if error is not None]
+        if failures:
+            raise failures[0]
+        world = dist.world_size
+        parts = [gathered[index % world][0][index // world] for index in range(len(starts))]
     return EvaluationResult.concatenate(parts)
 
 
@@ -441,24 +486,32 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                  out: str | Path | None = None, device: str = "auto",
                  data_dir: str | None = None,
                  keep_log_weights: bool | None = EvalConfig.keep_log_weights,
-                 progress: bool = False) -> "EvaluationResult":
+                 progress: bool = False, dist_timeout: float | None = None
+                 ) -> "EvaluationResult":
     """Evaluate a trained run folder on ``split`` and write the results into ``out``.
 
     Loads the run with :func:`pyro_vae.train.load_run`, evaluates its VAE with
     :func:`evaluate_dataset` on the run's fixed binarization of ``split`` (the first ``limit``
-    images if given), seeded with ``seed`` on a fork of torch's random state (the caller's state
-    is left untouched) and with the run's parameters in a scope of their own in Pyro's param
-    store (so it works in a process that holds other parameters). Pyro's validation is off, as
+    images if given), each batch seeded from ``seed`` and its index (``batch_seed``) on a fork of
+    torch's random state (the caller's state is left untouched), and with the run's parameters
+    in a scope of their own in Pyro's param store (so it works in a process that holds other
+    parameters). Pyro's validation is off, as
     in training: the images are the run's own binarization, checked when the run is loaded, and
     non-finite log-weights still raise :class:`EvaluationError`. Writes the files of
     :func:`save_evaluation` into ``out`` (default: ``run_dir``) and returns the result; print
     ``format_table(result.summary())`` for a report.
+
+    Under torchrun every rank calls this function: the batches are shared out among the ranks
+    (:func:`evaluate_dataset` with ``dist``), every rank returns the whole result, identical per
+    datapoint to a single process's, and rank 0 alone writes the files. Collectives wait at most
+    ``dist_timeout`` seconds (see :func:`pyro_vae.distributed.init_distributed`).
     """
     config = EvalConfig(particles=particles, split=split, limit=limit, batch_size=batch_size,
                         particle_chunk=particle_chunk, seed=seed,
                         keep_log_weights=keep_log_weights)
-    from .train import load_run, model_args
+    from .train import load_run, model_args, resolve_device
 
+    dist = init_distributed(resolve_device(device), dist_timeout)
     with _forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
         images = run.eval_images(config.split)
@@ -467,16 +520,17 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
             images, labels = images[:config.limit], labels[:config.limit]
         keep = (particles * images.shape[0] <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
-        torch.manual_seed(config.seed)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
             result = evaluate_dataset(run.model.model, run.model.guide,
                                       model_args(run.model, images, labels),
                                       num_particles=config.particles,
                                       batch_size=config.batch_size,
                                       particle_chunk=config.particle_chunk,
-                                      keep_log_weights=keep, progress=progress)
-    metadata = {"run_dir": str(run_dir), "config": asdict(config)}
-    save_evaluation(result, run_dir if out is None else out, config.split, metadata)
+                                      keep_log_weights=keep, progress=progress,
+                                      batch_seed=config.seed, dist=dist)
+    if dist.is_main:
+        metadata = {"run_dir": str(run_dir), "config": asdict(config)}
+        save_evaluation(result, run_dir if out is None else out, config.split, metadata)
     return result
 
 

@@ -1,0 +1,155 @@
+"""Training throughput of 1 vs several data-parallel CPU processes (gloo), measured in one run.
+
+Each configuration trains the same VAE with :func:`pyro_vae.train.train` (no run folder, no final
+estimate) in freshly started processes that get torchrun's environment variables
+(``MASTER_ADDR=127.0.0.1``, a free port), ``--threads`` intra-op threads each. The epochs' own
+wall-clock seconds (``History.seconds``: the SVI steps, the gradient all-reduces and the sharded
+per-epoch test ELBO, without start-up) are read back from rank 0; the first ``--warmup-epochs``
+are dropped. Configurations:
+
+``W=1``
+    one process, ``--batch-size`` B per step;
+``W=N, same per-rank batch``
+    N processes with B each (effective batch N·B, 1/N of the steps per epoch on each rank);
+``W=N, same effective batch``
+    N processes with B/N each: the same number of steps per epoch and the same effective batch
+    as one process, the fair comparison for optimization.
+
+Rounds interleave the configurations so that they share the machine's noise; the median over
+``--rounds`` is reported, with the ratio to ``W=1``.
+
+    python benchmarks/bench_distributed.py                      # digits, W = 1 vs 2
+    python benchmarks/bench_distributed.py --world-size 4 --epochs 10 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER_FLAG = "--worker"
+RESULT_PREFIX = "RESULT "
+LAUNCH_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(raw: str) -> None:
+    """One rank: train and, on rank 0, print the epochs' seconds."""
+    import torch
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.distributed import current_context
+    from pyro_vae.train import train
+
+    spec = json.loads(raw)
+    torch.set_num_threads(spec["threads"])
+    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
+                         batch_size=spec["batch_size"], final_particles=0, device="cpu")
+    result = train(config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
+    if current_context().is_main:
+        print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
+                                          "train_loss": result.history.train_loss}), flush=True)
+
+
+def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
+    port = str(_free_port())
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    processes = []
+    for rank in range(world_size):
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(spec["threads"])}
+        if world_size > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+        processes.append(subprocess.Popen(
+            [sys.executable, __file__, WORKER_FLAG, json.dumps(spec)], env=env,
+            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, text=True))
+    try:
+        output, _ = processes[0].communicate(timeout=LAUNCH_TIMEOUT_S)
+        codes = [process.wait(timeout=LAUNCH_TIMEOUT_S) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    if codes != [0] * world_size:
+        raise SystemExit(f"a rank failed (exit codes {codes})")
+    line = next(line for line in output.splitlines() if line.startswith(RESULT_PREFIX))
+    return json.loads(line[len(RESULT_PREFIX):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
+    parser.add_argument("--data-dir", help="folder with the MNIST IDX files")
+    parser.add_argument("--world-size", type=int, default=2, help="N processes (default 2)")
+    parser.add_argument("--batch-size", type=int, default=64, help="B of one process (default 64)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.epochs <= args.warmup_epochs:
+        parser.error("--epochs must exceed --warmup-epochs")
+    from pyro_vae.data import load_dataset
+
+    num_train = len(load_dataset(args.dataset, args.data_dir).train)
+    n = args.world_size
+    configs = {f"W=1, B={args.batch_size}": (1, args.batch_size),
+               f"W={n}, B={args.batch_size} per rank (effective {n * args.batch_size})":
+                   (n, args.batch_size),
+               f"W={n}, B={args.batch_size // n} per rank (effective {args.batch_size})":
+                   (n, max(1, args.batch_size // n))}
+    epochs_per_s: dict[str, list[float]] = {name: [] for name in configs}
+    for round_index in range(args.rounds):
+        names = list(configs)
+        names = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in names:
+            world_size, batch_size = configs[name]
+            spec = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
+                    "batch_size": batch_size, "threads": args.threads}
+            seconds = _launch(world_size, spec)["seconds"][args.warmup_epochs:]
+            epochs_per_s[name].append(len(seconds) / sum(seconds))
+    baseline = statistics.median(epochs_per_s[next(iter(configs))])
+    rows = []
+    print(f"{args.dataset}: {num_train} training images, {args.epochs - args.warmup_epochs} timed "
+          f"epochs, median of {args.rounds} rounds, {args.threads} thread(s) per process, "
+          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'configuration':<44}{'epochs/s':>10}{'images/s':>11}{'ratio':>8}")
+    for name, values in epochs_per_s.items():
+        rate = statistics.median(values)
+        rows.append({"configuration": name, "world_size": configs[name][0],
+                     "batch_per_rank": configs[name][1], "epochs_per_s": rate,
+                     "images_per_s": rate * num_train, "ratio": rate / baseline,
+                     "rounds": values})
+        print(f"{name:<44}{rate:>10.2f}{rate * num_train:>11.0f}{rate / baseline:>8.2f}")
+    if args.out is not None:
+        from pyro_vae.io import write_json
+
+        write_json(args.out, {"dataset": args.dataset, "threads": args.threads,
+                              "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+                              "machine": platform.platform(), "cpu_count": os.cpu_count(),
+                              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == WORKER_FLAG:
+        _worker(sys.argv[2])
+    else:
+        sys.exit(main())

@@ -1,0 +1,111 @@
+"""One rank of the distributed tests: ``python distributed_worker.py SCENARIO OUT_DIR``.
+
+tests/test_distributed.py starts one process per rank with torchrun's environment variables
+(``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``) and reads what each rank
+saved under ``OUT_DIR``. The step fixture is shared with the test, which runs the single-process
+reference on the combined batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_vae.config import ModelConfig, TrainConfig
+from pyro_vae.data import fixed_binarization, load_digits
+from pyro_vae.distributed import SINGLE, DistributedContext, init_distributed
+from pyro_vae.errors import PyroVAEError
+from pyro_vae.evaluate import evaluate_run
+from pyro_vae.models import VAE
+from pyro_vae.train import make_elbo, svi_step, train
+
+HALF_BATCH = 16
+STEPS = 3
+STEP_LR = 1e-2
+COLLECTIVE_TIMEOUT_S = 120.0
+HANG_TIMEOUT_S = 5.0
+HANG_SLEEP_S = 120.0
+READY_POLL_S = 0.05
+CONFIG = TrainConfig(epochs=2, batch_size=128, eval_particles=2, final_particles=10, device="cpu",
+                     model=ModelConfig(latent_dim=2, hidden=(16,)))
+EVAL = dict(particles=30, limit=50, batch_size=8, particle_chunk=16, device="cpu")
+
+
+def step_fixture() -> tuple[VAE, torch.Tensor, torch.optim.Optimizer]:
+    """A small VAE (the same on every process), 2 × ``HALF_BATCH`` binary digits, and Adam."""
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE(64, latent_dim=2, hidden=(16,))
+    images = fixed_binarization(load_digits().train.images[:2 * HALF_BATCH], seed=0)
+    return vae, images, torch.optim.Adam(vae.parameters(), lr=STEP_LR)
+
+
+def run_steps(vae: VAE, optimizer: torch.optim.Optimizer,
+              parts: list[tuple[int, torch.Tensor]], dist: DistributedContext = SINGLE) -> None:
+    """``STEPS`` steps of :func:`svi_step` on the batch made of ``parts``; part ``key`` of step
+    s draws its noise from seed ``1000 s + key``, so a datapoint sees the same ε whichever
+    process holds it."""
+    elbo = make_elbo("meanfield")
+    for step in range(STEPS):
+        def loss_fn() -> torch.Tensor:
+            total = torch.zeros(())
+            for key, images in parts:
+                torch.manual_seed(1000 * step + key)
+                total = total + elbo.differentiable_loss(vae.model, vae.guide, images)
+            return total
+
+        svi_step(loss_fn, sum(images.shape[0] for _, images in parts), optimizer, dist)
+
+
+def _main_scenario(dist: DistributedContext, out: Path) -> None:
+    vae, images, optimizer = step_fixture()
+    mine = images[dist.rank * HALF_BATCH:(dist.rank + 1) * HALF_BATCH]
+    run_steps(vae, optimizer, [(dist.rank, mine)], dist)
+    full = train(CONFIG, out / "full", progress=False)
+    train(CONFIG.replace(epochs=1), out / "part", progress=False)
+    resumed = train(CONFIG, out / "part", resume=True, progress=False)
+    result = evaluate_run(out / "full", out=out / "eval", **EVAL)
+    torch.save({"step": vae.state_dict(), "full": full.model.state_dict(),
+                "resumed": resumed.model.state_dict(), "history": full.history.to_dict(),
+                "resumed_history": resumed.history.to_dict(), "log_px": result.log_px,
+                "elbo": result.elbo, "ess": result.ess, "khat": result.khat},
+               out / f"rank{dist.rank}.pt")
+
+
+def _wait_for_each_other(out: Path, rank: int, world_size: int) -> None:
+    """A file barrier before joining, so that a slow start does not eat the short timeout."""
+    (out / f"ready{rank}").touch()
+    while not all((out / f"ready{other}").exists() for other in range(world_size)):
+        time.sleep(READY_POLL_S)
+
+
+def _hang_scenario(out: Path) -> None:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _wait_for_each_other(out, rank, world_size)
+
+    def rank1_hangs(epoch: int, history) -> None:
+        if rank == 1:
+            time.sleep(HANG_SLEEP_S)
+
+    start = time.perf_counter()
+    try:
+        train(CONFIG.replace(epochs=3, final_particles=0), progress=False,
+              on_epoch=rank1_hangs, dist_timeout=HANG_TIMEOUT_S)
+    except PyroVAEError as exc:
+        print(f"failed after {time.perf_counter() - start:.1f} s: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    if scenario == "main":
+        _main_scenario(init_distributed("cpu", COLLECTIVE_TIMEOUT_S), out_dir)
+    elif scenario == "hang":
+        _hang_scenario(out_dir)
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")

@@ -1,0 +1,233 @@
+"""Data-parallel training and sharded evaluation with 2 gloo processes on 127.0.0.1.
+
+The ranks run tests/distributed_worker.py (or ``python -m torch.distributed.run -m pyro_vae``);
+every launch is bounded by ``LAUNCH_TIMEOUT_S`` and its processes are killed if it overruns.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from distributed_worker import CONFIG, EVAL, HALF_BATCH, HANG_TIMEOUT_S, run_steps, step_fixture
+from pyro_vae.cli import main
+from pyro_vae.distributed import (SINGLE, DistributedContext, derive_seed, init_distributed,
+                                  rank_seed, shard_indices)
+from pyro_vae.errors import CheckpointError, ConfigError
+from pyro_vae.evaluate import evaluate_dataset, evaluate_run
+from pyro_vae.train import load_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT_S = 240
+HANG_FAILS_WITHIN_S = 90
+STEP_RTOL, STEP_ATOL = 1e-5, 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _start_ranks(scenario: str, out: Path) -> list[tuple[subprocess.Popen, Path]]:
+    out.mkdir(parents=True, exist_ok=True)
+    port = str(_free_port())
+    ranks = []
+    for rank in range(WORLD_SIZE):
+        log = out / f"rank{rank}.log"
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+        with log.open("w") as handle:
+            process = subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
+                                       env=env, cwd=REPO, stdout=handle,
+                                       stderr=subprocess.STDOUT)
+        ranks.append((process, log))
+    return ranks
+
+
+def _finish(ranks: list[tuple[subprocess.Popen, Path]], timeout: float) -> list[int]:
+    """Wait for every rank until ``timeout`` seconds from now, then kill the ones still running
+    (their exit code is then negative)."""
+    deadline = time.monotonic() + timeout
+    for process, _ in ranks:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            break
+    for process, _ in ranks:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return [process.returncode for process, _ in ranks]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks of the main scenario: steps, training, resume, sharded evaluation."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    ranks = _start_ranks("main", out)
+    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
+    logs = "\n".join(log.read_text() for _, log in ranks)
+    assert codes == [0] * WORLD_SIZE, logs
+    saved = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return out, saved
+
+
+def _assert_equal_states(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+def test_gradient_averaging_equals_a_step_on_the_combined_batch(two_ranks):
+    _, saved = two_ranks
+    _assert_equal_states(saved[0]["step"], saved[1]["step"])
+    vae, images, optimizer = step_fixture()
+    initial = {name: value.clone() for name, value in vae.state_dict().items()}
+    run_steps(vae, optimizer, [(0, images[:HALF_BATCH]), (1, images[HALF_BATCH:])])
+    for name, value in vae.state_dict().items():
+        assert not torch.equal(value, initial[name]), name
+        torch.testing.assert_close(saved[0]["step"][name], value, rtol=STEP_RTOL, atol=STEP_ATOL)
+
+
+def test_ranks_stay_in_sync_and_resume_continues_exactly(two_ranks):
+    out, saved = two_ranks
+    for rank in saved:
+        _assert_equal_states(rank["full"], saved[0]["full"])
+        _assert_equal_states(rank["resumed"], saved[0]["full"])
+        assert rank["resumed_history"]["train_loss"] == saved[0]["history"]["train_loss"]
+        assert rank["resumed_history"]["test_elbo"] == saved[0]["history"]["test_elbo"]
+    assert saved[0]["history"]["final"]["particles"] == CONFIG.final_particles
+    state = load_checkpoint(out / "part")
+    assert state["distributed"]["world_size"] == WORLD_SIZE
+    rng = state["distributed"]["rng"]
+    assert len(rng) == WORLD_SIZE and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    assert json.loads((out / "part" / "history.json").read_text())["epoch"] == [1, 2]
+    for name in ("config.json", "model.safetensors", "samples.png", "curves.png"):
+        assert (out / "part" / name).stat().st_size > 0
+    assert not list((out / "part").glob(".*.tmp"))
+
+
+def test_a_distributed_run_resumes_only_with_its_world_size(two_ranks):
+    out, _ = two_ranks
+    with pytest.raises(CheckpointError, match="trained by 2 process"):
+        train(CONFIG.replace(epochs=3), out / "full", resume=True, progress=False)
+
+
+def test_sharded_evaluation_equals_a_single_process(two_ranks):
+    out, saved = two_ranks
+    single = evaluate_run(out / "full", out=out / "single", **EVAL)
+    for rank in saved:
+        for name in ("log_px", "elbo", "ess", "khat"):
+            assert rank[name].shape == (EVAL["limit"],)
+            torch.testing.assert_close(rank[name], getattr(single, name), rtol=1e-6, atol=1e-9)
+    written = json.loads((out / "eval" / "eval-test.json").read_text())
+    assert written["summary"]["num_datapoints"] == EVAL["limit"]
+
+
+def test_a_hung_rank_makes_the_others_fail_with_a_clear_message(tmp_path):
+    ranks = _start_ranks("hang", tmp_path)
+    rank0, log0 = ranks[0]
+    start = time.monotonic()
+    try:
+        code = rank0.wait(timeout=HANG_FAILS_WITHIN_S)
+    finally:
+        _finish(ranks, 0)
+    text = log0.read_text()
+    assert code == 2, text
+    assert time.monotonic() - start < HANG_FAILS_WITHIN_S
+    assert f"gave no answer within {HANG_TIMEOUT_S:g} s" in text, text
+    assert "rank 0 of 2: averaging gradients failed" in text, text
+
+
+def test_torchrun_trains_and_evaluates_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                f"--nproc-per-node={WORLD_SIZE}", "--master-addr=127.0.0.1"]
+    commands = [
+        ["train", "--epochs", "1", "--batch-size", "256", "--latent-dim", "2", "--hidden", "8",
+         "--device", "cpu", "--out", str(run_dir), "--quiet", "--dist-timeout", "120"],
+        ["evaluate", str(run_dir), "--particles", "5", "--limit", "20", "--device", "cpu",
+         "--quiet"],
+    ]
+    for command in commands:
+        done = subprocess.run([*launcher, f"--master-port={_free_port()}", "-m", "pyro_vae",
+                               *command], env=_env(), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=LAUNCH_TIMEOUT_S)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.count("wrote" if command[0] == "evaluate" else "run written") == 1
+    assert load_checkpoint(run_dir)["distributed"]["world_size"] == WORLD_SIZE
+    assert (run_dir / "eval-test.json").is_file()
+
+
+def test_shards_are_those_of_distributed_sampler():
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    for world_size in (1, 2, 3, 4):
+        shards = []
+        for rank in range(world_size):
+            sampler = DistributedSampler(range(11), num_replicas=world_size, rank=rank,
+                                         shuffle=False)
+            shard = shard_indices(order, DistributedContext(rank, world_size))
+            assert torch.equal(shard, order[list(sampler)])
+            shards.append(shard)
+        assert {len(shard) for shard in shards} == {-(-11 // world_size)}
+        assert set(torch.cat(shards).tolist()) == set(range(11))
+
+
+def test_seeds():
+    assert rank_seed(7, 0) == 7
+    seeds = {rank_seed(7, rank) for rank in range(4)} | {rank_seed(8, 1), derive_seed(7, 2)}
+    assert len(seeds) == 6 and all(0 <= seed < 2 ** 32 for seed in seeds)
+    assert derive_seed(-1, 3, 0) == derive_seed(-1, 3, 0)
+
+
+def test_a_single_process_joins_no_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_distributed("cpu") is SINGLE
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed("cpu", timeout_s=1) is SINGLE
+
+
+def test_batch_seeds_leave_the_global_stream_alone_and_ignore_it():
+    from linear_gaussian import LinearGaussian
+
+    lg = LinearGaussian.random(4, 2, noise_scale=1.0, loc_shift=0.2, scale_factor=1.2)
+    data = lg.sample(12, torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    first = evaluate_dataset(lg.model, lg.guide, data, num_particles=7, batch_size=4,
+                             batch_seed=5, khat=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    again = evaluate_dataset(lg.model, lg.guide, data, num_particles=7, batch_size=4,
+                             batch_seed=5, khat=False)
+    other = evaluate_dataset(lg.model, lg.guide, data, num_particles=7, batch_size=4,
+                             batch_seed=6, khat=False)
+    assert torch.equal(first.log_px, again.log_px)
+    assert not torch.equal(first.log_px, other.log_px)
+    with pytest.raises(ConfigError, match="batch_seed"):
+        evaluate_dataset(lg.model, lg.guide, data, num_particles=7, dist=DistributedContext(0, 2))
+
+
+def test_dist_timeout_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--dist-timeout", "0"])
+    assert exit_info.value.code == 2
+    assert "expected a number > 0" in capsys.readouterr().err
