@@ -15,11 +15,26 @@ one process, interleaved so that they share the machine's noise:
 ``pyro``
     What a Pyro user writes: ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step(batch)``
     (or ``TraceMeanField_ELBO()``) with Pyro's default validation on.
+``torch_fused``, ``package_fused`` (with ``--fused-adam``)
+    The same two steps with ``torch.optim.Adam(..., fused=True)`` (one fused kernel for all
+    parameters; CPU and CUDA), which a training loop may choose regardless of the loss. The
+    ratios report both the like-for-like ``package_fused / torch_fused`` and what the fused
+    package step gains over the plain hand-written loop, ``package_fused / torch``.
+``baseline`` (with ``--baseline DIR``)
+    The package step of another copy of the package, e.g. an earlier commit's
+    (``git archive COMMIT pyro_vae | tar -x -C /tmp/before``, then ``--baseline
+    /tmp/before/pyro_vae``), imported under another name in the same process: its ``VAE`` with
+    the same weights and its ``objectives.make_estimator``. Before/after comparisons then share
+    the process and the interleaved rounds.
 
 Before timing, the hand-written loss and gradients are checked against the package's on the same
 random draw, so the comparison is between equal computations. Each (ELBO, batch size,
 implementation) is warmed up, calibrated to blocks of about ``--block-seconds``, then timed in
 ``--rounds`` rounds whose order rotates; the median seconds per step over the rounds is reported.
+
+``--breakdown`` instead times nested pieces of the forward and backward pass (the networks
+alone, the hand-written loss, the model and guide without and with tracing, the package's loss)
+with ``timeit``-style blocks, so the difference between the two loops can be split up.
 
 ``--profile`` instead runs one step (``--profile-impl``, default the package's) under
 :mod:`cProfile` and prints the functions with the largest cumulative time, plus the share of a few
@@ -29,7 +44,10 @@ torch kernels, so read the shares as an upper bound on Python overhead.
 
     python benchmarks/bench_svi.py                                  # digits, B = 20 and 128
     python benchmarks/bench_svi.py --dataset mnist --data-dir DIR --device cuda --out bench.json
+    python benchmarks/bench_svi.py --fused-adam --threads 1              # + Adam(fused=True) twins
+    python benchmarks/bench_svi.py --baseline /tmp/before/pyro_vae      # before/after, one process
     python benchmarks/bench_svi.py --profile --elbos trace --batch-sizes 128
+    python benchmarks/bench_svi.py --breakdown --elbos meanfield --batch-sizes 20 --threads 1
 """
 
 from __future__ import annotations
@@ -38,6 +56,8 @@ import argparse
 import copy
 import cProfile
 import dataclasses
+import importlib
+import importlib.util
 import math
 import os
 import platform
@@ -47,20 +67,27 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.nn import functional as F
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, load_digits, load_mnist, make_elbo
 from pyro_vae.config import DEVICES
 from pyro_vae.io import write_json
+from pyro_vae.traces import trace_pair
 from pyro_vae.train import resolve_device
 
 IMPLEMENTATIONS = ("torch", "package", "pyro")
-LABELS = {"torch": "hand-written torch", "package": "package step", "pyro": "stock Pyro SVI"}
+FUSED_IMPLEMENTATIONS = ("torch_fused", "package_fused")
+LABELS = {"torch": "hand-written torch", "package": "package step", "pyro": "stock Pyro SVI",
+          "torch_fused": "hand-written, fused Adam", "package_fused": "package, fused Adam",
+          "baseline": "baseline package step"}
+BASELINE_MODULE = "pyro_vae_baseline"
 STOCK_ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 ELBOS = tuple(STOCK_ELBOS)  # the estimators with a stock Pyro and a hand-written twin
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
@@ -124,7 +151,10 @@ class BenchConfig:
     block_seconds: float = 0.12
     min_block_steps: int = 5
     check: bool = True
+    fused_adam: bool = False
+    baseline: str | None = None
     profile: bool = False
+    breakdown: bool = False
     profile_impl: str = "package"
     profile_steps: int = 300
     profile_top: int = 25
@@ -134,6 +164,11 @@ class BenchConfig:
     def resolved_network(self) -> ModelConfig:
         return self.network if self.network is not None else NETWORKS[self.dataset]
 
+    @property
+    def implementations(self) -> tuple[str, ...]:
+        return (IMPLEMENTATIONS + (FUSED_IMPLEMENTATIONS if self.fused_adam else ())
+                + (("baseline",) if self.baseline else ()))
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["network"] = dataclasses.asdict(self.resolved_network())
@@ -142,17 +177,25 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per step of one implementation, one value per round."""
+    """Seconds per step of one implementation, one value per round: wall-clock, and the
+    process's CPU time (user + system; it does not advance while other processes hold the
+    cores, so on a shared machine with one torch thread it is the steadier of the two)."""
 
     elbo: str
     batch_size: int
     implementation: str
     steps_per_block: int
     seconds_per_step: tuple[float, ...]
+    cpu_seconds_per_step: tuple[float, ...] = ()
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds_per_step)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds_per_step) if self.cpu_seconds_per_step \
+            else math.nan
 
     @property
     def spread(self) -> float:
@@ -163,7 +206,9 @@ class Timing:
                 "implementation": self.implementation, "steps_per_block": self.steps_per_block,
                 "median_ms": self.median * MS_PER_S,
                 "min_ms": min(self.seconds_per_step) * MS_PER_S, "spread": self.spread,
-                "rounds_ms": [s * MS_PER_S for s in self.seconds_per_step]}
+                "rounds_ms": [s * MS_PER_S for s in self.seconds_per_step],
+                "cpu_median_ms": self.cpu_median * MS_PER_S,
+                "cpu_rounds_ms": [s * MS_PER_S for s in self.cpu_seconds_per_step]}
 
 
 def _binarized_images(config: BenchConfig) -> torch.Tensor:
@@ -199,8 +244,9 @@ def torch_loss(model: VAE, x: torch.Tensor, elbo: str) -> torch.Tensor:
     return (nll + kl).mean()
 
 
-def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, fused: bool = False
+                ) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -210,9 +256,10 @@ def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float) -> Callab
     return step
 
 
-def _package_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    estimator = make_elbo(elbo)
+def _package_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, fused: bool = False,
+                  estimator: Any = None) -> Callable[[], None]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+    estimator = make_elbo(elbo) if estimator is None else estimator
     batch_size = batch.shape[0]
 
     def step() -> None:
@@ -230,9 +277,38 @@ def _pyro_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float) -> Callabl
     return lambda: svi.step(batch)
 
 
-STEP_BUILDERS = {"torch": _torch_step, "package": _package_step, "pyro": _pyro_step}
+def load_baseline(path: str) -> Any:
+    """The package folder ``path`` imported as :data:`BASELINE_MODULE` (its own relative
+    imports resolve inside it), next to the installed ``pyro_vae``."""
+    spec = importlib.util.spec_from_file_location(
+        BASELINE_MODULE, os.path.join(path, "__init__.py"), submodule_search_locations=[path])
+    if spec is None:
+        raise ValueError(f"no Python package in {path!r}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE_MODULE] = package
+    spec.loader.exec_module(package)
+    importlib.import_module(f"{BASELINE_MODULE}.objectives")
+    return package
+
+
+def _baseline_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, package: Any
+                   ) -> Callable[[], None]:
+    """The package step of ``package`` (see :func:`load_baseline`) on a copy of ``model``."""
+    config = model.config
+    twin = package.models.VAE(model.input_dim, config.latent_dim, config.hidden,
+                              config.scale_fn).to(batch.device)
+    twin.load_state_dict(model.state_dict())
+    twin.name = f"{model.name}-baseline"
+    return _package_step(twin, batch, elbo, lr,
+                         estimator=package.objectives.make_estimator(elbo, max_plate_nesting=1))
+
+
+STEP_BUILDERS = {"torch": _torch_step, "package": _package_step, "pyro": _pyro_step,
+                 "torch_fused": partial(_torch_step, fused=True),
+                 "package_fused": partial(_package_step, fused=True)}
 # Pyro validation around each timed block: off in the package's loop, on (the default) for users.
-VALIDATION = {"torch": None, "package": False, "pyro": True}
+VALIDATION = {"torch": None, "package": False, "pyro": True, "torch_fused": None,
+              "package_fused": False, "baseline": False}
 
 
 def _model_copy(base: VAE, name: str) -> VAE:
@@ -270,16 +346,22 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _time_block(step: Callable[[], None], steps: int, sync: Callable[[], None],
-                validation: bool | None = None) -> float:
+def _time_block_clocks(step: Callable[[], None], steps: int, sync: Callable[[], None],
+                       validation: bool | None = None) -> tuple[float, float]:
+    """Wall-clock and CPU seconds per step over a block of ``steps`` consecutive steps."""
     context = nullcontext() if validation is None else pyro.validation_enabled(validation)
     with context:
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             step()
         sync()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
+
+
+def _time_block(step: Callable[[], None], steps: int, sync: Callable[[], None],
+                validation: bool | None = None) -> float:
+    return _time_block_clocks(step, steps, sync, validation)[0]
 
 
 def _setup(config: BenchConfig) -> tuple[torch.device, VAE, dict[int, torch.Tensor]]:
@@ -300,7 +382,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
     device, base, batches = _setup(config)
     sync = _synchronizer(device)
     keys = [(elbo, b, impl) for elbo in config.elbos for b in config.batch_sizes
-            for impl in IMPLEMENTATIONS]
+            for impl in config.implementations]
     if config.check:
         for elbo in config.elbos:
             for b, batch in batches.items():
@@ -308,9 +390,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
                 log(f"check {elbo:9s} B={b:<4d} torch == package: loss/B {value:.4f}")
 
     steps: dict[tuple[str, int, str], Callable[[], None]] = {}
+    builders = dict(STEP_BUILDERS)
+    if config.baseline:
+        builders["baseline"] = partial(_baseline_step, package=load_baseline(config.baseline))
     for elbo, b, impl in keys:
         model = _model_copy(base, f"bench-{impl}-{elbo}-{b}")
-        steps[elbo, b, impl] = STEP_BUILDERS[impl](model, batches[b], elbo, config.lr)
+        steps[elbo, b, impl] = builders[impl](model, batches[b], elbo, config.lr)
 
     block_steps = {}
     for key, step in steps.items():
@@ -320,37 +405,63 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
         block_steps[key] = max(config.min_block_steps, math.ceil(config.block_seconds / estimate))
 
     per_step: dict[tuple[str, int, str], list[float]] = {key: [] for key in keys}
+    cpu_per_step: dict[tuple[str, int, str], list[float]] = {key: [] for key in keys}
     for round_index in range(config.rounds):
         shift = round_index % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            per_step[key].append(_time_block(steps[key], block_steps[key], sync,
-                                             VALIDATION[key[2]]))
+            wall, cpu = _time_block_clocks(steps[key], block_steps[key], sync,
+                                           VALIDATION[key[2]])
+            per_step[key].append(wall)
+            cpu_per_step[key].append(cpu)
         log(f"round {round_index + 1}/{config.rounds} done")
-    return [Timing(elbo, b, impl, block_steps[elbo, b, impl], tuple(per_step[elbo, b, impl]))
+    return [Timing(elbo, b, impl, block_steps[elbo, b, impl], tuple(per_step[elbo, b, impl]),
+                   tuple(cpu_per_step[elbo, b, impl]))
             for elbo, b, impl in keys]
 
 
+# Ratios reported when both implementations were timed: name -> (numerator, denominator).
+RATIOS = {"package_over_torch": ("package", "torch"), "pyro_over_torch": ("pyro", "torch"),
+          "package_fused_over_torch_fused": ("package_fused", "torch_fused"),
+          "package_fused_over_torch": ("package_fused", "torch"),
+          "baseline_over_torch": ("baseline", "torch"),
+          "package_over_baseline": ("package", "baseline")}
+RATIO_LABELS = {"package_over_torch": "package / torch", "pyro_over_torch": "stock Pyro / torch",
+                "package_fused_over_torch_fused": "package / torch, both fused Adam",
+                "package_fused_over_torch": "package fused / torch plain",
+                "baseline_over_torch": "baseline / torch",
+                "package_over_baseline": "package / baseline",
+                "package_over_torch_cpu": "package / torch (CPU time)"}
+
+
 def ratios(timings: Sequence[Timing]) -> list[dict[str, Any]]:
-    """Median step time of each implementation over the hand-written one, per (ELBO, B)."""
+    """Median step time of each implementation, and the ratios of :data:`RATIOS`, per (ELBO, B),
+    of wall-clock medians (and, suffixed ``_cpu``, of CPU-time medians)."""
     medians = {(t.elbo, t.batch_size, t.implementation): t.median for t in timings}
+    cpu = {(t.elbo, t.batch_size, t.implementation): t.cpu_median for t in timings}
+    implementations = list(dict.fromkeys(t.implementation for t in timings))
     rows = []
     for elbo, b in dict.fromkeys((t.elbo, t.batch_size) for t in timings):
-        floor = medians[elbo, b, "torch"]
-        times = {f"{impl}_ms": medians[elbo, b, impl] * MS_PER_S for impl in IMPLEMENTATIONS}
+        times = {f"{impl}_ms": medians[elbo, b, impl] * MS_PER_S for impl in implementations}
         rows.append({"elbo": elbo, "batch_size": b, **times,
-                     "package_over_torch": medians[elbo, b, "package"] / floor,
-                     "pyro_over_torch": medians[elbo, b, "pyro"] / floor})
+                     **{name: medians[elbo, b, top] / medians[elbo, b, bottom]
+                        for name, (top, bottom) in RATIOS.items()
+                        if top in implementations and bottom in implementations},
+                     **{f"{name}_cpu": cpu[elbo, b, top] / cpu[elbo, b, bottom]
+                        for name, (top, bottom) in RATIOS.items()
+                        if top in implementations and bottom in implementations}})
     return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("| ELBO | B | " + " | ".join(f"{LABELS[i]} (ms/step)" for i in IMPLEMENTATIONS)
-              + " | package / torch | stock Pyro / torch |")
+    implementations = [i for i in LABELS if f"{i}_ms" in rows[0]]
+    names = [name for name in [*RATIOS, "package_over_torch_cpu"] if name in rows[0]]
+    header = ("| ELBO | B | " + " | ".join(f"{LABELS[i]} (ms/step)" for i in implementations)
+              + " | " + " | ".join(RATIO_LABELS[name] for name in names) + " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         cells = [row["elbo"], str(row["batch_size"]),
-                 *(f"{row[f'{impl}_ms']:.3f}" for impl in IMPLEMENTATIONS),
-                 f"{row['package_over_torch']:.1f}×", f"{row['pyro_over_torch']:.1f}×"]
+                 *(f"{row[f'{impl}_ms']:.3f}" for impl in implementations),
+                 *(f"{row[name]:.2f}×" for name in names)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -420,6 +531,53 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
     return report
 
 
+def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callable[[], Any]]:
+    """Nested pieces of one step's forward and backward pass, cheapest first."""
+    estimator = make_elbo(elbo)
+    hidden = partial(poutine.block, hide_types=["param"])
+
+    def networks() -> None:
+        loc, scale = model.encoder(x)
+        model.decoder(loc + scale * torch.randn_like(loc))
+
+    return {
+        "the two networks (encoder, one draw, decoder)": networks,
+        "hand-written loss, forward": lambda: torch_loss(model, x, elbo),
+        "model and guide, no effect handler": lambda: (model.guide(x), model.model(x)),
+        "model and guide, traced (trace_pair)":
+            lambda: trace_pair(hidden(model.model), hidden(model.guide), (x,), {}),
+        "package loss, forward": lambda: estimator.differentiable_loss(model.model, model.guide,
+                                                                        x),
+        "hand-written loss, forward + backward": lambda: torch_loss(model, x, elbo).backward(),
+        "package loss, forward + backward": lambda: (
+            estimator.differentiable_loss(model.model, model.guide, x) / x.shape[0]).backward(),
+    }
+
+
+def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
+                  ) -> dict[str, dict[str, float]]:
+    """Median microseconds of each :func:`_breakdown_parts` piece (no optimizer step: it is
+    the same in both loops), timed in interleaved rounds, validation off."""
+    device, base, batches = _setup(config)
+    sync = _synchronizer(device)
+    report = {}
+    for elbo in config.elbos:
+        for b, batch in batches.items():
+            model = _model_copy(base, f"breakdown-{elbo}-{b}")
+            parts = _breakdown_parts(model, batch, elbo)
+            times: dict[str, list[float]] = {name: [] for name in parts}
+            for _ in range(config.rounds):
+                for name, part in parts.items():
+                    _time_block(part, config.min_block_steps, sync, False)
+                    times[name].append(_time_block(part, config.profile_steps // 2, sync, False))
+            model.zero_grad(set_to_none=True)
+            report[f"{elbo}/{b}"] = {name: statistics.median(t) * 1e6 for name, t in times.items()}
+            log(f"\n{elbo}, B = {b}: median µs of {config.rounds} rounds")
+            for name, micros in report[f"{elbo}/{b}"].items():
+                log(f"  {name:45s} {micros:9.1f}")
+    return report
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -468,11 +626,18 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--rounds", type=_positive_int, default=defaults.rounds)
     p.add_argument("--block-seconds", type=float, default=defaults.block_seconds,
                    help="target length of one timed block of steps (default %(default)s)")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also time the package step of the package copy in DIR (e.g. an "
+                        "earlier commit's pyro_vae folder)")
+    p.add_argument("--fused-adam", action="store_true",
+                   help="also time the hand-written and package steps with Adam(fused=True)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the torch-vs-package loss and gradient check")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time nested pieces of the forward and backward pass instead")
     p.add_argument("--profile", action="store_true",
                    help="profile one implementation's step with cProfile instead of timing")
-    p.add_argument("--profile-impl", choices=IMPLEMENTATIONS, default=defaults.profile_impl,
+    p.add_argument("--profile-impl", choices=tuple(LABELS), default=defaults.profile_impl,
                    help="which step --profile runs (default %(default)s)")
     p.add_argument("--profile-steps", type=_positive_int, default=defaults.profile_steps)
     p.add_argument("--profile-top", type=_positive_int, default=defaults.profile_top)
@@ -503,7 +668,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(config: BenchConfig) -> int:
     device = resolve_device(config.device)
-    if config.profile:
+    if config.breakdown:
+        report = {"config": config.to_dict(), "breakdown": run_breakdown(config),
+                  "environment": environment(device, config.elbos)}
+    elif config.profile:
         report = {"config": config.to_dict(), "profile": run_profile(config),
                   "environment": environment(device, config.elbos)}
     else:

@@ -13,7 +13,10 @@ which is the ordinary log-weight log p(x, z) − log q(z|x) at β = 1.
 
 Two knobs, never mixed up: ``num_particles`` (P) draws are averaged *outside* the log (lower
 variance, same bound); ``importance_samples`` (K) draws sit *inside* the log (a tighter bound,
-Burda et al. 2016). All P·K draws are one vectorized particle plate, reshaped ``[P, K, N]``.
+Burda et al. 2016). All P·K draws are one vectorized particle plate, reshaped ``[P, K, N]``;
+a single draw (P·K = 1, the common training case) runs without the plate, which gives the same
+random numbers and values with less Pyro bookkeeping, and each estimator computes only the
+log-densities it uses (``meanfield`` never needs log q or log p(z)).
 A loss is −(bound summed over the datapoints of the batch), averaged over the P particles, as
 in Pyro. Gradients come from a *surrogate* whose value equals the loss and whose gradient is
 the estimator's.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import pyro
@@ -43,13 +47,14 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
 from .errors import ConfigError
-from .traces import (PARTICLE_PLATE, reduce_to_particles_and_data, site_log_prob,
-                     guess_max_plate_nesting, trace_pair, vectorized_log_probs)
+from .traces import (PARTICLE_PLATE, find_data_plate, guess_max_plate_nesting,
+                     reduce_to_particles_and_data, site_log_prob, trace_pair)
 
 ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")
 
@@ -58,13 +63,20 @@ def beta_log_weight(log_lik: torch.Tensor, log_prior: torch.Tensor, log_q: torch
                     beta: float) -> torch.Tensor:
     r"""The β-weighted log-weight of single draws,
     :math:`\log p(x|z) + \beta\,(\log p(z) - \log q(z|x))` (elementwise)."""
-    return log_lik + beta * (log_prior - log_q)
+    return log_lik + _weighted(beta, log_prior - log_q)
 
 
 def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     r""":math:`\log \frac1K \sum_k w_k` over the K entries of ``log_weights`` along ``dim``
     (the IWAE bound of one set of K draws; the ELBO's single-draw estimate when K = 1)."""
+    if log_weights.shape[dim] == 1:
+        return log_weights.squeeze(dim)
     return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
+
+
+def _weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
+    """``beta * term``, without the multiplication at β = 1 (the same numbers)."""
+    return term if beta == 1 else beta * term
 
 
 def _check_count(name: str, value: int) -> int:
@@ -94,80 +106,159 @@ def _latent_sites(trace: poutine.Trace) -> list[dict]:
             if site["type"] == "sample" and not site["is_observed"]]
 
 
-def _site_total(sites: list[dict], particle_dim: int, data_dim: int, like: torch.Tensor
-                ) -> torch.Tensor:
-    """Σ of the sites' log-densities, each summed to the ``[M, N]`` shape of ``like``."""
-    shape = tuple(like.shape)
-    total = like.new_zeros(shape)
-    for site in sites:
-        total = total + reduce_to_particles_and_data(
-            site_log_prob(site, detach=False), -particle_dim, data_dim, shape)
-    return total
-
-
 def _masked(value: torch.Tensor, site: dict) -> torch.Tensor:
     if site["mask"] is None:
         return value
     return torch.where(site["mask"], value, value.new_zeros(()))
 
 
+def _sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 @dataclass
 class _Particles:
-    """log p(x|z), log p(z), log q(z|x) of M = P·K vectorized draws, each ``[M, N]``, with the
-    traces and what it takes to reduce or replay further sites the same way."""
+    """The model and guide traces of M = P·K vectorized draws, and what it takes to read
+    per-draw, per-datapoint (``[M, N]``) log-densities from them or to replay further runs the
+    same way. log p(x|z), log p(z) and log q(z|x) are computed on first use only (the
+    ``meanfield`` estimator needs neither log q nor log p(z)).
 
-    log_lik: torch.Tensor
-    log_prior: torch.Tensor
-    log_q: torch.Tensor
+    ``plated`` is ``False`` for a single draw run without the particle plate: its sites have
+    no particle dimension, which :meth:`reduce` adds as a leading dimension of size 1.
+    """
+
     model_trace: poutine.Trace
     guide_trace: poutine.Trace
     num_particles: int
-    particle_dim: int
+    max_plate_nesting: int
     data_dim: int
+    num_data: int
+    plated: bool
+    hide_params: bool
+
+    @property
+    def particle_dim(self) -> int:
+        return -(self.max_plate_nesting + 1)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.log_q.shape)
+        return self.num_particles, self.num_data
 
-    def reduce(self, log_prob: torch.Tensor) -> torch.Tensor:
+    def reduce(self, log_prob: torch.Tensor, name: str = "") -> torch.Tensor:
         """A site's log-density (or KL), summed to ``[M, N]``."""
-        return reduce_to_particles_and_data(log_prob, -self.particle_dim, self.data_dim,
-                                             self.shape)
+        if self.max_plate_nesting == 1 and self.data_dim == -1:
+            if self.plated and log_prob.shape == self.shape:
+                return log_prob
+            if not self.plated and log_prob.shape == self.shape[1:]:
+                return log_prob.unsqueeze(0)
+        if not self.plated and log_prob.dim() > self.max_plate_nesting:
+            raise ConfigError(
+                f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
+                f"{self.max_plate_nesting} declared plate(s): put every batch dimension in a "
+                "pyro.plate or move it into the event with .to_event()")
+        return reduce_to_particles_and_data(log_prob, self.max_plate_nesting + 1, self.data_dim,
+                                            self.shape, name)
 
     def site_total(self, sites: list[dict]) -> torch.Tensor:
-        return _site_total(sites, self.particle_dim, self.data_dim, self.log_q)
+        """Σ of the sites' log-densities, ``[M, N]`` (zeros for no sites)."""
+        terms = [self.reduce(site_log_prob(site), site["name"]) for site in sites]
+        if not terms:
+            return self.guide_latents[0]["value"].new_zeros(self.shape)
+        return _sum(terms)
+
+    @cached_property
+    def guide_latents(self) -> list[dict]:
+        return _latent_sites(self.guide_trace)
+
+    @cached_property
+    def unguided_latents(self) -> list[dict]:
+        """Model latents the guide does not sample (drawn from their prior on replay)."""
+        names = {site["name"] for site in self.guide_latents}
+        return [site for site in _latent_sites(self.model_trace) if site["name"] not in names]
+
+    @cached_property
+    def log_lik(self) -> torch.Tensor:
+        """log p(x|z) of the observed sites, less the log-prior of the unguided latents (which
+        cancels from the weight against their prior proposal)."""
+        observed = [site for site in self.model_trace.nodes.values()
+                    if site["type"] == "sample" and site["is_observed"]]
+        log_lik = self.site_total(observed)
+        if self.unguided_latents:
+            log_lik = log_lik - self.site_total(self.unguided_latents)
+        return log_lik
+
+    @cached_property
+    def log_prior(self) -> torch.Tensor:
+        """log p(z) of every latent model site."""
+        return self.site_total(_latent_sites(self.model_trace))
+
+    @cached_property
+    def log_q(self) -> torch.Tensor:
+        return self.site_total(self.guide_latents)
+
+    def wrap(self, fn: Callable) -> Callable:
+        """``fn`` run the way the draws were: in the particle plate (if any), with its param
+        messages hidden (if they were)."""
+        return _as_drawn(fn, self.num_particles, self.particle_dim, self.plated,
+                         self.hide_params)
 
     def replay(self, fn: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
-        """Trace ``fn`` in the same particle plate, replayed on the guide's detached draws."""
-        replayed = poutine.replay(fn, trace=_detached(self.guide_trace))
+        """Trace ``fn`` the same way, replayed on the guide's detached draws."""
+        replayed = poutine.replay(self.wrap(fn), trace=_detached(self.guide_trace))
+        return prune_subsample_sites(poutine.trace(replayed).get_trace(*args, **kwargs))
 
-        def in_particle_plate(*a: Any, **k: Any) -> Any:
-            with pyro.plate(PARTICLE_PLATE, self.num_particles, dim=self.particle_dim):
-                return replayed(*a, **k)
 
-        return prune_subsample_sites(poutine.trace(in_particle_plate).get_trace(*args, **kwargs))
+def _as_drawn(fn: Callable, num_particles: int, particle_dim: int, plated: bool,
+              hide_params: bool) -> Callable:
+    if hide_params:
+        fn = poutine.block(fn, hide_types=["param"])
+    if not plated:
+        return fn
+
+    def in_particle_plate(*a: Any, **k: Any) -> Any:
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+            return fn(*a, **k)
+
+    return in_particle_plate
 
 
 def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                    num_particles: int, max_plate_nesting: int) -> _Particles:
-    logs = vectorized_log_probs(model, guide, *args, num_particles=num_particles,
-                                max_plate_nesting=max_plate_nesting, **kwargs)
-    model_trace, guide_trace = logs.model_trace, logs.guide_trace
-    for site in _latent_sites(guide_trace):
+                    num_particles: int, max_plate_nesting: int, plated: bool = True
+                    ) -> _Particles:
+    """Trace the guide and replay the model on it, for ``num_particles`` vectorized draws.
+
+    A single draw may skip the particle plate (``plated=False``): the same random numbers, the
+    same values. Param messages are hidden when no effect handler is active outside (they
+    reach no one: the traces' param sites are never read here), which lets
+    :func:`pyro_vae.models.register_module` skip its param-store round trip.
+    """
+    plated = plated or num_particles > 1
+    hide_params = not am_i_wrapped()
+    particle_dim = -(max_plate_nesting + 1)
+    model_trace, guide_trace = trace_pair(
+        _as_drawn(model, num_particles, particle_dim, plated, hide_params),
+        _as_drawn(guide, num_particles, particle_dim, plated, hide_params), args, kwargs)
+    data_plate = find_data_plate(model_trace, guide_trace)
+    guide_latents = _latent_sites(guide_trace)
+    if not guide_latents:
+        raise ConfigError("the guide has no latent sample sites")
+    for site in guide_latents:
         if not site["fn"].has_rsample:
             raise ConfigError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                 "reparameterizable; these estimators need rsample. Use pyro.infer.TraceGraph_ELBO "
                 "or TraceEnum_ELBO for discrete latent variables")
     if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
-    data_dim = next(frame.dim for site in _latent_sites(guide_trace)
-                    for frame in site["cond_indep_stack"] if frame.name == logs.data_plate)
-    particle_dim = -(max_plate_nesting + 1)
-    log_prior = _site_total(_latent_sites(model_trace), particle_dim, data_dim, logs.log_q)
-    return _Particles(log_lik=logs.log_p - log_prior, log_prior=log_prior, log_q=logs.log_q,
-                      model_trace=model_trace, guide_trace=guide_trace,
-                      num_particles=num_particles, particle_dim=particle_dim, data_dim=data_dim)
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting + plated)
+    frame = next(frame for site in guide_latents for frame in site["cond_indep_stack"]
+                 if frame.name == data_plate)
+    return _Particles(model_trace=model_trace, guide_trace=guide_trace,
+                      num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                      data_dim=frame.dim, num_data=frame.size, plated=plated,
+                      hide_params=hide_params)
 
 
 class ELBOEstimator(ELBO):
@@ -193,6 +284,9 @@ class ELBOEstimator(ELBO):
     #: Read log q_φ(sg z) of a guide with one latent site from its traced distribution instead
     #: of replaying the guide (identical numbers; ``False`` forces the replay).
     single_site_shortcut: ClassVar[bool] = True
+    #: Run a single draw (P·K = 1) without the particle plate: the same random numbers and the
+    #: same values, fewer messages and broadcasts (``False`` forces the plate).
+    single_draw_shortcut: ClassVar[bool] = True
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
                  max_plate_nesting: int | None = None):
@@ -238,7 +332,7 @@ class ELBOEstimator(ELBO):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         return _draw_particles(model, guide, args, kwargs,
                                self.num_particles * self.importance_samples,
-                               self.max_plate_nesting)
+                               self.max_plate_nesting, plated=not self.single_draw_shortcut)
 
     def _grouped(self, per_draw: torch.Tensor) -> torch.Tensor:
         """``[P·K, N]`` → ``[P, K, N]``."""
@@ -251,7 +345,11 @@ class ELBOEstimator(ELBO):
 
     def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
-        """The bound's estimate per particle and datapoint, ``[P, N]``."""
+        """The bound's estimate per particle and datapoint, ``[P, N]`` (at K = 1 the log-weights
+        themselves, which the logsumexp over one draw returns unchanged)."""
+        if self.importance_samples == 1:
+            return beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
+                                   self.beta)
         return importance_weighted_bound(self._log_weights(particles), dim=1)
 
     def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
@@ -346,30 +444,27 @@ class MeanFieldELBO(ELBOEstimator):
     def _rate(self, particles: _Particles) -> torch.Tensor:
         """KL(q ‖ p(z)) (analytic where available) per draw and datapoint, ``[P·K, N]``."""
         model_sites = particles.model_trace.nodes
-        rate = particles.log_q.new_zeros(particles.shape)
-        guide_names = set()
-        for site in _latent_sites(particles.guide_trace):
-            guide_names.add(site["name"])
+        terms = []
+        for site in particles.guide_latents:
             prior = model_sites.get(site["name"])
             if prior is None or prior["type"] != "sample" or prior["is_observed"]:
-                rate = rate + particles.reduce(site_log_prob(site, detach=False))
+                terms.append(particles.reduce(site_log_prob(site), site["name"]))
                 continue
             try:
                 kl = kl_divergence(site["fn"], prior["fn"])
             except NotImplementedError:
-                kl = site_log_prob(site, detach=False) - site_log_prob(prior, detach=False)
+                kl = site_log_prob(site) - site_log_prob(prior)
             else:
                 kl = _masked(kl, site)
-            rate = rate + particles.reduce(kl)
-        for site in _latent_sites(particles.model_trace):
-            if site["name"] not in guide_names:
-                rate = rate - particles.reduce(site_log_prob(site, detach=False))
+            terms.append(particles.reduce(kl, site["name"]))
+        rate = _sum(terms)
+        if particles.unguided_latents:
+            rate = rate - particles.site_total(particles.unguided_latents)
         return rate
 
     def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
-        bound = particles.log_lik - self.beta * self._rate(particles)
-        return self._grouped(bound).squeeze(1)
+        return particles.log_lik - _weighted(self.beta, self._rate(particles))
 
 
 class ImportanceWeightedELBO(ELBOEstimator):
@@ -414,8 +509,7 @@ class StickingTheLandingELBO(ELBOEstimator):
 
     def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
-        log_weights = self._stl_log_weights(particles, guide, args, kwargs)
-        return self._grouped(log_weights).squeeze(1)
+        return self._stl_log_weights(particles, guide, args, kwargs)
 
 
 class DoublyReparameterizedELBO(ELBOEstimator):

@@ -1,0 +1,526 @@
+"""The performance report of issue 8 in one run: SVI step ratios, evaluation throughput, memory.
+
+All numbers of a report come from one process on one machine (memory probes from fresh child
+processes on the CPU), so they share its load and its clock:
+
+``svi``
+    :func:`bench_svi.run_benchmark` for the digits network (64-128-8) and an MNIST-size one
+    (784-400-20) at B = 20 and 128, ``meanfield`` and ``trace``: hand-written torch, the
+    package's step (``make_elbo(name).differentiable_loss`` / B, Adam, validation off), stock
+    Pyro ``SVI``, and the first two with ``Adam(fused=True)``. Interleaved rounds, medians.
+``evaluation``
+    log p̂_K(x) of an MNIST-size VAE (784-400-20; digits' 64-128-8 without ``--data-dir``):
+    :func:`pyro_vae.evaluate.evaluate_dataset` against a batched hand-written evaluator on the
+    same chunks and the same random numbers (so their values agree to rounding), and the
+    decoder's matrix products alone on the same shapes, ``[chunk·batch, in] @ [in, out]``.
+    FLOPs are the matrix products' 2·in·out per row: the decoder once per (datapoint,
+    particle), the encoder once per datapoint (the package's evaluator runs it once per chunk;
+    that extra work is overhead, not counted). Interleaved rounds; fastest and median.
+``memory``
+    Peak memory above the starting point of ``--memory-steps`` package training steps (B =
+    128, Adam state included) and of the package's evaluator at two K with the same particle
+    chunk: equal peaks show that evaluation memory does not grow with K. CUDA: the caching
+    allocator's peak (``torch.cuda.max_memory_allocated``); CPU: the resident-set high-water
+    mark of a fresh child process (``/proc/self/status`` VmHWM after resetting it, glibc's
+    mmap threshold fixed so that freed tensors leave the resident set).
+
+The device follows ``--device`` and everything lives on it; clocks are read after a
+synchronization. ::
+
+    python benchmarks/bench_perf.py --data-dir DIR --threads 1 --out perf-cpu.json
+    python benchmarks/bench_perf.py --data-dir DIR --device cuda --out perf-h200.json
+    python benchmarks/bench_perf.py --quick                 # smoke run, digits only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyro
+import torch
+from torch import nn
+from torch.distributions import Normal
+from torch.nn import functional as F
+
+from pyro_vae import VAE, ModelConfig, load_digits, load_mnist, make_elbo
+from pyro_vae.config import DEVICES
+from pyro_vae.data import fixed_binarization
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.io import write_json
+from pyro_vae.train import resolve_device
+
+HERE = Path(__file__).resolve().parent
+NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
+            "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
+TARGETS = {"svi_b128": 1.05, "svi_b20": 1.2, "svi_b128_cuda": 1.5, "evaluation_cpu": 1.1,
+           "evaluation_seconds_cuda": 10.0}
+KIB = 1024
+MIB = 1024 * 1024
+PROBE_PREFIX = "PROBE "
+MMAP_THRESHOLD = 128 * KIB
+
+
+def _load(name: str) -> Any:
+    """A sibling benchmark script as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_svi = _load("bench_svi")
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """What one report measures. ``None`` sizes take the device's default (:meth:`resolved`):
+    a few hundred datapoints and K = 1000 on a CPU, the full protocol (10 000 images, K = 5000)
+    on a GPU."""
+
+    data_dir: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    svi_datasets: tuple[str, ...] = ("digits", "mnist")
+    svi_rounds: int = 7
+    block_seconds: float = 0.12
+    eval_num_data: int | None = None
+    eval_particles: int | None = None
+    eval_batch_size: int | None = None
+    eval_particle_chunk: int | None = None
+    eval_rounds: int = 3
+    validation: bool = True
+    matmul_precision: str = "highest"
+    memory_steps: int = 20
+    memory_particles: tuple[int, ...] | None = None
+    memory_num_data: int = 100
+    out: str | None = None
+
+    def resolved(self, device: torch.device) -> "PerfConfig":
+        gpu = device.type == "cuda"
+        defaults = {"eval_num_data": 10_000 if gpu else 200,
+                    "eval_particles": 5000 if gpu else 1000,
+                    "eval_batch_size": 500 if gpu else 100,
+                    "eval_particle_chunk": 1000 if gpu else 500,
+                    "memory_particles": (1000, 5000) if gpu else (500, 2000)}
+        return dataclasses.replace(self, **{key: value for key, value in defaults.items()
+                                            if getattr(self, key) is None})
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
+    sync()
+    start = time.perf_counter()
+    value = fn()
+    sync()
+    return time.perf_counter() - start, value
+
+
+def _dataset_images(name: str, data_dir: str | None, split: str) -> torch.Tensor:
+    dataset = load_digits() if name == "digits" else load_mnist(data_dir)
+    return getattr(dataset, split).images
+
+
+def _vae(name: str, train_images: torch.Tensor, device: torch.device, seed: int) -> VAE:
+    network = NETWORKS[name]
+    torch.manual_seed(seed)
+    vae = VAE(train_images.shape[1], network.latent_dim, network.hidden)
+    vae.set_output_bias(train_images.mean(0))
+    return vae.to(device).eval()
+
+
+def _linear_layers(module: nn.Module) -> list[nn.Linear]:
+    return [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+
+
+def _matmul_flops(layers: Sequence[nn.Linear]) -> int:
+    """2·in·out per input row, summed over the layers."""
+    return sum(2 * layer.in_features * layer.out_features for layer in layers)
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    info = bench_svi.environment(device, ("trace", "meanfield"))
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    return info
+
+
+# ----------------------------------------------------------------------------- SVI
+
+def svi_section(config: PerfConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    out = {}
+    for name in config.svi_datasets:
+        if name == "mnist" and config.data_dir is None:
+            log("svi: skipping the MNIST-size net (pass --data-dir)")
+            continue
+        bench = bench_svi.BenchConfig(dataset=name, data_dir=config.data_dir,
+                                      device=config.device, threads=config.threads,
+                                      seed=config.seed, rounds=config.svi_rounds,
+                                      block_seconds=config.block_seconds, fused_adam=True)
+        timings = bench_svi.run_benchmark(bench, log=log)
+        network = NETWORKS[name]
+        out[name] = {"network": f"{network.hidden} latent {network.latent_dim}",
+                     "summary": bench_svi.ratios(timings),
+                     "timings": [t.to_dict() for t in timings]}
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def handwritten_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
+                       particle_chunk: int) -> torch.Tensor:
+    """log p̂_K(x) per image with torch ops only, on the images' device, drawing the same
+    standard normals in the same order as the package's evaluator."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size]
+        loc, scale = vae.encoder(x)
+        guide = Normal(loc, scale)
+        lse = x.new_full((x.shape[0],), -math.inf)
+        for size in _chunks(particles, particle_chunk):
+            eps = torch.empty((size, *loc.shape), dtype=x.dtype, device=x.device).normal_()
+            z = loc + eps * scale
+            logits = vae.decoder(z)
+            log_lik = -F.binary_cross_entropy_with_logits(
+                logits, x.expand_as(logits), reduction="none").sum(-1)
+            log_w = log_lik + Normal(0.0, 1.0).log_prob(z).sum(-1) - guide.log_prob(z).sum(-1)
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+        out.append(lse - math.log(particles))
+    return torch.cat(out)
+
+
+def package_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
+                   particle_chunk: int) -> torch.Tensor:
+    return evaluate_dataset(vae.model, vae.guide, images, num_particles=particles,
+                            batch_size=batch_size, particle_chunk=particle_chunk,
+                            khat=False).log_px
+
+
+@torch.no_grad()
+def decoder_matmul_rate(vae: VAE, rows: int, sync: Callable[[], None], repeats: int = 5
+                        ) -> dict[str, float]:
+    """FLOP/s of the decoder's matrix products alone (``addmm``, no activations) on inputs of
+    ``rows`` rows: the shapes of one evaluation chunk. Two random input sets alternate."""
+    layers = _linear_layers(vae.decoder)
+    device = layers[0].weight.device
+    inputs = [torch.randn(rows, layers[0].in_features, device=device) for _ in range(2)]
+
+    def chain(h: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            h = torch.addmm(layer.bias, h, layer.weight.t())
+        return h
+
+    chain(inputs[0])
+    seconds = [_timed(lambda i=i: chain(inputs[i % 2]), sync)[0] for i in range(repeats)]
+    flops = rows * _matmul_flops(layers)
+    return {"rows": rows, "flops_per_call": flops, "seconds_min": min(seconds),
+            "seconds_median": statistics.median(seconds),
+            "flops_per_s": flops / min(seconds)}
+
+
+def evaluation_section(config: PerfConfig, device: torch.device,
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    name = "mnist" if config.data_dir is not None else "digits"
+    vae = _vae(name, _dataset_images(name, config.data_dir, "train"), device, config.seed)
+    test = _dataset_images(name, config.data_dir, "test")[:config.eval_num_data]
+    images = fixed_binarization(test, config.seed).to(device)
+    n, k = images.shape[0], config.eval_particles
+    b, c = config.eval_batch_size, config.eval_particle_chunk
+    sync = _synchronizer(device)
+    runners = {"package": lambda: package_log_px(vae, images, k, b, c),
+               "torch": lambda: handwritten_log_px(vae, images, k, b, c)}
+    seconds: dict[str, list[float]] = {key: [] for key in runners}
+    values: dict[str, torch.Tensor] = {}
+    with pyro.validation_enabled(config.validation):
+        for key, run in runners.items():
+            pyro.set_rng_seed(config.seed)
+            (package_log_px if key == "package" else handwritten_log_px)(
+                vae, images[:2], min(k, 2 * c), b, c)
+        names = list(runners)
+        for r in range(config.eval_rounds):
+            for key in names[r % len(names):] + names[:r % len(names)]:
+                pyro.set_rng_seed(config.seed + r)
+                elapsed, values[key] = _timed(runners[key], sync)
+                seconds[key].append(elapsed)
+                log(f"evaluation round {r + 1}/{config.eval_rounds} {key:8s} {elapsed:8.3f} s")
+    decoder_flops = _matmul_flops(_linear_layers(vae.decoder))
+    encoder_flops = _matmul_flops(_linear_layers(vae.encoder))
+    flops = n * k * decoder_flops + n * encoder_flops
+    matmul = decoder_matmul_rate(vae, min(b, n) * c, sync)
+    best = {key: min(times) for key, times in seconds.items()}
+    difference = (values["package"].cpu().double()
+                  - values["torch"].cpu().double()).abs().max().item()
+    rates = {key: flops / best[key] for key in best}
+    return {
+        "network": name, "num_data": n, "particles": k, "batch_size": b, "particle_chunk": c,
+        "validation": config.validation, "rounds": config.eval_rounds,
+        "seconds_all": seconds, "seconds_min": best,
+        "seconds_median": {key: statistics.median(times) for key, times in seconds.items()},
+        "ratio_package_over_torch": best["package"] / best["torch"],
+        "ratio_package_over_torch_median": (statistics.median(seconds["package"])
+                                            / statistics.median(seconds["torch"])),
+        "flops": flops, "flops_per_s": rates, "matmul": matmul,
+        "fraction_of_matmul_rate": {key: rate / matmul["flops_per_s"]
+                                    for key, rate in rates.items()},
+        "mean_log_px": {key: value.cpu().double().mean().item()
+                        for key, value in values.items()},
+        "max_abs_difference_package_torch": difference,
+        "projected_seconds_full_protocol": {
+            key: best[key] * (10_000 * 5000) / (n * k) for key in best},
+    }
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _rss_kib() -> dict[str, int]:
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+    return fields
+
+
+def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
+    """Peak memory of ``fn()`` above what was in use when it started, and how it was read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start, "torch.cuda.max_memory_allocated"
+    start = _rss_kib()["VmRSS"]
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    fn()
+    return (_rss_kib()["VmHWM"] - start) * KIB, "VmHWM - VmRSS (/proc/self/status)"
+
+
+def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement (``spec["kind"]`` "train" or "eval") in this process."""
+    device = resolve_device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    name = spec["network"]
+    train = _dataset_images(name, spec["data_dir"], "train")
+    vae = _vae(name, train, device, spec["seed"])
+    if spec["kind"] == "train":
+        vae.train()
+        batch = fixed_binarization(train[:spec["batch_size"]], spec["seed"]).to(device)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+        elbo = make_elbo(spec["elbo"])
+
+        def work() -> None:
+            with pyro.validation_enabled(False):
+                for _ in range(spec["steps"]):
+                    optimizer.zero_grad(set_to_none=True)
+                    (elbo.differentiable_loss(vae.model, vae.guide, batch) / batch.shape[0]
+                     ).backward()
+                    optimizer.step()
+    else:
+        test = _dataset_images(name, spec["data_dir"], "test")[:spec["num_data"]]
+        images = fixed_binarization(test, spec["seed"]).to(device)
+
+        def work() -> None:
+            package_log_px(vae, images, spec["particles"], spec["batch_size"],
+                           spec["particle_chunk"])
+    peak, method = _peak_bytes(work, device)
+    return {**spec, "peak_bytes": peak, "peak_mib": peak / MIB, "method": method}
+
+
+def _probe(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return memory_probe(spec)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe",
+                           json.dumps(spec)], capture_output=True, text=True, env=env,
+                          check=True)
+    line = next(line for line in reversed(done.stdout.splitlines())
+                if line.startswith(PROBE_PREFIX))
+    return json.loads(line[len(PROBE_PREFIX):])
+
+
+def memory_section(config: PerfConfig, device: torch.device,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    name = "mnist" if config.data_dir is not None else "digits"
+    base = {"device": config.device, "threads": config.threads, "data_dir": config.data_dir,
+            "network": name, "seed": config.seed}
+    train = _probe({**base, "kind": "train", "batch_size": 128, "steps": config.memory_steps,
+                    "elbo": "meanfield"}, device)
+    log(f"memory: {config.memory_steps} training steps, B = 128: {train['peak_mib']:.1f} MiB")
+    evaluations = []
+    for k in config.memory_particles:
+        probe = _probe({**base, "kind": "eval", "num_data": config.memory_num_data,
+                        "particles": k, "batch_size": config.memory_num_data,
+                        "particle_chunk": config.eval_particle_chunk}, device)
+        evaluations.append(probe)
+        log(f"memory: evaluation K = {k}: {probe['peak_mib']:.1f} MiB")
+    peaks = [probe["peak_bytes"] for probe in evaluations]
+    params = sum(p.numel() * p.element_size() for p in
+                 _vae(name, _dataset_images(name, config.data_dir, "train"), device,
+                      config.seed).parameters())
+    return {"training": train, "evaluation": evaluations, "parameter_bytes": params,
+            "evaluation_peak_ratio_largest_over_smallest_k": max(peaks) / max(min(peaks), 1)}
+
+
+# ----------------------------------------------------------------------------- report
+
+def _svi_lines(svi: dict[str, Any], device: torch.device) -> list[str]:
+    lines = ["| net | ELBO | B | torch ms | package ms | package/torch | (CPU time) | Pyro/torch "
+             "| fused: package/torch | package fused / torch plain | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, section in svi.items():
+        for row in section["summary"]:
+            b = row["batch_size"]
+            target = TARGETS["svi_b128_cuda"] if device.type == "cuda" else (
+                TARGETS["svi_b128"] if b >= 128 else TARGETS["svi_b20"])
+            lines.append(
+                f"| {name} | {row['elbo']} | {b} | {row['torch_ms']:.3f} | "
+                f"{row['package_ms']:.3f} | {row['package_over_torch']:.2f}× | "
+                f"{row['package_over_torch_cpu']:.2f}× | {row['pyro_over_torch']:.2f}× | "
+                f"{row['package_fused_over_torch_fused']:.2f}× | "
+                f"{row['package_fused_over_torch']:.2f}× | ≤ {target}× |")
+    return lines
+
+
+def summary_lines(report: dict[str, Any], device: torch.device) -> list[str]:
+    lines = [f"\n## SVI step ({device}, {report['environment']['torch_threads']} threads; "
+             "medians)\n", *_svi_lines(report["svi"], device)]
+    ev = report["evaluation"]
+    lines += [
+        f"\n## Evaluation: {ev['network']}, N = {ev['num_data']}, K = {ev['particles']}, "
+        f"batch {ev['batch_size']}, chunk {ev['particle_chunk']}\n",
+        "| implementation | fastest s | median s | GFLOP/s | of matmul rate |",
+        "|---|---|---|---|---|"]
+    for key in ("package", "torch"):
+        lines.append(f"| {key} | {ev['seconds_min'][key]:.3f} | {ev['seconds_median'][key]:.3f} | "
+                     f"{ev['flops_per_s'][key] / 1e9:.1f} | "
+                     f"{ev['fraction_of_matmul_rate'][key]:.0%} |")
+    lines += [f"| decoder matmuls alone | | | {ev['matmul']['flops_per_s'] / 1e9:.1f} | 100% |",
+              f"\npackage / hand-written: {ev['ratio_package_over_torch']:.3f}× fastest, "
+              f"{ev['ratio_package_over_torch_median']:.3f}× median (target ≤ "
+              f"{TARGETS['evaluation_cpu']}× on CPU); log p̂ max |Δ| "
+              f"{ev['max_abs_difference_package_torch']:.2e}; full protocol (10 000 × K = 5000) "
+              f"projected {ev['projected_seconds_full_protocol']['package']:.1f} s"]
+    memory = report["memory"]
+    lines += [f"\n## Peak memory above the start ({memory['training']['method']})\n",
+              f"training, {memory['training']['steps']} steps at B = 128: "
+              f"{memory['training']['peak_mib']:.1f} MiB "
+              f"(parameters {memory['parameter_bytes'] / MIB:.1f} MiB)"]
+    for probe in memory["evaluation"]:
+        lines.append(f"evaluation, N = {probe['num_data']}, K = {probe['particles']}, chunk "
+                     f"{probe['particle_chunk']}: {probe['peak_mib']:.1f} MiB")
+    return lines
+
+
+def run(config: PerfConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.set_float32_matmul_precision(config.matmul_precision)
+    config = config.resolved(device)
+    report = {"config": dataclasses.asdict(config), "environment": environment(device),
+              "targets": TARGETS}
+    report["svi"] = svi_section(config, log)
+    report["evaluation"] = evaluation_section(config, device, log)
+    report["memory"] = memory_section(config, device, log)
+    return report
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[PerfConfig, argparse.Namespace]:
+    defaults = PerfConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (MNIST-size rows)")
+    p.add_argument("--device", choices=DEVICES, default=defaults.device)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--svi-rounds", type=int, default=defaults.svi_rounds)
+    p.add_argument("--block-seconds", type=float, default=defaults.block_seconds)
+    p.add_argument("--eval-num-data", type=int, help="default 200 (CPU) / 10000 (GPU)")
+    p.add_argument("--eval-particles", type=int, help="K; default 1000 (CPU) / 5000 (GPU)")
+    p.add_argument("--eval-batch-size", type=int, help="default 100 (CPU) / 500 (GPU)")
+    p.add_argument("--eval-particle-chunk", type=int, help="default 500 (CPU) / 1000 (GPU)")
+    p.add_argument("--eval-rounds", type=int, default=defaults.eval_rounds)
+    p.add_argument("--no-validation", dest="validation", action="store_false",
+                   help="Pyro validation off in the evaluator (default: Pyro's default, on)")
+    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
+                   default=defaults.matmul_precision,
+                   help="torch.set_float32_matmul_precision (high: TF32 on GPUs)")
+    p.add_argument("--memory-steps", type=int, default=defaults.memory_steps)
+    p.add_argument("--memory-particles", type=_int_list,
+                   help="the two K of the memory probe, default 500,2000 (CPU) / 1000,5000")
+    p.add_argument("--memory-num-data", type=int, default=defaults.memory_num_data)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: digits SVI only, 2 rounds, small evaluation")
+    p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(PerfConfig)}
+    given = {key: value for key, value in vars(args).items()
+             if key in fields and value is not None}
+    if args.quick:
+        given.update(svi_datasets=("digits",), svi_rounds=2, block_seconds=0.03,
+                     eval_num_data=20, eval_particles=100, eval_batch_size=10,
+                     eval_particle_chunk=50, eval_rounds=1, memory_steps=3,
+                     memory_particles=(50, 200), memory_num_data=10)
+    return PerfConfig(**given), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    if args.memory_probe:
+        print(PROBE_PREFIX + json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return 0
+    report = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    device = resolve_device(config.device)
+    print("\n".join(summary_lines(report, device)))
+    if config.out:
+        write_json(config.out, report)
+        print(f"\nwrote {config.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
