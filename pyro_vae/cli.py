@@ -10,12 +10,13 @@ rank and only rank 0 prints the summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import (BINARIZATIONS, DATASETS, DEVICES, ELBOS, MODEL_FAMILIES, ModelConfig,
-                     TrainConfig)
+from .config import (ACTIVATION_NAMES, BINARIZATIONS, DATASETS, DEVICES, ELBOS, GUIDES,
+                     LIKELIHOODS, MODEL_FAMILIES, TrainConfig)
 from .errors import PyroVAEError
 
 DEFAULT_RUN_ROOT = Path("runs")
@@ -65,8 +66,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="download missing MNIST files into --data-dir (checksums verified)")
     p.add_argument("--model", choices=MODEL_FAMILIES,
-                   help=f"vae, or cvae (conditioned on the label); default {defaults.model.family}")
-    p.add_argument("--binarize", choices=BINARIZATIONS, help=f"default {defaults.binarize}")
+                   help="vae, cvae (conditioned on the label) or vae2 (two stochastic layers); "
+                        f"default {defaults.model.family}")
+    p.add_argument("--likelihood", choices=LIKELIHOODS,
+                   help="bernoulli (binarized pixels) or gaussian (intensities); default "
+                        f"{defaults.model.likelihood}")
+    p.add_argument("--obs-scale", type=float, metavar="SIGMA",
+                   help="fixed standard deviation of the Gaussian likelihood "
+                        "(default: learned, shared by all pixels)")
+    p.add_argument("--guide", choices=GUIDES,
+                   help=f"diagonal or full covariance; default {defaults.model.guide}")
+    p.add_argument("--activation", choices=ACTIVATION_NAMES,
+                   help=f"default {defaults.model.activation}")
+    p.add_argument("--latent2-dim", type=_positive_int,
+                   help=f"vae2: size of the top latent z2 (default {defaults.model.latent2_dim})")
+    p.add_argument("--hidden2", type=_hidden,
+                   help="vae2: hidden sizes between z1 and z2 (default "
+                        f"{','.join(map(str, defaults.model.hidden2))})")
+    p.add_argument("--binarize", choices=BINARIZATIONS,
+                   help=f"default {defaults.binarize} (none for a Gaussian likelihood)")
     p.add_argument("--elbo", choices=ELBOS,
                    help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
                         f"stl (sticking the landing), dreg (doubly reparameterized IWAE); "
@@ -185,11 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     defaults = TrainConfig()
-    model = ModelConfig(
-        family=args.model or defaults.model.family,
-        latent_dim=args.latent_dim or defaults.model.latent_dim,
-        hidden=args.hidden or defaults.model.hidden,
-    )
+    chosen = {
+        "family": args.model, "latent_dim": args.latent_dim, "hidden": args.hidden,
+        "likelihood": args.likelihood, "obs_scale": args.obs_scale, "guide": args.guide,
+        "activation": args.activation, "latent2_dim": args.latent2_dim, "hidden2": args.hidden2,
+    }
+    model = dataclasses.replace(defaults.model,
+                                **{k: v for k, v in chosen.items() if v is not None})
+    if args.binarize is None and model.likelihood == "gaussian":
+        args.binarize = "none"
     given = {
         "dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize,
         "elbo": args.elbo, "particles": args.particles,
@@ -205,7 +227,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import read_config, train
 
     if args.resume is not None:
-        changed = [name for name in ("dataset", "model", "binarize", "elbo", "particles",
+        changed = [name for name in ("dataset", "model", "likelihood", "obs_scale", "guide",
+                                     "activation", "latent2_dim", "hidden2", "binarize", "elbo",
+                                     "particles",
                                      "importance_samples", "beta", "warmup", "latent_dim",
                                      "hidden", "batch_size", "lr", "seed", "out")
                    if getattr(args, name) is not None]
