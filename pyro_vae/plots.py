@@ -116,12 +116,16 @@ def plot_curves(history: "History") -> plt.Figure:
 
 def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset", history: "History",
                     test_images: torch.Tensor, seed: int = 0) -> list[Path]:
-    """Write samples, reconstructions, latent and curves PNGs into ``run_dir``."""
+    """Write samples, reconstructions, latent and curves PNGs into ``run_dir`` (only the curves
+    for a model without ``sample``, ``encode`` and ``reconstruct`` methods)."""
     run_dir = Path(run_dir)
     generator = torch.Generator(device=test_images.device).manual_seed(seed)
     labels = dataset.test.labels
     originals = test_images[:NUM_RECONSTRUCTIONS]
-    if model.conditional:
+    if not all(callable(getattr(model, name, None)) for name in ("sample", "encode",
+                                                                  "reconstruct")):
+        return [save_figure(plot_curves(history), run_dir / CURVES_PNG)]
+    if getattr(model, "conditional", False):
         classes = torch.arange(model.num_classes, device=labels.device)
         samples = model.sample(8 * model.num_classes, generator=generator,
                                labels=classes.repeat_interleave(8))

@@ -31,6 +31,7 @@ from .distributed import (SHARED_ORDER_STREAM, SINGLE, DistributedContext, all_g
                           check_in_sync, derive_seed, init_distributed, rank_seed,
                           shard_indices)
 from .models import VAE, forget_params
+from .protocol import check_model
 from .vae2 import VAE2
 from .objectives import ELBOEstimator, LinearWarmup, make_estimator
 
@@ -79,7 +80,17 @@ def build_model(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
 
 def model_args(model: VAE, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The positional arguments of ``model.model`` / ``model.guide`` for a batch."""
-    return (images, labels) if model.conditional else (images,)
+    return (images, labels) if getattr(model, "conditional", False) else (images,)
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where the device has one, plain Adam otherwise (the same
+    update up to float rounding)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=lr)
 
 
 @dataclass
@@ -318,18 +329,20 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     order_generator = generator if not dist.enabled else torch.Generator(device=device)
     if dist.enabled:
         order_generator.manual_seed(derive_seed(config.seed, SHARED_ORDER_STREAM))
-    if model is None:
+    user_model = model is not None
+    if not user_model:
         model = build_model(dataset, config)
         model.initialize_from_data(dataset.train.images)
-    elif model.input_dim != dataset.input_dim:
-        raise ConfigError(f"the model takes {model.input_dim} inputs, {config.dataset} has "
-                          f"{dataset.input_dim}")
     model = model.to(device)
+    if user_model:
+        probe = slice(0, min(2, len(dataset.train)))
+        check_model(model, *model_args(model, evaluation_images(dataset, "train", config)[probe],
+                                       dataset.train.labels[probe]))
     if dist.enabled:
         broadcast_tensors(model.state_dict().values(), dist)
         if dist.rank:
             pyro.set_rng_seed(rank_seed(config.seed, dist.rank))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model.parameters(), config.lr)
     history = History()
 
     if resume:
@@ -355,7 +368,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / CONFIG_FILE, config.to_dict())
 
-    forget_params(model.name)
+    if hasattr(model, "name"):
+        forget_params(model.name)
     num_train = train_images.shape[0]
     per_rank = -(-num_train // dist.world_size)
     steps_per_epoch = -(-per_rank // config.batch_size)

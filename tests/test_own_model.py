@@ -1,0 +1,149 @@
+"""A user's own model/guide pair, defined only here, through every tool of the package."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyro_vae import ConfigError, TrainConfig, train
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.protocol import check_model, load_factory
+
+
+class MixturePriorVAE(nn.Module):
+    """A VAE whose prior is a learned mixture of Gaussians, written as a plain Pyro pair."""
+
+    def __init__(self, input_dim: int, name: str = "mixture_vae", latent_dim: int = 2,
+                 components: int = 10, hidden: int = 64):
+        super().__init__()
+        self.name = name
+        self.mixture_logits = nn.Parameter(torch.zeros(components))
+        self.mixture_locs = nn.Parameter(2.0 * torch.randn(components, latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.Softplus(),
+                                     nn.Linear(hidden, input_dim))
+        self.encoder = nn.Sequential(nn.Linear(input_dim, hidden), nn.Softplus(),
+                                     nn.Linear(hidden, 2 * latent_dim))
+
+    def model(self, x):
+        pyro.module(self.name + "_model", self)
+        prior = dist.MixtureSameFamily(
+            dist.Categorical(logits=self.mixture_logits),
+            dist.Normal(self.mixture_locs, torch.ones_like(self.mixture_locs)).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(1))
+
+
+def build(input_dim, name):
+    """The factory the benchmark takes: ``--model-factory tests/test_own_model.py:build``."""
+    return MixturePriorVAE(input_dim, name=name)
+
+
+def test_the_package_trains_and_evaluates_a_users_pair(tmp_path):
+    model = MixturePriorVAE(64)
+    config = TrainConfig(epochs=8, batch_size=128, eval_particles=4, final_particles=50)
+    result = train(config, tmp_path / "run", model=model, progress=False)
+    history = result.history
+    assert result.model is model
+    assert history.test_elbo[-1] > history.test_elbo[0] + 0.5
+    final = json.loads((tmp_path / "run" / "history.json").read_text())["final"]
+    assert final["test_log_px"] > final["test_elbo"]
+    assert (tmp_path / "run" / "curves.png").exists()
+    assert not (tmp_path / "run" / "samples.png").exists()  # the pair has no sample()
+
+    images = torch.bernoulli(torch.full((60, 64), 0.3), generator=torch.Generator().manual_seed(0))
+    with pyro.validation_enabled(False):
+        out = evaluate_dataset(model.model, model.guide, images, num_particles=100, khat=False)
+    gap = out.gap.double()
+    assert gap.mean() > -3 * gap.std() / gap.numel() ** 0.5
+
+
+def test_the_estimator_benchmark_compares_estimators_on_a_users_pair(tmp_path, monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_estimators.py"
+    spec = importlib.util.spec_from_file_location("compare_estimators", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    factory = f"{Path(__file__).resolve()}:build"
+    assert bench.main(["--model-factory", factory, "--estimators", "trace", "dreg",
+                       "--seeds", "0", "--epochs", "1", "--importance-samples", "3",
+                       "--eval-particles", "20", "--curve-particles", "5", "--snr-draws", "3",
+                       "--snr-ks", "1", "2", "--out", str(out)]) == 0
+    rows = {row["estimator"]: row for row in json.loads((out / "results.json").read_text())
+            ["runs"]}
+    assert set(rows) == {"trace", "dreg"}
+    for row in rows.values():
+        assert row["snr_encoder"] > 0 and row["snr_decoder"] > 0
+        assert row["test_log_px"] >= row["test_elbo"]
+
+
+class _NoPlate(MixturePriorVAE):
+    def guide(self, x):
+        loc, raw = self.encoder(x).chunk(2, -1)
+        pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(2))
+
+
+class _WrongSize(MixturePriorVAE):
+    def guide(self, x):
+        with pyro.plate("data", 2 * x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(2 * x.shape[0], 2), 1.0).to_event(1))
+
+
+class _NotReparameterized(MixturePriorVAE):
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Categorical(logits=torch.zeros(3)))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(
+                nn.functional.one_hot(z, 2).float())).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Categorical(logits=self.mixture_logits[:2]))
+
+
+class _NoParameters(nn.Module):
+    def model(self, x):
+        pass
+
+    def guide(self, x):
+        pass
+
+
+@pytest.mark.parametrize("model, message", [
+    (object(), "must be a torch.nn.Module"),
+    (_NoParameters(), "no trainable parameters"),
+    (_NoPlate(64), "data plate"),
+    (_WrongSize(64), "has size 8 but the batch has 4 rows"),
+    (_NotReparameterized(64), "not reparameterizable"),
+])
+def test_what_a_pair_needs_is_checked_with_a_clear_message(model, message):
+    x = torch.bernoulli(torch.full((4, 64), 0.3))
+    with pytest.raises(ConfigError, match=message):
+        check_model(model, x)
+
+
+def test_train_checks_a_users_pair_before_training():
+    with pytest.raises(ConfigError, match="data plate"):
+        train(TrainConfig(epochs=1), model=_NoPlate(64), progress=False)
+
+
+def test_factories_are_loaded_from_a_module_or_a_file(tmp_path):
+    assert load_factory("pyro_vae.models:VAE").__name__ == "VAE"
+    assert load_factory(f"{Path(__file__).resolve()}:build")(64, "m").name == "m"
+    for spec, message in [("no-colon", "MODULE:FUNCTION"), ("nonexistent_mod_xyz:f", "import"),
+                          ("pyro_vae.models:nothing", "no callable"),
+                          (f"{tmp_path}/missing.py:f", "no file")]:
+        with pytest.raises(ConfigError, match=message):
+            load_factory(spec)
