@@ -16,12 +16,30 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import (ACTIVATION_NAMES, BINARIZATIONS, DATASETS, DEVICES, ELBOS, GUIDES,
-                     LIKELIHOODS, MODEL_FAMILIES, TrainConfig)
+                     LIKELIHOODS, MODEL_FAMILIES, TrainConfig, check_seed)
 from .errors import PyroVAEError
 
 DEFAULT_RUN_ROOT = Path("runs")
 EXIT_USER_ERROR = 2
 RESUMABLE = {"epochs", "device", "data_dir"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    try:
+        return check_seed(value)
+    except PyroVAEError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -105,10 +123,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=_hidden,
                    help="hidden layer sizes, comma-separated (default "
                         f"{','.join(map(str, defaults.model.hidden))})")
-    p.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+    p.add_argument("--epochs", type=_positive_int, help=f"default {defaults.epochs}")
     p.add_argument("--batch-size", type=_positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
-    p.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    p.add_argument("--seed", type=_seed, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
     p.add_argument("--out", type=Path, help="run folder (default runs/<dataset>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -129,7 +147,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write a grid of new images from a saved run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--binary", action="store_true",
                    help="draw Bernoulli pixels instead of showing the decoder mean")
     p.add_argument("--label", type=int, action="append",
@@ -155,7 +173,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help=f"datapoints per call (default {defaults.batch_size})")
     p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
                    help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=_seed, default=defaults.seed)
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -177,7 +195,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="image-label pairs per call")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=_seed, default=defaults.seed)
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto")
 
@@ -192,7 +210,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-vae", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="pyro-vae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
@@ -305,8 +323,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not current_context().is_main:
         return 0
     print(format_table(result.summary()))
-    print(f"wrote eval-{args.split}.json, eval-{args.split}.nc, khat-{args.split}.png and "
-          f"gap-{args.split}.png in {args.run_dir}")
+    print(f"wrote {', '.join(path.name for path in result.paths.values())} in {args.run_dir}")
     return 0
 
 

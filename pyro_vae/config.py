@@ -19,6 +19,14 @@ MODEL_FAMILIES = ("vae", "cvae", "vae2")
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("diagonal", "full")
 ACTIVATION_NAMES = ("softplus", "tanh", "relu")
+SEED_LIMIT = 2 ** 32
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if torch, numpy and Python's ``random`` all accept it (0 ≤ seed < 2³²)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be a whole number in 0..{SEED_LIMIT - 1}, got {seed!r}")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -114,13 +122,14 @@ class TrainConfig:
             (self.eval_particles >= 1, f"eval_particles must be >= 1, got {self.eval_particles}"),
             (self.final_particles >= 0,
              f"final_particles must be >= 0, got {self.final_particles}"),
-            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_seed(self.seed)
         if (self.model.likelihood == "bernoulli") == (self.binarize == "none"):
             raise ConfigError(
                 "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "

@@ -185,7 +185,7 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -
 def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
                     generator: torch.Generator, history: History, config: TrainConfig,
                     ranks: dict[str, Any] | None = None) -> None:
-    """Write the checkpoint, weights and history; ``ranks`` (a distributed run's world size,
+    """Write the checkpoint, weights, history and config; ``ranks`` (a distributed run's world size,
     every rank's random states and the shared order generator's) is stored under
     ``"distributed"``."""
     state = {
@@ -203,6 +203,17 @@ def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
         safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                                     str(tmp))
     write_json(run_dir / HISTORY_FILE, history.to_dict())
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "config")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters (torch's run long)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu"
@@ -212,9 +223,23 @@ def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no {CHECKPOINT_FILE}: is it a pyro-vae run folder?")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a "
+                              f"pyro-vae checkpoint ({type(exc).__name__})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a pyro-vae checkpoint: it lacks {missing}")
+    return state
+
+
+def _load_weights(module: torch.nn.Module | torch.optim.Optimizer, weights: dict[str, Any],
+                  run_dir: Path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint in {run_dir} does not fit its config: "
+                              f"{_one_line(exc)}") from None
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
@@ -222,8 +247,14 @@ def read_config(run_dir: str | Path) -> TrainConfig:
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE}: is it a pyro-vae run folder?")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"cannot read {path}: expected a JSON object")
+    try:
+        return TrainConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
@@ -352,10 +383,14 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
                          data_dir=config.data_dir) != config:
             raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
                                   "epochs, device and data_dir may change on resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_weights(model, state["model"], run_dir)
+        _load_weights(optimizer, state["optimizer"], run_dir)
         _restore_rng_states(state, generator, order_generator, dist, run_dir)
         history = History.from_dict(state["history"])
+        if config.epochs < len(history.epoch):
+            raise ConfigError(f"{run_dir} has already trained {len(history.epoch)} epochs: "
+                              f"--epochs {config.epochs} would go back (give at least "
+                              f"{len(history.epoch)})")
 
     train_elbo = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta)
     warmup = LinearWarmup(config.warmup, config.warmup_start, config.beta)
@@ -364,10 +399,6 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     fixed = (data_lib.fixed_binarization(train_images, config.seed)
              if config.binarize == "fixed" else None)
     test_images = evaluation_images(dataset, "test", config)
-    if run_dir is not None and dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / CONFIG_FILE, config.to_dict())
-
     if hasattr(model, "name"):
         forget_params(model.name)
     num_train = train_images.shape[0]
@@ -465,9 +496,6 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
     state = load_checkpoint(run_dir, map_location=torch_device)
     dataset = prepare_data(config, torch_device)
     model = build_model(dataset, config).to(torch_device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"the weights in {run_dir} do not fit its config: {exc}") from None
+    _load_weights(model, state["model"], run_dir)
     model.eval()
     return LoadedRun(run_dir, config, model, dataset, History.from_dict(state["history"]))
