@@ -39,7 +39,7 @@ import json
 import math
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,7 +49,8 @@ import torch
 
 from .distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gather_objects,
                           derive_seed, init_distributed)
-from .errors import ConfigError, PyroVAEError
+from .config import check_seed
+from .errors import ConfigError, DataError, PyroVAEError
 from .io import atomic_path, write_json
 from .traces import guess_max_plate_nesting, vectorized_log_probs
 
@@ -93,6 +94,7 @@ class EvalConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_seed(self.seed)
 
 
 class EvaluationError(PyroVAEError):
@@ -105,6 +107,14 @@ def _arviz() -> Any:
         warnings.simplefilter("ignore", FutureWarning)
         import arviz
     return arviz
+
+
+def _check_finite_inputs(values: Sequence[Any]) -> None:
+    """Refuse floating-point tensor arguments with NaN or ±inf entries, before any trace."""
+    for index, value in enumerate(values):
+        if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not bool(torch.isfinite(value).all())):
+            raise DataError(f"argument {index} of the model/guide holds NaN or infinite values")
 
 
 def _chunk_sizes(total: int, chunk: int | None) -> list[int]:
@@ -339,8 +349,10 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     With ``keep_log_weights`` the ``[K, N]`` log-weights are kept on the result.
 
     :raises ConfigError: for a pair without a data plate, or a bad option.
+    :raises DataError: if a floating-point tensor argument holds NaN or infinite values.
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
+    _check_finite_inputs(args)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     return _batch_result(model, guide, args, kwargs, num_particles=num_particles,
@@ -384,6 +396,7 @@ def evaluate_dataset(model: Callable, guide: Callable,
     if any(t.shape[0] != num_data for t in tensors):
         raise ConfigError(f"the tensors in data have different lengths: "
                           f"{[t.shape[0] for t in tensors]}")
+    _check_finite_inputs(tensors)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if max_plate_nesting is None:
@@ -464,7 +477,8 @@ def format_table(summary: dict[str, Any]) -> str:
 def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
                     metadata: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
-    ``khat-<split>.png`` into ``folder``, each atomically; return their paths by kind."""
+    ``khat-<split>.png`` into ``folder``, each atomically; return their paths by kind. Without
+    k-hat an older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
     folder = Path(folder)
     paths = {"json": folder / f"eval-{split}.json", "netcdf": folder / f"eval-{split}.nc",
              "gap": folder / f"gap-{split}.png"}
@@ -473,9 +487,12 @@ def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
         result.to_inference_data().to_netcdf(str(tmp))
     title = f"{split}: N = {result.num_datapoints}, K = {result.num_particles}"
     _plot_gap(result.gap, paths["gap"], title)
+    khat_path = folder / f"khat-{split}.png"
     if result.khat is not None:
-        paths["khat"] = folder / f"khat-{split}.png"
-        _plot_khat(result.khat, paths["khat"], title)
+        paths["khat"] = khat_path
+        _plot_khat(result.khat, khat_path, title)
+    else:
+        khat_path.unlink(missing_ok=True)
     return paths
 
 
@@ -530,7 +547,8 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                       batch_seed=config.seed, dist=dist)
     if dist.is_main:
         metadata = {"run_dir": str(run_dir), "config": asdict(config)}
-        save_evaluation(result, run_dir if out is None else out, config.split, metadata)
+        result.paths = save_evaluation(result, run_dir if out is None else out, config.split,
+                                       metadata)
     return result
 
 
@@ -540,7 +558,8 @@ class EvaluationResult:
 
     ``log_px`` = log p̂_K(x), ``elbo``, ``var_log_w``, ``ess`` (normalized: (Σw)²/(K Σw²), in
     [1/K, 1]) and ``khat`` (``None`` when not computed); ``gap`` = ``log_px − elbo``.
-    ``log_weights`` is ``[K, N]`` when kept, else ``None``.
+    ``log_weights`` is ``[K, N]`` when kept, else ``None``. ``paths`` names the files
+    :func:`evaluate_run` wrote, by kind (empty otherwise).
     """
 
     num_particles: int
@@ -550,6 +569,7 @@ class EvaluationResult:
     ess: torch.Tensor
     khat: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = self.log_px.shape

@@ -105,7 +105,8 @@ def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> 
     for site in sites[1:]:
         common &= set(_plates_of(site))
     if data_plate is not None:
-        outside = [site["name"] for site in sites if data_plate not in _plates_of(site)]
+        outside = list(dict.fromkeys(site["name"] for site in sites
+                                     if data_plate not in _plates_of(site)))
         if outside:
             raise ConfigError(
                 f"sample sites {outside} are outside the data plate {data_plate!r}: per-datapoint "
@@ -199,6 +200,13 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
 
     guide_latents = [name for name, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["is_observed"]]
+    unmatched = [name for name in guide_latents
+                 if model_trace.nodes.get(name, {}).get("type") != "sample"]
+    if unmatched:
+        raise ConfigError(
+            f"guide sample sites {unmatched} are not sample sites of the model: log q would count "
+            "them and log p would not, which biases every weight. Sample each guide latent in "
+            "the model under the same name")
     # A model latent the guide does not sample is drawn from its prior on replay: the prior is
     # its own proposal, so its density cancels from the weight and is left out of both sides.
     model_sites = [name for name, site in model_trace.nodes.items()

@@ -16,7 +16,7 @@ import torch
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_vae import evaluate as ev
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, DataError
 
 from linear_gaussian import LinearGaussian
 
@@ -275,13 +275,32 @@ def test_model_without_plate_is_a_config_error():
         ev.log_weights(model, guide, torch.zeros(()), num_particles=4)
 
 
-def test_non_finite_log_weights_raise_with_the_datapoint_index():
+def test_non_finite_inputs_are_refused_before_tracing():
     lg = _exact_pair()
     x = _data(lg, 8)
     x[5, 0] = math.nan
+    with pytest.raises(DataError, match="argument 0 .* NaN or infinite"):
+        ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=30, batch_size=4)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        ev.evaluate(lg.model, lg.guide, x, num_particles=30)
+
+
+def test_non_finite_log_weights_raise_with_the_datapoint_index():
+    def model(x, scale):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z, scale), obs=x)
+
+    def guide(x, scale):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x, 1.0))
+
+    x = torch.randn(8)
+    scale = torch.ones(8)
+    scale[5] = 0.0  # a degenerate likelihood for datapoint 5 only
     with pyro.validation_enabled(False):
         with pytest.raises(ev.EvaluationError, match=r"1 datapoint\(s\).*\[5\]"):
-            ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=30, batch_size=4)
+            ev.evaluate_dataset(model, guide, (x, scale), num_particles=30, batch_size=4)
     lw = torch.zeros(30, 3)
     lw[2, 1] = math.inf
     with pytest.raises(ev.EvaluationError, match=r"\[1\]"):
