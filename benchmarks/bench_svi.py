@@ -1,52 +1,64 @@
-"""Wall-clock cost of one SVI step: hand-written torch vs the package's step vs stock Pyro SVI.
+"""Cost of one SVI step: hand-written torch vs the package's fused and traced paths vs stock Pyro.
 
-Three implementations of the same gradient step on the same network, batch and Adam are timed in
+Four implementations of the same gradient step on the same network, batch and Adam are timed in
 one process, interleaved so that they share the machine's noise:
 
 ``torch``
     A hand-written loop on the model's own encoder/decoder modules: ``z = loc + scale * eps``,
     Bernoulli log-likelihood by ``binary_cross_entropy_with_logits``, closed-form KL (``meanfield``)
     or the single-sample Monte Carlo KL ``log q(z|x) - log p(z)`` (``trace``), loss averaged over
-    the batch, ``torch.optim.Adam``. This is the floor: no traces, no distribution objects.
-``package``
-    The step of :func:`pyro_vae.train.train`: ``make_elbo(name).differentiable_loss`` divided by
-    the batch size, ``torch.optim.Adam``, Pyro validation off. The estimator class behind
-    ``make_elbo`` is printed and recorded, since it is the package's choice.
+    the batch, Adam. This is the floor: no traces, no distribution objects.
+``fused``
+    The step of :func:`pyro_vae.train.train` for the package's own VAE: the loss of
+    :func:`pyro_vae.fused.training_loss` (a :class:`~pyro_vae.fused.FusedLoss`, computed from the
+    networks without Pyro's effect handlers) divided by the batch size, Adam, validation off.
+``traced``
+    The general path, which every other model/guide pair and estimator takes (and
+    ``train(..., fused=False)``): ``make_elbo(name).differentiable_loss(model, guide, x)`` / B,
+    Adam, Pyro validation off. The estimator class behind ``make_elbo`` is recorded.
 ``pyro``
     What a Pyro user writes: ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step(batch)``
     (or ``TraceMeanField_ELBO()``) with Pyro's default validation on.
-``torch_fused``, ``package_fused`` (with ``--fused-adam``)
-    The same two steps with ``torch.optim.Adam(..., fused=True)`` (one fused kernel for all
-    parameters; CPU and CUDA), which a training loop may choose regardless of the loss. The
-    ratios report both the like-for-like ``package_fused / torch_fused`` and what the fused
-    package step gains over the plain hand-written loop, ``package_fused / torch``.
+``compiled`` (with ``--compile``)
+    The fused loss with the encoder, decoder and arithmetic under ``torch.compile`` (the noise
+    drawn outside it by the same call), an option this benchmark measures and the package does
+    not take: compiling takes tens of seconds per batch shape, and the compiled kernels round
+    differently (the check reports by how much). The first call's seconds, compilation
+    included, are recorded.
 ``baseline`` (with ``--baseline DIR``)
-    The package step of another copy of the package, e.g. an earlier commit's
+    The traced package step of another copy of the package, e.g. an earlier commit's
     (``git archive COMMIT pyro_vae | tar -x -C /tmp/before``, then ``--baseline
     /tmp/before/pyro_vae``), imported under another name in the same process: its ``VAE`` with
     the same weights and its ``objectives.make_estimator``. Before/after comparisons then share
     the process and the interleaved rounds.
 
-Before timing, the hand-written loss and gradients are checked against the package's on the same
-random draw, so the comparison is between equal computations. Each (ELBO, batch size,
-implementation) is warmed up, calibrated to blocks of about ``--block-seconds``, then timed in
-``--rounds`` rounds whose order rotates; the median seconds per step over the rounds is reported.
+``--adam fused`` (the default, what :func:`pyro_vae.train.make_optimizer` builds) or ``plain``
+picks the ``torch.optim.Adam`` of the first two and the baseline; stock Pyro keeps
+``pyro.optim.Adam``.
+
+Before timing, the hand-written loss and gradients are checked against the traced path's on the
+same random draw (to float rounding: the closed forms differ from the distributions'
+arithmetic), and the fused path's against the traced path's (bit for bit), so the comparison is
+between equal computations. Each (ELBO, batch size, implementation) is warmed up, calibrated to
+blocks of about ``--block-seconds``, then timed in ``--rounds`` rounds whose order rotates; the
+median seconds per step over the rounds is reported, for the wall clock and for the process's
+CPU time (the steadier one on a shared machine with ``--threads 1``).
 
 ``--breakdown`` instead times nested pieces of the forward and backward pass (the networks
-alone, the hand-written loss, the model and guide without and with tracing, the package's loss)
-with ``timeit``-style blocks, so the difference between the two loops can be split up.
+alone, the hand-written loss, the model and guide without and with tracing, the fused and traced
+losses) with ``timeit``-style blocks, so the difference between the loops can be split up.
 
-``--profile`` instead runs one step (``--profile-impl``, default the package's) under
+``--profile`` instead runs one step (``--profile-impl``, default the traced path) under
 :mod:`cProfile` and prints the functions with the largest cumulative time, plus the share of a few
 landmarks (trace construction, log-prob computation, param-store registration, distribution
 construction, validation, backward, optimizer). cProfile inflates Python-heavy code relative to
 torch kernels, so read the shares as an upper bound on Python overhead.
 
-    python benchmarks/bench_svi.py                                  # digits, B = 20 and 128
-    python benchmarks/bench_svi.py --dataset mnist --data-dir DIR --device cuda --out bench.json
-    python benchmarks/bench_svi.py --fused-adam --threads 1              # + Adam(fused=True) twins
+    python benchmarks/bench_svi.py --threads 1                      # digits, B = 20 and 128
+    python benchmarks/bench_svi.py --dataset mnist --data-dir DIR --threads 1 --out bench.json
+    python benchmarks/bench_svi.py --dataset mnist --data-dir DIR --device cuda --out gpu.json
     python benchmarks/bench_svi.py --baseline /tmp/before/pyro_vae      # before/after, one process
-    python benchmarks/bench_svi.py --profile --elbos trace --batch-sizes 128
+    python benchmarks/bench_svi.py --profile --elbos trace --batch-sizes 128 --threads 1
     python benchmarks/bench_svi.py --breakdown --elbos meanfield --batch-sizes 20 --threads 1
 """
 
@@ -78,15 +90,16 @@ from torch.nn import functional as F
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, load_digits, load_mnist, make_elbo
 from pyro_vae.config import DEVICES
+from pyro_vae.fused import FusedLoss, training_loss
 from pyro_vae.io import write_json
 from pyro_vae.traces import trace_pair
 from pyro_vae.train import resolve_device
 
-IMPLEMENTATIONS = ("torch", "package", "pyro")
-FUSED_IMPLEMENTATIONS = ("torch_fused", "package_fused")
-LABELS = {"torch": "hand-written torch", "package": "package step", "pyro": "stock Pyro SVI",
-          "torch_fused": "hand-written, fused Adam", "package_fused": "package, fused Adam",
-          "baseline": "baseline package step"}
+IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
+LABELS = {"torch": "hand-written torch", "fused": "package, fused path",
+          "traced": "package, Pyro-traced path", "pyro": "stock Pyro SVI",
+          "compiled": "fused path, torch.compile", "baseline": "baseline package step"}
+ADAMS = ("fused", "plain")
 BASELINE_MODULE = "pyro_vae_baseline"
 STOCK_ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 ELBOS = tuple(STOCK_ELBOS)  # the estimators with a stock Pyro and a hand-written twin
@@ -103,6 +116,7 @@ LANDMARKS = (
     ("SVI.step", "pyro/infer/svi.py", "step"),
     ("ELBO differentiable_loss", "pyro/infer/trace_elbo.py", "differentiable_loss"),
     ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
+    ("package fused loss", "pyro_vae/fused.py", "__call__"),
     ("package estimator differentiable_loss", "pyro_vae/objectives.py", "differentiable_loss"),
     ("  vectorized_log_probs (particle plate)", "pyro_vae/traces.py", "vectorized_log_probs"),
     ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
@@ -147,15 +161,16 @@ class BenchConfig:
     seed: int = 0
     warmup_steps: int = 20
     calibration_steps: int = 10
-    rounds: int = 7
-    block_seconds: float = 0.12
+    rounds: int = 21
+    block_seconds: float = 0.05
     min_block_steps: int = 5
     check: bool = True
-    fused_adam: bool = False
+    adam: str = "fused"
+    compile: bool = False
     baseline: str | None = None
     profile: bool = False
     breakdown: bool = False
-    profile_impl: str = "package"
+    profile_impl: str = "traced"
     profile_steps: int = 300
     profile_top: int = 25
     profile_sort: str = "cumulative"
@@ -166,7 +181,7 @@ class BenchConfig:
 
     @property
     def implementations(self) -> tuple[str, ...]:
-        return (IMPLEMENTATIONS + (FUSED_IMPLEMENTATIONS if self.fused_adam else ())
+        return (IMPLEMENTATIONS + (("compiled",) if self.compile else ())
                 + (("baseline",) if self.baseline else ()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,6 +202,7 @@ class Timing:
     steps_per_block: int
     seconds_per_step: tuple[float, ...]
     cpu_seconds_per_step: tuple[float, ...] = ()
+    first_call_seconds: float = math.nan
 
     @property
     def median(self) -> float:
@@ -208,6 +224,7 @@ class Timing:
                 "min_ms": min(self.seconds_per_step) * MS_PER_S, "spread": self.spread,
                 "rounds_ms": [s * MS_PER_S for s in self.seconds_per_step],
                 "cpu_median_ms": self.cpu_median * MS_PER_S,
+                "first_call_s": self.first_call_seconds,
                 "cpu_rounds_ms": [s * MS_PER_S for s in self.cpu_seconds_per_step]}
 
 
@@ -244,9 +261,13 @@ def torch_loss(model: VAE, x: torch.Tensor, elbo: str) -> torch.Tensor:
     return (nll + kl).mean()
 
 
-def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, fused: bool = False
+def _adam(model: VAE, lr: float, adam: str) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=adam == "fused" or None)
+
+
+def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
                 ) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+    optimizer = _adam(model, lr, adam)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -256,22 +277,80 @@ def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, fused: bo
     return step
 
 
-def _package_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, fused: bool = False,
-                  estimator: Any = None) -> Callable[[], None]:
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
-    estimator = make_elbo(elbo) if estimator is None else estimator
+def _loss_step(model: VAE, batch: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+               lr: float, adam: str) -> Callable[[], None]:
+    """The step of :func:`pyro_vae.train.svi_step`: ``loss_fn(batch) / B``, backward, Adam."""
+    optimizer = _adam(model, lr, adam)
     batch_size = batch.shape[0]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = estimator.differentiable_loss(model.model, model.guide, batch)
-        (loss / batch_size).backward()
+        (loss_fn(batch) / batch_size).backward()
         optimizer.step()
 
     return step
 
 
-def _pyro_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float) -> Callable[[], None]:
+def _fused_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+                ) -> Callable[[], None]:
+    loss_fn = training_loss(model, make_elbo(elbo))
+    if not isinstance(loss_fn, FusedLoss):
+        raise ValueError(f"the package has no fused loss for this VAE with {elbo!r}")
+    return _loss_step(model, batch, loss_fn, lr, adam)
+
+
+def _traced_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
+                 estimator: Any = None) -> Callable[[], None]:
+    estimator = make_elbo(elbo) if estimator is None else estimator
+    return _loss_step(model, batch, partial(estimator.differentiable_loss, model.model,
+                                            model.guide), lr, adam)
+
+
+COMPILE_CHECKS: dict[tuple[str, int], dict[str, float]] = {}
+
+
+def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+                   ) -> Callable[[], None]:
+    """:func:`_fused_step` with ``torch.compile`` around everything but the noise draw. Its
+    first call is compared with the traced path on the same draw (to rounding), and the largest
+    differences are kept in :data:`COMPILE_CHECKS`."""
+    estimator = make_elbo(elbo)
+    fused = training_loss(model, estimator)
+    if not isinstance(fused, FusedLoss):
+        raise ValueError(f"the package has no fused loss for this VAE with {elbo!r}")
+
+    def loss_at(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        loc, scale = model.encoder(x)
+        return -fused.bound(x, loc, scale, eps).sum(-1)
+
+    compiled = torch.compile(loss_at)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        eps = torch.empty((x.shape[0], model.latent_dim), dtype=x.dtype,
+                          device=x.device).normal_()
+        return compiled(x, eps)
+
+    b = batch.shape[0]
+    start = time.perf_counter()
+    value, grads = _loss_and_grads(model, batch, lambda: loss_fn(batch) / b, 0)
+    compile_seconds = time.perf_counter() - start  # compilation included, unless reused
+    want, want_grads = _loss_and_grads(
+        model, batch, lambda: estimator.differentiable_loss(model.model, model.guide, batch) / b, 0)
+    torch.testing.assert_close(value, want, rtol=CHECK_RTOL, atol=CHECK_ATOL)
+    for mine, theirs in zip(grads, want_grads):
+        torch.testing.assert_close(mine, theirs, rtol=CHECK_RTOL, atol=CHECK_ATOL)
+    COMPILE_CHECKS[elbo, b] = {
+        "first_call_seconds": compile_seconds,
+        "loss_abs_difference": (value - want).abs().item(),
+        "grad_max_relative_difference": max(
+            ((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
+            for g, w in zip(grads, want_grads))}
+    return _loss_step(model, batch, loss_fn, lr, adam)
+
+
+def _pyro_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+               ) -> Callable[[], None]:
+    """Stock Pyro with its own (per-parameter, unfused) Adam whatever ``adam`` says."""
     svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": lr}), STOCK_ELBOS[elbo]())
 
     return lambda: svi.step(batch)
@@ -291,24 +370,23 @@ def load_baseline(path: str) -> Any:
     return package
 
 
-def _baseline_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, package: Any
-                   ) -> Callable[[], None]:
+def _baseline_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
+                   package: Any = None) -> Callable[[], None]:
     """The package step of ``package`` (see :func:`load_baseline`) on a copy of ``model``."""
     config = model.config
     twin = package.models.VAE(model.input_dim, config.latent_dim, config.hidden,
                               config.scale_fn).to(batch.device)
     twin.load_state_dict(model.state_dict())
     twin.name = f"{model.name}-baseline"
-    return _package_step(twin, batch, elbo, lr,
-                         estimator=package.objectives.make_estimator(elbo, max_plate_nesting=1))
+    return _traced_step(twin, batch, elbo, lr, adam,
+                        estimator=package.objectives.make_estimator(elbo, max_plate_nesting=1))
 
 
-STEP_BUILDERS = {"torch": _torch_step, "package": _package_step, "pyro": _pyro_step,
-                 "torch_fused": partial(_torch_step, fused=True),
-                 "package_fused": partial(_package_step, fused=True)}
+STEP_BUILDERS = {"torch": _torch_step, "fused": _fused_step, "traced": _traced_step,
+                 "pyro": _pyro_step, "compiled": _compiled_step}
 # Pyro validation around each timed block: off in the package's loop, on (the default) for users.
-VALIDATION = {"torch": None, "package": False, "pyro": True, "torch_fused": None,
-              "package_fused": False, "baseline": False}
+VALIDATION = {"torch": None, "fused": False, "traced": False, "pyro": True, "compiled": False,
+              "baseline": False}
 
 
 def _model_copy(base: VAE, name: str) -> VAE:
@@ -318,26 +396,36 @@ def _model_copy(base: VAE, name: str) -> VAE:
     return model
 
 
+def _loss_and_grads(model: VAE, batch: torch.Tensor, loss_fn: Callable[[], torch.Tensor],
+                    seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    pyro.set_rng_seed(seed)
+    with pyro.validation_enabled(False):
+        loss = loss_fn()
+    return loss.detach(), list(torch.autograd.grad(loss, list(model.parameters())))
+
+
 def check_equivalence(base: VAE, batch: torch.Tensor, elbo: str, seed: int) -> float:
-    """Assert that :func:`torch_loss` and the package's loss / B agree in value and gradient on
-    the same random draw; return the loss."""
-    results = []
-    for implementation in ("torch", "package"):
-        model = _model_copy(base, f"check-{implementation}-{elbo}-{batch.shape[0]}")
-        pyro.set_rng_seed(seed)
-        if implementation == "torch":
-            loss = torch_loss(model, batch, elbo)
-        else:
-            with pyro.validation_enabled(False):
-                loss = make_elbo(elbo).differentiable_loss(model.model, model.guide, batch)
-            loss = loss / batch.shape[0]
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    (torch_value, torch_grads), (package_value, package_grads) = results
-    torch.testing.assert_close(torch_value, package_value, rtol=CHECK_RTOL, atol=CHECK_ATOL)
-    for mine, theirs in zip(torch_grads, package_grads):
+    """Assert that on the same random draw the fused loss and gradients equal the traced path's
+    bit for bit, and :func:`torch_loss`'s equal them to float rounding (its closed forms are
+    other arithmetic); return the loss per datapoint."""
+    b = batch.shape[0]
+    model = _model_copy(base, f"check-{elbo}-{b}")
+    estimator = make_elbo(elbo)
+    fused = training_loss(model, estimator)
+    traced_value, traced_grads = _loss_and_grads(
+        model, batch, lambda: estimator.differentiable_loss(model.model, model.guide, batch) / b,
+        seed)
+    fused_value, fused_grads = _loss_and_grads(model, batch, lambda: fused(batch) / b, seed)
+    torch_value, torch_grads = _loss_and_grads(model, batch, lambda: torch_loss(model, batch, elbo),
+                                               seed)
+    if not (torch.equal(fused_value, traced_value)
+            and all(map(torch.equal, fused_grads, traced_grads))):
+        raise AssertionError(f"{elbo}, B = {b}: the fused loss or gradients differ from the "
+                             "traced path's")
+    torch.testing.assert_close(torch_value, traced_value, rtol=CHECK_RTOL, atol=CHECK_ATOL)
+    for mine, theirs in zip(torch_grads, traced_grads):
         torch.testing.assert_close(mine, theirs, rtol=CHECK_RTOL, atol=CHECK_ATOL)
-    return float(torch_value)
+    return float(traced_value)
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -387,7 +475,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
         for elbo in config.elbos:
             for b, batch in batches.items():
                 value = check_equivalence(base, batch, elbo, config.seed)
-                log(f"check {elbo:9s} B={b:<4d} torch == package: loss/B {value:.4f}")
+                log(f"check {elbo:9s} B={b:<4d} fused == traced (bit for bit), torch == traced "
+                    f"(to rounding): loss/B {value:.4f}")
 
     steps: dict[tuple[str, int, str], Callable[[], None]] = {}
     builders = dict(STEP_BUILDERS)
@@ -395,11 +484,14 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
         builders["baseline"] = partial(_baseline_step, package=load_baseline(config.baseline))
     for elbo, b, impl in keys:
         model = _model_copy(base, f"bench-{impl}-{elbo}-{b}")
-        steps[elbo, b, impl] = builders[impl](model, batches[b], elbo, config.lr)
+        steps[elbo, b, impl] = builders[impl](model, batches[b], elbo, config.lr, config.adam)
+        if impl == "compiled":
+            log(f"compiled {elbo:9s} B={b:<4d} vs traced: {COMPILE_CHECKS[elbo, b]}")
 
-    block_steps = {}
+    block_steps, first_call = {}, {}
     for key, step in steps.items():
         validation = VALIDATION[key[2]]
+        first_call[key] = _time_block(step, 1, sync, validation)
         _time_block(step, config.warmup_steps, sync, validation)
         estimate = _time_block(step, config.calibration_steps, sync, validation)
         block_steps[key] = max(config.min_block_steps, math.ceil(config.block_seconds / estimate))
@@ -415,68 +507,115 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
             cpu_per_step[key].append(cpu)
         log(f"round {round_index + 1}/{config.rounds} done")
     return [Timing(elbo, b, impl, block_steps[elbo, b, impl], tuple(per_step[elbo, b, impl]),
-                   tuple(cpu_per_step[elbo, b, impl]))
+                   tuple(cpu_per_step[elbo, b, impl]), first_call[elbo, b, impl])
             for elbo, b, impl in keys]
 
 
 # Ratios reported when both implementations were timed: name -> (numerator, denominator).
-RATIOS = {"package_over_torch": ("package", "torch"), "pyro_over_torch": ("pyro", "torch"),
-          "package_fused_over_torch_fused": ("package_fused", "torch_fused"),
-          "package_fused_over_torch": ("package_fused", "torch"),
+RATIOS = {"fused_over_torch": ("fused", "torch"), "traced_over_torch": ("traced", "torch"),
+          "pyro_over_torch": ("pyro", "torch"), "fused_over_traced": ("fused", "traced"),
+          "compiled_over_torch": ("compiled", "torch"),
+          "compiled_over_fused": ("compiled", "fused"),
           "baseline_over_torch": ("baseline", "torch"),
-          "package_over_baseline": ("package", "baseline")}
-RATIO_LABELS = {"package_over_torch": "package / torch", "pyro_over_torch": "stock Pyro / torch",
-                "package_fused_over_torch_fused": "package / torch, both fused Adam",
-                "package_fused_over_torch": "package fused / torch plain",
+          "traced_over_baseline": ("traced", "baseline"),
+          "fused_over_baseline": ("fused", "baseline")}
+RATIO_LABELS = {"fused_over_torch": "fused / torch", "traced_over_torch": "traced / torch",
+                "pyro_over_torch": "stock Pyro / torch", "fused_over_traced": "fused / traced",
+                "compiled_over_torch": "compiled / torch",
+                "compiled_over_fused": "compiled / fused",
                 "baseline_over_torch": "baseline / torch",
-                "package_over_baseline": "package / baseline",
-                "package_over_torch_cpu": "package / torch (CPU time)"}
+                "traced_over_baseline": "traced / baseline",
+                "fused_over_baseline": "fused / baseline"}
+CLOCKS = {"cpu": "CPU time", "wall": "wall clock"}
+
+
+def paired_ratio(top: Sequence[float], bottom: Sequence[float]) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of ``top[r] / bottom[r]``: each ratio is of two blocks
+    timed next to each other, so a load that drifts over seconds cancels from it."""
+    per_round = [a / b for a, b in zip(top, bottom)]
+    if len(per_round) < 2:
+        return per_round[0], per_round[0], per_round[0]
+    low, middle, high = statistics.quantiles(per_round, n=4, method="inclusive")
+    return statistics.median(per_round), low, high
 
 
 def ratios(timings: Sequence[Timing]) -> list[dict[str, Any]]:
-    """Median step time of each implementation, and the ratios of :data:`RATIOS`, per (ELBO, B),
-    of wall-clock medians (and, suffixed ``_cpu``, of CPU-time medians)."""
+    """Per (ELBO, B): the median step time of each implementation (``{impl}_ms`` wall clock,
+    ``{impl}_cpu_ms`` CPU time) and the ratios of :data:`RATIOS`: of wall-clock medians
+    (``name``), of CPU-time medians (``name_cpu``), and the median over rounds of the per-round
+    CPU-time ratio with its quartiles (``name_paired_cpu``, ``name_paired_cpu_quartiles``; see
+    :func:`paired_ratio`), the steadiest of them on a shared machine."""
     medians = {(t.elbo, t.batch_size, t.implementation): t.median for t in timings}
     cpu = {(t.elbo, t.batch_size, t.implementation): t.cpu_median for t in timings}
+    rounds = {(t.elbo, t.batch_size, t.implementation): t.cpu_seconds_per_step for t in timings}
     implementations = list(dict.fromkeys(t.implementation for t in timings))
+    pairs = {name: pair for name, pair in RATIOS.items()
+             if pair[0] in implementations and pair[1] in implementations}
     rows = []
     for elbo, b in dict.fromkeys((t.elbo, t.batch_size) for t in timings):
-        times = {f"{impl}_ms": medians[elbo, b, impl] * MS_PER_S for impl in implementations}
-        rows.append({"elbo": elbo, "batch_size": b, **times,
-                     **{name: medians[elbo, b, top] / medians[elbo, b, bottom]
-                        for name, (top, bottom) in RATIOS.items()
-                        if top in implementations and bottom in implementations},
-                     **{f"{name}_cpu": cpu[elbo, b, top] / cpu[elbo, b, bottom]
-                        for name, (top, bottom) in RATIOS.items()
-                        if top in implementations and bottom in implementations}})
+        rows.append({
+            "elbo": elbo, "batch_size": b,
+            **{f"{impl}_ms": medians[elbo, b, impl] * MS_PER_S for impl in implementations},
+            **{f"{impl}_cpu_ms": cpu[elbo, b, impl] * MS_PER_S for impl in implementations},
+            **{name: medians[elbo, b, top] / medians[elbo, b, bottom]
+               for name, (top, bottom) in pairs.items()},
+            **{f"{name}_cpu": cpu[elbo, b, top] / cpu[elbo, b, bottom]
+               for name, (top, bottom) in pairs.items()}})
+        for name, (top, bottom) in pairs.items():
+            middle, low, high = paired_ratio(rounds[elbo, b, top], rounds[elbo, b, bottom])
+            rows[-1][f"{name}_paired_cpu"] = middle
+            rows[-1][f"{name}_paired_cpu_quartiles"] = [low, high]
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+def format_paired(row: dict[str, Any], name: str) -> str:
+    low, high = row[f"{name}_paired_cpu_quartiles"]
+    return f"{row[f'{name}_paired_cpu']:.2f}× ({low:.2f}–{high:.2f})"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], clock: str = "cpu") -> str:
+    """Milliseconds per step (medians) and ratios: ``clock="cpu"``, CPU time with the paired
+    ratios and their quartiles; ``"wall"``, wall-clock time with ratios of medians."""
     implementations = [i for i in LABELS if f"{i}_ms" in rows[0]]
-    names = [name for name in [*RATIOS, "package_over_torch_cpu"] if name in rows[0]]
-    header = ("| ELBO | B | " + " | ".join(f"{LABELS[i]} (ms/step)" for i in implementations)
+    names = [name for name in RATIOS if name in rows[0]]
+    header = ("| ELBO | B | " + " | ".join(f"{LABELS[i]} ms" for i in implementations)
               + " | " + " | ".join(RATIO_LABELS[name] for name in names) + " |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    title = ("CPU time: medians, and per-round ratios' median (quartiles)" if clock == "cpu"
+             else "wall clock: medians and ratios of medians")
+    lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
-        cells = [row["elbo"], str(row["batch_size"]),
-                 *(f"{row[f'{impl}_ms']:.3f}" for impl in implementations),
-                 *(f"{row[name]:.2f}×" for name in names)]
-        lines.append("| " + " | ".join(cells) + " |")
+        if clock == "cpu":
+            times = [f"{row[f'{impl}_cpu_ms']:.3f}" for impl in implementations]
+            ratio_cells = [format_paired(row, name) for name in names]
+        else:
+            times = [f"{row[f'{impl}_ms']:.3f}" for impl in implementations]
+            ratio_cells = [f"{row[name]:.2f}×" for name in names]
+        lines.append("| " + " | ".join([row["elbo"], str(row["batch_size"]), *times,
+                                         *ratio_cells]) + " |")
     return "\n".join(lines)
 
 
 def package_estimators(elbos: Sequence[str]) -> dict[str, str]:
-    """The class behind each ``make_elbo(name)``: what the "package step" measured."""
+    """The class behind each ``make_elbo(name)``: what the traced path measured."""
     return {name: f"{type(make_elbo(name)).__module__}.{type(make_elbo(name)).__qualname__}"
             for name in elbos}
+
+
+def load_average() -> str:
+    """``/proc/loadavg``'s 1-, 5- and 15-minute load averages ("n/a" where there is none)."""
+    try:
+        with open("/proc/loadavg") as file:
+            return " ".join(file.read().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def environment(device: torch.device, elbos: Sequence[str]) -> dict[str, Any]:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "pyro": pyro.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "package_estimators": package_estimators(elbos)}
+            "device": str(device), "package_estimators": package_estimators(elbos),
+            "load_average": load_average()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -498,8 +637,8 @@ def _landmark_shares(stats: pstats.Stats, total: float) -> list[tuple[str, float
 
 
 def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Profile ``config.profile_impl``'s step (default: the package's) with cProfile for every
-    (ELBO, batch size) of ``config``."""
+    """Profile ``config.profile_impl``'s step (default: the traced path's) with cProfile for
+    every (ELBO, batch size) of ``config``."""
     device, base, batches = _setup(config)
     sync = _synchronizer(device)
     impl, validation = config.profile_impl, VALIDATION[config.profile_impl]
@@ -507,7 +646,7 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
     for elbo in config.elbos:
         for b, batch in batches.items():
             model = _model_copy(base, f"profile-{impl}-{elbo}-{b}")
-            step = STEP_BUILDERS[impl](model, batch, elbo, config.lr)
+            step = STEP_BUILDERS[impl](model, batch, elbo, config.lr, config.adam)
             _time_block(step, config.warmup_steps, sync, validation)
             unprofiled = _time_block(step, config.profile_steps, sync, validation)
             profiler = cProfile.Profile()
@@ -534,6 +673,7 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
 def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callable[[], Any]]:
     """Nested pieces of one step's forward and backward pass, cheapest first."""
     estimator = make_elbo(elbo)
+    fused = training_loss(model, make_elbo(elbo))
     hidden = partial(poutine.block, hide_types=["param"])
 
     def networks() -> None:
@@ -546,18 +686,39 @@ def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callab
         "model and guide, no effect handler": lambda: (model.guide(x), model.model(x)),
         "model and guide, traced (trace_pair)":
             lambda: trace_pair(hidden(model.model), hidden(model.guide), (x,), {}),
-        "package loss, forward": lambda: estimator.differentiable_loss(model.model, model.guide,
-                                                                        x),
+        "fused loss, forward": lambda: fused(x),
+        "traced loss, forward": lambda: estimator.differentiable_loss(model.model, model.guide, x),
         "hand-written loss, forward + backward": lambda: torch_loss(model, x, elbo).backward(),
-        "package loss, forward + backward": lambda: (
+        "fused loss, forward + backward": lambda: (fused(x) / x.shape[0]).backward(),
+        "traced loss, forward + backward": lambda: (
             estimator.differentiable_loss(model.model, model.guide, x) / x.shape[0]).backward(),
     }
 
 
+def graph_nodes(loss: torch.Tensor) -> int:
+    """The number of autograd nodes behind ``loss`` (what backward walks)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(parent for parent, _ in node.next_functions)
+    return len(seen)
+
+
+def _graph_sizes(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, int]:
+    estimator = make_elbo(elbo)
+    with pyro.validation_enabled(False):
+        return {"hand-written": graph_nodes(torch_loss(model, x, elbo)),
+                "fused": graph_nodes(training_loss(model, estimator)(x) / x.shape[0]),
+                "traced": graph_nodes(estimator.differentiable_loss(model.model, model.guide, x)
+                                      / x.shape[0])}
+
+
 def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
                   ) -> dict[str, dict[str, float]]:
-    """Median microseconds of each :func:`_breakdown_parts` piece (no optimizer step: it is
-    the same in both loops), timed in interleaved rounds, validation off."""
+    """Median microseconds of CPU time of each :func:`_breakdown_parts` piece (no optimizer
+    step: it is the same in every loop), timed in interleaved rounds, validation off."""
     device, base, batches = _setup(config)
     sync = _synchronizer(device)
     report = {}
@@ -569,12 +730,18 @@ def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
             for _ in range(config.rounds):
                 for name, part in parts.items():
                     _time_block(part, config.min_block_steps, sync, False)
-                    times[name].append(_time_block(part, config.profile_steps // 2, sync, False))
+                    times[name].append(
+                        _time_block_clocks(part, config.profile_steps // 2, sync, False)[1])
             model.zero_grad(set_to_none=True)
             report[f"{elbo}/{b}"] = {name: statistics.median(t) * 1e6 for name, t in times.items()}
-            log(f"\n{elbo}, B = {b}: median µs of {config.rounds} rounds")
+            sizes = _graph_sizes(model, batch, elbo)
+            report[f"{elbo}/{b}"]["autograd_nodes"] = sizes
+            log(f"\n{elbo}, B = {b}: median µs of CPU time, {config.rounds} rounds")
             for name, micros in report[f"{elbo}/{b}"].items():
-                log(f"  {name:45s} {micros:9.1f}")
+                if name != "autograd_nodes":
+                    log(f"  {name:45s} {micros:9.1f}")
+            log("  autograd nodes of the loss: " + ", ".join(f"{key} {value}"
+                                                           for key, value in sizes.items()))
     return report
 
 
@@ -627,12 +794,15 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--block-seconds", type=float, default=defaults.block_seconds,
                    help="target length of one timed block of steps (default %(default)s)")
     p.add_argument("--baseline", metavar="DIR",
-                   help="also time the package step of the package copy in DIR (e.g. an "
+                   help="also time the traced package step of the package copy in DIR (e.g. an "
                         "earlier commit's pyro_vae folder)")
-    p.add_argument("--fused-adam", action="store_true",
-                   help="also time the hand-written and package steps with Adam(fused=True)")
+    p.add_argument("--adam", choices=ADAMS, default=defaults.adam,
+                   help="torch.optim.Adam(fused=True) as pyro_vae.train builds it, or plain "
+                        "(default %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fused loss under torch.compile (tens of seconds to compile)")
     p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the torch-vs-package loss and gradient check")
+                   help="skip the fused-vs-traced and torch-vs-traced loss and gradient checks")
     p.add_argument("--breakdown", action="store_true",
                    help="time nested pieces of the forward and backward pass instead")
     p.add_argument("--profile", action="store_true",
@@ -675,23 +845,30 @@ def _run(config: BenchConfig) -> int:
         report = {"config": config.to_dict(), "profile": run_profile(config),
                   "environment": environment(device, config.elbos)}
     else:
+        load_before = load_average()
         timings = run_benchmark(config, log=lambda line: print(line, file=sys.stderr))
         rows = ratios(timings)
         network = config.resolved_network()
         print(f"\nSVI step, {config.dataset}, hidden {list(network.hidden)}, latent "
-              f"{network.latent_dim}, {device}, {torch.get_num_threads()} threads; "
-              f"median of {config.rounds} rounds")
+              f"{network.latent_dim}, {device}, {torch.get_num_threads()} threads, "
+              f"{config.adam} Adam; medians of {config.rounds} interleaved rounds; load average "
+              f"{load_before} before, {load_average()} after")
         for name, cls in package_estimators(config.elbos).items():
-            print(f"package step {name}: make_elbo({name!r}) -> {cls}")
-        print()
-        print(markdown_table(rows))
+            print(f"traced path {name}: make_elbo({name!r}) -> {cls}")
+        for clock in CLOCKS:
+            print()
+            print(markdown_table(rows, clock))
         noisy = [t for t in timings if t.spread > NOISY_SPREAD]
         if noisy:
             print(f"\nwarning: {len(noisy)} of {len(timings)} timings had a round over "
                   f"{NOISY_SPREAD:g}x their median (machine busy?); the medians may still hold, "
                   "but consider rerunning, or --threads 1 on a shared machine", file=sys.stderr)
-        report = {"config": config.to_dict(), "environment": environment(device, config.elbos),
-                  "summary": rows, "timings": [t.to_dict() for t in timings]}
+        report = {"config": config.to_dict(),
+                  "environment": {**environment(device, config.elbos),
+                                  "load_average_before": load_before},
+                  "summary": rows, "timings": [t.to_dict() for t in timings],
+                  "compile_checks": {f"{elbo}/{b}": check
+                                     for (elbo, b), check in COMPILE_CHECKS.items()}}
     if config.out:
         write_json(config.out, report)
     return 0

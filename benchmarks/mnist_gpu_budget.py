@@ -10,10 +10,11 @@ log-likelihood estimated with K = 5000 importance samples. Targets of the issue,
     iwae, dreg with k = 50                       test log p̂(x) ≥ −84.5
 
 The model is the package's ``VAE(784, 50, (200, 200), activation="tanh")`` with
-``initialize_from_data``; the loss is ``make_estimator(name, importance_samples=k)``. The
-package's :func:`pyro_vae.train.train` runs whole epochs and evaluates after each, so this
-script has its own loop around the same step (``differentiable_loss`` / B, Adam, Pyro
-validation off), stopped by wall time:
+``initialize_from_data``; the loss is ``make_estimator(name, importance_samples=k)`` through
+:func:`pyro_vae.fused.training_loss` (the fused path for ``meanfield``, the traced one for
+``iwae`` and ``dreg``), as in :func:`pyro_vae.train.train`. That function runs whole epochs and
+evaluates after each, so this script has its own loop around the same step (loss / B, Adam,
+Pyro validation off), stopped by wall time:
 
 * dynamic binarization: a fresh x ~ Bernoulli(intensity) of the whole training set each epoch,
   drawn on the device, which holds the whole training set;
@@ -63,6 +64,7 @@ from pyro_vae import VAE, load_mnist  # noqa: E402
 from pyro_vae.config import DEVICES  # noqa: E402
 from pyro_vae.data import binarize, fixed_binarization  # noqa: E402
 from pyro_vae.evaluate import evaluate_dataset  # noqa: E402
+from pyro_vae.fused import training_loss  # noqa: E402
 from pyro_vae.io import write_json  # noqa: E402
 from pyro_vae.objectives import make_estimator  # noqa: E402
 from pyro_vae.train import MAX_PLATE_NESTING, TEST_BINARIZATION_OFFSET, resolve_device  # noqa
@@ -137,6 +139,7 @@ def train_within_budget(model: VAE, train_images: torch.Tensor, probe_images: to
     device = train_images.device
     estimator = make_estimator(config.estimator, importance_samples=config.k,
                                max_plate_nesting=MAX_PLATE_NESTING)
+    loss_fn = training_loss(model, estimator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=ADAM_EPS)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     budget = config.minutes * SECONDS_PER_MINUTE
@@ -162,7 +165,7 @@ def train_within_budget(model: VAE, train_images: torch.Tensor, probe_images: to
                     group["lr"] = learning_rate(config, trained + time.perf_counter() - start)
                 batch = images[order[begin:begin + config.batch_size]]
                 optimizer.zero_grad(set_to_none=True)
-                loss = estimator.differentiable_loss(model.model, model.guide, batch)
+                loss = loss_fn(batch)
                 (loss / batch.shape[0]).backward()
                 optimizer.step()
                 loss_sum += loss.detach()

@@ -121,7 +121,11 @@ class BernoulliPixels(dist.Independent):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, value = broadcast_all(self.base_dist.logits, value)
+        return self.log_density(*broadcast_all(self.base_dist.logits, value))
+
+    @staticmethod
+    def log_density(logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """−Σ BCE-with-logits over the last dimension (``logits`` and ``value`` of one shape)."""
         return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
 
 
@@ -225,6 +229,14 @@ class VAE(nn.Module):
             return BernoulliPixels(dist.Bernoulli(logits=out), 1)
         scale = self.obs_scale() if self.obs_scale is not None else self.fixed_obs_scale
         return dist.Normal(out, scale * torch.ones_like(out)).to_event(1)
+
+    def log_likelihood(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) per datapoint from the decoder's output: the value and gradient of
+        ``observation_dist(out).log_prob(x)``, for Bernoulli pixels without building the
+        distribution (what the fused training loss, :mod:`pyro_vae.fused`, calls)."""
+        if self.likelihood == "bernoulli":
+            return BernoulliPixels.log_density(out, x)
+        return self.observation_dist(out).log_prob(x)
 
     def latent_dist(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) from the encoder's output: ``scale`` is a vector (diagonal guide) or a

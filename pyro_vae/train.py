@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .fused import training_loss
 from .io import atomic_path, write_json
 from .cvae import CVAE
 from .distributed import (SHARED_ORDER_STREAM, SINGLE, DistributedContext, all_gather_objects,
                           all_reduce_sum, average_gradients, barrier, broadcast_tensors,
-                          check_in_sync, derive_seed, init_distributed, rank_seed,
-                          shard_indices)
+                          check_in_sync, derive_seed, init_distributed, main_first,
+                          rank_seed, shard_indices)
 from .models import VAE, forget_params
 from .protocol import check_model
 from .vae2 import VAE2
@@ -322,7 +323,7 @@ def _rank_states(generator: torch.Generator, order_generator: torch.Generator,
 def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
           progress: bool = True, download: bool = False, model: VAE | None = None,
           on_epoch: Callable[[int, History], None] | None = None,
-          dist_timeout: float | None = None) -> TrainResult:
+          dist_timeout: float | None = None, fused: bool = True) -> TrainResult:
     """Train a :class:`~pyro_vae.models.VAE` with SVI; return the model and its :class:`History`.
 
     Each step minimizes the chosen estimator's loss (:mod:`pyro_vae.objectives`) averaged per
@@ -337,6 +338,13 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     other entries are left alone.
     Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss becomes NaN or infinite; the
     last good checkpoint stays on disk.
+
+    For the built-in :class:`~pyro_vae.models.VAE` with a diagonal guide and the ``trace`` or
+    ``meanfield`` estimator with one particle, the step's loss is computed by
+    :class:`~pyro_vae.fused.FusedLoss` straight from the networks, without Pyro's effect
+    handlers: the same random draws, losses and gradients bit for bit, so the same history and
+    parameters. ``fused=False`` runs every step through the traced estimator, as any other
+    model or estimator does; the choice is not saved and a run may be resumed either way.
 
     Under torchrun (``WORLD_SIZE`` > 1; see :doc:`distributed`) every rank calls this function:
     each trains on its :class:`~torch.utils.data.DistributedSampler` share of every epoch with
@@ -353,7 +361,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
                           "or choose another --out")
     device = resolve_device(config.device)
     dist = init_distributed(device, dist_timeout)
-    dataset = prepare_data(config, device, download=download)
+    with main_first(dist, "waiting for rank 0 to download the data", enabled=download):
+        dataset = prepare_data(config, device, download=download)
 
     pyro.set_rng_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(rank_seed(config.seed, dist.rank))
@@ -393,6 +402,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
                               f"{len(history.epoch)})")
 
     train_elbo = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta)
+    step_loss = training_loss(model, train_elbo, fused)
     warmup = LinearWarmup(config.warmup, config.warmup_start, config.beta)
     eval_elbo = make_elbo("meanfield", config.eval_particles)
     train_images, train_labels = dataset.train.images, dataset.train.labels
@@ -411,9 +421,17 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     for epoch in bar:
         start = time.perf_counter()
         model.train()
-        epoch_images = _train_images_for_epoch(train_images, config, generator, fixed)
-        order = torch.randperm(num_train, device=device, generator=order_generator)
-        order = shard_indices(order, dist)
+        if dist.enabled:  # this rank's share alone is binarized; the order has its own generator
+            shard = shard_indices(torch.randperm(num_train, device=device,
+                                                 generator=order_generator), dist)
+            epoch_images = _train_images_for_epoch(train_images[shard], config, generator,
+                                                   None if fixed is None else fixed[shard])
+            epoch_labels = train_labels[shard]
+            order = torch.arange(shard.shape[0], device=device)
+        else:
+            epoch_images = _train_images_for_epoch(train_images, config, generator, fixed)
+            epoch_labels = train_labels
+            order = torch.randperm(num_train, device=device, generator=order_generator)
         loss_sum = torch.zeros((), device=device)
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered NaN")
@@ -421,10 +439,8 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
                                          start=(epoch - 1) * steps_per_epoch):
                 train_elbo.beta = warmup(step)
                 index = order[begin:begin + config.batch_size]
-                args = model_args(model, epoch_images[index], train_labels[index])
-                loss_sum += svi_step(
-                    lambda: train_elbo.differentiable_loss(model.model, model.guide, *args),
-                    index.shape[0], optimizer, dist)
+                args = model_args(model, epoch_images[index], epoch_labels[index])
+                loss_sum += svi_step(lambda: step_loss(*args), index.shape[0], optimizer, dist)
         all_reduce_sum(loss_sum, dist, "summing the training loss")
         mean_loss = loss_sum.item() / (dist.world_size * order.shape[0])
         if not math.isfinite(mean_loss):

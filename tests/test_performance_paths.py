@@ -5,12 +5,14 @@ Two shortcuts make the package's training step cheaper (``docs/performance.rst``
 * a single draw (P·K = 1) is traced without the particle plate, and each estimator computes
   only the log-densities it needs (``meanfield``: log p(x|z) and the KL);
 * :func:`pyro_vae.models.register_module` skips its ``pyro.param`` messages when the store
-  already holds the module's tensors and no effect handler would see the messages.
+  already holds the module's tensors and no effect handler would see the messages;
+* the package's own VAE with the ``trace`` or ``meanfield`` estimator and one draw is trained
+  with a fused loss computed straight from its networks (:mod:`pyro_vae.fused`).
 
 Each test states an equivalence: the same random draws give bit-identical losses and
-gradients with and without the particle plate, Pyro's own estimators' values to float
-rounding, and the param store stays what ``pyro.param`` calls would have made it. Nothing is
-timed here; ``benchmarks/bench_perf.py`` times.
+gradients with and without the particle plate and with and without the fused loss, Pyro's own
+estimators' values to float rounding, and the param store stays what ``pyro.param`` calls would
+have made it. Nothing is timed here; ``benchmarks/bench_perf.py`` times.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.params import param_with_module_name
 from torch import nn
 
-from pyro_vae import VAE
+from pyro_vae import VAE, TrainConfig, train
 from pyro_vae.cvae import CVAE
+from pyro_vae.fused import FusedLoss, supports, training_loss
 from pyro_vae.models import register_module
-from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, make_estimator
+from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.vae2 import VAE2
 
 from linear_gaussian import LinearGaussian
@@ -253,3 +256,204 @@ def test_a_cleared_store_or_a_replaced_parameter_is_registered_again():
     assert _store_holds("vae.decoder", vae.decoder)
     name = param_with_module_name("vae.decoder", "net.0.weight")
     assert pyro.get_param_store().get_param(name) is layer.weight
+
+
+# ----------------------------------------------------------------------------- fused loss
+#
+# The fused loss draws ε with Normal.rsample's own call and evaluates the traced estimator's
+# floating-point operations in the same order; the ones it leaves out (same-shape expand views,
+# the prior's x − 0, x / 1 and − log 1) are exact in value and gradient. So the comparisons
+# below are bit for bit (torch.equal), not to a tolerance.
+
+FUSED = ("trace", "meanfield")
+LIKELIHOODS = {"bernoulli": {}, "gaussian-learned-scale": {"likelihood": "gaussian"},
+               "gaussian-fixed-scale": {"likelihood": "gaussian", "obs_scale": 0.3},
+               "bernoulli-exp-scale": {"scale_fn": "exp", "activation": "tanh"}}
+
+
+def _fused_pair(options: dict) -> tuple[VAE, torch.Tensor]:
+    vae = VAE(D, LATENT, (16, 8), **options)
+    if vae.likelihood == "gaussian":
+        return vae, torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+    return vae, _binary()
+
+
+def _traced_and_fused(vae: VAE, x: torch.Tensor, estimator: ELBOEstimator, seed: int):
+    fused = FusedLoss(vae, estimator)
+    results = []
+    for loss_fn in (fused.traced, fused):
+        results.append(_loss_and_grads(vae, (x,), _Calling(loss_fn), seed)
+                       + (torch.get_rng_state(),))
+    return results
+
+
+class _Calling:
+    """An object with ``differentiable_loss(model, guide, *args)`` that calls ``loss_fn(*args)``
+    (so :func:`_loss_and_grads` can run either path)."""
+
+    def __init__(self, loss_fn: Callable):
+        self.loss_fn = loss_fn
+
+    def differentiable_loss(self, model, guide, *args):
+        return self.loss_fn(*args)
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("beta", [1.0, 0.3, 0.0])
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_loss_equals_the_traced_estimator_bit_for_bit(name, beta, likelihood):
+    vae, x = _fused_pair(LIKELIHOODS[likelihood])
+    estimator = make_estimator(name, beta=beta, max_plate_nesting=1)
+    assert supports(vae, estimator)
+    (traced, traced_grads, traced_rng), (fused, fused_grads, fused_rng) = _traced_and_fused(
+        vae, x, estimator, seed=5)
+    assert torch.equal(traced, fused), (traced, fused)
+    for want, got in zip(traced_grads, fused_grads):
+        assert torch.equal(want, got)
+    assert any(g.abs().sum() > 0 for g in fused_grads)
+    assert torch.equal(traced_rng, fused_rng)  # the same random numbers were consumed
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_and_traced_steps_follow_one_warmup_trajectory(name):
+    """Ten Adam steps with a KL warm-up (β from 0.1 to 0.8) land on the same parameters."""
+    schedule = LinearWarmup(steps=8, start=0.1, end=0.8)
+    x = _binary()
+    finals = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        vae = VAE(D, LATENT, (16,))
+        estimator = make_estimator(name, beta=schedule.end, max_plate_nesting=1)
+        loss_fn = training_loss(vae, estimator, fused)
+        assert isinstance(loss_fn, FusedLoss) == fused
+        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
+        pyro.set_rng_seed(8)
+        losses = []
+        with pyro.validation_enabled(False):
+            for step in range(10):
+                estimator.beta = schedule(step)
+                optimizer.zero_grad()
+                loss = loss_fn(x)
+                (loss / N).backward()
+                optimizer.step()
+                losses.append(loss.item())
+        finals.append((losses, [p.detach().clone() for p in vae.parameters()]))
+    (traced_losses, traced_params), (fused_losses, fused_params) = finals
+    assert traced_losses == fused_losses
+    assert all(torch.equal(a, b) for a, b in zip(traced_params, fused_params))
+
+
+@pytest.mark.parametrize("estimator", [
+    {"elbo": "meanfield", "beta": 0.5, "warmup": 15},
+    {"elbo": "trace", "beta": 2.0, "warmup": 15, "warmup_start": 0.5},
+])
+def test_training_history_is_the_same_with_the_fused_path_on_and_off(estimator, monkeypatch):
+    calls = []
+    original = ELBOEstimator.differentiable_loss
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ELBOEstimator, "differentiable_loss", counting)
+    config = TrainConfig(epochs=2, batch_size=128, eval_particles=2, final_particles=3,
+                         device="cpu", **estimator)
+    runs = {}
+    for fused in (True, False):
+        calls.clear()
+        runs[fused] = train(config, progress=False, fused=fused)
+        runs[fused, "traced steps"] = len(calls)
+    assert runs[True, "traced steps"] == 0 < runs[False, "traced steps"]
+    on, off = runs[True], runs[False]
+    assert on.history.train_loss == off.history.train_loss
+    assert on.history.test_elbo == off.history.test_elbo
+    assert on.history.extra == off.history.extra
+    for key, value in off.model.state_dict().items():
+        assert torch.equal(value, on.model.state_dict()[key]), key
+
+
+def test_a_run_resumed_with_the_other_path_reaches_the_uninterrupted_result(tmp_path):
+    config = TrainConfig(epochs=3, batch_size=128, eval_particles=2, final_particles=0,
+                         device="cpu", elbo="trace", beta=0.5, warmup=10)
+    full = train(config, tmp_path / "full", progress=False, fused=True)
+    train(config.replace(epochs=2), tmp_path / "part", progress=False, fused=False)
+    resumed = train(config, tmp_path / "part", resume=True, progress=False, fused=True)
+    assert resumed.history.train_loss == full.history.train_loss
+    assert resumed.history.test_elbo == full.history.test_elbo
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+class _OwnModelVAE(VAE):
+    def model(self, x=None, num_data=None):
+        return super().model(x, num_data)
+
+
+@pytest.mark.parametrize("case", [
+    "cvae", "vae2", "vae-full-guide", "subclass", "instance-override", "iwae", "stl", "dreg",
+    "two-particles", "estimator-override"])
+def test_the_traced_path_is_kept_wherever_the_fused_loss_does_not_apply(case):
+    estimator = make_estimator("trace", max_plate_nesting=1)
+    module, args = _vae()
+    if case in PAIRS or case in ("cvae", "vae2"):
+        module, args = PAIRS[case]()
+    elif case == "subclass":
+        module = _OwnModelVAE(D, LATENT, (16,))
+    elif case == "instance-override":
+        module.model = module.model
+    elif case == "two-particles":
+        estimator = make_estimator("meanfield", num_particles=2, max_plate_nesting=1)
+    elif case == "estimator-override":
+        estimator.differentiable_loss = estimator.differentiable_loss
+    else:
+        estimator = make_estimator(case, max_plate_nesting=1)
+    assert not supports(module, estimator)
+    assert not isinstance(training_loss(module, estimator), FusedLoss)
+    with pytest.raises(ValueError, match="no fused loss"):
+        FusedLoss(module, estimator)
+
+
+def test_the_fused_loss_goes_the_traced_way_under_handlers_and_validation():
+    vae, x = _fused_pair({})
+    loss_fn = FusedLoss(vae, make_estimator("meanfield", max_plate_nesting=1))
+    with poutine.trace(param_only=True) as capture, pyro.validation_enabled(False):
+        loss_fn(x)
+    assert len(capture.trace.param_nodes) == len(list(vae.parameters()))  # the model and guide ran
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="support"):
+        loss_fn(x * 0.5)  # not binary: Bernoulli's support check, which the traced path runs
+    with pyro.validation_enabled(False):
+        assert torch.isfinite(loss_fn(x * 0.5))
+
+
+# ----------------------------------------------------------------------------- benchmark smoke
+
+def _benchmark_module(name: str, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_svi.py: its fused-vs-traced check passes (bit for bit) and
+    the JSON holds every implementation and ratio. Nothing about the timings is asserted."""
+    import json
+
+    bench = _benchmark_module("bench_svi", monkeypatch)
+    out = tmp_path / "svi.json"
+    assert bench.main(["--threads", "1", "--rounds", "1", "--block-seconds", "0.001",
+                       "--warmup-steps", "1", "--batch-sizes", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {t["implementation"] for t in report["timings"]} == set(bench.IMPLEMENTATIONS)
+    for row in report["summary"]:
+        assert {"fused_over_torch_cpu", "traced_over_torch_cpu", "pyro_over_torch_cpu",
+                "fused_over_torch_paired_cpu", "fused_over_traced"} <= set(row)
+    printed = capsys.readouterr()
+    assert "fused == traced (bit for bit)" in printed.err
+    assert "package, fused path ms" in printed.out and "CPU time: medians" in printed.out
