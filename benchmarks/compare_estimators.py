@@ -27,7 +27,7 @@ each seed's ``iwae`` run (or its first run), the encoder and decoder SNR of the 
 gradients for each K of ``--snr-ks``. Outputs in ``--out`` (written atomically): ``table.md``,
 ``runs.csv``, ``summary.csv``, ``results.json``, ``log_px_vs_epoch.png``, ``snr_vs_k.png``.
 
-    python benchmarks/compare_estimators.py --out bench-estimators            # digits, ~5 min
+    python benchmarks/compare_estimators.py --out bench-estimators  # digits: 325 s, 2 busy cores
     python benchmarks/compare_estimators.py --seeds 0 --epochs 20 --out /tmp/quick
     python benchmarks/compare_estimators.py --data-dir ~/mnist --eval-particles 5000 --out mnist
     python benchmarks/compare_estimators.py --model-factory my_models.py:build --out mine
@@ -53,6 +53,8 @@ import pyro
 import torch
 
 from pyro_vae import data as data_lib
+from pyro_vae.config import check_seed
+from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
@@ -60,6 +62,7 @@ from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_es
 from pyro_vae.protocol import check_model, guide_parameters, load_factory
 
 INSIDE_LOG = ("iwae", "dreg")
+EXIT_USER_ERROR = 2
 ACTIVE_UNIT_THRESHOLD = 0.01
 TRAIN_EVAL_SEED = 0
 TEST_EVAL_SEED = 1
@@ -105,14 +108,31 @@ class BenchmarkConfig:
         return 1000 if self.dataset == "digits" else 5000
 
     def __post_init__(self) -> None:
+        """Every field checked, so a bad value fails before any training (ConfigError)."""
         unknown = sorted(set(self.estimators) - set(ESTIMATORS))
         if unknown or not self.estimators or not self.seeds:
-            raise ValueError(f"need seeds and estimators from {ESTIMATORS}; got "
-                             f"{self.estimators}, seeds {self.seeds}")
-        if self.time_budget is not None and not self.time_budget > 0:
-            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
-        if self.snr_draws < 2:
-            raise ValueError(f"snr_draws must be >= 2, got {self.snr_draws}")
+            raise ConfigError(f"need seeds and estimators from {ESTIMATORS}; got "
+                              f"{self.estimators}, seeds {self.seeds}")
+        for seed in self.seeds:
+            check_seed(seed)
+        if self.dataset not in ("digits", "mnist"):
+            raise ConfigError(f"dataset must be digits or mnist, got {self.dataset!r}")
+        counts = {"epochs": 1, "batch_size": 1, "latent_dim": 1, "particles": 1,
+                  "importance_samples": 1, "curve_particles": 1, "eval_every": 1,
+                  "snr_draws": 2, "threads": 1, "warmup": 0}
+        for name, minimum in counts.items():
+            _check_whole(name, getattr(self, name), minimum)
+        for name, values in (("hidden", self.hidden), ("snr_ks", self.snr_ks)):
+            if not values:
+                raise ConfigError(f"{name} needs at least one value")
+            for value in values:
+                _check_whole(name, value, 1)
+        if self.eval_particles is not None:
+            _check_whole("eval_particles", self.eval_particles, 1)
+        _check_real("lr", self.lr, strictly_positive=True)
+        _check_real("beta", self.beta, strictly_positive=False)
+        if self.time_budget is not None:
+            _check_real("time_budget", self.time_budget, strictly_positive=True)
 
     def importance_samples_of(self, name: str) -> int:
         return self.importance_samples if name in INSIDE_LOG else 1
@@ -121,6 +141,18 @@ class BenchmarkConfig:
         out = dataclasses.asdict(self)
         out["final_eval_particles"] = self.final_eval_particles
         return out
+
+
+def _check_whole(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value: Any, strictly_positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (strictly_positive and value == 0):
+        relation = "> 0" if strictly_positive else ">= 0"
+        raise ConfigError(f"{name} must be a finite number {relation}, got {value!r}")
 
 
 @dataclass
@@ -337,18 +369,34 @@ def _figure(ncols: int = 1) -> Any:
     return Figure(figsize=(5.5 * ncols, 3.8), layout="constrained")
 
 
+def curve_statistics(per_seed: list[list[tuple[int, float]]]
+                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The epochs that every seed's curve evaluated, and the mean and std over seeds of the
+    values at those epochs (std NaN for one seed). With --time-budget, seeds may stop at
+    different epochs; each value is matched by its epoch, never by its position."""
+    by_epoch = [dict(curve) for curve in per_seed]
+    common = sorted(set.intersection(*(set(values) for values in by_epoch)))
+    values = torch.tensor([[values[epoch] for epoch in common] for values in by_epoch],
+                          dtype=torch.float64).reshape(len(by_epoch), len(common))
+    std = values.std(0) if len(by_epoch) > 1 else torch.full((len(common),), math.nan)
+    return common, values.mean(0), std
+
+
 def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, k: int) -> None:
+    """Test log p̂ against epoch: each seed's own curve (thin), and the mean ± std over seeds at
+    the epochs that every seed evaluated (:func:`curve_statistics`)."""
     fig = _figure()
     ax = fig.add_subplot()
-    for name, per_seed in curves.items():
-        epochs = [epoch for epoch, _ in per_seed[0]]
-        values = torch.tensor([[value for _, value in curve] for curve in per_seed
-                               if len(curve) == len(epochs)], dtype=torch.float64)
-        mean = values.mean(0)
-        ax.plot(epochs, mean.tolist(), marker=".", label=name)
-        if values.shape[0] > 1:
-            std = values.std(0)
-            ax.fill_between(epochs, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2)
+    for index, (name, per_seed) in enumerate(curves.items()):
+        color = f"C{index}"
+        for curve in per_seed:
+            ax.plot([epoch for epoch, _ in curve], [value for _, value in curve], color=color,
+                    alpha=0.3, linewidth=0.8)
+        epochs, mean, std = curve_statistics(per_seed)
+        ax.plot(epochs, mean.tolist(), color=color, marker=".", label=name)
+        if len(per_seed) > 1:
+            ax.fill_between(epochs, (mean - std).tolist(), (mean + std).tolist(), color=color,
+                            alpha=0.2)
     ax.set(xlabel="epoch", ylabel=f"test log p̂_K (K = {k}), nats", title="test log-likelihood")
     ax.legend()
     with atomic_path(path) as tmp:
@@ -416,67 +464,126 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
     return table
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line and exit status 2 (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[BenchmarkConfig, Path]:
+def _whole(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _real(strictly_positive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (strictly_positive and value == 0):
+            relation = "> 0" if strictly_positive else ">= 0"
+            raise argparse.ArgumentTypeError(f"expected a finite number {relation}, got {text}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except ValueError as exc:
+        message = str(exc) if isinstance(exc, PyroVAEError) else f"expected a whole number, " \
+            f"got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = BenchmarkConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    positive = _whole(1)
+    p = _Parser(prog="compare_estimators.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
+    p.add_argument("--seeds", nargs="+", type=_seed, default=list(defaults.seeds))
     p.add_argument("--dataset", choices=("digits", "mnist"), default=None,
                    help="default: mnist if --data-dir is given, else digits")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
-    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--epochs", type=positive, default=defaults.epochs)
+    p.add_argument("--time-budget", type=_real(strictly_positive=True), default=None,
+                   metavar="SECONDS",
                    help="equal training wall time per run instead of equal epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--latent-dim", type=_positive_int, default=defaults.latent_dim)
-    p.add_argument("--hidden", nargs="+", type=_positive_int, default=list(defaults.hidden))
-    p.add_argument("--particles", type=_positive_int, default=defaults.particles,
+    p.add_argument("--batch-size", type=positive, default=defaults.batch_size)
+    p.add_argument("--lr", type=_real(strictly_positive=True), default=defaults.lr)
+    p.add_argument("--latent-dim", type=positive, default=defaults.latent_dim)
+    p.add_argument("--hidden", nargs="+", type=positive, default=list(defaults.hidden))
+    p.add_argument("--particles", type=positive, default=defaults.particles,
                    help="P, averaged outside the log (every estimator)")
-    p.add_argument("--importance-samples", type=_positive_int,
+    p.add_argument("--importance-samples", type=positive,
                    default=defaults.importance_samples, help="K inside the log (iwae, dreg)")
-    p.add_argument("--beta", type=float, default=defaults.beta)
-    p.add_argument("--warmup", type=int, default=defaults.warmup,
+    p.add_argument("--beta", type=_real(strictly_positive=False), default=defaults.beta,
+                   help="weight of the rate (KL) term, >= 0")
+    p.add_argument("--warmup", type=_whole(0), default=defaults.warmup,
                    help="KL warm-up steps (0: constant beta)")
-    p.add_argument("--eval-particles", type=_positive_int, default=None,
+    p.add_argument("--eval-particles", type=positive, default=None,
                    help="K of the final test log p̂_K (default 1000 on digits, 5000 on MNIST)")
-    p.add_argument("--curve-particles", type=_positive_int, default=defaults.curve_particles)
-    p.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every)
-    p.add_argument("--snr-draws", type=_positive_int, default=defaults.snr_draws)
-    p.add_argument("--snr-ks", nargs="+", type=_positive_int, default=list(defaults.snr_ks))
-    p.add_argument("--threads", type=_positive_int, default=defaults.threads)
+    p.add_argument("--curve-particles", type=positive, default=defaults.curve_particles)
+    p.add_argument("--eval-every", type=positive, default=defaults.eval_every)
+    p.add_argument("--snr-draws", type=_whole(2), default=defaults.snr_draws)
+    p.add_argument("--snr-ks", nargs="+", type=positive, default=list(defaults.snr_ks))
+    p.add_argument("--threads", type=positive, default=defaults.threads)
     p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
                    help="compare on your own pair: FUNCTION(input_dim, name) returns an "
                         "nn.Module with model/guide methods (see pyro_vae.protocol); "
                         "MODULE may be a .py file")
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None,
+               parser: argparse.ArgumentParser | None = None) -> tuple[BenchmarkConfig, Path]:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a folder")
     dataset = args.dataset or ("mnist" if args.data_dir else "digits")
-    config = BenchmarkConfig(
-        estimators=tuple(dict.fromkeys(args.estimators)), seeds=tuple(args.seeds),
-        dataset=dataset, data_dir=args.data_dir, epochs=args.epochs,
-        time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
-        latent_dim=args.latent_dim, hidden=tuple(args.hidden), particles=args.particles,
-        importance_samples=args.importance_samples, beta=args.beta, warmup=args.warmup,
-        eval_particles=args.eval_particles, curve_particles=args.curve_particles,
-        eval_every=args.eval_every, snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks),
-        threads=args.threads, model_factory=args.model_factory)
+    try:
+        config = BenchmarkConfig(
+            estimators=tuple(dict.fromkeys(args.estimators)),
+            seeds=tuple(dict.fromkeys(args.seeds)), dataset=dataset, data_dir=args.data_dir,
+            epochs=args.epochs, time_budget=args.time_budget, batch_size=args.batch_size,
+            lr=args.lr, latent_dim=args.latent_dim, hidden=tuple(args.hidden),
+            particles=args.particles, importance_samples=args.importance_samples,
+            beta=args.beta, warmup=args.warmup, eval_particles=args.eval_particles,
+            curve_particles=args.curve_particles, eval_every=args.eval_every,
+            snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks), threads=args.threads,
+            model_factory=args.model_factory)
+    except PyroVAEError as exc:
+        parser.error(str(exc))
     return config, args.out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, out = parse_args(argv)
+    """Run the comparison; bad options, data or model factories give one error line and exit
+    status 2, before anything is written."""
+    parser = build_parser()
+    config, out = parse_args(argv, parser)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "benchmarks/compare_estimators.py", *argv])
-    results = run_benchmark(config)
-    print(write_outputs(results, out, command))
+    try:
+        results = run_benchmark(config)
+        table = write_outputs(results, out, command)
+    except PyroVAEError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(table)
     print(f"{results['seconds']:.0f} s; results in {out}", file=sys.stderr)
     return 0
 

@@ -2,8 +2,8 @@ r"""ELBO estimators: five named Monte Carlo objectives for one Pyro model/guide 
 
 Every estimator works from per-particle, per-datapoint log-densities (the data plate is kept, see
 :func:`pyro_vae.traces.vectorized_log_probs`): the log-likelihood (observed model sites), the
-log-prior (latent model sites) and log q (latent guide sites). With a rate weight β they combine
-into the β-weighted log-weight of one draw z ~ q(z|x),
+log-prior (the model's latent sites that the guide samples) and log q (latent guide sites).
+With a rate weight β they combine into the β-weighted log-weight of one draw z ~ q(z|x),
 
 .. math::
 
@@ -28,10 +28,30 @@ This stays exact for hierarchical guides whose later sites depend on earlier dra
 detach of each site's distribution parameters would also cut the path through those draws).
 A guide with a single latent site cannot have such dependences, so there the score-free term is
 read from the traced distribution itself without a second guide run; both give the same
-numbers. The guide must be deterministic given its sample sites (no dropout in train mode).
+numbers. The guide (and, for ``dreg``, the model) must be deterministic given its sample
+sites (no dropout in train mode).
 
-Scale factors (``poutine.scale``, subsampling) are not applied: the densities are the true
-ones, and β is applied here, so β = 0 is allowed. All guide latent sites must be
+Which latents count. Every guide latent must be a latent site of the model. A model latent that
+the guide does not sample ("unguided") is drawn from its prior, given the draws before it, when
+the model is replayed: the proposal of one draw is q(z_g|x) p(z_u|z_g), whose second factor
+cancels against the model's, so log p(z_u|·) enters no log-weight, for any β. The rate that β
+weights is that of the guided latents only,
+
+.. math::
+
+    \log w_\beta = \log p_\theta(x \mid z_g, z_u)
+    + \beta\,[\log p_\theta(z_g) - \log q_\phi(z_g \mid x)].
+
+Unguided latents must be reparameterizable too, so that gradients follow their draws.
+(Pyro's ``Trace_ELBO`` instead adds log p(z_u) to the model's log-density and warns "Found vars
+in model but not guide"; the two agree whenever the guide samples every model latent.)
+
+Scale factors (``poutine.scale``, a subsampled ``pyro.plate``) are honoured when every sample
+site of the model and guide has the same scalar scale s, the case of a subsampled data plate
+(s = N/B): the loss is s times the loss of the batch. Any other scales raise
+:class:`~pyro_vae.errors.ConfigError` naming the site, since a per-site weight has no meaning
+inside the log of an importance-weighted bound; weight the rate with β instead (β is applied
+here, so β = 0 is allowed, which ``poutine.scale`` refuses). All guide latent sites must be
 reparameterizable.
 """
 
@@ -93,12 +113,48 @@ def _check_beta(beta: float, what: str = "beta") -> float:
 
 
 def _detached(trace: poutine.Trace) -> poutine.Trace:
-    """The sample sites of ``trace`` with detached values (for ``poutine.replay``)."""
+    """The unobserved sample sites of ``trace`` (subsample sites included) with detached
+    values, for ``poutine.replay``."""
     out = poutine.Trace()
     for name, site in trace.nodes.items():
-        if site["type"] == "sample":
+        if site["type"] == "sample" and not site["is_observed"]:
             out.add_node(name, **dict(site, value=site["value"].detach()))
     return out
+
+
+def _scale_value(site: dict, where: str) -> float:
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ConfigError(
+                f"{where} site {site['name']!r} has a scale tensor of shape "
+                f"{list(scale.shape)}: these estimators take one scale factor for every sample "
+                "site (as a subsampled pyro.plate gives); use pyro.poutine.mask to leave "
+                "datapoints out, and beta to weight the rate")
+        return scale.item()
+    return float(scale)
+
+
+def _common_scale(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> float:
+    """The scale factor that every sample site of both traces shares, or ConfigError naming
+    the first site whose scale differs from the first site's."""
+    first: tuple[str, str, float] | None = None
+    for where, trace in (("model", model_trace), ("guide", guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            scale = _scale_value(site, where)
+            if first is None:
+                first = (where, site["name"], scale)
+            elif scale != first[2]:
+                raise ConfigError(
+                    f"{where} site {site['name']!r} has scale {scale:g} but {first[0]} site "
+                    f"{first[1]!r} has scale {first[2]:g}: these estimators honour a scale "
+                    "factor (poutine.scale, a subsampled pyro.plate) only when every sample site "
+                    "of the model and guide has the same one, since a per-site weight has no "
+                    "meaning inside the log of an importance-weighted bound. To weight the rate "
+                    "(KL) term, use beta (--beta, LinearWarmup) instead of poutine.scale")
+    return 1.0 if first is None else first[2]
 
 
 def _latent_sites(trace: poutine.Trace) -> list[dict]:
@@ -106,10 +162,18 @@ def _latent_sites(trace: poutine.Trace) -> list[dict]:
             if site["type"] == "sample" and not site["is_observed"]]
 
 
+def _observed_sites(trace: poutine.Trace) -> list[dict]:
+    return [site for site in trace.nodes.values()
+            if site["type"] == "sample" and site["is_observed"]]
+
+
 def _masked(value: torch.Tensor, site: dict) -> torch.Tensor:
-    if site["mask"] is None:
+    mask = site["mask"]
+    if mask is None or mask is True:
         return value
-    return torch.where(site["mask"], value, value.new_zeros(()))
+    if mask is False:
+        return torch.zeros_like(value)
+    return torch.where(mask, value, value.new_zeros(()))
 
 
 def _sum(terms: list[torch.Tensor]) -> torch.Tensor:
@@ -128,16 +192,22 @@ class _Particles:
 
     ``plated`` is ``False`` for a single draw run without the particle plate: its sites have
     no particle dimension, which :meth:`reduce` adds as a leading dimension of size 1.
+    ``model_trace`` and ``guide_trace`` have their subsample sites pruned; the ``raw_`` traces
+    keep them, so that replays draw the same subsample. ``scale`` is the one scale factor of
+    every sample site (1 without ``poutine.scale`` or subsampling).
     """
 
     model_trace: poutine.Trace
     guide_trace: poutine.Trace
+    raw_model_trace: poutine.Trace
+    raw_guide_trace: poutine.Trace
     num_particles: int
     max_plate_nesting: int
     data_dim: int
     num_data: int
     plated: bool
     hide_params: bool
+    scale: float
 
     @property
     def particle_dim(self) -> int:
@@ -174,6 +244,12 @@ class _Particles:
         return _latent_sites(self.guide_trace)
 
     @cached_property
+    def guided_latents(self) -> list[dict]:
+        """The model's latent sites that the guide samples, in the model's order."""
+        names = {site["name"] for site in self.guide_latents}
+        return [site for site in _latent_sites(self.model_trace) if site["name"] in names]
+
+    @cached_property
     def unguided_latents(self) -> list[dict]:
         """Model latents the guide does not sample (drawn from their prior on replay)."""
         names = {site["name"] for site in self.guide_latents}
@@ -181,19 +257,14 @@ class _Particles:
 
     @cached_property
     def log_lik(self) -> torch.Tensor:
-        """log p(x|z) of the observed sites, less the log-prior of the unguided latents (which
-        cancels from the weight against their prior proposal)."""
-        observed = [site for site in self.model_trace.nodes.values()
-                    if site["type"] == "sample" and site["is_observed"]]
-        log_lik = self.site_total(observed)
-        if self.unguided_latents:
-            log_lik = log_lik - self.site_total(self.unguided_latents)
-        return log_lik
+        """log p(x|z) of the observed sites (z: guided and unguided latents)."""
+        return self.site_total(_observed_sites(self.model_trace))
 
     @cached_property
     def log_prior(self) -> torch.Tensor:
-        """log p(z) of every latent model site."""
-        return self.site_total(_latent_sites(self.model_trace))
+        """log p(z_g) of the guided latents: an unguided latent's prior is its own proposal,
+        so its density cancels from the weight and is left out of it."""
+        return self.site_total(self.guided_latents)
 
     @cached_property
     def log_q(self) -> torch.Tensor:
@@ -205,9 +276,13 @@ class _Particles:
         return _as_drawn(fn, self.num_particles, self.particle_dim, self.plated,
                          self.hide_params)
 
-    def replay(self, fn: Callable, args: tuple, kwargs: dict) -> poutine.Trace:
-        """Trace ``fn`` the same way, replayed on the guide's detached draws."""
-        replayed = poutine.replay(self.wrap(fn), trace=_detached(self.guide_trace))
+    def replay(self, fn: Callable, args: tuple, kwargs: dict, model: bool = False
+               ) -> poutine.Trace:
+        """Trace ``fn`` the same way, replayed on detached draws: the guide's (``model=False``)
+        or every latent of the model's, the unguided ones included (``model=True``); the same
+        subsample in either case."""
+        source = self.raw_model_trace if model else self.raw_guide_trace
+        replayed = poutine.replay(self.wrap(fn), trace=_detached(source))
         return prune_subsample_sites(poutine.trace(replayed).get_trace(*args, **kwargs))
 
 
@@ -234,31 +309,57 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     same values. Param messages are hidden when no effect handler is active outside (they
     reach no one: the traces' param sites are never read here), which lets
     :func:`pyro_vae.models.register_module` skip its param-store round trip.
+
+    :raises ConfigError: for a guide without latents, a latent (guide, or model-only) that is
+        not reparameterizable, a guide latent that is no latent of the model, or scale factors
+        that differ between sites (see the module docstring).
     """
     plated = plated or num_particles > 1
     hide_params = not am_i_wrapped()
     particle_dim = -(max_plate_nesting + 1)
-    model_trace, guide_trace = trace_pair(
+    raw_guide_trace = poutine.trace(
+        _as_drawn(guide, num_particles, particle_dim, plated, hide_params)
+    ).get_trace(*args, **kwargs)
+    raw_model_trace = poutine.trace(poutine.replay(
         _as_drawn(model, num_particles, particle_dim, plated, hide_params),
-        _as_drawn(guide, num_particles, particle_dim, plated, hide_params), args, kwargs)
+        trace=raw_guide_trace)).get_trace(*args, **kwargs)
+    model_trace = prune_subsample_sites(raw_model_trace)
+    guide_trace = prune_subsample_sites(raw_guide_trace)
     data_plate = find_data_plate(model_trace, guide_trace)
     guide_latents = _latent_sites(guide_trace)
     if not guide_latents:
         raise ConfigError("the guide has no latent sample sites")
+    model_latents = {site["name"]: site for site in _latent_sites(model_trace)}
+    unmatched = [site["name"] for site in guide_latents if site["name"] not in model_latents]
+    if unmatched:
+        raise ConfigError(
+            f"guide sample sites {unmatched} are not latent sample sites of the model: log q "
+            "would count them and log p would not, which biases every weight. Sample each guide "
+            "latent in the model under the same name")
     for site in guide_latents:
         if not site["fn"].has_rsample:
             raise ConfigError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                 "reparameterizable; these estimators need rsample. Use pyro.infer.TraceGraph_ELBO "
                 "or TraceEnum_ELBO for discrete latent variables")
+    guided = {site["name"] for site in guide_latents}
+    for name, site in model_latents.items():
+        if name not in guided and not site["fn"].has_rsample:
+            raise ConfigError(
+                f"model site {name!r} ({type(site['fn']).__name__}) is not sampled by the guide "
+                "and not reparameterizable: it is drawn from its prior on replay, and its "
+                "gradient would need a score term these estimators do not have. Sample it in the "
+                "guide, or use pyro.infer.TraceGraph_ELBO or TraceEnum_ELBO")
+    scale = _common_scale(model_trace, guide_trace)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting + plated)
     frame = next(frame for site in guide_latents for frame in site["cond_indep_stack"]
                  if frame.name == data_plate)
     return _Particles(model_trace=model_trace, guide_trace=guide_trace,
+                      raw_model_trace=raw_model_trace, raw_guide_trace=raw_guide_trace,
                       num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                       data_dim=frame.dim, num_data=frame.size, plated=plated,
-                      hide_params=hide_params)
+                      hide_params=hide_params, scale=scale)
 
 
 class ELBOEstimator(ELBO):
@@ -268,7 +369,9 @@ class ELBOEstimator(ELBO):
     ``loss`` returns a float, ``differentiable_loss`` a tensor whose gradient is the estimator's,
     ``loss_and_grads`` also calls ``backward`` (the interface :class:`pyro.infer.SVI` uses), and
     ``estimator(model, guide)`` is a :class:`torch.nn.Module` loss. Each loss is −(bound summed
-    over the data plate), averaged over the P particles.
+    over the data plate), averaged over the P particles, times the scale factor that all sample
+    sites share (1 unless ``poutine.scale`` or a subsampled plate sets one; see the module
+    docstring).
 
     :param num_particles: P, draws averaged outside the log (variance knob).
     :param importance_samples: K, draws inside the log (bound knob); only ``iwae`` and ``dreg``
@@ -378,21 +481,25 @@ class ELBOEstimator(ELBO):
         log_q = particles.log_q + (score.detach() - score)
         return beta_log_weight(particles.log_lik, particles.log_prior, log_q, self.beta)
 
-    def _loss(self, surrogate: torch.Tensor) -> torch.Tensor:
+    def _loss(self, surrogate: torch.Tensor, scale: float) -> torch.Tensor:
+        """−(``surrogate`` summed over the datapoints), averaged over particles, times the
+        sites' common scale factor."""
         assert surrogate.shape[0] == self.num_particles and surrogate.dim() == 2, surrogate.shape
-        return -surrogate.sum(-1).mean(0)
+        return _weighted(scale, -surrogate.sum(-1).mean(0))
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
         particles = self._particles(model, guide, args, kwargs)
-        return self._loss(self._surrogate(particles, model, guide, args, kwargs))
+        return self._loss(self._surrogate(particles, model, guide, args, kwargs),
+                          particles.scale)
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
             particles = self._particles(model, guide, args, kwargs)
-            loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs)))
+            loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
+                                         particles.scale))
         warn_if_nan(loss, "loss")
         return loss
 
@@ -408,14 +515,16 @@ class ELBOEstimator(ELBO):
 
 
 class TraceELBO(ELBOEstimator):
-    r"""The reparameterized Monte Carlo ELBO (Pyro's ``Trace_ELBO`` for reparameterized guides):
+    r"""The reparameterized Monte Carlo ELBO:
 
     .. math::
 
         \mathcal L_\beta = \mathbb E_{q}\bigl[\log p(x|z) + \beta(\log p(z) - \log q(z|x))\bigr],
         \qquad \widehat{\mathcal L} = \tfrac1P \textstyle\sum_p \log w_\beta(z_p).
 
-    Its gradient is the full reparameterization gradient (path and score terms).
+    Its gradient is the full reparameterization gradient (path and score terms). At β = 1,
+    with no model latent left out of the guide, this is the quantity of Pyro's ``Trace_ELBO``
+    on a reparameterized guide (the tests compare values and gradients on the same draws).
     """
 
     name = "trace"
@@ -429,38 +538,43 @@ class MeanFieldELBO(ELBOEstimator):
     .. math::
 
         \widehat{\mathcal L} = \tfrac1P \textstyle\sum_p \bigl[\log p(x|z_p)
-        - \beta\, \mathrm{KL}(q(z|x) \,\|\, p(z))\bigr].
+        - \beta\, \mathrm{KL}(q(z|x) \,\|\, p(z))\bigr],
+
+    the KL over the guided latents only (an unguided latent, drawn from its prior, has none).
 
     For a diagonal Gaussian guide and a N(0, I) prior the KL is
     ½ Σ_j (μ_j² + σ_j² − log σ_j² − 1). As in Pyro, each site's KL is computed between the
     guide's and the model's distribution of that site at the draws of earlier sites, which
     estimates the ELBO when every guide site's model parents come before it in the guide
-    (e.g. identical dependency structures).
+    (e.g. identical dependency structures). A site that the model samples after a guide latent
+    which the guide samples after it (the two-layer VAE's z1: z2 → z1 in the model, z1 → z2 in
+    the guide) gets the Monte Carlo term instead: its model distribution depends on a later
+    guide draw, so the closed-form KL at that draw would not estimate the ELBO.
     """
 
     name = "meanfield"
     importance_hint = "use --elbo iwae for importance samples inside it"
 
     def _rate(self, particles: _Particles) -> torch.Tensor:
-        """KL(q ‖ p(z)) (analytic where available) per draw and datapoint, ``[P·K, N]``."""
+        """KL(q ‖ p(z_g)) of the guided latents (analytic where available) per draw and
+        datapoint, ``[P·K, N]``."""
         model_sites = particles.model_trace.nodes
+        guided = [site["name"] for site in particles.guide_latents]
+        model_order = [name for name in model_sites if name in guided]
         terms = []
-        for site in particles.guide_latents:
-            prior = model_sites.get(site["name"])
-            if prior is None or prior["type"] != "sample" or prior["is_observed"]:
-                terms.append(particles.reduce(site_log_prob(site), site["name"]))
-                continue
-            try:
-                kl = kl_divergence(site["fn"], prior["fn"])
-            except NotImplementedError:
+        for position, site in enumerate(particles.guide_latents):
+            prior = model_sites[site["name"]]
+            earlier_in_model = model_order[:model_order.index(site["name"])]
+            kl = None
+            if not set(guided[position + 1:]).intersection(earlier_in_model):
+                try:
+                    kl = _masked(kl_divergence(site["fn"], prior["fn"]), site)
+                except NotImplementedError:
+                    pass
+            if kl is None:
                 kl = site_log_prob(site) - site_log_prob(prior)
-            else:
-                kl = _masked(kl, site)
             terms.append(particles.reduce(kl, site["name"]))
-        rate = _sum(terms)
-        if particles.unguided_latents:
-            rate = rate - particles.site_total(particles.unguided_latents)
-        return rate
+        return _sum(terms)
 
     def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
@@ -516,9 +630,10 @@ class DoublyReparameterizedELBO(ELBOEstimator):
     r"""The IWAE bound with the doubly reparameterized gradient (DReG; Tucker, Lawson, Gu and
     Maddison 2018).
 
-    Values and decoder gradients are those of :class:`ImportanceWeightedELBO`. For the guide,
-    the score terms of the IWAE gradient are rewritten by a second reparameterization; with
-    normalized weights w̃_k and β = 1:
+    Values are those of :class:`ImportanceWeightedELBO`, and so are the gradients of parameters
+    that only the model's densities use (the decoder's) when the guide samples every model
+    latent. For the guide, the score terms of the IWAE gradient are rewritten by a second
+    reparameterization; with normalized weights w̃_k and β = 1:
 
     .. math::
 
@@ -531,13 +646,18 @@ class DoublyReparameterizedELBO(ELBOEstimator):
 
     .. math::
 
-        \operatorname{LSE}_k \mathrm{lw}^{stl}_k(\mathrm{sg}\,z) - \log K
+        \operatorname{LSE}_k \bigl[\mathrm{lw}^{stl}_k(\mathrm{sg}\,z)
+        + \beta\,(\log p_\theta(\mathrm{sg}\,z_{u,k}) - \mathrm{sg}(\cdot))\bigr] - \log K
         + \sum_k \mathrm{sg}(c_k)\,[\mathrm{lw}^{stl}_k(z) - \mathrm{lw}^{stl}_k(\mathrm{sg}\,z)],
         \qquad c_k = (1-\beta)\tilde w_k + \beta \tilde w_k^2 .
 
     Its value is the IWAE bound; the first term gives Σ_k w̃_k ∇_θ log w_k at fixed draws, the
     bracket only the path derivative through the draws. The model runs a second time on the
-    detached draws. K = 1 is :class:`StickingTheLandingELBO`.
+    detached draws, guided and unguided. An unguided latent z_u is part of the proposal
+    q(z_g|x) p_θ(z_u|z_g), so the identity rewrites its score in θ too: the term
+    β [log p_θ(sg z_u) − sg(·)] (value 0) puts that score back at weight w̃_k, and its draws'
+    paths get the coefficient c_k. K = 1 is :class:`StickingTheLandingELBO` when the guide
+    samples every model latent.
     """
 
     name = "dreg"
@@ -545,16 +665,21 @@ class DoublyReparameterizedELBO(ELBOEstimator):
     def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         stl = self._stl_log_weights(particles, guide, args, kwargs)
-        fixed = particles.replay(model, args, kwargs)
-        log_lik = particles.site_total([site for site in fixed.nodes.values()
-                                        if site["type"] == "sample" and site["is_observed"]])
-        log_prior = particles.site_total(_latent_sites(fixed))
+        fixed = particles.replay(model, args, kwargs, model=True)
+        log_lik = particles.site_total(_observed_sites(fixed))
+        log_prior = particles.site_total([fixed.nodes[site["name"]]
+                                          for site in particles.guided_latents])
         stl_fixed = beta_log_weight(log_lik, log_prior, particles.log_q.detach(), self.beta)
+        fixed_weights = stl_fixed
+        if particles.unguided_latents and self.beta != 0:
+            score = particles.site_total([fixed.nodes[site["name"]]
+                                          for site in particles.unguided_latents])
+            fixed_weights = stl_fixed + _weighted(self.beta, score - score.detach())
         stl, stl_fixed = self._grouped(stl), self._grouped(stl_fixed)
         normalized = torch.softmax(self._log_weights(particles).detach(), dim=1)
         coefficient = (1 - self.beta) * normalized + self.beta * normalized.square()
         path = (coefficient * (stl - stl_fixed)).sum(1)
-        return importance_weighted_bound(stl_fixed, dim=1) + path
+        return importance_weighted_bound(self._grouped(fixed_weights), dim=1) + path
 
 
 _CLASSES: dict[str, type[ELBOEstimator]] = {
