@@ -23,9 +23,18 @@ reported too. With the same seed, ``package`` and ``torch`` consume the same ran
 the same order, so their log p̂ agree to float rounding; the check reports the largest
 difference (and, were the draws different, the paired difference in standard errors).
 
+Each round also records the process's minor page faults. On Linux/glibc much of the CPU time of
+both evaluators can be the kernel zeroing pages: the ``[chunk, batch, D]`` tensors are handed back
+to the system when freed and faulted in again by the next chunk, and how often that happens
+depends on the order of allocations, not on the arithmetic. The report gives the faults and the
+allocator settings (``MALLOC_*`` and ``THP_MEM_ALLOC_ENABLE`` environment variables) next to the
+times, and the machine's load average before and after, so a ratio can be read in context.
+
     python benchmarks/bench_evaluate.py                                   # digits, K = 5000
     python benchmarks/bench_evaluate.py --data mnist --data-dir DIR --num-data 200 --out b.json
     python benchmarks/bench_evaluate.py --run-dir runs/my-run --particles 1000
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python benchmarks/bench_evaluate.py                 # glibc keeps freed memory: no refaults
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -146,11 +156,27 @@ def importance_log_px(vae: VAE, images: torch.Tensor, particles: int) -> torch.T
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """Wall-clock and CPU seconds (user + system, this process) of ``fn()``, and its value."""
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, int, torch.Tensor]:
+    """Wall-clock and CPU seconds (user + system, this process) of ``fn()``, the minor page
+    faults it caused, and its value."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall, cpu = time.perf_counter(), time.process_time()
     value = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, value
+    elapsed, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return elapsed, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, value
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (``None`` where the OS does not say)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _allocator_environment() -> dict[str, str]:
+    return {key: value for key, value in sorted(os.environ.items())
+            if key.startswith("MALLOC_") or key == "THP_MEM_ALLOC_ENABLE"}
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -175,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     cpu_seconds: dict[str, list[float]] = {name: [] for name in runners}
+    page_faults: dict[str, list[int]] = {name: [] for name in runners}
     values: dict[str, torch.Tensor] = {}
+    load_before = _load_average()
     with pyro.validation_enabled(not args.no_validation):
         small = images[:1, :]
         for name, run in runners.items():
@@ -188,15 +216,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 pyro.set_rng_seed(args.seed + r)
-                elapsed, cpu, values[name] = _timed(runners[name])
+                elapsed, cpu, faults, values[name] = _timed(runners[name])
                 seconds[name].append(elapsed)
                 cpu_seconds[name].append(cpu)
+                page_faults[name].append(faults)
                 print(f"round {r + 1}/{args.rounds} {name:<13} {elapsed:8.3f} s wall "
-                      f"{cpu:8.3f} s CPU", flush=True)
+                      f"{cpu:8.3f} s CPU {faults:>9,} page faults", flush=True)
         imp_n, imp_k = min(args.importance_data, n), args.importance_particles
         pyro.set_rng_seed(args.seed)
-        imp_seconds, _, imp_values = _timed(
+        imp_seconds, _, _, imp_values = _timed(
             lambda: importance_log_px(vae, images[:imp_n], imp_k))
+    load_after = _load_average()
 
     median = {name: statistics.median(times) for name, times in seconds.items()}
     best = {name: min(times) for name, times in seconds.items()}
@@ -211,9 +241,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "validation": not args.no_validation, "seed": args.seed,
                   "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "torch": torch.__version__, "pyro": pyro.__version__,
-                  "python": platform.python_version()},
+                  "python": platform.python_version(),
+                  "allocator_environment": _allocator_environment(),
+                  "load_average_before": load_before, "load_average_after": load_after},
         "seconds_min": best, "seconds_median": median, "seconds_all": seconds,
         "cpu_seconds_min": best_cpu, "cpu_seconds_all": cpu_seconds,
+        "page_faults_median": {name: statistics.median(f) for name, f in page_faults.items()},
+        "page_faults_all": page_faults,
         "importance_seconds": imp_seconds, "rate_datapoint_particles_per_s": rate,
         "ratio_package_over_torch": best["package"] / best["torch"],
         "ratio_package_over_torch_median": median["package"] / median["torch"],
@@ -245,13 +279,17 @@ def _print(report: dict[str, Any]) -> None:
     print(f"\n{setup['data']}: N = {setup['num_data']} images, K = {setup['particles']}, "
           f"batch {setup['batch_size']}, chunk {setup['particle_chunk']}, "
           f"{setup['torch_threads']} torch threads, validation {setup['validation']}")
+    print(f"load average {setup['load_average_before']} before, "
+          f"{setup['load_average_after']} after; allocator environment "
+          f"{setup['allocator_environment'] or 'default'}")
     print(f"{'implementation':<16}{'min s':>10}{'median s':>10}{'min CPU s':>11}"
-          f"{'(datapoint×particle)/s':>26}")
+          f"{'median faults':>15}{'(datapoint×particle)/s':>26}")
     for name, seconds in report["seconds_min"].items():
         print(f"{name:<16}{seconds:>10.3f}{report['seconds_median'][name]:>10.3f}"
               f"{report['cpu_seconds_min'][name]:>11.3f}"
+              f"{report['page_faults_median'][name]:>15,.0f}"
               f"{report['rate_datapoint_particles_per_s'][name]:>26,.0f}")
-    print(f"{'importance':<16}{report['importance_seconds']:>10.3f}{'':>21}"
+    print(f"{'importance':<16}{report['importance_seconds']:>10.3f}{'':>36}"
           f"{report['rate_datapoint_particles_per_s']['importance']:>26,.0f}"
           f"   ({setup['importance_data']} datapoints × {setup['importance_particles']})")
     ratio = report["ratio_package_over_torch"]

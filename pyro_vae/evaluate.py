@@ -24,13 +24,17 @@ chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle
 ``batch_seed`` (as :func:`evaluate_run` does) each batch is instead drawn from its own seed, made
 from ``batch_seed`` and the batch's index, so its numbers do not depend on which process
 evaluates it: that is what lets ranks under torchrun share the batches out and still reproduce a
-single process exactly. Other batch or chunk sizes draw different particles with the same
-distribution: the results agree in distribution, and exactly (to rounding) when the guide is the
-exact posterior, where every log-weight equals log p(x).
+single process exactly. Within a batch, a datapoint's log-weights depend only on its own data
+and its slice of the draws: changing another datapoint leaves them unchanged, bit for bit. Other
+batch or chunk sizes draw different particles with the same distribution (one vectorized draw
+per chunk covers the whole batch, so a datapoint's particles depend on its batch): the results
+agree in distribution, and exactly (to rounding) when the guide is the exact posterior, where
+every log-weight equals log p(x).
 
-Pyro's distribution validation, when enabled, runs on the first particle chunk of every
-model/guide call (so every batch's data are checked); later chunks of the same batch skip it, as
-they see the same data and parameters. Non-finite log-weights raise :class:`EvaluationError`.
+Pyro's distribution validation, when enabled, runs once per model/guide call or batch, on a
+one-particle call on a copy of the random state (so every batch's data are checked and the
+draws are unchanged); the particle chunks run unvalidated, as they see the same data and
+parameters. Non-finite log-weights raise :class:`EvaluationError`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 
 from .distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gather_objects,
                           derive_seed, init_distributed)
@@ -129,15 +135,29 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
                        data_plate: str | None) -> Iterator[torch.Tensor]:
     """Yield ``[k, N]`` blocks of log-weights whose k add up to ``num_particles``.
 
-    Pyro's validation (when enabled) checks the first chunk only: the later chunks see the same
-    data and parameters, and NaN densities are caught by :func:`_check_finite` regardless.
+    With Pyro's validation enabled, the pair is first run once with a single particle, on a copy
+    of the random state (so the draws of the chunks are unchanged): that call checks the data
+    against every observed site's support and the distributions' parameters. The chunks then run
+    with validation off: they see the same data and parameters, and checking every chunk's
+    parameters would cost a full pass over the largest tensors (the decoder's ``[k, N, D]``
+    output) per chunk. NaN densities are caught by :func:`_check_finite` regardless.
+
+    ``pyro.param`` messages are hidden from the traces (the parameters are read as usual): the
+    evaluation needs only the sample sites, and a module registered with
+    :func:`pyro_vae.models.register_module` then skips sending its parameters at all.
     """
+    model, guide = (poutine.block(fn, hide_types=["param"]) for fn in (model, guide))
+    if is_validation_enabled():
+        with _forked_rng():
+            vectorized_log_probs(model, guide, *args, num_particles=1,
+                                 max_plate_nesting=max_plate_nesting, data_plate=data_plate,
+                                 compact=True, **kwargs)
     num_data = None
-    for index, size in enumerate(_chunk_sizes(num_particles, particle_chunk)):
-        with nullcontext() if index == 0 else pyro.validation_enabled(False):
+    for size in _chunk_sizes(num_particles, particle_chunk):
+        with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
             log_weights = vectorized_log_probs(
                 model, guide, *args, num_particles=size, max_plate_nesting=max_plate_nesting,
-                data_plate=data_plate, **kwargs).log_weights
+                data_plate=data_plate, compact=True, **kwargs).log_weights
         num_data = log_weights.shape[1] if num_data is None else num_data
         assert log_weights.shape == (size, num_data), (log_weights.shape, size, num_data)
         yield log_weights
@@ -379,9 +399,12 @@ def evaluate_dataset(model: Callable, guide: Callable,
     log-weights (on the CPU). Datapoints are independent given the parameters, so batching
     changes which particles are drawn but not their distribution.
 
-    With ``batch_seed`` batch i draws from torch's generator seeded with a mix of ``batch_seed``
-    and i (on a fork: the caller's random state is left alone), so each batch's numbers depend
-    only on the seed, ``batch_size`` and ``particle_chunk``. Under a ``dist`` of several ranks
+    With ``batch_seed`` batch i draws from torch's generator seeded with
+    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)`` (:func:`pyro_vae.distributed.derive_seed`;
+    on a fork: the caller's random state is left alone), so each batch's numbers depend only on
+    the seed, ``batch_size``, ``particle_chunk`` and the batch's own data; with ``batch_size=1``
+    datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
+    ``torch.manual_seed`` of that seed. Under a ``dist`` of several ranks
     (:func:`~pyro_vae.distributed.init_distributed`), which needs ``batch_seed``, rank r
     evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
     per datapoint to a single process's with the same ``batch_seed``.

@@ -24,6 +24,9 @@ from pyro.poutine.util import prune_subsample_sites
 from .errors import ConfigError
 
 PARTICLE_PLATE = "_pyro_vae_particles"
+# Exact types whose log_prob is elementwise in (value, loc, scale): see compact_distribution.
+_NORMAL_TYPES = (torch.distributions.Normal, pyro.distributions.Normal)
+_INDEPENDENT_TYPES = (torch.distributions.Independent, pyro.distributions.Independent)
 
 
 @dataclass
@@ -124,11 +127,54 @@ def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> 
                       "pass data_plate=NAME to say which one indexes datapoints")
 
 
-def site_log_prob(site: dict, detach: bool = False) -> torch.Tensor:
+def _drop_broadcast_dims(value: torch.Tensor) -> torch.Tensor:
+    """``value`` with every dimension that ``expand`` broadcast (size > 1, stride 0) narrowed to
+    size 1: a view of the same numbers that broadcasts back to ``value``'s shape."""
+    for dim, (size, stride) in enumerate(zip(value.shape, value.stride())):
+        if size > 1 and stride == 0:
+            value = value.narrow(dim, 0, 1)
+    return value
+
+
+def compact_distribution(fn: Distribution) -> Distribution:
+    """``fn`` with the broadcast dimensions of its parameters dropped, where that is known to be
+    safe: a ``Normal``, or an ``Independent`` of one (exact types, so subclasses with their own
+    ``log_prob`` are left alone); any other distribution is returned as it is.
+
+    Inside the particle plate a site's parameters are expanded to ``[K, N, ...]``; a ``Normal``
+    computes log σ and σ² elementwise over that whole shape, once per particle. On the compact
+    copy they are computed once per distinct parameter and broadcast against the value, the same
+    arithmetic on the same numbers. ``log_prob`` of the copy can have size 1 along the dropped
+    dimensions; :func:`site_log_prob` expands it back to the batch shape.
+    """
+    if type(fn) in _INDEPENDENT_TYPES:
+        base = compact_distribution(fn.base_dist)
+        if base is fn.base_dist:
+            return fn
+        out = copy.copy(fn)
+        out.base_dist = base
+        return out
+    if type(fn) not in _NORMAL_TYPES:
+        return fn
+    loc, scale = _drop_broadcast_dims(fn.loc), _drop_broadcast_dims(fn.scale)
+    if loc is fn.loc and scale is fn.scale:
+        return fn
+    out = copy.copy(fn)
+    out.loc, out.scale = loc, scale
+    return out
+
+
+def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> torch.Tensor:
     """The site's unscaled log-density at its value, batch-shaped, with its mask applied
-    (``detach=True``: with the distribution's parameters detached)."""
+    (``detach=True``: with the distribution's parameters detached; ``compact=True``: computed
+    on :func:`compact_distribution`, the same values with fewer operations, for evaluation)."""
     fn = detach_distribution(site["fn"]) if detach else site["fn"]
-    log_prob = fn.log_prob(site["value"])
+    if compact:
+        log_prob = compact_distribution(fn).log_prob(site["value"])
+        if log_prob.shape != fn.batch_shape:
+            log_prob = log_prob.expand(torch.broadcast_shapes(log_prob.shape, fn.batch_shape))
+    else:
+        log_prob = fn.log_prob(site["value"])
     mask = site["mask"]
     if mask is None or mask is True:
         return log_prob
@@ -156,13 +202,16 @@ def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim
 
 def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
                          max_plate_nesting: int | None = None, data_plate: str | None = None,
-                         detach_guide: bool = False, **kwargs: Any) -> ParticleLogProbs:
+                         detach_guide: bool = False, compact: bool = False, **kwargs: Any
+                         ) -> ParticleLogProbs:
     """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x).
 
     The particles are an outer vectorized plate at dim ``-(max_plate_nesting + 1)``; there is no
     Python loop over particles or datapoints. Gradients flow as usual (wrap in ``torch.no_grad()``
     for evaluation); ``detach_guide=True`` evaluates log q with the guide's distribution
-    parameters detached (the sample itself keeps its reparameterized path).
+    parameters detached (the sample itself keeps its reparameterized path). ``compact=True``
+    computes each site's log-density on :func:`compact_distribution` (the same values with fewer
+    operations; the evaluator uses it, under ``torch.no_grad()``).
 
     :returns: :class:`ParticleLogProbs` with ``log_p`` and ``log_q`` of shape ``[K, N]``.
     """
@@ -191,8 +240,8 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
     def total(trace, sites: list[str], detach: bool) -> torch.Tensor:
         out = None
         for name in sites:
-            lp = reduce_to_particles_and_data(site_log_prob(trace.nodes[name], detach), num_dims,
-                                              data_dim, shape, name)
+            lp = reduce_to_particles_and_data(site_log_prob(trace.nodes[name], detach, compact),
+                                              num_dims, data_dim, shape, name)
             out = lp if out is None else out + lp
         if out is None:
             raise ConfigError("the guide has no latent sample sites")
