@@ -100,9 +100,11 @@ class Classification:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary and, per image: true and predicted label, p(y | x) (``posterior``),
+        log p̂_K(x, y) for every y (``log_joint``) and log p̂(x) (``log_px``)."""
         return {"summary": self.summary(), "labels": self.labels.tolist(),
                 "predicted": self.predicted.tolist(), "posterior": self.posterior.tolist(),
-                "log_joint": self.log_joint.tolist()}
+                "log_joint": self.log_joint.tolist(), "log_px": self.log_marginal.tolist()}
 
 
 def classify(model: CVAE, images: torch.Tensor, labels: torch.Tensor, *, num_particles: int,
@@ -120,7 +122,9 @@ def format_classification(summary: dict[str, Any]) -> str:
     lines = [f"{summary['num_datapoints']} images, K = {summary['num_particles']} particles "
              f"per label",
              f"accuracy {summary['accuracy']:.2%}",
-             f"log p(x) = logsumexp_y log p_K(x, y): {summary['log_px']['mean']:.4f} nats",
+             f"log p(x) = logsumexp_y log p_K(x, y): {summary['log_px']['mean']:.4f}"
+             + ("" if summary["log_px"]["stderr"] is None
+                else f" ± {summary['log_px']['stderr']:.4f}") + " nats",
              "per-class accuracy: " + ", ".join(
                  f"{i}: {'n/a' if a is None else f'{a:.0%}'}"
                  for i, a in enumerate(summary["per_class_accuracy"])),
@@ -138,9 +142,11 @@ def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
     image = ax.imshow(matrix.numpy(), cmap="Blues")
     fig.colorbar(image, ax=ax, label="images")
     c = matrix.shape[0]
+    dark = matrix.max().item() / 2  # white counts on the darker half of the colour scale
     for i in range(c):
         for j in range(c):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7)
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > dark else "black")
     ax.set_xticks(range(c))
     ax.set_yticks(range(c))
     ax.set_xlabel("predicted label")

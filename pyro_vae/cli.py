@@ -272,7 +272,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"test ELBO {history.test_elbo[-1]:.3f} nats per datapoint")
     final = history.extra.get("final")
     if final:
-        print(f"test log p_K(x), K = {final['particles']}: {final['test_log_px']:.3f} "
+        joint = "x, y" if getattr(result.model, "conditional", False) else "x"
+        print(f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
               f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})")
     print(f"run written to {run_dir}")
     return 0
@@ -281,7 +282,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .plots import plot_grid, save_figure
+    from .plots import plot_grid, plot_label_rows, save_figure
     from .train import load_run
 
     run = load_run(args.run_dir, device=args.device)
@@ -296,9 +297,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
         images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
                                   labels=wanted)
-        figure = plot_grid(images, run.dataset.image_shape, per_label,
-                           f"samples per label ({per_label} each)",
-                           row_labels=[str(label) for label in labels])
+        figure = plot_label_rows(images, labels, per_label, run.dataset.image_shape,
+                                 f"samples per label ({per_label} each)")
     else:
         if args.label:
             raise PyroVAEError("--label needs a conditional run (pyro-vae train --model cvae)")

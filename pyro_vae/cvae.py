@@ -4,7 +4,9 @@ Generative model, for each datapoint n in ``pyro.plate("data", N)``::
 
     y_n ~ Categorical(π),   z_n ~ N(0, I_d),   x_n | z_n, y_n ~ Bernoulli(sigmoid(f(z_n, y_n)))
 
-with π the class frequencies (a fixed buffer, set from the training labels). The label site ``"y"``
+(or any likelihood and guide of :class:`~pyro_vae.models.VAE`: ``likelihood="gaussian"``,
+``guide="full"``) with π the class frequencies (a fixed buffer, set from the training labels,
+each class counted once more so none has probability 0). The label site ``"y"``
 is observed when labels are given, so a per-datapoint log-weight is an estimate of
 log p(x, y) = log p(x | y) + log π_y; with ``y=None`` the model draws y from π (generation).
 """

@@ -41,24 +41,36 @@ def positive(raw: torch.Tensor, scale_fn: str) -> torch.Tensor:
     raise ValueError(f"scale_fn must be 'softplus' or 'exp', got {scale_fn!r}")
 
 
-class GaussianEncoder(nn.Module):
-    """x ↦ (loc, scale) of a diagonal Gaussian over the latent code."""
+class _MLPEncoder(nn.Module):
+    """The shared part of the encoders: an MLP body (``activation`` after every hidden layer)
+    and one linear head with ``head_dim`` raw outputs. State-dict keys: ``body.*``, ``head.*``."""
 
-    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int,
-                 scale_fn: str = "softplus", activation: str = "softplus"):
+    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int, head_dim: int,
+                 scale_fn: str, activation: str):
         super().__init__()
         positive(torch.zeros(()), scale_fn)
         self.scale_fn = scale_fn
         self.latent_dim = latent_dim
         self.body = mlp([input_dim, *hidden], activation, final_activation=True)
-        self.head = nn.Linear(hidden[-1] if hidden else input_dim, 2 * latent_dim)
+        self.head = nn.Linear(hidden[-1] if hidden else input_dim, head_dim)
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class GaussianEncoder(_MLPEncoder):
+    """x ↦ (loc, scale) of a diagonal Gaussian over the latent code."""
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int,
+                 scale_fn: str = "softplus", activation: str = "softplus"):
+        super().__init__(input_dim, hidden, latent_dim, 2 * latent_dim, scale_fn, activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.head(self.body(x)).chunk(2, dim=-1)
+        loc, raw_scale = self.raw(x).chunk(2, dim=-1)
         return loc, positive(raw_scale, self.scale_fn)
 
 
-class FullCovarianceEncoder(nn.Module):
+class FullCovarianceEncoder(_MLPEncoder):
     """x ↦ (loc, scale_tril) of a full-covariance Gaussian, Σ = L Lᵀ.
 
     L is lower-triangular with a positive diagonal (``scale_fn`` of the raw diagonal) and
@@ -67,20 +79,15 @@ class FullCovarianceEncoder(nn.Module):
 
     def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int,
                  scale_fn: str = "softplus", activation: str = "softplus"):
-        super().__init__()
-        positive(torch.zeros(()), scale_fn)
-        self.scale_fn = scale_fn
-        self.latent_dim = latent_dim
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
+        super().__init__(input_dim, hidden, latent_dim, 2 * latent_dim + rows.shape[0],
+                         scale_fn, activation)
         self.register_buffer("_rows", rows, persistent=False)
         self.register_buffer("_cols", cols, persistent=False)
-        self.body = mlp([input_dim, *hidden], activation, final_activation=True)
-        self.head = nn.Linear(hidden[-1] if hidden else input_dim,
-                              2 * latent_dim + rows.shape[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.latent_dim
-        out = self.head(self.body(x))
+        out = self.raw(x)
         loc, raw_diag, below = out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
         scale_tril = torch.diag_embed(positive(raw_diag, self.scale_fn))
         scale_tril[..., self._rows, self._cols] = below

@@ -70,6 +70,22 @@ def plot_grid(images: torch.Tensor, image_shape: Sequence[int], ncols: int, titl
     return fig
 
 
+def plot_label_rows(images: torch.Tensor, labels: Sequence[int], per_label: int,
+                    image_shape: Sequence[int], title: str, max_cols: int = 16) -> plt.Figure:
+    """A grid of ``per_label`` images for each of ``labels`` (``images`` label-major), one row
+    per label, each row tick naming its label. More than ``max_cols`` images per label wrap
+    onto several equal rows (all ticked with the label), so one label of 64 images is a 4 × 16
+    block rather than a single row of 64."""
+    rows_per_label = -(-per_label // max_cols)
+    ncols = -(-per_label // rows_per_label)
+    h, w = image_shape
+    blank = images.new_zeros(rows_per_label * ncols - per_label, images.shape[-1])
+    blocks = [torch.cat([images[i * per_label:(i + 1) * per_label], blank])
+              for i in range(len(labels))]
+    row_labels = [str(label) for label in labels for _ in range(rows_per_label)]
+    return plot_grid(torch.cat(blocks), (h, w), ncols, title, row_labels=row_labels)
+
+
 def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
                          image_shape: Sequence[int]) -> plt.Figure:
     """Two rows: test images above, their reconstructions (decoder mean at the guide mean) below."""
@@ -129,9 +145,8 @@ def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset", histo
         classes = torch.arange(model.num_classes, device=labels.device)
         samples = model.sample(8 * model.num_classes, generator=generator,
                                labels=classes.repeat_interleave(8))
-        samples_fig = plot_grid(samples, dataset.image_shape, 8, "samples per label "
-                                "(decoder mean)", row_labels=[str(c) for c in range(
-                                    model.num_classes)])
+        samples_fig = plot_label_rows(samples, range(model.num_classes), 8,
+                                      dataset.image_shape, "samples per label (decoder mean)")
         locs, _ = model.encode(test_images, labels)
         recon = model.reconstruct(originals, labels[:NUM_RECONSTRUCTIONS])
     else:

@@ -10,7 +10,8 @@ A pair works with the training loop (:func:`pyro_vae.train.train`), the evaluato
    ``conditional = True``, where ``y`` are the integer labels);
 3. every sample site of both (latent and observed) lies inside one ``pyro.plate`` over the rows of
    ``x``, named ``"data"`` (or named by the attribute ``data_plate``); latent dimensions are events
-   (``.to_event(1)``), so each datapoint has one log-density per site;
+   (``.to_event(1)``), so each datapoint has one log-density per site (a batch dimension in no
+   plate is refused);
 4. the guide's latent sites are reparameterizable (``has_rsample``), as every Gaussian is.
 
 Optional attributes, used when present: ``name`` (the prefix of the pair's Pyro param-store
@@ -53,8 +54,29 @@ def check_model(module: Any, *example_args: torch.Tensor) -> None:
                           "submodules (self.encoder = ...) or nn.Parameter attributes")
     if not example_args:
         return
-    with poutine.block(), pyro.validation_enabled(True), torch.random.fork_rng(devices=[]):
-        model_trace, guide_trace = trace_pair(module.model, module.guide, example_args, {})
+    rows = example_args[0].shape[0]
+    hint = (f"every sample site belongs inside pyro.plate({data_plate_name(module)!r}, "
+            "x.shape[0]) with its other dimensions as events, e.g. "
+            "dist.Normal(loc, scale).to_event(1)")
+    try:
+        with poutine.block(), pyro.validation_enabled(True), torch.random.fork_rng(devices=[]):
+            model_trace, guide_trace = trace_pair(module.model, module.guide, example_args, {})
+    except (ValueError, RuntimeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
+                          f"failed: {first_line} ({hint})") from None
+    for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            batch_shape = site["fn"].batch_shape
+            plate_dims = {frame.dim for frame in site["cond_indep_stack"] if frame.vectorized}
+            free = [-i for i in range(1, len(batch_shape) + 1)
+                    if batch_shape[-i] > 1 and -i not in plate_dims]
+            if free:
+                raise ConfigError(f"the {role}'s site {name!r} of {what} has batch shape "
+                                  f"{list(batch_shape)}, with dimension(s) {free} in no plate: "
+                                  f"{hint}")
     plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
     size = next(frame.size for site in guide_trace.nodes.values() if site["type"] == "sample"
                 for frame in site["cond_indep_stack"] if frame.name == plate)
