@@ -314,6 +314,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import current_context
     from .evaluate import evaluate_run, format_table
+    from .train import read_config
 
     result = evaluate_run(args.run_dir, particles=args.particles, split=args.split,
                           limit=args.limit, batch_size=args.batch_size,
@@ -322,7 +323,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                           dist_timeout=args.dist_timeout)
     if not current_context().is_main:
         return 0
-    print(format_table(result.summary()))
+    conditional = read_config(args.run_dir).model.family == "cvae"
+    print(format_table(result.summary(), observed="x, y" if conditional else "x"))
     print(f"wrote {', '.join(path.name for path in result.paths.values())} in {args.run_dir}")
     return 0
 

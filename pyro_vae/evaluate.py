@@ -474,24 +474,27 @@ def weight_statistics(log_weights: torch.Tensor, khat: bool | None = None) -> "E
                             log_weights=log_weights.detach().cpu())
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A plain-text table of :meth:`EvaluationResult.summary` (values in nats)."""
-    labels = {"log_px": "log p_K(x)", "elbo": "ELBO", "gap": "gap (≈ KL)",
+def format_table(summary: dict[str, Any], observed: str = "x") -> str:
+    """A plain-text table of :meth:`EvaluationResult.summary` (values in nats); ``observed``
+    names what the model scores in the first row's label, e.g. ``"x, y"`` for a conditional
+    VAE, whose log-weights are those of the joint p(x, y)."""
+    labels = {"log_px": f"log p_K({observed})", "elbo": "ELBO", "gap": "gap (≈ KL)",
               "var_log_w": "var log w", "ess": "ESS / K"}
     units = {"log_px": "nats", "elbo": "nats", "gap": "nats", "var_log_w": "nats²", "ess": ""}
 
     def number(value: float | None) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
+    width = max(12, max(len(label) for label in labels.values()) + 1)
     lines = [f"{summary['num_datapoints']} datapoints, K = {summary['num_particles']} particles",
-             f"{'':<12}{'mean':>12}{'stderr':>12}"]
+             f"{'':<{width}}{'mean':>12}{'stderr':>12}"]
     for name, label in labels.items():
         entry = summary[name]
-        lines.append(f"{label:<12}{number(entry['mean']):>12}{number(entry['stderr']):>12}  "
-                     f"{units[name]}".rstrip())
+        lines.append(f"{label:<{width}}{number(entry['mean']):>12}{number(entry['stderr']):>12}"
+                     f"  {units[name]}".rstrip())
     if "khat" in summary:
         k = summary["khat"]
-        lines.append(f"{'k-hat':<12}median {number(k['median'])}, max {number(k['max'])}; "
+        lines.append(f"{'k-hat':<{width}}median {number(k['median'])}, max {number(k['max'])}; "
                      f"good {k['fraction_good']:.1%}, ok {k['fraction_ok']:.1%}, "
                      f"bad (> {KHAT_OK}) {k['fraction_bad']:.1%}")
     return "\n".join(lines)

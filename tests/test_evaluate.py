@@ -460,6 +460,10 @@ def test_save_evaluation_writes_json_netcdf_and_plots(tmp_path):
     table = ev.format_table(result.summary())
     assert "30 particles" in table and f"{result.log_px.mean().item():.4f}" in table
     assert "median -inf" in table and "good 100.0%" in table
+    joint = ev.format_table(result.summary(), observed="x, y").splitlines()
+    assert joint[2].startswith("log p_K(x, y) ")
+    # the value columns stay aligned under their headers with the longer label
+    assert len({line.index("nats") for line in joint if line.endswith("nats")}) == 1
 
 
 def test_eval_config_rejects_bad_options():
