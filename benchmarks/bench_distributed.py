@@ -18,8 +18,18 @@ are dropped. Configurations:
 Rounds interleave the configurations so that they share the machine's noise; the median over
 ``--rounds`` is reported, with the ratio to ``W=1``.
 
+``--compare-ddp`` measures something else: the cost of a training step with the package's
+gradient averaging (:func:`pyro_vae.train.svi_step`: backward, then one flattened all-reduce)
+against :class:`~torch.nn.parallel.DistributedDataParallel` wrapping the same networks (a module
+whose ``forward`` returns the step's loss; DDP all-reduces gradient buckets while the backward
+pass runs). Both run in the same N processes on the same batches and noise, in interleaved
+blocks of ``--steps`` steps after a warm-up block each; the median milliseconds per step over
+``--rounds`` blocks are printed with their ratio, and the largest difference between the two
+copies' parameters at the end (they take the same steps up to float rounding).
+
     python benchmarks/bench_distributed.py                      # digits, W = 1 vs 2
     python benchmarks/bench_distributed.py --world-size 4 --epochs 10 --out bench.json
+    python benchmarks/bench_distributed.py --compare-ddp --dataset mnist --data-dir DIR
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ def _worker(raw: str) -> None:
     from pyro_vae.train import train
 
     spec = json.loads(raw)
+    if spec.get("mode") == "ddp":
+        _ddp_worker(spec)
+        return
     torch.set_num_threads(spec["threads"])
     config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
                          batch_size=spec["batch_size"], final_particles=0, device="cpu")
@@ -64,6 +77,84 @@ def _worker(raw: str) -> None:
     if current_context().is_main:
         print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
                                           "train_loss": result.history.train_loss}), flush=True)
+
+
+def _ddp_worker(spec: dict[str, Any]) -> None:
+    """One rank of ``--compare-ddp``: time the package's step and DDP's, alternately."""
+    import copy
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pyro_vae.config import TrainConfig
+    from pyro_vae.data import fixed_binarization, load_dataset
+    from pyro_vae.distributed import all_gather_objects, barrier, init_distributed
+    from pyro_vae.fused import training_loss
+    from pyro_vae.train import build_model, make_elbo, make_optimizer, svi_step
+
+    torch.set_num_threads(spec["threads"])
+    dist = init_distributed("cpu", LAUNCH_TIMEOUT_S)
+    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], device="cpu")
+    dataset = load_dataset(config.dataset, config.data_dir)
+    images = fixed_binarization(dataset.train.images, config.seed)
+    batch, world = spec["batch_size"], dist.world_size
+    torch.manual_seed(config.seed)
+    ours = build_model(dataset, config)
+    ours.initialize_from_data(dataset.train.images)
+    theirs = copy.deepcopy(ours)
+    elbo = make_elbo("meanfield")
+
+    class StepLoss(torch.nn.Module):
+        """The mean loss of a batch as a module's forward, which is what DDP wraps."""
+
+        def __init__(self, vae: torch.nn.Module):
+            super().__init__()
+            self.vae = vae
+            self.loss = training_loss(vae, elbo)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.loss(x) / x.shape[0]
+
+    ddp = DistributedDataParallel(StepLoss(theirs))
+    optimizers = {"ours": make_optimizer(ours.parameters(), config.lr),
+                  "ddp": make_optimizer(theirs.parameters(), config.lr)}
+    done = {"ours": 0, "ddp": 0}
+    loss_ours = training_loss(ours, elbo)
+
+    def step(name: str) -> None:
+        index = (done[name] * world + dist.rank) * batch % (images.shape[0] - batch)
+        x = images[index:index + batch]
+        torch.manual_seed(config.seed + done[name] * world + dist.rank)
+        if name == "ours":
+            svi_step(lambda: loss_ours(x), batch, optimizers[name], dist)
+        else:
+            optimizers[name].zero_grad(set_to_none=True)
+            ddp(x).backward()
+            optimizers[name].step()
+        done[name] += 1
+
+    def block(name: str, steps: int) -> float:
+        barrier(dist, "starting a block")
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(name)
+        barrier(dist, "ending a block")
+        return (time.perf_counter() - start) / steps
+
+    times: dict[str, list[float]] = {"ours": [], "ddp": []}
+    for name in times:
+        block(name, spec["warmup_steps"])
+    for round_index in range(spec["rounds"]):
+        for name in (("ours", "ddp") if round_index % 2 == 0 else ("ddp", "ours")):
+            times[name].append(block(name, spec["steps"]))
+    gap = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
+    gaps = all_gather_objects(gap, dist, "gathering the parameter differences")
+    if dist.is_main:
+        print(RESULT_PREFIX + json.dumps({"seconds_per_step": times, "max_param_diff": max(gaps),
+                                          "steps_each": done["ours"],
+                                          "num_params": sum(p.numel()
+                                                            for p in ours.parameters())}),
+              flush=True)
 
 
 def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +183,34 @@ def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(line[len(RESULT_PREFIX):])
 
 
+def _compare_ddp(args: argparse.Namespace) -> int:
+    spec = {"mode": "ddp", "dataset": args.dataset, "data_dir": args.data_dir,
+            "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps,
+            "warmup_steps": args.warmup_steps, "rounds": args.rounds}
+    result = _launch(args.world_size, spec)
+    ours, ddp = (statistics.median(result["seconds_per_step"][name]) for name in ("ours", "ddp"))
+    print(f"{args.dataset}: W={args.world_size} gloo processes, B={args.batch_size} per rank, "
+          f"{result['num_params']} parameters, median of {args.rounds} blocks of {args.steps} "
+          f"steps, {args.threads} thread(s) per process, {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'gradient reduction':<44}{'ms/step':>10}{'blocks':>16}{'ratio':>8}")
+    for label, name, median in (("svi_step + average_gradients (package)", "ours", ours),
+                                ("DistributedDataParallel, same networks", "ddp", ddp)):
+        blocks = result["seconds_per_step"][name]
+        spread = f"{1e3 * min(blocks):.2f}-{1e3 * max(blocks):.2f}"
+        print(f"{label:<44}{1e3 * median:>10.2f}{spread:>16}{median / ours:>8.2f}")
+    print(f"after {result['steps_each']} steps each, the two copies' parameters differ by at most "
+          f"{result['max_param_diff']:.2e}")
+    if args.out is not None:
+        from pyro_vae.io import write_json
+
+        write_json(args.out, {"dataset": args.dataset, "compare_ddp": True, **spec,
+                              "world_size": args.world_size, "machine": platform.platform(),
+                              "cpu_count": os.cpu_count(),
+                              "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
@@ -103,12 +222,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--compare-ddp", action="store_true",
+                        help="time a step of the package's gradient averaging against "
+                             "DistributedDataParallel instead")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="steps per timed block of --compare-ddp (default 200)")
+    parser.add_argument("--warmup-steps", type=int, default=50,
+                        help="untimed steps of each approach before the first block (default 50)")
     args = parser.parse_args(argv)
     if args.epochs <= args.warmup_epochs:
         parser.error("--epochs must exceed --warmup-epochs")
+    if min(args.world_size, args.batch_size, args.rounds, args.threads, args.steps) < 1 \
+            or args.warmup_steps < 0:
+        parser.error("--world-size, --batch-size, --rounds, --threads and --steps must be >= 1, "
+                     "--warmup-steps >= 0")
+    if args.compare_ddp and args.world_size < 2:
+        parser.error("--compare-ddp needs --world-size >= 2")
     from pyro_vae.data import load_dataset
+    from pyro_vae.errors import PyroVAEError
 
-    num_train = len(load_dataset(args.dataset, args.data_dir).train)
+    try:
+        num_train = len(load_dataset(args.dataset, args.data_dir).train)
+    except PyroVAEError as exc:
+        parser.error(str(exc))
+    if args.compare_ddp:
+        return _compare_ddp(args)
     n = args.world_size
     configs = {f"W=1, B={args.batch_size}": (1, args.batch_size),
                f"W={n}, B={args.batch_size} per rank (effective {n * args.batch_size})":

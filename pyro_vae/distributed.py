@@ -14,9 +14,13 @@ rank 0's weights are broadcast once (:func:`broadcast_tensors`), each rank takes
 (:func:`average_gradients`), and :func:`check_in_sync` verifies, bit for bit, that the ranks
 still hold the same parameters.
 
-Every collective runs under a timeout (``--dist-timeout``, ``$PYRO_VAE_DIST_TIMEOUT``, default
-:data:`DEFAULT_TIMEOUT_S` seconds). A rank that dies or hangs makes the others fail with a
-:class:`DistributedError` naming the step that waited, instead of hanging.
+Joining the group and each collective are bounded by a timeout (``--dist-timeout``,
+``$PYRO_VAE_DIST_TIMEOUT``, default :data:`DEFAULT_TIMEOUT_S` seconds). A rank that dies or hangs
+makes the others fail with a :class:`DistributedError` naming the step that waited, instead of
+hanging. A process whose collective failed cannot leave its group safely (gloo's teardown then
+aborts the interpreter now and then, with "terminate called without an active exception"), so
+:func:`shutdown`, run by the command line and at exit, ends such a process at once with
+:data:`EXIT_BROKEN_GROUP` after flushing its output.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +46,9 @@ RANK_STREAM = 1
 SHARED_ORDER_STREAM = 2
 EVAL_BATCH_STREAM = 3
 MAX_CAUSE_CHARS = 200
+ELLIPSIS = "..."
+#: The exit status of a process whose process group broke (see :func:`shutdown`).
+EXIT_BROKEN_GROUP = 2
 
 
 class DistributedError(PyroVAEError):
@@ -69,6 +77,7 @@ class DistributedContext:
 
 SINGLE = DistributedContext()
 _owned_timeout_s: float | None = None
+_broken = False
 
 
 def _env_int(name: str, default: int) -> int:
@@ -136,24 +145,57 @@ def init_distributed(device: torch.device | str = "cpu",
     return context
 
 
+def _exit_now(status: int) -> None:
+    """Flush stdout and stderr, then end the process without tearing anything down."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def shutdown() -> None:
-    """Leave the process group if :func:`init_distributed` created it (also run at exit: a
-    group left behind after a failed collective aborts the interpreter when it is torn down)."""
+    """Leave the process group if :func:`init_distributed` created it; also run at exit.
+
+    After a collective of that group failed, neither leaving the group nor letting the
+    interpreter tear it down is safe: gloo's threads may abort the process ("terminate called
+    without an active exception", SIGABRT) depending on their timing. This function then
+    flushes stdout and stderr and ends the process at once with :data:`EXIT_BROKEN_GROUP`
+    (:func:`os._exit`), whatever exit status was on its way, so a failed rank always exits the
+    same way. A group created by the caller is left alone.
+    """
     global _owned_timeout_s
+    if _owned_timeout_s is not None and _broken:
+        _exit_now(EXIT_BROKEN_GROUP)
     if _owned_timeout_s is not None and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _owned_timeout_s = None
 
 
+def _shorten(text: str, limit: int = MAX_CAUSE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, ending in an ellipsis."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - len(ELLIPSIS) + 1]
+    cut = head.rfind(" ")
+    head = head[:cut] if cut > 0 else head[:-1]
+    return head.rstrip(" ,;:.") + ELLIPSIS
+
+
 @contextmanager
 def _collective(context: DistributedContext, what: str) -> Iterator[None]:
-    """Turn a failed or timed-out collective into one clear :class:`DistributedError` line."""
+    """Turn a failed or timed-out collective into one clear :class:`DistributedError` line, and
+    mark the group as broken for :func:`shutdown`."""
+    global _broken
     try:
         yield
     except RuntimeError as exc:
+        if _owned_timeout_s is not None:
+            _broken = True
         lines = str(exc).strip().splitlines()
         cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(exc).__name__)
-        cause = cause[:MAX_CAUSE_CHARS]
+        cause = _shorten(cause)
         limit = f"{context.timeout_s:g} s" if context.timeout_s is not None else "the timeout"
         raise DistributedError(
             f"rank {context.rank} of {context.world_size}: {what} failed: another rank died or "
@@ -261,3 +303,19 @@ def barrier(context: DistributedContext, what: str) -> None:
         nccl = torch.distributed.get_backend() == "nccl"
         with _collective(context, what):
             torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+
+
+@contextmanager
+def main_first(context: DistributedContext, what: str, enabled: bool = True) -> Iterator[None]:
+    """Run the block on rank 0 first and on the other ranks once rank 0 has left it (a download
+    into a shared folder: the others then find the files in place). The other ranks wait up to
+    the collective timeout; if rank 0 fails inside the block they fail too, with
+    :class:`DistributedError`. With ``enabled=False`` the block runs everywhere at once."""
+    if not (context.enabled and enabled):
+        yield
+        return
+    if not context.is_main:
+        barrier(context, what)
+    yield
+    if context.is_main:
+        barrier(context, what)

@@ -8,7 +8,9 @@ reference on the combined batch.
 
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,10 +18,11 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_vae.cli import main
 from pyro_vae.config import ModelConfig, TrainConfig
 from pyro_vae.data import fixed_binarization, load_digits
-from pyro_vae.distributed import SINGLE, DistributedContext, init_distributed
-from pyro_vae.errors import PyroVAEError
+from pyro_vae.distributed import (SINGLE, DistributedContext, average_gradients, init_distributed,
+                                  main_first)
 from pyro_vae.evaluate import evaluate_run
 from pyro_vae.models import VAE
 from pyro_vae.train import make_elbo, svi_step, train
@@ -30,6 +33,8 @@ STEP_LR = 1e-2
 COLLECTIVE_TIMEOUT_S = 120.0
 HANG_TIMEOUT_S = 5.0
 HANG_SLEEP_S = 120.0
+FAIL_AT_STEP = 3
+MAIN_FIRST_DELAY_S = 1.0
 READY_POLL_S = 0.05
 CONFIG = TrainConfig(epochs=2, batch_size=128, eval_particles=2, final_particles=10, device="cpu",
                      model=ModelConfig(latent_dim=2, hidden=(16,)))
@@ -63,6 +68,12 @@ def run_steps(vae: VAE, optimizer: torch.optim.Optimizer,
 
 
 def _main_scenario(dist: DistributedContext, out: Path) -> None:
+    marker = out / "written by rank 0"
+    with main_first(dist, "testing main_first"):
+        if dist.is_main:
+            time.sleep(MAIN_FIRST_DELAY_S)
+            marker.touch()
+        saw_marker = marker.exists()
     vae, images, optimizer = step_fixture()
     mine = images[dist.rank * HALF_BATCH:(dist.rank + 1) * HALF_BATCH]
     run_steps(vae, optimizer, [(dist.rank, mine)], dist)
@@ -73,7 +84,8 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
     torch.save({"step": vae.state_dict(), "full": full.model.state_dict(),
                 "resumed": resumed.model.state_dict(), "history": full.history.to_dict(),
                 "resumed_history": resumed.history.to_dict(), "log_px": result.log_px,
-                "elbo": result.elbo, "ess": result.ess, "khat": result.khat},
+                "elbo": result.elbo, "ess": result.ess, "khat": result.khat,
+                "saw_marker": saw_marker},
                out / f"rank{dist.rank}.pt")
 
 
@@ -84,28 +96,39 @@ def _wait_for_each_other(out: Path, rank: int, world_size: int) -> None:
         time.sleep(READY_POLL_S)
 
 
-def _hang_scenario(out: Path) -> None:
+def _failure_scenario(how: str, out: Path) -> int:
+    """``pyro-vae train`` on every rank, where rank 1 hangs (``how="hang"``, sleeping past the
+    timeout of ``HANG_TIMEOUT_S``) or dies (``how="kill"``, SIGKILL; timeout
+    ``COLLECTIVE_TIMEOUT_S``) when it is about to average its ``FAIL_AT_STEP``-th gradients.
+    Returns what the command line returns (the failing rank does not get that far)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _wait_for_each_other(out, rank, world_size)
+    if rank == 1:
+        steps = []
 
-    def rank1_hangs(epoch: int, history) -> None:
-        if rank == 1:
-            time.sleep(HANG_SLEEP_S)
+        def average_gradients_then_fail(parameters, dist) -> None:
+            steps.append(None)
+            if len(steps) == FAIL_AT_STEP:
+                print(f"rank 1: {how} at step {FAIL_AT_STEP}", flush=True)
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(HANG_SLEEP_S)
+            average_gradients(parameters, dist)
 
-    start = time.perf_counter()
-    try:
-        train(CONFIG.replace(epochs=3, final_particles=0), progress=False,
-              on_epoch=rank1_hangs, dist_timeout=HANG_TIMEOUT_S)
-    except PyroVAEError as exc:
-        print(f"failed after {time.perf_counter() - start:.1f} s: {exc}", file=sys.stderr)
-        sys.exit(2)
+        # the module, not pyro_vae.train: the package exports the function under that name
+        importlib.import_module("pyro_vae.train").average_gradients = \
+            average_gradients_then_fail
+    timeout = HANG_TIMEOUT_S if how == "hang" else COLLECTIVE_TIMEOUT_S
+    return main(["train", "--epochs", "3", "--batch-size", str(CONFIG.batch_size),
+                 "--latent-dim", "2", "--hidden", "16", "--device", "cpu", "--quiet",
+                 "--out", str(out / "run"), "--dist-timeout", f"{timeout:g}"])
 
 
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     if scenario == "main":
         _main_scenario(init_distributed("cpu", COLLECTIVE_TIMEOUT_S), out_dir)
-    elif scenario == "hang":
-        _hang_scenario(out_dir)
+    elif scenario in ("hang", "kill"):
+        sys.exit(_failure_scenario(scenario, out_dir))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")

@@ -6,6 +6,7 @@ every launch is bounded by ``LAUNCH_TIMEOUT_S`` and its processes are killed if 
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,10 +17,12 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from distributed_worker import CONFIG, EVAL, HALF_BATCH, HANG_TIMEOUT_S, run_steps, step_fixture
+from distributed_worker import (COLLECTIVE_TIMEOUT_S, CONFIG, EVAL, FAIL_AT_STEP, HALF_BATCH,
+                                HANG_TIMEOUT_S, run_steps, step_fixture)
 from pyro_vae.cli import main
-from pyro_vae.distributed import (SINGLE, DistributedContext, derive_seed, init_distributed,
-                                  rank_seed, shard_indices)
+from pyro_vae.distributed import (ENV_TIMEOUT, EXIT_BROKEN_GROUP, MAX_CAUSE_CHARS, SINGLE,
+                                  DistributedContext, DistributedError, derive_seed,
+                                  init_distributed, rank_seed, shard_indices)
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.evaluate import evaluate_dataset, evaluate_run
 from pyro_vae.train import load_checkpoint, train
@@ -28,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 240
-HANG_FAILS_WITHIN_S = 90
+FAILURE_SEEN_WITHIN_S = 90
+TORCHRUN_FAILED = 1
 STEP_RTOL, STEP_ATOL = 1e-5, 1e-6
 
 
@@ -95,6 +99,11 @@ def _assert_equal_states(a: dict, b: dict) -> None:
         assert torch.equal(value, b[name]), name
 
 
+def test_main_first_lets_the_other_ranks_in_once_rank_0_is_done(two_ranks):
+    _, saved = two_ranks
+    assert all(rank["saw_marker"] for rank in saved)
+
+
 def test_gradient_averaging_equals_a_step_on_the_combined_batch(two_ranks):
     _, saved = two_ranks
     _assert_equal_states(saved[0]["step"], saved[1]["step"])
@@ -141,25 +150,58 @@ def test_sharded_evaluation_equals_a_single_process(two_ranks):
     assert written["summary"]["num_datapoints"] == EVAL["limit"]
 
 
-def test_a_hung_rank_makes_the_others_fail_with_a_clear_message(tmp_path):
-    ranks = _start_ranks("hang", tmp_path)
+@pytest.mark.parametrize("how", ["hang", "kill"])
+def test_a_failed_rank_makes_the_others_exit_with_one_clear_message(tmp_path, how):
+    """Rank 1 hangs past the 5 s timeout, or dies (SIGKILL, under a 120 s timeout: rank 0 must
+    not wait for it). Rank 0 prints the command line's one error line and exits with
+    EXIT_BROKEN_GROUP, without a traceback and without gloo's teardown aborting it."""
+    ranks = _start_ranks(how, tmp_path)
     rank0, log0 = ranks[0]
     start = time.monotonic()
     try:
-        code = rank0.wait(timeout=HANG_FAILS_WITHIN_S)
+        code = rank0.wait(timeout=FAILURE_SEEN_WITHIN_S)
     finally:
         _finish(ranks, 0)
     text = log0.read_text()
-    assert code == 2, text
-    assert time.monotonic() - start < HANG_FAILS_WITHIN_S
-    assert f"gave no answer within {HANG_TIMEOUT_S:g} s" in text, text
-    assert "rank 0 of 2: averaging gradients failed" in text, text
+    assert code == EXIT_BROKEN_GROUP, text
+    assert time.monotonic() - start < FAILURE_SEEN_WITHIN_S
+    assert "Traceback" not in text and "terminate called" not in text, text
+    errors = [line for line in text.splitlines() if "error:" in line]
+    timeout = HANG_TIMEOUT_S if how == "hang" else COLLECTIVE_TIMEOUT_S
+    assert len(errors) == 1, text
+    assert errors[0].startswith("pyro-vae train: error: rank 0 of 2: averaging gradients failed: "
+                                f"another rank died or gave no answer within {timeout:g} s ("), text
+    assert errors[0].endswith(f"a slow step needs a longer --dist-timeout or ${ENV_TIMEOUT}."), text
+    assert f"rank 1: {how} at step {FAIL_AT_STEP}" in ranks[1][1].read_text()
+
+
+def test_collective_errors_are_cut_at_a_word_boundary(monkeypatch):
+    import pyro_vae.distributed as distributed
+
+    monkeypatch.setattr(distributed, "_owned_timeout_s", None)
+    words = "gloo said something long " * 20
+    context = DistributedContext(1, 2, timeout_s=7.0)
+    with pytest.raises(DistributedError) as info:
+        with distributed._collective(context, "summing"):
+            raise RuntimeError(f"[gloo/pair.cc:1] {words}\nsecond line")
+    cause = str(info.value).split("(", 1)[1].split(")", 1)[0]
+    assert str(info.value).startswith("rank 1 of 2: summing failed: another rank died or gave no "
+                                      "answer within 7 s (gloo said")
+    assert cause.endswith("...") and len(cause) <= MAX_CAUSE_CHARS
+    assert words.startswith(cause[:-3] + " ") and "second line" not in str(info.value)
+    assert not distributed._broken
+
+
+def _torchrun(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                           f"--nproc-per-node={WORLD_SIZE}", "--master-addr=127.0.0.1",
+                           f"--master-port={_free_port()}", "-m", "pyro_vae", *command],
+                          env=_env(), cwd=cwd, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
 
 
 def test_torchrun_trains_and_evaluates_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-                f"--nproc-per-node={WORLD_SIZE}", "--master-addr=127.0.0.1"]
     commands = [
         ["train", "--epochs", "1", "--batch-size", "256", "--latent-dim", "2", "--hidden", "8",
          "--device", "cpu", "--out", str(run_dir), "--quiet", "--dist-timeout", "120"],
@@ -167,13 +209,24 @@ def test_torchrun_trains_and_evaluates_from_the_command_line(tmp_path):
          "--quiet"],
     ]
     for command in commands:
-        done = subprocess.run([*launcher, f"--master-port={_free_port()}", "-m", "pyro_vae",
-                               *command], env=_env(), cwd=tmp_path, capture_output=True,
-                              text=True, timeout=LAUNCH_TIMEOUT_S)
+        done = _torchrun(command, tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.count("wrote" if command[0] == "evaluate" else "run written") == 1
     assert load_checkpoint(run_dir)["distributed"]["world_size"] == WORLD_SIZE
     assert (run_dir / "eval-test.json").is_file()
+
+
+def test_under_torchrun_a_bad_input_fails_each_rank_with_its_one_line(tmp_path):
+    """Every rank meets the missing data and prints the line (unless torchrun stopped it first,
+    once the other had exited with status 2); torchrun reports the failure and exits with 1."""
+    done = _torchrun(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "missing"),
+                      "--out", str(tmp_path / "run"), "--quiet"], tmp_path)
+    assert done.returncode == TORCHRUN_FAILED, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.count("pyro-vae train: error: MNIST file ")
+    assert 1 <= lines <= WORLD_SIZE, done.stderr
+    assert re.search(r"exitcode\s*:\s*2\b", done.stderr), done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_shards_are_those_of_distributed_sampler():
