@@ -88,6 +88,7 @@ def _load(name: str) -> Any:
 
 
 bench_svi = _load("bench_svi")
+bench_evaluate = _load("bench_evaluate")
 
 
 @dataclass(frozen=True)
@@ -165,10 +166,6 @@ def _matmul_flops(layers: Sequence[nn.Linear]) -> int:
     return sum(2 * layer.in_features * layer.out_features for layer in layers)
 
 
-def _chunks(total: int, size: int) -> list[int]:
-    return [min(size, total - start) for start in range(0, total, size)]
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     info = bench_svi.environment(device, ("trace", "meanfield"))
     try:
@@ -210,27 +207,7 @@ def svi_section(config: PerfConfig, log: Callable[[str], None]) -> dict[str, Any
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def handwritten_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
-                       particle_chunk: int) -> torch.Tensor:
-    """log p̂_K(x) per image with torch ops only, on the images' device, drawing the same
-    standard normals in the same order as the package's evaluator."""
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
-        loc, scale = vae.encoder(x)
-        guide = Normal(loc, scale)
-        lse = x.new_full((x.shape[0],), -math.inf)
-        for size in _chunks(particles, particle_chunk):
-            eps = torch.empty((size, *loc.shape), dtype=x.dtype, device=x.device).normal_()
-            z = loc + eps * scale
-            logits = vae.decoder(z)
-            log_lik = -F.binary_cross_entropy_with_logits(
-                logits, x.expand_as(logits), reduction="none").sum(-1)
-            log_w = log_lik + Normal(0.0, 1.0).log_prob(z).sum(-1) - guide.log_prob(z).sum(-1)
-            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-        out.append(lse - math.log(particles))
-    return torch.cat(out)
+handwritten_log_px = bench_evaluate.handwritten_log_px
 
 
 def package_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
