@@ -132,6 +132,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--traced", action="store_true",
+                   help="run every step through Pyro's traces, not the fused loss of the "
+                        "built-in VAE (the same numbers, slower: for checking; not saved)")
     _add_dist_timeout(p)
 
 
@@ -263,7 +266,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = _train_config(args)
         run_dir = args.out or DEFAULT_RUN_ROOT / config.dataset
     result = train(config, run_dir, resume=args.resume is not None, progress=not args.quiet,
-                   download=args.download, dist_timeout=args.dist_timeout)
+                   download=args.download, dist_timeout=args.dist_timeout,
+                   fused=not args.traced)
     if not current_context().is_main:
         return 0
     history = result.history

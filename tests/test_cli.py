@@ -29,6 +29,22 @@ def test_train_resume_extends_the_run(run_dir):
     assert json.loads((run_dir / "history.json").read_text())["epoch"] == [1, 2]
 
 
+def test_traced_steps_reach_the_run_of_the_fused_loss(run_dir, tmp_path):
+    """--traced takes every step through Pyro's traces; the fused loss it replaces computes the
+    same draws, losses and gradients, so both runs end on the same history and weights."""
+    from safetensors.torch import load_file
+
+    traced = tmp_path / "traced"
+    assert main(["train", *TINY, "--out", str(traced), "--traced"]) == 0
+    histories = [json.loads((d / "history.json").read_text()) for d in (run_dir, traced)]
+    for history in histories:
+        history.pop("seconds")
+    assert histories[0] == histories[1]
+    weights = [load_file(d / "model.safetensors") for d in (run_dir, traced)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+
+
 def test_sample_writes_a_grid(run_dir, tmp_path, capsys):
     output = tmp_path / "grid.png"
     assert main(["sample", str(run_dir), "--num", "9", "--output", str(output)]) == 0
