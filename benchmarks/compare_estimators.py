@@ -339,6 +339,8 @@ def summarize(runs: list[dict[str, Any]], config: BenchmarkConfig) -> list[dict[
 
 
 def _format(value: float, std: float, digits: int) -> str:
+    if math.isnan(value):
+        return "n/a"
     text = f"{value:.{digits}f}"
     return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
 

@@ -370,6 +370,9 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     from .plots import plot_grid, save_figure
 
     run = _load_conditional_run(args)
+    available = len(run.dataset.test)
+    if args.num > available:
+        raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
     images = run.eval_images("test")[:args.num]
     labels = run.dataset.test.labels[:args.num]
     decoded = run.model.transfer(images, labels)

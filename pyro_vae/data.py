@@ -173,7 +173,8 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
         path = folder / filename
         if not path.exists():
             raise DataError(f"MNIST file {filename} not found in {folder} "
-                            "(pass --download to fetch it)")
+                            "(fetch it with pyro-vae train --download, or "
+                            "load_mnist(download=True) from Python)")
         if verify and md5sum(path) != md5:
             raise DataError(f"MNIST file {path} is corrupt: its MD5 is not the published {md5}")
         arrays[key] = read_idx(path)

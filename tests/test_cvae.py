@@ -11,6 +11,7 @@ from pyro_vae import DataError
 from pyro_vae.classify import class_log_joint, classify
 from pyro_vae.cli import main
 from pyro_vae.cvae import CVAE
+from pyro_vae.data import load_digits
 from pyro_vae.evaluate import evaluate
 from pyro_vae.nets import MIN_SCALE
 from pyro_vae.objectives import make_estimator
@@ -197,6 +198,9 @@ def test_cli_classify_transfer_and_labelled_samples(tmp_path, capsys):
     for bad in ("12", "-1"):
         assert main(["sample", str(run), "--label", bad]) == 2
         assert "--label must lie in 0..9" in capsys.readouterr().err
+    assert main(["transfer", str(run), "--num", "100000"]) == 2
+    available = len(load_digits().test)
+    assert f"--num 100000 is more than the {available} test images" in capsys.readouterr().err
 
 
 def test_cli_refuses_cvae_commands_on_a_plain_vae(tmp_path, capsys):
