@@ -45,6 +45,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -54,7 +55,7 @@ from pyro.infer import Importance
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from pyro_vae import VAE, ModelConfig, TrainConfig, load_digits, load_mnist
+from pyro_vae import VAE, ModelConfig, PyroVAEError, TrainConfig, load_digits, load_mnist
 from pyro_vae.data import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset, format_table
 from pyro_vae.io import write_json
@@ -63,6 +64,7 @@ NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
             "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
 TARGET_HANDWRITTEN_RATIO = 1.1
 TARGET_IMPORTANCE_SPEEDUP = 100.0
+EXIT_USER_ERROR = 2
 NUM_SE = 4.0
 ROUNDING_TOLERANCE = 1e-3
 
@@ -313,5 +315,15 @@ def _print(report: dict[str, Any]) -> None:
           f"{agree['mean_difference']:+.2e} ± {agree['stderr']:.2e} nats: {verdict}")
 
 
+def _cli() -> int:
+    """``main`` from the command line: bad input (data, device) gives one line and status 2."""
+    try:
+        main()
+    except PyroVAEError as exc:
+        print(f"bench_evaluate: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli())

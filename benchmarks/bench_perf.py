@@ -59,7 +59,7 @@ from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from pyro_vae import VAE, ModelConfig, load_digits, load_mnist, make_elbo
+from pyro_vae import VAE, ModelConfig, PyroVAEError, load_digits, load_mnist, make_elbo
 from pyro_vae.config import DEVICES
 from pyro_vae.data import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
@@ -73,6 +73,7 @@ NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
 TARGETS = {"svi_b128": 1.05, "svi_b20": 1.2, "svi_b128_cuda": 1.5, "evaluation_cpu": 1.1,
            "evaluation_seconds_cuda": 10.0}
 KIB = 1024
+EXIT_USER_ERROR = 2
 MIB = 1024 * 1024
 PROBE_PREFIX = "PROBE "
 MMAP_THRESHOLD = 128 * KIB
@@ -517,12 +518,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PerfConfig, argparse.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; bad input (data, device) gives one line and exit status 2."""
+    try:
+        return _main(argv)
+    except PyroVAEError as exc:
+        print(f"bench_perf: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _main(argv: Sequence[str] | None) -> int:
     config, args = parse_args(argv)
     if args.memory_probe:
         print(PROBE_PREFIX + json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
-    report = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     device = resolve_device(config.device)
+    if config.data_dir is not None:
+        load_mnist(config.data_dir)  # a missing or damaged file fails now, not after the SVI part
+    report = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(summary_lines(report, device)))
     if config.out:
         write_json(config.out, report)

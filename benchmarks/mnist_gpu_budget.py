@@ -60,7 +60,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
-from pyro_vae import VAE, load_mnist  # noqa: E402
+from pyro_vae import VAE, PyroVAEError, load_mnist  # noqa: E402
 from pyro_vae.config import DEVICES  # noqa: E402
 from pyro_vae.data import binarize, fixed_binarization  # noqa: E402
 from pyro_vae.evaluate import evaluate_dataset  # noqa: E402
@@ -76,6 +76,7 @@ TARGETS = {"meanfield": -86.5, "iwae": -84.5, "dreg": -84.5}
 ADAM_EPS = 1e-4
 SECONDS_PER_MINUTE = 60.0
 MIB = 1024 * 1024
+EXIT_USER_ERROR = 2
 
 
 @dataclass(frozen=True)
@@ -302,10 +303,19 @@ def parse_args(argv: Sequence[str] | None = None) -> BudgetConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the budget; bad input (data, device) gives one line and exit status 2, and an output
+    folder this call created is removed again if nothing was written into it."""
     config = parse_args(argv)
     out = Path(config.out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    report = run(config, out)
+    try:
+        report = run(config, out)
+    except PyroVAEError as exc:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        print(f"mnist_gpu_budget: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     write_json(out / "budget.json", report)
     plot_curve(report["training"]["curve"], config, report, out / "budget.png")
     training = report["training"]
