@@ -229,6 +229,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "likelihood": args.likelihood, "obs_scale": args.obs_scale, "guide": args.guide,
         "activation": args.activation, "latent2_dim": args.latent2_dim, "hidden2": args.hidden2,
     }
+    family = args.model or defaults.model.family
+    for flag, value in (("--latent2-dim", args.latent2_dim), ("--hidden2", args.hidden2)):
+        if value is not None and family != "vae2":
+            raise PyroVAEError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
     model = dataclasses.replace(defaults.model,
                                 **{k: v for k, v in chosen.items() if v is not None})
     if args.binarize is None and model.likelihood == "gaussian":

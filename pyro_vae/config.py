@@ -72,6 +72,9 @@ class ModelConfig:
              f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}"),
             (self.obs_scale is None or self.obs_scale > 0,
              f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}"),
+            (self.obs_scale is None or self.likelihood == "gaussian",
+             "obs_scale is the Gaussian likelihood's standard deviation: it needs "
+             "--likelihood gaussian"),
             (self.family != "vae2" or self.guide == "diagonal",
              "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
         ]
