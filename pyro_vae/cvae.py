@@ -87,6 +87,7 @@ class CVAE(VAE):
         """π(y) p(z) p(x | z, y); ``y=None`` draws the labels, ``x=None`` draws the images."""
         self._register_decoder()
         if x is not None:
+            self.check_images(x)
             n = x.shape[0]
         elif y is not None:
             n = y.shape[0]
@@ -107,6 +108,7 @@ class CVAE(VAE):
         register_module(f"{self.name}.encoder", self.encoder)
         if y is None:
             raise DataError("the CVAE's guide q(z | x, y) needs the labels y")
+        self.check_images(x)
         if is_validation_enabled():
             self.check_labels(y, x.shape[0])
         with pyro.plate(DATA_PLATE, x.shape[0]):

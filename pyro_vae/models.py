@@ -12,6 +12,7 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.params import param_with_module_name
 from pyro.params.param_store import ParamStoreDict
 from pyro.poutine.block_messenger import BlockMessenger
@@ -26,7 +27,7 @@ from torch.nn import functional as F
 from torch.distributions import Independent, MultivariateNormal, Normal, constraints, register_kl
 
 from .config import GUIDES, LIKELIHOODS, ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .nets import (Decoder, FullCovarianceEncoder, GaussianEncoder, ObservationScale,
                    activation_class)
 
@@ -210,11 +211,30 @@ class VAE(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """Raise :class:`~pyro_vae.errors.DataError` unless ``x`` is a non-empty floating-point
+        ``[N, input_dim]`` batch (one image is ``x[None]``, not ``x``: a 1-D tensor would be
+        read as ``input_dim`` datapoints). Called by ``model`` and ``guide``; the shape checks
+        cost a few attribute reads, the finiteness check a pass over ``x`` and runs only
+        under Pyro validation (on by default, off in the package's own training loop)."""
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"images must be a tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.input_dim:
+            raise DataError(f"images must have shape [N, {self.input_dim}] (one image: x[None]), "
+                            f"got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise DataError(f"images must be floating point, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise DataError("got an empty batch of images")
+        if is_validation_enabled() and not torch.isfinite(x).all():
+            raise DataError("images contain NaN or infinite values")
+
     def _plate_size_and_zero(self, x: torch.Tensor | None, num_data: int | None
                              ) -> tuple[int, torch.Tensor]:
         """The data plate's size and a scalar zero on the data's device (the parameters' device
         when generating without data, ``num_data`` images, default 1)."""
         if x is not None:
+            self.check_images(x)
             return x.shape[0], x.new_zeros(())
         return (1 if num_data is None else num_data), torch.zeros((), device=self._device())
 
@@ -260,6 +280,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> torch.Tensor:
         """q(z|x), a Gaussian from the encoder."""
         register_module(f"{self.name}.encoder", self.encoder)
+        self.check_images(x)
         with pyro.plate(DATA_PLATE, x.shape[0]):
             return pyro.sample(LATENT_SITE, self.latent_dist(*self.encoder(x)))
 

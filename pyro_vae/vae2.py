@@ -67,6 +67,7 @@ class VAE2(VAE):
         """q(z1 | x) q(z2 | z1)."""
         register_module(f"{self.name}.encoder", self.encoder)
         register_module(f"{self.name}.top_encoder", self.top_encoder)
+        self.check_images(x)
         with pyro.plate(DATA_PLATE, x.shape[0]):
             z1 = pyro.sample(BOTTOM_SITE, dist.Normal(*self.encoder(x)).to_event(1))
             return pyro.sample(TOP_SITE, dist.Normal(*self.top_encoder(z1)).to_event(1))

@@ -116,3 +116,34 @@ def test_bad_model_arguments():
         VAE(D, latent_dim=0)
     with pytest.raises(ConfigError, match="scale_fn"):
         VAE(D, scale_fn="relu")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x: x[0], f"images must have shape [N, {D}] (one image: x[None]), got [{D}]"),
+    (lambda x: x[:, :-1], f"images must have shape [N, {D}] (one image: x[None]), got [{N}, {D - 1}]"),
+    (lambda x: x[None], f"got [1, {N}, {D}]"),
+    (lambda x: x.long(), "images must be floating point, got torch.int64"),
+    (lambda x: x[:0], "got an empty batch of images"),
+    (lambda x: torch.where(x > 0, torch.nan, x), "images contain NaN or infinite values"),
+])
+@pytest.mark.parametrize("family", ["vae", "cvae", "vae2"])
+def test_model_and_guide_refuse_bad_images_through_pyros_svi(family, bad, message):
+    """A single image without its batch dimension would otherwise be read as D datapoints."""
+    from pyro_vae.cvae import CVAE
+    from pyro_vae.errors import DataError
+    from pyro_vae.vae2 import VAE2
+
+    pyro.clear_param_store()
+    x = torch.bernoulli(torch.full((N, D), 0.3))
+    if family == "cvae":
+        pair = CVAE(D, num_classes=3, latent_dim=LATENT, hidden=(16,))
+        args = (bad(x), torch.zeros(N, dtype=torch.long))  # the images' check comes first
+    else:
+        pair = (VAE if family == "vae" else VAE2)(D, latent_dim=LATENT, hidden=(16,))
+        args = (bad(x),)
+    svi = SVI(pair.model, pair.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    with pytest.raises(DataError) as info:
+        svi.step(*args)
+    assert message in str(info.value)
+    with pytest.raises(DataError, match="shape|floating|empty|NaN"):
+        pair.model(*args)
