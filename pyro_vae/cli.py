@@ -22,6 +22,7 @@ from .errors import PyroVAEError
 DEFAULT_RUN_ROOT = Path("runs")
 EXIT_USER_ERROR = 2
 RESUMABLE = {"epochs", "device", "data_dir"}
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,36 +150,42 @@ def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write a grid of new images from a saved run")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--num", type=_positive_int, default=64, help="number of images (default 64)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--num", type=_positive_int, default=64,
+                   help="number of images (default 64); CVAE runs: split evenly over the labels, "
+                        "at least one each")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the draws (default 0)")
     p.add_argument("--binary", action="store_true",
-                   help="draw Bernoulli pixels instead of showing the decoder mean")
+                   help="draw x ~ p(x | z) (Bernoulli pixels, or Gaussian noise for a Gaussian "
+                        "run) instead of showing the decoder mean")
     p.add_argument("--label", type=int, action="append",
                    help="CVAE runs: generate this label (repeatable; default one row per label)")
     p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from .evaluate import EvalConfig
+    from .evaluate import MIN_KHAT_PARTICLES, EvalConfig
 
     defaults = EvalConfig()
     p = sub.add_parser("evaluate", help="per-datapoint log p_K(x), ELBO, gap, ESS and k-hat",
                        description="Importance-weighted evaluation of a saved run: writes "
-                                   "eval-<split>.json, eval-<split>.nc, khat-<split>.png and "
-                                   "gap-<split>.png into the run folder.")
+                                   "eval-<split>.json, eval-<split>.nc, gap-<split>.png and, "
+                                   f"with K >= {MIN_KHAT_PARTICLES}, khat-<split>.png into the "
+                                   "run folder.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--particles", type=_positive_int, default=defaults.particles,
                    help=f"importance samples K per datapoint (default {defaults.particles})")
-    p.add_argument("--split", choices=("train", "test"), default=defaults.split)
+    p.add_argument("--split", choices=("train", "test"), default=defaults.split,
+                   help=f"which split of the run's dataset (default {defaults.split})")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N datapoints")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help=f"datapoints per call (default {defaults.batch_size})")
     p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
                    help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
-    p.add_argument("--seed", type=_seed, default=defaults.seed)
+    p.add_argument("--seed", type=_seed, default=defaults.seed,
+                   help=f"seed of the importance samples (default {defaults.seed})")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_dist_timeout(p)
 
@@ -194,13 +201,15 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--particles", type=_positive_int, default=100,
                    help="importance samples K per image and label (default 100)")
-    p.add_argument("--split", choices=("train", "test"), default=defaults.split)
+    p.add_argument("--split", choices=("train", "test"), default=defaults.split,
+                   help=f"which split of the run's dataset (default {defaults.split})")
     p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="image-label pairs per call")
-    p.add_argument("--seed", type=_seed, default=defaults.seed)
+    p.add_argument("--seed", type=_seed, default=defaults.seed,
+                   help=f"seed of the importance samples (default {defaults.seed})")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("transfer", help="style transfer with a CVAE run",
                        description="Encode test images with their true label and decode the "
@@ -209,7 +218,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=_positive_int, default=8, help="source images (default 8)")
     p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/transfer.png)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

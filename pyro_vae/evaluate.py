@@ -497,6 +497,10 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
         lines.append(f"{'k-hat':<{width}}median {number(k['median'])}, max {number(k['max'])}; "
                      f"good {k['fraction_good']:.1%}, ok {k['fraction_ok']:.1%}, "
                      f"bad (> {KHAT_OK}) {k['fraction_bad']:.1%}")
+    elif summary["num_particles"] < MIN_KHAT_PARTICLES:
+        lines.append(f"{'k-hat':<{width}}not computed: PSIS needs K >= {MIN_KHAT_PARTICLES}")
+    else:
+        lines.append(f"{'k-hat':<{width}}not computed")
     return "\n".join(lines)
 
 

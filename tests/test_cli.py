@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pyro_vae.cli import main
+from pyro_vae.evaluate import MIN_KHAT_PARTICLES
 
 TINY = ["--epochs", "1", "--batch-size", "256", "--quiet", "--hidden", "16", "--latent-dim", "2"]
 
@@ -135,7 +136,9 @@ def test_evaluate_prints_a_table_and_writes_its_files(run_dir, capsys):
         assert (run_dir / name).stat().st_size > 0
     # too few particles for k-hat: the earlier k-hat plot goes, and the message says so
     assert main(["evaluate", str(run_dir), "--particles", "5", "--limit", "3", "--quiet"]) == 0
-    assert "khat" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"not computed: PSIS needs K >= {MIN_KHAT_PARTICLES}" in out
+    assert "khat-test.png" not in out
     assert not (run_dir / "khat-test.png").exists()
 
 
