@@ -1,8 +1,11 @@
-"""Training throughput of 1 vs several data-parallel CPU processes (gloo), measured in one run.
+"""Training throughput of 1 vs several data-parallel processes (CPU/gloo or GPU/NCCL), in one run.
 
 Each configuration trains the same VAE with :func:`pyro_vae.train.train` (no run folder, no final
 estimate) in freshly started processes that get torchrun's environment variables
-(``MASTER_ADDR=127.0.0.1``, a free port), ``--threads`` intra-op threads each. The epochs' own
+(``MASTER_ADDR=127.0.0.1``, a free port), ``--threads`` intra-op threads each. With
+``--device cpu`` (the default) the processes use gloo; with ``--device cuda`` they use NCCL and
+process r the GPU ``cuda:r`` (``LOCAL_RANK``), so ``--world-size N`` needs N visible GPUs and
+``--world-size 1`` times one GPU alone. The epochs' own
 wall-clock seconds (``History.seconds``: the SVI steps, the gradient all-reduces and the sharded
 per-epoch test ELBO, without start-up) are read back from rank 0; the first ``--warmup-epochs``
 are dropped. Configurations:
@@ -16,7 +19,7 @@ are dropped. Configurations:
     as one process, the fair comparison for optimization.
 
 Rounds interleave the configurations so that they share the machine's noise; the median over
-``--rounds`` is reported, with the ratio to ``W=1``.
+``--rounds`` is reported, with the ratio to ``W=1`` (``--world-size 1`` runs ``W=1`` alone).
 
 ``--compare-ddp`` measures something else: the cost of a training step with the package's
 gradient averaging (:func:`pyro_vae.train.svi_step`: backward, then one flattened all-reduce)
@@ -25,11 +28,15 @@ whose ``forward`` returns the step's loss; DDP all-reduces gradient buckets whil
 pass runs). Both run in the same N processes on the same batches and noise, in interleaved
 blocks of ``--steps`` steps after a warm-up block each; the median milliseconds per step over
 ``--rounds`` blocks are printed with their ratio, and the largest difference between the two
-copies' parameters at the end (they take the same steps up to float rounding).
+copies' parameters at the end (they take the same steps up to float rounding). ``--device``
+applies to it as well.
 
     python benchmarks/bench_distributed.py                      # digits, W = 1 vs 2
     python benchmarks/bench_distributed.py --world-size 4 --epochs 10 --out bench.json
     python benchmarks/bench_distributed.py --compare-ddp --dataset mnist --data-dir DIR
+    python benchmarks/bench_distributed.py --device cuda --world-size 1   # one GPU alone
+    python benchmarks/bench_distributed.py --device cuda                  # 1 vs 2 GPUs
+    python benchmarks/bench_distributed.py --device cuda --compare-ddp    # 2 GPUs
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ def _worker(raw: str) -> None:
         return
     torch.set_num_threads(spec["threads"])
     config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
-                         batch_size=spec["batch_size"], final_particles=0, device="cpu")
+                         batch_size=spec["batch_size"], final_particles=0, device=spec["device"])
     result = train(config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
     if current_context().is_main:
         print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
@@ -80,7 +87,9 @@ def _worker(raw: str) -> None:
 
 
 def _ddp_worker(spec: dict[str, Any]) -> None:
-    """One rank of ``--compare-ddp``: time the package's step and DDP's, alternately."""
+    """One rank of ``--compare-ddp``: time the package's step and DDP's, alternately. On CUDA each
+    block ends with :func:`torch.cuda.synchronize`, so that it times the GPU's work, not the
+    queueing of it."""
     import copy
 
     import torch
@@ -93,14 +102,18 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     from pyro_vae.train import build_model, make_elbo, make_optimizer, svi_step
 
     torch.set_num_threads(spec["threads"])
-    dist = init_distributed("cpu", LAUNCH_TIMEOUT_S)
-    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], device="cpu")
+    cuda = spec["device"] == "cuda"
+    dist = init_distributed(spec["device"], LAUNCH_TIMEOUT_S)  # CUDA: selects cuda:LOCAL_RANK
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"],
+                         device=spec["device"])
     dataset = load_dataset(config.dataset, config.data_dir)
-    images = fixed_binarization(dataset.train.images, config.seed)
+    images = fixed_binarization(dataset.train.images, config.seed).to(device)
     batch, world = spec["batch_size"], dist.world_size
     torch.manual_seed(config.seed)
     ours = build_model(dataset, config)
     ours.initialize_from_data(dataset.train.images)
+    ours.to(device)
     theirs = copy.deepcopy(ours)
     elbo = make_elbo("meanfield")
 
@@ -115,7 +128,7 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.loss(x) / x.shape[0]
 
-    ddp = DistributedDataParallel(StepLoss(theirs))
+    ddp = DistributedDataParallel(StepLoss(theirs), device_ids=[device] if cuda else None)
     optimizers = {"ours": make_optimizer(ours.parameters(), config.lr),
                   "ddp": make_optimizer(theirs.parameters(), config.lr)}
     done = {"ours": 0, "ddp": 0}
@@ -133,11 +146,17 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
             optimizers[name].step()
         done[name] += 1
 
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     def block(name: str, steps: int) -> float:
+        synchronize()
         barrier(dist, "starting a block")
         start = time.perf_counter()
         for _ in range(steps):
             step(name)
+        synchronize()
         barrier(dist, "ending a block")
         return (time.perf_counter() - start) / steps
 
@@ -165,7 +184,8 @@ def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
         env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(spec["threads"])}
         if world_size > 1:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                       LOCAL_WORLD_SIZE=str(world_size))
         processes.append(subprocess.Popen(
             [sys.executable, __file__, WORKER_FLAG, json.dumps(spec)], env=env,
             stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, text=True))
@@ -183,16 +203,24 @@ def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(line[len(RESULT_PREFIX):])
 
 
+def _processes(args: argparse.Namespace) -> str:
+    """How the processes run, for the header: backend and GPU model, or threads and cores."""
+    if args.device == "cuda":
+        import torch
+
+        return f"processes on a {torch.cuda.get_device_name(0)} GPU each (nccl)"
+    return f"processes with {args.threads} thread(s) each (gloo), {os.cpu_count()} CPU cores"
+
+
 def _compare_ddp(args: argparse.Namespace) -> int:
     spec = {"mode": "ddp", "dataset": args.dataset, "data_dir": args.data_dir,
             "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps,
-            "warmup_steps": args.warmup_steps, "rounds": args.rounds}
+            "warmup_steps": args.warmup_steps, "rounds": args.rounds, "device": args.device}
     result = _launch(args.world_size, spec)
     ours, ddp = (statistics.median(result["seconds_per_step"][name]) for name in ("ours", "ddp"))
-    print(f"{args.dataset}: W={args.world_size} gloo processes, B={args.batch_size} per rank, "
+    print(f"{args.dataset}: W={args.world_size} {_processes(args)}, B={args.batch_size} per rank, "
           f"{result['num_params']} parameters, median of {args.rounds} blocks of {args.steps} "
-          f"steps, {args.threads} thread(s) per process, {os.cpu_count()} CPU cores, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"steps, load average {os.getloadavg()[0]:.1f}")
     print(f"{'gradient reduction':<44}{'ms/step':>10}{'blocks':>16}{'ratio':>8}")
     for label, name, median in (("svi_step + average_gradients (package)", "ours", ours),
                                 ("DistributedDataParallel, same networks", "ddp", ddp)):
@@ -216,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
     parser.add_argument("--data-dir", help="folder with the MNIST IDX files")
     parser.add_argument("--world-size", type=int, default=2, help="N processes (default 2)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo (default); cuda: NCCL, one GPU per process")
     parser.add_argument("--batch-size", type=int, default=64, help="B of one process (default 64)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--warmup-epochs", type=int, default=2)
@@ -238,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                      "--warmup-steps >= 0")
     if args.compare_ddp and args.world_size < 2:
         parser.error("--compare-ddp needs --world-size >= 2")
+    if args.device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < args.world_size:
+            parser.error(f"--device cuda runs each process on a GPU of its own: --world-size "
+                         f"{args.world_size} needs {args.world_size} CUDA GPU(s), "
+                         f"{gpus} visible here")
     from pyro_vae.data import load_dataset
     from pyro_vae.errors import PyroVAEError
 
@@ -248,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_ddp:
         return _compare_ddp(args)
     n = args.world_size
-    configs = {f"W=1, B={args.batch_size}": (1, args.batch_size),
-               f"W={n}, B={args.batch_size} per rank (effective {n * args.batch_size})":
-                   (n, args.batch_size),
-               f"W={n}, B={args.batch_size // n} per rank (effective {args.batch_size})":
-                   (n, max(1, args.batch_size // n))}
+    configs = {f"W=1, B={args.batch_size}": (1, args.batch_size)}
+    if n > 1:
+        configs.update({
+            f"W={n}, B={args.batch_size} per rank (effective {n * args.batch_size})":
+                (n, args.batch_size),
+            f"W={n}, B={args.batch_size // n} per rank (effective {args.batch_size})":
+                (n, max(1, args.batch_size // n))})
     epochs_per_s: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
         names = list(configs)
@@ -260,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             world_size, batch_size = configs[name]
             spec = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
-                    "batch_size": batch_size, "threads": args.threads}
+                    "batch_size": batch_size, "threads": args.threads, "device": args.device}
             seconds = _launch(world_size, spec)["seconds"][args.warmup_epochs:]
             epochs_per_s[name].append(len(seconds) / sum(seconds))
     baseline = statistics.median(epochs_per_s[next(iter(configs))])
     rows = []
     print(f"{args.dataset}: {num_train} training images, {args.epochs - args.warmup_epochs} timed "
-          f"epochs, median of {args.rounds} rounds, {args.threads} thread(s) per process, "
-          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
+          f"epochs, median of {args.rounds} rounds, {_processes(args)}, load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"{'configuration':<44}{'epochs/s':>10}{'images/s':>11}{'ratio':>8}")
     for name, values in epochs_per_s.items():
         rate = statistics.median(values)
@@ -279,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         from pyro_vae.io import write_json
 
-        write_json(args.out, {"dataset": args.dataset, "threads": args.threads,
+        write_json(args.out, {"dataset": args.dataset, "device": args.device,
+                              "threads": args.threads,
                               "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                               "machine": platform.platform(), "cpu_count": os.cpu_count(),
                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows})

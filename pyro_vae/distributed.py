@@ -111,6 +111,24 @@ def current_context() -> DistributedContext:
                               _env_int("LOCAL_RANK", 0), _owned_timeout_s)
 
 
+def check_gpus_per_node(local_rank: int) -> None:
+    """Raise :class:`~pyro_vae.errors.ConfigError` unless this node has a CUDA GPU for each of its
+    processes: NCCL gives every process a GPU of its own (``cuda:LOCAL_RANK``), and two ranks
+    cannot share one. The processes on the node are torchrun's ``LOCAL_WORLD_SIZE`` (else
+    ``local_rank + 1``), so every process of the node fails alike, including those whose own
+    GPU exists, rather than some of them waiting for the others until the timeout."""
+    processes = max(_env_int("LOCAL_WORLD_SIZE", local_rank + 1), local_rank + 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if processes <= gpus:
+        return
+    have = f"{gpus} CUDA GPU{'' if gpus == 1 else 's'}" if gpus else "no CUDA GPU"
+    fix = (f"start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or "
+           if gpus else "")
+    raise ConfigError(f"{processes} processes on this node but {have}: on CUDA (--device cuda, or "
+                      f"auto with a GPU present) each process needs a GPU of its own; {fix}"
+                      "train on the CPU with --device cpu")
+
+
 def init_distributed(device: torch.device | str = "cpu",
                      timeout_s: float | None = None) -> DistributedContext:
     """Join the process group described by torchrun's environment variables.
@@ -118,7 +136,9 @@ def init_distributed(device: torch.device | str = "cpu",
     Returns :data:`SINGLE` when ``WORLD_SIZE`` is unset or 1, and the existing group's context
     when one is already initialized (so calling it twice, or from code run under a group set up
     by the caller, is harmless). The backend is ``nccl`` for a CUDA ``device`` (each rank then
-    uses GPU ``LOCAL_RANK``) and ``gloo`` otherwise.
+    uses GPU ``LOCAL_RANK``) and ``gloo`` otherwise. A CUDA ``device`` with fewer visible GPUs
+    than processes on the node is a :class:`~pyro_vae.errors.ConfigError`, raised on every rank
+    of the node before any of them joins the group (see :func:`check_gpus_per_node`).
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return current_context()
@@ -133,6 +153,7 @@ def init_distributed(device: torch.device | str = "cpu",
                                  timeout)
     options: dict[str, Any] = {"backend": "gloo"}
     if torch.device(device).type == "cuda":
+        check_gpus_per_node(context.local_rank)
         gpu = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(gpu)
         options = {"backend": "nccl", "device_id": gpu}
@@ -281,10 +302,12 @@ def check_in_sync(tensors: Iterable[torch.Tensor], context: DistributedContext) 
         broadcast_tensors([reference], context, "checking that the ranks' weights agree")
         differs = (local.view(torch.int64) != reference.view(torch.int64)).sum()
         all_reduce_sum(differs, context, "checking that the ranks' weights agree")
-    if differs.item():
-        raise DistributedError(f"rank {context.rank}: the ranks' parameters have drifted apart "
-                               f"({differs.item()} values differ from rank 0's summed over "
-                               "ranks); the gradient reduction is broken")
+    count = int(differs.item())
+    if count:
+        values = "1 value differs" if count == 1 else f"{count} values differ"
+        raise DistributedError(f"rank {context.rank} of {context.world_size}: the ranks' "
+                               f"parameters have drifted apart ({values} from rank 0's, counted "
+                               "over all ranks); the gradient reduction is broken")
 
 
 def all_gather_objects(obj: Any, context: DistributedContext, what: str) -> list[Any]:

@@ -22,7 +22,7 @@ from pyro_vae.cli import main
 from pyro_vae.config import ModelConfig, TrainConfig
 from pyro_vae.data import fixed_binarization, load_digits
 from pyro_vae.distributed import (SINGLE, DistributedContext, average_gradients, init_distributed,
-                                  main_first)
+                                  main_first, shard_indices)
 from pyro_vae.evaluate import evaluate_run
 from pyro_vae.models import VAE
 from pyro_vae.train import make_elbo, svi_step, train
@@ -34,6 +34,9 @@ COLLECTIVE_TIMEOUT_S = 120.0
 HANG_TIMEOUT_S = 5.0
 HANG_SLEEP_S = 120.0
 FAIL_AT_STEP = 3
+DRIFT_AT_STEP = 2
+DRIFT_GRAD = 1.0
+DRIFT_EPOCHS = 2
 MAIN_FIRST_DELAY_S = 1.0
 READY_POLL_S = 0.05
 CONFIG = TrainConfig(epochs=2, batch_size=128, eval_particles=2, final_particles=10, device="cpu",
@@ -77,6 +80,16 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
     vae, images, optimizer = step_fixture()
     mine = images[dist.rank * HALF_BATCH:(dist.rank + 1) * HALF_BATCH]
     run_steps(vae, optimizer, [(dist.rank, mine)], dist)
+    orders, shards = [], []
+
+    def recording_shard_indices(order: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+        shard = shard_indices(order, context)
+        orders.append(order.clone())
+        shards.append(shard.clone())
+        return shard
+
+    # what train() calls once per epoch: full epochs 1, 2; part epoch 1; resumed epoch 2
+    importlib.import_module("pyro_vae.train").shard_indices = recording_shard_indices
     full = train(CONFIG, out / "full", progress=False)
     train(CONFIG.replace(epochs=1), out / "part", progress=False)
     resumed = train(CONFIG, out / "part", resume=True, progress=False)
@@ -85,7 +98,7 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
                 "resumed": resumed.model.state_dict(), "history": full.history.to_dict(),
                 "resumed_history": resumed.history.to_dict(), "log_px": result.log_px,
                 "elbo": result.elbo, "ess": result.ess, "khat": result.khat,
-                "saw_marker": saw_marker},
+                "saw_marker": saw_marker, "orders": orders, "shards": shards},
                out / f"rank{dist.rank}.pt")
 
 
@@ -124,11 +137,36 @@ def _failure_scenario(how: str, out: Path) -> int:
                  "--out", str(out / "run"), "--dist-timeout", f"{timeout:g}"])
 
 
+def _drift_scenario(out: Path) -> int:
+    """``pyro-vae train`` on every rank, where rank 1 adds ``DRIFT_GRAD`` to one entry of its
+    averaged gradients at its ``DRIFT_AT_STEP``-th step (a broken reduction): Adam then moves
+    that one parameter value differently on rank 1, and the check after the first epoch must
+    stop both ranks. Returns what the command line returns."""
+    if int(os.environ["RANK"]) == 1:
+        steps = []
+
+        def average_gradients_then_drift(parameters, dist) -> None:
+            parameters = list(parameters)
+            average_gradients(parameters, dist)
+            steps.append(None)
+            if len(steps) == DRIFT_AT_STEP:
+                grad = next(p.grad for p in parameters if p.grad is not None)
+                grad.view(-1)[0] += DRIFT_GRAD
+
+        importlib.import_module("pyro_vae.train").average_gradients = \
+            average_gradients_then_drift
+    return main(["train", "--epochs", str(DRIFT_EPOCHS), "--batch-size", str(CONFIG.batch_size),
+                 "--latent-dim", "2", "--hidden", "16", "--device", "cpu", "--quiet",
+                 "--out", str(out / "run"), "--dist-timeout", f"{COLLECTIVE_TIMEOUT_S:g}"])
+
+
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     if scenario == "main":
         _main_scenario(init_distributed("cpu", COLLECTIVE_TIMEOUT_S), out_dir)
     elif scenario in ("hang", "kill"):
         sys.exit(_failure_scenario(scenario, out_dir))
+    elif scenario == "drift":
+        sys.exit(_drift_scenario(out_dir))
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")

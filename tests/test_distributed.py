@@ -19,13 +19,14 @@ from torch.utils.data import DistributedSampler
 
 from distributed_worker import (COLLECTIVE_TIMEOUT_S, CONFIG, EVAL, FAIL_AT_STEP, HALF_BATCH,
                                 HANG_TIMEOUT_S, run_steps, step_fixture)
-from pyro_vae.cli import main
+from pyro_vae.cli import EXIT_USER_ERROR, main
 from pyro_vae.distributed import (ENV_TIMEOUT, EXIT_BROKEN_GROUP, MAX_CAUSE_CHARS, SINGLE,
                                   DistributedContext, DistributedError, derive_seed,
                                   init_distributed, rank_seed, shard_indices)
+from pyro_vae.data import load_digits
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.evaluate import evaluate_dataset, evaluate_run
-from pyro_vae.train import load_checkpoint, train
+from pyro_vae.train import CHECKPOINT_FILE, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -34,6 +35,8 @@ LAUNCH_TIMEOUT_S = 240
 FAILURE_SEEN_WITHIN_S = 90
 TORCHRUN_FAILED = 1
 STEP_RTOL, STEP_ATOL = 1e-5, 1e-6
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT")
 
 
 def _free_port() -> int:
@@ -44,8 +47,7 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
     return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -56,7 +58,8 @@ def _start_ranks(scenario: str, out: Path) -> list[tuple[subprocess.Popen, Path]
     for rank in range(WORLD_SIZE):
         log = out / f"rank{rank}.log"
         env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+                   LOCAL_WORLD_SIZE=str(WORLD_SIZE))
         with log.open("w") as handle:
             process = subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
                                        env=env, cwd=REPO, stdout=handle,
@@ -145,9 +148,51 @@ def test_sharded_evaluation_equals_a_single_process(two_ranks):
     for rank in saved:
         for name in ("log_px", "elbo", "ess", "khat"):
             assert rank[name].shape == (EVAL["limit"],)
-            torch.testing.assert_close(rank[name], getattr(single, name), rtol=1e-6, atol=1e-9)
+            assert torch.equal(rank[name], getattr(single, name)), name
     written = json.loads((out / "eval" / "eval-test.json").read_text())
     assert written["summary"]["num_datapoints"] == EVAL["limit"]
+
+
+def test_each_epoch_deals_a_new_shared_permutation_whose_shards_cover_the_training_set(
+        two_ranks):
+    """train()'s own calls of shard_indices, recorded on each rank: full run epochs 1..E, the
+    1-epoch run, then its resumption's epochs 2..E."""
+    _, saved = two_ranks
+    num_train = len(load_digits().train)
+    per_rank = -(-num_train // WORLD_SIZE)
+    epochs = [*range(1, CONFIG.epochs + 1), 1, *range(2, CONFIG.epochs + 1)]
+    for rank in saved:
+        assert len(rank["orders"]) == len(rank["shards"]) == len(epochs)
+    for call in range(len(epochs)):
+        order = saved[0]["orders"][call]
+        assert torch.equal(order.sort().values, torch.arange(num_train))
+        shards = [rank["shards"][call] for rank in saved]
+        for rank in saved:
+            assert torch.equal(rank["orders"][call], order)
+        assert [len(shard) for shard in shards] == [per_rank] * WORLD_SIZE
+        counts = torch.bincount(torch.cat(shards), minlength=num_train)
+        assert counts.min() >= 1  # the rest of the W * per_rank entries is the padding
+        same_epoch = [other for other in range(call) if epochs[other] == epochs[call]]
+        for other in range(call):
+            assert torch.equal(saved[0]["orders"][other], order) == (other in same_epoch), \
+                (epochs[other], epochs[call])
+
+
+def test_ranks_that_drift_apart_stop_together_with_one_clear_message(tmp_path):
+    """Rank 1 adds to one entry of its averaged gradients once. Adam is elementwise and the
+    later averaged gradients are the same on both ranks, so exactly that one parameter value
+    differs after the first epoch: the check then stops both ranks before any checkpoint."""
+    ranks = _start_ranks("drift", tmp_path)
+    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
+    logs = [log.read_text() for _, log in ranks]
+    assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
+    for rank, text in enumerate(logs):
+        assert "Traceback" not in text and "terminate called" not in text, text
+        errors = [line for line in text.splitlines() if "error:" in line]
+        assert errors == [f"pyro-vae train: error: rank {rank} of {WORLD_SIZE}: the ranks' "
+                          "parameters have drifted apart (1 value differs from rank 0's, counted "
+                          "over all ranks); the gradient reduction is broken"], text
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
 @pytest.mark.parametrize("how", ["hang", "kill"])
@@ -284,3 +329,87 @@ def test_dist_timeout_must_be_positive(capsys):
         main(["train", "--dist-timeout", "0"])
     assert exit_info.value.code == 2
     assert "expected a number > 0" in capsys.readouterr().err
+
+
+class _Reached(Exception):
+    """Raised by a stand-in for what init_distributed does after its checks."""
+
+
+def _fake_node(monkeypatch, gpus: int, *, rank: int, local_rank: int, world_size: int,
+               local_world_size: int | None) -> list:
+    """torchrun's variables for one process and a machine with ``gpus`` CUDA GPUs; joining a
+    group or selecting a GPU raises :class:`_Reached` (recording the GPU) instead."""
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    if local_world_size is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    selected = []
+
+    def set_device(device) -> None:
+        selected.append(torch.device(device))
+        raise _Reached
+
+    def init_process_group(*args, **kwargs) -> None:
+        raise _Reached
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    return selected
+
+
+def _too_few_gpus(processes: int, gpus: int) -> str:
+    return (f"{processes} processes on this node but {gpus} CUDA GPU{'s' if gpus > 1 else ''}: "
+            "on CUDA (--device cuda, or auto with a GPU present) each process needs a GPU of its "
+            f"own; start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or train on "
+            "the CPU with --device cpu")
+
+
+@pytest.mark.parametrize("local_world_size", [2, None])
+def test_cuda_with_fewer_gpus_than_processes_on_the_node_fails_on_every_rank(monkeypatch,
+                                                                              local_world_size):
+    """Without LOCAL_WORLD_SIZE rank 0 cannot know of rank 1 (and gets its GPU)."""
+    for rank in range(2):
+        selected = _fake_node(monkeypatch, 1, rank=rank, local_rank=rank, world_size=2,
+                              local_world_size=local_world_size)
+        if local_world_size is None and rank == 0:
+            with pytest.raises(_Reached):
+                init_distributed("cuda", timeout_s=1)
+            assert selected == [torch.device("cuda", 0)]
+            continue
+        with pytest.raises(ConfigError) as info:
+            init_distributed("cuda", timeout_s=1)
+        assert str(info.value) == _too_few_gpus(2, 1)
+        assert selected == []
+    assert not torch.distributed.is_initialized()
+
+
+def test_cuda_ranks_take_the_gpu_of_their_local_rank(monkeypatch):
+    """Node 1 of 2 with 4 processes each: global rank 5 is local rank 1 and takes cuda:1."""
+    selected = _fake_node(monkeypatch, 4, rank=5, local_rank=1, world_size=8, local_world_size=4)
+    with pytest.raises(_Reached):
+        init_distributed("cuda", timeout_s=1)
+    assert selected == [torch.device("cuda", 1)]
+    selected = _fake_node(monkeypatch, 3, rank=5, local_rank=1, world_size=8, local_world_size=4)
+    with pytest.raises(ConfigError, match="^4 processes on this node but 3 CUDA GPUs: "):
+        init_distributed("cuda", timeout_s=1)
+    assert selected == []
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(monkeypatch, capsys, tmp_path,
+                                                                   command):
+    """--device auto picks CUDA when a GPU is present, so 2 processes on a 1-GPU machine get the
+    error (not a silent CPU run); nothing is written."""
+    _fake_node(monkeypatch, 1, rank=1, local_rank=1, world_size=2, local_world_size=2)
+    run_dir = tmp_path / "run"
+    argv = (["train", "--out", str(run_dir)] if command == "train" else ["evaluate", str(run_dir)])
+    assert main([*argv, "--device", "auto", "--quiet"]) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"pyro-vae {command}: error: {_too_few_gpus(2, 1)}\n"
+    assert not run_dir.exists()
