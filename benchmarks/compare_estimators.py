@@ -1,17 +1,26 @@
 """Train the same VAE with each ELBO estimator and compare bounds, likelihoods and gradient SNR.
 
 For every seed and estimator (``trace``, ``meanfield``, ``iwae``, ``stl``, ``dreg``) the same
-VAE (same initial weights, same data order and dynamic binarization) is trained for the same
+VAE (same initial weights, same data order and same training images) is trained for the same
 number of epochs (or, with ``--time-budget``, for the same training wall time) by a plain torch
 loop: ``estimator.differentiable_loss(model.model, model.guide, batch) / B``, backward,
-``torch.optim.Adam`` on ``model.parameters()``, Pyro validation off. Then, per run:
+``torch.optim.Adam`` on ``model.parameters()``, Pyro validation off, on ``--device``. With
+``--warmup`` STEPS, β rises linearly from ``TrainConfig.warmup_start`` (as in ``pyro-vae
+train``) to ``--beta`` over STEPS steps.
+
+``--binarize`` names the data as ``pyro-vae train`` does: ``dynamic`` (the default for a
+Bernoulli likelihood) trains on a fresh Bernoulli draw of the training images every epoch,
+``fixed`` on one seeded draw (the one the train bound uses, the same for every seed), ``none``
+(the default for the built-in VAE with ``--likelihood gaussian``) on the intensities. The
+evaluation sets are a fixed binarization of the training and test images, or with ``none`` the
+intensities themselves. Then, per run:
 
 ``train bound``
-    the estimator's own bound per datapoint on a fixed binarization of the training set
+    the estimator's own bound per datapoint on the evaluation training set
     (the ELBO for trace/meanfield/stl, the K-sample IWAE bound for iwae/dreg);
 ``test ELBO``, ``test log p̂_K``, ``gap``
-    from :func:`pyro_vae.evaluate.evaluate_dataset` with ``--eval-particles`` K on a fixed
-    binarization of the test set (the same for every run);
+    from :func:`pyro_vae.evaluate.evaluate_dataset` with ``--eval-particles`` K on the
+    evaluation test set (the same for every run);
 ``active units``
     latent dimensions whose posterior mean varies over the test set by more than 0.01
     (Burda et al. 2016);
@@ -31,6 +40,10 @@ gradients for each K of ``--snr-ks``. Outputs in ``--out`` (written atomically):
     python benchmarks/compare_estimators.py --seeds 0 --epochs 20 --out /tmp/quick
     python benchmarks/compare_estimators.py --data-dir ~/mnist --eval-particles 5000 --out mnist
     python benchmarks/compare_estimators.py --model-factory my_models.py:build --out mine
+    python benchmarks/compare_estimators.py --likelihood gaussian --out gaussian  # intensities
+
+A conditional (labelled) pair, ``conditional = True``, is refused: this benchmark compares
+estimators of log p(x) on unlabelled images.
 """
 
 from __future__ import annotations
@@ -51,15 +64,18 @@ from typing import Any, Sequence
 
 import pyro
 import torch
+from pyro import poutine
 
 from pyro_vae import data as data_lib
-from pyro_vae.config import check_seed
+from pyro_vae.config import (BINARIZATIONS, DEVICES, LIKELIHOODS, ModelConfig, TrainConfig,
+                             check_seed)
 from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
 from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.protocol import check_model, guide_parameters, load_factory
+from pyro_vae.train import resolve_device
 
 INSIDE_LOG = ("iwae", "dreg")
 EXIT_USER_ERROR = 2
@@ -92,6 +108,7 @@ class BenchmarkConfig:
     importance_samples: int = 5
     beta: float = 1.0
     warmup: int = 0
+    warmup_start: float = TrainConfig.warmup_start
     eval_particles: int | None = None
     curve_particles: int = 100
     eval_every: int = 10
@@ -99,6 +116,9 @@ class BenchmarkConfig:
     snr_ks: tuple[int, ...] = (1, 5, 10, 50)
     threads: int = 1
     model_factory: str | None = None
+    likelihood: str | None = None
+    binarize: str | None = None
+    device: str = TrainConfig.device
 
     @property
     def final_eval_particles(self) -> int:
@@ -108,7 +128,29 @@ class BenchmarkConfig:
         return 1000 if self.dataset == "digits" else 5000
 
     def __post_init__(self) -> None:
-        """Every field checked, so a bad value fails before any training (ConfigError)."""
+        """Every field checked, so a bad value fails before any training (ConfigError).
+
+        ``likelihood`` (built-in VAE only) defaults to the package's, ``binarize`` to
+        ``TrainConfig.binarize`` or, for the built-in VAE with a Gaussian likelihood, ``none``;
+        the built-in VAE's likelihood and data must agree, as in ``pyro-vae train``."""
+        if self.model_factory is not None and self.likelihood is not None:
+            raise ConfigError("--likelihood chooses the built-in VAE's likelihood; a "
+                              "--model-factory pair has its own")
+        if self.model_factory is None and self.likelihood is None:
+            object.__setattr__(self, "likelihood", ModelConfig.likelihood)
+        if self.binarize is None:
+            object.__setattr__(self, "binarize", "none" if self.likelihood == "gaussian"
+                               else TrainConfig.binarize)
+        for name, value, choices in (("likelihood", self.likelihood, LIKELIHOODS),
+                                     ("binarize", self.binarize, BINARIZATIONS),
+                                     ("device", self.device, DEVICES)):
+            if value not in choices and not (name == "likelihood" and value is None):
+                raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        if self.model_factory is None and \
+                (self.likelihood == "bernoulli") == (self.binarize == "none"):
+            raise ConfigError("the built-in VAE with a Bernoulli likelihood needs binary data "
+                              "(--binarize dynamic or fixed) and with a Gaussian one the "
+                              "intensities (--binarize none)")
         unknown = sorted(set(self.estimators) - set(ESTIMATORS))
         if unknown or not self.estimators or not self.seeds:
             raise ConfigError(f"need seeds and estimators from {ESTIMATORS}; got "
@@ -133,6 +175,7 @@ class BenchmarkConfig:
         _check_real("beta", self.beta, strictly_positive=False)
         if self.time_budget is not None:
             _check_real("time_budget", self.time_budget, strictly_positive=True)
+        warmup_schedule(self)
 
     def importance_samples_of(self, name: str) -> int:
         return self.importance_samples if name in INSIDE_LOG else 1
@@ -155,19 +198,52 @@ def _check_real(name: str, value: Any, strictly_positive: bool) -> None:
         raise ConfigError(f"{name} must be a finite number {relation}, got {value!r}")
 
 
+def warmup_schedule(config: BenchmarkConfig) -> LinearWarmup:
+    """β per step: from ``config.warmup_start`` to ``config.beta`` over ``config.warmup``
+    steps (constant ``config.beta`` without warm-up), the schedule of ``pyro-vae train``."""
+    return LinearWarmup(config.warmup or None, config.warmup_start, config.beta)
+
+
 @dataclass
 class Data:
+    """``train``: the training intensities; ``train_eval`` / ``test_eval``: the fixed sets
+    every run is evaluated on (a seeded binarization, or the intensities with ``none``)."""
+
     train: torch.Tensor
-    train_fixed: torch.Tensor
-    test_fixed: torch.Tensor
+    train_eval: torch.Tensor
+    test_eval: torch.Tensor
 
 
-def load_data(config: BenchmarkConfig) -> Data:
+def load_data(config: BenchmarkConfig, device: torch.device = torch.device("cpu")) -> Data:
     dataset = (data_lib.load_digits() if config.dataset == "digits"
-               else data_lib.load_mnist(config.data_dir))
-    return Data(train=dataset.train.images,
-                train_fixed=data_lib.fixed_binarization(dataset.train.images, TRAIN_EVAL_SEED),
-                test_fixed=data_lib.fixed_binarization(dataset.test.images, TEST_EVAL_SEED))
+               else data_lib.load_mnist(config.data_dir)).to(device)
+    train, test = dataset.train.images, dataset.test.images
+    if config.binarize == "none":
+        return Data(train=train, train_eval=train, test_eval=test)
+    return Data(train=train, train_eval=data_lib.fixed_binarization(train, TRAIN_EVAL_SEED),
+                test_eval=data_lib.fixed_binarization(test, TEST_EVAL_SEED))
+
+
+def epoch_images(config: BenchmarkConfig, data: Data, generator: torch.Generator
+                 ) -> torch.Tensor:
+    """One epoch's training images: a fresh Bernoulli draw with ``generator`` (``dynamic``),
+    the fixed binarization ``data.train_eval`` (``fixed``) or the intensities (``none``)."""
+    if config.binarize == "dynamic":
+        return data_lib.binarize(data.train, generator)
+    return data.train_eval
+
+
+def _fork_rng(device: torch.device):
+    """A fork of torch's CPU random state and, on CUDA, of the device's."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has run (CUDA is
+    asynchronous: without the synchronization a timing would stop before the kernels do)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _estimator(name: str, config: BenchmarkConfig, importance_samples: int | None = None
@@ -180,7 +256,7 @@ def _estimator(name: str, config: BenchmarkConfig, importance_samples: int | Non
 @torch.no_grad()
 def test_log_px(model: VAE, images: torch.Tensor, particles: int, seed: int) -> dict[str, float]:
     """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``images``, on a fork of the RNG."""
-    with torch.random.fork_rng(devices=[]):
+    with _fork_rng(images.device):
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         result = evaluate_dataset(model.model, model.guide, images, num_particles=particles,
                                   batch_size=100, particle_chunk=500, khat=False,
@@ -194,7 +270,7 @@ def own_bound(model: VAE, estimator: ELBOEstimator, images: torch.Tensor, seed: 
               batch_size: int = 500) -> float:
     """The estimator's bound per datapoint over ``images`` (nats)."""
     total = 0.0
-    with torch.random.fork_rng(devices=[]):
+    with _fork_rng(images.device):
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         for start in range(0, images.shape[0], batch_size):
             total -= estimator.loss(model.model, model.guide, images[start:start + batch_size])
@@ -239,15 +315,42 @@ def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator, batch: torch.
     return out
 
 
+def _check_data_fits(model: torch.nn.Module, batch: torch.Tensor, binarize: str) -> None:
+    """Score ``batch`` once under Pyro validation: a pair whose likelihood's support misses the
+    data (a Bernoulli pair on intensities, with ``--binarize none``) is refused before any
+    training, in one line."""
+    try:
+        with poutine.block(), pyro.validation_enabled(True), _fork_rng(batch.device):
+            evaluate_dataset(model.model, model.guide, batch, num_particles=1, khat=False,
+                             max_plate_nesting=1)
+    except ValueError as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        data = "the intensities" if binarize == "none" else "binary (0/1) images"
+        raise ConfigError(f"{type(model).__name__} cannot score the data: {first_line} "
+                          f"(with --binarize {binarize} the data are {data}: choose the "
+                          "--binarize that fits the pair's likelihood)") from None
+
+
 def _init_model(config: BenchmarkConfig, data: Data, seed: int, name: str) -> torch.nn.Module:
     """The same initial weights for every estimator of a seed; a param-store name of its own.
-    With ``config.model_factory`` the model is ``factory(input_dim, name)``: a user's own pair."""
+    With ``config.model_factory`` the model is ``factory(input_dim, name)``: a user's own pair
+    (a conditional one is refused). The model is moved to the data's device."""
     torch.manual_seed(seed)
+    device = data.train.device
     if config.model_factory is not None:
         model = load_factory(config.model_factory)(data.train.shape[1], f"{name}-{seed}")
-        check_model(model, data.train_fixed[:2])
+        check_model(model)
+        if getattr(model, "conditional", False):
+            raise ConfigError(f"{type(model).__name__} is a conditional pair (conditional = "
+                              "True): conditional (labelled) pairs are not supported by this "
+                              "benchmark, which compares estimators of log p(x) on unlabelled "
+                              "images")
+        model = model.to(device)
+        check_model(model, data.train_eval[:2])
+        _check_data_fits(model, data.train_eval[:config.batch_size], config.binarize)
     else:
-        model = VAE(data.train.shape[1], config.latent_dim, config.hidden, name=f"{name}-{seed}")
+        model = VAE(data.train.shape[1], config.latent_dim, config.hidden,
+                    likelihood=config.likelihood, name=f"{name}-{seed}").to(device)
     if hasattr(model, "initialize_from_data"):
         model.initialize_from_data(data.train)
     return model
@@ -257,19 +360,20 @@ def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data) -> dict
     """Train one VAE with estimator ``name``; return its model, metrics and curve."""
     model = _init_model(config, data, seed, name)
     estimator = _estimator(name, config)
-    schedule = LinearWarmup(config.warmup or None, end=config.beta)
+    schedule = warmup_schedule(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(seed)
+    device = data.train.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     pyro.set_rng_seed(seed)
     num_train = data.train.shape[0]
-    curve = [(0, test_log_px(model, data.test_fixed, config.curve_particles, seed)["test_log_px"])]
+    curve = [(0, test_log_px(model, data.test_eval, config.curve_particles, seed)["test_log_px"])]
     steps, train_seconds, epoch = 0, 0.0, 0
     out_of_time = False
     while not out_of_time and (config.time_budget is not None or epoch < config.epochs):
         epoch += 1
-        order = torch.randperm(num_train, generator=generator)
-        images = data_lib.binarize(data.train, generator)[order]
-        started = time.perf_counter()
+        order = torch.randperm(num_train, generator=generator, device=device)
+        images = epoch_images(config, data, generator)[order]
+        started = _clock(device)
         with pyro.validation_enabled(False):
             for start in range(0, num_train, config.batch_size):
                 batch = images[start:start + config.batch_size]
@@ -280,25 +384,25 @@ def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data) -> dict
                 optimizer.step()
                 steps += 1
                 if (config.time_budget is not None
-                        and train_seconds + time.perf_counter() - started >= config.time_budget):
+                        and train_seconds + _clock(device) - started >= config.time_budget):
                     out_of_time = True
                     break
-        train_seconds += time.perf_counter() - started
+        train_seconds += _clock(device) - started
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{name}, seed {seed}: the loss diverged at epoch {epoch}")
         if epoch % config.eval_every == 0 or out_of_time or epoch == config.epochs:
-            value = test_log_px(model, data.test_fixed, config.curve_particles, seed)
+            value = test_log_px(model, data.test_eval, config.curve_particles, seed)
             curve.append((epoch, value["test_log_px"]))
     estimator.beta = config.beta
     metrics: dict[str, Any] = {"estimator": name, "seed": seed, "epochs": epoch, "steps": steps,
                                "train_seconds": train_seconds,
                                "steps_per_s": steps / train_seconds}
-    metrics["train_bound"] = own_bound(model, estimator, data.train_fixed, seed)
-    metrics.update(test_log_px(model, data.test_fixed, config.final_eval_particles, seed))
-    metrics["active_units"] = active_units(model, data.test_fixed)
-    with pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
+    metrics["train_bound"] = own_bound(model, estimator, data.train_eval, seed)
+    metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed))
+    metrics["active_units"] = active_units(model, data.test_eval)
+    with pyro.validation_enabled(False), _fork_rng(device):
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
-        metrics.update(gradient_snr(model, estimator, data.train_fixed[:config.batch_size],
+        metrics.update(gradient_snr(model, estimator, data.train_eval[:config.batch_size],
                                     config.snr_draws))
     return {"metrics": metrics, "curve": curve, "model": model}
 
@@ -307,11 +411,11 @@ def snr_versus_k(model: VAE, config: BenchmarkConfig, data: Data, seed: int
                  ) -> dict[str, dict[str, list[float]]]:
     """Encoder/decoder SNR of the iwae and dreg gradients at ``model``'s parameters, per K."""
     out: dict[str, dict[str, list[float]]] = {}
-    batch = data.train_fixed[:config.batch_size]
+    batch = data.train_eval[:config.batch_size]
     for name in INSIDE_LOG:
         rows: dict[str, list[float]] = {"snr_encoder": [], "snr_decoder": []}
         for k in config.snr_ks:
-            with pyro.validation_enabled(False), torch.random.fork_rng(devices=[]):
+            with pyro.validation_enabled(False), _fork_rng(batch.device):
                 torch.manual_seed(seed + EVAL_RNG_OFFSET)
                 snr = gradient_snr(model, _estimator(name, config, importance_samples=k), batch,
                                    config.snr_draws)
@@ -421,9 +525,10 @@ def plot_snr(snr: dict[str, dict[str, list[float]]], ks: Sequence[int], path: Pa
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every (seed, estimator); return everything that gets written."""
+    device = resolve_device(config.device)
     torch.set_num_threads(config.threads)
     pyro.clear_param_store()
-    data = load_data(config)
+    data = load_data(config, device)
     runs, curves = [], {name: [] for name in config.estimators}
     snr_runs = []
     started = time.perf_counter()
@@ -450,7 +555,9 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
             "seconds": time.perf_counter() - started,
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "pyro": pyro.__version__, "platform": platform.platform(),
-                            "threads": config.threads}}
+                            "threads": config.threads, "device": str(device),
+                            "gpu": (torch.cuda.get_device_name(device)
+                                    if device.type == "cuda" else None)}}
 
 
 def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
@@ -532,8 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=defaults.importance_samples, help="K inside the log (iwae, dreg)")
     p.add_argument("--beta", type=_real(strictly_positive=False), default=defaults.beta,
                    help="weight of the rate (KL) term, >= 0")
-    p.add_argument("--warmup", type=_whole(0), default=defaults.warmup,
-                   help="KL warm-up steps (0: constant beta)")
+    p.add_argument("--warmup", type=_whole(0), default=defaults.warmup, metavar="STEPS",
+                   help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} (as in "
+                        "pyro-vae train) to --beta over STEPS optimizer steps (0: constant beta)")
     p.add_argument("--eval-particles", type=positive, default=None,
                    help="K of the final test log p̂_K (default 1000 on digits, 5000 on MNIST)")
     p.add_argument("--curve-particles", type=positive, default=defaults.curve_particles)
@@ -541,6 +649,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr-draws", type=_whole(2), default=defaults.snr_draws)
     p.add_argument("--snr-ks", nargs="+", type=positive, default=list(defaults.snr_ks))
     p.add_argument("--threads", type=positive, default=defaults.threads)
+    p.add_argument("--device", choices=DEVICES, default=defaults.device,
+                   help=f"auto: cuda when a GPU is available, else cpu; default "
+                        f"{defaults.device}")
+    p.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
+                   help="of the built-in VAE: bernoulli (binary pixels; the default) or "
+                        "gaussian (intensities, a learned standard deviation); not with "
+                        "--model-factory")
+    p.add_argument("--binarize", choices=BINARIZATIONS, default=None,
+                   help="training data: dynamic (a fresh Bernoulli draw every epoch), fixed (one "
+                        "seeded draw) or none (the intensities; evaluation on the intensities "
+                        f"too); default {TrainConfig.binarize}, none with --likelihood gaussian")
     p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
                    help="compare on your own pair: FUNCTION(input_dim, name) returns an "
                         "nn.Module with model/guide methods (see pyro_vae.protocol); "
@@ -566,7 +685,8 @@ def parse_args(argv: Sequence[str] | None,
             beta=args.beta, warmup=args.warmup, eval_particles=args.eval_particles,
             curve_particles=args.curve_particles, eval_every=args.eval_every,
             snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks), threads=args.threads,
-            model_factory=args.model_factory)
+            model_factory=args.model_factory, likelihood=args.likelihood,
+            binarize=args.binarize, device=args.device)
     except PyroVAEError as exc:
         parser.error(str(exc))
     return config, args.out
