@@ -5,7 +5,10 @@ A pair works with the training loop (:func:`pyro_vae.train.train`), the evaluato
 
 1. it is a :class:`torch.nn.Module` that owns every learnable parameter (so one
    ``torch.optim`` optimizer over ``module.parameters()`` trains it, and a ``state_dict``
-   checkpoints it);
+   checkpoints it): every ``param`` site of the model and guide is one of
+   ``module.parameters()`` (as those of ``pyro.module(name, self)`` are) or the constrained value
+   of one (a :class:`~pyro.nn.PyroParam` of a :class:`~pyro.nn.PyroModule`), never a free
+   ``pyro.param("W", init)``, which the optimizer would not see;
 2. it has callables ``model(x)`` and ``guide(x)`` (``model(x, y)`` / ``guide(x, y)`` with
    ``conditional = True``, where ``y`` are the integer labels);
 3. every sample site of both (latent and observed) lies inside one ``pyro.plate`` over the rows of
@@ -38,6 +41,25 @@ def data_plate_name(module: Any) -> str:
     return getattr(module, "data_plate", DATA_PLATE)
 
 
+def _foreign_params(module: nn.Module, *traces: Any) -> list[str]:
+    """The names of the ``param`` sites of ``traces`` whose values are not ``module``'s
+    parameters. A site's value is the constrained value of a param-store entry; its
+    ``unconstrained()`` is the tensor the store holds (the one ``pyro.infer.SVI`` would optimize),
+    which must be one of the module's: a parameter registered by ``pyro.module``, or the
+    unconstrained parameter behind a ``PyroParam``."""
+    owned = {id(p) for p in module.parameters()}
+    foreign = []
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] != "param" or name in foreign:
+                continue
+            unconstrained = getattr(site["value"], "unconstrained", None)
+            leaf = unconstrained() if callable(unconstrained) else site["value"]
+            if id(leaf) not in owned:
+                foreign.append(name)
+    return foreign
+
+
 def check_model(module: Any, *example_args: torch.Tensor) -> None:
     """Raise :class:`~pyro_vae.errors.ConfigError` naming the first requirement (see the module
     docstring) that ``module`` misses; with ``example_args`` (a small batch) the pair is also
@@ -58,13 +80,27 @@ def check_model(module: Any, *example_args: torch.Tensor) -> None:
     hint = (f"every sample site belongs inside pyro.plate({data_plate_name(module)!r}, "
             "x.shape[0]) with its other dimensions as events, e.g. "
             "dist.Normal(loc, scale).to_event(1)")
-    try:
-        with poutine.block(), pyro.validation_enabled(True), torch.random.fork_rng(devices=[]):
+    try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead
+        with poutine.block(), pyro.validation_enabled(True), \
+                torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
             model_trace, guide_trace = trace_pair(module.model, module.guide, example_args, {})
+            foreign = _foreign_params(module, model_trace, guide_trace)
+    except KeyError as exc:  # e.g. pyro.param(name) without an initial value, in that store
+        raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
+                          f"failed: KeyError {exc} (if that names a pyro.param read without an "
+                          f"initial value, make the parameter an nn.Parameter of {what}: the "
+                          "pair must own its parameters)") from None
     except (ValueError, RuntimeError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
                           f"failed: {first_line} ({hint})") from None
+    if foreign:
+        raise ConfigError(
+            f"the param site(s) {foreign} of {what} are not parameters of the module, so "
+            "training (one optimizer over module.parameters()) would never update them: make "
+            f"each an nn.Parameter (or a PyroParam, for a constrained one) of {what}, e.g. "
+            "self.W = nn.Parameter(init), and use it directly (pyro.module(name, self) "
+            "registers all of them with Pyro's param store)")
     for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":

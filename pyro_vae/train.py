@@ -2,7 +2,10 @@
 
 A run folder holds ``config.json``, ``history.json``, ``checkpoint.pt`` (model, optimizer, random
 states and history; loadable with ``torch.load(weights_only=True)``), ``model.safetensors`` (the
-weights alone) and the PNG plots. Every file is written atomically.
+weights alone) and the PNG plots. Every file is written atomically. A run of a user's own
+model/guide pair (``train(config, run_dir, model=pair)``) also records the pair's class under
+``"model_class"`` in ``config.json`` and the checkpoint: the config's ``model`` entry does not
+describe that pair, so only Python, given the class, can rebuild it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "model.safetensors"
 MAX_PLATE_NESTING = 1
+MODEL_CLASS_KEY = "model_class"
 TEST_BINARIZATION_OFFSET = 1
 
 
@@ -77,6 +81,24 @@ def build_model(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
     else:
         model = VAE(dataset.input_dim, guide=spec.guide, **common)
     return model
+
+
+def _user_model_class(model: torch.nn.Module) -> str | None:
+    """``"module.QualName"`` of a model that is not one of the package's families (which
+    ``config.model`` describes and :func:`build_model` rebuilds), else ``None``."""
+    cls = type(model)
+    if cls in (VAE, CVAE, VAE2):
+        return None
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _user_model_refusal(run_dir: Path, model_class: str) -> CheckpointError:
+    pair, where = f"{model_class.rpartition('.')[2]}(...)", repr(str(run_dir))
+    return CheckpointError(
+        f"{run_dir} holds a user-defined model ({model_class}), which only Python can rebuild: "
+        f"load it with load_run({where}, model={pair}) or resume it with "
+        f"train(read_config({where}), {where}, resume=True, model={pair}), all three from "
+        "pyro_vae.train")
 
 
 def model_args(model: VAE, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -198,13 +220,16 @@ def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
     }
     if ranks is not None:
         state["distributed"] = ranks
+    model_class = _user_model_class(model)
+    recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
+    state.update(recorded)
     with atomic_path(run_dir / CHECKPOINT_FILE) as tmp:
         torch.save(state, tmp)
     with atomic_path(run_dir / WEIGHTS_FILE) as tmp:
         safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                                     str(tmp))
     write_json(run_dir / HISTORY_FILE, history.to_dict())
-    write_json(run_dir / CONFIG_FILE, config.to_dict())
+    write_json(run_dir / CONFIG_FILE, {**config.to_dict(), **recorded})
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "config")
@@ -235,15 +260,24 @@ def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu
 
 
 def _load_weights(module: torch.nn.Module | torch.optim.Optimizer, weights: dict[str, Any],
-                  run_dir: Path) -> None:
+                  run_dir: Path, model_class: str | None = None) -> None:
+    """Load ``weights`` into ``module``; ``model_class`` is the user's class the run recorded."""
     try:
         module.load_state_dict(weights)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint in {run_dir} does not fit its config: "
+        fits = "its config" if model_class is None else f"the given model (it holds {model_class})"
+        raise CheckpointError(f"the checkpoint in {run_dir} does not fit {fits}: "
                               f"{_one_line(exc)}") from None
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`~pyro_vae.config.TrainConfig` saved in a run folder's ``config.json``."""
+    return _read_run_config(run_dir)[0]
+
+
+def _read_run_config(run_dir: str | Path) -> tuple[TrainConfig, str | None]:
+    """The saved config and the user's model class the run recorded (``None``: a package
+    family, which the config describes)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE}: is it a pyro-vae run folder?")
@@ -253,8 +287,11 @@ def read_config(run_dir: str | Path) -> TrainConfig:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"cannot read {path}: expected a JSON object")
+    model_class = raw.pop(MODEL_CLASS_KEY, None)
+    if model_class is not None and not isinstance(model_class, str):
+        raise CheckpointError(f"cannot read {path}: {MODEL_CLASS_KEY!r} must be a string")
     try:
-        return TrainConfig.from_dict(raw)
+        return TrainConfig.from_dict(raw), model_class
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
@@ -333,7 +370,11 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
     epoch (atomically); ``resume=True`` continues the run saved in ``run_dir`` up to
     ``config.epochs`` and reaches the same parameters as an uninterrupted run.
     ``model`` may be given (built for the dataset's input size); by default it is built from
-    ``config.model``. ``on_epoch(epoch, history)`` is called after each epoch's checkpoint.
+    ``config.model``. A user's own pair (any class but the package's families; checked by
+    :func:`~pyro_vae.protocol.check_model`) is recorded in the run folder by its class name, and
+    the run is resumed by passing a fresh pair of that class again with ``resume=True``; without
+    it, resuming such a run raises :class:`~pyro_vae.errors.CheckpointError`.
+    ``on_epoch(epoch, history)`` is called after each epoch's checkpoint.
     Entries of Pyro's param store under the model's name are replaced by the model's parameters;
     other entries are left alone.
     Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss becomes NaN or infinite; the
@@ -392,8 +433,11 @@ def train(config: TrainConfig, run_dir: str | Path | None = None, *, resume: boo
                          data_dir=config.data_dir) != config:
             raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
                                   "epochs, device and data_dir may change on resume")
-        _load_weights(model, state["model"], run_dir)
-        _load_weights(optimizer, state["optimizer"], run_dir)
+        saved_class = state.get(MODEL_CLASS_KEY)
+        if saved_class is not None and not user_model:
+            raise _user_model_refusal(run_dir, saved_class)
+        _load_weights(model, state["model"], run_dir, saved_class)
+        _load_weights(optimizer, state["optimizer"], run_dir, saved_class)
         _restore_rng_states(state, generator, order_generator, dist, run_dir)
         history = History.from_dict(state["history"])
         if config.epochs < len(history.epoch):
@@ -500,18 +544,28 @@ class LoadedRun:
         return evaluation_images(self.dataset, split, self.config)
 
 
-def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = None) -> LoadedRun:
-    """Load the config, weights and data of a run folder (``data_dir`` overrides the saved one)."""
+def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = None, *,
+             model: torch.nn.Module | None = None) -> LoadedRun:
+    """Load the config, weights and data of a run folder (``data_dir`` overrides the saved one).
+
+    The package's families are rebuilt from the config. A run of a user's own pair needs
+    ``model``, a fresh instance of that class built as for training, into which the weights are
+    loaded; without it such a run raises :class:`~pyro_vae.errors.CheckpointError` (the command
+    line's one-line refusal)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
-    config = read_config(run_dir)
+    config, model_class = _read_run_config(run_dir)
+    if model_class is not None and model is None:
+        raise _user_model_refusal(run_dir, model_class)
     if data_dir is not None:
         config = config.replace(data_dir=data_dir)
     torch_device = resolve_device(device)
     state = load_checkpoint(run_dir, map_location=torch_device)
     dataset = prepare_data(config, torch_device)
-    model = build_model(dataset, config).to(torch_device)
-    _load_weights(model, state["model"], run_dir)
+    if model is None:
+        model = build_model(dataset, config)
+    model = model.to(torch_device)
+    _load_weights(model, state["model"], run_dir, model_class)
     model.eval()
     return LoadedRun(run_dir, config, model, dataset, History.from_dict(state["history"]))

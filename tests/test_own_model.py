@@ -10,12 +10,18 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch import nn
+from torch.distributions import constraints
 
-from pyro_vae import ConfigError, TrainConfig, train
+from pyro_vae import VAE, ConfigError, TrainConfig, train
+from pyro_vae.cli import EXIT_USER_ERROR, main
+from pyro_vae.cvae import CVAE
+from pyro_vae.errors import CheckpointError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.protocol import check_model, load_factory
-from pyro_vae.train import evaluation_images, prepare_data
+from pyro_vae.train import MODEL_CLASS_KEY, evaluation_images, load_run, prepare_data, read_config
+from pyro_vae.vae2 import VAE2
 from test_model_families import _per_datapoint_elbo
 
 
@@ -136,6 +142,27 @@ class _NotReparameterized(MixturePriorVAE):
             pyro.sample("z", dist.Categorical(logits=self.mixture_logits[:2]))
 
 
+class _GlobalLoadings(MixturePriorVAE):
+    """Everyday Pyro: factor-analysis loadings in the global param store, beside the module's
+    encoder; the optimizer over ``module.parameters()`` would never move them."""
+
+    def model(self, x):
+        loadings = pyro.param("loadings", lambda: 0.1 * torch.randn(2, x.shape[1]))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ loadings).to_event(1), obs=x)
+
+
+class _StoredLoadings(MixturePriorVAE):
+    """Loadings read from the global param store by name alone (set up outside the pair)."""
+
+    def model(self, x):
+        loadings = pyro.param("loadings")
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ loadings).to_event(1), obs=x)
+
+
 class _NoParameters(nn.Module):
     def model(self, x):
         pass
@@ -152,11 +179,57 @@ class _NoParameters(nn.Module):
     (_UnplatedDimension(64), r"guide's site 'z' .* dimension\(s\) \[-1\] in no plate"),
     (_WrongSize(64), "has size 8 but the batch has 4 rows"),
     (_NotReparameterized(64), "not reparameterizable"),
+    (_GlobalLoadings(64), r"param site\(s\) \['loadings'\] of _GlobalLoadings are not "
+                          r"parameters of the module.*nn\.Parameter"),
+    (_StoredLoadings(64), r"KeyError 'loadings' \(if that names a pyro\.param read without an "
+                          r"initial value, make the parameter an nn\.Parameter"),
 ])
 def test_what_a_pair_needs_is_checked_with_a_clear_message(model, message):
     x = torch.bernoulli(torch.full((4, 64), 0.3))
     with pytest.raises(ConfigError, match=message):
         check_model(model, x)
+
+
+class _PyroModulePair(PyroModule):
+    """Loadings and a positive noise scale as PyroParams: inside a ``pyro_method`` they are
+    param sites whose values are the constrained transforms of the module's own (unconstrained)
+    parameters."""
+
+    def __init__(self, input_dim: int):
+        super().__init__()
+        self.encoder = nn.Linear(input_dim, 4)
+        self.loadings = PyroParam(0.1 * torch.randn(2, input_dim))
+        self.noise = PyroParam(torch.ones(input_dim), constraint=constraints.positive)
+
+    @pyro_method
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.loadings, self.noise).to_event(1), obs=x)
+
+    @pyro_method
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-4).to_event(1))
+
+
+def test_param_sites_of_the_modules_own_parameters_pass_whatever_the_param_store_holds():
+    """pyro.module and the package's register_module send the module's own tensors as param
+    sites, PyroParams their constrained transforms; all pass, also when Pyro's global param store
+    holds an older pair's entries under the same names (which ``pyro.module`` would send), and
+    the check leaves the store as it found it."""
+    x = torch.bernoulli(torch.full((4, 64), 0.3))
+    with pyro.get_param_store().scope():
+        pyro.module("mixture_vae_model", MixturePriorVAE(64))  # an older pair of the same name
+        before = dict(pyro.get_param_store().named_parameters())
+        for pair in (VAE(64), VAE(64, guide="full"), VAE(64, likelihood="gaussian"),
+                     VAE2(64), MixturePriorVAE(64), _PyroModulePair(64)):
+            check_model(pair, x)
+        check_model(CVAE(64, 10), x, torch.arange(4))
+        after = dict(pyro.get_param_store().named_parameters())
+    assert before.keys() == after.keys()
+    assert all(before[name] is after[name] for name in before)
 
 
 def test_train_checks_a_users_pair_before_training():
@@ -172,3 +245,44 @@ def test_factories_are_loaded_from_a_module_or_a_file(tmp_path):
                           (f"{tmp_path}/missing.py:f", "no file")]:
         with pytest.raises(ConfigError, match=message):
             load_factory(spec)
+
+
+def test_a_users_run_resumes_from_python_and_the_command_line_refuses_it(tmp_path, capsys):
+    """The run folder records the pair's class; Python resumes it (given a fresh pair) to the
+    uninterrupted run's parameters and history, while load_run without the pair and the CLI's
+    evaluate, sample and train --resume refuse it in one line, leaving the folder unchanged."""
+    config = TrainConfig(epochs=3, batch_size=128, eval_particles=2, final_particles=0)
+    initial = MixturePriorVAE(64)
+    full = train(config, tmp_path / "full", model=copy.deepcopy(initial), progress=False)
+    part = tmp_path / "part"
+    train(config.replace(epochs=1), part, model=copy.deepcopy(initial), progress=False)
+    recorded = f"{MixturePriorVAE.__module__}.MixturePriorVAE"
+    assert json.loads((part / "config.json").read_text())[MODEL_CLASS_KEY] == recorded
+    assert read_config(part) == config.replace(epochs=1)
+
+    refusal = rf"{part} holds a user-defined model \({recorded}\).*load_run\("
+    with pytest.raises(CheckpointError, match=refusal):
+        load_run(part, device="cpu")
+    with pytest.raises(CheckpointError, match=refusal):
+        train(config, part, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=rf"does not fit the given model \(it holds "
+                                              rf"{recorded}\)"):
+        train(config, part, resume=True, model=MixturePriorVAE(64, hidden=32), progress=False)
+    history = (part / "history.json").read_text()
+    for argv in (["evaluate", str(part)], ["sample", str(part)],
+                 ["train", "--resume", str(part), "--epochs", "3", "--quiet"]):
+        assert main(argv) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert "user-defined model" in err and len(err.strip().splitlines()) == 1, err
+    assert (part / "history.json").read_text() == history
+
+    resumed = train(read_config(part).replace(epochs=3), part, resume=True,
+                    model=MixturePriorVAE(64), progress=False)
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    assert resumed.history.train_loss == full.history.train_loss
+    assert resumed.history.test_elbo == full.history.test_elbo
+    loaded = load_run(part, device="cpu", model=MixturePriorVAE(64))
+    assert loaded.history.epoch == [1, 2, 3]
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[name]), name
