@@ -631,8 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal training wall time per run instead of equal epochs")
     p.add_argument("--batch-size", type=positive, default=defaults.batch_size)
     p.add_argument("--lr", type=_real(strictly_positive=True), default=defaults.lr)
-    p.add_argument("--latent-dim", type=positive, default=defaults.latent_dim)
-    p.add_argument("--hidden", nargs="+", type=positive, default=list(defaults.hidden))
+    p.add_argument("--latent-dim", type=positive,
+                   help=f"built-in VAE only (default {defaults.latent_dim})")
+    p.add_argument("--hidden", nargs="+", type=positive,
+                   help=f"built-in VAE only (default {' '.join(map(str, defaults.hidden))})")
     p.add_argument("--particles", type=positive, default=defaults.particles,
                    help="P, averaged outside the log (every estimator)")
     p.add_argument("--importance-samples", type=positive,
@@ -675,12 +677,21 @@ def parse_args(argv: Sequence[str] | None,
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
     dataset = args.dataset or ("mnist" if args.data_dir else "digits")
+    if args.model_factory is not None:
+        given = [flag for flag, value in (("--latent-dim", args.latent_dim),
+                                          ("--hidden", args.hidden)) if value is not None]
+        if given:
+            parser.error(f"{' and '.join(given)} size the built-in VAE; a --model-factory pair "
+                         "is built by its factory")
+    defaults = BenchmarkConfig()
+    latent_dim = defaults.latent_dim if args.latent_dim is None else args.latent_dim
+    hidden = defaults.hidden if args.hidden is None else tuple(args.hidden)
     try:
         config = BenchmarkConfig(
             estimators=tuple(dict.fromkeys(args.estimators)),
             seeds=tuple(dict.fromkeys(args.seeds)), dataset=dataset, data_dir=args.data_dir,
             epochs=args.epochs, time_budget=args.time_budget, batch_size=args.batch_size,
-            lr=args.lr, latent_dim=args.latent_dim, hidden=tuple(args.hidden),
+            lr=args.lr, latent_dim=latent_dim, hidden=hidden,
             particles=args.particles, importance_samples=args.importance_samples,
             beta=args.beta, warmup=args.warmup, eval_particles=args.eval_particles,
             curve_particles=args.curve_particles, eval_every=args.eval_every,

@@ -216,6 +216,8 @@ def test_config_defaults_follow_the_likelihood(bench):
     (["--binarize", "sometimes"], "argument --binarize: invalid choice"),
     (["--device", "tpu"], "argument --device: invalid choice"),
     (["--likelihood", "gaussian", "--model-factory", "m.py:f"], "has its own"),
+    (["--latent-dim", "4", "--hidden", "8", "--model-factory", "m.py:f"],
+     "--latent-dim and --hidden size the built-in VAE"),
 ])
 def test_bad_data_options_give_one_line_and_exit_2(bench, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
