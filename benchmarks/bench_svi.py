@@ -174,6 +174,7 @@ class BenchConfig:
     profile_steps: int = 300
     profile_top: int = 25
     profile_sort: str = "cumulative"
+    profiler: str = "cprofile"
     out: str | None = None
 
     def resolved_network(self) -> ModelConfig:
@@ -649,6 +650,11 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
             step = STEP_BUILDERS[impl](model, batch, elbo, config.lr, config.adam)
             _time_block(step, config.warmup_steps, sync, validation)
             unprofiled = _time_block(step, config.profile_steps, sync, validation)
+            if config.profiler == "torch":
+                report[f"{elbo}/{b}"] = _torch_profile(
+                    step, config, sync, validation, device,
+                    f"{LABELS[impl]}, {elbo}, B={b}", unprofiled, log)
+                continue
             profiler = cProfile.Profile()
             profiler.enable()
             _time_block(step, config.profile_steps, sync, validation)
@@ -668,6 +674,31 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
                 "profiled_ms": total / config.profile_steps * MS_PER_S,
                 "landmarks": {label.strip(): share for label, share, _ in shares}}
     return report
+
+
+def _torch_profile(step: Callable[[], Any], config: BenchConfig, sync: Callable[[], None],
+                   validation: bool | None, device: torch.device, title: str,
+                   unprofiled: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """``config.profile_steps`` steps under :mod:`torch.profiler` (CPU, and CUDA on a GPU): the
+    operators with the largest self time, per step, as torch's own table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        _time_block(step, config.profile_steps, sync, validation)
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total_us = sum(getattr(e, key) for e in events)
+    log(f"\n## {title}: {config.profile_steps} steps, {unprofiled * MS_PER_S:.3f} ms/step "
+        f"unprofiled; operators by {key.replace('_', ' ')} (all steps)\n")
+    log(events.table(sort_by=key, row_limit=config.profile_top))
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:config.profile_top]
+    return {"unprofiled_ms": unprofiled * MS_PER_S,
+            "operators_self_us_per_step": {e.key: getattr(e, key) / config.profile_steps
+                                           for e in top},
+            "total_self_us_per_step": total_us / config.profile_steps}
 
 
 def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callable[[], Any]]:
@@ -806,7 +837,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--breakdown", action="store_true",
                    help="time nested pieces of the forward and backward pass instead")
     p.add_argument("--profile", action="store_true",
-                   help="profile one implementation's step with cProfile instead of timing")
+                   help="profile one implementation's step instead of timing (see --profiler)")
+    p.add_argument("--profiler", choices=("cprofile", "torch"), default=defaults.profiler,
+                   help="cprofile: Python functions, with the share of trace construction, "
+                        "validation, ...; torch: torch.profiler's operator table (CPU, and "
+                        "CUDA on a GPU) (default %(default)s)")
     p.add_argument("--profile-impl", choices=tuple(LABELS), default=defaults.profile_impl,
                    help="which step --profile runs (default %(default)s)")
     p.add_argument("--profile-steps", type=_positive_int, default=defaults.profile_steps)

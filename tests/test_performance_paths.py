@@ -457,3 +457,17 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
     printed = capsys.readouterr()
     assert "fused == traced (bit for bit)" in printed.err
     assert "package, fused path ms" in printed.out and "CPU time: medians" in printed.out
+
+
+def test_svi_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeypatch, capsys):
+    """--profiler torch: every profiled step runs the encoder's and decoder's linear layers, so
+    the operator table must list their matrix products with a positive self time."""
+    bench = _benchmark_module("bench_svi", monkeypatch)
+    config = bench.parse_args(["--profile", "--profiler", "torch", "--profile-impl", "fused",
+                               "--elbos", "trace", "--batch-sizes", "4", "--threads", "1",
+                               "--warmup-steps", "1", "--profile-steps", "3"])
+    report = bench.run_profile(config, log=lambda line: None)
+    operators = report["trace/4"]["operators_self_us_per_step"]
+    products = {"aten::mm", "aten::addmm"} & set(operators)
+    assert products and all(operators[name] > 0 for name in products)
+    assert report["trace/4"]["total_self_us_per_step"] > 0
