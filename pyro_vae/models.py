@@ -106,7 +106,11 @@ def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tens
     ½ [Σ_i (L Lᵀ)_ii / s_i² + Σ_i ((μ_i − m_i)/s_i)² − d + 2 Σ log s_i − 2 Σ log L_ii]."""
     base = p.base_dist
     if not isinstance(base, Normal) or p.reinterpreted_batch_ndims != 1:
-        raise NotImplementedError
+        # torch's registry convention for "no closed form": callers (kl_divergence's users,
+        # Pyro's TraceMeanField_ELBO, the package's meanfield) then fall back to Monte Carlo
+        raise NotImplementedError(
+            f"no closed-form KL(MultivariateNormal ‖ Independent({type(base).__name__}, "
+            f"{p.reinterpreted_batch_ndims})): only a diagonal Normal has one")
     tril = q.scale_tril
     var_ratio = (tril.pow(2).sum(-1) / base.scale.pow(2)).sum(-1)
     mahalanobis = ((q.loc - base.loc) / base.scale).pow(2).sum(-1)

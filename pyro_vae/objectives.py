@@ -565,20 +565,27 @@ class MeanFieldELBO(ELBOEstimator):
         for position, site in enumerate(particles.guide_latents):
             prior = model_sites[site["name"]]
             earlier_in_model = model_order[:model_order.index(site["name"])]
-            kl = None
+            closed = None
             if not set(guided[position + 1:]).intersection(earlier_in_model):
-                try:
-                    kl = _masked(kl_divergence(site["fn"], prior["fn"]), site)
-                except NotImplementedError:
-                    pass
-            if kl is None:
-                kl = site_log_prob(site) - site_log_prob(prior)
+                closed = _closed_form_kl(site["fn"], prior["fn"])
+            kl = (_masked(closed, site) if closed is not None
+                  else site_log_prob(site) - site_log_prob(prior))
             terms.append(particles.reduce(kl, site["name"]))
         return _sum(terms)
 
     def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
         return particles.log_lik - _weighted(self.beta, self._rate(particles))
+
+
+def _closed_form_kl(q: Any, p: Any) -> torch.Tensor | None:
+    """KL(q ‖ p) from torch's registry, or ``None`` where it has no closed form (torch's
+    ``kl_divergence`` signals that with NotImplementedError, as Pyro's TraceMeanField_ELBO
+    expects)."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return None
 
 
 class ImportanceWeightedELBO(ELBOEstimator):
