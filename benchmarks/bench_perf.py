@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -56,8 +55,6 @@ from typing import Any, Callable, Sequence
 import pyro
 import torch
 from torch import nn
-from torch.distributions import Normal
-from torch.nn import functional as F
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, load_digits, load_mnist, make_elbo
 from pyro_vae.config import DEVICES

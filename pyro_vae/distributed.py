@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from .errors import ConfigError, PyroVAEError
+from .errors import ConfigError, PyroVAEError, shorten
 
 ENV_TIMEOUT = "PYRO_VAE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -46,7 +46,6 @@ RANK_STREAM = 1
 SHARED_ORDER_STREAM = 2
 EVAL_BATCH_STREAM = 3
 MAX_CAUSE_CHARS = 200
-ELLIPSIS = "..."
 #: The exit status of a process whose process group broke (see :func:`shutdown`).
 EXIT_BROKEN_GROUP = 2
 
@@ -194,16 +193,6 @@ def shutdown() -> None:
     _owned_timeout_s = None
 
 
-def _shorten(text: str, limit: int = MAX_CAUSE_CHARS) -> str:
-    """``text`` cut to at most ``limit`` characters at a word boundary, ending in an ellipsis."""
-    if len(text) <= limit:
-        return text
-    head = text[:limit - len(ELLIPSIS) + 1]
-    cut = head.rfind(" ")
-    head = head[:cut] if cut > 0 else head[:-1]
-    return head.rstrip(" ,;:.") + ELLIPSIS
-
-
 @contextmanager
 def _collective(context: DistributedContext, what: str) -> Iterator[None]:
     """Turn a failed or timed-out collective into one clear :class:`DistributedError` line, and
@@ -216,7 +205,7 @@ def _collective(context: DistributedContext, what: str) -> Iterator[None]:
             _broken = True
         lines = str(exc).strip().splitlines()
         cause = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(exc).__name__)
-        cause = _shorten(cause)
+        cause = shorten(cause, MAX_CAUSE_CHARS)
         limit = f"{context.timeout_s:g} s" if context.timeout_s is not None else "the timeout"
         raise DistributedError(
             f"rank {context.rank} of {context.world_size}: {what} failed: another rank died or "

@@ -1,5 +1,18 @@
 """Errors a user can cause and fix: the CLI prints their message and exits non-zero."""
 
+ELLIPSIS = "..."
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, ending in an ellipsis
+    (for quoting a library's long message inside one error line)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - len(ELLIPSIS) + 1]
+    cut = head.rfind(" ")
+    head = head[:cut] if cut > 0 else head[:-1]
+    return head.rstrip(" ,;:.") + ELLIPSIS
+
 
 class PyroVAEError(ValueError):
     """Base class of the package's user-facing errors."""

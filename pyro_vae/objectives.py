@@ -73,8 +73,9 @@ from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
 from .errors import ConfigError
-from .traces import (PARTICLE_PLATE, find_data_plate, guess_max_plate_nesting,
-                     reduce_to_particles_and_data, site_log_prob, trace_pair)
+from .traces import (PARTICLE_PLATE, check_guide_latents_in_model, find_data_plate,
+                     guess_max_plate_nesting, reduce_to_particles_and_data, site_log_prob,
+                     trace_pair)
 
 ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")
 
@@ -330,12 +331,9 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     if not guide_latents:
         raise ConfigError("the guide has no latent sample sites")
     model_latents = {site["name"]: site for site in _latent_sites(model_trace)}
-    unmatched = [site["name"] for site in guide_latents if site["name"] not in model_latents]
-    if unmatched:
-        raise ConfigError(
-            f"guide sample sites {unmatched} are not latent sample sites of the model: log q "
-            "would count them and log p would not, which biases every weight. Sample each guide "
-            "latent in the model under the same name")
+    check_guide_latents_in_model(
+        [site["name"] for site in guide_latents if site["name"] not in model_latents],
+        "latent sample sites")
     for site in guide_latents:
         if not site["fn"].has_rsample:
             raise ConfigError(

@@ -164,6 +164,16 @@ def compact_distribution(fn: Distribution) -> Distribution:
     return out
 
 
+def check_guide_latents_in_model(unmatched: list[str], what: str) -> None:
+    """Refuse guide latents that the model lacks (``unmatched``, not ``what`` of the model):
+    their log q would enter every weight with no log p to balance it."""
+    if unmatched:
+        raise ConfigError(
+            f"guide sample sites {unmatched} are not {what} of the model: log q would count "
+            "them and log p would not, which biases every weight. Sample each guide latent in "
+            "the model under the same name")
+
+
 def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> torch.Tensor:
     """The site's unscaled log-density at its value, batch-shaped, with its mask applied
     (``detach=True``: with the distribution's parameters detached; ``compact=True``: computed
@@ -249,13 +259,9 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
 
     guide_latents = [name for name, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["is_observed"]]
-    unmatched = [name for name in guide_latents
-                 if model_trace.nodes.get(name, {}).get("type") != "sample"]
-    if unmatched:
-        raise ConfigError(
-            f"guide sample sites {unmatched} are not sample sites of the model: log q would count "
-            "them and log p would not, which biases every weight. Sample each guide latent in "
-            "the model under the same name")
+    check_guide_latents_in_model(
+        [name for name in guide_latents
+         if model_trace.nodes.get(name, {}).get("type") != "sample"], "sample sites")
     # A model latent the guide does not sample is drawn from its prior on replay: the prior is
     # its own proposal, so its density cancels from the weight and is left out of both sides.
     model_sites = [name for name, site in model_trace.nodes.items()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_lib
 from .config import TrainConfig
-from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, TrainingDiverged, shorten
 from .fused import training_loss
 from .io import atomic_path, write_json
 from .cvae import CVAE
@@ -238,8 +238,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "config")
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, at most ``limit`` characters (torch's run long)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = text or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return shorten(text or type(exc).__name__, limit)
 
 
 def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu"
