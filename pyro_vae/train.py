@@ -325,7 +325,8 @@ def svi_step(loss_fn: Callable[[], torch.Tensor], num_data: int,
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn()
     (loss / num_data).backward()
-    average_gradients([p for group in optimizer.param_groups for p in group["params"]], dist)
+    # a generator: a single process (nothing to average) never walks the parameter list
+    average_gradients((p for group in optimizer.param_groups for p in group["params"]), dist)
     optimizer.step()
     return loss.detach()
 
