@@ -89,7 +89,7 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
         return shard
 
     # what train() calls once per epoch: full epochs 1, 2; part epoch 1; resumed epoch 2
-    importlib.import_module("pyro_vae.train").shard_indices = recording_shard_indices
+    _replace_in_train("shard_indices", recording_shard_indices)
     full = train(CONFIG, out / "full", progress=False)
     train(CONFIG.replace(epochs=1), out / "part", progress=False)
     resumed = train(CONFIG, out / "part", resume=True, progress=False)
@@ -100,6 +100,20 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
                 "elbo": result.elbo, "ess": result.ess, "khat": result.khat,
                 "saw_marker": saw_marker, "orders": orders, "shards": shards},
                out / f"rank{dist.rank}.pt")
+
+
+def _replace_in_train(name: str, fn) -> None:
+    """Make ``train()`` call ``fn`` for ``name``: set on the module, not ``pyro_vae.train``,
+    which the package's ``__init__`` rebinds to the function."""
+    setattr(importlib.import_module("pyro_vae.train"), name, fn)
+
+
+def _train_cli(out: Path, epochs: int, timeout_s: float) -> int:
+    """``pyro-vae train`` of ``CONFIG``'s network and batch size into ``out / "run"``."""
+    return main(["train", "--epochs", str(epochs), "--batch-size", str(CONFIG.batch_size),
+                 "--latent-dim", str(CONFIG.model.latent_dim),
+                 "--hidden", ",".join(map(str, CONFIG.model.hidden)), "--device", "cpu",
+                 "--quiet", "--out", str(out / "run"), "--dist-timeout", f"{timeout_s:g}"])
 
 
 def _wait_for_each_other(out: Path, rank: int, world_size: int) -> None:
@@ -128,13 +142,8 @@ def _failure_scenario(how: str, out: Path) -> int:
                 time.sleep(HANG_SLEEP_S)
             average_gradients(parameters, dist)
 
-        # the module, not pyro_vae.train: the package exports the function under that name
-        importlib.import_module("pyro_vae.train").average_gradients = \
-            average_gradients_then_fail
-    timeout = HANG_TIMEOUT_S if how == "hang" else COLLECTIVE_TIMEOUT_S
-    return main(["train", "--epochs", "3", "--batch-size", str(CONFIG.batch_size),
-                 "--latent-dim", "2", "--hidden", "16", "--device", "cpu", "--quiet",
-                 "--out", str(out / "run"), "--dist-timeout", f"{timeout:g}"])
+        _replace_in_train("average_gradients", average_gradients_then_fail)
+    return _train_cli(out, 3, HANG_TIMEOUT_S if how == "hang" else COLLECTIVE_TIMEOUT_S)
 
 
 def _drift_scenario(out: Path) -> int:
@@ -153,11 +162,8 @@ def _drift_scenario(out: Path) -> int:
                 grad = next(p.grad for p in parameters if p.grad is not None)
                 grad.view(-1)[0] += DRIFT_GRAD
 
-        importlib.import_module("pyro_vae.train").average_gradients = \
-            average_gradients_then_drift
-    return main(["train", "--epochs", str(DRIFT_EPOCHS), "--batch-size", str(CONFIG.batch_size),
-                 "--latent-dim", "2", "--hidden", "16", "--device", "cpu", "--quiet",
-                 "--out", str(out / "run"), "--dist-timeout", f"{COLLECTIVE_TIMEOUT_S:g}"])
+        _replace_in_train("average_gradients", average_gradients_then_drift)
+    return _train_cli(out, DRIFT_EPOCHS, COLLECTIVE_TIMEOUT_S)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -8,11 +10,19 @@ from pyro_vae.evaluate import MIN_KHAT_PARTICLES
 TINY = ["--epochs", "1", "--batch-size", "256", "--quiet", "--hidden", "16", "--latent-dim", "2"]
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny training run for the module (seeded by its config, so every copy is the run any
+    test would have trained itself)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def run_dir(trained_run, tmp_path):
+    """A private copy of the module's run, which the test may change."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 def test_train_writes_a_run_folder(tmp_path, capsys):

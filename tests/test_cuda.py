@@ -16,8 +16,8 @@ from pyro_vae import evaluate as ev
 from pyro_vae.fused import FusedLoss, supports
 from pyro_vae.objectives import make_estimator
 
-from linear_gaussian import LinearGaussian
-from test_performance_paths import FUSED, _fused_pair, _loss_and_grads
+from test_evaluate import _data, _exact_pair
+from test_performance_paths import FUSED, _Calling, _fused_pair, _loss_and_grads
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -27,8 +27,8 @@ FLOAT32_RTOL, FLOAT32_ATOL = 1e-5, 1e-6
 def test_exact_posterior_on_the_gpu_gives_the_closed_form_marginal():
     """With the guide equal to the posterior every log-weight is log p(x), whatever was drawn."""
     pyro.set_rng_seed(0)
-    lg = LinearGaussian.random(6, 3, dtype=torch.float64)
-    x = lg.sample(20, torch.Generator().manual_seed(1))
+    lg = _exact_pair(torch.float64)
+    x = _data(lg, 20)
     exact = lg.log_marginal(x).detach()
     lg, x = lg.to(CUDA), x.to(CUDA)
     result = ev.evaluate(lg.model, lg.guide, x, num_particles=64, particle_chunk=24)
@@ -43,17 +43,9 @@ def test_fused_loss_equals_the_traced_estimator_on_the_gpu(name):
     estimator = make_estimator(name, beta=0.5, max_plate_nesting=1)
     assert supports(vae, estimator)
     fused = FusedLoss(vae, estimator)
-
-    class Calling:
-        def __init__(self, loss_fn):
-            self.loss_fn = loss_fn
-
-        def differentiable_loss(self, model, guide, *args):
-            return self.loss_fn(*args)
-
-    traced_loss, traced_grads = _loss_and_grads(vae, (x,), Calling(fused.traced), 5)
+    traced_loss, traced_grads = _loss_and_grads(vae, (x,), _Calling(fused.traced), 5)
     traced_rng = torch.cuda.get_rng_state()
-    fused_loss, fused_grads = _loss_and_grads(vae, (x,), Calling(fused), 5)
+    fused_loss, fused_grads = _loss_and_grads(vae, (x,), _Calling(fused), 5)
     assert torch.equal(traced_rng, torch.cuda.get_rng_state())  # the same draws were consumed
     torch.testing.assert_close(fused_loss, traced_loss, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL)
     for want, got in zip(traced_grads, fused_grads):
