@@ -74,10 +74,10 @@ def _worker(raw: str) -> None:
     from pyro_vae.train import train
 
     spec = json.loads(raw)
+    torch.set_num_threads(spec["threads"])
     if spec.get("mode") == "ddp":
         _ddp_worker(spec)
         return
-    torch.set_num_threads(spec["threads"])
     config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
                          batch_size=spec["batch_size"], final_particles=0, device=spec["device"])
     result = train(config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
@@ -101,7 +101,6 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     from pyro_vae.fused import training_loss
     from pyro_vae.train import build_model, make_elbo, make_optimizer, svi_step
 
-    torch.set_num_threads(spec["threads"])
     cuda = spec["device"] == "cuda"
     dist = init_distributed(spec["device"], LAUNCH_TIMEOUT_S)  # CUDA: selects cuda:LOCAL_RANK
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -232,9 +231,8 @@ def _compare_ddp(args: argparse.Namespace) -> int:
     if args.out is not None:
         from pyro_vae.io import write_json
 
-        write_json(args.out, {"dataset": args.dataset, "compare_ddp": True, **spec,
-                              "world_size": args.world_size, "machine": platform.platform(),
-                              "cpu_count": os.cpu_count(),
+        write_json(args.out, {**spec, "world_size": args.world_size,
+                              "machine": platform.platform(), "cpu_count": os.cpu_count(),
                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result})
     return 0
 

@@ -56,13 +56,13 @@ import pyro
 import torch
 from torch import nn
 
-from pyro_vae import VAE, ModelConfig, PyroVAEError, load_digits, load_mnist, make_elbo
+from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
 from pyro_vae.config import DEVICES
 from pyro_vae.data import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.fused import training_loss
 from pyro_vae.io import write_json
-from pyro_vae.train import resolve_device
+from pyro_vae.train import resolve_device, svi_step
 
 HERE = Path(__file__).resolve().parent
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
@@ -128,10 +128,7 @@ class PerfConfig:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+_synchronizer = bench_svi._synchronizer
 
 
 def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
@@ -143,8 +140,8 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]
 
 
 def _dataset_images(name: str, data_dir: str | None, split: str) -> torch.Tensor:
-    dataset = load_digits() if name == "digits" else load_mnist(data_dir)
-    return getattr(dataset, split).images
+    """One split's images, from :func:`bench_svi.cached_dataset`: loaded once per process."""
+    return getattr(bench_svi.cached_dataset(name, data_dir), split).images
 
 
 def _vae(name: str, train_images: torch.Tensor, device: torch.device, seed: int) -> VAE:
@@ -328,16 +325,13 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "train":
         vae.train()
         batch = fixed_binarization(train[:spec["batch_size"]], spec["seed"]).to(device)
-        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=spec["adam"] == "fused"
-                                     or None)
+        optimizer = bench_svi._adam(vae, 1e-3, spec["adam"])
         loss_fn = training_loss(vae, make_elbo(spec["elbo"]), fused=spec["path"] == "fused")
 
         def work() -> None:
             with pyro.validation_enabled(False):
                 for _ in range(spec["steps"]):
-                    optimizer.zero_grad(set_to_none=True)
-                    (loss_fn(batch) / batch.shape[0]).backward()
-                    optimizer.step()
+                    svi_step(lambda: loss_fn(batch), batch.shape[0], optimizer)
     else:
         test = _dataset_images(name, spec["data_dir"], "test")[:spec["num_data"]]
         images = fixed_binarization(test, spec["seed"]).to(device)
@@ -529,8 +523,8 @@ def _main(argv: Sequence[str] | None) -> int:
         print(PROBE_PREFIX + json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
     device = resolve_device(config.device)
-    if config.data_dir is not None:
-        load_mnist(config.data_dir)  # a missing or damaged file fails now, not after the SVI part
+    if config.data_dir is not None:  # a missing or damaged file fails now, not after the SVI part
+        bench_svi.cached_dataset("mnist", config.data_dir)
     report = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(summary_lines(report, device)))
     if config.out:

@@ -68,6 +68,7 @@ import argparse
 import copy
 import cProfile
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import math
@@ -88,12 +89,13 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.nn import functional as F
 
-from pyro_vae import VAE, ModelConfig, PyroVAEError, load_digits, load_mnist, make_elbo
+from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
 from pyro_vae.config import DEVICES
+from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.fused import FusedLoss, training_loss
 from pyro_vae.io import write_json
 from pyro_vae.traces import trace_pair
-from pyro_vae.train import resolve_device
+from pyro_vae.train import make_optimizer, resolve_device, svi_step
 
 IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
 LABELS = {"torch": "hand-written torch", "fused": "package, fused path",
@@ -229,8 +231,16 @@ class Timing:
                 "cpu_rounds_ms": [s * MS_PER_S for s in self.cpu_seconds_per_step]}
 
 
+@functools.lru_cache(maxsize=None)
+def cached_dataset(name: str, data_dir: str | None) -> Dataset:
+    """:func:`pyro_vae.data.load_dataset`, once per process and arguments: MNIST's files are
+    read and checksummed once however many benchmarks use them (callers must not modify the
+    tensors)."""
+    return load_dataset(name, data_dir)
+
+
 def _binarized_images(config: BenchConfig) -> torch.Tensor:
-    dataset = load_digits() if config.dataset == "digits" else load_mnist(config.data_dir)
+    dataset = cached_dataset(config.dataset, config.data_dir)
     generator = torch.Generator().manual_seed(config.seed)
     return torch.bernoulli(dataset.train.images, generator=generator)
 
@@ -262,8 +272,11 @@ def torch_loss(model: VAE, x: torch.Tensor, elbo: str) -> torch.Tensor:
     return (nll + kl).mean()
 
 
-def _adam(model: VAE, lr: float, adam: str) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=adam == "fused" or None)
+def _adam(model: torch.nn.Module, lr: float, adam: str) -> torch.optim.Adam:
+    """``adam`` "fused": :func:`pyro_vae.train.make_optimizer`'s Adam; "plain": torch's default."""
+    if adam == "fused":
+        return make_optimizer(model.parameters(), lr)
+    return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
@@ -280,31 +293,40 @@ def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str
 
 def _loss_step(model: VAE, batch: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                lr: float, adam: str) -> Callable[[], None]:
-    """The step of :func:`pyro_vae.train.svi_step`: ``loss_fn(batch) / B``, backward, Adam."""
+    """The step of :func:`pyro_vae.train.train`: :func:`pyro_vae.train.svi_step` on
+    ``loss_fn(batch)``, Adam."""
     optimizer = _adam(model, lr, adam)
+    loss_of_batch = partial(loss_fn, batch)
     batch_size = batch.shape[0]
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        (loss_fn(batch) / batch_size).backward()
-        optimizer.step()
+        svi_step(loss_of_batch, batch_size, optimizer)
 
     return step
 
 
-def _fused_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
-                ) -> Callable[[], None]:
-    loss_fn = training_loss(model, make_elbo(elbo))
+def _fused_loss(model: VAE, estimator: Any, elbo: str) -> FusedLoss:
+    """:func:`pyro_vae.fused.training_loss`, which must be the fused one."""
+    loss_fn = training_loss(model, estimator)
     if not isinstance(loss_fn, FusedLoss):
         raise ValueError(f"the package has no fused loss for this VAE with {elbo!r}")
-    return _loss_step(model, batch, loss_fn, lr, adam)
+    return loss_fn
+
+
+def _traced_loss(model: Any, estimator: Any) -> Callable[..., torch.Tensor]:
+    """The traced path's loss, ``estimator.differentiable_loss(model.model, model.guide, x)``."""
+    return training_loss(model, estimator, fused=False)
+
+
+def _fused_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+                ) -> Callable[[], None]:
+    return _loss_step(model, batch, _fused_loss(model, make_elbo(elbo), elbo), lr, adam)
 
 
 def _traced_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
                  estimator: Any = None) -> Callable[[], None]:
     estimator = make_elbo(elbo) if estimator is None else estimator
-    return _loss_step(model, batch, partial(estimator.differentiable_loss, model.model,
-                                            model.guide), lr, adam)
+    return _loss_step(model, batch, _traced_loss(model, estimator), lr, adam)
 
 
 COMPILE_CHECKS: dict[tuple[str, int], dict[str, float]] = {}
@@ -316,9 +338,8 @@ def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: 
     first call is compared with the traced path on the same draw (to rounding), and the largest
     differences are kept in :data:`COMPILE_CHECKS`."""
     estimator = make_elbo(elbo)
-    fused = training_loss(model, estimator)
-    if not isinstance(fused, FusedLoss):
-        raise ValueError(f"the package has no fused loss for this VAE with {elbo!r}")
+    fused = _fused_loss(model, estimator, elbo)
+    traced = _traced_loss(model, estimator)
 
     def loss_at(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         loc, scale = model.encoder(x)
@@ -333,10 +354,9 @@ def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: 
 
     b = batch.shape[0]
     start = time.perf_counter()
-    value, grads = _loss_and_grads(model, batch, lambda: loss_fn(batch) / b, 0)
+    value, grads = _loss_and_grads(model, lambda: loss_fn(batch) / b, 0)
     compile_seconds = time.perf_counter() - start  # compilation included, unless reused
-    want, want_grads = _loss_and_grads(
-        model, batch, lambda: estimator.differentiable_loss(model.model, model.guide, batch) / b, 0)
+    want, want_grads = _loss_and_grads(model, lambda: traced(batch) / b, 0)
     torch.testing.assert_close(value, want, rtol=CHECK_RTOL, atol=CHECK_ATOL)
     for mine, theirs in zip(grads, want_grads):
         torch.testing.assert_close(mine, theirs, rtol=CHECK_RTOL, atol=CHECK_ATOL)
@@ -397,8 +417,8 @@ def _model_copy(base: VAE, name: str) -> VAE:
     return model
 
 
-def _loss_and_grads(model: VAE, batch: torch.Tensor, loss_fn: Callable[[], torch.Tensor],
-                    seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _loss_and_grads(model: VAE, loss_fn: Callable[[], torch.Tensor], seed: int
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     pyro.set_rng_seed(seed)
     with pyro.validation_enabled(False):
         loss = loss_fn()
@@ -413,12 +433,10 @@ def check_equivalence(base: VAE, batch: torch.Tensor, elbo: str, seed: int) -> f
     model = _model_copy(base, f"check-{elbo}-{b}")
     estimator = make_elbo(elbo)
     fused = training_loss(model, estimator)
-    traced_value, traced_grads = _loss_and_grads(
-        model, batch, lambda: estimator.differentiable_loss(model.model, model.guide, batch) / b,
-        seed)
-    fused_value, fused_grads = _loss_and_grads(model, batch, lambda: fused(batch) / b, seed)
-    torch_value, torch_grads = _loss_and_grads(model, batch, lambda: torch_loss(model, batch, elbo),
-                                               seed)
+    traced = _traced_loss(model, estimator)
+    traced_value, traced_grads = _loss_and_grads(model, lambda: traced(batch) / b, seed)
+    fused_value, fused_grads = _loss_and_grads(model, lambda: fused(batch) / b, seed)
+    torch_value, torch_grads = _loss_and_grads(model, lambda: torch_loss(model, batch, elbo), seed)
     if not (torch.equal(fused_value, traced_value)
             and all(map(torch.equal, fused_grads, traced_grads))):
         raise AssertionError(f"{elbo}, B = {b}: the fused loss or gradients differ from the "
@@ -527,7 +545,7 @@ RATIO_LABELS = {"fused_over_torch": "fused / torch", "traced_over_torch": "trace
                 "baseline_over_torch": "baseline / torch",
                 "traced_over_baseline": "traced / baseline",
                 "fused_over_baseline": "fused / baseline"}
-CLOCKS = {"cpu": "CPU time", "wall": "wall clock"}
+CLOCKS = ("cpu", "wall")  # the clocks of :func:`markdown_table`, in the order printed
 
 
 def paired_ratio(top: Sequence[float], bottom: Sequence[float]) -> tuple[float, float, float]:
@@ -537,7 +555,7 @@ def paired_ratio(top: Sequence[float], bottom: Sequence[float]) -> tuple[float, 
     if len(per_round) < 2:
         return per_round[0], per_round[0], per_round[0]
     low, middle, high = statistics.quantiles(per_round, n=4, method="inclusive")
-    return statistics.median(per_round), low, high
+    return middle, low, high
 
 
 def ratios(timings: Sequence[Timing]) -> list[dict[str, Any]]:
@@ -703,7 +721,7 @@ def _torch_profile(step: Callable[[], Any], config: BenchConfig, sync: Callable[
 
 def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callable[[], Any]]:
     """Nested pieces of one step's forward and backward pass, cheapest first."""
-    estimator = make_elbo(elbo)
+    traced = _traced_loss(model, make_elbo(elbo))
     fused = training_loss(model, make_elbo(elbo))
     hidden = partial(poutine.block, hide_types=["param"])
 
@@ -718,11 +736,10 @@ def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callab
         "model and guide, traced (trace_pair)":
             lambda: trace_pair(hidden(model.model), hidden(model.guide), (x,), {}),
         "fused loss, forward": lambda: fused(x),
-        "traced loss, forward": lambda: estimator.differentiable_loss(model.model, model.guide, x),
+        "traced loss, forward": lambda: traced(x),
         "hand-written loss, forward + backward": lambda: torch_loss(model, x, elbo).backward(),
         "fused loss, forward + backward": lambda: (fused(x) / x.shape[0]).backward(),
-        "traced loss, forward + backward": lambda: (
-            estimator.differentiable_loss(model.model, model.guide, x) / x.shape[0]).backward(),
+        "traced loss, forward + backward": lambda: (traced(x) / x.shape[0]).backward(),
     }
 
 
@@ -742,8 +759,7 @@ def _graph_sizes(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, int]:
     with pyro.validation_enabled(False):
         return {"hand-written": graph_nodes(torch_loss(model, x, elbo)),
                 "fused": graph_nodes(training_loss(model, estimator)(x) / x.shape[0]),
-                "traced": graph_nodes(estimator.differentiable_loss(model.model, model.guide, x)
-                                      / x.shape[0])}
+                "traced": graph_nodes(_traced_loss(model, estimator)(x) / x.shape[0])}
 
 
 def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
@@ -842,7 +858,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
                    help="cprofile: Python functions, with the share of trace construction, "
                         "validation, ...; torch: torch.profiler's operator table (CPU, and "
                         "CUDA on a GPU) (default %(default)s)")
-    p.add_argument("--profile-impl", choices=tuple(LABELS), default=defaults.profile_impl,
+    p.add_argument("--profile-impl", choices=tuple(STEP_BUILDERS), default=defaults.profile_impl,
                    help="which step --profile runs (default %(default)s)")
     p.add_argument("--profile-steps", type=_positive_int, default=defaults.profile_steps)
     p.add_argument("--profile-top", type=_positive_int, default=defaults.profile_top)

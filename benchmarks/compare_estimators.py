@@ -59,26 +59,27 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyro
 import torch
 from pyro import poutine
 
 from pyro_vae import data as data_lib
-from pyro_vae.config import (BINARIZATIONS, DEVICES, LIKELIHOODS, ModelConfig, TrainConfig,
-                             check_seed)
+from pyro_vae.cli import EXIT_USER_ERROR, OneLineParser, parse_seed
+from pyro_vae.config import (BINARIZATIONS, DATASETS, DEVICES, LIKELIHOODS, ModelConfig,
+                             TrainConfig, check_seed)
 from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
 from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.protocol import check_model, guide_parameters, load_factory
-from pyro_vae.train import resolve_device
+from pyro_vae.train import resolve_device, svi_step
 
 INSIDE_LOG = ("iwae", "dreg")
-EXIT_USER_ERROR = 2
 ACTIVE_UNIT_THRESHOLD = 0.01
 TRAIN_EVAL_SEED = 0
 TEST_EVAL_SEED = 1
@@ -157,8 +158,8 @@ class BenchmarkConfig:
                               f"{self.estimators}, seeds {self.seeds}")
         for seed in self.seeds:
             check_seed(seed)
-        if self.dataset not in ("digits", "mnist"):
-            raise ConfigError(f"dataset must be digits or mnist, got {self.dataset!r}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset must be {' or '.join(DATASETS)}, got {self.dataset!r}")
         counts = {"epochs": 1, "batch_size": 1, "latent_dim": 1, "particles": 1,
                   "importance_samples": 1, "curve_particles": 1, "eval_every": 1,
                   "snr_draws": 2, "threads": 1, "warmup": 0}
@@ -378,13 +379,12 @@ def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data) -> dict
             for start in range(0, num_train, config.batch_size):
                 batch = images[start:start + config.batch_size]
                 estimator.beta = schedule(steps)
-                loss = estimator.differentiable_loss(model.model, model.guide, batch)
-                optimizer.zero_grad()
-                (loss / batch.shape[0]).backward()
-                optimizer.step()
+                loss = svi_step(partial(estimator.differentiable_loss, model.model, model.guide,
+                                        batch), batch.shape[0], optimizer)
                 steps += 1
+                # not synchronized: the device's queue is waited for at the epoch's end only
                 if (config.time_budget is not None
-                        and train_seconds + _clock(device) - started >= config.time_budget):
+                        and train_seconds + time.perf_counter() - started >= config.time_budget):
                     out_of_time = True
                     break
         train_seconds += _clock(device) - started
@@ -573,56 +573,42 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
     return table
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors as one line and exit status 2 (the usage is one ``--help`` away)."""
-
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _whole(minimum: int):
-    def parse(text: str) -> int:
+def _number(convert: Callable[[str], Any], kind: str, accepts: Callable[[Any], bool],
+            wanted: str, show_text: bool) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)`` if it converts and ``accepts`` the value, else
+    one line, ``expected a {kind}, got 'TEXT'`` or ``expected {wanted}, got X``, X the text as
+    typed (``show_text``) or the converted value."""
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected a {kind}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(
+                f"expected {wanted}, got {text if show_text else value}")
         return value
 
     return parse
 
 
-def _real(strictly_positive: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (strictly_positive and value == 0):
-            relation = "> 0" if strictly_positive else ">= 0"
-            raise argparse.ArgumentTypeError(f"expected a finite number {relation}, got {text}")
-        return value
-
-    return parse
+def _whole(minimum: int) -> Callable[[str], int]:
+    return _number(int, "whole number", lambda value: value >= minimum,
+                   f"a whole number >= {minimum}", show_text=False)
 
 
-def _seed(text: str) -> int:
-    try:
-        return check_seed(int(text))
-    except ValueError as exc:
-        message = str(exc) if isinstance(exc, PyroVAEError) else f"expected a whole number, " \
-            f"got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
+def _real(strictly_positive: bool) -> Callable[[str], float]:
+    return _number(float, "number", lambda value: math.isfinite(value) and value >= 0
+                   and not (strictly_positive and value == 0),
+                   f"a finite number {'> 0' if strictly_positive else '>= 0'}", show_text=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = BenchmarkConfig()
     positive = _whole(1)
-    p = _Parser(prog="compare_estimators.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="compare_estimators.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
-    p.add_argument("--seeds", nargs="+", type=_seed, default=list(defaults.seeds))
-    p.add_argument("--dataset", choices=("digits", "mnist"), default=None,
+    p.add_argument("--seeds", nargs="+", type=parse_seed, default=list(defaults.seeds))
+    p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="default: mnist if --data-dir is given, else digits")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--epochs", type=positive, default=defaults.epochs)

@@ -13,8 +13,8 @@ The model is the package's ``VAE(784, 50, (200, 200), activation="tanh")`` with
 ``initialize_from_data``; the loss is ``make_estimator(name, importance_samples=k)`` through
 :func:`pyro_vae.fused.training_loss` (the fused path for ``meanfield``, the traced one for
 ``iwae`` and ``dreg``), as in :func:`pyro_vae.train.train`. That function runs whole epochs and
-evaluates after each, so this script has its own loop around the same step (loss / B, Adam,
-Pyro validation off), stopped by wall time:
+evaluates after each, so this script has its own loop around the same step
+(:func:`pyro_vae.train.svi_step`: loss / B, Adam; Pyro validation off), stopped by wall time:
 
 * dynamic binarization: a fresh x ~ Bernoulli(intensity) of the whole training set each epoch,
   drawn on the device, which holds the whole training set;
@@ -50,6 +50,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -67,7 +68,8 @@ from pyro_vae.evaluate import evaluate_dataset  # noqa: E402
 from pyro_vae.fused import training_loss  # noqa: E402
 from pyro_vae.io import write_json  # noqa: E402
 from pyro_vae.objectives import make_estimator  # noqa: E402
-from pyro_vae.train import MAX_PLATE_NESTING, TEST_BINARIZATION_OFFSET, resolve_device  # noqa
+from pyro_vae.train import (MAX_PLATE_NESTING, TEST_BINARIZATION_OFFSET,  # noqa: E402
+                            resolve_device, svi_step)
 
 LATENT_DIM = 50
 HIDDEN = (200, 200)
@@ -165,11 +167,7 @@ def train_within_budget(model: VAE, train_images: torch.Tensor, probe_images: to
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, trained + time.perf_counter() - start)
                 batch = images[order[begin:begin + config.batch_size]]
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(batch)
-                (loss / batch.shape[0]).backward()
-                optimizer.step()
-                loss_sum += loss.detach()
+                loss_sum += svi_step(partial(loss_fn, batch), batch.shape[0], optimizer)
                 seen += batch.shape[0]
                 steps += 1
             mean_loss = loss_sum.item() / max(seen, 1)

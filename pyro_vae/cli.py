@@ -25,14 +25,17 @@ RESUMABLE = {"epochs", "device", "data_dir"}
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit status :data:`EXIT_USER_ERROR`
+    (the usage is one ``--help`` away)."""
 
     def error(self, message: str) -> None:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _seed(text: str) -> int:
+def parse_seed(text: str) -> int:
+    """An argparse ``type``: ``text`` as a seed that :func:`~pyro_vae.config.check_seed`
+    accepts, else :class:`argparse.ArgumentTypeError` with a one-line reason."""
     try:
         value = int(text)
     except ValueError:
@@ -127,7 +130,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, help=f"default {defaults.epochs}")
     p.add_argument("--batch-size", type=_positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
-    p.add_argument("--seed", type=_seed, help=f"default {defaults.seed}")
+    p.add_argument("--seed", type=parse_seed, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
     p.add_argument("--out", type=Path, help="run folder (default runs/<dataset>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -153,7 +156,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=_positive_int, default=64,
                    help="number of images (default 64); CVAE runs: split evenly over the labels, "
                         "at least one each")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed of the draws (default 0)")
     p.add_argument("--binary", action="store_true",
                    help="draw x ~ p(x | z) (Bernoulli pixels, or Gaussian noise for a Gaussian "
                         "run) instead of showing the decoder mean")
@@ -182,7 +185,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help=f"datapoints per call (default {defaults.batch_size})")
     p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
                    help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
-    p.add_argument("--seed", type=_seed, default=defaults.seed,
+    p.add_argument("--seed", type=parse_seed, default=defaults.seed,
                    help=f"seed of the importance samples (default {defaults.seed})")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -206,7 +209,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="image-label pairs per call")
-    p.add_argument("--seed", type=_seed, default=defaults.seed,
+    p.add_argument("--seed", type=parse_seed, default=defaults.seed,
                    help=f"seed of the importance samples (default {defaults.seed})")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -222,7 +225,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pyro-vae", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="pyro-vae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
