@@ -2,6 +2,8 @@ import pyro
 import pytest
 import torch
 
+from benchmark_loader import load_benchmark
+
 
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():
@@ -19,3 +21,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/compare_estimators.py as a module."""
+    return load_benchmark("compare_estimators", monkeypatch)

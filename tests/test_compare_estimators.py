@@ -4,11 +4,9 @@ test_own_model.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pyro
@@ -22,19 +20,8 @@ from pyro_vae.config import TrainConfig
 from pyro_vae.errors import ConfigError
 from pyro_vae.models import VAE
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_estimators.py"
 TINY = ["--seeds", "0", "--epochs", "1", "--importance-samples", "2", "--eval-particles", "10",
         "--curve-particles", "2", "--snr-draws", "2", "--snr-ks", "1", "2"]
-
-
-@pytest.fixture
-def bench(monkeypatch):
-    """benchmarks/compare_estimators.py as a module."""
-    spec = importlib.util.spec_from_file_location("compare_estimators", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _one_error_line(capsys) -> str:

@@ -16,6 +16,8 @@ from pyro_vae.evaluate import evaluate
 from pyro_vae.nets import MIN_SCALE
 from pyro_vae.objectives import make_estimator
 
+from threads import one_thread
+
 CLASSES, BLOCK = 3, 4
 
 
@@ -47,14 +49,10 @@ def fitted_cvae(images, labels, steps=300):
 def trained():
     """A CVAE fitted to 300 separable images; one thread, as tensors this small run fastest
     without thread synchronization (the machine may be shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         pyro.set_rng_seed(0)
         images, labels = separable_data(n_per_class=100)
         return fitted_cvae(images, labels), images, labels
-    finally:
-        torch.set_num_threads(threads)
 
 
 def bayes_accuracy() -> float:

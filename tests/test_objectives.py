@@ -29,6 +29,7 @@ from pyro_vae.objectives import (ESTIMATORS, DoublyReparameterizedELBO, ELBOEsti
 from pyro_vae.traces import vectorized_log_probs
 
 from linear_gaussian import LinearGaussian
+from threads import one_thread
 
 NUM_SE = 5.0
 ROUNDING = 1e-9
@@ -40,11 +41,8 @@ GUIDE_PARAMS = ("loc_shift", "log_scale_factor")
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _pair(guide: str = "diagonal", exact: bool = False) -> LinearGaussian:
@@ -912,21 +910,6 @@ def test_estimator_as_an_nn_module_loss(name):
 
 
 # ----------------------------------------------------------------------------- benchmark smoke test
-
-@pytest.fixture
-def bench(monkeypatch):
-    """benchmarks/compare_estimators.py as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_estimators.py"
-    spec = importlib.util.spec_from_file_location("compare_estimators", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_compare_estimators_benchmark_smoke(bench, tmp_path):
     out = tmp_path / "out"

@@ -1,9 +1,7 @@
 """A user's own model/guide pair, defined only here, through every tool of the package."""
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pyro
@@ -84,12 +82,7 @@ def test_the_package_trains_and_evaluates_a_users_pair(tmp_path):
     assert gap.mean() > -3 * gap.std() / gap.numel() ** 0.5
 
 
-def test_the_estimator_benchmark_compares_estimators_on_a_users_pair(tmp_path, monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_estimators.py"
-    spec = importlib.util.spec_from_file_location("compare_estimators", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)
-    spec.loader.exec_module(bench)
+def test_the_estimator_benchmark_compares_estimators_on_a_users_pair(tmp_path, bench):
     out = tmp_path / "out"
     factory = f"{Path(__file__).resolve()}:build"
     assert bench.main(["--model-factory", factory, "--estimators", "trace", "dreg",

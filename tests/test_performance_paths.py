@@ -35,7 +35,9 @@ from pyro_vae.models import register_module
 from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.vae2 import VAE2
 
+from benchmark_loader import load_benchmark
 from linear_gaussian import LinearGaussian
+from threads import one_thread
 
 D, LATENT, N = 12, 3, 7
 STOCK = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -43,10 +45,8 @@ STOCK = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _binary(n: int = N, d: int = D) -> torch.Tensor:
@@ -57,9 +57,12 @@ def _vae(**options) -> tuple[nn.Module, tuple]:
     return VAE(D, LATENT, (16, 8), **options), (_binary(),)
 
 
+def _gaussian_x() -> torch.Tensor:
+    return torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+
+
 def _gaussian_vae() -> tuple[nn.Module, tuple]:
-    x = torch.randn(N, D, generator=torch.Generator().manual_seed(2))
-    return VAE(D, LATENT, (16,), likelihood="gaussian"), (x,)
+    return VAE(D, LATENT, (16,), likelihood="gaussian"), (_gaussian_x(),)
 
 
 def _cvae() -> tuple[nn.Module, tuple]:
@@ -272,10 +275,8 @@ LIKELIHOODS = {"bernoulli": {}, "gaussian-learned-scale": {"likelihood": "gaussi
 
 
 def _fused_pair(options: dict) -> tuple[VAE, torch.Tensor]:
-    vae = VAE(D, LATENT, (16, 8), **options)
-    if vae.likelihood == "gaussian":
-        return vae, torch.randn(N, D, generator=torch.Generator().manual_seed(2))
-    return vae, _binary()
+    vae, (x,) = _vae(**options)
+    return vae, (_gaussian_x() if vae.likelihood == "gaussian" else x)
 
 
 def _traced_and_fused(vae: VAE, x: torch.Tensor, estimator: ELBOEstimator, seed: int):
@@ -394,10 +395,8 @@ class _OwnModelVAE(VAE):
     "two-particles", "estimator-override"])
 def test_the_traced_path_is_kept_wherever_the_fused_loss_does_not_apply(case):
     estimator = make_estimator("trace", max_plate_nesting=1)
-    module, args = _vae()
-    if case in PAIRS or case in ("cvae", "vae2"):
-        module, args = PAIRS[case]()
-    elif case == "subclass":
+    module = PAIRS.get(case, _vae)()[0]
+    if case == "subclass":
         module = _OwnModelVAE(D, LATENT, (16,))
     elif case == "instance-override":
         module.model = module.model
@@ -405,7 +404,7 @@ def test_the_traced_path_is_kept_wherever_the_fused_loss_does_not_apply(case):
         estimator = make_estimator("meanfield", num_particles=2, max_plate_nesting=1)
     elif case == "estimator-override":
         estimator.differentiable_loss = estimator.differentiable_loss
-    else:
+    elif case not in PAIRS:  # an estimator the fused loss does not compute
         estimator = make_estimator(case, max_plate_nesting=1)
     assert not supports(module, estimator)
     assert not isinstance(training_loss(module, estimator), FusedLoss)
@@ -427,25 +426,12 @@ def test_the_fused_loss_goes_the_traced_way_under_handlers_and_validation():
 
 # ----------------------------------------------------------------------------- benchmark smoke
 
-def _benchmark_module(name: str, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkeypatch, capsys):
     """A tiny run of benchmarks/bench_svi.py: its fused-vs-traced check passes (bit for bit) and
     the JSON holds every implementation and ratio. Nothing about the timings is asserted."""
     import json
 
-    bench = _benchmark_module("bench_svi", monkeypatch)
+    bench = load_benchmark("bench_svi", monkeypatch)
     out = tmp_path / "svi.json"
     assert bench.main(["--threads", "1", "--rounds", "1", "--block-seconds", "0.001",
                        "--warmup-steps", "1", "--batch-sizes", "4", "--out", str(out)]) == 0
@@ -462,7 +448,7 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
 def test_svi_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeypatch, capsys):
     """--profiler torch: every profiled step runs the encoder's and decoder's linear layers, so
     the operator table must list their matrix products with a positive self time."""
-    bench = _benchmark_module("bench_svi", monkeypatch)
+    bench = load_benchmark("bench_svi", monkeypatch)
     config = bench.parse_args(["--profile", "--profiler", "torch", "--profile-impl", "fused",
                                "--elbos", "trace", "--batch-sizes", "4", "--threads", "1",
                                "--warmup-steps", "1", "--profile-steps", "3"])
