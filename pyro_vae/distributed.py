@@ -29,7 +29,7 @@ import atexit
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterable, Iterator
@@ -168,10 +168,8 @@ def init_distributed(device: torch.device | str = "cpu",
 def _exit_now(status: int) -> None:
     """Flush stdout and stderr, then end the process without tearing anything down."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with suppress(AttributeError, OSError, ValueError):  # a closed or replaced stream
             stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
     os._exit(status)
 
 
