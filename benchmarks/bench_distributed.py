@@ -1,6 +1,6 @@
 """Training throughput of 1 vs several data-parallel processes (CPU/gloo or GPU/NCCL), in one run.
 
-Each configuration trains the same VAE with :func:`pyro_vae.train.train` (no run folder, no final
+Each configuration trains the same VAE with :func:`pyro_vae.fit` (no run folder, no final
 estimate) in freshly started processes that get torchrun's environment variables
 (``MASTER_ADDR=127.0.0.1``, a free port), ``--threads`` intra-op threads each. With
 ``--device cpu`` (the default) the processes use gloo; with ``--device cuda`` they use NCCL and
@@ -71,7 +71,7 @@ def _worker(raw: str) -> None:
 
     from pyro_vae.config import TrainConfig
     from pyro_vae.distributed import current_context
-    from pyro_vae.train import train
+    from pyro_vae import fit
 
     spec = json.loads(raw)
     torch.set_num_threads(spec["threads"])
@@ -80,7 +80,7 @@ def _worker(raw: str) -> None:
         return
     config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
                          batch_size=spec["batch_size"], final_particles=0, device=spec["device"])
-    result = train(config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
+    result = fit(config=config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
     if current_context().is_main:
         print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
                                           "train_loss": result.history.train_loss}), flush=True)
@@ -99,7 +99,8 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     from pyro_vae.data import fixed_binarization, load_dataset
     from pyro_vae.distributed import all_gather_objects, barrier, init_distributed
     from pyro_vae.fused import training_loss
-    from pyro_vae.train import build_model, make_elbo, make_optimizer, svi_step
+    from pyro_vae.builtin import build_model
+    from pyro_vae.train import make_elbo, make_optimizer, svi_step
 
     cuda = spec["device"] == "cuda"
     dist = init_distributed(spec["device"], LAUNCH_TIMEOUT_S)  # CUDA: selects cuda:LOCAL_RANK

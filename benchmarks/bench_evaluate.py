@@ -96,18 +96,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor]:
     """The VAE and the binarized test images (first ``--num-data``)."""
     if args.run_dir:
-        from pyro_vae.train import load_run
+        from pyro_vae.runs import load_run
 
         run = load_run(args.run_dir, device="cpu", data_dir=args.data_dir)
         return run.model, run.eval_images("test")[:args.num_data]
     dataset = load_digits() if args.data == "digits" else load_mnist(args.data_dir)
     images = fixed_binarization(dataset.test.images[:args.num_data], args.seed)
     if args.epochs > 0:
-        from pyro_vae.train import train
+        from pyro_vae import fit
 
         config = TrainConfig(dataset=args.data, data_dir=args.data_dir, epochs=args.epochs,
                              model=NETWORKS[args.data], seed=args.seed, device="cpu")
-        model = train(config, progress=False).model
+        model = fit(config=config, progress=False).model
     else:
         torch.manual_seed(args.seed)
         model = VAE(dataset.input_dim, NETWORKS[args.data].latent_dim, NETWORKS[args.data].hidden)

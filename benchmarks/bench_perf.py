@@ -6,7 +6,7 @@ processes on the CPU), so they share its load and its clock:
 ``svi``
     :func:`bench_svi.run_benchmark` for the digits network (64-128-8) and an MNIST-size one
     (784-400-20) at B = 20 and 128, ``meanfield`` and ``trace``: hand-written torch, the
-    package's fused path (what :func:`pyro_vae.train.train` runs for its own VAE), the package's
+    package's fused path (what :func:`pyro_vae.fit` runs for its own VAE), the package's
     Pyro-traced path (``make_elbo(name).differentiable_loss`` / B, what every other pair runs)
     and stock Pyro ``SVI``; the first three with the same ``torch.optim.Adam`` (``--adam``,
     default ``fused=True`` as in the training loop). Interleaved rounds, medians of wall-clock
@@ -62,7 +62,8 @@ from pyro_vae.data import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.fused import training_loss
 from pyro_vae.io import write_json
-from pyro_vae.train import resolve_device, svi_step
+from pyro_vae.batches import resolve_device
+from pyro_vae.train import svi_step
 
 HERE = Path(__file__).resolve().parent
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),

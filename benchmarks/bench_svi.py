@@ -9,7 +9,7 @@ one process, interleaved so that they share the machine's noise:
     or the single-sample Monte Carlo KL ``log q(z|x) - log p(z)`` (``trace``), loss averaged over
     the batch, Adam. This is the floor: no traces, no distribution objects.
 ``fused``
-    The step of :func:`pyro_vae.train.train` for the package's own VAE: the loss of
+    The step of :func:`pyro_vae.fit` for the package's own VAE: the loss of
     :func:`pyro_vae.fused.training_loss` (a :class:`~pyro_vae.fused.FusedLoss`, computed from the
     networks without Pyro's effect handlers) divided by the batch size, Adam, validation off.
 ``traced``
@@ -95,7 +95,8 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.fused import FusedLoss, training_loss
 from pyro_vae.io import write_json
 from pyro_vae.traces import trace_pair
-from pyro_vae.train import make_optimizer, resolve_device, svi_step
+from pyro_vae.batches import resolve_device
+from pyro_vae.train import make_optimizer, svi_step
 
 IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
 LABELS = {"torch": "hand-written torch", "fused": "package, fused path",
@@ -293,7 +294,7 @@ def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str
 
 def _loss_step(model: VAE, batch: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                lr: float, adam: str) -> Callable[[], None]:
-    """The step of :func:`pyro_vae.train.train`: :func:`pyro_vae.train.svi_step` on
+    """The step of :func:`pyro_vae.fit`: :func:`pyro_vae.train.svi_step` on
     ``loss_fn(batch)``, Adam."""
     optimizer = _adam(model, lr, adam)
     loss_of_batch = partial(loss_fn, batch)

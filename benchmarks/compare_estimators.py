@@ -76,8 +76,10 @@ from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
 from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
-from pyro_vae.protocol import check_model, guide_parameters, load_factory
-from pyro_vae.train import resolve_device, svi_step
+from pyro_vae.protocol import check_model, guide_parameters
+from pyro_vae.specs import load_factory
+from pyro_vae.batches import resolve_device
+from pyro_vae.train import svi_step
 
 INSIDE_LOG = ("iwae", "dreg")
 ACTIVE_UNIT_THRESHOLD = 0.01

@@ -12,7 +12,7 @@ log-likelihood estimated with K = 5000 importance samples. Targets of the issue,
 The model is the package's ``VAE(784, 50, (200, 200), activation="tanh")`` with
 ``initialize_from_data``; the loss is ``make_estimator(name, importance_samples=k)`` through
 :func:`pyro_vae.fused.training_loss` (the fused path for ``meanfield``, the traced one for
-``iwae`` and ``dreg``), as in :func:`pyro_vae.train.train`. That function runs whole epochs and
+``iwae`` and ``dreg``), as in :func:`pyro_vae.fit`. That function runs whole epochs and
 evaluates after each, so this script has its own loop around the same step
 (:func:`pyro_vae.train.svi_step`: loss / B, Adam; Pyro validation off), stopped by wall time:
 
@@ -68,8 +68,10 @@ from pyro_vae.evaluate import evaluate_dataset  # noqa: E402
 from pyro_vae.fused import training_loss  # noqa: E402
 from pyro_vae.io import write_json  # noqa: E402
 from pyro_vae.objectives import make_estimator  # noqa: E402
-from pyro_vae.train import (MAX_PLATE_NESTING, TEST_BINARIZATION_OFFSET,  # noqa: E402
-                            resolve_device, svi_step)
+from pyro_vae.batches import resolve_device  # noqa: E402
+from pyro_vae.builtin import TEST_BINARIZATION_OFFSET  # noqa: E402
+from pyro_vae.train import svi_step  # noqa: E402
+from pyro_vae.train.step import BUILTIN_PLATE_NESTING as MAX_PLATE_NESTING  # noqa: E402
 
 LATENT_DIM = 50
 HIDDEN = (200, 200)

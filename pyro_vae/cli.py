@@ -82,7 +82,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a VAE with SVI",
                        description="Train a VAE with SVI and write a run folder "
                                    "(config, history, checkpoint, weights, plots).")
-    p.add_argument("--dataset", choices=DATASETS, help=f"default {defaults.dataset}")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help=f"a built-in dataset (default {defaults.dataset} unless --data is given)")
+    p.add_argument("--data", metavar="DATA",
+                   help="train on your own data: a .npz or .pt file of arrays (named after the "
+                        "model's arguments, or unnamed for positional ones) or FILE.py:FUNCTION "
+                        "returning a tensor, tuple, dict, Dataset or DataLoader, or a "
+                        "(train, test) pair of Datasets/DataLoaders; needs --model-factory")
+    p.add_argument("--test-data", metavar="DATA",
+                   help="held-out data in the same forms, scored after every epoch and at "
+                        "the end")
+    p.add_argument("--model-factory", metavar="FILE.py:FUNCTION",
+                   help="train your own model/guide pair: FUNCTION() returns the torch.nn.Module "
+                        "(also MODULE:FUNCTION); recorded in the run folder")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files "
                                       "(default: $PYRO_VAE_DATA_DIR)")
     p.add_argument("--download", action="store_true",
@@ -181,6 +193,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
                    help=f"which split of the run's dataset (default {defaults.split})")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N datapoints")
+    p.add_argument("--data", metavar="DATA",
+                   help="evaluate on these data instead of the run's split (the forms of "
+                        "train --data)")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help=f"datapoints per call (default {defaults.batch_size})")
     p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
@@ -234,7 +249,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BUILTIN_MODEL_FLAGS = ("model", "latent_dim", "hidden", "likelihood", "obs_scale", "guide",
+                       "activation", "latent2_dim", "hidden2")
+
+
+def _flags(args: argparse.Namespace, names: Sequence[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names
+                     if getattr(args, name, None) is not None)
+
+
+def _user_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of a run of the user's pair (``--model-factory``), on ``--data`` or on a
+    built-in ``--dataset``."""
+    from .specs import absolute_spec
+
+    ignored = _flags(args, BUILTIN_MODEL_FLAGS)
+    if ignored:
+        raise PyroVAEError(f"{ignored} describe(s) the built-in model, not the pair of "
+                           "--model-factory: size your pair in its factory")
+    given = {"elbo": args.elbo, "particles": args.particles,
+             "importance_samples": args.importance_samples, "beta": args.beta,
+             "warmup": args.warmup, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "seed": args.seed, "device": args.device,
+             "model_factory": absolute_spec(args.model_factory)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.data is None:
+        builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
+        return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
+    if args.dataset is not None or args.binarize is not None:
+        raise PyroVAEError(f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
+                           "images: --data arrives as it is (transform it in its Dataset)")
+    return TrainConfig(dataset=None, model=None, binarize="none", data=absolute_spec(args.data),
+                       test_data=absolute_spec(args.test_data) if args.test_data else None,
+                       **given)
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    if args.model_factory is not None:
+        return _user_train_config(args)
+    if args.data is not None or args.test_data is not None:
+        raise PyroVAEError("--data and --test-data need --model-factory (the pair to train on "
+                           "them)")
     defaults = TrainConfig()
     chosen = {
         "family": args.model, "latent_dim": args.latent_dim, "hidden": args.hidden,
@@ -259,37 +314,44 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
 
 
+def _default_out(config: TrainConfig) -> Path:
+    if config.dataset is not None:
+        return DEFAULT_RUN_ROOT / config.dataset
+    return DEFAULT_RUN_ROOT / config.model_factory.rpartition(":")[2]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .distributed import current_context
-    from .train import read_config, train
+    from .runs import read_run_config, refuse_python_only
+    from .train import fit
 
     if args.resume is not None:
-        changed = [name for name in ("dataset", "model", "likelihood", "obs_scale", "guide",
-                                     "activation", "latent2_dim", "hidden2", "binarize", "elbo",
-                                     "particles",
-                                     "importance_samples", "beta", "warmup", "latent_dim",
-                                     "hidden", "batch_size", "lr", "seed", "out")
-                   if getattr(args, name) is not None]
+        fixed = ("dataset", "data", "test_data", "model_factory", *BUILTIN_MODEL_FLAGS,
+                 "binarize", "elbo", "particles", "importance_samples", "beta", "warmup",
+                 "batch_size", "lr", "seed", "out")
+        changed = _flags(args, fixed)
         if changed:
-            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-            raise PyroVAEError(f"{flags} cannot change on --resume: only --epochs, --device "
+            raise PyroVAEError(f"{changed} cannot change on --resume: only --epochs, --device "
                                "and --data-dir may be given")
-        config = read_config(args.resume)
+        config, model_class = read_run_config(args.resume)
+        refuse_python_only(args.resume, config, model_class)
         updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
         config = config.replace(**updates)
         run_dir = args.resume
     else:
         config = _train_config(args)
-        run_dir = args.out or DEFAULT_RUN_ROOT / config.dataset
-    result = train(config, run_dir, resume=args.resume is not None, progress=not args.quiet,
-                   download=args.download, dist_timeout=args.dist_timeout,
-                   fused=not args.traced)
+        run_dir = args.out or _default_out(config)
+    result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
+                 progress=not args.quiet, download=args.download,
+                 dist_timeout=args.dist_timeout, fused=not args.traced)
     if not current_context().is_main:
         return 0
     history = result.history
     if history.epoch:
-        print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}, "
-              f"test ELBO {history.test_elbo[-1]:.3f} nats per datapoint")
+        held_out = (f", test ELBO {history.test_elbo[-1]:.3f}"
+                    if len(history.test_elbo) == len(history.epoch) else "")
+        print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
+              "nats per datapoint")
     final = history.extra.get("final")
     if final:
         joint = "x, y" if getattr(result.model, "conditional", False) else "x"
@@ -303,9 +365,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .plots import plot_grid, plot_label_rows, save_figure
-    from .train import load_run
+    from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device)
+    if run.dataset is None or not callable(getattr(run.model, "sample", None)):
+        raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
+                           "images of a pair with a sample method")
     device = next(run.model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
@@ -334,26 +399,27 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import current_context
     from .evaluate import evaluate_run, format_table
-    from .train import read_config
+    from .runs import read_config
 
-    result = evaluate_run(args.run_dir, particles=args.particles, split=args.split,
+    result = evaluate_run(args.run_dir, particles=args.particles, split=args.split, data=args.data,
                           limit=args.limit, batch_size=args.batch_size,
                           particle_chunk=args.particle_chunk, seed=args.seed, device=args.device,
                           data_dir=args.data_dir, progress=not args.quiet,
                           dist_timeout=args.dist_timeout)
     if not current_context().is_main:
         return 0
-    conditional = read_config(args.run_dir).model.family == "cvae"
+    model = read_config(args.run_dir).model
+    conditional = model is not None and model.family == "cvae"
     print(format_table(result.summary(), observed="x, y" if conditional else "x"))
     print(f"wrote {', '.join(path.name for path in result.paths.values())} in {args.run_dir}")
     return 0
 
 
 def _load_conditional_run(args: argparse.Namespace):
-    from .train import load_run
+    from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
-    if not run.model.conditional:
+    if run.dataset is None or not getattr(run.model, "conditional", False):
         raise PyroVAEError(f"{args.command} needs a conditional run: train one with "
                            "pyro-vae train --model cvae")
     return run

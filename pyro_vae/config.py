@@ -94,12 +94,21 @@ class TrainConfig:
     ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
     ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
     (0: none).
+
+    ``dataset`` names a built-in dataset (``"digits"``, ``"mnist"``) or is ``None`` for data the
+    user gives (:func:`pyro_vae.fit`); such a run has no ``model`` family (its pair is the
+    user's) and no ``binarize`` step (``"none"``: the data arrive as they are). ``data``,
+    ``test_data`` and ``model_factory`` record the command line's ``--data``, ``--test-data`` and
+    ``--model-factory`` specs, so that a run can be resumed and evaluated without retyping them.
     """
 
-    dataset: str = "digits"
+    dataset: str | None = "digits"
     data_dir: str | None = None
     binarize: str = "dynamic"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | None = field(default_factory=ModelConfig)
+    data: str | None = None
+    test_data: str | None = None
+    model_factory: str | None = None
     elbo: str = "meanfield"
     particles: int = 1
     importance_samples: int = 1
@@ -116,7 +125,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}"),
+            (self.dataset is None or self.dataset in DATASETS,
+             f"dataset must be one of {DATASETS} (or None for data given to fit), got "
+             f"{self.dataset!r}"),
+            (self.dataset is not None or (self.model is None and self.binarize == "none"),
+             "a run on the user's own data has no model family and no binarization: "
+             "model=None, binarize='none' (transform the data in its Dataset)"),
+            (self.dataset is None or not (self.data or self.test_data),
+             "data and test_data are for the user's own data: they need dataset=None"),
             (self.binarize in BINARIZATIONS,
              f"binarize must be one of {BINARIZATIONS}, got {self.binarize!r}"),
             (self.elbo in ELBOS, f"elbo must be one of {ELBOS}, got {self.elbo!r}"),
@@ -133,7 +149,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         check_seed(self.seed)
-        if (self.model.likelihood == "bernoulli") == (self.binarize == "none"):
+        if self.model is not None and (
+                (self.model.likelihood == "bernoulli") == (self.binarize == "none")):
             raise ConfigError(
                 "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "
                 "Gaussian one needs the intensities (--binarize none)")
@@ -145,8 +162,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["model"]["hidden"] = list(self.model.hidden)
-        out["model"]["hidden2"] = list(self.model.hidden2)
+        if self.model is not None:
+            out["model"]["hidden"] = list(self.model.hidden)
+            out["model"]["hidden2"] = list(self.model.hidden2)
         return out
 
     @classmethod
@@ -157,8 +175,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         model = raw.pop("model", {})
+        if model is None:
+            return cls(model=None, **raw)
         if not isinstance(model, dict):
-            raise ConfigError("config key 'model' must be a mapping")
+            raise ConfigError("config key 'model' must be a mapping or null")
         model_known = {f.name for f in dataclasses.fields(ModelConfig)}
         if set(model) - model_known:
             raise ConfigError(f"unknown model config keys: {sorted(set(model) - model_known)}")

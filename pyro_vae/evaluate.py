@@ -58,6 +58,9 @@ from .distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gat
 from .config import check_seed
 from .errors import ConfigError, DataError, PyroVAEError
 from .io import atomic_path, write_json
+from .batches import as_source, floating_tensors, resolve_device
+from .runs import load_run
+from .specs import load_data
 from .traces import guess_max_plate_nesting, vectorized_log_probs
 
 KHAT_GOOD = 0.5
@@ -115,12 +118,11 @@ def _arviz() -> Any:
     return arviz
 
 
-def _check_finite_inputs(values: Sequence[Any]) -> None:
+def _check_finite_inputs(args: Sequence[Any], kwargs: dict | None = None) -> None:
     """Refuse floating-point tensor arguments with NaN or ±inf entries, before any trace."""
-    for index, value in enumerate(values):
-        if (isinstance(value, torch.Tensor) and value.is_floating_point()
-                and not bool(torch.isfinite(value).all())):
-            raise DataError(f"argument {index} of the model/guide holds NaN or infinite values")
+    for where, value in floating_tensors(tuple(args), kwargs or {}):
+        if not bool(torch.isfinite(value).all()):
+            raise DataError(f"{where} of the model/guide holds NaN or infinite values")
 
 
 def _chunk_sizes(total: int, chunk: int | None) -> list[int]:
@@ -372,7 +374,7 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     :raises DataError: if a floating-point tensor argument holds NaN or infinite values.
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
-    _check_finite_inputs(args)
+    _check_finite_inputs(args, kwargs)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     return _batch_result(model, guide, args, kwargs, num_particles=num_particles,
@@ -381,23 +383,25 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
 
 
 @torch.no_grad()
-def evaluate_dataset(model: Callable, guide: Callable,
-                     data: torch.Tensor | Sequence[torch.Tensor], *, num_particles: int,
+def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particles: int,
                      batch_size: int = EvalConfig.batch_size,
                      particle_chunk: int | None = EvalConfig.particle_chunk,
                      khat: bool | None = None, keep_log_weights: bool = False,
                      max_plate_nesting: int | None = None, data_plate: str | None = None,
                      progress: bool = False, batch_seed: int | None = None,
-                     dist: DistributedContext = SINGLE, **kwargs: Any) -> "EvaluationResult":
-    """Evaluate a pair batch by batch: ``model(*batch, **kwargs)`` on slices of ``data``.
+                     dist: DistributedContext = SINGLE, collate_fn: Callable | None = None,
+                     **kwargs: Any) -> "EvaluationResult":
+    """Evaluate a pair batch by batch: ``model(*batch_args, **batch_kwargs, **kwargs)``.
 
-    ``data`` is a tensor, or a sequence of tensors sliced together along their first dimension
-    (e.g. images and labels of a conditional model); each slice of ``batch_size`` rows is
-    evaluated with :func:`evaluate` semantics and the per-datapoint results are concatenated.
-    Peak memory is that of one ``particle_chunk × batch_size`` model/guide call plus a
-    ``[K, batch_size]`` block for k-hat; ``keep_log_weights=True`` also keeps all ``[K, N]``
-    log-weights (on the CPU). Datapoints are independent given the parameters, so batching
-    changes which particles are drawn but not their distribution.
+    ``data`` takes every form the training engine takes (:func:`pyro_vae.batches.as_source`):
+    a tensor or array, a tuple/list of them (positional arguments) or a dict (keyword
+    arguments), sliced along their first dimension into batches of ``batch_size`` rows; a
+    map-style Dataset collated by ``collate_fn``; or a DataLoader, whose own batches are used.
+    Each batch is evaluated with :func:`evaluate` semantics and the per-datapoint results are
+    concatenated in order. Peak memory is that of one ``particle_chunk × batch_size``
+    model/guide call plus a ``[K, batch_size]`` block for k-hat; ``keep_log_weights=True`` also
+    keeps all ``[K, N]`` log-weights (on the CPU). Datapoints are independent given the
+    parameters, so batching changes which particles are drawn but not their distribution.
 
     With ``batch_seed`` batch i draws from torch's generator seeded with
     ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)`` (:func:`pyro_vae.distributed.derive_seed`;
@@ -412,38 +416,34 @@ def evaluate_dataset(model: Callable, guide: Callable,
     if dist.enabled and batch_seed is None:
         raise ConfigError("sharded evaluation needs batch_seed, so that each batch draws the "
                           "same particles whichever rank evaluates it")
-    tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
-    if not tensors or tensors[0].dim() == 0 or tensors[0].shape[0] == 0:
-        raise ConfigError("data must hold at least one datapoint")
-    num_data = tensors[0].shape[0]
-    if any(t.shape[0] != num_data for t in tensors):
-        raise ConfigError(f"the tensors in data have different lengths: "
-                          f"{[t.shape[0] for t in tensors]}")
-    _check_finite_inputs(tensors)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if max_plate_nesting is None:
-        first = tuple(t[:batch_size] for t in tensors)
-        with nullcontext() if batch_seed is None else _forked_rng():
-            max_plate_nesting = guess_max_plate_nesting(model, guide, first, kwargs)
+    source = as_source(data, collate_fn)
     from tqdm.auto import tqdm
 
-    starts = range(0, num_data, batch_size)
-    parts, failure = [], None
+    parts, failure, num_batches, first_index = [], None, 0, 0
     try:
-        for start in tqdm(starts[dist.rank::dist.world_size], desc="evaluate", unit="batch",
-                          disable=not progress or not dist.is_main):
-            batch = tuple(t[start:start + batch_size] for t in tensors)
-            with _batch_rng(batch_seed, start // batch_size):
-                part = _batch_result(model, guide, batch, kwargs, num_particles=num_particles,
-                                     particle_chunk=particle_chunk,
+        for index, batch in enumerate(tqdm(source.ordered(batch_size), desc="evaluate",
+                                           unit="batch", disable=not progress or not dist.is_main)):
+            num_batches, size = index + 1, batch.size
+            start, first_index = first_index, first_index + size
+            if index % dist.world_size != dist.rank:
+                continue
+            call_kwargs = {**batch.kwargs, **kwargs}
+            _check_finite_inputs(batch.args, call_kwargs)
+            if max_plate_nesting is None:
+                with nullcontext() if batch_seed is None else _forked_rng():
+                    max_plate_nesting = guess_max_plate_nesting(model, guide, batch.args,
+                                                                call_kwargs)
+            with _batch_rng(batch_seed, index):
+                part = _batch_result(model, guide, batch.args, call_kwargs,
+                                     num_particles=num_particles, particle_chunk=particle_chunk,
                                      max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                                      khat=khat, keep_log_weights=keep_log_weights,
                                      first_index=start)
-            if part.num_datapoints != batch[0].shape[0]:
+            if part.num_datapoints != size:
                 raise ConfigError(f"the data plate has {part.num_datapoints} entries for a batch "
-                                  f"of {batch[0].shape[0]} rows: its size must be the batch's "
-                                  "length")
+                                  f"of {size} rows: its size must be the batch's length")
             parts.append(part)
     except PyroVAEError as exc:
         if not dist.enabled:
@@ -455,7 +455,7 @@ def evaluate_dataset(model: Callable, guide: Callable,
         if failures:
             raise failures[0]
         world = dist.world_size
-        parts = [gathered[index % world][0][index // world] for index in range(len(starts))]
+        parts = [gathered[index % world][0][index // world] for index in range(num_batches)]
     return EvaluationResult.concatenate(parts)
 
 
@@ -526,6 +526,14 @@ def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
     return paths
 
 
+def _given_data(run: Any, data: Any, limit: int | None) -> Any:
+    """``data`` (a spec or data) as a source on the run's device and parameter dtype."""
+    if isinstance(data, (str, Path)):
+        data = load_data(str(data))[0]
+    param = next(run.model.parameters())
+    return as_source(data).head(limit).to(param.device, param.dtype)
+
+
 def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                  split: str = EvalConfig.split, limit: int | None = EvalConfig.limit, *,
                  batch_size: int = EvalConfig.batch_size,
@@ -533,17 +541,19 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                  out: str | Path | None = None, device: str = "auto",
                  data_dir: str | None = None,
                  keep_log_weights: bool | None = EvalConfig.keep_log_weights,
-                 progress: bool = False, dist_timeout: float | None = None
-                 ) -> "EvaluationResult":
-    """Evaluate a trained run folder on ``split`` and write the results into ``out``.
+                 progress: bool = False, dist_timeout: float | None = None,
+                 data: Any = None) -> "EvaluationResult":
+    """Evaluate a trained run folder on ``split`` (or on ``data``: a data spec or data in any
+    form :func:`evaluate_dataset` takes) and write the results into ``out``.
 
-    Loads the run with :func:`pyro_vae.train.load_run`, evaluates its VAE with
-    :func:`evaluate_dataset` on the run's fixed binarization of ``split`` (the first ``limit``
-    images if given), each batch seeded from ``seed`` and its index (``batch_seed``) on a fork of
+    Loads the run with :func:`pyro_vae.runs.load_run`, evaluates its pair with
+    :func:`evaluate_dataset` on the run's data of ``split`` (the first ``limit`` datapoints if
+    given): the fixed binarization of the built-in images, or the ``--data`` / ``--test-data``
+    a command-line run of a user's pair recorded. Each batch seeded from ``seed`` and its index (``batch_seed``) on a fork of
     torch's random state (the caller's state is left untouched), and with the run's parameters
     in a scope of their own in Pyro's param store (so it works in a process that holds other
     parameters). Pyro's validation is off, as
-    in training: the images are the run's own binarization, checked when the run is loaded, and
+    in training: the data are checked when the run is loaded, and
     non-finite log-weights still raise :class:`EvaluationError`. Writes the files of
     :func:`save_evaluation` into ``out`` (default: ``run_dir``) and returns the result; print
     ``format_table(result.summary())`` for a report.
@@ -556,20 +566,15 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
     config = EvalConfig(particles=particles, split=split, limit=limit, batch_size=batch_size,
                         particle_chunk=particle_chunk, seed=seed,
                         keep_log_weights=keep_log_weights)
-    from .train import load_run, model_args, resolve_device
-
     dist = init_distributed(resolve_device(device), dist_timeout)
     with _forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
-        images = run.eval_images(config.split)
-        labels = getattr(run.dataset, config.split).labels
-        if config.limit is not None:
-            images, labels = images[:config.limit], labels[:config.limit]
-        keep = (particles * images.shape[0] <= KEEP_LOG_WEIGHTS_MAX
+        source = run.data(config.split, config.limit) if data is None else _given_data(run, data,
+                                                                                     config.limit)
+        keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
-            result = evaluate_dataset(run.model.model, run.model.guide,
-                                      model_args(run.model, images, labels),
+            result = evaluate_dataset(run.model.model, run.model.guide, source,
                                       num_particles=config.particles,
                                       batch_size=config.batch_size,
                                       particle_chunk=config.particle_chunk,

@@ -20,7 +20,7 @@ from .io import atomic_path  # noqa: E402
 if TYPE_CHECKING:
     from .data import Dataset
     from .models import VAE
-    from .train import History
+    from .runs import History
 
 SAMPLES_PNG = "samples.png"
 RECONSTRUCTIONS_PNG = "reconstructions.png"
@@ -122,7 +122,8 @@ def plot_latent(locs: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
 def plot_curves(history: "History") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(history.epoch, [-v for v in history.train_loss], label="train ELBO (estimator)")
-    ax.plot(history.epoch, history.test_elbo, label="test ELBO")
+    if len(history.test_elbo) == len(history.epoch):
+        ax.plot(history.epoch, history.test_elbo, label="test ELBO")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per datapoint")
     ax.legend()
@@ -130,17 +131,19 @@ def plot_curves(history: "History") -> plt.Figure:
     return fig
 
 
-def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset", history: "History",
-                    test_images: torch.Tensor, seed: int = 0) -> list[Path]:
+def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset | None",
+                    history: "History", test_images: torch.Tensor | None,
+                    seed: int = 0) -> list[Path]:
     """Write samples, reconstructions, latent and curves PNGs into ``run_dir`` (only the curves
-    for a model without ``sample``, ``encode`` and ``reconstruct`` methods)."""
+    for a model without ``sample``, ``encode`` and ``reconstruct`` methods, or for data that
+    are not the built-in images: ``dataset=None``)."""
     run_dir = Path(run_dir)
+    if dataset is None or test_images is None or not all(
+            callable(getattr(model, name, None)) for name in ("sample", "encode", "reconstruct")):
+        return [save_figure(plot_curves(history), run_dir / CURVES_PNG)]
     generator = torch.Generator(device=test_images.device).manual_seed(seed)
     labels = dataset.test.labels
     originals = test_images[:NUM_RECONSTRUCTIONS]
-    if not all(callable(getattr(model, name, None)) for name in ("sample", "encode",
-                                                                  "reconstruct")):
-        return [save_figure(plot_curves(history), run_dir / CURVES_PNG)]
     if getattr(model, "conditional", False):
         classes = torch.arange(model.num_classes, device=labels.device)
         samples = model.sample(8 * model.num_classes, generator=generator,

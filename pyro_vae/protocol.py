@@ -1,7 +1,7 @@
 """What the package needs from a user's own model/guide pair, stated and checked in one place.
 
-A pair works with the training loop (:func:`pyro_vae.train.train`), the evaluator
-(:mod:`pyro_vae.evaluate`) and the estimators (:mod:`pyro_vae.objectives`) when:
+A pair works with the training engine (:func:`pyro_vae.fit`), the evaluator
+(:mod:`pyro_vae.evaluate`) and the estimators (:mod:`pyro_vae.infer`) when:
 
 1. it is a :class:`torch.nn.Module` that owns every learnable parameter (so one
    ``torch.optim`` optimizer over ``module.parameters()`` trains it, and a ``state_dict``
@@ -9,17 +9,21 @@ A pair works with the training loop (:func:`pyro_vae.train.train`), the evaluato
    ``module.parameters()`` (as those of ``pyro.module(name, self)`` are) or the constrained value
    of one (a :class:`~pyro.nn.PyroParam` of a :class:`~pyro.nn.PyroModule`), never a free
    ``pyro.param("W", init)``, which the optimizer would not see;
-2. it has callables ``model(x)`` and ``guide(x)`` (``model(x, y)`` / ``guide(x, y)`` with
-   ``conditional = True``, where ``y`` are the integer labels);
-3. every sample site of both (latent and observed) lies inside one ``pyro.plate`` over the rows of
-   ``x``, named ``"data"`` (or named by the attribute ``data_plate``); latent dimensions are events
-   (``.to_event(1)``), so each datapoint has one log-density per site (a batch dimension in no
-   plate is refused);
+2. it has callables ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` that take one
+   batch (:mod:`pyro_vae.batches`: a tensor gives one positional argument, a tuple several, a
+   dict keyword arguments); on the built-in images that is ``model(x)``, or ``model(x, y)``
+   with ``conditional = True`` (``y`` the integer labels);
+3. every sample site of both (latent and observed) lies inside one ``pyro.plate`` over the
+   batch's datapoints, sized with the batch's length or left unsized: the one plate that holds
+   every site, or the plate the attribute ``data_plate`` names (needed when several plates
+   hold every site); plates nested inside it are summed per datapoint; latent
+   dimensions are events (``.to_event(1)``), so each datapoint has one log-density per site (a
+   batch dimension in no plate is refused);
 4. the guide's latent sites are reparameterizable (``has_rsample``), as every Gaussian is.
 
 Optional attributes, used when present: ``name`` (the prefix of the pair's Pyro param-store
-entries, replaced by :func:`~pyro_vae.train.train`), ``initialize_from_data(images)`` (called
-before training a freshly built model), and ``sample(n)``, ``encode(x)``, ``reconstruct(x)`` for
+entries, replaced by :func:`~pyro_vae.fit`), ``initialize_from_data(images)`` (called
+before training a freshly built model of the package), and ``sample(n)``, ``encode(x)``, ``reconstruct(x)`` for
 the plots of a run folder (a run without them gets the training curves only).
 """
 
@@ -32,13 +36,19 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .batches import batch_length
 from .errors import ConfigError
 from .models import DATA_PLATE
 from .traces import find_data_plate, trace_pair
 
 
-def data_plate_name(module: Any) -> str:
-    return getattr(module, "data_plate", DATA_PLATE)
+UNSIZED = -1  # the size Pyro gives a plate declared without one
+
+
+def data_plate_name(module: Any) -> str | None:
+    """The plate the module names as its data plate (``data_plate``), or ``None``: the one plate
+    that holds every sample site, found as the evaluator and the estimators find it."""
+    return getattr(module, "data_plate", None)
 
 
 def _foreign_params(module: nn.Module, *traces: Any) -> list[str]:
@@ -60,10 +70,10 @@ def _foreign_params(module: nn.Module, *traces: Any) -> list[str]:
     return foreign
 
 
-def check_model(module: Any, *example_args: torch.Tensor) -> None:
+def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
     """Raise :class:`~pyro_vae.errors.ConfigError` naming the first requirement (see the module
-    docstring) that ``module`` misses; with ``example_args`` (a small batch) the pair is also
-    run once to check its plate and sites."""
+    docstring) that ``module`` misses; with ``example_args`` / ``example_kwargs`` (a small
+    batch) the pair is also run once to check its plate and sites."""
     what = type(module).__name__
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{what} must be a torch.nn.Module that owns the parameters of its "
@@ -74,23 +84,24 @@ def check_model(module: Any, *example_args: torch.Tensor) -> None:
     if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError(f"{what} has no trainable parameters: register its networks as "
                           "submodules (self.encoder = ...) or nn.Parameter attributes")
-    if not example_args:
+    if not example_args and not example_kwargs:
         return
-    rows = example_args[0].shape[0]
-    hint = (f"every sample site belongs inside pyro.plate({data_plate_name(module)!r}, "
+    rows = batch_length(example_args, example_kwargs)
+    hint = (f"every sample site belongs inside pyro.plate({data_plate_name(module) or DATA_PLATE!r}, "
             "x.shape[0]) with its other dimensions as events, e.g. "
             "dist.Normal(loc, scale).to_event(1)")
     try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead
         with poutine.block(), pyro.validation_enabled(True), \
                 torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
-            model_trace, guide_trace = trace_pair(module.model, module.guide, example_args, {})
+            model_trace, guide_trace = trace_pair(module.model, module.guide, example_args,
+                                                  example_kwargs)
             foreign = _foreign_params(module, model_trace, guide_trace)
     except KeyError as exc:  # e.g. pyro.param(name) without an initial value, in that store
         raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
                           f"failed: KeyError {exc} (if that names a pyro.param read without an "
                           f"initial value, make the parameter an nn.Parameter of {what}: the "
                           "pair must own its parameters)") from None
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, TypeError, IndexError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
                           f"failed: {first_line} ({hint})") from None
@@ -116,10 +127,9 @@ def check_model(module: Any, *example_args: torch.Tensor) -> None:
     plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
     size = next(frame.size for site in guide_trace.nodes.values() if site["type"] == "sample"
                 for frame in site["cond_indep_stack"] if frame.name == plate)
-    if size != example_args[0].shape[0]:
+    if size not in (rows, UNSIZED):  # an unsized plate takes its size from the batch
         raise ConfigError(f"the plate {plate!r} of {what} has size {size} but the batch has "
-                          f"{example_args[0].shape[0]} rows: use pyro.plate({plate!r}, "
-                          "x.shape[0])")
+                          f"{rows} rows: use pyro.plate({plate!r}, x.shape[0])")
     not_reparam = [name for name, site in guide_trace.nodes.items()
                    if site["type"] == "sample" and not site["is_observed"]
                    and not site["fn"].has_rsample]
@@ -129,34 +139,6 @@ def check_model(module: Any, *example_args: torch.Tensor) -> None:
     if any(site["type"] == "sample" and site["is_observed"]
            for site in guide_trace.nodes.values()):
         raise ConfigError(f"the guide of {what} observes a site: observations belong in the model")
-
-
-def load_factory(spec: str):
-    """The callable named by ``"package.module:function"`` or ``"path/to/file.py:function"``
-    (how benchmarks take a user's model without touching package code)."""
-    import importlib
-    import importlib.util
-    from pathlib import Path
-
-    module_name, sep, attribute = spec.rpartition(":")
-    if not sep or not module_name or not attribute:
-        raise ConfigError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.exists():
-                raise ConfigError(f"no file {path}")
-            loaded = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name}: {exc}") from None
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ConfigError(f"{module_name} has no callable {attribute!r}")
-    return factory
 
 
 def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Parameter]:

@@ -111,10 +111,13 @@ def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> 
         outside = list(dict.fromkeys(site["name"] for site in sites
                                      if data_plate not in _plates_of(site)))
         if outside:
-            raise ConfigError(
-                f"sample sites {outside} are outside the data plate {data_plate!r}: per-datapoint "
-                "weights need every latent and observed site inside pyro.plate"
-                f"({data_plate!r}, N)")
+            fix = (f"the sites are all in plate {next(iter(common))!r}: set data_plate = "
+                   f"{next(iter(common))!r} on the module (or pass data_plate=) if that plate "
+                   "indexes the datapoints" if len(common) == 1 else
+                   "per-datapoint weights need every latent and observed site inside "
+                   f"pyro.plate({data_plate!r}, N)")
+            raise ConfigError(f"sample sites {outside} are outside the data plate "
+                              f"{data_plate!r}: {fix}")
         return data_plate
     if len(common) == 1:
         return common.pop()

@@ -25,7 +25,8 @@ from pyro_vae.distributed import (SINGLE, DistributedContext, average_gradients,
                                   main_first, shard_indices)
 from pyro_vae.evaluate import evaluate_run
 from pyro_vae.models import VAE
-from pyro_vae.train import make_elbo, svi_step, train
+from pyro_vae import fit
+from pyro_vae.train import make_elbo, svi_step
 
 HALF_BATCH = 16
 STEPS = 3
@@ -88,11 +89,11 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
         shards.append(shard.clone())
         return shard
 
-    # what train() calls once per epoch: full epochs 1, 2; part epoch 1; resumed epoch 2
-    _replace_in_train("shard_indices", recording_shard_indices)
-    full = train(CONFIG, out / "full", progress=False)
-    train(CONFIG.replace(epochs=1), out / "part", progress=False)
-    resumed = train(CONFIG, out / "part", resume=True, progress=False)
+    # what fit() calls once per epoch: full epochs 1, 2; part epoch 1; resumed epoch 2
+    _replace_in("pyro_vae.batches", "shard_indices", recording_shard_indices)
+    full = fit(config=CONFIG, run_dir=out / "full", progress=False)
+    fit(config=CONFIG.replace(epochs=1), run_dir=out / "part", progress=False)
+    resumed = fit(config=CONFIG, run_dir=out / "part", resume=True, progress=False)
     result = evaluate_run(out / "full", out=out / "eval", **EVAL)
     torch.save({"step": vae.state_dict(), "full": full.model.state_dict(),
                 "resumed": resumed.model.state_dict(), "history": full.history.to_dict(),
@@ -102,10 +103,9 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
                out / f"rank{dist.rank}.pt")
 
 
-def _replace_in_train(name: str, fn) -> None:
-    """Make ``train()`` call ``fn`` for ``name``: set on the module, not ``pyro_vae.train``,
-    which the package's ``__init__`` rebinds to the function."""
-    setattr(importlib.import_module("pyro_vae.train"), name, fn)
+def _replace_in(module: str, name: str, fn) -> None:
+    """Make the functions of ``module`` call ``fn`` for ``name``."""
+    setattr(importlib.import_module(module), name, fn)
 
 
 def _train_cli(out: Path, epochs: int, timeout_s: float) -> int:
@@ -142,7 +142,7 @@ def _failure_scenario(how: str, out: Path) -> int:
                 time.sleep(HANG_SLEEP_S)
             average_gradients(parameters, dist)
 
-        _replace_in_train("average_gradients", average_gradients_then_fail)
+        _replace_in("pyro_vae.train.step", "average_gradients", average_gradients_then_fail)
     return _train_cli(out, 3, HANG_TIMEOUT_S if how == "hang" else COLLECTIVE_TIMEOUT_S)
 
 
@@ -162,7 +162,7 @@ def _drift_scenario(out: Path) -> int:
                 grad = next(p.grad for p in parameters if p.grad is not None)
                 grad.view(-1)[0] += DRIFT_GRAD
 
-        _replace_in_train("average_gradients", average_gradients_then_drift)
+        _replace_in("pyro_vae.train.step", "average_gradients", average_gradients_then_drift)
     return _train_cli(out, DRIFT_EPOCHS, COLLECTIVE_TIMEOUT_S)
 
 

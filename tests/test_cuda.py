@@ -11,7 +11,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import TrainConfig, train
+from pyro_vae import TrainConfig, fit
 from pyro_vae import evaluate as ev
 from pyro_vae.fused import FusedLoss, supports
 from pyro_vae.objectives import make_estimator
@@ -57,9 +57,9 @@ def test_a_resumed_gpu_run_reaches_the_uninterrupted_result(tmp_path):
     draw other noise and end far from the uninterrupted run."""
     config = TrainConfig(epochs=4, batch_size=128, eval_particles=2, final_particles=0,
                          device="cuda")
-    full = train(config, tmp_path / "full", progress=False)
-    train(config.replace(epochs=2), tmp_path / "part", progress=False)
-    resumed = train(config, tmp_path / "part", resume=True, progress=False)
+    full = fit(config=config, run_dir=tmp_path / "full", progress=False)
+    fit(config=config.replace(epochs=2), run_dir=tmp_path / "part", progress=False)
+    resumed = fit(config=config, run_dir=tmp_path / "part", resume=True, progress=False)
     assert all(p.device.type == "cuda" for p in resumed.model.parameters())
     for name, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], value,

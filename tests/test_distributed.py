@@ -26,7 +26,8 @@ from pyro_vae.distributed import (ENV_TIMEOUT, EXIT_BROKEN_GROUP, MAX_CAUSE_CHAR
 from pyro_vae.data import load_digits
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.evaluate import evaluate_dataset, evaluate_run
-from pyro_vae.train import CHECKPOINT_FILE, load_checkpoint, train
+from pyro_vae import fit
+from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -139,7 +140,7 @@ def test_ranks_stay_in_sync_and_resume_continues_exactly(two_ranks):
 def test_a_distributed_run_resumes_only_with_its_world_size(two_ranks):
     out, _ = two_ranks
     with pytest.raises(CheckpointError, match="trained by 2 process"):
-        train(CONFIG.replace(epochs=3), out / "full", resume=True, progress=False)
+        fit(config=CONFIG.replace(epochs=3), run_dir=out / "full", resume=True, progress=False)
 
 
 def test_sharded_evaluation_equals_a_single_process(two_ranks):
@@ -155,7 +156,7 @@ def test_sharded_evaluation_equals_a_single_process(two_ranks):
 
 def test_each_epoch_deals_a_new_shared_permutation_whose_shards_cover_the_training_set(
         two_ranks):
-    """train()'s own calls of shard_indices, recorded on each rank: full run epochs 1..E, the
+    """fit()'s own calls of shard_indices, recorded on each rank: full run epochs 1..E, the
     1-epoch run, then its resumption's epochs 2..E."""
     _, saved = two_ranks
     num_train = len(load_digits().train)

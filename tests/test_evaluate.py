@@ -347,7 +347,7 @@ def test_dataset_of_several_tensors_is_sliced_together():
     result = ev.evaluate_dataset(model, guide, (x + offsets[:, None], offsets), num_particles=4,
                                  batch_size=4)
     torch.testing.assert_close(result.log_px, lg.log_marginal(x).detach(), atol=1e-10, rtol=0)
-    with pytest.raises(ConfigError, match="different lengths"):
+    with pytest.raises(DataError, match="different lengths"):
         ev.evaluate_dataset(model, guide, (x, offsets[:5]), num_particles=4)
 
 
@@ -477,12 +477,12 @@ def test_eval_config_rejects_bad_options():
 
 def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
     from pyro_vae.config import ModelConfig, TrainConfig
-    from pyro_vae.train import train
+    from pyro_vae import fit
 
     run_dir = tmp_path / "run"
     config = TrainConfig(epochs=1, batch_size=512, device="cpu",
                          model=ModelConfig(latent_dim=2, hidden=(8,)))
-    train(config, run_dir, progress=False)
+    fit(config=config, run_dir=run_dir, progress=False)
     rng_state = torch.get_rng_state()
     result = ev.evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
                              device="cpu")

@@ -6,10 +6,10 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import kl_divergence
 
-from pyro_vae import ConfigError, ModelConfig, TrainConfig, VAE, train
+from pyro_vae import ConfigError, ModelConfig, TrainConfig, VAE, fit
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.objectives import ESTIMATORS, make_estimator
-from pyro_vae.train import build_model, evaluation_images, model_args, prepare_data
+from pyro_vae.builtin import build_model, evaluation_images, model_args, prepare_data
 from pyro_vae.vae2 import VAE2
 
 D, LATENT = 10, 3
@@ -275,7 +275,7 @@ def test_each_family_trains_and_its_gap_is_nonnegative(name, model_config, binar
     """
     config = TrainConfig(model=model_config, binarize=binarize, epochs=6, batch_size=128,
                          eval_particles=4, final_particles=0)
-    result = train(config, progress=False)
+    result = fit(config=config, progress=False)
     dataset = prepare_data(config, torch.device("cpu"))
     pyro.set_rng_seed(config.seed)
     initial = build_model(dataset, config)

@@ -12,13 +12,15 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from torch import nn
 from torch.distributions import constraints
 
-from pyro_vae import VAE, ConfigError, TrainConfig, train
+from pyro_vae import VAE, ConfigError, TrainConfig, fit
 from pyro_vae.cli import EXIT_USER_ERROR, main
 from pyro_vae.cvae import CVAE
 from pyro_vae.errors import CheckpointError
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.protocol import check_model, load_factory
-from pyro_vae.train import MODEL_CLASS_KEY, evaluation_images, load_run, prepare_data, read_config
+from pyro_vae.protocol import check_model
+from pyro_vae.specs import load_factory
+from pyro_vae.builtin import evaluation_images, prepare_data
+from pyro_vae.runs import MODEL_CLASS_KEY, load_run, read_config
 from pyro_vae.vae2 import VAE2
 from test_model_families import _per_datapoint_elbo
 
@@ -65,7 +67,7 @@ def test_the_package_trains_and_evaluates_a_users_pair(tmp_path):
     model = MixturePriorVAE(64)
     untrained = copy.deepcopy(model)
     config = TrainConfig(epochs=8, batch_size=128, eval_particles=4, final_particles=50)
-    result = train(config, tmp_path / "run", model=model, progress=False)
+    result = fit(config=config, run_dir=tmp_path / "run", model=model, progress=False)
     assert result.model is model
     final = json.loads((tmp_path / "run" / "history.json").read_text())["final"]
     assert final == result.history.extra["final"] and final["particles"] == 50
@@ -227,7 +229,7 @@ def test_param_sites_of_the_modules_own_parameters_pass_whatever_the_param_store
 
 def test_train_checks_a_users_pair_before_training():
     with pytest.raises(ConfigError, match="data plate"):
-        train(TrainConfig(epochs=1), model=_NoPlate(64), progress=False)
+        fit(config=TrainConfig(epochs=1), model=_NoPlate(64), progress=False)
 
 
 def test_factories_are_loaded_from_a_module_or_a_file(tmp_path):
@@ -246,31 +248,32 @@ def test_a_users_run_resumes_from_python_and_the_command_line_refuses_it(tmp_pat
     evaluate, sample and train --resume refuse it in one line, leaving the folder unchanged."""
     config = TrainConfig(epochs=3, batch_size=128, eval_particles=2, final_particles=0)
     initial = MixturePriorVAE(64)
-    full = train(config, tmp_path / "full", model=copy.deepcopy(initial), progress=False)
+    full = fit(copy.deepcopy(initial), config=config, run_dir=tmp_path / "full", progress=False)
     part = tmp_path / "part"
-    train(config.replace(epochs=1), part, model=copy.deepcopy(initial), progress=False)
+    fit(copy.deepcopy(initial), config=config.replace(epochs=1), run_dir=part, progress=False)
     recorded = f"{MixturePriorVAE.__module__}.MixturePriorVAE"
     assert json.loads((part / "config.json").read_text())[MODEL_CLASS_KEY] == recorded
     assert read_config(part) == config.replace(epochs=1)
 
-    refusal = rf"{part} holds a user-defined model \({recorded}\).*load_run\("
+    refusal = rf"{part} holds a model defined in Python \({recorded}\).*load_run\("
     with pytest.raises(CheckpointError, match=refusal):
         load_run(part, device="cpu")
     with pytest.raises(CheckpointError, match=refusal):
-        train(config, part, resume=True, progress=False)
+        fit(config=config, run_dir=part, resume=True, progress=False)
     with pytest.raises(CheckpointError, match=rf"does not fit the given model \(it holds "
                                               rf"{recorded}\)"):
-        train(config, part, resume=True, model=MixturePriorVAE(64, hidden=32), progress=False)
+        fit(MixturePriorVAE(64, hidden=32), config=config, run_dir=part, resume=True,
+            progress=False)
     history = (part / "history.json").read_text()
     for argv in (["evaluate", str(part)], ["sample", str(part)],
                  ["train", "--resume", str(part), "--epochs", "3", "--quiet"]):
         assert main(argv) == EXIT_USER_ERROR
         err = capsys.readouterr().err
-        assert "user-defined model" in err and len(err.strip().splitlines()) == 1, err
+        assert "model defined in Python" in err and len(err.strip().splitlines()) == 1, err
     assert (part / "history.json").read_text() == history
 
-    resumed = train(read_config(part).replace(epochs=3), part, resume=True,
-                    model=MixturePriorVAE(64), progress=False)
+    resumed = fit(MixturePriorVAE(64), config=read_config(part).replace(epochs=3), run_dir=part,
+                  resume=True, progress=False)
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     assert resumed.history.train_loss == full.history.train_loss

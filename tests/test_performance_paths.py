@@ -28,7 +28,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.params import param_with_module_name
 from torch import nn
 
-from pyro_vae import VAE, TrainConfig, train
+from pyro_vae import VAE, TrainConfig, fit
 from pyro_vae.cvae import CVAE
 from pyro_vae.fused import FusedLoss, supports, training_loss
 from pyro_vae.models import register_module
@@ -362,7 +362,7 @@ def test_training_history_is_the_same_with_the_fused_path_on_and_off(estimator, 
     runs = {}
     for fused in (True, False):
         calls.clear()
-        runs[fused] = train(config, progress=False, fused=fused)
+        runs[fused] = fit(config=config, progress=False, fused=fused)
         runs[fused, "traced steps"] = len(calls)
     assert runs[True, "traced steps"] == 0 < runs[False, "traced steps"]
     on, off = runs[True], runs[False]
@@ -376,9 +376,9 @@ def test_training_history_is_the_same_with_the_fused_path_on_and_off(estimator, 
 def test_a_run_resumed_with_the_other_path_reaches_the_uninterrupted_result(tmp_path):
     config = TrainConfig(epochs=3, batch_size=128, eval_particles=2, final_particles=0,
                          device="cpu", elbo="trace", beta=0.5, warmup=10)
-    full = train(config, tmp_path / "full", progress=False, fused=True)
-    train(config.replace(epochs=2), tmp_path / "part", progress=False, fused=False)
-    resumed = train(config, tmp_path / "part", resume=True, progress=False, fused=True)
+    full = fit(config=config, run_dir=tmp_path / "full", progress=False, fused=True)
+    fit(config=config.replace(epochs=2), run_dir=tmp_path / "part", progress=False, fused=False)
+    resumed = fit(config=config, run_dir=tmp_path / "part", resume=True, progress=False, fused=True)
     assert resumed.history.train_loss == full.history.train_loss
     assert resumed.history.test_elbo == full.history.test_elbo
     for key, value in full.model.state_dict().items():

@@ -4,15 +4,15 @@ import json
 import pytest
 import torch
 
-from pyro_vae import VAE, ConfigError, TrainConfig, TrainingDiverged, load_run, train
+from pyro_vae import VAE, ConfigError, TrainConfig, TrainingDiverged, fit, load_run
 from pyro_vae.errors import CheckpointError
-from pyro_vae.train import CHECKPOINT_FILE, load_checkpoint
+from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
 
 TINY = TrainConfig(epochs=2, batch_size=128, eval_particles=2)
 
 
 def test_a_few_epochs_raise_the_test_elbo():
-    history = train(TINY.replace(epochs=15, batch_size=64), progress=False).history
+    history = fit(config=TINY.replace(epochs=15, batch_size=64), progress=False).history
     assert history.epoch == list(range(1, 16))
     assert all(torch.isfinite(torch.tensor(history.test_elbo)))
     # digits, 64 binary pixels: the first epoch sits near the pixel-marginal baseline
@@ -28,9 +28,9 @@ def test_a_few_epochs_raise_the_test_elbo():
 ])
 def test_resume_reaches_the_uninterrupted_result(tmp_path, estimator):
     config = TINY.replace(epochs=4, **estimator)
-    full = train(config, tmp_path / "full", progress=False)
-    train(config.replace(epochs=2), tmp_path / "part", progress=False)
-    resumed = train(config, tmp_path / "part", resume=True, progress=False)
+    full = fit(config=config, run_dir=tmp_path / "full", progress=False)
+    fit(config=config.replace(epochs=2), run_dir=tmp_path / "part", progress=False)
+    resumed = fit(config=config, run_dir=tmp_path / "part", resume=True, progress=False)
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     assert resumed.history.train_loss == full.history.train_loss
@@ -40,7 +40,7 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path, estimator):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    result = train(TINY, tmp_path / "run", progress=False)
+    result = fit(config=TINY, run_dir=tmp_path / "run", progress=False)
     run = load_run(tmp_path / "run", device="cpu")
     assert run.config == TINY
     for name, value in result.model.state_dict().items():
@@ -52,7 +52,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_is_loaded_without_unpickling_code(tmp_path):
-    train(TINY.replace(epochs=1), tmp_path, progress=False)
+    fit(config=TINY.replace(epochs=1), run_dir=tmp_path, progress=False)
     state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
     assert set(state) == {"model", "optimizer", "rng", "history", "config"}
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
@@ -68,22 +68,22 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
             model.decoder.net[-1].bias.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
-        train(TINY.replace(epochs=3), tmp_path, progress=False, model=model, on_epoch=poison)
+        fit(config=TINY.replace(epochs=3), run_dir=tmp_path, progress=False, model=model, on_epoch=poison)
     state = load_checkpoint(tmp_path)
     assert state["history"]["epoch"] == [1]
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
-    train(TINY.replace(epochs=1), tmp_path, progress=False)
+    fit(config=TINY.replace(epochs=1), run_dir=tmp_path, progress=False)
     with pytest.raises(ConfigError, match="already holds a run"):
-        train(TINY, tmp_path, progress=False)
+        fit(config=TINY, run_dir=tmp_path, progress=False)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
-    train(TINY.replace(epochs=1), tmp_path, progress=False)
+    fit(config=TINY.replace(epochs=1), run_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="differs"):
-        train(TINY.replace(lr=0.5), tmp_path, resume=True, progress=False)
+        fit(config=TINY.replace(lr=0.5), run_dir=tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -96,11 +96,11 @@ def test_resume_refuses_a_changed_config(tmp_path):
 ])
 def test_bad_configs(changes, message):
     with pytest.raises(ConfigError, match=message):
-        train(TINY.replace(**changes), progress=False)
+        fit(config=TINY.replace(**changes), progress=False)
 
 
 def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
-    train_module = importlib.import_module("pyro_vae.train")
+    train_module = importlib.import_module("pyro_vae.train.fit")
     seen = []
     real = train_module.make_elbo
 
@@ -117,19 +117,19 @@ def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
 
     monkeypatch.setattr(train_module, "make_elbo", recording)
     config = TINY.replace(epochs=2, batch_size=300, warmup=5, warmup_start=0.1, beta=0.6)
-    train(config, progress=False)
+    fit(config=config, progress=False)
     assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5] + [0.6] * 5)  # 1497 images: 5 steps an epoch
 
 
 def test_cuda_request_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        train(TINY.replace(device="cuda"), progress=False)
+        fit(config=TINY.replace(device="cuda"), progress=False)
 
 
 @pytest.mark.cuda
 def test_training_runs_on_the_gpu(tmp_path):
-    result = train(TINY.replace(device="cuda"), tmp_path, progress=False)
+    result = fit(config=TINY.replace(device="cuda"), run_dir=tmp_path, progress=False)
     assert all(p.device.type == "cuda" for p in result.model.parameters())
     assert result.history.test_elbo[-1] > result.history.test_elbo[0] - 1.0
     run = load_run(tmp_path, device="cpu")

@@ -1,0 +1,58 @@
+r"""ELBO estimators: five named Monte Carlo objectives for one Pyro model/guide pair.
+
+One estimator per module, as Pyro keeps them (``pyro/infer/trace_elbo.py``, ...):
+
+=============  =======================================  =========================================
+name           class (module)                           bound; gradient
+=============  =======================================  =========================================
+``trace``      :class:`TraceELBO` (``trace_elbo``)      ELBO, Monte Carlo rate; path + score
+``meanfield``  :class:`MeanFieldELBO`                   ELBO, closed-form KL where registered;
+               (``meanfield_elbo``)                     reparameterization
+``iwae``       :class:`ImportanceWeightedELBO`          K-sample importance-weighted bound;
+               (``iwae``)                               reparameterization of the bound
+``stl``        :class:`StickingTheLandingELBO`          ELBO; sticking the landing (no score
+               (``stl``)                                term)
+``dreg``       :class:`DoublyReparameterizedELBO`       K-sample bound; doubly reparameterized
+               (``dreg``)
+=============  =======================================  =========================================
+
+The shared machinery: :mod:`pyro_vae.infer.particles` draws the particles and reads their
+log-densities (which latents count, scale factors), :mod:`pyro_vae.infer.elbo` holds the base
+class :class:`ELBOEstimator` (losses, surrogates, the stop-gradient score term),
+:mod:`pyro_vae.infer.registry` the names (:data:`ESTIMATORS`, :func:`make_estimator`) and
+:mod:`pyro_vae.infer.schedule` the KL warm-up (:class:`LinearWarmup`).
+
+Every estimator works from per-particle, per-datapoint log-densities (the data plate is kept, see
+:func:`pyro_vae.traces.vectorized_log_probs`): the log-likelihood (observed model sites), the
+log-prior (the model's latent sites that the guide samples) and log q (latent guide sites).
+With a rate weight β they combine into the β-weighted log-weight of one draw z ~ q(z|x),
+
+.. math::
+
+    \log w_\beta = \log p_\theta(x \mid z) + \beta\,[\log p_\theta(z) - \log q_\phi(z \mid x)],
+
+which is the ordinary log-weight log p(x, z) − log q(z|x) at β = 1.
+
+Two knobs, never mixed up: ``num_particles`` (P) draws are averaged *outside* the log (lower
+variance, same bound); ``importance_samples`` (K) draws sit *inside* the log (a tighter bound,
+Burda et al. 2016). All P·K draws are one vectorized particle plate, reshaped ``[P, K, N]``;
+a single draw (P·K = 1, the common training case) runs without the plate, which gives the same
+random numbers and values with less Pyro bookkeeping, and each estimator computes only the
+log-densities it uses (``meanfield`` never needs log q or log p(z)).
+A loss is −(bound summed over the datapoints of the batch), averaged over the P particles, as
+in Pyro. Gradients come from a *surrogate* whose value equals the loss and whose gradient is
+the estimator's.
+"""
+
+from .dreg import DoublyReparameterizedELBO
+from .elbo import ELBOEstimator, beta_log_weight, importance_weighted_bound
+from .iwae import ImportanceWeightedELBO
+from .meanfield_elbo import MeanFieldELBO
+from .registry import ESTIMATORS, make_estimator
+from .schedule import LinearWarmup
+from .stl import StickingTheLandingELBO
+from .trace_elbo import TraceELBO
+
+__all__ = ["ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator", "ImportanceWeightedELBO",
+           "LinearWarmup", "MeanFieldELBO", "StickingTheLandingELBO", "TraceELBO",
+           "beta_log_weight", "importance_weighted_bound", "make_estimator"]

@@ -1,0 +1,217 @@
+r"""The base class of the named estimators, :class:`ELBOEstimator`, and the bound helpers they
+share.
+
+Each loss is −(bound summed over the data plate), averaged over the P particles, times the
+sites' common scale factor (:mod:`pyro_vae.infer.particles`). Gradients come from a
+*surrogate* whose value equals the loss and whose gradient is the estimator's.
+
+Dropping the guide's score term ("sg" = stop-gradient), as ``stl`` and ``dreg`` do: the guide is
+replayed on the detached draws, so log q_φ(sg z) depends on φ only through the guide's parameters
+at fixed z; then log q_φ(sg z) − sg(log q_φ(sg z)) has value 0 and gradient exactly the score
+∂_φ log q_φ(z). This stays exact for hierarchical guides whose later sites depend on earlier
+draws (a plain detach of each site's distribution parameters would also cut the path through
+those draws). A guide with a single latent site cannot have such dependences, so there the
+score-free term is read from the traced distribution itself without a second guide run; both
+give the same numbers. The guide (and, for ``dreg``, the model) must be deterministic given its
+sample sites (no dropout in train mode).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar
+
+import torch
+from pyro import poutine
+from pyro.infer import ELBO
+from pyro.infer.util import torch_item
+from pyro.util import warn_if_nan
+
+from ..errors import ConfigError
+from ..traces import guess_max_plate_nesting, site_log_prob, trace_pair
+from .particles import _draw_particles, _latent_sites, _Particles
+
+
+def _weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
+    """``beta * term``, without the multiplication at β = 1 (the same numbers)."""
+    return term if beta == 1 else beta * term
+
+
+def _check_count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_beta(beta: float, what: str = "beta") -> float:
+    beta = float(beta)
+    if not math.isfinite(beta) or beta < 0:
+        raise ConfigError(f"{what} must be a finite number >= 0, got {beta}")
+    return beta
+
+
+def beta_log_weight(log_lik: torch.Tensor, log_prior: torch.Tensor, log_q: torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    r"""The β-weighted log-weight of single draws,
+    :math:`\log p(x|z) + \beta\,(\log p(z) - \log q(z|x))` (elementwise)."""
+    return log_lik + _weighted(beta, log_prior - log_q)
+
+
+def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    r""":math:`\log \frac1K \sum_k w_k` over the K entries of ``log_weights`` along ``dim``
+    (the IWAE bound of one set of K draws; the ELBO's single-draw estimate when K = 1)."""
+    if log_weights.shape[dim] == 1:
+        return log_weights.squeeze(dim)
+    return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
+
+
+class ELBOEstimator(ELBO):
+    r"""Base class of the named estimators: a :class:`pyro.infer.ELBO` with P particles outside
+    the log, K importance samples inside it, and a rate weight β.
+
+    ``loss`` returns a float, ``differentiable_loss`` a tensor whose gradient is the estimator's,
+    ``loss_and_grads`` also calls ``backward`` (the interface :class:`pyro.infer.SVI` uses), and
+    ``estimator(model, guide)`` is a :class:`torch.nn.Module` loss. Each loss is −(bound summed
+    over the data plate), averaged over the P particles, times the scale factor that all sample
+    sites share (1 unless ``poutine.scale`` or a subsampled plate sets one; see
+    :mod:`pyro_vae.infer.particles`).
+
+    :param num_particles: P, draws averaged outside the log (variance knob).
+    :param importance_samples: K, draws inside the log (bound knob); only ``iwae`` and ``dreg``
+        accept K > 1.
+    :param beta: weight of the rate (log p(z) − log q(z|x), or the KL); settable as
+        ``estimator.beta`` between steps (see :class:`LinearWarmup`).
+    :param max_plate_nesting: the number of nested plates of the model and guide; guessed by
+        running them once (and then kept) when ``None``. Particles are one plate further left.
+    """
+
+    name: ClassVar[str] = ""
+    importance_hint: ClassVar[str | None] = None
+    #: Read log q_φ(sg z) of a guide with one latent site from its traced distribution instead
+    #: of replaying the guide (identical numbers; ``False`` forces the replay).
+    single_site_shortcut: ClassVar[bool] = True
+    #: Run a single draw (P·K = 1) without the particle plate: the same random numbers and the
+    #: same values, fewer messages and broadcasts (``False`` forces the plate).
+    single_draw_shortcut: ClassVar[bool] = True
+
+    def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
+                 max_plate_nesting: int | None = None):
+        num_particles = _check_count("num_particles", num_particles)
+        importance_samples = _check_count("importance_samples", importance_samples)
+        if importance_samples > 1 and self.importance_hint is not None:
+            raise ConfigError(
+                f"{self.name} averages particles outside the log, so importance_samples must be "
+                f"1 (got {importance_samples}); {self.importance_hint}, or --particles "
+                f"{importance_samples} to average {importance_samples} particles outside it")
+        if max_plate_nesting is not None and (isinstance(max_plate_nesting, bool)
+                                              or not isinstance(max_plate_nesting, int)
+                                              or max_plate_nesting < 0):
+            raise ConfigError(f"max_plate_nesting must be an integer >= 0 or None, got "
+                              f"{max_plate_nesting!r}")
+        super().__init__(num_particles=num_particles, vectorize_particles=False)
+        self.vectorize_particles = True
+        self.max_plate_nesting = max_plate_nesting
+        self.importance_samples = importance_samples
+        self.beta = beta
+
+    @property
+    def beta(self) -> float:
+        """The rate weight β ≥ 0 (1 is the plain bound)."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = _check_beta(value)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_particles={self.num_particles}, "
+                f"importance_samples={self.importance_samples}, beta={self.beta})")
+
+    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+                   ) -> tuple[poutine.Trace, poutine.Trace]:
+        """One (model_trace, guide_trace) pair without particles (Pyro's ELBO interface)."""
+        return trace_pair(model, guide, args, kwargs)
+
+    def _particles(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+                   ) -> _Particles:
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+        return _draw_particles(model, guide, args, kwargs,
+                               self.num_particles * self.importance_samples,
+                               self.max_plate_nesting, plated=not self.single_draw_shortcut)
+
+    def _grouped(self, per_draw: torch.Tensor) -> torch.Tensor:
+        """``[P·K, N]`` → ``[P, K, N]``."""
+        return per_draw.reshape(self.num_particles, self.importance_samples, -1)
+
+    def _log_weights(self, particles: _Particles) -> torch.Tensor:
+        """β-weighted log-weights, ``[P, K, N]``."""
+        return self._grouped(beta_log_weight(particles.log_lik, particles.log_prior,
+                                             particles.log_q, self.beta))
+
+    def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+               kwargs: dict) -> torch.Tensor:
+        """The bound's estimate per particle and datapoint, ``[P, N]`` (at K = 1 the log-weights
+        themselves, which the logsumexp over one draw returns unchanged)."""
+        if self.importance_samples == 1:
+            return beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
+                                   self.beta)
+        return importance_weighted_bound(self._log_weights(particles), dim=1)
+
+    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+                   kwargs: dict) -> torch.Tensor:
+        """Same value as :meth:`_bound`, the estimator's gradient; ``[P, N]``."""
+        return self._bound(particles, model, guide, args, kwargs)
+
+    def _score_free_log_q(self, particles: _Particles, guide: Callable, args: tuple,
+                          kwargs: dict) -> torch.Tensor:
+        """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
+        latent = _latent_sites(particles.guide_trace)
+        if len(latent) == 1 and self.single_site_shortcut:
+            site = latent[0]
+            return particles.reduce(site_log_prob(dict(site, value=site["value"].detach()),
+                                                   detach=False))
+        replayed = particles.replay(guide, args, kwargs)
+        if [s["name"] for s in _latent_sites(replayed)] != [s["name"] for s in latent]:
+            raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
+                              "stl and dreg need a guide with a static structure")
+        return particles.site_total(_latent_sites(replayed))
+
+    def _stl_log_weights(self, particles: _Particles, guide: Callable, args: tuple,
+                         kwargs: dict) -> torch.Tensor:
+        """log w_β with the score term of log q removed (value unchanged), ``[P·K, N]``."""
+        score = self._score_free_log_q(particles, guide, args, kwargs)
+        log_q = particles.log_q + (score.detach() - score)
+        return beta_log_weight(particles.log_lik, particles.log_prior, log_q, self.beta)
+
+    def _loss(self, surrogate: torch.Tensor, scale: float) -> torch.Tensor:
+        """−(``surrogate`` summed over the datapoints), averaged over particles, times the
+        sites' common scale factor."""
+        assert surrogate.shape[0] == self.num_particles and surrogate.dim() == 2, surrogate.shape
+        return _weighted(scale, -surrogate.sum(-1).mean(0))
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
+                            **kwargs: Any) -> torch.Tensor:
+        """−(bound summed over the datapoints), averaged over particles; differentiable."""
+        particles = self._particles(model, guide, args, kwargs)
+        return self._loss(self._surrogate(particles, model, guide, args, kwargs),
+                          particles.scale)
+
+    def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
+        """The same estimate of −bound as a float (no gradients, no extra replays)."""
+        with torch.no_grad():
+            particles = self._particles(model, guide, args, kwargs)
+            loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
+                                         particles.scale))
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any,
+                       **kwargs: Any) -> float:
+        """:meth:`loss` and, in the same pass, ``backward`` of :meth:`differentiable_loss`."""
+        surrogate = self.differentiable_loss(model, guide, *args, **kwargs)
+        if surrogate.requires_grad:
+            surrogate.backward(retain_graph=self.retain_graph)
+        loss = torch_item(surrogate)
+        warn_if_nan(loss, "loss")
+        return loss

@@ -1,0 +1,32 @@
+"""The estimators by name: :data:`ESTIMATORS` and :func:`make_estimator`."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .dreg import DoublyReparameterizedELBO
+from .elbo import ELBOEstimator
+from .iwae import ImportanceWeightedELBO
+from .meanfield_elbo import MeanFieldELBO
+from .stl import StickingTheLandingELBO
+from .trace_elbo import TraceELBO
+
+ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")
+
+
+_CLASSES: dict[str, type[ELBOEstimator]] = {
+    cls.name: cls for cls in (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO,
+                              StickingTheLandingELBO, DoublyReparameterizedELBO)}
+assert tuple(_CLASSES) == ESTIMATORS
+
+
+def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 1,
+                   beta: float = 1.0, max_plate_nesting: int | None = None) -> ELBOEstimator:
+    """The estimator called ``name`` (one of :data:`ESTIMATORS`).
+
+    :raises ConfigError: (a ``ValueError``) for an unknown name or a bad combination, with what
+        to use instead.
+    """
+    if name not in _CLASSES:
+        raise ConfigError(f"unknown estimator {name!r}: choose one of {', '.join(ESTIMATORS)}")
+    return _CLASSES[name](num_particles=num_particles, importance_samples=importance_samples,
+                          beta=beta, max_plate_nesting=max_plate_nesting)

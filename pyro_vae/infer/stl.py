@@ -1,0 +1,38 @@
+"""``stl``: the ELBO with the "sticking the landing" gradient (Roeder, Wu and Duvenaud 2017),
+see :class:`StickingTheLandingELBO`; the score-free log q it uses is the base class's
+(:mod:`pyro_vae.infer.elbo`)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .elbo import ELBOEstimator
+from .particles import _Particles
+
+
+class StickingTheLandingELBO(ELBOEstimator):
+    r"""The ELBO with the "sticking the landing" gradient (STL; Roeder, Wu and Duvenaud 2017).
+
+    The reparameterization gradient of the ELBO with respect to the guide's parameters φ is a
+    path term plus the score term −β ∂_φ log q_φ(z) at fixed z, whose expectation is zero. STL
+    drops the score term:
+
+    .. math::
+
+        \widehat\nabla = \nabla_\theta \log w_\beta(z)\big|_{z}
+        + \frac{\partial \log w_\beta(z)}{\partial z} \frac{\partial z}{\partial \phi},
+
+    through the surrogate log w_β(z) + β [log q_φ(sg z) − sg(log q_φ(sg z))] (sg: stop
+    gradient). It is unbiased for the (β-)ELBO gradient and, at β = 1, has zero variance when
+    q equals the posterior. Values are those of :class:`TraceELBO`.
+    """
+
+    name = "stl"
+    importance_hint = ("use --elbo dreg (the doubly reparameterized IWAE gradient) for "
+                       "importance samples inside it")
+
+    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+                   kwargs: dict) -> torch.Tensor:
+        return self._stl_log_weights(particles, guide, args, kwargs)

@@ -1,0 +1,118 @@
+"""Specs the command line takes for a user's model and data, resolved into Python objects.
+
+- ``MODULE:FUNCTION`` or ``FILE.py:FUNCTION`` names a callable (:func:`load_factory`);
+- a data spec (:func:`load_data`) is a ``.npz`` file of named arrays (names matching the pair's
+  argument names give keyword arguments; NumPy's unnamed ``arr_0, arr_1, ...`` give positional
+  ones, in order), a ``.pt`` file holding a tensor, a tuple/list or a dict of tensors (read
+  with ``torch.load(weights_only=True)``), or a function spec whose call returns data in any
+  form :func:`pyro_vae.batches.as_source` accepts, or a ``(train, test)`` pair of them (a
+  tuple of two Datasets/DataLoaders, or a dict with exactly the keys ``"train"`` and ``"test"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import ConfigError, DataError
+
+DATA_SUFFIXES = (".npz", ".pt")
+_POSITIONAL = re.compile(r"arr_(\d+)")
+
+
+def load_factory(spec: str) -> Callable:
+    """The callable named by ``"package.module:function"`` or ``"path/to/file.py:function"``."""
+    module_name, sep, attribute = spec.rpartition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"no file {path}")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name}: {exc}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name} has no callable {attribute!r}")
+    return factory
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its file part made absolute (so a run folder's record works from any
+    directory); a ``module:function`` spec is returned as it is."""
+    if spec.endswith(DATA_SUFFIXES):
+        return str(Path(spec).resolve())
+    module_name, sep, attribute = spec.rpartition(":")
+    if sep and module_name.endswith(".py"):
+        return f"{Path(module_name).resolve()}:{attribute}"
+    return spec
+
+
+def _read_npz(path: Path) -> tuple | dict:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path} as a .npz file of arrays: {exc}") from None
+    if not arrays:
+        raise DataError(f"{path} holds no arrays")
+    positions = [_POSITIONAL.fullmatch(name) for name in arrays]
+    if all(positions):
+        order = sorted(int(match.group(1)) for match in positions)
+        if order != list(range(len(order))):
+            raise DataError(f"{path}: unnamed arrays must be arr_0 .. arr_{len(order) - 1}")
+        return tuple(arrays[f"arr_{i}"] for i in order)
+    return arrays
+
+
+def _read_pt(path: Path) -> Any:
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or pickled file
+        raise DataError(f"cannot read {path} as tensors (torch.load with weights_only=True): "
+                        f"{type(exc).__name__}") from None
+    ok = (isinstance(value, torch.Tensor)
+          or (isinstance(value, (tuple, list, dict)) and value
+              and all(isinstance(v, torch.Tensor)
+                      for v in (value.values() if isinstance(value, dict) else value))))
+    if not ok:
+        raise DataError(f"{path} must hold a tensor, or a tuple, list or dict of tensors")
+    return value
+
+
+def _split_pair(value: Any) -> tuple[Any, Any]:
+    loaders = (Dataset, DataLoader)
+    if isinstance(value, dict) and set(value) == {"train", "test"}:
+        return value["train"], value["test"]
+    if (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(part, loaders) for part in value)):
+        return value
+    return value, None
+
+
+def load_data(spec: str) -> tuple[Any, Any]:
+    """``(train, test)`` from a data spec (see the module docstring); ``test`` is ``None``
+    unless a function returned a pair."""
+    path = Path(spec)
+    if spec.endswith(DATA_SUFFIXES):
+        if not path.is_file():
+            raise DataError(f"no data file {path}")
+        return (_read_npz(path) if spec.endswith(".npz") else _read_pt(path)), None
+    if ":" not in spec:
+        raise ConfigError(f"expected a .npz or .pt file or FILE.py:FUNCTION for the data, "
+                          f"got {spec!r}")
+    return _split_pair(load_factory(spec)())

@@ -1,0 +1,110 @@
+"""Per-epoch hooks with one job each: progress bar, run folder, a user's function, the final
+importance-weighted estimate and the plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+
+from ..batches import Source
+from ..config import TrainConfig
+from ..distributed import SINGLE, DistributedContext
+from ..runs import save_checkpoint, write_history
+from .loop import Callback, Loop
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the epochs with the last loss and held-out ELBO."""
+
+    def __init__(self, first_epoch: int, epochs: int, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=epochs, initial=first_epoch - 1, desc="train", unit="epoch",
+                        disable=not enabled)
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        history = loop.history
+        postfix = {"loss": f"{history.train_loss[-1]:.2f}"}
+        if len(history.test_elbo) == len(history.epoch):
+            postfix["test_elbo"] = f"{history.test_elbo[-1]:.2f}"
+        self.bar.update(1)
+        self.bar.set_postfix(postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class Checkpoint(Callback):
+    """After each epoch: the run folder's checkpoint, weights, history and config (written by
+    rank 0; every rank's random states are gathered into it)."""
+
+    run_dir: Path
+    config: TrainConfig
+    is_main: bool = True
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        ranks = loop.replicas.rng_states(loop.generator, loop.order_generator)
+        if self.is_main:
+            save_checkpoint(self.run_dir, loop.model, loop.optimizer, loop.generator,
+                            loop.history, self.config, ranks)
+
+
+@dataclass
+class EpochFunction(Callback):
+    """``fn(epoch, history)`` after each epoch (after the checkpoint)."""
+
+    fn: Callable[[int, Any], None]
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        self.fn(loop.epoch, loop.history)
+
+
+@dataclass
+class FinalEstimate(Callback):
+    """At the end: the held-out log p̂_K(x) and ELBO with K = ``particles`` and their standard
+    errors, in ``history.extra["final"]``; computed on a fork of the random state (seeded with
+    ``seed``) so training is not disturbed. Under several ranks the batches are shared out,
+    each seeded from ``seed`` and its index (see :func:`~pyro_vae.evaluate.evaluate_dataset`)."""
+
+    data: Source
+    particles: int
+    batch_size: int
+    seed: int
+    dist: DistributedContext = SINGLE
+
+    def on_fit_end(self, loop: Loop) -> None:
+        from ..evaluate import evaluate_dataset
+
+        if not loop.history.epoch:
+            return
+        device = loop.generator.device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+            torch.manual_seed(self.seed)
+            summary = evaluate_dataset(
+                loop.model.model, loop.model.guide, self.data, num_particles=self.particles,
+                batch_size=self.batch_size, khat=False,
+                batch_seed=self.seed if self.dist.enabled else None, dist=self.dist).summary()
+        loop.history.extra["final"] = {
+            "particles": self.particles, "test_log_px": summary["log_px"]["mean"],
+            "test_log_px_stderr": summary["log_px"]["stderr"],
+            "test_elbo": summary["elbo"]["mean"], "test_gap": summary["gap"]["mean"]}
+
+
+@dataclass
+class RunFolderPlots(Callback):
+    """At the end: the final history and the PNG plots (samples, reconstructions and latent
+    space where the pair offers ``sample``, ``encode`` and ``reconstruct`` and the data are the
+    built-in images; the training curves always)."""
+
+    run_dir: Path
+    plot: Callable[[Loop], None] = field(default=lambda loop: None)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        write_history(self.run_dir, loop.history)
+        self.plot(loop)

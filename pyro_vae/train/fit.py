@@ -1,0 +1,221 @@
+"""``fit``: one engine for any model/guide pair on any data, and for the built-in runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyro
+import torch
+
+from .. import builtin
+from ..batches import Source, as_source, resolve_device
+from ..config import TrainConfig
+from ..distributed import (SHARED_ORDER_STREAM, barrier, derive_seed, init_distributed,
+                           main_first, rank_seed)
+from ..errors import ConfigError, TrainingDiverged
+from ..fused import training_loss
+from ..objectives import LinearWarmup
+from ..models import forget_params
+from ..protocol import check_model
+from ..runs import (CHECKPOINT_FILE, History, build_factory_model, check_resumable,
+                    load_checkpoint, load_weights)
+from ..specs import load_data
+from .callbacks import Checkpoint, EpochFunction, FinalEstimate, ProgressBar, RunFolderPlots
+from .loop import Callback, Loop, run_epochs
+from .parallel import Replicas
+from .step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+
+USER_DATA = dict(dataset=None, model=None, binarize="none")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: the trained model, its history and the run folder (if any)."""
+
+    model: torch.nn.Module
+    history: History
+    run_dir: Path | None
+
+
+def _config(config: TrainConfig | None, data: Any, options: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}: fit takes the fields of TrainConfig "
+                          f"({', '.join(sorted(known))})")
+    if config is None:
+        config = TrainConfig(**USER_DATA) if data is not None else TrainConfig()
+    elif data is not None and config.dataset is not None:
+        raise ConfigError(f"both data and the built-in dataset {config.dataset!r} were given: "
+                          "use TrainConfig(dataset=None, model=None, binarize='none') with data")
+    return config.replace(**options) if options else config
+
+
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                torch.get_default_dtype())
+
+
+def _user_sources(model: torch.nn.Module, data: Any, test_data: Any, config: TrainConfig,
+                  collate_fn: Callable | None, device: torch.device
+                  ) -> tuple[Source, Source | None]:
+    if data is None:
+        if config.data is None:
+            raise ConfigError("no data to train on: give data (or a config with a dataset)")
+        data, paired = load_data(config.data)
+        test_data = load_data(config.test_data)[0] if config.test_data else paired
+    dtype = _param_dtype(model)
+    train = as_source(data, collate_fn).to(device, dtype)
+    test = None if test_data is None else as_source(test_data, collate_fn).to(device, dtype)
+    return train, test
+
+
+def _check_pair(model: torch.nn.Module, source: Source) -> None:
+    """Run the pair once on (at most two datapoints of) the first batch, in a forked state."""
+    first = next(iter(source.ordered(2)))
+    check_model(model, *first.args, **first.kwargs)
+
+
+def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: Any = None,
+        config: TrainConfig | None = None, run_dir: str | Path | None = None,
+        resume: bool = False, collate_fn: Callable | None = None,
+        callbacks: Sequence[Callback] = (), on_epoch: Callable[[int, History], None] | None = None,
+        progress: bool = True, download: bool = False, fused: bool = True,
+        dist_timeout: float | None = None, **options: Any) -> TrainResult:
+    """Train a model/guide pair with SVI on data in any form; return the model and history.
+
+    ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
+    :mod:`pyro_vae.protocol` (checked on the first batch before training); ``data`` is a tensor
+    or array, a tuple/list or dict of them, a map-style Dataset (collated by ``collate_fn``) or
+    a DataLoader (see :mod:`pyro_vae.batches`), each batch becoming the pair's arguments;
+    ``test_data`` (same forms) is scored after each epoch (the ELBO with the closed-form-KL
+    estimator, ``eval_particles`` particles, β = 1) and at the end (log p̂_K with
+    K = ``final_particles``). Floating-point data are cast to the parameters' dtype and moved
+    to the device. Without ``data`` the run trains ``config.model`` (or the given pair) on the
+    built-in ``config.dataset`` (digits or MNIST images, binarized as ``config.binarize`` says).
+
+    Options are the fields of :class:`~pyro_vae.config.TrainConfig` (``elbo``, ``particles``,
+    ``importance_samples``, ``beta``, ``warmup``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
+    ``device``, ...), given as ``config`` or as keywords that replace its fields.
+
+    With ``run_dir`` the config, history, checkpoint and weights are written there after every
+    epoch (atomically); ``resume=True`` continues that run up to ``config.epochs`` and reaches
+    the same parameters as an uninterrupted run (give the same pair and data again).
+    ``callbacks`` (:class:`~pyro_vae.train.Callback`) and ``on_epoch(epoch, history)`` run after
+    each epoch's checkpoint. Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss
+    becomes NaN or infinite; the last good checkpoint stays on disk.
+
+    The built-in :class:`~pyro_vae.models.VAE` with a diagonal guide and the ``trace`` or
+    ``meanfield`` estimator with one particle computes its loss with
+    :class:`~pyro_vae.fused.FusedLoss` (the same numbers bit for bit, faster); ``fused=False``
+    runs every step through Pyro's traces, as any other pair does.
+
+    Under torchrun (``WORLD_SIZE`` > 1; see :doc:`distributed`) every rank calls this function:
+    each trains on its share of every epoch with ``batch_size`` datapoints per step and per
+    rank, the gradients are averaged over the ranks, and rank 0 alone writes the run folder.
+    """
+    config = _config(config, data, options)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if resume and run_dir is None:
+        raise ConfigError("resume needs a run folder")
+    if run_dir is not None and not resume and (run_dir / CHECKPOINT_FILE).exists():
+        raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir} "
+                          "or choose another --out")
+    device = resolve_device(config.device)
+    dist = init_distributed(device, dist_timeout)
+    replicas = Replicas(dist)
+    user_model = model is not None
+    if model is None and config.model_factory is not None:
+        model, user_model = build_factory_model(config.model_factory), True
+    dataset = None
+    if config.dataset is not None:
+        with main_first(dist, "waiting for rank 0 to download the data", enabled=download):
+            dataset = builtin.prepare_data(config, device, download=download)
+
+    pyro.set_rng_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(rank_seed(config.seed, dist.rank))
+    order_generator = generator if not dist.enabled else torch.Generator(device=device)
+    if dist.enabled:
+        order_generator.manual_seed(derive_seed(config.seed, SHARED_ORDER_STREAM))
+    if model is None:
+        if dataset is None:
+            raise ConfigError("no model to train: give a model/guide pair")
+        model = builtin.build_model(dataset, config)
+        model.initialize_from_data(dataset.train.images)
+    model = model.to(device)
+    if dataset is not None:
+        source = builtin.train_source(dataset, config, model)
+        held_out = builtin.eval_source(dataset, "test", config, model)
+        if user_model:
+            check_model(model, *builtin.model_args(
+                model, builtin.evaluation_images(dataset, "train", config)[:2],
+                dataset.train.labels[:2]))
+    else:
+        source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
+        _check_pair(model, source)
+    if dist.enabled:
+        replicas.start(model)
+        if dist.rank:
+            pyro.set_rng_seed(rank_seed(config.seed, dist.rank))
+    optimizer = make_optimizer(model.parameters(), config.lr)
+    history = History()
+
+    if resume:
+        state = load_checkpoint(run_dir, map_location=device)
+        check_resumable(state, config, run_dir, user_model)
+        saved_class = state.get("model_class")
+        load_weights(model, state["model"], run_dir, saved_class)
+        load_weights(optimizer, state["optimizer"], run_dir, saved_class)
+        replicas.restore_rng_states(state, generator, order_generator, run_dir)
+        history = History.from_dict(state["history"])
+        if config.epochs < len(history.epoch):
+            raise ConfigError(f"{run_dir} has already trained {len(history.epoch)} epochs: "
+                              f"--epochs {config.epochs} would go back (give at least "
+                              f"{len(history.epoch)})")
+
+    nesting = BUILTIN_PLATE_NESTING if builtin.is_builtin(model) else None
+    estimator = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta,
+                          max_plate_nesting=nesting)
+    loop = Loop(model=model, optimizer=optimizer,
+                step_loss=training_loss(model, estimator, fused), estimator=estimator,
+                warmup=LinearWarmup(config.warmup, config.warmup_start, config.beta),
+                source=source, batch_size=config.batch_size, generator=generator,
+                order_generator=order_generator,
+                eval_elbo=make_elbo("meanfield", config.eval_particles, max_plate_nesting=nesting),
+                held_out=held_out, replicas=replicas, history=history,
+                epoch=len(history.epoch))
+    if hasattr(model, "name"):
+        forget_params(model.name)
+
+    hooks: list[Callback] = [ProgressBar(loop.epoch + 1, config.epochs,
+                                         progress and dist.is_main)]
+    if run_dir is not None:
+        hooks.append(Checkpoint(run_dir, config, dist.is_main))
+    if on_epoch is not None:
+        hooks.append(EpochFunction(on_epoch))
+    hooks.extend(callbacks)
+    if config.final_particles and held_out is not None:
+        hooks.append(FinalEstimate(held_out, config.final_particles, config.batch_size,
+                                   config.seed, dist))
+    if run_dir is not None and dist.is_main:
+        hooks.append(RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, dataset,
+                                                                 config)))
+    try:
+        run_epochs(loop, config.epochs, hooks)
+    except TrainingDiverged as exc:
+        kept = (f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
+                if run_dir is not None and history.epoch else "")
+        raise TrainingDiverged(f"{exc}{kept}. Try a smaller --lr.") from None
+    barrier(dist, "waiting for rank 0 to write the run folder")
+    return TrainResult(model, history, run_dir)
+
+
+def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
+    from ..plots import write_run_plots
+
+    images = (builtin.evaluation_images(dataset, "test", config)
+              if dataset is not None else None)
+    write_run_plots(run_dir, loop.model, dataset, loop.history, images)

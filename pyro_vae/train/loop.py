@@ -1,0 +1,124 @@
+"""The training loop: epochs of SVI steps, a held-out score, and hooks. It knows nothing of
+files or ranks: the run folder, the progress bar and the plots are :class:`Callback` objects,
+and data parallelism wraps its steps and batches (:class:`~pyro_vae.train.parallel.Replicas`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import pyro
+import torch
+
+from ..batches import Source
+from ..errors import TrainingDiverged
+from ..objectives import ELBOEstimator, LinearWarmup
+from ..runs import History
+from .parallel import Replicas
+
+
+class Callback:
+    """A hook with one job; each method is called by :func:`run_epochs` (all optional)."""
+
+    def on_epoch_end(self, loop: "Loop") -> None:
+        """After an epoch's training and held-out score, ``loop.history`` updated."""
+
+    def on_fit_end(self, loop: "Loop") -> None:
+        """After the last epoch (not after a failure)."""
+
+    def close(self) -> None:
+        """Always, last (release a progress bar, ...)."""
+
+
+@contextmanager
+def _quiet_numerics() -> Iterator[None]:
+    """No distribution validation in the hot loop, and no NaN warning (a NaN loss is caught
+    at the end of the epoch)."""
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")
+        yield
+
+
+@dataclass
+class Loop:
+    """Everything one training run's epochs touch.
+
+    ``step_loss(*args, **kwargs)`` is the summed loss of a batch; ``held_out`` the held-out
+    source scored after each epoch with ``eval_elbo`` (``None``: no score).
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step_loss: Callable[..., torch.Tensor]
+    estimator: ELBOEstimator
+    warmup: LinearWarmup
+    source: Source
+    batch_size: int
+    generator: torch.Generator
+    order_generator: torch.Generator
+    eval_elbo: ELBOEstimator
+    held_out: Source | None = None
+    replicas: Replicas = field(default_factory=Replicas)
+    history: History = field(default_factory=History)
+    epoch: int = 0
+
+    def train_epoch(self) -> float:
+        """One pass over the training source; the mean loss per datapoint."""
+        self.model.train()
+        steps = self.replicas.steps_per_epoch(self.source, self.batch_size)
+        loss_sum = torch.zeros((), device=self.generator.device)
+        count = 0
+        batches = self.replicas.batches(self.source, self.batch_size, self.generator,
+                                        self.order_generator)
+        with _quiet_numerics():
+            for step, batch in enumerate(batches, start=(self.epoch - 1) * steps):
+                self.estimator.beta = self.warmup(step)
+                size = batch.size
+                loss_sum += self.replicas.step(
+                    lambda: self.step_loss(*batch.args, **batch.kwargs), size, self.optimizer)
+                count += size
+        return self.replicas.mean(loss_sum, count)
+
+    @torch.no_grad()
+    def held_out_elbo(self) -> float | None:
+        """Estimate of the mean per-datapoint ELBO of the held-out data (nats)."""
+        if self.held_out is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        with _quiet_numerics():
+            for batch in self.replicas.share(self.held_out.ordered(self.batch_size)):
+                total -= self.eval_elbo.loss(self.model.model, self.model.guide, *batch.args,
+                                             **batch.kwargs)
+        return self.replicas.total(total, self.generator.device) / self.held_out.num_data
+
+
+def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) -> History:
+    """Train ``loop`` from the epoch after ``loop.epoch`` up to ``last_epoch``.
+
+    :raises TrainingDiverged: when an epoch's mean loss is NaN or infinite (after the last
+        good epoch's callbacks ran).
+    """
+    try:
+        for epoch in range(loop.epoch + 1, last_epoch + 1):
+            start = time.perf_counter()
+            loop.epoch = epoch
+            mean_loss = loop.train_epoch()
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"the training loss became {mean_loss} in epoch {epoch}")
+            elbo = loop.held_out_elbo()
+            loop.replicas.check_in_sync(loop.model)
+            loop.history.append(epoch, mean_loss, elbo, time.perf_counter() - start)
+            for callback in callbacks:
+                callback.on_epoch_end(loop)
+        for callback in callbacks:
+            callback.on_fit_end(loop)
+    finally:
+        for callback in callbacks:
+            callback.close()
+    return loop.history

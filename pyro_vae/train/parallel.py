@@ -1,0 +1,94 @@
+"""Data parallelism as a wrapper around the step and the data, not branches inside the loop.
+
+:class:`Replicas` is what the loop asks for its batches, steps and epoch totals. In a single
+process it hands them through; under torchrun (see :doc:`distributed`) it deals every epoch's
+permutation out among the ranks (the :class:`~torch.utils.data.DistributedSampler` rule),
+averages the gradients before each optimizer step (DistributedDataParallel's reduction), sums
+the epoch's loss and datapoints over the ranks, deals the held-out batches round-robin, and
+checks after each epoch that every rank holds the same parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from ..batches import Batch, Source
+from ..distributed import (SINGLE, DistributedContext, all_gather_objects, all_reduce_sum,
+                           broadcast_tensors, check_in_sync)
+from ..runs import rng_state, set_rng_state
+from ..errors import CheckpointError
+from .step import svi_step
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """The ranks of ``dist`` (one process: :data:`~pyro_vae.distributed.SINGLE`)."""
+
+    dist: DistributedContext = SINGLE
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's initial weights."""
+        broadcast_tensors(model.state_dict().values(), self.dist)
+
+    def batches(self, source: Source, batch_size: int, generator: torch.Generator,
+                order_generator: torch.Generator) -> Iterator[Batch]:
+        return source.epoch(batch_size, generator, order_generator, self.dist)
+
+    def steps_per_epoch(self, source: Source, batch_size: int) -> int:
+        return source.steps(batch_size, self.dist)
+
+    def step(self, loss_fn: Callable[[], torch.Tensor], num_data: int,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        return svi_step(loss_fn, num_data, optimizer, self.dist)
+
+    def mean(self, total: torch.Tensor, count: int) -> float:
+        """``total / count`` summed over the ranks (every rank gets the value)."""
+        totals = torch.stack([total.to(torch.float64), total.new_tensor(count, dtype=torch.float64)])
+        if self.dist.enabled:
+            all_reduce_sum(totals, self.dist, "summing the training loss")
+            return totals[0].item() / totals[1].item()
+        return total.item() / count
+
+    def share(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """This rank's held-out batches: r, r + W, r + 2W, ..."""
+        for index, batch in enumerate(batches):
+            if index % self.dist.world_size == self.dist.rank:
+                yield batch
+
+    def total(self, value: float, device: torch.device) -> float:
+        if not self.dist.enabled:
+            return value
+        summed = torch.tensor(value, dtype=torch.float64, device=device)
+        return all_reduce_sum(summed, self.dist, "summing the test ELBO").item()
+
+    def check_in_sync(self, model: torch.nn.Module) -> None:
+        check_in_sync(model.parameters(), self.dist)
+
+    def rng_states(self, generator: torch.Generator, order_generator: torch.Generator
+                   ) -> dict[str, Any] | None:
+        """Every rank's random states, gathered on every rank (``None`` in a single process)."""
+        if not self.dist.enabled:
+            return None
+        states = all_gather_objects(rng_state(generator), self.dist,
+                                    "gathering the random states")
+        return {"world_size": self.dist.world_size, "rng": states,
+                "order": order_generator.get_state()}
+
+    def restore_rng_states(self, state: dict[str, Any], generator: torch.Generator,
+                           order_generator: torch.Generator, run_dir: Any) -> None:
+        ranks = state.get("distributed")
+        saved_world = ranks["world_size"] if ranks is not None else 1
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"{run_dir} was trained by {saved_world} process(es) and this is "
+                f"{self.dist.world_size}: resume it with the same number (torchrun "
+                f"--nproc-per-node={saved_world} ...), which the data shards and random streams "
+                "need to continue exactly")
+        if ranks is None:
+            set_rng_state(state["rng"], generator)
+            return
+        set_rng_state(ranks["rng"][self.dist.rank], generator)
+        order_generator.set_state(ranks["order"].cpu())
