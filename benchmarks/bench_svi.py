@@ -29,7 +29,8 @@ one process, interleaved so that they share the machine's noise:
     The traced package step of another copy of the package, e.g. an earlier commit's
     (``git archive COMMIT pyro_vae | tar -x -C /tmp/before``, then ``--baseline
     /tmp/before/pyro_vae``), imported under another name in the same process: its ``VAE`` with
-    the same weights and its ``objectives.make_estimator``. Before/after comparisons then share
+    the same weights and its ``infer.make_estimator`` (``objectives.make_estimator``
+    in a copy from before ``pyro_vae/infer/``). Before/after comparisons then share
     the process and the interleaved rounds.
 
 ``--adam fused`` (the default, what :func:`pyro_vae.train.make_optimizer` builds) or ``plain``
@@ -120,7 +121,7 @@ LANDMARKS = (
     ("ELBO differentiable_loss", "pyro/infer/trace_elbo.py", "differentiable_loss"),
     ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
     ("package fused loss", "pyro_vae/fused.py", "__call__"),
-    ("package estimator differentiable_loss", "pyro_vae/objectives.py", "differentiable_loss"),
+    ("package estimator differentiable_loss", "pyro_vae/infer/elbo.py", "differentiable_loss"),
     ("  vectorized_log_probs (particle plate)", "pyro_vae/traces.py", "vectorized_log_probs"),
     ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
     ("    run guide, replay model under poutine.trace", "pyro/poutine/trace_messenger.py",
@@ -388,8 +389,18 @@ def load_baseline(path: str) -> Any:
     package = importlib.util.module_from_spec(spec)
     sys.modules[BASELINE_MODULE] = package
     spec.loader.exec_module(package)
-    importlib.import_module(f"{BASELINE_MODULE}.objectives")
+    try:
+        importlib.import_module(f"{BASELINE_MODULE}.infer")
+    except ModuleNotFoundError as error:  # a copy from before pyro_vae/infer/
+        if error.name != f"{BASELINE_MODULE}.infer":
+            raise
+        importlib.import_module(f"{BASELINE_MODULE}.objectives")
     return package
+
+
+def _baseline_estimators(package: Any) -> Any:
+    """The estimator module of a baseline package: ``infer``, or ``objectives`` before it."""
+    return getattr(package, "infer", None) or package.objectives
 
 
 def _baseline_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
@@ -401,7 +412,8 @@ def _baseline_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: 
     twin.load_state_dict(model.state_dict())
     twin.name = f"{model.name}-baseline"
     return _traced_step(twin, batch, elbo, lr, adam,
-                        estimator=package.objectives.make_estimator(elbo, max_plate_nesting=1))
+                        estimator=_baseline_estimators(package).make_estimator(
+                            elbo, max_plate_nesting=1))
 
 
 STEP_BUILDERS = {"torch": _torch_step, "fused": _fused_step, "traced": _traced_step,

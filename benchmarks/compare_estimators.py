@@ -75,7 +75,7 @@ from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
-from pyro_vae.objectives import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
+from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.protocol import check_model, guide_parameters
 from pyro_vae.specs import load_factory
 from pyro_vae.batches import resolve_device

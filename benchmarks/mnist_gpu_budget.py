@@ -67,7 +67,7 @@ from pyro_vae.data import binarize, fixed_binarization  # noqa: E402
 from pyro_vae.evaluate import evaluate_dataset  # noqa: E402
 from pyro_vae.fused import training_loss  # noqa: E402
 from pyro_vae.io import write_json  # noqa: E402
-from pyro_vae.objectives import make_estimator  # noqa: E402
+from pyro_vae.infer import make_estimator  # noqa: E402
 from pyro_vae.batches import resolve_device  # noqa: E402
 from pyro_vae.builtin import TEST_BINARIZATION_OFFSET  # noqa: E402
 from pyro_vae.train import svi_step  # noqa: E402

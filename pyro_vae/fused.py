@@ -10,14 +10,14 @@ estimator's differentiable loss straight from the encoder and decoder::
 
 It draws ε with the same random-number call as ``Normal.rsample`` and evaluates the same
 floating-point operations in the same order as the traced estimator
-(:mod:`pyro_vae.objectives`) does through ``torch.distributions``, so losses and gradients are
+(:mod:`pyro_vae.infer`) does through ``torch.distributions``, so losses and gradients are
 equal bit for bit (``tests/test_performance_paths.py``). What it leaves out is exact
 bookkeeping only: the effect-handler messages and traces, the distribution objects and their
 same-shape ``expand`` views, and the prior's divisions by 1 and subtractions of 0.
 
 The traced estimator stays the general path. :func:`training_loss` gives the fused loss only for
 an exact ``VAE`` (not a subclass, whose model or guide may differ) and an exact
-:class:`~pyro_vae.objectives.TraceELBO` or :class:`~pyro_vae.objectives.MeanFieldELBO` with one
+:class:`~pyro_vae.infer.TraceELBO` or :class:`~pyro_vae.infer.MeanFieldELBO` with one
 draw (:func:`supports`), and each call still goes the traced way when Pyro validation is on or
 an effect handler is active (both would see or change sites the fused loss does not have).
 """
@@ -32,7 +32,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import am_i_wrapped
 
 from .models import VAE
-from .objectives import ELBOEstimator, MeanFieldELBO, TraceELBO, beta_log_weight
+from .infer import ELBOEstimator, MeanFieldELBO, TraceELBO, beta_log_weight
 
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 FUSED_ESTIMATORS = (TraceELBO, MeanFieldELBO)

@@ -14,17 +14,10 @@ import pyro.distributions as dist
 import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.params import param_with_module_name
-from pyro.params.param_store import ParamStoreDict
-from pyro.poutine.block_messenger import BlockMessenger
-from pyro.poutine.broadcast_messenger import BroadcastMessenger
-from pyro.poutine.indep_messenger import IndepMessenger
-from pyro.poutine.plate_messenger import PlateMessenger
-from pyro.poutine.runtime import _PYRO_STACK, Message
-from pyro.poutine.subsample_messenger import SubsampleMessenger
 from torch import nn
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
-from torch.distributions import Independent, MultivariateNormal, Normal, constraints, register_kl
+from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
 from .config import GUIDES, LIKELIHOODS, ModelConfig
 from .errors import ConfigError, DataError
@@ -35,37 +28,6 @@ DATA_PLATE = "data"
 LATENT_SITE = "z"
 OBS_SITE = "x"
 LOGIT_EPS = 1e-3
-# Effect handlers that leave a param message without an ``event_dim`` alone.
-_PARAM_TRANSPARENT = (PlateMessenger, SubsampleMessenger, IndepMessenger, BroadcastMessenger)
-
-
-def _unobserved(named: list[tuple[str, torch.Tensor]]) -> bool:
-    """Whether ``pyro.param`` messages for ``named`` sent now would reach no effect handler:
-    none is active, or a ``poutine.block`` hides them all before any handler other than a
-    plate sees them (plates act on a param only when it declares an ``event_dim``)."""
-    if not _PYRO_STACK:
-        return True
-    probe = Message(type="param", name=None, fn=pyro.get_param_store().get_param,
-                    is_observed=False, args=(), kwargs={}, value=None, scale=1.0, mask=None,
-                    cond_indep_stack=(), done=False, stop=False, continuation=None, infer={})
-    for messenger in reversed(_PYRO_STACK):
-        if type(messenger) is BlockMessenger:
-            hidden = [messenger.hide_fn({**probe, "name": name, "args": (name, value)})
-                      for name, value in named]
-            if all(hidden):
-                return True
-            if any(hidden):
-                return False
-        elif type(messenger) not in _PARAM_TRANSPARENT:
-            return False
-    return True
-
-
-def _holds(store: ParamStoreDict, name: str, value: torch.Tensor) -> bool:
-    """Whether the store's entry ``name`` is ``value`` itself, unconstrained (what
-    ``pyro.param(name, value)`` would then return unchanged). ParamStoreDict has no public
-    read of an entry that skips the constraint transform, hence its name-to-tensor map."""
-    return store._params.get(name) is value and store._constraints.get(name) is constraints.real
 
 
 def register_module(name: str, module: nn.Module) -> None:
@@ -74,20 +36,13 @@ def register_module(name: str, module: nn.Module) -> None:
     Unlike ``pyro.module`` it never binds the name to parameters that another module put in the
     store first: entries under ``name`` always point at this module's own tensors, so two models
     with one name never silently share (or swap) parameters; the one that ran last is registered.
-
-    When the store already holds this module's tensors under their names and no effect handler
-    would see the ``pyro.param`` messages (none is active, or they are hidden by a
-    ``poutine.block``, as the package's estimators do outside any handler), sending them would
-    change nothing, and they are skipped. Under ``SVI`` (which captures params with a trace) or
-    any other handler, every parameter is sent as a ``pyro.param`` message, as ``pyro.module``
-    does.
+    Every parameter is sent as a ``pyro.param`` message on every call, so effect handlers
+    (``SVI``'s param capture, ``poutine.trace``, ``poutine.block``) see them as they would see
+    ``pyro.module``'s. Only Pyro's public API is used.
     """
     store = pyro.get_param_store()
-    named = [(param_with_module_name(name, key), value)
-             for key, value in module.named_parameters()]
-    if all(_holds(store, full_name, value) for full_name, value in named) and _unobserved(named):
-        return
-    for full_name, value in named:
+    for key, value in module.named_parameters():
+        full_name = param_with_module_name(name, key)
         if pyro.param(full_name, value) is not value:
             del store[full_name]
             pyro.param(full_name, value)

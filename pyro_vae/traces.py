@@ -215,8 +215,8 @@ def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim
 
 def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
                          max_plate_nesting: int | None = None, data_plate: str | None = None,
-                         detach_guide: bool = False, compact: bool = False, **kwargs: Any
-                         ) -> ParticleLogProbs:
+                         detach_guide: bool = False, compact: bool = False,
+                         vectorize: bool = True, **kwargs: Any) -> ParticleLogProbs:
     """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x).
 
     The particles are an outer vectorized plate at dim ``-(max_plate_nesting + 1)``; there is no
@@ -224,12 +224,16 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
     for evaluation); ``detach_guide=True`` evaluates log q with the guide's distribution
     parameters detached (the sample itself keeps its reparameterized path). ``compact=True``
     computes each site's log-density on :func:`compact_distribution` (the same values with fewer
-    operations; the evaluator uses it, under ``torch.no_grad()``).
+    operations; the evaluator uses it, under ``torch.no_grad()``). ``vectorize=False`` (one
+    particle only) runs the pair without the particle plate, as it would run on its own: the
+    leading dimension of the result is then added after the fact.
 
     :returns: :class:`ParticleLogProbs` with ``log_p`` and ``log_q`` of shape ``[K, N]``.
     """
     if num_particles < 1:
         raise ConfigError(f"num_particles must be >= 1, got {num_particles}")
+    if not vectorize and num_particles != 1:
+        raise ConfigError("vectorize=False draws one particle per call")
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     particle_dim = -(max_plate_nesting + 1)
@@ -238,7 +242,7 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
         def wrapped(*a: Any, **k: Any) -> Any:
             with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
                 return fn(*a, **k)
-        return wrapped
+        return wrapped if vectorize else fn
 
     model_trace, guide_trace = trace_pair(in_particle_plate(model), in_particle_plate(guide),
                                           args, kwargs)

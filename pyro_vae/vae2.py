@@ -13,7 +13,7 @@ The paper's MNIST networks are latents 100 (z1) and 50 (z2), deterministic layer
 x and z1 and 100-100 between z1 and z2, tanh activations:
 ``VAE2(784, 100, (200, 200), latent2_dim=50, hidden2=(100, 100), activation="tanh")``.
 The guide is hierarchical (z2's distribution depends on the sampled z1), which every estimator of
-:mod:`pyro_vae.objectives` and the evaluator handle.
+:mod:`pyro_vae.infer` and the evaluator handle.
 """
 
 from __future__ import annotations

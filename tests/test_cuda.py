@@ -14,7 +14,7 @@ import torch
 from pyro_vae import TrainConfig, fit
 from pyro_vae import evaluate as ev
 from pyro_vae.fused import FusedLoss, supports
-from pyro_vae.objectives import make_estimator
+from pyro_vae.infer import make_estimator
 
 from test_evaluate import _data, _exact_pair
 from test_performance_paths import FUSED, _Calling, _fused_pair, _loss_and_grads

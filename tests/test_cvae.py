@@ -14,7 +14,7 @@ from pyro_vae.cvae import CVAE
 from pyro_vae.data import load_digits
 from pyro_vae.evaluate import evaluate
 from pyro_vae.nets import MIN_SCALE
-from pyro_vae.objectives import make_estimator
+from pyro_vae.infer import make_estimator
 
 from threads import one_thread
 

@@ -414,3 +414,23 @@ def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(monkeypatch, c
     assert captured.out == ""
     assert captured.err == f"pyro-vae {command}: error: {_too_few_gpus(2, 1)}\n"
     assert not run_dir.exists()
+
+
+def test_torchrun_trains_a_users_pair_on_a_users_loader_and_resumes_exactly(tmp_path):
+    """The sequence pair of user_models.py on its padded DataLoader (sharded among the ranks by
+    the engine): an interrupted run resumed under torchrun equals the uninterrupted one."""
+    user = Path(__file__).with_name("user_models.py")
+    common = ["--model-factory", f"{user}:make_sequence_model", "--data",
+              f"{user}:sequence_data", "--device", "cpu", "--quiet", "--dist-timeout", "120"]
+    for command in (["train", *common, "--epochs", "2", "--out", str(tmp_path / "full")],
+                    ["train", *common, "--epochs", "1", "--out", str(tmp_path / "part")],
+                    ["train", "--resume", str(tmp_path / "part"), "--epochs", "2", "--quiet"],
+                    ["evaluate", str(tmp_path / "part"), "--particles", "4", "--quiet"]):
+        done = _torchrun(command, tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+    full, part = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert part["distributed"]["world_size"] == WORLD_SIZE
+    for name, value in full["model"].items():
+        assert torch.equal(value, part["model"][name]), name
+    assert full["history"]["train_loss"] == part["history"]["train_loss"]
+    assert (tmp_path / "part" / "eval-test.json").is_file()

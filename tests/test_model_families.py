@@ -8,7 +8,7 @@ from torch.distributions import kl_divergence
 
 from pyro_vae import ConfigError, ModelConfig, TrainConfig, VAE, fit
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.objectives import ESTIMATORS, make_estimator
+from pyro_vae.infer import ESTIMATORS, make_estimator
 from pyro_vae.builtin import build_model, evaluation_images, model_args, prepare_data
 from pyro_vae.vae2 import VAE2
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributions import MultivariateNormal, Normal
 
 from pyro_vae.models import VAE
-from pyro_vae.objectives import (ESTIMATORS, DoublyReparameterizedELBO, ELBOEstimator,
+from pyro_vae.infer import (ESTIMATORS, DoublyReparameterizedELBO, ELBOEstimator,
                                  ImportanceWeightedELBO, LinearWarmup, MeanFieldELBO,
                                  StickingTheLandingELBO, TraceELBO, make_estimator)
 from pyro_vae.traces import vectorized_log_probs

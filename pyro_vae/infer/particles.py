@@ -244,8 +244,7 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
 
     A single draw may skip the particle plate (``plated=False``): the same random numbers, the
     same values. Param messages are hidden when no effect handler is active outside (they
-    reach no one: the traces' param sites are never read here), which lets
-    :func:`pyro_vae.models.register_module` skip its param-store round trip.
+    reach no one: the traces' param sites are never read here).
 
     :raises ConfigError: for a guide without latents, a latent (guide, or model-only) that is
         not reparameterizable, a guide latent that is no latent of the model, or scale factors

@@ -17,7 +17,7 @@ from ..distributed import (SHARED_ORDER_STREAM, barrier, derive_seed, init_distr
                            main_first, rank_seed)
 from ..errors import ConfigError, TrainingDiverged
 from ..fused import training_loss
-from ..objectives import LinearWarmup
+from ..infer import LinearWarmup
 from ..models import forget_params
 from ..protocol import check_model
 from ..runs import (CHECKPOINT_FILE, History, build_factory_model, check_resumable,

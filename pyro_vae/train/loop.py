@@ -17,7 +17,7 @@ import torch
 
 from ..batches import Source
 from ..errors import TrainingDiverged
-from ..objectives import ELBOEstimator, LinearWarmup
+from ..infer import ELBOEstimator, LinearWarmup
 from ..runs import History
 from .parallel import Replicas
 
@@ -66,6 +66,8 @@ class Loop:
     replicas: Replicas = field(default_factory=Replicas)
     history: History = field(default_factory=History)
     epoch: int = 0
+    #: set by a callback to end the run after the current epoch (e.g. a time budget)
+    stop: bool = False
 
     def train_epoch(self) -> float:
         """One pass over the training source; the mean loss per datapoint."""
@@ -90,7 +92,7 @@ class Loop:
         if self.held_out is None:
             return None
         self.model.eval()
-        total, count = 0.0, 0
+        total = 0.0
         with _quiet_numerics():
             for batch in self.replicas.share(self.held_out.ordered(self.batch_size)):
                 total -= self.eval_elbo.loss(self.model.model, self.model.guide, *batch.args,
@@ -99,7 +101,8 @@ class Loop:
 
 
 def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) -> History:
-    """Train ``loop`` from the epoch after ``loop.epoch`` up to ``last_epoch``.
+    """Train ``loop`` from the epoch after ``loop.epoch`` up to ``last_epoch``, or until a
+    callback sets ``loop.stop``.
 
     :raises TrainingDiverged: when an epoch's mean loss is NaN or infinite (after the last
         good epoch's callbacks ran).
@@ -116,6 +119,8 @@ def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) 
             loop.history.append(epoch, mean_loss, elbo, time.perf_counter() - start)
             for callback in callbacks:
                 callback.on_epoch_end(loop)
+            if loop.stop:
+                break
         for callback in callbacks:
             callback.on_fit_end(loop)
     finally:

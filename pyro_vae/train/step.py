@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from ..distributed import SINGLE, DistributedContext, average_gradients
-from ..objectives import ELBOEstimator, make_estimator
+from ..infer import ELBOEstimator, make_estimator
 
 BUILTIN_PLATE_NESTING = 1
 

@@ -1,0 +1,204 @@
+"""Is skipping unobserved ``pyro.param`` messages worth reaching into Pyro's internals?
+
+Up to pyro-vae 0.1.0, :func:`pyro_vae.models.register_module` skipped the module's
+``pyro.param`` messages when the store already held its tensors and no effect handler would see
+them (the evaluator and the estimators hide param messages with ``poutine.block``). It found
+that out from Pyro 1.9's private effect-handler stack (``_PYRO_STACK``, ``Message``,
+``BlockMessenger``) and ``ParamStoreDict._params``. This benchmark times three registrations in
+one process, in interleaved rounds whose order rotates, by swapping the function that
+``VAE.model``/``VAE.guide`` call:
+
+``internals``
+    The skipping version (a copy of the old code, kept here for the comparison).
+``public``
+    Pyro's public API only: one ``pyro.param`` per tensor, re-registered when the store holds
+    another module's tensor under the name (what ``register_module`` does now).
+``pyro.module``
+    Plain ``pyro.module(name, module)`` on every call.
+
+Two workloads on the built-in VAE (digits network, random weights, binarized digits):
+``evaluate`` is :func:`pyro_vae.evaluate.evaluate_dataset` with K particles, ``step`` one
+traced training step (the ``trace`` estimator's ``loss_and_grads`` on ``model``/``guide``,
+then Adam) on a batch of B images. The median of the per-round CPU seconds (user + system,
+steadier than the wall clock on a shared machine) and of the wall seconds is reported, with
+the ratio of each registration to ``internals``.
+
+    python benchmarks/bench_param_messages.py                     # one thread, K = 100, B = 20
+    python benchmarks/bench_param_messages.py --particles 1000 --batch-size 128 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Sequence
+
+import pyro
+import torch
+from pyro.params import param_with_module_name
+from torch import nn
+
+import pyro_vae.models as models
+from pyro_vae import VAE, load_digits
+from pyro_vae.data import fixed_binarization
+from pyro_vae.evaluate import evaluate_dataset
+
+try:
+    from pyro_vae.infer import make_estimator
+except ImportError:  # a tree from before pyro_vae/infer/
+    from pyro_vae.objectives import make_estimator
+
+
+def _internals_register_module() -> Callable[[str, nn.Module], None] | None:
+    """The skipping ``register_module`` of pyro-vae 0.1.0 (``None`` where this Pyro lacks the
+    internals it reads)."""
+    try:
+        from pyro.poutine.block_messenger import BlockMessenger
+        from pyro.poutine.broadcast_messenger import BroadcastMessenger
+        from pyro.poutine.indep_messenger import IndepMessenger
+        from pyro.poutine.plate_messenger import PlateMessenger
+        from pyro.poutine.runtime import _PYRO_STACK, Message
+        from pyro.poutine.subsample_messenger import SubsampleMessenger
+    except ImportError:
+        return None
+    transparent = (PlateMessenger, SubsampleMessenger, IndepMessenger, BroadcastMessenger)
+    real = torch.distributions.constraints.real
+
+    def unobserved(named: list[tuple[str, torch.Tensor]]) -> bool:
+        if not _PYRO_STACK:
+            return True
+        probe = Message(type="param", name=None, fn=pyro.get_param_store().get_param,
+                        is_observed=False, args=(), kwargs={}, value=None, scale=1.0, mask=None,
+                        cond_indep_stack=(), done=False, stop=False, continuation=None,
+                        infer={})
+        for messenger in reversed(_PYRO_STACK):
+            if type(messenger) is BlockMessenger:
+                hidden = [messenger.hide_fn({**probe, "name": name, "args": (name, value)})
+                          for name, value in named]
+                if all(hidden):
+                    return True
+                if any(hidden):
+                    return False
+            elif type(messenger) not in transparent:
+                return False
+        return True
+
+    def register_module(name: str, module: nn.Module) -> None:
+        store = pyro.get_param_store()
+        named = [(param_with_module_name(name, key), value)
+                 for key, value in module.named_parameters()]
+        if all(store._params.get(full) is value and store._constraints.get(full) is real
+               for full, value in named) and unobserved(named):
+            return
+        for full_name, value in named:
+            if pyro.param(full_name, value) is not value:
+                del store[full_name]
+                pyro.param(full_name, value)
+
+    return register_module
+
+
+def public_register_module(name: str, module: nn.Module) -> None:
+    """Public API only: every tensor sent as a ``pyro.param`` message, the store's entry
+    replaced when it holds another tensor."""
+    store = pyro.get_param_store()
+    for key, value in module.named_parameters():
+        full_name = param_with_module_name(name, key)
+        if pyro.param(full_name, value) is not value:
+            del store[full_name]
+            pyro.param(full_name, value)
+
+
+def plain_pyro_module(name: str, module: nn.Module) -> None:
+    pyro.module(name, module)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--particles", type=int, default=100, help="K of the evaluator (100)")
+    p.add_argument("--num-data", type=int, default=300, help="test images evaluated (300)")
+    p.add_argument("--batch-size", type=int, default=20, help="B of the training step (20)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per round (200)")
+    p.add_argument("--evaluations", type=int, default=3, help="evaluations per round (3)")
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _timed(fn: Callable[[], None]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    variants = {"internals": _internals_register_module(), "public": public_register_module,
+                "pyro.module": plain_pyro_module}
+    variants = {name: fn for name, fn in variants.items() if fn is not None}
+    dataset = load_digits()
+    images = fixed_binarization(dataset.test.images[:args.num_data], args.seed)
+    batch = fixed_binarization(dataset.train.images[:args.batch_size], args.seed)
+    torch.manual_seed(args.seed)
+    vae = VAE(dataset.input_dim, 8, (128,))
+    vae.decoder.set_output_bias(dataset.train.images.mean(0))
+    estimator = make_estimator("trace", max_plate_nesting=1)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-4)
+
+    def evaluate() -> None:
+        for _ in range(args.evaluations):
+            evaluate_dataset(vae.model, vae.guide, images, num_particles=args.particles,
+                             batch_size=100, particle_chunk=args.particles, khat=False)
+
+    def train() -> None:
+        with pyro.validation_enabled(False):
+            for _ in range(args.steps):
+                optimizer.zero_grad(set_to_none=True)
+                estimator.loss_and_grads(vae.model, vae.guide, batch)
+                optimizer.step()
+
+    workloads = {"evaluate": (evaluate, args.evaluations), "step": (train, args.steps)}
+    original = models.register_module
+    seconds = {(w, v, clock): [] for w in workloads for v in variants for clock in ("wall", "cpu")}
+    try:
+        for name, register in variants.items():  # warm-up, and a check that each one works
+            models.register_module = register
+            pyro.clear_param_store()
+            evaluate_dataset(vae.model, vae.guide, images[:10], num_particles=10, khat=False)
+            estimator.loss_and_grads(vae.model, vae.guide, batch)
+        names = list(variants)
+        for r in range(args.rounds):
+            for workload, (fn, calls) in workloads.items():
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    models.register_module = variants[name]
+                    pyro.set_rng_seed(args.seed + r)
+                    wall, cpu = _timed(fn)
+                    seconds[workload, name, "wall"].append(wall / calls)
+                    seconds[workload, name, "cpu"].append(cpu / calls)
+    finally:
+        models.register_module = original
+    print(f"pyro {pyro.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s), {args.rounds} interleaved rounds; median ms per call "
+          f"(evaluate: N = {images.shape[0]}, K = {args.particles}; step: trace estimator, "
+          f"B = {args.batch_size})")
+    print(f"{'workload':<10}{'register':<13}{'CPU ms':>9}{'wall ms':>9}"
+          f"{'CPU / internals':>17}{'wall / internals':>18}")
+    report = {}
+    for workload in workloads:
+        for name in variants:
+            cpu = statistics.median(seconds[workload, name, "cpu"]) * 1e3
+            wall = statistics.median(seconds[workload, name, "wall"]) * 1e3
+            report[f"{workload}/{name}"] = {"cpu_ms": cpu, "wall_ms": wall}
+            line = f"{workload:<10}{name:<13}{cpu:>9.3f}{wall:>9.3f}"
+            if "internals" in variants:
+                base = report[f"{workload}/internals"]
+                line += f"{cpu / base['cpu_ms']:>17.3f}{wall / base['wall_ms']:>18.3f}"
+            print(line)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""What each ``pyro-vae`` command does, given its parsed arguments (:mod:`pyro_vae.cli` parses
+them): a config from the flags, then library calls that are just as usable from Python."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from .config import TrainConfig
+from .errors import PyroVAEError
+
+DEFAULT_RUN_ROOT = Path("runs")
+RESUMABLE = {"epochs", "device", "data_dir"}
+
+
+BUILTIN_MODEL_FLAGS = ("model", "latent_dim", "hidden", "likelihood", "obs_scale", "guide",
+                       "activation", "latent2_dim", "hidden2")
+
+
+def _flags(args: argparse.Namespace, names: Sequence[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names
+                     if getattr(args, name, None) is not None)
+
+
+def _user_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of a run of the user's pair (``--model-factory``), on ``--data`` or on a
+    built-in ``--dataset``."""
+    from .specs import absolute_spec
+
+    ignored = _flags(args, BUILTIN_MODEL_FLAGS)
+    if ignored:
+        raise PyroVAEError(f"{ignored} describe(s) the built-in model, not the pair of "
+                           "--model-factory: size your pair in its factory")
+    given = {"elbo": args.elbo, "particles": args.particles,
+             "importance_samples": args.importance_samples, "beta": args.beta,
+             "warmup": args.warmup, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "seed": args.seed, "device": args.device,
+             "model_factory": absolute_spec(args.model_factory)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.data is None:
+        builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
+        return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
+    if args.dataset is not None or args.binarize is not None:
+        raise PyroVAEError(f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
+                           "images: --data arrives as it is (transform it in its Dataset)")
+    return TrainConfig(dataset=None, model=None, binarize="none", data=absolute_spec(args.data),
+                       test_data=absolute_spec(args.test_data) if args.test_data else None,
+                       **given)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    if args.model_factory is not None:
+        return _user_train_config(args)
+    if args.data is not None or args.test_data is not None:
+        raise PyroVAEError("--data and --test-data need --model-factory (the pair to train on "
+                           "them)")
+    defaults = TrainConfig()
+    chosen = {
+        "family": args.model, "latent_dim": args.latent_dim, "hidden": args.hidden,
+        "likelihood": args.likelihood, "obs_scale": args.obs_scale, "guide": args.guide,
+        "activation": args.activation, "latent2_dim": args.latent2_dim, "hidden2": args.hidden2,
+    }
+    family = args.model or defaults.model.family
+    for flag, value in (("--latent2-dim", args.latent2_dim), ("--hidden2", args.hidden2)):
+        if value is not None and family != "vae2":
+            raise PyroVAEError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
+    model = dataclasses.replace(defaults.model,
+                                **{k: v for k, v in chosen.items() if v is not None})
+    if args.binarize is None and model.likelihood == "gaussian":
+        args.binarize = "none"
+    given = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize,
+        "elbo": args.elbo, "particles": args.particles,
+        "importance_samples": args.importance_samples, "beta": args.beta, "warmup": args.warmup,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
+    }
+    return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
+
+
+def _default_out(config: TrainConfig) -> Path:
+    if config.dataset is not None:
+        return DEFAULT_RUN_ROOT / config.dataset
+    return DEFAULT_RUN_ROOT / config.model_factory.rpartition(":")[2]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import current_context
+    from .runs import read_run_config, refuse_python_only
+    from .train import fit
+
+    if args.resume is not None:
+        fixed = ("dataset", "data", "test_data", "model_factory", *BUILTIN_MODEL_FLAGS,
+                 "binarize", "elbo", "particles", "importance_samples", "beta", "warmup",
+                 "batch_size", "lr", "seed", "out")
+        changed = _flags(args, fixed)
+        if changed:
+            raise PyroVAEError(f"{changed} cannot change on --resume: only --epochs, --device "
+                               "and --data-dir may be given")
+        config, model_class = read_run_config(args.resume)
+        refuse_python_only(args.resume, config, model_class)
+        updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
+        config = config.replace(**updates)
+        run_dir = args.resume
+    else:
+        config = _train_config(args)
+        run_dir = args.out or _default_out(config)
+    result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
+                 progress=not args.quiet, download=args.download,
+                 dist_timeout=args.dist_timeout, fused=not args.traced)
+    if not current_context().is_main:
+        return 0
+    history = result.history
+    if history.epoch:
+        held_out = (f", test ELBO {history.test_elbo[-1]:.3f}"
+                    if len(history.test_elbo) == len(history.epoch) else "")
+        print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
+              "nats per datapoint")
+    final = history.extra.get("final")
+    if final:
+        joint = "x, y" if getattr(result.model, "conditional", False) else "x"
+        print(f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
+              f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})")
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_grid, plot_label_rows, save_figure
+    from .runs import load_run
+
+    run = load_run(args.run_dir, device=args.device)
+    if run.dataset is None or not callable(getattr(run.model, "sample", None)):
+        raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
+                           "images of a pair with a sample method")
+    device = next(run.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    output = args.output or args.run_dir / f"samples-{args.seed}.png"
+    if run.model.conditional:
+        labels = args.label if args.label else list(range(run.model.num_classes))
+        if any(not 0 <= label < run.model.num_classes for label in labels):
+            raise PyroVAEError(f"--label must lie in 0..{run.model.num_classes - 1}")
+        per_label = max(1, args.num // len(labels))
+        wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
+        images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
+                                  labels=wanted)
+        figure = plot_label_rows(images, labels, per_label, run.dataset.image_shape,
+                                 f"samples per label ({per_label} each)")
+    else:
+        if args.label:
+            raise PyroVAEError("--label needs a conditional run (pyro-vae train --model cvae)")
+        images = run.model.sample(args.num, mean=not args.binary, generator=generator)
+        ncols = max(1, int(round(args.num ** 0.5)))
+        figure = plot_grid(images, run.dataset.image_shape, ncols,
+                           f"{args.num} samples from the prior")
+    save_figure(figure, output)
+    print(f"wrote {output}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .distributed import current_context
+    from .evaluate import evaluate_run, format_table
+    from .runs import read_config
+
+    result = evaluate_run(args.run_dir, particles=args.particles, split=args.split, data=args.data,
+                          limit=args.limit, batch_size=args.batch_size,
+                          particle_chunk=args.particle_chunk, seed=args.seed, device=args.device,
+                          data_dir=args.data_dir, progress=not args.quiet,
+                          dist_timeout=args.dist_timeout)
+    if not current_context().is_main:
+        return 0
+    model = read_config(args.run_dir).model
+    conditional = model is not None and model.family == "cvae"
+    print(format_table(result.summary(), observed="x, y" if conditional else "x"))
+    print(f"wrote {', '.join(path.name for path in result.paths.values())} in {args.run_dir}")
+    return 0
+
+
+def _load_conditional_run(args: argparse.Namespace):
+    from .runs import load_run
+
+    run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    if run.dataset is None or not getattr(run.model, "conditional", False):
+        raise PyroVAEError(f"{args.command} needs a conditional run: train one with "
+                           "pyro-vae train --model cvae")
+    return run
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .classify import classify, format_classification, save_classification
+
+    run = _load_conditional_run(args)
+    images = run.eval_images(args.split)
+    labels = getattr(run.dataset, args.split).labels
+    if args.limit is not None:
+        images, labels = images[:args.limit], labels[:args.limit]
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed)
+        result = classify(run.model, images, labels, num_particles=args.particles,
+                          batch_size=args.batch_size)
+    paths = save_classification(result, args.run_dir, args.split)
+    print(format_classification(result.summary()))
+    print(f"wrote {paths['json'].name} and {paths['confusion'].name} in {args.run_dir}")
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_grid, save_figure
+
+    run = _load_conditional_run(args)
+    available = len(run.dataset.test)
+    if args.num > available:
+        raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
+    images = run.eval_images("test")[:args.num]
+    labels = run.dataset.test.labels[:args.num]
+    decoded = run.model.transfer(images, labels)
+    grid = torch.cat([images.unsqueeze(1), decoded], dim=1).flatten(0, 1)
+    figure = plot_grid(grid, run.dataset.image_shape, ncols=run.model.num_classes + 1,
+                       title="style transfer: source image, then decoded with each label",
+                       row_labels=[f"y={int(label)}" for label in labels],
+                       col_labels=["source", *map(str, range(run.model.num_classes))])
+    output = args.output or args.run_dir / "transfer.png"
+    save_figure(figure, output)
+    print(f"wrote {output}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate,
+            "classify": _cmd_classify, "transfer": _cmd_transfer}

@@ -1,0 +1,51 @@
+r"""Evaluation from traces: importance-weighted log p̂(x), ELBO, gap, ESS and PSIS k-hat.
+
+For any Pyro model/guide pair whose sample sites all lie in one data plate, K particles
+z_k ~ q(z|x) give per-datapoint log-weights log w_k = log p(x, z_k) − log q(z_k|x)
+(:func:`pyro_vae.traces.vectorized_log_probs`). From them, for every datapoint:
+
+.. math::
+
+    \log \hat p_K(x) = \operatorname{logsumexp}_k \log w_k - \log K, \qquad
+    \mathrm{ELBO}(x) = \tfrac1K \textstyle\sum_k \log w_k, \qquad
+    \mathrm{gap}(x) = \log \hat p_K(x) - \mathrm{ELBO}(x),
+
+the self-consistency ``var_log_w`` = (1/K) Σ_k (log w_k − ELBO)², the normalized effective sample
+size (Σ w)² / (K Σ w²) and the Pareto k-hat of the weights' right tail (Vehtari et al., 2024,
+"Pareto smoothed importance sampling", JMLR 25(72)), fitted by :func:`arviz.psislw`.
+
+Memory stays bounded: particles are drawn in chunks of ``particle_chunk`` and datapoints in
+batches of ``batch_size``; log p̂, ELBO, variance and ESS are accumulated over chunks with a
+streaming logsumexp, so only k-hat (which needs every weight of a datapoint) holds a
+``[K, batch_size]`` block at once, and the full ``[K, N]`` log-weights are kept only on request.
+
+Random numbers come from torch's global generator in a fixed order (batch by batch, chunk by
+chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk``. With
+``batch_seed`` (as :func:`evaluate_run` does) each batch is instead drawn from its own seed, made
+from ``batch_seed`` and the batch's index, so its numbers do not depend on which process
+evaluates it: that is what lets ranks under torchrun share the batches out and still reproduce a
+single process exactly. Within a batch, a datapoint's log-weights depend only on its own data
+and its slice of the draws: changing another datapoint leaves them unchanged, bit for bit. Other
+batch or chunk sizes draw different particles with the same distribution (one vectorized draw
+per chunk covers the whole batch, so a datapoint's particles depend on its batch): the results
+agree in distribution, and exactly (to rounding) when the guide is the exact posterior, where
+every log-weight equals log p(x).
+
+Pyro's distribution validation, when enabled, runs once per model/guide call or batch, on a
+one-particle call on a copy of the random state (so every batch's data are checked and the
+draws are unchanged); the particle chunks run unvalidated, as they see the same data and
+parameters. Non-finite log-weights raise :class:`EvaluationError`.
+"""
+
+from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, khat_reading, pareto_khat
+from .results import (INFERENCE_DATA_GROUP, METRICS, EvaluationResult, format_table,
+                      save_evaluation)
+from .run import KEEP_LOG_WEIGHTS_MAX, SPLITS, EvalConfig, evaluate_run
+from .weights import (EvaluationError, evaluate, evaluate_dataset, log_weights,
+                      weight_statistics)
+
+__all__ = ["EvalConfig", "EvaluationError", "EvaluationResult", "INFERENCE_DATA_GROUP",
+           "KEEP_LOG_WEIGHTS_MAX", "KHAT_GOOD", "KHAT_OK", "METRICS", "MIN_KHAT_PARTICLES",
+           "SPLITS", "evaluate", "evaluate_dataset", "evaluate_run", "format_table",
+           "khat_reading", "log_weights", "pareto_khat", "save_evaluation",
+           "weight_statistics"]

@@ -1,0 +1,219 @@
+"""The per-datapoint result of an evaluation: summary, table, JSON, netCDF and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..io import atomic_path, write_json
+from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, _arviz
+
+METRICS = ("log_px", "elbo", "gap", "var_log_w", "ess")
+INFERENCE_DATA_GROUP = "evaluation"
+
+
+def _json_safe(value: Any) -> Any:
+    """Python floats for JSON; non-finite numbers become ``None`` (JSON ``null``)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _figure() -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(6, 3.5), layout="constrained")
+
+
+def _plot_khat(khat: torch.Tensor, path: Path, title: str) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    index = torch.arange(khat.shape[0])
+    finite = torch.isfinite(khat)
+    ax.scatter(index[finite].numpy(), khat[finite].numpy(), s=4, alpha=0.6)
+    for level, color in ((KHAT_GOOD, "tab:orange"), (KHAT_OK, "tab:red")):
+        ax.axhline(level, color=color, linestyle="--", linewidth=1, label=f"k = {level}")
+    hidden = int((~finite).sum())
+    note = f" ({hidden} non-finite not shown)" if hidden else ""
+    ax.set(xlabel="datapoint", ylabel="PSIS k-hat", title=title + note)
+    ax.legend(loc="upper right")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def _plot_gap(gap: torch.Tensor, path: Path, title: str) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.hist(gap.numpy(), bins=min(50, max(5, gap.shape[0] // 5)))
+    ax.set(xlabel="gap = log p̂(x) − ELBO (nats)", ylabel="datapoints", title=title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def format_table(summary: dict[str, Any], observed: str = "x") -> str:
+    """A plain-text table of :meth:`EvaluationResult.summary` (values in nats); ``observed``
+    names what the model scores in the first row's label, e.g. ``"x, y"`` for a conditional
+    VAE, whose log-weights are those of the joint p(x, y)."""
+    labels = {"log_px": f"log p_K({observed})", "elbo": "ELBO", "gap": "gap (≈ KL)",
+              "var_log_w": "var log w", "ess": "ESS / K"}
+    units = {"log_px": "nats", "elbo": "nats", "gap": "nats", "var_log_w": "nats²", "ess": ""}
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+    width = max(12, max(len(label) for label in labels.values()) + 1)
+    lines = [f"{summary['num_datapoints']} datapoints, K = {summary['num_particles']} particles",
+             f"{'':<{width}}{'mean':>12}{'stderr':>12}"]
+    for name, label in labels.items():
+        entry = summary[name]
+        lines.append(f"{label:<{width}}{number(entry['mean']):>12}{number(entry['stderr']):>12}"
+                     f"  {units[name]}".rstrip())
+    if "khat" in summary:
+        k = summary["khat"]
+        lines.append(f"{'k-hat':<{width}}median {number(k['median'])}, max {number(k['max'])}; "
+                     f"good {k['fraction_good']:.1%}, ok {k['fraction_ok']:.1%}, "
+                     f"bad (> {KHAT_OK}) {k['fraction_bad']:.1%}")
+    elif summary["num_particles"] < MIN_KHAT_PARTICLES:
+        lines.append(f"{'k-hat':<{width}}not computed: PSIS needs K >= {MIN_KHAT_PARTICLES}")
+    else:
+        lines.append(f"{'k-hat':<{width}}not computed")
+    if not summary.get("vectorized", True):
+        lines.append("particles drawn one call at a time: the pair's networks see a particle "
+                     "dimension")
+    return "\n".join(lines)
+
+
+def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
+                    metadata: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
+    ``khat-<split>.png`` into ``folder``, each atomically; return their paths by kind. Without
+    k-hat an older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
+    folder = Path(folder)
+    paths = {"json": folder / f"eval-{split}.json", "netcdf": folder / f"eval-{split}.nc",
+             "gap": folder / f"gap-{split}.png"}
+    write_json(paths["json"], _json_safe({**(metadata or {}), **result.to_dict()}))
+    with atomic_path(paths["netcdf"]) as tmp:
+        result.to_inference_data().to_netcdf(str(tmp))
+    title = f"{split}: N = {result.num_datapoints}, K = {result.num_particles}"
+    _plot_gap(result.gap, paths["gap"], title)
+    khat_path = folder / f"khat-{split}.png"
+    if result.khat is not None:
+        paths["khat"] = khat_path
+        _plot_khat(result.khat, khat_path, title)
+    else:
+        khat_path.unlink(missing_ok=True)
+    return paths
+
+
+@dataclass
+class EvaluationResult:
+    """Per-datapoint evaluation results (CPU tensors of shape ``[N]``, float64).
+
+    ``log_px`` = log p̂_K(x), ``elbo``, ``var_log_w``, ``ess`` (normalized: (Σw)²/(K Σw²), in
+    [1/K, 1]) and ``khat`` (``None`` when not computed); ``gap`` = ``log_px − elbo``.
+    ``log_weights`` is ``[K, N]`` when kept, else ``None``. ``paths`` names the files
+    :func:`evaluate_run` wrote, by kind (empty otherwise). ``vectorized`` is ``False`` when the
+    particles were drawn one call at a time because the pair's networks see a particle
+    dimension (:mod:`pyro_vae.vectorization`).
+    """
+
+    num_particles: int
+    log_px: torch.Tensor
+    elbo: torch.Tensor
+    var_log_w: torch.Tensor
+    ess: torch.Tensor
+    khat: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+    vectorized: bool = True
+
+    def __post_init__(self) -> None:
+        shape = self.log_px.shape
+        assert len(shape) == 1, shape
+        for name in ("elbo", "var_log_w", "ess", "khat"):
+            value = getattr(self, name)
+            assert value is None or value.shape == shape, (name, value.shape, shape)
+        if self.log_weights is not None:
+            assert self.log_weights.shape == (self.num_particles, shape[0]), (
+                self.log_weights.shape, self.num_particles, shape)
+
+    @property
+    def num_datapoints(self) -> int:
+        return self.log_px.shape[0]
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """log p̂_K(x) − ELBO(x) ≥ 0, an estimate of KL(q(z|x) ‖ p(z|x)) (biased low)."""
+        return self.log_px - self.elbo
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["EvaluationResult"]) -> "EvaluationResult":
+        """Join results of consecutive batches (same K) along the datapoints."""
+        if not parts or len({part.num_particles for part in parts}) != 1:
+            raise ConfigError("concatenate needs results with the same number of particles")
+
+        def cat(name: str, dim: int = 0) -> torch.Tensor | None:
+            values = [getattr(part, name) for part in parts]
+            return None if any(v is None for v in values) else torch.cat(values, dim)
+
+        return cls(num_particles=parts[0].num_particles, log_px=cat("log_px"), elbo=cat("elbo"),
+                   var_log_w=cat("var_log_w"), ess=cat("ess"), khat=cat("khat"),
+                   log_weights=cat("log_weights", 1),
+                   vectorized=all(part.vectorized for part in parts))
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and standard error (std / √N) of each metric; for k-hat the median, the max and
+        the fractions of datapoints read as good / ok / bad."""
+        out: dict[str, Any] = {"num_datapoints": self.num_datapoints,
+                               "num_particles": self.num_particles,
+                               "vectorized": self.vectorized}
+        n = self.num_datapoints
+        for name in METRICS:
+            values = getattr(self, name).to(torch.float64)
+            stderr = values.std().item() / math.sqrt(n) if n > 1 else math.nan
+            out[name] = {"mean": values.mean().item(), "stderr": stderr}
+        if self.khat is not None:
+            k = self.khat
+            out["khat"] = {
+                "median": k.median().item(), "max": k.max().item(),
+                "fraction_good": (k <= KHAT_GOOD).double().mean().item(),
+                "fraction_ok": ((k > KHAT_GOOD) & (k <= KHAT_OK)).double().mean().item(),
+                "fraction_bad": (~(k <= KHAT_OK)).double().mean().item(),
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary and the per-datapoint arrays as lists; safe for JSON (non-finite values,
+        such as k = −∞ for constant weights, become ``None``)."""
+        names = [*METRICS, "khat"] if self.khat is not None else list(METRICS)
+        datapoints = {name: getattr(self, name).tolist() for name in names}
+        return _json_safe({"summary": self.summary(), "datapoints": datapoints})
+
+    def to_inference_data(self) -> Any:
+        """ArviZ ``InferenceData`` with one group, ``evaluation``: every per-datapoint metric
+        with dim ``datapoint``, and ``log_weight`` with dims ``("particle", "datapoint")`` when
+        the log-weights were kept. Save it with ``.to_netcdf(path)``."""
+        import xarray as xr
+
+        data_vars = {name: (("datapoint",), getattr(self, name).numpy()) for name in METRICS}
+        coords = {"datapoint": np.arange(self.num_datapoints)}
+        if self.khat is not None:
+            data_vars["khat"] = (("datapoint",), self.khat.numpy())
+        if self.log_weights is not None:
+            data_vars["log_weight"] = (("particle", "datapoint"), self.log_weights.numpy())
+            coords["particle"] = np.arange(self.num_particles)
+        attrs = {"num_particles": self.num_particles, "khat_good": KHAT_GOOD,
+                 "khat_ok": KHAT_OK, "summary": json.dumps(_json_safe(self.summary()))}
+        dataset = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+        return _arviz().InferenceData(**{INFERENCE_DATA_GROUP: dataset})

@@ -1,0 +1,115 @@
+"""Evaluating a run folder: its pair on its data, the files written beside it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+
+from ..batches import as_source, resolve_device
+from ..config import check_seed
+from ..distributed import init_distributed
+from ..errors import ConfigError
+from ..runs import load_run
+from ..specs import load_data
+from .results import EvaluationResult, save_evaluation
+from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, _forked_rng, evaluate_dataset
+
+KEEP_LOG_WEIGHTS_MAX = 10_000_000
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Defaults of an evaluation run (:func:`evaluate_run` and the ``evaluate`` command).
+
+    ``particles`` is K (5000 is the standard MNIST protocol); ``batch_size`` datapoints and
+    ``particle_chunk`` particles are processed per model/guide call; ``limit`` evaluates only the
+    first datapoints of ``split``. ``keep_log_weights=None`` keeps the ``[K, N]`` log-weights
+    (for the netCDF file) only when K·N ≤ ``KEEP_LOG_WEIGHTS_MAX``.
+    """
+
+    particles: int = 5000
+    split: str = "test"
+    limit: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    particle_chunk: int = DEFAULT_PARTICLE_CHUNK
+    seed: int = 0
+    keep_log_weights: bool | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
+            (self.split in SPLITS, f"split must be one of {SPLITS}, got {self.split!r}"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.particle_chunk >= 1,
+             f"particle_chunk must be >= 1, got {self.particle_chunk}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_seed(self.seed)
+
+
+def _given_data(run: Any, data: Any, limit: int | None) -> Any:
+    """``data`` (a spec or data) as a source on the run's device and parameter dtype."""
+    if isinstance(data, (str, Path)):
+        data = load_data(str(data))[0]
+    param = next(run.model.parameters())
+    return as_source(data).head(limit).to(param.device, param.dtype)
+
+
+def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
+                 split: str = EvalConfig.split, limit: int | None = EvalConfig.limit, *,
+                 batch_size: int = EvalConfig.batch_size,
+                 particle_chunk: int = EvalConfig.particle_chunk, seed: int = EvalConfig.seed,
+                 out: str | Path | None = None, device: str = "auto",
+                 data_dir: str | None = None,
+                 keep_log_weights: bool | None = EvalConfig.keep_log_weights,
+                 progress: bool = False, dist_timeout: float | None = None,
+                 data: Any = None) -> "EvaluationResult":
+    """Evaluate a trained run folder on ``split`` (or on ``data``: a data spec or data in any
+    form :func:`evaluate_dataset` takes) and write the results into ``out``.
+
+    Loads the run with :func:`pyro_vae.runs.load_run`, evaluates its pair with
+    :func:`evaluate_dataset` on the run's data of ``split`` (the first ``limit`` datapoints if
+    given): the fixed binarization of the built-in images, or the ``--data`` / ``--test-data``
+    a command-line run of a user's pair recorded. Each batch seeded from ``seed`` and its index (``batch_seed``) on a fork of
+    torch's random state (the caller's state is left untouched), and with the run's parameters
+    in a scope of their own in Pyro's param store (so it works in a process that holds other
+    parameters). Pyro's validation is off, as
+    in training: the data are checked when the run is loaded, and
+    non-finite log-weights still raise :class:`EvaluationError`. Writes the files of
+    :func:`save_evaluation` into ``out`` (default: ``run_dir``) and returns the result; print
+    ``format_table(result.summary())`` for a report.
+
+    Under torchrun every rank calls this function: the batches are shared out among the ranks
+    (:func:`evaluate_dataset` with ``dist``), every rank returns the whole result, identical per
+    datapoint to a single process's, and rank 0 alone writes the files. Collectives wait at most
+    ``dist_timeout`` seconds (see :func:`pyro_vae.distributed.init_distributed`).
+    """
+    config = EvalConfig(particles=particles, split=split, limit=limit, batch_size=batch_size,
+                        particle_chunk=particle_chunk, seed=seed,
+                        keep_log_weights=keep_log_weights)
+    dist = init_distributed(resolve_device(device), dist_timeout)
+    with _forked_rng():
+        run = load_run(run_dir, device=device, data_dir=data_dir)
+        source = run.data(config.split, config.limit) if data is None else _given_data(run, data,
+                                                                                     config.limit)
+        keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
+                if config.keep_log_weights is None else config.keep_log_weights)
+        with pyro.get_param_store().scope(), pyro.validation_enabled(False):
+            result = evaluate_dataset(run.model.model, run.model.guide, source,
+                                      num_particles=config.particles,
+                                      batch_size=config.batch_size,
+                                      particle_chunk=config.particle_chunk,
+                                      keep_log_weights=keep, progress=progress,
+                                      batch_seed=config.seed, dist=dist)
+    if dist.is_main:
+        metadata = {"run_dir": str(run_dir), "config": asdict(config)}
+        result.paths = save_evaluation(result, run_dir if out is None else out, config.split,
+                                       metadata)
+    return result

@@ -1,0 +1,79 @@
+"""Whether a pair's networks may be handed a particle dimension, found out rather than assumed.
+
+The evaluator and the estimators draw K particles at once by running the model and guide inside
+an outer plate, so every tensor a network sees gains a leading dimension ``[K, N, ...]``. A
+network written for ``[N, ...]`` inputs may notice: ``BatchNorm1d`` on a 3-D input,
+``softmax(dim=1)`` meant for the feature axis (it then normalizes over the datapoints), boolean
+mask indexing, ``torch.cat`` with an input that was not broadcast. Some fail loudly, others give
+other numbers without a word.
+
+:func:`particle_mismatch` probes a pair on a batch: a vectorized call with two particles, then
+each particle's draws replayed through the pair run on its own, without the particle plate (as
+the pair would run in plain Pyro). When the log-weights differ beyond float rounding, or the
+vectorized call fails, it returns the reason; the evaluator then draws particles one call at a
+time (correct, K times slower) and the estimators refuse more than one draw per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from pyro import poutine
+
+from .traces import vectorized_log_probs
+
+PROBE_PARTICLES = 2
+RELATIVE_TOLERANCE = 1e-4  # float32 rounding of sums over a few hundred terms, with margin
+
+
+def _particle_trace(guide_trace: Any, index: int, particle_dim_from_right: int) -> Any:
+    """A trace holding particle ``index``'s value of every latent site of ``guide_trace``."""
+    trace = poutine.Trace()
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        value = site["value"]
+        dim = value.dim() - site["fn"].event_dim - particle_dim_from_right
+        if dim >= 0 and value.shape[dim] == PROBE_PARTICLES:
+            value = value.select(dim, index)
+        trace.add_node(name, type="sample", value=value, is_observed=False,
+                       infer=site["infer"], fn=site["fn"])
+    return trace
+
+
+def _scale(values: torch.Tensor) -> float:
+    return max(1.0, float(values.abs().max()))
+
+
+@torch.no_grad()
+def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
+                      max_plate_nesting: int, data_plate: str | None = None) -> str | None:
+    """``None`` when two vectorized particles give the log-weights of the same draws replayed
+    one at a time; otherwise why not (one line). Uses the random state: call it on a fork."""
+    try:
+        vectorized = vectorized_log_probs(model, guide, *args, num_particles=PROBE_PARTICLES,
+                                          max_plate_nesting=max_plate_nesting,
+                                          data_plate=data_plate, **kwargs)
+    except Exception as exc:  # the user's code meeting a shape it was not written for
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"with a particle dimension the pair fails ({type(exc).__name__}: {first})"
+    particle_dim = max_plate_nesting + 1
+    singles = []
+    for index in range(PROBE_PARTICLES):
+        replay = _particle_trace(vectorized.guide_trace, index, particle_dim)
+        singles.append(vectorized_log_probs(
+            model, poutine.replay(guide, trace=replay), *args, num_particles=1,
+            max_plate_nesting=max_plate_nesting, data_plate=data_plate, vectorize=False,
+            **kwargs).log_weights)
+    single = torch.cat(singles)
+    batched = vectorized.log_weights
+    if single.shape != batched.shape:
+        return (f"with a particle dimension the log-weights have shape {list(batched.shape)}, "
+                f"one particle at a time {list(single.shape)}")
+    error = float((single - batched).abs().max())
+    if not error <= RELATIVE_TOLERANCE * _scale(single):
+        return (f"the log-weights of particles drawn together differ from the same draws "
+                f"scored one at a time by up to {error:.3g} nats: a network sees the particle "
+                "dimension (e.g. BatchNorm, softmax over dim=1, mask indexing)")
+    return None

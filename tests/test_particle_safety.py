@@ -1,0 +1,141 @@
+"""Networks written for [batch, ...] inputs, as users write them: the evaluator either draws its
+particles in one vectorized call that they cannot observe, or finds out that they can and draws
+one particle per call. Either way its log-weights are those of a plain Pyro loop over particles.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyro_vae import VAE
+from pyro_vae.evaluate import evaluate, evaluate_dataset
+from pyro_vae.vectorization import particle_mismatch
+
+N, D, LATENT, K = 12, 6, 3, 7
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(D, 2 * LATENT)
+        self.decoder = nn.Linear(LATENT, D)
+
+    def guide(self, x):
+        loc, raw = self.encoder(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
+
+    def prior(self, x):
+        return dist.Normal(x.new_zeros(x.shape[0], LATENT), 1.0).to_event(1)
+
+
+class SoftmaxOverRows(_Pair):
+    """Topic-model style: word probabilities by ``softmax(dim=1)``, the feature axis of a
+    ``[N, D]`` input and the datapoint axis of a ``[K, N, D]`` one."""
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior(x))
+            probs = torch.softmax(self.decoder(z), dim=1)
+            pyro.sample("x", dist.Multinomial(probs=probs, validate_args=False), obs=x)
+
+
+class BatchNormDecoder(_Pair):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(D)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior(x))
+            pyro.sample("x", dist.Normal(self.norm(self.decoder(z)), 1.0).to_event(1), obs=x)
+
+
+class MaskIndexing(_Pair):
+    """Scores only the pixels a fixed mask keeps, selected by boolean indexing."""
+
+    keep = torch.arange(D) % 2 == 0
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior(x))
+            mask = self.keep.expand(x.shape[0], D)
+            loc = self.decoder(z)[mask].view(x.shape[0], -1)
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x[mask].view(x.shape[0], -1))
+
+
+def _data(counts: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if counts:
+        return torch.randint(0, 5, (N, D), generator=g).float()
+    return torch.randn(N, D, generator=g)
+
+
+def _plain_pyro_log_weights(pair: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Reference: one ordinary Pyro call per particle, log p(x, z) − log q(z|x) per datapoint."""
+    rows = []
+    for _ in range(K):
+        guide_trace = poutine.trace(pair.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(pair.model, trace=guide_trace)).get_trace(x)
+        log_p = sum(site["fn"].log_prob(site["value"]) for site in model_trace.nodes.values()
+                    if site["type"] == "sample")
+        rows.append(log_p - guide_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pair_class, counts", [(SoftmaxOverRows, True),
+                                                (BatchNormDecoder, False),
+                                                (MaskIndexing, False)])
+def test_networks_that_see_the_particle_dimension_are_scored_one_particle_at_a_time(
+        pair_class, counts):
+    torch.manual_seed(0)
+    pair, x = pair_class().eval(), _data(counts)
+    assert particle_mismatch(pair.model, pair.guide, (x,), {}, max_plate_nesting=1) is not None
+    with torch.no_grad():
+        torch.manual_seed(1)
+        reference = _plain_pyro_log_weights(pair, x)
+        torch.manual_seed(1)
+        result = evaluate(pair.model, pair.guide, x, num_particles=K)
+    assert result.vectorized is False
+    torch.testing.assert_close(result.log_weights, reference, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    batched = evaluate_dataset(pair.model, pair.guide, x, num_particles=K, batch_size=N,
+                               keep_log_weights=True)
+    torch.testing.assert_close(batched.log_weights, result.log_weights)
+
+
+def test_the_packages_vae_keeps_its_vectorized_particles():
+    vae = VAE(D, latent_dim=LATENT, hidden=(8,))
+    x = (_data(False) > 0).float()
+    assert particle_mismatch(vae.model, vae.guide, (x,), {}, max_plate_nesting=1) is None
+    assert evaluate(vae.model, vae.guide, x, num_particles=K).vectorized is True
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
+    class Dropout(_Pair):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def model(self, x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", self.prior(x))
+                pyro.sample("x", dist.Normal(self.drop(self.decoder(z)), 1.0).to_event(1),
+                            obs=x)
+
+    pair, x = Dropout(), _data(False)
+    results = []
+    for train_mode in (True, False):
+        pair.train(train_mode)
+        torch.manual_seed(2)
+        results.append(evaluate(pair.model, pair.guide, x, num_particles=K).log_weights)
+        assert pair.training is train_mode and pair.drop.training is train_mode
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
