@@ -21,17 +21,20 @@ from typing import Any, Callable
 import torch
 from pyro import poutine
 
+from .errors import PyroVAEError
 from .traces import vectorized_log_probs
 
 PROBE_PARTICLES = 2
 RELATIVE_TOLERANCE = 1e-4  # float32 rounding of sums over a few hundred terms, with margin
 
 
-def _particle_trace(guide_trace: Any, index: int, particle_dim_from_right: int) -> Any:
-    """A trace holding particle ``index``'s value of every latent site of ``guide_trace``."""
+def _particle_trace(trace_in: Any, index: int, particle_dim_from_right: int,
+                    skip: Any = ()) -> Any:
+    """A trace holding particle ``index``'s value of every latent site of ``trace_in`` (except
+    those named in ``skip``)."""
     trace = poutine.Trace()
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
+    for name, site in trace_in.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or name in skip:
             continue
         value = site["value"]
         dim = value.dim() - site["fn"].event_dim - particle_dim_from_right
@@ -46,26 +49,53 @@ def _scale(values: torch.Tensor) -> float:
     return max(1.0, float(values.abs().max()))
 
 
+def _single(model: Callable, guide: Callable, args: tuple, kwargs: dict, seed: int,
+            max_plate_nesting: int, data_plate: str | None) -> torch.Tensor | None:
+    """``[1, N]`` log-weights of one call without the particle plate (``None`` if the pair
+    fails that way too: then the particle dimension is not what it trips on)."""
+    torch.manual_seed(seed)
+    try:
+        return vectorized_log_probs(model, guide, *args, num_particles=1,
+                                    max_plate_nesting=max_plate_nesting, data_plate=data_plate,
+                                    vectorize=False, **kwargs).log_weights
+    except PyroVAEError:
+        raise
+    except Exception:  # the user's code failing on its own: its error is reported elsewhere
+        return None
+
+
 @torch.no_grad()
 def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                       max_plate_nesting: int, data_plate: str | None = None) -> str | None:
     """``None`` when two vectorized particles give the log-weights of the same draws replayed
-    one at a time; otherwise why not (one line). Uses the random state: call it on a fork."""
+    one at a time (or when the pair fails without a particle dimension too); otherwise why
+    not, in one line. Reseeds torch's random state: call it on a fork."""
+    seed = int(torch.randint(2 ** 31, ()))  # every call starts here: a subsampled plate
+    torch.manual_seed(seed)                  # draws its subsample first, the same each time
     try:
         vectorized = vectorized_log_probs(model, guide, *args, num_particles=PROBE_PARTICLES,
                                           max_plate_nesting=max_plate_nesting,
                                           data_plate=data_plate, **kwargs)
-    except Exception as exc:  # the user's code meeting a shape it was not written for
+    except PyroVAEError:  # the pair breaks a rule of the package: that error, as it is
+        raise
+    except Exception as exc:  # the user's code meeting a shape it was not written for?
+        if _single(model, guide, args, kwargs, seed, max_plate_nesting, data_plate) is None:
+            return None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"with a particle dimension the pair fails ({type(exc).__name__}: {first})"
     particle_dim = max_plate_nesting + 1
     singles = []
     for index in range(PROBE_PARTICLES):
-        replay = _particle_trace(vectorized.guide_trace, index, particle_dim)
-        singles.append(vectorized_log_probs(
-            model, poutine.replay(guide, trace=replay), *args, num_particles=1,
-            max_plate_nesting=max_plate_nesting, data_plate=data_plate, vectorize=False,
-            **kwargs).log_weights)
+        guide_draws = _particle_trace(vectorized.guide_trace, index, particle_dim)
+        # latents the guide leaves to the prior are drawn by the model: replay those too
+        prior_draws = _particle_trace(vectorized.model_trace, index, particle_dim,
+                                      skip=guide_draws.nodes)
+        single = _single(poutine.replay(model, trace=prior_draws),
+                         poutine.replay(guide, trace=guide_draws), args, kwargs, seed,
+                         max_plate_nesting, data_plate)
+        if single is None:
+            return None
+        singles.append(single)
     single = torch.cat(singles)
     batched = vectorized.log_weights
     if single.shape != batched.shape:

@@ -139,3 +139,88 @@ def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
         results.append(evaluate(pair.model, pair.guide, x, num_particles=K).log_weights)
         assert pair.training is train_mode and pair.drop.training is train_mode
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def _plain_pyro_trace_loss(pair: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    guide_trace = poutine.trace(pair.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(pair.model, trace=guide_trace)).get_trace(x)
+    return -(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+
+
+@pytest.mark.parametrize("name", ["trace", "meanfield", "stl"])
+def test_one_draw_per_step_needs_no_particle_dimension_and_matches_plain_pyro(name):
+    """trace, meanfield and stl with one draw run the pair as plain Pyro does: trace has the
+    loss and gradient of a plain Pyro trace, stl its loss (its gradient drops the score term),
+    meanfield runs (its KL is exact, so its value differs)."""
+    from pyro_vae.infer import make_estimator
+
+    torch.manual_seed(0)
+    pair, x = SoftmaxOverRows().eval(), _data(True)
+    params = [p for p in pair.parameters()]
+    torch.manual_seed(4)
+    loss = make_estimator(name).differentiable_loss(pair.model, pair.guide, x)
+    grads = torch.autograd.grad(loss, params)
+    if name == "meanfield":
+        assert torch.isfinite(loss)
+        return
+    torch.manual_seed(4)
+    reference = _plain_pyro_trace_loss(pair, x)
+    torch.testing.assert_close(loss, reference)
+    if name == "stl":
+        return
+    for mine, theirs in zip(grads, torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, options", [("iwae", {"importance_samples": 3}),
+                                           ("dreg", {"importance_samples": 3}),
+                                           ("trace", {"num_particles": 2})])
+@pytest.mark.parametrize("pair_class", [SoftmaxOverRows, BatchNormDecoder, MaskIndexing])
+def test_several_draws_per_step_are_refused_for_networks_that_see_them(name, options,
+                                                                       pair_class):
+    from pyro_vae.errors import ConfigError
+    from pyro_vae.infer import make_estimator
+
+    torch.manual_seed(0)
+    pair, x = pair_class().eval(), _data(pair_class is SoftmaxOverRows)
+    with pytest.raises(ConfigError, match=f"{name} draws [23] particles per step in one "
+                                          "vectorized call, but .*broadcast over leading"):
+        make_estimator(name, **options).loss(pair.model, pair.guide, x)
+
+
+def test_fit_trains_such_a_pair_with_one_draw_and_scores_it_one_particle_at_a_time():
+    from pyro_vae import fit
+    from pyro_vae.errors import ConfigError
+
+    x = _data(True)
+    torch.manual_seed(0)
+    result = fit(SoftmaxOverRows(), x, test_data=x, elbo="trace", epochs=2, batch_size=6,
+                 eval_particles=3, final_particles=4, progress=False)
+    assert all(torch.isfinite(torch.tensor(result.history.test_elbo)))
+    with pytest.raises(ConfigError, match="iwae draws 4 particles per step"):
+        fit(SoftmaxOverRows(), x, elbo="iwae", importance_samples=4, epochs=1,
+            final_particles=0, progress=False)
+
+
+@pytest.mark.parametrize("name", ["stl", "dreg"])
+def test_estimators_that_replay_the_guide_refuse_active_dropout(name):
+    from pyro_vae.errors import ConfigError
+    from pyro_vae.infer import make_estimator
+
+    class DropoutGuide(BatchNormDecoder):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.2)
+
+        def guide(self, x):
+            loc, raw = self.encoder(self.drop(x)).chunk(2, -1)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1)
+                            .to_event(1))
+
+    pair, x = DropoutGuide().train(), _data(False)
+    with pytest.raises(ConfigError, match=f"{name} replays the guide .* DropoutGuide has dropout "
+                                          "active"):
+        make_estimator(name).loss(pair.model, pair.guide, x)
+    pair.eval()
+    assert torch.isfinite(torch.tensor(make_estimator("stl").loss(pair.model, pair.guide, x)))

@@ -46,6 +46,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
     """
 
     name = "dreg"
+    needs_deterministic_guide = True
 
     def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:

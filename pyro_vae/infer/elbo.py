@@ -21,15 +21,42 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, ClassVar
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
+from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PyroVAEError
 from ..traces import guess_max_plate_nesting, site_log_prob, trace_pair
+from ..vectorization import particle_mismatch
 from .particles import _draw_particles, _latent_sites, _Particles
+
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _check_no_active_dropout(name: str, *functions: Callable) -> None:
+    """Refuse bound methods of a module whose dropout is active (train mode, p > 0)."""
+    for fn in functions:
+        module = getattr(fn, "__self__", None)
+        if not isinstance(module, nn.Module):
+            continue
+        active = [sub for sub in module.modules()
+                  if isinstance(sub, _DROPOUT) and sub.training and sub.p > 0]
+        if active:
+            raise ConfigError(
+                f"{name} replays the guide on its own draws, which needs the networks to give "
+                f"the same output twice, but {type(module).__name__} has dropout active (train "
+                "mode): call .eval() on it, set the dropout to p=0, or use trace, meanfield or "
+                "iwae")
 
 
 def _weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
@@ -93,6 +120,9 @@ class ELBOEstimator(ELBO):
     #: Run a single draw (P·K = 1) without the particle plate: the same random numbers and the
     #: same values, fewer messages and broadcasts (``False`` forces the plate).
     single_draw_shortcut: ClassVar[bool] = True
+    #: The guide is replayed on its own draws (``stl``, ``dreg``): its networks must give the
+    #: same output twice, so a module in train mode with active dropout is refused.
+    needs_deterministic_guide: ClassVar[bool] = False
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
                  max_plate_nesting: int | None = None):
@@ -113,6 +143,7 @@ class ELBOEstimator(ELBO):
         self.max_plate_nesting = max_plate_nesting
         self.importance_samples = importance_samples
         self.beta = beta
+        self._vectorizable: set[tuple[int, int]] = set()
 
     @property
     def beta(self) -> float:
@@ -136,9 +167,41 @@ class ELBOEstimator(ELBO):
                    ) -> _Particles:
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        return _draw_particles(model, guide, args, kwargs,
-                               self.num_particles * self.importance_samples,
-                               self.max_plate_nesting, plated=not self.single_draw_shortcut)
+        draws = self.num_particles * self.importance_samples
+        plated = draws > 1 or not self.single_draw_shortcut
+        if self.needs_deterministic_guide:
+            _check_no_active_dropout(self.name, model, guide)
+        try:
+            particles = _draw_particles(model, guide, args, kwargs, draws,
+                                        self.max_plate_nesting, plated=plated)
+        except PyroVAEError:
+            raise
+        except Exception:  # say so if the particle dimension is what the networks tripped on
+            if plated:
+                self._check_vectorizable(model, guide, args, kwargs)
+            raise
+        if plated:
+            self._check_vectorizable(model, guide, args, kwargs)
+        return particles
+
+    def _check_vectorizable(self, model: Callable, guide: Callable, args: tuple,
+                            kwargs: dict) -> None:
+        """Refuse, once per pair, networks that see the particle dimension
+        (:func:`pyro_vae.vectorization.particle_mismatch`, on a fork of the random state)."""
+        key = (id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide)))
+        if key in self._vectorizable:
+            return
+        with torch.random.fork_rng(devices=_cuda_devices()), pyro.validation_enabled(False):
+            reason = particle_mismatch(model, guide, args, kwargs,
+                                       max_plate_nesting=self.max_plate_nesting)
+        if reason is not None:
+            draws = self.num_particles * self.importance_samples
+            raise ConfigError(
+                f"{self.name} draws {draws} particles per step in one vectorized call, but "
+                f"{reason}. Write the networks to broadcast over leading dimensions (e.g. "
+                "x.expand(*z.shape[:-1], -1), softmax(dim=-1)), or draw one particle per step "
+                "(trace, meanfield or stl with particles=1)")
+        self._vectorizable.add(key)
 
     def _grouped(self, per_draw: torch.Tensor) -> torch.Tensor:
         """``[P·K, N]`` → ``[P, K, N]``."""

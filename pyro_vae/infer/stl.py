@@ -30,6 +30,7 @@ class StickingTheLandingELBO(ELBOEstimator):
     """
 
     name = "stl"
+    needs_deterministic_guide = True
     importance_hint = ("use --elbo dreg (the doubly reparameterized IWAE gradient) for "
                        "importance samples inside it")
 

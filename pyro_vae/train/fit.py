@@ -16,6 +16,7 @@ from ..config import TrainConfig
 from ..distributed import (SHARED_ORDER_STREAM, barrier, derive_seed, init_distributed,
                            main_first, rank_seed)
 from ..errors import ConfigError, TrainingDiverged
+from ..evaluate.weights import eval_mode
 from ..fused import training_loss
 from ..infer import LinearWarmup
 from ..models import forget_params
@@ -23,6 +24,8 @@ from ..protocol import check_model
 from ..runs import (CHECKPOINT_FILE, History, build_factory_model, check_resumable,
                     load_checkpoint, load_weights)
 from ..specs import load_data
+from ..traces import guess_max_plate_nesting
+from ..vectorization import particle_mismatch
 from .callbacks import Checkpoint, EpochFunction, FinalEstimate, ProgressBar, RunFolderPlots
 from .loop import Callback, Loop, run_epochs
 from .parallel import Replicas
@@ -73,10 +76,20 @@ def _user_sources(model: torch.nn.Module, data: Any, test_data: Any, config: Tra
     return train, test
 
 
-def _check_pair(model: torch.nn.Module, source: Source) -> None:
-    """Run the pair once on (at most two datapoints of) the first batch, in a forked state."""
+def _check_pair(model: torch.nn.Module, source: Source) -> bool:
+    """Run the pair once on (at most two datapoints of) the first batch, in a forked state;
+    return whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
     first = next(iter(source.ordered(2)))
     check_model(model, *first.args, **first.kwargs)
+    nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
+    with eval_mode(model.model), torch.random.fork_rng(devices=_devices(model)), \
+            pyro.validation_enabled(False):
+        return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
+                                 max_plate_nesting=nesting) is None
+
+
+def _devices(model: torch.nn.Module) -> list[torch.device]:
+    return [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
 
 
 def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: Any = None,
@@ -130,7 +143,7 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
     user_model = model is not None
     if model is None and config.model_factory is not None:
         model, user_model = build_factory_model(config.model_factory), True
-    dataset = None
+    dataset, vectorizable = None, True
     if config.dataset is not None:
         with main_first(dist, "waiting for rank 0 to download the data", enabled=download):
             dataset = builtin.prepare_data(config, device, download=download)
@@ -155,7 +168,7 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
                 dataset.train.labels[:2]))
     else:
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
-        _check_pair(model, source)
+        vectorizable = _check_pair(model, source)
     if dist.enabled:
         replicas.start(model)
         if dist.rank:
@@ -184,7 +197,9 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
                 warmup=LinearWarmup(config.warmup, config.warmup_start, config.beta),
                 source=source, batch_size=config.batch_size, generator=generator,
                 order_generator=order_generator,
-                eval_elbo=make_elbo("meanfield", config.eval_particles, max_plate_nesting=nesting),
+                eval_elbo=make_elbo("meanfield", config.eval_particles if vectorizable else 1,
+                                    max_plate_nesting=nesting),
+                eval_repeats=1 if vectorizable else config.eval_particles,
                 held_out=held_out, replicas=replicas, history=history,
                 epoch=len(history.epoch))
     if hasattr(model, "name"):

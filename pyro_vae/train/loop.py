@@ -63,6 +63,9 @@ class Loop:
     order_generator: torch.Generator
     eval_elbo: ELBOEstimator
     held_out: Source | None = None
+    #: calls of ``eval_elbo`` averaged per held-out batch (more than one when the pair cannot
+    #: take a particle dimension and ``eval_elbo`` draws one particle per call)
+    eval_repeats: int = 1
     replicas: Replicas = field(default_factory=Replicas)
     history: History = field(default_factory=History)
     epoch: int = 0
@@ -95,8 +98,9 @@ class Loop:
         total = 0.0
         with _quiet_numerics():
             for batch in self.replicas.share(self.held_out.ordered(self.batch_size)):
-                total -= self.eval_elbo.loss(self.model.model, self.model.guide, *batch.args,
-                                             **batch.kwargs)
+                for _ in range(self.eval_repeats):
+                    total -= self.eval_elbo.loss(self.model.model, self.model.guide,
+                                                 *batch.args, **batch.kwargs) / self.eval_repeats
         return self.replicas.total(total, self.generator.device) / self.held_out.num_data
 
 
