@@ -13,12 +13,15 @@ A pair works with the training engine (:func:`pyro_vae.fit`), the evaluator
    batch (:mod:`pyro_vae.batches`: a tensor gives one positional argument, a tuple several, a
    dict keyword arguments); on the built-in images that is ``model(x)``, or ``model(x, y)``
    with ``conditional = True`` (``y`` the integer labels);
-3. every sample site of both (latent and observed) lies inside one ``pyro.plate`` over the
-   batch's datapoints, sized with the batch's length or left unsized: the one plate that holds
-   every site, or the plate the attribute ``data_plate`` names (needed when several plates
-   hold every site); plates nested inside it are summed per datapoint; latent
+3. every observed site and every local latent lies inside one ``pyro.plate`` over the batch's
+   datapoints, sized with the batch's length or left unsized: the one plate that holds every
+   site (or every observed site), or the plate the attribute ``data_plate`` names (needed when
+   several plates qualify); plates nested inside it are summed per datapoint; latent
    dimensions are events (``.to_event(1)``), so each datapoint has one log-density per site (a
-   batch dimension in no plate is refused);
+   batch dimension in no plate is refused). Latents outside the data plate are global: drawn
+   once per particle and shared by the batch, on the same side of the plate in model and
+   guide, broadcasting against the particle dimension (a global site's value is
+   ``[P, 1, ...]`` under a particle plate);
 4. the guide's latent sites are reparameterizable (``has_rsample``), as every Gaussian is.
 
 Optional attributes, used when present: ``name`` (the prefix of the pair's Pyro param-store
@@ -125,7 +128,8 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
                                   f"{list(batch_shape)}, with dimension(s) {free} in no plate: "
                                   f"{hint}")
     plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
-    size = next(frame.size for site in guide_trace.nodes.values() if site["type"] == "sample"
+    size = next(frame.size for trace in (guide_trace, model_trace)
+                for site in trace.nodes.values() if site["type"] == "sample"
                 for frame in site["cond_indep_stack"] if frame.name == plate)
     if size not in (rows, UNSIZED):  # an unsized plate takes its size from the batch
         raise ConfigError(f"the plate {plate!r} of {what} has size {size} but the batch has "

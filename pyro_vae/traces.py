@@ -33,9 +33,13 @@ _INDEPENDENT_TYPES = (torch.distributions.Independent, pyro.distributions.Indepe
 class ParticleLogProbs:
     """Per-particle, per-datapoint log-densities, each of shape ``[K, N]``.
 
-    ``log_p`` is log p(x, z) (the observed sites and the latent sites the guide samples; a model
-    latent that the guide leaves to the prior cancels from the weight), ``log_q`` is log q(z|x);
-    ``log_weights`` = ``log_p − log_q``. The traces are kept for estimators that need more.
+    ``log_p`` is log p(x, z | θ) (the observed sites and the local latent sites the guide
+    samples; a model latent that the guide leaves to the prior cancels from the weight),
+    ``log_q`` is log q(z | x, θ); ``log_weights`` = ``log_p − log_q``. Global latents θ (sites
+    outside the data plate) are drawn once per particle and shared by its datapoints; their
+    log p(θ) and log q(θ) are ``log_p_global`` and ``log_q_global``, shape ``[K]`` (zeros
+    without global latents), named in ``global_sites``. The traces are kept for estimators
+    that need more.
     """
 
     log_p: torch.Tensor
@@ -43,10 +47,18 @@ class ParticleLogProbs:
     model_trace: Any
     guide_trace: Any
     data_plate: str
+    log_p_global: torch.Tensor | None = None
+    log_q_global: torch.Tensor | None = None
+    global_sites: tuple[str, ...] = ()
 
     @property
     def log_weights(self) -> torch.Tensor:
         return self.log_p - self.log_q
+
+    @property
+    def global_log_weight(self) -> torch.Tensor:
+        """log p(θ) − log q(θ) per particle, ``[K]``."""
+        return self.log_p_global - self.log_q_global
 
 
 def _plates_of(site: dict) -> dict[str, int]:
@@ -98,36 +110,90 @@ def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> 
     """The name of the plate that indexes datapoints.
 
     With ``data_plate=None`` the plate is found automatically: the one vectorized plate that every
-    sample site of model and guide lies in. Otherwise the named plate must exist.
+    sample site of model and guide lies in or, when some latent sites lie outside every plate
+    (global latents), the one plate that every observed site lies in. Otherwise the named plate
+    must hold every observed site. Latent sites outside the data plate are global
+    (:func:`global_latents`); a latent must lie on the same side of the data plate in the model
+    and in the guide.
     """
+    name = _find_data_plate(model_trace, guide_trace, data_plate)
+    _check_same_side(model_trace, guide_trace, name)
+    return name
+
+
+def _check_same_side(model_trace, guide_trace, data_plate: str) -> None:
+    """Refuse a latent that is local (in the data plate) in one trace and global in the other:
+    its density would be counted per datapoint on one side and once on the other."""
+    for name, site in guide_trace.nodes.items():
+        other = model_trace.nodes.get(name)
+        if site["type"] != "sample" or other is None or other.get("type") != "sample":
+            continue
+        in_guide, in_model = (data_plate in _plates_of(s) for s in (site, other))
+        if in_guide != in_model:
+            inside, outside = ("model", "guide") if in_model else ("guide", "model")
+            raise ConfigError(
+                f"site {name!r} is inside the data plate {data_plate!r} in the {inside} but "
+                f"outside it in the {outside}: sample it inside pyro.plate({data_plate!r}, N) "
+                "in both (a local latent) or outside in both (a global latent)")
+
+
+def _find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> str:
     sites = [site for trace in (model_trace, guide_trace) for site in trace.nodes.values()
              if site["type"] == "sample"]
     if not sites:
         raise ConfigError("the model/guide pair has no sample sites")
-    common = set(_plates_of(sites[0]))
-    for site in sites[1:]:
-        common &= set(_plates_of(site))
+    observed = [site for site in sites if site["is_observed"]] or sites
     if data_plate is not None:
-        outside = list(dict.fromkeys(site["name"] for site in sites
+        outside = list(dict.fromkeys(site["name"] for site in observed
                                      if data_plate not in _plates_of(site)))
         if outside:
+            common = _common_plates(observed)
             fix = (f"the sites are all in plate {next(iter(common))!r}: set data_plate = "
                    f"{next(iter(common))!r} on the module (or pass data_plate=) if that plate "
                    "indexes the datapoints" if len(common) == 1 else
-                   "per-datapoint weights need every latent and observed site inside "
-                   f"pyro.plate({data_plate!r}, N)")
+                   "per-datapoint weights need every observed site inside pyro.plate"
+                   f"({data_plate!r}, N)")
             raise ConfigError(f"sample sites {outside} are outside the data plate "
                               f"{data_plate!r}: {fix}")
         return data_plate
+    common = _common_plates(sites) or _common_plates(observed)
     if len(common) == 1:
         return common.pop()
     if not common:
         raise ConfigError(
-            "could not find a data plate: no pyro.plate contains every sample site of the model "
-            "and guide. Put the latent and observed sites inside one pyro.plate('data', N), "
+            "could not find a data plate: no pyro.plate contains every observed site of the "
+            "model. Put the observed and local latent sites inside one pyro.plate('data', N), "
             "or pass data_plate=NAME")
     raise ConfigError(f"several plates {sorted(common)} contain every sample site; "
                       "pass data_plate=NAME to say which one indexes datapoints")
+
+
+def _common_plates(sites: list[dict]) -> set[str]:
+    common = set(_plates_of(sites[0]))
+    for site in sites[1:]:
+        common &= set(_plates_of(site))
+    return common
+
+
+def global_latents(trace, data_plate: str) -> list[str]:
+    """The latent sample sites of ``trace`` outside the data plate: global latents, drawn once
+    per particle and shared by the datapoints."""
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and data_plate not in _plates_of(site)]
+
+
+def reduce_to_particles(log_prob: torch.Tensor, num_dims: int, num_particles: int,
+                        name: str = "") -> torch.Tensor:
+    """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
+    the particle dim (leftmost): a global site's log-density per particle, ``[K]``."""
+    if log_prob.dim() > num_dims:
+        raise ConfigError(
+            f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
+            f"{num_dims - 1} declared plate(s): put every batch dimension in a pyro.plate or "
+            "move it into the event with .to_event()")
+    log_prob = log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(1).expand(num_particles)
 
 
 def _drop_broadcast_dims(value: torch.Tensor) -> torch.Tensor:
@@ -256,23 +322,45 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
 
     def total(trace, sites: list[str], detach: bool) -> torch.Tensor:
         out = None
-        for name in sites:
-            lp = reduce_to_particles_and_data(site_log_prob(trace.nodes[name], detach, compact),
-                                              num_dims, data_dim, shape, name)
+        for site_name in sites:
+            lp = reduce_to_particles_and_data(
+                site_log_prob(trace.nodes[site_name], detach, compact), num_dims, data_dim,
+                shape, site_name)
             out = lp if out is None else out + lp
-        if out is None:
-            raise ConfigError("the guide has no latent sample sites")
         return out
 
-    guide_latents = [name for name, site in guide_trace.nodes.items()
+    def global_total(trace, sites: list[str], detach: bool) -> torch.Tensor | None:
+        out = None
+        for site_name in sites:
+            lp = reduce_to_particles(site_log_prob(trace.nodes[site_name], detach, compact),
+                                     num_dims, num_particles, site_name)
+            out = lp if out is None else out + lp
+        return out
+
+    guide_latents = [site_name for site_name, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["is_observed"]]
+    if not guide_latents:
+        raise ConfigError("the guide has no latent sample sites")
     check_guide_latents_in_model(
-        [name for name in guide_latents
-         if model_trace.nodes.get(name, {}).get("type") != "sample"], "sample sites")
+        [site_name for site_name in guide_latents
+         if model_trace.nodes.get(site_name, {}).get("type") != "sample"], "sample sites")
+    globals_ = set(global_latents(guide_trace, name))
     # A model latent the guide does not sample is drawn from its prior on replay: the prior is
     # its own proposal, so its density cancels from the weight and is left out of both sides.
-    model_sites = [name for name, site in model_trace.nodes.items()
-                   if site["type"] == "sample" and (site["is_observed"] or name in guide_latents)]
-    log_p = total(model_trace, model_sites, detach=False)
-    log_q = total(guide_trace, guide_latents, detach=detach_guide)
-    return ParticleLogProbs(log_p, log_q, model_trace, guide_trace, name)
+    model_sites = [site_name for site_name, site in model_trace.nodes.items()
+                   if site["type"] == "sample"
+                   and (site["is_observed"] or site_name in guide_latents)]
+    local_model = [site_name for site_name in model_sites if site_name not in globals_]
+    local_guide = [site_name for site_name in guide_latents if site_name not in globals_]
+    log_p = total(model_trace, local_model, detach=False)
+    if log_p is None:
+        raise ConfigError(f"no sample site lies in the data plate {name!r}")
+    log_q = total(guide_trace, local_guide, detach=detach_guide)
+    log_q = torch.zeros_like(log_p) if log_q is None else log_q
+    zero = log_p.new_zeros(num_particles)
+    ordered = tuple(site_name for site_name in guide_latents if site_name in globals_)
+    log_p_global = global_total(model_trace, list(ordered), detach=False)
+    log_q_global = global_total(guide_trace, list(ordered), detach=detach_guide)
+    return ParticleLogProbs(log_p, log_q, model_trace, guide_trace, name,
+                            zero if log_p_global is None else log_p_global,
+                            zero if log_q_global is None else log_q_global, ordered)

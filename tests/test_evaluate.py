@@ -352,18 +352,19 @@ def test_dataset_of_several_tensors_is_sliced_together():
         ev.evaluate_dataset(model, guide, (x, offsets[:5]), num_particles=4)
 
 
-def test_site_outside_the_data_plate_is_a_config_error():
+def test_an_observed_site_outside_the_data_plate_is_a_config_error():
     def model(x):
-        scale = pyro.sample("scale", dist.LogNormal(x.new_zeros(()), 1.0))
+        z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("x", dist.Normal(0.0, scale), obs=x)
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        pyro.sample("total", dist.Normal(z, 1.0), obs=x.sum())
 
     def guide(x):
-        pyro.sample("scale", dist.LogNormal(x.new_zeros(()), 1.0))
+        pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
 
-    with pytest.raises(ConfigError, match="data plate"):
+    with pytest.raises(ConfigError, match="could not find a data plate"):
         ev.evaluate(model, guide, torch.zeros(3), num_particles=4)
-    with pytest.raises(ConfigError, match="outside the data plate"):
+    with pytest.raises(ConfigError, match=r"sample sites \['total'\] are outside the data plate"):
         ev.evaluate(model, guide, torch.zeros(3), num_particles=4, data_plate="data")
 
 

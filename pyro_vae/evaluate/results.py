@@ -88,6 +88,14 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
         lines.append(f"{'k-hat':<{width}}not computed: PSIS needs K >= {MIN_KHAT_PARTICLES}")
     else:
         lines.append(f"{'k-hat':<{width}}not computed")
+    if "global" in summary:
+        term = summary["global"]
+        lines.append(f"{'dataset ELBO':<{width}}{number(term['dataset_elbo']):>12}"
+                     f"{'':>12}  nats (all {summary['num_datapoints']} datapoints, with "
+                     f"E_q[log p(θ) − log q(θ)] = {number(term['log_p_minus_log_q'])})")
+        lines.append(f"global latents {term['sites']}: each particle draws θ ~ q(θ) once for "
+                     f"all datapoints; log p_K({observed}) is the predictive log E_q(θ) "
+                     f"p({observed} | θ)")
     if not summary.get("vectorized", True):
         lines.append("particles drawn one call at a time: the pair's networks see a particle "
                      "dimension")
@@ -116,6 +124,24 @@ def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
     return paths
 
 
+@dataclass(frozen=True)
+class GlobalTerm:
+    """The global latents' part of the dataset ELBO: ``mean`` estimates
+    E_q[log p(θ) − log q(θ)] (−KL(q(θ) ‖ p(θ))) from ``draws`` draws of θ ~ q(θ)."""
+
+    sites: tuple[str, ...]
+    mean: float
+    draws: int
+
+    @classmethod
+    def combine(cls, terms: Sequence["GlobalTerm | None"]) -> "GlobalTerm | None":
+        present = [term for term in terms if term is not None]
+        if not present:
+            return None
+        draws = sum(term.draws for term in present)
+        return cls(present[0].sites, sum(t.mean * t.draws for t in present) / draws, draws)
+
+
 @dataclass
 class EvaluationResult:
     """Per-datapoint evaluation results (CPU tensors of shape ``[N]``, float64).
@@ -126,6 +152,12 @@ class EvaluationResult:
     :func:`evaluate_run` wrote, by kind (empty otherwise). ``vectorized`` is ``False`` when the
     particles were drawn one call at a time because the pair's networks see a particle
     dimension (:mod:`pyro_vae.vectorization`).
+
+    With global latents θ (sites outside the data plate), each particle draws θ_k ~ q(θ) once
+    and its datapoints share it: ``log_px`` then estimates the predictive
+    log E_q(θ)[p(x | θ)] of each datapoint and ``elbo`` its local part
+    E[log p(x, z | θ) − log q(z | x, θ)]; ``global_term`` holds E_q[log p(θ) − log q(θ)], and
+    :attr:`dataset_elbo` the whole data set's bound.
     """
 
     num_particles: int
@@ -137,6 +169,7 @@ class EvaluationResult:
     log_weights: torch.Tensor | None = None
     paths: dict[str, Path] = field(default_factory=dict)
     vectorized: bool = True
+    global_term: GlobalTerm | None = None
 
     def __post_init__(self) -> None:
         shape = self.log_px.shape
@@ -151,6 +184,14 @@ class EvaluationResult:
     @property
     def num_datapoints(self) -> int:
         return self.log_px.shape[0]
+
+    @property
+    def dataset_elbo(self) -> float | None:
+        """E_q[log p(θ) − log q(θ)] + Σ_n ELBO(x_n): the evidence bound of the evaluated data
+        as one data set (``None`` without global latents)."""
+        if self.global_term is None:
+            return None
+        return self.global_term.mean + self.elbo.double().sum().item()
 
     @property
     def gap(self) -> torch.Tensor:
@@ -170,7 +211,8 @@ class EvaluationResult:
         return cls(num_particles=parts[0].num_particles, log_px=cat("log_px"), elbo=cat("elbo"),
                    var_log_w=cat("var_log_w"), ess=cat("ess"), khat=cat("khat"),
                    log_weights=cat("log_weights", 1),
-                   vectorized=all(part.vectorized for part in parts))
+                   vectorized=all(part.vectorized for part in parts),
+                   global_term=GlobalTerm.combine([part.global_term for part in parts]))
 
     def summary(self) -> dict[str, Any]:
         """Mean and standard error (std / √N) of each metric; for k-hat the median, the max and
@@ -183,6 +225,11 @@ class EvaluationResult:
             values = getattr(self, name).to(torch.float64)
             stderr = values.std().item() / math.sqrt(n) if n > 1 else math.nan
             out[name] = {"mean": values.mean().item(), "stderr": stderr}
+        if self.global_term is not None:
+            out["global"] = {"sites": list(self.global_term.sites),
+                             "log_p_minus_log_q": self.global_term.mean,
+                             "draws": self.global_term.draws,
+                             "dataset_elbo": self.dataset_elbo}
         if self.khat is not None:
             k = self.khat
             out["khat"] = {
@@ -215,5 +262,9 @@ class EvaluationResult:
             coords["particle"] = np.arange(self.num_particles)
         attrs = {"num_particles": self.num_particles, "khat_good": KHAT_GOOD,
                  "khat_ok": KHAT_OK, "summary": json.dumps(_json_safe(self.summary()))}
+        if self.global_term is not None:
+            attrs["global_sites"] = ",".join(self.global_term.sites)
+            attrs["global_log_p_minus_log_q"] = self.global_term.mean
+            attrs["dataset_elbo"] = self.dataset_elbo
         dataset = xr.Dataset(data_vars, coords=coords, attrs=attrs)
         return _arviz().InferenceData(**{INFERENCE_DATA_GROUP: dataset})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import pyro
 import torch
@@ -22,7 +22,16 @@ from ..errors import ConfigError, DataError, PyroVAEError
 from ..traces import guess_max_plate_nesting, vectorized_log_probs
 from ..vectorization import particle_mismatch
 from .khat import MIN_KHAT_PARTICLES, pareto_khat
-from .results import EvaluationResult
+from .results import EvaluationResult, GlobalTerm
+
+
+class Chunk(NamedTuple):
+    """One call's ``[k, N]`` local log-weights and ``[k]`` global log p(θ) − log q(θ)."""
+
+    log_weights: torch.Tensor
+    global_log_weight: torch.Tensor
+    global_sites: tuple[str, ...]
+
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_PARTICLE_CHUNK = 500
@@ -49,9 +58,9 @@ def _chunk_sizes(total: int, chunk: int | None) -> list[int]:
 def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                        num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
                        data_plate: str | None, vectorize: bool = True
-                       ) -> Iterator[torch.Tensor]:
-    """Yield ``[k, N]`` blocks of log-weights whose k add up to ``num_particles``: each block
-    one call with a particle plate, or with ``vectorize=False`` k calls of one particle each.
+                       ) -> Iterator["Chunk"]:
+    """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
+    each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
 
     With Pyro's validation enabled, the pair is first run once with a single particle, on a copy
     of the random state (so the draws of the chunks are unchanged): that call checks the data
@@ -65,17 +74,19 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
     """
     model, guide = (poutine.block(fn, hide_types=["param"]) for fn in (model, guide))
 
-    def draw(size: int) -> torch.Tensor:
+    def one_call(size: int, vectorized: bool) -> Chunk:
+        drawn = vectorized_log_probs(model, guide, *args, num_particles=size,
+                                     max_plate_nesting=max_plate_nesting,
+                                     data_plate=data_plate, compact=True,
+                                     vectorize=vectorized, **kwargs)
+        return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites)
+
+    def draw(size: int) -> Chunk:
         if vectorize:
-            return vectorized_log_probs(model, guide, *args, num_particles=size,
-                                        max_plate_nesting=max_plate_nesting,
-                                        data_plate=data_plate, compact=True,
-                                        **kwargs).log_weights
-        return torch.cat([vectorized_log_probs(model, guide, *args, num_particles=1,
-                                               max_plate_nesting=max_plate_nesting,
-                                               data_plate=data_plate, compact=True,
-                                               vectorize=False, **kwargs).log_weights
-                          for _ in range(size)])
+            return one_call(size, True)
+        singles = [one_call(1, False) for _ in range(size)]
+        return Chunk(torch.cat([c.log_weights for c in singles]),
+                     torch.cat([c.global_log_weight for c in singles]), singles[0].global_sites)
 
     if is_validation_enabled():
         with _forked_rng():
@@ -83,10 +94,11 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
     num_data = None
     for size in _chunk_sizes(num_particles, particle_chunk):
         with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
-            log_weights = draw(size)
-        num_data = log_weights.shape[1] if num_data is None else num_data
-        assert log_weights.shape == (size, num_data), (log_weights.shape, size, num_data)
-        yield log_weights
+            chunk = draw(size)
+        num_data = chunk.log_weights.shape[1] if num_data is None else num_data
+        assert chunk.log_weights.shape == (size, num_data), (chunk.log_weights.shape, size,
+                                                             num_data)
+        yield chunk
 
 
 class _WeightAccumulator:
@@ -175,7 +187,7 @@ def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int
     """
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    chunks = list(_log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
+    chunks = list(chunk.log_weights for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                      particle_chunk=particle_chunk,
                                      max_plate_nesting=max_plate_nesting, data_plate=data_plate))
     return torch.cat(chunks)
@@ -188,20 +200,30 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
     blocks: list[torch.Tensor] | None = [] if with_khat or keep_log_weights else None
-    for block in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
+    global_sum, global_sites = 0.0, ()
+    for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                     particle_chunk=particle_chunk,
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                                     vectorize=vectorize):
-        accumulator.update(block)
+        accumulator.update(chunk.log_weights)
+        global_sum += chunk.global_log_weight.double().sum().item()
+        global_sites = chunk.global_sites
         if blocks is not None:
-            blocks.append(block)
+            blocks.append(chunk.log_weights)
     stats = {name: value.cpu() for name, value in accumulator.finalize().items()}
     _check_finite(stats, first_index)
     full = torch.cat(blocks) if blocks is not None else None
+    global_term = None
+    if global_sites:
+        global_term = GlobalTerm(global_sites, global_sum / num_particles, num_particles)
+        if not math.isfinite(global_term.mean):
+            raise EvaluationError(f"log p(θ) − log q(θ) of the global latents {list(global_sites)} "
+                                  "is NaN or infinite")
     return EvaluationResult(
         num_particles=num_particles, **stats,
         khat=pareto_khat(full) if with_khat else None,
-        log_weights=full.cpu() if keep_log_weights else None, vectorized=vectorize)
+        log_weights=full.cpu() if keep_log_weights else None, vectorized=vectorize,
+        global_term=global_term)
 
 
 def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,

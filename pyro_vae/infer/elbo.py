@@ -144,6 +144,10 @@ class ELBOEstimator(ELBO):
         self.importance_samples = importance_samples
         self.beta = beta
         self._vectorizable: set[tuple[int, int]] = set()
+        #: weight of the global latents' term β [log p(θ) − log q(θ)] in this call's loss: the
+        #: batch's share B / N of the data set (set by the training engine each step); 1 when
+        #: the batch is the whole data set
+        self.global_weight = 1.0
 
     @property
     def beta(self) -> float:
@@ -226,11 +230,26 @@ class ELBOEstimator(ELBO):
         """Same value as :meth:`_bound`, the estimator's gradient; ``[P, N]``."""
         return self._bound(particles, model, guide, args, kwargs)
 
+    def _global_term(self, particles: _Particles, guide: Callable, args: tuple, kwargs: dict,
+                     score_free: bool) -> torch.Tensor | None:
+        """β [log p(θ) − log q(θ)] of the global latents per particle, averaged over its K
+        draws, ``[P]`` (``None`` without global latents); ``score_free`` drops the score term of
+        log q(θ) from the gradient (stl, dreg), leaving the value."""
+        if not particles.global_latents:
+            return None
+        log_q = particles.global_log_q
+        if score_free:
+            replayed = particles.replay(guide, args, kwargs)
+            score = particles.global_total(_latent_sites(replayed))
+            log_q = log_q + (score.detach() - score)
+        term = _weighted(self.beta, particles.global_log_prior - log_q)
+        return term.reshape(self.num_particles, self.importance_samples).mean(1)
+
     def _score_free_log_q(self, particles: _Particles, guide: Callable, args: tuple,
                           kwargs: dict) -> torch.Tensor:
         """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
         latent = _latent_sites(particles.guide_trace)
-        if len(latent) == 1 and self.single_site_shortcut:
+        if len(latent) == 1 and self.single_site_shortcut and particles.is_local(latent[0]):
             site = latent[0]
             return particles.reduce(site_log_prob(dict(site, value=site["value"].detach()),
                                                    detach=False))
@@ -247,25 +266,33 @@ class ELBOEstimator(ELBO):
         log_q = particles.log_q + (score.detach() - score)
         return beta_log_weight(particles.log_lik, particles.log_prior, log_q, self.beta)
 
-    def _loss(self, surrogate: torch.Tensor, scale: float) -> torch.Tensor:
-        """−(``surrogate`` summed over the datapoints), averaged over particles, times the
-        sites' common scale factor."""
+    def _loss(self, surrogate: torch.Tensor, scale: float,
+              global_term: torch.Tensor | None = None) -> torch.Tensor:
+        """−(``surrogate`` summed over the datapoints, plus ``global_weight`` times the global
+        latents' term), averaged over particles, times the sites' common scale factor."""
         assert surrogate.shape[0] == self.num_particles and surrogate.dim() == 2, surrogate.shape
-        return _weighted(scale, -surrogate.sum(-1).mean(0))
+        total = surrogate.sum(-1)
+        if global_term is not None:
+            total = total + self.global_weight * global_term
+        return _weighted(scale, -total.mean(0))
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
         particles = self._particles(model, guide, args, kwargs)
         return self._loss(self._surrogate(particles, model, guide, args, kwargs),
-                          particles.scale)
+                          particles.scale,
+                          self._global_term(particles, guide, args, kwargs,
+                                            score_free=self.needs_deterministic_guide))
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
             particles = self._particles(model, guide, args, kwargs)
             loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
-                                         particles.scale))
+                                         particles.scale,
+                                         self._global_term(particles, guide, args, kwargs,
+                                                           score_free=False)))
         warn_if_nan(loss, "loss")
         return loss
 

@@ -50,11 +50,19 @@ class MeanFieldELBO(ELBOEstimator):
     def _rate(self, particles: _Particles) -> torch.Tensor:
         """KL(q ‖ p(z_g)) of the guided latents (analytic where available) per draw and
         datapoint, ``[P·K, N]``."""
+        terms = [particles.reduce(kl, name) for name, kl in self._kls(particles, local=True)]
+        return _sum(terms) if terms else particles.site_total([])
+
+    def _kls(self, particles: _Particles, local: bool) -> list[tuple[str, torch.Tensor]]:
+        """(name, KL per draw) of the local (or global) guided latents, in closed form where
+        one is registered and the draws allow it, else log q − log p."""
         model_sites = particles.model_trace.nodes
         guided = [site["name"] for site in particles.guide_latents]
         model_order = [name for name in model_sites if name in guided]
         terms = []
         for position, site in enumerate(particles.guide_latents):
+            if particles.is_local(site) != local:
+                continue
             prior = model_sites[site["name"]]
             earlier_in_model = model_order[:model_order.index(site["name"])]
             closed = None
@@ -62,8 +70,18 @@ class MeanFieldELBO(ELBOEstimator):
                 closed = _closed_form_kl(site["fn"], prior["fn"])
             kl = (_masked(closed, site) if closed is not None
                   else site_log_prob(site) - site_log_prob(prior))
-            terms.append(particles.reduce(kl, site["name"]))
-        return _sum(terms)
+            terms.append((site["name"], kl))
+        return terms
+
+    def _global_term(self, particles: _Particles, guide: Callable, args: tuple, kwargs: dict,
+                     score_free: bool) -> torch.Tensor | None:
+        """−β KL(q(θ) ‖ p(θ)) of the global latents per particle, ``[P]``."""
+        if not particles.global_latents:
+            return None
+        kls = self._kls(particles, local=False)
+        sites = [particles.guide_trace.nodes[name] for name, _ in kls]
+        kl = particles.global_total(sites, [value for _, value in kls])
+        return -_weighted(self.beta, kl).reshape(self.num_particles, -1).mean(1)
 
     def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:

@@ -46,7 +46,7 @@ from pyro.util import check_model_guide_match
 
 from ..errors import ConfigError
 from ..traces import (PARTICLE_PLATE, check_guide_latents_in_model, find_data_plate,
-                      reduce_to_particles_and_data, site_log_prob)
+                      reduce_to_particles, reduce_to_particles_and_data, site_log_prob)
 
 
 def _detached(trace: poutine.Trace) -> poutine.Trace:
@@ -159,6 +159,7 @@ class _Particles:
     plated: bool
     hide_params: bool
     scale: float
+    data_plate: str = ""
 
     @property
     def particle_dim(self) -> int:
@@ -183,12 +184,45 @@ class _Particles:
         return reduce_to_particles_and_data(log_prob, self.max_plate_nesting + 1, self.data_dim,
                                             self.shape, name)
 
+    def is_local(self, site: dict) -> bool:
+        """Whether ``site`` lies in the data plate (a global latent does not)."""
+        return any(frame.name == self.data_plate for frame in site["cond_indep_stack"])
+
     def site_total(self, sites: list[dict]) -> torch.Tensor:
-        """Σ of the sites' log-densities, ``[M, N]`` (zeros for no sites)."""
-        terms = [self.reduce(site_log_prob(site), site["name"]) for site in sites]
+        """Σ of the local sites' log-densities, ``[M, N]`` (zeros for none); global sites are
+        left to :meth:`global_total`."""
+        terms = [self.reduce(site_log_prob(site), site["name"]) for site in sites
+                 if self.is_local(site)]
         if not terms:
             return self.guide_latents[0]["value"].new_zeros(self.shape)
         return _sum(terms)
+
+    def global_total(self, sites: list[dict], log_probs: list[torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+        """Σ of the global sites' log-densities (or of ``log_probs``, one per site, e.g. KLs)
+        per draw, ``[M]`` (zeros for none)."""
+        values = log_probs if log_probs is not None else [site_log_prob(s) for s in sites]
+        terms = [reduce_to_particles(value, self.max_plate_nesting + 1, self.num_particles,
+                                     site["name"]) if self.plated else value.sum().reshape(1)
+                 for site, value in zip(sites, values) if not self.is_local(site)]
+        if not terms:
+            return self.guide_latents[0]["value"].new_zeros(self.num_particles)
+        return _sum(terms)
+
+    @cached_property
+    def global_latents(self) -> list[dict]:
+        """The guide's latents outside the data plate, drawn once per draw for all datapoints."""
+        return [site for site in self.guide_latents if not self.is_local(site)]
+
+    @cached_property
+    def global_log_prior(self) -> torch.Tensor:
+        """log p(θ) of the guided global latents per draw, ``[M]``."""
+        return self.global_total(self.guided_latents)
+
+    @cached_property
+    def global_log_q(self) -> torch.Tensor:
+        """log q(θ) per draw, ``[M]``."""
+        return self.global_total(self.guide_latents)
 
     @cached_property
     def guide_latents(self) -> list[dict]:
@@ -286,10 +320,11 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     scale = _common_scale(model_trace, guide_trace)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting + plated)
-    frame = next(frame for site in guide_latents for frame in site["cond_indep_stack"]
+    frame = next(frame for trace in (guide_trace, model_trace) for site in trace.nodes.values()
+                 if site["type"] == "sample" for frame in site["cond_indep_stack"]
                  if frame.name == data_plate)
     return _Particles(model_trace=model_trace, guide_trace=guide_trace,
                       raw_model_trace=raw_model_trace, raw_guide_trace=raw_guide_trace,
                       num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                       data_dim=frame.dim, num_data=frame.size, plated=plated,
-                      hide_params=hide_params, scale=scale)
+                      hide_params=hide_params, scale=scale, data_plate=data_plate)

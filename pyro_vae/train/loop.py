@@ -84,6 +84,7 @@ class Loop:
             for step, batch in enumerate(batches, start=(self.epoch - 1) * steps):
                 self.estimator.beta = self.warmup(step)
                 size = batch.size
+                self.estimator.global_weight = size / self.source.num_data
                 loss_sum += self.replicas.step(
                     lambda: self.step_loss(*batch.args, **batch.kwargs), size, self.optimizer)
                 count += size
@@ -98,6 +99,7 @@ class Loop:
         total = 0.0
         with _quiet_numerics():
             for batch in self.replicas.share(self.held_out.ordered(self.batch_size)):
+                self.eval_elbo.global_weight = batch.size / self.held_out.num_data
                 for _ in range(self.eval_repeats):
                     total -= self.eval_elbo.loss(self.model.model, self.model.guide,
                                                  *batch.args, **batch.kwargs) / self.eval_repeats
