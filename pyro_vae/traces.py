@@ -187,13 +187,19 @@ def reduce_to_particles(log_prob: torch.Tensor, num_dims: int, num_particles: in
                         name: str = "") -> torch.Tensor:
     """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
     the particle dim (leftmost): a global site's log-density per particle, ``[K]``."""
+    log_prob = _aligned(log_prob, num_dims, name)
+    return log_prob.reshape(log_prob.shape[0], -1).sum(1).expand(num_particles)
+
+
+def _aligned(log_prob: torch.Tensor, num_dims: int, name: str) -> torch.Tensor:
+    """``log_prob`` with leading size-1 dimensions up to ``num_dims`` (the plates, particles
+    included); a batch dimension beyond them is refused."""
     if log_prob.dim() > num_dims:
         raise ConfigError(
             f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
             f"{num_dims - 1} declared plate(s): put every batch dimension in a pyro.plate or "
             "move it into the event with .to_event()")
-    log_prob = log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
-    return log_prob.reshape(log_prob.shape[0], -1).sum(1).expand(num_particles)
+    return log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
 
 
 def _drop_broadcast_dims(value: torch.Tensor) -> torch.Tensor:
@@ -266,12 +272,7 @@ def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim
                                  shape: tuple[int, int], name: str = "") -> torch.Tensor:
     """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
     the particle dim (leftmost) and ``data_dim``; the result has shape ``shape`` = ``[K, N]``."""
-    if log_prob.dim() > num_dims:
-        raise ConfigError(
-            f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
-            f"{num_dims - 1} declared plate(s): put every batch dimension in a pyro.plate or "
-            "move it into the event with .to_event()")
-    log_prob = log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
+    log_prob = _aligned(log_prob, num_dims, name)
     keep = {0, num_dims + data_dim}
     others = [d for d in range(num_dims) if d not in keep]
     if others:

@@ -1,0 +1,188 @@
+"""Rows of the MNIST log-likelihood table (Burda et al. 2016, Table 1), trained by the package's
+engine (:func:`pyro_vae.fit`) and measured by its evaluator.
+
+One row: the IWAE paper's one-stochastic-layer network (784-200-200-50, tanh, Bernoulli decoder
+whose bias starts at the data mean), dynamically binarized MNIST (a fresh Bernoulli draw of
+the 60 000 training images every epoch), an estimator (``meanfield`` for the VAE row,
+``iwae``/``dreg`` with k importance samples), Adam with the learning rate decaying
+exponentially from ``--lr`` to ``--lr-final`` over the wall-clock budget (or over
+``--epochs``), batch ``--batch-size``. Two callbacks of the engine do the budget and the curve:
+the learning rate and the stop, and a probe of log p̂ (K = ``--probe-particles``) on the first
+``--probe-images`` test images every ``--probe-every`` epochs (a curve only: nothing is
+selected on it). At the end, log p̂_K with K = ``--eval-particles`` (5000 in the paper) on the
+test images (all 10 000 unless ``--eval-limit``), their fixed seeded binarization, with its
+standard error and the test ELBO; the row is appended to ``--out`` (JSON, written atomically
+after every row) with the command that produced it.
+
+    python benchmarks/mnist_table.py --data-dir DIR --row vae --minutes 40 --threads 1
+    python benchmarks/mnist_table.py --data-dir DIR --row iwae --k 50 --epochs 30
+    python benchmarks/mnist_table.py --data-dir DIR --row vae --epochs 1 --limit 512 \\
+        --eval-particles 10 --eval-limit 100 --out /tmp/smoke.json          # a smoke run
+
+Published rows (test log p̂, K = 5000, nats): VAE −86.76, IWAE k=5 −85.54, IWAE k=50 −84.78
+(Burda et al. 2016, 3 280 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyro_vae import ModelConfig, PyroVAEError, TrainConfig, fit
+from pyro_vae.builtin import evaluation_images
+from pyro_vae.data import load_mnist
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.io import write_json
+from pyro_vae.train import Callback
+
+ROWS = {"vae": "meanfield", "iwae": "iwae", "dreg": "dreg"}
+PUBLISHED = {("vae", 1): -86.76, ("iwae", 5): -85.54, ("iwae", 50): -84.78}
+NETWORK = ModelConfig(latent_dim=50, hidden=(200, 200), activation="tanh")
+EXIT_USER_ERROR = 2
+
+
+class Schedule(Callback):
+    """Learning rate lr · (lr_final / lr)^fraction after each epoch, the fraction of the
+    wall-clock budget (or of the epochs) used; stops the run when the budget is spent."""
+
+    def __init__(self, lr: float, lr_final: float, minutes: float | None, epochs: int):
+        self.lr, self.lr_final, self.epochs = lr, lr_final, epochs
+        self.seconds = None if minutes is None else 60.0 * minutes
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, loop) -> None:
+        elapsed = time.perf_counter() - self.start
+        fraction = (elapsed / self.seconds if self.seconds is not None
+                    else loop.epoch / self.epochs)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = self.lr * (self.lr_final / self.lr) ** min(fraction, 1.0)
+        if self.seconds is not None and elapsed >= self.seconds:
+            loop.stop = True
+
+
+class Probe(Callback):
+    """log p̂_K on fixed probe images every ``every`` epochs: the training curve."""
+
+    def __init__(self, images: torch.Tensor, particles: int, every: int):
+        self.images, self.particles, self.every = images, particles, every
+        self.curve: list[dict[str, float]] = []
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, loop) -> None:
+        if loop.epoch % self.every:
+            return
+        with torch.random.fork_rng():
+            torch.manual_seed(loop.epoch)
+            result = evaluate_dataset(loop.model.model, loop.model.guide, self.images,
+                                      num_particles=self.particles, khat=False)
+        self.curve.append({"epoch": loop.epoch, "seconds": time.perf_counter() - self.start,
+                           "log_px": result.log_px.mean().item()})
+        print(f"epoch {loop.epoch}: probe log p̂ {self.curve[-1]['log_px']:.2f}", flush=True)
+
+
+def run_row(args: argparse.Namespace) -> dict[str, Any]:
+    k = 1 if args.row == "vae" else args.k
+    config = TrainConfig(dataset="mnist", data_dir=args.data_dir, model=NETWORK,
+                         elbo=ROWS[args.row], importance_samples=k, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         eval_particles=1, final_particles=0, device="cpu")
+    test = load_mnist(args.data_dir).test
+    probe_images = evaluation_images(load_mnist(args.data_dir), "test", config)[:args.probe_images]
+    schedule = Schedule(args.lr, args.lr_final, args.minutes, args.epochs)
+    probe = Probe(probe_images, args.probe_particles, args.probe_every)
+    if args.limit is not None:  # a smoke run: the first training images only
+        import pyro_vae.builtin as builtin
+
+        load = builtin.prepare_data
+        builtin.prepare_data = lambda *a, **kw: _limited(load(*a, **kw), args.limit)
+    start = time.perf_counter()
+    result = fit(config=config, callbacks=[schedule, probe], progress=not args.quiet)
+    train_seconds = time.perf_counter() - start
+    images = evaluation_images(load_mnist(args.data_dir), "test", config)
+    images = images[:args.eval_limit] if args.eval_limit else images
+    start = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        scored = evaluate_dataset(result.model.model, result.model.guide, images,
+                                  num_particles=args.eval_particles, batch_size=100,
+                                  particle_chunk=min(args.eval_particles, 500), khat=False)
+    summary = scored.summary()
+    history = result.history
+    return {
+        "protocol": "dynamic", "model": "1-layer 784-200-200-50 tanh", "estimator": ROWS[args.row],
+        "k": k, "budget_minutes": args.minutes, "epochs": len(history.epoch),
+        "steps": len(history.epoch) * math.ceil(60_000 / args.batch_size)
+        if args.limit is None else None, "batch_size": args.batch_size,
+        "lr": [args.lr, args.lr_final], "device": "cpu", "threads": torch.get_num_threads(),
+        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
+        "test_images": scored.num_datapoints, "eval_particles": args.eval_particles,
+        "test_log_px": summary["log_px"]["mean"], "test_log_px_stderr": summary["log_px"]["stderr"],
+        "test_elbo": summary["elbo"]["mean"], "published": PUBLISHED.get((args.row, k)),
+        "curve": probe.curve, "train_loss": history.train_loss, "machine": platform.machine(),
+        "command": shlex.join([sys.executable, *sys.argv]), "limit": args.limit,
+        "test_count": len(test),
+    }
+
+
+def _limited(dataset, limit: int):
+    from pyro_vae.data import Dataset, Split
+
+    train = Split(dataset.train.images[:limit], dataset.train.labels[:limit])
+    return Dataset(dataset.name, train, dataset.test, dataset.image_shape, dataset.num_classes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files ($PYRO_VAE_DATA_DIR)")
+    p.add_argument("--row", choices=sorted(ROWS), default="vae")
+    p.add_argument("--k", type=int, default=50, help="importance samples of iwae/dreg")
+    p.add_argument("--minutes", type=float, help="wall-clock training budget")
+    p.add_argument("--epochs", type=int, default=100_000,
+                   help="epoch cap (the budget usually stops first)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-final", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--probe-images", type=int, default=1000)
+    p.add_argument("--probe-particles", type=int, default=100)
+    p.add_argument("--probe-every", type=int, default=10)
+    p.add_argument("--eval-particles", type=int, default=5000)
+    p.add_argument("--eval-limit", type=int, help="evaluate the first N test images only")
+    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_table.json"))
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.minutes is None and args.epochs == build_parser().get_default("epochs"):
+        print("mnist_table: give --minutes or --epochs", file=sys.stderr)
+        return EXIT_USER_ERROR
+    torch.set_num_threads(args.threads)
+    try:
+        row = run_row(args)
+    except PyroVAEError as exc:
+        print(f"mnist_table: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
+    write_json(args.out, {"rows": [*rows, row]})
+    print(f"{args.row} k={row['k']}: test log p̂ (K = {row['eval_particles']}, "
+          f"{row['test_images']} images) {row['test_log_px']:.2f} ± "
+          f"{row['test_log_px_stderr']:.2f}, ELBO {row['test_elbo']:.2f}, {row['epochs']} "
+          f"epochs in {row['train_seconds'] / 60:.1f} min; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
