@@ -220,3 +220,34 @@ def test_the_command_line_refuses_bad_user_runs_in_one_line(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+class PackedSequenceModel(LinearSequenceModel):
+    """The same pair taking a PackedSequence, as an RNN-based model would."""
+
+    def model(self, packed):
+        super().model(*self.unpack(packed))
+
+    def guide(self, packed):
+        super().guide(*self.unpack(packed))
+
+    @staticmethod
+    def unpack(packed):
+        from torch.nn.utils.rnn import pad_packed_sequence
+
+        x, lengths = pad_packed_sequence(packed, batch_first=True)
+        return x, torch.arange(x.shape[1])[None, :] < lengths[:, None]
+
+
+def test_a_batch_holding_a_packed_sequence_is_evaluated_like_its_padded_twin():
+    from torch.nn.utils.rnn import pack_sequence
+
+    model, data = PackedSequenceModel(), Sequences(10)
+    with torch.no_grad():
+        packed = evaluate_dataset(model.model, model.guide, data, num_particles=3, batch_size=4,
+                                  collate_fn=lambda items: pack_sequence(items,
+                                                                         enforce_sorted=False))
+        padded = evaluate_dataset(LinearSequenceModel().model, LinearSequenceModel().guide,
+                                  data, num_particles=3, batch_size=4, collate_fn=pad_collate)
+    assert packed.num_datapoints == 10
+    torch.testing.assert_close(packed.log_px, padded.log_px, rtol=0, atol=1e-4)
