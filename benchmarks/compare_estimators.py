@@ -1,19 +1,37 @@
 """Train the same VAE with each ELBO estimator and compare bounds, likelihoods and gradient SNR.
 
 For every seed and estimator (``trace``, ``meanfield``, ``iwae``, ``stl``, ``dreg``) the same
-VAE (same initial weights, same data order and same training images) is trained for the same
-number of epochs (or, with ``--time-budget``, for the same training wall time) by a plain torch
-loop: ``estimator.differentiable_loss(model.model, model.guide, batch) / B``, backward,
-``torch.optim.Adam`` on ``model.parameters()``, Pyro validation off, on ``--device``. With
+pair is trained by the package's training engine, :func:`pyro_vae.fit`: one initial model per
+seed, deep-copied for each estimator (the same initial weights), the same data in the same order
+(``fit`` draws the order, and the per-epoch binarization, from the seed), Adam on
+``model.parameters()``, Pyro validation off, on ``--device``, for ``--epochs`` epochs. With
 ``--warmup`` STEPS, β rises linearly from ``TrainConfig.warmup_start`` (as in ``pyro-vae
-train``) to ``--beta`` over STEPS steps.
+train``) to ``--beta`` over STEPS steps. Two callbacks of the engine watch each run: the test
+log p̂_K curve (K = ``--curve-particles``, before training, every ``--eval-every`` epochs and at
+the last epoch, on a fork of the random state), and, with ``--time-budget SECONDS``, a budget
+that sets ``loop.stop`` once the run's training time reaches SECONDS: the engine stops between
+epochs, so each run trains whole epochs, the last one finishing past the budget.
 
-``--binarize`` names the data as ``pyro-vae train`` does: ``dynamic`` (the default for a
-Bernoulli likelihood) trains on a fresh Bernoulli draw of the training images every epoch,
-``fixed`` on one seeded draw (the one the train bound uses, the same for every seed), ``none``
-(the default for the built-in VAE with ``--likelihood gaussian``) on the intensities. The
-evaluation sets are a fixed binarization of the training and test images, or with ``none`` the
-intensities themselves. Then, per run:
+Data, two ways:
+
+- the built-in images (``--dataset digits``, the default, or ``mnist`` with ``--data-dir``) and
+  the built-in VAE (``--latent-dim``, ``--hidden``, ``--likelihood``) or a pair of your own made
+  by ``--model-factory FILE.py:FUNCTION`` called as ``FUNCTION(input_dim, name)``.
+  ``--binarize`` names the data as ``pyro-vae train`` does: ``dynamic`` (the default for a
+  Bernoulli likelihood) trains on a fresh Bernoulli draw of the training images every epoch,
+  ``fixed`` on one seeded draw (the one the train bound uses, the same for every seed), ``none``
+  (the default with ``--likelihood gaussian``) on the intensities. The evaluation sets are a
+  fixed binarization of the training and test images, or with ``none`` the intensities;
+- your own data, ``--data DATA [--test-data DATA]`` with ``--model-factory FILE.py:FUNCTION``,
+  exactly as ``pyro-vae train`` takes them: FUNCTION is called with no arguments,
+  ``FUNCTION()``, and DATA is a ``.npz`` or ``.pt`` file or ``FILE.py:FUNCTION`` returning data
+  in any form ``fit`` takes (a tensor or array, a tuple or dict of them, a Dataset, a
+  DataLoader), or a ``(train, test)`` pair of them. The data are used as they are, for
+  training and evaluation alike; a test set is needed (``--test-data``, or the pair's second
+  part). ``--binarize``, ``--likelihood``, ``--latent-dim``, ``--hidden``, ``--dataset`` and
+  ``--data-dir`` describe the built-in images and VAE and are refused with ``--data``.
+
+Then, per run:
 
 ``train bound``
     the estimator's own bound per datapoint on the evaluation training set
@@ -22,33 +40,42 @@ intensities themselves. Then, per run:
     from :func:`pyro_vae.evaluate.evaluate_dataset` with ``--eval-particles`` K on the
     evaluation test set (the same for every run);
 ``active units``
-    latent dimensions whose posterior mean varies over the test set by more than 0.01
-    (Burda et al. 2016);
+    latent dimensions whose posterior mean (the pair's ``encode``) varies over the test images
+    by more than 0.01 (Burda et al. 2016); n/a for a pair without ``encode`` and on ``--data``;
 ``SNR enc``, ``SNR dec``
     gradient signal-to-noise ratio |E g| / std g per parameter element (Rainforth et al. 2018)
-    from ``--snr-draws`` gradient draws at the final parameters on one fixed training batch,
-    averaged over the encoder's / decoder's elements;
+    from ``--snr-draws`` gradient draws at the final parameters on one fixed training batch
+    (the first ``--batch-size`` datapoints), averaged over the encoder's (the parameters the
+    guide's density depends on) / decoder's (the others) elements; n/a for a group with no
+    parameter, e.g. the decoder of a pair whose guide uses every parameter;
 ``steps/s``
-    training steps per second of training time (evaluation excluded).
+    training steps per second of training time (the engine's epoch times; evaluation
+    excluded). The engine computes ``trace`` and ``meanfield`` steps of the built-in VAE with
+    its fused loss (the same numbers as Pyro's traces, faster); ``--traced`` runs every step
+    through Pyro's traces, as ``pyro-vae train --traced`` does.
 
 With several ``--seeds`` the table shows mean ± std over seeds. Also, at the final parameters of
 each seed's ``iwae`` run (or its first run), the encoder and decoder SNR of the iwae and dreg
 gradients for each K of ``--snr-ks``. Outputs in ``--out`` (written atomically): ``table.md``,
 ``runs.csv``, ``summary.csv``, ``results.json``, ``log_px_vs_epoch.png``, ``snr_vs_k.png``.
 
-    python benchmarks/compare_estimators.py --out bench-estimators  # digits: 325 s, 2 busy cores
+    python benchmarks/compare_estimators.py --out bench-estimators  # digits, 3 seeds x 100 epochs
     python benchmarks/compare_estimators.py --seeds 0 --epochs 20 --out /tmp/quick
     python benchmarks/compare_estimators.py --data-dir ~/mnist --eval-particles 5000 --out mnist
     python benchmarks/compare_estimators.py --model-factory my_models.py:build --out mine
     python benchmarks/compare_estimators.py --likelihood gaussian --out gaussian  # intensities
+    python benchmarks/compare_estimators.py --model-factory my_models.py:make_pair \\
+        --data train.npz --test-data test.npz --out own-data   # make_pair() on your data
 
-A conditional (labelled) pair, ``conditional = True``, is refused: this benchmark compares
-estimators of log p(x) on unlabelled images.
+On the built-in images a conditional (labelled) pair, ``conditional = True``, is refused: this
+benchmark compares estimators of log p(x) on unlabelled images. Bad options, data or factories
+give one error line and exit status 2 before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import io
@@ -58,9 +85,10 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import pyro
@@ -68,24 +96,29 @@ import torch
 from pyro import poutine
 
 from pyro_vae import data as data_lib
+from pyro_vae.batches import Batch, TensorSource, as_source, resolve_device
+from pyro_vae.builtin import is_builtin
 from pyro_vae.cli import EXIT_USER_ERROR, OneLineParser, parse_seed
 from pyro_vae.config import (BINARIZATIONS, DATASETS, DEVICES, LIKELIHOODS, ModelConfig,
                              TrainConfig, check_seed)
-from pyro_vae.errors import ConfigError, PyroVAEError
+from pyro_vae.errors import ConfigError, PyroVAEError, TrainingDiverged
 from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
-from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.protocol import check_model, guide_parameters
+from pyro_vae.runs import build_factory_model
+from pyro_vae.specs import load_data as load_data_spec
 from pyro_vae.specs import load_factory
-from pyro_vae.batches import resolve_device
-from pyro_vae.train import svi_step
+from pyro_vae.train import Callback, Loop, fit
 
 INSIDE_LOG = ("iwae", "dreg")
 ACTIVE_UNIT_THRESHOLD = 0.01
 TRAIN_EVAL_SEED = 0
 TEST_EVAL_SEED = 1
 EVAL_RNG_OFFSET = 10_000
+#: the engine's epoch limit under --time-budget (the budget's callback stops the run first)
+BUDGET_EPOCH_LIMIT = 10 ** 9
 METRICS = ("train_bound", "test_elbo", "test_log_px", "test_gap", "active_units",
            "snr_encoder", "snr_decoder", "steps_per_s")
 HEADERS = {"train_bound": "train bound", "test_elbo": "test ELBO",
@@ -99,7 +132,7 @@ class BenchmarkConfig:
 
     estimators: tuple[str, ...] = ESTIMATORS
     seeds: tuple[int, ...] = (0, 1, 2)
-    dataset: str = "digits"
+    dataset: str | None = "digits"
     data_dir: str | None = None
     epochs: int = 100
     time_budget: float | None = None
@@ -122,20 +155,30 @@ class BenchmarkConfig:
     likelihood: str | None = None
     binarize: str | None = None
     device: str = TrainConfig.device
+    data: str | None = None
+    test_data: str | None = None
+    traced: bool = False
 
     @property
     def final_eval_particles(self) -> int:
-        """K of the final test log p̂_K: 1000 on digits, 5000 (the paper protocol) on MNIST."""
+        """K of the final test log p̂_K: 5000 (the paper protocol) on MNIST, else 1000."""
         if self.eval_particles is not None:
             return self.eval_particles
-        return 1000 if self.dataset == "digits" else 5000
+        return 5000 if self.dataset == "mnist" else 1000
 
     def __post_init__(self) -> None:
         """Every field checked, so a bad value fails before any training (ConfigError).
 
         ``likelihood`` (built-in VAE only) defaults to the package's, ``binarize`` to
         ``TrainConfig.binarize`` or, for the built-in VAE with a Gaussian likelihood, ``none``;
-        the built-in VAE's likelihood and data must agree, as in ``pyro-vae train``."""
+        the built-in VAE's likelihood and data must agree, as in ``pyro-vae train``. With
+        ``data`` (a spec of the user's own data, as ``pyro-vae train --data`` takes it) the run
+        has no built-in dataset (``dataset`` becomes ``None``) and no binarization (``none``),
+        and needs ``model_factory``."""
+        if self.data is not None:
+            self._check_user_data()
+        elif self.test_data is not None:
+            raise ConfigError("test_data is the test set of data: give data too")
         if self.model_factory is not None and self.likelihood is not None:
             raise ConfigError("--likelihood chooses the built-in VAE's likelihood; a "
                               "--model-factory pair has its own")
@@ -160,7 +203,7 @@ class BenchmarkConfig:
                               f"{self.estimators}, seeds {self.seeds}")
         for seed in self.seeds:
             check_seed(seed)
-        if self.dataset not in DATASETS:
+        if self.data is None and self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be {' or '.join(DATASETS)}, got {self.dataset!r}")
         counts = {"epochs": 1, "batch_size": 1, "latent_dim": 1, "particles": 1,
                   "importance_samples": 1, "curve_particles": 1, "eval_every": 1,
@@ -179,6 +222,17 @@ class BenchmarkConfig:
         if self.time_budget is not None:
             _check_real("time_budget", self.time_budget, strictly_positive=True)
         warmup_schedule(self)
+
+    def _check_user_data(self) -> None:
+        if self.model_factory is None:
+            raise ConfigError("--data needs --model-factory FILE.py:FUNCTION (the pair to train "
+                              "on it; FUNCTION() is called with no arguments)")
+        if self.likelihood is not None or self.binarize not in (None, "none") \
+                or self.data_dir is not None:
+            raise ConfigError("likelihood, binarize and data_dir describe the built-in images "
+                              "and VAE: data are used as they are")
+        object.__setattr__(self, "dataset", None)
+        object.__setattr__(self, "binarize", "none")
 
     def importance_samples_of(self, name: str) -> int:
         return self.importance_samples if name in INSIDE_LOG else 1
@@ -203,105 +257,205 @@ def _check_real(name: str, value: Any, strictly_positive: bool) -> None:
 
 def warmup_schedule(config: BenchmarkConfig) -> LinearWarmup:
     """β per step: from ``config.warmup_start`` to ``config.beta`` over ``config.warmup``
-    steps (constant ``config.beta`` without warm-up), the schedule of ``pyro-vae train``."""
+    steps (constant ``config.beta`` without warm-up), the schedule of ``pyro-vae train`` (and of
+    the engine, which every run trains with)."""
     return LinearWarmup(config.warmup or None, config.warmup_start, config.beta)
 
 
+# ------------------------------------------------------------------------------ data
+
 @dataclass
 class Data:
-    """``train``: the training intensities; ``train_eval`` / ``test_eval``: the fixed sets
-    every run is evaluated on (a seeded binarization, or the intensities with ``none``)."""
+    """What every run sees. On the built-in images, tensors: ``train`` the training
+    intensities, ``train_eval`` / ``test_eval`` the fixed sets every run is evaluated on (a
+    seeded binarization, or the intensities with ``none``). On ``--data``, sources of batches
+    (:func:`pyro_vae.batches.as_source`): ``train`` and ``train_eval`` the training data,
+    ``test_eval`` the test data, all used as they are."""
 
-    train: torch.Tensor
-    train_eval: torch.Tensor
-    test_eval: torch.Tensor
+    train: Any
+    train_eval: Any
+    test_eval: Any
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def images(self) -> bool:
+        """Whether these are the built-in images (tensors of flattened images)."""
+        return isinstance(self.train, torch.Tensor)
+
+    def cast(self, dtype: torch.dtype) -> "Data":
+        """The same data with floating-point tensors in ``dtype`` (a pair's parameter dtype)."""
+        def to(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(dtype=dtype) if value.is_floating_point() else value
+            return value.to(self.device, dtype)
+
+        return Data(to(self.train), to(self.train_eval), to(self.test_eval), self.device)
 
 
 def load_data(config: BenchmarkConfig, device: torch.device = torch.device("cpu")) -> Data:
+    """The built-in images of ``config.dataset`` (binarized as ``config.binarize`` says), or the
+    user's ``config.data`` / ``config.test_data``, on ``device``."""
+    if config.data is not None:
+        return load_user_data(config, device)
     dataset = (data_lib.load_digits() if config.dataset == "digits"
                else data_lib.load_mnist(config.data_dir)).to(device)
     train, test = dataset.train.images, dataset.test.images
     if config.binarize == "none":
-        return Data(train=train, train_eval=train, test_eval=test)
+        return Data(train=train, train_eval=train, test_eval=test, device=device)
     return Data(train=train, train_eval=data_lib.fixed_binarization(train, TRAIN_EVAL_SEED),
-                test_eval=data_lib.fixed_binarization(test, TEST_EVAL_SEED))
+                test_eval=data_lib.fixed_binarization(test, TEST_EVAL_SEED), device=device)
+
+
+def load_user_data(config: BenchmarkConfig, device: torch.device) -> Data:
+    """``--data`` and ``--test-data`` read as ``pyro-vae train`` reads them
+    (:func:`pyro_vae.specs.load_data`); the test set is ``--test-data`` or the second part of
+    a function's ``(train, test)`` pair, and must exist."""
+    train, paired = load_data_spec(config.data)
+    test = load_data_spec(config.test_data)[0] if config.test_data is not None else paired
+    if test is None:
+        raise ConfigError(f"--data {config.data} holds no test set: give --test-data DATA (the "
+                          "test ELBO, log p̂_K and curves are scored on it), or a function "
+                          "returning a (train, test) pair")
+    train = as_source(train).to(device)
+    return Data(train=train, train_eval=train, test_eval=as_source(test).to(device),
+                device=device)
+
+
+def _binarize_epoch(tensors: tuple, generator: torch.Generator) -> tuple:
+    return (data_lib.binarize(tensors[0], generator),)
+
+
+def training_source(config: BenchmarkConfig, data: Data) -> Any:
+    """What the engine trains on: on the built-in images a source whose every epoch is a
+    fresh Bernoulli draw with the engine's seeded generator (``dynamic``), the fixed
+    binarization ``data.train_eval`` (``fixed``) or the intensities (``none``); on ``--data``
+    the data as they are."""
+    if not data.images:
+        return data.train
+    if config.binarize == "dynamic":
+        return TensorSource((data.train,), _binarize_epoch)
+    return TensorSource((data.train_eval,))
 
 
 def epoch_images(config: BenchmarkConfig, data: Data, generator: torch.Generator
                  ) -> torch.Tensor:
-    """One epoch's training images: a fresh Bernoulli draw with ``generator`` (``dynamic``),
-    the fixed binarization ``data.train_eval`` (``fixed``) or the intensities (``none``)."""
-    if config.binarize == "dynamic":
-        return data_lib.binarize(data.train, generator)
-    return data.train_eval
+    """One epoch's training images (before the engine orders them) as
+    :func:`training_source` makes them with ``generator``."""
+    source = training_source(config, data)
+    tensors = (source.tensors if source.transform is None
+               else source.transform(source.tensors, generator))
+    return tensors[0]
 
+
+def _first_batch(data: Any, batch_size: int) -> Batch:
+    """The first ``batch_size`` datapoints of a tensor or a source, in order."""
+    return next(iter(as_source(data).ordered(batch_size)))
+
+
+def _num_data(data: Any) -> int:
+    return as_source(data).num_data
+
+
+# ------------------------------------------------------------------------------ metrics
 
 def _fork_rng(device: torch.device):
     """A fork of torch's CPU random state and, on CUDA, of the device's."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def _clock(device: torch.device) -> float:
-    """``time.perf_counter()`` once the work queued on ``device`` has run (CUDA is
-    asynchronous: without the synchronization a timing would stop before the kernels do)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
-def _estimator(name: str, config: BenchmarkConfig, importance_samples: int | None = None
-               ) -> ELBOEstimator:
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                torch.get_default_dtype())
+
+
+def _nesting(model: torch.nn.Module) -> int | None:
+    """The plate nesting the engine uses: the package's models' one data plate, guessed from
+    the first call for any other pair."""
+    return 1 if is_builtin(model) else None
+
+
+def _estimator(name: str, config: BenchmarkConfig, importance_samples: int | None = None,
+               max_plate_nesting: int | None = 1) -> ELBOEstimator:
     k = config.importance_samples_of(name) if importance_samples is None else importance_samples
     return make_estimator(name, num_particles=config.particles, importance_samples=k,
-                          beta=config.beta, max_plate_nesting=1)
+                          beta=config.beta, max_plate_nesting=max_plate_nesting)
 
 
 @torch.no_grad()
-def test_log_px(model: VAE, images: torch.Tensor, particles: int, seed: int) -> dict[str, float]:
-    """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``images``, on a fork of the RNG."""
-    with _fork_rng(images.device):
+def test_log_px(model: torch.nn.Module, data: Any, particles: int, seed: int,
+                max_plate_nesting: int | None = 1) -> dict[str, float]:
+    """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``data`` (a tensor of images or a
+    source), on a fork of the RNG."""
+    with _fork_rng(_device_of(model)):
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
-        result = evaluate_dataset(model.model, model.guide, images, num_particles=particles,
+        result = evaluate_dataset(model.model, model.guide, data, num_particles=particles,
                                   batch_size=100, particle_chunk=500, khat=False,
-                                  max_plate_nesting=1)
+                                  max_plate_nesting=max_plate_nesting)
     return {"test_log_px": result.log_px.mean().item(), "test_elbo": result.elbo.mean().item(),
             "test_gap": result.gap.mean().item()}
 
 
 @torch.no_grad()
-def own_bound(model: VAE, estimator: ELBOEstimator, images: torch.Tensor, seed: int,
+def own_bound(model: torch.nn.Module, estimator: ELBOEstimator, data: Any, seed: int,
               batch_size: int = 500) -> float:
-    """The estimator's bound per datapoint over ``images`` (nats)."""
+    """The estimator's bound per datapoint over ``data`` (nats); a global latent's term counts
+    once over the data (each batch weighs it by its share, as in training)."""
+    source = as_source(data)
     total = 0.0
-    with _fork_rng(images.device):
+    with _fork_rng(_device_of(model)):
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
-        for start in range(0, images.shape[0], batch_size):
-            total -= estimator.loss(model.model, model.guide, images[start:start + batch_size])
-    return total / images.shape[0]
+        try:
+            for batch in source.ordered(batch_size):
+                estimator.global_weight = batch.size / source.num_data
+                total -= estimator.loss(model.model, model.guide, *batch.args, **batch.kwargs)
+        finally:
+            estimator.global_weight = 1.0
+    return total / source.num_data
 
 
 @torch.no_grad()
-def active_units(model: torch.nn.Module, images: torch.Tensor) -> float:
-    """Latent dimensions whose posterior mean has variance > 0.01 over ``images`` (NaN for a
-    model without an ``encode`` method)."""
-    if not callable(getattr(model, "encode", None)):
+def active_units(model: torch.nn.Module, images: torch.Tensor | None) -> float:
+    """Latent dimensions whose posterior mean has variance > 0.01 over ``images`` (NaN without
+    images or for a model without an ``encode`` method)."""
+    if images is None or not callable(getattr(model, "encode", None)):
         return math.nan
     loc, _ = model.encode(images)
     return int((loc.var(0) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
-def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator, batch: torch.Tensor,
-                 draws: int) -> dict[str, float]:
+def _with_kwargs(model: torch.nn.Module, kwargs: dict) -> Any:
+    """``model`` whose guide takes ``kwargs`` as given (for :func:`guide_parameters`, which
+    passes positional arguments only)."""
+    if not kwargs:
+        return model
+    return SimpleNamespace(parameters=model.parameters, guide=partial(model.guide, **kwargs))
+
+
+def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator,
+                 batch: torch.Tensor | Batch, draws: int, num_data: int | None = None
+                 ) -> dict[str, float]:
     """Mean over parameter elements of |E g| / std g, from ``draws`` gradients at fixed
-    parameters on ``batch``, for the guide's (encoder) and the model's (decoder) parameters."""
-    encoder = guide_parameters(model, batch)
+    parameters on ``batch`` (a tensor of images or a :class:`~pyro_vae.batches.Batch`), for
+    the guide's (encoder) and the model's (decoder) parameters; NaN for a group with no
+    element whose draws vary. With ``num_data`` a global latent's term is weighted by the
+    batch's share of the data, as in training."""
+    batch = batch if isinstance(batch, Batch) else Batch((batch,))
+    size = batch.size
+    encoder = guide_parameters(_with_kwargs(model, batch.kwargs), *batch.args)
     encoder_ids = {id(p) for p in encoder}
     decoder = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
     groups = {"snr_encoder": encoder, "snr_decoder": decoder}
     params = [p for group in groups.values() for p in group]
+    if num_data is not None:
+        estimator.global_weight = size / num_data
     samples = []
     for _ in range(draws):
-        loss = estimator.differentiable_loss(model.model, model.guide, batch) / batch.shape[0]
+        loss = estimator.differentiable_loss(model.model, model.guide, *batch.args,
+                                             **batch.kwargs) / size
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         samples.append(torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten()
                                   for p, g in zip(params, grads)]))
@@ -318,30 +472,58 @@ def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator, batch: torch.
     return out
 
 
-def _check_data_fits(model: torch.nn.Module, batch: torch.Tensor, binarize: str) -> None:
-    """Score ``batch`` once under Pyro validation: a pair whose likelihood's support misses the
-    data (a Bernoulli pair on intensities, with ``--binarize none``) is refused before any
-    training, in one line."""
+# ------------------------------------------------------------------------------ the pairs
+
+def _check_data_fits(model: torch.nn.Module, data: Any, binarize: str | None) -> None:
+    """Score ``data`` (a first batch) once under Pyro validation: a pair whose likelihood's
+    support misses the data (a Bernoulli pair on intensities, with ``--binarize none``) is
+    refused before any training, in one line. ``binarize`` is ``None`` on ``--data``."""
     try:
-        with poutine.block(), pyro.validation_enabled(True), _fork_rng(batch.device):
-            evaluate_dataset(model.model, model.guide, batch, num_particles=1, khat=False,
-                             max_plate_nesting=1)
+        with poutine.block(), pyro.validation_enabled(True), _fork_rng(_device_of(model)):
+            evaluate_dataset(model.model, model.guide, data, num_particles=1, khat=False,
+                             max_plate_nesting=_nesting(model))
     except ValueError as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        data = "the intensities" if binarize == "none" else "binary (0/1) images"
+        if binarize is None:
+            hint = "check that --data is what the pair's likelihood scores"
+        else:
+            data = "the intensities" if binarize == "none" else "binary (0/1) images"
+            hint = (f"with --binarize {binarize} the data are {data}: choose the --binarize "
+                    "that fits the pair's likelihood")
         raise ConfigError(f"{type(model).__name__} cannot score the data: {first_line} "
-                          f"(with --binarize {binarize} the data are {data}: choose the "
-                          "--binarize that fits the pair's likelihood)") from None
+                          f"({hint})") from None
 
 
-def _init_model(config: BenchmarkConfig, data: Data, seed: int, name: str) -> torch.nn.Module:
-    """The same initial weights for every estimator of a seed; a param-store name of its own.
-    With ``config.model_factory`` the model is ``factory(input_dim, name)``: a user's own pair
-    (a conditional one is refused). The model is moved to the data's device."""
+def _call_factory(spec: str, build: Callable[..., Any], *args: Any) -> Any:
+    """``build(*args)``; a call with the wrong arguments (a factory written for the other
+    convention) is one line saying both conventions."""
+    try:
+        return build(*args)
+    except TypeError as exc:
+        raise ConfigError(f"{spec}: {exc} (--model-factory is called as FUNCTION() with "
+                          "--data, as FUNCTION(input_dim, name) on the built-in images)") from None
+
+
+def initial_model(config: BenchmarkConfig, data: Data, seed: int) -> torch.nn.Module:
+    """The seed's initial pair, built after ``torch.manual_seed(seed)`` and moved to the data's
+    device; every estimator's run of the seed trains a deep copy of it. With ``--data`` it is
+    ``factory()`` (no arguments, as ``pyro-vae train --data`` calls it); with
+    ``config.model_factory`` on the built-in images ``factory(input_dim, name)`` (a conditional
+    pair is refused); else the built-in VAE."""
     torch.manual_seed(seed)
-    device = data.train.device
+    device, name = data.device, f"compare-seed{seed}"
+    if config.data is not None:
+        model = _call_factory(config.model_factory, build_factory_model, config.model_factory)
+        check_model(model)
+        model = model.to(device)
+        data = data.cast(_param_dtype(model))
+        first = _first_batch(data.train_eval, 2)
+        check_model(model, *first.args, **first.kwargs)
+        _check_data_fits(model, as_source(data.train_eval).head(config.batch_size), None)
+        return model
     if config.model_factory is not None:
-        model = load_factory(config.model_factory)(data.train.shape[1], f"{name}-{seed}")
+        factory = load_factory(config.model_factory)
+        model = _call_factory(config.model_factory, factory, data.train.shape[1], name)
         check_model(model)
         if getattr(model, "conditional", False):
             raise ConfigError(f"{type(model).__name__} is a conditional pair (conditional = "
@@ -353,74 +535,112 @@ def _init_model(config: BenchmarkConfig, data: Data, seed: int, name: str) -> to
         _check_data_fits(model, data.train_eval[:config.batch_size], config.binarize)
     else:
         model = VAE(data.train.shape[1], config.latent_dim, config.hidden,
-                    likelihood=config.likelihood, name=f"{name}-{seed}").to(device)
+                    likelihood=config.likelihood, name=name).to(device)
     if hasattr(model, "initialize_from_data"):
         model.initialize_from_data(data.train)
     return model
 
 
-def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data) -> dict[str, Any]:
-    """Train one VAE with estimator ``name``; return its model, metrics and curve."""
-    model = _init_model(config, data, seed, name)
-    estimator = _estimator(name, config)
-    schedule = warmup_schedule(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    device = data.train.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    pyro.set_rng_seed(seed)
-    num_train = data.train.shape[0]
-    curve = [(0, test_log_px(model, data.test_eval, config.curve_particles, seed)["test_log_px"])]
-    steps, train_seconds, epoch = 0, 0.0, 0
-    out_of_time = False
-    while not out_of_time and (config.time_budget is not None or epoch < config.epochs):
-        epoch += 1
-        order = torch.randperm(num_train, generator=generator, device=device)
-        images = epoch_images(config, data, generator)[order]
-        started = _clock(device)
-        with pyro.validation_enabled(False):
-            for start in range(0, num_train, config.batch_size):
-                batch = images[start:start + config.batch_size]
-                estimator.beta = schedule(steps)
-                loss = svi_step(partial(estimator.differentiable_loss, model.model, model.guide,
-                                        batch), batch.shape[0], optimizer)
-                steps += 1
-                # not synchronized: the device's queue is waited for at the epoch's end only
-                if (config.time_budget is not None
-                        and train_seconds + time.perf_counter() - started >= config.time_budget):
-                    out_of_time = True
-                    break
-        train_seconds += _clock(device) - started
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{name}, seed {seed}: the loss diverged at epoch {epoch}")
-        if epoch % config.eval_every == 0 or out_of_time or epoch == config.epochs:
-            value = test_log_px(model, data.test_eval, config.curve_particles, seed)
-            curve.append((epoch, value["test_log_px"]))
-    estimator.beta = config.beta
-    metrics: dict[str, Any] = {"estimator": name, "seed": seed, "epochs": epoch, "steps": steps,
+# ------------------------------------------------------------------------------ training
+
+class TimeBudget(Callback):
+    """Ends a run (``loop.stop``) after the epoch in which its training time, the sum of the
+    engine's epoch times, reaches ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if sum(loop.history.seconds) >= self.seconds:
+            loop.stop = True
+
+
+class ProbeCurve(Callback):
+    """``(epoch, probe(model))`` every ``every`` epochs, at ``last_epoch`` and at the epoch a
+    callback before it stopped the run (a time budget)."""
+
+    def __init__(self, probe: Callable[[torch.nn.Module], float], every: int,
+                 last_epoch: int | None, curve: list[tuple[int, float]]) -> None:
+        self.probe, self.every, self.last_epoch, self.curve = probe, every, last_epoch, curve
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        if loop.epoch % self.every == 0 or loop.stop or loop.epoch == self.last_epoch:
+            self.curve.append((loop.epoch, self.probe(loop.model)))
+
+
+def engine_config(name: str, seed: int, config: BenchmarkConfig) -> TrainConfig:
+    """The engine's config of one run: the estimator ``name`` with the comparison's
+    optimization settings, on data given to :func:`pyro_vae.fit` (no built-in dataset), no
+    final estimate (the benchmark makes its own), and under a time budget an epoch limit that
+    the budget reaches first."""
+    return TrainConfig(dataset=None, model=None, binarize="none", elbo=name,
+                       particles=config.particles,
+                       importance_samples=config.importance_samples_of(name), beta=config.beta,
+                       warmup=config.warmup, warmup_start=config.warmup_start,
+                       epochs=(config.epochs if config.time_budget is None
+                               else BUDGET_EPOCH_LIMIT),
+                       batch_size=config.batch_size, lr=config.lr, seed=seed,
+                       device=config.device, final_particles=0)
+
+
+def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data,
+              initial: torch.nn.Module) -> dict[str, Any]:
+    """Train a deep copy of ``initial`` with estimator ``name`` through :func:`pyro_vae.fit`;
+    return its model, metrics and curve."""
+    model = copy.deepcopy(initial)
+    data = data.cast(_param_dtype(model))
+    nesting = _nesting(model)
+    pyro.clear_param_store()
+
+    def probe(module: torch.nn.Module) -> float:
+        return test_log_px(module, data.test_eval, config.curve_particles, seed,
+                           nesting)["test_log_px"]
+
+    curve = [(0, probe(model))]
+    callbacks: list[Callback] = [] if config.time_budget is None \
+        else [TimeBudget(config.time_budget)]
+    callbacks.append(ProbeCurve(probe, config.eval_every,
+                                config.epochs if config.time_budget is None else None, curve))
+    source = training_source(config, data)
+    try:
+        history = fit(model, source, config=engine_config(name, seed, config),
+                      callbacks=callbacks, progress=False, fused=not config.traced).history
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"{name}, seed {seed}: {exc}") from None
+    epochs = len(history.epoch)
+    steps = epochs * as_source(source).steps(config.batch_size)
+    train_seconds = sum(history.seconds)
+    metrics: dict[str, Any] = {"estimator": name, "seed": seed, "epochs": epochs, "steps": steps,
                                "train_seconds": train_seconds,
                                "steps_per_s": steps / train_seconds}
+    estimator = _estimator(name, config, max_plate_nesting=nesting)
     metrics["train_bound"] = own_bound(model, estimator, data.train_eval, seed)
-    metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed))
-    metrics["active_units"] = active_units(model, data.test_eval)
-    with pyro.validation_enabled(False), _fork_rng(device):
+    metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed,
+                               nesting))
+    metrics["active_units"] = active_units(model, data.test_eval if data.images else None)
+    with pyro.validation_enabled(False), _fork_rng(data.device):
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
-        metrics.update(gradient_snr(model, estimator, data.train_eval[:config.batch_size],
-                                    config.snr_draws))
+        metrics.update(gradient_snr(model, estimator,
+                                    _first_batch(data.train_eval, config.batch_size),
+                                    config.snr_draws, _num_data(data.train_eval)))
     return {"metrics": metrics, "curve": curve, "model": model}
 
 
-def snr_versus_k(model: VAE, config: BenchmarkConfig, data: Data, seed: int
+def snr_versus_k(model: torch.nn.Module, config: BenchmarkConfig, data: Data, seed: int
                  ) -> dict[str, dict[str, list[float]]]:
     """Encoder/decoder SNR of the iwae and dreg gradients at ``model``'s parameters, per K."""
     out: dict[str, dict[str, list[float]]] = {}
-    batch = data.train_eval[:config.batch_size]
+    data = data.cast(_param_dtype(model))
+    batch = _first_batch(data.train_eval, config.batch_size)
+    num_data = _num_data(data.train_eval)
     for name in INSIDE_LOG:
         rows: dict[str, list[float]] = {"snr_encoder": [], "snr_decoder": []}
         for k in config.snr_ks:
-            with pyro.validation_enabled(False), _fork_rng(batch.device):
+            estimator = _estimator(name, config, importance_samples=k,
+                                   max_plate_nesting=_nesting(model))
+            with pyro.validation_enabled(False), _fork_rng(data.device):
                 torch.manual_seed(seed + EVAL_RNG_OFFSET)
-                snr = gradient_snr(model, _estimator(name, config, importance_samples=k), batch,
-                                   config.snr_draws)
+                snr = gradient_snr(model, estimator, batch, config.snr_draws, num_data)
             for key, value in snr.items():
                 rows[key].append(value)
         out[name] = rows
@@ -428,6 +648,9 @@ def snr_versus_k(model: VAE, config: BenchmarkConfig, data: Data, seed: int
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (NaN for one value); both NaN when a value is (a metric n/a)."""
+    if any(math.isnan(value) for value in values):
+        return math.nan, math.nan
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
 
@@ -535,9 +758,10 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
     snr_runs = []
     started = time.perf_counter()
     for seed in config.seeds:
+        initial = initial_model(config, data, seed)
         models = {}
         for name in config.estimators:
-            result = train_run(name, seed, config, data)
+            result = train_run(name, seed, config, data, initial)
             runs.append(result["metrics"])
             curves[name].append(result["curve"])
             models[name] = result["model"]
@@ -611,8 +835,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=list(ESTIMATORS))
     p.add_argument("--seeds", nargs="+", type=parse_seed, default=list(defaults.seeds))
     p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="default: mnist if --data-dir is given, else digits")
+                   help="built-in images: mnist if --data-dir is given, else digits (the "
+                        "default); not with --data")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
+    p.add_argument("--data", metavar="DATA",
+                   help="your own data instead of the built-in images, as pyro-vae train "
+                        "--data takes it: a .npz or .pt file, or FILE.py:FUNCTION returning "
+                        "data or a (train, test) pair; used as it is; needs --model-factory, "
+                        "whose FUNCTION() is then called with no arguments")
+    p.add_argument("--test-data", metavar="DATA",
+                   help="the test set of --data (same forms); needed unless --data's function "
+                        "returns a (train, test) pair")
     p.add_argument("--epochs", type=positive, default=defaults.epochs)
     p.add_argument("--time-budget", type=_real(strictly_positive=True), default=None,
                    metavar="SECONDS",
@@ -651,9 +884,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "seeded draw) or none (the intensities; evaluation on the intensities "
                         f"too); default {TrainConfig.binarize}, none with --likelihood gaussian")
     p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
-                   help="compare on your own pair: FUNCTION(input_dim, name) returns an "
-                        "nn.Module with model/guide methods (see pyro_vae.protocol); "
-                        "MODULE may be a .py file")
+                   help="compare on your own pair, an nn.Module with model/guide methods (see "
+                        "pyro_vae.protocol); MODULE may be a .py file. On the built-in images "
+                        "FUNCTION(input_dim, name) builds it; with --data FUNCTION() (no "
+                        "arguments, as pyro-vae train calls it)")
+    p.add_argument("--traced", action="store_true",
+                   help="run every step through Pyro's traces, as pyro-vae train --traced: "
+                        "without it the engine computes trace and meanfield steps of the "
+                        "built-in VAE with its fused loss (the same numbers, faster)")
     p.add_argument("--out", type=Path, required=True)
     return p
 
@@ -664,7 +902,24 @@ def parse_args(argv: Sequence[str] | None,
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
-    dataset = args.dataset or ("mnist" if args.data_dir else "digits")
+    if args.test_data is not None and args.data is None:
+        parser.error("--test-data is the test set of --data: give --data too")
+    if args.data is not None:
+        if args.model_factory is None:
+            parser.error("--data needs --model-factory FILE.py:FUNCTION (the pair to train on "
+                         "it; FUNCTION() is called with no arguments)")
+        given = [flag for flag, value in (("--dataset", args.dataset),
+                                          ("--data-dir", args.data_dir),
+                                          ("--binarize", args.binarize),
+                                          ("--likelihood", args.likelihood),
+                                          ("--latent-dim", args.latent_dim),
+                                          ("--hidden", args.hidden)) if value is not None]
+        if given:
+            verb = "describes" if len(given) == 1 else "describe"
+            parser.error(f"{', '.join(given)} {verb} the built-in images and VAE, not --data: "
+                         "your data are used as they are, with the pair of --model-factory")
+    dataset = None if args.data is not None else \
+        (args.dataset or ("mnist" if args.data_dir else "digits"))
     if args.model_factory is not None:
         given = [flag for flag, value in (("--latent-dim", args.latent_dim),
                                           ("--hidden", args.hidden)) if value is not None]
@@ -685,7 +940,8 @@ def parse_args(argv: Sequence[str] | None,
             curve_particles=args.curve_particles, eval_every=args.eval_every,
             snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks), threads=args.threads,
             model_factory=args.model_factory, likelihood=args.likelihood,
-            binarize=args.binarize, device=args.device)
+            binarize=args.binarize, device=args.device, data=args.data,
+            test_data=args.test_data, traced=args.traced)
     except PyroVAEError as exc:
         parser.error(str(exc))
     return config, args.out

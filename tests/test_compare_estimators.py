@@ -1,9 +1,10 @@
-"""benchmarks/compare_estimators.py: its metrics against known answers, its data modes, warm-up,
-device and refusals. (The end-to-end smoke tests and option errors are in test_objectives.py and
-test_own_model.py.)"""
+"""benchmarks/compare_estimators.py: its metrics against known answers, its data modes, training
+through the engine, the user's own data (--data), warm-up, device and refusals. (More end-to-end
+smoke tests and option errors are in test_objectives.py and test_own_model.py.)"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -15,10 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae import data as data_lib
+import numpy as np
+import pyro_vae.train.step
+from pyro_vae import data as data_lib, fit
 from pyro_vae.config import TrainConfig
 from pyro_vae.errors import ConfigError
 from pyro_vae.models import VAE
+from user_models import fa_data
+
+USER_MODELS = Path(__file__).with_name("user_models.py")
 
 TINY = ["--seeds", "0", "--epochs", "1", "--importance-samples", "2", "--eval-particles", "10",
         "--curve-particles", "2", "--snr-draws", "2", "--snr-ks", "1", "2"]
@@ -295,8 +301,9 @@ def test_a_users_bernoulli_pair_on_the_intensities_is_refused(bench, tmp_path, c
 # ------------------------------------------------------------------------------ warm-up
 
 def test_warmup_starts_where_training_does(bench, monkeypatch):
-    """The β of each training step: from TrainConfig.warmup_start (as ``pyro-vae train``) to β
-    over ``--warmup`` steps, then β (also for the SNR draws at the final parameters)."""
+    """The β of each training step of the engine: from TrainConfig.warmup_start (as ``pyro-vae
+    train``) to β over ``--warmup`` steps, then β (also for the SNR draws at the final
+    parameters). A recording estimator is traced, never fused, so every step is seen."""
     betas = []
     make = bench.make_estimator
 
@@ -304,25 +311,225 @@ def test_warmup_starts_where_training_does(bench, monkeypatch):
         estimator = make(*args, **kwargs)
         loss = estimator.differentiable_loss
 
-        def differentiable_loss(*loss_args):
+        def differentiable_loss(*loss_args, **loss_kwargs):
             betas.append(estimator.beta)
-            return loss(*loss_args)
+            return loss(*loss_args, **loss_kwargs)
 
         estimator.differentiable_loss = differentiable_loss
         return estimator
 
     monkeypatch.setattr(bench, "make_estimator", recording)
+    monkeypatch.setattr(pyro_vae.train.step, "make_estimator", recording)
     warmup, beta, batch_size = 2, 0.8, 500
     config = bench.BenchmarkConfig(estimators=("meanfield",), seeds=(0,), epochs=1,
                                    batch_size=batch_size, beta=beta, warmup=warmup,
                                    eval_particles=2, curve_particles=1, snr_draws=2)
     data = bench.load_data(config)
-    bench.train_run("meanfield", 0, config, data)
+    bench.train_run("meanfield", 0, config, data, bench.initial_model(config, data, 0))
     steps = math.ceil(data.train.shape[0] / batch_size)
     start = TrainConfig().warmup_start
     expected = [start + (beta - start) * min(step, warmup) / warmup for step in range(steps)]
     assert betas == pytest.approx(expected + [beta] * config.snr_draws)
     assert betas[0] == pytest.approx(start) and start > 0
+
+
+# ------------------------------------------------------------------------------ the engine
+
+@pytest.fixture
+def fa_files(tmp_path):
+    """Factor-analysis data as pyro-vae train takes them: a training .npz of named arrays
+    (keyword arguments) and a test .npz of unnamed ones (positional)."""
+    np.savez(tmp_path / "train.npz", x=fa_data(120))
+    np.savez(tmp_path / "test.npz", fa_data(60, seed=1))
+    return tmp_path / "train.npz", tmp_path / "test.npz"
+
+
+def _fa_config(bench, fa_files, **changes):
+    train, test = fa_files
+    options = dict(estimators=("trace", "dreg"), seeds=(0,), epochs=2, batch_size=50,
+                   importance_samples=3, eval_every=1, eval_particles=10, curve_particles=3,
+                   snr_draws=3, snr_ks=(1, 2), model_factory=f"{USER_MODELS}:make_fa",
+                   data=str(train), test_data=str(test))
+    return bench.BenchmarkConfig(**{**options, **changes})
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> None:
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("setting", ["digits", "user data"])
+def test_a_run_is_the_engines_run_undisturbed_by_its_probes(bench, fa_files, setting):
+    """A benchmark run, with its curve probes and SNR draws, ends at exactly the weights of a bare
+    ``fit`` of a copy of the same initial model with the same seed: it trains through the
+    engine, and its callbacks draw on forks of the random state. The seed's initial model is
+    left as it was (each estimator trains a deep copy)."""
+    if setting == "digits":
+        config = bench.BenchmarkConfig(estimators=("iwae",), seeds=(3,), epochs=2,
+                                       batch_size=500, importance_samples=2, eval_every=1,
+                                       eval_particles=2, curve_particles=2, snr_draws=2)
+    else:
+        config = _fa_config(bench, fa_files, estimators=("iwae",), seeds=(3,))
+    data = bench.load_data(config)
+    initial = bench.initial_model(config, data, 3)
+    before = copy.deepcopy(initial)
+    run = bench.train_run("iwae", 3, config, data, initial)
+    bare = fit(copy.deepcopy(initial), bench.training_source(config, data),
+               config=bench.engine_config("iwae", 3, config), progress=False)
+    _same_weights(run["model"], bare.model)
+    _same_weights(initial, before)
+    assert not torch.equal(next(run["model"].parameters()), next(initial.parameters()))
+    assert [epoch for epoch, _ in run["curve"]] == [0, 1, 2]
+    steps = bare.history.epoch[-1] * math.ceil(bench._num_data(data.train) / config.batch_size)
+    assert run["metrics"]["epochs"] == 2 and run["metrics"]["steps"] == steps
+
+
+def test_traced_runs_every_step_through_pyros_traces_with_the_same_numbers(bench, tmp_path,
+                                                                           monkeypatch):
+    """--traced asks the engine for Pyro's traces (fused=False); the built-in VAE's trace runs
+    reach the same metrics either way (FusedLoss is the same numbers), only the times differ."""
+    calls = []
+    engine = bench.fit
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["fused"])
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "fit", recording)
+    runs = []
+    for flags in ([], ["--traced"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert bench.main(["--estimators", "trace", *TINY, *flags, "--out", str(out)]) == 0
+        (run,) = json.loads((out / "results.json").read_text())["runs"]
+        runs.append({k: v for k, v in run.items() if k not in ("train_seconds", "steps_per_s")})
+    assert calls == [True, False]
+    assert runs[0] == runs[1]
+
+
+def test_the_time_budget_stops_between_epochs_once_reached(bench, fa_files):
+    """With --time-budget the engine trains whole epochs until their summed time reaches the
+    budget: the epoch before the last was under it, the last reached it, and the curve has its
+    last point at the last epoch."""
+    budget = 0.05
+    config = _fa_config(bench, fa_files, time_budget=budget, eval_every=1000)
+    data = bench.load_data(config)
+    run = bench.train_run("trace", 0, config, data, bench.initial_model(config, data, 0))
+    metrics = run["metrics"]
+    assert metrics["train_seconds"] >= budget and metrics["epochs"] > 1
+    assert [epoch for epoch, _ in run["curve"]] == [0, metrics["epochs"]]
+    assert metrics["steps"] == metrics["epochs"] * 3  # 120 datapoints, batches of 50
+
+
+def test_the_benchmark_on_a_users_pair_and_data(bench, fa_files, tmp_path):
+    """--data/--test-data with --model-factory FILE.py:FUNCTION exactly as pyro-vae train takes
+    them (FUNCTION() without arguments): every output is written; both estimators start from
+    the same weights (the same curve value at epoch 0); log p̂_K ≥ ELBO; active units are n/a
+    (no images, no encode) and both SNR groups exist (the guide's A, b, L; the model's W, μ, ψ)."""
+    train, test = fa_files
+    out = tmp_path / "out"
+    assert bench.main(["--model-factory", f"{USER_MODELS}:make_fa", "--data", str(train),
+                       "--test-data", str(test), "--estimators", "trace", "dreg", "--seeds", "0",
+                       "--epochs", "2", "--eval-every", "1", "--batch-size", "50",
+                       "--importance-samples", "3", "--eval-particles", "20",
+                       "--curve-particles", "3", "--snr-draws", "3", "--snr-ks", "1", "2",
+                       "--out", str(out)]) == 0
+    names = {"table.md", "runs.csv", "summary.csv", "results.json", "log_px_vs_epoch.png",
+             "snr_vs_k.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert (config["data"], config["test_data"]) == (str(train), str(test))
+    assert config["dataset"] is None and config["binarize"] == "none"
+    rows = {row["estimator"]: row for row in results["runs"]}
+    assert set(rows) == {"trace", "dreg"}
+    for row in rows.values():
+        assert row["epochs"] == 2 and row["steps"] == 2 * 3
+        assert math.isfinite(row["test_log_px"]) and row["test_log_px"] >= row["test_elbo"]
+        assert math.isnan(row["active_units"])
+        assert row["snr_encoder"] > 0 and row["snr_decoder"] > 0
+    (trace_curve,), (dreg_curve,) = results["curves"]["trace"], results["curves"]["dreg"]
+    assert [epoch for epoch, _ in trace_curve] == [0, 1, 2] == [epoch for epoch, _ in dreg_curve]
+    assert trace_curve[0] == dreg_curve[0] and trace_curve[1] != dreg_curve[1]
+    for name in ("iwae", "dreg"):
+        assert len(results["snr_vs_k"][name]["snr_encoder"]) == 2
+    table = (out / "table.md").read_text()
+    assert "| trace |" in table and "| dreg (K=3) |" in table
+    assert all(line.split(" | ")[5] == "n/a" for line in table.splitlines()[-2:])
+    runs_csv = (out / "runs.csv").read_text().splitlines()
+    assert len(runs_csv) == 3 and runs_csv[0].startswith("estimator,seed,epochs,steps")
+
+
+def test_a_data_function_returning_train_and_test_loaders(bench, tmp_path):
+    """--data FILE.py:FUNCTION returning (train, test) DataLoaders whose collate function gives
+    keyword arguments (x, mask): no --test-data needed; the guide (the exact posterior) uses
+    every parameter, so the decoder's SNR is n/a."""
+    out = tmp_path / "out"
+    assert bench.main(["--model-factory", f"{USER_MODELS}:make_sequence_model",
+                       "--data", f"{USER_MODELS}:sequence_data", "--estimators", "meanfield",
+                       *TINY, "--out", str(out)]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert math.isfinite(run["test_log_px"]) and run["test_log_px"] >= run["test_elbo"] - 1e-4
+    assert run["snr_encoder"] > 0 and math.isnan(run["snr_decoder"])
+    assert run["steps"] == 4  # 60 sequences in the loader's batches of 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--binarize", "fixed"], "--binarize describes the built-in images and VAE, not --data"),
+    (["--likelihood", "gaussian"], "--likelihood describes the built-in images and VAE"),
+    (["--latent-dim", "3"], "--latent-dim describes the built-in images and VAE"),
+    (["--hidden", "8", "8"], "--hidden describes the built-in images and VAE"),
+    (["--binarize", "none", "--dataset", "mnist"],
+     "--dataset, --binarize describe the built-in images and VAE, not --data"),
+])
+def test_built_in_flags_with_data_give_one_line_and_exit_2(bench, fa_files, tmp_path, capsys,
+                                                          argv, message):
+    train, test = fa_files
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model-factory", f"{USER_MODELS}:make_fa", "--data", str(train),
+                    "--test-data", str(test), *argv, "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "{train}"], "--data needs --model-factory FILE.py:FUNCTION"),
+    (["--model-factory", f"{USER_MODELS}:make_fa", "--test-data", "{test}"],
+     "--test-data is the test set of --data"),
+])
+def test_data_flags_without_their_partner_give_one_line_and_exit_2(bench, fa_files, tmp_path,
+                                                                   capsys, argv, message):
+    train, test = fa_files
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([arg.format(train=train, test=test) for arg in argv] + ["--out", str(out)])
+    assert exit_info.value.code == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("factory, data, message", [
+    ("make_fa", ["{train}"], "holds no test set: give --test-data DATA"),
+    ("make_fa", ["{missing}", "--test-data", "{test}"], "no data file"),
+    ("build_two_arguments", ["{train}", "--test-data", "{test}"],
+     "is called as FUNCTION() with --data"),
+])
+def test_bad_data_or_factory_is_one_line_before_any_output(bench, fa_files, tmp_path, capsys,
+                                                           factory, data, message):
+    train, test = fa_files
+    (tmp_path / "factories.py").write_text(
+        "from user_models import FactorAnalysis\n\n\n"
+        "def build_two_arguments(input_dim, name):\n"
+        "    return FactorAnalysis(input_dim)\n")
+    spec = (f"{USER_MODELS}:{factory}" if factory == "make_fa"
+            else f"{tmp_path / 'factories.py'}:{factory}")
+    paths = dict(train=train, test=test, missing=tmp_path / "missing.npz")
+    out = tmp_path / "out"
+    assert bench.main(["--model-factory", spec, "--data",
+                       *(arg.format(**paths) for arg in data), *TINY, "--out", str(out)]) == 2
+    assert message in _one_error_line(capsys)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ refusals, device
