@@ -4,13 +4,16 @@
 that are just as usable from Python. A user error prints one line and exits with status 2.
 ``python -m pyro_vae`` runs the same ``main``; under torchrun
 (``torchrun --nproc-per-node=N -m pyro_vae train ...``) ``train`` and ``evaluate`` run on every
-rank and only rank 0 prints the summary.
+rank and only rank 0 prints the summary. Ctrl-C ends a command with one line and status 130,
+SIGTERM with one line and status 143; either way a run folder is left resumable.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +22,8 @@ from .config import (ACTIVATION_NAMES, BINARIZATIONS, DATASETS, DEVICES, ELBOS, 
 from .errors import PyroVAEError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
 
 
@@ -41,6 +46,36 @@ def parse_seed(text: str) -> int:
         return check_seed(value)
     except PyroVAEError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by the handler :func:`main` installs (a
+    ``BaseException``, like ``KeyboardInterrupt``, so no ``except Exception`` swallows it)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def _writer_rank() -> bool:
+    """Whether this process is the only one or rank 0 under torchrun. The other ranks keep
+    SIGTERM's default, ending at once when torchrun stops them: they write nothing, and a
+    Python handler would wait for a blocked collective or rendezvous to return first."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) <= 1 or int(os.environ.get("RANK") or 0) == 0
+    except ValueError:
+        return True
+
+
+def _path(text: str) -> Path:
+    """An argparse ``type`` for a path: an empty one (an unset shell variable) would otherwise
+    become the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?)")
+    return Path(text)
 
 
 def _positive_int(text: str) -> int:
@@ -141,8 +176,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
     p.add_argument("--seed", type=parse_seed, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
-    p.add_argument("--out", type=Path, help="run folder (default runs/<dataset>)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+    p.add_argument("--out", type=_path, help="run folder (default runs/<dataset>); it may not "
+                                             "hold another run")
+    p.add_argument("--force", action="store_true",
+                   help="write the run into an --out folder that holds other files (never "
+                        "over another run)")
+    p.add_argument("--resume", type=_path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--traced", action="store_true",
@@ -161,7 +200,7 @@ def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write a grid of new images from a saved run")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--num", type=_positive_int, default=64,
                    help="number of images (default 64); CVAE runs: split evenly over the labels, "
                         "at least one each")
@@ -171,7 +210,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                         "run) instead of showing the decoder mean")
     p.add_argument("--label", type=int, action="append",
                    help="CVAE runs: generate this label (repeatable; default one row per label)")
-    p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
+    p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
 
@@ -184,7 +223,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "eval-<split>.json, eval-<split>.nc, gap-<split>.png and, "
                                    f"with K >= {MIN_KHAT_PARTICLES}, khat-<split>.png into the "
                                    "run folder.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--particles", type=_positive_int, default=defaults.particles,
                    help=f"importance samples K per datapoint (default {defaults.particles})")
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
@@ -213,7 +252,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
                        description="Classify by argmax_y log p_K(x | y) + log p(y); writes "
                                    "classify-<split>.json (with p(y | x) per image) and "
                                    "confusion-<split>.png into the run folder.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--particles", type=_positive_int, default=100,
                    help="importance samples K per image and label (default 100)")
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
@@ -229,9 +268,9 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="style transfer with a CVAE run",
                        description="Encode test images with their true label and decode the "
                                    "same z with every label: a grid, one row per image.")
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--num", type=_positive_int, default=8, help="source images (default 8)")
-    p.add_argument("--output", type=Path, help="PNG path (default RUN_DIR/transfer.png)")
+    p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/transfer.png)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
@@ -246,22 +285,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (:class:`~pyro_vae.errors.PyroVAEError`, or an
+    :class:`OSError` such as a full disk) prints one line and returns :data:`EXIT_USER_ERROR`;
+    Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
+    only process or torchrun's rank 0)."""
     from .commands import COMMANDS
+    from .io import describe_os_error
 
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and _writer_rank():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except PyroVAEError as exc:
-        print(f"pyro-vae {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pyro-vae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
-        print(f"pyro-vae {args.command}: error: {exc}", file=sys.stderr)
+        print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"pyro-vae {args.command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         from .distributed import shutdown
 
         shutdown()

@@ -99,7 +99,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if changed:
             raise PyroVAEError(f"{changed} cannot change on --resume: only --epochs, --device "
                                "and --data-dir may be given")
-        config, model_class = read_run_config(args.resume)
+        if args.force:
+            raise PyroVAEError("--force is for a new run's --out, not for --resume")
+        config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
         refuse_python_only(args.resume, config, model_class)
         updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
         config = config.replace(**updates)
@@ -109,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = args.out or _default_out(config)
     result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
                  progress=not args.quiet, download=args.download,
-                 dist_timeout=args.dist_timeout, fused=not args.traced)
+                 dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force)
     if not current_context().is_main:
         return 0
     history = result.history

@@ -169,22 +169,64 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        """The config of a saved ``to_dict`` (a run's config.json or checkpoint): every field
+        is checked by type (a :class:`~pyro_vae.errors.ConfigError` naming it) before the
+        ranges the dataclasses check."""
+        import json
+        import math
+
+        def shown(value: Any) -> str:
+            try:
+                text = json.dumps(value)
+            except (TypeError, ValueError):
+                return f"a {type(value).__name__}"
+            return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+        def typed(name: str, value: Any, annotation: str) -> Any:
+            optional = annotation.endswith(" | None")
+            kind = annotation.removesuffix(" | None")
+            if value is None and optional:
+                return None
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            number = (whole or isinstance(value, float)) and math.isfinite(value)
+            if kind == "int":
+                ok, wanted = whole, "a whole number"
+            elif kind == "float":
+                ok, wanted = number, "a finite number"
+            elif kind == "str":
+                ok, wanted = isinstance(value, str), "a string"
+            elif kind == "tuple[int, ...]":
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+                wanted = "a list of whole numbers"
+                value = tuple(value) if ok else value
+            else:
+                return value
+            if not ok:
+                raise ConfigError(f"config field {name} must be {wanted}"
+                                  f"{' or null' if optional else ''}, got {shown(value)}")
+            return value
+
+        def checked(raw: Any, fields: tuple, prefix: str = "") -> dict[str, Any]:
+            names = {f.name: f for f in fields}
+            unknown = set(raw) - set(names)
+            if unknown:
+                raise ConfigError(f"unknown {prefix and 'model '}config keys: {sorted(unknown)}")
+            return {key: typed(prefix + key, value, str(names[key].type))
+                    for key, value in raw.items()}
+
         raw = dict(raw)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         model = raw.pop("model", {})
+        raw = checked(raw, tuple(f for f in dataclasses.fields(cls) if f.name != "model"))
         if model is None:
             return cls(model=None, **raw)
         if not isinstance(model, dict):
-            raise ConfigError("config key 'model' must be a mapping or null")
-        model_known = {f.name for f in dataclasses.fields(ModelConfig)}
-        if set(model) - model_known:
-            raise ConfigError(f"unknown model config keys: {sorted(set(model) - model_known)}")
-        for key in ("hidden", "hidden2"):
-            if key in model:
-                model[key] = tuple(model[key])
+            raise ConfigError(f"config field model must be a mapping or null, got {shown(model)}")
+        model = checked(model, dataclasses.fields(ModelConfig), "model.")
         return cls(model=ModelConfig(**model), **raw)
 
 

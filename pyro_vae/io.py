@@ -1,16 +1,150 @@
-"""Atomic writes: a reader never sees a half-written file."""
+"""Atomic writes: a reader never sees a half-written file, and a failed write is one clear line.
+
+:func:`atomic_path` writes one file through a temporary file beside it (``.NAME.XXXXXXXX.tmp``),
+renamed onto the file when the block succeeds; :func:`atomic_files` writes several that way and
+renames them together at the end, so a failure while writing any of them (a full disk, say)
+leaves every earlier version in place: the folder keeps its last complete set. The temporary
+files are removed on every exit, and SIGINT/SIGTERM are held back while the set is renamed.
+
+A write that fails for a reason of the file system (full disk, quota, permission, read-only
+file system, ...) raises :class:`WriteError`, whose message names the file and the reason in
+words; libraries that report such failures as their own exceptions (``torch.save``'s
+``RuntimeError``, safetensors' ``SafetensorError``, a netCDF writer's error) are recognized by
+the :class:`OSError` they chain, the ``(os error N)`` they quote, or, failing both, by a file
+system left with less than :data:`LOW_SPACE_BYTES` free.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import PyroVAEError
 
 DEFAULT_FILE_MODE = 0o666
+#: Free space below which a library's unexplained write failure is read as a full disk.
+LOW_SPACE_BYTES = 1 << 20
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.ENOENT: "no such file or folder",
+    errno.EISDIR: "it is a folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EFBIG: "file too large",
+    errno.EIO: "input/output error",
+}
+
+
+class WriteError(PyroVAEError, OSError):
+    """A file could not be written; its previous version, if any, is unchanged. ``errno`` is
+    the operating system's code (``errno.ENOSPC`` for a full disk)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def reason(code: int | None, fallback: str = "") -> str:
+    """The errno ``code`` in lower-case words (``"no space left on device"``)."""
+    if code in _REASONS:
+        return _REASONS[code]
+    if code is not None:
+        return os.strerror(code).lower()
+    return fallback or "unknown error"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An :class:`OSError` as one line without Python's ``[Errno N]`` prefix:
+    ``"PATH: reason"``."""
+    words = reason(exc.errno, exc.strerror or str(exc))
+    return f"{exc.filename}: {words}" if exc.filename else words
+
+
+def _chained_os_error(exc: BaseException) -> OSError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        stats = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def failure_code(exc: BaseException, folder: Path) -> int | None:
+    """The errno behind a failed write, or ``None`` when it was no failure of the file system
+    (a bug or an error of the data, re-raised as it is)."""
+    if isinstance(exc, WriteError):
+        return exc.errno
+    found = _chained_os_error(exc)
+    if found is not None:
+        return found.errno
+    quoted = _OS_ERROR_IN_TEXT.search(str(exc))
+    if quoted:
+        return int(quoted.group(1))
+    free = _free_bytes(folder)
+    if free is not None and free < LOW_SPACE_BYTES:
+        return errno.ENOSPC
+    return None
+
+
+def write_failure(path: Path, exc: BaseException) -> WriteError | None:
+    """``exc``, raised while writing ``path``, as a one-line :class:`WriteError` (``None``: not
+    a failure of the file system)."""
+    code = failure_code(exc, path.parent)
+    if code is None:
+        return None
+    return WriteError(f"cannot write {path}: {reason(code)}", code)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while a set of files is renamed, and deliver them after.
+
+    Python runs a signal's handler between two of its instructions, whenever the signal
+    arrived (even just before this block), so the handlers themselves are replaced by a
+    recorder for the block; a signal recorded is raised again once they are back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not None:  # None: a handler Python did not install, left alone
+            previous[signum] = signal.signal(signum, lambda num, frame: caught.append(num))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def _umask() -> int:
@@ -20,32 +154,101 @@ def _umask() -> int:
     return mask
 
 
+class AtomicFiles:
+    """Files written to temporary paths and renamed onto their targets together by
+    :meth:`commit`; made by :func:`atomic_files`."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    @contextmanager
+    def path(self, target: str | os.PathLike) -> Iterator[Path]:
+        """A temporary path to write ``target``'s new content to; a failure of the file system
+        inside the block becomes a :class:`WriteError` naming ``target``."""
+        target = Path(target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                       suffix=".tmp")
+            os.close(fd)
+        except OSError as exc:
+            raise WriteError(f"cannot write {target}: {reason(exc.errno, str(exc))}",
+                             exc.errno) from None
+        self._pending.append((Path(tmp), target))
+        try:
+            yield Path(tmp)
+        except Exception as exc:
+            failure = write_failure(target, exc)  # a nested writer's names its temporary file
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def write_text(self, target: str | os.PathLike, text: str) -> None:
+        with self.path(target) as tmp:
+            _write_text(tmp, text)
+
+    def write_json(self, target: str | os.PathLike, obj: Any) -> None:
+        self.write_text(target, json.dumps(obj, indent=2) + "\n")
+
+    def commit(self) -> None:
+        """Rename every temporary file onto its target, in the order they were opened."""
+        mode = DEFAULT_FILE_MODE & ~_umask()
+        with _signals_held():
+            while self._pending:
+                tmp, target = self._pending[0]
+                try:
+                    os.chmod(tmp, mode)
+                    os.replace(tmp, target)
+                except OSError as exc:
+                    raise WriteError(f"cannot write {target}: {reason(exc.errno, str(exc))}",
+                                     exc.errno) from None
+                self._pending.pop(0)
+
+    def discard(self) -> None:
+        """Remove the temporary files not renamed yet."""
+        for tmp, _ in self._pending:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._pending.clear()
+
+
+@contextmanager
+def atomic_files() -> Iterator[AtomicFiles]:
+    """Write several files as one set: each through :meth:`AtomicFiles.path` (or
+    ``write_json`` / ``write_text``), all renamed onto their targets when the block succeeds,
+    none when it fails; the temporary files never outlive the block."""
+    files = AtomicFiles()
+    try:
+        yield files
+        files.commit()
+    finally:
+        files.discard()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     The file ends with the permissions a plain ``open(path, "w")`` would give it (0666 less the
-    umask), not the owner-only 0600 of :func:`tempfile.mkstemp`.
+    umask), not the owner-only 0600 of :func:`tempfile.mkstemp`. A failure of the file system
+    (see :func:`write_failure`) raises :class:`WriteError`; other exceptions pass unchanged.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, DEFAULT_FILE_MODE & ~_umask())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with atomic_files() as files, files.path(path) as tmp:
+        yield tmp
+
+
+def _write_text(path: Path, text: str) -> None:
+    """The one place text files are written (tests replace it to simulate a full disk)."""
+    path.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with atomic_files() as files:
+        files.write_json(path, obj)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    with atomic_files() as files:
+        files.write_text(path, text)

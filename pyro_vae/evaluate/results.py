@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..io import atomic_path, write_json
+from ..io import atomic_files, atomic_path
 from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, _arviz
 
 METRICS = ("log_px", "elbo", "gap", "var_log_w", "ess")
@@ -105,21 +105,26 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
 def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
                     metadata: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
-    ``khat-<split>.png`` into ``folder``, each atomically; return their paths by kind. Without
-    k-hat an older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
+    ``khat-<split>.png`` into ``folder`` as one set (each to a temporary file, all renamed at
+    the end: a failed write, such as a full disk, leaves the previous evaluation's files and
+    raises :class:`~pyro_vae.io.WriteError`); return their paths by kind. Without k-hat an
+    older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
     folder = Path(folder)
     paths = {"json": folder / f"eval-{split}.json", "netcdf": folder / f"eval-{split}.nc",
              "gap": folder / f"gap-{split}.png"}
-    write_json(paths["json"], _json_safe({**(metadata or {}), **result.to_dict()}))
-    with atomic_path(paths["netcdf"]) as tmp:
-        result.to_inference_data().to_netcdf(str(tmp))
-    title = f"{split}: N = {result.num_datapoints}, K = {result.num_particles}"
-    _plot_gap(result.gap, paths["gap"], title)
     khat_path = folder / f"khat-{split}.png"
-    if result.khat is not None:
-        paths["khat"] = khat_path
-        _plot_khat(result.khat, khat_path, title)
-    else:
+    title = f"{split}: N = {result.num_datapoints}, K = {result.num_particles}"
+    with atomic_files() as files:
+        files.write_json(paths["json"], _json_safe({**(metadata or {}), **result.to_dict()}))
+        with files.path(paths["netcdf"]) as tmp:
+            result.to_inference_data().to_netcdf(str(tmp))
+        with files.path(paths["gap"]) as tmp:
+            _plot_gap(result.gap, tmp, title)
+        if result.khat is not None:
+            paths["khat"] = khat_path
+            with files.path(khat_path) as tmp:
+                _plot_khat(result.khat, tmp, title)
+    if result.khat is None:
         khat_path.unlink(missing_ok=True)
     return paths
 

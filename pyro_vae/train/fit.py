@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,16 +15,16 @@ import torch
 from .. import builtin
 from ..batches import Source, as_source, resolve_device
 from ..config import TrainConfig
-from ..distributed import (SHARED_ORDER_STREAM, barrier, derive_seed, init_distributed,
-                           main_first, rank_seed)
+from ..distributed import (SHARED_ORDER_STREAM, barrier, current_context, derive_seed,
+                           init_distributed, main_first, rank_seed)
 from ..errors import ConfigError, TrainingDiverged
 from ..evaluate.weights import eval_mode
 from ..fused import training_loss
 from ..infer import LinearWarmup
 from ..models import forget_params
 from ..protocol import check_model
-from ..runs import (CHECKPOINT_FILE, History, build_factory_model, check_resumable,
-                    load_checkpoint, load_weights)
+from ..runs import (History, build_factory_model, check_resumable, load_checkpoint,
+                    load_weights, open_run_folder)
 from ..specs import load_data
 from ..traces import guess_max_plate_nesting
 from ..vectorization import particle_mismatch
@@ -97,7 +99,7 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
         resume: bool = False, collate_fn: Callable | None = None,
         callbacks: Sequence[Callback] = (), on_epoch: Callable[[int, History], None] | None = None,
         progress: bool = True, download: bool = False, fused: bool = True,
-        dist_timeout: float | None = None, **options: Any) -> TrainResult:
+        dist_timeout: float | None = None, force: bool = False, **options: Any) -> TrainResult:
     """Train a model/guide pair with SVI on data in any form; return the model and history.
 
     ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
@@ -115,8 +117,11 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
     ``device``, ...), given as ``config`` or as keywords that replace its fields.
 
     With ``run_dir`` the config, history, checkpoint and weights are written there after every
-    epoch (atomically); ``resume=True`` continues that run up to ``config.epochs`` and reaches
-    the same parameters as an uninterrupted run (give the same pair and data again).
+    epoch (atomically, as one set); ``resume=True`` continues that run up to ``config.epochs``
+    and reaches the same parameters as an uninterrupted run (give the same pair and data
+    again). The folder is checked and locked before anything is trained
+    (:func:`~pyro_vae.runs.open_run_folder`): it may not be a file, hold another run, be
+    locked by another process, or (unless ``force``) hold other files.
     ``callbacks`` (:class:`~pyro_vae.train.Callback`) and ``on_epoch(epoch, history)`` run after
     each epoch's checkpoint. Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss
     becomes NaN or infinite; the last good checkpoint stays on disk.
@@ -131,12 +136,37 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
     rank, the gradients are averaged over the ranks, and rank 0 alone writes the run folder.
     """
     config = _config(config, data, options)
-    run_dir = Path(run_dir) if run_dir is not None else None
     if resume and run_dir is None:
         raise ConfigError("resume needs a run folder")
-    if run_dir is not None and not resume and (run_dir / CHECKPOINT_FILE).exists():
-        raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir} "
-                          "or choose another --out")
+    train = functools.partial(_fit, model, data, test_data, config, collate_fn=collate_fn,
+                              callbacks=callbacks, on_epoch=on_epoch, progress=progress,
+                              download=download, fused=fused, dist_timeout=dist_timeout)
+    if run_dir is None:
+        return train(None, False)
+    with open_run_folder(run_dir, config, resume=resume, force=force, model=model,
+                         writer=_writes_run_folder()) as folder:
+        return train(folder.path, folder.resume)
+
+
+def _writes_run_folder() -> bool:
+    """Whether this process writes the run folder: the only process, or rank 0 of torchrun's
+    group (read from the environment, as the group is joined after the folder is prepared)."""
+    context = current_context()
+    if context.enabled:
+        return context.is_main
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) <= 1 or int(os.environ.get("RANK") or 0) == 0
+    except ValueError:
+        return True  # init_distributed reports the bad variable
+
+
+def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: TrainConfig,
+         run_dir: Path | None, resume: bool, *, collate_fn: Callable | None,
+         callbacks: Sequence[Callback], on_epoch: Callable[[int, History], None] | None,
+         progress: bool, download: bool, fused: bool, dist_timeout: float | None
+         ) -> TrainResult:
+    """:func:`fit`'s training, into the run folder :func:`~pyro_vae.runs.open_run_folder`
+    prepared (``resume``: continue from its checkpoint), or into none."""
     device = resolve_device(config.device)
     dist = init_distributed(device, dist_timeout)
     replicas = Replicas(dist)

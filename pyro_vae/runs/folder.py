@@ -1,0 +1,274 @@
+"""The folder a run is written to: one writer at a time (a lock), a path checked before any
+training, temporary files swept, and the folder left clean when a run ends before its first
+checkpoint."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import CheckpointError, ConfigError
+from ..io import DISK_FULL, WriteError, reason, write_json
+from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
+                         MODEL_CLASS_KEY, TRAINING_FILES, load_checkpoint, user_model_class)
+from .loading import read_run_config, refuse_python_only
+
+
+
+def _pid_of(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+class RunFolderLock:
+    """An exclusive :func:`fcntl.flock` lock on ``FOLDER/.lock``, which holds the owner's pid.
+
+    The lock belongs to the open file, so the operating system releases it when the process
+    ends however it ends: a ``.lock`` file left by a killed process is not a held lock. The
+    file is removed on :meth:`release` while still locked; :meth:`acquire` checks that the file
+    it locked is still the one at the path (and tries again if not), so a writer that opened
+    the file just before it was removed cannot hold a lock that a third process also gets."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunFolderLock":
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                             0o666)
+            except OSError as exc:
+                raise CheckpointError(f"cannot write to the run folder {self.folder}: "
+                                      f"{reason(exc.errno, str(exc))}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _pid_of(fd)
+                os.close(fd)
+                raise CheckpointError(f"{self.folder} is being written by another process "
+                                      f"(pid {holder}): wait for it to finish, or choose "
+                                      "another --out") from None
+            except OSError as exc:
+                os.close(fd)
+                raise CheckpointError(f"cannot lock the run folder {self.folder}: "
+                                      f"{reason(exc.errno, str(exc))}") from None
+            try:
+                mine, there = os.fstat(fd), os.stat(self.path)
+                same = (mine.st_ino, mine.st_dev) == (there.st_ino, there.st_dev)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # removed by its last holder meanwhile: lock the new file
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            pass  # the lock holds without the pid
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def sweep_temporary_files(run_dir: Path) -> list[str]:
+    """Remove the temporary files (``.NAME.*.tmp``) that an interrupted writer of the run's
+    own files left; return their names. Only the run's writer, holding the lock, may call it."""
+    removed = []
+    try:
+        entries = os.listdir(run_dir)
+    except OSError:
+        return removed
+    patterns = [f".{name}.*.tmp" for name in TRAINING_FILES]
+    for entry in entries:
+        if any(fnmatch.fnmatchcase(entry, pattern) for pattern in patterns):
+            try:
+                (run_dir / entry).unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _is_own_entry(entry: str) -> bool:
+    return entry == LOCK_FILE or any(fnmatch.fnmatchcase(entry, f".{name}.*.tmp")
+                                     for name in TRAINING_FILES)
+
+
+def _create_folder(run_dir: Path) -> list[Path]:
+    """Create ``run_dir`` and its missing parents; return the folders created, deepest first."""
+    missing = []
+    current = run_dir
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno == errno.EEXIST:
+            raise CheckpointError(f"the run folder {run_dir} is a file, not a folder: choose "
+                                  "a folder for the run") from None
+        raise CheckpointError(f"cannot create the run folder {run_dir}: "
+                              f"{reason(exc.errno, str(exc))}") from None
+    return missing
+
+
+def check_run_folder_path(run_dir: str | Path | None) -> Path:
+    """``run_dir`` as a :class:`~pathlib.Path`, refusing an empty one (an unset shell variable
+    would otherwise make it the current folder) and an existing file."""
+    if run_dir is None or str(run_dir).strip() == "":
+        raise CheckpointError("the run folder is an empty path (an unset shell variable?): "
+                              "name a folder for the run")
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"the run folder {path} is a file, not a folder: choose a folder "
+                              "for the run")
+    return path
+
+
+@dataclass
+class RunFolder:
+    """A run folder this process writes: :func:`open_run_folder`'s answer. ``resume`` says
+    whether training continues from the folder's checkpoint (a folder whose config.json was
+    written but whose first epoch never finished restarts from epoch 1)."""
+
+    path: Path
+    resume: bool
+
+
+def _last_epoch(run_dir: Path) -> int | None:
+    try:
+        epochs = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8"))["epoch"]
+        return int(epochs[-1]) if epochs else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _check_restart(run_dir: Path, config: TrainConfig, model: torch.nn.Module | None) -> None:
+    """A folder stopped before its first checkpoint restarts with its own config only."""
+    saved, saved_class = read_run_config(run_dir)
+    if saved.replace(epochs=config.epochs, device=config.device,
+                     data_dir=config.data_dir) != config:
+        raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
+                              "epochs, device and data_dir may change on resume")
+    if model is None and saved_class is not None:
+        refuse_python_only(run_dir, config, saved_class)
+
+
+@contextmanager
+def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
+                    force: bool = False, model: torch.nn.Module | None = None,
+                    writer: bool = True) -> Iterator[RunFolder]:
+    """Check, lock and prepare a run folder for the training that runs inside the block.
+
+    Before anything is trained: the path may not be empty or a file; a new run's folder is
+    created, and may not hold a run (a checkpoint, or the config.json of a run stopped before
+    its first checkpoint: resume those) nor, unless ``force``, other files; a resumed one must
+    hold a checkpoint or a config.json. The writer (``writer``: rank 0, or the only process)
+    holds :class:`RunFolderLock` for the whole block, removes the temporary files of an
+    interrupted writer on entry and its own on every exit, rebuilds a missing config.json from
+    the checkpoint, and writes a new run's config.json before training starts. If the block
+    ends, by an error or an interruption, before the first checkpoint, that config.json and the
+    folders created are removed again (a start that trained nothing leaves no trace); only a
+    process killed outright leaves it, and then the folder is a run stopped before its first
+    checkpoint, which ``resume`` trains from epoch 1. Other ranks only check."""
+    path = check_run_folder_path(run_dir)
+    checkpoint, config_file = path / CHECKPOINT_FILE, path / CONFIG_FILE
+    if not writer:
+        if not resume and checkpoint.exists():
+            raise ConfigError(f"{path} already holds a run: resume it with --resume {path} or "
+                              "choose another --out")
+        yield RunFolder(path, resume and checkpoint.exists())
+        return
+    if resume and not path.is_dir():
+        raise CheckpointError(f"run folder {path} does not exist")
+    created = [] if resume else _create_folder(path)
+    lock = RunFolderLock(path).acquire()
+    wrote_config = False
+    try:
+        sweep_temporary_files(path)
+        if resume:
+            if checkpoint.exists():
+                if not config_file.exists():
+                    state = load_checkpoint(path)
+                    recorded = ({MODEL_CLASS_KEY: state[MODEL_CLASS_KEY]}
+                                if MODEL_CLASS_KEY in state else {})
+                    write_json(config_file, {**state["config"], **recorded})
+                folder = RunFolder(path, True)
+            elif config_file.exists():
+                _check_restart(path, config, model)
+                folder = RunFolder(path, False)
+            else:
+                raise CheckpointError(f"{path} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): "
+                                      "is it a pyro-vae run folder?")
+        else:
+            if checkpoint.exists():
+                raise ConfigError(f"{path} already holds a run: resume it with --resume {path} "
+                                  "or choose another --out")
+            if config_file.exists():
+                raise ConfigError(f"{path} already holds a run that stopped before its first "
+                                  f"checkpoint ({CONFIG_FILE}, no {CHECKPOINT_FILE}): resume "
+                                  f"it with --resume {path}, which trains it from epoch 1, or "
+                                  "choose another --out")
+            others = sorted(entry for entry in os.listdir(path) if not _is_own_entry(entry))
+            if others and not force:
+                shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+                raise ConfigError(f"{path} holds {len(others)} other file(s) ({shown}) and no "
+                                  "pyro-vae run: choose a new or empty --out, or give --force "
+                                  "to write the run among them")
+            model_class = None if model is None else user_model_class(model, config)
+            recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
+            write_json(config_file, {**config.to_dict(), **recorded})
+            wrote_config = True
+            folder = RunFolder(path, False)
+        try:
+            yield folder
+        except WriteError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            epoch = _last_epoch(path) if checkpoint.exists() else None
+            kept = (f"the run folder keeps its last complete epoch ({epoch}): free some space "
+                    "and resume it" if epoch is not None else "no epoch was saved")
+            raise WriteError(f"{exc}; {kept}", exc.errno) from exc
+    except BaseException:  # an error or an interruption before the first checkpoint
+        if wrote_config and not checkpoint.exists():
+            config_file.unlink(missing_ok=True)
+        raise
+    finally:
+        sweep_temporary_files(path)
+        lock.release()
+        for folder_path in created:
+            try:
+                folder_path.rmdir()  # only if empty: a failed start leaves no trace
+            except OSError:
+                break

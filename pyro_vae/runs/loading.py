@@ -1,0 +1,168 @@
+"""Reading a run back: its config, its pair (rebuilt from the config, a recorded factory or a
+given module) and its data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import data as data_lib
+from ..batches import Source, as_source, resolve_device
+from ..builtin import build_model, eval_source, prepare_data
+from ..config import TrainConfig
+from ..errors import CheckpointError, ConfigError
+from ..io import reason
+from ..specs import load_data, load_factory
+from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_CLASS_KEY, History,
+                         _user_model_refusal, load_checkpoint, load_weights)
+
+
+
+def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
+                    given_model: bool) -> None:
+    """Refuse to resume ``state`` with a different ``config`` (only epochs, device and
+    data_dir may change) or a user's pair without the pair."""
+    saved = TrainConfig.from_dict(state["config"])
+    if saved.replace(epochs=config.epochs, device=config.device,
+                     data_dir=config.data_dir) != config:
+        raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
+                              "epochs, device and data_dir may change on resume")
+    saved_class = state.get(MODEL_CLASS_KEY)
+    if saved_class is not None and not given_model:
+        raise _user_model_refusal(run_dir, saved_class)
+
+
+def read_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`~pyro_vae.config.TrainConfig` saved in a run folder's ``config.json``."""
+    return read_run_config(run_dir)[0]
+
+
+def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
+                    ) -> tuple[TrainConfig, str | None]:
+    """The saved config and the user's model class the run recorded (``None``: a package
+    family, which the config describes).
+
+    Read from ``config.json``; from the checkpoint when ``config.json`` is missing (a
+    checkpoint holds the config too) or, with ``prefer_checkpoint``, whenever there is one (the
+    source of truth, as resuming wants). Every field is checked by type and range."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if (run_dir / CHECKPOINT_FILE).exists() and (prefer_checkpoint or not path.exists()):
+        state = load_checkpoint(run_dir)
+        return TrainConfig.from_dict(state["config"]), state.get(MODEL_CLASS_KEY)
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): is it "
+                              "a pyro-vae run folder?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {reason(exc.errno, str(exc))}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"cannot read {path}: expected a JSON object")
+    model_class = raw.pop(MODEL_CLASS_KEY, None)
+    if model_class is not None and not isinstance(model_class, str):
+        raise CheckpointError(f"cannot read {path}: {MODEL_CLASS_KEY!r} must be a string")
+    try:
+        return TrainConfig.from_dict(raw), model_class
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: str | None
+                       ) -> None:
+    """Refuse a run whose pair only Python can rebuild (trained from Python, no factory)."""
+    if model_class is not None and config.model_factory is None:
+        raise _user_model_refusal(Path(run_dir), model_class)
+
+
+def build_factory_model(spec: str) -> torch.nn.Module:
+    """The pair a ``--model-factory`` spec returns when called with no arguments."""
+    model = load_factory(spec)()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module "
+                          "model/guide pair")
+    return model
+
+
+@dataclass
+class LoadedRun:
+    """A trained run read back from its folder: ``dataset`` is the built-in dataset (``None``
+    for a run on the user's data, whose ``data(split)`` reloads the recorded data specs)."""
+
+    run_dir: Path
+    config: TrainConfig
+    model: torch.nn.Module
+    history: History
+    dataset: data_lib.Dataset | None = None
+
+    def eval_images(self, split: str = "test") -> torch.Tensor:
+        """A built-in run's evaluation images of ``split``."""
+        from ..builtin import evaluation_images
+
+        if self.dataset is None:
+            raise ConfigError(f"{self.run_dir} was trained on the user's own data, not images")
+        _check_split(split)
+        return evaluation_images(self.dataset, split, self.config)
+
+    def data(self, split: str = "test", limit: int | None = None) -> Source:
+        """The data of ``split`` as a source of batches: a built-in run's fixed evaluation
+        binarization, or the run's recorded ``--data`` / ``--test-data``."""
+        _check_split(split)
+        if self.dataset is not None:
+            return eval_source(self.dataset, split, self.config, self.model, limit)
+        spec = self.config.data if split == "train" else (self.config.test_data
+                                                          or self.config.data)
+        if spec is None or (split == "test" and not self.config.test_data
+                            and load_data(spec)[1] is None):
+            given = "--data" if split == "train" else "--test-data"
+            raise ConfigError(f"{self.run_dir} records no {given} for its {split} split (its "
+                              "data were given in Python): pass the data to evaluate")
+        train, test = load_data(spec)
+        source = as_source(train if split == "train" or self.config.test_data else test)
+        param = next(self.model.parameters())
+        return source.head(limit).to(param.device, param.dtype)
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = None, *,
+             model: torch.nn.Module | None = None) -> LoadedRun:
+    """Load the config, weights and data of a run folder (``data_dir`` overrides the saved one).
+
+    The package's families are rebuilt from the config, a pair trained from the command line
+    from its recorded ``--model-factory``. A run of a pair trained from Python needs ``model``,
+    a fresh instance of that class built as for training, into which the weights are loaded;
+    without it such a run raises :class:`~pyro_vae.errors.CheckpointError` (the command
+    line's one-line refusal). The model is returned in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    config, model_class = read_run_config(run_dir)
+    if model is None and model_class is not None:
+        refuse_python_only(run_dir, config, model_class)
+    torch_device = resolve_device(device)
+    state = load_checkpoint(run_dir, map_location=torch_device)
+    config = TrainConfig.from_dict(state["config"])  # the source of truth; checked on loading
+    if model is None and model_class is not None:
+        model = build_factory_model(config.model_factory)
+    if data_dir is not None:
+        config = config.replace(data_dir=data_dir)
+    dataset = prepare_data(config, torch_device) if config.dataset is not None else None
+    if model is None:
+        model = build_model(dataset, config)
+    model = model.to(torch_device)
+    load_weights(model, state["model"], run_dir, model_class)
+    model.eval()
+    return LoadedRun(run_dir, config, model, History.from_dict(state["history"]), dataset)
+
+
+# --- the writer of a run folder -------------------------------------------------------------
