@@ -146,6 +146,12 @@ def init_distributed(device: torch.device | str = "cpu",
         return SINGLE
     if not torch.distributed.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE is {world_size} but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set: launch the ranks "
+                          "with torchrun (which sets them), or unset WORLD_SIZE to run one "
+                          "process")
     global _owned_timeout_s
     timeout = resolve_timeout(timeout_s)
     context = DistributedContext(_env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0),

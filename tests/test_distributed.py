@@ -434,3 +434,16 @@ def test_torchrun_trains_a_users_pair_on_a_users_loader_and_resumes_exactly(tmp_
         assert torch.equal(value, part["model"][name]), name
     assert full["history"]["train_loss"] == part["history"]["train_loss"]
     assert (tmp_path / "part" / "eval-test.json").is_file()
+
+
+def test_world_size_without_a_rendezvous_address_is_one_line(tmp_path):
+    """WORLD_SIZE set by hand (no torchrun): one line naming what is missing, exit 2, no folder."""
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--quiet", "--out",
+                           str(tmp_path / "run")], env=_env(WORLD_SIZE="2", RANK="0"),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == EXIT_USER_ERROR
+    assert done.stderr.strip() == (
+        "pyro-vae train: error: WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not set: "
+        "launch the ranks with torchrun (which sets them), or unset WORLD_SIZE to run one "
+        "process")
+    assert not (tmp_path / "run").exists()

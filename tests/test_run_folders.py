@@ -454,3 +454,19 @@ def test_a_wrong_size_random_state_is_named_on_resume(run_dir, capsys):
     assert "random state rng.data holds 16 bytes where this data generator takes" in \
         one_line(capsys)
     assert snapshot(run_dir) == damaged != before
+
+
+def test_a_plain_pickle_checkpoint_is_refused_in_one_line_without_torch_warnings(tmp_path):
+    import pickle
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with open(run / CHECKPOINT_FILE, "wb") as f:
+        pickle.dump({"model": {}}, f)
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", "evaluate", str(run),
+                           "--particles", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Warning" not in err, err
+    assert "damaged or not a pyro-vae checkpoint" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,10 @@ def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no {CHECKPOINT_FILE}: is it a pyro-vae run folder?")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # torch's warnings about a foreign pickle precede an error that says it all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a "
                               f"pyro-vae checkpoint ({type(exc).__name__})") from None
