@@ -146,12 +146,6 @@ def init_distributed(device: torch.device | str = "cpu",
         return SINGLE
     if not torch.distributed.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise ConfigError(f"WORLD_SIZE is {world_size} but {' and '.join(missing)} "
-                          f"{'is' if len(missing) == 1 else 'are'} not set: launch the ranks "
-                          "with torchrun (which sets them), or unset WORLD_SIZE to run one "
-                          "process")
     global _owned_timeout_s
     timeout = resolve_timeout(timeout_s)
     context = DistributedContext(_env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0),
@@ -162,10 +156,19 @@ def init_distributed(device: torch.device | str = "cpu",
         gpu = torch.device("cuda", context.local_rank)
         torch.cuda.set_device(gpu)
         options = {"backend": "nccl", "device_id": gpu}
-    with _collective(context, "joining the process group"):
-        torch.distributed.init_process_group(timeout=timedelta(seconds=timeout),
-                                             rank=context.rank, world_size=world_size,
-                                             **options)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    try:
+        with _collective(context, "joining the process group"):
+            torch.distributed.init_process_group(timeout=timedelta(seconds=timeout),
+                                                 rank=context.rank, world_size=world_size,
+                                                 **options)
+    except ValueError as exc:  # the env:// rendezvous without its address (no torchrun)
+        if not missing or not any(name in str(exc) for name in missing):
+            raise
+        raise ConfigError(f"WORLD_SIZE is {world_size} but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not set: launch the ranks "
+                          "with torchrun (which sets them), or unset WORLD_SIZE to run one "
+                          "process") from None
     _owned_timeout_s = timeout
     atexit.register(shutdown)
     return context
