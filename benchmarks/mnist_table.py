@@ -117,6 +117,10 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
                                   particle_chunk=min(args.eval_particles, 500), khat=False)
     summary = scored.summary()
     history = result.history
+    if args.per_image is not None:  # for paired differences between rows (same test images)
+        args.per_image.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"log_px": scored.log_px.double(), "elbo": scored.elbo.double()},
+                   args.per_image)
     return {
         "protocol": "dynamic", "model": "1-layer 784-200-200-50 tanh", "estimator": ROWS[args.row],
         "k": k, "budget_minutes": args.minutes, "epochs": len(history.epoch),
@@ -130,6 +134,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         "curve": probe.curve, "train_loss": history.train_loss, "machine": platform.machine(),
         "command": shlex.join([sys.executable, *sys.argv]), "limit": args.limit,
         "test_count": len(test),
+        "per_image": None if args.per_image is None else str(args.per_image),
     }
 
 
@@ -160,12 +165,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="evaluate the first N test images only")
     p.add_argument("--limit", type=int, help="train on the first N training images only")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_table.json"))
+    p.add_argument("--per-image", type=Path,
+                   help="save each test image's log p̂ and ELBO here (.pt) for paired differences")
+    p.add_argument("--pairs", nargs="+", type=Path, metavar="PT",
+                   help="print the paired differences of log p̂ between saved rows, and exit")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
+def paired_differences(paths: list[Path]) -> list[dict[str, Any]]:
+    """Mean and standard error of log p̂_a(x) − log p̂_b(x) over the same test images, for
+    every pair of saved rows: the error of a difference is far smaller than that of either
+    row, because the images' own difficulty cancels."""
+    rows = {path.stem: torch.load(path)["log_px"] for path in paths}
+    out = []
+    names = list(rows)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if rows[a].shape != rows[b].shape:
+                raise PyroVAEError(f"{a} and {b} were evaluated on different test images")
+            diff = rows[a] - rows[b]
+            out.append({"a": a, "b": b, "mean": diff.mean().item(),
+                        "stderr": (diff.std() / math.sqrt(diff.numel())).item()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.pairs:
+        try:
+            for d in paired_differences(args.pairs):
+                print(f"{d['a']} − {d['b']}: {d['mean']:+.3f} ± {d['stderr']:.3f} nats")
+        except (OSError, PyroVAEError) as exc:
+            print(f"mnist_table: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return 0
     if args.minutes is None and args.epochs == build_parser().get_default("epochs"):
         print("mnist_table: give --minutes or --epochs", file=sys.stderr)
         return EXIT_USER_ERROR
