@@ -12,12 +12,13 @@ z_k ~ q(z|x) give per-datapoint log-weights log w_k = log p(x, z_k) − log q(z_
 
 the self-consistency ``var_log_w`` = (1/K) Σ_k (log w_k − ELBO)², the normalized effective sample
 size (Σ w)² / (K Σ w²) and the Pareto k-hat of the weights' right tail (Vehtari et al., 2024,
-"Pareto smoothed importance sampling", JMLR 25(72)), fitted by :func:`arviz.psislw`.
+"Pareto smoothed importance sampling", JMLR 25(72)), the estimate of :func:`arviz.psislw`.
 
 Memory stays bounded: particles are drawn in chunks of ``particle_chunk`` and datapoints in
 batches of ``batch_size``; log p̂, ELBO, variance and ESS are accumulated over chunks with a
-streaming logsumexp, so only k-hat (which needs every weight of a datapoint) holds a
-``[K, batch_size]`` block at once, and the full ``[K, N]`` log-weights are kept only on request.
+streaming logsumexp; k-hat needs only the M + 1 largest weights of each datapoint
+(M = ceil(min(K/5, 3√K))), kept as a running top-M, so memory does not grow with K; the full
+``[K, N]`` log-weights are kept only on request.
 
 Random numbers come from torch's global generator in a fixed order (batch by batch, chunk by
 chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk``. With

@@ -21,7 +21,7 @@ from ..distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_ga
 from ..errors import ConfigError, DataError, PyroVAEError
 from ..traces import guess_max_plate_nesting, vectorized_log_probs
 from ..vectorization import particle_mismatch
-from .khat import MIN_KHAT_PARTICLES, pareto_khat
+from .khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
 from .results import EvaluationResult, GlobalTerm
 
 
@@ -199,7 +199,8 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
                   first_index: int = 0, vectorize: bool = True) -> "EvaluationResult":
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
-    blocks: list[torch.Tensor] | None = [] if with_khat or keep_log_weights else None
+    tail = ParetoTail(num_particles) if with_khat else None
+    blocks: list[torch.Tensor] | None = [] if keep_log_weights else None
     global_sum, global_sites = 0.0, ()
     for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                     particle_chunk=particle_chunk,
@@ -208,6 +209,8 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         accumulator.update(chunk.log_weights)
         global_sum += chunk.global_log_weight.double().sum().item()
         global_sites = chunk.global_sites
+        if tail is not None:
+            tail.update(chunk.log_weights)
         if blocks is not None:
             blocks.append(chunk.log_weights)
     stats = {name: value.cpu() for name, value in accumulator.finalize().items()}
@@ -221,8 +224,8 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
                                   "is NaN or infinite")
     return EvaluationResult(
         num_particles=num_particles, **stats,
-        khat=pareto_khat(full) if with_khat else None,
-        log_weights=full.cpu() if keep_log_weights else None, vectorized=vectorize,
+        khat=tail.khat() if tail is not None else None,
+        log_weights=full.cpu() if full is not None else None, vectorized=vectorize,
         global_term=global_term)
 
 
@@ -301,7 +304,8 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     map-style Dataset collated by ``collate_fn``; or a DataLoader, whose own batches are used.
     Each batch is evaluated with :func:`evaluate` semantics and the per-datapoint results are
     concatenated in order. Peak memory is that of one ``particle_chunk × batch_size``
-    model/guide call plus a ``[K, batch_size]`` block for k-hat; ``keep_log_weights=True`` also
+    model/guide call plus the ``[M + 1, batch_size]`` largest log-weights for k-hat
+    (M = ceil(min(K/5, 3√K))); ``keep_log_weights=True`` also
     keeps all ``[K, N]`` log-weights (on the CPU). Datapoints are independent given the
     parameters, so batching changes which particles are drawn but not their distribution.
 
