@@ -17,17 +17,23 @@ system left with less than :data:`LOW_SPACE_BYTES` free.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import json
 import os
 import re
 import signal
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import PyroVAEError
+
+TEMP_SUFFIX = ".tmp"
+TEMP_RANDOM_CHARS = 8  # what tempfile.mkstemp adds between prefix and suffix
+DEFAULT_NAME_MAX = 255
 
 DEFAULT_FILE_MODE = 0o666
 #: Free space below which a library's unexplained write failure is read as a full disk.
@@ -53,9 +59,10 @@ class WriteError(PyroVAEError, OSError):
     """A file could not be written; its previous version, if any, is unchanged. ``errno`` is
     the operating system's code (``errno.ENOSPC`` for a full disk)."""
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, why: str | None = None) -> None:
         super().__init__(message)
         self.errno = code
+        self.why = why  # the reason in words, when it is more than the errno's
 
     def __str__(self) -> str:
         return self.args[0]
@@ -119,7 +126,8 @@ def write_failure(path: Path, exc: BaseException) -> WriteError | None:
     code = failure_code(exc, path.parent)
     if code is None:
         return None
-    return WriteError(f"cannot write {path}: {reason(code)}", code)
+    why = getattr(exc, "why", None) or reason(code)
+    return WriteError(f"cannot write {path}: {why}", code, why)
 
 
 @contextmanager
@@ -168,8 +176,8 @@ class AtomicFiles:
         target = Path(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                       suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target),
+                                       suffix=TEMP_SUFFIX)
             os.close(fd)
         except OSError as exc:
             raise WriteError(f"cannot write {target}: {reason(exc.errno, str(exc))}",
@@ -214,6 +222,20 @@ class AtomicFiles:
         self._pending.clear()
 
 
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_NAME_MAX
+
+
+def _temporary_prefix(target: Path) -> str:
+    """``.NAME.``, with NAME shortened when the temporary name would pass the file system's
+    limit on a name (a valid 250-character target name must still be writable)."""
+    room = _name_max(target.parent) - len(".." + TEMP_SUFFIX) - TEMP_RANDOM_CHARS
+    return f".{target.name[:max(room, 1)]}."
+
+
 @contextmanager
 def atomic_files() -> Iterator[AtomicFiles]:
     """Write several files as one set: each through :meth:`AtomicFiles.path` (or
@@ -237,6 +259,59 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     with atomic_files() as files, files.path(path) as tmp:
         yield tmp
+
+
+def write_in_child(write: Callable[[], None], path: str | os.PathLike) -> None:
+    """Run ``write()``, which writes ``path``, in a forked child process, so that a writer
+    that crashes the process (h5py, writing a netCDF file onto a full disk, can die of a
+    segmentation fault) ends in a :class:`WriteError` here instead. The child inherits every
+    object, so nothing is copied; where ``fork`` does not exist ``write()`` runs here.
+
+    :raises WriteError: if the child fails for a reason of the file system, or dies.
+    """
+    path = Path(path)
+    if not hasattr(os, "fork"):
+        write()
+        return
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's clean-up
+        os.close(read_end)
+        status = 0
+        try:  # the library's own complaints (h5py prints from destructors) stay out of sight
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            faulthandler.disable()  # a crash is reported by the parent, not dumped here
+            write()
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            code = failure_code(exc, path.parent)
+            report = f"{'' if code is None else code}\n{type(exc).__name__}: {exc}"
+            os.write(write_end, report.encode("utf-8", "replace")[:4096])
+            status = 1
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as reader:
+            report = reader.read().decode("utf-8", "replace")
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    if status == 0:
+        return
+    code_text, _, message = report.partition("\n")
+    if code_text:
+        raise WriteError(f"cannot write {path}: {reason(int(code_text))}", int(code_text))
+    if os.WIFSIGNALED(status):
+        free = _free_bytes(path.parent)
+        code = errno.ENOSPC if free is not None and free < LOW_SPACE_BYTES else errno.EIO
+        why = reason(code) if code == errno.ENOSPC else (
+            f"the writer died of signal {os.WTERMSIG(status)}")
+        raise WriteError(f"cannot write {path}: {why}", code, why)
+    raise RuntimeError(f"writing {path} failed: {message or 'no message'}")
 
 
 def _write_text(path: Path, text: str) -> None:
