@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import data as data_lib
+from . import memory
 from .batches import TensorSource
 from .config import TrainConfig
 from .cvae import CVAE
@@ -22,8 +23,32 @@ from .vae2 import VAE2
 TEST_BINARIZATION_OFFSET = 1
 
 
-def build_model(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
-    """The model family named by ``config.model.family``, sized for ``dataset``."""
+def build_model(dataset: data_lib.Dataset, config: TrainConfig, *, rows: int = 0,
+                training: bool = False, device: torch.device | str = "cpu") -> VAE:
+    """The model family named by ``config.model.family``, sized for ``dataset``.
+
+    Its memory is estimated first on the meta device (:mod:`pyro_vae.memory`): the parameters,
+    plus the activations of ``rows`` datapoint-particles per step (with gradients and Adam's
+    state when ``training``); a network that cannot fit on ``device`` is refused with one line
+    before anything is allocated."""
+    footprint = memory.network_footprint(lambda: _build(dataset, config))
+    if footprint is not None:
+        params, width = footprint
+        nbytes = (memory.training_bytes if training else memory.inference_bytes)(params, width,
+                                                                                 rows)
+        what = (f"the {config.model.family} network ({params:,} parameters"
+                + (f", {rows:,} datapoint-particles per step)" if rows else ")"))
+        memory.require(nbytes, what, device)
+    return _build(dataset, config)
+
+
+def network_width(dataset: data_lib.Dataset, config: TrainConfig) -> int:
+    """Activations per datapoint-particle of the config's network (for memory estimates)."""
+    footprint = memory.network_footprint(lambda: _build(dataset, config))
+    return 1 if footprint is None else footprint[1]
+
+
+def _build(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
     spec = config.model
     common = dict(latent_dim=spec.latent_dim, hidden=spec.hidden, scale_fn=spec.scale_fn,
                   likelihood=spec.likelihood, obs_scale=spec.obs_scale,

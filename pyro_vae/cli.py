@@ -187,7 +187,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--traced", action="store_true",
                    help="run every step through Pyro's traces, not the fused loss of the "
                         "built-in VAE (the same numbers, slower: for checking; not saved)")
+    _add_max_memory(p)
     _add_dist_timeout(p)
+
+
+def _memory_size(text: str) -> int:
+    from .memory import parse_size
+
+    try:
+        return parse_size(text)
+    except PyroVAEError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_max_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                        help="refuse, before allocating, sizes whose estimated memory exceeds "
+                             "SIZE (512M, 4G, ...; default: the memory free on the device)")
 
 
 def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
@@ -212,6 +228,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="CVAE runs: generate this label (repeatable; default one row per label)")
     p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    _add_max_memory(p)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -241,6 +258,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_max_memory(p)
     _add_dist_timeout(p)
 
 
@@ -296,19 +314,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     only process or torchrun's rank 0)."""
     from .commands import COMMANDS
     from .io import describe_os_error
+    from .memory import allocation_message, is_allocation_failure, limit
 
     args = build_parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread() and _writer_rank():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command](args)
+        with limit(getattr(args, "max_memory", None)):
+            return COMMANDS[args.command](args)
     except PyroVAEError as exc:
         print(f"pyro-vae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
         print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",
               file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as exc:
+        if not is_allocation_failure(exc):
+            raise
+        print(f"pyro-vae {args.command}: error: {allocation_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)

@@ -132,6 +132,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from .builtin import network_width
+    from .memory import inference_bytes, require
     from .plots import plot_grid, plot_label_rows, save_figure
     from .runs import load_run
 
@@ -140,6 +142,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
                            "images of a pair with a sample method")
     device = next(run.model.parameters()).device
+    rows = args.num if not run.model.conditional else max(args.num, len(args.label or [0]) or 1)
+    require(inference_bytes(0, network_width(run.dataset, run.config), rows),
+            f"drawing {rows:,} samples", device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:

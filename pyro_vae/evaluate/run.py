@@ -8,12 +8,14 @@ from typing import Any
 
 import pyro
 
+from .. import builtin, memory
 from ..batches import as_source, resolve_device
 from ..config import check_seed
 from ..distributed import init_distributed
 from ..errors import ConfigError
 from ..runs import load_run
 from ..specs import load_data
+from .khat import tail_size
 from .results import EvaluationResult, save_evaluation
 from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, _forked_rng, evaluate_dataset
 
@@ -62,6 +64,24 @@ def _given_data(run: Any, data: Any, limit: int | None) -> Any:
     return as_source(data).head(limit).to(param.device, param.dtype)
 
 
+def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> None:
+    """Refuse, before drawing anything, an evaluation whose chunks cannot fit: a chunk's
+    activations (the package's own networks, whose widths are known), its log-weights, the
+    top-M tails for k-hat and, when kept, all K·N log-weights."""
+    batch = min(config.batch_size, max(num_data, 1))
+    rows = batch * min(config.particle_chunk, config.particles)
+    width = (builtin.network_width(run.dataset, run.config)
+             if run.dataset is not None and builtin.is_builtin(run.model) else 1)
+    nbytes = (memory.inference_bytes(0, width, rows) + rows * 8
+              + (tail_size(config.particles) + 1) * batch * 8
+              + (config.particles * num_data * 8 if keep else 0))
+    param = next(run.model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    memory.require(nbytes, f"evaluating {config.particles:,} particles in chunks of "
+                   f"{min(config.particle_chunk, config.particles):,} on batches of {batch:,}",
+                   device)
+
+
 def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                  split: str = EvalConfig.split, limit: int | None = EvalConfig.limit, *,
                  batch_size: int = EvalConfig.batch_size,
@@ -101,6 +121,7 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                                                                      config.limit)
         keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
+        _require_memory(run, config, source.num_data, keep)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
             result = evaluate_dataset(run.model.model, run.model.guide, source,
                                       num_particles=config.particles,

@@ -158,7 +158,7 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
         config = config.replace(data_dir=data_dir)
     dataset = prepare_data(config, torch_device) if config.dataset is not None else None
     if model is None:
-        model = build_model(dataset, config)
+        model = build_model(dataset, config, device=torch_device)
     model = model.to(torch_device)
     load_weights(model, state["model"], run_dir, model_class)
     model.eval()

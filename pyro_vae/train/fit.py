@@ -186,7 +186,8 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
     if model is None:
         if dataset is None:
             raise ConfigError("no model to train: give a model/guide pair")
-        model = builtin.build_model(dataset, config)
+        rows = config.batch_size * config.particles * config.importance_samples
+        model = builtin.build_model(dataset, config, rows=rows, training=True, device=device)
         model.initialize_from_data(dataset.train.images)
     model = model.to(device)
     if dataset is not None:
