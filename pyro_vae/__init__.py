@@ -1,25 +1,38 @@
 """pyro_vae: variational inference for latent-variable models as first-class Pyro model/guide
 pairs: one training engine (:func:`fit`) for any pair on any data, five ELBO estimators, and a
-per-datapoint evaluator."""
+per-datapoint evaluator.
 
-from .batches import as_source
-from .config import ModelConfig, TrainConfig
-from .data import Dataset, Split, load_dataset, load_digits, load_mnist
-from .errors import (CheckpointError, ConfigError, DataError, PyroVAEError,
-                     TrainingDiverged)
-from .evaluate import evaluate_dataset
-from .models import VAE
-from .protocol import check_model
-from .runs import History, LoadedRun, load_run, read_config
-from .traces import ParticleLogProbs, vectorized_log_probs
-from .train import Callback, TrainResult, fit, make_elbo
+The names below are imported on first use (PEP 562), so ``import pyro_vae`` is instant and the
+command line can answer Ctrl-C during its own start-up with one line."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Callback", "CheckpointError", "ConfigError", "DataError", "Dataset", "History",
-    "LoadedRun", "ModelConfig", "ParticleLogProbs", "PyroVAEError", "Split", "TrainConfig",
-    "TrainResult", "TrainingDiverged", "VAE", "as_source", "check_model",
-    "evaluate_dataset", "fit", "load_dataset", "load_digits", "load_mnist", "load_run",
-    "make_elbo", "read_config", "vectorized_log_probs",
-]
+_EXPORTS = {
+    "as_source": "batches", "ModelConfig": "config", "TrainConfig": "config",
+    "Dataset": "data", "Split": "data", "load_dataset": "data", "load_digits": "data",
+    "load_mnist": "data", "CheckpointError": "errors", "ConfigError": "errors",
+    "DataError": "errors", "PyroVAEError": "errors", "TrainingDiverged": "errors",
+    "evaluate_dataset": "evaluate", "VAE": "models", "check_model": "protocol",
+    "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
+    "ParticleLogProbs": "traces", "vectorized_log_probs": "traces", "Callback": "train",
+    "TrainResult": "train", "fit": "train", "make_elbo": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pyro_vae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

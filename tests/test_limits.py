@@ -219,3 +219,23 @@ def test_a_valid_long_output_name_is_written(run_dir, tmp_path, capsys):
     assert main(["sample", str(run_dir), "--output", str(output), "--num", "4"]) == 0
     assert output.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# --- Ctrl-C during start-up ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8])
+def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, delay):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *TINY, "--out",
+                                str(out)], stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)  # within the imports of torch and Pyro (about 1.5 s here)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+    assert not out.exists() or not any(p.name.endswith(".tmp") for p in out.iterdir())
