@@ -324,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with limit(getattr(args, "max_memory", None)):
             return COMMANDS[args.command](args)
     except PyroVAEError as exc:
-        print(f"pyro-vae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        if _writer_rank() or exc.per_rank:  # an error every rank meets: rank 0 says it
+            print(f"pyro-vae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
         print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",

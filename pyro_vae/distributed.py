@@ -53,6 +53,8 @@ EXIT_BROKEN_GROUP = 2
 class DistributedError(PyroVAEError):
     """A collective failed: another rank died, hangs past the timeout, or disagrees."""
 
+    per_rank = True
+
 
 @dataclass(frozen=True)
 class DistributedContext:

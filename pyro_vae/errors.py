@@ -15,7 +15,12 @@ def shorten(text: str, limit: int) -> str:
 
 
 class PyroVAEError(ValueError):
-    """Base class of the package's user-facing errors."""
+    """Base class of the package's user-facing errors.
+
+    ``per_rank``: under torchrun, whether the error is this rank's own (every rank reports it)
+    rather than one that every rank meets alike (rank 0 alone reports it)."""
+
+    per_rank = False
 
 
 class ConfigError(PyroVAEError):

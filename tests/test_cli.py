@@ -81,7 +81,7 @@ def assert_one_line_error(capsys, message):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
      "train-images-idx3-ubyte.gz not found"),
-    (["train", "--resume", "/nonexistent/run"], "no config.json"),
+    (["train", "--resume", "/nonexistent/run"], "run folder /nonexistent/run does not exist"),
     (["sample", "/nonexistent/run"], "does not exist"),
     (["evaluate", "/nonexistent/run"], "does not exist"),
     (["train", "--epochs", "-3"], "expected a number >= 1, got -3"),

@@ -402,17 +402,20 @@ def test_cuda_ranks_take_the_gpu_of_their_local_rank(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("rank", [0, 1])
 def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(monkeypatch, capsys, tmp_path,
-                                                                   command):
+                                                                   command, rank):
     """--device auto picks CUDA when a GPU is present, so 2 processes on a 1-GPU machine get the
-    error (not a silent CPU run); nothing is written."""
-    _fake_node(monkeypatch, 1, rank=1, local_rank=1, world_size=2, local_world_size=2)
+    error (not a silent CPU run); every rank meets it, rank 0 alone prints it; nothing is
+    written."""
+    _fake_node(monkeypatch, 1, rank=rank, local_rank=rank, world_size=2, local_world_size=2)
     run_dir = tmp_path / "run"
     argv = (["train", "--out", str(run_dir)] if command == "train" else ["evaluate", str(run_dir)])
     assert main([*argv, "--device", "auto", "--quiet"]) == EXIT_USER_ERROR
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == f"pyro-vae {command}: error: {_too_few_gpus(2, 1)}\n"
+    assert captured.err == (f"pyro-vae {command}: error: {_too_few_gpus(2, 1)}\n" if rank == 0
+                            else "")
     assert not run_dir.exists()
 
 

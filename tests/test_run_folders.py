@@ -470,3 +470,64 @@ def test_a_plain_pickle_checkpoint_is_refused_in_one_line_without_torch_warnings
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and "Warning" not in err, err
     assert "damaged or not a pyro-vae checkpoint" in err
+
+
+# 7. divergence, damaged weights, and what the messages name --------------------------------
+
+
+def test_a_runaway_loss_is_a_divergence_not_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert exit_status(["train", *TINY, "--lr", "1e6", "--out", str(out)]) == 2
+    line = one_line(capsys)
+    assert "the training loss rose to" in line and "from" in line and "at the first step" in line
+    assert line.endswith("Try a smaller learning rate than 1e+06 (--lr)"), line
+    assert not out.exists()
+
+
+def test_the_divergence_rule():
+    from pyro_vae.train.loop import DIVERGENCE_RATIO, diverged
+
+    assert not diverged(1e31, None)
+    assert not diverged(50.0, 40.0) and not diverged(-1e6, 40.0)  # falling is never divergence
+    assert diverged(40.0 + DIVERGENCE_RATIO * 40.0 + 1.0, 40.0)
+    assert diverged(DIVERGENCE_RATIO + 0.5, -0.2)  # the scale is at least 1 nat
+
+
+def test_a_tiny_fixed_gaussian_scale_is_named_as_the_cause(tmp_path, capsys):
+    argv = ["train", *TINY, "--likelihood", "gaussian", "--obs-scale", "1e-30",
+            "--out", str(tmp_path / "run")]
+    assert exit_status(argv) == 2
+    line = one_line(capsys)
+    assert "obs_scale 1e-30 is tiny" in line and "--lr" not in line, line
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(run_dir, capsys):
+    state = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+    torch.save(state, run_dir / CHECKPOINT_FILE)
+    damaged = snapshot(run_dir)
+    for argv in (["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"],
+                 ["evaluate", str(run_dir), "--particles", "2", "--quiet"]):
+        assert exit_status(argv) == 2
+        line = one_line(capsys)
+        assert f"holds NaN or infinite weights ({name}" in line and "last good" not in line
+    assert snapshot(run_dir) == damaged
+
+
+def test_a_file_given_as_a_run_folder_is_called_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv in (["evaluate", str(afile)], ["sample", str(afile)],
+                 ["train", "--resume", str(afile)]):
+        assert exit_status(argv) == 2
+        assert one_line(capsys).endswith(f"{afile} is a file, not a run folder")
+
+
+@pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
+def test_under_torchrun_one_rank_reports_a_user_error(tmp_path, monkeypatch, capsys, rank,
+                                                       lines):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert exit_status(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == lines

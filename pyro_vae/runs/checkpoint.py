@@ -302,7 +302,17 @@ def check_checkpoint(state: dict[str, Any]) -> None:
 
 def load_weights(module: torch.nn.Module | torch.optim.Optimizer, weights: dict[str, Any],
                  run_dir: Path, model_class: str | None = None) -> None:
-    """Load ``weights`` into ``module``; ``model_class`` is the user's class the run recorded."""
+    """Load ``weights`` into ``module``; ``model_class`` is the user's class the run recorded.
+    A model's weights that are NaN or infinite are refused (a run that diverged is never saved,
+    so such a checkpoint was damaged or written by something else)."""
+    if isinstance(module, torch.nn.Module):
+        bad = [name for name, value in weights.items()
+               if torch.is_tensor(value) and value.is_floating_point()
+               and not torch.isfinite(value).all()]
+        if bad:
+            raise CheckpointError(f"the checkpoint in {run_dir} holds NaN or infinite weights "
+                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                                  "it cannot be resumed, evaluated or sampled")
     try:
         module.load_state_dict(weights)
     except (RuntimeError, KeyError, ValueError) as exc:

@@ -211,7 +211,8 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
         yield RunFolder(path, resume and checkpoint.exists())
         return
     if resume and not path.is_dir():
-        raise CheckpointError(f"run folder {path} does not exist")
+        raise CheckpointError(f"{path} is a file, not a run folder" if path.exists()
+                              else f"run folder {path} does not exist")
     created = [] if resume else _create_folder(path)
     lock = RunFolderLock(path).acquire()
     wrote_config = False

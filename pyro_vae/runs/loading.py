@@ -50,6 +50,9 @@ def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
     checkpoint holds the config too) or, with ``prefer_checkpoint``, whenever there is one (the
     source of truth, as resuming wants). Every field is checked by type and range."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run folder" if run_dir.exists()
+                              else f"run folder {run_dir} does not exist")
     path = run_dir / CONFIG_FILE
     if (run_dir / CHECKPOINT_FILE).exists() and (prefer_checkpoint or not path.exists()):
         state = load_checkpoint(run_dir)
@@ -145,7 +148,8 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
     line's one-line refusal). The model is returned in eval mode."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
+        raise CheckpointError(f"{run_dir} is a file, not a run folder" if run_dir.exists()
+                              else f"run folder {run_dir} does not exist")
     config, model_class = read_run_config(run_dir)
     if model is None and model_class is not None:
         refuse_python_only(run_dir, config, model_class)

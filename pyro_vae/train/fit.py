@@ -254,9 +254,24 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
     except TrainingDiverged as exc:
         kept = (f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
                 if run_dir is not None and history.epoch else "")
-        raise TrainingDiverged(f"{exc}{kept}. Try a smaller --lr.") from None
+        raise TrainingDiverged(f"{exc}{kept}. {_divergence_hint(config)}") from None
     barrier(dist, "waiting for rank 0 to write the run folder")
     return TrainResult(model, history, run_dir)
+
+
+#: A fixed Gaussian scale below this makes log p(x|z) ~ −(x − μ)²/(2σ²) overflow or dominate.
+SMALL_OBS_SCALE = 1e-3
+
+
+def _divergence_hint(config: TrainConfig) -> str:
+    """What to change after a divergence: a tiny fixed Gaussian scale first, else the step size."""
+    spec = config.model
+    if (spec is not None and spec.likelihood == "gaussian" and spec.obs_scale is not None
+            and spec.obs_scale < SMALL_OBS_SCALE):
+        return (f"The Gaussian likelihood's fixed obs_scale {spec.obs_scale:g} is tiny: "
+                "log p(x|z) grows like 1/obs_scale² and overflows; try a larger obs_scale "
+                "(--obs-scale), or leave it out to learn it")
+    return f"Try a smaller learning rate than {config.lr:g} (--lr)"
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:

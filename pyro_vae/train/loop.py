@@ -71,6 +71,8 @@ class Loop:
     epoch: int = 0
     #: set by a callback to end the run after the current epoch (e.g. a time budget)
     stop: bool = False
+    #: the mean loss per datapoint of this process's first step (the divergence check's origin)
+    initial_loss: float | None = None
 
     def train_epoch(self) -> float:
         """One pass over the training source; the mean loss per datapoint."""
@@ -85,8 +87,11 @@ class Loop:
                 self.estimator.beta = self.warmup(step)
                 size = batch.size
                 self.estimator.global_weight = size / self.source.num_data
-                loss_sum += self.replicas.step(
+                loss = self.replicas.step(
                     lambda: self.step_loss(*batch.args, **batch.kwargs), size, self.optimizer)
+                if self.initial_loss is None:  # one synchronisation per run
+                    self.initial_loss = self.replicas.mean(loss.detach().clone(), size)
+                loss_sum += loss
                 count += size
         return self.replicas.mean(loss_sum, count)
 
@@ -106,11 +111,24 @@ class Loop:
         return self.replicas.total(total, self.generator.device) / self.held_out.num_data
 
 
+#: An epoch whose mean loss rose above the first step's by more than this many times the first
+#: step's magnitude (at least 1 nat) has diverged: no working run climbs that far.
+DIVERGENCE_RATIO = 1000.0
+
+
+def diverged(mean_loss: float, initial_loss: float | None) -> bool:
+    """Whether an epoch's finite ``mean_loss`` has run away from the first step's loss."""
+    if initial_loss is None or not math.isfinite(initial_loss):
+        return False
+    return mean_loss - initial_loss > DIVERGENCE_RATIO * max(abs(initial_loss), 1.0)
+
+
 def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) -> History:
     """Train ``loop`` from the epoch after ``loop.epoch`` up to ``last_epoch``, or until a
     callback sets ``loop.stop``.
 
-    :raises TrainingDiverged: when an epoch's mean loss is NaN or infinite (after the last
+    :raises TrainingDiverged: when an epoch's mean loss is NaN or infinite, or has risen by
+        more than :data:`DIVERGENCE_RATIO` times the first step's magnitude (after the last
         good epoch's callbacks ran).
     """
     try:
@@ -120,6 +138,10 @@ def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) 
             mean_loss = loop.train_epoch()
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"the training loss became {mean_loss} in epoch {epoch}")
+            if diverged(mean_loss, loop.initial_loss):
+                raise TrainingDiverged(
+                    f"the training loss rose to {mean_loss:.4g} nats per datapoint in epoch "
+                    f"{epoch}, from {loop.initial_loss:.4g} at the first step")
             elbo = loop.held_out_elbo()
             loop.replicas.check_in_sync(loop.model)
             loop.history.append(epoch, mean_loss, elbo, time.perf_counter() - start)
