@@ -24,7 +24,8 @@ pair (``load_run(run_dir, model=...)``) and, to evaluate it, the data.
 from .checkpoint import (CHECKPOINT_FILE, CHECKPOINT_KEYS, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
                          MODEL_CLASS_KEY, TRAINING_FILES, WEIGHTS_FILE, History,
                          check_checkpoint, load_checkpoint, load_weights, rng_state,
-                         save_checkpoint, set_rng_state, user_model_class, write_history)
+                         save_checkpoint, set_generator_state, set_rng_state, user_model_class,
+                         write_history)
 from .folder import (RunFolder, RunFolderLock, check_run_folder_path, open_run_folder,
                      sweep_temporary_files)
 from .loading import (LoadedRun, build_factory_model, check_resumable, load_run, read_config,
@@ -35,5 +36,6 @@ __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", 
            "RunFolder", "RunFolderLock", "build_factory_model", "check_checkpoint",
            "check_resumable", "check_run_folder_path", "load_checkpoint", "load_run",
            "load_weights", "open_run_folder", "read_config", "read_run_config",
-           "refuse_python_only", "rng_state", "save_checkpoint", "set_rng_state",
+           "refuse_python_only", "rng_state", "save_checkpoint", "set_generator_state",
+           "set_rng_state",
            "sweep_temporary_files", "user_model_class", "write_history"]

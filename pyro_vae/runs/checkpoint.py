@@ -96,6 +96,12 @@ def _check_rng_size(name: str, saved: torch.Tensor, expected: torch.Tensor) -> N
             "random states come from another kind of device")
 
 
+def set_generator_state(name: str, generator: torch.Generator, saved: torch.Tensor) -> None:
+    """``generator.set_state(saved)``, a state of the wrong size refused naming ``name``."""
+    _check_rng_size(name, saved, generator.get_state())
+    generator.set_state(saved.cpu())
+
+
 def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
     """Restore :func:`rng_state`'s states; a state of the wrong size is a
     :class:`~pyro_vae.errors.CheckpointError` naming it (torch would raise its own error)."""

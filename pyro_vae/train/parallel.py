@@ -18,7 +18,7 @@ import torch
 from ..batches import Batch, Source
 from ..distributed import (SINGLE, DistributedContext, all_gather_objects, all_reduce_sum,
                            broadcast_tensors, check_in_sync)
-from ..runs import rng_state, set_rng_state
+from ..runs import rng_state, set_generator_state, set_rng_state
 from ..errors import CheckpointError
 from .step import svi_step
 
@@ -91,4 +91,4 @@ class Replicas:
             set_rng_state(state["rng"], generator)
             return
         set_rng_state(ranks["rng"][self.dist.rank], generator)
-        order_generator.set_state(ranks["order"].cpu())
+        set_generator_state("order", order_generator, ranks["order"])
