@@ -73,6 +73,9 @@ class Loop:
     stop: bool = False
     #: the mean loss per datapoint of this process's first step (the divergence check's origin)
     initial_loss: float | None = None
+    #: ``compiled(args, kwargs, num_data)``: a compiled step used instead of ``step_loss``
+    #: (:class:`~pyro_vae.train.compiled.CompiledStep`)
+    compiled: Callable[[tuple, dict, int], torch.Tensor] | None = None
 
     def train_epoch(self) -> float:
         """One pass over the training source; the mean loss per datapoint."""
@@ -87,8 +90,12 @@ class Loop:
                 self.estimator.beta = self.warmup(step)
                 size = batch.size
                 self.estimator.global_weight = size / self.source.num_data
-                loss = self.replicas.step(
-                    lambda: self.step_loss(*batch.args, **batch.kwargs), size, self.optimizer)
+                if self.compiled is not None:
+                    loss = self.compiled(batch.args, batch.kwargs, size)
+                else:
+                    loss = self.replicas.step(
+                        lambda: self.step_loss(*batch.args, **batch.kwargs), size,
+                        self.optimizer)
                 if self.initial_loss is None:  # one synchronisation per run
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)
                 loss_sum += loss
