@@ -187,6 +187,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--traced", action="store_true",
                    help="run every step through Pyro's traces, not the fused loss of the "
                         "built-in VAE (the same numbers, slower: for checking; not saved)")
+    p.add_argument("--compile", action="store_true",
+                   help="capture each training step (loss, gradients, Adam) as a graph per "
+                        "batch shape and compile it: faster steps after a compile of seconds; "
+                        "a pair that cannot be captured trains eagerly (not saved; may be "
+                        "given with --resume)")
     _add_max_memory(p)
     _add_dist_timeout(p)
 

@@ -111,7 +111,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_dir = args.out or _default_out(config)
     result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
                  progress=not args.quiet, download=args.download,
-                 dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force)
+                 dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force,
+                 compile=args.compile)
     if not current_context().is_main:
         return 0
     history = result.history
@@ -125,6 +126,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         joint = "x, y" if getattr(result.model, "conditional", False) else "x"
         print(f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
               f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})")
+    compiled = result.compiled
+    if compiled is not None and compiled.disabled is None:
+        print(f"compiled steps: {len(compiled.graphs)} graph(s) compiled in "
+              f"{compiled.compile_seconds:.1f} s; {compiled.compiled_steps} compiled and "
+              f"{compiled.eager_steps} eager steps")
     print(f"run written to {run_dir}")
     return 0
 

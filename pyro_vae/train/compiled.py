@@ -20,6 +20,7 @@ new β (KL warm-up changes it every step), is a new signature: each gets its own
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import pyro
@@ -177,7 +178,25 @@ class CompiledStep:
         buffers = [b for _, b in self.module.named_buffers()]
         return params, buffers, exp_avgs, exp_avg_sqs, steps, lr, tensors
 
-    def _capture(self, tensors: list[torch.Tensor], layout: Any, num_data: int) -> Callable:
+    def _warm_up(self, args: tuple, kwargs: dict) -> None:
+        """One eager loss, without gradients, on a fork of the random state and with the
+        buffers restored afterwards: what the estimator learns about a pair on its first call
+        (whether its networks take a particle dimension, its plate nesting) is learnt by
+        running the pair on real values, which a trace on fake tensors cannot do."""
+        devices = [p.device for p in self.params if p.device.type == "cuda"][:1]
+        saved = [b.detach().clone() for b in self.module.buffers()]
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                    pyro.get_param_store().scope(), pyro.validation_enabled(False):
+                self.wrapper(args, kwargs)
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(self.module.buffers(), saved):
+                    buffer.copy_(value)
+
+    def _capture(self, tensors: list[torch.Tensor], layout: Any, num_data: int,
+                 args: tuple, kwargs: dict) -> Callable:
+        self._warm_up(args, kwargs)
         function = self._step_function(layout, num_data)
         params, buffers, exp_avgs, exp_avg_sqs, steps, lr, _ = self._inputs(tensors)
         leaves = [p.detach().requires_grad_() for p in params]
@@ -217,7 +236,7 @@ class CompiledStep:
                 self.eager_steps += 1
                 return self.eager(args, kwargs, num_data)
             try:
-                self.graphs[key] = self._capture(tensors, layout, num_data)
+                self.graphs[key] = self._capture(tensors, layout, num_data, args, kwargs)
             except _Uncompilable as exc:
                 return self._give_up(str(exc), args, kwargs, num_data)
             first = True
@@ -225,7 +244,12 @@ class CompiledStep:
             first = False
         start = time.perf_counter()
         try:
-            loss = self.graphs[key](*self._inputs(tensors))
+            if first:  # torch.compile compiles now; its internal notices are not the user's
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    loss = self.graphs[key](*self._inputs(tensors))
+            else:
+                loss = self.graphs[key](*self._inputs(tensors))
         except Exception as exc:  # noqa: BLE001 - a compiler failure: the first call only
             if not first:
                 raise

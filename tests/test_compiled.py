@@ -1,0 +1,187 @@
+"""Compiled SVI steps: the captured graph takes the eager step's draws, loss and update for every
+estimator and for users' pairs (sequences with masks, keyword data, a global latent); compiled
+runs resume exactly; what cannot be captured trains eagerly with one line.
+
+Tolerances. The captured graph (``backend=None``) runs the eager step's own tensor operations in
+the same order, so the loss is bit-identical; only Adam's bias corrections are rounded
+differently (float32 tensors in the graph, Python doubles in ``torch.optim.Adam``), about one
+float32 ulp of the update, so parameters agree to 1e-6 after a few steps at lr 1e-2. Inductor's
+kernels (with its random numbers taken from torch's eager generator, ``fallback_random``) also
+reassociate float32 sums: relative 1e-5 on the loss, 1e-5 on the parameters. After the first
+step the losses see parameters that differ by that rounding: relative 1e-5.
+"""
+
+import copy
+import shutil
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae import fit
+from pyro_vae.fused import training_loss
+from pyro_vae.models import VAE
+from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.step import make_elbo, svi_step
+
+sys.path.insert(0, str(Path(__file__).parent))
+from user_models import (FactorAnalysis, LinearSequenceModel, Regression, Sequences,  # noqa: E402
+                         fa_data, pad_collate, regression_data)
+
+LR = 1e-2
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="inductor needs a C++ compiler on the CPU")
+
+
+def _steps(module, estimator, args, kwargs, compiled: bool, steps: int = 3, backend=None,
+           seed: int = 0):
+    module = copy.deepcopy(module)
+    pyro.clear_param_store()
+    loss_fn = training_loss(module, estimator)
+    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    num = next(v for v in [*args, *kwargs.values()] if torch.is_tensor(v)).shape[0]
+
+    def eager(a, k, n):
+        return svi_step(lambda: loss_fn(*a, **k), n, optimizer)
+
+    step = (CompiledStep(module, estimator, optimizer, loss_fn, eager, backend=backend,
+                         log=pytest.fail) if compiled else None)
+    losses = []
+    torch.manual_seed(seed)
+    with pyro.validation_enabled(False):
+        for _ in range(steps):
+            losses.append(step(args, kwargs, num) if compiled else eager(args, kwargs, num))
+    if compiled:
+        assert step.compiled_steps == steps and len(step.graphs) == 1
+    return torch.stack(losses), [p.detach().clone() for p in module.parameters()]
+
+
+def _assert_same_steps(module, estimator, args, kwargs=None, backend=None, rtol=0.0,
+                       atol=1e-6):
+    kwargs = kwargs or {}
+    eager_loss, eager_params = _steps(module, estimator, args, kwargs, compiled=False)
+    graph_loss, graph_params = _steps(module, estimator, args, kwargs, compiled=True,
+                                      backend=backend)
+    if backend is None:  # the first step's draws and loss are the eager step's, bit for bit
+        assert graph_loss[0].item() == eager_loss[0].item()
+    # later losses see parameters that differ by the update's rounding
+    torch.testing.assert_close(graph_loss, eager_loss, rtol=max(rtol, 1e-5), atol=1e-5)
+    for got, want in zip(graph_params, eager_params):
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+def _vae_batch():
+    torch.manual_seed(0)
+    return torch.bernoulli(torch.full((16, 12), 0.4))
+
+
+@pytest.mark.parametrize("name, particles, k", [("trace", 1, 1), ("meanfield", 2, 1),
+                                                ("iwae", 1, 3), ("stl", 2, 1), ("dreg", 1, 3)])
+def test_the_captured_step_equals_the_eager_step_for_every_estimator(name, particles, k):
+    torch.manual_seed(1)
+    module = VAE(12, latent_dim=3, hidden=(8,))
+    _assert_same_steps(module, make_elbo(name, particles, k), (_vae_batch(),))
+
+
+def test_the_captured_step_of_a_sequence_model_with_masks_equals_the_eager_step():
+    batch = pad_collate([Sequences(8, seed=3)[i] for i in range(8)])
+    _assert_same_steps(LinearSequenceModel(), make_elbo("iwae", importance_samples=2,
+                                                        max_plate_nesting=None), (), batch)
+
+
+def test_the_captured_step_of_keyword_data_and_a_full_covariance_guide_equals_eager():
+    _assert_same_steps(Regression(), make_elbo("trace", max_plate_nesting=None), (),
+                       regression_data(32))
+    x = torch.as_tensor(fa_data(32))
+    _assert_same_steps(FactorAnalysis(), make_elbo("meanfield", max_plate_nesting=None), (x,))
+
+
+@needs_compiler
+def test_the_inductor_compiled_step_equals_the_eager_step(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch.manual_seed(1)
+    module = VAE(12, latent_dim=3, hidden=(8,))
+    _assert_same_steps(module, make_elbo("iwae", importance_samples=3), (_vae_batch(),),
+                       backend="inductor", rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_a_resumed_compiled_run_equals_an_uninterrupted_compiled_run(tmp_path):
+    data = fa_data(64)
+    common = dict(batch_size=32, lr=LR, seed=3, final_particles=0, progress=False,
+                  compile=True, elbo="iwae", importance_samples=2)
+    whole = fit(FactorAnalysis(), data, epochs=3, run_dir=tmp_path / "whole", **common)
+    fit(FactorAnalysis(), data, epochs=1, run_dir=tmp_path / "part", **common)
+    resumed = fit(FactorAnalysis(), data, epochs=3, run_dir=tmp_path / "part", resume=True,
+                  **common)
+    assert whole.compiled.compiled_steps == 6 and whole.compiled.disabled is None
+    assert resumed.history.train_loss == whole.history.train_loss
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class DataDependent(FactorAnalysis):
+    """A pair whose control flow reads the data's values: it cannot be captured."""
+
+    def model(self, x):
+        if x.sum() > 0:
+            super().model(x)
+        else:
+            super().model(-x)
+
+
+def test_a_pair_with_data_dependent_control_flow_trains_eagerly_with_one_line(capsys):
+    data = fa_data(32)
+    common = dict(batch_size=32, epochs=2, lr=LR, seed=0, final_particles=0, progress=False)
+    eager = fit(DataDependent(), data, **common)
+    capsys.readouterr()
+    fallback = fit(DataDependent(), data, compile=True, **common)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyro-vae: compiled steps off: the step could "
+                                               "not be captured"), err
+    assert fallback.compiled.eager_steps == 2 and fallback.compiled.compiled_steps == 0
+    assert fallback.history.train_loss == eager.history.train_loss
+
+
+def test_new_signatures_past_the_cap_run_eagerly_with_one_line():
+    torch.manual_seed(1)
+    module = VAE(12, latent_dim=3, hidden=(8,))
+    estimator = make_elbo("trace")
+    loss_fn = training_loss(module, estimator)
+    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    notes = []
+    step = CompiledStep(module, estimator, optimizer, loss_fn,
+                        lambda a, k, n: svi_step(lambda: loss_fn(*a, **k), n, optimizer),
+                        backend=None, max_graphs=1, log=notes.append)
+    x = _vae_batch()
+    with pyro.validation_enabled(False):
+        for batch in (x, x[:5], x, x[:7]):
+            step((batch,), {}, batch.shape[0])
+    assert (step.compiled_steps, step.eager_steps, len(step.graphs)) == (2, 2, 1)
+    assert notes == ["compiled steps: more than 1 input signatures (batch shapes, β values); "
+                     "the others run eagerly"]
+
+
+def test_an_optimizer_other_than_adam_is_refused_in_one_line():
+    module = VAE(12, latent_dim=3, hidden=(8,))
+    notes = []
+    step = CompiledStep(module, make_elbo("trace"), torch.optim.SGD(module.parameters(), lr=LR),
+                        lambda x: x, lambda a, k, n: torch.zeros(()), log=notes.append)
+    assert step.disabled and notes == ["compiled steps off: the optimizer is SGD, and only "
+                                       "Adam's update is compiled; training eagerly"]
+
+
+@needs_compiler
+def test_the_command_line_reports_the_compiled_steps(tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    argv = ["train", "--epochs", "2", "--batch-size", "512", "--latent-dim", "2", "--hidden",
+            "8", "--device", "cpu", "--quiet", "--compile", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # 1497 training digits in batches of 512: two full batches and one of 473, two graphs
+    assert "compiled steps: 2 graph(s) compiled in" in out and "6 compiled and 0 eager" in out
