@@ -61,6 +61,122 @@ ROWS = [  # (data dim, hidden, latent, batch, estimator)
     (784, 200, 50, 20, "trace"),
 ]
 LR = 1e-3
+USER_ROWS = ["global latent", "sequences"]
+
+
+class GlobalBiasVAE(torch.nn.Module):
+    """A user-style pair with a global latent: the 64-128-8 VAE whose decoder output bias
+    b ~ N(0, I) is shared by all datapoints, with a Gaussian guide q(b) of its own."""
+
+    def __init__(self, d: int = 64, h: int = 128, latent: int = 8):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Softplus(),
+                                           torch.nn.Linear(h, 2 * latent))
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent, h), torch.nn.Softplus(),
+                                           torch.nn.Linear(h, d))
+        self.q_bias = torch.nn.Parameter(torch.zeros(2, d))
+        self.latent = latent
+
+    def model(self, x):
+        import pyro.distributions as dist
+
+        pyro.module("global_vae", self)
+        bias = pyro.sample("bias", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0)
+                            .to_event(1))
+            logits = self.decoder(z) + bias.unsqueeze(-2)
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x):
+        import pyro.distributions as dist
+
+        pyro.module("global_vae", self)
+        pyro.sample("bias", dist.Normal(self.q_bias[0], F.softplus(self.q_bias[1])).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw)).to_event(1))
+
+
+class MaskedSequences(torch.nn.Module):
+    """A user-style sequence pair on padded batches with a mask: z ~ N(0, I),
+    x_t ~ N(MLP(z)_t, 0.3²) on the real steps; guide q(z | x, mask) from an MLP of the masked
+    sequence and its length."""
+
+    def __init__(self, steps: int = 20, h: int = 64, latent: int = 4):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(2 * steps, h), torch.nn.Softplus(),
+                                           torch.nn.Linear(h, 2 * latent))
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent, h), torch.nn.Softplus(),
+                                           torch.nn.Linear(h, steps))
+        self.latent = latent
+
+    def model(self, x, mask):
+        import pyro.distributions as dist
+
+        pyro.module("sequences", self)
+        with pyro.plate("sequences", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0)
+                            .to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z), 0.3).mask(mask).to_event(1), obs=x)
+
+    def guide(self, x, mask):
+        import pyro.distributions as dist
+
+        pyro.module("sequences", self)
+        with pyro.plate("sequences", x.shape[0]):
+            inputs = torch.cat([x * mask, mask.to(x.dtype)], -1)
+            loc, raw = self.encoder(inputs).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw)).to_event(1))
+
+
+def user_row(name: str, rounds: int, block_s: float) -> dict:
+    """A user's pair: the package eager (traced, the only path such a pair has), compiled, and
+    stock Pyro's SVI on the same pair; NumPyro and hand-written torch would be other programs."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    g = torch.Generator().manual_seed(1)
+    if name == "global latent":
+        make = GlobalBiasVAE
+        args, kwargs = (torch.bernoulli(torch.full((128, 64), 0.3), generator=g),), {}
+        net, batch, num_data = "64-128-8 + global bias", 128, 1797
+    else:
+        make = MaskedSequences
+        lengths = torch.randint(2, 21, (32,), generator=g)
+        mask = torch.arange(20)[None, :] < lengths[:, None]
+        args, kwargs = (), {"x": torch.randn(32, 20, generator=g) * mask, "mask": mask}
+        net, batch, num_data = "sequences T=20, 20-64-4", 32, 32
+    steps, notes = {}, {}
+    for impl in ("eager_traced", "compiled", "stock_pyro"):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        pair = make()
+        if impl == "stock_pyro":
+            svi = SVI(pair.model, pair.guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
+            steps[impl] = lambda svi=svi: svi.step(*args, **kwargs)
+            continue
+        estimator = make_elbo("trace", max_plate_nesting=1)
+        estimator.global_weight = batch / num_data
+        loss = training_loss(pair, estimator)
+        optimizer = torch.optim.Adam(pair.parameters(), lr=LR)
+
+        def eager(a, k, n, loss=loss, optimizer=optimizer):
+            return svi_step(lambda: loss(*a, **k), n, optimizer)
+
+        if impl == "compiled":
+            step = CompiledStep(pair, estimator, optimizer, loss, eager,
+                                log=lambda m: print(m, file=sys.stderr))
+            start = time.perf_counter()
+            with pyro.validation_enabled(False):
+                step(args, kwargs, batch)
+            notes["compile_s"] = time.perf_counter() - start
+            notes["compiled"] = step.disabled is None
+            steps[impl] = lambda step=step: step(args, kwargs, batch)
+        else:
+            steps[impl] = lambda eager=eager: eager(args, kwargs, batch)
+    ms = _interleave(steps, rounds, block_s)
+    return {"net": net, "batch": batch, "elbo": "trace", "ms": ms,
+            "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()}, **notes}
 
 
 def package_steps(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
@@ -210,6 +326,14 @@ def time_row(row, rounds: int, block_s: float) -> dict:
               file=sys.stderr)
     else:
         steps["numpyro"] = peer
+    ms = _interleave(steps, rounds, block_s)
+    return {"net": f"{d}-{h}-{latent}", "batch": batch, "elbo": elbo, "ms": ms,
+            "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()}, **notes}
+
+
+def _interleave(steps: dict, rounds: int, block_s: float) -> dict[str, float]:
+    """Median milliseconds per step of each implementation over rounds of blocks whose order
+    rotates, after a warm-up and a calibration to blocks of about ``block_s``."""
     counts = {}
     with pyro.validation_enabled(False):
         for name, step in steps.items():  # warm up and calibrate to blocks of block_s
@@ -228,23 +352,26 @@ def time_row(row, rounds: int, block_s: float) -> dict:
                 for _ in range(counts[name]):
                     steps[name]()
                 times[name].append((time.perf_counter() - start) / counts[name] * 1e3)
-    ms = {name: statistics.median(values) for name, values in times.items()}
-    return {"net": f"{d}-{h}-{latent}", "batch": batch, "elbo": elbo, "ms": ms,
-            "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()}, **notes}
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="*", help="indices of the rows (default all)")
+    p.add_argument("--rows", type=int, nargs="*",
+                   help=f"indices of the rows (default all): 0-{len(ROWS) - 1} the networks, "
+                        f"{len(ROWS)}-{len(ROWS) + len(USER_ROWS) - 1} users' pairs "
+                        f"({', '.join(USER_ROWS)})")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block-seconds", type=float, default=0.5)
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rows = [ROWS[i] for i in args.rows] if args.rows else ROWS
+    everything = [*ROWS, *USER_ROWS]
+    rows = [everything[i] for i in args.rows] if args.rows else everything
     results = []
     for row in rows:
-        result = time_row(row, args.rounds, args.block_seconds)
+        result = (user_row(row, args.rounds, args.block_seconds) if isinstance(row, str)
+                  else time_row(row, args.rounds, args.block_seconds))
         results.append(result)
         order = ["numpyro", "hand", "stock_pyro", "eager", "eager_traced", "compiled"]
         cells = "  ".join(f"{n} {result['ms'][n]:.3f}" for n in order if n in result["ms"])
