@@ -40,6 +40,7 @@ from pyro import poutine
 from torch import nn
 
 from .batches import batch_length
+from .enumeration import is_enumerated
 from .errors import ConfigError
 from .models import DATA_PLATE
 from .traces import find_data_plate, trace_pair
@@ -136,10 +137,12 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
                           f"{rows} rows: use pyro.plate({plate!r}, x.shape[0])")
     not_reparam = [name for name, site in guide_trace.nodes.items()
                    if site["type"] == "sample" and not site["is_observed"]
-                   and not site["fn"].has_rsample]
+                   and not site["fn"].has_rsample and not is_enumerated(site)]
     if not_reparam:
         raise ConfigError(f"the guide's sites {not_reparam} are not reparameterizable; the "
-                          "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal)")
+                          "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal), or "
+                          "a discrete site marked for enumeration (infer={'enumerate': "
+                          "'parallel'}) to be summed out")
     if any(site["type"] == "sample" and site["is_observed"]
            for site in guide_trace.nodes.values()):
         raise ConfigError(f"the guide of {what} observes a site: observations belong in the model")

@@ -293,7 +293,9 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
     computes each site's log-density on :func:`compact_distribution` (the same values with fewer
     operations; the evaluator uses it, under ``torch.no_grad()``). ``vectorize=False`` (one
     particle only) runs the pair without the particle plate, as it would run on its own: the
-    leading dimension of the result is then added after the fact.
+    leading dimension of the result is then added after the fact. A guide whose sites are all
+    fixed (observed: discrete sites being summed out, :mod:`pyro_vae.enumeration`) has no latent
+    site and ``log_q`` = 0.
 
     :returns: :class:`ParticleLogProbs` with ``log_p`` and ``log_q`` of shape ``[K, N]``.
     """
@@ -340,7 +342,8 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
 
     guide_latents = [site_name for site_name, site in guide_trace.nodes.items()
                      if site["type"] == "sample" and not site["is_observed"]]
-    if not guide_latents:
+    if not guide_latents and not any(site["type"] == "sample"
+                                     for site in guide_trace.nodes.values()):
         raise ConfigError("the guide has no latent sample sites")
     check_guide_latents_in_model(
         [site_name for site_name in guide_latents

@@ -29,6 +29,7 @@ from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 from torch import nn
 
+from ..enumeration import configurations, enumerated_sites_of, fixed
 from ..errors import ConfigError, PyroVAEError
 from ..traces import guess_max_plate_nesting, site_log_prob, trace_pair
 from ..vectorization import particle_mismatch
@@ -123,6 +124,9 @@ class ELBOEstimator(ELBO):
     #: The guide is replayed on its own draws (``stl``, ``dreg``): its networks must give the
     #: same output twice, so a module in train mode with active dropout is refused.
     needs_deterministic_guide: ClassVar[bool] = False
+    #: whether guide sites marked for enumeration are summed out inside the log-weight
+    #: (:mod:`pyro_vae.enumeration`); the others refuse such a guide
+    sums_enumerated: ClassVar[bool] = False
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
                  max_plate_nesting: int | None = None):
@@ -276,10 +280,49 @@ class ELBOEstimator(ELBO):
             total = total + self.global_weight * global_term
         return _weighted(scale, -total.mean(0))
 
+    def _enumeration(self, model: Callable, guide: Callable,
+                     guide_trace: Any = None) -> dict[str, torch.Tensor] | None:
+        """The guide's sites marked for enumeration, read from the first draw's guide trace
+        and remembered per pair (``None``: not known yet); refused by the estimators that
+        cannot sum them out."""
+        cache = self.__dict__.setdefault("_enumerated", {})
+        key = (id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide)))
+        if key not in cache and guide_trace is not None:
+            cache[key] = enumerated_sites_of(guide_trace)
+        sites = cache.get(key)
+        if sites and not self.sums_enumerated:
+            raise ConfigError(
+                f"{self.name} cannot sum out the guide sites marked for enumeration "
+                f"{list(sites)}: use iwae (or trace), whose log-weight is the sum over their "
+                "values, or remove the enumerate mark to sample them")
+        return sites
+
+    def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
+                      sites: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """The importance-weighted bound with the enumerated sites summed out,
+        log (1/K) Σ_k Σ_c w_kc per particle and datapoint (``[P, N]``), and the scale factor."""
+        per_configuration, scale = [], 1.0
+        for values in configurations(sites):
+            particles = self._particles(fixed(model, values), fixed(guide, values), args,
+                                        kwargs)
+            if particles.global_latents:
+                raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
+                                  "cannot be combined: each configuration would draw its own")
+            per_configuration.append(self._log_weights(particles))
+            scale = particles.scale
+        summed = torch.logsumexp(torch.stack(per_configuration), 0)
+        return importance_weighted_bound(summed, dim=1), scale
+
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
+        if self._enumeration(model, guide):
+            return self._loss(*self._summed_bound(model, guide, args, kwargs,
+                                                  self._enumeration(model, guide)))
         particles = self._particles(model, guide, args, kwargs)
+        if self._enumeration(model, guide, particles.guide_trace):  # found on the first draw
+            return self._loss(*self._summed_bound(model, guide, args, kwargs,
+                                                  self._enumeration(model, guide)))
         return self._loss(self._surrogate(particles, model, guide, args, kwargs),
                           particles.scale,
                           self._global_term(particles, guide, args, kwargs,
@@ -288,7 +331,14 @@ class ELBOEstimator(ELBO):
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
-            particles = self._particles(model, guide, args, kwargs)
+            particles = None
+            if not self._enumeration(model, guide):
+                particles = self._particles(model, guide, args, kwargs)
+            if self._enumeration(model, guide, getattr(particles, "guide_trace", None)):
+                loss = torch_item(self._loss(*self._summed_bound(
+                    model, guide, args, kwargs, self._enumeration(model, guide))))
+                warn_if_nan(loss, "loss")
+                return loss
             loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
                                          particles.scale,
                                          self._global_term(particles, guide, args, kwargs,

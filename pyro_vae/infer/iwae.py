@@ -23,3 +23,4 @@ class ImportanceWeightedELBO(ELBOEstimator):
     """
 
     name = "iwae"
+    sums_enumerated = True

@@ -44,6 +44,7 @@ from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 
+from ..enumeration import is_enumerated
 from ..errors import ConfigError
 from ..traces import (PARTICLE_PLATE, check_guide_latents_in_model, find_data_plate,
                       reduce_to_particles, reduce_to_particles_and_data, site_log_prob)
@@ -193,8 +194,12 @@ class _Particles:
         left to :meth:`global_total`."""
         terms = [self.reduce(site_log_prob(site), site["name"]) for site in sites
                  if self.is_local(site)]
-        if not terms:
-            return self.guide_latents[0]["value"].new_zeros(self.shape)
+        if not terms:  # any sample site's value gives the dtype and device
+            value = next(site["value"] for site in self.model_trace.nodes.values()
+                         if site["type"] == "sample")
+            return torch.zeros(self.shape, dtype=torch.get_default_dtype()
+                               if not value.is_floating_point() else value.dtype,
+                               device=value.device)
         return _sum(terms)
 
     def global_total(self, sites: list[dict], log_probs: list[torch.Tensor] | None = None
@@ -297,14 +302,15 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     guide_trace = prune_subsample_sites(raw_guide_trace)
     data_plate = find_data_plate(model_trace, guide_trace)
     guide_latents = _latent_sites(guide_trace)
-    if not guide_latents:
+    if not guide_latents and not any(site["type"] == "sample"
+                                     for site in guide_trace.nodes.values()):
         raise ConfigError("the guide has no latent sample sites")
     model_latents = {site["name"]: site for site in _latent_sites(model_trace)}
     check_guide_latents_in_model(
         [site["name"] for site in guide_latents if site["name"] not in model_latents],
         "latent sample sites")
     for site in guide_latents:
-        if not site["fn"].has_rsample:
+        if not site["fn"].has_rsample and not is_enumerated(site):  # summed out by the caller
             raise ConfigError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                 "reparameterizable; these estimators need rsample. Use pyro.infer.TraceGraph_ELBO "
@@ -318,7 +324,9 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                 "gradient would need a score term these estimators do not have. Sample it in the "
                 "guide, or use pyro.infer.TraceGraph_ELBO or TraceEnum_ELBO")
     scale = _common_scale(model_trace, guide_trace)
-    if is_validation_enabled():
+    fixed = any(site["type"] == "sample" and site["is_observed"]
+                for site in guide_trace.nodes.values())  # sites being summed out
+    if is_validation_enabled() and not fixed:
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting + plated)
     frame = next(frame for trace in (guide_trace, model_trace) for site in trace.nodes.values()
                  if site["type"] == "sample" for frame in site["cond_indep_stack"]

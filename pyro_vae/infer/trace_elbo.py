@@ -20,4 +20,5 @@ class TraceELBO(ELBOEstimator):
     """
 
     name = "trace"
+    sums_enumerated = True
     importance_hint = "use --elbo iwae (or dreg) for importance samples inside it"
