@@ -137,12 +137,13 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
                           f"{rows} rows: use pyro.plate({plate!r}, x.shape[0])")
     not_reparam = [name for name, site in guide_trace.nodes.items()
                    if site["type"] == "sample" and not site["is_observed"]
-                   and not site["fn"].has_rsample and not is_enumerated(site)]
+                   and not site["fn"].has_rsample and not is_enumerated(site)
+                   and not site["fn"].has_enumerate_support]  # discrete: vimco samples it
     if not_reparam:
         raise ConfigError(f"the guide's sites {not_reparam} are not reparameterizable; the "
-                          "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal), or "
-                          "a discrete site marked for enumeration (infer={'enumerate': "
-                          "'parallel'}) to be summed out")
+                          "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal) or a "
+                          "discrete site with a finite support (summed out when marked for "
+                          "enumeration, or sampled by vimco)")
     if any(site["type"] == "sample" and site["is_observed"]
            for site in guide_trace.nodes.values()):
         raise ConfigError(f"the guide of {what} observes a site: observations belong in the model")

@@ -48,11 +48,12 @@ from .dreg import DoublyReparameterizedELBO
 from .elbo import ELBOEstimator, beta_log_weight, importance_weighted_bound
 from .iwae import ImportanceWeightedELBO
 from .meanfield_elbo import MeanFieldELBO
-from .registry import ESTIMATORS, make_estimator
+from .registry import ALL_ESTIMATORS, ESTIMATORS, make_estimator
 from .schedule import LinearWarmup
 from .stl import StickingTheLandingELBO
 from .trace_elbo import TraceELBO
+from .vimco import VIMCO
 
-__all__ = ["ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator", "ImportanceWeightedELBO",
-           "LinearWarmup", "MeanFieldELBO", "StickingTheLandingELBO", "TraceELBO",
+__all__ = ["ALL_ESTIMATORS", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator", "ImportanceWeightedELBO",
+           "LinearWarmup", "MeanFieldELBO", "StickingTheLandingELBO", "TraceELBO", "VIMCO",
            "beta_log_weight", "importance_weighted_bound", "make_estimator"]

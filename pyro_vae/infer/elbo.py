@@ -127,6 +127,9 @@ class ELBOEstimator(ELBO):
     #: whether guide sites marked for enumeration are summed out inside the log-weight
     #: (:mod:`pyro_vae.enumeration`); the others refuse such a guide
     sums_enumerated: ClassVar[bool] = False
+    #: whether guide sites without rsample (discrete, not enumerated) get a score-function
+    #: gradient (:class:`~pyro_vae.infer.vimco.VIMCO`); the others refuse them
+    scores_discrete: ClassVar[bool] = False
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
                  max_plate_nesting: int | None = None):
@@ -181,7 +184,8 @@ class ELBOEstimator(ELBO):
             _check_no_active_dropout(self.name, model, guide)
         try:
             particles = _draw_particles(model, guide, args, kwargs, draws,
-                                        self.max_plate_nesting, plated=plated)
+                                        self.max_plate_nesting, plated=plated,
+                                        allow_discrete=self.scores_discrete)
         except PyroVAEError:
             raise
         except Exception:  # say so if the particle dimension is what the networks tripped on

@@ -277,8 +277,8 @@ class _Particles:
 
 
 def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                    num_particles: int, max_plate_nesting: int, plated: bool = True
-                    ) -> _Particles:
+                    num_particles: int, max_plate_nesting: int, plated: bool = True,
+                    allow_discrete: bool = False) -> _Particles:
     """Trace the guide and replay the model on it, for ``num_particles`` vectorized draws.
 
     A single draw may skip the particle plate (``plated=False``): the same random numbers, the
@@ -310,11 +310,14 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
         [site["name"] for site in guide_latents if site["name"] not in model_latents],
         "latent sample sites")
     for site in guide_latents:
-        if not site["fn"].has_rsample and not is_enumerated(site):  # summed out by the caller
+        if site["fn"].has_rsample or is_enumerated(site):  # enumerated: summed by the caller
+            continue
+        if not (allow_discrete and site["fn"].has_enumerate_support):
             raise ConfigError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
-                "reparameterizable; these estimators need rsample. Use pyro.infer.TraceGraph_ELBO "
-                "or TraceEnum_ELBO for discrete latent variables")
+                "reparameterizable; this estimator needs rsample. For a discrete site, mark it "
+                "for enumeration (infer={'enumerate': 'parallel'}) to sum it out with iwae or "
+                "trace, or sample it with --elbo vimco")
     guided = {site["name"] for site in guide_latents}
     for name, site in model_latents.items():
         if name not in guided and not site["fn"].has_rsample:

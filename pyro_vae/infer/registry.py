@@ -9,24 +9,29 @@ from .iwae import ImportanceWeightedELBO
 from .meanfield_elbo import MeanFieldELBO
 from .stl import StickingTheLandingELBO
 from .trace_elbo import TraceELBO
+from .vimco import VIMCO
 
+#: the estimators for reparameterizable (and enumerated) latents
 ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")
+#: every estimator by name: the above and ``vimco`` for sampled discrete latents
+ALL_ESTIMATORS = (*ESTIMATORS, "vimco")
 
 
 _CLASSES: dict[str, type[ELBOEstimator]] = {
     cls.name: cls for cls in (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO,
-                              StickingTheLandingELBO, DoublyReparameterizedELBO)}
-assert tuple(_CLASSES) == ESTIMATORS
+                              StickingTheLandingELBO, DoublyReparameterizedELBO, VIMCO)}
+assert tuple(_CLASSES) == ALL_ESTIMATORS
 
 
 def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 1,
                    beta: float = 1.0, max_plate_nesting: int | None = None) -> ELBOEstimator:
-    """The estimator called ``name`` (one of :data:`ESTIMATORS`).
+    """The estimator called ``name`` (one of :data:`ALL_ESTIMATORS`).
 
     :raises ConfigError: (a ``ValueError``) for an unknown name or a bad combination, with what
         to use instead.
     """
     if name not in _CLASSES:
-        raise ConfigError(f"unknown estimator {name!r}: choose one of {', '.join(ESTIMATORS)}")
+        raise ConfigError(f"unknown estimator {name!r}: choose one of "
+                          f"{', '.join(ALL_ESTIMATORS)}")
     return _CLASSES[name](num_particles=num_particles, importance_samples=importance_samples,
                           beta=beta, max_plate_nesting=max_plate_nesting)
