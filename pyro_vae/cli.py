@@ -263,6 +263,14 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ais", action="store_true",
+                   help="annealed importance sampling instead: HMC chains from the guide to the "
+                        "posterior, a lower bound on log p(x) that does not depend on the "
+                        "guide's quality; writes ais-<split>.json")
+    p.add_argument("--ais-steps", type=_positive_int, default=500,
+                   help="annealing steps of --ais (default 500)")
+    p.add_argument("--chains", type=_positive_int, default=16,
+                   help="AIS chains per datapoint (default 16)")
     _add_max_memory(p)
     _add_dist_timeout(p)
 

@@ -175,10 +175,48 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ais(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from .evaluate.ais import ais
+    from .io import write_json
+    from .runs import load_run
+
+    run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    data = run.data(args.split, args.limit) if args.data is None else args.data
+    if isinstance(data, str):
+        from .specs import load_data
+
+        param = next(run.model.parameters())
+        from .batches import as_source
+
+        data = as_source(load_data(data)[0]).head(args.limit).to(param.device, param.dtype)
+    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+            pyro.validation_enabled(False):
+        torch.manual_seed(args.seed)
+        result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
+                     num_steps=args.ais_steps, batch_size=args.batch_size)
+    summary = result.summary()
+    out = args.run_dir / f"ais-{args.split}.json"
+    write_json(out, {**summary, "seed": args.seed,
+                     "per_datapoint": {"log_px": result.log_px.tolist(),
+                                       "accept": result.accept.tolist(),
+                                       "ess": result.ess.tolist()}})
+    print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps): "
+          f"{summary['log_px']['mean']:.3f} nats per datapoint over "
+          f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}")
+    print(f"wrote {out.name} in {args.run_dir}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import current_context
     from .evaluate import evaluate_run, format_table
     from .runs import read_config
+
+    if args.ais:
+        return _cmd_ais(args)
 
     result = evaluate_run(args.run_dir, particles=args.particles, split=args.split, data=args.data,
                           limit=args.limit, batch_size=args.batch_size,
