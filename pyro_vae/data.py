@@ -33,6 +33,8 @@ MNIST_FILES = {
     "test_images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
     "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
 }
+BINARIZED_MNIST_FILE = ("binarized_mnist.npz", "6a167d58bf86f02bdbe2f558ff907ce0")
+BINARIZED_MNIST_SIZES = {"train": 50_000, "valid": 10_000, "test": 10_000}
 MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -189,6 +191,49 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
         splits[split] = Split(torch.from_numpy(images.reshape(len(images), -1)).float() / 255.0,
                               torch.from_numpy(labels.astype(np.int64)))
     return Dataset("mnist", splits["train"], splits["test"], image_shape, 10)
+
+
+@dataclass(frozen=True)
+class BinarizedMNIST:
+    """The fixed binarized MNIST of Larochelle and Murray (2011): ``train`` (50 000), ``valid``
+    (10 000) and ``test`` (10 000) images as float32 ``[N, 784]`` tensors of 0/1, each pixel
+    drawn once from Bernoulli(intensity) and kept fixed (Salakhutdinov and Murray 2008)."""
+
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+
+def load_binarized_mnist(data_dir: str | os.PathLike | None = None,
+                         verify: bool = True) -> BinarizedMNIST:
+    """The fixed binarized MNIST from ``binarized_mnist.npz`` (arrays ``train``, ``valid``,
+    ``test`` of uint8 0/1, ``[N, 784]``) in ``data_dir`` (default ``$PYRO_VAE_DATA_DIR``).
+    ``verify=True`` checks the file's MD5 and the published split sizes; every value must be
+    0 or 1 either way. It is not downloaded: the ``.amat`` originals are text files of another
+    format, so put the ``.npz`` in the folder."""
+    folder = resolve_data_dir(data_dir)
+    name, md5 = BINARIZED_MNIST_FILE
+    path = folder / name
+    if not path.exists():
+        raise DataError(f"{name} not found in {folder}: the fixed binarized MNIST is read "
+                        "from that file (arrays train, valid, test)")
+    if verify and md5sum(path) != md5:
+        raise DataError(f"{path} is not the published binarized MNIST: its MD5 is not {md5}")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            parts = {split: arrays[split] for split in BINARIZED_MNIST_SIZES}
+    except (KeyError, ValueError, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    for split, array in parts.items():
+        if array.ndim != 2 or array.shape[1] != 784:
+            raise DataError(f"{path}: {split} has shape {list(array.shape)}, not [N, 784]")
+        if verify and array.shape[0] != BINARIZED_MNIST_SIZES[split]:
+            raise DataError(f"{path}: {split} has {array.shape[0]} images, not "
+                            f"{BINARIZED_MNIST_SIZES[split]}")
+        if array.size and array.max() > 1:
+            raise DataError(f"{path}: {split} holds values other than 0 and 1")
+    return BinarizedMNIST(**{split: torch.from_numpy(array.astype(np.float32))
+                             for split, array in parts.items()})
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,

@@ -1,0 +1,59 @@
+"""Smoke test of the MNIST table's code paths on a small fake fixed-binarized MNIST (nothing
+is trained for real here; the table's numbers come from benchmarks/mnist_table.py runs)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae.data import load_binarized_mnist
+from pyro_vae.errors import DataError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_table.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("mnist_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {split: (rng.random((n, 784)) < 0.15).astype(np.uint8)
+              for split, n in (("train", 120), ("valid", 30), ("test", 20))}
+    np.savez_compressed(tmp_path / "binarized_mnist.npz", **arrays)
+    return tmp_path
+
+
+def test_the_loader_checks_the_published_file(fake_dir):
+    with pytest.raises(DataError, match="not the published binarized MNIST"):
+        load_binarized_mnist(fake_dir)
+    data = load_binarized_mnist(fake_dir, verify=False)
+    assert data.train.shape == (120, 784) and data.train.dtype == torch.float32
+    assert set(data.test.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_fixed_protocol_rows_and_their_paired_difference(fake_dir, tmp_path, capsys):
+    table = _script()
+    out = tmp_path / "table.json"
+    common = ["--protocol", "fixed", "--data-dir", str(fake_dir), "--epochs", "1",
+              "--limit", "100", "--batch-size", "50", "--eval-particles", "5",
+              "--probe-images", "10", "--probe-every", "1", "--quiet", "--out", str(out)]
+    assert table.main([*common, "--row", "vae", "--per-image", str(tmp_path / "vae.pt")]) == 0
+    assert table.main([*common, "--row", "iwae", "--k", "3",
+                       "--per-image", str(tmp_path / "iwae3.pt")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["estimator"], r["k"], r["protocol"]) for r in rows] == [
+        ("meanfield", 1, "fixed"), ("iwae", 3, "fixed")]
+    assert rows[0]["test_images"] == 20 and rows[0]["curve"][0]["epoch"] == 1
+    capsys.readouterr()
+    assert table.main(["--pairs", str(tmp_path / "vae.pt"), str(tmp_path / "iwae3.pt")]) == 0
+    line = capsys.readouterr().out.strip()
+    a, b = (torch.load(tmp_path / f"{n}.pt")["log_px"] for n in ("vae", "iwae3"))
+    assert line.startswith(f"vae − iwae3: {(a - b).mean().item():+.3f} ± ")
