@@ -284,16 +284,11 @@ class ELBOEstimator(ELBO):
             total = total + self.global_weight * global_term
         return _weighted(scale, -total.mean(0))
 
-    def _enumeration(self, model: Callable, guide: Callable,
-                     guide_trace: Any = None) -> dict[str, torch.Tensor] | None:
-        """The guide's sites marked for enumeration, read from the first draw's guide trace
-        and remembered per pair (``None``: not known yet); refused by the estimators that
-        cannot sum them out."""
-        cache = self.__dict__.setdefault("_enumerated", {})
-        key = (id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide)))
-        if key not in cache and guide_trace is not None:
-            cache[key] = enumerated_sites_of(guide_trace)
-        sites = cache.get(key)
+    def _enumeration(self, guide_trace: Any) -> dict[str, torch.Tensor]:
+        """The sites of this call's guide trace marked for enumeration (read on every call: a
+        labelled batch may observe what an unlabelled one sums out); refused by the
+        estimators that cannot sum them out."""
+        sites = enumerated_sites_of(guide_trace)
         if sites and not self.sums_enumerated:
             raise ConfigError(
                 f"{self.name} cannot sum out the guide sites marked for enumeration "
@@ -320,13 +315,10 @@ class ELBOEstimator(ELBO):
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
-        if self._enumeration(model, guide):
-            return self._loss(*self._summed_bound(model, guide, args, kwargs,
-                                                  self._enumeration(model, guide)))
         particles = self._particles(model, guide, args, kwargs)
-        if self._enumeration(model, guide, particles.guide_trace):  # found on the first draw
-            return self._loss(*self._summed_bound(model, guide, args, kwargs,
-                                                  self._enumeration(model, guide)))
+        sites = self._enumeration(particles.guide_trace)
+        if sites:  # this draw only showed which sites to sum: one run per configuration
+            return self._loss(*self._summed_bound(model, guide, args, kwargs, sites))
         return self._loss(self._surrogate(particles, model, guide, args, kwargs),
                           particles.scale,
                           self._global_term(particles, guide, args, kwargs,
@@ -335,12 +327,11 @@ class ELBOEstimator(ELBO):
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
-            particles = None
-            if not self._enumeration(model, guide):
-                particles = self._particles(model, guide, args, kwargs)
-            if self._enumeration(model, guide, getattr(particles, "guide_trace", None)):
-                loss = torch_item(self._loss(*self._summed_bound(
-                    model, guide, args, kwargs, self._enumeration(model, guide))))
+            particles = self._particles(model, guide, args, kwargs)
+            sites = self._enumeration(particles.guide_trace)
+            if sites:
+                loss = torch_item(self._loss(*self._summed_bound(model, guide, args, kwargs,
+                                                                 sites)))
                 warn_if_nan(loss, "loss")
                 return loss
             loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
