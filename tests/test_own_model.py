@@ -126,15 +126,18 @@ class _WrongSize(MixturePriorVAE):
 
 
 class _NotReparameterized(MixturePriorVAE):
+    """A count latent: no rsample and no finite support to sum over (a Categorical would be
+    accepted: summed out when marked for enumeration, or sampled by vimco)."""
+
     def model(self, x):
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Categorical(logits=torch.zeros(3)))
+            z = pyro.sample("z", dist.Poisson(torch.ones(x.shape[0])))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(
-                nn.functional.one_hot(z, 2).float())).to_event(1), obs=x)
+                torch.stack([z, z], -1))).to_event(1), obs=x)
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Categorical(logits=self.mixture_logits[:2]))
+            pyro.sample("z", dist.Poisson(torch.ones(x.shape[0])))
 
 
 class _GlobalLoadings(MixturePriorVAE):
