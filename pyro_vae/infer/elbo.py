@@ -292,14 +292,17 @@ class ELBOEstimator(ELBO):
         if sites and not self.sums_enumerated:
             raise ConfigError(
                 f"{self.name} cannot sum out the guide sites marked for enumeration "
-                f"{list(sites)}: use iwae (or trace), whose log-weight is the sum over their "
-                "values, or remove the enumerate mark to sample them")
+                f"{list(sites)}: use iwae or trace (the log of the sum over their values) or "
+                "meanfield (its exact expectation), or remove the enumerate mark and sample "
+                "them with vimco")
         return sites
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+                      sites: dict[str, torch.Tensor], first: _Particles
+                      ) -> tuple[torch.Tensor, float]:
         """The importance-weighted bound with the enumerated sites summed out,
-        log (1/K) Σ_k Σ_c w_kc per particle and datapoint (``[P, N]``), and the scale factor."""
+        log (1/K) Σ_k Σ_c w_kc per particle and datapoint (``[P, N]``), and the scale factor.
+        ``first`` is the draw that showed the sites (its guide trace holds q(c | x))."""
         per_configuration, scale = [], 1.0
         for values in configurations(sites):
             particles = self._particles(fixed(model, values), fixed(guide, values), args,
@@ -318,7 +321,7 @@ class ELBOEstimator(ELBO):
         particles = self._particles(model, guide, args, kwargs)
         sites = self._enumeration(particles.guide_trace)
         if sites:  # this draw only showed which sites to sum: one run per configuration
-            return self._loss(*self._summed_bound(model, guide, args, kwargs, sites))
+            return self._loss(*self._summed_bound(model, guide, args, kwargs, sites, particles))
         return self._loss(self._surrogate(particles, model, guide, args, kwargs),
                           particles.scale,
                           self._global_term(particles, guide, args, kwargs,
@@ -331,7 +334,7 @@ class ELBOEstimator(ELBO):
             sites = self._enumeration(particles.guide_trace)
             if sites:
                 loss = torch_item(self._loss(*self._summed_bound(model, guide, args, kwargs,
-                                                                 sites)))
+                                                                 sites, particles)))
                 warn_if_nan(loss, "loss")
                 return loss
             loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
