@@ -1,4 +1,4 @@
-"""Command line: ``pyro-vae train | sample | evaluate | classify | transfer``.
+"""Command line: ``pyro-vae train | sample | evaluate | classify | transfer | bdmc``.
 
 ``main`` maps arguments onto :class:`~pyro_vae.config.TrainConfig` and calls library functions
 that are just as usable from Python. A user error prints one line and exits with status 2.
@@ -306,6 +306,25 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
 
+def _add_bdmc(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bdmc", help="bidirectional Monte Carlo: AIS bounds below and above "
+                                    "log p(x) on data simulated from a run's model",
+                       description="Simulate datapoints from a run's model (their latents are "
+                                   "exact posterior draws), then run forward AIS (a lower bound "
+                                   "on log p(x)) and reverse AIS (an upper bound); writes "
+                                   "bdmc.json into the run folder.")
+    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
+    p.add_argument("--num", type=_positive_int, default=100,
+                   help="simulated datapoints (default 100)")
+    p.add_argument("--ais-steps", type=_positive_int, default=500,
+                   help="annealing steps each way (default 500)")
+    p.add_argument("--chains", type=_positive_int, default=16,
+                   help="chains per datapoint (default 16)")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed (default 0)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="pyro-vae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -313,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_evaluate(sub)
     _add_cvae_commands(sub)
+    _add_bdmc(sub)
     return parser
 
 

@@ -138,3 +138,19 @@ def test_enough_annealing_comes_within_a_tenth_of_a_nat_where_importance_samplin
     torch.manual_seed(0)
     result = ais(pair.model, pair.guide, x, num_chains=16, num_steps=400, step_size=0.1)
     assert abs((exact - result.log_px).mean().item()) < 0.1
+
+
+def test_the_bdmc_command_brackets_log_p_of_data_simulated_from_a_run(tmp_path, capsys):
+    import json
+
+    from pyro_vae.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
+    assert main(["bdmc", str(run), "--num", "10", "--ais-steps", "40", "--chains", "4"]) == 0
+    assert "BDMC on 10 simulated datapoints (4 chains, 40 steps)" in capsys.readouterr().out
+    written = json.loads((run / "bdmc.json").read_text())
+    assert len(written["per_datapoint"]["lower"]) == 10
+    # the digits guide is close to the posterior: the bracket is narrow and, up to Monte Carlo
+    # error, the right way round
+    assert -0.2 < written["gap"] < 1.0, written["gap"]

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
 from ..batches import as_source
@@ -295,3 +296,27 @@ def bdmc(model: Callable, guide: Callable, data: Any, latents: dict[str, torch.T
     decoder-based models)."""
     return BDMCResult(lower=ais(model, guide, data, **options),
                       upper=reverse_ais(model, guide, data, latents, **options))
+
+
+def simulate(model: Callable, guide: Callable, data: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Data drawn from the model, and the latents that generated them: exact posterior draws
+    for :func:`bdmc`. ``model(data)`` must take the data as its one argument and observe it
+    at one site; ``data`` only sizes the draw (its values are replaced). Returns the drawn data
+    and ``{site: value}`` of the guide's latents."""
+    with torch.no_grad():
+        conditioned = poutine.trace(model).get_trace(data)
+        observed = [name for name, site in conditioned.nodes.items()
+                    if site["type"] == "sample" and site["is_observed"]]
+        if len(observed) != 1:
+            raise ConfigError(f"simulating needs a model that observes one site, the data it "
+                              f"takes; this one observes {observed}")
+        drawn = poutine.trace(poutine.uncondition(model)).get_trace(data)
+        guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(data))
+        guided = [name for name, site in guide_trace.nodes.items()
+                  if site["type"] == "sample" and not site["is_observed"]]
+        value = drawn.nodes[observed[0]]["value"]
+        if value.shape != data.shape:
+            raise ConfigError(f"the observed site {observed[0]!r} is not the data: shape "
+                              f"{list(value.shape)} against {list(data.shape)}")
+        return value.detach(), {name: drawn.nodes[name]["value"].detach() for name in guided}
