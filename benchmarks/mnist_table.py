@@ -221,8 +221,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save each test image's log p̂ and ELBO here (.pt) for paired differences")
     p.add_argument("--pairs", nargs="+", type=Path, metavar="PT",
                    help="print the paired differences of log p̂ between saved rows, and exit")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="plot the probe curves of the rows in --out into PNG, and exit")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def plot_curves(table: Path, png: Path) -> None:
+    """The probe curves of every row of ``table`` against epochs and training minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(table.read_text())["rows"]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for row in rows:
+        budget = (f"{row['budget_minutes']:.0f} min" if row.get("budget_minutes")
+                  else f"{row['epochs']} epochs")
+        label = (f"{row['protocol']}, {row['model'].split()[0]}, {row['estimator']} "
+                 f"k={row['k']}, {budget}")
+        values = [point["log_px"] for point in row["curve"]]
+        axes[0].plot([point["epoch"] for point in row["curve"]], values, marker=".", label=label)
+        axes[1].plot([point["seconds"] / 60 for point in row["curve"]], values, marker=".",
+                     label=label)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("epoch")
+    axes[1].set_xlabel("training minutes (1 CPU thread)")
+    for axis in axes:
+        axis.set_ylabel("probe log p̂ (K = 100, nats)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="lower right")
+    figure.suptitle("MNIST: probe log p̂ on 1000 held-out images during training")
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
 
 
 def paired_differences(paths: list[Path]) -> list[dict[str, Any]]:
@@ -244,6 +276,10 @@ def paired_differences(paths: list[Path]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plot:
+        plot_curves(args.out, args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     if args.pairs:
         try:
             for d in paired_differences(args.pairs):

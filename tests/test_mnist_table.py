@@ -57,3 +57,5 @@ def test_fixed_protocol_rows_and_their_paired_difference(fake_dir, tmp_path, cap
     line = capsys.readouterr().out.strip()
     a, b = (torch.load(tmp_path / f"{n}.pt")["log_px"] for n in ("vae", "iwae3"))
     assert line.startswith(f"vae − iwae3: {(a - b).mean().item():+.3f} ± ")
+    assert table.main(["--out", str(out), "--plot", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
