@@ -870,8 +870,17 @@ def test_non_reparameterized_guide_is_refused():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Bernoulli(0.3))
 
+    # a discrete site: trace and vimco sample it with a score-function term, the others refuse
+    for name in ("meanfield", "iwae", "stl", "dreg"):
+        with pytest.raises(ValueError, match="not reparameterizable"):
+            _estimator(name).loss(model, guide, torch.zeros(3))
+
+    def poisson_guide(x):  # no finite support: nothing can score it
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Poisson(torch.ones(x.shape[0])))
+
     with pytest.raises(ValueError, match="not reparameterizable"):
-        _estimator("trace").loss(model, guide, torch.zeros(3))
+        _estimator("trace").loss(model, poisson_guide, torch.zeros(3))
 
 
 # ----------------------------------------------------------------------------- SVI and nn.Module

@@ -118,3 +118,31 @@ def test_a_mixture_with_a_sampled_class_trained_by_vimco_reaches_scikit_learns_f
         progress=False, final_particles=0, seed=0)
     ours = -pair.exact_log_likelihood(data).mean().item()
     assert reference - 0.005 < ours < reference + 0.01, (ours, reference)
+
+
+def exact_elbo(pair: Tiny) -> torch.Tensor:
+    """Σ_y q(y) [log p(x, y) − log q(y)], summed over the datapoints."""
+    q = torch.sigmoid(pair.phi)
+    total = 0.0
+    for value in (0.0, 1.0):
+        y = torch.full_like(X, value)
+        log_q = dist.Bernoulli(probs=q).log_prob(y)
+        log_p = dist.Bernoulli(0.3).log_prob(y) + dist.Normal(2 * y - 1, 1.0).log_prob(X)
+        total = total + log_q.exp() * (log_p - log_q)
+    return total.sum()
+
+
+@pytest.mark.parametrize("particles, runs", [(200, 30), (1, 1500)])
+def test_the_trace_score_function_gradient_with_a_baseline_is_unbiased(particles, runs):
+    pair = Tiny()
+    exact = torch.autograd.grad(exact_elbo(pair), pair.phi)[0]
+    estimator = make_elbo("trace", particles, 1, max_plate_nesting=1)  # one running baseline
+    grads = []
+    with pyro.validation_enabled(False):
+        for run in range(runs):
+            torch.manual_seed(run)
+            loss = estimator.differentiable_loss(pair.model, pair.guide, X)
+            grads.append(torch.autograd.grad(-loss, pair.phi)[0])
+    grads = torch.stack(grads)
+    mean, stderr = grads.mean(0), grads.std(0) / math.sqrt(runs)
+    assert ((mean - exact).abs() < 4 * stderr).all(), (mean, exact, stderr)

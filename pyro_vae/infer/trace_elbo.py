@@ -1,9 +1,18 @@
 """``trace``: the reparameterized Monte Carlo ELBO (Pyro's ``Trace_ELBO`` on a reparameterized
-guide), see :class:`TraceELBO`."""
+guide), with score-function terms for sampled discrete sites, see :class:`TraceELBO`."""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
 from .elbo import ELBOEstimator
+from .particles import _Particles
+
+#: Decay of the running baseline of the single-particle score-function term.
+BASELINE_DECAY = 0.9
 
 
 class TraceELBO(ELBOEstimator):
@@ -17,8 +26,39 @@ class TraceELBO(ELBOEstimator):
     Its gradient is the full reparameterization gradient (path and score terms). At β = 1,
     with no model latent left out of the guide, this is the quantity of Pyro's ``Trace_ELBO``
     on a reparameterized guide (the tests compare values and gradients on the same draws).
+
+    Discrete guide sites that are sampled (not marked for enumeration) get the score-function
+    term :math:`(\log w_p - b_p)\,\nabla \log q(h_p \mid x)` with a baseline b_p that does not
+    depend on h_p, so the gradient stays unbiased: with P ≥ 2 particles the mean log-weight of
+    the other particles (per datapoint), with one particle a running mean of earlier batches'
+    mean log-weight (decay :data:`BASELINE_DECAY`; 0 on the first), as in Mnih and Gregor's
+    NVIL without its learned part. A compiled step keeps the baseline it was captured with.
+    For several importance samples use ``vimco``.
     """
 
     name = "trace"
     sums_enumerated = True
+    scores_discrete = True
     importance_hint = "use --elbo iwae (or dreg) for importance samples inside it"
+
+    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+                   kwargs: dict) -> torch.Tensor:
+        log_w = self._bound(particles, model, guide, args, kwargs)            # [P, N]
+        discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample]
+        if not discrete:
+            return log_w
+        if any(not particles.is_local(site) for site in discrete):
+            raise ConfigError("trace: discrete guide sites outside the data plate get no "
+                              "baseline; sum them out (enumeration) or keep them local")
+        log_q = particles.site_total(discrete).reshape(log_w.shape)          # [P, N]
+        signal = log_w.detach()
+        if signal.shape[0] > 1:  # leave-one-out over the particles
+            baseline = (signal.sum(0, keepdim=True) - signal) / (signal.shape[0] - 1)
+        else:  # from earlier batches only: never from this draw
+            previous = self.__dict__.get("_baseline")
+            current = signal.mean().item()
+            baseline = torch.full_like(signal, 0.0 if previous is None else previous)
+            self._baseline = (current if previous is None
+                              else BASELINE_DECAY * previous + (1 - BASELINE_DECAY) * current)
+        score = ((signal - baseline) * log_q)
+        return log_w + score - score.detach()
