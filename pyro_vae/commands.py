@@ -180,7 +180,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate.ais import ais
-    from .io import write_json
+    from .io import atomic_files, write_in_child
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
@@ -199,14 +199,19 @@ def _cmd_ais(args: argparse.Namespace) -> int:
                      num_steps=args.ais_steps, batch_size=args.batch_size)
     summary = result.summary()
     out = args.run_dir / f"ais-{args.split}.json"
-    write_json(out, {**summary, "seed": args.seed,
-                     "per_datapoint": {"log_px": result.log_px.tolist(),
-                                       "accept": result.accept.tolist(),
-                                       "ess": result.ess.tolist()}})
+    netcdf = args.run_dir / f"ais-{args.split}.nc"
+    with atomic_files() as files:  # both or neither; the netCDF writer in a child process
+        files.write_json(out, {**summary, "seed": args.seed,
+                               "per_datapoint": {"log_px": result.log_px.tolist(),
+                                                 "accept": result.accept.tolist(),
+                                                 "ess": result.ess.tolist()}})
+        with files.path(netcdf) as tmp:
+            inference_data = result.to_inference_data()
+            write_in_child(lambda: inference_data.to_netcdf(str(tmp)), tmp)
     print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps): "
           f"{summary['log_px']['mean']:.3f} nats per datapoint over "
           f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}")
-    print(f"wrote {out.name} in {args.run_dir}")
+    print(f"wrote {out.name}, {netcdf.name} in {args.run_dir}")
     return 0
 
 

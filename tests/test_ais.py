@@ -124,6 +124,13 @@ def test_the_command_line_writes_ais_estimates_near_importance_sampling(tmp_path
     written = json.loads((run / "ais-test.json").read_text())
     importance = json.loads((run / "eval-test.json").read_text())["summary"]["log_px"]["mean"]
     assert len(written["per_datapoint"]["log_px"]) == 10
+    from pyro_vae.evaluate.khat import _arviz
+
+    stored = _arviz().from_netcdf(str(run / "ais-test.nc")).ais
+    assert stored.log_weight.shape == (8, 10)
+    torch.testing.assert_close(torch.as_tensor(stored.log_px.values),
+                               torch.tensor(written["per_datapoint"]["log_px"],
+                                            dtype=torch.float64))
     # a well-fitted guide on digits: AIS and IS at K = 2000 agree to a fraction of a nat
     assert abs(written["log_px"]["mean"] - importance) < 0.3, (written["log_px"], importance)
 

@@ -73,6 +73,28 @@ class AISResult:
     khat: torch.Tensor | None
     num_steps: int
 
+    def to_inference_data(self) -> Any:
+        """ArviZ ``InferenceData`` with one group, ``ais``: ``log_px``, ``stderr``, ``ess``,
+        ``accept`` (and ``khat``) with dim ``datapoint``, ``log_weight`` with dims
+        ``("chain", "datapoint")``, the summary as attributes."""
+        import json
+
+        import xarray as xr
+
+        from .khat import _arviz
+
+        data_vars = {name: (("datapoint",), getattr(self, name).numpy())
+                     for name in ("log_px", "stderr", "ess", "accept")}
+        if self.khat is not None:
+            data_vars["khat"] = (("datapoint",), self.khat.numpy())
+        data_vars["log_weight"] = (("chain", "datapoint"), self.log_weights.numpy())
+        coords = {"datapoint": range(self.log_px.shape[0]),
+                  "chain": range(self.log_weights.shape[0])}
+        dataset = xr.Dataset(data_vars, coords=coords,
+                             attrs={"num_steps": self.num_steps,
+                                    "summary": json.dumps(self.summary())})
+        return _arviz().InferenceData(ais=dataset)
+
     def summary(self) -> dict[str, Any]:
         n = self.log_px.shape[0]
         return {"num_datapoints": n, "num_chains": self.log_weights.shape[0],
