@@ -180,18 +180,14 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate.ais import ais
-    from .io import atomic_files, write_in_child
+    from .evaluate.results import write_netcdf
+    from .evaluate.run import given_data
+    from .io import atomic_files
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
-    data = run.data(args.split, args.limit) if args.data is None else args.data
-    if isinstance(data, str):
-        from .specs import load_data
-
-        param = next(run.model.parameters())
-        from .batches import as_source
-
-        data = as_source(load_data(data)[0]).head(args.limit).to(param.device, param.dtype)
+    data = (run.data(args.split, args.limit) if args.data is None
+            else given_data(run, args.data, args.limit))
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -206,8 +202,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
                                                  "accept": result.accept.tolist(),
                                                  "ess": result.ess.tolist()}})
         with files.path(netcdf) as tmp:
-            inference_data = result.to_inference_data()
-            write_in_child(lambda: inference_data.to_netcdf(str(tmp)), tmp)
+            write_netcdf(result.to_inference_data(), tmp)
     print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps): "
           f"{summary['log_px']['mean']:.3f} nats per datapoint over "
           f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}")

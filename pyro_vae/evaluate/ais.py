@@ -251,15 +251,22 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
         log_ws.append(log_w.cpu())
         accepts.append(accept.cpu())
     log_w = torch.cat(log_ws, dim=1)
-    log_px = torch.logsumexp(log_w, 0) - math.log(num_chains)
+    return _result(log_w, torch.cat(accepts), len(betas) - 1,
+                   torch.logsumexp(log_w, 0) - math.log(num_chains),
+                   pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None)
+
+
+def _result(log_w: torch.Tensor, accept: torch.Tensor, num_steps: int, log_px: torch.Tensor,
+            khat: torch.Tensor | None) -> AISResult:
+    """An :class:`AISResult` from the chains' log-weights ``[C, N]``: the delta-method
+    standard error and the normalized ESS of the weights."""
+    num_chains = log_w.shape[0]
     weights = (log_w - log_w.max(0).values).exp()
     normalized = weights / weights.sum(0)
-    ess = 1.0 / (num_chains * normalized.square().sum(0))
-    relative = weights.std(0) / weights.mean(0) / math.sqrt(num_chains)
-    return AISResult(log_px=log_px, stderr=relative, ess=ess, accept=torch.cat(accepts),
-                     log_weights=log_w,
-                     khat=pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None,
-                     num_steps=len(betas) - 1)
+    return AISResult(log_px=log_px,
+                     stderr=weights.std(0) / weights.mean(0) / math.sqrt(num_chains),
+                     ess=1.0 / (num_chains * normalized.square().sum(0)), accept=accept,
+                     log_weights=log_w, khat=khat, num_steps=num_steps)
 
 
 def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, torch.Tensor],
@@ -288,12 +295,7 @@ def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, 
         accepts.append(accept.cpu())
     log_w = torch.cat(log_ws, dim=1)
     upper = -(torch.logsumexp(log_w, 0) - math.log(num_chains))
-    weights = (log_w - log_w.max(0).values).exp()
-    normalized = weights / weights.sum(0)
-    return AISResult(log_px=upper, stderr=weights.std(0) / weights.mean(0) / math.sqrt(num_chains),
-                     ess=1.0 / (num_chains * normalized.square().sum(0)),
-                     accept=torch.cat(accepts), log_weights=log_w, khat=None,
-                     num_steps=len(betas) - 1)
+    return _result(log_w, torch.cat(accepts), len(betas) - 1, upper, None)
 
 
 @dataclass

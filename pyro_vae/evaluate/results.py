@@ -102,7 +102,7 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
     return "\n".join(lines)
 
 
-def _write_netcdf(inference_data: Any, path: Path) -> None:
+def write_netcdf(inference_data: Any, path: Path) -> None:
     """The netCDF file, written in a child process: the HDF5 library can crash the process
     that writes onto a full disk, which here becomes one :class:`~pyro_vae.io.WriteError`."""
     write_in_child(lambda: inference_data.to_netcdf(str(path)), path)
@@ -123,7 +123,7 @@ def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
     with atomic_files() as files:
         files.write_json(paths["json"], _json_safe({**(metadata or {}), **result.to_dict()}))
         with files.path(paths["netcdf"]) as tmp:
-            _write_netcdf(result.to_inference_data(), tmp)
+            write_netcdf(result.to_inference_data(), tmp)
         with files.path(paths["gap"]) as tmp:
             _plot_gap(result.gap, tmp, title)
         if result.khat is not None:

@@ -56,7 +56,7 @@ class EvalConfig:
         check_seed(self.seed)
 
 
-def _given_data(run: Any, data: Any, limit: int | None) -> Any:
+def given_data(run: Any, data: Any, limit: int | None) -> Any:
     """``data`` (a spec or data) as a source on the run's device and parameter dtype."""
     if isinstance(data, (str, Path)):
         data = load_data(str(data))[0]
@@ -117,7 +117,7 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
     dist = init_distributed(resolve_device(device), dist_timeout)
     with _forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
-        source = run.data(config.split, config.limit) if data is None else _given_data(run, data,
+        source = run.data(config.split, config.limit) if data is None else given_data(run, data,
                                                                                      config.limit)
         keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
