@@ -290,11 +290,12 @@ class ELBOEstimator(ELBO):
         estimators that cannot sum them out."""
         sites = enumerated_sites_of(guide_trace)
         if sites and not self.sums_enumerated:
+            sample = (f", or remove the enumerate mark to sample them with {self.name}"
+                      if self.scores_discrete else "")
             raise ConfigError(
                 f"{self.name} cannot sum out the guide sites marked for enumeration "
-                f"{list(sites)}: use iwae or trace (the log of the sum over their values) or "
-                "meanfield (its exact expectation), or remove the enumerate mark and sample "
-                "them with vimco")
+                f"{list(sites)}: use iwae, dreg, trace or stl (the log of the sum over their "
+                f"values) or meanfield (its exact expectation){sample}")
         return sites
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from .dreg import summed_doubly_reparameterized
 from .elbo import ELBOEstimator
 from .particles import _Particles
 
@@ -27,13 +28,27 @@ class StickingTheLandingELBO(ELBOEstimator):
     through the surrogate log w_β(z) + β [log q_φ(sg z) − sg(log q_φ(sg z))] (sg: stop
     gradient). It is unbiased for the (β-)ELBO gradient and, at β = 1, has zero variance when
     q equals the posterior. Values are those of :class:`TraceELBO`.
+
+    Guide sites c marked for enumeration are summed out as in ``trace``: the value is
+    log Σ_c w_c, each configuration with its own draw z_c ~ q(z | x, c). That is an
+    importance-weighted bound over C draws, for which dropping the score terms would be
+    biased; the doubly reparameterized gradient of :class:`DoublyReparameterizedELBO` at K = 1
+    (coefficients w̃_c², normalized over the configurations) is unbiased and keeps STL's
+    property: zero variance in the guide's gradient when every q(z | x, c) is p(z | x, c).
     """
 
     name = "stl"
     needs_deterministic_guide = True
+    sums_enumerated = True
     importance_hint = ("use --elbo dreg (the doubly reparameterized IWAE gradient) for "
                        "importance samples inside it")
 
     def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         return self._stl_log_weights(particles, guide, args, kwargs)
+
+    def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
+                      sites: dict[str, torch.Tensor], first: _Particles
+                      ) -> tuple[torch.Tensor, float]:
+        """log Σ_c w_c with the doubly reparameterized gradient (see the class docstring)."""
+        return summed_doubly_reparameterized(self, model, guide, args, kwargs, sites)

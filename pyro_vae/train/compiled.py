@@ -207,6 +207,11 @@ class CompiledStep:
                 graph = make_fx(function, tracing_mode="fake")(
                     leaves, buffers, exp_avgs, exp_avg_sqs, steps, lr, tensors)
         except Exception as exc:  # noqa: BLE001 - any failure to trace means: run eagerly
+            if "FakeTensor" in str(exc) and "allow_non_fake_inputs" in str(exc):
+                raise _Uncompilable(  # a graph would bake the tensor's current value in
+                    "the pair uses a tensor that is neither a parameter, a buffer nor an "
+                    "argument (a plain tensor attribute? register it with register_buffer)"
+                ) from None
             raise _Uncompilable("the step could not be captured as a graph (does the pair's "
                                 f"control flow depend on the data's values?): "
                                 f"{_first_line(exc)}") from None
