@@ -153,7 +153,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"default {defaults.binarize} (none for a Gaussian likelihood)")
     p.add_argument("--elbo", choices=ELBOS,
                    help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
-                        f"stl (sticking the landing), dreg (doubly reparameterized IWAE); "
+                        "stl (sticking the landing), dreg (doubly reparameterized IWAE), "
+                        "vimco (IWAE with leave-one-out baselines for discrete guide sites "
+                        "that are sampled); guide sites marked for enumeration are summed out; "
                         f"default {defaults.elbo}")
     p.add_argument("--particles", type=_positive_int,
                    help="draws averaged per datapoint outside the log: lower variance "

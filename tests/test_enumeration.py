@@ -279,3 +279,30 @@ def test_the_guides_gradient_vanishes_at_the_exact_posterior_of_each_class(name,
     assert ours.abs().max() < 1e-4, ours
     plain = _guide_gradients("trace" if k == 1 else "iwae", k, pair, x, repeats=3, particles=1)
     assert plain.abs().max() > 0.1
+
+
+def make_mixture() -> GaussianMixture:
+    """The factory the command line takes: the class summed out."""
+    return GaussianMixture()
+
+
+def make_sampled_mixture() -> GaussianMixture:
+    """The same pair with the class sampled from the classifier."""
+    return GaussianMixture(enumerate_y=False)
+
+
+@pytest.mark.parametrize("factory, elbo", [("make_mixture", "dreg"),
+                                           ("make_sampled_mixture", "vimco")])
+def test_the_command_line_trains_and_evaluates_a_pair_with_a_discrete_latent(
+        tmp_path, capsys, factory, elbo):
+    import numpy as np
+
+    from pyro_vae.cli import main
+
+    np.savez(tmp_path / "train.npz", _mixture_data().numpy())
+    out = tmp_path / "run"
+    assert main(["train", "--model-factory", f"{__file__}:{factory}", "--data",
+                 str(tmp_path / "train.npz"), "--elbo", elbo, "--importance-samples", "3",
+                 "--epochs", "2", "--batch-size", "100", "--out", str(out), "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--split", "train", "--particles", "4", "--quiet"]) == 0
+    assert "600 datapoints" in capsys.readouterr().out
