@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .cvae import CVAE
 from .models import VAE
 from .vae2 import VAE2
+from .vampprior import VampPriorVAE
 
 TEST_BINARIZATION_OFFSET = 1
 
@@ -59,6 +60,8 @@ def _build(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
     elif spec.family == "vae2":
         model = VAE2(dataset.input_dim, latent2_dim=spec.latent2_dim, hidden2=spec.hidden2,
                      **common)
+    elif spec.family == "vampprior":
+        model = VampPriorVAE(dataset.input_dim, pseudo_inputs=spec.pseudo_inputs, **common)
     else:
         model = VAE(dataset.input_dim, guide=spec.guide, **common)
     return model
@@ -66,7 +69,7 @@ def _build(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
 
 def is_builtin(model: torch.nn.Module) -> bool:
     """Whether ``model`` is one of the package's families (which a config describes)."""
-    return type(model) in (VAE, CVAE, VAE2)
+    return type(model) in (VAE, CVAE, VAE2, VampPriorVAE)
 
 
 def model_args(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor

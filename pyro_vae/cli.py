@@ -132,7 +132,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--download", action="store_true",
                    help="download missing MNIST files into --data-dir (checksums verified)")
     p.add_argument("--model", choices=MODEL_FAMILIES,
-                   help="vae, cvae (conditioned on the label) or vae2 (two stochastic layers); "
+                   help="vae, cvae (conditioned on the label), vae2 (two stochastic layers) or "
+                        "vampprior (the prior a mixture of the guide at learned pseudo-inputs); "
                         f"default {defaults.model.family}")
     p.add_argument("--likelihood", choices=LIKELIHOODS,
                    help="bernoulli (binarized pixels) or gaussian (intensities); default "
@@ -149,6 +150,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden2", type=_hidden,
                    help="vae2: hidden sizes between z1 and z2 (default "
                         f"{','.join(map(str, defaults.model.hidden2))})")
+    p.add_argument("--pseudo-inputs", type=_positive_int, metavar="M",
+                   help="vampprior: number of learned pseudo-inputs (default "
+                        f"{defaults.model.pseudo_inputs})")
     p.add_argument("--binarize", choices=BINARIZATIONS,
                    help=f"default {defaults.binarize} (none for a Gaussian likelihood)")
     p.add_argument("--elbo", choices=ELBOS,

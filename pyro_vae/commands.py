@@ -16,7 +16,7 @@ RESUMABLE = {"epochs", "device", "data_dir"}
 
 
 BUILTIN_MODEL_FLAGS = ("model", "latent_dim", "hidden", "likelihood", "obs_scale", "guide",
-                       "activation", "latent2_dim", "hidden2")
+                       "activation", "latent2_dim", "hidden2", "pseudo_inputs")
 
 
 def _flags(args: argparse.Namespace, names: Sequence[str]) -> str:
@@ -61,11 +61,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         "family": args.model, "latent_dim": args.latent_dim, "hidden": args.hidden,
         "likelihood": args.likelihood, "obs_scale": args.obs_scale, "guide": args.guide,
         "activation": args.activation, "latent2_dim": args.latent2_dim, "hidden2": args.hidden2,
+        "pseudo_inputs": args.pseudo_inputs,
     }
     family = args.model or defaults.model.family
     for flag, value in (("--latent2-dim", args.latent2_dim), ("--hidden2", args.hidden2)):
         if value is not None and family != "vae2":
             raise PyroVAEError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
+    if args.pseudo_inputs is not None and family != "vampprior":
+        raise PyroVAEError("--pseudo-inputs sizes the VampPrior: it needs --model vampprior")
     model = dataclasses.replace(defaults.model,
                                 **{k: v for k, v in chosen.items() if v is not None})
     if args.binarize is None and model.likelihood == "gaussian":

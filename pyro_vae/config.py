@@ -15,7 +15,7 @@ DATASETS = ("digits", "mnist")
 BINARIZATIONS = ("dynamic", "fixed", "none")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_FNS = ("softplus", "exp")
-MODEL_FAMILIES = ("vae", "cvae", "vae2")
+MODEL_FAMILIES = ("vae", "cvae", "vae2", "vampprior")
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("diagonal", "full")
 ACTIVATION_NAMES = ("softplus", "tanh", "relu")
@@ -33,8 +33,9 @@ def check_seed(seed: int) -> int:
 class ModelConfig:
     """Architecture of a model family (:func:`pyro_vae.train.build_model`).
 
-    ``family``: ``"vae"``, ``"cvae"`` (conditioned on the label) or ``"vae2"`` (two stochastic
-    layers). ``hidden`` lists the widths of the encoder's hidden layers; the decoder mirrors them.
+    ``family``: ``"vae"``, ``"cvae"`` (conditioned on the label), ``"vae2"`` (two stochastic
+    layers) or ``"vampprior"`` (the prior a mixture of the guide at ``pseudo_inputs`` learned
+    inputs). ``hidden`` lists the widths of the encoder's hidden layers; the decoder mirrors them.
     ``likelihood``: ``"bernoulli"`` (binary pixels) or ``"gaussian"`` with a fixed standard
     deviation ``obs_scale`` or, with ``obs_scale=None``, a learned one shared by all pixels.
     ``guide``: ``"diagonal"`` or ``"full"`` covariance. ``scale_fn`` maps raw encoder outputs to
@@ -52,6 +53,7 @@ class ModelConfig:
     activation: str = "softplus"
     latent2_dim: int = 4
     hidden2: tuple[int, ...] = (64,)
+    pseudo_inputs: int = 500
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -77,6 +79,11 @@ class ModelConfig:
              "--likelihood gaussian"),
             (self.family != "vae2" or self.guide == "diagonal",
              "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
+            (self.family != "vampprior" or self.guide == "diagonal",
+             "the vampprior's prior mixes diagonal Gaussians: use --guide diagonal"),
+            (isinstance(self.pseudo_inputs, int) and not isinstance(self.pseudo_inputs, bool)
+             and self.pseudo_inputs >= 1,
+             f"pseudo_inputs must be an integer >= 1, got {self.pseudo_inputs!r}"),
         ]
         for ok, message in checks:
             if not ok:

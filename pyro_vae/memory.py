@@ -126,7 +126,8 @@ def network_footprint(build: Callable[[], torch.nn.Module]) -> tuple[int, int] |
     """``(parameters, width)`` of the network ``build()`` makes, built on the meta device so
     nothing is allocated: the number of parameters, and the activations one datapoint (one
     particle) produces, the sum of the output sizes of its linear and convolutional layers
-    (``None`` if the network cannot be built there)."""
+    plus the network's own ``activations_per_row`` if it declares one (``None`` if the network
+    cannot be built there)."""
     try:
         with torch.device("meta"):
             network = build()
@@ -139,6 +140,7 @@ def network_footprint(build: Callable[[], torch.nn.Module]) -> tuple[int, int] |
             width += module.out_features
         elif isinstance(module, torch.nn.modules.conv._ConvNd):
             width += module.out_channels
+    width += getattr(network, "activations_per_row", 0)  # what a model declares beside them
     return params, max(width, 1)
 
 

@@ -59,3 +59,17 @@ def test_fixed_protocol_rows_and_their_paired_difference(fake_dir, tmp_path, cap
     assert line.startswith(f"vae − iwae3: {(a - b).mean().item():+.3f} ± ")
     assert table.main(["--out", str(out), "--plot", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_vampprior_row_on_the_fixed_protocol(fake_dir, tmp_path):
+    table = _script()
+    out = tmp_path / "table.json"
+    assert table.main(["--protocol", "fixed", "--data-dir", str(fake_dir), "--epochs", "1",
+                       "--limit", "100", "--batch-size", "50", "--eval-particles", "5",
+                       "--probe-images", "10", "--probe-every", "1", "--quiet", "--out",
+                       str(out), "--row", "vamp", "--pseudo-inputs", "7"]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["model"].endswith("VampPrior with 7 pseudo-inputs")
+    assert row["estimator"] == "meanfield" and row["k"] == 1 and row["published"] == -85.79
+    assert table.main(["--row", "vamp", "--layers", "2", "--epochs", "1", "--out",
+                       str(out)]) == 2
