@@ -275,6 +275,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "guide's quality; writes ais-<split>.json")
     p.add_argument("--ais-steps", type=_positive_int, default=500,
                    help="annealing steps of --ais (default 500)")
+    p.add_argument("--ais-start", choices=("guide", "prior"), default="guide",
+                   help="density the --ais chains start from: the guide q(z|x) (default) or "
+                        "the prior p(z), which needs more steps")
     p.add_argument("--chains", type=_positive_int, default=16,
                    help="AIS chains per datapoint (default 16)")
     _add_max_memory(p)

@@ -195,18 +195,20 @@ def _cmd_ais(args: argparse.Namespace) -> int:
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
         result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
-                     num_steps=args.ais_steps, batch_size=args.batch_size)
+                     num_steps=args.ais_steps, start=args.ais_start,
+                     batch_size=args.batch_size)
     summary = result.summary()
     out = args.run_dir / f"ais-{args.split}.json"
     netcdf = args.run_dir / f"ais-{args.split}.nc"
     with atomic_files() as files:  # both or neither; the netCDF writer in a child process
-        files.write_json(out, {**summary, "seed": args.seed,
+        files.write_json(out, {**summary, "start": args.ais_start, "seed": args.seed,
                                "per_datapoint": {"log_px": result.log_px.tolist(),
                                                  "accept": result.accept.tolist(),
                                                  "ess": result.ess.tolist()}})
         with files.path(netcdf) as tmp:
             write_netcdf(result.to_inference_data(), tmp)
-    print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps): "
+    print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps from "
+          f"the {args.ais_start}): "
           f"{summary['log_px']['mean']:.3f} nats per datapoint over "
           f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}")
     print(f"wrote {out.name}, {netcdf.name} in {args.run_dir}")

@@ -29,6 +29,17 @@ plate the outermost plate. Global latents (outside the data plate) are held fixe
 θ ~ q(θ) shared by every chain and datapoint of a batch: the estimate is then of log p(x | θ).
 With the exact posterior as guide every f_t is the posterior, every log w equals log p(x), and
 AIS returns it exactly at any T.
+
+``start="prior"`` anneals from the prior instead, f_t(z) = p(z) p(x | z)^β_t (the model run
+with its observed sites hidden is the starting density; it must draw every latent the guide
+does). It needs no guide at all, at the price of more steps: the prior is usually far from the
+posterior. With global latents it is refused (their draw would come from the prior).
+
+Guide sites marked for enumeration (:mod:`pyro_vae.enumeration`) are summed out as the
+evaluator sums them: AIS runs once per configuration c, with c fixed in model and guide, each
+chain's weight estimating p(x, c); chain j's weights are summed over c, so
+Σ_c w_jc is unbiased for p(x). Reverse AIS starts from an exact draw of the continuous latents
+and has no such sum: it refuses enumerated sites.
 """
 
 from __future__ import annotations
@@ -43,12 +54,14 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
 from ..batches import as_source
+from .. import enumeration
 from ..errors import ConfigError
 from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting, vectorized_log_probs
 from .khat import MIN_KHAT_PARTICLES, pareto_khat
 
 SIGMOID_SHARPNESS = 4.0
 STEP_GROWTH, STEP_SHRINK = 1.05, 0.95
+STARTS = ("guide", "prior")
 
 
 def sigmoid_schedule(num_steps: int, sharpness: float = SIGMOID_SHARPNESS) -> torch.Tensor:
@@ -170,11 +183,16 @@ def _is_real(support: Any) -> bool:
 def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                num_chains: int, betas: torch.Tensor, leapfrog_steps: int, step_size: float,
                target_accept: float, nesting: int,
-               start: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log w per chain and datapoint along ``betas`` (rising: forward AIS from the guide;
-    falling: reverse AIS from ``start``, exact posterior draws ``[N, ...]`` per site), and the
-    mean acceptance rate per datapoint."""
+               start: dict[str, torch.Tensor] | None = None,
+               prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """log w per chain and datapoint along ``betas`` (rising: forward AIS from the guide, or
+    from the prior when ``guide`` is the model's prior and ``prior`` says so; falling: reverse
+    AIS from ``start``, exact posterior draws ``[N, ...]`` per site), and the mean acceptance
+    rate per datapoint."""
     z, fixed = _initial(model, guide, args, kwargs, num_chains, nesting)
+    if prior and fixed:
+        raise ConfigError(f"AIS from the prior would draw the global latents {sorted(fixed)} "
+                          "from their prior too: start from the guide")
     if start is not None:
         if fixed:
             raise ConfigError("reverse AIS starts from exact posterior draws of the local "
@@ -228,15 +246,18 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
 def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
         num_steps: int = 500, leapfrog_steps: int = 5, step_size: float = 0.05,
         target_accept: float = 0.65, schedule: torch.Tensor | None = None,
-        batch_size: int = 100, collate_fn: Callable | None = None,
+        start: str = "guide", batch_size: int = 100, collate_fn: Callable | None = None,
         max_plate_nesting: int | None = None) -> AISResult:
     """AIS estimates of log p(x) for every datapoint of ``data`` (any form of
     :func:`pyro_vae.evaluate.evaluate_dataset`), batch by batch; see the module docstring.
 
-    ``schedule`` overrides the sigmoidal β's (a 1-D increasing tensor from 0 to 1).
+    ``schedule`` overrides the sigmoidal β's (a 1-D increasing tensor from 0 to 1); ``start``
+    is ``"guide"`` (anneal from q(z|x)) or ``"prior"`` (from p(z)).
     """
     if num_chains < 1 or num_steps < 1 or leapfrog_steps < 1:
         raise ConfigError("num_chains, num_steps and leapfrog_steps must be >= 1")
+    if start not in STARTS:
+        raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
     betas = sigmoid_schedule(num_steps) if schedule is None else schedule.double()
     if betas[0] != 0 or betas[-1] != 1 or not bool((betas[1:] >= betas[:-1]).all()):
         raise ConfigError("the schedule must rise from 0 to 1")
@@ -244,16 +265,34 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
     for batch in as_source(data, collate_fn).ordered(batch_size):
         nesting = (max_plate_nesting if max_plate_nesting is not None else
                    guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
-        log_w, accept = _ais_batch(model, guide, batch.args, batch.kwargs,
-                                   num_chains=num_chains, betas=betas,
-                                   leapfrog_steps=leapfrog_steps, step_size=step_size,
-                                   target_accept=target_accept, nesting=nesting)
+        sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
+        per_configuration = []
+        for values in enumeration.configurations(sites) if sites else [{}]:
+            model_c = enumeration.fixed(model, values) if values else model
+            proposal = enumeration.fixed(guide, values) if values else guide
+            if start == "prior":
+                proposal = _prior_of(model_c)
+            per_configuration.append(_ais_batch(
+                model_c, proposal, batch.args, batch.kwargs, num_chains=num_chains,
+                betas=betas, leapfrog_steps=leapfrog_steps, step_size=step_size,
+                target_accept=target_accept, nesting=nesting, prior=start == "prior"))
+        log_w = torch.logsumexp(torch.stack([w for w, _ in per_configuration]), 0)
+        accept = torch.stack([a for _, a in per_configuration]).mean(0)
         log_ws.append(log_w.cpu())
         accepts.append(accept.cpu())
     log_w = torch.cat(log_ws, dim=1)
     return _result(log_w, torch.cat(accepts), len(betas) - 1,
                    torch.logsumexp(log_w, 0) - math.log(num_chains),
                    pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None)
+
+
+def _prior_of(model: Callable) -> Callable:
+    """The model's latent sites as a starting density: the model run with its observed sites
+    (data, factors, fixed discrete sites) hidden from the trace."""
+    def prior(*args: Any, **kwargs: Any) -> None:
+        with poutine.block(hide_fn=lambda msg: msg["type"] == "sample" and msg["is_observed"]):
+            model(*args, **kwargs)
+    return prior
 
 
 def _result(log_w: torch.Tensor, accept: torch.Tensor, num_steps: int, log_px: torch.Tensor,
@@ -285,6 +324,10 @@ def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, 
     for batch in as_source(data).ordered(batch_size):
         nesting = (max_plate_nesting if max_plate_nesting is not None else
                    guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
+        sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
+        if sites:
+            raise ConfigError(f"reverse AIS starts from an exact draw of the continuous latents "
+                              f"and cannot sum out the enumerated sites {list(sites)}")
         start = {k: v[offset:offset + batch.size] for k, v in latents.items()}
         offset += batch.size
         log_w, accept = _ais_batch(model, guide, batch.args, batch.kwargs,
