@@ -1,4 +1,4 @@
-"""The performance report of issue 8 in one run: SVI step ratios, evaluation throughput, memory.
+"""The performance report in one run: SVI step ratios, evaluation throughput, memory.
 
 All numbers of a report come from one process on one machine (memory probes from fresh child
 processes on the CPU), so they share its load and its clock:

@@ -275,11 +275,16 @@ def plot_curves(table: Path, png: Path) -> None:
     figure.savefig(png, dpi=110)
 
 
-def paired_differences(paths: list[Path]) -> list[dict[str, Any]]:
+def paired_differences(paths: list[Path], names: list[str] | None = None
+                       ) -> list[dict[str, Any]]:
     """Mean and standard error of log p̂_a(x) − log p̂_b(x) over the same test images, for
-    every pair of saved rows: the error of a difference is far smaller than that of either
-    row, because the images' own difficulty cancels."""
-    rows = {path.stem: torch.load(path)["log_px"] for path in paths}
+    every pair of saved rows (named by their files' stems unless ``names`` are given): the
+    error of a difference is far smaller than that of either row, because the images' own
+    difficulty cancels."""
+    names = [path.stem for path in paths] if names is None else names
+    if len(set(names)) != len(names):
+        raise PyroVAEError(f"the rows to pair need distinct names, got {names}")
+    rows = {name: torch.load(path)["log_px"] for name, path in zip(names, paths)}
     out = []
     names = list(rows)
     for i, a in enumerate(names):

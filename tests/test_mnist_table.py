@@ -73,3 +73,38 @@ def test_the_vampprior_row_on_the_fixed_protocol(fake_dir, tmp_path):
     assert row["estimator"] == "meanfield" and row["k"] == 1 and row["published"] == -85.79
     assert table.main(["--row", "vamp", "--layers", "2", "--epochs", "1", "--out",
                        str(out)]) == 2
+
+
+def test_the_gpu_rows_driver_runs_every_one_layer_row_and_pairs_them(tmp_path, monkeypatch,
+                                                                      capsys):
+    """The GPU script's code path, on a CPU with a tiny fake MNIST (the loader is replaced)."""
+    from pyro_vae.data import Dataset, Split
+
+    g = torch.Generator().manual_seed(0)
+    fake = Dataset("mnist", Split(torch.rand(64, 784, generator=g), torch.zeros(64).long()),
+                   Split(torch.rand(20, 784, generator=g), torch.zeros(20).long()), (28, 28), 10)
+    spec = importlib.util.spec_from_file_location("mnist_gpu_rows",
+                                                  SCRIPT.parent / "mnist_gpu_rows.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    real = rows._sibling
+
+    def sibling(name):
+        module = real(name)
+        if name == "mnist_gpu_budget":
+            monkeypatch.setattr(module, "load_mnist", lambda data_dir: fake)
+        return module
+
+    monkeypatch.setattr(rows, "_sibling", sibling)
+    out = tmp_path / "rows"
+    assert rows.main(["--data-dir", str(tmp_path), "--device", "cpu", "--minutes", "0.002",
+                      "--eval-particles", "4", "--eval-particle-chunk", "4",
+                      "--probe-images", "5", "--probe-particles", "3",
+                      "--rows", "vae", "iwae5", "--out-dir", str(out)]) == 0
+    written = json.loads((out / "rows.json").read_text())
+    assert [(r["row"], r["estimator"], r["k"]) for r in written["rows"]] == [
+        ("vae", "meanfield", 1), ("iwae5", "iwae", 5)]
+    (pair,) = written["pairs"]
+    a, b = (torch.load(out / name / "per_image.pt")["log_px"] for name in ("vae", "iwae5"))
+    assert (pair["a"], pair["b"]) == ("vae", "iwae5")
+    assert abs(pair["mean"] - (a - b).mean().item()) < 1e-9 and len(a) == 20
