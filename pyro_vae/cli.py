@@ -250,7 +250,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="Importance-weighted evaluation of a saved run: writes "
                                    "eval-<split>.json, eval-<split>.nc, gap-<split>.png and, "
                                    f"with K >= {MIN_KHAT_PARTICLES}, khat-<split>.png into the "
-                                   "run folder.")
+                                   "run folder (with --data, data-<file stem> in place of "
+                                   "<split>).")
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--particles", type=_positive_int, default=defaults.particles,
                    help=f"importance samples K per datapoint (default {defaults.particles})")

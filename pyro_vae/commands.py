@@ -184,7 +184,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
 
     from .evaluate.ais import ais
     from .evaluate.results import write_netcdf
-    from .evaluate.run import given_data
+    from .evaluate.run import given_data, output_label
     from .io import atomic_files
     from .runs import load_run
 
@@ -198,8 +198,9 @@ def _cmd_ais(args: argparse.Namespace) -> int:
                      num_steps=args.ais_steps, start=args.ais_start,
                      batch_size=args.batch_size)
     summary = result.summary()
-    out = args.run_dir / f"ais-{args.split}.json"
-    netcdf = args.run_dir / f"ais-{args.split}.nc"
+    label = output_label(args.split, args.data)
+    out = args.run_dir / f"ais-{label}.json"
+    netcdf = args.run_dir / f"ais-{label}.nc"
     with atomic_files() as files:  # both or neither; the netCDF writer in a child process
         files.write_json(out, {**summary, "start": args.ais_start, "seed": args.seed,
                                "per_datapoint": {"log_px": result.log_px.tolist(),

@@ -191,6 +191,20 @@ def test_the_command_line_trains_evaluates_and_resumes_a_users_pair(tmp_path, mo
                  "--quiet"]) == 0
     assert "60 datapoints" in capsys.readouterr().out
 
+    # other data: their own files beside the split's, which stay as they were
+    before = (tmp_path / "part" / "eval-test.json").read_bytes()
+    np.savez(tmp_path / "other.npz", fa_data(12, seed=4))
+    assert main(["evaluate", str(tmp_path / "part"), "--data", str(tmp_path / "other.npz"),
+                 "--particles", "5", "--quiet"]) == 0
+    assert "12 datapoints" in capsys.readouterr().out
+    written = json.loads((tmp_path / "part" / "eval-data-other.json").read_text())
+    assert written["data"] == str(tmp_path / "other.npz")
+    assert (tmp_path / "part" / "eval-test.json").read_bytes() == before
+    assert main(["evaluate", str(tmp_path / "part"), "--data", str(tmp_path / "other.npz"),
+                 "--ais", "--ais-steps", "2", "--chains", "2", "--quiet"]) == 0
+    assert (tmp_path / "part" / "ais-data-other.json").is_file()
+    assert not (tmp_path / "part" / "ais-test.json").exists()
+
 
 def test_the_command_line_takes_a_function_returning_train_and_test_loaders(tmp_path, capsys):
     out = tmp_path / "seq"

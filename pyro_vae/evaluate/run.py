@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,24 @@ class EvalConfig:
             if not ok:
                 raise ConfigError(message)
         check_seed(self.seed)
+
+
+def output_label(split: str, data: Any) -> str:
+    """The name part of an evaluation's files: the split (``eval-test.json``), or for data
+    given instead of the run's split ``data-<file stem>`` (``data-<stem>-<function>`` for
+    ``FILE.py:FUNCTION``; ``data`` for data passed as objects), so that an evaluation on other
+    data never replaces the split's."""
+    if data is None:
+        return split
+    if not isinstance(data, (str, Path)):
+        return "data"
+    text = str(data)
+    head, colon, function = text.rpartition(":")
+    if colon and function.isidentifier() and not Path(text).exists():
+        stem = f"{Path(head).stem if head.endswith('.py') else head}-{function}"
+    else:
+        stem = Path(text).stem
+    return "data-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "data")
 
 
 def given_data(run: Any, data: Any, limit: int | None) -> Any:
@@ -130,7 +150,9 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                       keep_log_weights=keep, progress=progress,
                                       batch_seed=config.seed, dist=dist)
     if dist.is_main:
-        metadata = {"run_dir": str(run_dir), "config": asdict(config)}
-        result.paths = save_evaluation(result, run_dir if out is None else out, config.split,
-                                       metadata)
+        metadata = {"run_dir": str(run_dir), "config": asdict(config),
+                    "data": str(data) if isinstance(data, (str, Path)) else
+                    (None if data is None else "given")}
+        result.paths = save_evaluation(result, run_dir if out is None else out,
+                                       output_label(config.split, data), metadata)
     return result
