@@ -265,3 +265,31 @@ def test_a_batch_holding_a_packed_sequence_is_evaluated_like_its_padded_twin():
                                   data, num_particles=3, batch_size=4, collate_fn=pad_collate)
     assert packed.num_datapoints == 10
     torch.testing.assert_close(packed.log_px, padded.log_px, rtol=0, atol=1e-4)
+
+
+def make_randomly_started_fa() -> FactorAnalysis:
+    """Factor analysis whose loadings start from torch's global random state."""
+    pair = FactorAnalysis()
+    with torch.no_grad():
+        pair.W.normal_(0.0, 0.1)
+    return pair
+
+
+def test_a_factory_pair_is_built_after_the_seed_is_set(tmp_path):
+    """--model-factory: the pair is built after the run's seed is set, so its initial weights
+    follow --seed; the run equals fit() on a pair built right after pyro.set_rng_seed(seed)."""
+    np.savez(tmp_path / "train.npz", x=fa_data(60))
+    data = {"x": torch.as_tensor(fa_data(60))}
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        torch.manual_seed(123)  # whatever the state before: the run's seed decides
+        assert _cli("train", "--model-factory", f"{__file__}:make_randomly_started_fa",
+                    "--data", str(tmp_path / "train.npz"), "--epochs", "1", "--batch-size",
+                    "20", "--seed", str(seed), "--device", "cpu", "--out", str(out)) == 0
+        pyro.set_rng_seed(seed)
+        pair = make_randomly_started_fa()
+        fit(pair, data, epochs=1, batch_size=20, seed=seed, device="cpu", progress=False)
+        runs.append(load_run(out, device="cpu").model)
+        _same_weights(runs[-1], pair)
+    assert not torch.equal(runs[0].W, runs[1].W)

@@ -182,15 +182,18 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
     device = resolve_device(config.device)
     dist = init_distributed(device, dist_timeout)
     replicas = Replicas(dist)
-    user_model = model is not None
-    if model is None and config.model_factory is not None:
-        model, user_model = build_factory_model(config.model_factory), True
+    user_model = model is not None or config.model_factory is not None
     dataset, vectorizable = None, True
     if config.dataset is not None:
         with main_first(dist, "waiting for rank 0 to download the data", enabled=download):
             dataset = builtin.prepare_data(config, device, download=download)
 
     pyro.set_rng_seed(config.seed)
+    if model is None and config.model_factory is not None:
+        # its initial weights follow the seed; training then draws what it would draw for a
+        # pair built by the caller after pyro.set_rng_seed(seed)
+        model = build_factory_model(config.model_factory)
+        pyro.set_rng_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(rank_seed(config.seed, dist.rank))
     order_generator = generator if not dist.enabled else torch.Generator(device=device)
     if dist.enabled:
