@@ -13,6 +13,7 @@ from .errors import PyroVAEError
 
 DEFAULT_RUN_ROOT = Path("runs")
 RESUMABLE = {"epochs", "device", "data_dir"}
+BDMC_BATCH = 100  # simulated datapoints per AIS batch of the bdmc command
 
 
 BUILTIN_MODEL_FLAGS = ("model", "latent_dim", "hidden", "likelihood", "obs_scale", "guide",
@@ -184,13 +185,14 @@ def _cmd_ais(args: argparse.Namespace) -> int:
 
     from .evaluate.ais import ais
     from .evaluate.results import write_netcdf
-    from .evaluate.run import given_data, output_label
+    from .evaluate.run import given_data, output_label, require_ais_memory
     from .io import atomic_files
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     data = (run.data(args.split, args.limit) if args.data is None
             else given_data(run, args.data, args.limit))
+    require_ais_memory(run, args.chains, args.batch_size, data.num_data)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -221,6 +223,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate.ais import bdmc, simulate
+    from .evaluate.run import require_ais_memory
     from .io import write_json
     from .runs import load_run
 
@@ -228,6 +231,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     if getattr(run.model, "conditional", False):
         raise PyroVAEError("bdmc simulates data from a model of x alone; a conditional run's "
                            "model also takes the label")
+    require_ais_memory(run, args.chains, BDMC_BATCH, args.num)
     template = next(iter(run.data("test", args.num).ordered(args.num))).args
     if len(template) != 1:
         raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "
@@ -237,7 +241,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         data, latents = simulate(run.model.model, run.model.guide, template[0])
         result = bdmc(run.model.model, run.model.guide, data, latents, num_chains=args.chains,
-                      num_steps=args.ais_steps)
+                      num_steps=args.ais_steps, batch_size=BDMC_BATCH)
     lower, upper = result.lower.log_px, result.upper.log_px
     summary = {"num_datapoints": len(lower), "num_chains": args.chains,
                "num_steps": args.ais_steps, "seed": args.seed,

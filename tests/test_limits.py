@@ -103,6 +103,8 @@ def test_max_memory_refuses_a_run_that_would_fit_the_machine(tmp_path, capsys):
     ["sample", "RUN", "--num", HUGE],
     ["evaluate", "RUN", "--particles", HUGE, "--particle-chunk", HUGE],
     ["evaluate", "RUN", "--particles", "100", "--max-memory", "10K"],
+    ["evaluate", "RUN", "--ais", "--chains", HUGE],
+    ["bdmc", "RUN", "--chains", HUGE],
 ])
 def test_impossible_sampling_and_evaluation_sizes_are_refused(run_dir, capsys, argv):
     before = snapshot(run_dir)

@@ -102,6 +102,20 @@ def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> 
                    device)
 
 
+def require_ais_memory(run: Any, chains: int, batch_size: int, num_data: int) -> None:
+    """Refuse, before drawing anything, AIS whose batches cannot fit: every step holds the
+    activations of chains × batch datapoint-particles with their gradients (the HMC moves),
+    and the chains' positions, momenta and log-weights."""
+    rows = chains * min(batch_size, max(num_data, 1))
+    width = (builtin.network_width(run.dataset, run.config)
+             if run.dataset is not None and builtin.is_builtin(run.model) else 1)
+    nbytes = memory.training_bytes(0, width, rows) + rows * 8 * 8
+    param = next(run.model.parameters(), None)
+    memory.require(nbytes, f"AIS with {chains:,} chains on batches of "
+                   f"{min(batch_size, max(num_data, 1)):,}",
+                   param.device if param is not None else "cpu")
+
+
 def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                  split: str = EvalConfig.split, limit: int | None = EvalConfig.limit, *,
                  batch_size: int = EvalConfig.batch_size,
