@@ -316,8 +316,8 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
             raise ConfigError(
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                 "reparameterizable; this estimator needs rsample. For a discrete site, mark it "
-                "for enumeration (infer={'enumerate': 'parallel'}) to sum it out with iwae, "
-                "trace or meanfield, or sample it with --elbo vimco (or trace)")
+                "for enumeration (infer={'enumerate': 'parallel'}) to sum it out (every "
+                "estimator but vimco), or sample it with --elbo vimco (or trace)")
     guided = {site["name"] for site in guide_latents}
     for name, site in model_latents.items():
         if name not in guided and not site["fn"].has_rsample:
