@@ -53,8 +53,8 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
-from ..batches import as_source
 from .. import enumeration
+from ..batches import as_source
 from ..errors import ConfigError
 from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting, vectorized_log_probs
 from .khat import MIN_KHAT_PARTICLES, pareto_khat
