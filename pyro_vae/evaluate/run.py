@@ -90,30 +90,34 @@ def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> 
     top-M tails for k-hat and, when kept, all K·N log-weights."""
     batch = min(config.batch_size, max(num_data, 1))
     rows = batch * min(config.particle_chunk, config.particles)
-    width = (builtin.network_width(run.dataset, run.config)
-             if run.dataset is not None and builtin.is_builtin(run.model) else 1)
-    nbytes = (memory.inference_bytes(0, width, rows) + rows * 8
+    nbytes = (memory.inference_bytes(0, _width(run), rows) + rows * 8
               + (tail_size(config.particles) + 1) * batch * 8
               + (config.particles * num_data * 8 if keep else 0))
-    param = next(run.model.parameters(), None)
-    device = param.device if param is not None else "cpu"
     memory.require(nbytes, f"evaluating {config.particles:,} particles in chunks of "
                    f"{min(config.particle_chunk, config.particles):,} on batches of {batch:,}",
-                   device)
+                   _device(run))
 
 
 def require_ais_memory(run: Any, chains: int, batch_size: int, num_data: int) -> None:
     """Refuse, before drawing anything, AIS whose batches cannot fit: every step holds the
     activations of chains × batch datapoint-particles with their gradients (the HMC moves),
     and the chains' positions, momenta and log-weights."""
-    rows = chains * min(batch_size, max(num_data, 1))
-    width = (builtin.network_width(run.dataset, run.config)
-             if run.dataset is not None and builtin.is_builtin(run.model) else 1)
-    nbytes = memory.training_bytes(0, width, rows) + rows * 8 * 8
+    batch = min(batch_size, max(num_data, 1))
+    rows = chains * batch
+    nbytes = memory.training_bytes(0, _width(run), rows) + rows * 8 * 8
+    memory.require(nbytes, f"AIS with {chains:,} chains on batches of {batch:,}",
+                   _device(run))
+
+
+def _width(run: Any) -> int:
+    """Activations per datapoint-particle: known for the package's own networks, 1 else."""
+    return (builtin.network_width(run.dataset, run.config)
+            if run.dataset is not None and builtin.is_builtin(run.model) else 1)
+
+
+def _device(run: Any) -> Any:
     param = next(run.model.parameters(), None)
-    memory.require(nbytes, f"AIS with {chains:,} chains on batches of "
-                   f"{min(batch_size, max(num_data, 1)):,}",
-                   param.device if param is not None else "cpu")
+    return param.device if param is not None else "cpu"
 
 
 def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,

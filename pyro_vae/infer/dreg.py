@@ -8,8 +8,6 @@ from typing import Callable
 
 import torch
 
-from ..enumeration import configurations, fixed
-from ..errors import ConfigError
 from .elbo import ELBOEstimator, _weighted, beta_log_weight
 from .particles import _observed_sites, _Particles
 
@@ -113,12 +111,8 @@ def summed_doubly_reparameterized(estimator: ELBOEstimator, model: Callable, gui
     """The DReG surrogate of the summed bound log (1/K) Σ_k Σ_c w_kc (``[P, N]``), one run of
     the pair per configuration c of the enumerated ``sites``, and the sites' scale factor."""
     groups, scale = [], 1.0
-    for values in configurations(sites):
-        fixed_model, fixed_guide = fixed(model, values), fixed(guide, values)
-        particles = estimator._particles(fixed_model, fixed_guide, args, kwargs)
-        if particles.global_latents:
-            raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
-                              "cannot be combined: each configuration would draw its own")
+    for _, fixed_model, fixed_guide, particles in estimator._per_configuration(
+            model, guide, args, kwargs, sites):
         groups.append(_parts(estimator, particles, fixed_model, fixed_guide, args, kwargs))
         scale = particles.scale
     return doubly_reparameterized(estimator.beta, groups, estimator.importance_samples), scale

@@ -19,7 +19,7 @@ sample sites (no dropout in train mode).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import pyro
 import torch
@@ -305,16 +305,24 @@ class ELBOEstimator(ELBO):
         log (1/K) Σ_k Σ_c w_kc per particle and datapoint (``[P, N]``), and the scale factor.
         ``first`` is the draw that showed the sites (its guide trace holds q(c | x))."""
         per_configuration, scale = [], 1.0
-        for values in configurations(sites):
-            particles = self._particles(fixed(model, values), fixed(guide, values), args,
-                                        kwargs)
-            if particles.global_latents:
-                raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
-                                  "cannot be combined: each configuration would draw its own")
+        for _, _, _, particles in self._per_configuration(model, guide, args, kwargs, sites):
             per_configuration.append(self._log_weights(particles))
             scale = particles.scale
         summed = torch.logsumexp(torch.stack(per_configuration), 0)
         return importance_weighted_bound(summed, dim=1), scale
+
+    def _per_configuration(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
+                           sites: dict[str, torch.Tensor]
+                           ) -> Iterator[tuple[dict, Callable, Callable, _Particles]]:
+        """For every configuration c of the enumerated ``sites``: c, the model and guide with
+        c fixed, and their particles (global latents refused: each c would draw its own)."""
+        for values in configurations(sites):
+            fixed_model, fixed_guide = fixed(model, values), fixed(guide, values)
+            particles = self._particles(fixed_model, fixed_guide, args, kwargs)
+            if particles.global_latents:
+                raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
+                                  "cannot be combined: each configuration would draw its own")
+            yield values, fixed_model, fixed_guide, particles
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
                             **kwargs: Any) -> torch.Tensor:

@@ -8,8 +8,6 @@ from typing import Any, Callable
 import torch
 from torch.distributions import kl_divergence
 
-from ..enumeration import configurations, fixed
-from ..errors import ConfigError
 from ..traces import site_log_prob
 from .elbo import ELBOEstimator, _weighted
 from .particles import _masked, _Particles, _sum
@@ -72,14 +70,10 @@ class MeanFieldELBO(ELBOEstimator):
         gets gradients: its expectation is exact). This is the ELBO, below the summed
         importance bound of ``iwae``/``trace`` (log Σ_c w_c)."""
         per_configuration, scale = [], 1.0
-        for values in configurations(sites):
+        for values, _, _, particles in self._per_configuration(model, guide, args, kwargs,
+                                                               sites):
             log_q = sum(first.reduce(_fixed_log_prob(first.guide_trace.nodes[name], value),
                                      name) for name, value in values.items())
-            particles = self._particles(fixed(model, values), fixed(guide, values), args,
-                                        kwargs)
-            if particles.global_latents:
-                raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
-                                  "cannot be combined: each configuration would draw its own")
             bound = self._bound(particles, model, guide, args, kwargs)
             per_configuration.append(log_q.exp() * (bound - log_q))
             scale = particles.scale
