@@ -26,6 +26,12 @@ and 100-100); ``--protocol fixed`` the fixed binarized MNIST (``binarized_mnist.
 training images, probe on the validation images, test on its 10 000) through the user-data
 path of :func:`pyro_vae.fit`. ``--per-image`` saves every test image's log p̂ and ELBO, and
 ``--pairs A.pt B.pt ...`` prints the paired differences between saved rows.
+``--row all`` trains the whole table of a protocol and depth at the same budget, one row after
+the other (dynamic: VAE, IWAE k=5 and k=50, DReG k=50; fixed: VAE, IWAE k=50 and, one layer,
+the VampPrior), saves each row's per-image scores in ``--per-image-dir`` and records the paired
+difference of every two rows in ``--out``:
+
+    python benchmarks/mnist_table.py --data-dir DIR --row all --epochs 30 --threads 1
 
 Published rows (test log p̂, K = 5000, nats): dynamic, 1 layer: VAE −86.76, IWAE k=5 −85.54,
 IWAE k=50 −84.78; 2 layers: VAE −85.33, IWAE k=50 −82.90 (Burda et al. 2016, 3 280 epochs);
@@ -58,6 +64,10 @@ from pyro_vae.io import write_json
 from pyro_vae.train import Callback
 
 ROWS = {"vae": "meanfield", "iwae": "iwae", "dreg": "dreg", "vamp": "meanfield"}
+TABLE = {  # --row all: (row, k) in the order trained
+    "dynamic": [("vae", 1), ("iwae", 5), ("iwae", 50), ("dreg", 50)],
+    "fixed": [("vae", 1), ("iwae", 50), ("vamp", 1)],
+}
 PUBLISHED = {  # (protocol, layers, row, k): test log p̂ at K = 5000 (fixed: pythae's table)
     ("dynamic", 1, "vae", 1): -86.76, ("dynamic", 1, "iwae", 5): -85.54,
     ("dynamic", 1, "iwae", 50): -84.78, ("dynamic", 2, "vae", 1): -85.33,
@@ -113,7 +123,7 @@ class Probe(Callback):
 
 
 def run_row(args: argparse.Namespace) -> dict[str, Any]:
-    k = 1 if ROWS[args.row] == "meanfield" else args.k
+    k = 1 if ROWS[args.row] == "meanfield" else (50 if args.k is None else args.k)
     network = NETWORKS[args.layers]
     if args.row == "vamp":
         if args.layers != 1:
@@ -210,14 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, or with "
                    "binarized_mnist.npz for --protocol fixed ($PYRO_VAE_DATA_DIR)")
-    p.add_argument("--row", choices=sorted(ROWS), default="vae")
+    p.add_argument("--row", choices=[*sorted(ROWS), "all"], default="vae",
+                   help="the row to train, or all: every row of --protocol and --layers at "
+                        "the same budget, with their paired differences")
     p.add_argument("--layers", type=int, choices=(1, 2), default=1,
                    help="stochastic layers: 1 (784-200-200-50) or 2 (100 and 50 latents)")
     p.add_argument("--protocol", choices=("dynamic", "fixed"), default="dynamic",
                    help="dynamic: a fresh binarization of MNIST's IDX files every epoch, "
                         "test on a fixed one; fixed: binarized_mnist.npz (50k/10k/10k), "
                         "probe on validation images")
-    p.add_argument("--k", type=int, default=50, help="importance samples of iwae/dreg")
+    p.add_argument("--k", type=int, help="importance samples of iwae/dreg (default 50)")
     p.add_argument("--pseudo-inputs", type=int, default=500,
                    help="pseudo-inputs of the VampPrior row (--row vamp)")
     p.add_argument("--minutes", type=float, help="wall-clock training budget")
@@ -237,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_table.json"))
     p.add_argument("--per-image", type=Path,
                    help="save each test image's log p̂ and ELBO here (.pt) for paired differences")
+    p.add_argument("--per-image-dir", type=Path,
+                   help="--row all: the folder of the rows' per-image files (default: next to "
+                        "--out, named after it)")
     p.add_argument("--pairs", nargs="+", type=Path, metavar="PT",
                    help="print the paired differences of log p̂ between saved rows, and exit")
     p.add_argument("--plot", type=Path, metavar="PNG",
@@ -316,17 +331,53 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     torch.set_num_threads(args.threads)
     try:
-        row = run_row(args)
+        if args.row != "all":
+            train_and_record(args)
+            return 0
+        if args.k is not None or args.per_image is not None:
+            raise PyroVAEError("--row all trains k = 5 and 50 and names its per-image files: "
+                               "drop --k and --per-image (see --per-image-dir)")
+        folder = args.per_image_dir or args.out.with_name(args.out.stem + "-per-image")
+        saved = {}
+        for row, k in table_rows(args.protocol, args.layers):
+            name = row_name(args.protocol, args.layers, row, k)
+            saved[name] = folder / f"{name}.pt"
+            train_and_record(argparse.Namespace(**{**vars(args), "row": row, "k": k,
+                                                   "per_image": saved[name]}))
+        pairs = paired_differences(list(saved.values()), names=list(saved))
     except PyroVAEError as exc:
         print(f"mnist_table: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    rows = json.loads(args.out.read_text())["rows"] if args.out.exists() else []
-    write_json(args.out, {"rows": [*rows, row]})
+    table = json.loads(args.out.read_text())
+    for pair in pairs:
+        pair.update(protocol=args.protocol, images=table["rows"][-1]["test_images"],
+                    epochs=args.epochs if args.minutes is None else f"{args.minutes:g}min")
+        print(f"{pair['a']} − {pair['b']}: {pair['mean']:+.3f} ± {pair['stderr']:.3f} nats")
+    write_json(args.out, {**table, "pairs": [*table.get("pairs", []), *pairs]})
+    return 0
+
+
+def table_rows(protocol: str, layers: int) -> list[tuple[str, int]]:
+    """The rows ``--row all`` trains: the VampPrior row is the one-layer model only."""
+    return [(row, k) for row, k in TABLE[protocol] if row != "vamp" or layers == 1]
+
+
+def row_name(protocol: str, layers: int, row: str, k: int) -> str:
+    """A row's short name in the paired differences: ``iwae50``, ``vae_2l``, ``fixed_vamp``."""
+    return (("fixed_" if protocol == "fixed" else "") + row
+            + (str(k) if row in ("iwae", "dreg") else "") + ("_2l" if layers == 2 else ""))
+
+
+def train_and_record(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and score one row, append it to ``args.out`` (written atomically) and print it."""
+    row = run_row(args)
+    table = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    write_json(args.out, {**table, "rows": [*table["rows"], row]})
     print(f"{args.row} k={row['k']}: test log p̂ (K = {row['eval_particles']}, "
           f"{row['test_images']} images) {row['test_log_px']:.2f} ± "
           f"{row['test_log_px_stderr']:.2f}, ELBO {row['test_elbo']:.2f}, {row['epochs']} "
-          f"epochs in {row['train_seconds'] / 60:.1f} min; wrote {args.out}")
-    return 0
+          f"epochs in {row['train_seconds'] / 60:.1f} min; wrote {args.out}", flush=True)
+    return row
 
 
 if __name__ == "__main__":

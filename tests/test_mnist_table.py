@@ -61,6 +61,39 @@ def test_fixed_protocol_rows_and_their_paired_difference(fake_dir, tmp_path, cap
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(fake_dir, tmp_path, capsys):
+    table = _script()
+    out, folder = tmp_path / "table.json", tmp_path / "scores"
+    common = ["--protocol", "fixed", "--data-dir", str(fake_dir), "--epochs", "1",
+              "--limit", "100", "--batch-size", "50", "--eval-particles", "5",
+              "--probe-images", "10", "--probe-every", "1", "--pseudo-inputs", "5", "--quiet",
+              "--out", str(out)]
+    assert table.main([*common, "--row", "all", "--per-image-dir", str(folder)]) == 0
+    written = json.loads(out.read_text())
+    assert [(r["estimator"], r["k"], r["model"].endswith("pseudo-inputs"))
+            for r in written["rows"]] == [("meanfield", 1, False), ("iwae", 50, False),
+                                          ("meanfield", 1, True)]
+    names = ["fixed_vae", "fixed_iwae50", "fixed_vamp"]
+    scores = {name: torch.load(folder / f"{name}.pt")["log_px"] for name in names}
+    assert [(p["a"], p["b"]) for p in written["pairs"]] == [
+        ("fixed_vae", "fixed_iwae50"), ("fixed_vae", "fixed_vamp"),
+        ("fixed_iwae50", "fixed_vamp")]
+    for pair in written["pairs"]:
+        diff = scores[pair["a"]] - scores[pair["b"]]
+        assert abs(pair["mean"] - diff.mean().item()) < 1e-9
+        assert abs(pair["stderr"] - diff.std().item() / 20 ** 0.5) < 1e-9
+        assert (pair["protocol"], pair["epochs"], pair["images"]) == ("fixed", 1, 20)
+    printed = capsys.readouterr().out
+    assert printed.count("test log p̂") == 3 and "fixed_vae − fixed_iwae50: " in printed
+    # a second table keeps the rows and pairs already recorded
+    assert table.main([*common, "--row", "all", "--layers", "2",
+                       "--per-image-dir", str(folder)]) == 0
+    written = json.loads(out.read_text())
+    assert len(written["rows"]) == 5 and written["pairs"][-1]["a"] == "fixed_vae_2l"
+    assert table.main([*common, "--row", "all", "--k", "5"]) == 2
+    assert "drop --k" in capsys.readouterr().err
+
+
 def test_the_vampprior_row_on_the_fixed_protocol(fake_dir, tmp_path):
     table = _script()
     out = tmp_path / "table.json"
