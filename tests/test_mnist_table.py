@@ -141,3 +141,76 @@ def test_the_gpu_rows_driver_runs_every_one_layer_row_and_pairs_them(tmp_path, m
     a, b = (torch.load(out / name / "per_image.pt")["log_px"] for name in ("vae", "iwae5"))
     assert (pair["a"], pair["b"]) == ("vae", "iwae5")
     assert abs(pair["mean"] - (a - b).mean().item()) < 1e-9 and len(a) == 20
+
+
+WRAPPER = '''
+import time
+start = time.time()
+import importlib.util, sys
+import torch
+from pyro_vae.data import Dataset, Split
+spec = importlib.util.spec_from_file_location("mnist_gpu_budget", {script!r})
+budget = importlib.util.module_from_spec(spec)
+sys.modules["mnist_gpu_budget"] = budget
+spec.loader.exec_module(budget)
+g = torch.Generator().manual_seed(0)
+budget.load_mnist = lambda data_dir: Dataset(
+    "mnist", Split(torch.rand(64, 784, generator=g), torch.zeros(64).long()),
+    Split(torch.rand(20, 784, generator=g), torch.zeros(20).long()), (28, 28), 10)
+args = sys.argv[1:]
+if {fail!r} in args:
+    print("mnist_gpu_budget: error: this row is refused", file=sys.stderr)
+    sys.exit(2)
+status = budget.main(args)
+print("ran", start, time.time())
+sys.exit(status)
+'''
+
+
+def _parallel_rows(tmp_path, monkeypatch, fail):
+    spec = importlib.util.spec_from_file_location("mnist_gpu_rows",
+                                                  SCRIPT.parent / "mnist_gpu_rows.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    wrapper = tmp_path / "budget_on_fake_mnist.py"
+    wrapper.write_text(WRAPPER.format(script=str(SCRIPT.parent / "mnist_gpu_budget.py"),
+                                      fail=fail))
+    monkeypatch.setattr(rows, "BUDGET_SCRIPT", wrapper)
+    return rows
+
+
+@pytest.mark.parametrize("fail", ["no row", "iwae"])
+def test_the_gpu_rows_driver_trains_rows_at_once_in_parallel(tmp_path, monkeypatch, capsys,
+                                                               fail):
+    rows = _parallel_rows(tmp_path, monkeypatch, fail)
+    out = tmp_path / "rows"
+    status = rows.main(["--data-dir", str(tmp_path), "--device", "cpu", "--threads", "1",
+                        "--minutes", "0.01", "--eval-particles", "4",
+                        "--eval-particle-chunk", "4", "--probe-images", "5",
+                        "--probe-particles", "3", "--rows", "vae", "iwae5", "dreg50",
+                        "--parallel", "--out-dir", str(out)])
+    written = json.loads((out / "rows.json").read_text())
+    names = ["vae", "dreg50"] if fail == "iwae" else ["vae", "iwae5", "dreg50"]
+    assert [r["row"] for r in written["rows"]] == names
+    assert len(written["pairs"]) == len(names) * (len(names) - 1) // 2
+    spans = [[float(t) for t in (out / name / "log.txt").read_text().split("ran")[-1].split()]
+             for name in names]
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # all at once
+    if fail == "iwae":
+        assert status == 2
+        assert capsys.readouterr().err.strip() == (
+            "mnist_gpu_rows: the iwae5 row failed (mnist_gpu_budget: error: this row is "
+            "refused)")
+    else:
+        assert status == 0
+
+
+def test_the_parallel_driver_refuses_bad_input_in_one_line_and_writes_nothing(
+        tmp_path, monkeypatch, capsys):
+    rows = _parallel_rows(tmp_path, monkeypatch, "--out-dir")
+    out = tmp_path / "rows"
+    assert rows.main(["--data-dir", str(tmp_path), "--rows", "vae", "iwae5", "--parallel",
+                      "--out-dir", str(out)]) == 2
+    assert capsys.readouterr().err == ("mnist_gpu_rows: every row failed (mnist_gpu_budget: "
+                                       "error: this row is refused)\n")
+    assert not out.exists()
