@@ -11,9 +11,9 @@ evaluations, fit in about 10 minutes of GPU time. ::
         --eval-particles 10 --limit 300 --out-dir /tmp/gpu_rows
 
 ``--parallel`` trains the rows at the same time, one process each on the same device: a step of
-this small network leaves most of a GPU idle (its time is the launches), so four rows at once
-get about four times the training each in the same GPU time, e.g. ``--parallel --minutes 7``
-for about 9 minutes in all. Each row's output is then in its folder's ``log.txt``. ::
+this small network leaves most of a GPU idle (its time is the launches), so rows at once can
+each get several times the training in the same GPU time, e.g. ``--parallel --minutes 7`` for
+about 9 minutes in all (each row's steps per second in its ``budget.json`` say how much). Each row's output is then in its folder's ``log.txt``. ::
 
     python benchmarks/mnist_gpu_rows.py --data-dir DIR --parallel --minutes 7 --out-dir runs/gpu_rows
 
