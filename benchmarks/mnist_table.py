@@ -269,15 +269,16 @@ def plot_curves(table: Path, png: Path) -> None:
 
     rows = json.loads(table.read_text())["rows"]
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for row in rows:
+    for i, row in enumerate(rows):
         budget = (f"{row['budget_minutes']:.0f} min" if row.get("budget_minutes")
                   else f"{row['epochs']} epochs")
-        label = (f"{row['protocol']}, {row['model'].split()[0]}, {row['estimator']} "
+        estimator = "VampPrior" if "VampPrior" in row["model"] else row["estimator"]
+        label = (f"{row['protocol']}, {row['model'].split()[0]}, {estimator} "
                  f"k={row['k']}, {budget}")
         values = [point["log_px"] for point in row["curve"]]
-        axes[0].plot([point["epoch"] for point in row["curve"]], values, marker=".", label=label)
-        axes[1].plot([point["seconds"] / 60 for point in row["curve"]], values, marker=".",
-                     label=label)
+        style = dict(marker=".", label=label, linestyle=("-", "--", ":")[i // 10 % 3])
+        axes[0].plot([point["epoch"] for point in row["curve"]], values, **style)
+        axes[1].plot([point["seconds"] / 60 for point in row["curve"]], values, **style)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("epoch")
     axes[1].set_xlabel("training minutes (1 CPU thread)")
