@@ -13,9 +13,11 @@ evaluations, fit in about 10 minutes of GPU time. ::
 ``--parallel`` trains the rows at the same time, one process each on the same device: a step of
 this small network leaves most of a GPU idle (its time is the launches), so rows at once can
 each get several times the training in the same GPU time, e.g. ``--parallel --minutes 7`` for
-about 9 minutes in all (each row's steps per second in its ``budget.json`` say how much). Each row's output is then in its folder's ``log.txt``. ::
+about 9 minutes in all (each row's steps per second in its ``budget.json`` say how much).
+Each row's output is then in its folder's ``log.txt``. ::
 
-    python benchmarks/mnist_gpu_rows.py --data-dir DIR --parallel --minutes 7 --out-dir runs/gpu_rows
+    python benchmarks/mnist_gpu_rows.py --data-dir DIR --parallel --minutes 7 \
+        --out-dir runs/gpu_rows
 
 ``rows.json`` in ``--out-dir`` holds one entry per row (settings, epochs, steps, seconds, test
 log p̂ with its standard error, test ELBO, the published number) and the paired differences;
