@@ -89,7 +89,9 @@ def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(fake_dir, tmp_p
     assert table.main([*common, "--row", "all", "--layers", "2",
                        "--per-image-dir", str(folder)]) == 0
     written = json.loads(out.read_text())
-    assert len(written["rows"]) == 5 and written["pairs"][-1]["a"] == "fixed_vae_2l"
+    assert len(written["rows"]) == 5 and len(written["pairs"]) == 4
+    assert (written["pairs"][-1]["a"], written["pairs"][-1]["b"]) == ("fixed_vae_2l",
+                                                                      "fixed_iwae50_2l")
     assert table.main([*common, "--row", "all", "--k", "5"]) == 2
     assert "drop --k" in capsys.readouterr().err
 
