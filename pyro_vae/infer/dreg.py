@@ -4,12 +4,13 @@ Lawson, Gu and Maddison 2018), see :class:`DoublyReparameterizedELBO`."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
+from ..traces import site_log_prob
 from .elbo import ELBOEstimator, _weighted, beta_log_weight
-from .particles import _observed_sites, _Particles
+from .particles import _latent_sites, _observed_sites, _Particles
 
 
 class DoublyReparameterizedELBO(ELBOEstimator):
@@ -38,8 +39,17 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         \qquad c_k = (1-\beta)\tilde w_k + \beta \tilde w_k^2 .
 
     Its value is the IWAE bound; the first term gives Σ_k w̃_k ∇_θ log w_k at fixed draws, the
-    bracket only the path derivative through the draws. The model runs a second time on the
-    detached draws, guided and unguided. An unguided latent z_u is part of the proposal
+    bracket only the path derivative through the draws.
+
+    One run of the model is enough when the guide samples every model latent and every latent
+    is local: since c_k = w̃_k [(1 − β) + β w̃_k], the surrogate is the plain bound
+    LSE_k lw^stl_k − log K, whose path derivative (w̃_k ∂lw^stl_k/∂z_k) is multiplied by
+    (1 − β) + β w̃_k per draw and datapoint on its way back from z_k to the guide. The model
+    (and, for a guide of several sites, a replay of the guide) gets each draw as an alias of
+    the same value that does this rescaling, so gradients reaching an earlier draw through the
+    guide's own dependence on it are rescaled once. Otherwise (``single_pass = False``, an
+    unguided or global latent) the model runs a second time on the detached draws, guided and
+    unguided. An unguided latent z_u is part of the proposal
     q(z_g|x) p_θ(z_u|z_g), so the identity rewrites its score in θ too: the term
     β [log p_θ(sg z_u) − sg(·)] (value 0) puts that score back at weight w̃_k, and its draws'
     paths get the coefficient c_k. K = 1 is :class:`StickingTheLandingELBO` when the guide
@@ -54,11 +64,39 @@ class DoublyReparameterizedELBO(ELBOEstimator):
     name = "dreg"
     needs_deterministic_guide = True
     sums_enumerated = True
+    #: One run of the model, its path gradients rescaled on the way back (see above); ``False``
+    #: forces the second run on detached draws (the same gradients up to rounding).
+    single_pass: ClassVar[bool] = True
+
+    def _draw_view(self) -> Callable[[dict], torch.Tensor] | None:
+        return _GradientGate() if self.single_pass and torch.is_grad_enabled() else None
 
     def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
+        gate = particles.view
+        if isinstance(gate, _GradientGate) and gate.fits(particles):
+            return self._single_pass(particles, gate, guide, args, kwargs)
         return doubly_reparameterized(self.beta, [_parts(self, particles, model, guide, args,
                                                          kwargs)], self.importance_samples)
+
+    def _single_pass(self, particles: _Particles, gate: _GradientGate, guide: Callable,
+                     args: tuple, kwargs: dict) -> torch.Tensor:
+        """LSE_k lw^stl_k − log K on the model's one run, ``[P, N]``, with ``gate`` set to
+        multiply the path derivative of draw k by (1 − β) + β w̃_k."""
+        latent = particles.guide_latents
+        if len(latent) == 1 and self.single_site_shortcut:
+            site = latent[0]
+            log_q = particles.reduce(site_log_prob(
+                dict(site, value=particles.views.nodes[site["name"]]["value"])), site["name"])
+        else:
+            log_q = particles.site_total(_latent_sites(
+                particles.replay(guide, args, kwargs, on_views=True)))
+        score = self._score_free_log_q(particles, guide, args, kwargs)
+        log_weights = self._grouped(beta_log_weight(
+            particles.log_lik, particles.log_prior, log_q + (score.detach() - score), self.beta))
+        normalized = torch.softmax(log_weights.detach(), dim=1)
+        gate.open((1 - self.beta) + self.beta * normalized, particles)
+        return torch.logsumexp(log_weights, 1) - math.log(self.importance_samples)
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
                       sites: dict[str, torch.Tensor], first: _Particles
@@ -68,6 +106,58 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         reparameterized proposal: the identity that rewrites the score terms holds draw by
         draw, so the gradient is the one above with w̃ normalized over all K·C draws."""
         return summed_doubly_reparameterized(self, model, guide, args, kwargs, sites)
+
+
+class _GradientGate:
+    """Hands the model each guide draw as an alias of the same value whose gradient, on the way
+    back, is multiplied by a factor per draw and datapoint (:meth:`open`, before ``backward``);
+    until then the aliases pass gradients unchanged."""
+
+    def __init__(self) -> None:
+        self.factor: torch.Tensor | None = None
+        self.dims = (0, 0)  # the particle and data dims, counted from the batch shape's right
+
+    def __call__(self, site: dict) -> torch.Tensor:
+        value = site["value"]
+        if not value.requires_grad:
+            return value
+        alias = value.view_as(value)
+        event_dim = site["fn"].event_dim
+        alias.register_hook(lambda grad: self._scaled(grad, event_dim))
+        return alias
+
+    def fits(self, particles: _Particles) -> bool:
+        """Whether every draw that reaches the model is a local guide latent with one value per
+        draw and datapoint (no unguided or global latent; a single draw may lack the particle
+        dimension)."""
+        if particles.unguided_latents or particles.global_latents:
+            return False
+        for site in particles.guide_latents:
+            value = particles.views.nodes[site["name"]]["value"]
+            batch = value.dim() - site["fn"].event_dim
+            if (batch < -particles.data_dim
+                    or value.shape[batch + particles.data_dim] != particles.num_data
+                    or particles.plated and (
+                        batch < -particles.particle_dim
+                        or value.shape[batch + particles.particle_dim]
+                        != particles.num_particles)):
+                return False
+        return True
+
+    def open(self, factor: torch.Tensor, particles: _Particles) -> None:
+        """Rescale by ``factor`` (``[P, K, N]``, detached) from now on."""
+        self.factor = factor.detach().reshape(particles.shape)
+        self.dims = (particles.particle_dim if particles.plated else None, particles.data_dim)
+
+    def _scaled(self, grad: torch.Tensor, event_dim: int) -> torch.Tensor:
+        if self.factor is None:
+            return grad
+        batch = grad.dim() - event_dim
+        shape = [1] * grad.dim()
+        shape[batch + self.dims[1]] = self.factor.shape[1]
+        if self.dims[0] is not None:  # a single draw without the particle plate has no such dim
+            shape[batch + self.dims[0]] = self.factor.shape[0]
+        return grad * self.factor.reshape(shape)
 
 
 _Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

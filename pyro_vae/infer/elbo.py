@@ -185,7 +185,8 @@ class ELBOEstimator(ELBO):
         try:
             particles = _draw_particles(model, guide, args, kwargs, draws,
                                         self.max_plate_nesting, plated=plated,
-                                        allow_discrete=self.scores_discrete)
+                                        allow_discrete=self.scores_discrete,
+                                        view=self._draw_view())
         except PyroVAEError:
             raise
         except Exception:  # say so if the particle dimension is what the networks tripped on
@@ -195,6 +196,11 @@ class ELBOEstimator(ELBO):
         if plated:
             self._check_vectorizable(model, guide, args, kwargs)
         return particles
+
+    def _draw_view(self) -> Callable[[dict], torch.Tensor] | None:
+        """What the model is replayed on, per guide site (see :func:`_draw_particles`); ``None``:
+        the guide's draws themselves."""
+        return None
 
     def _check_vectorizable(self, model: Callable, guide: Callable, args: tuple,
                             kwargs: dict) -> None:

@@ -50,14 +50,19 @@ from ..traces import (PARTICLE_PLATE, check_guide_latents_in_model, find_data_pl
                       reduce_to_particles, reduce_to_particles_and_data, site_log_prob)
 
 
-def _detached(trace: poutine.Trace) -> poutine.Trace:
-    """The unobserved sample sites of ``trace`` (subsample sites included) with detached
-    values, for ``poutine.replay``."""
+def _mapped(trace: poutine.Trace, view: Callable[[dict], torch.Tensor]) -> poutine.Trace:
+    """The unobserved sample sites of ``trace`` (subsample sites included), each with the value
+    ``view(site)``, for ``poutine.replay``."""
     out = poutine.Trace()
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
-            out.add_node(name, **dict(site, value=site["value"].detach()))
+            out.add_node(name, **dict(site, value=view(site)))
     return out
+
+
+def _detached(trace: poutine.Trace) -> poutine.Trace:
+    """The unobserved sample sites of ``trace`` with detached values."""
+    return _mapped(trace, lambda site: site["value"].detach())
 
 
 def _scale_value(site: dict, where: str) -> float:
@@ -146,7 +151,9 @@ class _Particles:
     no particle dimension, which :meth:`reduce` adds as a leading dimension of size 1.
     ``model_trace`` and ``guide_trace`` have their subsample sites pruned; the ``raw_`` traces
     keep them, so that replays draw the same subsample. ``scale`` is the one scale factor of
-    every sample site (1 without ``poutine.scale`` or subsampling).
+    every sample site (1 without ``poutine.scale`` or subsampling). ``views``: the guide's draws
+    as the model was replayed on them, when they were handed to it through a ``view`` (see
+    :func:`_draw_particles`).
     """
 
     model_trace: poutine.Trace
@@ -161,6 +168,8 @@ class _Particles:
     hide_params: bool
     scale: float
     data_plate: str = ""
+    views: poutine.Trace | None = None
+    view: Callable[[dict], torch.Tensor] | None = None
 
     @property
     def particle_dim(self) -> int:
@@ -266,24 +275,32 @@ class _Particles:
         return _as_drawn(fn, self.num_particles, self.particle_dim, self.plated,
                          self.hide_params)
 
-    def replay(self, fn: Callable, args: tuple, kwargs: dict, model: bool = False
-               ) -> poutine.Trace:
+    def replay(self, fn: Callable, args: tuple, kwargs: dict, model: bool = False,
+               on_views: bool = False) -> poutine.Trace:
         """Trace ``fn`` the same way, replayed on detached draws: the guide's (``model=False``)
         or every latent of the model's, the unguided ones included (``model=True``); the same
-        subsample in either case."""
-        source = self.raw_model_trace if model else self.raw_guide_trace
-        replayed = poutine.replay(self.wrap(fn), trace=_detached(source))
+        subsample in either case. ``on_views``: on the guide's draws as the model saw them
+        (:attr:`views`), not detached."""
+        if on_views:
+            assert self.views is not None, "these draws were not handed out through a view"
+            source = self.views
+        else:
+            source = _detached(self.raw_model_trace if model else self.raw_guide_trace)
+        replayed = poutine.replay(self.wrap(fn), trace=source)
         return prune_subsample_sites(poutine.trace(replayed).get_trace(*args, **kwargs))
 
 
 def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                     num_particles: int, max_plate_nesting: int, plated: bool = True,
-                    allow_discrete: bool = False) -> _Particles:
+                    allow_discrete: bool = False,
+                    view: Callable[[dict], torch.Tensor] | None = None) -> _Particles:
     """Trace the guide and replay the model on it, for ``num_particles`` vectorized draws.
 
     A single draw may skip the particle plate (``plated=False``): the same random numbers, the
     same values. Param messages are hidden when no effect handler is active outside (they
-    reach no one: the traces' param sites are never read here).
+    reach no one: the traces' param sites are never read here). ``view`` maps each guide site
+    to the value the model is replayed on (the same values: e.g. an alias whose gradient is
+    rescaled on the way back); the model then holds the views.
 
     :raises ConfigError: for a guide without latents, a latent (guide, or model-only) that is
         not reparameterizable, a guide latent that is no latent of the model, or scale factors
@@ -295,9 +312,10 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     raw_guide_trace = poutine.trace(
         _as_drawn(guide, num_particles, particle_dim, plated, hide_params)
     ).get_trace(*args, **kwargs)
+    views = None if view is None else _mapped(raw_guide_trace, view)
     raw_model_trace = poutine.trace(poutine.replay(
         _as_drawn(model, num_particles, particle_dim, plated, hide_params),
-        trace=raw_guide_trace)).get_trace(*args, **kwargs)
+        trace=raw_guide_trace if views is None else views)).get_trace(*args, **kwargs)
     model_trace = prune_subsample_sites(raw_model_trace)
     guide_trace = prune_subsample_sites(raw_guide_trace)
     data_plate = find_data_plate(model_trace, guide_trace)
@@ -338,4 +356,5 @@ def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                       raw_model_trace=raw_model_trace, raw_guide_trace=raw_guide_trace,
                       num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                       data_dim=frame.dim, num_data=frame.size, plated=plated,
-                      hide_params=hide_params, scale=scale, data_plate=data_plate)
+                      hide_params=hide_params, scale=scale, data_plate=data_plate, views=views,
+                      view=view)
