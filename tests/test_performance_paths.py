@@ -461,3 +461,24 @@ def test_svi_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeyp
     products = {"aten::mm", "aten::addmm"} & set(operators)
     assert products and all(operators[name] > 0 for name in products)
     assert report["trace/4"]["total_self_us_per_step"] > 0
+
+
+def test_dreg_benchmark_checks_the_single_run_against_two_runs(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_dreg.py on the two-layer model (the rescaled gradient
+    must reach z1 through z2 once): the single run's loss and gradients agree with the two
+    runs' before anything is timed, and the JSON holds each step's time and the ratios.
+    Nothing about the timings is asserted."""
+    import json
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    load_benchmark("mnist_table", monkeypatch)
+    bench = load_benchmark("bench_dreg", monkeypatch)
+    out = tmp_path / "dreg.json"
+    assert bench.main(["--layers", "2", "--k", "3", "--batch-size", "4", "--rounds", "1",
+                       "--steps", "1", "--warmup-steps", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["gradient_check_relative"] < 1e-5
+    assert set(report["cpu_seconds_per_step"]) == set(bench.IMPLEMENTATIONS)
+    assert report["dreg_over_iwae"] > 0 and report["two_runs_over_single"] > 0
+    assert "dreg / iwae = " in capsys.readouterr().out
