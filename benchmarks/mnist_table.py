@@ -273,15 +273,16 @@ def plot_curves(table: Path, png: Path) -> None:
         budget = (f"{row['budget_minutes']:.0f} min" if row.get("budget_minutes")
                   else f"{row['epochs']} epochs")
         estimator = "VampPrior" if "VampPrior" in row["model"] else row["estimator"]
+        threads = f", {row['threads']} threads" if row.get("threads", 1) != 1 else ""
         label = (f"{row['protocol']}, {row['model'].split()[0]}, {estimator} "
-                 f"k={row['k']}, {budget}")
+                 f"k={row['k']}, {budget}{threads}")
         values = [point["log_px"] for point in row["curve"]]
         style = dict(marker=".", label=label, linestyle=("-", "--", ":")[i // 10 % 3])
         axes[0].plot([point["epoch"] for point in row["curve"]], values, **style)
         axes[1].plot([point["seconds"] / 60 for point in row["curve"]], values, **style)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("epoch")
-    axes[1].set_xlabel("training minutes (1 CPU thread)")
+    axes[1].set_xlabel("training minutes (1 CPU thread unless labelled)")
     for axis in axes:
         axis.set_ylabel("probe log p̂ (K = 100, nats)")
         axis.grid(alpha=0.3)
