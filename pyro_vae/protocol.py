@@ -42,6 +42,7 @@ from torch import nn
 from .batches import batch_length
 from .enumeration import is_enumerated
 from .errors import ConfigError
+from .module_state import running_statistics_kept
 from .models import DATA_PLATE
 from .traces import find_data_plate, trace_pair
 
@@ -96,7 +97,8 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
             "dist.Normal(loc, scale).to_event(1)")
     try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead
         with poutine.block(), pyro.validation_enabled(True), \
-                torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
+                torch.random.fork_rng(devices=[]), pyro.get_param_store().scope(), \
+                running_statistics_kept(module):
             model_trace, guide_trace = trace_pair(module.model, module.guide, example_args,
                                                   example_kwargs)
             foreign = _foreign_params(module, model_trace, guide_trace)

@@ -22,6 +22,7 @@ from pyro.distributions import Distribution
 from pyro.poutine.util import prune_subsample_sites
 
 from .errors import ConfigError
+from .module_state import running_statistics_kept
 
 PARTICLE_PLATE = "_pyro_vae_particles"
 # Exact types whose log_prob is elementwise in (value, loc, scale): see compact_distribution.
@@ -92,10 +93,12 @@ def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Run the pair once (outside any particle plate) and count the deepest plate nesting.
 
-    The global random state is restored afterwards, so guessing does not shift later draws.
+    The global random state and the modules' running statistics are restored afterwards, so
+    guessing does not shift later draws or move BatchNorm's statistics.
     """
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with poutine.block(), torch.random.fork_rng(devices=devices):
+    with poutine.block(), torch.random.fork_rng(devices=devices), \
+            running_statistics_kept(model, guide):
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     depth = 0
     for trace in (model_trace, guide_trace):

@@ -55,15 +55,16 @@ def _steps(module, estimator, args, kwargs, compiled: bool, steps: int = 3, back
             losses.append(step(args, kwargs, num) if compiled else eager(args, kwargs, num))
     if compiled:
         assert step.compiled_steps == steps and len(step.graphs) == 1
-    return torch.stack(losses), [p.detach().clone() for p in module.parameters()]
+    return (torch.stack(losses), [p.detach().clone() for p in module.parameters()],
+            [b.clone() for b in module.buffers()])
 
 
 def _assert_same_steps(module, estimator, args, kwargs=None, backend=None, rtol=0.0,
                        atol=1e-6):
     kwargs = kwargs or {}
-    eager_loss, eager_params = _steps(module, estimator, args, kwargs, compiled=False)
-    graph_loss, graph_params = _steps(module, estimator, args, kwargs, compiled=True,
-                                      backend=backend)
+    eager_loss, eager_params, _ = _steps(module, estimator, args, kwargs, compiled=False)
+    graph_loss, graph_params, _ = _steps(module, estimator, args, kwargs, compiled=True,
+                                         backend=backend)
     if backend is None:  # the first step's draws and loss are the eager step's, bit for bit
         assert graph_loss[0].item() == eager_loss[0].item()
     # later losses see parameters that differ by the update's rounding
@@ -193,6 +194,22 @@ def test_the_captured_step_of_a_guide_with_an_enumerated_site_equals_the_eager_s
 
     _assert_same_steps(LearnedFactorAnalysers(exact=False),
                        make_elbo(name, 1, k, max_plate_nesting=1), (_points(8),))
+
+
+@pytest.mark.parametrize("name", ["stl", "dreg"])
+def test_the_captured_step_of_a_replayed_batchnorm_guide_equals_the_eager_step(name):
+    """stl and dreg replay this guide, whose BatchNorm runs in train mode: the graph moves the
+    running statistics as the eager step does, once per step."""
+    from test_particle_safety import BatchNormTwoSiteGuide, _data
+
+    torch.manual_seed(0)
+    module, x = BatchNormTwoSiteGuide(), _data(False)
+    _assert_same_steps(module, make_elbo(name, 1, 1), (x,))
+    statistics = [_steps(module, make_elbo(name, 1, 1), (x,), {}, compiled=compiled)[2]
+                  for compiled in (False, True)]
+    assert statistics[0][-1].item() == statistics[1][-1].item() == 3  # num_batches_tracked
+    for eager, graph in zip(*statistics):
+        torch.testing.assert_close(graph, eager, rtol=0, atol=1e-6)
 
 
 def test_a_plain_tensor_attribute_trains_eagerly_with_a_line_that_names_register_buffer():

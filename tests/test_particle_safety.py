@@ -224,3 +224,70 @@ def test_estimators_that_replay_the_guide_refuse_active_dropout(name):
         make_estimator(name).loss(pair.model, pair.guide, x)
     pair.eval()
     assert torch.isfinite(torch.tensor(make_estimator("stl").loss(pair.model, pair.guide, x)))
+
+
+class BatchNormTwoSiteGuide(nn.Module):
+    """A guide of two sites whose second network normalizes its batch (BatchNorm in train
+    mode): stl and dreg replay such a guide on its own draws, and each run of BatchNorm in train
+    mode moves its running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(D, 2 * LATENT)
+        self.second = nn.Sequential(nn.Linear(LATENT, 2 * LATENT, bias=False),
+                                    nn.BatchNorm1d(2 * LATENT))
+        self.decoder = nn.Linear(LATENT, D)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(LATENT), 1.0).to_event(1))
+            z2 = pyro.sample("z2", dist.Normal(z1, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z2), 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.first(x).chunk(2, -1)
+            z1 = pyro.sample("z1", dist.Normal(loc, nn.functional.softplus(raw) + 0.1)
+                             .to_event(1))
+            loc, raw = self.second(z1).chunk(2, -1)
+            pyro.sample("z2", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
+
+
+@pytest.mark.parametrize("name, single_pass", [("stl", True), ("dreg", True), ("dreg", False)])
+def test_replays_leave_running_statistics_as_the_steps_one_run_left_them(name, single_pass,
+                                                                         monkeypatch):
+    """Two training steps of stl and dreg (which replay the guide, and dreg's two-run surrogate
+    also the model) move BatchNorm's running statistics exactly as trace's steps do on the same
+    random numbers (one update per step, the guessing of the plate nesting included), and the
+    steps' backward passes still run."""
+    from pyro_vae.infer import DoublyReparameterizedELBO, make_estimator
+
+    monkeypatch.setattr(DoublyReparameterizedELBO, "single_pass", single_pass)
+    x = _data(False)
+    torch.manual_seed(0)
+    initial = BatchNormTwoSiteGuide()
+    statistics = {}
+    for estimator_name in ("trace", name):
+        pair = BatchNormTwoSiteGuide()
+        pair.load_state_dict(initial.state_dict())
+        estimator = make_estimator(estimator_name)
+        pyro.set_rng_seed(4)
+        for _ in range(2):
+            estimator.differentiable_loss(pair.model, pair.guide, x).backward()
+        statistics[estimator_name] = dict(pair.second[1].named_buffers())
+    assert statistics["trace"]["num_batches_tracked"].item() == 2
+    for buffer, value in statistics[name].items():
+        assert torch.equal(value, statistics["trace"][buffer]), buffer
+
+
+def test_fits_checks_of_the_pair_leave_running_statistics_alone():
+    """Before training, fit runs the pair on two datapoints of the first batch (checking its
+    sites, guessing its plate nesting, probing the particle dimension): none of these runs may
+    move BatchNorm's running statistics, so one epoch of one batch moves them once."""
+    from pyro_vae import fit
+
+    torch.manual_seed(0)
+    pair = BatchNormTwoSiteGuide()
+    fit(pair, _data(False), elbo="trace", epochs=1, batch_size=N, eval_particles=1,
+        final_particles=0, progress=False)
+    assert pair.second[1].num_batches_tracked.item() == 1

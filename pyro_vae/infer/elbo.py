@@ -31,6 +31,7 @@ from torch import nn
 
 from ..enumeration import configurations, enumerated_sites_of, fixed
 from ..errors import ConfigError, PyroVAEError
+from ..module_state import running_statistics_kept
 from ..traces import guess_max_plate_nesting, site_log_prob, trace_pair
 from ..vectorization import particle_mismatch
 from .particles import _draw_particles, _latent_sites, _Particles
@@ -209,7 +210,8 @@ class ELBOEstimator(ELBO):
         key = (id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide)))
         if key in self._vectorizable:
             return
-        with torch.random.fork_rng(devices=_cuda_devices()), pyro.validation_enabled(False):
+        with torch.random.fork_rng(devices=_cuda_devices()), pyro.validation_enabled(False), \
+                running_statistics_kept(model, guide):
             reason = particle_mismatch(model, guide, args, kwargs,
                                        max_plate_nesting=self.max_plate_nesting)
         if reason is not None:

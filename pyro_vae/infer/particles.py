@@ -46,6 +46,7 @@ from pyro.util import check_model_guide_match
 
 from ..enumeration import is_enumerated
 from ..errors import ConfigError
+from ..module_state import running_statistics_kept
 from ..traces import (PARTICLE_PLATE, check_guide_latents_in_model, find_data_plate,
                       reduce_to_particles, reduce_to_particles_and_data, site_log_prob)
 
@@ -280,14 +281,16 @@ class _Particles:
         """Trace ``fn`` the same way, replayed on detached draws: the guide's (``model=False``)
         or every latent of the model's, the unguided ones included (``model=True``); the same
         subsample in either case. ``on_views``: on the guide's draws as the model saw them
-        (:attr:`views`), not detached."""
+        (:attr:`views`), not detached. Running statistics (BatchNorm) are left as the first
+        run left them (:func:`running_statistics_kept`)."""
         if on_views:
             assert self.views is not None, "these draws were not handed out through a view"
             source = self.views
         else:
             source = _detached(self.raw_model_trace if model else self.raw_guide_trace)
         replayed = poutine.replay(self.wrap(fn), trace=source)
-        return prune_subsample_sites(poutine.trace(replayed).get_trace(*args, **kwargs))
+        with running_statistics_kept(fn):
+            return prune_subsample_sites(poutine.trace(replayed).get_trace(*args, **kwargs))
 
 
 def _draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
