@@ -115,7 +115,9 @@ class _GradientGate:
 
     def __init__(self) -> None:
         self.factor: torch.Tensor | None = None
-        self.dims = (0, 0)  # the particle and data dims, counted from the batch shape's right
+        # the particle dim (None for a single draw without the particle plate) and the data
+        # dim, both counted from the right of the batch shape
+        self.dims: tuple[int | None, int] = (None, -1)
 
     def __call__(self, site: dict) -> torch.Tensor:
         value = site["value"]
