@@ -284,6 +284,9 @@ def test_sigterm_ends_training_in_one_line_and_leaves_a_resumable_folder(tmp_pat
 def test_a_signal_during_the_renames_waits_for_the_whole_set(tmp_path, monkeypatch):
     from pyro_vae.io import atomic_files
 
+    # Ctrl-C raises KeyboardInterrupt in an interactive process; one started in the
+    # background (``cmd &``, nohup) inherits SIGINT ignored, so give it Python's handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     real_replace = os.replace
 
     def replace_then_interrupt(src, dst):
@@ -291,12 +294,15 @@ def test_a_signal_during_the_renames_waits_for_the_whole_set(tmp_path, monkeypat
         signal.raise_signal(signal.SIGINT)  # Ctrl-C between two renames
 
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_files() as files:
-            files.write_text(tmp_path / "a", "1")
-            files.write_text(tmp_path / "b", "2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_files() as files:
+                files.write_text(tmp_path / "a", "1")
+                files.write_text(tmp_path / "b", "2")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_main_restores_the_sigterm_handler(tmp_path):
