@@ -122,7 +122,7 @@ LANDMARKS = (
     ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
     ("package fused loss", "pyro_vae/fused.py", "__call__"),
     ("package estimator differentiable_loss", "pyro_vae/infer/elbo.py", "differentiable_loss"),
-    ("  vectorized_log_probs (particle plate)", "pyro_vae/traces.py", "vectorized_log_probs"),
+    ("  vectorized_log_probs (particle plate)", "pyro_vae/log_probs.py", "vectorized_log_probs"),
     ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
     ("    run guide, replay model under poutine.trace", "pyro/poutine/trace_messenger.py",
      "get_trace"),

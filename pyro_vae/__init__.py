@@ -19,7 +19,7 @@ _EXPORTS = {
     "DataError": "errors", "PyroVAEError": "errors", "TrainingDiverged": "errors",
     "evaluate_dataset": "evaluate", "VAE": "models", "check_model": "protocol",
     "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
-    "ParticleLogProbs": "traces", "vectorized_log_probs": "traces", "Callback": "train",
+    "ParticleLogProbs": "log_probs", "vectorized_log_probs": "log_probs", "Callback": "train",
     "TrainResult": "train", "fit": "train", "make_elbo": "train",
 }
 

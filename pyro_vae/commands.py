@@ -187,6 +187,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     from .evaluate.results import write_netcdf
     from .evaluate.run import given_data, output_label, require_ais_memory
     from .io import atomic_files
+    from .protocol import data_plate_name
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
@@ -198,7 +199,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
                      num_steps=args.ais_steps, start=args.ais_start,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, data_plate=data_plate_name(run.model))
     summary = result.summary()
     label = output_label(args.split, args.data)
     out = args.run_dir / f"ais-{label}.json"
@@ -225,6 +226,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     from .evaluate.ais import bdmc, simulate
     from .evaluate.run import require_ais_memory
     from .io import write_json
+    from .protocol import data_plate_name
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
@@ -241,7 +243,8 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         data, latents = simulate(run.model.model, run.model.guide, template[0])
         result = bdmc(run.model.model, run.model.guide, data, latents, num_chains=args.chains,
-                      num_steps=args.ais_steps, batch_size=BDMC_BATCH)
+                      num_steps=args.ais_steps, batch_size=BDMC_BATCH,
+                      data_plate=data_plate_name(run.model))
     lower, upper = result.lower.log_px, result.upper.log_px
     summary = {"num_datapoints": len(lower), "num_chains": args.chains,
                "num_steps": args.ais_steps, "seed": args.seed,

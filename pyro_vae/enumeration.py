@@ -1,33 +1,51 @@
-r"""Discrete latent variables summed out exactly: guide sites marked for enumeration.
+r"""Discrete latent variables summed out exactly, by Pyro's parallel enumeration.
 
-A guide site marked ``infer={"enumerate": "parallel"}`` (or ``"sequential"``, or by
-:func:`pyro.infer.config_enumerate`) whose distribution has a finite support is not sampled: the
-pair is run once per value c of its support (per combination of values when there are several
-such sites), with the site fixed to c in the guide and in the model, and each run draws its own
-continuous latents z_c ~ q(z | x, c). Then, per particle and datapoint,
+A sample site marked ``infer={"enumerate": "parallel"}`` (or ``"sequential"``, or by
+:func:`pyro.infer.config_enumerate`) whose distribution has a finite support is not sampled but
+enumerated: :func:`enumerated_pair` runs the guide under :func:`pyro.poutine.enum` (its
+enumerated sites take their whole support along a dimension of their own, left of the particle
+plate) and the model after it under another, which enumerates the model's own marked sites the
+same way (the assignments of a mixture, the states of an HMM; ``pyro.markov`` reuses
+dimensions as Pyro does). Every continuous site drawn downstream of an enumerated value is drawn
+once per value. :func:`contract_log_weights` then sums the enumerated dimensions out of the
+per-site log-densities with Pyro's plated tensor contraction
+(:func:`pyro.ops.contract.contract_to_tensor`), keeping the particle plate and the data plate:
+per particle and datapoint,
 
 .. math::
 
-    \log w = \log \sum_c \frac{p(x, c, z_c)}{q(z_c \mid x, c)}, \qquad
-    \mathbb{E}\,[w] = \sum_c p(x, c) = p(x),
+    \log w = \log \sum_c \sum_d \frac{p(x, c, d, z_c)}{q(z_c \mid x, c)}, \qquad
+    \mathbb{E}\,[w] = p(x),
 
-so w is an unbiased estimate of p(x) in which the discrete variable is summed, not sampled: its
+with c the guide's enumerated sites, d the model's, z_c the continuous latents drawn given c.
+w is an unbiased estimate of p(x) in which the discrete variables are summed, not sampled: its
 variance is that of the continuous latents alone (Rao-Blackwellization), and a model whose only
-latent is discrete gets w = p(x) exactly. The guide's own q(c | x) enters no weight (it is
-summed over, not proposed from). log p(c) is counted with the model's observed sites.
+latents are discrete gets w = p(x) exactly. The guide's own q(c | x) enters no weight (it is
+summed over, not proposed from). Plates nested in the data plate are product-contracted inside
+the sum (Π_j Σ_c, not Σ_c Π_j), and one run sees one subsample of a subsampled plate.
 
-The enumerated sites must lie in the data plate (one value per datapoint, the same for all in a
-run); global latents with enumeration are refused, since each run would draw its own.
+Enumerated sites, and sites whose density depends on one, must lie in the data plate: a global
+site outside it would be summed once per datapoint. ``"sequential"`` marks are summed the same
+way, in parallel (the same numbers).
+
+The estimators that give guide-enumerated sites their own treatment (``meanfield``'s exact
+expectation, ``stl`` and ``dreg``'s gradients) still run the pair once per configuration, with
+the sites fixed by :class:`FixSites` (:func:`configurations`, :func:`fixed`) and the subsample
+of the first run replayed into every configuration.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.packed import neg, scale_and_mask
+from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 
 from .errors import ConfigError
@@ -119,11 +137,128 @@ def fixed(fn: Callable, values: dict[str, torch.Tensor]) -> Callable:
     return run
 
 
-def summed_log_weights(log_weights: Callable[[Callable, Callable], Any], model: Callable,
-                       guide: Callable, sites: dict[str, torch.Tensor]) -> torch.Tensor:
-    """logsumexp over every configuration c of ``log_weights(model_c, guide_c)`` (``[K, N]``
-    each, the pair with the enumerated sites fixed to c): the per-datapoint log-weights with
-    the discrete sites summed out."""
-    per_configuration = [log_weights(fixed(model, values), fixed(guide, values))
-                         for values in configurations(sites)]
-    return torch.logsumexp(torch.stack(per_configuration), 0)
+class _ExactLogRing(LogRing):
+    """Pyro's log-space ring with a sum-product that adds the aligned log-terms and applies
+    :func:`torch.logsumexp`. Pyro's own (an einsum of ``exp(term − max)``, each term shifted
+    by its own maximum) is exact in value, but its logarithm's gradient is clamped where that
+    sum falls below the float epsilon, which terms peaked at different values reach easily:
+    the estimators differentiate these sums, so they need the exact gradient."""
+
+    def sumproduct(self, terms: list[torch.Tensor], dims: Any) -> torch.Tensor:
+        names = "".join(sorted(set("".join(term._pyro_dims for term in terms))))
+        total = None
+        for term in terms:
+            own = [name for name in names if name in term._pyro_dims]
+            aligned = term.permute([term._pyro_dims.index(name) for name in own]) if own \
+                else term
+            aligned = aligned.reshape([aligned.shape[own.index(name)] if name in own else 1
+                                       for name in names])
+            total = aligned if total is None else total + aligned
+        axes = [axis for axis, name in enumerate(names) if name in dims]
+        result = torch.logsumexp(total, axes) if axes else total
+        result._pyro_dims = "".join(name for name in names if name not in dims)
+        return result
+
+
+class _ParallelMarks(Messenger):
+    """Read a ``"sequential"`` enumeration mark as ``"parallel"`` (the same sum)."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["infer"].get("enumerate") == "sequential" and not msg["is_observed"]:
+            msg["infer"] = dict(msg["infer"], enumerate="parallel")
+
+
+def _marks_parallel(fn: Callable) -> Callable:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _ParallelMarks():
+            return fn(*args, **kwargs)
+    return run
+
+
+def enumerated_pair(model: Callable, guide: Callable, first_available_dim: int
+                    ) -> tuple[Callable, Callable]:
+    """``model`` and ``guide`` under Pyro's parallel enumeration: the guide's marked sites take
+    dimensions from ``first_available_dim`` leftwards, the model's marked sites (those the
+    guide does not sample) the next ones. Run the guide first, then the model replayed on it."""
+    return (poutine.enum(_marks_parallel(model)),
+            poutine.enum(_marks_parallel(guide), first_available_dim=first_available_dim))
+
+
+def enumerated_model(model: Callable, first_available_dim: int | None) -> Callable:
+    """``model`` with its marked sites enumerated from ``first_available_dim`` leftwards, or
+    (``None``) from the first dimension the guide's enumeration left free (run it after the
+    guide of :func:`enumerated_guide`)."""
+    return poutine.enum(_marks_parallel(model), first_available_dim=first_available_dim)
+
+
+def enumerated_guide(guide: Callable, first_available_dim: int) -> Callable:
+    """``guide`` with its marked sites enumerated from ``first_available_dim`` leftwards."""
+    return poutine.enum(_marks_parallel(guide), first_available_dim=first_available_dim)
+
+
+def enumerated_in(trace: Any, skip: Any = ()) -> list[str]:
+    """The sample sites of ``trace`` that were enumerated (marked, finite support, neither
+    observed nor named in ``skip``)."""
+    return [name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and name not in skip
+            and is_enumerated(site)]
+
+
+def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[str],
+                         guide_sites: list[str], target_plates: tuple[str, ...],
+                         sizes: tuple[int, ...], weights: dict[str, float] | None = None
+                         ) -> torch.Tensor:
+    """Σ of the log-densities of ``model_sites`` minus those of ``guide_sites`` (each unscaled,
+    masked, times ``weights.get(name, 1)``), with every enumerated dimension summed out in log
+    space and every plate but ``target_plates`` product-contracted (summed in log space).
+
+    The sites must all lie in every plate of ``target_plates`` (a particle plate, the data
+    plate); the result has shape ``sizes``, one axis per target plate in that order.
+
+    :raises ConfigError: for sites outside a target plate, or dependences between enumerated
+        sites that the plates cannot hold (a plate's site on which a site outside it depends).
+    """
+    weights = weights or {}
+    for trace, names in ((guide_trace, guide_sites), (model_trace, model_sites)):
+        wanted = set(names)
+        trace.compute_log_prob(lambda name, site, wanted=wanted: name in wanted)
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+    plate_to_symbol = model_trace.plate_to_symbol
+    plate_symbols = set(plate_to_symbol.values())
+    tree: OrderedDict = OrderedDict()
+    sum_dims: set[str] = set()
+    for trace, names, sign in ((model_trace, model_sites, 1), (guide_trace, guide_sites, -1)):
+        for name in names:
+            site = trace.nodes[name]
+            frames = [frame.name for frame in site["cond_indep_stack"] if frame.vectorized]
+            missing = [plate for plate in target_plates if plate not in frames]
+            if missing:
+                raise ConfigError(
+                    f"site {name!r} lies outside the plate {missing[0]!r} but its density "
+                    "depends on an enumerated site, or is summed with them: enumerated sites "
+                    f"and the sites that depend on them must lie inside pyro.plate"
+                    f"({missing[0]!r}, N)")
+            term = scale_and_mask(site["packed"]["unscaled_log_prob"],
+                                  mask=site["packed"]["mask"])
+            weight = weights.get(name, 1.0)
+            if weight != 1.0:
+                dims, term = term._pyro_dims, term * weight
+                term._pyro_dims = dims
+            if sign < 0:
+                term = neg(term)
+            sum_dims.update(set(term._pyro_dims) - plate_symbols)
+            ordinal = frozenset(plate_to_symbol[frame] for frame in frames)
+            tree.setdefault(ordinal, []).append(term)
+    targets = tuple(plate_to_symbol[plate] for plate in target_plates)
+    ring = _ExactLogRing(dim_to_size=dict(zip(targets, sizes)))
+    try:
+        total = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(targets), ring=ring)
+    except ValueError as exc:
+        raise ConfigError(f"the enumerated sites cannot be summed out plate by plate: {exc}"
+                          ) from None
+    order = [total._pyro_dims.index(symbol) for symbol in targets if symbol in total._pyro_dims]
+    present = [symbol for symbol in targets if symbol in total._pyro_dims]
+    total = total.permute(order) if order else total.reshape(())
+    shape = [size if symbol in present else 1 for symbol, size in zip(targets, sizes)]
+    return total.reshape(shape).expand(sizes)

@@ -3,7 +3,10 @@
 A pair works with the training engine (:func:`pyro_vae.fit`), the evaluator
 (:mod:`pyro_vae.evaluate`) and the estimators (:mod:`pyro_vae.infer`) when:
 
-1. it is a :class:`torch.nn.Module` that owns every learnable parameter (so one
+1. it is a :class:`torch.nn.Module` that owns every learnable parameter (a model and a guide
+   in another form, plain functions with ``pyro.param``, a ``PyroModule`` model, an AutoGuide,
+   are held by a :class:`~pyro_vae.pairs.PyroPair`, which owns them: ``fit(model, guide,
+   data)``; so one
    ``torch.optim`` optimizer over ``module.parameters()`` trains it, and a ``state_dict``
    checkpoints it): every ``param`` site of the model and guide is one of
    ``module.parameters()`` (as those of ``pyro.module(name, self)`` are) or the constrained value
@@ -117,7 +120,9 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
             "training (one optimizer over module.parameters()) would never update them: make "
             f"each an nn.Parameter (or a PyroParam, for a constrained one) of {what}, e.g. "
             "self.W = nn.Parameter(init), and use it directly (pyro.module(name, self) "
-            "registers all of them with Pyro's param store)")
+            "registers all of them with Pyro's param store); or give the model and guide as "
+            "two callables, fit(model, guide, data), and the package owns their pyro.param "
+            "entries")
     for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":

@@ -1,9 +1,6 @@
-"""Trace mechanics in one place: per-datapoint log p(x, z) and log q(z|x) with vectorized particles.
-
-The guide is run inside an outer particle plate (left of the model's plates), the model is replayed
-on the guide's samples, and every sample site's log-density is reduced over all dimensions except the
-particle dimension and the data plate's dimension. The data plate is kept, never summed away, so
-each datapoint's weight uses only its own sites.
+"""What the trace recipe (:mod:`pyro_vae.particles`) reads from Pyro's traces: the data plate and
+its size, global latents, the plate nesting, a site's masked log-density, and the reductions of
+log-densities to ``[K, N]`` (particle dimension, data plate) or ``[K]``.
 
 Densities are the true ones: ``poutine.scale`` factors (subsampling, β weights) are ignored here
 and masks are applied. Estimators that weight terms do so themselves.
@@ -12,7 +9,6 @@ and masks are applied. Estimators that weight terms do so themselves.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyro
@@ -28,38 +24,6 @@ PARTICLE_PLATE = "_pyro_vae_particles"
 # Exact types whose log_prob is elementwise in (value, loc, scale): see compact_distribution.
 _NORMAL_TYPES = (torch.distributions.Normal, pyro.distributions.Normal)
 _INDEPENDENT_TYPES = (torch.distributions.Independent, pyro.distributions.Independent)
-
-
-@dataclass
-class ParticleLogProbs:
-    """Per-particle, per-datapoint log-densities, each of shape ``[K, N]``.
-
-    ``log_p`` is log p(x, z | θ) (the observed sites and the local latent sites the guide
-    samples; a model latent that the guide leaves to the prior cancels from the weight),
-    ``log_q`` is log q(z | x, θ); ``log_weights`` = ``log_p − log_q``. Global latents θ (sites
-    outside the data plate) are drawn once per particle and shared by its datapoints; their
-    log p(θ) and log q(θ) are ``log_p_global`` and ``log_q_global``, shape ``[K]`` (zeros
-    without global latents), named in ``global_sites``. The traces are kept for estimators
-    that need more.
-    """
-
-    log_p: torch.Tensor
-    log_q: torch.Tensor
-    model_trace: Any
-    guide_trace: Any
-    data_plate: str
-    log_p_global: torch.Tensor | None = None
-    log_q_global: torch.Tensor | None = None
-    global_sites: tuple[str, ...] = ()
-
-    @property
-    def log_weights(self) -> torch.Tensor:
-        return self.log_p - self.log_q
-
-    @property
-    def global_log_weight(self) -> torch.Tensor:
-        """log p(θ) − log q(θ) per particle, ``[K]``."""
-        return self.log_p_global - self.log_q_global
 
 
 def _plates_of(site: dict) -> dict[str, int]:
@@ -178,6 +142,29 @@ def _common_plates(sites: list[dict]) -> set[str]:
     return common
 
 
+def plate_dim_and_size(model_trace, guide_trace, name: str) -> tuple[int, int]:
+    """The dimension and size of the plate ``name``; a plate declared without a size
+    (``pyro.plate(name)``) takes the size its sites' values and distributions broadcast to."""
+    dim, sizes = None, []
+    for trace in (guide_trace, model_trace):
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.name != name:
+                    continue
+                if frame.size is not None and frame.size >= 0:
+                    return frame.dim, frame.size
+                dim, value, fn = frame.dim, site["value"], site["fn"]
+                shape = torch.broadcast_shapes(fn.batch_shape,
+                                               value.shape[:value.dim() - fn.event_dim])
+                if len(shape) >= -dim:
+                    sizes.append(shape[dim])
+    if dim is None:
+        raise ConfigError(f"no sample site lies in the plate {name!r}")
+    return dim, max(sizes, default=1)
+
+
 def global_latents(trace, data_plate: str) -> list[str]:
     """The latent sample sites of ``trace`` outside the data plate: global latents, drawn once
     per particle and shared by the datapoints."""
@@ -242,14 +229,24 @@ def compact_distribution(fn: Distribution) -> Distribution:
     return out
 
 
-def check_guide_latents_in_model(unmatched: list[str], what: str) -> None:
-    """Refuse guide latents that the model lacks (``unmatched``, not ``what`` of the model):
-    their log q would enter every weight with no log p to balance it."""
+def is_auxiliary(site: dict) -> bool:
+    """Whether a guide site is auxiliary (``infer={"is_auxiliary": True}``, as AutoGuides mark
+    the unconstrained draws behind their ``Delta`` sites): it has no twin in the model, and its
+    log-density belongs to log q (with the ``Delta``'s Jacobian term it makes q of the model's
+    site)."""
+    return bool((site.get("infer") or {}).get("is_auxiliary"))
+
+
+def check_guide_latents_in_model(guide_trace, unmatched: list[str], what: str) -> None:
+    """Refuse guide latents that the model lacks (``unmatched``, not ``what`` of the model),
+    auxiliary sites apart: their log q would enter every weight with no log p to balance it."""
+    unmatched = [name for name in unmatched if not is_auxiliary(guide_trace.nodes[name])]
     if unmatched:
         raise ConfigError(
             f"guide sample sites {unmatched} are not {what} of the model: log q would count "
             "them and log p would not, which biases every weight. Sample each guide latent in "
-            "the model under the same name")
+            "the model under the same name (or mark it infer={'is_auxiliary': True} if it is "
+            "an auxiliary variable of the guide)")
 
 
 def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> torch.Tensor:
@@ -283,91 +280,62 @@ def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim
     return log_prob.reshape(log_prob.shape[0], log_prob.shape[num_dims + data_dim]).expand(shape)
 
 
-def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
-                         max_plate_nesting: int | None = None, data_plate: str | None = None,
-                         detach_guide: bool = False, compact: bool = False,
-                         vectorize: bool = True, **kwargs: Any) -> ParticleLogProbs:
-    """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x).
+def _scale_value(site: dict, where: str) -> float:
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ConfigError(
+                f"{where} site {site['name']!r} has a scale tensor of shape "
+                f"{list(scale.shape)}: these estimators take one scale factor for every sample "
+                "site (as a subsampled pyro.plate gives); use pyro.poutine.mask to leave "
+                "datapoints out, and beta to weight the rate")
+        return scale.item()
+    return float(scale)
 
-    The particles are an outer vectorized plate at dim ``-(max_plate_nesting + 1)``; there is no
-    Python loop over particles or datapoints. Gradients flow as usual (wrap in ``torch.no_grad()``
-    for evaluation); ``detach_guide=True`` evaluates log q with the guide's distribution
-    parameters detached (the sample itself keeps its reparameterized path). ``compact=True``
-    computes each site's log-density on :func:`compact_distribution` (the same values with fewer
-    operations; the evaluator uses it, under ``torch.no_grad()``). ``vectorize=False`` (one
-    particle only) runs the pair without the particle plate, as it would run on its own: the
-    leading dimension of the result is then added after the fact. A guide whose sites are all
-    fixed (observed: discrete sites being summed out, :mod:`pyro_vae.enumeration`) has no latent
-    site and ``log_q`` = 0.
 
-    :returns: :class:`ParticleLogProbs` with ``log_p`` and ``log_q`` of shape ``[K, N]``.
-    """
-    if num_particles < 1:
-        raise ConfigError(f"num_particles must be >= 1, got {num_particles}")
-    if not vectorize and num_particles != 1:
-        raise ConfigError("vectorize=False draws one particle per call")
-    if max_plate_nesting is None:
-        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    particle_dim = -(max_plate_nesting + 1)
+def common_scale(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> float:
+    """The scale factor that every sample site of both traces shares, or ConfigError naming
+    the first site whose scale differs from the first site's."""
+    first: tuple[str, str, float] | None = None
+    for where, trace in (("model", model_trace), ("guide", guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            scale = _scale_value(site, where)
+            if first is None:
+                first = (where, site["name"], scale)
+            elif scale != first[2]:
+                raise ConfigError(
+                    f"{where} site {site['name']!r} has scale {scale:g} but {first[0]} site "
+                    f"{first[1]!r} has scale {first[2]:g}: these estimators honour a scale "
+                    "factor (poutine.scale, a subsampled pyro.plate) only when every sample site "
+                    "of the model and guide has the same one, since a per-site weight has no "
+                    "meaning inside the log of an importance-weighted bound. To weight the rate "
+                    "(KL) term, use beta (--beta, LinearWarmup) instead of poutine.scale")
+    return 1.0 if first is None else first[2]
 
-    def in_particle_plate(fn: Callable) -> Callable:
-        def wrapped(*a: Any, **k: Any) -> Any:
-            with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-                return fn(*a, **k)
-        return wrapped if vectorize else fn
 
-    model_trace, guide_trace = trace_pair(in_particle_plate(model), in_particle_plate(guide),
-                                          args, kwargs)
-    name = find_data_plate(model_trace, guide_trace, data_plate)
-    num_dims = max_plate_nesting + 1
+def latent_sites(trace: poutine.Trace) -> list[dict]:
+    return [site for site in trace.nodes.values()
+            if site["type"] == "sample" and not site["is_observed"]]
 
-    frame = next(frame for trace in (guide_trace, model_trace) for site in trace.nodes.values()
-                 if site["type"] == "sample" for frame in site["cond_indep_stack"]
-                 if frame.name == name)
-    data_dim, shape = frame.dim, (num_particles, frame.size)
 
-    def total(trace, sites: list[str], detach: bool) -> torch.Tensor:
-        out = None
-        for site_name in sites:
-            lp = reduce_to_particles_and_data(
-                site_log_prob(trace.nodes[site_name], detach, compact), num_dims, data_dim,
-                shape, site_name)
-            out = lp if out is None else out + lp
-        return out
+def observed_sites(trace: poutine.Trace) -> list[dict]:
+    return [site for site in trace.nodes.values()
+            if site["type"] == "sample" and site["is_observed"]]
 
-    def global_total(trace, sites: list[str], detach: bool) -> torch.Tensor | None:
-        out = None
-        for site_name in sites:
-            lp = reduce_to_particles(site_log_prob(trace.nodes[site_name], detach, compact),
-                                     num_dims, num_particles, site_name)
-            out = lp if out is None else out + lp
-        return out
 
-    guide_latents = [site_name for site_name, site in guide_trace.nodes.items()
-                     if site["type"] == "sample" and not site["is_observed"]]
-    if not guide_latents and not any(site["type"] == "sample"
-                                     for site in guide_trace.nodes.values()):
-        raise ConfigError("the guide has no latent sample sites")
-    check_guide_latents_in_model(
-        [site_name for site_name in guide_latents
-         if model_trace.nodes.get(site_name, {}).get("type") != "sample"], "sample sites")
-    globals_ = set(global_latents(guide_trace, name))
-    # A model latent the guide does not sample is drawn from its prior on replay: the prior is
-    # its own proposal, so its density cancels from the weight and is left out of both sides.
-    model_sites = [site_name for site_name, site in model_trace.nodes.items()
-                   if site["type"] == "sample"
-                   and (site["is_observed"] or site_name in guide_latents)]
-    local_model = [site_name for site_name in model_sites if site_name not in globals_]
-    local_guide = [site_name for site_name in guide_latents if site_name not in globals_]
-    log_p = total(model_trace, local_model, detach=False)
-    if log_p is None:
-        raise ConfigError(f"no sample site lies in the data plate {name!r}")
-    log_q = total(guide_trace, local_guide, detach=detach_guide)
-    log_q = torch.zeros_like(log_p) if log_q is None else log_q
-    zero = log_p.new_zeros(num_particles)
-    ordered = tuple(site_name for site_name in guide_latents if site_name in globals_)
-    log_p_global = global_total(model_trace, list(ordered), detach=False)
-    log_q_global = global_total(guide_trace, list(ordered), detach=detach_guide)
-    return ParticleLogProbs(log_p, log_q, model_trace, guide_trace, name,
-                            zero if log_p_global is None else log_p_global,
-                            zero if log_q_global is None else log_q_global, ordered)
+def masked(value: torch.Tensor, site: dict) -> torch.Tensor:
+    mask = site["mask"]
+    if mask is None or mask is True:
+        return value
+    if mask is False:
+        return torch.zeros_like(value)
+    return torch.where(mask, value, value.new_zeros(()))
+
+
+def sum_terms(terms: list[torch.Tensor]) -> torch.Tensor:
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total

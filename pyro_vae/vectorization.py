@@ -22,7 +22,7 @@ import torch
 from pyro import poutine
 
 from .errors import PyroVAEError
-from .traces import vectorized_log_probs
+from .log_probs import vectorized_log_probs
 
 PROBE_PARTICLES = 2
 RELATIVE_TOLERANCE = 1e-4  # float32 rounding of sums over a few hundred terms, with margin

@@ -124,19 +124,34 @@ def test_a_mixture_of_factor_analysers_same_mean_smaller_variance():
     assert summed.var_log_w.mean() < 0.5 * sampled.var_log_w.mean()
 
 
-def test_enumeration_with_a_global_latent_is_refused():
+def test_enumeration_with_a_global_latent_is_summed_given_each_draw_of_it():
+    """A shift θ of every mean, global (outside the data plate), with q(θ) a point mass at
+    s: each datapoint's log-weight is log p(x_n | θ = s) with y summed out, exactly, and the
+    global term is log p(s) − log q(s) = log N(s; 0, 1)."""
+    shift = 0.8
+
     class WithGlobal(GaussianMixture):
         def model(self, x):
-            pyro.sample("shift", dist.Normal(0.0, 1.0))
-            super().model(x)
+            theta = pyro.sample("shift", dist.Normal(0.0, 1.0))
+            with pyro.plate("data", x.shape[0]):
+                y = pyro.sample("y", dist.Categorical(logits=self.logits.expand(x.shape[0], C)))
+                pyro.sample("x", dist.Normal(self.means[y] + theta[..., None, None], self.scale)
+                            .to_event(1), obs=x)
 
         def guide(self, x):
-            pyro.sample("shift", dist.Normal(0.0, 1.0))
+            pyro.sample("shift", dist.Delta(torch.tensor(shift)))
             super().guide(x)
 
     pair = WithGlobal()
-    with pytest.raises(ConfigError, match="enumerated sites .* global latents"):
-        evaluate(pair.model, pair.guide, _points(5), num_particles=2)
+    x = _points(5)
+    result = evaluate(pair.model, pair.guide, x, num_particles=3)
+    components = dist.Normal(pair.means + shift, pair.scale).to_event(1).log_prob(x[:, None, :])
+    exact = torch.logsumexp(components + pair.logits.log_softmax(-1), -1).double()
+    torch.testing.assert_close(result.log_weights, exact.expand(3, -1).float().detach(),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.global_term.mean,
+                               dist.Normal(0.0, 1.0).log_prob(torch.tensor(shift)).item(),
+                               rtol=0, atol=1e-6)
 
 
 def _mixture_data():

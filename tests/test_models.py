@@ -5,7 +5,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, ConfigError
-from pyro_vae.traces import vectorized_log_probs
+from pyro_vae.log_probs import vectorized_log_probs
 
 D, LATENT, N = 12, 3, 5
 

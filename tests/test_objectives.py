@@ -26,7 +26,7 @@ from pyro_vae.models import VAE
 from pyro_vae.infer import (ESTIMATORS, DoublyReparameterizedELBO, ELBOEstimator,
                                  ImportanceWeightedELBO, LinearWarmup, MeanFieldELBO,
                                  StickingTheLandingELBO, TraceELBO, make_estimator)
-from pyro_vae.traces import vectorized_log_probs
+from pyro_vae.log_probs import vectorized_log_probs
 
 from linear_gaussian import LinearGaussian
 from threads import one_thread

@@ -48,7 +48,8 @@ class M2(nn.Module):
             if y is None:
                 y = pyro.sample("y", dist.OneHotCategorical(logits=self.classify(x)),
                                 infer={"enumerate": "parallel"})
-            inputs = torch.cat([x.expand(*y.shape[:-1], x.shape[-1]), y], -1)
+            batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])  # y enumerated or given
+            inputs = torch.cat([x.expand(*batch, -1), y.expand(*batch, -1)], -1)
             loc, raw = self.encoder(inputs).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, softplus(raw) + 1e-3).to_event(1))
 

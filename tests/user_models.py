@@ -187,3 +187,26 @@ def regression_data(num: int = 200, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"x": x, "y": y}
 
 
+
+
+def fa_model(x):
+    """Factor analysis as two plain Pyro functions: every parameter a ``pyro.param`` entry."""
+    loadings = pyro.param("loadings", lambda: 0.1 * torch.randn(x.shape[-1], FA_FACTORS))
+    mean = pyro.param("mean", lambda: torch.zeros(x.shape[-1]))
+    noise = pyro.param("noise", lambda: torch.ones(()), constraint=dist.constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], FA_FACTORS), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z @ loadings.T + mean, noise).to_event(1), obs=x)
+
+
+def fa_guide(x):
+    weight = pyro.param("encoder_weight", lambda: torch.zeros(FA_FACTORS, x.shape[-1]))
+    scale = pyro.param("encoder_scale", lambda: torch.ones(FA_FACTORS),
+                       constraint=dist.constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(x @ weight.T, scale).to_event(1))
+
+
+def make_fa_functions():
+    """The plain-function factor analysis, as a ``(model, guide)`` factory."""
+    return fa_model, fa_guide

@@ -2,7 +2,7 @@ r"""Evaluation from traces: importance-weighted log p̂(x), ELBO, gap, ESS and P
 
 For any Pyro model/guide pair whose sample sites all lie in one data plate, K particles
 z_k ~ q(z|x) give per-datapoint log-weights log w_k = log p(x, z_k) − log q(z_k|x)
-(:func:`pyro_vae.traces.vectorized_log_probs`). From them, for every datapoint:
+(:func:`pyro_vae.log_probs.vectorized_log_probs`). From them, for every datapoint:
 
 .. math::
 

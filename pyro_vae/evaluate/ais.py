@@ -56,7 +56,8 @@ from torch.distributions import constraints
 from .. import enumeration
 from ..batches import as_source
 from ..errors import ConfigError
-from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting, vectorized_log_probs
+from ..log_probs import vectorized_log_probs
+from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting
 from .khat import MIN_KHAT_PARTICLES, pareto_khat
 
 SIGMOID_SHARPNESS = 4.0
@@ -122,9 +123,11 @@ class _Target:
     differentiable in the values; global latents fixed."""
 
     def __init__(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                 num_chains: int, max_plate_nesting: int, fixed: dict[str, torch.Tensor]):
+                 num_chains: int, max_plate_nesting: int, fixed: dict[str, torch.Tensor],
+                 data_plate: str | None = None):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.num_chains, self.nesting, self.fixed = num_chains, max_plate_nesting, fixed
+        self.data_plate = data_plate
 
     def __call__(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         trace = poutine.Trace()
@@ -132,7 +135,8 @@ class _Target:
             trace.add_node(name, type="sample", value=value, is_observed=False, infer={})
         drawn = vectorized_log_probs(self.model, poutine.replay(self.guide, trace=trace),
                                      *self.args, num_particles=self.num_chains,
-                                     max_plate_nesting=self.nesting, **self.kwargs)
+                                     max_plate_nesting=self.nesting,
+                                     data_plate=self.data_plate, **self.kwargs)
         return drawn.log_q, drawn.log_p
 
 
@@ -142,11 +146,12 @@ def _per_point(values: dict[str, torch.Tensor], fn: Callable) -> torch.Tensor:
 
 
 def _initial(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_chains: int,
-             nesting: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+             nesting: int, data_plate: str | None = None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Local latents drawn from the guide in the chains' plate, and the global ones at one
     draw from q(θ)."""
     drawn = vectorized_log_probs(model, guide, *args, num_particles=num_chains,
-                                 max_plate_nesting=nesting, **kwargs)
+                                 max_plate_nesting=nesting, data_plate=data_plate, **kwargs)
     globals_ = set(global_latents(drawn.guide_trace, drawn.data_plate))
     fixed = {}
     if globals_:  # one θ ~ q(θ) for every chain, and the chains' z drawn given it
@@ -157,6 +162,7 @@ def _initial(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_ch
             replay.add_node(name, type="sample", value=value, is_observed=False, infer={})
         drawn = vectorized_log_probs(model, poutine.replay(guide, trace=replay), *args,
                                      num_particles=num_chains, max_plate_nesting=nesting,
+                                     data_plate=data_plate,
                                      **kwargs)
     local = {}
     for name, site in drawn.guide_trace.nodes.items():
@@ -184,12 +190,13 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                num_chains: int, betas: torch.Tensor, leapfrog_steps: int, step_size: float,
                target_accept: float, nesting: int,
                start: dict[str, torch.Tensor] | None = None,
-               prior: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               prior: bool = False, data_plate: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """log w per chain and datapoint along ``betas`` (rising: forward AIS from the guide, or
     from the prior when ``guide`` is the model's prior and ``prior`` says so; falling: reverse
     AIS from ``start``, exact posterior draws ``[N, ...]`` per site), and the mean acceptance
     rate per datapoint."""
-    z, fixed = _initial(model, guide, args, kwargs, num_chains, nesting)
+    z, fixed = _initial(model, guide, args, kwargs, num_chains, nesting, data_plate)
     if prior and fixed:
         raise ConfigError(f"AIS from the prior would draw the global latents {sorted(fixed)} "
                           "from their prior too: start from the guide")
@@ -201,7 +208,7 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
             raise ConfigError(f"reverse AIS needs a draw of every local latent {sorted(z)}, "
                               f"got {sorted(start)}")
         z = {k: start[k].to(z[k]).expand_as(z[k]).clone() for k in z}
-    target = _Target(model, guide, args, kwargs, num_chains, nesting, fixed)
+    target = _Target(model, guide, args, kwargs, num_chains, nesting, fixed, data_plate)
 
     def log_f(values: dict[str, torch.Tensor], beta: float, grad: bool):
         with torch.enable_grad():
@@ -247,7 +254,7 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
         num_steps: int = 500, leapfrog_steps: int = 5, step_size: float = 0.05,
         target_accept: float = 0.65, schedule: torch.Tensor | None = None,
         start: str = "guide", batch_size: int = 100, collate_fn: Callable | None = None,
-        max_plate_nesting: int | None = None) -> AISResult:
+        max_plate_nesting: int | None = None, data_plate: str | None = None) -> AISResult:
     """AIS estimates of log p(x) for every datapoint of ``data`` (any form of
     :func:`pyro_vae.evaluate.evaluate_dataset`), batch by batch; see the module docstring.
 
@@ -275,7 +282,8 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
             per_configuration.append(_ais_batch(
                 model_c, proposal, batch.args, batch.kwargs, num_chains=num_chains,
                 betas=betas, leapfrog_steps=leapfrog_steps, step_size=step_size,
-                target_accept=target_accept, nesting=nesting, prior=start == "prior"))
+                target_accept=target_accept, nesting=nesting, prior=start == "prior",
+                data_plate=data_plate))
         log_w = torch.logsumexp(torch.stack([w for w, _ in per_configuration]), 0)
         accept = torch.stack([a for _, a in per_configuration]).mean(0)
         log_ws.append(log_w.cpu())
@@ -312,7 +320,7 @@ def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, 
                 *, num_chains: int = 16, num_steps: int = 500, leapfrog_steps: int = 5,
                 step_size: float = 0.05, target_accept: float = 0.65,
                 schedule: torch.Tensor | None = None, batch_size: int = 100,
-                max_plate_nesting: int | None = None) -> AISResult:
+                max_plate_nesting: int | None = None, data_plate: str | None = None) -> AISResult:
     r"""Reverse AIS (Grosse, Ghahramani and Adams 2015): chains start at exact posterior draws
     ``latents`` (``{site: [N, ...]}``, one per datapoint, e.g. the latents that generated
     simulated data) and are annealed from the posterior back to the guide. Then
@@ -333,7 +341,8 @@ def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, 
         log_w, accept = _ais_batch(model, guide, batch.args, batch.kwargs,
                                    num_chains=num_chains, betas=betas,
                                    leapfrog_steps=leapfrog_steps, step_size=step_size,
-                                   target_accept=target_accept, nesting=nesting, start=start)
+                                   target_accept=target_accept, nesting=nesting, start=start,
+                                   data_plate=data_plate)
         log_ws.append(log_w.cpu())
         accepts.append(accept.cpu())
     log_w = torch.cat(log_ws, dim=1)

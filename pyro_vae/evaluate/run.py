@@ -15,6 +15,7 @@ from ..batches import as_source, resolve_device
 from ..config import check_seed
 from ..distributed import init_distributed
 from ..errors import ConfigError
+from ..protocol import data_plate_name
 from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
@@ -166,7 +167,8 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                       batch_size=config.batch_size,
                                       particle_chunk=config.particle_chunk,
                                       keep_log_weights=keep, progress=progress,
-                                      batch_seed=config.seed, dist=dist)
+                                      batch_seed=config.seed, dist=dist,
+                                      data_plate=data_plate_name(run.model))
     if dist.is_main:
         metadata = {"run_dir": str(run_dir), "config": asdict(config),
                     "data": str(data) if isinstance(data, (str, Path)) else

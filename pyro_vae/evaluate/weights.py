@@ -18,9 +18,9 @@ from pyro.infer.util import is_validation_enabled
 from ..batches import as_source, floating_tensors
 from ..distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gather_objects,
                            derive_seed)
-from ..enumeration import enumerated_sites, summed_log_weights
 from ..errors import ConfigError, DataError, PyroVAEError
-from ..traces import ParticleLogProbs, guess_max_plate_nesting, vectorized_log_probs
+from ..log_probs import vectorized_log_probs
+from ..traces import guess_max_plate_nesting
 from ..vectorization import particle_mismatch
 from .khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
 from .results import EvaluationResult, GlobalTerm
@@ -75,28 +75,10 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
     """
     model, guide = (poutine.block(fn, hide_types=["param"]) for fn in (model, guide))
 
-    sites = enumerated_sites(guide, args, kwargs)
-
     def one_call(size: int, vectorized: bool) -> Chunk:
-        def drawn_with(model_fn: Callable, guide_fn: Callable) -> ParticleLogProbs:
-            return vectorized_log_probs(model_fn, guide_fn, *args, num_particles=size,
-                                        max_plate_nesting=max_plate_nesting,
-                                        data_plate=data_plate, compact=True,
-                                        vectorize=vectorized, **kwargs)
-
-        if sites:  # discrete guide sites summed out: one run per configuration
-            def log_weights_with(model_fn: Callable, guide_fn: Callable) -> torch.Tensor:
-                drawn = drawn_with(model_fn, guide_fn)
-                if drawn.global_sites:
-                    raise ConfigError(
-                        f"the enumerated sites {list(sites)} and the global latents "
-                        f"{list(drawn.global_sites)} cannot be combined: each configuration "
-                        "would draw its own global latents")
-                return drawn.log_weights
-
-            summed = summed_log_weights(log_weights_with, model, guide, sites)
-            return Chunk(summed, summed.new_zeros(summed.shape[0]), ())
-        drawn = drawn_with(model, guide)
+        drawn = vectorized_log_probs(model, guide, *args, num_particles=size,
+                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
+                                     compact=True, vectorize=vectorized, **kwargs)
         return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites)
 
     def draw(size: int) -> Chunk:

@@ -16,14 +16,15 @@ name           class (module)                           bound; gradient
                (``dreg``)
 =============  =======================================  =========================================
 
-The shared machinery: :mod:`pyro_vae.infer.particles` draws the particles and reads their
-log-densities (which latents count, scale factors), :mod:`pyro_vae.infer.elbo` holds the base
+The shared machinery: :mod:`pyro_vae.particles` draws the particles and reads their
+log-densities (which latents count, scale factors, enumeration; the evaluator reads the same
+draws), :mod:`pyro_vae.infer.elbo` holds the base
 class :class:`ELBOEstimator` (losses, surrogates, the stop-gradient score term),
 :mod:`pyro_vae.infer.registry` the names (:data:`ESTIMATORS`, :func:`make_estimator`) and
 :mod:`pyro_vae.infer.schedule` the KL warm-up (:class:`LinearWarmup`).
 
 Every estimator works from per-particle, per-datapoint log-densities (the data plate is kept, see
-:func:`pyro_vae.traces.vectorized_log_probs`): the log-likelihood (observed model sites), the
+:func:`pyro_vae.particles.draw_particles`): the log-likelihood (observed model sites), the
 log-prior (the model's latent sites that the guide samples) and log q (latent guide sites).
 With a rate weight β they combine into the β-weighted log-weight of one draw z ~ q(z|x),
 

@@ -8,9 +8,9 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..traces import site_log_prob
+from ..particles import Particles
+from ..traces import latent_sites, site_log_prob
 from .elbo import ELBOEstimator, _weighted, beta_log_weight
-from .particles import _latent_sites, _observed_sites, _Particles
 
 
 class DoublyReparameterizedELBO(ELBOEstimator):
@@ -62,6 +62,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
     """
 
     name = "dreg"
+    parallel_enumeration = False
     needs_deterministic_guide = True
     sums_enumerated = True
     #: One run of the model, its path gradients rescaled on the way back (see above); ``False``
@@ -71,7 +72,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
     def _draw_view(self) -> Callable[[dict], torch.Tensor] | None:
         return _GradientGate() if self.single_pass and torch.is_grad_enabled() else None
 
-    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         gate = particles.view
         if isinstance(gate, _GradientGate) and gate.fits(particles):
@@ -79,7 +80,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         return doubly_reparameterized(self.beta, [_parts(self, particles, model, guide, args,
                                                          kwargs)], self.importance_samples)
 
-    def _single_pass(self, particles: _Particles, gate: _GradientGate, guide: Callable,
+    def _single_pass(self, particles: Particles, gate: _GradientGate, guide: Callable,
                      args: tuple, kwargs: dict) -> torch.Tensor:
         """LSE_k lw^stl_k − log K on the model's one run, ``[P, N]``, with ``gate`` set to
         multiply the path derivative of draw k by (1 − β) + β w̃_k."""
@@ -89,7 +90,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
             log_q = particles.reduce(site_log_prob(
                 dict(site, value=particles.views.nodes[site["name"]]["value"])), site["name"])
         else:
-            log_q = particles.site_total(_latent_sites(
+            log_q = particles.site_total(latent_sites(
                 particles.replay(guide, args, kwargs, on_views=True)))
         score = self._score_free_log_q(particles, guide, args, kwargs)
         log_weights = self._grouped(beta_log_weight(
@@ -99,7 +100,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         return torch.logsumexp(log_weights, 1) - math.log(self.importance_samples)
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: _Particles
+                      sites: dict[str, torch.Tensor], first: Particles
                       ) -> tuple[torch.Tensor, float]:
         r"""With guide sites c marked for enumeration, the bound of ``iwae``,
         log (1/K) Σ_k Σ_c w_kc, whose K·C draws z_kc ~ q(z | x, c) each come from a
@@ -128,7 +129,7 @@ class _GradientGate:
         alias.register_hook(lambda grad: self._scaled(grad, event_dim))
         return alias
 
-    def fits(self, particles: _Particles) -> bool:
+    def fits(self, particles: Particles) -> bool:
         """Whether every draw that reaches the model is a local guide latent with one value per
         draw and datapoint (no unguided or global latent; a single draw may lack the particle
         dimension)."""
@@ -146,7 +147,7 @@ class _GradientGate:
                 return False
         return True
 
-    def open(self, factor: torch.Tensor, particles: _Particles) -> None:
+    def open(self, factor: torch.Tensor, particles: Particles) -> None:
         """Rescale by ``factor`` (``[P, K, N]``, detached) from now on."""
         self.factor = factor.detach().reshape(particles.shape)
         self.dims = (particles.particle_dim if particles.plated else None, particles.data_dim)
@@ -165,14 +166,14 @@ class _GradientGate:
 _Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _parts(estimator: ELBOEstimator, particles: _Particles, model: Callable, guide: Callable,
+def _parts(estimator: ELBOEstimator, particles: Particles, model: Callable, guide: Callable,
            args: tuple, kwargs: dict) -> _Parts:
     """The log-weights the surrogate combines, each ``[P, K, N]``: lw^stl(z), lw^stl(sg z),
     lw^stl(sg z) with the unguided latents' score put back, and the plain β-weighted ones."""
     beta = estimator.beta
     stl = estimator._stl_log_weights(particles, guide, args, kwargs)
     replayed = particles.replay(model, args, kwargs, model=True)
-    log_lik = particles.site_total(_observed_sites(replayed))
+    log_lik = particles.log_lik_of(replayed)
     log_prior = particles.site_total([replayed.nodes[site["name"]]
                                       for site in particles.guided_latents])
     stl_fixed = beta_log_weight(log_lik, log_prior, particles.log_q.detach(), beta)

@@ -26,15 +26,17 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item
+from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
 from torch import nn
 
-from ..enumeration import configurations, enumerated_sites_of, fixed
+from ..enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
 from ..errors import ConfigError, PyroVAEError
 from ..module_state import running_statistics_kept
-from ..traces import guess_max_plate_nesting, site_log_prob, trace_pair
+from ..particles import Particles, check_estimable, draw_particles
+from ..traces import (PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, site_log_prob,
+                      trace_pair)
 from ..vectorization import particle_mismatch
-from .particles import _draw_particles, _latent_sites, _Particles
 
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -94,6 +96,36 @@ def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.
     return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
 
 
+def _replaying(fn: Callable, trace: poutine.Trace) -> Callable:
+    """``fn`` replayed on ``trace`` (unchanged for an empty one), keeping the pair's identity
+    (``__self__``) for the per-pair checks."""
+    if not trace.nodes:
+        return fn
+    replayed = poutine.replay(fn, trace=trace)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return replayed(*args, **kwargs)
+    run.__self__ = getattr(fn, "__self__", fn)
+    return run
+
+
+def _same_subsample(model: Callable, guide: Callable, particles: Particles
+                    ) -> tuple[Callable, Callable]:
+    """``model`` and ``guide`` replaying the subsample sites of ``particles``' draw, so that
+    every configuration of the enumerated sites is run on the same datapoints (a subsampled
+    ``pyro.plate`` draws its subsample anew on every run)."""
+    def subsamples(raw: poutine.Trace) -> poutine.Trace:
+        kept = prune_subsample_sites(raw).nodes
+        out = poutine.Trace()
+        for name, site in raw.nodes.items():
+            if site["type"] == "sample" and name not in kept:
+                out.add_node(name, **site)
+        return out
+
+    return (_replaying(model, subsamples(particles.raw_model_trace)),
+            _replaying(guide, subsamples(particles.raw_guide_trace)))
+
+
 class ELBOEstimator(ELBO):
     r"""Base class of the named estimators: a :class:`pyro.infer.ELBO` with P particles outside
     the log, K importance samples inside it, and a rate weight β.
@@ -112,6 +144,8 @@ class ELBOEstimator(ELBO):
         ``estimator.beta`` between steps (see :class:`LinearWarmup`).
     :param max_plate_nesting: the number of nested plates of the model and guide; guessed by
         running them once (and then kept) when ``None``. Particles are one plate further left.
+    :param data_plate: the name of the plate that indexes datapoints, where several plates
+        hold every site; ``None`` finds it (:func:`pyro_vae.traces.find_data_plate`).
     """
 
     name: ClassVar[str] = ""
@@ -128,12 +162,16 @@ class ELBOEstimator(ELBO):
     #: whether guide sites marked for enumeration are summed out inside the log-weight
     #: (:mod:`pyro_vae.enumeration`); the others refuse such a guide
     sums_enumerated: ClassVar[bool] = False
+    #: whether guide sites marked for enumeration are enumerated in parallel, as Pyro's
+    #: ``TraceEnum_ELBO`` does (one run, every value along a dimension of its own, summed
+    #: plate by plate); the others run the pair once per configuration
+    parallel_enumeration: ClassVar[bool] = True
     #: whether guide sites without rsample (discrete, not enumerated) get a score-function
     #: gradient (:class:`~pyro_vae.infer.vimco.VIMCO`); the others refuse them
     scores_discrete: ClassVar[bool] = False
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
-                 max_plate_nesting: int | None = None):
+                 max_plate_nesting: int | None = None, data_plate: str | None = None):
         num_particles = _check_count("num_particles", num_particles)
         importance_samples = _check_count("importance_samples", importance_samples)
         if importance_samples > 1 and self.importance_hint is not None:
@@ -146,7 +184,11 @@ class ELBOEstimator(ELBO):
                                               or max_plate_nesting < 0):
             raise ConfigError(f"max_plate_nesting must be an integer >= 0 or None, got "
                               f"{max_plate_nesting!r}")
+        if data_plate is not None and not isinstance(data_plate, str):
+            raise ConfigError(f"data_plate must be a plate's name or None, got {data_plate!r}")
         super().__init__(num_particles=num_particles, vectorize_particles=False)
+        #: the plate that indexes datapoints (``None``: found in the traces)
+        self.data_plate = data_plate
         self.vectorize_particles = True
         self.max_plate_nesting = max_plate_nesting
         self.importance_samples = importance_samples
@@ -176,7 +218,7 @@ class ELBOEstimator(ELBO):
         return trace_pair(model, guide, args, kwargs)
 
     def _particles(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-                   ) -> _Particles:
+                   ) -> Particles:
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         draws = self.num_particles * self.importance_samples
@@ -184,10 +226,11 @@ class ELBOEstimator(ELBO):
         if self.needs_deterministic_guide:
             _check_no_active_dropout(self.name, model, guide)
         try:
-            particles = _draw_particles(model, guide, args, kwargs, draws,
-                                        self.max_plate_nesting, plated=plated,
-                                        allow_discrete=self.scores_discrete,
-                                        view=self._draw_view())
+            particles = draw_particles(model, guide, args, kwargs, draws,
+                                       self.max_plate_nesting, plated=plated,
+                                       view=self._draw_view(), data_plate=self.data_plate,
+                                       enumerate_guide=self.parallel_enumeration)
+            check_estimable(particles, allow_discrete=self.scores_discrete)
         except PyroVAEError:
             raise
         except Exception:  # say so if the particle dimension is what the networks tripped on
@@ -199,7 +242,7 @@ class ELBOEstimator(ELBO):
         return particles
 
     def _draw_view(self) -> Callable[[dict], torch.Tensor] | None:
-        """What the model is replayed on, per guide site (see :func:`_draw_particles`); ``None``:
+        """What the model is replayed on, per guide site (see :func:`draw_particles`); ``None``:
         the guide's draws themselves."""
         return None
 
@@ -213,7 +256,8 @@ class ELBOEstimator(ELBO):
         with torch.random.fork_rng(devices=_cuda_devices()), pyro.validation_enabled(False), \
                 running_statistics_kept(model, guide):
             reason = particle_mismatch(model, guide, args, kwargs,
-                                       max_plate_nesting=self.max_plate_nesting)
+                                       max_plate_nesting=self.max_plate_nesting,
+                                       data_plate=self.data_plate)
         if reason is not None:
             draws = self.num_particles * self.importance_samples
             raise ConfigError(
@@ -227,26 +271,28 @@ class ELBOEstimator(ELBO):
         """``[P·K, N]`` → ``[P, K, N]``."""
         return per_draw.reshape(self.num_particles, self.importance_samples, -1)
 
-    def _log_weights(self, particles: _Particles) -> torch.Tensor:
-        """β-weighted log-weights, ``[P, K, N]``."""
+    def _log_weights(self, particles: Particles) -> torch.Tensor:
+        """β-weighted log-weights, ``[P, K, N]`` (enumerated sites summed out)."""
+        if particles.guide_enumerated:
+            return self._grouped(particles.summed_log_weights(self.beta))
         return self._grouped(beta_log_weight(particles.log_lik, particles.log_prior,
                                              particles.log_q, self.beta))
 
-    def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
         """The bound's estimate per particle and datapoint, ``[P, N]`` (at K = 1 the log-weights
         themselves, which the logsumexp over one draw returns unchanged)."""
-        if self.importance_samples == 1:
+        if self.importance_samples == 1 and not particles.guide_enumerated:
             return beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
                                    self.beta)
         return importance_weighted_bound(self._log_weights(particles), dim=1)
 
-    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         """Same value as :meth:`_bound`, the estimator's gradient; ``[P, N]``."""
         return self._bound(particles, model, guide, args, kwargs)
 
-    def _global_term(self, particles: _Particles, guide: Callable, args: tuple, kwargs: dict,
+    def _global_term(self, particles: Particles, guide: Callable, args: tuple, kwargs: dict,
                      score_free: bool) -> torch.Tensor | None:
         """β [log p(θ) − log q(θ)] of the global latents per particle, averaged over its K
         draws, ``[P]`` (``None`` without global latents); ``score_free`` drops the score term of
@@ -256,26 +302,26 @@ class ELBOEstimator(ELBO):
         log_q = particles.global_log_q
         if score_free:
             replayed = particles.replay(guide, args, kwargs)
-            score = particles.global_total(_latent_sites(replayed))
+            score = particles.global_total(latent_sites(replayed))
             log_q = log_q + (score.detach() - score)
         term = _weighted(self.beta, particles.global_log_prior - log_q)
         return term.reshape(self.num_particles, self.importance_samples).mean(1)
 
-    def _score_free_log_q(self, particles: _Particles, guide: Callable, args: tuple,
+    def _score_free_log_q(self, particles: Particles, guide: Callable, args: tuple,
                           kwargs: dict) -> torch.Tensor:
         """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
-        latent = _latent_sites(particles.guide_trace)
+        latent = latent_sites(particles.guide_trace)
         if len(latent) == 1 and self.single_site_shortcut and particles.is_local(latent[0]):
             site = latent[0]
             return particles.reduce(site_log_prob(dict(site, value=site["value"].detach()),
                                                    detach=False))
         replayed = particles.replay(guide, args, kwargs)
-        if [s["name"] for s in _latent_sites(replayed)] != [s["name"] for s in latent]:
+        if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
             raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
                               "stl and dreg need a guide with a static structure")
-        return particles.site_total(_latent_sites(replayed))
+        return particles.site_total(latent_sites(replayed))
 
-    def _stl_log_weights(self, particles: _Particles, guide: Callable, args: tuple,
+    def _stl_log_weights(self, particles: Particles, guide: Callable, args: tuple,
                          kwargs: dict) -> torch.Tensor:
         """log w_β with the score term of log q removed (value unchanged), ``[P·K, N]``."""
         score = self._score_free_log_q(particles, guide, args, kwargs)
@@ -292,36 +338,50 @@ class ELBOEstimator(ELBO):
             total = total + self.global_weight * global_term
         return _weighted(scale, -total.mean(0))
 
-    def _enumeration(self, guide_trace: Any) -> dict[str, torch.Tensor]:
-        """The sites of this call's guide trace marked for enumeration (read on every call: a
-        labelled batch may observe what an unlabelled one sums out); refused by the
-        estimators that cannot sum them out."""
-        sites = enumerated_sites_of(guide_trace)
-        if sites and not self.sums_enumerated:
+    def _enumeration(self, particles: Particles) -> dict[str, torch.Tensor]:
+        """The sites of this call's guide trace marked for enumeration that must be summed by
+        one run per configuration (read on every call: a labelled batch may observe what an
+        unlabelled one sums out); none when this draw enumerated them in parallel. Refused by
+        the estimators that cannot sum them out."""
+        guide_trace, data_plate = particles.guide_trace, particles.data_plate
+        marked = [name for name, site in guide_trace.nodes.items()
+                  if site["type"] == "sample" and not site["is_observed"]
+                  and site["infer"].get("enumerate") in ENUMERATE_MODES]
+        if marked and not self.sums_enumerated:
             sample = (f", or remove the enumerate mark to sample them with {self.name}"
                       if self.scores_discrete else "")
             raise ConfigError(
                 f"{self.name} cannot sum out the guide sites marked for enumeration "
-                f"{list(sites)}: use iwae, dreg, trace or stl (the log of the sum over their "
+                f"{marked}: use iwae, dreg, trace or stl (the log of the sum over their "
                 f"values) or meanfield (its exact expectation){sample}")
+        if particles.guide_enumerated or not marked:
+            return {}
+        sites = enumerated_sites_of(guide_trace)
+        for name in sites:
+            nested = [frame.name for frame in guide_trace.nodes[name]["cond_indep_stack"]
+                      if frame.vectorized and frame.name not in (PARTICLE_PLATE, data_plate)]
+            if nested:
+                raise ConfigError(
+                    f"guide site {name!r} is marked for enumeration inside the plate "
+                    f"{nested[0]!r}, nested in the data plate {data_plate!r}: {self.name} sums "
+                    "a guide's enumerated sites one value per datapoint. Enumerate it in the "
+                    "model instead (the model's enumerated sites are summed plate by plate), "
+                    "use iwae or trace (which enumerate in parallel), or move it to the data "
+                    "plate")
         return sites
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: _Particles
+                      sites: dict[str, torch.Tensor], first: Particles
                       ) -> tuple[torch.Tensor, float]:
-        """The importance-weighted bound with the enumerated sites summed out,
-        log (1/K) Σ_k Σ_c w_kc per particle and datapoint (``[P, N]``), and the scale factor.
-        ``first`` is the draw that showed the sites (its guide trace holds q(c | x))."""
-        per_configuration, scale = [], 1.0
-        for _, _, _, particles in self._per_configuration(model, guide, args, kwargs, sites):
-            per_configuration.append(self._log_weights(particles))
-            scale = particles.scale
-        summed = torch.logsumexp(torch.stack(per_configuration), 0)
-        return importance_weighted_bound(summed, dim=1), scale
+        """The bound's surrogate with the enumerated ``sites`` summed out by one run per
+        configuration (:meth:`_per_configuration`), ``[P, N]``, and the scale factor; for the
+        estimators whose sum needs each configuration on its own (``parallel_enumeration``
+        false). ``first`` is the draw that showed the sites (its guide trace holds q(c | x))."""
+        raise NotImplementedError(f"{type(self).__name__} enumerates in parallel")
 
     def _per_configuration(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
                            sites: dict[str, torch.Tensor]
-                           ) -> Iterator[tuple[dict, Callable, Callable, _Particles]]:
+                           ) -> Iterator[tuple[dict, Callable, Callable, Particles]]:
         """For every configuration c of the enumerated ``sites``: c, the model and guide with
         c fixed, and their particles (global latents refused: each c would draw its own)."""
         for values in configurations(sites):
@@ -336,8 +396,9 @@ class ELBOEstimator(ELBO):
                             **kwargs: Any) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
         particles = self._particles(model, guide, args, kwargs)
-        sites = self._enumeration(particles.guide_trace)
+        sites = self._enumeration(particles)
         if sites:  # this draw only showed which sites to sum: one run per configuration
+            model, guide = _same_subsample(model, guide, particles)
             return self._loss(*self._summed_bound(model, guide, args, kwargs, sites, particles))
         return self._loss(self._surrogate(particles, model, guide, args, kwargs),
                           particles.scale,
@@ -348,8 +409,9 @@ class ELBOEstimator(ELBO):
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
             particles = self._particles(model, guide, args, kwargs)
-            sites = self._enumeration(particles.guide_trace)
+            sites = self._enumeration(particles)
             if sites:
+                model, guide = _same_subsample(model, guide, particles)
                 loss = torch_item(self._loss(*self._summed_bound(model, guide, args, kwargs,
                                                                  sites, particles)))
                 warn_if_nan(loss, "loss")

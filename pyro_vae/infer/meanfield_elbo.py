@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from pyro.distributions import Delta
 from torch.distributions import kl_divergence
 
-from ..traces import site_log_prob
+from ..particles import Particles
+from ..traces import masked, site_log_prob, sum_terms
 from .elbo import ELBOEstimator, _weighted
-from .particles import _masked, _Particles, _sum
 
 
 def _fixed_log_prob(site: dict, value: torch.Tensor) -> torch.Tensor:
@@ -22,7 +23,14 @@ def _fixed_log_prob(site: dict, value: torch.Tensor) -> torch.Tensor:
 def _closed_form_kl(q: Any, p: Any) -> torch.Tensor | None:
     """KL(q ‖ p) from torch's registry, or ``None`` where it has no closed form (torch's
     ``kl_divergence`` signals that with NotImplementedError, as Pyro's TraceMeanField_ELBO
-    expects)."""
+    expects). A point mass (``Delta``) gets none: the registered KL ignores its
+    ``log_density`` (the Jacobian term of an AutoGuide's constrained site), and log q − log p
+    is exact for it anyway."""
+    base = q
+    while isinstance(base, torch.distributions.Independent):
+        base = base.base_dist
+    if isinstance(base, Delta):
+        return None
     try:
         return kl_divergence(q, p)
     except NotImplementedError:
@@ -51,11 +59,12 @@ class MeanFieldELBO(ELBOEstimator):
     """
 
     name = "meanfield"
+    parallel_enumeration = False
     importance_hint = "use --elbo iwae for importance samples inside it"
     sums_enumerated = True
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: _Particles
+                      sites: dict[str, torch.Tensor], first: Particles
                       ) -> tuple[torch.Tensor, float]:
         r"""With guide sites c marked for enumeration, the ELBO with c's expectation taken
         exactly (Kingma et al. 2014, the M2 objective for unlabelled data):
@@ -79,13 +88,13 @@ class MeanFieldELBO(ELBOEstimator):
             scale = particles.scale
         return torch.stack(per_configuration).sum(0), scale
 
-    def _rate(self, particles: _Particles) -> torch.Tensor:
+    def _rate(self, particles: Particles) -> torch.Tensor:
         """KL(q ‖ p(z_g)) of the guided latents (analytic where available) per draw and
         datapoint, ``[P·K, N]``."""
         terms = [particles.reduce(kl, name) for name, kl in self._kls(particles, local=True)]
-        return _sum(terms) if terms else particles.site_total([])
+        return sum_terms(terms) if terms else particles.site_total([])
 
-    def _kls(self, particles: _Particles, local: bool) -> list[tuple[str, torch.Tensor]]:
+    def _kls(self, particles: Particles, local: bool) -> list[tuple[str, torch.Tensor]]:
         """(name, KL per draw) of the local (or global) guided latents, in closed form where
         one is registered and the draws allow it, else log q − log p."""
         model_sites = particles.model_trace.nodes
@@ -95,17 +104,20 @@ class MeanFieldELBO(ELBOEstimator):
         for position, site in enumerate(particles.guide_latents):
             if particles.is_local(site) != local:
                 continue
+            if site["name"] not in model_sites:  # auxiliary: its log q, no prior
+                terms.append((site["name"], site_log_prob(site)))
+                continue
             prior = model_sites[site["name"]]
             earlier_in_model = model_order[:model_order.index(site["name"])]
             closed = None
             if not set(guided[position + 1:]).intersection(earlier_in_model):
                 closed = _closed_form_kl(site["fn"], prior["fn"])
-            kl = (_masked(closed, site) if closed is not None
+            kl = (masked(closed, site) if closed is not None
                   else site_log_prob(site) - site_log_prob(prior))
             terms.append((site["name"], kl))
         return terms
 
-    def _global_term(self, particles: _Particles, guide: Callable, args: tuple, kwargs: dict,
+    def _global_term(self, particles: Particles, guide: Callable, args: tuple, kwargs: dict,
                      score_free: bool) -> torch.Tensor | None:
         """−β KL(q(θ) ‖ p(θ)) of the global latents per particle, ``[P]``."""
         if not particles.global_latents:
@@ -115,6 +127,6 @@ class MeanFieldELBO(ELBOEstimator):
         kl = particles.global_total(sites, [value for _, value in kls])
         return -_weighted(self.beta, kl).reshape(self.num_particles, -1).mean(1)
 
-    def _bound(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
         return particles.log_lik - _weighted(self.beta, self._rate(particles))

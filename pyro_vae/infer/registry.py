@@ -24,7 +24,8 @@ assert tuple(_CLASSES) == ALL_ESTIMATORS
 
 
 def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 1,
-                   beta: float = 1.0, max_plate_nesting: int | None = None) -> ELBOEstimator:
+                   beta: float = 1.0, max_plate_nesting: int | None = None,
+                   data_plate: str | None = None) -> ELBOEstimator:
     """The estimator called ``name`` (one of :data:`ALL_ESTIMATORS`).
 
     :raises ConfigError: (a ``ValueError``) for an unknown name or a bad combination, with what
@@ -34,4 +35,4 @@ def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 
         raise ConfigError(f"unknown estimator {name!r}: choose one of "
                           f"{', '.join(ALL_ESTIMATORS)}")
     return _CLASSES[name](num_particles=num_particles, importance_samples=importance_samples,
-                          beta=beta, max_plate_nesting=max_plate_nesting)
+                          beta=beta, max_plate_nesting=max_plate_nesting, data_plate=data_plate)

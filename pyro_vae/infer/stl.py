@@ -8,9 +8,9 @@ from typing import Callable
 
 import torch
 
+from ..particles import Particles
 from .dreg import summed_doubly_reparameterized
 from .elbo import ELBOEstimator
-from .particles import _Particles
 
 
 class StickingTheLandingELBO(ELBOEstimator):
@@ -38,17 +38,18 @@ class StickingTheLandingELBO(ELBOEstimator):
     """
 
     name = "stl"
+    parallel_enumeration = False
     needs_deterministic_guide = True
     sums_enumerated = True
     importance_hint = ("use --elbo dreg (the doubly reparameterized IWAE gradient) for "
                        "importance samples inside it")
 
-    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         return self._stl_log_weights(particles, guide, args, kwargs)
 
     def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: _Particles
+                      sites: dict[str, torch.Tensor], first: Particles
                       ) -> tuple[torch.Tensor, float]:
         """log Σ_c w_c with the doubly reparameterized gradient (see the class docstring)."""
         return summed_doubly_reparameterized(self, model, guide, args, kwargs, sites)

@@ -8,8 +8,8 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError
+from ..particles import Particles
 from .elbo import ELBOEstimator
-from .particles import _Particles
 
 #: Decay of the running baseline of the single-particle score-function term.
 BASELINE_DECAY = 0.9
@@ -41,10 +41,11 @@ class TraceELBO(ELBOEstimator):
     scores_discrete = True
     importance_hint = "use --elbo iwae (or dreg) for importance samples inside it"
 
-    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         log_w = self._bound(particles, model, guide, args, kwargs)            # [P, N]
-        discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample]
+        discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample
+                    and site["name"] not in particles.guide_enumerated]
         if not discrete:
             return log_w
         if any(not particles.is_local(site) for site in discrete):

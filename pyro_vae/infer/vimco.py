@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 from ..errors import ConfigError
+from ..particles import Particles
 from .elbo import ELBOEstimator, importance_weighted_bound
-from .particles import _Particles
 
 
 class VIMCO(ELBOEstimator):
@@ -36,16 +36,17 @@ class VIMCO(ELBOEstimator):
     """
 
     name = "vimco"
+    parallel_enumeration = False
     scores_discrete = True
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 2, beta: float = 1.0,
-                 max_plate_nesting: int | None = None):
+                 max_plate_nesting: int | None = None, data_plate: str | None = None):
         if importance_samples < 2:
             raise ConfigError(f"vimco's leave-one-out baselines need importance_samples >= 2 "
                               f"(got {importance_samples}): give --importance-samples K, K > 1")
-        super().__init__(num_particles, importance_samples, beta, max_plate_nesting)
+        super().__init__(num_particles, importance_samples, beta, max_plate_nesting, data_plate)
 
-    def _surrogate(self, particles: _Particles, model: Callable, guide: Callable, args: tuple,
+    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:
         log_w = self._log_weights(particles)                       # [P, K, N]
         bound = importance_weighted_bound(log_w, dim=1)            # [P, N]

@@ -16,6 +16,7 @@ from ..builtin import build_model, eval_source, prepare_data
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..io import reason
+from ..pairs import PyroPair, as_pair, is_pair_module
 from ..specs import load_data, load_factory
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_CLASS_KEY, History,
                          _user_model_refusal, load_checkpoint, load_weights)
@@ -87,9 +88,12 @@ def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: st
 def build_factory_model(spec: str) -> torch.nn.Module:
     """The pair a ``--model-factory`` spec returns when called with no arguments."""
     model = load_factory(spec)()
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module "
-                          "model/guide pair")
+    if isinstance(model, tuple) and len(model) == 2 and all(map(callable, model)):
+        return as_pair(model)
+    if not is_pair_module(model):
+        raise ConfigError(f"{spec} returned a {type(model).__name__}, not a model/guide pair "
+                          "(a torch.nn.Module with model and guide methods, or a (model, "
+                          "guide) tuple)")
     return model
 
 
@@ -137,15 +141,37 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
 
 
+def _discover(pair: PyroPair, config: TrainConfig, dataset: data_lib.Dataset | None,
+              device: torch.device) -> None:
+    """Run a :class:`~pyro_vae.pairs.PyroPair` once on two datapoints of the run's training
+    data (where the run records them), so that the parameters it creates lazily exist before
+    its weights are loaded; without data its ``pyro.param`` entries are loaded when first
+    read."""
+    from ..builtin import evaluation_images, model_args
+
+    if dataset is not None:
+        pair.discover(*model_args(pair, evaluation_images(dataset, "train", config)[:2],
+                                  dataset.train.labels[:2]))
+        return
+    if config.data is None:
+        return
+    first = next(iter(as_source(load_data(config.data)[0]).to(device).ordered(2)))
+    pair.discover(*first.args, **first.kwargs)
+
+
 def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = None, *,
-             model: torch.nn.Module | None = None) -> LoadedRun:
+             model: Any = None) -> LoadedRun:
     """Load the config, weights and data of a run folder (``data_dir`` overrides the saved one).
 
     The package's families are rebuilt from the config, a pair trained from the command line
     from its recorded ``--model-factory``. A run of a pair trained from Python needs ``model``,
     a fresh instance of that class built as for training, into which the weights are loaded;
     without it such a run raises :class:`~pyro_vae.errors.CheckpointError` (the command
-    line's one-line refusal). The model is returned in eval mode."""
+    line's one-line refusal). ``model`` may also be a ``(model, guide)`` pair in any form
+    :func:`~pyro_vae.fit` takes; a :class:`~pyro_vae.pairs.PyroPair` is first run on two
+    datapoints of the run's training data (its parameters exist only after a run). The model
+    is returned in eval mode."""
+    model = as_pair(model)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file, not a run folder" if run_dir.exists()
@@ -164,6 +190,8 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
     if model is None:
         model = build_model(dataset, config, device=torch_device)
     model = model.to(torch_device)
+    if isinstance(model, PyroPair):
+        _discover(model, config, dataset, torch_device)
     load_weights(model, state["model"], run_dir, model_class)
     model.eval()
     return LoadedRun(run_dir, config, model, History.from_dict(state["history"]), dataset)

@@ -13,6 +13,7 @@ import torch
 from ..batches import Source
 from ..config import TrainConfig
 from ..distributed import SINGLE, DistributedContext
+from ..protocol import data_plate_name
 from ..runs import save_checkpoint, write_history
 from .loop import Callback, Loop
 
@@ -88,7 +89,7 @@ class FinalEstimate(Callback):
             torch.manual_seed(self.seed)
             summary = evaluate_dataset(
                 loop.model.model, loop.model.guide, self.data, num_particles=self.particles,
-                batch_size=self.batch_size, khat=False,
+                batch_size=self.batch_size, khat=False, data_plate=data_plate_name(loop.model),
                 batch_seed=self.seed if self.dist.enabled else None, dist=self.dist).summary()
         loop.history.extra["final"] = {
             "particles": self.particles, "test_log_px": summary["log_px"]["mean"],

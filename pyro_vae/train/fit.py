@@ -23,7 +23,8 @@ from ..evaluate.weights import eval_mode
 from ..fused import training_loss
 from ..infer import LinearWarmup
 from ..models import forget_params
-from ..protocol import check_model
+from ..pairs import PyroPair, as_pair, is_pair_module
+from ..protocol import check_model, data_plate_name
 from ..runs import (History, build_factory_model, check_resumable, load_checkpoint,
                     load_weights, open_run_folder)
 from ..specs import load_data
@@ -87,19 +88,23 @@ def _check_pair(model: torch.nn.Module, source: Source) -> bool:
     """Run the pair once on (at most two datapoints of) the first batch, in a forked state;
     return whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
     first = next(iter(source.ordered(2)))
+    if isinstance(model, PyroPair):
+        model.discover(*first.args, **first.kwargs)
     check_model(model, *first.args, **first.kwargs)
     nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
     with eval_mode(model.model), torch.random.fork_rng(devices=_devices(model)), \
             pyro.validation_enabled(False):
         return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
-                                 max_plate_nesting=nesting) is None
+                                 max_plate_nesting=nesting,
+                                 data_plate=data_plate_name(model)) is None
 
 
 def _devices(model: torch.nn.Module) -> list[torch.device]:
     return [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
 
 
-def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: Any = None,
+def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None = None,
+        test_data: Any = None,
         config: TrainConfig | None = None, run_dir: str | Path | None = None,
         resume: bool = False, collate_fn: Callable | None = None,
         callbacks: Sequence[Callback] = (), on_epoch: Callable[[int, History], None] | None = None,
@@ -109,7 +114,11 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
     """Train a model/guide pair with SVI on data in any form; return the model and history.
 
     ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
-    :mod:`pyro_vae.protocol` (checked on the first batch before training); ``data`` is a tensor
+    :mod:`pyro_vae.protocol` (checked on the first batch before training), or a model and its
+    guide in any form Pyro takes, ``fit(model, guide, data)`` (or ``guide=``): plain functions
+    whose parameters are ``pyro.param`` entries, a ``PyroModule``, an AutoGuide; they are held
+    by a :class:`~pyro_vae.pairs.PyroPair`, which owns and checkpoints every entry they read
+    (``TrainResult.model``). ``data`` is a tensor
     or array, a tuple/list or dict of them, a map-style Dataset (collated by ``collate_fn``) or
     a DataLoader (see :mod:`pyro_vae.batches`), each batch becoming the pair's arguments;
     ``test_data`` (same forms) is scored after each epoch (the ELBO with the closed-form-KL
@@ -146,6 +155,15 @@ def fit(model: torch.nn.Module | None = None, data: Any = None, *, test_data: An
     each trains on its share of every epoch with ``batch_size`` datapoints per step and per
     rank, the gradients are averaged over the ranks, and rank 0 alone writes the run folder.
     """
+    if more:
+        if len(more) > 1 or guide is not None:
+            raise ConfigError("fit takes (model, data) or (model, guide, data) positionally")
+        guide, data = data, more[0]
+    elif guide is None and data is not None and not is_pair_module(model) and callable(data) \
+            and not isinstance(data, (torch.Tensor, torch.utils.data.Dataset,
+                                      torch.utils.data.DataLoader)):
+        guide, data = data, None  # fit(model, guide) on config.data
+    model = as_pair(model, guide)
     config = _config(config, data, options)
     if resume and run_dir is None:
         raise ConfigError("resume needs a run folder")
@@ -209,9 +227,12 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         source = builtin.train_source(dataset, config, model)
         held_out = builtin.eval_source(dataset, "test", config, model)
         if user_model:
-            check_model(model, *builtin.model_args(
+            example = builtin.model_args(
                 model, builtin.evaluation_images(dataset, "train", config)[:2],
-                dataset.train.labels[:2]))
+                dataset.train.labels[:2])
+            if isinstance(model, PyroPair):
+                model.discover(*example)
+            check_model(model, *example)
     else:
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
         vectorizable = _check_pair(model, source)
@@ -238,15 +259,16 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
                               f"{len(history.epoch)})")
 
     nesting = BUILTIN_PLATE_NESTING if builtin.is_builtin(model) else None
+    plate = data_plate_name(model)
     estimator = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta,
-                          max_plate_nesting=nesting)
+                          max_plate_nesting=nesting, data_plate=plate)
     loop = Loop(model=model, optimizer=optimizer,
                 step_loss=training_loss(model, estimator, fused), estimator=estimator,
                 warmup=LinearWarmup(config.warmup, config.warmup_start, config.beta),
                 source=source, batch_size=config.batch_size, generator=generator,
                 order_generator=order_generator,
                 eval_elbo=make_elbo("meanfield", config.eval_particles if vectorizable else 1,
-                                    max_plate_nesting=nesting),
+                                    max_plate_nesting=nesting, data_plate=plate),
                 eval_repeats=1 if vectorizable else config.eval_particles,
                 held_out=held_out, replicas=replicas, history=history,
                 epoch=len(history.epoch))

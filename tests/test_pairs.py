@@ -1,0 +1,191 @@
+"""Pairs in the forms Pyro users write them: plain functions with ``pyro.param``, AutoGuides,
+and factories returning ``(model, guide)``, through fit, the run folder and the command line."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
+
+from pyro_vae import fit
+from pyro_vae.cli import main
+from pyro_vae.errors import ConfigError
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.pairs import PyroPair
+from pyro_vae.runs import load_run
+from user_models import FactorAnalysis, fa_data, fa_guide, fa_model
+
+USER_MODELS = str(Path(__file__).with_name("user_models.py"))
+
+
+def _exact_fa_log_likelihood(x):
+    loadings, mean, noise = (pyro.param(name).detach() for name in ("loadings", "mean", "noise"))
+    cov = loadings @ loadings.T + noise ** 2 * torch.eye(x.shape[-1])
+    return dist.MultivariateNormal(mean, cov).log_prob(x).mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plain_functions_with_pyro_param_reach_what_pyros_svi_reaches(seed):
+    """The same functions, data, steps and learning rate: fit's ``trace`` and Pyro's SVI with
+    Trace_ELBO end at the same exact log-likelihood of the factor-analysis model."""
+    x = torch.as_tensor(fa_data(200))
+    pyro.set_rng_seed(seed)
+    svi = SVI(fa_model, fa_guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(max_plate_nesting=1))
+    initial = None
+    for step in range(300):
+        svi.step(x)
+        initial = _exact_fa_log_likelihood(x) if step == 0 else initial
+    reference = _exact_fa_log_likelihood(x)
+    pyro.clear_param_store()
+    result = fit(fa_model, fa_guide, x, elbo="trace", batch_size=200, epochs=300, lr=0.05,
+                 seed=seed, progress=False)
+    assert isinstance(result.model, PyroPair)
+    assert result.model.adopted == ["encoder_weight", "encoder_scale", "loadings", "mean",
+                                    "noise"]
+    ours = _exact_fa_log_likelihood(x)
+    assert reference > initial + 1.0
+    assert abs(ours - reference) < 0.02, (ours, reference)
+
+
+def test_a_function_pair_checkpoints_its_params_by_name_and_resumes_exactly(tmp_path):
+    x = fa_data(80)
+    options = dict(batch_size=20, lr=0.05, progress=False)
+    full = fit(fa_model, fa_guide, x, epochs=6, run_dir=tmp_path / "full", **options)
+    expected = {name: value.detach().clone() for name, value in full.model.state_dict().items()}
+    assert sorted(expected) == sorted(f"param_store.{name}" for name in full.model.adopted)
+    pyro.clear_param_store()
+    fit(fa_model, fa_guide, x, epochs=3, run_dir=tmp_path / "part", **options)
+    pyro.clear_param_store()  # the pair owns its entries: a cleared store loses nothing
+    resumed = fit(fa_model, fa_guide, x, epochs=6, run_dir=tmp_path / "part", resume=True,
+                  **options)
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    pyro.clear_param_store()
+    loaded = load_run(tmp_path / "part", device="cpu", model=(fa_model, fa_guide))
+    loaded.model.model(torch.as_tensor(x[:2]))  # entries are loaded as the pair reads them
+    loaded.model.guide(torch.as_tensor(x[:2]))
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    torch.testing.assert_close(pyro.param("noise").detach(),
+                               expected["param_store.noise"].exp())
+
+
+@pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal])
+def test_an_autoguide_trained_by_fit_finds_a_conjugate_posterior(autoguide):
+    """μ ~ N(0, 10² I), x_n ~ N(μ, I): the posterior is N(Σ x / (n + 0.01), 1 / (n + 0.01)),
+    which a mean-field Gaussian guide holds exactly (trained on half-batches: the global
+    latent's rate weighted by the batch's share)."""
+    x = torch.randn(100, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor([2.0, -1.0])
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
+
+    guide = autoguide(model)
+    fit(model, guide, x, elbo="meanfield", particles=4, batch_size=50, epochs=300, lr=0.02,
+        progress=False)
+    precision = x.shape[0] + 1e-2
+    if autoguide is AutoNormal:
+        loc, scale = guide.locs.mu, guide.scales.mu
+    else:
+        loc, scale = guide.loc, guide.scale
+    torch.testing.assert_close(loc.detach(), x.sum(0) / precision, atol=0.03, rtol=0)
+    torch.testing.assert_close(scale.detach(), torch.full((2,), precision ** -0.5),
+                               rtol=0.25, atol=0)
+
+
+def test_an_autodelta_guide_is_the_maximum_a_posteriori_point():
+    """A Delta guide on a global latent: the ELBO is log p(x, μ), maximized at the MAP."""
+    x = torch.randn(60, generator=torch.Generator().manual_seed(1)) * 0.5 + 3.0
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 0.5), obs=x)
+
+    guide = AutoDelta(model)
+    fit(model, guide, x, elbo="trace", batch_size=60, epochs=400, lr=0.05, progress=False)
+    exact = x.sum() / 0.25 / (x.shape[0] / 0.25 + 1.0)
+    assert abs(guide.median()["mu"].item() - exact.item()) < 1e-3
+
+
+def test_the_evaluator_scores_a_function_pair_with_its_trained_entries():
+    x = torch.as_tensor(fa_data(120))
+    result = fit(fa_model, fa_guide, x, epochs=40, batch_size=60, lr=0.05, progress=False)
+    exact = torch.tensor(0.0)
+    loadings, mean, noise = (pyro.param(n).detach() for n in ("loadings", "mean", "noise"))
+    exact = dist.MultivariateNormal(mean, loadings @ loadings.T + noise ** 2 * torch.eye(5)
+                                    ).log_prob(x).double()
+    scored = evaluate_dataset(result.model.model, result.model.guide, x, num_particles=2000,
+                              khat=False)
+    gap = exact - scored.log_px
+    assert (gap > -0.05).all() and gap.mean() < 0.1
+
+
+def test_the_command_line_trains_a_factory_that_returns_model_and_guide(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "train.npz", x=fa_data(60))
+    common = ["--model-factory", f"{USER_MODELS}:make_fa_functions", "--data", "train.npz",
+              "--batch-size", "20", "--device", "cpu", "--quiet", "--lr", "0.05"]
+    assert main(["train", *common, "--epochs", "4", "--out", "full"]) == 0
+    assert main(["train", *common, "--epochs", "2", "--out", "part"]) == 0
+    pyro.clear_param_store()
+    assert main(["train", "--resume", "part", "--epochs", "4", "--quiet"]) == 0
+    full, part = (json.loads((tmp_path / run / "history.json").read_text())
+                  for run in ("full", "part"))
+    assert full["train_loss"] == part["train_loss"]
+    capsys.readouterr()
+    assert main(["evaluate", "part", "--split", "train", "--particles", "20", "--quiet"]) == 0
+    assert "60 datapoints, K = 20 particles" in capsys.readouterr().out
+    log_px = json.loads((tmp_path / "part" / "eval-train.json").read_text()
+                        )["summary"]["log_px"]["mean"]
+    pyro.clear_param_store()
+    loaded = load_run(tmp_path / "part", device="cpu")  # rebuilt from the recorded factory
+    assert isinstance(loaded.model, PyroPair)
+    exact = _exact_fa_log_likelihood(torch.as_tensor(fa_data(60)))
+    assert math.isfinite(log_px) and exact - 0.3 < log_px < exact + 0.05, (log_px, exact)
+
+
+def test_pairs_in_a_form_fit_cannot_take_are_refused_in_one_line():
+    x = fa_data(10)
+    with pytest.raises(ConfigError, match="not a model/guide pair: give the guide too"):
+        fit(fa_model, x, progress=False)
+    with pytest.raises(ConfigError, match="already has model and guide methods"):
+        fit(FactorAnalysis(), fa_guide, x, progress=False)
+    with pytest.raises(ConfigError, match="the guide must be callable"):
+        fit(fa_model, guide=3, data=x, progress=False)
+    with pytest.raises(ConfigError, match=r"\(model, data\) or \(model, guide, data\)"):
+        fit(fa_model, fa_guide, x, x, progress=False)
+
+
+def test_fit_reads_the_data_plate_a_pair_names_when_several_plates_hold_every_site():
+    """Sequences of steps, both plates holding every site: without a name the pair is refused
+    in one line, with ``data_plate`` it trains and is scored per sequence."""
+    x = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(()))
+        with pyro.plate("sequences", x.shape[0], dim=-2), pyro.plate("steps", x.shape[1]):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    def guide(x):
+        with pyro.plate("sequences", x.shape[0], dim=-2), pyro.plate("steps", x.shape[1]):
+            pyro.sample("z", dist.Normal(0.8 * x, 0.5))
+
+    with pytest.raises(ConfigError, match=r"several plates \['sequences', 'steps'\]"):
+        fit(model, guide, x, epochs=1, progress=False)
+    result = fit(PyroPair(model, guide, data_plate="sequences"), x, test_data=x, epochs=3,
+                 batch_size=6, lr=0.05, progress=False)
+    scored = evaluate_dataset(result.model.model, result.model.guide, x, num_particles=5,
+                              data_plate="sequences")
+    assert scored.log_px.shape == (12,)
+    assert math.isfinite(result.history.extra["final"]["test_log_px"])
