@@ -37,6 +37,8 @@ class ParticleLogProbs:
     log_p_global: torch.Tensor | None = None
     log_q_global: torch.Tensor | None = None
     global_sites: tuple[str, ...] = ()
+    #: the guide's sites enumerated and summed inside each weight
+    guide_enumerated: tuple[str, ...] = ()
 
     @property
     def log_weights(self) -> torch.Tensor:
@@ -51,7 +53,8 @@ class ParticleLogProbs:
 def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
                          max_plate_nesting: int | None = None, data_plate: str | None = None,
                          detach_guide: bool = False, compact: bool = False,
-                         vectorize: bool = True, **kwargs: Any) -> ParticleLogProbs:
+                         vectorize: bool = True, require_data_plate: bool = True,
+                         **kwargs: Any) -> ParticleLogProbs:
     """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x),
     read from the same draws the estimators use (:func:`draw_particles`, every enumerated site
     summed out).
@@ -65,7 +68,8 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
     ``vectorize=False`` (one particle only) runs the pair without the particle plate, as it
     would run on its own: the leading dimension of the result is then added after the fact.
     Nothing is required of the guide's sites beyond a density (discrete sites may be sampled):
-    this is importance sampling, not a gradient estimator.
+    this is importance sampling, not a gradient estimator. ``require_data_plate=False`` scores
+    a pair whose observed sites share no plate as one datapoint, the data set.
 
     :returns: :class:`ParticleLogProbs` with ``log_p`` and ``log_q`` of shape ``[K, N]``.
     """
@@ -76,7 +80,8 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     drawn = draw_particles(model, guide, args, kwargs, num_particles, max_plate_nesting,
-                           plated=vectorize, data_plate=data_plate, compact=compact)
+                           plated=vectorize, data_plate=data_plate, compact=compact,
+                           require_data_plate=require_data_plate)
     if drawn.guide_enumerated:
         if detach_guide:
             raise ConfigError("detach_guide cannot be combined with enumerated guide sites")
@@ -92,4 +97,4 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
                     if detach_guide else drawn.global_log_q)
     return ParticleLogProbs(log_p, log_q, drawn.model_trace, drawn.guide_trace,
                             drawn.data_plate, drawn.global_log_prior, log_q_global,
-                            tuple(site["name"] for site in globals_))
+                            tuple(site["name"] for site in globals_), drawn.guide_enumerated)

@@ -27,10 +27,12 @@ in model but not guide"; the two agree whenever the guide samples every model la
 
 Scale factors (``poutine.scale``, a subsampled ``pyro.plate``) are honoured when every sample
 site of the model and guide has the same scalar scale s, the case of a subsampled data plate
-(s = N/B): the loss is s times the loss of the batch. Any other scales raise
-:class:`~pyro_vae.errors.ConfigError` naming the site, since a per-site weight has no meaning
-inside the log of an importance-weighted bound; weight the rate with β instead (β is applied
-by the estimators, so β = 0 is allowed, which ``poutine.scale`` refuses). The evaluator reads
+(s = N/B): the loss is s times the loss of the batch. Scales that differ between sites (or
+per-datapoint tensors) weight each site's term by its own factor when there is one draw
+inside the log (:func:`check_estimable`), as Pyro's ``Trace_ELBO`` weights them; inside the
+log of an importance-weighted bound (K > 1) a per-site weight has no meaning, and they raise
+:class:`~pyro_vae.errors.ConfigError` naming the site. β weights the rate for any estimator
+(β is applied by the estimators, so β = 0 is allowed, which ``poutine.scale`` refuses). The evaluator reads
 true densities and ignores scale factors. Masks (``poutine.mask``, ``.mask()``) are applied
 everywhere. Auxiliary guide sites (``infer={"is_auxiliary": True}``, an AutoGuide's
 unconstrained draws) have no twin in the model and count in log q.
@@ -117,18 +119,50 @@ class Particles:
     num_data: int
     plated: bool
     hide_params: bool
-    data_plate: str = ""
+    data_plate: str | None = ""
     views: poutine.Trace | None = None
     view: Callable[[dict], torch.Tensor] | None = None
     model_enumerated: tuple[str, ...] = ()
     guide_enumerated: tuple[str, ...] = ()
     compact: bool = False
+    #: each site's log-density is weighted by its own scale factor (:func:`check_estimable`
+    #: sets it for the estimators with one draw inside the log, when the factors differ)
+    site_scales: bool = False
 
-    @cached_property
+    @property
     def scale(self) -> float:
         """The one scale factor of every sample site (1 without ``poutine.scale`` or
-        subsampling); differing factors are refused (see the module docstring)."""
-        return common_scale(self.model_trace, self.guide_trace)
+        subsampling, or when each site is weighted by its own, :attr:`site_scales`);
+        differing factors are refused (see the module docstring)."""
+        return 1.0 if self.site_scales else common_scale(self.model_trace, self.guide_trace)
+
+    def log_prob(self, site: dict, detach: bool = False,
+                 value: torch.Tensor | None = None) -> torch.Tensor:
+        """The site's masked log-density (at ``value``, if given), times its scale factor
+        when each site is weighted by its own (:attr:`site_scales`)."""
+        if value is not None:
+            site = dict(site, value=value)
+        log_prob = site_log_prob(site, detach, self.compact)
+        return self.scaled(log_prob, site)
+
+    def scaled(self, term: torch.Tensor, site: dict) -> torch.Tensor:
+        """``term`` (a site's log-density or KL) times the site's scale factor when each site
+        is weighted by its own, else ``term``."""
+        scale = site["scale"]
+        if not self.site_scales or (not isinstance(scale, torch.Tensor) and scale == 1.0):
+            return term
+        return term * scale
+
+    def marked_but_drawn(self, guide: bool) -> bool:
+        """Whether a site marked for enumeration was drawn instead (the model's, or with
+        ``guide`` the guide's too): the draws of a caller that skipped enumeration to save
+        its cost, and must draw again with it."""
+        guided = {site["name"] for site in self.guide_latents}
+        sites = [site for site in latent_sites(self.model_trace) if site["name"] not in guided]
+        if guide:
+            sites += self.guide_latents
+        return any(is_enumerated(site) for site in sites) and not (self.model_enumerated
+                                                                    or self.guide_enumerated)
 
     @property
     def particle_dim(self) -> int:
@@ -154,14 +188,16 @@ class Particles:
                                             self.shape, name)
 
     def is_local(self, site: dict) -> bool:
-        """Whether ``site`` lies in the data plate (a global latent does not)."""
-        return any(frame.name == self.data_plate for frame in site["cond_indep_stack"])
+        """Whether ``site`` lies in the data plate (a global latent does not; without a data
+        plate every site belongs to the one datapoint, the data set)."""
+        return self.data_plate is None or any(frame.name == self.data_plate
+                                              for frame in site["cond_indep_stack"])
 
     def site_total(self, sites: list[dict], detach: bool = False) -> torch.Tensor:
         """Σ of the local sites' log-densities, ``[M, N]`` (zeros for none); global sites are
         left to :meth:`global_total`. ``detach``: with the distributions' parameters
         detached."""
-        terms = [self.reduce(site_log_prob(site, detach, self.compact), site["name"])
+        terms = [self.reduce(self.log_prob(site, detach), site["name"])
                  for site in sites if self.is_local(site)]
         if not terms:  # any sample site's value gives the dtype and device
             value = next(site["value"] for site in self.model_trace.nodes.values()
@@ -176,7 +212,7 @@ class Particles:
         """Σ of the global sites' log-densities (or of ``log_probs``, one per site, e.g. KLs)
         per draw, ``[M]`` (zeros for none)."""
         values = (log_probs if log_probs is not None
-                  else [site_log_prob(s, compact=self.compact) for s in sites])
+                  else [self.log_prob(s) for s in sites])
         terms = [reduce_to_particles(value, self.max_plate_nesting + 1, self.num_particles,
                                      site["name"]) if self.plated else value.sum().reshape(1)
                  for site, value in zip(sites, values) if not self.is_local(site)]
@@ -222,6 +258,18 @@ class Particles:
         enumerated in the model summed out: log Σ_d p(x, d | z)."""
         return self.log_lik_of(self.model_trace)
 
+    def _targets(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The plates a contraction keeps (particles, the data plate: those that exist) and
+        their sizes."""
+        plates, sizes = [], []
+        if self.plated:
+            plates.append(PARTICLE_PLATE)
+            sizes.append(self.num_particles)
+        if self.data_plate is not None:
+            plates.append(self.data_plate)
+            sizes.append(self.num_data)
+        return tuple(plates), tuple(sizes)
+
     def summed_log_weights(self, beta: float) -> torch.Tensor:
         r"""The β-weighted log-weights with every enumerated site summed out, ``[M, N]``:
         log Σ_{c,d} exp(log p(x, c, d | z_c) + β[log p(z_c | c) − log q(z_c | x, c)]) over the
@@ -235,8 +283,7 @@ class Particles:
         guide_sites = [site["name"] for site in self.guide_latents
                        if self.is_local(site) and site["name"] not in self.guide_enumerated]
         weights = {name: beta for name in weighted | set(guide_sites)} if beta != 1 else None
-        targets = (((PARTICLE_PLATE, self.data_plate), self.shape) if self.plated else
-                   ((self.data_plate,), self.shape[1:]))
+        targets = self._targets()
         return contract_log_weights(self.model_trace, self.guide_trace, model_sites,
                                     guide_sites, *targets, weights=weights).reshape(self.shape)
 
@@ -246,8 +293,7 @@ class Particles:
         if not self.model_enumerated:
             return self.site_total(observed)
         names = [site["name"] for site in observed if self.is_local(site)]
-        targets = (((PARTICLE_PLATE, self.data_plate), self.shape) if self.plated else
-                   ((self.data_plate,), self.shape[1:]))
+        targets = self._targets()
         return contract_log_weights(model_trace, poutine.Trace(),
                                     names + list(self.model_enumerated), [], *targets
                                     ).reshape(self.shape)
@@ -293,7 +339,9 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                    num_particles: int, max_plate_nesting: int, plated: bool = True, *,
                    view: Callable[[dict], torch.Tensor] | None = None,
                    data_plate: str | None = None, enumerate_guide: bool = True,
-                   compact: bool = False) -> Particles:
+                   enumerate_model: bool = True, compact: bool = False,
+                   require_data_plate: bool = True, outermost_plate: bool = False
+                   ) -> Particles:
     """Trace the guide and replay the model on it, for ``num_particles`` vectorized draws.
 
     A single draw may skip the particle plate (``plated=False``): the same random numbers, the
@@ -301,9 +349,14 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     reach no one: the traces' param sites are never read here). ``view`` maps each guide site
     to the value the model is replayed on (the same values: e.g. an alias whose gradient is
     rescaled on the way back); the model then holds the views. The model's sites marked for
-    enumeration are always enumerated; the guide's when ``enumerate_guide`` (otherwise they
-    are sampled, for a caller that sums them one configuration at a time). ``compact``
+    enumeration are enumerated when ``enumerate_model``, the guide's when ``enumerate_guide``
+    (otherwise they are sampled: for a caller that sums them one configuration at a time, or
+    that checks :attr:`Particles.marked_but_drawn` and draws again). ``compact``
     computes log-densities on :func:`~pyro_vae.traces.compact_distribution` (evaluation).
+    ``require_data_plate=False`` takes a pair whose observed sites share no plate as one
+    datapoint (the data set), ``outermost_plate=True`` the outermost of several plates that
+    hold every site (:func:`~pyro_vae.traces.find_data_plate`): for a caller that sums every
+    datapoint's bound, to whom the choice makes no difference.
 
     :raises ConfigError: for a pair whose sites fit no data plate, a guide without latents, a
         guide latent that is no latent of the model (auxiliary sites apart), or a guide latent
@@ -318,24 +371,30 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
         drawn_guide = enumerated_guide(drawn_guide, particle_dim - 1)
     raw_guide_trace = poutine.trace(drawn_guide).get_trace(*args, **kwargs)
     views = None if view is None else _mapped(raw_guide_trace, view)
+    drawn_model = _as_drawn(model, num_particles, particle_dim, plated, hide_params)
+    if enumerate_model or enumerate_guide:  # after the guide's: it left the allocator's state
+        drawn_model = enumerated_model(drawn_model, None if enumerate_guide else particle_dim - 1)
     raw_model_trace = poutine.trace(poutine.replay(
-        enumerated_model(_as_drawn(model, num_particles, particle_dim, plated, hide_params),
-                         None if enumerate_guide else particle_dim - 1),
-        trace=raw_guide_trace if views is None else views)).get_trace(*args, **kwargs)
+        drawn_model, trace=raw_guide_trace if views is None else views)).get_trace(*args,
+                                                                                   **kwargs)
     model_trace = prune_subsample_sites(raw_model_trace)
     guide_trace = prune_subsample_sites(raw_guide_trace)
-    data_plate = find_data_plate(model_trace, guide_trace, data_plate)
+    data_plate = find_data_plate(model_trace, guide_trace, data_plate,
+                                 required=require_data_plate, outermost=outermost_plate)
     guide_latents = latent_sites(guide_trace)
     model_latents = {site["name"]: site for site in latent_sites(model_trace)}
     check_guide_latents_in_model(
         guide_trace, [site["name"] for site in guide_latents if site["name"] not in model_latents],
         "latent sample sites")
     guided = {site["name"] for site in guide_latents}
-    model_enumerated = tuple(enumerated_in(model_trace, skip=guided))
-    if not guide_latents and not model_enumerated and not any(
+    model_enumerated = (tuple(enumerated_in(model_trace, skip=guided))
+                        if enumerate_model or enumerate_guide else ())
+    redraw = not (enumerate_model or enumerate_guide) and any(  # the caller draws again
+        is_enumerated(site) for site in model_latents.values())
+    if not guide_latents and model_latents and not model_enumerated and not redraw and not any(
             site["type"] == "sample" for site in guide_trace.nodes.values()):
-        raise ConfigError("the guide has no latent sample sites (and the model enumerates "
-                          "none)")
+        raise ConfigError(f"the guide has no latent sample sites, but the model has "
+                          f"{sorted(model_latents)} (and enumerates none)")
     for name in guided.intersection(model_latents):
         guide_rank = len(guide_trace.nodes[name]["fn"].batch_shape)
         if len(model_latents[name]["fn"].batch_shape) > max(guide_rank, max_plate_nesting + 1):
@@ -355,12 +414,15 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                      else (), compact=compact)
 
 
-def check_estimable(particles: Particles, allow_discrete: bool = False) -> None:
+def check_estimable(particles: Particles, allow_discrete: bool = False,
+                    site_scales: bool = False) -> None:
     """Refuse draws whose gradient the estimators cannot take: a guide latent that is neither
     reparameterizable nor enumerated (``allow_discrete``: a discrete one is sampled with a
     score term), a model latent left to its prior that is not reparameterizable, or scale
-    factors that differ between sites (:attr:`Particles.scale`). With Pyro's validation on,
-    the model and guide are also checked against each other as Pyro's ELBOs check them."""
+    factors that differ between sites (:attr:`Particles.scale`) unless ``site_scales`` (one
+    draw inside the log): then each site's term is weighted by its own factor, as Pyro's
+    ``Trace_ELBO`` weights it. With Pyro's validation on, the model and guide are also checked
+    against each other as Pyro's ELBOs check them."""
     for site in particles.guide_latents:
         if site["fn"].has_rsample or is_enumerated(site):  # enumerated: summed
             continue
@@ -378,7 +440,15 @@ def check_estimable(particles: Particles, allow_discrete: bool = False) -> None:
                 "its gradient would need a score term these estimators do not have. Sample it "
                 "in the guide, mark it for enumeration in the model, or use "
                 "pyro.infer.TraceGraph_ELBO")
-    particles.scale  # noqa: B018 (refuses differing scale factors)
+    try:
+        particles.scale  # noqa: B018 (refuses differing scale factors)
+    except ConfigError:
+        if not site_scales:
+            raise
+        if particles.model_enumerated or particles.guide_enumerated:
+            raise ConfigError("scale factors that differ between sites cannot be combined with "
+                              "enumerated sites: scale every site alike") from None
+        particles.site_scales = True
     fixed = any(site["type"] == "sample" and site["is_observed"]
                 for site in particles.guide_trace.nodes.values())  # sites being summed out
     if is_validation_enabled() and not fixed:

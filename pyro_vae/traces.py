@@ -73,7 +73,8 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     return depth
 
 
-def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> str:
+def find_data_plate(model_trace, guide_trace, data_plate: str | None = None, *,
+                    required: bool = True, outermost: bool = False) -> str | None:
     """The name of the plate that indexes datapoints.
 
     With ``data_plate=None`` the plate is found automatically: the one vectorized plate that every
@@ -81,10 +82,13 @@ def find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> 
     (global latents), the one plate that every observed site lies in. Otherwise the named plate
     must hold every observed site. Latent sites outside the data plate are global
     (:func:`global_latents`); a latent must lie on the same side of the data plate in the model
-    and in the guide.
+    and in the guide. Where no plate qualifies, ``required=False`` gives ``None``: the whole
+    data set is one datapoint. Where several do, ``outermost=True`` takes the outermost (for a
+    sum over every datapoint, which plate is the data plate does not matter).
     """
-    name = _find_data_plate(model_trace, guide_trace, data_plate)
-    _check_same_side(model_trace, guide_trace, name)
+    name = _find_data_plate(model_trace, guide_trace, data_plate, required, outermost)
+    if name is not None:
+        _check_same_side(model_trace, guide_trace, name)
     return name
 
 
@@ -104,7 +108,8 @@ def _check_same_side(model_trace, guide_trace, data_plate: str) -> None:
                 "in both (a local latent) or outside in both (a global latent)")
 
 
-def _find_data_plate(model_trace, guide_trace, data_plate: str | None = None) -> str:
+def _find_data_plate(model_trace, guide_trace, data_plate: str | None, required: bool,
+                     outermost: bool) -> str | None:
     sites = [site for trace in (model_trace, guide_trace) for site in trace.nodes.values()
              if site["type"] == "sample"]
     if not sites:
@@ -126,7 +131,13 @@ def _find_data_plate(model_trace, guide_trace, data_plate: str | None = None) ->
     common = _common_plates(sites) or _common_plates(observed)
     if len(common) == 1:
         return common.pop()
+    if common and outermost:
+        dims = {frame.name: frame.dim for site in sites for frame in site["cond_indep_stack"]
+                if frame.vectorized}
+        return min(common, key=lambda plate: (dims[plate], plate))
     if not common:
+        if not required:
+            return None
         raise ConfigError(
             "could not find a data plate: no pyro.plate contains every observed site of the "
             "model. Put the observed and local latent sites inside one pyro.plate('data', N), "
@@ -142,9 +153,13 @@ def _common_plates(sites: list[dict]) -> set[str]:
     return common
 
 
-def plate_dim_and_size(model_trace, guide_trace, name: str) -> tuple[int, int]:
+def plate_dim_and_size(model_trace, guide_trace, name: str | None
+                       ) -> tuple[int | None, int]:
     """The dimension and size of the plate ``name``; a plate declared without a size
-    (``pyro.plate(name)``) takes the size its sites' values and distributions broadcast to."""
+    (``pyro.plate(name)``) takes the size its sites' values and distributions broadcast to.
+    No plate (``None``: the whole data set as one datapoint) has no dimension and size 1."""
+    if name is None:
+        return None, 1
     dim, sizes = None, []
     for trace in (guide_trace, model_trace):
         for site in trace.nodes.values():
@@ -165,9 +180,11 @@ def plate_dim_and_size(model_trace, guide_trace, name: str) -> tuple[int, int]:
     return dim, max(sizes, default=1)
 
 
-def global_latents(trace, data_plate: str) -> list[str]:
+def global_latents(trace, data_plate: str | None) -> list[str]:
     """The latent sample sites of ``trace`` outside the data plate: global latents, drawn once
-    per particle and shared by the datapoints."""
+    per particle and shared by the datapoints (none without a data plate)."""
+    if data_plate is None:
+        return []
     return [name for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]
             and data_plate not in _plates_of(site)]
@@ -268,11 +285,14 @@ def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> to
     return torch.where(mask, log_prob, log_prob.new_zeros(()))
 
 
-def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int,
+def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int | None,
                                  shape: tuple[int, int], name: str = "") -> torch.Tensor:
     """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
-    the particle dim (leftmost) and ``data_dim``; the result has shape ``shape`` = ``[K, N]``."""
+    the particle dim (leftmost) and ``data_dim``; the result has shape ``shape`` = ``[K, N]``
+    (``data_dim=None``: no data plate, N = 1)."""
     log_prob = _aligned(log_prob, num_dims, name)
+    if data_dim is None:
+        return log_prob.reshape(log_prob.shape[0], -1).sum(1, keepdim=True).expand(shape)
     keep = {0, num_dims + data_dim}
     others = [d for d in range(num_dims) if d not in keep]
     if others:
@@ -310,8 +330,10 @@ def common_scale(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> floa
                     f"{first[1]!r} has scale {first[2]:g}: these estimators honour a scale "
                     "factor (poutine.scale, a subsampled pyro.plate) only when every sample site "
                     "of the model and guide has the same one, since a per-site weight has no "
-                    "meaning inside the log of an importance-weighted bound. To weight the rate "
-                    "(KL) term, use beta (--beta, LinearWarmup) instead of poutine.scale")
+                    "meaning inside the log of an importance-weighted bound; with one draw inside "
+                    "the log (importance_samples=1: trace, meanfield, stl, iwae and dreg) each "
+                    "site's term is weighted by its own scale. To weight the rate (KL) term, "
+                    "beta (--beta, LinearWarmup) does it for any estimator")
     return 1.0 if first is None else first[2]
 
 

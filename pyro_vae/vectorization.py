@@ -50,14 +50,16 @@ def _scale(values: torch.Tensor) -> float:
 
 
 def _single(model: Callable, guide: Callable, args: tuple, kwargs: dict, seed: int,
-            max_plate_nesting: int, data_plate: str | None) -> torch.Tensor | None:
+            max_plate_nesting: int, data_plate: str | None, require_data_plate: bool = True
+            ) -> torch.Tensor | None:
     """``[1, N]`` log-weights of one call without the particle plate (``None`` if the pair
     fails that way too: then the particle dimension is not what it trips on)."""
     torch.manual_seed(seed)
     try:
         return vectorized_log_probs(model, guide, *args, num_particles=1,
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
-                                    vectorize=False, **kwargs).log_weights
+                                    vectorize=False, require_data_plate=require_data_plate,
+                                    **kwargs).log_weights
     except PyroVAEError:
         raise
     except Exception:  # the user's code failing on its own: its error is reported elsewhere
@@ -66,7 +68,8 @@ def _single(model: Callable, guide: Callable, args: tuple, kwargs: dict, seed: i
 
 @torch.no_grad()
 def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
-                      max_plate_nesting: int, data_plate: str | None = None) -> str | None:
+                      max_plate_nesting: int, data_plate: str | None = None,
+                      require_data_plate: bool = True) -> str | None:
     """``None`` when two vectorized particles give the log-weights of the same draws replayed
     one at a time (or when the pair fails without a particle dimension too); otherwise why
     not, in one line. Reseeds torch's random state: call it on a fork."""
@@ -75,9 +78,11 @@ def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dic
     try:
         vectorized = vectorized_log_probs(model, guide, *args, num_particles=PROBE_PARTICLES,
                                           max_plate_nesting=max_plate_nesting,
-                                          data_plate=data_plate, **kwargs)
+                                          data_plate=data_plate,
+                                          require_data_plate=require_data_plate, **kwargs)
     except Exception as exc:  # the user's code meeting a shape it was not written for?
-        if _single(model, guide, args, kwargs, seed, max_plate_nesting, data_plate) is None:
+        if _single(model, guide, args, kwargs, seed, max_plate_nesting, data_plate,
+                   require_data_plate) is None:
             if isinstance(exc, PyroVAEError):  # a rule of the package, broken either way
                 raise
             return None
@@ -92,7 +97,7 @@ def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dic
                                       skip=guide_draws.nodes)
         single = _single(poutine.replay(model, trace=prior_draws),
                          poutine.replay(guide, trace=guide_draws), args, kwargs, seed,
-                         max_plate_nesting, data_plate)
+                         max_plate_nesting, data_plate, require_data_plate)
         if single is None:
             return None
         singles.append(single)

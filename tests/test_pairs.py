@@ -189,3 +189,26 @@ def test_fit_reads_the_data_plate_a_pair_names_when_several_plates_hold_every_si
                               data_plate="sequences")
     assert scored.log_px.shape == (12,)
     assert math.isfinite(result.history.extra["final"]["test_log_px"])
+
+
+def test_the_sparse_gamma_def_trains_with_fit_on_its_whole_data_set(monkeypatch):
+    """Pyro's sparse gamma DEF (two layers here): global Gamma weights, local Gamma latents
+    whose guide holds a parameter per datapoint. fit checks the pair on its first batch as
+    training sees it (not on two rows, which would size the guide's parameters to them), so
+    the whole data set as one batch trains: the dataset ELBO rises."""
+    from benchmark_loader import load_benchmark
+
+    model, guide, (counts,) = load_benchmark("conformance", monkeypatch)._sparse_gamma_def()
+
+    def dataset_elbo(pair):
+        scored = evaluate_dataset(pair.model, pair.guide, counts, num_particles=500,
+                                  khat=False)
+        return float(scored.elbo.sum()) + scored.global_term.mean
+
+    result = fit(model, guide, counts, elbo="meanfield", batch_size=len(counts), epochs=1,
+                 lr=0.05, progress=False, final_particles=0)
+    before = dataset_elbo(result.model)
+    result = fit(result.model, counts, elbo="meanfield", batch_size=len(counts), epochs=300,
+                 lr=0.05, progress=False, final_particles=0)
+    assert dataset_elbo(result.model) > before + 20
+    assert result.model.param_store["alpha_z_top"].shape == (len(counts), 3)

@@ -291,3 +291,21 @@ def test_fits_checks_of_the_pair_leave_running_statistics_alone():
     fit(pair, _data(False), elbo="trace", epochs=1, batch_size=N, eval_particles=1,
         final_particles=0, progress=False)
     assert pair.second[1].num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("pair_class, counts", [(SoftmaxOverRows, True),
+                                                (BatchNormDecoder, False),
+                                                (MaskIndexing, False)])
+def test_ais_refuses_in_one_line_the_pairs_the_evaluator_scores_one_particle_at_a_time(
+        pair_class, counts):
+    """AIS runs each datapoint's chains as a particle plate: a pair whose networks see that
+    dimension would be annealed on wrong densities (or crash inside the network), so it is
+    refused where the evaluator falls back to one particle per call."""
+    from pyro_vae.errors import ConfigError
+    from pyro_vae.evaluate.ais import ais
+
+    torch.manual_seed(0)
+    pair, x = pair_class().eval(), _data(counts)
+    with pytest.raises(ConfigError, match="AIS runs the chains of every datapoint as one "
+                                          "particle plate, but .*importance sampling"):
+        ais(pair.model, pair.guide, x, num_chains=4, num_steps=3)

@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
@@ -58,6 +59,7 @@ from ..batches import as_source
 from ..errors import ConfigError
 from ..log_probs import vectorized_log_probs
 from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting
+from ..vectorization import particle_mismatch
 from .khat import MIN_KHAT_PARTICLES, pareto_khat
 
 SIGMOID_SHARPNESS = 4.0
@@ -269,9 +271,11 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
     if betas[0] != 0 or betas[-1] != 1 or not bool((betas[1:] >= betas[:-1]).all()):
         raise ConfigError("the schedule must rise from 0 to 1")
     log_ws, accepts = [], []
-    for batch in as_source(data, collate_fn).ordered(batch_size):
+    for index, batch in enumerate(as_source(data, collate_fn).ordered(batch_size)):
         nesting = (max_plate_nesting if max_plate_nesting is not None else
                    guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
+        if index == 0:
+            _check_chains(model, guide, batch.args, batch.kwargs, nesting, data_plate)
         sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
         per_configuration = []
         for values in enumeration.configurations(sites) if sites else [{}]:
@@ -292,6 +296,24 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
     return _result(log_w, torch.cat(accepts), len(betas) - 1,
                    torch.logsumexp(log_w, 0) - math.log(num_chains),
                    pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None)
+
+
+def _check_chains(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int,
+                  data_plate: str | None) -> None:
+    """Refuse, in one line, a pair whose networks see the chains' particle dimension
+    (:func:`~pyro_vae.vectorization.particle_mismatch`, on a fork of the random state): the
+    evaluator scores such a pair one particle at a time, AIS has its chains only as a plate."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), \
+            torch.no_grad():
+        reason = particle_mismatch(model, guide, args, kwargs, max_plate_nesting=nesting,
+                                   data_plate=data_plate)
+    if reason is not None:
+        raise ConfigError(
+            f"AIS runs the chains of every datapoint as one particle plate, but {reason}: "
+            "write the networks to broadcast over leading dimensions, or estimate log p(x) "
+            "by importance sampling (the evaluator draws one particle per call for such a "
+            "pair)")
 
 
 def _prior_of(model: Callable) -> Callable:
@@ -332,6 +354,8 @@ def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, 
     for batch in as_source(data).ordered(batch_size):
         nesting = (max_plate_nesting if max_plate_nesting is not None else
                    guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
+        if offset == 0:
+            _check_chains(model, guide, batch.args, batch.kwargs, nesting, data_plate)
         sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
         if sites:
             raise ConfigError(f"reverse AIS starts from an exact draw of the continuous latents "

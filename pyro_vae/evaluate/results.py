@@ -65,7 +65,9 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
     """A plain-text table of :meth:`EvaluationResult.summary` (values in nats); ``observed``
     names what the model scores in the first row's label, e.g. ``"x, y"`` for a conditional
     VAE, whose log-weights are those of the joint p(x, y)."""
-    labels = {"log_px": f"log p_K({observed})", "elbo": "ELBO", "gap": "gap (≈ KL)",
+    summed = summary.get("summed_sites")
+    labels = {"log_px": f"log p_K({observed})",
+              "elbo": "E log Σ_c w" if summed else "ELBO", "gap": "gap (≈ KL)",
               "var_log_w": "var log w", "ess": "ESS / K"}
     units = {"log_px": "nats", "elbo": "nats", "gap": "nats", "var_log_w": "nats²", "ess": ""}
 
@@ -96,6 +98,10 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
         lines.append(f"global latents {term['sites']}: each particle draws θ ~ q(θ) once for "
                      f"all datapoints; log p_K({observed}) is the predictive log E_q(θ) "
                      f"p({observed} | θ)")
+    if summed:
+        lines.append(f"the guide's sites {summed} are summed inside each weight: the row "
+                     "'E log Σ_c w' is the bound E log Σ_c p(x, c, z_c)/q(z_c | x, c), not the "
+                     "ELBO Σ_c q(c | x) [...] that TraceEnum_ELBO computes (meanfield trains it)")
     if not summary.get("vectorized", True):
         lines.append("particles drawn one call at a time: the pair's networks see a particle "
                      "dimension")
@@ -181,6 +187,9 @@ class EvaluationResult:
     paths: dict[str, Path] = field(default_factory=dict)
     vectorized: bool = True
     global_term: GlobalTerm | None = None
+    #: the guide's sites summed out inside each weight: ``elbo`` is then the bound
+    #: E log Σ_c w_c, above the ELBO that ``TraceEnum_ELBO`` computes
+    summed_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         shape = self.log_px.shape
@@ -223,7 +232,9 @@ class EvaluationResult:
                    var_log_w=cat("var_log_w"), ess=cat("ess"), khat=cat("khat"),
                    log_weights=cat("log_weights", 1),
                    vectorized=all(part.vectorized for part in parts),
-                   global_term=GlobalTerm.combine([part.global_term for part in parts]))
+                   global_term=GlobalTerm.combine([part.global_term for part in parts]),
+                   summed_sites=tuple(dict.fromkeys(
+                       site for part in parts for site in part.summed_sites)))
 
     def summary(self) -> dict[str, Any]:
         """Mean and standard error (std / √N) of each metric; for k-hat the median, the max and
@@ -231,6 +242,8 @@ class EvaluationResult:
         out: dict[str, Any] = {"num_datapoints": self.num_datapoints,
                                "num_particles": self.num_particles,
                                "vectorized": self.vectorized}
+        if self.summed_sites:
+            out["summed_sites"] = list(self.summed_sites)
         n = self.num_datapoints
         for name in METRICS:
             values = getattr(self, name).to(torch.float64)

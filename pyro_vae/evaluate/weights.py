@@ -32,6 +32,7 @@ class Chunk(NamedTuple):
     log_weights: torch.Tensor
     global_log_weight: torch.Tensor
     global_sites: tuple[str, ...]
+    summed_sites: tuple[str, ...] = ()
 
 
 DEFAULT_BATCH_SIZE = 100
@@ -79,14 +80,16 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
         drawn = vectorized_log_probs(model, guide, *args, num_particles=size,
                                      max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                                      compact=True, vectorize=vectorized, **kwargs)
-        return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites)
+        return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites,
+                     drawn.guide_enumerated)
 
     def draw(size: int) -> Chunk:
         if vectorize:
             return one_call(size, True)
         singles = [one_call(1, False) for _ in range(size)]
         return Chunk(torch.cat([c.log_weights for c in singles]),
-                     torch.cat([c.global_log_weight for c in singles]), singles[0].global_sites)
+                     torch.cat([c.global_log_weight for c in singles]), singles[0].global_sites,
+                     singles[0].summed_sites)
 
     if is_validation_enabled():
         with _forked_rng():
@@ -201,14 +204,14 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
     accumulator = _WeightAccumulator()
     tail = ParetoTail(num_particles) if with_khat else None
     blocks: list[torch.Tensor] | None = [] if keep_log_weights else None
-    global_sum, global_sites = 0.0, ()
+    global_sum, global_sites, summed_sites = 0.0, (), ()
     for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                     particle_chunk=particle_chunk,
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                                     vectorize=vectorize):
         accumulator.update(chunk.log_weights)
         global_sum += chunk.global_log_weight.double().sum().item()
-        global_sites = chunk.global_sites
+        global_sites, summed_sites = chunk.global_sites, chunk.summed_sites
         if tail is not None:
             tail.update(chunk.log_weights)
         if blocks is not None:
@@ -226,7 +229,7 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         num_particles=num_particles, **stats,
         khat=tail.khat() if tail is not None else None,
         log_weights=full.cpu() if full is not None else None, vectorized=vectorize,
-        global_term=global_term)
+        global_term=global_term, summed_sites=summed_sites)
 
 
 def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,

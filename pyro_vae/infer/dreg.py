@@ -9,7 +9,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ..particles import Particles
-from ..traces import latent_sites, site_log_prob
+from ..traces import latent_sites
 from .elbo import ELBOEstimator, _weighted, beta_log_weight
 
 
@@ -87,8 +87,8 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         latent = particles.guide_latents
         if len(latent) == 1 and self.single_site_shortcut:
             site = latent[0]
-            log_q = particles.reduce(site_log_prob(
-                dict(site, value=particles.views.nodes[site["name"]]["value"])), site["name"])
+            log_q = particles.reduce(particles.log_prob(
+                site, value=particles.views.nodes[site["name"]]["value"]), site["name"])
         else:
             log_q = particles.site_total(latent_sites(
                 particles.replay(guide, args, kwargs, on_views=True)))
@@ -132,8 +132,8 @@ class _GradientGate:
     def fits(self, particles: Particles) -> bool:
         """Whether every draw that reaches the model is a local guide latent with one value per
         draw and datapoint (no unguided or global latent; a single draw may lack the particle
-        dimension)."""
-        if particles.unguided_latents or particles.global_latents:
+        dimension; a data plate)."""
+        if particles.unguided_latents or particles.global_latents or particles.data_dim is None:
             return False
         for site in particles.guide_latents:
             value = particles.views.nodes[site["name"]]["value"]

@@ -34,8 +34,7 @@ from ..enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, 
 from ..errors import ConfigError, PyroVAEError
 from ..module_state import running_statistics_kept
 from ..particles import Particles, check_estimable, draw_particles
-from ..traces import (PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, site_log_prob,
-                      trace_pair)
+from ..traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
 from ..vectorization import particle_mismatch
 
 
@@ -94,6 +93,11 @@ def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.
     if log_weights.shape[dim] == 1:
         return log_weights.squeeze(dim)
     return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
+
+
+def _pair_key(model: Callable, guide: Callable) -> tuple[int, int]:
+    """The identity of a pair (its module, for bound methods), for per-pair memos."""
+    return id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide))
 
 
 def _replaying(fn: Callable, trace: poutine.Trace) -> Callable:
@@ -194,6 +198,10 @@ class ELBOEstimator(ELBO):
         self.importance_samples = importance_samples
         self.beta = beta
         self._vectorizable: set[tuple[int, int]] = set()
+        #: the pairs that have shown sites marked for enumeration, and those whose first draw
+        #: enumerated none
+        self._enumerating: set[tuple[int, int]] = set()
+        self._unmarked: set[tuple[int, int]] = set()
         #: weight of the global latents' term β [log p(θ) − log q(θ)] in this call's loss: the
         #: batch's share B / N of the data set (set by the training engine each step); 1 when
         #: the batch is the whole data set
@@ -225,12 +233,28 @@ class ELBOEstimator(ELBO):
         plated = draws > 1 or not self.single_draw_shortcut
         if self.needs_deterministic_guide:
             _check_no_active_dropout(self.name, model, guide)
+        key = _pair_key(model, guide)
         try:
-            particles = draw_particles(model, guide, args, kwargs, draws,
-                                       self.max_plate_nesting, plated=plated,
-                                       view=self._draw_view(), data_plate=self.data_plate,
-                                       enumerate_guide=self.parallel_enumeration)
-            check_estimable(particles, allow_discrete=self.scores_discrete)
+            # after a first draw that enumerated nothing, a pair is drawn without Pyro's
+            # enumeration messengers (their bookkeeping costs a few per cent of a small step);
+            # a later draw that shows a site marked for enumeration but drawn is drawn again
+            # with them, and so is every draw of that pair from then on
+            optimistic = key in self._unmarked and key not in self._enumerating
+            for enumerate_sites in ((False, True) if optimistic else (True,)):
+                particles = draw_particles(
+                    model, guide, args, kwargs, draws, self.max_plate_nesting, plated=plated,
+                    view=self._draw_view(), data_plate=self.data_plate,
+                    enumerate_guide=enumerate_sites and self.parallel_enumeration,
+                    enumerate_model=enumerate_sites, require_data_plate=False,
+                    outermost_plate=self.importance_samples == 1)
+                if not enumerate_sites and not particles.marked_but_drawn(
+                        self.parallel_enumeration):
+                    break
+            if enumerate_sites:
+                enumerated = particles.model_enumerated or particles.guide_enumerated
+                (self._enumerating if enumerated else self._unmarked).add(key)
+            check_estimable(particles, allow_discrete=self.scores_discrete,
+                            site_scales=self.importance_samples == 1)
         except PyroVAEError:
             raise
         except Exception:  # say so if the particle dimension is what the networks tripped on
@@ -250,14 +274,14 @@ class ELBOEstimator(ELBO):
                             kwargs: dict) -> None:
         """Refuse, once per pair, networks that see the particle dimension
         (:func:`pyro_vae.vectorization.particle_mismatch`, on a fork of the random state)."""
-        key = (id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide)))
+        key = _pair_key(model, guide)
         if key in self._vectorizable:
             return
         with torch.random.fork_rng(devices=_cuda_devices()), pyro.validation_enabled(False), \
                 running_statistics_kept(model, guide):
             reason = particle_mismatch(model, guide, args, kwargs,
                                        max_plate_nesting=self.max_plate_nesting,
-                                       data_plate=self.data_plate)
+                                       data_plate=self.data_plate, require_data_plate=False)
         if reason is not None:
             draws = self.num_particles * self.importance_samples
             raise ConfigError(
@@ -313,8 +337,7 @@ class ELBOEstimator(ELBO):
         latent = latent_sites(particles.guide_trace)
         if len(latent) == 1 and self.single_site_shortcut and particles.is_local(latent[0]):
             site = latent[0]
-            return particles.reduce(site_log_prob(dict(site, value=site["value"].detach()),
-                                                   detach=False))
+            return particles.reduce(particles.log_prob(site, value=site["value"].detach()))
         replayed = particles.replay(guide, args, kwargs)
         if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
             raise ConfigError("the guide's latent sites changed when replayed on its own draws; "

@@ -10,7 +10,7 @@ from pyro.distributions import Delta
 from torch.distributions import kl_divergence
 
 from ..particles import Particles
-from ..traces import masked, site_log_prob, sum_terms
+from ..traces import masked, sum_terms
 from .elbo import ELBOEstimator, _weighted
 
 
@@ -105,15 +105,15 @@ class MeanFieldELBO(ELBOEstimator):
             if particles.is_local(site) != local:
                 continue
             if site["name"] not in model_sites:  # auxiliary: its log q, no prior
-                terms.append((site["name"], site_log_prob(site)))
+                terms.append((site["name"], particles.log_prob(site)))
                 continue
             prior = model_sites[site["name"]]
             earlier_in_model = model_order[:model_order.index(site["name"])]
             closed = None
             if not set(guided[position + 1:]).intersection(earlier_in_model):
                 closed = _closed_form_kl(site["fn"], prior["fn"])
-            kl = (masked(closed, site) if closed is not None
-                  else site_log_prob(site) - site_log_prob(prior))
+            kl = (particles.scaled(masked(closed, site), site) if closed is not None
+                  else particles.log_prob(site) - particles.log_prob(prior))
             terms.append((site["name"], kl))
         return terms
 

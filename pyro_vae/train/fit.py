@@ -84,10 +84,11 @@ def _user_sources(model: torch.nn.Module, data: Any, test_data: Any, config: Tra
     return train, test
 
 
-def _check_pair(model: torch.nn.Module, source: Source) -> bool:
-    """Run the pair once on (at most two datapoints of) the first batch, in a forked state;
-    return whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
-    first = next(iter(source.ordered(2)))
+def _check_pair(model: torch.nn.Module, source: Source, batch_size: int) -> bool:
+    """Run the pair once on the first batch as training will see it (a guide may have one
+    parameter per datapoint of a batch), in a forked state; return whether its networks take
+    a particle dimension (:mod:`pyro_vae.vectorization`)."""
+    first = next(iter(source.ordered(batch_size)))
     if isinstance(model, PyroPair):
         model.discover(*first.args, **first.kwargs)
     check_model(model, *first.args, **first.kwargs)
@@ -235,7 +236,7 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
             check_model(model, *example)
     else:
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
-        vectorizable = _check_pair(model, source)
+        vectorizable = _check_pair(model, source, config.batch_size)
     if dist.enabled:
         replicas.start(model)
         if dist.rank:
