@@ -7,7 +7,7 @@ plates) and replays the model on it, with Pyro's parallel enumeration of the sit
 (:mod:`pyro_vae.enumeration`); :class:`Particles` reads log p(x|z), log p(z) and log q(z|x)
 from the two traces, each summed to ``[M, N]`` with the data plate kept (so each datapoint's
 weight uses only its own sites), the enumerated sites summed out by Pyro's plated contraction,
-and replays further runs the same way. :func:`check_estimable` adds what the estimators need;
+and replays further runs the same way. :func:`pyro_vae.infer.pair_checks.check_estimable` adds what the estimators need;
 :func:`pyro_vae.log_probs.vectorized_log_probs` is the evaluator's view of the same draws.
 
 Which latents count. Every guide latent must be a latent site of the model. A model latent that
@@ -29,7 +29,8 @@ Scale factors (``poutine.scale``, a subsampled ``pyro.plate``) are honoured when
 site of the model and guide has the same scalar scale s, the case of a subsampled data plate
 (s = N/B): the loss is s times the loss of the batch. Scales that differ between sites (or
 per-datapoint tensors) weight each site's term by its own factor when there is one draw
-inside the log (:func:`check_estimable`), as Pyro's ``Trace_ELBO`` weights them; inside the
+inside the log (:func:`pyro_vae.infer.pair_checks.check_estimable`), as Pyro's
+``Trace_ELBO`` weights them; inside the
 log of an importance-weighted bound (K > 1) a per-site weight has no meaning, and they raise
 :class:`~pyro_vae.errors.ConfigError` naming the site. β weights the rate for any estimator
 (β is applied by the estimators, so β = 0 is allowed, which ``poutine.scale`` refuses). The evaluator reads
@@ -47,10 +48,8 @@ from typing import Any, Callable
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match
 
 from .enumeration import (contract_log_weights, enumerated_guide, enumerated_in, enumerated_model,
                           is_enumerated)
@@ -125,8 +124,8 @@ class Particles:
     model_enumerated: tuple[str, ...] = ()
     guide_enumerated: tuple[str, ...] = ()
     compact: bool = False
-    #: each site's log-density is weighted by its own scale factor (:func:`check_estimable`
-    #: sets it for the estimators with one draw inside the log, when the factors differ)
+    #: each site's log-density is weighted by its own scale factor (the estimators with one
+    #: draw inside the log set it when the factors differ)
     site_scales: bool = False
 
     @property
@@ -361,7 +360,8 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     :raises ConfigError: for a pair whose sites fit no data plate, a guide without latents, a
         guide latent that is no latent of the model (auxiliary sites apart), or a guide latent
         that depends on a site enumerated in the model. What the estimators need beyond that
-        (reparameterizable latents, one scale factor) is :func:`check_estimable`'s.
+        (reparameterizable latents, one scale factor) is
+        :func:`pyro_vae.infer.pair_checks.check_estimable`'s.
     """
     plated = plated or num_particles > 1
     hide_params = not am_i_wrapped()
@@ -412,45 +412,3 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                      model_enumerated=model_enumerated,
                      guide_enumerated=tuple(enumerated_in(guide_trace)) if enumerate_guide
                      else (), compact=compact)
-
-
-def check_estimable(particles: Particles, allow_discrete: bool = False,
-                    site_scales: bool = False) -> None:
-    """Refuse draws whose gradient the estimators cannot take: a guide latent that is neither
-    reparameterizable nor enumerated (``allow_discrete``: a discrete one is sampled with a
-    score term), a model latent left to its prior that is not reparameterizable, or scale
-    factors that differ between sites (:attr:`Particles.scale`) unless ``site_scales`` (one
-    draw inside the log): then each site's term is weighted by its own factor, as Pyro's
-    ``Trace_ELBO`` weights it. With Pyro's validation on, the model and guide are also checked
-    against each other as Pyro's ELBOs check them."""
-    for site in particles.guide_latents:
-        if site["fn"].has_rsample or is_enumerated(site):  # enumerated: summed
-            continue
-        if not (allow_discrete and site["fn"].has_enumerate_support):
-            raise ConfigError(
-                f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
-                "reparameterizable; this estimator needs rsample. For a discrete site, mark it "
-                "for enumeration (infer={'enumerate': 'parallel'}) to sum it out (every "
-                "estimator but vimco), or sample it with --elbo vimco (or trace)")
-    for site in particles.unguided_latents:
-        if not site["fn"].has_rsample:
-            raise ConfigError(
-                f"model site {site['name']!r} ({type(site['fn']).__name__}) is not sampled by "
-                "the guide and not reparameterizable: it is drawn from its prior on replay, and "
-                "its gradient would need a score term these estimators do not have. Sample it "
-                "in the guide, mark it for enumeration in the model, or use "
-                "pyro.infer.TraceGraph_ELBO")
-    try:
-        particles.scale  # noqa: B018 (refuses differing scale factors)
-    except ConfigError:
-        if not site_scales:
-            raise
-        if particles.model_enumerated or particles.guide_enumerated:
-            raise ConfigError("scale factors that differ between sites cannot be combined with "
-                              "enumerated sites: scale every site alike") from None
-        particles.site_scales = True
-    fixed = any(site["type"] == "sample" and site["is_observed"]
-                for site in particles.guide_trace.nodes.values())  # sites being summed out
-    if is_validation_enabled() and not fixed:
-        check_model_guide_match(particles.model_trace, particles.guide_trace,
-                                particles.max_plate_nesting + particles.plated)

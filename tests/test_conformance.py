@@ -24,17 +24,19 @@ SUMMING = ("trace", "iwae", "stl", "dreg", "meanfield")
 DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
 
 
-@config_enumerate
-def mixture(data):
+@pytest.fixture
+def cases(monkeypatch):
+    """benchmarks/conformance.py, whose cases these tests share."""
+    from benchmark_loader import load_benchmark
+
+    return load_benchmark("conformance", monkeypatch)
+
+
+@pytest.fixture
+def mixture(cases):
     """The Gaussian-mixture tutorial's model: global weights, scale and locations, and each
     datapoint's assignment enumerated in the model."""
-    weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
-    scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
-    with pyro.plate("components", 2):
-        locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
-    with pyro.plate("data", len(data)):
-        assignment = pyro.sample("assignment", dist.Categorical(weights))
-        pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
+    return cases._mixture_model
 
 
 def _globals(msg):
@@ -47,7 +49,8 @@ def _gradients(loss, params):
 
 @pytest.mark.parametrize("autoguide", [AutoNormal, AutoDelta, AutoDiagonalNormal])
 @pytest.mark.parametrize("name", SUMMING)
-def test_model_side_enumeration_equals_trace_enum_elbo_on_the_same_draws(autoguide, name):
+def test_model_side_enumeration_equals_trace_enum_elbo_on_the_same_draws(autoguide, name,
+                                                                          mixture):
     guide = autoguide(poutine.block(mixture, expose_fn=_globals))
     guide(DATA)
     params = [p.unconstrained() for p in pyro.get_param_store().values()]
@@ -62,7 +65,8 @@ def test_model_side_enumeration_equals_trace_enum_elbo_on_the_same_draws(autogui
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_the_evaluators_elbo_of_model_side_enumeration_is_trace_enum_elbos_in_expectation():
+def test_the_evaluators_elbo_of_model_side_enumeration_is_trace_enum_elbos_in_expectation(
+        mixture):
     """The dataset ELBO (per-datapoint ELBOs plus the global term) against the mean of
     TraceEnum_ELBO over as many draws: the assignment is summed, not drawn from its prior."""
     guide = AutoNormal(poutine.block(mixture, expose_fn=_globals), init_scale=0.3)
@@ -176,7 +180,7 @@ def test_a_guide_latent_that_depends_on_a_model_enumerated_site_is_refused_in_on
         make_estimator("trace", max_plate_nesting=1).differentiable_loss(model, guide, DATA)
 
 
-def test_the_mixture_tutorial_trains_with_fit_as_with_pyros_svi_and_is_scored_exactly():
+def test_the_mixture_tutorial_trains_with_fit_as_with_pyros_svi_and_is_scored_exactly(mixture):
     """The Gaussian-mixture tutorial (assignments enumerated in the model, an AutoDelta guide
     for the globals): fit reaches the parameters Pyro's SVI with TraceEnum_ELBO reaches on the
     same data, steps and Adam, and the evaluator's dataset ELBO of a point-mass guide is
@@ -257,16 +261,13 @@ def test_a_pair_whose_marked_site_appears_after_unmarked_calls_is_still_summed(n
     torch.testing.assert_close(summed, -exact.sum(), rtol=1e-6, atol=1e-5)
 
 
-def test_the_evaluator_names_the_summed_bound_apart_from_the_elbo(monkeypatch):
+def test_the_evaluator_names_the_summed_bound_apart_from_the_elbo(cases):
     """With a site enumerated in the guide, the mean log-weight is E log Σ_c w_c, which lies
     above the ELBO TraceEnum_ELBO computes: the result says which sites are summed and the
     table does not call it the ELBO."""
     from pyro_vae.evaluate.results import format_table
 
-    from benchmark_loader import load_benchmark
-
-    cases = load_benchmark("conformance", monkeypatch).CASES
-    case = next(c for c in cases if c.name == "enum_guide_discrete")
+    case = next(c for c in cases.CASES if c.name == "enum_guide_discrete")
     model, guide, (x,) = case.build()
     guide(x)
     result = evaluate(model, guide, x, num_particles=1)

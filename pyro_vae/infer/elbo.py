@@ -26,40 +26,16 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item
-from pyro.poutine.util import prune_subsample_sites
 from pyro.util import warn_if_nan
-from torch import nn
 
 from ..enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
 from ..errors import ConfigError, PyroVAEError
 from ..module_state import running_statistics_kept
-from ..particles import Particles, check_estimable, draw_particles
+from ..particles import Particles, draw_particles
 from ..traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
 from ..vectorization import particle_mismatch
-
-
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
-
-
-def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-
-
-def _check_no_active_dropout(name: str, *functions: Callable) -> None:
-    """Refuse bound methods of a module whose dropout is active (train mode, p > 0)."""
-    for fn in functions:
-        module = getattr(fn, "__self__", None)
-        if not isinstance(module, nn.Module):
-            continue
-        active = [sub for sub in module.modules()
-                  if isinstance(sub, _DROPOUT) and sub.training and sub.p > 0]
-        if active:
-            raise ConfigError(
-                f"{name} replays the guide on its own draws, which needs the networks to give "
-                f"the same output twice, but {type(module).__name__} has dropout active (train "
-                "mode): call .eval() on it, set the dropout to p=0, or use trace, meanfield or "
-                "iwae")
+from .pair_checks import (check_estimable, check_no_active_dropout, cuda_devices, pair_key,
+                          same_subsample)
 
 
 def _weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
@@ -93,41 +69,6 @@ def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.
     if log_weights.shape[dim] == 1:
         return log_weights.squeeze(dim)
     return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
-
-
-def _pair_key(model: Callable, guide: Callable) -> tuple[int, int]:
-    """The identity of a pair (its module, for bound methods), for per-pair memos."""
-    return id(getattr(model, "__self__", model)), id(getattr(guide, "__self__", guide))
-
-
-def _replaying(fn: Callable, trace: poutine.Trace) -> Callable:
-    """``fn`` replayed on ``trace`` (unchanged for an empty one), keeping the pair's identity
-    (``__self__``) for the per-pair checks."""
-    if not trace.nodes:
-        return fn
-    replayed = poutine.replay(fn, trace=trace)
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return replayed(*args, **kwargs)
-    run.__self__ = getattr(fn, "__self__", fn)
-    return run
-
-
-def _same_subsample(model: Callable, guide: Callable, particles: Particles
-                    ) -> tuple[Callable, Callable]:
-    """``model`` and ``guide`` replaying the subsample sites of ``particles``' draw, so that
-    every configuration of the enumerated sites is run on the same datapoints (a subsampled
-    ``pyro.plate`` draws its subsample anew on every run)."""
-    def subsamples(raw: poutine.Trace) -> poutine.Trace:
-        kept = prune_subsample_sites(raw).nodes
-        out = poutine.Trace()
-        for name, site in raw.nodes.items():
-            if site["type"] == "sample" and name not in kept:
-                out.add_node(name, **site)
-        return out
-
-    return (_replaying(model, subsamples(particles.raw_model_trace)),
-            _replaying(guide, subsamples(particles.raw_guide_trace)))
 
 
 class ELBOEstimator(ELBO):
@@ -232,8 +173,8 @@ class ELBOEstimator(ELBO):
         draws = self.num_particles * self.importance_samples
         plated = draws > 1 or not self.single_draw_shortcut
         if self.needs_deterministic_guide:
-            _check_no_active_dropout(self.name, model, guide)
-        key = _pair_key(model, guide)
+            check_no_active_dropout(self.name, model, guide)
+        key = pair_key(model, guide)
         try:
             # after a first draw that enumerated nothing, a pair is drawn without Pyro's
             # enumeration messengers (their bookkeeping costs a few per cent of a small step);
@@ -274,10 +215,10 @@ class ELBOEstimator(ELBO):
                             kwargs: dict) -> None:
         """Refuse, once per pair, networks that see the particle dimension
         (:func:`pyro_vae.vectorization.particle_mismatch`, on a fork of the random state)."""
-        key = _pair_key(model, guide)
+        key = pair_key(model, guide)
         if key in self._vectorizable:
             return
-        with torch.random.fork_rng(devices=_cuda_devices()), pyro.validation_enabled(False), \
+        with torch.random.fork_rng(devices=cuda_devices()), pyro.validation_enabled(False), \
                 running_statistics_kept(model, guide):
             reason = particle_mismatch(model, guide, args, kwargs,
                                        max_plate_nesting=self.max_plate_nesting,
@@ -421,7 +362,7 @@ class ELBOEstimator(ELBO):
         particles = self._particles(model, guide, args, kwargs)
         sites = self._enumeration(particles)
         if sites:  # this draw only showed which sites to sum: one run per configuration
-            model, guide = _same_subsample(model, guide, particles)
+            model, guide = same_subsample(model, guide, particles)
             return self._loss(*self._summed_bound(model, guide, args, kwargs, sites, particles))
         return self._loss(self._surrogate(particles, model, guide, args, kwargs),
                           particles.scale,
@@ -434,7 +375,7 @@ class ELBOEstimator(ELBO):
             particles = self._particles(model, guide, args, kwargs)
             sites = self._enumeration(particles)
             if sites:
-                model, guide = _same_subsample(model, guide, particles)
+                model, guide = same_subsample(model, guide, particles)
                 loss = torch_item(self._loss(*self._summed_bound(model, guide, args, kwargs,
                                                                  sites, particles)))
                 warn_if_nan(loss, "loss")
