@@ -177,7 +177,10 @@ class TensorSource:
               order_generator: torch.Generator, dist: DistributedContext = SINGLE
               ) -> Iterator[Batch]:
         """One training epoch: a permutation from ``order_generator`` (shared by the ranks),
-        this rank's share of it, then ``transform`` of those rows with ``generator``."""
+        this rank's share of it, then ``transform`` of those rows with ``generator``. In one
+        process a batch that holds the whole data set keeps the data's order: the loss does
+        not depend on it, and a guide with a parameter per datapoint (Pyro's sparse gamma
+        DEF) indexes its parameters by the row's place in the batch."""
         device = order_generator.device
         if dist.enabled:  # this rank's share alone is transformed; the order has its own stream
             shard = shard_indices(torch.randperm(self.num_data, device=device,
@@ -189,7 +192,8 @@ class TensorSource:
         else:
             tensors = self.tensors if self.transform is None else self.transform(self.tensors,
                                                                                  generator)
-            order = torch.randperm(self.num_data, device=device, generator=order_generator)
+            order = (torch.arange(self.num_data, device=device) if batch_size >= self.num_data
+                     else torch.randperm(self.num_data, device=device, generator=order_generator))
         for begin in range(0, order.shape[0], batch_size):
             index = order[begin:begin + batch_size]
             yield self._batch(self._map(lambda t: t[index], tensors))

@@ -212,3 +212,27 @@ def test_the_sparse_gamma_def_trains_with_fit_on_its_whole_data_set(monkeypatch)
                  lr=0.05, progress=False, final_particles=0)
     assert dataset_elbo(result.model) > before + 20
     assert result.model.param_store["alpha_z_top"].shape == (len(counts), 3)
+
+
+def test_a_guide_with_a_parameter_per_datapoint_trains_on_the_whole_data_set_in_order():
+    """q(z_n) = N(m_n, s_n²) with one parameter per row, as Pyro's sparse gamma DEF writes its
+    guide: one batch of the whole data set keeps the rows in their order, so each m_n meets its
+    own x_n and reaches the exact posterior mean x_n / 2 (shuffled rows would average them)."""
+    x = torch.randn(8, generator=torch.Generator().manual_seed(0)) * 2
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", lambda: torch.zeros(len(x)))
+        scale = pyro.param("scale", lambda: torch.ones(len(x)),
+                           constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc, scale))
+
+    result = fit(model, guide, x, elbo="meanfield", batch_size=len(x), epochs=400, lr=0.05,
+                 progress=False, final_particles=0)
+    torch.testing.assert_close(result.model.param_store["loc"].detach(), x / 2, atol=0.1,
+                               rtol=0)
