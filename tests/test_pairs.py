@@ -236,3 +236,24 @@ def test_a_guide_with_a_parameter_per_datapoint_trains_on_the_whole_data_set_in_
                  progress=False, final_particles=0)
     torch.testing.assert_close(result.model.param_store["loc"].detach(), x / 2, atol=0.1,
                                rtol=0)
+
+
+@pytest.mark.parametrize("elbo", ["trace", "iwae"])
+def test_a_function_pair_trains_compiled_as_it_trains_eagerly(elbo):
+    """compile=True captures the step of a PyroPair (its adopted entries are parameters of the
+    module): the same losses and parameters as the eager run, up to float rounding."""
+    x = fa_data(120)
+    runs = {}
+    for compile in (False, True):
+        pyro.clear_param_store()
+        result = fit(fa_model, fa_guide, x, elbo=elbo, importance_samples=2 if elbo == "iwae"
+                     else 1, epochs=3, batch_size=40, lr=0.05, progress=False, seed=0,
+                     final_particles=0, compile=compile)
+        runs[compile] = result
+    compiled = runs[True].compiled
+    assert compiled.compiled_steps == 9 and compiled.disabled is None
+    assert runs[True].history.train_loss == pytest.approx(runs[False].history.train_loss,
+                                                           rel=1e-5)
+    for name, value in runs[True].model.state_dict().items():
+        torch.testing.assert_close(value, runs[False].model.state_dict()[name], rtol=0,
+                                   atol=1e-4)
