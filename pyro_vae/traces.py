@@ -141,7 +141,8 @@ def _find_data_plate(model_trace, guide_trace, data_plate: str | None, required:
         raise ConfigError(
             "could not find a data plate: no pyro.plate contains every observed site of the "
             "model. Put the observed and local latent sites inside one pyro.plate('data', N), "
-            "or pass data_plate=NAME")
+            "or pass data_plate=NAME (pyro_vae.evaluate.evaluate scores a pair without one as "
+            "a single datapoint, the data set)")
     raise ConfigError(f"several plates {sorted(common)} contain every sample site; "
                       "pass data_plate=NAME to say which one indexes datapoints")
 

@@ -291,3 +291,25 @@ def _plain_pair():
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(0.5 * x, 0.8))
     return model, guide
+
+
+def test_a_pair_without_a_data_plate_is_scored_as_one_datapoint_the_data_set():
+    """No plate holds the observed vector: evaluate scores the whole data set as one
+    datapoint (with the guide the exact posterior, log p̂ is log p(x) exactly, the marginal of
+    a conjugate Normal mean) and says per-datapoint statistics do not apply."""
+    from pyro_vae.evaluate.results import format_table
+
+    x = torch.tensor([0.4, -0.3, 1.2])
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(mu, 1.0).expand(x.shape).to_event(1), obs=x)
+
+    def guide(x):  # the exact posterior N(Σx / (n + 1), 1 / (n + 1))
+        pyro.sample("mu", dist.Normal(x.sum() / 4, 0.5))
+
+    result = evaluate(model, guide, x, num_particles=5)
+    exact = dist.MultivariateNormal(torch.zeros(3), torch.eye(3) + 1.0).log_prob(x)
+    assert result.whole_data_set and result.log_px.shape == (1,)
+    torch.testing.assert_close(result.log_px, exact.double().reshape(1), rtol=0, atol=1e-5)
+    assert "scored as one datapoint" in format_table(result.summary())

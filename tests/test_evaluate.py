@@ -352,7 +352,7 @@ def test_dataset_of_several_tensors_is_sliced_together():
         ev.evaluate_dataset(model, guide, (x, offsets[:5]), num_particles=4)
 
 
-def test_an_observed_site_outside_the_data_plate_is_a_config_error():
+def test_an_observed_site_outside_the_data_plate_makes_the_data_set_one_datapoint():
     def model(x):
         z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
         with pyro.plate("data", x.shape[0]):
@@ -362,8 +362,12 @@ def test_an_observed_site_outside_the_data_plate_is_a_config_error():
     def guide(x):
         pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
 
+    # no plate holds every observed site: evaluate scores the data set as one datapoint, the
+    # batched evaluator (per-datapoint by design) refuses, and so does a named plate
+    whole = ev.evaluate(model, guide, torch.zeros(3), num_particles=4)
+    assert whole.whole_data_set and whole.log_px.shape == (1,)
     with pytest.raises(ConfigError, match="could not find a data plate"):
-        ev.evaluate(model, guide, torch.zeros(3), num_particles=4)
+        ev.evaluate_dataset(model, guide, torch.zeros(3), num_particles=4)
     with pytest.raises(ConfigError, match=r"sample sites \['total'\] are outside the data plate"):
         ev.evaluate(model, guide, torch.zeros(3), num_particles=4, data_plate="data")
 

@@ -98,6 +98,9 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
         lines.append(f"global latents {term['sites']}: each particle draws θ ~ q(θ) once for "
                      f"all datapoints; log p_K({observed}) is the predictive log E_q(θ) "
                      f"p({observed} | θ)")
+    if summary.get("whole_data_set"):
+        lines.append("no pyro.plate holds every observed site: the data set is scored as one "
+                     "datapoint, and per-datapoint statistics do not apply")
     if summed:
         lines.append(f"the guide's sites {summed} are summed inside each weight: the row "
                      "'E log Σ_c w' is the bound E log Σ_c p(x, c, z_c)/q(z_c | x, c), not the "
@@ -190,6 +193,8 @@ class EvaluationResult:
     #: the guide's sites summed out inside each weight: ``elbo`` is then the bound
     #: E log Σ_c w_c, above the ELBO that ``TraceEnum_ELBO`` computes
     summed_sites: tuple[str, ...] = ()
+    #: the pair has no data plate: its one "datapoint" is the whole data set
+    whole_data_set: bool = False
 
     def __post_init__(self) -> None:
         shape = self.log_px.shape
@@ -244,6 +249,8 @@ class EvaluationResult:
                                "vectorized": self.vectorized}
         if self.summed_sites:
             out["summed_sites"] = list(self.summed_sites)
+        if self.whole_data_set:
+            out["whole_data_set"] = True
         n = self.num_datapoints
         for name in METRICS:
             values = getattr(self, name).to(torch.float64)

@@ -33,6 +33,7 @@ class Chunk(NamedTuple):
     global_log_weight: torch.Tensor
     global_sites: tuple[str, ...]
     summed_sites: tuple[str, ...] = ()
+    whole: bool = False  # no data plate: the data set is one datapoint
 
 
 DEFAULT_BATCH_SIZE = 100
@@ -59,8 +60,8 @@ def _chunk_sizes(total: int, chunk: int | None) -> list[int]:
 
 def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                        num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
-                       data_plate: str | None, vectorize: bool = True
-                       ) -> Iterator["Chunk"]:
+                       data_plate: str | None, vectorize: bool = True,
+                       whole: bool = False) -> Iterator["Chunk"]:
     """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
     each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
 
@@ -79,9 +80,10 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
     def one_call(size: int, vectorized: bool) -> Chunk:
         drawn = vectorized_log_probs(model, guide, *args, num_particles=size,
                                      max_plate_nesting=max_plate_nesting, data_plate=data_plate,
-                                     compact=True, vectorize=vectorized, **kwargs)
+                                     compact=True, vectorize=vectorized,
+                                     require_data_plate=not whole, **kwargs)
         return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites,
-                     drawn.guide_enumerated)
+                     drawn.guide_enumerated, drawn.data_plate is None)
 
     def draw(size: int) -> Chunk:
         if vectorize:
@@ -89,7 +91,7 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
         singles = [one_call(1, False) for _ in range(size)]
         return Chunk(torch.cat([c.log_weights for c in singles]),
                      torch.cat([c.global_log_weight for c in singles]), singles[0].global_sites,
-                     singles[0].summed_sites)
+                     singles[0].summed_sites, singles[0].whole)
 
     if is_validation_enabled():
         with _forked_rng():
@@ -199,17 +201,19 @@ def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int
 def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                   num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
                   data_plate: str | None, khat: bool | None, keep_log_weights: bool,
-                  first_index: int = 0, vectorize: bool = True) -> "EvaluationResult":
+                  first_index: int = 0, vectorize: bool = True,
+                  whole: bool = False) -> "EvaluationResult":
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
     tail = ParetoTail(num_particles) if with_khat else None
     blocks: list[torch.Tensor] | None = [] if keep_log_weights else None
-    global_sum, global_sites, summed_sites = 0.0, (), ()
+    global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
     for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                     particle_chunk=particle_chunk,
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
-                                    vectorize=vectorize):
+                                    vectorize=vectorize, whole=whole):
         accumulator.update(chunk.log_weights)
+        whole_data_set = chunk.whole
         global_sum += chunk.global_log_weight.double().sum().item()
         global_sites, summed_sites = chunk.global_sites, chunk.summed_sites
         if tail is not None:
@@ -229,15 +233,16 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         num_particles=num_particles, **stats,
         khat=tail.khat() if tail is not None else None,
         log_weights=full.cpu() if full is not None else None, vectorized=vectorize,
-        global_term=global_term, summed_sites=summed_sites)
+        global_term=global_term, summed_sites=summed_sites, whole_data_set=whole_data_set)
 
 
 def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                  max_plate_nesting: int, data_plate: str | None) -> bool:
+                  max_plate_nesting: int, data_plate: str | None, whole: bool = False) -> bool:
     """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.vectorization`),
     probed on a fork of the random state so the evaluation's draws are unchanged."""
     with _forked_rng(), pyro.validation_enabled(False):
         return particle_mismatch(model, guide, args, kwargs, max_plate_nesting=max_plate_nesting,
+                                 require_data_plate=not whole,
                                  data_plate=data_plate) is None
 
 
@@ -275,7 +280,11 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     see the particle dimension (:func:`pyro_vae.vectorization.particle_mismatch`); then one
     call per particle, K times slower, and the result says ``vectorized = False``.
 
-    :raises ConfigError: for a pair without a data plate, or a bad option.
+    A pair with no plate that holds every observed site is scored as one datapoint, the
+    whole data set (``result.whole_data_set``): its log p̂ and bound are the data set's, and
+    per-datapoint statistics do not apply.
+
+    :raises ConfigError: for an ambiguous data plate, or a bad option.
     :raises DataError: if a floating-point tensor argument holds NaN or infinite values.
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
@@ -283,11 +292,13 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     with eval_mode(model, guide):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        vectorize = _vectorizable(model, guide, args, kwargs, max_plate_nesting, data_plate)
+        vectorize = _vectorizable(model, guide, args, kwargs, max_plate_nesting, data_plate,
+                                  whole=True)
         return _batch_result(model, guide, args, kwargs, num_particles=num_particles,
                              particle_chunk=particle_chunk, max_plate_nesting=max_plate_nesting,
                              data_plate=data_plate, khat=khat,
-                             keep_log_weights=keep_log_weights, vectorize=vectorize)
+                             keep_log_weights=keep_log_weights, vectorize=vectorize,
+                             whole=True)
 
 
 @torch.no_grad()
