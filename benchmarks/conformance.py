@@ -33,7 +33,7 @@ import json
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -385,7 +385,9 @@ def _autoguide(kind):
 
 
 @config_enumerate
-def _mixture_model(x):
+def mixture_model(x):
+    """The Gaussian-mixture tutorial's model: global weights, scale and locations, each
+    datapoint's assignment enumerated in the model."""
     weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
     scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
     with pyro.plate("components", 2):
@@ -397,8 +399,8 @@ def _mixture_model(x):
 
 def _enum_model_mixture(kind):
     def build():
-        guide = kind(poutine.block(_mixture_model, expose=["weights", "scale", "locs"]))
-        return _mixture_model, guide, (DATA,)
+        guide = kind(poutine.block(mixture_model, expose=["weights", "scale", "locs"]))
+        return mixture_model, guide, (DATA,)
     return build
 
 

@@ -28,20 +28,24 @@ import statistics
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import SVI, TraceEnum_ELBO, TraceMeanField_ELBO, config_enumerate
+from pyro.infer import SVI, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta
 from pyro.ops.indexing import Vindex
 from torch.nn.functional import softplus
 
-from pyro_vae import fit
-from pyro_vae.evaluate import evaluate
-from pyro_vae.pairs import PyroPair
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conformance import mixture_model  # noqa: E402
+
+from pyro_vae import fit  # noqa: E402
+from pyro_vae.evaluate import evaluate  # noqa: E402
+from pyro_vae.pairs import PyroPair  # noqa: E402
 
 
 @dataclass
@@ -60,23 +64,13 @@ class Example:
 def _mixture():
     data = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
 
-    @config_enumerate
-    def model(data):
-        weights = pyro.sample("weights", dist.Dirichlet(0.5 * torch.ones(2)))
-        scale = pyro.sample("scale", dist.LogNormal(0.0, 2.0))
-        with pyro.plate("components", 2):
-            locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
-        with pyro.plate("data", len(data)):
-            assignment = pyro.sample("assignment", dist.Categorical(weights))
-            pyro.sample("obs", dist.Normal(locs[assignment], scale), obs=data)
-
     def init(site):
         return {"weights": torch.ones(2) / 2, "scale": torch.tensor(5.0),
                 "locs": data[torch.tensor([0, 2])]}[site["name"]]
 
-    guide = AutoDelta(poutine.block(model, expose=["weights", "scale", "locs"]),
+    guide = AutoDelta(poutine.block(mixture_model, expose=["weights", "scale", "locs"]),
                       init_loc_fn=init)
-    return model, guide, data
+    return mixture_model, guide, data
 
 
 def _hmm():

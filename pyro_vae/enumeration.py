@@ -2,7 +2,7 @@ r"""Discrete latent variables summed out exactly, by Pyro's parallel enumeration
 
 A sample site marked ``infer={"enumerate": "parallel"}`` (or ``"sequential"``, or by
 :func:`pyro.infer.config_enumerate`) whose distribution has a finite support is not sampled but
-enumerated: :func:`enumerated_pair` runs the guide under :func:`pyro.poutine.enum` (its
+enumerated: :func:`enumerated_guide` runs the guide under :func:`pyro.poutine.enum` (its
 enumerated sites take their whole support along a dimension of their own, left of the particle
 plate) and the model after it under another, which enumerates the model's own marked sites the
 same way (the assignments of a mixture, the states of an HMM; ``pyro.markov`` reuses
@@ -173,15 +173,6 @@ def _marks_parallel(fn: Callable) -> Callable:
         with _ParallelMarks():
             return fn(*args, **kwargs)
     return run
-
-
-def enumerated_pair(model: Callable, guide: Callable, first_available_dim: int
-                    ) -> tuple[Callable, Callable]:
-    """``model`` and ``guide`` under Pyro's parallel enumeration: the guide's marked sites take
-    dimensions from ``first_available_dim`` leftwards, the model's marked sites (those the
-    guide does not sample) the next ones. Run the guide first, then the model replayed on it."""
-    return (poutine.enum(_marks_parallel(model)),
-            poutine.enum(_marks_parallel(guide), first_available_dim=first_available_dim))
 
 
 def enumerated_model(model: Callable, first_available_dim: int | None) -> Callable:

@@ -278,12 +278,7 @@ def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> to
             log_prob = log_prob.expand(torch.broadcast_shapes(log_prob.shape, fn.batch_shape))
     else:
         log_prob = fn.log_prob(site["value"])
-    mask = site["mask"]
-    if mask is None or mask is True:
-        return log_prob
-    if mask is False:
-        return torch.zeros_like(log_prob)
-    return torch.where(mask, log_prob, log_prob.new_zeros(()))
+    return masked(log_prob, site)
 
 
 def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int | None,
@@ -349,6 +344,7 @@ def observed_sites(trace: poutine.Trace) -> list[dict]:
 
 
 def masked(value: torch.Tensor, site: dict) -> torch.Tensor:
+    """``value`` (a site's log-density or KL) with the site's mask applied: 0 where masked."""
     mask = site["mask"]
     if mask is None or mask is True:
         return value

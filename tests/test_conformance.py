@@ -36,7 +36,7 @@ def cases(monkeypatch):
 def mixture(cases):
     """The Gaussian-mixture tutorial's model: global weights, scale and locations, and each
     datapoint's assignment enumerated in the model."""
-    return cases._mixture_model
+    return cases.mixture_model
 
 
 def _globals(msg):
