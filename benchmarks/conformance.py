@@ -460,6 +460,52 @@ def _enum_guide_discrete():
     return model, guide, (DATA,)
 
 
+def _enum_guide_with_continuous():
+    """A class enumerated in the guide and a continuous latent drawn given it (the M2 shape)."""
+    def model(x):
+        with pyro.plate("data", len(x)):
+            y = pyro.sample("y", dist.Categorical(torch.ones(3) / 3))
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + torch.tensor([-1.0, 0.0, 1.0])[y], 1.0), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", torch.tensor([0.5, -0.2, 0.1]))
+        s = pyro.param("s", torch.tensor(0.8), constraint=dist.constraints.positive)
+        with pyro.plate("data", len(x)):
+            y = pyro.sample("y", dist.Categorical(logits=w * x.unsqueeze(-1)),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("z", dist.Normal(0.5 * x + 0.3 * y, s))
+    return model, guide, (DATA,)
+
+
+def _enum_guide_nested():
+    """Guide sites enumerated in the data plate and in a plate nested in it (the inner one
+    depending on the outer), beside a site enumerated in the model."""
+    x = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+    def model(x):
+        with pyro.plate("data", 3, dim=-2):
+            a = pyro.sample("a", dist.Bernoulli(0.3))
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("cells", 4, dim=-1):
+                c = pyro.sample("c", dist.Categorical(torch.tensor([0.2, 0.5, 0.3])))
+                d = pyro.sample("d", dist.Bernoulli(0.6), infer={"enumerate": "parallel"})
+                pyro.sample("x", dist.Normal(z + c - d + a, 1.0), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", torch.tensor([0.3, -0.5, 0.2]))
+        v = pyro.param("v", torch.tensor(0.2))
+        with pyro.plate("data", 3, dim=-2):
+            mean = x.mean(-1, keepdim=True)
+            a = pyro.sample("a", dist.Bernoulli(logits=v * mean),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("z", dist.Normal(mean + a, 0.7))
+            with pyro.plate("cells", 4, dim=-1):
+                pyro.sample("c", dist.Categorical(logits=w * x.unsqueeze(-1) + a.unsqueeze(-1)),
+                            infer={"enumerate": "parallel"})
+    return model, guide, (x,)
+
+
 def _enum_subsampled_bound_zero():
     def model():
         p = pyro.param("p", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
@@ -550,7 +596,13 @@ CASES = [
     Case("enum_model_markov_chain", _enum_model_markov, enum=True),
     Case("enum_model_empty_guide", _empty_guide_full_enumeration, enum=True),
     Case("enum_guide_discrete", _enum_guide_discrete, enum=True,
-         not_comparable={name: _LOG_SUM for name in ("trace", "iwae", "stl", "dreg")}),
+         not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}),
+    Case("enum_guide_with_continuous", _enum_guide_with_continuous, enum=True,
+         not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}
+         | {"meanfield": "a closed-form KL where TraceEnum_ELBO samples"}),
+    Case("enum_guide_nested_plates", _enum_guide_nested, enum=True, nesting=2,
+         not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}
+         | {"meanfield": "a closed-form KL where TraceEnum_ELBO samples"}),
     Case("enum_subsampled_bound_zero", _enum_subsampled_bound_zero, enum=True, nesting=1),
     Case("sampled_discrete", _sampled_discrete,
          not_comparable={"iwae": _NOT_REPARAM, "meanfield": _NOT_REPARAM, "stl": _NOT_REPARAM,

@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterator
 import pyro
 import torch
 from pyro import poutine
-from pyro.ops.contract import contract_to_tensor
-from pyro.ops.packed import neg, scale_and_mask
+from pyro.ops.contract import contract_tensor_tree, contract_to_tensor
+from pyro.ops.packed import broadcast_all, neg, scale_and_mask
 from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 
@@ -195,31 +195,20 @@ def enumerated_in(trace: Any, skip: Any = ()) -> list[str]:
             and is_enumerated(site)]
 
 
-def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[str],
-                         guide_sites: list[str], target_plates: tuple[str, ...],
-                         sizes: tuple[int, ...], weights: dict[str, float] | None = None
-                         ) -> torch.Tensor:
-    """Σ of the log-densities of ``model_sites`` minus those of ``guide_sites`` (each unscaled,
-    masked, times ``weights.get(name, 1)``), with every enumerated dimension summed out in log
-    space and every plate but ``target_plates`` product-contracted (summed in log space).
-
-    The sites must all lie in every plate of ``target_plates`` (a particle plate, the data
-    plate); the result has shape ``sizes``, one axis per target plate in that order.
-
-    :raises ConfigError: for sites outside a target plate, or dependences between enumerated
-        sites that the plates cannot hold (a plate's site on which a site outside it depends).
-    """
-    weights = weights or {}
+def _packed_terms(model_trace: Any, guide_trace: Any, model_sites: list[str],
+                  guide_sites: list[str], target_plates: tuple[str, ...],
+                  weights: dict[str, float]) -> tuple[list, list, dict[str, str]]:
+    """The packed log-densities of ``model_sites`` and ``guide_sites`` (unscaled, masked,
+    times ``weights.get(name, 1)``), each as ``(ordinal, term)``, and the plates' symbols."""
     for trace, names in ((guide_trace, guide_sites), (model_trace, model_sites)):
         wanted = set(names)
         trace.compute_log_prob(lambda name, site, wanted=wanted: name in wanted)
     guide_trace.pack_tensors()
     model_trace.pack_tensors(guide_trace.plate_to_symbol)
     plate_to_symbol = model_trace.plate_to_symbol
-    plate_symbols = set(plate_to_symbol.values())
-    tree: OrderedDict = OrderedDict()
-    sum_dims: set[str] = set()
-    for trace, names, sign in ((model_trace, model_sites, 1), (guide_trace, guide_sites, -1)):
+    packed: tuple[list, list] = ([], [])
+    for trace, names, out in ((model_trace, model_sites, packed[0]),
+                              (guide_trace, guide_sites, packed[1])):
         for name in names:
             site = trace.nodes[name]
             frames = [frame.name for frame in site["cond_indep_stack"] if frame.vectorized]
@@ -236,11 +225,42 @@ def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
             if weight != 1.0:
                 dims, term = term._pyro_dims, term * weight
                 term._pyro_dims = dims
-            if sign < 0:
-                term = neg(term)
-            sum_dims.update(set(term._pyro_dims) - plate_symbols)
-            ordinal = frozenset(plate_to_symbol[frame] for frame in frames)
-            tree.setdefault(ordinal, []).append(term)
+            out.append((frozenset(plate_to_symbol[frame] for frame in frames), term))
+    return packed[0], packed[1], plate_to_symbol
+
+
+def _unpacked(total: torch.Tensor, targets: tuple[str, ...], sizes: tuple[int, ...]
+              ) -> torch.Tensor:
+    """A packed tensor over (some of) the ``targets`` symbols as a tensor of shape ``sizes``."""
+    present = [symbol for symbol in targets if symbol in total._pyro_dims]
+    order = [total._pyro_dims.index(symbol) for symbol in present]
+    total = total.permute(order) if order else total.reshape(())
+    shape = [size if symbol in present else 1 for symbol, size in zip(targets, sizes)]
+    return total.reshape(shape).expand(sizes)
+
+
+def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[str],
+                         guide_sites: list[str], target_plates: tuple[str, ...],
+                         sizes: tuple[int, ...], weights: dict[str, float] | None = None
+                         ) -> torch.Tensor:
+    """Σ of the log-densities of ``model_sites`` minus those of ``guide_sites`` (each unscaled,
+    masked, times ``weights.get(name, 1)``), with every enumerated dimension summed out in log
+    space and every plate but ``target_plates`` product-contracted (summed in log space).
+
+    The sites must all lie in every plate of ``target_plates`` (a particle plate, the data
+    plate); the result has shape ``sizes``, one axis per target plate in that order.
+
+    :raises ConfigError: for sites outside a target plate, or dependences between enumerated
+        sites that the plates cannot hold (a plate's site on which a site outside it depends).
+    """
+    model_terms, guide_terms, plate_to_symbol = _packed_terms(
+        model_trace, guide_trace, model_sites, guide_sites, target_plates, weights or {})
+    plate_symbols = set(plate_to_symbol.values())
+    tree: OrderedDict = OrderedDict()
+    sum_dims: set[str] = set()
+    for ordinal, term in model_terms + [(ordinal, neg(term)) for ordinal, term in guide_terms]:
+        sum_dims.update(set(term._pyro_dims) - plate_symbols)
+        tree.setdefault(ordinal, []).append(term)
     targets = tuple(plate_to_symbol[plate] for plate in target_plates)
     ring = _ExactLogRing(dim_to_size=dict(zip(targets, sizes)))
     try:
@@ -248,8 +268,72 @@ def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
     except ValueError as exc:
         raise ConfigError(f"the enumerated sites cannot be summed out plate by plate: {exc}"
                           ) from None
-    order = [total._pyro_dims.index(symbol) for symbol in targets if symbol in total._pyro_dims]
-    present = [symbol for symbol in targets if symbol in total._pyro_dims]
-    total = total.permute(order) if order else total.reshape(())
-    shape = [size if symbol in present else 1 for symbol, size in zip(targets, sizes)]
-    return total.reshape(shape).expand(sizes)
+    return _unpacked(total, targets, sizes)
+
+
+def _value_dims(site: dict) -> set[int]:
+    """The dimensions along which an enumerated site's value varies (its own enumeration
+    dimension), as negative batch indices."""
+    value = site["value"]
+    batch = value.shape[:value.dim() - site["fn"].event_dim]
+    return {dim - len(batch) for dim, size in enumerate(batch) if size != 1}
+
+
+def expected_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[str],
+                         guide_sites: list[str], enumerated: list[str],
+                         target_plates: tuple[str, ...], sizes: tuple[int, ...],
+                         weights: dict[str, float] | None = None) -> torch.Tensor:
+    r"""The ELBO that Pyro's ``TraceEnum_ELBO`` computes when the guide enumerates the sites
+    ``enumerated`` (c): the expectation over c under q(c | x), exact, of the log-weight,
+
+    .. math::
+
+        \sum_c q(c \mid x)\,\bigl[\log \textstyle\sum_d p(x, c, d, z_c)
+        - \log q(z_c \mid x, c) - \log q(c \mid x)\bigr],
+
+    per target plate entry (shape ``sizes``), with the model's own enumerated sites d summed
+    in log space first (as :func:`contract_log_weights` does), ``guide_sites`` the guide's
+    other local sites (weighted by ``weights``, as the model's sites are) and each term's
+    expectation taken under the guide's enumerated sites at or above its plates (plates are
+    never product-contracted here: a term inside a plate nested in the data plate is summed
+    over that plate's entries). Its gradient reaches q(c | x) through the weights, as in
+    ``TraceEnum_ELBO``. Guides that reuse an enumeration dimension (``pyro.markov``) are
+    refused: their q(c | x) is not a product of the sites' factors.
+    """
+    model_terms, guide_terms, plate_to_symbol = _packed_terms(
+        model_trace, guide_trace, model_sites, guide_sites + enumerated, target_plates,
+        weights or {})
+    plate_symbols = set(plate_to_symbol.values())
+    factors = guide_terms[len(guide_sites):]
+    own_dims = [_value_dims(guide_trace.nodes[name]) for name in enumerated]
+    if sum(len(dims) for dims in own_dims) != len(set().union(*own_dims)):
+        raise ConfigError("the guide reuses an enumeration dimension (pyro.markov): the ELBO "
+                          "of its enumerated sites is not computed, only the summed bound")
+    guide_dims = set().union(*(set(term._pyro_dims) for _, term in factors)) - plate_symbols
+    targets = tuple(plate_to_symbol[plate] for plate in target_plates)
+    ring = _ExactLogRing(dim_to_size=dict(zip(targets, sizes)))
+    model_dims = set().union(*(set(term._pyro_dims) for _, term in model_terms)) \
+        - plate_symbols - guide_dims
+    costs = list(model_terms)
+    if model_dims:
+        tree: OrderedDict = OrderedDict()
+        for ordinal, term in model_terms:
+            tree.setdefault(ordinal, []).append(term)
+        contracted = contract_tensor_tree(tree, model_dims, ring=ring)
+        costs = [(ordinal, term) for ordinal, terms in contracted.items() for term in terms]
+    costs += [(ordinal, neg(term)) for ordinal, term in guide_terms]
+    total = None
+    for ordinal, cost in costs:
+        upstream = [term for place, term in factors if place <= ordinal]
+        aligned = broadcast_all(cost, *upstream)
+        value = aligned[0]
+        if upstream:
+            prob = sum(aligned[1:]).exp()
+            value = torch.where(prob > 0, prob * value, value.new_zeros(()))
+        keep = [dim for dim, name in enumerate(aligned[0]._pyro_dims) if name in targets]
+        drop = [dim for dim in range(value.dim()) if dim not in keep]
+        value = value.sum(drop) if drop else value
+        value._pyro_dims = "".join(aligned[0]._pyro_dims[dim] for dim in keep)
+        value = _unpacked(value, targets, sizes)
+        total = value if total is None else total + value
+    return total

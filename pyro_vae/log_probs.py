@@ -39,6 +39,9 @@ class ParticleLogProbs:
     global_sites: tuple[str, ...] = ()
     #: the guide's sites enumerated and summed inside each weight
     guide_enumerated: tuple[str, ...] = ()
+    #: with ``guide_enumerated``: the ELBO that ``TraceEnum_ELBO`` computes, per particle and
+    #: datapoint (``[K, N]``; ``None`` where it is not defined, e.g. reused enumeration dims)
+    trace_enum_elbo: torch.Tensor | None = None
 
     @property
     def log_weights(self) -> torch.Tensor:
@@ -82,11 +85,16 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
     drawn = draw_particles(model, guide, args, kwargs, num_particles, max_plate_nesting,
                            plated=vectorize, data_plate=data_plate, compact=compact,
                            require_data_plate=require_data_plate)
+    trace_enum_elbo = None
     if drawn.guide_enumerated:
         if detach_guide:
             raise ConfigError("detach_guide cannot be combined with enumerated guide sites")
         log_p = drawn.summed_log_weights(1.0)
         log_q = torch.zeros_like(log_p)
+        try:
+            trace_enum_elbo = drawn.expected_log_weights(1.0)
+        except ConfigError:  # a guide that reuses enumeration dimensions
+            trace_enum_elbo = None
     else:
         log_p = drawn.log_lik + drawn.log_prior
         log_q = drawn.site_total(drawn.guide_latents, detach=True) if detach_guide \
@@ -97,4 +105,5 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
                     if detach_guide else drawn.global_log_q)
     return ParticleLogProbs(log_p, log_q, drawn.model_trace, drawn.guide_trace,
                             drawn.data_plate, drawn.global_log_prior, log_q_global,
-                            tuple(site["name"] for site in globals_), drawn.guide_enumerated)
+                            tuple(site["name"] for site in globals_), drawn.guide_enumerated,
+                            trace_enum_elbo)

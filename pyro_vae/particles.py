@@ -52,7 +52,7 @@ from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 
 from .enumeration import (contract_log_weights, enumerated_guide, enumerated_in, enumerated_model,
-                          is_enumerated)
+                          expected_log_weights, is_enumerated)
 from .errors import ConfigError
 from .module_state import running_statistics_kept
 from .traces import (PARTICLE_PLATE, check_guide_latents_in_model, common_scale,
@@ -269,11 +269,9 @@ class Particles:
             sizes.append(self.num_data)
         return tuple(plates), tuple(sizes)
 
-    def summed_log_weights(self, beta: float) -> torch.Tensor:
-        r"""The β-weighted log-weights with every enumerated site summed out, ``[M, N]``:
-        log Σ_{c,d} exp(log p(x, c, d | z_c) + β[log p(z_c | c) − log q(z_c | x, c)]) over the
-        guide's enumerated sites c (their draws z_c one per value) and the model's d; local
-        sites only (global latents: :meth:`global_total`)."""
+    def _weighted_sites(self, beta: float) -> tuple[list[str], list[str], dict | None]:
+        """The local model sites (observed, guided, enumerated), the guide's local sites but
+        its enumerated ones, and the weight β of the continuous latents' densities."""
         guided = {site["name"] for site in self.guided_latents}
         weighted = {name for name in guided if name not in self.guide_enumerated}
         model_sites = [site["name"] for site in observed_sites(self.model_trace)
@@ -282,9 +280,28 @@ class Particles:
         guide_sites = [site["name"] for site in self.guide_latents
                        if self.is_local(site) and site["name"] not in self.guide_enumerated]
         weights = {name: beta for name in weighted | set(guide_sites)} if beta != 1 else None
-        targets = self._targets()
+        return model_sites, guide_sites, weights
+
+    def summed_log_weights(self, beta: float) -> torch.Tensor:
+        r"""The β-weighted log-weights with every enumerated site summed out, ``[M, N]``:
+        log Σ_{c,d} exp(log p(x, c, d | z_c) + β[log p(z_c | c) − log q(z_c | x, c)]) over the
+        guide's enumerated sites c (their draws z_c one per value) and the model's d; local
+        sites only (global latents: :meth:`global_total`)."""
+        model_sites, guide_sites, weights = self._weighted_sites(beta)
         return contract_log_weights(self.model_trace, self.guide_trace, model_sites,
-                                    guide_sites, *targets, weights=weights).reshape(self.shape)
+                                    guide_sites, *self._targets(), weights=weights
+                                    ).reshape(self.shape)
+
+    def expected_log_weights(self, beta: float) -> torch.Tensor:
+        r"""The ELBO of ``TraceEnum_ELBO`` per draw and datapoint, ``[M, N]``: the exact
+        expectation over the guide's enumerated sites c of the β-weighted log-weight,
+        Σ_c q(c | x)[log p(x, c | z_c) + β(log p(z_c | c) − log q(z_c | x, c)) − log q(c | x)]
+        (the model's enumerated sites summed inside log p, as in :meth:`summed_log_weights`;
+        local sites only; :func:`~pyro_vae.enumeration.expected_log_weights`)."""
+        model_sites, guide_sites, weights = self._weighted_sites(beta)
+        return expected_log_weights(self.model_trace, self.guide_trace, model_sites,
+                                    guide_sites, list(self.guide_enumerated),
+                                    *self._targets(), weights=weights).reshape(self.shape)
 
     def log_lik_of(self, model_trace: poutine.Trace) -> torch.Tensor:
         """:attr:`log_lik` read from ``model_trace`` (this draw's, or a replay of it)."""

@@ -77,10 +77,12 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
     width = max(12, max(len(label) for label in labels.values()) + 1)
     lines = [f"{summary['num_datapoints']} datapoints, K = {summary['num_particles']} particles",
              f"{'':<{width}}{'mean':>12}{'stderr':>12}"]
-    for name, label in labels.items():
-        entry = summary[name]
+    rows = [(label, summary[name], units[name]) for name, label in labels.items()]
+    if "trace_enum_elbo" in summary:  # after the summed bound's row
+        rows.insert(2, ("ELBO", summary["trace_enum_elbo"], "nats"))
+    for label, entry, unit in rows:
         lines.append(f"{label:<{width}}{number(entry['mean']):>12}{number(entry['stderr']):>12}"
-                     f"  {units[name]}".rstrip())
+                     f"  {unit}".rstrip())
     if "khat" in summary:
         k = summary["khat"]
         lines.append(f"{'k-hat':<{width}}median {number(k['median'])}, max {number(k['max'])}; "
@@ -102,9 +104,13 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
         lines.append("no pyro.plate holds every observed site: the data set is scored as one "
                      "datapoint, and per-datapoint statistics do not apply")
     if summed:
+        elbo = ("the row 'ELBO' is Σ_c q(c | x)[log w_c − log q(c | x)], TraceEnum_ELBO's "
+                "(trace and meanfield train it)" if "trace_enum_elbo" in summary else
+                "TraceEnum_ELBO's ELBO is not computed for a guide that reuses enumeration "
+                "dimensions")
         lines.append(f"the guide's sites {summed} are summed inside each weight: the row "
-                     "'E log Σ_c w' is the bound E log Σ_c p(x, c, z_c)/q(z_c | x, c), not the "
-                     "ELBO Σ_c q(c | x) [...] that TraceEnum_ELBO computes (meanfield trains it)")
+                     "'E log Σ_c w' is the bound E log Σ_c p(x, c, z_c)/q(z_c | x, c) "
+                     f"(log w and the gap use it); {elbo}")
     if not summary.get("vectorized", True):
         lines.append("particles drawn one call at a time: the pair's networks see a particle "
                      "dimension")
@@ -195,11 +201,15 @@ class EvaluationResult:
     summed_sites: tuple[str, ...] = ()
     #: the pair has no data plate: its one "datapoint" is the whole data set
     whole_data_set: bool = False
+    #: with ``summed_sites``: per datapoint, the ELBO Σ_c q(c | x)[log w_c − log q(c | x)]
+    #: that ``TraceEnum_ELBO`` (and the ``trace`` estimator) computes, averaged over the
+    #: particles (``None`` otherwise, or where it is not defined)
+    trace_enum_elbo: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = self.log_px.shape
         assert len(shape) == 1, shape
-        for name in ("elbo", "var_log_w", "ess", "khat"):
+        for name in ("elbo", "var_log_w", "ess", "khat", "trace_enum_elbo"):
             value = getattr(self, name)
             assert value is None or value.shape == shape, (name, value.shape, shape)
         if self.log_weights is not None:
@@ -239,7 +249,8 @@ class EvaluationResult:
                    vectorized=all(part.vectorized for part in parts),
                    global_term=GlobalTerm.combine([part.global_term for part in parts]),
                    summed_sites=tuple(dict.fromkeys(
-                       site for part in parts for site in part.summed_sites)))
+                       site for part in parts for site in part.summed_sites)),
+                   trace_enum_elbo=cat("trace_enum_elbo"))
 
     def summary(self) -> dict[str, Any]:
         """Mean and standard error (std / √N) of each metric; for k-hat the median, the max and
@@ -256,6 +267,10 @@ class EvaluationResult:
             values = getattr(self, name).to(torch.float64)
             stderr = values.std().item() / math.sqrt(n) if n > 1 else math.nan
             out[name] = {"mean": values.mean().item(), "stderr": stderr}
+        if self.trace_enum_elbo is not None:
+            values = self.trace_enum_elbo.to(torch.float64)
+            out["trace_enum_elbo"] = {"mean": values.mean().item(), "stderr":
+                                      values.std().item() / math.sqrt(n) if n > 1 else math.nan}
         if self.global_term is not None:
             out["global"] = {"sites": list(self.global_term.sites),
                              "log_p_minus_log_q": self.global_term.mean,
@@ -275,6 +290,8 @@ class EvaluationResult:
         """The summary and the per-datapoint arrays as lists; safe for JSON (non-finite values,
         such as k = −∞ for constant weights, become ``None``)."""
         names = [*METRICS, "khat"] if self.khat is not None else list(METRICS)
+        if self.trace_enum_elbo is not None:
+            names.append("trace_enum_elbo")
         datapoints = {name: getattr(self, name).tolist() for name in names}
         return _json_safe({"summary": self.summary(), "datapoints": datapoints})
 
@@ -288,6 +305,8 @@ class EvaluationResult:
         coords = {"datapoint": np.arange(self.num_datapoints)}
         if self.khat is not None:
             data_vars["khat"] = (("datapoint",), self.khat.numpy())
+        if self.trace_enum_elbo is not None:
+            data_vars["trace_enum_elbo"] = (("datapoint",), self.trace_enum_elbo.numpy())
         if self.log_weights is not None:
             data_vars["log_weight"] = (("particle", "datapoint"), self.log_weights.numpy())
             coords["particle"] = np.arange(self.num_particles)

@@ -34,6 +34,7 @@ class Chunk(NamedTuple):
     global_sites: tuple[str, ...]
     summed_sites: tuple[str, ...] = ()
     whole: bool = False  # no data plate: the data set is one datapoint
+    trace_enum_elbo: torch.Tensor | None = None  # [k, N], with summed_sites
 
 
 DEFAULT_BATCH_SIZE = 100
@@ -83,15 +84,17 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
                                      compact=True, vectorize=vectorized,
                                      require_data_plate=not whole, **kwargs)
         return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites,
-                     drawn.guide_enumerated, drawn.data_plate is None)
+                     drawn.guide_enumerated, drawn.data_plate is None, drawn.trace_enum_elbo)
 
     def draw(size: int) -> Chunk:
         if vectorize:
             return one_call(size, True)
         singles = [one_call(1, False) for _ in range(size)]
+        enum_elbos = [c.trace_enum_elbo for c in singles]
         return Chunk(torch.cat([c.log_weights for c in singles]),
                      torch.cat([c.global_log_weight for c in singles]), singles[0].global_sites,
-                     singles[0].summed_sites, singles[0].whole)
+                     singles[0].summed_sites, singles[0].whole,
+                     None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos))
 
     if is_validation_enabled():
         with _forked_rng():
@@ -208,6 +211,8 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
     tail = ParetoTail(num_particles) if with_khat else None
     blocks: list[torch.Tensor] | None = [] if keep_log_weights else None
     global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
+    enum_sum: torch.Tensor | None = None  # Σ over particles of TraceEnum's ELBO, [N]
+    enum_defined = True
     for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                     particle_chunk=particle_chunk,
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
@@ -216,6 +221,11 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         whole_data_set = chunk.whole
         global_sum += chunk.global_log_weight.double().sum().item()
         global_sites, summed_sites = chunk.global_sites, chunk.summed_sites
+        if chunk.trace_enum_elbo is None:
+            enum_defined = False
+        elif enum_defined:
+            part = chunk.trace_enum_elbo.to(torch.float64).sum(0)
+            enum_sum = part if enum_sum is None else enum_sum + part
         if tail is not None:
             tail.update(chunk.log_weights)
         if blocks is not None:
@@ -233,7 +243,9 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         num_particles=num_particles, **stats,
         khat=tail.khat() if tail is not None else None,
         log_weights=full.cpu() if full is not None else None, vectorized=vectorize,
-        global_term=global_term, summed_sites=summed_sites, whole_data_set=whole_data_set)
+        global_term=global_term, summed_sites=summed_sites, whole_data_set=whole_data_set,
+        trace_enum_elbo=(enum_sum / num_particles).cpu() if enum_defined and summed_sites
+        and enum_sum is not None else None)
 
 
 def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,

@@ -316,8 +316,8 @@ class ELBOEstimator(ELBO):
                       if self.scores_discrete else "")
             raise ConfigError(
                 f"{self.name} cannot sum out the guide sites marked for enumeration "
-                f"{marked}: use iwae, dreg, trace or stl (the log of the sum over their "
-                f"values) or meanfield (its exact expectation){sample}")
+                f"{marked}: use trace or meanfield (the exact expectation over their "
+                f"values), or iwae, dreg or stl (the log of the sum over them){sample}")
         if particles.guide_enumerated or not marked:
             return {}
         sites = enumerated_sites_of(guide_trace)

@@ -29,7 +29,7 @@ class StickingTheLandingELBO(ELBOEstimator):
     gradient). It is unbiased for the (β-)ELBO gradient and, at β = 1, has zero variance when
     q equals the posterior. Values are those of :class:`TraceELBO`.
 
-    Guide sites c marked for enumeration are summed out as in ``trace``: the value is
+    Guide sites c marked for enumeration are summed out as in ``iwae`` at K = 1: the value is
     log Σ_c w_c, each configuration with its own draw z_c ~ q(z | x, c). That is an
     importance-weighted bound over C draws, for which dropping the score terms would be
     biased; the doubly reparameterized gradient of :class:`DoublyReparameterizedELBO` at K = 1

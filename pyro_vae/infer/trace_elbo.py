@@ -34,12 +34,24 @@ class TraceELBO(ELBOEstimator):
     mean log-weight (decay :data:`BASELINE_DECAY`; 0 on the first), as in Mnih and Gregor's
     NVIL without its learned part. A compiled step keeps the baseline it was captured with.
     For several importance samples use ``vimco``.
+
+    Guide sites c marked for enumeration are summed exactly, as ``TraceEnum_ELBO`` sums them:
+    the bound is Σ_c q(c | x)[log w_β(z_c, c) − log q(c | x)] with z_c ~ q(z | x, c) drawn
+    once per value (:meth:`~pyro_vae.particles.Particles.expected_log_weights`), and its
+    gradient reaches q(c | x) through the weights. ``iwae`` (at K = 1 too) takes the log of
+    the sum over c instead, a tighter bound in which q(c | x) does not appear.
     """
 
     name = "trace"
     sums_enumerated = True
     scores_discrete = True
     importance_hint = "use --elbo iwae (or dreg) for importance samples inside it"
+
+    def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
+               kwargs: dict) -> torch.Tensor:
+        if particles.guide_enumerated:  # TraceEnum_ELBO's expectation over c, [P, N]
+            return particles.expected_log_weights(self.beta).reshape(self.num_particles, -1)
+        return super()._bound(particles, model, guide, args, kwargs)
 
     def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                    kwargs: dict) -> torch.Tensor:

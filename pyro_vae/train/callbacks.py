@@ -95,6 +95,9 @@ class FinalEstimate(Callback):
             "particles": self.particles, "test_log_px": summary["log_px"]["mean"],
             "test_log_px_stderr": summary["log_px"]["stderr"],
             "test_elbo": summary["elbo"]["mean"], "test_gap": summary["gap"]["mean"]}
+        if "trace_enum_elbo" in summary:  # test_elbo is then the summed bound E log Σ_c w
+            loop.history.extra["final"]["test_trace_enum_elbo"] = \
+                summary["trace_enum_elbo"]["mean"]
 
 
 @dataclass
