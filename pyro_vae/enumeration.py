@@ -24,6 +24,10 @@ latents are discrete gets w = p(x) exactly. The guide's own q(c | x) enters no w
 summed over, not proposed from). Plates nested in the data plate are product-contracted inside
 the sum (Π_j Σ_c, not Σ_c Π_j), and one run sees one subsample of a subsampled plate.
 
+The ELBO that Pyro's ``TraceEnum_ELBO`` computes, the exact expectation over c under
+q(c | x) of log w_c − log q(c | x), is :func:`expected_log_weights` (the ``trace`` estimator's
+bound, and the evaluator's ``trace_enum_elbo``).
+
 Enumerated sites, and sites whose density depends on one, must lie in the data plate: a global
 site outside it would be summed once per datapoint. ``"sequential"`` marks are summed the same
 way, in parallel (the same numbers).
