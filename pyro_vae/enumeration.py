@@ -275,7 +275,7 @@ def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
     return _unpacked(total, targets, sizes)
 
 
-def _value_dims(site: dict) -> set[int]:
+def value_dims(site: dict) -> set[int]:
     """The dimensions along which an enumerated site's value varies (its own enumeration
     dimension), as negative batch indices."""
     value = site["value"]
@@ -309,7 +309,7 @@ def expected_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
         weights or {})
     plate_symbols = set(plate_to_symbol.values())
     factors = guide_terms[len(guide_sites):]
-    own_dims = [_value_dims(guide_trace.nodes[name]) for name in enumerated]
+    own_dims = [value_dims(guide_trace.nodes[name]) for name in enumerated]
     if sum(len(dims) for dims in own_dims) != len(set().union(*own_dims)):
         raise ConfigError("the guide reuses an enumeration dimension (pyro.markov): the ELBO "
                           "of its enumerated sites is not computed, only the summed bound")

@@ -61,10 +61,14 @@ class PyroPair(nn.Module):
             if not callable(fn):
                 raise ConfigError(f"the {role} must be callable, got {type(fn).__name__}")
         self._model_fn, self._guide_fn = model, guide
-        if isinstance(guide, nn.Module):
-            self.guide_module = guide
-        if isinstance(model, nn.Module) and model is not guide:
-            self.model_module = model
+        # the modules the two are, or whose methods they are: their parameters, buffers and
+        # train/eval mode are the pair's
+        guide_module, model_module = (fn if isinstance(fn, nn.Module) else
+                                      getattr(fn, "__self__", None) for fn in (guide, model))
+        if isinstance(guide_module, nn.Module):
+            self.guide_module = guide_module
+        if isinstance(model_module, nn.Module) and model_module is not guide_module:
+            self.model_module = model_module
         self.param_store = nn.ParameterDict()
         self._constraints: dict[str, Any] = {}
         self._owned: set[int] | None = None
@@ -133,7 +137,10 @@ class PyroPair(nn.Module):
             self._owned = {id(p) for p in self.parameters()}
         if id(unconstrained) in self._owned or not unconstrained.requires_grad:
             return  # a module's own (PyroModule, pyro.module) or a frozen entry
-        param = nn.Parameter(unconstrained.detach())
+        # a tensor of the user's own, such as the parameter of a module outside the pair that
+        # pyro.module registers, is adopted as it is: the module computes with it
+        param = (unconstrained if isinstance(unconstrained, nn.Parameter)
+                 else nn.Parameter(unconstrained.detach()))
         if key in self._pending:
             with torch.no_grad():
                 param.copy_(self._pending.pop(key))

@@ -52,7 +52,7 @@ from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 
 from .enumeration import (contract_log_weights, enumerated_guide, enumerated_in, enumerated_model,
-                          expected_log_weights, is_enumerated)
+                          expected_log_weights, is_enumerated, value_dims)
 from .errors import ConfigError
 from .module_state import running_statistics_kept
 from .traces import (PARTICLE_PLATE, check_guide_latents_in_model, common_scale,
@@ -412,9 +412,10 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
             site["type"] == "sample" for site in guide_trace.nodes.values()):
         raise ConfigError(f"the guide has no latent sample sites, but the model has "
                           f"{sorted(model_latents)} (and enumerates none)")
+    summed_dims = set().union(*(value_dims(model_trace.nodes[name]) for name in model_enumerated))
     for name in guided.intersection(model_latents):
-        guide_rank = len(guide_trace.nodes[name]["fn"].batch_shape)
-        if len(model_latents[name]["fn"].batch_shape) > max(guide_rank, max_plate_nesting + 1):
+        shape = model_latents[name]["fn"].batch_shape
+        if any(-dim <= len(shape) and shape[dim] != 1 for dim in summed_dims):
             raise ConfigError(
                 f"model site {name!r}, which the guide samples, depends on the sites enumerated "
                 f"in the model {list(model_enumerated)}: a guide latent cannot depend on a "

@@ -342,3 +342,38 @@ def test_a_pair_without_a_data_plate_is_scored_as_one_datapoint_the_data_set():
     assert result.whole_data_set and result.log_px.shape == (1,)
     torch.testing.assert_close(result.log_px, exact.double().reshape(1), rtol=0, atol=1e-5)
     assert "scored as one datapoint" in format_table(result.summary())
+
+
+def test_a_guide_latent_drawn_before_an_enumerated_site_it_depends_on_in_the_model():
+    """scANVI's shape: the guide draws z1, then enumerates y ~ q(y | z1); the model draws z1
+    given y. The model's log p(z1 | y) carries y's enumeration dimension, which the guide
+    sums: trace equals TraceEnum_ELBO on the same draws. A guide latent that depends in the
+    model on a site the *model* enumerates is refused in one line."""
+    def model(x):
+        with pyro.plate("data", len(x)):
+            y = pyro.sample("y", dist.Categorical(torch.ones(2) / 2))
+            z1 = pyro.sample("z1", dist.Normal(torch.tensor([-1.0, 1.0])[y], 1.0))
+            pyro.sample("x", dist.Normal(z1, 0.5), obs=x)
+
+    def guide(x):
+        w = pyro.param("w", torch.tensor(0.7))
+        with pyro.plate("data", len(x)):
+            z1 = pyro.sample("z1", dist.Normal(w * x, 0.6))
+            pyro.sample("y", dist.Categorical(logits=torch.stack([-z1, z1], -1)),
+                        infer={"enumerate": "parallel"})
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    theirs = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, DATA)
+    pyro.set_rng_seed(0)
+    ours = make_estimator("trace", max_plate_nesting=1).differentiable_loss(model, guide, DATA)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    def unguided_y(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z1", dist.Normal(0.7 * x, 0.6))
+
+    with pytest.raises(ConfigError, match=r"model site 'z1', which the guide samples, depends "
+                                          r"on the sites enumerated in the model \['y'\]"):
+        make_estimator("trace", max_plate_nesting=1).differentiable_loss(
+            config_enumerate(model), unguided_y, DATA)

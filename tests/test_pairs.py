@@ -257,3 +257,64 @@ def test_a_function_pair_trains_compiled_as_it_trains_eagerly(elbo):
     for name, value in runs[True].model.state_dict().items():
         torch.testing.assert_close(value, runs[False].model.state_dict()[name], rtol=0,
                                    atol=1e-4)
+
+
+class _RegisteringVAE(torch.nn.Module):
+    """A VAE written as Pyro's examples write it: bound methods that register the networks
+    with ``pyro.module`` (which hands Pyro's param store the modules' own parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(6, 4)
+        self.decoder = torch.nn.Linear(2, 6)
+        self.drop = torch.nn.Dropout(0.1)
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z), 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            out = self.encoder(self.drop(x))
+            pyro.sample("z", dist.Normal(out[..., :2], out[..., 2:].exp()).to_event(1))
+
+
+def test_the_bound_methods_of_a_module_registered_by_pyro_module_train_and_follow_its_mode():
+    """The module behind the bound methods is the pair's: its own parameters are trained (not
+    copies that its networks never read) and the pair's eval mode reaches its dropout."""
+    torch.manual_seed(0)
+    vae = _RegisteringVAE()
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    pair = PyroPair(vae.model, vae.guide)
+    fit(pair, torch.randn(40, 6) + 2.0, elbo="trace", batch_size=40, epochs=20, lr=0.05,
+        seed=0, progress=False, final_particles=0)
+    assert all(not torch.equal(p, before[name]) for name, p in vae.named_parameters()), [
+        name for name, p in vae.named_parameters() if torch.equal(p, before[name])]
+    pair.eval()
+    assert not vae.training and not vae.drop.training
+    assert {id(p) for p in pair.parameters()} == {id(p) for p in vae.parameters()}
+
+
+def test_a_module_outside_plain_functions_that_pyro_module_registers_is_trained():
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(2, 6)
+    before = decoder.weight.detach().clone()
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(x.shape[0], 2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 0.5).to_event(1))
+
+    result = fit(model, guide, torch.randn(30, 6) + 1.0, elbo="trace", batch_size=30,
+                 epochs=10, lr=0.05, seed=0, progress=False, final_particles=0)
+    assert not torch.equal(decoder.weight, before)
+    assert any(p is decoder.weight for p in result.model.parameters())
