@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import warnings
@@ -35,16 +36,19 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import SVI, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta
 from pyro.ops.indexing import Vindex
 from torch.nn.functional import softplus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pyro_example_models as nets  # noqa: E402
 from conformance import mixture_model  # noqa: E402
 
 from pyro_vae import fit  # noqa: E402
+from pyro_vae.errors import PyroVAEError  # noqa: E402
 from pyro_vae.evaluate import evaluate  # noqa: E402
+from pyro_vae.evaluate.ais import ais  # noqa: E402
 from pyro_vae.pairs import PyroPair  # noqa: E402
 
 
@@ -131,25 +135,48 @@ EXAMPLES = [
             data_plate="sequences"),
     Example("sparse_gamma_def", _sparse_gamma_def,
             lambda: TraceMeanField_ELBO(max_plate_nesting=1), "meanfield", 0.05),
+    Example("vae", nets.vae, lambda: Trace_ELBO(max_plate_nesting=1), "trace", 0.01),
+    Example("ss_vae_M2", nets.ss_vae_m2, lambda: TraceEnum_ELBO(max_plate_nesting=1), "trace",
+            0.01),
+    Example("ss_vae_M2_labelled", nets.ss_vae_m2_labelled,
+            lambda: TraceEnum_ELBO(max_plate_nesting=1), "trace", 0.01),
+    Example("cvae", nets.cvae, lambda: Trace_ELBO(max_plate_nesting=1), "trace", 0.01),
+    Example("dmm", nets.dmm, lambda: Trace_ELBO(max_plate_nesting=1), "trace", 0.01),
+    Example("lda", nets.lda, lambda: TraceEnum_ELBO(max_plate_nesting=2), "trace", 0.05,
+            data_plate="documents"),
+    Example("prodlda", nets.prodlda, lambda: TraceMeanField_ELBO(max_plate_nesting=1),
+            "meanfield", 0.01),
+    Example("scanvi", nets.scanvi, lambda: TraceEnum_ELBO(max_plate_nesting=1), "trace", 0.01),
 ]
 
 
-def _scores(example: Example, model: Callable, guide: Callable, data: torch.Tensor,
-            draws: int) -> dict[str, float]:
+def _arguments(data) -> tuple:
+    return data if isinstance(data, tuple) else (data,)
+
+
+def _scores(example: Example, model: Callable, guide: Callable, data, draws: int
+            ) -> dict[str, float]:
     """Pyro's loss of the trained pair, −(its mean over ``draws`` draws), and the package's
-    dataset ELBO of it (K = ``draws``)."""
-    elbo = example.pyro_elbo()
+    evaluator on it (K = ``draws``): the dataset ELBO (``TraceEnum_ELBO``'s where the guide
+    enumerates) and, without global latents, the data set's log p̂."""
+    elbo, args = example.pyro_elbo(), _arguments(data)
     with torch.no_grad():
-        losses = [elbo.loss(model, guide, data) for _ in range(draws)]
-    scored = evaluate(model, guide, data, num_particles=draws, khat=False,
+        losses = [elbo.loss(model, guide, *args) for _ in range(draws)]
+    scored = evaluate(model, guide, *args, num_particles=draws, khat=False,
                       data_plate=example.data_plate)
+    local = scored.trace_enum_elbo if scored.trace_enum_elbo is not None else scored.elbo
+    local = float(local.sum())
     return {"pyro_elbo": -statistics.mean(losses),
-            "evaluator_elbo": scored.dataset_elbo if scored.global_term is not None
-            else float(scored.elbo.sum())}
+            "evaluator_elbo": local if scored.global_term is None
+            else local + scored.global_term.mean,
+            "log_px": float(scored.log_px.sum()) if scored.global_term is None else None,
+            "vectorized": scored.vectorized}
 
 
-def run(example: Example, steps: int, seed: int, draws: int = 200) -> dict[str, dict]:
-    """Both trainings of one example from one seed, and their scores."""
+def run(example: Example, steps: int, seed: int, draws: int = 200, ais_steps: int = 0,
+        chains: int = 8) -> dict[str, dict]:
+    """Both trainings of one example from one seed, and their scores; with ``ais_steps``, AIS
+    on the pair ``fit`` trained (``chains`` chains)."""
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -158,16 +185,69 @@ def run(example: Example, steps: int, seed: int, draws: int = 200) -> dict[str, 
         model, guide, data = example.build()
         svi = SVI(model, guide, pyro.optim.Adam({"lr": example.lr}), example.pyro_elbo())
         for _ in range(steps):
-            svi.step(data)
+            svi.step(*_arguments(data))
         out["pyro_svi"] = _scores(example, model, guide, data, draws)
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         model, guide, data = example.build()
         pair = PyroPair(model, guide, data_plate=example.data_plate)
-        fit(pair, data, elbo=example.estimator, batch_size=len(data), epochs=steps,
-            lr=example.lr, seed=seed, progress=False, final_particles=0)
+        fit(pair, data, elbo=example.estimator, batch_size=len(_arguments(data)[0]),
+            epochs=steps, lr=example.lr, seed=seed, progress=False, final_particles=0)
         out["pyro_vae_fit"] = _scores(example, pair.model, pair.guide, data, draws)
+    if ais_steps:
+        out["ais"] = anneal(example, pair.model, pair.guide, data, ais_steps, chains)
     return out
+
+
+#: The estimators tried on every example (with K importance samples where they take them).
+ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg", "vimco")
+K = 4
+
+
+def _attempt(thunk: Callable[[], str]) -> str:
+    """``thunk()``'s line, or the one-line refusal (``refused: ...``), or a crash."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return thunk()
+    except PyroVAEError as exc:
+        return f"refused: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # noqa: BLE001 (a crash is what this looks for)
+        return f"crash: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def estimators(example: Example, steps: int, seed: int, compile: bool = False
+               ) -> dict[str, str]:
+    """Each estimator trains a fresh pair for ``steps`` steps through ``fit`` (``compile``:
+    the compiled step): ``ran`` with its last loss, or its one-line refusal."""
+    out = {}
+    for name in ESTIMATORS:
+        def train(name=name) -> str:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(seed)
+            model, guide, data = example.build()
+            pair = PyroPair(model, guide, data_plate=example.data_plate)
+            k = K if name in ("iwae", "dreg", "vimco") else 1
+            result = fit(pair, data, elbo=name, importance_samples=k, epochs=steps,
+                         batch_size=len(_arguments(data)[0]), lr=example.lr, seed=seed,
+                         progress=False, final_particles=0, compile=compile)
+            loss = result.history.train_loss[-1]
+            if not math.isfinite(loss):
+                return f"crash: loss {loss}"
+            return f"ran: loss {loss:.4g}" + (
+                f", compiled steps {result.compiled.compiled_steps}" if compile else "")
+        out[name] = _attempt(train)
+    return out
+
+
+def anneal(example: Example, model: Callable, guide: Callable, data, steps: int,
+           chains: int) -> str:
+    """AIS on a trained pair: the data set's log p̂_AIS, or its one-line refusal."""
+    def run_ais() -> str:
+        result = ais(model, guide, data, num_chains=chains, num_steps=steps,
+                     batch_size=len(_arguments(data)[0]), data_plate=example.data_plate)
+        return f"log p̂ {float(result.log_px.sum()):.3f}"
+    return _attempt(run_ais)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,17 +256,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--examples", nargs="+", default=[e.name for e in EXAMPLES])
+    parser.add_argument("--estimator-steps", type=int, default=5,
+                        help="steps of each estimator's run (0: skip them)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the estimators' steps compiled")
+    parser.add_argument("--ais-steps", type=int, default=200,
+                        help="AIS steps on the pair fit trained (0: skip AIS)")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args(argv)
     results = {}
-    print(f"{'example':<18}{'seed':>5}  {'trained by':<13}{'Pyro ELBO':>12}{'evaluator':>12}")
+    print(f"{'example':<20}{'seed':>5}  {'trained by':<13}{'Pyro ELBO':>12}{'evaluator':>12}"
+          f"{'log p̂':>12}")
     for example in (e for e in EXAMPLES if e.name in args.examples):
         for seed in args.seeds:
-            row = run(example, args.steps, seed, args.draws)
+            row = run(example, args.steps, seed, args.draws, args.ais_steps)
             results.setdefault(example.name, {})[seed] = row
-            for trainer, scores in row.items():
-                print(f"{example.name:<18}{seed:>5}  {trainer:<13}"
-                      f"{scores['pyro_elbo']:>12.3f}{scores['evaluator_elbo']:>12.3f}")
+            for trainer in ("pyro_svi", "pyro_vae_fit"):
+                scores = row[trainer]
+                log_px = scores["log_px"]
+                print(f"{example.name:<20}{seed:>5}  {trainer:<13}"
+                      f"{scores['pyro_elbo']:>12.3f}{scores['evaluator_elbo']:>12.3f}"
+                      + (f"{log_px:>12.3f}" if log_px is not None else f"{'':>12}"))
+            if "ais" in row:
+                print(f"{'':<27}AIS on fit's pair: {row['ais']}")
+        if args.estimator_steps:
+            cells = estimators(example, args.estimator_steps, args.seeds[0], args.compile)
+            results[example.name]["estimators"] = cells
+            for name, line in cells.items():
+                print(f"{'':<27}{name:<10} {line}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
