@@ -27,7 +27,7 @@ import re
 import signal
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -201,6 +201,9 @@ class AtomicFiles:
         try:
             yield tmp
         except Exception as exc:
+            interruption = _interruption(exc)
+            if interruption is not None:  # a library's error about a signal's exception
+                raise interruption from None
             failure = write_failure(target, exc)  # a nested writer's names its temporary file
             if failure is None:
                 raise
@@ -237,6 +240,21 @@ class AtomicFiles:
         self._pending.clear()
 
 
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The interruption (``KeyboardInterrupt``, SIGTERM's exception: anything not an
+    ``Exception``) that ``exc`` was raised while handling: a library whose callback into
+    Python was interrupted (``torch.save`` writing to a Python file) reports its broken
+    writer instead ("unexpected pos")."""
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not isinstance(current, Exception):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -245,14 +263,16 @@ def _name_max(folder: Path) -> int:
 
 
 @contextmanager
-def atomic_files() -> Iterator[AtomicFiles]:
+def atomic_files(hold_signals: bool = True) -> Iterator[AtomicFiles]:
     """Write several files as one set: each through :meth:`AtomicFiles.path` (or
     ``write_json`` / ``write_text``), all renamed onto their targets when the block succeeds,
     none when it fails; the temporary files never outlive the block. SIGINT and SIGTERM are
     held back while the set is written: one that arrives meanwhile discards the set (the
-    previous files stay as they were) and is delivered when the block ends."""
+    previous files stay as they were) and is delivered when the block ends. With
+    ``hold_signals=False`` (a long download, say) they interrupt the block at once, and are
+    held only while the set is renamed."""
     files = AtomicFiles()
-    with _signals_held() as caught:
+    with _signals_held() if hold_signals else nullcontext([]) as caught:
         try:
             yield files
             if not caught:
@@ -262,14 +282,15 @@ def atomic_files() -> Iterator[AtomicFiles]:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, hold_signals: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     The file ends with the permissions a plain ``open(path, "w")`` would give it (0666 less the
     umask), not the owner-only 0600 it is created with. A failure of the file system
     (see :func:`write_failure`) raises :class:`WriteError`; other exceptions pass unchanged.
+    ``hold_signals`` is :func:`atomic_files`'.
     """
-    with atomic_files() as files, files.path(path) as tmp:
+    with atomic_files(hold_signals) as files, files.path(path) as tmp:
         yield tmp
 
 
