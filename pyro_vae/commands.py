@@ -259,7 +259,8 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     lower, upper = result.lower.log_px, result.upper.log_px
     summary = {"num_datapoints": len(lower), "num_chains": args.chains,
                "num_steps": args.ais_steps, "seed": args.seed,
-               "checkpoint_epoch": checkpoint_epoch(run), "lower": lower.mean().item(), "upper": upper.mean().item(),
+               "checkpoint_epoch": checkpoint_epoch(run),
+               "lower": lower.mean().item(), "upper": upper.mean().item(),
                "gap": result.gap.mean().item(),
                "per_datapoint": {"lower": lower.tolist(), "upper": upper.tolist()}}
     out = args.run_dir / "bdmc.json"

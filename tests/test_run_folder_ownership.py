@@ -229,6 +229,25 @@ def test_a_forced_start_that_trains_nothing_puts_the_users_files_back(tmp_path, 
         name: data for name, (data, _) in before.items()}
 
 
+def test_a_forced_start_on_a_full_disk_puts_the_users_files_back(tmp_path, monkeypatch,
+                                                                capsys):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / HISTORY_FILE).write_text("my history")
+    monkeypatch.setattr("torch.save", no_space)
+    assert exit_status(["train", *TINY, "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("pyro-vae: ") and "Traceback" not in err[1]
+    assert err[1].endswith("no space left on device; no epoch was saved"), err
+    assert sorted(p.name for p in out.iterdir()) == [HISTORY_FILE]
+    assert (out / HISTORY_FILE).read_text() == "my history"
+
+
 # signals during a write ---------------------------------------------------------------------
 
 

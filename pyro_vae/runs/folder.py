@@ -170,7 +170,7 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
     except BaseException:
         _remove_created(created)
         raise
-    wrote_config, kept = False, []
+    wrote_config, kept_aside = False, []
     try:
         sweep_temporary_files(path)
         if resume:
@@ -202,7 +202,7 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
                 raise ConfigError(f"{path} holds {len(others)} other file(s) ({shown}) and no "
                                   "pyro-vae run: choose a new or empty --out, or give --force "
                                   "to write the run among them")
-            kept = _keep_aside(path)
+            kept_aside = _keep_aside(path)
             model_class = None if model is None else user_model_class(model, config)
             recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
             write_json(config_file, {**config.to_dict(), **recorded})
@@ -221,7 +221,7 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
         if not checkpoint.exists():
             if wrote_config:
                 config_file.unlink(missing_ok=True)
-            _put_back(kept)
+            _put_back(kept_aside)
         raise
     finally:
         sweep_temporary_files(path)
