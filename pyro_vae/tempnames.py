@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIX = ".tmp"
-#: ``.pv-HOST-PID-NONCE-N`` with the longest pid and a five-digit counter: room kept in a name.
-MIDDLE_MAX = len(".pv-") + 6 + 1 + 10 + 1 + 8 + 1 + 5
 _PATTERN = re.compile(r"^\.(?P<name>.+)\.pv-(?P<host>[0-9a-f]{6})-(?P<pid>\d{1,10})-"
                       r"(?P<nonce>[0-9a-f]{8})-(?P<count>\d+)\.tmp$")
 _counter = itertools.count()
@@ -76,7 +74,7 @@ def temporary_name(target_name: str, name_max: int = 255) -> str:
     """The name of a new temporary file for ``target_name`` (shortened to fit ``name_max``)."""
     me = this_process()
     middle = f".pv-{me.host}-{me.pid}-{me.nonce}-{next(_counter)}"
-    room = max(name_max - len("." + SUFFIX) - MIDDLE_MAX, 1)
+    room = max(name_max - len("." + middle + SUFFIX), 1)
     return f".{target_name[:room]}{middle}{SUFFIX}"
 
 

@@ -124,6 +124,19 @@ LOOK_ALIKES = [f".{CHECKPOINT_FILE}.backup.tmp", f".{HISTORY_FILE}.mine1234.tmp"
                ".eval-test.json.k3y.tmp"]
 
 
+def test_temporary_names_name_their_writer_and_fit_the_file_system():
+    from pyro_vae.tempnames import Writer
+
+    me = this_process()
+    name = temporary_name("x" * 250)
+    assert len(name) <= 255 and writer_of(name) == me and not me.gone()
+    assert writer_of(temporary_name("eval-test.json")) == me
+    for foreign in LOOK_ALIKES + [".a.pv-zzzzzz-1-0123abcd-0.tmp", "notes.tmp"]:
+        assert writer_of(foreign) is None, foreign
+    assert Writer(me.host, me.pid, "ffffffff" if me.nonce != "ffffffff" else "0").gone()
+    assert not Writer("000000" if me.host != "000000" else "111111", dead_pid(), me.nonce).gone()
+
+
 def test_files_named_like_temporary_files_are_never_removed(run_dir, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
