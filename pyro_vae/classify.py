@@ -155,11 +155,13 @@ def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def save_classification(result: Classification, folder: str | Path, split: str
-                        ) -> dict[str, Path]:
+def save_classification(result: Classification, folder: str | Path, split: str,
+                        metadata: dict | None = None) -> dict[str, Path]:
+    """Write ``classify-<split>.json`` (``metadata``'s entries first, such as the checkpoint's
+    epoch) and ``confusion-<split>.png`` into ``folder``."""
     folder = Path(folder)
     paths = {"json": folder / f"classify-{split}.json",
              "confusion": folder / f"confusion-{split}.png"}
-    write_json(paths["json"], result.to_dict())
+    write_json(paths["json"], {**(metadata or {}), **result.to_dict()})
     plot_confusion(result.confusion_matrix(), paths["confusion"])
     return paths

@@ -84,6 +84,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
 
 
+def _is_rank_0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _default_out(config: TrainConfig) -> Path:
     if config.dataset is not None:
         return DEFAULT_RUN_ROOT / config.dataset
@@ -92,7 +98,7 @@ def _default_out(config: TrainConfig) -> Path:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .distributed import current_context
-    from .runs import read_run_config, refuse_python_only
+    from .runs import finished_epoch, read_run_config, refuse_python_only
     from .train import fit
 
     if args.resume is not None:
@@ -110,6 +116,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
         config = config.replace(**updates)
         run_dir = args.resume
+        if finished_epoch(run_dir) == config.epochs:  # its final estimate and plots are written
+            if _is_rank_0():
+                print(f"{run_dir} is already at epoch {config.epochs}; nothing to do")
+            return 0
     else:
         config = _train_config(args)
         run_dir = args.out or _default_out(config)
@@ -185,7 +195,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
 
     from .evaluate.ais import ais
     from .evaluate.results import write_netcdf
-    from .evaluate.run import given_data, output_label, require_ais_memory
+    from .evaluate.run import checkpoint_epoch, given_data, output_label, require_ais_memory
     from .io import atomic_files
     from .protocol import data_plate_name
     from .runs import load_run
@@ -205,7 +215,8 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     out = args.run_dir / f"ais-{label}.json"
     netcdf = args.run_dir / f"ais-{label}.nc"
     with atomic_files() as files:  # both or neither; the netCDF writer in a child process
-        files.write_json(out, {**summary, "start": args.ais_start, "seed": args.seed,
+        files.write_json(out, {**summary, "checkpoint_epoch": checkpoint_epoch(run),
+                               "start": args.ais_start, "seed": args.seed,
                                "per_datapoint": {"log_px": result.log_px.tolist(),
                                                  "accept": result.accept.tolist(),
                                                  "ess": result.ess.tolist()}})
@@ -224,7 +235,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate.ais import bdmc, simulate
-    from .evaluate.run import require_ais_memory
+    from .evaluate.run import checkpoint_epoch, require_ais_memory
     from .io import write_json
     from .protocol import data_plate_name
     from .runs import load_run
@@ -248,6 +259,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     lower, upper = result.lower.log_px, result.upper.log_px
     summary = {"num_datapoints": len(lower), "num_chains": args.chains,
                "num_steps": args.ais_steps, "seed": args.seed,
+               "checkpoint_epoch": checkpoint_epoch(run),
                "lower": lower.mean().item(), "upper": upper.mean().item(),
                "gap": result.gap.mean().item(),
                "per_datapoint": {"lower": lower.tolist(), "upper": upper.tolist()}}
@@ -296,6 +308,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
     from .classify import classify, format_classification, save_classification
+    from .evaluate.run import checkpoint_epoch
 
     run = _load_conditional_run(args)
     images = run.eval_images(args.split)
@@ -307,7 +320,8 @@ def _cmd_classify(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         result = classify(run.model, images, labels, num_particles=args.particles,
                           batch_size=args.batch_size)
-    paths = save_classification(result, args.run_dir, args.split)
+    paths = save_classification(result, args.run_dir, args.split,
+                                {"checkpoint_epoch": checkpoint_epoch(run)})
     print(format_classification(result.summary()))
     print(f"wrote {paths['json'].name} and {paths['confusion'].name} in {args.run_dir}")
     return 0

@@ -145,7 +145,7 @@ def download_mnist(data_dir: str | os.PathLike, mirrors: tuple[str, ...] = MNIST
         errors = []
         for mirror in mirrors:
             try:
-                with atomic_path(target) as tmp:
+                with atomic_path(target, hold_signals=False) as tmp:  # Ctrl-C stops it
                     with urllib.request.urlopen(mirror + filename, timeout=60) as response, \
                             open(tmp, "wb") as out:
                         shutil.copyfileobj(response, out)

@@ -318,6 +318,18 @@ def all_gather_objects(obj: Any, context: DistributedContext, what: str) -> list
     return gathered
 
 
+def check_same_on_every_rank(value: Any, context: DistributedContext, what: str) -> None:
+    """Raise :class:`DistributedError` on every rank, with the same message, unless every
+    rank's ``value`` (picklable, with a readable ``str``) equals rank 0's: one gather, before
+    the ranks rely on it (training on data of different sizes would deadlock or abort)."""
+    values = all_gather_objects(value, context, f"comparing the ranks' {what}")
+    if all(other == values[0] for other in values):
+        return
+    differ = "; ".join(f"rank {rank}: {other}" for rank, other in enumerate(values))
+    raise DistributedError(f"the ranks were given different {what} ({differ}): every rank "
+                           "must load the same data")
+
+
 def barrier(context: DistributedContext, what: str) -> None:
     """Wait until every rank gets here."""
     if context.enabled:

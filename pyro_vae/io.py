@@ -1,10 +1,13 @@
 """Atomic writes: a reader never sees a half-written file, and a failed write is one clear line.
 
-:func:`atomic_path` writes one file through a temporary file beside it (``.NAME.XXXXXXXX.tmp``),
-renamed onto the file when the block succeeds; :func:`atomic_files` writes several that way and
-renames them together at the end, so a failure while writing any of them (a full disk, say)
-leaves every earlier version in place: the folder keeps its last complete set. The temporary
-files are removed on every exit, and SIGINT/SIGTERM are held back while the set is renamed.
+:func:`atomic_path` writes one file through a temporary file beside it
+(``.NAME.pv-HOST-PID-NONCE-N.tmp``, :mod:`pyro_vae.tempnames`), renamed onto the file when the
+block succeeds; :func:`atomic_files` writes several that way and renames them together at the
+end, so a failure while writing any of them (a full disk, say) leaves every earlier version in
+place: the folder keeps its last complete set. The temporary files are removed on every exit,
+those a killed writer left are removed by the next write into the folder, and SIGINT/SIGTERM
+are held back while the set is written: a signal that arrives meanwhile discards the new set
+(the previous files stay whole) and is delivered once the temporary files are gone.
 
 A write that fails for a reason of the file system (full disk, quota, permission, read-only
 file system, ...) raises :class:`WriteError`, whose message names the file and the reason in
@@ -22,17 +25,15 @@ import json
 import os
 import re
 import signal
-import tempfile
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import tempnames
 from .errors import PyroVAEError
 
-TEMP_SUFFIX = ".tmp"
-TEMP_RANDOM_CHARS = 8  # what tempfile.mkstemp adds between prefix and suffix
 DEFAULT_NAME_MAX = 255
 
 DEFAULT_FILE_MODE = 0o666
@@ -131,23 +132,33 @@ def write_failure(path: Path, exc: BaseException) -> WriteError | None:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while a set of files is renamed, and deliver them after.
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM back for the block, and deliver them after; yield the list of
+    the signals caught so far (the block may look at it).
 
     Python runs a signal's handler between two of its instructions, whenever the signal
-    arrived (even just before this block), so the handlers themselves are replaced by a
-    recorder for the block; a signal recorded is raised again once they are back."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    arrived, even inside a library's callback into Python (``torch.save`` writing to a Python
+    file), where an exception would leave the library's writer in a broken state; so the
+    handlers themselves are replaced by a recorder for the block, and a signal recorded is
+    raised again once they are back. A second SIGTERM meanwhile ends the process at once."""
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     previous = {}
+
+    def record(num: int, frame: Any) -> None:
+        if num == signal.SIGTERM and num in caught:
+            signal.signal(num, signal.SIG_DFL)
+            signal.raise_signal(num)
+        caught.append(num)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         if handler is not None:  # None: a handler Python did not install, left alone
-            previous[signum] = signal.signal(signum, lambda num, frame: caught.append(num))
+            previous[signum] = signal.signal(signum, record)
     try:
-        yield
+        yield caught
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -168,6 +179,7 @@ class AtomicFiles:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        self._swept: set[Path] = set()
 
     @contextmanager
     def path(self, target: str | os.PathLike) -> Iterator[Path]:
@@ -176,16 +188,22 @@ class AtomicFiles:
         target = Path(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target),
-                                       suffix=TEMP_SUFFIX)
-            os.close(fd)
+            if target.parent not in self._swept:  # what a killed writer left here
+                self._swept.add(target.parent)
+                tempnames.sweep(target.parent)
+            tmp = target.parent / tempnames.temporary_name(target.name,
+                                                           _name_max(target.parent))
+            self._pending.append((tmp, target))  # before it exists: discard() removes it
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as exc:
             raise WriteError(f"cannot write {target}: {reason(exc.errno, str(exc))}",
                              exc.errno) from None
-        self._pending.append((Path(tmp), target))
         try:
-            yield Path(tmp)
+            yield tmp
         except Exception as exc:
+            interruption = _interruption(exc)
+            if interruption is not None:  # a library's error about a signal's exception
+                raise interruption from None
             failure = write_failure(target, exc)  # a nested writer's names its temporary file
             if failure is None:
                 raise
@@ -201,7 +219,7 @@ class AtomicFiles:
     def commit(self) -> None:
         """Rename every temporary file onto its target, in the order they were opened."""
         mode = DEFAULT_FILE_MODE & ~_umask()
-        with _signals_held():
+        with _signals_held():  # nested in atomic_files' hold, or on its own
             while self._pending:
                 tmp, target = self._pending[0]
                 try:
@@ -222,6 +240,21 @@ class AtomicFiles:
         self._pending.clear()
 
 
+def _interruption(exc: BaseException) -> BaseException | None:
+    """The interruption (``KeyboardInterrupt``, SIGTERM's exception: anything not an
+    ``Exception``) that ``exc`` was raised while handling: a library whose callback into
+    Python was interrupted (``torch.save`` writing to a Python file) reports its broken
+    writer instead ("unexpected pos")."""
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if not isinstance(current, Exception):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -229,35 +262,35 @@ def _name_max(folder: Path) -> int:
         return DEFAULT_NAME_MAX
 
 
-def _temporary_prefix(target: Path) -> str:
-    """``.NAME.``, with NAME shortened when the temporary name would pass the file system's
-    limit on a name (a valid 250-character target name must still be writable)."""
-    room = _name_max(target.parent) - len(".." + TEMP_SUFFIX) - TEMP_RANDOM_CHARS
-    return f".{target.name[:max(room, 1)]}."
-
-
 @contextmanager
-def atomic_files() -> Iterator[AtomicFiles]:
+def atomic_files(hold_signals: bool = True) -> Iterator[AtomicFiles]:
     """Write several files as one set: each through :meth:`AtomicFiles.path` (or
     ``write_json`` / ``write_text``), all renamed onto their targets when the block succeeds,
-    none when it fails; the temporary files never outlive the block."""
+    none when it fails; the temporary files never outlive the block. SIGINT and SIGTERM are
+    held back while the set is written: one that arrives meanwhile discards the set (the
+    previous files stay as they were) and is delivered when the block ends. With
+    ``hold_signals=False`` (a long download, say) they interrupt the block at once, and are
+    held only while the set is renamed."""
     files = AtomicFiles()
-    try:
-        yield files
-        files.commit()
-    finally:
-        files.discard()
+    with _signals_held() if hold_signals else nullcontext([]) as caught:
+        try:
+            yield files
+            if not caught:
+                files.commit()
+        finally:
+            files.discard()
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, hold_signals: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     The file ends with the permissions a plain ``open(path, "w")`` would give it (0666 less the
-    umask), not the owner-only 0600 of :func:`tempfile.mkstemp`. A failure of the file system
+    umask), not the owner-only 0600 it is created with. A failure of the file system
     (see :func:`write_failure`) raises :class:`WriteError`; other exceptions pass unchanged.
+    ``hold_signals`` is :func:`atomic_files`'.
     """
-    with atomic_files() as files, files.path(path) as tmp:
+    with atomic_files(hold_signals) as files, files.path(path) as tmp:
         yield tmp
 
 

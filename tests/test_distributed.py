@@ -450,3 +450,48 @@ def test_world_size_without_a_rendezvous_address_is_one_line(tmp_path):
         "launch the ranks with torchrun (which sets them), or unset WORLD_SIZE to run one "
         "process")
     assert not (tmp_path / "run").exists()
+
+
+RANK_DATA = """
+import os
+import sys
+
+sys.path.insert(0, {tests!r})
+from user_models import fa_data
+
+
+def rank_data():
+    return fa_data(num=120 if os.environ.get("RANK") == "0" else 80)
+"""
+
+
+def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_training(
+        tmp_path):
+    """One gather compares the ranks' data: each rank prints the same line and exits with 2,
+    and nothing is trained (no rank aborts in a collective of mismatched steps)."""
+    data = tmp_path / "rank_data.py"
+    data.write_text(RANK_DATA.format(tests=str(Path(__file__).parent)))
+    port = str(_free_port())
+    argv = [sys.executable, "-m", "pyro_vae", "train", "--model-factory",
+            f"{Path(__file__).with_name('user_models.py')}:make_fa", "--data",
+            f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
+            "--dist-timeout", "60", "--out", str(tmp_path / "run")]
+    ranks = []
+    for rank in range(WORLD_SIZE):
+        log = tmp_path / f"rank{rank}.log"
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+                   LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+        with log.open("w") as handle:
+            ranks.append((subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=handle,
+                                           stderr=subprocess.STDOUT), log))
+    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
+    logs = [log.read_text().strip() for _, log in ranks]
+    assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
+    from user_models import FA_DIM
+
+    assert logs[0] == logs[1] == (
+        f"pyro-vae train: error: the ranks were given different data (rank 0: training 120 "
+        f"datapoints of [{FA_DIM}], test none; rank 1: training 80 datapoints of [{FA_DIM}], "
+        "test none): every rank must load the same data"), logs
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()

@@ -21,6 +21,8 @@ from pyro_vae.cli import EXIT_TERMINATED, main
 from pyro_vae.errors import CheckpointError
 from pyro_vae.runs import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE, WEIGHTS_FILE,
                            RunFolderLock, load_checkpoint, read_run_config)
+from pyro_vae.runs.lock import lock_holder, lock_text
+from pyro_vae.tempnames import Writer, host_tag, temporary_name, this_process
 
 TINY = ["--epochs", "1", "--batch-size", "512", "--latent-dim", "2", "--hidden", "8",
         "--device", "cpu", "--quiet"]
@@ -49,6 +51,21 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")
                   or p.name == LOCK_FILE)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def stale_temporary(folder: Path, target: str, pid: int | None = None) -> Path:
+    """A temporary file of pyro-vae's format for ``target``, left by a process that is gone."""
+    name = temporary_name(target).replace(f"-{os.getpid()}-", f"-{pid or dead_pid()}-", 1)
+    path = folder / name
+    path.write_bytes(b"half")
+    return path
 
 
 def cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -81,7 +98,7 @@ def test_a_second_writer_is_refused_without_touching_the_folder(run_dir, capsys)
     before = snapshot(run_dir)
     with RunFolderLock(run_dir):
         held = snapshot(run_dir)
-        assert held[LOCK_FILE].decode().strip() == str(os.getpid())
+        assert lock_holder(held[LOCK_FILE].decode()) == this_process()
         assert exit_status(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 2
         assert f"is being written by another process (pid {os.getpid()})" in one_line(capsys)
         assert exit_status(["train", *TINY, "--out", str(run_dir)]) == 2
@@ -113,7 +130,8 @@ def test_two_concurrent_trainings_into_one_folder_leave_one_consistent_run(tmp_p
 
 
 def test_a_lock_file_left_by_a_killed_process_is_not_a_held_lock(run_dir, capsys):
-    (run_dir / LOCK_FILE).write_text("999999\n")  # its process is gone: nothing holds it
+    # a lock of pyro-vae's format whose process is gone: nothing holds it, it is taken over
+    (run_dir / LOCK_FILE).write_text(lock_text(Writer(host_tag(), dead_pid(), "0123abcd")))
     assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
     assert history_of(run_dir)["epoch"] == [1, 2]
     assert leftovers(run_dir) == []
@@ -250,14 +268,12 @@ def test_a_folder_of_other_files_needs_force(tmp_path, capsys):
 
 
 def test_temporary_files_of_an_interrupted_writer_are_swept_on_resume(run_dir):
-    stale = [f".{CHECKPOINT_FILE}.abcd1234.tmp", f".{HISTORY_FILE}.zz9.tmp",
-             f".{WEIGHTS_FILE}.q.tmp"]
-    for name in stale:
-        (run_dir / name).write_bytes(b"half")
-    foreign = run_dir / ".eval-test.json.k3y.tmp"  # an evaluation's: not the run writer's
-    foreign.write_text("{")
+    gone = dead_pid()
+    stale = [stale_temporary(run_dir, name, gone).name
+             for name in (CHECKPOINT_FILE, HISTORY_FILE, WEIGHTS_FILE, "eval-test.json")]
+    live = stale_temporary(run_dir, CHECKPOINT_FILE, os.getppid())  # a writer still running
     assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
-    assert leftovers(run_dir) == [foreign.name]
+    assert leftovers(run_dir) == [live.name] and not set(stale) & set(os.listdir(run_dir))
 
 
 def test_sigterm_ends_training_in_one_line_and_leaves_a_resumable_folder(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..io import atomic_files, atomic_path, write_in_child
+from ..io import atomic_files, write_in_child
 from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, _arviz
 
 METRICS = ("log_px", "elbo", "gap", "var_log_w", "ess")
@@ -48,8 +48,7 @@ def _plot_khat(khat: torch.Tensor, path: Path, title: str) -> None:
     note = f" ({hidden} non-finite not shown)" if hidden else ""
     ax.set(xlabel="datapoint", ylabel="PSIS k-hat", title=title + note)
     ax.legend(loc="upper right")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=120)
 
 
 def _plot_gap(gap: torch.Tensor, path: Path, title: str) -> None:
@@ -57,8 +56,7 @@ def _plot_gap(gap: torch.Tensor, path: Path, title: str) -> None:
     ax = fig.add_subplot()
     ax.hist(gap.numpy(), bins=min(50, max(5, gap.shape[0] // 5)))
     ax.set(xlabel="gap = log p̂(x) − ELBO (nats)", ylabel="datapoints", title=title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=120)
 
 
 def format_table(summary: dict[str, Any], observed: str = "x") -> str:

@@ -77,6 +77,12 @@ def output_label(split: str, data: Any) -> str:
     return "data-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "data")
 
 
+def checkpoint_epoch(run: Any) -> int:
+    """The epoch of the checkpoint a loaded run holds (0: none trained), which its results
+    record."""
+    return run.history.epoch[-1] if run.history.epoch else 0
+
+
 def given_data(run: Any, data: Any, limit: int | None) -> Any:
     """``data`` (a spec or data) as a source on the run's device and parameter dtype."""
     if isinstance(data, (str, Path)):
@@ -170,7 +176,8 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                       batch_seed=config.seed, dist=dist,
                                       data_plate=data_plate_name(run.model))
     if dist.is_main:
-        metadata = {"run_dir": str(run_dir), "config": asdict(config),
+        metadata = {"run_dir": str(run_dir), "checkpoint_epoch": checkpoint_epoch(run),
+                    "config": asdict(config),
                     "data": str(data) if isinstance(data, (str, Path)) else
                     (None if data is None else "given")}
         result.paths = save_evaluation(result, run_dir if out is None else out,

@@ -10,9 +10,10 @@ set. The checkpoint is the source of truth: ``config.json`` mirrors its config (
 from it when missing), and every field of both is checked by type and range before use.
 
 A process writing a run (:func:`open_run_folder`, which :func:`~pyro_vae.fit` enters) holds an
-exclusive :func:`fcntl.flock` lock on the folder's ``.lock`` file for its lifetime: a second
-writer is refused in one line, and a lock left by a process that died is released by the
-operating system with the process, so it never goes stale.
+exclusive :func:`fcntl.flock` lock on the folder's ``.lock`` file for its lifetime
+(:mod:`~pyro_vae.runs.lock`): a second writer is refused in one line, and a lock left by a
+process that died is released by the operating system with the process, so it never goes
+stale. The lock file names its writer; one of another content is never touched.
 
 A run of a pair that is not one of the package's families records the pair's class under
 ``"model_class"`` (the config's ``model`` entry does not describe it). When the command line
@@ -23,18 +24,18 @@ pair (``load_run(run_dir, model=...)``) and, to evaluate it, the data.
 
 from .checkpoint import (CHECKPOINT_FILE, CHECKPOINT_KEYS, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
                          MODEL_CLASS_KEY, TRAINING_FILES, WEIGHTS_FILE, History,
-                         check_checkpoint, load_checkpoint, load_weights, rng_state,
+                         check_checkpoint, finished_epoch, load_checkpoint, load_weights, rng_state,
                          save_checkpoint, set_generator_state, set_rng_state, user_model_class,
                          write_history)
-from .folder import (RunFolder, RunFolderLock, check_run_folder_path, open_run_folder,
-                     sweep_temporary_files)
+from .folder import RunFolder, check_run_folder_path, open_run_folder, sweep_temporary_files
+from .lock import RunFolderLock
 from .loading import (LoadedRun, build_factory_model, check_resumable, load_run, read_config,
                       read_run_config, refuse_python_only)
 
 __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
            "MODEL_CLASS_KEY", "TRAINING_FILES", "WEIGHTS_FILE", "History", "LoadedRun",
            "RunFolder", "RunFolderLock", "build_factory_model", "check_checkpoint",
-           "check_resumable", "check_run_folder_path", "load_checkpoint", "load_run",
+           "check_resumable", "check_run_folder_path", "finished_epoch", "load_checkpoint", "load_run",
            "load_weights", "open_run_folder", "read_config", "read_run_config",
            "refuse_python_only", "rng_state", "save_checkpoint", "set_generator_state",
            "set_rng_state",

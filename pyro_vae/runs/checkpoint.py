@@ -150,8 +150,31 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
             _torch_save(state, tmp)
 
 
-def write_history(run_dir: Path, history: History) -> None:
-    write_json(run_dir / HISTORY_FILE, history.to_dict())
+#: history.json's mark of a run whose training ended normally (its final estimate and plots
+#: written): the epoch it ended at.
+FINISHED_KEY = "finished_at_epoch"
+
+
+def write_history(run_dir: Path, history: History, finished: bool = False) -> None:
+    """Write ``history.json``; ``finished`` marks the run's end (after its last files)."""
+    mark = {FINISHED_KEY: history.epoch[-1]} if finished and history.epoch else {}
+    write_json(run_dir / HISTORY_FILE, {**history.to_dict(), **mark})
+
+
+def finished_epoch(run_dir: str | Path) -> int | None:
+    """The epoch a run folder's training ended at, written and complete (its final estimate
+    and plots too); ``None`` when it did not end so (a checkpoint without that mark, or none)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        return None
+    try:
+        raw = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8"))
+        epochs, mark = raw["epoch"], raw.get(FINISHED_KEY)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if isinstance(mark, int) and isinstance(epochs, list) and epochs and epochs[-1] == mark:
+        return mark
+    return None
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -5,9 +5,9 @@ checkpoint."""
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,114 +15,65 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import tempnames
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..io import DISK_FULL, WriteError, reason, write_json
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
                          MODEL_CLASS_KEY, TRAINING_FILES, load_checkpoint, user_model_class)
 from .loading import read_run_config, refuse_python_only
+from .lock import RunFolderLock
 
-
-
-def _pid_of(fd: int) -> str:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        text = ""
-    return text if text.isdigit() else "unknown"
-
-
-class RunFolderLock:
-    """An exclusive :func:`fcntl.flock` lock on ``FOLDER/.lock``, which holds the owner's pid.
-
-    The lock belongs to the open file, so the operating system releases it when the process
-    ends however it ends: a ``.lock`` file left by a killed process is not a held lock. The
-    file is removed on :meth:`release` while still locked; :meth:`acquire` checks that the file
-    it locked is still the one at the path (and tries again if not), so a writer that opened
-    the file just before it was removed cannot hold a lock that a third process also gets."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunFolderLock":
-        import fcntl
-
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
-                             0o666)
-            except OSError as exc:
-                raise CheckpointError(f"cannot write to the run folder {self.folder}: "
-                                      f"{reason(exc.errno, str(exc))}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _pid_of(fd)
-                os.close(fd)
-                raise CheckpointError(f"{self.folder} is being written by another process "
-                                      f"(pid {holder}): wait for it to finish, or choose "
-                                      "another --out") from None
-            except OSError as exc:
-                os.close(fd)
-                raise CheckpointError(f"cannot lock the run folder {self.folder}: "
-                                      f"{reason(exc.errno, str(exc))}") from None
-            try:
-                mine, there = os.fstat(fd), os.stat(self.path)
-                same = (mine.st_ino, mine.st_dev) == (there.st_ino, there.st_dev)
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # removed by its last holder meanwhile: lock the new file
-        self._fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        except OSError:
-            pass  # the lock holds without the pid
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> "RunFolderLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 def sweep_temporary_files(run_dir: Path) -> list[str]:
-    """Remove the temporary files (``.NAME.*.tmp``) that an interrupted writer of the run's
-    own files left; return their names. Only the run's writer, holding the lock, may call it."""
-    removed = []
-    try:
-        entries = os.listdir(run_dir)
-    except OSError:
-        return removed
-    patterns = [f".{name}.*.tmp" for name in TRAINING_FILES]
-    for entry in entries:
-        if any(fnmatch.fnmatchcase(entry, pattern) for pattern in patterns):
-            try:
-                (run_dir / entry).unlink()
-                removed.append(entry)
-            except OSError:
-                pass
-    return removed
+    """Remove the temporary files that an interrupted writer left in ``run_dir`` (those of
+    :mod:`pyro_vae.tempnames`' format whose process is gone; no file of another name); return
+    their names."""
+    return tempnames.sweep(run_dir)
 
 
 def _is_own_entry(entry: str) -> bool:
-    return entry == LOCK_FILE or any(fnmatch.fnmatchcase(entry, f".{name}.*.tmp")
-                                     for name in TRAINING_FILES)
+    """The lock this process holds, and temporary files of pyro-vae's format."""
+    return entry == LOCK_FILE or tempnames.writer_of(entry) is not None
+
+
+#: What a file of the folder that the run is about to write is renamed to (a number is added
+#: when that name is taken too).
+KEPT_SUFFIX = ".orig"
+
+
+def _keep_aside(path: Path) -> list[tuple[Path, Path]]:
+    """Rename the files of a new run's folder that bear the names of the run's files (the
+    user's: a folder without a config.json holds no run) out of the run's way; return the
+    (original, kept) pairs after saying so in one line."""
+    present = [name for name in TRAINING_FILES if os.path.lexists(path / name)]
+    moved = []
+    for name in present:
+        kept = path / f"{name}{KEPT_SUFFIX}"
+        number = 2
+        while os.path.lexists(kept):
+            kept, number = path / f"{name}{KEPT_SUFFIX}-{number}", number + 1
+        try:
+            os.rename(path / name, kept)
+        except OSError as exc:
+            _put_back(moved)
+            raise CheckpointError(f"cannot keep {path / name} aside: "
+                                  f"{reason(exc.errno, str(exc))}") from None
+        moved.append((path / name, kept))
+    if moved:
+        print(f"pyro-vae: {path} holds {', '.join(name for name in present)}, which the run "
+              f"writes: kept as {', '.join(kept.name for _, kept in moved)}", file=sys.stderr,
+              flush=True)
+    return moved
+
+
+def _put_back(moved: list[tuple[Path, Path]]) -> None:
+    for original, kept in moved:
+        try:
+            os.replace(kept, original)
+        except OSError:
+            pass
 
 
 def _create_folder(run_dir: Path) -> list[Path]:
@@ -214,8 +165,12 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
         raise CheckpointError(f"{path} is a file, not a run folder" if path.exists()
                               else f"run folder {path} does not exist")
     created = [] if resume else _create_folder(path)
-    lock = RunFolderLock(path).acquire()
-    wrote_config = False
+    try:
+        lock = RunFolderLock(path).acquire()
+    except BaseException:
+        _remove_created(created)
+        raise
+    wrote_config, kept_aside = False, []
     try:
         sweep_temporary_files(path)
         if resume:
@@ -247,6 +202,7 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
                 raise ConfigError(f"{path} holds {len(others)} other file(s) ({shown}) and no "
                                   "pyro-vae run: choose a new or empty --out, or give --force "
                                   "to write the run among them")
+            kept_aside = _keep_aside(path)
             model_class = None if model is None else user_model_class(model, config)
             recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
             write_json(config_file, {**config.to_dict(), **recorded})
@@ -262,14 +218,20 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
                     "and resume it" if epoch is not None else "no epoch was saved")
             raise WriteError(f"{exc}; {kept}", exc.errno) from exc
     except BaseException:  # an error or an interruption before the first checkpoint
-        if wrote_config and not checkpoint.exists():
-            config_file.unlink(missing_ok=True)
+        if not checkpoint.exists():
+            if wrote_config:
+                config_file.unlink(missing_ok=True)
+            _put_back(kept_aside)
         raise
     finally:
         sweep_temporary_files(path)
         lock.release()
-        for folder_path in created:
-            try:
-                folder_path.rmdir()  # only if empty: a failed start leaves no trace
-            except OSError:
-                break
+        _remove_created(created)
+
+
+def _remove_created(created: list[Path]) -> None:
+    for folder_path in created:
+        try:
+            folder_path.rmdir()  # only if empty: a failed start leaves no trace
+        except OSError:
+            break

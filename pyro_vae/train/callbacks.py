@@ -102,13 +102,13 @@ class FinalEstimate(Callback):
 
 @dataclass
 class RunFolderPlots(Callback):
-    """At the end: the final history and the PNG plots (samples, reconstructions and latent
-    space where the pair offers ``sample``, ``encode`` and ``reconstruct`` and the data are the
-    built-in images; the training curves always)."""
+    """At the end: the PNG plots (samples, reconstructions and latent space where the pair
+    offers ``sample``, ``encode`` and ``reconstruct`` and the data are the built-in images; the
+    training curves always), then the final history, marked as finished."""
 
     run_dir: Path
     plot: Callable[[Loop], None] = field(default=lambda loop: None)
 
     def on_fit_end(self, loop: Loop) -> None:
-        write_history(self.run_dir, loop.history)
         self.plot(loop)
+        write_history(self.run_dir, loop.history, finished=True)  # last: the run is complete

@@ -238,6 +238,7 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
         vectorizable = _check_pair(model, source, config.batch_size)
     if dist.enabled:
+        replicas.check_same_data(source, held_out)
         replicas.start(model)
         if dist.rank:
             pyro.set_rng_seed(rank_seed(config.seed, dist.rank))

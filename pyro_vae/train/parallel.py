@@ -17,7 +17,7 @@ import torch
 
 from ..batches import Batch, Source
 from ..distributed import (SINGLE, DistributedContext, all_gather_objects, all_reduce_sum,
-                           broadcast_tensors, check_in_sync)
+                           broadcast_tensors, check_in_sync, check_same_on_every_rank)
 from ..runs import rng_state, set_generator_state, set_rng_state
 from ..errors import CheckpointError
 from .step import svi_step
@@ -28,6 +28,14 @@ class Replicas:
     """The ranks of ``dist`` (one process: :data:`~pyro_vae.distributed.SINGLE`)."""
 
     dist: DistributedContext = SINGLE
+
+    def check_same_data(self, train: Source, test: Source | None) -> None:
+        """Stop every rank with one line unless all ranks hold data of the same lengths and
+        the same shapes per datapoint (one gather)."""
+        if self.dist.enabled:
+            check_same_on_every_rank(f"training {describe(train)}, test "
+                                     f"{'none' if test is None else describe(test)}",
+                                     self.dist, "data")
 
     def start(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's initial weights."""
@@ -92,3 +100,22 @@ class Replicas:
             return
         set_rng_state(ranks["rng"][self.dist.rank], generator)
         set_generator_state("order", order_generator, ranks["order"])
+
+
+def describe(source: Source) -> str:
+    """``"N datapoints of [shape], ..."``: a source's length and the shapes of its first
+    datapoint's tensors."""
+    first = next(iter(source.ordered(1)))
+    shapes = [list(leaf.shape[1:]) for leaf in _tensors((first.args, first.kwargs))]
+    return f"{source.num_data} datapoints of {', '.join(map(str, shapes)) or 'no tensors'}"
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
