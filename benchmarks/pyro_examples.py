@@ -175,11 +175,19 @@ def _scores(example: Example, model: Callable, guide: Callable, data, draws: int
 
 def run(example: Example, steps: int, seed: int, draws: int = 200, ais_steps: int = 0,
         chains: int = 8) -> dict[str, dict]:
-    """Both trainings of one example from one seed, and their scores; with ``ais_steps``, AIS
-    on the pair ``fit`` trained (``chains`` chains)."""
+    """Both trainings of one example from one seed, and their scores (``initial``: Pyro's
+    ELBO of the untrained pair); with ``ais_steps``, AIS on the pair ``fit`` trained
+    (``chains`` chains)."""
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model, guide, data = example.build()
+        elbo, args = example.pyro_elbo(), _arguments(data)
+        with torch.no_grad(), poutine.block():
+            out["initial"] = -statistics.mean(elbo.loss(model, guide, *args)
+                                              for _ in range(draws))
         pyro.clear_param_store()
         pyro.set_rng_seed(seed)
         model, guide, data = example.build()
