@@ -362,12 +362,22 @@ def test_an_observed_site_outside_the_data_plate_makes_the_data_set_one_datapoin
     def guide(x):
         pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
 
-    # no plate holds every observed site: evaluate scores the data set as one datapoint, the
-    # batched evaluator (per-datapoint by design) refuses, and so does a named plate
+    # no plate holds every observed site: evaluate scores the data set as one datapoint, and
+    # so does the batched evaluator when the data fit one batch (the same numbers from the
+    # same seed); over several batches it refuses, and so does a named plate
+    torch.manual_seed(0)
     whole = ev.evaluate(model, guide, torch.zeros(3), num_particles=4)
     assert whole.whole_data_set and whole.log_px.shape == (1,)
+    torch.manual_seed(0)
+    batched = ev.evaluate_dataset(model, guide, torch.zeros(3), num_particles=4)
+    assert batched.whole_data_set
+    torch.testing.assert_close(batched.log_px, whole.log_px)
     with pytest.raises(ConfigError, match="could not find a data plate"):
-        ev.evaluate_dataset(model, guide, torch.zeros(3), num_particles=4)
+        ev.evaluate_dataset(model, guide, torch.zeros(3), num_particles=4, batch_size=2)
+    loader = torch.utils.data.DataLoader(torch.zeros(3), batch_size=2)  # its own batches
+    with pytest.raises(ConfigError, match="the data set is one datapoint: evaluate it in one "
+                                          "batch"):
+        ev.evaluate_dataset(model, guide, loader, num_particles=4)
     with pytest.raises(ConfigError, match=r"sample sites \['total'\] are outside the data plate"):
         ev.evaluate(model, guide, torch.zeros(3), num_particles=4, data_plate="data")
 

@@ -248,7 +248,8 @@ class EvaluationResult:
                    global_term=GlobalTerm.combine([part.global_term for part in parts]),
                    summed_sites=tuple(dict.fromkeys(
                        site for part in parts for site in part.summed_sites)),
-                   trace_enum_elbo=cat("trace_enum_elbo"))
+                   trace_enum_elbo=cat("trace_enum_elbo"),
+                   whole_data_set=any(part.whole_data_set for part in parts))
 
     def summary(self) -> dict[str, Any]:
         """Mean and standard error (std / √N) of each metric; for k-hat the median, the max and

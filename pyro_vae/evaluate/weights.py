@@ -340,7 +340,8 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     on a fork: the caller's random state is left alone), so each batch's numbers depend only on
     the seed, ``batch_size``, ``particle_chunk`` and the batch's own data; with ``batch_size=1``
     datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
-    ``torch.manual_seed`` of that seed. Under a ``dist`` of several ranks
+    ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
+    no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a ``dist`` of several ranks
     (:func:`~pyro_vae.distributed.init_distributed`), which needs ``batch_seed``, rank r
     evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
     per datapoint to a single process's with the same ``batch_seed``.
@@ -351,6 +352,8 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     source = as_source(data, collate_fn)
+    # data that fit one batch may come from a pair with no data plate: one datapoint, the set
+    whole = source.num_data <= batch_size
     from tqdm.auto import tqdm
 
     parts, failure, num_batches, first_index, vectorize = [], None, 0, 0, None
@@ -371,7 +374,7 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
                                                                     call_kwargs)
                 if vectorize is None:
                     vectorize = _vectorizable(model, guide, batch.args, call_kwargs,
-                                              max_plate_nesting, data_plate)
+                                              max_plate_nesting, data_plate, whole=whole)
                 with _batch_rng(batch_seed, index):
                     part = _batch_result(model, guide, batch.args, call_kwargs,
                                          num_particles=num_particles,
@@ -379,8 +382,12 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
                                          max_plate_nesting=max_plate_nesting,
                                          data_plate=data_plate, khat=khat,
                                          keep_log_weights=keep_log_weights, first_index=start,
-                                         vectorize=vectorize)
-                if part.num_datapoints != size:
+                                         vectorize=vectorize, whole=whole)
+                if part.whole_data_set and index > 0:
+                    raise ConfigError(
+                        "no pyro.plate holds every observed site, so the data set is one "
+                        "datapoint: evaluate it in one batch (batch_size >= its length)")
+                if part.num_datapoints != size and not part.whole_data_set:
                     raise ConfigError(f"the data plate has {part.num_datapoints} entries for a "
                                       f"batch of {size} rows: its size must be the batch's "
                                       "length")
