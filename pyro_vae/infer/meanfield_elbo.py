@@ -76,8 +76,8 @@ class MeanFieldELBO(ELBOEstimator):
             + \log p(c) - \beta\,\mathrm{KL}(q(z \mid x, c) \,\|\, p(z \mid c)),
 
         the closed-form KL where registered inside each L_c, and q(c | x) from the guide (it
-        gets gradients: its expectation is exact). This is the ELBO, below the summed
-        importance bound of ``iwae``/``trace`` (log Σ_c w_c)."""
+        gets gradients: its expectation is exact). This is the ELBO (``trace``'s, with the
+        KLs in closed form), below the summed importance bound of ``iwae`` (log Σ_c w_c)."""
         per_configuration, scale = [], 1.0
         for values, _, _, particles in self._per_configuration(model, guide, args, kwargs,
                                                                sites):
