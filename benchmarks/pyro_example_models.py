@@ -325,3 +325,64 @@ def scanvi():
     counts = torch.poisson(20 * profiles[types], generator=g)
     pair = SCANVI()
     return pair.model, pair.guide, counts
+
+
+class AIR(nn.Module):
+    """``examples/air`` (Attend, Infer, Repeat) in one dimension: up to ``steps`` objects,
+    each present with z_pres_t ~ Bernoulli(ρ z_pres_{t−1}) (sampled in the guide: a
+    score-function term), with a position z_where_t and an appearance z_what_t masked by its
+    presence (``.mask``); the signal is the sum of the present objects' decoded bumps. The
+    guide attends to the residual of what it has explained so far."""
+
+    def __init__(self, length: int = 16, steps: int = 2, hidden: int = 32, what: int = 2):
+        super().__init__()
+        self.steps, self.what = steps, what
+        self.decoder = _MLP([what + 1, hidden], length)
+        self.predict = _MLP([length + 1, hidden], 1 + 2 + 2 * what)
+
+    def _signal(self, where, what):
+        return self.decoder(what, where)
+
+    def model(self, x):
+        pyro.module("air", self)
+        with pyro.plate("data", x.shape[0]):
+            present = x.new_ones(x.shape[0])
+            canvas = x.new_zeros(x.shape)
+            for t in range(self.steps):
+                present = pyro.sample(f"z_pres_{t}", dist.Bernoulli(0.5 * present))
+                where = pyro.sample(f"z_where_{t}", dist.Normal(x.new_zeros(1), 1.0)
+                                    .to_event(1).mask(present.bool()))
+                what = pyro.sample(f"z_what_{t}", dist.Normal(x.new_zeros(self.what), 1.0)
+                                   .to_event(1).mask(present.bool()))
+                canvas = canvas + present.unsqueeze(-1) * self._signal(where, what)
+            pyro.sample("x", dist.Normal(canvas, 0.3).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            present = x.new_ones(x.shape[0])
+            canvas = x.new_zeros(x.shape)
+            for t in range(self.steps):
+                out = self.predict(x - canvas, present.unsqueeze(-1))
+                present = pyro.sample(f"z_pres_{t}", dist.Bernoulli(
+                    torch.sigmoid(out[..., 0]) * present))
+                where = pyro.sample(f"z_where_{t}", dist.Normal(out[..., 1:2],
+                                                                out[..., 2:3].exp())
+                                    .to_event(1).mask(present.bool()))
+                loc, log_scale = out[..., 3:3 + self.what], out[..., 3 + self.what:]
+                what = pyro.sample(f"z_what_{t}", dist.Normal(loc, log_scale.exp())
+                                   .to_event(1).mask(present.bool()))
+                canvas = canvas + present.unsqueeze(-1) * self._signal(where, what)
+
+
+def air():
+    g = torch.Generator().manual_seed(0)
+    rows, length = 100, 16
+    grid = torch.arange(length).float()
+    counts = torch.randint(0, 3, (rows,), generator=g)
+    x = 0.1 * torch.randn(rows, length, generator=g)
+    for n in range(rows):
+        for _ in range(int(counts[n])):
+            centre = torch.randint(2, length - 2, (1,), generator=g).float()
+            x[n] += 2.0 * torch.exp(-0.5 * (grid - centre) ** 2)
+    pair = AIR(length)
+    return pair.model, pair.guide, x

@@ -36,7 +36,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta
 from pyro.ops.indexing import Vindex
 from torch.nn.functional import softplus
@@ -147,6 +147,7 @@ EXAMPLES = [
     Example("prodlda", nets.prodlda, lambda: TraceMeanField_ELBO(max_plate_nesting=1),
             "meanfield", 0.01),
     Example("scanvi", nets.scanvi, lambda: TraceEnum_ELBO(max_plate_nesting=1), "trace", 0.01),
+    Example("air", nets.air, lambda: TraceGraph_ELBO(max_plate_nesting=1), "trace", 0.01),
 ]
 
 

@@ -62,6 +62,17 @@ def test_every_estimator_trains_an_example_or_refuses_it_in_one_line(examples, n
         assert cells["stl"].startswith("refused") and "dropout" in cells["stl"]
 
 
+def test_the_air_example_trains_its_sampled_presence_variables_with_trace_and_vimco(examples):
+    example = _example(examples, "air")
+    result = examples.run(example, steps=15, seed=0, draws=4)
+    start, ours = result["initial"], result["pyro_vae_fit"]
+    assert ours["pyro_elbo"] > start
+    cells = examples.estimators(example, steps=1, seed=0)
+    assert cells["trace"].startswith("ran") and cells["vimco"].startswith("ran")
+    assert all(cells[name].startswith("refused: guide site 'z_pres_0' (Bernoulli) is not "
+                                      "reparameterizable") for name in ("iwae", "stl", "dreg"))
+
+
 def test_ais_scores_the_vae_example_and_refuses_prodlda_in_one_line(examples):
     vae = examples.run(_example(examples, "vae"), steps=10, seed=0, draws=4, ais_steps=20,
                        chains=4)
