@@ -253,7 +253,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "run folder (with --data, data-<file stem> in place of "
                                    "<split>).")
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
-    p.add_argument("--particles", type=_positive_int, default=defaults.particles,
+    p.add_argument("--particles", type=_positive_int,
                    help=f"importance samples K per datapoint (default {defaults.particles})")
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
                    help=f"which split of the run's dataset (default {defaults.split})")
@@ -263,7 +263,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "train --data)")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help=f"datapoints per call (default {defaults.batch_size})")
-    p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
+    p.add_argument("--particle-chunk", type=_positive_int,
                    help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
     p.add_argument("--seed", type=parse_seed, default=defaults.seed,
                    help=f"seed of the importance samples (default {defaults.seed})")
@@ -274,12 +274,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="annealed importance sampling instead: HMC chains from the guide to the "
                         "posterior, a lower bound on log p(x) that does not depend on the "
                         "guide's quality; writes ais-<split>.json")
-    p.add_argument("--ais-steps", type=_positive_int, default=500,
+    p.add_argument("--ais-steps", type=_positive_int,
                    help="annealing steps of --ais (default 500)")
-    p.add_argument("--ais-start", choices=("guide", "prior"), default="guide",
+    p.add_argument("--ais-start", choices=("guide", "prior"),
                    help="density the --ais chains start from: the guide q(z|x) (default) or "
                         "the prior p(z), which needs more steps")
-    p.add_argument("--chains", type=_positive_int, default=16,
+    p.add_argument("--chains", type=_positive_int,
                    help="AIS chains per datapoint (default 16)")
     _add_max_memory(p)
     _add_dist_timeout(p)
@@ -358,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .commands import COMMANDS
     from .io import describe_os_error
     from .memory import allocation_message, is_allocation_failure, limit
+    from .usercode import describe_failure, user_frame
 
     args = build_parser().parse_args(argv)
     previous = None
@@ -374,14 +375,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",
               file=sys.stderr)
         return EXIT_USER_ERROR
-    except (MemoryError, RuntimeError) as exc:
-        if not is_allocation_failure(exc):
-            raise
-        print(f"pyro-vae {args.command}: error: {allocation_message(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        where = user_frame(exc.__traceback__)
+        inside = f" in {where[0]}:{where[1]}" if where else ""
+        print(f"pyro-vae {args.command}: interrupted{inside}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (Exception, SystemExit) as exc:  # the user's code: a factory, data function, model
+        if is_allocation_failure(exc):
+            print(f"pyro-vae {args.command}: error: {allocation_message(exc)}",
+                  file=sys.stderr)
+            return EXIT_USER_ERROR
+        line = describe_failure(exc)
+        if line is None and isinstance(exc, SystemExit):
+            line = f"SystemExit({exc.code!r}) raised while the command ran"
+        if line is None:
+            raise
+        print(f"pyro-vae {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Terminated:
         print(f"pyro-vae {args.command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -113,6 +114,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _train_config(args)
         run_dir = args.out or _default_out(config)
+    if args.download and config.dataset != "mnist":
+        raise PyroVAEError("--download fetches the MNIST files; "
+                           + (f"the {config.dataset} images ship with the package"
+                              if config.dataset else "--data is read as it is"))
     result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
                  progress=not args.quiet, download=args.download,
                  dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force,
@@ -238,6 +243,10 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     if len(template) != 1:
         raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "
                            "argument")
+    rows = len(template[0])
+    if rows < args.num:
+        print(f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
+              f"shape the simulated data take: simulating {rows:,}", file=sys.stderr)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -260,11 +269,31 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     return 0
 
 
+AIS_ONLY = {"ais_steps": 500, "chains": 16, "ais_start": "guide"}
+IMPORTANCE_ONLY = ("particles", "particle_chunk")
+
+
+def _fill_evaluate_options(args: argparse.Namespace) -> None:
+    """Refuse the options that do nothing in the evaluation asked for (the AIS options without
+    ``--ais``, the importance sampler's with it); fill in the defaults of the others."""
+    from .evaluate import EvalConfig
+
+    unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
+    if unused:
+        raise PyroVAEError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
+                           else f"{unused} need(s) --ais (they size the AIS chains)")
+    defaults = EvalConfig()
+    for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import current_context
     from .evaluate import evaluate_run, format_table
     from .runs import read_config
 
+    _fill_evaluate_options(args)
     if args.ais:
         return _cmd_ais(args)
 

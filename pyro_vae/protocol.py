@@ -41,10 +41,11 @@ import pyro
 import torch
 from pyro import poutine
 from torch import nn
+from torch.distributions import constraints
 
 from .batches import batch_length
 from .enumeration import is_enumerated
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .module_state import running_statistics_kept
 from .models import DATA_PLATE
 from .traces import find_data_plate, trace_pair
@@ -135,6 +136,7 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
                 raise ConfigError(f"the {role}'s site {name!r} of {what} has batch shape "
                                   f"{list(batch_shape)}, with dimension(s) {free} in no plate: "
                                   f"{hint}")
+    check_observed(model_trace, what)
     plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
     size = next(frame.size for trace in (guide_trace, model_trace)
                 for site in trace.nodes.values() if site["type"] == "sample"
@@ -167,3 +169,45 @@ def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Paramete
                 if site["type"] == "sample" and not site["is_observed"])
     grads = torch.autograd.grad(log_q, params, allow_unused=True)
     return [p for p, g in zip(params, grads) if g is not None]
+
+
+def _support_text(support: Any) -> str:
+    kind = type(support).__name__.lstrip("_")
+    low, high = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
+    named = {"Boolean": "{0, 1}", "Real": "the real line", "Positive": "(0, inf)",
+             "Nonnegative": "[0, inf)", "NonnegativeInteger": "{0, 1, 2, ...}",
+             "IntegerInterval": f"{{{low}, ..., {high}}}", "Interval": f"[{low}, {high}]",
+             "HalfOpenInterval": f"[{low}, {high})", "GreaterThan": f"({low}, inf)",
+             "GreaterThanEq": f"[{low}, inf)", "LessThan": f"(-inf, {high})"}
+    return named.get(kind, str(support))
+
+
+def check_observed(model_trace: Any, what: str = "the model") -> None:
+    """Refuse, in one line, observed values outside the support of their site's distribution
+    (pixel values 2.0 for a Bernoulli likelihood): named with the first values that fail."""
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn, value = site["fn"], site["value"]
+        support = fn.support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        try:
+            ok = support.check(value)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            continue
+        if not isinstance(ok, torch.Tensor) or bool(ok.all()):
+            continue
+        base = fn
+        while hasattr(base, "base_dist"):
+            base = base.base_dist
+        bad = value[~ok] if ok.shape == value.shape else None
+        shown = ""
+        if bad is not None:
+            distinct = torch.unique(bad.detach().double()).tolist()
+            shown = " " + ", ".join(f"{v:g}" for v in distinct[:3]) + (
+                ", ..." if len(distinct) > 3 else "")
+        raise DataError(f"the data hold values{shown} outside {_support_text(support)}, the "
+                        f"support of the {type(base).__name__} likelihood at the observed "
+                        f"site {name!r} of {what} ({int((~ok).sum())} of {ok.numel()} "
+                        "entries of the first batch)")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import memory
 from .errors import ConfigError, DataError
+from .files import COPIES, check_npz, regular_file
 
 DATA_SUFFIXES = (".npz", ".pt")
 _POSITIONAL = re.compile(r"arr_(\d+)")
@@ -45,10 +50,33 @@ def load_factory(spec: str) -> Callable:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name}: {exc}") from None
+    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+        from .usercode import user_frame
+
+        if not isinstance(exc, SyntaxError) and user_frame(exc.__traceback__) is not None:
+            raise  # raised by the module's own code, not by the compiler
+        where = (f"{exc.filename}:{exc.lineno}: " if isinstance(exc, SyntaxError)
+                 and exc.filename else "")
+        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        raise ConfigError(f"{where}cannot load {module_name} as Python: "
+                          f"{type(exc).__name__}: {detail}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ConfigError(f"{module_name} has no callable {attribute!r}")
+    if _not_user_code(module_name, factory):
+        raise ConfigError(f"{spec} names a function of Python itself (its standard library "
+                          "or builtins), not the user's own: name a function defined in "
+                          "your module or FILE.py")
     return factory
+
+
+def _not_user_code(module_name: str, factory: Callable) -> bool:
+    """Whether ``factory`` is Python's own (the standard library, a builtin): such a function
+    (``os:abort``, ``builtins:input``) cannot build a pair or data, and may end the process
+    without a word."""
+    top = module_name.partition(".")[0]
+    return (top in sys.stdlib_module_names or inspect.isbuiltin(factory)
+            or getattr(factory, "__module__", None) in ("builtins", "posix", "nt"))
 
 
 def absolute_spec(spec: str) -> str:
@@ -63,6 +91,7 @@ def absolute_spec(spec: str) -> str:
 
 
 def _read_npz(path: Path) -> tuple | dict:
+    check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -80,8 +109,12 @@ def _read_npz(path: Path) -> tuple | dict:
 
 
 def _read_pt(path: Path) -> Any:
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
+    size = regular_file(path)
+    memory.require(size * COPIES, f"reading {path.name}")
+    try:  # torch's warnings about a foreign pickle precede an error that says it all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or pickled file
         raise DataError(f"cannot read {path} as tensors (torch.load with weights_only=True): "
                         f"{type(exc).__name__}") from None
@@ -109,7 +142,7 @@ def load_data(spec: str) -> tuple[Any, Any]:
     unless a function returned a pair."""
     path = Path(spec)
     if spec.endswith(DATA_SUFFIXES):
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"no data file {path}")
         return (_read_npz(path) if spec.endswith(".npz") else _read_pt(path)), None
     if ":" not in spec:

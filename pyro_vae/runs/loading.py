@@ -3,7 +3,6 @@ given module) and its data."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from ..batches import Source, as_source, resolve_device
 from ..builtin import build_model, eval_source, prepare_data
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json
 from ..io import reason
 from ..pairs import PyroPair, as_pair, is_pair_module
 from ..specs import load_data, load_factory
@@ -62,9 +62,7 @@ def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
         raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): is it "
                               "a pyro-vae run folder?")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        raw = read_json(path, error=CheckpointError)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {reason(exc.errno, str(exc))}") from None
     if not isinstance(raw, dict):

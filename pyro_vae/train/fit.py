@@ -18,7 +18,7 @@ from ..batches import Source, as_source, resolve_device
 from ..config import TrainConfig
 from ..distributed import (SHARED_ORDER_STREAM, barrier, current_context, derive_seed,
                            init_distributed, main_first, rank_seed)
-from ..errors import ConfigError, TrainingDiverged
+from ..errors import ConfigError, PyroVAEError, TrainingDiverged
 from ..evaluate.weights import eval_mode
 from ..fused import training_loss
 from ..infer import LinearWarmup
@@ -237,6 +237,12 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
     else:
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
         vectorizable = _check_pair(model, source, config.batch_size)
+        if held_out is not None:  # scored after every epoch: checked before the first
+            first = next(iter(held_out.ordered(config.batch_size)))
+            try:
+                check_model(model, *first.args, **first.kwargs)
+            except PyroVAEError as exc:
+                raise type(exc)(f"the test data: {exc}") from None
     if dist.enabled:
         replicas.start(model)
         if dist.rank:
