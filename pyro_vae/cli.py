@@ -25,6 +25,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
+#: the time a command's estimated work may take unless --max-seconds says otherwise
+DEFAULT_MAX_SECONDS = 3600.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -217,6 +219,13 @@ def _add_max_memory(parser: argparse.ArgumentParser) -> None:
                              "SIZE (512M, 4G, ...; default: the memory free on the device)")
 
 
+def _add_max_seconds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-seconds", type=_positive_float, default=DEFAULT_MAX_SECONDS,
+                        metavar="SECONDS",
+                        help="refuse, after timing its first pieces, work whose estimated "
+                             f"time exceeds SECONDS (default {DEFAULT_MAX_SECONDS:g})")
+
+
 def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
     from .distributed import DEFAULT_TIMEOUT_S, ENV_TIMEOUT
 
@@ -282,6 +291,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chains", type=_positive_int,
                    help="AIS chains per datapoint (default 16)")
     _add_max_memory(p)
+    _add_max_seconds(p)
     _add_dist_timeout(p)
 
 
@@ -299,6 +309,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
                    help=f"which split of the run's dataset (default {defaults.split})")
     p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
+    _add_max_seconds(p)
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="image-label pairs per call")
     p.add_argument("--seed", type=parse_seed, default=defaults.seed,
@@ -333,6 +344,7 @@ def _add_bdmc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=parse_seed, default=0, help="seed (default 0)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    _add_max_seconds(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     :class:`OSError` such as a full disk) prints one line and returns :data:`EXIT_USER_ERROR`;
     Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
     only process or torchrun's rank 0)."""
+    from .budget import time_limit
     from .commands import COMMANDS
     from .io import describe_os_error
     from .memory import allocation_message, is_allocation_failure, limit
@@ -365,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread() and _writer_rank():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with limit(getattr(args, "max_memory", None)):
+        with limit(getattr(args, "max_memory", None)), \
+                time_limit(getattr(args, "max_seconds", None), how="give --max-seconds"):
             return COMMANDS[args.command](args)
     except PyroVAEError as exc:
         if _writer_rank() or exc.per_rank:  # an error every rank meets: rank 0 says it

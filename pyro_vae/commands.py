@@ -149,7 +149,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from .builtin import network_width
     from .memory import inference_bytes, require
-    from .plots import plot_grid, plot_label_rows, save_figure
+    from .plots import grid_bytes, label_rows_layout, plot_grid, plot_label_rows, save_figure
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device)
@@ -157,9 +157,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
                            "images of a pair with a sample method")
     device = next(run.model.parameters()).device
-    rows = args.num if not run.model.conditional else max(args.num, len(args.label or [0]) or 1)
-    require(inference_bytes(0, network_width(run.dataset, run.config), rows),
-            f"drawing {rows:,} samples", device)
+    if run.model.conditional:
+        count = len(args.label) if args.label else run.model.num_classes
+        per_label = max(1, args.num // count)
+        rows = per_label * count
+        rows_per_label, ncols = label_rows_layout(per_label)
+        nrows = rows_per_label * count
+    else:
+        rows, ncols = args.num, max(1, int(round(args.num ** 0.5)))
+        nrows = -(-rows // ncols)
+    figure = grid_bytes(nrows, ncols, run.dataset.image_shape, f"a grid of {rows:,} samples")
+    require(inference_bytes(0, network_width(run.dataset, run.config), rows) + figure,
+            f"drawing {rows:,} samples and their grid", device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:
@@ -198,7 +207,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     data = (run.data(args.split, args.limit) if args.data is None
             else given_data(run, args.data, args.limit))
-    require_ais_memory(run, args.chains, args.batch_size, data.num_data)
+    require_ais_memory(run, args.chains, args.batch_size, data.num_data, args.ais_steps)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -238,7 +247,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     if getattr(run.model, "conditional", False):
         raise PyroVAEError("bdmc simulates data from a model of x alone; a conditional run's "
                            "model also takes the label")
-    require_ais_memory(run, args.chains, BDMC_BATCH, args.num)
+    require_ais_memory(run, args.chains, BDMC_BATCH, args.num, args.ais_steps)
     template = next(iter(run.data("test", args.num).ordered(args.num))).args
     if len(template) != 1:
         raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "

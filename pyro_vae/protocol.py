@@ -136,7 +136,6 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
                 raise ConfigError(f"the {role}'s site {name!r} of {what} has batch shape "
                                   f"{list(batch_shape)}, with dimension(s) {free} in no plate: "
                                   f"{hint}")
-    check_observed(model_trace, what)
     plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
     size = next(frame.size for trace in (guide_trace, model_trace)
                 for site in trace.nodes.values() if site["type"] == "sample"
@@ -182,9 +181,34 @@ def _support_text(support: Any) -> str:
     return named.get(kind, str(support))
 
 
-def check_observed(model_trace: Any, what: str = "the model") -> None:
-    """Refuse, in one line, observed values outside the support of their site's distribution
-    (pixel values 2.0 for a Bernoulli likelihood): named with the first values that fail."""
+def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
+    """Refuse, in one line, a batch whose observed values lie outside the support of their
+    site's distribution (pixel values 2.0 for a Bernoulli likelihood), naming the site and the
+    first values that fail: the pair is run once on the batch (on a fork of the random state,
+    in an empty param store), its data checked as Pyro's ``validate_args`` checks them."""
+    with poutine.block(), torch.random.fork_rng(devices=[]), \
+            pyro.get_param_store().scope(), running_statistics_kept(module):
+        model_trace, _ = trace_pair(module.model, module.guide, args, kwargs)
+    _check_observed(model_trace, type(module).__name__)
+
+
+def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
+    """Bytes of the activations one particle of the pair saves for its gradients on the batch
+    ``args``/``kwargs``: measured by running the model and guide once (on a fork of the random
+    state, in an empty param store), the parameters left out (:func:`pyro_vae.memory.saved_bytes`).
+    A step of P particles holds about P times as much."""
+    from .memory import saved_bytes
+
+    def one_particle() -> None:
+        model_trace, guide_trace = trace_pair(module.model, module.guide, args, kwargs)
+        (model_trace.log_prob_sum() - guide_trace.log_prob_sum()).sum()
+
+    with poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), \
+            pyro.get_param_store().scope(), running_statistics_kept(module):
+        return saved_bytes(one_particle, exclude=list(module.parameters()))
+
+
+def _check_observed(model_trace: Any, what: str) -> None:
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue

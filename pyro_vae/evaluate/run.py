@@ -99,15 +99,22 @@ def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> 
                    _device(run))
 
 
-def require_ais_memory(run: Any, chains: int, batch_size: int, num_data: int) -> None:
+#: float64 copies of the annealing schedule alive while it is built and checked
+SCHEDULE_COPIES = 5
+
+
+def require_ais_memory(run: Any, chains: int, batch_size: int, num_data: int,
+                       steps: int = 0) -> None:
     """Refuse, before drawing anything, AIS whose batches cannot fit: every step holds the
     activations of chains × batch datapoint-particles with their gradients (the HMC moves),
-    and the chains' positions, momenta and log-weights."""
+    and the chains' positions, momenta and log-weights; the schedule holds a float64 β per
+    step."""
     batch = min(batch_size, max(num_data, 1))
     rows = chains * batch
-    nbytes = memory.training_bytes(0, _width(run), rows) + rows * 8 * 8
-    memory.require(nbytes, f"AIS with {chains:,} chains on batches of {batch:,}",
-                   _device(run))
+    nbytes = (memory.training_bytes(0, _width(run), rows) + rows * 8 * 8
+              + (steps + 1) * 8 * SCHEDULE_COPIES)
+    memory.require(nbytes, f"AIS of {steps:,} steps with {chains:,} chains on batches of "
+                   f"{batch:,}", _device(run))
 
 
 def _width(run: Any) -> int:
