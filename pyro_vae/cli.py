@@ -309,6 +309,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
                    help=f"which split of the run's dataset (default {defaults.split})")
     p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
+    _add_max_memory(p)
     _add_max_seconds(p)
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="image-label pairs per call")
@@ -344,6 +345,7 @@ def _add_bdmc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=parse_seed, default=0, help="seed (default 0)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    _add_max_memory(p)
     _add_max_seconds(p)
 
 

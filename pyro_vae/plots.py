@@ -118,11 +118,18 @@ def plot_label_rows(images: torch.Tensor, labels: Sequence[int], per_label: int,
 
 
 def plot_reconstructions(originals: torch.Tensor, reconstructions: torch.Tensor,
-                         image_shape: Sequence[int]) -> plt.Figure:
-    """Two rows: test images above, their reconstructions (decoder mean at the guide mean) below."""
-    both = torch.cat([originals, reconstructions])
-    return plot_grid(both, image_shape, ncols=originals.shape[0],
-                     title="test images (top) and reconstructions (bottom)")
+                         image_shape: Sequence[int],
+                         inputs: torch.Tensor | None = None) -> plt.Figure:
+    """Test images above their reconstructions (decoder mean at the guide mean); with
+    ``inputs`` (the binarized images the model was given, when they differ from the
+    originals) a row of them between the two, each row named by its tick."""
+    rows = [("test images", originals)]
+    if inputs is not None and not torch.equal(inputs, originals):
+        rows.append(("binarized inputs", inputs))
+    rows.append(("reconstructions", reconstructions))
+    return plot_grid(torch.cat([images for _, images in rows]), image_shape,
+                     ncols=originals.shape[0], row_labels=[name for name, _ in rows],
+                     title=", ".join(name for name, _ in rows) + " (top to bottom)")
 
 
 def project_2d(points: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -142,8 +149,13 @@ def plot_latent(locs: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
     xy, axis = project_2d(locs)
     labels = labels.detach().cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 5))
-    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
-    fig.colorbar(scatter, ax=ax, label="label")
+    colours = plt.get_cmap("tab10" if labels.max(initial=0) < 10 else "tab20")
+    for label in np.unique(labels):  # one colour per label, named in a legend
+        chosen = labels == label
+        ax.scatter(xy[chosen, 0], xy[chosen, 1], color=colours(int(label) % colours.N), s=6,
+                   alpha=0.8, label=str(label))
+    ax.legend(title="label", markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5),
+              frameon=False)
     ax.set_xlabel(f"{axis} 1")
     ax.set_ylabel(f"{axis} 2")
     ax.set_title("latent means of the test set")
@@ -174,7 +186,8 @@ def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset | None"
         return [save_figure(plot_curves(history), run_dir / CURVES_PNG)]
     generator = torch.Generator(device=test_images.device).manual_seed(seed)
     labels = dataset.test.labels
-    originals = test_images[:NUM_RECONSTRUCTIONS]
+    inputs = test_images[:NUM_RECONSTRUCTIONS]
+    originals = dataset.test.images[:NUM_RECONSTRUCTIONS].to(inputs)
     if getattr(model, "conditional", False):
         classes = torch.arange(model.num_classes, device=labels.device)
         samples = model.sample(8 * model.num_classes, generator=generator,
@@ -182,16 +195,16 @@ def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset | None"
         samples_fig = plot_label_rows(samples, range(model.num_classes), 8,
                                       dataset.image_shape, "samples per label (decoder mean)")
         locs, _ = model.encode(test_images, labels)
-        recon = model.reconstruct(originals, labels[:NUM_RECONSTRUCTIONS])
+        recon = model.reconstruct(inputs, labels[:NUM_RECONSTRUCTIONS])
     else:
         samples = model.sample(64, generator=generator)
         samples_fig = plot_grid(samples, dataset.image_shape, 8, "samples from the prior "
                                 "(decoder mean)")
         locs, _ = model.encode(test_images)
-        recon = model.reconstruct(originals)
+        recon = model.reconstruct(inputs)
     return [
         save_figure(samples_fig, run_dir / SAMPLES_PNG),
-        save_figure(plot_reconstructions(originals, recon, dataset.image_shape),
+        save_figure(plot_reconstructions(originals, recon, dataset.image_shape, inputs),
                     run_dir / RECONSTRUCTIONS_PNG),
         save_figure(plot_latent(locs, labels), run_dir / LATENT_PNG),
         save_figure(plot_curves(history), run_dir / CURVES_PNG),
