@@ -421,3 +421,31 @@ def test_the_reconstruction_rows_are_named_and_the_latent_plot_has_a_legend():
     assert len(figure.axes) == 1  # no colour bar
     legend = figure.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == [str(i) for i in range(10)]
+
+
+def test_data_given_to_evaluate_are_checked_against_the_likelihood(tmp_path, capsys, files):
+    run = tmp_path / "run"
+    assert status(["train", "--model-factory", f"{files / 'pair.py'}:make", "--data",
+                   files / "binary.npz", "--out", run, "--quiet", "--epochs", "1"]) == 0
+    capsys.readouterr()
+    x = np.zeros((8, 5), dtype=np.float32)
+    x[3, 2] = 0.5
+    np.savez(tmp_path / "grey.npz", x=x)
+    before = snapshot(run)
+    for extra in ([], ["--ais", "--ais-steps", "2"]):
+        assert status(["evaluate", run, "--data", tmp_path / "grey.npz", "--quiet",
+                       *extra]) == 2
+        assert "values 0.5 outside {0, 1}" in one_line(capsys)
+    assert snapshot(run) == before
+
+
+def test_classify_refuses_particles_that_would_take_too_long(tmp_path, capsys, ticking_clock):
+    run = tmp_path / "cvae"
+    assert status(["train", "--model", "cvae", *TINY, "--out", run]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    assert status(["classify", run, "--particles", HUGE, "--limit", "10"]) == 2
+    line = one_line(capsys)
+    assert "evaluating 1,000,000,000 particles on 100 datapoints would take about" in line
+    assert "give --max-seconds" in line
+    assert snapshot(run) == before

@@ -15,7 +15,7 @@ from ..batches import as_source, resolve_device
 from ..config import check_seed
 from ..distributed import init_distributed
 from ..errors import ConfigError
-from ..protocol import data_plate_name
+from ..protocol import check_data, data_plate_name
 from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
@@ -78,11 +78,15 @@ def output_label(split: str, data: Any) -> str:
 
 
 def given_data(run: Any, data: Any, limit: int | None) -> Any:
-    """``data`` (a spec or data) as a source on the run's device and parameter dtype."""
+    """``data`` (a spec or data) as a source on the run's device and parameter dtype, its
+    first batch checked against the likelihood's support (:func:`~pyro_vae.protocol.check_data`)."""
     if isinstance(data, (str, Path)):
         data = load_data(str(data))[0]
     param = next(run.model.parameters())
-    return as_source(data).head(limit).to(param.device, param.dtype)
+    source = as_source(data).head(limit).to(param.device, param.dtype)
+    first = next(iter(source.ordered(DEFAULT_BATCH_SIZE)))
+    check_data(run.model, *first.args, **first.kwargs)
+    return source
 
 
 def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> None:

@@ -87,14 +87,16 @@ def _user_sources(model: torch.nn.Module, data: Any, test_data: Any, config: Tra
 def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
                 device: torch.device) -> bool:
     """Run the pair once on the first batch as training will see it (a guide may have one
-    parameter per datapoint of a batch), in a forked state: its data against its likelihood,
+    parameter per datapoint of a batch), in a forked state: its data (unless the source
+    transforms each epoch's batches) against its likelihood,
     its memory per particle measured and extrapolated to the particles of a step; return
     whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
     first = next(iter(source.ordered(config.batch_size)))
     if isinstance(model, PyroPair):
         model.discover(*first.args, **first.kwargs)
     check_model(model, *first.args, **first.kwargs)
-    check_data(model, *first.args, **first.kwargs)
+    if getattr(source, "transform", None) is None:  # a transform (binarization) acts per epoch
+        check_data(model, *first.args, **first.kwargs)
     per_particle = pair_activation_bytes(model, *first.args, **first.kwargs)
     draws = config.particles * config.importance_samples
     params = sum(p.numel() for p in model.parameters())
