@@ -182,7 +182,7 @@ def test_the_users_model_and_data_functions_fail_in_one_line(tmp_path, capsys, f
     assert status(["train", "--model-factory", f"{files / 'pair.py'}:{factory}", "--data",
                    files / data, "--out", out, "--quiet", "--batch-size", "32"]) == code
     assert re.search(expected, one_line(capsys))
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_data_outside_the_likelihoods_support_are_named_in_one_line(tmp_path, capsys, files):
@@ -449,3 +449,17 @@ def test_classify_refuses_particles_that_would_take_too_long(tmp_path, capsys, t
     assert "evaluating 1,000,000,000 particles on 100 datapoints would take about" in line
     assert "give --max-seconds" in line
     assert snapshot(run) == before
+
+
+def test_mnist_files_that_are_not_regular_files_are_one_line(tmp_path, capsys):
+    from pyro_vae.data import MNIST_FILES
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for filename, _ in MNIST_FILES.values():
+        (folder / filename).symlink_to("/dev/zero")
+    out = tmp_path / "run"
+    assert status(["train", "--dataset", "mnist", "--data-dir", folder, *TINY,
+                   "--out", out]) == 2
+    assert "is a device, not a regular file (a link to /dev/zero)" in one_line(capsys)
+    assert not out.exists()
