@@ -207,7 +207,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     data = (run.data(args.split, args.limit) if args.data is None
             else given_data(run, args.data, args.limit))
-    require_ais_memory(run, args.chains, args.batch_size, data.num_data, args.ais_steps)
+    require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -247,8 +247,9 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     if getattr(run.model, "conditional", False):
         raise PyroVAEError("bdmc simulates data from a model of x alone; a conditional run's "
                            "model also takes the label")
-    require_ais_memory(run, args.chains, BDMC_BATCH, args.num, args.ais_steps)
-    template = next(iter(run.data("test", args.num).ordered(args.num))).args
+    test_data = run.data("test", args.num)
+    require_ais_memory(run, args.chains, BDMC_BATCH, test_data, args.ais_steps)
+    template = next(iter(test_data.ordered(args.num))).args
     if len(template) != 1:
         raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "
                            "argument")

@@ -463,3 +463,20 @@ def test_mnist_files_that_are_not_regular_files_are_one_line(tmp_path, capsys):
                    "--out", out]) == 2
     assert "is a device, not a regular file (a link to /dev/zero)" in one_line(capsys)
     assert not out.exists()
+
+
+def test_one_particle_of_a_users_pair_is_measured_by_the_activations_it_saves(files):
+    import importlib.util
+
+    from pyro_vae.protocol import pair_activation_bytes
+
+    spec = importlib.util.spec_from_file_location("pair_for_sizes", files / "pair.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pair = module.Pair()
+    pair.enc = torch.nn.Sequential(torch.nn.Linear(5, 1000), torch.nn.Softplus(),
+                                   torch.nn.Linear(1000, 4))
+    small, large = (pair_activation_bytes(pair, torch.ones(rows, 5)) for rows in (64, 128))
+    assert small >= 64 * 1000 * 4  # at least the hidden layer's activations
+    assert 1.9 < large / small < 2.1  # activations grow with the rows; the parameters do not
+    assert all(p.grad is None for p in pair.parameters())

@@ -15,7 +15,7 @@ from ..batches import as_source, resolve_device
 from ..config import check_seed
 from ..distributed import init_distributed
 from ..errors import ConfigError
-from ..protocol import check_data, data_plate_name
+from ..protocol import check_data, data_plate_name, pair_activation_bytes
 from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
@@ -89,13 +89,19 @@ def given_data(run: Any, data: Any, limit: int | None) -> Any:
     return source
 
 
-def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> None:
+def _require_memory(run: Any, config: EvalConfig, source: Any, keep: bool) -> None:
     """Refuse, before drawing anything, an evaluation whose chunks cannot fit: a chunk's
-    activations (the package's own networks, whose widths are known), its log-weights, the
-    top-M tails for k-hat and, when kept, all K·N log-weights."""
+    activations (of the package's own networks, whose widths are known, or of a user's pair,
+    measured on one particle of the first batch), its log-weights, the top-M tails for k-hat
+    and, when kept, all K·N log-weights."""
+    num_data = source.num_data
     batch = min(config.batch_size, max(num_data, 1))
-    rows = batch * min(config.particle_chunk, config.particles)
-    nbytes = (memory.inference_bytes(0, _width(run), rows) + rows * 8
+    chunk = min(config.particle_chunk, config.particles)
+    rows = batch * chunk
+    measured = _pair_bytes(run, source, batch)
+    activations = (memory.inference_bytes(0, _width(run), rows) if measured is None
+                   else measured * chunk)
+    nbytes = (activations + rows * 8
               + (tail_size(config.particles) + 1) * batch * 8
               + (config.particles * num_data * 8 if keep else 0))
     memory.require(nbytes, f"evaluating {config.particles:,} particles in chunks of "
@@ -107,18 +113,31 @@ def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> 
 SCHEDULE_COPIES = 5
 
 
-def require_ais_memory(run: Any, chains: int, batch_size: int, num_data: int,
+def require_ais_memory(run: Any, chains: int, batch_size: int, source: Any,
                        steps: int = 0) -> None:
-    """Refuse, before drawing anything, AIS whose batches cannot fit: every step holds the
-    activations of chains × batch datapoint-particles with their gradients (the HMC moves),
-    and the chains' positions, momenta and log-weights; the schedule holds a float64 β per
-    step."""
-    batch = min(batch_size, max(num_data, 1))
+    """Refuse, before drawing anything, AIS whose batches of ``source`` cannot fit: every step
+    holds the activations of chains × batch datapoint-particles with their gradients (the HMC
+    moves; a user's pair measured on one particle of the first batch), and the chains'
+    positions, momenta and log-weights; the schedule holds a float64 β per step."""
+    batch = min(batch_size, max(source.num_data, 1))
     rows = chains * batch
-    nbytes = (memory.training_bytes(0, _width(run), rows) + rows * 8 * 8
+    measured = _pair_bytes(run, source, batch)
+    activations = (memory.training_bytes(0, _width(run), rows) if measured is None
+                   else measured * chains * memory.TRAIN_ACTIVATION_COPIES // 2)
+    nbytes = (activations + rows * 8 * 8
               + (steps + 1) * 8 * SCHEDULE_COPIES)
     memory.require(nbytes, f"AIS of {steps:,} steps with {chains:,} chains on batches of "
                    f"{batch:,}", _device(run))
+
+
+def _pair_bytes(run: Any, source: Any, batch_size: int) -> int | None:
+    """The activations of one particle of a user's pair on a batch of ``batch_size``, measured
+    on the first (:func:`~pyro_vae.protocol.pair_activation_bytes`); ``None`` for the package's
+    own networks, sized by their widths."""
+    if run.dataset is not None and builtin.is_builtin(run.model):
+        return None
+    first = next(iter(source.ordered(batch_size)))
+    return pair_activation_bytes(run.model, *first.args, **first.kwargs)
 
 
 def _width(run: Any) -> int:
@@ -171,7 +190,7 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                                                                      config.limit)
         keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
-        _require_memory(run, config, source.num_data, keep)
+        _require_memory(run, config, source, keep)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
             result = evaluate_dataset(run.model.model, run.model.guide, source,
                                       num_particles=config.particles,
