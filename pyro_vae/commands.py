@@ -291,7 +291,7 @@ def _fill_evaluate_options(args: argparse.Namespace) -> None:
     unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
     if unused:
         raise PyroVAEError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
-                           else f"{unused} need(s) --ais (they size the AIS chains)")
+                           else f"{unused} need(s) --ais (without it importance sampling runs)")
     defaults = EvalConfig()
     for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
         if getattr(args, name) is None:

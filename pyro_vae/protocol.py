@@ -184,12 +184,19 @@ def _support_text(support: Any) -> str:
 def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
     """Refuse, in one line, a batch whose observed values lie outside the support of their
     site's distribution (pixel values 2.0 for a Bernoulli likelihood), naming the site and the
-    first values that fail: the pair is run once on the batch (on a fork of the random state,
-    in an empty param store), its data checked as Pyro's ``validate_args`` checks them."""
-    with poutine.block(), torch.random.fork_rng(devices=[]), \
+    first values that fail: the pair is run once on the batch with Pyro's validation on (on a
+    fork of the random state, in an empty param store), and each observed site's density
+    evaluated at its data, which checks them as ``validate_args`` does (a distribution made
+    with ``validate_args=False`` is not checked)."""
+    with poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(True), \
             pyro.get_param_store().scope(), running_statistics_kept(module):
         model_trace, _ = trace_pair(module.model, module.guide, args, kwargs)
-    _check_observed(model_trace, type(module).__name__)
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                try:
+                    site["fn"].log_prob(site["value"])
+                except ValueError as exc:
+                    _refuse_observed(name, site, type(module).__name__, exc)
 
 
 def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
@@ -208,30 +215,26 @@ def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
         return saved_bytes(one_particle, exclude=list(module.parameters()))
 
 
-def _check_observed(model_trace: Any, what: str) -> None:
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"]:
-            continue
-        fn, value = site["fn"], site["value"]
-        support = fn.support
-        while isinstance(support, constraints.independent):
-            support = support.base_constraint
-        try:
-            ok = support.check(value)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):
-            continue
-        if not isinstance(ok, torch.Tensor) or bool(ok.all()):
-            continue
-        base = fn
-        while hasattr(base, "base_dist"):
-            base = base.base_dist
-        bad = value[~ok] if ok.shape == value.shape else None
-        shown = ""
-        if bad is not None:
-            distinct = torch.unique(bad.detach().double()).tolist()
-            shown = " " + ", ".join(f"{v:g}" for v in distinct[:3]) + (
-                ", ..." if len(distinct) > 3 else "")
-        raise DataError(f"the data hold values{shown} outside {_support_text(support)}, the "
-                        f"support of the {type(base).__name__} likelihood at the observed "
-                        f"site {name!r} of {what} ({int((~ok).sum())} of {ok.numel()} "
-                        "entries of the first batch)")
+def _refuse_observed(name: str, site: dict, what: str, exc: ValueError) -> None:
+    """The one-line refusal of an observed site whose density refused its data: the values
+    outside the support when it is checked value by value, else the density's own reason."""
+    fn, value = site["fn"], site["value"]
+    base = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    support = fn.support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    try:
+        ok = support.check(value)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        ok = None
+    where = f"the {type(base).__name__} likelihood at the observed site {name!r} of {what}"
+    if not isinstance(ok, torch.Tensor) or ok.shape != value.shape or bool(ok.all()):
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{where} refuses the data of the first batch: {reason}") from None
+    distinct = torch.unique(value[~ok].detach().double()).tolist()
+    shown = ", ".join(f"{v:g}" for v in distinct[:3]) + (", ..." if len(distinct) > 3 else "")
+    raise DataError(f"the data hold values {shown} outside {_support_text(support)}, the "
+                    f"support of {where} ({int((~ok).sum())} of {ok.numel()} entries of the "
+                    "first batch)") from None

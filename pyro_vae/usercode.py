@@ -10,7 +10,6 @@ the command like any other failure, with status 2, not with the status it asked 
 
 from __future__ import annotations
 
-import sys
 import sysconfig
 import traceback
 from pathlib import Path
@@ -24,7 +23,7 @@ MESSAGE_LIMIT = 300
 
 def _library_dirs() -> tuple[Path, ...]:
     paths = sysconfig.get_paths()
-    dirs = {PACKAGE_DIR, Path(sys.prefix), Path(sys.base_prefix)}
+    dirs = {PACKAGE_DIR}
     dirs.update(Path(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib")
                 if key in paths)
     return tuple(d.resolve() for d in dirs)
