@@ -43,7 +43,7 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
 
-from .batches import batch_length
+from .batches import batch_length, floating_tensors
 from .enumeration import is_enumerated
 from .errors import ConfigError, DataError
 from .module_state import running_statistics_kept
@@ -179,6 +179,14 @@ def _support_text(support: Any) -> str:
              "HalfOpenInterval": f"[{low}, {high})", "GreaterThan": f"({low}, inf)",
              "GreaterThanEq": f"[{low}, inf)", "LessThan": f"(-inf, {high})"}
     return named.get(kind, str(support))
+
+
+def check_finite_data(*args: Any, **kwargs: Any) -> None:
+    """Refuse, in one line, a batch whose floating-point tensors hold NaN or infinite values."""
+    for where, value in floating_tensors(args, kwargs):
+        if not bool(torch.isfinite(value).all()):
+            raise DataError(f"the data's {where} holds NaN or infinite values (in the first "
+                            "batch)")
 
 
 def check_data(module: Any, *args: Any, **kwargs: Any) -> None:

@@ -82,6 +82,22 @@ class Lying(torch.utils.data.Dataset):
 
 def lying():
     return Lying()
+
+
+class Ragged(torch.utils.data.Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, index):
+        return torch.zeros(5 if index % 2 else 4)
+
+
+def ragged():
+    return Ragged()
+
+
+def not_finite():
+    return torch.full((10, 5), float("nan"))
 '''
 
 
@@ -173,6 +189,8 @@ def test_factories_of_pythons_own_library_are_refused(tmp_path, capsys, files, s
     ("interrupted", "binary.npz", r"interrupted in .*pair.py:\d+$", 130),
     ("make", "pair.py:data_raises", r"pair.py:\d+: RuntimeError: the data are elsewhere", 2),
     ("make", "pair.py:lying", r"pair.py:\d+: IndexError: no row 1\d", 2),
+    ("make", "pair.py:ragged", r"cannot collate a batch of the Ragged: stack expects", 2),
+    ("make", "pair.py:not_finite", r"the data's argument 0 holds NaN or infinite values", 2),
 ])
 def test_the_users_model_and_data_functions_fail_in_one_line(tmp_path, capsys, files, factory,
                                                              data, expected, code):

@@ -24,7 +24,8 @@ from ..fused import training_loss
 from ..infer import LinearWarmup
 from ..models import forget_params
 from ..pairs import PyroPair, as_pair, is_pair_module
-from ..protocol import check_data, check_model, data_plate_name, pair_activation_bytes
+from ..protocol import (check_data, check_finite_data, check_model, data_plate_name,
+                        pair_activation_bytes)
 from ..runs import (History, build_factory_model, check_resumable, load_checkpoint,
                     load_weights, open_run_folder)
 from ..specs import load_data
@@ -92,6 +93,7 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
     its memory per particle measured and extrapolated to the particles of a step; return
     whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
     first = next(iter(source.ordered(config.batch_size)))
+    check_finite_data(*first.args, **first.kwargs)
     if isinstance(model, PyroPair):
         model.discover(*first.args, **first.kwargs)
     check_model(model, *first.args, **first.kwargs)
@@ -253,6 +255,7 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         if held_out is not None:  # scored after every epoch: checked before the first
             first = next(iter(held_out.ordered(config.batch_size)))
             try:
+                check_finite_data(*first.args, **first.kwargs)
                 check_model(model, *first.args, **first.kwargs)
                 check_data(model, *first.args, **first.kwargs)
             except PyroVAEError as exc:
