@@ -336,11 +336,21 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     from .classify import classify, format_classification, save_classification
 
+    from .builtin import network_width
+    from .evaluate import EvalConfig
+    from .memory import inference_bytes, require
+
     run = _load_conditional_run(args)
     images = run.eval_images(args.split)
     labels = getattr(run.dataset, args.split).labels
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
+    classes = run.model.num_classes
+    pairs = min(max(1, args.batch_size // classes) * classes, len(images) * classes)
+    chunk = min(EvalConfig.particle_chunk, args.particles)
+    require(inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
+            f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
+            f"of {pairs:,} image-label pairs", images.device)
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.seed)
@@ -361,6 +371,12 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     available = len(run.dataset.test)
     if args.num > available:
         raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
+    from .memory import require
+    from .plots import grid_bytes
+
+    require(grid_bytes(args.num, run.model.num_classes + 1, run.dataset.image_shape,
+                       f"a grid of {args.num:,} style transfers"),
+            f"drawing a grid of {args.num:,} style transfers")
     images = run.eval_images("test")[:args.num]
     labels = run.dataset.test.labels[:args.num]
     decoded = run.model.transfer(images, labels)

@@ -457,16 +457,30 @@ def test_data_given_to_evaluate_are_checked_against_the_likelihood(tmp_path, cap
     assert snapshot(run) == before
 
 
-def test_classify_refuses_particles_that_would_take_too_long(tmp_path, capsys, ticking_clock):
-    run = tmp_path / "cvae"
-    assert status(["train", "--model", "cvae", *TINY, "--out", run]) == 0
-    capsys.readouterr()
-    before = snapshot(run)
-    assert status(["classify", run, "--particles", HUGE, "--limit", "10"]) == 2
+@pytest.fixture(scope="module")
+def cvae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cvae") / "run"
+    assert main(["train", "--model", "cvae", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_classify_refuses_particles_that_would_take_too_long(cvae_run, capsys, ticking_clock):
+    before = snapshot(cvae_run)
+    assert status(["classify", cvae_run, "--particles", HUGE, "--limit", "10"]) == 2
     line = one_line(capsys)
     assert "evaluating 1,000,000,000 particles on 100 datapoints would take about" in line
     assert "give --max-seconds" in line
-    assert snapshot(run) == before
+    assert snapshot(cvae_run) == before
+
+
+def test_classify_refuses_batches_the_memory_cannot_hold(cvae_run, capsys):
+    before = snapshot(cvae_run)
+    assert status(["classify", cvae_run, "--particles", "1000", "--batch-size", "1000000",
+                   "--max-memory", "10M"]) == 2
+    line = one_line(capsys)
+    assert ("classifying with 1,000 particles in chunks of 500 on batches of 3,000 image-label "
+            "pairs needs about") in line and "more than the memory limit" in line, line
+    assert snapshot(cvae_run) == before
 
 
 def test_mnist_files_that_are_not_regular_files_are_one_line(tmp_path, capsys):
