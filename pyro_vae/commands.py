@@ -114,8 +114,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _train_config(args)
         run_dir = args.out or _default_out(config)
-    if args.download and config.dataset != "mnist":
-        raise PyroVAEError("--download fetches the MNIST files; "
+    unused = ", ".join(flag for flag, given in (("--download", args.download),
+                                                ("--data-dir", args.data_dir)) if given)
+    if unused and config.dataset != "mnist":
+        raise PyroVAEError(f"{unused} locate(s) the MNIST files; "
                            + (f"the {config.dataset} images ship with the package"
                               if config.dataset else "--data is read as it is"))
     result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,

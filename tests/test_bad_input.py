@@ -320,7 +320,10 @@ def test_run_files_that_are_not_regular_bounded_files_are_one_line(run_dir, caps
     (["evaluate", "RUN", "--ais-start", "prior"], "--ais-start need(s) --ais"),
     (["evaluate", "RUN", "--ais", "--particles", "5"], "--particles appl(ies) to importance"),
     (["evaluate", "RUN", "--ais", "--particle-chunk", "5"], "--particle-chunk appl(ies)"),
-    (["train", "--download", *TINY, "--out", "RUN/new"], "--download fetches the MNIST files"),
+    (["train", "--download", *TINY, "--out", "RUN/new"],
+     "--download locate(s) the MNIST files; the digits images ship with the package"),
+    (["train", "--data-dir", "RUN", *TINY, "--out", "RUN/new"], "--data-dir locate(s) the MNIST"),
+    (["train", "--resume", "RUN", "--epochs", "2", "--data-dir", "RUN"], "--data-dir locate(s)"),
 ])
 def test_options_that_do_nothing_in_the_command_are_refused(run_dir, capsys, argv, expected):
     before = snapshot(run_dir)
