@@ -366,8 +366,9 @@ def _one_line(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A user error (:class:`~pyro_vae.errors.PyroVAEError`, or an
-    :class:`OSError` such as a full disk) prints one line and returns :data:`EXIT_USER_ERROR`;
-    Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
+    :class:`OSError` such as a full disk, or a failure of the user's code: a factory, data
+    function, model or guide, named by its file and line, :mod:`pyro_vae.usercode`) prints one
+    line and returns :data:`EXIT_USER_ERROR`; Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
     only process or torchrun's rank 0)."""
     from .budget import time_limit
     from .commands import COMMANDS
