@@ -64,10 +64,27 @@ def load_factory(spec: str) -> Callable:
     if not callable(factory):
         raise ConfigError(f"{module_name} has no callable {attribute!r}")
     if _not_user_code(module_name, factory):
-        raise ConfigError(f"{spec} names a function of Python itself (its standard library "
-                          "or builtins), not the user's own: name a function defined in "
-                          "your module or FILE.py")
+        raise ConfigError(f"{spec} names a function of Python's standard library or a "
+                          "built-in (compiled) function, not the user's own: name a function "
+                          "defined in your module or FILE.py")
     return factory
+
+
+def call_factory(spec: str, *args: Any) -> Any:
+    """``FUNCTION(*args)`` of the spec (:func:`load_factory`). A failure that arises in the
+    user's code propagates (:mod:`pyro_vae.usercode` names its file and line); one raised by a
+    library the spec names directly (a class given the wrong arguments) is a
+    :class:`~pyro_vae.errors.ConfigError` naming the spec."""
+    from .usercode import first_line, user_frame
+
+    factory = load_factory(spec)
+    try:
+        return factory(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever the call raised, told in one line
+        if user_frame(exc.__traceback__) is not None or isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"calling {spec} failed: {type(exc).__name__}: "
+                          f"{first_line(exc)}") from None
 
 
 def _not_user_code(module_name: str, factory: Callable) -> bool:
@@ -148,4 +165,4 @@ def load_data(spec: str) -> tuple[Any, Any]:
     if ":" not in spec:
         raise ConfigError(f"expected a .npz or .pt file or FILE.py:FUNCTION for the data, "
                           f"got {spec!r}")
-    return _split_pair(load_factory(spec)())
+    return _split_pair(call_factory(spec))

@@ -175,12 +175,12 @@ def test_a_factory_that_fails_is_one_line_naming_its_file_and_line(tmp_path, cap
     assert not out.exists()
 
 
-@pytest.mark.parametrize("spec", ["os:abort", "builtins:input", "os.path:join"])
+@pytest.mark.parametrize("spec", ["os:abort", "builtins:input", "os.path:join", "torch:zeros"])
 def test_factories_of_pythons_own_library_are_refused(tmp_path, capsys, files, spec):
     out = tmp_path / "run"
     assert status(["train", "--model-factory", spec, "--data", files / "binary.npz",
                    "--out", out, "--quiet"]) == 2
-    assert "names a function of Python itself" in one_line(capsys)
+    assert "names a function of Python's standard library or a built-in" in one_line(capsys)
     assert not out.exists()
 
 
@@ -200,6 +200,15 @@ def test_the_users_model_and_data_functions_fail_in_one_line(tmp_path, capsys, f
     assert status(["train", "--model-factory", f"{files / 'pair.py'}:{factory}", "--data",
                    files / data, "--out", out, "--quiet", "--batch-size", "32"]) == code
     assert re.search(expected, one_line(capsys))
+    assert not out.exists()
+
+
+def test_a_library_class_called_without_its_arguments_is_one_line(tmp_path, capsys, files):
+    out = tmp_path / "run"
+    assert status(["train", "--model-factory", "torch.nn:Linear", "--data",
+                   files / "binary.npz", "--out", out, "--quiet"]) == 2
+    assert one_line(capsys).startswith("pyro-vae train: error: calling torch.nn:Linear failed: "
+                                       "TypeError: ")
     assert not out.exists()
 
 

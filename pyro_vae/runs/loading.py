@@ -17,7 +17,7 @@ from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from ..io import reason
 from ..pairs import PyroPair, as_pair, is_pair_module
-from ..specs import load_data, load_factory
+from ..specs import call_factory, load_data
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_CLASS_KEY, History,
                          _user_model_refusal, load_checkpoint, load_weights)
 
@@ -85,7 +85,7 @@ def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: st
 
 def build_factory_model(spec: str) -> torch.nn.Module:
     """The pair a ``--model-factory`` spec returns when called with no arguments."""
-    model = load_factory(spec)()
+    model = call_factory(spec)
     if isinstance(model, tuple) and len(model) == 2 and all(map(callable, model)):
         return as_pair(model)
     if not is_pair_module(model):
