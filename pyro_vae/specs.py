@@ -70,11 +70,16 @@ def load_factory(spec: str) -> Callable:
     return factory
 
 
+class FactoryCallError(ConfigError, TypeError):
+    """A factory called with arguments it does not take (a ``TypeError`` too)."""
+
+
 def call_factory(spec: str, *args: Any) -> Any:
     """``FUNCTION(*args)`` of the spec (:func:`load_factory`). A failure that arises in the
-    user's code propagates (:mod:`pyro_vae.usercode` names its file and line); one raised by a
-    library the spec names directly (a class given the wrong arguments) is a
-    :class:`~pyro_vae.errors.ConfigError` naming the spec."""
+    user's code propagates (:mod:`pyro_vae.usercode` names its file and line); a call with
+    arguments the function does not take is a :class:`FactoryCallError`, and a failure raised
+    by a library the spec names directly (a class given the wrong arguments) a
+    :class:`~pyro_vae.errors.ConfigError`, both naming the spec."""
     from .usercode import first_line, user_frame
 
     factory = load_factory(spec)
@@ -83,8 +88,9 @@ def call_factory(spec: str, *args: Any) -> Any:
     except Exception as exc:  # noqa: BLE001 - whatever the call raised, told in one line
         if user_frame(exc.__traceback__) is not None or isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"calling {spec} failed: {type(exc).__name__}: "
-                          f"{first_line(exc)}") from None
+        kind = (FactoryCallError if isinstance(exc, TypeError)
+                and exc.__traceback__.tb_next is None else ConfigError)
+        raise kind(f"calling {spec} failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def _not_user_code(module_name: str, factory: Callable) -> bool:

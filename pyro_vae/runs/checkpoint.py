@@ -13,8 +13,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from ..builtin import is_builtin
 from .. import memory
+from ..builtin import is_builtin
 from ..config import TrainConfig
 from ..errors import CheckpointError, shorten
 from ..files import COPIES, regular_file
