@@ -256,7 +256,19 @@ class LoaderSource:
         return chunks
 
     def _iterate(self, loader: DataLoader) -> Iterator[Batch]:
-        for collated in loader:
+        from .usercode import first_line, user_frame
+
+        batches = iter(loader)
+        while True:
+            try:
+                collated = next(batches)
+            except StopIteration:
+                return
+            except (RuntimeError, TypeError, ValueError) as exc:
+                if user_frame(exc.__traceback__) is not None:
+                    raise  # the user's __getitem__ or collate_fn: named where it failed
+                raise DataError(f"cannot collate a batch of the {type(self.dataset).__name__}: "
+                                f"{first_line(exc)}") from None
             yield Batch.of(to_device(collated, self.device, self.dtype))
 
     def steps(self, batch_size: int, dist: DistributedContext = SINGLE) -> int:

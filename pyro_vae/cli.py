@@ -25,6 +25,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
+#: the time a command's estimated work may take unless --max-seconds says otherwise
+DEFAULT_MAX_SECONDS = 3600.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -217,6 +219,13 @@ def _add_max_memory(parser: argparse.ArgumentParser) -> None:
                              "SIZE (512M, 4G, ...; default: the memory free on the device)")
 
 
+def _add_max_seconds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-seconds", type=_positive_float, default=DEFAULT_MAX_SECONDS,
+                        metavar="SECONDS",
+                        help="refuse, after timing its first pieces, work whose estimated "
+                             f"time exceeds SECONDS (default {DEFAULT_MAX_SECONDS:g})")
+
+
 def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
     from .distributed import DEFAULT_TIMEOUT_S, ENV_TIMEOUT
 
@@ -253,7 +262,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "run folder (with --data, data-<file stem> in place of "
                                    "<split>).")
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
-    p.add_argument("--particles", type=_positive_int, default=defaults.particles,
+    p.add_argument("--particles", type=_positive_int,
                    help=f"importance samples K per datapoint (default {defaults.particles})")
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
                    help=f"which split of the run's dataset (default {defaults.split})")
@@ -263,7 +272,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                         "train --data)")
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help=f"datapoints per call (default {defaults.batch_size})")
-    p.add_argument("--particle-chunk", type=_positive_int, default=defaults.particle_chunk,
+    p.add_argument("--particle-chunk", type=_positive_int,
                    help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
     p.add_argument("--seed", type=parse_seed, default=defaults.seed,
                    help=f"seed of the importance samples (default {defaults.seed})")
@@ -274,14 +283,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="annealed importance sampling instead: HMC chains from the guide to the "
                         "posterior, a lower bound on log p(x) that does not depend on the "
                         "guide's quality; writes ais-<split>.json")
-    p.add_argument("--ais-steps", type=_positive_int, default=500,
+    p.add_argument("--ais-steps", type=_positive_int,
                    help="annealing steps of --ais (default 500)")
-    p.add_argument("--ais-start", choices=("guide", "prior"), default="guide",
+    p.add_argument("--ais-start", choices=("guide", "prior"),
                    help="density the --ais chains start from: the guide q(z|x) (default) or "
                         "the prior p(z), which needs more steps")
-    p.add_argument("--chains", type=_positive_int, default=16,
+    p.add_argument("--chains", type=_positive_int,
                    help="AIS chains per datapoint (default 16)")
     _add_max_memory(p)
+    _add_max_seconds(p)
     _add_dist_timeout(p)
 
 
@@ -299,6 +309,8 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default=defaults.split,
                    help=f"which split of the run's dataset (default {defaults.split})")
     p.add_argument("--limit", type=_positive_int, help="classify only the first N images")
+    _add_max_memory(p)
+    _add_max_seconds(p)
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
                    help="image-label pairs per call")
     p.add_argument("--seed", type=parse_seed, default=defaults.seed,
@@ -333,6 +345,8 @@ def _add_bdmc(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=parse_seed, default=0, help="seed (default 0)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    _add_max_memory(p)
+    _add_max_seconds(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,19 +366,23 @@ def _one_line(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A user error (:class:`~pyro_vae.errors.PyroVAEError`, or an
-    :class:`OSError` such as a full disk) prints one line and returns :data:`EXIT_USER_ERROR`;
-    Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
+    :class:`OSError` such as a full disk, or a failure of the user's code: a factory, data
+    function, model or guide, named by its file and line, :mod:`pyro_vae.usercode`) prints one
+    line and returns :data:`EXIT_USER_ERROR`; Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
     only process or torchrun's rank 0)."""
+    from .budget import time_limit
     from .commands import COMMANDS
     from .io import describe_os_error
     from .memory import allocation_message, is_allocation_failure, limit
+    from .usercode import describe_failure, user_frame
 
     args = build_parser().parse_args(argv)
     previous = None
     if threading.current_thread() is threading.main_thread() and _writer_rank():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with limit(getattr(args, "max_memory", None)):
+        with limit(getattr(args, "max_memory", None)), \
+                time_limit(getattr(args, "max_seconds", None), how="give --max-seconds"):
             return COMMANDS[args.command](args)
     except PyroVAEError as exc:
         if _writer_rank() or exc.per_rank:  # an error every rank meets: rank 0 says it
@@ -374,14 +392,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",
               file=sys.stderr)
         return EXIT_USER_ERROR
-    except (MemoryError, RuntimeError) as exc:
-        if not is_allocation_failure(exc):
-            raise
-        print(f"pyro-vae {args.command}: error: {allocation_message(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"pyro-vae {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        where = user_frame(exc.__traceback__)
+        inside = f" in {where[0]}:{where[1]}" if where else ""
+        print(f"pyro-vae {args.command}: interrupted{inside}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (Exception, SystemExit) as exc:  # the user's code: a factory, data function, model
+        if is_allocation_failure(exc):
+            print(f"pyro-vae {args.command}: error: {allocation_message(exc)}",
+                  file=sys.stderr)
+            return EXIT_USER_ERROR
+        line = describe_failure(exc)
+        if line is None and isinstance(exc, SystemExit):
+            line = f"SystemExit({exc.code!r}) raised while the command ran"
+        if line is None:
+            raise
+        print(f"pyro-vae {args.command}: error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Terminated:
         print(f"pyro-vae {args.command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED

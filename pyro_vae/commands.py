@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -123,6 +124,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _train_config(args)
         run_dir = args.out or _default_out(config)
+    unused = ", ".join(flag for flag, given in (("--download", args.download),
+                                                ("--data-dir", args.data_dir)) if given)
+    if unused and config.dataset != "mnist":
+        raise PyroVAEError(f"{unused} locate(s) the MNIST files; "
+                           + (f"the {config.dataset} images ship with the package"
+                              if config.dataset else "--data is read as it is"))
     result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
                  progress=not args.quiet, download=args.download,
                  dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force,
@@ -154,7 +161,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from .builtin import network_width
     from .memory import inference_bytes, require
-    from .plots import plot_grid, plot_label_rows, save_figure
+    from .plots import grid_bytes, label_rows_layout, plot_grid, plot_label_rows, save_figure
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device)
@@ -162,9 +169,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
                            "images of a pair with a sample method")
     device = next(run.model.parameters()).device
-    rows = args.num if not run.model.conditional else max(args.num, len(args.label or [0]) or 1)
-    require(inference_bytes(0, network_width(run.dataset, run.config), rows),
-            f"drawing {rows:,} samples", device)
+    if run.model.conditional:
+        count = len(args.label) if args.label else run.model.num_classes
+        per_label = max(1, args.num // count)
+        rows = per_label * count
+        rows_per_label, ncols = label_rows_layout(per_label)
+        nrows = rows_per_label * count
+    else:
+        rows, ncols = args.num, max(1, int(round(args.num ** 0.5)))
+        nrows = -(-rows // ncols)
+    figure = grid_bytes(nrows, ncols, run.dataset.image_shape, f"a grid of {rows:,} samples")
+    require(inference_bytes(0, network_width(run.dataset, run.config), rows) + figure,
+            f"drawing {rows:,} samples and their grid", device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:
@@ -203,7 +219,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     data = (run.data(args.split, args.limit) if args.data is None
             else given_data(run, args.data, args.limit))
-    require_ais_memory(run, args.chains, args.batch_size, data.num_data)
+    require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -244,11 +260,16 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     if getattr(run.model, "conditional", False):
         raise PyroVAEError("bdmc simulates data from a model of x alone; a conditional run's "
                            "model also takes the label")
-    require_ais_memory(run, args.chains, BDMC_BATCH, args.num)
-    template = next(iter(run.data("test", args.num).ordered(args.num))).args
+    test_data = run.data("test", args.num)
+    require_ais_memory(run, args.chains, BDMC_BATCH, test_data, args.ais_steps)
+    template = next(iter(test_data.ordered(args.num))).args
     if len(template) != 1:
         raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "
                            "argument")
+    rows = len(template[0])
+    if rows < args.num:
+        print(f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
+              f"shape the simulated data take: simulating {rows:,}", file=sys.stderr)
     with torch.random.fork_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -272,11 +293,31 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     return 0
 
 
+AIS_ONLY = {"ais_steps": 500, "chains": 16, "ais_start": "guide"}
+IMPORTANCE_ONLY = ("particles", "particle_chunk")
+
+
+def _fill_evaluate_options(args: argparse.Namespace) -> None:
+    """Refuse the options that do nothing in the evaluation asked for (the AIS options without
+    ``--ais``, the importance sampler's with it); fill in the defaults of the others."""
+    from .evaluate import EvalConfig
+
+    unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
+    if unused:
+        raise PyroVAEError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
+                           else f"{unused} need(s) --ais (without it importance sampling runs)")
+    defaults = EvalConfig()
+    for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import current_context
     from .evaluate import evaluate_run, format_table
     from .runs import read_config
 
+    _fill_evaluate_options(args)
     if args.ais:
         return _cmd_ais(args)
 
@@ -310,11 +351,21 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from .classify import classify, format_classification, save_classification
     from .evaluate.run import checkpoint_epoch
 
+    from .builtin import network_width
+    from .evaluate import EvalConfig
+    from .memory import inference_bytes, require
+
     run = _load_conditional_run(args)
     images = run.eval_images(args.split)
     labels = getattr(run.dataset, args.split).labels
     if args.limit is not None:
         images, labels = images[:args.limit], labels[:args.limit]
+    classes = run.model.num_classes
+    pairs = min(max(1, args.batch_size // classes) * classes, len(images) * classes)
+    chunk = min(EvalConfig.particle_chunk, args.particles)
+    require(inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
+            f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
+            f"of {pairs:,} image-label pairs", images.device)
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.seed)
@@ -336,6 +387,12 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     available = len(run.dataset.test)
     if args.num > available:
         raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
+    from .memory import require
+    from .plots import grid_bytes
+
+    require(grid_bytes(args.num, run.model.num_classes + 1, run.dataset.image_shape,
+                       f"a grid of {args.num:,} style transfers"),
+            f"drawing a grid of {args.num:,} style transfers")
     images = run.eval_images("test")[:args.num]
     labels = run.dataset.test.labels[:args.num]
     decoded = run.model.transfer(images, labels)

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .files import check_npz, regular_file
 from .io import atomic_path
 
 DATA_DIR_ENV = "PYRO_VAE_DATA_DIR"
 DIGITS_TEST_SIZE = 300
 DIGITS_SPLIT_SEED = 0
 BINARIZATION_SEED_OFFSET = 7919
+#: the most an IDX file may hold (MNIST's largest holds 47 MB)
+IDX_LIMIT = 2**30
 
 MNIST_FILES = {
     "train_images": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
@@ -92,12 +95,16 @@ def load_digits(test_size: int = DIGITS_TEST_SIZE, seed: int = DIGITS_SPLIT_SEED
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed) into a numpy array of its stored shape."""
     path = Path(path)
+    regular_file(path, IDX_LIMIT)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(IDX_LIMIT + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read IDX file {path}: {exc}") from None
+    if len(raw) > IDX_LIMIT:
+        raise DataError(f"{path} holds more than the {IDX_LIMIT // 2**20} MiB an IDX file may "
+                        "hold")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -177,6 +184,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
             raise DataError(f"MNIST file {filename} not found in {folder} "
                             "(fetch it with pyro-vae train --download, or "
                             "load_mnist(download=True) from Python)")
+        regular_file(path, IDX_LIMIT)
         if verify and md5sum(path) != md5:
             raise DataError(f"MNIST file {path} is corrupt: its MD5 is not the published {md5}")
         arrays[key] = read_idx(path)
@@ -217,6 +225,7 @@ def load_binarized_mnist(data_dir: str | os.PathLike | None = None,
     if not path.exists():
         raise DataError(f"{name} not found in {folder}: the fixed binarized MNIST is read "
                         "from that file (arrays train, valid, test)")
+    check_npz(path)
     if verify and md5sum(path) != md5:
         raise DataError(f"{path} is not the published binarized MNIST: its MD5 is not {md5}")
     try:

@@ -16,7 +16,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -142,6 +142,28 @@ def network_footprint(build: Callable[[], torch.nn.Module]) -> tuple[int, int] |
             width += module.out_channels
     width += getattr(network, "activations_per_row", 0)  # what a model declares beside them
     return params, max(width, 1)
+
+
+def saved_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors ``run()`` saves for its backward pass (its activations), measured
+    by running it once; tensors sharing storage with ``exclude`` (the parameters) are not
+    counted, nor is one storage twice."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in skip and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total
 
 
 def training_bytes(params: int, width: int, rows: int) -> int:

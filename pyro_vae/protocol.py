@@ -41,10 +41,11 @@ import pyro
 import torch
 from pyro import poutine
 from torch import nn
+from torch.distributions import constraints
 
-from .batches import batch_length
+from .batches import batch_length, floating_tensors
 from .enumeration import is_enumerated
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .module_state import running_statistics_kept
 from .models import DATA_PLATE
 from .traces import find_data_plate, trace_pair
@@ -167,3 +168,81 @@ def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Paramete
                 if site["type"] == "sample" and not site["is_observed"])
     grads = torch.autograd.grad(log_q, params, allow_unused=True)
     return [p for p, g in zip(params, grads) if g is not None]
+
+
+def _support_text(support: Any) -> str:
+    kind = type(support).__name__.lstrip("_")
+    low, high = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
+    named = {"Boolean": "{0, 1}", "Real": "the real line", "Positive": "(0, inf)",
+             "Nonnegative": "[0, inf)", "NonnegativeInteger": "{0, 1, 2, ...}",
+             "IntegerInterval": f"{{{low}, ..., {high}}}", "Interval": f"[{low}, {high}]",
+             "HalfOpenInterval": f"[{low}, {high})", "GreaterThan": f"({low}, inf)",
+             "GreaterThanEq": f"[{low}, inf)", "LessThan": f"(-inf, {high})"}
+    return named.get(kind, str(support))
+
+
+def check_finite_data(*args: Any, **kwargs: Any) -> None:
+    """Refuse, in one line, a batch whose floating-point tensors hold NaN or infinite values."""
+    for where, value in floating_tensors(args, kwargs):
+        if not bool(torch.isfinite(value).all()):
+            raise DataError(f"the data's {where} holds NaN or infinite values (in the first "
+                            "batch)")
+
+
+def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
+    """Refuse, in one line, a batch whose observed values lie outside the support of their
+    site's distribution (pixel values 2.0 for a Bernoulli likelihood), naming the site and the
+    first values that fail: the pair is run once on the batch with Pyro's validation on (on a
+    fork of the random state, in an empty param store), and each observed site's density
+    evaluated at its data, which checks them as ``validate_args`` does (a distribution made
+    with ``validate_args=False`` is not checked)."""
+    with poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(True), \
+            pyro.get_param_store().scope(), running_statistics_kept(module):
+        model_trace, _ = trace_pair(module.model, module.guide, args, kwargs)
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                try:
+                    site["fn"].log_prob(site["value"])
+                except ValueError as exc:
+                    _refuse_observed(name, site, type(module).__name__, exc)
+
+
+def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
+    """Bytes of the activations one particle of the pair saves for its gradients on the batch
+    ``args``/``kwargs``: measured by running the model and guide once (on a fork of the random
+    state, in an empty param store), the parameters left out (:func:`pyro_vae.memory.saved_bytes`).
+    A step of P particles holds about P times as much."""
+    from .memory import saved_bytes
+
+    def one_particle() -> None:
+        model_trace, guide_trace = trace_pair(module.model, module.guide, args, kwargs)
+        (model_trace.log_prob_sum() - guide_trace.log_prob_sum()).sum()
+
+    with poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), \
+            pyro.get_param_store().scope(), running_statistics_kept(module):
+        return saved_bytes(one_particle, exclude=list(module.parameters()))
+
+
+def _refuse_observed(name: str, site: dict, what: str, exc: ValueError) -> None:
+    """The one-line refusal of an observed site whose density refused its data: the values
+    outside the support when it is checked value by value, else the density's own reason."""
+    fn, value = site["fn"], site["value"]
+    base = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    support = fn.support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    try:
+        ok = support.check(value)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        ok = None
+    where = f"the {type(base).__name__} likelihood at the observed site {name!r} of {what}"
+    if not isinstance(ok, torch.Tensor) or ok.shape != value.shape or bool(ok.all()):
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{where} refuses the data of the first batch: {reason}") from None
+    distinct = torch.unique(value[~ok].detach().double()).tolist()
+    shown = ", ".join(f"{v:g}" for v in distinct[:3]) + (", ..." if len(distinct) > 3 else "")
+    raise DataError(f"the data hold values {shown} outside {_support_text(support)}, the "
+                    f"support of {where} ({int((~ok).sum())} of {ok.numel()} entries of the "
+                    "first batch)") from None

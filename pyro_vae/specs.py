@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
+import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import memory
 from .errors import ConfigError, DataError
+from .files import COPIES, check_npz, regular_file
 
 DATA_SUFFIXES = (".npz", ".pt")
 _POSITIONAL = re.compile(r"arr_(\d+)")
@@ -45,10 +50,56 @@ def load_factory(spec: str) -> Callable:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import {module_name}: {exc}") from None
+    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+        from .usercode import user_frame
+
+        if not isinstance(exc, SyntaxError) and user_frame(exc.__traceback__) is not None:
+            raise  # raised by the module's own code, not by the compiler
+        where = (f"{exc.filename}:{exc.lineno}: " if isinstance(exc, SyntaxError)
+                 and exc.filename else "")
+        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        raise ConfigError(f"{where}cannot load {module_name} as Python: "
+                          f"{type(exc).__name__}: {detail}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ConfigError(f"{module_name} has no callable {attribute!r}")
+    if _not_user_code(module_name, factory):
+        raise ConfigError(f"{spec} names a function of Python's standard library or a "
+                          "built-in (compiled) function, not the user's own: name a function "
+                          "defined in your module or FILE.py")
     return factory
+
+
+class FactoryCallError(ConfigError, TypeError):
+    """A factory called with arguments it does not take (a ``TypeError`` too)."""
+
+
+def call_factory(spec: str, *args: Any) -> Any:
+    """``FUNCTION(*args)`` of the spec (:func:`load_factory`). A failure that arises in the
+    user's code propagates (:mod:`pyro_vae.usercode` names its file and line); a call with
+    arguments the function does not take is a :class:`FactoryCallError`, and a failure raised
+    by a library the spec names directly (a class given the wrong arguments) a
+    :class:`~pyro_vae.errors.ConfigError`, both naming the spec."""
+    from .usercode import first_line, user_frame
+
+    factory = load_factory(spec)
+    try:
+        return factory(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever the call raised, told in one line
+        if user_frame(exc.__traceback__) is not None or isinstance(exc, ConfigError):
+            raise
+        kind = (FactoryCallError if isinstance(exc, TypeError)
+                and exc.__traceback__.tb_next is None else ConfigError)
+        raise kind(f"calling {spec} failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def _not_user_code(module_name: str, factory: Callable) -> bool:
+    """Whether ``factory`` is Python's own (the standard library, a builtin): such a function
+    (``os:abort``, ``builtins:input``) cannot build a pair or data, and may end the process
+    without a word."""
+    top = module_name.partition(".")[0]
+    return (top in sys.stdlib_module_names or inspect.isbuiltin(factory)
+            or getattr(factory, "__module__", None) in ("builtins", "posix", "nt"))
 
 
 def absolute_spec(spec: str) -> str:
@@ -63,6 +114,7 @@ def absolute_spec(spec: str) -> str:
 
 
 def _read_npz(path: Path) -> tuple | dict:
+    check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -80,8 +132,12 @@ def _read_npz(path: Path) -> tuple | dict:
 
 
 def _read_pt(path: Path) -> Any:
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
+    size = regular_file(path)
+    memory.require(size * COPIES, f"reading {path.name}")
+    try:  # torch's warnings about a foreign pickle precede an error that says it all
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or pickled file
         raise DataError(f"cannot read {path} as tensors (torch.load with weights_only=True): "
                         f"{type(exc).__name__}") from None
@@ -109,10 +165,10 @@ def load_data(spec: str) -> tuple[Any, Any]:
     unless a function returned a pair."""
     path = Path(spec)
     if spec.endswith(DATA_SUFFIXES):
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"no data file {path}")
         return (_read_npz(path) if spec.endswith(".npz") else _read_pt(path)), None
     if ":" not in spec:
         raise ConfigError(f"expected a .npz or .pt file or FILE.py:FUNCTION for the data, "
                           f"got {spec!r}")
-    return _split_pair(load_factory(spec)())
+    return _split_pair(call_factory(spec))

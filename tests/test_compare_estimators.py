@@ -406,16 +406,24 @@ def test_traced_runs_every_step_through_pyros_traces_with_the_same_numbers(bench
     assert runs[0] == runs[1]
 
 
-def test_the_time_budget_stops_between_epochs_once_reached(bench, fa_files):
+def test_the_time_budget_stops_between_epochs_once_reached(bench, fa_files, monkeypatch):
     """With --time-budget the engine trains whole epochs until their summed time reaches the
-    budget: the epoch before the last was under it, the last reached it, and the curve has its
-    last point at the last epoch."""
+    budget: on a clock that advances 0.02 s per reading (two readings an epoch) a budget of
+    0.05 s is reached in epoch 3, after two epochs under it, and the curve has its last point
+    there."""
+    import itertools
+
+    from pyro_vae.train import loop as loop_module
+
+    ticks = itertools.count()
+    monkeypatch.setattr(loop_module, "clock", lambda: 0.02 * next(ticks))
     budget = 0.05
     config = _fa_config(bench, fa_files, time_budget=budget, eval_every=1000)
     data = bench.load_data(config)
     run = bench.train_run("trace", 0, config, data, bench.initial_model(config, data, 0))
     metrics = run["metrics"]
-    assert metrics["train_seconds"] >= budget and metrics["epochs"] > 1
+    assert metrics["epochs"] == 3
+    assert metrics["train_seconds"] == pytest.approx(0.06)
     assert [epoch for epoch, _ in run["curve"]] == [0, metrics["epochs"]]
     assert metrics["steps"] == metrics["epochs"] * 3  # 120 datapoints, batches of 50
 

@@ -100,7 +100,7 @@ def test_max_memory_refuses_a_run_that_would_fit_the_machine(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [
-    ["sample", "RUN", "--num", HUGE],
+    ["sample", "RUN", "--num", "100000", "--max-memory", "100M"],
     ["evaluate", "RUN", "--particles", HUGE, "--particle-chunk", HUGE],
     ["evaluate", "RUN", "--particles", "100", "--max-memory", "10K"],
     ["evaluate", "RUN", "--ais", "--chains", HUGE],

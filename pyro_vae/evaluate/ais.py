@@ -54,7 +54,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
-from .. import enumeration
+from .. import budget, enumeration
 from ..batches import as_source
 from ..errors import ConfigError
 from ..log_probs import vectorized_log_probs
@@ -249,6 +249,7 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
         accepted += rate
         eps = torch.where(rate > target_accept, eps * STEP_GROWTH, eps * STEP_SHRINK)
         _, log_ratio, _ = log_f(z, beta, False)
+        budget.piece_done()
     return log_w, accepted / (len(betas) - 1)
 
 
@@ -270,8 +271,21 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
     betas = sigmoid_schedule(num_steps) if schedule is None else schedule.double()
     if betas[0] != 0 or betas[-1] != 1 or not bool((betas[1:] >= betas[:-1]).all()):
         raise ConfigError("the schedule must rise from 0 to 1")
+    source = as_source(data, collate_fn)
+    with budget.work(budget.num_batches(source, batch_size) * (len(betas) - 1),
+                     f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"):
+        return _forward_ais(model, guide, source, num_chains=num_chains, betas=betas,
+                            leapfrog_steps=leapfrog_steps, step_size=step_size,
+                            target_accept=target_accept, start=start, batch_size=batch_size,
+                            max_plate_nesting=max_plate_nesting, data_plate=data_plate)
+
+
+def _forward_ais(model: Callable, guide: Callable, source: Any, *, num_chains: int,
+                 betas: torch.Tensor, leapfrog_steps: int, step_size: float,
+                 target_accept: float, start: str, batch_size: int,
+                 max_plate_nesting: int | None, data_plate: str | None) -> AISResult:
     log_ws, accepts = [], []
-    for index, batch in enumerate(as_source(data, collate_fn).ordered(batch_size)):
+    for index, batch in enumerate(source.ordered(batch_size)):
         nesting = (max_plate_nesting if max_plate_nesting is not None else
                    guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
         if index == 0:
@@ -394,8 +408,14 @@ def bdmc(model: Callable, guide: Callable, data: Any, latents: dict[str, torch.T
     :func:`reverse_ais`): on data simulated from the model, whose generating latents are exact
     posterior draws, the two bracket log p(x) (Grosse et al. 2015; Wu et al. 2017 for
     decoder-based models)."""
-    return BDMCResult(lower=ais(model, guide, data, **options),
-                      upper=reverse_ais(model, guide, data, latents, **options))
+    steps = options.get("num_steps", 500) if options.get("schedule") is None else len(
+        options["schedule"]) - 1
+    with budget.work(2 * steps * budget.num_batches(as_source(data),
+                                                    options.get("batch_size", 100)),
+                     f"BDMC of {steps:,} steps each way with {options.get('num_chains', 16):,} "
+                     "chains"):
+        return BDMCResult(lower=ais(model, guide, data, **options),
+                          upper=reverse_ais(model, guide, data, latents, **options))
 
 
 def simulate(model: Callable, guide: Callable, data: torch.Tensor

@@ -15,7 +15,7 @@ from ..batches import as_source, resolve_device
 from ..config import check_seed
 from ..distributed import init_distributed
 from ..errors import ConfigError
-from ..protocol import data_plate_name
+from ..protocol import check_data, data_plate_name, pair_activation_bytes
 from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
@@ -84,20 +84,30 @@ def checkpoint_epoch(run: Any) -> int:
 
 
 def given_data(run: Any, data: Any, limit: int | None) -> Any:
-    """``data`` (a spec or data) as a source on the run's device and parameter dtype."""
+    """``data`` (a spec or data) as a source on the run's device and parameter dtype, its
+    first batch checked against the likelihood's support (:func:`~pyro_vae.protocol.check_data`)."""
     if isinstance(data, (str, Path)):
         data = load_data(str(data))[0]
     param = next(run.model.parameters())
-    return as_source(data).head(limit).to(param.device, param.dtype)
+    source = as_source(data).head(limit).to(param.device, param.dtype)
+    first = next(iter(source.ordered(DEFAULT_BATCH_SIZE)))
+    check_data(run.model, *first.args, **first.kwargs)
+    return source
 
 
-def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> None:
+def _require_memory(run: Any, config: EvalConfig, source: Any, keep: bool) -> None:
     """Refuse, before drawing anything, an evaluation whose chunks cannot fit: a chunk's
-    activations (the package's own networks, whose widths are known), its log-weights, the
-    top-M tails for k-hat and, when kept, all K·N log-weights."""
+    activations (of the package's own networks, whose widths are known, or of a user's pair,
+    measured on one particle of the first batch), its log-weights, the top-M tails for k-hat
+    and, when kept, all K·N log-weights."""
+    num_data = source.num_data
     batch = min(config.batch_size, max(num_data, 1))
-    rows = batch * min(config.particle_chunk, config.particles)
-    nbytes = (memory.inference_bytes(0, _width(run), rows) + rows * 8
+    chunk = min(config.particle_chunk, config.particles)
+    rows = batch * chunk
+    measured = _pair_bytes(run, source, batch)
+    activations = (memory.inference_bytes(0, _width(run), rows) if measured is None
+                   else measured * chunk)
+    nbytes = (activations + rows * 8
               + (tail_size(config.particles) + 1) * batch * 8
               + (config.particles * num_data * 8 if keep else 0))
     memory.require(nbytes, f"evaluating {config.particles:,} particles in chunks of "
@@ -105,15 +115,35 @@ def _require_memory(run: Any, config: EvalConfig, num_data: int, keep: bool) -> 
                    _device(run))
 
 
-def require_ais_memory(run: Any, chains: int, batch_size: int, num_data: int) -> None:
-    """Refuse, before drawing anything, AIS whose batches cannot fit: every step holds the
-    activations of chains × batch datapoint-particles with their gradients (the HMC moves),
-    and the chains' positions, momenta and log-weights."""
-    batch = min(batch_size, max(num_data, 1))
+#: float64 copies of the annealing schedule alive while it is built and checked
+SCHEDULE_COPIES = 5
+
+
+def require_ais_memory(run: Any, chains: int, batch_size: int, source: Any,
+                       steps: int = 0) -> None:
+    """Refuse, before drawing anything, AIS whose batches of ``source`` cannot fit: every step
+    holds the activations of chains × batch datapoint-particles with their gradients (the HMC
+    moves; a user's pair measured on one particle of the first batch), and the chains'
+    positions, momenta and log-weights; the schedule holds a float64 β per step."""
+    batch = min(batch_size, max(source.num_data, 1))
     rows = chains * batch
-    nbytes = memory.training_bytes(0, _width(run), rows) + rows * 8 * 8
-    memory.require(nbytes, f"AIS with {chains:,} chains on batches of {batch:,}",
-                   _device(run))
+    measured = _pair_bytes(run, source, batch)
+    activations = (memory.training_bytes(0, _width(run), rows) if measured is None
+                   else measured * chains * memory.TRAIN_ACTIVATION_COPIES // 2)
+    nbytes = (activations + rows * 8 * 8
+              + (steps + 1) * 8 * SCHEDULE_COPIES)
+    memory.require(nbytes, f"AIS of {steps:,} steps with {chains:,} chains on batches of "
+                   f"{batch:,}", _device(run))
+
+
+def _pair_bytes(run: Any, source: Any, batch_size: int) -> int | None:
+    """The activations of one particle of a user's pair on a batch of ``batch_size``, measured
+    on the first (:func:`~pyro_vae.protocol.pair_activation_bytes`); ``None`` for the package's
+    own networks, sized by their widths."""
+    if run.dataset is not None and builtin.is_builtin(run.model):
+        return None
+    first = next(iter(source.ordered(batch_size)))
+    return pair_activation_bytes(run.model, *first.args, **first.kwargs)
 
 
 def _width(run: Any) -> int:
@@ -166,7 +196,7 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                                                                                      config.limit)
         keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
                 if config.keep_log_weights is None else config.keep_log_weights)
-        _require_memory(run, config, source.num_data, keep)
+        _require_memory(run, config, source, keep)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
             result = evaluate_dataset(run.model.model, run.model.guide, source,
                                       num_particles=config.particles,

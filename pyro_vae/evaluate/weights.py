@@ -15,6 +15,7 @@ import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 
+from .. import budget
 from ..batches import as_source, floating_tensors
 from ..distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gather_objects,
                            derive_seed)
@@ -52,11 +53,15 @@ def _check_finite_inputs(args: Sequence[Any], kwargs: dict | None = None) -> Non
             raise DataError(f"{where} of the model/guide holds NaN or infinite values")
 
 
-def _chunk_sizes(total: int, chunk: int | None) -> list[int]:
+def _chunk_sizes(total: int, chunk: int | None) -> Iterator[int]:
     chunk = total if chunk is None else chunk
     if chunk < 1:
         raise ConfigError(f"particle_chunk must be >= 1, got {chunk}")
-    return [min(chunk, total - start) for start in range(0, total, chunk)]
+    return (min(chunk, total - start) for start in range(0, total, chunk))
+
+
+def _num_chunks(total: int, chunk: int | None) -> int:
+    return 1 if chunk is None else -(-total // max(chunk, 1))
 
 
 def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
@@ -218,6 +223,7 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
                                     vectorize=vectorize, whole=whole):
         accumulator.update(chunk.log_weights)
+        budget.piece_done()
         whole_data_set = chunk.whole
         global_sum += chunk.global_log_weight.double().sum().item()
         global_sites, summed_sites = chunk.global_sites, chunk.summed_sites
@@ -301,7 +307,8 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
     _check_finite_inputs(args, kwargs)
-    with eval_mode(model, guide):
+    with eval_mode(model, guide), budget.work(_num_chunks(num_particles, particle_chunk),
+                                              f"evaluating {num_particles:,} particles"):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         vectorize = _vectorizable(model, guide, args, kwargs, max_plate_nesting, data_plate,
@@ -357,10 +364,14 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     from tqdm.auto import tqdm
 
     parts, failure, num_batches, first_index, vectorize = [], None, 0, 0, None
-    batches = tqdm(source.ordered(batch_size), desc="evaluate", unit="batch",
+    batches = tqdm(source.ordered(batch_size), desc="evaluate", unit="batch", leave=False,
                    disable=not progress or not dist.is_main)
+    pieces = budget.num_batches(source, batch_size, dist) * _num_chunks(num_particles,
+                                                                         particle_chunk)
     try:
-        with eval_mode(model, guide):
+        with eval_mode(model, guide), budget.work(
+                pieces, f"evaluating {num_particles:,} particles on {source.num_data:,} "
+                        "datapoints"):
             for index, batch in enumerate(batches):
                 num_batches, size = index + 1, batch.size
                 start, first_index = first_index, first_index + size

@@ -13,9 +13,11 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .. import memory
 from ..builtin import is_builtin
 from ..config import TrainConfig
 from ..errors import CheckpointError, shorten
+from ..files import COPIES, regular_file
 from ..io import atomic_files, write_json
 
 
@@ -190,6 +192,8 @@ def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no {CHECKPOINT_FILE}: is it a pyro-vae run folder?")
+    size = regular_file(path, error=CheckpointError)
+    memory.require(size * COPIES, f"reading {path}")
     try:  # torch's warnings about a foreign pickle precede an error that says it all
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

@@ -5,19 +5,19 @@ checkpoint."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from .. import tempnames
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json
 from ..io import DISK_FULL, WriteError, reason, write_json
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
                          MODEL_CLASS_KEY, TRAINING_FILES, load_checkpoint, user_model_class)
@@ -119,7 +119,7 @@ class RunFolder:
 
 def _last_epoch(run_dir: Path) -> int | None:
     try:
-        epochs = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8"))["epoch"]
+        epochs = read_json(run_dir / HISTORY_FILE)["epoch"]
         return int(epochs[-1]) if epochs else None
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None

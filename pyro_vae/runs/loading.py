@@ -3,7 +3,6 @@ given module) and its data."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,10 @@ from ..batches import Source, as_source, resolve_device
 from ..builtin import build_model, eval_source, prepare_data
 from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json
 from ..io import reason
 from ..pairs import PyroPair, as_pair, is_pair_module
-from ..specs import load_data, load_factory
+from ..specs import call_factory, load_data
 from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_CLASS_KEY, History,
                          _user_model_refusal, load_checkpoint, load_weights)
 
@@ -62,9 +62,7 @@ def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
         raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): is it "
                               "a pyro-vae run folder?")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        raw = read_json(path, error=CheckpointError)
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {reason(exc.errno, str(exc))}") from None
     if not isinstance(raw, dict):
@@ -87,7 +85,7 @@ def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: st
 
 def build_factory_model(spec: str) -> torch.nn.Module:
     """The pair a ``--model-factory`` spec returns when called with no arguments."""
-    model = load_factory(spec)()
+    model = call_factory(spec)
     if isinstance(model, tuple) and len(model) == 2 and all(map(callable, model)):
         return as_pair(model)
     if not is_pair_module(model):

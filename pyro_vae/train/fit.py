@@ -13,18 +13,19 @@ from typing import Any, Callable, Sequence
 import pyro
 import torch
 
-from .. import builtin
+from .. import builtin, memory
 from ..batches import Source, as_source, resolve_device
 from ..config import TrainConfig
 from ..distributed import (SHARED_ORDER_STREAM, barrier, current_context, derive_seed,
                            init_distributed, main_first, rank_seed)
-from ..errors import ConfigError, TrainingDiverged
+from ..errors import ConfigError, PyroVAEError, TrainingDiverged
 from ..evaluate.weights import eval_mode
 from ..fused import training_loss
 from ..infer import LinearWarmup
 from ..models import forget_params
 from ..pairs import PyroPair, as_pair, is_pair_module
-from ..protocol import check_model, data_plate_name
+from ..protocol import (check_data, check_finite_data, check_model, data_plate_name,
+                        pair_activation_bytes)
 from ..runs import (History, build_factory_model, check_resumable, load_checkpoint,
                     load_weights, open_run_folder)
 from ..specs import load_data
@@ -84,14 +85,28 @@ def _user_sources(model: torch.nn.Module, data: Any, test_data: Any, config: Tra
     return train, test
 
 
-def _check_pair(model: torch.nn.Module, source: Source, batch_size: int) -> bool:
+def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
+                device: torch.device) -> bool:
     """Run the pair once on the first batch as training will see it (a guide may have one
-    parameter per datapoint of a batch), in a forked state; return whether its networks take
-    a particle dimension (:mod:`pyro_vae.vectorization`)."""
-    first = next(iter(source.ordered(batch_size)))
+    parameter per datapoint of a batch), in a forked state: its data (unless the source
+    transforms each epoch's batches) against its likelihood,
+    its memory per particle measured and extrapolated to the particles of a step; return
+    whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
+    first = next(iter(source.ordered(config.batch_size)))
+    check_finite_data(*first.args, **first.kwargs)
     if isinstance(model, PyroPair):
         model.discover(*first.args, **first.kwargs)
     check_model(model, *first.args, **first.kwargs)
+    if getattr(source, "transform", None) is None:  # a transform (binarization) acts per epoch
+        check_data(model, *first.args, **first.kwargs)
+    per_particle = pair_activation_bytes(model, *first.args, **first.kwargs)
+    draws = config.particles * config.importance_samples
+    params = sum(p.numel() for p in model.parameters())
+    memory.require(params * memory.TRAIN_BYTES_PER_PARAM + per_particle * draws
+                   * memory.TRAIN_ACTIVATION_COPIES // 2,
+                   f"training {draws:,} particle(s) per step on batches of {first.size:,} "
+                   f"({memory.format_bytes(per_particle)} per particle, measured on the first "
+                   "batch)", device)
     nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
     with eval_mode(model.model), torch.random.fork_rng(devices=_devices(model)), \
             pyro.validation_enabled(False):
@@ -236,7 +251,15 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
             check_model(model, *example)
     else:
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
-        vectorizable = _check_pair(model, source, config.batch_size)
+        vectorizable = _check_pair(model, source, config, device)
+        if held_out is not None:  # scored after every epoch: checked before the first
+            first = next(iter(held_out.ordered(config.batch_size)))
+            try:
+                check_finite_data(*first.args, **first.kwargs)
+                check_model(model, *first.args, **first.kwargs)
+                check_data(model, *first.args, **first.kwargs)
+            except PyroVAEError as exc:
+                raise type(exc)(f"the test data: {exc}") from None
     if dist.enabled:
         replicas.check_same_data(source, held_out)
         replicas.start(model)
