@@ -1,6 +1,7 @@
 """The command line's help texts: plain text, a description per command, every default shown."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,19 @@ def test_importance_samples_help_names_every_estimator_that_takes_them(capsys, m
     assert {"iwae", "dreg", "vimco"} <= set(takes_them)
     named = set(re.findall(r"\b(" + "|".join(ELBOS) + r")\b", line))
     assert named == set(takes_them), line
+
+
+def test_the_docs_list_every_choice_of_a_flag(capsys, monkeypatch):
+    """Where README.md or a docs page lists a flag's choices (``--elbo a|b|c``), it lists the
+    command line's choices, all of them."""
+    text = _help(capsys, monkeypatch, "train")
+    choices = dict(re.findall(r"^\s+--([a-z-]+) \{([a-z0-9,]+)\}", text, re.M))
+    root = Path(__file__).resolve().parents[1]
+    listed = 0
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.rst"))]:
+        words = " ".join(page.read_text(encoding="utf-8").replace("`", "").split())
+        for flag, values in re.findall(r"--([a-z-]+) ([a-z0-9]+(?:\|[a-z0-9]+)+)", words):
+            if flag in choices:
+                listed += 1
+                assert values.split("|") == choices[flag].split(","), (page.name, flag)
+    assert listed >= 10
