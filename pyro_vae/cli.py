@@ -167,7 +167,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="draws averaged per datapoint outside the log: lower variance "
                         f"(default {defaults.particles})")
     p.add_argument("--importance-samples", type=_positive_int,
-                   help="draws inside the log, a tighter bound (iwae and dreg only; "
+                   help="draws inside the log, a tighter bound (iwae, dreg and vimco only; "
                         f"default {defaults.importance_samples})")
     p.add_argument("--beta", type=float, help=f"weight of the KL (rate) term "
                                               f"(default {defaults.beta})")
@@ -235,7 +235,10 @@ def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="write a grid of new images from a saved run")
+    p = sub.add_parser("sample", help="write a grid of new images from a saved run",
+                       description="Decode draws from the prior of a saved run's model into a "
+                                   "grid of images, written as a PNG file (CVAE runs: one row "
+                                   "per label, or the labels given by --label).")
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--num", type=_positive_int, default=64,
                    help="number of images (default 64); CVAE runs: split evenly over the labels, "
@@ -312,7 +315,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     _add_max_memory(p)
     _add_max_seconds(p)
     p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                   help="image-label pairs per call")
+                   help=f"image-label pairs per call (default {defaults.batch_size})")
     p.add_argument("--seed", type=parse_seed, default=defaults.seed,
                    help=f"seed of the importance samples (default {defaults.seed})")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
@@ -350,7 +353,11 @@ def _add_bdmc(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="pyro-vae", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="pyro-vae",
+        description="Train variational autoencoders and your own Pyro model/guide pairs, then "
+                    "sample from, evaluate and classify with the run folders they write. "
+                    "'pyro-vae COMMAND --help' lists a command's options with their defaults.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
