@@ -27,14 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.rst"))
 BASH_TIMEOUT_S = 300
 # Pages collected (test_every_page_says_whether_its_blocks_run parses them) but not run, and why.
-NOT_RUN = {
-    "docs/pyro_examples.rst": "its command trains three examples from three seeds by fit and by "
-                              "Pyro's SVI (about two minutes); tests/test_pyro_examples.py runs "
-                              "the same benchmark on fewer steps",
-    "docs/conformance.rst": "its output block shows the table but not the lines the command "
-                            "prints after it (each refusal's message); "
-                            "tests/test_conformance_matrix.py runs the same command",
-}
+NOT_RUN: dict[str, str] = {}
 
 
 def _shell_env(folder: Path) -> dict:

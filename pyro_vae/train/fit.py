@@ -253,7 +253,8 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
         vectorizable = _check_pair(model, source, config, device)
         if held_out is not None:  # scored after every epoch: checked before the first
-            first = next(iter(held_out.ordered(config.batch_size)))
+            with torch.random.fork_rng(devices=_devices(model)):  # a loader draws its seed
+                first = next(iter(held_out.ordered(config.batch_size)))
             try:
                 check_finite_data(*first.args, **first.kwargs)
                 check_model(model, *first.args, **first.kwargs)
