@@ -1,8 +1,12 @@
+import shutil
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
 
 from benchmark_loader import load_benchmark
+from tiny_runs import TINY
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +31,19 @@ def pytest_collection_modifyitems(config, items):
 def bench(monkeypatch):
     """benchmarks/compare_estimators.py as a module."""
     return load_benchmark("compare_estimators", monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished run folder of the smallest command-line run, trained once per module."""
+    from pyro_vae.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_dir(trained_run, tmp_path):
+    """A copy of ``trained_run`` that a test may change."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))

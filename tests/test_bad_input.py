@@ -7,7 +7,6 @@ import io
 import itertools
 import json
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,8 @@ import torch
 
 from pyro_vae import budget
 from pyro_vae.cli import main
+from tiny_runs import TINY
 
-TINY = ["--epochs", "1", "--batch-size", "512", "--latent-dim", "2", "--hidden", "8",
-        "--device", "cpu", "--quiet"]
 USER_MODELS = Path(__file__).with_name("user_models.py")
 HUGE = "1000000000"
 
@@ -128,18 +126,6 @@ def files(tmp_path_factory):
     rng = np.random.default_rng(0)
     np.savez(root / "binary.npz", x=(rng.random((64, 5)) > 0.5).astype(np.float32))
     return root
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(trained_run, tmp_path):
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 @pytest.fixture

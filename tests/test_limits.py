@@ -4,7 +4,6 @@ K, a writer that crashes its process is one line, and a long but valid file name
 import errno
 import json
 import os
-import shutil
 import signal
 import warnings
 from pathlib import Path
@@ -18,9 +17,8 @@ from pyro_vae.evaluate.khat import ParetoTail, _arviz, pareto_khat, tail_size
 from pyro_vae.io import WriteError, write_in_child
 from pyro_vae.memory import (MemoryLimitError, format_bytes, is_allocation_failure, limit,
                              parse_size, require)
+from tiny_runs import TINY
 
-TINY = ["--epochs", "1", "--batch-size", "512", "--latent-dim", "2", "--hidden", "8",
-        "--device", "cpu", "--quiet"]
 HUGE = "1000000000"
 
 
@@ -40,18 +38,6 @@ def one_line(capsys) -> str:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(trained_run, tmp_path):
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 # --- memory estimated before allocation ----------------------------------------------------

@@ -5,7 +5,6 @@ scored; a finished run's resume does nothing."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +17,8 @@ from pyro_vae.runs import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE
                            load_checkpoint)
 from pyro_vae.runs.lock import lock_holder
 from pyro_vae.tempnames import temporary_name, this_process, writer_of
+from tiny_runs import TINY
 
-TINY = ["--epochs", "1", "--batch-size", "512", "--latent-dim", "2", "--hidden", "8",
-        "--device", "cpu", "--quiet"]
 
 
 def exit_status(argv) -> int:
@@ -53,18 +51,6 @@ def stale_temporary(folder: Path, target: str) -> Path:
     assert writer_of(name) is not None and writer_of(name).gone()
     (folder / name).write_bytes(b"half")
     return folder / name
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(trained_run, tmp_path):
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 # the lock -----------------------------------------------------------------------------------

@@ -23,9 +23,8 @@ from pyro_vae.runs import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE
                            RunFolderLock, load_checkpoint, read_run_config)
 from pyro_vae.runs.lock import lock_holder, lock_text
 from pyro_vae.tempnames import Writer, host_tag, temporary_name, this_process
+from tiny_runs import TINY
 
-TINY = ["--epochs", "1", "--batch-size", "512", "--latent-dim", "2", "--hidden", "8",
-        "--device", "cpu", "--quiet"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,18 +70,6 @@ def stale_temporary(folder: Path, target: str, pid: int | None = None) -> Path:
 def cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyro_vae", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture
-def run_dir(trained_run, tmp_path):
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
 def history_of(folder: Path) -> dict:
