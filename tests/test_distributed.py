@@ -52,15 +52,20 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
+def _rank_env(rank: int, port: str) -> dict:
+    """The environment torchrun gives rank ``rank`` of WORLD_SIZE on this machine."""
+    return _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
+                LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+
+
 def _start_ranks(scenario: str, out: Path) -> list[tuple[subprocess.Popen, Path]]:
     out.mkdir(parents=True, exist_ok=True)
     port = str(_free_port())
     ranks = []
     for rank in range(WORLD_SIZE):
         log = out / f"rank{rank}.log"
-        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                   LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+        env = _rank_env(rank, port)
         with log.open("w") as handle:
             process = subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
                                        env=env, cwd=REPO, stdout=handle,
@@ -479,9 +484,7 @@ def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_trai
     ranks = []
     for rank in range(WORLD_SIZE):
         log = tmp_path / f"rank{rank}.log"
-        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                   LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+        env = _rank_env(rank, port)
         with log.open("w") as handle:
             ranks.append((subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=handle,
                                            stderr=subprocess.STDOUT), log))
