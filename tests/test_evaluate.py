@@ -444,7 +444,7 @@ def test_inference_data_round_trips_through_netcdf(tmp_path):
     result = ev.evaluate(lg.model, lg.guide, x, num_particles=40)
     path = tmp_path / "eval.nc"
     result.to_inference_data().to_netcdf(str(path))
-    loaded = khat._arviz().from_netcdf(str(path))
+    loaded = khat.arviz_module().from_netcdf(str(path))
     group = loaded[ev.INFERENCE_DATA_GROUP]
     assert group["log_weight"].dims == ("particle", "datapoint")
     assert group["log_weight"].shape == (40, 7)

@@ -97,7 +97,7 @@ class AISResult:
 
         import xarray as xr
 
-        from .khat import _arviz
+        from .khat import arviz_module
 
         data_vars = {name: (("datapoint",), getattr(self, name).numpy())
                      for name in ("log_px", "stderr", "ess", "accept")}
@@ -109,7 +109,7 @@ class AISResult:
         dataset = xr.Dataset(data_vars, coords=coords,
                              attrs={"num_steps": self.num_steps,
                                     "summary": json.dumps(self.summary())})
-        return _arviz().InferenceData(ais=dataset)
+        return arviz_module().InferenceData(ais=dataset)
 
     def summary(self) -> dict[str, Any]:
         n = self.log_px.shape[0]

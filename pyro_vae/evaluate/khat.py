@@ -20,7 +20,7 @@ MIN_KHAT_PARTICLES = 21
 CONSTANT_WEIGHTS_ULPS = 64
 
 
-def _arviz() -> Any:
+def arviz_module() -> Any:
     """Import ArviZ without its once-a-day FutureWarning about a coming refactor."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

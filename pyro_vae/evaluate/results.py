@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io import atomic_files, write_in_child
-from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, _arviz
+from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, arviz_module
 
 METRICS = ("log_px", "elbo", "gap", "var_log_w", "ess")
 INFERENCE_DATA_GROUP = "evaluation"
@@ -316,4 +316,4 @@ class EvaluationResult:
             attrs["global_log_p_minus_log_q"] = self.global_term.mean
             attrs["dataset_elbo"] = self.dataset_elbo
         dataset = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-        return _arviz().InferenceData(**{INFERENCE_DATA_GROUP: dataset})
+        return arviz_module().InferenceData(**{INFERENCE_DATA_GROUP: dataset})

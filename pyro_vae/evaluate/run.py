@@ -20,7 +20,7 @@ from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
 from .results import EvaluationResult, save_evaluation
-from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, _forked_rng, evaluate_dataset
+from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, forked_rng, evaluate_dataset
 
 KEEP_LOG_WEIGHTS_MAX = 10_000_000
 SPLITS = ("train", "test")
@@ -190,7 +190,7 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                         particle_chunk=particle_chunk, seed=seed,
                         keep_log_weights=keep_log_weights)
     dist = init_distributed(resolve_device(device), dist_timeout)
-    with _forked_rng():
+    with forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
         source = run.data(config.split, config.limit) if data is None else given_data(run, data,
                                                                                      config.limit)

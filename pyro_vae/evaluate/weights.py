@@ -102,7 +102,7 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
                      None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos))
 
     if is_validation_enabled():
-        with _forked_rng():
+        with forked_rng():
             draw(1)
     num_data = None
     for size in _chunk_sizes(num_particles, particle_chunk):
@@ -165,7 +165,7 @@ def _check_finite(stats: dict[str, torch.Tensor], first_index: int) -> None:
 
 
 @contextmanager
-def _forked_rng() -> Iterator[None]:
+def forked_rng() -> Iterator[None]:
     """Run a block on a copy of torch's random state (CPU and every CUDA device in use)."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
@@ -179,7 +179,7 @@ def _batch_rng(batch_seed: int | None, index: int) -> Iterator[None]:
     if batch_seed is None:
         yield
         return
-    with _forked_rng():
+    with forked_rng():
         torch.manual_seed(derive_seed(batch_seed, EVAL_BATCH_STREAM, index))
         yield
 
@@ -258,7 +258,7 @@ def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                   max_plate_nesting: int, data_plate: str | None, whole: bool = False) -> bool:
     """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.vectorization`),
     probed on a fork of the random state so the evaluation's draws are unchanged."""
-    with _forked_rng(), pyro.validation_enabled(False):
+    with forked_rng(), pyro.validation_enabled(False):
         return particle_mismatch(model, guide, args, kwargs, max_plate_nesting=max_plate_nesting,
                                  require_data_plate=not whole,
                                  data_plate=data_plate) is None
@@ -380,7 +380,7 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
                 call_kwargs = {**batch.kwargs, **kwargs}
                 _check_finite_inputs(batch.args, call_kwargs)
                 if max_plate_nesting is None:
-                    with nullcontext() if batch_seed is None else _forked_rng():
+                    with nullcontext() if batch_seed is None else forked_rng():
                         max_plate_nesting = guess_max_plate_nesting(model, guide, batch.args,
                                                                     call_kwargs)
                 if vectorize is None:

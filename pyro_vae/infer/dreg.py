@@ -10,7 +10,7 @@ import torch
 
 from ..particles import Particles
 from ..traces import latent_sites
-from .elbo import ELBOEstimator, _weighted, beta_log_weight
+from .elbo import ELBOEstimator, weighted, beta_log_weight
 
 
 class DoublyReparameterizedELBO(ELBOEstimator):
@@ -181,7 +181,7 @@ def _parts(estimator: ELBOEstimator, particles: Particles, model: Callable, guid
     if particles.unguided_latents and beta != 0:
         score = particles.site_total([replayed.nodes[site["name"]]
                                       for site in particles.unguided_latents])
-        fixed_weights = stl_fixed + _weighted(beta, score - score.detach())
+        fixed_weights = stl_fixed + weighted(beta, score - score.detach())
     grouped = estimator._grouped
     return (grouped(stl), grouped(stl_fixed), grouped(fixed_weights),
             estimator._log_weights(particles))

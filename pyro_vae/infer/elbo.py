@@ -38,7 +38,7 @@ from .pair_checks import (check_estimable, check_no_active_dropout, cuda_devices
                           same_subsample)
 
 
-def _weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
+def weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
     """``beta * term``, without the multiplication at β = 1 (the same numbers)."""
     return term if beta == 1 else beta * term
 
@@ -49,7 +49,7 @@ def _check_count(name: str, value: int) -> int:
     return value
 
 
-def _check_beta(beta: float, what: str = "beta") -> float:
+def check_beta(beta: float, what: str = "beta") -> float:
     beta = float(beta)
     if not math.isfinite(beta) or beta < 0:
         raise ConfigError(f"{what} must be a finite number >= 0, got {beta}")
@@ -60,7 +60,7 @@ def beta_log_weight(log_lik: torch.Tensor, log_prior: torch.Tensor, log_q: torch
                     beta: float) -> torch.Tensor:
     r"""The β-weighted log-weight of single draws,
     :math:`\log p(x|z) + \beta\,(\log p(z) - \log q(z|x))` (elementwise)."""
-    return log_lik + _weighted(beta, log_prior - log_q)
+    return log_lik + weighted(beta, log_prior - log_q)
 
 
 def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -155,7 +155,7 @@ class ELBOEstimator(ELBO):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        self._beta = _check_beta(value)
+        self._beta = check_beta(value)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_particles={self.num_particles}, "
@@ -269,7 +269,7 @@ class ELBOEstimator(ELBO):
             replayed = particles.replay(guide, args, kwargs)
             score = particles.global_total(latent_sites(replayed))
             log_q = log_q + (score.detach() - score)
-        term = _weighted(self.beta, particles.global_log_prior - log_q)
+        term = weighted(self.beta, particles.global_log_prior - log_q)
         return term.reshape(self.num_particles, self.importance_samples).mean(1)
 
     def _score_free_log_q(self, particles: Particles, guide: Callable, args: tuple,
@@ -300,7 +300,7 @@ class ELBOEstimator(ELBO):
         total = surrogate.sum(-1)
         if global_term is not None:
             total = total + self.global_weight * global_term
-        return _weighted(scale, -total.mean(0))
+        return weighted(scale, -total.mean(0))
 
     def _enumeration(self, particles: Particles) -> dict[str, torch.Tensor]:
         """The sites of this call's guide trace marked for enumeration that must be summed by

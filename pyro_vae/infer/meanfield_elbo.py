@@ -11,7 +11,7 @@ from torch.distributions import kl_divergence
 
 from ..particles import Particles
 from ..traces import masked, sum_terms
-from .elbo import ELBOEstimator, _weighted
+from .elbo import ELBOEstimator, weighted
 
 
 def _fixed_log_prob(site: dict, value: torch.Tensor) -> torch.Tensor:
@@ -125,8 +125,8 @@ class MeanFieldELBO(ELBOEstimator):
         kls = self._kls(particles, local=False)
         sites = [particles.guide_trace.nodes[name] for name, _ in kls]
         kl = particles.global_total(sites, [value for _, value in kls])
-        return -_weighted(self.beta, kl).reshape(self.num_particles, -1).mean(1)
+        return -weighted(self.beta, kl).reshape(self.num_particles, -1).mean(1)
 
     def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
                kwargs: dict) -> torch.Tensor:
-        return particles.log_lik - _weighted(self.beta, self._rate(particles))
+        return particles.log_lik - weighted(self.beta, self._rate(particles))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .elbo import _check_beta
+from .elbo import check_beta
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class LinearWarmup:
                                        or not isinstance(self.steps, int) or self.steps < 0):
             raise ConfigError(f"warm-up steps must be an integer >= 0 or None, got "
                               f"{self.steps!r}")
-        _check_beta(self.start, "warm-up start")
-        _check_beta(self.end, "warm-up end (beta)")
+        check_beta(self.start, "warm-up start")
+        check_beta(self.end, "warm-up end (beta)")
 
     def __call__(self, step: int) -> float:
         if step < 0:
