@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyro_vae.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from pyro_vae.runs import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE, RunFolderLock,
@@ -310,6 +311,30 @@ def test_resuming_a_finished_run_does_nothing(run_dir, monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [f"{run_dir} is already at epoch 1; nothing to do"] * 2
     assert calls == [] and snapshot(run_dir) == before
+
+
+def test_fit_resuming_a_finished_run_from_python_returns_it_without_training(tmp_path,
+                                                                             monkeypatch):
+    """fit(resume=True) at the epochs a run finished at: the run's model and history back,
+    nothing trained, estimated or drawn, the folder as it was."""
+    import sys
+
+    from pyro_vae import fit
+    from user_models import FactorAnalysis, fa_data
+
+    x = fa_data(40)
+    options = dict(test_data=fa_data(20, seed=1), epochs=2, batch_size=20, progress=False,
+                   final_particles=5)
+    first = fit(FactorAnalysis(), x, run_dir=tmp_path / "run", **options)
+    before = snapshot(tmp_path / "run")
+    monkeypatch.setattr(sys.modules["pyro_vae.train.fit"], "run_epochs",
+                        lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = fit(FactorAnalysis(), x, run_dir=tmp_path / "run", resume=True, **options)
+    assert again.history.epoch == first.history.epoch == [1, 2]
+    assert again.history.extra["final"] == first.history.extra["final"]
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                 first.model.state_dict().values()))
+    assert snapshot(tmp_path / "run") == before
 
 
 def test_a_run_killed_during_its_final_estimate_finishes_on_resume(run_dir, capsys):

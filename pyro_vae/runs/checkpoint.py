@@ -16,8 +16,8 @@ import torch
 from .. import memory
 from ..builtin import is_builtin
 from ..config import TrainConfig
-from ..errors import CheckpointError, shorten
-from ..files import COPIES, regular_file
+from ..errors import CheckpointError, PyroVAEError, shorten
+from ..files import COPIES, read_json, regular_file
 from ..io import atomic_files, write_json
 
 
@@ -163,6 +163,11 @@ def write_history(run_dir: Path, history: History, finished: bool = False) -> No
     write_json(run_dir / HISTORY_FILE, {**history.to_dict(), **mark})
 
 
+def read_history(run_dir: str | Path) -> dict[str, Any]:
+    """``history.json`` as written (with the final estimate and the end mark, if any)."""
+    return read_json(Path(run_dir) / HISTORY_FILE, error=CheckpointError)
+
+
 def finished_epoch(run_dir: str | Path) -> int | None:
     """The epoch a run folder's training ended at, written and complete (its final estimate
     and plots too); ``None`` when it did not end so (a checkpoint without that mark, or none)."""
@@ -170,9 +175,9 @@ def finished_epoch(run_dir: str | Path) -> int | None:
     if not (run_dir / CHECKPOINT_FILE).is_file():
         return None
     try:
-        raw = json.loads((run_dir / HISTORY_FILE).read_text(encoding="utf-8"))
+        raw = read_json(run_dir / HISTORY_FILE)
         epochs, mark = raw["epoch"], raw.get(FINISHED_KEY)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (PyroVAEError, OSError, ValueError, KeyError, TypeError):
         return None
     if isinstance(mark, int) and isinstance(epochs, list) and epochs and epochs[-1] == mark:
         return mark

@@ -26,8 +26,8 @@ from ..models import forget_params
 from ..pairs import PyroPair, as_pair, is_pair_module
 from ..protocol import (check_data, check_finite_data, check_model, data_plate_name,
                         pair_activation_bytes)
-from ..runs import (History, build_factory_model, check_resumable, load_checkpoint,
-                    load_weights, open_run_folder)
+from ..runs import (History, build_factory_model, check_resumable, finished_epoch,
+                    load_checkpoint, load_weights, open_run_folder, read_history)
 from ..specs import load_data
 from ..traces import guess_max_plate_nesting
 from ..vectorization import particle_mismatch
@@ -283,6 +283,9 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
             raise ConfigError(f"{run_dir} has already trained {len(history.epoch)} epochs: "
                               f"--epochs {config.epochs} would go back (give at least "
                               f"{len(history.epoch)})")
+        if len(history.epoch) == config.epochs and finished_epoch(run_dir) == config.epochs:
+            # its final estimate and plots exist: the history with them, nothing trained
+            return TrainResult(model, History.from_dict(read_history(run_dir)), run_dir)
 
     nesting = BUILTIN_PLATE_NESTING if builtin.is_builtin(model) else None
     plate = data_plate_name(model)
