@@ -249,6 +249,27 @@ def estimators(example: Example, steps: int, seed: int, compile: bool = False
     return out
 
 
+def compiled(example: Example, steps: int, seed: int) -> str:
+    """The example's estimator for ``steps`` full-batch steps from ``seed``, eagerly and with
+    ``compile=True``: both last losses and how many steps ran compiled."""
+    def train(compile: bool):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model, guide, data = example.build()
+        return fit(PyroPair(model, guide, data_plate=example.data_plate), data,
+                   elbo=example.estimator, epochs=steps, batch_size=len(_arguments(data)[0]),
+                   lr=example.lr, seed=seed, progress=False, final_particles=0,
+                   compile=compile)
+
+    def both() -> str:
+        eager, fast = train(False), train(True)
+        step = fast.compiled
+        return (f"eager loss {eager.history.train_loss[-1]:.4f}, compiled "
+                f"{fast.history.train_loss[-1]:.4f} ({step.compiled_steps} steps compiled, "
+                f"{step.eager_steps} eager{', ' + step.disabled if step.disabled else ''})")
+    return _attempt(both)
+
+
 def anneal(example: Example, model: Callable, guide: Callable, data, steps: int,
            chains: int) -> str:
     """AIS on a trained pair: the data set's log p̂_AIS, or its one-line refusal."""
@@ -271,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the estimators' steps compiled")
     parser.add_argument("--ais-steps", type=int, default=200,
                         help="AIS steps on the pair fit trained (0: skip AIS)")
+    parser.add_argument("--compiled-steps", type=int, default=0,
+                        help="train the example's estimator this many steps eagerly and "
+                             "compiled, and compare (0: skip)")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args(argv)
     results = {}
@@ -288,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"{log_px:>12.3f}" if log_px is not None else f"{'':>12}"))
             if "ais" in row:
                 print(f"{'':<27}AIS on fit's pair: {row['ais']}")
+        if args.compiled_steps:
+            line = compiled(example, args.compiled_steps, args.seeds[0])
+            results[example.name]["compiled"] = line
+            print(f"{'':<27}compiled: {line}")
         if args.estimator_steps:
             cells = estimators(example, args.estimator_steps, args.seeds[0], args.compile)
             results[example.name]["estimators"] = cells

@@ -83,6 +83,12 @@ def test_ais_scores_the_vae_example_and_refuses_prodlda_in_one_line(examples):
     assert prodlda["ais"].startswith("refused: AIS") and "evaluator" in prodlda["ais"]
 
 
+def test_the_compiled_comparison_reports_both_losses_or_a_refusal_in_one_line(examples):
+    """Without a compiler the line is the refusal or the eager fallback, never a crash."""
+    line = examples.compiled(_example(examples, "mixture"), steps=1, seed=0)
+    assert "\n" not in line and not line.startswith("crash"), line
+
+
 def test_the_command_prints_one_row_per_example_seed_and_trainer(examples, capsys, tmp_path):
     assert examples.main(["--steps", "2", "--seeds", "0", "--draws", "2", "--examples",
                           "mixture", "--estimator-steps", "0", "--ais-steps", "0",
