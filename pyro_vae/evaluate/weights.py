@@ -216,8 +216,8 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
     tail = ParetoTail(num_particles) if with_khat else None
     blocks: list[torch.Tensor] | None = [] if keep_log_weights else None
     global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
-    enum_sum: torch.Tensor | None = None  # Σ over particles of TraceEnum's ELBO, [N]
-    enum_defined = True
+    #: each chunk's Σ over its particles of TraceEnum's ELBO, [N]; None once one lacks it
+    enum_sums: list[torch.Tensor] | None = []
     for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
                                     particle_chunk=particle_chunk,
                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
@@ -228,10 +228,9 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         global_sum += chunk.global_log_weight.double().sum().item()
         global_sites, summed_sites = chunk.global_sites, chunk.summed_sites
         if chunk.trace_enum_elbo is None:
-            enum_defined = False
-        elif enum_defined:
-            part = chunk.trace_enum_elbo.to(torch.float64).sum(0)
-            enum_sum = part if enum_sum is None else enum_sum + part
+            enum_sums = None
+        elif enum_sums is not None:
+            enum_sums.append(chunk.trace_enum_elbo.to(torch.float64).sum(0))
         if tail is not None:
             tail.update(chunk.log_weights)
         if blocks is not None:
@@ -250,8 +249,8 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
         khat=tail.khat() if tail is not None else None,
         log_weights=full.cpu() if full is not None else None, vectorized=vectorize,
         global_term=global_term, summed_sites=summed_sites, whole_data_set=whole_data_set,
-        trace_enum_elbo=(enum_sum / num_particles).cpu() if enum_defined and summed_sites
-        and enum_sum is not None else None)
+        trace_enum_elbo=(sum(enum_sums) / num_particles).cpu() if enum_sums and summed_sites
+        else None)
 
 
 def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,
