@@ -14,7 +14,6 @@ chains), and BDMC on as many images simulated from each model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

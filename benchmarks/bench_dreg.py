@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mnist_table import NETWORKS, build_network  # noqa: E402
+from mnist_table import NETWORKS, build_network
 
-from pyro_vae.infer import DoublyReparameterizedELBO, make_estimator  # noqa: E402
+from pyro_vae.infer import DoublyReparameterizedELBO, make_estimator
 
 IMPLEMENTATIONS = ("iwae", "dreg", "dreg two runs")
 

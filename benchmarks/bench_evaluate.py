@@ -47,7 +47,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_before = _load_average()
     with pyro.validation_enabled(not args.no_validation):
         small = images[:1, :]
-        for name, run in runners.items():
+        for name, _run in runners.items():
             pyro.set_rng_seed(args.seed)
             if name == "torch":
                 handwritten_log_px(vae, small, 10, 10, 10)

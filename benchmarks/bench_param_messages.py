@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import torch
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     original = models.register_module
     seconds = {(w, v, clock): [] for w in workloads for v in variants for clock in ("wall", "cpu")}
     try:
-        for name, register in variants.items():  # warm-up, and a check that each one works
+        for register in variants.values():  # warm-up, and a check that each one works
             models.register_module = register
             pyro.clear_param_store()
             evaluate_dataset(vae.model, vae.guide, images[:10], num_particles=10, khat=False)

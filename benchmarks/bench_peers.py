@@ -32,7 +32,6 @@ Implementations:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,16 +41,16 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1")
 
-import numpy as np  # noqa: E402
-import pyro  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import pyro
+import torch
+import torch.nn.functional as F
 
-from pyro_vae.fused import training_loss  # noqa: E402
-from pyro_vae.io import write_json  # noqa: E402
-from pyro_vae.models import VAE  # noqa: E402
-from pyro_vae.train.compiled import CompiledStep  # noqa: E402
-from pyro_vae.train.step import make_elbo, svi_step  # noqa: E402
+from pyro_vae.fused import training_loss
+from pyro_vae.io import write_json
+from pyro_vae.models import VAE
+from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.step import make_elbo, svi_step
 
 ROWS = [  # (data dim, hidden, latent, batch, estimator)
     (64, 128, 8, 128, "meanfield"),

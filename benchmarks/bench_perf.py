@@ -48,21 +48,22 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyro
 import torch
 from torch import nn
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
+from pyro_vae.batches import resolve_device
 from pyro_vae.config import DEVICES
 from pyro_vae.data import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.fused import training_loss
 from pyro_vae.io import write_json
-from pyro_vae.batches import resolve_device
 from pyro_vae.train import svi_step
 
 HERE = Path(__file__).resolve().parent
@@ -116,7 +117,7 @@ class PerfConfig:
     memory_num_data: int = 100
     out: str | None = None
 
-    def resolved(self, device: torch.device) -> "PerfConfig":
+    def resolved(self, device: torch.device) -> PerfConfig:
         gpu = device.type == "cuda"
         defaults = {"eval_num_data": 10_000 if gpu else 200,
                     "eval_particles": 5000 if gpu else 1000,
@@ -249,7 +250,7 @@ def evaluation_section(config: PerfConfig, device: torch.device,
     seconds: dict[str, list[float]] = {key: [] for key in runners}
     values: dict[str, torch.Tensor] = {}
     with pyro.validation_enabled(config.validation):
-        for key, run in runners.items():
+        for key, _run in runners.items():
             pyro.set_rng_seed(config.seed)
             (package_log_px if key == "package" else handwritten_log_px)(
                 vae, images[:2], min(k, 2 * c), b, c)

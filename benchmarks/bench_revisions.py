@@ -11,7 +11,8 @@ The work, on the built-in VAE (64-128-8 on the bundled digits, Bernoulli):
                       (batch 100, chunk 500), seconds per call.
 
 Each process warms up (one epoch or call), then measures ``time.process_time``: the median
-epoch of 10 (per step: 10 steps an epoch), or the mean of three calls; a round runs every measurement once in each tree, in an order that rotates.
+epoch of 10 (per step: 10 steps an epoch), or the mean of three calls; a round runs every
+measurement once in each tree, in an order that rotates.
 The report gives, per measurement, each round's ratio (this tree / the other) and their median,
 min and max: read 0.95–1.05 as a tie on a quiet machine.
 

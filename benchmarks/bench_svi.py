@@ -79,10 +79,11 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -91,12 +92,12 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.nn import functional as F
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
+from pyro_vae.batches import resolve_device
 from pyro_vae.config import DEVICES
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.fused import FusedLoss, training_loss
 from pyro_vae.io import write_json
 from pyro_vae.traces import trace_pair
-from pyro_vae.batches import resolve_device
 from pyro_vae.train import make_optimizer, svi_step
 
 IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
@@ -233,7 +234,7 @@ class Timing:
                 "cpu_rounds_ms": [s * MS_PER_S for s in self.cpu_seconds_per_step]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_dataset(name: str, data_dir: str | None) -> Dataset:
     """:func:`pyro_vae.data.load_dataset`, once per process and arguments: MNIST's files are
     read and checksummed once however many benchmarks use them (callers must not modify the

@@ -85,11 +85,12 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -99,8 +100,15 @@ from pyro_vae import data as data_lib
 from pyro_vae.batches import Batch, TensorSource, as_source, resolve_device
 from pyro_vae.builtin import is_builtin
 from pyro_vae.cli import EXIT_USER_ERROR, OneLineParser, parse_seed
-from pyro_vae.config import (BINARIZATIONS, DATASETS, DEVICES, LIKELIHOODS, ModelConfig,
-                             TrainConfig, check_seed)
+from pyro_vae.config import (
+    BINARIZATIONS,
+    DATASETS,
+    DEVICES,
+    LIKELIHOODS,
+    ModelConfig,
+    TrainConfig,
+    check_seed,
+)
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingDiverged
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
@@ -282,7 +290,7 @@ class Data:
         """Whether these are the built-in images (tensors of flattened images)."""
         return isinstance(self.train, torch.Tensor)
 
-    def cast(self, dtype: torch.dtype) -> "Data":
+    def cast(self, dtype: torch.dtype) -> Data:
         """The same data with floating-point tensors in ``dtype`` (a pair's parameter dtype)."""
         def to(value: Any) -> Any:
             if isinstance(value, torch.Tensor):
@@ -292,7 +300,10 @@ class Data:
         return Data(to(self.train), to(self.train_eval), to(self.test_eval), self.device)
 
 
-def load_data(config: BenchmarkConfig, device: torch.device = torch.device("cpu")) -> Data:
+CPU = torch.device("cpu")
+
+
+def load_data(config: BenchmarkConfig, device: torch.device = CPU) -> Data:
     """The built-in images of ``config.dataset`` (binarized as ``config.binarize`` says), or the
     user's ``config.data`` / ``config.test_data``, on ``device``."""
     if config.data is not None:

@@ -32,8 +32,8 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -669,7 +669,7 @@ def cell(case: Case, name: str, seed: int = 0) -> tuple[str, str]:
     except ConfigError as exc:
         line = str(exc).splitlines()[0]
         return ("n/a" if why else "refused"), line
-    except Exception as exc:  # noqa: BLE001 (a crash is what this looks for)
+    except Exception as exc:
         return "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if why:
         return "n/a", why
@@ -678,7 +678,7 @@ def cell(case: Case, name: str, seed: int = 0) -> tuple[str, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             theirs, their_grads = _pyro(case, name, seed)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return "n/a", f"Pyro refuses it: {type(exc).__name__}"
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4):
         return "different", f"loss {ours.item():.6g}, Pyro's {theirs.item():.6g}"
@@ -704,7 +704,7 @@ def runs(case: Case, name: str, seed: int = 0) -> tuple[str, str]:
                 loss.backward()
     except ConfigError as exc:
         return "refused", str(exc).splitlines()[0]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if not torch.isfinite(loss):
         return "crash", f"loss {loss.item()}"

@@ -51,29 +51,30 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyro  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import pyro
+import torch
 
-from pyro_vae import VAE, PyroVAEError, load_mnist  # noqa: E402
-from pyro_vae.config import DEVICES  # noqa: E402
-from pyro_vae.data import binarize, fixed_binarization  # noqa: E402
-from pyro_vae.evaluate import evaluate_dataset  # noqa: E402
-from pyro_vae.fused import training_loss  # noqa: E402
-from pyro_vae.io import write_json  # noqa: E402
-from pyro_vae.infer import make_estimator  # noqa: E402
-from pyro_vae.batches import resolve_device  # noqa: E402
-from pyro_vae.builtin import TEST_BINARIZATION_OFFSET  # noqa: E402
-from pyro_vae.train import svi_step  # noqa: E402
-from pyro_vae.train.step import BUILTIN_PLATE_NESTING as MAX_PLATE_NESTING  # noqa: E402
+from pyro_vae import VAE, PyroVAEError, load_mnist
+from pyro_vae.batches import resolve_device
+from pyro_vae.builtin import TEST_BINARIZATION_OFFSET
+from pyro_vae.config import DEVICES
+from pyro_vae.data import binarize, fixed_binarization
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.fused import training_loss
+from pyro_vae.infer import make_estimator
+from pyro_vae.io import write_json
+from pyro_vae.train import svi_step
+from pyro_vae.train.step import BUILTIN_PLATE_NESTING as MAX_PLATE_NESTING
 
 LATENT_DIM = 50
 HIDDEN = (200, 200)

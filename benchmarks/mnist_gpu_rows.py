@@ -34,8 +34,9 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BUDGET_SCRIPT = HERE / "mnist_gpu_budget.py"

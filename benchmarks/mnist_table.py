@@ -56,12 +56,12 @@ import torch
 from pyro_vae import ModelConfig, PyroVAEError, TrainConfig, fit
 from pyro_vae.builtin import evaluation_images
 from pyro_vae.data import load_binarized_mnist, load_mnist
-from pyro_vae.models import VAE
-from pyro_vae.vae2 import VAE2
-from pyro_vae.vampprior import VampPriorVAE
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.io import write_json
+from pyro_vae.models import VAE
 from pyro_vae.train import Callback
+from pyro_vae.vae2 import VAE2
+from pyro_vae.vampprior import VampPriorVAE
 
 ROWS = {"vae": "meanfield", "iwae": "iwae", "dreg": "dreg", "vamp": "meanfield"}
 TABLE = {  # --row all: (row, k) in the order trained

@@ -24,15 +24,23 @@ batch's summed loss by it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler,
-                              SequentialSampler, Subset)
-from torch.utils.data import default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    default_collate,
+)
 
 from .distributed import SINGLE, DistributedContext, shard_indices
 from .errors import ConfigError, DataError
@@ -114,7 +122,7 @@ class Batch:
         return batch_length(self.args, self.kwargs)
 
     @classmethod
-    def of(cls, collated: Any) -> "Batch":
+    def of(cls, collated: Any) -> Batch:
         """A collated batch as arguments: a dict gives keyword arguments, a tuple or list
         positional ones, anything else one positional argument."""
         if isinstance(collated, dict):
@@ -160,10 +168,10 @@ class TensorSource:
     def _batch(self, tensors: tuple | dict) -> Batch:
         return Batch((), tensors) if isinstance(tensors, dict) else Batch(tensors)
 
-    def to(self, device: torch.device | None, dtype: torch.dtype | None = None) -> "TensorSource":
+    def to(self, device: torch.device | None, dtype: torch.dtype | None = None) -> TensorSource:
         return TensorSource(self._map(lambda t: to_device(t, device, dtype)), self.transform)
 
-    def head(self, limit: int | None) -> "TensorSource":
+    def head(self, limit: int | None) -> TensorSource:
         """The first ``limit`` datapoints (all of them for ``None``)."""
         if limit is None:
             return self
@@ -196,12 +204,12 @@ class TensorSource:
                      else torch.randperm(self.num_data, device=device, generator=order_generator))
         for begin in range(0, order.shape[0], batch_size):
             index = order[begin:begin + batch_size]
-            yield self._batch(self._map(lambda t: t[index], tensors))
+            yield self._batch(self._map(lambda t, index=index: t[index], tensors))
 
     def ordered(self, batch_size: int) -> Iterator[Batch]:
         """Every datapoint once, in order, untransformed: for evaluation."""
         for begin in range(0, self.num_data, batch_size):
-            yield self._batch(self._map(lambda t: t[begin:begin + batch_size]))
+            yield self._batch(self._map(lambda t, begin=begin: t[begin:begin + batch_size]))
 
 
 class LoaderSource:
@@ -229,13 +237,13 @@ class LoaderSource:
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
 
-    def to(self, device: torch.device | None, dtype: torch.dtype | None = None) -> "LoaderSource":
+    def to(self, device: torch.device | None, dtype: torch.dtype | None = None) -> LoaderSource:
         out = LoaderSource(self.dataset, self.batch_size, self.collate_fn, self.shuffle,
                            self.drop_last, self.options, self.as_is)
         out.device, out.dtype = device, dtype
         return out
 
-    def head(self, limit: int | None) -> "LoaderSource":
+    def head(self, limit: int | None) -> LoaderSource:
         """The first ``limit`` datapoints (all of them for ``None``)."""
         if limit is None or limit >= self.num_data:
             return self

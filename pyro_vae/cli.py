@@ -14,11 +14,21 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from .config import (ACTIVATION_NAMES, BINARIZATIONS, DATASETS, DEVICES, ELBOS, GUIDES,
-                     LIKELIHOODS, MODEL_FAMILIES, TrainConfig, check_seed)
+from .config import (
+    ACTIVATION_NAMES,
+    BINARIZATIONS,
+    DATASETS,
+    DEVICES,
+    ELBOS,
+    GUIDES,
+    LIKELIHOODS,
+    MODEL_FAMILIES,
+    TrainConfig,
+    check_seed,
+)
 from .errors import PyroVAEError
 
 EXIT_USER_ERROR = 2
@@ -190,7 +200,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="write the run into an --out folder that holds other files (never "
                         "over another run)")
     p.add_argument("--resume", type=_path, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)")
+                   help="continue the run in RUN_DIR (only --epochs, --device and --data-dir "
+                        "may change)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--traced", action="store_true",
                    help="run every step through Pyro's traces, not the fused loss of the "
@@ -375,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. A user error (:class:`~pyro_vae.errors.PyroVAEError`, or an
     :class:`OSError` such as a full disk, or a failure of the user's code: a factory, data
     function, model or guide, named by its file and line, :mod:`pyro_vae.usercode`) prints one
-    line and returns :data:`EXIT_USER_ERROR`; Ctrl-C returns 130 and SIGTERM 143 (handled while ``main`` runs, in the main thread, by the
-    only process or torchrun's rank 0)."""
+    line and returns :data:`EXIT_USER_ERROR`; Ctrl-C returns 130 and SIGTERM 143 (handled
+    while ``main`` runs, in the main thread, by the only process or torchrun's rank 0)."""
     from .budget import time_limit
     from .commands import COMMANDS
     from .io import describe_os_error

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .config import TrainConfig
 from .errors import PyroVAEError
@@ -348,11 +348,10 @@ def _load_conditional_run(args: argparse.Namespace):
 def _cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
-    from .classify import classify, format_classification, save_classification
-    from .evaluate.run import checkpoint_epoch
-
     from .builtin import network_width
+    from .classify import classify, format_classification, save_classification
     from .evaluate import EvalConfig
+    from .evaluate.run import checkpoint_epoch
     from .memory import inference_bytes, require
 
     run = _load_conditional_run(args)

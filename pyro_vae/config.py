@@ -164,7 +164,7 @@ class TrainConfig:
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         """The config of a saved ``to_dict`` (a run's config.json or checkpoint): every field
         is checked by type (a :class:`~pyro_vae.errors.ConfigError` naming it) before the
         ranges the dataclasses check."""

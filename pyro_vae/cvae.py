@@ -13,7 +13,7 @@ log p(x, y) = log p(x | y) + log π_y; with ``y=None`` the model draws y from π
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist

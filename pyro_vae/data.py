@@ -55,7 +55,7 @@ class Split:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device | str) -> "Split":
+    def to(self, device: torch.device | str) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
 
@@ -71,7 +71,7 @@ class Dataset:
     def input_dim(self) -> int:
         return self.image_shape[0] * self.image_shape[1]
 
-    def to(self, device: torch.device | str) -> "Dataset":
+    def to(self, device: torch.device | str) -> Dataset:
         return Dataset(self.name, self.train.to(device), self.test.to(device), self.image_shape,
                        self.num_classes)
 
@@ -254,9 +254,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
     raise DataError(f"unknown dataset {name!r}: choose 'digits' or 'mnist'")
 
 
-def validate_images(images: torch.Tensor, *, binary: bool = False, labels: torch.Tensor | None = None,
-                    num_classes: int | None = None, input_dim: int | None = None,
-                    what: str = "data") -> None:
+def validate_images(images: torch.Tensor, *, binary: bool = False,
+                    labels: torch.Tensor | None = None, num_classes: int | None = None,
+                    input_dim: int | None = None, what: str = "data") -> None:
     """Raise :class:`DataError` with a plain message if ``images`` (and ``labels``) are unusable.
 
     ``binary=True`` demands values in {0, 1} (a Bernoulli likelihood's support).

@@ -29,10 +29,11 @@ import atexit
 import os
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,14 +25,15 @@ an effect handler is active (both would see or change sites the fused loss does 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import am_i_wrapped
 
-from .models import VAE
 from .infer import ELBOEstimator, MeanFieldELBO, TraceELBO, beta_log_weight
+from .models import VAE
 
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 FUSED_ESTIMATORS = (TraceELBO, MeanFieldELBO)

@@ -27,9 +27,10 @@ import re
 import signal
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import tempnames
 from .errors import PyroVAEError
@@ -317,7 +318,7 @@ def write_in_child(write: Callable[[], None], path: str | os.PathLike) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
             faulthandler.disable()  # a crash is reported by the parent, not dumped here
             write()
-        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        except BaseException as exc:
             code = failure_code(exc, path.parent)
             report = f"{'' if code is None else code}\n{type(exc).__name__}: {exc}"
             os.write(write_end, report.encode("utf-8", "replace")[:4096])

@@ -7,7 +7,7 @@ the input, so the pair runs wherever its data and parameters live.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -15,14 +15,19 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.params import param_with_module_name
 from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
-from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
 from .config import GUIDES, LIKELIHOODS, ModelConfig
 from .errors import ConfigError, DataError
-from .nets import (Decoder, FullCovarianceEncoder, GaussianEncoder, ObservationScale,
-                   activation_class)
+from .nets import (
+    Decoder,
+    FullCovarianceEncoder,
+    GaussianEncoder,
+    ObservationScale,
+    activation_class,
+)
 
 DATA_PLATE = "data"
 LATENT_SITE = "z"
@@ -108,7 +113,8 @@ class VAE(nn.Module):
     :func:`torch.distributions.kl_divergence`, so the ``meanfield`` estimator uses it).
 
     Parameters are registered with Pyro's param store under ``name`` so the pair works with
-    ``pyro.infer.SVI``; they are ordinary ``nn.Module`` parameters too, so any torch optimizer works.
+    ``pyro.infer.SVI``; they are ordinary ``nn.Module`` parameters too, so any torch optimizer
+    works.
     The module owns them: the store's entries always point at the tensors of the model that ran
     last under ``name`` (see :func:`register_module`).
     """

@@ -9,8 +9,8 @@ training step moves the statistics once, as its one run of the pair does.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 

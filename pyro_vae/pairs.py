@@ -16,7 +16,8 @@ does not lose it. Constraints are Pyro's: the entry's unconstrained value is wha
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
@@ -35,7 +36,7 @@ def _key(name: str) -> str:
 class _AdoptParams(Messenger):
     """Hands every ``pyro.param`` read of a run to :meth:`PyroPair._param` first."""
 
-    def __init__(self, pair: "PyroPair"):
+    def __init__(self, pair: PyroPair):
         super().__init__()
         self.pair = pair
 

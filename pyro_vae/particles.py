@@ -7,7 +7,8 @@ plates) and replays the model on it, with Pyro's parallel enumeration of the sit
 (:mod:`pyro_vae.enumeration`); :class:`Particles` reads log p(x|z), log p(z) and log q(z|x)
 from the two traces, each summed to ``[M, N]`` with the data plate kept (so each datapoint's
 weight uses only its own sites), the enumerated sites summed out by Pyro's plated contraction,
-and replays further runs the same way. :func:`pyro_vae.infer.pair_checks.check_estimable` adds what the estimators need;
+and replays further runs the same way. :func:`pyro_vae.infer.pair_checks.check_estimable`
+adds what the estimators need;
 :func:`pyro_vae.log_probs.vectorized_log_probs` is the evaluator's view of the same draws.
 
 Which latents count. Every guide latent must be a latent site of the model. A model latent that
@@ -33,7 +34,8 @@ inside the log (:func:`pyro_vae.infer.pair_checks.check_estimable`), as Pyro's
 ``Trace_ELBO`` weights them; inside the
 log of an importance-weighted bound (K > 1) a per-site weight has no meaning, and they raise
 :class:`~pyro_vae.errors.ConfigError` naming the site. β weights the rate for any estimator
-(β is applied by the estimators, so β = 0 is allowed, which ``poutine.scale`` refuses). The evaluator reads
+(β is applied by the estimators, so β = 0 is allowed, which ``poutine.scale`` refuses). The
+evaluator reads
 true densities and ignores scale factors. Masks (``poutine.mask``, ``.mask()``) are applied
 everywhere. Auxiliary guide sites (``infer={"is_auxiliary": True}``, an AutoGuide's
 unconstrained draws) have no twin in the model and count in log q.
@@ -41,9 +43,10 @@ unconstrained draws) have no twin in the model and count in log q.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
@@ -51,14 +54,31 @@ from pyro import poutine
 from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 
-from .enumeration import (contract_log_weights, enumerated_guide, enumerated_in, enumerated_model,
-                          expected_log_weights, is_enumerated, value_dims)
+from .enumeration import (
+    contract_log_weights,
+    enumerated_guide,
+    enumerated_in,
+    enumerated_model,
+    expected_log_weights,
+    is_enumerated,
+    value_dims,
+)
 from .errors import ConfigError
 from .module_state import running_statistics_kept
-from .traces import (PARTICLE_PLATE, check_guide_latents_in_model, common_scale,
-                     find_data_plate, latent_sites, observed_sites, plate_dim_and_size,
-                     reduce_to_particles, reduce_to_particles_and_data, site_log_prob,
-                     sum_terms)
+from .traces import (
+    PARTICLE_PLATE,
+    check_guide_latents_in_model,
+    common_scale,
+    find_data_plate,
+    latent_sites,
+    observed_sites,
+    plate_dim_and_size,
+    reduce_to_particles,
+    reduce_to_particles_and_data,
+    site_log_prob,
+    sum_terms,
+)
+
 
 def _mapped(trace: poutine.Trace, view: Callable[[dict], torch.Tensor]) -> poutine.Trace:
     """The unobserved sample sites of ``trace`` (subsample sites included), each with the value

@@ -5,18 +5,19 @@ Figures are drawn with matplotlib's Agg backend (no display needed) and saved at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-from .errors import ConfigError  # noqa: E402
-from .io import atomic_path  # noqa: E402
+from .errors import ConfigError
+from .io import atomic_path
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -162,7 +163,7 @@ def plot_latent(locs: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
     return fig
 
 
-def plot_curves(history: "History") -> plt.Figure:
+def plot_curves(history: History) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(history.epoch, [-v for v in history.train_loss], label="train ELBO (estimator)")
     if len(history.test_elbo) == len(history.epoch):
@@ -174,8 +175,8 @@ def plot_curves(history: "History") -> plt.Figure:
     return fig
 
 
-def write_run_plots(run_dir: str | Path, model: "VAE", dataset: "Dataset | None",
-                    history: "History", test_images: torch.Tensor | None,
+def write_run_plots(run_dir: str | Path, model: VAE, dataset: Dataset | None,
+                    history: History, test_images: torch.Tensor | None,
                     seed: int = 0) -> list[Path]:
     """Write samples, reconstructions, latent and curves PNGs into ``run_dir`` (only the curves
     for a model without ``sample``, ``encode`` and ``reconstruct`` methods, or for data that

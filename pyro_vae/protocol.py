@@ -29,7 +29,8 @@ A pair works with the training engine (:func:`pyro_vae.fit`), the evaluator
 
 Optional attributes, used when present: ``name`` (the prefix of the pair's Pyro param-store
 entries, replaced by :func:`~pyro_vae.fit`), ``initialize_from_data(images)`` (called
-before training a freshly built model of the package), and ``sample(n)``, ``encode(x)``, ``reconstruct(x)`` for
+before training a freshly built model of the package), and ``sample(n)``, ``encode(x)``,
+``reconstruct(x)`` for
 the plots of a run folder (a run without them gets the training curves only).
 """
 
@@ -46,10 +47,9 @@ from torch.distributions import constraints
 from .batches import batch_length, floating_tensors
 from .enumeration import is_enumerated
 from .errors import ConfigError, DataError
-from .module_state import running_statistics_kept
 from .models import DATA_PLATE
+from .module_state import running_statistics_kept
 from .traces import find_data_plate, trace_pair
-
 
 UNSIZED = -1  # the size Pyro gives a plate declared without one
 
@@ -96,7 +96,8 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
     if not example_args and not example_kwargs:
         return
     rows = batch_length(example_args, example_kwargs)
-    hint = (f"every sample site belongs inside pyro.plate({data_plate_name(module) or DATA_PLATE!r}, "
+    plate = data_plate_name(module) or DATA_PLATE
+    hint = (f"every sample site belongs inside pyro.plate({plate!r}, "
             "x.shape[0]) with its other dimensions as events, e.g. "
             "dist.Normal(loc, scale).to_event(1)")
     try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead

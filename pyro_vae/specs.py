@@ -18,8 +18,9 @@ import re
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ def call_factory(spec: str, *args: Any) -> Any:
     factory = load_factory(spec)
     try:
         return factory(*args)
-    except Exception as exc:  # noqa: BLE001 - whatever the call raised, told in one line
+    except Exception as exc:
         if user_frame(exc.__traceback__) is not None or isinstance(exc, ConfigError):
             raise
         kind = (FactoryCallError if isinstance(exc, TypeError)

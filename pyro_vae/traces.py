@@ -9,7 +9,8 @@ and masks are applied. Estimators that weight terms do so themselves.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch

@@ -18,7 +18,7 @@ The guide is hierarchical (z2's distribution depends on the sampled z1), which e
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist

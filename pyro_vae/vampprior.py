@@ -20,7 +20,7 @@ start at N(0.05, 0.01²) per pixel, the paper's initialization for MNIST.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyro
 import torch
@@ -56,7 +56,7 @@ class PseudoInputMixture(TorchDistribution):
         self.loc, self.scale = loc, scale
         super().__init__(torch.Size(batch_shape), loc.shape[-1:], validate_args=validate_args)
 
-    def expand(self, batch_shape: Sequence[int], _instance=None) -> "PseudoInputMixture":
+    def expand(self, batch_shape: Sequence[int], _instance=None) -> PseudoInputMixture:
         return PseudoInputMixture(self.loc, self.scale, batch_shape,
                                   validate_args=self._validate_args)
 

@@ -16,7 +16,8 @@ time (correct, K times slower) and the estimators refuse more than one draw per 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro import poutine

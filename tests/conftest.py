@@ -4,7 +4,6 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-
 from benchmark_loader import load_benchmark
 from tiny_runs import TINY
 

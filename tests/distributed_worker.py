@@ -18,14 +18,20 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_vae import fit
 from pyro_vae.cli import main
 from pyro_vae.config import ModelConfig, TrainConfig
 from pyro_vae.data import fixed_binarization, load_digits
-from pyro_vae.distributed import (SINGLE, DistributedContext, average_gradients, init_distributed,
-                                  main_first, shard_indices)
+from pyro_vae.distributed import (
+    SINGLE,
+    DistributedContext,
+    average_gradients,
+    init_distributed,
+    main_first,
+    shard_indices,
+)
 from pyro_vae.evaluate import evaluate_run
 from pyro_vae.models import VAE
-from pyro_vae import fit
 from pyro_vae.train import make_elbo, svi_step
 
 HALF_BATCH = 16
@@ -64,7 +70,7 @@ def run_steps(vae: VAE, optimizer: torch.optim.Optimizer,
         def loss_fn() -> torch.Tensor:
             total = torch.zeros(())
             for key, images in parts:
-                torch.manual_seed(1000 * step + key)
+                torch.manual_seed(1000 * step + key)  # noqa: B023 (called at once)
                 total = total + elbo.differentiable_loss(vae.model, vae.guide, images)
             return total
 

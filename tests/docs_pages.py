@@ -22,9 +22,9 @@ A page (``README.md`` or ``docs/*.rst``) states for every block whether it runs:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 RUNNABLE = ("python", "bash")
 OUTPUT = "text"

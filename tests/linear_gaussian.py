@@ -70,7 +70,7 @@ class LinearGaussian(nn.Module):
     def random(cls, data_dim: int, latent_dim: int, *, noise_scale: float = 0.5,
                guide: str = "full", loc_shift: float | torch.Tensor = 0.0,
                scale_factor: float | torch.Tensor = 1.0, seed: int = 0,
-               dtype: torch.dtype = torch.float64) -> "LinearGaussian":
+               dtype: torch.dtype = torch.float64) -> LinearGaussian:
         """A model with ``W`` and ``b`` drawn from N(0, 1) by a private, seeded generator."""
         generator = torch.Generator().manual_seed(seed)
         weight = torch.randn(data_dim, latent_dim, generator=generator, dtype=dtype)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from torch.nn.functional import softplus
+from user_models import FactorAnalysis, fa_data
 
 from pyro_vae.evaluate import evaluate
 from pyro_vae.evaluate.ais import ais, sigmoid_schedule
-from user_models import FactorAnalysis, fa_data
 
 
 def _pair(x: torch.Tensor, offset: float = 0.0, scale: float | None = None) -> FactorAnalysis:
@@ -201,9 +201,10 @@ def test_enumerated_sites_are_summed_out_exactly_with_each_classes_exact_posteri
 
 
 def test_reverse_ais_refuses_enumerated_sites_and_ais_refuses_an_unknown_start():
+    from test_enumeration import MixtureOfFactorAnalysers, _points
+
     from pyro_vae.errors import ConfigError
     from pyro_vae.evaluate.ais import reverse_ais
-    from test_enumeration import MixtureOfFactorAnalysers, _points
 
     pair, x = MixtureOfFactorAnalysers(), _points(4)
     with pytest.raises(ConfigError, match=r"cannot sum out the enumerated sites \['y'\]"):

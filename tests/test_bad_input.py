@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import TINY
 
 from pyro_vae import budget
 from pyro_vae.cli import main
-from tiny_runs import TINY
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 HUGE = "1000000000"

@@ -10,19 +10,20 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+from user_models import fa_data
 
-import numpy as np
 import pyro_vae.train.step
-from pyro_vae import data as data_lib, fit
+from pyro_vae import data as data_lib
+from pyro_vae import fit
 from pyro_vae.config import TrainConfig
 from pyro_vae.errors import ConfigError
 from pyro_vae.models import VAE
-from user_models import fa_data
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 

@@ -27,8 +27,15 @@ from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.step import make_elbo, svi_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from user_models import (FactorAnalysis, LinearSequenceModel, Regression, Sequences,  # noqa: E402
-                         fa_data, pad_collate, regression_data)
+from user_models import (
+    FactorAnalysis,
+    LinearSequenceModel,
+    Regression,
+    Sequences,
+    fa_data,
+    pad_collate,
+    regression_data,
+)
 
 LR = 1e-2
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),

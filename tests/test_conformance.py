@@ -221,8 +221,9 @@ def test_ais_anneals_to_the_marginal_of_a_model_that_enumerates_its_class():
     """A mixture of factor analysers whose class is enumerated in the model and whose guide
     proposes z alone from a broad N(0, 1.5²): AIS's target is p(x, z) with the class summed
     out, so it estimates the exact log p(x)."""
-    from pyro_vae.evaluate.ais import ais
     from test_enumeration import LATENT, MixtureOfFactorAnalysers, _points
+
+    from pyro_vae.evaluate.ais import ais
 
     pair = MixtureOfFactorAnalysers(enumerate_y=False)
 

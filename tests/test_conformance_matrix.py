@@ -2,7 +2,6 @@
 against the Pyro ELBO that computes the same quantity on the same random numbers."""
 
 import pytest
-
 from benchmark_loader import load_benchmark
 
 
@@ -19,7 +18,7 @@ def test_no_cell_is_silently_wrong_or_crashes_and_the_applicable_ones_equal_pyro
     equal, applicable, rate = conformance.acceptance(table)
     assert applicable >= 100 and rate >= 0.9, (equal, applicable)
     for case, row in table.items():
-        for name, (outcome, line) in row.items():
+        for name, (_outcome, line) in row.items():
             assert "\n" not in line, (case, name)  # refusals are one line
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
+from test_evaluate import _data, _exact_pair
+from test_performance_paths import FUSED, _Calling, _fused_pair, _loss_and_grads
 
 from pyro_vae import TrainConfig, fit
 from pyro_vae import evaluate as ev
 from pyro_vae.fused import FusedLoss, supports
 from pyro_vae.infer import make_estimator
-
-from test_evaluate import _data, _exact_pair
-from test_performance_paths import FUSED, _Calling, _fused_pair, _loss_and_grads
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

@@ -4,8 +4,9 @@ import math
 import pyro
 import pyro.distributions as dist
 import pytest
-from pyro import poutine
 import torch
+from pyro import poutine
+from threads import one_thread
 
 from pyro_vae import DataError
 from pyro_vae.classify import class_log_joint, classify
@@ -13,10 +14,8 @@ from pyro_vae.cli import main
 from pyro_vae.cvae import CVAE
 from pyro_vae.data import load_digits
 from pyro_vae.evaluate import evaluate
-from pyro_vae.nets import MIN_SCALE
 from pyro_vae.infer import make_estimator
-
-from threads import one_thread
+from pyro_vae.nets import MIN_SCALE
 
 CLASSES, BLOCK = 3, 4
 

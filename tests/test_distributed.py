@@ -15,18 +15,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_worker import (
+    COLLECTIVE_TIMEOUT_S,
+    CONFIG,
+    EVAL,
+    FAIL_AT_STEP,
+    HALF_BATCH,
+    HANG_TIMEOUT_S,
+    run_steps,
+    step_fixture,
+)
 from torch.utils.data import DistributedSampler
 
-from distributed_worker import (COLLECTIVE_TIMEOUT_S, CONFIG, EVAL, FAIL_AT_STEP, HALF_BATCH,
-                                HANG_TIMEOUT_S, run_steps, step_fixture)
+from pyro_vae import fit
 from pyro_vae.cli import EXIT_USER_ERROR, main
-from pyro_vae.distributed import (ENV_TIMEOUT, EXIT_BROKEN_GROUP, MAX_CAUSE_CHARS, SINGLE,
-                                  DistributedContext, DistributedError, derive_seed,
-                                  init_distributed, rank_seed, shard_indices)
 from pyro_vae.data import load_digits
+from pyro_vae.distributed import (
+    ENV_TIMEOUT,
+    EXIT_BROKEN_GROUP,
+    MAX_CAUSE_CHARS,
+    SINGLE,
+    DistributedContext,
+    DistributedError,
+    derive_seed,
+    init_distributed,
+    rank_seed,
+    shard_indices,
+)
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.evaluate import evaluate_dataset, evaluate_run
-from pyro_vae import fit
 from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from docs_pages import OUTPUT, PageError, compare_output, parse_markdown, parse_page, parse_rst
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from linear_gaussian import LinearGaussian
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_vae import evaluate as ev
-from pyro_vae.evaluate import khat
 from pyro_vae.errors import ConfigError, DataError
-
-from linear_gaussian import LinearGaussian
+from pyro_vae.evaluate import khat
 
 NUM_SE = 4.0
 
@@ -492,8 +491,8 @@ def test_eval_config_rejects_bad_options():
 
 
 def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
-    from pyro_vae.config import ModelConfig, TrainConfig
     from pyro_vae import fit
+    from pyro_vae.config import ModelConfig, TrainConfig
 
     run_dir = tmp_path / "run"
     config = TrainConfig(epochs=1, batch_size=512, device="cpu",

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import TINY
 
 from pyro_vae.cli import main
 from pyro_vae.evaluate.khat import ParetoTail, arviz_module, pareto_khat, tail_size
 from pyro_vae.io import WriteError, write_in_child
-from pyro_vae.memory import (MemoryLimitError, format_bytes, is_allocation_failure, limit,
-                             parse_size, require)
-from tiny_runs import TINY
+from pyro_vae.memory import (
+    MemoryLimitError,
+    format_bytes,
+    is_allocation_failure,
+    limit,
+    parse_size,
+    require,
+)
 
 HUGE = "1000000000"
 

@@ -120,7 +120,8 @@ def test_bad_model_arguments():
 
 @pytest.mark.parametrize("bad, message", [
     (lambda x: x[0], f"images must have shape [N, {D}] (one image: x[None]), got [{D}]"),
-    (lambda x: x[:, :-1], f"images must have shape [N, {D}] (one image: x[None]), got [{N}, {D - 1}]"),
+    (lambda x: x[:, :-1],
+     f"images must have shape [N, {D}] (one image: x[None]), got [{N}, {D - 1}]"),
     (lambda x: x[None], f"got [1, {N}, {D}]"),
     (lambda x: x.long(), "images must be floating point, got torch.int64"),
     (lambda x: x[:0], "got an empty batch of images"),

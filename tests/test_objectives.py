@@ -10,26 +10,33 @@ statements (equal values, zero variance) use a float64 rounding tolerance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from linear_gaussian import LinearGaussian
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from threads import one_thread
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal
 
-from pyro_vae.models import VAE
-from pyro_vae.infer import (ESTIMATORS, DoublyReparameterizedELBO, ELBOEstimator,
-                                 ImportanceWeightedELBO, LinearWarmup, MeanFieldELBO,
-                                 StickingTheLandingELBO, TraceELBO, make_estimator)
+from pyro_vae.infer import (
+    ESTIMATORS,
+    DoublyReparameterizedELBO,
+    ELBOEstimator,
+    ImportanceWeightedELBO,
+    LinearWarmup,
+    MeanFieldELBO,
+    StickingTheLandingELBO,
+    TraceELBO,
+    make_estimator,
+)
 from pyro_vae.log_probs import vectorized_log_probs
-
-from linear_gaussian import LinearGaussian
-from threads import one_thread
+from pyro_vae.models import VAE
 
 NUM_SE = 5.0
 ROUNDING = 1e-9
@@ -515,7 +522,7 @@ def test_dreg_single_pass_equals_the_second_run_on_detached_draws(monkeypatch, b
         calls = []
         model = pair.model
 
-        def counted(*args, **kwargs):
+        def counted(*args, calls=calls, model=model, **kwargs):
             calls.append(1)
             return model(*args, **kwargs)
 

@@ -9,20 +9,20 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.nn import PyroModule, PyroParam, pyro_method
+from test_model_families import _per_datapoint_elbo
 from torch import nn
 from torch.distributions import constraints
 
 from pyro_vae import VAE, ConfigError, TrainConfig, fit
+from pyro_vae.builtin import evaluation_images, prepare_data
 from pyro_vae.cli import EXIT_USER_ERROR, main
 from pyro_vae.cvae import CVAE
 from pyro_vae.errors import CheckpointError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.protocol import check_model
-from pyro_vae.specs import load_factory
-from pyro_vae.builtin import evaluation_images, prepare_data
 from pyro_vae.runs import MODEL_CLASS_KEY, load_run, read_config
+from pyro_vae.specs import load_factory
 from pyro_vae.vae2 import VAE2
-from test_model_families import _per_datapoint_elbo
 
 
 class MixturePriorVAE(nn.Module):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
+from user_models import FactorAnalysis, fa_data, fa_guide, fa_model
 
 from pyro_vae import fit
 from pyro_vae.cli import main
@@ -19,7 +20,6 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.pairs import PyroPair
 from pyro_vae.runs import load_run
-from user_models import FactorAnalysis, fa_data, fa_guide, fa_model
 
 USER_MODELS = str(Path(__file__).with_name("user_models.py"))
 

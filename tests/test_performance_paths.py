@@ -15,27 +15,26 @@ have made it. Nothing is timed here; ``benchmarks/bench_perf.py`` times.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from benchmark_loader import load_benchmark
+from linear_gaussian import LinearGaussian
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.params import param_with_module_name
+from threads import one_thread
 from torch import nn
 
 from pyro_vae import VAE, TrainConfig, fit
 from pyro_vae.cvae import CVAE
 from pyro_vae.fused import FusedLoss, supports, training_loss
-from pyro_vae.models import register_module
 from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
+from pyro_vae.models import register_module
 from pyro_vae.vae2 import VAE2
-
-from benchmark_loader import load_benchmark
-from linear_gaussian import LinearGaussian
-from threads import one_thread
 
 D, LATENT, N = 12, 3, 7
 STOCK = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}

@@ -4,7 +4,6 @@ same seed reach the same numbers."""
 import math
 
 import pytest
-
 from benchmark_loader import load_benchmark
 
 

@@ -12,14 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pyro_vae.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
-from pyro_vae.runs import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE, RunFolderLock,
-                           load_checkpoint)
-from pyro_vae.runs.lock import lock_holder
-from pyro_vae.tempnames import temporary_name, this_process, writer_of
 from tiny_runs import TINY
 
+from pyro_vae.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from pyro_vae.runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LOCK_FILE,
+    RunFolderLock,
+    load_checkpoint,
+)
+from pyro_vae.runs.lock import lock_holder
+from pyro_vae.tempnames import temporary_name, this_process, writer_of
 
 
 def exit_status(argv) -> int:
@@ -319,8 +324,9 @@ def test_fit_resuming_a_finished_run_from_python_returns_it_without_training(tmp
     nothing trained, estimated or drawn, the folder as it was."""
     import sys
 
-    from pyro_vae import fit
     from user_models import FactorAnalysis, fa_data
+
+    from pyro_vae import fit
 
     x = fa_data(40)
     options = dict(test_data=fa_data(20, seed=1), epochs=2, batch_size=20, progress=False,

@@ -15,15 +15,23 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from tiny_runs import TINY
 
 from pyro_vae import fit
 from pyro_vae.cli import EXIT_TERMINATED, main
 from pyro_vae.errors import CheckpointError
-from pyro_vae.runs import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE, WEIGHTS_FILE,
-                           RunFolderLock, load_checkpoint, read_run_config)
+from pyro_vae.runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LOCK_FILE,
+    WEIGHTS_FILE,
+    RunFolderLock,
+    load_checkpoint,
+    read_run_config,
+)
 from pyro_vae.runs.lock import lock_holder, lock_text
 from pyro_vae.tempnames import Writer, host_tag, temporary_name, this_process
-from tiny_runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,7 +335,7 @@ def _torch_no_space(obj, stream):
         _no_space()
     except OSError:  # what torch.save raises when its file's write fails
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 "
-                           "vs 598")
+                           "vs 598") from None
 
 
 def _safetensors_no_space(tensors, path):

@@ -68,7 +68,8 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
             model.decoder.net[-1].bias.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
-        fit(config=TINY.replace(epochs=3), run_dir=tmp_path, progress=False, model=model, on_epoch=poison)
+        fit(config=TINY.replace(epochs=3), run_dir=tmp_path, progress=False, model=model,
+            on_epoch=poison)
     state = load_checkpoint(tmp_path)
     assert state["history"]["epoch"] == [1]
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -118,7 +119,8 @@ def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
     monkeypatch.setattr(train_module, "make_elbo", recording)
     config = TINY.replace(epochs=2, batch_size=300, warmup=5, warmup_start=0.1, beta=0.6)
     fit(config=config, progress=False)
-    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5] + [0.6] * 5)  # 1497 images: 5 steps an epoch
+    # 1497 images: 5 steps an epoch
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5] + [0.6] * 5)
 
 
 def test_cuda_request_without_a_gpu(monkeypatch):

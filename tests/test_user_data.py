@@ -14,13 +14,20 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
+from user_models import (
+    FactorAnalysis,
+    LinearSequenceModel,
+    Regression,
+    Sequences,
+    fa_data,
+    pad_collate,
+    regression_data,
+)
 
 from pyro_vae import ConfigError, TrainConfig, as_source, check_model, fit, load_run
 from pyro_vae.cli import EXIT_USER_ERROR, main
 from pyro_vae.errors import DataError
 from pyro_vae.evaluate import evaluate_dataset
-from user_models import (FactorAnalysis, LinearSequenceModel, Regression, Sequences, fa_data,
-                         pad_collate, regression_data)
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 FA_TOLERANCE = 0.02  # nats per datapoint

@@ -1,7 +1,7 @@
 """One intra-op thread for tests of tiny tensors (the machine's cores may be shared)."""
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

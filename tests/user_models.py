@@ -4,7 +4,6 @@ tests/user_models.py:NAME``)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyro
 import pyro.distributions as dist

@@ -39,11 +39,9 @@ parameters. Non-finite log-weights raise :class:`EvaluationError`.
 """
 
 from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, khat_reading, pareto_khat
-from .results import (INFERENCE_DATA_GROUP, METRICS, EvaluationResult, format_table,
-                      save_evaluation)
+from .results import INFERENCE_DATA_GROUP, METRICS, EvaluationResult, format_table, save_evaluation
 from .run import KEEP_LOG_WEIGHTS_MAX, SPLITS, EvalConfig, evaluate_run
-from .weights import (EvaluationError, evaluate, evaluate_dataset, log_weights,
-                      weight_statistics)
+from .weights import EvaluationError, evaluate, evaluate_dataset, log_weights, weight_statistics
 
 __all__ = ["EvalConfig", "EvaluationError", "EvaluationResult", "INFERENCE_DATA_GROUP",
            "KEEP_LOG_WEIGHTS_MAX", "KHAT_GOOD", "KHAT_OK", "METRICS", "MIN_KHAT_PARTICLES",

@@ -11,7 +11,8 @@ from q(z|x) to the posterior through the intermediate densities
     \qquad 0 = \beta_0 < \beta_1 < \dots < \beta_T = 1,
 
 accumulating for each chain
-:math:`\log w = \sum_{t=1}^T (\beta_t - \beta_{t-1})\,[\log p(x, z_{t-1}) - \log q(z_{t-1} \mid x)]`,
+:math:`\log w = \sum_{t=1}^T (\beta_t - \beta_{t-1})\,
+[\log p(x, z_{t-1}) - \log q(z_{t-1} \mid x)]`,
 where z_t follows z_{t−1} by an HMC transition that leaves f_t invariant. Then
 E[w] = p(x), and log p̂_AIS(x) = logsumexp_c log w_c − log C is a stochastic lower bound that
 tends to log p(x) as T grows, whatever the guide. The schedule is sigmoidal by default
@@ -21,7 +22,8 @@ Each transition is one HMC proposal (``leapfrog_steps`` leapfrog steps, unit mas
 rejected per chain and datapoint; the step size is per datapoint, shared by its chains, and
 adapted after every transition towards ``target_accept`` (×1.05 above it, ×0.95 below; Wu et
 al.'s code uses 1.02 and 0.98 over thousands of steps; adapting on the chains' own
-acceptances is standard practice, and the tests measure the estimate against exact values). All datapoints and chains are one vectorized call
+acceptances is standard practice, and the tests measure the estimate against exact values).
+All datapoints and chains are one vectorized call
 (the chains are the particle plate); there is no Python loop over either.
 
 Requirements: local latents with real support (Normal, MultivariateNormal, ...), the data
@@ -45,8 +47,9 @@ and has no such sum: it refuses enumerated sites.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch
@@ -230,7 +233,7 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
         beta, previous = float(betas[t]), float(betas[t - 1])
         log_w += (beta - previous) * log_ratio.double()
         current, _, grads = log_f(z, beta, True)
-        shape = lambda v: eps.reshape(1, -1, *([1] * (v.dim() - 2)))  # noqa: E731
+        shape = lambda v, eps=eps: eps.reshape(1, -1, *([1] * (v.dim() - 2)))  # noqa: E731
         momentum = {k: torch.randn_like(v) for k, v in z.items()}
         kinetic = _per_point(momentum, lambda m: 0.5 * m.square())
         new = dict(z)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ def write_netcdf(inference_data: Any, path: Path) -> None:
     write_in_child(lambda: inference_data.to_netcdf(str(path)), path)
 
 
-def save_evaluation(result: "EvaluationResult", folder: str | Path, split: str,
+def save_evaluation(result: EvaluationResult, folder: str | Path, split: str,
                     metadata: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
     ``khat-<split>.png`` into ``folder`` as one set (each to a temporary file, all renamed at
@@ -158,7 +159,7 @@ class GlobalTerm:
     draws: int
 
     @classmethod
-    def combine(cls, terms: Sequence["GlobalTerm | None"]) -> "GlobalTerm | None":
+    def combine(cls, terms: Sequence[GlobalTerm | None]) -> GlobalTerm | None:
         present = [term for term in terms if term is not None]
         if not present:
             return None
@@ -232,7 +233,7 @@ class EvaluationResult:
         return self.log_px - self.elbo
 
     @classmethod
-    def concatenate(cls, parts: Sequence["EvaluationResult"]) -> "EvaluationResult":
+    def concatenate(cls, parts: Sequence[EvaluationResult]) -> EvaluationResult:
         """Join results of consecutive batches (same K) along the datapoints."""
         if not parts or len({part.num_particles for part in parts}) != 1:
             raise ConfigError("concatenate needs results with the same number of particles")

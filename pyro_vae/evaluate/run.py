@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
 from .results import EvaluationResult, save_evaluation
-from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, forked_rng, evaluate_dataset
+from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, evaluate_dataset, forked_rng
 
 KEEP_LOG_WEIGHTS_MAX = 10_000_000
 SPLITS = ("train", "test")
@@ -165,14 +164,15 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
                  data_dir: str | None = None,
                  keep_log_weights: bool | None = EvalConfig.keep_log_weights,
                  progress: bool = False, dist_timeout: float | None = None,
-                 data: Any = None) -> "EvaluationResult":
+                 data: Any = None) -> EvaluationResult:
     """Evaluate a trained run folder on ``split`` (or on ``data``: a data spec or data in any
     form :func:`evaluate_dataset` takes) and write the results into ``out``.
 
     Loads the run with :func:`pyro_vae.runs.load_run`, evaluates its pair with
     :func:`evaluate_dataset` on the run's data of ``split`` (the first ``limit`` datapoints if
     given): the fixed binarization of the built-in images, or the ``--data`` / ``--test-data``
-    a command-line run of a user's pair recorded. Each batch seeded from ``seed`` and its index (``batch_seed``) on a fork of
+    a command-line run of a user's pair recorded. Each batch seeded from ``seed`` and its index
+    (``batch_seed``) on a fork of
     torch's random state (the caller's state is left untouched), and with the run's parameters
     in a scope of their own in Pyro's param store (so it works in a process that holds other
     parameters). Pyro's validation is off, as

@@ -7,8 +7,9 @@ handled.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -17,8 +18,13 @@ from pyro.infer.util import is_validation_enabled
 
 from .. import budget
 from ..batches import as_source, floating_tensors
-from ..distributed import (EVAL_BATCH_STREAM, SINGLE, DistributedContext, all_gather_objects,
-                           derive_seed)
+from ..distributed import (
+    EVAL_BATCH_STREAM,
+    SINGLE,
+    DistributedContext,
+    all_gather_objects,
+    derive_seed,
+)
 from ..errors import ConfigError, DataError, PyroVAEError
 from ..log_probs import vectorized_log_probs
 from ..traces import guess_max_plate_nesting
@@ -67,7 +73,7 @@ def _num_chunks(total: int, chunk: int | None) -> int:
 def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
                        num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
                        data_plate: str | None, vectorize: bool = True,
-                       whole: bool = False) -> Iterator["Chunk"]:
+                       whole: bool = False) -> Iterator[Chunk]:
     """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
     each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
 
@@ -200,9 +206,9 @@ def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int
     """
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    chunks = list(chunk.log_weights for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
-                                     particle_chunk=particle_chunk,
-                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate))
+    chunks = [chunk.log_weights for chunk in _log_weight_chunks(
+        model, guide, args, kwargs, num_particles=num_particles, particle_chunk=particle_chunk,
+        max_plate_nesting=max_plate_nesting, data_plate=data_plate)]
     return torch.cat(chunks)
 
 
@@ -210,7 +216,7 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
                   num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
                   data_plate: str | None, khat: bool | None, keep_log_weights: bool,
                   first_index: int = 0, vectorize: bool = True,
-                  whole: bool = False) -> "EvaluationResult":
+                  whole: bool = False) -> EvaluationResult:
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
     tail = ParetoTail(num_particles) if with_khat else None
@@ -283,7 +289,7 @@ def eval_mode(*functions: Callable) -> Iterator[None]:
 def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
              particle_chunk: int | None = None, khat: bool | None = None,
              keep_log_weights: bool = True, max_plate_nesting: int | None = None,
-             data_plate: str | None = None, **kwargs: Any) -> "EvaluationResult":
+             data_plate: str | None = None, **kwargs: Any) -> EvaluationResult:
     """Evaluate a model/guide pair on all its datapoints at once (one call per particle chunk).
 
     ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` must put every sample site inside
@@ -327,7 +333,7 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
                      max_plate_nesting: int | None = None, data_plate: str | None = None,
                      progress: bool = False, batch_seed: int | None = None,
                      dist: DistributedContext = SINGLE, collate_fn: Callable | None = None,
-                     **kwargs: Any) -> "EvaluationResult":
+                     **kwargs: Any) -> EvaluationResult:
     """Evaluate a pair batch by batch: ``model(*batch_args, **batch_kwargs, **kwargs)``.
 
     ``data`` takes every form the training engine takes (:func:`pyro_vae.batches.as_source`):
@@ -347,7 +353,8 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     the seed, ``batch_size``, ``particle_chunk`` and the batch's own data; with ``batch_size=1``
     datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
     ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
-    no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a ``dist`` of several ranks
+    no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a
+    ``dist`` of several ranks
     (:func:`~pyro_vae.distributed.init_distributed`), which needs ``batch_seed``, rank r
     evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
     per datapoint to a single process's with the same ``batch_seed``.
@@ -416,7 +423,7 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     return EvaluationResult.concatenate(parts)
 
 
-def weight_statistics(log_weights: torch.Tensor, khat: bool | None = None) -> "EvaluationResult":
+def weight_statistics(log_weights: torch.Tensor, khat: bool | None = None) -> EvaluationResult:
     """All per-datapoint statistics of given ``[K, N]`` log-weights (kept on the result)."""
     if log_weights.dim() != 2 or log_weights.shape[0] < 1:
         raise ConfigError(f"log_weights must have shape [K, N], got {list(log_weights.shape)}")

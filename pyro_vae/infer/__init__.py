@@ -55,6 +55,7 @@ from .stl import StickingTheLandingELBO
 from .trace_elbo import TraceELBO
 from .vimco import VIMCO
 
-__all__ = ["ALL_ESTIMATORS", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator", "ImportanceWeightedELBO",
+__all__ = ["ALL_ESTIMATORS", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator",
+           "ImportanceWeightedELBO",
            "LinearWarmup", "MeanFieldELBO", "StickingTheLandingELBO", "TraceELBO", "VIMCO",
            "beta_log_weight", "importance_weighted_bound", "make_estimator"]

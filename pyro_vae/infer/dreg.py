@@ -4,13 +4,14 @@ Lawson, Gu and Maddison 2018), see :class:`DoublyReparameterizedELBO`."""
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
 from ..particles import Particles
 from ..traces import latent_sites
-from .elbo import ELBOEstimator, weighted, beta_log_weight
+from .elbo import ELBOEstimator, beta_log_weight, weighted
 
 
 class DoublyReparameterizedELBO(ELBOEstimator):

@@ -19,7 +19,8 @@ sample sites (no dropout in train mode).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import pyro
 import torch
@@ -34,8 +35,13 @@ from ..module_state import running_statistics_kept
 from ..particles import Particles, draw_particles
 from ..traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
 from ..vectorization import particle_mismatch
-from .pair_checks import (check_estimable, check_no_active_dropout, cuda_devices, pair_key,
-                          same_subsample)
+from .pair_checks import (
+    check_estimable,
+    check_no_active_dropout,
+    cuda_devices,
+    pair_key,
+    same_subsample,
+)
 
 
 def weighted(beta: float, term: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ see :class:`StickingTheLandingELBO`; the score-free log q it uses is the base cl
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -3,7 +3,7 @@ guide), with score-function terms for sampled discrete sites, see :class:`TraceE
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

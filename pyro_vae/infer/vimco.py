@@ -4,7 +4,7 @@ sites that are sampled, not summed (Mnih and Rezende 2016), see :class:`VIMCO`."
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -22,20 +22,45 @@ pair and its data; a run trained from Python with in-memory data is rebuilt by p
 pair (``load_run(run_dir, model=...)``) and, to evaluate it, the data.
 """
 
-from .checkpoint import (CHECKPOINT_FILE, CHECKPOINT_KEYS, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
-                         MODEL_CLASS_KEY, TRAINING_FILES, WEIGHTS_FILE, History,
-                         check_checkpoint, finished_epoch, load_checkpoint, load_weights,
-                         read_history, rng_state, save_checkpoint, set_generator_state,
-                         set_rng_state, user_model_class, write_history)
+from .checkpoint import (
+                         CHECKPOINT_FILE,
+                         CHECKPOINT_KEYS,
+                         CONFIG_FILE,
+                         HISTORY_FILE,
+                         LOCK_FILE,
+                         MODEL_CLASS_KEY,
+                         TRAINING_FILES,
+                         WEIGHTS_FILE,
+                         History,
+                         check_checkpoint,
+                         finished_epoch,
+                         load_checkpoint,
+                         load_weights,
+                         read_history,
+                         rng_state,
+                         save_checkpoint,
+                         set_generator_state,
+                         set_rng_state,
+                         user_model_class,
+                         write_history,
+)
 from .folder import RunFolder, check_run_folder_path, open_run_folder, sweep_temporary_files
+from .loading import (
+                         LoadedRun,
+                         build_factory_model,
+                         check_resumable,
+                         load_run,
+                         read_config,
+                         read_run_config,
+                         refuse_python_only,
+)
 from .lock import RunFolderLock
-from .loading import (LoadedRun, build_factory_model, check_resumable, load_run, read_config,
-                      read_run_config, refuse_python_only)
 
 __all__ = ["CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
            "MODEL_CLASS_KEY", "TRAINING_FILES", "WEIGHTS_FILE", "History", "LoadedRun",
            "RunFolder", "RunFolderLock", "build_factory_model", "check_checkpoint",
-           "check_resumable", "check_run_folder_path", "finished_epoch", "load_checkpoint", "load_run",
+           "check_resumable", "check_run_folder_path", "finished_epoch", "load_checkpoint",
+           "load_run",
            "load_weights", "open_run_folder", "read_config", "read_history", "read_run_config",
            "refuse_python_only", "rng_state", "save_checkpoint", "set_generator_state",
            "set_rng_state",

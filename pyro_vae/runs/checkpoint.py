@@ -20,8 +20,6 @@ from ..errors import CheckpointError, PyroVAEError, shorten
 from ..files import COPIES, read_json, regular_file
 from ..io import atomic_files, write_json
 
-
-
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -58,7 +56,7 @@ class History:
                 "seconds": self.seconds, **self.extra}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "History":
+    def from_dict(cls, raw: dict[str, Any]) -> History:
         raw = dict(raw)
         core = {key: list(raw.pop(key, [])) for key in ("epoch", "train_loss", "test_elbo",
                                                         "seconds")}

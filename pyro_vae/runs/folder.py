@@ -7,10 +7,10 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -19,11 +19,18 @@ from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from ..io import DISK_FULL, WriteError, reason, write_json
-from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, HISTORY_FILE, LOCK_FILE,
-                         MODEL_CLASS_KEY, TRAINING_FILES, load_checkpoint, user_model_class)
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LOCK_FILE,
+    MODEL_CLASS_KEY,
+    TRAINING_FILES,
+    load_checkpoint,
+    user_model_class,
+)
 from .loading import read_run_config, refuse_python_only
 from .lock import RunFolderLock
-
 
 
 def sweep_temporary_files(run_dir: Path) -> list[str]:

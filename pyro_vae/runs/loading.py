@@ -18,9 +18,15 @@ from ..files import read_json
 from ..io import reason
 from ..pairs import PyroPair, as_pair, is_pair_module
 from ..specs import call_factory, load_data
-from .checkpoint import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_CLASS_KEY, History,
-                         _user_model_refusal, load_checkpoint, load_weights)
-
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_CLASS_KEY,
+    History,
+    _user_model_refusal,
+    load_checkpoint,
+    load_weights,
+)
 
 
 def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,

@@ -138,7 +138,7 @@ class RunFolderLock:
             raise self._fail(exc, "write to") from None
         return fd
 
-    def acquire(self) -> "RunFolderLock":
+    def acquire(self) -> RunFolderLock:
         while self._fd is None:
             self._fd = self._create()
             if self._fd is None:
@@ -156,7 +156,7 @@ class RunFolderLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "RunFolderLock":
+    def __enter__(self) -> RunFolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -3,9 +3,10 @@ importance-weighted estimate and the plots."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import torch

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
@@ -206,7 +207,7 @@ class CompiledStep:
             with pyro.get_param_store().scope(), pyro.validation_enabled(False):
                 graph = make_fx(function, tracing_mode="fake")(
                     leaves, buffers, exp_avgs, exp_avg_sqs, steps, lr, tensors)
-        except Exception as exc:  # noqa: BLE001 - any failure to trace means: run eagerly
+        except Exception as exc:
             if "FakeTensor" in str(exc) and "allow_non_fake_inputs" in str(exc):
                 raise _Uncompilable(  # a graph would bake the tensor's current value in
                     "the pair uses a tensor that is neither a parameter, a buffer nor an "
@@ -255,7 +256,7 @@ class CompiledStep:
                     loss = self.graphs[key](*self._inputs(tensors))
             else:
                 loss = self.graphs[key](*self._inputs(tensors))
-        except Exception as exc:  # noqa: BLE001 - a compiler failure: the first call only
+        except Exception as exc:
             if not first:
                 raise
             return self._give_up(f"the graph could not be compiled: {_first_line(exc)}",

@@ -6,9 +6,10 @@ import dataclasses
 import functools
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -16,18 +17,38 @@ import torch
 from .. import builtin, memory
 from ..batches import Source, as_source, resolve_device
 from ..config import TrainConfig
-from ..distributed import (SHARED_ORDER_STREAM, barrier, current_context, derive_seed,
-                           init_distributed, main_first, rank_seed)
+from ..distributed import (
+    SHARED_ORDER_STREAM,
+    barrier,
+    current_context,
+    derive_seed,
+    init_distributed,
+    main_first,
+    rank_seed,
+)
 from ..errors import ConfigError, PyroVAEError, TrainingDiverged
 from ..evaluate.weights import eval_mode
 from ..fused import training_loss
 from ..infer import LinearWarmup
 from ..models import forget_params
 from ..pairs import PyroPair, as_pair, is_pair_module
-from ..protocol import (check_data, check_finite_data, check_model, data_plate_name,
-                        pair_activation_bytes)
-from ..runs import (History, build_factory_model, check_resumable, finished_epoch,
-                    load_checkpoint, load_weights, open_run_folder, read_history)
+from ..protocol import (
+    check_data,
+    check_finite_data,
+    check_model,
+    data_plate_name,
+    pair_activation_bytes,
+)
+from ..runs import (
+    History,
+    build_factory_model,
+    check_resumable,
+    finished_epoch,
+    load_checkpoint,
+    load_weights,
+    open_run_folder,
+    read_history,
+)
 from ..specs import load_data
 from ..traces import guess_max_plate_nesting
 from ..vectorization import particle_mismatch

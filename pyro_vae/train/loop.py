@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import pyro
 import torch
@@ -28,10 +28,10 @@ clock: Callable[[], float] = time.perf_counter
 class Callback:
     """A hook with one job; each method is called by :func:`run_epochs` (all optional)."""
 
-    def on_epoch_end(self, loop: "Loop") -> None:
+    def on_epoch_end(self, loop: Loop) -> None:
         """After an epoch's training and held-out score, ``loop.history`` updated."""
 
-    def on_fit_end(self, loop: "Loop") -> None:
+    def on_fit_end(self, loop: Loop) -> None:
         """After the last epoch (not after a failure)."""
 
     def close(self) -> None:
@@ -97,7 +97,7 @@ class Loop:
                     loss = self.compiled(batch.args, batch.kwargs, size)
                 else:
                     loss = self.replicas.step(
-                        lambda: self.step_loss(*batch.args, **batch.kwargs), size,
+                        lambda batch=batch: self.step_loss(*batch.args, **batch.kwargs), size,
                         self.optimizer)
                 if self.initial_loss is None:  # one synchronisation per run
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)

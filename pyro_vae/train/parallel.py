@@ -10,16 +10,24 @@ checks after each epoch that every rank holds the same parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from ..batches import Batch, Source
-from ..distributed import (SINGLE, DistributedContext, all_gather_objects, all_reduce_sum,
-                           broadcast_tensors, check_in_sync, check_same_on_every_rank)
-from ..runs import rng_state, set_generator_state, set_rng_state
+from ..distributed import (
+    SINGLE,
+    DistributedContext,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_tensors,
+    check_in_sync,
+    check_same_on_every_rank,
+)
 from ..errors import CheckpointError
+from ..runs import rng_state, set_generator_state, set_rng_state
 from .step import svi_step
 
 
@@ -54,7 +62,8 @@ class Replicas:
 
     def mean(self, total: torch.Tensor, count: int) -> float:
         """``total / count`` summed over the ranks (every rank gets the value)."""
-        totals = torch.stack([total.to(torch.float64), total.new_tensor(count, dtype=torch.float64)])
+        totals = torch.stack([total.to(torch.float64),
+                              total.new_tensor(count, dtype=torch.float64)])
         if self.dist.enabled:
             all_reduce_sum(totals, self.dist, "summing the training loss")
             return totals[0].item() / totals[1].item()
