@@ -10,8 +10,9 @@ one process, interleaved so that they share the machine's noise:
     the batch, Adam. This is the floor: no traces, no distribution objects.
 ``fused``
     The step of :func:`pyro_vae.fit` for the package's own VAE: the loss of
-    :func:`pyro_vae.train.fused.training_loss` (a :class:`~pyro_vae.train.fused.FusedLoss`, computed from the
-    networks without Pyro's effect handlers) divided by the batch size, Adam, validation off.
+    :func:`pyro_vae.train.fused.training_loss` (a :class:`~pyro_vae.train.fused.FusedLoss`,
+    computed from the networks without Pyro's effect handlers) divided by the batch size, Adam,
+    validation off.
 ``traced``
     The general path, which every other model/guide pair and estimator takes (and
     ``train(..., fused=False)``): ``make_elbo(name).differentiable_loss(model, guide, x)`` / B,
@@ -123,7 +124,8 @@ LANDMARKS = (
     ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
     ("package fused loss", "pyro_vae/train/fused.py", "__call__"),
     ("package estimator differentiable_loss", "pyro_vae/infer/elbo.py", "differentiable_loss"),
-    ("  vectorized_log_probs (particle plate)", "pyro_vae/core/log_probs.py", "vectorized_log_probs"),
+    ("  vectorized_log_probs (particle plate)", "pyro_vae/core/log_probs.py",
+     "vectorized_log_probs"),
     ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
     ("    run guide, replay model under poutine.trace", "pyro/poutine/trace_messenger.py",
      "get_trace"),

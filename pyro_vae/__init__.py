@@ -12,15 +12,17 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "as_source": "data.batches", "ModelConfig": "models.config", "TrainConfig": "models.config",
-    "Dataset": "data.images", "Split": "data.images", "load_dataset": "data.images", "load_digits": "data.images",
-    "load_mnist": "data.images", "CheckpointError": "util.errors", "ConfigError": "util.errors",
-    "DataError": "util.errors", "PyroVAEError": "util.errors", "TrainingDiverged": "util.errors",
-    "evaluate_dataset": "evaluate", "VAE": "models.vae", "check_model": "core.protocol",
-    "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
-    "ParticleLogProbs": "core.log_probs", "vectorized_log_probs": "core.log_probs", "Callback": "train",
-    "TrainResult": "train", "fit": "train", "make_elbo": "train",
+_EXPORTS = {  # name: the module it comes from, bottom layer first
+    **dict.fromkeys(("CheckpointError", "ConfigError", "DataError", "PyroVAEError",
+                     "TrainingDiverged"), "util.errors"),
+    **dict.fromkeys(("ParticleLogProbs", "vectorized_log_probs"), "core.log_probs"),
+    "check_model": "core.protocol",
+    "VAE": "models.vae", "ModelConfig": "models.config", "TrainConfig": "models.config",
+    **dict.fromkeys(("Dataset", "Split", "as_source", "load_dataset", "load_digits",
+                     "load_mnist"), "data"),
+    "evaluate_dataset": "evaluate",
+    **dict.fromkeys(("History", "LoadedRun", "load_run", "read_config"), "runs"),
+    **dict.fromkeys(("Callback", "TrainResult", "fit", "make_elbo"), "train"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -419,7 +419,7 @@ def test_a_budget_times_the_first_piece_apart_and_refuses_only_under_a_limit(mon
 
 
 def test_the_reconstruction_rows_are_named_and_the_latent_plot_has_a_legend():
-    from pyro_vae.app.plots import plot_latent, plot_reconstructions
+    from pyro_vae.runs.plots import plot_latent, plot_reconstructions
 
     originals = torch.rand(4, 4)
     inputs = (originals > 0.5).float()

@@ -18,6 +18,7 @@ from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_vae import evaluate as ev
 from pyro_vae.evaluate import khat
+from pyro_vae.runs import EvalConfig, evaluate_run
 from pyro_vae.util.errors import ConfigError, DataError
 
 NUM_SE = 4.0
@@ -483,11 +484,11 @@ def test_save_evaluation_writes_json_netcdf_and_plots(tmp_path):
 
 def test_eval_config_rejects_bad_options():
     with pytest.raises(ConfigError, match="split"):
-        ev.EvalConfig(split="valid")
+        EvalConfig(split="valid")
     with pytest.raises(ConfigError, match="particles"):
-        ev.EvalConfig(particles=0)
+        EvalConfig(particles=0)
     with pytest.raises(ConfigError, match="limit"):
-        ev.EvalConfig(limit=0)
+        EvalConfig(limit=0)
 
 
 def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
@@ -499,7 +500,7 @@ def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
                          model=ModelConfig(latent_dim=2, hidden=(8,)))
     fit(config=config, run_dir=run_dir, progress=False)
     rng_state = torch.get_rng_state()
-    result = ev.evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
+    result = evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
                              device="cpu")
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert result.num_datapoints == 12 and result.num_particles == 25
@@ -510,7 +511,7 @@ def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
     assert saved["config"]["particles"] == 25 and saved["config"]["limit"] == 12
     assert saved["summary"]["log_px"]["mean"] == pytest.approx(result.log_px.mean().item())
 
-    again = ev.evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
+    again = evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
                             device="cpu", out=tmp_path / "elsewhere", keep_log_weights=False)
     assert torch.equal(again.log_px, result.log_px) and again.log_weights is None
     assert (tmp_path / "elsewhere" / "eval-test.nc").is_file()

@@ -364,8 +364,8 @@ def test_exact_guide_makes_every_bound_log_marginal():
     x = _data(lg)
     log_px = lg.log_marginal(x).sum()
     # meanfield is left out: with the full-covariance guide its KL is closed form
-    # (pyro_vae.models.vae registers KL(MultivariateNormal ‖ diagonal Normal)), so its reconstruction
-    # term alone is Monte Carlo and the bound is exact only in expectation.
+    # (pyro_vae.models.vae registers KL(MultivariateNormal ‖ diagonal Normal)), so its
+    # reconstruction term alone is Monte Carlo and the bound is exact only in expectation.
     for name in (name for name in ESTIMATORS if name != "meanfield"):
         k = 7 if name in ("iwae", "dreg") else 1
         estimator = _estimator(name, k=k, particles=5)

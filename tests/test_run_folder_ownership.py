@@ -302,8 +302,8 @@ def test_a_signal_during_a_checkpoint_write_is_one_line_and_keeps_the_last_set(
 
 
 def test_resuming_a_finished_run_does_nothing(run_dir, monkeypatch, capsys):
-    import pyro_vae.app.plots as plots
     import pyro_vae.evaluate as evaluate
+    import pyro_vae.runs.plots as plots
     import pyro_vae.train as train
 
     calls = []

@@ -137,7 +137,7 @@ def format_classification(summary: dict[str, Any]) -> str:
 
 
 def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
-    from pyro_vae.app.plots import plt, save_figure
+    from pyro_vae.runs.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     image = ax.imshow(matrix.numpy(), cmap="Blues")

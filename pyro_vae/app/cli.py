@@ -1,7 +1,7 @@
 """Command line: ``pyro-vae train | sample | evaluate | classify | transfer | bdmc``.
 
-``main`` maps arguments onto :class:`~pyro_vae.models.config.TrainConfig` and calls library functions
-that are just as usable from Python. A user error prints one line and exits with status 2.
+``main`` maps arguments onto :class:`~pyro_vae.models.config.TrainConfig` and calls library
+functions that are just as usable from Python. A user error prints one line and exits with status 2.
 ``python -m pyro_vae`` runs the same ``main``; under torchrun
 (``torchrun --nproc-per-node=N -m pyro_vae train ...``) ``train`` and ``evaluate`` run on every
 rank and only rank 0 prints the summary. Ctrl-C ends a command with one line and status 130,

@@ -159,15 +159,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from pyro_vae.app.plots import (
+    from pyro_vae.data.builtin import network_width
+    from pyro_vae.runs import load_run
+    from pyro_vae.runs.plots import (
         grid_bytes,
         label_rows_layout,
         plot_grid,
         plot_label_rows,
         save_figure,
     )
-    from pyro_vae.data.builtin import network_width
-    from pyro_vae.runs import load_run
     from pyro_vae.util.memory import inference_bytes, require
 
     run = load_run(args.run_dir, device=args.device)
@@ -391,13 +391,13 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 def _cmd_transfer(args: argparse.Namespace) -> int:
     import torch
 
-    from pyro_vae.app.plots import plot_grid, save_figure
+    from pyro_vae.runs.plots import plot_grid, save_figure
 
     run = _load_conditional_run(args)
     available = len(run.dataset.test)
     if args.num > available:
         raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
-    from pyro_vae.app.plots import grid_bytes
+    from pyro_vae.runs.plots import grid_bytes
     from pyro_vae.util.memory import require
 
     require(grid_bytes(args.num, run.model.num_classes + 1, run.dataset.image_shape,

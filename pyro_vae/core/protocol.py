@@ -44,10 +44,9 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
 
+from pyro_vae.core.arguments import batch_length, floating_tensors
 from pyro_vae.core.enumeration import is_enumerated
-from pyro_vae.core.traces import find_data_plate, trace_pair
-from pyro_vae.data.batches import batch_length, floating_tensors
-from pyro_vae.models.vae import DATA_PLATE
+from pyro_vae.core.traces import DATA_PLATE, find_data_plate, trace_pair
 from pyro_vae.util.errors import ConfigError, DataError
 from pyro_vae.util.module_state import running_statistics_kept
 
@@ -211,7 +210,8 @@ def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
 def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
     """Bytes of the activations one particle of the pair saves for its gradients on the batch
     ``args``/``kwargs``: measured by running the model and guide once (on a fork of the random
-    state, in an empty param store), the parameters left out (:func:`pyro_vae.util.memory.saved_bytes`).
+    state, in an empty param store), the parameters left out
+    (:func:`pyro_vae.util.memory.saved_bytes`).
     A step of P particles holds about P times as much."""
     from pyro_vae.util.memory import saved_bytes
 

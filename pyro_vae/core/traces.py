@@ -1,5 +1,5 @@
-"""What the trace recipe (:mod:`pyro_vae.core.particles`) reads from Pyro's traces: the data plate and
-its size, global latents, the plate nesting, a site's masked log-density, and the reductions of
+"""What the trace recipe (:mod:`pyro_vae.core.particles`) reads from Pyro's traces: the data plate
+and its size, global latents, the plate nesting, a site's masked log-density, and the reductions of
 log-densities to ``[K, N]`` (particle dimension, data plate) or ``[K]``.
 
 Densities are the true ones: ``poutine.scale`` factors (subsampling, β weights) are ignored here
@@ -22,6 +22,8 @@ from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.module_state import running_statistics_kept
 
 PARTICLE_PLATE = "_pyro_vae_particles"
+#: the data plate's name in the package's own models and in its hints to users
+DATA_PLATE = "data"
 # Exact types whose log_prob is elementwise in (value, loc, scale): see compact_distribution.
 _NORMAL_TYPES = (torch.distributions.Normal, pyro.distributions.Normal)
 _INDEPENDENT_TYPES = (torch.distributions.Independent, pyro.distributions.Independent)

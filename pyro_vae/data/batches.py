@@ -42,6 +42,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from pyro_vae.core.arguments import batch_length
 from pyro_vae.util.distributed import SINGLE, DistributedContext, shard_indices
 from pyro_vae.util.errors import ConfigError, DataError
 
@@ -75,39 +76,6 @@ def to_device(value: Any, device: torch.device | None, dtype: torch.dtype | None
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(item, device, dtype) for item in value)
     return value
-
-
-def _leaves(value: Any) -> Iterator[Any]:
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _leaves(item)
-    elif isinstance(value, (tuple, list)) and not isinstance(value, PackedSequence):
-        for item in value:
-            yield from _leaves(item)
-    else:
-        yield value
-
-
-def batch_length(args: tuple, kwargs: dict) -> int:
-    """The number of datapoints of a batch: the leading size of its first tensor."""
-    for leaf in _leaves((args, kwargs)):
-        if isinstance(leaf, PackedSequence):
-            return int(leaf.batch_sizes[0])
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            return leaf.shape[0]
-    raise DataError("a batch holds no tensor with a datapoint dimension, so its number of "
-                    "datapoints is unknown")
-
-
-def floating_tensors(args: tuple, kwargs: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(where, tensor)`` for every floating-point tensor of a batch, ``where`` naming it."""
-    named = [(f"argument {i}", value) for i, value in enumerate(args)]
-    named += [(f"argument {key!r}", value) for key, value in kwargs.items()]
-    for where, value in named:
-        for leaf in _leaves(value):
-            data = leaf.data if isinstance(leaf, PackedSequence) else leaf
-            if isinstance(data, torch.Tensor) and data.is_floating_point():
-                yield where, data
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 
+from pyro_vae.core.arguments import floating_tensors
 from pyro_vae.core.log_probs import vectorized_log_probs
 from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.core.vectorization import particle_mismatch
-from pyro_vae.data.batches import as_source, floating_tensors
+from pyro_vae.data.batches import as_source
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
 from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
 from pyro_vae.util import budget
@@ -348,9 +349,10 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     parameters, so batching changes which particles are drawn but not their distribution.
 
     With ``batch_seed`` batch i draws from torch's generator seeded with
-    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)`` (:func:`pyro_vae.util.distributed.derive_seed`;
-    on a fork: the caller's random state is left alone), so each batch's numbers depend only on
-    the seed, ``batch_size``, ``particle_chunk`` and the batch's own data; with ``batch_size=1``
+    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)``
+    (:func:`pyro_vae.util.distributed.derive_seed`; on a fork: the caller's random state is left
+    alone), so each batch's numbers depend only on the seed, ``batch_size``, ``particle_chunk``
+    and the batch's own data; with ``batch_size=1``
     datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
     ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
     no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a

@@ -19,6 +19,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, registe
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
+from pyro_vae.core.traces import DATA_PLATE
 from pyro_vae.models.config import GUIDES, LIKELIHOODS, ModelConfig
 from pyro_vae.models.nets import (
     Decoder,
@@ -29,7 +30,6 @@ from pyro_vae.models.nets import (
 )
 from pyro_vae.util.errors import ConfigError, DataError
 
-DATA_PLATE = "data"
 LATENT_SITE = "z"
 OBS_SITE = "x"
 LOGIT_EPS = 1e-3

@@ -62,7 +62,8 @@ from pyro_vae.runs.loading import (
 )
 from pyro_vae.runs.lock import RunFolderLock
 
-__all__ = ["KEEP_LOG_WEIGHTS_MAX", "SPLITS", "EvalConfig", "evaluate_run", "CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
+__all__ = ["KEEP_LOG_WEIGHTS_MAX", "SPLITS", "EvalConfig", "evaluate_run",
+           "CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
            "MODEL_CLASS_KEY", "TRAINING_FILES", "WEIGHTS_FILE", "History", "LoadedRun",
            "RunFolder", "RunFolderLock", "build_factory_model", "check_checkpoint",
            "check_resumable", "check_run_folder_path", "finished_epoch", "load_checkpoint",

@@ -71,7 +71,7 @@ def user_model_class(model: torch.nn.Module, config: TrainConfig) -> str | None:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _user_model_refusal(run_dir: Path, model_class: str) -> CheckpointError:
+def user_model_refusal(run_dir: Path, model_class: str) -> CheckpointError:
     pair, where = f"{model_class.rpartition('.')[2]}(...)", repr(str(run_dir))
     return CheckpointError(
         f"{run_dir} holds a model defined in Python ({model_class}), which only Python can "

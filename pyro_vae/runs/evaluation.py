@@ -90,7 +90,8 @@ def checkpoint_epoch(run: Any) -> int:
 
 def given_data(run: Any, data: Any, limit: int | None) -> Any:
     """``data`` (a spec or data) as a source on the run's device and parameter dtype, its
-    first batch checked against the likelihood's support (:func:`~pyro_vae.core.protocol.check_data`)."""
+    first batch checked against the likelihood's support
+    (:func:`~pyro_vae.core.protocol.check_data`)."""
     if isinstance(data, (str, Path)):
         data = load_data(str(data))[0]
     param = next(run.model.parameters())

@@ -20,9 +20,9 @@ from pyro_vae.runs.checkpoint import (
     CONFIG_FILE,
     MODEL_CLASS_KEY,
     History,
-    _user_model_refusal,
     load_checkpoint,
     load_weights,
+    user_model_refusal,
 )
 from pyro_vae.util.errors import CheckpointError, ConfigError
 from pyro_vae.util.files import read_json
@@ -40,7 +40,7 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
                               "epochs, device and data_dir may change on resume")
     saved_class = state.get(MODEL_CLASS_KEY)
     if saved_class is not None and not given_model:
-        raise _user_model_refusal(run_dir, saved_class)
+        raise user_model_refusal(run_dir, saved_class)
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
@@ -86,7 +86,7 @@ def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: st
                        ) -> None:
     """Refuse a run whose pair only Python can rebuild (trained from Python, no factory)."""
     if model_class is not None and config.model_factory is None:
-        raise _user_model_refusal(Path(run_dir), model_class)
+        raise user_model_refusal(Path(run_dir), model_class)
 
 
 def build_factory_model(spec: str) -> torch.nn.Module:

@@ -393,7 +393,7 @@ def _divergence_hint(config: TrainConfig) -> str:
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
-    from pyro_vae.app.plots import write_run_plots
+    from pyro_vae.runs.plots import write_run_plots
 
     images = (builtin.evaluation_images(dataset, "test", config)
               if dataset is not None else None)

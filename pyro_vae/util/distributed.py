@@ -114,8 +114,8 @@ def current_context() -> DistributedContext:
 
 
 def check_gpus_per_node(local_rank: int) -> None:
-    """Raise :class:`~pyro_vae.util.errors.ConfigError` unless this node has a CUDA GPU for each of its
-    processes: NCCL gives every process a GPU of its own (``cuda:LOCAL_RANK``), and two ranks
+    """Raise :class:`~pyro_vae.util.errors.ConfigError` unless this node has a CUDA GPU for each
+    of its processes: NCCL gives every process a GPU of its own (``cuda:LOCAL_RANK``), and two ranks
     cannot share one. The processes on the node are torchrun's ``LOCAL_WORLD_SIZE`` (else
     ``local_rank + 1``), so every process of the node fails alike, including those whose own
     GPU exists, rather than some of them waiting for the others until the timeout."""

@@ -17,7 +17,7 @@ from types import TracebackType
 
 from pyro_vae.util.errors import shorten
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the pyro_vae package
 MESSAGE_LIMIT = 300
 
 
