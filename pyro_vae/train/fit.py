@@ -29,7 +29,7 @@ from ..distributed import (
 from ..errors import ConfigError, PyroVAEError, TrainingDiverged
 from ..evaluate.weights import eval_mode
 from ..fused import training_loss
-from ..infer import LinearWarmup
+from ..infer import LinearWarmup, make_estimator
 from ..models import forget_params
 from ..pairs import PyroPair, as_pair, is_pair_module
 from ..protocol import (
@@ -56,7 +56,7 @@ from .callbacks import Checkpoint, EpochFunction, FinalEstimate, ProgressBar, Ru
 from .compiled import CompiledStep
 from .loop import Callback, Loop, run_epochs
 from .parallel import Replicas
-from .step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+from .step import BUILTIN_PLATE_NESTING, make_optimizer
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -310,15 +310,16 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
 
     nesting = BUILTIN_PLATE_NESTING if builtin.is_builtin(model) else None
     plate = data_plate_name(model)
-    estimator = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta,
-                          max_plate_nesting=nesting, data_plate=plate)
+    estimator = make_estimator(config.elbo, config.particles, config.importance_samples,
+                               config.beta, max_plate_nesting=nesting, data_plate=plate)
     loop = Loop(model=model, optimizer=optimizer,
                 step_loss=training_loss(model, estimator, fused), estimator=estimator,
                 warmup=LinearWarmup(config.warmup, config.warmup_start, config.beta),
                 source=source, batch_size=config.batch_size, generator=generator,
                 order_generator=order_generator,
-                eval_elbo=make_elbo("meanfield", config.eval_particles if vectorizable else 1,
-                                    max_plate_nesting=nesting, data_plate=plate),
+                eval_elbo=make_estimator("meanfield",
+                                         config.eval_particles if vectorizable else 1,
+                                         max_plate_nesting=nesting, data_plate=plate),
                 eval_repeats=1 if vectorizable else config.eval_particles,
                 held_out=held_out, replicas=replicas, history=history,
                 epoch=len(history.epoch))
