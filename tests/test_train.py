@@ -92,7 +92,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
     ({"dataset": "cifar"}, "dataset must be one of"),
     ({"particles": 0}, "particles must be >= 1"),
     ({"lr": -1.0}, "lr must be > 0"),
-    ({"elbo": "stl", "importance_samples": 4}, "--elbo dreg"),
+    ({"elbo": "stl", "importance_samples": 4}, "use dreg"),
     ({"warmup": -5}, "warm-up steps"),
 ])
 def test_bad_configs(changes, message):

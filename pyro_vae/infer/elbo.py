@@ -68,7 +68,7 @@ class ELBOEstimator(ELBO):
     ``estimator(model, guide)`` is a :class:`torch.nn.Module` loss. Each loss is −(bound summed
     over the data plate), averaged over the P particles, times the scale factor that all sample
     sites share (1 unless ``poutine.scale`` or a subsampled plate sets one; see
-    :mod:`pyro_vae.infer.particles`).
+    :mod:`pyro_vae.particles`).
 
     :param num_particles: P, draws averaged outside the log (variance knob).
     :param importance_samples: K, draws inside the log (bound knob); only ``iwae``, ``dreg``
@@ -123,7 +123,8 @@ class ELBOEstimator(ELBO):
         if importance_samples < self.min_importance_samples:
             raise ConfigError(
                 f"{self.name} needs importance_samples >= {self.min_importance_samples} (got "
-                f"{importance_samples})")
+                f"{importance_samples}): give importance_samples=K, K >= "
+                f"{self.min_importance_samples}")
         if max_plate_nesting is not None and (isinstance(max_plate_nesting, bool)
                                               or not isinstance(max_plate_nesting, int)
                                               or max_plate_nesting < 0):
