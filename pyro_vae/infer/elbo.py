@@ -214,6 +214,8 @@ class ELBOEstimator(ELBO):
 
     def _draw(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
               ) -> Particles:
+        """The P·K draws of one run of the pair (the plate nesting guessed on the first call),
+        checked; a vectorized draw the networks cannot take is refused with the reason."""
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         draws = self.num_particles * self.importance_samples

@@ -38,11 +38,11 @@ class VIMCO(ELBOEstimator):
     name = "vimco"
     parallel_enumeration = False
     scores_discrete = True
-
     min_importance_samples = 2
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 2, beta: float = 1.0,
                  max_plate_nesting: int | None = None, data_plate: str | None = None):
+        # the base class's arguments, with the least K it accepts as the default
         super().__init__(num_particles, importance_samples, beta, max_plate_nesting, data_plate)
 
     def objective(self, particles: Particles, gradient: bool = True) -> Objective:
