@@ -1,4 +1,4 @@
-r"""The math that several estimators share, over the draws of :class:`~pyro_vae.particles.Particles`
+r"""The math that several estimators share, over the draws of :class:`~pyro_vae.core.particles.Particles`
 (M = P·K draws, N datapoints): the β-weighted log-weight of one draw, the log-mean-exp of K
 log-weights, the global latents' term, and :class:`Objective`, what an estimator's
 :meth:`~pyro_vae.infer.ELBOEstimator.objective` returns.
@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..particles import Particles
-from ..traces import latent_sites
+from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import latent_sites
 
 
 class Objective(NamedTuple):
@@ -56,7 +56,7 @@ def grouped(per_draw: torch.Tensor, importance_samples: int) -> torch.Tensor:
 
 def log_weights(particles: Particles, beta: float, importance_samples: int) -> torch.Tensor:
     """The β-weighted log-weights of the draws, ``[P, K, N]``, with the sites enumerated in
-    parallel summed out inside each (:meth:`~pyro_vae.particles.Particles.summed_log_weights`)."""
+    parallel summed out inside each (:meth:`~pyro_vae.core.particles.Particles.summed_log_weights`)."""
     if particles.guide_enumerated:
         return grouped(particles.summed_log_weights(beta), importance_samples)
     return grouped(beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,

@@ -7,12 +7,19 @@ import math
 
 import torch
 
-from ..particles import Particles
-from ..traces import latent_sites
-from .bounds import Objective, beta_log_weight, global_term, grouped, log_weights, weighted
-from .elbo import ELBOEstimator
-from .iwae import importance_weighted_elbo
-from .stl import score_free_log_q, stl_log_weights
+from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import latent_sites
+from pyro_vae.infer.bounds import (
+    Objective,
+    beta_log_weight,
+    global_term,
+    grouped,
+    log_weights,
+    weighted,
+)
+from pyro_vae.infer.elbo import ELBOEstimator
+from pyro_vae.infer.iwae import importance_weighted_elbo
+from pyro_vae.infer.stl import score_free_log_q, stl_log_weights
 
 
 class _GradientGate:
@@ -205,6 +212,6 @@ def summed_doubly_reparameterized(configurations: tuple[tuple[dict, Particles], 
     log (1/K) Σ_k Σ_c w_kc, whose K·C draws z_kc ~ q(z | x, c) each come from a
     reparameterized proposal: the identity that rewrites the score terms holds draw by draw,
     so the gradient is the one above with w̃ normalized over all K·C draws; ``[P, N]``, from
-    the draws of each configuration (:attr:`~pyro_vae.particles.Particles.configurations`)."""
+    the draws of each configuration (:attr:`~pyro_vae.core.particles.Particles.configurations`)."""
     groups = [_parts(particles, beta, importance_samples) for _, particles in configurations]
     return doubly_reparameterized(beta, groups, importance_samples)

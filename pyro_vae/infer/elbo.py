@@ -1,12 +1,12 @@
 r"""The base class of the named estimators, :class:`ELBOEstimator`: the plumbing they share.
 
-It draws the particles (:func:`~pyro_vae.particles.draw_particles`, with the checks of
+It draws the particles (:func:`~pyro_vae.core.particles.draw_particles`, with the checks of
 :mod:`~pyro_vae.infer.pair_checks` and the handling of sites marked for enumeration), and turns
 an estimator's :meth:`~ELBOEstimator.objective` into Pyro's ELBO interface: ``loss``,
 ``differentiable_loss`` and ``loss_and_grads``. Each loss is −(bound summed over the data
 plate, plus the global latents' term weighted by :attr:`~ELBOEstimator.global_weight`),
 averaged over the P particles, times the sites' common scale factor
-(:mod:`pyro_vae.particles`). Gradients come from a *surrogate* whose value equals the loss and
+(:mod:`pyro_vae.core.particles`). Gradients come from a *surrogate* whose value equals the loss and
 whose gradient is the estimator's.
 
 The math of each estimator is its own module's, behind the one hook
@@ -28,14 +28,12 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
-from ..enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
-from ..errors import ConfigError, PyroVAEError
-from ..module_state import running_statistics_kept
-from ..particles import Particles, draw_particles
-from ..traces import PARTICLE_PLATE, guess_max_plate_nesting, trace_pair
-from ..vectorization import particle_mismatch
-from .bounds import Objective, weighted
-from .pair_checks import (
+from pyro_vae.core.enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
+from pyro_vae.core.particles import Particles, draw_particles
+from pyro_vae.core.traces import PARTICLE_PLATE, guess_max_plate_nesting, trace_pair
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.infer.bounds import Objective, weighted
+from pyro_vae.infer.pair_checks import (
     check_estimable,
     check_no_active_dropout,
     cuda_devices,
@@ -43,6 +41,8 @@ from .pair_checks import (
     pair_key,
     same_subsample,
 )
+from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util.module_state import running_statistics_kept
 
 
 def _check_count(name: str, value: int) -> int:
@@ -68,7 +68,7 @@ class ELBOEstimator(ELBO):
     ``estimator(model, guide)`` is a :class:`torch.nn.Module` loss. Each loss is −(bound summed
     over the data plate), averaged over the P particles, times the scale factor that all sample
     sites share (1 unless ``poutine.scale`` or a subsampled plate sets one; see
-    :mod:`pyro_vae.particles`).
+    :mod:`pyro_vae.core.particles`).
 
     :param num_particles: P, draws averaged outside the log (variance knob).
     :param importance_samples: K, draws inside the log (bound knob); only ``iwae``, ``dreg``
@@ -78,7 +78,7 @@ class ELBOEstimator(ELBO):
     :param max_plate_nesting: the number of nested plates of the model and guide; guessed by
         running them once (and then kept) when ``None``. Particles are one plate further left.
     :param data_plate: the name of the plate that indexes datapoints, where several plates
-        hold every site; ``None`` finds it (:func:`pyro_vae.traces.find_data_plate`).
+        hold every site; ``None`` finds it (:func:`pyro_vae.core.traces.find_data_plate`).
 
     A subclass sets :attr:`name` and the class attributes below that describe it, and
     implements the one hook :meth:`objective`, which maps the particles of one call to the
@@ -96,7 +96,7 @@ class ELBOEstimator(ELBO):
     #: same output twice, so a module in train mode with active dropout is refused.
     needs_deterministic_guide: ClassVar[bool] = False
     #: whether guide sites marked for enumeration are summed out inside the log-weight
-    #: (:mod:`pyro_vae.enumeration`); the others refuse such a guide
+    #: (:mod:`pyro_vae.core.enumeration`); the others refuse such a guide
     sums_enumerated: ClassVar[bool] = False
     #: whether guide sites marked for enumeration are enumerated in parallel, as Pyro's
     #: ``TraceEnum_ELBO`` does (one run, every value along a dimension of its own, summed
@@ -173,7 +173,7 @@ class ELBOEstimator(ELBO):
         :param particles: the call's P·K draws (``particles.num_draws``, in the order
             ``[P, K]``; :func:`~pyro_vae.infer.bounds.grouped` reshapes per-draw values so) and
             their log-densities; the pair can be replayed on them
-            (:meth:`~pyro_vae.particles.Particles.replay`). Where the guide's enumerated sites
+            (:meth:`~pyro_vae.core.particles.Particles.replay`). Where the guide's enumerated sites
             are summed one configuration at a time (:attr:`parallel_enumeration` false),
             ``particles.configurations`` holds each configuration's own draws.
         :param gradient: ``True`` for :meth:`differentiable_loss`: a surrogate of the bound's
@@ -259,7 +259,7 @@ class ELBOEstimator(ELBO):
     def _check_vectorizable(self, model: Callable, guide: Callable, args: tuple,
                             kwargs: dict) -> None:
         """Refuse, once per pair, networks that see the particle dimension
-        (:func:`pyro_vae.vectorization.particle_mismatch`, on a fork of the random state)."""
+        (:func:`pyro_vae.core.vectorization.particle_mismatch`, on a fork of the random state)."""
         key = pair_key(model, guide)
         if key in self._vectorizable:
             return

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from ..particles import Particles
-from .bounds import Objective, beta_log_weight, global_term, importance_weighted_bound, log_weights
-from .elbo import ELBOEstimator
+from pyro_vae.core.particles import Particles
+from pyro_vae.infer.bounds import (
+    Objective,
+    beta_log_weight,
+    global_term,
+    importance_weighted_bound,
+    log_weights,
+)
+from pyro_vae.infer.elbo import ELBOEstimator
 
 
 def importance_weighted_elbo(particles: Particles, beta: float, importance_samples: int

@@ -9,10 +9,10 @@ import torch
 from pyro.distributions import Delta
 from torch.distributions import kl_divergence
 
-from ..particles import Particles
-from ..traces import masked, sum_terms
-from .bounds import Objective, weighted
-from .elbo import ELBOEstimator
+from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import masked, sum_terms
+from pyro_vae.infer.bounds import Objective, weighted
+from pyro_vae.infer.elbo import ELBOEstimator
 
 
 def _fixed_log_prob(site: dict, value: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
-from ..particles import Particles
-from ..traces import latent_sites
-from .bounds import Objective, beta_log_weight, global_term
-from .elbo import ELBOEstimator
+from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import latent_sites
+from pyro_vae.infer.bounds import Objective, beta_log_weight, global_term
+from pyro_vae.infer.elbo import ELBOEstimator
+from pyro_vae.util.errors import ConfigError
 
 
 def score_free_log_q(particles: Particles) -> torch.Tensor:
@@ -77,7 +77,9 @@ class StickingTheLandingELBO(ELBOEstimator):
 
     def objective(self, particles: Particles, gradient: bool = True) -> Objective:
         if particles.configurations:  # log Σ_c w_c, DReG's gradient at K = 1
-            from .dreg import summed_doubly_reparameterized  # dreg builds on this module
+            from pyro_vae.infer.dreg import (
+                summed_doubly_reparameterized,  # dreg builds on this module
+            )
             return Objective(summed_doubly_reparameterized(particles.configurations,
                                                            self.beta, 1))
         if not gradient:

@@ -7,10 +7,16 @@ import math
 
 import torch
 
-from ..errors import ConfigError
-from ..particles import Particles
-from .bounds import Objective, global_term, grouped, importance_weighted_bound, log_weights
-from .elbo import ELBOEstimator
+from pyro_vae.core.particles import Particles
+from pyro_vae.infer.bounds import (
+    Objective,
+    global_term,
+    grouped,
+    importance_weighted_bound,
+    log_weights,
+)
+from pyro_vae.infer.elbo import ELBOEstimator
+from pyro_vae.util.errors import ConfigError
 
 
 class VIMCO(ELBOEstimator):
