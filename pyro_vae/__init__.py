@@ -1,5 +1,5 @@
 """pyro_vae: variational inference for latent-variable models as first-class Pyro model/guide
-pairs: one training engine (:func:`fit`) for any pair on any data, five ELBO estimators, and a
+pairs: one training engine (:func:`fit`) for any pair on any data, six ELBO estimators, and a
 per-datapoint evaluator.
 
 The names below are imported on first use (PEP 562), so ``import pyro_vae`` is instant and the
@@ -20,7 +20,7 @@ _EXPORTS = {
     "evaluate_dataset": "evaluate", "VAE": "models.vae", "check_model": "core.protocol",
     "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
     "ParticleLogProbs": "core.log_probs", "vectorized_log_probs": "core.log_probs", "Callback": "train",
-    "TrainResult": "train", "fit": "train", "make_elbo": "train",
+    "TrainResult": "train", "fit": "train", "make_estimator": "infer",
 }
 
 __all__ = sorted(_EXPORTS)
