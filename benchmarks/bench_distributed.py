@@ -97,8 +97,9 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
 
     from pyro_vae.data.builtin import build_model
     from pyro_vae.data.images import fixed_binarization, load_dataset
+    from pyro_vae.infer import make_estimator
     from pyro_vae.models.config import TrainConfig
-    from pyro_vae.train import make_elbo, make_optimizer, svi_step
+    from pyro_vae.train import make_optimizer, svi_step
     from pyro_vae.train.fused import training_loss
     from pyro_vae.util.distributed import all_gather_objects, barrier, init_distributed
 
@@ -115,7 +116,7 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     ours.initialize_from_data(dataset.train.images)
     ours.to(device)
     theirs = copy.deepcopy(ours)
-    elbo = make_elbo("meanfield")
+    elbo = make_estimator("meanfield", max_plate_nesting=1)
 
     class StepLoss(torch.nn.Module):
         """The mean loss of a batch as a module's forward, which is what DDP wraps."""

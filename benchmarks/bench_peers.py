@@ -46,10 +46,11 @@ import pyro
 import torch
 import torch.nn.functional as F
 
+from pyro_vae.infer import make_estimator
 from pyro_vae.models.vae import VAE
 from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.step import make_elbo, svi_step
+from pyro_vae.train.step import svi_step
 from pyro_vae.util.io import write_json
 
 ROWS = [  # (data dim, hidden, latent, batch, estimator)
@@ -154,7 +155,7 @@ def user_row(name: str, rounds: int, block_s: float) -> dict:
             svi = SVI(pair.model, pair.guide, pyro.optim.Adam({"lr": LR}), Trace_ELBO())
             steps[impl] = lambda svi=svi: svi.step(*args, **kwargs)
             continue
-        estimator = make_elbo("trace", max_plate_nesting=1)
+        estimator = make_estimator("trace", max_plate_nesting=1)
         estimator.global_weight = batch / num_data
         loss = training_loss(pair, estimator)
         optimizer = torch.optim.Adam(pair.parameters(), lr=LR)
@@ -184,7 +185,7 @@ def package_steps(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
         pyro.clear_param_store()
         torch.manual_seed(0)
         model = VAE(d, latent_dim=latent, hidden=(h,), activation="softplus")
-        estimator = make_elbo(elbo)
+        estimator = make_estimator(elbo, max_plate_nesting=1)
         loss = training_loss(model, estimator, fused=name != "eager_traced")
         if name == "compiled":
             optimizer = torch.optim.Adam(model.parameters(), lr=LR)

@@ -7,7 +7,7 @@ processes on the CPU), so they share its load and its clock:
     :func:`bench_svi.run_benchmark` for the digits network (64-128-8) and an MNIST-size one
     (784-400-20) at B = 20 and 128, ``meanfield`` and ``trace``: hand-written torch, the
     package's fused path (what :func:`pyro_vae.fit` runs for its own VAE), the package's
-    Pyro-traced path (``make_elbo(name).differentiable_loss`` / B, what every other pair runs)
+    Pyro-traced path (``make_estimator(name).differentiable_loss`` / B, what every other pair runs)
     and stock Pyro ``SVI``; the first three with the same ``torch.optim.Adam`` (``--adam``,
     default ``fused=True`` as in the training loop). Interleaved rounds, medians of wall-clock
     and CPU time; the targets are read on the CPU-time ratios on a shared CPU.
@@ -57,7 +57,7 @@ import pyro
 import torch
 from torch import nn
 
-from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
+from pyro_vae import VAE, ModelConfig, PyroVAEError, make_estimator
 from pyro_vae.data.batches import resolve_device
 from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
@@ -328,7 +328,8 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
         vae.train()
         batch = fixed_binarization(train[:spec["batch_size"]], spec["seed"]).to(device)
         optimizer = bench_svi._adam(vae, 1e-3, spec["adam"])
-        loss_fn = training_loss(vae, make_elbo(spec["elbo"]), fused=spec["path"] == "fused")
+        loss_fn = training_loss(vae, make_estimator(spec["elbo"], max_plate_nesting=1),
+                                fused=spec["path"] == "fused")
 
         def work() -> None:
             with pyro.validation_enabled(False):

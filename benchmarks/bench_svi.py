@@ -15,8 +15,8 @@ one process, interleaved so that they share the machine's noise:
     validation off.
 ``traced``
     The general path, which every other model/guide pair and estimator takes (and
-    ``train(..., fused=False)``): ``make_elbo(name).differentiable_loss(model, guide, x)`` / B,
-    Adam, Pyro validation off. The estimator class behind ``make_elbo`` is recorded.
+    ``train(..., fused=False)``): ``make_estimator(name).differentiable_loss(model, guide, x)`` / B,
+    Adam, Pyro validation off. The estimator class behind ``make_estimator`` is recorded.
 ``pyro``
     What a Pyro user writes: ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO()).step(batch)``
     (or ``TraceMeanField_ELBO()``) with Pyro's default validation on.
@@ -92,7 +92,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.nn import functional as F
 
-from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
+from pyro_vae import VAE, ModelConfig, PyroVAEError, make_estimator
 from pyro_vae.core.traces import trace_pair
 from pyro_vae.data.batches import resolve_device
 from pyro_vae.data.images import Dataset, load_dataset
@@ -325,12 +325,13 @@ def _traced_loss(model: Any, estimator: Any) -> Callable[..., torch.Tensor]:
 
 def _fused_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
                 ) -> Callable[[], None]:
-    return _loss_step(model, batch, _fused_loss(model, make_elbo(elbo), elbo), lr, adam)
+    return _loss_step(model, batch,
+                      _fused_loss(model, make_estimator(elbo, max_plate_nesting=1), elbo), lr, adam)
 
 
 def _traced_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
                  estimator: Any = None) -> Callable[[], None]:
-    estimator = make_elbo(elbo) if estimator is None else estimator
+    estimator = make_estimator(elbo, max_plate_nesting=1) if estimator is None else estimator
     return _loss_step(model, batch, _traced_loss(model, estimator), lr, adam)
 
 
@@ -342,7 +343,7 @@ def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: 
     """:func:`_fused_step` with ``torch.compile`` around everything but the noise draw. Its
     first call is compared with the traced path on the same draw (to rounding), and the largest
     differences are kept in :data:`COMPILE_CHECKS`."""
-    estimator = make_elbo(elbo)
+    estimator = make_estimator(elbo, max_plate_nesting=1)
     fused = _fused_loss(model, estimator, elbo)
     traced = _traced_loss(model, estimator)
 
@@ -447,7 +448,7 @@ def check_equivalence(base: VAE, batch: torch.Tensor, elbo: str, seed: int) -> f
     other arithmetic); return the loss per datapoint."""
     b = batch.shape[0]
     model = _model_copy(base, f"check-{elbo}-{b}")
-    estimator = make_elbo(elbo)
+    estimator = make_estimator(elbo, max_plate_nesting=1)
     fused = training_loss(model, estimator)
     traced = _traced_loss(model, estimator)
     traced_value, traced_grads = _loss_and_grads(model, lambda: traced(batch) / b, seed)
@@ -631,8 +632,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], clock: str = "cpu") -> str:
 
 
 def package_estimators(elbos: Sequence[str]) -> dict[str, str]:
-    """The class behind each ``make_elbo(name)``: what the traced path measured."""
-    return {name: f"{type(make_elbo(name)).__module__}.{type(make_elbo(name)).__qualname__}"
+    """The class behind each ``make_estimator(name)``: what the traced path measured."""
+    return {name: f"{type(make_estimator(name, max_plate_nesting=1)).__module__}."
+                  f"{type(make_estimator(name, max_plate_nesting=1)).__qualname__}"
             for name in elbos}
 
 
@@ -737,8 +739,8 @@ def _torch_profile(step: Callable[[], Any], config: BenchConfig, sync: Callable[
 
 def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callable[[], Any]]:
     """Nested pieces of one step's forward and backward pass, cheapest first."""
-    traced = _traced_loss(model, make_elbo(elbo))
-    fused = training_loss(model, make_elbo(elbo))
+    traced = _traced_loss(model, make_estimator(elbo, max_plate_nesting=1))
+    fused = training_loss(model, make_estimator(elbo, max_plate_nesting=1))
     hidden = partial(poutine.block, hide_types=["param"])
 
     def networks() -> None:
@@ -771,7 +773,7 @@ def graph_nodes(loss: torch.Tensor) -> int:
 
 
 def _graph_sizes(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, int]:
-    estimator = make_elbo(elbo)
+    estimator = make_estimator(elbo, max_plate_nesting=1)
     with pyro.validation_enabled(False):
         return {"hand-written": graph_nodes(torch_loss(model, x, elbo)),
                 "fused": graph_nodes(training_loss(model, estimator)(x) / x.shape[0]),
@@ -921,7 +923,7 @@ def _run(config: BenchConfig) -> int:
               f"{config.adam} Adam; medians of {config.rounds} interleaved rounds; load average "
               f"{load_before} before, {load_average()} after")
         for name, cls in package_estimators(config.elbos).items():
-            print(f"traced path {name}: make_elbo({name!r}) -> {cls}")
+            print(f"traced path {name}: make_estimator({name!r}, max_plate_nesting=1) -> {cls}")
         for clock in CLOCKS:
             print()
             print(markdown_table(rows, clock))

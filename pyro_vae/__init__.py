@@ -1,5 +1,5 @@
 """pyro_vae: variational inference for latent-variable models as first-class Pyro model/guide
-pairs: one training engine (:func:`fit`) for any pair on any data, five ELBO estimators, and a
+pairs: one training engine (:func:`fit`) for any pair on any data, six ELBO estimators, and a
 per-datapoint evaluator.
 
 The names below are imported on first use (PEP 562), so ``import pyro_vae`` is instant and the
@@ -17,12 +17,13 @@ _EXPORTS = {  # name: the module it comes from, bottom layer first
                      "TrainingDiverged"), "util.errors"),
     **dict.fromkeys(("ParticleLogProbs", "vectorized_log_probs"), "core.log_probs"),
     "check_model": "core.protocol",
+    "make_estimator": "infer",
     "VAE": "models.vae", "ModelConfig": "models.config", "TrainConfig": "models.config",
     **dict.fromkeys(("Dataset", "Split", "as_source", "load_dataset", "load_digits",
                      "load_mnist"), "data"),
     "evaluate_dataset": "evaluate",
     **dict.fromkeys(("History", "LoadedRun", "load_run", "read_config"), "runs"),
-    **dict.fromkeys(("Callback", "TrainResult", "fit", "make_elbo"), "train"),
+    **dict.fromkeys(("Callback", "TrainResult", "fit"), "train"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,10 +21,11 @@ import torch
 from pyro_vae import fit
 from pyro_vae.app.cli import main
 from pyro_vae.data.images import fixed_binarization, load_digits
+from pyro_vae.infer import make_estimator
 from pyro_vae.models.config import ModelConfig, TrainConfig
 from pyro_vae.models.vae import VAE
 from pyro_vae.runs import evaluate_run
-from pyro_vae.train import make_elbo, svi_step
+from pyro_vae.train import svi_step
 from pyro_vae.util.distributed import (
     SINGLE,
     DistributedContext,
@@ -65,7 +66,7 @@ def run_steps(vae: VAE, optimizer: torch.optim.Optimizer,
     """``STEPS`` steps of :func:`svi_step` on the batch made of ``parts``; part ``key`` of step
     s draws its noise from seed ``1000 s + key``, so a datapoint sees the same ε whichever
     process holds it."""
-    elbo = make_elbo("meanfield")
+    elbo = make_estimator("meanfield", max_plate_nesting=1)
     for step in range(STEPS):
         def loss_fn() -> torch.Tensor:
             total = torch.zeros(())

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from pyro_vae import fit
+from pyro_vae.infer import make_estimator
 from pyro_vae.models.vae import VAE
 from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.step import make_elbo, svi_step
+from pyro_vae.train.step import svi_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from user_models import (
@@ -100,20 +101,21 @@ def _vae_batch():
 def test_the_captured_step_equals_the_eager_step_for_every_estimator(name, particles, k):
     torch.manual_seed(1)
     module = VAE(12, latent_dim=3, hidden=(8,))
-    _assert_same_steps(module, make_elbo(name, particles, k), (_vae_batch(),))
+    _assert_same_steps(module, make_estimator(name, particles, k, max_plate_nesting=1),
+                       (_vae_batch(),))
 
 
 def test_the_captured_step_of_a_sequence_model_with_masks_equals_the_eager_step():
     batch = pad_collate([Sequences(8, seed=3)[i] for i in range(8)])
-    _assert_same_steps(LinearSequenceModel(), make_elbo("iwae", importance_samples=2,
+    _assert_same_steps(LinearSequenceModel(), make_estimator("iwae", importance_samples=2,
                                                         max_plate_nesting=None), (), batch)
 
 
 def test_the_captured_step_of_keyword_data_and_a_full_covariance_guide_equals_eager():
-    _assert_same_steps(Regression(), make_elbo("trace", max_plate_nesting=None), (),
+    _assert_same_steps(Regression(), make_estimator("trace", max_plate_nesting=None), (),
                        regression_data(32))
     x = torch.as_tensor(fa_data(32))
-    _assert_same_steps(FactorAnalysis(), make_elbo("meanfield", max_plate_nesting=None), (x,))
+    _assert_same_steps(FactorAnalysis(), make_estimator("meanfield", max_plate_nesting=None), (x,))
 
 
 @needs_compiler
@@ -123,7 +125,8 @@ def test_the_inductor_compiled_step_equals_the_eager_step(monkeypatch):
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch.manual_seed(1)
     module = VAE(12, latent_dim=3, hidden=(8,))
-    _assert_same_steps(module, make_elbo("iwae", importance_samples=3), (_vae_batch(),),
+    _assert_same_steps(module, make_estimator("iwae", importance_samples=3, max_plate_nesting=1),
+                       (_vae_batch(),),
                        backend="inductor", rtol=1e-5, atol=1e-5)
 
 
@@ -178,7 +181,7 @@ def test_a_pair_with_data_dependent_control_flow_trains_eagerly_with_one_line(ca
 def test_new_signatures_past_the_cap_run_eagerly_with_one_line():
     torch.manual_seed(1)
     module = VAE(12, latent_dim=3, hidden=(8,))
-    estimator = make_elbo("trace")
+    estimator = make_estimator("trace", max_plate_nesting=1)
     loss_fn = training_loss(module, estimator)
     optimizer = torch.optim.Adam(module.parameters(), lr=LR)
     notes = []
@@ -197,7 +200,8 @@ def test_new_signatures_past_the_cap_run_eagerly_with_one_line():
 def test_an_optimizer_other_than_adam_is_refused_in_one_line():
     module = VAE(12, latent_dim=3, hidden=(8,))
     notes = []
-    step = CompiledStep(module, make_elbo("trace"), torch.optim.SGD(module.parameters(), lr=LR),
+    step = CompiledStep(module, make_estimator("trace", max_plate_nesting=1),
+                        torch.optim.SGD(module.parameters(), lr=LR),
                         lambda x: x, lambda a, k, n: torch.zeros(()), log=notes.append)
     assert step.disabled and notes == ["compiled steps off: the optimizer is SGD, and only "
                                        "Adam's update is compiled; training eagerly"]
@@ -225,7 +229,7 @@ def test_the_captured_step_of_a_guide_with_an_enumerated_site_equals_the_eager_s
     from test_enumeration import LearnedFactorAnalysers, _points
 
     _assert_same_steps(LearnedFactorAnalysers(exact=False),
-                       make_elbo(name, 1, k, max_plate_nesting=1), (_points(8),))
+                       make_estimator(name, 1, k, max_plate_nesting=1), (_points(8),))
 
 
 @pytest.mark.parametrize("name", ["stl", "dreg"])
@@ -236,8 +240,9 @@ def test_the_captured_step_of_a_replayed_batchnorm_guide_equals_the_eager_step(n
 
     torch.manual_seed(0)
     module, x = BatchNormTwoSiteGuide(), _data(False)
-    _assert_same_steps(module, make_elbo(name, 1, 1), (x,))
-    statistics = [_steps(module, make_elbo(name, 1, 1), (x,), {}, compiled=compiled)[2]
+    _assert_same_steps(module, make_estimator(name, 1, 1, max_plate_nesting=1), (x,))
+    statistics = [_steps(module, make_estimator(name, 1, 1, max_plate_nesting=1), (x,), {},
+                         compiled=compiled)[2]
                   for compiled in (False, True)]
     assert statistics[0][-1].item() == statistics[1][-1].item() == 3  # num_batches_tracked
     for eager, graph in zip(*statistics):
@@ -248,7 +253,7 @@ def test_a_plain_tensor_attribute_trains_eagerly_with_a_line_that_names_register
     from test_enumeration import LearnedFactorAnalysers, _points
 
     module, lines = LearnedFactorAnalysers(exact=False, buffers=False), []
-    estimator = make_elbo("iwae", 1, 2, max_plate_nesting=1)
+    estimator = make_estimator("iwae", 1, 2, max_plate_nesting=1)
     loss_fn = training_loss(module, estimator)
     optimizer = torch.optim.Adam(module.parameters(), lr=LR)
 

@@ -4,7 +4,8 @@ Each page runs as one session in a fresh folder: its python blocks in one namesp
 its bash blocks in a shell in that folder (``pyro-vae`` is ``python -m pyro_vae`` of this
 checkout; the repository's ``benchmarks/`` and ``tests/`` are linked into the folder), on one
 torch thread, and every output block is compared with what its block printed. The conventions
-a page follows are in ``docs_pages.py``.
+a page follows are in ``docs_pages.py``. Estimators that a page registers
+(:data:`pyro_vae.infer.CLASSES`) are forgotten after it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from docs_pages import OUTPUT, PageError, compare_output, parse_markdown, parse_page, parse_rst
+
+from pyro_vae.infer import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.rst"))
@@ -102,6 +105,7 @@ def test_page_runs_and_prints_what_it_shows(page, tmp_path, monkeypatch):
     _write_files(blocks, folder)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: more threads only wait on a busy machine
+    registered = dict(CLASSES)
     try:
         for index, block in enumerate(blocks):
             if block.caption:
@@ -120,6 +124,8 @@ def test_page_runs_and_prints_what_it_shows(page, tmp_path, monkeypatch):
                                 f"{printed[block.output_of]}", pytrace=False)
     finally:
         torch.set_num_threads(threads)
+        CLASSES.clear()
+        CLASSES.update(registered)
         _forget_modules_under(folder)
 
 

@@ -164,11 +164,11 @@ def _mixture_data():
 @pytest.mark.parametrize("name, k", [("iwae", 1), ("iwae", 4), ("stl", 1), ("dreg", 1),
                                      ("dreg", 4)])
 def test_the_summed_bound_of_a_discrete_only_model_is_the_exact_log_likelihood(name, k):
-    from pyro_vae.train import make_elbo
+    from pyro_vae.infer import make_estimator
 
     pair = GaussianMixture()
     x = _points(8)
-    estimator = make_elbo(name, 1, k, max_plate_nesting=1)
+    estimator = make_estimator(name, 1, k, max_plate_nesting=1)
     loss = estimator.differentiable_loss(pair.model, pair.guide, x)
     torch.testing.assert_close(loss, -pair.exact_log_likelihood(x).sum(), rtol=1e-6, atol=1e-4)
     loss.backward()
@@ -200,11 +200,11 @@ def test_a_mixture_trained_with_enumeration_reaches_scikit_learns_fit(elbo, k):
 @pytest.mark.parametrize("name", ["meanfield", "trace"])
 def test_meanfield_and_trace_with_enumeration_are_the_exact_elbo_and_train_the_classifier(name):
     """meanfield's expectation over the configurations, and trace's (TraceEnum_ELBO's)."""
-    from pyro_vae.train import make_elbo
+    from pyro_vae.infer import make_estimator
 
     pair = GaussianMixture()
     x = _points(8)
-    loss = make_elbo(name, max_plate_nesting=1).differentiable_loss(pair.model, pair.guide, x)
+    loss = make_estimator(name, max_plate_nesting=1).differentiable_loss(pair.model, pair.guide, x)
     log_q = pair.classifier(x).log_softmax(-1)
     log_joint = (dist.Normal(pair.means, pair.scale).to_event(1).log_prob(x[:, None, :])
                  + pair.logits.log_softmax(-1))
@@ -216,13 +216,13 @@ def test_meanfield_and_trace_with_enumeration_are_the_exact_elbo_and_train_the_c
 
 
 def test_an_estimator_that_samples_discrete_sites_refuses_enumerated_ones_in_one_line():
-    from pyro_vae.train import make_elbo
+    from pyro_vae.infer import make_estimator
 
     pair = GaussianMixture()
     with pytest.raises(ConfigError, match=r"vimco cannot sum out the guide sites marked for "
                                           r"enumeration \['y'\]: use trace or meanfield .*"
                                           "remove the enumerate mark to sample them with vimco"):
-        make_elbo("vimco", 1, 2, max_plate_nesting=1).differentiable_loss(
+        make_estimator("vimco", 1, 2, max_plate_nesting=1).differentiable_loss(
             pair.model, pair.guide, _points(4))
 
 
@@ -257,9 +257,9 @@ class LearnedFactorAnalysers(MixtureOfFactorAnalysers):
 def _guide_gradients(name, k, pair, x, repeats, particles):
     """``repeats`` independent gradients of the guide's parameters, each averaged over
     ``particles`` particles: ``[repeats, C·LATENT + 1]``."""
-    from pyro_vae.train import make_elbo
+    from pyro_vae.infer import make_estimator
 
-    estimator = make_elbo(name, particles, k, max_plate_nesting=1)
+    estimator = make_estimator(name, particles, k, max_plate_nesting=1)
     rows = []
     for _ in range(repeats):
         pair.zero_grad()

@@ -24,8 +24,10 @@ from threads import one_thread
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal
 
-from pyro_vae.core.log_probs import vectorized_log_probs
+from pyro_vae.core.particles import draw_particles
+from pyro_vae.core.traces import latent_sites
 from pyro_vae.infer import (
+    CLASSES,
     ESTIMATORS,
     DoublyReparameterizedELBO,
     ELBOEstimator,
@@ -36,7 +38,11 @@ from pyro_vae.infer import (
     TraceELBO,
     make_estimator,
 )
+from pyro_vae.infer.stl import score_free_log_q
 from pyro_vae.models.vae import VAE
+
+#: the estimators that take one importance sample (every one but vimco, which needs two)
+ONE_SAMPLE = tuple(name for name in ESTIMATORS if CLASSES[name].min_importance_samples == 1)
 
 NUM_SE = 5.0
 ROUNDING = 1e-9
@@ -366,7 +372,7 @@ def test_exact_guide_makes_every_bound_log_marginal():
     # meanfield is left out: with the full-covariance guide its KL is closed form
     # (pyro_vae.models.vae registers KL(MultivariateNormal ‖ diagonal Normal)), so its
     # reconstruction term alone is Monte Carlo and the bound is exact only in expectation.
-    for name in (name for name in ESTIMATORS if name != "meanfield"):
+    for name in (name for name in ONE_SAMPLE if name != "meanfield"):
         k = 7 if name in ("iwae", "dreg") else 1
         estimator = _estimator(name, k=k, particles=5)
         loss = estimator.differentiable_loss(lg.model, lg.guide, x)
@@ -491,34 +497,42 @@ def test_k1_dreg_is_stl_and_k1_iwae_is_trace():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_single_site_shortcut_equals_the_replayed_guide(monkeypatch):
+def test_single_site_shortcut_equals_the_replayed_guide():
+    """stl and dreg read log q_φ(sg z) of a guide with one latent site from its traced site;
+    the guide replayed on the detached draws (what a guide of several sites takes) gives the
+    same value and the same gradient, the score."""
     lg = _pair(guide="full")
     x = _data(lg)
-    params = _params(lg)
-    for name in ("stl", "dreg"):
+    params = _params(lg, GUIDE_PARAMS)
+    for name, k in (("stl", 1), ("dreg", 3)):
         pyro.set_rng_seed(5)
-        fast = grad_draws(_estimator(name, k=3, particles=2) if name == "dreg"
-                          else _estimator(name, particles=2), lg, x, 1, params)
-        with monkeypatch.context() as patch:
-            patch.setattr(ELBOEstimator, "single_site_shortcut", False)
-            pyro.set_rng_seed(5)
-            replayed = grad_draws(_estimator(name, k=3, particles=2) if name == "dreg"
-                                  else _estimator(name, particles=2), lg, x, 1, params)
-        torch.testing.assert_close(fast, replayed, rtol=1e-10, atol=1e-12)
+        particles = _estimator(name, k=k, particles=2).draw(lg.model, lg.guide, (x,), {})
+        read = score_free_log_q(particles)
+        replayed = particles.site_total(latent_sites(particles.replay()))
+        torch.testing.assert_close(read, replayed, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(exact_grad(read.sum(), params),
+                                   exact_grad(replayed.sum(), params), rtol=1e-10, atol=1e-12)
+
+
+class TwoRunDReG(DoublyReparameterizedELBO):
+    """DReG without the gate that rescales the path gradients of its one run: the model runs
+    a second time on the detached draws (the surrogate of any pair)."""
+
+    draw_view = None
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.4, 0.0])
-def test_dreg_single_pass_equals_the_second_run_on_detached_draws(monkeypatch, beta):
+def test_dreg_single_pass_equals_the_second_run_on_detached_draws(beta):
     """DReG's one run of the model, its path gradients rescaled on the way back, gives the
     loss and gradients of the two-run surrogate on the same random numbers: for a one-site
-    guide (read directly and replayed), for a guide whose second site depends on the first
-    (a rescaled gradient must reach z1 through z2 once, not twice), and for P > 1. The model
+    guide (read directly), for a guide whose second site depends on the first (replayed: a
+    rescaled gradient must reach z1 through z2 once, not twice), and for P > 1. The model
     runs once per call instead of twice."""
     lg, hierarchical = _pair(guide="full"), Hierarchical()
     cases = [(lg, _data(lg), _params(lg)),
              (hierarchical, torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64),
               list(hierarchical.parameters()))]
-    for (pair, x, params), shortcut in ((case, flag) for case in cases for flag in (True, False)):
+    for pair, x, params in cases:
         calls = []
         model = pair.model
 
@@ -528,16 +542,14 @@ def test_dreg_single_pass_equals_the_second_run_on_detached_draws(monkeypatch, b
 
         counted_pair = SimpleNamespace(model=counted, guide=pair.guide)
         runs = {}
-        for single in (True, False):
-            with monkeypatch.context() as patch:
-                patch.setattr(DoublyReparameterizedELBO, "single_pass", single)
-                patch.setattr(ELBOEstimator, "single_site_shortcut", shortcut)
-                estimator = _estimator("dreg", k=4, particles=2, beta=beta)
-                estimator.differentiable_loss(counted, pair.guide, x)  # plate nesting learnt
-                calls.clear()
-                pyro.set_rng_seed(11)
-                runs[single] = value_and_grad_draws(estimator, counted_pair, x, 1, params)
-                runs[single, "model runs"] = len(calls)
+        for single, cls in ((True, DoublyReparameterizedELBO), (False, TwoRunDReG)):
+            estimator = cls(num_particles=2, importance_samples=4, beta=beta,
+                            max_plate_nesting=1)
+            estimator.differentiable_loss(counted, pair.guide, x)  # plate nesting learnt
+            calls.clear()
+            pyro.set_rng_seed(11)
+            runs[single] = value_and_grad_draws(estimator, counted_pair, x, 1, params)
+            runs[single, "model runs"] = len(calls)
         torch.testing.assert_close(runs[True], runs[False], rtol=1e-10, atol=1e-12)
         assert (runs[True, "model runs"], runs[False, "model runs"]) == (1, 2)
 
@@ -604,8 +616,8 @@ def test_stl_is_unbiased_for_a_hierarchical_guide():
 def test_hierarchical_exact_posterior_gives_zero_variance_only_with_the_replayed_guide():
     """At q = p(z|x) the path derivative of log p(x, z) − log q(z) vanishes, so STL and DReG
     guide gradients are exactly zero. Detaching each guide site's distribution parameters
-    instead (``detach_guide=True``) also cuts the path of z1 through q(z2 | z1): still unbiased
-    for STL, but no longer zero-variance."""
+    instead (log q with its parameters detached) also cuts the path of z1 through q(z2 | z1):
+    still unbiased for STL, but no longer zero-variance."""
     pair = Hierarchical(exact=True)
     x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
     params = [getattr(pair, name) for name in Hierarchical.names[2:]]
@@ -613,9 +625,9 @@ def test_hierarchical_exact_posterior_gives_zero_variance_only_with_the_replayed
         assert grad_draws(estimator, pair, x, 10, params).abs().max().item() < ROUNDING
 
     def detached_sites() -> torch.Tensor:
-        logs = vectorized_log_probs(pair.model, pair.guide, x, num_particles=4,
-                                    max_plate_nesting=1, detach_guide=True)
-        loss = -(logs.log_p - logs.log_q).sum(1).mean(0)
+        drawn = draw_particles(pair.model, pair.guide, (x,), {}, 4, 1)
+        log_q = drawn.site_total(drawn.guide_latents, detach=True)
+        loss = -(drawn.log_lik + drawn.log_prior - log_q).sum(1).mean(0)
         return exact_grad(loss, params)
 
     assert draws(detached_sites, 10).var(0).max().item() > 1e-3
@@ -631,9 +643,9 @@ def test_detaching_site_parameters_would_bias_dreg_for_a_hierarchical_guide():
     k, particles = 4, 64
 
     def detached_sites() -> torch.Tensor:
-        logs = vectorized_log_probs(pair.model, pair.guide, x, num_particles=k * particles,
-                                    max_plate_nesting=1, detach_guide=True)
-        log_weights = logs.log_weights.reshape(particles, k, -1)
+        drawn = draw_particles(pair.model, pair.guide, (x,), {}, k * particles, 1)
+        log_q = drawn.site_total(drawn.guide_latents, detach=True)
+        log_weights = (drawn.log_lik + drawn.log_prior - log_q).reshape(particles, k, -1)
         squared = torch.softmax(log_weights.detach(), 1).square()
         return exact_grad(-(squared * log_weights).sum((1, 2)).mean(), params)
 
@@ -672,7 +684,7 @@ def test_unguided_latent_single_draw_matches_the_closed_form(beta):
     value = -pair.elbo(x, beta).sum()
     expected = torch.cat([value.detach().reshape(1), exact_grad(value, params)])
     with pyro.validation_enabled(False):
-        for name in ESTIMATORS:
+        for name in ONE_SAMPLE:
             samples = value_and_grad_draws(_estimator(name, particles=64, beta=beta), pair, x,
                                            40, params)
             assert_mean_matches(samples, expected, what=f"{name}, beta={beta}")
@@ -760,7 +772,7 @@ def test_a_common_scale_factor_multiplies_every_estimator():
     x = _data(lg)
     params = _params(lg)
     scale = 2.5
-    for name in ESTIMATORS:
+    for name in ONE_SAMPLE:
         k = 3 if name in ("iwae", "dreg") else 1
         rows = []
         scaled = SimpleNamespace(model=_scaled(lg.model, scale), guide=_scaled(lg.guide, scale))
@@ -882,11 +894,11 @@ def test_linear_warmup():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="trace", importance_samples=5), "trace averages particles outside the log.*"
-                                               "use --elbo iwae"),
+                                               "use iwae.*num_particles=5"),
     (dict(name="meanfield", importance_samples=5), "meanfield averages particles outside the "
-                                                   "log.*use --elbo iwae for importance samples "
+                                                   "log.*use iwae for importance samples "
                                                    "inside it"),
-    (dict(name="stl", importance_samples=2), "use --elbo dreg"),
+    (dict(name="stl", importance_samples=2), "use dreg"),
     (dict(name="iwae", num_particles=0), "num_particles must be an integer >= 1"),
     (dict(name="dreg", importance_samples=0), "importance_samples must be an integer >= 1"),
     (dict(name="iwae", beta=-1.0), "beta must be a finite number >= 0"),
@@ -901,7 +913,7 @@ def test_bad_combinations_raise_value_error(kwargs, message):
 def test_names_classes_and_settable_beta():
     classes = (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO, StickingTheLandingELBO,
                DoublyReparameterizedELBO)
-    for name, cls in zip(ESTIMATORS, classes):
+    for name, cls in zip(ONE_SAMPLE, classes):
         estimator = make_estimator(name, num_particles=2, beta=0.5)
         assert type(estimator) is cls and isinstance(estimator, pyro.infer.ELBO)
         assert (estimator.num_particles, estimator.importance_samples, estimator.beta) == (
@@ -943,7 +955,7 @@ def _binary_data(num_data: int = 32, dim: int = 12) -> torch.Tensor:
     return torch.bernoulli(probs, generator=generator)
 
 
-@pytest.mark.parametrize("name", ESTIMATORS)
+@pytest.mark.parametrize("name", ONE_SAMPLE)
 def test_svi_lowers_the_loss(name):
     vae = VAE(12, 2, (8,))
     x = _binary_data()
@@ -955,7 +967,7 @@ def test_svi_lowers_the_loss(name):
     assert sum(losses[-5:]) < sum(losses[:5]) - 5 * 5, losses
 
 
-@pytest.mark.parametrize("name", ESTIMATORS)
+@pytest.mark.parametrize("name", ONE_SAMPLE)
 def test_estimator_as_an_nn_module_loss(name):
     vae = VAE(12, 2, (8,))
     x = _binary_data(8)

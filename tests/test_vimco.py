@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae.infer import VIMCO
-from pyro_vae.train import make_elbo
+from pyro_vae.infer import VIMCO, make_estimator
 from pyro_vae.util.errors import ConfigError
 
 X = torch.tensor([0.5, -1.0])
@@ -82,17 +81,18 @@ def test_the_vimco_loss_is_the_importance_weighted_bound():
     pair = Tiny()
     torch.manual_seed(0)
     with pyro.validation_enabled(False):
-        loss = make_elbo("vimco", 20000, K, max_plate_nesting=1).loss(pair.model, pair.guide, X)
+        loss = make_estimator("vimco", 20000, K, max_plate_nesting=1).loss(pair.model, pair.guide,
+                                                                           X)
     assert abs(-loss - exact_bound(pair).item()) < 0.02
 
 
 def test_vimco_needs_two_importance_samples_and_others_refuse_discrete_sites():
     with pytest.raises(ConfigError, match="importance_samples >= 2"):
-        make_elbo("vimco", 1, 1)
+        make_estimator("vimco", 1, 1, max_plate_nesting=1)
     pair = Tiny()
     with pytest.raises(ConfigError, match="mark it for enumeration .* or sample it with "
-                                          "--elbo vimco"):
-        make_elbo("iwae", 1, 2, max_plate_nesting=1).differentiable_loss(pair.model,
+                                          "the vimco"):
+        make_estimator("iwae", 1, 2, max_plate_nesting=1).differentiable_loss(pair.model,
                                                                          pair.guide, X)
 
 
@@ -136,7 +136,7 @@ def exact_elbo(pair: Tiny) -> torch.Tensor:
 def test_the_trace_score_function_gradient_with_a_baseline_is_unbiased(particles, runs):
     pair = Tiny()
     exact = torch.autograd.grad(exact_elbo(pair), pair.phi)[0]
-    estimator = make_elbo("trace", particles, 1, max_plate_nesting=1)  # one running baseline
+    estimator = make_estimator("trace", particles, 1, max_plate_nesting=1)  # one running baseline
     grads = []
     with pyro.validation_enabled(False):
         for run in range(runs):

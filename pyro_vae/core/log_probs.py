@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pyro_vae.core.particles import draw_particles
-from pyro_vae.core.traces import guess_max_plate_nesting, site_log_prob
+from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.util.errors import ConfigError
 
 
@@ -56,7 +56,7 @@ class ParticleLogProbs:
 
 def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
                          max_plate_nesting: int | None = None, data_plate: str | None = None,
-                         detach_guide: bool = False, compact: bool = False,
+                         compact: bool = False,
                          vectorize: bool = True, require_data_plate: bool = True,
                          **kwargs: Any) -> ParticleLogProbs:
     """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x),
@@ -65,8 +65,7 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
 
     The particles are an outer vectorized plate at dim ``-(max_plate_nesting + 1)``; there is no
     Python loop over particles or datapoints. Gradients flow as usual (wrap in ``torch.no_grad()``
-    for evaluation); ``detach_guide=True`` evaluates log q with the guide's distribution
-    parameters detached (the sample itself keeps its reparameterized path). ``compact=True``
+    for evaluation). ``compact=True``
     computes each site's log-density on :func:`~pyro_vae.core.traces.compact_distribution` (the same
     values with fewer operations; the evaluator uses it, under ``torch.no_grad()``).
     ``vectorize=False`` (one particle only) runs the pair without the particle plate, as it
@@ -88,8 +87,6 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
                            require_data_plate=require_data_plate)
     trace_enum_elbo = None
     if drawn.guide_enumerated:
-        if detach_guide:
-            raise ConfigError("detach_guide cannot be combined with enumerated guide sites")
         log_p = drawn.summed_log_weights(1.0)
         log_q = torch.zeros_like(log_p)
         try:
@@ -98,13 +95,9 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
             trace_enum_elbo = None
     else:
         log_p = drawn.log_lik + drawn.log_prior
-        log_q = drawn.site_total(drawn.guide_latents, detach=True) if detach_guide \
-            else drawn.log_q
+        log_q = drawn.log_q
     globals_ = drawn.global_latents
-    log_q_global = (drawn.global_total(globals_, [site_log_prob(site, detach=True, compact=compact)
-                                                  for site in globals_])
-                    if detach_guide else drawn.global_log_q)
     return ParticleLogProbs(log_p, log_q, drawn.model_trace, drawn.guide_trace,
-                            drawn.data_plate, drawn.global_log_prior, log_q_global,
+                            drawn.data_plate, drawn.global_log_prior, drawn.global_log_q,
                             tuple(site["name"] for site in globals_), drawn.guide_enumerated,
                             trace_enum_elbo)

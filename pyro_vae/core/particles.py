@@ -3,13 +3,12 @@ per-draw, per-datapoint log-densities, for every estimator, the evaluator, AIS a
 probe.
 
 :func:`draw_particles` traces the guide inside an outer particle plate (left of the pair's
-plates) and replays the model on it, with Pyro's parallel enumeration of the sites marked for it
+plates) and replays the model on it, enumerating the sites marked for it
 (:mod:`pyro_vae.core.enumeration`); :class:`Particles` reads log p(x|z), log p(z) and log q(z|x)
-from the two traces, each summed to ``[M, N]`` with the data plate kept (so each datapoint's
-weight uses only its own sites), the enumerated sites summed out by Pyro's plated contraction,
-and replays further runs the same way. :func:`pyro_vae.infer.pair_checks.check_estimable`
-adds what the estimators need;
-:func:`pyro_vae.core.log_probs.vectorized_log_probs` is the evaluator's view of the same draws.
+from the two traces, each summed to ``[M, N]`` (M draws, N datapoints: the data plate is
+kept), the enumerated sites summed out by Pyro's plated contraction, and replays further runs
+the same way. The estimators (:mod:`pyro_vae.infer`) read it, as does
+:func:`pyro_vae.core.log_probs.vectorized_log_probs`, the evaluator's view of the same draws.
 
 Which latents count. Every guide latent must be a latent site of the model. A model latent that
 the guide does not sample ("unguided") is drawn from its prior, given the draws before it, when
@@ -27,24 +26,20 @@ Unguided latents must be reparameterizable too, so that gradients follow their d
 in model but not guide"; the two agree whenever the guide samples every model latent.)
 
 Scale factors (``poutine.scale``, a subsampled ``pyro.plate``) are honoured when every sample
-site of the model and guide has the same scalar scale s, the case of a subsampled data plate
-(s = N/B): the loss is s times the loss of the batch. Scales that differ between sites (or
-per-datapoint tensors) weight each site's term by its own factor when there is one draw
-inside the log (:func:`pyro_vae.infer.pair_checks.check_estimable`), as Pyro's
-``Trace_ELBO`` weights them; inside the
-log of an importance-weighted bound (K > 1) a per-site weight has no meaning, and they raise
-:class:`~pyro_vae.util.errors.ConfigError` naming the site. β weights the rate for any estimator
-(β is applied by the estimators, so β = 0 is allowed, which ``poutine.scale`` refuses). The
-evaluator reads
-true densities and ignores scale factors. Masks (``poutine.mask``, ``.mask()``) are applied
-everywhere. Auxiliary guide sites (``infer={"is_auxiliary": True}``, an AutoGuide's
-unconstrained draws) have no twin in the model and count in log q.
+site has the same scalar scale s (a subsampled data plate, s = N/B): the loss is s times the
+batch's. Scales that differ between sites (or per-datapoint tensors) weight each site's term by
+its own factor when there is one draw inside the log, as Pyro's ``Trace_ELBO`` weights them;
+inside the log of an importance-weighted bound (K > 1) they raise
+:class:`~pyro_vae.util.errors.ConfigError` naming the site. β is applied by the estimators (β = 0
+is allowed, which ``poutine.scale`` refuses). The evaluator reads true densities and ignores
+scale factors. Masks are applied everywhere. Auxiliary guide sites
+(``infer={"is_auxiliary": True}``) have no twin in the model and count in log q.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -98,7 +93,7 @@ def _detached(trace: poutine.Trace, skip: tuple[str, ...] = ()) -> poutine.Trace
     return out
 
 
-def _as_drawn(fn: Callable, num_particles: int, particle_dim: int, plated: bool,
+def _as_drawn(fn: Callable, num_draws: int, particle_dim: int, plated: bool,
               hide_params: bool) -> Callable:
     if hide_params:
         fn = poutine.block(fn, hide_types=["param"])
@@ -106,7 +101,7 @@ def _as_drawn(fn: Callable, num_particles: int, particle_dim: int, plated: bool,
         return fn
 
     def in_particle_plate(*a: Any, **k: Any) -> Any:
-        with pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+        with pyro.plate(PARTICLE_PLATE, num_draws, dim=particle_dim):
             return fn(*a, **k)
 
     return in_particle_plate
@@ -126,13 +121,18 @@ class Particles:
     as the model was replayed on them, when they were handed to it through a ``view`` (see
     :func:`draw_particles`). ``model_enumerated`` and ``guide_enumerated`` name the sites
     enumerated in parallel; ``compact``: log-densities on compact distributions (evaluation).
+    ``model``, ``guide``, ``args``, ``kwargs``: the pair and call that drew them (for
+    :meth:`replay`). ``configurations``: where an estimator sums the guide's enumerated sites
+    one configuration at a time, each configuration c (site name → value) with the draws of
+    the pair with c fixed; this draw then only showed which sites to sum (its guide trace
+    holds q(c | x)).
     """
 
     model_trace: poutine.Trace
     guide_trace: poutine.Trace
     raw_model_trace: poutine.Trace
     raw_guide_trace: poutine.Trace
-    num_particles: int
+    num_draws: int
     max_plate_nesting: int
     data_dim: int
     num_data: int
@@ -147,6 +147,11 @@ class Particles:
     #: each site's log-density is weighted by its own scale factor (the estimators with one
     #: draw inside the log set it when the factors differ)
     site_scales: bool = False
+    model: Callable | None = None
+    guide: Callable | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    configurations: tuple[tuple[dict, Particles], ...] = ()
 
     @property
     def scale(self) -> float:
@@ -172,24 +177,15 @@ class Particles:
             return term
         return term * scale
 
-    def marked_but_drawn(self, guide: bool) -> bool:
-        """Whether a site marked for enumeration was drawn instead (the model's, or with
-        ``guide`` the guide's too): the draws of a caller that skipped enumeration to save
-        its cost, and must draw again with it."""
-        guided = {site["name"] for site in self.guide_latents}
-        sites = [site for site in latent_sites(self.model_trace) if site["name"] not in guided]
-        if guide:
-            sites += self.guide_latents
-        return any(is_enumerated(site) for site in sites) and not (self.model_enumerated
-                                                                    or self.guide_enumerated)
-
     @property
     def particle_dim(self) -> int:
+        """The particle plate's dimension, left of the pair's plates."""
         return -(self.max_plate_nesting + 1)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.num_particles, self.num_data
+        """``(M, N)``: draws and datapoints."""
+        return self.num_draws, self.num_data
 
     def reduce(self, log_prob: torch.Tensor, name: str = "") -> torch.Tensor:
         """A site's log-density (or KL), summed to ``[M, N]``."""
@@ -232,11 +228,11 @@ class Particles:
         per draw, ``[M]`` (zeros for none)."""
         values = (log_probs if log_probs is not None
                   else [self.log_prob(s) for s in sites])
-        terms = [reduce_to_particles(value, self.max_plate_nesting + 1, self.num_particles,
+        terms = [reduce_to_particles(value, self.max_plate_nesting + 1, self.num_draws,
                                      site["name"]) if self.plated else value.sum().reshape(1)
                  for site, value in zip(sites, values) if not self.is_local(site)]
         if not terms:
-            return self.site_total([]).new_zeros(self.num_particles)
+            return self.site_total([]).new_zeros(self.num_draws)
         return sum_terms(terms)
 
     @cached_property
@@ -256,6 +252,7 @@ class Particles:
 
     @cached_property
     def guide_latents(self) -> list[dict]:
+        """The guide's latent sample sites, in its order."""
         return latent_sites(self.guide_trace)
 
     @cached_property
@@ -283,7 +280,7 @@ class Particles:
         plates, sizes = [], []
         if self.plated:
             plates.append(PARTICLE_PLATE)
-            sizes.append(self.num_particles)
+            sizes.append(self.num_draws)
         if self.data_plate is not None:
             plates.append(self.data_plate)
             sizes.append(self.num_data)
@@ -342,52 +339,49 @@ class Particles:
 
     @cached_property
     def log_q(self) -> torch.Tensor:
+        """log q(z|x) of the guide's local latents."""
         return self.site_total(self.guide_latents)
 
-    def wrap(self, fn: Callable) -> Callable:
-        """``fn`` run the way the draws were: in the particle plate (if any), with its param
-        messages hidden (if they were)."""
-        return _as_drawn(fn, self.num_particles, self.particle_dim, self.plated,
-                         self.hide_params)
-
-    def replay(self, fn: Callable, args: tuple, kwargs: dict, model: bool = False,
-               on_views: bool = False) -> poutine.Trace:
-        """Trace ``fn`` the same way, replayed on detached draws: the guide's (``model=False``)
-        or every latent of the model's, the unguided ones included (``model=True``); the same
-        subsample in either case. ``on_views``: on the guide's draws as the model saw them
-        (:attr:`views`), not detached. Running statistics (BatchNorm) are left as the first
-        run left them (:func:`running_statistics_kept`)."""
+    def replay(self, model: bool = False, on_views: bool = False) -> poutine.Trace:
+        """Trace this draw's guide (``model=False``) or model the same way, replayed on detached
+        draws: the guide's, or every latent of the model's, the unguided ones included; the
+        same subsample in either case. ``on_views``: the guide on its draws as the model saw
+        them (:attr:`views`), not detached. Running statistics (BatchNorm) are left as the
+        first run left them (:func:`running_statistics_kept`)."""
         if on_views:
             assert self.views is not None, "these draws were not handed out through a view"
             source = self.views
         else:
             source = (_detached(self.raw_model_trace, skip=self.model_enumerated) if model
                       else _detached(self.raw_guide_trace))
-        wrapped = self.wrap(fn)
+        fn = self.model if model else self.guide
+        wrapped = _as_drawn(fn, self.num_draws, self.particle_dim, self.plated, self.hide_params)
         if model and self.model_enumerated:  # enumerated again, to the same values
             wrapped = enumerated_model(wrapped, self.particle_dim - 1)
         replayed = poutine.replay(wrapped, trace=source)
         with running_statistics_kept(fn):
-            return prune_subsample_sites(poutine.trace(replayed).get_trace(*args, **kwargs))
+            return prune_subsample_sites(poutine.trace(replayed).get_trace(*self.args,
+                                                                           **self.kwargs))
 
 
 def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                   num_particles: int, max_plate_nesting: int, plated: bool = True, *,
+                   num_draws: int, max_plate_nesting: int, plated: bool = True, *,
                    view: Callable[[dict], torch.Tensor] | None = None,
                    data_plate: str | None = None, enumerate_guide: bool = True,
                    enumerate_model: bool = True, compact: bool = False,
                    require_data_plate: bool = True, outermost_plate: bool = False
                    ) -> Particles:
-    """Trace the guide and replay the model on it, for ``num_particles`` vectorized draws.
+    """Trace the guide and replay the model on it, for ``num_draws`` vectorized draws (M: an
+    estimator's P·K).
 
     A single draw may skip the particle plate (``plated=False``): the same random numbers, the
-    same values. Param messages are hidden when no effect handler is active outside (they
-    reach no one: the traces' param sites are never read here). ``view`` maps each guide site
+    same values. Param messages are hidden when no effect handler is active outside (no one
+    reads them). ``view`` maps each guide site
     to the value the model is replayed on (the same values: e.g. an alias whose gradient is
     rescaled on the way back); the model then holds the views. The model's sites marked for
     enumeration are enumerated when ``enumerate_model``, the guide's when ``enumerate_guide``
     (otherwise they are sampled: for a caller that sums them one configuration at a time, or
-    that checks :attr:`Particles.marked_but_drawn` and draws again). ``compact``
+    that checks :func:`~pyro_vae.infer.pair_checks.marked_but_drawn` and draws again). ``compact``
     computes log-densities on :func:`~pyro_vae.core.traces.compact_distribution` (evaluation).
     ``require_data_plate=False`` takes a pair whose observed sites share no plate as one
     datapoint (the data set), ``outermost_plate=True`` the outermost of several plates that
@@ -396,19 +390,18 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
 
     :raises ConfigError: for a pair whose sites fit no data plate, a guide without latents, a
         guide latent that is no latent of the model (auxiliary sites apart), or a guide latent
-        that depends on a site enumerated in the model. What the estimators need beyond that
-        (reparameterizable latents, one scale factor) is
-        :func:`pyro_vae.infer.pair_checks.check_estimable`'s.
+        that depends on a site enumerated in the model (what the estimators need beyond that:
+        :func:`pyro_vae.infer.pair_checks.check_estimable`).
     """
-    plated = plated or num_particles > 1
+    plated = plated or num_draws > 1
     hide_params = not am_i_wrapped()
     particle_dim = -(max_plate_nesting + 1)
-    drawn_guide = _as_drawn(guide, num_particles, particle_dim, plated, hide_params)
+    drawn_guide = _as_drawn(guide, num_draws, particle_dim, plated, hide_params)
     if enumerate_guide:
         drawn_guide = enumerated_guide(drawn_guide, particle_dim - 1)
     raw_guide_trace = poutine.trace(drawn_guide).get_trace(*args, **kwargs)
     views = None if view is None else _mapped(raw_guide_trace, view)
-    drawn_model = _as_drawn(model, num_particles, particle_dim, plated, hide_params)
+    drawn_model = _as_drawn(model, num_draws, particle_dim, plated, hide_params)
     if enumerate_model or enumerate_guide:  # after the guide's: it left the allocator's state
         drawn_model = enumerated_model(drawn_model, None if enumerate_guide else particle_dim - 1)
     raw_model_trace = poutine.trace(poutine.replay(
@@ -444,9 +437,10 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     data_dim, num_data = plate_dim_and_size(model_trace, guide_trace, data_plate)
     return Particles(model_trace=model_trace, guide_trace=guide_trace,
                      raw_model_trace=raw_model_trace, raw_guide_trace=raw_guide_trace,
-                     num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                     num_draws=num_draws, max_plate_nesting=max_plate_nesting,
                      data_dim=data_dim, num_data=num_data, plated=plated,
                      hide_params=hide_params, data_plate=data_plate, views=views, view=view,
                      model_enumerated=model_enumerated,
                      guide_enumerated=tuple(enumerated_in(guide_trace)) if enumerate_guide
-                     else (), compact=compact)
+                     else (), compact=compact, model=model, guide=guide, args=args,
+                     kwargs=kwargs)

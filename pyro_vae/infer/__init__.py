@@ -1,4 +1,4 @@
-r"""ELBO estimators: five named Monte Carlo objectives for one Pyro model/guide pair.
+r"""ELBO estimators: six named Monte Carlo objectives for one Pyro model/guide pair.
 
 One estimator per module, as Pyro keeps them (``pyro/infer/trace_elbo.py``, ...):
 
@@ -14,14 +14,19 @@ name           class (module)                           bound; gradient
                (``stl``)                                term)
 ``dreg``       :class:`DoublyReparameterizedELBO`       K-sample bound; doubly reparameterized
                (``dreg``)
+``vimco``      :class:`VIMCO` (``vimco``)               K-sample bound (K ≥ 2); leave-one-out
+                                                        score terms for sampled discrete sites
 =============  =======================================  =========================================
 
 The shared machinery: :mod:`pyro_vae.core.particles` draws the particles and reads their
 log-densities (which latents count, scale factors, enumeration; the evaluator reads the same
-draws), :mod:`pyro_vae.infer.elbo` holds the base
-class :class:`ELBOEstimator` (losses, surrogates, the stop-gradient score term),
-:mod:`pyro_vae.infer.registry` the names (:data:`ESTIMATORS`, :func:`make_estimator`) and
-:mod:`pyro_vae.infer.schedule` the KL warm-up (:class:`LinearWarmup`).
+draws), :mod:`pyro_vae.infer.elbo` holds the base class :class:`ELBOEstimator` (drawing,
+checks, enumeration, the loss interface), each estimator's module its math behind the one
+hook :meth:`ELBOEstimator.objective`, :mod:`pyro_vae.infer.bounds` the math several share
+(:func:`beta_log_weight`, :func:`importance_weighted_bound`, :class:`Objective`),
+:mod:`pyro_vae.infer.registry` the names (:data:`ESTIMATORS`, :data:`CLASSES`,
+:func:`make_estimator`) and :mod:`pyro_vae.infer.schedule` the KL warm-up
+(:class:`LinearWarmup`).
 
 Every estimator works from per-particle, per-datapoint log-densities (the data plate is kept, see
 :func:`pyro_vae.core.particles.draw_particles`): the log-likelihood (observed model sites), the
@@ -45,17 +50,18 @@ in Pyro. Gradients come from a *surrogate* whose value equals the loss and whose
 the estimator's.
 """
 
+from pyro_vae.infer.bounds import Objective, beta_log_weight, importance_weighted_bound
 from pyro_vae.infer.dreg import DoublyReparameterizedELBO
-from pyro_vae.infer.elbo import ELBOEstimator, beta_log_weight, importance_weighted_bound
+from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
-from pyro_vae.infer.registry import ALL_ESTIMATORS, ESTIMATORS, make_estimator
+from pyro_vae.infer.registry import CLASSES, ESTIMATORS, make_estimator
 from pyro_vae.infer.schedule import LinearWarmup
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
 from pyro_vae.infer.vimco import VIMCO
 
-__all__ = ["ALL_ESTIMATORS", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator",
-           "ImportanceWeightedELBO",
-           "LinearWarmup", "MeanFieldELBO", "StickingTheLandingELBO", "TraceELBO", "VIMCO",
-           "beta_log_weight", "importance_weighted_bound", "make_estimator"]
+__all__ = ["CLASSES", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator",
+           "ImportanceWeightedELBO", "LinearWarmup", "MeanFieldELBO", "Objective",
+           "StickingTheLandingELBO", "TraceELBO", "VIMCO", "beta_log_weight",
+           "importance_weighted_bound", "make_estimator"]

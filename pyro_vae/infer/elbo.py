@@ -1,19 +1,18 @@
-r"""The base class of the named estimators, :class:`ELBOEstimator`, and the bound helpers they
-share.
+r"""The base class of the named estimators, :class:`ELBOEstimator`: the plumbing they share.
 
-Each loss is −(bound summed over the data plate), averaged over the P particles, times the
-sites' common scale factor (:mod:`pyro_vae.infer.particles`). Gradients come from a
-*surrogate* whose value equals the loss and whose gradient is the estimator's.
+It draws the particles (:func:`~pyro_vae.core.particles.draw_particles`, with the checks of
+:mod:`~pyro_vae.infer.pair_checks` and the handling of sites marked for enumeration), and turns
+an estimator's :meth:`~ELBOEstimator.objective` into Pyro's ELBO interface: ``loss``,
+``differentiable_loss`` and ``loss_and_grads``. Each loss is −(bound summed over the data
+plate, plus the global latents' term weighted by :attr:`~ELBOEstimator.global_weight`),
+averaged over the P particles, times the sites' common scale factor
+(:mod:`pyro_vae.core.particles`). Gradients come from a *surrogate* whose value equals the loss and
+whose gradient is the estimator's.
 
-Dropping the guide's score term ("sg" = stop-gradient), as ``stl`` and ``dreg`` do: the guide is
-replayed on the detached draws, so log q_φ(sg z) depends on φ only through the guide's parameters
-at fixed z; then log q_φ(sg z) − sg(log q_φ(sg z)) has value 0 and gradient exactly the score
-∂_φ log q_φ(z). This stays exact for hierarchical guides whose later sites depend on earlier
-draws (a plain detach of each site's distribution parameters would also cut the path through
-those draws). A guide with a single latent site cannot have such dependences, so there the
-score-free term is read from the traced distribution itself without a second guide run; both
-give the same numbers. The guide (and, for ``dreg``, the model) must be deterministic given its
-sample sites (no dropout in train mode).
+The math of each estimator is its own module's, behind the one hook
+:meth:`~ELBOEstimator.objective` (the IWAE bound in :mod:`~pyro_vae.infer.iwae`, the score-free
+log q in :mod:`~pyro_vae.infer.stl`, ...); what several share is in
+:mod:`~pyro_vae.infer.bounds`.
 """
 
 from __future__ import annotations
@@ -31,22 +30,19 @@ from pyro.util import warn_if_nan
 
 from pyro_vae.core.enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
 from pyro_vae.core.particles import Particles, draw_particles
-from pyro_vae.core.traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
+from pyro_vae.core.traces import PARTICLE_PLATE, guess_max_plate_nesting, trace_pair
 from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.infer.bounds import Objective, weighted
 from pyro_vae.infer.pair_checks import (
     check_estimable,
     check_no_active_dropout,
     cuda_devices,
+    marked_but_drawn,
     pair_key,
     same_subsample,
 )
 from pyro_vae.util.errors import ConfigError, PyroVAEError
 from pyro_vae.util.module_state import running_statistics_kept
-
-
-def weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
-    """``beta * term``, without the multiplication at β = 1 (the same numbers)."""
-    return term if beta == 1 else beta * term
 
 
 def _check_count(name: str, value: int) -> int:
@@ -56,25 +52,11 @@ def _check_count(name: str, value: int) -> int:
 
 
 def check_beta(beta: float, what: str = "beta") -> float:
+    """``beta`` as a float, refused unless finite and >= 0."""
     beta = float(beta)
     if not math.isfinite(beta) or beta < 0:
         raise ConfigError(f"{what} must be a finite number >= 0, got {beta}")
     return beta
-
-
-def beta_log_weight(log_lik: torch.Tensor, log_prior: torch.Tensor, log_q: torch.Tensor,
-                    beta: float) -> torch.Tensor:
-    r"""The β-weighted log-weight of single draws,
-    :math:`\log p(x|z) + \beta\,(\log p(z) - \log q(z|x))` (elementwise)."""
-    return log_lik + weighted(beta, log_prior - log_q)
-
-
-def importance_weighted_bound(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    r""":math:`\log \frac1K \sum_k w_k` over the K entries of ``log_weights`` along ``dim``
-    (the IWAE bound of one set of K draws; the ELBO's single-draw estimate when K = 1)."""
-    if log_weights.shape[dim] == 1:
-        return log_weights.squeeze(dim)
-    return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
 
 
 class ELBOEstimator(ELBO):
@@ -86,27 +68,30 @@ class ELBOEstimator(ELBO):
     ``estimator(model, guide)`` is a :class:`torch.nn.Module` loss. Each loss is −(bound summed
     over the data plate), averaged over the P particles, times the scale factor that all sample
     sites share (1 unless ``poutine.scale`` or a subsampled plate sets one; see
-    :mod:`pyro_vae.infer.particles`).
+    :mod:`pyro_vae.core.particles`).
 
     :param num_particles: P, draws averaged outside the log (variance knob).
-    :param importance_samples: K, draws inside the log (bound knob); only ``iwae`` and ``dreg``
-        accept K > 1.
+    :param importance_samples: K, draws inside the log (bound knob); only ``iwae``, ``dreg``
+        and ``vimco`` accept K > 1 (``vimco`` needs K ≥ 2).
     :param beta: weight of the rate (log p(z) − log q(z|x), or the KL); settable as
         ``estimator.beta`` between steps (see :class:`LinearWarmup`).
     :param max_plate_nesting: the number of nested plates of the model and guide; guessed by
         running them once (and then kept) when ``None``. Particles are one plate further left.
     :param data_plate: the name of the plate that indexes datapoints, where several plates
         hold every site; ``None`` finds it (:func:`pyro_vae.core.traces.find_data_plate`).
+
+    A subclass sets :attr:`name` and the class attributes below that describe it, and
+    implements the one hook :meth:`objective`, which maps the particles of one call to the
+    bound (and its surrogate); see "Writing a new estimator" in ``docs/estimators.rst``.
     """
 
+    #: the name the factory knows it by (:func:`~pyro_vae.infer.make_estimator`)
     name: ClassVar[str] = ""
+    #: for an estimator whose particles all lie outside the log (K must be 1): what to use for
+    #: importance samples inside it, said when K > 1 is asked for; ``None`` accepts K > 1
     importance_hint: ClassVar[str | None] = None
-    #: Read log q_φ(sg z) of a guide with one latent site from its traced distribution instead
-    #: of replaying the guide (identical numbers; ``False`` forces the replay).
-    single_site_shortcut: ClassVar[bool] = True
-    #: Run a single draw (P·K = 1) without the particle plate: the same random numbers and the
-    #: same values, fewer messages and broadcasts (``False`` forces the plate).
-    single_draw_shortcut: ClassVar[bool] = True
+    #: the least K it accepts (``vimco``'s leave-one-out baselines need two)
+    min_importance_samples: ClassVar[int] = 1
     #: The guide is replayed on its own draws (``stl``, ``dreg``): its networks must give the
     #: same output twice, so a module in train mode with active dropout is refused.
     needs_deterministic_guide: ClassVar[bool] = False
@@ -120,6 +105,11 @@ class ELBOEstimator(ELBO):
     #: whether guide sites without rsample (discrete, not enumerated) get a score-function
     #: gradient (:class:`~pyro_vae.infer.vimco.VIMCO`); the others refuse them
     scores_discrete: ClassVar[bool] = False
+    #: what the model is replayed on, per guide site: a class whose instances map a guide site
+    #: to its value (e.g. an alias whose gradient is rescaled on the way back, ``dreg``), one
+    #: instance per draw while gradients are recorded (see :func:`draw_particles`); ``None``:
+    #: the guide's draws themselves
+    draw_view: ClassVar[Callable[[], Callable[[dict], torch.Tensor]] | None] = None
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
                  max_plate_nesting: int | None = None, data_plate: str | None = None):
@@ -128,8 +118,13 @@ class ELBOEstimator(ELBO):
         if importance_samples > 1 and self.importance_hint is not None:
             raise ConfigError(
                 f"{self.name} averages particles outside the log, so importance_samples must be "
-                f"1 (got {importance_samples}); {self.importance_hint}, or --particles "
+                f"1 (got {importance_samples}); {self.importance_hint}, or num_particles="
                 f"{importance_samples} to average {importance_samples} particles outside it")
+        if importance_samples < self.min_importance_samples:
+            raise ConfigError(
+                f"{self.name} needs importance_samples >= {self.min_importance_samples} (got "
+                f"{importance_samples}): give importance_samples=K, K >= "
+                f"{self.min_importance_samples}")
         if max_plate_nesting is not None and (isinstance(max_plate_nesting, bool)
                                               or not isinstance(max_plate_nesting, int)
                                               or max_plate_nesting < 0):
@@ -172,12 +167,59 @@ class ELBOEstimator(ELBO):
         """One (model_trace, guide_trace) pair without particles (Pyro's ELBO interface)."""
         return trace_pair(model, guide, args, kwargs)
 
-    def _particles(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-                   ) -> Particles:
+    def objective(self, particles: Particles, gradient: bool = True) -> Objective:
+        """The estimator's bound on the draws of one call: the one hook of a subclass.
+
+        :param particles: the call's P·K draws (``particles.num_draws``, in the order
+            ``[P, K]``; :func:`~pyro_vae.infer.bounds.grouped` reshapes per-draw values so) and
+            their log-densities; the pair can be replayed on them
+            (:meth:`~pyro_vae.core.particles.Particles.replay`). Where the guide's enumerated sites
+            are summed one configuration at a time (:attr:`parallel_enumeration` false),
+            ``particles.configurations`` holds each configuration's own draws.
+        :param gradient: ``True`` for :meth:`differentiable_loss`: a surrogate of the bound's
+            value whose gradient is the estimator's; ``False`` for :meth:`loss` (no gradients
+            recorded): the value only, and nothing that only the gradient needs (replays,
+            baselines' updates).
+        :returns: :class:`~pyro_vae.infer.bounds.Objective`: the bound per particle and
+            datapoint, ``[P, N]``, and the global latents' term per particle, ``[P]``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no objective")
+
+    def draw(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Particles:
+        """The particles of one call of :meth:`loss` or :meth:`differentiable_loss`, checked
+        (:func:`~pyro_vae.infer.pair_checks.check_estimable`), with the configurations of the
+        guide's enumerated sites drawn one by one where this estimator sums them so."""
+        particles = self._draw(model, guide, args, kwargs)
+        sites = self._enumeration(particles)
+        if sites:  # this draw only showed which sites to sum: one run per configuration
+            model, guide = same_subsample(model, guide, particles)
+            particles.configurations = tuple(self._per_configuration(model, guide, args,
+                                                                     kwargs, sites))
+        return particles
+
+    def loss_of(self, particles: Particles, gradient: bool = True) -> torch.Tensor:
+        """The loss of :meth:`draw`'s ``particles``: −(:meth:`objective` summed over the
+        datapoints, plus :attr:`global_weight` times the global latents' term), averaged over
+        the particles, times the sites' common scale factor."""
+        objective = self.objective(particles, gradient)
+        per_datapoint, global_term = objective
+        scale = (particles.configurations[-1][1] if particles.configurations
+                 else particles).scale
+        assert per_datapoint.shape[0] == self.num_particles and per_datapoint.dim() == 2, \
+            per_datapoint.shape
+        total = per_datapoint.sum(-1)
+        if global_term is not None:
+            total = total + self.global_weight * global_term
+        return weighted(scale, -total.mean(0))
+
+    def _draw(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+              ) -> Particles:
+        """The P·K draws of one run of the pair (the plate nesting guessed on the first call),
+        checked; a vectorized draw the networks cannot take is refused with the reason."""
         if self.max_plate_nesting is None:
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
         draws = self.num_particles * self.importance_samples
-        plated = draws > 1 or not self.single_draw_shortcut
+        plated = draws > 1
         if self.needs_deterministic_guide:
             check_no_active_dropout(self.name, model, guide)
         key = pair_key(model, guide)
@@ -188,14 +230,16 @@ class ELBOEstimator(ELBO):
             # with them, and so is every draw of that pair from then on
             optimistic = key in self._unmarked and key not in self._enumerating
             for enumerate_sites in ((False, True) if optimistic else (True,)):
+                view = (self.draw_view() if self.draw_view is not None
+                        and torch.is_grad_enabled() else None)
                 particles = draw_particles(
                     model, guide, args, kwargs, draws, self.max_plate_nesting, plated=plated,
-                    view=self._draw_view(), data_plate=self.data_plate,
+                    view=view, data_plate=self.data_plate,
                     enumerate_guide=enumerate_sites and self.parallel_enumeration,
                     enumerate_model=enumerate_sites, require_data_plate=False,
                     outermost_plate=self.importance_samples == 1)
-                if not enumerate_sites and not particles.marked_but_drawn(
-                        self.parallel_enumeration):
+                if not enumerate_sites and not marked_but_drawn(particles,
+                                                                self.parallel_enumeration):
                     break
             if enumerate_sites:
                 enumerated = particles.model_enumerated or particles.guide_enumerated
@@ -211,11 +255,6 @@ class ELBOEstimator(ELBO):
         if plated:
             self._check_vectorizable(model, guide, args, kwargs)
         return particles
-
-    def _draw_view(self) -> Callable[[dict], torch.Tensor] | None:
-        """What the model is replayed on, per guide site (see :func:`draw_particles`); ``None``:
-        the guide's draws themselves."""
-        return None
 
     def _check_vectorizable(self, model: Callable, guide: Callable, args: tuple,
                             kwargs: dict) -> None:
@@ -235,78 +274,8 @@ class ELBOEstimator(ELBO):
                 f"{self.name} draws {draws} particles per step in one vectorized call, but "
                 f"{reason}. Write the networks to broadcast over leading dimensions (e.g. "
                 "x.expand(*z.shape[:-1], -1), softmax(dim=-1)), or draw one particle per step "
-                "(trace, meanfield or stl with particles=1)")
+                "(trace, meanfield or stl with num_particles=1)")
         self._vectorizable.add(key)
-
-    def _grouped(self, per_draw: torch.Tensor) -> torch.Tensor:
-        """``[P·K, N]`` → ``[P, K, N]``."""
-        return per_draw.reshape(self.num_particles, self.importance_samples, -1)
-
-    def _log_weights(self, particles: Particles) -> torch.Tensor:
-        """β-weighted log-weights, ``[P, K, N]`` (enumerated sites summed out)."""
-        if particles.guide_enumerated:
-            return self._grouped(particles.summed_log_weights(self.beta))
-        return self._grouped(beta_log_weight(particles.log_lik, particles.log_prior,
-                                             particles.log_q, self.beta))
-
-    def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-               kwargs: dict) -> torch.Tensor:
-        """The bound's estimate per particle and datapoint, ``[P, N]`` (at K = 1 the log-weights
-        themselves, which the logsumexp over one draw returns unchanged)."""
-        if self.importance_samples == 1 and not particles.guide_enumerated:
-            return beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
-                                   self.beta)
-        return importance_weighted_bound(self._log_weights(particles), dim=1)
-
-    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-                   kwargs: dict) -> torch.Tensor:
-        """Same value as :meth:`_bound`, the estimator's gradient; ``[P, N]``."""
-        return self._bound(particles, model, guide, args, kwargs)
-
-    def _global_term(self, particles: Particles, guide: Callable, args: tuple, kwargs: dict,
-                     score_free: bool) -> torch.Tensor | None:
-        """β [log p(θ) − log q(θ)] of the global latents per particle, averaged over its K
-        draws, ``[P]`` (``None`` without global latents); ``score_free`` drops the score term of
-        log q(θ) from the gradient (stl, dreg), leaving the value."""
-        if not particles.global_latents:
-            return None
-        log_q = particles.global_log_q
-        if score_free:
-            replayed = particles.replay(guide, args, kwargs)
-            score = particles.global_total(latent_sites(replayed))
-            log_q = log_q + (score.detach() - score)
-        term = weighted(self.beta, particles.global_log_prior - log_q)
-        return term.reshape(self.num_particles, self.importance_samples).mean(1)
-
-    def _score_free_log_q(self, particles: Particles, guide: Callable, args: tuple,
-                          kwargs: dict) -> torch.Tensor:
-        """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
-        latent = latent_sites(particles.guide_trace)
-        if len(latent) == 1 and self.single_site_shortcut and particles.is_local(latent[0]):
-            site = latent[0]
-            return particles.reduce(particles.log_prob(site, value=site["value"].detach()))
-        replayed = particles.replay(guide, args, kwargs)
-        if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
-            raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
-                              "stl and dreg need a guide with a static structure")
-        return particles.site_total(latent_sites(replayed))
-
-    def _stl_log_weights(self, particles: Particles, guide: Callable, args: tuple,
-                         kwargs: dict) -> torch.Tensor:
-        """log w_β with the score term of log q removed (value unchanged), ``[P·K, N]``."""
-        score = self._score_free_log_q(particles, guide, args, kwargs)
-        log_q = particles.log_q + (score.detach() - score)
-        return beta_log_weight(particles.log_lik, particles.log_prior, log_q, self.beta)
-
-    def _loss(self, surrogate: torch.Tensor, scale: float,
-              global_term: torch.Tensor | None = None) -> torch.Tensor:
-        """−(``surrogate`` summed over the datapoints, plus ``global_weight`` times the global
-        latents' term), averaged over particles, times the sites' common scale factor."""
-        assert surrogate.shape[0] == self.num_particles and surrogate.dim() == 2, surrogate.shape
-        total = surrogate.sum(-1)
-        if global_term is not None:
-            total = total + self.global_weight * global_term
-        return weighted(scale, -total.mean(0))
 
     def _enumeration(self, particles: Particles) -> dict[str, torch.Tensor]:
         """The sites of this call's guide trace marked for enumeration that must be summed by
@@ -340,56 +309,27 @@ class ELBOEstimator(ELBO):
                     "plate")
         return sites
 
-    def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: Particles
-                      ) -> tuple[torch.Tensor, float]:
-        """The bound's surrogate with the enumerated ``sites`` summed out by one run per
-        configuration (:meth:`_per_configuration`), ``[P, N]``, and the scale factor; for the
-        estimators whose sum needs each configuration on its own (``parallel_enumeration``
-        false). ``first`` is the draw that showed the sites (its guide trace holds q(c | x))."""
-        raise NotImplementedError(f"{type(self).__name__} enumerates in parallel")
-
     def _per_configuration(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                           sites: dict[str, torch.Tensor]
-                           ) -> Iterator[tuple[dict, Callable, Callable, Particles]]:
-        """For every configuration c of the enumerated ``sites``: c, the model and guide with
-        c fixed, and their particles (global latents refused: each c would draw its own)."""
+                           sites: dict[str, torch.Tensor]) -> Iterator[tuple[dict, Particles]]:
+        """For every configuration c of the enumerated ``sites``: c and the particles of the
+        pair with c fixed (global latents refused: each c would draw its own)."""
         for values in configurations(sites):
-            fixed_model, fixed_guide = fixed(model, values), fixed(guide, values)
-            particles = self._particles(fixed_model, fixed_guide, args, kwargs)
+            particles = self._draw(fixed(model, values), fixed(guide, values), args, kwargs)
             if particles.global_latents:
                 raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
                                   "cannot be combined: each configuration would draw its own")
-            yield values, fixed_model, fixed_guide, particles
+            yield values, particles
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
                             **kwargs: Any) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
-        particles = self._particles(model, guide, args, kwargs)
-        sites = self._enumeration(particles)
-        if sites:  # this draw only showed which sites to sum: one run per configuration
-            model, guide = same_subsample(model, guide, particles)
-            return self._loss(*self._summed_bound(model, guide, args, kwargs, sites, particles))
-        return self._loss(self._surrogate(particles, model, guide, args, kwargs),
-                          particles.scale,
-                          self._global_term(particles, guide, args, kwargs,
-                                            score_free=self.needs_deterministic_guide))
+        return self.loss_of(self.draw(model, guide, args, kwargs))
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
-            particles = self._particles(model, guide, args, kwargs)
-            sites = self._enumeration(particles)
-            if sites:
-                model, guide = same_subsample(model, guide, particles)
-                loss = torch_item(self._loss(*self._summed_bound(model, guide, args, kwargs,
-                                                                 sites, particles)))
-                warn_if_nan(loss, "loss")
-                return loss
-            loss = torch_item(self._loss(self._bound(particles, model, guide, args, kwargs),
-                                         particles.scale,
-                                         self._global_term(particles, guide, args, kwargs,
-                                                           score_free=False)))
+            loss = torch_item(self.loss_of(self.draw(model, guide, args, kwargs),
+                                           gradient=False))
         warn_if_nan(loss, "loss")
         return loss
 

@@ -3,7 +3,28 @@
 
 from __future__ import annotations
 
+import torch
+
+from pyro_vae.core.particles import Particles
+from pyro_vae.infer.bounds import (
+    Objective,
+    beta_log_weight,
+    global_term,
+    importance_weighted_bound,
+    log_weights,
+)
 from pyro_vae.infer.elbo import ELBOEstimator
+
+
+def importance_weighted_elbo(particles: Particles, beta: float, importance_samples: int
+                             ) -> torch.Tensor:
+    r"""The IWAE bound of each particle's K draws per datapoint, ``[P, N]``:
+    log (1/K) Σ_k w_k of the β-weighted log-weights, the enumerated sites summed inside each
+    w_k (at K = 1 without them, the log-weights themselves, which the log-mean-exp of one draw
+    returns unchanged)."""
+    if importance_samples == 1 and not particles.guide_enumerated:
+        return beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q, beta)
+    return importance_weighted_bound(log_weights(particles, beta, importance_samples), dim=1)
 
 
 class ImportanceWeightedELBO(ELBOEstimator):
@@ -20,7 +41,17 @@ class ImportanceWeightedELBO(ELBOEstimator):
     inside each log-weight; at β = 1 the bound lies below log p(x), rises with K and tends to
     it. K = 1 is :class:`TraceELBO`. The gradient is the reparameterization gradient of the
     bound, Σ_k w̃_k ∇ log w_k with normalized weights w̃_k = w_k / Σ_j w_j.
+
+    Guide sites c marked for enumeration are summed inside each weight, w_k = Σ_c w_kc
+    (enumerated in parallel, one run), so the bound is the log of the sum over c; the global
+    latents' term β [log p(θ) − log q(θ)] is averaged over the K draws of each particle.
     """
 
     name = "iwae"
     sums_enumerated = True
+
+    def objective(self, particles: Particles, gradient: bool = True) -> Objective:
+        # the gradient is the bound's own: surrogate and value are one tensor
+        return Objective(
+            importance_weighted_elbo(particles, self.beta, self.importance_samples),
+            global_term(particles, self.beta, self.importance_samples))

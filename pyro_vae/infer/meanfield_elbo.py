@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +11,8 @@ from torch.distributions import kl_divergence
 
 from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import masked, sum_terms
-from pyro_vae.infer.elbo import ELBOEstimator, weighted
+from pyro_vae.infer.bounds import Objective, weighted
+from pyro_vae.infer.elbo import ELBOEstimator
 
 
 def _fixed_log_prob(site: dict, value: torch.Tensor) -> torch.Tensor:
@@ -61,12 +61,16 @@ class MeanFieldELBO(ELBOEstimator):
 
     name = "meanfield"
     parallel_enumeration = False
-    importance_hint = "use --elbo iwae for importance samples inside it"
+    importance_hint = "use iwae for importance samples inside it"
     sums_enumerated = True
 
-    def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: Particles
-                      ) -> tuple[torch.Tensor, float]:
+    def objective(self, particles: Particles, gradient: bool = True) -> Objective:
+        # reparameterized throughout: surrogate and value are one tensor
+        if particles.configurations:
+            return Objective(self._summed(particles))
+        return Objective(self._bound(particles), self._global_kl_term(particles))
+
+    def _summed(self, first: Particles) -> torch.Tensor:
         r"""With guide sites c marked for enumeration, the ELBO with c's expectation taken
         exactly (Kingma et al. 2014, the M2 objective for unlabelled data):
 
@@ -78,16 +82,16 @@ class MeanFieldELBO(ELBOEstimator):
 
         the closed-form KL where registered inside each L_c, and q(c | x) from the guide (it
         gets gradients: its expectation is exact). This is the ELBO (``trace``'s, with the
-        KLs in closed form), below the summed importance bound of ``iwae`` (log Σ_c w_c)."""
-        per_configuration, scale = [], 1.0
-        for values, _, _, particles in self._per_configuration(model, guide, args, kwargs,
-                                                               sites):
+        KLs in closed form), below the summed importance bound of ``iwae`` (log Σ_c w_c).
+        ``first`` is the draw that showed the sites (its guide trace holds q(c | x)); each
+        configuration's draws are in ``first.configurations``; ``[P, N]``."""
+        per_configuration = []
+        for values, particles in first.configurations:
             log_q = sum(first.reduce(_fixed_log_prob(first.guide_trace.nodes[name], value),
                                      name) for name, value in values.items())
-            bound = self._bound(particles, model, guide, args, kwargs)
+            bound = self._bound(particles)
             per_configuration.append(log_q.exp() * (bound - log_q))
-            scale = particles.scale
-        return torch.stack(per_configuration).sum(0), scale
+        return torch.stack(per_configuration).sum(0)
 
     def _rate(self, particles: Particles) -> torch.Tensor:
         """KL(q ‖ p(z_g)) of the guided latents (analytic where available) per draw and
@@ -118,8 +122,7 @@ class MeanFieldELBO(ELBOEstimator):
             terms.append((site["name"], kl))
         return terms
 
-    def _global_term(self, particles: Particles, guide: Callable, args: tuple, kwargs: dict,
-                     score_free: bool) -> torch.Tensor | None:
+    def _global_kl_term(self, particles: Particles) -> torch.Tensor | None:
         """−β KL(q(θ) ‖ p(θ)) of the global latents per particle, ``[P]``."""
         if not particles.global_latents:
             return None
@@ -128,6 +131,6 @@ class MeanFieldELBO(ELBOEstimator):
         kl = particles.global_total(sites, [value for _, value in kls])
         return -weighted(self.beta, kl).reshape(self.num_particles, -1).mean(1)
 
-    def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-               kwargs: dict) -> torch.Tensor:
+    def _bound(self, particles: Particles) -> torch.Tensor:
+        """log p(x|z) − β KL per particle and datapoint, ``[P, N]``."""
         return particles.log_lik - weighted(self.beta, self._rate(particles))

@@ -17,6 +17,7 @@ from torch import nn
 
 from pyro_vae.core.enumeration import is_enumerated
 from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import latent_sites
 from pyro_vae.util.errors import ConfigError
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -79,6 +80,17 @@ def same_subsample(model: Callable, guide: Callable, particles: Particles
             _replaying(guide, subsamples(particles.raw_guide_trace)))
 
 
+def marked_but_drawn(particles: Particles, guide: bool) -> bool:
+    """Whether a site marked for enumeration was drawn instead (the model's, or with ``guide``
+    the guide's too): draws that skipped enumeration to save its cost must be drawn again."""
+    guided = {site["name"] for site in particles.guide_latents}
+    sites = [site for site in latent_sites(particles.model_trace) if site["name"] not in guided]
+    if guide:
+        sites += particles.guide_latents
+    return any(is_enumerated(site) for site in sites) and not (particles.model_enumerated
+                                                                or particles.guide_enumerated)
+
+
 def check_estimable(particles: Particles, allow_discrete: bool = False,
                     site_scales: bool = False) -> None:
     """Refuse draws whose gradient the estimators cannot take: a guide latent that is neither
@@ -96,7 +108,7 @@ def check_estimable(particles: Particles, allow_discrete: bool = False,
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                 "reparameterizable; this estimator needs rsample. For a discrete site, mark it "
                 "for enumeration (infer={'enumerate': 'parallel'}) to sum it out (every "
-                "estimator but vimco), or sample it with --elbo vimco (or trace)")
+                "estimator but vimco), or sample it with the vimco (or trace) estimator")
     for site in particles.unguided_latents:
         if not site["fn"].has_rsample:
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""The estimators by name: :data:`ESTIMATORS` and :func:`make_estimator`."""
+"""The estimators by name: :data:`ESTIMATORS` and the one factory, :func:`make_estimator`."""
 
 from __future__ import annotations
 
@@ -11,28 +11,29 @@ from pyro_vae.infer.trace_elbo import TraceELBO
 from pyro_vae.infer.vimco import VIMCO
 from pyro_vae.util.errors import ConfigError
 
-#: the estimators for reparameterizable (and enumerated) latents
-ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")
-#: every estimator by name: the above and ``vimco`` for sampled discrete latents
-ALL_ESTIMATORS = (*ESTIMATORS, "vimco")
-
-
-_CLASSES: dict[str, type[ELBOEstimator]] = {
+#: every estimator class by its :attr:`~pyro_vae.infer.ELBOEstimator.name`; registering a new
+#: one is one line, ``CLASSES[MyELBO.name] = MyELBO``
+CLASSES: dict[str, type[ELBOEstimator]] = {
     cls.name: cls for cls in (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO,
                               StickingTheLandingELBO, DoublyReparameterizedELBO, VIMCO)}
-assert tuple(_CLASSES) == ALL_ESTIMATORS
+#: the names of the package's estimators, in the order the documentation gives them (``vimco``,
+#: for sampled discrete latents, needs ``importance_samples >= 2``: see each class's
+#: :attr:`~pyro_vae.infer.ELBOEstimator.min_importance_samples`)
+ESTIMATORS = tuple(CLASSES)
 
 
 def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 1,
                    beta: float = 1.0, max_plate_nesting: int | None = None,
                    data_plate: str | None = None) -> ELBOEstimator:
-    """The estimator called ``name`` (one of :data:`ALL_ESTIMATORS`).
+    """The estimator called ``name`` (one of :data:`ESTIMATORS`, or a name registered in
+    :data:`CLASSES`), with its arguments (:class:`~pyro_vae.infer.ELBOEstimator`);
+    ``max_plate_nesting=None`` guesses the plate nesting from the first call (one run of
+    the pair), the package's own models have 1.
 
     :raises ConfigError: (a ``ValueError``) for an unknown name or a bad combination, with what
         to use instead.
     """
-    if name not in _CLASSES:
-        raise ConfigError(f"unknown estimator {name!r}: choose one of "
-                          f"{', '.join(ALL_ESTIMATORS)}")
-    return _CLASSES[name](num_particles=num_particles, importance_samples=importance_samples,
-                          beta=beta, max_plate_nesting=max_plate_nesting, data_plate=data_plate)
+    if name not in CLASSES:
+        raise ConfigError(f"unknown estimator {name!r}: choose one of {', '.join(CLASSES)}")
+    return CLASSES[name](num_particles=num_particles, importance_samples=importance_samples,
+                         beta=beta, max_plate_nesting=max_plate_nesting, data_plate=data_plate)

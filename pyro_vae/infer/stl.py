@@ -1,16 +1,46 @@
-"""``stl``: the ELBO with the "sticking the landing" gradient (Roeder, Wu and Duvenaud 2017),
-see :class:`StickingTheLandingELBO`; the score-free log q it uses is the base class's
-(:mod:`pyro_vae.infer.elbo`)."""
+r"""``stl``: the ELBO with the "sticking the landing" gradient (Roeder, Wu and Duvenaud 2017),
+see :class:`StickingTheLandingELBO`, and the score-free log q that it and ``dreg`` use.
+
+Dropping the guide's score term ("sg" = stop-gradient): the guide is replayed on the detached
+draws, so log q_φ(sg z) depends on φ only through the guide's parameters at fixed z; then
+log q_φ(sg z) − sg(log q_φ(sg z)) has value 0 and gradient exactly the score
+∂_φ log q_φ(z). This stays exact for hierarchical guides whose later sites depend on earlier
+draws (a plain detach of each site's distribution parameters would also cut the path through
+those draws). A guide with a single latent site cannot have such dependences, so there the
+score-free term is read from the traced distribution itself without a second guide run; both
+give the same numbers. The guide (and, for ``dreg``, the model) must be deterministic given its
+sample sites (no dropout in train mode).
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from pyro_vae.core.particles import Particles
-from pyro_vae.infer.dreg import summed_doubly_reparameterized
+from pyro_vae.core.traces import latent_sites
+from pyro_vae.infer.bounds import Objective, beta_log_weight, global_term
 from pyro_vae.infer.elbo import ELBOEstimator
+from pyro_vae.util.errors import ConfigError
+
+
+def score_free_log_q(particles: Particles) -> torch.Tensor:
+    """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
+    latent = particles.guide_latents
+    if len(latent) == 1 and particles.is_local(latent[0]):  # read from the traced site
+        site = latent[0]
+        return particles.reduce(particles.log_prob(site, value=site["value"].detach()))
+    replayed = particles.replay()
+    if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
+        raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
+                          "stl and dreg need a guide with a static structure")
+    return particles.site_total(latent_sites(replayed))
+
+
+def stl_log_weights(particles: Particles, beta: float) -> torch.Tensor:
+    """log w_β with the score term of log q removed (value unchanged), ``[P·K, N]``."""
+    score = score_free_log_q(particles)
+    log_q = particles.log_q + (score.detach() - score)
+    return beta_log_weight(particles.log_lik, particles.log_prior, log_q, beta)
 
 
 class StickingTheLandingELBO(ELBOEstimator):
@@ -27,7 +57,8 @@ class StickingTheLandingELBO(ELBOEstimator):
 
     through the surrogate log w_β(z) + β [log q_φ(sg z) − sg(log q_φ(sg z))] (sg: stop
     gradient). It is unbiased for the (β-)ELBO gradient and, at β = 1, has zero variance when
-    q equals the posterior. Values are those of :class:`TraceELBO`.
+    q equals the posterior. Values are those of :class:`TraceELBO`. Global latents θ keep
+    their term β [log p(θ) − log q(θ)] with its score term dropped the same way.
 
     Guide sites c marked for enumeration are summed out as in ``iwae`` at K = 1: the value is
     log Σ_c w_c, each configuration with its own draw z_c ~ q(z | x, c). That is an
@@ -41,15 +72,19 @@ class StickingTheLandingELBO(ELBOEstimator):
     parallel_enumeration = False
     needs_deterministic_guide = True
     sums_enumerated = True
-    importance_hint = ("use --elbo dreg (the doubly reparameterized IWAE gradient) for "
-                       "importance samples inside it")
+    importance_hint = ("use dreg (the doubly reparameterized IWAE gradient) for importance "
+                       "samples inside it")
 
-    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-                   kwargs: dict) -> torch.Tensor:
-        return self._stl_log_weights(particles, guide, args, kwargs)
-
-    def _summed_bound(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                      sites: dict[str, torch.Tensor], first: Particles
-                      ) -> tuple[torch.Tensor, float]:
-        """log Σ_c w_c with the doubly reparameterized gradient (see the class docstring)."""
-        return summed_doubly_reparameterized(self, model, guide, args, kwargs, sites)
+    def objective(self, particles: Particles, gradient: bool = True) -> Objective:
+        if particles.configurations:  # log Σ_c w_c, DReG's gradient at K = 1
+            from pyro_vae.infer.dreg import (
+                summed_doubly_reparameterized,  # dreg builds on this module
+            )
+            return Objective(summed_doubly_reparameterized(particles.configurations,
+                                                           self.beta, 1))
+        if not gradient:
+            return Objective(beta_log_weight(particles.log_lik, particles.log_prior,
+                                             particles.log_q, self.beta),
+                             global_term(particles, self.beta, 1))
+        return Objective(stl_log_weights(particles, self.beta),
+                         global_term(particles, self.beta, 1, score_free=True))

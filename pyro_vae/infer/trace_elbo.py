@@ -3,11 +3,10 @@ guide), with score-function terms for sampled discrete sites, see :class:`TraceE
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from pyro_vae.core.particles import Particles
+from pyro_vae.infer.bounds import Objective, beta_log_weight, global_term
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.util.errors import ConfigError
 
@@ -45,21 +44,19 @@ class TraceELBO(ELBOEstimator):
     name = "trace"
     sums_enumerated = True
     scores_discrete = True
-    importance_hint = "use --elbo iwae (or dreg) for importance samples inside it"
+    importance_hint = "use iwae (or dreg) for importance samples inside it"
 
-    def _bound(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-               kwargs: dict) -> torch.Tensor:
+    def objective(self, particles: Particles, gradient: bool = True) -> Objective:
         if particles.guide_enumerated:  # TraceEnum_ELBO's expectation over c, [P, N]
-            return particles.expected_log_weights(self.beta).reshape(self.num_particles, -1)
-        return super()._bound(particles, model, guide, args, kwargs)
-
-    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-                   kwargs: dict) -> torch.Tensor:
-        log_w = self._bound(particles, model, guide, args, kwargs)            # [P, N]
+            log_w = particles.expected_log_weights(self.beta).reshape(self.num_particles, -1)
+        else:
+            log_w = beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
+                                    self.beta)
+        global_ = global_term(particles, self.beta, 1)
         discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample
                     and site["name"] not in particles.guide_enumerated]
-        if not discrete:
-            return log_w
+        if not gradient or not discrete:
+            return Objective(log_w, global_)
         if any(not particles.is_local(site) for site in discrete):
             raise ConfigError("trace: discrete guide sites outside the data plate get no "
                               "baseline; sum them out (enumeration) or keep them local")
@@ -74,4 +71,4 @@ class TraceELBO(ELBOEstimator):
             self._baseline = (current if previous is None
                               else BASELINE_DECAY * previous + (1 - BASELINE_DECAY) * current)
         score = ((signal - baseline) * log_q)
-        return log_w + score - score.detach()
+        return Objective(log_w + score - score.detach(), global_)

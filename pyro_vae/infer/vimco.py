@@ -4,12 +4,18 @@ sites that are sampled, not summed (Mnih and Rezende 2016), see :class:`VIMCO`."
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
 from pyro_vae.core.particles import Particles
-from pyro_vae.infer.elbo import ELBOEstimator, importance_weighted_bound
+from pyro_vae.infer.bounds import (
+    Objective,
+    global_term,
+    grouped,
+    importance_weighted_bound,
+    log_weights,
+)
+from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.util.errors import ConfigError
 
 
@@ -38,29 +44,29 @@ class VIMCO(ELBOEstimator):
     name = "vimco"
     parallel_enumeration = False
     scores_discrete = True
+    min_importance_samples = 2
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 2, beta: float = 1.0,
                  max_plate_nesting: int | None = None, data_plate: str | None = None):
-        if importance_samples < 2:
-            raise ConfigError(f"vimco's leave-one-out baselines need importance_samples >= 2 "
-                              f"(got {importance_samples}): give --importance-samples K, K > 1")
+        # the base class's arguments, with the least K it accepts as the default
         super().__init__(num_particles, importance_samples, beta, max_plate_nesting, data_plate)
 
-    def _surrogate(self, particles: Particles, model: Callable, guide: Callable, args: tuple,
-                   kwargs: dict) -> torch.Tensor:
-        log_w = self._log_weights(particles)                       # [P, K, N]
+    def objective(self, particles: Particles, gradient: bool = True) -> Objective:
+        k = self.importance_samples
+        log_w = log_weights(particles, self.beta, k)                # [P, K, N]
         bound = importance_weighted_bound(log_w, dim=1)            # [P, N]
+        global_ = global_term(particles, self.beta, k)
         discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample]
-        if not discrete:
-            return bound
+        if not gradient or not discrete:
+            return Objective(bound, global_)
         if any(not particles.is_local(site) for site in discrete):
             raise ConfigError(f"vimco: the discrete guide sites "
                               f"{[s['name'] for s in discrete if not particles.is_local(s)]} "
                               "lie outside the data plate; only local ones get a baseline")
-        log_q = self._grouped(particles.site_total(discrete))     # [P, K, N]
+        log_q = grouped(particles.site_total(discrete), k)         # [P, K, N]
         signal = bound.detach().unsqueeze(1) - self._leave_one_out(log_w.detach())
         score = (signal * log_q).sum(1)
-        return bound + score - score.detach()
+        return Objective(bound + score - score.detach(), global_)
 
     @staticmethod
     def _leave_one_out(log_w: torch.Tensor) -> torch.Tensor:

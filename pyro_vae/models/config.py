@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyro_vae.infer import ALL_ESTIMATORS as ELBOS
+from pyro_vae.infer import ESTIMATORS as ELBOS
 from pyro_vae.infer import LinearWarmup, make_estimator
 from pyro_vae.util.errors import ConfigError
 
@@ -94,7 +94,7 @@ class ModelConfig:
 class TrainConfig:
     """Everything that determines a training run (and so must be saved with it).
 
-    ``elbo`` names the estimator (:data:`pyro_vae.infer.ALL_ESTIMATORS`); ``particles`` is the
+    ``elbo`` names the estimator (:data:`pyro_vae.infer.ESTIMATORS`); ``particles`` is the
     number of draws averaged per datapoint outside the log (variance), ``importance_samples`` the
     number inside it (the bound: ``iwae`` and ``dreg`` only). ``beta`` weights the rate (KL) term;
     with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.

@@ -28,7 +28,7 @@ from pyro_vae.data import builtin
 from pyro_vae.data.batches import Source, as_source, resolve_device
 from pyro_vae.data.specs import load_data
 from pyro_vae.evaluate.weights import eval_mode
-from pyro_vae.infer import LinearWarmup
+from pyro_vae.infer import LinearWarmup, make_estimator
 from pyro_vae.models.config import TrainConfig
 from pyro_vae.models.vae import forget_params
 from pyro_vae.runs import (
@@ -52,7 +52,7 @@ from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.fused import training_loss
 from pyro_vae.train.loop import Callback, Loop, run_epochs
 from pyro_vae.train.parallel import Replicas
-from pyro_vae.train.step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+from pyro_vae.train.step import BUILTIN_PLATE_NESTING, make_optimizer
 from pyro_vae.util import memory
 from pyro_vae.util.distributed import (
     SHARED_ORDER_STREAM,
@@ -317,15 +317,16 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
 
     nesting = BUILTIN_PLATE_NESTING if builtin.is_builtin(model) else None
     plate = data_plate_name(model)
-    estimator = make_elbo(config.elbo, config.particles, config.importance_samples, config.beta,
-                          max_plate_nesting=nesting, data_plate=plate)
+    estimator = make_estimator(config.elbo, config.particles, config.importance_samples,
+                               config.beta, max_plate_nesting=nesting, data_plate=plate)
     loop = Loop(model=model, optimizer=optimizer,
                 step_loss=training_loss(model, estimator, fused), estimator=estimator,
                 warmup=LinearWarmup(config.warmup, config.warmup_start, config.beta),
                 source=source, batch_size=config.batch_size, generator=generator,
                 order_generator=order_generator,
-                eval_elbo=make_elbo("meanfield", config.eval_particles if vectorizable else 1,
-                                    max_plate_nesting=nesting, data_plate=plate),
+                eval_elbo=make_estimator("meanfield",
+                                         config.eval_particles if vectorizable else 1,
+                                         max_plate_nesting=nesting, data_plate=plate),
                 eval_repeats=1 if vectorizable else config.eval_particles,
                 held_out=held_out, replicas=replicas, history=history,
                 epoch=len(history.epoch))

@@ -62,12 +62,10 @@ def _kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 def supports(module: Any, estimator: ELBOEstimator) -> bool:
     """Whether :class:`FusedLoss` computes ``estimator``'s loss for ``module``'s pair: an exact
     ``VAE`` with a diagonal guide and its own ``model``/``guide``, an exact ``trace`` or
-    ``meanfield`` estimator with one draw and its own ``differentiable_loss`` (an instance
-    whose method was replaced, e.g. to record calls, keeps that replacement)."""
+    ``meanfield`` estimator (not a subclass, whose loss may differ) with one draw."""
     return (type(module) is VAE and module.guide_family == "diagonal"
             and "model" not in vars(module) and "guide" not in vars(module)
             and type(estimator) in FUSED_ESTIMATORS
-            and "differentiable_loss" not in vars(estimator)
             and estimator.num_particles == 1 and estimator.importance_samples == 1)
 
 

@@ -1,4 +1,5 @@
-"""One SVI step and what it needs: the named estimator and the optimizer."""
+"""One SVI step and what it needs: the optimizer (the estimators:
+:func:`pyro_vae.infer.make_estimator`)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from pyro_vae.infer import ELBOEstimator, make_estimator
 from pyro_vae.util.distributed import SINGLE, DistributedContext, average_gradients
 
+#: the plate nesting of the package's own models (one data plate)
 BUILTIN_PLATE_NESTING = 1
-
-
-def make_elbo(name: str, num_particles: int = 1, importance_samples: int = 1,
-              beta: float = 1.0, max_plate_nesting: int | None = BUILTIN_PLATE_NESTING,
-              data_plate: str | None = None) -> ELBOEstimator:
-    """The named estimator (see :mod:`pyro_vae.infer`); the default plate nesting is the
-    package's models' (one data plate), ``None`` guesses it from the first call."""
-    return make_estimator(name, num_particles, importance_samples, beta,
-                          max_plate_nesting=max_plate_nesting, data_plate=data_plate)
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Adam:
