@@ -1,7 +1,8 @@
 r"""The math that several estimators share, over the draws of
-:class:`~pyro_vae.core.particles.Particles` (M = P·K draws, N datapoints): the β-weighted log-weight of one draw, the log-mean-exp of K
-log-weights, the global latents' term, and :class:`Objective`, what an estimator's
-:meth:`~pyro_vae.infer.ELBOEstimator.objective` returns.
+:class:`~pyro_vae.core.particles.Particles` (M = P·K draws, N datapoints): the β-weighted
+log-weight of one draw, the log-mean-exp of K log-weights, the global latents' term, and
+:class:`Objective`, what an estimator's :meth:`~pyro_vae.infer.ELBOEstimator.objective`
+returns.
 """
 
 from __future__ import annotations
