@@ -69,8 +69,7 @@ def _worker(raw: str) -> None:
     """One rank: train and, on rank 0, print the epochs' seconds."""
     import torch
 
-    from pyro_vae import fit
-    from pyro_vae.config import TrainConfig
+    from pyro_vae import TrainConfig, fit
     from pyro_vae.distributed import current_context
 
     spec = json.loads(raw)
@@ -95,8 +94,8 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
+    from pyro_vae import TrainConfig
     from pyro_vae.builtin import build_model
-    from pyro_vae.config import TrainConfig
     from pyro_vae.data import fixed_binarization, load_dataset
     from pyro_vae.distributed import all_gather_objects, barrier, init_distributed
     from pyro_vae.fused import training_loss

@@ -106,7 +106,6 @@ from pyro_vae.config import (
     DEVICES,
     LIKELIHOODS,
     ModelConfig,
-    TrainConfig,
     check_seed,
 )
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingDiverged
@@ -118,7 +117,7 @@ from pyro_vae.protocol import check_model, guide_parameters
 from pyro_vae.runs import build_factory_model
 from pyro_vae.specs import load_data as load_data_spec
 from pyro_vae.specs import load_factory
-from pyro_vae.train import Callback, Loop, fit
+from pyro_vae.train import Callback, Loop, TrainConfig, fit
 
 INSIDE_LOG = ("iwae", "dreg")
 ACTIVE_UNIT_THRESHOLD = 0.01

@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "as_source": "batches", "ModelConfig": "config", "TrainConfig": "config",
+    "as_source": "batches", "ModelConfig": "config", "TrainConfig": "train",
     "Dataset": "data", "Split": "data", "load_dataset": "data", "load_digits": "data",
     "load_mnist": "data", "CheckpointError": "errors", "ConfigError": "errors",
     "DataError": "errors", "PyroVAEError": "errors", "TrainingDiverged": "errors",

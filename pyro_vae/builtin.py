@@ -10,16 +10,20 @@ once with a seed of their own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from . import data as data_lib
 from . import memory
 from .batches import TensorSource
-from .config import TrainConfig
 from .cvae import CVAE
 from .models import VAE
 from .vae2 import VAE2
 from .vampprior import VampPriorVAE
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 TEST_BINARIZATION_OFFSET = 1
 

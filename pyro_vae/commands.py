@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import TrainConfig
 from .errors import PyroVAEError
+from .train.config import TrainConfig
 
 DEFAULT_RUN_ROOT = Path("runs")
 RESUMABLE = {"epochs", "device", "data_dir"}

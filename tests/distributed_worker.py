@@ -18,9 +18,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae import fit
+from pyro_vae import ModelConfig, TrainConfig, fit
 from pyro_vae.cli import main
-from pyro_vae.config import ModelConfig, TrainConfig
 from pyro_vae.data import fixed_binarization, load_digits
 from pyro_vae.distributed import (
     SINGLE,

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from pyro_vae.cli import main
-from pyro_vae.config import ELBOS
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import EvalConfig
 from pyro_vae.infer import make_estimator
+from pyro_vae.train.config import ELBOS
 
 COMMANDS = ("train", "sample", "evaluate", "classify", "transfer", "bdmc")
 

@@ -15,10 +15,10 @@ import torch
 
 from .. import memory
 from ..builtin import is_builtin
-from ..config import TrainConfig
 from ..errors import CheckpointError, PyroVAEError, shorten
 from ..files import COPIES, read_json, regular_file
 from ..io import atomic_files, write_json
+from ..train.config import TrainConfig
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from .. import tempnames
-from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from ..io import DISK_FULL, WriteError, reason, write_json
+from ..train.config import TrainConfig
 from .checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,

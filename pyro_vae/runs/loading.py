@@ -12,12 +12,12 @@ import torch
 from .. import data as data_lib
 from ..batches import Source, as_source, resolve_device
 from ..builtin import build_model, eval_source, prepare_data
-from ..config import TrainConfig
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json
 from ..io import reason
 from ..pairs import PyroPair, as_pair, is_pair_module
 from ..specs import call_factory, load_data
+from ..train.config import TrainConfig
 from .checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -44,7 +44,7 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
-    """The :class:`~pyro_vae.config.TrainConfig` saved in a run folder's ``config.json``."""
+    """The :class:`~pyro_vae.train.TrainConfig` saved in a run folder's ``config.json``."""
     return read_run_config(run_dir)[0]
 
 

@@ -12,10 +12,10 @@ import pyro
 import torch
 
 from ..batches import Source
-from ..config import TrainConfig
 from ..distributed import SINGLE, DistributedContext
 from ..protocol import data_plate_name
 from ..runs import save_checkpoint, write_history
+from .config import TrainConfig
 from .loop import Callback, Loop
 
 

@@ -16,7 +16,6 @@ import torch
 
 from .. import builtin, memory
 from ..batches import Source, as_source, resolve_device
-from ..config import TrainConfig
 from ..distributed import (
     SHARED_ORDER_STREAM,
     barrier,
@@ -54,6 +53,7 @@ from ..traces import guess_max_plate_nesting
 from ..vectorization import particle_mismatch
 from .callbacks import Checkpoint, EpochFunction, FinalEstimate, ProgressBar, RunFolderPlots
 from .compiled import CompiledStep
+from .config import TrainConfig
 from .loop import Callback, Loop, run_epochs
 from .parallel import Replicas
 from .step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
@@ -164,7 +164,7 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None 
     to the device. Without ``data`` the run trains ``config.model`` (or the given pair) on the
     built-in ``config.dataset`` (digits or MNIST images, binarized as ``config.binarize`` says).
 
-    Options are the fields of :class:`~pyro_vae.config.TrainConfig` (``elbo``, ``particles``,
+    Options are the fields of :class:`~pyro_vae.train.TrainConfig` (``elbo``, ``particles``,
     ``importance_samples``, ``beta``, ``warmup``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
     ``device``, ...), given as ``config`` or as keywords that replace its fields.
 
