@@ -69,7 +69,7 @@ def _worker(raw: str) -> None:
     """One rank: train and, on rank 0, print the epochs' seconds."""
     import torch
 
-    from pyro_vae import TrainConfig, fit
+    from pyro_vae import RunOptions, TrainConfig, fit
     from pyro_vae.distributed import current_context
 
     spec = json.loads(raw)
@@ -79,7 +79,8 @@ def _worker(raw: str) -> None:
         return
     config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
                          batch_size=spec["batch_size"], final_particles=0, device=spec["device"])
-    result = fit(config=config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
+    result = fit(config=config, options=RunOptions(progress=False,
+                                                   dist_timeout=LAUNCH_TIMEOUT_S))
     if current_context().is_main:
         print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
                                           "train_loss": result.history.train_loss}), flush=True)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "evaluate_dataset": "evaluate", "VAE": "models", "check_model": "protocol",
     "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
     "ParticleLogProbs": "log_probs", "vectorized_log_probs": "log_probs", "Callback": "train",
+    "RunOptions": "train",
     "TrainResult": "train", "fit": "train", "make_elbo": "train",
 }
 

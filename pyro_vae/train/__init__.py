@@ -6,7 +6,9 @@
   :class:`Callback` interface;
 - :mod:`~pyro_vae.train.callbacks`: progress bar, run-folder checkpoint, final estimate, plots;
 - :mod:`~pyro_vae.train.parallel`: data parallelism around the step and the data;
-- :mod:`~pyro_vae.train.fit`: :func:`fit`, which puts them together.
+- :mod:`~pyro_vae.train.sources`: the built-in images or the user's data, each with its
+  default model;
+- :mod:`~pyro_vae.train.engine`: :func:`fit`, which puts them together.
 
 The run folder's files are :mod:`pyro_vae.runs`'s. The names below are imported on first use
 (PEP 562), so that the run folders' code can import :mod:`~pyro_vae.train.config` without the
@@ -19,8 +21,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Callback": "loop", "Loop": "loop", "run_epochs": "loop", "RunOptions": "fit",
-    "TrainConfig": "config", "TrainResult": "fit", "fit": "fit", "make_elbo": "step",
+    "Batches": "loop", "Callback": "loop", "HeldOut": "loop", "Loop": "loop", "Step": "loop",
+    "run_epochs": "loop", "RunOptions": "config",
+    "TrainConfig": "config", "TrainResult": "engine", "fit": "engine", "make_elbo": "step",
     "make_optimizer": "step", "svi_step": "step",
 }
 
