@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pyro_vae import VAE, ConfigError, RunOptions, TrainConfig, TrainingDiverged, fit, load_run
-from pyro_vae.errors import CheckpointError
 from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
+from pyro_vae.util.errors import CheckpointError
 
 TINY = TrainConfig(epochs=2, batch_size=128, eval_particles=2)
 
@@ -141,7 +141,7 @@ def test_training_runs_on_the_gpu(tmp_path):
 
 
 def test_the_model_side_imports_no_estimator():
-    code = "import sys, pyro_vae.models, pyro_vae.builtin; print('pyro_vae.infer' in sys.modules)"
+    code = "import sys, pyro_vae.models.vae, pyro_vae.data.builtin; print('pyro_vae.infer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import BINARIZATIONS, DATASETS, DEVICES, ModelConfig, check_seed
-from ..errors import ConfigError
-from ..infer import ALL_ESTIMATORS, LinearWarmup, make_estimator
+from pyro_vae.infer import ALL_ESTIMATORS, LinearWarmup, make_estimator
+from pyro_vae.models.config import BINARIZATIONS, DATASETS, DEVICES, ModelConfig, check_seed
+from pyro_vae.util.errors import ConfigError
 
 #: the estimators a run may name (:data:`pyro_vae.infer.ALL_ESTIMATORS`)
 ELBOS = ALL_ESTIMATORS
@@ -105,7 +105,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         """The config of a saved ``to_dict`` (a run's config.json or checkpoint): every field
-        is checked by type (a :class:`~pyro_vae.errors.ConfigError` naming it) before the
+        is checked by type (a :class:`~pyro_vae.util.errors.ConfigError` naming it) before the
         ranges the dataclasses check."""
         import json
         import math
@@ -175,7 +175,7 @@ class RunOptions:
     folder that holds other files. The hooks: ``callbacks``
     (:class:`~pyro_vae.train.Callback`) and ``on_epoch(epoch, history)`` run after each epoch's
     checkpoint; ``progress`` shows a bar over the epochs. The engine: ``fused`` computes the
-    built-in VAE's loss with :class:`~pyro_vae.fused.FusedLoss` where it can (``False``: every
+    built-in VAE's loss with :class:`~pyro_vae.train.fused.FusedLoss` where it can (``False``: every
     step through Pyro's traces); ``compile`` captures and compiles each step
     (:mod:`pyro_vae.train.compiled`); ``download`` fetches the MNIST files if they are missing;
     ``dist_timeout`` bounds, in seconds, the wait for torchrun's other ranks.

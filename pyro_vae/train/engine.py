@@ -13,23 +13,13 @@ from typing import Any
 import pyro
 import torch
 
-from .. import builtin
-from ..batches import resolve_device
-from ..distributed import (
-    SHARED_ORDER_STREAM,
-    barrier,
-    current_context,
-    derive_seed,
-    init_distributed,
-    rank_seed,
-)
-from ..errors import ConfigError, TrainingDiverged
-from ..fused import training_loss
-from ..infer import LinearWarmup
-from ..models import forget_params
-from ..pairs import as_pair, is_pair_module
-from ..protocol import data_plate_name
-from ..runs import (
+from pyro_vae.core.pairs import as_pair, is_pair_module
+from pyro_vae.core.protocol import data_plate_name
+from pyro_vae.data import builtin
+from pyro_vae.data.batches import resolve_device
+from pyro_vae.infer import LinearWarmup
+from pyro_vae.models.vae import forget_params
+from pyro_vae.runs import (
     History,
     build_factory_model,
     check_resumable,
@@ -39,13 +29,29 @@ from ..runs import (
     open_run_folder,
     read_history,
 )
-from .callbacks import Checkpoint, EpochFunction, FinalEstimate, ProgressBar, RunFolderPlots
-from .compiled import CompiledStep
-from .config import FIT_KEYWORDS, RunOptions, TrainConfig
-from .loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
-from .parallel import Replicas
-from .sources import BuiltinData, UserData
-from .step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+from pyro_vae.train.callbacks import (
+    Checkpoint,
+    EpochFunction,
+    FinalEstimate,
+    ProgressBar,
+    RunFolderPlots,
+)
+from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.config import FIT_KEYWORDS, RunOptions, TrainConfig
+from pyro_vae.train.fused import training_loss
+from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
+from pyro_vae.train.parallel import Replicas
+from pyro_vae.train.sources import BuiltinData, UserData
+from pyro_vae.train.step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+from pyro_vae.util.distributed import (
+    SHARED_ORDER_STREAM,
+    barrier,
+    current_context,
+    derive_seed,
+    init_distributed,
+    rank_seed,
+)
+from pyro_vae.util.errors import ConfigError, TrainingDiverged
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -89,13 +95,13 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Any = None, test
     """Train a model/guide pair with SVI on data in any form; return the model and history.
 
     ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
-    :mod:`pyro_vae.protocol` (checked on the first batch before training), or a model and its
+    :mod:`pyro_vae.core.protocol` (checked on the first batch before training), or a model and its
     guide in any form Pyro takes, ``fit(model, guide, data)`` (or ``guide=``): plain functions
     whose parameters are ``pyro.param`` entries, a ``PyroModule``, an AutoGuide; they are held
-    by a :class:`~pyro_vae.pairs.PyroPair`, which owns and checkpoints every entry they read
+    by a :class:`~pyro_vae.core.pairs.PyroPair`, which owns and checkpoints every entry they read
     (``TrainResult.model``). ``data`` is a tensor
     or array, a tuple/list or dict of them, a map-style Dataset (collated by ``collate_fn``) or
-    a DataLoader (see :mod:`pyro_vae.batches`), each batch becoming the pair's arguments;
+    a DataLoader (see :mod:`pyro_vae.data.batches`), each batch becoming the pair's arguments;
     ``test_data`` (same forms) is scored after each epoch (the ELBO with the closed-form-KL
     estimator, ``eval_particles`` particles, β = 1) and at the end (log p̂_K with
     K = ``final_particles``). Floating-point data are cast to the parameters' dtype and moved
@@ -115,12 +121,12 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Any = None, test
     (:func:`~pyro_vae.runs.open_run_folder`): it may not be a file, hold another run, be
     locked by another process, or (unless ``force``) hold other files.
     ``callbacks`` (:class:`~pyro_vae.train.Callback`) and ``on_epoch(epoch, history)`` run after
-    each epoch's checkpoint. Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss
+    each epoch's checkpoint. Raises :class:`~pyro_vae.util.errors.TrainingDiverged` if the loss
     becomes NaN or infinite; the last good checkpoint stays on disk.
 
-    The built-in :class:`~pyro_vae.models.VAE` with a diagonal guide and the ``trace`` or
+    The built-in :class:`~pyro_vae.models.vae.VAE` with a diagonal guide and the ``trace`` or
     ``meanfield`` estimator with one particle computes its loss with
-    :class:`~pyro_vae.fused.FusedLoss` (the same numbers bit for bit, faster); ``fused=False``
+    :class:`~pyro_vae.train.fused.FusedLoss` (the same numbers bit for bit, faster); ``fused=False``
     runs every step through Pyro's traces, as any other pair does.
 
     ``compile=True`` captures each training step (loss, gradients and Adam's update) as a graph
@@ -297,7 +303,7 @@ def _divergence_hint(config: TrainConfig) -> str:
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
-    from ..plots import write_run_plots
+    from pyro_vae.app.plots import write_run_plots
 
     images = (builtin.evaluation_images(dataset, "test", config)
               if dataset is not None else None)

@@ -13,23 +13,24 @@ from typing import Any
 import pyro
 import torch
 
-from .. import builtin, memory
-from ..batches import Source, as_source
-from ..distributed import DistributedContext, main_first
-from ..errors import ConfigError, PyroVAEError
-from ..evaluate.weights import eval_mode
-from ..pairs import PyroPair
-from ..protocol import (
+from pyro_vae.core.pairs import PyroPair
+from pyro_vae.core.protocol import (
     check_data,
     check_finite_data,
     check_model,
     data_plate_name,
     pair_activation_bytes,
 )
-from ..specs import load_data
-from ..traces import guess_max_plate_nesting
-from ..vectorization import particle_mismatch
-from .config import TrainConfig
+from pyro_vae.core.traces import guess_max_plate_nesting
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.data import builtin
+from pyro_vae.data.batches import Source, as_source
+from pyro_vae.data.specs import load_data
+from pyro_vae.evaluate.weights import eval_mode
+from pyro_vae.train.config import TrainConfig
+from pyro_vae.util import memory
+from pyro_vae.util.distributed import DistributedContext, main_first
+from pyro_vae.util.errors import ConfigError, PyroVAEError
 
 Sources = tuple[Source, Source | None, bool]
 
@@ -70,7 +71,7 @@ class BuiltinData:
 
 
 class UserData:
-    """The user's data in any form :func:`~pyro_vae.batches.as_source` takes (or the config's
+    """The user's data in any form :func:`~pyro_vae.data.batches.as_source` takes (or the config's
     ``data`` and ``test_data`` specs), cast to the parameters' dtype and moved to the device;
     there is no default model."""
 
@@ -126,7 +127,7 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
     parameter per datapoint of a batch), in a forked state: its data (unless the source
     transforms each epoch's batches) against its likelihood,
     its memory per particle measured and extrapolated to the particles of a step; return
-    whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
+    whether its networks take a particle dimension (:mod:`pyro_vae.core.vectorization`)."""
     first = next(iter(source.ordered(config.batch_size)))
     check_finite_data(*first.args, **first.kwargs)
     if isinstance(model, PyroPair):
