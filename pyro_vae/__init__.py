@@ -13,13 +13,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "as_source": "data.batches", "ModelConfig": "models.config", "TrainConfig": "models.config",
+    "as_source": "data.batches", "ModelConfig": "models.config", "TrainConfig": "train",
     "Dataset": "data.images", "Split": "data.images", "load_dataset": "data.images", "load_digits": "data.images",
     "load_mnist": "data.images", "CheckpointError": "util.errors", "ConfigError": "util.errors",
     "DataError": "util.errors", "PyroVAEError": "util.errors", "TrainingDiverged": "util.errors",
     "evaluate_dataset": "evaluate", "VAE": "models.vae", "check_model": "core.protocol",
     "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
     "ParticleLogProbs": "core.log_probs", "vectorized_log_probs": "core.log_probs", "Callback": "train",
+    "RunOptions": "train",
     "TrainResult": "train", "fit": "train", "make_elbo": "train",
 }
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae import fit
+from pyro_vae import ModelConfig, TrainConfig, fit
 from pyro_vae.app.cli import main
 from pyro_vae.data.images import fixed_binarization, load_digits
-from pyro_vae.models.config import ModelConfig, TrainConfig
 from pyro_vae.models.vae import VAE
 from pyro_vae.runs import evaluate_run
 from pyro_vae.train import make_elbo, svi_step
