@@ -69,8 +69,7 @@ def _worker(raw: str) -> None:
     """One rank: train and, on rank 0, print the epochs' seconds."""
     import torch
 
-    from pyro_vae import fit
-    from pyro_vae.models.config import TrainConfig
+    from pyro_vae import RunOptions, TrainConfig, fit
     from pyro_vae.util.distributed import current_context
 
     spec = json.loads(raw)
@@ -80,7 +79,8 @@ def _worker(raw: str) -> None:
         return
     config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
                          batch_size=spec["batch_size"], final_particles=0, device=spec["device"])
-    result = fit(config=config, progress=False, dist_timeout=LAUNCH_TIMEOUT_S)
+    result = fit(config=config, options=RunOptions(progress=False,
+                                                   dist_timeout=LAUNCH_TIMEOUT_S))
     if current_context().is_main:
         print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
                                           "train_loss": result.history.train_loss}), flush=True)
@@ -95,10 +95,10 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
+    from pyro_vae import TrainConfig
     from pyro_vae.data.builtin import build_model
     from pyro_vae.data.images import fixed_binarization, load_dataset
     from pyro_vae.infer import make_estimator
-    from pyro_vae.models.config import TrainConfig
     from pyro_vae.train import make_optimizer, svi_step
     from pyro_vae.train.fused import training_loss
     from pyro_vae.util.distributed import all_gather_objects, barrier, init_distributed

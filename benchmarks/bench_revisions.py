@@ -37,6 +37,7 @@ import json, sys, time
 import torch
 torch.set_num_threads(1)
 from pyro_vae import fit
+from pyro_vae.train import Callback
 from pyro_vae.data.images import load_digits
 from pyro_vae.models.vae import VAE
 what = sys.argv[1]
@@ -57,9 +58,13 @@ else:
     _, elbo, path = what.split("_")
     x = (data[:1280] > 0.5).float()
     marks = []
+
+    class Mark(Callback):
+        def on_epoch_end(self, loop):
+            marks.append(time.process_time())
+
     fit(VAE(64, 8, (128,)), x, epochs=12, batch_size=128, elbo=elbo, lr=1e-3, progress=False,
-        final_particles=0, fused=path == "fused", seed=0,
-        on_epoch=lambda epoch, history: marks.append(time.process_time()))
+        final_particles=0, fused=path == "fused", seed=0, callbacks=[Mark()])
     epochs = sorted(b - a for a, b in zip(marks[1:], marks[2:]))  # the first epoch warms up
     print(json.dumps(epochs[len(epochs) // 2] / 10))  # the median epoch, per step
 """

@@ -111,12 +111,11 @@ from pyro_vae.models.config import (
     DEVICES,
     LIKELIHOODS,
     ModelConfig,
-    TrainConfig,
     check_seed,
 )
 from pyro_vae.models.vae import VAE
 from pyro_vae.runs import build_factory_model
-from pyro_vae.train import Callback, Loop, fit
+from pyro_vae.train import Callback, Loop, TrainConfig, fit
 from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged
 from pyro_vae.util.io import atomic_path, write_json, write_text
 

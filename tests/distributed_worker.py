@@ -18,11 +18,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae import fit
+from pyro_vae import ModelConfig, TrainConfig, fit
 from pyro_vae.app.cli import main
 from pyro_vae.data.images import fixed_binarization, load_digits
 from pyro_vae.infer import make_estimator
-from pyro_vae.models.config import ModelConfig, TrainConfig
 from pyro_vae.models.vae import VAE
 from pyro_vae.runs import evaluate_run
 from pyro_vae.train import svi_step

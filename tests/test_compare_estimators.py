@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from user_models import fa_data
 
-from pyro_vae import fit
+from pyro_vae import TrainConfig, fit
 from pyro_vae.data import images as data_lib
-from pyro_vae.models.config import TrainConfig
 from pyro_vae.models.vae import VAE
 from pyro_vae.util.errors import ConfigError
 

@@ -492,8 +492,7 @@ def test_eval_config_rejects_bad_options():
 
 
 def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
-    from pyro_vae import fit
-    from pyro_vae.models.config import ModelConfig, TrainConfig
+    from pyro_vae import ModelConfig, TrainConfig, fit
 
     run_dir = tmp_path / "run"
     config = TrainConfig(epochs=1, batch_size=512, device="cpu",

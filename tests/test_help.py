@@ -7,8 +7,8 @@ import pytest
 
 from pyro_vae.app.cli import main
 from pyro_vae.infer import make_estimator
-from pyro_vae.models.config import ELBOS
 from pyro_vae.runs import EvalConfig
+from pyro_vae.runs.config import ELBOS
 from pyro_vae.util.errors import ConfigError
 
 COMMANDS = ("train", "sample", "evaluate", "classify", "transfer", "bdmc")

@@ -29,11 +29,25 @@ def modules() -> dict[str, Path]:
 MODULES = modules()
 
 
-def imports(path: Path) -> list[tuple[str, list[str], int]]:
+def type_checking_only(tree: ast.AST) -> set[ast.AST]:
+    """The imports under ``if TYPE_CHECKING:``: they name a type for an annotation and run no
+    code, so they may name a type of a layer above (a source of the data layer is annotated
+    with the run's config)."""
+    return {node for block in ast.walk(tree) if isinstance(block, ast.If)
+            and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+            for statement in block.body for node in ast.walk(statement)}
+
+
+def imports(path: Path, annotations: bool = True) -> list[tuple[str, list[str], int]]:
     """(module imported, names imported from it, line) for every import in the file, at any
-    depth (an import inside a function counts as much as one at the top)."""
+    depth (an import inside a function counts as much as one at the top); with
+    ``annotations=False`` not those under ``if TYPE_CHECKING:``."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = set() if annotations else type_checking_only(tree)
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}:{node.lineno}: relative import"
             names = [alias.name for alias in node.names]
@@ -67,7 +81,7 @@ def test_each_layer_imports_only_from_the_layers_below():
         own = layer(module)
         if own is None:
             continue  # the top-level package and __main__ may import anything
-        for target, _, line in imports(path):
+        for target, _, line in imports(path, annotations=False):
             theirs = layer(target)
             if theirs is None:
                 wrong.append(f"{module}:{line} imports the top-level package {target}")
@@ -92,7 +106,7 @@ def resolve(target: str) -> str:
 
 
 def test_no_import_cycle():
-    graph = {module: {resolve(t) for t, _, _ in imports(path)} - {module}
+    graph = {module: {resolve(t) for t, _, _ in imports(path, annotations=False)} - {module}
              for module, path in MODULES.items()}
     # a package's __init__ re-exports its modules: an edge into the package is an edge into
     # what it re-exports, so a module importing its own package's __init__ is a cycle

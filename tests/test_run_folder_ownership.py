@@ -333,7 +333,7 @@ def test_fit_resuming_a_finished_run_from_python_returns_it_without_training(tmp
                    final_particles=5)
     first = fit(FactorAnalysis(), x, run_dir=tmp_path / "run", **options)
     before = snapshot(tmp_path / "run")
-    monkeypatch.setattr(sys.modules["pyro_vae.train.fit"], "run_epochs",
+    monkeypatch.setattr(sys.modules["pyro_vae.train.engine"], "run_epochs",
                         lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = fit(FactorAnalysis(), x, run_dir=tmp_path / "run", resume=True, **options)
     assert again.history.epoch == first.history.epoch == [1, 2]

@@ -1,10 +1,12 @@
 import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pyro_vae import VAE, ConfigError, TrainConfig, TrainingDiverged, fit, load_run
+from pyro_vae import VAE, ConfigError, RunOptions, TrainConfig, TrainingDiverged, fit, load_run
 from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
 from pyro_vae.util.errors import CheckpointError
 
@@ -68,8 +70,8 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
             model.decoder.net[-1].bias.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
-        fit(config=TINY.replace(epochs=3), run_dir=tmp_path, progress=False, model=model,
-            on_epoch=poison)
+        fit(model, config=TINY.replace(epochs=3), run_dir=tmp_path, progress=False,
+            options=RunOptions(on_epoch=poison))
     state = load_checkpoint(tmp_path)
     assert state["history"]["epoch"] == [1]
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -101,7 +103,7 @@ def test_bad_configs(changes, message):
 
 
 def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
-    train_module = importlib.import_module("pyro_vae.train.fit")
+    train_module = importlib.import_module("pyro_vae.train.engine")
     seen = []
     real = train_module.make_estimator
 
@@ -133,3 +135,22 @@ def test_training_runs_on_the_gpu(tmp_path):
     assert result.history.test_elbo[-1] > result.history.test_elbo[0] - 1.0
     run = load_run(tmp_path, device="cpu")
     assert all(p.device.type == "cpu" for p in run.model.parameters())
+
+
+def test_the_model_side_imports_no_estimator():
+    code = ("import sys, pyro_vae.models.vae, pyro_vae.data.builtin; "
+            "print('pyro_vae.infer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_run_options_are_one_object_and_the_documented_ones_keywords_too(tmp_path):
+    calls = []
+    options = RunOptions(run_dir=tmp_path / "run", progress=False,
+                         on_epoch=lambda epoch, history: calls.append(epoch))
+    by_object = fit(config=TINY.replace(epochs=1), options=options)
+    by_keywords = fit(config=TINY.replace(epochs=1), run_dir=tmp_path / "again", progress=False)
+    assert calls == [1] and (tmp_path / "run" / "history.json").is_file()
+    assert by_object.history.train_loss == by_keywords.history.train_loss
+    with pytest.raises(ConfigError, match=r"\['download'\].*options=RunOptions"):
+        fit(config=TINY, download=True)

@@ -1,6 +1,6 @@
 """Command line: ``pyro-vae train | sample | evaluate | classify | transfer | bdmc``.
 
-``main`` maps arguments onto :class:`~pyro_vae.models.config.TrainConfig` and calls library
+``main`` maps arguments onto :class:`~pyro_vae.runs.TrainConfig` and calls library
 functions that are just as usable from Python. A user error prints one line and exits with status 2.
 ``python -m pyro_vae`` runs the same ``main``; under torchrun
 (``torchrun --nproc-per-node=N -m pyro_vae train ...``) ``train`` and ``evaluate`` run on every
@@ -22,13 +22,12 @@ from pyro_vae.models.config import (
     BINARIZATIONS,
     DATASETS,
     DEVICES,
-    ELBOS,
     GUIDES,
     LIKELIHOODS,
     MODEL_FAMILIES,
-    TrainConfig,
     check_seed,
 )
+from pyro_vae.runs.config import ELBOS, TrainConfig
 from pyro_vae.util.errors import PyroVAEError
 
 EXIT_USER_ERROR = 2

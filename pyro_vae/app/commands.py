@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyro_vae.models.config import TrainConfig
+from pyro_vae.runs.config import TrainConfig
+from pyro_vae.train.config import RunOptions
 from pyro_vae.util.errors import PyroVAEError
 
 DEFAULT_RUN_ROOT = Path("runs")
@@ -130,10 +131,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise PyroVAEError(f"{unused} locate(s) the MNIST files; "
                            + (f"the {config.dataset} images ship with the package"
                               if config.dataset else "--data is read as it is"))
-    result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
-                 progress=not args.quiet, download=args.download,
-                 dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force,
-                 compile=args.compile)
+    result = fit(config=config, options=RunOptions(
+        run_dir=run_dir, resume=args.resume is not None, force=args.force,
+        progress=not args.quiet, fused=not args.traced, compile=args.compile,
+        download=args.download, dist_timeout=args.dist_timeout))
     if not current_context().is_main:
         return 0
     history = result.history

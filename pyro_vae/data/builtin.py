@@ -10,16 +10,20 @@ once with a seed of their own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pyro_vae.data import images as data_lib
 from pyro_vae.data.batches import TensorSource
-from pyro_vae.models.config import TrainConfig
 from pyro_vae.models.cvae import CVAE
 from pyro_vae.models.vae import VAE
 from pyro_vae.models.vae2 import VAE2
 from pyro_vae.models.vampprior import VampPriorVAE
 from pyro_vae.util import memory
+
+if TYPE_CHECKING:
+    from pyro_vae.runs.config import TrainConfig
 
 TEST_BINARIZATION_OFFSET = 1
 

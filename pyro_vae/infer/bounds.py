@@ -1,8 +1,8 @@
 r"""The math that several estimators share, over the draws of
 :class:`~pyro_vae.core.particles.Particles` (M = P·K draws, N datapoints): the β-weighted
-log-weight of one draw, the log-mean-exp of K log-weights, the global latents' term, and
-:class:`Objective`, what an estimator's :meth:`~pyro_vae.infer.ELBOEstimator.objective`
-returns.
+log-weight of one draw, the log-mean-exp of K log-weights, the global latents' term, the
+score-free log q that ``stl`` and ``dreg`` share, and :class:`Objective`, what an estimator's
+:meth:`~pyro_vae.infer.ELBOEstimator.objective` returns.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import latent_sites
+from pyro_vae.util.errors import ConfigError
 
 
 class Objective(NamedTuple):
@@ -70,7 +71,7 @@ def global_term(particles: Particles, beta: float, importance_samples: int,
     """β [log p(θ) − log q(θ)] of the global latents θ per particle, averaged over its K
     draws, ``[P]`` (``None`` without global latents). ``score_free`` drops the score term of
     log q(θ) from the gradient, leaving the value (the guide is replayed on the detached
-    draws, as in :func:`~pyro_vae.infer.stl.score_free_log_q`)."""
+    draws, as in :func:`score_free_log_q`)."""
     if not particles.global_latents:
         return None
     log_q = particles.global_log_q
@@ -79,3 +80,23 @@ def global_term(particles: Particles, beta: float, importance_samples: int,
         log_q = log_q + (score.detach() - score)
     term = weighted(beta, particles.global_log_prior - log_q)
     return term.reshape(-1, importance_samples).mean(1)
+
+
+def score_free_log_q(particles: Particles) -> torch.Tensor:
+    """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
+    latent = particles.guide_latents
+    if len(latent) == 1 and particles.is_local(latent[0]):  # read from the traced site
+        site = latent[0]
+        return particles.reduce(particles.log_prob(site, value=site["value"].detach()))
+    replayed = particles.replay()
+    if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
+        raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
+                          "stl and dreg need a guide with a static structure")
+    return particles.site_total(latent_sites(replayed))
+
+
+def stl_log_weights(particles: Particles, beta: float) -> torch.Tensor:
+    """log w_β with the score term of log q removed (value unchanged), ``[P·K, N]``."""
+    score = score_free_log_q(particles)
+    log_q = particles.log_q + (score.detach() - score)
+    return beta_log_weight(particles.log_lik, particles.log_prior, log_q, beta)

@@ -15,11 +15,12 @@ from pyro_vae.infer.bounds import (
     global_term,
     grouped,
     log_weights,
+    score_free_log_q,
+    stl_log_weights,
     weighted,
 )
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import importance_weighted_elbo
-from pyro_vae.infer.stl import score_free_log_q, stl_log_weights
 
 
 class _GradientGate:

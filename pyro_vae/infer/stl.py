@@ -14,33 +14,10 @@ sample sites (no dropout in train mode).
 
 from __future__ import annotations
 
-import torch
-
 from pyro_vae.core.particles import Particles
-from pyro_vae.core.traces import latent_sites
-from pyro_vae.infer.bounds import Objective, beta_log_weight, global_term
+from pyro_vae.infer.bounds import Objective, beta_log_weight, global_term, stl_log_weights
+from pyro_vae.infer.dreg import summed_doubly_reparameterized
 from pyro_vae.infer.elbo import ELBOEstimator
-from pyro_vae.util.errors import ConfigError
-
-
-def score_free_log_q(particles: Particles) -> torch.Tensor:
-    """log q_φ(sg z), ``[P·K, N]``: its gradient is the score ∂_φ log q_φ(z) at fixed z."""
-    latent = particles.guide_latents
-    if len(latent) == 1 and particles.is_local(latent[0]):  # read from the traced site
-        site = latent[0]
-        return particles.reduce(particles.log_prob(site, value=site["value"].detach()))
-    replayed = particles.replay()
-    if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
-        raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
-                          "stl and dreg need a guide with a static structure")
-    return particles.site_total(latent_sites(replayed))
-
-
-def stl_log_weights(particles: Particles, beta: float) -> torch.Tensor:
-    """log w_β with the score term of log q removed (value unchanged), ``[P·K, N]``."""
-    score = score_free_log_q(particles)
-    log_q = particles.log_q + (score.detach() - score)
-    return beta_log_weight(particles.log_lik, particles.log_prior, log_q, beta)
 
 
 class StickingTheLandingELBO(ELBOEstimator):
@@ -77,9 +54,6 @@ class StickingTheLandingELBO(ELBOEstimator):
 
     def objective(self, particles: Particles, gradient: bool = True) -> Objective:
         if particles.configurations:  # log Σ_c w_c, DReG's gradient at K = 1
-            from pyro_vae.infer.dreg import (
-                summed_doubly_reparameterized,  # dreg builds on this module
-            )
             return Objective(summed_doubly_reparameterized(particles.configurations,
                                                            self.beta, 1))
         if not gradient:

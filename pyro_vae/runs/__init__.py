@@ -44,6 +44,7 @@ from pyro_vae.runs.checkpoint import (
     user_model_class,
     write_history,
 )
+from pyro_vae.runs.config import ELBOS, TrainConfig
 from pyro_vae.runs.evaluation import KEEP_LOG_WEIGHTS_MAX, SPLITS, EvalConfig, evaluate_run
 from pyro_vae.runs.folder import (
     RunFolder,
@@ -62,7 +63,7 @@ from pyro_vae.runs.loading import (
 )
 from pyro_vae.runs.lock import RunFolderLock
 
-__all__ = ["KEEP_LOG_WEIGHTS_MAX", "SPLITS", "EvalConfig", "evaluate_run",
+__all__ = ["ELBOS", "TrainConfig", "KEEP_LOG_WEIGHTS_MAX", "SPLITS", "EvalConfig", "evaluate_run",
            "CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
            "MODEL_CLASS_KEY", "TRAINING_FILES", "WEIGHTS_FILE", "History", "LoadedRun",
            "RunFolder", "RunFolderLock", "build_factory_model", "check_checkpoint",

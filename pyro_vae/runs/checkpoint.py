@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 from pyro_vae.data.builtin import is_builtin
-from pyro_vae.models.config import TrainConfig
+from pyro_vae.runs.config import TrainConfig
 from pyro_vae.util import memory
 from pyro_vae.util.errors import CheckpointError, PyroVAEError, shorten
 from pyro_vae.util.files import COPIES, read_json, regular_file

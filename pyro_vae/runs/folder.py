@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae.models.config import TrainConfig
 from pyro_vae.runs.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -25,6 +24,7 @@ from pyro_vae.runs.checkpoint import (
     load_checkpoint,
     user_model_class,
 )
+from pyro_vae.runs.config import TrainConfig
 from pyro_vae.runs.loading import read_run_config, refuse_python_only
 from pyro_vae.runs.lock import RunFolderLock
 from pyro_vae.util import tempnames

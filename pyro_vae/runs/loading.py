@@ -14,7 +14,6 @@ from pyro_vae.data import images as data_lib
 from pyro_vae.data.batches import Source, as_source, resolve_device
 from pyro_vae.data.builtin import build_model, eval_source, prepare_data
 from pyro_vae.data.specs import call_factory, load_data
-from pyro_vae.models.config import TrainConfig
 from pyro_vae.runs.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -24,6 +23,7 @@ from pyro_vae.runs.checkpoint import (
     load_weights,
     user_model_refusal,
 )
+from pyro_vae.runs.config import TrainConfig
 from pyro_vae.util.errors import CheckpointError, ConfigError
 from pyro_vae.util.files import read_json
 from pyro_vae.util.io import reason
@@ -44,7 +44,7 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
-    """The :class:`~pyro_vae.models.config.TrainConfig` saved in a run folder's ``config.json``."""
+    """The :class:`~pyro_vae.train.TrainConfig` saved in a run folder's ``config.json``."""
     return read_run_config(run_dir)[0]
 
 

@@ -13,8 +13,8 @@ import torch
 
 from pyro_vae.core.protocol import data_plate_name
 from pyro_vae.data.batches import Source
-from pyro_vae.models.config import TrainConfig
 from pyro_vae.runs import save_checkpoint, write_history
+from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.distributed import SINGLE, DistributedContext
 

@@ -48,27 +48,52 @@ def _quiet_numerics() -> Iterator[None]:
 
 
 @dataclass
-class Loop:
-    """Everything one training run's epochs touch.
+class Step:
+    """The model, its estimator and its optimizer: what one SVI step needs.
 
-    ``step_loss(*args, **kwargs)`` is the summed loss of a batch; ``held_out`` the held-out
-    source scored after each epoch with ``eval_elbo`` (``None``: no score).
+    ``loss(*args, **kwargs)`` is the summed loss of a batch; ``warmup(step)`` sets the
+    estimator's β before each step; ``compiled(args, kwargs, num_data)``, when set, is a
+    compiled step used instead of ``loss`` (:class:`~pyro_vae.train.compiled.CompiledStep`).
     """
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    step_loss: Callable[..., torch.Tensor]
+    loss: Callable[..., torch.Tensor]
     estimator: ELBOEstimator
     warmup: LinearWarmup
+    compiled: Callable[[tuple, dict, int], torch.Tensor] | None = None
+
+
+@dataclass
+class Batches:
+    """The training data: its source, the batch size, the generator of each epoch's draws
+    (a dynamic binarization, ...) and the one of its order (the same on every rank)."""
+
     source: Source
     batch_size: int
     generator: torch.Generator
     order_generator: torch.Generator
-    eval_elbo: ELBOEstimator
-    held_out: Source | None = None
-    #: calls of ``eval_elbo`` averaged per held-out batch (more than one when the pair cannot
-    #: take a particle dimension and ``eval_elbo`` draws one particle per call)
-    eval_repeats: int = 1
+
+
+@dataclass
+class HeldOut:
+    """The held-out data scored after each epoch with ``elbo``, averaged over ``repeats`` calls
+    per batch (more than one when the pair cannot take a particle dimension and ``elbo`` draws
+    one particle per call)."""
+
+    source: Source
+    elbo: ELBOEstimator
+    repeats: int = 1
+
+
+@dataclass
+class Loop:
+    """Everything one training run's epochs touch: the step, the data, the held-out score
+    (``None``: none), the replicas of data parallelism, and the run's state."""
+
+    step: Step
+    data: Batches
+    held_out: HeldOut | None = None
     replicas: Replicas = field(default_factory=Replicas)
     history: History = field(default_factory=History)
     epoch: int = 0
@@ -76,29 +101,43 @@ class Loop:
     stop: bool = False
     #: the mean loss per datapoint of this process's first step (the divergence check's origin)
     initial_loss: float | None = None
-    #: ``compiled(args, kwargs, num_data)``: a compiled step used instead of ``step_loss``
-    #: (:class:`~pyro_vae.train.compiled.CompiledStep`)
-    compiled: Callable[[tuple, dict, int], torch.Tensor] | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.step.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step.optimizer
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.data.generator
+
+    @property
+    def order_generator(self) -> torch.Generator:
+        return self.data.order_generator
 
     def train_epoch(self) -> float:
         """One pass over the training source; the mean loss per datapoint."""
-        self.model.train()
-        steps = self.replicas.steps_per_epoch(self.source, self.batch_size)
-        loss_sum = torch.zeros((), device=self.generator.device)
+        step, data = self.step, self.data
+        step.model.train()
+        steps = self.replicas.steps_per_epoch(data.source, data.batch_size)
+        loss_sum = torch.zeros((), device=data.generator.device)
         count = 0
-        batches = self.replicas.batches(self.source, self.batch_size, self.generator,
-                                        self.order_generator)
+        batches = self.replicas.batches(data.source, data.batch_size, data.generator,
+                                        data.order_generator)
         with _quiet_numerics():
-            for step, batch in enumerate(batches, start=(self.epoch - 1) * steps):
-                self.estimator.beta = self.warmup(step)
+            for index, batch in enumerate(batches, start=(self.epoch - 1) * steps):
+                step.estimator.beta = step.warmup(index)
                 size = batch.size
-                self.estimator.global_weight = size / self.source.num_data
-                if self.compiled is not None:
-                    loss = self.compiled(batch.args, batch.kwargs, size)
+                step.estimator.global_weight = size / data.source.num_data
+                if step.compiled is not None:
+                    loss = step.compiled(batch.args, batch.kwargs, size)
                 else:
                     loss = self.replicas.step(
-                        lambda batch=batch: self.step_loss(*batch.args, **batch.kwargs), size,
-                        self.optimizer)
+                        lambda batch=batch: step.loss(*batch.args, **batch.kwargs), size,
+                        step.optimizer)
                 if self.initial_loss is None:  # one synchronisation per run
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)
                 loss_sum += loss
@@ -110,15 +149,16 @@ class Loop:
         """Estimate of the mean per-datapoint ELBO of the held-out data (nats)."""
         if self.held_out is None:
             return None
-        self.model.eval()
+        model, held_out = self.step.model, self.held_out
+        model.eval()
         total = 0.0
         with _quiet_numerics():
-            for batch in self.replicas.share(self.held_out.ordered(self.batch_size)):
-                self.eval_elbo.global_weight = batch.size / self.held_out.num_data
-                for _ in range(self.eval_repeats):
-                    total -= self.eval_elbo.loss(self.model.model, self.model.guide,
-                                                 *batch.args, **batch.kwargs) / self.eval_repeats
-        return self.replicas.total(total, self.generator.device) / self.held_out.num_data
+            for batch in self.replicas.share(held_out.source.ordered(self.data.batch_size)):
+                held_out.elbo.global_weight = batch.size / held_out.source.num_data
+                for _ in range(held_out.repeats):
+                    total -= held_out.elbo.loss(model.model, model.guide, *batch.args,
+                                                **batch.kwargs) / held_out.repeats
+        return self.replicas.total(total, self.data.generator.device) / held_out.source.num_data
 
 
 #: An epoch whose mean loss rose above the first step's by more than this many times the first

@@ -1,12 +1,11 @@
-"""``fit``: one engine for any model/guide pair on any data, and for the built-in runs."""
+"""``fit``: one engine for any model/guide pair on any data, the built-in families and images
+being one more model and data source (:mod:`pyro_vae.train.sources`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,11 @@ from typing import Any
 import pyro
 import torch
 
-from pyro_vae.core.pairs import PyroPair, as_pair, is_pair_module
-from pyro_vae.core.protocol import (
-    check_data,
-    check_finite_data,
-    check_model,
-    data_plate_name,
-    pair_activation_bytes,
-)
-from pyro_vae.core.traces import guess_max_plate_nesting
-from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.core.pairs import as_pair, is_pair_module
+from pyro_vae.core.protocol import data_plate_name
 from pyro_vae.data import builtin
-from pyro_vae.data.batches import Source, as_source, resolve_device
-from pyro_vae.data.specs import load_data
-from pyro_vae.evaluate.weights import eval_mode
+from pyro_vae.data.batches import resolve_device
 from pyro_vae.infer import LinearWarmup, make_estimator
-from pyro_vae.models.config import TrainConfig
 from pyro_vae.models.vae import forget_params
 from pyro_vae.runs import (
     History,
@@ -41,6 +29,7 @@ from pyro_vae.runs import (
     open_run_folder,
     read_history,
 )
+from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.callbacks import (
     Checkpoint,
     EpochFunction,
@@ -49,21 +38,21 @@ from pyro_vae.train.callbacks import (
     RunFolderPlots,
 )
 from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.loop import Callback, Loop, run_epochs
+from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
 from pyro_vae.train.parallel import Replicas
+from pyro_vae.train.sources import BuiltinData, UserData
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING, make_optimizer
-from pyro_vae.util import memory
 from pyro_vae.util.distributed import (
     SHARED_ORDER_STREAM,
     barrier,
     current_context,
     derive_seed,
     init_distributed,
-    main_first,
     rank_seed,
 )
-from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged
+from pyro_vae.util.errors import ConfigError, TrainingDiverged
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -80,81 +69,30 @@ class TrainResult:
     compiled: CompiledStep | None = None
 
 
-def _config(config: TrainConfig | None, data: Any, options: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(options) - known)
+def _settings(config: TrainConfig | None, options: RunOptions | None, data: Any,
+              keywords: dict[str, Any]) -> tuple[TrainConfig, RunOptions]:
+    """The config and the run options, with ``keywords`` replacing their fields."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(keywords) - fields - set(FIT_KEYWORDS))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}: fit takes the fields of TrainConfig "
-                          f"({', '.join(sorted(known))})")
+                          f"({', '.join(sorted(fields))}) and {', '.join(FIT_KEYWORDS)}; "
+                          "the others of RunOptions as options=RunOptions(...)")
     if config is None:
         config = TrainConfig(**USER_DATA) if data is not None else TrainConfig()
     elif data is not None and config.dataset is not None:
         raise ConfigError(f"both data and the built-in dataset {config.dataset!r} were given: "
                           "use TrainConfig(dataset=None, model=None, binarize='none') with data")
-    return config.replace(**options) if options else config
+    changes = {k: v for k, v in keywords.items() if k in fields}
+    config = config.replace(**changes) if changes else config
+    run = {k: v for k, v in keywords.items() if k not in fields}
+    options = options if options is not None else RunOptions()
+    return config, options.replace(**run) if run else options
 
 
-def _param_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                torch.get_default_dtype())
-
-
-def _user_sources(model: torch.nn.Module, data: Any, test_data: Any, config: TrainConfig,
-                  collate_fn: Callable | None, device: torch.device
-                  ) -> tuple[Source, Source | None]:
-    if data is None:
-        if config.data is None:
-            raise ConfigError("no data to train on: give data (or a config with a dataset)")
-        data, paired = load_data(config.data)
-        test_data = load_data(config.test_data)[0] if config.test_data else paired
-    dtype = _param_dtype(model)
-    train = as_source(data, collate_fn).to(device, dtype)
-    test = None if test_data is None else as_source(test_data, collate_fn).to(device, dtype)
-    return train, test
-
-
-def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
-                device: torch.device) -> bool:
-    """Run the pair once on the first batch as training will see it (a guide may have one
-    parameter per datapoint of a batch), in a forked state: its data (unless the source
-    transforms each epoch's batches) against its likelihood,
-    its memory per particle measured and extrapolated to the particles of a step; return
-    whether its networks take a particle dimension (:mod:`pyro_vae.core.vectorization`)."""
-    first = next(iter(source.ordered(config.batch_size)))
-    check_finite_data(*first.args, **first.kwargs)
-    if isinstance(model, PyroPair):
-        model.discover(*first.args, **first.kwargs)
-    check_model(model, *first.args, **first.kwargs)
-    if getattr(source, "transform", None) is None:  # a transform (binarization) acts per epoch
-        check_data(model, *first.args, **first.kwargs)
-    per_particle = pair_activation_bytes(model, *first.args, **first.kwargs)
-    draws = config.particles * config.importance_samples
-    params = sum(p.numel() for p in model.parameters())
-    memory.require(params * memory.TRAIN_BYTES_PER_PARAM + per_particle * draws
-                   * memory.TRAIN_ACTIVATION_COPIES // 2,
-                   f"training {draws:,} particle(s) per step on batches of {first.size:,} "
-                   f"({memory.format_bytes(per_particle)} per particle, measured on the first "
-                   "batch)", device)
-    nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
-    with eval_mode(model.model), torch.random.fork_rng(devices=_devices(model)), \
-            pyro.validation_enabled(False):
-        return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
-                                 max_plate_nesting=nesting,
-                                 data_plate=data_plate_name(model)) is None
-
-
-def _devices(model: torch.nn.Module) -> list[torch.device]:
-    return [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
-
-
-def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None = None,
-        test_data: Any = None,
-        config: TrainConfig | None = None, run_dir: str | Path | None = None,
-        resume: bool = False, collate_fn: Callable | None = None,
-        callbacks: Sequence[Callback] = (), on_epoch: Callable[[int, History], None] | None = None,
-        progress: bool = True, download: bool = False, fused: bool = True,
-        compile: bool = False, dist_timeout: float | None = None, force: bool = False,
-        **options: Any) -> TrainResult:
+def fit(model: Any = None, data: Any = None, *more: Any, guide: Any = None, test_data: Any = None,
+        collate_fn: Any = None, config: TrainConfig | None = None,
+        options: RunOptions | None = None, **keywords: Any) -> TrainResult:
     """Train a model/guide pair with SVI on data in any form; return the model and history.
 
     ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
@@ -171,9 +109,11 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None 
     to the device. Without ``data`` the run trains ``config.model`` (or the given pair) on the
     built-in ``config.dataset`` (digits or MNIST images, binarized as ``config.binarize`` says).
 
-    Options are the fields of :class:`~pyro_vae.models.config.TrainConfig` (``elbo``, ``particles``,
+    ``config`` (:class:`~pyro_vae.train.TrainConfig`: ``elbo``, ``particles``,
     ``importance_samples``, ``beta``, ``warmup``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
-    ``device``, ...), given as ``config`` or as keywords that replace its fields.
+    ``device``, ...) determines the run; ``options`` (:class:`~pyro_vae.train.RunOptions`) say
+    how it runs. Keywords replace the fields of ``config``, and of ``options`` for
+    ``run_dir``, ``resume``, ``force``, ``callbacks``, ``progress``, ``fused`` and ``compile``.
 
     With ``run_dir`` the config, history, checkpoint and weights are written there after every
     epoch (atomically, as one set); ``resume=True`` continues that run up to ``config.epochs``
@@ -208,18 +148,15 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None 
                                       torch.utils.data.DataLoader)):
         guide, data = data, None  # fit(model, guide) on config.data
     model = as_pair(model, guide)
-    config = _config(config, data, options)
-    if resume and run_dir is None:
+    config, options = _settings(config, options, data, keywords)
+    if options.resume and options.run_dir is None:
         raise ConfigError("resume needs a run folder")
-    train = functools.partial(_fit, model, data, test_data, config, collate_fn=collate_fn,
-                              callbacks=callbacks, on_epoch=on_epoch, progress=progress,
-                              download=download, fused=fused, compile=compile,
-                              dist_timeout=dist_timeout)
-    if run_dir is None:
-        return train(None, False)
-    with open_run_folder(run_dir, config, resume=resume, force=force, model=model,
-                         writer=_writes_run_folder()) as folder:
-        return train(folder.path, folder.resume)
+    if options.run_dir is None:
+        return _train(model, (data, test_data, collate_fn), config, options, None, False)
+    with open_run_folder(options.run_dir, config, resume=options.resume, force=options.force,
+                         model=model, writer=_writes_run_folder()) as folder:
+        return _train(model, (data, test_data, collate_fn), config, options, folder.path,
+                      folder.resume)
 
 
 def _writes_run_folder() -> bool:
@@ -234,21 +171,17 @@ def _writes_run_folder() -> bool:
         return True  # init_distributed reports the bad variable
 
 
-def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: TrainConfig,
-         run_dir: Path | None, resume: bool, *, collate_fn: Callable | None,
-         callbacks: Sequence[Callback], on_epoch: Callable[[int, History], None] | None,
-         progress: bool, download: bool, fused: bool, compile: bool,
-         dist_timeout: float | None) -> TrainResult:
+def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
+           options: RunOptions, run_dir: Path | None, resume: bool) -> TrainResult:
     """:func:`fit`'s training, into the run folder :func:`~pyro_vae.runs.open_run_folder`
-    prepared (``resume``: continue from its checkpoint), or into none."""
+    prepared (``resume``: continue from its checkpoint), or into none: the data source and its
+    default model, the loop, then its epochs."""
     device = resolve_device(config.device)
-    dist = init_distributed(device, dist_timeout)
+    dist = init_distributed(device, options.dist_timeout)
     replicas = Replicas(dist)
-    user_model = model is not None or config.model_factory is not None
-    dataset, vectorizable = None, True
-    if config.dataset is not None:
-        with main_first(dist, "waiting for rank 0 to download the data", enabled=download):
-            dataset = builtin.prepare_data(config, device, download=download)
+    given = model is not None or config.model_factory is not None
+    feed = (BuiltinData(config, device, dist, options.download) if config.dataset is not None
+            else UserData(config, device, *user_data))
 
     pyro.set_rng_seed(config.seed)
     if model is None and config.model_factory is not None:
@@ -260,48 +193,21 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
     order_generator = generator if not dist.enabled else torch.Generator(device=device)
     if dist.enabled:
         order_generator.manual_seed(derive_seed(config.seed, SHARED_ORDER_STREAM))
-    if model is None:
-        if dataset is None:
-            raise ConfigError("no model to train: give a model/guide pair")
-        rows = config.batch_size * config.particles * config.importance_samples
-        model = builtin.build_model(dataset, config, rows=rows, training=True, device=device)
-        model.initialize_from_data(dataset.train.images)
-    model = model.to(device)
-    if dataset is not None:
-        source = builtin.train_source(dataset, config, model)
-        held_out = builtin.eval_source(dataset, "test", config, model)
-        if user_model:
-            example = builtin.model_args(
-                model, builtin.evaluation_images(dataset, "train", config)[:2],
-                dataset.train.labels[:2])
-            if isinstance(model, PyroPair):
-                model.discover(*example)
-            check_model(model, *example)
-    else:
-        source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
-        vectorizable = _check_pair(model, source, config, device)
-        if held_out is not None:  # scored after every epoch: checked before the first
-            with torch.random.fork_rng(devices=_devices(model)):  # a loader draws its seed
-                first = next(iter(held_out.ordered(config.batch_size)))
-            try:
-                check_finite_data(*first.args, **first.kwargs)
-                check_model(model, *first.args, **first.kwargs)
-                check_data(model, *first.args, **first.kwargs)
-            except PyroVAEError as exc:
-                raise type(exc)(f"the test data: {exc}") from None
+    model = (model if model is not None else feed.default_model()).to(device)
+    source, held_out, vectorizable = feed.sources(model, given)
     if dist.enabled:
         replicas.check_same_data(source, held_out)
         replicas.start(model)
         if dist.rank:
             pyro.set_rng_seed(rank_seed(config.seed, dist.rank))
     # a compiled step performs Adam's single-tensor update; eager steps must do the same
-    optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr) if compile
+    optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr) if options.compile
                  else make_optimizer(model.parameters(), config.lr))
     history = History()
 
     if resume:
         state = load_checkpoint(run_dir, map_location=device)
-        check_resumable(state, config, run_dir, user_model)
+        check_resumable(state, config, run_dir, given)
         saved_class = state.get("model_class")
         load_weights(model, state["model"], run_dir, saved_class)
         load_weights(optimizer, state["optimizer"], run_dir, saved_class)
@@ -319,43 +225,47 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
     plate = data_plate_name(model)
     estimator = make_estimator(config.elbo, config.particles, config.importance_samples,
                                config.beta, max_plate_nesting=nesting, data_plate=plate)
-    loop = Loop(model=model, optimizer=optimizer,
-                step_loss=training_loss(model, estimator, fused), estimator=estimator,
-                warmup=LinearWarmup(config.warmup, config.warmup_start, config.beta),
-                source=source, batch_size=config.batch_size, generator=generator,
-                order_generator=order_generator,
-                eval_elbo=make_estimator("meanfield",
-                                         config.eval_particles if vectorizable else 1,
-                                         max_plate_nesting=nesting, data_plate=plate),
-                eval_repeats=1 if vectorizable else config.eval_particles,
-                held_out=held_out, replicas=replicas, history=history,
-                epoch=len(history.epoch))
-    if compile:
-        loop.compiled = _compiled_step(loop, dist)
+    step = Step(model, optimizer, training_loss(model, estimator, options.fused), estimator,
+                LinearWarmup(config.warmup, config.warmup_start, config.beta))
+    scored = None if held_out is None else HeldOut(
+        held_out, make_estimator("meanfield", config.eval_particles if vectorizable else 1,
+                                 max_plate_nesting=nesting, data_plate=plate),
+        1 if vectorizable else config.eval_particles)
+    loop = Loop(step, Batches(source, config.batch_size, generator, order_generator), scored,
+                replicas, history, epoch=len(history.epoch))
+    if options.compile:
+        step.compiled = _compiled_step(loop, dist)
     if hasattr(model, "name"):
         forget_params(model.name)
 
-    hooks: list[Callback] = [ProgressBar(loop.epoch + 1, config.epochs,
-                                         progress and dist.is_main)]
-    if run_dir is not None:
-        hooks.append(Checkpoint(run_dir, config, dist.is_main))
-    if on_epoch is not None:
-        hooks.append(EpochFunction(on_epoch))
-    hooks.extend(callbacks)
-    if config.final_particles and held_out is not None:
-        hooks.append(FinalEstimate(held_out, config.final_particles, config.batch_size,
-                                   config.seed, dist))
-    if run_dir is not None and dist.is_main:
-        hooks.append(RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, dataset,
-                                                                 config)))
     try:
-        run_epochs(loop, config.epochs, hooks)
+        run_epochs(loop, config.epochs, _hooks(loop, feed, config, options, run_dir, dist))
     except TrainingDiverged as exc:
         kept = (f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
                 if run_dir is not None and history.epoch else "")
         raise TrainingDiverged(f"{exc}{kept}. {_divergence_hint(config)}") from None
     barrier(dist, "waiting for rank 0 to write the run folder")
-    return TrainResult(model, history, run_dir, loop.compiled)
+    return TrainResult(model, history, run_dir, step.compiled)
+
+
+def _hooks(loop: Loop, feed: BuiltinData | UserData, config: TrainConfig, options: RunOptions,
+           run_dir: Path | None, dist: Any) -> list[Callback]:
+    """The run's callbacks, in order: the progress bar, the checkpoint, the user's, the final
+    estimate and the plots."""
+    hooks: list[Callback] = [ProgressBar(loop.epoch + 1, config.epochs,
+                                         options.progress and dist.is_main)]
+    if run_dir is not None:
+        hooks.append(Checkpoint(run_dir, config, dist.is_main))
+    if options.on_epoch is not None:
+        hooks.append(EpochFunction(options.on_epoch))
+    hooks.extend(options.callbacks)
+    if config.final_particles and loop.held_out is not None:
+        hooks.append(FinalEstimate(loop.held_out.source, config.final_particles,
+                                   config.batch_size, config.seed, dist))
+    if run_dir is not None and dist.is_main:
+        hooks.append(RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, feed.dataset,
+                                                                 config)))
+    return hooks
 
 
 def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
@@ -363,15 +273,15 @@ def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
     averaged between the backward pass and the update)."""
 
     def eager(args: tuple, kwargs: dict, num_data: int) -> torch.Tensor:
-        return loop.replicas.step(lambda: loop.step_loss(*args, **kwargs), num_data,
+        return loop.replicas.step(lambda: loop.step.loss(*args, **kwargs), num_data,
                                   loop.optimizer)
 
     def log(message: str) -> None:
         if dist.is_main:
             print(f"pyro-vae: {message}", file=sys.stderr, flush=True)
 
-    step = CompiledStep(loop.model, loop.estimator, loop.optimizer, loop.step_loss, eager,
-                        log=log)
+    step = CompiledStep(loop.model, loop.step.estimator, loop.optimizer, loop.step.loss,
+                        eager, log=log)
     if dist.enabled and not step.disabled:
         step.disabled = "under torchrun the gradients are averaged between backward and update"
         log(f"compiled steps off: {step.disabled}; training eagerly")

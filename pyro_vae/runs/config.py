@@ -1,0 +1,163 @@
+"""A run's configuration: :class:`TrainConfig`, every field that determines a training run (and
+so is saved with it, as the run folder's ``config.json``), checked on creation, its estimator
+against :mod:`pyro_vae.infer`'s registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyro_vae.infer import ESTIMATORS, LinearWarmup, make_estimator
+from pyro_vae.models.config import BINARIZATIONS, DATASETS, DEVICES, ModelConfig, check_seed
+from pyro_vae.util.errors import ConfigError
+
+#: the estimators a run may name (:data:`pyro_vae.infer.ESTIMATORS`)
+ELBOS = ESTIMATORS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (and so must be saved with it).
+
+    ``elbo`` names the estimator (:data:`pyro_vae.infer.ESTIMATORS`); ``particles`` is the
+    number of draws averaged per datapoint outside the log (variance), ``importance_samples`` the
+    number inside it (the bound: ``iwae`` and ``dreg`` only). ``beta`` weights the rate (KL) term;
+    with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
+    ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
+    ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
+    (0: none).
+
+    ``dataset`` names a built-in dataset (``"digits"``, ``"mnist"``) or is ``None`` for data the
+    user gives (:func:`pyro_vae.fit`); such a run has no ``model`` family (its pair is the
+    user's) and no ``binarize`` step (``"none"``: the data arrive as they are). ``data``,
+    ``test_data`` and ``model_factory`` record the command line's ``--data``, ``--test-data`` and
+    ``--model-factory`` specs, so that a run can be resumed and evaluated without retyping them.
+    """
+
+    dataset: str | None = "digits"
+    data_dir: str | None = None
+    binarize: str = "dynamic"
+    model: ModelConfig | None = field(default_factory=ModelConfig)
+    data: str | None = None
+    test_data: str | None = None
+    model_factory: str | None = None
+    elbo: str = "meanfield"
+    particles: int = 1
+    importance_samples: int = 1
+    beta: float = 1.0
+    warmup: int = 0
+    warmup_start: float = 0.01
+    eval_particles: int = 10
+    final_particles: int = 100
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dataset is None or self.dataset in DATASETS,
+             f"dataset must be one of {DATASETS} (or None for data given to fit), got "
+             f"{self.dataset!r}"),
+            (self.dataset is not None or (self.model is None and self.binarize == "none"),
+             "a run on the user's own data has no model family and no binarization: "
+             "model=None, binarize='none' (transform the data in its Dataset)"),
+            (self.dataset is None or not (self.data or self.test_data),
+             "data and test_data are for the user's own data: they need dataset=None"),
+            (self.binarize in BINARIZATIONS,
+             f"binarize must be one of {BINARIZATIONS}, got {self.binarize!r}"),
+            (self.elbo in ELBOS, f"elbo must be one of {ELBOS}, got {self.elbo!r}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
+            (self.eval_particles >= 1, f"eval_particles must be >= 1, got {self.eval_particles}"),
+            (self.final_particles >= 0,
+             f"final_particles must be >= 0, got {self.final_particles}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_seed(self.seed)
+        if self.model is not None and (
+                (self.model.likelihood == "bernoulli") == (self.binarize == "none")):
+            raise ConfigError(
+                "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "
+                "Gaussian one needs the intensities (--binarize none)")
+        make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
+        LinearWarmup(self.warmup, self.warmup_start, self.beta)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.model is not None:
+            out["model"]["hidden"] = list(self.model.hidden)
+            out["model"]["hidden2"] = list(self.model.hidden2)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """The config of a saved ``to_dict`` (a run's config.json or checkpoint): every field
+        is checked by type (a :class:`~pyro_vae.util.errors.ConfigError` naming it) before the
+        ranges the dataclasses check."""
+        import json
+        import math
+
+        def shown(value: Any) -> str:
+            try:
+                text = json.dumps(value)
+            except (TypeError, ValueError):
+                return f"a {type(value).__name__}"
+            return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+        def typed(name: str, value: Any, annotation: str) -> Any:
+            optional = annotation.endswith(" | None")
+            kind = annotation.removesuffix(" | None")
+            if value is None and optional:
+                return None
+            whole = isinstance(value, int) and not isinstance(value, bool)
+            number = (whole or isinstance(value, float)) and math.isfinite(value)
+            if kind == "int":
+                ok, wanted = whole, "a whole number"
+            elif kind == "float":
+                ok, wanted = number, "a finite number"
+            elif kind == "str":
+                ok, wanted = isinstance(value, str), "a string"
+            elif kind == "tuple[int, ...]":
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+                wanted = "a list of whole numbers"
+                value = tuple(value) if ok else value
+            else:
+                return value
+            if not ok:
+                raise ConfigError(f"config field {name} must be {wanted}"
+                                  f"{' or null' if optional else ''}, got {shown(value)}")
+            return value
+
+        def checked(raw: Any, fields: tuple, prefix: str = "") -> dict[str, Any]:
+            names = {f.name: f for f in fields}
+            unknown = set(raw) - set(names)
+            if unknown:
+                raise ConfigError(f"unknown {prefix and 'model '}config keys: {sorted(unknown)}")
+            return {key: typed(prefix + key, value, str(names[key].type))
+                    for key, value in raw.items()}
+
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+        model = raw.pop("model", {})
+        raw = checked(raw, tuple(f for f in dataclasses.fields(cls) if f.name != "model"))
+        if model is None:
+            return cls(model=None, **raw)
+        if not isinstance(model, dict):
+            raise ConfigError(f"config field model must be a mapping or null, got {shown(model)}")
+        model = checked(model, dataclasses.fields(ModelConfig), "model.")
+        return cls(model=ModelConfig(**model), **raw)
