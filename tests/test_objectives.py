@@ -38,7 +38,7 @@ from pyro_vae.infer import (
     TraceELBO,
     make_estimator,
 )
-from pyro_vae.infer.stl import score_free_log_q
+from pyro_vae.infer.bounds import score_free_log_q
 from pyro_vae.models.vae import VAE
 
 #: the estimators that take one importance sample (every one but vimco, which needs two)
