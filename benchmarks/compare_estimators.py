@@ -115,6 +115,7 @@ from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimat
 from pyro_vae.io import atomic_path, write_json, write_text
 from pyro_vae.models import VAE
 from pyro_vae.protocol import check_model, guide_parameters
+from pyro_vae.rng import forked_rng
 from pyro_vae.runs import build_factory_model
 from pyro_vae.specs import load_data as load_data_spec
 from pyro_vae.specs import load_factory
@@ -369,11 +370,6 @@ def _num_data(data: Any) -> int:
 
 # ------------------------------------------------------------------------------ metrics
 
-def _fork_rng(device: torch.device):
-    """A fork of torch's CPU random state and, on CUDA, of the device's."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -401,7 +397,7 @@ def test_log_px(model: torch.nn.Module, data: Any, particles: int, seed: int,
                 max_plate_nesting: int | None = 1) -> dict[str, float]:
     """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``data`` (a tensor of images or a
     source), on a fork of the RNG."""
-    with _fork_rng(_device_of(model)):
+    with forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         result = evaluate_dataset(model.model, model.guide, data, num_particles=particles,
                                   batch_size=100, particle_chunk=500, khat=False,
@@ -417,7 +413,7 @@ def own_bound(model: torch.nn.Module, estimator: ELBOEstimator, data: Any, seed:
     once over the data (each batch weighs it by its share, as in training)."""
     source = as_source(data)
     total = 0.0
-    with _fork_rng(_device_of(model)):
+    with forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         try:
             for batch in source.ordered(batch_size):
@@ -490,7 +486,7 @@ def _check_data_fits(model: torch.nn.Module, data: Any, binarize: str | None) ->
     support misses the data (a Bernoulli pair on intensities, with ``--binarize none``) is
     refused before any training, in one line. ``binarize`` is ``None`` on ``--data``."""
     try:
-        with poutine.block(), pyro.validation_enabled(True), _fork_rng(_device_of(model)):
+        with poutine.block(), pyro.validation_enabled(True), forked_rng():
             evaluate_dataset(model.model, model.guide, data, num_particles=1, khat=False,
                              max_plate_nesting=_nesting(model))
     except ValueError as exc:
@@ -629,7 +625,7 @@ def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data,
     metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed,
                                nesting))
     metrics["active_units"] = active_units(model, data.test_eval if data.images else None)
-    with pyro.validation_enabled(False), _fork_rng(data.device):
+    with pyro.validation_enabled(False), forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         metrics.update(gradient_snr(model, estimator,
                                     _first_batch(data.train_eval, config.batch_size),
@@ -649,7 +645,7 @@ def snr_versus_k(model: torch.nn.Module, config: BenchmarkConfig, data: Data, se
         for k in config.snr_ks:
             estimator = _estimator(name, config, importance_samples=k,
                                    max_plate_nesting=_nesting(model))
-            with pyro.validation_enabled(False), _fork_rng(data.device):
+            with pyro.validation_enabled(False), forked_rng():
                 torch.manual_seed(seed + EVAL_RNG_OFFSET)
                 snr = gradient_snr(model, estimator, batch, config.snr_draws, num_data)
             for key, value in snr.items():

@@ -214,13 +214,14 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     from .evaluate.run import checkpoint_epoch, given_data, output_label, require_ais_memory
     from .io import atomic_files
     from .protocol import data_plate_name
+    from .rng import forked_rng
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     data = (run.data(args.split, args.limit) if args.data is None
             else given_data(run, args.data, args.limit))
     require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
-    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+    with forked_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
         result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
@@ -254,6 +255,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     from .evaluate.run import checkpoint_epoch, require_ais_memory
     from .io import write_json
     from .protocol import data_plate_name
+    from .rng import forked_rng
     from .runs import load_run
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
@@ -270,7 +272,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     if rows < args.num:
         print(f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
               f"shape the simulated data take: simulating {rows:,}", file=sys.stderr)
-    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+    with forked_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
         data, latents = simulate(run.model.model, run.model.guide, template[0])
@@ -353,6 +355,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig
     from .evaluate.run import checkpoint_epoch
     from .memory import inference_bytes, require
+    from .rng import forked_rng
 
     run = _load_conditional_run(args)
     images = run.eval_images(args.split)
@@ -365,8 +368,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     require(inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
             f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
             f"of {pairs:,} image-label pairs", images.device)
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng():
         torch.manual_seed(args.seed)
         result = classify(run.model, images, labels, num_particles=args.particles,
                           batch_size=args.batch_size)

@@ -61,6 +61,7 @@ from .. import budget, enumeration
 from ..batches import as_source
 from ..errors import ConfigError
 from ..log_probs import vectorized_log_probs
+from ..rng import forked_rng
 from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting
 from ..vectorization import particle_mismatch
 from .khat import MIN_KHAT_PARTICLES, pareto_khat
@@ -320,8 +321,7 @@ def _check_chains(model: Callable, guide: Callable, args: tuple, kwargs: dict, n
     """Refuse, in one line, a pair whose networks see the chains' particle dimension
     (:func:`~pyro_vae.vectorization.particle_mismatch`, on a fork of the random state): the
     evaluator scores such a pair one particle at a time, AIS has its chains only as a plate."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), \
+    with forked_rng(), pyro.validation_enabled(False), \
             torch.no_grad():
         reason = particle_mismatch(model, guide, args, kwargs, max_plate_nesting=nesting,
                                    data_plate=data_plate)

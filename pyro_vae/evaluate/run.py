@@ -15,11 +15,12 @@ from ..config import check_seed
 from ..distributed import init_distributed
 from ..errors import ConfigError
 from ..protocol import check_data, data_plate_name, pair_activation_bytes
+from ..rng import forked_rng
 from ..runs import load_run
 from ..specs import load_data
 from .khat import tail_size
 from .results import EvaluationResult, save_evaluation
-from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, evaluate_dataset, forked_rng
+from .weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, evaluate_dataset
 
 KEEP_LOG_WEIGHTS_MAX = 10_000_000
 SPLITS = ("train", "test")

@@ -27,6 +27,7 @@ from ..distributed import (
 )
 from ..errors import ConfigError, DataError, PyroVAEError
 from ..log_probs import vectorized_log_probs
+from ..rng import forked_rng
 from ..traces import guess_max_plate_nesting
 from ..vectorization import particle_mismatch
 from .khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
@@ -168,14 +169,6 @@ def _check_finite(stats: dict[str, torch.Tensor], first_index: int) -> None:
             f"the log-weights of {int(bad.sum())} datapoint(s) are NaN or infinite (first: "
             f"{where}): log p(x, z) or log q(z|x) is not finite. Check that the data lie in the "
             "likelihood's support and that the model's parameters are finite.")
-
-
-@contextmanager
-def forked_rng() -> Iterator[None]:
-    """Run a block on a copy of torch's random state (CPU and every CUDA device in use)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 @contextmanager

@@ -33,12 +33,12 @@ from ..enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, 
 from ..errors import ConfigError, PyroVAEError
 from ..module_state import running_statistics_kept
 from ..particles import Particles, draw_particles
+from ..rng import forked_rng
 from ..traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
 from ..vectorization import particle_mismatch
 from .pair_checks import (
     check_estimable,
     check_no_active_dropout,
-    cuda_devices,
     pair_key,
     same_subsample,
 )
@@ -224,7 +224,7 @@ class ELBOEstimator(ELBO):
         key = pair_key(model, guide)
         if key in self._vectorizable:
             return
-        with torch.random.fork_rng(devices=cuda_devices()), pyro.validation_enabled(False), \
+        with forked_rng(), pyro.validation_enabled(False), \
                 running_statistics_kept(model, guide):
             reason = particle_mismatch(model, guide, args, kwargs,
                                        max_plate_nesting=self.max_plate_nesting,

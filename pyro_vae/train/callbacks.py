@@ -15,6 +15,7 @@ from ..batches import Source
 from ..config import TrainConfig
 from ..distributed import SINGLE, DistributedContext
 from ..protocol import data_plate_name
+from ..rng import forked_rng
 from ..runs import save_checkpoint, write_history
 from .loop import Callback, Loop
 
@@ -84,9 +85,7 @@ class FinalEstimate(Callback):
 
         if not loop.history.epoch:
             return
-        device = loop.generator.device
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        with forked_rng(), pyro.validation_enabled(False):
             torch.manual_seed(self.seed)
             summary = evaluate_dataset(
                 loop.model.model, loop.model.guide, self.data, num_particles=self.particles,

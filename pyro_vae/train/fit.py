@@ -39,6 +39,7 @@ from ..protocol import (
     data_plate_name,
     pair_activation_bytes,
 )
+from ..rng import forked_rng
 from ..runs import (
     History,
     build_factory_model,
@@ -129,15 +130,11 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
                    f"({memory.format_bytes(per_particle)} per particle, measured on the first "
                    "batch)", device)
     nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
-    with eval_mode(model.model), torch.random.fork_rng(devices=_devices(model)), \
+    with eval_mode(model.model), forked_rng(), \
             pyro.validation_enabled(False):
         return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
                                  max_plate_nesting=nesting,
                                  data_plate=data_plate_name(model)) is None
-
-
-def _devices(model: torch.nn.Module) -> list[torch.device]:
-    return [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
 
 
 def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None = None,
@@ -274,7 +271,7 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
         vectorizable = _check_pair(model, source, config, device)
         if held_out is not None:  # scored after every epoch: checked before the first
-            with torch.random.fork_rng(devices=_devices(model)):  # a loader draws its seed
+            with forked_rng():  # a loader draws its seed
                 first = next(iter(held_out.ordered(config.batch_size)))
             try:
                 check_finite_data(*first.args, **first.kwargs)
