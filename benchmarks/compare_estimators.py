@@ -109,7 +109,7 @@ from pyro_vae.config import (
     TrainConfig,
     check_seed,
 )
-from pyro_vae.errors import ConfigError, PyroVAEError, TrainingDiverged
+from pyro_vae.errors import ConfigError, PyroVAEError, TrainingDiverged, check_count
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
 from pyro_vae.io import atomic_path, write_json, write_text
@@ -218,14 +218,14 @@ class BenchmarkConfig:
                   "importance_samples": 1, "curve_particles": 1, "eval_every": 1,
                   "snr_draws": 2, "threads": 1, "warmup": 0}
         for name, minimum in counts.items():
-            _check_whole(name, getattr(self, name), minimum)
+            check_count(name, getattr(self, name), minimum)
         for name, values in (("hidden", self.hidden), ("snr_ks", self.snr_ks)):
             if not values:
                 raise ConfigError(f"{name} needs at least one value")
             for value in values:
-                _check_whole(name, value, 1)
+                check_count(name, value)
         if self.eval_particles is not None:
-            _check_whole("eval_particles", self.eval_particles, 1)
+            check_count("eval_particles", self.eval_particles)
         _check_real("lr", self.lr, strictly_positive=True)
         _check_real("beta", self.beta, strictly_positive=False)
         if self.time_budget is not None:
@@ -250,11 +250,6 @@ class BenchmarkConfig:
         out = dataclasses.asdict(self)
         out["final_eval_particles"] = self.final_eval_particles
         return out
-
-
-def _check_whole(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def _check_real(name: str, value: Any, strictly_positive: bool) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, check_count
 from .infer import ALL_ESTIMATORS as ELBOS
 from .infer import LinearWarmup, make_estimator
 
@@ -81,13 +81,11 @@ class ModelConfig:
              "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
             (self.family != "vampprior" or self.guide == "diagonal",
              "the vampprior's prior mixes diagonal Gaussians: use --guide diagonal"),
-            (isinstance(self.pseudo_inputs, int) and not isinstance(self.pseudo_inputs, bool)
-             and self.pseudo_inputs >= 1,
-             f"pseudo_inputs must be an integer >= 1, got {self.pseudo_inputs!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_count("pseudo_inputs", self.pseudo_inputs)
 
 
 @dataclass(frozen=True)
