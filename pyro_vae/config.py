@@ -76,11 +76,11 @@ class ModelConfig:
              f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}"),
             (self.obs_scale is None or self.likelihood == "gaussian",
              "obs_scale is the Gaussian likelihood's standard deviation: it needs "
-             "--likelihood gaussian"),
+             "likelihood=\"gaussian\""),
             (self.family != "vae2" or self.guide == "diagonal",
-             "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
+             "the two-layer vae2 has diagonal Gaussian layers only: use guide=\"diagonal\""),
             (self.family != "vampprior" or self.guide == "diagonal",
-             "the vampprior's prior mixes diagonal Gaussians: use --guide diagonal"),
+             "the vampprior's prior mixes diagonal Gaussians: use guide=\"diagonal\""),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,8 +157,9 @@ class TrainConfig:
         if self.model is not None and (
                 (self.model.likelihood == "bernoulli") == (self.binarize == "none")):
             raise ConfigError(
-                "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "
-                "Gaussian one needs the intensities (--binarize none)")
+                "a Bernoulli likelihood needs binary data (binarize=\"dynamic\" or "
+                "binarize=\"fixed\") and a Gaussian one needs the intensities "
+                "(binarize=\"none\")")
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 

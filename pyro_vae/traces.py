@@ -330,7 +330,8 @@ def common_scale(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> floa
                     "meaning inside the log of an importance-weighted bound; with one draw inside "
                     "the log (importance_samples=1: trace, meanfield, stl, iwae and dreg) each "
                     "site's term is weighted by its own scale. To weight the rate (KL) term, "
-                    "beta (--beta, LinearWarmup) does it for any estimator")
+                    "beta=B (and warmup=STEPS to raise it gradually) does it for any "
+                    "estimator")
     return 1.0 if first is None else first[2]
 
 
