@@ -365,10 +365,6 @@ def _num_data(data: Any) -> int:
 
 # ------------------------------------------------------------------------------ metrics
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()),
                 torch.get_default_dtype())

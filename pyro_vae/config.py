@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, check_count
@@ -234,7 +233,3 @@ class TrainConfig:
             raise ConfigError(f"config field model must be a mapping or null, got {shown(model)}")
         model = checked(model, dataclasses.fields(ModelConfig), "model.")
         return cls(model=ModelConfig(**model), **raw)
-
-
-def data_dir_path(config: TrainConfig) -> Path | None:
-    return Path(config.data_dir) if config.data_dir else None
