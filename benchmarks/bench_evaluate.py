@@ -57,9 +57,9 @@ from torch.distributions import Normal
 from torch.nn import functional as F
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, TrainConfig, load_digits, load_mnist
-from pyro_vae.data import fixed_binarization
+from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset, format_table
-from pyro_vae.io import write_json
+from pyro_vae.util.io import write_json
 
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
             "mnist": ModelConfig(latent_dim=20, hidden=(400,))}

@@ -46,11 +46,11 @@ import pyro
 import torch
 import torch.nn.functional as F
 
-from pyro_vae.fused import training_loss
-from pyro_vae.io import write_json
-from pyro_vae.models import VAE
+from pyro_vae.models.vae import VAE
 from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.fused import training_loss
 from pyro_vae.train.step import make_elbo, svi_step
+from pyro_vae.util.io import write_json
 
 ROWS = [  # (data dim, hidden, latent, batch, estimator)
     (64, 128, 8, 128, "meanfield"),

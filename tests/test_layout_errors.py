@@ -1,7 +1,7 @@
 """Errors name Python parameters in the library and flags on the command line; count checks.
 
 The library writes a parameter as ``name=value`` (``importance_samples=K``, ``elbo="dreg"``);
-:func:`pyro_vae.flags.as_flags` turns it into the command line's flag when ``pyro-vae`` prints
+:func:`pyro_vae.app.flags.as_flags` turns it into the command line's flag when ``pyro-vae`` prints
 the error. A scan of the package's ``raise`` statements keeps flags out of library errors.
 """
 
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from pyro_vae import ConfigError, ModelConfig, TrainConfig
-from pyro_vae.batches import resolve_device
-from pyro_vae.cli import build_parser, main
-from pyro_vae.errors import check_count
-from pyro_vae.flags import FLAGS, as_flags
+from pyro_vae.app.cli import build_parser, main
+from pyro_vae.app.flags import FLAGS, as_flags
+from pyro_vae.data.batches import resolve_device
 from pyro_vae.runs import open_run_folder
+from pyro_vae.util.errors import check_count
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 #: the command line's own modules, which speak in flags (matched by file name)
@@ -189,7 +189,7 @@ def _library_flags() -> dict[str, list[str]]:
 
 def test_library_errors_name_python_parameters_not_flags():
     """A library error names ``importance_samples=K``, not ``--importance-samples K``: the
-    command line adds its flags (:mod:`pyro_vae.flags`)."""
+    command line adds its flags (:mod:`pyro_vae.app.flags`)."""
     found = _library_flags()
     assert {path: hits for path, hits in found.items() if path not in TO_CONVERT} == {}
 

@@ -1,4 +1,4 @@
-"""pyro_vae.rng.forked_rng: the one fork of the random state, and the probes that use it."""
+"""pyro_vae.util.rng.forked_rng: the one fork of the random state, and the probes that use it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from user_models import FA_DIM, FactorAnalysis
 
 from pyro_vae import check_model
-from pyro_vae.rng import cuda_devices, forked_rng
+from pyro_vae.util.rng import cuda_devices, forked_rng
 
 
 def test_the_cpu_state_is_restored_after_the_block_and_after_an_error():

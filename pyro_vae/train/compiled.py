@@ -28,8 +28,8 @@ import pyro
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..infer import ELBOEstimator
-from ..rng import forked_rng
+from pyro_vae.infer import ELBOEstimator
+from pyro_vae.util.rng import forked_rng
 
 DEFAULT_MAX_GRAPHS = 4
 _CONSTANTS = (type(None), bool, int, float, str)
