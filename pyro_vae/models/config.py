@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pyro_vae.infer import ALL_ESTIMATORS as ELBOS
 from pyro_vae.infer import LinearWarmup, make_estimator
-from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.errors import ConfigError, check_count
 
 DATASETS = ("digits", "mnist")
 BINARIZATIONS = ("dynamic", "fixed", "none")
@@ -76,18 +75,16 @@ class ModelConfig:
              f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}"),
             (self.obs_scale is None or self.likelihood == "gaussian",
              "obs_scale is the Gaussian likelihood's standard deviation: it needs "
-             "--likelihood gaussian"),
+             "likelihood=\"gaussian\""),
             (self.family != "vae2" or self.guide == "diagonal",
-             "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
+             "the two-layer vae2 has diagonal Gaussian layers only: use guide=\"diagonal\""),
             (self.family != "vampprior" or self.guide == "diagonal",
-             "the vampprior's prior mixes diagonal Gaussians: use --guide diagonal"),
-            (isinstance(self.pseudo_inputs, int) and not isinstance(self.pseudo_inputs, bool)
-             and self.pseudo_inputs >= 1,
-             f"pseudo_inputs must be an integer >= 1, got {self.pseudo_inputs!r}"),
+             "the vampprior's prior mixes diagonal Gaussians: use guide=\"diagonal\""),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_count("pseudo_inputs", self.pseudo_inputs)
 
 
 @dataclass(frozen=True)
@@ -159,8 +156,9 @@ class TrainConfig:
         if self.model is not None and (
                 (self.model.likelihood == "bernoulli") == (self.binarize == "none")):
             raise ConfigError(
-                "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "
-                "Gaussian one needs the intensities (--binarize none)")
+                "a Bernoulli likelihood needs binary data (binarize=\"dynamic\" or "
+                "binarize=\"fixed\") and a Gaussian one needs the intensities "
+                "(binarize=\"none\")")
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 
@@ -235,7 +233,3 @@ class TrainConfig:
             raise ConfigError(f"config field model must be a mapping or null, got {shown(model)}")
         model = checked(model, dataclasses.fields(ModelConfig), "model.")
         return cls(model=ModelConfig(**model), **raw)
-
-
-def data_dir_path(config: TrainConfig) -> Path | None:
-    return Path(config.data_dir) if config.data_dir else None

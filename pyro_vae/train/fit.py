@@ -64,6 +64,7 @@ from pyro_vae.util.distributed import (
     rank_seed,
 )
 from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged
+from pyro_vae.util.rng import forked_rng
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -136,15 +137,11 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
                    f"({memory.format_bytes(per_particle)} per particle, measured on the first "
                    "batch)", device)
     nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
-    with eval_mode(model.model), torch.random.fork_rng(devices=_devices(model)), \
+    with eval_mode(model.model), forked_rng(), \
             pyro.validation_enabled(False):
         return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
                                  max_plate_nesting=nesting,
                                  data_plate=data_plate_name(model)) is None
-
-
-def _devices(model: torch.nn.Module) -> list[torch.device]:
-    return [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
 
 
 def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None = None,
@@ -281,7 +278,7 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         source, held_out = _user_sources(model, data, test_data, config, collate_fn, device)
         vectorizable = _check_pair(model, source, config, device)
         if held_out is not None:  # scored after every epoch: checked before the first
-            with torch.random.fork_rng(devices=_devices(model)):  # a loader draws its seed
+            with forked_rng():  # a loader draws its seed
                 first = next(iter(held_out.ordered(config.batch_size)))
             try:
                 check_finite_data(*first.args, **first.kwargs)
@@ -309,7 +306,7 @@ def _fit(model: torch.nn.Module | None, data: Any, test_data: Any, config: Train
         history = History.from_dict(state["history"])
         if config.epochs < len(history.epoch):
             raise ConfigError(f"{run_dir} has already trained {len(history.epoch)} epochs: "
-                              f"--epochs {config.epochs} would go back (give at least "
+                              f"epochs={config.epochs} would go back (give at least "
                               f"{len(history.epoch)})")
         if len(history.epoch) == config.epochs and finished_epoch(run_dir) == config.epochs:
             # its final estimate and plots exist: the history with them, nothing trained
@@ -386,10 +383,10 @@ def _divergence_hint(config: TrainConfig) -> str:
     spec = config.model
     if (spec is not None and spec.likelihood == "gaussian" and spec.obs_scale is not None
             and spec.obs_scale < SMALL_OBS_SCALE):
-        return (f"The Gaussian likelihood's fixed obs_scale {spec.obs_scale:g} is tiny: "
-                "log p(x|z) grows like 1/obs_scale² and overflows; try a larger obs_scale "
-                "(--obs-scale), or leave it out to learn it")
-    return f"Try a smaller learning rate than {config.lr:g} (--lr)"
+        return (f"The Gaussian likelihood's fixed scale obs_scale={spec.obs_scale:g} is tiny: "
+                "log p(x|z) grows like 1/σ² and overflows; try a larger one, or leave it out "
+                "to learn it")
+    return f"Try a smaller learning rate than lr={config.lr:g}"
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
