@@ -116,8 +116,9 @@ from pyro_vae.models.config import (
 from pyro_vae.models.vae import VAE
 from pyro_vae.runs import build_factory_model
 from pyro_vae.train import Callback, Loop, TrainConfig, fit
-from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged
+from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged, check_count
 from pyro_vae.util.io import atomic_path, write_json, write_text
+from pyro_vae.util.rng import forked_rng
 
 #: the estimators compared: every one but vimco, which on continuous latents is iwae
 COMPARED = tuple(name for name in ESTIMATORS if name != "vimco")
@@ -219,14 +220,14 @@ class BenchmarkConfig:
                   "importance_samples": 1, "curve_particles": 1, "eval_every": 1,
                   "snr_draws": 2, "threads": 1, "warmup": 0}
         for name, minimum in counts.items():
-            _check_whole(name, getattr(self, name), minimum)
+            check_count(name, getattr(self, name), minimum)
         for name, values in (("hidden", self.hidden), ("snr_ks", self.snr_ks)):
             if not values:
                 raise ConfigError(f"{name} needs at least one value")
             for value in values:
-                _check_whole(name, value, 1)
+                check_count(name, value)
         if self.eval_particles is not None:
-            _check_whole("eval_particles", self.eval_particles, 1)
+            check_count("eval_particles", self.eval_particles)
         _check_real("lr", self.lr, strictly_positive=True)
         _check_real("beta", self.beta, strictly_positive=False)
         if self.time_budget is not None:
@@ -251,11 +252,6 @@ class BenchmarkConfig:
         out = dataclasses.asdict(self)
         out["final_eval_particles"] = self.final_eval_particles
         return out
-
-
-def _check_whole(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
 
 
 def _check_real(name: str, value: Any, strictly_positive: bool) -> None:
@@ -371,15 +367,6 @@ def _num_data(data: Any) -> int:
 
 # ------------------------------------------------------------------------------ metrics
 
-def _fork_rng(device: torch.device):
-    """A fork of torch's CPU random state and, on CUDA, of the device's."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()),
                 torch.get_default_dtype())
@@ -403,7 +390,7 @@ def test_log_px(model: torch.nn.Module, data: Any, particles: int, seed: int,
                 max_plate_nesting: int | None = 1) -> dict[str, float]:
     """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``data`` (a tensor of images or a
     source), on a fork of the RNG."""
-    with _fork_rng(_device_of(model)):
+    with forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         result = evaluate_dataset(model.model, model.guide, data, num_particles=particles,
                                   batch_size=100, particle_chunk=500, khat=False,
@@ -419,7 +406,7 @@ def own_bound(model: torch.nn.Module, estimator: ELBOEstimator, data: Any, seed:
     once over the data (each batch weighs it by its share, as in training)."""
     source = as_source(data)
     total = 0.0
-    with _fork_rng(_device_of(model)):
+    with forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         try:
             for batch in source.ordered(batch_size):
@@ -492,7 +479,7 @@ def _check_data_fits(model: torch.nn.Module, data: Any, binarize: str | None) ->
     support misses the data (a Bernoulli pair on intensities, with ``--binarize none``) is
     refused before any training, in one line. ``binarize`` is ``None`` on ``--data``."""
     try:
-        with poutine.block(), pyro.validation_enabled(True), _fork_rng(_device_of(model)):
+        with poutine.block(), pyro.validation_enabled(True), forked_rng():
             evaluate_dataset(model.model, model.guide, data, num_particles=1, khat=False,
                              max_plate_nesting=_nesting(model))
     except ValueError as exc:
@@ -631,7 +618,7 @@ def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data,
     metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed,
                                nesting))
     metrics["active_units"] = active_units(model, data.test_eval if data.images else None)
-    with pyro.validation_enabled(False), _fork_rng(data.device):
+    with pyro.validation_enabled(False), forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
         metrics.update(gradient_snr(model, estimator,
                                     _first_batch(data.train_eval, config.batch_size),
@@ -651,7 +638,7 @@ def snr_versus_k(model: torch.nn.Module, config: BenchmarkConfig, data: Data, se
         for k in config.snr_ks:
             estimator = _estimator(name, config, importance_samples=k,
                                    max_plate_nesting=_nesting(model))
-            with pyro.validation_enabled(False), _fork_rng(data.device):
+            with pyro.validation_enabled(False), forked_rng():
                 torch.manual_seed(seed + EVAL_RNG_OFFSET)
                 snr = gradient_snr(model, estimator, batch, config.snr_draws, num_data)
             for key, value in snr.items():

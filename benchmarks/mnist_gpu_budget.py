@@ -75,6 +75,7 @@ from pyro_vae.train import svi_step
 from pyro_vae.train.fused import training_loss
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING as MAX_PLATE_NESTING
 from pyro_vae.util.io import write_json
+from pyro_vae.util.rng import forked_rng
 
 LATENT_DIM = 50
 HIDDEN = (200, 200)
@@ -129,7 +130,7 @@ def learning_rate(config: BudgetConfig, elapsed: float) -> float:
 
 def _probe(model: VAE, images: torch.Tensor, config: BudgetConfig) -> float:
     model.eval()
-    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+    with forked_rng():
         result = evaluate_dataset(model.model, model.guide, images,
                                   num_particles=config.probe_particles,
                                   batch_size=config.eval_batch_size,

@@ -62,6 +62,7 @@ from pyro_vae.models.vae2 import VAE2
 from pyro_vae.models.vampprior import VampPriorVAE
 from pyro_vae.train import Callback
 from pyro_vae.util.io import write_json
+from pyro_vae.util.rng import forked_rng
 
 ROWS = {"vae": "meanfield", "iwae": "iwae", "dreg": "dreg", "vamp": "meanfield"}
 TABLE = {  # --row all: (row, k) in the order trained
@@ -113,7 +114,7 @@ class Probe(Callback):
     def on_epoch_end(self, loop) -> None:
         if loop.epoch % self.every:
             return
-        with torch.random.fork_rng():
+        with forked_rng():
             torch.manual_seed(loop.epoch)
             result = evaluate_dataset(loop.model.model, loop.model.guide, self.images,
                                       num_particles=self.particles, khat=False)
@@ -161,7 +162,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     images = images[:args.eval_limit] if args.eval_limit else images
     start = time.perf_counter()
-    with torch.random.fork_rng():
+    with forked_rng():
         torch.manual_seed(args.seed)
         scored = evaluate_dataset(result.model.model, result.model.guide, images,
                                   num_particles=args.eval_particles, batch_size=100,

@@ -93,12 +93,6 @@ class LinearGaussian(nn.Module):
     def scale_factor(self) -> torch.Tensor:
         return self.log_scale_factor.exp()
 
-    @property
-    def is_exact(self) -> bool:
-        """Whether the guide equals the posterior (full covariance, no shift, unit scale)."""
-        return (self.guide_family == "full" and bool((self.loc_shift == 0).all())
-                and bool((self.log_scale_factor == 0).all()))
-
     def model(self, x: torch.Tensor) -> torch.Tensor:
         """p(z) p(x | z) for the rows of ``x`` ([N, D]), inside ``pyro.plate("data", N)``."""
         with pyro.plate(DATA_PLATE, x.shape[0]):

@@ -239,7 +239,8 @@ def test_a_failed_rank_makes_the_others_exit_with_one_clear_message(tmp_path, ho
     assert len(errors) == 1, text
     assert errors[0].startswith("pyro-vae train: error: rank 0 of 2: averaging gradients failed: "
                                 f"another rank died or gave no answer within {timeout:g} s ("), text
-    assert errors[0].endswith(f"a slow step needs a longer --dist-timeout or ${ENV_TIMEOUT}."), text
+    assert errors[0].endswith(f"a slow step needs a longer --dist-timeout SECONDS or "
+                             f"${ENV_TIMEOUT}."), text
     assert f"rank 1: {how} at step {FAIL_AT_STEP}" in ranks[1][1].read_text()
 
 
@@ -385,11 +386,14 @@ def _fake_node(monkeypatch, gpus: int, *, rank: int, local_rank: int, world_size
     return selected
 
 
-def _too_few_gpus(processes: int, gpus: int) -> str:
+def _too_few_gpus(processes: int, gpus: int, cli: bool = False) -> str:
+    """The refusal, naming Python's parameter (``device="cuda"``) or the command line's flag."""
+    cuda, auto, cpu = (("--device cuda", "--device auto", "--device cpu") if cli else
+                       ('device="cuda"', 'device="auto"', 'device="cpu"'))
     return (f"{processes} processes on this node but {gpus} CUDA GPU{'s' if gpus > 1 else ''}: "
-            "on CUDA (--device cuda, or auto with a GPU present) each process needs a GPU of its "
+            f"on CUDA ({cuda}, or {auto} with a GPU present) each process needs a GPU of its "
             f"own; start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or train on "
-            "the CPU with --device cpu")
+            f"the CPU with {cpu}")
 
 
 @pytest.mark.parametrize("local_world_size", [2, None])
@@ -436,8 +440,8 @@ def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(monkeypatch, c
     assert main([*argv, "--device", "auto", "--quiet"]) == EXIT_USER_ERROR
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (f"pyro-vae {command}: error: {_too_few_gpus(2, 1)}\n" if rank == 0
-                            else "")
+    line = f"pyro-vae {command}: error: {_too_few_gpus(2, 1, cli=True)}\n"
+    assert captured.err == (line if rank == 0 else "")
     assert not run_dir.exists()
 
 

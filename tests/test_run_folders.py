@@ -498,7 +498,7 @@ def test_a_runaway_loss_is_a_divergence_not_a_finished_run(tmp_path, capsys):
     assert exit_status(["train", *TINY, "--lr", "1e6", "--out", str(out)]) == 2
     line = one_line(capsys)
     assert "the training loss rose to" in line and "from" in line and "at the first step" in line
-    assert line.endswith("Try a smaller learning rate than 1e+06 (--lr)"), line
+    assert line.endswith("Try a smaller learning rate than --lr 1e+06"), line
     assert not out.exists()
 
 
@@ -516,7 +516,7 @@ def test_a_tiny_fixed_gaussian_scale_is_named_as_the_cause(tmp_path, capsys):
             "--out", str(tmp_path / "run")]
     assert exit_status(argv) == 2
     line = one_line(capsys)
-    assert "obs_scale 1e-30 is tiny" in line and "--lr" not in line, line
+    assert "--obs-scale 1e-30 is tiny" in line and "--lr" not in line, line
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_by_name(run_dir, capsys):

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyro_vae.app.flags import as_flags
 from pyro_vae.models.config import (
     ACTIVATION_NAMES,
     BINARIZATIONS,
@@ -399,12 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread() and _writer_rank():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with limit(getattr(args, "max_memory", None)), \
+        with limit(getattr(args, "max_memory", None), how="--max-memory"), \
                 time_limit(getattr(args, "max_seconds", None), how="give --max-seconds"):
             return COMMANDS[args.command](args)
     except PyroVAEError as exc:
         if _writer_rank() or exc.per_rank:  # an error every rank meets: rank 0 says it
-            print(f"pyro-vae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"pyro-vae {args.command}: error: {as_flags(_one_line(exc))}",
+                  file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
         print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.config import RunOptions
-from pyro_vae.util.errors import PyroVAEError
+from pyro_vae.util.errors import ConfigError
 
 DEFAULT_RUN_ROOT = Path("runs")
 RESUMABLE = {"epochs", "device", "data_dir"}
@@ -34,7 +34,7 @@ def _user_train_config(args: argparse.Namespace) -> TrainConfig:
 
     ignored = _flags(args, BUILTIN_MODEL_FLAGS)
     if ignored:
-        raise PyroVAEError(f"{ignored} describe(s) the built-in model, not the pair of "
+        raise ConfigError(f"{ignored} describe(s) the built-in model, not the pair of "
                            "--model-factory: size your pair in its factory")
     given = {"elbo": args.elbo, "particles": args.particles,
              "importance_samples": args.importance_samples, "beta": args.beta,
@@ -46,7 +46,7 @@ def _user_train_config(args: argparse.Namespace) -> TrainConfig:
         builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
         return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
     if args.dataset is not None or args.binarize is not None:
-        raise PyroVAEError(f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
+        raise ConfigError(f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
                            "images: --data arrives as it is (transform it in its Dataset)")
     return TrainConfig(dataset=None, model=None, binarize="none", data=absolute_spec(args.data),
                        test_data=absolute_spec(args.test_data) if args.test_data else None,
@@ -57,7 +57,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     if args.model_factory is not None:
         return _user_train_config(args)
     if args.data is not None or args.test_data is not None:
-        raise PyroVAEError("--data and --test-data need --model-factory (the pair to train on "
+        raise ConfigError("--data and --test-data need --model-factory (the pair to train on "
                            "them)")
     defaults = TrainConfig()
     chosen = {
@@ -69,9 +69,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     family = args.model or defaults.model.family
     for flag, value in (("--latent2-dim", args.latent2_dim), ("--hidden2", args.hidden2)):
         if value is not None and family != "vae2":
-            raise PyroVAEError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
+            raise ConfigError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
     if args.pseudo_inputs is not None and family != "vampprior":
-        raise PyroVAEError("--pseudo-inputs sizes the VampPrior: it needs --model vampprior")
+        raise ConfigError("--pseudo-inputs sizes the VampPrior: it needs --model vampprior")
     model = dataclasses.replace(defaults.model,
                                 **{k: v for k, v in chosen.items() if v is not None})
     if args.binarize is None and model.likelihood == "gaussian":
@@ -109,10 +109,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  "batch_size", "lr", "seed", "out")
         changed = _flags(args, fixed)
         if changed:
-            raise PyroVAEError(f"{changed} cannot change on --resume: only --epochs, --device "
+            raise ConfigError(f"{changed} cannot change on --resume: only --epochs, --device "
                                "and --data-dir may be given")
         if args.force:
-            raise PyroVAEError("--force is for a new run's --out, not for --resume")
+            raise ConfigError("--force is for a new run's --out, not for --resume")
         config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
         refuse_python_only(args.resume, config, model_class)
         updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
@@ -128,7 +128,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     unused = ", ".join(flag for flag, given in (("--download", args.download),
                                                 ("--data-dir", args.data_dir)) if given)
     if unused and config.dataset != "mnist":
-        raise PyroVAEError(f"{unused} locate(s) the MNIST files; "
+        raise ConfigError(f"{unused} locate(s) the MNIST files; "
                            + (f"the {config.dataset} images ship with the package"
                               if config.dataset else "--data is read as it is"))
     result = fit(config=config, options=RunOptions(
@@ -173,7 +173,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, device=args.device)
     if run.dataset is None or not callable(getattr(run.model, "sample", None)):
-        raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
+        raise ConfigError(f"sample draws images: {args.run_dir} is not a run on the built-in "
                            "images of a pair with a sample method")
     device = next(run.model.parameters()).device
     if run.model.conditional:
@@ -193,7 +193,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if run.model.conditional:
         labels = args.label if args.label else list(range(run.model.num_classes))
         if any(not 0 <= label < run.model.num_classes for label in labels):
-            raise PyroVAEError(f"--label must lie in 0..{run.model.num_classes - 1}")
+            raise ConfigError(f"--label must lie in 0..{run.model.num_classes - 1}")
         per_label = max(1, args.num // len(labels))
         wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
         images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
@@ -202,7 +202,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                                  f"samples per label ({per_label} each)")
     else:
         if args.label:
-            raise PyroVAEError("--label needs a conditional run (pyro-vae train --model cvae)")
+            raise ConfigError("--label needs a conditional run (pyro-vae train --model cvae)")
         images = run.model.sample(args.num, mean=not args.binary, generator=generator)
         ncols = max(1, int(round(args.num ** 0.5)))
         figure = plot_grid(images, run.dataset.image_shape, ncols,
@@ -227,12 +227,13 @@ def _cmd_ais(args: argparse.Namespace) -> int:
         require_ais_memory,
     )
     from pyro_vae.util.io import atomic_files
+    from pyro_vae.util.rng import forked_rng
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     data = (run.data(args.split, args.limit) if args.data is None
             else given_data(run, args.data, args.limit))
     require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
-    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+    with forked_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
         result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
@@ -267,22 +268,23 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     from pyro_vae.runs import load_run
     from pyro_vae.runs.evaluation import checkpoint_epoch, require_ais_memory
     from pyro_vae.util.io import write_json
+    from pyro_vae.util.rng import forked_rng
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if getattr(run.model, "conditional", False):
-        raise PyroVAEError("bdmc simulates data from a model of x alone; a conditional run's "
+        raise ConfigError("bdmc simulates data from a model of x alone; a conditional run's "
                            "model also takes the label")
     test_data = run.data("test", args.num)
     require_ais_memory(run, args.chains, BDMC_BATCH, test_data, args.ais_steps)
     template = next(iter(test_data.ordered(args.num))).args
     if len(template) != 1:
-        raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "
+        raise ConfigError("bdmc simulates data from a model that takes the data as its one "
                            "argument")
     rows = len(template[0])
     if rows < args.num:
         print(f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
               f"shape the simulated data take: simulating {rows:,}", file=sys.stderr)
-    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+    with forked_rng(), pyro.get_param_store().scope(), \
             pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
         data, latents = simulate(run.model.model, run.model.guide, template[0])
@@ -316,7 +318,7 @@ def _fill_evaluate_options(args: argparse.Namespace) -> None:
 
     unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
     if unused:
-        raise PyroVAEError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
+        raise ConfigError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
                            else f"{unused} need(s) --ais (without it importance sampling runs)")
     defaults = EvalConfig()
     for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
@@ -352,7 +354,7 @@ def _load_conditional_run(args: argparse.Namespace):
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if run.dataset is None or not getattr(run.model, "conditional", False):
-        raise PyroVAEError(f"{args.command} needs a conditional run: train one with "
+        raise ConfigError(f"{args.command} needs a conditional run: train one with "
                            "pyro-vae train --model cvae")
     return run
 
@@ -365,6 +367,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from pyro_vae.runs import EvalConfig
     from pyro_vae.runs.evaluation import checkpoint_epoch
     from pyro_vae.util.memory import inference_bytes, require
+    from pyro_vae.util.rng import forked_rng
 
     run = _load_conditional_run(args)
     images = run.eval_images(args.split)
@@ -377,8 +380,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     require(inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
             f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
             f"of {pairs:,} image-label pairs", images.device)
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng():
         torch.manual_seed(args.seed)
         result = classify(run.model, images, labels, num_particles=args.particles,
                           batch_size=args.batch_size)
@@ -397,7 +399,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     run = _load_conditional_run(args)
     available = len(run.dataset.test)
     if args.num > available:
-        raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
+        raise ConfigError(f"--num {args.num} is more than the {available} test images")
     from pyro_vae.runs.plots import grid_bytes
     from pyro_vae.util.memory import require
 

@@ -54,6 +54,7 @@ from pyro.ops.rings import LogRing
 from pyro.poutine.messenger import Messenger
 
 from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.rng import forked_rng
 
 ENUMERATE_MODES = ("parallel", "sequential")
 #: The most combinations of enumerated values a pair may have (a product of supports).
@@ -95,8 +96,7 @@ def is_enumerated(site: dict) -> bool:
 def enumerated_sites(guide: Callable, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     """The guide's sites marked for enumeration, each with its support ``[C, *event_shape]``,
     found by one trace of the guide (random state forked, gradients off)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block(), \
+    with forked_rng(), torch.no_grad(), poutine.block(), \
             pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return enumerated_sites_of(trace)

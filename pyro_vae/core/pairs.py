@@ -27,6 +27,7 @@ from torch import nn
 
 from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.module_state import running_statistics_kept
+from pyro_vae.util.rng import forked_rng
 
 
 def _key(name: str) -> str:
@@ -99,8 +100,7 @@ class PyroPair(nn.Module):
         starts from its initial value, whatever the global store holds under its name (as
         after ``pyro.clear_param_store()``); the pair's own entries are kept, and are in the
         current param store afterwards."""
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with poutine.block(), torch.random.fork_rng(devices=devices), \
+        with poutine.block(), forked_rng(), \
                 running_statistics_kept(self), pyro.get_param_store().scope():
             guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
             poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args,

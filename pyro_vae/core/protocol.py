@@ -49,6 +49,7 @@ from pyro_vae.core.enumeration import is_enumerated
 from pyro_vae.core.traces import DATA_PLATE, find_data_plate, trace_pair
 from pyro_vae.util.errors import ConfigError, DataError
 from pyro_vae.util.module_state import running_statistics_kept
+from pyro_vae.util.rng import forked_rng
 
 UNSIZED = -1  # the size Pyro gives a plate declared without one
 
@@ -101,7 +102,7 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
             "dist.Normal(loc, scale).to_event(1)")
     try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead
         with poutine.block(), pyro.validation_enabled(True), \
-                torch.random.fork_rng(devices=[]), pyro.get_param_store().scope(), \
+                forked_rng(), pyro.get_param_store().scope(), \
                 running_statistics_kept(module):
             model_trace, guide_trace = trace_pair(module.model, module.guide, example_args,
                                                   example_kwargs)
@@ -161,7 +162,7 @@ def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Paramete
     """The parameters the guide's log-density depends on (found by autograd on one trace);
     the others are the model's. Used to report encoder and decoder gradients separately."""
     params = [p for p in module.parameters() if p.requires_grad]
-    with poutine.block(), torch.random.fork_rng(devices=[]):
+    with poutine.block(), forked_rng():
         guide_trace = poutine.trace(module.guide).get_trace(*args)
     guide_trace.compute_log_prob()
     log_q = sum(site["log_prob"].sum() for site in guide_trace.nodes.values()
@@ -196,7 +197,7 @@ def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
     fork of the random state, in an empty param store), and each observed site's density
     evaluated at its data, which checks them as ``validate_args`` does (a distribution made
     with ``validate_args=False`` is not checked)."""
-    with poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(True), \
+    with poutine.block(), forked_rng(), pyro.validation_enabled(True), \
             pyro.get_param_store().scope(), running_statistics_kept(module):
         model_trace, _ = trace_pair(module.model, module.guide, args, kwargs)
         for name, site in model_trace.nodes.items():
@@ -219,7 +220,7 @@ def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
         model_trace, guide_trace = trace_pair(module.model, module.guide, args, kwargs)
         (model_trace.log_prob_sum() - guide_trace.log_prob_sum()).sum()
 
-    with poutine.block(), torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), \
+    with poutine.block(), forked_rng(), pyro.validation_enabled(False), \
             pyro.get_param_store().scope(), running_statistics_kept(module):
         return saved_bytes(one_particle, exclude=list(module.parameters()))
 

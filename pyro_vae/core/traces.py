@@ -20,6 +20,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.module_state import running_statistics_kept
+from pyro_vae.util.rng import forked_rng
 
 PARTICLE_PLATE = "_pyro_vae_particles"
 #: the data plate's name in the package's own models and in its hints to users
@@ -63,8 +64,7 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     The global random state and the modules' running statistics are restored afterwards, so
     guessing does not shift later draws or move BatchNorm's statistics.
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with poutine.block(), torch.random.fork_rng(devices=devices), \
+    with poutine.block(), forked_rng(), \
             running_statistics_kept(model, guide):
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     depth = 0
@@ -332,7 +332,8 @@ def common_scale(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> floa
                     "meaning inside the log of an importance-weighted bound; with one draw inside "
                     "the log (importance_samples=1: trace, meanfield, stl, iwae and dreg) each "
                     "site's term is weighted by its own scale. To weight the rate (KL) term, "
-                    "beta (--beta, LinearWarmup) does it for any estimator")
+                    "beta=B (and warmup=STEPS to raise it gradually) does it for any "
+                    "estimator")
     return 1.0 if first is None else first[2]
 
 

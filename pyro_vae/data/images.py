@@ -133,7 +133,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is None:
         data_dir = os.environ.get(DATA_DIR_ENV)
     if not data_dir:
-        raise DataError(f"MNIST needs a folder: pass --data-dir DIR or set {DATA_DIR_ENV}")
+        raise DataError(f"MNIST needs a folder: pass data_dir=DIR or set {DATA_DIR_ENV}")
     return Path(data_dir).expanduser()
 
 
@@ -182,8 +182,7 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
         path = folder / filename
         if not path.exists():
             raise DataError(f"MNIST file {filename} not found in {folder} "
-                            "(fetch it with pyro-vae train --download, or "
-                            "load_mnist(download=True) from Python)")
+                            "(fetch it with download=True)")
         regular_file(path, IDX_LIMIT)
         if verify and md5sum(path) != md5:
             raise DataError(f"MNIST file {path} is corrupt: its MD5 is not the published {md5}")

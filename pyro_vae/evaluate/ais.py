@@ -65,6 +65,7 @@ from pyro_vae.data.batches import as_source
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, pareto_khat
 from pyro_vae.util import budget
 from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.rng import forked_rng
 
 SIGMOID_SHARPNESS = 4.0
 STEP_GROWTH, STEP_SHRINK = 1.05, 0.95
@@ -321,8 +322,7 @@ def _check_chains(model: Callable, guide: Callable, args: tuple, kwargs: dict, n
     """Refuse, in one line, a pair whose networks see the chains' particle dimension
     (:func:`~pyro_vae.core.vectorization.particle_mismatch`, on a fork of the random state): the
     evaluator scores such a pair one particle at a time, AIS has its chains only as a plate."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), \
+    with forked_rng(), pyro.validation_enabled(False), \
             torch.no_grad():
         reason = particle_mismatch(model, guide, args, kwargs, max_plate_nesting=nesting,
                                    data_plate=data_plate)

@@ -32,6 +32,7 @@ from pyro_vae.util.distributed import (
     derive_seed,
 )
 from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError
+from pyro_vae.util.rng import forked_rng
 
 
 class Chunk(NamedTuple):
@@ -169,14 +170,6 @@ def _check_finite(stats: dict[str, torch.Tensor], first_index: int) -> None:
             f"the log-weights of {int(bad.sum())} datapoint(s) are NaN or infinite (first: "
             f"{where}): log p(x, z) or log q(z|x) is not finite. Check that the data lie in the "
             "likelihood's support and that the model's parameters are finite.")
-
-
-@contextmanager
-def forked_rng() -> Iterator[None]:
-    """Run a block on a copy of torch's random state (CPU and every CUDA device in use)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 @contextmanager

@@ -36,19 +36,13 @@ from pyro_vae.infer.bounds import Objective, weighted
 from pyro_vae.infer.pair_checks import (
     check_estimable,
     check_no_active_dropout,
-    cuda_devices,
     marked_but_drawn,
     pair_key,
     same_subsample,
 )
-from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util.errors import ConfigError, PyroVAEError, check_count
 from pyro_vae.util.module_state import running_statistics_kept
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+from pyro_vae.util.rng import forked_rng
 
 
 def check_beta(beta: float, what: str = "beta") -> float:
@@ -113,8 +107,8 @@ class ELBOEstimator(ELBO):
 
     def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
                  max_plate_nesting: int | None = None, data_plate: str | None = None):
-        num_particles = _check_count("num_particles", num_particles)
-        importance_samples = _check_count("importance_samples", importance_samples)
+        num_particles = check_count("num_particles", num_particles)
+        importance_samples = check_count("importance_samples", importance_samples)
         if importance_samples > 1 and self.importance_hint is not None:
             raise ConfigError(
                 f"{self.name} averages particles outside the log, so importance_samples must be "
@@ -125,11 +119,7 @@ class ELBOEstimator(ELBO):
                 f"{self.name} needs importance_samples >= {self.min_importance_samples} (got "
                 f"{importance_samples}): give importance_samples=K, K >= "
                 f"{self.min_importance_samples}")
-        if max_plate_nesting is not None and (isinstance(max_plate_nesting, bool)
-                                              or not isinstance(max_plate_nesting, int)
-                                              or max_plate_nesting < 0):
-            raise ConfigError(f"max_plate_nesting must be an integer >= 0 or None, got "
-                              f"{max_plate_nesting!r}")
+        check_count("max_plate_nesting", max_plate_nesting, minimum=0, optional=True)
         if data_plate is not None and not isinstance(data_plate, str):
             raise ConfigError(f"data_plate must be a plate's name or None, got {data_plate!r}")
         super().__init__(num_particles=num_particles, vectorize_particles=False)
@@ -263,7 +253,7 @@ class ELBOEstimator(ELBO):
         key = pair_key(model, guide)
         if key in self._vectorizable:
             return
-        with torch.random.fork_rng(devices=cuda_devices()), pyro.validation_enabled(False), \
+        with forked_rng(), pyro.validation_enabled(False), \
                 running_statistics_kept(model, guide):
             reason = particle_mismatch(model, guide, args, kwargs,
                                        max_plate_nesting=self.max_plate_nesting,

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
@@ -22,11 +21,6 @@ from pyro_vae.util.errors import ConfigError
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
-
-
-def cuda_devices() -> list[int]:
-    """The CUDA devices whose random state a fork must save (none before CUDA starts)."""
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 def check_no_active_dropout(name: str, *functions: Callable) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyro_vae.infer.elbo import check_beta
-from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.errors import ConfigError, check_count
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,7 @@ class LinearWarmup:
     end: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (isinstance(self.steps, bool)
-                                       or not isinstance(self.steps, int) or self.steps < 0):
-            raise ConfigError(f"warm-up steps must be an integer >= 0 or None, got "
-                              f"{self.steps!r}")
+        check_count("warm-up steps", self.steps, minimum=0, optional=True)
         check_beta(self.start, "warm-up start")
         check_beta(self.end, "warm-up end (beta)")
 

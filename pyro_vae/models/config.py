@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.errors import ConfigError, check_count
 
 DATASETS = ("digits", "mnist")
 BINARIZATIONS = ("dynamic", "fixed", "none")
@@ -73,15 +73,13 @@ class ModelConfig:
              f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}"),
             (self.obs_scale is None or self.likelihood == "gaussian",
              "obs_scale is the Gaussian likelihood's standard deviation: it needs "
-             "--likelihood gaussian"),
+             "likelihood=\"gaussian\""),
             (self.family != "vae2" or self.guide == "diagonal",
-             "the two-layer vae2 has diagonal Gaussian layers only: use --guide diagonal"),
+             "the two-layer vae2 has diagonal Gaussian layers only: use guide=\"diagonal\""),
             (self.family != "vampprior" or self.guide == "diagonal",
-             "the vampprior's prior mixes diagonal Gaussians: use --guide diagonal"),
-            (isinstance(self.pseudo_inputs, int) and not isinstance(self.pseudo_inputs, bool)
-             and self.pseudo_inputs >= 1,
-             f"pseudo_inputs must be an integer >= 1, got {self.pseudo_inputs!r}"),
+             "the vampprior's prior mixes diagonal Gaussians: use guide=\"diagonal\""),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_count("pseudo_inputs", self.pseudo_inputs)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyro_vae.models.vae import DATA_PLATE, LATENT_SITE, OBS_SITE, VAE, register_module
-from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.errors import ConfigError, check_count
 
 PSEUDO_INIT = (0.05, 0.01)
 
@@ -109,9 +109,7 @@ class VampPriorVAE(VAE):
                  scale_fn: str = "softplus", name: str = "vampprior", *,
                  pseudo_inputs: int = 500, likelihood: str = "bernoulli",
                  obs_scale: float | None = None, activation: str = "softplus"):
-        if isinstance(pseudo_inputs, bool) or not isinstance(pseudo_inputs, int) \
-                or pseudo_inputs < 1:
-            raise ConfigError(f"pseudo_inputs must be an integer >= 1, got {pseudo_inputs!r}")
+        check_count("pseudo_inputs", pseudo_inputs)
         super().__init__(input_dim, latent_dim, hidden, scale_fn, name, likelihood=likelihood,
                          obs_scale=obs_scale, activation=activation)
         self.config = self.config.__class__(

@@ -77,7 +77,7 @@ def user_model_refusal(run_dir: Path, model_class: str) -> CheckpointError:
         f"{run_dir} holds a model defined in Python ({model_class}), which only Python can "
         f"rebuild: load it with load_run({where}, model={pair}) or resume it with "
         f"fit({pair}, data, run_dir={where}, resume=True), both from pyro_vae (or train it "
-        "from the command line with --model-factory, which records how to rebuild it)")
+        "with model_factory=\"FILE.py:FUNCTION\", which records how to rebuild it)")
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:

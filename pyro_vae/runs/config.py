@@ -85,8 +85,9 @@ class TrainConfig:
         if self.model is not None and (
                 (self.model.likelihood == "bernoulli") == (self.binarize == "none")):
             raise ConfigError(
-                "a Bernoulli likelihood needs binary data (--binarize dynamic or fixed) and a "
-                "Gaussian one needs the intensities (--binarize none)")
+                "a Bernoulli likelihood needs binary data (binarize=\"dynamic\" or "
+                "binarize=\"fixed\") and a Gaussian one needs the intensities "
+                "(binarize=\"none\")")
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 

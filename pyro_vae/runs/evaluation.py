@@ -15,17 +15,13 @@ from pyro_vae.data.batches import as_source, resolve_device
 from pyro_vae.data.specs import load_data
 from pyro_vae.evaluate.khat import tail_size
 from pyro_vae.evaluate.results import EvaluationResult, save_evaluation
-from pyro_vae.evaluate.weights import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_PARTICLE_CHUNK,
-    evaluate_dataset,
-    forked_rng,
-)
+from pyro_vae.evaluate.weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, evaluate_dataset
 from pyro_vae.models.config import check_seed
 from pyro_vae.runs.loading import load_run
 from pyro_vae.util import memory
 from pyro_vae.util.distributed import init_distributed
 from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.rng import forked_rng
 
 KEEP_LOG_WEIGHTS_MAX = 10_000_000
 SPLITS = ("train", "test")

@@ -164,8 +164,8 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
     checkpoint, config_file = path / CHECKPOINT_FILE, path / CONFIG_FILE
     if not writer:
         if not resume and checkpoint.exists():
-            raise ConfigError(f"{path} already holds a run: resume it with --resume {path} or "
-                              "choose another --out")
+            raise ConfigError(f"{path} already holds a run: resume it with resume=True or "
+                              "choose another run_dir=DIR")
         yield RunFolder(path, resume and checkpoint.exists())
         return
     if resume and not path.is_dir():
@@ -196,19 +196,19 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
                                       "is it a pyro-vae run folder?")
         else:
             if checkpoint.exists():
-                raise ConfigError(f"{path} already holds a run: resume it with --resume {path} "
-                                  "or choose another --out")
+                raise ConfigError(f"{path} already holds a run: resume it with resume=True "
+                                  "or choose another run_dir=DIR")
             if config_file.exists():
                 raise ConfigError(f"{path} already holds a run that stopped before its first "
                                   f"checkpoint ({CONFIG_FILE}, no {CHECKPOINT_FILE}): resume "
-                                  f"it with --resume {path}, which trains it from epoch 1, or "
-                                  "choose another --out")
+                                  "it with resume=True, which trains it from epoch 1, or "
+                                  "choose another run_dir=DIR")
             others = sorted(entry for entry in os.listdir(path) if not _is_own_entry(entry))
             if others and not force:
                 shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
                 raise ConfigError(f"{path} holds {len(others)} other file(s) ({shown}) and no "
-                                  "pyro-vae run: choose a new or empty --out, or give --force "
-                                  "to write the run among them")
+                                  "pyro-vae run: choose a new or empty run_dir=DIR, or give "
+                                  "force=True to write the run among them")
             kept_aside = _keep_aside(path)
             model_class = None if model is None else user_model_class(model, config)
             recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}

@@ -131,7 +131,7 @@ class LoadedRun:
                                                           or self.config.data)
         if spec is None or (split == "test" and not self.config.test_data
                             and load_data(spec)[1] is None):
-            given = "--data" if split == "train" else "--test-data"
+            given = "data=SPEC" if split == "train" else "test_data=SPEC"
             raise ConfigError(f"{self.run_dir} records no {given} for its {split} split (its "
                               "data were given in Python): pass the data to evaluate")
         train, test = load_data(spec)

@@ -112,7 +112,7 @@ class RunFolderLock:
                 pid = "unknown" if holder is None else holder.pid
                 raise CheckpointError(f"{self.folder} is being written by another process "
                                       f"(pid {pid}): wait for it to finish, or choose "
-                                      "another --out") from None
+                                      "another run_dir=DIR") from None
             except OSError as exc:
                 os.close(fd)
                 raise self._fail(exc, "lock") from None
@@ -129,7 +129,7 @@ class RunFolderLock:
                 continue
             raise CheckpointError(f"{self.path} is not a pyro-vae lock file (it does not name a "
                                   "pyro-vae writer): it is left as it is; move it away if no "
-                                  "other program uses it, or choose another --out")
+                                  "other program uses it, or choose another run_dir=DIR")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, lock_text(this_process()).encode("ascii"), 0)

@@ -17,6 +17,7 @@ from pyro_vae.runs import save_checkpoint, write_history
 from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.distributed import SINGLE, DistributedContext
+from pyro_vae.util.rng import forked_rng
 
 
 class ProgressBar(Callback):
@@ -84,9 +85,7 @@ class FinalEstimate(Callback):
 
         if not loop.history.epoch:
             return
-        device = loop.generator.device
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        with forked_rng(), pyro.validation_enabled(False):
             torch.manual_seed(self.seed)
             summary = evaluate_dataset(
                 loop.model.model, loop.model.guide, self.data, num_particles=self.particles,

@@ -29,6 +29,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pyro_vae.infer import ELBOEstimator
+from pyro_vae.util.rng import forked_rng
 
 DEFAULT_MAX_GRAPHS = 4
 _CONSTANTS = (type(None), bool, int, float, str)
@@ -184,10 +185,9 @@ class CompiledStep:
         buffers restored afterwards: what the estimator learns about a pair on its first call
         (whether its networks take a particle dimension, its plate nesting) is learnt by
         running the pair on real values, which a trace on fake tensors cannot do."""
-        devices = [p.device for p in self.params if p.device.type == "cuda"][:1]
         saved = [b.detach().clone() for b in self.module.buffers()]
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            with forked_rng(), torch.no_grad(), \
                     pyro.get_param_store().scope(), pyro.validation_enabled(False):
                 self.wrapper(args, kwargs)
         finally:

@@ -215,7 +215,7 @@ def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
         history = History.from_dict(state["history"])
         if config.epochs < len(history.epoch):
             raise ConfigError(f"{run_dir} has already trained {len(history.epoch)} epochs: "
-                              f"--epochs {config.epochs} would go back (give at least "
+                              f"epochs={config.epochs} would go back (give at least "
                               f"{len(history.epoch)})")
         if len(history.epoch) == config.epochs and finished_epoch(run_dir) == config.epochs:
             # its final estimate and plots exist: the history with them, nothing trained
@@ -297,10 +297,10 @@ def _divergence_hint(config: TrainConfig) -> str:
     spec = config.model
     if (spec is not None and spec.likelihood == "gaussian" and spec.obs_scale is not None
             and spec.obs_scale < SMALL_OBS_SCALE):
-        return (f"The Gaussian likelihood's fixed obs_scale {spec.obs_scale:g} is tiny: "
-                "log p(x|z) grows like 1/obs_scale² and overflows; try a larger obs_scale "
-                "(--obs-scale), or leave it out to learn it")
-    return f"Try a smaller learning rate than {config.lr:g} (--lr)"
+        return (f"The Gaussian likelihood's fixed scale obs_scale={spec.obs_scale:g} is tiny: "
+                "log p(x|z) grows like 1/σ² and overflows; try a larger one, or leave it out "
+                "to learn it")
+    return f"Try a smaller learning rate than lr={config.lr:g}"
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:

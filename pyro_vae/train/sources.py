@@ -31,6 +31,7 @@ from pyro_vae.runs.config import TrainConfig
 from pyro_vae.util import memory
 from pyro_vae.util.distributed import DistributedContext, main_first
 from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util.rng import forked_rng
 
 Sources = tuple[Source, Source | None, bool]
 
@@ -100,7 +101,7 @@ class UserData:
                     else as_source(test_data, self.collate_fn).to(self.device, dtype))
         vectorizable = _check_pair(model, source, config, self.device)
         if held_out is not None:  # scored after every epoch: checked before the first
-            with torch.random.fork_rng(devices=cuda_devices(model)):  # a loader draws its seed
+            with forked_rng():  # a loader draws its seed
                 first = next(iter(held_out.ordered(config.batch_size)))
             try:
                 check_finite_data(*first.args, **first.kwargs)
@@ -114,11 +115,6 @@ class UserData:
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()),
                 torch.get_default_dtype())
-
-
-def cuda_devices(model: torch.nn.Module) -> list[torch.device]:
-    """The CUDA device of ``model``'s parameters, if any (for ``torch.random.fork_rng``)."""
-    return [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
 
 
 def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
@@ -144,7 +140,7 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
                    f"({memory.format_bytes(per_particle)} per particle, measured on the first "
                    "batch)", device)
     nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
-    with eval_mode(model.model), torch.random.fork_rng(devices=cuda_devices(model)), \
+    with eval_mode(model.model), forked_rng(), \
             pyro.validation_enabled(False):
         return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
                                  max_plate_nesting=nesting,

@@ -126,9 +126,9 @@ def check_gpus_per_node(local_rank: int) -> None:
     have = f"{gpus} CUDA GPU{'' if gpus == 1 else 's'}" if gpus else "no CUDA GPU"
     fix = (f"start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or "
            if gpus else "")
-    raise ConfigError(f"{processes} processes on this node but {have}: on CUDA (--device cuda, or "
-                      f"auto with a GPU present) each process needs a GPU of its own; {fix}"
-                      "train on the CPU with --device cpu")
+    raise ConfigError(f"{processes} processes on this node but {have}: on CUDA (device=\"cuda\", "
+                      f"or device=\"auto\" with a GPU present) each process needs a GPU of its "
+                      f"own; {fix}train on the CPU with device=\"cpu\"")
 
 
 def init_distributed(device: torch.device | str = "cpu",
@@ -220,7 +220,7 @@ def _collective(context: DistributedContext, what: str) -> Iterator[None]:
         raise DistributedError(
             f"rank {context.rank} of {context.world_size}: {what} failed: another rank died or "
             f"gave no answer within {limit} ({cause}). Check the other ranks' output; a slow "
-            f"step needs a longer --dist-timeout or ${ENV_TIMEOUT}.") from None
+            f"step needs a longer dist_timeout=SECONDS or ${ENV_TIMEOUT}.") from None
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -37,3 +37,15 @@ class CheckpointError(PyroVAEError):
 
 class TrainingDiverged(PyroVAEError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def check_count(name: str, value: object, minimum: int = 1, optional: bool = False) -> int | None:
+    """``value`` if it is a whole number (an ``int``, not a ``bool``) of at least ``minimum``,
+    or ``None`` where ``optional``; else a :class:`ConfigError` naming the parameter ``name``:
+    ``num_particles must be an integer >= 1, got 0``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = " or None" if optional else ""
+        raise ConfigError(f"{name} must be an integer >= {minimum}{allowed}, got {value!r}")
+    return value

@@ -29,8 +29,9 @@ TRAIN_BYTES_PER_PARAM = 4 * FLOAT_BYTES
 TRAIN_ACTIVATION_COPIES = 4
 EVAL_ACTIVATION_COPIES = 2
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("pyro_vae_memory_limit",
-                                                                  default=None)
+#: the cap :func:`limit` set and what set it, named in a refusal
+_LIMIT: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
+    "pyro_vae_memory_limit", default=None)
 
 
 class MemoryLimitError(PyroVAEError):
@@ -97,9 +98,10 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
 
 
 @contextmanager
-def limit(size: str | int | None) -> Iterator[None]:
-    """Cap the memory :func:`require` allows (``None``: what the device has free)."""
-    token = _LIMIT.set(None if size is None else parse_size(size))
+def limit(size: str | int | None, how: str = "memory.limit") -> Iterator[None]:
+    """Cap the memory :func:`require` allows (``None``: what the device has free); a refusal
+    names the cap's source as ``how`` (the command line names its option)."""
+    token = _LIMIT.set(None if size is None else (parse_size(size), how))
     try:
         yield
     finally:
@@ -111,12 +113,10 @@ def require(nbytes: float, what: str, device: torch.device | str = "cpu") -> Non
 
     :raises MemoryLimitError: naming the request, the estimate and the cap.
     """
-    cap = _LIMIT.get()
-    limited = cap is not None
-    if cap is None:
-        cap = available_bytes(device)
+    limited = _LIMIT.get()
+    cap, how = limited if limited is not None else (available_bytes(device), "")
     if cap is not None and (not math.isfinite(nbytes) or nbytes > cap):
-        bound = (f"the memory limit of {format_bytes(cap)} (--max-memory)" if limited
+        bound = (f"the memory limit of {format_bytes(cap)} ({how})" if limited
                  else f"the {format_bytes(cap)} free on {torch.device(device)}")
         raise MemoryLimitError(f"{what} needs about {format_bytes(nbytes)} of memory, more than "
                                f"{bound}; ask for a smaller size")
