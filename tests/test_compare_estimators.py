@@ -316,7 +316,7 @@ def test_warmup_starts_where_training_does(bench, monkeypatch):
         return Recording(*args, **kwargs)
 
     monkeypatch.setattr(bench, "make_estimator", recording)
-    monkeypatch.setattr(importlib.import_module("pyro_vae.train.fit"), "make_estimator",
+    monkeypatch.setattr(importlib.import_module("pyro_vae.train.engine"), "make_estimator",
                         recording)
     warmup, beta, batch_size = 2, 0.8, 500
     config = bench.BenchmarkConfig(estimators=("meanfield",), seeds=(0,), epochs=1,
