@@ -475,9 +475,12 @@ def test_dreg_benchmark_checks_the_single_run_against_two_runs(tmp_path, monkeyp
     bench = load_benchmark("bench_dreg", monkeypatch)
     out = tmp_path / "dreg.json"
     assert bench.main(["--layers", "2", "--k", "3", "--batch-size", "4", "--rounds", "1",
-                       "--steps", "1", "--warmup-steps", "0", "--out", str(out)]) == 0
+                       "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["gradient_check_relative"] < 1e-5
     assert set(report["cpu_seconds_per_step"]) == set(bench.IMPLEMENTATIONS)
     assert report["dreg_over_iwae"] > 0 and report["two_runs_over_single"] > 0
+    dreg = report["ratios"]["dreg"]["cpu"]
+    assert dreg["median"] == report["dreg_over_iwae"]
+    assert dreg["min"] <= dreg["median"] <= dreg["max"]
     assert "dreg / iwae = " in capsys.readouterr().out
