@@ -108,3 +108,24 @@ def test_shared_options_refuse_bad_values(harness, tmp_path, capsys):
     with pytest.raises(ValueError, match="rounds"):
         harness.interleave({"a": lambda: None}, rounds=0)
     assert sys.modules["harness"] is harness
+
+
+def test_param_messages_benchmark_reports_paired_ratios(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_param_messages.py: every registration and workload is
+    timed each round, and each ratio is the per-round quotient of the recorded times."""
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_param_messages", monkeypatch)
+    out = tmp_path / "pm.json"
+    report = bench.main(["--rounds", "2", "--steps", "1", "--evaluations", "1",
+                         "--num-data", "4", "--particles", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rounds"] == 2 and len(saved["orders"]) == 2
+    assert set(saved["orders"][0]) == set(saved["seconds_per_call"]["cpu"])
+    cpu = saved["seconds_per_call"]["cpu"]
+    for key, row in report.items():
+        if "cpu_over_internals" in row:
+            base = key.split("/")[0] + "/internals"
+            expected = [a / b for a, b in zip(cpu[key]["per_round"], cpu[base]["per_round"])]
+            assert row["cpu_over_internals"]["per_round"] == pytest.approx(expected)
+            assert saved[key]["cpu_over_internals"]["median"] > 0
+    assert "CPU / internals" in capsys.readouterr().out
