@@ -53,9 +53,11 @@ def whole_int(text: str) -> int:
     return value
 
 
-def parent_parser(rounds: int = 5, warmup: int = 1, threads: int = 1) -> argparse.ArgumentParser:
+def parent_parser(rounds: int = 5, warmup: int = 1,
+                  threads: int | None = 1) -> argparse.ArgumentParser:
     """The options every timing script shares: ``--rounds``, ``--warmup``, ``--seed``,
-    ``--out`` and ``--threads``; pass it in ``parents=[...]``."""
+    ``--out`` and ``--threads`` (``threads=None``: torch's default); pass it in
+    ``parents=[...]``."""
     p = argparse.ArgumentParser(add_help=False)
     group = p.add_argument_group("timing")
     group.add_argument("--rounds", type=positive_int, default=rounds,
@@ -65,7 +67,7 @@ def parent_parser(rounds: int = 5, warmup: int = 1, threads: int = 1) -> argpars
     group.add_argument("--seed", type=int, default=0, help="random seed (0)")
     group.add_argument("--out", type=Path, help="write the result here as JSON")
     group.add_argument("--threads", type=positive_int, default=threads,
-                       help=f"intra-op threads of torch ({threads})")
+                       help=f"intra-op threads of torch ({threads or 'torch default'})")
     return p
 
 
@@ -75,11 +77,13 @@ def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
         parser.error(f"--out: folder {str(out.parent)!r} does not exist")
 
 
-def set_threads(threads: int) -> None:
-    """One (or ``threads``) intra-op thread(s) for torch, so CPU time measures the work."""
+def set_threads(threads: int | None) -> None:
+    """``threads`` intra-op threads for torch (one: CPU time measures the work); None leaves
+    torch's default."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -92,11 +96,14 @@ class Clocks:
 
 @dataclass
 class Timings:
-    """Per contender, the CPU and wall seconds per call of each round, and each round's order."""
+    """Per contender, the CPU and wall seconds per call of each round, each round's order, the
+    per-round change of every counter (per call) and the value of each contender's last call."""
 
     cpu: dict[str, list[float]] = field(default_factory=dict)
     wall: dict[str, list[float]] = field(default_factory=dict)
     orders: list[list[str]] = field(default_factory=list)
+    counts: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)
 
     def median(self, name: str, clock: str = "cpu") -> float:
         return statistics.median(getattr(self, clock)[name])
@@ -110,11 +117,13 @@ def rotated(names: Sequence[str], round_: int) -> list[str]:
 
 def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 0,
                calls: int = 1, clocks: Clocks | None = None,
-               before: Callable[[str, int], None] | None = None) -> Timings:
+               before: Callable[[str, int], None] | None = None,
+               counters: Mapping[str, Callable[[], float]] | None = None) -> Timings:
     """Time each contender once per round, ``rounds`` rounds in rotating order, after ``warmup``
     untimed calls each. A contender is called ``calls`` times per measurement and its times are
     divided by ``calls``; ``before(name, round_)``, when given, runs untimed before each
-    measurement (to seed, or to swap what the contender calls)."""
+    measurement (to seed, or to swap what the contender calls); ``counters`` (name: reading,
+    such as page faults) are read around each measurement like the clocks."""
     if rounds < 1 or calls < 1 or warmup < 0:
         raise ValueError(f"rounds and calls must be ≥ 1 and warmup ≥ 0, got rounds={rounds}, "
                          f"calls={calls}, warmup={warmup}")
@@ -127,17 +136,22 @@ def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup:
             if before is not None:
                 before(name, -1)
             contenders[name]()
-    timings = Timings(cpu={name: [] for name in names}, wall={name: [] for name in names})
+    counters = counters or {}
+    timings = Timings(cpu={name: [] for name in names}, wall={name: [] for name in names},
+                      counts={c: {name: [] for name in names} for c in counters})
     for round_ in range(rounds):
         order = rotated(names, round_)
         timings.orders.append(order)
         for name in order:
             if before is not None:
                 before(name, round_)
+            counted = {c: read() for c, read in counters.items()}
             wall, cpu = clocks.wall(), clocks.cpu()
             for _ in range(calls):
-                contenders[name]()
+                timings.last[name] = contenders[name]()
             cpu, wall = clocks.cpu() - cpu, clocks.wall() - wall
+            for c, read in counters.items():
+                timings.counts[c][name].append((read() - counted[c]) / calls)
             timings.cpu[name].append(cpu / calls)
             timings.wall[name].append(wall / calls)
     return timings

@@ -129,3 +129,26 @@ def test_param_messages_benchmark_reports_paired_ratios(tmp_path, monkeypatch, c
             assert row["cpu_over_internals"]["per_round"] == pytest.approx(expected)
             assert saved[key]["cpu_over_internals"]["median"] > 0
     assert "CPU / internals" in capsys.readouterr().out
+
+
+def test_evaluate_benchmark_ratios_come_from_its_rounds(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_evaluate.py: the headline ratio is the quotient of the
+    recorded best times, the paired ratios the per-round quotients, and the package's and the
+    hand-written log p̂ agree (the same draws)."""
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_evaluate", monkeypatch)
+    out = tmp_path / "e.json"
+    report = bench.main(["--threads", "1", "--rounds", "2", "--particles", "30",
+                         "--num-data", "6", "--particle-chunk", "10", "--batch-size", "3",
+                         "--importance-data", "1", "--importance-particles", "3",
+                         "--out", str(out)])
+    assert json.loads(out.read_text())["ratio_package_over_torch"] == pytest.approx(
+        report["ratio_package_over_torch"])
+    wall = report["seconds_all"]
+    assert report["ratio_package_over_torch"] == min(wall["package"]) / min(wall["torch"])
+    paired = report["paired"]["ratios"]["package"]["cpu"]["per_round"]
+    cpu = report["cpu_seconds_all"]
+    assert paired == [a / b for a, b in zip(cpu["package"], cpu["torch"])]
+    assert len(report["page_faults_all"]["torch"]) == 2
+    assert report["agreement_package_minus_torch"]["max_abs_difference"] < 1e-3
+    assert "package / hand-written torch" in capsys.readouterr().out
