@@ -115,22 +115,35 @@ def rotated(names: Sequence[str], round_: int) -> list[str]:
     return list(names[start:]) + list(names[:start])
 
 
+def calibrate(fn: Callable[[], Any], seconds: float, minimum: int = 10,
+              clock: Callable[[], float] = time.perf_counter) -> int:
+    """How many calls of ``fn`` take about ``seconds`` (at least ``minimum``): the calls made in
+    a quarter of ``seconds``, times four."""
+    start, n = clock(), 0
+    while clock() - start < seconds / 4:
+        fn()
+        n += 1
+    return max(minimum, 4 * n)
+
+
 def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 0,
-               calls: int = 1, clocks: Clocks | None = None,
+               calls: int | Mapping[str, int] = 1, clocks: Clocks | None = None,
                before: Callable[[str, int], None] | None = None,
                counters: Mapping[str, Callable[[], float]] | None = None) -> Timings:
     """Time each contender once per round, ``rounds`` rounds in rotating order, after ``warmup``
-    untimed calls each. A contender is called ``calls`` times per measurement and its times are
-    divided by ``calls``; ``before(name, round_)``, when given, runs untimed before each
-    measurement (to seed, or to swap what the contender calls); ``counters`` (name: reading,
-    such as page faults) are read around each measurement like the clocks."""
-    if rounds < 1 or calls < 1 or warmup < 0:
-        raise ValueError(f"rounds and calls must be ≥ 1 and warmup ≥ 0, got rounds={rounds}, "
-                         f"calls={calls}, warmup={warmup}")
+    untimed calls each. A contender is called ``calls`` times per measurement (an int, or one
+    per contender) and its times are divided by that; ``before(name, round_)``, when given,
+    runs untimed before each measurement (to seed, or to swap what the contender calls);
+    ``counters`` (name: reading, such as page faults) are read around each measurement like
+    the clocks."""
     if not contenders:
         raise ValueError("contenders is empty")
-    clocks = clocks or Clocks()
     names = list(contenders)
+    per = dict(calls) if isinstance(calls, Mapping) else dict.fromkeys(names, calls)
+    if rounds < 1 or warmup < 0 or any(per.get(name, 0) < 1 for name in names):
+        raise ValueError(f"rounds and calls must be ≥ 1 and warmup ≥ 0, got rounds={rounds}, "
+                         f"calls={calls}, warmup={warmup}")
+    clocks = clocks or Clocks()
     for name in names:
         for _ in range(warmup):
             if before is not None:
@@ -147,13 +160,13 @@ def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup:
                 before(name, round_)
             counted = {c: read() for c, read in counters.items()}
             wall, cpu = clocks.wall(), clocks.cpu()
-            for _ in range(calls):
+            for _ in range(per[name]):
                 timings.last[name] = contenders[name]()
             cpu, wall = clocks.cpu() - cpu, clocks.wall() - wall
             for c, read in counters.items():
-                timings.counts[c][name].append((read() - counted[c]) / calls)
-            timings.cpu[name].append(cpu / calls)
-            timings.wall[name].append(wall / calls)
+                timings.counts[c][name].append((read() - counted[c]) / per[name])
+            timings.cpu[name].append(cpu / per[name])
+            timings.wall[name].append(wall / per[name])
     return timings
 
 

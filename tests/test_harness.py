@@ -152,3 +152,19 @@ def test_evaluate_benchmark_ratios_come_from_its_rounds(tmp_path, monkeypatch, c
     assert len(report["page_faults_all"]["torch"]) == 2
     assert report["agreement_package_minus_torch"]["max_abs_difference"] < 1e-3
     assert "package / hand-written torch" in capsys.readouterr().out
+
+
+def test_calibration_and_calls_per_contender(harness):
+    clock, calls = FakeClock(), []
+    costs = {"fast": 1.0, "slow": 4.0}
+    contenders = _contenders(clock, calls, costs)
+    counts = {name: harness.calibrate(fn, 40.0, minimum=1, clock=clock)
+              for name, fn in contenders.items()}
+    assert counts == {"fast": 40, "slow": 12}  # calls in 10 fake seconds, times four
+    calls.clear()
+    timings = harness.interleave(contenders, rounds=2, calls=counts,
+                                 clocks=harness.Clocks(cpu=clock, wall=clock))
+    assert calls.count("fast") == 80 and calls.count("slow") == 24
+    assert timings.wall == {"fast": [1.0, 1.0], "slow": [4.0, 4.0]}
+    with pytest.raises(ValueError, match="calls"):
+        harness.interleave(contenders, rounds=1, calls={"fast": 1})
