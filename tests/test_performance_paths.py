@@ -443,6 +443,11 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
     for row in report["summary"]:
         assert {"fused_over_torch_cpu", "traced_over_torch_cpu", "pyro_over_torch_cpu",
                 "fused_over_torch_paired_cpu", "fused_over_traced"} <= set(row)
+        cpu = {t["implementation"]: t["cpu_rounds_ms"] for t in report["timings"]
+               if (t["elbo"], t["batch_size"]) == (row["elbo"], row["batch_size"])}
+        assert row["fused_over_torch_paired_cpu"] == pytest.approx(
+            cpu["fused"][0] / cpu["torch"][0])  # one round: the ratio of its two blocks
+        assert row["fused_over_torch_paired_cpu"] > 0
     printed = capsys.readouterr()
     assert "fused == traced (bit for bit)" in printed.err
     assert "package, fused path ms" in printed.out and "CPU time: medians" in printed.out
