@@ -539,12 +539,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
             for _ in range(block_steps[key]):
                 steps[key]()
 
-    def synced(clock: Callable[[], float]) -> Callable[[], float]:
-        return lambda: (sync(), clock())[1]
-
     timings = harness.interleave(
         {key: partial(block, key) for key in keys}, config.rounds,
-        clocks=harness.Clocks(cpu=synced(time.process_time), wall=synced(time.perf_counter)))
+        clocks=harness.synced_clocks(sync))
     log(f"{config.rounds} interleaved rounds done")
     per_step = {key: [t / block_steps[key] for t in timings.wall[key]] for key in keys}
     cpu_per_step = {key: [t / block_steps[key] for t in timings.cpu[key]] for key in keys}

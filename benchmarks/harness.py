@@ -94,6 +94,13 @@ class Clocks:
     wall: Callable[[], float] = time.perf_counter
 
 
+def synced_clocks(sync: Callable[[], None]) -> Clocks:
+    """Clocks that call ``sync()`` (e.g. ``torch.cuda.synchronize``) before each reading, so a
+    measurement covers the device's queued work."""
+    return Clocks(cpu=lambda: (sync(), time.process_time())[1],
+                  wall=lambda: (sync(), time.perf_counter())[1])
+
+
 @dataclass
 class Timings:
     """Per contender, the CPU and wall seconds per call of each round, each round's order, the

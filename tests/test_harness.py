@@ -168,3 +168,23 @@ def test_calibration_and_calls_per_contender(harness):
     assert timings.wall == {"fast": [1.0, 1.0], "slow": [4.0, 4.0]}
     with pytest.raises(ValueError, match="calls"):
         harness.interleave(contenders, rounds=1, calls={"fast": 1})
+
+
+def test_perf_report_evaluation_section_from_interleaved_rounds(monkeypatch):
+    """benchmarks/bench_perf.py's evaluation section on a tiny digits setup: both evaluators
+    are timed every round, the ratio is the quotient of the recorded best times, and the two
+    give the same log p̂ (same draws)."""
+    import torch
+
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_perf", monkeypatch)
+    config = bench.PerfConfig(eval_num_data=4, eval_particles=6, eval_batch_size=2,
+                              eval_particle_chunk=3, eval_rounds=2)
+    lines = []
+    section = bench.evaluation_section(config, torch.device("cpu"), lines.append)
+    seconds = section["seconds_all"]
+    assert {len(values) for values in seconds.values()} == {2}
+    assert section["ratio_package_over_torch"] == (min(seconds["package"])
+                                                   / min(seconds["torch"]))
+    assert section["max_abs_difference_package_torch"] < 1e-3
+    assert len(lines) == 4 and lines[0].startswith("evaluation round 1/2")
