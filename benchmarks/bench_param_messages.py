@@ -11,8 +11,9 @@ one process, in interleaved rounds whose order rotates, by swapping the function
 ``internals``
     The skipping version (a copy of the old code, kept here for the comparison).
 ``public``
-    Pyro's public API only: one ``pyro.param`` per tensor, re-registered when the store holds
-    another module's tensor under the name (what ``register_module`` does now).
+    The package's own :func:`pyro_vae.models.register_module`: Pyro's public API only, one
+    ``pyro.param`` per tensor, re-registered when the store holds another module's tensor
+    under the name.
 ``pyro.module``
     Plain ``pyro.module(name, module)`` on every call.
 
@@ -102,17 +103,6 @@ def _internals_register_module() -> Callable[[str, nn.Module], None] | None:
     return register_module
 
 
-def public_register_module(name: str, module: nn.Module) -> None:
-    """Public API only: every tensor sent as a ``pyro.param`` message, the store's entry
-    replaced when it holds another tensor."""
-    store = pyro.get_param_store()
-    for key, value in module.named_parameters():
-        full_name = param_with_module_name(name, key)
-        if pyro.param(full_name, value) is not value:
-            del store[full_name]
-            pyro.param(full_name, value)
-
-
 def plain_pyro_module(name: str, module: nn.Module) -> None:
     pyro.module(name, module)
 
@@ -138,7 +128,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = _parse(argv)
     harness.set_threads(args.threads)
-    variants = {"internals": _internals_register_module(), "public": public_register_module,
+    variants = {"internals": _internals_register_module(), "public": models.register_module,
                 "pyro.module": plain_pyro_module}
     variants = {name: fn for name, fn in variants.items() if fn is not None}
     dataset = load_digits()
