@@ -17,11 +17,9 @@ so an interrupted run leaves no half-written file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -245,18 +243,11 @@ class Session:
 
 
 def write_json(path: Path | str, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically: a temporary file in the same folder,
-    renamed over ``path`` once complete."""
-    path = Path(path)
-    text = json.dumps(data, indent=1) + "\n"
-    handle, temporary = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as JSON to ``path`` atomically, by the package's own writer (a temporary
+    file in the same folder, renamed over ``path`` once complete)."""
+    from pyro_vae.io import write_json as package_write_json
+
+    package_write_json(path, data)
 
 
 def format_ratio(ratio: dict[str, Any]) -> str:
