@@ -2,10 +2,12 @@
 second run of the model forced (``DoublyReparameterizedELBO.single_pass = False``).
 
 The three steps (loss, backward, Adam) run on the same network and batch in one process, in
-interleaved rounds whose order rotates, one thread by default; the median CPU seconds per step
-over the rounds is reported with the ratios. The networks are Burda et al.'s MNIST models
-(``--layers 1``: 784-200-200-50; ``--layers 2``: latents 100 and 50) on random binary images,
-or ``--family vampprior`` (one layer, whose prior uses the encoder). Before timing, the single
+interleaved rounds whose order rotates (:mod:`harness`), one thread by default; the median CPU
+seconds per step over the rounds is reported, and each ratio is the median over the rounds of
+the ratio of two steps timed in the same round (its range in the JSON's ``ratios``). The
+networks are Burda et al.'s MNIST models (``--layers 1``: 784-200-200-50; ``--layers 2``:
+latents 100 and 50) on random binary images, or ``--family vampprior`` (one layer, whose prior
+uses the encoder). Before timing, the single
 and the two-run step are checked to give the same loss and gradients on the same random
 numbers (to 1e-5 relative, float32).
 
