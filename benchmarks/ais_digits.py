@@ -21,11 +21,11 @@ import pyro
 import torch
 
 from pyro_vae import ModelConfig, TrainConfig, fit
-from pyro_vae.builtin import evaluation_images
-from pyro_vae.data import load_dataset
+from pyro_vae.data.builtin import evaluation_images
+from pyro_vae.data.images import load_dataset
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.evaluate.ais import ais, bdmc, simulate
-from pyro_vae.io import write_json
+from pyro_vae.util.io import write_json
 
 ROWS = [("meanfield", 1), ("iwae", 5), ("dreg", 5)]
 #: the IWAE paper's one-layer MNIST network

@@ -70,8 +70,8 @@ def _worker(raw: str) -> None:
     import torch
 
     from pyro_vae import fit
-    from pyro_vae.config import TrainConfig
-    from pyro_vae.distributed import current_context
+    from pyro_vae.models.config import TrainConfig
+    from pyro_vae.util.distributed import current_context
 
     spec = json.loads(raw)
     torch.set_num_threads(spec["threads"])
@@ -95,12 +95,12 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from pyro_vae.builtin import build_model
-    from pyro_vae.config import TrainConfig
-    from pyro_vae.data import fixed_binarization, load_dataset
-    from pyro_vae.distributed import all_gather_objects, barrier, init_distributed
-    from pyro_vae.fused import training_loss
+    from pyro_vae.data.builtin import build_model
+    from pyro_vae.data.images import fixed_binarization, load_dataset
+    from pyro_vae.models.config import TrainConfig
     from pyro_vae.train import make_elbo, make_optimizer, svi_step
+    from pyro_vae.train.fused import training_loss
+    from pyro_vae.util.distributed import all_gather_objects, barrier, init_distributed
 
     cuda = spec["device"] == "cuda"
     dist = init_distributed(spec["device"], LAUNCH_TIMEOUT_S)  # CUDA: selects cuda:LOCAL_RANK
@@ -230,7 +230,7 @@ def _compare_ddp(args: argparse.Namespace) -> int:
     print(f"after {result['steps_each']} steps each, the two copies' parameters differ by at most "
           f"{result['max_param_diff']:.2e}")
     if args.out is not None:
-        from pyro_vae.io import write_json
+        from pyro_vae.util.io import write_json
 
         write_json(args.out, {**spec, "world_size": args.world_size,
                               "machine": platform.platform(), "cpu_count": os.cpu_count(),
@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--device cuda runs each process on a GPU of its own: --world-size "
                          f"{args.world_size} needs {args.world_size} CUDA GPU(s), "
                          f"{gpus} visible here")
-    from pyro_vae.data import load_dataset
-    from pyro_vae.errors import PyroVAEError
+    from pyro_vae.data.images import load_dataset
+    from pyro_vae.util.errors import PyroVAEError
 
     try:
         num_train = len(load_dataset(args.dataset, args.data_dir).train)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                      "rounds": values})
         print(f"{name:<44}{rate:>10.2f}{rate * num_train:>11.0f}{rate / baseline:>8.2f}")
     if args.out is not None:
-        from pyro_vae.io import write_json
+        from pyro_vae.util.io import write_json
 
         write_json(args.out, {"dataset": args.dataset, "device": args.device,
                               "threads": args.threads,

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, TrainConfig, load_digits, load_mnist
-from pyro_vae.data import fixed_binarization
+from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset, format_table
 
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),

@@ -1,6 +1,6 @@
 """Is skipping unobserved ``pyro.param`` messages worth reaching into Pyro's internals?
 
-Up to pyro-vae 0.1.0, :func:`pyro_vae.models.register_module` skipped the module's
+Up to pyro-vae 0.1.0, :func:`pyro_vae.models.vae.register_module` skipped the module's
 ``pyro.param`` messages when the store already held its tensors and no effect handler would see
 them (the evaluator and the estimators hide param messages with ``poutine.block``). It found
 that out from Pyro 1.9's private effect-handler stack (``_PYRO_STACK``, ``Message``,
@@ -11,7 +11,7 @@ one process, in interleaved rounds whose order rotates, by swapping the function
 ``internals``
     The skipping version (a copy of the old code, kept here for the comparison).
 ``public``
-    The package's own :func:`pyro_vae.models.register_module`: Pyro's public API only, one
+    The package's own :func:`pyro_vae.models.vae.register_module`: Pyro's public API only, one
     ``pyro.param`` per tensor, re-registered when the store holds another module's tensor
     under the name.
 ``pyro.module``
@@ -43,9 +43,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
-import pyro_vae.models as models
+import pyro_vae.models.vae as models
 from pyro_vae import VAE, load_digits
-from pyro_vae.data import fixed_binarization
+from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
 
 try:

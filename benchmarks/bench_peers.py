@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from pyro_vae import VAE
-from pyro_vae.fused import training_loss
 from pyro_vae.train import make_elbo, svi_step
 from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.fused import training_loss
 
 ROWS = [  # (data dim, hidden, latent, batch, estimator)
     (64, 128, 8, 128, "meanfield"),

@@ -58,11 +58,11 @@ import torch
 from torch import nn
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
-from pyro_vae.batches import resolve_device
-from pyro_vae.config import DEVICES
-from pyro_vae.data import fixed_binarization
-from pyro_vae.fused import training_loss
+from pyro_vae.data.batches import resolve_device
+from pyro_vae.data.images import fixed_binarization
+from pyro_vae.models.config import DEVICES
 from pyro_vae.train import svi_step
+from pyro_vae.train.fused import training_loss
 
 HERE = Path(__file__).resolve().parent
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),

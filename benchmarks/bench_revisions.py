@@ -37,8 +37,8 @@ import json, sys, time
 import torch
 torch.set_num_threads(1)
 from pyro_vae import fit
-from pyro_vae.data import load_digits
-from pyro_vae.models import VAE
+from pyro_vae.data.images import load_digits
+from pyro_vae.models.vae import VAE
 what = sys.argv[1]
 data = load_digits().train.images
 torch.manual_seed(0)

@@ -10,7 +10,7 @@ one process, interleaved so that they share the machine's noise:
     the batch, Adam. This is the floor: no traces, no distribution objects.
 ``fused``
     The step of :func:`pyro_vae.fit` for the package's own VAE: the loss of
-    :func:`pyro_vae.fused.training_loss` (a :class:`~pyro_vae.fused.FusedLoss`, computed from the
+    :func:`pyro_vae.train.fused.training_loss` (a :class:`~pyro_vae.train.fused.FusedLoss`, computed from the
     networks without Pyro's effect handlers) divided by the batch size, Adam, validation off.
 ``traced``
     The general path, which every other model/guide pair and estimator takes (and
@@ -96,12 +96,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, make_elbo
-from pyro_vae.batches import resolve_device
-from pyro_vae.config import DEVICES
-from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.fused import FusedLoss, training_loss
-from pyro_vae.traces import trace_pair
+from pyro_vae.core.traces import trace_pair
+from pyro_vae.data.batches import resolve_device
+from pyro_vae.data.images import Dataset, load_dataset
+from pyro_vae.models.config import DEVICES
 from pyro_vae.train import make_optimizer, svi_step
+from pyro_vae.train.fused import FusedLoss, training_loss
 
 IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
 LABELS = {"torch": "hand-written torch", "fused": "package, fused path",
@@ -124,9 +124,9 @@ LANDMARKS = (
     ("SVI.step", "pyro/infer/svi.py", "step"),
     ("ELBO differentiable_loss", "pyro/infer/trace_elbo.py", "differentiable_loss"),
     ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
-    ("package fused loss", "pyro_vae/fused.py", "__call__"),
+    ("package fused loss", "pyro_vae/train/fused.py", "__call__"),
     ("package estimator differentiable_loss", "pyro_vae/infer/elbo.py", "differentiable_loss"),
-    ("  vectorized_log_probs (particle plate)", "pyro_vae/log_probs.py", "vectorized_log_probs"),
+    ("  vectorized_log_probs (particle plate)", "pyro_vae/core/log_probs.py", "vectorized_log_probs"),
     ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
     ("    run guide, replay model under poutine.trace", "pyro/poutine/trace_messenger.py",
      "get_trace"),
@@ -134,9 +134,9 @@ LANDMARKS = (
     ("    Trace.compute_score_parts", "pyro/poutine/trace_struct.py", "compute_score_parts"),
     ("    pyro.sample", "pyro/primitives.py", "sample"),
     ("    plate messenger", "pyro/poutine/plate_messenger.py", "_process_message"),
-    ("    register_module (pyro.param per weight)", "pyro_vae/models.py", "register_module"),
+    ("    register_module (pyro.param per weight)", "pyro_vae/models/vae.py", "register_module"),
     ("      pyro.param", "pyro/primitives.py", "param"),
-    ("    encoder / decoder forward", "pyro_vae/nets.py", "forward"),
+    ("    encoder / decoder forward", "pyro_vae/models/nets.py", "forward"),
     ("    distribution __init__ (torch)", "torch/distributions/distribution.py", "__init__"),
     ("    kl_divergence", "torch/distributions/kl.py", "kl_divergence"),
     ("    validation: check_model_guide_match", "pyro/util.py", "check_model_guide_match"),
@@ -239,7 +239,7 @@ class Timing:
 
 @functools.cache
 def cached_dataset(name: str, data_dir: str | None) -> Dataset:
-    """:func:`pyro_vae.data.load_dataset`, once per process and arguments: MNIST's files are
+    """:func:`pyro_vae.data.images.load_dataset`, once per process and arguments: MNIST's files are
     read and checksummed once however many benchmarks use them (callers must not modify the
     tensors)."""
     return load_dataset(name, data_dir)
@@ -312,7 +312,7 @@ def _loss_step(model: VAE, batch: torch.Tensor, loss_fn: Callable[[torch.Tensor]
 
 
 def _fused_loss(model: VAE, estimator: Any, elbo: str) -> FusedLoss:
-    """:func:`pyro_vae.fused.training_loss`, which must be the fused one."""
+    """:func:`pyro_vae.train.fused.training_loss`, which must be the fused one."""
     loss_fn = training_loss(model, estimator)
     if not isinstance(loss_fn, FusedLoss):
         raise ValueError(f"the package has no fused loss for this VAE with {elbo!r}")

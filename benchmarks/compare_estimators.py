@@ -96,11 +96,16 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyro_vae import data as data_lib
-from pyro_vae.batches import Batch, TensorSource, as_source, resolve_device
-from pyro_vae.builtin import is_builtin
-from pyro_vae.cli import EXIT_USER_ERROR, OneLineParser, parse_seed
-from pyro_vae.config import (
+from pyro_vae.app.cli import EXIT_USER_ERROR, OneLineParser, parse_seed
+from pyro_vae.core.protocol import check_model, guide_parameters
+from pyro_vae.data import images as data_lib
+from pyro_vae.data.batches import Batch, TensorSource, as_source, resolve_device
+from pyro_vae.data.builtin import is_builtin
+from pyro_vae.data.specs import load_data as load_data_spec
+from pyro_vae.data.specs import load_factory
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
+from pyro_vae.models.config import (
     BINARIZATIONS,
     DATASETS,
     DEVICES,
@@ -109,16 +114,11 @@ from pyro_vae.config import (
     TrainConfig,
     check_seed,
 )
-from pyro_vae.errors import ConfigError, PyroVAEError, TrainingDiverged
-from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
-from pyro_vae.io import atomic_path, write_json, write_text
-from pyro_vae.models import VAE
-from pyro_vae.protocol import check_model, guide_parameters
+from pyro_vae.models.vae import VAE
 from pyro_vae.runs import build_factory_model
-from pyro_vae.specs import load_data as load_data_spec
-from pyro_vae.specs import load_factory
 from pyro_vae.train import Callback, Loop, fit
+from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged
+from pyro_vae.util.io import atomic_path, write_json, write_text
 
 INSIDE_LOG = ("iwae", "dreg")
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -277,7 +277,7 @@ class Data:
     """What every run sees. On the built-in images, tensors: ``train`` the training
     intensities, ``train_eval`` / ``test_eval`` the fixed sets every run is evaluated on (a
     seeded binarization, or the intensities with ``none``). On ``--data``, sources of batches
-    (:func:`pyro_vae.batches.as_source`): ``train`` and ``train_eval`` the training data,
+    (:func:`pyro_vae.data.batches.as_source`): ``train`` and ``train_eval`` the training data,
     ``test_eval`` the test data, all used as they are."""
 
     train: Any
@@ -319,7 +319,7 @@ def load_data(config: BenchmarkConfig, device: torch.device = CPU) -> Data:
 
 def load_user_data(config: BenchmarkConfig, device: torch.device) -> Data:
     """``--data`` and ``--test-data`` read as ``pyro-vae train`` reads them
-    (:func:`pyro_vae.specs.load_data`); the test set is ``--test-data`` or the second part of
+    (:func:`pyro_vae.data.specs.load_data`); the test set is ``--test-data`` or the second part of
     a function's ``(train, test)`` pair, and must exist."""
     train, paired = load_data_spec(config.data)
     test = load_data_spec(config.test_data)[0] if config.test_data is not None else paired
@@ -450,7 +450,7 @@ def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator,
                  batch: torch.Tensor | Batch, draws: int, num_data: int | None = None
                  ) -> dict[str, float]:
     """Mean over parameter elements of |E g| / std g, from ``draws`` gradients at fixed
-    parameters on ``batch`` (a tensor of images or a :class:`~pyro_vae.batches.Batch`), for
+    parameters on ``batch`` (a tensor of images or a :class:`~pyro_vae.data.batches.Batch`), for
     the guide's (encoder) and the model's (decoder) parameters; NaN for a group with no
     element whose draws vary. With ``num_data`` a global latent's term is weighted by the
     batch's share of the data, as in training."""
@@ -896,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"too); default {TrainConfig.binarize}, none with --likelihood gaussian")
     p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
                    help="compare on your own pair, an nn.Module with model/guide methods (see "
-                        "pyro_vae.protocol); MODULE may be a .py file. On the built-in images "
+                        "pyro_vae.core.protocol); MODULE may be a .py file. On the built-in images "
                         "FUNCTION(input_dim, name) builds it; with --data FUNCTION() (no "
                         "arguments, as pyro-vae train calls it)")
     p.add_argument("--traced", action="store_true",

@@ -11,7 +11,7 @@ computes the same quantity on the same random numbers: ``Trace_ELBO`` for ``trac
 
 ``equal``     accepted, and the loss (and, where the quantity is the same, every parameter's
               gradient) equals Pyro's,
-``refused``   a one-line :class:`~pyro_vae.errors.ConfigError`,
+``refused``   a one-line :class:`~pyro_vae.util.errors.ConfigError`,
 ``n/a``       not comparable by design (a different bound: the log of the sum over a guide's
               enumerated values, a score-function baseline, an estimator that needs
               reparameterizable sites; or Pyro refuses the case); run all the same, and
@@ -44,8 +44,8 @@ from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
 from pyro.ops.indexing import Vindex
 from pyro.poutine.plate_messenger import block_plate
 
-from pyro_vae.errors import ConfigError
 from pyro_vae.infer import make_estimator
+from pyro_vae.util.errors import ConfigError
 
 ESTIMATORS = ("trace", "iwae", "meanfield", "stl", "dreg")
 #: importance-weighted bounds with K = 5 inside the log: no Pyro ELBO computes them, so these

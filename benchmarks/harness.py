@@ -245,7 +245,7 @@ class Session:
 def write_json(path: Path | str, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically, by the package's own writer (a temporary
     file in the same folder, renamed over ``path`` once complete)."""
-    from pyro_vae.io import write_json as package_write_json
+    from pyro_vae.util.io import write_json as package_write_json
 
     package_write_json(path, data)
 

@@ -11,7 +11,7 @@ log-likelihood estimated with K = 5000 importance samples. Targets, each within
 
 The model is the package's ``VAE(784, 50, (200, 200), activation="tanh")`` with
 ``initialize_from_data``; the loss is ``make_estimator(name, importance_samples=k)`` through
-:func:`pyro_vae.fused.training_loss` (the fused path for ``meanfield``, the traced one for
+:func:`pyro_vae.train.fused.training_loss` (the fused path for ``meanfield``, the traced one for
 ``iwae`` and ``dreg``), as in :func:`pyro_vae.fit`. That function runs whole epochs and
 evaluates after each, so this script has its own loop around the same step
 (:func:`pyro_vae.train.svi_step`: loss / B, Adam; Pyro validation off), stopped by wall time:
@@ -65,16 +65,16 @@ import pyro
 import torch
 
 from pyro_vae import VAE, PyroVAEError, load_mnist
-from pyro_vae.batches import resolve_device
-from pyro_vae.builtin import TEST_BINARIZATION_OFFSET
-from pyro_vae.config import DEVICES
-from pyro_vae.data import binarize, fixed_binarization
+from pyro_vae.data.batches import resolve_device
+from pyro_vae.data.builtin import TEST_BINARIZATION_OFFSET
+from pyro_vae.data.images import binarize, fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.fused import training_loss
 from pyro_vae.infer import make_estimator
-from pyro_vae.io import write_json
+from pyro_vae.models.config import DEVICES
 from pyro_vae.train import svi_step
+from pyro_vae.train.fused import training_loss
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING as MAX_PLATE_NESTING
+from pyro_vae.util.io import write_json
 
 LATENT_DIM = 50
 HIDDEN = (200, 200)

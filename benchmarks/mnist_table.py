@@ -20,7 +20,7 @@ after every row) with the command that produced it.
         --eval-particles 10 --eval-limit 100 --out /tmp/smoke.json          # a smoke run
 
 ``--row vamp`` trains the one-layer model with the VampPrior (``--pseudo-inputs`` learned
-pseudo-inputs, 500 by default; :mod:`pyro_vae.vampprior`) with ``meanfield``.
+pseudo-inputs, 500 by default; :mod:`pyro_vae.models.vampprior`) with ``meanfield``.
 ``--layers 2`` trains the paper's two-stochastic-layer model (latents 100 and 50, hidden 200-200
 and 100-100); ``--protocol fixed`` the fixed binarized MNIST (``binarized_mnist.npz``, 50 000
 training images, probe on the validation images, test on its 10 000) through the user-data
@@ -54,14 +54,14 @@ from typing import Any
 import torch
 
 from pyro_vae import ModelConfig, PyroVAEError, TrainConfig, fit
-from pyro_vae.builtin import evaluation_images
-from pyro_vae.data import load_binarized_mnist, load_mnist
+from pyro_vae.data.builtin import evaluation_images
+from pyro_vae.data.images import load_binarized_mnist, load_mnist
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.io import write_json
-from pyro_vae.models import VAE
+from pyro_vae.models.vae import VAE
+from pyro_vae.models.vae2 import VAE2
+from pyro_vae.models.vampprior import VampPriorVAE
 from pyro_vae.train import Callback
-from pyro_vae.vae2 import VAE2
-from pyro_vae.vampprior import VampPriorVAE
+from pyro_vae.util.io import write_json
 
 ROWS = {"vae": "meanfield", "iwae": "iwae", "dreg": "dreg", "vamp": "meanfield"}
 TABLE = {  # --row all: (row, k) in the order trained
@@ -143,7 +143,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
                                          config)[:args.probe_images]
         probe = Probe(probe_images, args.probe_particles, args.probe_every)
         if args.limit is not None:  # a smoke run: the first training images only
-            import pyro_vae.builtin as builtin
+            import pyro_vae.data.builtin as builtin
 
             load = builtin.prepare_data
             builtin.prepare_data = lambda *a, **kw: _limited(load(*a, **kw), args.limit)
@@ -210,7 +210,7 @@ def build_network(network: ModelConfig, train: torch.Tensor) -> torch.nn.Module:
 
 
 def _limited(dataset, limit: int):
-    from pyro_vae.data import Dataset, Split
+    from pyro_vae.data.images import Dataset, Split
 
     train = Split(dataset.train.images[:limit], dataset.train.labels[:limit])
     return Dataset(dataset.name, train, dataset.test, dataset.image_shape, dataset.num_classes)

@@ -46,10 +46,10 @@ import pyro_example_models as nets
 from conformance import mixture_model
 
 from pyro_vae import fit
-from pyro_vae.errors import PyroVAEError
+from pyro_vae.core.pairs import PyroPair
 from pyro_vae.evaluate import evaluate
 from pyro_vae.evaluate.ais import ais
-from pyro_vae.pairs import PyroPair
+from pyro_vae.util.errors import PyroVAEError
 
 
 @dataclass

@@ -13,13 +13,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "as_source": "batches", "ModelConfig": "config", "TrainConfig": "config",
-    "Dataset": "data", "Split": "data", "load_dataset": "data", "load_digits": "data",
-    "load_mnist": "data", "CheckpointError": "errors", "ConfigError": "errors",
-    "DataError": "errors", "PyroVAEError": "errors", "TrainingDiverged": "errors",
-    "evaluate_dataset": "evaluate", "VAE": "models", "check_model": "protocol",
+    "as_source": "data.batches", "ModelConfig": "models.config", "TrainConfig": "models.config",
+    "Dataset": "data.images", "Split": "data.images", "load_dataset": "data.images", "load_digits": "data.images",
+    "load_mnist": "data.images", "CheckpointError": "util.errors", "ConfigError": "util.errors",
+    "DataError": "util.errors", "PyroVAEError": "util.errors", "TrainingDiverged": "util.errors",
+    "evaluate_dataset": "evaluate", "VAE": "models.vae", "check_model": "core.protocol",
     "History": "runs", "LoadedRun": "runs", "load_run": "runs", "read_config": "runs",
-    "ParticleLogProbs": "log_probs", "vectorized_log_probs": "log_probs", "Callback": "train",
+    "ParticleLogProbs": "core.log_probs", "vectorized_log_probs": "core.log_probs", "Callback": "train",
     "TrainResult": "train", "fit": "train", "make_elbo": "train",
 }
 

@@ -1,3 +1,3 @@
-from .launch import run
+from pyro_vae.app.launch import run
 
 run()

@@ -35,7 +35,7 @@ def bench(monkeypatch):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished run folder of the smallest command-line run, trained once per module."""
-    from pyro_vae.cli import main
+    from pyro_vae.app.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0

@@ -19,10 +19,13 @@ import pyro
 import torch
 
 from pyro_vae import fit
-from pyro_vae.cli import main
-from pyro_vae.config import ModelConfig, TrainConfig
-from pyro_vae.data import fixed_binarization, load_digits
-from pyro_vae.distributed import (
+from pyro_vae.app.cli import main
+from pyro_vae.data.images import fixed_binarization, load_digits
+from pyro_vae.models.config import ModelConfig, TrainConfig
+from pyro_vae.models.vae import VAE
+from pyro_vae.runs import evaluate_run
+from pyro_vae.train import make_elbo, svi_step
+from pyro_vae.util.distributed import (
     SINGLE,
     DistributedContext,
     average_gradients,
@@ -30,9 +33,6 @@ from pyro_vae.distributed import (
     main_first,
     shard_indices,
 )
-from pyro_vae.evaluate import evaluate_run
-from pyro_vae.models import VAE
-from pyro_vae.train import make_elbo, svi_step
 
 HALF_BATCH = 16
 STEPS = 3
@@ -96,7 +96,7 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
         return shard
 
     # what fit() calls once per epoch: full epochs 1, 2; part epoch 1; resumed epoch 2
-    _replace_in("pyro_vae.batches", "shard_indices", recording_shard_indices)
+    _replace_in("pyro_vae.data.batches", "shard_indices", recording_shard_indices)
     full = fit(config=CONFIG, run_dir=out / "full", progress=False)
     fit(config=CONFIG.replace(epochs=1), run_dir=out / "part", progress=False)
     resumed = fit(config=CONFIG, run_dir=out / "part", resume=True, progress=False)

@@ -113,7 +113,7 @@ def test_reverse_ais_with_the_exact_posterior_as_guide_is_exact():
 def test_the_command_line_writes_ais_estimates_near_importance_sampling(tmp_path, capsys):
     import json
 
-    from pyro_vae.cli import main
+    from pyro_vae.app.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
@@ -155,7 +155,7 @@ def test_enough_annealing_comes_within_a_tenth_of_a_nat_where_importance_samplin
 def test_the_bdmc_command_brackets_log_p_of_data_simulated_from_a_run(tmp_path, capsys):
     import json
 
-    from pyro_vae.cli import main
+    from pyro_vae.app.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
@@ -203,8 +203,8 @@ def test_enumerated_sites_are_summed_out_exactly_with_each_classes_exact_posteri
 def test_reverse_ais_refuses_enumerated_sites_and_ais_refuses_an_unknown_start():
     from test_enumeration import MixtureOfFactorAnalysers, _points
 
-    from pyro_vae.errors import ConfigError
     from pyro_vae.evaluate.ais import reverse_ais
+    from pyro_vae.util.errors import ConfigError
 
     pair, x = MixtureOfFactorAnalysers(), _points(4)
     with pytest.raises(ConfigError, match=r"cannot sum out the enumerated sites \['y'\]"):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from tiny_runs import TINY
 
-from pyro_vae import budget
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
+from pyro_vae.util import budget
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 HUGE = "1000000000"
@@ -419,7 +419,7 @@ def test_a_budget_times_the_first_piece_apart_and_refuses_only_under_a_limit(mon
 
 
 def test_the_reconstruction_rows_are_named_and_the_latent_plot_has_a_legend():
-    from pyro_vae.plots import plot_latent, plot_reconstructions
+    from pyro_vae.app.plots import plot_latent, plot_reconstructions
 
     originals = torch.rand(4, 4)
     inputs = (originals > 0.5).float()
@@ -482,7 +482,7 @@ def test_classify_refuses_batches_the_memory_cannot_hold(cvae_run, capsys):
 
 
 def test_mnist_files_that_are_not_regular_files_are_one_line(tmp_path, capsys):
-    from pyro_vae.data import MNIST_FILES
+    from pyro_vae.data.images import MNIST_FILES
 
     folder = tmp_path / "mnist"
     folder.mkdir()
@@ -498,7 +498,7 @@ def test_mnist_files_that_are_not_regular_files_are_one_line(tmp_path, capsys):
 def test_one_particle_of_a_users_pair_is_measured_by_the_activations_it_saves(files):
     import importlib.util
 
-    from pyro_vae.protocol import pair_activation_bytes
+    from pyro_vae.core.protocol import pair_activation_bytes
 
     spec = importlib.util.spec_from_file_location("pair_for_sizes", files / "pair.py")
     module = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
 from pyro_vae.evaluate import MIN_KHAT_PARTICLES
 
 TINY = ["--epochs", "1", "--batch-size", "256", "--quiet", "--hidden", "16", "--latent-dim", "2"]

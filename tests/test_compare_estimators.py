@@ -19,11 +19,11 @@ from torch import nn
 from user_models import fa_data
 
 import pyro_vae.train.step
-from pyro_vae import data as data_lib
 from pyro_vae import fit
-from pyro_vae.config import TrainConfig
-from pyro_vae.errors import ConfigError
-from pyro_vae.models import VAE
+from pyro_vae.data import images as data_lib
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.models.vae import VAE
+from pyro_vae.util.errors import ConfigError
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 
@@ -545,7 +545,7 @@ def test_bad_data_or_factory_is_one_line_before_any_output(bench, fa_files, tmp_
 
 def test_a_conditional_pair_is_refused_plainly(bench, tmp_path, capsys):
     factory = tmp_path / "conditional.py"
-    factory.write_text("from pyro_vae.cvae import CVAE\n\n\n"
+    factory.write_text("from pyro_vae.models.cvae import CVAE\n\n\n"
                        "def build(input_dim, name):\n"
                        "    return CVAE(input_dim, 10, name=name)\n")
     out = tmp_path / "out"

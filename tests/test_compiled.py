@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from pyro_vae import fit
-from pyro_vae.fused import training_loss
-from pyro_vae.models import VAE
+from pyro_vae.models.vae import VAE
 from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.fused import training_loss
 from pyro_vae.train.step import make_elbo, svi_step
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -205,7 +205,7 @@ def test_an_optimizer_other_than_adam_is_refused_in_one_line():
 
 @needs_compiler
 def test_the_command_line_reports_the_compiled_steps(tmp_path, capsys):
-    from pyro_vae.cli import main
+    from pyro_vae.app.cli import main
 
     argv = ["train", "--epochs", "2", "--batch-size", "512", "--latent-dim", "2", "--hidden",
             "8", "--device", "cpu", "--quiet", "--compile", "--out", str(tmp_path / "run")]

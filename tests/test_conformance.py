@@ -16,9 +16,9 @@ from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
 
 from pyro_vae import fit
-from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import evaluate
 from pyro_vae.infer import make_estimator
+from pyro_vae.util.errors import ConfigError
 
 SUMMING = ("trace", "iwae", "stl", "dreg", "meanfield")
 DATA = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])

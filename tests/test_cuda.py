@@ -15,8 +15,8 @@ from test_performance_paths import FUSED, _Calling, _fused_pair, _loss_and_grads
 
 from pyro_vae import TrainConfig, fit
 from pyro_vae import evaluate as ev
-from pyro_vae.fused import FusedLoss, supports
 from pyro_vae.infer import make_estimator
+from pyro_vae.train.fused import FusedLoss, supports
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

@@ -9,13 +9,13 @@ from pyro import poutine
 from threads import one_thread
 
 from pyro_vae import DataError
-from pyro_vae.classify import class_log_joint, classify
-from pyro_vae.cli import main
-from pyro_vae.cvae import CVAE
-from pyro_vae.data import load_digits
+from pyro_vae.app.classify import class_log_joint, classify
+from pyro_vae.app.cli import main
+from pyro_vae.data.images import load_digits
 from pyro_vae.evaluate import evaluate
 from pyro_vae.infer import make_estimator
-from pyro_vae.nets import MIN_SCALE
+from pyro_vae.models.cvae import CVAE
+from pyro_vae.models.nets import MIN_SCALE
 
 CLASSES, BLOCK = 3, 4
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae import data
-from pyro_vae.errors import DataError
+from pyro_vae.data import images as data
+from pyro_vae.util.errors import DataError
 
 
 def write_idx(path, array, compress=True):

@@ -28,9 +28,11 @@ from distributed_worker import (
 from torch.utils.data import DistributedSampler
 
 from pyro_vae import fit
-from pyro_vae.cli import EXIT_USER_ERROR, main
-from pyro_vae.data import load_digits
-from pyro_vae.distributed import (
+from pyro_vae.app.cli import EXIT_USER_ERROR, main
+from pyro_vae.data.images import load_digits
+from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.runs import CHECKPOINT_FILE, evaluate_run, load_checkpoint
+from pyro_vae.util.distributed import (
     ENV_TIMEOUT,
     EXIT_BROKEN_GROUP,
     MAX_CAUSE_CHARS,
@@ -42,9 +44,7 @@ from pyro_vae.distributed import (
     rank_seed,
     shard_indices,
 )
-from pyro_vae.errors import CheckpointError, ConfigError
-from pyro_vae.evaluate import evaluate_dataset, evaluate_run
-from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
+from pyro_vae.util.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -244,7 +244,7 @@ def test_a_failed_rank_makes_the_others_exit_with_one_clear_message(tmp_path, ho
 
 
 def test_collective_errors_are_cut_at_a_word_boundary(monkeypatch):
-    import pyro_vae.distributed as distributed
+    import pyro_vae.util.distributed as distributed
 
     monkeypatch.setattr(distributed, "_owned_timeout_s", None)
     words = "gloo said something long " * 20

@@ -11,8 +11,8 @@ import torch
 from pyro.infer import config_enumerate
 from torch import nn
 
-from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import evaluate
+from pyro_vae.util.errors import ConfigError
 
 C, D, LATENT = 3, 2, 1
 
@@ -313,7 +313,7 @@ def test_the_command_line_trains_and_evaluates_a_pair_with_a_discrete_latent(
         tmp_path, capsys, factory, elbo):
     import numpy as np
 
-    from pyro_vae.cli import main
+    from pyro_vae.app.cli import main
 
     np.savez(tmp_path / "train.npz", _mixture_data().numpy())
     out = tmp_path / "run"

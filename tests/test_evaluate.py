@@ -17,8 +17,8 @@ from linear_gaussian import LinearGaussian
 from pyro.infer.importance import vectorized_importance_weights
 
 from pyro_vae import evaluate as ev
-from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.evaluate import khat
+from pyro_vae.util.errors import ConfigError, DataError
 
 NUM_SE = 4.0
 
@@ -293,7 +293,7 @@ def test_a_datapoint_alone_reproduces_its_batch_of_one():
     # The documented seed handling: with batch_seed, batch i is drawn after
     # torch.manual_seed(derive_seed(batch_seed, EVAL_BATCH_STREAM, i)); with batch_size=1 that
     # is evaluating each datapoint alone on its own seed, bit for bit.
-    from pyro_vae.distributed import EVAL_BATCH_STREAM, derive_seed
+    from pyro_vae.util.distributed import EVAL_BATCH_STREAM, derive_seed
 
     lg = _wrong_pair()
     x = _data(lg, 5)
@@ -492,7 +492,7 @@ def test_eval_config_rejects_bad_options():
 
 def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
     from pyro_vae import fit
-    from pyro_vae.config import ModelConfig, TrainConfig
+    from pyro_vae.models.config import ModelConfig, TrainConfig
 
     run_dir = tmp_path / "run"
     config = TrainConfig(epochs=1, batch_size=512, device="cpu",

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from pyro_vae import fit
-from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import evaluate, evaluate_dataset, format_table
 from pyro_vae.train import Callback
+from pyro_vae.util.errors import ConfigError
 
 D, LATENT, PRIOR_SCALE, NOISE = 3, 2, 2.0, 0.5
 DTYPE = torch.float64

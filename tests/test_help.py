@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from pyro_vae.cli import main
-from pyro_vae.config import ELBOS
-from pyro_vae.errors import ConfigError
-from pyro_vae.evaluate import EvalConfig
+from pyro_vae.app.cli import main
 from pyro_vae.infer import make_estimator
+from pyro_vae.models.config import ELBOS
+from pyro_vae.runs import EvalConfig
+from pyro_vae.util.errors import ConfigError
 
 COMMANDS = ("train", "sample", "evaluate", "classify", "transfer", "bdmc")
 

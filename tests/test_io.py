@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from pyro_vae.io import atomic_path, write_json, write_text
+from pyro_vae.util.io import atomic_path, write_json, write_text
 
 
 @pytest.fixture

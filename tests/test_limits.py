@@ -13,10 +13,10 @@ import pytest
 import torch
 from tiny_runs import TINY
 
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
 from pyro_vae.evaluate.khat import ParetoTail, arviz_module, pareto_khat, tail_size
-from pyro_vae.io import WriteError, write_in_child
-from pyro_vae.memory import (
+from pyro_vae.util.io import WriteError, write_in_child
+from pyro_vae.util.memory import (
     MemoryLimitError,
     format_bytes,
     is_allocation_failure,

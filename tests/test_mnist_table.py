@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.data import load_binarized_mnist
-from pyro_vae.errors import DataError
+from pyro_vae.data.images import load_binarized_mnist
+from pyro_vae.util.errors import DataError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_table.py"
 
@@ -113,7 +113,7 @@ def test_the_vampprior_row_on_the_fixed_protocol(fake_dir, tmp_path):
 def test_the_gpu_rows_driver_runs_every_one_layer_row_and_pairs_them(tmp_path, monkeypatch,
                                                                       capsys):
     """The GPU script's code path, on a CPU with a tiny fake MNIST (the loader is replaced)."""
-    from pyro_vae.data import Dataset, Split
+    from pyro_vae.data.images import Dataset, Split
 
     g = torch.Generator().manual_seed(0)
     fake = Dataset("mnist", Split(torch.rand(64, 784, generator=g), torch.zeros(64).long()),
@@ -150,7 +150,7 @@ import time
 start = time.time()
 import importlib.util, sys
 import torch
-from pyro_vae.data import Dataset, Split
+from pyro_vae.data.images import Dataset, Split
 spec = importlib.util.spec_from_file_location("mnist_gpu_budget", {script!r})
 budget = importlib.util.module_from_spec(spec)
 sys.modules["mnist_gpu_budget"] = budget

@@ -7,10 +7,10 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from pyro_vae import VAE, ConfigError, ModelConfig, TrainConfig, fit
-from pyro_vae.builtin import build_model, evaluation_images, model_args, prepare_data
+from pyro_vae.data.builtin import build_model, evaluation_images, model_args, prepare_data
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.infer import ESTIMATORS, make_estimator
-from pyro_vae.vae2 import VAE2
+from pyro_vae.models.vae2 import VAE2
 
 D, LATENT = 10, 3
 

@@ -5,7 +5,7 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, ConfigError
-from pyro_vae.log_probs import vectorized_log_probs
+from pyro_vae.core.log_probs import vectorized_log_probs
 
 D, LATENT, N = 12, 3, 5
 
@@ -130,9 +130,9 @@ def test_bad_model_arguments():
 @pytest.mark.parametrize("family", ["vae", "cvae", "vae2"])
 def test_model_and_guide_refuse_bad_images_through_pyros_svi(family, bad, message):
     """A single image without its batch dimension would otherwise be read as D datapoints."""
-    from pyro_vae.cvae import CVAE
-    from pyro_vae.errors import DataError
-    from pyro_vae.vae2 import VAE2
+    from pyro_vae.models.cvae import CVAE
+    from pyro_vae.models.vae2 import VAE2
+    from pyro_vae.util.errors import DataError
 
     pyro.clear_param_store()
     x = torch.bernoulli(torch.full((N, D), 0.3))

@@ -14,15 +14,15 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyro_vae import VAE, ConfigError, TrainConfig, fit
-from pyro_vae.builtin import evaluation_images, prepare_data
-from pyro_vae.cli import EXIT_USER_ERROR, main
-from pyro_vae.cvae import CVAE
-from pyro_vae.errors import CheckpointError
+from pyro_vae.app.cli import EXIT_USER_ERROR, main
+from pyro_vae.core.protocol import check_model
+from pyro_vae.data.builtin import evaluation_images, prepare_data
+from pyro_vae.data.specs import load_factory
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.protocol import check_model
+from pyro_vae.models.cvae import CVAE
+from pyro_vae.models.vae2 import VAE2
 from pyro_vae.runs import MODEL_CLASS_KEY, load_run, read_config
-from pyro_vae.specs import load_factory
-from pyro_vae.vae2 import VAE2
+from pyro_vae.util.errors import CheckpointError
 
 
 class MixturePriorVAE(nn.Module):
@@ -236,10 +236,10 @@ def test_train_checks_a_users_pair_before_training():
 
 
 def test_factories_are_loaded_from_a_module_or_a_file(tmp_path):
-    assert load_factory("pyro_vae.models:VAE").__name__ == "VAE"
+    assert load_factory("pyro_vae.models.vae:VAE").__name__ == "VAE"
     assert load_factory(f"{Path(__file__).resolve()}:build")(64, "m").name == "m"
     for spec, message in [("no-colon", "MODULE:FUNCTION"), ("nonexistent_mod_xyz:f", "import"),
-                          ("pyro_vae.models:nothing", "no callable"),
+                          ("pyro_vae.models.vae:nothing", "no callable"),
                           (f"{tmp_path}/missing.py:f", "no file")]:
         with pytest.raises(ConfigError, match=message):
             load_factory(spec)

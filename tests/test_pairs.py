@@ -15,11 +15,11 @@ from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoNormal
 from user_models import FactorAnalysis, fa_data, fa_guide, fa_model
 
 from pyro_vae import fit
-from pyro_vae.cli import main
-from pyro_vae.errors import ConfigError
+from pyro_vae.app.cli import main
+from pyro_vae.core.pairs import PyroPair
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.pairs import PyroPair
 from pyro_vae.runs import load_run
+from pyro_vae.util.errors import ConfigError
 
 USER_MODELS = str(Path(__file__).with_name("user_models.py"))
 

@@ -13,8 +13,8 @@ from pyro import poutine
 from torch import nn
 
 from pyro_vae import VAE
+from pyro_vae.core.vectorization import particle_mismatch
 from pyro_vae.evaluate import evaluate, evaluate_dataset
-from pyro_vae.vectorization import particle_mismatch
 
 N, D, LATENT, K = 12, 6, 3, 7
 
@@ -178,8 +178,8 @@ def test_one_draw_per_step_needs_no_particle_dimension_and_matches_plain_pyro(na
 @pytest.mark.parametrize("pair_class", [SoftmaxOverRows, BatchNormDecoder, MaskIndexing])
 def test_several_draws_per_step_are_refused_for_networks_that_see_them(name, options,
                                                                        pair_class):
-    from pyro_vae.errors import ConfigError
     from pyro_vae.infer import make_estimator
+    from pyro_vae.util.errors import ConfigError
 
     torch.manual_seed(0)
     pair, x = pair_class().eval(), _data(pair_class is SoftmaxOverRows)
@@ -190,7 +190,7 @@ def test_several_draws_per_step_are_refused_for_networks_that_see_them(name, opt
 
 def test_fit_trains_such_a_pair_with_one_draw_and_scores_it_one_particle_at_a_time():
     from pyro_vae import fit
-    from pyro_vae.errors import ConfigError
+    from pyro_vae.util.errors import ConfigError
 
     x = _data(True)
     torch.manual_seed(0)
@@ -204,8 +204,8 @@ def test_fit_trains_such_a_pair_with_one_draw_and_scores_it_one_particle_at_a_ti
 
 @pytest.mark.parametrize("name", ["stl", "dreg"])
 def test_estimators_that_replay_the_guide_refuse_active_dropout(name):
-    from pyro_vae.errors import ConfigError
     from pyro_vae.infer import make_estimator
+    from pyro_vae.util.errors import ConfigError
 
     class DropoutGuide(BatchNormDecoder):
         def __init__(self):
@@ -301,8 +301,8 @@ def test_ais_refuses_in_one_line_the_pairs_the_evaluator_scores_one_particle_at_
     """AIS runs each datapoint's chains as a particle plate: a pair whose networks see that
     dimension would be annealed on wrong densities (or crash inside the network), so it is
     refused where the evaluator falls back to one particle per call."""
-    from pyro_vae.errors import ConfigError
     from pyro_vae.evaluate.ais import ais
+    from pyro_vae.util.errors import ConfigError
 
     torch.manual_seed(0)
     pair, x = pair_class().eval(), _data(counts)

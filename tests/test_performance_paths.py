@@ -5,7 +5,7 @@ Two shortcuts make the package's training step cheaper (``docs/performance.rst``
 * a single draw (P·K = 1) is traced without the particle plate, and each estimator computes
   only the log-densities it needs (``meanfield``: log p(x|z) and the KL);
 * the package's own VAE with the ``trace`` or ``meanfield`` estimator and one draw is trained
-  with a fused loss computed straight from its networks (:mod:`pyro_vae.fused`).
+  with a fused loss computed straight from its networks (:mod:`pyro_vae.train.fused`).
 
 Each test states an equivalence: the same random draws give bit-identical losses and
 gradients with and without the particle plate and with and without the fused loss, Pyro's own
@@ -30,11 +30,11 @@ from threads import one_thread
 from torch import nn
 
 from pyro_vae import VAE, TrainConfig, fit
-from pyro_vae.cvae import CVAE
-from pyro_vae.fused import FusedLoss, supports, training_loss
 from pyro_vae.infer import ESTIMATORS, ELBOEstimator, LinearWarmup, make_estimator
-from pyro_vae.models import register_module
-from pyro_vae.vae2 import VAE2
+from pyro_vae.models.cvae import CVAE
+from pyro_vae.models.vae import register_module
+from pyro_vae.models.vae2 import VAE2
+from pyro_vae.train.fused import FusedLoss, supports, training_loss
 
 D, LATENT, N = 12, 3, 7
 STOCK = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_runs import TINY
 
-from pyro_vae.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from pyro_vae.app.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from pyro_vae.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -24,7 +24,7 @@ from pyro_vae.runs import (
     load_checkpoint,
 )
 from pyro_vae.runs.lock import lock_holder
-from pyro_vae.tempnames import temporary_name, this_process, writer_of
+from pyro_vae.util.tempnames import temporary_name, this_process, writer_of
 
 
 def exit_status(argv) -> int:
@@ -89,7 +89,7 @@ def test_a_foreign_lock_in_a_run_folder_stops_resume_and_stays(run_dir, capsys):
 
 def test_an_empty_lock_file_is_foreign_once_no_creator_fills_it(tmp_path, monkeypatch):
     import pyro_vae.runs.lock as lock_module
-    from pyro_vae.errors import CheckpointError
+    from pyro_vae.util.errors import CheckpointError
 
     monkeypatch.setattr(lock_module, "EMPTY_LOCK_WAIT_S", 0.05)
     (tmp_path / LOCK_FILE).write_bytes(b"")
@@ -117,7 +117,7 @@ LOOK_ALIKES = [f".{CHECKPOINT_FILE}.backup.tmp", f".{HISTORY_FILE}.mine1234.tmp"
 
 
 def test_temporary_names_name_their_writer_and_fit_the_file_system():
-    from pyro_vae.tempnames import Writer
+    from pyro_vae.util.tempnames import Writer
 
     me = this_process()
     name = temporary_name("x" * 250)
@@ -164,7 +164,7 @@ def _cvae_run(tmp_path) -> Path:
 ])
 def test_every_command_sweeps_what_a_killed_writer_left_and_writes_single_temporaries(
         run_dir, tmp_path, monkeypatch, argv, targets, result):
-    import pyro_vae.tempnames as tempnames
+    import pyro_vae.util.tempnames as tempnames
 
     folder = _cvae_run(tmp_path) if "{cvae}" in argv else run_dir
     argv = [arg.format(run=run_dir, cvae=folder) for arg in argv]
@@ -302,8 +302,8 @@ def test_a_signal_during_a_checkpoint_write_is_one_line_and_keeps_the_last_set(
 
 
 def test_resuming_a_finished_run_does_nothing(run_dir, monkeypatch, capsys):
+    import pyro_vae.app.plots as plots
     import pyro_vae.evaluate as evaluate
-    import pyro_vae.plots as plots
     import pyro_vae.train as train
 
     calls = []
@@ -360,7 +360,7 @@ def test_an_unheld_write_interrupted_inside_a_library_raises_the_interruption(tm
     with the error of the library whose callback it interrupted."""
     import torch
 
-    from pyro_vae.io import atomic_path
+    from pyro_vae.util.io import atomic_path
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

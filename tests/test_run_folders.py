@@ -18,8 +18,7 @@ import torch
 from tiny_runs import TINY
 
 from pyro_vae import fit
-from pyro_vae.cli import EXIT_TERMINATED, main
-from pyro_vae.errors import CheckpointError
+from pyro_vae.app.cli import EXIT_TERMINATED, main
 from pyro_vae.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -31,7 +30,8 @@ from pyro_vae.runs import (
     read_run_config,
 )
 from pyro_vae.runs.lock import lock_holder, lock_text
-from pyro_vae.tempnames import Writer, host_tag, temporary_name, this_process
+from pyro_vae.util.errors import CheckpointError
+from pyro_vae.util.tempnames import Writer, host_tag, temporary_name, this_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,7 +294,7 @@ def test_sigterm_ends_training_in_one_line_and_leaves_a_resumable_folder(tmp_pat
 
 
 def test_a_signal_during_the_renames_waits_for_the_whole_set(tmp_path, monkeypatch):
-    from pyro_vae.io import atomic_files
+    from pyro_vae.util.io import atomic_files
 
     # Ctrl-C raises KeyboardInterrupt in an interactive process; one started in the
     # background (``cmd &``, nohup) inherits SIGINT ignored, so give it Python's handler
@@ -347,7 +347,7 @@ def _safetensors_no_space(tensors, path):
     ("torch.save", _no_space, CHECKPOINT_FILE),
     ("torch.save", _torch_no_space, CHECKPOINT_FILE),
     ("safetensors.torch.save_file", _safetensors_no_space, WEIGHTS_FILE),
-    ("pyro_vae.io._write_text", _no_space, CONFIG_FILE),
+    ("pyro_vae.util.io._write_text", _no_space, CONFIG_FILE),
 ])
 def test_a_full_disk_while_checkpointing_keeps_the_last_complete_epoch(
         run_dir, monkeypatch, capsys, target, writer, failing):
@@ -390,7 +390,7 @@ def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(run_dir, mon
 
     with monkeypatch.context() as patch:
         patch.setattr(EvaluationResult, "to_inference_data", lambda self: Unwritable())
-        patch.setattr("pyro_vae.io._free_bytes", lambda folder: 0)
+        patch.setattr("pyro_vae.util.io._free_bytes", lambda folder: 0)
         assert exit_status([*argv[:3], "40", *argv[4:]]) == 2
     assert (f"cannot write {run_dir / 'eval-test.nc'}: no space left on device"
             in one_line(capsys))

@@ -5,8 +5,8 @@ import torch
 from pyro import poutine
 
 from pyro_vae import ConfigError
-from pyro_vae.log_probs import vectorized_log_probs
-from pyro_vae.traces import compact_distribution, detach_distribution, site_log_prob
+from pyro_vae.core.log_probs import vectorized_log_probs
+from pyro_vae.core.traces import compact_distribution, detach_distribution, site_log_prob
 
 
 def conjugate_pair(mask=None):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pyro_vae import VAE, ConfigError, TrainConfig, TrainingDiverged, fit, load_run
-from pyro_vae.errors import CheckpointError
 from pyro_vae.runs import CHECKPOINT_FILE, load_checkpoint
+from pyro_vae.util.errors import CheckpointError
 
 TINY = TrainConfig(epochs=2, batch_size=128, eval_particles=2)
 

@@ -25,9 +25,9 @@ from user_models import (
 )
 
 from pyro_vae import ConfigError, TrainConfig, as_source, check_model, fit, load_run
-from pyro_vae.cli import EXIT_USER_ERROR, main
-from pyro_vae.errors import DataError
+from pyro_vae.app.cli import EXIT_USER_ERROR, main
 from pyro_vae.evaluate import evaluate_dataset
+from pyro_vae.util.errors import DataError
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 FA_TOLERANCE = 0.02  # nats per datapoint

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pyro_vae import fit
-from pyro_vae.cli import main
-from pyro_vae.errors import ConfigError
+from pyro_vae.app.cli import main
 from pyro_vae.evaluate import evaluate
-from pyro_vae.vampprior import PseudoInputMixture, VampPriorVAE
+from pyro_vae.models.vampprior import PseudoInputMixture, VampPriorVAE
+from pyro_vae.util.errors import ConfigError
 
 
 def _reference(loc, scale):
@@ -77,7 +77,7 @@ def test_every_estimator_trains_the_pseudo_inputs_and_the_evaluator_scores_it(el
 def test_a_vampprior_with_one_pseudo_input_at_a_standard_normal_encoding_is_the_vae():
     """M = 1 and an encoder that maps every input to N(0, I): the prior is N(0, I), and the
     model's log-density is the plain VAE's."""
-    from pyro_vae.models import VAE
+    from pyro_vae.models.vae import VAE
 
     torch.manual_seed(0)
     vamp = VampPriorVAE(6, latent_dim=2, hidden=(4,), pseudo_inputs=1, scale_fn="exp")

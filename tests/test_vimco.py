@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_vae.errors import ConfigError
 from pyro_vae.infer import VIMCO
 from pyro_vae.train import make_elbo
+from pyro_vae.util.errors import ConfigError
 
 X = torch.tensor([0.5, -1.0])
 K = 3

@@ -2,7 +2,7 @@ r"""Evaluation from traces: importance-weighted log p̂(x), ELBO, gap, ESS and P
 
 For any Pyro model/guide pair whose sample sites all lie in one data plate, K particles
 z_k ~ q(z|x) give per-datapoint log-weights log w_k = log p(x, z_k) − log q(z_k|x)
-(:func:`pyro_vae.log_probs.vectorized_log_probs`). From them, for every datapoint:
+(:func:`pyro_vae.core.log_probs.vectorized_log_probs`). From them, for every datapoint:
 
 .. math::
 
@@ -38,13 +38,24 @@ draws are unchanged); the particle chunks run unvalidated, as they see the same 
 parameters. Non-finite log-weights raise :class:`EvaluationError`.
 """
 
-from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, khat_reading, pareto_khat
-from .results import INFERENCE_DATA_GROUP, METRICS, EvaluationResult, format_table, save_evaluation
-from .run import KEEP_LOG_WEIGHTS_MAX, SPLITS, EvalConfig, evaluate_run
-from .weights import EvaluationError, evaluate, evaluate_dataset, log_weights, weight_statistics
+from pyro_vae.evaluate.khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, khat_reading, pareto_khat
+from pyro_vae.evaluate.results import (
+    INFERENCE_DATA_GROUP,
+    METRICS,
+    EvaluationResult,
+    format_table,
+    save_evaluation,
+)
+from pyro_vae.evaluate.weights import (
+    EvaluationError,
+    evaluate,
+    evaluate_dataset,
+    log_weights,
+    weight_statistics,
+)
 
-__all__ = ["EvalConfig", "EvaluationError", "EvaluationResult", "INFERENCE_DATA_GROUP",
-           "KEEP_LOG_WEIGHTS_MAX", "KHAT_GOOD", "KHAT_OK", "METRICS", "MIN_KHAT_PARTICLES",
-           "SPLITS", "evaluate", "evaluate_dataset", "evaluate_run", "format_table",
+__all__ = ["EvaluationError", "EvaluationResult", "INFERENCE_DATA_GROUP",
+           "KHAT_GOOD", "KHAT_OK", "METRICS", "MIN_KHAT_PARTICLES",
+           "evaluate", "evaluate_dataset", "format_table",
            "khat_reading", "log_weights", "pareto_khat", "save_evaluation",
            "weight_statistics"]

@@ -37,7 +37,7 @@ with its observed sites hidden is the starting density; it must draw every laten
 does). It needs no guide at all, at the price of more steps: the prior is usually far from the
 posterior. With global latents it is refused (their draw would come from the prior).
 
-Guide sites marked for enumeration (:mod:`pyro_vae.enumeration`) are summed out as the
+Guide sites marked for enumeration (:mod:`pyro_vae.core.enumeration`) are summed out as the
 evaluator sums them: AIS runs once per configuration c, with c fixed in model and guide, each
 chain's weight estimating p(x, c); chain j's weights are summed over c, so
 Σ_c w_jc is unbiased for p(x). Reverse AIS starts from an exact draw of the continuous latents
@@ -57,13 +57,14 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
-from .. import budget, enumeration
-from ..batches import as_source
-from ..errors import ConfigError
-from ..log_probs import vectorized_log_probs
-from ..traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting
-from ..vectorization import particle_mismatch
-from .khat import MIN_KHAT_PARTICLES, pareto_khat
+from pyro_vae.core import enumeration
+from pyro_vae.core.log_probs import vectorized_log_probs
+from pyro_vae.core.traces import PARTICLE_PLATE, global_latents, guess_max_plate_nesting
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.data.batches import as_source
+from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, pareto_khat
+from pyro_vae.util import budget
+from pyro_vae.util.errors import ConfigError
 
 SIGMOID_SHARPNESS = 4.0
 STEP_GROWTH, STEP_SHRINK = 1.05, 0.95
@@ -100,7 +101,7 @@ class AISResult:
 
         import xarray as xr
 
-        from .khat import arviz_module
+        from pyro_vae.evaluate.khat import arviz_module
 
         data_vars = {name: (("datapoint",), getattr(self, name).numpy())
                      for name in ("log_px", "stderr", "ess", "accept")}
@@ -318,7 +319,7 @@ def _forward_ais(model: Callable, guide: Callable, source: Any, *, num_chains: i
 def _check_chains(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int,
                   data_plate: str | None) -> None:
     """Refuse, in one line, a pair whose networks see the chains' particle dimension
-    (:func:`~pyro_vae.vectorization.particle_mismatch`, on a fork of the random state): the
+    (:func:`~pyro_vae.core.vectorization.particle_mismatch`, on a fork of the random state): the
     evaluator scores such a pair one particle at a time, AIS has its chains only as a plate."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False), \

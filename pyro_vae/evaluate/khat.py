@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from pyro_vae.util.errors import ConfigError
 
 KHAT_GOOD = 0.5
 KHAT_OK = 0.7

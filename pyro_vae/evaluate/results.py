@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..io import atomic_files, write_in_child
-from .khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, arviz_module
+from pyro_vae.evaluate.khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, arviz_module
+from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.io import atomic_files, write_in_child
 
 METRICS = ("log_px", "elbo", "gap", "var_log_w", "ess")
 INFERENCE_DATA_GROUP = "evaluation"
@@ -118,7 +118,7 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
 
 def write_netcdf(inference_data: Any, path: Path) -> None:
     """The netCDF file, written in a child process: the HDF5 library can crash the process
-    that writes onto a full disk, which here becomes one :class:`~pyro_vae.io.WriteError`."""
+    that writes onto a full disk, which here becomes one :class:`~pyro_vae.util.io.WriteError`."""
     write_in_child(lambda: inference_data.to_netcdf(str(path)), path)
 
 
@@ -127,7 +127,7 @@ def save_evaluation(result: EvaluationResult, folder: str | Path, split: str,
     """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
     ``khat-<split>.png`` into ``folder`` as one set (each to a temporary file, all renamed at
     the end: a failed write, such as a full disk, leaves the previous evaluation's files and
-    raises :class:`~pyro_vae.io.WriteError`); return their paths by kind. Without k-hat an
+    raises :class:`~pyro_vae.util.io.WriteError`); return their paths by kind. Without k-hat an
     older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
     folder = Path(folder)
     paths = {"json": folder / f"eval-{split}.json", "netcdf": folder / f"eval-{split}.nc",
@@ -176,7 +176,7 @@ class EvaluationResult:
     ``log_weights`` is ``[K, N]`` when kept, else ``None``. ``paths`` names the files
     :func:`evaluate_run` wrote, by kind (empty otherwise). ``vectorized`` is ``False`` when the
     particles were drawn one call at a time because the pair's networks see a particle
-    dimension (:mod:`pyro_vae.vectorization`).
+    dimension (:mod:`pyro_vae.core.vectorization`).
 
     With global latents θ (sites outside the data plate), each particle draws θ_k ~ q(θ) once
     and its datapoints share it: ``log_px`` then estimates the predictive

@@ -16,21 +16,21 @@ import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 
-from .. import budget
-from ..batches import as_source, floating_tensors
-from ..distributed import (
+from pyro_vae.core.log_probs import vectorized_log_probs
+from pyro_vae.core.traces import guess_max_plate_nesting
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.data.batches import as_source, floating_tensors
+from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
+from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
+from pyro_vae.util import budget
+from pyro_vae.util.distributed import (
     EVAL_BATCH_STREAM,
     SINGLE,
     DistributedContext,
     all_gather_objects,
     derive_seed,
 )
-from ..errors import ConfigError, DataError, PyroVAEError
-from ..log_probs import vectorized_log_probs
-from ..traces import guess_max_plate_nesting
-from ..vectorization import particle_mismatch
-from .khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
-from .results import EvaluationResult, GlobalTerm
+from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError
 
 
 class Chunk(NamedTuple):
@@ -202,7 +202,7 @@ def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int
     unless ``data_plate`` names it. Gradients are not recorded.
 
     :raises ConfigError: if no plate contains every sample site (see
-        :func:`pyro_vae.traces.find_data_plate`).
+        :func:`pyro_vae.core.traces.find_data_plate`).
     """
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
@@ -261,7 +261,7 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
 
 def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                   max_plate_nesting: int, data_plate: str | None, whole: bool = False) -> bool:
-    """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.vectorization`),
+    """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.core.vectorization`),
     probed on a fork of the random state so the evaluation's draws are unchanged."""
     with forked_rng(), pyro.validation_enabled(False):
         return particle_mismatch(model, guide, args, kwargs, max_plate_nesting=max_plate_nesting,
@@ -300,7 +300,7 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     The module behind ``model`` and ``guide`` (when they are its bound methods) runs in eval
     mode (dropout off, batch norm on its running statistics) and gets its mode back at the end.
     Particles are drawn in one vectorized call unless a probe finds that the pair's networks
-    see the particle dimension (:func:`pyro_vae.vectorization.particle_mismatch`); then one
+    see the particle dimension (:func:`pyro_vae.core.vectorization.particle_mismatch`); then one
     call per particle, K times slower, and the result says ``vectorized = False``.
 
     A pair with no plate that holds every observed site is scored as one datapoint, the
@@ -336,7 +336,7 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
                      **kwargs: Any) -> EvaluationResult:
     """Evaluate a pair batch by batch: ``model(*batch_args, **batch_kwargs, **kwargs)``.
 
-    ``data`` takes every form the training engine takes (:func:`pyro_vae.batches.as_source`):
+    ``data`` takes every form the training engine takes (:func:`pyro_vae.data.batches.as_source`):
     a tensor or array, a tuple/list of them (positional arguments) or a dict (keyword
     arguments), sliced along their first dimension into batches of ``batch_size`` rows; a
     map-style Dataset collated by ``collate_fn``; or a DataLoader, whose own batches are used.
@@ -348,14 +348,14 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     parameters, so batching changes which particles are drawn but not their distribution.
 
     With ``batch_seed`` batch i draws from torch's generator seeded with
-    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)`` (:func:`pyro_vae.distributed.derive_seed`;
+    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)`` (:func:`pyro_vae.util.distributed.derive_seed`;
     on a fork: the caller's random state is left alone), so each batch's numbers depend only on
     the seed, ``batch_size``, ``particle_chunk`` and the batch's own data; with ``batch_size=1``
     datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
     ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
     no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a
     ``dist`` of several ranks
-    (:func:`~pyro_vae.distributed.init_distributed`), which needs ``batch_seed``, rank r
+    (:func:`~pyro_vae.util.distributed.init_distributed`), which needs ``batch_seed``, rank r
     evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
     per datapoint to a single process's with the same ``batch_seed``.
     """

@@ -16,7 +16,7 @@ name           class (module)                           bound; gradient
                (``dreg``)
 =============  =======================================  =========================================
 
-The shared machinery: :mod:`pyro_vae.particles` draws the particles and reads their
+The shared machinery: :mod:`pyro_vae.core.particles` draws the particles and reads their
 log-densities (which latents count, scale factors, enumeration; the evaluator reads the same
 draws), :mod:`pyro_vae.infer.elbo` holds the base
 class :class:`ELBOEstimator` (losses, surrogates, the stop-gradient score term),
@@ -24,7 +24,7 @@ class :class:`ELBOEstimator` (losses, surrogates, the stop-gradient score term),
 :mod:`pyro_vae.infer.schedule` the KL warm-up (:class:`LinearWarmup`).
 
 Every estimator works from per-particle, per-datapoint log-densities (the data plate is kept, see
-:func:`pyro_vae.particles.draw_particles`): the log-likelihood (observed model sites), the
+:func:`pyro_vae.core.particles.draw_particles`): the log-likelihood (observed model sites), the
 log-prior (the model's latent sites that the guide samples) and log q (latent guide sites).
 With a rate weight β they combine into the β-weighted log-weight of one draw z ~ q(z|x),
 
@@ -45,15 +45,15 @@ in Pyro. Gradients come from a *surrogate* whose value equals the loss and whose
 the estimator's.
 """
 
-from .dreg import DoublyReparameterizedELBO
-from .elbo import ELBOEstimator, beta_log_weight, importance_weighted_bound
-from .iwae import ImportanceWeightedELBO
-from .meanfield_elbo import MeanFieldELBO
-from .registry import ALL_ESTIMATORS, ESTIMATORS, make_estimator
-from .schedule import LinearWarmup
-from .stl import StickingTheLandingELBO
-from .trace_elbo import TraceELBO
-from .vimco import VIMCO
+from pyro_vae.infer.dreg import DoublyReparameterizedELBO
+from pyro_vae.infer.elbo import ELBOEstimator, beta_log_weight, importance_weighted_bound
+from pyro_vae.infer.iwae import ImportanceWeightedELBO
+from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
+from pyro_vae.infer.registry import ALL_ESTIMATORS, ESTIMATORS, make_estimator
+from pyro_vae.infer.schedule import LinearWarmup
+from pyro_vae.infer.stl import StickingTheLandingELBO
+from pyro_vae.infer.trace_elbo import TraceELBO
+from pyro_vae.infer.vimco import VIMCO
 
 __all__ = ["ALL_ESTIMATORS", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator",
            "ImportanceWeightedELBO",

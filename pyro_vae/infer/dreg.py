@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 
-from ..particles import Particles
-from ..traces import latent_sites
-from .elbo import ELBOEstimator, beta_log_weight, weighted
+from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import latent_sites
+from pyro_vae.infer.elbo import ELBOEstimator, beta_log_weight, weighted
 
 
 class DoublyReparameterizedELBO(ELBOEstimator):

@@ -29,19 +29,19 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
-from ..enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
-from ..errors import ConfigError, PyroVAEError
-from ..module_state import running_statistics_kept
-from ..particles import Particles, draw_particles
-from ..traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
-from ..vectorization import particle_mismatch
-from .pair_checks import (
+from pyro_vae.core.enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
+from pyro_vae.core.particles import Particles, draw_particles
+from pyro_vae.core.traces import PARTICLE_PLATE, guess_max_plate_nesting, latent_sites, trace_pair
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.infer.pair_checks import (
     check_estimable,
     check_no_active_dropout,
     cuda_devices,
     pair_key,
     same_subsample,
 )
+from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util.module_state import running_statistics_kept
 
 
 def weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class ELBOEstimator(ELBO):
     :param max_plate_nesting: the number of nested plates of the model and guide; guessed by
         running them once (and then kept) when ``None``. Particles are one plate further left.
     :param data_plate: the name of the plate that indexes datapoints, where several plates
-        hold every site; ``None`` finds it (:func:`pyro_vae.traces.find_data_plate`).
+        hold every site; ``None`` finds it (:func:`pyro_vae.core.traces.find_data_plate`).
     """
 
     name: ClassVar[str] = ""
@@ -111,7 +111,7 @@ class ELBOEstimator(ELBO):
     #: same output twice, so a module in train mode with active dropout is refused.
     needs_deterministic_guide: ClassVar[bool] = False
     #: whether guide sites marked for enumeration are summed out inside the log-weight
-    #: (:mod:`pyro_vae.enumeration`); the others refuse such a guide
+    #: (:mod:`pyro_vae.core.enumeration`); the others refuse such a guide
     sums_enumerated: ClassVar[bool] = False
     #: whether guide sites marked for enumeration are enumerated in parallel, as Pyro's
     #: ``TraceEnum_ELBO`` does (one run, every value along a dimension of its own, summed
@@ -220,7 +220,7 @@ class ELBOEstimator(ELBO):
     def _check_vectorizable(self, model: Callable, guide: Callable, args: tuple,
                             kwargs: dict) -> None:
         """Refuse, once per pair, networks that see the particle dimension
-        (:func:`pyro_vae.vectorization.particle_mismatch`, on a fork of the random state)."""
+        (:func:`pyro_vae.core.vectorization.particle_mismatch`, on a fork of the random state)."""
         key = pair_key(model, guide)
         if key in self._vectorizable:
             return

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .elbo import ELBOEstimator
+from pyro_vae.infer.elbo import ELBOEstimator
 
 
 class ImportanceWeightedELBO(ELBOEstimator):

@@ -10,9 +10,9 @@ import torch
 from pyro.distributions import Delta
 from torch.distributions import kl_divergence
 
-from ..particles import Particles
-from ..traces import masked, sum_terms
-from .elbo import ELBOEstimator, weighted
+from pyro_vae.core.particles import Particles
+from pyro_vae.core.traces import masked, sum_terms
+from pyro_vae.infer.elbo import ELBOEstimator, weighted
 
 
 def _fixed_log_prob(site: dict, value: torch.Tensor) -> torch.Tensor:

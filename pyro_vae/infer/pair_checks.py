@@ -15,9 +15,9 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match
 from torch import nn
 
-from ..enumeration import is_enumerated
-from ..errors import ConfigError
-from ..particles import Particles
+from pyro_vae.core.enumeration import is_enumerated
+from pyro_vae.core.particles import Particles
+from pyro_vae.util.errors import ConfigError
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)

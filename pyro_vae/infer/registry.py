@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .dreg import DoublyReparameterizedELBO
-from .elbo import ELBOEstimator
-from .iwae import ImportanceWeightedELBO
-from .meanfield_elbo import MeanFieldELBO
-from .stl import StickingTheLandingELBO
-from .trace_elbo import TraceELBO
-from .vimco import VIMCO
+from pyro_vae.infer.dreg import DoublyReparameterizedELBO
+from pyro_vae.infer.elbo import ELBOEstimator
+from pyro_vae.infer.iwae import ImportanceWeightedELBO
+from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
+from pyro_vae.infer.stl import StickingTheLandingELBO
+from pyro_vae.infer.trace_elbo import TraceELBO
+from pyro_vae.infer.vimco import VIMCO
+from pyro_vae.util.errors import ConfigError
 
 #: the estimators for reparameterizable (and enumerated) latents
 ESTIMATORS = ("trace", "meanfield", "iwae", "stl", "dreg")

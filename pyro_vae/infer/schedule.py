@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
-from .elbo import check_beta
+from pyro_vae.infer.elbo import check_beta
+from pyro_vae.util.errors import ConfigError
 
 
 @dataclass(frozen=True)

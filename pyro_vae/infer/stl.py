@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..particles import Particles
-from .dreg import summed_doubly_reparameterized
-from .elbo import ELBOEstimator
+from pyro_vae.core.particles import Particles
+from pyro_vae.infer.dreg import summed_doubly_reparameterized
+from pyro_vae.infer.elbo import ELBOEstimator
 
 
 class StickingTheLandingELBO(ELBOEstimator):

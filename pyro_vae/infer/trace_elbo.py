@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ConfigError
-from ..particles import Particles
-from .elbo import ELBOEstimator
+from pyro_vae.core.particles import Particles
+from pyro_vae.infer.elbo import ELBOEstimator
+from pyro_vae.util.errors import ConfigError
 
 #: Decay of the running baseline of the single-particle score-function term.
 BASELINE_DECAY = 0.9
@@ -37,7 +37,7 @@ class TraceELBO(ELBOEstimator):
 
     Guide sites c marked for enumeration are summed exactly, as ``TraceEnum_ELBO`` sums them:
     the bound is Σ_c q(c | x)[log w_β(z_c, c) − log q(c | x)] with z_c ~ q(z | x, c) drawn
-    once per value (:meth:`~pyro_vae.particles.Particles.expected_log_weights`), and its
+    once per value (:meth:`~pyro_vae.core.particles.Particles.expected_log_weights`), and its
     gradient reaches q(c | x) through the weights. ``iwae`` (at K = 1 too) takes the log of
     the sum over c instead, a tighter bound in which q(c | x) does not appear.
     """

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import ConfigError
-from ..particles import Particles
-from .elbo import ELBOEstimator, importance_weighted_bound
+from pyro_vae.core.particles import Particles
+from pyro_vae.infer.elbo import ELBOEstimator, importance_weighted_bound
+from pyro_vae.util.errors import ConfigError
 
 
 class VIMCO(ELBOEstimator):

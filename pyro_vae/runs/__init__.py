@@ -5,7 +5,7 @@ A run folder holds ``config.json``, ``history.json``, ``checkpoint.pt`` (model, 
 states, history and config; loadable with ``torch.load(weights_only=True)``), ``model.safetensors``
 (the weights alone) and the PNG plots. Every file is written atomically, and each epoch's
 checkpoint, weights, history and config are renamed into place together
-(:func:`~pyro_vae.io.atomic_files`): a failed write (a full disk, say) leaves the last complete
+(:func:`~pyro_vae.util.io.atomic_files`): a failed write (a full disk, say) leaves the last complete
 set. The checkpoint is the source of truth: ``config.json`` mirrors its config (and is rebuilt
 from it when missing), and every field of both is checked by type and range before use.
 
@@ -22,41 +22,47 @@ pair and its data; a run trained from Python with in-memory data is rebuilt by p
 pair (``load_run(run_dir, model=...)``) and, to evaluate it, the data.
 """
 
-from .checkpoint import (
-                         CHECKPOINT_FILE,
-                         CHECKPOINT_KEYS,
-                         CONFIG_FILE,
-                         HISTORY_FILE,
-                         LOCK_FILE,
-                         MODEL_CLASS_KEY,
-                         TRAINING_FILES,
-                         WEIGHTS_FILE,
-                         History,
-                         check_checkpoint,
-                         finished_epoch,
-                         load_checkpoint,
-                         load_weights,
-                         read_history,
-                         rng_state,
-                         save_checkpoint,
-                         set_generator_state,
-                         set_rng_state,
-                         user_model_class,
-                         write_history,
+from pyro_vae.runs.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_KEYS,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LOCK_FILE,
+    MODEL_CLASS_KEY,
+    TRAINING_FILES,
+    WEIGHTS_FILE,
+    History,
+    check_checkpoint,
+    finished_epoch,
+    load_checkpoint,
+    load_weights,
+    read_history,
+    rng_state,
+    save_checkpoint,
+    set_generator_state,
+    set_rng_state,
+    user_model_class,
+    write_history,
 )
-from .folder import RunFolder, check_run_folder_path, open_run_folder, sweep_temporary_files
-from .loading import (
-                         LoadedRun,
-                         build_factory_model,
-                         check_resumable,
-                         load_run,
-                         read_config,
-                         read_run_config,
-                         refuse_python_only,
+from pyro_vae.runs.evaluation import KEEP_LOG_WEIGHTS_MAX, SPLITS, EvalConfig, evaluate_run
+from pyro_vae.runs.folder import (
+    RunFolder,
+    check_run_folder_path,
+    open_run_folder,
+    sweep_temporary_files,
 )
-from .lock import RunFolderLock
+from pyro_vae.runs.loading import (
+    LoadedRun,
+    build_factory_model,
+    check_resumable,
+    load_run,
+    read_config,
+    read_run_config,
+    refuse_python_only,
+)
+from pyro_vae.runs.lock import RunFolderLock
 
-__all__ = ["CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
+__all__ = ["KEEP_LOG_WEIGHTS_MAX", "SPLITS", "EvalConfig", "evaluate_run", "CHECKPOINT_FILE", "CHECKPOINT_KEYS", "CONFIG_FILE", "HISTORY_FILE", "LOCK_FILE",
            "MODEL_CLASS_KEY", "TRAINING_FILES", "WEIGHTS_FILE", "History", "LoadedRun",
            "RunFolder", "RunFolderLock", "build_factory_model", "check_checkpoint",
            "check_resumable", "check_run_folder_path", "finished_epoch", "load_checkpoint",

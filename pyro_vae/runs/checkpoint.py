@@ -13,12 +13,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from .. import memory
-from ..builtin import is_builtin
-from ..config import TrainConfig
-from ..errors import CheckpointError, PyroVAEError, shorten
-from ..files import COPIES, read_json, regular_file
-from ..io import atomic_files, write_json
+from pyro_vae.data.builtin import is_builtin
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.util import memory
+from pyro_vae.util.errors import CheckpointError, PyroVAEError, shorten
+from pyro_vae.util.files import COPIES, read_json, regular_file
+from pyro_vae.util.io import atomic_files, write_json
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
@@ -104,7 +104,7 @@ def set_generator_state(name: str, generator: torch.Generator, saved: torch.Tens
 
 def set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
     """Restore :func:`rng_state`'s states; a state of the wrong size is a
-    :class:`~pyro_vae.errors.CheckpointError` naming it (torch would raise its own error)."""
+    :class:`~pyro_vae.util.errors.CheckpointError` naming it (torch would raise its own error)."""
     _check_rng_size("torch", state["torch"], torch.get_rng_state())
     _check_rng_size("data", state["data"], generator.get_state())
     torch.set_rng_state(state["torch"].cpu())
@@ -130,7 +130,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
                     ranks: dict[str, Any] | None = None) -> None:
     """Write the checkpoint, weights, history and config as one set (all renamed into place
     at the end, the checkpoint last; a failed write leaves the previous set and raises
-    :class:`~pyro_vae.io.WriteError`); ``ranks`` (a distributed run's world size, every rank's
+    :class:`~pyro_vae.util.io.WriteError`); ``ranks`` (a distributed run's world size, every rank's
     random states and the shared order generator's) is stored under ``"distributed"``."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": rng_state(generator), "history": history.to_dict(),
@@ -191,7 +191,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu"
                     ) -> dict[str, Any]:
     """Read ``checkpoint.pt`` with ``weights_only=True`` (no arbitrary unpickling) and check
-    every field by type and range (:class:`~pyro_vae.errors.CheckpointError` naming it)."""
+    every field by type and range (:class:`~pyro_vae.util.errors.CheckpointError` naming it)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no {CHECKPOINT_FILE}: is it a pyro-vae run folder?")
@@ -304,7 +304,7 @@ def _check_optimizer(optimizer: Any) -> None:
 
 def check_checkpoint(state: dict[str, Any]) -> None:
     """Check every field of a checkpoint by type and range; a
-    :class:`~pyro_vae.errors.CheckpointError` names the first field that fails."""
+    :class:`~pyro_vae.util.errors.CheckpointError` names the first field that fails."""
     model = state["model"]
     _expect(isinstance(model, dict) and all(isinstance(k, str) for k in model), "model",
             "a mapping of parameter names to tensors", model)

@@ -14,12 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .. import tempnames
-from ..config import TrainConfig
-from ..errors import CheckpointError, ConfigError
-from ..files import read_json
-from ..io import DISK_FULL, WriteError, reason, write_json
-from .checkpoint import (
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.runs.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     HISTORY_FILE,
@@ -29,13 +25,17 @@ from .checkpoint import (
     load_checkpoint,
     user_model_class,
 )
-from .loading import read_run_config, refuse_python_only
-from .lock import RunFolderLock
+from pyro_vae.runs.loading import read_run_config, refuse_python_only
+from pyro_vae.runs.lock import RunFolderLock
+from pyro_vae.util import tempnames
+from pyro_vae.util.errors import CheckpointError, ConfigError
+from pyro_vae.util.files import read_json
+from pyro_vae.util.io import DISK_FULL, WriteError, reason, write_json
 
 
 def sweep_temporary_files(run_dir: Path) -> list[str]:
     """Remove the temporary files that an interrupted writer left in ``run_dir`` (those of
-    :mod:`pyro_vae.tempnames`' format whose process is gone; no file of another name); return
+    :mod:`pyro_vae.util.tempnames`' format whose process is gone; no file of another name); return
     their names."""
     return tempnames.sweep(run_dir)
 

@@ -9,16 +9,13 @@ from typing import Any
 
 import torch
 
-from .. import data as data_lib
-from ..batches import Source, as_source, resolve_device
-from ..builtin import build_model, eval_source, prepare_data
-from ..config import TrainConfig
-from ..errors import CheckpointError, ConfigError
-from ..files import read_json
-from ..io import reason
-from ..pairs import PyroPair, as_pair, is_pair_module
-from ..specs import call_factory, load_data
-from .checkpoint import (
+from pyro_vae.core.pairs import PyroPair, as_pair, is_pair_module
+from pyro_vae.data import images as data_lib
+from pyro_vae.data.batches import Source, as_source, resolve_device
+from pyro_vae.data.builtin import build_model, eval_source, prepare_data
+from pyro_vae.data.specs import call_factory, load_data
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.runs.checkpoint import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     MODEL_CLASS_KEY,
@@ -27,6 +24,9 @@ from .checkpoint import (
     load_checkpoint,
     load_weights,
 )
+from pyro_vae.util.errors import CheckpointError, ConfigError
+from pyro_vae.util.files import read_json
+from pyro_vae.util.io import reason
 
 
 def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
@@ -44,7 +44,7 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
-    """The :class:`~pyro_vae.config.TrainConfig` saved in a run folder's ``config.json``."""
+    """The :class:`~pyro_vae.models.config.TrainConfig` saved in a run folder's ``config.json``."""
     return read_run_config(run_dir)[0]
 
 
@@ -114,7 +114,7 @@ class LoadedRun:
 
     def eval_images(self, split: str = "test") -> torch.Tensor:
         """A built-in run's evaluation images of ``split``."""
-        from ..builtin import evaluation_images
+        from pyro_vae.data.builtin import evaluation_images
 
         if self.dataset is None:
             raise ConfigError(f"{self.run_dir} was trained on the user's own data, not images")
@@ -147,11 +147,11 @@ def _check_split(split: str) -> None:
 
 def _discover(pair: PyroPair, config: TrainConfig, dataset: data_lib.Dataset | None,
               device: torch.device) -> None:
-    """Run a :class:`~pyro_vae.pairs.PyroPair` once on two datapoints of the run's training
+    """Run a :class:`~pyro_vae.core.pairs.PyroPair` once on two datapoints of the run's training
     data (where the run records them), so that the parameters it creates lazily exist before
     its weights are loaded; without data its ``pyro.param`` entries are loaded when first
     read."""
-    from ..builtin import evaluation_images, model_args
+    from pyro_vae.data.builtin import evaluation_images, model_args
 
     if dataset is not None:
         pair.discover(*model_args(pair, evaluation_images(dataset, "train", config)[:2],
@@ -170,9 +170,9 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
     The package's families are rebuilt from the config, a pair trained from the command line
     from its recorded ``--model-factory``. A run of a pair trained from Python needs ``model``,
     a fresh instance of that class built as for training, into which the weights are loaded;
-    without it such a run raises :class:`~pyro_vae.errors.CheckpointError` (the command
+    without it such a run raises :class:`~pyro_vae.util.errors.CheckpointError` (the command
     line's one-line refusal). ``model`` may also be a ``(model, guide)`` pair in any form
-    :func:`~pyro_vae.fit` takes; a :class:`~pyro_vae.pairs.PyroPair` is first run on two
+    :func:`~pyro_vae.fit` takes; a :class:`~pyro_vae.core.pairs.PyroPair` is first run on two
     datapoints of the run's training data (its parameters exist only after a run). The model
     is returned in eval mode."""
     model = as_pair(model)

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
-from ..io import reason
-from ..tempnames import Writer, this_process
-from .checkpoint import LOCK_FILE
+from pyro_vae.runs.checkpoint import LOCK_FILE
+from pyro_vae.util.errors import CheckpointError
+from pyro_vae.util.io import reason
+from pyro_vae.util.tempnames import Writer, this_process
 
 _LOCK_LINE = re.compile(r"^pyro-vae-lock host=([0-9a-f]{6}) pid=(\d{1,10}) nonce=([0-9a-f]{8})"
                         r"\n?$")

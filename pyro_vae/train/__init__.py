@@ -10,9 +10,9 @@
 The run folder's files are :mod:`pyro_vae.runs`'s.
 """
 
-from .fit import TrainResult, fit
-from .loop import Callback, Loop, run_epochs
-from .step import make_elbo, make_optimizer, svi_step
+from pyro_vae.train.fit import TrainResult, fit
+from pyro_vae.train.loop import Callback, Loop, run_epochs
+from pyro_vae.train.step import make_elbo, make_optimizer, svi_step
 
 __all__ = ["Callback", "Loop", "TrainResult", "fit", "make_elbo", "make_optimizer",
            "run_epochs", "svi_step"]

@@ -11,12 +11,12 @@ from typing import Any
 import pyro
 import torch
 
-from ..batches import Source
-from ..config import TrainConfig
-from ..distributed import SINGLE, DistributedContext
-from ..protocol import data_plate_name
-from ..runs import save_checkpoint, write_history
-from .loop import Callback, Loop
+from pyro_vae.core.protocol import data_plate_name
+from pyro_vae.data.batches import Source
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.runs import save_checkpoint, write_history
+from pyro_vae.train.loop import Callback, Loop
+from pyro_vae.util.distributed import SINGLE, DistributedContext
 
 
 class ProgressBar(Callback):
@@ -80,7 +80,7 @@ class FinalEstimate(Callback):
     dist: DistributedContext = SINGLE
 
     def on_fit_end(self, loop: Loop) -> None:
-        from ..evaluate import evaluate_dataset
+        from pyro_vae.evaluate import evaluate_dataset
 
         if not loop.history.epoch:
             return

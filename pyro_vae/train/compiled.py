@@ -28,7 +28,7 @@ import pyro
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..infer import ELBOEstimator
+from pyro_vae.infer import ELBOEstimator
 
 DEFAULT_MAX_GRAPHS = 4
 _CONSTANTS = (type(None), bool, int, float, str)

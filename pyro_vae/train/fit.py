@@ -14,32 +14,24 @@ from typing import Any
 import pyro
 import torch
 
-from .. import builtin, memory
-from ..batches import Source, as_source, resolve_device
-from ..config import TrainConfig
-from ..distributed import (
-    SHARED_ORDER_STREAM,
-    barrier,
-    current_context,
-    derive_seed,
-    init_distributed,
-    main_first,
-    rank_seed,
-)
-from ..errors import ConfigError, PyroVAEError, TrainingDiverged
-from ..evaluate.weights import eval_mode
-from ..fused import training_loss
-from ..infer import LinearWarmup
-from ..models import forget_params
-from ..pairs import PyroPair, as_pair, is_pair_module
-from ..protocol import (
+from pyro_vae.core.pairs import PyroPair, as_pair, is_pair_module
+from pyro_vae.core.protocol import (
     check_data,
     check_finite_data,
     check_model,
     data_plate_name,
     pair_activation_bytes,
 )
-from ..runs import (
+from pyro_vae.core.traces import guess_max_plate_nesting
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.data import builtin
+from pyro_vae.data.batches import Source, as_source, resolve_device
+from pyro_vae.data.specs import load_data
+from pyro_vae.evaluate.weights import eval_mode
+from pyro_vae.infer import LinearWarmup
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.models.vae import forget_params
+from pyro_vae.runs import (
     History,
     build_factory_model,
     check_resumable,
@@ -49,14 +41,29 @@ from ..runs import (
     open_run_folder,
     read_history,
 )
-from ..specs import load_data
-from ..traces import guess_max_plate_nesting
-from ..vectorization import particle_mismatch
-from .callbacks import Checkpoint, EpochFunction, FinalEstimate, ProgressBar, RunFolderPlots
-from .compiled import CompiledStep
-from .loop import Callback, Loop, run_epochs
-from .parallel import Replicas
-from .step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+from pyro_vae.train.callbacks import (
+    Checkpoint,
+    EpochFunction,
+    FinalEstimate,
+    ProgressBar,
+    RunFolderPlots,
+)
+from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.fused import training_loss
+from pyro_vae.train.loop import Callback, Loop, run_epochs
+from pyro_vae.train.parallel import Replicas
+from pyro_vae.train.step import BUILTIN_PLATE_NESTING, make_elbo, make_optimizer
+from pyro_vae.util import memory
+from pyro_vae.util.distributed import (
+    SHARED_ORDER_STREAM,
+    barrier,
+    current_context,
+    derive_seed,
+    init_distributed,
+    main_first,
+    rank_seed,
+)
+from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -112,7 +119,7 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
     parameter per datapoint of a batch), in a forked state: its data (unless the source
     transforms each epoch's batches) against its likelihood,
     its memory per particle measured and extrapolated to the particles of a step; return
-    whether its networks take a particle dimension (:mod:`pyro_vae.vectorization`)."""
+    whether its networks take a particle dimension (:mod:`pyro_vae.core.vectorization`)."""
     first = next(iter(source.ordered(config.batch_size)))
     check_finite_data(*first.args, **first.kwargs)
     if isinstance(model, PyroPair):
@@ -151,20 +158,20 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None 
     """Train a model/guide pair with SVI on data in any form; return the model and history.
 
     ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
-    :mod:`pyro_vae.protocol` (checked on the first batch before training), or a model and its
+    :mod:`pyro_vae.core.protocol` (checked on the first batch before training), or a model and its
     guide in any form Pyro takes, ``fit(model, guide, data)`` (or ``guide=``): plain functions
     whose parameters are ``pyro.param`` entries, a ``PyroModule``, an AutoGuide; they are held
-    by a :class:`~pyro_vae.pairs.PyroPair`, which owns and checkpoints every entry they read
+    by a :class:`~pyro_vae.core.pairs.PyroPair`, which owns and checkpoints every entry they read
     (``TrainResult.model``). ``data`` is a tensor
     or array, a tuple/list or dict of them, a map-style Dataset (collated by ``collate_fn``) or
-    a DataLoader (see :mod:`pyro_vae.batches`), each batch becoming the pair's arguments;
+    a DataLoader (see :mod:`pyro_vae.data.batches`), each batch becoming the pair's arguments;
     ``test_data`` (same forms) is scored after each epoch (the ELBO with the closed-form-KL
     estimator, ``eval_particles`` particles, β = 1) and at the end (log p̂_K with
     K = ``final_particles``). Floating-point data are cast to the parameters' dtype and moved
     to the device. Without ``data`` the run trains ``config.model`` (or the given pair) on the
     built-in ``config.dataset`` (digits or MNIST images, binarized as ``config.binarize`` says).
 
-    Options are the fields of :class:`~pyro_vae.config.TrainConfig` (``elbo``, ``particles``,
+    Options are the fields of :class:`~pyro_vae.models.config.TrainConfig` (``elbo``, ``particles``,
     ``importance_samples``, ``beta``, ``warmup``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
     ``device``, ...), given as ``config`` or as keywords that replace its fields.
 
@@ -175,12 +182,12 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Callable | None 
     (:func:`~pyro_vae.runs.open_run_folder`): it may not be a file, hold another run, be
     locked by another process, or (unless ``force``) hold other files.
     ``callbacks`` (:class:`~pyro_vae.train.Callback`) and ``on_epoch(epoch, history)`` run after
-    each epoch's checkpoint. Raises :class:`~pyro_vae.errors.TrainingDiverged` if the loss
+    each epoch's checkpoint. Raises :class:`~pyro_vae.util.errors.TrainingDiverged` if the loss
     becomes NaN or infinite; the last good checkpoint stays on disk.
 
-    The built-in :class:`~pyro_vae.models.VAE` with a diagonal guide and the ``trace`` or
+    The built-in :class:`~pyro_vae.models.vae.VAE` with a diagonal guide and the ``trace`` or
     ``meanfield`` estimator with one particle computes its loss with
-    :class:`~pyro_vae.fused.FusedLoss` (the same numbers bit for bit, faster); ``fused=False``
+    :class:`~pyro_vae.train.fused.FusedLoss` (the same numbers bit for bit, faster); ``fused=False``
     runs every step through Pyro's traces, as any other pair does.
 
     ``compile=True`` captures each training step (loss, gradients and Adam's update) as a graph
@@ -386,7 +393,7 @@ def _divergence_hint(config: TrainConfig) -> str:
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
-    from ..plots import write_run_plots
+    from pyro_vae.app.plots import write_run_plots
 
     images = (builtin.evaluation_images(dataset, "test", config)
               if dataset is not None else None)

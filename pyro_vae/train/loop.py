@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 
-from ..batches import Source
-from ..errors import TrainingDiverged
-from ..infer import ELBOEstimator, LinearWarmup
-from ..runs import History
-from .parallel import Replicas
+from pyro_vae.data.batches import Source
+from pyro_vae.infer import ELBOEstimator, LinearWarmup
+from pyro_vae.runs import History
+from pyro_vae.train.parallel import Replicas
+from pyro_vae.util.errors import TrainingDiverged
 
 #: the clock of the epochs' times (``time.perf_counter``; a test may replace it)
 clock: Callable[[], float] = time.perf_counter

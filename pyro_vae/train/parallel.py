@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
-from ..batches import Batch, Source
-from ..distributed import (
+from pyro_vae.data.batches import Batch, Source
+from pyro_vae.runs import rng_state, set_generator_state, set_rng_state
+from pyro_vae.train.step import svi_step
+from pyro_vae.util.distributed import (
     SINGLE,
     DistributedContext,
     all_gather_objects,
@@ -26,14 +28,12 @@ from ..distributed import (
     check_in_sync,
     check_same_on_every_rank,
 )
-from ..errors import CheckpointError
-from ..runs import rng_state, set_generator_state, set_rng_state
-from .step import svi_step
+from pyro_vae.util.errors import CheckpointError
 
 
 @dataclass(frozen=True)
 class Replicas:
-    """The ranks of ``dist`` (one process: :data:`~pyro_vae.distributed.SINGLE`)."""
+    """The ranks of ``dist`` (one process: :data:`~pyro_vae.util.distributed.SINGLE`)."""
 
     dist: DistributedContext = SINGLE
 

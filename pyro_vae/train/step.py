@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..distributed import SINGLE, DistributedContext, average_gradients
-from ..infer import ELBOEstimator, make_estimator
+from pyro_vae.infer import ELBOEstimator, make_estimator
+from pyro_vae.util.distributed import SINGLE, DistributedContext, average_gradients
 
 BUILTIN_PLATE_NESTING = 1
 
@@ -37,7 +37,7 @@ def svi_step(loss_fn: Callable[[], torch.Tensor], num_data: int,
     over a batch of ``num_data``; returns the summed loss, detached.
 
     Under ``dist`` the gradients are averaged over the ranks before the step (the reduction of
-    DistributedDataParallel, :func:`~pyro_vae.distributed.average_gradients`): with batches of
+    DistributedDataParallel, :func:`~pyro_vae.util.distributed.average_gradients`): with batches of
     equal size on every rank, that is the gradient of the mean loss over the combined batch of
     ``world_size * num_data`` datapoints, and every rank takes the same step.
     """

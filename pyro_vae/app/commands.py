@@ -1,0 +1,421 @@
+"""What each ``pyro-vae`` command does, given its parsed arguments (:mod:`pyro_vae.app.cli` parses
+them): a config from the flags, then library calls that are just as usable from Python."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyro_vae.models.config import TrainConfig
+from pyro_vae.util.errors import PyroVAEError
+
+DEFAULT_RUN_ROOT = Path("runs")
+RESUMABLE = {"epochs", "device", "data_dir"}
+BDMC_BATCH = 100  # simulated datapoints per AIS batch of the bdmc command
+
+
+BUILTIN_MODEL_FLAGS = ("model", "latent_dim", "hidden", "likelihood", "obs_scale", "guide",
+                       "activation", "latent2_dim", "hidden2", "pseudo_inputs")
+
+
+def _flags(args: argparse.Namespace, names: Sequence[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names
+                     if getattr(args, name, None) is not None)
+
+
+def _user_train_config(args: argparse.Namespace) -> TrainConfig:
+    """The config of a run of the user's pair (``--model-factory``), on ``--data`` or on a
+    built-in ``--dataset``."""
+    from pyro_vae.data.specs import absolute_spec
+
+    ignored = _flags(args, BUILTIN_MODEL_FLAGS)
+    if ignored:
+        raise PyroVAEError(f"{ignored} describe(s) the built-in model, not the pair of "
+                           "--model-factory: size your pair in its factory")
+    given = {"elbo": args.elbo, "particles": args.particles,
+             "importance_samples": args.importance_samples, "beta": args.beta,
+             "warmup": args.warmup, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "seed": args.seed, "device": args.device,
+             "model_factory": absolute_spec(args.model_factory)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.data is None:
+        builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
+        return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
+    if args.dataset is not None or args.binarize is not None:
+        raise PyroVAEError(f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
+                           "images: --data arrives as it is (transform it in its Dataset)")
+    return TrainConfig(dataset=None, model=None, binarize="none", data=absolute_spec(args.data),
+                       test_data=absolute_spec(args.test_data) if args.test_data else None,
+                       **given)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    if args.model_factory is not None:
+        return _user_train_config(args)
+    if args.data is not None or args.test_data is not None:
+        raise PyroVAEError("--data and --test-data need --model-factory (the pair to train on "
+                           "them)")
+    defaults = TrainConfig()
+    chosen = {
+        "family": args.model, "latent_dim": args.latent_dim, "hidden": args.hidden,
+        "likelihood": args.likelihood, "obs_scale": args.obs_scale, "guide": args.guide,
+        "activation": args.activation, "latent2_dim": args.latent2_dim, "hidden2": args.hidden2,
+        "pseudo_inputs": args.pseudo_inputs,
+    }
+    family = args.model or defaults.model.family
+    for flag, value in (("--latent2-dim", args.latent2_dim), ("--hidden2", args.hidden2)):
+        if value is not None and family != "vae2":
+            raise PyroVAEError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
+    if args.pseudo_inputs is not None and family != "vampprior":
+        raise PyroVAEError("--pseudo-inputs sizes the VampPrior: it needs --model vampprior")
+    model = dataclasses.replace(defaults.model,
+                                **{k: v for k, v in chosen.items() if v is not None})
+    if args.binarize is None and model.likelihood == "gaussian":
+        args.binarize = "none"
+    given = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize,
+        "elbo": args.elbo, "particles": args.particles,
+        "importance_samples": args.importance_samples, "beta": args.beta, "warmup": args.warmup,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
+    }
+    return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
+
+
+def _is_rank_0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _default_out(config: TrainConfig) -> Path:
+    if config.dataset is not None:
+        return DEFAULT_RUN_ROOT / config.dataset
+    return DEFAULT_RUN_ROOT / config.model_factory.rpartition(":")[2]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pyro_vae.runs import finished_epoch, read_run_config, refuse_python_only
+    from pyro_vae.train import fit
+    from pyro_vae.util.distributed import current_context
+
+    if args.resume is not None:
+        fixed = ("dataset", "data", "test_data", "model_factory", *BUILTIN_MODEL_FLAGS,
+                 "binarize", "elbo", "particles", "importance_samples", "beta", "warmup",
+                 "batch_size", "lr", "seed", "out")
+        changed = _flags(args, fixed)
+        if changed:
+            raise PyroVAEError(f"{changed} cannot change on --resume: only --epochs, --device "
+                               "and --data-dir may be given")
+        if args.force:
+            raise PyroVAEError("--force is for a new run's --out, not for --resume")
+        config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
+        refuse_python_only(args.resume, config, model_class)
+        updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
+        config = config.replace(**updates)
+        run_dir = args.resume
+        if finished_epoch(run_dir) == config.epochs:  # its final estimate and plots are written
+            if _is_rank_0():
+                print(f"{run_dir} is already at epoch {config.epochs}; nothing to do")
+            return 0
+    else:
+        config = _train_config(args)
+        run_dir = args.out or _default_out(config)
+    unused = ", ".join(flag for flag, given in (("--download", args.download),
+                                                ("--data-dir", args.data_dir)) if given)
+    if unused and config.dataset != "mnist":
+        raise PyroVAEError(f"{unused} locate(s) the MNIST files; "
+                           + (f"the {config.dataset} images ship with the package"
+                              if config.dataset else "--data is read as it is"))
+    result = fit(config=config, run_dir=run_dir, resume=args.resume is not None,
+                 progress=not args.quiet, download=args.download,
+                 dist_timeout=args.dist_timeout, fused=not args.traced, force=args.force,
+                 compile=args.compile)
+    if not current_context().is_main:
+        return 0
+    history = result.history
+    if history.epoch:
+        held_out = (f", test ELBO {history.test_elbo[-1]:.3f}"
+                    if len(history.test_elbo) == len(history.epoch) else "")
+        print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
+              "nats per datapoint")
+    final = history.extra.get("final")
+    if final:
+        joint = "x, y" if getattr(result.model, "conditional", False) else "x"
+        print(f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
+              f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})")
+    compiled = result.compiled
+    if compiled is not None and compiled.disabled is None:
+        print(f"compiled steps: {len(compiled.graphs)} graph(s) compiled in "
+              f"{compiled.compile_seconds:.1f} s; {compiled.compiled_steps} compiled and "
+              f"{compiled.eager_steps} eager steps")
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from pyro_vae.app.plots import (
+        grid_bytes,
+        label_rows_layout,
+        plot_grid,
+        plot_label_rows,
+        save_figure,
+    )
+    from pyro_vae.data.builtin import network_width
+    from pyro_vae.runs import load_run
+    from pyro_vae.util.memory import inference_bytes, require
+
+    run = load_run(args.run_dir, device=args.device)
+    if run.dataset is None or not callable(getattr(run.model, "sample", None)):
+        raise PyroVAEError(f"sample draws images: {args.run_dir} is not a run on the built-in "
+                           "images of a pair with a sample method")
+    device = next(run.model.parameters()).device
+    if run.model.conditional:
+        count = len(args.label) if args.label else run.model.num_classes
+        per_label = max(1, args.num // count)
+        rows = per_label * count
+        rows_per_label, ncols = label_rows_layout(per_label)
+        nrows = rows_per_label * count
+    else:
+        rows, ncols = args.num, max(1, int(round(args.num ** 0.5)))
+        nrows = -(-rows // ncols)
+    figure = grid_bytes(nrows, ncols, run.dataset.image_shape, f"a grid of {rows:,} samples")
+    require(inference_bytes(0, network_width(run.dataset, run.config), rows) + figure,
+            f"drawing {rows:,} samples and their grid", device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    output = args.output or args.run_dir / f"samples-{args.seed}.png"
+    if run.model.conditional:
+        labels = args.label if args.label else list(range(run.model.num_classes))
+        if any(not 0 <= label < run.model.num_classes for label in labels):
+            raise PyroVAEError(f"--label must lie in 0..{run.model.num_classes - 1}")
+        per_label = max(1, args.num // len(labels))
+        wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
+        images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
+                                  labels=wanted)
+        figure = plot_label_rows(images, labels, per_label, run.dataset.image_shape,
+                                 f"samples per label ({per_label} each)")
+    else:
+        if args.label:
+            raise PyroVAEError("--label needs a conditional run (pyro-vae train --model cvae)")
+        images = run.model.sample(args.num, mean=not args.binary, generator=generator)
+        ncols = max(1, int(round(args.num ** 0.5)))
+        figure = plot_grid(images, run.dataset.image_shape, ncols,
+                           f"{args.num} samples from the prior")
+    save_figure(figure, output)
+    print(f"wrote {output}")
+    return 0
+
+
+def _cmd_ais(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from pyro_vae.core.protocol import data_plate_name
+    from pyro_vae.evaluate.ais import ais
+    from pyro_vae.evaluate.results import write_netcdf
+    from pyro_vae.runs import load_run
+    from pyro_vae.runs.evaluation import (
+        checkpoint_epoch,
+        given_data,
+        output_label,
+        require_ais_memory,
+    )
+    from pyro_vae.util.io import atomic_files
+
+    run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    data = (run.data(args.split, args.limit) if args.data is None
+            else given_data(run, args.data, args.limit))
+    require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
+    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+            pyro.validation_enabled(False):
+        torch.manual_seed(args.seed)
+        result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
+                     num_steps=args.ais_steps, start=args.ais_start,
+                     batch_size=args.batch_size, data_plate=data_plate_name(run.model))
+    summary = result.summary()
+    label = output_label(args.split, args.data)
+    out = args.run_dir / f"ais-{label}.json"
+    netcdf = args.run_dir / f"ais-{label}.nc"
+    with atomic_files() as files:  # both or neither; the netCDF writer in a child process
+        files.write_json(out, {**summary, "checkpoint_epoch": checkpoint_epoch(run),
+                               "start": args.ais_start, "seed": args.seed,
+                               "per_datapoint": {"log_px": result.log_px.tolist(),
+                                                 "accept": result.accept.tolist(),
+                                                 "ess": result.ess.tolist()}})
+        with files.path(netcdf) as tmp:
+            write_netcdf(result.to_inference_data(), tmp)
+    print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps from "
+          f"the {args.ais_start}): "
+          f"{summary['log_px']['mean']:.3f} nats per datapoint over "
+          f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}")
+    print(f"wrote {out.name}, {netcdf.name} in {args.run_dir}")
+    return 0
+
+
+def _cmd_bdmc(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from pyro_vae.core.protocol import data_plate_name
+    from pyro_vae.evaluate.ais import bdmc, simulate
+    from pyro_vae.runs import load_run
+    from pyro_vae.runs.evaluation import checkpoint_epoch, require_ais_memory
+    from pyro_vae.util.io import write_json
+
+    run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    if getattr(run.model, "conditional", False):
+        raise PyroVAEError("bdmc simulates data from a model of x alone; a conditional run's "
+                           "model also takes the label")
+    test_data = run.data("test", args.num)
+    require_ais_memory(run, args.chains, BDMC_BATCH, test_data, args.ais_steps)
+    template = next(iter(test_data.ordered(args.num))).args
+    if len(template) != 1:
+        raise PyroVAEError("bdmc simulates data from a model that takes the data as its one "
+                           "argument")
+    rows = len(template[0])
+    if rows < args.num:
+        print(f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
+              f"shape the simulated data take: simulating {rows:,}", file=sys.stderr)
+    with torch.random.fork_rng(), pyro.get_param_store().scope(), \
+            pyro.validation_enabled(False):
+        torch.manual_seed(args.seed)
+        data, latents = simulate(run.model.model, run.model.guide, template[0])
+        result = bdmc(run.model.model, run.model.guide, data, latents, num_chains=args.chains,
+                      num_steps=args.ais_steps, batch_size=BDMC_BATCH,
+                      data_plate=data_plate_name(run.model))
+    lower, upper = result.lower.log_px, result.upper.log_px
+    summary = {"num_datapoints": len(lower), "num_chains": args.chains,
+               "num_steps": args.ais_steps, "seed": args.seed,
+               "checkpoint_epoch": checkpoint_epoch(run),
+               "lower": lower.mean().item(), "upper": upper.mean().item(),
+               "gap": result.gap.mean().item(),
+               "per_datapoint": {"lower": lower.tolist(), "upper": upper.tolist()}}
+    out = args.run_dir / "bdmc.json"
+    write_json(out, summary)
+    print(f"BDMC on {len(lower)} simulated datapoints ({args.chains} chains, {args.ais_steps} "
+          f"steps): log p(x) between {summary['lower']:.3f} and {summary['upper']:.3f} nats "
+          f"(gap {summary['gap']:.3f})")
+    print(f"wrote {out.name} in {args.run_dir}")
+    return 0
+
+
+AIS_ONLY = {"ais_steps": 500, "chains": 16, "ais_start": "guide"}
+IMPORTANCE_ONLY = ("particles", "particle_chunk")
+
+
+def _fill_evaluate_options(args: argparse.Namespace) -> None:
+    """Refuse the options that do nothing in the evaluation asked for (the AIS options without
+    ``--ais``, the importance sampler's with it); fill in the defaults of the others."""
+    from pyro_vae.runs import EvalConfig
+
+    unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
+    if unused:
+        raise PyroVAEError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
+                           else f"{unused} need(s) --ais (without it importance sampling runs)")
+    defaults = EvalConfig()
+    for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pyro_vae.evaluate import format_table
+    from pyro_vae.runs import evaluate_run, read_config
+    from pyro_vae.util.distributed import current_context
+
+    _fill_evaluate_options(args)
+    if args.ais:
+        return _cmd_ais(args)
+
+    result = evaluate_run(args.run_dir, particles=args.particles, split=args.split, data=args.data,
+                          limit=args.limit, batch_size=args.batch_size,
+                          particle_chunk=args.particle_chunk, seed=args.seed, device=args.device,
+                          data_dir=args.data_dir, progress=not args.quiet,
+                          dist_timeout=args.dist_timeout)
+    if not current_context().is_main:
+        return 0
+    model = read_config(args.run_dir).model
+    conditional = model is not None and model.family == "cvae"
+    print(format_table(result.summary(), observed="x, y" if conditional else "x"))
+    print(f"wrote {', '.join(path.name for path in result.paths.values())} in {args.run_dir}")
+    return 0
+
+
+def _load_conditional_run(args: argparse.Namespace):
+    from pyro_vae.runs import load_run
+
+    run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
+    if run.dataset is None or not getattr(run.model, "conditional", False):
+        raise PyroVAEError(f"{args.command} needs a conditional run: train one with "
+                           "pyro-vae train --model cvae")
+    return run
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from pyro_vae.app.classify import classify, format_classification, save_classification
+    from pyro_vae.data.builtin import network_width
+    from pyro_vae.runs import EvalConfig
+    from pyro_vae.runs.evaluation import checkpoint_epoch
+    from pyro_vae.util.memory import inference_bytes, require
+
+    run = _load_conditional_run(args)
+    images = run.eval_images(args.split)
+    labels = getattr(run.dataset, args.split).labels
+    if args.limit is not None:
+        images, labels = images[:args.limit], labels[:args.limit]
+    classes = run.model.num_classes
+    pairs = min(max(1, args.batch_size // classes) * classes, len(images) * classes)
+    chunk = min(EvalConfig.particle_chunk, args.particles)
+    require(inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
+            f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
+            f"of {pairs:,} image-label pairs", images.device)
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed)
+        result = classify(run.model, images, labels, num_particles=args.particles,
+                          batch_size=args.batch_size)
+    paths = save_classification(result, args.run_dir, args.split,
+                                {"checkpoint_epoch": checkpoint_epoch(run)})
+    print(format_classification(result.summary()))
+    print(f"wrote {paths['json'].name} and {paths['confusion'].name} in {args.run_dir}")
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    import torch
+
+    from pyro_vae.app.plots import plot_grid, save_figure
+
+    run = _load_conditional_run(args)
+    available = len(run.dataset.test)
+    if args.num > available:
+        raise PyroVAEError(f"--num {args.num} is more than the {available} test images")
+    from pyro_vae.app.plots import grid_bytes
+    from pyro_vae.util.memory import require
+
+    require(grid_bytes(args.num, run.model.num_classes + 1, run.dataset.image_shape,
+                       f"a grid of {args.num:,} style transfers"),
+            f"drawing a grid of {args.num:,} style transfers")
+    images = run.eval_images("test")[:args.num]
+    labels = run.dataset.test.labels[:args.num]
+    decoded = run.model.transfer(images, labels)
+    grid = torch.cat([images.unsqueeze(1), decoded], dim=1).flatten(0, 1)
+    figure = plot_grid(grid, run.dataset.image_shape, ncols=run.model.num_classes + 1,
+                       title="style transfer: source image, then decoded with each label",
+                       row_labels=[f"y={int(label)}" for label in labels],
+                       col_labels=["source", *map(str, range(run.model.num_classes))])
+    output = args.output or args.run_dir / "transfer.png"
+    save_figure(figure, output)
+    print(f"wrote {output}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate,
+            "classify": _cmd_classify, "transfer": _cmd_transfer, "bdmc": _cmd_bdmc}

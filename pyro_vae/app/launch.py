@@ -1,0 +1,34 @@
+"""The ``pyro-vae`` program: the command line's imports (torch, Pyro, ...) happen inside, so
+Ctrl-C during start-up ends it with one line and status 130 like Ctrl-C later on."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+EXIT_INTERRUPTED = 130
+
+
+def run() -> None:
+    """Import the command line and run it; exit with its status.
+
+    While the imports run, SIGINT is recorded as well as raised: an import that swallows the
+    ``KeyboardInterrupt`` (a bare ``except:`` in a dependency) cannot make the program go on as
+    if Ctrl-C had not been pressed."""
+    interrupted = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        from pyro_vae.app.cli import main
+    except KeyboardInterrupt:
+        interrupted.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(main())
