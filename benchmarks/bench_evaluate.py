@@ -46,8 +46,8 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -56,10 +56,12 @@ from pyro.infer import Importance
 from torch.distributions import Normal
 from torch.nn import functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
 from pyro_vae import VAE, ModelConfig, PyroVAEError, TrainConfig, load_digits, load_mnist
 from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset, format_table
-from pyro_vae.util.io import write_json
 
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
             "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
@@ -71,7 +73,9 @@ ROUNDING_TOLERANCE = 1e-3
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                parents=[harness.parent_parser(rounds=7, warmup=0,
+                                                               threads=None)])
     p.add_argument("--data", choices=sorted(NETWORKS), default="digits")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (for --data mnist)")
     p.add_argument("--run-dir", help="evaluate this trained run's VAE instead of a new one")
@@ -81,17 +85,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-data", type=int, default=300, help="test images evaluated")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--particle-chunk", type=int, default=500)
-    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--importance-data", type=int, default=3,
                    help="datapoints for pyro.infer.Importance")
     p.add_argument("--importance-particles", type=int, default=200,
                    help="particles per datapoint for pyro.infer.Importance")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-validation", action="store_true",
                    help="turn Pyro's distribution validation off (default: Pyro's default, on)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    harness.check_out(p, args.out)
+    return args
 
 
 def _setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor]:
@@ -160,22 +162,8 @@ def importance_log_px(vae: VAE, images: torch.Tensor, particles: int) -> torch.T
     return torch.tensor(values, dtype=torch.float64)
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[float, float, int, torch.Tensor]:
-    """Wall-clock and CPU seconds (user + system, this process) of ``fn()``, the minor page
-    faults it caused, and its value."""
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = fn()
-    elapsed, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return elapsed, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, value
-
-
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (``None`` where the OS does not say)."""
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
+def _minor_faults() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _allocator_environment() -> dict[str, str]:
@@ -193,8 +181,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.set_threads(args.threads)
     vae, images = _setup(args)
     n, k = images.shape[0], args.particles
     shared = dict(particles=k, batch_size=args.batch_size, particle_chunk=args.particle_chunk)
@@ -203,11 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "package+khat": lambda: package_log_px(vae, images, khat=True, **shared),
         "torch": lambda: handwritten_log_px(vae, images, **shared),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    cpu_seconds: dict[str, list[float]] = {name: [] for name in runners}
-    page_faults: dict[str, list[int]] = {name: [] for name in runners}
-    values: dict[str, torch.Tensor] = {}
-    load_before = _load_average()
+    session = harness.Session()
     with pyro.validation_enabled(not args.no_validation):
         small = images[:1, :]
         for name, _run in runners.items():
@@ -216,21 +199,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 handwritten_log_px(vae, small, 10, 10, 10)
             else:
                 package_log_px(vae, small, 30, 10, 10, khat=name.endswith("khat"))
-        names = list(runners)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                pyro.set_rng_seed(args.seed + r)
-                elapsed, cpu, faults, values[name] = _timed(runners[name])
-                seconds[name].append(elapsed)
-                cpu_seconds[name].append(cpu)
-                page_faults[name].append(faults)
-                print(f"round {r + 1}/{args.rounds} {name:<13} {elapsed:8.3f} s wall "
-                      f"{cpu:8.3f} s CPU {faults:>9,} page faults", flush=True)
+        timings = harness.interleave(
+            runners, args.rounds, args.warmup, counters={"page_faults": _minor_faults},
+            before=lambda name, r: pyro.set_rng_seed(args.seed + max(r, 0)))
         imp_n, imp_k = min(args.importance_data, n), args.importance_particles
         pyro.set_rng_seed(args.seed)
-        imp_seconds, _, _, imp_values = _timed(
-            lambda: importance_log_px(vae, images[:imp_n], imp_k))
-    load_after = _load_average()
+        imp_timings = harness.interleave(
+            {"importance": lambda: importance_log_px(vae, images[:imp_n], imp_k)}, rounds=1)
+    session.finish()
+    seconds, cpu_seconds, values = timings.wall, timings.cpu, timings.last
+    page_faults = timings.counts["page_faults"]
+    imp_seconds, imp_values = imp_timings.wall["importance"][0], imp_timings.last["importance"]
+    for r, order in enumerate(timings.orders):
+        for name in order:
+            print(f"round {r + 1}/{args.rounds} {name:<13} {seconds[name][r]:8.3f} s wall "
+                  f"{cpu_seconds[name][r]:8.3f} s CPU {page_faults[name][r]:>9,.0f} page faults")
 
     median = {name: statistics.median(times) for name, times in seconds.items()}
     best = {name: min(times) for name, times in seconds.items()}
@@ -247,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "torch": torch.__version__, "pyro": pyro.__version__,
                   "python": platform.python_version(),
                   "allocator_environment": _allocator_environment(),
-                  "load_average_before": load_before, "load_average_after": load_after},
+                  "load_average_before": session.load_start,
+                  "load_average_after": session.load_end},
         "seconds_min": best, "seconds_median": median, "seconds_all": seconds,
         "cpu_seconds_min": best_cpu, "cpu_seconds_all": cpu_seconds,
         "page_faults_median": {name: statistics.median(f) for name, f in page_faults.items()},
@@ -263,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "agreement_package_minus_torch": _agreement(values["package"], values["torch"]),
         "importance_mean_log_px": imp_values.mean().item(),
         "package_mean_log_px_same_datapoints": values["package"][:imp_n].double().mean().item(),
+        "paired": session.report(timings, baseline="torch"),
     }
     _print(report)
     with pyro.validation_enabled(not args.no_validation):
@@ -273,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("\n" + format_table(summary))
     report["summary"] = summary
     if args.out:
-        write_json(args.out, report)
+        harness.write_json(args.out, report)
         print(f"\nwrote {args.out}")
     return report
 

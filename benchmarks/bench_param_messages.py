@@ -11,8 +11,9 @@ one process, in interleaved rounds whose order rotates, by swapping the function
 ``internals``
     The skipping version (a copy of the old code, kept here for the comparison).
 ``public``
-    Pyro's public API only: one ``pyro.param`` per tensor, re-registered when the store holds
-    another module's tensor under the name (what ``register_module`` does now).
+    The package's own :func:`pyro_vae.models.vae.register_module`: Pyro's public API only, one
+    ``pyro.param`` per tensor, re-registered when the store holds another module's tensor
+    under the name.
 ``pyro.module``
     Plain ``pyro.module(name, module)`` on every call.
 
@@ -30,14 +31,17 @@ the ratio of each registration to ``internals``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pyro
 import torch
 from pyro.params import param_with_module_name
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
 
 import pyro_vae.models.vae as models
 from pyro_vae import VAE, load_digits
@@ -99,44 +103,32 @@ def _internals_register_module() -> Callable[[str, nn.Module], None] | None:
     return register_module
 
 
-def public_register_module(name: str, module: nn.Module) -> None:
-    """Public API only: every tensor sent as a ``pyro.param`` message, the store's entry
-    replaced when it holds another tensor."""
-    store = pyro.get_param_store()
-    for key, value in module.named_parameters():
-        full_name = param_with_module_name(name, key)
-        if pyro.param(full_name, value) is not value:
-            del store[full_name]
-            pyro.param(full_name, value)
-
-
 def plain_pyro_module(name: str, module: nn.Module) -> None:
     pyro.module(name, module)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--particles", type=int, default=100, help="K of the evaluator (100)")
-    p.add_argument("--num-data", type=int, default=300, help="test images evaluated (300)")
-    p.add_argument("--batch-size", type=int, default=20, help="B of the training step (20)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per round (200)")
-    p.add_argument("--evaluations", type=int, default=3, help="evaluations per round (3)")
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
-
-
-def _timed(fn: Callable[[], None]) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                parents=[harness.parent_parser(rounds=9, warmup=0)])
+    p.add_argument("--particles", type=harness.positive_int, default=100,
+                   help="K of the evaluator (100)")
+    p.add_argument("--num-data", type=harness.positive_int, default=300,
+                   help="test images evaluated (300)")
+    p.add_argument("--batch-size", type=harness.positive_int, default=20,
+                   help="B of the training step (20)")
+    p.add_argument("--steps", type=harness.positive_int, default=200,
+                   help="training steps per round (200)")
+    p.add_argument("--evaluations", type=harness.positive_int, default=3,
+                   help="evaluations per round (3)")
+    args = p.parse_args(argv)
+    harness.check_out(p, args.out)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = _parse(argv)
-    torch.set_num_threads(args.threads)
-    variants = {"internals": _internals_register_module(), "public": public_register_module,
+    harness.set_threads(args.threads)
+    variants = {"internals": _internals_register_module(), "public": models.register_module,
                 "pyro.module": plain_pyro_module}
     variants = {name: fn for name, fn in variants.items() if fn is not None}
     dataset = load_digits()
@@ -161,42 +153,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                 optimizer.step()
 
     workloads = {"evaluate": (evaluate, args.evaluations), "step": (train, args.steps)}
+    contenders = {f"{w}/{v}": fn for w, (fn, _) in workloads.items() for v in variants}
+
+    def before(name: str, round_: int) -> None:
+        models.register_module = variants[name.split("/", 1)[1]]
+        pyro.set_rng_seed(args.seed + max(round_, 0))
+
     original = models.register_module
-    seconds = {(w, v, clock): [] for w in workloads for v in variants for clock in ("wall", "cpu")}
+    session = harness.Session()
     try:
-        for register in variants.values():  # warm-up, and a check that each one works
+        for register in variants.values():  # a check that each one works
             models.register_module = register
             pyro.clear_param_store()
             evaluate_dataset(vae.model, vae.guide, images[:10], num_particles=10, khat=False)
             estimator.loss_and_grads(vae.model, vae.guide, batch)
-        names = list(variants)
-        for r in range(args.rounds):
-            for workload, (fn, calls) in workloads.items():
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    models.register_module = variants[name]
-                    pyro.set_rng_seed(args.seed + r)
-                    wall, cpu = _timed(fn)
-                    seconds[workload, name, "wall"].append(wall / calls)
-                    seconds[workload, name, "cpu"].append(cpu / calls)
+        timings = harness.interleave(contenders, args.rounds, args.warmup, before=before)
     finally:
         models.register_module = original
     print(f"pyro {pyro.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"thread(s), {args.rounds} interleaved rounds; median ms per call "
           f"(evaluate: N = {images.shape[0]}, K = {args.particles}; step: trace estimator, "
-          f"B = {args.batch_size})")
+          f"B = {args.batch_size}); ratios: per-round median (min–max)")
     print(f"{'workload':<10}{'register':<13}{'CPU ms':>9}{'wall ms':>9}"
-          f"{'CPU / internals':>17}{'wall / internals':>18}")
+          f"{'CPU / internals':>24}{'wall / internals':>24}")
     report = {}
-    for workload in workloads:
+    for workload, (_, calls) in workloads.items():
         for name in variants:
-            cpu = statistics.median(seconds[workload, name, "cpu"]) * 1e3
-            wall = statistics.median(seconds[workload, name, "wall"]) * 1e3
-            report[f"{workload}/{name}"] = {"cpu_ms": cpu, "wall_ms": wall}
+            key = f"{workload}/{name}"
+            cpu, wall = (timings.median(key, clock) * 1e3 / calls for clock in ("cpu", "wall"))
+            report[key] = {"cpu_ms": cpu, "wall_ms": wall}
             line = f"{workload:<10}{name:<13}{cpu:>9.3f}{wall:>9.3f}"
-            if "internals" in variants:
-                base = report[f"{workload}/internals"]
-                line += f"{cpu / base['cpu_ms']:>17.3f}{wall / base['wall_ms']:>18.3f}"
+            if "internals" in variants and name != "internals":
+                base = f"{workload}/internals"
+                for clock in ("cpu", "wall"):
+                    ratio = harness.paired_ratio(getattr(timings, clock)[key],
+                                                 getattr(timings, clock)[base])
+                    report[key][f"{clock}_over_internals"] = ratio
+                    line += f"{harness.format_ratio(ratio):>24}"
             print(line)
+    if args.out is not None:
+        harness.write_json(args.out, session.report(timings, **report))
     return report
 
 

@@ -34,9 +34,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1")
@@ -46,12 +46,14 @@ import pyro
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
+from pyro_vae import VAE
 from pyro_vae.infer import make_estimator
-from pyro_vae.models.vae import VAE
+from pyro_vae.train import svi_step
 from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.step import svi_step
-from pyro_vae.util.io import write_json
 
 ROWS = [  # (data dim, hidden, latent, batch, estimator)
     (64, 128, 8, 128, "meanfield"),
@@ -332,27 +334,15 @@ def time_row(row, rounds: int, block_s: float) -> dict:
 
 
 def _interleave(steps: dict, rounds: int, block_s: float) -> dict[str, float]:
-    """Median milliseconds per step of each implementation over rounds of blocks whose order
-    rotates, after a warm-up and a calibration to blocks of about ``block_s``."""
-    counts = {}
+    """Median wall-clock milliseconds per step of each implementation over rounds of blocks
+    whose order rotates, after a warm-up and a calibration to blocks of about ``block_s``."""
     with pyro.validation_enabled(False):
-        for name, step in steps.items():  # warm up and calibrate to blocks of block_s
+        for step in steps.values():
             for _ in range(5):
                 step()
-            start, n = time.perf_counter(), 0
-            while time.perf_counter() - start < block_s / 4:
-                step()
-                n += 1
-            counts[name] = max(10, int(n * 4))
-        times = {name: [] for name in steps}
-        names = list(steps)
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                for _ in range(counts[name]):
-                    steps[name]()
-                times[name].append((time.perf_counter() - start) / counts[name] * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+        counts = {name: harness.calibrate(step, block_s) for name, step in steps.items()}
+        timings = harness.interleave(steps, rounds, calls=counts)
+    return {name: timings.median(name, "wall") * 1e3 for name in steps}
 
 
 def main(argv=None) -> int:
@@ -366,6 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    session = harness.Session()
     everything = [*ROWS, *USER_ROWS]
     rows = [everything[i] for i in args.rows] if args.rows else everything
     results = []
@@ -378,10 +369,13 @@ def main(argv=None) -> int:
         print(f"{result['net']}, {result['batch']}, {result['elbo']}: ms/step  {cells}  "
               f"(compile {result['compile_s']:.1f} s)", flush=True)
         if args.out:
-            write_json(args.out, {"rows": results, "machine": platform.machine(),
+            harness.write_json(args.out, {"rows": results, "machine": platform.machine(),
                                   "threads": 1, "torch": torch.__version__,
                                   "command": " ".join([sys.executable, *sys.argv]),
-                                  "load": os.getloadavg()})
+                                  "load": os.getloadavg(),
+                                  "load_average": {"start": session.load_start,
+                                                   "end": harness.load_average()}})
+    session.finish()
     return 0
 
 

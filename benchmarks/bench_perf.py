@@ -60,11 +60,9 @@ from torch import nn
 from pyro_vae import VAE, ModelConfig, PyroVAEError, make_estimator
 from pyro_vae.data.batches import resolve_device
 from pyro_vae.data.images import fixed_binarization
-from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.models.config import DEVICES
 from pyro_vae.train import svi_step
 from pyro_vae.train.fused import training_loss
-from pyro_vae.util.io import write_json
 
 HERE = Path(__file__).resolve().parent
 NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
@@ -87,6 +85,7 @@ def _load(name: str) -> Any:
     return module
 
 
+harness = _load("harness")
 bench_svi = _load("bench_svi")
 bench_evaluate = _load("bench_evaluate")
 
@@ -209,9 +208,8 @@ handwritten_log_px = bench_evaluate.handwritten_log_px
 
 def package_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
                    particle_chunk: int) -> torch.Tensor:
-    return evaluate_dataset(vae.model, vae.guide, images, num_particles=particles,
-                            batch_size=batch_size, particle_chunk=particle_chunk,
-                            khat=False).log_px
+    return bench_evaluate.package_log_px(vae, images, particles, batch_size, particle_chunk,
+                                         khat=False)
 
 
 @torch.no_grad()
@@ -247,20 +245,19 @@ def evaluation_section(config: PerfConfig, device: torch.device,
     sync = _synchronizer(device)
     runners = {"package": lambda: package_log_px(vae, images, k, b, c),
                "torch": lambda: handwritten_log_px(vae, images, k, b, c)}
-    seconds: dict[str, list[float]] = {key: [] for key in runners}
-    values: dict[str, torch.Tensor] = {}
     with pyro.validation_enabled(config.validation):
         for key, _run in runners.items():
             pyro.set_rng_seed(config.seed)
             (package_log_px if key == "package" else handwritten_log_px)(
                 vae, images[:2], min(k, 2 * c), b, c)
-        names = list(runners)
-        for r in range(config.eval_rounds):
-            for key in names[r % len(names):] + names[:r % len(names)]:
-                pyro.set_rng_seed(config.seed + r)
-                elapsed, values[key] = _timed(runners[key], sync)
-                seconds[key].append(elapsed)
-                log(f"evaluation round {r + 1}/{config.eval_rounds} {key:8s} {elapsed:8.3f} s")
+        timings = harness.interleave(
+            runners, config.eval_rounds, clocks=harness.synced_clocks(sync),
+            before=lambda key, r: pyro.set_rng_seed(config.seed + r))
+    seconds, values = timings.wall, timings.last
+    for r, order in enumerate(timings.orders):
+        for key in order:
+            log(f"evaluation round {r + 1}/{config.eval_rounds} {key:8s} "
+                f"{seconds[key][r]:8.3f} s")
     decoder_flops = _matmul_flops(_linear_layers(vae.decoder))
     encoder_flops = _matmul_flops(_linear_layers(vae.encoder))
     flops = n * k * decoder_flops + n * encoder_flops
@@ -531,7 +528,7 @@ def _main(argv: Sequence[str] | None) -> int:
     report = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(summary_lines(report, device)))
     if config.out:
-        write_json(config.out, report)
+        harness.write_json(config.out, report)
         print(f"\nwrote {config.out}")
     return 0
 

@@ -84,6 +84,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -92,6 +93,9 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.nn import functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness
+
 from pyro_vae import VAE, ModelConfig, PyroVAEError, make_estimator
 from pyro_vae.core.traces import trace_pair
 from pyro_vae.data.batches import resolve_device
@@ -99,7 +103,6 @@ from pyro_vae.data.images import Dataset, load_dataset
 from pyro_vae.models.config import DEVICES
 from pyro_vae.train import make_optimizer, svi_step
 from pyro_vae.train.fused import FusedLoss, training_loss
-from pyro_vae.util.io import write_json
 
 IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
 LABELS = {"torch": "hand-written torch", "fused": "package, fused path",
@@ -532,16 +535,19 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
         estimate = _time_block(step, config.calibration_steps, sync, validation)
         block_steps[key] = max(config.min_block_steps, math.ceil(config.block_seconds / estimate))
 
-    per_step: dict[tuple[str, int, str], list[float]] = {key: [] for key in keys}
-    cpu_per_step: dict[tuple[str, int, str], list[float]] = {key: [] for key in keys}
-    for round_index in range(config.rounds):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            wall, cpu = _time_block_clocks(steps[key], block_steps[key], sync,
-                                           VALIDATION[key[2]])
-            per_step[key].append(wall)
-            cpu_per_step[key].append(cpu)
-        log(f"round {round_index + 1}/{config.rounds} done")
+    def block(key: tuple[str, int, str]) -> None:
+        context = (nullcontext() if VALIDATION[key[2]] is None
+                   else pyro.validation_enabled(VALIDATION[key[2]]))
+        with context:
+            for _ in range(block_steps[key]):
+                steps[key]()
+
+    timings = harness.interleave(
+        {key: partial(block, key) for key in keys}, config.rounds,
+        clocks=harness.synced_clocks(sync))
+    log(f"{config.rounds} interleaved rounds done")
+    per_step = {key: [t / block_steps[key] for t in timings.wall[key]] for key in keys}
+    cpu_per_step = {key: [t / block_steps[key] for t in timings.cpu[key]] for key in keys}
     return [Timing(elbo, b, impl, block_steps[elbo, b, impl], tuple(per_step[elbo, b, impl]),
                    tuple(cpu_per_step[elbo, b, impl]), first_call[elbo, b, impl])
             for elbo, b, impl in keys]
@@ -566,9 +572,10 @@ CLOCKS = ("cpu", "wall")  # the clocks of :func:`markdown_table`, in the order p
 
 
 def paired_ratio(top: Sequence[float], bottom: Sequence[float]) -> tuple[float, float, float]:
-    """Median and quartiles over rounds of ``top[r] / bottom[r]``: each ratio is of two blocks
-    timed next to each other, so a load that drifts over seconds cancels from it."""
-    per_round = [a / b for a, b in zip(top, bottom)]
+    """Median and quartiles over rounds of ``top[r] / bottom[r]`` (:func:`harness.paired_ratio`'s
+    per-round ratios): each ratio is of two blocks timed next to each other, so a load that
+    drifts over seconds cancels from it."""
+    per_round = harness.paired_ratio(top, bottom)["per_round"]
     if len(per_round) < 2:
         return per_round[0], per_round[0], per_round[0]
     low, middle, high = statistics.quantiles(per_round, n=4, method="inclusive")
@@ -639,12 +646,9 @@ def package_estimators(elbos: Sequence[str]) -> dict[str, str]:
 
 
 def load_average() -> str:
-    """``/proc/loadavg``'s 1-, 5- and 15-minute load averages ("n/a" where there is none)."""
-    try:
-        with open("/proc/loadavg") as file:
-            return " ".join(file.read().split()[:3])
-    except OSError:
-        return "n/a"
+    """The 1-, 5- and 15-minute load averages as text ("n/a" where there are none)."""
+    load = harness.load_average()
+    return "n/a" if load is None else " ".join(f"{value:.2f}" for value in load)
 
 
 def environment(device: torch.device, elbos: Sequence[str]) -> dict[str, Any]:
@@ -915,6 +919,7 @@ def _run(config: BenchConfig) -> int:
                   "environment": environment(device, config.elbos)}
     else:
         load_before = load_average()
+        harness.warn_if_busy(harness.load_average(), "start")
         timings = run_benchmark(config, log=lambda line: print(line, file=sys.stderr))
         rows = ratios(timings)
         network = config.resolved_network()
@@ -927,6 +932,7 @@ def _run(config: BenchConfig) -> int:
         for clock in CLOCKS:
             print()
             print(markdown_table(rows, clock))
+        harness.warn_if_busy(harness.load_average(), "end")
         noisy = [t for t in timings if t.spread > NOISY_SPREAD]
         if noisy:
             print(f"\nwarning: {len(noisy)} of {len(timings)} timings had a round over "
@@ -939,7 +945,7 @@ def _run(config: BenchConfig) -> int:
                   "compile_checks": {f"{elbo}/{b}": check
                                      for (elbo, b), check in COMPILE_CHECKS.items()}}
     if config.out:
-        write_json(config.out, report)
+        harness.write_json(config.out, report)
     return 0
 
 

@@ -480,6 +480,11 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
     for row in report["summary"]:
         assert {"fused_over_torch_cpu", "traced_over_torch_cpu", "pyro_over_torch_cpu",
                 "fused_over_torch_paired_cpu", "fused_over_traced"} <= set(row)
+        cpu = {t["implementation"]: t["cpu_rounds_ms"] for t in report["timings"]
+               if (t["elbo"], t["batch_size"]) == (row["elbo"], row["batch_size"])}
+        assert row["fused_over_torch_paired_cpu"] == pytest.approx(
+            cpu["fused"][0] / cpu["torch"][0])  # one round: the ratio of its two blocks
+        assert row["fused_over_torch_paired_cpu"] > 0
     printed = capsys.readouterr()
     assert "fused == traced (bit for bit)" in printed.err
     assert "package, fused path ms" in printed.out and "CPU time: medians" in printed.out
@@ -512,9 +517,12 @@ def test_dreg_benchmark_checks_the_single_run_against_two_runs(tmp_path, monkeyp
     bench = load_benchmark("bench_dreg", monkeypatch)
     out = tmp_path / "dreg.json"
     assert bench.main(["--layers", "2", "--k", "3", "--batch-size", "4", "--rounds", "1",
-                       "--steps", "1", "--warmup-steps", "0", "--out", str(out)]) == 0
+                       "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["gradient_check_relative"] < 1e-5
     assert set(report["cpu_seconds_per_step"]) == set(bench.IMPLEMENTATIONS)
     assert report["dreg_over_iwae"] > 0 and report["two_runs_over_single"] > 0
+    dreg = report["ratios"]["dreg"]["cpu"]
+    assert dreg["median"] == report["dreg_over_iwae"]
+    assert dreg["min"] <= dreg["median"] <= dreg["max"]
     assert "dreg / iwae = " in capsys.readouterr().out

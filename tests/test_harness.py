@@ -1,0 +1,190 @@
+"""The timing harness of benchmarks/: interleaving, paired ratios, load warnings, atomic JSON,
+the shared options. Every clock here is a fake: nothing about real durations is asserted."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from tests.benchmark_loader import load_benchmark
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    return load_benchmark("harness", monkeypatch)
+
+
+class FakeClock:
+    """A clock that only the contenders advance: each adds its own cost."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _contenders(clock: FakeClock, calls: list[str], costs: dict[str, float]):
+    def make(name):
+        def run():
+            calls.append(name)
+            clock.now += costs[name]
+        return run
+    return {name: make(name) for name in costs}
+
+
+def test_rounds_rotate_and_times_come_from_the_clock(harness):
+    clock, calls = FakeClock(), []
+    costs = {"a": 2.0, "b": 3.0, "c": 8.0}
+    timings = harness.interleave(_contenders(clock, calls, costs), rounds=4, warmup=1, calls=2,
+                                 clocks=harness.Clocks(cpu=clock, wall=clock))
+    assert calls[:3] == ["a", "b", "c"]  # warm-up, untimed
+    assert timings.orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                              ["a", "b", "c"]]
+    timed = calls[3:]
+    assert timed == [name for order in timings.orders for name in order for _ in range(2)]
+    for name, cost in costs.items():
+        assert timings.cpu[name] == [cost] * 4  # per call: the 2 calls' total / 2
+        assert timings.wall[name] == [cost] * 4
+
+
+def test_paired_ratios_are_per_round_and_match_the_times(harness):
+    timings = harness.Timings(cpu={"base": [1.0, 2.0, 4.0], "new": [3.0, 3.0, 2.0]},
+                              wall={"base": [1.0, 1.0, 1.0], "new": [2.0, 2.0, 2.0]},
+                              orders=[["base", "new"]] * 3)
+    ratio = harness.ratios(timings, "base")["new"]
+    assert ratio["cpu"]["per_round"] == [3.0, 1.5, 0.5]
+    assert (ratio["cpu"]["median"], ratio["cpu"]["min"], ratio["cpu"]["max"]) == (1.5, 0.5, 3.0)
+    assert ratio["wall"]["median"] == 2.0
+    assert harness.format_ratio(ratio["cpu"]) == "1.50× (0.50–3.00)"
+    with pytest.raises(ValueError, match="baseline 'gone'"):
+        harness.ratios(timings, "gone")
+
+
+def test_the_report_holds_loads_times_and_ratios(harness, tmp_path):
+    loads = iter([[0.5, 0.5, 0.5], [2.5, 1.0, 1.0]])
+    stream = io.StringIO()
+    session = harness.Session(load=lambda: next(loads), stream=stream)
+    assert stream.getvalue() == ""
+    timings = harness.Timings(cpu={"a": [1.0, 3.0], "b": [2.0, 2.0]},
+                              wall={"a": [1.0, 1.0], "b": [4.0, 4.0]},
+                              orders=[["a", "b"], ["b", "a"]])
+    report = session.report(timings, baseline="a", size=7)
+    assert "load average 2.50 at end" in stream.getvalue()
+    assert report["load_average"] == {"start": [0.5, 0.5, 0.5], "end": [2.5, 1.0, 1.0]}
+    assert report["size"] == 7 and report["rounds"] == 2
+    assert report["seconds_per_call"]["cpu"]["a"] == {"median": 2.0, "per_round": [1.0, 3.0]}
+    assert report["ratios"]["b"]["cpu"]["per_round"] == [2.0, 2.0 / 3.0]
+    out = tmp_path / "r.json"
+    harness.write_json(out, report)
+    assert json.loads(out.read_text()) == report
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left
+
+
+def test_a_failed_write_leaves_the_old_file(harness, tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("old\n")
+    with pytest.raises(TypeError):
+        harness.write_json(out, {"x": object()})
+    assert out.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_shared_options_refuse_bad_values(harness, tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(parents=[harness.parent_parser(rounds=3)])
+    args = parser.parse_args([])
+    assert (args.rounds, args.warmup, args.seed, args.out, args.threads) == (3, 1, 0, None, 1)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--rounds", "0"])
+    assert exit_.value.code == 2 and "--rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        harness.check_out(parser, tmp_path / "missing" / "r.json")
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="rounds"):
+        harness.interleave({"a": lambda: None}, rounds=0)
+    assert sys.modules["harness"] is harness
+
+
+def test_param_messages_benchmark_reports_paired_ratios(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_param_messages.py: every registration and workload is
+    timed each round, and each ratio is the per-round quotient of the recorded times."""
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_param_messages", monkeypatch)
+    out = tmp_path / "pm.json"
+    report = bench.main(["--rounds", "2", "--steps", "1", "--evaluations", "1",
+                         "--num-data", "4", "--particles", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rounds"] == 2 and len(saved["orders"]) == 2
+    assert set(saved["orders"][0]) == set(saved["seconds_per_call"]["cpu"])
+    cpu = saved["seconds_per_call"]["cpu"]
+    for key, row in report.items():
+        if "cpu_over_internals" in row:
+            base = key.split("/")[0] + "/internals"
+            expected = [a / b for a, b in zip(cpu[key]["per_round"], cpu[base]["per_round"])]
+            assert row["cpu_over_internals"]["per_round"] == pytest.approx(expected)
+            assert saved[key]["cpu_over_internals"]["median"] > 0
+    assert "CPU / internals" in capsys.readouterr().out
+
+
+def test_evaluate_benchmark_ratios_come_from_its_rounds(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_evaluate.py: the headline ratio is the quotient of the
+    recorded best times, the paired ratios the per-round quotients, and the package's and the
+    hand-written log p̂ agree (the same draws)."""
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_evaluate", monkeypatch)
+    out = tmp_path / "e.json"
+    report = bench.main(["--threads", "1", "--rounds", "2", "--particles", "30",
+                         "--num-data", "6", "--particle-chunk", "10", "--batch-size", "3",
+                         "--importance-data", "1", "--importance-particles", "3",
+                         "--out", str(out)])
+    assert json.loads(out.read_text())["ratio_package_over_torch"] == pytest.approx(
+        report["ratio_package_over_torch"])
+    wall = report["seconds_all"]
+    assert report["ratio_package_over_torch"] == min(wall["package"]) / min(wall["torch"])
+    paired = report["paired"]["ratios"]["package"]["cpu"]["per_round"]
+    cpu = report["cpu_seconds_all"]
+    assert paired == [a / b for a, b in zip(cpu["package"], cpu["torch"])]
+    assert len(report["page_faults_all"]["torch"]) == 2
+    assert report["agreement_package_minus_torch"]["max_abs_difference"] < 1e-3
+    assert "package / hand-written torch" in capsys.readouterr().out
+
+
+def test_calibration_and_calls_per_contender(harness):
+    clock, calls = FakeClock(), []
+    costs = {"fast": 1.0, "slow": 4.0}
+    contenders = _contenders(clock, calls, costs)
+    counts = {name: harness.calibrate(fn, 40.0, minimum=1, clock=clock)
+              for name, fn in contenders.items()}
+    assert counts == {"fast": 40, "slow": 12}  # calls in 10 fake seconds, times four
+    calls.clear()
+    timings = harness.interleave(contenders, rounds=2, calls=counts,
+                                 clocks=harness.Clocks(cpu=clock, wall=clock))
+    assert calls.count("fast") == 80 and calls.count("slow") == 24
+    assert timings.wall == {"fast": [1.0, 1.0], "slow": [4.0, 4.0]}
+    with pytest.raises(ValueError, match="calls"):
+        harness.interleave(contenders, rounds=1, calls={"fast": 1})
+
+
+def test_perf_report_evaluation_section_from_interleaved_rounds(monkeypatch):
+    """benchmarks/bench_perf.py's evaluation section on a tiny digits setup: both evaluators
+    are timed every round, the ratio is the quotient of the recorded best times, and the two
+    give the same log p̂ (same draws)."""
+    import torch
+
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_perf", monkeypatch)
+    config = bench.PerfConfig(eval_num_data=4, eval_particles=6, eval_batch_size=2,
+                              eval_particle_chunk=3, eval_rounds=2)
+    lines = []
+    section = bench.evaluation_section(config, torch.device("cpu"), lines.append)
+    seconds = section["seconds_all"]
+    assert {len(values) for values in seconds.values()} == {2}
+    assert section["ratio_package_over_torch"] == (min(seconds["package"])
+                                                   / min(seconds["torch"]))
+    assert section["max_abs_difference_package_torch"] < 1e-3
+    assert len(lines) == 4 and lines[0].startswith("evaluation round 1/2")
