@@ -11,7 +11,7 @@ estimator's differentiable loss straight from the encoder and decoder::
 It draws ε with the same random-number call as ``Normal.rsample`` and evaluates the same
 floating-point operations in the same order as the traced estimator
 (:mod:`pyro_vae.infer`) does through ``torch.distributions``, so losses and gradients are
-equal bit for bit (``tests/test_performance_paths.py``). What it leaves out is exact
+equal bit for bit (``tests/infer/test_performance_paths.py``). What it leaves out is exact
 bookkeeping only: the effect-handler messages and traces, the distribution objects and their
 same-shape ``expand`` views, and the prior's divisions by 1 and subtractions of 0.
 

@@ -71,7 +71,7 @@ def test_the_docs_list_every_choice_of_a_flag(capsys, monkeypatch):
     command line's choices, all of them."""
     text = _help(capsys, monkeypatch, "train")
     choices = dict(re.findall(r"^\s+--([a-z-]+) \{([a-z0-9,]+)\}", text, re.M))
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     listed = 0
     for page in [root / "README.md", *sorted((root / "docs").glob("*.rst"))]:
         words = " ".join(page.read_text(encoding="utf-8").replace("`", "").split())

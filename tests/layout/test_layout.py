@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
+PACKAGE = Path(__file__).resolve().parents[2] / "pyro_vae"
 
 #: the layers bottom-up (docs/architecture.rst draws the same table); packages of one rank
 #: stand side by side and do not import each other

@@ -1,6 +1,6 @@
 """One rank of the distributed tests: ``python distributed_worker.py SCENARIO OUT_DIR``.
 
-tests/test_distributed.py starts one process per rank with torchrun's environment variables
+tests/train/test_distributed.py starts one process per rank with torchrun's environment variables
 (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``, ``MASTER_PORT``) and reads what each rank
 saved under ``OUT_DIR``. The step fixture is shared with the test, which runs the single-process
 reference on the combined batch.

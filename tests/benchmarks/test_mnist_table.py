@@ -12,7 +12,7 @@ import torch
 from pyro_vae.data.images import load_binarized_mnist
 from pyro_vae.util.errors import DataError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_table.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mnist_table.py"
 
 
 def _script():

@@ -24,7 +24,7 @@ from pyro_vae.data import images as data_lib
 from pyro_vae.models.vae import VAE
 from pyro_vae.util.errors import ConfigError
 
-USER_MODELS = Path(__file__).with_name("user_models.py")
+USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 
 TINY = ["--seeds", "0", "--epochs", "1", "--importance-samples", "2", "--eval-particles", "10",
         "--curve-particles", "2", "--snr-draws", "2", "--snr-ks", "1", "2"]

@@ -25,7 +25,7 @@ from docs_pages import OUTPUT, PageError, compare_output, parse_markdown, parse_
 
 from pyro_vae.infer import CLASSES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("docs/*.rst"))
 BASH_TIMEOUT_S = 300
 # Pages collected (test_every_page_says_whether_its_blocks_run parses them) but not run, and why.

@@ -1,7 +1,8 @@
 """Data-parallel training and sharded evaluation with 2 gloo processes on 127.0.0.1.
 
-The ranks run tests/distributed_worker.py (or ``python -m torch.distributed.run -m pyro_vae``);
-every launch is bounded by ``LAUNCH_TIMEOUT_S`` and its processes are killed if it overruns.
+The ranks run tests/support/distributed_worker.py (or ``python -m torch.distributed.run -m
+pyro_vae``); every launch is bounded by ``LAUNCH_TIMEOUT_S`` and its processes are killed if it
+overruns.
 """
 
 import json
@@ -46,8 +47,9 @@ from pyro_vae.util.distributed import (
 )
 from pyro_vae.util.errors import CheckpointError, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("distributed_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+SUPPORT = Path(__file__).resolve().parents[1] / "support"
+WORKER = SUPPORT / "distributed_worker.py"
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 240
 FAILURE_SEEN_WITHIN_S = 90
@@ -448,7 +450,7 @@ def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(monkeypatch, c
 def test_torchrun_trains_a_users_pair_on_a_users_loader_and_resumes_exactly(tmp_path):
     """The sequence pair of user_models.py on its padded DataLoader (sharded among the ranks by
     the engine): an interrupted run resumed under torchrun equals the uninterrupted one."""
-    user = Path(__file__).with_name("user_models.py")
+    user = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
     common = ["--model-factory", f"{user}:make_sequence_model", "--data",
               f"{user}:sequence_data", "--device", "cpu", "--quiet", "--dist-timeout", "120"]
     for command in (["train", *common, "--epochs", "2", "--out", str(tmp_path / "full")],
@@ -496,10 +498,10 @@ def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_trai
     """One gather compares the ranks' data: each rank prints the same line and exits with 2,
     and nothing is trained (no rank aborts in a collective of mismatched steps)."""
     data = tmp_path / "rank_data.py"
-    data.write_text(RANK_DATA.format(tests=str(Path(__file__).parent)))
+    data.write_text(RANK_DATA.format(tests=str(SUPPORT)))
     port = str(_free_port())
     argv = [sys.executable, "-m", "pyro_vae", "train", "--model-factory",
-            f"{Path(__file__).with_name('user_models.py')}:make_fa", "--data",
+            f"{SUPPORT / 'user_models.py'}:make_fa", "--data",
             f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
             "--dist-timeout", "60", "--out", str(tmp_path / "run")]
     ranks = []

@@ -104,7 +104,7 @@ def test_a_mixture_with_a_sampled_class_trained_by_vimco_reaches_scikit_learns_f
 
     from pyro_vae import fit
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
     from test_enumeration import GaussianMixture, _mixture_data
 
     data = _mixture_data()

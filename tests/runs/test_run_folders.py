@@ -33,7 +33,7 @@ from pyro_vae.runs.lock import lock_holder, lock_text
 from pyro_vae.util.errors import CheckpointError
 from pyro_vae.util.tempnames import Writer, host_tag, temporary_name, this_process
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def exit_status(argv) -> int:

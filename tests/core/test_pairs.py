@@ -21,7 +21,7 @@ from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.runs import load_run
 from pyro_vae.util.errors import ConfigError
 
-USER_MODELS = str(Path(__file__).with_name("user_models.py"))
+USER_MODELS = str(Path(__file__).resolve().parents[1] / "support" / "user_models.py")
 
 
 def _exact_fa_log_likelihood(x):

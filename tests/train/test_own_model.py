@@ -55,7 +55,7 @@ class MixturePriorVAE(nn.Module):
 
 
 def build(input_dim, name):
-    """The factory the benchmark takes: ``--model-factory tests/test_own_model.py:build``."""
+    """The factory the benchmark takes: ``--model-factory tests/train/test_own_model.py:build``."""
     return MixturePriorVAE(input_dim, name=name)
 
 

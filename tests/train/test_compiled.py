@@ -13,21 +13,10 @@ step the losses see parameters that differ by that rounding: relative 1e-5.
 
 import copy
 import shutil
-import sys
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
-
-from pyro_vae import fit
-from pyro_vae.infer import make_estimator
-from pyro_vae.models.vae import VAE
-from pyro_vae.train.compiled import CompiledStep
-from pyro_vae.train.fused import training_loss
-from pyro_vae.train.step import svi_step
-
-sys.path.insert(0, str(Path(__file__).parent))
 from user_models import (
     FactorAnalysis,
     LinearSequenceModel,
@@ -37,6 +26,13 @@ from user_models import (
     pad_collate,
     regression_data,
 )
+
+from pyro_vae import fit
+from pyro_vae.infer import make_estimator
+from pyro_vae.models.vae import VAE
+from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.fused import training_loss
+from pyro_vae.train.step import svi_step
 
 LR = 1e-2
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),

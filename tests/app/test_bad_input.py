@@ -19,7 +19,7 @@ from tiny_runs import TINY
 from pyro_vae.app.cli import main
 from pyro_vae.util import budget
 
-USER_MODELS = Path(__file__).with_name("user_models.py")
+USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 HUGE = "1000000000"
 
 PAIR = '''

@@ -1,6 +1,6 @@
 """Model/guide pairs written the way a user writes them, defined only for the tests, with the
 data they train on. Factories here are also loaded by the command line (``--model-factory
-tests/user_models.py:NAME``)."""
+tests/support/user_models.py:NAME``)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from pyro_vae.data.batches import resolve_device
 from pyro_vae.runs import open_run_folder
 from pyro_vae.util.errors import check_count
 
-PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
+PACKAGE = Path(__file__).resolve().parents[2] / "pyro_vae"
 #: the command line's own layer, which speaks in flags
 CLI_LAYER = PACKAGE / "app"
 #: flags of other programs that a library error may name (torchrun's)

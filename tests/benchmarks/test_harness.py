@@ -8,8 +8,7 @@ import json
 import sys
 
 import pytest
-
-from tests.benchmark_loader import load_benchmark
+from benchmark_loader import load_benchmark
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from pyro_vae.app.cli import EXIT_USER_ERROR, main
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.util.errors import DataError
 
-USER_MODELS = Path(__file__).with_name("user_models.py")
+USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 FA_TOLERANCE = 0.02  # nats per datapoint
 
 
