@@ -188,12 +188,13 @@ def _exit_now(status: int) -> None:
 def shutdown() -> None:
     """Leave the process group if :func:`init_distributed` created it; also run at exit.
 
-    After a collective of that group failed, neither leaving the group nor letting the
-    interpreter tear it down is safe: gloo's threads may abort the process ("terminate called
-    without an active exception", SIGABRT) depending on their timing. This function then
-    flushes stdout and stderr and ends the process at once with :data:`EXIT_BROKEN_GROUP`
-    (:func:`os._exit`), whatever exit status was on its way, so a failed rank always exits the
-    same way. A group created by the caller is left alone.
+    After a collective of that group failed, or the ranks were found to disagree (every rank
+    stops, and one may leave while another's gloo threads still talk to it), neither leaving the
+    group nor letting the interpreter tear it down is safe: gloo's threads may abort the
+    process ("terminate called without an active exception", SIGABRT) depending on their
+    timing. This function then flushes stdout and stderr and ends the process at once with
+    :data:`EXIT_BROKEN_GROUP` (:func:`os._exit`), whatever exit status was on its way, so a
+    failed rank always exits the same way. A group created by the caller is left alone.
     """
     global _owned_timeout_s
     if _owned_timeout_s is not None and _broken:
@@ -303,6 +304,8 @@ def check_in_sync(tensors: Iterable[torch.Tensor], context: DistributedContext) 
         all_reduce_sum(differs, context, "checking that the ranks' weights agree")
     count = int(differs.item())
     if count:
+        global _broken
+        _broken = True  # every rank stops here: none may wait on the others while leaving
         values = "1 value differs" if count == 1 else f"{count} values differ"
         raise DistributedError(f"rank {context.rank} of {context.world_size}: the ranks' "
                                f"parameters have drifted apart ({values} from rank 0's, counted "
