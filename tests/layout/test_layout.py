@@ -152,3 +152,18 @@ def test_the_checks_catch_a_violation(rule, tmp_path, monkeypatch):
     monkeypatch.setattr(f"{__name__}.MODULES", {**MODULES, **extra})
     with pytest.raises(AssertionError):
         rule()
+
+
+def test_the_console_script_names_a_function_that_exists():
+    """``pyro-vae`` (setup.cfg's entry point) names a module and function of the package."""
+    import configparser
+    import importlib
+
+    setup = configparser.ConfigParser()
+    setup.read(PACKAGE.parent / "setup.cfg")
+    scripts = [line.split("=", 1) for line in
+               setup["options.entry_points"]["console_scripts"].strip().splitlines()]
+    assert [name.strip() for name, _ in scripts] == ["pyro-vae"]
+    for _, target in scripts:
+        module, function = target.strip().split(":")
+        assert callable(getattr(importlib.import_module(module), function))
