@@ -185,7 +185,7 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
-def shutdown() -> None:
+def shutdown(status: int | None = None) -> None:
     """Leave the process group if :func:`init_distributed` created it; also run at exit.
 
     After a collective of that group failed, or the ranks were found to disagree (every rank
@@ -194,13 +194,26 @@ def shutdown() -> None:
     process ("terminate called without an active exception", SIGABRT) depending on their
     timing. This function then flushes stdout and stderr and ends the process at once with
     :data:`EXIT_BROKEN_GROUP` (:func:`os._exit`), whatever exit status was on its way, so a
-    failed rank always exits the same way. A group created by the caller is left alone.
+    failed rank always exits the same way.
+
+    Tearing the group down at a normal end races the same way, now and then, so a caller that
+    knows the process's exit ``status`` (the command line) has it end here too: after a barrier
+    when ``status`` is 0 (every rank has finished its collectives; bounded by the group's
+    timeout, and a rank that already left only ends the wait), then at once with ``status``.
+    Without ``status`` (at exit, under a user's own script) the group is destroyed as usual.
+    A group created by the caller is left alone.
     """
     global _owned_timeout_s
     if _owned_timeout_s is not None and _broken:
         _exit_now(EXIT_BROKEN_GROUP)
     if _owned_timeout_s is not None and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        if status is None:
+            torch.distributed.destroy_process_group()
+        else:
+            if status == 0:
+                with suppress(DistributedError):
+                    barrier(current_context(), "waiting for the other ranks to finish")
+            _exit_now(status)
     _owned_timeout_s = None
 
 
