@@ -212,6 +212,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "a pair that cannot be captured trains eagerly (not saved; may be "
                         "given with --resume)")
     _add_max_memory(p)
+    _add_max_seconds(p, default=None)
     _add_dist_timeout(p)
 
 
@@ -230,11 +231,13 @@ def _add_max_memory(parser: argparse.ArgumentParser) -> None:
                              "SIZE (512M, 4G, ...; default: the memory free on the device)")
 
 
-def _add_max_seconds(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-seconds", type=_positive_float, default=DEFAULT_MAX_SECONDS,
+def _add_max_seconds(parser: argparse.ArgumentParser,
+                     default: float | None = DEFAULT_MAX_SECONDS) -> None:
+    shown = "no bound" if default is None else f"{default:g}"
+    parser.add_argument("--max-seconds", type=_positive_float, default=default,
                         metavar="SECONDS",
-                        help="refuse, after timing its first pieces, work whose estimated "
-                             f"time exceeds SECONDS (default {DEFAULT_MAX_SECONDS:g})")
+                        help="refuse, after timing its first pieces (steps, particle chunks), "
+                             f"work whose estimated time exceeds SECONDS (default {shown})")
 
 
 def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
@@ -388,17 +391,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     :class:`OSError` such as a full disk, or a failure of the user's code: a factory, data
     function, model or guide, named by its file and line, :mod:`pyro_vae.util.usercode`) prints one
     line and returns :data:`EXIT_USER_ERROR`; Ctrl-C returns 130 and SIGTERM 143 (handled
-    while ``main`` runs, in the main thread, by the only process or torchrun's rank 0)."""
+    while ``main`` runs, in the main thread, by the only process or torchrun's rank 0). Under
+    torchrun, a rank ends here with its status (:func:`pyro_vae.util.distributed.shutdown`)."""
+    from pyro_vae.util.distributed import shutdown
+
+    args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread() and _writer_rank():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    status = None
+    try:
+        status = _run(args)
+        return status
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        shutdown(status)
+
+
+def _run(args: argparse.Namespace) -> int:
     from pyro_vae.app.commands import COMMANDS
     from pyro_vae.util.budget import time_limit
     from pyro_vae.util.io import describe_os_error
     from pyro_vae.util.memory import allocation_message, is_allocation_failure, limit
     from pyro_vae.util.usercode import describe_failure, user_frame
 
-    args = build_parser().parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread() and _writer_rank():
-        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with limit(getattr(args, "max_memory", None), how="--max-memory"), \
                 time_limit(getattr(args, "max_seconds", None), how="give --max-seconds"):
@@ -432,12 +449,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print(f"pyro-vae {args.command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        from pyro_vae.util.distributed import shutdown
-
-        shutdown()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The ``pyro-vae`` program: the command line's imports (torch, Pyro, ...) happen inside, so
-Ctrl-C during start-up ends it with one line and status 130 like Ctrl-C later on."""
+Ctrl-C during start-up ends it with one line and status 130 like Ctrl-C later on; on POSIX the
+command runs in a child process watched by :mod:`pyro_vae.app.supervisor`, so that a crash in
+native code is one line too."""
 
 from __future__ import annotations
 
@@ -15,6 +17,14 @@ def run() -> None:
     While the imports run, SIGINT is recorded as well as raised: an import that swallows the
     ``KeyboardInterrupt`` (a bare ``except:`` in a dependency) cannot make the program go on as
     if Ctrl-C had not been pressed."""
+    try:
+        from pyro_vae.app.supervisor import run_child, supervised
+
+        if supervised():
+            sys.exit(run_child(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     interrupted = []
 
     def on_interrupt(signum: int, frame: object) -> None:
