@@ -9,7 +9,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import pyro
@@ -19,6 +19,7 @@ from pyro_vae.data.batches import Source
 from pyro_vae.infer import ELBOEstimator, LinearWarmup
 from pyro_vae.runs import History
 from pyro_vae.train.parallel import Replicas
+from pyro_vae.util import budget
 from pyro_vae.util.errors import TrainingDiverged
 
 #: the clock of the epochs' times (``time.perf_counter``; a test may replace it)
@@ -142,6 +143,7 @@ class Loop:
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)
                 loss_sum += loss
                 count += size
+                budget.piece_done()
         return self.replicas.mean(loss_sum, count)
 
     @torch.no_grad()
@@ -175,33 +177,47 @@ def diverged(mean_loss: float, initial_loss: float | None) -> bool:
 
 def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) -> History:
     """Train ``loop`` from the epoch after ``loop.epoch`` up to ``last_epoch``, or until a
-    callback sets ``loop.stop``.
+    callback sets ``loop.stop``. Under :func:`pyro_vae.util.budget.time_limit` (one process),
+    the steps of all the epochs are one request: a training whose time, estimated from its first
+    steps, exceeds the bound is refused then (what runs between epochs is not counted).
 
+    :raises TimeLimitError: see above.
     :raises TrainingDiverged: when an epoch's mean loss is NaN or infinite, or has risen by
         more than :data:`DIVERGENCE_RATIO` times the first step's magnitude (after the last
         good epoch's callbacks ran).
     """
+    steps = loop.replicas.steps_per_epoch(loop.data.source, loop.data.batch_size)
+    epochs = last_epoch - loop.epoch
     try:
-        for epoch in range(loop.epoch + 1, last_epoch + 1):
-            start = clock()
-            loop.epoch = epoch
-            mean_loss = loop.train_epoch()
-            if not math.isfinite(mean_loss):
-                raise TrainingDiverged(f"the training loss became {mean_loss} in epoch {epoch}")
-            if diverged(mean_loss, loop.initial_loss):
-                raise TrainingDiverged(
-                    f"the training loss rose to {mean_loss:.4g} nats per datapoint in epoch "
-                    f"{epoch}, from {loop.initial_loss:.4g} at the first step")
-            elbo = loop.held_out_elbo()
-            loop.replicas.check_in_sync(loop.model)
-            loop.history.append(epoch, mean_loss, elbo, clock() - start)
-            for callback in callbacks:
-                callback.on_epoch_end(loop)
-            if loop.stop:
-                break
+        # the ranks would not agree on a refusal timed by each: the bound holds one process
+        with (nullcontext() if loop.replicas.dist.enabled else
+              budget.work(epochs * steps, f"training {epochs} epoch(s) of {steps} step(s)",
+                          "steps")):
+            _epochs(loop, last_epoch, callbacks)
         for callback in callbacks:
             callback.on_fit_end(loop)
     finally:
         for callback in callbacks:
             callback.close()
     return loop.history
+
+
+def _epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback]) -> None:
+    for epoch in range(loop.epoch + 1, last_epoch + 1):
+        start = clock()
+        loop.epoch = epoch
+        mean_loss = loop.train_epoch()
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"the training loss became {mean_loss} in epoch {epoch}")
+        if diverged(mean_loss, loop.initial_loss):
+            raise TrainingDiverged(
+                f"the training loss rose to {mean_loss:.4g} nats per datapoint in epoch "
+                f"{epoch}, from {loop.initial_loss:.4g} at the first step")
+        with budget.aside():
+            elbo = loop.held_out_elbo()
+            loop.replicas.check_in_sync(loop.model)
+            loop.history.append(epoch, mean_loss, elbo, clock() - start)
+            for callback in callbacks:
+                callback.on_epoch_end(loop)
+        if loop.stop:
+            break

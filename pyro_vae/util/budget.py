@@ -45,6 +45,7 @@ class _Work:
     what: str
     limit: _Limit
     start: float
+    unit: str = "pieces"
     done: int = 0
     first: float | None = None
 
@@ -61,7 +62,7 @@ class _Work:
         if estimate > self.limit.seconds:
             raise TimeLimitError(
                 f"{self.what} would take about {format_seconds(estimate)} ({self.total:,} "
-                f"pieces of about {format_seconds(rate)}), more than the "
+                f"{self.unit} of about {format_seconds(rate)}), more than the "
                 f"{format_seconds(self.limit.seconds)} allowed: to go ahead, "
                 f"{self.limit.how} {math.ceil(estimate * 1.25)}, or ask for less")
 
@@ -93,14 +94,25 @@ def time_limit(seconds: float | None,
 
 
 @contextmanager
-def work(total: int, what: str) -> Iterator[None]:
-    """A request of ``total`` pieces, described by ``what``; inside a request already open it
-    is part of that one (which counts its pieces)."""
+def work(total: int, what: str, unit: str = "pieces") -> Iterator[None]:
+    """A request of ``total`` pieces (named ``unit`` in its refusal), described by ``what``;
+    inside a request already open it is part of that one (which counts its pieces)."""
     limit = _LIMIT.get()
     if limit is None or _WORK.get() is not None:
         yield
         return
-    token = _WORK.set(_Work(max(int(total), 1), what, limit, clock()))
+    token = _WORK.set(_Work(max(int(total), 1), what, limit, clock(), unit))
+    try:
+        yield
+    finally:
+        _WORK.reset(token)
+
+
+@contextmanager
+def aside() -> Iterator[None]:
+    """Run the block outside the open request: its pieces (an evaluation between two epochs
+    of a training) are not that request's, and a request it opens is measured on its own."""
+    token = _WORK.set(None)
     try:
         yield
     finally:

@@ -403,6 +403,32 @@ def test_the_time_bound_is_the_max_seconds_option(run_dir, capsys, ticking_clock
     assert status(argv) == 0
 
 
+def test_a_training_estimated_to_exceed_its_time_bound_is_refused_before_it_writes(
+        tmp_path, capsys, ticking_clock):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "50", "--out", str(out)]
+    assert status([*argv, "--max-seconds", "60"]) == 2  # 50 epochs of 3 steps of 1 s
+    assert ("error: training 50 epoch(s) of 3 step(s) would take about 2.5 min (150 steps of "
+            "about 1 s), more than the 1 min allowed: to go ahead, give --max-seconds 188"
+            in one_line(capsys))
+    assert not out.exists()
+    assert status([*argv[:-4], "--epochs", "4", "--out", str(out)]) == 0  # no bound: trains
+
+
+def test_the_steps_of_fit_are_the_pieces_of_one_request(monkeypatch):
+    from user_models import fa_data, make_fa
+
+    import pyro_vae
+
+    data = torch.as_tensor(fa_data(40))
+    readings = itertools.count()
+    monkeypatch.setattr(budget, "clock", lambda: float(next(readings)))
+    with budget.time_limit(5.0), pytest.raises(budget.TimeLimitError, match="training 3 "):
+        pyro_vae.fit(make_fa(), data, epochs=3, batch_size=20)  # 6 steps of 1 s
+    with budget.time_limit(6.0):  # 1 + 1 × 5 s: not more than the bound
+        assert len(pyro_vae.fit(make_fa(), data, epochs=3, batch_size=20).history.epoch) == 3
+
+
 def test_a_budget_times_the_first_piece_apart_and_refuses_only_under_a_limit(monkeypatch):
     readings = iter([0.0, 10.0, 11.0, 12.0])  # a first piece of 10 s, then 1 s each
     monkeypatch.setattr(budget, "clock", lambda: next(readings))
