@@ -42,7 +42,7 @@ from torch.utils.data import (
     default_collate,
 )
 
-from pyro_vae.core.arguments import batch_length
+from pyro_vae.core.arguments import batch_length, leaves
 from pyro_vae.util.distributed import SINGLE, DistributedContext, shard_indices
 from pyro_vae.util.errors import ConfigError, DataError
 
@@ -335,3 +335,12 @@ def as_source(data: Any, collate_fn: Callable | None = None) -> Source:
         return TensorSource((_as_tensor(data, "data"),))
     raise DataError(f"cannot train or evaluate on a {type(data).__name__}: give a tensor or "
                     "array, a tuple/list or dict of them, a map-style Dataset or a DataLoader")
+
+
+def describe(source: Source) -> str:
+    """``"N datapoints of [shape], ..."``: a source's length and the shapes of its first
+    datapoint's tensors (what every rank of a sharded computation must agree on)."""
+    first = next(iter(source.ordered(1)))
+    shapes = [list(leaf.shape[1:]) for leaf in leaves((first.args, first.kwargs))
+              if isinstance(leaf, torch.Tensor)]
+    return f"{source.num_data} datapoints of {', '.join(map(str, shapes)) or 'no tensors'}"

@@ -20,7 +20,7 @@ from pyro_vae.core.arguments import floating_tensors
 from pyro_vae.core.log_probs import vectorized_log_probs
 from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.core.vectorization import particle_mismatch
-from pyro_vae.data.batches import as_source
+from pyro_vae.data.batches import as_source, describe
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
 from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
 from pyro_vae.util import budget
@@ -29,6 +29,7 @@ from pyro_vae.util.distributed import (
     SINGLE,
     DistributedContext,
     all_gather_objects,
+    check_same_on_every_rank,
     derive_seed,
 )
 from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError
@@ -360,6 +361,8 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     source = as_source(data, collate_fn)
+    if dist.enabled:  # ranks sharing out different data would gather a wrong result
+        check_same_on_every_rank(describe(source), dist, "data")
     # data that fit one batch may come from a pair with no data plate: one datapoint, the set
     whole = source.num_data <= batch_size
     from tqdm.auto import tqdm

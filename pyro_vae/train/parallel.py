@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pyro_vae.data.batches import Batch, Source
+from pyro_vae.data.batches import Batch, Source, describe
 from pyro_vae.runs import rng_state, set_generator_state, set_rng_state
 from pyro_vae.train.step import svi_step
 from pyro_vae.util.distributed import (
@@ -109,22 +109,3 @@ class Replicas:
             return
         set_rng_state(ranks["rng"][self.dist.rank], generator)
         set_generator_state("order", order_generator, ranks["order"])
-
-
-def describe(source: Source) -> str:
-    """``"N datapoints of [shape], ..."``: a source's length and the shapes of its first
-    datapoint's tensors."""
-    first = next(iter(source.ordered(1)))
-    shapes = [list(leaf.shape[1:]) for leaf in _tensors((first.args, first.kwargs))]
-    return f"{source.num_data} datapoints of {', '.join(map(str, shapes)) or 'no tensors'}"
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)

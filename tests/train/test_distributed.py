@@ -521,3 +521,34 @@ def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_trai
         f"datapoints of [{FA_DIM}], test none; rank 1: training 80 datapoints of [{FA_DIM}], "
         "test none): every rank must load the same data"), logs
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def test_ranks_evaluating_data_of_different_sizes_stop_with_the_same_line(tmp_path):
+    """Sharded evaluation compares the ranks' data before it shares the batches out: a gather
+    of results over different data would put rows where they do not belong."""
+    data = tmp_path / "rank_data.py"
+    data.write_text(RANK_DATA.format(tests=str(SUPPORT)))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model-factory", f"{SUPPORT / 'user_models.py'}:make_fa", "--data",
+                 f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
+                 "--out", str(run_dir)]) == 0
+    port = str(_free_port())
+    argv = [sys.executable, "-m", "pyro_vae", "evaluate", str(run_dir), "--data",
+            f"{data}:rank_data", "--particles", "5", "--device", "cpu", "--quiet",
+            "--dist-timeout", "60"]
+    ranks = []
+    for rank in range(WORLD_SIZE):
+        log = tmp_path / f"rank{rank}.log"
+        with log.open("w") as handle:
+            ranks.append((subprocess.Popen(argv, env=_rank_env(rank, port), cwd=tmp_path,
+                                           stdout=handle, stderr=subprocess.STDOUT), log))
+    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
+    logs = [log.read_text().strip() for _, log in ranks]
+    assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
+    from user_models import FA_DIM
+
+    assert logs[0] == logs[1] == (
+        f"pyro-vae evaluate: error: the ranks were given different data (rank 0: 120 "
+        f"datapoints of [{FA_DIM}]; rank 1: 80 datapoints of [{FA_DIM}]): every rank must "
+        "load the same data"), logs
+    assert not list(run_dir.glob("eval-*"))
