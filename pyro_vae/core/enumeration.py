@@ -41,6 +41,7 @@ of the first run replayed into every configuration.
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -131,6 +132,11 @@ def configurations(sites: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.T
     names = list(sites)
     for index in itertools.product(*(range(sites[n].shape[0]) for n in names)):
         yield {name: sites[name][i] for name, i in zip(names, index)}
+
+
+def num_configurations(sites: dict[str, torch.Tensor]) -> int:
+    """How many combinations :func:`configurations` yields (1 for no sites)."""
+    return math.prod(support.shape[0] for support in sites.values())
 
 
 def fixed(fn: Callable, values: dict[str, torch.Tensor]) -> Callable:

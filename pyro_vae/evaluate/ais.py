@@ -277,8 +277,12 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
     if betas[0] != 0 or betas[-1] != 1 or not bool((betas[1:] >= betas[:-1]).all()):
         raise ConfigError("the schedule must rise from 0 to 1")
     source = as_source(data, collate_fn)
-    with budget.work(budget.num_batches(source, batch_size) * (len(betas) - 1),
-                     f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"):
+    first = next(iter(source.ordered(batch_size)), None)
+    runs = 1 if first is None else enumeration.num_configurations(  # AIS runs once per each
+        enumeration.enumerated_sites(guide, first.args, first.kwargs))
+    with budget.work(budget.num_batches(source, batch_size) * (len(betas) - 1) * runs,
+                     f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"
+                     + (f" for each of {runs:,} enumerated configurations" if runs > 1 else "")):
         return _forward_ais(model, guide, source, num_chains=num_chains, betas=betas,
                             leapfrog_steps=leapfrog_steps, step_size=step_size,
                             target_accept=target_accept, start=start, batch_size=batch_size,

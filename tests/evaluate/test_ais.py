@@ -232,3 +232,23 @@ def test_changing_one_datapoint_leaves_the_others_ais_estimates_bit_identical(ba
     for name in ("log_px", "accept", "ess", "stderr"):
         assert torch.equal(getattr(a, name)[others], getattr(b, name)[others]), name
     assert not torch.equal(a.log_weights[:, 1], b.log_weights[:, 1])
+
+
+def test_the_time_estimate_of_ais_counts_every_enumerated_configuration(monkeypatch):
+    """AIS runs once per configuration of the guide's enumerated sites: C times the steps."""
+    import itertools
+
+    from test_enumeration import C, MixtureOfFactorAnalysers, _points
+
+    from pyro_vae.util import budget
+
+    ticks = itertools.count()
+    monkeypatch.setattr(budget, "clock", lambda: float(next(ticks)))  # 1 s per step
+    pair, x = MixtureOfFactorAnalysers(), _points(4)
+    steps = 10
+    with budget.time_limit(steps * C - 1), pytest.raises(
+            budget.TimeLimitError, match=rf"AIS of {steps} steps with 2 chains for each of {C} "
+                                         rf"enumerated configurations would take about {steps * C} s"):
+        ais(pair.model, pair.guide, x, num_chains=2, num_steps=steps)
+    with budget.time_limit(steps * C):
+        assert ais(pair.model, pair.guide, x, num_chains=2, num_steps=steps).log_px.shape == (4,)
