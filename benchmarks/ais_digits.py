@@ -24,7 +24,8 @@ from pyro_vae import ModelConfig, TrainConfig, fit
 from pyro_vae.data.builtin import evaluation_images
 from pyro_vae.data.images import load_dataset
 from pyro_vae.evaluate import evaluate_dataset
-from pyro_vae.evaluate.ais import ais, bdmc, simulate
+from pyro_vae.evaluate.ais import ais
+from pyro_vae.evaluate.bdmc import bdmc, simulate
 from pyro_vae.util.io import write_json
 
 ROWS = [("meanfield", 1), ("iwae", 5), ("dreg", 5)]

@@ -264,7 +264,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     import torch
 
     from pyro_vae.core.protocol import data_plate_name
-    from pyro_vae.evaluate.ais import bdmc, simulate
+    from pyro_vae.evaluate.bdmc import bdmc, simulate
     from pyro_vae.runs import load_run
     from pyro_vae.runs.evaluation import checkpoint_epoch, require_ais_memory
     from pyro_vae.util.io import write_json

@@ -79,7 +79,7 @@ def _simulated(pair: FactorAnalysis, num: int, seed: int = 4):
 
 
 def test_bdmc_brackets_the_exact_log_likelihood_and_the_bracket_closes_with_more_steps():
-    from pyro_vae.evaluate.ais import bdmc
+    from pyro_vae.evaluate.bdmc import bdmc
 
     pair = _pair(torch.as_tensor(fa_data(6)), offset=1.0, scale=0.1)
     # reverse AIS is an upper bound in expectation over the exact draws too: one draw per
