@@ -493,33 +493,38 @@ def rank_data():
 """
 
 
+def _refused_on_every_rank(argv: list[str], tmp_path: Path) -> str:
+    """Run ``argv`` as each of WORLD_SIZE ranks (torchrun's environment, no torchrun); check
+    that every rank exits with EXIT_USER_ERROR after printing the same output; return it."""
+    port, ranks = str(_free_port()), []
+    for rank in range(WORLD_SIZE):
+        log = tmp_path / f"rank{rank}.log"
+        with log.open("w") as handle:
+            ranks.append((subprocess.Popen(argv, env=_rank_env(rank, port), cwd=tmp_path,
+                                           stdout=handle, stderr=subprocess.STDOUT), log))
+    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
+    logs = [log.read_text().strip() for _, log in ranks]
+    assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
+    assert len(set(logs)) == 1, logs
+    return logs[0]
+
+
 def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_training(
         tmp_path):
     """One gather compares the ranks' data: each rank prints the same line and exits with 2,
     and nothing is trained (no rank aborts in a collective of mismatched steps)."""
     data = tmp_path / "rank_data.py"
     data.write_text(RANK_DATA.format(tests=str(SUPPORT)))
-    port = str(_free_port())
     argv = [sys.executable, "-m", "pyro_vae", "train", "--model-factory",
             f"{SUPPORT / 'user_models.py'}:make_fa", "--data",
             f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
             "--dist-timeout", "60", "--out", str(tmp_path / "run")]
-    ranks = []
-    for rank in range(WORLD_SIZE):
-        log = tmp_path / f"rank{rank}.log"
-        env = _rank_env(rank, port)
-        with log.open("w") as handle:
-            ranks.append((subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=handle,
-                                           stderr=subprocess.STDOUT), log))
-    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
-    logs = [log.read_text().strip() for _, log in ranks]
-    assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
     from user_models import FA_DIM
 
-    assert logs[0] == logs[1] == (
+    assert _refused_on_every_rank(argv, tmp_path) == (
         f"pyro-vae train: error: the ranks were given different data (rank 0: training 120 "
         f"datapoints of [{FA_DIM}], test none; rank 1: training 80 datapoints of [{FA_DIM}], "
-        "test none): every rank must load the same data"), logs
+        "test none): every rank must load the same data")
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
@@ -532,23 +537,13 @@ def test_ranks_evaluating_data_of_different_sizes_stop_with_the_same_line(tmp_pa
     assert main(["train", "--model-factory", f"{SUPPORT / 'user_models.py'}:make_fa", "--data",
                  f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
                  "--out", str(run_dir)]) == 0
-    port = str(_free_port())
     argv = [sys.executable, "-m", "pyro_vae", "evaluate", str(run_dir), "--data",
             f"{data}:rank_data", "--particles", "5", "--device", "cpu", "--quiet",
             "--dist-timeout", "60"]
-    ranks = []
-    for rank in range(WORLD_SIZE):
-        log = tmp_path / f"rank{rank}.log"
-        with log.open("w") as handle:
-            ranks.append((subprocess.Popen(argv, env=_rank_env(rank, port), cwd=tmp_path,
-                                           stdout=handle, stderr=subprocess.STDOUT), log))
-    codes = _finish(ranks, LAUNCH_TIMEOUT_S)
-    logs = [log.read_text().strip() for _, log in ranks]
-    assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
     from user_models import FA_DIM
 
-    assert logs[0] == logs[1] == (
+    assert _refused_on_every_rank(argv, tmp_path) == (
         f"pyro-vae evaluate: error: the ranks were given different data (rank 0: 120 "
         f"datapoints of [{FA_DIM}]; rank 1: 80 datapoints of [{FA_DIM}]): every rank must "
-        "load the same data"), logs
+        "load the same data")
     assert not list(run_dir.glob("eval-*"))
