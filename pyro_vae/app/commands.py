@@ -177,12 +177,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                            "images of a pair with a sample method")
     device = next(run.model.parameters()).device
     if run.model.conditional:
-        count = len(args.label) if args.label else run.model.num_classes
-        per_label = max(1, args.num // count)
-        rows = per_label * count
+        labels = args.label if args.label else list(range(run.model.num_classes))
+        if any(not 0 <= label < run.model.num_classes for label in labels):
+            raise ConfigError(f"--label must lie in 0..{run.model.num_classes - 1}")
+        per_label = max(1, args.num // len(labels))
+        rows = per_label * len(labels)
         rows_per_label, ncols = label_rows_layout(per_label)
-        nrows = rows_per_label * count
+        nrows = rows_per_label * len(labels)
     else:
+        if args.label:
+            raise ConfigError("--label needs a conditional run (pyro-vae train --model cvae)")
         rows, ncols = args.num, max(1, int(round(args.num ** 0.5)))
         nrows = -(-rows // ncols)
     figure = grid_bytes(nrows, ncols, run.dataset.image_shape, f"a grid of {rows:,} samples")
@@ -191,22 +195,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:
-        labels = args.label if args.label else list(range(run.model.num_classes))
-        if any(not 0 <= label < run.model.num_classes for label in labels):
-            raise ConfigError(f"--label must lie in 0..{run.model.num_classes - 1}")
-        per_label = max(1, args.num // len(labels))
         wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
         images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
                                   labels=wanted)
         figure = plot_label_rows(images, labels, per_label, run.dataset.image_shape,
                                  f"samples per label ({per_label} each)")
     else:
-        if args.label:
-            raise ConfigError("--label needs a conditional run (pyro-vae train --model cvae)")
-        images = run.model.sample(args.num, mean=not args.binary, generator=generator)
-        ncols = max(1, int(round(args.num ** 0.5)))
+        images = run.model.sample(rows, mean=not args.binary, generator=generator)
         figure = plot_grid(images, run.dataset.image_shape, ncols,
-                           f"{args.num} samples from the prior")
+                           f"{rows} samples from the prior")
     save_figure(figure, output)
     print(f"wrote {output}")
     return 0
