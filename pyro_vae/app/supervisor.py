@@ -53,8 +53,11 @@ def supervised() -> bool:
 
         faulthandler.enable(open(fault_file, "w"), all_threads=True)
         return False
-    return (os.name == "posix" and hasattr(signal, "sigtimedwait")
-            and not any(name in os.environ for name in _TORCHRUN_ENV))
+    return (
+        os.name == "posix"
+        and hasattr(signal, "sigtimedwait")
+        and not any(name in os.environ for name in _TORCHRUN_ENV)
+    )
 
 
 def run_child(argv: list[str]) -> int:
@@ -64,12 +67,12 @@ def run_child(argv: list[str]) -> int:
     os.close(handle)
     early: list[int] = []
     watched = [s for s in FORWARDED if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, lambda signum, frame: early.append(signum))
-                for s in watched}
+    previous = {s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in watched}
     try:
-        child = subprocess.Popen([sys.executable, *interpreter_options(argv), "-m", "pyro_vae",
-                                  *argv],
-                                 env={**os.environ, FAULT_FILE_ENV: fault_file})
+        child = subprocess.Popen(
+            [sys.executable, *interpreter_options(argv), "-m", "pyro_vae", *argv],
+            env={**os.environ, FAULT_FILE_ENV: fault_file},
+        )
         status = _wait(child, watched, early)
         return _exit_status(status, command, fault_file)
     finally:
@@ -84,9 +87,9 @@ def interpreter_options(argv: list[str]) -> list[str]:
     ...; read from :data:`sys.orig_argv`), which the child gets too: what precedes the program
     (``-m pyro_vae``, or the script's path) and its arguments ``argv``."""
     given = list(getattr(sys, "orig_argv", []))
-    if len(given) < len(argv) + 2 or given[len(given) - len(argv):] != argv:
+    if len(given) < len(argv) + 2 or given[len(given) - len(argv) :] != argv:
         return []
-    before = given[1:len(given) - len(argv)]
+    before = given[1 : len(given) - len(argv)]
     if len(before) >= 2 and before[-2] == "-m":
         return before[:-2]
     return before[:-1]
@@ -95,10 +98,14 @@ def interpreter_options(argv: list[str]) -> list[str]:
 def _wait(child: subprocess.Popen, watched: list[int], early: list[int]) -> int:
     waited = {*watched, signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    forwarded = 0
     try:
-        for signum in early:  # arrived before they were blocked: passed on, whoever sent it
-            child.send_signal(signum)
         while (status := child.poll()) is None:
+            # arrived before they were blocked (their handler may run only now): passed on,
+            # whoever sent them
+            for signum in early[forwarded:]:
+                child.send_signal(signum)
+            forwarded = len(early)
             info = signal.sigtimedwait(waited, 0.5)
             if info is not None and info.si_signo != signal.SIGCHLD and info.si_pid != 0:
                 child.send_signal(info.si_signo)
@@ -140,17 +147,25 @@ def describe_crash(signum: int, dump: str) -> tuple[str, bool]:
     except ValueError:
         name = f"signal {signum}"
     if signum == signal.SIGKILL:
-        return (f"the process was killed by {name}: nothing could report where; the system "
-                "may have run out of memory (ask for less, or see --max-memory)", False)
+        return (
+            f"the process was killed by {name}: nothing could report where; the system "
+            "may have run out of memory (ask for less, or see --max-memory)",
+            False,
+        )
     frames = _crashing_frames(dump)
     for file, line, function in frames:
         if is_user_file(file):
-            return (f"{file}:{line}: the process died of {name} in {function}, in the user's "
-                    "code (a model, guide, factory or data function)", True)
+            return (
+                f"{file}:{line}: the process died of {name} in {function}, in the user's "
+                "code (a model, guide, factory or data function)",
+                True,
+            )
     if frames:
         file, line, function = frames[0]
-        return (f"the process died of {name} in {function} ({file}:{line}), outside the "
-                "user's code", False)
+        return (
+            f"the process died of {name} in {function} ({file}:{line}), outside the user's code",
+            False,
+        )
     return f"the process died of {name}", False
 
 
