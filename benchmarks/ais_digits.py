@@ -48,54 +48,89 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     for elbo, k in ROWS:
-        config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, elbo=elbo,
-                             importance_samples=k, epochs=args.epochs, seed=0,
-                             final_particles=0, device="cpu",
-                             **({"model": MNIST_NETWORK, "batch_size": 128,
-                                 "eval_particles": 1}
-                                if args.dataset == "mnist" else {}))
+        config = TrainConfig(
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            elbo=elbo,
+            importance_samples=k,
+            epochs=args.epochs,
+            seed=0,
+            final_particles=0,
+            device="cpu",
+            **(
+                {"model": MNIST_NETWORK, "batch_size": 128, "eval_particles": 1}
+                if args.dataset == "mnist"
+                else {}
+            ),
+        )
         start = time.perf_counter()
         model = fit(config=config, progress=False).model
         model.eval()
         dataset = load_dataset(args.dataset, args.data_dir)
-        images = evaluation_images(dataset, "test", config)[:args.images]
-        row = {"elbo": elbo, "k": k, "epochs": args.epochs,
-               "train_seconds": time.perf_counter() - start}
+        images = evaluation_images(dataset, "test", config)[: args.images]
+        row = {
+            "elbo": elbo,
+            "k": k,
+            "epochs": args.epochs,
+            "train_seconds": time.perf_counter() - start,
+        }
         with pyro.validation_enabled(False), torch.no_grad():
             torch.manual_seed(0)
             start = time.perf_counter()
-            scored = evaluate_dataset(model.model, model.guide, images,
-                                      num_particles=args.particles, khat=False)
-            row["is"] = {"log_px": scored.log_px.mean().item(),
-                         "seconds": time.perf_counter() - start}
+            scored = evaluate_dataset(
+                model.model, model.guide, images, num_particles=args.particles, khat=False
+            )
+            row["is"] = {
+                "log_px": scored.log_px.mean().item(),
+                "seconds": time.perf_counter() - start,
+            }
         for steps in args.steps:
             with pyro.validation_enabled(False):
                 torch.manual_seed(0)
                 start = time.perf_counter()
-                result = ais(model.model, model.guide, images, num_chains=args.chains,
-                             num_steps=steps)
-                row[f"ais_{steps}"] = {"log_px": result.log_px.mean().item(),
-                                       "accept": result.accept.mean().item(),
-                                       "seconds": time.perf_counter() - start}
+                result = ais(
+                    model.model, model.guide, images, num_chains=args.chains, num_steps=steps
+                )
+                row[f"ais_{steps}"] = {
+                    "log_px": result.log_px.mean().item(),
+                    "accept": result.accept.mean().item(),
+                    "seconds": time.perf_counter() - start,
+                }
                 torch.manual_seed(0)
                 data, latents = simulate(model.model, model.guide, images)
                 start = time.perf_counter()
-                bracket = bdmc(model.model, model.guide, data, latents,
-                               num_chains=args.chains, num_steps=steps)
-                row[f"bdmc_{steps}"] = {"lower": bracket.lower.log_px.mean().item(),
-                                        "upper": bracket.upper.log_px.mean().item(),
-                                        "gap": bracket.gap.mean().item(),
-                                        "seconds": time.perf_counter() - start}
+                bracket = bdmc(
+                    model.model, model.guide, data, latents, num_chains=args.chains, num_steps=steps
+                )
+                row[f"bdmc_{steps}"] = {
+                    "lower": bracket.lower.log_px.mean().item(),
+                    "upper": bracket.upper.log_px.mean().item(),
+                    "gap": bracket.gap.mean().item(),
+                    "seconds": time.perf_counter() - start,
+                }
         rows.append(row)
-        cells = "  ".join(f"AIS T={s} {row[f'ais_{s}']['log_px']:.3f} "
-                          f"({row[f'ais_{s}']['seconds']:.0f} s), BDMC gap "
-                          f"{row[f'bdmc_{s}']['gap']:.3f}" for s in args.steps)
-        print(f"{elbo} k={k}: IS K={args.particles} {row['is']['log_px']:.3f} "
-              f"({row['is']['seconds']:.1f} s)  {cells}", flush=True)
+        cells = "  ".join(
+            f"AIS T={s} {row[f'ais_{s}']['log_px']:.3f} "
+            f"({row[f'ais_{s}']['seconds']:.0f} s), BDMC gap "
+            f"{row[f'bdmc_{s}']['gap']:.3f}"
+            for s in args.steps
+        )
+        print(
+            f"{elbo} k={k}: IS K={args.particles} {row['is']['log_px']:.3f} "
+            f"({row['is']['seconds']:.1f} s)  {cells}",
+            flush=True,
+        )
         if args.out:
-            write_json(args.out, {"rows": rows, "dataset": args.dataset,
-                                  "images": args.images, "chains": args.chains,
-                                  "command": " ".join([sys.executable, *sys.argv])})
+            write_json(
+                args.out,
+                {
+                    "rows": rows,
+                    "dataset": args.dataset,
+                    "images": args.images,
+                    "chains": args.chains,
+                    "command": " ".join([sys.executable, *sys.argv]),
+                },
+            )
     return 0
 
 

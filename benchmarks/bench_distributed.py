@@ -77,13 +77,23 @@ def _worker(raw: str) -> None:
     if spec.get("mode") == "ddp":
         _ddp_worker(spec)
         return
-    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], epochs=spec["epochs"],
-                         batch_size=spec["batch_size"], final_particles=0, device=spec["device"])
-    result = fit(config=config, options=RunOptions(progress=False,
-                                                   dist_timeout=LAUNCH_TIMEOUT_S))
+    config = TrainConfig(
+        dataset=spec["dataset"],
+        data_dir=spec["data_dir"],
+        epochs=spec["epochs"],
+        batch_size=spec["batch_size"],
+        final_particles=0,
+        device=spec["device"],
+    )
+    result = fit(config=config, options=RunOptions(progress=False, dist_timeout=LAUNCH_TIMEOUT_S))
     if current_context().is_main:
-        print(RESULT_PREFIX + json.dumps({"seconds": result.history.seconds,
-                                          "train_loss": result.history.train_loss}), flush=True)
+        print(
+            RESULT_PREFIX
+            + json.dumps(
+                {"seconds": result.history.seconds, "train_loss": result.history.train_loss}
+            ),
+            flush=True,
+        )
 
 
 def _ddp_worker(spec: dict[str, Any]) -> None:
@@ -106,8 +116,7 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     cuda = spec["device"] == "cuda"
     dist = init_distributed(spec["device"], LAUNCH_TIMEOUT_S)  # CUDA: selects cuda:LOCAL_RANK
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"],
-                         device=spec["device"])
+    config = TrainConfig(dataset=spec["dataset"], data_dir=spec["data_dir"], device=spec["device"])
     dataset = load_dataset(config.dataset, config.data_dir)
     images = fixed_binarization(dataset.train.images, config.seed).to(device)
     batch, world = spec["batch_size"], dist.world_size
@@ -130,14 +139,16 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
             return self.loss(x) / x.shape[0]
 
     ddp = DistributedDataParallel(StepLoss(theirs), device_ids=[device] if cuda else None)
-    optimizers = {"ours": make_optimizer(ours.parameters(), config.lr),
-                  "ddp": make_optimizer(theirs.parameters(), config.lr)}
+    optimizers = {
+        "ours": make_optimizer(ours.parameters(), config.lr),
+        "ddp": make_optimizer(theirs.parameters(), config.lr),
+    }
     done = {"ours": 0, "ddp": 0}
     loss_ours = training_loss(ours, elbo)
 
     def step(name: str) -> None:
         index = (done[name] * world + dist.rank) * batch % (images.shape[0] - batch)
-        x = images[index:index + batch]
+        x = images[index : index + batch]
         torch.manual_seed(config.seed + done[name] * world + dist.rank)
         if name == "ours":
             svi_step(lambda: loss_ours(x), batch, optimizers[name], dist)
@@ -165,16 +176,23 @@ def _ddp_worker(spec: dict[str, Any]) -> None:
     for name in times:
         block(name, spec["warmup_steps"])
     for round_index in range(spec["rounds"]):
-        for name in (("ours", "ddp") if round_index % 2 == 0 else ("ddp", "ours")):
+        for name in ("ours", "ddp") if round_index % 2 == 0 else ("ddp", "ours"):
             times[name].append(block(name, spec["steps"]))
     gap = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
     gaps = all_gather_objects(gap, dist, "gathering the parameter differences")
     if dist.is_main:
-        print(RESULT_PREFIX + json.dumps({"seconds_per_step": times, "max_param_diff": max(gaps),
-                                          "steps_each": done["ours"],
-                                          "num_params": sum(p.numel()
-                                                            for p in ours.parameters())}),
-              flush=True)
+        print(
+            RESULT_PREFIX
+            + json.dumps(
+                {
+                    "seconds_per_step": times,
+                    "max_param_diff": max(gaps),
+                    "steps_each": done["ours"],
+                    "num_params": sum(p.numel() for p in ours.parameters()),
+                }
+            ),
+            flush=True,
+        )
 
 
 def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -184,12 +202,22 @@ def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
     for rank in range(world_size):
         env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(spec["threads"])}
         if world_size > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                       LOCAL_WORLD_SIZE=str(world_size))
-        processes.append(subprocess.Popen(
-            [sys.executable, __file__, WORKER_FLAG, json.dumps(spec)], env=env,
-            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, text=True))
+            env.update(
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(world_size),
+            )
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, __file__, WORKER_FLAG, json.dumps(spec)],
+                env=env,
+                stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                text=True,
+            )
+        )
     try:
         output, _ = processes[0].communicate(timeout=LAUNCH_TIMEOUT_S)
         codes = [process.wait(timeout=LAUNCH_TIMEOUT_S) for process in processes]
@@ -201,7 +229,7 @@ def _launch(world_size: int, spec: dict[str, Any]) -> dict[str, Any]:
     if codes != [0] * world_size:
         raise SystemExit(f"a rank failed (exit codes {codes})")
     line = next(line for line in output.splitlines() if line.startswith(RESULT_PREFIX))
-    return json.loads(line[len(RESULT_PREFIX):])
+    return json.loads(line[len(RESULT_PREFIX) :])
 
 
 def _processes(args: argparse.Namespace) -> str:
@@ -214,28 +242,50 @@ def _processes(args: argparse.Namespace) -> str:
 
 
 def _compare_ddp(args: argparse.Namespace) -> int:
-    spec = {"mode": "ddp", "dataset": args.dataset, "data_dir": args.data_dir,
-            "batch_size": args.batch_size, "threads": args.threads, "steps": args.steps,
-            "warmup_steps": args.warmup_steps, "rounds": args.rounds, "device": args.device}
+    spec = {
+        "mode": "ddp",
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "rounds": args.rounds,
+        "device": args.device,
+    }
     result = _launch(args.world_size, spec)
     ours, ddp = (statistics.median(result["seconds_per_step"][name]) for name in ("ours", "ddp"))
-    print(f"{args.dataset}: W={args.world_size} {_processes(args)}, B={args.batch_size} per rank, "
-          f"{result['num_params']} parameters, median of {args.rounds} blocks of {args.steps} "
-          f"steps, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.dataset}: W={args.world_size} {_processes(args)}, B={args.batch_size} per rank, "
+        f"{result['num_params']} parameters, median of {args.rounds} blocks of {args.steps} "
+        f"steps, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'gradient reduction':<44}{'ms/step':>10}{'blocks':>16}{'ratio':>8}")
-    for label, name, median in (("svi_step + average_gradients (package)", "ours", ours),
-                                ("DistributedDataParallel, same networks", "ddp", ddp)):
+    for label, name, median in (
+        ("svi_step + average_gradients (package)", "ours", ours),
+        ("DistributedDataParallel, same networks", "ddp", ddp),
+    ):
         blocks = result["seconds_per_step"][name]
         spread = f"{1e3 * min(blocks):.2f}-{1e3 * max(blocks):.2f}"
         print(f"{label:<44}{1e3 * median:>10.2f}{spread:>16}{median / ours:>8.2f}")
-    print(f"after {result['steps_each']} steps each, the two copies' parameters differ by at most "
-          f"{result['max_param_diff']:.2e}")
+    print(
+        f"after {result['steps_each']} steps each, the two copies' parameters differ by at most "
+        f"{result['max_param_diff']:.2e}"
+    )
     if args.out is not None:
         from pyro_vae.util.io import write_json
 
-        write_json(args.out, {**spec, "world_size": args.world_size,
-                              "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                              "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result})
+        write_json(
+            args.out,
+            {
+                **spec,
+                "world_size": args.world_size,
+                "machine": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                **result,
+            },
+        )
     return 0
 
 
@@ -244,28 +294,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
     parser.add_argument("--data-dir", help="folder with the MNIST IDX files")
     parser.add_argument("--world-size", type=int, default=2, help="N processes (default 2)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="cpu: gloo (default); cuda: NCCL, one GPU per process")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu: gloo (default); cuda: NCCL, one GPU per process",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="B of one process (default 64)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--compare-ddp", action="store_true",
-                        help="time a step of the package's gradient averaging against "
-                             "DistributedDataParallel instead")
-    parser.add_argument("--steps", type=int, default=200,
-                        help="steps per timed block of --compare-ddp (default 200)")
-    parser.add_argument("--warmup-steps", type=int, default=50,
-                        help="untimed steps of each approach before the first block (default 50)")
+    parser.add_argument(
+        "--compare-ddp",
+        action="store_true",
+        help="time a step of the package's gradient averaging against "
+        "DistributedDataParallel instead",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="steps per timed block of --compare-ddp (default 200)",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=50,
+        help="untimed steps of each approach before the first block (default 50)",
+    )
     args = parser.parse_args(argv)
     if args.epochs <= args.warmup_epochs:
         parser.error("--epochs must exceed --warmup-epochs")
-    if min(args.world_size, args.batch_size, args.rounds, args.threads, args.steps) < 1 \
-            or args.warmup_steps < 0:
-        parser.error("--world-size, --batch-size, --rounds, --threads and --steps must be >= 1, "
-                     "--warmup-steps >= 0")
+    if (
+        min(args.world_size, args.batch_size, args.rounds, args.threads, args.steps) < 1
+        or args.warmup_steps < 0
+    ):
+        parser.error(
+            "--world-size, --batch-size, --rounds, --threads and --steps must be >= 1, "
+            "--warmup-steps >= 0"
+        )
     if args.compare_ddp and args.world_size < 2:
         parser.error("--compare-ddp needs --world-size >= 2")
     if args.device == "cuda":
@@ -273,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus < args.world_size:
-            parser.error(f"--device cuda runs each process on a GPU of its own: --world-size "
-                         f"{args.world_size} needs {args.world_size} CUDA GPU(s), "
-                         f"{gpus} visible here")
+            parser.error(
+                f"--device cuda runs each process on a GPU of its own: --world-size "
+                f"{args.world_size} needs {args.world_size} CUDA GPU(s), "
+                f"{gpus} visible here"
+            )
     from pyro_vae.data.images import load_dataset
     from pyro_vae.util.errors import PyroVAEError
 
@@ -288,42 +359,73 @@ def main(argv: list[str] | None = None) -> int:
     n = args.world_size
     configs = {f"W=1, B={args.batch_size}": (1, args.batch_size)}
     if n > 1:
-        configs.update({
-            f"W={n}, B={args.batch_size} per rank (effective {n * args.batch_size})":
-                (n, args.batch_size),
-            f"W={n}, B={args.batch_size // n} per rank (effective {args.batch_size})":
-                (n, max(1, args.batch_size // n))})
+        configs.update(
+            {
+                f"W={n}, B={args.batch_size} per rank (effective {n * args.batch_size})": (
+                    n,
+                    args.batch_size,
+                ),
+                f"W={n}, B={args.batch_size // n} per rank (effective {args.batch_size})": (
+                    n,
+                    max(1, args.batch_size // n),
+                ),
+            }
+        )
     epochs_per_s: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.rounds):
         names = list(configs)
-        names = names[round_index % len(names):] + names[:round_index % len(names)]
+        names = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in names:
             world_size, batch_size = configs[name]
-            spec = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
-                    "batch_size": batch_size, "threads": args.threads, "device": args.device}
-            seconds = _launch(world_size, spec)["seconds"][args.warmup_epochs:]
+            spec = {
+                "dataset": args.dataset,
+                "data_dir": args.data_dir,
+                "epochs": args.epochs,
+                "batch_size": batch_size,
+                "threads": args.threads,
+                "device": args.device,
+            }
+            seconds = _launch(world_size, spec)["seconds"][args.warmup_epochs :]
             epochs_per_s[name].append(len(seconds) / sum(seconds))
     baseline = statistics.median(epochs_per_s[next(iter(configs))])
     rows = []
-    print(f"{args.dataset}: {num_train} training images, {args.epochs - args.warmup_epochs} timed "
-          f"epochs, median of {args.rounds} rounds, {_processes(args)}, load average "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.dataset}: {num_train} training images, {args.epochs - args.warmup_epochs} timed "
+        f"epochs, median of {args.rounds} rounds, {_processes(args)}, load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
     print(f"{'configuration':<44}{'epochs/s':>10}{'images/s':>11}{'ratio':>8}")
     for name, values in epochs_per_s.items():
         rate = statistics.median(values)
-        rows.append({"configuration": name, "world_size": configs[name][0],
-                     "batch_per_rank": configs[name][1], "epochs_per_s": rate,
-                     "images_per_s": rate * num_train, "ratio": rate / baseline,
-                     "rounds": values})
+        rows.append(
+            {
+                "configuration": name,
+                "world_size": configs[name][0],
+                "batch_per_rank": configs[name][1],
+                "epochs_per_s": rate,
+                "images_per_s": rate * num_train,
+                "ratio": rate / baseline,
+                "rounds": values,
+            }
+        )
         print(f"{name:<44}{rate:>10.2f}{rate * num_train:>11.0f}{rate / baseline:>8.2f}")
     if args.out is not None:
         from pyro_vae.util.io import write_json
 
-        write_json(args.out, {"dataset": args.dataset, "device": args.device,
-                              "threads": args.threads,
-                              "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-                              "machine": platform.platform(), "cpu_count": os.cpu_count(),
-                              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows})
+        write_json(
+            args.out,
+            {
+                "dataset": args.dataset,
+                "device": args.device,
+                "threads": args.threads,
+                "epochs": args.epochs,
+                "warmup_epochs": args.warmup_epochs,
+                "machine": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "results": rows,
+            },
+        )
     return 0
 
 

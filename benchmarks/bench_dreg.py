@@ -66,41 +66,56 @@ def run(args: argparse.Namespace) -> dict:
     x = (torch.rand(args.batch_size, 784) < 0.3).float()
     network = NETWORKS[args.layers]
     if args.family == "vampprior":
-        network = dataclasses.replace(network, family="vampprior",
-                                      pseudo_inputs=args.pseudo_inputs)
+        network = dataclasses.replace(network, family="vampprior", pseudo_inputs=args.pseudo_inputs)
     pair = build_network(network, x)
     estimators = {name: _estimator(name, args.k) for name in IMPLEMENTATIONS}
-    single, two = (_gradients(name, estimators["dreg"], pair, x, args.seed)
-                   for name in ("dreg", "dreg two runs"))
-    worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                for a, b in zip(single, two))
+    single, two = (
+        _gradients(name, estimators["dreg"], pair, x, args.seed)
+        for name in ("dreg", "dreg two runs")
+    )
+    worst = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(single, two)
+    )
     if worst > 1e-5:
         raise SystemExit(f"dreg's single run and two runs disagree: relative difference {worst:g}")
     optimizer = torch.optim.Adam(pair.parameters(), lr=1e-4)
-    contenders = {name: functools.partial(_step, name, estimators[name], pair, x, optimizer)
-                  for name in IMPLEMENTATIONS}
+    contenders = {
+        name: functools.partial(_step, name, estimators[name], pair, x, optimizer)
+        for name in IMPLEMENTATIONS
+    }
     session = harness.Session()
     timings = harness.interleave(contenders, args.rounds, args.warmup, calls=args.steps)
     median = {name: timings.median(name) for name in IMPLEMENTATIONS}
     return session.report(
-        timings, baseline="iwae", layers=args.layers, family=args.family, k=args.k,
-        batch_size=args.batch_size, threads=args.threads, steps_per_round=args.steps,
-        gradient_check_relative=worst, cpu_seconds_per_step=median,
+        timings,
+        baseline="iwae",
+        layers=args.layers,
+        family=args.family,
+        k=args.k,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        steps_per_round=args.steps,
+        gradient_check_relative=worst,
+        cpu_seconds_per_step=median,
         dreg_over_iwae=harness.paired_ratio(timings.cpu["dreg"], timings.cpu["iwae"])["median"],
-        two_runs_over_single=harness.paired_ratio(timings.cpu["dreg two runs"],
-                                                  timings.cpu["dreg"])["median"])
+        two_runs_over_single=harness.paired_ratio(
+            timings.cpu["dreg two runs"], timings.cpu["dreg"]
+        )["median"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                parents=[harness.parent_parser(rounds=5, warmup=3)])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], parents=[harness.parent_parser(rounds=5, warmup=3)]
+    )
     p.add_argument("--layers", type=int, choices=(1, 2), default=1)
     p.add_argument("--family", choices=("vae", "vampprior"), default="vae")
     p.add_argument("--pseudo-inputs", type=int, default=500)
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=harness.positive_int, default=5,
-                   help="steps per implementation per round")
+    p.add_argument(
+        "--steps", type=harness.positive_int, default=5, help="steps per implementation per round"
+    )
     args = p.parse_args(argv)
     if args.family == "vampprior" and args.layers != 1:
         p.error("--family vampprior is the one-layer model: use --layers 1")
@@ -108,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     for name in IMPLEMENTATIONS:
         print(f"{name:>14}: {1000 * result['cpu_seconds_per_step'][name]:8.1f} ms/step (CPU)")
-    print(f"dreg / iwae = {result['dreg_over_iwae']:.2f}; "
-          f"dreg two runs / dreg = {result['two_runs_over_single']:.2f}")
+    print(
+        f"dreg / iwae = {result['dreg_over_iwae']:.2f}; "
+        f"dreg two runs / dreg = {result['two_runs_over_single']:.2f}"
+    )
     if args.out is not None:
         harness.write_json(args.out, result)
     return 0

@@ -63,8 +63,10 @@ from pyro_vae import VAE, ModelConfig, PyroVAEError, TrainConfig, load_digits, l
 from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset, format_table
 
-NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
-            "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
+NETWORKS = {
+    "digits": ModelConfig(latent_dim=8, hidden=(128,)),
+    "mnist": ModelConfig(latent_dim=20, hidden=(400,)),
+}
 TARGET_HANDWRITTEN_RATIO = 1.1
 TARGET_IMPORTANCE_SPEEDUP = 100.0
 EXIT_USER_ERROR = 2
@@ -73,24 +75,37 @@ ROUNDING_TOLERANCE = 1e-3
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                parents=[harness.parent_parser(rounds=7, warmup=0,
-                                                               threads=None)])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        parents=[harness.parent_parser(rounds=7, warmup=0, threads=None)],
+    )
     p.add_argument("--data", choices=sorted(NETWORKS), default="digits")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (for --data mnist)")
     p.add_argument("--run-dir", help="evaluate this trained run's VAE instead of a new one")
-    p.add_argument("--epochs", type=int, default=0,
-                   help="train the new VAE this many epochs first (default 0: random weights)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=0,
+        help="train the new VAE this many epochs first (default 0: random weights)",
+    )
     p.add_argument("--particles", type=int, default=5000, help="K (default 5000)")
     p.add_argument("--num-data", type=int, default=300, help="test images evaluated")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--particle-chunk", type=int, default=500)
-    p.add_argument("--importance-data", type=int, default=3,
-                   help="datapoints for pyro.infer.Importance")
-    p.add_argument("--importance-particles", type=int, default=200,
-                   help="particles per datapoint for pyro.infer.Importance")
-    p.add_argument("--no-validation", action="store_true",
-                   help="turn Pyro's distribution validation off (default: Pyro's default, on)")
+    p.add_argument(
+        "--importance-data", type=int, default=3, help="datapoints for pyro.infer.Importance"
+    )
+    p.add_argument(
+        "--importance-particles",
+        type=int,
+        default=200,
+        help="particles per datapoint for pyro.infer.Importance",
+    )
+    p.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="turn Pyro's distribution validation off (default: Pyro's default, on)",
+    )
     args = p.parse_args(argv)
     harness.check_out(p, args.out)
     return args
@@ -102,14 +117,20 @@ def _setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor]:
         from pyro_vae.runs import load_run
 
         run = load_run(args.run_dir, device="cpu", data_dir=args.data_dir)
-        return run.model, run.eval_images("test")[:args.num_data]
+        return run.model, run.eval_images("test")[: args.num_data]
     dataset = load_digits() if args.data == "digits" else load_mnist(args.data_dir)
-    images = fixed_binarization(dataset.test.images[:args.num_data], args.seed)
+    images = fixed_binarization(dataset.test.images[: args.num_data], args.seed)
     if args.epochs > 0:
         from pyro_vae import fit
 
-        config = TrainConfig(dataset=args.data, data_dir=args.data_dir, epochs=args.epochs,
-                             model=NETWORKS[args.data], seed=args.seed, device="cpu")
+        config = TrainConfig(
+            dataset=args.data,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            model=NETWORKS[args.data],
+            seed=args.seed,
+            device="cpu",
+        )
         model = fit(config=config, progress=False).model
     else:
         torch.manual_seed(args.seed)
@@ -124,13 +145,14 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 @torch.no_grad()
-def handwritten_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
-                       particle_chunk: int) -> torch.Tensor:
+def handwritten_log_px(
+    vae: VAE, images: torch.Tensor, particles: int, batch_size: int, particle_chunk: int
+) -> torch.Tensor:
     """log p̂_K(x) per image with torch ops only, on the images' device, drawing the same
     standard normals in the same order as the package's evaluator."""
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size]
+        x = images[start : start + batch_size]
         loc, scale = vae.encoder(x)
         guide = Normal(loc, scale)
         lse = x.new_full((x.shape[0],), -math.inf)
@@ -139,17 +161,26 @@ def handwritten_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_siz
             z = loc + eps * scale
             logits = vae.decoder(z)
             log_lik = -F.binary_cross_entropy_with_logits(
-                logits, x.expand_as(logits), reduction="none").sum(-1)
+                logits, x.expand_as(logits), reduction="none"
+            ).sum(-1)
             log_w = log_lik + Normal(0.0, 1.0).log_prob(z).sum(-1) - guide.log_prob(z).sum(-1)
             lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
         out.append(lse - math.log(particles))
     return torch.cat(out)
 
 
-def package_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
-                   particle_chunk: int, khat: bool) -> torch.Tensor:
-    result = evaluate_dataset(vae.model, vae.guide, images, num_particles=particles,
-                              batch_size=batch_size, particle_chunk=particle_chunk, khat=khat)
+def package_log_px(
+    vae: VAE, images: torch.Tensor, particles: int, batch_size: int, particle_chunk: int, khat: bool
+) -> torch.Tensor:
+    result = evaluate_dataset(
+        vae.model,
+        vae.guide,
+        images,
+        num_particles=particles,
+        batch_size=batch_size,
+        particle_chunk=particle_chunk,
+        khat=khat,
+    )
     return result.log_px
 
 
@@ -157,7 +188,7 @@ def importance_log_px(vae: VAE, images: torch.Tensor, particles: int) -> torch.T
     """Stock Pyro: one ``Importance`` run (one trace per particle) per datapoint."""
     values = []
     for n in range(images.shape[0]):
-        posterior = Importance(vae.model, vae.guide, num_samples=particles).run(images[n:n + 1])
+        posterior = Importance(vae.model, vae.guide, num_samples=particles).run(images[n : n + 1])
         values.append(float(posterior.get_log_normalizer()))
     return torch.tensor(values, dtype=torch.float64)
 
@@ -167,16 +198,22 @@ def _minor_faults() -> float:
 
 
 def _allocator_environment() -> dict[str, str]:
-    return {key: value for key, value in sorted(os.environ.items())
-            if key.startswith("MALLOC_") or key == "THP_MEM_ALLOC_ENABLE"}
+    return {
+        key: value
+        for key, value in sorted(os.environ.items())
+        if key.startswith("MALLOC_") or key == "THP_MEM_ALLOC_ENABLE"
+    }
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Largest |a − b|, and the mean paired difference with its standard error."""
-    diff = (a.double() - b.double())
+    diff = a.double() - b.double()
     se = diff.std().item() / math.sqrt(diff.shape[0]) if diff.shape[0] > 1 else math.nan
-    return {"max_abs_difference": diff.abs().max().item(), "mean_difference": diff.mean().item(),
-            "stderr": se}
+    return {
+        "max_abs_difference": diff.abs().max().item(),
+        "mean_difference": diff.mean().item(),
+        "stderr": se,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -200,20 +237,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             else:
                 package_log_px(vae, small, 30, 10, 10, khat=name.endswith("khat"))
         timings = harness.interleave(
-            runners, args.rounds, args.warmup, counters={"page_faults": _minor_faults},
-            before=lambda name, r: pyro.set_rng_seed(args.seed + max(r, 0)))
+            runners,
+            args.rounds,
+            args.warmup,
+            counters={"page_faults": _minor_faults},
+            before=lambda name, r: pyro.set_rng_seed(args.seed + max(r, 0)),
+        )
         imp_n, imp_k = min(args.importance_data, n), args.importance_particles
         pyro.set_rng_seed(args.seed)
         imp_timings = harness.interleave(
-            {"importance": lambda: importance_log_px(vae, images[:imp_n], imp_k)}, rounds=1)
+            {"importance": lambda: importance_log_px(vae, images[:imp_n], imp_k)}, rounds=1
+        )
     session.finish()
     seconds, cpu_seconds, values = timings.wall, timings.cpu, timings.last
     page_faults = timings.counts["page_faults"]
     imp_seconds, imp_values = imp_timings.wall["importance"][0], imp_timings.last["importance"]
     for r, order in enumerate(timings.orders):
         for name in order:
-            print(f"round {r + 1}/{args.rounds} {name:<13} {seconds[name][r]:8.3f} s wall "
-                  f"{cpu_seconds[name][r]:8.3f} s CPU {page_faults[name][r]:>9,.0f} page faults")
+            print(
+                f"round {r + 1}/{args.rounds} {name:<13} {seconds[name][r]:8.3f} s wall "
+                f"{cpu_seconds[name][r]:8.3f} s CPU {page_faults[name][r]:>9,.0f} page faults"
+            )
 
     median = {name: statistics.median(times) for name, times in seconds.items()}
     best = {name: min(times) for name, times in seconds.items()}
@@ -221,22 +265,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rate = {name: n * k / best[name] for name in best}
     rate["importance"] = imp_n * imp_k / imp_seconds
     report = {
-        "setup": {"data": args.data if not args.run_dir else f"run {args.run_dir}",
-                  "epochs": args.epochs, "num_data": n, "particles": k,
-                  "batch_size": args.batch_size, "particle_chunk": args.particle_chunk,
-                  "rounds": args.rounds, "importance_data": imp_n, "importance_particles": imp_k,
-                  "validation": not args.no_validation, "seed": args.seed,
-                  "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                  "torch": torch.__version__, "pyro": pyro.__version__,
-                  "python": platform.python_version(),
-                  "allocator_environment": _allocator_environment(),
-                  "load_average_before": session.load_start,
-                  "load_average_after": session.load_end},
-        "seconds_min": best, "seconds_median": median, "seconds_all": seconds,
-        "cpu_seconds_min": best_cpu, "cpu_seconds_all": cpu_seconds,
+        "setup": {
+            "data": args.data if not args.run_dir else f"run {args.run_dir}",
+            "epochs": args.epochs,
+            "num_data": n,
+            "particles": k,
+            "batch_size": args.batch_size,
+            "particle_chunk": args.particle_chunk,
+            "rounds": args.rounds,
+            "importance_data": imp_n,
+            "importance_particles": imp_k,
+            "validation": not args.no_validation,
+            "seed": args.seed,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "python": platform.python_version(),
+            "allocator_environment": _allocator_environment(),
+            "load_average_before": session.load_start,
+            "load_average_after": session.load_end,
+        },
+        "seconds_min": best,
+        "seconds_median": median,
+        "seconds_all": seconds,
+        "cpu_seconds_min": best_cpu,
+        "cpu_seconds_all": cpu_seconds,
         "page_faults_median": {name: statistics.median(f) for name, f in page_faults.items()},
         "page_faults_all": page_faults,
-        "importance_seconds": imp_seconds, "rate_datapoint_particles_per_s": rate,
+        "importance_seconds": imp_seconds,
+        "rate_datapoint_particles_per_s": rate,
         "ratio_package_over_torch": best["package"] / best["torch"],
         "ratio_package_over_torch_median": median["package"] / median["torch"],
         "ratio_package_over_torch_cpu": best_cpu["package"] / best_cpu["torch"],
@@ -252,9 +310,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _print(report)
     with pyro.validation_enabled(not args.no_validation):
         pyro.set_rng_seed(args.seed)
-        summary = evaluate_dataset(vae.model, vae.guide, images, num_particles=k,
-                                   batch_size=args.batch_size,
-                                   particle_chunk=args.particle_chunk).summary()
+        summary = evaluate_dataset(
+            vae.model,
+            vae.guide,
+            images,
+            num_particles=k,
+            batch_size=args.batch_size,
+            particle_chunk=args.particle_chunk,
+        ).summary()
     print("\n" + format_table(summary))
     report["summary"] = summary
     if args.out:
@@ -265,31 +328,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _print(report: dict[str, Any]) -> None:
     setup = report["setup"]
-    print(f"\n{setup['data']}: N = {setup['num_data']} images, K = {setup['particles']}, "
-          f"batch {setup['batch_size']}, chunk {setup['particle_chunk']}, "
-          f"{setup['torch_threads']} torch threads, validation {setup['validation']}")
-    print(f"load average {setup['load_average_before']} before, "
-          f"{setup['load_average_after']} after; allocator environment "
-          f"{setup['allocator_environment'] or 'default'}")
-    print(f"{'implementation':<16}{'min s':>10}{'median s':>10}{'min CPU s':>11}"
-          f"{'median faults':>15}{'(datapoint×particle)/s':>26}")
+    print(
+        f"\n{setup['data']}: N = {setup['num_data']} images, K = {setup['particles']}, "
+        f"batch {setup['batch_size']}, chunk {setup['particle_chunk']}, "
+        f"{setup['torch_threads']} torch threads, validation {setup['validation']}"
+    )
+    print(
+        f"load average {setup['load_average_before']} before, "
+        f"{setup['load_average_after']} after; allocator environment "
+        f"{setup['allocator_environment'] or 'default'}"
+    )
+    print(
+        f"{'implementation':<16}{'min s':>10}{'median s':>10}{'min CPU s':>11}"
+        f"{'median faults':>15}{'(datapoint×particle)/s':>26}"
+    )
     for name, seconds in report["seconds_min"].items():
-        print(f"{name:<16}{seconds:>10.3f}{report['seconds_median'][name]:>10.3f}"
-              f"{report['cpu_seconds_min'][name]:>11.3f}"
-              f"{report['page_faults_median'][name]:>15,.0f}"
-              f"{report['rate_datapoint_particles_per_s'][name]:>26,.0f}")
-    print(f"{'importance':<16}{report['importance_seconds']:>10.3f}{'':>36}"
-          f"{report['rate_datapoint_particles_per_s']['importance']:>26,.0f}"
-          f"   ({setup['importance_data']} datapoints × {setup['importance_particles']})")
+        print(
+            f"{name:<16}{seconds:>10.3f}{report['seconds_median'][name]:>10.3f}"
+            f"{report['cpu_seconds_min'][name]:>11.3f}"
+            f"{report['page_faults_median'][name]:>15,.0f}"
+            f"{report['rate_datapoint_particles_per_s'][name]:>26,.0f}"
+        )
+    print(
+        f"{'importance':<16}{report['importance_seconds']:>10.3f}{'':>36}"
+        f"{report['rate_datapoint_particles_per_s']['importance']:>26,.0f}"
+        f"   ({setup['importance_data']} datapoints × {setup['importance_particles']})"
+    )
     ratio = report["ratio_package_over_torch"]
     speedup = report["speedup_package_over_importance"]
-    print(f"package / hand-written torch: {ratio:.3f}× (target ≤ {TARGET_HANDWRITTEN_RATIO}; "
-          f"median rounds {report['ratio_package_over_torch_median']:.3f}×, CPU time "
-          f"{report['ratio_package_over_torch_cpu']:.3f}×); "
-          f"with k-hat {report['ratio_package_khat_over_torch']:.3f}×")
-    print(f"package vs Importance: {speedup:,.0f}× faster per datapoint×particle "
-          f"(target ≥ {TARGET_IMPORTANCE_SPEEDUP:.0f}); with k-hat "
-          f"{report['speedup_package_khat_over_importance']:,.0f}×")
+    print(
+        f"package / hand-written torch: {ratio:.3f}× (target ≤ {TARGET_HANDWRITTEN_RATIO}; "
+        f"median rounds {report['ratio_package_over_torch_median']:.3f}×, CPU time "
+        f"{report['ratio_package_over_torch_cpu']:.3f}×); "
+        f"with k-hat {report['ratio_package_khat_over_torch']:.3f}×"
+    )
+    print(
+        f"package vs Importance: {speedup:,.0f}× faster per datapoint×particle "
+        f"(target ≥ {TARGET_IMPORTANCE_SPEEDUP:.0f}); with k-hat "
+        f"{report['speedup_package_khat_over_importance']:,.0f}×"
+    )
     agree = report["agreement_package_minus_torch"]
     if agree["max_abs_difference"] < ROUNDING_TOLERANCE:
         verdict = "identical up to float rounding (same draws)"
@@ -297,8 +374,10 @@ def _print(report: dict[str, Any]) -> None:
         verdict = f"agree within {NUM_SE:.0f} SE"
     else:
         verdict = "DISAGREE"
-    print(f"log p̂ package − torch: max |Δ| {agree['max_abs_difference']:.2e}, mean "
-          f"{agree['mean_difference']:+.2e} ± {agree['stderr']:.2e} nats: {verdict}")
+    print(
+        f"log p̂ package − torch: max |Δ| {agree['max_abs_difference']:.2e}, mean "
+        f"{agree['mean_difference']:+.2e} ± {agree['stderr']:.2e} nats: {verdict}"
+    )
 
 
 def _cli() -> int:

@@ -72,14 +72,28 @@ def _internals_register_module() -> Callable[[str, nn.Module], None] | None:
     def unobserved(named: list[tuple[str, torch.Tensor]]) -> bool:
         if not _PYRO_STACK:
             return True
-        probe = Message(type="param", name=None, fn=pyro.get_param_store().get_param,
-                        is_observed=False, args=(), kwargs={}, value=None, scale=1.0, mask=None,
-                        cond_indep_stack=(), done=False, stop=False, continuation=None,
-                        infer={})
+        probe = Message(
+            type="param",
+            name=None,
+            fn=pyro.get_param_store().get_param,
+            is_observed=False,
+            args=(),
+            kwargs={},
+            value=None,
+            scale=1.0,
+            mask=None,
+            cond_indep_stack=(),
+            done=False,
+            stop=False,
+            continuation=None,
+            infer={},
+        )
         for messenger in reversed(_PYRO_STACK):
             if type(messenger) is BlockMessenger:
-                hidden = [messenger.hide_fn({**probe, "name": name, "args": (name, value)})
-                          for name, value in named]
+                hidden = [
+                    messenger.hide_fn({**probe, "name": name, "args": (name, value)})
+                    for name, value in named
+                ]
                 if all(hidden):
                     return True
                 if any(hidden):
@@ -90,10 +104,13 @@ def _internals_register_module() -> Callable[[str, nn.Module], None] | None:
 
     def register_module(name: str, module: nn.Module) -> None:
         store = pyro.get_param_store()
-        named = [(param_with_module_name(name, key), value)
-                 for key, value in module.named_parameters()]
-        if all(store._params.get(full) is value and store._constraints.get(full) is real
-               for full, value in named) and unobserved(named):
+        named = [
+            (param_with_module_name(name, key), value) for key, value in module.named_parameters()
+        ]
+        if all(
+            store._params.get(full) is value and store._constraints.get(full) is real
+            for full, value in named
+        ) and unobserved(named):
             return
         for full_name, value in named:
             if pyro.param(full_name, value) is not value:
@@ -108,18 +125,24 @@ def plain_pyro_module(name: str, module: nn.Module) -> None:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                parents=[harness.parent_parser(rounds=9, warmup=0)])
-    p.add_argument("--particles", type=harness.positive_int, default=100,
-                   help="K of the evaluator (100)")
-    p.add_argument("--num-data", type=harness.positive_int, default=300,
-                   help="test images evaluated (300)")
-    p.add_argument("--batch-size", type=harness.positive_int, default=20,
-                   help="B of the training step (20)")
-    p.add_argument("--steps", type=harness.positive_int, default=200,
-                   help="training steps per round (200)")
-    p.add_argument("--evaluations", type=harness.positive_int, default=3,
-                   help="evaluations per round (3)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], parents=[harness.parent_parser(rounds=9, warmup=0)]
+    )
+    p.add_argument(
+        "--particles", type=harness.positive_int, default=100, help="K of the evaluator (100)"
+    )
+    p.add_argument(
+        "--num-data", type=harness.positive_int, default=300, help="test images evaluated (300)"
+    )
+    p.add_argument(
+        "--batch-size", type=harness.positive_int, default=20, help="B of the training step (20)"
+    )
+    p.add_argument(
+        "--steps", type=harness.positive_int, default=200, help="training steps per round (200)"
+    )
+    p.add_argument(
+        "--evaluations", type=harness.positive_int, default=3, help="evaluations per round (3)"
+    )
     args = p.parse_args(argv)
     harness.check_out(p, args.out)
     return args
@@ -128,12 +151,15 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = _parse(argv)
     harness.set_threads(args.threads)
-    variants = {"internals": _internals_register_module(), "public": models.register_module,
-                "pyro.module": plain_pyro_module}
+    variants = {
+        "internals": _internals_register_module(),
+        "public": models.register_module,
+        "pyro.module": plain_pyro_module,
+    }
     variants = {name: fn for name, fn in variants.items() if fn is not None}
     dataset = load_digits()
-    images = fixed_binarization(dataset.test.images[:args.num_data], args.seed)
-    batch = fixed_binarization(dataset.train.images[:args.batch_size], args.seed)
+    images = fixed_binarization(dataset.test.images[: args.num_data], args.seed)
+    batch = fixed_binarization(dataset.train.images[: args.batch_size], args.seed)
     torch.manual_seed(args.seed)
     vae = VAE(dataset.input_dim, 8, (128,))
     vae.decoder.set_output_bias(dataset.train.images.mean(0))
@@ -142,8 +168,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
     def evaluate() -> None:
         for _ in range(args.evaluations):
-            evaluate_dataset(vae.model, vae.guide, images, num_particles=args.particles,
-                             batch_size=100, particle_chunk=args.particles, khat=False)
+            evaluate_dataset(
+                vae.model,
+                vae.guide,
+                images,
+                num_particles=args.particles,
+                batch_size=100,
+                particle_chunk=args.particles,
+                khat=False,
+            )
 
     def train() -> None:
         with pyro.validation_enabled(False):
@@ -170,12 +203,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         timings = harness.interleave(contenders, args.rounds, args.warmup, before=before)
     finally:
         models.register_module = original
-    print(f"pyro {pyro.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"thread(s), {args.rounds} interleaved rounds; median ms per call "
-          f"(evaluate: N = {images.shape[0]}, K = {args.particles}; step: trace estimator, "
-          f"B = {args.batch_size}); ratios: per-round median (min–max)")
-    print(f"{'workload':<10}{'register':<13}{'CPU ms':>9}{'wall ms':>9}"
-          f"{'CPU / internals':>24}{'wall / internals':>24}")
+    print(
+        f"pyro {pyro.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s), {args.rounds} interleaved rounds; median ms per call "
+        f"(evaluate: N = {images.shape[0]}, K = {args.particles}; step: trace estimator, "
+        f"B = {args.batch_size}); ratios: per-round median (min–max)"
+    )
+    print(
+        f"{'workload':<10}{'register':<13}{'CPU ms':>9}{'wall ms':>9}"
+        f"{'CPU / internals':>24}{'wall / internals':>24}"
+    )
     report = {}
     for workload, (_, calls) in workloads.items():
         for name in variants:
@@ -186,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
             if "internals" in variants and name != "internals":
                 base = f"{workload}/internals"
                 for clock in ("cpu", "wall"):
-                    ratio = harness.paired_ratio(getattr(timings, clock)[key],
-                                                 getattr(timings, clock)[base])
+                    ratio = harness.paired_ratio(
+                        getattr(timings, clock)[key], getattr(timings, clock)[base]
+                    )
                     report[key][f"{clock}_over_internals"] = ratio
                     line += f"{harness.format_ratio(ratio):>24}"
             print(line)

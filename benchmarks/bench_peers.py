@@ -38,8 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
 
 import numpy as np
 import pyro
@@ -72,10 +73,12 @@ class GlobalBiasVAE(torch.nn.Module):
 
     def __init__(self, d: int = 64, h: int = 128, latent: int = 8):
         super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Softplus(),
-                                           torch.nn.Linear(h, 2 * latent))
-        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent, h), torch.nn.Softplus(),
-                                           torch.nn.Linear(h, d))
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(d, h), torch.nn.Softplus(), torch.nn.Linear(h, 2 * latent)
+        )
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(latent, h), torch.nn.Softplus(), torch.nn.Linear(h, d)
+        )
         self.q_bias = torch.nn.Parameter(torch.zeros(2, d))
         self.latent = latent
 
@@ -85,8 +88,7 @@ class GlobalBiasVAE(torch.nn.Module):
         pyro.module("global_vae", self)
         bias = pyro.sample("bias", dist.Normal(x.new_zeros(x.shape[-1]), 1.0).to_event(1))
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0)
-                            .to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0).to_event(1))
             logits = self.decoder(z) + bias.unsqueeze(-2)
             pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
@@ -107,10 +109,12 @@ class MaskedSequences(torch.nn.Module):
 
     def __init__(self, steps: int = 20, h: int = 64, latent: int = 4):
         super().__init__()
-        self.encoder = torch.nn.Sequential(torch.nn.Linear(2 * steps, h), torch.nn.Softplus(),
-                                           torch.nn.Linear(h, 2 * latent))
-        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent, h), torch.nn.Softplus(),
-                                           torch.nn.Linear(h, steps))
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(2 * steps, h), torch.nn.Softplus(), torch.nn.Linear(h, 2 * latent)
+        )
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(latent, h), torch.nn.Softplus(), torch.nn.Linear(h, steps)
+        )
         self.latent = latent
 
     def model(self, x, mask):
@@ -118,8 +122,7 @@ class MaskedSequences(torch.nn.Module):
 
         pyro.module("sequences", self)
         with pyro.plate("sequences", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0)
-                            .to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(self.decoder(z), 0.3).mask(mask).to_event(1), obs=x)
 
     def guide(self, x, mask):
@@ -166,8 +169,9 @@ def user_row(name: str, rounds: int, block_s: float) -> dict:
             return svi_step(lambda: loss(*a, **k), n, optimizer)
 
         if impl == "compiled":
-            step = CompiledStep(pair, estimator, optimizer, loss, eager,
-                                log=lambda m: print(m, file=sys.stderr))
+            step = CompiledStep(
+                pair, estimator, optimizer, loss, eager, log=lambda m: print(m, file=sys.stderr)
+            )
             start = time.perf_counter()
             with pyro.validation_enabled(False):
                 step(args, kwargs, batch)
@@ -177,8 +181,14 @@ def user_row(name: str, rounds: int, block_s: float) -> dict:
         else:
             steps[impl] = lambda eager=eager: eager(args, kwargs, batch)
     ms = _interleave(steps, rounds, block_s)
-    return {"net": net, "batch": batch, "elbo": "trace", "ms": ms,
-            "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()}, **notes}
+    return {
+        "net": net,
+        "batch": batch,
+        "elbo": "trace",
+        "ms": ms,
+        "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()},
+        **notes,
+    }
 
 
 def package_steps(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
@@ -195,8 +205,9 @@ def package_steps(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
             def eager(args, kwargs, n, loss=loss, optimizer=optimizer):
                 return svi_step(lambda: loss(*args, **kwargs), n, optimizer)
 
-            step = CompiledStep(model, estimator, optimizer, loss, eager,
-                                log=lambda m: print(m, file=sys.stderr))
+            step = CompiledStep(
+                model, estimator, optimizer, loss, eager, log=lambda m: print(m, file=sys.stderr)
+            )
             start = time.perf_counter()
             step((x,), {}, x.shape[0])
             notes["compile_s"] = time.perf_counter() - start
@@ -204,17 +215,20 @@ def package_steps(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
             steps[name] = lambda step=step: step((x,), {}, x.shape[0])
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=LR, fused=True)
-            steps[name] = (lambda loss=loss, optimizer=optimizer:
-                           svi_step(lambda: loss(x), x.shape[0], optimizer))
+            steps[name] = lambda loss=loss, optimizer=optimizer: svi_step(
+                lambda: loss(x), x.shape[0], optimizer
+            )
     return steps, notes
 
 
 def hand_step(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
     torch.manual_seed(0)
-    encoder = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Softplus(),
-                                  torch.nn.Linear(h, 2 * latent))
-    decoder = torch.nn.Sequential(torch.nn.Linear(latent, h), torch.nn.Softplus(),
-                                  torch.nn.Linear(h, d))
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(d, h), torch.nn.Softplus(), torch.nn.Linear(h, 2 * latent)
+    )
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(latent, h), torch.nn.Softplus(), torch.nn.Linear(h, d)
+    )
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.Adam(params, lr=LR, fused=True)
     log2pi = float(np.log(2 * np.pi))
@@ -246,10 +260,12 @@ def stock_pyro_step(d: int, h: int, latent: int, x: torch.Tensor, elbo: str):
 
     pyro.clear_param_store()
     torch.manual_seed(0)
-    encoder = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Softplus(),
-                                  torch.nn.Linear(h, 2 * latent))
-    decoder = torch.nn.Sequential(torch.nn.Linear(latent, h), torch.nn.Softplus(),
-                                  torch.nn.Linear(h, d))
+    encoder = torch.nn.Sequential(
+        torch.nn.Linear(d, h), torch.nn.Softplus(), torch.nn.Linear(h, 2 * latent)
+    )
+    decoder = torch.nn.Sequential(
+        torch.nn.Linear(latent, h), torch.nn.Softplus(), torch.nn.Linear(h, d)
+    )
 
     def model(x):
         pyro.module("decoder", decoder)
@@ -324,13 +340,21 @@ def time_row(row, rounds: int, block_s: float) -> dict:
     steps["stock_pyro"] = stock_pyro_step(d, h, latent, x, elbo)
     peer = numpyro_step(d, h, latent, x, elbo)
     if peer is None:
-        print("numpyro row skipped: jax/numpyro not installed (pip install -e '.[peers]')",
-              file=sys.stderr)
+        print(
+            "numpyro row skipped: jax/numpyro not installed (pip install -e '.[peers]')",
+            file=sys.stderr,
+        )
     else:
         steps["numpyro"] = peer
     ms = _interleave(steps, rounds, block_s)
-    return {"net": f"{d}-{h}-{latent}", "batch": batch, "elbo": elbo, "ms": ms,
-            "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()}, **notes}
+    return {
+        "net": f"{d}-{h}-{latent}",
+        "batch": batch,
+        "elbo": elbo,
+        "ms": ms,
+        "ratio_to_compiled": {n: v / ms["compiled"] for n, v in ms.items()},
+        **notes,
+    }
 
 
 def _interleave(steps: dict, rounds: int, block_s: float) -> dict[str, float]:
@@ -347,10 +371,14 @@ def _interleave(steps: dict, rounds: int, block_s: float) -> dict[str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="*",
-                   help=f"indices of the rows (default all): 0-{len(ROWS) - 1} the networks, "
-                        f"{len(ROWS)}-{len(ROWS) + len(USER_ROWS) - 1} users' pairs "
-                        f"({', '.join(USER_ROWS)})")
+    p.add_argument(
+        "--rows",
+        type=int,
+        nargs="*",
+        help=f"indices of the rows (default all): 0-{len(ROWS) - 1} the networks, "
+        f"{len(ROWS)}-{len(ROWS) + len(USER_ROWS) - 1} users' pairs "
+        f"({', '.join(USER_ROWS)})",
+    )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block-seconds", type=float, default=0.5)
     p.add_argument("--out", help="JSON file for the results")
@@ -361,20 +389,32 @@ def main(argv=None) -> int:
     rows = [everything[i] for i in args.rows] if args.rows else everything
     results = []
     for row in rows:
-        result = (user_row(row, args.rounds, args.block_seconds) if isinstance(row, str)
-                  else time_row(row, args.rounds, args.block_seconds))
+        result = (
+            user_row(row, args.rounds, args.block_seconds)
+            if isinstance(row, str)
+            else time_row(row, args.rounds, args.block_seconds)
+        )
         results.append(result)
         order = ["numpyro", "hand", "stock_pyro", "eager", "eager_traced", "compiled"]
         cells = "  ".join(f"{n} {result['ms'][n]:.3f}" for n in order if n in result["ms"])
-        print(f"{result['net']}, {result['batch']}, {result['elbo']}: ms/step  {cells}  "
-              f"(compile {result['compile_s']:.1f} s)", flush=True)
+        print(
+            f"{result['net']}, {result['batch']}, {result['elbo']}: ms/step  {cells}  "
+            f"(compile {result['compile_s']:.1f} s)",
+            flush=True,
+        )
         if args.out:
-            harness.write_json(args.out, {"rows": results, "machine": platform.machine(),
-                                  "threads": 1, "torch": torch.__version__,
-                                  "command": " ".join([sys.executable, *sys.argv]),
-                                  "load": os.getloadavg(),
-                                  "load_average": {"start": session.load_start,
-                                                   "end": harness.load_average()}})
+            harness.write_json(
+                args.out,
+                {
+                    "rows": results,
+                    "machine": platform.machine(),
+                    "threads": 1,
+                    "torch": torch.__version__,
+                    "command": " ".join([sys.executable, *sys.argv]),
+                    "load": os.getloadavg(),
+                    "load_average": {"start": session.load_start, "end": harness.load_average()},
+                },
+            )
     session.finish()
     return 0
 

@@ -65,10 +65,17 @@ from pyro_vae.train import svi_step
 from pyro_vae.train.fused import training_loss
 
 HERE = Path(__file__).resolve().parent
-NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
-            "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
-TARGETS = {"svi_b128": 1.05, "svi_b20": 1.2, "svi_b128_cuda": 1.5, "evaluation_cpu": 1.1,
-           "evaluation_seconds_cuda": 10.0}
+NETWORKS = {
+    "digits": ModelConfig(latent_dim=8, hidden=(128,)),
+    "mnist": ModelConfig(latent_dim=20, hidden=(400,)),
+}
+TARGETS = {
+    "svi_b128": 1.05,
+    "svi_b20": 1.2,
+    "svi_b128_cuda": 1.5,
+    "evaluation_cpu": 1.1,
+    "evaluation_seconds_cuda": 10.0,
+}
 KIB = 1024
 EXIT_USER_ERROR = 2
 MIB = 1024 * 1024
@@ -118,13 +125,16 @@ class PerfConfig:
 
     def resolved(self, device: torch.device) -> PerfConfig:
         gpu = device.type == "cuda"
-        defaults = {"eval_num_data": 10_000 if gpu else 200,
-                    "eval_particles": 5000 if gpu else 1000,
-                    "eval_batch_size": 500 if gpu else 100,
-                    "eval_particle_chunk": 1000 if gpu else 500,
-                    "memory_particles": (1000, 5000) if gpu else (500, 2000)}
-        return dataclasses.replace(self, **{key: value for key, value in defaults.items()
-                                            if getattr(self, key) is None})
+        defaults = {
+            "eval_num_data": 10_000 if gpu else 200,
+            "eval_particles": 5000 if gpu else 1000,
+            "eval_batch_size": 500 if gpu else 100,
+            "eval_particle_chunk": 1000 if gpu else 500,
+            "memory_particles": (1000, 5000) if gpu else (500, 2000),
+        }
+        return dataclasses.replace(
+            self, **{key: value for key, value in defaults.items() if getattr(self, key) is None}
+        )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -165,14 +175,17 @@ def _matmul_flops(layers: Sequence[nn.Linear]) -> int:
 def environment(device: torch.device) -> dict[str, Any]:
     info = bench_svi.environment(device, ("trace", "meanfield"))
     try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                           if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     try:
         info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-            check=True).stdout.strip()
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
     info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
@@ -181,23 +194,32 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- SVI
 
+
 def svi_section(config: PerfConfig, log: Callable[[str], None]) -> dict[str, Any]:
     out = {}
     for name in config.svi_datasets:
         if name == "mnist" and config.data_dir is None:
             log("svi: skipping the MNIST-size net (pass --data-dir)")
             continue
-        bench = bench_svi.BenchConfig(dataset=name, data_dir=config.data_dir,
-                                      device=config.device, threads=config.threads,
-                                      seed=config.seed, rounds=config.svi_rounds,
-                                      block_seconds=config.block_seconds, adam=config.adam)
+        bench = bench_svi.BenchConfig(
+            dataset=name,
+            data_dir=config.data_dir,
+            device=config.device,
+            threads=config.threads,
+            seed=config.seed,
+            rounds=config.svi_rounds,
+            block_seconds=config.block_seconds,
+            adam=config.adam,
+        )
         load_before = bench_svi.load_average()
         timings = bench_svi.run_benchmark(bench, log=log)
         network = NETWORKS[name]
-        out[name] = {"network": f"{network.hidden} latent {network.latent_dim}",
-                     "load_average": [load_before, bench_svi.load_average()],
-                     "summary": bench_svi.ratios(timings),
-                     "timings": [t.to_dict() for t in timings]}
+        out[name] = {
+            "network": f"{network.hidden} latent {network.latent_dim}",
+            "load_average": [load_before, bench_svi.load_average()],
+            "summary": bench_svi.ratios(timings),
+            "timings": [t.to_dict() for t in timings],
+        }
     return out
 
 
@@ -206,15 +228,18 @@ def svi_section(config: PerfConfig, log: Callable[[str], None]) -> dict[str, Any
 handwritten_log_px = bench_evaluate.handwritten_log_px
 
 
-def package_log_px(vae: VAE, images: torch.Tensor, particles: int, batch_size: int,
-                   particle_chunk: int) -> torch.Tensor:
-    return bench_evaluate.package_log_px(vae, images, particles, batch_size, particle_chunk,
-                                         khat=False)
+def package_log_px(
+    vae: VAE, images: torch.Tensor, particles: int, batch_size: int, particle_chunk: int
+) -> torch.Tensor:
+    return bench_evaluate.package_log_px(
+        vae, images, particles, batch_size, particle_chunk, khat=False
+    )
 
 
 @torch.no_grad()
-def decoder_matmul_rate(vae: VAE, rows: int, sync: Callable[[], None], repeats: int = 5
-                        ) -> dict[str, float]:
+def decoder_matmul_rate(
+    vae: VAE, rows: int, sync: Callable[[], None], repeats: int = 5
+) -> dict[str, float]:
     """FLOP/s of the decoder's matrix products alone (``addmm``, no activations) on inputs of
     ``rows`` rows: the shapes of one evaluation chunk. Two random input sets alternate."""
     layers = _linear_layers(vae.decoder)
@@ -229,63 +254,85 @@ def decoder_matmul_rate(vae: VAE, rows: int, sync: Callable[[], None], repeats: 
     chain(inputs[0])
     seconds = [_timed(lambda i=i: chain(inputs[i % 2]), sync)[0] for i in range(repeats)]
     flops = rows * _matmul_flops(layers)
-    return {"rows": rows, "flops_per_call": flops, "seconds_min": min(seconds),
-            "seconds_median": statistics.median(seconds),
-            "flops_per_s": flops / min(seconds)}
+    return {
+        "rows": rows,
+        "flops_per_call": flops,
+        "seconds_min": min(seconds),
+        "seconds_median": statistics.median(seconds),
+        "flops_per_s": flops / min(seconds),
+    }
 
 
-def evaluation_section(config: PerfConfig, device: torch.device,
-                       log: Callable[[str], None]) -> dict[str, Any]:
+def evaluation_section(
+    config: PerfConfig, device: torch.device, log: Callable[[str], None]
+) -> dict[str, Any]:
     name = "mnist" if config.data_dir is not None else "digits"
     vae = _vae(name, _dataset_images(name, config.data_dir, "train"), device, config.seed)
-    test = _dataset_images(name, config.data_dir, "test")[:config.eval_num_data]
+    test = _dataset_images(name, config.data_dir, "test")[: config.eval_num_data]
     images = fixed_binarization(test, config.seed).to(device)
     n, k = images.shape[0], config.eval_particles
     b, c = config.eval_batch_size, config.eval_particle_chunk
     sync = _synchronizer(device)
-    runners = {"package": lambda: package_log_px(vae, images, k, b, c),
-               "torch": lambda: handwritten_log_px(vae, images, k, b, c)}
+    runners = {
+        "package": lambda: package_log_px(vae, images, k, b, c),
+        "torch": lambda: handwritten_log_px(vae, images, k, b, c),
+    }
     with pyro.validation_enabled(config.validation):
         for key, _run in runners.items():
             pyro.set_rng_seed(config.seed)
             (package_log_px if key == "package" else handwritten_log_px)(
-                vae, images[:2], min(k, 2 * c), b, c)
+                vae, images[:2], min(k, 2 * c), b, c
+            )
         timings = harness.interleave(
-            runners, config.eval_rounds, clocks=harness.synced_clocks(sync),
-            before=lambda key, r: pyro.set_rng_seed(config.seed + r))
+            runners,
+            config.eval_rounds,
+            clocks=harness.synced_clocks(sync),
+            before=lambda key, r: pyro.set_rng_seed(config.seed + r),
+        )
     seconds, values = timings.wall, timings.last
     for r, order in enumerate(timings.orders):
         for key in order:
-            log(f"evaluation round {r + 1}/{config.eval_rounds} {key:8s} "
-                f"{seconds[key][r]:8.3f} s")
+            log(f"evaluation round {r + 1}/{config.eval_rounds} {key:8s} {seconds[key][r]:8.3f} s")
     decoder_flops = _matmul_flops(_linear_layers(vae.decoder))
     encoder_flops = _matmul_flops(_linear_layers(vae.encoder))
     flops = n * k * decoder_flops + n * encoder_flops
     matmul = decoder_matmul_rate(vae, min(b, n) * c, sync)
     best = {key: min(times) for key, times in seconds.items()}
-    difference = (values["package"].cpu().double()
-                  - values["torch"].cpu().double()).abs().max().item()
+    difference = (
+        (values["package"].cpu().double() - values["torch"].cpu().double()).abs().max().item()
+    )
     rates = {key: flops / best[key] for key in best}
     return {
-        "network": name, "num_data": n, "particles": k, "batch_size": b, "particle_chunk": c,
-        "validation": config.validation, "rounds": config.eval_rounds,
-        "seconds_all": seconds, "seconds_min": best,
+        "network": name,
+        "num_data": n,
+        "particles": k,
+        "batch_size": b,
+        "particle_chunk": c,
+        "validation": config.validation,
+        "rounds": config.eval_rounds,
+        "seconds_all": seconds,
+        "seconds_min": best,
         "seconds_median": {key: statistics.median(times) for key, times in seconds.items()},
         "ratio_package_over_torch": best["package"] / best["torch"],
-        "ratio_package_over_torch_median": (statistics.median(seconds["package"])
-                                            / statistics.median(seconds["torch"])),
-        "flops": flops, "flops_per_s": rates, "matmul": matmul,
-        "fraction_of_matmul_rate": {key: rate / matmul["flops_per_s"]
-                                    for key, rate in rates.items()},
-        "mean_log_px": {key: value.cpu().double().mean().item()
-                        for key, value in values.items()},
+        "ratio_package_over_torch_median": (
+            statistics.median(seconds["package"]) / statistics.median(seconds["torch"])
+        ),
+        "flops": flops,
+        "flops_per_s": rates,
+        "matmul": matmul,
+        "fraction_of_matmul_rate": {
+            key: rate / matmul["flops_per_s"] for key, rate in rates.items()
+        },
+        "mean_log_px": {key: value.cpu().double().mean().item() for key, value in values.items()},
         "max_abs_difference_package_torch": difference,
         "projected_seconds_full_protocol": {
-            key: best[key] * (10_000 * 5000) / (n * k) for key in best},
+            key: best[key] * (10_000 * 5000) / (n * k) for key in best
+        },
     }
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def _rss_kib() -> dict[str, int]:
     fields = {}
@@ -323,22 +370,25 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     vae = _vae(name, train, device, spec["seed"])
     if spec["kind"] == "train":
         vae.train()
-        batch = fixed_binarization(train[:spec["batch_size"]], spec["seed"]).to(device)
+        batch = fixed_binarization(train[: spec["batch_size"]], spec["seed"]).to(device)
         optimizer = bench_svi._adam(vae, 1e-3, spec["adam"])
-        loss_fn = training_loss(vae, make_estimator(spec["elbo"], max_plate_nesting=1),
-                                fused=spec["path"] == "fused")
+        loss_fn = training_loss(
+            vae, make_estimator(spec["elbo"], max_plate_nesting=1), fused=spec["path"] == "fused"
+        )
 
         def work() -> None:
             with pyro.validation_enabled(False):
                 for _ in range(spec["steps"]):
                     svi_step(lambda: loss_fn(batch), batch.shape[0], optimizer)
     else:
-        test = _dataset_images(name, spec["data_dir"], "test")[:spec["num_data"]]
+        test = _dataset_images(name, spec["data_dir"], "test")[: spec["num_data"]]
         images = fixed_binarization(test, spec["seed"]).to(device)
 
         def work() -> None:
-            package_log_px(vae, images, spec["particles"], spec["batch_size"],
-                           spec["particle_chunk"])
+            package_log_px(
+                vae, images, spec["particles"], spec["batch_size"], spec["particle_chunk"]
+            )
+
     peak, method = _peak_bytes(work, device)
     return {**spec, "peak_bytes": peak, "peak_mib": peak / MIB, "method": method}
 
@@ -347,42 +397,81 @@ def _probe(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         return memory_probe(spec)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe",
-                           json.dumps(spec)], capture_output=True, text=True, env=env,
-                          check=True)
-    line = next(line for line in reversed(done.stdout.splitlines())
-                if line.startswith(PROBE_PREFIX))
-    return json.loads(line[len(PROBE_PREFIX):])
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    line = next(
+        line for line in reversed(done.stdout.splitlines()) if line.startswith(PROBE_PREFIX)
+    )
+    return json.loads(line[len(PROBE_PREFIX) :])
 
 
-def memory_section(config: PerfConfig, device: torch.device,
-                   log: Callable[[str], None]) -> dict[str, Any]:
+def memory_section(
+    config: PerfConfig, device: torch.device, log: Callable[[str], None]
+) -> dict[str, Any]:
     name = "mnist" if config.data_dir is not None else "digits"
-    base = {"device": config.device, "threads": config.threads, "data_dir": config.data_dir,
-            "network": name, "seed": config.seed}
+    base = {
+        "device": config.device,
+        "threads": config.threads,
+        "data_dir": config.data_dir,
+        "network": name,
+        "seed": config.seed,
+    }
     training = []
     for path in ("fused", "traced"):
-        train = _probe({**base, "kind": "train", "batch_size": 128, "adam": config.adam,
-                        "steps": config.memory_steps, "elbo": "meanfield", "path": path}, device)
+        train = _probe(
+            {
+                **base,
+                "kind": "train",
+                "batch_size": 128,
+                "adam": config.adam,
+                "steps": config.memory_steps,
+                "elbo": "meanfield",
+                "path": path,
+            },
+            device,
+        )
         training.append(train)
-        log(f"memory: {config.memory_steps} training steps, {path} path, B = 128: "
-            f"{train['peak_mib']:.1f} MiB")
+        log(
+            f"memory: {config.memory_steps} training steps, {path} path, B = 128: "
+            f"{train['peak_mib']:.1f} MiB"
+        )
     evaluations = []
     for k in config.memory_particles:
-        probe = _probe({**base, "kind": "eval", "num_data": config.memory_num_data,
-                        "particles": k, "batch_size": config.memory_num_data,
-                        "particle_chunk": config.eval_particle_chunk}, device)
+        probe = _probe(
+            {
+                **base,
+                "kind": "eval",
+                "num_data": config.memory_num_data,
+                "particles": k,
+                "batch_size": config.memory_num_data,
+                "particle_chunk": config.eval_particle_chunk,
+            },
+            device,
+        )
         evaluations.append(probe)
         log(f"memory: evaluation K = {k}: {probe['peak_mib']:.1f} MiB")
     peaks = [probe["peak_bytes"] for probe in evaluations]
-    params = sum(p.numel() * p.element_size() for p in
-                 _vae(name, _dataset_images(name, config.data_dir, "train"), device,
-                      config.seed).parameters())
-    return {"training": training, "evaluation": evaluations, "parameter_bytes": params,
-            "evaluation_peak_ratio_largest_over_smallest_k": max(peaks) / max(min(peaks), 1)}
+    params = sum(
+        p.numel() * p.element_size()
+        for p in _vae(
+            name, _dataset_images(name, config.data_dir, "train"), device, config.seed
+        ).parameters()
+    )
+    return {
+        "training": training,
+        "evaluation": evaluations,
+        "parameter_bytes": params,
+        "evaluation_peak_ratio_largest_over_smallest_k": max(peaks) / max(min(peaks), 1),
+    }
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def _target(batch_size: int, device: torch.device) -> float:
     if device.type == "cuda":
@@ -394,29 +483,42 @@ def _svi_lines(svi: dict[str, Any], device: torch.device) -> list[str]:
     """The SVI table: CPU-time medians, the paired CPU-time ratios to the hand-written step
     (median over rounds, quartiles in brackets; :func:`bench_svi.paired_ratio`), and whether
     the fused and the traced path meet the target by that median."""
-    lines = ["| net | ELBO | B | torch ms | fused ms | traced ms | Pyro ms | fused/torch "
-             "| traced/torch | Pyro/torch | target | fused meets | traced meets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| net | ELBO | B | torch ms | fused ms | traced ms | Pyro ms | fused/torch "
+        "| traced/torch | Pyro/torch | target | fused meets | traced meets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, section in svi.items():
         for row in section["summary"]:
             target = _target(row["batch_size"], device)
             lines.append(
                 f"| {name} | {row['elbo']} | {row['batch_size']} | "
-                + " | ".join(f"{row[f'{impl}_cpu_ms']:.3f}"
-                             for impl in ("torch", "fused", "traced", "pyro")) + " | "
-                + " | ".join(bench_svi.format_paired(row, f"{impl}_over_torch")
-                             for impl in ("fused", "traced", "pyro"))
+                + " | ".join(
+                    f"{row[f'{impl}_cpu_ms']:.3f}" for impl in ("torch", "fused", "traced", "pyro")
+                )
+                + " | "
+                + " | ".join(
+                    bench_svi.format_paired(row, f"{impl}_over_torch")
+                    for impl in ("fused", "traced", "pyro")
+                )
                 + f" | ≤ {target}× | "
-                + " | ".join("yes" if row[f"{impl}_over_torch_paired_cpu"] <= target else "no"
-                             for impl in ("fused", "traced")) + " |")
+                + " | ".join(
+                    "yes" if row[f"{impl}_over_torch_paired_cpu"] <= target else "no"
+                    for impl in ("fused", "traced")
+                )
+                + " |"
+            )
     return lines
 
 
 def summary_lines(report: dict[str, Any], device: torch.device) -> list[str]:
-    lines = [f"\n## SVI step ({device}, {report['environment']['torch_threads']} threads, "
-             f"{report['config']['adam']} Adam, {report['config']['svi_rounds']} interleaved "
-             "rounds; CPU-time medians; ratios: median of the per-round ratios, quartiles in "
-             "brackets)\n", *_svi_lines(report["svi"], device)]
+    lines = [
+        f"\n## SVI step ({device}, {report['environment']['torch_threads']} threads, "
+        f"{report['config']['adam']} Adam, {report['config']['svi_rounds']} interleaved "
+        "rounds; CPU-time medians; ratios: median of the per-round ratios, quartiles in "
+        "brackets)\n",
+        *_svi_lines(report["svi"], device),
+    ]
     for name, section in report["svi"].items():
         before, after = section["load_average"]
         lines.append(f"load average during {name}: {before} before, {after} after")
@@ -425,26 +527,35 @@ def summary_lines(report: dict[str, Any], device: torch.device) -> list[str]:
         f"\n## Evaluation: {ev['network']}, N = {ev['num_data']}, K = {ev['particles']}, "
         f"batch {ev['batch_size']}, chunk {ev['particle_chunk']}\n",
         "| implementation | fastest s | median s | GFLOP/s | of matmul rate |",
-        "|---|---|---|---|---|"]
+        "|---|---|---|---|---|",
+    ]
     for key in ("package", "torch"):
-        lines.append(f"| {key} | {ev['seconds_min'][key]:.3f} | {ev['seconds_median'][key]:.3f} | "
-                     f"{ev['flops_per_s'][key] / 1e9:.1f} | "
-                     f"{ev['fraction_of_matmul_rate'][key]:.0%} |")
-    lines += [f"| decoder matmuls alone | | | {ev['matmul']['flops_per_s'] / 1e9:.1f} | 100% |",
-              f"\npackage / hand-written: {ev['ratio_package_over_torch']:.3f}× fastest, "
-              f"{ev['ratio_package_over_torch_median']:.3f}× median (target ≤ "
-              f"{TARGETS['evaluation_cpu']}× on CPU); log p̂ max |Δ| "
-              f"{ev['max_abs_difference_package_torch']:.2e}; full protocol (10 000 × K = 5000) "
-              f"projected {ev['projected_seconds_full_protocol']['package']:.1f} s"]
+        lines.append(
+            f"| {key} | {ev['seconds_min'][key]:.3f} | {ev['seconds_median'][key]:.3f} | "
+            f"{ev['flops_per_s'][key] / 1e9:.1f} | "
+            f"{ev['fraction_of_matmul_rate'][key]:.0%} |"
+        )
+    lines += [
+        f"| decoder matmuls alone | | | {ev['matmul']['flops_per_s'] / 1e9:.1f} | 100% |",
+        f"\npackage / hand-written: {ev['ratio_package_over_torch']:.3f}× fastest, "
+        f"{ev['ratio_package_over_torch_median']:.3f}× median (target ≤ "
+        f"{TARGETS['evaluation_cpu']}× on CPU); log p̂ max |Δ| "
+        f"{ev['max_abs_difference_package_torch']:.2e}; full protocol (10 000 × K = 5000) "
+        f"projected {ev['projected_seconds_full_protocol']['package']:.1f} s",
+    ]
     memory = report["memory"]
     lines += [f"\n## Peak memory above the start ({memory['training'][0]['method']})\n"]
     for probe in memory["training"]:
-        lines.append(f"training, {probe['steps']} steps at B = 128, {probe['path']} path: "
-                     f"{probe['peak_mib']:.1f} MiB "
-                     f"(parameters {memory['parameter_bytes'] / MIB:.1f} MiB)")
+        lines.append(
+            f"training, {probe['steps']} steps at B = 128, {probe['path']} path: "
+            f"{probe['peak_mib']:.1f} MiB "
+            f"(parameters {memory['parameter_bytes'] / MIB:.1f} MiB)"
+        )
     for probe in memory["evaluation"]:
-        lines.append(f"evaluation, N = {probe['num_data']}, K = {probe['particles']}, chunk "
-                     f"{probe['particle_chunk']}: {probe['peak_mib']:.1f} MiB")
+        lines.append(
+            f"evaluation, N = {probe['num_data']}, K = {probe['particles']}, chunk "
+            f"{probe['particle_chunk']}: {probe['peak_mib']:.1f} MiB"
+        )
     return lines
 
 
@@ -454,8 +565,11 @@ def run(config: PerfConfig, log: Callable[[str], None]) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     torch.set_float32_matmul_precision(config.matmul_precision)
     config = config.resolved(device)
-    report = {"config": dataclasses.asdict(config), "environment": environment(device),
-              "targets": TARGETS}
+    report = {
+        "config": dataclasses.asdict(config),
+        "environment": environment(device),
+        "targets": TARGETS,
+    }
     report["svi"] = svi_section(config, log)
     report["evaluation"] = evaluation_section(config, device, log)
     report["memory"] = memory_section(config, device, log)
@@ -475,36 +589,61 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PerfConfig, argparse.
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--svi-rounds", type=int, default=defaults.svi_rounds)
     p.add_argument("--block-seconds", type=float, default=defaults.block_seconds)
-    p.add_argument("--adam", choices=bench_svi.ADAMS, default=defaults.adam,
-                   help="Adam of the hand-written and package steps (default %(default)s, as "
-                        "pyro_vae.train builds it)")
+    p.add_argument(
+        "--adam",
+        choices=bench_svi.ADAMS,
+        default=defaults.adam,
+        help="Adam of the hand-written and package steps (default %(default)s, as "
+        "pyro_vae.train builds it)",
+    )
     p.add_argument("--eval-num-data", type=int, help="default 200 (CPU) / 10000 (GPU)")
     p.add_argument("--eval-particles", type=int, help="K; default 1000 (CPU) / 5000 (GPU)")
     p.add_argument("--eval-batch-size", type=int, help="default 100 (CPU) / 500 (GPU)")
     p.add_argument("--eval-particle-chunk", type=int, help="default 500 (CPU) / 1000 (GPU)")
     p.add_argument("--eval-rounds", type=int, default=defaults.eval_rounds)
-    p.add_argument("--no-validation", dest="validation", action="store_false",
-                   help="Pyro validation off in the evaluator (default: Pyro's default, on)")
-    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
-                   default=defaults.matmul_precision,
-                   help="torch.set_float32_matmul_precision (high: TF32 on GPUs)")
+    p.add_argument(
+        "--no-validation",
+        dest="validation",
+        action="store_false",
+        help="Pyro validation off in the evaluator (default: Pyro's default, on)",
+    )
+    p.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        default=defaults.matmul_precision,
+        help="torch.set_float32_matmul_precision (high: TF32 on GPUs)",
+    )
     p.add_argument("--memory-steps", type=int, default=defaults.memory_steps)
-    p.add_argument("--memory-particles", type=_int_list,
-                   help="the two K of the memory probe, default 500,2000 (CPU) / 1000,5000")
+    p.add_argument(
+        "--memory-particles",
+        type=_int_list,
+        help="the two K of the memory probe, default 500,2000 (CPU) / 1000,5000",
+    )
     p.add_argument("--memory-num-data", type=int, default=defaults.memory_num_data)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: digits SVI only, 2 rounds, small evaluation")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: digits SVI only, 2 rounds, small evaluation",
+    )
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     fields = {f.name for f in dataclasses.fields(PerfConfig)}
-    given = {key: value for key, value in vars(args).items()
-             if key in fields and value is not None}
+    given = {key: value for key, value in vars(args).items() if key in fields and value is not None}
     if args.quick:
-        given.update(svi_datasets=("digits",), svi_rounds=2, block_seconds=0.03,
-                     eval_num_data=20, eval_particles=100, eval_batch_size=10,
-                     eval_particle_chunk=50, eval_rounds=1, memory_steps=3,
-                     memory_particles=(50, 200), memory_num_data=10)
+        given.update(
+            svi_datasets=("digits",),
+            svi_rounds=2,
+            block_seconds=0.03,
+            eval_num_data=20,
+            eval_particles=100,
+            eval_batch_size=10,
+            eval_particle_chunk=50,
+            eval_rounds=1,
+            memory_steps=3,
+            memory_particles=(50, 200),
+            memory_num_data=10,
+        )
     return PerfConfig(**given), args
 
 

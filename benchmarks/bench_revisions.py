@@ -69,14 +69,25 @@ else:
     print(json.dumps(epochs[len(epochs) // 2] / 10))  # the median epoch, per step
 """
 
-WORK = ["step_trace_fused", "step_trace_traced", "step_meanfield_fused",
-        "step_meanfield_traced", "evaluate"]
+WORK = [
+    "step_trace_fused",
+    "step_trace_traced",
+    "step_meanfield_fused",
+    "step_meanfield_traced",
+    "evaluate",
+]
 
 
 def _measure(tree: Path, what: str) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", MEASURE, what], env=env, check=True,
-                         capture_output=True, text=True, cwd=tree)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, what],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tree,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -94,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         for what in args.work:
             seconds = {name: _measure(trees[name], what) for name in order}
             ratios[what].append(seconds["this"] / seconds["old"])
-            print(f"round {index}: {what:<22} this {seconds['this'] * 1e3:8.2f} ms  "
-                  f"old {seconds['old'] * 1e3:8.2f} ms  ratio {ratios[what][-1]:.3f}",
-                  flush=True)
+            print(
+                f"round {index}: {what:<22} this {seconds['this'] * 1e3:8.2f} ms  "
+                f"old {seconds['old'] * 1e3:8.2f} ms  ratio {ratios[what][-1]:.3f}",
+                flush=True,
+            )
     print(f"\n{'work':<22}{'median':>8}{'min':>8}{'max':>8}   (this / old, CPU time)")
     for what, values in ratios.items():
-        print(f"{what:<22}{statistics.median(values):>8.3f}{min(values):>8.3f}"
-              f"{max(values):>8.3f}")
+        print(f"{what:<22}{statistics.median(values):>8.3f}{min(values):>8.3f}{max(values):>8.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"old": str(trees["old"]), "ratios": ratios}, f, indent=1)

@@ -105,15 +105,22 @@ from pyro_vae.train import make_optimizer, svi_step
 from pyro_vae.train.fused import FusedLoss, training_loss
 
 IMPLEMENTATIONS = ("torch", "fused", "traced", "pyro")
-LABELS = {"torch": "hand-written torch", "fused": "package, fused path",
-          "traced": "package, Pyro-traced path", "pyro": "stock Pyro SVI",
-          "compiled": "fused path, torch.compile", "baseline": "baseline package step"}
+LABELS = {
+    "torch": "hand-written torch",
+    "fused": "package, fused path",
+    "traced": "package, Pyro-traced path",
+    "pyro": "stock Pyro SVI",
+    "compiled": "fused path, torch.compile",
+    "baseline": "baseline package step",
+}
 ADAMS = ("fused", "plain")
 BASELINE_MODULE = "pyro_vae_baseline"
 STOCK_ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 ELBOS = tuple(STOCK_ELBOS)  # the estimators with a stock Pyro and a hand-written twin
-NETWORKS = {"digits": ModelConfig(latent_dim=8, hidden=(128,)),
-            "mnist": ModelConfig(latent_dim=20, hidden=(400,))}
+NETWORKS = {
+    "digits": ModelConfig(latent_dim=8, hidden=(128,)),
+    "mnist": ModelConfig(latent_dim=20, hidden=(400,)),
+}
 CHECK_RTOL = 1e-4
 CHECK_ATOL = 1e-5
 MS_PER_S = 1e3
@@ -127,11 +134,17 @@ LANDMARKS = (
     ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
     ("package fused loss", "pyro_vae/train/fused.py", "__call__"),
     ("package estimator differentiable_loss", "pyro_vae/infer/elbo.py", "differentiable_loss"),
-    ("  vectorized_log_probs (particle plate)", "pyro_vae/core/log_probs.py",
-     "vectorized_log_probs"),
+    (
+        "  vectorized_log_probs (particle plate)",
+        "pyro_vae/core/log_probs.py",
+        "vectorized_log_probs",
+    ),
     ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
-    ("    run guide, replay model under poutine.trace", "pyro/poutine/trace_messenger.py",
-     "get_trace"),
+    (
+        "    run guide, replay model under poutine.trace",
+        "pyro/poutine/trace_messenger.py",
+        "get_trace",
+    ),
     ("    Trace.compute_log_prob", "pyro/poutine/trace_struct.py", "compute_log_prob"),
     ("    Trace.compute_score_parts", "pyro/poutine/trace_struct.py", "compute_score_parts"),
     ("    pyro.sample", "pyro/primitives.py", "sample"),
@@ -143,8 +156,11 @@ LANDMARKS = (
     ("    kl_divergence", "torch/distributions/kl.py", "kl_divergence"),
     ("    validation: check_model_guide_match", "pyro/util.py", "check_model_guide_match"),
     ("    validation: check_site_shape", "pyro/util.py", "check_site_shape"),
-    ("    validation: Distribution._validate_sample", "torch/distributions/distribution.py",
-     "_validate_sample"),
+    (
+        "    validation: Distribution._validate_sample",
+        "torch/distributions/distribution.py",
+        "_validate_sample",
+    ),
     ("  pyro.optim per-parameter optimizers", "pyro/optim/optim.py", "__call__"),
     ("  Tensor.backward", "torch/_tensor.py", "backward"),
     ("  Adam.step", "torch/optim/adam.py", "step"),
@@ -192,8 +208,11 @@ class BenchConfig:
 
     @property
     def implementations(self) -> tuple[str, ...]:
-        return (IMPLEMENTATIONS + (("compiled",) if self.compile else ())
-                + (("baseline",) if self.baseline else ()))
+        return (
+            IMPLEMENTATIONS
+            + (("compiled",) if self.compile else ())
+            + (("baseline",) if self.baseline else ())
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -221,22 +240,28 @@ class Timing:
 
     @property
     def cpu_median(self) -> float:
-        return statistics.median(self.cpu_seconds_per_step) if self.cpu_seconds_per_step \
-            else math.nan
+        return (
+            statistics.median(self.cpu_seconds_per_step) if self.cpu_seconds_per_step else math.nan
+        )
 
     @property
     def spread(self) -> float:
         return max(self.seconds_per_step) / self.median
 
     def to_dict(self) -> dict[str, Any]:
-        return {"elbo": self.elbo, "batch_size": self.batch_size,
-                "implementation": self.implementation, "steps_per_block": self.steps_per_block,
-                "median_ms": self.median * MS_PER_S,
-                "min_ms": min(self.seconds_per_step) * MS_PER_S, "spread": self.spread,
-                "rounds_ms": [s * MS_PER_S for s in self.seconds_per_step],
-                "cpu_median_ms": self.cpu_median * MS_PER_S,
-                "first_call_s": self.first_call_seconds,
-                "cpu_rounds_ms": [s * MS_PER_S for s in self.cpu_seconds_per_step]}
+        return {
+            "elbo": self.elbo,
+            "batch_size": self.batch_size,
+            "implementation": self.implementation,
+            "steps_per_block": self.steps_per_block,
+            "median_ms": self.median * MS_PER_S,
+            "min_ms": min(self.seconds_per_step) * MS_PER_S,
+            "spread": self.spread,
+            "rounds_ms": [s * MS_PER_S for s in self.seconds_per_step],
+            "cpu_median_ms": self.cpu_median * MS_PER_S,
+            "first_call_s": self.first_call_seconds,
+            "cpu_rounds_ms": [s * MS_PER_S for s in self.cpu_seconds_per_step],
+        }
 
 
 @functools.cache
@@ -287,8 +312,9 @@ def _adam(model: torch.nn.Module, lr: float, adam: str) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
-                ) -> Callable[[], None]:
+def _torch_step(
+    model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+) -> Callable[[], None]:
     optimizer = _adam(model, lr, adam)
 
     def step() -> None:
@@ -299,8 +325,13 @@ def _torch_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str
     return step
 
 
-def _loss_step(model: VAE, batch: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-               lr: float, adam: str) -> Callable[[], None]:
+def _loss_step(
+    model: VAE,
+    batch: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    lr: float,
+    adam: str,
+) -> Callable[[], None]:
     """The step of :func:`pyro_vae.fit`: :func:`pyro_vae.train.svi_step` on
     ``loss_fn(batch)``, Adam."""
     optimizer = _adam(model, lr, adam)
@@ -326,14 +357,22 @@ def _traced_loss(model: Any, estimator: Any) -> Callable[..., torch.Tensor]:
     return training_loss(model, estimator, fused=False)
 
 
-def _fused_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
-                ) -> Callable[[], None]:
-    return _loss_step(model, batch,
-                      _fused_loss(model, make_estimator(elbo, max_plate_nesting=1), elbo), lr, adam)
+def _fused_step(
+    model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+) -> Callable[[], None]:
+    return _loss_step(
+        model, batch, _fused_loss(model, make_estimator(elbo, max_plate_nesting=1), elbo), lr, adam
+    )
 
 
-def _traced_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
-                 estimator: Any = None) -> Callable[[], None]:
+def _traced_step(
+    model: VAE,
+    batch: torch.Tensor,
+    elbo: str,
+    lr: float,
+    adam: str = "fused",
+    estimator: Any = None,
+) -> Callable[[], None]:
     estimator = make_estimator(elbo, max_plate_nesting=1) if estimator is None else estimator
     return _loss_step(model, batch, _traced_loss(model, estimator), lr, adam)
 
@@ -341,8 +380,9 @@ def _traced_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: st
 COMPILE_CHECKS: dict[tuple[str, int], dict[str, float]] = {}
 
 
-def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
-                   ) -> Callable[[], None]:
+def _compiled_step(
+    model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+) -> Callable[[], None]:
     """:func:`_fused_step` with ``torch.compile`` around everything but the noise draw. Its
     first call is compared with the traced path on the same draw (to rounding), and the largest
     differences are kept in :data:`COMPILE_CHECKS`."""
@@ -357,8 +397,7 @@ def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: 
     compiled = torch.compile(loss_at)
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        eps = torch.empty((x.shape[0], model.latent_dim), dtype=x.dtype,
-                          device=x.device).normal_()
+        eps = torch.empty((x.shape[0], model.latent_dim), dtype=x.dtype, device=x.device).normal_()
         return compiled(x, eps)
 
     b = batch.shape[0]
@@ -374,12 +413,15 @@ def _compiled_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: 
         "loss_abs_difference": (value - want).abs().item(),
         "grad_max_relative_difference": max(
             ((g - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
-            for g, w in zip(grads, want_grads))}
+            for g, w in zip(grads, want_grads)
+        ),
+    }
     return _loss_step(model, batch, loss_fn, lr, adam)
 
 
-def _pyro_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
-               ) -> Callable[[], None]:
+def _pyro_step(
+    model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused"
+) -> Callable[[], None]:
     """Stock Pyro with its own (per-parameter, unfused) Adam whatever ``adam`` says."""
     svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": lr}), STOCK_ELBOS[elbo]())
 
@@ -390,7 +432,8 @@ def load_baseline(path: str) -> Any:
     """The package folder ``path`` imported as :data:`BASELINE_MODULE` (its own relative
     imports resolve inside it), next to the installed ``pyro_vae``."""
     spec = importlib.util.spec_from_file_location(
-        BASELINE_MODULE, os.path.join(path, "__init__.py"), submodule_search_locations=[path])
+        BASELINE_MODULE, os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+    )
     if spec is None:
         raise ValueError(f"no Python package in {path!r}")
     package = importlib.util.module_from_spec(spec)
@@ -410,24 +453,42 @@ def _baseline_estimators(package: Any) -> Any:
     return getattr(package, "infer", None) or package.objectives
 
 
-def _baseline_step(model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused",
-                   package: Any = None) -> Callable[[], None]:
+def _baseline_step(
+    model: VAE, batch: torch.Tensor, elbo: str, lr: float, adam: str = "fused", package: Any = None
+) -> Callable[[], None]:
     """The package step of ``package`` (see :func:`load_baseline`) on a copy of ``model``."""
     config = model.config
-    twin = package.models.VAE(model.input_dim, config.latent_dim, config.hidden,
-                              config.scale_fn).to(batch.device)
+    twin = package.models.VAE(
+        model.input_dim, config.latent_dim, config.hidden, config.scale_fn
+    ).to(batch.device)
     twin.load_state_dict(model.state_dict())
     twin.name = f"{model.name}-baseline"
-    return _traced_step(twin, batch, elbo, lr, adam,
-                        estimator=_baseline_estimators(package).make_estimator(
-                            elbo, max_plate_nesting=1))
+    return _traced_step(
+        twin,
+        batch,
+        elbo,
+        lr,
+        adam,
+        estimator=_baseline_estimators(package).make_estimator(elbo, max_plate_nesting=1),
+    )
 
 
-STEP_BUILDERS = {"torch": _torch_step, "fused": _fused_step, "traced": _traced_step,
-                 "pyro": _pyro_step, "compiled": _compiled_step}
+STEP_BUILDERS = {
+    "torch": _torch_step,
+    "fused": _fused_step,
+    "traced": _traced_step,
+    "pyro": _pyro_step,
+    "compiled": _compiled_step,
+}
 # Pyro validation around each timed block: off in the package's loop, on (the default) for users.
-VALIDATION = {"torch": None, "fused": False, "traced": False, "pyro": True, "compiled": False,
-              "baseline": False}
+VALIDATION = {
+    "torch": None,
+    "fused": False,
+    "traced": False,
+    "pyro": True,
+    "compiled": False,
+    "baseline": False,
+}
 
 
 def _model_copy(base: VAE, name: str) -> VAE:
@@ -437,8 +498,9 @@ def _model_copy(base: VAE, name: str) -> VAE:
     return model
 
 
-def _loss_and_grads(model: VAE, loss_fn: Callable[[], torch.Tensor], seed: int
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _loss_and_grads(
+    model: VAE, loss_fn: Callable[[], torch.Tensor], seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     pyro.set_rng_seed(seed)
     with pyro.validation_enabled(False):
         loss = loss_fn()
@@ -457,10 +519,12 @@ def check_equivalence(base: VAE, batch: torch.Tensor, elbo: str, seed: int) -> f
     traced_value, traced_grads = _loss_and_grads(model, lambda: traced(batch) / b, seed)
     fused_value, fused_grads = _loss_and_grads(model, lambda: fused(batch) / b, seed)
     torch_value, torch_grads = _loss_and_grads(model, lambda: torch_loss(model, batch, elbo), seed)
-    if not (torch.equal(fused_value, traced_value)
-            and all(map(torch.equal, fused_grads, traced_grads))):
-        raise AssertionError(f"{elbo}, B = {b}: the fused loss or gradients differ from the "
-                             "traced path's")
+    if not (
+        torch.equal(fused_value, traced_value) and all(map(torch.equal, fused_grads, traced_grads))
+    ):
+        raise AssertionError(
+            f"{elbo}, B = {b}: the fused loss or gradients differ from the traced path's"
+        )
     torch.testing.assert_close(torch_value, traced_value, rtol=CHECK_RTOL, atol=CHECK_ATOL)
     for mine, theirs in zip(torch_grads, traced_grads):
         torch.testing.assert_close(mine, theirs, rtol=CHECK_RTOL, atol=CHECK_ATOL)
@@ -473,8 +537,9 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _time_block_clocks(step: Callable[[], None], steps: int, sync: Callable[[], None],
-                       validation: bool | None = None) -> tuple[float, float]:
+def _time_block_clocks(
+    step: Callable[[], None], steps: int, sync: Callable[[], None], validation: bool | None = None
+) -> tuple[float, float]:
     """Wall-clock and CPU seconds per step over a block of ``steps`` consecutive steps."""
     context = nullcontext() if validation is None else pyro.validation_enabled(validation)
     with context:
@@ -486,8 +551,9 @@ def _time_block_clocks(step: Callable[[], None], steps: int, sync: Callable[[], 
     return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
-def _time_block(step: Callable[[], None], steps: int, sync: Callable[[], None],
-                validation: bool | None = None) -> float:
+def _time_block(
+    step: Callable[[], None], steps: int, sync: Callable[[], None], validation: bool | None = None
+) -> float:
     return _time_block_clocks(step, steps, sync, validation)[0]
 
 
@@ -508,14 +574,20 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
     """Time every (ELBO, batch size, implementation) of ``config``; see the module docstring."""
     device, base, batches = _setup(config)
     sync = _synchronizer(device)
-    keys = [(elbo, b, impl) for elbo in config.elbos for b in config.batch_sizes
-            for impl in config.implementations]
+    keys = [
+        (elbo, b, impl)
+        for elbo in config.elbos
+        for b in config.batch_sizes
+        for impl in config.implementations
+    ]
     if config.check:
         for elbo in config.elbos:
             for b, batch in batches.items():
                 value = check_equivalence(base, batch, elbo, config.seed)
-                log(f"check {elbo:9s} B={b:<4d} fused == traced (bit for bit), torch == traced "
-                    f"(to rounding): loss/B {value:.4f}")
+                log(
+                    f"check {elbo:9s} B={b:<4d} fused == traced (bit for bit), torch == traced "
+                    f"(to rounding): loss/B {value:.4f}"
+                )
 
     steps: dict[tuple[str, int, str], Callable[[], None]] = {}
     builders = dict(STEP_BUILDERS)
@@ -536,38 +608,60 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> li
         block_steps[key] = max(config.min_block_steps, math.ceil(config.block_seconds / estimate))
 
     def block(key: tuple[str, int, str]) -> None:
-        context = (nullcontext() if VALIDATION[key[2]] is None
-                   else pyro.validation_enabled(VALIDATION[key[2]]))
+        context = (
+            nullcontext()
+            if VALIDATION[key[2]] is None
+            else pyro.validation_enabled(VALIDATION[key[2]])
+        )
         with context:
             for _ in range(block_steps[key]):
                 steps[key]()
 
     timings = harness.interleave(
-        {key: partial(block, key) for key in keys}, config.rounds,
-        clocks=harness.synced_clocks(sync))
+        {key: partial(block, key) for key in keys},
+        config.rounds,
+        clocks=harness.synced_clocks(sync),
+    )
     log(f"{config.rounds} interleaved rounds done")
     per_step = {key: [t / block_steps[key] for t in timings.wall[key]] for key in keys}
     cpu_per_step = {key: [t / block_steps[key] for t in timings.cpu[key]] for key in keys}
-    return [Timing(elbo, b, impl, block_steps[elbo, b, impl], tuple(per_step[elbo, b, impl]),
-                   tuple(cpu_per_step[elbo, b, impl]), first_call[elbo, b, impl])
-            for elbo, b, impl in keys]
+    return [
+        Timing(
+            elbo,
+            b,
+            impl,
+            block_steps[elbo, b, impl],
+            tuple(per_step[elbo, b, impl]),
+            tuple(cpu_per_step[elbo, b, impl]),
+            first_call[elbo, b, impl],
+        )
+        for elbo, b, impl in keys
+    ]
 
 
 # Ratios reported when both implementations were timed: name -> (numerator, denominator).
-RATIOS = {"fused_over_torch": ("fused", "torch"), "traced_over_torch": ("traced", "torch"),
-          "pyro_over_torch": ("pyro", "torch"), "fused_over_traced": ("fused", "traced"),
-          "compiled_over_torch": ("compiled", "torch"),
-          "compiled_over_fused": ("compiled", "fused"),
-          "baseline_over_torch": ("baseline", "torch"),
-          "traced_over_baseline": ("traced", "baseline"),
-          "fused_over_baseline": ("fused", "baseline")}
-RATIO_LABELS = {"fused_over_torch": "fused / torch", "traced_over_torch": "traced / torch",
-                "pyro_over_torch": "stock Pyro / torch", "fused_over_traced": "fused / traced",
-                "compiled_over_torch": "compiled / torch",
-                "compiled_over_fused": "compiled / fused",
-                "baseline_over_torch": "baseline / torch",
-                "traced_over_baseline": "traced / baseline",
-                "fused_over_baseline": "fused / baseline"}
+RATIOS = {
+    "fused_over_torch": ("fused", "torch"),
+    "traced_over_torch": ("traced", "torch"),
+    "pyro_over_torch": ("pyro", "torch"),
+    "fused_over_traced": ("fused", "traced"),
+    "compiled_over_torch": ("compiled", "torch"),
+    "compiled_over_fused": ("compiled", "fused"),
+    "baseline_over_torch": ("baseline", "torch"),
+    "traced_over_baseline": ("traced", "baseline"),
+    "fused_over_baseline": ("fused", "baseline"),
+}
+RATIO_LABELS = {
+    "fused_over_torch": "fused / torch",
+    "traced_over_torch": "traced / torch",
+    "pyro_over_torch": "stock Pyro / torch",
+    "fused_over_traced": "fused / traced",
+    "compiled_over_torch": "compiled / torch",
+    "compiled_over_fused": "compiled / fused",
+    "baseline_over_torch": "baseline / torch",
+    "traced_over_baseline": "traced / baseline",
+    "fused_over_baseline": "fused / baseline",
+}
 CLOCKS = ("cpu", "wall")  # the clocks of :func:`markdown_table`, in the order printed
 
 
@@ -592,18 +686,29 @@ def ratios(timings: Sequence[Timing]) -> list[dict[str, Any]]:
     cpu = {(t.elbo, t.batch_size, t.implementation): t.cpu_median for t in timings}
     rounds = {(t.elbo, t.batch_size, t.implementation): t.cpu_seconds_per_step for t in timings}
     implementations = list(dict.fromkeys(t.implementation for t in timings))
-    pairs = {name: pair for name, pair in RATIOS.items()
-             if pair[0] in implementations and pair[1] in implementations}
+    pairs = {
+        name: pair
+        for name, pair in RATIOS.items()
+        if pair[0] in implementations and pair[1] in implementations
+    }
     rows = []
     for elbo, b in dict.fromkeys((t.elbo, t.batch_size) for t in timings):
-        rows.append({
-            "elbo": elbo, "batch_size": b,
-            **{f"{impl}_ms": medians[elbo, b, impl] * MS_PER_S for impl in implementations},
-            **{f"{impl}_cpu_ms": cpu[elbo, b, impl] * MS_PER_S for impl in implementations},
-            **{name: medians[elbo, b, top] / medians[elbo, b, bottom]
-               for name, (top, bottom) in pairs.items()},
-            **{f"{name}_cpu": cpu[elbo, b, top] / cpu[elbo, b, bottom]
-               for name, (top, bottom) in pairs.items()}})
+        rows.append(
+            {
+                "elbo": elbo,
+                "batch_size": b,
+                **{f"{impl}_ms": medians[elbo, b, impl] * MS_PER_S for impl in implementations},
+                **{f"{impl}_cpu_ms": cpu[elbo, b, impl] * MS_PER_S for impl in implementations},
+                **{
+                    name: medians[elbo, b, top] / medians[elbo, b, bottom]
+                    for name, (top, bottom) in pairs.items()
+                },
+                **{
+                    f"{name}_cpu": cpu[elbo, b, top] / cpu[elbo, b, bottom]
+                    for name, (top, bottom) in pairs.items()
+                },
+            }
+        )
         for name, (top, bottom) in pairs.items():
             middle, low, high = paired_ratio(rounds[elbo, b, top], rounds[elbo, b, bottom])
             rows[-1][f"{name}_paired_cpu"] = middle
@@ -621,10 +726,18 @@ def markdown_table(rows: Sequence[dict[str, Any]], clock: str = "cpu") -> str:
     ratios and their quartiles; ``"wall"``, wall-clock time with ratios of medians."""
     implementations = [i for i in LABELS if f"{i}_ms" in rows[0]]
     names = [name for name in RATIOS if name in rows[0]]
-    header = ("| ELBO | B | " + " | ".join(f"{LABELS[i]} ms" for i in implementations)
-              + " | " + " | ".join(RATIO_LABELS[name] for name in names) + " |")
-    title = ("CPU time: medians, and per-round ratios' median (quartiles)" if clock == "cpu"
-             else "wall clock: medians and ratios of medians")
+    header = (
+        "| ELBO | B | "
+        + " | ".join(f"{LABELS[i]} ms" for i in implementations)
+        + " | "
+        + " | ".join(RATIO_LABELS[name] for name in names)
+        + " |"
+    )
+    title = (
+        "CPU time: medians, and per-round ratios' median (quartiles)"
+        if clock == "cpu"
+        else "wall clock: medians and ratios of medians"
+    )
     lines = [title, "", header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         if clock == "cpu":
@@ -633,16 +746,19 @@ def markdown_table(rows: Sequence[dict[str, Any]], clock: str = "cpu") -> str:
         else:
             times = [f"{row[f'{impl}_ms']:.3f}" for impl in implementations]
             ratio_cells = [f"{row[name]:.2f}×" for name in names]
-        lines.append("| " + " | ".join([row["elbo"], str(row["batch_size"]), *times,
-                                         *ratio_cells]) + " |")
+        lines.append(
+            "| " + " | ".join([row["elbo"], str(row["batch_size"]), *times, *ratio_cells]) + " |"
+        )
     return "\n".join(lines)
 
 
 def package_estimators(elbos: Sequence[str]) -> dict[str, str]:
     """The class behind each ``make_estimator(name)``: what the traced path measured."""
-    return {name: f"{type(make_estimator(name, max_plate_nesting=1)).__module__}."
-                  f"{type(make_estimator(name, max_plate_nesting=1)).__qualname__}"
-            for name in elbos}
+    return {
+        name: f"{type(make_estimator(name, max_plate_nesting=1)).__module__}."
+        f"{type(make_estimator(name, max_plate_nesting=1)).__qualname__}"
+        for name in elbos
+    }
 
 
 def load_average() -> str:
@@ -652,11 +768,17 @@ def load_average() -> str:
 
 
 def environment(device: torch.device, elbos: Sequence[str]) -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "pyro": pyro.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "package_estimators": package_estimators(elbos),
-            "load_average": load_average()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "package_estimators": package_estimators(elbos),
+        "load_average": load_average(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -667,8 +789,11 @@ def _landmark_shares(stats: pstats.Stats, total: float) -> list[tuple[str, float
     by another match (a nested ``get_trace``) is already inside its caller and is skipped."""
     found = []
     for label, suffix, name in LANDMARKS:
-        matches = {key for key in stats.stats
-                   if key[2] == name and key[0].replace(os.sep, "/").endswith(suffix)}
+        matches = {
+            key
+            for key in stats.stats
+            if key[2] == name and key[0].replace(os.sep, "/").endswith(suffix)
+        }
         outer = [key for key in matches if not matches & set(stats.stats[key][4])]
         if outer:
             cumulative = sum(stats.stats[key][3] for key in outer)
@@ -692,8 +817,15 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
             unprofiled = _time_block(step, config.profile_steps, sync, validation)
             if config.profiler == "torch":
                 report[f"{elbo}/{b}"] = _torch_profile(
-                    step, config, sync, validation, device,
-                    f"{LABELS[impl]}, {elbo}, B={b}", unprofiled, log)
+                    step,
+                    config,
+                    sync,
+                    validation,
+                    device,
+                    f"{LABELS[impl]}, {elbo}, B={b}",
+                    unprofiled,
+                    log,
+                )
                 continue
             profiler = cProfile.Profile()
             profiler.enable()
@@ -701,9 +833,11 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
             profiler.disable()
             stats = pstats.Stats(profiler, stream=sys.stdout)
             total = stats.total_tt
-            log(f"\n## {LABELS[impl]}, {elbo}, B={b}: {config.profile_steps} steps, "
+            log(
+                f"\n## {LABELS[impl]}, {elbo}, B={b}: {config.profile_steps} steps, "
                 f"{unprofiled * MS_PER_S:.3f} ms/step unprofiled, "
-                f"{total / config.profile_steps * MS_PER_S:.3f} ms/step under cProfile\n")
+                f"{total / config.profile_steps * MS_PER_S:.3f} ms/step under cProfile\n"
+            )
             stats.sort_stats(config.profile_sort).print_stats(config.profile_top)
             shares = _landmark_shares(stats, total)
             log("share of the profiled step (cumulative; nested rows overlap):")
@@ -712,13 +846,21 @@ def run_profile(config: BenchConfig, log: Callable[[str], None] = print) -> dict
             report[f"{elbo}/{b}"] = {
                 "unprofiled_ms": unprofiled * MS_PER_S,
                 "profiled_ms": total / config.profile_steps * MS_PER_S,
-                "landmarks": {label.strip(): share for label, share, _ in shares}}
+                "landmarks": {label.strip(): share for label, share, _ in shares},
+            }
     return report
 
 
-def _torch_profile(step: Callable[[], Any], config: BenchConfig, sync: Callable[[], None],
-                   validation: bool | None, device: torch.device, title: str,
-                   unprofiled: float, log: Callable[[str], None]) -> dict[str, Any]:
+def _torch_profile(
+    step: Callable[[], Any],
+    config: BenchConfig,
+    sync: Callable[[], None],
+    validation: bool | None,
+    device: torch.device,
+    title: str,
+    unprofiled: float,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """``config.profile_steps`` steps under :mod:`torch.profiler` (CPU, and CUDA on a GPU): the
     operators with the largest self time, per step, as torch's own table."""
     from torch.profiler import ProfilerActivity, profile
@@ -731,14 +873,17 @@ def _torch_profile(step: Callable[[], Any], config: BenchConfig, sync: Callable[
     events = prof.key_averages()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total_us = sum(getattr(e, key) for e in events)
-    log(f"\n## {title}: {config.profile_steps} steps, {unprofiled * MS_PER_S:.3f} ms/step "
-        f"unprofiled; operators by {key.replace('_', ' ')} (all steps)\n")
+    log(
+        f"\n## {title}: {config.profile_steps} steps, {unprofiled * MS_PER_S:.3f} ms/step "
+        f"unprofiled; operators by {key.replace('_', ' ')} (all steps)\n"
+    )
     log(events.table(sort_by=key, row_limit=config.profile_top))
-    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:config.profile_top]
-    return {"unprofiled_ms": unprofiled * MS_PER_S,
-            "operators_self_us_per_step": {e.key: getattr(e, key) / config.profile_steps
-                                           for e in top},
-            "total_self_us_per_step": total_us / config.profile_steps}
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[: config.profile_top]
+    return {
+        "unprofiled_ms": unprofiled * MS_PER_S,
+        "operators_self_us_per_step": {e.key: getattr(e, key) / config.profile_steps for e in top},
+        "total_self_us_per_step": total_us / config.profile_steps,
+    }
 
 
 def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callable[[], Any]]:
@@ -755,8 +900,9 @@ def _breakdown_parts(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, Callab
         "the two networks (encoder, one draw, decoder)": networks,
         "hand-written loss, forward": lambda: torch_loss(model, x, elbo),
         "model and guide, no effect handler": lambda: (model.guide(x), model.model(x)),
-        "model and guide, traced (trace_pair)":
-            lambda: trace_pair(hidden(model.model), hidden(model.guide), (x,), {}),
+        "model and guide, traced (trace_pair)": lambda: trace_pair(
+            hidden(model.model), hidden(model.guide), (x,), {}
+        ),
         "fused loss, forward": lambda: fused(x),
         "traced loss, forward": lambda: traced(x),
         "hand-written loss, forward + backward": lambda: torch_loss(model, x, elbo).backward(),
@@ -779,13 +925,16 @@ def graph_nodes(loss: torch.Tensor) -> int:
 def _graph_sizes(model: VAE, x: torch.Tensor, elbo: str) -> dict[str, int]:
     estimator = make_estimator(elbo, max_plate_nesting=1)
     with pyro.validation_enabled(False):
-        return {"hand-written": graph_nodes(torch_loss(model, x, elbo)),
-                "fused": graph_nodes(training_loss(model, estimator)(x) / x.shape[0]),
-                "traced": graph_nodes(_traced_loss(model, estimator)(x) / x.shape[0])}
+        return {
+            "hand-written": graph_nodes(torch_loss(model, x, elbo)),
+            "fused": graph_nodes(training_loss(model, estimator)(x) / x.shape[0]),
+            "traced": graph_nodes(_traced_loss(model, estimator)(x) / x.shape[0]),
+        }
 
 
-def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
-                  ) -> dict[str, dict[str, float]]:
+def run_breakdown(
+    config: BenchConfig, log: Callable[[str], None] = print
+) -> dict[str, dict[str, float]]:
     """Median microseconds of CPU time of each :func:`_breakdown_parts` piece (no optimizer
     step: it is the same in every loop), timed in interleaved rounds, validation off."""
     device, base, batches = _setup(config)
@@ -800,7 +949,8 @@ def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
                 for name, part in parts.items():
                     _time_block(part, config.min_block_steps, sync, False)
                     times[name].append(
-                        _time_block_clocks(part, config.profile_steps // 2, sync, False)[1])
+                        _time_block_clocks(part, config.profile_steps // 2, sync, False)[1]
+                    )
             model.zero_grad(set_to_none=True)
             report[f"{elbo}/{b}"] = {name: statistics.median(t) * 1e6 for name, t in times.items()}
             sizes = _graph_sizes(model, batch, elbo)
@@ -809,8 +959,10 @@ def run_breakdown(config: BenchConfig, log: Callable[[str], None] = print
             for name, micros in report[f"{elbo}/{b}"].items():
                 if name != "autograd_nodes":
                     log(f"  {name:45s} {micros:9.1f}")
-            log("  autograd nodes of the loss: " + ", ".join(f"{key} {value}"
-                                                           for key, value in sizes.items()))
+            log(
+                "  autograd nodes of the loss: "
+                + ", ".join(f"{key} {value}" for key, value in sizes.items())
+            )
     return report
 
 
@@ -825,8 +977,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
     return values
@@ -845,47 +998,93 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=tuple(NETWORKS), default=defaults.dataset)
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (--dataset mnist)")
-    p.add_argument("--batch-sizes", type=_int_list, default=defaults.batch_sizes,
-                   help="comma-separated, default %(default)s")
-    p.add_argument("--elbos", type=_elbo_list, default=defaults.elbos,
-                   help="comma-separated subset of trace,meanfield")
-    p.add_argument("--hidden", type=_int_list,
-                   help="hidden widths, e.g. 256,128 (default: 128 for digits, 400 for mnist)")
-    p.add_argument("--latent-dim", type=_positive_int,
-                   help="default: 8 for digits, 20 for mnist")
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=defaults.batch_sizes,
+        help="comma-separated, default %(default)s",
+    )
+    p.add_argument(
+        "--elbos",
+        type=_elbo_list,
+        default=defaults.elbos,
+        help="comma-separated subset of trace,meanfield",
+    )
+    p.add_argument(
+        "--hidden",
+        type=_int_list,
+        help="hidden widths, e.g. 256,128 (default: 128 for digits, 400 for mnist)",
+    )
+    p.add_argument("--latent-dim", type=_positive_int, help="default: 8 for digits, 20 for mnist")
     p.add_argument("--device", choices=DEVICES, default=defaults.device)
-    p.add_argument("--threads", type=_positive_int,
-                   help=f"torch.set_num_threads (default: torch's, {torch.get_num_threads()})")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help=f"torch.set_num_threads (default: torch's, {torch.get_num_threads()})",
+    )
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--warmup-steps", type=_positive_int, default=defaults.warmup_steps)
     p.add_argument("--rounds", type=_positive_int, default=defaults.rounds)
-    p.add_argument("--block-seconds", type=float, default=defaults.block_seconds,
-                   help="target length of one timed block of steps (default %(default)s)")
-    p.add_argument("--baseline", metavar="DIR",
-                   help="also time the traced package step of the package copy in DIR (e.g. an "
-                        "earlier commit's pyro_vae folder)")
-    p.add_argument("--adam", choices=ADAMS, default=defaults.adam,
-                   help="torch.optim.Adam(fused=True) as pyro_vae.train builds it, or plain "
-                        "(default %(default)s)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the fused loss under torch.compile (tens of seconds to compile)")
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the fused-vs-traced and torch-vs-traced loss and gradient checks")
-    p.add_argument("--breakdown", action="store_true",
-                   help="time nested pieces of the forward and backward pass instead")
-    p.add_argument("--profile", action="store_true",
-                   help="profile one implementation's step instead of timing (see --profiler)")
-    p.add_argument("--profiler", choices=("cprofile", "torch"), default=defaults.profiler,
-                   help="cprofile: Python functions, with the share of trace construction, "
-                        "validation, ...; torch: torch.profiler's operator table (CPU, and "
-                        "CUDA on a GPU) (default %(default)s)")
-    p.add_argument("--profile-impl", choices=tuple(STEP_BUILDERS), default=defaults.profile_impl,
-                   help="which step --profile runs (default %(default)s)")
+    p.add_argument(
+        "--block-seconds",
+        type=float,
+        default=defaults.block_seconds,
+        help="target length of one timed block of steps (default %(default)s)",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also time the traced package step of the package copy in DIR (e.g. an "
+        "earlier commit's pyro_vae folder)",
+    )
+    p.add_argument(
+        "--adam",
+        choices=ADAMS,
+        default=defaults.adam,
+        help="torch.optim.Adam(fused=True) as pyro_vae.train builds it, or plain "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the fused loss under torch.compile (tens of seconds to compile)",
+    )
+    p.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the fused-vs-traced and torch-vs-traced loss and gradient checks",
+    )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time nested pieces of the forward and backward pass instead",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one implementation's step instead of timing (see --profiler)",
+    )
+    p.add_argument(
+        "--profiler",
+        choices=("cprofile", "torch"),
+        default=defaults.profiler,
+        help="cprofile: Python functions, with the share of trace construction, "
+        "validation, ...; torch: torch.profiler's operator table (CPU, and "
+        "CUDA on a GPU) (default %(default)s)",
+    )
+    p.add_argument(
+        "--profile-impl",
+        choices=tuple(STEP_BUILDERS),
+        default=defaults.profile_impl,
+        help="which step --profile runs (default %(default)s)",
+    )
     p.add_argument("--profile-steps", type=_positive_int, default=defaults.profile_steps)
     p.add_argument("--profile-top", type=_positive_int, default=defaults.profile_top)
-    p.add_argument("--profile-sort", choices=("cumulative", "tottime"),
-                   default=defaults.profile_sort)
+    p.add_argument(
+        "--profile-sort", choices=("cumulative", "tottime"), default=defaults.profile_sort
+    )
     p.add_argument("--out", help="write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.dataset == "mnist" and args.data_dir is None and "PYRO_VAE_DATA_DIR" not in os.environ:
@@ -893,8 +1092,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     network = None
     if args.hidden is not None or args.latent_dim is not None:
         fallback = NETWORKS[args.dataset]
-        network = ModelConfig(latent_dim=args.latent_dim or fallback.latent_dim,
-                              hidden=args.hidden or fallback.hidden)
+        network = ModelConfig(
+            latent_dim=args.latent_dim or fallback.latent_dim, hidden=args.hidden or fallback.hidden
+        )
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields}
     return BenchConfig(**given, network=network)
@@ -912,21 +1112,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(config: BenchConfig) -> int:
     device = resolve_device(config.device)
     if config.breakdown:
-        report = {"config": config.to_dict(), "breakdown": run_breakdown(config),
-                  "environment": environment(device, config.elbos)}
+        report = {
+            "config": config.to_dict(),
+            "breakdown": run_breakdown(config),
+            "environment": environment(device, config.elbos),
+        }
     elif config.profile:
-        report = {"config": config.to_dict(), "profile": run_profile(config),
-                  "environment": environment(device, config.elbos)}
+        report = {
+            "config": config.to_dict(),
+            "profile": run_profile(config),
+            "environment": environment(device, config.elbos),
+        }
     else:
         load_before = load_average()
         harness.warn_if_busy(harness.load_average(), "start")
         timings = run_benchmark(config, log=lambda line: print(line, file=sys.stderr))
         rows = ratios(timings)
         network = config.resolved_network()
-        print(f"\nSVI step, {config.dataset}, hidden {list(network.hidden)}, latent "
-              f"{network.latent_dim}, {device}, {torch.get_num_threads()} threads, "
-              f"{config.adam} Adam; medians of {config.rounds} interleaved rounds; load average "
-              f"{load_before} before, {load_average()} after")
+        print(
+            f"\nSVI step, {config.dataset}, hidden {list(network.hidden)}, latent "
+            f"{network.latent_dim}, {device}, {torch.get_num_threads()} threads, "
+            f"{config.adam} Adam; medians of {config.rounds} interleaved rounds; load average "
+            f"{load_before} before, {load_average()} after"
+        )
         for name, cls in package_estimators(config.elbos).items():
             print(f"traced path {name}: make_estimator({name!r}, max_plate_nesting=1) -> {cls}")
         for clock in CLOCKS:
@@ -935,15 +1143,22 @@ def _run(config: BenchConfig) -> int:
         harness.warn_if_busy(harness.load_average(), "end")
         noisy = [t for t in timings if t.spread > NOISY_SPREAD]
         if noisy:
-            print(f"\nwarning: {len(noisy)} of {len(timings)} timings had a round over "
-                  f"{NOISY_SPREAD:g}x their median (machine busy?); the medians may still hold, "
-                  "but consider rerunning, or --threads 1 on a shared machine", file=sys.stderr)
-        report = {"config": config.to_dict(),
-                  "environment": {**environment(device, config.elbos),
-                                  "load_average_before": load_before},
-                  "summary": rows, "timings": [t.to_dict() for t in timings],
-                  "compile_checks": {f"{elbo}/{b}": check
-                                     for (elbo, b), check in COMPILE_CHECKS.items()}}
+            print(
+                f"\nwarning: {len(noisy)} of {len(timings)} timings had a round over "
+                f"{NOISY_SPREAD:g}x their median (machine busy?); the medians may still hold, "
+                "but consider rerunning, or --threads 1 on a shared machine",
+                file=sys.stderr,
+            )
+        report = {
+            "config": config.to_dict(),
+            "environment": {
+                **environment(device, config.elbos),
+                "load_average_before": load_before,
+            },
+            "summary": rows,
+            "timings": [t.to_dict() for t in timings],
+            "compile_checks": {f"{elbo}/{b}": check for (elbo, b), check in COMPILE_CHECKS.items()},
+        }
     if config.out:
         harness.write_json(config.out, report)
     return 0

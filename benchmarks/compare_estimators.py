@@ -129,12 +129,27 @@ TRAIN_EVAL_SEED = 0
 TEST_EVAL_SEED = 1
 EVAL_RNG_OFFSET = 10_000
 #: the engine's epoch limit under --time-budget (the budget's callback stops the run first)
-BUDGET_EPOCH_LIMIT = 10 ** 9
-METRICS = ("train_bound", "test_elbo", "test_log_px", "test_gap", "active_units",
-           "snr_encoder", "snr_decoder", "steps_per_s")
-HEADERS = {"train_bound": "train bound", "test_elbo": "test ELBO",
-           "test_log_px": "test log p̂_K", "test_gap": "gap", "active_units": "active units",
-           "snr_encoder": "SNR enc", "snr_decoder": "SNR dec", "steps_per_s": "steps/s"}
+BUDGET_EPOCH_LIMIT = 10**9
+METRICS = (
+    "train_bound",
+    "test_elbo",
+    "test_log_px",
+    "test_gap",
+    "active_units",
+    "snr_encoder",
+    "snr_decoder",
+    "steps_per_s",
+)
+HEADERS = {
+    "train_bound": "train bound",
+    "test_elbo": "test ELBO",
+    "test_log_px": "test log p̂_K",
+    "test_gap": "gap",
+    "active_units": "active units",
+    "snr_encoder": "SNR enc",
+    "snr_decoder": "SNR dec",
+    "steps_per_s": "steps/s",
+}
 
 
 @dataclass(frozen=True)
@@ -191,34 +206,53 @@ class BenchmarkConfig:
         elif self.test_data is not None:
             raise ConfigError("test_data is the test set of data: give data too")
         if self.model_factory is not None and self.likelihood is not None:
-            raise ConfigError("--likelihood chooses the built-in VAE's likelihood; a "
-                              "--model-factory pair has its own")
+            raise ConfigError(
+                "--likelihood chooses the built-in VAE's likelihood; a "
+                "--model-factory pair has its own"
+            )
         if self.model_factory is None and self.likelihood is None:
             object.__setattr__(self, "likelihood", ModelConfig.likelihood)
         if self.binarize is None:
-            object.__setattr__(self, "binarize", "none" if self.likelihood == "gaussian"
-                               else TrainConfig.binarize)
-        for name, value, choices in (("likelihood", self.likelihood, LIKELIHOODS),
-                                     ("binarize", self.binarize, BINARIZATIONS),
-                                     ("device", self.device, DEVICES)):
+            object.__setattr__(
+                self, "binarize", "none" if self.likelihood == "gaussian" else TrainConfig.binarize
+            )
+        for name, value, choices in (
+            ("likelihood", self.likelihood, LIKELIHOODS),
+            ("binarize", self.binarize, BINARIZATIONS),
+            ("device", self.device, DEVICES),
+        ):
             if value not in choices and not (name == "likelihood" and value is None):
                 raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-        if self.model_factory is None and \
-                (self.likelihood == "bernoulli") == (self.binarize == "none"):
-            raise ConfigError("the built-in VAE with a Bernoulli likelihood needs binary data "
-                              "(--binarize dynamic or fixed) and with a Gaussian one the "
-                              "intensities (--binarize none)")
+        if self.model_factory is None and (self.likelihood == "bernoulli") == (
+            self.binarize == "none"
+        ):
+            raise ConfigError(
+                "the built-in VAE with a Bernoulli likelihood needs binary data "
+                "(--binarize dynamic or fixed) and with a Gaussian one the "
+                "intensities (--binarize none)"
+            )
         unknown = sorted(set(self.estimators) - set(COMPARED))
         if unknown or not self.estimators or not self.seeds:
-            raise ConfigError(f"need seeds and estimators from {COMPARED}; got "
-                              f"{self.estimators}, seeds {self.seeds}")
+            raise ConfigError(
+                f"need seeds and estimators from {COMPARED}; got "
+                f"{self.estimators}, seeds {self.seeds}"
+            )
         for seed in self.seeds:
             check_seed(seed)
         if self.data is None and self.dataset not in DATASETS:
             raise ConfigError(f"dataset must be {' or '.join(DATASETS)}, got {self.dataset!r}")
-        counts = {"epochs": 1, "batch_size": 1, "latent_dim": 1, "particles": 1,
-                  "importance_samples": 1, "curve_particles": 1, "eval_every": 1,
-                  "snr_draws": 2, "threads": 1, "warmup": 0}
+        counts = {
+            "epochs": 1,
+            "batch_size": 1,
+            "latent_dim": 1,
+            "particles": 1,
+            "importance_samples": 1,
+            "curve_particles": 1,
+            "eval_every": 1,
+            "snr_draws": 2,
+            "threads": 1,
+            "warmup": 0,
+        }
         for name, minimum in counts.items():
             check_count(name, getattr(self, name), minimum)
         for name, values in (("hidden", self.hidden), ("snr_ks", self.snr_ks)):
@@ -236,12 +270,19 @@ class BenchmarkConfig:
 
     def _check_user_data(self) -> None:
         if self.model_factory is None:
-            raise ConfigError("--data needs --model-factory FILE.py:FUNCTION (the pair to train "
-                              "on it; FUNCTION() is called with no arguments)")
-        if self.likelihood is not None or self.binarize not in (None, "none") \
-                or self.data_dir is not None:
-            raise ConfigError("likelihood, binarize and data_dir describe the built-in images "
-                              "and VAE: data are used as they are")
+            raise ConfigError(
+                "--data needs --model-factory FILE.py:FUNCTION (the pair to train "
+                "on it; FUNCTION() is called with no arguments)"
+            )
+        if (
+            self.likelihood is not None
+            or self.binarize not in (None, "none")
+            or self.data_dir is not None
+        ):
+            raise ConfigError(
+                "likelihood, binarize and data_dir describe the built-in images "
+                "and VAE: data are used as they are"
+            )
         object.__setattr__(self, "dataset", None)
         object.__setattr__(self, "binarize", "none")
 
@@ -255,8 +296,13 @@ class BenchmarkConfig:
 
 
 def _check_real(name: str, value: Any, strictly_positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (strictly_positive and value == 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+        or (strictly_positive and value == 0)
+    ):
         relation = "> 0" if strictly_positive else ">= 0"
         raise ConfigError(f"{name} must be a finite number {relation}, got {value!r}")
 
@@ -269,6 +315,7 @@ def warmup_schedule(config: BenchmarkConfig) -> LinearWarmup:
 
 
 # ------------------------------------------------------------------------------ data
+
 
 @dataclass
 class Data:
@@ -290,6 +337,7 @@ class Data:
 
     def cast(self, dtype: torch.dtype) -> Data:
         """The same data with floating-point tensors in ``dtype`` (a pair's parameter dtype)."""
+
         def to(value: Any) -> Any:
             if isinstance(value, torch.Tensor):
                 return value.to(dtype=dtype) if value.is_floating_point() else value
@@ -306,13 +354,20 @@ def load_data(config: BenchmarkConfig, device: torch.device = CPU) -> Data:
     user's ``config.data`` / ``config.test_data``, on ``device``."""
     if config.data is not None:
         return load_user_data(config, device)
-    dataset = (data_lib.load_digits() if config.dataset == "digits"
-               else data_lib.load_mnist(config.data_dir)).to(device)
+    dataset = (
+        data_lib.load_digits()
+        if config.dataset == "digits"
+        else data_lib.load_mnist(config.data_dir)
+    ).to(device)
     train, test = dataset.train.images, dataset.test.images
     if config.binarize == "none":
         return Data(train=train, train_eval=train, test_eval=test, device=device)
-    return Data(train=train, train_eval=data_lib.fixed_binarization(train, TRAIN_EVAL_SEED),
-                test_eval=data_lib.fixed_binarization(test, TEST_EVAL_SEED), device=device)
+    return Data(
+        train=train,
+        train_eval=data_lib.fixed_binarization(train, TRAIN_EVAL_SEED),
+        test_eval=data_lib.fixed_binarization(test, TEST_EVAL_SEED),
+        device=device,
+    )
 
 
 def load_user_data(config: BenchmarkConfig, device: torch.device) -> Data:
@@ -322,12 +377,13 @@ def load_user_data(config: BenchmarkConfig, device: torch.device) -> Data:
     train, paired = load_data_spec(config.data)
     test = load_data_spec(config.test_data)[0] if config.test_data is not None else paired
     if test is None:
-        raise ConfigError(f"--data {config.data} holds no test set: give --test-data DATA (the "
-                          "test ELBO, log p̂_K and curves are scored on it), or a function "
-                          "returning a (train, test) pair")
+        raise ConfigError(
+            f"--data {config.data} holds no test set: give --test-data DATA (the "
+            "test ELBO, log p̂_K and curves are scored on it), or a function "
+            "returning a (train, test) pair"
+        )
     train = as_source(train).to(device)
-    return Data(train=train, train_eval=train, test_eval=as_source(test).to(device),
-                device=device)
+    return Data(train=train, train_eval=train, test_eval=as_source(test).to(device), device=device)
 
 
 def _binarize_epoch(tensors: tuple, generator: torch.Generator) -> tuple:
@@ -346,13 +402,13 @@ def training_source(config: BenchmarkConfig, data: Data) -> Any:
     return TensorSource((data.train_eval,))
 
 
-def epoch_images(config: BenchmarkConfig, data: Data, generator: torch.Generator
-                 ) -> torch.Tensor:
+def epoch_images(config: BenchmarkConfig, data: Data, generator: torch.Generator) -> torch.Tensor:
     """One epoch's training images (before the engine orders them) as
     :func:`training_source` makes them with ``generator``."""
     source = training_source(config, data)
-    tensors = (source.tensors if source.transform is None
-               else source.transform(source.tensors, generator))
+    tensors = (
+        source.tensors if source.transform is None else source.transform(source.tensors, generator)
+    )
     return tensors[0]
 
 
@@ -367,9 +423,11 @@ def _num_data(data: Any) -> int:
 
 # ------------------------------------------------------------------------------ metrics
 
+
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                torch.get_default_dtype())
+    return next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype()
+    )
 
 
 def _nesting(model: torch.nn.Module) -> int | None:
@@ -378,30 +436,51 @@ def _nesting(model: torch.nn.Module) -> int | None:
     return 1 if is_builtin(model) else None
 
 
-def _estimator(name: str, config: BenchmarkConfig, importance_samples: int | None = None,
-               max_plate_nesting: int | None = 1) -> ELBOEstimator:
+def _estimator(
+    name: str,
+    config: BenchmarkConfig,
+    importance_samples: int | None = None,
+    max_plate_nesting: int | None = 1,
+) -> ELBOEstimator:
     k = config.importance_samples_of(name) if importance_samples is None else importance_samples
-    return make_estimator(name, num_particles=config.particles, importance_samples=k,
-                          beta=config.beta, max_plate_nesting=max_plate_nesting)
+    return make_estimator(
+        name,
+        num_particles=config.particles,
+        importance_samples=k,
+        beta=config.beta,
+        max_plate_nesting=max_plate_nesting,
+    )
 
 
 @torch.no_grad()
-def test_log_px(model: torch.nn.Module, data: Any, particles: int, seed: int,
-                max_plate_nesting: int | None = 1) -> dict[str, float]:
+def test_log_px(
+    model: torch.nn.Module, data: Any, particles: int, seed: int, max_plate_nesting: int | None = 1
+) -> dict[str, float]:
     """Mean per-datapoint log p̂_K, ELBO and gap (nats) on ``data`` (a tensor of images or a
     source), on a fork of the RNG."""
     with forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
-        result = evaluate_dataset(model.model, model.guide, data, num_particles=particles,
-                                  batch_size=100, particle_chunk=500, khat=False,
-                                  max_plate_nesting=max_plate_nesting)
-    return {"test_log_px": result.log_px.mean().item(), "test_elbo": result.elbo.mean().item(),
-            "test_gap": result.gap.mean().item()}
+        result = evaluate_dataset(
+            model.model,
+            model.guide,
+            data,
+            num_particles=particles,
+            batch_size=100,
+            particle_chunk=500,
+            khat=False,
+            max_plate_nesting=max_plate_nesting,
+        )
+    return {
+        "test_log_px": result.log_px.mean().item(),
+        "test_elbo": result.elbo.mean().item(),
+        "test_gap": result.gap.mean().item(),
+    }
 
 
 @torch.no_grad()
-def own_bound(model: torch.nn.Module, estimator: ELBOEstimator, data: Any, seed: int,
-              batch_size: int = 500) -> float:
+def own_bound(
+    model: torch.nn.Module, estimator: ELBOEstimator, data: Any, seed: int, batch_size: int = 500
+) -> float:
     """The estimator's bound per datapoint over ``data`` (nats); a global latent's term counts
     once over the data (each batch weighs it by its share, as in training)."""
     source = as_source(data)
@@ -435,9 +514,13 @@ def _with_kwargs(model: torch.nn.Module, kwargs: dict) -> Any:
     return SimpleNamespace(parameters=model.parameters, guide=partial(model.guide, **kwargs))
 
 
-def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator,
-                 batch: torch.Tensor | Batch, draws: int, num_data: int | None = None
-                 ) -> dict[str, float]:
+def gradient_snr(
+    model: torch.nn.Module,
+    estimator: ELBOEstimator,
+    batch: torch.Tensor | Batch,
+    draws: int,
+    num_data: int | None = None,
+) -> dict[str, float]:
     """Mean over parameter elements of |E g| / std g, from ``draws`` gradients at fixed
     parameters on ``batch`` (a tensor of images or a :class:`~pyro_vae.data.batches.Batch`), for
     the guide's (encoder) and the model's (decoder) parameters; NaN for a group with no
@@ -454,25 +537,35 @@ def gradient_snr(model: torch.nn.Module, estimator: ELBOEstimator,
         estimator.global_weight = size / num_data
     samples = []
     for _ in range(draws):
-        loss = estimator.differentiable_loss(model.model, model.guide, *batch.args,
-                                             **batch.kwargs) / size
+        loss = (
+            estimator.differentiable_loss(model.model, model.guide, *batch.args, **batch.kwargs)
+            / size
+        )
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        samples.append(torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten()
-                                  for p, g in zip(params, grads)]))
+        samples.append(
+            torch.cat(
+                [
+                    torch.zeros_like(p).flatten() if g is None else g.flatten()
+                    for p, g in zip(params, grads)
+                ]
+            )
+        )
     grads = torch.stack(samples).double()
     mean, std = grads.mean(0).abs(), grads.std(0)
     out, start = {}, 0
     for key, group in groups.items():
         size = sum(p.numel() for p in group)
-        m, s = mean[start:start + size], std[start:start + size]
+        m, s = mean[start : start + size], std[start : start + size]
         informative = s > 0
-        out[key] = (m[informative] / s[informative]).mean().item() if informative.any() \
-            else math.nan
+        out[key] = (
+            (m[informative] / s[informative]).mean().item() if informative.any() else math.nan
+        )
         start += size
     return out
 
 
 # ------------------------------------------------------------------------------ the pairs
+
 
 def _check_data_fits(model: torch.nn.Module, data: Any, binarize: str | None) -> None:
     """Score ``data`` (a first batch) once under Pyro validation: a pair whose likelihood's
@@ -480,18 +573,27 @@ def _check_data_fits(model: torch.nn.Module, data: Any, binarize: str | None) ->
     refused before any training, in one line. ``binarize`` is ``None`` on ``--data``."""
     try:
         with poutine.block(), pyro.validation_enabled(True), forked_rng():
-            evaluate_dataset(model.model, model.guide, data, num_particles=1, khat=False,
-                             max_plate_nesting=_nesting(model))
+            evaluate_dataset(
+                model.model,
+                model.guide,
+                data,
+                num_particles=1,
+                khat=False,
+                max_plate_nesting=_nesting(model),
+            )
     except ValueError as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if binarize is None:
             hint = "check that --data is what the pair's likelihood scores"
         else:
             data = "the intensities" if binarize == "none" else "binary (0/1) images"
-            hint = (f"with --binarize {binarize} the data are {data}: choose the --binarize "
-                    "that fits the pair's likelihood")
-        raise ConfigError(f"{type(model).__name__} cannot score the data: {first_line} "
-                          f"({hint})") from None
+            hint = (
+                f"with --binarize {binarize} the data are {data}: choose the --binarize "
+                "that fits the pair's likelihood"
+            )
+        raise ConfigError(
+            f"{type(model).__name__} cannot score the data: {first_line} ({hint})"
+        ) from None
 
 
 def _call_factory(spec: str, build: Callable[..., Any], *args: Any) -> Any:
@@ -500,8 +602,10 @@ def _call_factory(spec: str, build: Callable[..., Any], *args: Any) -> Any:
     try:
         return build(*args)
     except TypeError as exc:
-        raise ConfigError(f"{spec}: {exc} (--model-factory is called as FUNCTION() with "
-                          "--data, as FUNCTION(input_dim, name) on the built-in images)") from None
+        raise ConfigError(
+            f"{spec}: {exc} (--model-factory is called as FUNCTION() with "
+            "--data, as FUNCTION(input_dim, name) on the built-in images)"
+        ) from None
 
 
 def initial_model(config: BenchmarkConfig, data: Data, seed: int) -> torch.nn.Module:
@@ -526,22 +630,30 @@ def initial_model(config: BenchmarkConfig, data: Data, seed: int) -> torch.nn.Mo
         model = _call_factory(config.model_factory, factory, data.train.shape[1], name)
         check_model(model)
         if getattr(model, "conditional", False):
-            raise ConfigError(f"{type(model).__name__} is a conditional pair (conditional = "
-                              "True): conditional (labelled) pairs are not supported by this "
-                              "benchmark, which compares estimators of log p(x) on unlabelled "
-                              "images")
+            raise ConfigError(
+                f"{type(model).__name__} is a conditional pair (conditional = "
+                "True): conditional (labelled) pairs are not supported by this "
+                "benchmark, which compares estimators of log p(x) on unlabelled "
+                "images"
+            )
         model = model.to(device)
         check_model(model, data.train_eval[:2])
-        _check_data_fits(model, data.train_eval[:config.batch_size], config.binarize)
+        _check_data_fits(model, data.train_eval[: config.batch_size], config.binarize)
     else:
-        model = VAE(data.train.shape[1], config.latent_dim, config.hidden,
-                    likelihood=config.likelihood, name=name).to(device)
+        model = VAE(
+            data.train.shape[1],
+            config.latent_dim,
+            config.hidden,
+            likelihood=config.likelihood,
+            name=name,
+        ).to(device)
     if hasattr(model, "initialize_from_data"):
         model.initialize_from_data(data.train)
     return model
 
 
 # ------------------------------------------------------------------------------ training
+
 
 class TimeBudget(Callback):
     """Ends a run (``loop.stop``) after the epoch in which its training time, the sum of the
@@ -559,8 +671,13 @@ class ProbeCurve(Callback):
     """``(epoch, probe(model))`` every ``every`` epochs, at ``last_epoch`` and at the epoch a
     callback before it stopped the run (a time budget)."""
 
-    def __init__(self, probe: Callable[[torch.nn.Module], float], every: int,
-                 last_epoch: int | None, curve: list[tuple[int, float]]) -> None:
+    def __init__(
+        self,
+        probe: Callable[[torch.nn.Module], float],
+        every: int,
+        last_epoch: int | None,
+        curve: list[tuple[int, float]],
+    ) -> None:
         self.probe, self.every, self.last_epoch, self.curve = probe, every, last_epoch, curve
 
     def on_epoch_end(self, loop: Loop) -> None:
@@ -573,18 +690,28 @@ def engine_config(name: str, seed: int, config: BenchmarkConfig) -> TrainConfig:
     optimization settings, on data given to :func:`pyro_vae.fit` (no built-in dataset), no
     final estimate (the benchmark makes its own), and under a time budget an epoch limit that
     the budget reaches first."""
-    return TrainConfig(dataset=None, model=None, binarize="none", elbo=name,
-                       particles=config.particles,
-                       importance_samples=config.importance_samples_of(name), beta=config.beta,
-                       warmup=config.warmup, warmup_start=config.warmup_start,
-                       epochs=(config.epochs if config.time_budget is None
-                               else BUDGET_EPOCH_LIMIT),
-                       batch_size=config.batch_size, lr=config.lr, seed=seed,
-                       device=config.device, final_particles=0)
+    return TrainConfig(
+        dataset=None,
+        model=None,
+        binarize="none",
+        elbo=name,
+        particles=config.particles,
+        importance_samples=config.importance_samples_of(name),
+        beta=config.beta,
+        warmup=config.warmup,
+        warmup_start=config.warmup_start,
+        epochs=(config.epochs if config.time_budget is None else BUDGET_EPOCH_LIMIT),
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=seed,
+        device=config.device,
+        final_particles=0,
+    )
 
 
-def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data,
-              initial: torch.nn.Module) -> dict[str, Any]:
+def train_run(
+    name: str, seed: int, config: BenchmarkConfig, data: Data, initial: torch.nn.Module
+) -> dict[str, Any]:
     """Train a deep copy of ``initial`` with estimator ``name`` through :func:`pyro_vae.fit`;
     return its model, metrics and curve."""
     model = copy.deepcopy(initial)
@@ -593,41 +720,63 @@ def train_run(name: str, seed: int, config: BenchmarkConfig, data: Data,
     pyro.clear_param_store()
 
     def probe(module: torch.nn.Module) -> float:
-        return test_log_px(module, data.test_eval, config.curve_particles, seed,
-                           nesting)["test_log_px"]
+        return test_log_px(module, data.test_eval, config.curve_particles, seed, nesting)[
+            "test_log_px"
+        ]
 
     curve = [(0, probe(model))]
-    callbacks: list[Callback] = [] if config.time_budget is None \
-        else [TimeBudget(config.time_budget)]
-    callbacks.append(ProbeCurve(probe, config.eval_every,
-                                config.epochs if config.time_budget is None else None, curve))
+    callbacks: list[Callback] = (
+        [] if config.time_budget is None else [TimeBudget(config.time_budget)]
+    )
+    callbacks.append(
+        ProbeCurve(
+            probe, config.eval_every, config.epochs if config.time_budget is None else None, curve
+        )
+    )
     source = training_source(config, data)
     try:
-        history = fit(model, source, config=engine_config(name, seed, config),
-                      callbacks=callbacks, progress=False, fused=not config.traced).history
+        history = fit(
+            model,
+            source,
+            config=engine_config(name, seed, config),
+            callbacks=callbacks,
+            progress=False,
+            fused=not config.traced,
+        ).history
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{name}, seed {seed}: {exc}") from None
     epochs = len(history.epoch)
     steps = epochs * as_source(source).steps(config.batch_size)
     train_seconds = sum(history.seconds)
-    metrics: dict[str, Any] = {"estimator": name, "seed": seed, "epochs": epochs, "steps": steps,
-                               "train_seconds": train_seconds,
-                               "steps_per_s": steps / train_seconds}
+    metrics: dict[str, Any] = {
+        "estimator": name,
+        "seed": seed,
+        "epochs": epochs,
+        "steps": steps,
+        "train_seconds": train_seconds,
+        "steps_per_s": steps / train_seconds,
+    }
     estimator = _estimator(name, config, max_plate_nesting=nesting)
     metrics["train_bound"] = own_bound(model, estimator, data.train_eval, seed)
-    metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed,
-                               nesting))
+    metrics.update(test_log_px(model, data.test_eval, config.final_eval_particles, seed, nesting))
     metrics["active_units"] = active_units(model, data.test_eval if data.images else None)
     with pyro.validation_enabled(False), forked_rng():
         torch.manual_seed(seed + EVAL_RNG_OFFSET)
-        metrics.update(gradient_snr(model, estimator,
-                                    _first_batch(data.train_eval, config.batch_size),
-                                    config.snr_draws, _num_data(data.train_eval)))
+        metrics.update(
+            gradient_snr(
+                model,
+                estimator,
+                _first_batch(data.train_eval, config.batch_size),
+                config.snr_draws,
+                _num_data(data.train_eval),
+            )
+        )
     return {"metrics": metrics, "curve": curve, "model": model}
 
 
-def snr_versus_k(model: torch.nn.Module, config: BenchmarkConfig, data: Data, seed: int
-                 ) -> dict[str, dict[str, list[float]]]:
+def snr_versus_k(
+    model: torch.nn.Module, config: BenchmarkConfig, data: Data, seed: int
+) -> dict[str, dict[str, list[float]]]:
     """Encoder/decoder SNR of the iwae and dreg gradients at ``model``'s parameters, per K."""
     out: dict[str, dict[str, list[float]]] = {}
     data = data.cast(_param_dtype(model))
@@ -636,8 +785,9 @@ def snr_versus_k(model: torch.nn.Module, config: BenchmarkConfig, data: Data, se
     for name in INSIDE_LOG:
         rows: dict[str, list[float]] = {"snr_encoder": [], "snr_decoder": []}
         for k in config.snr_ks:
-            estimator = _estimator(name, config, importance_samples=k,
-                                   max_plate_nesting=_nesting(model))
+            estimator = _estimator(
+                name, config, importance_samples=k, max_plate_nesting=_nesting(model)
+            )
             with pyro.validation_enabled(False), forked_rng():
                 torch.manual_seed(seed + EVAL_RNG_OFFSET)
                 snr = gradient_snr(model, estimator, batch, config.snr_draws, num_data)
@@ -659,8 +809,12 @@ def summarize(runs: list[dict[str, Any]], config: BenchmarkConfig) -> list[dict[
     rows = []
     for name in config.estimators:
         mine = [run for run in runs if run["estimator"] == name]
-        row: dict[str, Any] = {"estimator": name, "K": config.importance_samples_of(name),
-                               "P": config.particles, "seeds": len(mine)}
+        row: dict[str, Any] = {
+            "estimator": name,
+            "K": config.importance_samples_of(name),
+            "P": config.particles,
+            "seeds": len(mine),
+        }
         for metric in METRICS:
             row[metric], row[f"{metric}_std"] = _mean_std([run[metric] for run in mine])
         rows.append(row)
@@ -675,8 +829,16 @@ def _format(value: float, std: float, digits: int) -> str:
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    digits = {"train_bound": 2, "test_elbo": 2, "test_log_px": 2, "test_gap": 2,
-              "active_units": 1, "snr_encoder": 3, "snr_decoder": 3, "steps_per_s": 0}
+    digits = {
+        "train_bound": 2,
+        "test_elbo": 2,
+        "test_log_px": 2,
+        "test_gap": 2,
+        "active_units": 1,
+        "snr_encoder": 3,
+        "snr_decoder": 3,
+        "steps_per_s": 0,
+    }
     header = ["estimator", *(HEADERS[m] for m in METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
@@ -700,15 +862,17 @@ def _figure(ncols: int = 1) -> Any:
     return Figure(figsize=(5.5 * ncols, 3.8), layout="constrained")
 
 
-def curve_statistics(per_seed: list[list[tuple[int, float]]]
-                     ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def curve_statistics(
+    per_seed: list[list[tuple[int, float]]],
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """The epochs that every seed's curve evaluated, and the mean and std over seeds of the
     values at those epochs (std NaN for one seed). With --time-budget, seeds may stop at
     different epochs; each value is matched by its epoch, never by its position."""
     by_epoch = [dict(curve) for curve in per_seed]
     common = sorted(set.intersection(*(set(values) for values in by_epoch)))
-    values = torch.tensor([[values[epoch] for epoch in common] for values in by_epoch],
-                          dtype=torch.float64).reshape(len(by_epoch), len(common))
+    values = torch.tensor(
+        [[values[epoch] for epoch in common] for values in by_epoch], dtype=torch.float64
+    ).reshape(len(by_epoch), len(common))
     std = values.std(0) if len(by_epoch) > 1 else torch.full((len(common),), math.nan)
     return common, values.mean(0), std
 
@@ -721,13 +885,19 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, k:
     for index, (name, per_seed) in enumerate(curves.items()):
         color = f"C{index}"
         for curve in per_seed:
-            ax.plot([epoch for epoch, _ in curve], [value for _, value in curve], color=color,
-                    alpha=0.3, linewidth=0.8)
+            ax.plot(
+                [epoch for epoch, _ in curve],
+                [value for _, value in curve],
+                color=color,
+                alpha=0.3,
+                linewidth=0.8,
+            )
         epochs, mean, std = curve_statistics(per_seed)
         ax.plot(epochs, mean.tolist(), color=color, marker=".", label=name)
         if len(per_seed) > 1:
-            ax.fill_between(epochs, (mean - std).tolist(), (mean + std).tolist(), color=color,
-                            alpha=0.2)
+            ax.fill_between(
+                epochs, (mean - std).tolist(), (mean + std).tolist(), color=color, alpha=0.2
+            )
     ax.set(xlabel="epoch", ylabel=f"test log p̂_K (K = {k}), nats", title="test log-likelihood")
     ax.legend()
     with atomic_path(path) as tmp:
@@ -736,13 +906,18 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, k:
 
 def plot_snr(snr: dict[str, dict[str, list[float]]], ks: Sequence[int], path: Path) -> None:
     fig = _figure(2)
-    for i, (key, title) in enumerate((("snr_encoder", "encoder (guide)"),
-                                      ("snr_decoder", "decoder (model)"))):
+    for i, (key, title) in enumerate(
+        (("snr_encoder", "encoder (guide)"), ("snr_decoder", "decoder (model)"))
+    ):
         ax = fig.add_subplot(1, 2, i + 1)
         for name, rows in snr.items():
             ax.plot(list(ks), rows[key], marker="o", label=name)
-        ax.set(xscale="log", xlabel="importance samples K", ylabel="mean |E g| / std g",
-               title=f"gradient SNR: {title}")
+        ax.set(
+            xscale="log",
+            xlabel="importance samples K",
+            ylabel="mean |E g| / std g",
+            title=f"gradient SNR: {title}",
+        )
         ax.legend()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -767,23 +942,42 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
             models[name] = result["model"]
             if progress:
                 m = result["metrics"]
-                print(f"[{time.perf_counter() - started:6.0f}s] seed {seed} {name:9s} "
-                      f"log p̂ {m['test_log_px']:.2f}  ELBO {m['test_elbo']:.2f}  "
-                      f"{m['steps_per_s']:.0f} steps/s", file=sys.stderr, flush=True)
+                print(
+                    f"[{time.perf_counter() - started:6.0f}s] seed {seed} {name:9s} "
+                    f"log p̂ {m['test_log_px']:.2f}  ELBO {m['test_elbo']:.2f}  "
+                    f"{m['steps_per_s']:.0f} steps/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         base = models.get("iwae", next(iter(models.values())))
         snr_runs.append(snr_versus_k(base, config, data, seed))
-    snr = {name: {key: [statistics.fmean(run[name][key][i] for run in snr_runs)
-                        for i in range(len(config.snr_ks))]
-                  for key in ("snr_encoder", "snr_decoder")}
-           for name in INSIDE_LOG}
-    return {"config": config.to_dict(), "runs": runs, "summary": summarize(runs, config),
-            "curves": curves, "snr_vs_k": {"K": list(config.snr_ks), **snr},
-            "seconds": time.perf_counter() - started,
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "pyro": pyro.__version__, "platform": platform.platform(),
-                            "threads": config.threads, "device": str(device),
-                            "gpu": (torch.cuda.get_device_name(device)
-                                    if device.type == "cuda" else None)}}
+    snr = {
+        name: {
+            key: [
+                statistics.fmean(run[name][key][i] for run in snr_runs)
+                for i in range(len(config.snr_ks))
+            ]
+            for key in ("snr_encoder", "snr_decoder")
+        }
+        for name in INSIDE_LOG
+    }
+    return {
+        "config": config.to_dict(),
+        "runs": runs,
+        "summary": summarize(runs, config),
+        "curves": curves,
+        "snr_vs_k": {"K": list(config.snr_ks), **snr},
+        "seconds": time.perf_counter() - started,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "platform": platform.platform(),
+            "threads": config.threads,
+            "device": str(device),
+            "gpu": (torch.cuda.get_device_name(device) if device.type == "cuda" else None),
+        },
+    }
 
 
 def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
@@ -799,11 +993,17 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
     return table
 
 
-def _number(convert: Callable[[str], Any], kind: str, accepts: Callable[[Any], bool],
-            wanted: str, show_text: bool) -> Callable[[str], Any]:
+def _number(
+    convert: Callable[[str], Any],
+    kind: str,
+    accepts: Callable[[Any], bool],
+    wanted: str,
+    show_text: bool,
+) -> Callable[[str], Any]:
     """An argparse ``type``: ``convert(text)`` if it converts and ``accepts`` the value, else
     one line, ``expected a {kind}, got 'TEXT'`` or ``expected {wanted}, got X``, X the text as
     typed (``show_text``) or the converted value."""
+
     def parse(text: str) -> Any:
         try:
             value = convert(text)
@@ -811,21 +1011,33 @@ def _number(convert: Callable[[str], Any], kind: str, accepts: Callable[[Any], b
             raise argparse.ArgumentTypeError(f"expected a {kind}, got {text!r}") from None
         if not accepts(value):
             raise argparse.ArgumentTypeError(
-                f"expected {wanted}, got {text if show_text else value}")
+                f"expected {wanted}, got {text if show_text else value}"
+            )
         return value
 
     return parse
 
 
 def _whole(minimum: int) -> Callable[[str], int]:
-    return _number(int, "whole number", lambda value: value >= minimum,
-                   f"a whole number >= {minimum}", show_text=False)
+    return _number(
+        int,
+        "whole number",
+        lambda value: value >= minimum,
+        f"a whole number >= {minimum}",
+        show_text=False,
+    )
 
 
 def _real(strictly_positive: bool) -> Callable[[str], float]:
-    return _number(float, "number", lambda value: math.isfinite(value) and value >= 0
-                   and not (strictly_positive and value == 0),
-                   f"a finite number {'> 0' if strictly_positive else '>= 0'}", show_text=True)
+    return _number(
+        float,
+        "number",
+        lambda value: (
+            math.isfinite(value) and value >= 0 and not (strictly_positive and value == 0)
+        ),
+        f"a finite number {'> 0' if strictly_positive else '>= 0'}",
+        show_text=True,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -834,70 +1046,128 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="compare_estimators.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--estimators", nargs="+", choices=COMPARED, default=list(COMPARED))
     p.add_argument("--seeds", nargs="+", type=parse_seed, default=list(defaults.seeds))
-    p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="built-in images: mnist if --data-dir is given, else digits (the "
-                        "default); not with --data")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="built-in images: mnist if --data-dir is given, else digits (the "
+        "default); not with --data",
+    )
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
-    p.add_argument("--data", metavar="DATA",
-                   help="your own data instead of the built-in images, as pyro-vae train "
-                        "--data takes it: a .npz or .pt file, or FILE.py:FUNCTION returning "
-                        "data or a (train, test) pair; used as it is; needs --model-factory, "
-                        "whose FUNCTION() is then called with no arguments")
-    p.add_argument("--test-data", metavar="DATA",
-                   help="the test set of --data (same forms); needed unless --data's function "
-                        "returns a (train, test) pair")
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help="your own data instead of the built-in images, as pyro-vae train "
+        "--data takes it: a .npz or .pt file, or FILE.py:FUNCTION returning "
+        "data or a (train, test) pair; used as it is; needs --model-factory, "
+        "whose FUNCTION() is then called with no arguments",
+    )
+    p.add_argument(
+        "--test-data",
+        metavar="DATA",
+        help="the test set of --data (same forms); needed unless --data's function "
+        "returns a (train, test) pair",
+    )
     p.add_argument("--epochs", type=positive, default=defaults.epochs)
-    p.add_argument("--time-budget", type=_real(strictly_positive=True), default=None,
-                   metavar="SECONDS",
-                   help="equal training wall time per run instead of equal epochs")
+    p.add_argument(
+        "--time-budget",
+        type=_real(strictly_positive=True),
+        default=None,
+        metavar="SECONDS",
+        help="equal training wall time per run instead of equal epochs",
+    )
     p.add_argument("--batch-size", type=positive, default=defaults.batch_size)
     p.add_argument("--lr", type=_real(strictly_positive=True), default=defaults.lr)
-    p.add_argument("--latent-dim", type=positive,
-                   help=f"built-in VAE only (default {defaults.latent_dim})")
-    p.add_argument("--hidden", nargs="+", type=positive,
-                   help=f"built-in VAE only (default {' '.join(map(str, defaults.hidden))})")
-    p.add_argument("--particles", type=positive, default=defaults.particles,
-                   help="P, averaged outside the log (every estimator)")
-    p.add_argument("--importance-samples", type=positive,
-                   default=defaults.importance_samples, help="K inside the log (iwae, dreg)")
-    p.add_argument("--beta", type=_real(strictly_positive=False), default=defaults.beta,
-                   help="weight of the rate (KL) term, >= 0")
-    p.add_argument("--warmup", type=_whole(0), default=defaults.warmup, metavar="STEPS",
-                   help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} (as in "
-                        "pyro-vae train) to --beta over STEPS optimizer steps (0: constant beta)")
-    p.add_argument("--eval-particles", type=positive, default=None,
-                   help="K of the final test log p̂_K (default 1000 on digits, 5000 on MNIST)")
+    p.add_argument(
+        "--latent-dim", type=positive, help=f"built-in VAE only (default {defaults.latent_dim})"
+    )
+    p.add_argument(
+        "--hidden",
+        nargs="+",
+        type=positive,
+        help=f"built-in VAE only (default {' '.join(map(str, defaults.hidden))})",
+    )
+    p.add_argument(
+        "--particles",
+        type=positive,
+        default=defaults.particles,
+        help="P, averaged outside the log (every estimator)",
+    )
+    p.add_argument(
+        "--importance-samples",
+        type=positive,
+        default=defaults.importance_samples,
+        help="K inside the log (iwae, dreg)",
+    )
+    p.add_argument(
+        "--beta",
+        type=_real(strictly_positive=False),
+        default=defaults.beta,
+        help="weight of the rate (KL) term, >= 0",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_whole(0),
+        default=defaults.warmup,
+        metavar="STEPS",
+        help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} (as in "
+        "pyro-vae train) to --beta over STEPS optimizer steps (0: constant beta)",
+    )
+    p.add_argument(
+        "--eval-particles",
+        type=positive,
+        default=None,
+        help="K of the final test log p̂_K (default 1000 on digits, 5000 on MNIST)",
+    )
     p.add_argument("--curve-particles", type=positive, default=defaults.curve_particles)
     p.add_argument("--eval-every", type=positive, default=defaults.eval_every)
     p.add_argument("--snr-draws", type=_whole(2), default=defaults.snr_draws)
     p.add_argument("--snr-ks", nargs="+", type=positive, default=list(defaults.snr_ks))
     p.add_argument("--threads", type=positive, default=defaults.threads)
-    p.add_argument("--device", choices=DEVICES, default=defaults.device,
-                   help=f"auto: cuda when a GPU is available, else cpu; default "
-                        f"{defaults.device}")
-    p.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
-                   help="of the built-in VAE: bernoulli (binary pixels; the default) or "
-                        "gaussian (intensities, a learned standard deviation); not with "
-                        "--model-factory")
-    p.add_argument("--binarize", choices=BINARIZATIONS, default=None,
-                   help="training data: dynamic (a fresh Bernoulli draw every epoch), fixed (one "
-                        "seeded draw) or none (the intensities; evaluation on the intensities "
-                        f"too); default {TrainConfig.binarize}, none with --likelihood gaussian")
-    p.add_argument("--model-factory", metavar="MODULE:FUNCTION",
-                   help="compare on your own pair, an nn.Module with model/guide methods (see "
-                        "pyro_vae.core.protocol); MODULE may be a .py file. On the built-in images "
-                        "FUNCTION(input_dim, name) builds it; with --data FUNCTION() (no "
-                        "arguments, as pyro-vae train calls it)")
-    p.add_argument("--traced", action="store_true",
-                   help="run every step through Pyro's traces, as pyro-vae train --traced: "
-                        "without it the engine computes trace and meanfield steps of the "
-                        "built-in VAE with its fused loss (the same numbers, faster)")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=defaults.device,
+        help=f"auto: cuda when a GPU is available, else cpu; default {defaults.device}",
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        default=None,
+        help="of the built-in VAE: bernoulli (binary pixels; the default) or "
+        "gaussian (intensities, a learned standard deviation); not with "
+        "--model-factory",
+    )
+    p.add_argument(
+        "--binarize",
+        choices=BINARIZATIONS,
+        default=None,
+        help="training data: dynamic (a fresh Bernoulli draw every epoch), fixed (one "
+        "seeded draw) or none (the intensities; evaluation on the intensities "
+        f"too); default {TrainConfig.binarize}, none with --likelihood gaussian",
+    )
+    p.add_argument(
+        "--model-factory",
+        metavar="MODULE:FUNCTION",
+        help="compare on your own pair, an nn.Module with model/guide methods (see "
+        "pyro_vae.core.protocol); MODULE may be a .py file. On the built-in images "
+        "FUNCTION(input_dim, name) builds it; with --data FUNCTION() (no "
+        "arguments, as pyro-vae train calls it)",
+    )
+    p.add_argument(
+        "--traced",
+        action="store_true",
+        help="run every step through Pyro's traces, as pyro-vae train --traced: "
+        "without it the engine computes trace and meanfield steps of the "
+        "built-in VAE with its fused loss (the same numbers, faster)",
+    )
     p.add_argument("--out", type=Path, required=True)
     return p
 
 
-def parse_args(argv: Sequence[str] | None,
-               parser: argparse.ArgumentParser | None = None) -> tuple[BenchmarkConfig, Path]:
+def parse_args(
+    argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None
+) -> tuple[BenchmarkConfig, Path]:
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
@@ -906,42 +1176,77 @@ def parse_args(argv: Sequence[str] | None,
         parser.error("--test-data is the test set of --data: give --data too")
     if args.data is not None:
         if args.model_factory is None:
-            parser.error("--data needs --model-factory FILE.py:FUNCTION (the pair to train on "
-                         "it; FUNCTION() is called with no arguments)")
-        given = [flag for flag, value in (("--dataset", args.dataset),
-                                          ("--data-dir", args.data_dir),
-                                          ("--binarize", args.binarize),
-                                          ("--likelihood", args.likelihood),
-                                          ("--latent-dim", args.latent_dim),
-                                          ("--hidden", args.hidden)) if value is not None]
+            parser.error(
+                "--data needs --model-factory FILE.py:FUNCTION (the pair to train on "
+                "it; FUNCTION() is called with no arguments)"
+            )
+        given = [
+            flag
+            for flag, value in (
+                ("--dataset", args.dataset),
+                ("--data-dir", args.data_dir),
+                ("--binarize", args.binarize),
+                ("--likelihood", args.likelihood),
+                ("--latent-dim", args.latent_dim),
+                ("--hidden", args.hidden),
+            )
+            if value is not None
+        ]
         if given:
             verb = "describes" if len(given) == 1 else "describe"
-            parser.error(f"{', '.join(given)} {verb} the built-in images and VAE, not --data: "
-                         "your data are used as they are, with the pair of --model-factory")
-    dataset = None if args.data is not None else \
-        (args.dataset or ("mnist" if args.data_dir else "digits"))
+            parser.error(
+                f"{', '.join(given)} {verb} the built-in images and VAE, not --data: "
+                "your data are used as they are, with the pair of --model-factory"
+            )
+    dataset = (
+        None
+        if args.data is not None
+        else (args.dataset or ("mnist" if args.data_dir else "digits"))
+    )
     if args.model_factory is not None:
-        given = [flag for flag, value in (("--latent-dim", args.latent_dim),
-                                          ("--hidden", args.hidden)) if value is not None]
+        given = [
+            flag
+            for flag, value in (("--latent-dim", args.latent_dim), ("--hidden", args.hidden))
+            if value is not None
+        ]
         if given:
-            parser.error(f"{' and '.join(given)} size the built-in VAE; a --model-factory pair "
-                         "is built by its factory")
+            parser.error(
+                f"{' and '.join(given)} size the built-in VAE; a --model-factory pair "
+                "is built by its factory"
+            )
     defaults = BenchmarkConfig()
     latent_dim = defaults.latent_dim if args.latent_dim is None else args.latent_dim
     hidden = defaults.hidden if args.hidden is None else tuple(args.hidden)
     try:
         config = BenchmarkConfig(
             estimators=tuple(dict.fromkeys(args.estimators)),
-            seeds=tuple(dict.fromkeys(args.seeds)), dataset=dataset, data_dir=args.data_dir,
-            epochs=args.epochs, time_budget=args.time_budget, batch_size=args.batch_size,
-            lr=args.lr, latent_dim=latent_dim, hidden=hidden,
-            particles=args.particles, importance_samples=args.importance_samples,
-            beta=args.beta, warmup=args.warmup, eval_particles=args.eval_particles,
-            curve_particles=args.curve_particles, eval_every=args.eval_every,
-            snr_draws=args.snr_draws, snr_ks=tuple(args.snr_ks), threads=args.threads,
-            model_factory=args.model_factory, likelihood=args.likelihood,
-            binarize=args.binarize, device=args.device, data=args.data,
-            test_data=args.test_data, traced=args.traced)
+            seeds=tuple(dict.fromkeys(args.seeds)),
+            dataset=dataset,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            time_budget=args.time_budget,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            latent_dim=latent_dim,
+            hidden=hidden,
+            particles=args.particles,
+            importance_samples=args.importance_samples,
+            beta=args.beta,
+            warmup=args.warmup,
+            eval_particles=args.eval_particles,
+            curve_particles=args.curve_particles,
+            eval_every=args.eval_every,
+            snr_draws=args.snr_draws,
+            snr_ks=tuple(args.snr_ks),
+            threads=args.threads,
+            model_factory=args.model_factory,
+            likelihood=args.likelihood,
+            binarize=args.binarize,
+            device=args.device,
+            data=args.data,
+            test_data=args.test_data,
+            traced=args.traced,
+        )
     except PyroVAEError as exc:
         parser.error(str(exc))
     return config, args.out

@@ -74,6 +74,7 @@ def _local_guide(scale: float = 0.8) -> Callable:
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(loc * x, scale))
+
     return guide
 
 
@@ -82,6 +83,7 @@ def _plate_local():
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
     return model, _local_guide(), (DATA,)
 
 
@@ -95,6 +97,7 @@ def _plate_subsample():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data", len(x), subsample_size=3) as rows:
             pyro.sample("z", dist.Normal(loc * x[rows], 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -108,6 +111,7 @@ def _plate_unsized():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data"):
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -123,6 +127,7 @@ def _plate_dim2():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data", len(x), dim=-2):
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (x,)
 
 
@@ -138,6 +143,7 @@ def _nested_plates():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data", 3, dim=-2), pyro.plate("features", 2, dim=-1):
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (x,)
 
 
@@ -159,6 +165,7 @@ def _global_in_feature_plate():
             pyro.sample("w", dist.Normal(loc, 0.5))
         with pyro.plate("data", 3, dim=-2):
             pyro.sample("z", dist.Normal(loc * x.sum(-1, keepdim=True), 0.8))
+
     return model, guide, (x,)
 
 
@@ -174,6 +181,7 @@ def _iplate_in_data():
         with pyro.plate("data", len(x)):
             for i in pyro.plate("steps", 3):
                 pyro.sample(f"z_{i}", dist.Normal(loc * (x + i), 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -182,13 +190,14 @@ def _iplate_of_plates():
         for i in pyro.plate("groups", 2):
             with pyro.plate(f"data_{i}", 3):
                 z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
-                pyro.sample(f"x_{i}", dist.Normal(z, 1.0), obs=x[3 * i:3 * i + 3])
+                pyro.sample(f"x_{i}", dist.Normal(z, 1.0), obs=x[3 * i : 3 * i + 3])
 
     def guide(x):
         loc = pyro.param("loc", torch.tensor(0.2))
         for i in pyro.plate("groups", 2):
             with pyro.plate(f"data_{i}", 3):
-                pyro.sample(f"z_{i}", dist.Normal(loc * x[3 * i:3 * i + 3], 0.8))
+                pyro.sample(f"z_{i}", dist.Normal(loc * x[3 * i : 3 * i + 3], 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -200,6 +209,7 @@ def _no_plate():
     def guide(x):
         loc = pyro.param("loc", torch.tensor(0.2))
         pyro.sample("mu", dist.Normal(loc, 0.5))
+
     return model, guide, (DATA,)
 
 
@@ -215,6 +225,7 @@ def _global_and_local():
         pyro.sample("mu", dist.Normal(loc, 0.5))
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -222,8 +233,9 @@ def _factor():
     def model(x):
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
-            pyro.factor("penalty", -0.5 * z ** 2)
+            pyro.factor("penalty", -0.5 * z**2)
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
     return model, _local_guide(), (DATA,)
 
 
@@ -239,6 +251,7 @@ def _mask():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data", len(x)), poutine.mask(mask=keep):
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -256,6 +269,7 @@ def _obs_mask():
             z = pyro.sample("z", dist.Normal(loc * x, 0.8))
             with poutine.mask(mask=~seen):
                 pyro.sample("x_unobserved", dist.Normal(z, 1.2))
+
     return model, guide, (DATA,)
 
 
@@ -270,6 +284,7 @@ def _scaled_likelihood():
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             with poutine.scale(scale=0.5):
                 pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
     return model, _local_guide(), (DATA,)
 
 
@@ -286,6 +301,7 @@ def _plate_reuse():
         data = pyro.plate("data", len(x))
         with data:
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (DATA,)
 
 
@@ -301,6 +317,7 @@ def _hierarchical_local():
         with pyro.plate("data", len(x)):
             z1 = pyro.sample("z1", dist.Normal(loc * x, 0.8))
             pyro.sample("z2", dist.Normal(z1 + loc, 0.6))
+
     return model, guide, (DATA,)
 
 
@@ -316,6 +333,7 @@ def _plate_stack():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate_stack("cells", (2, 3)):
             pyro.sample("z", dist.Normal(loc * x, 0.8))
+
     return model, guide, (x,)
 
 
@@ -334,6 +352,7 @@ def _block_plate():
             pyro.sample("b", dist.Normal(loc, 0.5))
             with block_plate("plate"):
                 pyro.sample("a", dist.Normal(loc, 0.7))
+
     return model, guide, ()
 
 
@@ -351,10 +370,13 @@ def _sparse_gamma_def():
             w_obs = pyro.sample("w_obs", dist.Gamma(0.1, 0.3))
         with pyro.plate("data", x.shape[0]):
             z_top = pyro.sample("z_top", dist.Gamma(0.1, 0.1).expand([3]).to_event(1))
-            z_mid = pyro.sample("z_mid", dist.Gamma(
-                0.1, 0.1 / (z_top @ w_top.reshape(*w_top.shape[:-1], 3, 2))).to_event(1))
-            pyro.sample("x", dist.Poisson(z_mid @ w_obs.reshape(*w_obs.shape[:-1], 2, 4))
-                        .to_event(1), obs=x)
+            z_mid = pyro.sample(
+                "z_mid",
+                dist.Gamma(0.1, 0.1 / (z_top @ w_top.reshape(*w_top.shape[:-1], 3, 2))).to_event(1),
+            )
+            pyro.sample(
+                "x", dist.Poisson(z_mid @ w_obs.reshape(*w_obs.shape[:-1], 2, 4)).to_event(1), obs=x
+            )
 
     def guide(x):
         def gamma(name, shape):
@@ -370,6 +392,7 @@ def _sparse_gamma_def():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z_top", gamma("z_top", (x.shape[0], 3)).to_event(1))
             pyro.sample("z_mid", gamma("z_mid", (x.shape[0], 2)).to_event(1))
+
     return model, guide, (counts,)
 
 
@@ -380,7 +403,9 @@ def _autoguide(kind):
             sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
             with pyro.plate("data", len(x)):
                 pyro.sample("x", dist.Normal(mu, sigma), obs=x)
+
         return model, kind(model), (DATA,)
+
     return build
 
 
@@ -401,6 +426,7 @@ def _enum_model_mixture(kind):
     def build():
         guide = kind(poutine.block(mixture_model, expose=["weights", "scale", "locs"]))
         return mixture_model, guide, (DATA,)
+
     return build
 
 
@@ -408,8 +434,7 @@ def _enum_model_nested():
     x = DATA.reshape(3, 2)
 
     def model(x):
-        probs = pyro.param("probs", torch.tensor([0.4, 0.6]),
-                           constraint=dist.constraints.simplex)
+        probs = pyro.param("probs", torch.tensor([0.4, 0.6]), constraint=dist.constraints.simplex)
         with pyro.plate("data", 3, dim=-2):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             with pyro.plate("features", 2, dim=-1):
@@ -420,6 +445,7 @@ def _enum_model_nested():
         loc = pyro.param("loc", torch.tensor(0.2))
         with pyro.plate("data", 3, dim=-2):
             pyro.sample("z", dist.Normal(loc * x.sum(-1, keepdim=True), 0.8))
+
     return model, guide, (x,)
 
 
@@ -428,19 +454,22 @@ def _enum_model_markov():
 
     def model(x):
         init = pyro.param("init", torch.tensor([0.5, 0.5]), constraint=dist.constraints.simplex)
-        trans = pyro.param("trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]),
-                           constraint=dist.constraints.simplex)
+        trans = pyro.param(
+            "trans", torch.tensor([[0.8, 0.2], [0.3, 0.7]]), constraint=dist.constraints.simplex
+        )
         locs = pyro.param("locs", torch.tensor([0.0, 2.0]))
         with pyro.plate("sequences", x.shape[0], dim=-1):
             state = None
             for t in pyro.markov(range(x.shape[1])):
                 probs = init if state is None else Vindex(trans)[state]
-                state = pyro.sample(f"s_{t}", dist.Categorical(probs),
-                                    infer={"enumerate": "parallel"})
+                state = pyro.sample(
+                    f"s_{t}", dist.Categorical(probs), infer={"enumerate": "parallel"}
+                )
                 pyro.sample(f"y_{t}", dist.Normal(Vindex(locs)[state], 1.0), obs=x[:, t])
 
     def guide(x):
         pass
+
     return model, guide, (x,)
 
 
@@ -457,11 +486,13 @@ def _enum_guide_discrete():
         with pyro.plate("data", len(x)):
             probs = torch.stack([torch.sigmoid(-logit * x), torch.sigmoid(logit * x)], -1)
             pyro.sample("c", dist.Categorical(probs), infer={"enumerate": "parallel"})
+
     return model, guide, (DATA,)
 
 
 def _enum_guide_with_continuous():
     """A class enumerated in the guide and a continuous latent drawn given it (the M2 shape)."""
+
     def model(x):
         with pyro.plate("data", len(x)):
             y = pyro.sample("y", dist.Categorical(torch.ones(3) / 3))
@@ -472,9 +503,11 @@ def _enum_guide_with_continuous():
         w = pyro.param("w", torch.tensor([0.5, -0.2, 0.1]))
         s = pyro.param("s", torch.tensor(0.8), constraint=dist.constraints.positive)
         with pyro.plate("data", len(x)):
-            y = pyro.sample("y", dist.Categorical(logits=w * x.unsqueeze(-1)),
-                            infer={"enumerate": "parallel"})
+            y = pyro.sample(
+                "y", dist.Categorical(logits=w * x.unsqueeze(-1)), infer={"enumerate": "parallel"}
+            )
             pyro.sample("z", dist.Normal(0.5 * x + 0.3 * y, s))
+
     return model, guide, (DATA,)
 
 
@@ -497,12 +530,15 @@ def _enum_guide_nested():
         v = pyro.param("v", torch.tensor(0.2))
         with pyro.plate("data", 3, dim=-2):
             mean = x.mean(-1, keepdim=True)
-            a = pyro.sample("a", dist.Bernoulli(logits=v * mean),
-                            infer={"enumerate": "parallel"})
+            a = pyro.sample("a", dist.Bernoulli(logits=v * mean), infer={"enumerate": "parallel"})
             pyro.sample("z", dist.Normal(mean + a, 0.7))
             with pyro.plate("cells", 4, dim=-1):
-                pyro.sample("c", dist.Categorical(logits=w * x.unsqueeze(-1) + a.unsqueeze(-1)),
-                            infer={"enumerate": "parallel"})
+                pyro.sample(
+                    "c",
+                    dist.Categorical(logits=w * x.unsqueeze(-1) + a.unsqueeze(-1)),
+                    infer={"enumerate": "parallel"},
+                )
+
     return model, guide, (x,)
 
 
@@ -511,8 +547,10 @@ def _enum_subsampled_bound_zero():
         p = pyro.param("p", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
         with pyro.plate("outer", 10, subsample_size=4) as rows:
             for i in pyro.plate("inner", 5, subsample_size=2):
-                pyro.sample(f"x_{i}", dist.Bernoulli(p).expand([len(rows)]),
-                            infer={"enumerate": "parallel"})
+                pyro.sample(
+                    f"x_{i}", dist.Bernoulli(p).expand([len(rows)]), infer={"enumerate": "parallel"}
+                )
+
     return model, model, ()
 
 
@@ -526,19 +564,20 @@ def _sampled_discrete():
         logit = pyro.param("logit", torch.tensor(0.3))
         with pyro.plate("data", len(x)):
             pyro.sample("c", dist.Bernoulli(logits=logit * x))
+
     return model, guide, (DATA,)
 
 
 def _empty_guide_full_enumeration():
     def model(x):
-        probs = pyro.param("probs", torch.tensor([0.3, 0.7]),
-                           constraint=dist.constraints.simplex)
+        probs = pyro.param("probs", torch.tensor([0.3, 0.7]), constraint=dist.constraints.simplex)
         with pyro.plate("data", len(x)):
             c = pyro.sample("c", dist.Categorical(probs), infer={"enumerate": "parallel"})
             pyro.sample("x", dist.Normal(torch.tensor([-1.0, 1.0])[c], 1.0), obs=x)
 
     def guide(x):
         pass
+
     return model, guide, (DATA,)
 
 
@@ -548,20 +587,27 @@ def _unguided_latent():
             u = pyro.sample("u", dist.Normal(0.0, 1.0))
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("x", dist.Normal(z + 0.3 * u, 1.0), obs=x)
+
     return model, _local_guide(), (DATA,)
 
 
 _LOG_SUM = "the log of the sum over the guide's enumerated values, not the ELBO"
 _NOT_REPARAM = "needs reparameterizable guide sites (the site is sampled, not enumerated)"
 _BASELINE = "its score term has a baseline that Trace_ELBO's has not (the values are compared)"
-_JACOBIAN = ("Pyro's TraceMeanField_ELBO takes KL(Delta ‖ p) = −log p(v), leaving out the "
-             "AutoGuide's Jacobian term (log_density); the package's meanfield equals "
-             "Trace_ELBO here")
-_ORDER = ("the guide draws a site the model's other site depends on after that site: Pyro's "
-          "TraceMeanField_ELBO warns and takes every KL in closed form, the package only the "
-          "KLs of sites no later guide site precedes in the model (the others by Monte Carlo)")
-_UNGUIDED = ("Pyro counts log p of a latent the guide leaves to the prior, without its "
-             "proposal (and warns); the package cancels both")
+_JACOBIAN = (
+    "Pyro's TraceMeanField_ELBO takes KL(Delta ‖ p) = −log p(v), leaving out the "
+    "AutoGuide's Jacobian term (log_density); the package's meanfield equals "
+    "Trace_ELBO here"
+)
+_ORDER = (
+    "the guide draws a site the model's other site depends on after that site: Pyro's "
+    "TraceMeanField_ELBO warns and takes every KL in closed form, the package only the "
+    "KLs of sites no later guide site precedes in the model (the others by Monte Carlo)"
+)
+_UNGUIDED = (
+    "Pyro counts log p of a latent the guide leaves to the prior, without its "
+    "proposal (and warns); the package cancels both"
+)
 
 CASES = [
     Case("plate_local", _plate_local),
@@ -585,30 +631,63 @@ CASES = [
     Case("block_plate", _block_plate, not_comparable={"meanfield": _ORDER}),
     Case("sparse_gamma_def", _sparse_gamma_def),
     Case("autonormal", _autoguide(AutoNormal), not_comparable={"meanfield": _JACOBIAN}),
-    Case("autodiagonalnormal", _autoguide(AutoDiagonalNormal),
-         not_comparable={"meanfield": _JACOBIAN}),
+    Case(
+        "autodiagonalnormal",
+        _autoguide(AutoDiagonalNormal),
+        not_comparable={"meanfield": _JACOBIAN},
+    ),
     Case("autodelta", _autoguide(AutoDelta)),
     Case("enum_model_mixture_autodelta", _enum_model_mixture(AutoDelta), enum=True),
-    Case("enum_model_mixture_autonormal", _enum_model_mixture(AutoNormal), enum=True,
-         not_comparable={"meanfield": "a closed-form KL where TraceEnum_ELBO samples"}),
-    Case("enum_model_nested_plate", _enum_model_nested, enum=True,
-         not_comparable={"meanfield": "a closed-form KL where TraceEnum_ELBO samples"}),
+    Case(
+        "enum_model_mixture_autonormal",
+        _enum_model_mixture(AutoNormal),
+        enum=True,
+        not_comparable={"meanfield": "a closed-form KL where TraceEnum_ELBO samples"},
+    ),
+    Case(
+        "enum_model_nested_plate",
+        _enum_model_nested,
+        enum=True,
+        not_comparable={"meanfield": "a closed-form KL where TraceEnum_ELBO samples"},
+    ),
     Case("enum_model_markov_chain", _enum_model_markov, enum=True),
     Case("enum_model_empty_guide", _empty_guide_full_enumeration, enum=True),
-    Case("enum_guide_discrete", _enum_guide_discrete, enum=True,
-         not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}),
-    Case("enum_guide_with_continuous", _enum_guide_with_continuous, enum=True,
-         not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}
-         | {"meanfield": "a closed-form KL where TraceEnum_ELBO samples"}),
-    Case("enum_guide_nested_plates", _enum_guide_nested, enum=True, nesting=2,
-         not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}
-         | {"meanfield": "a closed-form KL where TraceEnum_ELBO samples"}),
+    Case(
+        "enum_guide_discrete",
+        _enum_guide_discrete,
+        enum=True,
+        not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")},
+    ),
+    Case(
+        "enum_guide_with_continuous",
+        _enum_guide_with_continuous,
+        enum=True,
+        not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}
+        | {"meanfield": "a closed-form KL where TraceEnum_ELBO samples"},
+    ),
+    Case(
+        "enum_guide_nested_plates",
+        _enum_guide_nested,
+        enum=True,
+        nesting=2,
+        not_comparable={name: _LOG_SUM for name in ("iwae", "stl", "dreg")}
+        | {"meanfield": "a closed-form KL where TraceEnum_ELBO samples"},
+    ),
     Case("enum_subsampled_bound_zero", _enum_subsampled_bound_zero, enum=True, nesting=1),
-    Case("sampled_discrete", _sampled_discrete,
-         not_comparable={"iwae": _NOT_REPARAM, "meanfield": _NOT_REPARAM, "stl": _NOT_REPARAM,
-                         "dreg": _NOT_REPARAM, "trace-gradient": _BASELINE}),
-    Case("unguided_latent", _unguided_latent,
-         not_comparable={name: _UNGUIDED for name in ESTIMATORS}),
+    Case(
+        "sampled_discrete",
+        _sampled_discrete,
+        not_comparable={
+            "iwae": _NOT_REPARAM,
+            "meanfield": _NOT_REPARAM,
+            "stl": _NOT_REPARAM,
+            "dreg": _NOT_REPARAM,
+            "trace-gradient": _BASELINE,
+        },
+    ),
+    Case(
+        "unguided_latent", _unguided_latent, not_comparable={name: _UNGUIDED for name in ESTIMATORS}
+    ),
 ]
 
 
@@ -637,7 +716,8 @@ def _run(case: Case, name: str, seed: int) -> tuple[torch.Tensor, list[torch.Ten
     model, guide, args = case.build()
     _initialize(guide, args, seed)
     loss = make_estimator(name, max_plate_nesting=case.nesting).differentiable_loss(
-        model, guide, *args)
+        model, guide, *args
+    )
     params = _params()
     grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else []
     return loss.detach(), list(grads)
@@ -684,7 +764,8 @@ def cell(case: Case, name: str, seed: int = 0) -> tuple[str, str]:
         return "different", f"loss {ours.item():.6g}, Pyro's {theirs.item():.6g}"
     if name in GRADIENTS and f"{name}-gradient" not in case.not_comparable:
         if len(our_grads) != len(their_grads) or not all(
-                _close(a, b) for a, b in zip(our_grads, their_grads)):
+            _close(a, b) for a, b in zip(our_grads, their_grads)
+        ):
             return "different", "the gradients differ from Pyro's"
     return "equal", f"loss {ours.item():.6g}"
 
@@ -698,8 +779,9 @@ def runs(case: Case, name: str, seed: int = 0) -> tuple[str, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _initialize(guide, args, seed)
-            loss = make_estimator(name, importance_samples=K, max_plate_nesting=case.nesting
-                                  ).differentiable_loss(model, guide, *args)
+            loss = make_estimator(
+                name, importance_samples=K, max_plate_nesting=case.nesting
+            ).differentiable_loss(model, guide, *args)
             if loss.requires_grad:
                 loss.backward()
     except ConfigError as exc:
@@ -711,19 +793,25 @@ def runs(case: Case, name: str, seed: int = 0) -> tuple[str, str]:
     return "ran", f"loss {loss.item():.6g}"
 
 
-def matrix(cases: list[Case] = CASES, estimators: tuple[str, ...] = ESTIMATORS
-           ) -> dict[str, dict[str, tuple[str, str]]]:
+def matrix(
+    cases: list[Case] = CASES, estimators: tuple[str, ...] = ESTIMATORS
+) -> dict[str, dict[str, tuple[str, str]]]:
     """Every case through every estimator (``name``) and every importance-weighted one with
     K = 5 (``name/K``)."""
-    return {case.name: {**{name: cell(case, name) for name in estimators},
-                        **{f"{name}/{K}": runs(case, name) for name in IMPORTANCE_WEIGHTED}}
-            for case in cases}
+    return {
+        case.name: {
+            **{name: cell(case, name) for name in estimators},
+            **{f"{name}/{K}": runs(case, name) for name in IMPORTANCE_WEIGHTED},
+        }
+        for case in cases
+    }
 
 
 def acceptance(table: dict[str, dict[str, tuple[str, str]]]) -> tuple[int, int, float]:
     """Cells equal to Pyro, applicable cells (equal or refused), and their ratio."""
-    outcomes = [outcome for row in table.values() for name, (outcome, _) in row.items()
-                if "/" not in name]
+    outcomes = [
+        outcome for row in table.values() for name, (outcome, _) in row.items() if "/" not in name
+    ]
     equal, refused = outcomes.count("equal"), outcomes.count("refused")
     return equal, equal + refused, equal / max(equal + refused, 1)
 

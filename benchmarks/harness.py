@@ -31,6 +31,7 @@ BUSY_LOAD = 1.5  # one-minute load average above which a warning is printed
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number ≥ ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -39,6 +40,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -46,21 +48,31 @@ positive_int = at_least(1)
 whole_int = at_least(0)
 
 
-def parent_parser(rounds: int = 5, warmup: int = 1,
-                  threads: int | None = 1) -> argparse.ArgumentParser:
+def parent_parser(
+    rounds: int = 5, warmup: int = 1, threads: int | None = 1
+) -> argparse.ArgumentParser:
     """The options every timing script shares: ``--rounds``, ``--warmup``, ``--seed``,
     ``--out`` and ``--threads`` (``threads=None``: torch's default); pass it in
     ``parents=[...]``."""
     p = argparse.ArgumentParser(add_help=False)
     group = p.add_argument_group("timing")
-    group.add_argument("--rounds", type=positive_int, default=rounds,
-                       help=f"interleaved rounds ({rounds})")
-    group.add_argument("--warmup", type=whole_int, default=warmup,
-                       help=f"untimed calls of each contender before the rounds ({warmup})")
+    group.add_argument(
+        "--rounds", type=positive_int, default=rounds, help=f"interleaved rounds ({rounds})"
+    )
+    group.add_argument(
+        "--warmup",
+        type=whole_int,
+        default=warmup,
+        help=f"untimed calls of each contender before the rounds ({warmup})",
+    )
     group.add_argument("--seed", type=int, default=0, help="random seed (0)")
     group.add_argument("--out", type=Path, help="write the result here as JSON")
-    group.add_argument("--threads", type=positive_int, default=threads,
-                       help=f"intra-op threads of torch ({threads or 'torch default'})")
+    group.add_argument(
+        "--threads",
+        type=positive_int,
+        default=threads,
+        help=f"intra-op threads of torch ({threads or 'torch default'})",
+    )
     return p
 
 
@@ -90,8 +102,9 @@ class Clocks:
 def synced_clocks(sync: Callable[[], None]) -> Clocks:
     """Clocks that call ``sync()`` (e.g. ``torch.cuda.synchronize``) before each reading, so a
     measurement covers the device's queued work."""
-    return Clocks(cpu=lambda: (sync(), time.process_time())[1],
-                  wall=lambda: (sync(), time.perf_counter())[1])
+    return Clocks(
+        cpu=lambda: (sync(), time.process_time())[1], wall=lambda: (sync(), time.perf_counter())[1]
+    )
 
 
 @dataclass
@@ -115,8 +128,12 @@ def rotated(names: Sequence[str], round_: int) -> list[str]:
     return list(names[start:]) + list(names[:start])
 
 
-def calibrate(fn: Callable[[], Any], seconds: float, minimum: int = 10,
-              clock: Callable[[], float] = time.perf_counter) -> int:
+def calibrate(
+    fn: Callable[[], Any],
+    seconds: float,
+    minimum: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+) -> int:
     """How many calls of ``fn`` take about ``seconds`` (at least ``minimum``): the calls made in
     a quarter of ``seconds``, times four."""
     start, n = clock(), 0
@@ -126,10 +143,15 @@ def calibrate(fn: Callable[[], Any], seconds: float, minimum: int = 10,
     return max(minimum, 4 * n)
 
 
-def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup: int = 0,
-               calls: int | Mapping[str, int] = 1, clocks: Clocks | None = None,
-               before: Callable[[str, int], None] | None = None,
-               counters: Mapping[str, Callable[[], float]] | None = None) -> Timings:
+def interleave(
+    contenders: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 0,
+    calls: int | Mapping[str, int] = 1,
+    clocks: Clocks | None = None,
+    before: Callable[[str, int], None] | None = None,
+    counters: Mapping[str, Callable[[], float]] | None = None,
+) -> Timings:
     """Time each contender once per round, ``rounds`` rounds in rotating order, after ``warmup``
     untimed calls each. A contender is called ``calls`` times per measurement (an int, or one
     per contender) and its times are divided by that; ``before(name, round_)``, when given,
@@ -141,8 +163,10 @@ def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup:
     names = list(contenders)
     per = dict(calls) if isinstance(calls, Mapping) else dict.fromkeys(names, calls)
     if rounds < 1 or warmup < 0 or any(per.get(name, 0) < 1 for name in names):
-        raise ValueError(f"rounds and calls must be ≥ 1 and warmup ≥ 0, got rounds={rounds}, "
-                         f"calls={calls}, warmup={warmup}")
+        raise ValueError(
+            f"rounds and calls must be ≥ 1 and warmup ≥ 0, got rounds={rounds}, "
+            f"calls={calls}, warmup={warmup}"
+        )
     clocks = clocks or Clocks()
     for name in names:
         for _ in range(warmup):
@@ -150,8 +174,11 @@ def interleave(contenders: Mapping[str, Callable[[], Any]], rounds: int, warmup:
                 before(name, -1)
             contenders[name]()
     counters = counters or {}
-    timings = Timings(cpu={name: [] for name in names}, wall={name: [] for name in names},
-                      counts={c: {name: [] for name in names} for c in counters})
+    timings = Timings(
+        cpu={name: [] for name in names},
+        wall={name: [] for name in names},
+        counts={c: {name: [] for name in names} for c in counters},
+    )
     for round_ in range(rounds):
         order = rotated(names, round_)
         timings.orders.append(order)
@@ -174,21 +201,30 @@ def paired_ratio(top: Sequence[float], bottom: Sequence[float]) -> dict[str, Any
     """Per round ``top[r] / bottom[r]`` (times measured next to each other), with the median,
     minimum and maximum over the rounds."""
     if len(top) != len(bottom) or not top:
-        raise ValueError(f"top and bottom must be of the same, non-zero length, got {len(top)} "
-                         f"and {len(bottom)}")
+        raise ValueError(
+            f"top and bottom must be of the same, non-zero length, got {len(top)} and {len(bottom)}"
+        )
     per_round = [a / b if b > 0 else float("inf") for a, b in zip(top, bottom)]
-    return {"median": statistics.median(per_round), "min": min(per_round),
-            "max": max(per_round), "per_round": per_round}
+    return {
+        "median": statistics.median(per_round),
+        "min": min(per_round),
+        "max": max(per_round),
+        "per_round": per_round,
+    }
 
 
 def ratios(timings: Timings, baseline: str) -> dict[str, dict[str, dict[str, Any]]]:
     """Each contender's paired ratio to ``baseline``, on both clocks."""
     if baseline not in timings.cpu:
         raise ValueError(f"baseline {baseline!r} is not one of {sorted(timings.cpu)}")
-    return {name: {clock: paired_ratio(getattr(timings, clock)[name],
-                                       getattr(timings, clock)[baseline])
-                   for clock in ("cpu", "wall")}
-            for name in timings.cpu if name != baseline}
+    return {
+        name: {
+            clock: paired_ratio(getattr(timings, clock)[name], getattr(timings, clock)[baseline])
+            for clock in ("cpu", "wall")
+        }
+        for name in timings.cpu
+        if name != baseline
+    }
 
 
 def load_average() -> list[float] | None:
@@ -203,8 +239,11 @@ def warn_if_busy(load: list[float] | None, when: str, stream=None) -> bool:
     """Print one warning line if the one-minute load is above :data:`BUSY_LOAD`; True if so."""
     if load is None or load[0] <= BUSY_LOAD:
         return False
-    print(f"warning: load average {load[0]:.2f} at {when} (above {BUSY_LOAD}): the timings "
-          f"share the machine with other work", file=stream or sys.stderr)
+    print(
+        f"warning: load average {load[0]:.2f} at {when} (above {BUSY_LOAD}): the timings "
+        f"share the machine with other work",
+        file=stream or sys.stderr,
+    )
     return True
 
 
@@ -221,8 +260,9 @@ class Session:
         self.load_end = self._load()
         warn_if_busy(self.load_end, "end", self._stream)
 
-    def report(self, timings: Timings | None = None, baseline: str | None = None,
-               **fields: Any) -> dict[str, Any]:
+    def report(
+        self, timings: Timings | None = None, baseline: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """``fields`` with the load averages and, given ``timings``, every contender's
         per-round and median seconds per call and (given ``baseline``) the paired ratios."""
         if self.load_end is None:
@@ -233,9 +273,12 @@ class Session:
             result["rounds"] = len(timings.orders)
             result["orders"] = timings.orders
             result["seconds_per_call"] = {
-                clock: {name: {"median": statistics.median(values), "per_round": values}
-                        for name, values in getattr(timings, clock).items()}
-                for clock in ("cpu", "wall")}
+                clock: {
+                    name: {"median": statistics.median(values), "per_round": values}
+                    for name, values in getattr(timings, clock).items()
+                }
+                for clock in ("cpu", "wall")
+            }
             if baseline is not None:
                 result["baseline"] = baseline
                 result["ratios"] = ratios(timings, baseline)

@@ -131,29 +131,43 @@ def learning_rate(config: BudgetConfig, elapsed: float) -> float:
 def _probe(model: VAE, images: torch.Tensor, config: BudgetConfig) -> float:
     model.eval()
     with forked_rng():
-        result = evaluate_dataset(model.model, model.guide, images,
-                                  num_particles=config.probe_particles,
-                                  batch_size=config.eval_batch_size,
-                                  particle_chunk=config.eval_particle_chunk, khat=False)
+        result = evaluate_dataset(
+            model.model,
+            model.guide,
+            images,
+            num_particles=config.probe_particles,
+            batch_size=config.eval_batch_size,
+            particle_chunk=config.eval_particle_chunk,
+            khat=False,
+        )
     model.train()
     return result.log_px.mean().item()
 
 
-def train_within_budget(model: VAE, train_images: torch.Tensor, probe_images: torch.Tensor,
-                        config: BudgetConfig, log=print,
-                        on_probe: Callable[[dict[str, Any]], None] | None = None
-                        ) -> dict[str, Any]:
+def train_within_budget(
+    model: VAE,
+    train_images: torch.Tensor,
+    probe_images: torch.Tensor,
+    config: BudgetConfig,
+    log=print,
+    on_probe: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train until ``config.minutes`` of training wall time (probes excluded) have passed;
     ``on_probe`` receives the curve so far after each probe (to save partial results)."""
     device = train_images.device
-    estimator = make_estimator(config.estimator, importance_samples=config.k,
-                               max_plate_nesting=MAX_PLATE_NESTING)
+    estimator = make_estimator(
+        config.estimator, importance_samples=config.k, max_plate_nesting=MAX_PLATE_NESTING
+    )
     loss_fn = training_loss(model, estimator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=ADAM_EPS)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     budget = config.minutes * SECONDS_PER_MINUTE
-    curve: dict[str, list[float]] = {"epoch_minutes": [], "train_loss": [],
-                                     "probe_minutes": [], "probe_log_px": []}
+    curve: dict[str, list[float]] = {
+        "epoch_minutes": [],
+        "train_loss": [],
+        "probe_minutes": [],
+        "probe_log_px": [],
+    }
     num_train, steps, epoch, trained = train_images.shape[0], 0, 0, 0.0
     next_probe = config.probe_seconds
     torch.set_float32_matmul_precision(config.train_matmul_precision)
@@ -172,7 +186,7 @@ def train_within_budget(model: VAE, train_images: torch.Tensor, probe_images: to
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config, trained + time.perf_counter() - start)
-                batch = images[order[begin:begin + config.batch_size]]
+                batch = images[order[begin : begin + config.batch_size]]
                 loss_sum += svi_step(partial(loss_fn, batch), batch.shape[0], optimizer)
                 seen += batch.shape[0]
                 steps += 1
@@ -189,42 +203,66 @@ def train_within_budget(model: VAE, train_images: torch.Tensor, probe_images: to
                 curve["probe_log_px"].append(_probe(model, probe_images, config))
                 torch.set_float32_matmul_precision(config.train_matmul_precision)
                 next_probe += config.probe_seconds
-                log(f"{trained / SECONDS_PER_MINUTE:6.2f} min  epoch {epoch:5d}  step {steps:7d}"
+                log(
+                    f"{trained / SECONDS_PER_MINUTE:6.2f} min  epoch {epoch:5d}  step {steps:7d}"
                     f"  train loss {mean_loss:8.3f}  test log p̂ (K = {config.probe_particles},"
-                    f" {probe_images.shape[0]} images) {curve['probe_log_px'][-1]:8.3f}")
+                    f" {probe_images.shape[0]} images) {curve['probe_log_px'][-1]:8.3f}"
+                )
                 if on_probe is not None:
-                    on_probe({"epochs": epoch, "steps": steps, "train_seconds": trained,
-                              "curve": curve})
+                    on_probe(
+                        {"epochs": epoch, "steps": steps, "train_seconds": trained, "curve": curve}
+                    )
     torch.set_float32_matmul_precision("highest")
-    return {"epochs": epoch, "steps": steps, "train_seconds": trained, "curve": curve,
-            "steps_per_second": steps / trained if trained else math.nan,
-            "final_lr": optimizer.param_groups[0]["lr"]}
+    return {
+        "epochs": epoch,
+        "steps": steps,
+        "train_seconds": trained,
+        "curve": curve,
+        "steps_per_second": steps / trained if trained else math.nan,
+        "final_lr": optimizer.param_groups[0]["lr"],
+    }
 
 
-def plot_curve(curve: dict[str, list[float]], config: BudgetConfig, result: dict[str, Any],
-               path: Path) -> None:
+def plot_curve(
+    curve: dict[str, list[float]], config: BudgetConfig, result: dict[str, Any], path: Path
+) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(curve["epoch_minutes"], curve["train_loss"])
     left.set_xlabel("training minutes")
     left.set_ylabel(f"training loss per image ({config.estimator}, k = {config.k})")
     left.set_yscale("log")
-    right.plot(curve["probe_minutes"], curve["probe_log_px"], marker="o",
-               label=f"test log p̂, K = {config.probe_particles}")
+    right.plot(
+        curve["probe_minutes"],
+        curve["probe_log_px"],
+        marker="o",
+        label=f"test log p̂, K = {config.probe_particles}",
+    )
     right.axhline(TARGETS[config.estimator], color="k", linestyle="--", label="target")
-    right.axhline(result["log_px"]["mean"], color="C3", linestyle=":",
-                  label=f"final, K = {config.eval_particles}")
+    right.axhline(
+        result["log_px"]["mean"],
+        color="C3",
+        linestyle=":",
+        label=f"final, K = {config.eval_particles}",
+    )
     right.set_xlabel("training minutes")
     right.set_ylabel("nats")
     right.legend()
-    fig.suptitle(f"MNIST 784-200-200-50 tanh, {config.estimator} (k = {config.k}), "
-                 f"batch {config.batch_size}, {config.minutes:g} min")
+    fig.suptitle(
+        f"MNIST 784-200-200-50 tanh, {config.estimator} (k = {config.k}), "
+        f"batch {config.batch_size}, {config.minutes:g} min"
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "pyro": pyro.__version__, "platform": platform.platform(), "device": str(device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -238,46 +276,72 @@ def run(config: BudgetConfig, out: Path | None = None) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     pyro.set_rng_seed(config.seed)
     dataset = load_mnist(config.data_dir)
-    train_images = dataset.train.images[:config.limit].to(device)
-    test = fixed_binarization(dataset.test.images[:config.limit],
-                              config.seed + TEST_BINARIZATION_OFFSET).to(device)
+    train_images = dataset.train.images[: config.limit].to(device)
+    test = fixed_binarization(
+        dataset.test.images[: config.limit], config.seed + TEST_BINARIZATION_OFFSET
+    ).to(device)
     model = VAE(train_images.shape[1], LATENT_DIM, HIDDEN, activation=ACTIVATION).to(device)
     model.initialize_from_data(train_images)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
     def save_partial(training: dict[str, Any]) -> None:
         if out is not None:
-            write_json(out / "budget.json", {"config": asdict(config), "partial": True,
-                                             "environment": environment(device),
-                                             "training": training})
+            write_json(
+                out / "budget.json",
+                {
+                    "config": asdict(config),
+                    "partial": True,
+                    "environment": environment(device),
+                    "training": training,
+                },
+            )
 
-    training = train_within_budget(model, train_images, test[:config.probe_images], config,
-                                   on_probe=save_partial)
+    training = train_within_budget(
+        model, train_images, test[: config.probe_images], config, on_probe=save_partial
+    )
     train_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    result = evaluate_dataset(model.model, model.guide, test, num_particles=config.eval_particles,
-                              batch_size=config.eval_batch_size,
-                              particle_chunk=config.eval_particle_chunk, khat=False)
+    result = evaluate_dataset(
+        model.model,
+        model.guide,
+        test,
+        num_particles=config.eval_particles,
+        batch_size=config.eval_batch_size,
+        particle_chunk=config.eval_particle_chunk,
+        khat=False,
+    )
     _sync(device)
     eval_seconds = time.perf_counter() - start
     eval_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     summary = result.summary()
     if out is not None:  # each test image's log p̂, for paired differences between rows
-        torch.save({"log_px": result.log_px.double().cpu(), "elbo": result.elbo.double().cpu()},
-                   out / "per_image.pt")
+        torch.save(
+            {"log_px": result.log_px.double().cpu(), "elbo": result.elbo.double().cpu()},
+            out / "per_image.pt",
+        )
     target = TARGETS[config.estimator]
-    return {"config": asdict(config), "partial": False, "k": config.k,
-            "environment": environment(device),
-            "training": training, "eval_seconds": eval_seconds,
-            "log_px": summary["log_px"], "elbo": summary["elbo"],
-            "peak_memory_mib": {"training": None if train_peak is None else train_peak / MIB,
-                                "evaluation": None if eval_peak is None else eval_peak / MIB},
-            "target": target, "passed": summary["log_px"]["mean"] >= target,
-            "full_protocol": config.limit is None and config.eval_particles == 5000}
+    return {
+        "config": asdict(config),
+        "partial": False,
+        "k": config.k,
+        "environment": environment(device),
+        "training": training,
+        "eval_seconds": eval_seconds,
+        "log_px": summary["log_px"],
+        "elbo": summary["elbo"],
+        "peak_memory_mib": {
+            "training": None if train_peak is None else train_peak / MIB,
+            "evaluation": None if eval_peak is None else eval_peak / MIB,
+        },
+        "target": target,
+        "passed": summary["log_px"]["mean"] >= target,
+        "full_protocol": config.limit is None and config.eval_particles == 5000,
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BudgetConfig:
@@ -285,18 +349,32 @@ def parse_args(argv: Sequence[str] | None = None) -> BudgetConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder with the MNIST IDX files")
     p.add_argument("--estimator", choices=sorted(TARGETS), default=d.estimator)
-    p.add_argument("--importance-samples", type=int, default=d.importance_samples,
-                   help="k of iwae and dreg (default %(default)s)")
+    p.add_argument(
+        "--importance-samples",
+        type=int,
+        default=d.importance_samples,
+        help="k of iwae and dreg (default %(default)s)",
+    )
     p.add_argument("--minutes", type=float, default=d.minutes, help="training wall time")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="starting learning rate")
-    p.add_argument("--lr-final", type=float, default=d.lr_final,
-                   help="learning rate at the end of the budget (exponential decay)")
-    p.add_argument("--train-matmul-precision", choices=("highest", "high", "medium"),
-                   default=d.train_matmul_precision)
+    p.add_argument(
+        "--lr-final",
+        type=float,
+        default=d.lr_final,
+        help="learning rate at the end of the budget (exponential decay)",
+    )
+    p.add_argument(
+        "--train-matmul-precision",
+        choices=("highest", "high", "medium"),
+        default=d.train_matmul_precision,
+    )
     p.add_argument("--device", choices=DEVICES, default=d.device)
-    p.add_argument("--threads", type=int,
-                   help="torch.set_num_threads (default: torch's; 1 on a busy shared CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads (default: torch's; 1 on a busy shared CPU)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-particles", type=int, default=d.eval_particles)
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
@@ -326,13 +404,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out / "budget.json", report)
     plot_curve(report["training"]["curve"], config, report, out / "budget.png")
     training = report["training"]
-    print(f"\n{config.estimator} (k = {config.k}): {training['epochs']} epochs, "
-          f"{training['steps']} steps in {training['train_seconds'] / 60:.2f} min "
-          f"({training['steps_per_second']:.0f} steps/s); test log p̂ (K = "
-          f"{config.eval_particles}) {report['log_px']['mean']:.3f} ± "
-          f"{report['log_px']['stderr']:.3f} in {report['eval_seconds']:.1f} s; target ≥ "
-          f"{report['target']}: {'passed' if report['passed'] else 'NOT reached'}"
-          f"{'' if report['full_protocol'] else ' (not the full protocol: --limit or K)'}")
+    print(
+        f"\n{config.estimator} (k = {config.k}): {training['epochs']} epochs, "
+        f"{training['steps']} steps in {training['train_seconds'] / 60:.2f} min "
+        f"({training['steps_per_second']:.0f} steps/s); test log p̂ (K = "
+        f"{config.eval_particles}) {report['log_px']['mean']:.3f} ± "
+        f"{report['log_px']['stderr']:.3f} in {report['eval_seconds']:.1f} s; target ≥ "
+        f"{report['target']}: {'passed' if report['passed'] else 'NOT reached'}"
+        f"{'' if report['full_protocol'] else ' (not the full protocol: --limit or K)'}"
+    )
     print(f"wrote {out / 'budget.json'} and {out / 'budget.png'}")
     return 0
 

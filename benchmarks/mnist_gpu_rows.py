@@ -41,8 +41,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 BUDGET_SCRIPT = HERE / "mnist_gpu_budget.py"
 #: (name, estimator, k, published test log p̂ of Burda et al. 2016, Table 1)
-ROWS = (("vae", "meanfield", 1, -86.76), ("iwae5", "iwae", 5, -85.54),
-        ("iwae50", "iwae", 50, -84.78), ("dreg50", "dreg", 50, None))
+ROWS = (
+    ("vae", "meanfield", 1, -86.76),
+    ("iwae5", "iwae", 5, -85.54),
+    ("iwae50", "iwae", 50, -84.78),
+    ("dreg50", "dreg", 50, None),
+)
 EXIT_USER_ERROR = 2
 
 
@@ -57,10 +61,12 @@ def _sibling(name: str):
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--rows", nargs="+", choices=[r[0] for r in ROWS],
-                   default=[r[0] for r in ROWS])
-    p.add_argument("--parallel", action="store_true",
-                   help="train the rows at the same time, one process each on the same device")
+    p.add_argument("--rows", nargs="+", choices=[r[0] for r in ROWS], default=[r[0] for r in ROWS])
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train the rows at the same time, one process each on the same device",
+    )
     return p.parse_known_args(argv)
 
 
@@ -68,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, passed = parse_args(argv)
     budget, table = _sibling("mnist_gpu_budget"), _sibling("mnist_table")
     chosen = [row for row in ROWS if row[0] in args.rows]
-    fresh = [path for path in (args.out_dir, *(args.out_dir / r[0] for r in chosen))
-             if not path.exists()]  # removed again if no row gets written
+    fresh = [
+        path for path in (args.out_dir, *(args.out_dir / r[0] for r in chosen)) if not path.exists()
+    ]  # removed again if no row gets written
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     failed = 0
@@ -83,8 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 errors[row[0]] = (log.read_text().strip().splitlines() or [f"status {status}"])[-1]
                 failed = failed or status
         if not rows and len(set(errors.values())) == 1:  # bad input: one line
-            print(f"mnist_gpu_rows: every row failed ({next(iter(errors.values()))})",
-                  file=sys.stderr)
+            print(
+                f"mnist_gpu_rows: every row failed ({next(iter(errors.values()))})", file=sys.stderr
+            )
         else:
             for name, line in errors.items():
                 print(f"mnist_gpu_rows: the {name} row failed ({line})", file=sys.stderr)
@@ -93,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = args.out_dir / row[0]
             failed = budget.main(row_budget_args(row, passed, folder))
             if failed:
-                print(f"mnist_gpu_rows: the {row[0]} row failed (status {failed})",
-                      file=sys.stderr)
+                print(f"mnist_gpu_rows: the {row[0]} row failed (status {failed})", file=sys.stderr)
                 break
             rows.append(row_entry(row, folder))
             budget.write_json(args.out_dir / "rows.json", {"rows": rows, "pairs": []})
@@ -102,15 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in reversed(fresh):
             shutil.rmtree(path, ignore_errors=True)
         return failed
-    pairs = table.paired_differences([args.out_dir / r["row"] / "per_image.pt" for r in rows],
-                                     [r["row"] for r in rows])
+    pairs = table.paired_differences(
+        [args.out_dir / r["row"] / "per_image.pt" for r in rows], [r["row"] for r in rows]
+    )
     budget.write_json(args.out_dir / "rows.json", {"rows": rows, "pairs": pairs})
-    print("\nrow       epochs  test log p̂ (K = {})      published".format(
-        rows[0]["eval_particles"]))
+    print(
+        "\nrow       epochs  test log p̂ (K = {})      published".format(rows[0]["eval_particles"])
+    )
     for r in rows:
-        print(f"{r['row']:8s} {r['epochs']:7d}  {r['test_log_px']:8.3f} ± "
-              f"{r['test_log_px_stderr']:.3f}      "
-              f"{'—' if r['published'] is None else r['published']}")
+        print(
+            f"{r['row']:8s} {r['epochs']:7d}  {r['test_log_px']:8.3f} ± "
+            f"{r['test_log_px_stderr']:.3f}      "
+            f"{'—' if r['published'] is None else r['published']}"
+        )
     for pair in pairs:
         print(f"{pair['a']} − {pair['b']}: {pair['mean']:+.3f} ± {pair['stderr']:.3f} nats")
     print(f"wrote {args.out_dir / 'rows.json'}")
@@ -120,8 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def row_budget_args(row: tuple, passed: list[str], folder: Path) -> list[str]:
     """``mnist_gpu_budget.py``'s arguments for one row."""
     _, estimator, k, _ = row
-    return [*passed, "--estimator", estimator, "--importance-samples", str(k),
-            "--out-dir", str(folder)]
+    return [
+        *passed,
+        "--estimator",
+        estimator,
+        "--importance-samples",
+        str(k),
+        "--out-dir",
+        str(folder),
+    ]
 
 
 def run_parallel(chosen: list[tuple], passed: list[str], out_dir: Path) -> list[int]:
@@ -132,9 +150,13 @@ def run_parallel(chosen: list[tuple], passed: list[str], out_dir: Path) -> list[
         folder = out_dir / row[0]
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "log.txt", "w") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, str(BUDGET_SCRIPT), *row_budget_args(row, passed, folder)],
-                stdout=log, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(BUDGET_SCRIPT), *row_budget_args(row, passed, folder)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     return [process.wait() for process in processes]
 
 
@@ -143,15 +165,23 @@ def row_entry(row: tuple, folder: Path) -> dict[str, Any]:
     name, estimator, k, published = row
     report = json.loads((folder / "budget.json").read_text())
     training = report["training"]
-    return {"row": name, "estimator": estimator, "k": k,
-            "minutes": report["config"]["minutes"], "epochs": training["epochs"],
-            "steps": training["steps"], "train_seconds": training["train_seconds"],
-            "eval_seconds": report["eval_seconds"],
-            "eval_particles": report["config"]["eval_particles"],
-            "test_log_px": report["log_px"]["mean"],
-            "test_log_px_stderr": report["log_px"]["stderr"],
-            "test_elbo": report["elbo"]["mean"], "published": published,
-            "environment": report["environment"], "full_protocol": report["full_protocol"]}
+    return {
+        "row": name,
+        "estimator": estimator,
+        "k": k,
+        "minutes": report["config"]["minutes"],
+        "epochs": training["epochs"],
+        "steps": training["steps"],
+        "train_seconds": training["train_seconds"],
+        "eval_seconds": report["eval_seconds"],
+        "eval_particles": report["config"]["eval_particles"],
+        "test_log_px": report["log_px"]["mean"],
+        "test_log_px_stderr": report["log_px"]["stderr"],
+        "test_elbo": report["elbo"]["mean"],
+        "published": published,
+        "environment": report["environment"],
+        "full_protocol": report["full_protocol"],
+    }
 
 
 if __name__ == "__main__":

@@ -70,15 +70,25 @@ TABLE = {  # --row all: (row, k) in the order trained
     "fixed": [("vae", 1), ("iwae", 50), ("vamp", 1)],
 }
 PUBLISHED = {  # (protocol, layers, row, k): test log p̂ at K = 5000 (fixed: pythae's table)
-    ("dynamic", 1, "vae", 1): -86.76, ("dynamic", 1, "iwae", 5): -85.54,
-    ("dynamic", 1, "iwae", 50): -84.78, ("dynamic", 2, "vae", 1): -85.33,
-    ("dynamic", 2, "iwae", 50): -82.90, ("fixed", 1, "vae", 1): -89.78,
-    ("fixed", 1, "iwae", 50): -86.82, ("fixed", 1, "vamp", 1): -85.79,
+    ("dynamic", 1, "vae", 1): -86.76,
+    ("dynamic", 1, "iwae", 5): -85.54,
+    ("dynamic", 1, "iwae", 50): -84.78,
+    ("dynamic", 2, "vae", 1): -85.33,
+    ("dynamic", 2, "iwae", 50): -82.90,
+    ("fixed", 1, "vae", 1): -89.78,
+    ("fixed", 1, "iwae", 50): -86.82,
+    ("fixed", 1, "vamp", 1): -85.79,
 }
 NETWORKS = {  # Burda et al.'s architectures: 1 layer 784-200-200-50; 2 layers 100-50 latents
     1: ModelConfig(latent_dim=50, hidden=(200, 200), activation="tanh"),
-    2: ModelConfig(family="vae2", latent_dim=100, hidden=(200, 200), latent2_dim=50,
-                   hidden2=(100, 100), activation="tanh"),
+    2: ModelConfig(
+        family="vae2",
+        latent_dim=100,
+        hidden=(200, 200),
+        latent2_dim=50,
+        hidden2=(100, 100),
+        activation="tanh",
+    ),
 }
 MODEL_NAMES = {1: "1-layer 784-200-200-50 tanh", 2: "2-layer 784-(200-200)-100-(100-100)-50 tanh"}
 EXIT_USER_ERROR = 2
@@ -95,8 +105,7 @@ class Schedule(Callback):
 
     def on_epoch_end(self, loop) -> None:
         elapsed = time.perf_counter() - self.start
-        fraction = (elapsed / self.seconds if self.seconds is not None
-                    else loop.epoch / self.epochs)
+        fraction = elapsed / self.seconds if self.seconds is not None else loop.epoch / self.epochs
         for group in loop.optimizer.param_groups:
             group["lr"] = self.lr * (self.lr_final / self.lr) ** min(fraction, 1.0)
         if self.seconds is not None and elapsed >= self.seconds:
@@ -116,10 +125,20 @@ class Probe(Callback):
             return
         with forked_rng():
             torch.manual_seed(loop.epoch)
-            result = evaluate_dataset(loop.model.model, loop.model.guide, self.images,
-                                      num_particles=self.particles, khat=False)
-        self.curve.append({"epoch": loop.epoch, "seconds": time.perf_counter() - self.start,
-                           "log_px": result.log_px.mean().item()})
+            result = evaluate_dataset(
+                loop.model.model,
+                loop.model.guide,
+                self.images,
+                num_particles=self.particles,
+                khat=False,
+            )
+        self.curve.append(
+            {
+                "epoch": loop.epoch,
+                "seconds": time.perf_counter() - self.start,
+                "log_px": result.log_px.mean().item(),
+            }
+        )
         print(f"epoch {loop.epoch}: probe log p̂ {self.curve[-1]['log_px']:.2f}", flush=True)
 
 
@@ -128,20 +147,31 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     network = NETWORKS[args.layers]
     if args.row == "vamp":
         if args.layers != 1:
-            raise PyroVAEError("--row vamp is the one-layer model with the VampPrior: "
-                               "use --layers 1")
-        network = dataclasses.replace(network, family="vampprior",
-                                      pseudo_inputs=args.pseudo_inputs)
-    config = TrainConfig(dataset="mnist", data_dir=args.data_dir, model=network,
-                         elbo=ROWS[args.row], importance_samples=k, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         eval_particles=1, final_particles=0, device="cpu")
+            raise PyroVAEError(
+                "--row vamp is the one-layer model with the VampPrior: use --layers 1"
+            )
+        network = dataclasses.replace(network, family="vampprior", pseudo_inputs=args.pseudo_inputs)
+    config = TrainConfig(
+        dataset="mnist",
+        data_dir=args.data_dir,
+        model=network,
+        elbo=ROWS[args.row],
+        importance_samples=k,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        eval_particles=1,
+        final_particles=0,
+        device="cpu",
+    )
     schedule = Schedule(args.lr, args.lr_final, args.minutes, args.epochs)
     start = time.perf_counter()
     if args.protocol == "dynamic":
         test_count = len(load_mnist(args.data_dir).test)
-        probe_images = evaluation_images(load_mnist(args.data_dir), "test",
-                                         config)[:args.probe_images]
+        probe_images = evaluation_images(load_mnist(args.data_dir), "test", config)[
+            : args.probe_images
+        ]
         probe = Probe(probe_images, args.probe_particles, args.probe_every)
         if args.limit is not None:  # a smoke run: the first training images only
             import pyro_vae.data.builtin as builtin
@@ -152,44 +182,65 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         images = evaluation_images(load_mnist(args.data_dir), "test", config)
     else:  # the fixed binarization: the package's network as a pair on the user-data path
         data = load_binarized_mnist(args.data_dir, verify=args.limit is None)
-        train = data.train if args.limit is None else data.train[:args.limit]
-        probe = Probe(data.valid[:args.probe_images], args.probe_particles, args.probe_every)
+        train = data.train if args.limit is None else data.train[: args.limit]
+        probe = Probe(data.valid[: args.probe_images], args.probe_particles, args.probe_every)
         model = build_network(network, train)
-        result = fit(model, train, config=config.replace(dataset=None, model=None,
-                                                         binarize="none"),
-                     callbacks=[schedule, probe], progress=not args.quiet)
+        result = fit(
+            model,
+            train,
+            config=config.replace(dataset=None, model=None, binarize="none"),
+            callbacks=[schedule, probe],
+            progress=not args.quiet,
+        )
         images, test_count = data.test, len(data.test)
     train_seconds = time.perf_counter() - start
-    images = images[:args.eval_limit] if args.eval_limit else images
+    images = images[: args.eval_limit] if args.eval_limit else images
     start = time.perf_counter()
     with forked_rng():
         torch.manual_seed(args.seed)
-        scored = evaluate_dataset(result.model.model, result.model.guide, images,
-                                  num_particles=args.eval_particles, batch_size=100,
-                                  particle_chunk=min(args.eval_particles, 500), khat=False)
+        scored = evaluate_dataset(
+            result.model.model,
+            result.model.guide,
+            images,
+            num_particles=args.eval_particles,
+            batch_size=100,
+            particle_chunk=min(args.eval_particles, 500),
+            khat=False,
+        )
     summary = scored.summary()
     history = result.history
     if args.per_image is not None:  # for paired differences between rows (same test images)
         args.per_image.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"log_px": scored.log_px.double(), "elbo": scored.elbo.double()},
-                   args.per_image)
-    steps_per_epoch = math.ceil((60_000 if args.protocol == "dynamic" else 50_000)
-                                / args.batch_size)
+        torch.save({"log_px": scored.log_px.double(), "elbo": scored.elbo.double()}, args.per_image)
+    steps_per_epoch = math.ceil(
+        (60_000 if args.protocol == "dynamic" else 50_000) / args.batch_size
+    )
     return {
-        "protocol": args.protocol, "estimator": ROWS[args.row],
-        "model": MODEL_NAMES[args.layers] + (f", VampPrior with {args.pseudo_inputs} "
-                                             "pseudo-inputs" if args.row == "vamp" else ""),
-        "k": k, "budget_minutes": args.minutes, "epochs": len(history.epoch),
+        "protocol": args.protocol,
+        "estimator": ROWS[args.row],
+        "model": MODEL_NAMES[args.layers]
+        + (f", VampPrior with {args.pseudo_inputs} pseudo-inputs" if args.row == "vamp" else ""),
+        "k": k,
+        "budget_minutes": args.minutes,
+        "epochs": len(history.epoch),
         "steps": len(history.epoch) * steps_per_epoch if args.limit is None else None,
         "batch_size": args.batch_size,
-        "lr": [args.lr, args.lr_final], "device": "cpu", "threads": torch.get_num_threads(),
-        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - start,
-        "test_images": scored.num_datapoints, "eval_particles": args.eval_particles,
-        "test_log_px": summary["log_px"]["mean"], "test_log_px_stderr": summary["log_px"]["stderr"],
+        "lr": [args.lr, args.lr_final],
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - start,
+        "test_images": scored.num_datapoints,
+        "eval_particles": args.eval_particles,
+        "test_log_px": summary["log_px"]["mean"],
+        "test_log_px_stderr": summary["log_px"]["stderr"],
         "test_elbo": summary["elbo"]["mean"],
         "published": PUBLISHED.get((args.protocol, args.layers, args.row, k)),
-        "curve": probe.curve, "train_loss": history.train_loss, "machine": platform.machine(),
-        "command": shlex.join([sys.executable, *sys.argv]), "limit": args.limit,
+        "curve": probe.curve,
+        "train_loss": history.train_loss,
+        "machine": platform.machine(),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "limit": args.limit,
         "test_count": test_count,
         "per_image": None if args.per_image is None else str(args.per_image),
     }
@@ -198,8 +249,9 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
 def build_network(network: ModelConfig, train: torch.Tensor) -> torch.nn.Module:
     """The package's VAE (two-layer VAE, VampPrior VAE) sized for 784 pixels, its decoder
     bias at the logit of the mean training image."""
-    common = dict(latent_dim=network.latent_dim, hidden=network.hidden,
-                  activation=network.activation)
+    common = dict(
+        latent_dim=network.latent_dim, hidden=network.hidden, activation=network.activation
+    )
     if network.family == "vae2":
         model = VAE2(784, latent2_dim=network.latent2_dim, hidden2=network.hidden2, **common)
     elif network.family == "vampprior":
@@ -219,23 +271,44 @@ def _limited(dataset, limit: int):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files, or with "
-                   "binarized_mnist.npz for --protocol fixed ($PYRO_VAE_DATA_DIR)")
-    p.add_argument("--row", choices=[*sorted(ROWS), "all"], default="vae",
-                   help="the row to train, or all: every row of --protocol and --layers at "
-                        "the same budget, with their paired differences")
-    p.add_argument("--layers", type=int, choices=(1, 2), default=1,
-                   help="stochastic layers: 1 (784-200-200-50) or 2 (100 and 50 latents)")
-    p.add_argument("--protocol", choices=("dynamic", "fixed"), default="dynamic",
-                   help="dynamic: a fresh binarization of MNIST's IDX files every epoch, "
-                        "test on a fixed one; fixed: binarized_mnist.npz (50k/10k/10k), "
-                        "probe on validation images")
+    p.add_argument(
+        "--data-dir",
+        help="folder with the MNIST IDX files, or with "
+        "binarized_mnist.npz for --protocol fixed ($PYRO_VAE_DATA_DIR)",
+    )
+    p.add_argument(
+        "--row",
+        choices=[*sorted(ROWS), "all"],
+        default="vae",
+        help="the row to train, or all: every row of --protocol and --layers at "
+        "the same budget, with their paired differences",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="stochastic layers: 1 (784-200-200-50) or 2 (100 and 50 latents)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("dynamic", "fixed"),
+        default="dynamic",
+        help="dynamic: a fresh binarization of MNIST's IDX files every epoch, "
+        "test on a fixed one; fixed: binarized_mnist.npz (50k/10k/10k), "
+        "probe on validation images",
+    )
     p.add_argument("--k", type=int, help="importance samples of iwae/dreg (default 50)")
-    p.add_argument("--pseudo-inputs", type=int, default=500,
-                   help="pseudo-inputs of the VampPrior row (--row vamp)")
+    p.add_argument(
+        "--pseudo-inputs",
+        type=int,
+        default=500,
+        help="pseudo-inputs of the VampPrior row (--row vamp)",
+    )
     p.add_argument("--minutes", type=float, help="wall-clock training budget")
-    p.add_argument("--epochs", type=int, default=100_000,
-                   help="epoch cap (the budget usually stops first)")
+    p.add_argument(
+        "--epochs", type=int, default=100_000, help="epoch cap (the budget usually stops first)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-final", type=float, default=1e-4)
@@ -248,15 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="evaluate the first N test images only")
     p.add_argument("--limit", type=int, help="train on the first N training images only")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/mnist_table.json"))
-    p.add_argument("--per-image", type=Path,
-                   help="save each test image's log p̂ and ELBO here (.pt) for paired differences")
-    p.add_argument("--per-image-dir", type=Path,
-                   help="--row all: the folder of the rows' per-image files (default: next to "
-                        "--out, named after it)")
-    p.add_argument("--pairs", nargs="+", type=Path, metavar="PT",
-                   help="print the paired differences of log p̂ between saved rows, and exit")
-    p.add_argument("--plot", type=Path, metavar="PNG",
-                   help="plot the probe curves of the rows in --out into PNG, and exit")
+    p.add_argument(
+        "--per-image",
+        type=Path,
+        help="save each test image's log p̂ and ELBO here (.pt) for paired differences",
+    )
+    p.add_argument(
+        "--per-image-dir",
+        type=Path,
+        help="--row all: the folder of the rows' per-image files (default: next to "
+        "--out, named after it)",
+    )
+    p.add_argument(
+        "--pairs",
+        nargs="+",
+        type=Path,
+        metavar="PT",
+        help="print the paired differences of log p̂ between saved rows, and exit",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="plot the probe curves of the rows in --out into PNG, and exit",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -271,12 +359,17 @@ def plot_curves(table: Path, png: Path) -> None:
     rows = json.loads(table.read_text())["rows"]
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for i, row in enumerate(rows):
-        budget = (f"{row['budget_minutes']:.0f} min" if row.get("budget_minutes")
-                  else f"{row['epochs']} epochs")
+        budget = (
+            f"{row['budget_minutes']:.0f} min"
+            if row.get("budget_minutes")
+            else f"{row['epochs']} epochs"
+        )
         estimator = "VampPrior" if "VampPrior" in row["model"] else row["estimator"]
         threads = f", {row['threads']} threads" if row.get("threads", 1) != 1 else ""
-        label = (f"{row['protocol']}, {row['model'].split()[0]}, {estimator} "
-                 f"k={row['k']}, {budget}{threads}")
+        label = (
+            f"{row['protocol']}, {row['model'].split()[0]}, {estimator} "
+            f"k={row['k']}, {budget}{threads}"
+        )
         values = [point["log_px"] for point in row["curve"]]
         style = dict(marker=".", label=label, linestyle=("-", "--", ":")[i // 10 % 3])
         axes[0].plot([point["epoch"] for point in row["curve"]], values, **style)
@@ -293,8 +386,7 @@ def plot_curves(table: Path, png: Path) -> None:
     figure.savefig(png, dpi=110)
 
 
-def paired_differences(paths: list[Path], names: list[str] | None = None
-                       ) -> list[dict[str, Any]]:
+def paired_differences(paths: list[Path], names: list[str] | None = None) -> list[dict[str, Any]]:
     """Mean and standard error of log p̂_a(x) − log p̂_b(x) over the same test images, for
     every pair of saved rows (named by their files' stems unless ``names`` are given): the
     error of a difference is far smaller than that of either row, because the images' own
@@ -306,12 +398,18 @@ def paired_differences(paths: list[Path], names: list[str] | None = None
     out = []
     names = list(rows)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             if rows[a].shape != rows[b].shape:
                 raise PyroVAEError(f"{a} and {b} were evaluated on different test images")
             diff = rows[a] - rows[b]
-            out.append({"a": a, "b": b, "mean": diff.mean().item(),
-                        "stderr": (diff.std() / math.sqrt(diff.numel())).item()})
+            out.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "mean": diff.mean().item(),
+                    "stderr": (diff.std() / math.sqrt(diff.numel())).item(),
+                }
+            )
     return out
 
 
@@ -338,23 +436,29 @@ def main(argv: list[str] | None = None) -> int:
             train_and_record(args)
             return 0
         if args.k is not None or args.per_image is not None:
-            raise PyroVAEError("--row all trains k = 5 and 50 and names its per-image files: "
-                               "drop --k and --per-image (see --per-image-dir)")
+            raise PyroVAEError(
+                "--row all trains k = 5 and 50 and names its per-image files: "
+                "drop --k and --per-image (see --per-image-dir)"
+            )
         folder = args.per_image_dir or args.out.with_name(args.out.stem + "-per-image")
         saved = {}
         for row, k in table_rows(args.protocol, args.layers):
             name = row_name(args.protocol, args.layers, row, k)
             saved[name] = folder / f"{name}.pt"
-            train_and_record(argparse.Namespace(**{**vars(args), "row": row, "k": k,
-                                                   "per_image": saved[name]}))
+            train_and_record(
+                argparse.Namespace(**{**vars(args), "row": row, "k": k, "per_image": saved[name]})
+            )
         pairs = paired_differences(list(saved.values()), names=list(saved))
     except PyroVAEError as exc:
         print(f"mnist_table: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     table = json.loads(args.out.read_text())
     for pair in pairs:
-        pair.update(protocol=args.protocol, images=table["rows"][-1]["test_images"],
-                    epochs=args.epochs if args.minutes is None else f"{args.minutes:g}min")
+        pair.update(
+            protocol=args.protocol,
+            images=table["rows"][-1]["test_images"],
+            epochs=args.epochs if args.minutes is None else f"{args.minutes:g}min",
+        )
         print(f"{pair['a']} − {pair['b']}: {pair['mean']:+.3f} ± {pair['stderr']:.3f} nats")
     write_json(args.out, {**table, "pairs": [*table.get("pairs", []), *pairs]})
     return 0
@@ -367,8 +471,12 @@ def table_rows(protocol: str, layers: int) -> list[tuple[str, int]]:
 
 def row_name(protocol: str, layers: int, row: str, k: int) -> str:
     """A row's short name in the paired differences: ``iwae50``, ``vae_2l``, ``fixed_vamp``."""
-    return (("fixed_" if protocol == "fixed" else "") + row
-            + (str(k) if row in ("iwae", "dreg") else "") + ("_2l" if layers == 2 else ""))
+    return (
+        ("fixed_" if protocol == "fixed" else "")
+        + row
+        + (str(k) if row in ("iwae", "dreg") else "")
+        + ("_2l" if layers == 2 else "")
+    )
 
 
 def train_and_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -376,10 +484,13 @@ def train_and_record(args: argparse.Namespace) -> dict[str, Any]:
     row = run_row(args)
     table = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     write_json(args.out, {**table, "rows": [*table["rows"], row]})
-    print(f"{args.row} k={row['k']}: test log p̂ (K = {row['eval_particles']}, "
-          f"{row['test_images']} images) {row['test_log_px']:.2f} ± "
-          f"{row['test_log_px_stderr']:.2f}, ELBO {row['test_elbo']:.2f}, {row['epochs']} "
-          f"epochs in {row['train_seconds'] / 60:.1f} min; wrote {args.out}", flush=True)
+    print(
+        f"{args.row} k={row['k']}: test log p̂ (K = {row['eval_particles']}, "
+        f"{row['test_images']} images) {row['test_log_px']:.2f} ± "
+        f"{row['test_log_px_stderr']:.2f}, ELBO {row['test_elbo']:.2f}, {row['epochs']} "
+        f"epochs in {row['train_seconds'] / 60:.1f} min; wrote {args.out}",
+        flush=True,
+    )
     return row
 
 

@@ -158,10 +158,14 @@ class DMM(nn.Module):
             z = self.z_0.expand(sequences.shape[0], self.latent)
             for t in pyro.markov(range(sequences.shape[1])):
                 loc, log_scale = self.transition(z)
-                z = pyro.sample(f"z_{t}", dist.Normal(loc, log_scale.exp())
-                                .mask(mask[:, t:t + 1]).to_event(1))
-                pyro.sample(f"x_{t}", dist.Bernoulli(logits=self.emitter(z))
-                            .mask(mask[:, t:t + 1]).to_event(1), obs=sequences[:, t])
+                z = pyro.sample(
+                    f"z_{t}", dist.Normal(loc, log_scale.exp()).mask(mask[:, t : t + 1]).to_event(1)
+                )
+                pyro.sample(
+                    f"x_{t}",
+                    dist.Bernoulli(logits=self.emitter(z)).mask(mask[:, t : t + 1]).to_event(1),
+                    obs=sequences[:, t],
+                )
 
     def guide(self, sequences, mask):
         states = self.rnn(sequences.flip(1))[0].flip(1)
@@ -169,8 +173,9 @@ class DMM(nn.Module):
             z = self.z_q_0.expand(sequences.shape[0], self.latent)
             for t in pyro.markov(range(sequences.shape[1])):
                 loc, log_scale = self.combiner(z, states[:, t])
-                z = pyro.sample(f"z_{t}", dist.Normal(loc, log_scale.exp())
-                                .mask(mask[:, t:t + 1]).to_event(1))
+                z = pyro.sample(
+                    f"z_{t}", dist.Normal(loc, log_scale.exp()).mask(mask[:, t : t + 1]).to_event(1)
+                )
 
 
 def dmm():
@@ -180,8 +185,9 @@ def dmm():
     data = torch.zeros(sequences, steps, features)
     for t in range(steps):
         state = (state + (torch.rand(sequences, generator=g) < 0.3)) % features
-        data[:, t] = torch.bernoulli(0.1 + 0.8 * nn.functional.one_hot(state, features),
-                                     generator=g)
+        data[:, t] = torch.bernoulli(
+            0.1 + 0.8 * nn.functional.one_hot(state, features), generator=g
+        )
     lengths = torch.randint(3, steps + 1, (sequences,), generator=g)
     mask = torch.arange(steps) < lengths[:, None]
     pair = DMM(features)
@@ -198,37 +204,50 @@ def lda():
     g = torch.Generator().manual_seed(0)
     truth = torch.distributions.Dirichlet(torch.full((topics, vocabulary), 0.3)).sample()
     mixes = torch.distributions.Dirichlet(torch.ones(topics)).sample((documents,))
-    assigned = torch.multinomial(mixes, words, replacement=True, generator=g)        # [D, W]
-    docs = torch.stack([torch.multinomial(truth[assigned[d]], 1, generator=g).squeeze(-1)
-                        for d in range(documents)])                                   # [D, W]
+    assigned = torch.multinomial(mixes, words, replacement=True, generator=g)  # [D, W]
+    docs = torch.stack(
+        [
+            torch.multinomial(truth[assigned[d]], 1, generator=g).squeeze(-1)
+            for d in range(documents)
+        ]
+    )  # [D, W]
 
     def model(docs):
         data = docs.T
         with pyro.plate("topics", topics):
             topic_weights = pyro.sample("topic_weights", dist.Gamma(1.0 / topics, 1.0))
-            topic_words = pyro.sample("topic_words",
-                                      dist.Dirichlet(torch.ones(vocabulary) / vocabulary))
+            topic_words = pyro.sample(
+                "topic_words", dist.Dirichlet(torch.ones(vocabulary) / vocabulary)
+            )
         with pyro.plate("documents", data.shape[-1]):
             doc_topics = pyro.sample("doc_topics", dist.Dirichlet(topic_weights.unsqueeze(-2)))
             with pyro.plate("words", data.shape[-2]):
-                word_topics = pyro.sample("word_topics", dist.Categorical(doc_topics),
-                                          infer={"enumerate": "parallel"})
-                pyro.sample("doc_words", dist.Categorical(
-                    Vindex(topic_words.unsqueeze(-3))[..., word_topics, :]), obs=data)
+                word_topics = pyro.sample(
+                    "word_topics", dist.Categorical(doc_topics), infer={"enumerate": "parallel"}
+                )
+                pyro.sample(
+                    "doc_words",
+                    dist.Categorical(Vindex(topic_words.unsqueeze(-3))[..., word_topics, :]),
+                    obs=data,
+                )
 
     def guide(docs):
         positive = dist.constraints.positive
-        weights = pyro.param("topic_weights_posterior", lambda: torch.ones(topics),
-                             constraint=positive)
-        words_param = pyro.param("topic_words_posterior",
-                                 lambda: torch.ones(topics, vocabulary), constraint=positive)
-        mixes = pyro.param("doc_topics_posterior", lambda: torch.ones(docs.shape[0], topics),
-                           constraint=positive)
+        weights = pyro.param(
+            "topic_weights_posterior", lambda: torch.ones(topics), constraint=positive
+        )
+        words_param = pyro.param(
+            "topic_words_posterior", lambda: torch.ones(topics, vocabulary), constraint=positive
+        )
+        mixes = pyro.param(
+            "doc_topics_posterior", lambda: torch.ones(docs.shape[0], topics), constraint=positive
+        )
         with pyro.plate("topics", topics):
             pyro.sample("topic_weights", dist.Gamma(weights, 1.0))
             pyro.sample("topic_words", dist.Dirichlet(words_param))
         with pyro.plate("documents", docs.shape[0]):
             pyro.sample("doc_topics", dist.Dirichlet(mixes))
+
     return model, guide, docs
 
 
@@ -236,14 +255,16 @@ class ProdLDA(nn.Module):
     """The ProdLDA tutorial: a logistic-normal document-topic latent, an encoder with batch
     normalization and dropout, a decoder β with batch normalization, Multinomial counts."""
 
-    def __init__(self, vocabulary: int = 20, topics: int = 3, hidden: int = 16,
-                 dropout: float = 0.2):
+    def __init__(
+        self, vocabulary: int = 20, topics: int = 3, hidden: int = 16, dropout: float = 0.2
+    ):
         super().__init__()
         self.topics = topics
         self.fc = nn.Sequential(nn.Linear(vocabulary, hidden), nn.Softplus(), nn.Dropout(dropout))
         self.loc = nn.Sequential(nn.Linear(hidden, topics), nn.BatchNorm1d(topics, affine=False))
-        self.log_var = nn.Sequential(nn.Linear(hidden, topics),
-                                     nn.BatchNorm1d(topics, affine=False))
+        self.log_var = nn.Sequential(
+            nn.Linear(hidden, topics), nn.BatchNorm1d(topics, affine=False)
+        )
         self.beta = nn.Linear(topics, vocabulary, bias=False)
         self.decoder_norm = nn.BatchNorm1d(vocabulary, affine=False)
         self.drop = nn.Dropout(dropout)
@@ -251,8 +272,9 @@ class ProdLDA(nn.Module):
     def model(self, docs):
         pyro.module("decoder", self)
         with pyro.plate("documents", docs.shape[0]):
-            logtheta = pyro.sample("logtheta", dist.Normal(docs.new_zeros(self.topics), 1.0)
-                                   .to_event(1))
+            logtheta = pyro.sample(
+                "logtheta", dist.Normal(docs.new_zeros(self.topics), 1.0).to_event(1)
+            )
             theta = nn.functional.softmax(logtheta, -1)
             probs = nn.functional.softmax(self.decoder_norm(self.beta(self.drop(theta))), -1)
             pyro.sample("obs", dist.Multinomial(int(docs.sum(-1).max()), probs), obs=docs)
@@ -260,17 +282,24 @@ class ProdLDA(nn.Module):
     def guide(self, docs):
         with pyro.plate("documents", docs.shape[0]):
             hidden = self.fc(docs)
-            pyro.sample("logtheta", dist.Normal(self.loc(hidden),
-                                                (0.5 * self.log_var(hidden)).exp()).to_event(1))
+            pyro.sample(
+                "logtheta",
+                dist.Normal(self.loc(hidden), (0.5 * self.log_var(hidden)).exp()).to_event(1),
+            )
 
 
 def prodlda():
     g = torch.Generator().manual_seed(0)
     topics = torch.distributions.Dirichlet(torch.full((3, 20), 0.2)).sample()
     mixes = torch.distributions.Dirichlet(torch.ones(3)).sample((60,))
-    docs = torch.stack([torch.bincount(torch.multinomial(mix @ topics, 30, replacement=True,
-                                                         generator=g), minlength=20)
-                        for mix in mixes]).float()
+    docs = torch.stack(
+        [
+            torch.bincount(
+                torch.multinomial(mix @ topics, 30, replacement=True, generator=g), minlength=20
+            )
+            for mix in mixes
+        ]
+    ).float()
     pair = ProdLDA()
     return pair.model, pair.guide, docs
 
@@ -294,25 +323,31 @@ class SCANVI(nn.Module):
     def model(self, x):
         pyro.module("scanvi", self)
         with pyro.plate("batch", x.shape[0]):
-            library = pyro.sample("l", dist.LogNormal(x.new_tensor(3.0), 0.5).expand([1])
-                                  .to_event(1))
+            library = pyro.sample(
+                "l", dist.LogNormal(x.new_tensor(3.0), 0.5).expand([1]).to_event(1)
+            )
             y = pyro.sample("y", dist.OneHotCategorical(logits=x.new_zeros(self.types)))
             z2 = pyro.sample("z2", dist.Normal(x.new_zeros(self.latent), 1.0).to_event(1))
             loc, log_scale = self.z2_decoder(z2, y)
             z1 = pyro.sample("z1", dist.Normal(loc, log_scale.exp()).to_event(1))
             rate = library * nn.functional.softmax(self.x_decoder(z1), -1)
             theta = nn.functional.softplus(self.inverse_dispersion)
-            pyro.sample("x", dist.NegativeBinomial(total_count=theta, logits=(rate + 1e-6).log()
-                                                   - theta.log()).to_event(1), obs=x)
+            pyro.sample(
+                "x",
+                dist.NegativeBinomial(
+                    total_count=theta, logits=(rate + 1e-6).log() - theta.log()
+                ).to_event(1),
+                obs=x,
+            )
 
     @config_enumerate
     def guide(self, x):
         with pyro.plate("batch", x.shape[0]):
             loc, log_scale = self.z2l_encoder(x.log1p())
-            pyro.sample("l", dist.LogNormal(loc[..., -1:], log_scale[..., -1:].exp())
-                        .to_event(1))
-            z1 = pyro.sample("z1", dist.Normal(loc[..., :-1], log_scale[..., :-1].exp())
-                             .to_event(1))
+            pyro.sample("l", dist.LogNormal(loc[..., -1:], log_scale[..., -1:].exp()).to_event(1))
+            z1 = pyro.sample(
+                "z1", dist.Normal(loc[..., :-1], log_scale[..., :-1].exp()).to_event(1)
+            )
             y = pyro.sample("y", dist.OneHotCategorical(logits=self.classifier(z1)))
             loc, log_scale = self.z1y_encoder(z1, y)
             pyro.sample("z2", dist.Normal(loc, log_scale.exp()).to_event(1))
@@ -350,10 +385,14 @@ class AIR(nn.Module):
             canvas = x.new_zeros(x.shape)
             for t in range(self.steps):
                 present = pyro.sample(f"z_pres_{t}", dist.Bernoulli(0.5 * present))
-                where = pyro.sample(f"z_where_{t}", dist.Normal(x.new_zeros(1), 1.0)
-                                    .to_event(1).mask(present.bool()))
-                what = pyro.sample(f"z_what_{t}", dist.Normal(x.new_zeros(self.what), 1.0)
-                                   .to_event(1).mask(present.bool()))
+                where = pyro.sample(
+                    f"z_where_{t}",
+                    dist.Normal(x.new_zeros(1), 1.0).to_event(1).mask(present.bool()),
+                )
+                what = pyro.sample(
+                    f"z_what_{t}",
+                    dist.Normal(x.new_zeros(self.what), 1.0).to_event(1).mask(present.bool()),
+                )
                 canvas = canvas + present.unsqueeze(-1) * self._signal(where, what)
             pyro.sample("x", dist.Normal(canvas, 0.3).to_event(1), obs=x)
 
@@ -363,14 +402,20 @@ class AIR(nn.Module):
             canvas = x.new_zeros(x.shape)
             for t in range(self.steps):
                 out = self.predict(x - canvas, present.unsqueeze(-1))
-                present = pyro.sample(f"z_pres_{t}", dist.Bernoulli(
-                    torch.sigmoid(out[..., 0]) * present))
-                where = pyro.sample(f"z_where_{t}", dist.Normal(out[..., 1:2],
-                                                                out[..., 2:3].exp())
-                                    .to_event(1).mask(present.bool()))
-                loc, log_scale = out[..., 3:3 + self.what], out[..., 3 + self.what:]
-                what = pyro.sample(f"z_what_{t}", dist.Normal(loc, log_scale.exp())
-                                   .to_event(1).mask(present.bool()))
+                present = pyro.sample(
+                    f"z_pres_{t}", dist.Bernoulli(torch.sigmoid(out[..., 0]) * present)
+                )
+                where = pyro.sample(
+                    f"z_where_{t}",
+                    dist.Normal(out[..., 1:2], out[..., 2:3].exp())
+                    .to_event(1)
+                    .mask(present.bool()),
+                )
+                loc, log_scale = out[..., 3 : 3 + self.what], out[..., 3 + self.what :]
+                what = pyro.sample(
+                    f"z_what_{t}",
+                    dist.Normal(loc, log_scale.exp()).to_event(1).mask(present.bool()),
+                )
                 canvas = canvas + present.unsqueeze(-1) * self._signal(where, what)
 
 

@@ -13,14 +13,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name: the module it comes from, bottom layer first
-    **dict.fromkeys(("CheckpointError", "ConfigError", "DataError", "PyroVAEError",
-                     "TrainingDiverged"), "util.errors"),
+    **dict.fromkeys(
+        ("CheckpointError", "ConfigError", "DataError", "PyroVAEError", "TrainingDiverged"),
+        "util.errors",
+    ),
     **dict.fromkeys(("ParticleLogProbs", "vectorized_log_probs"), "core.log_probs"),
     "check_model": "core.protocol",
     "make_estimator": "infer",
-    "VAE": "models.vae", "ModelConfig": "models.config", "TrainConfig": "runs",
-    **dict.fromkeys(("Dataset", "Split", "as_source", "load_dataset", "load_digits",
-                     "load_mnist"), "data"),
+    "VAE": "models.vae",
+    "ModelConfig": "models.config",
+    "TrainConfig": "runs",
+    **dict.fromkeys(
+        ("Dataset", "Split", "as_source", "load_dataset", "load_digits", "load_mnist"), "data"
+    ),
     "evaluate_dataset": "evaluate",
     **dict.fromkeys(("History", "LoadedRun", "load_run", "read_config"), "runs"),
     **dict.fromkeys(("Callback", "TrainResult", "fit", "RunOptions"), "train"),

@@ -31,20 +31,32 @@ from pyro_vae.util.io import write_json
 
 
 @torch.no_grad()
-def class_log_joint(model: CVAE, images: torch.Tensor, *, num_particles: int,
-                    batch_size: int = EvalConfig.batch_size,
-                    particle_chunk: int | None = EvalConfig.particle_chunk) -> torch.Tensor:
+def class_log_joint(
+    model: CVAE,
+    images: torch.Tensor,
+    *,
+    num_particles: int,
+    batch_size: int = EvalConfig.batch_size,
+    particle_chunk: int | None = EvalConfig.particle_chunk,
+) -> torch.Tensor:
     """``[N, C]`` estimates log p̂_K(x_n, c) for every image and every label c."""
     if not getattr(model, "conditional", False):
-        raise ConfigError("generative classification needs a conditional model "
-                          "(pyro-vae train --model cvae)")
+        raise ConfigError(
+            "generative classification needs a conditional model (pyro-vae train --model cvae)"
+        )
     n, num_classes = images.shape[0], model.num_classes
     labels = torch.arange(num_classes, device=images.device).repeat(n)
     repeated = images.repeat_interleave(num_classes, dim=0)
     rows_per_batch = max(1, batch_size // num_classes) * num_classes
-    result = evaluate_dataset(model.model, model.guide, (repeated, labels),
-                              num_particles=num_particles, batch_size=rows_per_batch,
-                              particle_chunk=particle_chunk, khat=False)
+    result = evaluate_dataset(
+        model.model,
+        model.guide,
+        (repeated, labels),
+        num_particles=num_particles,
+        batch_size=rows_per_batch,
+        particle_chunk=particle_chunk,
+        khat=False,
+    )
     return result.log_px.reshape(n, num_classes)
 
 
@@ -86,51 +98,76 @@ class Classification:
     def per_class_accuracy(self) -> list[float | None]:
         matrix = self.confusion_matrix().double()
         totals = matrix.sum(1)
-        return [(matrix[i, i] / totals[i]).item() if totals[i] > 0 else None
-                for i in range(self.num_classes)]
+        return [
+            (matrix[i, i] / totals[i]).item() if totals[i] > 0 else None
+            for i in range(self.num_classes)
+        ]
 
     def summary(self) -> dict[str, Any]:
         marginal = self.log_marginal.double()
         n = marginal.shape[0]
         return {
-            "num_datapoints": n, "num_particles": self.num_particles,
-            "accuracy": self.accuracy, "per_class_accuracy": self.per_class_accuracy(),
+            "num_datapoints": n,
+            "num_particles": self.num_particles,
+            "accuracy": self.accuracy,
+            "per_class_accuracy": self.per_class_accuracy(),
             "confusion_matrix": self.confusion_matrix().tolist(),
-            "log_px": {"mean": marginal.mean().item(),
-                       "stderr": (marginal.std() / n ** 0.5).item() if n > 1 else None},
+            "log_px": {
+                "mean": marginal.mean().item(),
+                "stderr": (marginal.std() / n**0.5).item() if n > 1 else None,
+            },
         }
 
     def to_dict(self) -> dict[str, Any]:
         """The summary and, per image: true and predicted label, p(y | x) (``posterior``),
         log p̂_K(x, y) for every y (``log_joint``) and log p̂(x) (``log_px``)."""
-        return {"summary": self.summary(), "labels": self.labels.tolist(),
-                "predicted": self.predicted.tolist(), "posterior": self.posterior.tolist(),
-                "log_joint": self.log_joint.tolist(), "log_px": self.log_marginal.tolist()}
+        return {
+            "summary": self.summary(),
+            "labels": self.labels.tolist(),
+            "predicted": self.predicted.tolist(),
+            "posterior": self.posterior.tolist(),
+            "log_joint": self.log_joint.tolist(),
+            "log_px": self.log_marginal.tolist(),
+        }
 
 
-def classify(model: CVAE, images: torch.Tensor, labels: torch.Tensor, *, num_particles: int,
-             batch_size: int = EvalConfig.batch_size,
-             particle_chunk: int | None = EvalConfig.particle_chunk) -> Classification:
+def classify(
+    model: CVAE,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_particles: int,
+    batch_size: int = EvalConfig.batch_size,
+    particle_chunk: int | None = EvalConfig.particle_chunk,
+) -> Classification:
     """Classify ``images`` by ŷ = argmax_c log p̂_K(x, c) and score against ``labels``."""
     model.check_labels(labels, images.shape[0])
-    log_joint = class_log_joint(model, images, num_particles=num_particles,
-                                batch_size=batch_size, particle_chunk=particle_chunk)
+    log_joint = class_log_joint(
+        model,
+        images,
+        num_particles=num_particles,
+        batch_size=batch_size,
+        particle_chunk=particle_chunk,
+    )
     return Classification(log_joint.cpu(), labels.cpu(), num_particles)
 
 
 def format_classification(summary: dict[str, Any]) -> str:
     c = len(summary["per_class_accuracy"])
-    lines = [f"{summary['num_datapoints']} images, K = {summary['num_particles']} particles "
-             f"per label",
-             f"accuracy {summary['accuracy']:.2%}",
-             f"log p(x) = logsumexp_y log p_K(x, y): {summary['log_px']['mean']:.4f}"
-             + ("" if summary["log_px"]["stderr"] is None
-                else f" ± {summary['log_px']['stderr']:.4f}") + " nats",
-             "per-class accuracy: " + ", ".join(
-                 f"{i}: {'n/a' if a is None else f'{a:.0%}'}"
-                 for i, a in enumerate(summary["per_class_accuracy"])),
-             "confusion matrix (rows: true label, columns: predicted)",
-             "      " + "".join(f"{j:>6}" for j in range(c))]
+    lines = [
+        f"{summary['num_datapoints']} images, K = {summary['num_particles']} particles per label",
+        f"accuracy {summary['accuracy']:.2%}",
+        f"log p(x) = logsumexp_y log p_K(x, y): {summary['log_px']['mean']:.4f}"
+        + ("" if summary["log_px"]["stderr"] is None else f" ± {summary['log_px']['stderr']:.4f}")
+        + " nats",
+        "per-class accuracy: "
+        + ", ".join(
+            f"{i}: {'n/a' if a is None else f'{a:.0%}'}"
+            for i, a in enumerate(summary["per_class_accuracy"])
+        ),
+        "confusion matrix (rows: true label, columns: predicted)",
+        "      " + "".join(f"{j:>6}" for j in range(c)),
+    ]
     for i, row in enumerate(summary["confusion_matrix"]):
         lines.append(f"{i:>6}" + "".join(f"{v:>6}" for v in row))
     return "\n".join(lines)
@@ -146,8 +183,15 @@ def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
     dark = matrix.max().item() / 2  # white counts on the darker half of the colour scale
     for i in range(c):
         for j in range(c):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > dark else "black")
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] > dark else "black",
+            )
     ax.set_xticks(range(c))
     ax.set_yticks(range(c))
     ax.set_xlabel("predicted label")
@@ -156,13 +200,16 @@ def plot_confusion(matrix: torch.Tensor, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def save_classification(result: Classification, folder: str | Path, split: str,
-                        metadata: dict | None = None) -> dict[str, Path]:
+def save_classification(
+    result: Classification, folder: str | Path, split: str, metadata: dict | None = None
+) -> dict[str, Path]:
     """Write ``classify-<split>.json`` (``metadata``'s entries first, such as the checkpoint's
     epoch) and ``confusion-<split>.png`` into ``folder``."""
     folder = Path(folder)
-    paths = {"json": folder / f"classify-{split}.json",
-             "confusion": folder / f"confusion-{split}.png"}
+    paths = {
+        "json": folder / f"classify-{split}.json",
+        "confusion": folder / f"confusion-{split}.png",
+    }
     write_json(paths["json"], {**(metadata or {}), **result.to_dict()})
     plot_confusion(result.confusion_matrix(), paths["confusion"])
     return paths

@@ -81,17 +81,19 @@ def _run(args: argparse.Namespace) -> int:
     from pyro_vae.util.usercode import describe_failure, user_frame
 
     try:
-        with limit(getattr(args, "max_memory", None), how="--max-memory"), \
-                time_limit(getattr(args, "max_seconds", None), how="give --max-seconds"):
+        with (
+            limit(getattr(args, "max_memory", None), how="--max-memory"),
+            time_limit(getattr(args, "max_seconds", None), how="give --max-seconds"),
+        ):
             return COMMANDS[args.command](args)
     except PyroVAEError as exc:
         if _writer_rank() or exc.per_rank:  # an error every rank meets: rank 0 says it
-            print(f"pyro-vae {args.command}: error: {as_flags(_one_line(exc))}",
-                  file=sys.stderr)
+            print(f"pyro-vae {args.command}: error: {as_flags(_one_line(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as exc:
-        print(f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}",
-              file=sys.stderr)
+        print(
+            f"pyro-vae {args.command}: error: {_one_line(describe_os_error(exc))}", file=sys.stderr
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         where = user_frame(exc.__traceback__)
@@ -100,8 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except (Exception, SystemExit) as exc:  # the user's code: a factory, data function, model
         if is_allocation_failure(exc):
-            print(f"pyro-vae {args.command}: error: {allocation_message(exc)}",
-                  file=sys.stderr)
+            print(f"pyro-vae {args.command}: error: {allocation_message(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
         line = describe_failure(exc)
         if line is None and isinstance(exc, SystemExit):
@@ -117,4 +118,3 @@ def _run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -18,13 +18,24 @@ RESUMABLE = {"epochs", "device", "data_dir"}
 BDMC_BATCH = 100  # simulated datapoints per AIS batch of the bdmc command
 
 
-BUILTIN_MODEL_FLAGS = ("model", "latent_dim", "hidden", "likelihood", "obs_scale", "guide",
-                       "activation", "latent2_dim", "hidden2", "pseudo_inputs")
+BUILTIN_MODEL_FLAGS = (
+    "model",
+    "latent_dim",
+    "hidden",
+    "likelihood",
+    "obs_scale",
+    "guide",
+    "activation",
+    "latent2_dim",
+    "hidden2",
+    "pseudo_inputs",
+)
 
 
 def _flags(args: argparse.Namespace, names: Sequence[str]) -> str:
-    return ", ".join("--" + name.replace("_", "-") for name in names
-                     if getattr(args, name, None) is not None)
+    return ", ".join(
+        "--" + name.replace("_", "-") for name in names if getattr(args, name, None) is not None
+    )
 
 
 def _user_train_config(args: argparse.Namespace) -> TrainConfig:
@@ -34,36 +45,58 @@ def _user_train_config(args: argparse.Namespace) -> TrainConfig:
 
     ignored = _flags(args, BUILTIN_MODEL_FLAGS)
     if ignored:
-        raise ConfigError(f"{ignored} describe(s) the built-in model, not the pair of "
-                           "--model-factory: size your pair in its factory")
-    given = {"elbo": args.elbo, "particles": args.particles,
-             "importance_samples": args.importance_samples, "beta": args.beta,
-             "warmup": args.warmup, "epochs": args.epochs, "batch_size": args.batch_size,
-             "lr": args.lr, "seed": args.seed, "device": args.device,
-             "model_factory": absolute_spec(args.model_factory)}
+        raise ConfigError(
+            f"{ignored} describe(s) the built-in model, not the pair of "
+            "--model-factory: size your pair in its factory"
+        )
+    given = {
+        "elbo": args.elbo,
+        "particles": args.particles,
+        "importance_samples": args.importance_samples,
+        "beta": args.beta,
+        "warmup": args.warmup,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
+        "model_factory": absolute_spec(args.model_factory),
+    }
     given = {k: v for k, v in given.items() if v is not None}
     if args.data is None:
         builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
         return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
     if args.dataset is not None or args.binarize is not None:
-        raise ConfigError(f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
-                           "images: --data arrives as it is (transform it in its Dataset)")
-    return TrainConfig(dataset=None, model=None, binarize="none", data=absolute_spec(args.data),
-                       test_data=absolute_spec(args.test_data) if args.test_data else None,
-                       **given)
+        raise ConfigError(
+            f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
+            "images: --data arrives as it is (transform it in its Dataset)"
+        )
+    return TrainConfig(
+        dataset=None,
+        model=None,
+        binarize="none",
+        data=absolute_spec(args.data),
+        test_data=absolute_spec(args.test_data) if args.test_data else None,
+        **given,
+    )
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     if args.model_factory is not None:
         return _user_train_config(args)
     if args.data is not None or args.test_data is not None:
-        raise ConfigError("--data and --test-data need --model-factory (the pair to train on "
-                           "them)")
+        raise ConfigError("--data and --test-data need --model-factory (the pair to train on them)")
     defaults = TrainConfig()
     chosen = {
-        "family": args.model, "latent_dim": args.latent_dim, "hidden": args.hidden,
-        "likelihood": args.likelihood, "obs_scale": args.obs_scale, "guide": args.guide,
-        "activation": args.activation, "latent2_dim": args.latent2_dim, "hidden2": args.hidden2,
+        "family": args.model,
+        "latent_dim": args.latent_dim,
+        "hidden": args.hidden,
+        "likelihood": args.likelihood,
+        "obs_scale": args.obs_scale,
+        "guide": args.guide,
+        "activation": args.activation,
+        "latent2_dim": args.latent2_dim,
+        "hidden2": args.hidden2,
         "pseudo_inputs": args.pseudo_inputs,
     }
     family = args.model or defaults.model.family
@@ -72,16 +105,25 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
     if args.pseudo_inputs is not None and family != "vampprior":
         raise ConfigError("--pseudo-inputs sizes the VampPrior: it needs --model vampprior")
-    model = dataclasses.replace(defaults.model,
-                                **{k: v for k, v in chosen.items() if v is not None})
+    model = dataclasses.replace(
+        defaults.model, **{k: v for k, v in chosen.items() if v is not None}
+    )
     if args.binarize is None and model.likelihood == "gaussian":
         args.binarize = "none"
     given = {
-        "dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize,
-        "elbo": args.elbo, "particles": args.particles,
-        "importance_samples": args.importance_samples, "beta": args.beta, "warmup": args.warmup,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "binarize": args.binarize,
+        "elbo": args.elbo,
+        "particles": args.particles,
+        "importance_samples": args.importance_samples,
+        "beta": args.beta,
+        "warmup": args.warmup,
         "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "device": args.device,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
     }
     return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
 
@@ -104,13 +146,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pyro_vae.util.distributed import current_context
 
     if args.resume is not None:
-        fixed = ("dataset", "data", "test_data", "model_factory", *BUILTIN_MODEL_FLAGS,
-                 "binarize", "elbo", "particles", "importance_samples", "beta", "warmup",
-                 "batch_size", "lr", "seed", "out")
+        fixed = (
+            "dataset",
+            "data",
+            "test_data",
+            "model_factory",
+            *BUILTIN_MODEL_FLAGS,
+            "binarize",
+            "elbo",
+            "particles",
+            "importance_samples",
+            "beta",
+            "warmup",
+            "batch_size",
+            "lr",
+            "seed",
+            "out",
+        )
         changed = _flags(args, fixed)
         if changed:
-            raise ConfigError(f"{changed} cannot change on --resume: only --epochs, --device "
-                               "and --data-dir may be given")
+            raise ConfigError(
+                f"{changed} cannot change on --resume: only --epochs, --device "
+                "and --data-dir may be given"
+            )
         if args.force:
             raise ConfigError("--force is for a new run's --out, not for --resume")
         config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
@@ -125,34 +183,60 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _train_config(args)
         run_dir = args.out or _default_out(config)
-    unused = ", ".join(flag for flag, given in (("--download", args.download),
-                                                ("--data-dir", args.data_dir)) if given)
+    unused = ", ".join(
+        flag
+        for flag, given in (("--download", args.download), ("--data-dir", args.data_dir))
+        if given
+    )
     if unused and config.dataset != "mnist":
-        raise ConfigError(f"{unused} locate(s) the MNIST files; "
-                           + (f"the {config.dataset} images ship with the package"
-                              if config.dataset else "--data is read as it is"))
-    result = fit(config=config, options=RunOptions(
-        run_dir=run_dir, resume=args.resume is not None, force=args.force,
-        progress=not args.quiet, fused=not args.traced, compile=args.compile,
-        download=args.download, dist_timeout=args.dist_timeout))
+        raise ConfigError(
+            f"{unused} locate(s) the MNIST files; "
+            + (
+                f"the {config.dataset} images ship with the package"
+                if config.dataset
+                else "--data is read as it is"
+            )
+        )
+    result = fit(
+        config=config,
+        options=RunOptions(
+            run_dir=run_dir,
+            resume=args.resume is not None,
+            force=args.force,
+            progress=not args.quiet,
+            fused=not args.traced,
+            compile=args.compile,
+            download=args.download,
+            dist_timeout=args.dist_timeout,
+        ),
+    )
     if not current_context().is_main:
         return 0
     history = result.history
     if history.epoch:
-        held_out = (f", test ELBO {history.test_elbo[-1]:.3f}"
-                    if len(history.test_elbo) == len(history.epoch) else "")
-        print(f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
-              "nats per datapoint")
+        held_out = (
+            f", test ELBO {history.test_elbo[-1]:.3f}"
+            if len(history.test_elbo) == len(history.epoch)
+            else ""
+        )
+        print(
+            f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
+            "nats per datapoint"
+        )
     final = history.extra.get("final")
     if final:
         joint = "x, y" if getattr(result.model, "conditional", False) else "x"
-        print(f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
-              f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})")
+        print(
+            f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
+            f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})"
+        )
     compiled = result.compiled
     if compiled is not None and compiled.disabled is None:
-        print(f"compiled steps: {len(compiled.graphs)} graph(s) compiled in "
-              f"{compiled.compile_seconds:.1f} s; {compiled.compiled_steps} compiled and "
-              f"{compiled.eager_steps} eager steps")
+        print(
+            f"compiled steps: {len(compiled.graphs)} graph(s) compiled in "
+            f"{compiled.compile_seconds:.1f} s; {compiled.compiled_steps} compiled and "
+            f"{compiled.eager_steps} eager steps"
+        )
     print(f"run written to {run_dir}")
     return 0
 
@@ -173,8 +257,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, device=args.device)
     if run.dataset is None or not callable(getattr(run.model, "sample", None)):
-        raise ConfigError(f"sample draws images: {args.run_dir} is not a run on the built-in "
-                           "images of a pair with a sample method")
+        raise ConfigError(
+            f"sample draws images: {args.run_dir} is not a run on the built-in "
+            "images of a pair with a sample method"
+        )
     device = next(run.model.parameters()).device
     if run.model.conditional:
         labels = args.label if args.label else list(range(run.model.num_classes))
@@ -187,23 +273,31 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     else:
         if args.label:
             raise ConfigError("--label needs a conditional run (pyro-vae train --model cvae)")
-        rows, ncols = args.num, max(1, int(round(args.num ** 0.5)))
+        rows, ncols = args.num, max(1, int(round(args.num**0.5)))
         nrows = -(-rows // ncols)
     figure = grid_bytes(nrows, ncols, run.dataset.image_shape, f"a grid of {rows:,} samples")
-    require(inference_bytes(0, network_width(run.dataset, run.config), rows) + figure,
-            f"drawing {rows:,} samples and their grid", device)
+    require(
+        inference_bytes(0, network_width(run.dataset, run.config), rows) + figure,
+        f"drawing {rows:,} samples and their grid",
+        device,
+    )
     generator = torch.Generator(device=device).manual_seed(args.seed)
     output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:
         wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
-        images = run.model.sample(len(wanted), mean=not args.binary, generator=generator,
-                                  labels=wanted)
-        figure = plot_label_rows(images, labels, per_label, run.dataset.image_shape,
-                                 f"samples per label ({per_label} each)")
+        images = run.model.sample(
+            len(wanted), mean=not args.binary, generator=generator, labels=wanted
+        )
+        figure = plot_label_rows(
+            images,
+            labels,
+            per_label,
+            run.dataset.image_shape,
+            f"samples per label ({per_label} each)",
+        )
     else:
         images = run.model.sample(rows, mean=not args.binary, generator=generator)
-        figure = plot_grid(images, run.dataset.image_shape, ncols,
-                           f"{rows} samples from the prior")
+        figure = plot_grid(images, run.dataset.image_shape, ncols, f"{rows} samples from the prior")
     save_figure(figure, output)
     print(f"wrote {output}")
     return 0
@@ -227,31 +321,51 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     from pyro_vae.util.rng import forked_rng
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
-    data = (run.data(args.split, args.limit) if args.data is None
-            else given_data(run, args.data, args.limit))
+    data = (
+        run.data(args.split, args.limit)
+        if args.data is None
+        else given_data(run, args.data, args.limit)
+    )
     require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
-    with forked_rng(), pyro.get_param_store().scope(), \
-            pyro.validation_enabled(False):
+    with forked_rng(), pyro.get_param_store().scope(), pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
-        result = ais(run.model.model, run.model.guide, data, num_chains=args.chains,
-                     num_steps=args.ais_steps, start=args.ais_start,
-                     batch_size=args.batch_size, data_plate=data_plate_name(run.model))
+        result = ais(
+            run.model.model,
+            run.model.guide,
+            data,
+            num_chains=args.chains,
+            num_steps=args.ais_steps,
+            start=args.ais_start,
+            batch_size=args.batch_size,
+            data_plate=data_plate_name(run.model),
+        )
     summary = result.summary()
     label = output_label(args.split, args.data)
     out = args.run_dir / f"ais-{label}.json"
     netcdf = args.run_dir / f"ais-{label}.nc"
     with atomic_files() as files:  # both or neither; the netCDF writer in a child process
-        files.write_json(out, {**summary, "checkpoint_epoch": checkpoint_epoch(run),
-                               "start": args.ais_start, "seed": args.seed,
-                               "per_datapoint": {"log_px": result.log_px.tolist(),
-                                                 "accept": result.accept.tolist(),
-                                                 "ess": result.ess.tolist()}})
+        files.write_json(
+            out,
+            {
+                **summary,
+                "checkpoint_epoch": checkpoint_epoch(run),
+                "start": args.ais_start,
+                "seed": args.seed,
+                "per_datapoint": {
+                    "log_px": result.log_px.tolist(),
+                    "accept": result.accept.tolist(),
+                    "ess": result.ess.tolist(),
+                },
+            },
+        )
         with files.path(netcdf) as tmp:
             write_netcdf(result.to_inference_data(), tmp)
-    print(f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps from "
-          f"the {args.ais_start}): "
-          f"{summary['log_px']['mean']:.3f} nats per datapoint over "
-          f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}")
+    print(
+        f"AIS log p(x) ({summary['num_chains']} chains, {summary['num_steps']} steps from "
+        f"the {args.ais_start}): "
+        f"{summary['log_px']['mean']:.3f} nats per datapoint over "
+        f"{summary['num_datapoints']} datapoints; acceptance {summary['accept']:.2f}"
+    )
     print(f"wrote {out.name}, {netcdf.name} in {args.run_dir}")
     return 0
 
@@ -269,37 +383,56 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if getattr(run.model, "conditional", False):
-        raise ConfigError("bdmc simulates data from a model of x alone; a conditional run's "
-                           "model also takes the label")
+        raise ConfigError(
+            "bdmc simulates data from a model of x alone; a conditional run's "
+            "model also takes the label"
+        )
     test_data = run.data("test", args.num)
     require_ais_memory(run, args.chains, BDMC_BATCH, test_data, args.ais_steps)
     template = next(iter(test_data.ordered(args.num))).args
     if len(template) != 1:
-        raise ConfigError("bdmc simulates data from a model that takes the data as its one "
-                           "argument")
+        raise ConfigError(
+            "bdmc simulates data from a model that takes the data as its one argument"
+        )
     rows = len(template[0])
     if rows < args.num:
-        print(f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
-              f"shape the simulated data take: simulating {rows:,}", file=sys.stderr)
-    with forked_rng(), pyro.get_param_store().scope(), \
-            pyro.validation_enabled(False):
+        print(
+            f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
+            f"shape the simulated data take: simulating {rows:,}",
+            file=sys.stderr,
+        )
+    with forked_rng(), pyro.get_param_store().scope(), pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
         data, latents = simulate(run.model.model, run.model.guide, template[0])
-        result = bdmc(run.model.model, run.model.guide, data, latents, num_chains=args.chains,
-                      num_steps=args.ais_steps, batch_size=BDMC_BATCH,
-                      data_plate=data_plate_name(run.model))
+        result = bdmc(
+            run.model.model,
+            run.model.guide,
+            data,
+            latents,
+            num_chains=args.chains,
+            num_steps=args.ais_steps,
+            batch_size=BDMC_BATCH,
+            data_plate=data_plate_name(run.model),
+        )
     lower, upper = result.lower.log_px, result.upper.log_px
-    summary = {"num_datapoints": len(lower), "num_chains": args.chains,
-               "num_steps": args.ais_steps, "seed": args.seed,
-               "checkpoint_epoch": checkpoint_epoch(run),
-               "lower": lower.mean().item(), "upper": upper.mean().item(),
-               "gap": result.gap.mean().item(),
-               "per_datapoint": {"lower": lower.tolist(), "upper": upper.tolist()}}
+    summary = {
+        "num_datapoints": len(lower),
+        "num_chains": args.chains,
+        "num_steps": args.ais_steps,
+        "seed": args.seed,
+        "checkpoint_epoch": checkpoint_epoch(run),
+        "lower": lower.mean().item(),
+        "upper": upper.mean().item(),
+        "gap": result.gap.mean().item(),
+        "per_datapoint": {"lower": lower.tolist(), "upper": upper.tolist()},
+    }
     out = args.run_dir / "bdmc.json"
     write_json(out, summary)
-    print(f"BDMC on {len(lower)} simulated datapoints ({args.chains} chains, {args.ais_steps} "
-          f"steps): log p(x) between {summary['lower']:.3f} and {summary['upper']:.3f} nats "
-          f"(gap {summary['gap']:.3f})")
+    print(
+        f"BDMC on {len(lower)} simulated datapoints ({args.chains} chains, {args.ais_steps} "
+        f"steps): log p(x) between {summary['lower']:.3f} and {summary['upper']:.3f} nats "
+        f"(gap {summary['gap']:.3f})"
+    )
     print(f"wrote {out.name} in {args.run_dir}")
     return 0
 
@@ -315,8 +448,11 @@ def _fill_evaluate_options(args: argparse.Namespace) -> None:
 
     unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
     if unused:
-        raise ConfigError(f"{unused} appl(ies) to importance sampling, not to --ais" if args.ais
-                           else f"{unused} need(s) --ais (without it importance sampling runs)")
+        raise ConfigError(
+            f"{unused} appl(ies) to importance sampling, not to --ais"
+            if args.ais
+            else f"{unused} need(s) --ais (without it importance sampling runs)"
+        )
     defaults = EvalConfig()
     for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
         if getattr(args, name) is None:
@@ -332,11 +468,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.ais:
         return _cmd_ais(args)
 
-    result = evaluate_run(args.run_dir, particles=args.particles, split=args.split, data=args.data,
-                          limit=args.limit, batch_size=args.batch_size,
-                          particle_chunk=args.particle_chunk, seed=args.seed, device=args.device,
-                          data_dir=args.data_dir, progress=not args.quiet,
-                          dist_timeout=args.dist_timeout)
+    result = evaluate_run(
+        args.run_dir,
+        particles=args.particles,
+        split=args.split,
+        data=args.data,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        particle_chunk=args.particle_chunk,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+        dist_timeout=args.dist_timeout,
+    )
     if not current_context().is_main:
         return 0
     model = read_config(args.run_dir).model
@@ -351,8 +496,9 @@ def _load_conditional_run(args: argparse.Namespace):
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if run.dataset is None or not getattr(run.model, "conditional", False):
-        raise ConfigError(f"{args.command} needs a conditional run: train one with "
-                           "pyro-vae train --model cvae")
+        raise ConfigError(
+            f"{args.command} needs a conditional run: train one with pyro-vae train --model cvae"
+        )
     return run
 
 
@@ -370,19 +516,24 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     images = run.eval_images(args.split)
     labels = getattr(run.dataset, args.split).labels
     if args.limit is not None:
-        images, labels = images[:args.limit], labels[:args.limit]
+        images, labels = images[: args.limit], labels[: args.limit]
     classes = run.model.num_classes
     pairs = min(max(1, args.batch_size // classes) * classes, len(images) * classes)
     chunk = min(EvalConfig.particle_chunk, args.particles)
-    require(inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
-            f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
-            f"of {pairs:,} image-label pairs", images.device)
+    require(
+        inference_bytes(0, network_width(run.dataset, run.config), pairs * chunk),
+        f"classifying with {args.particles:,} particles in chunks of {chunk:,} on batches "
+        f"of {pairs:,} image-label pairs",
+        images.device,
+    )
     with forked_rng():
         torch.manual_seed(args.seed)
-        result = classify(run.model, images, labels, num_particles=args.particles,
-                          batch_size=args.batch_size)
-    paths = save_classification(result, args.run_dir, args.split,
-                                {"checkpoint_epoch": checkpoint_epoch(run)})
+        result = classify(
+            run.model, images, labels, num_particles=args.particles, batch_size=args.batch_size
+        )
+    paths = save_classification(
+        result, args.run_dir, args.split, {"checkpoint_epoch": checkpoint_epoch(run)}
+    )
     print(format_classification(result.summary()))
     print(f"wrote {paths['json'].name} and {paths['confusion'].name} in {args.run_dir}")
     return 0
@@ -400,22 +551,38 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     from pyro_vae.runs.plots import grid_bytes
     from pyro_vae.util.memory import require
 
-    require(grid_bytes(args.num, run.model.num_classes + 1, run.dataset.image_shape,
-                       f"a grid of {args.num:,} style transfers"),
-            f"drawing a grid of {args.num:,} style transfers")
-    images = run.eval_images("test")[:args.num]
-    labels = run.dataset.test.labels[:args.num]
+    require(
+        grid_bytes(
+            args.num,
+            run.model.num_classes + 1,
+            run.dataset.image_shape,
+            f"a grid of {args.num:,} style transfers",
+        ),
+        f"drawing a grid of {args.num:,} style transfers",
+    )
+    images = run.eval_images("test")[: args.num]
+    labels = run.dataset.test.labels[: args.num]
     decoded = run.model.transfer(images, labels)
     grid = torch.cat([images.unsqueeze(1), decoded], dim=1).flatten(0, 1)
-    figure = plot_grid(grid, run.dataset.image_shape, ncols=run.model.num_classes + 1,
-                       title="style transfer: source image, then decoded with each label",
-                       row_labels=[f"y={int(label)}" for label in labels],
-                       col_labels=["source", *map(str, range(run.model.num_classes))])
+    figure = plot_grid(
+        grid,
+        run.dataset.image_shape,
+        ncols=run.model.num_classes + 1,
+        title="style transfer: source image, then decoded with each label",
+        row_labels=[f"y={int(label)}" for label in labels],
+        col_labels=["source", *map(str, range(run.model.num_classes))],
+    )
     output = args.output or args.run_dir / "transfer.png"
     save_figure(figure, output)
     print(f"wrote {output}")
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate,
-            "classify": _cmd_classify, "transfer": _cmd_transfer, "bdmc": _cmd_bdmc}
+COMMANDS = {
+    "train": _cmd_train,
+    "sample": _cmd_sample,
+    "evaluate": _cmd_evaluate,
+    "classify": _cmd_classify,
+    "transfer": _cmd_transfer,
+    "bdmc": _cmd_bdmc,
+}

@@ -43,7 +43,8 @@ FLAGS = {
 _MENTION = re.compile(
     r"(?<![\w.\-])(?P<name>[a-z_][a-z0-9_]*)="
     r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;:()\[\]]+?)"
-    r"(?=[\s,;:()\[\]]|\.(?!\w)|$)")
+    r"(?=[\s,;:()\[\]]|\.(?!\w)|$)"
+)
 #: a Python call (one level of nested parentheses), whose keyword arguments stay Python
 _CALL = re.compile(r"[A-Za-z_][\w.]*\((?:[^()]|\([^()]*\))*\)")
 
@@ -66,6 +67,6 @@ def as_flags(text: str) -> str:
     --particles 4'``."""
     pieces, start = [], 0
     for call in _CALL.finditer(text):
-        pieces += [_MENTION.sub(_flag, text[start:call.start()]), call[0]]
+        pieces += [_MENTION.sub(_flag, text[start : call.start()]), call[0]]
         start = call.end()
     return "".join([*pieces, _MENTION.sub(_flag, text[start:])])

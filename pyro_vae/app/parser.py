@@ -80,7 +80,8 @@ def _hidden(text: str) -> tuple[int, ...]:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer sizes like 256,128, got {text!r}") from None
+            f"expected comma-separated layer sizes like 256,128, got {text!r}"
+        ) from None
     if not sizes or any(size < 1 for size in sizes):
         raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
     return sizes
@@ -88,94 +89,166 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
-    p = sub.add_parser("train", help="train a VAE with SVI",
-                       description="Train a VAE with SVI and write a run folder "
-                                   "(config, history, checkpoint, weights, plots).")
-    p.add_argument("--dataset", choices=DATASETS,
-                   help=f"a built-in dataset (default {defaults.dataset} unless --data is given)")
-    p.add_argument("--data", metavar="DATA",
-                   help="train on your own data: a .npz or .pt file of arrays (named after the "
-                        "model's arguments, or unnamed for positional ones) or FILE.py:FUNCTION "
-                        "returning a tensor, tuple, dict, Dataset or DataLoader, or a "
-                        "(train, test) pair of Datasets/DataLoaders; needs --model-factory")
-    p.add_argument("--test-data", metavar="DATA",
-                   help="held-out data in the same forms, scored after every epoch and at "
-                        "the end")
-    p.add_argument("--model-factory", metavar="FILE.py:FUNCTION",
-                   help="train your own model/guide pair: FUNCTION() returns the torch.nn.Module "
-                        "(also MODULE:FUNCTION); recorded in the run folder")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files "
-                                      "(default: $PYRO_VAE_DATA_DIR)")
-    p.add_argument("--download", action="store_true",
-                   help="download missing MNIST files into --data-dir (checksums verified)")
-    p.add_argument("--model", choices=MODEL_FAMILIES,
-                   help="vae, cvae (conditioned on the label), vae2 (two stochastic layers) or "
-                        "vampprior (the prior a mixture of the guide at learned pseudo-inputs); "
-                        f"default {defaults.model.family}")
-    p.add_argument("--likelihood", choices=LIKELIHOODS,
-                   help="bernoulli (binarized pixels) or gaussian (intensities); default "
-                        f"{defaults.model.likelihood}")
-    p.add_argument("--obs-scale", type=float, metavar="SIGMA",
-                   help="fixed standard deviation of the Gaussian likelihood "
-                        "(default: learned, shared by all pixels)")
-    p.add_argument("--guide", choices=GUIDES,
-                   help=f"diagonal or full covariance; default {defaults.model.guide}")
-    p.add_argument("--activation", choices=ACTIVATION_NAMES,
-                   help=f"default {defaults.model.activation}")
-    p.add_argument("--latent2-dim", type=_positive_int,
-                   help=f"vae2: size of the top latent z2 (default {defaults.model.latent2_dim})")
-    p.add_argument("--hidden2", type=_hidden,
-                   help="vae2: hidden sizes between z1 and z2 (default "
-                        f"{','.join(map(str, defaults.model.hidden2))})")
-    p.add_argument("--pseudo-inputs", type=_positive_int, metavar="M",
-                   help="vampprior: number of learned pseudo-inputs (default "
-                        f"{defaults.model.pseudo_inputs})")
-    p.add_argument("--binarize", choices=BINARIZATIONS,
-                   help=f"default {defaults.binarize} (none for a Gaussian likelihood)")
-    p.add_argument("--elbo", choices=ELBOS,
-                   help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
-                        "stl (sticking the landing), dreg (doubly reparameterized IWAE), "
-                        "vimco (IWAE with leave-one-out baselines for discrete guide sites "
-                        "that are sampled); guide sites marked for enumeration are summed out; "
-                        f"default {defaults.elbo}")
-    p.add_argument("--particles", type=_positive_int,
-                   help="draws averaged per datapoint outside the log: lower variance "
-                        f"(default {defaults.particles})")
-    p.add_argument("--importance-samples", type=_positive_int,
-                   help="draws inside the log, a tighter bound (iwae, dreg and vimco only; "
-                        f"default {defaults.importance_samples})")
-    p.add_argument("--beta", type=float, help=f"weight of the KL (rate) term "
-                                              f"(default {defaults.beta})")
-    p.add_argument("--warmup", type=int, metavar="STEPS",
-                   help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} over STEPS "
-                        "optimizer steps (default 0: none)")
-    p.add_argument("--latent-dim", type=_positive_int,
-                   help=f"default {defaults.model.latent_dim}")
-    p.add_argument("--hidden", type=_hidden,
-                   help="hidden layer sizes, comma-separated (default "
-                        f"{','.join(map(str, defaults.model.hidden))})")
+    p = sub.add_parser(
+        "train",
+        help="train a VAE with SVI",
+        description="Train a VAE with SVI and write a run folder "
+        "(config, history, checkpoint, weights, plots).",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help=f"a built-in dataset (default {defaults.dataset} unless --data is given)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help="train on your own data: a .npz or .pt file of arrays (named after the "
+        "model's arguments, or unnamed for positional ones) or FILE.py:FUNCTION "
+        "returning a tensor, tuple, dict, Dataset or DataLoader, or a "
+        "(train, test) pair of Datasets/DataLoaders; needs --model-factory",
+    )
+    p.add_argument(
+        "--test-data",
+        metavar="DATA",
+        help="held-out data in the same forms, scored after every epoch and at the end",
+    )
+    p.add_argument(
+        "--model-factory",
+        metavar="FILE.py:FUNCTION",
+        help="train your own model/guide pair: FUNCTION() returns the torch.nn.Module "
+        "(also MODULE:FUNCTION); recorded in the run folder",
+    )
+    p.add_argument(
+        "--data-dir", help="folder with the MNIST IDX files (default: $PYRO_VAE_DATA_DIR)"
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download missing MNIST files into --data-dir (checksums verified)",
+    )
+    p.add_argument(
+        "--model",
+        choices=MODEL_FAMILIES,
+        help="vae, cvae (conditioned on the label), vae2 (two stochastic layers) or "
+        "vampprior (the prior a mixture of the guide at learned pseudo-inputs); "
+        f"default {defaults.model.family}",
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        help="bernoulli (binarized pixels) or gaussian (intensities); default "
+        f"{defaults.model.likelihood}",
+    )
+    p.add_argument(
+        "--obs-scale",
+        type=float,
+        metavar="SIGMA",
+        help="fixed standard deviation of the Gaussian likelihood "
+        "(default: learned, shared by all pixels)",
+    )
+    p.add_argument(
+        "--guide",
+        choices=GUIDES,
+        help=f"diagonal or full covariance; default {defaults.model.guide}",
+    )
+    p.add_argument(
+        "--activation", choices=ACTIVATION_NAMES, help=f"default {defaults.model.activation}"
+    )
+    p.add_argument(
+        "--latent2-dim",
+        type=_positive_int,
+        help=f"vae2: size of the top latent z2 (default {defaults.model.latent2_dim})",
+    )
+    p.add_argument(
+        "--hidden2",
+        type=_hidden,
+        help="vae2: hidden sizes between z1 and z2 (default "
+        f"{','.join(map(str, defaults.model.hidden2))})",
+    )
+    p.add_argument(
+        "--pseudo-inputs",
+        type=_positive_int,
+        metavar="M",
+        help=f"vampprior: number of learned pseudo-inputs (default {defaults.model.pseudo_inputs})",
+    )
+    p.add_argument(
+        "--binarize",
+        choices=BINARIZATIONS,
+        help=f"default {defaults.binarize} (none for a Gaussian likelihood)",
+    )
+    p.add_argument(
+        "--elbo",
+        choices=ELBOS,
+        help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
+        "stl (sticking the landing), dreg (doubly reparameterized IWAE), "
+        "vimco (IWAE with leave-one-out baselines for discrete guide sites "
+        "that are sampled); guide sites marked for enumeration are summed out; "
+        f"default {defaults.elbo}",
+    )
+    p.add_argument(
+        "--particles",
+        type=_positive_int,
+        help="draws averaged per datapoint outside the log: lower variance "
+        f"(default {defaults.particles})",
+    )
+    p.add_argument(
+        "--importance-samples",
+        type=_positive_int,
+        help="draws inside the log, a tighter bound (iwae, dreg and vimco only; "
+        f"default {defaults.importance_samples})",
+    )
+    p.add_argument(
+        "--beta", type=float, help=f"weight of the KL (rate) term (default {defaults.beta})"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        metavar="STEPS",
+        help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} over STEPS "
+        "optimizer steps (default 0: none)",
+    )
+    p.add_argument("--latent-dim", type=_positive_int, help=f"default {defaults.model.latent_dim}")
+    p.add_argument(
+        "--hidden",
+        type=_hidden,
+        help="hidden layer sizes, comma-separated (default "
+        f"{','.join(map(str, defaults.model.hidden))})",
+    )
     p.add_argument("--epochs", type=_positive_int, help=f"default {defaults.epochs}")
     p.add_argument("--batch-size", type=_positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
     p.add_argument("--seed", type=parse_seed, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
-    p.add_argument("--out", type=_path, help="run folder (default runs/<dataset>); it may not "
-                                             "hold another run")
-    p.add_argument("--force", action="store_true",
-                   help="write the run into an --out folder that holds other files (never "
-                        "over another run)")
-    p.add_argument("--resume", type=_path, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (only --epochs, --device and --data-dir "
-                        "may change)")
+    p.add_argument(
+        "--out", type=_path, help="run folder (default runs/<dataset>); it may not hold another run"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write the run into an --out folder that holds other files (never over another run)",
+    )
+    p.add_argument(
+        "--resume",
+        type=_path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--traced", action="store_true",
-                   help="run every step through Pyro's traces, not the fused loss of the "
-                        "built-in VAE (the same numbers, slower: for checking; not saved)")
-    p.add_argument("--compile", action="store_true",
-                   help="capture each training step (loss, gradients, Adam) as a graph per "
-                        "batch shape and compile it: faster steps after a compile of seconds; "
-                        "a pair that cannot be captured trains eagerly (not saved; may be "
-                        "given with --resume)")
+    p.add_argument(
+        "--traced",
+        action="store_true",
+        help="run every step through Pyro's traces, not the fused loss of the "
+        "built-in VAE (the same numbers, slower: for checking; not saved)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="capture each training step (loss, gradients, Adam) as a graph per "
+        "batch shape and compile it: faster steps after a compile of seconds; "
+        "a pair that cannot be captured trains eagerly (not saved; may be "
+        "given with --resume)",
+    )
     _add_max_memory(p)
     _add_max_seconds(p, default=None)
     _add_dist_timeout(p)
@@ -191,43 +264,70 @@ def _memory_size(text: str) -> int:
 
 
 def _add_max_memory(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
-                        help="refuse, before allocating, sizes whose estimated memory exceeds "
-                             "SIZE (512M, 4G, ...; default: the memory free on the device)")
+    parser.add_argument(
+        "--max-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="refuse, before allocating, sizes whose estimated memory exceeds "
+        "SIZE (512M, 4G, ...; default: the memory free on the device)",
+    )
 
 
-def _add_max_seconds(parser: argparse.ArgumentParser,
-                     default: float | None = DEFAULT_MAX_SECONDS) -> None:
+def _add_max_seconds(
+    parser: argparse.ArgumentParser, default: float | None = DEFAULT_MAX_SECONDS
+) -> None:
     shown = "no bound" if default is None else f"{default:g}"
-    parser.add_argument("--max-seconds", type=_positive_float, default=default,
-                        metavar="SECONDS",
-                        help="refuse, after timing its first pieces (steps, particle chunks), "
-                             f"work whose estimated time exceeds SECONDS (default {shown})")
+    parser.add_argument(
+        "--max-seconds",
+        type=_positive_float,
+        default=default,
+        metavar="SECONDS",
+        help="refuse, after timing its first pieces (steps, particle chunks), "
+        f"work whose estimated time exceeds SECONDS (default {shown})",
+    )
 
 
 def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
     from pyro_vae.util.distributed import DEFAULT_TIMEOUT_S, ENV_TIMEOUT
 
-    parser.add_argument("--dist-timeout", type=_positive_float, metavar="SECONDS",
-                        help="under torchrun: how long a rank waits for the others before "
-                             f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before "
+        f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="write a grid of new images from a saved run",
-                       description="Decode draws from the prior of a saved run's model into a "
-                                   "grid of images, written as a PNG file (CVAE runs: one row "
-                                   "per label, or the labels given by --label).")
+    p = sub.add_parser(
+        "sample",
+        help="write a grid of new images from a saved run",
+        description="Decode draws from the prior of a saved run's model into a "
+        "grid of images, written as a PNG file (CVAE runs: one row "
+        "per label, or the labels given by --label).",
+    )
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
-    p.add_argument("--num", type=_positive_int, default=64,
-                   help="number of images (default 64); CVAE runs: split evenly over the labels, "
-                        "at least one each")
+    p.add_argument(
+        "--num",
+        type=_positive_int,
+        default=64,
+        help="number of images (default 64); CVAE runs: split evenly over the labels, "
+        "at least one each",
+    )
     p.add_argument("--seed", type=parse_seed, default=0, help="seed of the draws (default 0)")
-    p.add_argument("--binary", action="store_true",
-                   help="draw x ~ p(x | z) (Bernoulli pixels, or Gaussian noise for a Gaussian "
-                        "run) instead of showing the decoder mean")
-    p.add_argument("--label", type=int, action="append",
-                   help="CVAE runs: generate this label (repeatable; default one row per label)")
+    p.add_argument(
+        "--binary",
+        action="store_true",
+        help="draw x ~ p(x | z) (Bernoulli pixels, or Gaussian noise for a Gaussian "
+        "run) instead of showing the decoder mean",
+    )
+    p.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        help="CVAE runs: generate this label (repeatable; default one row per label)",
+    )
     p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     _add_max_memory(p)
@@ -238,56 +338,86 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     from pyro_vae.runs import EvalConfig
 
     defaults = EvalConfig()
-    p = sub.add_parser("evaluate", help="per-datapoint log p_K(x), ELBO, gap, ESS and k-hat",
-                       description="Importance-weighted evaluation of a saved run: writes "
-                                   "eval-<split>.json, eval-<split>.nc, gap-<split>.png and, "
-                                   f"with K >= {MIN_KHAT_PARTICLES}, khat-<split>.png into the "
-                                   "run folder (with --data, data-<file stem> in place of "
-                                   "<split>).")
-    _add_scored_split(p, defaults, "datapoint", "evaluate only the first N datapoints",
-                      particles=None)
-    p.add_argument("--data", metavar="DATA",
-                   help="evaluate on these data instead of the run's split (the forms of "
-                        "train --data)")
-    p.add_argument("--particle-chunk", type=_positive_int,
-                   help=f"particles per call; bounds memory (default {defaults.particle_chunk})")
+    p = sub.add_parser(
+        "evaluate",
+        help="per-datapoint log p_K(x), ELBO, gap, ESS and k-hat",
+        description="Importance-weighted evaluation of a saved run: writes "
+        "eval-<split>.json, eval-<split>.nc, gap-<split>.png and, "
+        f"with K >= {MIN_KHAT_PARTICLES}, khat-<split>.png into the "
+        "run folder (with --data, data-<file stem> in place of "
+        "<split>).",
+    )
+    _add_scored_split(
+        p, defaults, "datapoint", "evaluate only the first N datapoints", particles=None
+    )
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help="evaluate on these data instead of the run's split (the forms of train --data)",
+    )
+    p.add_argument(
+        "--particle-chunk",
+        type=_positive_int,
+        help=f"particles per call; bounds memory (default {defaults.particle_chunk})",
+    )
     _add_seeded_calls(p, defaults, "datapoints per call")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--ais", action="store_true",
-                   help="annealed importance sampling instead: HMC chains from the guide to the "
-                        "posterior, a lower bound on log p(x) that does not depend on the "
-                        "guide's quality; writes ais-<split>.json")
-    p.add_argument("--ais-steps", type=_positive_int,
-                   help="annealing steps of --ais (default 500)")
-    p.add_argument("--ais-start", choices=("guide", "prior"),
-                   help="density the --ais chains start from: the guide q(z|x) (default) or "
-                        "the prior p(z), which needs more steps")
-    p.add_argument("--chains", type=_positive_int,
-                   help="AIS chains per datapoint (default 16)")
+    p.add_argument(
+        "--ais",
+        action="store_true",
+        help="annealed importance sampling instead: HMC chains from the guide to the "
+        "posterior, a lower bound on log p(x) that does not depend on the "
+        "guide's quality; writes ais-<split>.json",
+    )
+    p.add_argument("--ais-steps", type=_positive_int, help="annealing steps of --ais (default 500)")
+    p.add_argument(
+        "--ais-start",
+        choices=("guide", "prior"),
+        help="density the --ais chains start from: the guide q(z|x) (default) or "
+        "the prior p(z), which needs more steps",
+    )
+    p.add_argument("--chains", type=_positive_int, help="AIS chains per datapoint (default 16)")
     _add_max_memory(p)
     _add_max_seconds(p)
     _add_dist_timeout(p)
 
 
-def _add_scored_split(p: argparse.ArgumentParser, defaults: object, per: str, limit_help: str,
-                      particles: int | None) -> None:
+def _add_scored_split(
+    p: argparse.ArgumentParser, defaults: object, per: str, limit_help: str, particles: int | None
+) -> None:
     """RUN_DIR, the importance samples K (``particles``: the default, ``None`` for the
     config's), the split and a limit: what evaluate and classify score."""
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     shown = defaults.particles if particles is None else particles
-    p.add_argument("--particles", type=_positive_int, default=particles,
-                   help=f"importance samples K per {per} (default {shown})")
-    p.add_argument("--split", choices=("train", "test"), default=defaults.split,
-                   help=f"which split of the run's dataset (default {defaults.split})")
+    p.add_argument(
+        "--particles",
+        type=_positive_int,
+        default=particles,
+        help=f"importance samples K per {per} (default {shown})",
+    )
+    p.add_argument(
+        "--split",
+        choices=("train", "test"),
+        default=defaults.split,
+        help=f"which split of the run's dataset (default {defaults.split})",
+    )
     p.add_argument("--limit", type=_positive_int, help=limit_help)
 
 
 def _add_seeded_calls(p: argparse.ArgumentParser, defaults: object, batch_help: str) -> None:
     """The batch size, seed, MNIST folder and device of a scoring command."""
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
-                   help=f"{batch_help} (default {defaults.batch_size})")
-    p.add_argument("--seed", type=parse_seed, default=defaults.seed,
-                   help=f"seed of the importance samples (default {defaults.seed})")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=defaults.batch_size,
+        help=f"{batch_help} (default {defaults.batch_size})",
+    )
+    p.add_argument(
+        "--seed",
+        type=parse_seed,
+        default=defaults.seed,
+        help=f"seed of the importance samples (default {defaults.seed})",
+    )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
@@ -296,19 +426,26 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     from pyro_vae.runs import EvalConfig
 
     defaults = EvalConfig()
-    p = sub.add_parser("classify", help="generative classification with a CVAE run",
-                       description="Classify by argmax_y log p_K(x | y) + log p(y); writes "
-                                   "classify-<split>.json (with p(y | x) per image) and "
-                                   "confusion-<split>.png into the run folder.")
-    _add_scored_split(p, defaults, "image and label", "classify only the first N images",
-                      particles=100)
+    p = sub.add_parser(
+        "classify",
+        help="generative classification with a CVAE run",
+        description="Classify by argmax_y log p_K(x | y) + log p(y); writes "
+        "classify-<split>.json (with p(y | x) per image) and "
+        "confusion-<split>.png into the run folder.",
+    )
+    _add_scored_split(
+        p, defaults, "image and label", "classify only the first N images", particles=100
+    )
     _add_max_memory(p)
     _add_max_seconds(p)
     _add_seeded_calls(p, defaults, "image-label pairs per call")
 
-    p = sub.add_parser("transfer", help="style transfer with a CVAE run",
-                       description="Encode test images with their true label and decode the "
-                                   "same z with every label: a grid, one row per image.")
+    p = sub.add_parser(
+        "transfer",
+        help="style transfer with a CVAE run",
+        description="Encode test images with their true label and decode the "
+        "same z with every label: a grid, one row per image.",
+    )
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
     p.add_argument("--num", type=_positive_int, default=8, help="source images (default 8)")
     p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/transfer.png)")
@@ -317,19 +454,28 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bdmc(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bdmc", help="bidirectional Monte Carlo: AIS bounds below and above "
-                                    "log p(x) on data simulated from a run's model",
-                       description="Simulate datapoints from a run's model (their latents are "
-                                   "exact posterior draws), then run forward AIS (a lower bound "
-                                   "on log p(x)) and reverse AIS (an upper bound); writes "
-                                   "bdmc.json into the run folder.")
+    p = sub.add_parser(
+        "bdmc",
+        help="bidirectional Monte Carlo: AIS bounds below and above "
+        "log p(x) on data simulated from a run's model",
+        description="Simulate datapoints from a run's model (their latents are "
+        "exact posterior draws), then run forward AIS (a lower bound "
+        "on log p(x)) and reverse AIS (an upper bound); writes "
+        "bdmc.json into the run folder.",
+    )
     p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
-    p.add_argument("--num", type=_positive_int, default=100,
-                   help="simulated datapoints (default 100)")
-    p.add_argument("--ais-steps", type=_positive_int, default=500,
-                   help="annealing steps each way (default 500)")
-    p.add_argument("--chains", type=_positive_int, default=16,
-                   help="chains per datapoint (default 16)")
+    p.add_argument(
+        "--num", type=_positive_int, default=100, help="simulated datapoints (default 100)"
+    )
+    p.add_argument(
+        "--ais-steps",
+        type=_positive_int,
+        default=500,
+        help="annealing steps each way (default 500)",
+    )
+    p.add_argument(
+        "--chains", type=_positive_int, default=16, help="chains per datapoint (default 16)"
+    )
     p.add_argument("--seed", type=parse_seed, default=0, help="seed (default 0)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -341,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="pyro-vae",
         description="Train variational autoencoders and your own Pyro model/guide pairs, then "
-                    "sample from, evaluate and classify with the run folders they write. "
-                    "'pyro-vae COMMAND --help' lists a command's options with their defaults.")
+        "sample from, evaluate and classify with the run folders they write. "
+        "'pyro-vae COMMAND --help' lists a command's options with their defaults.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)

@@ -33,8 +33,9 @@ def batch_length(args: tuple, kwargs: dict) -> int:
             return int(leaf.batch_sizes[0])
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
             return leaf.shape[0]
-    raise DataError("a batch holds no tensor with a datapoint dimension, so its number of "
-                    "datapoints is unknown")
+    raise DataError(
+        "a batch holds no tensor with a datapoint dimension, so its number of datapoints is unknown"
+    )
 
 
 def floating_tensors(args: tuple, kwargs: dict) -> Iterator[tuple[str, torch.Tensor]]:

@@ -75,8 +75,7 @@ class FixSites(Messenger):
         if value is None:
             return
         fn = msg["fn"]
-        msg["value"] = value.to(device=_device(msg)).expand(
-            *fn.batch_shape, *fn.event_shape)
+        msg["value"] = value.to(device=_device(msg)).expand(*fn.batch_shape, *fn.event_shape)
         msg["is_observed"] = True
 
 
@@ -90,15 +89,16 @@ def _device(msg: dict) -> torch.device | None:
 
 def is_enumerated(site: dict) -> bool:
     """Whether a trace's sample site is marked for enumeration and has a finite support."""
-    return (site.get("infer", {}).get("enumerate") in ENUMERATE_MODES
-            and site["fn"].has_enumerate_support)
+    return (
+        site.get("infer", {}).get("enumerate") in ENUMERATE_MODES
+        and site["fn"].has_enumerate_support
+    )
 
 
 def enumerated_sites(guide: Callable, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     """The guide's sites marked for enumeration, each with its support ``[C, *event_shape]``,
     found by one trace of the guide (random state forked, gradients off)."""
-    with forked_rng(), torch.no_grad(), poutine.block(), \
-            pyro.validation_enabled(False):
+    with forked_rng(), torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return enumerated_sites_of(trace)
 
@@ -113,17 +113,21 @@ def enumerated_sites_of(trace: Any) -> dict[str, torch.Tensor]:
             continue
         fn = site["fn"]
         if not fn.has_enumerate_support:
-            raise ConfigError(f"guide site {name!r} is marked for enumeration but "
-                              f"{type(fn).__name__} has no finite support to sum over")
+            raise ConfigError(
+                f"guide site {name!r} is marked for enumeration but "
+                f"{type(fn).__name__} has no finite support to sum over"
+            )
         support = fn.enumerate_support(expand=False)
         sites[name] = support.reshape(support.shape[0], *fn.event_shape).detach()
     total = 1
     for support in sites.values():
         total *= support.shape[0]
     if total > MAX_CONFIGURATIONS:
-        raise ConfigError(f"the enumerated sites {list(sites)} have {total} combinations of "
-                          f"values, more than {MAX_CONFIGURATIONS}: sum over fewer, or sample "
-                          "them with a score-function estimator")
+        raise ConfigError(
+            f"the enumerated sites {list(sites)} have {total} combinations of "
+            f"values, more than {MAX_CONFIGURATIONS}: sum over fewer, or sample "
+            "them with a score-function estimator"
+        )
     return sites
 
 
@@ -141,9 +145,11 @@ def num_configurations(sites: dict[str, torch.Tensor]) -> int:
 
 def fixed(fn: Callable, values: dict[str, torch.Tensor]) -> Callable:
     """``fn`` with the sites in ``values`` fixed (see :class:`FixSites`)."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
         with FixSites(values):
             return fn(*args, **kwargs)
+
     run.__self__ = getattr(fn, "__self__", fn)  # the pair's identity, for per-pair caches
     return run
 
@@ -160,10 +166,10 @@ class _ExactLogRing(LogRing):
         total = None
         for term in terms:
             own = [name for name in names if name in term._pyro_dims]
-            aligned = term.permute([term._pyro_dims.index(name) for name in own]) if own \
-                else term
-            aligned = aligned.reshape([aligned.shape[own.index(name)] if name in own else 1
-                                       for name in names])
+            aligned = term.permute([term._pyro_dims.index(name) for name in own]) if own else term
+            aligned = aligned.reshape(
+                [aligned.shape[own.index(name)] if name in own else 1 for name in names]
+            )
             total = aligned if total is None else total + aligned
         axes = [axis for axis, name in enumerate(names) if name in dims]
         result = torch.logsumexp(total, axes) if axes else total
@@ -183,6 +189,7 @@ def _marks_parallel(fn: Callable) -> Callable:
     def run(*args: Any, **kwargs: Any) -> Any:
         with _ParallelMarks():
             return fn(*args, **kwargs)
+
     return run
 
 
@@ -201,14 +208,24 @@ def enumerated_guide(guide: Callable, first_available_dim: int) -> Callable:
 def enumerated_in(trace: Any, skip: Any = ()) -> list[str]:
     """The sample sites of ``trace`` that were enumerated (marked, finite support, neither
     observed nor named in ``skip``)."""
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and name not in skip
-            and is_enumerated(site)]
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and name not in skip
+        and is_enumerated(site)
+    ]
 
 
-def _packed_terms(model_trace: Any, guide_trace: Any, model_sites: list[str],
-                  guide_sites: list[str], target_plates: tuple[str, ...],
-                  weights: dict[str, float]) -> tuple[list, list, dict[str, str]]:
+def _packed_terms(
+    model_trace: Any,
+    guide_trace: Any,
+    model_sites: list[str],
+    guide_sites: list[str],
+    target_plates: tuple[str, ...],
+    weights: dict[str, float],
+) -> tuple[list, list, dict[str, str]]:
     """The packed log-densities of ``model_sites`` and ``guide_sites`` (unscaled, masked,
     times ``weights.get(name, 1)``), each as ``(ordinal, term)``, and the plates' symbols."""
     for trace, names in ((guide_trace, guide_sites), (model_trace, model_sites)):
@@ -218,8 +235,10 @@ def _packed_terms(model_trace: Any, guide_trace: Any, model_sites: list[str],
     model_trace.pack_tensors(guide_trace.plate_to_symbol)
     plate_to_symbol = model_trace.plate_to_symbol
     packed: tuple[list, list] = ([], [])
-    for trace, names, out in ((model_trace, model_sites, packed[0]),
-                              (guide_trace, guide_sites, packed[1])):
+    for trace, names, out in (
+        (model_trace, model_sites, packed[0]),
+        (guide_trace, guide_sites, packed[1]),
+    ):
         for name in names:
             site = trace.nodes[name]
             frames = [frame.name for frame in site["cond_indep_stack"] if frame.vectorized]
@@ -229,9 +248,9 @@ def _packed_terms(model_trace: Any, guide_trace: Any, model_sites: list[str],
                     f"site {name!r} lies outside the plate {missing[0]!r} but its density "
                     "depends on an enumerated site, or is summed with them: enumerated sites "
                     f"and the sites that depend on them must lie inside pyro.plate"
-                    f"({missing[0]!r}, N)")
-            term = scale_and_mask(site["packed"]["unscaled_log_prob"],
-                                  mask=site["packed"]["mask"])
+                    f"({missing[0]!r}, N)"
+                )
+            term = scale_and_mask(site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"])
             weight = weights.get(name, 1.0)
             if weight != 1.0:
                 dims, term = term._pyro_dims, term * weight
@@ -240,8 +259,9 @@ def _packed_terms(model_trace: Any, guide_trace: Any, model_sites: list[str],
     return packed[0], packed[1], plate_to_symbol
 
 
-def _unpacked(total: torch.Tensor, targets: tuple[str, ...], sizes: tuple[int, ...]
-              ) -> torch.Tensor:
+def _unpacked(
+    total: torch.Tensor, targets: tuple[str, ...], sizes: tuple[int, ...]
+) -> torch.Tensor:
     """A packed tensor over (some of) the ``targets`` symbols as a tensor of shape ``sizes``."""
     present = [symbol for symbol in targets if symbol in total._pyro_dims]
     order = [total._pyro_dims.index(symbol) for symbol in present]
@@ -250,10 +270,15 @@ def _unpacked(total: torch.Tensor, targets: tuple[str, ...], sizes: tuple[int, .
     return total.reshape(shape).expand(sizes)
 
 
-def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[str],
-                         guide_sites: list[str], target_plates: tuple[str, ...],
-                         sizes: tuple[int, ...], weights: dict[str, float] | None = None
-                         ) -> torch.Tensor:
+def contract_log_weights(
+    model_trace: Any,
+    guide_trace: Any,
+    model_sites: list[str],
+    guide_sites: list[str],
+    target_plates: tuple[str, ...],
+    sizes: tuple[int, ...],
+    weights: dict[str, float] | None = None,
+) -> torch.Tensor:
     """Σ of the log-densities of ``model_sites`` minus those of ``guide_sites`` (each unscaled,
     masked, times ``weights.get(name, 1)``), with every enumerated dimension summed out in log
     space and every plate but ``target_plates`` product-contracted (summed in log space).
@@ -265,7 +290,8 @@ def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
         sites that the plates cannot hold (a plate's site on which a site outside it depends).
     """
     model_terms, guide_terms, plate_to_symbol = _packed_terms(
-        model_trace, guide_trace, model_sites, guide_sites, target_plates, weights or {})
+        model_trace, guide_trace, model_sites, guide_sites, target_plates, weights or {}
+    )
     plate_symbols = set(plate_to_symbol.values())
     tree: OrderedDict = OrderedDict()
     sum_dims: set[str] = set()
@@ -277,8 +303,9 @@ def contract_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
     try:
         total = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(targets), ring=ring)
     except ValueError as exc:
-        raise ConfigError(f"the enumerated sites cannot be summed out plate by plate: {exc}"
-                          ) from None
+        raise ConfigError(
+            f"the enumerated sites cannot be summed out plate by plate: {exc}"
+        ) from None
     return _unpacked(total, targets, sizes)
 
 
@@ -286,14 +313,20 @@ def value_dims(site: dict) -> set[int]:
     """The dimensions along which an enumerated site's value varies (its own enumeration
     dimension), as negative batch indices."""
     value = site["value"]
-    batch = value.shape[:value.dim() - site["fn"].event_dim]
+    batch = value.shape[: value.dim() - site["fn"].event_dim]
     return {dim - len(batch) for dim, size in enumerate(batch) if size != 1}
 
 
-def expected_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[str],
-                         guide_sites: list[str], enumerated: list[str],
-                         target_plates: tuple[str, ...], sizes: tuple[int, ...],
-                         weights: dict[str, float] | None = None) -> torch.Tensor:
+def expected_log_weights(
+    model_trace: Any,
+    guide_trace: Any,
+    model_sites: list[str],
+    guide_sites: list[str],
+    enumerated: list[str],
+    target_plates: tuple[str, ...],
+    sizes: tuple[int, ...],
+    weights: dict[str, float] | None = None,
+) -> torch.Tensor:
     r"""The ELBO that Pyro's ``TraceEnum_ELBO`` computes when the guide enumerates the sites
     ``enumerated`` (c): the expectation over c under q(c | x), exact, of the log-weight,
 
@@ -312,19 +345,27 @@ def expected_log_weights(model_trace: Any, guide_trace: Any, model_sites: list[s
     refused: their q(c | x) is not a product of the sites' factors.
     """
     model_terms, guide_terms, plate_to_symbol = _packed_terms(
-        model_trace, guide_trace, model_sites, guide_sites + enumerated, target_plates,
-        weights or {})
+        model_trace,
+        guide_trace,
+        model_sites,
+        guide_sites + enumerated,
+        target_plates,
+        weights or {},
+    )
     plate_symbols = set(plate_to_symbol.values())
-    factors = guide_terms[len(guide_sites):]
+    factors = guide_terms[len(guide_sites) :]
     own_dims = [value_dims(guide_trace.nodes[name]) for name in enumerated]
     if sum(len(dims) for dims in own_dims) != len(set().union(*own_dims)):
-        raise ConfigError("the guide reuses an enumeration dimension (pyro.markov): the ELBO "
-                          "of its enumerated sites is not computed, only the summed bound")
+        raise ConfigError(
+            "the guide reuses an enumeration dimension (pyro.markov): the ELBO "
+            "of its enumerated sites is not computed, only the summed bound"
+        )
     guide_dims = set().union(*(set(term._pyro_dims) for _, term in factors)) - plate_symbols
     targets = tuple(plate_to_symbol[plate] for plate in target_plates)
     ring = _ExactLogRing(dim_to_size=dict(zip(targets, sizes)))
-    model_dims = set().union(*(set(term._pyro_dims) for _, term in model_terms)) \
-        - plate_symbols - guide_dims
+    model_dims = (
+        set().union(*(set(term._pyro_dims) for _, term in model_terms)) - plate_symbols - guide_dims
+    )
     costs = list(model_terms)
     if model_dims:
         tree: OrderedDict = OrderedDict()

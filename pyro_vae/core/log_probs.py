@@ -54,11 +54,18 @@ class ParticleLogProbs:
         return self.log_p_global - self.log_q_global
 
 
-def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_particles: int = 1,
-                         max_plate_nesting: int | None = None, data_plate: str | None = None,
-                         compact: bool = False,
-                         vectorize: bool = True, require_data_plate: bool = True,
-                         **kwargs: Any) -> ParticleLogProbs:
+def vectorized_log_probs(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_particles: int = 1,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+    compact: bool = False,
+    vectorize: bool = True,
+    require_data_plate: bool = True,
+    **kwargs: Any,
+) -> ParticleLogProbs:
     """Per-datapoint log p(x, z_k) and log q(z_k|x) for ``num_particles`` draws z_k ~ q(z|x),
     read from the same draws the estimators use (:func:`draw_particles`, every enumerated site
     summed out).
@@ -82,9 +89,18 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
         raise ConfigError("vectorize=False draws one particle per call")
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    drawn = draw_particles(model, guide, args, kwargs, num_particles, max_plate_nesting,
-                           plated=vectorize, data_plate=data_plate, compact=compact,
-                           require_data_plate=require_data_plate)
+    drawn = draw_particles(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles,
+        max_plate_nesting,
+        plated=vectorize,
+        data_plate=data_plate,
+        compact=compact,
+        require_data_plate=require_data_plate,
+    )
     trace_enum_elbo = None
     if drawn.guide_enumerated:
         log_p = drawn.summed_log_weights(1.0)
@@ -97,7 +113,15 @@ def vectorized_log_probs(model: Callable, guide: Callable, *args: Any, num_parti
         log_p = drawn.log_lik + drawn.log_prior
         log_q = drawn.log_q
     globals_ = drawn.global_latents
-    return ParticleLogProbs(log_p, log_q, drawn.model_trace, drawn.guide_trace,
-                            drawn.data_plate, drawn.global_log_prior, drawn.global_log_q,
-                            tuple(site["name"] for site in globals_), drawn.guide_enumerated,
-                            trace_enum_elbo)
+    return ParticleLogProbs(
+        log_p,
+        log_q,
+        drawn.model_trace,
+        drawn.guide_trace,
+        drawn.data_plate,
+        drawn.global_log_prior,
+        drawn.global_log_q,
+        tuple(site["name"] for site in globals_),
+        drawn.guide_enumerated,
+        trace_enum_elbo,
+    )

@@ -65,8 +65,10 @@ class PyroPair(nn.Module):
         self._model_fn, self._guide_fn = model, guide
         # the modules the two are, or whose methods they are: their parameters, buffers and
         # train/eval mode are the pair's
-        guide_module, model_module = (fn if isinstance(fn, nn.Module) else
-                                      getattr(fn, "__self__", None) for fn in (guide, model))
+        guide_module, model_module = (
+            fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+            for fn in (guide, model)
+        )
         if isinstance(guide_module, nn.Module):
             self.guide_module = guide_module
         if isinstance(model_module, nn.Module) and model_module is not guide_module:
@@ -77,8 +79,7 @@ class PyroPair(nn.Module):
         self._pending: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
-        return (f"PyroPair(model={_describe(self._model_fn)}, "
-                f"guide={_describe(self._guide_fn)})")
+        return f"PyroPair(model={_describe(self._model_fn)}, guide={_describe(self._guide_fn)})"
 
     def model(self, *args: Any, **kwargs: Any) -> Any:
         with _AdoptParams(self):
@@ -100,24 +101,30 @@ class PyroPair(nn.Module):
         starts from its initial value, whatever the global store holds under its name (as
         after ``pyro.clear_param_store()``); the pair's own entries are kept, and are in the
         current param store afterwards."""
-        with poutine.block(), forked_rng(), \
-                running_statistics_kept(self), pyro.get_param_store().scope():
+        with (
+            poutine.block(),
+            forked_rng(),
+            running_statistics_kept(self),
+            pyro.get_param_store().scope(),
+        ):
             guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-            poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args,
-                                                                                   **kwargs)
+            poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
         self._owned = None
         if self._constraints:
-            pyro.get_param_store().set_state({
-                "params": {name: self.param_store[_key(name)] for name in self._constraints},
-                "constraints": dict(self._constraints)})
+            pyro.get_param_store().set_state(
+                {
+                    "params": {name: self.param_store[_key(name)] for name in self._constraints},
+                    "constraints": dict(self._constraints),
+                }
+            )
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Load a ``state_dict``; a param-store entry that this pair has not read yet is kept
         and loaded into the entry when the pair first reads it."""
         state, prefix = dict(state_dict), "param_store."
         for key in [k for k in state if k.startswith(prefix)]:
-            if key[len(prefix):] not in self.param_store:
-                self._pending[key[len(prefix):]] = state.pop(key)
+            if key[len(prefix) :] not in self.param_store:
+                self._pending[key[len(prefix) :]] = state.pop(key)
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     def _param(self, msg: dict) -> None:
@@ -129,8 +136,9 @@ class PyroPair(nn.Module):
         if key in self.param_store:
             param = self.param_store[key]
             if name not in store or store.get_param(name).unconstrained() is not param:
-                store.set_state({"params": {name: param},
-                                 "constraints": {name: self._constraints[name]}})
+                store.set_state(
+                    {"params": {name: param}, "constraints": {name: self._constraints[name]}}
+                )
             return
         value = msg["fn"](*msg["args"], **msg["kwargs"])
         unconstrained = value.unconstrained()
@@ -140,8 +148,11 @@ class PyroPair(nn.Module):
             return  # a module's own (PyroModule, pyro.module) or a frozen entry
         # a tensor of the user's own, such as the parameter of a module outside the pair that
         # pyro.module registers, is adopted as it is: the module computes with it
-        param = (unconstrained if isinstance(unconstrained, nn.Parameter)
-                 else nn.Parameter(unconstrained.detach()))
+        param = (
+            unconstrained
+            if isinstance(unconstrained, nn.Parameter)
+            else nn.Parameter(unconstrained.detach())
+        )
         if key in self._pending:
             with torch.no_grad():
                 param.copy_(self._pending.pop(key))
@@ -160,8 +171,11 @@ def _describe(fn: Callable) -> str:
 
 def is_pair_module(obj: Any) -> bool:
     """Whether ``obj`` is a module with callable ``model`` and ``guide`` (the engine's form)."""
-    return (isinstance(obj, nn.Module) and callable(getattr(obj, "model", None))
-            and callable(getattr(obj, "guide", None)))
+    return (
+        isinstance(obj, nn.Module)
+        and callable(getattr(obj, "model", None))
+        and callable(getattr(obj, "guide", None))
+    )
 
 
 def as_pair(model: Any, guide: Any = None) -> Any:
@@ -182,10 +196,14 @@ def as_pair(model: Any, guide: Any = None) -> Any:
     if guide is None:
         if is_pair_module(model):
             return model
-        raise ConfigError(f"{_describe(model)} is not a model/guide pair: give the guide too, "
-                          "fit(model, guide, data), or a torch.nn.Module with model and guide "
-                          "methods")
+        raise ConfigError(
+            f"{_describe(model)} is not a model/guide pair: give the guide too, "
+            "fit(model, guide, data), or a torch.nn.Module with model and guide "
+            "methods"
+        )
     if is_pair_module(model) and not isinstance(model, pyro.nn.PyroModule):
-        raise ConfigError(f"{type(model).__name__} already has model and guide methods: give it "
-                          "alone, or pass its model method with the other guide")
+        raise ConfigError(
+            f"{type(model).__name__} already has model and guide methods: give it "
+            "alone, or pass its model method with the other guide"
+        )
     return PyroPair(model, guide)

@@ -93,8 +93,9 @@ def _detached(trace: poutine.Trace, skip: tuple[str, ...] = ()) -> poutine.Trace
     return out
 
 
-def _as_drawn(fn: Callable, num_draws: int, particle_dim: int, plated: bool,
-              hide_params: bool) -> Callable:
+def _as_drawn(
+    fn: Callable, num_draws: int, particle_dim: int, plated: bool, hide_params: bool
+) -> Callable:
     if hide_params:
         fn = poutine.block(fn, hide_types=["param"])
     if not plated:
@@ -160,8 +161,9 @@ class Particles:
         differing factors are refused (see the module docstring)."""
         return 1.0 if self.site_scales else common_scale(self.model_trace, self.guide_trace)
 
-    def log_prob(self, site: dict, detach: bool = False,
-                 value: torch.Tensor | None = None) -> torch.Tensor:
+    def log_prob(
+        self, site: dict, detach: bool = False, value: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The site's masked log-density (at ``value``, if given), times its scale factor
         when each site is weighted by its own (:attr:`site_scales`)."""
         if value is not None:
@@ -198,39 +200,54 @@ class Particles:
             raise ConfigError(
                 f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
                 f"{self.max_plate_nesting} declared plate(s): put every batch dimension in a "
-                "pyro.plate or move it into the event with .to_event()")
-        return reduce_to_particles_and_data(log_prob, self.max_plate_nesting + 1, self.data_dim,
-                                            self.shape, name)
+                "pyro.plate or move it into the event with .to_event()"
+            )
+        return reduce_to_particles_and_data(
+            log_prob, self.max_plate_nesting + 1, self.data_dim, self.shape, name
+        )
 
     def is_local(self, site: dict) -> bool:
         """Whether ``site`` lies in the data plate (a global latent does not; without a data
         plate every site belongs to the one datapoint, the data set)."""
-        return self.data_plate is None or any(frame.name == self.data_plate
-                                              for frame in site["cond_indep_stack"])
+        return self.data_plate is None or any(
+            frame.name == self.data_plate for frame in site["cond_indep_stack"]
+        )
 
     def site_total(self, sites: list[dict], detach: bool = False) -> torch.Tensor:
         """Σ of the local sites' log-densities, ``[M, N]`` (zeros for none); global sites are
         left to :meth:`global_total`. ``detach``: with the distributions' parameters
         detached."""
-        terms = [self.reduce(self.log_prob(site, detach), site["name"])
-                 for site in sites if self.is_local(site)]
+        terms = [
+            self.reduce(self.log_prob(site, detach), site["name"])
+            for site in sites
+            if self.is_local(site)
+        ]
         if not terms:  # any sample site's value gives the dtype and device
-            value = next(site["value"] for site in self.model_trace.nodes.values()
-                         if site["type"] == "sample")
-            return torch.zeros(self.shape, dtype=torch.get_default_dtype()
-                               if not value.is_floating_point() else value.dtype,
-                               device=value.device)
+            value = next(
+                site["value"]
+                for site in self.model_trace.nodes.values()
+                if site["type"] == "sample"
+            )
+            return torch.zeros(
+                self.shape,
+                dtype=torch.get_default_dtype() if not value.is_floating_point() else value.dtype,
+                device=value.device,
+            )
         return sum_terms(terms)
 
-    def global_total(self, sites: list[dict], log_probs: list[torch.Tensor] | None = None
-                     ) -> torch.Tensor:
+    def global_total(
+        self, sites: list[dict], log_probs: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Σ of the global sites' log-densities (or of ``log_probs``, one per site, e.g. KLs)
         per draw, ``[M]`` (zeros for none)."""
-        values = (log_probs if log_probs is not None
-                  else [self.log_prob(s) for s in sites])
-        terms = [reduce_to_particles(value, self.max_plate_nesting + 1, self.num_draws,
-                                     site["name"]) if self.plated else value.sum().reshape(1)
-                 for site, value in zip(sites, values) if not self.is_local(site)]
+        values = log_probs if log_probs is not None else [self.log_prob(s) for s in sites]
+        terms = [
+            reduce_to_particles(value, self.max_plate_nesting + 1, self.num_draws, site["name"])
+            if self.plated
+            else value.sum().reshape(1)
+            for site, value in zip(sites, values)
+            if not self.is_local(site)
+        ]
         if not terms:
             return self.site_total([]).new_zeros(self.num_draws)
         return sum_terms(terms)
@@ -291,11 +308,17 @@ class Particles:
         its enumerated ones, and the weight β of the continuous latents' densities."""
         guided = {site["name"] for site in self.guided_latents}
         weighted = {name for name in guided if name not in self.guide_enumerated}
-        model_sites = [site["name"] for site in observed_sites(self.model_trace)
-                       + self.guided_latents if self.is_local(site)]
+        model_sites = [
+            site["name"]
+            for site in observed_sites(self.model_trace) + self.guided_latents
+            if self.is_local(site)
+        ]
         model_sites += list(self.model_enumerated)
-        guide_sites = [site["name"] for site in self.guide_latents
-                       if self.is_local(site) and site["name"] not in self.guide_enumerated]
+        guide_sites = [
+            site["name"]
+            for site in self.guide_latents
+            if self.is_local(site) and site["name"] not in self.guide_enumerated
+        ]
         weights = {name: beta for name in weighted | set(guide_sites)} if beta != 1 else None
         return model_sites, guide_sites, weights
 
@@ -305,9 +328,14 @@ class Particles:
         guide's enumerated sites c (their draws z_c one per value) and the model's d; local
         sites only (global latents: :meth:`global_total`)."""
         model_sites, guide_sites, weights = self._weighted_sites(beta)
-        return contract_log_weights(self.model_trace, self.guide_trace, model_sites,
-                                    guide_sites, *self._targets(), weights=weights
-                                    ).reshape(self.shape)
+        return contract_log_weights(
+            self.model_trace,
+            self.guide_trace,
+            model_sites,
+            guide_sites,
+            *self._targets(),
+            weights=weights,
+        ).reshape(self.shape)
 
     def expected_log_weights(self, beta: float) -> torch.Tensor:
         r"""The ELBO of ``TraceEnum_ELBO`` per draw and datapoint, ``[M, N]``: the exact
@@ -316,9 +344,15 @@ class Particles:
         (the model's enumerated sites summed inside log p, as in :meth:`summed_log_weights`;
         local sites only; :func:`~pyro_vae.core.enumeration.expected_log_weights`)."""
         model_sites, guide_sites, weights = self._weighted_sites(beta)
-        return expected_log_weights(self.model_trace, self.guide_trace, model_sites,
-                                    guide_sites, list(self.guide_enumerated),
-                                    *self._targets(), weights=weights).reshape(self.shape)
+        return expected_log_weights(
+            self.model_trace,
+            self.guide_trace,
+            model_sites,
+            guide_sites,
+            list(self.guide_enumerated),
+            *self._targets(),
+            weights=weights,
+        ).reshape(self.shape)
 
     def log_lik_of(self, model_trace: poutine.Trace) -> torch.Tensor:
         """:attr:`log_lik` read from ``model_trace`` (this draw's, or a replay of it)."""
@@ -327,9 +361,9 @@ class Particles:
             return self.site_total(observed)
         names = [site["name"] for site in observed if self.is_local(site)]
         targets = self._targets()
-        return contract_log_weights(model_trace, poutine.Trace(),
-                                    names + list(self.model_enumerated), [], *targets
-                                    ).reshape(self.shape)
+        return contract_log_weights(
+            model_trace, poutine.Trace(), names + list(self.model_enumerated), [], *targets
+        ).reshape(self.shape)
 
     @cached_property
     def log_prior(self) -> torch.Tensor:
@@ -352,25 +386,39 @@ class Particles:
             assert self.views is not None, "these draws were not handed out through a view"
             source = self.views
         else:
-            source = (_detached(self.raw_model_trace, skip=self.model_enumerated) if model
-                      else _detached(self.raw_guide_trace))
+            source = (
+                _detached(self.raw_model_trace, skip=self.model_enumerated)
+                if model
+                else _detached(self.raw_guide_trace)
+            )
         fn = self.model if model else self.guide
         wrapped = _as_drawn(fn, self.num_draws, self.particle_dim, self.plated, self.hide_params)
         if model and self.model_enumerated:  # enumerated again, to the same values
             wrapped = enumerated_model(wrapped, self.particle_dim - 1)
         replayed = poutine.replay(wrapped, trace=source)
         with running_statistics_kept(fn):
-            return prune_subsample_sites(poutine.trace(replayed).get_trace(*self.args,
-                                                                           **self.kwargs))
+            return prune_subsample_sites(
+                poutine.trace(replayed).get_trace(*self.args, **self.kwargs)
+            )
 
 
-def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                   num_draws: int, max_plate_nesting: int, plated: bool = True, *,
-                   view: Callable[[dict], torch.Tensor] | None = None,
-                   data_plate: str | None = None, enumerate_guide: bool = True,
-                   enumerate_model: bool = True, compact: bool = False,
-                   require_data_plate: bool = True, outermost_plate: bool = False
-                   ) -> Particles:
+def draw_particles(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_draws: int,
+    max_plate_nesting: int,
+    plated: bool = True,
+    *,
+    view: Callable[[dict], torch.Tensor] | None = None,
+    data_plate: str | None = None,
+    enumerate_guide: bool = True,
+    enumerate_model: bool = True,
+    compact: bool = False,
+    require_data_plate: bool = True,
+    outermost_plate: bool = False,
+) -> Particles:
     """Trace the guide and replay the model on it, for ``num_draws`` vectorized draws (M: an
     estimator's P·K).
 
@@ -404,27 +452,39 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
     drawn_model = _as_drawn(model, num_draws, particle_dim, plated, hide_params)
     if enumerate_model or enumerate_guide:  # after the guide's: it left the allocator's state
         drawn_model = enumerated_model(drawn_model, None if enumerate_guide else particle_dim - 1)
-    raw_model_trace = poutine.trace(poutine.replay(
-        drawn_model, trace=raw_guide_trace if views is None else views)).get_trace(*args,
-                                                                                   **kwargs)
+    raw_model_trace = poutine.trace(
+        poutine.replay(drawn_model, trace=raw_guide_trace if views is None else views)
+    ).get_trace(*args, **kwargs)
     model_trace = prune_subsample_sites(raw_model_trace)
     guide_trace = prune_subsample_sites(raw_guide_trace)
-    data_plate = find_data_plate(model_trace, guide_trace, data_plate,
-                                 required=require_data_plate, outermost=outermost_plate)
+    data_plate = find_data_plate(
+        model_trace, guide_trace, data_plate, required=require_data_plate, outermost=outermost_plate
+    )
     guide_latents = latent_sites(guide_trace)
     model_latents = {site["name"]: site for site in latent_sites(model_trace)}
     check_guide_latents_in_model(
-        guide_trace, [site["name"] for site in guide_latents if site["name"] not in model_latents],
-        "latent sample sites")
+        guide_trace,
+        [site["name"] for site in guide_latents if site["name"] not in model_latents],
+        "latent sample sites",
+    )
     guided = {site["name"] for site in guide_latents}
-    model_enumerated = (tuple(enumerated_in(model_trace, skip=guided))
-                        if enumerate_model or enumerate_guide else ())
+    model_enumerated = (
+        tuple(enumerated_in(model_trace, skip=guided)) if enumerate_model or enumerate_guide else ()
+    )
     redraw = not (enumerate_model or enumerate_guide) and any(  # the caller draws again
-        is_enumerated(site) for site in model_latents.values())
-    if not guide_latents and model_latents and not model_enumerated and not redraw and not any(
-            site["type"] == "sample" for site in guide_trace.nodes.values()):
-        raise ConfigError(f"the guide has no latent sample sites, but the model has "
-                          f"{sorted(model_latents)} (and enumerates none)")
+        is_enumerated(site) for site in model_latents.values()
+    )
+    if (
+        not guide_latents
+        and model_latents
+        and not model_enumerated
+        and not redraw
+        and not any(site["type"] == "sample" for site in guide_trace.nodes.values())
+    ):
+        raise ConfigError(
+            f"the guide has no latent sample sites, but the model has "
+            f"{sorted(model_latents)} (and enumerates none)"
+        )
     summed_dims = set().union(*(value_dims(model_trace.nodes[name]) for name in model_enumerated))
     for name in guided.intersection(model_latents):
         shape = model_latents[name]["fn"].batch_shape
@@ -433,14 +493,28 @@ def draw_particles(model: Callable, guide: Callable, args: tuple, kwargs: dict,
                 f"model site {name!r}, which the guide samples, depends on the sites enumerated "
                 f"in the model {list(model_enumerated)}: a guide latent cannot depend on a "
                 "variable that is summed out after it is drawn. Enumerate those sites in the "
-                "guide instead, or sample them there")
+                "guide instead, or sample them there"
+            )
     data_dim, num_data = plate_dim_and_size(model_trace, guide_trace, data_plate)
-    return Particles(model_trace=model_trace, guide_trace=guide_trace,
-                     raw_model_trace=raw_model_trace, raw_guide_trace=raw_guide_trace,
-                     num_draws=num_draws, max_plate_nesting=max_plate_nesting,
-                     data_dim=data_dim, num_data=num_data, plated=plated,
-                     hide_params=hide_params, data_plate=data_plate, views=views, view=view,
-                     model_enumerated=model_enumerated,
-                     guide_enumerated=tuple(enumerated_in(guide_trace)) if enumerate_guide
-                     else (), compact=compact, model=model, guide=guide, args=args,
-                     kwargs=kwargs)
+    return Particles(
+        model_trace=model_trace,
+        guide_trace=guide_trace,
+        raw_model_trace=raw_model_trace,
+        raw_guide_trace=raw_guide_trace,
+        num_draws=num_draws,
+        max_plate_nesting=max_plate_nesting,
+        data_dim=data_dim,
+        num_data=num_data,
+        plated=plated,
+        hide_params=hide_params,
+        data_plate=data_plate,
+        views=views,
+        view=view,
+        model_enumerated=model_enumerated,
+        guide_enumerated=tuple(enumerated_in(guide_trace)) if enumerate_guide else (),
+        compact=compact,
+        model=model,
+        guide=guide,
+        args=args,
+        kwargs=kwargs,
+    )

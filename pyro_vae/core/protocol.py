@@ -85,37 +85,51 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
     batch) the pair is also run once to check its plate and sites."""
     what = type(module).__name__
     if not isinstance(module, nn.Module):
-        raise ConfigError(f"{what} must be a torch.nn.Module that owns the parameters of its "
-                          "model and guide")
+        raise ConfigError(
+            f"{what} must be a torch.nn.Module that owns the parameters of its model and guide"
+        )
     for method in ("model", "guide"):
         if not callable(getattr(module, method, None)):
             raise ConfigError(f"{what} needs a callable {method}(x) method (the Pyro {method})")
     if not any(p.requires_grad for p in module.parameters()):
-        raise ConfigError(f"{what} has no trainable parameters: register its networks as "
-                          "submodules (self.encoder = ...) or nn.Parameter attributes")
+        raise ConfigError(
+            f"{what} has no trainable parameters: register its networks as "
+            "submodules (self.encoder = ...) or nn.Parameter attributes"
+        )
     if not example_args and not example_kwargs:
         return
     rows = batch_length(example_args, example_kwargs)
     plate = data_plate_name(module) or DATA_PLATE
-    hint = (f"every sample site belongs inside pyro.plate({plate!r}, "
-            "x.shape[0]) with its other dimensions as events, e.g. "
-            "dist.Normal(loc, scale).to_event(1)")
+    hint = (
+        f"every sample site belongs inside pyro.plate({plate!r}, "
+        "x.shape[0]) with its other dimensions as events, e.g. "
+        "dist.Normal(loc, scale).to_event(1)"
+    )
     try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead
-        with poutine.block(), pyro.validation_enabled(True), \
-                forked_rng(), pyro.get_param_store().scope(), \
-                running_statistics_kept(module):
-            model_trace, guide_trace = trace_pair(module.model, module.guide, example_args,
-                                                  example_kwargs)
+        with (
+            poutine.block(),
+            pyro.validation_enabled(True),
+            forked_rng(),
+            pyro.get_param_store().scope(),
+            running_statistics_kept(module),
+        ):
+            model_trace, guide_trace = trace_pair(
+                module.model, module.guide, example_args, example_kwargs
+            )
             foreign = _foreign_params(module, model_trace, guide_trace)
     except KeyError as exc:  # e.g. pyro.param(name) without an initial value, in that store
-        raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
-                          f"failed: KeyError {exc} (if that names a pyro.param read without an "
-                          f"initial value, make the parameter an nn.Parameter of {what}: the "
-                          "pair must own its parameters)") from None
+        raise ConfigError(
+            f"running the model and guide of {what} on a batch of {rows} rows "
+            f"failed: KeyError {exc} (if that names a pyro.param read without an "
+            f"initial value, make the parameter an nn.Parameter of {what}: the "
+            "pair must own its parameters)"
+        ) from None
     except (ValueError, RuntimeError, TypeError, IndexError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"running the model and guide of {what} on a batch of {rows} rows "
-                          f"failed: {first_line} ({hint})") from None
+        raise ConfigError(
+            f"running the model and guide of {what} on a batch of {rows} rows "
+            f"failed: {first_line} ({hint})"
+        ) from None
     if foreign:
         raise ConfigError(
             f"the param site(s) {foreign} of {what} are not parameters of the module, so "
@@ -124,37 +138,56 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
             "self.W = nn.Parameter(init), and use it directly (pyro.module(name, self) "
             "registers all of them with Pyro's param store); or give the model and guide as "
             "two callables, fit(model, guide, data), and the package owns their pyro.param "
-            "entries")
+            "entries"
+        )
     for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
                 continue
             batch_shape = site["fn"].batch_shape
             plate_dims = {frame.dim for frame in site["cond_indep_stack"] if frame.vectorized}
-            free = [-i for i in range(1, len(batch_shape) + 1)
-                    if batch_shape[-i] > 1 and -i not in plate_dims]
+            free = [
+                -i
+                for i in range(1, len(batch_shape) + 1)
+                if batch_shape[-i] > 1 and -i not in plate_dims
+            ]
             if free:
-                raise ConfigError(f"the {role}'s site {name!r} of {what} has batch shape "
-                                  f"{list(batch_shape)}, with dimension(s) {free} in no plate: "
-                                  f"{hint}")
+                raise ConfigError(
+                    f"the {role}'s site {name!r} of {what} has batch shape "
+                    f"{list(batch_shape)}, with dimension(s) {free} in no plate: "
+                    f"{hint}"
+                )
     plate = find_data_plate(model_trace, guide_trace, data_plate_name(module))
-    size = next(frame.size for trace in (guide_trace, model_trace)
-                for site in trace.nodes.values() if site["type"] == "sample"
-                for frame in site["cond_indep_stack"] if frame.name == plate)
+    size = next(
+        frame.size
+        for trace in (guide_trace, model_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.name == plate
+    )
     if size not in (rows, UNSIZED):  # an unsized plate takes its size from the batch
-        raise ConfigError(f"the plate {plate!r} of {what} has size {size} but the batch has "
-                          f"{rows} rows: use pyro.plate({plate!r}, x.shape[0])")
-    not_reparam = [name for name, site in guide_trace.nodes.items()
-                   if site["type"] == "sample" and not site["is_observed"]
-                   and not site["fn"].has_rsample and not is_enumerated(site)
-                   and not site["fn"].has_enumerate_support]  # discrete: vimco samples it
+        raise ConfigError(
+            f"the plate {plate!r} of {what} has size {size} but the batch has "
+            f"{rows} rows: use pyro.plate({plate!r}, x.shape[0])"
+        )
+    not_reparam = [
+        name
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["fn"].has_rsample
+        and not is_enumerated(site)
+        and not site["fn"].has_enumerate_support
+    ]  # discrete: vimco samples it
     if not_reparam:
-        raise ConfigError(f"the guide's sites {not_reparam} are not reparameterizable; the "
-                          "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal) or a "
-                          "discrete site with a finite support (summed out when marked for "
-                          "enumeration, or sampled by vimco)")
-    if any(site["type"] == "sample" and site["is_observed"]
-           for site in guide_trace.nodes.values()):
+        raise ConfigError(
+            f"the guide's sites {not_reparam} are not reparameterizable; the "
+            "estimators need z = g(ε, φ) (e.g. Normal, MultivariateNormal) or a "
+            "discrete site with a finite support (summed out when marked for "
+            "enumeration, or sampled by vimco)"
+        )
+    if any(site["type"] == "sample" and site["is_observed"] for site in guide_trace.nodes.values()):
         raise ConfigError(f"the guide of {what} observes a site: observations belong in the model")
 
 
@@ -165,8 +198,11 @@ def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Paramete
     with poutine.block(), forked_rng():
         guide_trace = poutine.trace(module.guide).get_trace(*args)
     guide_trace.compute_log_prob()
-    log_q = sum(site["log_prob"].sum() for site in guide_trace.nodes.values()
-                if site["type"] == "sample" and not site["is_observed"])
+    log_q = sum(
+        site["log_prob"].sum()
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"]
+    )
     grads = torch.autograd.grad(log_q, params, allow_unused=True)
     return [p for p, g in zip(params, grads) if g is not None]
 
@@ -174,11 +210,19 @@ def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Paramete
 def _support_text(support: Any) -> str:
     kind = type(support).__name__.lstrip("_")
     low, high = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
-    named = {"Boolean": "{0, 1}", "Real": "the real line", "Positive": "(0, inf)",
-             "Nonnegative": "[0, inf)", "NonnegativeInteger": "{0, 1, 2, ...}",
-             "IntegerInterval": f"{{{low}, ..., {high}}}", "Interval": f"[{low}, {high}]",
-             "HalfOpenInterval": f"[{low}, {high})", "GreaterThan": f"({low}, inf)",
-             "GreaterThanEq": f"[{low}, inf)", "LessThan": f"(-inf, {high})"}
+    named = {
+        "Boolean": "{0, 1}",
+        "Real": "the real line",
+        "Positive": "(0, inf)",
+        "Nonnegative": "[0, inf)",
+        "NonnegativeInteger": "{0, 1, 2, ...}",
+        "IntegerInterval": f"{{{low}, ..., {high}}}",
+        "Interval": f"[{low}, {high}]",
+        "HalfOpenInterval": f"[{low}, {high})",
+        "GreaterThan": f"({low}, inf)",
+        "GreaterThanEq": f"[{low}, inf)",
+        "LessThan": f"(-inf, {high})",
+    }
     return named.get(kind, str(support))
 
 
@@ -186,8 +230,7 @@ def check_finite_data(*args: Any, **kwargs: Any) -> None:
     """Refuse, in one line, a batch whose floating-point tensors hold NaN or infinite values."""
     for where, value in floating_tensors(args, kwargs):
         if not bool(torch.isfinite(value).all()):
-            raise DataError(f"the data's {where} holds NaN or infinite values (in the first "
-                            "batch)")
+            raise DataError(f"the data's {where} holds NaN or infinite values (in the first batch)")
 
 
 def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
@@ -197,8 +240,13 @@ def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
     fork of the random state, in an empty param store), and each observed site's density
     evaluated at its data, which checks them as ``validate_args`` does (a distribution made
     with ``validate_args=False`` is not checked)."""
-    with poutine.block(), forked_rng(), pyro.validation_enabled(True), \
-            pyro.get_param_store().scope(), running_statistics_kept(module):
+    with (
+        poutine.block(),
+        forked_rng(),
+        pyro.validation_enabled(True),
+        pyro.get_param_store().scope(),
+        running_statistics_kept(module),
+    ):
         model_trace, _ = trace_pair(module.model, module.guide, args, kwargs)
         for name, site in model_trace.nodes.items():
             if site["type"] == "sample" and site["is_observed"]:
@@ -220,8 +268,13 @@ def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
         model_trace, guide_trace = trace_pair(module.model, module.guide, args, kwargs)
         (model_trace.log_prob_sum() - guide_trace.log_prob_sum()).sum()
 
-    with poutine.block(), forked_rng(), pyro.validation_enabled(False), \
-            pyro.get_param_store().scope(), running_statistics_kept(module):
+    with (
+        poutine.block(),
+        forked_rng(),
+        pyro.validation_enabled(False),
+        pyro.get_param_store().scope(),
+        running_statistics_kept(module),
+    ):
         return saved_bytes(one_particle, exclude=list(module.parameters()))
 
 
@@ -245,6 +298,8 @@ def _refuse_observed(name: str, site: dict, what: str, exc: ValueError) -> None:
         raise DataError(f"{where} refuses the data of the first batch: {reason}") from None
     distinct = torch.unique(value[~ok].detach().double()).tolist()
     shown = ", ".join(f"{v:g}" for v in distinct[:3]) + (", ..." if len(distinct) > 3 else "")
-    raise DataError(f"the data hold values {shown} outside {_support_text(support)}, the "
-                    f"support of {where} ({int((~ok).sum())} of {ok.numel()} entries of the "
-                    "first batch)") from None
+    raise DataError(
+        f"the data hold values {shown} outside {_support_text(support)}, the "
+        f"support of {where} ({int((~ok).sum())} of {ok.numel()} entries of the "
+        "first batch)"
+    ) from None

@@ -31,8 +31,11 @@ _INDEPENDENT_TYPES = (torch.distributions.Independent, pyro.distributions.Indepe
 
 
 def _plates_of(site: dict) -> dict[str, int]:
-    return {frame.name: frame.dim for frame in site["cond_indep_stack"]
-            if frame.vectorized and frame.name != PARTICLE_PLATE}
+    return {
+        frame.name: frame.dim
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.name != PARTICLE_PLATE
+    }
 
 
 def detach_distribution(fn: Distribution) -> Distribution:
@@ -50,8 +53,7 @@ def detach_distribution(fn: Distribution) -> Distribution:
     return out
 
 
-def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict
-               ) -> tuple[Any, Any]:
+def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Any, Any]:
     """Trace ``guide`` and replay ``model`` on it; subsample sites are pruned."""
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
@@ -64,8 +66,7 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     The global random state and the modules' running statistics are restored afterwards, so
     guessing does not shift later draws or move BatchNorm's statistics.
     """
-    with poutine.block(), forked_rng(), \
-            running_statistics_kept(model, guide):
+    with poutine.block(), forked_rng(), running_statistics_kept(model, guide):
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     depth = 0
     for trace in (model_trace, guide_trace):
@@ -76,8 +77,14 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     return depth
 
 
-def find_data_plate(model_trace, guide_trace, data_plate: str | None = None, *,
-                    required: bool = True, outermost: bool = False) -> str | None:
+def find_data_plate(
+    model_trace,
+    guide_trace,
+    data_plate: str | None = None,
+    *,
+    required: bool = True,
+    outermost: bool = False,
+) -> str | None:
     """The name of the plate that indexes datapoints.
 
     With ``data_plate=None`` the plate is found automatically: the one vectorized plate that every
@@ -108,35 +115,50 @@ def _check_same_side(model_trace, guide_trace, data_plate: str) -> None:
             raise ConfigError(
                 f"site {name!r} is inside the data plate {data_plate!r} in the {inside} but "
                 f"outside it in the {outside}: sample it inside pyro.plate({data_plate!r}, N) "
-                "in both (a local latent) or outside in both (a global latent)")
+                "in both (a local latent) or outside in both (a global latent)"
+            )
 
 
-def _find_data_plate(model_trace, guide_trace, data_plate: str | None, required: bool,
-                     outermost: bool) -> str | None:
-    sites = [site for trace in (model_trace, guide_trace) for site in trace.nodes.values()
-             if site["type"] == "sample"]
+def _find_data_plate(
+    model_trace, guide_trace, data_plate: str | None, required: bool, outermost: bool
+) -> str | None:
+    sites = [
+        site
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]
     if not sites:
         raise ConfigError("the model/guide pair has no sample sites")
     observed = [site for site in sites if site["is_observed"]] or sites
     if data_plate is not None:
-        outside = list(dict.fromkeys(site["name"] for site in observed
-                                     if data_plate not in _plates_of(site)))
+        outside = list(
+            dict.fromkeys(site["name"] for site in observed if data_plate not in _plates_of(site))
+        )
         if outside:
             common = _common_plates(observed)
-            fix = (f"the sites are all in plate {next(iter(common))!r}: set data_plate = "
-                   f"{next(iter(common))!r} on the module (or pass data_plate=) if that plate "
-                   "indexes the datapoints" if len(common) == 1 else
-                   "per-datapoint weights need every observed site inside pyro.plate"
-                   f"({data_plate!r}, N)")
-            raise ConfigError(f"sample sites {outside} are outside the data plate "
-                              f"{data_plate!r}: {fix}")
+            fix = (
+                f"the sites are all in plate {next(iter(common))!r}: set data_plate = "
+                f"{next(iter(common))!r} on the module (or pass data_plate=) if that plate "
+                "indexes the datapoints"
+                if len(common) == 1
+                else "per-datapoint weights need every observed site inside pyro.plate"
+                f"({data_plate!r}, N)"
+            )
+            raise ConfigError(
+                f"sample sites {outside} are outside the data plate {data_plate!r}: {fix}"
+            )
         return data_plate
     common = _common_plates(sites) or _common_plates(observed)
     if len(common) == 1:
         return common.pop()
     if common and outermost:
-        dims = {frame.name: frame.dim for site in sites for frame in site["cond_indep_stack"]
-                if frame.vectorized}
+        dims = {
+            frame.name: frame.dim
+            for site in sites
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized
+        }
         return min(common, key=lambda plate: (dims[plate], plate))
     if not common:
         if not required:
@@ -145,9 +167,12 @@ def _find_data_plate(model_trace, guide_trace, data_plate: str | None, required:
             "could not find a data plate: no pyro.plate contains every observed site of the "
             "model. Put the observed and local latent sites inside one pyro.plate('data', N), "
             "or pass data_plate=NAME (pyro_vae.evaluate.evaluate scores a pair without one as "
-            "a single datapoint, the data set)")
-    raise ConfigError(f"several plates {sorted(common)} contain every sample site; "
-                      "pass data_plate=NAME to say which one indexes datapoints")
+            "a single datapoint, the data set)"
+        )
+    raise ConfigError(
+        f"several plates {sorted(common)} contain every sample site; "
+        "pass data_plate=NAME to say which one indexes datapoints"
+    )
 
 
 def _common_plates(sites: list[dict]) -> set[str]:
@@ -157,8 +182,7 @@ def _common_plates(sites: list[dict]) -> set[str]:
     return common
 
 
-def plate_dim_and_size(model_trace, guide_trace, name: str | None
-                       ) -> tuple[int | None, int]:
+def plate_dim_and_size(model_trace, guide_trace, name: str | None) -> tuple[int | None, int]:
     """The dimension and size of the plate ``name``; a plate declared without a size
     (``pyro.plate(name)``) takes the size its sites' values and distributions broadcast to.
     No plate (``None``: the whole data set as one datapoint) has no dimension and size 1."""
@@ -175,8 +199,9 @@ def plate_dim_and_size(model_trace, guide_trace, name: str | None
                 if frame.size is not None and frame.size >= 0:
                     return frame.dim, frame.size
                 dim, value, fn = frame.dim, site["value"], site["fn"]
-                shape = torch.broadcast_shapes(fn.batch_shape,
-                                               value.shape[:value.dim() - fn.event_dim])
+                shape = torch.broadcast_shapes(
+                    fn.batch_shape, value.shape[: value.dim() - fn.event_dim]
+                )
                 if len(shape) >= -dim:
                     sizes.append(shape[dim])
     if dim is None:
@@ -189,13 +214,18 @@ def global_latents(trace, data_plate: str | None) -> list[str]:
     per particle and shared by the datapoints (none without a data plate)."""
     if data_plate is None:
         return []
-    return [name for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"]
-            and data_plate not in _plates_of(site)]
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and data_plate not in _plates_of(site)
+    ]
 
 
-def reduce_to_particles(log_prob: torch.Tensor, num_dims: int, num_particles: int,
-                        name: str = "") -> torch.Tensor:
+def reduce_to_particles(
+    log_prob: torch.Tensor, num_dims: int, num_particles: int, name: str = ""
+) -> torch.Tensor:
     """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
     the particle dim (leftmost): a global site's log-density per particle, ``[K]``."""
     log_prob = _aligned(log_prob, num_dims, name)
@@ -209,7 +239,8 @@ def _aligned(log_prob: torch.Tensor, num_dims: int, name: str) -> torch.Tensor:
         raise ConfigError(
             f"site {name!r} has batch shape {list(log_prob.shape)}, more dimensions than the "
             f"{num_dims - 1} declared plate(s): put every batch dimension in a pyro.plate or "
-            "move it into the event with .to_event()")
+            "move it into the event with .to_event()"
+        )
     return log_prob.reshape((1,) * (num_dims - log_prob.dim()) + log_prob.shape)
 
 
@@ -267,7 +298,8 @@ def check_guide_latents_in_model(guide_trace, unmatched: list[str], what: str) -
             f"guide sample sites {unmatched} are not {what} of the model: log q would count "
             "them and log p would not, which biases every weight. Sample each guide latent in "
             "the model under the same name (or mark it infer={'is_auxiliary': True} if it is "
-            "an auxiliary variable of the guide)")
+            "an auxiliary variable of the guide)"
+        )
 
 
 def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> torch.Tensor:
@@ -284,8 +316,13 @@ def site_log_prob(site: dict, detach: bool = False, compact: bool = False) -> to
     return masked(log_prob, site)
 
 
-def reduce_to_particles_and_data(log_prob: torch.Tensor, num_dims: int, data_dim: int | None,
-                                 shape: tuple[int, int], name: str = "") -> torch.Tensor:
+def reduce_to_particles_and_data(
+    log_prob: torch.Tensor,
+    num_dims: int,
+    data_dim: int | None,
+    shape: tuple[int, int],
+    name: str = "",
+) -> torch.Tensor:
     """Sum ``log_prob`` (batch shape right-aligned to ``num_dims`` plate dims) over every dim but
     the particle dim (leftmost) and ``data_dim``; the result has shape ``shape`` = ``[K, N]``
     (``data_dim=None``: no data plate, N = 1)."""
@@ -307,7 +344,8 @@ def _scale_value(site: dict, where: str) -> float:
                 f"{where} site {site['name']!r} has a scale tensor of shape "
                 f"{list(scale.shape)}: these estimators take one scale factor for every sample "
                 "site (as a subsampled pyro.plate gives); use pyro.poutine.mask to leave "
-                "datapoints out, and beta to weight the rate")
+                "datapoints out, and beta to weight the rate"
+            )
         return scale.item()
     return float(scale)
 
@@ -333,18 +371,23 @@ def common_scale(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> floa
                     "the log (importance_samples=1: trace, meanfield, stl, iwae and dreg) each "
                     "site's term is weighted by its own scale. To weight the rate (KL) term, "
                     "beta=B (and warmup=STEPS to raise it gradually) does it for any "
-                    "estimator")
+                    "estimator"
+                )
     return 1.0 if first is None else first[2]
 
 
 def latent_sites(trace: poutine.Trace) -> list[dict]:
-    return [site for site in trace.nodes.values()
-            if site["type"] == "sample" and not site["is_observed"]]
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"]
+    ]
 
 
 def observed_sites(trace: poutine.Trace) -> list[dict]:
-    return [site for site in trace.nodes.values()
-            if site["type"] == "sample" and site["is_observed"]]
+    return [
+        site for site in trace.nodes.values() if site["type"] == "sample" and site["is_observed"]
+    ]
 
 
 def masked(value: torch.Tensor, site: dict) -> torch.Tensor:

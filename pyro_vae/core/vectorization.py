@@ -29,8 +29,7 @@ PROBE_PARTICLES = 2
 RELATIVE_TOLERANCE = 1e-4  # float32 rounding of sums over a few hundred terms, with margin
 
 
-def _particle_trace(trace_in: Any, index: int, particle_dim_from_right: int,
-                    skip: Any = ()) -> Any:
+def _particle_trace(trace_in: Any, index: int, particle_dim_from_right: int, skip: Any = ()) -> Any:
     """A trace holding particle ``index``'s value of every latent site of ``trace_in`` (except
     those named in ``skip``)."""
     trace = poutine.Trace()
@@ -41,8 +40,9 @@ def _particle_trace(trace_in: Any, index: int, particle_dim_from_right: int,
         dim = value.dim() - site["fn"].event_dim - particle_dim_from_right
         if dim >= 0 and value.shape[dim] == PROBE_PARTICLES:
             value = value.select(dim, index)
-        trace.add_node(name, type="sample", value=value, is_observed=False,
-                       infer=site["infer"], fn=site["fn"])
+        trace.add_node(
+            name, type="sample", value=value, is_observed=False, infer=site["infer"], fn=site["fn"]
+        )
     return trace
 
 
@@ -50,17 +50,31 @@ def _scale(values: torch.Tensor) -> float:
     return max(1.0, float(values.abs().max()))
 
 
-def _single(model: Callable, guide: Callable, args: tuple, kwargs: dict, seed: int,
-            max_plate_nesting: int, data_plate: str | None, require_data_plate: bool = True
-            ) -> torch.Tensor | None:
+def _single(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    seed: int,
+    max_plate_nesting: int,
+    data_plate: str | None,
+    require_data_plate: bool = True,
+) -> torch.Tensor | None:
     """``[1, N]`` log-weights of one call without the particle plate (``None`` if the pair
     fails that way too: then the particle dimension is not what it trips on)."""
     torch.manual_seed(seed)
     try:
-        return vectorized_log_probs(model, guide, *args, num_particles=1,
-                                    max_plate_nesting=max_plate_nesting, data_plate=data_plate,
-                                    vectorize=False, require_data_plate=require_data_plate,
-                                    **kwargs).log_weights
+        return vectorized_log_probs(
+            model,
+            guide,
+            *args,
+            num_particles=1,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+            vectorize=False,
+            require_data_plate=require_data_plate,
+            **kwargs,
+        ).log_weights
     except PyroVAEError:
         raise
     except Exception:  # the user's code failing on its own: its error is reported elsewhere
@@ -68,22 +82,39 @@ def _single(model: Callable, guide: Callable, args: tuple, kwargs: dict, seed: i
 
 
 @torch.no_grad()
-def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
-                      max_plate_nesting: int, data_plate: str | None = None,
-                      require_data_plate: bool = True) -> str | None:
+def particle_mismatch(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    max_plate_nesting: int,
+    data_plate: str | None = None,
+    require_data_plate: bool = True,
+) -> str | None:
     """``None`` when two vectorized particles give the log-weights of the same draws replayed
     one at a time (or when the pair fails without a particle dimension too); otherwise why
     not, in one line. Reseeds torch's random state: call it on a fork."""
-    seed = int(torch.randint(2 ** 31, ()))  # every call starts here: a subsampled plate
-    torch.manual_seed(seed)                  # draws its subsample first, the same each time
+    seed = int(torch.randint(2**31, ()))  # every call starts here: a subsampled plate
+    torch.manual_seed(seed)  # draws its subsample first, the same each time
     try:
-        vectorized = vectorized_log_probs(model, guide, *args, num_particles=PROBE_PARTICLES,
-                                          max_plate_nesting=max_plate_nesting,
-                                          data_plate=data_plate,
-                                          require_data_plate=require_data_plate, **kwargs)
+        vectorized = vectorized_log_probs(
+            model,
+            guide,
+            *args,
+            num_particles=PROBE_PARTICLES,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+            require_data_plate=require_data_plate,
+            **kwargs,
+        )
     except Exception as exc:  # the user's code meeting a shape it was not written for?
-        if _single(model, guide, args, kwargs, seed, max_plate_nesting, data_plate,
-                   require_data_plate) is None:
+        if (
+            _single(
+                model, guide, args, kwargs, seed, max_plate_nesting, data_plate, require_data_plate
+            )
+            is None
+        ):
             if isinstance(exc, PyroVAEError):  # a rule of the package, broken either way
                 raise
             return None
@@ -94,22 +125,34 @@ def particle_mismatch(model: Callable, guide: Callable, args: tuple, kwargs: dic
     for index in range(PROBE_PARTICLES):
         guide_draws = _particle_trace(vectorized.guide_trace, index, particle_dim)
         # latents the guide leaves to the prior are drawn by the model: replay those too
-        prior_draws = _particle_trace(vectorized.model_trace, index, particle_dim,
-                                      skip=guide_draws.nodes)
-        single = _single(poutine.replay(model, trace=prior_draws),
-                         poutine.replay(guide, trace=guide_draws), args, kwargs, seed,
-                         max_plate_nesting, data_plate, require_data_plate)
+        prior_draws = _particle_trace(
+            vectorized.model_trace, index, particle_dim, skip=guide_draws.nodes
+        )
+        single = _single(
+            poutine.replay(model, trace=prior_draws),
+            poutine.replay(guide, trace=guide_draws),
+            args,
+            kwargs,
+            seed,
+            max_plate_nesting,
+            data_plate,
+            require_data_plate,
+        )
         if single is None:
             return None
         singles.append(single)
     single = torch.cat(singles)
     batched = vectorized.log_weights
     if single.shape != batched.shape:
-        return (f"with a particle dimension the log-weights have shape {list(batched.shape)}, "
-                f"one particle at a time {list(single.shape)}")
+        return (
+            f"with a particle dimension the log-weights have shape {list(batched.shape)}, "
+            f"one particle at a time {list(single.shape)}"
+        )
     error = float((single - batched).abs().max())
     if not error <= RELATIVE_TOLERANCE * _scale(single):
-        return (f"the log-weights of particles drawn together differ from the same draws "
-                f"scored one at a time by up to {error:.3g} nats: a network sees the particle "
-                "dimension (e.g. BatchNorm, softmax over dim=1, mask indexing)")
+        return (
+            f"the log-weights of particles drawn together differ from the same draws "
+            f"scored one at a time by up to {error:.3g} nats: a network sees the particle "
+            "dimension (e.g. BatchNorm, softmax over dim=1, mask indexing)"
+        )
     return None

@@ -14,5 +14,12 @@ from pyro_vae.data.images import (
     load_mnist,
 )
 
-__all__ = ["Dataset", "Split", "as_source", "load_binarized_mnist", "load_dataset",
-           "load_digits", "load_mnist"]
+__all__ = [
+    "Dataset",
+    "Split",
+    "as_source",
+    "load_binarized_mnist",
+    "load_dataset",
+    "load_digits",
+    "load_mnist",
+]

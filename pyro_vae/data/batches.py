@@ -46,8 +46,14 @@ from pyro_vae.core.arguments import batch_length, leaves
 from pyro_vae.util.distributed import SINGLE, DistributedContext, shard_indices
 from pyro_vae.util.errors import ConfigError, DataError
 
-LOADER_OPTIONS = ("num_workers", "pin_memory", "timeout", "worker_init_fn",
-                  "multiprocessing_context", "persistent_workers")
+LOADER_OPTIONS = (
+    "num_workers",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "persistent_workers",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,11 +126,14 @@ class TensorSource:
             raise DataError("the data hold no arrays")
         lengths = [t.shape[0] if t.dim() else 0 for t in values]
         if lengths[0] == 0:
-            raise DataError("the data must hold at least one datapoint (a first dimension "
-                            "of size >= 1)")
+            raise DataError(
+                "the data must hold at least one datapoint (a first dimension of size >= 1)"
+            )
         if len(set(lengths)) != 1:
-            raise DataError(f"the arrays of the data have different lengths {lengths}: they are "
-                            "sliced together along their first dimension")
+            raise DataError(
+                f"the arrays of the data have different lengths {lengths}: they are "
+                "sliced together along their first dimension"
+            )
         self.tensors, self.transform, self.num_data = tensors, transform, lengths[0]
 
     def _map(self, fn: Callable, tensors: tuple | dict | None = None) -> tuple | dict:
@@ -149,9 +158,13 @@ class TensorSource:
         per_rank = -(-self.num_data // dist.world_size)
         return -(-per_rank // batch_size)
 
-    def epoch(self, batch_size: int, generator: torch.Generator,
-              order_generator: torch.Generator, dist: DistributedContext = SINGLE
-              ) -> Iterator[Batch]:
+    def epoch(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        order_generator: torch.Generator,
+        dist: DistributedContext = SINGLE,
+    ) -> Iterator[Batch]:
         """One training epoch: a permutation from ``order_generator`` (shared by the ranks),
         this rank's share of it, then ``transform`` of those rows with ``generator``. In one
         process a batch that holds the whole data set keeps the data's order: the loss does
@@ -159,25 +172,30 @@ class TensorSource:
         DEF) indexes its parameters by the row's place in the batch."""
         device = order_generator.device
         if dist.enabled:  # this rank's share alone is transformed; the order has its own stream
-            shard = shard_indices(torch.randperm(self.num_data, device=device,
-                                                 generator=order_generator), dist)
+            shard = shard_indices(
+                torch.randperm(self.num_data, device=device, generator=order_generator), dist
+            )
             tensors = self._map(lambda t: t[shard])
             if self.transform is not None:
                 tensors = self.transform(tensors, generator)
             order = torch.arange(shard.shape[0], device=device)
         else:
-            tensors = self.tensors if self.transform is None else self.transform(self.tensors,
-                                                                                 generator)
-            order = (torch.arange(self.num_data, device=device) if batch_size >= self.num_data
-                     else torch.randperm(self.num_data, device=device, generator=order_generator))
+            tensors = (
+                self.tensors if self.transform is None else self.transform(self.tensors, generator)
+            )
+            order = (
+                torch.arange(self.num_data, device=device)
+                if batch_size >= self.num_data
+                else torch.randperm(self.num_data, device=device, generator=order_generator)
+            )
         for begin in range(0, order.shape[0], batch_size):
-            index = order[begin:begin + batch_size]
+            index = order[begin : begin + batch_size]
             yield self._batch(self._map(lambda t, index=index: t[index], tensors))
 
     def ordered(self, batch_size: int) -> Iterator[Batch]:
         """Every datapoint once, in order, untransformed: for evaluation."""
         for begin in range(0, self.num_data, batch_size):
-            yield self._batch(self._map(lambda t, begin=begin: t[begin:begin + batch_size]))
+            yield self._batch(self._map(lambda t, begin=begin: t[begin : begin + batch_size]))
 
 
 class LoaderSource:
@@ -185,18 +203,27 @@ class LoaderSource:
     builds (so the order can be seeded, resumed and sharded); or, with ``as_is``, a user's
     loader iterated as it is."""
 
-    def __init__(self, dataset: Dataset, batch_size: int | None = None,
-                 collate_fn: Callable | None = None, shuffle: bool = True,
-                 drop_last: bool = False, options: dict | None = None,
-                 as_is: DataLoader | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int | None = None,
+        collate_fn: Callable | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        options: dict | None = None,
+        as_is: DataLoader | None = None,
+    ) -> None:
         if isinstance(dataset, IterableDataset):
-            raise DataError("an IterableDataset has no length or index: give a map-style "
-                            "Dataset (with __len__ and __getitem__)")
+            raise DataError(
+                "an IterableDataset has no length or index: give a map-style "
+                "Dataset (with __len__ and __getitem__)"
+            )
         try:
             self.num_data = len(dataset)
         except TypeError:
-            raise DataError(f"{type(dataset).__name__} has no __len__: the engine needs a "
-                            "map-style Dataset") from None
+            raise DataError(
+                f"{type(dataset).__name__} has no __len__: the engine needs a map-style Dataset"
+            ) from None
         if self.num_data == 0:
             raise DataError("the dataset is empty")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
@@ -206,8 +233,15 @@ class LoaderSource:
         self.dtype: torch.dtype | None = None
 
     def to(self, device: torch.device | None, dtype: torch.dtype | None = None) -> LoaderSource:
-        out = LoaderSource(self.dataset, self.batch_size, self.collate_fn, self.shuffle,
-                           self.drop_last, self.options, self.as_is)
+        out = LoaderSource(
+            self.dataset,
+            self.batch_size,
+            self.collate_fn,
+            self.shuffle,
+            self.drop_last,
+            self.options,
+            self.as_is,
+        )
         out.device, out.dtype = device, dtype
         return out
 
@@ -215,8 +249,14 @@ class LoaderSource:
         """The first ``limit`` datapoints (all of them for ``None``)."""
         if limit is None or limit >= self.num_data:
             return self
-        out = LoaderSource(Subset(self.dataset, range(limit)), self.batch_size, self.collate_fn,
-                           self.shuffle, self.drop_last, self.options)
+        out = LoaderSource(
+            Subset(self.dataset, range(limit)),
+            self.batch_size,
+            self.collate_fn,
+            self.shuffle,
+            self.drop_last,
+            self.options,
+        )
         out.device, out.dtype = self.device, self.dtype
         return out
 
@@ -226,7 +266,7 @@ class LoaderSource:
     def _chunks(self, indices: torch.Tensor, batch_size: int) -> list[list[int]]:
         rows = indices.tolist()
         size = self._size(batch_size)
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         if self.drop_last and chunks and len(chunks[-1]) < size:
             chunks.pop()
         return chunks
@@ -243,8 +283,10 @@ class LoaderSource:
             except (RuntimeError, TypeError, ValueError) as exc:
                 if user_frame(exc.__traceback__) is not None:
                     raise  # the user's __getitem__ or collate_fn: named where it failed
-                raise DataError(f"cannot collate a batch of the {type(self.dataset).__name__}: "
-                                f"{first_line(exc)}") from None
+                raise DataError(
+                    f"cannot collate a batch of the {type(self.dataset).__name__}: "
+                    f"{first_line(exc)}"
+                ) from None
             yield Batch.of(to_device(collated, self.device, self.dtype))
 
     def steps(self, batch_size: int, dist: DistributedContext = SINGLE) -> int:
@@ -254,35 +296,50 @@ class LoaderSource:
         size = self._size(batch_size)
         return per_rank // size if self.drop_last else -(-per_rank // size)
 
-    def epoch(self, batch_size: int, generator: torch.Generator,
-              order_generator: torch.Generator, dist: DistributedContext = SINGLE
-              ) -> Iterator[Batch]:
+    def epoch(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        order_generator: torch.Generator,
+        dist: DistributedContext = SINGLE,
+    ) -> Iterator[Batch]:
         if self.as_is is not None:
             if dist.enabled:
-                raise ConfigError("a DataLoader with its own sampler cannot be sharded among "
-                                  "ranks: give its Dataset (and collate_fn) instead")
+                raise ConfigError(
+                    "a DataLoader with its own sampler cannot be sharded among "
+                    "ranks: give its Dataset (and collate_fn) instead"
+                )
             yield from self._iterate(self.as_is)
             return
-        order = (torch.randperm(self.num_data, device=order_generator.device,
-                                generator=order_generator)
-                 if self.shuffle else torch.arange(self.num_data))
+        order = (
+            torch.randperm(self.num_data, device=order_generator.device, generator=order_generator)
+            if self.shuffle
+            else torch.arange(self.num_data)
+        )
         shard = shard_indices(order.cpu(), dist)
-        loader = DataLoader(self.dataset, batch_sampler=self._chunks(shard, batch_size),
-                            collate_fn=self.collate_fn, **self.options)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self._chunks(shard, batch_size),
+            collate_fn=self.collate_fn,
+            **self.options,
+        )
         yield from self._iterate(loader)
 
     def ordered(self, batch_size: int) -> Iterator[Batch]:
-        if self.as_is is not None and not isinstance(self.as_is.sampler,
-                                                     (RandomSampler, SequentialSampler)):
+        if self.as_is is not None and not isinstance(
+            self.as_is.sampler, (RandomSampler, SequentialSampler)
+        ):
             yield from self._iterate(self.as_is)
             return
         chunks = self._chunks(torch.arange(self.num_data), batch_size)
         if self.drop_last:  # evaluation scores every datapoint
             size = self._size(batch_size)
-            chunks = [list(range(i, min(i + size, self.num_data)))
-                      for i in range(0, self.num_data, size)]
-        loader = DataLoader(self.dataset, batch_sampler=chunks, collate_fn=self.collate_fn,
-                            **self.options)
+            chunks = [
+                list(range(i, min(i + size, self.num_data))) for i in range(0, self.num_data, size)
+            ]
+        loader = DataLoader(
+            self.dataset, batch_sampler=chunks, collate_fn=self.collate_fn, **self.options
+        )
         yield from self._iterate(loader)
 
 
@@ -290,18 +347,28 @@ def _from_loader(loader: DataLoader) -> LoaderSource:
     options = {name: getattr(loader, name) for name in LOADER_OPTIONS if hasattr(loader, name)}
     if not options.get("num_workers"):
         options = {"pin_memory": options.get("pin_memory", False)}
-    standard = (isinstance(loader.batch_sampler, BatchSampler)
-                and type(loader.batch_sampler) is BatchSampler
-                and type(loader.sampler) in (RandomSampler, SequentialSampler))
+    standard = (
+        isinstance(loader.batch_sampler, BatchSampler)
+        and type(loader.batch_sampler) is BatchSampler
+        and type(loader.sampler) in (RandomSampler, SequentialSampler)
+    )
     if isinstance(loader.dataset, IterableDataset):
-        raise DataError("a DataLoader over an IterableDataset has no length or index: give a "
-                        "map-style Dataset (with __len__ and __getitem__)")
+        raise DataError(
+            "a DataLoader over an IterableDataset has no length or index: give a "
+            "map-style Dataset (with __len__ and __getitem__)"
+        )
     if not standard:
-        return LoaderSource(loader.dataset, loader.batch_size, loader.collate_fn,
-                            as_is=loader, options=options)
-    return LoaderSource(loader.dataset, loader.batch_size, loader.collate_fn,
-                        shuffle=type(loader.sampler) is RandomSampler,
-                        drop_last=loader.drop_last, options=options)
+        return LoaderSource(
+            loader.dataset, loader.batch_size, loader.collate_fn, as_is=loader, options=options
+        )
+    return LoaderSource(
+        loader.dataset,
+        loader.batch_size,
+        loader.collate_fn,
+        shuffle=type(loader.sampler) is RandomSampler,
+        drop_last=loader.drop_last,
+        options=options,
+    )
 
 
 Source = TensorSource | LoaderSource
@@ -326,21 +393,26 @@ def as_source(data: Any, collate_fn: Callable | None = None) -> Source:
         bad = [key for key in data if not isinstance(key, str) or not key.isidentifier()]
         if bad:
             raise DataError(f"the keys {bad} of the data are not argument names")
-        return TensorSource({key: _as_tensor(value, f"data[{key!r}]")
-                             for key, value in data.items()})
+        return TensorSource(
+            {key: _as_tensor(value, f"data[{key!r}]") for key, value in data.items()}
+        )
     if isinstance(data, (tuple, list)):
-        return TensorSource(tuple(_as_tensor(value, f"data[{i}]")
-                                  for i, value in enumerate(data)))
+        return TensorSource(tuple(_as_tensor(value, f"data[{i}]") for i, value in enumerate(data)))
     if isinstance(data, (torch.Tensor, np.ndarray)):
         return TensorSource((_as_tensor(data, "data"),))
-    raise DataError(f"cannot train or evaluate on a {type(data).__name__}: give a tensor or "
-                    "array, a tuple/list or dict of them, a map-style Dataset or a DataLoader")
+    raise DataError(
+        f"cannot train or evaluate on a {type(data).__name__}: give a tensor or "
+        "array, a tuple/list or dict of them, a map-style Dataset or a DataLoader"
+    )
 
 
 def describe(source: Source) -> str:
     """``"N datapoints of [shape], ..."``: a source's length and the shapes of its first
     datapoint's tensors (what every rank of a sharded computation must agree on)."""
     first = next(iter(source.ordered(1)))
-    shapes = [list(leaf.shape[1:]) for leaf in leaves((first.args, first.kwargs))
-              if isinstance(leaf, torch.Tensor)]
+    shapes = [
+        list(leaf.shape[1:])
+        for leaf in leaves((first.args, first.kwargs))
+        if isinstance(leaf, torch.Tensor)
+    ]
     return f"{source.num_data} datapoints of {', '.join(map(str, shapes)) or 'no tensors'}"

@@ -28,8 +28,14 @@ if TYPE_CHECKING:
 TEST_BINARIZATION_OFFSET = 1
 
 
-def build_model(dataset: data_lib.Dataset, config: TrainConfig, *, rows: int = 0,
-                training: bool = False, device: torch.device | str = "cpu") -> VAE:
+def build_model(
+    dataset: data_lib.Dataset,
+    config: TrainConfig,
+    *,
+    rows: int = 0,
+    training: bool = False,
+    device: torch.device | str = "cpu",
+) -> VAE:
     """The model family named by ``config.model.family``, sized for ``dataset``.
 
     Its memory is estimated first on the meta device (:mod:`pyro_vae.util.memory`): the parameters,
@@ -39,10 +45,12 @@ def build_model(dataset: data_lib.Dataset, config: TrainConfig, *, rows: int = 0
     footprint = memory.network_footprint(lambda: _build(dataset, config))
     if footprint is not None:
         params, width = footprint
-        nbytes = (memory.training_bytes if training else memory.inference_bytes)(params, width,
-                                                                                 rows)
-        what = (f"the {config.model.family} network ({params:,} parameters"
-                + (f", {rows:,} datapoint-particles per step)" if rows else ")"))
+        nbytes = (memory.training_bytes if training else memory.inference_bytes)(
+            params, width, rows
+        )
+        what = f"the {config.model.family} network ({params:,} parameters" + (
+            f", {rows:,} datapoint-particles per step)" if rows else ")"
+        )
         memory.require(nbytes, what, device)
     return _build(dataset, config)
 
@@ -55,15 +63,21 @@ def network_width(dataset: data_lib.Dataset, config: TrainConfig) -> int:
 
 def _build(dataset: data_lib.Dataset, config: TrainConfig) -> VAE:
     spec = config.model
-    common = dict(latent_dim=spec.latent_dim, hidden=spec.hidden, scale_fn=spec.scale_fn,
-                  likelihood=spec.likelihood, obs_scale=spec.obs_scale,
-                  activation=spec.activation)
+    common = dict(
+        latent_dim=spec.latent_dim,
+        hidden=spec.hidden,
+        scale_fn=spec.scale_fn,
+        likelihood=spec.likelihood,
+        obs_scale=spec.obs_scale,
+        activation=spec.activation,
+    )
     if spec.family == "cvae":
         model = CVAE(dataset.input_dim, dataset.num_classes, guide=spec.guide, **common)
         model.set_class_probs(dataset.train.labels)
     elif spec.family == "vae2":
-        model = VAE2(dataset.input_dim, latent2_dim=spec.latent2_dim, hidden2=spec.hidden2,
-                     **common)
+        model = VAE2(
+            dataset.input_dim, latent2_dim=spec.latent2_dim, hidden2=spec.hidden2, **common
+        )
     elif spec.family == "vampprior":
         model = VampPriorVAE(dataset.input_dim, pseudo_inputs=spec.pseudo_inputs, **common)
     else:
@@ -76,20 +90,26 @@ def is_builtin(model: torch.nn.Module) -> bool:
     return type(model) in (VAE, CVAE, VAE2, VampPriorVAE)
 
 
-def model_args(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
-               ) -> tuple[torch.Tensor, ...]:
+def model_args(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """The positional arguments of ``model.model`` / ``model.guide`` for a batch."""
     return (images, labels) if getattr(model, "conditional", False) else (images,)
 
 
-def prepare_data(config: TrainConfig, device: torch.device, download: bool = False
-                 ) -> data_lib.Dataset:
+def prepare_data(
+    config: TrainConfig, device: torch.device, download: bool = False
+) -> data_lib.Dataset:
     """The config's dataset, checked and moved to ``device``."""
     dataset = data_lib.load_dataset(config.dataset, config.data_dir, download=download)
     for split in ("train", "test"):
         part = getattr(dataset, split)
-        data_lib.validate_images(part.images, labels=part.labels,
-                                 num_classes=dataset.num_classes, what=f"{dataset.name} {split}")
+        data_lib.validate_images(
+            part.images,
+            labels=part.labels,
+            num_classes=dataset.num_classes,
+            what=f"{dataset.name} {split}",
+        )
     return dataset.to(device)
 
 
@@ -106,8 +126,9 @@ def _binarize_first(tensors: tuple, generator: torch.Generator) -> tuple:
     return (data_lib.binarize(tensors[0], generator), *tensors[1:])
 
 
-def train_source(dataset: data_lib.Dataset, config: TrainConfig,
-                 model: torch.nn.Module) -> TensorSource:
+def train_source(
+    dataset: data_lib.Dataset, config: TrainConfig, model: torch.nn.Module
+) -> TensorSource:
     """The training images (with labels for a conditional model) as the engine's source."""
     images, labels = dataset.train.images, dataset.train.labels
     if config.binarize == "fixed":
@@ -116,8 +137,13 @@ def train_source(dataset: data_lib.Dataset, config: TrainConfig,
     return TensorSource(model_args(model, images, labels), transform)
 
 
-def eval_source(dataset: data_lib.Dataset, split: str, config: TrainConfig,
-                model: torch.nn.Module, limit: int | None = None) -> TensorSource:
+def eval_source(
+    dataset: data_lib.Dataset,
+    split: str,
+    config: TrainConfig,
+    model: torch.nn.Module,
+    limit: int | None = None,
+) -> TensorSource:
     """A split's evaluation images (the first ``limit``) as a source of batches."""
     images, labels = evaluation_images(dataset, split, config), getattr(dataset, split).labels
     if limit is not None:

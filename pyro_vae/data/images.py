@@ -72,8 +72,13 @@ class Dataset:
         return self.image_shape[0] * self.image_shape[1]
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.train.to(device), self.test.to(device), self.image_shape,
-                       self.num_classes)
+        return Dataset(
+            self.name,
+            self.train.to(device),
+            self.test.to(device),
+            self.image_shape,
+            self.num_classes,
+        )
 
 
 def load_digits(test_size: int = DIGITS_TEST_SIZE, seed: int = DIGITS_SPLIT_SEED) -> Dataset:
@@ -88,8 +93,9 @@ def load_digits(test_size: int = DIGITS_TEST_SIZE, seed: int = DIGITS_SPLIT_SEED
     labels = torch.as_tensor(raw.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     test, train = order[:test_size], order[test_size:]
-    return Dataset("digits", Split(images[train], labels[train]), Split(images[test], labels[test]),
-                   (8, 8), 10)
+    return Dataset(
+        "digits", Split(images[train], labels[train]), Split(images[test], labels[test]), (8, 8), 10
+    )
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -103,8 +109,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read IDX file {path}: {exc}") from None
     if len(raw) > IDX_LIMIT:
-        raise DataError(f"{path} holds more than the {IDX_LIMIT // 2**20} MiB an IDX file may "
-                        "hold")
+        raise DataError(f"{path} holds more than the {IDX_LIMIT // 2**20} MiB an IDX file may hold")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
@@ -112,13 +117,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     header_end = 4 + 4 * ndim
     if len(raw) < header_end:
         raise DataError(f"{path}: IDX header is truncated")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header_end != expected:
-        raise DataError(f"{path}: IDX header promises shape {shape} ({expected} bytes of data), "
-                        f"the file holds {len(raw) - header_end}")
-    return np.frombuffer(raw, dtype=dtype, offset=header_end).reshape(shape).astype(
-        dtype.newbyteorder("="))
+        raise DataError(
+            f"{path}: IDX header promises shape {shape} ({expected} bytes of data), "
+            f"the file holds {len(raw) - header_end}"
+        )
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=header_end)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def md5sum(path: str | os.PathLike) -> str:
@@ -153,8 +163,10 @@ def download_mnist(data_dir: str | os.PathLike, mirrors: tuple[str, ...] = MNIST
         for mirror in mirrors:
             try:
                 with atomic_path(target, hold_signals=False) as tmp:  # Ctrl-C stops it
-                    with urllib.request.urlopen(mirror + filename, timeout=60) as response, \
-                            open(tmp, "wb") as out:
+                    with (
+                        urllib.request.urlopen(mirror + filename, timeout=60) as response,
+                        open(tmp, "wb") as out,
+                    ):
                         shutil.copyfileobj(response, out)
                     got = md5sum(tmp)
                     if got != md5:
@@ -167,8 +179,9 @@ def download_mnist(data_dir: str | os.PathLike, mirrors: tuple[str, ...] = MNIST
     return folder
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False,
-               verify: bool = True) -> Dataset:
+def load_mnist(
+    data_dir: str | os.PathLike | None = None, download: bool = False, verify: bool = True
+) -> Dataset:
     """MNIST (60,000 train / 10,000 test, 28×28) from the four standard IDX files.
 
     ``data_dir`` defaults to the ``PYRO_VAE_DATA_DIR`` environment variable. With ``download=True``
@@ -181,8 +194,9 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
     for key, (filename, md5) in MNIST_FILES.items():
         path = folder / filename
         if not path.exists():
-            raise DataError(f"MNIST file {filename} not found in {folder} "
-                            "(fetch it with download=True)")
+            raise DataError(
+                f"MNIST file {filename} not found in {folder} (fetch it with download=True)"
+            )
         regular_file(path, IDX_LIMIT)
         if verify and md5sum(path) != md5:
             raise DataError(f"MNIST file {path} is corrupt: its MD5 is not the published {md5}")
@@ -191,12 +205,19 @@ def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = False
     image_shape = tuple(arrays["train_images"].shape[1:])
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0] \
-                or images.shape[1:] != image_shape:
-            raise DataError(f"MNIST {split} files disagree: images {images.shape}, "
-                            f"labels {labels.shape}")
-        splits[split] = Split(torch.from_numpy(images.reshape(len(images), -1)).float() / 255.0,
-                              torch.from_numpy(labels.astype(np.int64)))
+        if (
+            images.ndim != 3
+            or labels.ndim != 1
+            or images.shape[0] != labels.shape[0]
+            or images.shape[1:] != image_shape
+        ):
+            raise DataError(
+                f"MNIST {split} files disagree: images {images.shape}, labels {labels.shape}"
+            )
+        splits[split] = Split(
+            torch.from_numpy(images.reshape(len(images), -1)).float() / 255.0,
+            torch.from_numpy(labels.astype(np.int64)),
+        )
     return Dataset("mnist", splits["train"], splits["test"], image_shape, 10)
 
 
@@ -211,8 +232,9 @@ class BinarizedMNIST:
     test: torch.Tensor
 
 
-def load_binarized_mnist(data_dir: str | os.PathLike | None = None,
-                         verify: bool = True) -> BinarizedMNIST:
+def load_binarized_mnist(
+    data_dir: str | os.PathLike | None = None, verify: bool = True
+) -> BinarizedMNIST:
     """The fixed binarized MNIST from ``binarized_mnist.npz`` (arrays ``train``, ``valid``,
     ``test`` of uint8 0/1, ``[N, 784]``) in ``data_dir`` (default ``$PYRO_VAE_DATA_DIR``).
     ``verify=True`` checks the file's MD5 and the published split sizes; every value must be
@@ -222,8 +244,10 @@ def load_binarized_mnist(data_dir: str | os.PathLike | None = None,
     name, md5 = BINARIZED_MNIST_FILE
     path = folder / name
     if not path.exists():
-        raise DataError(f"{name} not found in {folder}: the fixed binarized MNIST is read "
-                        "from that file (arrays train, valid, test)")
+        raise DataError(
+            f"{name} not found in {folder}: the fixed binarized MNIST is read "
+            "from that file (arrays train, valid, test)"
+        )
     check_npz(path)
     if verify and md5sum(path) != md5:
         raise DataError(f"{path} is not the published binarized MNIST: its MD5 is not {md5}")
@@ -236,16 +260,19 @@ def load_binarized_mnist(data_dir: str | os.PathLike | None = None,
         if array.ndim != 2 or array.shape[1] != 784:
             raise DataError(f"{path}: {split} has shape {list(array.shape)}, not [N, 784]")
         if verify and array.shape[0] != BINARIZED_MNIST_SIZES[split]:
-            raise DataError(f"{path}: {split} has {array.shape[0]} images, not "
-                            f"{BINARIZED_MNIST_SIZES[split]}")
+            raise DataError(
+                f"{path}: {split} has {array.shape[0]} images, not {BINARIZED_MNIST_SIZES[split]}"
+            )
         if array.size and array.max() > 1:
             raise DataError(f"{path}: {split} holds values other than 0 and 1")
-    return BinarizedMNIST(**{split: torch.from_numpy(array.astype(np.float32))
-                             for split, array in parts.items()})
+    return BinarizedMNIST(
+        **{split: torch.from_numpy(array.astype(np.float32)) for split, array in parts.items()}
+    )
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
-                 download: bool = False) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = False
+) -> Dataset:
     if name == "digits":
         return load_digits()
     if name == "mnist":
@@ -253,9 +280,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
     raise DataError(f"unknown dataset {name!r}: choose 'digits' or 'mnist'")
 
 
-def validate_images(images: torch.Tensor, *, binary: bool = False,
-                    labels: torch.Tensor | None = None, num_classes: int | None = None,
-                    input_dim: int | None = None, what: str = "data") -> None:
+def validate_images(
+    images: torch.Tensor,
+    *,
+    binary: bool = False,
+    labels: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    input_dim: int | None = None,
+    what: str = "data",
+) -> None:
     """Raise :class:`DataError` with a plain message if ``images`` (and ``labels``) are unusable.
 
     ``binary=True`` demands values in {0, 1} (a Bernoulli likelihood's support).
@@ -269,19 +302,23 @@ def validate_images(images: torch.Tensor, *, binary: bool = False,
     if images.shape[0] == 0:
         raise DataError(f"{what} is empty")
     if input_dim is not None and images.shape[1] != input_dim:
-        raise DataError(f"{what} has {images.shape[1]} features per datapoint, "
-                        f"the model expects {input_dim}")
+        raise DataError(
+            f"{what} has {images.shape[1]} features per datapoint, the model expects {input_dim}"
+        )
     if not torch.isfinite(images).all():
         raise DataError(f"{what} contains NaN or infinite values")
     if binary and not ((images == 0) | (images == 1)).all():
-        raise DataError(f"{what} must be binary (0/1) for a Bernoulli likelihood; "
-                        "binarize it (dynamic or fixed)")
+        raise DataError(
+            f"{what} must be binary (0/1) for a Bernoulli likelihood; "
+            "binarize it (dynamic or fixed)"
+        )
     if not binary and ((images < 0) | (images > 1)).any():
         raise DataError(f"{what} must hold intensities in [0, 1]")
     if labels is not None:
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(f"{what}: {images.shape[0]} images but labels of shape "
-                            f"{list(labels.shape)}")
+            raise DataError(
+                f"{what}: {images.shape[0]} images but labels of shape {list(labels.shape)}"
+            )
         if labels.is_floating_point() or labels.is_complex():
             raise DataError(f"{what}: labels must be integers, got dtype {labels.dtype}")
         if num_classes is not None and ((labels < 0) | (labels >= num_classes)).any():

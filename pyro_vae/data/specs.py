@@ -56,18 +56,24 @@ def load_factory(spec: str) -> Callable:
 
         if not isinstance(exc, SyntaxError) and user_frame(exc.__traceback__) is not None:
             raise  # raised by the module's own code, not by the compiler
-        where = (f"{exc.filename}:{exc.lineno}: " if isinstance(exc, SyntaxError)
-                 and exc.filename else "")
+        where = (
+            f"{exc.filename}:{exc.lineno}: "
+            if isinstance(exc, SyntaxError) and exc.filename
+            else ""
+        )
         detail = exc.msg if isinstance(exc, SyntaxError) else str(exc)
-        raise ConfigError(f"{where}cannot load {module_name} as Python: "
-                          f"{type(exc).__name__}: {detail}") from None
+        raise ConfigError(
+            f"{where}cannot load {module_name} as Python: {type(exc).__name__}: {detail}"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ConfigError(f"{module_name} has no callable {attribute!r}")
     if _not_user_code(module_name, factory):
-        raise ConfigError(f"{spec} names a function of Python's standard library or a "
-                          "built-in (compiled) function, not the user's own: name a function "
-                          "defined in your module or FILE.py")
+        raise ConfigError(
+            f"{spec} names a function of Python's standard library or a "
+            "built-in (compiled) function, not the user's own: name a function "
+            "defined in your module or FILE.py"
+        )
     return factory
 
 
@@ -89,8 +95,11 @@ def call_factory(spec: str, *args: Any) -> Any:
     except Exception as exc:
         if user_frame(exc.__traceback__) is not None or isinstance(exc, ConfigError):
             raise
-        kind = (FactoryCallError if isinstance(exc, TypeError)
-                and exc.__traceback__.tb_next is None else ConfigError)
+        kind = (
+            FactoryCallError
+            if isinstance(exc, TypeError) and exc.__traceback__.tb_next is None
+            else ConfigError
+        )
         raise kind(f"calling {spec} failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
@@ -99,8 +108,11 @@ def _not_user_code(module_name: str, factory: Callable) -> bool:
     (``os:abort``, ``builtins:input``) cannot build a pair or data, and may end the process
     without a word."""
     top = module_name.partition(".")[0]
-    return (top in sys.stdlib_module_names or inspect.isbuiltin(factory)
-            or getattr(factory, "__module__", None) in ("builtins", "posix", "nt"))
+    return (
+        top in sys.stdlib_module_names
+        or inspect.isbuiltin(factory)
+        or getattr(factory, "__module__", None) in ("builtins", "posix", "nt")
+    )
 
 
 def absolute_spec(spec: str) -> str:
@@ -140,12 +152,18 @@ def _read_pt(path: Path) -> Any:
             warnings.simplefilter("ignore")
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or pickled file
-        raise DataError(f"cannot read {path} as tensors (torch.load with weights_only=True): "
-                        f"{type(exc).__name__}") from None
-    ok = (isinstance(value, torch.Tensor)
-          or (isinstance(value, (tuple, list, dict)) and value
-              and all(isinstance(v, torch.Tensor)
-                      for v in (value.values() if isinstance(value, dict) else value))))
+        raise DataError(
+            f"cannot read {path} as tensors (torch.load with weights_only=True): "
+            f"{type(exc).__name__}"
+        ) from None
+    ok = isinstance(value, torch.Tensor) or (
+        isinstance(value, (tuple, list, dict))
+        and value
+        and all(
+            isinstance(v, torch.Tensor)
+            for v in (value.values() if isinstance(value, dict) else value)
+        )
+    )
     if not ok:
         raise DataError(f"{path} must hold a tensor, or a tuple, list or dict of tensors")
     return value
@@ -155,8 +173,11 @@ def _split_pair(value: Any) -> tuple[Any, Any]:
     loaders = (Dataset, DataLoader)
     if isinstance(value, dict) and set(value) == {"train", "test"}:
         return value["train"], value["test"]
-    if (isinstance(value, tuple) and len(value) == 2
-            and all(isinstance(part, loaders) for part in value)):
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(part, loaders) for part in value)
+    ):
         return value
     return value, None
 
@@ -170,6 +191,7 @@ def load_data(spec: str) -> tuple[Any, Any]:
             raise DataError(f"no data file {path}")
         return (_read_npz(path) if spec.endswith(".npz") else _read_pt(path)), None
     if ":" not in spec:
-        raise ConfigError(f"expected a .npz or .pt file or FILE.py:FUNCTION for the data, "
-                          f"got {spec!r}")
+        raise ConfigError(
+            f"expected a .npz or .pt file or FILE.py:FUNCTION for the data, got {spec!r}"
+        )
     return _split_pair(call_factory(spec))

@@ -54,8 +54,20 @@ from pyro_vae.evaluate.weights import (
     weight_statistics,
 )
 
-__all__ = ["EvaluationError", "EvaluationResult", "INFERENCE_DATA_GROUP",
-           "KHAT_GOOD", "KHAT_OK", "METRICS", "MIN_KHAT_PARTICLES",
-           "evaluate", "evaluate_dataset", "format_table",
-           "khat_reading", "log_weights", "pareto_khat", "save_evaluation",
-           "weight_statistics"]
+__all__ = [
+    "EvaluationError",
+    "EvaluationResult",
+    "INFERENCE_DATA_GROUP",
+    "KHAT_GOOD",
+    "KHAT_OK",
+    "METRICS",
+    "MIN_KHAT_PARTICLES",
+    "evaluate",
+    "evaluate_dataset",
+    "format_table",
+    "khat_reading",
+    "log_weights",
+    "pareto_khat",
+    "save_evaluation",
+    "weight_statistics",
+]

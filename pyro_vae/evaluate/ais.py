@@ -103,34 +103,54 @@ class AISResult:
 
         from pyro_vae.evaluate.khat import arviz_module
 
-        data_vars = {name: (("datapoint",), getattr(self, name).numpy())
-                     for name in ("log_px", "stderr", "ess", "accept")}
+        data_vars = {
+            name: (("datapoint",), getattr(self, name).numpy())
+            for name in ("log_px", "stderr", "ess", "accept")
+        }
         if self.khat is not None:
             data_vars["khat"] = (("datapoint",), self.khat.numpy())
         data_vars["log_weight"] = (("chain", "datapoint"), self.log_weights.numpy())
-        coords = {"datapoint": range(self.log_px.shape[0]),
-                  "chain": range(self.log_weights.shape[0])}
-        dataset = xr.Dataset(data_vars, coords=coords,
-                             attrs={"num_steps": self.num_steps,
-                                    "summary": json.dumps(self.summary())})
+        coords = {
+            "datapoint": range(self.log_px.shape[0]),
+            "chain": range(self.log_weights.shape[0]),
+        }
+        dataset = xr.Dataset(
+            data_vars,
+            coords=coords,
+            attrs={"num_steps": self.num_steps, "summary": json.dumps(self.summary())},
+        )
         return arviz_module().InferenceData(ais=dataset)
 
     def summary(self) -> dict[str, Any]:
         n = self.log_px.shape[0]
-        return {"num_datapoints": n, "num_chains": self.log_weights.shape[0],
-                "num_steps": self.num_steps,
-                "log_px": {"mean": self.log_px.mean().item(),
-                           "stderr": self.log_px.std().item() / math.sqrt(n) if n > 1 else None},
-                "accept": self.accept.mean().item(), "ess": self.ess.mean().item()}
+        return {
+            "num_datapoints": n,
+            "num_chains": self.log_weights.shape[0],
+            "num_steps": self.num_steps,
+            "log_px": {
+                "mean": self.log_px.mean().item(),
+                "stderr": self.log_px.std().item() / math.sqrt(n) if n > 1 else None,
+            },
+            "accept": self.accept.mean().item(),
+            "ess": self.ess.mean().item(),
+        }
 
 
 class _Target:
     """log q(z|x) and log p(x, z) of the pair at given local latent values, ``[C, N]`` each,
     differentiable in the values; global latents fixed."""
 
-    def __init__(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                 num_chains: int, max_plate_nesting: int, fixed: dict[str, torch.Tensor],
-                 data_plate: str | None = None):
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        num_chains: int,
+        max_plate_nesting: int,
+        fixed: dict[str, torch.Tensor],
+        data_plate: str | None = None,
+    ):
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.num_chains, self.nesting, self.fixed = num_chains, max_plate_nesting, fixed
         self.data_plate = data_plate
@@ -139,10 +159,15 @@ class _Target:
         trace = poutine.Trace()
         for name, value in {**self.fixed, **values}.items():
             trace.add_node(name, type="sample", value=value, is_observed=False, infer={})
-        drawn = vectorized_log_probs(self.model, poutine.replay(self.guide, trace=trace),
-                                     *self.args, num_particles=self.num_chains,
-                                     max_plate_nesting=self.nesting,
-                                     data_plate=self.data_plate, **self.kwargs)
+        drawn = vectorized_log_probs(
+            self.model,
+            poutine.replay(self.guide, trace=trace),
+            *self.args,
+            num_particles=self.num_chains,
+            max_plate_nesting=self.nesting,
+            data_plate=self.data_plate,
+            **self.kwargs,
+        )
         return drawn.log_q, drawn.log_p
 
 
@@ -151,13 +176,26 @@ def _per_point(values: dict[str, torch.Tensor], fn: Callable) -> torch.Tensor:
     return sum(fn(v).reshape(v.shape[0], v.shape[1], -1).sum(-1) for v in values.values())
 
 
-def _initial(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_chains: int,
-             nesting: int, data_plate: str | None = None
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _initial(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_chains: int,
+    nesting: int,
+    data_plate: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Local latents drawn from the guide in the chains' plate, and the global ones at one
     draw from q(θ)."""
-    drawn = vectorized_log_probs(model, guide, *args, num_particles=num_chains,
-                                 max_plate_nesting=nesting, data_plate=data_plate, **kwargs)
+    drawn = vectorized_log_probs(
+        model,
+        guide,
+        *args,
+        num_particles=num_chains,
+        max_plate_nesting=nesting,
+        data_plate=data_plate,
+        **kwargs,
+    )
     globals_ = set(global_latents(drawn.guide_trace, drawn.data_plate))
     fixed = {}
     if globals_:  # one θ ~ q(θ) for every chain, and the chains' z drawn given it
@@ -166,19 +204,29 @@ def _initial(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_ch
         replay = poutine.Trace()
         for name, value in fixed.items():
             replay.add_node(name, type="sample", value=value, is_observed=False, infer={})
-        drawn = vectorized_log_probs(model, poutine.replay(guide, trace=replay), *args,
-                                     num_particles=num_chains, max_plate_nesting=nesting,
-                                     data_plate=data_plate,
-                                     **kwargs)
+        drawn = vectorized_log_probs(
+            model,
+            poutine.replay(guide, trace=replay),
+            *args,
+            num_particles=num_chains,
+            max_plate_nesting=nesting,
+            data_plate=data_plate,
+            **kwargs,
+        )
     local = {}
     for name, site in drawn.guide_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name in globals_:
             continue
         if site["fn"].support.is_discrete or not _is_real(site["fn"].support):
-            raise ConfigError(f"AIS moves the latents by HMC in their own space: guide site "
-                              f"{name!r} has support {site['fn'].support}, not the real line")
-        frames = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized
-                  and f.name != PARTICLE_PLATE}
+            raise ConfigError(
+                f"AIS moves the latents by HMC in their own space: guide site "
+                f"{name!r} has support {site['fn'].support}, not the real line"
+            )
+        frames = {
+            f.name: f.dim
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
+        }
         if frames and min(frames.values()) != frames.get(drawn.data_plate):
             raise ConfigError("AIS needs the data plate to be the outermost plate")
         value = site["value"].detach()
@@ -192,27 +240,42 @@ def _is_real(support: Any) -> bool:
     return support is constraints.real or isinstance(support, type(constraints.real))
 
 
-def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
-               num_chains: int, betas: torch.Tensor, leapfrog_steps: int, step_size: float,
-               target_accept: float, nesting: int,
-               start: dict[str, torch.Tensor] | None = None,
-               prior: bool = False, data_plate: str | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _ais_batch(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_chains: int,
+    betas: torch.Tensor,
+    leapfrog_steps: int,
+    step_size: float,
+    target_accept: float,
+    nesting: int,
+    start: dict[str, torch.Tensor] | None = None,
+    prior: bool = False,
+    data_plate: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log w per chain and datapoint along ``betas`` (rising: forward AIS from the guide, or
     from the prior when ``guide`` is the model's prior and ``prior`` says so; falling: reverse
     AIS from ``start``, exact posterior draws ``[N, ...]`` per site), and the mean acceptance
     rate per datapoint."""
     z, fixed = _initial(model, guide, args, kwargs, num_chains, nesting, data_plate)
     if prior and fixed:
-        raise ConfigError(f"AIS from the prior would draw the global latents {sorted(fixed)} "
-                          "from their prior too: start from the guide")
+        raise ConfigError(
+            f"AIS from the prior would draw the global latents {sorted(fixed)} "
+            "from their prior too: start from the guide"
+        )
     if start is not None:
         if fixed:
-            raise ConfigError("reverse AIS starts from exact posterior draws of the local "
-                              f"latents; the global latents {list(fixed)} have none")
+            raise ConfigError(
+                "reverse AIS starts from exact posterior draws of the local "
+                f"latents; the global latents {list(fixed)} have none"
+            )
         if set(start) != set(z):
-            raise ConfigError(f"reverse AIS needs a draw of every local latent {sorted(z)}, "
-                              f"got {sorted(start)}")
+            raise ConfigError(
+                f"reverse AIS needs a draw of every local latent {sorted(z)}, got {sorted(start)}"
+            )
         z = {k: start[k].to(z[k]).expand_as(z[k]).clone() for k in z}
     target = _Target(model, guide, args, kwargs, num_chains, nesting, fixed, data_plate)
 
@@ -221,8 +284,11 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
             values = {k: v.detach().requires_grad_(grad) for k, v in values.items()}
             log_q, log_p = target(values)
             total = (1 - beta) * log_q + beta * log_p
-            grads = (dict(zip(values, torch.autograd.grad(total.sum(), list(values.values()))))
-                     if grad else None)
+            grads = (
+                dict(zip(values, torch.autograd.grad(total.sum(), list(values.values()))))
+                if grad
+                else None
+            )
         return total.detach(), (log_p - log_q).detach(), grads
 
     _, log_ratio, _ = log_f(z, 0.0, False)
@@ -244,11 +310,12 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
             proposed, _, grads_new = log_f(new, beta, True)
             half = 0.5 if step == leapfrog_steps - 1 else 1.0
             moving = {k: moving[k] + half * shape(new[k]) * grads_new[k] for k in new}
-        log_accept = (proposed + _per_point(moving, lambda m: -0.5 * m.square()) - current
-                      + kinetic)
+        log_accept = proposed + _per_point(moving, lambda m: -0.5 * m.square()) - current + kinetic
         accept = torch.rand_like(log_accept).log() < torch.nan_to_num(log_accept, nan=-math.inf)
-        z = {k: torch.where(accept.reshape(*accept.shape, *([1] * (v.dim() - 2))), new[k], v)
-             for k, v in z.items()}
+        z = {
+            k: torch.where(accept.reshape(*accept.shape, *([1] * (v.dim() - 2))), new[k], v)
+            for k, v in z.items()
+        }
         rate = accept.double().mean(0)
         accepted += rate
         eps = torch.where(rate > target_accept, eps * STEP_GROWTH, eps * STEP_SHRINK)
@@ -257,11 +324,23 @@ def _ais_batch(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
     return log_w, accepted / (len(betas) - 1)
 
 
-def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
-        num_steps: int = 500, leapfrog_steps: int = 5, step_size: float = 0.05,
-        target_accept: float = 0.65, schedule: torch.Tensor | None = None,
-        start: str = "guide", batch_size: int = 100, collate_fn: Callable | None = None,
-        max_plate_nesting: int | None = None, data_plate: str | None = None) -> AISResult:
+def ais(
+    model: Callable,
+    guide: Callable,
+    data: Any,
+    *,
+    num_chains: int = 16,
+    num_steps: int = 500,
+    leapfrog_steps: int = 5,
+    step_size: float = 0.05,
+    target_accept: float = 0.65,
+    schedule: torch.Tensor | None = None,
+    start: str = "guide",
+    batch_size: int = 100,
+    collate_fn: Callable | None = None,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+) -> AISResult:
     """AIS estimates of log p(x) for every datapoint of ``data`` (any form of
     :func:`pyro_vae.evaluate.evaluate_dataset`), batch by batch; see the module docstring.
 
@@ -277,25 +356,56 @@ def ais(model: Callable, guide: Callable, data: Any, *, num_chains: int = 16,
         raise ConfigError("the schedule must rise from 0 to 1")
     source = as_source(data, collate_fn)
     first = next(iter(source.ordered(batch_size)), None)
-    runs = 1 if first is None else enumeration.num_configurations(  # AIS runs once per each
-        enumeration.enumerated_sites(guide, first.args, first.kwargs))
-    with budget.work(budget.num_batches(source, batch_size) * (len(betas) - 1) * runs,
-                     f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"
-                     + (f" for each of {runs:,} enumerated configurations" if runs > 1 else "")):
-        return _forward_ais(model, guide, source, num_chains=num_chains, betas=betas,
-                            leapfrog_steps=leapfrog_steps, step_size=step_size,
-                            target_accept=target_accept, start=start, batch_size=batch_size,
-                            max_plate_nesting=max_plate_nesting, data_plate=data_plate)
+    runs = (
+        1
+        if first is None
+        else enumeration.num_configurations(  # AIS runs once per each
+            enumeration.enumerated_sites(guide, first.args, first.kwargs)
+        )
+    )
+    with budget.work(
+        budget.num_batches(source, batch_size) * (len(betas) - 1) * runs,
+        f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"
+        + (f" for each of {runs:,} enumerated configurations" if runs > 1 else ""),
+    ):
+        return _forward_ais(
+            model,
+            guide,
+            source,
+            num_chains=num_chains,
+            betas=betas,
+            leapfrog_steps=leapfrog_steps,
+            step_size=step_size,
+            target_accept=target_accept,
+            start=start,
+            batch_size=batch_size,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+        )
 
 
-def _forward_ais(model: Callable, guide: Callable, source: Any, *, num_chains: int,
-                 betas: torch.Tensor, leapfrog_steps: int, step_size: float,
-                 target_accept: float, start: str, batch_size: int,
-                 max_plate_nesting: int | None, data_plate: str | None) -> AISResult:
+def _forward_ais(
+    model: Callable,
+    guide: Callable,
+    source: Any,
+    *,
+    num_chains: int,
+    betas: torch.Tensor,
+    leapfrog_steps: int,
+    step_size: float,
+    target_accept: float,
+    start: str,
+    batch_size: int,
+    max_plate_nesting: int | None,
+    data_plate: str | None,
+) -> AISResult:
     log_ws, accepts = [], []
     for index, batch in enumerate(source.ordered(batch_size)):
-        nesting = (max_plate_nesting if max_plate_nesting is not None else
-                   guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
+        nesting = (
+            max_plate_nesting
+            if max_plate_nesting is not None
+            else guess_max_plate_nesting(model, guide, batch.args, batch.kwargs)
+        )
         if index == 0:
             _check_chains(model, guide, batch.args, batch.kwargs, nesting, data_plate)
         sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
@@ -305,65 +415,110 @@ def _forward_ais(model: Callable, guide: Callable, source: Any, *, num_chains: i
             proposal = enumeration.fixed(guide, values) if values else guide
             if start == "prior":
                 proposal = _prior_of(model_c)
-            per_configuration.append(_ais_batch(
-                model_c, proposal, batch.args, batch.kwargs, num_chains=num_chains,
-                betas=betas, leapfrog_steps=leapfrog_steps, step_size=step_size,
-                target_accept=target_accept, nesting=nesting, prior=start == "prior",
-                data_plate=data_plate))
+            per_configuration.append(
+                _ais_batch(
+                    model_c,
+                    proposal,
+                    batch.args,
+                    batch.kwargs,
+                    num_chains=num_chains,
+                    betas=betas,
+                    leapfrog_steps=leapfrog_steps,
+                    step_size=step_size,
+                    target_accept=target_accept,
+                    nesting=nesting,
+                    prior=start == "prior",
+                    data_plate=data_plate,
+                )
+            )
         log_w = torch.logsumexp(torch.stack([w for w, _ in per_configuration]), 0)
         accept = torch.stack([a for _, a in per_configuration]).mean(0)
         log_ws.append(log_w.cpu())
         accepts.append(accept.cpu())
     log_w = torch.cat(log_ws, dim=1)
-    return _result(log_w, torch.cat(accepts), len(betas) - 1,
-                   torch.logsumexp(log_w, 0) - math.log(num_chains),
-                   pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None)
+    return _result(
+        log_w,
+        torch.cat(accepts),
+        len(betas) - 1,
+        torch.logsumexp(log_w, 0) - math.log(num_chains),
+        pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None,
+    )
 
 
-def _check_chains(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int,
-                  data_plate: str | None) -> None:
+def _check_chains(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    nesting: int,
+    data_plate: str | None,
+) -> None:
     """Refuse, in one line, a pair whose networks see the chains' particle dimension
     (:func:`~pyro_vae.core.vectorization.particle_mismatch`, on a fork of the random state): the
     evaluator scores such a pair one particle at a time, AIS has its chains only as a plate."""
-    with forked_rng(), pyro.validation_enabled(False), \
-            torch.no_grad():
-        reason = particle_mismatch(model, guide, args, kwargs, max_plate_nesting=nesting,
-                                   data_plate=data_plate)
+    with forked_rng(), pyro.validation_enabled(False), torch.no_grad():
+        reason = particle_mismatch(
+            model, guide, args, kwargs, max_plate_nesting=nesting, data_plate=data_plate
+        )
     if reason is not None:
         raise ConfigError(
             f"AIS runs the chains of every datapoint as one particle plate, but {reason}: "
             "write the networks to broadcast over leading dimensions, or estimate log p(x) "
             "by importance sampling (the evaluator draws one particle per call for such a "
-            "pair)")
+            "pair)"
+        )
 
 
 def _prior_of(model: Callable) -> Callable:
     """The model's latent sites as a starting density: the model run with its observed sites
     (data, factors, fixed discrete sites) hidden from the trace."""
+
     def prior(*args: Any, **kwargs: Any) -> None:
         with poutine.block(hide_fn=lambda msg: msg["type"] == "sample" and msg["is_observed"]):
             model(*args, **kwargs)
+
     return prior
 
 
-def _result(log_w: torch.Tensor, accept: torch.Tensor, num_steps: int, log_px: torch.Tensor,
-            khat: torch.Tensor | None) -> AISResult:
+def _result(
+    log_w: torch.Tensor,
+    accept: torch.Tensor,
+    num_steps: int,
+    log_px: torch.Tensor,
+    khat: torch.Tensor | None,
+) -> AISResult:
     """An :class:`AISResult` from the chains' log-weights ``[C, N]``: the delta-method
     standard error and the normalized ESS of the weights."""
     num_chains = log_w.shape[0]
     weights = (log_w - log_w.max(0).values).exp()
     normalized = weights / weights.sum(0)
-    return AISResult(log_px=log_px,
-                     stderr=weights.std(0) / weights.mean(0) / math.sqrt(num_chains),
-                     ess=1.0 / (num_chains * normalized.square().sum(0)), accept=accept,
-                     log_weights=log_w, khat=khat, num_steps=num_steps)
+    return AISResult(
+        log_px=log_px,
+        stderr=weights.std(0) / weights.mean(0) / math.sqrt(num_chains),
+        ess=1.0 / (num_chains * normalized.square().sum(0)),
+        accept=accept,
+        log_weights=log_w,
+        khat=khat,
+        num_steps=num_steps,
+    )
 
 
-def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, torch.Tensor],
-                *, num_chains: int = 16, num_steps: int = 500, leapfrog_steps: int = 5,
-                step_size: float = 0.05, target_accept: float = 0.65,
-                schedule: torch.Tensor | None = None, batch_size: int = 100,
-                max_plate_nesting: int | None = None, data_plate: str | None = None) -> AISResult:
+def reverse_ais(
+    model: Callable,
+    guide: Callable,
+    data: Any,
+    latents: dict[str, torch.Tensor],
+    *,
+    num_chains: int = 16,
+    num_steps: int = 500,
+    leapfrog_steps: int = 5,
+    step_size: float = 0.05,
+    target_accept: float = 0.65,
+    schedule: torch.Tensor | None = None,
+    batch_size: int = 100,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+) -> AISResult:
     r"""Reverse AIS (Grosse, Ghahramani and Adams 2015): chains start at exact posterior draws
     ``latents`` (``{site: [N, ...]}``, one per datapoint, e.g. the latents that generated
     simulated data) and are annealed from the posterior back to the guide. Then
@@ -373,21 +528,35 @@ def reverse_ais(model: Callable, guide: Callable, data: Any, latents: dict[str, 
     betas = (sigmoid_schedule(num_steps) if schedule is None else schedule.double()).flip(0)
     log_ws, accepts, offset = [], [], 0
     for batch in as_source(data).ordered(batch_size):
-        nesting = (max_plate_nesting if max_plate_nesting is not None else
-                   guess_max_plate_nesting(model, guide, batch.args, batch.kwargs))
+        nesting = (
+            max_plate_nesting
+            if max_plate_nesting is not None
+            else guess_max_plate_nesting(model, guide, batch.args, batch.kwargs)
+        )
         if offset == 0:
             _check_chains(model, guide, batch.args, batch.kwargs, nesting, data_plate)
         sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
         if sites:
-            raise ConfigError(f"reverse AIS starts from an exact draw of the continuous latents "
-                              f"and cannot sum out the enumerated sites {list(sites)}")
-        start = {k: v[offset:offset + batch.size] for k, v in latents.items()}
+            raise ConfigError(
+                f"reverse AIS starts from an exact draw of the continuous latents "
+                f"and cannot sum out the enumerated sites {list(sites)}"
+            )
+        start = {k: v[offset : offset + batch.size] for k, v in latents.items()}
         offset += batch.size
-        log_w, accept = _ais_batch(model, guide, batch.args, batch.kwargs,
-                                   num_chains=num_chains, betas=betas,
-                                   leapfrog_steps=leapfrog_steps, step_size=step_size,
-                                   target_accept=target_accept, nesting=nesting, start=start,
-                                   data_plate=data_plate)
+        log_w, accept = _ais_batch(
+            model,
+            guide,
+            batch.args,
+            batch.kwargs,
+            num_chains=num_chains,
+            betas=betas,
+            leapfrog_steps=leapfrog_steps,
+            step_size=step_size,
+            target_accept=target_accept,
+            nesting=nesting,
+            start=start,
+            data_plate=data_plate,
+        )
         log_ws.append(log_w.cpu())
         accepts.append(accept.cpu())
     log_w = torch.cat(log_ws, dim=1)

@@ -44,8 +44,10 @@ class ParetoTail:
 
     def __init__(self, num_particles: int):
         if num_particles < MIN_KHAT_PARTICLES:
-            raise ConfigError(f"k-hat needs at least {MIN_KHAT_PARTICLES} particles, got "
-                              f"{num_particles}; use more particles or khat=False")
+            raise ConfigError(
+                f"k-hat needs at least {MIN_KHAT_PARTICLES} particles, got "
+                f"{num_particles}; use more particles or khat=False"
+            )
         self.num_particles = num_particles
         self.keep = tail_size(num_particles) + 1
         self.top: torch.Tensor | None = None
@@ -60,8 +62,10 @@ class ParetoTail:
         lw = log_weights.detach().to(torch.float64)
         self.seen += lw.shape[0]
         if self.seen > self.num_particles:
-            raise ConfigError(f"ParetoTail fed {self.seen} particles, more than the "
-                              f"{self.num_particles} it was made for")
+            raise ConfigError(
+                f"ParetoTail fed {self.seen} particles, more than the "
+                f"{self.num_particles} it was made for"
+            )
         low = lw.amin(0)
         if self.top is not None:
             lw = torch.cat([self.top, lw])
@@ -86,8 +90,11 @@ class ParetoTail:
                 column = shifted[:, n]
                 cutoff = max(column[-1], cutoff_floor)
                 tail = column[column > cutoff][::-1]  # ascending
-                khat[n] = (math.inf if tail.size <= 4
-                           else _generalized_pareto_shape(np.exp(tail) - math.exp(cutoff)))
+                khat[n] = (
+                    math.inf
+                    if tail.size <= 4
+                    else _generalized_pareto_shape(np.exp(tail) - math.exp(cutoff))
+                )
         return khat
 
 
@@ -99,8 +106,9 @@ def _generalized_pareto_shape(exceedances: np.ndarray) -> float:
     grid = 30 + int(math.sqrt(n))
     quartile = exceedances[int(n / 4 + 0.5) - 1]
     # candidate values of θ = −k/σ around 1/max(x), as in Zhang & Stephens' algorithm
-    theta = (1.0 / exceedances[-1]
-             + (1.0 - np.sqrt(grid / (np.arange(1, grid + 1) - 0.5))) / (3.0 * quartile))
+    theta = 1.0 / exceedances[-1] + (1.0 - np.sqrt(grid / (np.arange(1, grid + 1) - 0.5))) / (
+        3.0 * quartile
+    )
     k = np.log1p(-theta[:, None] * exceedances).mean(axis=1)
     profile = n * (np.log(-theta / k) - k - 1.0)  # profile log-likelihood of each θ
     weights = 1.0 / np.exp(profile[None, :] - profile[:, None]).sum(axis=1)

@@ -65,54 +65,76 @@ def format_table(summary: dict[str, Any], observed: str = "x") -> str:
     names what the model scores in the first row's label, e.g. ``"x, y"`` for a conditional
     VAE, whose log-weights are those of the joint p(x, y)."""
     summed = summary.get("summed_sites")
-    labels = {"log_px": f"log p_K({observed})",
-              "elbo": "E log Σ_c w" if summed else "ELBO", "gap": "gap (≈ KL)",
-              "var_log_w": "var log w", "ess": "ESS / K"}
+    labels = {
+        "log_px": f"log p_K({observed})",
+        "elbo": "E log Σ_c w" if summed else "ELBO",
+        "gap": "gap (≈ KL)",
+        "var_log_w": "var log w",
+        "ess": "ESS / K",
+    }
     units = {"log_px": "nats", "elbo": "nats", "gap": "nats", "var_log_w": "nats²", "ess": ""}
 
     def number(value: float | None) -> str:
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
     width = max(12, max(len(label) for label in labels.values()) + 1)
-    lines = [f"{summary['num_datapoints']} datapoints, K = {summary['num_particles']} particles",
-             f"{'':<{width}}{'mean':>12}{'stderr':>12}"]
+    lines = [
+        f"{summary['num_datapoints']} datapoints, K = {summary['num_particles']} particles",
+        f"{'':<{width}}{'mean':>12}{'stderr':>12}",
+    ]
     rows = [(label, summary[name], units[name]) for name, label in labels.items()]
     if "trace_enum_elbo" in summary:  # after the summed bound's row
         rows.insert(2, ("ELBO", summary["trace_enum_elbo"], "nats"))
     for label, entry, unit in rows:
-        lines.append(f"{label:<{width}}{number(entry['mean']):>12}{number(entry['stderr']):>12}"
-                     f"  {unit}".rstrip())
+        lines.append(
+            f"{label:<{width}}{number(entry['mean']):>12}{number(entry['stderr']):>12}"
+            f"  {unit}".rstrip()
+        )
     if "khat" in summary:
         k = summary["khat"]
-        lines.append(f"{'k-hat':<{width}}median {number(k['median'])}, max {number(k['max'])}; "
-                     f"good {k['fraction_good']:.1%}, ok {k['fraction_ok']:.1%}, "
-                     f"bad (> {KHAT_OK}) {k['fraction_bad']:.1%}")
+        lines.append(
+            f"{'k-hat':<{width}}median {number(k['median'])}, max {number(k['max'])}; "
+            f"good {k['fraction_good']:.1%}, ok {k['fraction_ok']:.1%}, "
+            f"bad (> {KHAT_OK}) {k['fraction_bad']:.1%}"
+        )
     elif summary["num_particles"] < MIN_KHAT_PARTICLES:
         lines.append(f"{'k-hat':<{width}}not computed: PSIS needs K >= {MIN_KHAT_PARTICLES}")
     else:
         lines.append(f"{'k-hat':<{width}}not computed")
     if "global" in summary:
         term = summary["global"]
-        lines.append(f"{'dataset ELBO':<{width}}{number(term['dataset_elbo']):>12}"
-                     f"{'':>12}  nats (all {summary['num_datapoints']} datapoints, with "
-                     f"E_q[log p(θ) − log q(θ)] = {number(term['log_p_minus_log_q'])})")
-        lines.append(f"global latents {term['sites']}: each particle draws θ ~ q(θ) once for "
-                     f"all datapoints; log p_K({observed}) is the predictive log E_q(θ) "
-                     f"p({observed} | θ)")
+        lines.append(
+            f"{'dataset ELBO':<{width}}{number(term['dataset_elbo']):>12}"
+            f"{'':>12}  nats (all {summary['num_datapoints']} datapoints, with "
+            f"E_q[log p(θ) − log q(θ)] = {number(term['log_p_minus_log_q'])})"
+        )
+        lines.append(
+            f"global latents {term['sites']}: each particle draws θ ~ q(θ) once for "
+            f"all datapoints; log p_K({observed}) is the predictive log E_q(θ) "
+            f"p({observed} | θ)"
+        )
     if summary.get("whole_data_set"):
-        lines.append("no pyro.plate holds every observed site: the data set is scored as one "
-                     "datapoint, and per-datapoint statistics do not apply")
+        lines.append(
+            "no pyro.plate holds every observed site: the data set is scored as one "
+            "datapoint, and per-datapoint statistics do not apply"
+        )
     if summed:
-        elbo = ("the row 'ELBO' is Σ_c q(c | x)[log w_c − log q(c | x)], TraceEnum_ELBO's "
-                "(trace and meanfield train it)" if "trace_enum_elbo" in summary else
-                "TraceEnum_ELBO's ELBO is not computed for a guide that reuses enumeration "
-                "dimensions")
-        lines.append(f"the guide's sites {summed} are summed inside each weight: the row "
-                     "'E log Σ_c w' is the bound E log Σ_c p(x, c, z_c)/q(z_c | x, c) "
-                     f"(log w and the gap use it); {elbo}")
+        elbo = (
+            "the row 'ELBO' is Σ_c q(c | x)[log w_c − log q(c | x)], TraceEnum_ELBO's "
+            "(trace and meanfield train it)"
+            if "trace_enum_elbo" in summary
+            else "TraceEnum_ELBO's ELBO is not computed for a guide that reuses enumeration "
+            "dimensions"
+        )
+        lines.append(
+            f"the guide's sites {summed} are summed inside each weight: the row "
+            "'E log Σ_c w' is the bound E log Σ_c p(x, c, z_c)/q(z_c | x, c) "
+            f"(log w and the gap use it); {elbo}"
+        )
     if not summary.get("vectorized", True):
-        lines.append("particles drawn one call at a time: the pair's networks see a particle "
-                     "dimension")
+        lines.append(
+            "particles drawn one call at a time: the pair's networks see a particle dimension"
+        )
     return "\n".join(lines)
 
 
@@ -122,16 +144,20 @@ def write_netcdf(inference_data: Any, path: Path) -> None:
     write_in_child(lambda: inference_data.to_netcdf(str(path)), path)
 
 
-def save_evaluation(result: EvaluationResult, folder: str | Path, split: str,
-                    metadata: dict[str, Any] | None = None) -> dict[str, Path]:
+def save_evaluation(
+    result: EvaluationResult, folder: str | Path, split: str, metadata: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
     ``khat-<split>.png`` into ``folder`` as one set (each to a temporary file, all renamed at
     the end: a failed write, such as a full disk, leaves the previous evaluation's files and
     raises :class:`~pyro_vae.util.io.WriteError`); return their paths by kind. Without k-hat an
     older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
     folder = Path(folder)
-    paths = {"json": folder / f"eval-{split}.json", "netcdf": folder / f"eval-{split}.nc",
-             "gap": folder / f"gap-{split}.png"}
+    paths = {
+        "json": folder / f"eval-{split}.json",
+        "netcdf": folder / f"eval-{split}.nc",
+        "gap": folder / f"gap-{split}.png",
+    }
     khat_path = folder / f"khat-{split}.png"
     title = f"{split}: N = {result.num_datapoints}, K = {result.num_particles}"
     with atomic_files() as files:
@@ -213,7 +239,10 @@ class EvaluationResult:
             assert value is None or value.shape == shape, (name, value.shape, shape)
         if self.log_weights is not None:
             assert self.log_weights.shape == (self.num_particles, shape[0]), (
-                self.log_weights.shape, self.num_particles, shape)
+                self.log_weights.shape,
+                self.num_particles,
+                shape,
+            )
 
     @property
     def num_datapoints(self) -> int:
@@ -242,22 +271,29 @@ class EvaluationResult:
             values = [getattr(part, name) for part in parts]
             return None if any(v is None for v in values) else torch.cat(values, dim)
 
-        return cls(num_particles=parts[0].num_particles, log_px=cat("log_px"), elbo=cat("elbo"),
-                   var_log_w=cat("var_log_w"), ess=cat("ess"), khat=cat("khat"),
-                   log_weights=cat("log_weights", 1),
-                   vectorized=all(part.vectorized for part in parts),
-                   global_term=GlobalTerm.combine([part.global_term for part in parts]),
-                   summed_sites=tuple(dict.fromkeys(
-                       site for part in parts for site in part.summed_sites)),
-                   trace_enum_elbo=cat("trace_enum_elbo"),
-                   whole_data_set=any(part.whole_data_set for part in parts))
+        return cls(
+            num_particles=parts[0].num_particles,
+            log_px=cat("log_px"),
+            elbo=cat("elbo"),
+            var_log_w=cat("var_log_w"),
+            ess=cat("ess"),
+            khat=cat("khat"),
+            log_weights=cat("log_weights", 1),
+            vectorized=all(part.vectorized for part in parts),
+            global_term=GlobalTerm.combine([part.global_term for part in parts]),
+            summed_sites=tuple(dict.fromkeys(site for part in parts for site in part.summed_sites)),
+            trace_enum_elbo=cat("trace_enum_elbo"),
+            whole_data_set=any(part.whole_data_set for part in parts),
+        )
 
     def summary(self) -> dict[str, Any]:
         """Mean and standard error (std / √N) of each metric; for k-hat the median, the max and
         the fractions of datapoints read as good / ok / bad."""
-        out: dict[str, Any] = {"num_datapoints": self.num_datapoints,
-                               "num_particles": self.num_particles,
-                               "vectorized": self.vectorized}
+        out: dict[str, Any] = {
+            "num_datapoints": self.num_datapoints,
+            "num_particles": self.num_particles,
+            "vectorized": self.vectorized,
+        }
         if self.summed_sites:
             out["summed_sites"] = list(self.summed_sites)
         if self.whole_data_set:
@@ -269,17 +305,22 @@ class EvaluationResult:
             out[name] = {"mean": values.mean().item(), "stderr": stderr}
         if self.trace_enum_elbo is not None:
             values = self.trace_enum_elbo.to(torch.float64)
-            out["trace_enum_elbo"] = {"mean": values.mean().item(), "stderr":
-                                      values.std().item() / math.sqrt(n) if n > 1 else math.nan}
+            out["trace_enum_elbo"] = {
+                "mean": values.mean().item(),
+                "stderr": values.std().item() / math.sqrt(n) if n > 1 else math.nan,
+            }
         if self.global_term is not None:
-            out["global"] = {"sites": list(self.global_term.sites),
-                             "log_p_minus_log_q": self.global_term.mean,
-                             "draws": self.global_term.draws,
-                             "dataset_elbo": self.dataset_elbo}
+            out["global"] = {
+                "sites": list(self.global_term.sites),
+                "log_p_minus_log_q": self.global_term.mean,
+                "draws": self.global_term.draws,
+                "dataset_elbo": self.dataset_elbo,
+            }
         if self.khat is not None:
             k = self.khat
             out["khat"] = {
-                "median": k.median().item(), "max": k.max().item(),
+                "median": k.median().item(),
+                "max": k.max().item(),
                 "fraction_good": (k <= KHAT_GOOD).double().mean().item(),
                 "fraction_ok": ((k > KHAT_GOOD) & (k <= KHAT_OK)).double().mean().item(),
                 "fraction_bad": (~(k <= KHAT_OK)).double().mean().item(),
@@ -310,8 +351,12 @@ class EvaluationResult:
         if self.log_weights is not None:
             data_vars["log_weight"] = (("particle", "datapoint"), self.log_weights.numpy())
             coords["particle"] = np.arange(self.num_particles)
-        attrs = {"num_particles": self.num_particles, "khat_good": KHAT_GOOD,
-                 "khat_ok": KHAT_OK, "summary": json.dumps(_json_safe(self.summary()))}
+        attrs = {
+            "num_particles": self.num_particles,
+            "khat_good": KHAT_GOOD,
+            "khat_ok": KHAT_OK,
+            "summary": json.dumps(_json_safe(self.summary())),
+        }
         if self.global_term is not None:
             attrs["global_sites"] = ",".join(self.global_term.sites)
             attrs["global_log_p_minus_log_q"] = self.global_term.mean

@@ -73,10 +73,19 @@ def _num_chunks(total: int, chunk: int | None) -> int:
     return 1 if chunk is None else -(-total // max(chunk, 1))
 
 
-def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
-                       num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
-                       data_plate: str | None, vectorize: bool = True,
-                       whole: bool = False) -> Iterator[Chunk]:
+def _log_weight_chunks(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    particle_chunk: int | None,
+    max_plate_nesting: int,
+    data_plate: str | None,
+    vectorize: bool = True,
+    whole: bool = False,
+) -> Iterator[Chunk]:
     """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
     each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
 
@@ -93,22 +102,40 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
     model, guide = (poutine.block(fn, hide_types=["param"]) for fn in (model, guide))
 
     def one_call(size: int, vectorized: bool) -> Chunk:
-        drawn = vectorized_log_probs(model, guide, *args, num_particles=size,
-                                     max_plate_nesting=max_plate_nesting, data_plate=data_plate,
-                                     compact=True, vectorize=vectorized,
-                                     require_data_plate=not whole, **kwargs)
-        return Chunk(drawn.log_weights, drawn.global_log_weight, drawn.global_sites,
-                     drawn.guide_enumerated, drawn.data_plate is None, drawn.trace_enum_elbo)
+        drawn = vectorized_log_probs(
+            model,
+            guide,
+            *args,
+            num_particles=size,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+            compact=True,
+            vectorize=vectorized,
+            require_data_plate=not whole,
+            **kwargs,
+        )
+        return Chunk(
+            drawn.log_weights,
+            drawn.global_log_weight,
+            drawn.global_sites,
+            drawn.guide_enumerated,
+            drawn.data_plate is None,
+            drawn.trace_enum_elbo,
+        )
 
     def draw(size: int) -> Chunk:
         if vectorize:
             return one_call(size, True)
         singles = [one_call(1, False) for _ in range(size)]
         enum_elbos = [c.trace_enum_elbo for c in singles]
-        return Chunk(torch.cat([c.log_weights for c in singles]),
-                     torch.cat([c.global_log_weight for c in singles]), singles[0].global_sites,
-                     singles[0].summed_sites, singles[0].whole,
-                     None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos))
+        return Chunk(
+            torch.cat([c.log_weights for c in singles]),
+            torch.cat([c.global_log_weight for c in singles]),
+            singles[0].global_sites,
+            singles[0].summed_sites,
+            singles[0].whole,
+            None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos),
+        )
 
     if is_validation_enabled():
         with forked_rng():
@@ -118,8 +145,11 @@ def _log_weight_chunks(model: Callable, guide: Callable, args: tuple, kwargs: di
         with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
             chunk = draw(size)
         num_data = chunk.log_weights.shape[1] if num_data is None else num_data
-        assert chunk.log_weights.shape == (size, num_data), (chunk.log_weights.shape, size,
-                                                             num_data)
+        assert chunk.log_weights.shape == (size, num_data), (
+            chunk.log_weights.shape,
+            size,
+            num_data,
+        )
         yield chunk
 
 
@@ -170,7 +200,8 @@ def _check_finite(stats: dict[str, torch.Tensor], first_index: int) -> None:
         raise EvaluationError(
             f"the log-weights of {int(bad.sum())} datapoint(s) are NaN or infinite (first: "
             f"{where}): log p(x, z) or log q(z|x) is not finite. Check that the data lie in the "
-            "likelihood's support and that the model's parameters are finite.")
+            "likelihood's support and that the model's parameters are finite."
+        )
 
 
 @contextmanager
@@ -186,9 +217,16 @@ def _batch_rng(batch_seed: int | None, index: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int,
-                particle_chunk: int | None = None, max_plate_nesting: int | None = None,
-                data_plate: str | None = None, **kwargs: Any) -> torch.Tensor:
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_particles: int,
+    particle_chunk: int | None = None,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
     """Per-datapoint log-weights log p(x, z_k) − log q(z_k|x), shape ``[K, N]``.
 
     ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` are called once per chunk of at most
@@ -201,17 +239,38 @@ def log_weights(model: Callable, guide: Callable, *args: Any, num_particles: int
     """
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    chunks = [chunk.log_weights for chunk in _log_weight_chunks(
-        model, guide, args, kwargs, num_particles=num_particles, particle_chunk=particle_chunk,
-        max_plate_nesting=max_plate_nesting, data_plate=data_plate)]
+    chunks = [
+        chunk.log_weights
+        for chunk in _log_weight_chunks(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=num_particles,
+            particle_chunk=particle_chunk,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+        )
+    ]
     return torch.cat(chunks)
 
 
-def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *,
-                  num_particles: int, particle_chunk: int | None, max_plate_nesting: int,
-                  data_plate: str | None, khat: bool | None, keep_log_weights: bool,
-                  first_index: int = 0, vectorize: bool = True,
-                  whole: bool = False) -> EvaluationResult:
+def _batch_result(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    particle_chunk: int | None,
+    max_plate_nesting: int,
+    data_plate: str | None,
+    khat: bool | None,
+    keep_log_weights: bool,
+    first_index: int = 0,
+    vectorize: bool = True,
+    whole: bool = False,
+) -> EvaluationResult:
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
     tail = ParetoTail(num_particles) if with_khat else None
@@ -219,10 +278,18 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
     global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
     #: each chunk's Σ over its particles of TraceEnum's ELBO, [N]; None once one lacks it
     enum_sums: list[torch.Tensor] | None = []
-    for chunk in _log_weight_chunks(model, guide, args, kwargs, num_particles=num_particles,
-                                    particle_chunk=particle_chunk,
-                                    max_plate_nesting=max_plate_nesting, data_plate=data_plate,
-                                    vectorize=vectorize, whole=whole):
+    for chunk in _log_weight_chunks(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles=num_particles,
+        particle_chunk=particle_chunk,
+        max_plate_nesting=max_plate_nesting,
+        data_plate=data_plate,
+        vectorize=vectorize,
+        whole=whole,
+    ):
         accumulator.update(chunk.log_weights)
         budget.piece_done()
         whole_data_set = chunk.whole
@@ -243,33 +310,59 @@ def _batch_result(model: Callable, guide: Callable, args: tuple, kwargs: dict, *
     if global_sites:
         global_term = GlobalTerm(global_sites, global_sum / num_particles, num_particles)
         if not math.isfinite(global_term.mean):
-            raise EvaluationError(f"log p(θ) − log q(θ) of the global latents {list(global_sites)} "
-                                  "is NaN or infinite")
+            raise EvaluationError(
+                f"log p(θ) − log q(θ) of the global latents {list(global_sites)} is NaN or infinite"
+            )
     return EvaluationResult(
-        num_particles=num_particles, **stats,
+        num_particles=num_particles,
+        **stats,
         khat=tail.khat() if tail is not None else None,
-        log_weights=full.cpu() if full is not None else None, vectorized=vectorize,
-        global_term=global_term, summed_sites=summed_sites, whole_data_set=whole_data_set,
-        trace_enum_elbo=(sum(enum_sums) / num_particles).cpu() if enum_sums and summed_sites
-        else None)
+        log_weights=full.cpu() if full is not None else None,
+        vectorized=vectorize,
+        global_term=global_term,
+        summed_sites=summed_sites,
+        whole_data_set=whole_data_set,
+        trace_enum_elbo=(sum(enum_sums) / num_particles).cpu()
+        if enum_sums and summed_sites
+        else None,
+    )
 
 
-def _vectorizable(model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                  max_plate_nesting: int, data_plate: str | None, whole: bool = False) -> bool:
+def _vectorizable(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: int,
+    data_plate: str | None,
+    whole: bool = False,
+) -> bool:
     """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.core.vectorization`),
     probed on a fork of the random state so the evaluation's draws are unchanged."""
     with forked_rng(), pyro.validation_enabled(False):
-        return particle_mismatch(model, guide, args, kwargs, max_plate_nesting=max_plate_nesting,
-                                 require_data_plate=not whole,
-                                 data_plate=data_plate) is None
+        return (
+            particle_mismatch(
+                model,
+                guide,
+                args,
+                kwargs,
+                max_plate_nesting=max_plate_nesting,
+                require_data_plate=not whole,
+                data_plate=data_plate,
+            )
+            is None
+        )
 
 
 @contextmanager
 def eval_mode(*functions: Callable) -> Iterator[None]:
     """Put the modules whose bound methods ``functions`` are (``module.model``,
     ``module.guide``) in eval mode for the block, then give every submodule its mode back."""
-    modules = {id(m): m for fn in functions
-               if isinstance(m := getattr(fn, "__self__", None), torch.nn.Module)}
+    modules = {
+        id(m): m
+        for fn in functions
+        if isinstance(m := getattr(fn, "__self__", None), torch.nn.Module)
+    }
     saved = [(sub, sub.training) for m in modules.values() for sub in m.modules()]
     for m in modules.values():
         m.eval()
@@ -281,10 +374,18 @@ def eval_mode(*functions: Callable) -> Iterator[None]:
 
 
 @torch.no_grad()
-def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
-             particle_chunk: int | None = None, khat: bool | None = None,
-             keep_log_weights: bool = True, max_plate_nesting: int | None = None,
-             data_plate: str | None = None, **kwargs: Any) -> EvaluationResult:
+def evaluate(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_particles: int,
+    particle_chunk: int | None = None,
+    khat: bool | None = None,
+    keep_log_weights: bool = True,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+    **kwargs: Any,
+) -> EvaluationResult:
     """Evaluate a model/guide pair on all its datapoints at once (one call per particle chunk).
 
     ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` must put every sample site inside
@@ -307,28 +408,52 @@ def evaluate(model: Callable, guide: Callable, *args: Any, num_particles: int,
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
     _check_finite_inputs(args, kwargs)
-    with eval_mode(model, guide), budget.work(_num_chunks(num_particles, particle_chunk),
-                                              f"evaluating {num_particles:,} particles"):
+    with (
+        eval_mode(model, guide),
+        budget.work(
+            _num_chunks(num_particles, particle_chunk), f"evaluating {num_particles:,} particles"
+        ),
+    ):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        vectorize = _vectorizable(model, guide, args, kwargs, max_plate_nesting, data_plate,
-                                  whole=True)
-        return _batch_result(model, guide, args, kwargs, num_particles=num_particles,
-                             particle_chunk=particle_chunk, max_plate_nesting=max_plate_nesting,
-                             data_plate=data_plate, khat=khat,
-                             keep_log_weights=keep_log_weights, vectorize=vectorize,
-                             whole=True)
+        vectorize = _vectorizable(
+            model, guide, args, kwargs, max_plate_nesting, data_plate, whole=True
+        )
+        return _batch_result(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=num_particles,
+            particle_chunk=particle_chunk,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+            khat=khat,
+            keep_log_weights=keep_log_weights,
+            vectorize=vectorize,
+            whole=True,
+        )
 
 
 @torch.no_grad()
-def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particles: int,
-                     batch_size: int = DEFAULT_BATCH_SIZE,
-                     particle_chunk: int | None = DEFAULT_PARTICLE_CHUNK,
-                     khat: bool | None = None, keep_log_weights: bool = False,
-                     max_plate_nesting: int | None = None, data_plate: str | None = None,
-                     progress: bool = False, batch_seed: int | None = None,
-                     dist: DistributedContext = SINGLE, collate_fn: Callable | None = None,
-                     **kwargs: Any) -> EvaluationResult:
+def evaluate_dataset(
+    model: Callable,
+    guide: Callable,
+    data: Any,
+    *,
+    num_particles: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    particle_chunk: int | None = DEFAULT_PARTICLE_CHUNK,
+    khat: bool | None = None,
+    keep_log_weights: bool = False,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+    progress: bool = False,
+    batch_seed: int | None = None,
+    dist: DistributedContext = SINGLE,
+    collate_fn: Callable | None = None,
+    **kwargs: Any,
+) -> EvaluationResult:
     """Evaluate a pair batch by batch: ``model(*batch_args, **batch_kwargs, **kwargs)``.
 
     ``data`` takes every form the training engine takes (:func:`pyro_vae.data.batches.as_source`):
@@ -356,8 +481,10 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     per datapoint to a single process's with the same ``batch_seed``.
     """
     if dist.enabled and batch_seed is None:
-        raise ConfigError("sharded evaluation needs batch_seed, so that each batch draws the "
-                          "same particles whichever rank evaluates it")
+        raise ConfigError(
+            "sharded evaluation needs batch_seed, so that each batch draws the "
+            "same particles whichever rank evaluates it"
+        )
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     source = as_source(data, collate_fn)
@@ -368,14 +495,23 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
     from tqdm.auto import tqdm
 
     parts, failure, num_batches, first_index, vectorize = [], None, 0, 0, None
-    batches = tqdm(source.ordered(batch_size), desc="evaluate", unit="batch", leave=False,
-                   disable=not progress or not dist.is_main)
-    pieces = budget.num_batches(source, batch_size, dist) * _num_chunks(num_particles,
-                                                                         particle_chunk)
+    batches = tqdm(
+        source.ordered(batch_size),
+        desc="evaluate",
+        unit="batch",
+        leave=False,
+        disable=not progress or not dist.is_main,
+    )
+    pieces = budget.num_batches(source, batch_size, dist) * _num_chunks(
+        num_particles, particle_chunk
+    )
     try:
-        with eval_mode(model, guide), budget.work(
-                pieces, f"evaluating {num_particles:,} particles on {source.num_data:,} "
-                        "datapoints"):
+        with (
+            eval_mode(model, guide),
+            budget.work(
+                pieces, f"evaluating {num_particles:,} particles on {source.num_data:,} datapoints"
+            ),
+        ):
             for index, batch in enumerate(batches):
                 num_batches, size = index + 1, batch.size
                 start, first_index = first_index, first_index + size
@@ -385,27 +521,46 @@ def evaluate_dataset(model: Callable, guide: Callable, data: Any, *, num_particl
                 _check_finite_inputs(batch.args, call_kwargs)
                 if max_plate_nesting is None:
                     with nullcontext() if batch_seed is None else forked_rng():
-                        max_plate_nesting = guess_max_plate_nesting(model, guide, batch.args,
-                                                                    call_kwargs)
+                        max_plate_nesting = guess_max_plate_nesting(
+                            model, guide, batch.args, call_kwargs
+                        )
                 if vectorize is None:
-                    vectorize = _vectorizable(model, guide, batch.args, call_kwargs,
-                                              max_plate_nesting, data_plate, whole=whole)
+                    vectorize = _vectorizable(
+                        model,
+                        guide,
+                        batch.args,
+                        call_kwargs,
+                        max_plate_nesting,
+                        data_plate,
+                        whole=whole,
+                    )
                 with _batch_rng(batch_seed, index):
-                    part = _batch_result(model, guide, batch.args, call_kwargs,
-                                         num_particles=num_particles,
-                                         particle_chunk=particle_chunk,
-                                         max_plate_nesting=max_plate_nesting,
-                                         data_plate=data_plate, khat=khat,
-                                         keep_log_weights=keep_log_weights, first_index=start,
-                                         vectorize=vectorize, whole=whole)
+                    part = _batch_result(
+                        model,
+                        guide,
+                        batch.args,
+                        call_kwargs,
+                        num_particles=num_particles,
+                        particle_chunk=particle_chunk,
+                        max_plate_nesting=max_plate_nesting,
+                        data_plate=data_plate,
+                        khat=khat,
+                        keep_log_weights=keep_log_weights,
+                        first_index=start,
+                        vectorize=vectorize,
+                        whole=whole,
+                    )
                 if part.whole_data_set and index > 0:
                     raise ConfigError(
                         "no pyro.plate holds every observed site, so the data set is one "
-                        "datapoint: evaluate it in one batch (batch_size >= its length)")
+                        "datapoint: evaluate it in one batch (batch_size >= its length)"
+                    )
                 if part.num_datapoints != size and not part.whole_data_set:
-                    raise ConfigError(f"the data plate has {part.num_datapoints} entries for a "
-                                      f"batch of {size} rows: its size must be the batch's "
-                                      "length")
+                    raise ConfigError(
+                        f"the data plate has {part.num_datapoints} entries for a "
+                        f"batch of {size} rows: its size must be the batch's "
+                        "length"
+                    )
                 parts.append(part)
     except PyroVAEError as exc:
         if not dist.enabled:
@@ -431,6 +586,9 @@ def weight_statistics(log_weights: torch.Tensor, khat: bool | None = None) -> Ev
     accumulator.update(log_weights.detach())
     stats = {name: value.cpu() for name, value in accumulator.finalize().items()}
     _check_finite(stats, 0)
-    return EvaluationResult(num_particles=num_particles, **stats,
-                            khat=pareto_khat(log_weights) if with_khat else None,
-                            log_weights=log_weights.detach().cpu())
+    return EvaluationResult(
+        num_particles=num_particles,
+        **stats,
+        khat=pareto_khat(log_weights) if with_khat else None,
+        log_weights=log_weights.detach().cpu(),
+    )

@@ -61,7 +61,19 @@ from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
 from pyro_vae.infer.vimco import VIMCO
 
-__all__ = ["CLASSES", "ESTIMATORS", "DoublyReparameterizedELBO", "ELBOEstimator",
-           "ImportanceWeightedELBO", "LinearWarmup", "MeanFieldELBO", "Objective",
-           "StickingTheLandingELBO", "TraceELBO", "VIMCO", "beta_log_weight",
-           "importance_weighted_bound", "make_estimator"]
+__all__ = [
+    "CLASSES",
+    "ESTIMATORS",
+    "DoublyReparameterizedELBO",
+    "ELBOEstimator",
+    "ImportanceWeightedELBO",
+    "LinearWarmup",
+    "MeanFieldELBO",
+    "Objective",
+    "StickingTheLandingELBO",
+    "TraceELBO",
+    "VIMCO",
+    "beta_log_weight",
+    "importance_weighted_bound",
+    "make_estimator",
+]

@@ -36,8 +36,9 @@ def weighted(beta: float, term: torch.Tensor) -> torch.Tensor:
     return term if beta == 1 else beta * term
 
 
-def beta_log_weight(log_lik: torch.Tensor, log_prior: torch.Tensor, log_q: torch.Tensor,
-                    beta: float) -> torch.Tensor:
+def beta_log_weight(
+    log_lik: torch.Tensor, log_prior: torch.Tensor, log_q: torch.Tensor, beta: float
+) -> torch.Tensor:
     r"""The β-weighted log-weight of single draws,
     :math:`\log p(x|z) + \beta\,(\log p(z) - \log q(z|x))` (elementwise)."""
     return log_lik + weighted(beta, log_prior - log_q)
@@ -62,12 +63,15 @@ def log_weights(particles: Particles, beta: float, importance_samples: int) -> t
     (:meth:`~pyro_vae.core.particles.Particles.summed_log_weights`)."""
     if particles.guide_enumerated:
         return grouped(particles.summed_log_weights(beta), importance_samples)
-    return grouped(beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
-                                   beta), importance_samples)
+    return grouped(
+        beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q, beta),
+        importance_samples,
+    )
 
 
-def global_term(particles: Particles, beta: float, importance_samples: int,
-                score_free: bool = False) -> torch.Tensor | None:
+def global_term(
+    particles: Particles, beta: float, importance_samples: int, score_free: bool = False
+) -> torch.Tensor | None:
     """β [log p(θ) − log q(θ)] of the global latents θ per particle, averaged over its K
     draws, ``[P]`` (``None`` without global latents). ``score_free`` drops the score term of
     log q(θ) from the gradient, leaving the value (the guide is replayed on the detached
@@ -90,8 +94,10 @@ def score_free_log_q(particles: Particles) -> torch.Tensor:
         return particles.reduce(particles.log_prob(site, value=site["value"].detach()))
     replayed = particles.replay()
     if [s["name"] for s in latent_sites(replayed)] != [s["name"] for s in latent]:
-        raise ConfigError("the guide's latent sites changed when replayed on its own draws; "
-                          "stl and dreg need a guide with a static structure")
+        raise ConfigError(
+            "the guide's latent sites changed when replayed on its own draws; "
+            "stl and dreg need a guide with a static structure"
+        )
     return particles.site_total(latent_sites(replayed))
 
 

@@ -52,12 +52,15 @@ class _GradientGate:
         for site in particles.guide_latents:
             value = particles.views.nodes[site["name"]]["value"]
             batch = value.dim() - site["fn"].event_dim
-            if (batch < -particles.data_dim
-                    or value.shape[batch + particles.data_dim] != particles.num_data
-                    or particles.plated and (
-                        batch < -particles.particle_dim
-                        or value.shape[batch + particles.particle_dim]
-                        != particles.num_draws)):
+            if (
+                batch < -particles.data_dim
+                or value.shape[batch + particles.data_dim] != particles.num_data
+                or particles.plated
+                and (
+                    batch < -particles.particle_dim
+                    or value.shape[batch + particles.particle_dim] != particles.num_draws
+                )
+            ):
                 return False
         return True
 
@@ -137,8 +140,9 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         if particles.configurations:  # log (1/K) Σ_k Σ_c w_kc, see summed_doubly_reparameterized
             return Objective(summed_doubly_reparameterized(particles.configurations, beta, k))
         if not gradient:
-            return Objective(importance_weighted_elbo(particles, beta, k),
-                             global_term(particles, beta, k))
+            return Objective(
+                importance_weighted_elbo(particles, beta, k), global_term(particles, beta, k)
+            )
         gate = particles.view
         if isinstance(gate, _GradientGate) and gate.fits(particles):
             surrogate = self._single_pass(particles, gate)
@@ -152,14 +156,19 @@ class DoublyReparameterizedELBO(ELBOEstimator):
         latent = particles.guide_latents
         if len(latent) == 1:  # read from the traced site, at the value the model saw
             site = latent[0]
-            log_q = particles.reduce(particles.log_prob(
-                site, value=particles.views.nodes[site["name"]]["value"]), site["name"])
+            log_q = particles.reduce(
+                particles.log_prob(site, value=particles.views.nodes[site["name"]]["value"]),
+                site["name"],
+            )
         else:
             log_q = particles.site_total(latent_sites(particles.replay(on_views=True)))
         score = score_free_log_q(particles)
-        log_weights = grouped(beta_log_weight(
-            particles.log_lik, particles.log_prior, log_q + (score.detach() - score), self.beta),
-            self.importance_samples)
+        log_weights = grouped(
+            beta_log_weight(
+                particles.log_lik, particles.log_prior, log_q + (score.detach() - score), self.beta
+            ),
+            self.importance_samples,
+        )
         normalized = torch.softmax(log_weights.detach(), dim=1)
         gate.open((1 - self.beta) + self.beta * normalized, particles)
         return torch.logsumexp(log_weights, 1) - math.log(self.importance_samples)
@@ -174,17 +183,23 @@ def _parts(particles: Particles, beta: float, importance_samples: int) -> _Parts
     stl = stl_log_weights(particles, beta)
     replayed = particles.replay(model=True)
     log_lik = particles.log_lik_of(replayed)
-    log_prior = particles.site_total([replayed.nodes[site["name"]]
-                                      for site in particles.guided_latents])
+    log_prior = particles.site_total(
+        [replayed.nodes[site["name"]] for site in particles.guided_latents]
+    )
     stl_fixed = beta_log_weight(log_lik, log_prior, particles.log_q.detach(), beta)
     fixed_weights = stl_fixed
     if particles.unguided_latents and beta != 0:
-        score = particles.site_total([replayed.nodes[site["name"]]
-                                      for site in particles.unguided_latents])
+        score = particles.site_total(
+            [replayed.nodes[site["name"]] for site in particles.unguided_latents]
+        )
         fixed_weights = stl_fixed + weighted(beta, score - score.detach())
     k = importance_samples
-    return (grouped(stl, k), grouped(stl_fixed, k), grouped(fixed_weights, k),
-            log_weights(particles, beta, k))
+    return (
+        grouped(stl, k),
+        grouped(stl_fixed, k),
+        grouped(fixed_weights, k),
+        log_weights(particles, beta, k),
+    )
 
 
 def doubly_reparameterized(beta: float, groups: list[_Parts], count: int) -> torch.Tensor:
@@ -198,17 +213,20 @@ def doubly_reparameterized(beta: float, groups: list[_Parts], count: int) -> tor
     return torch.logsumexp(fixed_weights, 1) - math.log(count) + path
 
 
-def doubly_reparameterized_surrogate(particles: Particles, beta: float,
-                                     importance_samples: int) -> torch.Tensor:
+def doubly_reparameterized_surrogate(
+    particles: Particles, beta: float, importance_samples: int
+) -> torch.Tensor:
     """The DReG surrogate of the IWAE bound on ``particles`` (``[P, N]``), from a second run
     of the model on the detached draws (guided and unguided latents): any pair, and the same
     loss and gradients, up to rounding, as the single run through the gate."""
-    return doubly_reparameterized(beta, [_parts(particles, beta, importance_samples)],
-                                  importance_samples)
+    return doubly_reparameterized(
+        beta, [_parts(particles, beta, importance_samples)], importance_samples
+    )
 
 
-def summed_doubly_reparameterized(configurations: tuple[tuple[dict, Particles], ...],
-                                  beta: float, importance_samples: int) -> torch.Tensor:
+def summed_doubly_reparameterized(
+    configurations: tuple[tuple[dict, Particles], ...], beta: float, importance_samples: int
+) -> torch.Tensor:
     r"""With guide sites c marked for enumeration, the bound of ``iwae``,
     log (1/K) Σ_k Σ_c w_kc, whose K·C draws z_kc ~ q(z | x, c) each come from a
     reparameterized proposal: the identity that rewrites the score terms holds draw by draw,

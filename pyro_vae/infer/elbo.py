@@ -105,20 +105,28 @@ class ELBOEstimator(ELBO):
     #: the guide's draws themselves
     draw_view: ClassVar[Callable[[], Callable[[dict], torch.Tensor]] | None] = None
 
-    def __init__(self, num_particles: int = 1, importance_samples: int = 1, beta: float = 1.0,
-                 max_plate_nesting: int | None = None, data_plate: str | None = None):
+    def __init__(
+        self,
+        num_particles: int = 1,
+        importance_samples: int = 1,
+        beta: float = 1.0,
+        max_plate_nesting: int | None = None,
+        data_plate: str | None = None,
+    ):
         num_particles = check_count("num_particles", num_particles)
         importance_samples = check_count("importance_samples", importance_samples)
         if importance_samples > 1 and self.importance_hint is not None:
             raise ConfigError(
                 f"{self.name} averages particles outside the log, so importance_samples must be "
                 f"1 (got {importance_samples}); {self.importance_hint}, or num_particles="
-                f"{importance_samples} to average {importance_samples} particles outside it")
+                f"{importance_samples} to average {importance_samples} particles outside it"
+            )
         if importance_samples < self.min_importance_samples:
             raise ConfigError(
                 f"{self.name} needs importance_samples >= {self.min_importance_samples} (got "
                 f"{importance_samples}): give importance_samples=K, K >= "
-                f"{self.min_importance_samples}")
+                f"{self.min_importance_samples}"
+            )
         check_count("max_plate_nesting", max_plate_nesting, minimum=0, optional=True)
         if data_plate is not None and not isinstance(data_plate, str):
             raise ConfigError(f"data_plate must be a plate's name or None, got {data_plate!r}")
@@ -149,11 +157,14 @@ class ELBOEstimator(ELBO):
         self._beta = check_beta(value)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_particles={self.num_particles}, "
-                f"importance_samples={self.importance_samples}, beta={self.beta})")
+        return (
+            f"{type(self).__name__}(num_particles={self.num_particles}, "
+            f"importance_samples={self.importance_samples}, beta={self.beta})"
+        )
 
-    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-                   ) -> tuple[poutine.Trace, poutine.Trace]:
+    def _get_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> tuple[poutine.Trace, poutine.Trace]:
         """One (model_trace, guide_trace) pair without particles (Pyro's ELBO interface)."""
         return trace_pair(model, guide, args, kwargs)
 
@@ -183,8 +194,9 @@ class ELBOEstimator(ELBO):
         sites = self._enumeration(particles)
         if sites:  # this draw only showed which sites to sum: one run per configuration
             model, guide = same_subsample(model, guide, particles)
-            particles.configurations = tuple(self._per_configuration(model, guide, args,
-                                                                     kwargs, sites))
+            particles.configurations = tuple(
+                self._per_configuration(model, guide, args, kwargs, sites)
+            )
         return particles
 
     def loss_of(self, particles: Particles, gradient: bool = True) -> torch.Tensor:
@@ -193,17 +205,16 @@ class ELBOEstimator(ELBO):
         the particles, times the sites' common scale factor."""
         objective = self.objective(particles, gradient)
         per_datapoint, global_term = objective
-        scale = (particles.configurations[-1][1] if particles.configurations
-                 else particles).scale
-        assert per_datapoint.shape[0] == self.num_particles and per_datapoint.dim() == 2, \
+        scale = (particles.configurations[-1][1] if particles.configurations else particles).scale
+        assert per_datapoint.shape[0] == self.num_particles and per_datapoint.dim() == 2, (
             per_datapoint.shape
+        )
         total = per_datapoint.sum(-1)
         if global_term is not None:
             total = total + self.global_weight * global_term
         return weighted(scale, -total.mean(0))
 
-    def _draw(self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-              ) -> Particles:
+    def _draw(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Particles:
         """The P·K draws of one run of the pair (the plate nesting guessed on the first call),
         checked; a vectorized draw the networks cannot take is refused with the reason."""
         if self.max_plate_nesting is None:
@@ -219,23 +230,39 @@ class ELBOEstimator(ELBO):
             # a later draw that shows a site marked for enumeration but drawn is drawn again
             # with them, and so is every draw of that pair from then on
             optimistic = key in self._unmarked and key not in self._enumerating
-            for enumerate_sites in ((False, True) if optimistic else (True,)):
-                view = (self.draw_view() if self.draw_view is not None
-                        and torch.is_grad_enabled() else None)
+            for enumerate_sites in (False, True) if optimistic else (True,):
+                view = (
+                    self.draw_view()
+                    if self.draw_view is not None and torch.is_grad_enabled()
+                    else None
+                )
                 particles = draw_particles(
-                    model, guide, args, kwargs, draws, self.max_plate_nesting, plated=plated,
-                    view=view, data_plate=self.data_plate,
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    draws,
+                    self.max_plate_nesting,
+                    plated=plated,
+                    view=view,
+                    data_plate=self.data_plate,
                     enumerate_guide=enumerate_sites and self.parallel_enumeration,
-                    enumerate_model=enumerate_sites, require_data_plate=False,
-                    outermost_plate=self.importance_samples == 1)
-                if not enumerate_sites and not marked_but_drawn(particles,
-                                                                self.parallel_enumeration):
+                    enumerate_model=enumerate_sites,
+                    require_data_plate=False,
+                    outermost_plate=self.importance_samples == 1,
+                )
+                if not enumerate_sites and not marked_but_drawn(
+                    particles, self.parallel_enumeration
+                ):
                     break
             if enumerate_sites:
                 enumerated = particles.model_enumerated or particles.guide_enumerated
                 (self._enumerating if enumerated else self._unmarked).add(key)
-            check_estimable(particles, allow_discrete=self.scores_discrete,
-                            site_scales=self.importance_samples == 1)
+            check_estimable(
+                particles,
+                allow_discrete=self.scores_discrete,
+                site_scales=self.importance_samples == 1,
+            )
         except PyroVAEError:
             raise
         except Exception:  # say so if the particle dimension is what the networks tripped on
@@ -246,25 +273,32 @@ class ELBOEstimator(ELBO):
             self._check_vectorizable(model, guide, args, kwargs)
         return particles
 
-    def _check_vectorizable(self, model: Callable, guide: Callable, args: tuple,
-                            kwargs: dict) -> None:
+    def _check_vectorizable(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> None:
         """Refuse, once per pair, networks that see the particle dimension
         (:func:`pyro_vae.core.vectorization.particle_mismatch`, on a fork of the random state)."""
         key = pair_key(model, guide)
         if key in self._vectorizable:
             return
-        with forked_rng(), pyro.validation_enabled(False), \
-                running_statistics_kept(model, guide):
-            reason = particle_mismatch(model, guide, args, kwargs,
-                                       max_plate_nesting=self.max_plate_nesting,
-                                       data_plate=self.data_plate, require_data_plate=False)
+        with forked_rng(), pyro.validation_enabled(False), running_statistics_kept(model, guide):
+            reason = particle_mismatch(
+                model,
+                guide,
+                args,
+                kwargs,
+                max_plate_nesting=self.max_plate_nesting,
+                data_plate=self.data_plate,
+                require_data_plate=False,
+            )
         if reason is not None:
             draws = self.num_particles * self.importance_samples
             raise ConfigError(
                 f"{self.name} draws {draws} particles per step in one vectorized call, but "
                 f"{reason}. Write the networks to broadcast over leading dimensions (e.g. "
                 "x.expand(*z.shape[:-1], -1), softmax(dim=-1)), or draw one particle per step "
-                "(trace, meanfield or stl with num_particles=1)")
+                "(trace, meanfield or stl with num_particles=1)"
+            )
         self._vectorizable.add(key)
 
     def _enumeration(self, particles: Particles) -> dict[str, torch.Tensor]:
@@ -273,22 +307,33 @@ class ELBOEstimator(ELBO):
         unlabelled one sums out); none when this draw enumerated them in parallel. Refused by
         the estimators that cannot sum them out."""
         guide_trace, data_plate = particles.guide_trace, particles.data_plate
-        marked = [name for name, site in guide_trace.nodes.items()
-                  if site["type"] == "sample" and not site["is_observed"]
-                  and site["infer"].get("enumerate") in ENUMERATE_MODES]
+        marked = [
+            name
+            for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and site["infer"].get("enumerate") in ENUMERATE_MODES
+        ]
         if marked and not self.sums_enumerated:
-            sample = (f", or remove the enumerate mark to sample them with {self.name}"
-                      if self.scores_discrete else "")
+            sample = (
+                f", or remove the enumerate mark to sample them with {self.name}"
+                if self.scores_discrete
+                else ""
+            )
             raise ConfigError(
                 f"{self.name} cannot sum out the guide sites marked for enumeration "
                 f"{marked}: use trace or meanfield (the exact expectation over their "
-                f"values), or iwae, dreg or stl (the log of the sum over them){sample}")
+                f"values), or iwae, dreg or stl (the log of the sum over them){sample}"
+            )
         if particles.guide_enumerated or not marked:
             return {}
         sites = enumerated_sites_of(guide_trace)
         for name in sites:
-            nested = [frame.name for frame in guide_trace.nodes[name]["cond_indep_stack"]
-                      if frame.vectorized and frame.name not in (PARTICLE_PLATE, data_plate)]
+            nested = [
+                frame.name
+                for frame in guide_trace.nodes[name]["cond_indep_stack"]
+                if frame.vectorized and frame.name not in (PARTICLE_PLATE, data_plate)
+            ]
             if nested:
                 raise ConfigError(
                     f"guide site {name!r} is marked for enumeration inside the plate "
@@ -296,35 +341,43 @@ class ELBOEstimator(ELBO):
                     "a guide's enumerated sites one value per datapoint. Enumerate it in the "
                     "model instead (the model's enumerated sites are summed plate by plate), "
                     "use iwae or trace (which enumerate in parallel), or move it to the data "
-                    "plate")
+                    "plate"
+                )
         return sites
 
-    def _per_configuration(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                           sites: dict[str, torch.Tensor]) -> Iterator[tuple[dict, Particles]]:
+    def _per_configuration(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        sites: dict[str, torch.Tensor],
+    ) -> Iterator[tuple[dict, Particles]]:
         """For every configuration c of the enumerated ``sites``: c and the particles of the
         pair with c fixed (global latents refused: each c would draw its own)."""
         for values in configurations(sites):
             particles = self._draw(fixed(model, values), fixed(guide, values), args, kwargs)
             if particles.global_latents:
-                raise ConfigError(f"the enumerated sites {list(sites)} and global latents "
-                                  "cannot be combined: each configuration would draw its own")
+                raise ConfigError(
+                    f"the enumerated sites {list(sites)} and global latents "
+                    "cannot be combined: each configuration would draw its own"
+                )
             yield values, particles
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args: Any,
-                            **kwargs: Any) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """−(bound summed over the datapoints), averaged over particles; differentiable."""
         return self.loss_of(self.draw(model, guide, args, kwargs))
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """The same estimate of −bound as a float (no gradients, no extra replays)."""
         with torch.no_grad():
-            loss = torch_item(self.loss_of(self.draw(model, guide, args, kwargs),
-                                           gradient=False))
+            loss = torch_item(self.loss_of(self.draw(model, guide, args, kwargs), gradient=False))
         warn_if_nan(loss, "loss")
         return loss
 
-    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any,
-                       **kwargs: Any) -> float:
+    def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         """:meth:`loss` and, in the same pass, ``backward`` of :meth:`differentiable_loss`."""
         surrogate = self.differentiable_loss(model, guide, *args, **kwargs)
         if surrogate.requires_grad:

@@ -16,8 +16,9 @@ from pyro_vae.infer.bounds import (
 from pyro_vae.infer.elbo import ELBOEstimator
 
 
-def importance_weighted_elbo(particles: Particles, beta: float, importance_samples: int
-                             ) -> torch.Tensor:
+def importance_weighted_elbo(
+    particles: Particles, beta: float, importance_samples: int
+) -> torch.Tensor:
     r"""The IWAE bound of each particle's K draws per datapoint, ``[P, N]``:
     log (1/K) Σ_k w_k of the β-weighted log-weights, the enumerated sites summed inside each
     w_k (at K = 1 without them, the log-weights themselves, which the log-mean-exp of one draw
@@ -54,4 +55,5 @@ class ImportanceWeightedELBO(ELBOEstimator):
         # the gradient is the bound's own: surrogate and value are one tensor
         return Objective(
             importance_weighted_elbo(particles, self.beta, self.importance_samples),
-            global_term(particles, self.beta, self.importance_samples))
+            global_term(particles, self.beta, self.importance_samples),
+        )

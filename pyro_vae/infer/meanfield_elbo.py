@@ -87,8 +87,10 @@ class MeanFieldELBO(ELBOEstimator):
         configuration's draws are in ``first.configurations``; ``[P, N]``."""
         per_configuration = []
         for values, particles in first.configurations:
-            log_q = sum(first.reduce(_fixed_log_prob(first.guide_trace.nodes[name], value),
-                                     name) for name, value in values.items())
+            log_q = sum(
+                first.reduce(_fixed_log_prob(first.guide_trace.nodes[name], value), name)
+                for name, value in values.items()
+            )
             bound = self._bound(particles)
             per_configuration.append(log_q.exp() * (bound - log_q))
         return torch.stack(per_configuration).sum(0)
@@ -113,12 +115,15 @@ class MeanFieldELBO(ELBOEstimator):
                 terms.append((site["name"], particles.log_prob(site)))
                 continue
             prior = model_sites[site["name"]]
-            earlier_in_model = model_order[:model_order.index(site["name"])]
+            earlier_in_model = model_order[: model_order.index(site["name"])]
             closed = None
-            if not set(guided[position + 1:]).intersection(earlier_in_model):
+            if not set(guided[position + 1 :]).intersection(earlier_in_model):
                 closed = _closed_form_kl(site["fn"], prior["fn"])
-            kl = (particles.scaled(masked(closed, site), site) if closed is not None
-                  else particles.log_prob(site) - particles.log_prob(prior))
+            kl = (
+                particles.scaled(masked(closed, site), site)
+                if closed is not None
+                else particles.log_prob(site) - particles.log_prob(prior)
+            )
             terms.append((site["name"], kl))
         return terms
 

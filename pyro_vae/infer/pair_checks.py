@@ -19,8 +19,14 @@ from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import latent_sites
 from pyro_vae.util.errors import ConfigError
 
-_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-            nn.FeatureAlphaDropout)
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 
 
 def check_no_active_dropout(name: str, *functions: Callable) -> None:
@@ -29,14 +35,18 @@ def check_no_active_dropout(name: str, *functions: Callable) -> None:
         module = getattr(fn, "__self__", None)
         if not isinstance(module, nn.Module):
             continue
-        active = [sub for sub in module.modules()
-                  if isinstance(sub, _DROPOUT) and sub.training and sub.p > 0]
+        active = [
+            sub
+            for sub in module.modules()
+            if isinstance(sub, _DROPOUT) and sub.training and sub.p > 0
+        ]
         if active:
             raise ConfigError(
                 f"{name} replays the guide on its own draws, which needs the networks to give "
                 f"the same output twice, but {type(module).__name__} has dropout active (train "
                 "mode): call .eval() on it, set the dropout to p=0, or use trace, meanfield or "
-                "iwae")
+                "iwae"
+            )
 
 
 def pair_key(model: Callable, guide: Callable) -> tuple[int, int]:
@@ -53,15 +63,18 @@ def _replaying(fn: Callable, trace: poutine.Trace) -> Callable:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         return replayed(*args, **kwargs)
+
     run.__self__ = getattr(fn, "__self__", fn)
     return run
 
 
-def same_subsample(model: Callable, guide: Callable, particles: Particles
-                    ) -> tuple[Callable, Callable]:
+def same_subsample(
+    model: Callable, guide: Callable, particles: Particles
+) -> tuple[Callable, Callable]:
     """``model`` and ``guide`` replaying the subsample sites of ``particles``' draw, so that
     every configuration of the enumerated sites is run on the same datapoints (a subsampled
     ``pyro.plate`` draws its subsample anew on every run)."""
+
     def subsamples(raw: poutine.Trace) -> poutine.Trace:
         kept = prune_subsample_sites(raw).nodes
         out = poutine.Trace()
@@ -70,8 +83,10 @@ def same_subsample(model: Callable, guide: Callable, particles: Particles
                 out.add_node(name, **site)
         return out
 
-    return (_replaying(model, subsamples(particles.raw_model_trace)),
-            _replaying(guide, subsamples(particles.raw_guide_trace)))
+    return (
+        _replaying(model, subsamples(particles.raw_model_trace)),
+        _replaying(guide, subsamples(particles.raw_guide_trace)),
+    )
 
 
 def marked_but_drawn(particles: Particles, guide: bool) -> bool:
@@ -81,12 +96,14 @@ def marked_but_drawn(particles: Particles, guide: bool) -> bool:
     sites = [site for site in latent_sites(particles.model_trace) if site["name"] not in guided]
     if guide:
         sites += particles.guide_latents
-    return any(is_enumerated(site) for site in sites) and not (particles.model_enumerated
-                                                                or particles.guide_enumerated)
+    return any(is_enumerated(site) for site in sites) and not (
+        particles.model_enumerated or particles.guide_enumerated
+    )
 
 
-def check_estimable(particles: Particles, allow_discrete: bool = False,
-                    site_scales: bool = False) -> None:
+def check_estimable(
+    particles: Particles, allow_discrete: bool = False, site_scales: bool = False
+) -> None:
     """Refuse draws whose gradient the estimators cannot take: a guide latent that is neither
     reparameterizable nor enumerated (``allow_discrete``: a discrete one is sampled with a
     score term), a model latent left to its prior that is not reparameterizable, or scale
@@ -102,7 +119,8 @@ def check_estimable(particles: Particles, allow_discrete: bool = False,
                 f"guide site {site['name']!r} ({type(site['fn']).__name__}) is not "
                 "reparameterizable; this estimator needs rsample. For a discrete site, mark it "
                 "for enumeration (infer={'enumerate': 'parallel'}) to sum it out (every "
-                "estimator but vimco), or sample it with the vimco (or trace) estimator")
+                "estimator but vimco), or sample it with the vimco (or trace) estimator"
+            )
     for site in particles.unguided_latents:
         if not site["fn"].has_rsample:
             raise ConfigError(
@@ -110,18 +128,26 @@ def check_estimable(particles: Particles, allow_discrete: bool = False,
                 "the guide and not reparameterizable: it is drawn from its prior on replay, and "
                 "its gradient would need a score term these estimators do not have. Sample it "
                 "in the guide, mark it for enumeration in the model, or use "
-                "pyro.infer.TraceGraph_ELBO")
+                "pyro.infer.TraceGraph_ELBO"
+            )
     try:
         particles.scale  # noqa: B018 (refuses differing scale factors)
     except ConfigError:
         if not site_scales:
             raise
         if particles.model_enumerated or particles.guide_enumerated:
-            raise ConfigError("scale factors that differ between sites cannot be combined with "
-                              "enumerated sites: scale every site alike") from None
+            raise ConfigError(
+                "scale factors that differ between sites cannot be combined with "
+                "enumerated sites: scale every site alike"
+            ) from None
         particles.site_scales = True
-    fixed = any(site["type"] == "sample" and site["is_observed"]
-                for site in particles.guide_trace.nodes.values())  # sites being summed out
+    fixed = any(
+        site["type"] == "sample" and site["is_observed"]
+        for site in particles.guide_trace.nodes.values()
+    )  # sites being summed out
     if is_validation_enabled() and not fixed:
-        check_model_guide_match(particles.model_trace, particles.guide_trace,
-                                particles.max_plate_nesting + particles.plated)
+        check_model_guide_match(
+            particles.model_trace,
+            particles.guide_trace,
+            particles.max_plate_nesting + particles.plated,
+        )

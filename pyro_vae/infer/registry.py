@@ -14,17 +14,30 @@ from pyro_vae.util.errors import ConfigError
 #: every estimator class by its :attr:`~pyro_vae.infer.ELBOEstimator.name`; registering a new
 #: one is one line, ``CLASSES[MyELBO.name] = MyELBO``
 CLASSES: dict[str, type[ELBOEstimator]] = {
-    cls.name: cls for cls in (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO,
-                              StickingTheLandingELBO, DoublyReparameterizedELBO, VIMCO)}
+    cls.name: cls
+    for cls in (
+        TraceELBO,
+        MeanFieldELBO,
+        ImportanceWeightedELBO,
+        StickingTheLandingELBO,
+        DoublyReparameterizedELBO,
+        VIMCO,
+    )
+}
 #: the names of the package's estimators, in the order the documentation gives them (``vimco``,
 #: for sampled discrete latents, needs ``importance_samples >= 2``: see each class's
 #: :attr:`~pyro_vae.infer.ELBOEstimator.min_importance_samples`)
 ESTIMATORS = tuple(CLASSES)
 
 
-def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 1,
-                   beta: float = 1.0, max_plate_nesting: int | None = None,
-                   data_plate: str | None = None) -> ELBOEstimator:
+def make_estimator(
+    name: str,
+    num_particles: int = 1,
+    importance_samples: int = 1,
+    beta: float = 1.0,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+) -> ELBOEstimator:
     """The estimator called ``name`` (one of :data:`ESTIMATORS`, or a name registered in
     :data:`CLASSES`), with its arguments (:class:`~pyro_vae.infer.ELBOEstimator`);
     ``max_plate_nesting=None`` guesses the plate nesting from the first call (one run of
@@ -35,5 +48,10 @@ def make_estimator(name: str, num_particles: int = 1, importance_samples: int = 
     """
     if name not in CLASSES:
         raise ConfigError(f"unknown estimator {name!r}: choose one of {', '.join(CLASSES)}")
-    return CLASSES[name](num_particles=num_particles, importance_samples=importance_samples,
-                         beta=beta, max_plate_nesting=max_plate_nesting, data_plate=data_plate)
+    return CLASSES[name](
+        num_particles=num_particles,
+        importance_samples=importance_samples,
+        beta=beta,
+        max_plate_nesting=max_plate_nesting,
+        data_plate=data_plate,
+    )

@@ -49,16 +49,19 @@ class StickingTheLandingELBO(ELBOEstimator):
     parallel_enumeration = False
     needs_deterministic_guide = True
     sums_enumerated = True
-    importance_hint = ("use dreg (the doubly reparameterized IWAE gradient) for importance "
-                       "samples inside it")
+    importance_hint = (
+        "use dreg (the doubly reparameterized IWAE gradient) for importance samples inside it"
+    )
 
     def objective(self, particles: Particles, gradient: bool = True) -> Objective:
         if particles.configurations:  # log Σ_c w_c, DReG's gradient at K = 1
-            return Objective(summed_doubly_reparameterized(particles.configurations,
-                                                           self.beta, 1))
+            return Objective(summed_doubly_reparameterized(particles.configurations, self.beta, 1))
         if not gradient:
-            return Objective(beta_log_weight(particles.log_lik, particles.log_prior,
-                                             particles.log_q, self.beta),
-                             global_term(particles, self.beta, 1))
-        return Objective(stl_log_weights(particles, self.beta),
-                         global_term(particles, self.beta, 1, score_free=True))
+            return Objective(
+                beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q, self.beta),
+                global_term(particles, self.beta, 1),
+            )
+        return Objective(
+            stl_log_weights(particles, self.beta),
+            global_term(particles, self.beta, 1, score_free=True),
+        )

@@ -50,17 +50,23 @@ class TraceELBO(ELBOEstimator):
         if particles.guide_enumerated:  # TraceEnum_ELBO's expectation over c, [P, N]
             log_w = particles.expected_log_weights(self.beta).reshape(self.num_particles, -1)
         else:
-            log_w = beta_log_weight(particles.log_lik, particles.log_prior, particles.log_q,
-                                    self.beta)
+            log_w = beta_log_weight(
+                particles.log_lik, particles.log_prior, particles.log_q, self.beta
+            )
         global_ = global_term(particles, self.beta, 1)
-        discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample
-                    and site["name"] not in particles.guide_enumerated]
+        discrete = [
+            site
+            for site in particles.guide_latents
+            if not site["fn"].has_rsample and site["name"] not in particles.guide_enumerated
+        ]
         if not gradient or not discrete:
             return Objective(log_w, global_)
         if any(not particles.is_local(site) for site in discrete):
-            raise ConfigError("trace: discrete guide sites outside the data plate get no "
-                              "baseline; sum them out (enumeration) or keep them local")
-        log_q = particles.site_total(discrete).reshape(log_w.shape)          # [P, N]
+            raise ConfigError(
+                "trace: discrete guide sites outside the data plate get no "
+                "baseline; sum them out (enumeration) or keep them local"
+            )
+        log_q = particles.site_total(discrete).reshape(log_w.shape)  # [P, N]
         signal = log_w.detach()
         if signal.shape[0] > 1:  # leave-one-out over the particles
             baseline = (signal.sum(0, keepdim=True) - signal) / (signal.shape[0] - 1)
@@ -68,7 +74,10 @@ class TraceELBO(ELBOEstimator):
             previous = self.__dict__.get("_baseline")
             current = signal.mean().item()
             baseline = torch.full_like(signal, 0.0 if previous is None else previous)
-            self._baseline = (current if previous is None
-                              else BASELINE_DECAY * previous + (1 - BASELINE_DECAY) * current)
-        score = ((signal - baseline) * log_q)
+            self._baseline = (
+                current
+                if previous is None
+                else BASELINE_DECAY * previous + (1 - BASELINE_DECAY) * current
+            )
+        score = (signal - baseline) * log_q
         return Objective(log_w + score - score.detach(), global_)

@@ -46,24 +46,32 @@ class VIMCO(ELBOEstimator):
     scores_discrete = True
     min_importance_samples = 2
 
-    def __init__(self, num_particles: int = 1, importance_samples: int = 2, beta: float = 1.0,
-                 max_plate_nesting: int | None = None, data_plate: str | None = None):
+    def __init__(
+        self,
+        num_particles: int = 1,
+        importance_samples: int = 2,
+        beta: float = 1.0,
+        max_plate_nesting: int | None = None,
+        data_plate: str | None = None,
+    ):
         # the base class's arguments, with the least K it accepts as the default
         super().__init__(num_particles, importance_samples, beta, max_plate_nesting, data_plate)
 
     def objective(self, particles: Particles, gradient: bool = True) -> Objective:
         k = self.importance_samples
-        log_w = log_weights(particles, self.beta, k)                # [P, K, N]
-        bound = importance_weighted_bound(log_w, dim=1)            # [P, N]
+        log_w = log_weights(particles, self.beta, k)  # [P, K, N]
+        bound = importance_weighted_bound(log_w, dim=1)  # [P, N]
         global_ = global_term(particles, self.beta, k)
         discrete = [site for site in particles.guide_latents if not site["fn"].has_rsample]
         if not gradient or not discrete:
             return Objective(bound, global_)
         if any(not particles.is_local(site) for site in discrete):
-            raise ConfigError(f"vimco: the discrete guide sites "
-                              f"{[s['name'] for s in discrete if not particles.is_local(s)]} "
-                              "lie outside the data plate; only local ones get a baseline")
-        log_q = grouped(particles.site_total(discrete), k)         # [P, K, N]
+            raise ConfigError(
+                f"vimco: the discrete guide sites "
+                f"{[s['name'] for s in discrete if not particles.is_local(s)]} "
+                "lie outside the data plate; only local ones get a baseline"
+            )
+        log_q = grouped(particles.site_total(discrete), k)  # [P, K, N]
         signal = bound.detach().unsqueeze(1) - self._leave_one_out(log_w.detach())
         score = (signal * log_q).sum(1)
         return Objective(bound + score - score.detach(), global_)
@@ -72,8 +80,8 @@ class VIMCO(ELBOEstimator):
     def _leave_one_out(log_w: torch.Tensor) -> torch.Tensor:
         """:math:`\\hat L_{-k}` for each k, ``[P, K, N]`` from log-weights ``[P, K, N]``."""
         num = log_w.shape[1]
-        geometric = (log_w.sum(1, keepdim=True) - log_w) / (num - 1)      # [P, K, N]
-        others = log_w.unsqueeze(1).expand(-1, num, -1, -1)                # [P, k, j, N]
+        geometric = (log_w.sum(1, keepdim=True) - log_w) / (num - 1)  # [P, K, N]
+        others = log_w.unsqueeze(1).expand(-1, num, -1, -1)  # [P, k, j, N]
         diagonal = torch.eye(num, dtype=torch.bool, device=log_w.device)[None, :, :, None]
         replaced = torch.where(diagonal, geometric.unsqueeze(2), others)
         return torch.logsumexp(replaced, 2) - math.log(num)

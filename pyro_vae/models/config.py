@@ -16,7 +16,7 @@ MODEL_FAMILIES = ("vae", "cvae", "vae2", "vampprior")
 LIKELIHOODS = ("bernoulli", "gaussian")
 GUIDES = ("diagonal", "full")
 ACTIVATION_NAMES = ("softplus", "tanh", "relu")
-SEED_LIMIT = 2 ** 32
+SEED_LIMIT = 2**32
 
 
 def check_seed(seed: int) -> int:
@@ -56,28 +56,47 @@ class ModelConfig:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         object.__setattr__(self, "hidden2", tuple(int(h) for h in self.hidden2))
         checks = [
-            (self.family in MODEL_FAMILIES,
-             f"model must be one of {MODEL_FAMILIES}, got {self.family!r}"),
+            (
+                self.family in MODEL_FAMILIES,
+                f"model must be one of {MODEL_FAMILIES}, got {self.family!r}",
+            ),
             (self.latent_dim >= 1, f"latent_dim must be >= 1, got {self.latent_dim}"),
             (self.latent2_dim >= 1, f"latent2_dim must be >= 1, got {self.latent2_dim}"),
-            (all(h >= 1 for h in self.hidden + self.hidden2),
-             f"hidden layer sizes must be >= 1, got {list(self.hidden)} and {list(self.hidden2)}"),
-            (self.scale_fn in SCALE_FNS,
-             f"scale_fn must be one of {SCALE_FNS}, got {self.scale_fn!r}"),
-            (self.likelihood in LIKELIHOODS,
-             f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),
+            (
+                all(h >= 1 for h in self.hidden + self.hidden2),
+                "hidden layer sizes must be >= 1, got "
+                f"{list(self.hidden)} and {list(self.hidden2)}",
+            ),
+            (
+                self.scale_fn in SCALE_FNS,
+                f"scale_fn must be one of {SCALE_FNS}, got {self.scale_fn!r}",
+            ),
+            (
+                self.likelihood in LIKELIHOODS,
+                f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}",
+            ),
             (self.guide in GUIDES, f"guide must be one of {GUIDES}, got {self.guide!r}"),
-            (self.activation in ACTIVATION_NAMES,
-             f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}"),
-            (self.obs_scale is None or self.obs_scale > 0,
-             f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}"),
-            (self.obs_scale is None or self.likelihood == "gaussian",
-             "obs_scale is the Gaussian likelihood's standard deviation: it needs "
-             "likelihood=\"gaussian\""),
-            (self.family != "vae2" or self.guide == "diagonal",
-             "the two-layer vae2 has diagonal Gaussian layers only: use guide=\"diagonal\""),
-            (self.family != "vampprior" or self.guide == "diagonal",
-             "the vampprior's prior mixes diagonal Gaussians: use guide=\"diagonal\""),
+            (
+                self.activation in ACTIVATION_NAMES,
+                f"activation must be one of {ACTIVATION_NAMES}, got {self.activation!r}",
+            ),
+            (
+                self.obs_scale is None or self.obs_scale > 0,
+                f"obs_scale must be > 0 (or None to learn it), got {self.obs_scale}",
+            ),
+            (
+                self.obs_scale is None or self.likelihood == "gaussian",
+                "obs_scale is the Gaussian likelihood's standard deviation: it needs "
+                'likelihood="gaussian"',
+            ),
+            (
+                self.family != "vae2" or self.guide == "diagonal",
+                'the two-layer vae2 has diagonal Gaussian layers only: use guide="diagonal"',
+            ),
+            (
+                self.family != "vampprior" or self.guide == "diagonal",
+                'the vampprior\'s prior mixes diagonal Gaussians: use guide="diagonal"',
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -52,20 +52,38 @@ class CVAE(VAE):
 
     conditional = True
 
-    def __init__(self, input_dim: int, num_classes: int, latent_dim: int = 8,
-                 hidden: Sequence[int] = (128,), scale_fn: str = "softplus", name: str = "cvae",
-                 class_probs: torch.Tensor | None = None, **options):
+    def __init__(
+        self,
+        input_dim: int,
+        num_classes: int,
+        latent_dim: int = 8,
+        hidden: Sequence[int] = (128,),
+        scale_fn: str = "softplus",
+        name: str = "cvae",
+        class_probs: torch.Tensor | None = None,
+        **options,
+    ):
         if num_classes < 2:
             raise ConfigError(f"a CVAE needs at least 2 classes, got {num_classes}")
-        super().__init__(input_dim, latent_dim, hidden, scale_fn, name=name,
-                         encoder_input_dim=input_dim + num_classes,
-                         decoder_input_dim=latent_dim + num_classes, **options)
+        super().__init__(
+            input_dim,
+            latent_dim,
+            hidden,
+            scale_fn,
+            name=name,
+            encoder_input_dim=input_dim + num_classes,
+            decoder_input_dim=latent_dim + num_classes,
+            **options,
+        )
         self.config = self.config.__class__(**{**self.config.__dict__, "family": "cvae"})
         self.num_classes = num_classes
         self.encoder = _Conditioned(self.encoder, num_classes)
         self.decoder = _Conditioned(self.decoder, num_classes)
-        probs = torch.full((num_classes,), 1.0 / num_classes) if class_probs is None \
+        probs = (
+            torch.full((num_classes,), 1.0 / num_classes)
+            if class_probs is None
             else torch.as_tensor(class_probs, dtype=torch.float32)
+        )
         self.register_buffer("class_probs", probs / probs.sum())
 
     def set_class_probs(self, labels: torch.Tensor) -> None:
@@ -82,8 +100,12 @@ class CVAE(VAE):
         if y.is_floating_point() or ((y < 0) | (y >= self.num_classes)).any():
             raise DataError(f"labels must be integers in 0..{self.num_classes - 1}")
 
-    def model(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
-              num_data: int | None = None) -> torch.Tensor:
+    def model(
+        self,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        num_data: int | None = None,
+    ) -> torch.Tensor:
         """π(y) p(z) p(x | z, y); ``y=None`` draws the labels, ``x=None`` draws the images."""
         self._register_decoder()
         if x is not None:
@@ -102,8 +124,9 @@ class CVAE(VAE):
             z = pyro.sample(LATENT_SITE, prior)
             return pyro.sample(OBS_SITE, self.observation_dist(self.decoder(z, y)), obs=x)
 
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None,
-              num_data: int | None = None) -> torch.Tensor:
+    def guide(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, num_data: int | None = None
+    ) -> torch.Tensor:
         """q(z | x, y). The labels are observed, so the guide needs them."""
         register_module(f"{self.name}.encoder", self.encoder)
         if y is None:
@@ -115,13 +138,19 @@ class CVAE(VAE):
             return pyro.sample(LATENT_SITE, self.latent_dist(*self.encoder(x, y)))
 
     @torch.no_grad()
-    def sample(self, num_samples: int, mean: bool = True, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        num_samples: int,
+        mean: bool = True,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """New images for ``labels`` (default: labels drawn from π)."""
         device = self.class_probs.device
         if labels is None:
-            labels = torch.multinomial(self.class_probs, num_samples, replacement=True,
-                                       generator=generator)
+            labels = torch.multinomial(
+                self.class_probs, num_samples, replacement=True, generator=generator
+            )
         labels = torch.as_tensor(labels, device=device)
         self.check_labels(labels, num_samples)
         z = torch.randn(num_samples, self.latent_dim, device=device, generator=generator)
@@ -142,15 +171,17 @@ class CVAE(VAE):
         return self.observation_mean(self.decoder(z, y))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, y: torch.Tensor,
-                    sample_latent: bool = False) -> torch.Tensor:
+    def reconstruct(
+        self, x: torch.Tensor, y: torch.Tensor, sample_latent: bool = False
+    ) -> torch.Tensor:
         params = self.encoder(x, y)
         z = self.latent_dist(*params).sample() if sample_latent else params[0]
         return self.decode(z, y)
 
     @torch.no_grad()
-    def transfer(self, x: torch.Tensor, y: torch.Tensor,
-                 targets: torch.Tensor | None = None) -> torch.Tensor:
+    def transfer(
+        self, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Style transfer: encode ``x`` with its label, decode the same z (the guide mean) with
         every target label. Returns ``[N, len(targets), D]`` decoder means."""
         if targets is None:

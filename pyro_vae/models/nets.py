@@ -8,8 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"softplus": nn.Softplus, "tanh": nn.Tanh,
-                                           "relu": nn.ReLU}
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+}
 MIN_SCALE = 1e-5
 
 
@@ -19,8 +22,9 @@ def activation_class(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
-def mlp(sizes: Sequence[int], activation: str = "softplus", final_activation: bool = False
-        ) -> nn.Sequential:
+def mlp(
+    sizes: Sequence[int], activation: str = "softplus", final_activation: bool = False
+) -> nn.Sequential:
     """Linear layers between consecutive ``sizes`` with ``activation`` between them (and after
     the last one with ``final_activation``)."""
     act = activation_class(activation)
@@ -45,8 +49,15 @@ class _MLPEncoder(nn.Module):
     """The shared part of the encoders: an MLP body (``activation`` after every hidden layer)
     and one linear head with ``head_dim`` raw outputs. State-dict keys: ``body.*``, ``head.*``."""
 
-    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int, head_dim: int,
-                 scale_fn: str, activation: str):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int],
+        latent_dim: int,
+        head_dim: int,
+        scale_fn: str,
+        activation: str,
+    ):
         super().__init__()
         positive(torch.zeros(()), scale_fn)
         self.scale_fn = scale_fn
@@ -61,8 +72,14 @@ class _MLPEncoder(nn.Module):
 class GaussianEncoder(_MLPEncoder):
     """x ↦ (loc, scale) of a diagonal Gaussian over the latent code."""
 
-    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int,
-                 scale_fn: str = "softplus", activation: str = "softplus"):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int],
+        latent_dim: int,
+        scale_fn: str = "softplus",
+        activation: str = "softplus",
+    ):
         super().__init__(input_dim, hidden, latent_dim, 2 * latent_dim, scale_fn, activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +94,25 @@ class FullCovarianceEncoder(_MLPEncoder):
     unconstrained entries below it, so z = loc + L ε with ε ~ N(0, I).
     """
 
-    def __init__(self, input_dim: int, hidden: Sequence[int], latent_dim: int,
-                 scale_fn: str = "softplus", activation: str = "softplus"):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden: Sequence[int],
+        latent_dim: int,
+        scale_fn: str = "softplus",
+        activation: str = "softplus",
+    ):
         rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
-        super().__init__(input_dim, hidden, latent_dim, 2 * latent_dim + rows.shape[0],
-                         scale_fn, activation)
+        super().__init__(
+            input_dim, hidden, latent_dim, 2 * latent_dim + rows.shape[0], scale_fn, activation
+        )
         self.register_buffer("_rows", rows, persistent=False)
         self.register_buffer("_cols", cols, persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.latent_dim
         out = self.raw(x)
-        loc, raw_diag, below = out[..., :d], out[..., d:2 * d], out[..., 2 * d:]
+        loc, raw_diag, below = out[..., :d], out[..., d : 2 * d], out[..., 2 * d :]
         scale_tril = torch.diag_embed(positive(raw_diag, self.scale_fn))
         scale_tril[..., self._rows, self._cols] = below
         return loc, scale_tril
@@ -98,8 +122,9 @@ class Decoder(nn.Module):
     """z ↦ the likelihood's parameter per pixel (Bernoulli logits or Gaussian means): an MLP
     mirroring the encoder."""
 
-    def __init__(self, latent_dim: int, hidden: Sequence[int], output_dim: int,
-                 activation: str = "softplus"):
+    def __init__(
+        self, latent_dim: int, hidden: Sequence[int], output_dim: int, activation: str = "softplus"
+    ):
         super().__init__()
         self.net = mlp([latent_dim, *reversed(hidden), output_dim], activation)
 

@@ -70,7 +70,8 @@ def _kl_mvn_diagonal_normal(q: MultivariateNormal, p: Independent) -> torch.Tens
         # Pyro's TraceMeanField_ELBO, the package's meanfield) then fall back to Monte Carlo
         raise NotImplementedError(
             f"no closed-form KL(MultivariateNormal ‖ Independent({type(base).__name__}, "
-            f"{p.reinterpreted_batch_ndims})): only a diagonal Normal has one")
+            f"{p.reinterpreted_batch_ndims})): only a diagonal Normal has one"
+        )
     tril = q.scale_tril
     var_ratio = (tril.pow(2).sum(-1) / base.scale.pow(2)).sum(-1)
     mahalanobis = ((q.loc - base.loc) / base.scale).pow(2).sum(-1)
@@ -121,11 +122,21 @@ class VAE(nn.Module):
 
     conditional = False
 
-    def __init__(self, input_dim: int, latent_dim: int = 8, hidden: Sequence[int] = (128,),
-                 scale_fn: str = "softplus", name: str = "vae", *,
-                 likelihood: str = "bernoulli", obs_scale: float | None = None,
-                 guide: str = "diagonal", activation: str = "softplus",
-                 encoder_input_dim: int | None = None, decoder_input_dim: int | None = None):
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int = 8,
+        hidden: Sequence[int] = (128,),
+        scale_fn: str = "softplus",
+        name: str = "vae",
+        *,
+        likelihood: str = "bernoulli",
+        obs_scale: float | None = None,
+        guide: str = "diagonal",
+        activation: str = "softplus",
+        encoder_input_dim: int | None = None,
+        decoder_input_dim: int | None = None,
+    ):
         super().__init__()
         if input_dim < 1:
             raise ConfigError(f"input_dim must be >= 1, got {input_dim}")
@@ -136,21 +147,30 @@ class VAE(nn.Module):
         if obs_scale is not None and not obs_scale > 0:
             raise ConfigError(f"obs_scale must be > 0 (or None to learn it), got {obs_scale}")
         activation_class(activation)
-        self.config = ModelConfig(latent_dim=latent_dim, hidden=tuple(hidden), scale_fn=scale_fn,
-                                  likelihood=likelihood, obs_scale=obs_scale, guide=guide,
-                                  activation=activation)
+        self.config = ModelConfig(
+            latent_dim=latent_dim,
+            hidden=tuple(hidden),
+            scale_fn=scale_fn,
+            likelihood=likelihood,
+            obs_scale=obs_scale,
+            guide=guide,
+            activation=activation,
+        )
         self.input_dim = input_dim
         self.latent_dim = latent_dim
         self.name = name
         self.likelihood = likelihood
         self.guide_family = guide
         encoder_class = FullCovarianceEncoder if guide == "full" else GaussianEncoder
-        self.encoder = encoder_class(encoder_input_dim or input_dim, self.config.hidden,
-                                     latent_dim, scale_fn, activation)
-        self.decoder = Decoder(decoder_input_dim or latent_dim, self.config.hidden, input_dim,
-                               activation)
-        self.obs_scale = (ObservationScale() if likelihood == "gaussian" and obs_scale is None
-                          else None)
+        self.encoder = encoder_class(
+            encoder_input_dim or input_dim, self.config.hidden, latent_dim, scale_fn, activation
+        )
+        self.decoder = Decoder(
+            decoder_input_dim or latent_dim, self.config.hidden, input_dim, activation
+        )
+        self.obs_scale = (
+            ObservationScale() if likelihood == "gaussian" and obs_scale is None else None
+        )
         self.fixed_obs_scale = obs_scale
 
     def set_output_bias(self, mean_image: torch.Tensor) -> None:
@@ -185,8 +205,10 @@ class VAE(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise DataError(f"images must be a tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.input_dim:
-            raise DataError(f"images must have shape [N, {self.input_dim}] (one image: x[None]), "
-                            f"got {list(x.shape)}")
+            raise DataError(
+                f"images must have shape [N, {self.input_dim}] (one image: x[None]), "
+                f"got {list(x.shape)}"
+            )
         if not x.is_floating_point():
             raise DataError(f"images must be floating point, got {x.dtype}")
         if x.shape[0] == 0:
@@ -194,8 +216,9 @@ class VAE(nn.Module):
         if is_validation_enabled() and not torch.isfinite(x).all():
             raise DataError("images contain NaN or infinite values")
 
-    def _plate_size_and_zero(self, x: torch.Tensor | None, num_data: int | None
-                             ) -> tuple[int, torch.Tensor]:
+    def _plate_size_and_zero(
+        self, x: torch.Tensor | None, num_data: int | None
+    ) -> tuple[int, torch.Tensor]:
         """The data plate's size and a scalar zero on the data's device (the parameters' device
         when generating without data, ``num_data`` images, default 1)."""
         if x is not None:
@@ -257,8 +280,9 @@ class VAE(nn.Module):
         return mean + scale * noise
 
     @torch.no_grad()
-    def sample(self, num_samples: int, mean: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, num_samples: int, mean: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """New images: z ~ N(0, I), then the decoder's mean (``mean=True``) or a draw of x."""
         z = torch.randn(num_samples, self.latent_dim, device=self._device(), generator=generator)
         means = self.observation_mean(self.decoder(z))

@@ -36,20 +36,46 @@ class VAE2(VAE):
     docstring). ``latent_dim``/``hidden`` size the x ↔ z1 networks, ``latent2_dim``/``hidden2``
     the z1 ↔ z2 ones."""
 
-    def __init__(self, input_dim: int, latent_dim: int = 8, hidden: Sequence[int] = (128,),
-                 scale_fn: str = "softplus", name: str = "vae2", *, latent2_dim: int = 4,
-                 hidden2: Sequence[int] = (64,), likelihood: str = "bernoulli",
-                 obs_scale: float | None = None, activation: str = "softplus"):
-        super().__init__(input_dim, latent_dim, hidden, scale_fn, name, likelihood=likelihood,
-                         obs_scale=obs_scale, activation=activation)
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int = 8,
+        hidden: Sequence[int] = (128,),
+        scale_fn: str = "softplus",
+        name: str = "vae2",
+        *,
+        latent2_dim: int = 4,
+        hidden2: Sequence[int] = (64,),
+        likelihood: str = "bernoulli",
+        obs_scale: float | None = None,
+        activation: str = "softplus",
+    ):
+        super().__init__(
+            input_dim,
+            latent_dim,
+            hidden,
+            scale_fn,
+            name,
+            likelihood=likelihood,
+            obs_scale=obs_scale,
+            activation=activation,
+        )
         self.latent2_dim = latent2_dim
         hidden2 = tuple(hidden2)
         self.config = self.config.__class__(
-            family="vae2", latent_dim=latent_dim, hidden=self.config.hidden, scale_fn=scale_fn,
-            likelihood=likelihood, obs_scale=obs_scale, activation=activation,
-            latent2_dim=latent2_dim, hidden2=hidden2)
-        self.prior_net = GaussianEncoder(latent2_dim, tuple(reversed(hidden2)), latent_dim,
-                                         scale_fn, activation)
+            family="vae2",
+            latent_dim=latent_dim,
+            hidden=self.config.hidden,
+            scale_fn=scale_fn,
+            likelihood=likelihood,
+            obs_scale=obs_scale,
+            activation=activation,
+            latent2_dim=latent2_dim,
+            hidden2=hidden2,
+        )
+        self.prior_net = GaussianEncoder(
+            latent2_dim, tuple(reversed(hidden2)), latent_dim, scale_fn, activation
+        )
         self.top_encoder = GaussianEncoder(latent_dim, hidden2, latent2_dim, scale_fn, activation)
 
     def model(self, x: torch.Tensor | None = None, num_data: int | None = None) -> torch.Tensor:
@@ -73,8 +99,9 @@ class VAE2(VAE):
             return pyro.sample(TOP_SITE, dist.Normal(*self.top_encoder(z1)).to_event(1))
 
     @torch.no_grad()
-    def sample(self, num_samples: int, mean: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, num_samples: int, mean: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """z2 ~ N(0, I), z1 ~ p(z1 | z2), then the decoder's mean (or a draw of x)."""
         device = self._device()
         z2 = torch.randn(num_samples, self.latent2_dim, device=device, generator=generator)

@@ -48,17 +48,25 @@ class PseudoInputMixture(TorchDistribution):
     support = constraints.real_vector
     has_rsample = False
 
-    def __init__(self, loc: torch.Tensor, scale: torch.Tensor,
-                 batch_shape: Sequence[int] = (), validate_args: bool | None = None):
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        batch_shape: Sequence[int] = (),
+        validate_args: bool | None = None,
+    ):
         if loc.dim() != 2 or loc.shape != scale.shape:
-            raise ConfigError(f"a pseudo-input mixture needs loc and scale of one shape [M, L], "
-                              f"got {list(loc.shape)} and {list(scale.shape)}")
+            raise ConfigError(
+                f"a pseudo-input mixture needs loc and scale of one shape [M, L], "
+                f"got {list(loc.shape)} and {list(scale.shape)}"
+            )
         self.loc, self.scale = loc, scale
         super().__init__(torch.Size(batch_shape), loc.shape[-1:], validate_args=validate_args)
 
     def expand(self, batch_shape: Sequence[int], _instance=None) -> PseudoInputMixture:
-        return PseudoInputMixture(self.loc, self.scale, batch_shape,
-                                  validate_args=self._validate_args)
+        return PseudoInputMixture(
+            self.loc, self.scale, batch_shape, validate_args=self._validate_args
+        )
 
     @property
     def num_components(self) -> int:
@@ -70,20 +78,23 @@ class PseudoInputMixture(TorchDistribution):
         z = value.double()
         loc, scale = self.loc.double(), self.scale.double()
         precision = scale.pow(-2)
-        squares = (z * z) @ precision.T - 2 * (z @ (loc * precision).T) \
-            + (loc * loc * precision).sum(-1)
+        squares = (
+            (z * z) @ precision.T - 2 * (z @ (loc * precision).T) + (loc * loc * precision).sum(-1)
+        )
         log_norm = -scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
         components = log_norm - 0.5 * squares.clamp_min(0)
         log_p = torch.logsumexp(components, -1) - math.log(self.num_components)
         return log_p.to(value.dtype).expand(
-            torch.broadcast_shapes(value.shape[:-1], self.batch_shape))
+            torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        )
 
     def sample(self, sample_shape: Sequence[int] = torch.Size()) -> torch.Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():
             index = torch.randint(self.num_components, shape, device=self.loc.device)
-            noise = torch.randn(*shape, self.loc.shape[-1], device=self.loc.device,
-                                dtype=self.loc.dtype)
+            noise = torch.randn(
+                *shape, self.loc.shape[-1], device=self.loc.device, dtype=self.loc.dtype
+            )
             return self.loc[index] + self.scale[index] * noise
 
 
@@ -105,19 +116,41 @@ class VampPriorVAE(VAE):
     encoder. ``VampPriorVAE(784, 50, (200, 200), pseudo_inputs=500, activation="tanh")`` is
     the one-layer MNIST model with the paper's 500 pseudo-inputs."""
 
-    def __init__(self, input_dim: int, latent_dim: int = 8, hidden: Sequence[int] = (128,),
-                 scale_fn: str = "softplus", name: str = "vampprior", *,
-                 pseudo_inputs: int = 500, likelihood: str = "bernoulli",
-                 obs_scale: float | None = None, activation: str = "softplus"):
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int = 8,
+        hidden: Sequence[int] = (128,),
+        scale_fn: str = "softplus",
+        name: str = "vampprior",
+        *,
+        pseudo_inputs: int = 500,
+        likelihood: str = "bernoulli",
+        obs_scale: float | None = None,
+        activation: str = "softplus",
+    ):
         check_count("pseudo_inputs", pseudo_inputs)
-        super().__init__(input_dim, latent_dim, hidden, scale_fn, name, likelihood=likelihood,
-                         obs_scale=obs_scale, activation=activation)
+        super().__init__(
+            input_dim,
+            latent_dim,
+            hidden,
+            scale_fn,
+            name,
+            likelihood=likelihood,
+            obs_scale=obs_scale,
+            activation=activation,
+        )
         self.config = self.config.__class__(
-            family="vampprior", latent_dim=latent_dim, hidden=self.config.hidden,
-            scale_fn=scale_fn, likelihood=likelihood, obs_scale=obs_scale,
-            activation=activation, pseudo_inputs=pseudo_inputs)
-        self.pseudo_inputs = PseudoInputs(pseudo_inputs, input_dim,
-                                          clamp=likelihood == "bernoulli")
+            family="vampprior",
+            latent_dim=latent_dim,
+            hidden=self.config.hidden,
+            scale_fn=scale_fn,
+            likelihood=likelihood,
+            obs_scale=obs_scale,
+            activation=activation,
+            pseudo_inputs=pseudo_inputs,
+        )
+        self.pseudo_inputs = PseudoInputs(pseudo_inputs, input_dim, clamp=likelihood == "bernoulli")
         #: float64 values per datapoint-particle that the prior's density keeps beside the
         #: networks' activations (for the memory estimate, :mod:`pyro_vae.util.memory`)
         self.activations_per_row = 8 * pseudo_inputs
@@ -137,13 +170,15 @@ class VampPriorVAE(VAE):
             return pyro.sample(OBS_SITE, self.observation_dist(self.decoder(z)), obs=x)
 
     @torch.no_grad()
-    def sample(self, num_samples: int, mean: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, num_samples: int, mean: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """New images: z from the VampPrior, then the decoder's mean (or a draw of x)."""
         prior = self.prior()
         device = self._device()
-        index = torch.randint(prior.num_components, (num_samples,), device=device,
-                              generator=generator)
+        index = torch.randint(
+            prior.num_components, (num_samples,), device=device, generator=generator
+        )
         noise = torch.randn(num_samples, self.latent_dim, device=device, generator=generator)
         z = prior.loc[index] + prior.scale[index] * noise
         means = self.observation_mean(self.decoder(z))

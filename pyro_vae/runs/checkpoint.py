@@ -28,8 +28,16 @@ MODEL_CLASS_KEY = "model_class"
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "config")
 LOCK_FILE = ".lock"
 #: The files a training run writes (their temporary files are swept by the run's writer).
-TRAINING_FILES = (CONFIG_FILE, HISTORY_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, "samples.png",
-                  "reconstructions.png", "latent.png", "curves.png")
+TRAINING_FILES = (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    CHECKPOINT_FILE,
+    WEIGHTS_FILE,
+    "samples.png",
+    "reconstructions.png",
+    "latent.png",
+    "curves.png",
+)
 
 
 @dataclass
@@ -43,8 +51,9 @@ class History:
     seconds: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def append(self, epoch: int, train_loss: float, test_elbo: float | None,
-               seconds: float) -> None:
+    def append(
+        self, epoch: int, train_loss: float, test_elbo: float | None, seconds: float
+    ) -> None:
         self.epoch.append(epoch)
         self.train_loss.append(train_loss)
         if test_elbo is not None:
@@ -52,14 +61,20 @@ class History:
         self.seconds.append(seconds)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "train_loss": self.train_loss, "test_elbo": self.test_elbo,
-                "seconds": self.seconds, **self.extra}
+        return {
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "test_elbo": self.test_elbo,
+            "seconds": self.seconds,
+            **self.extra,
+        }
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> History:
         raw = dict(raw)
-        core = {key: list(raw.pop(key, [])) for key in ("epoch", "train_loss", "test_elbo",
-                                                        "seconds")}
+        core = {
+            key: list(raw.pop(key, [])) for key in ("epoch", "train_loss", "test_elbo", "seconds")
+        }
         return cls(**core, extra=raw)
 
 
@@ -77,7 +92,8 @@ def user_model_refusal(run_dir: Path, model_class: str) -> CheckpointError:
         f"{run_dir} holds a model defined in Python ({model_class}), which only Python can "
         f"rebuild: load it with load_run({where}, model={pair}) or resume it with "
         f"fit({pair}, data, run_dir={where}, resume=True), both from pyro_vae (or train it "
-        "with model_factory=\"FILE.py:FUNCTION\", which records how to rebuild it)")
+        'with model_factory="FILE.py:FUNCTION", which records how to rebuild it)'
+    )
 
 
 def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -93,7 +109,8 @@ def _check_rng_size(name: str, saved: torch.Tensor, expected: torch.Tensor) -> N
         raise CheckpointError(
             f"the checkpoint's random state rng.{name} holds {saved.numel()} bytes where this "
             f"{name} generator takes {expected.numel()}: the checkpoint is damaged, or its "
-            "random states come from another kind of device")
+            "random states come from another kind of device"
+        )
 
 
 def set_generator_state(name: str, generator: torch.Generator, saved: torch.Tensor) -> None:
@@ -125,16 +142,26 @@ def _save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
     safetensors.torch.save_file(tensors, str(path))
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, history: History, config: TrainConfig,
-                    ranks: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: History,
+    config: TrainConfig,
+    ranks: dict[str, Any] | None = None,
+) -> None:
     """Write the checkpoint, weights, history and config as one set (all renamed into place
     at the end, the checkpoint last; a failed write leaves the previous set and raises
     :class:`~pyro_vae.util.io.WriteError`); ``ranks`` (a distributed run's world size, every rank's
     random states and the shared order generator's) is stored under ``"distributed"``."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": rng_state(generator), "history": history.to_dict(),
-             "config": config.to_dict()}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(generator),
+        "history": history.to_dict(),
+        "config": config.to_dict(),
+    }
     if ranks is not None:
         state["distributed"] = ranks
     model_class = user_model_class(model, config)
@@ -188,8 +215,9 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return shorten(text or type(exc).__name__, limit)
 
 
-def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu"
-                    ) -> dict[str, Any]:
+def load_checkpoint(
+    run_dir: str | Path, map_location: torch.device | str = "cpu"
+) -> dict[str, Any]:
     """Read ``checkpoint.pt`` with ``weights_only=True`` (no arbitrary unpickling) and check
     every field by type and range (:class:`~pyro_vae.util.errors.CheckpointError` naming it)."""
     path = Path(run_dir) / CHECKPOINT_FILE
@@ -202,8 +230,10 @@ def load_checkpoint(run_dir: str | Path, map_location: torch.device | str = "cpu
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is damaged or not a "
-                              f"pyro-vae checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is damaged or not a "
+            f"pyro-vae checkpoint ({type(exc).__name__})"
+        ) from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint: it lacks {missing}")
@@ -237,77 +267,117 @@ def _expect(ok: bool, name: str, wanted: str, value: Any) -> None:
 
 
 def _check_rng(name: str, rng: Any) -> None:
-    _expect(isinstance(rng, dict) and "torch" in rng and "data" in rng, name,
-            "a mapping with the 'torch' and 'data' random states", rng)
+    _expect(
+        isinstance(rng, dict) and "torch" in rng and "data" in rng,
+        name,
+        "a mapping with the 'torch' and 'data' random states",
+        rng,
+    )
     for key, value in rng.items():
-        _expect(isinstance(value, torch.Tensor) and value.dtype == torch.uint8
-                and value.dim() == 1, f"{name}.{key}", "a 1-D uint8 tensor", value)
+        _expect(
+            isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1,
+            f"{name}.{key}",
+            "a 1-D uint8 tensor",
+            value,
+        )
     expected = torch.get_rng_state().numel()
     if rng["torch"].numel() != expected:
-        raise CheckpointError(f"{name}.torch holds {rng['torch'].numel()} bytes, not the "
-                              f"{expected} of torch's random state")
+        raise CheckpointError(
+            f"{name}.torch holds {rng['torch'].numel()} bytes, not the "
+            f"{expected} of torch's random state"
+        )
 
 
 def _check_history(history: Any) -> None:
     _expect(isinstance(history, dict), "history", "a mapping of per-epoch lists", history)
     for key in ("epoch", "train_loss", "test_elbo", "seconds"):
-        _expect(isinstance(history.get(key, []), list), f"history.{key}", "a list",
-                history.get(key))
+        _expect(
+            isinstance(history.get(key, []), list), f"history.{key}", "a list", history.get(key)
+        )
     epochs = history.get("epoch", [])
     count = len(epochs)
     for index, epoch in enumerate(epochs):
-        _expect(_is_whole(epoch) and epoch == index + 1, f"history.epoch[{index}]",
-                f"{index + 1} (epochs count 1, 2, ...)", epoch)
+        _expect(
+            _is_whole(epoch) and epoch == index + 1,
+            f"history.epoch[{index}]",
+            f"{index + 1} (epochs count 1, 2, ...)",
+            epoch,
+        )
     for key, length in (("train_loss", count), ("seconds", count), ("test_elbo", None)):
         values = history.get(key, [])
         if length is not None and len(values) != length or length is None and len(values) > count:
-            raise CheckpointError(f"history.{key} holds {len(values)} values for {count} "
-                                  "epochs")
+            raise CheckpointError(f"history.{key} holds {len(values)} values for {count} epochs")
         for index, value in enumerate(values):
             _expect(_is_number(value), f"history.{key}[{index}]", "a number", value)
     for index, value in enumerate(history.get("train_loss", [])):
         _expect(math.isfinite(value), f"history.train_loss[{index}]", "a finite number", value)
     for index, value in enumerate(history.get("seconds", [])):
-        _expect(math.isfinite(value) and value >= 0, f"history.seconds[{index}]",
-                "a number >= 0", value)
+        _expect(
+            math.isfinite(value) and value >= 0, f"history.seconds[{index}]", "a number >= 0", value
+        )
     if "final" in history:
-        _expect(isinstance(history["final"], dict), "history.final", "a mapping",
-                history["final"])
+        _expect(isinstance(history["final"], dict), "history.final", "a mapping", history["final"])
 
 
 def _check_optimizer(optimizer: Any) -> None:
-    _expect(isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
-            and isinstance(optimizer.get("param_groups"), list), "optimizer",
-            "an optimizer state (a mapping with 'state' and 'param_groups')", optimizer)
+    _expect(
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("state"), dict)
+        and isinstance(optimizer.get("param_groups"), list),
+        "optimizer",
+        "an optimizer state (a mapping with 'state' and 'param_groups')",
+        optimizer,
+    )
     for key, value in optimizer["state"].items():
         _expect(isinstance(value, dict), f"optimizer.state[{key!r}]", "a mapping", value)
         for name, item in value.items():
-            _expect(isinstance(item, torch.Tensor) or _is_number(item),
-                    f"optimizer.state[{key!r}].{name}", "a tensor or a number", item)
+            _expect(
+                isinstance(item, torch.Tensor) or _is_number(item),
+                f"optimizer.state[{key!r}].{name}",
+                "a tensor or a number",
+                item,
+            )
     for index, group in enumerate(optimizer["param_groups"]):
         name = f"optimizer.param_groups[{index}]"
         _expect(isinstance(group, dict), name, "a mapping", group)
         params = group.get("params")
-        _expect(isinstance(params, list) and all(_is_whole(p) for p in params),
-                f"{name}.params", "a list of whole numbers", params)
+        _expect(
+            isinstance(params, list) and all(_is_whole(p) for p in params),
+            f"{name}.params",
+            "a list of whole numbers",
+            params,
+        )
         for key in ("lr", "eps", "weight_decay"):
             if key in group:
                 value = group[key]
-                _expect(_is_number(value) and math.isfinite(value) and value >= 0,
-                        f"{name}.{key}", "a finite number >= 0", value)
+                _expect(
+                    _is_number(value) and math.isfinite(value) and value >= 0,
+                    f"{name}.{key}",
+                    "a finite number >= 0",
+                    value,
+                )
         if "betas" in group:
             betas = group["betas"]
-            _expect(isinstance(betas, (list, tuple)) and len(betas) == 2
-                    and all(_is_number(b) and 0 <= b < 1 for b in betas),
-                    f"{name}.betas", "two numbers in [0, 1)", betas)
+            _expect(
+                isinstance(betas, (list, tuple))
+                and len(betas) == 2
+                and all(_is_number(b) and 0 <= b < 1 for b in betas),
+                f"{name}.betas",
+                "two numbers in [0, 1)",
+                betas,
+            )
 
 
 def check_checkpoint(state: dict[str, Any]) -> None:
     """Check every field of a checkpoint by type and range; a
     :class:`~pyro_vae.util.errors.CheckpointError` names the first field that fails."""
     model = state["model"]
-    _expect(isinstance(model, dict) and all(isinstance(k, str) for k in model), "model",
-            "a mapping of parameter names to tensors", model)
+    _expect(
+        isinstance(model, dict) and all(isinstance(k, str) for k in model),
+        "model",
+        "a mapping of parameter names to tensors",
+        model,
+    )
     for key, value in model.items():
         _expect(isinstance(value, torch.Tensor), f"model[{key!r}]", "a tensor", value)
     _check_optimizer(state["optimizer"])
@@ -319,39 +389,63 @@ def check_checkpoint(state: dict[str, Any]) -> None:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"config: {exc}") from None
     if MODEL_CLASS_KEY in state:
-        _expect(isinstance(state[MODEL_CLASS_KEY], str), MODEL_CLASS_KEY, "a string",
-                state[MODEL_CLASS_KEY])
+        _expect(
+            isinstance(state[MODEL_CLASS_KEY], str),
+            MODEL_CLASS_KEY,
+            "a string",
+            state[MODEL_CLASS_KEY],
+        )
     if "distributed" in state:
         ranks = state["distributed"]
         _expect(isinstance(ranks, dict), "distributed", "a mapping", ranks)
         world = ranks.get("world_size")
-        _expect(_is_whole(world) and world >= 2, "distributed.world_size",
-                "a whole number >= 2", world)
-        _expect(isinstance(ranks.get("rng"), list) and len(ranks["rng"]) == world,
-                "distributed.rng", f"a list of {world} random states", ranks.get("rng"))
+        _expect(
+            _is_whole(world) and world >= 2, "distributed.world_size", "a whole number >= 2", world
+        )
+        _expect(
+            isinstance(ranks.get("rng"), list) and len(ranks["rng"]) == world,
+            "distributed.rng",
+            f"a list of {world} random states",
+            ranks.get("rng"),
+        )
         for rank, rng in enumerate(ranks["rng"]):
             _check_rng(f"distributed.rng[{rank}]", rng)
         order = ranks.get("order")
-        _expect(isinstance(order, torch.Tensor) and order.dtype == torch.uint8,
-                "distributed.order", "a uint8 tensor", order)
+        _expect(
+            isinstance(order, torch.Tensor) and order.dtype == torch.uint8,
+            "distributed.order",
+            "a uint8 tensor",
+            order,
+        )
 
 
-def load_weights(module: torch.nn.Module | torch.optim.Optimizer, weights: dict[str, Any],
-                 run_dir: Path, model_class: str | None = None) -> None:
+def load_weights(
+    module: torch.nn.Module | torch.optim.Optimizer,
+    weights: dict[str, Any],
+    run_dir: Path,
+    model_class: str | None = None,
+) -> None:
     """Load ``weights`` into ``module``; ``model_class`` is the user's class the run recorded.
     A model's weights that are NaN or infinite are refused (a run that diverged is never saved,
     so such a checkpoint was damaged or written by something else)."""
     if isinstance(module, torch.nn.Module):
-        bad = [name for name, value in weights.items()
-               if torch.is_tensor(value) and value.is_floating_point()
-               and not torch.isfinite(value).all()]
+        bad = [
+            name
+            for name, value in weights.items()
+            if torch.is_tensor(value)
+            and value.is_floating_point()
+            and not torch.isfinite(value).all()
+        ]
         if bad:
-            raise CheckpointError(f"the checkpoint in {run_dir} holds NaN or infinite weights "
-                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
-                                  "it cannot be resumed, evaluated or sampled")
+            raise CheckpointError(
+                f"the checkpoint in {run_dir} holds NaN or infinite weights "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                "it cannot be resumed, evaluated or sampled"
+            )
     try:
         module.load_state_dict(weights)
     except (RuntimeError, KeyError, ValueError) as exc:
         fits = "its config" if model_class is None else f"the given model (it holds {model_class})"
-        raise CheckpointError(f"the checkpoint in {run_dir} does not fit {fits}: "
-                              f"{_one_line(exc)}") from None
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} does not fit {fits}: {_one_line(exc)}"
+        ) from None

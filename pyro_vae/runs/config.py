@@ -58,22 +58,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.dataset is None or self.dataset in DATASETS,
-             f"dataset must be one of {DATASETS} (or None for data given to fit), got "
-             f"{self.dataset!r}"),
-            (self.dataset is not None or (self.model is None and self.binarize == "none"),
-             "a run on the user's own data has no model family and no binarization: "
-             "model=None, binarize='none' (transform the data in its Dataset)"),
-            (self.dataset is None or not (self.data or self.test_data),
-             "data and test_data are for the user's own data: they need dataset=None"),
-            (self.binarize in BINARIZATIONS,
-             f"binarize must be one of {BINARIZATIONS}, got {self.binarize!r}"),
+            (
+                self.dataset is None or self.dataset in DATASETS,
+                f"dataset must be one of {DATASETS} (or None for data given to fit), got "
+                f"{self.dataset!r}",
+            ),
+            (
+                self.dataset is not None or (self.model is None and self.binarize == "none"),
+                "a run on the user's own data has no model family and no binarization: "
+                "model=None, binarize='none' (transform the data in its Dataset)",
+            ),
+            (
+                self.dataset is None or not (self.data or self.test_data),
+                "data and test_data are for the user's own data: they need dataset=None",
+            ),
+            (
+                self.binarize in BINARIZATIONS,
+                f"binarize must be one of {BINARIZATIONS}, got {self.binarize!r}",
+            ),
             (self.elbo in ELBOS, f"elbo must be one of {ELBOS}, got {self.elbo!r}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.particles >= 1, f"particles must be >= 1, got {self.particles}"),
             (self.eval_particles >= 1, f"eval_particles must be >= 1, got {self.eval_particles}"),
-            (self.final_particles >= 0,
-             f"final_particles must be >= 0, got {self.final_particles}"),
+            (
+                self.final_particles >= 0,
+                f"final_particles must be >= 0, got {self.final_particles}",
+            ),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -83,11 +93,13 @@ class TrainConfig:
                 raise ConfigError(message)
         check_seed(self.seed)
         if self.model is not None and (
-                (self.model.likelihood == "bernoulli") == (self.binarize == "none")):
+            (self.model.likelihood == "bernoulli") == (self.binarize == "none")
+        ):
             raise ConfigError(
-                "a Bernoulli likelihood needs binary data (binarize=\"dynamic\" or "
-                "binarize=\"fixed\") and a Gaussian one needs the intensities "
-                "(binarize=\"none\")")
+                'a Bernoulli likelihood needs binary data (binarize="dynamic" or '
+                'binarize="fixed") and a Gaussian one needs the intensities '
+                '(binarize="none")'
+            )
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 
@@ -131,14 +143,17 @@ class TrainConfig:
                 ok, wanted = isinstance(value, str), "a string"
             elif kind == "tuple[int, ...]":
                 ok = isinstance(value, (list, tuple)) and all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+                    isinstance(v, int) and not isinstance(v, bool) for v in value
+                )
                 wanted = "a list of whole numbers"
                 value = tuple(value) if ok else value
             else:
                 return value
             if not ok:
-                raise ConfigError(f"config field {name} must be {wanted}"
-                                  f"{' or null' if optional else ''}, got {shown(value)}")
+                raise ConfigError(
+                    f"config field {name} must be {wanted}"
+                    f"{' or null' if optional else ''}, got {shown(value)}"
+                )
             return value
 
         def checked(raw: Any, fields: tuple, prefix: str = "") -> dict[str, Any]:
@@ -146,8 +161,9 @@ class TrainConfig:
             unknown = set(raw) - set(names)
             if unknown:
                 raise ConfigError(f"unknown {prefix and 'model '}config keys: {sorted(unknown)}")
-            return {key: typed(prefix + key, value, str(names[key].type))
-                    for key, value in raw.items()}
+            return {
+                key: typed(prefix + key, value, str(names[key].type)) for key, value in raw.items()
+            }
 
         raw = dict(raw)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -51,8 +51,7 @@ class EvalConfig:
             (self.split in SPLITS, f"split must be one of {SPLITS}, got {self.split!r}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.particle_chunk >= 1,
-             f"particle_chunk must be >= 1, got {self.particle_chunk}"),
+            (self.particle_chunk >= 1, f"particle_chunk must be >= 1, got {self.particle_chunk}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,22 +106,28 @@ def _require_memory(run: Any, config: EvalConfig, source: Any, keep: bool) -> No
     chunk = min(config.particle_chunk, config.particles)
     rows = batch * chunk
     measured = _pair_bytes(run, source, batch)
-    activations = (memory.inference_bytes(0, _width(run), rows) if measured is None
-                   else measured * chunk)
-    nbytes = (activations + rows * 8
-              + (tail_size(config.particles) + 1) * batch * 8
-              + (config.particles * num_data * 8 if keep else 0))
-    memory.require(nbytes, f"evaluating {config.particles:,} particles in chunks of "
-                   f"{min(config.particle_chunk, config.particles):,} on batches of {batch:,}",
-                   _device(run))
+    activations = (
+        memory.inference_bytes(0, _width(run), rows) if measured is None else measured * chunk
+    )
+    nbytes = (
+        activations
+        + rows * 8
+        + (tail_size(config.particles) + 1) * batch * 8
+        + (config.particles * num_data * 8 if keep else 0)
+    )
+    memory.require(
+        nbytes,
+        f"evaluating {config.particles:,} particles in chunks of "
+        f"{min(config.particle_chunk, config.particles):,} on batches of {batch:,}",
+        _device(run),
+    )
 
 
 #: float64 copies of the annealing schedule alive while it is built and checked
 SCHEDULE_COPIES = 5
 
 
-def require_ais_memory(run: Any, chains: int, batch_size: int, source: Any,
-                       steps: int = 0) -> None:
+def require_ais_memory(run: Any, chains: int, batch_size: int, source: Any, steps: int = 0) -> None:
     """Refuse, before drawing anything, AIS whose batches of ``source`` cannot fit: every step
     holds the activations of chains × batch datapoint-particles with their gradients (the HMC
     moves; a user's pair measured on one particle of the first batch), and the chains'
@@ -130,12 +135,17 @@ def require_ais_memory(run: Any, chains: int, batch_size: int, source: Any,
     batch = min(batch_size, max(source.num_data, 1))
     rows = chains * batch
     measured = _pair_bytes(run, source, batch)
-    activations = (memory.training_bytes(0, _width(run), rows) if measured is None
-                   else measured * chains * memory.TRAIN_ACTIVATION_COPIES // 2)
-    nbytes = (activations + rows * 8 * 8
-              + (steps + 1) * 8 * SCHEDULE_COPIES)
-    memory.require(nbytes, f"AIS of {steps:,} steps with {chains:,} chains on batches of "
-                   f"{batch:,}", _device(run))
+    activations = (
+        memory.training_bytes(0, _width(run), rows)
+        if measured is None
+        else measured * chains * memory.TRAIN_ACTIVATION_COPIES // 2
+    )
+    nbytes = activations + rows * 8 * 8 + (steps + 1) * 8 * SCHEDULE_COPIES
+    memory.require(
+        nbytes,
+        f"AIS of {steps:,} steps with {chains:,} chains on batches of {batch:,}",
+        _device(run),
+    )
 
 
 def _pair_bytes(run: Any, source: Any, batch_size: int) -> int | None:
@@ -150,8 +160,11 @@ def _pair_bytes(run: Any, source: Any, batch_size: int) -> int | None:
 
 def _width(run: Any) -> int:
     """Activations per datapoint-particle: known for the package's own networks, 1 else."""
-    return (builtin.network_width(run.dataset, run.config)
-            if run.dataset is not None and builtin.is_builtin(run.model) else 1)
+    return (
+        builtin.network_width(run.dataset, run.config)
+        if run.dataset is not None and builtin.is_builtin(run.model)
+        else 1
+    )
 
 
 def _device(run: Any) -> Any:
@@ -159,15 +172,23 @@ def _device(run: Any) -> Any:
     return param.device if param is not None else "cpu"
 
 
-def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
-                 split: str = EvalConfig.split, limit: int | None = EvalConfig.limit, *,
-                 batch_size: int = EvalConfig.batch_size,
-                 particle_chunk: int = EvalConfig.particle_chunk, seed: int = EvalConfig.seed,
-                 out: str | Path | None = None, device: str = "auto",
-                 data_dir: str | None = None,
-                 keep_log_weights: bool | None = EvalConfig.keep_log_weights,
-                 progress: bool = False, dist_timeout: float | None = None,
-                 data: Any = None) -> EvaluationResult:
+def evaluate_run(
+    run_dir: str | Path,
+    particles: int = EvalConfig.particles,
+    split: str = EvalConfig.split,
+    limit: int | None = EvalConfig.limit,
+    *,
+    batch_size: int = EvalConfig.batch_size,
+    particle_chunk: int = EvalConfig.particle_chunk,
+    seed: int = EvalConfig.seed,
+    out: str | Path | None = None,
+    device: str = "auto",
+    data_dir: str | None = None,
+    keep_log_weights: bool | None = EvalConfig.keep_log_weights,
+    progress: bool = False,
+    dist_timeout: float | None = None,
+    data: Any = None,
+) -> EvaluationResult:
     """Evaluate a trained run folder on ``split`` (or on ``data``: a data spec or data in any
     form :func:`evaluate_dataset` takes) and write the results into ``out``.
 
@@ -189,30 +210,53 @@ def evaluate_run(run_dir: str | Path, particles: int = EvalConfig.particles,
     datapoint to a single process's, and rank 0 alone writes the files. Collectives wait at most
     ``dist_timeout`` seconds (see :func:`pyro_vae.util.distributed.init_distributed`).
     """
-    config = EvalConfig(particles=particles, split=split, limit=limit, batch_size=batch_size,
-                        particle_chunk=particle_chunk, seed=seed,
-                        keep_log_weights=keep_log_weights)
+    config = EvalConfig(
+        particles=particles,
+        split=split,
+        limit=limit,
+        batch_size=batch_size,
+        particle_chunk=particle_chunk,
+        seed=seed,
+        keep_log_weights=keep_log_weights,
+    )
     dist = init_distributed(resolve_device(device), dist_timeout)
     with forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
-        source = run.data(config.split, config.limit) if data is None else given_data(run, data,
-                                                                                     config.limit)
-        keep = (particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
-                if config.keep_log_weights is None else config.keep_log_weights)
+        source = (
+            run.data(config.split, config.limit)
+            if data is None
+            else given_data(run, data, config.limit)
+        )
+        keep = (
+            particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
+            if config.keep_log_weights is None
+            else config.keep_log_weights
+        )
         _require_memory(run, config, source, keep)
         with pyro.get_param_store().scope(), pyro.validation_enabled(False):
-            result = evaluate_dataset(run.model.model, run.model.guide, source,
-                                      num_particles=config.particles,
-                                      batch_size=config.batch_size,
-                                      particle_chunk=config.particle_chunk,
-                                      keep_log_weights=keep, progress=progress,
-                                      batch_seed=config.seed, dist=dist,
-                                      data_plate=data_plate_name(run.model))
+            result = evaluate_dataset(
+                run.model.model,
+                run.model.guide,
+                source,
+                num_particles=config.particles,
+                batch_size=config.batch_size,
+                particle_chunk=config.particle_chunk,
+                keep_log_weights=keep,
+                progress=progress,
+                batch_seed=config.seed,
+                dist=dist,
+                data_plate=data_plate_name(run.model),
+            )
     if dist.is_main:
-        metadata = {"run_dir": str(run_dir), "checkpoint_epoch": checkpoint_epoch(run),
-                    "config": asdict(config),
-                    "data": str(data) if isinstance(data, (str, Path)) else
-                    (None if data is None else "given")}
-        result.paths = save_evaluation(result, run_dir if out is None else out,
-                                       output_label(config.split, data), metadata)
+        metadata = {
+            "run_dir": str(run_dir),
+            "checkpoint_epoch": checkpoint_epoch(run),
+            "config": asdict(config),
+            "data": str(data)
+            if isinstance(data, (str, Path))
+            else (None if data is None else "given"),
+        }
+        result.paths = save_evaluation(
+            result, run_dir if out is None else out, output_label(config.split, data), metadata
+        )
     return result

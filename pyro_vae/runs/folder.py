@@ -65,13 +65,17 @@ def _keep_aside(path: Path) -> list[tuple[Path, Path]]:
             os.rename(path / name, kept)
         except OSError as exc:
             _put_back(moved)
-            raise CheckpointError(f"cannot keep {path / name} aside: "
-                                  f"{reason(exc.errno, str(exc))}") from None
+            raise CheckpointError(
+                f"cannot keep {path / name} aside: {reason(exc.errno, str(exc))}"
+            ) from None
         moved.append((path / name, kept))
     if moved:
-        print(f"pyro-vae: {path} holds {', '.join(name for name in present)}, which the run "
-              f"writes: kept as {', '.join(kept.name for _, kept in moved)}", file=sys.stderr,
-              flush=True)
+        print(
+            f"pyro-vae: {path} holds {', '.join(name for name in present)}, which the run "
+            f"writes: kept as {', '.join(kept.name for _, kept in moved)}",
+            file=sys.stderr,
+            flush=True,
+        )
     return moved
 
 
@@ -94,10 +98,12 @@ def _create_folder(run_dir: Path) -> list[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         if isinstance(exc, FileExistsError) or exc.errno == errno.EEXIST:
-            raise CheckpointError(f"the run folder {run_dir} is a file, not a folder: choose "
-                                  "a folder for the run") from None
-        raise CheckpointError(f"cannot create the run folder {run_dir}: "
-                              f"{reason(exc.errno, str(exc))}") from None
+            raise CheckpointError(
+                f"the run folder {run_dir} is a file, not a folder: choose a folder for the run"
+            ) from None
+        raise CheckpointError(
+            f"cannot create the run folder {run_dir}: {reason(exc.errno, str(exc))}"
+        ) from None
     return missing
 
 
@@ -105,12 +111,14 @@ def check_run_folder_path(run_dir: str | Path | None) -> Path:
     """``run_dir`` as a :class:`~pathlib.Path`, refusing an empty one (an unset shell variable
     would otherwise make it the current folder) and an existing file."""
     if run_dir is None or str(run_dir).strip() == "":
-        raise CheckpointError("the run folder is an empty path (an unset shell variable?): "
-                              "name a folder for the run")
+        raise CheckpointError(
+            "the run folder is an empty path (an unset shell variable?): name a folder for the run"
+        )
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
-        raise CheckpointError(f"the run folder {path} is a file, not a folder: choose a folder "
-                              "for the run")
+        raise CheckpointError(
+            f"the run folder {path} is a file, not a folder: choose a folder for the run"
+        )
     return path
 
 
@@ -135,18 +143,28 @@ def _last_epoch(run_dir: Path) -> int | None:
 def _check_restart(run_dir: Path, config: TrainConfig, model: torch.nn.Module | None) -> None:
     """A folder stopped before its first checkpoint restarts with its own config only."""
     saved, saved_class = read_run_config(run_dir)
-    if saved.replace(epochs=config.epochs, device=config.device,
-                     data_dir=config.data_dir) != config:
-        raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
-                              "epochs, device and data_dir may change on resume")
+    if (
+        saved.replace(epochs=config.epochs, device=config.device, data_dir=config.data_dir)
+        != config
+    ):
+        raise CheckpointError(
+            f"the config of {run_dir} differs from the one given: only "
+            "epochs, device and data_dir may change on resume"
+        )
     if model is None and saved_class is not None:
         refuse_python_only(run_dir, config, saved_class)
 
 
 @contextmanager
-def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
-                    force: bool = False, model: torch.nn.Module | None = None,
-                    writer: bool = True) -> Iterator[RunFolder]:
+def open_run_folder(
+    run_dir: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    model: torch.nn.Module | None = None,
+    writer: bool = True,
+) -> Iterator[RunFolder]:
     """Check, lock and prepare a run folder for the training that runs inside the block.
 
     Before anything is trained: the path may not be empty or a file; a new run's folder is
@@ -164,13 +182,18 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
     checkpoint, config_file = path / CHECKPOINT_FILE, path / CONFIG_FILE
     if not writer:
         if not resume and checkpoint.exists():
-            raise ConfigError(f"{path} already holds a run: resume it with resume=True or "
-                              "choose another run_dir=DIR")
+            raise ConfigError(
+                f"{path} already holds a run: resume it with resume=True or "
+                "choose another run_dir=DIR"
+            )
         yield RunFolder(path, resume and checkpoint.exists())
         return
     if resume and not path.is_dir():
-        raise CheckpointError(f"{path} is a file, not a run folder" if path.exists()
-                              else f"run folder {path} does not exist")
+        raise CheckpointError(
+            f"{path} is a file, not a run folder"
+            if path.exists()
+            else f"run folder {path} does not exist"
+        )
     created = [] if resume else _create_folder(path)
     try:
         lock = RunFolderLock(path).acquire()
@@ -184,31 +207,42 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
             if checkpoint.exists():
                 if not config_file.exists():
                     state = load_checkpoint(path)
-                    recorded = ({MODEL_CLASS_KEY: state[MODEL_CLASS_KEY]}
-                                if MODEL_CLASS_KEY in state else {})
+                    recorded = (
+                        {MODEL_CLASS_KEY: state[MODEL_CLASS_KEY]}
+                        if MODEL_CLASS_KEY in state
+                        else {}
+                    )
                     write_json(config_file, {**state["config"], **recorded})
                 folder = RunFolder(path, True)
             elif config_file.exists():
                 _check_restart(path, config, model)
                 folder = RunFolder(path, False)
             else:
-                raise CheckpointError(f"{path} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): "
-                                      "is it a pyro-vae run folder?")
+                raise CheckpointError(
+                    f"{path} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): "
+                    "is it a pyro-vae run folder?"
+                )
         else:
             if checkpoint.exists():
-                raise ConfigError(f"{path} already holds a run: resume it with resume=True "
-                                  "or choose another run_dir=DIR")
+                raise ConfigError(
+                    f"{path} already holds a run: resume it with resume=True "
+                    "or choose another run_dir=DIR"
+                )
             if config_file.exists():
-                raise ConfigError(f"{path} already holds a run that stopped before its first "
-                                  f"checkpoint ({CONFIG_FILE}, no {CHECKPOINT_FILE}): resume "
-                                  "it with resume=True, which trains it from epoch 1, or "
-                                  "choose another run_dir=DIR")
+                raise ConfigError(
+                    f"{path} already holds a run that stopped before its first "
+                    f"checkpoint ({CONFIG_FILE}, no {CHECKPOINT_FILE}): resume "
+                    "it with resume=True, which trains it from epoch 1, or "
+                    "choose another run_dir=DIR"
+                )
             others = sorted(entry for entry in os.listdir(path) if not _is_own_entry(entry))
             if others and not force:
                 shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-                raise ConfigError(f"{path} holds {len(others)} other file(s) ({shown}) and no "
-                                  "pyro-vae run: choose a new or empty run_dir=DIR, or give "
-                                  "force=True to write the run among them")
+                raise ConfigError(
+                    f"{path} holds {len(others)} other file(s) ({shown}) and no "
+                    "pyro-vae run: choose a new or empty run_dir=DIR, or give "
+                    "force=True to write the run among them"
+                )
             kept_aside = _keep_aside(path)
             model_class = None if model is None else user_model_class(model, config)
             recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
@@ -221,8 +255,12 @@ def open_run_folder(run_dir: str | Path, config: TrainConfig, *, resume: bool = 
             if exc.errno not in DISK_FULL:
                 raise
             epoch = _last_epoch(path) if checkpoint.exists() else None
-            kept = (f"the run folder keeps its last complete epoch ({epoch}): free some space "
-                    "and resume it" if epoch is not None else "no epoch was saved")
+            kept = (
+                f"the run folder keeps its last complete epoch ({epoch}): free some space "
+                "and resume it"
+                if epoch is not None
+                else "no epoch was saved"
+            )
             raise WriteError(f"{exc}; {kept}", exc.errno) from exc
     except BaseException:  # an error or an interruption before the first checkpoint
         if not checkpoint.exists():

@@ -29,15 +29,20 @@ from pyro_vae.util.files import read_json
 from pyro_vae.util.io import reason
 
 
-def check_resumable(state: dict[str, Any], config: TrainConfig, run_dir: Path,
-                    given_model: bool) -> None:
+def check_resumable(
+    state: dict[str, Any], config: TrainConfig, run_dir: Path, given_model: bool
+) -> None:
     """Refuse to resume ``state`` with a different ``config`` (only epochs, device and
     data_dir may change) or a user's pair without the pair."""
     saved = TrainConfig.from_dict(state["config"])
-    if saved.replace(epochs=config.epochs, device=config.device,
-                     data_dir=config.data_dir) != config:
-        raise CheckpointError(f"the config of {run_dir} differs from the one given: only "
-                              "epochs, device and data_dir may change on resume")
+    if (
+        saved.replace(epochs=config.epochs, device=config.device, data_dir=config.data_dir)
+        != config
+    ):
+        raise CheckpointError(
+            f"the config of {run_dir} differs from the one given: only "
+            "epochs, device and data_dir may change on resume"
+        )
     saved_class = state.get(MODEL_CLASS_KEY)
     if saved_class is not None and not given_model:
         raise user_model_refusal(run_dir, saved_class)
@@ -48,8 +53,9 @@ def read_config(run_dir: str | Path) -> TrainConfig:
     return read_run_config(run_dir)[0]
 
 
-def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
-                    ) -> tuple[TrainConfig, str | None]:
+def read_run_config(
+    run_dir: str | Path, prefer_checkpoint: bool = False
+) -> tuple[TrainConfig, str | None]:
     """The saved config and the user's model class the run recorded (``None``: a package
     family, which the config describes).
 
@@ -58,15 +64,20 @@ def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
     source of truth, as resuming wants). Every field is checked by type and range."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is a file, not a run folder" if run_dir.exists()
-                              else f"run folder {run_dir} does not exist")
+        raise CheckpointError(
+            f"{run_dir} is a file, not a run folder"
+            if run_dir.exists()
+            else f"run folder {run_dir} does not exist"
+        )
     path = run_dir / CONFIG_FILE
     if (run_dir / CHECKPOINT_FILE).exists() and (prefer_checkpoint or not path.exists()):
         state = load_checkpoint(run_dir)
         return TrainConfig.from_dict(state["config"]), state.get(MODEL_CLASS_KEY)
     if not path.exists():
-        raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): is it "
-                              "a pyro-vae run folder?")
+        raise CheckpointError(
+            f"{run_dir} holds no {CONFIG_FILE} (nor {CHECKPOINT_FILE}): is it "
+            "a pyro-vae run folder?"
+        )
     try:
         raw = read_json(path, error=CheckpointError)
     except OSError as exc:
@@ -82,8 +93,7 @@ def read_run_config(run_dir: str | Path, prefer_checkpoint: bool = False
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
-def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: str | None
-                       ) -> None:
+def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: str | None) -> None:
     """Refuse a run whose pair only Python can rebuild (trained from Python, no factory)."""
     if model_class is not None and config.model_factory is None:
         raise user_model_refusal(Path(run_dir), model_class)
@@ -95,9 +105,11 @@ def build_factory_model(spec: str) -> torch.nn.Module:
     if isinstance(model, tuple) and len(model) == 2 and all(map(callable, model)):
         return as_pair(model)
     if not is_pair_module(model):
-        raise ConfigError(f"{spec} returned a {type(model).__name__}, not a model/guide pair "
-                          "(a torch.nn.Module with model and guide methods, or a (model, "
-                          "guide) tuple)")
+        raise ConfigError(
+            f"{spec} returned a {type(model).__name__}, not a model/guide pair "
+            "(a torch.nn.Module with model and guide methods, or a (model, "
+            "guide) tuple)"
+        )
     return model
 
 
@@ -127,13 +139,15 @@ class LoadedRun:
         _check_split(split)
         if self.dataset is not None:
             return eval_source(self.dataset, split, self.config, self.model, limit)
-        spec = self.config.data if split == "train" else (self.config.test_data
-                                                          or self.config.data)
-        if spec is None or (split == "test" and not self.config.test_data
-                            and load_data(spec)[1] is None):
+        spec = self.config.data if split == "train" else (self.config.test_data or self.config.data)
+        if spec is None or (
+            split == "test" and not self.config.test_data and load_data(spec)[1] is None
+        ):
             given = "data=SPEC" if split == "train" else "test_data=SPEC"
-            raise ConfigError(f"{self.run_dir} records no {given} for its {split} split (its "
-                              "data were given in Python): pass the data to evaluate")
+            raise ConfigError(
+                f"{self.run_dir} records no {given} for its {split} split (its "
+                "data were given in Python): pass the data to evaluate"
+            )
         train, test = load_data(spec)
         source = as_source(train if split == "train" or self.config.test_data else test)
         param = next(self.model.parameters())
@@ -145,8 +159,9 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def _discover(pair: PyroPair, config: TrainConfig, dataset: data_lib.Dataset | None,
-              device: torch.device) -> None:
+def _discover(
+    pair: PyroPair, config: TrainConfig, dataset: data_lib.Dataset | None, device: torch.device
+) -> None:
     """Run a :class:`~pyro_vae.core.pairs.PyroPair` once on two datapoints of the run's training
     data (where the run records them), so that the parameters it creates lazily exist before
     its weights are loaded; without data its ``pyro.param`` entries are loaded when first
@@ -154,8 +169,11 @@ def _discover(pair: PyroPair, config: TrainConfig, dataset: data_lib.Dataset | N
     from pyro_vae.data.builtin import evaluation_images, model_args
 
     if dataset is not None:
-        pair.discover(*model_args(pair, evaluation_images(dataset, "train", config)[:2],
-                                  dataset.train.labels[:2]))
+        pair.discover(
+            *model_args(
+                pair, evaluation_images(dataset, "train", config)[:2], dataset.train.labels[:2]
+            )
+        )
         return
     if config.data is None:
         return
@@ -163,8 +181,9 @@ def _discover(pair: PyroPair, config: TrainConfig, dataset: data_lib.Dataset | N
     pair.discover(*first.args, **first.kwargs)
 
 
-def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = None, *,
-             model: Any = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, device: str = "auto", data_dir: str | None = None, *, model: Any = None
+) -> LoadedRun:
     """Load the config, weights and data of a run folder (``data_dir`` overrides the saved one).
 
     The package's families are rebuilt from the config, a pair trained from the command line
@@ -178,8 +197,11 @@ def load_run(run_dir: str | Path, device: str = "auto", data_dir: str | None = N
     model = as_pair(model)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is a file, not a run folder" if run_dir.exists()
-                              else f"run folder {run_dir} does not exist")
+        raise CheckpointError(
+            f"{run_dir} is a file, not a run folder"
+            if run_dir.exists()
+            else f"run folder {run_dir} does not exist"
+        )
     config, model_class = read_run_config(run_dir)
     if model is None and model_class is not None:
         refuse_python_only(run_dir, config, model_class)

@@ -15,8 +15,10 @@ from pyro_vae.util.errors import CheckpointError
 from pyro_vae.util.io import reason
 from pyro_vae.util.tempnames import Writer, this_process
 
-_LOCK_LINE = re.compile(r"^pyro-vae-lock host=([0-9a-f]{6}) pid=(\d{1,10}) nonce=([0-9a-f]{8})"
-                        r"\n?$")
+_LOCK_LINE = re.compile(
+    r"^pyro-vae-lock host=([0-9a-f]{6}) pid=(\d{1,10}) nonce=([0-9a-f]{8})"
+    r"\n?$"
+)
 #: How long a ``.lock`` found empty is watched for the content its creator is about to write.
 EMPTY_LOCK_WAIT_S = 1.0
 _EMPTY_LOCK_POLL_S = 0.01
@@ -67,16 +69,18 @@ class RunFolderLock:
         self._fd: int | None = None
 
     def _fail(self, exc: OSError, what: str) -> CheckpointError:
-        return CheckpointError(f"cannot {what} the run folder {self.folder}: "
-                               f"{reason(exc.errno, str(exc))}")
+        return CheckpointError(
+            f"cannot {what} the run folder {self.folder}: {reason(exc.errno, str(exc))}"
+        )
 
     def _create(self) -> int | None:
         """A new lock file, locked and naming this process (``None``: one exists)."""
         import fcntl
 
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666
+            )
         except FileExistsError:
             return None
         except OSError as exc:
@@ -87,8 +91,12 @@ class RunFolderLock:
         except OSError as exc:
             self.path.unlink(missing_ok=True)
             os.close(fd)
-            raise self._fail(exc, "lock" if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP,
-                                                          errno.EINVAL) else "write to") from None
+            raise self._fail(
+                exc,
+                "lock"
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+                else "write to",
+            ) from None
         return fd
 
     def _take_over(self) -> int | None:
@@ -110,9 +118,11 @@ class RunFolderLock:
                 holder = lock_holder(_read(fd))
                 os.close(fd)
                 pid = "unknown" if holder is None else holder.pid
-                raise CheckpointError(f"{self.folder} is being written by another process "
-                                      f"(pid {pid}): wait for it to finish, or choose "
-                                      "another run_dir=DIR") from None
+                raise CheckpointError(
+                    f"{self.folder} is being written by another process "
+                    f"(pid {pid}): wait for it to finish, or choose "
+                    "another run_dir=DIR"
+                ) from None
             except OSError as exc:
                 os.close(fd)
                 raise self._fail(exc, "lock") from None
@@ -127,9 +137,11 @@ class RunFolderLock:
                 time.sleep(_EMPTY_LOCK_POLL_S)
                 waited += _EMPTY_LOCK_POLL_S
                 continue
-            raise CheckpointError(f"{self.path} is not a pyro-vae lock file (it does not name a "
-                                  "pyro-vae writer): it is left as it is; move it away if no "
-                                  "other program uses it, or choose another run_dir=DIR")
+            raise CheckpointError(
+                f"{self.path} is not a pyro-vae lock file (it does not name a "
+                "pyro-vae writer): it is left as it is; move it away if no "
+                "other program uses it, or choose another run_dir=DIR"
+            )
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, lock_text(this_process()).encode("ascii"), 0)

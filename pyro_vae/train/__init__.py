@@ -21,5 +21,17 @@ from pyro_vae.train.engine import TrainResult, fit
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
 from pyro_vae.train.step import make_optimizer, svi_step
 
-__all__ = ["Batches", "Callback", "HeldOut", "Loop", "RunOptions", "Step", "TrainConfig",
-           "TrainResult", "fit", "make_optimizer", "run_epochs", "svi_step"]
+__all__ = [
+    "Batches",
+    "Callback",
+    "HeldOut",
+    "Loop",
+    "RunOptions",
+    "Step",
+    "TrainConfig",
+    "TrainResult",
+    "fit",
+    "make_optimizer",
+    "run_epochs",
+    "svi_step",
+]

@@ -26,8 +26,9 @@ class ProgressBar(Callback):
     def __init__(self, first_epoch: int, epochs: int, enabled: bool = True) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=epochs, initial=first_epoch - 1, desc="train", unit="epoch",
-                        disable=not enabled)
+        self.bar = tqdm(
+            total=epochs, initial=first_epoch - 1, desc="train", unit="epoch", disable=not enabled
+        )
 
     def on_epoch_end(self, loop: Loop) -> None:
         history = loop.history
@@ -53,8 +54,15 @@ class Checkpoint(Callback):
     def on_epoch_end(self, loop: Loop) -> None:
         ranks = loop.replicas.rng_states(loop.generator, loop.order_generator)
         if self.is_main:
-            save_checkpoint(self.run_dir, loop.model, loop.optimizer, loop.generator,
-                            loop.history, self.config, ranks)
+            save_checkpoint(
+                self.run_dir,
+                loop.model,
+                loop.optimizer,
+                loop.generator,
+                loop.history,
+                self.config,
+                ranks,
+            )
 
 
 @dataclass
@@ -88,16 +96,25 @@ class FinalEstimate(Callback):
         with forked_rng(), pyro.validation_enabled(False):
             torch.manual_seed(self.seed)
             summary = evaluate_dataset(
-                loop.model.model, loop.model.guide, self.data, num_particles=self.particles,
-                batch_size=self.batch_size, khat=False, data_plate=data_plate_name(loop.model),
-                batch_seed=self.seed if self.dist.enabled else None, dist=self.dist).summary()
+                loop.model.model,
+                loop.model.guide,
+                self.data,
+                num_particles=self.particles,
+                batch_size=self.batch_size,
+                khat=False,
+                data_plate=data_plate_name(loop.model),
+                batch_seed=self.seed if self.dist.enabled else None,
+                dist=self.dist,
+            ).summary()
         loop.history.extra["final"] = {
-            "particles": self.particles, "test_log_px": summary["log_px"]["mean"],
+            "particles": self.particles,
+            "test_log_px": summary["log_px"]["mean"],
             "test_log_px_stderr": summary["log_px"]["stderr"],
-            "test_elbo": summary["elbo"]["mean"], "test_gap": summary["gap"]["mean"]}
+            "test_elbo": summary["elbo"]["mean"],
+            "test_gap": summary["gap"]["mean"],
+        }
         if "trace_enum_elbo" in summary:  # test_elbo is then the summed bound E log Σ_c w
-            loop.history.extra["final"]["test_trace_enum_elbo"] = \
-                summary["trace_enum_elbo"]["mean"]
+            loop.history.extra["final"]["test_trace_enum_elbo"] = summary["trace_enum_elbo"]["mean"]
 
 
 @dataclass

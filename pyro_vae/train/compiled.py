@@ -71,11 +71,18 @@ class CompiledStep:
     :param log: where the one-line notes go (compile times, fallbacks).
     """
 
-    def __init__(self, module: torch.nn.Module, estimator: ELBOEstimator,
-                 optimizer: torch.optim.Optimizer, loss: Callable[..., torch.Tensor],
-                 eager: Callable[[tuple, dict, int], torch.Tensor], *,
-                 backend: str | None = "inductor", max_graphs: int = DEFAULT_MAX_GRAPHS,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        estimator: ELBOEstimator,
+        optimizer: torch.optim.Optimizer,
+        loss: Callable[..., torch.Tensor],
+        eager: Callable[[tuple, dict, int], torch.Tensor],
+        *,
+        backend: str | None = "inductor",
+        max_graphs: int = DEFAULT_MAX_GRAPHS,
+        log: Callable[[str], None] = print,
+    ):
         self.module, self.estimator, self.optimizer = module, estimator, optimizer
         self.eager, self.backend, self.max_graphs, self.log = eager, backend, max_graphs, log
         self.wrapper = _Loss(module, loss)
@@ -122,8 +129,10 @@ class CompiledStep:
             elif isinstance(value, _CONSTANTS):
                 layout.append((key, "constant", value))
             else:
-                raise _Uncompilable(f"a batch holds a {type(value).__name__}: only tensors and "
-                                    "plain constants can be a compiled step's inputs")
+                raise _Uncompilable(
+                    f"a batch holds a {type(value).__name__}: only tensors and "
+                    "plain constants can be a compiled step's inputs"
+                )
         return tensors, tuple(layout)
 
     # --- capture ---------------------------------------------------------------------------
@@ -134,11 +143,12 @@ class CompiledStep:
             if "exp_avg" not in state[p]:  # as Adam initializes it on its first step
                 state[p]["step"] = torch.tensor(0.0)
                 state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state[p]["exp_avg_sq"] = torch.zeros_like(p,
-                                                          memory_format=torch.preserve_format)
-        return ([state[p]["exp_avg"] for p in self.params],
-                [state[p]["exp_avg_sq"] for p in self.params],
-                [state[p]["step"] for p in self.params])
+                state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return (
+            [state[p]["exp_avg"] for p in self.params],
+            [state[p]["exp_avg_sq"] for p in self.params],
+            [state[p]["step"] for p in self.params],
+        )
 
     def _step_function(self, layout: Any, num_data: int) -> Callable:
         group = self.optimizer.param_groups[0]
@@ -166,8 +176,8 @@ class CompiledStep:
                     t.add_(1)
                     m.lerp_(g, 1 - beta1)
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    step_size = lr / (1 - beta1 ** t)
-                    denom = (v.sqrt() / (1 - beta2 ** t).sqrt()).add_(eps)
+                    step_size = lr / (1 - beta1**t)
+                    denom = (v.sqrt() / (1 - beta2**t).sqrt()).add_(eps)
                     p.sub_(step_size * m / denom)
             return loss.detach()
 
@@ -187,16 +197,21 @@ class CompiledStep:
         running the pair on real values, which a trace on fake tensors cannot do."""
         saved = [b.detach().clone() for b in self.module.buffers()]
         try:
-            with forked_rng(), torch.no_grad(), \
-                    pyro.get_param_store().scope(), pyro.validation_enabled(False):
+            with (
+                forked_rng(),
+                torch.no_grad(),
+                pyro.get_param_store().scope(),
+                pyro.validation_enabled(False),
+            ):
                 self.wrapper(args, kwargs)
         finally:
             with torch.no_grad():
                 for buffer, value in zip(self.module.buffers(), saved):
                     buffer.copy_(value)
 
-    def _capture(self, tensors: list[torch.Tensor], layout: Any, num_data: int,
-                 args: tuple, kwargs: dict) -> Callable:
+    def _capture(
+        self, tensors: list[torch.Tensor], layout: Any, num_data: int, args: tuple, kwargs: dict
+    ) -> Callable:
         self._warm_up(args, kwargs)
         function = self._step_function(layout, num_data)
         params, buffers, exp_avgs, exp_avg_sqs, steps, lr, _ = self._inputs(tensors)
@@ -206,16 +221,19 @@ class CompiledStep:
             # validation checks values, which a graph cannot: training runs without it anyway
             with pyro.get_param_store().scope(), pyro.validation_enabled(False):
                 graph = make_fx(function, tracing_mode="fake")(
-                    leaves, buffers, exp_avgs, exp_avg_sqs, steps, lr, tensors)
+                    leaves, buffers, exp_avgs, exp_avg_sqs, steps, lr, tensors
+                )
         except Exception as exc:
             if "FakeTensor" in str(exc) and "allow_non_fake_inputs" in str(exc):
                 raise _Uncompilable(  # a graph would bake the tensor's current value in
                     "the pair uses a tensor that is neither a parameter, a buffer nor an "
                     "argument (a plain tensor attribute? register it with register_buffer)"
                 ) from None
-            raise _Uncompilable("the step could not be captured as a graph (does the pair's "
-                                f"control flow depend on the data's values?): "
-                                f"{_first_line(exc)}") from None
+            raise _Uncompilable(
+                "the step could not be captured as a graph (does the pair's "
+                f"control flow depend on the data's values?): "
+                f"{_first_line(exc)}"
+            ) from None
         if self.backend is not None:
             graph = torch.compile(graph, backend=self.backend, dynamic=False, fullgraph=True)
         self.compile_seconds += time.perf_counter() - start
@@ -231,14 +249,20 @@ class CompiledStep:
             tensors, layout = self._split(args, kwargs)
         except _Uncompilable as exc:
             return self._give_up(str(exc), args, kwargs, num_data)
-        key = (layout, num_data, float(self.estimator.beta),
-               float(getattr(self.estimator, "global_weight", 1.0)))
+        key = (
+            layout,
+            num_data,
+            float(self.estimator.beta),
+            float(getattr(self.estimator, "global_weight", 1.0)),
+        )
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 if not self._capped:
                     self._capped = True
-                    self.log(f"compiled steps: more than {self.max_graphs} input signatures "
-                             "(batch shapes, β values); the others run eagerly")
+                    self.log(
+                        f"compiled steps: more than {self.max_graphs} input signatures "
+                        "(batch shapes, β values); the others run eagerly"
+                    )
                 self.eager_steps += 1
                 return self.eager(args, kwargs, num_data)
             try:
@@ -259,8 +283,9 @@ class CompiledStep:
         except Exception as exc:
             if not first:
                 raise
-            return self._give_up(f"the graph could not be compiled: {_first_line(exc)}",
-                                 args, kwargs, num_data)
+            return self._give_up(
+                f"the graph could not be compiled: {_first_line(exc)}", args, kwargs, num_data
+            )
         if first:  # torch.compile compiles on the first call
             self.compile_seconds += time.perf_counter() - start
         self.compiled_steps += 1

@@ -69,20 +69,25 @@ class TrainResult:
     compiled: CompiledStep | None = None
 
 
-def _settings(config: TrainConfig | None, options: RunOptions | None, data: Any,
-              keywords: dict[str, Any]) -> tuple[TrainConfig, RunOptions]:
+def _settings(
+    config: TrainConfig | None, options: RunOptions | None, data: Any, keywords: dict[str, Any]
+) -> tuple[TrainConfig, RunOptions]:
     """The config and the run options, with ``keywords`` replacing their fields."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(keywords) - fields - set(FIT_KEYWORDS))
     if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}: fit takes the fields of TrainConfig "
-                          f"({', '.join(sorted(fields))}) and {', '.join(FIT_KEYWORDS)}; "
-                          "the others of RunOptions as options=RunOptions(...)")
+        raise ConfigError(
+            f"unknown option(s) {unknown}: fit takes the fields of TrainConfig "
+            f"({', '.join(sorted(fields))}) and {', '.join(FIT_KEYWORDS)}; "
+            "the others of RunOptions as options=RunOptions(...)"
+        )
     if config is None:
         config = TrainConfig(**USER_DATA) if data is not None else TrainConfig()
     elif data is not None and config.dataset is not None:
-        raise ConfigError(f"both data and the built-in dataset {config.dataset!r} were given: "
-                          "use TrainConfig(dataset=None, model=None, binarize='none') with data")
+        raise ConfigError(
+            f"both data and the built-in dataset {config.dataset!r} were given: "
+            "use TrainConfig(dataset=None, model=None, binarize='none') with data"
+        )
     changes = {k: v for k, v in keywords.items() if k in fields}
     config = config.replace(**changes) if changes else config
     run = {k: v for k, v in keywords.items() if k not in fields}
@@ -90,9 +95,17 @@ def _settings(config: TrainConfig | None, options: RunOptions | None, data: Any,
     return config, options.replace(**run) if run else options
 
 
-def fit(model: Any = None, data: Any = None, *more: Any, guide: Any = None, test_data: Any = None,
-        collate_fn: Any = None, config: TrainConfig | None = None,
-        options: RunOptions | None = None, **keywords: Any) -> TrainResult:
+def fit(
+    model: Any = None,
+    data: Any = None,
+    *more: Any,
+    guide: Any = None,
+    test_data: Any = None,
+    collate_fn: Any = None,
+    config: TrainConfig | None = None,
+    options: RunOptions | None = None,
+    **keywords: Any,
+) -> TrainResult:
     """Train a model/guide pair with SVI on data in any form; return the model and history.
 
     ``model`` is any :class:`torch.nn.Module` with ``model`` and ``guide`` methods meeting
@@ -143,9 +156,15 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Any = None, test
         if len(more) > 1 or guide is not None:
             raise ConfigError("fit takes (model, data) or (model, guide, data) positionally")
         guide, data = data, more[0]
-    elif guide is None and data is not None and not is_pair_module(model) and callable(data) \
-            and not isinstance(data, (torch.Tensor, torch.utils.data.Dataset,
-                                      torch.utils.data.DataLoader)):
+    elif (
+        guide is None
+        and data is not None
+        and not is_pair_module(model)
+        and callable(data)
+        and not isinstance(
+            data, (torch.Tensor, torch.utils.data.Dataset, torch.utils.data.DataLoader)
+        )
+    ):
         guide, data = data, None  # fit(model, guide) on config.data
     model = as_pair(model, guide)
     config, options = _settings(config, options, data, keywords)
@@ -153,10 +172,17 @@ def fit(model: Any = None, data: Any = None, *more: Any, guide: Any = None, test
         raise ConfigError("resume needs a run folder")
     if options.run_dir is None:
         return _train(model, (data, test_data, collate_fn), config, options, None, False)
-    with open_run_folder(options.run_dir, config, resume=options.resume, force=options.force,
-                         model=model, writer=_writes_run_folder()) as folder:
-        return _train(model, (data, test_data, collate_fn), config, options, folder.path,
-                      folder.resume)
+    with open_run_folder(
+        options.run_dir,
+        config,
+        resume=options.resume,
+        force=options.force,
+        model=model,
+        writer=_writes_run_folder(),
+    ) as folder:
+        return _train(
+            model, (data, test_data, collate_fn), config, options, folder.path, folder.resume
+        )
 
 
 def _writes_run_folder() -> bool:
@@ -171,8 +197,14 @@ def _writes_run_folder() -> bool:
         return True  # init_distributed reports the bad variable
 
 
-def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
-           options: RunOptions, run_dir: Path | None, resume: bool) -> TrainResult:
+def _train(
+    model: torch.nn.Module | None,
+    user_data: tuple,
+    config: TrainConfig,
+    options: RunOptions,
+    run_dir: Path | None,
+    resume: bool,
+) -> TrainResult:
     """:func:`fit`'s training, into the run folder :func:`~pyro_vae.runs.open_run_folder`
     prepared (``resume``: continue from its checkpoint), or into none: the data source and its
     default model, the loop, then its epochs."""
@@ -180,8 +212,11 @@ def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
     dist = init_distributed(device, options.dist_timeout)
     replicas = Replicas(dist)
     given = model is not None or config.model_factory is not None
-    feed = (BuiltinData(config, device, dist, options.download) if config.dataset is not None
-            else UserData(config, device, *user_data))
+    feed = (
+        BuiltinData(config, device, dist, options.download)
+        if config.dataset is not None
+        else UserData(config, device, *user_data)
+    )
 
     pyro.set_rng_seed(config.seed)
     if model is None and config.model_factory is not None:
@@ -201,8 +236,11 @@ def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
         if dist.rank:
             pyro.set_rng_seed(rank_seed(config.seed, dist.rank))
     # a compiled step performs Adam's single-tensor update; eager steps must do the same
-    optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr) if options.compile
-                 else make_optimizer(model.parameters(), config.lr))
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=config.lr)
+        if options.compile
+        else make_optimizer(model.parameters(), config.lr)
+    )
     history = History()
 
     if resume:
@@ -214,25 +252,54 @@ def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
         replicas.restore_rng_states(state, generator, order_generator, run_dir)
         history = History.from_dict(state["history"])
         if config.epochs < len(history.epoch):
-            raise ConfigError(f"{run_dir} has already trained {len(history.epoch)} epochs: "
-                              f"epochs={config.epochs} would go back (give at least "
-                              f"{len(history.epoch)})")
+            raise ConfigError(
+                f"{run_dir} has already trained {len(history.epoch)} epochs: "
+                f"epochs={config.epochs} would go back (give at least "
+                f"{len(history.epoch)})"
+            )
         if len(history.epoch) == config.epochs and finished_epoch(run_dir) == config.epochs:
             # its final estimate and plots exist: the history with them, nothing trained
             return TrainResult(model, History.from_dict(read_history(run_dir)), run_dir)
 
     nesting = BUILTIN_PLATE_NESTING if builtin.is_builtin(model) else None
     plate = data_plate_name(model)
-    estimator = make_estimator(config.elbo, config.particles, config.importance_samples,
-                               config.beta, max_plate_nesting=nesting, data_plate=plate)
-    step = Step(model, optimizer, training_loss(model, estimator, options.fused), estimator,
-                LinearWarmup(config.warmup, config.warmup_start, config.beta))
-    scored = None if held_out is None else HeldOut(
-        held_out, make_estimator("meanfield", config.eval_particles if vectorizable else 1,
-                                 max_plate_nesting=nesting, data_plate=plate),
-        1 if vectorizable else config.eval_particles)
-    loop = Loop(step, Batches(source, config.batch_size, generator, order_generator), scored,
-                replicas, history, epoch=len(history.epoch))
+    estimator = make_estimator(
+        config.elbo,
+        config.particles,
+        config.importance_samples,
+        config.beta,
+        max_plate_nesting=nesting,
+        data_plate=plate,
+    )
+    step = Step(
+        model,
+        optimizer,
+        training_loss(model, estimator, options.fused),
+        estimator,
+        LinearWarmup(config.warmup, config.warmup_start, config.beta),
+    )
+    scored = (
+        None
+        if held_out is None
+        else HeldOut(
+            held_out,
+            make_estimator(
+                "meanfield",
+                config.eval_particles if vectorizable else 1,
+                max_plate_nesting=nesting,
+                data_plate=plate,
+            ),
+            1 if vectorizable else config.eval_particles,
+        )
+    )
+    loop = Loop(
+        step,
+        Batches(source, config.batch_size, generator, order_generator),
+        scored,
+        replicas,
+        history,
+        epoch=len(history.epoch),
+    )
     if options.compile:
         step.compiled = _compiled_step(loop, dist)
     if hasattr(model, "name"):
@@ -241,30 +308,44 @@ def _train(model: torch.nn.Module | None, user_data: tuple, config: TrainConfig,
     try:
         run_epochs(loop, config.epochs, _hooks(loop, feed, config, options, run_dir, dist))
     except TrainingDiverged as exc:
-        kept = (f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
-                if run_dir is not None and history.epoch else "")
+        kept = (
+            f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
+            if run_dir is not None and history.epoch
+            else ""
+        )
         raise TrainingDiverged(f"{exc}{kept}. {_divergence_hint(config)}") from None
     barrier(dist, "waiting for rank 0 to write the run folder")
     return TrainResult(model, history, run_dir, step.compiled)
 
 
-def _hooks(loop: Loop, feed: BuiltinData | UserData, config: TrainConfig, options: RunOptions,
-           run_dir: Path | None, dist: Any) -> list[Callback]:
+def _hooks(
+    loop: Loop,
+    feed: BuiltinData | UserData,
+    config: TrainConfig,
+    options: RunOptions,
+    run_dir: Path | None,
+    dist: Any,
+) -> list[Callback]:
     """The run's callbacks, in order: the progress bar, the checkpoint, the user's, the final
     estimate and the plots."""
-    hooks: list[Callback] = [ProgressBar(loop.epoch + 1, config.epochs,
-                                         options.progress and dist.is_main)]
+    hooks: list[Callback] = [
+        ProgressBar(loop.epoch + 1, config.epochs, options.progress and dist.is_main)
+    ]
     if run_dir is not None:
         hooks.append(Checkpoint(run_dir, config, dist.is_main))
     if options.on_epoch is not None:
         hooks.append(EpochFunction(options.on_epoch))
     hooks.extend(options.callbacks)
     if config.final_particles and loop.held_out is not None:
-        hooks.append(FinalEstimate(loop.held_out.source, config.final_particles,
-                                   config.batch_size, config.seed, dist))
+        hooks.append(
+            FinalEstimate(
+                loop.held_out.source, config.final_particles, config.batch_size, config.seed, dist
+            )
+        )
     if run_dir is not None and dist.is_main:
-        hooks.append(RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, feed.dataset,
-                                                                 config)))
+        hooks.append(
+            RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, feed.dataset, config))
+        )
     return hooks
 
 
@@ -273,15 +354,15 @@ def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
     averaged between the backward pass and the update)."""
 
     def eager(args: tuple, kwargs: dict, num_data: int) -> torch.Tensor:
-        return loop.replicas.step(lambda: loop.step.loss(*args, **kwargs), num_data,
-                                  loop.optimizer)
+        return loop.replicas.step(lambda: loop.step.loss(*args, **kwargs), num_data, loop.optimizer)
 
     def log(message: str) -> None:
         if dist.is_main:
             print(f"pyro-vae: {message}", file=sys.stderr, flush=True)
 
-    step = CompiledStep(loop.model, loop.step.estimator, loop.optimizer, loop.step.loss,
-                        eager, log=log)
+    step = CompiledStep(
+        loop.model, loop.step.estimator, loop.optimizer, loop.step.loss, eager, log=log
+    )
     if dist.enabled and not step.disabled:
         step.disabled = "under torchrun the gradients are averaged between backward and update"
         log(f"compiled steps off: {step.disabled}; training eagerly")
@@ -295,17 +376,22 @@ SMALL_OBS_SCALE = 1e-3
 def _divergence_hint(config: TrainConfig) -> str:
     """What to change after a divergence: a tiny fixed Gaussian scale first, else the step size."""
     spec = config.model
-    if (spec is not None and spec.likelihood == "gaussian" and spec.obs_scale is not None
-            and spec.obs_scale < SMALL_OBS_SCALE):
-        return (f"The Gaussian likelihood's fixed scale obs_scale={spec.obs_scale:g} is tiny: "
-                "log p(x|z) grows like 1/σ² and overflows; try a larger one, or leave it out "
-                "to learn it")
+    if (
+        spec is not None
+        and spec.likelihood == "gaussian"
+        and spec.obs_scale is not None
+        and spec.obs_scale < SMALL_OBS_SCALE
+    ):
+        return (
+            f"The Gaussian likelihood's fixed scale obs_scale={spec.obs_scale:g} is tiny: "
+            "log p(x|z) grows like 1/σ² and overflows; try a larger one, or leave it out "
+            "to learn it"
+        )
     return f"Try a smaller learning rate than lr={config.lr:g}"
 
 
 def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
     from pyro_vae.runs.plots import write_run_plots
 
-    images = (builtin.evaluation_images(dataset, "test", config)
-              if dataset is not None else None)
+    images = builtin.evaluation_images(dataset, "test", config) if dataset is not None else None
     write_run_plots(run_dir, loop.model, dataset, loop.history, images)

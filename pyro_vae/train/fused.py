@@ -39,17 +39,16 @@ LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 FUSED_ESTIMATORS = (TraceELBO, MeanFieldELBO)
 
 
-def _normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
-                     ) -> torch.Tensor:
+def _normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """log N(value; loc, scale²) per coordinate, as ``torch.distributions.Normal.log_prob``."""
-    var = scale ** 2
+    var = scale**2
     return -((value - loc) ** 2) / (2 * var) - scale.log() - LOG_SQRT_2PI
 
 
 def _standard_normal_log_prob(value: torch.Tensor) -> torch.Tensor:
     """log N(value; 0, 1) per coordinate: :func:`_normal_log_prob` at loc 0 and scale 1, whose
     subtraction of 0, division by 2·1 and subtraction of log 1 are exact."""
-    return -(value ** 2) / 2 - LOG_SQRT_2PI
+    return -(value**2) / 2 - LOG_SQRT_2PI
 
 
 def _kl_to_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -63,10 +62,15 @@ def supports(module: Any, estimator: ELBOEstimator) -> bool:
     """Whether :class:`FusedLoss` computes ``estimator``'s loss for ``module``'s pair: an exact
     ``VAE`` with a diagonal guide and its own ``model``/``guide``, an exact ``trace`` or
     ``meanfield`` estimator (not a subclass, whose loss may differ) with one draw."""
-    return (type(module) is VAE and module.guide_family == "diagonal"
-            and "model" not in vars(module) and "guide" not in vars(module)
-            and type(estimator) in FUSED_ESTIMATORS
-            and estimator.num_particles == 1 and estimator.importance_samples == 1)
+    return (
+        type(module) is VAE
+        and module.guide_family == "diagonal"
+        and "model" not in vars(module)
+        and "guide" not in vars(module)
+        and type(estimator) in FUSED_ESTIMATORS
+        and estimator.num_particles == 1
+        and estimator.importance_samples == 1
+    )
 
 
 class FusedLoss:
@@ -77,27 +81,36 @@ class FusedLoss:
 
     def __init__(self, module: VAE, estimator: ELBOEstimator):
         if not supports(module, estimator):
-            raise ValueError(f"no fused loss for {type(module).__name__} with {estimator!r}: "
-                             "use estimator.differentiable_loss")
+            raise ValueError(
+                f"no fused loss for {type(module).__name__} with {estimator!r}: "
+                "use estimator.differentiable_loss"
+            )
         self.module = module
         self.estimator = estimator
         self.meanfield = type(estimator) is MeanFieldELBO
 
     def traced(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.estimator.differentiable_loss(self.module.model, self.module.guide, *args,
-                                                  **kwargs)
+        return self.estimator.differentiable_loss(
+            self.module.model, self.module.guide, *args, **kwargs
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (len(args) != 1 or kwargs or is_validation_enabled() or am_i_wrapped()
-                or not supports(self.module, self.estimator)):
+        if (
+            len(args) != 1
+            or kwargs
+            or is_validation_enabled()
+            or am_i_wrapped()
+            or not supports(self.module, self.estimator)
+        ):
             return self.traced(*args, **kwargs)
         (x,) = args
         loc, scale = self.module.encoder(x)
         eps = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device).normal_()
         return -self.bound(x, loc, scale, eps).sum(-1)
 
-    def bound(self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
-              eps: torch.Tensor) -> torch.Tensor:
+    def bound(
+        self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
+    ) -> torch.Tensor:
         """The estimator's bound per datapoint, ``[N]``, at z = loc + eps · scale for the
         guide's ``loc`` and ``scale`` of ``x`` and standard normal noise ``eps``."""
         module, beta = self.module, self.estimator.beta
@@ -111,12 +124,14 @@ class FusedLoss:
         return beta_log_weight(log_lik, log_prior, log_q, beta)
 
 
-def training_loss(module: Any, estimator: ELBOEstimator, fused: bool = True
-                  ) -> Callable[..., torch.Tensor]:
+def training_loss(
+    module: Any, estimator: ELBOEstimator, fused: bool = True
+) -> Callable[..., torch.Tensor]:
     """The loss function of a training step, ``loss(*args)`` =
     ``estimator.differentiable_loss(module.model, module.guide, *args)``: a :class:`FusedLoss`
     when ``fused`` and :func:`supports` allow it, else the traced estimator itself."""
     if fused and supports(module, estimator):
         return FusedLoss(module, estimator)
-    return lambda *args, **kwargs: estimator.differentiable_loss(module.model, module.guide,
-                                                                 *args, **kwargs)
+    return lambda *args, **kwargs: estimator.differentiable_loss(
+        module.model, module.guide, *args, **kwargs
+    )

@@ -126,8 +126,9 @@ class Loop:
         steps = self.replicas.steps_per_epoch(data.source, data.batch_size)
         loss_sum = torch.zeros((), device=data.generator.device)
         count = 0
-        batches = self.replicas.batches(data.source, data.batch_size, data.generator,
-                                        data.order_generator)
+        batches = self.replicas.batches(
+            data.source, data.batch_size, data.generator, data.order_generator
+        )
         with _quiet_numerics():
             for index, batch in enumerate(batches, start=(self.epoch - 1) * steps):
                 step.estimator.beta = step.warmup(index)
@@ -137,8 +138,10 @@ class Loop:
                     loss = step.compiled(batch.args, batch.kwargs, size)
                 else:
                     loss = self.replicas.step(
-                        lambda batch=batch: step.loss(*batch.args, **batch.kwargs), size,
-                        step.optimizer)
+                        lambda batch=batch: step.loss(*batch.args, **batch.kwargs),
+                        size,
+                        step.optimizer,
+                    )
                 if self.initial_loss is None:  # one synchronisation per run
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)
                 loss_sum += loss
@@ -158,8 +161,10 @@ class Loop:
             for batch in self.replicas.share(held_out.source.ordered(self.data.batch_size)):
                 held_out.elbo.global_weight = batch.size / held_out.source.num_data
                 for _ in range(held_out.repeats):
-                    total -= held_out.elbo.loss(model.model, model.guide, *batch.args,
-                                                **batch.kwargs) / held_out.repeats
+                    total -= (
+                        held_out.elbo.loss(model.model, model.guide, *batch.args, **batch.kwargs)
+                        / held_out.repeats
+                    )
         return self.replicas.total(total, self.data.generator.device) / held_out.source.num_data
 
 
@@ -190,9 +195,13 @@ def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) 
     epochs = last_epoch - loop.epoch
     try:
         # the ranks would not agree on a refusal timed by each: the bound holds one process
-        with (nullcontext() if loop.replicas.dist.enabled else
-              budget.work(epochs * steps, f"training {epochs} epoch(s) of {steps} step(s)",
-                          "steps")):
+        with (
+            nullcontext()
+            if loop.replicas.dist.enabled
+            else budget.work(
+                epochs * steps, f"training {epochs} epoch(s) of {steps} step(s)", "steps"
+            )
+        ):
             _epochs(loop, last_epoch, callbacks)
         for callback in callbacks:
             callback.on_fit_end(loop)
@@ -212,7 +221,8 @@ def _epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback]) -> None:
         if diverged(mean_loss, loop.initial_loss):
             raise TrainingDiverged(
                 f"the training loss rose to {mean_loss:.4g} nats per datapoint in epoch "
-                f"{epoch}, from {loop.initial_loss:.4g} at the first step")
+                f"{epoch}, from {loop.initial_loss:.4g} at the first step"
+            )
         with budget.aside():
             elbo = loop.held_out_elbo()
             loop.replicas.check_in_sync(loop.model)

@@ -41,29 +41,38 @@ class Replicas:
         """Stop every rank with one line unless all ranks hold data of the same lengths and
         the same shapes per datapoint (one gather)."""
         if self.dist.enabled:
-            check_same_on_every_rank(f"training {describe(train)}, test "
-                                     f"{'none' if test is None else describe(test)}",
-                                     self.dist, "data")
+            check_same_on_every_rank(
+                f"training {describe(train)}, test {'none' if test is None else describe(test)}",
+                self.dist,
+                "data",
+            )
 
     def start(self, model: torch.nn.Module) -> None:
         """Give every rank rank 0's initial weights."""
         broadcast_tensors(model.state_dict().values(), self.dist)
 
-    def batches(self, source: Source, batch_size: int, generator: torch.Generator,
-                order_generator: torch.Generator) -> Iterator[Batch]:
+    def batches(
+        self,
+        source: Source,
+        batch_size: int,
+        generator: torch.Generator,
+        order_generator: torch.Generator,
+    ) -> Iterator[Batch]:
         return source.epoch(batch_size, generator, order_generator, self.dist)
 
     def steps_per_epoch(self, source: Source, batch_size: int) -> int:
         return source.steps(batch_size, self.dist)
 
-    def step(self, loss_fn: Callable[[], torch.Tensor], num_data: int,
-             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    def step(
+        self, loss_fn: Callable[[], torch.Tensor], num_data: int, optimizer: torch.optim.Optimizer
+    ) -> torch.Tensor:
         return svi_step(loss_fn, num_data, optimizer, self.dist)
 
     def mean(self, total: torch.Tensor, count: int) -> float:
         """``total / count`` summed over the ranks (every rank gets the value)."""
-        totals = torch.stack([total.to(torch.float64),
-                              total.new_tensor(count, dtype=torch.float64)])
+        totals = torch.stack(
+            [total.to(torch.float64), total.new_tensor(count, dtype=torch.float64)]
+        )
         if self.dist.enabled:
             all_reduce_sum(totals, self.dist, "summing the training loss")
             return totals[0].item() / totals[1].item()
@@ -84,18 +93,26 @@ class Replicas:
     def check_in_sync(self, model: torch.nn.Module) -> None:
         check_in_sync(model.parameters(), self.dist)
 
-    def rng_states(self, generator: torch.Generator, order_generator: torch.Generator
-                   ) -> dict[str, Any] | None:
+    def rng_states(
+        self, generator: torch.Generator, order_generator: torch.Generator
+    ) -> dict[str, Any] | None:
         """Every rank's random states, gathered on every rank (``None`` in a single process)."""
         if not self.dist.enabled:
             return None
-        states = all_gather_objects(rng_state(generator), self.dist,
-                                    "gathering the random states")
-        return {"world_size": self.dist.world_size, "rng": states,
-                "order": order_generator.get_state()}
+        states = all_gather_objects(rng_state(generator), self.dist, "gathering the random states")
+        return {
+            "world_size": self.dist.world_size,
+            "rng": states,
+            "order": order_generator.get_state(),
+        }
 
-    def restore_rng_states(self, state: dict[str, Any], generator: torch.Generator,
-                           order_generator: torch.Generator, run_dir: Any) -> None:
+    def restore_rng_states(
+        self,
+        state: dict[str, Any],
+        generator: torch.Generator,
+        order_generator: torch.Generator,
+        run_dir: Any,
+    ) -> None:
         ranks = state.get("distributed")
         saved_world = ranks["world_size"] if ranks is not None else 1
         if saved_world != self.dist.world_size:
@@ -103,7 +120,8 @@ class Replicas:
                 f"{run_dir} was trained by {saved_world} process(es) and this is "
                 f"{self.dist.world_size}: resume it with the same number (torchrun "
                 f"--nproc-per-node={saved_world} ...), which the data shards and random streams "
-                "need to continue exactly")
+                "need to continue exactly"
+            )
         if ranks is None:
             set_rng_state(state["rng"], generator)
             return

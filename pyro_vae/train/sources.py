@@ -41,8 +41,13 @@ class BuiltinData:
     ``download``), binarized as ``config.binarize`` says; its default model is the config's
     family, sized for the dataset and initialized from its images."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, dist: DistributedContext,
-                 download: bool = False) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        dist: DistributedContext,
+        download: bool = False,
+    ) -> None:
         self.config, self.device = config, device
         with main_first(dist, "waiting for rank 0 to download the data", enabled=download):
             self.dataset = builtin.prepare_data(config, device, download=download)
@@ -50,8 +55,9 @@ class BuiltinData:
     def default_model(self) -> torch.nn.Module:
         config = self.config
         rows = config.batch_size * config.particles * config.importance_samples
-        model = builtin.build_model(self.dataset, config, rows=rows, training=True,
-                                    device=self.device)
+        model = builtin.build_model(
+            self.dataset, config, rows=rows, training=True, device=self.device
+        )
         model.initialize_from_data(self.dataset.train.images)
         return model
 
@@ -63,8 +69,10 @@ class BuiltinData:
         held_out = builtin.eval_source(dataset, "test", config, model)
         if given:
             example = builtin.model_args(
-                model, builtin.evaluation_images(dataset, "train", config)[:2],
-                dataset.train.labels[:2])
+                model,
+                builtin.evaluation_images(dataset, "train", config)[:2],
+                dataset.train.labels[:2],
+            )
             if isinstance(model, PyroPair):
                 model.discover(*example)
             check_model(model, *example)
@@ -78,8 +86,14 @@ class UserData:
 
     dataset = None
 
-    def __init__(self, config: TrainConfig, device: torch.device, data: Any, test_data: Any,
-                 collate_fn: Any = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        data: Any,
+        test_data: Any,
+        collate_fn: Any = None,
+    ) -> None:
         self.config, self.device = config, device
         self.data, self.test_data, self.collate_fn = data, test_data, collate_fn
 
@@ -97,8 +111,11 @@ class UserData:
             test_data = load_data(config.test_data)[0] if config.test_data else paired
         dtype = _param_dtype(model)
         source = as_source(data, self.collate_fn).to(self.device, dtype)
-        held_out = (None if test_data is None
-                    else as_source(test_data, self.collate_fn).to(self.device, dtype))
+        held_out = (
+            None
+            if test_data is None
+            else as_source(test_data, self.collate_fn).to(self.device, dtype)
+        )
         vectorizable = _check_pair(model, source, config, self.device)
         if held_out is not None:  # scored after every epoch: checked before the first
             with forked_rng():  # a loader draws its seed
@@ -113,12 +130,14 @@ class UserData:
 
 
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                torch.get_default_dtype())
+    return next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype()
+    )
 
 
-def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
-                device: torch.device) -> bool:
+def _check_pair(
+    model: torch.nn.Module, source: Source, config: TrainConfig, device: torch.device
+) -> bool:
     """Run the pair once on the first batch as training will see it (a guide may have one
     parameter per datapoint of a batch), in a forked state: its data (unless the source
     transforms each epoch's batches) against its likelihood,
@@ -134,14 +153,24 @@ def _check_pair(model: torch.nn.Module, source: Source, config: TrainConfig,
     per_particle = pair_activation_bytes(model, *first.args, **first.kwargs)
     draws = config.particles * config.importance_samples
     params = sum(p.numel() for p in model.parameters())
-    memory.require(params * memory.TRAIN_BYTES_PER_PARAM + per_particle * draws
-                   * memory.TRAIN_ACTIVATION_COPIES // 2,
-                   f"training {draws:,} particle(s) per step on batches of {first.size:,} "
-                   f"({memory.format_bytes(per_particle)} per particle, measured on the first "
-                   "batch)", device)
+    memory.require(
+        params * memory.TRAIN_BYTES_PER_PARAM
+        + per_particle * draws * memory.TRAIN_ACTIVATION_COPIES // 2,
+        f"training {draws:,} particle(s) per step on batches of {first.size:,} "
+        f"({memory.format_bytes(per_particle)} per particle, measured on the first "
+        "batch)",
+        device,
+    )
     nesting = guess_max_plate_nesting(model.model, model.guide, first.args, first.kwargs)
-    with eval_mode(model.model), forked_rng(), \
-            pyro.validation_enabled(False):
-        return particle_mismatch(model.model, model.guide, first.args, first.kwargs,
-                                 max_plate_nesting=nesting,
-                                 data_plate=data_plate_name(model)) is None
+    with eval_mode(model.model), forked_rng(), pyro.validation_enabled(False):
+        return (
+            particle_mismatch(
+                model.model,
+                model.guide,
+                first.args,
+                first.kwargs,
+                max_plate_nesting=nesting,
+                data_plate=data_plate_name(model),
+            )
+            is None
+        )

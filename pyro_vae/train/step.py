@@ -23,8 +23,12 @@ def make_optimizer(params, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
-def svi_step(loss_fn: Callable[[], torch.Tensor], num_data: int,
-             optimizer: torch.optim.Optimizer, dist: DistributedContext = SINGLE) -> torch.Tensor:
+def svi_step(
+    loss_fn: Callable[[], torch.Tensor],
+    num_data: int,
+    optimizer: torch.optim.Optimizer,
+    dist: DistributedContext = SINGLE,
+) -> torch.Tensor:
     """One optimizer step on ``loss_fn() / num_data``, the per-datapoint mean of a loss summed
     over a batch of ``num_data``; returns the summed loss, detached.
 

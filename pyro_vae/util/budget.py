@@ -64,13 +64,14 @@ class _Work:
                 f"{self.what} would take about {format_seconds(estimate)} ({self.total:,} "
                 f"{self.unit} of about {format_seconds(rate)}), more than the "
                 f"{format_seconds(self.limit.seconds)} allowed: to go ahead, "
-                f"{self.limit.how} {math.ceil(estimate * 1.25)}, or ask for less")
+                f"{self.limit.how} {math.ceil(estimate * 1.25)}, or ask for less"
+            )
 
 
-_LIMIT: contextvars.ContextVar[_Limit | None] = contextvars.ContextVar("pyro_vae_time_limit",
-                                                                      default=None)
-_WORK: contextvars.ContextVar[_Work | None] = contextvars.ContextVar("pyro_vae_work",
-                                                                    default=None)
+_LIMIT: contextvars.ContextVar[_Limit | None] = contextvars.ContextVar(
+    "pyro_vae_time_limit", default=None
+)
+_WORK: contextvars.ContextVar[_Work | None] = contextvars.ContextVar("pyro_vae_work", default=None)
 
 
 def format_seconds(seconds: float) -> str:
@@ -82,8 +83,9 @@ def format_seconds(seconds: float) -> str:
 
 
 @contextmanager
-def time_limit(seconds: float | None,
-               how: str = "give time_limit(seconds) a bound of") -> Iterator[None]:
+def time_limit(
+    seconds: float | None, how: str = "give time_limit(seconds) a bound of"
+) -> Iterator[None]:
     """Refuse the requests of the block whose estimated time exceeds ``seconds`` (``None``:
     no bound); ``how`` completes the refusal's advice (the command line names its option)."""
     token = _LIMIT.set(None if seconds is None else _Limit(float(seconds), how))

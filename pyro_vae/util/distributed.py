@@ -109,8 +109,12 @@ def current_context() -> DistributedContext:
     """The context of the process group already joined, or :data:`SINGLE`."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return SINGLE
-    return DistributedContext(torch.distributed.get_rank(), torch.distributed.get_world_size(),
-                              _env_int("LOCAL_RANK", 0), _owned_timeout_s)
+    return DistributedContext(
+        torch.distributed.get_rank(),
+        torch.distributed.get_world_size(),
+        _env_int("LOCAL_RANK", 0),
+        _owned_timeout_s,
+    )
 
 
 def check_gpus_per_node(local_rank: int) -> None:
@@ -124,15 +128,17 @@ def check_gpus_per_node(local_rank: int) -> None:
     if processes <= gpus:
         return
     have = f"{gpus} CUDA GPU{'' if gpus == 1 else 's'}" if gpus else "no CUDA GPU"
-    fix = (f"start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or "
-           if gpus else "")
-    raise ConfigError(f"{processes} processes on this node but {have}: on CUDA (device=\"cuda\", "
-                      f"or device=\"auto\" with a GPU present) each process needs a GPU of its "
-                      f"own; {fix}train on the CPU with device=\"cpu\"")
+    fix = f"start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or " if gpus else ""
+    raise ConfigError(
+        f'{processes} processes on this node but {have}: on CUDA (device="cuda", '
+        f'or device="auto" with a GPU present) each process needs a GPU of its '
+        f'own; {fix}train on the CPU with device="cpu"'
+    )
 
 
-def init_distributed(device: torch.device | str = "cpu",
-                     timeout_s: float | None = None) -> DistributedContext:
+def init_distributed(
+    device: torch.device | str = "cpu", timeout_s: float | None = None
+) -> DistributedContext:
     """Join the process group described by torchrun's environment variables.
 
     Returns :data:`SINGLE` when ``WORLD_SIZE`` is unset or 1, and the existing group's context
@@ -151,8 +157,9 @@ def init_distributed(device: torch.device | str = "cpu",
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     global _owned_timeout_s
     timeout = resolve_timeout(timeout_s)
-    context = DistributedContext(_env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0),
-                                 timeout)
+    context = DistributedContext(
+        _env_int("RANK", 0), world_size, _env_int("LOCAL_RANK", 0), timeout
+    )
     options: dict[str, Any] = {"backend": "gloo"}
     if torch.device(device).type == "cuda":
         check_gpus_per_node(context.local_rank)
@@ -162,16 +169,21 @@ def init_distributed(device: torch.device | str = "cpu",
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
     try:
         with _collective(context, "joining the process group"):
-            torch.distributed.init_process_group(timeout=timedelta(seconds=timeout),
-                                                 rank=context.rank, world_size=world_size,
-                                                 **options)
+            torch.distributed.init_process_group(
+                timeout=timedelta(seconds=timeout),
+                rank=context.rank,
+                world_size=world_size,
+                **options,
+            )
     except ValueError as exc:  # the env:// rendezvous without its address (no torchrun)
         if not missing or not any(name in str(exc) for name in missing):
             raise
-        raise ConfigError(f"WORLD_SIZE is {world_size} but {' and '.join(missing)} "
-                          f"{'is' if len(missing) == 1 else 'are'} not set: launch the ranks "
-                          "with torchrun (which sets them), or unset WORLD_SIZE to run one "
-                          "process") from None
+        raise ConfigError(
+            f"WORLD_SIZE is {world_size} but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: launch the ranks "
+            "with torchrun (which sets them), or unset WORLD_SIZE to run one "
+            "process"
+        ) from None
     _owned_timeout_s = timeout
     atexit.register(shutdown)
     return context
@@ -234,13 +246,14 @@ def _collective(context: DistributedContext, what: str) -> Iterator[None]:
         raise DistributedError(
             f"rank {context.rank} of {context.world_size}: {what} failed: another rank died or "
             f"gave no answer within {limit} ({cause}). Check the other ranks' output; a slow "
-            f"step needs a longer dist_timeout=SECONDS or ${ENV_TIMEOUT}.") from None
+            f"step needs a longer dist_timeout=SECONDS or ${ENV_TIMEOUT}."
+        ) from None
 
 
 def derive_seed(seed: int, *keys: int) -> int:
     """A 32-bit seed for the stream named by ``keys``, mixed from ``seed`` by NumPy's
     :class:`~numpy.random.SeedSequence` (distinct keys give unrelated streams)."""
-    entropy = [seed % 2 ** 64, *keys]
+    entropy = [seed % 2**64, *keys]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
@@ -259,7 +272,7 @@ def shard_indices(order: torch.Tensor, context: DistributedContext) -> torch.Ten
     per_rank = -(-order.shape[0] // context.world_size)
     total = per_rank * context.world_size
     padded = order.repeat(-(-total // order.shape[0]))[:total]
-    return padded[context.rank::context.world_size]
+    return padded[context.rank :: context.world_size]
 
 
 def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext, what: str) -> torch.Tensor:
@@ -270,8 +283,11 @@ def all_reduce_sum(tensor: torch.Tensor, context: DistributedContext, what: str)
     return tensor
 
 
-def broadcast_tensors(tensors: Iterable[torch.Tensor], context: DistributedContext,
-                      what: str = "broadcasting rank 0's weights") -> None:
+def broadcast_tensors(
+    tensors: Iterable[torch.Tensor],
+    context: DistributedContext,
+    what: str = "broadcasting rank 0's weights",
+) -> None:
     """Overwrite ``tensors`` with rank 0's, in place (what DDP does to a model at construction)."""
     if not context.enabled:
         return
@@ -298,7 +314,7 @@ def average_gradients(parameters: Iterable[torch.Tensor], context: DistributedCo
     flat /= context.world_size
     offset = 0
     for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
 
@@ -320,9 +336,11 @@ def check_in_sync(tensors: Iterable[torch.Tensor], context: DistributedContext) 
         global _broken
         _broken = True  # every rank stops here: none may wait on the others while leaving
         values = "1 value differs" if count == 1 else f"{count} values differ"
-        raise DistributedError(f"rank {context.rank} of {context.world_size}: the ranks' "
-                               f"parameters have drifted apart ({values} from rank 0's, counted "
-                               "over all ranks); the gradient reduction is broken")
+        raise DistributedError(
+            f"rank {context.rank} of {context.world_size}: the ranks' "
+            f"parameters have drifted apart ({values} from rank 0's, counted "
+            "over all ranks); the gradient reduction is broken"
+        )
 
 
 def all_gather_objects(obj: Any, context: DistributedContext, what: str) -> list[Any]:
@@ -343,8 +361,9 @@ def check_same_on_every_rank(value: Any, context: DistributedContext, what: str)
     if all(other == values[0] for other in values):
         return
     differ = "; ".join(f"rank {rank}: {other}" for rank, other in enumerate(values))
-    raise DistributedError(f"the ranks were given different {what} ({differ}): every rank "
-                           "must load the same data")
+    raise DistributedError(
+        f"the ranks were given different {what} ({differ}): every rank must load the same data"
+    )
 
 
 def barrier(context: DistributedContext, what: str) -> None:

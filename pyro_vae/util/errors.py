@@ -8,7 +8,7 @@ def shorten(text: str, limit: int) -> str:
     (for quoting a library's long message inside one error line)."""
     if len(text) <= limit:
         return text
-    head = text[:limit - len(ELLIPSIS) + 1]
+    head = text[: limit - len(ELLIPSIS) + 1]
     cut = head.rfind(" ")
     head = head[:cut] if cut > 0 else head[:-1]
     return head.rstrip(" ,;:.") + ELLIPSIS

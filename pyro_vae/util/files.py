@@ -28,8 +28,9 @@ NUMERIC_KINDS = "biufc"
 COPIES = 2
 
 
-def regular_file(path: str | Path, limit: int | None = None,
-                 error: type[PyroVAEError] = DataError) -> int:
+def regular_file(
+    path: str | Path, limit: int | None = None, error: type[PyroVAEError] = DataError
+) -> int:
     """The size of ``path``, refused with ``error`` unless it is a regular file (symbolic links
     followed) of at most ``limit`` bytes."""
     path = Path(path)
@@ -38,32 +39,43 @@ def regular_file(path: str | Path, limit: int | None = None,
     except FileNotFoundError:
         raise error(f"no file {path}") from None
     if not stat.S_ISREG(info.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(info.st_mode) else
-                "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
-                "a pipe" if stat.S_ISFIFO(info.st_mode) else "not a regular file")
-        raise error(f"{path} is {kind}, not a regular file"
-                    + (f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""))
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "a device"
+            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a pipe"
+            if stat.S_ISFIFO(info.st_mode)
+            else "not a regular file"
+        )
+        raise error(
+            f"{path} is {kind}, not a regular file"
+            + (f" (a link to {os.path.realpath(path)})" if path.is_symlink() else "")
+        )
     if limit is not None and info.st_size > limit:
-        raise error(f"{path} holds {memory.format_bytes(info.st_size)}, more than the "
-                    f"{memory.format_bytes(limit)} such a file may hold")
+        raise error(
+            f"{path} holds {memory.format_bytes(info.st_size)}, more than the "
+            f"{memory.format_bytes(limit)} such a file may hold"
+        )
     return info.st_size
 
 
-def read_json(path: str | Path, limit: int = JSON_LIMIT,
-              error: type[PyroVAEError] = DataError) -> Any:
+def read_json(
+    path: str | Path, limit: int = JSON_LIMIT, error: type[PyroVAEError] = DataError
+) -> Any:
     """The JSON value in ``path``, a regular file of at most ``limit`` bytes; a file that is
     not UTF-8 JSON, or nests too deeply for the parser, is refused with ``error``."""
     regular_file(path, limit, error)
     with open(path, "rb") as stream:
         raw = stream.read(limit + 1)
     if len(raw) > limit:  # grew since it was checked
-        raise error(f"{path} holds more than the {memory.format_bytes(limit)} such a file "
-                    "may hold")
+        raise error(f"{path} holds more than the {memory.format_bytes(limit)} such a file may hold")
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise error(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte "
-                    f"{exc.start})") from None
+        raise error(
+            f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except json.JSONDecodeError as exc:
         raise error(f"cannot read {path}: {exc}") from None
     except RecursionError:
@@ -79,9 +91,13 @@ def check_npz(path: str | Path) -> None:
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as stream:
             head = stream.read(6)
-        what = ("an empty file" if not head else
-                "a .npy file (one array): save it with numpy.savez" if head == b"\x93NUMPY"
-                else "not a zip archive")
+        what = (
+            "an empty file"
+            if not head
+            else "a .npy file (one array): save it with numpy.savez"
+            if head == b"\x93NUMPY"
+            else "not a zip archive"
+        )
         raise DataError(f"cannot read {path} as a .npz file of arrays: it is {what}")
     total = 0
     try:
@@ -91,12 +107,17 @@ def check_npz(path: str | Path) -> None:
                     raise DataError(f"{path}: member {info.filename!r} is not a .npy array")
                 with archive.open(info) as member:
                     version = np.lib.format.read_magic(member)
-                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                              else np.lib.format.read_array_header_2_0)
+                    header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = header(member)
                 if dtype.kind not in NUMERIC_KINDS or dtype.hasobject:
-                    raise DataError(f"{path}: array {info.filename[:-4]!r} holds {dtype} "
-                                    "values, not numbers (booleans, integers or floats)")
+                    raise DataError(
+                        f"{path}: array {info.filename[:-4]!r} holds {dtype} "
+                        "values, not numbers (booleans, integers or floats)"
+                    )
                 # NumPy allocates the array its header declares before reading a member
                 declared = float(np.prod(shape, dtype=np.float64)) * dtype.itemsize
                 total += max(info.file_size, declared)
@@ -104,5 +125,7 @@ def check_npz(path: str | Path) -> None:
         if isinstance(exc, PyroVAEError):
             raise
         raise DataError(f"cannot read {path} as a .npz file of arrays: {exc}") from None
-    memory.require(total * COPIES, f"reading {path.name} ({memory.format_bytes(total)} of "
-                                   "arrays once decompressed)")
+    memory.require(
+        total * COPIES,
+        f"reading {path.name} ({memory.format_bytes(total)} of arrays once decompressed)",
+    )

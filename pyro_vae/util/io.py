@@ -192,13 +192,13 @@ class AtomicFiles:
             if target.parent not in self._swept:  # what a killed writer left here
                 self._swept.add(target.parent)
                 tempnames.sweep(target.parent)
-            tmp = target.parent / tempnames.temporary_name(target.name,
-                                                           _name_max(target.parent))
+            tmp = target.parent / tempnames.temporary_name(target.name, _name_max(target.parent))
             self._pending.append((tmp, target))  # before it exists: discard() removes it
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError as exc:
-            raise WriteError(f"cannot write {target}: {reason(exc.errno, str(exc))}",
-                             exc.errno) from None
+            raise WriteError(
+                f"cannot write {target}: {reason(exc.errno, str(exc))}", exc.errno
+            ) from None
         try:
             yield tmp
         except Exception as exc:
@@ -227,8 +227,9 @@ class AtomicFiles:
                     os.chmod(tmp, mode)
                     os.replace(tmp, target)
                 except OSError as exc:
-                    raise WriteError(f"cannot write {target}: {reason(exc.errno, str(exc))}",
-                                     exc.errno) from None
+                    raise WriteError(
+                        f"cannot write {target}: {reason(exc.errno, str(exc))}", exc.errno
+                    ) from None
                 self._pending.pop(0)
 
     def discard(self) -> None:
@@ -342,8 +343,11 @@ def write_in_child(write: Callable[[], None], path: str | os.PathLike) -> None:
     if os.WIFSIGNALED(status):
         free = _free_bytes(path.parent)
         code = errno.ENOSPC if free is not None and free < LOW_SPACE_BYTES else errno.EIO
-        why = reason(code) if code == errno.ENOSPC else (
-            f"the writer died of signal {os.WTERMSIG(status)}")
+        why = (
+            reason(code)
+            if code == errno.ENOSPC
+            else (f"the writer died of signal {os.WTERMSIG(status)}")
+        )
         raise WriteError(f"cannot write {path}: {why}", code, why)
     raise RuntimeError(f"writing {path} failed: {message or 'no message'}")
 

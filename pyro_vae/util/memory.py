@@ -31,7 +31,8 @@ EVAL_ACTIVATION_COPIES = 2
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 #: the cap :func:`limit` set and what set it, named in a refusal
 _LIMIT: contextvars.ContextVar[tuple[int, str] | None] = contextvars.ContextVar(
-    "pyro_vae_memory_limit", default=None)
+    "pyro_vae_memory_limit", default=None
+)
 
 
 class MemoryLimitError(PyroVAEError):
@@ -116,10 +117,15 @@ def require(nbytes: float, what: str, device: torch.device | str = "cpu") -> Non
     limited = _LIMIT.get()
     cap, how = limited if limited is not None else (available_bytes(device), "")
     if cap is not None and (not math.isfinite(nbytes) or nbytes > cap):
-        bound = (f"the memory limit of {format_bytes(cap)} ({how})" if limited
-                 else f"the {format_bytes(cap)} free on {torch.device(device)}")
-        raise MemoryLimitError(f"{what} needs about {format_bytes(nbytes)} of memory, more than "
-                               f"{bound}; ask for a smaller size")
+        bound = (
+            f"the memory limit of {format_bytes(cap)} ({how})"
+            if limited
+            else f"the {format_bytes(cap)} free on {torch.device(device)}"
+        )
+        raise MemoryLimitError(
+            f"{what} needs about {format_bytes(nbytes)} of memory, more than "
+            f"{bound}; ask for a smaller size"
+        )
 
 
 def network_footprint(build: Callable[[], torch.nn.Module]) -> tuple[int, int] | None:
@@ -182,13 +188,16 @@ def is_allocation_failure(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text
-                                              or "out of memory" in text.lower())
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
 
 
 def allocation_message(exc: BaseException) -> str:
     """One line for an allocator's refusal, with the size it was asked for when it says."""
     match = re.search(r"tried to allocate (\d+) bytes", str(exc))
     asked = f" ({format_bytes(int(match.group(1)))} in one piece)" if match else ""
-    return (f"out of memory{asked}: the sizes asked for do not fit on this machine; ask for "
-            "smaller sizes (layers, latent dimension, batch, particles, particle chunk)")
+    return (
+        f"out of memory{asked}: the sizes asked for do not fit on this machine; ask for "
+        "smaller sizes (layers, latent dimension, batch, particles, particle chunk)"
+    )

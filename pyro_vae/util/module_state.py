@@ -27,10 +27,16 @@ def running_statistics_kept(*functions: Callable) -> Iterator[None]:
     for fn in functions:
         module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
         if isinstance(module, torch.nn.Module):
-            modules.update((id(sub), sub) for sub in module.modules()
-                           if sub.training and getattr(sub, "track_running_stats", False))
-    kept = [(sub, name, buffer) for sub in modules.values()
-            for name, buffer in sub.named_buffers(recurse=False)]
+            modules.update(
+                (id(sub), sub)
+                for sub in module.modules()
+                if sub.training and getattr(sub, "track_running_stats", False)
+            )
+    kept = [
+        (sub, name, buffer)
+        for sub in modules.values()
+        for name, buffer in sub.named_buffers(recurse=False)
+    ]
     for sub, name, buffer in kept:
         setattr(sub, name, buffer.clone())
     try:

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUFFIX = ".tmp"
-_PATTERN = re.compile(r"^\.(?P<name>.+)\.pv-(?P<host>[0-9a-f]{6})-(?P<pid>\d{1,10})-"
-                      r"(?P<nonce>[0-9a-f]{8})-(?P<count>\d+)\.tmp$")
+_PATTERN = re.compile(
+    r"^\.(?P<name>.+)\.pv-(?P<host>[0-9a-f]{6})-(?P<pid>\d{1,10})-"
+    r"(?P<nonce>[0-9a-f]{8})-(?P<count>\d+)\.tmp$"
+)
 _counter = itertools.count()
 _token: Writer | None = None
 

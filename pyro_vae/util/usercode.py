@@ -24,8 +24,9 @@ MESSAGE_LIMIT = 300
 def _library_dirs() -> tuple[Path, ...]:
     paths = sysconfig.get_paths()
     dirs = {PACKAGE_DIR}
-    dirs.update(Path(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib")
-                if key in paths)
+    dirs.update(
+        Path(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths
+    )
     return tuple(d.resolve() for d in dirs)
 
 
@@ -72,6 +73,8 @@ def describe_failure(exc: BaseException) -> str | None:
         return None
     name = type(exc).__name__
     if isinstance(exc, SystemExit):
-        return (f"{where[0]}:{where[1]}: the user's code raised SystemExit({exc.code!r}): a "
-                "model, guide, factory or data function must return, not exit")
+        return (
+            f"{where[0]}:{where[1]}: the user's code raised SystemExit({exc.code!r}): a "
+            "model, guide, factory or data function must return, not exit"
+        )
     return f"{where[0]}:{where[1]}: {name}" + (f": {message}" if message else "")

@@ -78,21 +78,26 @@ def assert_one_line_error(capsys, message):
     assert len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
-     "train-images-idx3-ubyte.gz not found"),
-    (["train", "--resume", "/nonexistent/run"], "run folder /nonexistent/run does not exist"),
-    (["sample", "/nonexistent/run"], "does not exist"),
-    (["evaluate", "/nonexistent/run"], "does not exist"),
-    (["train", "--epochs", "-3"], "expected a number >= 1, got -3"),
-    (["train", "--batch-size", "0"], "expected a number >= 1, got 0"),
-    (["train", "--seed", "-1"], "seed must be a whole number in 0..4294967295"),
-    (["sample", "run", "--seed", str(2 ** 70)], "seed must be a whole number"),
-    (["train", "--elbo", "nope"], "invalid choice: 'nope'"),
-    (["train", "--obs-scale", "0.1"], "it needs --likelihood gaussian"),
-    (["train", "--latent2-dim", "3"], "--latent2-dim sizes the second stochastic layer"),
-    (["train", "--model", "cvae", "--hidden2", "8"], "--hidden2 sizes the second"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
+            "train-images-idx3-ubyte.gz not found",
+        ),
+        (["train", "--resume", "/nonexistent/run"], "run folder /nonexistent/run does not exist"),
+        (["sample", "/nonexistent/run"], "does not exist"),
+        (["evaluate", "/nonexistent/run"], "does not exist"),
+        (["train", "--epochs", "-3"], "expected a number >= 1, got -3"),
+        (["train", "--batch-size", "0"], "expected a number >= 1, got 0"),
+        (["train", "--seed", "-1"], "seed must be a whole number in 0..4294967295"),
+        (["sample", "run", "--seed", str(2**70)], "seed must be a whole number"),
+        (["train", "--elbo", "nope"], "invalid choice: 'nope'"),
+        (["train", "--obs-scale", "0.1"], "it needs --likelihood gaussian"),
+        (["train", "--latent2-dim", "3"], "--latent2-dim sizes the second stochastic layer"),
+        (["train", "--model", "cvae", "--hidden2", "8"], "--hidden2 sizes the second"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert exit_status(argv) == 2
     assert_one_line_error(capsys, message)

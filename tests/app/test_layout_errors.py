@@ -47,6 +47,7 @@ def exit_status(argv) -> int:
 
 # ------------------------------------------------------------------------------- check_count
 
+
 @pytest.mark.parametrize("value", [0, -3, 1.0, True, "2", None])
 def test_check_count_refuses_what_is_not_a_whole_number_of_at_least_one(value):
     with pytest.raises(ConfigError) as info:
@@ -58,36 +59,53 @@ def test_check_count_returns_the_count_and_takes_a_minimum_and_none():
     assert check_count("num_particles", 3) == 3
     assert check_count("max_plate_nesting", 0, minimum=0) == 0
     assert check_count("max_plate_nesting", None, minimum=0, optional=True) is None
-    with pytest.raises(ConfigError, match=r"^max_plate_nesting must be an integer >= 0 or None, "
-                                          r"got -1$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^max_plate_nesting must be an integer >= 0 or None, "
+        r"got -1$",
+    ):
         check_count("max_plate_nesting", -1, minimum=0, optional=True)
 
 
 def test_the_model_config_and_the_estimators_use_it():
     with pytest.raises(ConfigError, match=r"^pseudo_inputs must be an integer >= 1, got 2\.5$"):
         ModelConfig(family="vampprior", pseudo_inputs=2.5)
-    with pytest.raises(ConfigError, match=r"^importance_samples must be an integer >= 1, "
-                                          r"got False$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^importance_samples must be an integer >= 1, "
+        r"got False$",
+    ):
         TrainConfig(elbo="iwae", importance_samples=False)
 
 
 # --------------------------------------------------------------------------------- as_flags
 
-@pytest.mark.parametrize("python, cli", [
-    ('use elbo="iwae" for importance samples, or num_particles=4 to average them',
-     "use --elbo iwae for importance samples, or --particles 4 to average them"),
-    ("give importance_samples=K, K > 1", "give --importance-samples K, K > 1"),
-    ("or give force=True to write", "or give --force to write"),
-    ("Try a smaller learning rate than lr=1e+06.", "Try a smaller learning rate than --lr 1e+06."),
-    ("choose another run_dir=DIR", "choose another --out DIR"),
-    # left alone: no flag says False or None, unknown names, dotted names, torchrun's flags,
-    # and the keyword arguments of a Python call quoted in the message
-    ("download=False, obs_scale=None", "download=False, obs_scale=None"),
-    ("data_plate='data', model.elbo=3", "data_plate='data', model.elbo=3"),
-    ("torchrun --nproc-per-node=2", "torchrun --nproc-per-node=2"),
-    ("fit(Pair(...), data, run_dir='runs/x', resume=True) or resume=True",
-     "fit(Pair(...), data, run_dir='runs/x', resume=True) or --resume RUN_DIR"),
-])
+
+@pytest.mark.parametrize(
+    "python, cli",
+    [
+        (
+            'use elbo="iwae" for importance samples, or num_particles=4 to average them',
+            "use --elbo iwae for importance samples, or --particles 4 to average them",
+        ),
+        ("give importance_samples=K, K > 1", "give --importance-samples K, K > 1"),
+        ("or give force=True to write", "or give --force to write"),
+        (
+            "Try a smaller learning rate than lr=1e+06.",
+            "Try a smaller learning rate than --lr 1e+06.",
+        ),
+        ("choose another run_dir=DIR", "choose another --out DIR"),
+        # left alone: no flag says False or None, unknown names, dotted names, torchrun's flags,
+        # and the keyword arguments of a Python call quoted in the message
+        ("download=False, obs_scale=None", "download=False, obs_scale=None"),
+        ("data_plate='data', model.elbo=3", "data_plate='data', model.elbo=3"),
+        ("torchrun --nproc-per-node=2", "torchrun --nproc-per-node=2"),
+        (
+            "fit(Pair(...), data, run_dir='runs/x', resume=True) or resume=True",
+            "fit(Pair(...), data, run_dir='runs/x', resume=True) or --resume RUN_DIR",
+        ),
+    ],
+)
 def test_parameters_become_flags(python, cli):
     assert as_flags(python) == cli
 
@@ -111,6 +129,7 @@ def test_every_flag_of_the_table_is_an_option_of_the_command_line():
 
 # ----------------------------------------- the same mistake from Python and on the command line
 
+
 def test_a_gaussian_scale_without_the_gaussian_likelihood(capsys):
     with pytest.raises(ConfigError, match='it needs likelihood="gaussian"$'):
         ModelConfig(obs_scale=0.1)
@@ -120,13 +139,17 @@ def test_a_gaussian_scale_without_the_gaussian_likelihood(capsys):
 
 def test_a_folder_of_other_files(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match=r"choose a new or empty run_dir=DIR, or give force=True "
-                                          r"to write the run among them$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"choose a new or empty run_dir=DIR, or give force=True "
+        r"to write the run among them$",
+    ):
         with open_run_folder(tmp_path, TrainConfig()):
             pass
     assert exit_status(["train", "--out", str(tmp_path), "--epochs", "1", "--quiet"]) == 2
-    assert one_line(capsys).endswith("choose a new or empty --out DIR, or give --force to write "
-                                     "the run among them")
+    assert one_line(capsys).endswith(
+        "choose a new or empty --out DIR, or give --force to write the run among them"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -136,16 +159,21 @@ def test_cuda_asked_for_without_a_gpu(monkeypatch, tmp_path, capsys):
         resolve_device("cuda")
     out = tmp_path / "run"
     assert exit_status(["train", "--device", "cuda", "--out", str(out), "--quiet"]) == 2
-    assert one_line(capsys) == ("pyro-vae train: error: --device cuda was requested but no CUDA "
-                                "GPU is available")
+    assert one_line(capsys) == (
+        "pyro-vae train: error: --device cuda was requested but no CUDA GPU is available"
+    )
     assert not out.exists()
 
 
 # ------------------------------------------------------------------- no flags in library errors
 
+
 def _texts(node: ast.AST) -> list[tuple[int, str]]:
-    return [(sub.lineno, sub.value) for sub in ast.walk(node)
-            if isinstance(sub, ast.Constant) and isinstance(sub.value, str)]
+    return [
+        (sub.lineno, sub.value)
+        for sub in ast.walk(node)
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+    ]
 
 
 def _message_parts(tree: ast.AST) -> list[tuple[int, str]]:
@@ -160,8 +188,12 @@ def _message_parts(tree: ast.AST) -> list[tuple[int, str]]:
             if any("hint" in ast.unparse(target) for target in targets) and node.value:
                 parts += _texts(node.value)
         elif isinstance(node, ast.FunctionDef) and "hint" in node.name:
-            parts += [part for ret in ast.walk(node) if isinstance(ret, ast.Return) and ret.value
-                      for part in _texts(ret.value)]
+            parts += [
+                part
+                for ret in ast.walk(node)
+                if isinstance(ret, ast.Return) and ret.value
+                for part in _texts(ret.value)
+            ]
     return parts
 
 
@@ -170,8 +202,12 @@ def _library_flags() -> dict[str, list[str]]:
     for path in sorted(PACKAGE.rglob("*.py")):
         if CLI_LAYER in path.parents:
             continue
-        hits = [f"line {line}: {flag}" for line, text in _message_parts(ast.parse(path.read_text()))
-                for flag in FLAG.findall(text) if flag not in FOREIGN_FLAGS]
+        hits = [
+            f"line {line}: {flag}"
+            for line, text in _message_parts(ast.parse(path.read_text()))
+            for flag in FLAG.findall(text)
+            if flag not in FOREIGN_FLAGS
+        ]
         if hits:
             found[path.relative_to(PACKAGE).as_posix()] = hits
     return found
@@ -185,9 +221,11 @@ def test_library_errors_name_python_parameters_not_flags():
 
 
 def test_the_scan_finds_a_flag_in_a_raise_and_in_a_hint():
-    tree = ast.parse('def f():\n    raise ValueError(f"give --particles {n}")\n'
-                     'class E:\n    importance_hint = "use --elbo iwae"\n'
-                     'def _divergence_hint():\n    return "lower --lr"\n'
-                     'def g():\n    """The ``--data`` of the command line."""\n')
+    tree = ast.parse(
+        'def f():\n    raise ValueError(f"give --particles {n}")\n'
+        'class E:\n    importance_hint = "use --elbo iwae"\n'
+        'def _divergence_hint():\n    return "lower --lr"\n'
+        'def g():\n    """The ``--data`` of the command line."""\n'
+    )
     flags = [flag for _, text in _message_parts(tree) for flag in FLAG.findall(text)]
     assert sorted(flags) == ["--elbo", "--lr", "--particles"]

@@ -14,7 +14,7 @@ from pyro_vae.app.supervisor import describe_crash
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the supervisor is POSIX only")
 
-CRASHY = '''
+CRASHY = """
 import ctypes, os, signal, sys, time
 
 
@@ -33,7 +33,7 @@ def killed():
 def sleeps():
     print("ready", flush=True)
     time.sleep(60)
-'''
+"""
 
 
 def _program(tmp_path, *args, **popen):
@@ -42,22 +42,33 @@ def _program(tmp_path, *args, **popen):
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "GROUP_RANK"):
         env.pop(name, None)
-    return subprocess.Popen([sys.executable, "-m", "pyro_vae", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
-@pytest.mark.parametrize("function, line, name", [("aborts", 6, "SIGABRT"),
-                                                  ("segfaults", 10, "SIGSEGV")])
-def test_a_crash_in_the_users_factory_is_one_line_naming_its_file_and_line(tmp_path, function,
-                                                                           line, name):
-    program = _program(tmp_path, "train", "--model-factory", f"crashy.py:{function}",
-                       "--epochs", "1", "--quiet")
+@pytest.mark.parametrize(
+    "function, line, name", [("aborts", 6, "SIGABRT"), ("segfaults", 10, "SIGSEGV")]
+)
+def test_a_crash_in_the_users_factory_is_one_line_naming_its_file_and_line(
+    tmp_path, function, line, name
+):
+    program = _program(
+        tmp_path, "train", "--model-factory", f"crashy.py:{function}", "--epochs", "1", "--quiet"
+    )
     out, err = program.communicate(timeout=120)
     assert program.returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"pyro-vae train: error: {tmp_path / 'crashy.py'}:{line}: "
-                               f"the process died of {name}")
+    assert lines[0].startswith(
+        f"pyro-vae train: error: {tmp_path / 'crashy.py'}:{line}: the process died of {name}"
+    )
     assert function in lines[0] and "Traceback" not in err and out == ""
     assert os.listdir(tmp_path / "tmp") == []  # the crash file is gone
 
@@ -68,11 +79,14 @@ def test_a_process_killed_outright_says_so_and_exits_with_the_signals_status(tmp
     assert program.returncode == 128 + signal.SIGKILL
     assert err.strip().splitlines() == [
         "pyro-vae train: error: the process was killed by SIGKILL (Killed): nothing could report "
-        "where; the system may have run out of memory (ask for less, or see --max-memory)"]
+        "where; the system may have run out of memory (ask for less, or see --max-memory)"
+    ]
 
 
-@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"),
-                                                  (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize(
+    "signum, status, word",
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+)
 def test_a_signal_sent_to_the_program_reaches_the_command(tmp_path, signum, status, word):
     program = _program(tmp_path, "train", "--model-factory", "crashy.py:sleeps", "--quiet")
     assert program.stdout.readline() == "ready\n"  # the command runs the user's code
@@ -106,7 +120,7 @@ def _children(pid):
         return [int(child) for child in stream.read().split()]
 
 
-DUMP = '''Fatal Python error: Segmentation fault
+DUMP = """Fatal Python error: Segmentation fault
 
 Thread 0x00007f0000000002 (most recent call first):
   File "{user}", line 3 in other_thread
@@ -117,7 +131,7 @@ Current thread 0x00007f0000000001 (most recent call first):
   File "{user}", line 40 in outer
 
 Extension modules: numpy.core._multiarray_umath (total: 1)
-'''
+"""
 
 
 def test_the_crash_is_placed_at_the_innermost_user_frame_of_the_crashing_thread(tmp_path):
@@ -125,8 +139,10 @@ def test_the_crash_is_placed_at_the_innermost_user_frame_of_the_crashing_thread(
     lib = os.path.join(os.path.dirname(os.__file__), "ctypes", "__init__.py")
     line, at_fault = describe_crash(signal.SIGSEGV, DUMP.format(user=user, lib=lib))
     assert at_fault
-    assert line == (f"{user}:12: the process died of SIGSEGV (Segmentation fault) in model, "
-                    "in the user's code (a model, guide, factory or data function)")
+    assert line == (
+        f"{user}:12: the process died of SIGSEGV (Segmentation fault) in model, "
+        "in the user's code (a model, guide, factory or data function)"
+    )
 
 
 def test_a_crash_outside_the_users_code_names_where_it_happened(tmp_path):
@@ -134,18 +150,26 @@ def test_a_crash_outside_the_users_code_names_where_it_happened(tmp_path):
     dump = DUMP.format(user=lib, lib=lib)
     line, at_fault = describe_crash(signal.SIGSEGV, dump)
     assert not at_fault
-    assert line == (f"the process died of SIGSEGV (Segmentation fault) in string_at "
-                    f"({lib}:200), outside the user's code")
+    assert line == (
+        f"the process died of SIGSEGV (Segmentation fault) in string_at "
+        f"({lib}:200), outside the user's code"
+    )
     assert describe_crash(signal.SIGBUS, "") == ("the process died of SIGBUS (Bus error)", False)
 
 
-@pytest.mark.parametrize("orig_argv, argv, expected", [
-    (["python", "-X", "importtime", "-m", "pyro_vae", "train", "--quiet"], ["train", "--quiet"],
-     ["-X", "importtime"]),
-    (["python", "-W", "error", "-mpyro_vae"], [], ["-W", "error"]),
-    (["python", "/usr/bin/pyro-vae", "train"], ["train"], []),
-    (["python"], ["train"], []),  # not what this process was started with: nothing
-])
+@pytest.mark.parametrize(
+    "orig_argv, argv, expected",
+    [
+        (
+            ["python", "-X", "importtime", "-m", "pyro_vae", "train", "--quiet"],
+            ["train", "--quiet"],
+            ["-X", "importtime"],
+        ),
+        (["python", "-W", "error", "-mpyro_vae"], [], ["-W", "error"]),
+        (["python", "/usr/bin/pyro-vae", "train"], ["train"], []),
+        (["python"], ["train"], []),  # not what this process was started with: nothing
+    ],
+)
 def test_the_child_gets_the_interpreters_own_options(monkeypatch, orig_argv, argv, expected):
     from pyro_vae.app.supervisor import interpreter_options
 

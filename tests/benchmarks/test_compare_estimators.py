@@ -26,8 +26,23 @@ from pyro_vae.util.errors import ConfigError
 
 USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
 
-TINY = ["--seeds", "0", "--epochs", "1", "--importance-samples", "2", "--eval-particles", "10",
-        "--curve-particles", "2", "--snr-draws", "2", "--snr-ks", "1", "2"]
+TINY = [
+    "--seeds",
+    "0",
+    "--epochs",
+    "1",
+    "--importance-samples",
+    "2",
+    "--eval-particles",
+    "10",
+    "--curve-particles",
+    "2",
+    "--snr-draws",
+    "2",
+    "--snr-ks",
+    "1",
+    "2",
+]
 
 
 def _one_error_line(capsys) -> str:
@@ -37,6 +52,7 @@ def _one_error_line(capsys) -> str:
 
 
 # ------------------------------------------------------------------------------ gradient SNR
+
 
 class _TwoGroupPair(nn.Module):
     """A pair whose guide uses ``encoder`` and whose model uses ``decoder``; ``unused`` is in
@@ -64,15 +80,17 @@ class _ScriptedGradients:
     encoder and ``decoder_draws[i]`` in the decoder at its i-th call: ``gradient_snr`` sees
     exactly these draws."""
 
-    def __init__(self, pair: _TwoGroupPair, encoder_draws: torch.Tensor,
-                 decoder_draws: torch.Tensor):
+    def __init__(
+        self, pair: _TwoGroupPair, encoder_draws: torch.Tensor, decoder_draws: torch.Tensor
+    ):
         self.pair = pair
         self.draws = iter(zip(encoder_draws, decoder_draws))
 
     def differentiable_loss(self, model, guide, x):
         encoder_grad, decoder_grad = next(self.draws)
-        return x.shape[0] * ((self.pair.encoder * encoder_grad).sum()
-                             + (self.pair.decoder * decoder_grad).sum())
+        return x.shape[0] * (
+            (self.pair.encoder * encoder_grad).sum() + (self.pair.decoder * decoder_grad).sum()
+        )
 
 
 def _snr_by_hand(draws: torch.Tensor) -> float:
@@ -96,8 +114,9 @@ def test_gradient_snr_is_the_mean_over_elements_of_abs_mean_over_std(bench):
     decoder_draws = 0.3 * torch.randn(draws, 4, generator=generator) - 1.0
     pair = _TwoGroupPair(3, 4)
     batch = torch.zeros(4, 1)
-    snr = bench.gradient_snr(pair, _ScriptedGradients(pair, encoder_draws, decoder_draws), batch,
-                             draws)
+    snr = bench.gradient_snr(
+        pair, _ScriptedGradients(pair, encoder_draws, decoder_draws), batch, draws
+    )
     assert snr["snr_encoder"] == pytest.approx(_snr_by_hand(encoder_draws[:, :2]), rel=1e-6)
     assert snr["snr_decoder"] == pytest.approx(_snr_by_hand(decoder_draws), rel=1e-6)
 
@@ -111,10 +130,11 @@ def test_gradient_snr_of_gaussian_draws_matches_its_closed_form(bench):
     encoder_draws = mu + sigma * torch.randn(draws, elements, generator=generator)
     decoder_draws = -mu + sigma * torch.randn(draws, elements, generator=generator)
     pair = _TwoGroupPair(elements, elements)
-    snr = bench.gradient_snr(pair, _ScriptedGradients(pair, encoder_draws, decoder_draws),
-                             torch.zeros(2, 1), draws)
+    snr = bench.gradient_snr(
+        pair, _ScriptedGradients(pair, encoder_draws, decoder_draws), torch.zeros(2, 1), draws
+    )
     ratio = mu / sigma
-    stderr = math.sqrt((1 + ratio ** 2 / 2) / draws / elements)
+    stderr = math.sqrt((1 + ratio**2 / 2) / draws / elements)
     for key in ("snr_encoder", "snr_decoder"):
         assert abs(snr[key] - ratio) < 4 * stderr, (key, snr[key], ratio, stderr)
 
@@ -135,6 +155,7 @@ def test_gradient_snr_groups_follow_the_guide(bench):
 
 
 # ------------------------------------------------------------------------------ active units
+
 
 def test_active_units_counts_latent_means_whose_variance_exceeds_the_threshold(bench):
     """A VAE with a linear encoder whose mean for latent j is c_j · x₀ with x₀ of unit sample
@@ -160,6 +181,7 @@ def test_active_units_is_nan_without_an_encode_method(bench):
 
 # ------------------------------------------------------------------------------ data modes
 
+
 def test_binarize_none_evaluates_and_trains_on_the_intensities(bench):
     digits = data_lib.load_digits()
     config = bench.BenchmarkConfig(likelihood="gaussian")
@@ -179,8 +201,9 @@ def test_binarized_modes_evaluate_on_a_fixed_binarization(bench, binarize):
     digits = data_lib.load_digits()
     config = bench.BenchmarkConfig(binarize=binarize)
     data = bench.load_data(config)
-    assert torch.equal(data.test_eval, data_lib.fixed_binarization(digits.test.images,
-                                                                   bench.TEST_EVAL_SEED))
+    assert torch.equal(
+        data.test_eval, data_lib.fixed_binarization(digits.test.images, bench.TEST_EVAL_SEED)
+    )
     generator = torch.Generator().manual_seed(0)
     first, second = (bench.epoch_images(config, data, generator) for _ in range(2))
     assert ((first == 0) | (first == 1)).all()
@@ -195,23 +218,31 @@ def test_config_defaults_follow_the_likelihood(bench):
     assert bench.BenchmarkConfig().likelihood == "bernoulli"
     assert bench.BenchmarkConfig(model_factory="m.py:f").likelihood is None
     assert bench.BenchmarkConfig(model_factory="m.py:f", binarize="none").binarize == "none"
-    for likelihood, binarize in (("bernoulli", "none"), ("gaussian", "dynamic"),
-                                 ("gaussian", "fixed")):
+    for likelihood, binarize in (
+        ("bernoulli", "none"),
+        ("gaussian", "dynamic"),
+        ("gaussian", "fixed"),
+    ):
         with pytest.raises(ConfigError, match="built-in VAE"):
             bench.BenchmarkConfig(likelihood=likelihood, binarize=binarize)
     with pytest.raises(ConfigError, match="--model-factory pair has its own"):
         bench.BenchmarkConfig(model_factory="m.py:f", likelihood="gaussian")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--binarize", "none"], "Bernoulli likelihood needs binary data"),
-    (["--likelihood", "gaussian", "--binarize", "fixed"], "Bernoulli likelihood needs binary"),
-    (["--binarize", "sometimes"], "argument --binarize: invalid choice"),
-    (["--device", "tpu"], "argument --device: invalid choice"),
-    (["--likelihood", "gaussian", "--model-factory", "m.py:f"], "has its own"),
-    (["--latent-dim", "4", "--hidden", "8", "--model-factory", "m.py:f"],
-     "--latent-dim and --hidden size the built-in VAE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--binarize", "none"], "Bernoulli likelihood needs binary data"),
+        (["--likelihood", "gaussian", "--binarize", "fixed"], "Bernoulli likelihood needs binary"),
+        (["--binarize", "sometimes"], "argument --binarize: invalid choice"),
+        (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--likelihood", "gaussian", "--model-factory", "m.py:f"], "has its own"),
+        (
+            ["--latent-dim", "4", "--hidden", "8", "--model-factory", "m.py:f"],
+            "--latent-dim and --hidden size the built-in VAE",
+        ),
+    ],
+)
 def test_bad_data_options_give_one_line_and_exit_2(bench, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
@@ -225,8 +256,12 @@ def test_a_gaussian_run_end_to_end(bench, tmp_path):
     """--likelihood gaussian trains the built-in Gaussian VAE on the intensities; log p̂_K ≥ the
     ELBO of the same draws (Jensen)."""
     out = tmp_path / "out"
-    assert bench.main(["--likelihood", "gaussian", "--estimators", "meanfield", *TINY,
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            ["--likelihood", "gaussian", "--estimators", "meanfield", *TINY, "--out", str(out)]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["binarize"] == "none"
     assert results["config"]["likelihood"] == "gaussian"
@@ -251,8 +286,7 @@ class FactorAnalysis(nn.Module):
         with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(x.shape[0], self.latent_dim), 1.0).to_event(1)
             z = pyro.sample("z", prior)
-            pyro.sample("x", dist.Normal(self.loading(z), self.log_noise.exp()).to_event(1),
-                        obs=x)
+            pyro.sample("x", dist.Normal(self.loading(z), self.log_noise.exp()).to_event(1), obs=x)
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
@@ -280,8 +314,22 @@ def build_bernoulli(input_dim, name):
 def test_a_users_continuous_pair_on_the_intensities(bench, tmp_path):
     out = tmp_path / "out"
     factory = f"{Path(__file__).resolve()}:build_factor_analysis"
-    assert bench.main(["--model-factory", factory, "--binarize", "none", "--estimators", "iwae",
-                       *TINY, "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--model-factory",
+                factory,
+                "--binarize",
+                "none",
+                "--estimators",
+                "iwae",
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["binarize"] == "none" and results["config"]["likelihood"] is None
     (run,) = results["runs"]
@@ -291,14 +339,17 @@ def test_a_users_continuous_pair_on_the_intensities(bench, tmp_path):
 def test_a_users_bernoulli_pair_on_the_intensities_is_refused(bench, tmp_path, capsys):
     out = tmp_path / "out"
     factory = f"{Path(__file__).resolve()}:build_bernoulli"
-    assert bench.main(["--model-factory", factory, "--binarize", "none", *TINY,
-                       "--out", str(out)]) == 2
+    assert (
+        bench.main(["--model-factory", factory, "--binarize", "none", *TINY, "--out", str(out)])
+        == 2
+    )
     err = _one_error_line(capsys)
     assert "_BernoulliPair cannot score the data" in err and "--binarize none" in err
     assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ warm-up
+
 
 def test_warmup_starts_where_training_does(bench, monkeypatch):
     """The β of each training step of the engine: from TrainConfig.warmup_start (as ``pyro-vae
@@ -316,12 +367,21 @@ def test_warmup_starts_where_training_does(bench, monkeypatch):
         return Recording(*args, **kwargs)
 
     monkeypatch.setattr(bench, "make_estimator", recording)
-    monkeypatch.setattr(importlib.import_module("pyro_vae.train.engine"), "make_estimator",
-                        recording)
+    monkeypatch.setattr(
+        importlib.import_module("pyro_vae.train.engine"), "make_estimator", recording
+    )
     warmup, beta, batch_size = 2, 0.8, 500
-    config = bench.BenchmarkConfig(estimators=("meanfield",), seeds=(0,), epochs=1,
-                                   batch_size=batch_size, beta=beta, warmup=warmup,
-                                   eval_particles=2, curve_particles=1, snr_draws=2)
+    config = bench.BenchmarkConfig(
+        estimators=("meanfield",),
+        seeds=(0,),
+        epochs=1,
+        batch_size=batch_size,
+        beta=beta,
+        warmup=warmup,
+        eval_particles=2,
+        curve_particles=1,
+        snr_draws=2,
+    )
     data = bench.load_data(config)
     bench.train_run("meanfield", 0, config, data, bench.initial_model(config, data, 0))
     steps = math.ceil(data.train.shape[0] / batch_size)
@@ -332,6 +392,7 @@ def test_warmup_starts_where_training_does(bench, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the engine
+
 
 @pytest.fixture
 def fa_files(tmp_path):
@@ -344,10 +405,21 @@ def fa_files(tmp_path):
 
 def _fa_config(bench, fa_files, **changes):
     train, test = fa_files
-    options = dict(estimators=("trace", "dreg"), seeds=(0,), epochs=2, batch_size=50,
-                   importance_samples=3, eval_every=1, eval_particles=10, curve_particles=3,
-                   snr_draws=3, snr_ks=(1, 2), model_factory=f"{USER_MODELS}:make_fa",
-                   data=str(train), test_data=str(test))
+    options = dict(
+        estimators=("trace", "dreg"),
+        seeds=(0,),
+        epochs=2,
+        batch_size=50,
+        importance_samples=3,
+        eval_every=1,
+        eval_particles=10,
+        curve_particles=3,
+        snr_draws=3,
+        snr_ks=(1, 2),
+        model_factory=f"{USER_MODELS}:make_fa",
+        data=str(train),
+        test_data=str(test),
+    )
     return bench.BenchmarkConfig(**{**options, **changes})
 
 
@@ -363,17 +435,29 @@ def test_a_run_is_the_engines_run_undisturbed_by_its_probes(bench, fa_files, set
     engine, and its callbacks draw on forks of the random state. The seed's initial model is
     left as it was (each estimator trains a deep copy)."""
     if setting == "digits":
-        config = bench.BenchmarkConfig(estimators=("iwae",), seeds=(3,), epochs=2,
-                                       batch_size=500, importance_samples=2, eval_every=1,
-                                       eval_particles=2, curve_particles=2, snr_draws=2)
+        config = bench.BenchmarkConfig(
+            estimators=("iwae",),
+            seeds=(3,),
+            epochs=2,
+            batch_size=500,
+            importance_samples=2,
+            eval_every=1,
+            eval_particles=2,
+            curve_particles=2,
+            snr_draws=2,
+        )
     else:
         config = _fa_config(bench, fa_files, estimators=("iwae",), seeds=(3,))
     data = bench.load_data(config)
     initial = bench.initial_model(config, data, 3)
     before = copy.deepcopy(initial)
     run = bench.train_run("iwae", 3, config, data, initial)
-    bare = fit(copy.deepcopy(initial), bench.training_source(config, data),
-               config=bench.engine_config("iwae", 3, config), progress=False)
+    bare = fit(
+        copy.deepcopy(initial),
+        bench.training_source(config, data),
+        config=bench.engine_config("iwae", 3, config),
+        progress=False,
+    )
     _same_weights(run["model"], bare.model)
     _same_weights(initial, before)
     assert not torch.equal(next(run["model"].parameters()), next(initial.parameters()))
@@ -382,8 +466,9 @@ def test_a_run_is_the_engines_run_undisturbed_by_its_probes(bench, fa_files, set
     assert run["metrics"]["epochs"] == 2 and run["metrics"]["steps"] == steps
 
 
-def test_traced_runs_every_step_through_pyros_traces_with_the_same_numbers(bench, tmp_path,
-                                                                           monkeypatch):
+def test_traced_runs_every_step_through_pyros_traces_with_the_same_numbers(
+    bench, tmp_path, monkeypatch
+):
     """--traced asks the engine for Pyro's traces (fused=False); the built-in VAE's trace runs
     reach the same metrics either way (FusedLoss is the same numbers), only the times differ."""
     calls = []
@@ -433,14 +518,51 @@ def test_the_benchmark_on_a_users_pair_and_data(bench, fa_files, tmp_path):
     (no images, no encode) and both SNR groups exist (the guide's A, b, L; the model's W, μ, ψ)."""
     train, test = fa_files
     out = tmp_path / "out"
-    assert bench.main(["--model-factory", f"{USER_MODELS}:make_fa", "--data", str(train),
-                       "--test-data", str(test), "--estimators", "trace", "dreg", "--seeds", "0",
-                       "--epochs", "2", "--eval-every", "1", "--batch-size", "50",
-                       "--importance-samples", "3", "--eval-particles", "20",
-                       "--curve-particles", "3", "--snr-draws", "3", "--snr-ks", "1", "2",
-                       "--out", str(out)]) == 0
-    names = {"table.md", "runs.csv", "summary.csv", "results.json", "log_px_vs_epoch.png",
-             "snr_vs_k.png"}
+    assert (
+        bench.main(
+            [
+                "--model-factory",
+                f"{USER_MODELS}:make_fa",
+                "--data",
+                str(train),
+                "--test-data",
+                str(test),
+                "--estimators",
+                "trace",
+                "dreg",
+                "--seeds",
+                "0",
+                "--epochs",
+                "2",
+                "--eval-every",
+                "1",
+                "--batch-size",
+                "50",
+                "--importance-samples",
+                "3",
+                "--eval-particles",
+                "20",
+                "--curve-particles",
+                "3",
+                "--snr-draws",
+                "3",
+                "--snr-ks",
+                "1",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    names = {
+        "table.md",
+        "runs.csv",
+        "summary.csv",
+        "results.json",
+        "log_px_vs_epoch.png",
+        "snr_vs_k.png",
+    }
     assert names <= {p.name for p in out.iterdir()}
     results = json.loads((out / "results.json").read_text())
     config = results["config"]
@@ -470,42 +592,78 @@ def test_a_data_function_returning_train_and_test_loaders(bench, tmp_path):
     keyword arguments (x, mask): no --test-data needed; the guide (the exact posterior) uses
     every parameter, so the decoder's SNR is n/a."""
     out = tmp_path / "out"
-    assert bench.main(["--model-factory", f"{USER_MODELS}:make_sequence_model",
-                       "--data", f"{USER_MODELS}:sequence_data", "--estimators", "meanfield",
-                       *TINY, "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--model-factory",
+                f"{USER_MODELS}:make_sequence_model",
+                "--data",
+                f"{USER_MODELS}:sequence_data",
+                "--estimators",
+                "meanfield",
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (run,) = json.loads((out / "results.json").read_text())["runs"]
     assert math.isfinite(run["test_log_px"]) and run["test_log_px"] >= run["test_elbo"] - 1e-4
     assert run["snr_encoder"] > 0 and math.isnan(run["snr_decoder"])
     assert run["steps"] == 4  # 60 sequences in the loader's batches of 16
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--binarize", "fixed"], "--binarize describes the built-in images and VAE, not --data"),
-    (["--likelihood", "gaussian"], "--likelihood describes the built-in images and VAE"),
-    (["--latent-dim", "3"], "--latent-dim describes the built-in images and VAE"),
-    (["--hidden", "8", "8"], "--hidden describes the built-in images and VAE"),
-    (["--binarize", "none", "--dataset", "mnist"],
-     "--dataset, --binarize describe the built-in images and VAE, not --data"),
-])
-def test_built_in_flags_with_data_give_one_line_and_exit_2(bench, fa_files, tmp_path, capsys,
-                                                          argv, message):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--binarize", "fixed"], "--binarize describes the built-in images and VAE, not --data"),
+        (["--likelihood", "gaussian"], "--likelihood describes the built-in images and VAE"),
+        (["--latent-dim", "3"], "--latent-dim describes the built-in images and VAE"),
+        (["--hidden", "8", "8"], "--hidden describes the built-in images and VAE"),
+        (
+            ["--binarize", "none", "--dataset", "mnist"],
+            "--dataset, --binarize describe the built-in images and VAE, not --data",
+        ),
+    ],
+)
+def test_built_in_flags_with_data_give_one_line_and_exit_2(
+    bench, fa_files, tmp_path, capsys, argv, message
+):
     train, test = fa_files
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--model-factory", f"{USER_MODELS}:make_fa", "--data", str(train),
-                    "--test-data", str(test), *argv, "--out", str(out)])
+        bench.main(
+            [
+                "--model-factory",
+                f"{USER_MODELS}:make_fa",
+                "--data",
+                str(train),
+                "--test-data",
+                str(test),
+                *argv,
+                "--out",
+                str(out),
+            ]
+        )
     assert exit_info.value.code == 2
     assert message in _one_error_line(capsys)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "{train}"], "--data needs --model-factory FILE.py:FUNCTION"),
-    (["--model-factory", f"{USER_MODELS}:make_fa", "--test-data", "{test}"],
-     "--test-data is the test set of --data"),
-])
-def test_data_flags_without_their_partner_give_one_line_and_exit_2(bench, fa_files, tmp_path,
-                                                                   capsys, argv, message):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "{train}"], "--data needs --model-factory FILE.py:FUNCTION"),
+        (
+            ["--model-factory", f"{USER_MODELS}:make_fa", "--test-data", "{test}"],
+            "--test-data is the test set of --data",
+        ),
+    ],
+)
+def test_data_flags_without_their_partner_give_one_line_and_exit_2(
+    bench, fa_files, tmp_path, capsys, argv, message
+):
     train, test = fa_files
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
@@ -515,36 +673,62 @@ def test_data_flags_without_their_partner_give_one_line_and_exit_2(bench, fa_fil
     assert not out.exists()
 
 
-@pytest.mark.parametrize("factory, data, message", [
-    ("make_fa", ["{train}"], "holds no test set: give --test-data DATA"),
-    ("make_fa", ["{missing}", "--test-data", "{test}"], "no data file"),
-    ("build_two_arguments", ["{train}", "--test-data", "{test}"],
-     "is called as FUNCTION() with --data"),
-])
-def test_bad_data_or_factory_is_one_line_before_any_output(bench, fa_files, tmp_path, capsys,
-                                                           factory, data, message):
+@pytest.mark.parametrize(
+    "factory, data, message",
+    [
+        ("make_fa", ["{train}"], "holds no test set: give --test-data DATA"),
+        ("make_fa", ["{missing}", "--test-data", "{test}"], "no data file"),
+        (
+            "build_two_arguments",
+            ["{train}", "--test-data", "{test}"],
+            "is called as FUNCTION() with --data",
+        ),
+    ],
+)
+def test_bad_data_or_factory_is_one_line_before_any_output(
+    bench, fa_files, tmp_path, capsys, factory, data, message
+):
     train, test = fa_files
     (tmp_path / "factories.py").write_text(
         "from user_models import FactorAnalysis\n\n\n"
         "def build_two_arguments(input_dim, name):\n"
-        "    return FactorAnalysis(input_dim)\n")
-    spec = (f"{USER_MODELS}:{factory}" if factory == "make_fa"
-            else f"{tmp_path / 'factories.py'}:{factory}")
+        "    return FactorAnalysis(input_dim)\n"
+    )
+    spec = (
+        f"{USER_MODELS}:{factory}"
+        if factory == "make_fa"
+        else f"{tmp_path / 'factories.py'}:{factory}"
+    )
     paths = dict(train=train, test=test, missing=tmp_path / "missing.npz")
     out = tmp_path / "out"
-    assert bench.main(["--model-factory", spec, "--data",
-                       *(arg.format(**paths) for arg in data), *TINY, "--out", str(out)]) == 2
+    assert (
+        bench.main(
+            [
+                "--model-factory",
+                spec,
+                "--data",
+                *(arg.format(**paths) for arg in data),
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert message in _one_error_line(capsys)
     assert not out.exists()
 
 
 # ------------------------------------------------------------------------------ refusals, device
 
+
 def test_a_conditional_pair_is_refused_plainly(bench, tmp_path, capsys):
     factory = tmp_path / "conditional.py"
-    factory.write_text("from pyro_vae.models.cvae import CVAE\n\n\n"
-                       "def build(input_dim, name):\n"
-                       "    return CVAE(input_dim, 10, name=name)\n")
+    factory.write_text(
+        "from pyro_vae.models.cvae import CVAE\n\n\n"
+        "def build(input_dim, name):\n"
+        "    return CVAE(input_dim, 10, name=name)\n"
+    )
     out = tmp_path / "out"
     assert bench.main(["--model-factory", f"{factory}:build", *TINY, "--out", str(out)]) == 2
     err = _one_error_line(capsys)
@@ -564,8 +748,10 @@ def test_device_cuda_without_a_gpu_is_one_line_and_exit_2(bench, tmp_path, capsy
 @pytest.mark.cuda
 def test_a_run_on_the_gpu(bench, tmp_path):
     out = tmp_path / "out"
-    assert bench.main(["--device", "cuda", "--estimators", "trace", "dreg", *TINY,
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(["--device", "cuda", "--estimators", "trace", "dreg", *TINY, "--out", str(out)])
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["device"].startswith("cuda")
     for run in results["runs"]:

@@ -31,18 +31,24 @@ def _contenders(clock: FakeClock, calls: list[str], costs: dict[str, float]):
         def run():
             calls.append(name)
             clock.now += costs[name]
+
         return run
+
     return {name: make(name) for name in costs}
 
 
 def test_rounds_rotate_and_times_come_from_the_clock(harness):
     clock, calls = FakeClock(), []
     costs = {"a": 2.0, "b": 3.0, "c": 8.0}
-    timings = harness.interleave(_contenders(clock, calls, costs), rounds=4, warmup=1, calls=2,
-                                 clocks=harness.Clocks(cpu=clock, wall=clock))
+    timings = harness.interleave(
+        _contenders(clock, calls, costs),
+        rounds=4,
+        warmup=1,
+        calls=2,
+        clocks=harness.Clocks(cpu=clock, wall=clock),
+    )
     assert calls[:3] == ["a", "b", "c"]  # warm-up, untimed
-    assert timings.orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
-                              ["a", "b", "c"]]
+    assert timings.orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     timed = calls[3:]
     assert timed == [name for order in timings.orders for name in order for _ in range(2)]
     for name, cost in costs.items():
@@ -51,9 +57,11 @@ def test_rounds_rotate_and_times_come_from_the_clock(harness):
 
 
 def test_paired_ratios_are_per_round_and_match_the_times(harness):
-    timings = harness.Timings(cpu={"base": [1.0, 2.0, 4.0], "new": [3.0, 3.0, 2.0]},
-                              wall={"base": [1.0, 1.0, 1.0], "new": [2.0, 2.0, 2.0]},
-                              orders=[["base", "new"]] * 3)
+    timings = harness.Timings(
+        cpu={"base": [1.0, 2.0, 4.0], "new": [3.0, 3.0, 2.0]},
+        wall={"base": [1.0, 1.0, 1.0], "new": [2.0, 2.0, 2.0]},
+        orders=[["base", "new"]] * 3,
+    )
     ratio = harness.ratios(timings, "base")["new"]
     assert ratio["cpu"]["per_round"] == [3.0, 1.5, 0.5]
     assert (ratio["cpu"]["median"], ratio["cpu"]["min"], ratio["cpu"]["max"]) == (1.5, 0.5, 3.0)
@@ -68,9 +76,11 @@ def test_the_report_holds_loads_times_and_ratios(harness, tmp_path):
     stream = io.StringIO()
     session = harness.Session(load=lambda: next(loads), stream=stream)
     assert stream.getvalue() == ""
-    timings = harness.Timings(cpu={"a": [1.0, 3.0], "b": [2.0, 2.0]},
-                              wall={"a": [1.0, 1.0], "b": [4.0, 4.0]},
-                              orders=[["a", "b"], ["b", "a"]])
+    timings = harness.Timings(
+        cpu={"a": [1.0, 3.0], "b": [2.0, 2.0]},
+        wall={"a": [1.0, 1.0], "b": [4.0, 4.0]},
+        orders=[["a", "b"], ["b", "a"]],
+    )
     report = session.report(timings, baseline="a", size=7)
     assert "load average 2.50 at end" in stream.getvalue()
     assert report["load_average"] == {"start": [0.5, 0.5, 0.5], "end": [2.5, 1.0, 1.0]}
@@ -115,8 +125,22 @@ def test_param_messages_benchmark_reports_paired_ratios(tmp_path, monkeypatch, c
     load_benchmark("harness", monkeypatch)
     bench = load_benchmark("bench_param_messages", monkeypatch)
     out = tmp_path / "pm.json"
-    report = bench.main(["--rounds", "2", "--steps", "1", "--evaluations", "1",
-                         "--num-data", "4", "--particles", "2", "--out", str(out)])
+    report = bench.main(
+        [
+            "--rounds",
+            "2",
+            "--steps",
+            "1",
+            "--evaluations",
+            "1",
+            "--num-data",
+            "4",
+            "--particles",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["rounds"] == 2 and len(saved["orders"]) == 2
     assert set(saved["orders"][0]) == set(saved["seconds_per_call"]["cpu"])
@@ -137,12 +161,31 @@ def test_evaluate_benchmark_ratios_come_from_its_rounds(tmp_path, monkeypatch, c
     load_benchmark("harness", monkeypatch)
     bench = load_benchmark("bench_evaluate", monkeypatch)
     out = tmp_path / "e.json"
-    report = bench.main(["--threads", "1", "--rounds", "2", "--particles", "30",
-                         "--num-data", "6", "--particle-chunk", "10", "--batch-size", "3",
-                         "--importance-data", "1", "--importance-particles", "3",
-                         "--out", str(out)])
+    report = bench.main(
+        [
+            "--threads",
+            "1",
+            "--rounds",
+            "2",
+            "--particles",
+            "30",
+            "--num-data",
+            "6",
+            "--particle-chunk",
+            "10",
+            "--batch-size",
+            "3",
+            "--importance-data",
+            "1",
+            "--importance-particles",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text())["ratio_package_over_torch"] == pytest.approx(
-        report["ratio_package_over_torch"])
+        report["ratio_package_over_torch"]
+    )
     wall = report["seconds_all"]
     assert report["ratio_package_over_torch"] == min(wall["package"]) / min(wall["torch"])
     paired = report["paired"]["ratios"]["package"]["cpu"]["per_round"]
@@ -157,12 +200,14 @@ def test_calibration_and_calls_per_contender(harness):
     clock, calls = FakeClock(), []
     costs = {"fast": 1.0, "slow": 4.0}
     contenders = _contenders(clock, calls, costs)
-    counts = {name: harness.calibrate(fn, 40.0, minimum=1, clock=clock)
-              for name, fn in contenders.items()}
+    counts = {
+        name: harness.calibrate(fn, 40.0, minimum=1, clock=clock) for name, fn in contenders.items()
+    }
     assert counts == {"fast": 40, "slow": 12}  # calls in 10 fake seconds, times four
     calls.clear()
-    timings = harness.interleave(contenders, rounds=2, calls=counts,
-                                 clocks=harness.Clocks(cpu=clock, wall=clock))
+    timings = harness.interleave(
+        contenders, rounds=2, calls=counts, clocks=harness.Clocks(cpu=clock, wall=clock)
+    )
     assert calls.count("fast") == 80 and calls.count("slow") == 24
     assert timings.wall == {"fast": [1.0, 1.0], "slow": [4.0, 4.0]}
     with pytest.raises(ValueError, match="calls"):
@@ -177,13 +222,13 @@ def test_perf_report_evaluation_section_from_interleaved_rounds(monkeypatch):
 
     load_benchmark("harness", monkeypatch)
     bench = load_benchmark("bench_perf", monkeypatch)
-    config = bench.PerfConfig(eval_num_data=4, eval_particles=6, eval_batch_size=2,
-                              eval_particle_chunk=3, eval_rounds=2)
+    config = bench.PerfConfig(
+        eval_num_data=4, eval_particles=6, eval_batch_size=2, eval_particle_chunk=3, eval_rounds=2
+    )
     lines = []
     section = bench.evaluation_section(config, torch.device("cpu"), lines.append)
     seconds = section["seconds_all"]
     assert {len(values) for values in seconds.values()} == {2}
-    assert section["ratio_package_over_torch"] == (min(seconds["package"])
-                                                   / min(seconds["torch"]))
+    assert section["ratio_package_over_torch"] == (min(seconds["package"]) / min(seconds["torch"]))
     assert section["max_abs_difference_package_torch"] < 1e-3
     assert len(lines) == 4 and lines[0].startswith("evaluation round 1/2")

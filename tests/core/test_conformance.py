@@ -49,8 +49,7 @@ def _gradients(loss, params):
 
 @pytest.mark.parametrize("autoguide", [AutoNormal, AutoDelta, AutoDiagonalNormal])
 @pytest.mark.parametrize("name", SUMMING)
-def test_model_side_enumeration_equals_trace_enum_elbo_on_the_same_draws(autoguide, name,
-                                                                          mixture):
+def test_model_side_enumeration_equals_trace_enum_elbo_on_the_same_draws(autoguide, name, mixture):
     guide = autoguide(poutine.block(mixture, expose_fn=_globals))
     guide(DATA)
     params = [p.unconstrained() for p in pyro.get_param_store().values()]
@@ -65,8 +64,7 @@ def test_model_side_enumeration_equals_trace_enum_elbo_on_the_same_draws(autogui
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_the_evaluators_elbo_of_model_side_enumeration_is_trace_enum_elbos_in_expectation(
-        mixture):
+def test_the_evaluators_elbo_of_model_side_enumeration_is_trace_enum_elbos_in_expectation(mixture):
     """The dataset ELBO (per-datapoint ELBOs plus the global term) against the mean of
     TraceEnum_ELBO over as many draws: the assignment is summed, not drawn from its prior."""
     guide = AutoNormal(poutine.block(mixture, expose_fn=_globals), init_scale=0.3)
@@ -74,8 +72,9 @@ def test_the_evaluators_elbo_of_model_side_enumeration_is_trace_enum_elbos_in_ex
     draws = 1500
     torch.manual_seed(0)
     with torch.no_grad():
-        losses = torch.tensor([TraceEnum_ELBO(max_plate_nesting=1).loss(mixture, guide, DATA)
-                               for _ in range(draws)])
+        losses = torch.tensor(
+            [TraceEnum_ELBO(max_plate_nesting=1).loss(mixture, guide, DATA) for _ in range(draws)]
+        )
     result = evaluate(mixture, guide, DATA, num_particles=draws, data_plate="data")
     ours = float(result.elbo.sum()) + result.global_term.mean
     error = 4 * math.sqrt(2) * float(losses.std()) / math.sqrt(draws)
@@ -97,8 +96,9 @@ def test_a_fully_enumerated_model_with_an_empty_guide_is_scored_exactly():
     def guide(data):
         pass
 
-    exact = torch.logsumexp(dist.Normal(locs, 1.0).log_prob(DATA[:, None])
-                            + torch.tensor([0.3, 0.7]).log(), -1)
+    exact = torch.logsumexp(
+        dist.Normal(locs, 1.0).log_prob(DATA[:, None]) + torch.tensor([0.3, 0.7]).log(), -1
+    )
     result = evaluate(model, guide, DATA, num_particles=2)
     torch.testing.assert_close(result.log_px, exact.double(), rtol=0, atol=1e-5)
     torch.testing.assert_close(result.elbo, exact.double(), rtol=0, atol=1e-5)
@@ -112,7 +112,8 @@ def test_a_fully_enumerated_model_with_an_empty_guide_is_scored_exactly():
 @pytest.mark.parametrize("subsample_size", [None, 2, 5])
 @pytest.mark.parametrize("name", SUMMING)
 def test_enumeration_under_subsampled_plates_and_a_sequential_plate_has_bound_zero(
-        name, subsample_size):
+    name, subsample_size
+):
     """Guide = model, nothing observed, every site enumerated: Σ_x q(x) [log p(x) − log q(x)]
     and log Σ_x p(x) are both 0, with or without subsampling (each configuration must see the
     same subsample)."""
@@ -128,8 +129,7 @@ def test_enumeration_under_subsampled_plates_and_a_sequential_plate_has_bound_ze
         loss = make_estimator(name, max_plate_nesting=1).differentiable_loss(model, model)
         assert abs(float(loss.detach())) < 1e-5, float(loss.detach())
     result = evaluate(model, model, num_particles=4)
-    torch.testing.assert_close(result.log_px, torch.zeros_like(result.log_px), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(result.log_px, torch.zeros_like(result.log_px), atol=1e-6, rtol=0)
 
 
 def test_a_site_enumerated_inside_a_nested_plate_is_summed_plate_by_plate():
@@ -147,26 +147,31 @@ def test_a_site_enumerated_inside_a_nested_plate_is_summed_plate_by_plate():
 
     def guide(x):
         with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("cells", x.shape[1], dim=-1):
-            pyro.sample("c", dist.Categorical(logits=torch.zeros(3)),
-                        infer={"enumerate": "parallel"})
+            pyro.sample(
+                "c", dist.Categorical(logits=torch.zeros(3)), infer={"enumerate": "parallel"}
+            )
 
-    exact = torch.logsumexp(dist.Normal(locs, 1.0).log_prob(x[..., None])
-                            + logits.log_softmax(-1), -1).sum(-1)
+    exact = torch.logsumexp(
+        dist.Normal(locs, 1.0).log_prob(x[..., None]) + logits.log_softmax(-1), -1
+    ).sum(-1)
     result = evaluate(model, guide, x, num_particles=1, data_plate="data")
     torch.testing.assert_close(result.log_px, exact.double(), rtol=0, atol=1e-5)
     loss = make_estimator("iwae", max_plate_nesting=2, data_plate="data").differentiable_loss(
-        model, guide, x)
+        model, guide, x
+    )
     torch.testing.assert_close(loss, -exact.sum(), rtol=1e-6, atol=1e-4)
     # trace: TraceEnum_ELBO's Σ_nj Σ_c q(c)[log p(x_nj, c) − log q(c)], q uniform
     log_joint = dist.Normal(locs, 1.0).log_prob(x[..., None]) + logits.log_softmax(-1)
     elbo = ((log_joint + math.log(3)) / 3).sum()
     loss = make_estimator("trace", max_plate_nesting=2, data_plate="data").differentiable_loss(
-        model, guide, x)
+        model, guide, x
+    )
     torch.testing.assert_close(loss, -elbo, rtol=1e-6, atol=1e-4)
     for name in ("stl", "dreg", "meanfield"):
         with pytest.raises(ConfigError, match="nested in the data plate 'data'.*in the model"):
             make_estimator(name, max_plate_nesting=2, data_plate="data").differentiable_loss(
-                model, guide, x)
+                model, guide, x
+            )
 
 
 def test_a_guide_latent_that_depends_on_a_model_enumerated_site_is_refused_in_one_line():
@@ -190,31 +195,36 @@ def test_the_mixture_tutorial_trains_with_fit_as_with_pyros_svi_and_is_scored_ex
     for the globals): fit reaches the parameters Pyro's SVI with TraceEnum_ELBO reaches on the
     same data, steps and Adam, and the evaluator's dataset ELBO of a point-mass guide is
     −TraceEnum_ELBO's loss exactly (the assignments summed, not drawn)."""
+
     def init(site):
-        values = {"weights": torch.ones(2) / 2, "scale": torch.tensor(5.0),
-                  "locs": DATA[torch.tensor([0, 2])]}
+        values = {
+            "weights": torch.ones(2) / 2,
+            "scale": torch.tensor(5.0),
+            "locs": DATA[torch.tensor([0, 2])],
+        }
         return values[site["name"]]
 
     def make_guide():
         return AutoDelta(poutine.block(mixture, expose_fn=_globals), init_loc_fn=init)
 
     reference_guide = make_guide()
-    svi = pyro.infer.SVI(mixture, reference_guide, pyro.optim.Adam({"lr": 0.1}),
-                         TraceEnum_ELBO(max_plate_nesting=1))
+    svi = pyro.infer.SVI(
+        mixture, reference_guide, pyro.optim.Adam({"lr": 0.1}), TraceEnum_ELBO(max_plate_nesting=1)
+    )
     for _ in range(200):
         svi.step(DATA)
     reference = {k: v.detach() for k, v in reference_guide.median().items()}
     pyro.clear_param_store()
     guide = make_guide()
-    result = fit(mixture, guide, DATA, epochs=200, batch_size=len(DATA), lr=0.1,
-                 progress=False)
+    result = fit(mixture, guide, DATA, epochs=200, batch_size=len(DATA), lr=0.1, progress=False)
     for name, value in guide.median().items():
         torch.testing.assert_close(value.detach(), reference[name], atol=2e-3, rtol=0)
     with torch.no_grad():
         loss = TraceEnum_ELBO(max_plate_nesting=1).loss(mixture, guide, DATA)
     scored = evaluate(result.model.model, result.model.guide, DATA, num_particles=3)
-    torch.testing.assert_close(float(scored.elbo.sum()) + scored.global_term.mean, -loss,
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        float(scored.elbo.sum()) + scored.global_term.mean, -loss, atol=1e-3, rtol=0
+    )
 
 
 def test_ais_anneals_to_the_marginal_of_a_model_that_enumerates_its_class():
@@ -249,8 +259,7 @@ def test_a_pair_whose_marked_site_appears_after_unmarked_calls_is_still_summed(n
 
     def model(data, c=None):
         with pyro.plate("data", len(data)):
-            c = pyro.sample("c", dist.Categorical(probs), obs=c,
-                            infer={"enumerate": "parallel"})
+            c = pyro.sample("c", dist.Categorical(probs), obs=c, infer={"enumerate": "parallel"})
             pyro.sample("obs", dist.Normal(locs[c], 1.0), obs=data)
 
     def guide(data, c=None):
@@ -286,14 +295,17 @@ def test_the_evaluator_names_the_summed_bound_apart_from_the_elbo(cases):
     table = format_table(result.summary())
     assert "E log Σ_c w" in table and "\nELBO" in table and "TraceEnum_ELBO's" in table
     assert result.to_dict()["summary"]["trace_enum_elbo"]["mean"] == pytest.approx(
-        elbo / len(x), abs=1e-5)
+        elbo / len(x), abs=1e-5
+    )
     plain = format_table(evaluate(*_plain_pair(), x, num_particles=2).summary())
-    assert "\nELBO" in plain and "summed" not in plain and "trace_enum" not in str(
-        evaluate(*_plain_pair(), x, num_particles=2).summary())
+    assert (
+        "\nELBO" in plain
+        and "summed" not in plain
+        and "trace_enum" not in str(evaluate(*_plain_pair(), x, num_particles=2).summary())
+    )
 
 
-def test_the_evaluators_elbo_of_a_guide_with_enumerated_and_continuous_sites_is_trace_enums(
-        cases):
+def test_the_evaluators_elbo_of_a_guide_with_enumerated_and_continuous_sites_is_trace_enums(cases):
     """Guide sites enumerated in the data plate and in a plate nested in it, a continuous site
     drawn given them and a site enumerated in the model: the evaluator's ELBO (many particles)
     agrees with TraceEnum_ELBO's in expectation, within four standard errors."""
@@ -304,10 +316,10 @@ def test_the_evaluators_elbo_of_a_guide_with_enumerated_and_continuous_sites_is_
     result = evaluate(model, guide, x, num_particles=1000, data_plate="data")
     ours = result.trace_enum_elbo.sum().item()
     with torch.no_grad():
-        draws = torch.tensor([-TraceEnum_ELBO(max_plate_nesting=2).loss(model, guide, x)
-                              for _ in range(200)])
-    assert abs(ours - draws.mean().item()) < 4 * draws.std().item() / 200 ** 0.5, (
-        ours, draws.mean())
+        draws = torch.tensor(
+            [-TraceEnum_ELBO(max_plate_nesting=2).loss(model, guide, x) for _ in range(200)]
+        )
+    assert abs(ours - draws.mean().item()) < 4 * draws.std().item() / 200**0.5, (ours, draws.mean())
     assert (result.elbo > result.trace_enum_elbo).all()  # the summed bound lies above
 
 
@@ -320,6 +332,7 @@ def _plain_pair():
     def guide(x):
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(0.5 * x, 0.8))
+
     return model, guide
 
 
@@ -350,6 +363,7 @@ def test_a_guide_latent_drawn_before_an_enumerated_site_it_depends_on_in_the_mod
     given y. The model's log p(z1 | y) carries y's enumeration dimension, which the guide
     sums: trace equals TraceEnum_ELBO on the same draws. A guide latent that depends in the
     model on a site the *model* enumerates is refused in one line."""
+
     def model(x):
         with pyro.plate("data", len(x)):
             y = pyro.sample("y", dist.Categorical(torch.ones(2) / 2))
@@ -360,8 +374,11 @@ def test_a_guide_latent_drawn_before_an_enumerated_site_it_depends_on_in_the_mod
         w = pyro.param("w", torch.tensor(0.7))
         with pyro.plate("data", len(x)):
             z1 = pyro.sample("z1", dist.Normal(w * x, 0.6))
-            pyro.sample("y", dist.Categorical(logits=torch.stack([-z1, z1], -1)),
-                        infer={"enumerate": "parallel"})
+            pyro.sample(
+                "y",
+                dist.Categorical(logits=torch.stack([-z1, z1], -1)),
+                infer={"enumerate": "parallel"},
+            )
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -374,7 +391,11 @@ def test_a_guide_latent_drawn_before_an_enumerated_site_it_depends_on_in_the_mod
         with pyro.plate("data", len(x)):
             pyro.sample("z1", dist.Normal(0.7 * x, 0.6))
 
-    with pytest.raises(ConfigError, match=r"model site 'z1', which the guide samples, depends "
-                                          r"on the sites enumerated in the model \['y'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model site 'z1', which the guide samples, depends "
+        r"on the sites enumerated in the model \['y'\]",
+    ):
         make_estimator("trace", max_plate_nesting=1).differentiable_loss(
-            config_enumerate(model), unguided_y, DATA)
+            config_enumerate(model), unguided_y, DATA
+        )

@@ -12,8 +12,12 @@ def conformance(monkeypatch):
 
 def test_no_cell_is_silently_wrong_or_crashes_and_the_applicable_ones_equal_pyro(conformance):
     table = conformance.matrix()
-    bad = {(case, name): cell for case, row in table.items() for name, cell in row.items()
-           if cell[0] in ("different", "crash")}
+    bad = {
+        (case, name): cell
+        for case, row in table.items()
+        for name, cell in row.items()
+        if cell[0] in ("different", "crash")
+    }
     assert not bad, bad
     equal, applicable, rate = conformance.acceptance(table)
     assert applicable >= 100 and rate >= 0.9, (equal, applicable)
@@ -35,8 +39,7 @@ def test_a_cell_that_differs_from_pyro_is_reported_as_different(conformance, mon
         def differentiable_loss(self, *args, **kwargs):
             return self.estimator.differentiable_loss(*args, **kwargs) + 0.01
 
-    monkeypatch.setattr(conformance, "make_estimator",
-                        lambda *a, **k: Shifted(real(*a, **k)))
+    monkeypatch.setattr(conformance, "make_estimator", lambda *a, **k: Shifted(real(*a, **k)))
     case = next(case for case in conformance.CASES if case.name == "plate_local")
     assert conformance.cell(case, "trace")[0] == "different"
 

@@ -63,15 +63,14 @@ class MixtureOfFactorAnalysers(nn.Module):
             y = pyro.sample("y", dist.Categorical(logits=self.logits.expand(x.shape[0], C)))
             z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], LATENT), 1.0).to_event(1))
             loc = (self.W[y] @ z[..., None])[..., 0] + self.mu[y]
-            pyro.sample("x", dist.Normal(loc, self.psi ** 0.5).to_event(1), obs=x)
+            pyro.sample("x", dist.Normal(loc, self.psi**0.5).to_event(1), obs=x)
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
             infer = {"enumerate": "parallel"} if self.enumerate_y else {}
-            y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(x.shape[0], C)),
-                            infer=infer)
-            w = self.W[y]                                          # [..., N, D, 1]
-            var = 1.0 / (1.0 + (w * w).sum((-2, -1)) / self.psi)    # [..., N]
+            y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(x.shape[0], C)), infer=infer)
+            w = self.W[y]  # [..., N, D, 1]
+            var = 1.0 / (1.0 + (w * w).sum((-2, -1)) / self.psi)  # [..., N]
             loc = var[..., None] * ((x - self.mu[y])[..., None, :] @ w)[..., 0, :] / self.psi
             pyro.sample("z", dist.Normal(loc, 1.5 * var[..., None].sqrt()).to_event(1))
 
@@ -92,8 +91,9 @@ def test_a_mixture_summed_out_is_exact_at_one_particle_for_any_guide(seed):
     nn.init.normal_(pair.classifier.weight, std=3.0)  # any guide q(y|x), however poor
     x = _points()
     result = evaluate(pair.model, pair.guide, x, num_particles=1)
-    torch.testing.assert_close(result.log_px, pair.exact_log_likelihood(x).double(),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        result.log_px, pair.exact_log_likelihood(x).double(), rtol=0, atol=1e-5
+    )
     assert result.var_log_w.abs().max() == 0  # one weight, no variance
 
 
@@ -113,11 +113,21 @@ def test_a_mixture_of_factor_analysers_same_mean_smaller_variance():
     x = _points(30, seed=5)
     exact = MixtureOfFactorAnalysers().exact_log_likelihood(x).double()
     torch.manual_seed(0)
-    summed = evaluate(MixtureOfFactorAnalysers(True).model, MixtureOfFactorAnalysers(True).guide,
-                      x, num_particles=4000, khat=False)
+    summed = evaluate(
+        MixtureOfFactorAnalysers(True).model,
+        MixtureOfFactorAnalysers(True).guide,
+        x,
+        num_particles=4000,
+        khat=False,
+    )
     torch.manual_seed(0)
-    sampled = evaluate(MixtureOfFactorAnalysers(False).model,
-                       MixtureOfFactorAnalysers(False).guide, x, num_particles=4000, khat=False)
+    sampled = evaluate(
+        MixtureOfFactorAnalysers(False).model,
+        MixtureOfFactorAnalysers(False).guide,
+        x,
+        num_particles=4000,
+        khat=False,
+    )
     # both estimate log p(x); summing y out removes its share of the weights' spread
     assert (summed.log_px - exact).abs().max() < 0.05
     assert (summed.var_log_w < sampled.var_log_w).all()
@@ -135,8 +145,11 @@ def test_enumeration_with_a_global_latent_is_summed_given_each_draw_of_it():
             theta = pyro.sample("shift", dist.Normal(0.0, 1.0))
             with pyro.plate("data", x.shape[0]):
                 y = pyro.sample("y", dist.Categorical(logits=self.logits.expand(x.shape[0], C)))
-                pyro.sample("x", dist.Normal(self.means[y] + theta[..., None, None], self.scale)
-                            .to_event(1), obs=x)
+                pyro.sample(
+                    "x",
+                    dist.Normal(self.means[y] + theta[..., None, None], self.scale).to_event(1),
+                    obs=x,
+                )
 
         def guide(self, x):
             pyro.sample("shift", dist.Delta(torch.tensor(shift)))
@@ -147,22 +160,28 @@ def test_enumeration_with_a_global_latent_is_summed_given_each_draw_of_it():
     result = evaluate(pair.model, pair.guide, x, num_particles=3)
     components = dist.Normal(pair.means + shift, pair.scale).to_event(1).log_prob(x[:, None, :])
     exact = torch.logsumexp(components + pair.logits.log_softmax(-1), -1).double()
-    torch.testing.assert_close(result.log_weights, exact.expand(3, -1).float().detach(),
-                               rtol=0, atol=1e-5)
-    torch.testing.assert_close(result.global_term.mean,
-                               dist.Normal(0.0, 1.0).log_prob(torch.tensor(shift)).item(),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        result.log_weights, exact.expand(3, -1).float().detach(), rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(
+        result.global_term.mean,
+        dist.Normal(0.0, 1.0).log_prob(torch.tensor(shift)).item(),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def _mixture_data():
     g = torch.Generator().manual_seed(3)
     centers = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]])
-    return (centers[torch.randint(0, C, (600,), generator=g)]
-            + 0.7 * torch.randn(600, D, generator=g))
+    return centers[torch.randint(0, C, (600,), generator=g)] + 0.7 * torch.randn(
+        600, D, generator=g
+    )
 
 
-@pytest.mark.parametrize("name, k", [("iwae", 1), ("iwae", 4), ("stl", 1), ("dreg", 1),
-                                     ("dreg", 4)])
+@pytest.mark.parametrize(
+    "name, k", [("iwae", 1), ("iwae", 4), ("stl", 1), ("dreg", 1), ("dreg", 4)]
+)
 def test_the_summed_bound_of_a_discrete_only_model_is_the_exact_log_likelihood(name, k):
     from pyro_vae.infer import make_estimator
 
@@ -175,8 +194,9 @@ def test_the_summed_bound_of_a_discrete_only_model_is_the_exact_log_likelihood(n
     assert pair.means.grad.abs().sum() > 0 and pair.classifier.weight.grad is None
 
 
-@pytest.mark.parametrize("elbo, k", [("trace", 1), ("iwae", 1), ("stl", 1), ("dreg", 1),
-                                     ("meanfield", 1), ("vimco", 5)])
+@pytest.mark.parametrize(
+    "elbo, k", [("trace", 1), ("iwae", 1), ("stl", 1), ("dreg", 1), ("meanfield", 1), ("vimco", 5)]
+)
 def test_a_mixture_trained_with_enumeration_reaches_scikit_learns_fit(elbo, k):
     """Every estimator with y summed out; vimco with y sampled from the classifier q(y|x)."""
     from sklearn.mixture import GaussianMixture as SklearnMixture
@@ -184,14 +204,27 @@ def test_a_mixture_trained_with_enumeration_reaches_scikit_learns_fit(elbo, k):
     from pyro_vae import fit
 
     data = _mixture_data()
-    reference = -SklearnMixture(C, covariance_type="spherical", random_state=0).fit(
-        data.numpy()).score(data.numpy())
+    reference = (
+        -SklearnMixture(C, covariance_type="spherical", random_state=0)
+        .fit(data.numpy())
+        .score(data.numpy())
+    )
     torch.manual_seed(0)
     pair = GaussianMixture(enumerate_y=elbo != "vimco")
     with torch.no_grad():  # means started at data points, as k-means++ would
         pair.means.copy_(data[torch.randperm(len(data))[:C]])
-    fit(pair, data, epochs=40, batch_size=100, lr=0.1, elbo=elbo, importance_samples=k,
-        progress=False, final_particles=0, seed=0)
+    fit(
+        pair,
+        data,
+        epochs=40,
+        batch_size=100,
+        lr=0.1,
+        elbo=elbo,
+        importance_samples=k,
+        progress=False,
+        final_particles=0,
+        seed=0,
+    )
     ours = -pair.exact_log_likelihood(data).mean().item()
     # scikit-learn also fits the variance (ours is fixed at the true 0.7): a hair better
     assert reference - 0.005 < ours < reference + 0.01, (ours, reference)
@@ -206,8 +239,9 @@ def test_meanfield_and_trace_with_enumeration_are_the_exact_elbo_and_train_the_c
     x = _points(8)
     loss = make_estimator(name, max_plate_nesting=1).differentiable_loss(pair.model, pair.guide, x)
     log_q = pair.classifier(x).log_softmax(-1)
-    log_joint = (dist.Normal(pair.means, pair.scale).to_event(1).log_prob(x[:, None, :])
-                 + pair.logits.log_softmax(-1))
+    log_joint = dist.Normal(pair.means, pair.scale).to_event(1).log_prob(
+        x[:, None, :]
+    ) + pair.logits.log_softmax(-1)
     elbo = (log_q.exp() * (log_joint - log_q)).sum()  # Σ_c q(c|x) [log p(x, c) − log q(c|x)]
     torch.testing.assert_close(loss, -elbo, rtol=1e-6, atol=1e-4)
     assert -loss < pair.exact_log_likelihood(x).sum()  # the ELBO lies below log p(x)
@@ -219,11 +253,15 @@ def test_an_estimator_that_samples_discrete_sites_refuses_enumerated_ones_in_one
     from pyro_vae.infer import make_estimator
 
     pair = GaussianMixture()
-    with pytest.raises(ConfigError, match=r"vimco cannot sum out the guide sites marked for "
-                                          r"enumeration \['y'\]: use trace or meanfield .*"
-                                          "remove the enumerate mark to sample them with vimco"):
+    with pytest.raises(
+        ConfigError,
+        match=r"vimco cannot sum out the guide sites marked for "
+        r"enumeration \['y'\]: use trace or meanfield .*"
+        "remove the enumerate mark to sample them with vimco",
+    ):
         make_estimator("vimco", 1, 2, max_plate_nesting=1).differentiable_loss(
-            pair.model, pair.guide, _points(4))
+            pair.model, pair.guide, _points(4)
+        )
 
 
 class LearnedFactorAnalysers(MixtureOfFactorAnalysers):
@@ -239,14 +277,18 @@ class LearnedFactorAnalysers(MixtureOfFactorAnalysers):
                 value = getattr(self, name)
                 delattr(self, name)
                 self.register_buffer(name, value)
-        self.shift = nn.Parameter(torch.zeros(C, LATENT) if exact
-                                  else torch.tensor([[0.4], [-0.3], [0.2]]))
+        self.shift = nn.Parameter(
+            torch.zeros(C, LATENT) if exact else torch.tensor([[0.4], [-0.3], [0.2]])
+        )
         self.log_widen = nn.Parameter(torch.tensor(0.0 if exact else math.log(1.5)))
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
-            y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(x.shape[0], C)),
-                            infer={"enumerate": "parallel"})
+            y = pyro.sample(
+                "y",
+                dist.Categorical(logits=x.new_zeros(x.shape[0], C)),
+                infer={"enumerate": "parallel"},
+            )
             w = self.W[y]
             var = 1.0 / (1.0 + (w * w).sum((-2, -1)) / self.psi)
             loc = var[..., None] * ((x - self.mu[y])[..., None, :] @ w)[..., 0, :] / self.psi
@@ -307,18 +349,40 @@ def make_sampled_mixture() -> GaussianMixture:
     return GaussianMixture(enumerate_y=False)
 
 
-@pytest.mark.parametrize("factory, elbo", [("make_mixture", "dreg"),
-                                           ("make_sampled_mixture", "vimco")])
+@pytest.mark.parametrize(
+    "factory, elbo", [("make_mixture", "dreg"), ("make_sampled_mixture", "vimco")]
+)
 def test_the_command_line_trains_and_evaluates_a_pair_with_a_discrete_latent(
-        tmp_path, capsys, factory, elbo):
+    tmp_path, capsys, factory, elbo
+):
     import numpy as np
 
     from pyro_vae.app.cli import main
 
     np.savez(tmp_path / "train.npz", _mixture_data().numpy())
     out = tmp_path / "run"
-    assert main(["train", "--model-factory", f"{__file__}:{factory}", "--data",
-                 str(tmp_path / "train.npz"), "--elbo", elbo, "--importance-samples", "3",
-                 "--epochs", "2", "--batch-size", "100", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model-factory",
+                f"{__file__}:{factory}",
+                "--data",
+                str(tmp_path / "train.npz"),
+                "--elbo",
+                elbo,
+                "--importance-samples",
+                "3",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "100",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", str(out), "--split", "train", "--particles", "4", "--quiet"]) == 0
     assert "600 datapoints" in capsys.readouterr().out

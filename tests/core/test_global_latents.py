@@ -42,7 +42,7 @@ class GlobalMean(nn.Module):
 
     @property
     def cov(self) -> torch.Tensor:
-        return self.W @ self.W.T + NOISE ** 2 * torch.eye(D, dtype=DTYPE)
+        return self.W @ self.W.T + NOISE**2 * torch.eye(D, dtype=DTYPE)
 
     def model(self, x):
         mu = pyro.sample("mu", dist.Normal(torch.zeros(D, dtype=DTYPE), PRIOR_SCALE).to_event(1))
@@ -53,10 +53,10 @@ class GlobalMean(nn.Module):
 
     def guide(self, x):
         mu = pyro.sample("mu", dist.MultivariateNormal(self.q_loc, scale_tril=self.q_tril))
-        precision = torch.eye(LATENT, dtype=DTYPE) + self.W.T @ self.W / NOISE ** 2
+        precision = torch.eye(LATENT, dtype=DTYPE) + self.W.T @ self.W / NOISE**2
         cov = torch.linalg.inv(precision)
         with pyro.plate("data", x.shape[0]):
-            loc = (x - mu) @ self.W @ cov / NOISE ** 2
+            loc = (x - mu) @ self.W @ cov / NOISE**2
             pyro.sample("z", dist.MultivariateNormal(loc, covariance_matrix=cov))
 
 
@@ -70,18 +70,19 @@ def _data(num: int, seed: int = 1) -> torch.Tensor:
 
 def _posterior(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c_inv = torch.linalg.inv(GlobalMean().cov)
-    precision = torch.eye(D, dtype=DTYPE) / PRIOR_SCALE ** 2 + x.shape[0] * c_inv
+    precision = torch.eye(D, dtype=DTYPE) / PRIOR_SCALE**2 + x.shape[0] * c_inv
     cov = torch.linalg.inv(precision)
     return cov @ c_inv @ x.sum(0), cov
 
 
 def _log_evidence(x: torch.Tensor) -> float:
     n = x.shape[0]
-    cov = (torch.kron(torch.eye(n, dtype=DTYPE), GlobalMean().cov)
-           + PRIOR_SCALE ** 2 * torch.kron(torch.ones(n, n, dtype=DTYPE),
-                                           torch.eye(D, dtype=DTYPE)))
-    return dist.MultivariateNormal(torch.zeros(n * D, dtype=DTYPE), cov).log_prob(
-        x.reshape(-1)).item()
+    cov = torch.kron(torch.eye(n, dtype=DTYPE), GlobalMean().cov) + PRIOR_SCALE**2 * torch.kron(
+        torch.ones(n, n, dtype=DTYPE), torch.eye(D, dtype=DTYPE)
+    )
+    return (
+        dist.MultivariateNormal(torch.zeros(n * D, dtype=DTYPE), cov).log_prob(x.reshape(-1)).item()
+    )
 
 
 def test_per_datapoint_log_px_is_the_exact_predictive_within_shrinking_error():
@@ -128,7 +129,7 @@ def test_a_global_site_with_no_local_latent_is_scored_per_datapoint():
     result = evaluate(model, guide, x, num_particles=4000)
     torch.manual_seed(0)
     scales = dist.LogNormal(0.0, 0.1).sample((4000,))
-    expected = (dist.Normal(0.0, scales[:, None]).log_prob(x).logsumexp(0) - math.log(4000))
+    expected = dist.Normal(0.0, scales[:, None]).log_prob(x).logsumexp(0) - math.log(4000)
     torch.testing.assert_close(result.log_px, expected.double(), rtol=0, atol=5e-2)
     with pytest.raises(ConfigError, match="outside the data plate"):
         evaluate(model, guide, x, num_particles=4, data_plate="elsewhere")
@@ -149,8 +150,10 @@ class _IterateAverage(Callback):
         return torch.stack(self.values).mean(0)
 
 
-@pytest.mark.parametrize("name, tolerance", [("stl", 1e-3), ("dreg", 1e-3), ("trace", 0.06),
-                                             ("meanfield", 0.06), ("iwae", 0.06)])
+@pytest.mark.parametrize(
+    "name, tolerance",
+    [("stl", 1e-3), ("dreg", 1e-3), ("trace", 0.06), ("meanfield", 0.06), ("iwae", 0.06)],
+)
 def test_training_q_mu_with_each_estimator_recovers_the_exact_posterior_mean(name, tolerance):
     """With the exact local posterior and q(μ)'s exact covariance, every estimator at K = 1
     maximizes the dataset ELBO at q(μ)'s location = the posterior mean m. stl and dreg have
@@ -161,8 +164,17 @@ def test_training_q_mu_with_each_estimator_recovers_the_exact_posterior_mean(nam
     pair = GlobalMean((torch.zeros(D, dtype=DTYPE), cov))
     average = _IterateAverage(400)
     torch.manual_seed(0)
-    fit(pair, x, elbo=name, epochs=400, batch_size=20, lr=0.05, final_particles=0,
-        progress=False, callbacks=[average])
+    fit(
+        pair,
+        x,
+        elbo=name,
+        epochs=400,
+        batch_size=20,
+        lr=0.05,
+        final_particles=0,
+        progress=False,
+        callbacks=[average],
+    )
     assert (average.mean - loc).abs().max().item() < tolerance
 
 
@@ -198,38 +210,51 @@ class SparseGammaDEF(nn.Module):
         self.topics, self.vocab = topics, vocab
 
     def model(self, x):
-        w = pyro.sample("w", dist.Gamma(x.new_full((self.topics, self.vocab), 0.3), 0.3)
-                        .to_event(2))
+        w = pyro.sample(
+            "w", dist.Gamma(x.new_full((self.topics, self.vocab), 0.3), 0.3).to_event(2)
+        )
         with pyro.plate("documents", x.shape[0]):
-            z = pyro.sample("z", dist.Gamma(x.new_full((x.shape[0], self.topics), 0.3), 0.3)
-                            .to_event(1))
+            z = pyro.sample(
+                "z", dist.Gamma(x.new_full((x.shape[0], self.topics), 0.3), 0.3).to_event(1)
+            )
             # z: [..., N, K], w: [K, V] or, under a particle plate, [P, 1, K, V]
             rates = (z.unsqueeze(-1) * w).sum(-2)
             pyro.sample("x", dist.Poisson(rates + 1e-3).to_event(1), obs=x)
 
     def guide(self, x):
         softplus = nn.functional.softplus
-        pyro.sample("w", dist.Gamma(softplus(self.q_w_shape) + 0.1,
-                                    softplus(self.q_w_rate) + 0.1).to_event(2))
+        pyro.sample(
+            "w",
+            dist.Gamma(softplus(self.q_w_shape) + 0.1, softplus(self.q_w_rate) + 0.1).to_event(2),
+        )
         shape, rate = self.encoder(torch.log1p(x)).chunk(2, -1)
         with pyro.plate("documents", x.shape[0]):
-            pyro.sample("z", dist.Gamma(softplus(shape) + 0.1, softplus(rate) + 0.1)
-                        .to_event(1))
+            pyro.sample("z", dist.Gamma(softplus(shape) + 0.1, softplus(rate) + 0.1).to_event(1))
 
 
 @pytest.mark.parametrize("name", ["trace", "meanfield"])
 def test_a_sparse_gamma_def_trains_through_fit_and_is_evaluated(name):
     g = torch.Generator().manual_seed(0)
-    counts = torch.poisson(torch.rand(60, 2, generator=g) @ (3 * torch.rand(2, 8, generator=g)),
-                           generator=g)
+    counts = torch.poisson(
+        torch.rand(60, 2, generator=g) @ (3 * torch.rand(2, 8, generator=g)), generator=g
+    )
     torch.manual_seed(0)
-    result = fit(SparseGammaDEF(), counts, test_data=counts[:20], elbo=name, particles=4,
-                 epochs=40, batch_size=20, lr=0.05, final_particles=20, progress=False)
+    result = fit(
+        SparseGammaDEF(),
+        counts,
+        test_data=counts[:20],
+        elbo=name,
+        particles=4,
+        epochs=40,
+        batch_size=20,
+        lr=0.05,
+        final_particles=20,
+        progress=False,
+    )
     history = result.history
     assert history.test_elbo[-1] > history.test_elbo[0]
     torch.manual_seed(1)
-    scored = evaluate_dataset(result.model.model, result.model.guide, counts[:20],
-                              num_particles=50)
+    scored = evaluate_dataset(result.model.model, result.model.guide, counts[:20], num_particles=50)
     assert scored.global_term.sites == ("w",)
     assert math.isfinite(scored.dataset_elbo)
     assert scored.dataset_elbo < scored.elbo.sum().item()  # the global KL is positive

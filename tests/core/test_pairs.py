@@ -26,7 +26,7 @@ USER_MODELS = str(Path(__file__).resolve().parents[1] / "support" / "user_models
 
 def _exact_fa_log_likelihood(x):
     loadings, mean, noise = (pyro.param(name).detach() for name in ("loadings", "mean", "noise"))
-    cov = loadings @ loadings.T + noise ** 2 * torch.eye(x.shape[-1])
+    cov = loadings @ loadings.T + noise**2 * torch.eye(x.shape[-1])
     return dist.MultivariateNormal(mean, cov).log_prob(x).mean().item()
 
 
@@ -43,11 +43,19 @@ def test_plain_functions_with_pyro_param_reach_what_pyros_svi_reaches(seed):
         initial = _exact_fa_log_likelihood(x) if step == 0 else initial
     reference = _exact_fa_log_likelihood(x)
     pyro.clear_param_store()
-    result = fit(fa_model, fa_guide, x, elbo="trace", batch_size=200, epochs=300, lr=0.05,
-                 seed=seed, progress=False)
+    result = fit(
+        fa_model,
+        fa_guide,
+        x,
+        elbo="trace",
+        batch_size=200,
+        epochs=300,
+        lr=0.05,
+        seed=seed,
+        progress=False,
+    )
     assert isinstance(result.model, PyroPair)
-    assert result.model.adopted == ["encoder_weight", "encoder_scale", "loadings", "mean",
-                                    "noise"]
+    assert result.model.adopted == ["encoder_weight", "encoder_scale", "loadings", "mean", "noise"]
     ours = _exact_fa_log_likelihood(x)
     assert reference > initial + 1.0
     assert abs(ours - reference) < 0.02, (ours, reference)
@@ -62,8 +70,9 @@ def test_a_function_pair_checkpoints_its_params_by_name_and_resumes_exactly(tmp_
     pyro.clear_param_store()
     fit(fa_model, fa_guide, x, epochs=3, run_dir=tmp_path / "part", **options)
     pyro.clear_param_store()  # the pair owns its entries: a cleared store loses nothing
-    resumed = fit(fa_model, fa_guide, x, epochs=6, run_dir=tmp_path / "part", resume=True,
-                  **options)
+    resumed = fit(
+        fa_model, fa_guide, x, epochs=6, run_dir=tmp_path / "part", resume=True, **options
+    )
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
     pyro.clear_param_store()
@@ -72,8 +81,7 @@ def test_a_function_pair_checkpoints_its_params_by_name_and_resumes_exactly(tmp_
     loaded.model.guide(torch.as_tensor(x[:2]))
     for name, value in loaded.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
-    torch.testing.assert_close(pyro.param("noise").detach(),
-                               expected["param_store.noise"].exp())
+    torch.testing.assert_close(pyro.param("noise").detach(), expected["param_store.noise"].exp())
 
 
 @pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal])
@@ -89,16 +97,24 @@ def test_an_autoguide_trained_by_fit_finds_a_conjugate_posterior(autoguide):
             pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
 
     guide = autoguide(model)
-    fit(model, guide, x, elbo="meanfield", particles=4, batch_size=50, epochs=300, lr=0.02,
-        progress=False)
+    fit(
+        model,
+        guide,
+        x,
+        elbo="meanfield",
+        particles=4,
+        batch_size=50,
+        epochs=300,
+        lr=0.02,
+        progress=False,
+    )
     precision = x.shape[0] + 1e-2
     if autoguide is AutoNormal:
         loc, scale = guide.locs.mu, guide.scales.mu
     else:
         loc, scale = guide.loc, guide.scale
     torch.testing.assert_close(loc.detach(), x.sum(0) / precision, atol=0.03, rtol=0)
-    torch.testing.assert_close(scale.detach(), torch.full((2,), precision ** -0.5),
-                               rtol=0.25, atol=0)
+    torch.testing.assert_close(scale.detach(), torch.full((2,), precision**-0.5), rtol=0.25, atol=0)
 
 
 def test_an_autodelta_guide_is_the_maximum_a_posteriori_point():
@@ -121,32 +137,50 @@ def test_the_evaluator_scores_a_function_pair_with_its_trained_entries():
     result = fit(fa_model, fa_guide, x, epochs=40, batch_size=60, lr=0.05, progress=False)
     exact = torch.tensor(0.0)
     loadings, mean, noise = (pyro.param(n).detach() for n in ("loadings", "mean", "noise"))
-    exact = dist.MultivariateNormal(mean, loadings @ loadings.T + noise ** 2 * torch.eye(5)
-                                    ).log_prob(x).double()
-    scored = evaluate_dataset(result.model.model, result.model.guide, x, num_particles=2000,
-                              khat=False)
+    exact = (
+        dist.MultivariateNormal(mean, loadings @ loadings.T + noise**2 * torch.eye(5))
+        .log_prob(x)
+        .double()
+    )
+    scored = evaluate_dataset(
+        result.model.model, result.model.guide, x, num_particles=2000, khat=False
+    )
     gap = exact - scored.log_px
     assert (gap > -0.05).all() and gap.mean() < 0.1
 
 
-def test_the_command_line_trains_a_factory_that_returns_model_and_guide(tmp_path, monkeypatch,
-                                                                       capsys):
+def test_the_command_line_trains_a_factory_that_returns_model_and_guide(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "train.npz", x=fa_data(60))
-    common = ["--model-factory", f"{USER_MODELS}:make_fa_functions", "--data", "train.npz",
-              "--batch-size", "20", "--device", "cpu", "--quiet", "--lr", "0.05"]
+    common = [
+        "--model-factory",
+        f"{USER_MODELS}:make_fa_functions",
+        "--data",
+        "train.npz",
+        "--batch-size",
+        "20",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--lr",
+        "0.05",
+    ]
     assert main(["train", *common, "--epochs", "4", "--out", "full"]) == 0
     assert main(["train", *common, "--epochs", "2", "--out", "part"]) == 0
     pyro.clear_param_store()
     assert main(["train", "--resume", "part", "--epochs", "4", "--quiet"]) == 0
-    full, part = (json.loads((tmp_path / run / "history.json").read_text())
-                  for run in ("full", "part"))
+    full, part = (
+        json.loads((tmp_path / run / "history.json").read_text()) for run in ("full", "part")
+    )
     assert full["train_loss"] == part["train_loss"]
     capsys.readouterr()
     assert main(["evaluate", "part", "--split", "train", "--particles", "20", "--quiet"]) == 0
     assert "60 datapoints, K = 20 particles" in capsys.readouterr().out
-    log_px = json.loads((tmp_path / "part" / "eval-train.json").read_text()
-                        )["summary"]["log_px"]["mean"]
+    log_px = json.loads((tmp_path / "part" / "eval-train.json").read_text())["summary"]["log_px"][
+        "mean"
+    ]
     pyro.clear_param_store()
     loaded = load_run(tmp_path / "part", device="cpu")  # rebuilt from the recorded factory
     assert isinstance(loaded.model, PyroPair)
@@ -183,10 +217,18 @@ def test_fit_reads_the_data_plate_a_pair_names_when_several_plates_hold_every_si
 
     with pytest.raises(ConfigError, match=r"several plates \['sequences', 'steps'\]"):
         fit(model, guide, x, epochs=1, progress=False)
-    result = fit(PyroPair(model, guide, data_plate="sequences"), x, test_data=x, epochs=3,
-                 batch_size=6, lr=0.05, progress=False)
-    scored = evaluate_dataset(result.model.model, result.model.guide, x, num_particles=5,
-                              data_plate="sequences")
+    result = fit(
+        PyroPair(model, guide, data_plate="sequences"),
+        x,
+        test_data=x,
+        epochs=3,
+        batch_size=6,
+        lr=0.05,
+        progress=False,
+    )
+    scored = evaluate_dataset(
+        result.model.model, result.model.guide, x, num_particles=5, data_plate="sequences"
+    )
     assert scored.log_px.shape == (12,)
     assert math.isfinite(result.history.extra["final"]["test_log_px"])
 
@@ -201,15 +243,31 @@ def test_the_sparse_gamma_def_trains_with_fit_on_its_whole_data_set(monkeypatch)
     model, guide, (counts,) = load_benchmark("conformance", monkeypatch)._sparse_gamma_def()
 
     def dataset_elbo(pair):
-        scored = evaluate_dataset(pair.model, pair.guide, counts, num_particles=500,
-                                  khat=False)
+        scored = evaluate_dataset(pair.model, pair.guide, counts, num_particles=500, khat=False)
         return float(scored.elbo.sum()) + scored.global_term.mean
 
-    result = fit(model, guide, counts, elbo="meanfield", batch_size=len(counts), epochs=1,
-                 lr=0.05, progress=False, final_particles=0)
+    result = fit(
+        model,
+        guide,
+        counts,
+        elbo="meanfield",
+        batch_size=len(counts),
+        epochs=1,
+        lr=0.05,
+        progress=False,
+        final_particles=0,
+    )
     before = dataset_elbo(result.model)
-    result = fit(result.model, counts, elbo="meanfield", batch_size=len(counts), epochs=300,
-                 lr=0.05, progress=False, final_particles=0)
+    result = fit(
+        result.model,
+        counts,
+        elbo="meanfield",
+        batch_size=len(counts),
+        epochs=300,
+        lr=0.05,
+        progress=False,
+        final_particles=0,
+    )
     assert dataset_elbo(result.model) > before + 20
     assert result.model.param_store["alpha_z_top"].shape == (len(counts), 3)
 
@@ -227,15 +285,24 @@ def test_a_guide_with_a_parameter_per_datapoint_trains_on_the_whole_data_set_in_
 
     def guide(x):
         loc = pyro.param("loc", lambda: torch.zeros(len(x)))
-        scale = pyro.param("scale", lambda: torch.ones(len(x)),
-                           constraint=dist.constraints.positive)
+        scale = pyro.param(
+            "scale", lambda: torch.ones(len(x)), constraint=dist.constraints.positive
+        )
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.Normal(loc, scale))
 
-    result = fit(model, guide, x, elbo="meanfield", batch_size=len(x), epochs=400, lr=0.05,
-                 progress=False, final_particles=0)
-    torch.testing.assert_close(result.model.param_store["loc"].detach(), x / 2, atol=0.1,
-                               rtol=0)
+    result = fit(
+        model,
+        guide,
+        x,
+        elbo="meanfield",
+        batch_size=len(x),
+        epochs=400,
+        lr=0.05,
+        progress=False,
+        final_particles=0,
+    )
+    torch.testing.assert_close(result.model.param_store["loc"].detach(), x / 2, atol=0.1, rtol=0)
 
 
 @pytest.mark.parametrize("elbo", ["trace", "iwae"])
@@ -246,17 +313,26 @@ def test_a_function_pair_trains_compiled_as_it_trains_eagerly(elbo):
     runs = {}
     for compile in (False, True):
         pyro.clear_param_store()
-        result = fit(fa_model, fa_guide, x, elbo=elbo, importance_samples=2 if elbo == "iwae"
-                     else 1, epochs=3, batch_size=40, lr=0.05, progress=False, seed=0,
-                     final_particles=0, compile=compile)
+        result = fit(
+            fa_model,
+            fa_guide,
+            x,
+            elbo=elbo,
+            importance_samples=2 if elbo == "iwae" else 1,
+            epochs=3,
+            batch_size=40,
+            lr=0.05,
+            progress=False,
+            seed=0,
+            final_particles=0,
+            compile=compile,
+        )
         runs[compile] = result
     compiled = runs[True].compiled
     assert compiled.compiled_steps == 9 and compiled.disabled is None
-    assert runs[True].history.train_loss == pytest.approx(runs[False].history.train_loss,
-                                                           rel=1e-5)
+    assert runs[True].history.train_loss == pytest.approx(runs[False].history.train_loss, rel=1e-5)
     for name, value in runs[True].model.state_dict().items():
-        torch.testing.assert_close(value, runs[False].model.state_dict()[name], rtol=0,
-                                   atol=1e-4)
+        torch.testing.assert_close(value, runs[False].model.state_dict()[name], rtol=0, atol=1e-4)
 
 
 class _RegisteringVAE(torch.nn.Module):
@@ -289,10 +365,20 @@ def test_the_bound_methods_of_a_module_registered_by_pyro_module_train_and_follo
     vae = _RegisteringVAE()
     before = {name: p.detach().clone() for name, p in vae.named_parameters()}
     pair = PyroPair(vae.model, vae.guide)
-    fit(pair, torch.randn(40, 6) + 2.0, elbo="trace", batch_size=40, epochs=20, lr=0.05,
-        seed=0, progress=False, final_particles=0)
+    fit(
+        pair,
+        torch.randn(40, 6) + 2.0,
+        elbo="trace",
+        batch_size=40,
+        epochs=20,
+        lr=0.05,
+        seed=0,
+        progress=False,
+        final_particles=0,
+    )
     assert all(not torch.equal(p, before[name]) for name, p in vae.named_parameters()), [
-        name for name, p in vae.named_parameters() if torch.equal(p, before[name])]
+        name for name, p in vae.named_parameters() if torch.equal(p, before[name])
+    ]
     pair.eval()
     assert not vae.training and not vae.drop.training
     assert {id(p) for p in pair.parameters()} == {id(p) for p in vae.parameters()}
@@ -314,7 +400,17 @@ def test_a_module_outside_plain_functions_that_pyro_module_registers_is_trained(
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, 0.5).to_event(1))
 
-    result = fit(model, guide, torch.randn(30, 6) + 1.0, elbo="trace", batch_size=30,
-                 epochs=10, lr=0.05, seed=0, progress=False, final_particles=0)
+    result = fit(
+        model,
+        guide,
+        torch.randn(30, 6) + 1.0,
+        elbo="trace",
+        batch_size=30,
+        epochs=10,
+        lr=0.05,
+        seed=0,
+        progress=False,
+        final_particles=0,
+    )
     assert not torch.equal(decoder.weight, before)
     assert any(p is decoder.weight for p in result.model.parameters())

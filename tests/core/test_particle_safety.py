@@ -85,17 +85,22 @@ def _plain_pyro_log_weights(pair: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for _ in range(K):
         guide_trace = poutine.trace(pair.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(pair.model, trace=guide_trace)).get_trace(x)
-        log_p = sum(site["fn"].log_prob(site["value"]) for site in model_trace.nodes.values()
-                    if site["type"] == "sample")
+        log_p = sum(
+            site["fn"].log_prob(site["value"])
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample"
+        )
         rows.append(log_p - guide_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]))
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("pair_class, counts", [(SoftmaxOverRows, True),
-                                                (BatchNormDecoder, False),
-                                                (MaskIndexing, False)])
+@pytest.mark.parametrize(
+    "pair_class, counts",
+    [(SoftmaxOverRows, True), (BatchNormDecoder, False), (MaskIndexing, False)],
+)
 def test_networks_that_see_the_particle_dimension_are_scored_one_particle_at_a_time(
-        pair_class, counts):
+    pair_class, counts
+):
     torch.manual_seed(0)
     pair, x = pair_class().eval(), _data(counts)
     assert particle_mismatch(pair.model, pair.guide, (x,), {}, max_plate_nesting=1) is not None
@@ -107,8 +112,9 @@ def test_networks_that_see_the_particle_dimension_are_scored_one_particle_at_a_t
     assert result.vectorized is False
     torch.testing.assert_close(result.log_weights, reference, rtol=1e-5, atol=1e-5)
     torch.manual_seed(1)
-    batched = evaluate_dataset(pair.model, pair.guide, x, num_particles=K, batch_size=N,
-                               keep_log_weights=True)
+    batched = evaluate_dataset(
+        pair.model, pair.guide, x, num_particles=K, batch_size=N, keep_log_weights=True
+    )
     torch.testing.assert_close(batched.log_weights, result.log_weights)
 
 
@@ -128,8 +134,7 @@ def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
         def model(self, x):
             with pyro.plate("data", x.shape[0]):
                 z = pyro.sample("z", self.prior(x))
-                pyro.sample("x", dist.Normal(self.drop(self.decoder(z)), 1.0).to_event(1),
-                            obs=x)
+                pyro.sample("x", dist.Normal(self.drop(self.decoder(z)), 1.0).to_event(1), obs=x)
 
     pair, x = Dropout(), _data(False)
     results = []
@@ -172,19 +177,26 @@ def test_one_draw_per_step_needs_no_particle_dimension_and_matches_plain_pyro(na
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, options", [("iwae", {"importance_samples": 3}),
-                                           ("dreg", {"importance_samples": 3}),
-                                           ("trace", {"num_particles": 2})])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("iwae", {"importance_samples": 3}),
+        ("dreg", {"importance_samples": 3}),
+        ("trace", {"num_particles": 2}),
+    ],
+)
 @pytest.mark.parametrize("pair_class", [SoftmaxOverRows, BatchNormDecoder, MaskIndexing])
-def test_several_draws_per_step_are_refused_for_networks_that_see_them(name, options,
-                                                                       pair_class):
+def test_several_draws_per_step_are_refused_for_networks_that_see_them(name, options, pair_class):
     from pyro_vae.infer import make_estimator
     from pyro_vae.util.errors import ConfigError
 
     torch.manual_seed(0)
     pair, x = pair_class().eval(), _data(pair_class is SoftmaxOverRows)
-    with pytest.raises(ConfigError, match=f"{name} draws [23] particles per step in one "
-                                          "vectorized call, but .*broadcast over leading"):
+    with pytest.raises(
+        ConfigError,
+        match=f"{name} draws [23] particles per step in one "
+        "vectorized call, but .*broadcast over leading",
+    ):
         make_estimator(name, **options).loss(pair.model, pair.guide, x)
 
 
@@ -194,12 +206,28 @@ def test_fit_trains_such_a_pair_with_one_draw_and_scores_it_one_particle_at_a_ti
 
     x = _data(True)
     torch.manual_seed(0)
-    result = fit(SoftmaxOverRows(), x, test_data=x, elbo="trace", epochs=2, batch_size=6,
-                 eval_particles=3, final_particles=4, progress=False)
+    result = fit(
+        SoftmaxOverRows(),
+        x,
+        test_data=x,
+        elbo="trace",
+        epochs=2,
+        batch_size=6,
+        eval_particles=3,
+        final_particles=4,
+        progress=False,
+    )
     assert all(torch.isfinite(torch.tensor(result.history.test_elbo)))
     with pytest.raises(ConfigError, match="iwae draws 4 particles per step"):
-        fit(SoftmaxOverRows(), x, elbo="iwae", importance_samples=4, epochs=1,
-            final_particles=0, progress=False)
+        fit(
+            SoftmaxOverRows(),
+            x,
+            elbo="iwae",
+            importance_samples=4,
+            epochs=1,
+            final_particles=0,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("name", ["stl", "dreg"])
@@ -215,12 +243,12 @@ def test_estimators_that_replay_the_guide_refuse_active_dropout(name):
         def guide(self, x):
             loc, raw = self.encoder(self.drop(x)).chunk(2, -1)
             with pyro.plate("data", x.shape[0]):
-                pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1)
-                            .to_event(1))
+                pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
 
     pair, x = DropoutGuide().train(), _data(False)
-    with pytest.raises(ConfigError, match=f"{name} replays the guide .* DropoutGuide has dropout "
-                                          "active"):
+    with pytest.raises(
+        ConfigError, match=f"{name} replays the guide .* DropoutGuide has dropout active"
+    ):
         make_estimator(name).loss(pair.model, pair.guide, x)
     pair.eval()
     assert torch.isfinite(torch.tensor(make_estimator("stl").loss(pair.model, pair.guide, x)))
@@ -234,8 +262,9 @@ class BatchNormTwoSiteGuide(nn.Module):
     def __init__(self):
         super().__init__()
         self.first = nn.Linear(D, 2 * LATENT)
-        self.second = nn.Sequential(nn.Linear(LATENT, 2 * LATENT, bias=False),
-                                    nn.BatchNorm1d(2 * LATENT))
+        self.second = nn.Sequential(
+            nn.Linear(LATENT, 2 * LATENT, bias=False), nn.BatchNorm1d(2 * LATENT)
+        )
         self.decoder = nn.Linear(LATENT, D)
 
     def model(self, x):
@@ -247,8 +276,7 @@ class BatchNormTwoSiteGuide(nn.Module):
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
             loc, raw = self.first(x).chunk(2, -1)
-            z1 = pyro.sample("z1", dist.Normal(loc, nn.functional.softplus(raw) + 0.1)
-                             .to_event(1))
+            z1 = pyro.sample("z1", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
             loc, raw = self.second(z1).chunk(2, -1)
             pyro.sample("z2", dist.Normal(loc, nn.functional.softplus(raw) + 0.1).to_event(1))
 
@@ -271,8 +299,11 @@ def test_replays_leave_running_statistics_as_the_steps_one_run_left_them(name, s
     for estimator_name in ("trace", name):
         pair = BatchNormTwoSiteGuide()
         pair.load_state_dict(initial.state_dict())
-        estimator = (make_estimator(estimator_name) if single_pass or estimator_name == "trace"
-                     else TwoRunDReG())
+        estimator = (
+            make_estimator(estimator_name)
+            if single_pass or estimator_name == "trace"
+            else TwoRunDReG()
+        )
         pyro.set_rng_seed(4)
         for _ in range(2):
             estimator.differentiable_loss(pair.model, pair.guide, x).backward()
@@ -290,16 +321,26 @@ def test_fits_checks_of_the_pair_leave_running_statistics_alone():
 
     torch.manual_seed(0)
     pair = BatchNormTwoSiteGuide()
-    fit(pair, _data(False), elbo="trace", epochs=1, batch_size=N, eval_particles=1,
-        final_particles=0, progress=False)
+    fit(
+        pair,
+        _data(False),
+        elbo="trace",
+        epochs=1,
+        batch_size=N,
+        eval_particles=1,
+        final_particles=0,
+        progress=False,
+    )
     assert pair.second[1].num_batches_tracked.item() == 1
 
 
-@pytest.mark.parametrize("pair_class, counts", [(SoftmaxOverRows, True),
-                                                (BatchNormDecoder, False),
-                                                (MaskIndexing, False)])
+@pytest.mark.parametrize(
+    "pair_class, counts",
+    [(SoftmaxOverRows, True), (BatchNormDecoder, False), (MaskIndexing, False)],
+)
 def test_ais_refuses_in_one_line_the_pairs_the_evaluator_scores_one_particle_at_a_time(
-        pair_class, counts):
+    pair_class, counts
+):
     """AIS runs each datapoint's chains as a particle plate: a pair whose networks see that
     dimension would be annealed on wrong densities (or crash inside the network), so it is
     refused where the evaluator falls back to one particle per call."""
@@ -308,6 +349,9 @@ def test_ais_refuses_in_one_line_the_pairs_the_evaluator_scores_one_particle_at_
 
     torch.manual_seed(0)
     pair, x = pair_class().eval(), _data(counts)
-    with pytest.raises(ConfigError, match="AIS runs the chains of every datapoint as one "
-                                          "particle plate, but .*importance sampling"):
+    with pytest.raises(
+        ConfigError,
+        match="AIS runs the chains of every datapoint as one "
+        "particle plate, but .*importance sampling",
+    ):
         ais(pair.model, pair.guide, x, num_chains=4, num_steps=3)

@@ -20,7 +20,7 @@ def conjugate_pair(mask=None):
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5))
+            pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
 
     return model, guide
 
@@ -29,7 +29,7 @@ def test_exact_posterior_gives_constant_weights_equal_to_the_marginal():
     x = torch.tensor([-1.0, 0.0, 2.5], dtype=torch.float64)
     model, guide = conjugate_pair()
     out = vectorized_log_probs(model, guide, x, num_particles=50)
-    exact = dist.Normal(0.0, 2 ** 0.5).log_prob(x)
+    exact = dist.Normal(0.0, 2**0.5).log_prob(x)
     assert out.log_weights.shape == (50, 3)
     assert torch.allclose(out.log_weights, exact.expand(50, 3), atol=1e-12)
 
@@ -52,7 +52,7 @@ def test_model_latents_left_to_the_prior_cancel_from_the_weight():
     _, guide = conjugate_pair()
     x = torch.tensor([-1.0, 2.0], dtype=torch.float64)
     out = vectorized_log_probs(model, guide, x, num_particles=20)
-    assert torch.allclose(out.log_weights, dist.Normal(0.0, 2 ** 0.5).log_prob(x).expand(20, 2))
+    assert torch.allclose(out.log_weights, dist.Normal(0.0, 2**0.5).log_prob(x).expand(20, 2))
 
 
 def test_batch_dimensions_outside_any_plate_are_refused():
@@ -80,11 +80,14 @@ def test_a_guide_latent_the_model_lacks_is_a_config_error_naming_it():
 
     def guide(x):
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5))
+            pyro.sample("z", dist.Normal(x / 2, 0.5**0.5))
             pyro.sample("extra_latent", dist.Normal(x, 1.0))
 
-    with pytest.raises(ConfigError, match=r"guide sample sites \['extra_latent'\] are not latent "
-                                          r"sample sites of the model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"guide sample sites \['extra_latent'\] are not latent "
+        r"sample sites of the model",
+    ):
         vectorized_log_probs(model, guide, torch.zeros(3), num_particles=2)
 
 
@@ -107,8 +110,12 @@ def test_compact_log_densities_equal_the_expanded_ones_bit_for_bit():
     x = torch.randn(5, dtype=torch.float64)
     with torch.no_grad():
         out = vectorized_log_probs(model, guide, x, num_particles=40)
-    sites = [site for trace in (out.model_trace, out.guide_trace)
-             for site in trace.nodes.values() if site["type"] == "sample"]
+    sites = [
+        site
+        for trace in (out.model_trace, out.guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]
     assert len(sites) == 4
     for site in sites:
         full = site_log_prob(site)
@@ -124,8 +131,11 @@ def test_compact_log_densities_equal_the_expanded_ones_bit_for_bit():
     for flag in (False, True):
         pyro.set_rng_seed(1)
         with torch.no_grad():
-            weights.append(vectorized_log_probs(model, guide, x, num_particles=40, compact=flag,
-                                                max_plate_nesting=1).log_weights)
+            weights.append(
+                vectorized_log_probs(
+                    model, guide, x, num_particles=40, compact=flag, max_plate_nesting=1
+                ).log_weights
+            )
     assert torch.equal(*weights)
 
 
@@ -134,6 +144,9 @@ def test_compact_distribution_leaves_other_families_alone():
         pass
 
     logits = torch.zeros(3).expand(4, 3)
-    for fn in (dist.Bernoulli(logits=logits), MyNormal(logits, 1.0),
-               dist.Normal(torch.zeros(4, 3), torch.ones(4, 3)).to_event(1)):
+    for fn in (
+        dist.Bernoulli(logits=logits),
+        MyNormal(logits, 1.0),
+        dist.Normal(torch.zeros(4, 3), torch.ones(4, 3)).to_event(1),
+    ):
         assert compact_distribution(fn) is fn

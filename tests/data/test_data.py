@@ -96,8 +96,7 @@ class _FakeResponse(io.BytesIO):
 
 
 def test_download_verifies_md5_and_leaves_nothing_half_written(tmp_path, monkeypatch):
-    contents = {filename: f"fake {filename}".encode() for filename, _ in
-                data.MNIST_FILES.values()}
+    contents = {filename: f"fake {filename}".encode() for filename, _ in data.MNIST_FILES.values()}
     served = []
 
     def fake_urlopen(url, timeout):
@@ -110,9 +109,11 @@ def test_download_verifies_md5_and_leaves_nothing_half_written(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
     good = {filename: hashlib.md5(body).hexdigest() for filename, body in contents.items()}
-    monkeypatch.setattr(data, "MNIST_FILES",
-                        {key: (filename, good[filename])
-                         for key, (filename, _) in data.MNIST_FILES.items()})
+    monkeypatch.setattr(
+        data,
+        "MNIST_FILES",
+        {key: (filename, good[filename]) for key, (filename, _) in data.MNIST_FILES.items()},
+    )
     data.download_mnist(tmp_path, mirrors=("https://mirror.invalid/",))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(contents)
     count = len(served)
@@ -141,19 +142,22 @@ def test_fixed_binarization_is_seeded_and_dynamic_is_not():
     assert (many - images).abs().max() < 0.15
 
 
-@pytest.mark.parametrize("images, kwargs, message", [
-    (torch.tensor([[0.0, float("nan")]]), {}, "NaN or infinite"),
-    (torch.tensor([[0.0, float("inf")]]), {}, "NaN or infinite"),
-    (torch.tensor([[0.0, 1.5]]), {}, "intensities in \\[0, 1\\]"),
-    (torch.tensor([[0.0, 0.5]]), {"binary": True}, "must be binary"),
-    (torch.zeros(2, 3, 4), {}, "shape \\[N, D\\]"),
-    (torch.zeros(0, 4), {}, "is empty"),
-    (torch.zeros(2, 4, dtype=torch.int64), {}, "floating-point"),
-    (torch.zeros(2, 4), {"input_dim": 5}, "expects 5"),
-    (torch.zeros(2, 4), {"labels": torch.tensor([0, 10]), "num_classes": 10}, "0..9"),
-    (torch.zeros(2, 4), {"labels": torch.tensor([0, 1, 2])}, "labels of shape"),
-    (torch.zeros(2, 4), {"labels": torch.tensor([0.0, 1.0])}, "integers"),
-])
+@pytest.mark.parametrize(
+    "images, kwargs, message",
+    [
+        (torch.tensor([[0.0, float("nan")]]), {}, "NaN or infinite"),
+        (torch.tensor([[0.0, float("inf")]]), {}, "NaN or infinite"),
+        (torch.tensor([[0.0, 1.5]]), {}, "intensities in \\[0, 1\\]"),
+        (torch.tensor([[0.0, 0.5]]), {"binary": True}, "must be binary"),
+        (torch.zeros(2, 3, 4), {}, "shape \\[N, D\\]"),
+        (torch.zeros(0, 4), {}, "is empty"),
+        (torch.zeros(2, 4, dtype=torch.int64), {}, "floating-point"),
+        (torch.zeros(2, 4), {"input_dim": 5}, "expects 5"),
+        (torch.zeros(2, 4), {"labels": torch.tensor([0, 10]), "num_classes": 10}, "0..9"),
+        (torch.zeros(2, 4), {"labels": torch.tensor([0, 1, 2])}, "labels of shape"),
+        (torch.zeros(2, 4), {"labels": torch.tensor([0.0, 1.0])}, "integers"),
+    ],
+)
 def test_validation_messages(images, kwargs, message):
     with pytest.raises(DataError, match=message):
         data.validate_images(images, **kwargs)

@@ -47,8 +47,16 @@ def test_factor_analysis_on_a_numpy_array_reaches_the_maximum_likelihood_fit():
     x = fa_data()
     reference = SkFA(n_components=2, tol=1e-5, max_iter=20000).fit(x).score(x)
     model = FactorAnalysis()
-    result = fit(model, x, epochs=400, batch_size=400, lr=0.05, particles=16,
-                 final_particles=0, progress=False)
+    result = fit(
+        model,
+        x,
+        epochs=400,
+        batch_size=400,
+        lr=0.05,
+        particles=16,
+        final_particles=0,
+        progress=False,
+    )
     exact = model.exact_log_likelihood(torch.as_tensor(x)).mean().item()
     assert reference - FA_TOLERANCE <= exact <= reference + 1e-3, (exact, reference)
     assert len(result.history.epoch) == 400 and result.history.test_elbo == []
@@ -59,8 +67,15 @@ def test_factor_analysis_on_a_numpy_array_reaches_the_maximum_likelihood_fit():
 
 def test_a_float64_pair_trains_on_float32_data():
     model = FactorAnalysis(dtype=torch.float64)
-    result = fit(model, fa_data(40), test_data=fa_data(20, seed=1), epochs=2, batch_size=16,
-                 final_particles=5, progress=False)
+    result = fit(
+        model,
+        fa_data(40),
+        test_data=fa_data(20, seed=1),
+        epochs=2,
+        batch_size=16,
+        final_particles=5,
+        progress=False,
+    )
     assert np.isfinite(result.history.test_elbo).all()
     assert np.isfinite(result.history.extra["final"]["test_log_px"])
 
@@ -71,11 +86,15 @@ def test_a_padded_sequence_scored_alone_equals_it_scored_in_a_padded_batch():
     model = LinearSequenceModel()
     data = Sequences(12)
     with torch.no_grad():
-        batched = evaluate_dataset(model.model, model.guide, data, collate_fn=pad_collate,
-                                   num_particles=4, batch_size=6)
-        alone = [evaluate_dataset(model.model, model.guide, Subset(data, [i]),
-                                  collate_fn=pad_collate, num_particles=4).log_px
-                 for i in range(len(data))]
+        batched = evaluate_dataset(
+            model.model, model.guide, data, collate_fn=pad_collate, num_particles=4, batch_size=6
+        )
+        alone = [
+            evaluate_dataset(
+                model.model, model.guide, Subset(data, [i]), collate_fn=pad_collate, num_particles=4
+            ).log_px
+            for i in range(len(data))
+        ]
         exact = model.exact_log_likelihood(**pad_collate(list(data.items)))
     assert torch.allclose(batched.log_px, torch.cat(alone), atol=1e-4)
     assert torch.allclose(batched.log_px, exact.double(), atol=1e-4)
@@ -90,8 +109,7 @@ def test_a_sequence_model_fed_by_a_users_loader_trains_and_resumes_exactly(tmp_p
     full = fit(LinearSequenceModel(), loader, run_dir=tmp_path / "full", **options)
     assert full.history.test_elbo[-1] > full.history.test_elbo[0]
     fit(LinearSequenceModel(), loader, run_dir=tmp_path / "part", **{**options, "epochs": 1})
-    resumed = fit(LinearSequenceModel(), loader, run_dir=tmp_path / "part", resume=True,
-                  **options)
+    resumed = fit(LinearSequenceModel(), loader, run_dir=tmp_path / "part", resume=True, **options)
     _same_weights(full.model, resumed.model)
     assert resumed.history.to_dict()["train_loss"] == full.history.train_loss
     assert resumed.history.extra["final"] == full.history.extra["final"]
@@ -103,11 +121,23 @@ def test_keyword_data_reach_the_pair_by_name():
     runs = []
     for form in (data, (data["x"], data["y"])):
         torch.manual_seed(0)
-        runs.append(fit(Regression(), form, test_data=form, epochs=3, batch_size=50,
-                        final_particles=5, progress=False, lr=0.02))
+        runs.append(
+            fit(
+                Regression(),
+                form,
+                test_data=form,
+                epochs=3,
+                batch_size=50,
+                final_particles=5,
+                progress=False,
+                lr=0.02,
+            )
+        )
     _same_weights(runs[0].model, runs[1].model)
-    assert runs[0].history.to_dict() == {**runs[1].history.to_dict(),
-                                         "seconds": runs[0].history.seconds}
+    assert runs[0].history.to_dict() == {
+        **runs[1].history.to_dict(),
+        "seconds": runs[0].history.seconds,
+    }
     assert runs[0].history.test_elbo[-1] > runs[0].history.test_elbo[0]
 
 
@@ -116,8 +146,11 @@ def test_a_dataset_and_the_loader_built_on_it_train_the_same():
     runs = []
     for data in (TensorDataset(x), DataLoader(TensorDataset(x), batch_size=16, shuffle=True)):
         torch.manual_seed(0)
-        runs.append(fit(FactorAnalysis(), data, epochs=2, batch_size=16, final_particles=0,
-                        progress=False).model)
+        runs.append(
+            fit(
+                FactorAnalysis(), data, epochs=2, batch_size=16, final_particles=0, progress=False
+            ).model
+        )
     _same_weights(*runs)
 
 
@@ -149,13 +182,16 @@ def test_an_unsized_data_plate_and_a_differently_named_plate():
         check_model(renamed, x)
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"x": np.zeros((3, 2)), "y": np.zeros(4)}, "different lengths"),
-    (np.array(["a", "b"]), "not numeric"),
-    ({"1x": np.zeros(3)}, "not argument names"),
-    (np.zeros((0, 3)), "at least one datapoint"),
-    (object(), "cannot train or evaluate on a object"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"x": np.zeros((3, 2)), "y": np.zeros(4)}, "different lengths"),
+        (np.array(["a", "b"]), "not numeric"),
+        ({"1x": np.zeros(3)}, "not argument names"),
+        (np.zeros((0, 3)), "at least one datapoint"),
+        (object(), "cannot train or evaluate on a object"),
+    ],
+)
 def test_unusable_data_are_refused_in_one_line(data, message):
     with pytest.raises(DataError, match=message):
         as_source(data)
@@ -172,13 +208,22 @@ def _cli(*argv: str) -> int:
     return main([*argv, "--quiet"] if argv[0] == "train" else list(argv))
 
 
-def test_the_command_line_trains_evaluates_and_resumes_a_users_pair(tmp_path, monkeypatch,
-                                                                    capsys):
+def test_the_command_line_trains_evaluates_and_resumes_a_users_pair(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "train.npz", x=fa_data(60))
     np.savez(tmp_path / "test.npz", fa_data(30, seed=1))
-    common = ["--model-factory", f"{USER_MODELS}:make_fa", "--data", "train.npz",
-              "--test-data", "test.npz", "--batch-size", "20", "--device", "cpu"]
+    common = [
+        "--model-factory",
+        f"{USER_MODELS}:make_fa",
+        "--data",
+        "train.npz",
+        "--test-data",
+        "test.npz",
+        "--batch-size",
+        "20",
+        "--device",
+        "cpu",
+    ]
     assert _cli("train", *common, "--epochs", "3", "--out", "full") == 0
     assert _cli("train", *common, "--epochs", "1", "--out", "part") == 0
     capsys.readouterr()
@@ -194,29 +239,72 @@ def test_the_command_line_trains_evaluates_and_resumes_a_users_pair(tmp_path, mo
     assert main(["evaluate", str(tmp_path / "part"), "--particles", "25", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "30 datapoints, K = 25 particles" in out
-    assert main(["evaluate", str(tmp_path / "part"), "--split", "train", "--particles", "3",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["evaluate", str(tmp_path / "part"), "--split", "train", "--particles", "3", "--quiet"]
+        )
+        == 0
+    )
     assert "60 datapoints" in capsys.readouterr().out
 
     # other data: their own files beside the split's, which stay as they were
     before = (tmp_path / "part" / "eval-test.json").read_bytes()
     np.savez(tmp_path / "other.npz", fa_data(12, seed=4))
-    assert main(["evaluate", str(tmp_path / "part"), "--data", str(tmp_path / "other.npz"),
-                 "--particles", "5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "part"),
+                "--data",
+                str(tmp_path / "other.npz"),
+                "--particles",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "12 datapoints" in capsys.readouterr().out
     written = json.loads((tmp_path / "part" / "eval-data-other.json").read_text())
     assert written["data"] == str(tmp_path / "other.npz")
     assert (tmp_path / "part" / "eval-test.json").read_bytes() == before
-    assert main(["evaluate", str(tmp_path / "part"), "--data", str(tmp_path / "other.npz"),
-                 "--ais", "--ais-steps", "2", "--chains", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "part"),
+                "--data",
+                str(tmp_path / "other.npz"),
+                "--ais",
+                "--ais-steps",
+                "2",
+                "--chains",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "part" / "ais-data-other.json").is_file()
     assert not (tmp_path / "part" / "ais-test.json").exists()
 
 
 def test_the_command_line_takes_a_function_returning_train_and_test_loaders(tmp_path, capsys):
     out = tmp_path / "seq"
-    assert _cli("train", "--model-factory", f"{USER_MODELS}:make_sequence_model", "--data",
-                f"{USER_MODELS}:sequence_data", "--epochs", "2", "--out", str(out)) == 0
+    assert (
+        _cli(
+            "train",
+            "--model-factory",
+            f"{USER_MODELS}:make_sequence_model",
+            "--data",
+            f"{USER_MODELS}:sequence_data",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "test ELBO" in printed and "test log p_K(x)" in printed
     assert (out / "curves.png").is_file() and not (out / "samples.png").exists()
@@ -224,17 +312,25 @@ def test_the_command_line_takes_a_function_returning_train_and_test_loaders(tmp_
     assert "20 datapoints" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "x.npz"], "--data and --test-data need --model-factory"),
-    (["--model-factory", f"{USER_MODELS}:make_fa", "--data", "missing.npz"], "no data file"),
-    (["--model-factory", f"{USER_MODELS}:make_fa", "--data", "x.npz", "--latent-dim", "3"],
-     "--latent-dim describe(s) the built-in model"),
-    (["--model-factory", f"{USER_MODELS}:make_fa", "--data", "x.npz", "--dataset", "digits"],
-     "--dataset appl(ies) to the built-in images"),
-    (["--model-factory", f"{USER_MODELS}:nothing", "--data", "x.npz"], "has no callable"),
-])
-def test_the_command_line_refuses_bad_user_runs_in_one_line(tmp_path, monkeypatch, capsys,
-                                                            argv, message):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "x.npz"], "--data and --test-data need --model-factory"),
+        (["--model-factory", f"{USER_MODELS}:make_fa", "--data", "missing.npz"], "no data file"),
+        (
+            ["--model-factory", f"{USER_MODELS}:make_fa", "--data", "x.npz", "--latent-dim", "3"],
+            "--latent-dim describe(s) the built-in model",
+        ),
+        (
+            ["--model-factory", f"{USER_MODELS}:make_fa", "--data", "x.npz", "--dataset", "digits"],
+            "--dataset appl(ies) to the built-in images",
+        ),
+        (["--model-factory", f"{USER_MODELS}:nothing", "--data", "x.npz"], "has no callable"),
+    ],
+)
+def test_the_command_line_refuses_bad_user_runs_in_one_line(
+    tmp_path, monkeypatch, capsys, argv, message
+):
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "x.npz", x=fa_data(10))
     assert _cli("train", *argv, "--out", "run") == EXIT_USER_ERROR
@@ -265,11 +361,22 @@ def test_a_batch_holding_a_packed_sequence_is_evaluated_like_its_padded_twin():
 
     model, data = PackedSequenceModel(), Sequences(10)
     with torch.no_grad():
-        packed = evaluate_dataset(model.model, model.guide, data, num_particles=3, batch_size=4,
-                                  collate_fn=lambda items: pack_sequence(items,
-                                                                         enforce_sorted=False))
-        padded = evaluate_dataset(LinearSequenceModel().model, LinearSequenceModel().guide,
-                                  data, num_particles=3, batch_size=4, collate_fn=pad_collate)
+        packed = evaluate_dataset(
+            model.model,
+            model.guide,
+            data,
+            num_particles=3,
+            batch_size=4,
+            collate_fn=lambda items: pack_sequence(items, enforce_sorted=False),
+        )
+        padded = evaluate_dataset(
+            LinearSequenceModel().model,
+            LinearSequenceModel().guide,
+            data,
+            num_particles=3,
+            batch_size=4,
+            collate_fn=pad_collate,
+        )
     assert packed.num_datapoints == 10
     torch.testing.assert_close(packed.log_px, padded.log_px, rtol=0, atol=1e-4)
 
@@ -291,9 +398,26 @@ def test_a_factory_pair_is_built_after_the_seed_is_set(tmp_path):
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
         torch.manual_seed(123)  # whatever the state before: the run's seed decides
-        assert _cli("train", "--model-factory", f"{__file__}:make_randomly_started_fa",
-                    "--data", str(tmp_path / "train.npz"), "--epochs", "1", "--batch-size",
-                    "20", "--seed", str(seed), "--device", "cpu", "--out", str(out)) == 0
+        assert (
+            _cli(
+                "train",
+                "--model-factory",
+                f"{__file__}:make_randomly_started_fa",
+                "--data",
+                str(tmp_path / "train.npz"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "20",
+                "--seed",
+                str(seed),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            )
+            == 0
+        )
         pyro.set_rng_seed(seed)
         pair = make_randomly_started_fa()
         fit(pair, data, epochs=1, batch_size=20, seed=seed, device="cpu", progress=False)

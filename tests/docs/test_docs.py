@@ -39,8 +39,12 @@ def _shell_env(folder: Path) -> dict:
     script = bin_dir / "pyro-vae"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m pyro_vae "$@"\n')
     script.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-               MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        MPLBACKEND="Agg",
+        OMP_NUM_THREADS="1",
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("PYRO_VAE_DATA_DIR", None)
     return env
@@ -54,19 +58,30 @@ def _run_python(block, page, namespace) -> str:
             exec(code, namespace)
     except Exception as exc:  # the page's own lines, not this file's or the page's source
         frames = traceback.extract_tb(exc.__traceback__)[1:]
-        pytest.fail(f"{page}:{block.line}: the python block raised "
-                    f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_list(frames))}",
-                    pytrace=False)
+        pytest.fail(
+            f"{page}:{block.line}: the python block raised "
+            f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_list(frames))}",
+            pytrace=False,
+        )
     return printed.getvalue()
 
 
 def _run_bash(block, page, folder, env) -> str:
-    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=folder,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=BASH_TIMEOUT_S)
+    done = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", block.code],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=BASH_TIMEOUT_S,
+    )
     if done.returncode:
-        pytest.fail(f"{page}:{block.line}: the bash block exited with status "
-                    f"{done.returncode}:\n{done.stdout}", pytrace=False)
+        pytest.fail(
+            f"{page}:{block.line}: the bash block exited with status "
+            f"{done.returncode}:\n{done.stdout}",
+            pytrace=False,
+        )
     return done.stdout
 
 
@@ -88,9 +103,15 @@ def _write_files(blocks, folder: Path) -> None:
     importlib.invalidate_caches()
 
 
-@pytest.mark.parametrize("page", [
-    pytest.param(page, marks=pytest.mark.skip(reason=NOT_RUN[page])) if page in NOT_RUN else page
-    for page in PAGES])
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(page, marks=pytest.mark.skip(reason=NOT_RUN[page]))
+        if page in NOT_RUN
+        else page
+        for page in PAGES
+    ],
+)
 def test_page_runs_and_prints_what_it_shows(page, tmp_path, monkeypatch):
     blocks = parse_page(ROOT / page)
     folder = tmp_path / "session"
@@ -115,13 +136,15 @@ def test_page_runs_and_prints_what_it_shows(page, tmp_path, monkeypatch):
             elif block.language == "bash":
                 printed[index] = _run_bash(block, page, folder, env)
             elif block.output_of is not None:
-                difference = compare_output(printed[block.output_of], block.code,
-                                            **block.options)
+                difference = compare_output(printed[block.output_of], block.code, **block.options)
                 if difference:
-                    pytest.fail(f"{page}:{block.line}: the output shown is not what line "
-                                f"{blocks[block.output_of].line} printed: {difference}\n"
-                                f"--- shown ---\n{block.code}--- printed ---\n"
-                                f"{printed[block.output_of]}", pytrace=False)
+                    pytest.fail(
+                        f"{page}:{block.line}: the output shown is not what line "
+                        f"{blocks[block.output_of].line} printed: {difference}\n"
+                        f"--- shown ---\n{block.code}--- printed ---\n"
+                        f"{printed[block.output_of]}",
+                        pytrace=False,
+                    )
     finally:
         torch.set_num_threads(threads)
         CLASSES.clear()
@@ -154,9 +177,11 @@ def test_a_bare_literal_block_is_refused():
 
 
 def test_an_output_block_follows_its_code_with_no_prose_between():
-    blocks = parse_rst(".. code-block:: python\n\n    print(1)\n\n.. doctest: tolerance 0.5\n"
-                       ".. code-block:: text\n\n    1.2\n\nProse.\n\n.. code-block:: text\n\n"
-                       "    not an output\n")
+    blocks = parse_rst(
+        ".. code-block:: python\n\n    print(1)\n\n.. doctest: tolerance 0.5\n"
+        ".. code-block:: text\n\n    1.2\n\nProse.\n\n.. code-block:: text\n\n"
+        "    not an output\n"
+    )
     assert [b.language for b in blocks] == ["python", OUTPUT, OUTPUT]
     assert blocks[0].line == 3 and blocks[0].code == "print(1)\n"
     assert blocks[1].output_of == 0 and blocks[1].options == {"atol": 0.5}
@@ -164,21 +189,25 @@ def test_an_output_block_follows_its_code_with_no_prose_between():
 
 
 def test_markdown_fences_and_tolerance_comments():
-    blocks = parse_markdown("```bash\necho 1\n```\n<!-- doctest: tolerance 2% -->\n```text\n"
-                            "1\n```\n")
+    blocks = parse_markdown(
+        "```bash\necho 1\n```\n<!-- doctest: tolerance 2% -->\n```text\n1\n```\n"
+    )
     assert blocks[1].output_of == 0 and blocks[1].options == {"rtol": 0.02}
 
 
-@pytest.mark.parametrize("printed, shown, options, same", [
-    ("a  -6.5304\nb", "a -6.5304 b", {}, True),
-    ("a -6.5305", "a -6.5304", {}, False),
-    ("a -6.5305", "a -6.5304", {"atol": 1e-3}, True),
-    ("loss 103", "loss 100", {"rtol": 0.05}, True),
-    ("loss 106", "loss 100", {"rtol": 0.05}, False),
-    ("k-hat -inf, p_100(x) 1..30", "k-hat -inf, p_100(x) 1..30", {}, True),
-    ("k-hat -inf", "k-hat 0.5", {"atol": 10}, False),
-    ("pid 41207 here", "pid ... here", {}, True),
-    ("eval-data-a.json", "eval-test.json", {}, False),
-])
+@pytest.mark.parametrize(
+    "printed, shown, options, same",
+    [
+        ("a  -6.5304\nb", "a -6.5304 b", {}, True),
+        ("a -6.5305", "a -6.5304", {}, False),
+        ("a -6.5305", "a -6.5304", {"atol": 1e-3}, True),
+        ("loss 103", "loss 100", {"rtol": 0.05}, True),
+        ("loss 106", "loss 100", {"rtol": 0.05}, False),
+        ("k-hat -inf, p_100(x) 1..30", "k-hat -inf, p_100(x) 1..30", {}, True),
+        ("k-hat -inf", "k-hat 0.5", {"atol": 10}, False),
+        ("pid 41207 here", "pid ... here", {}, True),
+        ("eval-data-a.json", "eval-test.json", {}, False),
+    ],
+)
 def test_compare_output(printed, shown, options, same):
     assert (compare_output(printed, shown, **options) is None) == same

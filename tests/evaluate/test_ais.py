@@ -52,8 +52,15 @@ def test_more_annealing_steps_recover_more_of_what_a_poor_guide_misses():
     exact = pair.exact_log_likelihood(x).detach().double()
     torch.manual_seed(0)
     short_is = (exact - evaluate(pair.model, pair.guide, x, num_particles=5000).log_px).mean()
-    shortfalls = [(exact - ais(pair.model, pair.guide, x, num_chains=16, num_steps=steps,
-                               step_size=0.1).log_px).mean().item() for steps in (4, 40)]
+    shortfalls = [
+        (
+            exact
+            - ais(pair.model, pair.guide, x, num_chains=16, num_steps=steps, step_size=0.1).log_px
+        )
+        .mean()
+        .item()
+        for steps in (4, 40)
+    ]
     assert short_is > 3.0
     assert shortfalls[1] < shortfalls[0] - 0.3 and shortfalls[1] < short_is - 2.0, shortfalls
 
@@ -63,8 +70,7 @@ def test_the_sigmoid_schedule_rises_from_zero_to_one():
     assert betas[0] == 0 and betas[-1] == 1 and bool((betas[1:] > betas[:-1]).all())
     assert betas[1] - betas[0] < betas[5] - betas[4]  # dense near the ends
     with pytest.raises(ValueError, match="rise from 0 to 1"):
-        ais(lambda x: None, lambda x: None, torch.zeros(2, 5),
-            schedule=torch.tensor([0.0, 0.5]))
+        ais(lambda x: None, lambda x: None, torch.zeros(2, 5), schedule=torch.tensor([0.0, 0.5]))
     assert math.isclose(float(betas.sum()), 5.5, rel_tol=1e-9)  # symmetric about t = T/2
 
 
@@ -91,8 +97,9 @@ def test_bdmc_brackets_the_exact_log_likelihood_and_the_bracket_closes_with_more
     gaps = []
     for steps in (4, 60):
         torch.manual_seed(0)
-        result = bdmc(pair.model, pair.guide, x, {"z": z}, num_chains=8, num_steps=steps,
-                      step_size=0.1)
+        result = bdmc(
+            pair.model, pair.guide, x, {"z": z}, num_chains=8, num_steps=steps, step_size=0.1
+        )
         lower, upper = result.lower.log_px.mean(), result.upper.log_px.mean()
         assert lower < exact.mean() < upper, (lower, exact.mean(), upper)
         gaps.append(result.gap.mean().item())
@@ -106,8 +113,9 @@ def test_reverse_ais_with_the_exact_posterior_as_guide_is_exact():
     x, z = _simulated(pair, 5)
     torch.manual_seed(0)
     result = reverse_ais(pair.model, pair.guide, x, {"z": z}, num_chains=4, num_steps=3)
-    torch.testing.assert_close(result.log_px, pair.exact_log_likelihood(x).detach().double(),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        result.log_px, pair.exact_log_likelihood(x).detach().double(), rtol=0, atol=1e-5
+    )
 
 
 def test_the_command_line_writes_ais_estimates_near_importance_sampling(tmp_path, capsys):
@@ -118,8 +126,10 @@ def test_the_command_line_writes_ais_estimates_near_importance_sampling(tmp_path
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
     assert main(["evaluate", str(run), "--particles", "2000", "--limit", "10", "--quiet"]) == 0
-    assert main(["evaluate", str(run), "--ais", "--ais-steps", "30", "--chains", "8",
-                 "--limit", "10"]) == 0
+    assert (
+        main(["evaluate", str(run), "--ais", "--ais-steps", "30", "--chains", "8", "--limit", "10"])
+        == 0
+    )
     assert "AIS log p(x) (8 chains, 30 steps from the guide)" in capsys.readouterr().out
     written = json.loads((run / "ais-test.json").read_text())
     assert written["start"] == "guide"
@@ -129,13 +139,31 @@ def test_the_command_line_writes_ais_estimates_near_importance_sampling(tmp_path
 
     stored = arviz_module().from_netcdf(str(run / "ais-test.nc")).ais
     assert stored.log_weight.shape == (8, 10)
-    torch.testing.assert_close(torch.as_tensor(stored.log_px.values),
-                               torch.tensor(written["per_datapoint"]["log_px"],
-                                            dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.as_tensor(stored.log_px.values),
+        torch.tensor(written["per_datapoint"]["log_px"], dtype=torch.float64),
+    )
     # a well-fitted guide on digits: AIS and IS at K = 2000 agree to a fraction of a nat
     assert abs(written["log_px"]["mean"] - importance) < 0.3, (written["log_px"], importance)
-    assert main(["evaluate", str(run), "--ais", "--ais-start", "prior", "--ais-steps", "5",
-                 "--chains", "2", "--limit", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                "--ais",
+                "--ais-start",
+                "prior",
+                "--ais-steps",
+                "5",
+                "--chains",
+                "2",
+                "--limit",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "2 chains, 5 steps from the prior" in capsys.readouterr().out
     assert json.loads((run / "ais-test.json").read_text())["start"] == "prior"
 
@@ -175,8 +203,16 @@ def test_annealing_from_the_prior_needs_no_guide_and_closes_on_the_exact_value()
     pair = _pair(x, offset=1.0, scale=0.1)
     exact = pair.exact_log_likelihood(x).detach().double()
     torch.manual_seed(0)
-    errors = [(exact - ais(pair.model, pair.guide, x, num_chains=16, num_steps=steps,
-                           start="prior").log_px).abs().mean().item() for steps in (1, 200)]
+    errors = [
+        (
+            exact
+            - ais(pair.model, pair.guide, x, num_chains=16, num_steps=steps, start="prior").log_px
+        )
+        .abs()
+        .mean()
+        .item()
+        for steps in (1, 200)
+    ]
     assert errors[1] < 0.1 and errors[1] < errors[0], errors
 
 
@@ -195,8 +231,18 @@ def test_enumerated_sites_are_summed_out_exactly_with_each_classes_exact_posteri
         torch.testing.assert_close(result.log_px, exact, rtol=0, atol=1e-4)
     widened = MixtureOfFactorAnalysers()  # q(z | x, y) 1.5 times too wide
     for start, bound in (("guide", 0.1), ("prior", 0.3)):  # this seed: 0.050 and 0.145
-        errors = [(ais(widened.model, widened.guide, x, num_chains=8, num_steps=steps,
-                       start=start).log_px - exact).abs().mean().item() for steps in (10, 100)]
+        errors = [
+            (
+                ais(
+                    widened.model, widened.guide, x, num_chains=8, num_steps=steps, start=start
+                ).log_px
+                - exact
+            )
+            .abs()
+            .mean()
+            .item()
+            for steps in (10, 100)
+        ]
         assert errors[1] < bound and errors[1] < errors[0], (start, errors)
 
 
@@ -224,8 +270,9 @@ def test_changing_one_datapoint_leaves_the_others_ais_estimates_bit_identical(ba
     runs = []
     for data in (x, changed):
         torch.manual_seed(3)
-        runs.append(ais(pair.model, pair.guide, data, num_chains=6, num_steps=8,
-                        batch_size=batch_size))
+        runs.append(
+            ais(pair.model, pair.guide, data, num_chains=6, num_steps=8, batch_size=batch_size)
+        )
     others = [n for n in range(10) if n != 1]
     a, b = runs
     assert torch.equal(a.log_weights[:, others], b.log_weights[:, others])
@@ -246,8 +293,10 @@ def test_the_time_estimate_of_ais_counts_every_enumerated_configuration(monkeypa
     monkeypatch.setattr(budget, "clock", lambda: float(next(ticks)))  # 1 s per step
     pair, x = MixtureOfFactorAnalysers(), _points(4)
     steps = 10
-    expected = (rf"AIS of {steps} steps with 2 chains for each of {C} enumerated "
-                rf"configurations would take about {steps * C} s")
+    expected = (
+        rf"AIS of {steps} steps with 2 chains for each of {C} enumerated "
+        rf"configurations would take about {steps * C} s"
+    )
     with budget.time_limit(steps * C - 1), pytest.raises(budget.TimeLimitError, match=expected):
         ais(pair.model, pair.guide, x, num_chains=2, num_steps=steps)
     with budget.time_limit(steps * C):

@@ -52,6 +52,7 @@ def _normal_target_pair(guide_scale: float, dim: int = 1):
     The weights p/q ∝ exp(|z|² (1/s² − 1) / 2) with z ~ N(0, s² I) have a Pareto tail of shape
     k = 1 − s² for s < 1 (exactly Pareto for dim = 2), and are bounded (k ≤ 0) for s ≥ 1.
     """
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x.new_zeros(dim), 1.0).to_event(1))
@@ -75,7 +76,7 @@ def test_exact_posterior_weights_equal_log_marginal(dtype, atol):
 
     result = ev.evaluate(lg.model, lg.guide, x, num_particles=64)
     torch.testing.assert_close(result.log_px, exact, atol=atol, rtol=0)
-    assert result.var_log_w.max().item() < atol ** 2
+    assert result.var_log_w.max().item() < atol**2
     assert result.gap.abs().max().item() < atol
     torch.testing.assert_close(result.ess, torch.ones(20, dtype=torch.float64), atol=atol, rtol=0)
     assert (result.khat == -math.inf).all()
@@ -88,8 +89,9 @@ def test_matches_pyro_vectorized_importance_weights():
     _seed(3)
     ours = ev.log_weights(lg.model, lg.guide, x, num_particles=300, max_plate_nesting=1)
     _seed(3)
-    theirs, _, _ = vectorized_importance_weights(lg.model, lg.guide, x, num_samples=300,
-                                                 max_plate_nesting=1)
+    theirs, _, _ = vectorized_importance_weights(
+        lg.model, lg.guide, x, num_samples=300, max_plate_nesting=1
+    )
     assert ours.shape == (300, 1) and theirs.shape == (300,)
     torch.testing.assert_close(ours[:, 0], theirs.detach(), atol=1e-12, rtol=0)
 
@@ -123,8 +125,10 @@ def test_iwae_bound_increases_with_k_and_converges_to_exact():
 
     # The same ordering holds between independent evaluate() calls (a worse guide: KL ≈ 1.5).
     worse = LinearGaussian.random(4, 2, noise_scale=1.0, loc_shift=0.4, scale_factor=1.5)
-    small, large = (ev.evaluate(worse.model, worse.guide, x, num_particles=k, khat=False).log_px
-                    for k in (1, 32))
+    small, large = (
+        ev.evaluate(worse.model, worse.guide, x, num_particles=k, khat=False).log_px
+        for k in (1, 32)
+    )
     mean, se = _mean_and_se(large - small)
     assert mean > NUM_SE * se
 
@@ -168,10 +172,11 @@ def test_khat_matches_known_tail_shape(guide_scale):
     # tolerance is NUM_SE standard errors of the mean k-hat across them.
     num_particles = 1000
     model, guide = _normal_target_pair(guide_scale, dim=2)
-    result = ev.evaluate(model, guide, torch.zeros(400, 1), num_particles=num_particles,
-                         keep_log_weights=False)
+    result = ev.evaluate(
+        model, guide, torch.zeros(400, 1), num_particles=num_particles, keep_log_weights=False
+    )
     tail = math.ceil(min(num_particles / 5, 3 * math.sqrt(num_particles)))
-    expected = (tail * (1 - guide_scale ** 2) + 10 * 0.5) / (tail + 10)
+    expected = (tail * (1 - guide_scale**2) + 10 * 0.5) / (tail + 10)
     mean, se = _mean_and_se(result.khat)
     assert abs(mean - expected) < NUM_SE * se
 
@@ -195,15 +200,18 @@ def test_streamed_statistics_equal_those_of_the_concatenated_weights():
     streamed = ev.evaluate(lg.model, lg.guide, x, num_particles=500, particle_chunk=37)
     direct = ev.weight_statistics(streamed.log_weights)
     for name in (*ev.METRICS, "khat"):
-        torch.testing.assert_close(getattr(streamed, name), getattr(direct, name),
-                                   atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(
+            getattr(streamed, name), getattr(direct, name), atol=1e-10, rtol=1e-10
+        )
 
 
 def test_chunk_size_does_not_change_results_beyond_mc_error():
     lg = _exact_pair()
     x = _data(lg, 10)
-    exact = [ev.evaluate(lg.model, lg.guide, x, num_particles=50, particle_chunk=chunk).log_px
-             for chunk in (1, 7, None)]
+    exact = [
+        ev.evaluate(lg.model, lg.guide, x, num_particles=50, particle_chunk=chunk).log_px
+        for chunk in (1, 7, None)
+    ]
     torch.testing.assert_close(exact[0], exact[2], atol=1e-10, rtol=0)
     torch.testing.assert_close(exact[1], exact[2], atol=1e-10, rtol=0)
 
@@ -223,8 +231,11 @@ def test_same_seed_same_settings_reproduce_exactly():
     results = []
     for _ in range(2):
         _seed(5)
-        results.append(ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=100,
-                                           batch_size=6, particle_chunk=30))
+        results.append(
+            ev.evaluate_dataset(
+                lg.model, lg.guide, x, num_particles=100, batch_size=6, particle_chunk=30
+            )
+        )
     for name in (*ev.METRICS, "khat"):
         assert torch.equal(getattr(results[0], name), getattr(results[1], name))
 
@@ -240,10 +251,8 @@ def test_batches_agree_with_single_datapoints():
     _seed()
     lg = _wrong_pair()
     x = _data(lg, 100)
-    single = ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=100, batch_size=1,
-                                 khat=False)
-    batch = ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=100, batch_size=32,
-                                khat=False)
+    single = ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=100, batch_size=1, khat=False)
+    batch = ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=100, batch_size=32, khat=False)
     assert single.num_datapoints == batch.num_datapoints == 100
     for name in ("log_px", "elbo"):
         mean, se = _mean_and_se(getattr(single, name) - getattr(batch, name))
@@ -280,8 +289,15 @@ def test_changing_one_datapoint_leaves_the_others_bit_identical(pair):
         _seed(3)
         runs[name, "call"] = ev.evaluate(model, guide, data, num_particles=60, particle_chunk=25)
         runs[name, "batches"] = ev.evaluate_dataset(
-            model, guide, data, num_particles=60, batch_size=4, particle_chunk=25,
-            keep_log_weights=True, batch_seed=11)
+            model,
+            guide,
+            data,
+            num_particles=60,
+            batch_size=4,
+            particle_chunk=25,
+            keep_log_weights=True,
+            batch_seed=11,
+        )
     for how in ("call", "batches"):
         a, b = runs["x", how], runs["changed", how]
         assert torch.equal(a.log_weights[:, others], b.log_weights[:, others])
@@ -298,11 +314,19 @@ def test_a_datapoint_alone_reproduces_its_batch_of_one():
 
     lg = _wrong_pair()
     x = _data(lg, 5)
-    batched = ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=50, batch_size=1,
-                                  particle_chunk=20, keep_log_weights=True, batch_seed=4)
+    batched = ev.evaluate_dataset(
+        lg.model,
+        lg.guide,
+        x,
+        num_particles=50,
+        batch_size=1,
+        particle_chunk=20,
+        keep_log_weights=True,
+        batch_seed=4,
+    )
     for n in range(x.shape[0]):
         torch.manual_seed(derive_seed(4, EVAL_BATCH_STREAM, n))
-        alone = ev.evaluate(lg.model, lg.guide, x[n:n + 1], num_particles=50, particle_chunk=20)
+        alone = ev.evaluate(lg.model, lg.guide, x[n : n + 1], num_particles=50, particle_chunk=20)
         assert torch.equal(alone.log_weights[:, 0], batched.log_weights[:, n])
         for name in (*ev.METRICS, "khat"):
             assert torch.equal(getattr(alone, name)[0], getattr(batched, name)[n]), (n, name)
@@ -319,9 +343,15 @@ def test_validation_checks_the_data_once_without_changing_the_draws():
     for validate in (True, False):
         with pyro.validation_enabled(validate):
             _seed(5)
-            results[validate] = ev.evaluate_dataset(model, guide, x, num_particles=60,
-                                                    batch_size=4, particle_chunk=25,
-                                                    keep_log_weights=True)
+            results[validate] = ev.evaluate_dataset(
+                model,
+                guide,
+                x,
+                num_particles=60,
+                batch_size=4,
+                particle_chunk=25,
+                keep_log_weights=True,
+            )
             assert is_validation_enabled() == validate
     assert torch.equal(results[True].log_weights, results[False].log_weights)
     for name in (*ev.METRICS, "khat"):
@@ -330,8 +360,9 @@ def test_validation_checks_the_data_once_without_changing_the_draws():
     not_binary = x.clone()
     not_binary[6, 3] = 0.5  # in the second batch
     with pyro.validation_enabled(True), pytest.raises(ValueError, match="support"):
-        ev.evaluate_dataset(model, guide, not_binary, num_particles=60, batch_size=4,
-                            particle_chunk=25)
+        ev.evaluate_dataset(
+            model, guide, not_binary, num_particles=60, batch_size=4, particle_chunk=25
+        )
 
 
 def test_dataset_of_several_tensors_is_sliced_together():
@@ -345,8 +376,9 @@ def test_dataset_of_several_tensors_is_sliced_together():
     def guide(x, offset):
         return lg.guide(x - offset[:, None])
 
-    result = ev.evaluate_dataset(model, guide, (x + offsets[:, None], offsets), num_particles=4,
-                                 batch_size=4)
+    result = ev.evaluate_dataset(
+        model, guide, (x + offsets[:, None], offsets), num_particles=4, batch_size=4
+    )
     torch.testing.assert_close(result.log_px, lg.log_marginal(x).detach(), atol=1e-10, rtol=0)
     with pytest.raises(DataError, match="different lengths"):
         ev.evaluate_dataset(model, guide, (x, offsets[:5]), num_particles=4)
@@ -375,8 +407,9 @@ def test_an_observed_site_outside_the_data_plate_makes_the_data_set_one_datapoin
     with pytest.raises(ConfigError, match="could not find a data plate"):
         ev.evaluate_dataset(model, guide, torch.zeros(3), num_particles=4, batch_size=2)
     loader = torch.utils.data.DataLoader(torch.zeros(3), batch_size=2)  # its own batches
-    with pytest.raises(ConfigError, match="the data set is one datapoint: evaluate it in one "
-                                          "batch"):
+    with pytest.raises(
+        ConfigError, match="the data set is one datapoint: evaluate it in one batch"
+    ):
         ev.evaluate_dataset(model, guide, loader, num_particles=4)
     with pytest.raises(ConfigError, match=r"sample sites \['total'\] are outside the data plate"):
         ev.evaluate(model, guide, torch.zeros(3), num_particles=4, data_plate="data")
@@ -465,7 +498,11 @@ def test_save_evaluation_writes_json_netcdf_and_plots(tmp_path):
     paths = ev.save_evaluation(result, tmp_path, "test", {"note": "exact"})
     assert set(paths) == {"json", "netcdf", "gap", "khat"}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "eval-test.json", "eval-test.nc", "gap-test.png", "khat-test.png"]
+        "eval-test.json",
+        "eval-test.nc",
+        "gap-test.png",
+        "khat-test.png",
+    ]
     saved = json.loads(paths["json"].read_text())
     assert saved["note"] == "exact"
     assert saved["summary"]["num_particles"] == 30
@@ -495,12 +532,14 @@ def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
     from pyro_vae import ModelConfig, TrainConfig, fit
 
     run_dir = tmp_path / "run"
-    config = TrainConfig(epochs=1, batch_size=512, device="cpu",
-                         model=ModelConfig(latent_dim=2, hidden=(8,)))
+    config = TrainConfig(
+        epochs=1, batch_size=512, device="cpu", model=ModelConfig(latent_dim=2, hidden=(8,))
+    )
     fit(config=config, run_dir=run_dir, progress=False)
     rng_state = torch.get_rng_state()
-    result = evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
-                             device="cpu")
+    result = evaluate_run(
+        run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10, device="cpu"
+    )
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert result.num_datapoints == 12 and result.num_particles == 25
     assert result.log_weights is not None and (result.gap >= 0).all()
@@ -510,7 +549,15 @@ def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
     assert saved["config"]["particles"] == 25 and saved["config"]["limit"] == 12
     assert saved["summary"]["log_px"]["mean"] == pytest.approx(result.log_px.mean().item())
 
-    again = evaluate_run(run_dir, particles=25, limit=12, batch_size=5, particle_chunk=10,
-                            device="cpu", out=tmp_path / "elsewhere", keep_log_weights=False)
+    again = evaluate_run(
+        run_dir,
+        particles=25,
+        limit=12,
+        batch_size=5,
+        particle_chunk=10,
+        device="cpu",
+        out=tmp_path / "elsewhere",
+        keep_log_weights=False,
+    )
     assert torch.equal(again.log_px, result.log_px) and again.log_weights is None
     assert (tmp_path / "elsewhere" / "eval-test.nc").is_file()

@@ -52,6 +52,7 @@ GUIDE_PARAMS = ("loc_shift", "log_scale_factor")
 
 # ----------------------------------------------------------------------------- helpers
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     with one_thread():
@@ -62,8 +63,9 @@ def _pair(guide: str = "diagonal", exact: bool = False) -> LinearGaussian:
     """D = 3, d = 2; a shifted, over-dispersed guide unless ``exact``."""
     if exact:
         return LinearGaussian.random(3, 2, noise_scale=0.7, guide="full")
-    return LinearGaussian.random(3, 2, noise_scale=0.7, guide=guide,
-                                 loc_shift=torch.tensor([0.3, -0.2]), scale_factor=1.3)
+    return LinearGaussian.random(
+        3, 2, noise_scale=0.7, guide=guide, loc_shift=torch.tensor([0.3, -0.2]), scale_factor=1.3
+    )
 
 
 def _data(lg: LinearGaussian, num_data: int = 3) -> torch.Tensor:
@@ -85,11 +87,12 @@ def _guide_moments(lg: LinearGaussian, x: torch.Tensor) -> tuple[torch.Tensor, t
 def expected_log_lik(lg: LinearGaussian, x: torch.Tensor) -> torch.Tensor:
     """E_q[log N(x; W z + b, σ² I)] per datapoint, in closed form."""
     mean, cov = _guide_moments(lg, x)
-    var = lg.noise_scale ** 2
+    var = lg.noise_scale**2
     residual = x - mean @ lg.weight.T - lg.bias
     spread = torch.trace(lg.weight @ cov @ lg.weight.T)
-    return (-0.5 * lg.data_dim * torch.log(2 * math.pi * var)
-            - (residual.square().sum(-1) + spread) / (2 * var))
+    return -0.5 * lg.data_dim * torch.log(2 * math.pi * var) - (
+        residual.square().sum(-1) + spread
+    ) / (2 * var)
 
 
 def rate(lg: LinearGaussian, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +105,9 @@ def beta_elbo(lg: LinearGaussian, x: torch.Tensor, beta: float = 1.0) -> torch.T
     return expected_log_lik(lg, x) - beta * rate(lg, x)
 
 
-def iw_reference(lg: LinearGaussian, x: torch.Tensor, k: int, replicates: int,
-                 seed: int = 123) -> tuple[float, float]:
+def iw_reference(
+    lg: LinearGaussian, x: torch.Tensor, k: int, replicates: int, seed: int = 123
+) -> tuple[float, float]:
     """Mean and SE of Σ_n log (1/K) Σ_k w_k, sampled with torch.distributions (no Pyro)."""
     generator = torch.Generator().manual_seed(seed)
     q = lg.guide_distribution(x)
@@ -122,8 +126,9 @@ def iw_reference(lg: LinearGaussian, x: torch.Tensor, k: int, replicates: int,
     return total.mean().item(), total.std().item() / math.sqrt(replicates)
 
 
-def iw_quadrature(lg: LinearGaussian, x: torch.Tensor, k: int, beta: float, nodes: int
-                  ) -> torch.Tensor:
+def iw_quadrature(
+    lg: LinearGaussian, x: torch.Tensor, k: int, beta: float, nodes: int
+) -> torch.Tensor:
     """Σ_n E[log (1/K) Σ_k w_β,k] of a one-dimensional latent with the diagonal guide, by
     Gauss–Hermite quadrature over the K normals behind z_1..z_K (differentiable in ``lg``)."""
     q = lg.guide_distribution(x)
@@ -148,13 +153,18 @@ def normalized_weight_moment(lg: LinearGaussian, x: torch.Tensor, n: float) -> t
     b_inv = torch.linalg.inv(q.covariance_matrix)
     precision = n * a_inv + (1 - n) * b_inv
     shift = n * a_inv @ a + (1 - n) * b_inv @ b
-    constant = (-n / 2 * ((a.mT @ a_inv @ a).squeeze((-1, -2))
-                          + torch.logdet(2 * math.pi * posterior.covariance_matrix))
-                - (1 - n) / 2 * ((b.mT @ b_inv @ b).squeeze((-1, -2))
-                                 + torch.logdet(2 * math.pi * q.covariance_matrix)))
+    constant = -n / 2 * (
+        (a.mT @ a_inv @ a).squeeze((-1, -2))
+        + torch.logdet(2 * math.pi * posterior.covariance_matrix)
+    ) - (1 - n) / 2 * (
+        (b.mT @ b_inv @ b).squeeze((-1, -2)) + torch.logdet(2 * math.pi * q.covariance_matrix)
+    )
     covariance = torch.linalg.inv(precision)
-    return torch.exp(constant + 0.5 * (shift.mT @ covariance @ shift).squeeze((-1, -2))
-                     + 0.5 * torch.logdet(2 * math.pi * covariance))
+    return torch.exp(
+        constant
+        + 0.5 * (shift.mT @ covariance @ shift).squeeze((-1, -2))
+        + 0.5 * torch.logdet(2 * math.pi * covariance)
+    )
 
 
 def draws(fn: Callable[[], torch.Tensor], repeats: int) -> torch.Tensor:
@@ -163,12 +173,12 @@ def draws(fn: Callable[[], torch.Tensor], repeats: int) -> torch.Tensor:
 
 def loss_draws(estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int) -> torch.Tensor:
     with torch.no_grad():
-        return draws(lambda: estimator.differentiable_loss(module.model, module.guide, x),
-                     repeats)
+        return draws(lambda: estimator.differentiable_loss(module.model, module.guide, x), repeats)
 
 
-def grad_draws(estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int,
-               params: list[torch.Tensor]) -> torch.Tensor:
+def grad_draws(
+    estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int, params: list[torch.Tensor]
+) -> torch.Tensor:
     def one() -> torch.Tensor:
         loss = estimator.differentiable_loss(module.model, module.guide, x)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
@@ -176,9 +186,11 @@ def grad_draws(estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int,
     return draws(one, repeats)
 
 
-def value_and_grad_draws(estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int,
-                         params: list[torch.Tensor]) -> torch.Tensor:
+def value_and_grad_draws(
+    estimator: ELBOEstimator, module, x: torch.Tensor, repeats: int, params: list[torch.Tensor]
+) -> torch.Tensor:
     """Rows [loss, ∂loss/∂params...] of ``repeats`` independent calls."""
+
     def one() -> torch.Tensor:
         loss = estimator.differentiable_loss(module.model, module.guide, x)
         grads = torch.autograd.grad(loss, params)
@@ -191,17 +203,23 @@ def exact_grad(value: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, params)])
 
 
-def assert_mean_matches(samples: torch.Tensor, expected: torch.Tensor | float,
-                        extra_se: torch.Tensor | float = 0.0, what: str = "") -> None:
+def assert_mean_matches(
+    samples: torch.Tensor,
+    expected: torch.Tensor | float,
+    extra_se: torch.Tensor | float = 0.0,
+    what: str = "",
+) -> None:
     """Every column's mean within NUM_SE standard errors (plus a rounding floor) of expected;
     ``extra_se`` (per column or one number) is the reference's own error, added in quadrature."""
     expected = torch.as_tensor(expected, dtype=samples.dtype).flatten()
     mean = samples.mean(0)
-    se = (samples.var(0) / samples.shape[0] + extra_se ** 2).sqrt()
+    se = (samples.var(0) / samples.shape[0] + extra_se**2).sqrt()
     tolerance = NUM_SE * se + ROUNDING * (1 + expected.abs())
     bad = (mean - expected).abs() > tolerance
-    assert not bad.any(), (f"{what}: mean {mean[bad].tolist()} vs expected "
-                           f"{expected.expand_as(mean)[bad].tolist()} (SE {se[bad].tolist()})")
+    assert not bad.any(), (
+        f"{what}: mean {mean[bad].tolist()} vs expected "
+        f"{expected.expand_as(mean)[bad].tolist()} (SE {se[bad].tolist()})"
+    )
 
 
 def assert_same_mean(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
@@ -213,8 +231,9 @@ def assert_same_mean(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
 
 def total_variance(samples: torch.Tensor) -> tuple[float, float]:
     """Trace of the covariance of the rows, and its standard error (distribution-free)."""
-    squared = (samples - samples.mean(0)).square().sum(1) * samples.shape[0] / (
-        samples.shape[0] - 1)
+    squared = (
+        (samples - samples.mean(0)).square().sum(1) * samples.shape[0] / (samples.shape[0] - 1)
+    )
     return squared.mean().item(), squared.std().item() / math.sqrt(samples.shape[0])
 
 
@@ -234,10 +253,16 @@ class Hierarchical(nn.Module):
         super().__init__()
         a, var_x = 0.8, 0.36
         if exact:
-            precision = 1 + a ** 2 / (1 + var_x)
-            guide = (0.0, a / (1 + var_x) / precision, -0.5 * math.log(precision),
-                     a * var_x / (1 + var_x), 0.0, 1 / (1 + var_x),
-                     0.5 * math.log(var_x / (1 + var_x)))
+            precision = 1 + a**2 / (1 + var_x)
+            guide = (
+                0.0,
+                a / (1 + var_x) / precision,
+                -0.5 * math.log(precision),
+                a * var_x / (1 + var_x),
+                0.0,
+                1 / (1 + var_x),
+                0.5 * math.log(var_x / (1 + var_x)),
+            )
         else:
             guide = (0.2, 0.3, math.log(0.7), 0.4, -0.1, 0.5, math.log(0.9))
         for name, value in zip(self.names, (a, 0.5 * math.log(var_x), *guide)):
@@ -252,8 +277,7 @@ class Hierarchical(nn.Module):
     def guide(self, x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0]):
             z1 = pyro.sample("z1", dist.Normal(self.m1 + self.r1 * x, self.log_s1.exp()))
-            pyro.sample("z2", dist.Normal(self.c * z1 + self.m2 + self.r2 * x,
-                                          self.log_s2.exp()))
+            pyro.sample("z2", dist.Normal(self.c * z1 + self.m2 + self.r2 * x, self.log_s2.exp()))
 
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         log_2pi = math.log(2 * math.pi)
@@ -261,23 +285,25 @@ class Hierarchical(nn.Module):
         var_x = (2 * self.log_sigma).exp()
         mu1 = self.m1 + self.r1 * x
         mu2 = self.c * mu1 + self.m2 + self.r2 * x
-        v2 = self.c ** 2 * v1 + v2_cond
-        log_z1 = -0.5 * log_2pi - 0.5 * (mu1 ** 2 + v1)
-        log_z2 = -0.5 * log_2pi - 0.5 * ((mu2 - self.a * mu1) ** 2
-                                         + (self.c - self.a) ** 2 * v1 + v2_cond)
+        v2 = self.c**2 * v1 + v2_cond
+        log_z1 = -0.5 * log_2pi - 0.5 * (mu1**2 + v1)
+        log_z2 = -0.5 * log_2pi - 0.5 * (
+            (mu2 - self.a * mu1) ** 2 + (self.c - self.a) ** 2 * v1 + v2_cond
+        )
         log_x = -0.5 * (log_2pi + var_x.log()) - ((x - mu2) ** 2 + v2) / (2 * var_x)
         entropy = 0.5 * (log_2pi + 1 + v1.log()) + 0.5 * (log_2pi + 1 + v2_cond.log())
         return log_z1 + log_z2 + log_x + entropy
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
-        return Normal(0.0, (self.a ** 2 + 1 + (2 * self.log_sigma).exp()).sqrt()).log_prob(x)
+        return Normal(0.0, (self.a**2 + 1 + (2 * self.log_sigma).exp()).sqrt()).log_prob(x)
 
 
 HIERARCHICAL_DATA = (0.5, -1.0, 2.0)
 
 
-def gauss_hermite(fn: Callable[[torch.Tensor], torch.Tensor], dims: int, nodes: int
-                  ) -> torch.Tensor:
+def gauss_hermite(
+    fn: Callable[[torch.Tensor], torch.Tensor], dims: int, nodes: int
+) -> torch.Tensor:
     """E[fn(ε)] for ε ~ N(0, I_dims) by the tensor-product Gauss–Hermite rule with ``nodes``
     nodes per dimension (exact for polynomials of degree < 2·nodes in each coordinate).
     ``fn`` maps the ``[G, dims]`` grid to ``[G, ...]``; differentiable in what ``fn`` closes
@@ -291,8 +317,9 @@ def gauss_hermite(fn: Callable[[torch.Tensor], torch.Tensor], dims: int, nodes: 
     return (weight.reshape(-1, *[1] * (values.dim() - 1)) * values).sum(0)
 
 
-def quadrature_with_error(fn: Callable[[], torch.Tensor], nodes: tuple[int, int],
-                          params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def quadrature_with_error(
+    fn: Callable[[], torch.Tensor], nodes: tuple[int, int], params: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``fn(n)`` (a scalar quadrature with n nodes per dimension) and its gradient, at the
     larger node count, and an error estimate: the absolute change from the smaller count
     (the rule converges quickly for these smooth integrands, so the change bounds the error
@@ -318,8 +345,9 @@ class Unguided(nn.Module):
 
     def __init__(self):
         super().__init__()
-        for name, value in zip(self.names, (0.4, 0.5, math.log(0.8), math.log(0.6),
-                                            0.1, 0.3, math.log(0.7))):
+        for name, value in zip(
+            self.names, (0.4, 0.5, math.log(0.8), math.log(0.6), 0.1, 0.3, math.log(0.7))
+        ):
             setattr(self, name, nn.Parameter(torch.tensor(value, dtype=torch.float64)))
 
     def model(self, x: torch.Tensor) -> None:
@@ -337,19 +365,21 @@ class Unguided(nn.Module):
         var_x = (2 * self.log_sigma).exp()
         residual = x - (1 + self.c) * loc - self.a
         spread = (1 + self.c) ** 2 * var + (2 * self.log_su).exp()
-        log_lik = -0.5 * torch.log(2 * math.pi * var_x) - (residual ** 2 + spread) / (2 * var_x)
-        kl = 0.5 * (loc ** 2 + var - 1 - var.log())
+        log_lik = -0.5 * torch.log(2 * math.pi * var_x) - (residual**2 + spread) / (2 * var_x)
+        kl = 0.5 * (loc**2 + var - 1 - var.log())
         return log_lik - beta * kl
 
     def iwae_bound(self, x: torch.Tensor, k: int, beta: float, nodes: int) -> torch.Tensor:
         """Σ_n E[log (1/K) Σ_k w_β,k] by Gauss–Hermite quadrature over the 2K normals
         behind (z_k, u_k)."""
+
         def bound(eps: torch.Tensor) -> torch.Tensor:
             loc, scale = self.m + self.r * x, self.log_s.exp()
             z = loc + scale * eps[:, :k, None]
             u = self.a + self.c * z + self.log_su.exp() * eps[:, k:, None]
-            log_w = (Normal(z + u, self.log_sigma.exp()).log_prob(x)
-                     + beta * (Normal(0.0, 1.0).log_prob(z) - Normal(loc, scale).log_prob(z)))
+            log_w = Normal(z + u, self.log_sigma.exp()).log_prob(x) + beta * (
+                Normal(0.0, 1.0).log_prob(z) - Normal(loc, scale).log_prob(z)
+            )
             return torch.logsumexp(log_w, 1) - math.log(k)
 
         return gauss_hermite(bound, 2 * k, nodes).sum()
@@ -359,11 +389,13 @@ UNGUIDED_DATA = (0.5, -1.0, 2.0)
 
 
 def _estimator(name: str, k: int = 1, particles: int = 1, beta: float = 1.0) -> ELBOEstimator:
-    return make_estimator(name, num_particles=particles, importance_samples=k, beta=beta,
-                          max_plate_nesting=1)
+    return make_estimator(
+        name, num_particles=particles, importance_samples=k, beta=beta, max_plate_nesting=1
+    )
 
 
 # ----------------------------------------------------------------------------- values
+
 
 def test_exact_guide_makes_every_bound_log_marginal():
     lg = _pair(exact=True)
@@ -425,8 +457,9 @@ def test_iwae_bound_increases_with_k_toward_log_marginal():
     assert abs(bounds[1][0] - elbo) < NUM_SE * bounds[1][1], (bounds[1], elbo)
     ks = list(bounds)
     for low, high in zip(ks, ks[1:]):
-        assert bounds[high][0] - bounds[low][0] > NUM_SE * math.hypot(bounds[low][1],
-                                                                      bounds[high][1]), bounds
+        assert bounds[high][0] - bounds[low][0] > NUM_SE * math.hypot(
+            bounds[low][1], bounds[high][1]
+        ), bounds
     for bound, se in bounds.values():
         assert bound < log_px + NUM_SE * se, (bound, se, log_px)
     with torch.no_grad():
@@ -435,10 +468,14 @@ def test_iwae_bound_increases_with_k_toward_log_marginal():
     variance, skew = second - 1, third - 3 * second + 2
     k = ks[-1]
     first_order = (variance / (2 * k)).sum().item()
-    second_order = ((3 * variance ** 2 / 4 - skew / 3) / k ** 2).sum().item()
+    second_order = ((3 * variance**2 / 4 - skew / 3) / k**2).sum().item()
     gap, se = log_px - bounds[k][0], bounds[k][1]
     assert abs(gap - first_order - second_order) < NUM_SE * se + abs(second_order), (
-        gap, se, first_order, second_order)
+        gap,
+        se,
+        first_order,
+        second_order,
+    )
 
 
 def test_loss_of_trace_and_meanfield_equals_pyro_on_the_same_draws():
@@ -449,11 +486,13 @@ def test_loss_of_trace_and_meanfield_equals_pyro_on_the_same_draws():
         for particles in (1, 3):
             pyro.set_rng_seed(1)
             loss = _estimator(ours, particles=particles).differentiable_loss(
-                vae.model, vae.guide, x)
+                vae.model, vae.guide, x
+            )
             grads = torch.autograd.grad(loss, params)
             pyro.set_rng_seed(1)
-            reference = pyros(num_particles=particles, vectorize_particles=True,
-                              max_plate_nesting=1).differentiable_loss(vae.model, vae.guide, x)
+            reference = pyros(
+                num_particles=particles, vectorize_particles=True, max_plate_nesting=1
+            ).differentiable_loss(vae.model, vae.guide, x)
             expected = torch.autograd.grad(reference, params)
             torch.testing.assert_close(loss, reference)
             for grad, want in zip(grads, expected):
@@ -462,10 +501,19 @@ def test_loss_of_trace_and_meanfield_equals_pyro_on_the_same_draws():
 
 # ----------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("name, beta, guide", [
-    ("trace", 1.0, "diagonal"), ("meanfield", 1.0, "diagonal"), ("stl", 1.0, "diagonal"),
-    ("stl", 1.0, "full"), ("trace", 0.5, "full"), ("meanfield", 0.3, "diagonal"),
-    ("stl", 0.5, "full")])
+
+@pytest.mark.parametrize(
+    "name, beta, guide",
+    [
+        ("trace", 1.0, "diagonal"),
+        ("meanfield", 1.0, "diagonal"),
+        ("stl", 1.0, "diagonal"),
+        ("stl", 1.0, "full"),
+        ("trace", 0.5, "full"),
+        ("meanfield", 0.3, "diagonal"),
+        ("stl", 0.5, "full"),
+    ],
+)
 def test_mean_gradient_is_the_closed_form_elbo_gradient(name, beta, guide):
     lg = _pair(guide=guide)
     x = _data(lg)
@@ -510,8 +558,12 @@ def test_single_site_shortcut_equals_the_replayed_guide():
         read = score_free_log_q(particles)
         replayed = particles.site_total(latent_sites(particles.replay()))
         torch.testing.assert_close(read, replayed, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(exact_grad(read.sum(), params),
-                                   exact_grad(replayed.sum(), params), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            exact_grad(read.sum(), params),
+            exact_grad(replayed.sum(), params),
+            rtol=1e-10,
+            atol=1e-12,
+        )
 
 
 class TwoRunDReG(DoublyReparameterizedELBO):
@@ -529,9 +581,14 @@ def test_dreg_single_pass_equals_the_second_run_on_detached_draws(beta):
     rescaled gradient must reach z1 through z2 once, not twice), and for P > 1. The model
     runs once per call instead of twice."""
     lg, hierarchical = _pair(guide="full"), Hierarchical()
-    cases = [(lg, _data(lg), _params(lg)),
-             (hierarchical, torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64),
-              list(hierarchical.parameters()))]
+    cases = [
+        (lg, _data(lg), _params(lg)),
+        (
+            hierarchical,
+            torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64),
+            list(hierarchical.parameters()),
+        ),
+    ]
     for pair, x, params in cases:
         calls = []
         model = pair.model
@@ -543,8 +600,7 @@ def test_dreg_single_pass_equals_the_second_run_on_detached_draws(beta):
         counted_pair = SimpleNamespace(model=counted, guide=pair.guide)
         runs = {}
         for single, cls in ((True, DoublyReparameterizedELBO), (False, TwoRunDReG)):
-            estimator = cls(num_particles=2, importance_samples=4, beta=beta,
-                            max_plate_nesting=1)
+            estimator = cls(num_particles=2, importance_samples=4, beta=beta, max_plate_nesting=1)
             estimator.differentiable_loss(counted, pair.guide, x)  # plate nesting learnt
             calls.clear()
             pyro.set_rng_seed(11)
@@ -582,20 +638,24 @@ def test_importance_weighted_value_and_gradient_at_beta_half_match_quadrature():
     gradient by Gauss–Hermite quadrature over the three normals (24 nodes each; the change
     from 20 nodes is the quadrature's error estimate). Checks the (1 − β) w̃ + β w̃² weights of
     DReG's path term, and that β weights the rate inside each log-weight."""
-    lg = LinearGaussian.random(3, 1, noise_scale=0.7, guide="diagonal",
-                               loc_shift=torch.tensor([0.3]), scale_factor=1.3)
+    lg = LinearGaussian.random(
+        3, 1, noise_scale=0.7, guide="diagonal", loc_shift=torch.tensor([0.3]), scale_factor=1.3
+    )
     x = _data(lg)
     params = _params(lg)
     k, beta = 3, 0.5
-    exact, error = quadrature_with_error(lambda nodes: iw_quadrature(lg, x, k, beta, nodes),
-                                         (20, 24), params)
+    exact, error = quadrature_with_error(
+        lambda nodes: iw_quadrature(lg, x, k, beta, nodes), (20, 24), params
+    )
     for name in ("iwae", "dreg"):
-        samples = value_and_grad_draws(_estimator(name, k=k, particles=32, beta=beta), lg, x,
-                                       40, params)
+        samples = value_and_grad_draws(
+            _estimator(name, k=k, particles=32, beta=beta), lg, x, 40, params
+        )
         assert_mean_matches(samples, -exact, extra_se=error, what=name)
 
 
 # ----------------------------------------------------------------------------- hierarchical guide
+
 
 def test_hierarchical_closed_form():
     x = torch.tensor(HIERARCHICAL_DATA, dtype=torch.float64)
@@ -662,8 +722,9 @@ def test_hierarchical_values_and_dreg_gradient():
     params = list(pair.parameters())
     exact = -pair.elbo(x).sum().detach()
     for name in ("trace", "meanfield", "stl"):
-        assert_mean_matches(loss_draws(_estimator(name, particles=64), pair, x, 40), exact,
-                            what=name)
+        assert_mean_matches(
+            loss_draws(_estimator(name, particles=64), pair, x, 40), exact, what=name
+        )
     iwae = grad_draws(_estimator("iwae", k=4, particles=32), pair, x, 40, params)
     dreg = grad_draws(_estimator("dreg", k=4, particles=32), pair, x, 40, params)
     assert_same_mean(dreg, iwae, what="hierarchical")
@@ -672,6 +733,7 @@ def test_hierarchical_values_and_dreg_gradient():
 # ----------------------------------------------------------------------------- unguided latents
 # Pyro's check_model_guide_match warns "Found vars in model but not guide" under validation
 # (the suite turns warnings into errors); these pairs leave u out of the guide on purpose.
+
 
 @pytest.mark.parametrize("beta", [1.0, 0.5, 0.0])
 def test_unguided_latent_single_draw_matches_the_closed_form(beta):
@@ -685,8 +747,9 @@ def test_unguided_latent_single_draw_matches_the_closed_form(beta):
     expected = torch.cat([value.detach().reshape(1), exact_grad(value, params)])
     with pyro.validation_enabled(False):
         for name in ONE_SAMPLE:
-            samples = value_and_grad_draws(_estimator(name, particles=64, beta=beta), pair, x,
-                                           40, params)
+            samples = value_and_grad_draws(
+                _estimator(name, particles=64, beta=beta), pair, x, 40, params
+            )
             assert_mean_matches(samples, expected, what=f"{name}, beta={beta}")
 
 
@@ -698,12 +761,14 @@ def test_unguided_latent_importance_weighted_matches_quadrature(beta):
     pair = Unguided()
     x = torch.tensor(UNGUIDED_DATA, dtype=torch.float64)
     params = list(pair.parameters())
-    exact, error = quadrature_with_error(lambda nodes: pair.iwae_bound(x, 2, beta, nodes),
-                                         (12, 16), params)
+    exact, error = quadrature_with_error(
+        lambda nodes: pair.iwae_bound(x, 2, beta, nodes), (12, 16), params
+    )
     with pyro.validation_enabled(False):
         for name in ("iwae", "dreg"):
-            samples = value_and_grad_draws(_estimator(name, k=2, particles=32, beta=beta), pair,
-                                           x, 40, params)
+            samples = value_and_grad_draws(
+                _estimator(name, k=2, particles=32, beta=beta), pair, x, 40, params
+            )
             assert_mean_matches(samples, -exact, extra_se=error, what=f"{name}, beta={beta}")
 
 
@@ -718,8 +783,11 @@ def test_unguided_latent_values_are_equal_across_estimators_draw_for_draw():
                 values = []
                 for name in (one, other):
                     pyro.set_rng_seed(11)
-                    values.append(_estimator(name, k=k, particles=4).differentiable_loss(
-                        pair.model, pair.guide, x).item())
+                    values.append(
+                        _estimator(name, k=k, particles=4)
+                        .differentiable_loss(pair.model, pair.guide, x)
+                        .item()
+                    )
                 pyro.set_rng_seed(11)
                 values.append(_estimator(one, k=k, particles=4).loss(pair.model, pair.guide, x))
                 assert values == pytest.approx([values[0]] * 3, rel=ROUNDING), (one, other)
@@ -736,9 +804,14 @@ def test_unguided_latent_that_is_not_reparameterizable_is_refused():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
 
-    with pytest.raises(ValueError, match="model site 'u' \\(Bernoulli\\) is not sampled by the "
-                                         "guide and not reparameterizable"), \
-            pyro.validation_enabled(False):
+    with (
+        pytest.raises(
+            ValueError,
+            match="model site 'u' \\(Bernoulli\\) is not sampled by the "
+            "guide and not reparameterizable",
+        ),
+        pyro.validation_enabled(False),
+    ):
         _estimator("trace").loss(model, guide, torch.zeros(3))
 
 
@@ -753,13 +826,19 @@ def test_guide_latent_missing_from_the_model_is_refused():
             pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
             pyro.sample("v", dist.Normal(x.new_zeros(()), 1.0))
 
-    with pytest.raises(ValueError, match=r"guide sample sites \['v'\] are not latent sample "
-                                         "sites of the model"), \
-            pyro.validation_enabled(False):
+    with (
+        pytest.raises(
+            ValueError,
+            match=r"guide sample sites \['v'\] are not latent sample "
+            "sites of the model",
+        ),
+        pyro.validation_enabled(False),
+    ):
         _estimator("iwae", k=2).loss(model, guide, torch.zeros(3))
 
 
 # ----------------------------------------------------------------------------- scale factors
+
 
 def _scaled(fn: Callable, scale: float) -> Callable:
     return pyro.poutine.scale(fn, scale=scale)
@@ -778,8 +857,9 @@ def test_a_common_scale_factor_multiplies_every_estimator():
         scaled = SimpleNamespace(model=_scaled(lg.model, scale), guide=_scaled(lg.guide, scale))
         for pair in (lg, scaled):
             pyro.set_rng_seed(4)
-            rows.append(value_and_grad_draws(_estimator(name, k=k, particles=3), pair, x, 1,
-                                             params))
+            rows.append(
+                value_and_grad_draws(_estimator(name, k=k, particles=3), pair, x, 1, params)
+            )
         torch.testing.assert_close(rows[1], scale * rows[0], rtol=ROUNDING, atol=ROUNDING)
 
 
@@ -797,10 +877,10 @@ class Subsampled(Hierarchical):
 
     def guide(self, x: torch.Tensor) -> None:
         with pyro.plate("data", x.shape[0], subsample_size=self.batch) as index:
-            z1 = pyro.sample("z1", dist.Normal(self.m1 + self.r1 * x[index],
-                                               self.log_s1.exp()))
-            pyro.sample("z2", dist.Normal(self.c * z1 + self.m2 + self.r2 * x[index],
-                                          self.log_s2.exp()))
+            z1 = pyro.sample("z1", dist.Normal(self.m1 + self.r1 * x[index], self.log_s1.exp()))
+            pyro.sample(
+                "z2", dist.Normal(self.c * z1 + self.m2 + self.r2 * x[index], self.log_s2.exp())
+            )
 
 
 def test_a_subsampled_data_plate_is_scaled_and_replayed_on_the_same_subsample():
@@ -821,18 +901,25 @@ def test_a_subsampled_data_plate_is_scaled_and_replayed_on_the_same_subsample():
         values = []
         for name in (one, other):
             pyro.set_rng_seed(2)
-            values.append(_estimator(name, k=k, particles=3).differentiable_loss(
-                pair.model, pair.guide, x).item())
+            values.append(
+                _estimator(name, k=k, particles=3)
+                .differentiable_loss(pair.model, pair.guide, x)
+                .item()
+            )
         assert values[0] == pytest.approx(values[1], rel=ROUNDING), (one, other)
 
 
-@pytest.mark.parametrize("where, message", [
-    ("model", "guide site 'z' has scale 1 but model site 'z' has scale 0.5"),
-    ("latent", "model site 'x' has scale 1 but model site 'z' has scale 0.5"),
-    ("tensor", "model site 'z' has a scale tensor of shape \\[3\\]"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("model", "guide site 'z' has scale 1 but model site 'z' has scale 0.5"),
+        ("latent", "model site 'x' has scale 1 but model site 'z' has scale 0.5"),
+        ("tensor", "model site 'z' has a scale tensor of shape \\[3\\]"),
+    ],
+)
 def test_unequal_scale_factors_weight_each_site_at_one_draw_and_are_refused_inside_a_sum(
-        where, message):
+    where, message
+):
     """With one draw inside the log every estimator weights each site's term by its own scale
     factor, as Pyro's Trace_ELBO does (the same loss on the same draws); the importance-weighted
     bounds with K > 1 refuse, naming the site, since a per-site weight has no meaning inside
@@ -843,15 +930,17 @@ def test_unequal_scale_factors_weight_each_site_at_one_draw_and_are_refused_insi
     if where == "model":
         model = _scaled(lg.model, 0.5)
     elif where == "tensor":
-        model, guide = (_scaled(fn, torch.full((3,), 2.0, dtype=torch.float64))
-                        for fn in (lg.model, lg.guide))
+        model, guide = (
+            _scaled(fn, torch.full((3,), 2.0, dtype=torch.float64)) for fn in (lg.model, lg.guide)
+        )
     else:
+
         def model(x):
             with pyro.plate("data", x.shape[0]):
                 with pyro.poutine.scale(scale=0.5):
-                    z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([2])
-                                    .to_event(1))
+                    z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0).expand([2]).to_event(1))
                 pyro.sample("x", dist.Normal(z @ lg.weight.T + lg.bias, 1.0).to_event(1), obs=x)
+
     pyro.set_rng_seed(5)
     reference = pyro.infer.Trace_ELBO(max_plate_nesting=1).loss(model, guide, x)
     for name in ("trace", "iwae", "stl", "dreg"):
@@ -863,6 +952,7 @@ def test_unequal_scale_factors_weight_each_site_at_one_draw_and_are_refused_insi
 
 
 # ----------------------------------------------------------------------------- knobs, β, warm-up
+
 
 def test_beta_zero_trace_is_the_expected_log_likelihood():
     lg = _pair()
@@ -877,7 +967,8 @@ def test_beta_zero_trace_is_the_expected_log_likelihood():
 def test_linear_warmup():
     schedule = LinearWarmup(10, start=0.1, end=0.5)
     assert [schedule(step) for step in (0, 5, 10, 11, 1000)] == pytest.approx(
-        [0.1, 0.3, 0.5, 0.5, 0.5])
+        [0.1, 0.3, 0.5, 0.5, 0.5]
+    )
     assert LinearWarmup(4)(2) == 0.5
     for constant in (LinearWarmup(None, end=0.3), LinearWarmup(0, end=0.3)):
         assert constant(0) == constant(99) == 0.3
@@ -892,32 +983,48 @@ def test_linear_warmup():
         schedule(-1)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(name="trace", importance_samples=5), "trace averages particles outside the log.*"
-                                               "use iwae.*num_particles=5"),
-    (dict(name="meanfield", importance_samples=5), "meanfield averages particles outside the "
-                                                   "log.*use iwae for importance samples "
-                                                   "inside it"),
-    (dict(name="stl", importance_samples=2), "use dreg"),
-    (dict(name="iwae", num_particles=0), "num_particles must be an integer >= 1"),
-    (dict(name="dreg", importance_samples=0), "importance_samples must be an integer >= 1"),
-    (dict(name="iwae", beta=-1.0), "beta must be a finite number >= 0"),
-    (dict(name="trace", beta=math.nan), "beta must be a finite number >= 0"),
-    (dict(name="elbo"), "unknown estimator 'elbo': choose one of trace, meanfield, iwae"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(name="trace", importance_samples=5),
+            "trace averages particles outside the log.*use iwae.*num_particles=5",
+        ),
+        (
+            dict(name="meanfield", importance_samples=5),
+            "meanfield averages particles outside the "
+            "log.*use iwae for importance samples "
+            "inside it",
+        ),
+        (dict(name="stl", importance_samples=2), "use dreg"),
+        (dict(name="iwae", num_particles=0), "num_particles must be an integer >= 1"),
+        (dict(name="dreg", importance_samples=0), "importance_samples must be an integer >= 1"),
+        (dict(name="iwae", beta=-1.0), "beta must be a finite number >= 0"),
+        (dict(name="trace", beta=math.nan), "beta must be a finite number >= 0"),
+        (dict(name="elbo"), "unknown estimator 'elbo': choose one of trace, meanfield, iwae"),
+    ],
+)
 def test_bad_combinations_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_estimator(**kwargs)
 
 
 def test_names_classes_and_settable_beta():
-    classes = (TraceELBO, MeanFieldELBO, ImportanceWeightedELBO, StickingTheLandingELBO,
-               DoublyReparameterizedELBO)
+    classes = (
+        TraceELBO,
+        MeanFieldELBO,
+        ImportanceWeightedELBO,
+        StickingTheLandingELBO,
+        DoublyReparameterizedELBO,
+    )
     for name, cls in zip(ONE_SAMPLE, classes):
         estimator = make_estimator(name, num_particles=2, beta=0.5)
         assert type(estimator) is cls and isinstance(estimator, pyro.infer.ELBO)
         assert (estimator.num_particles, estimator.importance_samples, estimator.beta) == (
-            2, 1, 0.5)
+            2,
+            1,
+            0.5,
+        )
     estimator = make_estimator("dreg", importance_samples=8)
     estimator.beta = 0
     assert estimator.beta == 0.0 and isinstance(estimator.beta, float)
@@ -949,6 +1056,7 @@ def test_non_reparameterized_guide_is_refused():
 
 # ----------------------------------------------------------------------------- SVI and nn.Module
 
+
 def _binary_data(num_data: int = 32, dim: int = 12) -> torch.Tensor:
     generator = torch.Generator().manual_seed(2)
     probs = torch.linspace(0.05, 0.95, dim).expand(num_data, dim)
@@ -978,39 +1086,76 @@ def test_estimator_as_an_nn_module_loss(name):
     loss.backward()
     grads = [p.grad for p in vae.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert all(g.abs().sum() > 0 for g in (vae.encoder.head.weight.grad,
-                                            vae.decoder.net[-1].weight.grad))
+    assert all(
+        g.abs().sum() > 0 for g in (vae.encoder.head.weight.grad, vae.decoder.net[-1].weight.grad)
+    )
 
 
 # ----------------------------------------------------------------------------- benchmark smoke test
 
+
 def test_compare_estimators_benchmark_smoke(bench, tmp_path):
     out = tmp_path / "out"
-    assert bench.main(["--estimators", "stl", "dreg", "--seeds", "0", "--time-budget", "0.3",
-                       "--importance-samples", "3", "--warmup", "5", "--eval-particles", "20",
-                       "--curve-particles", "5", "--snr-draws", "3", "--snr-ks", "1", "4",
-                       "--out", str(out)]) == 0
-    names = {"table.md", "runs.csv", "summary.csv", "results.json", "log_px_vs_epoch.png",
-             "snr_vs_k.png"}
+    assert (
+        bench.main(
+            [
+                "--estimators",
+                "stl",
+                "dreg",
+                "--seeds",
+                "0",
+                "--time-budget",
+                "0.3",
+                "--importance-samples",
+                "3",
+                "--warmup",
+                "5",
+                "--eval-particles",
+                "20",
+                "--curve-particles",
+                "5",
+                "--snr-draws",
+                "3",
+                "--snr-ks",
+                "1",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    names = {
+        "table.md",
+        "runs.csv",
+        "summary.csv",
+        "results.json",
+        "log_px_vs_epoch.png",
+        "snr_vs_k.png",
+    }
     assert names <= {p.name for p in out.iterdir()}
     table = (out / "table.md").read_text()
     assert "| stl |" in table and "| dreg (K=3) |" in table
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--time-budget", "0", "argument --time-budget: expected a finite number > 0, got 0"),
-    ("--time-budget", "nan", "argument --time-budget: expected a finite number > 0, got nan"),
-    ("--warmup", "-1", "argument --warmup: expected a whole number >= 0, got -1"),
-    ("--warmup", "2.5", "argument --warmup: expected a whole number, got '2.5'"),
-    ("--beta", "-0.5", "argument --beta: expected a finite number >= 0, got -0.5"),
-    ("--beta", "inf", "argument --beta: expected a finite number >= 0, got inf"),
-    ("--lr", "0", "argument --lr: expected a finite number > 0, got 0"),
-    ("--snr-draws", "1", "argument --snr-draws: expected a whole number >= 2, got 1"),
-    ("--seeds", "-1", "argument --seeds: seed must be a whole number in 0..4294967295"),
-    ("--epochs", "0", "argument --epochs: expected a whole number >= 1, got 0"),
-])
-def test_compare_estimators_bad_options_give_one_line_and_exit_2(bench, tmp_path, capsys,
-                                                                 option, value, message):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--time-budget", "0", "argument --time-budget: expected a finite number > 0, got 0"),
+        ("--time-budget", "nan", "argument --time-budget: expected a finite number > 0, got nan"),
+        ("--warmup", "-1", "argument --warmup: expected a whole number >= 0, got -1"),
+        ("--warmup", "2.5", "argument --warmup: expected a whole number, got '2.5'"),
+        ("--beta", "-0.5", "argument --beta: expected a finite number >= 0, got -0.5"),
+        ("--beta", "inf", "argument --beta: expected a finite number >= 0, got inf"),
+        ("--lr", "0", "argument --lr: expected a finite number > 0, got 0"),
+        ("--snr-draws", "1", "argument --snr-draws: expected a whole number >= 2, got 1"),
+        ("--seeds", "-1", "argument --seeds: seed must be a whole number in 0..4294967295"),
+        ("--epochs", "0", "argument --epochs: expected a whole number >= 1, got 0"),
+    ],
+)
+def test_compare_estimators_bad_options_give_one_line_and_exit_2(
+    bench, tmp_path, capsys, option, value, message
+):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         bench.main([option, value, "--out", str(out)])
@@ -1031,8 +1176,10 @@ def test_compare_estimators_bad_data_dir_is_one_line_before_any_output(bench, tm
 def test_compare_estimators_curves_are_matched_by_epoch(bench):
     """Two seeds that stopped at different epochs (a time budget): the statistics use the
     epochs both evaluated, each seed's value at that epoch."""
-    per_seed = [[(0, -30.0), (10, -25.0), (20, -24.0), (25, -23.5)],
-                [(0, -31.0), (10, -26.0), (20, -23.0), (23, -22.0)]]
+    per_seed = [
+        [(0, -30.0), (10, -25.0), (20, -24.0), (25, -23.5)],
+        [(0, -31.0), (10, -26.0), (20, -23.0), (23, -22.0)],
+    ]
     epochs, mean, std = bench.curve_statistics(per_seed)
     assert epochs == [0, 10, 20]
     torch.testing.assert_close(mean, torch.tensor([-30.5, -25.5, -23.5], dtype=torch.float64))

@@ -83,20 +83,30 @@ def _vae2() -> tuple[nn.Module, tuple]:
 
 
 def _linear_gaussian() -> tuple[nn.Module, tuple]:
-    lg = LinearGaussian.random(4, 2, noise_scale=0.7, guide="diagonal",
-                               loc_shift=torch.tensor([0.3, -0.2]), scale_factor=1.3)
+    lg = LinearGaussian.random(
+        4,
+        2,
+        noise_scale=0.7,
+        guide="diagonal",
+        loc_shift=torch.tensor([0.3, -0.2]),
+        scale_factor=1.3,
+    )
     return lg, (lg.sample(N, torch.Generator().manual_seed(1)),)
 
 
 PAIRS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
-    "vae": _vae, "vae-full-guide": lambda: _vae(guide="full"),
-    "vae-gaussian-learned-scale": _gaussian_vae, "cvae": _cvae, "vae2": _vae2,
+    "vae": _vae,
+    "vae-full-guide": lambda: _vae(guide="full"),
+    "vae-gaussian-learned-scale": _gaussian_vae,
+    "cvae": _cvae,
+    "vae2": _vae2,
     "linear-gaussian": _linear_gaussian,
 }
 
 
-def _loss_and_grads(module: nn.Module, args: tuple, estimator: ELBOEstimator, seed: int
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _loss_and_grads(
+    module: nn.Module, args: tuple, estimator: ELBOEstimator, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     params = [p for p in module.parameters() if p.requires_grad]
     pyro.set_rng_seed(seed)
     with pyro.validation_enabled(False):
@@ -107,15 +117,27 @@ def _loss_and_grads(module: nn.Module, args: tuple, estimator: ELBOEstimator, se
 
 # ----------------------------------------------------------------------------- single draw
 
-def _plated_draw(estimator: ELBOEstimator, model: Callable, guide: Callable, args: tuple
-                 ) -> Particles:
+
+def _plated_draw(
+    estimator: ELBOEstimator, model: Callable, guide: Callable, args: tuple
+) -> Particles:
     """The estimator's single draw inside a particle plate of size 1, as it draws P·K > 1
     (:func:`draw_particles` with ``plated=True``, the estimator's view and enumeration),
     checked as it checks its own draws."""
     view = estimator.draw_view() if estimator.draw_view is not None else None
-    particles = draw_particles(model, guide, args, {}, 1, 1, plated=True, view=view,
-                               enumerate_guide=estimator.parallel_enumeration,
-                               require_data_plate=False, outermost_plate=True)
+    particles = draw_particles(
+        model,
+        guide,
+        args,
+        {},
+        1,
+        1,
+        plated=True,
+        view=view,
+        enumerate_guide=estimator.parallel_enumeration,
+        require_data_plate=False,
+        outermost_plate=True,
+    )
     check_estimable(particles, allow_discrete=estimator.scores_discrete, site_scales=True)
     return particles
 
@@ -135,8 +157,10 @@ def test_single_draw_without_the_particle_plate_is_bit_identical(pair, name):
     with pyro.validation_enabled(False):
         loss = estimator.loss_of(_plated_draw(estimator, module.model, module.guide, args))
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    plated = (loss.detach(),
-              [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+    plated = (
+        loss.detach(),
+        [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)],
+    )
     assert torch.equal(fast[0], plated[0]), (fast[0], plated[0])
     for mine, theirs in zip(fast[1], plated[1]):
         assert torch.equal(mine, theirs)
@@ -191,13 +215,15 @@ def test_a_batch_dimension_outside_the_plates_is_an_error_either_way(plated):
     x = torch.zeros(N, 2)
     with pytest.raises(ValueError), pyro.validation_enabled(False):
         if plated:
-            estimator.loss_of(_plated_draw(estimator, _undeclared_batch_dim, _undeclared_guide,
-                                           (x,)))
+            estimator.loss_of(
+                _plated_draw(estimator, _undeclared_batch_dim, _undeclared_guide, (x,))
+            )
         else:
             estimator.differentiable_loss(_undeclared_batch_dim, _undeclared_guide, x)
 
 
 # ----------------------------------------------------------------------------- registration
+
 
 @pytest.fixture
 def param_calls(monkeypatch) -> list[str]:
@@ -215,8 +241,10 @@ def param_calls(monkeypatch) -> list[str]:
 
 def _store_holds(prefix: str, module: nn.Module) -> bool:
     store = pyro.get_param_store()
-    return all(store.get_param(param_with_module_name(prefix, key)) is value
-               for key, value in module.named_parameters())
+    return all(
+        store.get_param(param_with_module_name(prefix, key)) is value
+        for key, value in module.named_parameters()
+    )
 
 
 def test_registration_sends_every_param_on_every_call_and_keeps_the_tensors(param_calls):
@@ -225,7 +253,8 @@ def test_registration_sends_every_param_on_every_call_and_keeps_the_tensors(para
     vae, (x,) = _vae()
     expected = sorted(
         [param_with_module_name("vae.encoder", key) for key, _ in vae.encoder.named_parameters()]
-        + [param_with_module_name("vae.decoder", key) for key, _ in vae.decoder.named_parameters()])
+        + [param_with_module_name("vae.decoder", key) for key, _ in vae.decoder.named_parameters()]
+    )
     assert len(expected) == len(list(vae.parameters()))
     estimator = make_estimator("meanfield", max_plate_nesting=1)
     for _ in range(2):
@@ -240,10 +269,12 @@ def test_handlers_still_see_every_param():
     vae, (x,) = _vae()
     estimator = make_estimator("trace", max_plate_nesting=1)
     estimator.differentiable_loss(vae.model, vae.guide, x)
-    decoder = {param_with_module_name("vae.decoder", key) for key, _ in
-               vae.decoder.named_parameters()}
-    encoder = {param_with_module_name("vae.encoder", key) for key, _ in
-               vae.encoder.named_parameters()}
+    decoder = {
+        param_with_module_name("vae.decoder", key) for key, _ in vae.decoder.named_parameters()
+    }
+    encoder = {
+        param_with_module_name("vae.encoder", key) for key, _ in vae.encoder.named_parameters()
+    }
     with poutine.trace(param_only=True) as capture:
         estimator.differentiable_loss(vae.model, vae.guide, x)
     assert set(capture.trace.param_nodes) == decoder | encoder
@@ -257,8 +288,8 @@ def test_a_block_hiding_some_params_lets_the_others_through():
     with poutine.trace(param_only=True) as capture, poutine.block(hide=[hidden]):
         register_module("vae.decoder", vae.decoder)
     assert set(capture.trace.param_nodes) == {
-        param_with_module_name("vae.decoder", key)
-        for key, _ in vae.decoder.named_parameters()} - {hidden}
+        param_with_module_name("vae.decoder", key) for key, _ in vae.decoder.named_parameters()
+    } - {hidden}
 
 
 def test_svi_with_a_pyro_optimizer_trains_after_a_package_estimator():
@@ -309,9 +340,12 @@ def test_a_cleared_store_or_a_replaced_parameter_is_registered_again():
 # below are bit for bit (torch.equal), not to a tolerance.
 
 FUSED = ("trace", "meanfield")
-LIKELIHOODS = {"bernoulli": {}, "gaussian-learned-scale": {"likelihood": "gaussian"},
-               "gaussian-fixed-scale": {"likelihood": "gaussian", "obs_scale": 0.3},
-               "bernoulli-exp-scale": {"scale_fn": "exp", "activation": "tanh"}}
+LIKELIHOODS = {
+    "bernoulli": {},
+    "gaussian-learned-scale": {"likelihood": "gaussian"},
+    "gaussian-fixed-scale": {"likelihood": "gaussian", "obs_scale": 0.3},
+    "bernoulli-exp-scale": {"scale_fn": "exp", "activation": "tanh"},
+}
 
 
 def _fused_pair(options: dict) -> tuple[VAE, torch.Tensor]:
@@ -323,8 +357,9 @@ def _traced_and_fused(vae: VAE, x: torch.Tensor, estimator: ELBOEstimator, seed:
     fused = FusedLoss(vae, estimator)
     results = []
     for loss_fn in (fused.traced, fused):
-        results.append(_loss_and_grads(vae, (x,), _Calling(loss_fn), seed)
-                       + (torch.get_rng_state(),))
+        results.append(
+            _loss_and_grads(vae, (x,), _Calling(loss_fn), seed) + (torch.get_rng_state(),)
+        )
     return results
 
 
@@ -347,7 +382,8 @@ def test_fused_loss_equals_the_traced_estimator_bit_for_bit(name, beta, likeliho
     estimator = make_estimator(name, beta=beta, max_plate_nesting=1)
     assert supports(vae, estimator)
     (traced, traced_grads, traced_rng), (fused, fused_grads, fused_rng) = _traced_and_fused(
-        vae, x, estimator, seed=5)
+        vae, x, estimator, seed=5
+    )
     assert torch.equal(traced, fused), (traced, fused)
     for want, got in zip(traced_grads, fused_grads):
         assert torch.equal(want, got)
@@ -384,10 +420,13 @@ def test_fused_and_traced_steps_follow_one_warmup_trajectory(name):
     assert all(torch.equal(a, b) for a, b in zip(traced_params, fused_params))
 
 
-@pytest.mark.parametrize("estimator", [
-    {"elbo": "meanfield", "beta": 0.5, "warmup": 15},
-    {"elbo": "trace", "beta": 2.0, "warmup": 15, "warmup_start": 0.5},
-])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        {"elbo": "meanfield", "beta": 0.5, "warmup": 15},
+        {"elbo": "trace", "beta": 2.0, "warmup": 15, "warmup_start": 0.5},
+    ],
+)
 def test_training_history_is_the_same_with_the_fused_path_on_and_off(estimator, monkeypatch):
     calls = []
     original = ELBOEstimator.differentiable_loss
@@ -397,8 +436,9 @@ def test_training_history_is_the_same_with_the_fused_path_on_and_off(estimator, 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ELBOEstimator, "differentiable_loss", counting)
-    config = TrainConfig(epochs=2, batch_size=128, eval_particles=2, final_particles=3,
-                         device="cpu", **estimator)
+    config = TrainConfig(
+        epochs=2, batch_size=128, eval_particles=2, final_particles=3, device="cpu", **estimator
+    )
     runs = {}
     for fused in (True, False):
         calls.clear()
@@ -414,8 +454,16 @@ def test_training_history_is_the_same_with_the_fused_path_on_and_off(estimator, 
 
 
 def test_a_run_resumed_with_the_other_path_reaches_the_uninterrupted_result(tmp_path):
-    config = TrainConfig(epochs=3, batch_size=128, eval_particles=2, final_particles=0,
-                         device="cpu", elbo="trace", beta=0.5, warmup=10)
+    config = TrainConfig(
+        epochs=3,
+        batch_size=128,
+        eval_particles=2,
+        final_particles=0,
+        device="cpu",
+        elbo="trace",
+        beta=0.5,
+        warmup=10,
+    )
     full = fit(config=config, run_dir=tmp_path / "full", progress=False, fused=True)
     fit(config=config.replace(epochs=2), run_dir=tmp_path / "part", progress=False, fused=False)
     resumed = fit(config=config, run_dir=tmp_path / "part", resume=True, progress=False, fused=True)
@@ -430,9 +478,21 @@ class _OwnModelVAE(VAE):
         return super().model(x, num_data)
 
 
-@pytest.mark.parametrize("case", [
-    "cvae", "vae2", "vae-full-guide", "subclass", "instance-override", "iwae", "stl", "dreg",
-    "two-particles", "estimator-subclass"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "cvae",
+        "vae2",
+        "vae-full-guide",
+        "subclass",
+        "instance-override",
+        "iwae",
+        "stl",
+        "dreg",
+        "two-particles",
+        "estimator-subclass",
+    ],
+)
 def test_the_traced_path_is_kept_wherever_the_fused_loss_does_not_apply(case):
     estimator = make_estimator("trace", max_plate_nesting=1)
     module = PAIRS.get(case, _vae)()[0]
@@ -466,6 +526,7 @@ def test_the_fused_loss_goes_the_traced_way_under_handlers_and_validation():
 
 # ----------------------------------------------------------------------------- benchmark smoke
 
+
 def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkeypatch, capsys):
     """A tiny run of benchmarks/bench_svi.py: its fused-vs-traced check passes (bit for bit) and
     the JSON holds every implementation and ratio. Nothing about the timings is asserted."""
@@ -473,17 +534,43 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
 
     bench = load_benchmark("bench_svi", monkeypatch)
     out = tmp_path / "svi.json"
-    assert bench.main(["--threads", "1", "--rounds", "1", "--block-seconds", "0.001",
-                       "--warmup-steps", "1", "--batch-sizes", "4", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--threads",
+                "1",
+                "--rounds",
+                "1",
+                "--block-seconds",
+                "0.001",
+                "--warmup-steps",
+                "1",
+                "--batch-sizes",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert {t["implementation"] for t in report["timings"]} == set(bench.IMPLEMENTATIONS)
     for row in report["summary"]:
-        assert {"fused_over_torch_cpu", "traced_over_torch_cpu", "pyro_over_torch_cpu",
-                "fused_over_torch_paired_cpu", "fused_over_traced"} <= set(row)
-        cpu = {t["implementation"]: t["cpu_rounds_ms"] for t in report["timings"]
-               if (t["elbo"], t["batch_size"]) == (row["elbo"], row["batch_size"])}
+        assert {
+            "fused_over_torch_cpu",
+            "traced_over_torch_cpu",
+            "pyro_over_torch_cpu",
+            "fused_over_torch_paired_cpu",
+            "fused_over_traced",
+        } <= set(row)
+        cpu = {
+            t["implementation"]: t["cpu_rounds_ms"]
+            for t in report["timings"]
+            if (t["elbo"], t["batch_size"]) == (row["elbo"], row["batch_size"])
+        }
         assert row["fused_over_torch_paired_cpu"] == pytest.approx(
-            cpu["fused"][0] / cpu["torch"][0])  # one round: the ratio of its two blocks
+            cpu["fused"][0] / cpu["torch"][0]
+        )  # one round: the ratio of its two blocks
         assert row["fused_over_torch_paired_cpu"] > 0
     printed = capsys.readouterr()
     assert "fused == traced (bit for bit)" in printed.err
@@ -494,9 +581,25 @@ def test_svi_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeyp
     """--profiler torch: every profiled step runs the encoder's and decoder's linear layers, so
     the operator table must list their matrix products with a positive self time."""
     bench = load_benchmark("bench_svi", monkeypatch)
-    config = bench.parse_args(["--profile", "--profiler", "torch", "--profile-impl", "fused",
-                               "--elbos", "trace", "--batch-sizes", "4", "--threads", "1",
-                               "--warmup-steps", "1", "--profile-steps", "3"])
+    config = bench.parse_args(
+        [
+            "--profile",
+            "--profiler",
+            "torch",
+            "--profile-impl",
+            "fused",
+            "--elbos",
+            "trace",
+            "--batch-sizes",
+            "4",
+            "--threads",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--profile-steps",
+            "3",
+        ]
+    )
     report = bench.run_profile(config, log=lambda line: None)
     operators = report["trace/4"]["operators_self_us_per_step"]
     products = {"aten::mm", "aten::addmm"} & set(operators)
@@ -516,8 +619,27 @@ def test_dreg_benchmark_checks_the_single_run_against_two_runs(tmp_path, monkeyp
     load_benchmark("mnist_table", monkeypatch)
     bench = load_benchmark("bench_dreg", monkeypatch)
     out = tmp_path / "dreg.json"
-    assert bench.main(["--layers", "2", "--k", "3", "--batch-size", "4", "--rounds", "1",
-                       "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--layers",
+                "2",
+                "--k",
+                "3",
+                "--batch-size",
+                "4",
+                "--rounds",
+                "1",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["gradient_check_relative"] < 1e-5
     assert set(report["cpu_seconds_per_step"]) == set(bench.IMPLEMENTATIONS)

@@ -21,12 +21,15 @@ class M2(nn.Module):
 
     def __init__(self, dim: int, alpha: float):
         super().__init__()
-        self.classify = nn.Sequential(nn.Linear(dim, HIDDEN), nn.Softplus(),
-                                      nn.Linear(HIDDEN, CLASSES))
-        self.encoder = nn.Sequential(nn.Linear(dim + CLASSES, HIDDEN), nn.Softplus(),
-                                     nn.Linear(HIDDEN, 2 * LATENT))
-        self.decoder = nn.Sequential(nn.Linear(LATENT + CLASSES, HIDDEN), nn.Softplus(),
-                                     nn.Linear(HIDDEN, dim))
+        self.classify = nn.Sequential(
+            nn.Linear(dim, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, CLASSES)
+        )
+        self.encoder = nn.Sequential(
+            nn.Linear(dim + CLASSES, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, 2 * LATENT)
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(LATENT + CLASSES, HIDDEN), nn.Softplus(), nn.Linear(HIDDEN, dim)
+        )
         self.alpha = alpha
 
     def model(self, x, y=None):
@@ -46,8 +49,11 @@ class M2(nn.Module):
         pyro.module("m2", self)
         with pyro.plate("data", x.shape[0]):
             if y is None:
-                y = pyro.sample("y", dist.OneHotCategorical(logits=self.classify(x)),
-                                infer={"enumerate": "parallel"})
+                y = pyro.sample(
+                    "y",
+                    dist.OneHotCategorical(logits=self.classify(x)),
+                    infer={"enumerate": "parallel"},
+                )
             batch = torch.broadcast_shapes(x.shape[:-1], y.shape[:-1])  # y enumerated or given
             inputs = torch.cat([x.expand(*batch, -1), y.expand(*batch, -1)], -1)
             loc, raw = self.encoder(inputs).chunk(2, -1)
@@ -93,7 +99,7 @@ def test_m2_with_ten_percent_labels_trains_with_iwae_and_enumeration():
     g = torch.Generator().manual_seed(0)
     images = torch.bernoulli(data.train.images, generator=g)
     labelled = torch.zeros(len(images), dtype=torch.bool)
-    labelled[torch.randperm(len(images), generator=g)[:len(images) // 10]] = True
+    labelled[torch.randperm(len(images), generator=g)[: len(images) // 10]] = True
     dataset = Digits(images, data.train.labels, labelled)
 
     def collate(indices):
@@ -105,8 +111,17 @@ def test_m2_with_ten_percent_labels_trains_with_iwae_and_enumeration():
     loader = DataLoader(dataset, batch_sampler=SeparateBatches(labelled, 64), collate_fn=collate)
     torch.manual_seed(0)
     pair = M2(images.shape[1], alpha=0.1 * len(images))
-    result = fit(pair, loader, epochs=40, lr=3e-3, elbo="iwae", importance_samples=2,
-                 final_particles=0, progress=False, seed=0)
+    result = fit(
+        pair,
+        loader,
+        epochs=40,
+        lr=3e-3,
+        elbo="iwae",
+        importance_samples=2,
+        final_particles=0,
+        progress=False,
+        seed=0,
+    )
     assert all(torch.isfinite(torch.tensor(result.history.train_loss)))
     test = torch.bernoulli(data.test.images, generator=g)
     with torch.no_grad():
@@ -114,10 +129,13 @@ def test_m2_with_ten_percent_labels_trains_with_iwae_and_enumeration():
     pair.alpha = 0.0
     torch.manual_seed(1)
     scored = evaluate(pair.model, pair.guide, test, num_particles=50, khat=False)
-    baseline = _supervised_only(images[labelled], data.train.labels[labelled], test,
-                                data.test.labels)
-    print(f"M2, {int(labelled.sum())} labels: test accuracy {accuracy:.3f} (the same classifier "
-          f"on the labels alone: {baseline:.3f}), log p̂(x) {scored.log_px.mean().item():.2f}")
+    baseline = _supervised_only(
+        images[labelled], data.train.labels[labelled], test, data.test.labels
+    )
+    print(
+        f"M2, {int(labelled.sum())} labels: test accuracy {accuracy:.3f} (the same classifier "
+        f"on the labels alone: {baseline:.3f}), log p̂(x) {scored.log_px.mean().item():.2f}"
+    )
     # this seed: 0.740 against 0.713; the unlabelled images help the classifier
     assert accuracy > baseline and accuracy > 0.65, (accuracy, baseline)
     assert scored.log_px.mean() > scored.elbo.mean()  # the bound below the estimate

@@ -81,8 +81,9 @@ def test_the_vimco_loss_is_the_importance_weighted_bound():
     pair = Tiny()
     torch.manual_seed(0)
     with pyro.validation_enabled(False):
-        loss = make_estimator("vimco", 20000, K, max_plate_nesting=1).loss(pair.model, pair.guide,
-                                                                           X)
+        loss = make_estimator("vimco", 20000, K, max_plate_nesting=1).loss(
+            pair.model, pair.guide, X
+        )
     assert abs(-loss - exact_bound(pair).item()) < 0.02
 
 
@@ -90,10 +91,10 @@ def test_vimco_needs_two_importance_samples_and_others_refuse_discrete_sites():
     with pytest.raises(ConfigError, match="importance_samples >= 2"):
         make_estimator("vimco", 1, 1, max_plate_nesting=1)
     pair = Tiny()
-    with pytest.raises(ConfigError, match="mark it for enumeration .* or sample it with "
-                                          "the vimco"):
-        make_estimator("iwae", 1, 2, max_plate_nesting=1).differentiable_loss(pair.model,
-                                                                         pair.guide, X)
+    with pytest.raises(ConfigError, match="mark it for enumeration .* or sample it with the vimco"):
+        make_estimator("iwae", 1, 2, max_plate_nesting=1).differentiable_loss(
+            pair.model, pair.guide, X
+        )
 
 
 def test_a_mixture_with_a_sampled_class_trained_by_vimco_reaches_scikit_learns_fit():
@@ -108,14 +109,27 @@ def test_a_mixture_with_a_sampled_class_trained_by_vimco_reaches_scikit_learns_f
     from test_enumeration import GaussianMixture, _mixture_data
 
     data = _mixture_data()
-    reference = -SklearnMixture(3, covariance_type="spherical", random_state=0).fit(
-        data.numpy()).score(data.numpy())
+    reference = (
+        -SklearnMixture(3, covariance_type="spherical", random_state=0)
+        .fit(data.numpy())
+        .score(data.numpy())
+    )
     torch.manual_seed(0)
     pair = GaussianMixture(enumerate_y=False)  # q(y|x) sampled: its classifier learns by VIMCO
     with torch.no_grad():
         pair.means.copy_(data[torch.randperm(len(data))[:3]])
-    fit(pair, data, epochs=40, batch_size=100, lr=0.1, elbo="vimco", importance_samples=5,
-        progress=False, final_particles=0, seed=0)
+    fit(
+        pair,
+        data,
+        epochs=40,
+        batch_size=100,
+        lr=0.1,
+        elbo="vimco",
+        importance_samples=5,
+        progress=False,
+        final_particles=0,
+        seed=0,
+    )
     ours = -pair.exact_log_likelihood(data).mean().item()
     assert reference - 0.005 < ours < reference + 0.01, (ours, reference)
 

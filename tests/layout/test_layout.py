@@ -12,8 +12,17 @@ PACKAGE = Path(__file__).resolve().parents[2] / "pyro_vae"
 
 #: the layers bottom-up (docs/architecture.rst draws the same table); packages of one rank
 #: stand side by side and do not import each other
-LAYERS = {"util": 0, "core": 1, "infer": 2, "models": 2, "data": 3, "evaluate": 4, "runs": 5,
-          "train": 6, "app": 7}
+LAYERS = {
+    "util": 0,
+    "core": 1,
+    "infer": 2,
+    "models": 2,
+    "data": 3,
+    "evaluate": 4,
+    "runs": 5,
+    "train": 6,
+    "app": 7,
+}
 
 
 def modules() -> dict[str, Path]:
@@ -33,9 +42,15 @@ def type_checking_only(tree: ast.AST) -> set[ast.AST]:
     """The imports under ``if TYPE_CHECKING:``: they name a type for an annotation and run no
     code, so they may name a type of a layer above (a source of the data layer is annotated
     with the run's config)."""
-    return {node for block in ast.walk(tree) if isinstance(block, ast.If)
-            and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-            for statement in block.body for node in ast.walk(statement)}
+    return {
+        node
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If)
+        and isinstance(block.test, ast.Name)
+        and block.test.id == "TYPE_CHECKING"
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
 
 
 def imports(path: Path, annotations: bool = True) -> list[tuple[str, list[str], int]]:
@@ -56,12 +71,16 @@ def imports(path: Path, annotations: bool = True) -> list[tuple[str, list[str], 
             for name in names:
                 if f"{target}.{name}" in MODULES:
                     found.append((f"{target}.{name}", [], node.lineno))
-            found.append((target, [n for n in names if f"{target}.{n}" not in MODULES],
-                          node.lineno))
+            found.append(
+                (target, [n for n in names if f"{target}.{n}" not in MODULES], node.lineno)
+            )
         elif isinstance(node, ast.Import):
             found.extend((alias.name, [], node.lineno) for alias in node.names)
-    return [(module, names, line) for module, names, line in found
-            if module == "pyro_vae" or module.startswith("pyro_vae.")]
+    return [
+        (module, names, line)
+        for module, names, line in found
+        if module == "pyro_vae" or module.startswith("pyro_vae.")
+    ]
 
 
 def layer(module: str) -> str | None:
@@ -70,8 +89,11 @@ def layer(module: str) -> str | None:
 
 
 def test_every_module_belongs_to_a_layer():
-    loose = [m for m in MODULES if m.count(".") >= 1 and layer(m) is None
-             and m not in ("pyro_vae.__main__", "pyro_vae.cli")]
+    loose = [
+        m
+        for m in MODULES
+        if m.count(".") >= 1 and layer(m) is None and m not in ("pyro_vae.__main__", "pyro_vae.cli")
+    ]
     assert not loose, f"modules outside the layer packages: {loose}"
 
 
@@ -91,10 +113,14 @@ def test_each_layer_imports_only_from_the_layers_below():
 
 
 def test_no_private_name_crosses_a_module():
-    wrong = [f"{module}:{line} imports {target}.{name}"
-             for module, path in MODULES.items()
-             for target, names, line in imports(path) if target != module
-             for name in names if name.startswith("_")]
+    wrong = [
+        f"{module}:{line} imports {target}.{name}"
+        for module, path in MODULES.items()
+        for target, names, line in imports(path)
+        if target != module
+        for name in names
+        if name.startswith("_")
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -106,8 +132,10 @@ def resolve(target: str) -> str:
 
 
 def test_no_import_cycle():
-    graph = {module: {resolve(t) for t, _, _ in imports(path, annotations=False)} - {module}
-             for module, path in MODULES.items()}
+    graph = {
+        module: {resolve(t) for t, _, _ in imports(path, annotations=False)} - {module}
+        for module, path in MODULES.items()
+    }
     # a package's __init__ re-exports its modules: an edge into the package is an edge into
     # what it re-exports, so a module importing its own package's __init__ is a cycle
     state: dict[str, int] = {}
@@ -117,7 +145,7 @@ def test_no_import_cycle():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]))
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
         state[node] = 2
@@ -130,17 +158,26 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(cycles)
 
 
-@pytest.mark.parametrize("rule", [test_each_layer_imports_only_from_the_layers_below,
-                                  test_no_private_name_crosses_a_module, test_no_import_cycle])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        test_each_layer_imports_only_from_the_layers_below,
+        test_no_private_name_crosses_a_module,
+        test_no_import_cycle,
+    ],
+)
 def test_the_checks_catch_a_violation(rule, tmp_path, monkeypatch):
     """Each rule fails on a package that breaks it (so a passing rule means something)."""
     bad = {
-        test_each_layer_imports_only_from_the_layers_below:
-            ("pyro_vae.util.bad", "from pyro_vae.train.fit import fit\n"),
-        test_no_private_name_crosses_a_module:
-            ("pyro_vae.util.bad", "from pyro_vae.util.io import _private\n"),
-        test_no_import_cycle:
-            ("pyro_vae.util.bad", "import pyro_vae.util.bad2\n"),
+        test_each_layer_imports_only_from_the_layers_below: (
+            "pyro_vae.util.bad",
+            "from pyro_vae.train.fit import fit\n",
+        ),
+        test_no_private_name_crosses_a_module: (
+            "pyro_vae.util.bad",
+            "from pyro_vae.util.io import _private\n",
+        ),
+        test_no_import_cycle: ("pyro_vae.util.bad", "import pyro_vae.util.bad2\n"),
     }[rule]
     path = tmp_path / "bad.py"
     path.write_text(bad[1])
@@ -161,8 +198,10 @@ def test_the_console_script_names_a_function_that_exists():
 
     setup = configparser.ConfigParser()
     setup.read(PACKAGE.parent / "setup.cfg")
-    scripts = [line.split("=", 1) for line in
-               setup["options.entry_points"]["console_scripts"].strip().splitlines()]
+    scripts = [
+        line.split("=", 1)
+        for line in setup["options.entry_points"]["console_scripts"].strip().splitlines()
+    ]
     assert [name.strip() for name, _ in scripts] == ["pyro-vae"]
     for _, target in scripts:
         module, function = target.strip().split(":")

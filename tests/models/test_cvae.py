@@ -26,7 +26,7 @@ def separable_data(n_per_class=30, seed=0):
     labels = torch.arange(CLASSES).repeat_interleave(n_per_class)
     probs = torch.full((labels.shape[0], CLASSES * BLOCK), 0.1)
     for c in range(CLASSES):
-        probs[labels == c, c * BLOCK:(c + 1) * BLOCK] = 0.9
+        probs[labels == c, c * BLOCK : (c + 1) * BLOCK] = 0.9
     return torch.bernoulli(probs, generator=generator), labels
 
 
@@ -38,8 +38,9 @@ def fitted_cvae(images, labels, steps=300):
     with pyro.validation_enabled(False):
         for _ in range(steps):
             optimizer.zero_grad()
-            (elbo.differentiable_loss(model.model, model.guide, images, labels)
-             / images.shape[0]).backward()
+            (
+                elbo.differentiable_loss(model.model, model.guide, images, labels) / images.shape[0]
+            ).backward()
             optimizer.step()
     return model.eval()
 
@@ -60,7 +61,7 @@ def bayes_accuracy() -> float:
     images = torch.cartesian_prod(*[torch.tensor([0.0, 1.0])] * (CLASSES * BLOCK))
     probs = torch.full((CLASSES, CLASSES * BLOCK), 0.1, dtype=torch.float64)
     for c in range(CLASSES):
-        probs[c, c * BLOCK:(c + 1) * BLOCK] = 0.9
+        probs[c, c * BLOCK : (c + 1) * BLOCK] = 0.9
     log_lik = dist.Bernoulli(probs).log_prob(images[:, None, :].double()).sum(-1)
     return (log_lik.exp().max(1).values.sum() / CLASSES).item()
 
@@ -86,8 +87,13 @@ def test_classifier_is_exact_when_the_guide_is_the_prior_and_z_is_unused():
     (tolerance: float64 rounding). This pins the alignment of images and labels in the
     label-vectorized computation."""
     torch.manual_seed(0)
-    model = CVAE(CLASSES * BLOCK, CLASSES, latent_dim=2, hidden=(8,),
-                 class_probs=torch.tensor([0.5, 0.3, 0.2])).double()
+    model = CVAE(
+        CLASSES * BLOCK,
+        CLASSES,
+        latent_dim=2,
+        hidden=(8,),
+        class_probs=torch.tensor([0.5, 0.3, 0.2]),
+    ).double()
     head = model.encoder.net.head
     with torch.no_grad():
         model.decoder.net.net[0].weight[:, :2] = 0.0  # the z columns of the first layer
@@ -98,10 +104,13 @@ def test_classifier_is_exact_when_the_guide_is_the_prior_and_z_is_unused():
     images = images.double()
     torch.testing.assert_close(model.encoder(images, labels)[1], torch.ones(12, 2).double())
     classes = torch.arange(CLASSES)
-    out = model.decoder(torch.zeros(images.shape[0], CLASSES, 2, dtype=torch.float64),
-                        classes.expand(images.shape[0], CLASSES))
-    exact = (dist.Bernoulli(logits=out).log_prob(images[:, None, :]).sum(-1)
-             + model.class_probs.log())
+    out = model.decoder(
+        torch.zeros(images.shape[0], CLASSES, 2, dtype=torch.float64),
+        classes.expand(images.shape[0], CLASSES),
+    )
+    exact = (
+        dist.Bernoulli(logits=out).log_prob(images[:, None, :]).sum(-1) + model.class_probs.log()
+    )
     result = classify(model, images, labels, num_particles=7)
     torch.testing.assert_close(result.log_joint, exact)
     torch.testing.assert_close(result.log_marginal, exact.logsumexp(1))
@@ -121,11 +130,12 @@ def test_label_vectorized_scores_match_one_label_at_a_time(trained):
     vectorized = class_log_joint(model, images, num_particles=particles)
     for c in range(CLASSES):
         labels = torch.full((images.shape[0],), c)
-        single = evaluate(model.model, model.guide, images, labels, num_particles=particles,
-                          keep_log_weights=True)
+        single = evaluate(
+            model.model, model.guide, images, labels, num_particles=particles, keep_log_weights=True
+        )
         weights = torch.softmax(single.log_weights.double(), dim=0) * particles
-        stderr = weights.std(0) / particles ** 0.5
-        assert ((vectorized[:, c] - single.log_px).abs() < 5 * 2 ** 0.5 * stderr + 1e-4).all()
+        stderr = weights.std(0) / particles**0.5
+        assert ((vectorized[:, c] - single.log_px).abs() < 5 * 2**0.5 * stderr + 1e-4).all()
 
 
 def test_transfer_with_the_true_label_is_the_reconstruction(trained):
@@ -159,11 +169,14 @@ def test_unlabelled_generation_draws_labels_from_the_class_prior():
     assert ((frequencies - probs).abs() < 4 * (probs * (1 - probs) / n).sqrt()).all()
 
 
-@pytest.mark.parametrize("labels, message", [
-    (torch.tensor([0, 1, 3]), "labels must be integers in 0..2"),
-    (torch.tensor([0, -1, 2]), "labels must be integers in 0..2"),
-    (torch.tensor([0, 1]), "expected 3 labels"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.tensor([0, 1, 3]), "labels must be integers in 0..2"),
+        (torch.tensor([0, -1, 2]), "labels must be integers in 0..2"),
+        (torch.tensor([0, 1]), "expected 3 labels"),
+    ],
+)
 def test_bad_labels_get_a_clear_message(trained, labels, message):
     model, images, _ = trained
     with pytest.raises(DataError, match=message):
@@ -174,18 +187,39 @@ def test_bad_labels_get_a_clear_message(trained, labels, message):
 
 def test_cli_classify_transfer_and_labelled_samples(tmp_path, capsys):
     run = tmp_path / "cvae"
-    assert main(["train", "--model", "cvae", "--epochs", "1", "--batch-size", "256",
-                 "--hidden", "16", "--latent-dim", "2", "--quiet", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cvae",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "256",
+                "--hidden",
+                "16",
+                "--latent-dim",
+                "2",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert main(["classify", str(run), "--particles", "3", "--limit", "20"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "confusion matrix" in out
     report = json.loads((run / "classify-test.json").read_text())
     assert len(report["posterior"]) == 20 and len(report["posterior"][0]) == 10
     log_joint = torch.tensor(report["log_joint"], dtype=torch.float64)
-    torch.testing.assert_close(torch.tensor(report["log_px"], dtype=torch.float64),
-                               log_joint.logsumexp(1))
-    torch.testing.assert_close(torch.tensor(report["posterior"], dtype=torch.float64),
-                               log_joint.softmax(1))
+    torch.testing.assert_close(
+        torch.tensor(report["log_px"], dtype=torch.float64), log_joint.logsumexp(1)
+    )
+    torch.testing.assert_close(
+        torch.tensor(report["posterior"], dtype=torch.float64), log_joint.softmax(1)
+    )
     assert (run / "confusion-test.png").exists()
     assert main(["transfer", str(run), "--num", "3"]) == 0
     assert (run / "transfer.png").exists()
@@ -202,8 +236,25 @@ def test_cli_classify_transfer_and_labelled_samples(tmp_path, capsys):
 
 def test_cli_refuses_cvae_commands_on_a_plain_vae(tmp_path, capsys):
     run = tmp_path / "vae"
-    assert main(["train", "--epochs", "1", "--batch-size", "256", "--hidden", "16",
-                 "--latent-dim", "2", "--quiet", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "256",
+                "--hidden",
+                "16",
+                "--latent-dim",
+                "2",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["classify", str(run)]) == 2
     assert "needs a conditional run" in capsys.readouterr().err

@@ -28,12 +28,16 @@ def test_full_covariance_kl_matches_the_closed_form_and_monte_carlo():
     q = dist.MultivariateNormal(loc, scale_tril=tril)
     prior = dist.Normal(torch.zeros(5, LATENT, dtype=torch.float64), 1.0).to_event(1)
     ours = kl_divergence(q, prior)
-    reference = kl_divergence(q, dist.MultivariateNormal(torch.zeros(LATENT, dtype=torch.float64),
-                                                         scale_tril=torch.eye(LATENT).double()))
+    reference = kl_divergence(
+        q,
+        dist.MultivariateNormal(
+            torch.zeros(LATENT, dtype=torch.float64), scale_tril=torch.eye(LATENT).double()
+        ),
+    )
     assert torch.allclose(ours, reference, atol=1e-12)
     z = q.sample((20000,))
     log_ratio = q.log_prob(z) - prior.log_prob(z)
-    assert ((log_ratio.mean(0) - ours).abs() < 4 * log_ratio.std(0) / 20000 ** 0.5).all()
+    assert ((log_ratio.mean(0) - ours).abs() < 4 * log_ratio.std(0) / 20000**0.5).all()
 
 
 def test_full_covariance_kl_gradient_matches_its_formula():
@@ -70,14 +74,20 @@ class _FixedNoiseLoss(nn.Module):
 def _full_guide_vae() -> tuple[VAE, torch.Tensor]:
     torch.manual_seed(0)
     vae = VAE(6, LATENT, (5,), guide="full").double()
-    x = torch.bernoulli(torch.full((4, 6), 0.4, dtype=torch.float64),
-                        generator=torch.Generator().manual_seed(1))
+    x = torch.bernoulli(
+        torch.full((4, 6), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(1)
+    )
     return vae, x
 
 
-@pytest.mark.parametrize("name, options", [("trace", dict(num_particles=3)),
-                                           ("meanfield", dict(num_particles=3)),
-                                           ("iwae", dict(importance_samples=3))])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("trace", dict(num_particles=3)),
+        ("meanfield", dict(num_particles=3)),
+        ("iwae", dict(importance_samples=3)),
+    ],
+)
 def test_full_covariance_guide_gradient_matches_finite_differences(name, options):
     """The gradient through ``MultivariateNormal(scale_tril=L)`` (z = μ + Lε, its log-density
     and its closed-form KL) against central finite differences (``torch.autograd.gradcheck``,
@@ -90,8 +100,9 @@ def test_full_covariance_guide_gradient_matches_finite_differences(name, options
     def as_function(weight, bias):
         return torch.func.functional_call(loss, dict(zip(names, (weight, bias))), (x,))
 
-    inputs = tuple(dict(loss.named_parameters())[n].detach().clone().requires_grad_()
-                   for n in names)
+    inputs = tuple(
+        dict(loss.named_parameters())[n].detach().clone().requires_grad_() for n in names
+    )
     assert torch.autograd.gradcheck(as_function, inputs)
 
 
@@ -106,8 +117,9 @@ def test_stl_drops_exactly_the_full_covariance_guides_score():
     pyro.set_rng_seed(0)
     z = poutine.trace(vae.guide).get_trace(x).nodes["z"]["value"].detach()
     loc, tril = vae.encoder(x)
-    score = torch.autograd.grad(dist.MultivariateNormal(loc, scale_tril=tril).log_prob(z).sum(),
-                                params)
+    score = torch.autograd.grad(
+        dist.MultivariateNormal(loc, scale_tril=tril).log_prob(z).sum(), params
+    )
     for stl, trace, s in zip(grads["stl"], grads["trace"], score):
         torch.testing.assert_close(stl, trace - s)
 
@@ -127,7 +139,8 @@ def test_full_covariance_guide_is_lower_triangular_and_meanfield_uses_the_closed
         closed = kl_divergence(q, dist.Normal(torch.zeros(LATENT), 1.0).to_event(1)).sum()
         pyro.set_rng_seed(1)
         guide_trace = poutine.trace(
-            pyro.plate("_pyro_vae_particles", 4000, dim=-2)(vae.guide)).get_trace(x)
+            pyro.plate("_pyro_vae_particles", 4000, dim=-2)(vae.guide)
+        ).get_trace(x)
         z = guide_trace.nodes["z"]["value"]
         mc = (q.log_prob(z) - dist.Normal(0.0, 1.0).log_prob(z).sum(-1)).sum(-1)
     # same particles: the reconstruction terms cancel, the difference is closed-form − MC KL
@@ -158,7 +171,8 @@ def test_learned_gaussian_scale_reaches_its_optimum_for_fixed_networks():
     pyro.set_rng_seed(5)
     with torch.no_grad():
         z = pyro.plate("_pyro_vae_particles", particles, dim=-2)(
-            poutine.trace(vae.guide).get_trace)(x).nodes["z"]["value"]
+            poutine.trace(vae.guide).get_trace
+        )(x).nodes["z"]["value"]
         sigma2_star = (x - vae.decoder(z)).pow(2).mean()
         vae.obs_scale.log_scale.fill_(0.5 * sigma2_star.log())
     (grad,) = torch.autograd.grad(loss(), vae.obs_scale.log_scale)
@@ -167,8 +181,13 @@ def test_learned_gaussian_scale_reaches_its_optimum_for_fixed_networks():
 
     with torch.no_grad():
         vae.obs_scale.log_scale.fill_(0.0)
-    optimizer = torch.optim.LBFGS([vae.obs_scale.log_scale], line_search_fn="strong_wolfe",
-                                  tolerance_grad=0.0, tolerance_change=0.0, max_iter=50)
+    optimizer = torch.optim.LBFGS(
+        [vae.obs_scale.log_scale],
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        max_iter=50,
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -177,7 +196,7 @@ def test_learned_gaussian_scale_reaches_its_optimum_for_fixed_networks():
         return value
 
     optimizer.step(closure)
-    assert vae.obs_scale().pow(2).item() == pytest.approx(sigma2_star.item(), rel=eps ** 0.5)
+    assert vae.obs_scale().pow(2).item() == pytest.approx(sigma2_star.item(), rel=eps**0.5)
 
 
 def test_fixed_gaussian_scale_is_not_learned():
@@ -237,7 +256,7 @@ def test_every_estimator_estimates_the_two_layer_bound_the_evaluator_computes(na
     per_row = reference.log_px.double().reshape(repeats, 5)
     stderr = (per_row.var(0).sum() / repeats).sqrt() / 5
     difference = -loss.item() / x.shape[0] - per_row.mean().item()
-    assert abs(difference) < 4 * 2 ** 0.5 * stderr, (difference, stderr)
+    assert abs(difference) < 4 * 2**0.5 * stderr, (difference, stderr)
     for part in (vae.encoder, vae.top_encoder, vae.prior_net, vae.decoder):
         grads = torch.autograd.grad(loss, list(part.parameters()), retain_graph=True)
         assert all(torch.isfinite(g).all() for g in grads)
@@ -250,8 +269,7 @@ FAMILIES = [
     ("vae-gaussian-fixed", ModelConfig(likelihood="gaussian", obs_scale=0.2), "none"),
     ("vae2", ModelConfig(family="vae2"), "dynamic"),
     ("cvae", ModelConfig(family="cvae"), "dynamic"),
-    ("cvae-full-gaussian", ModelConfig(family="cvae", guide="full", likelihood="gaussian"),
-     "none"),
+    ("cvae-full-gaussian", ModelConfig(family="cvae", guide="full", likelihood="gaussian"), "none"),
 ]
 
 
@@ -260,9 +278,13 @@ def _per_datapoint_elbo(module, args: tuple, particles: int) -> torch.Tensor:
     of the bound independent of the evaluator's."""
     estimator = make_estimator("trace", num_particles=particles, max_plate_nesting=1)
     with pyro.validation_enabled(False), torch.no_grad():
-        return torch.tensor([-estimator.loss(module.model, module.guide,
-                                             *(a[i:i + 1] for a in args))
-                             for i in range(args[0].shape[0])], dtype=torch.float64)
+        return torch.tensor(
+            [
+                -estimator.loss(module.model, module.guide, *(a[i : i + 1] for a in args))
+                for i in range(args[0].shape[0])
+            ],
+            dtype=torch.float64,
+        )
 
 
 @pytest.mark.parametrize("name, model_config, binarize", FAMILIES, ids=[f[0] for f in FAMILIES])
@@ -276,8 +298,14 @@ def test_each_family_trains_and_its_gap_is_nonnegative(name, model_config, binar
     Jensen's inequality whatever they are, whereas this one goes negative if the evaluator's
     log-weights miss a density term that lowers them.
     """
-    config = TrainConfig(model=model_config, binarize=binarize, epochs=6, batch_size=128,
-                         eval_particles=4, final_particles=0)
+    config = TrainConfig(
+        model=model_config,
+        binarize=binarize,
+        epochs=6,
+        batch_size=128,
+        eval_particles=4,
+        final_particles=0,
+    )
     result = fit(config=config, progress=False)
     dataset = prepare_data(config, torch.device("cpu"))
     pyro.set_rng_seed(config.seed)
@@ -288,8 +316,7 @@ def test_each_family_trains_and_its_gap_is_nonnegative(name, model_config, binar
 
     def evaluated(module):
         with pyro.validation_enabled(False):
-            return evaluate_dataset(module.model, module.guide, args, num_particles=200,
-                                    khat=False)
+            return evaluate_dataset(module.model, module.guide, args, num_particles=200, khat=False)
 
     def significantly_positive(values: torch.Tensor) -> bool:
         values = values.double()
@@ -301,10 +328,13 @@ def test_each_family_trains_and_its_gap_is_nonnegative(name, model_config, binar
     assert gap.mean() > -3 * gap.std() / gap.numel() ** 0.5
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model": ModelConfig(likelihood="gaussian")}, "Gaussian one needs the intensities"),
-    ({"binarize": "none"}, "Bernoulli likelihood needs binary data"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model": ModelConfig(likelihood="gaussian")}, "Gaussian one needs the intensities"),
+        ({"binarize": "none"}, "Bernoulli likelihood needs binary data"),
+    ],
+)
 def test_likelihood_and_binarization_must_agree(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**changes)

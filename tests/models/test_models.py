@@ -46,13 +46,14 @@ def test_closed_form_kl_matches_monte_carlo_kl(vae_and_data):
 
     with torch.no_grad():
         loc, scale = vae.encoder(x)
-        closed_form = 0.5 * (loc ** 2 + scale ** 2 - torch.log(scale ** 2) - 1).sum()
+        closed_form = 0.5 * (loc**2 + scale**2 - torch.log(scale**2) - 1).sum()
         pyro.set_rng_seed(1)
-        draws = vectorized_log_probs(vae.model, vae.guide, x, num_particles=particles,
-                                     max_plate_nesting=1)
+        draws = vectorized_log_probs(
+            vae.model, vae.guide, x, num_particles=particles, max_plate_nesting=1
+        )
         prior_log_prob = dist.Normal(0.0, 1.0).log_prob(draws.guide_trace.nodes["z"]["value"])
         mc_kl = (draws.log_q - prior_log_prob.sum(-1)).sum(-1)
-    standard_error = mc_kl.std() / particles ** 0.5
+    standard_error = mc_kl.std() / particles**0.5
     assert abs((loss_meanfield - loss_trace) - (closed_form - mc_kl.mean())) < 1e-2
     assert abs(closed_form - mc_kl.mean()) < 4 * standard_error
     assert abs(loss_meanfield - loss_trace) < 4 * standard_error + 1e-2
@@ -97,8 +98,9 @@ def test_two_models_with_one_name_never_share_parameters(vae_and_data):
     other = VAE(D, latent_dim=LATENT, hidden=(16,))
     before = {name: p.detach().clone() for name, p in vae.named_parameters()}
     vae.guide(x)
-    svi = SVI(other.model, other.guide, pyro.optim.Adam({"lr": 0.05}),
-              Trace_ELBO(max_plate_nesting=1))
+    svi = SVI(
+        other.model, other.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(max_plate_nesting=1)
+    )
     other_before = other.encoder.head.weight.detach().clone()
     for _ in range(3):
         svi.step(x)
@@ -118,15 +120,20 @@ def test_bad_model_arguments():
         VAE(D, scale_fn="relu")
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda x: x[0], f"images must have shape [N, {D}] (one image: x[None]), got [{D}]"),
-    (lambda x: x[:, :-1],
-     f"images must have shape [N, {D}] (one image: x[None]), got [{N}, {D - 1}]"),
-    (lambda x: x[None], f"got [1, {N}, {D}]"),
-    (lambda x: x.long(), "images must be floating point, got torch.int64"),
-    (lambda x: x[:0], "got an empty batch of images"),
-    (lambda x: torch.where(x > 0, torch.nan, x), "images contain NaN or infinite values"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x: x[0], f"images must have shape [N, {D}] (one image: x[None]), got [{D}]"),
+        (
+            lambda x: x[:, :-1],
+            f"images must have shape [N, {D}] (one image: x[None]), got [{N}, {D - 1}]",
+        ),
+        (lambda x: x[None], f"got [1, {N}, {D}]"),
+        (lambda x: x.long(), "images must be floating point, got torch.int64"),
+        (lambda x: x[:0], "got an empty batch of images"),
+        (lambda x: torch.where(x > 0, torch.nan, x), "images contain NaN or infinite values"),
+    ],
+)
 @pytest.mark.parametrize("family", ["vae", "cvae", "vae2"])
 def test_model_and_guide_refuse_bad_images_through_pyros_svi(family, bad, message):
     """A single image without its batch dimension would otherwise be read as D datapoints."""

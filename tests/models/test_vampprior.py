@@ -18,8 +18,9 @@ from pyro_vae.util.errors import ConfigError
 
 
 def _reference(loc, scale):
-    return dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(loc.shape[0])),
-                                  dist.Normal(loc, scale).to_event(1))
+    return dist.MixtureSameFamily(
+        dist.Categorical(logits=torch.zeros(loc.shape[0])), dist.Normal(loc, scale).to_event(1)
+    )
 
 
 @pytest.mark.parametrize("smallest_scale", [1.0, 0.01])
@@ -52,23 +53,38 @@ def test_the_prior_is_the_mean_of_the_guide_at_the_pseudo_inputs():
     z = trace.nodes["z"]["value"]
     pseudo = pair.pseudo_inputs()
     assert pseudo.min() >= 0 and pseudo.max() <= 1  # clamped into the pixels' range
-    per_input = torch.stack([pyro.poutine.trace(pyro.poutine.condition(
-        pair.guide, data={"z": z})).get_trace(u.expand(4, 10)).nodes["z"]["fn"].log_prob(z)
-        for u in pseudo])                                           # [M, N]: log q(z | u_m)
+    per_input = torch.stack(
+        [
+            pyro.poutine.trace(pyro.poutine.condition(pair.guide, data={"z": z}))
+            .get_trace(u.expand(4, 10))
+            .nodes["z"]["fn"]
+            .log_prob(z)
+            for u in pseudo
+        ]
+    )  # [M, N]: log q(z | u_m)
     expected = torch.logsumexp(per_input, 0) - math.log(5)
-    torch.testing.assert_close(trace.nodes["z"]["fn"].log_prob(z), expected, rtol=1e-6,
-                               atol=1e-5)
+    torch.testing.assert_close(trace.nodes["z"]["fn"].log_prob(z), expected, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("elbo, k", [("meanfield", 1), ("trace", 1), ("iwae", 3),
-                                     ("stl", 1), ("dreg", 3)])
+@pytest.mark.parametrize(
+    "elbo, k", [("meanfield", 1), ("trace", 1), ("iwae", 3), ("stl", 1), ("dreg", 3)]
+)
 def test_every_estimator_trains_the_pseudo_inputs_and_the_evaluator_scores_it(elbo, k):
     torch.manual_seed(0)
     x = torch.bernoulli(torch.rand(64, 12))
     pair = VampPriorVAE(12, latent_dim=2, hidden=(16,), pseudo_inputs=4)
     before = pair.pseudo_inputs.raw.detach().clone()
-    fit(pair, x, epochs=2, batch_size=32, elbo=elbo, importance_samples=k, progress=False,
-        final_particles=0, seed=0)
+    fit(
+        pair,
+        x,
+        epochs=2,
+        batch_size=32,
+        elbo=elbo,
+        importance_samples=k,
+        progress=False,
+        final_particles=0,
+        seed=0,
+    )
     assert not torch.equal(pair.pseudo_inputs.raw, before)  # the prior learns
     result = evaluate(pair.model, pair.guide, x, num_particles=50)
     assert torch.isfinite(result.log_px).all() and (result.gap > -1e-4).all()
@@ -82,18 +98,22 @@ def test_a_vampprior_with_one_pseudo_input_at_a_standard_normal_encoding_is_the_
     torch.manual_seed(0)
     vamp = VampPriorVAE(6, latent_dim=2, hidden=(4,), pseudo_inputs=1, scale_fn="exp")
     plain = VAE(6, latent_dim=2, hidden=(4,), scale_fn="exp")
-    plain.load_state_dict({k: v for k, v in vamp.state_dict().items()
-                           if not k.startswith("pseudo_inputs")})
+    plain.load_state_dict(
+        {k: v for k, v in vamp.state_dict().items() if not k.startswith("pseudo_inputs")}
+    )
     with torch.no_grad():  # the encoder's last layer outputs loc 0, log-scale 0 for any input
         last = [m for m in vamp.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
         last.weight.zero_()
         last.bias.zero_()
-        plain.load_state_dict({k: v for k, v in vamp.state_dict().items()
-                               if not k.startswith("pseudo_inputs")})
+        plain.load_state_dict(
+            {k: v for k, v in vamp.state_dict().items() if not k.startswith("pseudo_inputs")}
+        )
     x = torch.bernoulli(torch.full((5, 6), 0.5))
     z = torch.randn(5, 2)
-    traces = [pyro.poutine.trace(pyro.poutine.condition(p.model, data={"z": z})).get_trace(x)
-              for p in (vamp, plain)]
+    traces = [
+        pyro.poutine.trace(pyro.poutine.condition(p.model, data={"z": z})).get_trace(x)
+        for p in (vamp, plain)
+    ]
     for trace in traces:
         trace.compute_log_prob()
     torch.testing.assert_close(traces[0].nodes["z"]["log_prob"], traces[1].nodes["z"]["log_prob"])
@@ -101,8 +121,17 @@ def test_a_vampprior_with_one_pseudo_input_at_a_standard_normal_encoding_is_the_
 
 
 def test_the_command_line_trains_resumes_and_evaluates_the_family(tmp_path, capsys):
-    common = ["--model", "vampprior", "--pseudo-inputs", "6", "--latent-dim", "2",
-              "--hidden", "16", "--quiet"]
+    common = [
+        "--model",
+        "vampprior",
+        "--pseudo-inputs",
+        "6",
+        "--latent-dim",
+        "2",
+        "--hidden",
+        "16",
+        "--quiet",
+    ]
     assert main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "full")]) == 0
     assert main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "part")]) == 0
     assert main(["train", "--resume", str(tmp_path / "part"), "--epochs", "2", "--quiet"]) == 0
@@ -119,11 +148,17 @@ def test_the_command_line_trains_resumes_and_evaluates_the_family(tmp_path, caps
     assert "K = 5 particles" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--pseudo-inputs", "5"], "--pseudo-inputs sizes the VampPrior: it needs --model vampprior"),
-    (["--model", "vampprior", "--guide", "full"], "use --guide diagonal"),
-    (["--model", "vampprior", "--pseudo-inputs", "1000000000"], "memory"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--pseudo-inputs", "5"],
+            "--pseudo-inputs sizes the VampPrior: it needs --model vampprior",
+        ),
+        (["--model", "vampprior", "--guide", "full"], "use --guide diagonal"),
+        (["--model", "vampprior", "--pseudo-inputs", "1000000000"], "memory"),
+    ],
+)
 def test_bad_vampprior_options_get_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "run"
     assert main(["train", *argv, "--epochs", "1", "--out", str(out), "--quiet"]) == 2

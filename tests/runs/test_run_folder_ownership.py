@@ -41,8 +41,11 @@ def one_line(text: str) -> str:
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file of ``folder`` (hidden ones too): its bytes and its modification time."""
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
-            if p.is_file()}
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
 
 
 def dead_pid() -> int:
@@ -112,8 +115,11 @@ def test_the_lock_names_its_writer_and_only_its_writer_removes_it(tmp_path):
 
 # temporary files ----------------------------------------------------------------------------
 
-LOOK_ALIKES = [f".{CHECKPOINT_FILE}.backup.tmp", f".{HISTORY_FILE}.mine1234.tmp",
-               ".eval-test.json.k3y.tmp"]
+LOOK_ALIKES = [
+    f".{CHECKPOINT_FILE}.backup.tmp",
+    f".{HISTORY_FILE}.mine1234.tmp",
+    ".eval-test.json.k3y.tmp",
+]
 
 
 def test_temporary_names_name_their_writer_and_fit_the_file_system():
@@ -149,21 +155,51 @@ def _cvae_run(tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("argv, targets, result", [
-    (["evaluate", "{run}", "--particles", "2", "--limit", "8", "--quiet"],
-     ["eval-test.json", "eval-test.nc", "gap-test.png"], "eval-test.json"),
-    (["evaluate", "{run}", "--ais", "--ais-steps", "2", "--chains", "2", "--limit", "4",
-      "--quiet"], ["ais-test.json", "ais-test.nc"], "ais-test.json"),
-    (["bdmc", "{run}", "--num", "4", "--ais-steps", "2", "--chains", "2"], ["bdmc.json"],
-     "bdmc.json"),
-    (["sample", "{run}", "--num", "4"], ["samples-0.png"], None),
-    (["classify", "{cvae}", "--particles", "2", "--limit", "8"],
-     ["classify-test.json", "confusion-test.png"], "classify-test.json"),
-    (["train", "--resume", "{run}", "--epochs", "2", "--quiet"],
-     [CHECKPOINT_FILE, HISTORY_FILE, "samples.png"], None),
-])
+@pytest.mark.parametrize(
+    "argv, targets, result",
+    [
+        (
+            ["evaluate", "{run}", "--particles", "2", "--limit", "8", "--quiet"],
+            ["eval-test.json", "eval-test.nc", "gap-test.png"],
+            "eval-test.json",
+        ),
+        (
+            [
+                "evaluate",
+                "{run}",
+                "--ais",
+                "--ais-steps",
+                "2",
+                "--chains",
+                "2",
+                "--limit",
+                "4",
+                "--quiet",
+            ],
+            ["ais-test.json", "ais-test.nc"],
+            "ais-test.json",
+        ),
+        (
+            ["bdmc", "{run}", "--num", "4", "--ais-steps", "2", "--chains", "2"],
+            ["bdmc.json"],
+            "bdmc.json",
+        ),
+        (["sample", "{run}", "--num", "4"], ["samples-0.png"], None),
+        (
+            ["classify", "{cvae}", "--particles", "2", "--limit", "8"],
+            ["classify-test.json", "confusion-test.png"],
+            "classify-test.json",
+        ),
+        (
+            ["train", "--resume", "{run}", "--epochs", "2", "--quiet"],
+            [CHECKPOINT_FILE, HISTORY_FILE, "samples.png"],
+            None,
+        ),
+    ],
+)
 def test_every_command_sweeps_what_a_killed_writer_left_and_writes_single_temporaries(
-        run_dir, tmp_path, monkeypatch, argv, targets, result):
+    run_dir, tmp_path, monkeypatch, argv, targets, result
+):
     import pyro_vae.util.tempnames as tempnames
 
     folder = _cvae_run(tmp_path) if "{cvae}" in argv else run_dir
@@ -173,8 +209,11 @@ def test_every_command_sweeps_what_a_killed_writer_left_and_writes_single_tempor
     live.write_bytes(b"")
     named = []
     real = tempnames.temporary_name
-    monkeypatch.setattr(tempnames, "temporary_name",
-                        lambda target, *rest: named.append(target) or real(target, *rest))
+    monkeypatch.setattr(
+        tempnames,
+        "temporary_name",
+        lambda target, *rest: named.append(target) or real(target, *rest),
+    )
     assert main(argv) == 0
     assert not any(path.exists() for path in stale)
     assert live.exists()
@@ -194,8 +233,7 @@ def test_evaluation_records_the_epoch_of_the_checkpoint_it_scored(run_dir):
 
 
 @pytest.mark.parametrize("through_link", [False, True])
-def test_force_keeps_the_users_same_named_files_aside_and_says_so(tmp_path, capsys,
-                                                                  through_link):
+def test_force_keeps_the_users_same_named_files_aside_and_says_so(tmp_path, capsys, through_link):
     real = tmp_path / "mine"
     real.mkdir()
     (real / HISTORY_FILE).write_text("my history")
@@ -207,16 +245,19 @@ def test_force_keeps_the_users_same_named_files_aside_and_says_so(tmp_path, caps
         out.symlink_to(real, target_is_directory=True)
     assert main(["train", *TINY, "--out", str(out), "--force"]) == 0
     line = one_line(capsys.readouterr().err)
-    assert line == (f"pyro-vae: {out} holds {HISTORY_FILE}, samples.png, which the run "
-                    f"writes: kept as {HISTORY_FILE}.orig, samples.png.orig-2")
+    assert line == (
+        f"pyro-vae: {out} holds {HISTORY_FILE}, samples.png, which the run "
+        f"writes: kept as {HISTORY_FILE}.orig, samples.png.orig-2"
+    )
     assert (real / f"{HISTORY_FILE}.orig").read_text() == "my history"
     assert (real / "samples.png.orig-2").read_bytes() == b"my picture"
     assert (real / "samples.png.orig").read_bytes() == b"an older one"
     assert json.loads((real / HISTORY_FILE).read_text())["epoch"] == [1]
 
 
-def test_a_forced_start_that_trains_nothing_puts_the_users_files_back(tmp_path, monkeypatch,
-                                                                      capsys):
+def test_a_forced_start_that_trains_nothing_puts_the_users_files_back(
+    tmp_path, monkeypatch, capsys
+):
     from pyro_vae.train.loop import Loop
 
     out = tmp_path / "mine"
@@ -231,11 +272,11 @@ def test_a_forced_start_that_trains_nothing_puts_the_users_files_back(tmp_path, 
     monkeypatch.setattr(Loop, "train_epoch", interrupt)
     assert main(["train", *TINY, "--out", str(out), "--force"]) == EXIT_INTERRUPTED
     assert {name: data for name, (data, _) in snapshot(out).items()} == {
-        name: data for name, (data, _) in before.items()}
+        name: data for name, (data, _) in before.items()
+    }
 
 
-def test_a_forced_start_on_a_full_disk_puts_the_users_files_back(tmp_path, monkeypatch,
-                                                                capsys):
+def test_a_forced_start_on_a_full_disk_puts_the_users_files_back(tmp_path, monkeypatch, capsys):
     import errno
 
     def no_space(*args, **kwargs):
@@ -273,11 +314,16 @@ class _SignalOnWrite:
         return getattr(self.stream, name)
 
 
-@pytest.mark.parametrize("signum, status, word", [
-    (signal.SIGTERM, EXIT_TERMINATED, "terminated"),
-    (signal.SIGINT, EXIT_INTERRUPTED, "interrupted")])
+@pytest.mark.parametrize(
+    "signum, status, word",
+    [
+        (signal.SIGTERM, EXIT_TERMINATED, "terminated"),
+        (signal.SIGINT, EXIT_INTERRUPTED, "interrupted"),
+    ],
+)
 def test_a_signal_during_a_checkpoint_write_is_one_line_and_keeps_the_last_set(
-        run_dir, monkeypatch, capsys, signum, status, word):
+    run_dir, monkeypatch, capsys, signum, status, word
+):
     import torch
 
     import pyro_vae.runs.checkpoint as checkpoint
@@ -295,7 +341,8 @@ def test_a_signal_during_a_checkpoint_write_is_one_line_and_keeps_the_last_set(
         signal.signal(signal.SIGINT, previous)
     assert one_line(capsys.readouterr().err) == f"pyro-vae train: {word}"
     assert {name: data for name, (data, _) in snapshot(run_dir).items()} == {
-        name: data for name, (data, _) in before.items()}  # the previous set, whole
+        name: data for name, (data, _) in before.items()
+    }  # the previous set, whole
 
 
 # a finished run -----------------------------------------------------------------------------
@@ -307,8 +354,11 @@ def test_resuming_a_finished_run_does_nothing(run_dir, monkeypatch, capsys):
     import pyro_vae.train as train
 
     calls = []
-    for module, name in ((train, "fit"), (evaluate, "evaluate_dataset"),
-                         (plots, "write_run_plots")):
+    for module, name in (
+        (train, "fit"),
+        (evaluate, "evaluate_dataset"),
+        (plots, "write_run_plots"),
+    ):
         monkeypatch.setattr(module, name, lambda *a, name=name, **k: calls.append(name))
     before = snapshot(run_dir)
     assert main(["train", "--resume", str(run_dir)]) == 0
@@ -318,8 +368,7 @@ def test_resuming_a_finished_run_does_nothing(run_dir, monkeypatch, capsys):
     assert calls == [] and snapshot(run_dir) == before
 
 
-def test_fit_resuming_a_finished_run_from_python_returns_it_without_training(tmp_path,
-                                                                             monkeypatch):
+def test_fit_resuming_a_finished_run_from_python_returns_it_without_training(tmp_path, monkeypatch):
     """fit(resume=True) at the epochs a run finished at: the run's model and history back,
     nothing trained, estimated or drawn, the folder as it was."""
     import sys
@@ -329,17 +378,23 @@ def test_fit_resuming_a_finished_run_from_python_returns_it_without_training(tmp
     from pyro_vae import fit
 
     x = fa_data(40)
-    options = dict(test_data=fa_data(20, seed=1), epochs=2, batch_size=20, progress=False,
-                   final_particles=5)
+    options = dict(
+        test_data=fa_data(20, seed=1), epochs=2, batch_size=20, progress=False, final_particles=5
+    )
     first = fit(FactorAnalysis(), x, run_dir=tmp_path / "run", **options)
     before = snapshot(tmp_path / "run")
-    monkeypatch.setattr(sys.modules["pyro_vae.train.engine"], "run_epochs",
-                        lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(
+        sys.modules["pyro_vae.train.engine"],
+        "run_epochs",
+        lambda *a, **k: pytest.fail("a finished run was trained again"),
+    )
     again = fit(FactorAnalysis(), x, run_dir=tmp_path / "run", resume=True, **options)
     assert again.history.epoch == first.history.epoch == [1, 2]
     assert again.history.extra["final"] == first.history.extra["final"]
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
-                                                 first.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.model.state_dict().values(), first.model.state_dict().values())
+    )
     assert snapshot(tmp_path / "run") == before
 
 
@@ -365,8 +420,10 @@ def test_an_unheld_write_interrupted_inside_a_library_raises_the_interruption(tm
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with atomic_path(tmp_path / "state.pt", hold_signals=False) as tmp, \
-                    open(tmp, "wb") as stream:
+            with (
+                atomic_path(tmp_path / "state.pt", hold_signals=False) as tmp,
+                open(tmp, "wb") as stream,
+            ):
                 torch.save({"weights": torch.zeros(3)}, _SignalOnWrite(stream, signal.SIGINT))
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -56,8 +56,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")
-                  or p.name == LOCK_FILE)
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name == LOCK_FILE
+    )
 
 
 def dead_pid() -> int:
@@ -76,8 +77,13 @@ def stale_temporary(folder: Path, target: str, pid: int | None = None) -> Path:
 
 
 def cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyro_vae", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_vae", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def history_of(folder: Path) -> dict:
@@ -104,19 +110,39 @@ def test_a_second_writer_is_refused_without_touching_the_folder(run_dir, capsys)
 
 def test_two_concurrent_trainings_into_one_folder_leave_one_consistent_run(tmp_path):
     out = tmp_path / "run"
-    argv = ["train", "--epochs", "2", "--batch-size", "512", "--latent-dim", "2", "--hidden",
-            "8", "--device", "cpu", "--quiet", "--out", str(out)]
-    procs = [subprocess.Popen([sys.executable, "-m", "pyro_vae", *argv, "--seed", str(seed)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for seed in (1, 2)]
+    argv = [
+        "train",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "512",
+        "--latent-dim",
+        "2",
+        "--hidden",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pyro_vae", *argv, "--seed", str(seed)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     results = [(proc.wait(timeout=180), *proc.communicate()) for proc in procs]
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [0, 2], results
     winner = [seed for seed, (status, _, _) in zip((1, 2), results) if status == 0][0]
     err = [err for status, _, err in results if status == 2][0].strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert ("is being written by another process (pid " in err
-            or "already holds a run" in err), err
+    assert "is being written by another process (pid " in err or "already holds a run" in err, err
     config = json.loads((out / CONFIG_FILE).read_text())
     state = load_checkpoint(out)
     assert config["seed"] == state["config"]["seed"] == winner
@@ -140,15 +166,15 @@ def test_a_missing_config_json_is_rebuilt_from_the_checkpoint(run_dir, tmp_path,
     (run_dir / CONFIG_FILE).unlink()
     config, model_class = read_run_config(run_dir)
     assert config.to_dict() == saved and model_class is None
-    assert main(["sample", str(run_dir), "--num", "4", "--output",
-                 str(tmp_path / "grid.png")]) == 0
+    assert main(["sample", str(run_dir), "--num", "4", "--output", str(tmp_path / "grid.png")]) == 0
     assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
     assert json.loads((run_dir / CONFIG_FILE).read_text()) == {**saved, "epochs": 2}
     assert history_of(run_dir)["epoch"] == [1, 2]
 
 
-def test_a_run_stopped_before_its_first_checkpoint_is_reported_then_resumed(trained_run,
-                                                                            tmp_path, capsys):
+def test_a_run_stopped_before_its_first_checkpoint_is_reported_then_resumed(
+    trained_run, tmp_path, capsys
+):
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     shutil.copy(trained_run / CONFIG_FILE, stopped / CONFIG_FILE)
@@ -187,8 +213,21 @@ def test_an_interrupted_first_epoch_leaves_no_trace(tmp_path, monkeypatch, capsy
 
 def test_a_failed_start_leaves_no_trace(tmp_path, capsys):
     out = tmp_path / "new" / "run"
-    assert exit_status(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
-                        "--out", str(out), "--quiet"]) == 2
+    assert (
+        exit_status(
+            [
+                "train",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "not found" in one_line(capsys)
     assert not (tmp_path / "new").exists()
 
@@ -196,8 +235,15 @@ def test_a_failed_start_leaves_no_trace(tmp_path, capsys):
 # 3. --out is checked before anything is trained -------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["train", *TINY, "--out", ""], ["train", "--resume", ""],
-                                  ["train", *TINY, "--out", "  "], ["sample", ""]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", *TINY, "--out", ""],
+        ["train", "--resume", ""],
+        ["train", *TINY, "--out", "  "],
+        ["sample", ""],
+    ],
+)
 def test_an_empty_path_is_refused(argv, capsys):
     assert exit_status(argv) == 2
     assert "the path is empty (an unset shell variable?)" in one_line(capsys)
@@ -214,8 +260,10 @@ def test_out_paths_that_cannot_hold_a_run(tmp_path, monkeypatch, capsys):
     assert exit_status(["train", *TINY, "--out", str(a_file)]) == 2
     assert f"the run folder {a_file} is a file, not a folder" in one_line(capsys)
     assert exit_status(["train", *TINY, "--out", str(a_file / "run")]) == 2
-    assert (f"cannot create the run folder {a_file / 'run'}: a part of the path is a file"
-            in one_line(capsys))
+    assert (
+        f"cannot create the run folder {a_file / 'run'}: a part of the path is a file"
+        in one_line(capsys)
+    )
 
     def denied(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
@@ -223,8 +271,9 @@ def test_out_paths_that_cannot_hold_a_run(tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as patch:
         patch.setattr(Path, "mkdir", denied)
         assert exit_status(["train", *TINY, "--out", str(tmp_path / "locked" / "run")]) == 2
-    assert one_line(capsys).endswith(f"cannot create the run folder "
-                                     f"{tmp_path / 'locked' / 'run'}: permission denied")
+    assert one_line(capsys).endswith(
+        f"cannot create the run folder {tmp_path / 'locked' / 'run'}: permission denied"
+    )
     assert a_file.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
     read_only = tmp_path / "read-only"
@@ -239,8 +288,9 @@ def test_out_paths_that_cannot_hold_a_run(tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as patch:
         patch.setattr(os, "open", no_write)
         assert exit_status(["train", *TINY, "--out", str(read_only)]) == 2
-    assert one_line(capsys).endswith(f"cannot write to the run folder {read_only}: "
-                                     "permission denied")
+    assert one_line(capsys).endswith(
+        f"cannot write to the run folder {read_only}: permission denied"
+    )
     assert list(read_only.iterdir()) == []
 
 
@@ -265,8 +315,10 @@ def test_a_folder_of_other_files_needs_force(tmp_path, capsys):
 
 def test_temporary_files_of_an_interrupted_writer_are_swept_on_resume(run_dir):
     gone = dead_pid()
-    stale = [stale_temporary(run_dir, name, gone).name
-             for name in (CHECKPOINT_FILE, HISTORY_FILE, WEIGHTS_FILE, "eval-test.json")]
+    stale = [
+        stale_temporary(run_dir, name, gone).name
+        for name in (CHECKPOINT_FILE, HISTORY_FILE, WEIGHTS_FILE, "eval-test.json")
+    ]
     live = stale_temporary(run_dir, CHECKPOINT_FILE, os.getppid())  # a writer still running
     assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
     assert leftovers(run_dir) == [live.name] and not set(stale) & set(os.listdir(run_dir))
@@ -274,9 +326,13 @@ def test_temporary_files_of_an_interrupted_writer_are_swept_on_resume(run_dir):
 
 def test_sigterm_ends_training_in_one_line_and_leaves_a_resumable_folder(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", *TINY, "--epochs",
-                             "100000", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_vae", "train", *TINY, "--epochs", "100000", "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT_FILE).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -334,23 +390,29 @@ def _torch_no_space(obj, stream):
     try:
         _no_space()
     except OSError:  # what torch.save raises when its file's write fails
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 "
-                           "vs 598") from None
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        ) from None
 
 
 def _safetensors_no_space(tensors, path):
-    raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on "
-                                      "device (os error 28)")
+    raise safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
 
 
-@pytest.mark.parametrize("target, writer, failing", [
-    ("torch.save", _no_space, CHECKPOINT_FILE),
-    ("torch.save", _torch_no_space, CHECKPOINT_FILE),
-    ("safetensors.torch.save_file", _safetensors_no_space, WEIGHTS_FILE),
-    ("pyro_vae.util.io._write_text", _no_space, CONFIG_FILE),
-])
+@pytest.mark.parametrize(
+    "target, writer, failing",
+    [
+        ("torch.save", _no_space, CHECKPOINT_FILE),
+        ("torch.save", _torch_no_space, CHECKPOINT_FILE),
+        ("safetensors.torch.save_file", _safetensors_no_space, WEIGHTS_FILE),
+        ("pyro_vae.util.io._write_text", _no_space, CONFIG_FILE),
+    ],
+)
 def test_a_full_disk_while_checkpointing_keeps_the_last_complete_epoch(
-        run_dir, monkeypatch, capsys, target, writer, failing):
+    run_dir, monkeypatch, capsys, target, writer, failing
+):
     before = snapshot(run_dir)
     with monkeypatch.context() as patch:
         patch.setattr(target, writer)
@@ -375,8 +437,7 @@ def test_a_full_disk_while_plotting_keeps_the_checkpoint(tmp_path, monkeypatch, 
     assert leftovers(out) == []
 
 
-def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(run_dir, monkeypatch,
-                                                                    capsys):
+def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(run_dir, monkeypatch, capsys):
     from pyro_vae.evaluate.results import EvaluationResult
 
     argv = ["evaluate", str(run_dir), "--particles", "30", "--limit", "8", "--quiet"]
@@ -392,8 +453,7 @@ def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(run_dir, mon
         patch.setattr(EvaluationResult, "to_inference_data", lambda self: Unwritable())
         patch.setattr("pyro_vae.util.io._free_bytes", lambda folder: 0)
         assert exit_status([*argv[:3], "40", *argv[4:]]) == 2
-    assert (f"cannot write {run_dir / 'eval-test.nc'}: no space left on device"
-            in one_line(capsys))
+    assert f"cannot write {run_dir / 'eval-test.nc'}: no space left on device" in one_line(capsys)
     assert snapshot(run_dir) == before
 
     from matplotlib.figure import Figure
@@ -401,23 +461,29 @@ def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(run_dir, mon
     with monkeypatch.context() as patch:
         patch.setattr(Figure, "savefig", _no_space)
         assert exit_status([*argv[:3], "40", *argv[4:]]) == 2
-    assert one_line(capsys).endswith(f"cannot write {run_dir / 'gap-test.png'}: no space left "
-                                     "on device")
+    assert one_line(capsys).endswith(
+        f"cannot write {run_dir / 'gap-test.png'}: no space left on device"
+    )
     assert snapshot(run_dir) == before
 
 
 # 6. every field checked before use --------------------------------------------------------
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["model"].update(latent_dim=8.5),
-     "config field model.latent_dim must be a whole number, got 8.5"),
-    (lambda c: c.update(lr="fast"), 'config field lr must be a finite number, got "fast"'),
-    (lambda c: c.update(epochs=True), "config field epochs must be a whole number, got true"),
-    (lambda c: c["model"].update(hidden=[8, "x"]), "config field model.hidden must be a list"),
-    (lambda c: c.update(model=[1]), "config field model must be a mapping or null"),
-    (lambda c: c.update(batch_size=0), "batch_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c["model"].update(latent_dim=8.5),
+            "config field model.latent_dim must be a whole number, got 8.5",
+        ),
+        (lambda c: c.update(lr="fast"), 'config field lr must be a finite number, got "fast"'),
+        (lambda c: c.update(epochs=True), "config field epochs must be a whole number, got true"),
+        (lambda c: c["model"].update(hidden=[8, "x"]), "config field model.hidden must be a list"),
+        (lambda c: c.update(model=[1]), "config field model must be a mapping or null"),
+        (lambda c: c.update(batch_size=0), "batch_size must be >= 1"),
+    ],
+)
 def test_invalid_config_json_fields_are_named(run_dir, capsys, change, message):
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     change(config)
@@ -432,25 +498,40 @@ def _set(*keys, value):
         for key in keys[:-1]:
             target = target[key]
         target[keys[-1]] = value
+
     return change
 
 
-@pytest.mark.parametrize("change, message", [
-    (_set("history", value=[1]), "history must be a mapping of per-epoch lists, got a list"),
-    (_set("history", "train_loss", value=[1.0, 2.0]), "history.train_loss holds 2 values for 1"),
-    (_set("history", "epoch", value=[3]), "history.epoch[0] must be 1"),
-    (_set("config", "model", "latent_dim", value=8.5),
-     "config field model.latent_dim must be a whole number, got 8.5"),
-    (_set("config", "seed", value="0"), 'config field seed must be a whole number, got "0"'),
-    (_set("rng", "torch", value=torch.zeros(10, dtype=torch.uint8)),
-     "rng.torch holds 10 bytes"),
-    (_set("rng", "data", value=torch.zeros(3)), "rng.data must be a 1-D uint8 tensor"),
-    (_set("optimizer", "param_groups", 0, "lr", value="0.1"),
-     "optimizer.param_groups[0].lr must be a finite number >= 0"),
-    (_set("model", "encoder.head.weight", value=[1.0]),
-     "model['encoder.head.weight'] must be a tensor"),
-    (_set("model_class", value=5), "model_class must be a string"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set("history", value=[1]), "history must be a mapping of per-epoch lists, got a list"),
+        (
+            _set("history", "train_loss", value=[1.0, 2.0]),
+            "history.train_loss holds 2 values for 1",
+        ),
+        (_set("history", "epoch", value=[3]), "history.epoch[0] must be 1"),
+        (
+            _set("config", "model", "latent_dim", value=8.5),
+            "config field model.latent_dim must be a whole number, got 8.5",
+        ),
+        (_set("config", "seed", value="0"), 'config field seed must be a whole number, got "0"'),
+        (
+            _set("rng", "torch", value=torch.zeros(10, dtype=torch.uint8)),
+            "rng.torch holds 10 bytes",
+        ),
+        (_set("rng", "data", value=torch.zeros(3)), "rng.data must be a 1-D uint8 tensor"),
+        (
+            _set("optimizer", "param_groups", 0, "lr", value="0.1"),
+            "optimizer.param_groups[0].lr must be a finite number >= 0",
+        ),
+        (
+            _set("model", "encoder.head.weight", value=[1.0]),
+            "model['encoder.head.weight'] must be a tensor",
+        ),
+        (_set("model_class", value=5), "model_class must be a string"),
+    ],
+)
 def test_invalid_checkpoint_fields_are_named(run_dir, capsys, change, message):
     state = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
     change(state)
@@ -469,8 +550,9 @@ def test_a_wrong_size_random_state_is_named_on_resume(run_dir, capsys):
     torch.save(state, run_dir / CHECKPOINT_FILE)
     damaged = snapshot(run_dir)
     assert exit_status(["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 2
-    assert "random state rng.data holds 16 bytes where this data generator takes" in \
-        one_line(capsys)
+    assert "random state rng.data holds 16 bytes where this data generator takes" in one_line(
+        capsys
+    )
     assert snapshot(run_dir) == damaged != before
 
 
@@ -482,8 +564,12 @@ def test_a_plain_pickle_checkpoint_is_refused_in_one_line_without_torch_warnings
     (run / "config.json").write_text("{}")
     with open(run / CHECKPOINT_FILE, "wb") as f:
         pickle.dump({"model": {}}, f)
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "evaluate", str(run),
-                           "--particles", "2"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "evaluate", str(run), "--particles", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and "Warning" not in err, err
@@ -512,8 +598,16 @@ def test_the_divergence_rule():
 
 
 def test_a_tiny_fixed_gaussian_scale_is_named_as_the_cause(tmp_path, capsys):
-    argv = ["train", *TINY, "--likelihood", "gaussian", "--obs-scale", "1e-30",
-            "--out", str(tmp_path / "run")]
+    argv = [
+        "train",
+        *TINY,
+        "--likelihood",
+        "gaussian",
+        "--obs-scale",
+        "1e-30",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert exit_status(argv) == 2
     line = one_line(capsys)
     assert "--obs-scale 1e-30 is tiny" in line and "--lr" not in line, line
@@ -525,8 +619,10 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name(run_dir, capsys):
     state["model"][name] = torch.full_like(state["model"][name], float("nan"))
     torch.save(state, run_dir / CHECKPOINT_FILE)
     damaged = snapshot(run_dir)
-    for argv in (["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"],
-                 ["evaluate", str(run_dir), "--particles", "2", "--quiet"]):
+    for argv in (
+        ["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"],
+        ["evaluate", str(run_dir), "--particles", "2", "--quiet"],
+    ):
         assert exit_status(argv) == 2
         line = one_line(capsys)
         assert f"holds NaN or infinite weights ({name}" in line and "last good" not in line
@@ -536,15 +632,17 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_name(run_dir, capsys):
 def test_a_file_given_as_a_run_folder_is_called_a_file(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for argv in (["evaluate", str(afile)], ["sample", str(afile)],
-                 ["train", "--resume", str(afile)]):
+    for argv in (
+        ["evaluate", str(afile)],
+        ["sample", str(afile)],
+        ["train", "--resume", str(afile)],
+    ):
         assert exit_status(argv) == 2
         assert one_line(capsys).endswith(f"{afile} is a file, not a run folder")
 
 
 @pytest.mark.parametrize("rank, lines", [("0", 1), ("1", 0)])
-def test_under_torchrun_one_rank_reports_a_user_error(tmp_path, monkeypatch, capsys, rank,
-                                                       lines):
+def test_under_torchrun_one_rank_reports_a_user_error(tmp_path, monkeypatch, capsys, rank, lines):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
     assert exit_status(["train", "--resume", str(tmp_path / "missing")]) == 2

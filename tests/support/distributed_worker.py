@@ -46,8 +46,14 @@ DRIFT_GRAD = 1.0
 DRIFT_EPOCHS = 2
 MAIN_FIRST_DELAY_S = 1.0
 READY_POLL_S = 0.05
-CONFIG = TrainConfig(epochs=2, batch_size=128, eval_particles=2, final_particles=10, device="cpu",
-                     model=ModelConfig(latent_dim=2, hidden=(16,)))
+CONFIG = TrainConfig(
+    epochs=2,
+    batch_size=128,
+    eval_particles=2,
+    final_particles=10,
+    device="cpu",
+    model=ModelConfig(latent_dim=2, hidden=(16,)),
+)
 EVAL = dict(particles=30, limit=50, batch_size=8, particle_chunk=16, device="cpu")
 
 
@@ -56,17 +62,22 @@ def step_fixture() -> tuple[VAE, torch.Tensor, torch.optim.Optimizer]:
     pyro.clear_param_store()
     torch.manual_seed(0)
     vae = VAE(64, latent_dim=2, hidden=(16,))
-    images = fixed_binarization(load_digits().train.images[:2 * HALF_BATCH], seed=0)
+    images = fixed_binarization(load_digits().train.images[: 2 * HALF_BATCH], seed=0)
     return vae, images, torch.optim.Adam(vae.parameters(), lr=STEP_LR)
 
 
-def run_steps(vae: VAE, optimizer: torch.optim.Optimizer,
-              parts: list[tuple[int, torch.Tensor]], dist: DistributedContext = SINGLE) -> None:
+def run_steps(
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    parts: list[tuple[int, torch.Tensor]],
+    dist: DistributedContext = SINGLE,
+) -> None:
     """``STEPS`` steps of :func:`svi_step` on the batch made of ``parts``; part ``key`` of step
     s draws its noise from seed ``1000 s + key``, so a datapoint sees the same ε whichever
     process holds it."""
     elbo = make_estimator("meanfield", max_plate_nesting=1)
     for step in range(STEPS):
+
         def loss_fn() -> torch.Tensor:
             total = torch.zeros(())
             for key, images in parts:
@@ -85,7 +96,7 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
             marker.touch()
         saw_marker = marker.exists()
     vae, images, optimizer = step_fixture()
-    mine = images[dist.rank * HALF_BATCH:(dist.rank + 1) * HALF_BATCH]
+    mine = images[dist.rank * HALF_BATCH : (dist.rank + 1) * HALF_BATCH]
     run_steps(vae, optimizer, [(dist.rank, mine)], dist)
     orders, shards = [], []
 
@@ -101,12 +112,23 @@ def _main_scenario(dist: DistributedContext, out: Path) -> None:
     fit(config=CONFIG.replace(epochs=1), run_dir=out / "part", progress=False)
     resumed = fit(config=CONFIG, run_dir=out / "part", resume=True, progress=False)
     result = evaluate_run(out / "full", out=out / "eval", **EVAL)
-    torch.save({"step": vae.state_dict(), "full": full.model.state_dict(),
-                "resumed": resumed.model.state_dict(), "history": full.history.to_dict(),
-                "resumed_history": resumed.history.to_dict(), "log_px": result.log_px,
-                "elbo": result.elbo, "ess": result.ess, "khat": result.khat,
-                "saw_marker": saw_marker, "orders": orders, "shards": shards},
-               out / f"rank{dist.rank}.pt")
+    torch.save(
+        {
+            "step": vae.state_dict(),
+            "full": full.model.state_dict(),
+            "resumed": resumed.model.state_dict(),
+            "history": full.history.to_dict(),
+            "resumed_history": resumed.history.to_dict(),
+            "log_px": result.log_px,
+            "elbo": result.elbo,
+            "ess": result.ess,
+            "khat": result.khat,
+            "saw_marker": saw_marker,
+            "orders": orders,
+            "shards": shards,
+        },
+        out / f"rank{dist.rank}.pt",
+    )
 
 
 def _replace_in(module: str, name: str, fn) -> None:
@@ -116,10 +138,26 @@ def _replace_in(module: str, name: str, fn) -> None:
 
 def _train_cli(out: Path, epochs: int, timeout_s: float) -> int:
     """``pyro-vae train`` of ``CONFIG``'s network and batch size into ``out / "run"``."""
-    return main(["train", "--epochs", str(epochs), "--batch-size", str(CONFIG.batch_size),
-                 "--latent-dim", str(CONFIG.model.latent_dim),
-                 "--hidden", ",".join(map(str, CONFIG.model.hidden)), "--device", "cpu",
-                 "--quiet", "--out", str(out / "run"), "--dist-timeout", f"{timeout_s:g}"])
+    return main(
+        [
+            "train",
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(CONFIG.batch_size),
+            "--latent-dim",
+            str(CONFIG.model.latent_dim),
+            "--hidden",
+            ",".join(map(str, CONFIG.model.hidden)),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(out / "run"),
+            "--dist-timeout",
+            f"{timeout_s:g}",
+        ]
+    )
 
 
 def _wait_for_each_other(out: Path, rank: int, world_size: int) -> None:

@@ -40,12 +40,12 @@ _FENCE = re.compile(r"^```\s*(\S*)\s*$")
 
 @dataclass
 class Block:
-    line: int                # 1-based line of the block's first line of code
+    line: int  # 1-based line of the block's first line of code
     language: str
     code: str
     caption: str | None = None
     options: dict = field(default_factory=dict)  # from a ``doctest:`` comment before it
-    output_of: int | None = None                 # index of the block this one is the output of
+    output_of: int | None = None  # index of the block this one is the output of
 
 
 class PageError(ValueError):
@@ -65,21 +65,28 @@ def _dedent(lines: list[str]) -> str:
 def _parse_options(text: str) -> dict:
     match = re.fullmatch(r"tolerance\s+([0-9.eE+-]+)(%?)", text)
     if not match:
-        raise PageError(f"unknown doctest comment {text!r}: expected 'tolerance X' or "
-                        "'tolerance X%'")
+        raise PageError(
+            f"unknown doctest comment {text!r}: expected 'tolerance X' or 'tolerance X%'"
+        )
     value = float(match.group(1))
     return {"rtol": value / 100} if match.group(2) else {"atol": value}
 
 
 def _link_outputs(blocks: list[Block], prose_before: list[bool]) -> list[Block]:
     for index, block in enumerate(blocks):
-        if (block.language == OUTPUT and index > 0 and not prose_before[index]
-                and blocks[index - 1].language in RUNNABLE
-                and blocks[index - 1].caption is None):
+        if (
+            block.language == OUTPUT
+            and index > 0
+            and not prose_before[index]
+            and blocks[index - 1].language in RUNNABLE
+            and blocks[index - 1].caption is None
+        ):
             block.output_of = index - 1
         elif block.options:
-            raise PageError(f"line {block.line}: a doctest comment belongs before an output "
-                            "block (a text block right after a python or bash block)")
+            raise PageError(
+                f"line {block.line}: a doctest comment belongs before an output "
+                "block (a text block right after a python or bash block)"
+            )
     return blocks
 
 
@@ -92,7 +99,7 @@ def parse_rst(text: str) -> list[Block]:
         line = lines[i]
         comment = _COMMENT.match(line)
         directive = _CODE_DIRECTIVE.match(line)
-        literal = (line.rstrip().endswith("::") and not _OTHER_DIRECTIVE.match(line))
+        literal = line.rstrip().endswith("::") and not _OTHER_DIRECTIVE.match(line)
         if comment:
             options = _parse_options(comment.group(1))
             i += 1
@@ -102,8 +109,10 @@ def parse_rst(text: str) -> list[Block]:
             i += 1
             continue
         if literal:
-            raise PageError(f"line {i + 1}: a bare '::' literal block; use '.. code-block:: "
-                            "LANGUAGE' (python or bash to run it, text or shell to show it)")
+            raise PageError(
+                f"line {i + 1}: a bare '::' literal block; use '.. code-block:: "
+                "LANGUAGE' (python or bash to run it, text or shell to show it)"
+            )
         base, language = _indent(line), directive.group(2)
         if not language:
             raise PageError(f"line {i + 1}: a code block without a language")
@@ -141,8 +150,7 @@ def parse_markdown(text: str) -> list[Block]:
             i += 1
             while i < len(lines) and not lines[i].startswith("```"):
                 i += 1
-            blocks.append(Block(start + 1, fence.group(1), _dedent(lines[start:i]), None,
-                                options))
+            blocks.append(Block(start + 1, fence.group(1), _dedent(lines[start:i]), None, options))
             prose_before.append(prose)
             prose, options = False, {}
         else:
@@ -161,7 +169,7 @@ def _pattern(expected: str) -> tuple[re.Pattern, list[str]]:
     parts, numbers, position = [], [], 0
     words = " ".join(expected.split())
     for match in _NUMBER_TOKEN.finditer(words):
-        parts.append(re.escape(words[position:match.start()]))
+        parts.append(re.escape(words[position : match.start()]))
         parts.append("(" + _NUMBER + ")")
         numbers.append(match.group())
         position = match.end()

@@ -45,15 +45,23 @@ class LinearGaussian(nn.Module):
     :param scale_factor: multiplies the guide's standard deviations (scalar or ``[d]``, > 0).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, noise_scale: float | torch.Tensor,
-                 guide: str = "full", loc_shift: float | torch.Tensor = 0.0,
-                 scale_factor: float | torch.Tensor = 1.0):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        noise_scale: float | torch.Tensor,
+        guide: str = "full",
+        loc_shift: float | torch.Tensor = 0.0,
+        scale_factor: float | torch.Tensor = 1.0,
+    ):
         super().__init__()
         if guide not in GUIDE_FAMILIES:
             raise ValueError(f"guide must be one of {GUIDE_FAMILIES}, got {guide!r}")
         if weight.dim() != 2 or bias.shape != weight.shape[:1]:
-            raise ValueError(f"weight must be [D, d] and bias [D]; got {list(weight.shape)} and "
-                             f"{list(bias.shape)}")
+            raise ValueError(
+                f"weight must be [D, d] and bias [D]; got {list(weight.shape)} and "
+                f"{list(bias.shape)}"
+            )
         like = dict(dtype=weight.dtype, device=weight.device)
         latent_dim = weight.shape[1]
         scale_factor = torch.as_tensor(scale_factor, **like)
@@ -67,10 +75,18 @@ class LinearGaussian(nn.Module):
         self.log_scale_factor = nn.Parameter(scale_factor.log().expand(latent_dim).clone())
 
     @classmethod
-    def random(cls, data_dim: int, latent_dim: int, *, noise_scale: float = 0.5,
-               guide: str = "full", loc_shift: float | torch.Tensor = 0.0,
-               scale_factor: float | torch.Tensor = 1.0, seed: int = 0,
-               dtype: torch.dtype = torch.float64) -> LinearGaussian:
+    def random(
+        cls,
+        data_dim: int,
+        latent_dim: int,
+        *,
+        noise_scale: float = 0.5,
+        guide: str = "full",
+        loc_shift: float | torch.Tensor = 0.0,
+        scale_factor: float | torch.Tensor = 1.0,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ) -> LinearGaussian:
         """A model with ``W`` and ``b`` drawn from N(0, 1) by a private, seeded generator."""
         generator = torch.Generator().manual_seed(seed)
         weight = torch.randn(data_dim, latent_dim, generator=generator, dtype=dtype)
@@ -108,7 +124,7 @@ class LinearGaussian(nn.Module):
 
     def _posterior_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(m [N, d], S [d, d])."""
-        variance = self.noise_scale ** 2
+        variance = self.noise_scale**2
         eye = torch.eye(self.latent_dim, dtype=x.dtype, device=x.device)
         cov = torch.linalg.inv(eye + self.weight.T @ self.weight / variance)
         cov = (cov + cov.T) / 2
@@ -133,7 +149,7 @@ class LinearGaussian(nn.Module):
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_n), shape ``[N]``."""
         eye = torch.eye(self.data_dim, dtype=x.dtype, device=x.device)
-        cov = self.weight @ self.weight.T + self.noise_scale ** 2 * eye
+        cov = self.weight @ self.weight.T + self.noise_scale**2 * eye
         return MultivariateNormal(self.bias, covariance_matrix=cov).log_prob(x)
 
     def kl_guide_to_posterior(self, x: torch.Tensor) -> torch.Tensor:

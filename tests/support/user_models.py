@@ -38,10 +38,12 @@ class FactorAnalysis(nn.Module):
     def model(self, x):
         pyro.module("fa", self)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.W.shape[1]), 1.0)
-                            .to_event(1))
-            pyro.sample("x", dist.Normal(z @ self.W.T + self.mu, self.psi.sqrt()).to_event(1),
-                        obs=x)
+            z = pyro.sample(
+                "z", dist.Normal(x.new_zeros(x.shape[0], self.W.shape[1]), 1.0).to_event(1)
+            )
+            pyro.sample(
+                "x", dist.Normal(z @ self.W.T + self.mu, self.psi.sqrt()).to_event(1), obs=x
+            )
 
     def guide(self, x):
         pyro.module("fa", self)
@@ -64,7 +66,8 @@ def fa_data(num: int = 400, seed: int = 0) -> np.ndarray:
     noise = rng.uniform(0.2, 0.6, size=FA_DIM)
     z = rng.normal(size=(num, FA_FACTORS))
     return (z @ loadings.T + 1.5 + rng.normal(size=(num, FA_DIM)) * np.sqrt(noise)).astype(
-        np.float32)
+        np.float32
+    )
 
 
 class Sequences(Dataset):
@@ -100,8 +103,9 @@ class LinearSequenceModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.loadings = nn.Parameter(torch.randn(SEQ_MAX_LEN, SEQ_LATENT,
-                                                 generator=torch.Generator().manual_seed(1)))
+        self.loadings = nn.Parameter(
+            torch.randn(SEQ_MAX_LEN, SEQ_LATENT, generator=torch.Generator().manual_seed(1))
+        )
         self.raw_noise = nn.Parameter(torch.zeros(()))
 
     @property
@@ -110,18 +114,16 @@ class LinearSequenceModel(nn.Module):
 
     def model(self, x, mask):
         pyro.module("seq", self)
-        loadings = self.loadings[:x.shape[1]]
+        loadings = self.loadings[: x.shape[1]]
         with pyro.plate("sequences", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], SEQ_LATENT), 1.0)
-                            .to_event(1))
-            pyro.sample("x", dist.Normal(z @ loadings.T, self.noise).mask(mask).to_event(1),
-                        obs=x)
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], SEQ_LATENT), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ loadings.T, self.noise).mask(mask).to_event(1), obs=x)
 
     def posterior(self, x, mask):
-        c = self.loadings[:x.shape[1]] * mask[..., None]            # [B, T, k], padded rows 0
-        precision = torch.eye(SEQ_LATENT) + c.transpose(1, 2) @ c / self.noise ** 2
+        c = self.loadings[: x.shape[1]] * mask[..., None]  # [B, T, k], padded rows 0
+        precision = torch.eye(SEQ_LATENT) + c.transpose(1, 2) @ c / self.noise**2
         cov = torch.linalg.inv(precision)
-        loc = (cov @ (c.transpose(1, 2) @ (x * mask)[..., None]))[..., 0] / self.noise ** 2
+        loc = (cov @ (c.transpose(1, 2) @ (x * mask)[..., None]))[..., 0] / self.noise**2
         return loc, cov
 
     def guide(self, x, mask):
@@ -133,10 +135,11 @@ class LinearSequenceModel(nn.Module):
     def exact_log_likelihood(self, x, mask):
         out = []
         for row, keep in zip(x, mask):
-            c = self.loadings[:int(keep.sum())]
-            cov = c @ c.T + self.noise ** 2 * torch.eye(c.shape[0])
-            out.append(dist.MultivariateNormal(torch.zeros(c.shape[0]), cov)
-                       .log_prob(row[:c.shape[0]]))
+            c = self.loadings[: int(keep.sum())]
+            cov = c @ c.T + self.noise**2 * torch.eye(c.shape[0])
+            out.append(
+                dist.MultivariateNormal(torch.zeros(c.shape[0]), cov).log_prob(row[: c.shape[0]])
+            )
         return torch.stack(out)
 
 
@@ -148,9 +151,10 @@ def sequence_data():
     """A (train, test) pair of Datasets whose batches the pair's collate function pads."""
     from torch.utils.data import DataLoader
 
-    return (DataLoader(Sequences(60, seed=0), batch_size=16, shuffle=True,
-                       collate_fn=pad_collate),
-            DataLoader(Sequences(20, seed=1), batch_size=16, collate_fn=pad_collate))
+    return (
+        DataLoader(Sequences(60, seed=0), batch_size=16, shuffle=True, collate_fn=pad_collate),
+        DataLoader(Sequences(20, seed=1), batch_size=16, collate_fn=pad_collate),
+    )
 
 
 class Regression(nn.Module):
@@ -166,8 +170,7 @@ class Regression(nn.Module):
     def model(self, x, y):
         pyro.module("regression", self)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0)
-                            .to_event(1))
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0).to_event(1))
             inputs = torch.cat([x.expand(*z.shape[:-1], x.shape[-1]), z], -1)
             loc = self.decoder(inputs)[..., 0]
             pyro.sample("y", dist.Normal(loc, 0.5), obs=y)
@@ -186,8 +189,6 @@ def regression_data(num: int = 200, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"x": x, "y": y}
 
 
-
-
 def fa_model(x):
     """Factor analysis as two plain Pyro functions: every parameter a ``pyro.param`` entry."""
     loadings = pyro.param("loadings", lambda: 0.1 * torch.randn(x.shape[-1], FA_FACTORS))
@@ -200,8 +201,9 @@ def fa_model(x):
 
 def fa_guide(x):
     weight = pyro.param("encoder_weight", lambda: torch.zeros(FA_FACTORS, x.shape[-1]))
-    scale = pyro.param("encoder_scale", lambda: torch.ones(FA_FACTORS),
-                       constraint=dist.constraints.positive)
+    scale = pyro.param(
+        "encoder_scale", lambda: torch.ones(FA_FACTORS), constraint=dist.constraints.positive
+    )
     with pyro.plate("data", x.shape[0]):
         pyro.sample("z", dist.Normal(x @ weight.T, scale).to_event(1))
 

@@ -35,12 +35,15 @@ from pyro_vae.train.fused import training_loss
 from pyro_vae.train.step import svi_step
 
 LR = 1e-2
-needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                                    reason="inductor needs a C++ compiler on the CPU")
+needs_compiler = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")),
+    reason="inductor needs a C++ compiler on the CPU",
+)
 
 
-def _steps(module, estimator, args, kwargs, compiled: bool, steps: int = 3, backend=None,
-           seed: int = 0):
+def _steps(
+    module, estimator, args, kwargs, compiled: bool, steps: int = 3, backend=None, seed: int = 0
+):
     module = copy.deepcopy(module)
     pyro.clear_param_store()
     loss_fn = training_loss(module, estimator)
@@ -51,8 +54,19 @@ def _steps(module, estimator, args, kwargs, compiled: bool, steps: int = 3, back
         return svi_step(lambda: loss_fn(*a, **k), n, optimizer)
 
     notes = []
-    step = (CompiledStep(module, estimator, optimizer, loss_fn, eager, backend=backend,
-                         log=notes.append if backend else pytest.fail) if compiled else None)
+    step = (
+        CompiledStep(
+            module,
+            estimator,
+            optimizer,
+            loss_fn,
+            eager,
+            backend=backend,
+            log=notes.append if backend else pytest.fail,
+        )
+        if compiled
+        else None
+    )
     losses = []
     torch.manual_seed(seed)
     with pyro.validation_enabled(False):
@@ -62,8 +76,11 @@ def _steps(module, estimator, args, kwargs, compiled: bool, steps: int = 3, back
         assert step.compiled_steps == steps and len(step.graphs) == 1 and not notes
     elif compiled:  # a compiler that fails (one on a loaded machine may) falls back, and says so
         assert_fallback_announced(step, notes, steps)
-    return (torch.stack(losses), [p.detach().clone() for p in module.parameters()],
-            [b.clone() for b in module.buffers()])
+    return (
+        torch.stack(losses),
+        [p.detach().clone() for p in module.parameters()],
+        [b.clone() for b in module.buffers()],
+    )
 
 
 def assert_fallback_announced(step, notes, steps):
@@ -73,12 +90,12 @@ def assert_fallback_announced(step, notes, steps):
     assert notes == [f"compiled steps off: {step.disabled}; training eagerly"], notes
 
 
-def _assert_same_steps(module, estimator, args, kwargs=None, backend=None, rtol=0.0,
-                       atol=1e-6):
+def _assert_same_steps(module, estimator, args, kwargs=None, backend=None, rtol=0.0, atol=1e-6):
     kwargs = kwargs or {}
     eager_loss, eager_params, _ = _steps(module, estimator, args, kwargs, compiled=False)
-    graph_loss, graph_params, _ = _steps(module, estimator, args, kwargs, compiled=True,
-                                         backend=backend)
+    graph_loss, graph_params, _ = _steps(
+        module, estimator, args, kwargs, compiled=True, backend=backend
+    )
     if backend is None:  # the first step's draws and loss are the eager step's, bit for bit
         assert graph_loss[0].item() == eager_loss[0].item()
     # later losses see parameters that differ by the update's rounding
@@ -92,24 +109,32 @@ def _vae_batch():
     return torch.bernoulli(torch.full((16, 12), 0.4))
 
 
-@pytest.mark.parametrize("name, particles, k", [("trace", 1, 1), ("meanfield", 2, 1),
-                                                ("iwae", 1, 3), ("stl", 2, 1), ("dreg", 1, 3)])
+@pytest.mark.parametrize(
+    "name, particles, k",
+    [("trace", 1, 1), ("meanfield", 2, 1), ("iwae", 1, 3), ("stl", 2, 1), ("dreg", 1, 3)],
+)
 def test_the_captured_step_equals_the_eager_step_for_every_estimator(name, particles, k):
     torch.manual_seed(1)
     module = VAE(12, latent_dim=3, hidden=(8,))
-    _assert_same_steps(module, make_estimator(name, particles, k, max_plate_nesting=1),
-                       (_vae_batch(),))
+    _assert_same_steps(
+        module, make_estimator(name, particles, k, max_plate_nesting=1), (_vae_batch(),)
+    )
 
 
 def test_the_captured_step_of_a_sequence_model_with_masks_equals_the_eager_step():
     batch = pad_collate([Sequences(8, seed=3)[i] for i in range(8)])
-    _assert_same_steps(LinearSequenceModel(), make_estimator("iwae", importance_samples=2,
-                                                        max_plate_nesting=None), (), batch)
+    _assert_same_steps(
+        LinearSequenceModel(),
+        make_estimator("iwae", importance_samples=2, max_plate_nesting=None),
+        (),
+        batch,
+    )
 
 
 def test_the_captured_step_of_keyword_data_and_a_full_covariance_guide_equals_eager():
-    _assert_same_steps(Regression(), make_estimator("trace", max_plate_nesting=None), (),
-                       regression_data(32))
+    _assert_same_steps(
+        Regression(), make_estimator("trace", max_plate_nesting=None), (), regression_data(32)
+    )
     x = torch.as_tensor(fa_data(32))
     _assert_same_steps(FactorAnalysis(), make_estimator("meanfield", max_plate_nesting=None), (x,))
 
@@ -121,20 +146,34 @@ def test_the_inductor_compiled_step_equals_the_eager_step(monkeypatch):
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch.manual_seed(1)
     module = VAE(12, latent_dim=3, hidden=(8,))
-    _assert_same_steps(module, make_estimator("iwae", importance_samples=3, max_plate_nesting=1),
-                       (_vae_batch(),),
-                       backend="inductor", rtol=1e-5, atol=1e-5)
+    _assert_same_steps(
+        module,
+        make_estimator("iwae", importance_samples=3, max_plate_nesting=1),
+        (_vae_batch(),),
+        backend="inductor",
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @needs_compiler
 def test_a_resumed_compiled_run_equals_an_uninterrupted_compiled_run(tmp_path):
     data = fa_data(64)
-    common = dict(batch_size=32, lr=LR, seed=3, final_particles=0, progress=False,
-                  compile=True, elbo="iwae", importance_samples=2)
+    common = dict(
+        batch_size=32,
+        lr=LR,
+        seed=3,
+        final_particles=0,
+        progress=False,
+        compile=True,
+        elbo="iwae",
+        importance_samples=2,
+    )
     whole = fit(FactorAnalysis(), data, epochs=3, run_dir=tmp_path / "whole", **common)
     first = fit(FactorAnalysis(), data, epochs=1, run_dir=tmp_path / "part", **common)
-    resumed = fit(FactorAnalysis(), data, epochs=3, run_dir=tmp_path / "part", resume=True,
-                  **common)
+    resumed = fit(
+        FactorAnalysis(), data, epochs=3, run_dir=tmp_path / "part", resume=True, **common
+    )
     runs = (whole.compiled, first.compiled, resumed.compiled)
     # a compiler that fails (one on a loaded machine may) trains eagerly instead; every step
     # is taken either way
@@ -144,8 +183,9 @@ def test_a_resumed_compiled_run_equals_an_uninterrupted_compiled_run(tmp_path):
         assert resumed.history.train_loss == whole.history.train_loss
         tolerance = 0
     else:  # inductor's kernels against eager steps: float32 reassociation
-        torch.testing.assert_close(resumed.history.train_loss, whole.history.train_loss,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            resumed.history.train_loss, whole.history.train_loss, rtol=1e-5, atol=1e-5
+        )
         tolerance = 1e-5
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
@@ -168,8 +208,9 @@ def test_a_pair_with_data_dependent_control_flow_trains_eagerly_with_one_line(ca
     capsys.readouterr()
     fallback = fit(DataDependent(), data, compile=True, **common)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pyro-vae: compiled steps off: the step could "
-                                               "not be captured"), err
+    assert len(err) == 1 and err[0].startswith(
+        "pyro-vae: compiled steps off: the step could not be captured"
+    ), err
     assert fallback.compiled.eager_steps == 2 and fallback.compiled.compiled_steps == 0
     assert fallback.history.train_loss == eager.history.train_loss
 
@@ -181,34 +222,65 @@ def test_new_signatures_past_the_cap_run_eagerly_with_one_line():
     loss_fn = training_loss(module, estimator)
     optimizer = torch.optim.Adam(module.parameters(), lr=LR)
     notes = []
-    step = CompiledStep(module, estimator, optimizer, loss_fn,
-                        lambda a, k, n: svi_step(lambda: loss_fn(*a, **k), n, optimizer),
-                        backend=None, max_graphs=1, log=notes.append)
+    step = CompiledStep(
+        module,
+        estimator,
+        optimizer,
+        loss_fn,
+        lambda a, k, n: svi_step(lambda: loss_fn(*a, **k), n, optimizer),
+        backend=None,
+        max_graphs=1,
+        log=notes.append,
+    )
     x = _vae_batch()
     with pyro.validation_enabled(False):
         for batch in (x, x[:5], x, x[:7]):
             step((batch,), {}, batch.shape[0])
     assert (step.compiled_steps, step.eager_steps, len(step.graphs)) == (2, 2, 1)
-    assert notes == ["compiled steps: more than 1 input signatures (batch shapes, β values); "
-                     "the others run eagerly"]
+    assert notes == [
+        "compiled steps: more than 1 input signatures (batch shapes, β values); "
+        "the others run eagerly"
+    ]
 
 
 def test_an_optimizer_other_than_adam_is_refused_in_one_line():
     module = VAE(12, latent_dim=3, hidden=(8,))
     notes = []
-    step = CompiledStep(module, make_estimator("trace", max_plate_nesting=1),
-                        torch.optim.SGD(module.parameters(), lr=LR),
-                        lambda x: x, lambda a, k, n: torch.zeros(()), log=notes.append)
-    assert step.disabled and notes == ["compiled steps off: the optimizer is SGD, and only "
-                                       "Adam's update is compiled; training eagerly"]
+    step = CompiledStep(
+        module,
+        make_estimator("trace", max_plate_nesting=1),
+        torch.optim.SGD(module.parameters(), lr=LR),
+        lambda x: x,
+        lambda a, k, n: torch.zeros(()),
+        log=notes.append,
+    )
+    assert step.disabled and notes == [
+        "compiled steps off: the optimizer is SGD, and only "
+        "Adam's update is compiled; training eagerly"
+    ]
 
 
 @needs_compiler
 def test_the_command_line_reports_the_compiled_steps(tmp_path, capsys):
     from pyro_vae.app.cli import main
 
-    argv = ["train", "--epochs", "2", "--batch-size", "512", "--latent-dim", "2", "--hidden",
-            "8", "--device", "cpu", "--quiet", "--compile", "--out", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "512",
+        "--latent-dim",
+        "2",
+        "--hidden",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--compile",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     fallback = [line for line in captured.err.splitlines() if "compiled steps off" in line]
@@ -224,8 +296,11 @@ def test_the_command_line_reports_the_compiled_steps(tmp_path, capsys):
 def test_the_captured_step_of_a_guide_with_an_enumerated_site_equals_the_eager_step(name, k):
     from test_enumeration import LearnedFactorAnalysers, _points
 
-    _assert_same_steps(LearnedFactorAnalysers(exact=False),
-                       make_estimator(name, 1, k, max_plate_nesting=1), (_points(8),))
+    _assert_same_steps(
+        LearnedFactorAnalysers(exact=False),
+        make_estimator(name, 1, k, max_plate_nesting=1),
+        (_points(8),),
+    )
 
 
 @pytest.mark.parametrize("name", ["stl", "dreg"])
@@ -237,9 +312,12 @@ def test_the_captured_step_of_a_replayed_batchnorm_guide_equals_the_eager_step(n
     torch.manual_seed(0)
     module, x = BatchNormTwoSiteGuide(), _data(False)
     _assert_same_steps(module, make_estimator(name, 1, 1, max_plate_nesting=1), (x,))
-    statistics = [_steps(module, make_estimator(name, 1, 1, max_plate_nesting=1), (x,), {},
-                         compiled=compiled)[2]
-                  for compiled in (False, True)]
+    statistics = [
+        _steps(
+            module, make_estimator(name, 1, 1, max_plate_nesting=1), (x,), {}, compiled=compiled
+        )[2]
+        for compiled in (False, True)
+    ]
     assert statistics[0][-1].item() == statistics[1][-1].item() == 3  # num_batches_tracked
     for eager, graph in zip(*statistics):
         torch.testing.assert_close(graph, eager, rtol=0, atol=1e-6)

@@ -54,14 +54,20 @@ def test_fused_loss_equals_the_traced_estimator_on_the_gpu(name):
 def test_a_resumed_gpu_run_reaches_the_uninterrupted_result(tmp_path):
     """The checkpoint carries the GPU's random-number state: without it the resumed epochs would
     draw other noise and end far from the uninterrupted run."""
-    config = TrainConfig(epochs=4, batch_size=128, eval_particles=2, final_particles=0,
-                         device="cuda")
+    config = TrainConfig(
+        epochs=4, batch_size=128, eval_particles=2, final_particles=0, device="cuda"
+    )
     full = fit(config=config, run_dir=tmp_path / "full", progress=False)
     fit(config=config.replace(epochs=2), run_dir=tmp_path / "part", progress=False)
     resumed = fit(config=config, run_dir=tmp_path / "part", resume=True, progress=False)
     assert all(p.device.type == "cuda" for p in resumed.model.parameters())
     for name, value in full.model.state_dict().items():
-        torch.testing.assert_close(resumed.model.state_dict()[name], value,
-                                   rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL, msg=name)
-    torch.testing.assert_close(torch.tensor(resumed.history.train_loss),
-                               torch.tensor(full.history.train_loss), rtol=FLOAT32_RTOL, atol=0)
+        torch.testing.assert_close(
+            resumed.model.state_dict()[name], value, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL, msg=name
+        )
+    torch.testing.assert_close(
+        torch.tensor(resumed.history.train_loss),
+        torch.tensor(full.history.train_loss),
+        rtol=FLOAT32_RTOL,
+        atol=0,
+    )

@@ -55,8 +55,14 @@ LAUNCH_TIMEOUT_S = 240
 FAILURE_SEEN_WITHIN_S = 90
 TORCHRUN_FAILED = 1
 STEP_RTOL, STEP_ATOL = 1e-5, 1e-6
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                      "MASTER_PORT")
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def _free_port() -> int:
@@ -73,9 +79,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _rank_env(rank: int, port: str) -> dict:
     """The environment torchrun gives rank ``rank`` of WORLD_SIZE on this machine."""
-    return _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
-                LOCAL_WORLD_SIZE=str(WORLD_SIZE))
+    return _env(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE),
+        LOCAL_WORLD_SIZE=str(WORLD_SIZE),
+    )
 
 
 def _start_ranks(scenario: str, out: Path) -> list[tuple[subprocess.Popen, Path]]:
@@ -86,9 +97,13 @@ def _start_ranks(scenario: str, out: Path) -> list[tuple[subprocess.Popen, Path]
         log = out / f"rank{rank}.log"
         env = _rank_env(rank, port)
         with log.open("w") as handle:
-            process = subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
-                                       env=env, cwd=REPO, stdout=handle,
-                                       stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, str(WORKER), scenario, str(out)],
+                env=env,
+                cwd=REPO,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
         ranks.append((process, log))
     return ranks
 
@@ -178,8 +193,7 @@ def test_sharded_evaluation_equals_a_single_process(two_ranks):
     assert written["summary"]["num_datapoints"] == EVAL["limit"]
 
 
-def test_each_epoch_deals_a_new_shared_permutation_whose_shards_cover_the_training_set(
-        two_ranks):
+def test_each_epoch_deals_a_new_shared_permutation_whose_shards_cover_the_training_set(two_ranks):
     """fit()'s own calls of shard_indices, recorded on each rank: full run epochs 1..E, the
     1-epoch run, then its resumption's epochs 2..E."""
     _, saved = two_ranks
@@ -199,8 +213,10 @@ def test_each_epoch_deals_a_new_shared_permutation_whose_shards_cover_the_traini
         assert counts.min() >= 1  # the rest of the W * per_rank entries is the padding
         same_epoch = [other for other in range(call) if epochs[other] == epochs[call]]
         for other in range(call):
-            assert torch.equal(saved[0]["orders"][other], order) == (other in same_epoch), \
-                (epochs[other], epochs[call])
+            assert torch.equal(saved[0]["orders"][other], order) == (other in same_epoch), (
+                epochs[other],
+                epochs[call],
+            )
 
 
 def test_ranks_that_drift_apart_stop_together_with_one_clear_message(tmp_path):
@@ -214,9 +230,11 @@ def test_ranks_that_drift_apart_stop_together_with_one_clear_message(tmp_path):
     for rank, text in enumerate(logs):
         assert "Traceback" not in text and "terminate called" not in text, text
         errors = [line for line in text.splitlines() if "error:" in line]
-        assert errors == [f"pyro-vae train: error: rank {rank} of {WORLD_SIZE}: the ranks' "
-                          "parameters have drifted apart (1 value differs from rank 0's, counted "
-                          "over all ranks); the gradient reduction is broken"], text
+        assert errors == [
+            f"pyro-vae train: error: rank {rank} of {WORLD_SIZE}: the ranks' "
+            "parameters have drifted apart (1 value differs from rank 0's, counted "
+            "over all ranks); the gradient reduction is broken"
+        ], text
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
@@ -239,10 +257,13 @@ def test_a_failed_rank_makes_the_others_exit_with_one_clear_message(tmp_path, ho
     errors = [line for line in text.splitlines() if "error:" in line]
     timeout = HANG_TIMEOUT_S if how == "hang" else COLLECTIVE_TIMEOUT_S
     assert len(errors) == 1, text
-    assert errors[0].startswith("pyro-vae train: error: rank 0 of 2: averaging gradients failed: "
-                                f"another rank died or gave no answer within {timeout:g} s ("), text
-    assert errors[0].endswith(f"a slow step needs a longer --dist-timeout SECONDS or "
-                             f"${ENV_TIMEOUT}."), text
+    assert errors[0].startswith(
+        "pyro-vae train: error: rank 0 of 2: averaging gradients failed: "
+        f"another rank died or gave no answer within {timeout:g} s ("
+    ), text
+    assert errors[0].endswith(
+        f"a slow step needs a longer --dist-timeout SECONDS or ${ENV_TIMEOUT}."
+    ), text
     assert f"rank 1: {how} at step {FAIL_AT_STEP}" in ranks[1][1].read_text()
 
 
@@ -256,28 +277,68 @@ def test_collective_errors_are_cut_at_a_word_boundary(monkeypatch):
         with distributed._collective(context, "summing"):
             raise RuntimeError(f"[gloo/pair.cc:1] {words}\nsecond line")
     cause = str(info.value).split("(", 1)[1].split(")", 1)[0]
-    assert str(info.value).startswith("rank 1 of 2: summing failed: another rank died or gave no "
-                                      "answer within 7 s (gloo said")
+    assert str(info.value).startswith(
+        "rank 1 of 2: summing failed: another rank died or gave no answer within 7 s (gloo said"
+    )
     assert cause.endswith("...") and len(cause) <= MAX_CAUSE_CHARS
     assert words.startswith(cause[:-3] + " ") and "second line" not in str(info.value)
     assert not distributed._broken
 
 
 def _torchrun(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-                           f"--nproc-per-node={WORLD_SIZE}", "--master-addr=127.0.0.1",
-                           f"--master-port={_free_port()}", "-m", "pyro_vae", *command],
-                          env=_env(), cwd=cwd, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            f"--nproc-per-node={WORLD_SIZE}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_free_port()}",
+            "-m",
+            "pyro_vae",
+            *command,
+        ],
+        env=_env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
 
 
 def test_torchrun_trains_and_evaluates_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
     commands = [
-        ["train", "--epochs", "1", "--batch-size", "256", "--latent-dim", "2", "--hidden", "8",
-         "--device", "cpu", "--out", str(run_dir), "--quiet", "--dist-timeout", "120"],
-        ["evaluate", str(run_dir), "--particles", "5", "--limit", "20", "--device", "cpu",
-         "--quiet"],
+        [
+            "train",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "256",
+            "--latent-dim",
+            "2",
+            "--hidden",
+            "8",
+            "--device",
+            "cpu",
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--dist-timeout",
+            "120",
+        ],
+        [
+            "evaluate",
+            str(run_dir),
+            "--particles",
+            "5",
+            "--limit",
+            "20",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
     ]
     for command in commands:
         done = _torchrun(command, tmp_path)
@@ -290,8 +351,19 @@ def test_torchrun_trains_and_evaluates_from_the_command_line(tmp_path):
 def test_under_torchrun_a_bad_input_fails_each_rank_with_its_one_line(tmp_path):
     """Every rank meets the missing data and prints the line (unless torchrun stopped it first,
     once the other had exited with status 2); torchrun reports the failure and exits with 1."""
-    done = _torchrun(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "missing"),
-                      "--out", str(tmp_path / "run"), "--quiet"], tmp_path)
+    done = _torchrun(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        tmp_path,
+    )
     assert done.returncode == TORCHRUN_FAILED, done.stderr
     assert done.stdout == ""
     lines = done.stderr.count("pyro-vae train: error: MNIST file ")
@@ -305,8 +377,9 @@ def test_shards_are_those_of_distributed_sampler():
     for world_size in (1, 2, 3, 4):
         shards = []
         for rank in range(world_size):
-            sampler = DistributedSampler(range(11), num_replicas=world_size, rank=rank,
-                                         shuffle=False)
+            sampler = DistributedSampler(
+                range(11), num_replicas=world_size, rank=rank, shuffle=False
+            )
             shard = shard_indices(order, DistributedContext(rank, world_size))
             assert torch.equal(shard, order[list(sampler)])
             shards.append(shard)
@@ -317,7 +390,7 @@ def test_shards_are_those_of_distributed_sampler():
 def test_seeds():
     assert rank_seed(7, 0) == 7
     seeds = {rank_seed(7, rank) for rank in range(4)} | {rank_seed(8, 1), derive_seed(7, 2)}
-    assert len(seeds) == 6 and all(0 <= seed < 2 ** 32 for seed in seeds)
+    assert len(seeds) == 6 and all(0 <= seed < 2**32 for seed in seeds)
     assert derive_seed(-1, 3, 0) == derive_seed(-1, 3, 0)
 
 
@@ -336,14 +409,17 @@ def test_batch_seeds_leave_the_global_stream_alone_and_ignore_it():
     lg = LinearGaussian.random(4, 2, noise_scale=1.0, loc_shift=0.2, scale_factor=1.2)
     data = lg.sample(12, torch.Generator().manual_seed(0))
     state = torch.get_rng_state()
-    first = evaluate_dataset(lg.model, lg.guide, data, num_particles=7, batch_size=4,
-                             batch_seed=5, khat=False)
+    first = evaluate_dataset(
+        lg.model, lg.guide, data, num_particles=7, batch_size=4, batch_seed=5, khat=False
+    )
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(123)
-    again = evaluate_dataset(lg.model, lg.guide, data, num_particles=7, batch_size=4,
-                             batch_seed=5, khat=False)
-    other = evaluate_dataset(lg.model, lg.guide, data, num_particles=7, batch_size=4,
-                             batch_seed=6, khat=False)
+    again = evaluate_dataset(
+        lg.model, lg.guide, data, num_particles=7, batch_size=4, batch_seed=5, khat=False
+    )
+    other = evaluate_dataset(
+        lg.model, lg.guide, data, num_particles=7, batch_size=4, batch_seed=6, khat=False
+    )
     assert torch.equal(first.log_px, again.log_px)
     assert not torch.equal(first.log_px, other.log_px)
     with pytest.raises(ConfigError, match="batch_seed"):
@@ -361,8 +437,15 @@ class _Reached(Exception):
     """Raised by a stand-in for what init_distributed does after its checks."""
 
 
-def _fake_node(monkeypatch, gpus: int, *, rank: int, local_rank: int, world_size: int,
-               local_world_size: int | None) -> list:
+def _fake_node(
+    monkeypatch,
+    gpus: int,
+    *,
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    local_world_size: int | None,
+) -> list:
     """torchrun's variables for one process and a machine with ``gpus`` CUDA GPUs; joining a
     group or selecting a GPU raises :class:`_Reached` (recording the GPU) instead."""
     for name in TORCHRUN_VARIABLES:
@@ -390,21 +473,33 @@ def _fake_node(monkeypatch, gpus: int, *, rank: int, local_rank: int, world_size
 
 def _too_few_gpus(processes: int, gpus: int, cli: bool = False) -> str:
     """The refusal, naming Python's parameter (``device="cuda"``) or the command line's flag."""
-    cuda, auto, cpu = (("--device cuda", "--device auto", "--device cpu") if cli else
-                       ('device="cuda"', 'device="auto"', 'device="cpu"'))
-    return (f"{processes} processes on this node but {gpus} CUDA GPU{'s' if gpus > 1 else ''}: "
-            f"on CUDA ({cuda}, or {auto} with a GPU present) each process needs a GPU of its "
-            f"own; start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or train on "
-            f"the CPU with {cpu}")
+    cuda, auto, cpu = (
+        ("--device cuda", "--device auto", "--device cpu")
+        if cli
+        else ('device="cuda"', 'device="auto"', 'device="cpu"')
+    )
+    return (
+        f"{processes} processes on this node but {gpus} CUDA GPU{'s' if gpus > 1 else ''}: "
+        f"on CUDA ({cuda}, or {auto} with a GPU present) each process needs a GPU of its "
+        f"own; start at most {gpus} per node (torchrun --nproc-per-node={gpus}) or train on "
+        f"the CPU with {cpu}"
+    )
 
 
 @pytest.mark.parametrize("local_world_size", [2, None])
-def test_cuda_with_fewer_gpus_than_processes_on_the_node_fails_on_every_rank(monkeypatch,
-                                                                              local_world_size):
+def test_cuda_with_fewer_gpus_than_processes_on_the_node_fails_on_every_rank(
+    monkeypatch, local_world_size
+):
     """Without LOCAL_WORLD_SIZE rank 0 cannot know of rank 1 (and gets its GPU)."""
     for rank in range(2):
-        selected = _fake_node(monkeypatch, 1, rank=rank, local_rank=rank, world_size=2,
-                              local_world_size=local_world_size)
+        selected = _fake_node(
+            monkeypatch,
+            1,
+            rank=rank,
+            local_rank=rank,
+            world_size=2,
+            local_world_size=local_world_size,
+        )
         if local_world_size is None and rank == 0:
             with pytest.raises(_Reached):
                 init_distributed("cuda", timeout_s=1)
@@ -431,14 +526,15 @@ def test_cuda_ranks_take_the_gpu_of_their_local_rank(monkeypatch):
 
 @pytest.mark.parametrize("command", ["train", "evaluate"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(monkeypatch, capsys, tmp_path,
-                                                                   command, rank):
+def test_device_auto_under_torchrun_with_too_few_gpus_is_one_line(
+    monkeypatch, capsys, tmp_path, command, rank
+):
     """--device auto picks CUDA when a GPU is present, so 2 processes on a 1-GPU machine get the
     error (not a silent CPU run); every rank meets it, rank 0 alone prints it; nothing is
     written."""
     _fake_node(monkeypatch, 1, rank=rank, local_rank=rank, world_size=2, local_world_size=2)
     run_dir = tmp_path / "run"
-    argv = (["train", "--out", str(run_dir)] if command == "train" else ["evaluate", str(run_dir)])
+    argv = ["train", "--out", str(run_dir)] if command == "train" else ["evaluate", str(run_dir)]
     assert main([*argv, "--device", "auto", "--quiet"]) == EXIT_USER_ERROR
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -451,12 +547,23 @@ def test_torchrun_trains_a_users_pair_on_a_users_loader_and_resumes_exactly(tmp_
     """The sequence pair of user_models.py on its padded DataLoader (sharded among the ranks by
     the engine): an interrupted run resumed under torchrun equals the uninterrupted one."""
     user = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
-    common = ["--model-factory", f"{user}:make_sequence_model", "--data",
-              f"{user}:sequence_data", "--device", "cpu", "--quiet", "--dist-timeout", "120"]
-    for command in (["train", *common, "--epochs", "2", "--out", str(tmp_path / "full")],
-                    ["train", *common, "--epochs", "1", "--out", str(tmp_path / "part")],
-                    ["train", "--resume", str(tmp_path / "part"), "--epochs", "2", "--quiet"],
-                    ["evaluate", str(tmp_path / "part"), "--particles", "4", "--quiet"]):
+    common = [
+        "--model-factory",
+        f"{user}:make_sequence_model",
+        "--data",
+        f"{user}:sequence_data",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dist-timeout",
+        "120",
+    ]
+    for command in (
+        ["train", *common, "--epochs", "2", "--out", str(tmp_path / "full")],
+        ["train", *common, "--epochs", "1", "--out", str(tmp_path / "part")],
+        ["train", "--resume", str(tmp_path / "part"), "--epochs", "2", "--quiet"],
+        ["evaluate", str(tmp_path / "part"), "--particles", "4", "--quiet"],
+    ):
         done = _torchrun(command, tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
     full, part = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
@@ -469,14 +576,19 @@ def test_torchrun_trains_a_users_pair_on_a_users_loader_and_resumes_exactly(tmp_
 
 def test_world_size_without_a_rendezvous_address_is_one_line(tmp_path):
     """WORLD_SIZE set by hand (no torchrun): one line naming what is missing, exit 2, no folder."""
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--quiet", "--out",
-                           str(tmp_path / "run")], env=_env(WORLD_SIZE="2", RANK="0"),
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "train", "--quiet", "--out", str(tmp_path / "run")],
+        env=_env(WORLD_SIZE="2", RANK="0"),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
     assert done.returncode == EXIT_USER_ERROR
     assert done.stderr.strip() == (
         "pyro-vae train: error: WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT are not set: "
         "launch the ranks with torchrun (which sets them), or unset WORLD_SIZE to run one "
-        "process")
+        "process"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -500,8 +612,18 @@ def _refused_on_every_rank(argv: list[str], tmp_path: Path) -> str:
     for rank in range(WORLD_SIZE):
         log = tmp_path / f"rank{rank}.log"
         with log.open("w") as handle:
-            ranks.append((subprocess.Popen(argv, env=_rank_env(rank, port), cwd=tmp_path,
-                                           stdout=handle, stderr=subprocess.STDOUT), log))
+            ranks.append(
+                (
+                    subprocess.Popen(
+                        argv,
+                        env=_rank_env(rank, port),
+                        cwd=tmp_path,
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
     codes = _finish(ranks, LAUNCH_TIMEOUT_S)
     logs = [log.read_text().strip() for _, log in ranks]
     assert codes == [EXIT_USER_ERROR] * WORLD_SIZE, logs
@@ -509,22 +631,37 @@ def _refused_on_every_rank(argv: list[str], tmp_path: Path) -> str:
     return logs[0]
 
 
-def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_training(
-        tmp_path):
+def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_training(tmp_path):
     """One gather compares the ranks' data: each rank prints the same line and exits with 2,
     and nothing is trained (no rank aborts in a collective of mismatched steps)."""
     data = tmp_path / "rank_data.py"
     data.write_text(RANK_DATA.format(tests=str(SUPPORT)))
-    argv = [sys.executable, "-m", "pyro_vae", "train", "--model-factory",
-            f"{SUPPORT / 'user_models.py'}:make_fa", "--data",
-            f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
-            "--dist-timeout", "60", "--out", str(tmp_path / "run")]
+    argv = [
+        sys.executable,
+        "-m",
+        "pyro_vae",
+        "train",
+        "--model-factory",
+        f"{SUPPORT / 'user_models.py'}:make_fa",
+        "--data",
+        f"{data}:rank_data",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dist-timeout",
+        "60",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     from user_models import FA_DIM
 
     assert _refused_on_every_rank(argv, tmp_path) == (
         f"pyro-vae train: error: the ranks were given different data (rank 0: training 120 "
         f"datapoints of [{FA_DIM}], test none; rank 1: training 80 datapoints of [{FA_DIM}], "
-        "test none): every rank must load the same data")
+        "test none): every rank must load the same data"
+    )
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
@@ -534,16 +671,46 @@ def test_ranks_evaluating_data_of_different_sizes_stop_with_the_same_line(tmp_pa
     data = tmp_path / "rank_data.py"
     data.write_text(RANK_DATA.format(tests=str(SUPPORT)))
     run_dir = tmp_path / "run"
-    assert main(["train", "--model-factory", f"{SUPPORT / 'user_models.py'}:make_fa", "--data",
-                 f"{data}:rank_data", "--epochs", "1", "--device", "cpu", "--quiet",
-                 "--out", str(run_dir)]) == 0
-    argv = [sys.executable, "-m", "pyro_vae", "evaluate", str(run_dir), "--data",
-            f"{data}:rank_data", "--particles", "5", "--device", "cpu", "--quiet",
-            "--dist-timeout", "60"]
+    assert (
+        main(
+            [
+                "train",
+                "--model-factory",
+                f"{SUPPORT / 'user_models.py'}:make_fa",
+                "--data",
+                f"{data}:rank_data",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "pyro_vae",
+        "evaluate",
+        str(run_dir),
+        "--data",
+        f"{data}:rank_data",
+        "--particles",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dist-timeout",
+        "60",
+    ]
     from user_models import FA_DIM
 
     assert _refused_on_every_rank(argv, tmp_path) == (
         f"pyro-vae evaluate: error: the ranks were given different data (rank 0: 120 "
         f"datapoints of [{FA_DIM}]; rank 1: 80 datapoints of [{FA_DIM}]): every rank must "
-        "load the same data")
+        "load the same data"
+    )
     assert not list(run_dir.glob("eval-*"))

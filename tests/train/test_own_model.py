@@ -28,22 +28,31 @@ from pyro_vae.util.errors import CheckpointError
 class MixturePriorVAE(nn.Module):
     """A VAE whose prior is a learned mixture of Gaussians, written as a plain Pyro pair."""
 
-    def __init__(self, input_dim: int, name: str = "mixture_vae", latent_dim: int = 2,
-                 components: int = 10, hidden: int = 64):
+    def __init__(
+        self,
+        input_dim: int,
+        name: str = "mixture_vae",
+        latent_dim: int = 2,
+        components: int = 10,
+        hidden: int = 64,
+    ):
         super().__init__()
         self.name = name
         self.mixture_logits = nn.Parameter(torch.zeros(components))
         self.mixture_locs = nn.Parameter(2.0 * torch.randn(components, latent_dim))
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.Softplus(),
-                                     nn.Linear(hidden, input_dim))
-        self.encoder = nn.Sequential(nn.Linear(input_dim, hidden), nn.Softplus(),
-                                     nn.Linear(hidden, 2 * latent_dim))
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.Softplus(), nn.Linear(hidden, input_dim)
+        )
+        self.encoder = nn.Sequential(
+            nn.Linear(input_dim, hidden), nn.Softplus(), nn.Linear(hidden, 2 * latent_dim)
+        )
 
     def model(self, x):
         pyro.module(self.name + "_model", self)
         prior = dist.MixtureSameFamily(
             dist.Categorical(logits=self.mixture_logits),
-            dist.Normal(self.mixture_locs, torch.ones_like(self.mixture_locs)).to_event(1))
+            dist.Normal(self.mixture_locs, torch.ones_like(self.mixture_locs)).to_event(1),
+        )
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", prior)
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
@@ -76,8 +85,10 @@ def test_the_package_trains_and_evaluates_a_users_pair(tmp_path):
 
     images = evaluation_images(prepare_data(config, torch.device("cpu")), "test", config)[:100]
     with pyro.validation_enabled(False):
-        before, after = (evaluate_dataset(pair.model, pair.guide, images, num_particles=100,
-                                          khat=False) for pair in (untrained, model))
+        before, after = (
+            evaluate_dataset(pair.model, pair.guide, images, num_particles=100, khat=False)
+            for pair in (untrained, model)
+        )
     gain = (after.elbo - before.elbo).double()
     assert gain.mean() > 3 * gain.std() / gain.numel() ** 0.5
     gap = after.log_px.double() - _per_datapoint_elbo(model, (images,), particles=50)
@@ -87,12 +98,36 @@ def test_the_package_trains_and_evaluates_a_users_pair(tmp_path):
 def test_the_estimator_benchmark_compares_estimators_on_a_users_pair(tmp_path, bench):
     out = tmp_path / "out"
     factory = f"{Path(__file__).resolve()}:build"
-    assert bench.main(["--model-factory", factory, "--estimators", "trace", "dreg",
-                       "--seeds", "0", "--epochs", "1", "--importance-samples", "3",
-                       "--eval-particles", "20", "--curve-particles", "5", "--snr-draws", "3",
-                       "--snr-ks", "1", "2", "--out", str(out)]) == 0
-    rows = {row["estimator"]: row for row in json.loads((out / "results.json").read_text())
-            ["runs"]}
+    assert (
+        bench.main(
+            [
+                "--model-factory",
+                factory,
+                "--estimators",
+                "trace",
+                "dreg",
+                "--seeds",
+                "0",
+                "--epochs",
+                "1",
+                "--importance-samples",
+                "3",
+                "--eval-particles",
+                "20",
+                "--curve-particles",
+                "5",
+                "--snr-draws",
+                "3",
+                "--snr-ks",
+                "1",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = {row["estimator"]: row for row in json.loads((out / "results.json").read_text())["runs"]}
     assert set(rows) == {"trace", "dreg"}
     for row in rows.values():
         assert row["snr_encoder"] > 0 and row["snr_decoder"] > 0
@@ -132,8 +167,9 @@ class _NotReparameterized(MixturePriorVAE):
     def model(self, x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Poisson(torch.ones(x.shape[0])))
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(
-                torch.stack([z, z], -1))).to_event(1), obs=x)
+            pyro.sample(
+                "x", dist.Bernoulli(logits=self.decoder(torch.stack([z, z], -1))).to_event(1), obs=x
+            )
 
     def guide(self, x):
         with pyro.plate("data", x.shape[0]):
@@ -169,19 +205,28 @@ class _NoParameters(nn.Module):
         pass
 
 
-@pytest.mark.parametrize("model, message", [
-    (object(), "must be a torch.nn.Module"),
-    (_NoParameters(), "no trainable parameters"),
-    (_NoPlate(64), "data plate"),
-    (_NoEvent(64), r"Shape mismatch .*\.to_event\(1\)"),
-    (_UnplatedDimension(64), r"guide's site 'z' .* dimension\(s\) \[-1\] in no plate"),
-    (_WrongSize(64), "has size 8 but the batch has 4 rows"),
-    (_NotReparameterized(64), "not reparameterizable"),
-    (_GlobalLoadings(64), r"param site\(s\) \['loadings'\] of _GlobalLoadings are not "
-                          r"parameters of the module.*nn\.Parameter"),
-    (_StoredLoadings(64), r"KeyError 'loadings' \(if that names a pyro\.param read without an "
-                          r"initial value, make the parameter an nn\.Parameter"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (object(), "must be a torch.nn.Module"),
+        (_NoParameters(), "no trainable parameters"),
+        (_NoPlate(64), "data plate"),
+        (_NoEvent(64), r"Shape mismatch .*\.to_event\(1\)"),
+        (_UnplatedDimension(64), r"guide's site 'z' .* dimension\(s\) \[-1\] in no plate"),
+        (_WrongSize(64), "has size 8 but the batch has 4 rows"),
+        (_NotReparameterized(64), "not reparameterizable"),
+        (
+            _GlobalLoadings(64),
+            r"param site\(s\) \['loadings'\] of _GlobalLoadings are not "
+            r"parameters of the module.*nn\.Parameter",
+        ),
+        (
+            _StoredLoadings(64),
+            r"KeyError 'loadings' \(if that names a pyro\.param read without an "
+            r"initial value, make the parameter an nn\.Parameter",
+        ),
+    ],
+)
 def test_what_a_pair_needs_is_checked_with_a_clear_message(model, message):
     x = torch.bernoulli(torch.full((4, 64), 0.3))
     with pytest.raises(ConfigError, match=message):
@@ -221,8 +266,14 @@ def test_param_sites_of_the_modules_own_parameters_pass_whatever_the_param_store
     with pyro.get_param_store().scope():
         pyro.module("mixture_vae_model", MixturePriorVAE(64))  # an older pair of the same name
         before = dict(pyro.get_param_store().named_parameters())
-        for pair in (VAE(64), VAE(64, guide="full"), VAE(64, likelihood="gaussian"),
-                     VAE2(64), MixturePriorVAE(64), _PyroModulePair(64)):
+        for pair in (
+            VAE(64),
+            VAE(64, guide="full"),
+            VAE(64, likelihood="gaussian"),
+            VAE2(64),
+            MixturePriorVAE(64),
+            _PyroModulePair(64),
+        ):
             check_model(pair, x)
         check_model(CVAE(64, 10), x, torch.arange(4))
         after = dict(pyro.get_param_store().named_parameters())
@@ -238,9 +289,12 @@ def test_train_checks_a_users_pair_before_training():
 def test_factories_are_loaded_from_a_module_or_a_file(tmp_path):
     assert load_factory("pyro_vae.models.vae:VAE").__name__ == "VAE"
     assert load_factory(f"{Path(__file__).resolve()}:build")(64, "m").name == "m"
-    for spec, message in [("no-colon", "MODULE:FUNCTION"), ("nonexistent_mod_xyz:f", "import"),
-                          ("pyro_vae.models.vae:nothing", "no callable"),
-                          (f"{tmp_path}/missing.py:f", "no file")]:
+    for spec, message in [
+        ("no-colon", "MODULE:FUNCTION"),
+        ("nonexistent_mod_xyz:f", "import"),
+        ("pyro_vae.models.vae:nothing", "no callable"),
+        (f"{tmp_path}/missing.py:f", "no file"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_factory(spec)
 
@@ -263,20 +317,32 @@ def test_a_users_run_resumes_from_python_and_the_command_line_refuses_it(tmp_pat
         load_run(part, device="cpu")
     with pytest.raises(CheckpointError, match=refusal):
         fit(config=config, run_dir=part, resume=True, progress=False)
-    with pytest.raises(CheckpointError, match=rf"does not fit the given model \(it holds "
-                                              rf"{recorded}\)"):
-        fit(MixturePriorVAE(64, hidden=32), config=config, run_dir=part, resume=True,
-            progress=False)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"does not fit the given model \(it holds "
+        rf"{recorded}\)",
+    ):
+        fit(
+            MixturePriorVAE(64, hidden=32), config=config, run_dir=part, resume=True, progress=False
+        )
     history = (part / "history.json").read_text()
-    for argv in (["evaluate", str(part)], ["sample", str(part)],
-                 ["train", "--resume", str(part), "--epochs", "3", "--quiet"]):
+    for argv in (
+        ["evaluate", str(part)],
+        ["sample", str(part)],
+        ["train", "--resume", str(part), "--epochs", "3", "--quiet"],
+    ):
         assert main(argv) == EXIT_USER_ERROR
         err = capsys.readouterr().err
         assert "model defined in Python" in err and len(err.strip().splitlines()) == 1, err
     assert (part / "history.json").read_text() == history
 
-    resumed = fit(MixturePriorVAE(64), config=read_config(part).replace(epochs=3), run_dir=part,
-                  resume=True, progress=False)
+    resumed = fit(
+        MixturePriorVAE(64),
+        config=read_config(part).replace(epochs=3),
+        run_dir=part,
+        resume=True,
+        progress=False,
+    )
     for name, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     assert resumed.history.train_loss == full.history.train_loss

@@ -23,11 +23,14 @@ def test_a_few_epochs_raise_the_test_elbo():
     assert history.train_loss[-1] < history.train_loss[0] - 1.5
 
 
-@pytest.mark.parametrize("estimator", [
-    {"elbo": "trace", "particles": 2},
-    {"elbo": "meanfield", "particles": 2},
-    {"elbo": "dreg", "importance_samples": 3, "warmup": 30},
-])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        {"elbo": "trace", "particles": 2},
+        {"elbo": "meanfield", "particles": 2},
+        {"elbo": "dreg", "importance_samples": 3, "warmup": 30},
+    ],
+)
 def test_resume_reaches_the_uninterrupted_result(tmp_path, estimator):
     config = TINY.replace(epochs=4, **estimator)
     full = fit(config=config, run_dir=tmp_path / "full", progress=False)
@@ -70,8 +73,13 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
             model.decoder.net[-1].bias.fill_(float("nan"))
 
     with pytest.raises(TrainingDiverged, match="epoch 2.*last good checkpoint \\(epoch 1\\)"):
-        fit(model, config=TINY.replace(epochs=3), run_dir=tmp_path, progress=False,
-            options=RunOptions(on_epoch=poison))
+        fit(
+            model,
+            config=TINY.replace(epochs=3),
+            run_dir=tmp_path,
+            progress=False,
+            options=RunOptions(on_epoch=poison),
+        )
     state = load_checkpoint(tmp_path)
     assert state["history"]["epoch"] == [1]
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -89,14 +97,17 @@ def test_resume_refuses_a_changed_config(tmp_path):
         fit(config=TINY.replace(lr=0.5), run_dir=tmp_path, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"binarize": "none"}, "binary data"),
-    ({"dataset": "cifar"}, "dataset must be one of"),
-    ({"particles": 0}, "particles must be >= 1"),
-    ({"lr": -1.0}, "lr must be > 0"),
-    ({"elbo": "stl", "importance_samples": 4}, "use dreg"),
-    ({"warmup": -5}, "warm-up steps"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"binarize": "none"}, "binary data"),
+        ({"dataset": "cifar"}, "dataset must be one of"),
+        ({"particles": 0}, "particles must be >= 1"),
+        ({"lr": -1.0}, "lr must be > 0"),
+        ({"elbo": "stl", "importance_samples": 4}, "use dreg"),
+        ({"warmup": -5}, "warm-up steps"),
+    ],
+)
 def test_bad_configs(changes, message):
     with pytest.raises(ConfigError, match=message):
         fit(config=TINY.replace(**changes), progress=False)
@@ -138,16 +149,21 @@ def test_training_runs_on_the_gpu(tmp_path):
 
 
 def test_the_model_side_imports_no_estimator():
-    code = ("import sys, pyro_vae.models.vae, pyro_vae.data.builtin; "
-            "print('pyro_vae.infer' in sys.modules)")
+    code = (
+        "import sys, pyro_vae.models.vae, pyro_vae.data.builtin; "
+        "print('pyro_vae.infer' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_run_options_are_one_object_and_the_documented_ones_keywords_too(tmp_path):
     calls = []
-    options = RunOptions(run_dir=tmp_path / "run", progress=False,
-                         on_epoch=lambda epoch, history: calls.append(epoch))
+    options = RunOptions(
+        run_dir=tmp_path / "run",
+        progress=False,
+        on_epoch=lambda epoch, history: calls.append(epoch),
+    )
     by_object = fit(config=TINY.replace(epochs=1), options=options)
     by_keywords = fit(config=TINY.replace(epochs=1), run_dir=tmp_path / "again", progress=False)
     assert calls == [1] and (tmp_path / "run" / "history.json").is_file()

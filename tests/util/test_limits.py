@@ -49,9 +49,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # --- memory estimated before allocation ----------------------------------------------------
 
 
-@pytest.mark.parametrize("text, size", [("512M", 512 * 2**20), ("4G", 4 * 2**30),
-                                        ("1.5GiB", int(1.5 * 2**30)), ("1000", 1000),
-                                        ("2kb", 2048)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("512M", 512 * 2**20),
+        ("4G", 4 * 2**30),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("1000", 1000),
+        ("2kb", 2048),
+    ],
+)
 def test_sizes_parse_in_binary_units(text, size):
     assert parse_size(text) == size
 
@@ -71,11 +78,14 @@ def test_a_limit_refuses_what_exceeds_it_and_allows_what_fits():
     assert format_bytes(3 * 2**40) == "3.0 TiB"
 
 
-@pytest.mark.parametrize("argv, what", [
-    (["train", *TINY, "--latent-dim", HUGE], "parameters"),
-    (["train", *TINY, "--particles", HUGE], "datapoint-particles per step"),
-    (["train", *TINY, "--hidden", HUGE], "parameters"),
-])
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["train", *TINY, "--latent-dim", HUGE], "parameters"),
+        (["train", *TINY, "--particles", HUGE], "datapoint-particles per step"),
+        (["train", *TINY, "--hidden", HUGE], "parameters"),
+    ],
+)
 def test_impossible_training_sizes_are_refused_before_allocation(tmp_path, capsys, argv, what):
     out = tmp_path / "run"
     assert exit_status([*argv, "--out", str(out)]) == 2
@@ -91,13 +101,16 @@ def test_max_memory_refuses_a_run_that_would_fit_the_machine(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [
-    ["sample", "RUN", "--num", "100000", "--max-memory", "100M"],
-    ["evaluate", "RUN", "--particles", HUGE, "--particle-chunk", HUGE],
-    ["evaluate", "RUN", "--particles", "100", "--max-memory", "10K"],
-    ["evaluate", "RUN", "--ais", "--chains", HUGE],
-    ["bdmc", "RUN", "--chains", HUGE],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "RUN", "--num", "100000", "--max-memory", "100M"],
+        ["evaluate", "RUN", "--particles", HUGE, "--particle-chunk", HUGE],
+        ["evaluate", "RUN", "--particles", "100", "--max-memory", "10K"],
+        ["evaluate", "RUN", "--ais", "--chains", HUGE],
+        ["bdmc", "RUN", "--chains", HUGE],
+    ],
+)
 def test_impossible_sampling_and_evaluation_sizes_are_refused(run_dir, capsys, argv):
     before = snapshot(run_dir)
     assert exit_status([str(run_dir) if a == "RUN" else a for a in argv]) == 2
@@ -109,14 +122,16 @@ def test_a_huge_latent_dimension_in_config_json_is_refused_on_every_command(run_
     from pyro_vae.runs import CHECKPOINT_FILE, CONFIG_FILE
 
     config = json.loads((run_dir / CONFIG_FILE).read_text())
-    config["model"]["latent_dim"] = 10 ** 12
+    config["model"]["latent_dim"] = 10**12
     (run_dir / CONFIG_FILE).write_text(json.dumps(config))
     state = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
-    state["config"]["model"]["latent_dim"] = 10 ** 12
+    state["config"]["model"]["latent_dim"] = 10**12
     torch.save(state, run_dir / CHECKPOINT_FILE)
-    for argv in (["evaluate", str(run_dir), "--particles", "2"],
-                 ["sample", str(run_dir)],
-                 ["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"]):
+    for argv in (
+        ["evaluate", str(run_dir), "--particles", "2"],
+        ["sample", str(run_dir)],
+        ["train", "--resume", str(run_dir), "--epochs", "2", "--quiet"],
+    ):
         assert exit_status(argv) == 2, argv
         line = one_line(capsys)
         assert "001,104 parameters" in line and "iB of memory, more than" in line, line
@@ -124,12 +139,26 @@ def test_a_huge_latent_dimension_in_config_json_is_refused_on_every_command(run_
 
 def test_an_allocation_failure_inside_a_users_pair_is_one_line(tmp_path, capsys):
     factory = tmp_path / "huge.py"
-    factory.write_text("import torch\n\ndef make():\n"
-                       "    return torch.nn.Linear(2, 10 ** 13)\n")
+    factory.write_text("import torch\n\ndef make():\n    return torch.nn.Linear(2, 10 ** 13)\n")
     data = tmp_path / "x.npz"
     np.savez(data, np.zeros((8, 2), dtype=np.float32))
-    assert exit_status(["train", "--model-factory", f"{factory}:make", "--data", str(data),
-                        "--out", str(tmp_path / "run"), "--epochs", "1", "--quiet"]) == 2
+    assert (
+        exit_status(
+            [
+                "train",
+                "--model-factory",
+                f"{factory}:make",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--epochs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "out of memory" in one_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -187,8 +216,9 @@ def test_a_writer_that_crashes_its_process_is_one_write_error(tmp_path):
     assert target.read_text() == "done"
 
 
-def test_a_netcdf_writer_that_segfaults_leaves_the_previous_evaluation(run_dir, monkeypatch,
-                                                                        capsys):
+def test_a_netcdf_writer_that_segfaults_leaves_the_previous_evaluation(
+    run_dir, monkeypatch, capsys
+):
     from pyro_vae.evaluate.results import EvaluationResult
 
     argv = ["evaluate", str(run_dir), "--particles", "30", "--limit", "8", "--quiet"]
@@ -203,8 +233,9 @@ def test_a_netcdf_writer_that_segfaults_leaves_the_previous_evaluation(run_dir, 
 
     monkeypatch.setattr(EvaluationResult, "to_inference_data", lambda self: Crashing())
     assert exit_status(argv) == 2
-    assert one_line(capsys).endswith(f"cannot write {run_dir / 'eval-test.nc'}: the writer "
-                                     "died of signal 11")
+    assert one_line(capsys).endswith(
+        f"cannot write {run_dir / 'eval-test.nc'}: the writer died of signal 11"
+    )
     assert snapshot(run_dir) == before
 
 
@@ -227,8 +258,11 @@ def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path, module):
     # -X importtime reports each import on stderr as it finishes: the signal is sent once the
     # program is importing (the interpreter's own start-up, before any Python runs, is not
     # the program's), at the first line naming ``module``
-    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pyro_vae", "train",
-                                *TINY, "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "pyro_vae", "train", *TINY, "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     for line in process.stderr:
         lines.append(line)
