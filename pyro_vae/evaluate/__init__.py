@@ -38,6 +38,8 @@ draws are unchanged); the particle chunks run unvalidated, as they see the same 
 parameters. Non-finite log-weights raise :class:`EvaluationError`.
 """
 
+from pyro_vae.evaluate.chunks import log_weights
+from pyro_vae.evaluate.dataset import evaluate_dataset
 from pyro_vae.evaluate.khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, khat_reading, pareto_khat
 from pyro_vae.evaluate.results import (
     INFERENCE_DATA_GROUP,
@@ -46,13 +48,7 @@ from pyro_vae.evaluate.results import (
     format_table,
     save_evaluation,
 )
-from pyro_vae.evaluate.weights import (
-    EvaluationError,
-    evaluate,
-    evaluate_dataset,
-    log_weights,
-    weight_statistics,
-)
+from pyro_vae.evaluate.weights import EvaluationError, evaluate, weight_statistics
 
 __all__ = [
     "EvaluationError",

@@ -1,4 +1,5 @@
-"""Log-weights from traces, in particle chunks and batches, and their per-datapoint statistics.
+"""Per-datapoint statistics of log-weights (log p̂, the ELBO, var log w, ESS, k-hat), streamed
+over particle chunks, and the evaluation of a pair on all its datapoints at once.
 
 See :mod:`pyro_vae.evaluate` for the estimates and how random numbers, memory and validation are
 handled.
@@ -7,150 +8,27 @@ handled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.infer.util import is_validation_enabled
 
-from pyro_vae.core.arguments import floating_tensors
-from pyro_vae.core.log_probs import vectorized_log_probs
 from pyro_vae.core.traces import guess_max_plate_nesting
-from pyro_vae.core.vectorization import particle_mismatch
-from pyro_vae.data.batches import as_source, describe
+from pyro_vae.evaluate.chunks import (
+    check_finite_inputs,
+    log_weight_chunks,
+    num_chunks,
+    vectorizable,
+)
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
 from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
 from pyro_vae.util import budget
-from pyro_vae.util.distributed import (
-    EVAL_BATCH_STREAM,
-    SINGLE,
-    DistributedContext,
-    all_gather_objects,
-    check_same_on_every_rank,
-    derive_seed,
-)
-from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError
-from pyro_vae.util.rng import forked_rng
-
-
-class Chunk(NamedTuple):
-    """One call's ``[k, N]`` local log-weights and ``[k]`` global log p(θ) − log q(θ)."""
-
-    log_weights: torch.Tensor
-    global_log_weight: torch.Tensor
-    global_sites: tuple[str, ...]
-    summed_sites: tuple[str, ...] = ()
-    whole: bool = False  # no data plate: the data set is one datapoint
-    trace_enum_elbo: torch.Tensor | None = None  # [k, N], with summed_sites
-
-
-DEFAULT_BATCH_SIZE = 100
-DEFAULT_PARTICLE_CHUNK = 500
+from pyro_vae.util.errors import ConfigError, PyroVAEError
 
 
 class EvaluationError(PyroVAEError):
     """The log-weights are not finite: the model or guide returned NaN or ±inf densities."""
-
-
-def _check_finite_inputs(args: Sequence[Any], kwargs: dict | None = None) -> None:
-    """Refuse floating-point tensor arguments with NaN or ±inf entries, before any trace."""
-    for where, value in floating_tensors(tuple(args), kwargs or {}):
-        if not bool(torch.isfinite(value).all()):
-            raise DataError(f"{where} of the model/guide holds NaN or infinite values")
-
-
-def _chunk_sizes(total: int, chunk: int | None) -> Iterator[int]:
-    chunk = total if chunk is None else chunk
-    if chunk < 1:
-        raise ConfigError(f"particle_chunk must be >= 1, got {chunk}")
-    return (min(chunk, total - start) for start in range(0, total, chunk))
-
-
-def _num_chunks(total: int, chunk: int | None) -> int:
-    return 1 if chunk is None else -(-total // max(chunk, 1))
-
-
-def _log_weight_chunks(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    *,
-    num_particles: int,
-    particle_chunk: int | None,
-    max_plate_nesting: int,
-    data_plate: str | None,
-    vectorize: bool = True,
-    whole: bool = False,
-) -> Iterator[Chunk]:
-    """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
-    each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
-
-    With Pyro's validation enabled, the pair is first run once with a single particle, on a copy
-    of the random state (so the draws of the chunks are unchanged): that call checks the data
-    against every observed site's support and the distributions' parameters. The chunks then run
-    with validation off: they see the same data and parameters, and checking every chunk's
-    parameters would cost a full pass over the largest tensors (the decoder's ``[k, N, D]``
-    output) per chunk. NaN densities are caught by :func:`_check_finite` regardless.
-
-    ``pyro.param`` messages are hidden from the traces (the parameters are read as usual): the
-    evaluation needs only the sample sites.
-    """
-    model, guide = (poutine.block(fn, hide_types=["param"]) for fn in (model, guide))
-
-    def one_call(size: int, vectorized: bool) -> Chunk:
-        drawn = vectorized_log_probs(
-            model,
-            guide,
-            *args,
-            num_particles=size,
-            max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate,
-            compact=True,
-            vectorize=vectorized,
-            require_data_plate=not whole,
-            **kwargs,
-        )
-        return Chunk(
-            drawn.log_weights,
-            drawn.global_log_weight,
-            drawn.global_sites,
-            drawn.guide_enumerated,
-            drawn.data_plate is None,
-            drawn.trace_enum_elbo,
-        )
-
-    def draw(size: int) -> Chunk:
-        if vectorize:
-            return one_call(size, True)
-        singles = [one_call(1, False) for _ in range(size)]
-        enum_elbos = [c.trace_enum_elbo for c in singles]
-        return Chunk(
-            torch.cat([c.log_weights for c in singles]),
-            torch.cat([c.global_log_weight for c in singles]),
-            singles[0].global_sites,
-            singles[0].summed_sites,
-            singles[0].whole,
-            None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos),
-        )
-
-    if is_validation_enabled():
-        with forked_rng():
-            draw(1)
-    num_data = None
-    for size in _chunk_sizes(num_particles, particle_chunk):
-        with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
-            chunk = draw(size)
-        num_data = chunk.log_weights.shape[1] if num_data is None else num_data
-        assert chunk.log_weights.shape == (size, num_data), (
-            chunk.log_weights.shape,
-            size,
-            num_data,
-        )
-        yield chunk
 
 
 class _WeightAccumulator:
@@ -204,58 +82,7 @@ def _check_finite(stats: dict[str, torch.Tensor], first_index: int) -> None:
         )
 
 
-@contextmanager
-def _batch_rng(batch_seed: int | None, index: int) -> Iterator[None]:
-    """Batch ``index``'s own random stream when ``batch_seed`` is given (on a fork of torch's
-    state); otherwise the global stream, left as it is."""
-    if batch_seed is None:
-        yield
-        return
-    with forked_rng():
-        torch.manual_seed(derive_seed(batch_seed, EVAL_BATCH_STREAM, index))
-        yield
-
-
-@torch.no_grad()
-def log_weights(
-    model: Callable,
-    guide: Callable,
-    *args: Any,
-    num_particles: int,
-    particle_chunk: int | None = None,
-    max_plate_nesting: int | None = None,
-    data_plate: str | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Per-datapoint log-weights log p(x, z_k) − log q(z_k|x), shape ``[K, N]``.
-
-    ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` are called once per chunk of at most
-    ``particle_chunk`` particles (all K at once by default), each chunk vectorized by an outer
-    particle plate; the chunks are concatenated along K. The data plate is found automatically
-    unless ``data_plate`` names it. Gradients are not recorded.
-
-    :raises ConfigError: if no plate contains every sample site (see
-        :func:`pyro_vae.core.traces.find_data_plate`).
-    """
-    if max_plate_nesting is None:
-        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    chunks = [
-        chunk.log_weights
-        for chunk in _log_weight_chunks(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=num_particles,
-            particle_chunk=particle_chunk,
-            max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate,
-        )
-    ]
-    return torch.cat(chunks)
-
-
-def _batch_result(
+def batch_result(
     model: Callable,
     guide: Callable,
     args: tuple,
@@ -278,7 +105,7 @@ def _batch_result(
     global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
     #: each chunk's Σ over its particles of TraceEnum's ELBO, [N]; None once one lacks it
     enum_sums: list[torch.Tensor] | None = []
-    for chunk in _log_weight_chunks(
+    for chunk in log_weight_chunks(
         model,
         guide,
         args,
@@ -326,32 +153,6 @@ def _batch_result(
         if enum_sums and summed_sites
         else None,
     )
-
-
-def _vectorizable(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    max_plate_nesting: int,
-    data_plate: str | None,
-    whole: bool = False,
-) -> bool:
-    """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.core.vectorization`),
-    probed on a fork of the random state so the evaluation's draws are unchanged."""
-    with forked_rng(), pyro.validation_enabled(False):
-        return (
-            particle_mismatch(
-                model,
-                guide,
-                args,
-                kwargs,
-                max_plate_nesting=max_plate_nesting,
-                require_data_plate=not whole,
-                data_plate=data_plate,
-            )
-            is None
-        )
 
 
 @contextmanager
@@ -407,19 +208,19 @@ def evaluate(
     :raises DataError: if a floating-point tensor argument holds NaN or infinite values.
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
-    _check_finite_inputs(args, kwargs)
+    check_finite_inputs(args, kwargs)
     with (
         eval_mode(model, guide),
         budget.work(
-            _num_chunks(num_particles, particle_chunk), f"evaluating {num_particles:,} particles"
+            num_chunks(num_particles, particle_chunk), f"evaluating {num_particles:,} particles"
         ),
     ):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        vectorize = _vectorizable(
+        vectorize = vectorizable(
             model, guide, args, kwargs, max_plate_nesting, data_plate, whole=True
         )
-        return _batch_result(
+        return batch_result(
             model,
             guide,
             args,
@@ -433,147 +234,6 @@ def evaluate(
             vectorize=vectorize,
             whole=True,
         )
-
-
-@torch.no_grad()
-def evaluate_dataset(
-    model: Callable,
-    guide: Callable,
-    data: Any,
-    *,
-    num_particles: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    particle_chunk: int | None = DEFAULT_PARTICLE_CHUNK,
-    khat: bool | None = None,
-    keep_log_weights: bool = False,
-    max_plate_nesting: int | None = None,
-    data_plate: str | None = None,
-    progress: bool = False,
-    batch_seed: int | None = None,
-    dist: DistributedContext = SINGLE,
-    collate_fn: Callable | None = None,
-    **kwargs: Any,
-) -> EvaluationResult:
-    """Evaluate a pair batch by batch: ``model(*batch_args, **batch_kwargs, **kwargs)``.
-
-    ``data`` takes every form the training engine takes (:func:`pyro_vae.data.batches.as_source`):
-    a tensor or array, a tuple/list of them (positional arguments) or a dict (keyword
-    arguments), sliced along their first dimension into batches of ``batch_size`` rows; a
-    map-style Dataset collated by ``collate_fn``; or a DataLoader, whose own batches are used.
-    Each batch is evaluated with :func:`evaluate` semantics and the per-datapoint results are
-    concatenated in order. Peak memory is that of one ``particle_chunk × batch_size``
-    model/guide call plus the ``[M + 1, batch_size]`` largest log-weights for k-hat
-    (M = ceil(min(K/5, 3√K))); ``keep_log_weights=True`` also
-    keeps all ``[K, N]`` log-weights (on the CPU). Datapoints are independent given the
-    parameters, so batching changes which particles are drawn but not their distribution.
-
-    With ``batch_seed`` batch i draws from torch's generator seeded with
-    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)``
-    (:func:`pyro_vae.util.distributed.derive_seed`; on a fork: the caller's random state is left
-    alone), so each batch's numbers depend only on the seed, ``batch_size``, ``particle_chunk``
-    and the batch's own data; with ``batch_size=1``
-    datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
-    ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
-    no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a
-    ``dist`` of several ranks
-    (:func:`~pyro_vae.util.distributed.init_distributed`), which needs ``batch_seed``, rank r
-    evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
-    per datapoint to a single process's with the same ``batch_seed``.
-    """
-    if dist.enabled and batch_seed is None:
-        raise ConfigError(
-            "sharded evaluation needs batch_seed, so that each batch draws the "
-            "same particles whichever rank evaluates it"
-        )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    source = as_source(data, collate_fn)
-    if dist.enabled:  # ranks sharing out different data would gather a wrong result
-        check_same_on_every_rank(describe(source), dist, "data")
-    # data that fit one batch may come from a pair with no data plate: one datapoint, the set
-    whole = source.num_data <= batch_size
-    from tqdm.auto import tqdm
-
-    parts, failure, num_batches, first_index, vectorize = [], None, 0, 0, None
-    batches = tqdm(
-        source.ordered(batch_size),
-        desc="evaluate",
-        unit="batch",
-        leave=False,
-        disable=not progress or not dist.is_main,
-    )
-    pieces = budget.num_batches(source, batch_size, dist) * _num_chunks(
-        num_particles, particle_chunk
-    )
-    try:
-        with (
-            eval_mode(model, guide),
-            budget.work(
-                pieces, f"evaluating {num_particles:,} particles on {source.num_data:,} datapoints"
-            ),
-        ):
-            for index, batch in enumerate(batches):
-                num_batches, size = index + 1, batch.size
-                start, first_index = first_index, first_index + size
-                if index % dist.world_size != dist.rank:
-                    continue
-                call_kwargs = {**batch.kwargs, **kwargs}
-                _check_finite_inputs(batch.args, call_kwargs)
-                if max_plate_nesting is None:
-                    with nullcontext() if batch_seed is None else forked_rng():
-                        max_plate_nesting = guess_max_plate_nesting(
-                            model, guide, batch.args, call_kwargs
-                        )
-                if vectorize is None:
-                    vectorize = _vectorizable(
-                        model,
-                        guide,
-                        batch.args,
-                        call_kwargs,
-                        max_plate_nesting,
-                        data_plate,
-                        whole=whole,
-                    )
-                with _batch_rng(batch_seed, index):
-                    part = _batch_result(
-                        model,
-                        guide,
-                        batch.args,
-                        call_kwargs,
-                        num_particles=num_particles,
-                        particle_chunk=particle_chunk,
-                        max_plate_nesting=max_plate_nesting,
-                        data_plate=data_plate,
-                        khat=khat,
-                        keep_log_weights=keep_log_weights,
-                        first_index=start,
-                        vectorize=vectorize,
-                        whole=whole,
-                    )
-                if part.whole_data_set and index > 0:
-                    raise ConfigError(
-                        "no pyro.plate holds every observed site, so the data set is one "
-                        "datapoint: evaluate it in one batch (batch_size >= its length)"
-                    )
-                if part.num_datapoints != size and not part.whole_data_set:
-                    raise ConfigError(
-                        f"the data plate has {part.num_datapoints} entries for a "
-                        f"batch of {size} rows: its size must be the batch's "
-                        "length"
-                    )
-                parts.append(part)
-    except PyroVAEError as exc:
-        if not dist.enabled:
-            raise
-        failure = exc
-    if dist.enabled:
-        gathered = all_gather_objects((parts, failure), dist, "gathering the evaluation")
-        failures = [error for _, error in gathered if error is not None]
-        if failures:
-            raise failures[0]
-        world = dist.world_size
-        parts = [gathered[index % world][0][index // world] for index in range(num_batches)]
-    return EvaluationResult.concatenate(parts)
 
 
 def weight_statistics(log_weights: torch.Tensor, khat: bool | None = None) -> EvaluationResult:

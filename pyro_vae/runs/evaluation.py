@@ -13,9 +13,10 @@ from pyro_vae.core.protocol import check_data, data_plate_name, pair_activation_
 from pyro_vae.data import builtin
 from pyro_vae.data.batches import as_source, resolve_device
 from pyro_vae.data.specs import load_data
+from pyro_vae.evaluate.chunks import DEFAULT_PARTICLE_CHUNK
+from pyro_vae.evaluate.dataset import DEFAULT_BATCH_SIZE, evaluate_dataset
 from pyro_vae.evaluate.khat import tail_size
 from pyro_vae.evaluate.results import EvaluationResult, save_evaluation
-from pyro_vae.evaluate.weights import DEFAULT_BATCH_SIZE, DEFAULT_PARTICLE_CHUNK, evaluate_dataset
 from pyro_vae.models.config import check_seed
 from pyro_vae.runs.loading import load_run
 from pyro_vae.util import memory

@@ -1,0 +1,199 @@
+"""Log-weights drawn in particle chunks: each chunk one call of the pair with a particle plate
+(or, for a pair whose networks see the particle dimension, one call per particle).
+
+See :mod:`pyro_vae.evaluate` for how random numbers, memory and validation are handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.util import is_validation_enabled
+
+from pyro_vae.core.arguments import floating_tensors
+from pyro_vae.core.log_probs import vectorized_log_probs
+from pyro_vae.core.traces import guess_max_plate_nesting
+from pyro_vae.core.vectorization import particle_mismatch
+from pyro_vae.util.errors import ConfigError, DataError
+from pyro_vae.util.rng import forked_rng
+
+DEFAULT_PARTICLE_CHUNK = 500
+
+
+class Chunk(NamedTuple):
+    """One call's ``[k, N]`` local log-weights and ``[k]`` global log p(θ) − log q(θ)."""
+
+    log_weights: torch.Tensor
+    global_log_weight: torch.Tensor
+    global_sites: tuple[str, ...]
+    summed_sites: tuple[str, ...] = ()
+    whole: bool = False  # no data plate: the data set is one datapoint
+    trace_enum_elbo: torch.Tensor | None = None  # [k, N], with summed_sites
+
+
+def check_finite_inputs(args: Sequence[Any], kwargs: dict | None = None) -> None:
+    """Refuse floating-point tensor arguments with NaN or ±inf entries, before any trace."""
+    for where, value in floating_tensors(tuple(args), kwargs or {}):
+        if not bool(torch.isfinite(value).all()):
+            raise DataError(f"{where} of the model/guide holds NaN or infinite values")
+
+
+def _chunk_sizes(total: int, chunk: int | None) -> Iterator[int]:
+    chunk = total if chunk is None else chunk
+    if chunk < 1:
+        raise ConfigError(f"particle_chunk must be >= 1, got {chunk}")
+    return (min(chunk, total - start) for start in range(0, total, chunk))
+
+
+def num_chunks(total: int, chunk: int | None) -> int:
+    return 1 if chunk is None else -(-total // max(chunk, 1))
+
+
+def log_weight_chunks(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    particle_chunk: int | None,
+    max_plate_nesting: int,
+    data_plate: str | None,
+    vectorize: bool = True,
+    whole: bool = False,
+) -> Iterator[Chunk]:
+    """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
+    each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
+
+    With Pyro's validation enabled, the pair is first run once with a single particle, on a copy
+    of the random state (so the draws of the chunks are unchanged): that call checks the data
+    against every observed site's support and the distributions' parameters. The chunks then run
+    with validation off: they see the same data and parameters, and checking every chunk's
+    parameters would cost a full pass over the largest tensors (the decoder's ``[k, N, D]``
+    output) per chunk. NaN densities are caught by the statistics regardless
+    (:mod:`pyro_vae.evaluate.weights`).
+
+    ``pyro.param`` messages are hidden from the traces (the parameters are read as usual): the
+    evaluation needs only the sample sites.
+    """
+    model, guide = (poutine.block(fn, hide_types=["param"]) for fn in (model, guide))
+
+    def one_call(size: int, vectorized: bool) -> Chunk:
+        drawn = vectorized_log_probs(
+            model,
+            guide,
+            *args,
+            num_particles=size,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+            compact=True,
+            vectorize=vectorized,
+            require_data_plate=not whole,
+            **kwargs,
+        )
+        return Chunk(
+            drawn.log_weights,
+            drawn.global_log_weight,
+            drawn.global_sites,
+            drawn.guide_enumerated,
+            drawn.data_plate is None,
+            drawn.trace_enum_elbo,
+        )
+
+    def draw(size: int) -> Chunk:
+        if vectorize:
+            return one_call(size, True)
+        singles = [one_call(1, False) for _ in range(size)]
+        enum_elbos = [c.trace_enum_elbo for c in singles]
+        return Chunk(
+            torch.cat([c.log_weights for c in singles]),
+            torch.cat([c.global_log_weight for c in singles]),
+            singles[0].global_sites,
+            singles[0].summed_sites,
+            singles[0].whole,
+            None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos),
+        )
+
+    if is_validation_enabled():
+        with forked_rng():
+            draw(1)
+    num_data = None
+    for size in _chunk_sizes(num_particles, particle_chunk):
+        with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
+            chunk = draw(size)
+        num_data = chunk.log_weights.shape[1] if num_data is None else num_data
+        assert chunk.log_weights.shape == (size, num_data), (
+            chunk.log_weights.shape,
+            size,
+            num_data,
+        )
+        yield chunk
+
+
+@torch.no_grad()
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_particles: int,
+    particle_chunk: int | None = None,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Per-datapoint log-weights log p(x, z_k) − log q(z_k|x), shape ``[K, N]``.
+
+    ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` are called once per chunk of at most
+    ``particle_chunk`` particles (all K at once by default), each chunk vectorized by an outer
+    particle plate; the chunks are concatenated along K. The data plate is found automatically
+    unless ``data_plate`` names it. Gradients are not recorded.
+
+    :raises ConfigError: if no plate contains every sample site (see
+        :func:`pyro_vae.core.traces.find_data_plate`).
+    """
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    chunks = [
+        chunk.log_weights
+        for chunk in log_weight_chunks(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=num_particles,
+            particle_chunk=particle_chunk,
+            max_plate_nesting=max_plate_nesting,
+            data_plate=data_plate,
+        )
+    ]
+    return torch.cat(chunks)
+
+
+def vectorizable(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: int,
+    data_plate: str | None,
+    whole: bool = False,
+) -> bool:
+    """Whether particles may be drawn in one vectorized call (:mod:`pyro_vae.core.vectorization`),
+    probed on a fork of the random state so the evaluation's draws are unchanged."""
+    with forked_rng(), pyro.validation_enabled(False):
+        return (
+            particle_mismatch(
+                model,
+                guide,
+                args,
+                kwargs,
+                max_plate_nesting=max_plate_nesting,
+                require_data_plate=not whole,
+                data_plate=data_plate,
+            )
+            is None
+        )

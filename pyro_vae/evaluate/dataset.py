@@ -1,0 +1,191 @@
+"""The evaluation of a pair on a data set, batch by batch, with each batch's own random stream
+when a seed is given, and sharded over the ranks of a process group.
+
+See :mod:`pyro_vae.evaluate` for the estimates and how random numbers, memory and validation are
+handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from pyro_vae.core.traces import guess_max_plate_nesting
+from pyro_vae.data.batches import as_source, describe
+from pyro_vae.evaluate.chunks import (
+    DEFAULT_PARTICLE_CHUNK,
+    check_finite_inputs,
+    num_chunks,
+    vectorizable,
+)
+from pyro_vae.evaluate.results import EvaluationResult
+from pyro_vae.evaluate.weights import batch_result, eval_mode
+from pyro_vae.util import budget
+from pyro_vae.util.distributed import (
+    EVAL_BATCH_STREAM,
+    SINGLE,
+    DistributedContext,
+    all_gather_objects,
+    check_same_on_every_rank,
+    derive_seed,
+)
+from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util.rng import forked_rng
+
+DEFAULT_BATCH_SIZE = 100
+
+
+@contextmanager
+def _batch_rng(batch_seed: int | None, index: int) -> Iterator[None]:
+    """Batch ``index``'s own random stream when ``batch_seed`` is given (on a fork of torch's
+    state); otherwise the global stream, left as it is."""
+    if batch_seed is None:
+        yield
+        return
+    with forked_rng():
+        torch.manual_seed(derive_seed(batch_seed, EVAL_BATCH_STREAM, index))
+        yield
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: Callable,
+    guide: Callable,
+    data: Any,
+    *,
+    num_particles: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    particle_chunk: int | None = DEFAULT_PARTICLE_CHUNK,
+    khat: bool | None = None,
+    keep_log_weights: bool = False,
+    max_plate_nesting: int | None = None,
+    data_plate: str | None = None,
+    progress: bool = False,
+    batch_seed: int | None = None,
+    dist: DistributedContext = SINGLE,
+    collate_fn: Callable | None = None,
+    **kwargs: Any,
+) -> EvaluationResult:
+    """Evaluate a pair batch by batch: ``model(*batch_args, **batch_kwargs, **kwargs)``.
+
+    ``data`` takes every form the training engine takes (:func:`pyro_vae.data.batches.as_source`):
+    a tensor or array, a tuple/list of them (positional arguments) or a dict (keyword
+    arguments), sliced along their first dimension into batches of ``batch_size`` rows; a
+    map-style Dataset collated by ``collate_fn``; or a DataLoader, whose own batches are used.
+    Each batch is evaluated with :func:`evaluate` semantics and the per-datapoint results are
+    concatenated in order. Peak memory is that of one ``particle_chunk × batch_size``
+    model/guide call plus the ``[M + 1, batch_size]`` largest log-weights for k-hat
+    (M = ceil(min(K/5, 3√K))); ``keep_log_weights=True`` also
+    keeps all ``[K, N]`` log-weights (on the CPU). Datapoints are independent given the
+    parameters, so batching changes which particles are drawn but not their distribution.
+
+    With ``batch_seed`` batch i draws from torch's generator seeded with
+    ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)``
+    (:func:`pyro_vae.util.distributed.derive_seed`; on a fork: the caller's random state is left
+    alone), so each batch's numbers depend only on the seed, ``batch_size``, ``particle_chunk``
+    and the batch's own data; with ``batch_size=1``
+    datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
+    ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
+    no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a
+    ``dist`` of several ranks
+    (:func:`~pyro_vae.util.distributed.init_distributed`), which needs ``batch_seed``, rank r
+    evaluates batches r, r + W, r + 2W, ... and every rank returns the gathered result, equal
+    per datapoint to a single process's with the same ``batch_seed``.
+    """
+    if dist.enabled and batch_seed is None:
+        raise ConfigError(
+            "sharded evaluation needs batch_seed, so that each batch draws the "
+            "same particles whichever rank evaluates it"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    source = as_source(data, collate_fn)
+    if dist.enabled:  # ranks sharing out different data would gather a wrong result
+        check_same_on_every_rank(describe(source), dist, "data")
+    # data that fit one batch may come from a pair with no data plate: one datapoint, the set
+    whole = source.num_data <= batch_size
+    from tqdm.auto import tqdm
+
+    parts, failure, num_batches, first_index, vectorize = [], None, 0, 0, None
+    batches = tqdm(
+        source.ordered(batch_size),
+        desc="evaluate",
+        unit="batch",
+        leave=False,
+        disable=not progress or not dist.is_main,
+    )
+    pieces = budget.num_batches(source, batch_size, dist) * num_chunks(
+        num_particles, particle_chunk
+    )
+    try:
+        with (
+            eval_mode(model, guide),
+            budget.work(
+                pieces, f"evaluating {num_particles:,} particles on {source.num_data:,} datapoints"
+            ),
+        ):
+            for index, batch in enumerate(batches):
+                num_batches, size = index + 1, batch.size
+                start, first_index = first_index, first_index + size
+                if index % dist.world_size != dist.rank:
+                    continue
+                call_kwargs = {**batch.kwargs, **kwargs}
+                check_finite_inputs(batch.args, call_kwargs)
+                if max_plate_nesting is None:
+                    with nullcontext() if batch_seed is None else forked_rng():
+                        max_plate_nesting = guess_max_plate_nesting(
+                            model, guide, batch.args, call_kwargs
+                        )
+                if vectorize is None:
+                    vectorize = vectorizable(
+                        model,
+                        guide,
+                        batch.args,
+                        call_kwargs,
+                        max_plate_nesting,
+                        data_plate,
+                        whole=whole,
+                    )
+                with _batch_rng(batch_seed, index):
+                    part = batch_result(
+                        model,
+                        guide,
+                        batch.args,
+                        call_kwargs,
+                        num_particles=num_particles,
+                        particle_chunk=particle_chunk,
+                        max_plate_nesting=max_plate_nesting,
+                        data_plate=data_plate,
+                        khat=khat,
+                        keep_log_weights=keep_log_weights,
+                        first_index=start,
+                        vectorize=vectorize,
+                        whole=whole,
+                    )
+                if part.whole_data_set and index > 0:
+                    raise ConfigError(
+                        "no pyro.plate holds every observed site, so the data set is one "
+                        "datapoint: evaluate it in one batch (batch_size >= its length)"
+                    )
+                if part.num_datapoints != size and not part.whole_data_set:
+                    raise ConfigError(
+                        f"the data plate has {part.num_datapoints} entries for a "
+                        f"batch of {size} rows: its size must be the batch's "
+                        "length"
+                    )
+                parts.append(part)
+    except PyroVAEError as exc:
+        if not dist.enabled:
+            raise
+        failure = exc
+    if dist.enabled:
+        gathered = all_gather_objects((parts, failure), dist, "gathering the evaluation")
+        failures = [error for _, error in gathered if error is not None]
+        if failures:
+            raise failures[0]
+        world = dist.world_size
+        parts = [gathered[index % world][0][index // world] for index in range(num_batches)]
+    return EvaluationResult.concatenate(parts)
