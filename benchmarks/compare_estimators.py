@@ -96,7 +96,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyro_vae.app.parser import EXIT_USER_ERROR, OneLineParser, parse_seed
+from pyro_vae.app.options import EXIT_USER_ERROR, OneLineParser, parse_seed
 from pyro_vae.core.protocol import check_model, guide_parameters
 from pyro_vae.data import images as data_lib
 from pyro_vae.data.batches import Batch, TensorSource, as_source, resolve_device

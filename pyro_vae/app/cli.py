@@ -17,7 +17,8 @@ import threading
 from collections.abc import Sequence
 
 from pyro_vae.app.flags import as_flags
-from pyro_vae.app.parser import EXIT_USER_ERROR, build_parser
+from pyro_vae.app.options import EXIT_USER_ERROR
+from pyro_vae.app.parser import build_parser
 from pyro_vae.util.errors import PyroVAEError
 
 EXIT_INTERRUPTED = 130

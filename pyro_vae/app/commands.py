@@ -1,244 +1,17 @@
 """What each ``pyro-vae`` command does, given its parsed arguments (:mod:`pyro_vae.app.cli` parses
-them): a config from the flags, then library calls that are just as usable from Python."""
+them): a config from the flags, then library calls that are just as usable from Python. ``train``
+is :mod:`pyro_vae.app.train_command`; the commands that read a run folder are here."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from pyro_vae.runs.config import TrainConfig
-from pyro_vae.train.config import RunOptions
+from pyro_vae.app.flags import given_flags
+from pyro_vae.app.train_command import cmd_train
 from pyro_vae.util.errors import ConfigError
 
-DEFAULT_RUN_ROOT = Path("runs")
-RESUMABLE = {"epochs", "device", "data_dir"}
 BDMC_BATCH = 100  # simulated datapoints per AIS batch of the bdmc command
-
-
-BUILTIN_MODEL_FLAGS = (
-    "model",
-    "latent_dim",
-    "hidden",
-    "likelihood",
-    "obs_scale",
-    "guide",
-    "activation",
-    "latent2_dim",
-    "hidden2",
-    "pseudo_inputs",
-)
-
-
-def _flags(args: argparse.Namespace, names: Sequence[str]) -> str:
-    return ", ".join(
-        "--" + name.replace("_", "-") for name in names if getattr(args, name, None) is not None
-    )
-
-
-def _user_train_config(args: argparse.Namespace) -> TrainConfig:
-    """The config of a run of the user's pair (``--model-factory``), on ``--data`` or on a
-    built-in ``--dataset``."""
-    from pyro_vae.data.specs import absolute_spec
-
-    ignored = _flags(args, BUILTIN_MODEL_FLAGS)
-    if ignored:
-        raise ConfigError(
-            f"{ignored} describe(s) the built-in model, not the pair of "
-            "--model-factory: size your pair in its factory"
-        )
-    given = {
-        "elbo": args.elbo,
-        "particles": args.particles,
-        "importance_samples": args.importance_samples,
-        "beta": args.beta,
-        "warmup": args.warmup,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "device": args.device,
-        "model_factory": absolute_spec(args.model_factory),
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.data is None:
-        builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
-        return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
-    if args.dataset is not None or args.binarize is not None:
-        raise ConfigError(
-            f"{_flags(args, ('dataset', 'binarize'))} appl(ies) to the built-in "
-            "images: --data arrives as it is (transform it in its Dataset)"
-        )
-    return TrainConfig(
-        dataset=None,
-        model=None,
-        binarize="none",
-        data=absolute_spec(args.data),
-        test_data=absolute_spec(args.test_data) if args.test_data else None,
-        **given,
-    )
-
-
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    if args.model_factory is not None:
-        return _user_train_config(args)
-    if args.data is not None or args.test_data is not None:
-        raise ConfigError("--data and --test-data need --model-factory (the pair to train on them)")
-    defaults = TrainConfig()
-    chosen = {
-        "family": args.model,
-        "latent_dim": args.latent_dim,
-        "hidden": args.hidden,
-        "likelihood": args.likelihood,
-        "obs_scale": args.obs_scale,
-        "guide": args.guide,
-        "activation": args.activation,
-        "latent2_dim": args.latent2_dim,
-        "hidden2": args.hidden2,
-        "pseudo_inputs": args.pseudo_inputs,
-    }
-    family = args.model or defaults.model.family
-    for flag, value in (("--latent2-dim", args.latent2_dim), ("--hidden2", args.hidden2)):
-        if value is not None and family != "vae2":
-            raise ConfigError(f"{flag} sizes the second stochastic layer: it needs --model vae2")
-    if args.pseudo_inputs is not None and family != "vampprior":
-        raise ConfigError("--pseudo-inputs sizes the VampPrior: it needs --model vampprior")
-    model = dataclasses.replace(
-        defaults.model, **{k: v for k, v in chosen.items() if v is not None}
-    )
-    if args.binarize is None and model.likelihood == "gaussian":
-        args.binarize = "none"
-    given = {
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "binarize": args.binarize,
-        "elbo": args.elbo,
-        "particles": args.particles,
-        "importance_samples": args.importance_samples,
-        "beta": args.beta,
-        "warmup": args.warmup,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "device": args.device,
-    }
-    return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
-
-
-def _is_rank_0() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
-def _default_out(config: TrainConfig) -> Path:
-    if config.dataset is not None:
-        return DEFAULT_RUN_ROOT / config.dataset
-    return DEFAULT_RUN_ROOT / config.model_factory.rpartition(":")[2]
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from pyro_vae.runs import finished_epoch, read_run_config, refuse_python_only
-    from pyro_vae.train import fit
-    from pyro_vae.util.distributed import current_context
-
-    if args.resume is not None:
-        fixed = (
-            "dataset",
-            "data",
-            "test_data",
-            "model_factory",
-            *BUILTIN_MODEL_FLAGS,
-            "binarize",
-            "elbo",
-            "particles",
-            "importance_samples",
-            "beta",
-            "warmup",
-            "batch_size",
-            "lr",
-            "seed",
-            "out",
-        )
-        changed = _flags(args, fixed)
-        if changed:
-            raise ConfigError(
-                f"{changed} cannot change on --resume: only --epochs, --device "
-                "and --data-dir may be given"
-            )
-        if args.force:
-            raise ConfigError("--force is for a new run's --out, not for --resume")
-        config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
-        refuse_python_only(args.resume, config, model_class)
-        updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
-        config = config.replace(**updates)
-        run_dir = args.resume
-        if finished_epoch(run_dir) == config.epochs:  # its final estimate and plots are written
-            if _is_rank_0():
-                print(f"{run_dir} is already at epoch {config.epochs}; nothing to do")
-            return 0
-    else:
-        config = _train_config(args)
-        run_dir = args.out or _default_out(config)
-    unused = ", ".join(
-        flag
-        for flag, given in (("--download", args.download), ("--data-dir", args.data_dir))
-        if given
-    )
-    if unused and config.dataset != "mnist":
-        raise ConfigError(
-            f"{unused} locate(s) the MNIST files; "
-            + (
-                f"the {config.dataset} images ship with the package"
-                if config.dataset
-                else "--data is read as it is"
-            )
-        )
-    result = fit(
-        config=config,
-        options=RunOptions(
-            run_dir=run_dir,
-            resume=args.resume is not None,
-            force=args.force,
-            progress=not args.quiet,
-            fused=not args.traced,
-            compile=args.compile,
-            download=args.download,
-            dist_timeout=args.dist_timeout,
-        ),
-    )
-    if not current_context().is_main:
-        return 0
-    history = result.history
-    if history.epoch:
-        held_out = (
-            f", test ELBO {history.test_elbo[-1]:.3f}"
-            if len(history.test_elbo) == len(history.epoch)
-            else ""
-        )
-        print(
-            f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
-            "nats per datapoint"
-        )
-    final = history.extra.get("final")
-    if final:
-        joint = "x, y" if getattr(result.model, "conditional", False) else "x"
-        print(
-            f"test log p_K({joint}), K = {final['particles']}: {final['test_log_px']:.3f} "
-            f"± {final['test_log_px_stderr']:.3f} nats (gap to the ELBO {final['test_gap']:.3f})"
-        )
-    compiled = result.compiled
-    if compiled is not None and compiled.disabled is None:
-        print(
-            f"compiled steps: {len(compiled.graphs)} graph(s) compiled in "
-            f"{compiled.compile_seconds:.1f} s; {compiled.compiled_steps} compiled and "
-            f"{compiled.eager_steps} eager steps"
-        )
-    print(f"run written to {run_dir}")
-    return 0
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -446,7 +219,7 @@ def _fill_evaluate_options(args: argparse.Namespace) -> None:
     ``--ais``, the importance sampler's with it); fill in the defaults of the others."""
     from pyro_vae.runs import EvalConfig
 
-    unused = _flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
+    unused = given_flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
     if unused:
         raise ConfigError(
             f"{unused} appl(ies) to importance sampling, not to --ais"
@@ -579,7 +352,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": _cmd_train,
+    "train": cmd_train,
     "sample": _cmd_sample,
     "evaluate": _cmd_evaluate,
     "classify": _cmd_classify,

@@ -12,6 +12,7 @@ them), names the table lacks and the arguments of a Python call quoted in the me
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 #: Python parameter -> the command line's flag (or the command that has it). The estimators'
 #: ``max_plate_nesting`` and ``data_plate`` are the pair's own attributes: no flag sets them.
@@ -70,3 +71,11 @@ def as_flags(text: str) -> str:
         pieces += [_MENTION.sub(_flag, text[start : call.start()]), call[0]]
         start = call.end()
     return "".join([*pieces, _MENTION.sub(_flag, text[start:])])
+
+
+def given_flags(args: object, names: Sequence[str]) -> str:
+    """The flags of the parsed options ``names`` that were given (not ``None``) in ``args``, as
+    the command line spells them, comma-separated: ``"--hidden, --latent-dim"``."""
+    return ", ".join(
+        "--" + name.replace("_", "-") for name in names if getattr(args, name, None) is not None
+    )

@@ -1,12 +1,22 @@
 """The command line's arguments: ``pyro-vae train | sample | evaluate | classify | transfer |
-bdmc``, each option checked as it is parsed (one line and status :data:`EXIT_USER_ERROR` for
-a bad one), its defaults those of the library's configs."""
+bdmc``, each option checked as it is parsed (its types in :mod:`pyro_vae.app.options`), its
+defaults those of the library's configs."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from pyro_vae.app.options import (
+    DEVICE_HELP,
+    OneLineParser,
+    add_dist_timeout,
+    add_max_memory,
+    add_max_seconds,
+    layer_sizes,
+    parse_seed,
+    path_arg,
+    positive_int,
+)
 from pyro_vae.models.config import (
     ACTIVATION_NAMES,
     BINARIZATIONS,
@@ -15,76 +25,8 @@ from pyro_vae.models.config import (
     GUIDES,
     LIKELIHOODS,
     MODEL_FAMILIES,
-    check_seed,
 )
 from pyro_vae.runs.config import ELBOS, TrainConfig
-from pyro_vae.util.errors import PyroVAEError
-
-EXIT_USER_ERROR = 2
-DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
-#: the time a command's estimated work may take unless --max-seconds says otherwise
-DEFAULT_MAX_SECONDS = 3600.0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line and exit status :data:`EXIT_USER_ERROR`
-    (the usage is one ``--help`` away)."""
-
-    def error(self, message: str) -> None:
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def parse_seed(text: str) -> int:
-    """An argparse ``type``: ``text`` as a seed that :func:`~pyro_vae.models.config.check_seed`
-    accepts, else :class:`argparse.ArgumentTypeError` with a one-line reason."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    try:
-        return check_seed(value)
-    except PyroVAEError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _path(text: str) -> Path:
-    """An argparse ``type`` for a path: an empty one (an unset shell variable) would otherwise
-    become the current folder."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?)")
-    return Path(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer sizes like 256,128, got {text!r}"
-        ) from None
-    if not sizes or any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
-    return sizes
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -157,18 +99,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--latent2-dim",
-        type=_positive_int,
+        type=positive_int,
         help=f"vae2: size of the top latent z2 (default {defaults.model.latent2_dim})",
     )
     p.add_argument(
         "--hidden2",
-        type=_hidden,
+        type=layer_sizes,
         help="vae2: hidden sizes between z1 and z2 (default "
         f"{','.join(map(str, defaults.model.hidden2))})",
     )
     p.add_argument(
         "--pseudo-inputs",
-        type=_positive_int,
+        type=positive_int,
         metavar="M",
         help=f"vampprior: number of learned pseudo-inputs (default {defaults.model.pseudo_inputs})",
     )
@@ -188,13 +130,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--particles",
-        type=_positive_int,
+        type=positive_int,
         help="draws averaged per datapoint outside the log: lower variance "
         f"(default {defaults.particles})",
     )
     p.add_argument(
         "--importance-samples",
-        type=_positive_int,
+        type=positive_int,
         help="draws inside the log, a tighter bound (iwae, dreg and vimco only; "
         f"default {defaults.importance_samples})",
     )
@@ -208,20 +150,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help=f"KL warm-up: beta rises linearly from {defaults.warmup_start} over STEPS "
         "optimizer steps (default 0: none)",
     )
-    p.add_argument("--latent-dim", type=_positive_int, help=f"default {defaults.model.latent_dim}")
+    p.add_argument("--latent-dim", type=positive_int, help=f"default {defaults.model.latent_dim}")
     p.add_argument(
         "--hidden",
-        type=_hidden,
+        type=layer_sizes,
         help="hidden layer sizes, comma-separated (default "
         f"{','.join(map(str, defaults.model.hidden))})",
     )
-    p.add_argument("--epochs", type=_positive_int, help=f"default {defaults.epochs}")
-    p.add_argument("--batch-size", type=_positive_int, help=f"default {defaults.batch_size}")
+    p.add_argument("--epochs", type=positive_int, help=f"default {defaults.epochs}")
+    p.add_argument("--batch-size", type=positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
     p.add_argument("--seed", type=parse_seed, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
     p.add_argument(
-        "--out", type=_path, help="run folder (default runs/<dataset>); it may not hold another run"
+        "--out",
+        type=path_arg,
+        help="run folder (default runs/<dataset>); it may not hold another run",
     )
     p.add_argument(
         "--force",
@@ -230,7 +174,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--resume",
-        type=_path,
+        type=path_arg,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR (only --epochs, --device and --data-dir may change)",
     )
@@ -249,54 +193,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "a pair that cannot be captured trains eagerly (not saved; may be "
         "given with --resume)",
     )
-    _add_max_memory(p)
-    _add_max_seconds(p, default=None)
-    _add_dist_timeout(p)
-
-
-def _memory_size(text: str) -> int:
-    from pyro_vae.util.memory import parse_size
-
-    try:
-        return parse_size(text)
-    except PyroVAEError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _add_max_memory(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-memory",
-        type=_memory_size,
-        metavar="SIZE",
-        help="refuse, before allocating, sizes whose estimated memory exceeds "
-        "SIZE (512M, 4G, ...; default: the memory free on the device)",
-    )
-
-
-def _add_max_seconds(
-    parser: argparse.ArgumentParser, default: float | None = DEFAULT_MAX_SECONDS
-) -> None:
-    shown = "no bound" if default is None else f"{default:g}"
-    parser.add_argument(
-        "--max-seconds",
-        type=_positive_float,
-        default=default,
-        metavar="SECONDS",
-        help="refuse, after timing its first pieces (steps, particle chunks), "
-        f"work whose estimated time exceeds SECONDS (default {shown})",
-    )
-
-
-def _add_dist_timeout(parser: argparse.ArgumentParser) -> None:
-    from pyro_vae.util.distributed import DEFAULT_TIMEOUT_S, ENV_TIMEOUT
-
-    parser.add_argument(
-        "--dist-timeout",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="under torchrun: how long a rank waits for the others before "
-        f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})",
-    )
+    add_max_memory(p)
+    add_max_seconds(p, default=None)
+    add_dist_timeout(p)
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
@@ -307,10 +206,10 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "grid of images, written as a PNG file (CVAE runs: one row "
         "per label, or the labels given by --label).",
     )
-    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
     p.add_argument(
         "--num",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="number of images (default 64); CVAE runs: split evenly over the labels, "
         "at least one each",
@@ -328,9 +227,9 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="CVAE runs: generate this label (repeatable; default one row per label)",
     )
-    p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/samples-<seed>.png)")
+    p.add_argument("--output", type=path_arg, help="PNG path (default RUN_DIR/samples-<seed>.png)")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    _add_max_memory(p)
+    add_max_memory(p)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -357,7 +256,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--particle-chunk",
-        type=_positive_int,
+        type=positive_int,
         help=f"particles per call; bounds memory (default {defaults.particle_chunk})",
     )
     _add_seeded_calls(p, defaults, "datapoints per call")
@@ -369,17 +268,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "posterior, a lower bound on log p(x) that does not depend on the "
         "guide's quality; writes ais-<split>.json",
     )
-    p.add_argument("--ais-steps", type=_positive_int, help="annealing steps of --ais (default 500)")
+    p.add_argument("--ais-steps", type=positive_int, help="annealing steps of --ais (default 500)")
     p.add_argument(
         "--ais-start",
         choices=("guide", "prior"),
         help="density the --ais chains start from: the guide q(z|x) (default) or "
         "the prior p(z), which needs more steps",
     )
-    p.add_argument("--chains", type=_positive_int, help="AIS chains per datapoint (default 16)")
-    _add_max_memory(p)
-    _add_max_seconds(p)
-    _add_dist_timeout(p)
+    p.add_argument("--chains", type=positive_int, help="AIS chains per datapoint (default 16)")
+    add_max_memory(p)
+    add_max_seconds(p)
+    add_dist_timeout(p)
 
 
 def _add_scored_split(
@@ -387,11 +286,11 @@ def _add_scored_split(
 ) -> None:
     """RUN_DIR, the importance samples K (``particles``: the default, ``None`` for the
     config's), the split and a limit: what evaluate and classify score."""
-    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
     shown = defaults.particles if particles is None else particles
     p.add_argument(
         "--particles",
-        type=_positive_int,
+        type=positive_int,
         default=particles,
         help=f"importance samples K per {per} (default {shown})",
     )
@@ -401,14 +300,14 @@ def _add_scored_split(
         default=defaults.split,
         help=f"which split of the run's dataset (default {defaults.split})",
     )
-    p.add_argument("--limit", type=_positive_int, help=limit_help)
+    p.add_argument("--limit", type=positive_int, help=limit_help)
 
 
 def _add_seeded_calls(p: argparse.ArgumentParser, defaults: object, batch_help: str) -> None:
     """The batch size, seed, MNIST folder and device of a scoring command."""
     p.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.batch_size,
         help=f"{batch_help} (default {defaults.batch_size})",
     )
@@ -436,8 +335,8 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     _add_scored_split(
         p, defaults, "image and label", "classify only the first N images", particles=100
     )
-    _add_max_memory(p)
-    _add_max_seconds(p)
+    add_max_memory(p)
+    add_max_seconds(p)
     _add_seeded_calls(p, defaults, "image-label pairs per call")
 
     p = sub.add_parser(
@@ -446,9 +345,9 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
         description="Encode test images with their true label and decode the "
         "same z with every label: a grid, one row per image.",
     )
-    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
-    p.add_argument("--num", type=_positive_int, default=8, help="source images (default 8)")
-    p.add_argument("--output", type=_path, help="PNG path (default RUN_DIR/transfer.png)")
+    p.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
+    p.add_argument("--num", type=positive_int, default=8, help="source images (default 8)")
+    p.add_argument("--output", type=path_arg, help="PNG path (default RUN_DIR/transfer.png)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
@@ -463,24 +362,24 @@ def _add_bdmc(sub: argparse._SubParsersAction) -> None:
         "on log p(x)) and reverse AIS (an upper bound); writes "
         "bdmc.json into the run folder.",
     )
-    p.add_argument("run_dir", type=_path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
     p.add_argument(
-        "--num", type=_positive_int, default=100, help="simulated datapoints (default 100)"
+        "--num", type=positive_int, default=100, help="simulated datapoints (default 100)"
     )
     p.add_argument(
         "--ais-steps",
-        type=_positive_int,
+        type=positive_int,
         default=500,
         help="annealing steps each way (default 500)",
     )
     p.add_argument(
-        "--chains", type=_positive_int, default=16, help="chains per datapoint (default 16)"
+        "--chains", type=positive_int, default=16, help="chains per datapoint (default 16)"
     )
     p.add_argument("--seed", type=parse_seed, default=0, help="seed (default 0)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    _add_max_memory(p)
-    _add_max_seconds(p)
+    add_max_memory(p)
+    add_max_seconds(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,121 @@
+"""The command line's option types and the options several commands share: each value checked
+as it is parsed (one line and status :data:`EXIT_USER_ERROR` for a bad one)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pyro_vae.models.config import check_seed
+from pyro_vae.util.errors import PyroVAEError
+
+EXIT_USER_ERROR = 2
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
+#: the time a command's estimated work may take unless --max-seconds says otherwise
+DEFAULT_MAX_SECONDS = 3600.0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit status :data:`EXIT_USER_ERROR`
+    (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parse_seed(text: str) -> int:
+    """An argparse ``type``: ``text`` as a seed that :func:`~pyro_vae.models.config.check_seed`
+    accepts, else :class:`argparse.ArgumentTypeError` with a one-line reason."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    try:
+        return check_seed(value)
+    except PyroVAEError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def path_arg(text: str) -> Path:
+    """An argparse ``type`` for a path: an empty one (an unset shell variable) would otherwise
+    become the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?)")
+    return Path(text)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def layer_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer sizes like 256,128, got {text!r}"
+        ) from None
+    if not sizes or any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def memory_size(text: str) -> int:
+    from pyro_vae.util.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except PyroVAEError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_max_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-memory",
+        type=memory_size,
+        metavar="SIZE",
+        help="refuse, before allocating, sizes whose estimated memory exceeds "
+        "SIZE (512M, 4G, ...; default: the memory free on the device)",
+    )
+
+
+def add_max_seconds(
+    parser: argparse.ArgumentParser, default: float | None = DEFAULT_MAX_SECONDS
+) -> None:
+    shown = "no bound" if default is None else f"{default:g}"
+    parser.add_argument(
+        "--max-seconds",
+        type=positive_float,
+        default=default,
+        metavar="SECONDS",
+        help="refuse, after timing its first pieces (steps, particle chunks), "
+        f"work whose estimated time exceeds SECONDS (default {shown})",
+    )
+
+
+def add_dist_timeout(parser: argparse.ArgumentParser) -> None:
+    from pyro_vae.util.distributed import DEFAULT_TIMEOUT_S, ENV_TIMEOUT
+
+    parser.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others before "
+        f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})",
+    )
