@@ -231,7 +231,7 @@ def test_ais_anneals_to_the_marginal_of_a_model_that_enumerates_its_class():
     """A mixture of factor analysers whose class is enumerated in the model and whose guide
     proposes z alone from a broad N(0, 1.5²): AIS's target is p(x, z) with the class summed
     out, so it estimates the exact log p(x)."""
-    from test_enumeration import LATENT, MixtureOfFactorAnalysers, _points
+    from mixtures import LATENT, MixtureOfFactorAnalysers, points
 
     from pyro_vae.evaluate.ais import ais
 
@@ -241,7 +241,7 @@ def test_ais_anneals_to_the_marginal_of_a_model_that_enumerates_its_class():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], LATENT), 1.5).to_event(1))
 
-    x = _points(6, seed=5)
+    x = points(6, seed=5)
     exact = pair.exact_log_likelihood(x).double()
     torch.manual_seed(0)
     result = ais(config_enumerate(pair.model), guide, x, num_chains=16, num_steps=400)

@@ -2,86 +2,23 @@
 forms: a Gaussian mixture, whose log p(x) is a log-sum of Gaussian densities, and a mixture of
 factor analysers, whose log p(x) is a log-sum of Gaussian densities with low-rank covariances."""
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from mixtures import (
+    C,
+    GaussianMixture,
+    LearnedFactorAnalysers,
+    MixtureOfFactorAnalysers,
+    mixture_data,
+    points,
+)
 from pyro.infer import config_enumerate
 from torch import nn
 
 from pyro_vae.evaluate import evaluate
 from pyro_vae.util.errors import ConfigError
-
-C, D, LATENT = 3, 2, 1
-
-
-class GaussianMixture(nn.Module):
-    """y ~ Categorical(π), x ~ N(μ_y, σ² I); the guide q(y | x) is any classifier."""
-
-    def __init__(self, enumerate_y: bool = True):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.logits = nn.Parameter(torch.randn(C, generator=g))
-        self.means = nn.Parameter(3 * torch.randn(C, D, generator=g))
-        self.classifier = nn.Linear(D, C)
-        self.scale = 0.7
-        self.enumerate_y = enumerate_y
-
-    def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            y = pyro.sample("y", dist.Categorical(logits=self.logits.expand(x.shape[0], C)))
-            pyro.sample("x", dist.Normal(self.means[y], self.scale).to_event(1), obs=x)
-
-    def guide(self, x):
-        with pyro.plate("data", x.shape[0]):
-            infer = {"enumerate": "parallel"} if self.enumerate_y else {}
-            pyro.sample("y", dist.Categorical(logits=self.classifier(x)), infer=infer)
-
-    def exact_log_likelihood(self, x):
-        components = dist.Normal(self.means, self.scale).to_event(1).log_prob(x[:, None, :])
-        return torch.logsumexp(components + self.logits.log_softmax(-1), -1)
-
-
-class MixtureOfFactorAnalysers(nn.Module):
-    """y ~ Categorical(π), z ~ N(0, 1), x ~ N(W_y z + μ_y, ψ I); guide q(y|x) q(z|x, y) with
-    q(z|x, y) the exact posterior of z given y with its standard deviation widened 1.5 times
-    (a good guide, not a perfect one) and q(y|x) uniform."""
-
-    def __init__(self, enumerate_y: bool = True):
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.logits = torch.randn(C, generator=g)
-        self.W = torch.randn(C, D, LATENT, generator=g)
-        self.mu = 2 * torch.randn(C, D, generator=g)
-        self.psi = 0.3
-        self.enumerate_y = enumerate_y
-
-    def model(self, x):
-        with pyro.plate("data", x.shape[0]):
-            y = pyro.sample("y", dist.Categorical(logits=self.logits.expand(x.shape[0], C)))
-            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], LATENT), 1.0).to_event(1))
-            loc = (self.W[y] @ z[..., None])[..., 0] + self.mu[y]
-            pyro.sample("x", dist.Normal(loc, self.psi**0.5).to_event(1), obs=x)
-
-    def guide(self, x):
-        with pyro.plate("data", x.shape[0]):
-            infer = {"enumerate": "parallel"} if self.enumerate_y else {}
-            y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(x.shape[0], C)), infer=infer)
-            w = self.W[y]  # [..., N, D, 1]
-            var = 1.0 / (1.0 + (w * w).sum((-2, -1)) / self.psi)  # [..., N]
-            loc = var[..., None] * ((x - self.mu[y])[..., None, :] @ w)[..., 0, :] / self.psi
-            pyro.sample("z", dist.Normal(loc, 1.5 * var[..., None].sqrt()).to_event(1))
-
-    def exact_log_likelihood(self, x):
-        cov = self.W @ self.W.transpose(1, 2) + self.psi * torch.eye(D)
-        components = dist.MultivariateNormal(self.mu, cov).log_prob(x[:, None, :])
-        return torch.logsumexp(components + self.logits.log_softmax(-1), -1)
-
-
-def _points(n=40, seed=2):
-    return 3 * torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -89,7 +26,7 @@ def test_a_mixture_summed_out_is_exact_at_one_particle_for_any_guide(seed):
     pair = GaussianMixture()
     torch.manual_seed(seed)
     nn.init.normal_(pair.classifier.weight, std=3.0)  # any guide q(y|x), however poor
-    x = _points()
+    x = points()
     result = evaluate(pair.model, pair.guide, x, num_particles=1)
     torch.testing.assert_close(
         result.log_px, pair.exact_log_likelihood(x).double(), rtol=0, atol=1e-5
@@ -99,7 +36,7 @@ def test_a_mixture_summed_out_is_exact_at_one_particle_for_any_guide(seed):
 
 def test_enumeration_follows_config_enumerate_and_the_sampled_y_is_unbiased_but_noisy():
     pair = GaussianMixture(enumerate_y=False)
-    x = _points(10)
+    x = points(10)
     enumerated = config_enumerate(pair.guide, "parallel")
     exact = pair.exact_log_likelihood(x).double()
     torch.manual_seed(0)
@@ -110,7 +47,7 @@ def test_enumeration_follows_config_enumerate_and_the_sampled_y_is_unbiased_but_
 
 
 def test_a_mixture_of_factor_analysers_same_mean_smaller_variance():
-    x = _points(30, seed=5)
+    x = points(30, seed=5)
     exact = MixtureOfFactorAnalysers().exact_log_likelihood(x).double()
     torch.manual_seed(0)
     summed = evaluate(
@@ -156,7 +93,7 @@ def test_enumeration_with_a_global_latent_is_summed_given_each_draw_of_it():
             super().guide(x)
 
     pair = WithGlobal()
-    x = _points(5)
+    x = points(5)
     result = evaluate(pair.model, pair.guide, x, num_particles=3)
     components = dist.Normal(pair.means + shift, pair.scale).to_event(1).log_prob(x[:, None, :])
     exact = torch.logsumexp(components + pair.logits.log_softmax(-1), -1).double()
@@ -171,14 +108,6 @@ def test_enumeration_with_a_global_latent_is_summed_given_each_draw_of_it():
     )
 
 
-def _mixture_data():
-    g = torch.Generator().manual_seed(3)
-    centers = torch.tensor([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]])
-    return centers[torch.randint(0, C, (600,), generator=g)] + 0.7 * torch.randn(
-        600, D, generator=g
-    )
-
-
 @pytest.mark.parametrize(
     "name, k", [("iwae", 1), ("iwae", 4), ("stl", 1), ("dreg", 1), ("dreg", 4)]
 )
@@ -186,7 +115,7 @@ def test_the_summed_bound_of_a_discrete_only_model_is_the_exact_log_likelihood(n
     from pyro_vae.infer import make_estimator
 
     pair = GaussianMixture()
-    x = _points(8)
+    x = points(8)
     estimator = make_estimator(name, 1, k, max_plate_nesting=1)
     loss = estimator.differentiable_loss(pair.model, pair.guide, x)
     torch.testing.assert_close(loss, -pair.exact_log_likelihood(x).sum(), rtol=1e-6, atol=1e-4)
@@ -203,7 +132,7 @@ def test_a_mixture_trained_with_enumeration_reaches_scikit_learns_fit(elbo, k):
 
     from pyro_vae import fit
 
-    data = _mixture_data()
+    data = mixture_data()
     reference = (
         -SklearnMixture(C, covariance_type="spherical", random_state=0)
         .fit(data.numpy())
@@ -236,7 +165,7 @@ def test_meanfield_and_trace_with_enumeration_are_the_exact_elbo_and_train_the_c
     from pyro_vae.infer import make_estimator
 
     pair = GaussianMixture()
-    x = _points(8)
+    x = points(8)
     loss = make_estimator(name, max_plate_nesting=1).differentiable_loss(pair.model, pair.guide, x)
     log_q = pair.classifier(x).log_softmax(-1)
     log_joint = dist.Normal(pair.means, pair.scale).to_event(1).log_prob(
@@ -260,40 +189,8 @@ def test_an_estimator_that_samples_discrete_sites_refuses_enumerated_ones_in_one
         "remove the enumerate mark to sample them with vimco",
     ):
         make_estimator("vimco", 1, 2, max_plate_nesting=1).differentiable_loss(
-            pair.model, pair.guide, _points(4)
+            pair.model, pair.guide, points(4)
         )
-
-
-class LearnedFactorAnalysers(MixtureOfFactorAnalysers):
-    """The mixture of factor analysers with a guide q(z | x, y) that has parameters: a shift of
-    its mean per class and a log-factor on its standard deviation; ``exact=True`` starts them
-    at the exact posterior p(z | x, y). ``buffers=False`` keeps the model's constants as plain
-    tensor attributes."""
-
-    def __init__(self, exact: bool, buffers: bool = True):
-        super().__init__()
-        if buffers:  # the model's constants as buffers (what a compiled step needs)
-            for name in ("logits", "W", "mu"):
-                value = getattr(self, name)
-                delattr(self, name)
-                self.register_buffer(name, value)
-        self.shift = nn.Parameter(
-            torch.zeros(C, LATENT) if exact else torch.tensor([[0.4], [-0.3], [0.2]])
-        )
-        self.log_widen = nn.Parameter(torch.tensor(0.0 if exact else math.log(1.5)))
-
-    def guide(self, x):
-        with pyro.plate("data", x.shape[0]):
-            y = pyro.sample(
-                "y",
-                dist.Categorical(logits=x.new_zeros(x.shape[0], C)),
-                infer={"enumerate": "parallel"},
-            )
-            w = self.W[y]
-            var = 1.0 / (1.0 + (w * w).sum((-2, -1)) / self.psi)
-            loc = var[..., None] * ((x - self.mu[y])[..., None, :] @ w)[..., 0, :] / self.psi
-            scale = var[..., None].sqrt() * self.log_widen.exp()
-            pyro.sample("z", dist.Normal(loc + self.shift[y], scale).to_event(1))
 
 
 def _guide_gradients(name, k, pair, x, repeats, particles):
@@ -315,7 +212,7 @@ def test_the_doubly_reparameterized_gradient_of_the_summed_bound_is_unbiased(nam
     """Both estimate the gradient of the same bound E log (1/K) Σ_k Σ_y w_ky; their Monte
     Carlo means agree within 4 standard errors, and the doubly reparameterized one is the less
     noisy."""
-    pair, x = LearnedFactorAnalysers(exact=False), _points(6, seed=7)
+    pair, x = LearnedFactorAnalysers(exact=False), points(6, seed=7)
     torch.manual_seed(0)
     ours = _guide_gradients(name, k, pair, x, repeats=60, particles=200)
     theirs = _guide_gradients(reference, k, pair, x, repeats=60, particles=200)
@@ -331,7 +228,7 @@ def test_the_guides_gradient_vanishes_at_the_exact_posterior_of_each_class(name,
     """q(z | x, y) = p(z | x, y) makes every w_ky = p(x, y), constant in z: the doubly
     reparameterized gradient is 0 on every draw, where the reparameterization gradient of the
     same bound (its score terms) is not."""
-    pair, x = LearnedFactorAnalysers(exact=True), _points(6, seed=7)
+    pair, x = LearnedFactorAnalysers(exact=True), points(6, seed=7)
     torch.manual_seed(0)
     ours = _guide_gradients(name, k, pair, x, repeats=3, particles=1)
     assert ours.abs().max() < 1e-4, ours
@@ -359,7 +256,7 @@ def test_the_command_line_trains_and_evaluates_a_pair_with_a_discrete_latent(
 
     from pyro_vae.app.cli import main
 
-    np.savez(tmp_path / "train.npz", _mixture_data().numpy())
+    np.savez(tmp_path / "train.npz", mixture_data().numpy())
     out = tmp_path / "run"
     assert (
         main(

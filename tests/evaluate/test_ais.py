@@ -220,9 +220,9 @@ def test_enumerated_sites_are_summed_out_exactly_with_each_classes_exact_posteri
     """A mixture of factor analysers whose q(z | x, y) is p(z | x, y) for every class y: each
     configuration's weights are p(x, y) exactly, and their sum p(x), at any T; with a widened
     guide, or from the prior, more steps come closer (mean absolute error over 8 points)."""
-    from test_enumeration import LearnedFactorAnalysers, MixtureOfFactorAnalysers, _points
+    from mixtures import LearnedFactorAnalysers, MixtureOfFactorAnalysers, points
 
-    x = _points(8, seed=5)
+    x = points(8, seed=5)
     pair = LearnedFactorAnalysers(exact=True)
     exact = pair.exact_log_likelihood(x).detach().double()
     torch.manual_seed(0)
@@ -247,12 +247,12 @@ def test_enumerated_sites_are_summed_out_exactly_with_each_classes_exact_posteri
 
 
 def test_reverse_ais_refuses_enumerated_sites_and_ais_refuses_an_unknown_start():
-    from test_enumeration import MixtureOfFactorAnalysers, _points
+    from mixtures import MixtureOfFactorAnalysers, points
 
     from pyro_vae.evaluate.ais import reverse_ais
     from pyro_vae.util.errors import ConfigError
 
-    pair, x = MixtureOfFactorAnalysers(), _points(4)
+    pair, x = MixtureOfFactorAnalysers(), points(4)
     with pytest.raises(ConfigError, match=r"cannot sum out the enumerated sites \['y'\]"):
         reverse_ais(pair.model, pair.guide, x, {"z": torch.zeros(4, 1)}, num_steps=2)
     with pytest.raises(ConfigError, match="start must be one of"):
@@ -285,13 +285,13 @@ def test_the_time_estimate_of_ais_counts_every_enumerated_configuration(monkeypa
     """AIS runs once per configuration of the guide's enumerated sites: C times the steps."""
     import itertools
 
-    from test_enumeration import C, MixtureOfFactorAnalysers, _points
+    from mixtures import C, MixtureOfFactorAnalysers, points
 
     from pyro_vae.util import budget
 
     ticks = itertools.count()
     monkeypatch.setattr(budget, "clock", lambda: float(next(ticks)))  # 1 s per step
-    pair, x = MixtureOfFactorAnalysers(), _points(4)
+    pair, x = MixtureOfFactorAnalysers(), points(4)
     steps = 10
     expected = (
         rf"AIS of {steps} steps with 2 chains for each of {C} enumerated "

@@ -106,9 +106,9 @@ def test_a_mixture_with_a_sampled_class_trained_by_vimco_reaches_scikit_learns_f
     from pyro_vae import fit
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
-    from test_enumeration import GaussianMixture, _mixture_data
+    from mixtures import GaussianMixture, mixture_data
 
-    data = _mixture_data()
+    data = mixture_data()
     reference = (
         -SklearnMixture(3, covariance_type="spherical", random_state=0)
         .fit(data.numpy())

@@ -294,12 +294,12 @@ def test_the_command_line_reports_the_compiled_steps(tmp_path, capsys):
 
 @pytest.mark.parametrize("name, k", [("iwae", 2), ("dreg", 2), ("stl", 1), ("meanfield", 1)])
 def test_the_captured_step_of_a_guide_with_an_enumerated_site_equals_the_eager_step(name, k):
-    from test_enumeration import LearnedFactorAnalysers, _points
+    from mixtures import LearnedFactorAnalysers, points
 
     _assert_same_steps(
         LearnedFactorAnalysers(exact=False),
         make_estimator(name, 1, k, max_plate_nesting=1),
-        (_points(8),),
+        (points(8),),
     )
 
 
@@ -324,7 +324,7 @@ def test_the_captured_step_of_a_replayed_batchnorm_guide_equals_the_eager_step(n
 
 
 def test_a_plain_tensor_attribute_trains_eagerly_with_a_line_that_names_register_buffer():
-    from test_enumeration import LearnedFactorAnalysers, _points
+    from mixtures import LearnedFactorAnalysers, points
 
     module, lines = LearnedFactorAnalysers(exact=False, buffers=False), []
     estimator = make_estimator("iwae", 1, 2, max_plate_nesting=1)
@@ -336,7 +336,7 @@ def test_a_plain_tensor_attribute_trains_eagerly_with_a_line_that_names_register
 
     step = CompiledStep(module, estimator, optimizer, loss_fn, eager, log=lines.append)
     with pyro.validation_enabled(False):
-        loss = step((_points(8),), {}, 8)
+        loss = step((points(8),), {}, 8)
     assert torch.isfinite(loss) and step.eager_steps == 1 and len(lines) == 1
     assert "neither a parameter, a buffer nor an argument" in lines[0]
     assert "register_buffer" in lines[0] and "\n" not in lines[0]
