@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pyro_vae.core.particles import draw_particles
+from pyro_vae.core.drawing import draw_particles
 from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.util.errors import ConfigError
 

@@ -2,8 +2,8 @@ r"""The one trace recipe of the package: vectorized particles of a model/guide p
 per-draw, per-datapoint log-densities, for every estimator, the evaluator, AIS and the particle
 probe.
 
-:func:`draw_particles` traces the guide inside an outer particle plate (left of the pair's
-plates) and replays the model on it, enumerating the sites marked for it
+:func:`~pyro_vae.core.drawing.draw_particles` traces the guide inside an outer particle plate
+(left of the pair's plates) and replays the model on it, enumerating the sites marked for it
 (:mod:`pyro_vae.core.enumeration`); :class:`Particles` reads log p(x|z), log p(z) and log q(z|x)
 from the two traces, each summed to ``[M, N]`` (M draws, N datapoints: the data plate is
 kept), the enumerated sites summed out by Pyro's plated contraction, and replays further runs
@@ -41,31 +41,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
-import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.runtime import am_i_wrapped
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_vae.core.enumeration import (
     contract_log_weights,
-    enumerated_guide,
-    enumerated_in,
     enumerated_model,
     expected_log_weights,
-    is_enumerated,
-    value_dims,
 )
+from pyro_vae.core.particle_plate import detached_trace, in_particle_plate
 from pyro_vae.core.traces import (
     PARTICLE_PLATE,
-    check_guide_latents_in_model,
     common_scale,
-    find_data_plate,
     latent_sites,
     observed_sites,
-    plate_dim_and_size,
     reduce_to_particles,
     reduce_to_particles_and_data,
     site_log_prob,
@@ -73,39 +64,6 @@ from pyro_vae.core.traces import (
 )
 from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.module_state import running_statistics_kept
-
-
-def _mapped(trace: poutine.Trace, view: Callable[[dict], torch.Tensor]) -> poutine.Trace:
-    """The unobserved sample sites of ``trace`` (subsample sites included), each with the value
-    ``view(site)``, for ``poutine.replay``."""
-    out = poutine.Trace()
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            out.add_node(name, **dict(site, value=view(site)))
-    return out
-
-
-def _detached(trace: poutine.Trace, skip: tuple[str, ...] = ()) -> poutine.Trace:
-    """The unobserved sample sites of ``trace`` (but those in ``skip``) with detached values."""
-    out = _mapped(trace, lambda site: site["value"].detach())
-    for name in skip:
-        out.remove_node(name)
-    return out
-
-
-def _as_drawn(
-    fn: Callable, num_draws: int, particle_dim: int, plated: bool, hide_params: bool
-) -> Callable:
-    if hide_params:
-        fn = poutine.block(fn, hide_types=["param"])
-    if not plated:
-        return fn
-
-    def in_particle_plate(*a: Any, **k: Any) -> Any:
-        with pyro.plate(PARTICLE_PLATE, num_draws, dim=particle_dim):
-            return fn(*a, **k)
-
-    return in_particle_plate
 
 
 @dataclass
@@ -120,8 +78,9 @@ class Particles:
     ``model_trace`` and ``guide_trace`` have their subsample sites pruned; the ``raw_`` traces
     keep them, so that replays draw the same subsample. ``views``: the guide's draws
     as the model was replayed on them, when they were handed to it through a ``view`` (see
-    :func:`draw_particles`). ``model_enumerated`` and ``guide_enumerated`` name the sites
-    enumerated in parallel; ``compact``: log-densities on compact distributions (evaluation).
+    :func:`~pyro_vae.core.drawing.draw_particles`). ``model_enumerated`` and
+    ``guide_enumerated`` name the sites enumerated in parallel; ``compact``: log-densities on
+    compact distributions (evaluation).
     ``model``, ``guide``, ``args``, ``kwargs``: the pair and call that drew them (for
     :meth:`replay`). ``configurations``: where an estimator sums the guide's enumerated sites
     one configuration at a time, each configuration c (site name → value) with the draws of
@@ -387,12 +346,14 @@ class Particles:
             source = self.views
         else:
             source = (
-                _detached(self.raw_model_trace, skip=self.model_enumerated)
+                detached_trace(self.raw_model_trace, skip=self.model_enumerated)
                 if model
-                else _detached(self.raw_guide_trace)
+                else detached_trace(self.raw_guide_trace)
             )
         fn = self.model if model else self.guide
-        wrapped = _as_drawn(fn, self.num_draws, self.particle_dim, self.plated, self.hide_params)
+        wrapped = in_particle_plate(
+            fn, self.num_draws, self.particle_dim, self.plated, self.hide_params
+        )
         if model and self.model_enumerated:  # enumerated again, to the same values
             wrapped = enumerated_model(wrapped, self.particle_dim - 1)
         replayed = poutine.replay(wrapped, trace=source)
@@ -400,121 +361,3 @@ class Particles:
             return prune_subsample_sites(
                 poutine.trace(replayed).get_trace(*self.args, **self.kwargs)
             )
-
-
-def draw_particles(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    num_draws: int,
-    max_plate_nesting: int,
-    plated: bool = True,
-    *,
-    view: Callable[[dict], torch.Tensor] | None = None,
-    data_plate: str | None = None,
-    enumerate_guide: bool = True,
-    enumerate_model: bool = True,
-    compact: bool = False,
-    require_data_plate: bool = True,
-    outermost_plate: bool = False,
-) -> Particles:
-    """Trace the guide and replay the model on it, for ``num_draws`` vectorized draws (M: an
-    estimator's P·K).
-
-    A single draw may skip the particle plate (``plated=False``): the same random numbers, the
-    same values. Param messages are hidden when no effect handler is active outside (no one
-    reads them). ``view`` maps each guide site
-    to the value the model is replayed on (the same values: e.g. an alias whose gradient is
-    rescaled on the way back); the model then holds the views. The model's sites marked for
-    enumeration are enumerated when ``enumerate_model``, the guide's when ``enumerate_guide``
-    (otherwise they are sampled: for a caller that sums them one configuration at a time, or
-    that checks :func:`~pyro_vae.infer.pair_checks.marked_but_drawn` and draws again). ``compact``
-    computes log-densities on :func:`~pyro_vae.core.traces.compact_distribution` (evaluation).
-    ``require_data_plate=False`` takes a pair whose observed sites share no plate as one
-    datapoint (the data set), ``outermost_plate=True`` the outermost of several plates that
-    hold every site (:func:`~pyro_vae.core.traces.find_data_plate`): for a caller that sums every
-    datapoint's bound, to whom the choice makes no difference.
-
-    :raises ConfigError: for a pair whose sites fit no data plate, a guide without latents, a
-        guide latent that is no latent of the model (auxiliary sites apart), or a guide latent
-        that depends on a site enumerated in the model (what the estimators need beyond that:
-        :func:`pyro_vae.infer.pair_checks.check_estimable`).
-    """
-    plated = plated or num_draws > 1
-    hide_params = not am_i_wrapped()
-    particle_dim = -(max_plate_nesting + 1)
-    drawn_guide = _as_drawn(guide, num_draws, particle_dim, plated, hide_params)
-    if enumerate_guide:
-        drawn_guide = enumerated_guide(drawn_guide, particle_dim - 1)
-    raw_guide_trace = poutine.trace(drawn_guide).get_trace(*args, **kwargs)
-    views = None if view is None else _mapped(raw_guide_trace, view)
-    drawn_model = _as_drawn(model, num_draws, particle_dim, plated, hide_params)
-    if enumerate_model or enumerate_guide:  # after the guide's: it left the allocator's state
-        drawn_model = enumerated_model(drawn_model, None if enumerate_guide else particle_dim - 1)
-    raw_model_trace = poutine.trace(
-        poutine.replay(drawn_model, trace=raw_guide_trace if views is None else views)
-    ).get_trace(*args, **kwargs)
-    model_trace = prune_subsample_sites(raw_model_trace)
-    guide_trace = prune_subsample_sites(raw_guide_trace)
-    data_plate = find_data_plate(
-        model_trace, guide_trace, data_plate, required=require_data_plate, outermost=outermost_plate
-    )
-    guide_latents = latent_sites(guide_trace)
-    model_latents = {site["name"]: site for site in latent_sites(model_trace)}
-    check_guide_latents_in_model(
-        guide_trace,
-        [site["name"] for site in guide_latents if site["name"] not in model_latents],
-        "latent sample sites",
-    )
-    guided = {site["name"] for site in guide_latents}
-    model_enumerated = (
-        tuple(enumerated_in(model_trace, skip=guided)) if enumerate_model or enumerate_guide else ()
-    )
-    redraw = not (enumerate_model or enumerate_guide) and any(  # the caller draws again
-        is_enumerated(site) for site in model_latents.values()
-    )
-    if (
-        not guide_latents
-        and model_latents
-        and not model_enumerated
-        and not redraw
-        and not any(site["type"] == "sample" for site in guide_trace.nodes.values())
-    ):
-        raise ConfigError(
-            f"the guide has no latent sample sites, but the model has "
-            f"{sorted(model_latents)} (and enumerates none)"
-        )
-    summed_dims = set().union(*(value_dims(model_trace.nodes[name]) for name in model_enumerated))
-    for name in guided.intersection(model_latents):
-        shape = model_latents[name]["fn"].batch_shape
-        if any(-dim <= len(shape) and shape[dim] != 1 for dim in summed_dims):
-            raise ConfigError(
-                f"model site {name!r}, which the guide samples, depends on the sites enumerated "
-                f"in the model {list(model_enumerated)}: a guide latent cannot depend on a "
-                "variable that is summed out after it is drawn. Enumerate those sites in the "
-                "guide instead, or sample them there"
-            )
-    data_dim, num_data = plate_dim_and_size(model_trace, guide_trace, data_plate)
-    return Particles(
-        model_trace=model_trace,
-        guide_trace=guide_trace,
-        raw_model_trace=raw_model_trace,
-        raw_guide_trace=raw_guide_trace,
-        num_draws=num_draws,
-        max_plate_nesting=max_plate_nesting,
-        data_dim=data_dim,
-        num_data=num_data,
-        plated=plated,
-        hide_params=hide_params,
-        data_plate=data_plate,
-        views=views,
-        view=view,
-        model_enumerated=model_enumerated,
-        guide_enumerated=tuple(enumerated_in(guide_trace)) if enumerate_guide else (),
-        compact=compact,
-        model=model,
-        guide=guide,
-        args=args,
-        kwargs=kwargs,
-    )

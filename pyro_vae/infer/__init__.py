@@ -29,7 +29,7 @@ hook :meth:`ELBOEstimator.objective`, :mod:`pyro_vae.infer.bounds` the math seve
 (:class:`LinearWarmup`).
 
 Every estimator works from per-particle, per-datapoint log-densities (the data plate is kept, see
-:func:`pyro_vae.core.particles.draw_particles`): the log-likelihood (observed model sites), the
+:func:`pyro_vae.core.drawing.draw_particles`): the log-likelihood (observed model sites), the
 log-prior (the model's latent sites that the guide samples) and log q (latent guide sites).
 With a rate weight β they combine into the β-weighted log-weight of one draw z ~ q(z|x),
 

@@ -1,6 +1,6 @@
 r"""The base class of the named estimators, :class:`ELBOEstimator`: the plumbing they share.
 
-It draws the particles (:func:`~pyro_vae.core.particles.draw_particles`, with the checks of
+It draws the particles (:func:`~pyro_vae.core.drawing.draw_particles`, with the checks of
 :mod:`~pyro_vae.infer.pair_checks` and the handling of sites marked for enumeration), and turns
 an estimator's :meth:`~ELBOEstimator.objective` into Pyro's ELBO interface: ``loss``,
 ``differentiable_loss`` and ``loss_and_grads``. Each loss is −(bound summed over the data
@@ -28,8 +28,9 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
+from pyro_vae.core.drawing import draw_particles
 from pyro_vae.core.enumeration import ENUMERATE_MODES, configurations, enumerated_sites_of, fixed
-from pyro_vae.core.particles import Particles, draw_particles
+from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import PARTICLE_PLATE, guess_max_plate_nesting, trace_pair
 from pyro_vae.core.vectorization import particle_mismatch
 from pyro_vae.infer.bounds import Objective, weighted

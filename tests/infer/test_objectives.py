@@ -24,7 +24,7 @@ from threads import one_thread
 from torch import nn
 from torch.distributions import MultivariateNormal, Normal
 
-from pyro_vae.core.particles import draw_particles
+from pyro_vae.core.drawing import draw_particles
 from pyro_vae.core.traces import latent_sites
 from pyro_vae.infer import (
     CLASSES,

@@ -30,7 +30,8 @@ from threads import one_thread
 from torch import nn
 
 from pyro_vae import VAE, TrainConfig, fit
-from pyro_vae.core.particles import Particles, draw_particles
+from pyro_vae.core.drawing import draw_particles
+from pyro_vae.core.particles import Particles
 from pyro_vae.infer import (
     CLASSES,
     ESTIMATORS,
