@@ -28,11 +28,9 @@ from pyro_vae.runs.checkpoint import (
     CONFIG_FILE,
     HISTORY_FILE,
     LOCK_FILE,
-    MODEL_CLASS_KEY,
     TRAINING_FILES,
     WEIGHTS_FILE,
     History,
-    check_checkpoint,
     finished_epoch,
     load_checkpoint,
     load_weights,
@@ -44,6 +42,7 @@ from pyro_vae.runs.checkpoint import (
     user_model_class,
     write_history,
 )
+from pyro_vae.runs.checkpoint_checks import MODEL_CLASS_KEY, check_checkpoint
 from pyro_vae.runs.config import ELBOS, TrainConfig
 from pyro_vae.runs.evaluation import KEEP_LOG_WEIGHTS_MAX, SPLITS, EvalConfig, evaluate_run
 from pyro_vae.runs.folder import (
