@@ -57,7 +57,7 @@ from pyro import poutine
 from pyro_vae.core import enumeration
 from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.data.batches import as_source
-from pyro_vae.evaluate.annealing import anneal, check_chains, sigmoid_schedule
+from pyro_vae.evaluate.annealing import Annealing, anneal, check_chains, sigmoid_schedule
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, pareto_khat
 from pyro_vae.util import budget
 from pyro_vae.util.errors import ConfigError
@@ -167,15 +167,12 @@ def ais(
         f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"
         + (f" for each of {runs:,} enumerated configurations" if runs > 1 else ""),
     ):
+        path = Annealing(num_chains, betas, leapfrog_steps, step_size, target_accept)
         return _forward_ais(
             model,
             guide,
             source,
-            num_chains=num_chains,
-            betas=betas,
-            leapfrog_steps=leapfrog_steps,
-            step_size=step_size,
-            target_accept=target_accept,
+            path,
             start=start,
             batch_size=batch_size,
             max_plate_nesting=max_plate_nesting,
@@ -183,16 +180,33 @@ def ais(
         )
 
 
+def _prepared(
+    model: Callable,
+    guide: Callable,
+    batch: Any,
+    max_plate_nesting: int | None,
+    data_plate: str | None,
+    first: bool,
+) -> tuple[int, dict]:
+    """A batch's plate nesting (guessed unless given) and the guide's enumerated sites; on the
+    ``first`` batch, the pair checked for running its chains as one particle plate."""
+    args, kwargs = batch.args, batch.kwargs
+    nesting = (
+        max_plate_nesting
+        if max_plate_nesting is not None
+        else guess_max_plate_nesting(model, guide, args, kwargs)
+    )
+    if first:
+        check_chains(model, guide, args, kwargs, nesting, data_plate)
+    return nesting, enumeration.enumerated_sites(guide, args, kwargs)
+
+
 def _forward_ais(
     model: Callable,
     guide: Callable,
     source: Any,
+    path: Annealing,
     *,
-    num_chains: int,
-    betas: torch.Tensor,
-    leapfrog_steps: int,
-    step_size: float,
-    target_accept: float,
     start: str,
     batch_size: int,
     max_plate_nesting: int | None,
@@ -200,14 +214,7 @@ def _forward_ais(
 ) -> AISResult:
     log_ws, accepts = [], []
     for index, batch in enumerate(source.ordered(batch_size)):
-        nesting = (
-            max_plate_nesting
-            if max_plate_nesting is not None
-            else guess_max_plate_nesting(model, guide, batch.args, batch.kwargs)
-        )
-        if index == 0:
-            check_chains(model, guide, batch.args, batch.kwargs, nesting, data_plate)
-        sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
+        nesting, sites = _prepared(model, guide, batch, max_plate_nesting, data_plate, index == 0)
         per_configuration = []
         for values in enumeration.configurations(sites) if sites else [{}]:
             model_c = enumeration.fixed(model, values) if values else model
@@ -220,12 +227,8 @@ def _forward_ais(
                     proposal,
                     batch.args,
                     batch.kwargs,
-                    num_chains=num_chains,
-                    betas=betas,
-                    leapfrog_steps=leapfrog_steps,
-                    step_size=step_size,
-                    target_accept=target_accept,
-                    nesting=nesting,
+                    path,
+                    nesting,
                     prior=start == "prior",
                     data_plate=data_plate,
                 )
@@ -238,9 +241,9 @@ def _forward_ais(
     return _result(
         log_w,
         torch.cat(accepts),
-        len(betas) - 1,
-        torch.logsumexp(log_w, 0) - math.log(num_chains),
-        pareto_khat(log_w) if num_chains >= MIN_KHAT_PARTICLES else None,
+        len(path.betas) - 1,
+        torch.logsumexp(log_w, 0) - math.log(path.num_chains),
+        pareto_khat(log_w) if path.num_chains >= MIN_KHAT_PARTICLES else None,
     )
 
 
@@ -301,16 +304,10 @@ def reverse_ais(
     *upper* bound on log p(x), which falls towards it as the number of steps grows. With
     :func:`ais` (a lower bound) it brackets log p(x): :func:`pyro_vae.evaluate.bdmc.bdmc`."""
     betas = (sigmoid_schedule(num_steps) if schedule is None else schedule.double()).flip(0)
+    path = Annealing(num_chains, betas, leapfrog_steps, step_size, target_accept)
     log_ws, accepts, offset = [], [], 0
     for batch in as_source(data).ordered(batch_size):
-        nesting = (
-            max_plate_nesting
-            if max_plate_nesting is not None
-            else guess_max_plate_nesting(model, guide, batch.args, batch.kwargs)
-        )
-        if offset == 0:
-            check_chains(model, guide, batch.args, batch.kwargs, nesting, data_plate)
-        sites = enumeration.enumerated_sites(guide, batch.args, batch.kwargs)
+        nesting, sites = _prepared(model, guide, batch, max_plate_nesting, data_plate, offset == 0)
         if sites:
             raise ConfigError(
                 f"reverse AIS starts from an exact draw of the continuous latents "
@@ -323,12 +320,8 @@ def reverse_ais(
             guide,
             batch.args,
             batch.kwargs,
-            num_chains=num_chains,
-            betas=betas,
-            leapfrog_steps=leapfrog_steps,
-            step_size=step_size,
-            target_accept=target_accept,
-            nesting=nesting,
+            path,
+            nesting,
             start=start,
             data_plate=data_plate,
         )

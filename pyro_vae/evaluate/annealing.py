@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
@@ -140,26 +141,36 @@ def _is_real(support: Any) -> bool:
     return support is constraints.real or isinstance(support, type(constraints.real))
 
 
+@dataclass(frozen=True)
+class Annealing:
+    """The chains and their path: ``num_chains`` per datapoint along ``betas`` (β_0, ..., β_T),
+    each transition ``leapfrog_steps`` leapfrog steps of a per-datapoint size that starts at
+    ``step_size`` and adapts towards the acceptance rate ``target_accept``."""
+
+    num_chains: int
+    betas: torch.Tensor
+    leapfrog_steps: int
+    step_size: float
+    target_accept: float
+
+
 def anneal(
     model: Callable,
     guide: Callable,
     args: tuple,
     kwargs: dict,
-    *,
-    num_chains: int,
-    betas: torch.Tensor,
-    leapfrog_steps: int,
-    step_size: float,
-    target_accept: float,
+    path: Annealing,
     nesting: int,
+    *,
     start: dict[str, torch.Tensor] | None = None,
     prior: bool = False,
     data_plate: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log w per chain and datapoint along ``betas`` (rising: forward AIS from the guide, or
-    from the prior when ``guide`` is the model's prior and ``prior`` says so; falling: reverse
-    AIS from ``start``, exact posterior draws ``[N, ...]`` per site), and the mean acceptance
-    rate per datapoint."""
+    """log w per chain and datapoint along ``path.betas`` (rising: forward AIS from the guide,
+    or from the prior when ``guide`` is the model's prior and ``prior`` says so; falling:
+    reverse AIS from ``start``, exact posterior draws ``[N, ...]`` per site), and the mean
+    acceptance rate per datapoint."""
+    num_chains, betas, leapfrog_steps = path.num_chains, path.betas, path.leapfrog_steps
     z, fixed = _initial(model, guide, args, kwargs, num_chains, nesting, data_plate)
     if prior and fixed:
         raise ConfigError(
@@ -193,7 +204,7 @@ def anneal(
 
     _, log_ratio, _ = log_f(z, 0.0, False)
     num_data = log_ratio.shape[1]
-    eps = log_ratio.new_full((num_data,), step_size)
+    eps = log_ratio.new_full((num_data,), path.step_size)
     log_w = torch.zeros_like(log_ratio, dtype=torch.float64)
     accepted = torch.zeros(num_data, dtype=torch.float64, device=log_ratio.device)
     for t in range(1, len(betas)):
@@ -218,7 +229,7 @@ def anneal(
         }
         rate = accept.double().mean(0)
         accepted += rate
-        eps = torch.where(rate > target_accept, eps * STEP_GROWTH, eps * STEP_SHRINK)
+        eps = torch.where(rate > path.target_accept, eps * STEP_GROWTH, eps * STEP_SHRINK)
         _, log_ratio, _ = log_f(z, beta, False)
         budget.piece_done()
     return log_w, accepted / (len(betas) - 1)

@@ -7,6 +7,7 @@ See :mod:`pyro_vae.evaluate` for how random numbers, memory and validation are h
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import pyro
@@ -35,6 +36,29 @@ class Chunk(NamedTuple):
     trace_enum_elbo: torch.Tensor | None = None  # [k, N], with summed_sites
 
 
+@dataclass(frozen=True)
+class Draws:
+    """How one call's particles are drawn: ``num_particles`` in chunks of at most
+    ``particle_chunk`` (all at once for ``None``), the pair's ``max_plate_nesting`` and
+    ``data_plate`` (``None``: found), each chunk one vectorized call (``vectorize``) or one
+    call per particle; ``whole``: a pair without a data plate is scored as one datapoint."""
+
+    num_particles: int
+    particle_chunk: int | None
+    max_plate_nesting: int
+    data_plate: str | None
+    vectorize: bool = True
+    whole: bool = False
+
+    def probed(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Draws:
+        """These draws, vectorized unless a probe on this call (:func:`_vectorizable`) finds
+        that the pair's networks see the particle dimension."""
+        nesting, plate, whole = self.max_plate_nesting, self.data_plate, self.whole
+        return replace(
+            self, vectorize=_vectorizable(model, guide, args, kwargs, nesting, plate, whole)
+        )
+
+
 def check_finite_inputs(args: Sequence[Any], kwargs: dict | None = None) -> None:
     """Refuse floating-point tensor arguments with NaN or ±inf entries, before any trace."""
     for where, value in floating_tensors(tuple(args), kwargs or {}):
@@ -54,20 +78,11 @@ def num_chunks(total: int, chunk: int | None) -> int:
 
 
 def log_weight_chunks(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    *,
-    num_particles: int,
-    particle_chunk: int | None,
-    max_plate_nesting: int,
-    data_plate: str | None,
-    vectorize: bool = True,
-    whole: bool = False,
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, draws: Draws
 ) -> Iterator[Chunk]:
-    """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to ``num_particles``:
-    each one call with a particle plate, or with ``vectorize=False`` k calls of one particle.
+    """Yield :class:`Chunk` s of ``[k, N]`` log-weights whose k add up to
+    ``draws.num_particles``: each one call with a particle plate, or without ``draws.vectorize``
+    k calls of one particle.
 
     With Pyro's validation enabled, the pair is first run once with a single particle, on a copy
     of the random state (so the draws of the chunks are unchanged): that call checks the data
@@ -88,11 +103,11 @@ def log_weight_chunks(
             guide,
             *args,
             num_particles=size,
-            max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate,
+            max_plate_nesting=draws.max_plate_nesting,
+            data_plate=draws.data_plate,
             compact=True,
             vectorize=vectorized,
-            require_data_plate=not whole,
+            require_data_plate=not draws.whole,
             **kwargs,
         )
         return Chunk(
@@ -105,7 +120,7 @@ def log_weight_chunks(
         )
 
     def draw(size: int) -> Chunk:
-        if vectorize:
+        if draws.vectorize:
             return one_call(size, True)
         singles = [one_call(1, False) for _ in range(size)]
         enum_elbos = [c.trace_enum_elbo for c in singles]
@@ -122,7 +137,7 @@ def log_weight_chunks(
         with forked_rng():
             draw(1)
     num_data = None
-    for size in _chunk_sizes(num_particles, particle_chunk):
+    for size in _chunk_sizes(draws.num_particles, draws.particle_chunk):
         with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
             chunk = draw(size)
         num_data = chunk.log_weights.shape[1] if num_data is None else num_data
@@ -164,16 +179,13 @@ def log_weights(
             guide,
             args,
             kwargs,
-            num_particles=num_particles,
-            particle_chunk=particle_chunk,
-            max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate,
+            Draws(num_particles, particle_chunk, max_plate_nesting, data_plate),
         )
     ]
     return torch.cat(chunks)
 
 
-def vectorizable(
+def _vectorizable(
     model: Callable,
     guide: Callable,
     args: tuple,

@@ -17,9 +17,9 @@ from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.data.batches import as_source, describe
 from pyro_vae.evaluate.chunks import (
     DEFAULT_PARTICLE_CHUNK,
+    Draws,
     check_finite_inputs,
     num_chunks,
-    vectorizable,
 )
 from pyro_vae.evaluate.results import EvaluationResult
 from pyro_vae.evaluate.weights import batch_result, eval_mode
@@ -109,7 +109,8 @@ def evaluate_dataset(
     whole = source.num_data <= batch_size
     from tqdm.auto import tqdm
 
-    parts, failure, num_batches, first_index, vectorize = [], None, 0, 0, None
+    parts, failure, num_batches, first_index = [], None, 0, 0
+    draws: Draws | None = None  # fixed by the first batch
     batches = tqdm(
         source.ordered(batch_size),
         desc="evaluate",
@@ -139,31 +140,20 @@ def evaluate_dataset(
                         max_plate_nesting = guess_max_plate_nesting(
                             model, guide, batch.args, call_kwargs
                         )
-                if vectorize is None:
-                    vectorize = vectorizable(
-                        model,
-                        guide,
-                        batch.args,
-                        call_kwargs,
-                        max_plate_nesting,
-                        data_plate,
-                        whole=whole,
-                    )
+                if draws is None:
+                    draws = Draws(
+                        num_particles, particle_chunk, max_plate_nesting, data_plate, whole=whole
+                    ).probed(model, guide, batch.args, call_kwargs)
                 with _batch_rng(batch_seed, index):
                     part = batch_result(
                         model,
                         guide,
                         batch.args,
                         call_kwargs,
-                        num_particles=num_particles,
-                        particle_chunk=particle_chunk,
-                        max_plate_nesting=max_plate_nesting,
-                        data_plate=data_plate,
+                        draws,
                         khat=khat,
                         keep_log_weights=keep_log_weights,
                         first_index=start,
-                        vectorize=vectorize,
-                        whole=whole,
                     )
                 if part.whole_data_set and index > 0:
                     raise ConfigError(

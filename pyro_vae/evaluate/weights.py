@@ -16,10 +16,10 @@ import torch
 
 from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.evaluate.chunks import (
+    Draws,
     check_finite_inputs,
     log_weight_chunks,
     num_chunks,
-    vectorizable,
 )
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
 from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
@@ -87,17 +87,15 @@ def batch_result(
     guide: Callable,
     args: tuple,
     kwargs: dict,
+    draws: Draws,
     *,
-    num_particles: int,
-    particle_chunk: int | None,
-    max_plate_nesting: int,
-    data_plate: str | None,
     khat: bool | None,
     keep_log_weights: bool,
     first_index: int = 0,
-    vectorize: bool = True,
-    whole: bool = False,
 ) -> EvaluationResult:
+    """The statistics of one call's datapoints (the first of them ``first_index`` of the data
+    set, for messages), streamed over the particle chunks of ``draws``."""
+    num_particles = draws.num_particles
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
     tail = ParetoTail(num_particles) if with_khat else None
@@ -105,18 +103,7 @@ def batch_result(
     global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
     #: each chunk's Σ over its particles of TraceEnum's ELBO, [N]; None once one lacks it
     enum_sums: list[torch.Tensor] | None = []
-    for chunk in log_weight_chunks(
-        model,
-        guide,
-        args,
-        kwargs,
-        num_particles=num_particles,
-        particle_chunk=particle_chunk,
-        max_plate_nesting=max_plate_nesting,
-        data_plate=data_plate,
-        vectorize=vectorize,
-        whole=whole,
-    ):
+    for chunk in log_weight_chunks(model, guide, args, kwargs, draws):
         accumulator.update(chunk.log_weights)
         budget.piece_done()
         whole_data_set = chunk.whole
@@ -145,7 +132,7 @@ def batch_result(
         **stats,
         khat=tail.khat() if tail is not None else None,
         log_weights=full.cpu() if full is not None else None,
-        vectorized=vectorize,
+        vectorized=draws.vectorize,
         global_term=global_term,
         summed_sites=summed_sites,
         whole_data_set=whole_data_set,
@@ -217,22 +204,11 @@ def evaluate(
     ):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        vectorize = vectorizable(
-            model, guide, args, kwargs, max_plate_nesting, data_plate, whole=True
-        )
+        draws = Draws(
+            num_particles, particle_chunk, max_plate_nesting, data_plate, whole=True
+        ).probed(model, guide, args, kwargs)
         return batch_result(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=num_particles,
-            particle_chunk=particle_chunk,
-            max_plate_nesting=max_plate_nesting,
-            data_plate=data_plate,
-            khat=khat,
-            keep_log_weights=keep_log_weights,
-            vectorize=vectorize,
-            whole=True,
+            model, guide, args, kwargs, draws, khat=khat, keep_log_weights=keep_log_weights
         )
 
 
