@@ -30,6 +30,26 @@ BUILTIN_MODEL_FLAGS = (
 )
 
 
+#: the options of how any pair is trained (TrainConfig's fields, as the parser names them)
+TRAINING_OPTIONS = (
+    "elbo",
+    "particles",
+    "importance_samples",
+    "beta",
+    "warmup",
+    "epochs",
+    "batch_size",
+    "lr",
+    "seed",
+    "device",
+)
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The options ``names`` given on the command line (not ``None``), by name."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _user_train_config(args: argparse.Namespace) -> TrainConfig:
     """The config of a run of the user's pair (``--model-factory``), on ``--data`` or on a
     built-in ``--dataset``."""
@@ -41,20 +61,7 @@ def _user_train_config(args: argparse.Namespace) -> TrainConfig:
             f"{ignored} describe(s) the built-in model, not the pair of "
             "--model-factory: size your pair in its factory"
         )
-    given = {
-        "elbo": args.elbo,
-        "particles": args.particles,
-        "importance_samples": args.importance_samples,
-        "beta": args.beta,
-        "warmup": args.warmup,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "device": args.device,
-        "model_factory": absolute_spec(args.model_factory),
-    }
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {**_given(args, TRAINING_OPTIONS), "model_factory": absolute_spec(args.model_factory)}
     if args.data is None:
         builtin = {"dataset": args.dataset, "data_dir": args.data_dir, "binarize": args.binarize}
         return TrainConfig().replace(**given, **{k: v for k, v in builtin.items() if v})
@@ -102,22 +109,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
     if args.binarize is None and model.likelihood == "gaussian":
         args.binarize = "none"
-    given = {
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "binarize": args.binarize,
-        "elbo": args.elbo,
-        "particles": args.particles,
-        "importance_samples": args.importance_samples,
-        "beta": args.beta,
-        "warmup": args.warmup,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "device": args.device,
-    }
-    return defaults.replace(model=model, **{k: v for k, v in given.items() if v is not None})
+    given = _given(args, ("dataset", "data_dir", "binarize", *TRAINING_OPTIONS))
+    return defaults.replace(model=model, **given)
 
 
 def _is_rank_0() -> bool:
@@ -146,14 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "model_factory",
             *BUILTIN_MODEL_FLAGS,
             "binarize",
-            "elbo",
-            "particles",
-            "importance_samples",
-            "beta",
-            "warmup",
-            "batch_size",
-            "lr",
-            "seed",
+            *(name for name in TRAINING_OPTIONS if name not in RESUMABLE),
             "out",
         )
         changed = given_flags(args, fixed)
