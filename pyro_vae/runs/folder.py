@@ -25,7 +25,7 @@ from pyro_vae.runs.checkpoint import (
     user_model_class,
 )
 from pyro_vae.runs.config import TrainConfig
-from pyro_vae.runs.loading import read_run_config, refuse_python_only
+from pyro_vae.runs.loading import check_same_config, read_run_config, refuse_python_only
 from pyro_vae.runs.lock import RunFolderLock
 from pyro_vae.util import tempnames
 from pyro_vae.util.errors import CheckpointError, ConfigError
@@ -143,14 +143,7 @@ def _last_epoch(run_dir: Path) -> int | None:
 def _check_restart(run_dir: Path, config: TrainConfig, model: torch.nn.Module | None) -> None:
     """A folder stopped before its first checkpoint restarts with its own config only."""
     saved, saved_class = read_run_config(run_dir)
-    if (
-        saved.replace(epochs=config.epochs, device=config.device, data_dir=config.data_dir)
-        != config
-    ):
-        raise CheckpointError(
-            f"the config of {run_dir} differs from the one given: only "
-            "epochs, device and data_dir may change on resume"
-        )
+    check_same_config(run_dir, saved, config)
     if model is None and saved_class is not None:
         refuse_python_only(run_dir, config, saved_class)
 

@@ -29,12 +29,21 @@ from pyro_vae.util.files import read_json
 from pyro_vae.util.io import reason
 
 
-def check_resumable(
-    state: dict[str, Any], config: TrainConfig, run_dir: Path, given_model: bool
-) -> None:
-    """Refuse to resume ``state`` with a different ``config`` (only epochs, device and
-    data_dir may change) or a user's pair without the pair."""
-    saved = TrainConfig.from_dict(state["config"])
+def run_folder(run_dir: str | Path) -> Path:
+    """``run_dir`` as a path, refused in one line unless it is a folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"{run_dir} is a file, not a run folder"
+            if run_dir.exists()
+            else f"run folder {run_dir} does not exist"
+        )
+    return run_dir
+
+
+def check_same_config(run_dir: Path, saved: TrainConfig, config: TrainConfig) -> None:
+    """Refuse to resume the run in ``run_dir``, whose config is ``saved``, with a ``config``
+    that differs in more than what may change on resume (epochs, device, data_dir)."""
     if (
         saved.replace(epochs=config.epochs, device=config.device, data_dir=config.data_dir)
         != config
@@ -43,6 +52,15 @@ def check_resumable(
             f"the config of {run_dir} differs from the one given: only "
             "epochs, device and data_dir may change on resume"
         )
+
+
+def check_resumable(
+    state: dict[str, Any], config: TrainConfig, run_dir: Path, given_model: bool
+) -> None:
+    """Refuse to resume ``state`` with a different ``config`` (only epochs, device and
+    data_dir may change) or a user's pair without the pair."""
+    saved = TrainConfig.from_dict(state["config"])
+    check_same_config(run_dir, saved, config)
     saved_class = state.get(MODEL_CLASS_KEY)
     if saved_class is not None and not given_model:
         raise user_model_refusal(run_dir, saved_class)
@@ -62,13 +80,7 @@ def read_run_config(
     Read from ``config.json``; from the checkpoint when ``config.json`` is missing (a
     checkpoint holds the config too) or, with ``prefer_checkpoint``, whenever there is one (the
     source of truth, as resuming wants). Every field is checked by type and range."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(
-            f"{run_dir} is a file, not a run folder"
-            if run_dir.exists()
-            else f"run folder {run_dir} does not exist"
-        )
+    run_dir = run_folder(run_dir)
     path = run_dir / CONFIG_FILE
     if (run_dir / CHECKPOINT_FILE).exists() and (prefer_checkpoint or not path.exists()):
         state = load_checkpoint(run_dir)
@@ -195,13 +207,7 @@ def load_run(
     datapoints of the run's training data (its parameters exist only after a run). The model
     is returned in eval mode."""
     model = as_pair(model)
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(
-            f"{run_dir} is a file, not a run folder"
-            if run_dir.exists()
-            else f"run folder {run_dir} does not exist"
-        )
+    run_dir = run_folder(run_dir)
     config, model_class = read_run_config(run_dir)
     if model is None and model_class is not None:
         refuse_python_only(run_dir, config, model_class)
