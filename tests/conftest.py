@@ -1,4 +1,5 @@
 import shutil
+import signal
 from pathlib import Path
 
 import pyro
@@ -6,6 +7,14 @@ import pytest
 import torch
 from benchmark_loader import load_benchmark
 from tiny_runs import TINY
+
+
+def pytest_configure(config):
+    # A suite started in the background by a non-interactive shell (`cmd &`) inherits SIGINT
+    # ignored, and so would every program the tests start, which then could not be
+    # interrupted: the tests of Ctrl-C need it at its default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
