@@ -25,6 +25,8 @@ FLAGS = {
     "warmup": "--warmup",
     "epochs": "--epochs",
     "lr": "--lr",
+    "patience": "--patience",
+    "min_delta": "--min-delta",
     "binarize": "--binarize",
     "likelihood": "--likelihood",
     "guide": "--guide",

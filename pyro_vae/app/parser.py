@@ -158,6 +158,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         f"{','.join(map(str, defaults.model.hidden))})",
     )
     p.add_argument("--epochs", type=positive_int, help=f"default {defaults.epochs}")
+    p.add_argument(
+        "--patience",
+        type=positive_int,
+        metavar="EPOCHS",
+        help="stop early after EPOCHS epochs without an improvement of the held-out ELBO "
+        "(default: every epoch runs); the best epoch's weights are kept in best.safetensors",
+    )
+    p.add_argument(
+        "--min-delta",
+        type=float,
+        metavar="NATS",
+        help="with --patience: the improvement, in nats per datapoint, that counts (default: "
+        "one paired standard error of the held-out ELBO's change)",
+    )
     p.add_argument("--batch-size", type=positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
     p.add_argument("--seed", type=parse_seed, help=f"default {defaults.seed}")

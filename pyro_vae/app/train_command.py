@@ -42,6 +42,8 @@ TRAINING_OPTIONS = (
     "lr",
     "seed",
     "device",
+    "patience",
+    "min_delta",
 )
 
 
@@ -127,8 +129,9 @@ def _default_out(config: TrainConfig) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a new run, or resume one (``--resume``); print its last epoch and estimate."""
-    from pyro_vae.runs import finished_epoch, read_run_config, refuse_python_only
+    from pyro_vae.runs import finished_epoch, read_history, read_run_config, refuse_python_only
     from pyro_vae.train import fit
+    from pyro_vae.train.early_stopping import stopped_epoch
     from pyro_vae.util.distributed import current_context
 
     if args.resume is not None:
@@ -155,9 +158,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
         config = config.replace(**updates)
         run_dir = args.resume
-        if finished_epoch(run_dir) == config.epochs:  # its final estimate and plots are written
+        done = finished_epoch(run_dir)  # its final estimate and plots are written
+        stopped = stopped_epoch(read_history(run_dir)) if done is not None else None
+        if done is not None and done in (config.epochs, stopped):
             if _is_rank_0():
-                print(f"{run_dir} is already at epoch {config.epochs}; nothing to do")
+                how = f"stopped early at epoch {done}" if done == stopped else f"at epoch {done}"
+                print(f"{run_dir} is already {how}; nothing to do")
             return 0
     else:
         config = _train_config(args)
@@ -201,6 +207,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             f"epoch {history.epoch[-1]}: train loss {history.train_loss[-1]:.3f}{held_out} "
             "nats per datapoint"
+        )
+    stopping = history.extra.get("early_stopping")
+    if stopping and stopping.get("stopped_epoch"):
+        print(
+            f"stopped early at epoch {stopping['stopped_epoch']}: no improvement in "
+            f"{stopping['patience']} epoch(s) since the best, epoch {stopping['best_epoch']} "
+            f"(test ELBO {stopping['best_test_elbo']:.3f}; its weights: best.safetensors)"
         )
     final = history.extra.get("final")
     if final:

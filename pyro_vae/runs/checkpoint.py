@@ -23,6 +23,8 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "model.safetensors"
+#: the best epoch's weights, where early stopping keeps them
+BEST_WEIGHTS_FILE = "best.safetensors"
 CHECKPOINT_KEYS = ("model", "optimizer", "rng", "history", "config")
 LOCK_FILE = ".lock"
 #: The files a training run writes (their temporary files are swept by the run's writer).
@@ -31,6 +33,7 @@ TRAINING_FILES = (
     HISTORY_FILE,
     CHECKPOINT_FILE,
     WEIGHTS_FILE,
+    BEST_WEIGHTS_FILE,
     "samples.png",
     "reconstructions.png",
     "latent.png",
@@ -148,11 +151,13 @@ def save_checkpoint(
     history: History,
     config: TrainConfig,
     ranks: dict[str, Any] | None = None,
+    best: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the checkpoint, weights, history and config as one set (all renamed into place
     at the end, the checkpoint last; a failed write leaves the previous set and raises
     :class:`~pyro_vae.util.io.WriteError`); ``ranks`` (a distributed run's world size, every rank's
-    random states and the shared order generator's) is stored under ``"distributed"``."""
+    random states and the shared order generator's) is stored under ``"distributed"``; ``best``
+    weights (early stopping's best epoch) are written to ``best.safetensors`` in the same set."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -171,6 +176,9 @@ def save_checkpoint(
         files.write_json(run_dir / HISTORY_FILE, history.to_dict())
         with files.path(run_dir / WEIGHTS_FILE) as tmp:
             _save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        if best is not None:
+            with files.path(run_dir / BEST_WEIGHTS_FILE) as tmp:
+                _save_weights({k: v.contiguous() for k, v in best.items()}, tmp)
         with files.path(run_dir / CHECKPOINT_FILE) as tmp:
             _torch_save(state, tmp)
 

@@ -26,7 +26,10 @@ class TrainConfig:
     with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
     ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
     ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
-    (0: none).
+    (0: none). ``patience`` stops the run early after that many epochs without an improvement
+    of the held-out ELBO by more than ``min_delta`` nats per datapoint (``None``: by more than
+    its paired standard error; :mod:`pyro_vae.train.early_stopping`); ``None``: every epoch
+    runs.
 
     ``dataset`` names a built-in dataset (``"digits"``, ``"mnist"``) or is ``None`` for data the
     user gives (:func:`pyro_vae.fit`); such a run has no ``model`` family (its pair is the
@@ -50,6 +53,8 @@ class TrainConfig:
     warmup_start: float = 0.01
     eval_particles: int = 10
     final_particles: int = 100
+    patience: int | None = None
+    min_delta: float | None = None
     epochs: int = 100
     batch_size: int = 64
     lr: float = 3e-3
@@ -83,6 +88,18 @@ class TrainConfig:
             (
                 self.final_particles >= 0,
                 f"final_particles must be >= 0, got {self.final_particles}",
+            ),
+            (
+                self.patience is None or self.patience >= 1,
+                f"patience must be >= 1 (or None), got {self.patience}",
+            ),
+            (
+                self.min_delta is None or self.patience is not None,
+                f"min_delta={self.min_delta} is early stopping's: it needs patience=EPOCHS",
+            ),
+            (
+                self.min_delta is None or 0 <= self.min_delta < float("inf"),
+                f"min_delta={self.min_delta} must be finite and >= 0",
             ),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

@@ -15,6 +15,7 @@ from pyro_vae.core.protocol import data_plate_name
 from pyro_vae.data.batches import Source
 from pyro_vae.runs import save_checkpoint, write_history
 from pyro_vae.runs.config import TrainConfig
+from pyro_vae.train.early_stopping import EarlyStopping
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.distributed import SINGLE, DistributedContext
 from pyro_vae.util.rng import forked_rng
@@ -50,9 +51,13 @@ class Checkpoint(Callback):
     run_dir: Path
     config: TrainConfig
     is_main: bool = True
+    #: whose best weights are written with the set, in an epoch that became the best
+    early_stopping: EarlyStopping | None = None
 
     def on_epoch_end(self, loop: Loop) -> None:
         ranks = loop.replicas.rng_states(loop.generator, loop.order_generator)
+        stopping = self.early_stopping
+        best = stopping.best_state if stopping is not None and stopping.improved else None
         if self.is_main:
             save_checkpoint(
                 self.run_dir,
@@ -62,6 +67,7 @@ class Checkpoint(Callback):
                 loop.history,
                 self.config,
                 ranks,
+                best,
             )
 
 

@@ -39,6 +39,7 @@ from pyro_vae.train.callbacks import (
 )
 from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
+from pyro_vae.train.early_stopping import EarlyStopping, stopped_epoch
 from pyro_vae.train.fused import training_loss
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
 from pyro_vae.train.parallel import Replicas
@@ -170,6 +171,12 @@ def fit(
     config, options = _settings(config, options, data, keywords)
     if options.resume and options.run_dir is None:
         raise ConfigError("resume needs a run folder")
+    held_out_given = config.dataset is not None or test_data is not None or config.test_data
+    if config.patience is not None and not held_out_given:
+        raise ConfigError(
+            f"patience={config.patience} stops on the held-out ELBO: give test_data "
+            "(early stopping needs held-out data)"
+        )
     if options.run_dir is None:
         return _train(model, (data, test_data, collate_fn), config, options, None, False)
     with open_run_folder(
@@ -257,7 +264,8 @@ def _train(
                 f"epochs={config.epochs} would go back (give at least "
                 f"{len(history.epoch)})"
             )
-        if len(history.epoch) == config.epochs and finished_epoch(run_dir) == config.epochs:
+        last = stopped_epoch(history.extra) or config.epochs
+        if len(history.epoch) == last and finished_epoch(run_dir) == last:
             # its final estimate and plots exist: the history with them, nothing trained
             return TrainResult(model, History.from_dict(read_history(run_dir)), run_dir)
 
@@ -290,6 +298,7 @@ def _train(
                 data_plate=plate,
             ),
             1 if vectorizable else config.eval_particles,
+            per_datapoint=config.patience is not None,
         )
     )
     loop = Loop(
@@ -306,7 +315,8 @@ def _train(
         forget_params(model.name)
 
     try:
-        run_epochs(loop, config.epochs, _hooks(loop, feed, config, options, run_dir, dist))
+        last = stopped_epoch(history.extra) or config.epochs  # a resumed run that had stopped
+        run_epochs(loop, last, _hooks(loop, feed, config, options, run_dir, dist))
     except TrainingDiverged as exc:
         kept = (
             f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
@@ -331,8 +341,12 @@ def _hooks(
     hooks: list[Callback] = [
         ProgressBar(loop.epoch + 1, config.epochs, options.progress and dist.is_main)
     ]
+    stopping = None
+    if config.patience is not None:  # before the checkpoint, which saves its state
+        stopping = EarlyStopping(config.patience, config.min_delta)
+        hooks.append(stopping)
     if run_dir is not None:
-        hooks.append(Checkpoint(run_dir, config, dist.is_main))
+        hooks.append(Checkpoint(run_dir, config, dist.is_main, stopping))
     if options.on_epoch is not None:
         hooks.append(EpochFunction(options.on_epoch))
     hooks.extend(options.callbacks)

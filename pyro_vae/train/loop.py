@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pyro
 import torch
+from pyro.infer.util import torch_item
 
 from pyro_vae.data.batches import Source
 from pyro_vae.infer import ELBOEstimator, LinearWarmup
@@ -85,6 +86,9 @@ class HeldOut:
     source: Source
     elbo: ELBOEstimator
     repeats: int = 1
+    #: also keep each datapoint's ELBO estimate (``Loop.held_out_values``), e.g. for early
+    #: stopping's paired comparison of two epochs
+    per_datapoint: bool = False
 
 
 @dataclass
@@ -102,6 +106,9 @@ class Loop:
     stop: bool = False
     #: the mean loss per datapoint of this process's first step (the divergence check's origin)
     initial_loss: float | None = None
+    #: the last held-out score per datapoint, ``[N]`` in the data's order, on every rank (with
+    #: ``HeldOut.per_datapoint``)
+    held_out_values: torch.Tensor | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -155,16 +162,25 @@ class Loop:
         if self.held_out is None:
             return None
         model, held_out = self.step.model, self.held_out
+        elbo = held_out.elbo
         model.eval()
-        total = 0.0
+        total, parts = 0.0, []
         with _quiet_numerics():
             for batch in self.replicas.share(held_out.source.ordered(self.data.batch_size)):
-                held_out.elbo.global_weight = batch.size / held_out.source.num_data
+                elbo.global_weight = batch.size / held_out.source.num_data
+                values = 0.0
                 for _ in range(held_out.repeats):
-                    total -= (
-                        held_out.elbo.loss(model.model, model.guide, *batch.args, **batch.kwargs)
-                        / held_out.repeats
-                    )
+                    if not held_out.per_datapoint:
+                        loss = elbo.loss(model.model, model.guide, *batch.args, **batch.kwargs)
+                    else:  # the same draws and loss, and the bound of each datapoint
+                        particles = elbo.draw(model.model, model.guide, batch.args, batch.kwargs)
+                        loss = torch_item(elbo.loss_of(particles, gradient=False))
+                        bound = elbo.objective(particles, gradient=False).per_datapoint
+                        values = values + bound.mean(0).double().cpu() / held_out.repeats
+                    total -= loss / held_out.repeats
+                parts.append(values)
+        if held_out.per_datapoint:
+            self.held_out_values = torch.cat(self.replicas.gather_shared(parts))
         return self.replicas.total(total, self.data.generator.device) / held_out.source.num_data
 
 

@@ -84,6 +84,15 @@ class Replicas:
             if index % self.dist.world_size == self.dist.rank:
                 yield batch
 
+    def gather_shared(self, parts: list[Any]) -> list[Any]:
+        """Every rank's ``parts`` of the batches :meth:`share` gave it, on every rank, in the
+        batches' order."""
+        if not self.dist.enabled:
+            return parts
+        every = all_gather_objects(parts, self.dist, "gathering the held-out scores")
+        world, count = self.dist.world_size, sum(len(p) for p in every)
+        return [every[index % world][index // world] for index in range(count)]
+
     def total(self, value: float, device: torch.device) -> float:
         if not self.dist.enabled:
             return value
