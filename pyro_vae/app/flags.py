@@ -26,6 +26,7 @@ FLAGS = {
     "epochs": "--epochs",
     "lr": "--lr",
     "patience": "--patience",
+    "log": "--log",
     "min_delta": "--min-delta",
     "binarize": "--binarize",
     "likelihood": "--likelihood",

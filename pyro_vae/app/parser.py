@@ -27,6 +27,7 @@ from pyro_vae.models.config import (
     MODEL_FAMILIES,
 )
 from pyro_vae.runs.config import ELBOS, TrainConfig
+from pyro_vae.train.loggers import LOGGERS
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -171,6 +172,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         metavar="NATS",
         help="with --patience: the improvement, in nats per datapoint, that counts (default: "
         "one paired standard error of the held-out ELBO's change)",
+    )
+    p.add_argument(
+        "--log",
+        choices=LOGGERS,
+        help="write the run's curves for a dashboard: tensorboard (event files in "
+        "RUN_DIR/tensorboard; needs the tensorboard package)",
     )
     p.add_argument("--batch-size", type=positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")

@@ -193,6 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             compile=args.compile,
             download=args.download,
             dist_timeout=args.dist_timeout,
+            log=args.log,
         ),
     )
     if not current_context().is_main:

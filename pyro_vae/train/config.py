@@ -24,7 +24,9 @@ class RunOptions:
     built-in VAE's loss with :class:`~pyro_vae.train.fused.FusedLoss` where it can (``False``: every
     step through Pyro's traces); ``compile`` captures and compiles each step
     (:mod:`pyro_vae.train.compiled`); ``download`` fetches the MNIST files if they are missing;
-    ``dist_timeout`` bounds, in seconds, the wait for torchrun's other ranks.
+    ``dist_timeout`` bounds, in seconds, the wait for torchrun's other ranks. ``log`` names a
+    logger of the run's curves (:data:`~pyro_vae.train.loggers.LOGGERS`: ``"tensorboard"``,
+    event files in the run folder's ``tensorboard/``).
     """
 
     run_dir: str | Path | None = None
@@ -37,10 +39,11 @@ class RunOptions:
     compile: bool = False
     download: bool = False
     dist_timeout: float | None = None
+    log: str | None = None
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
 
 
 #: the :class:`RunOptions` fields :func:`~pyro_vae.train.fit` also takes as keywords
-FIT_KEYWORDS = ("run_dir", "resume", "force", "callbacks", "progress", "fused", "compile")
+FIT_KEYWORDS = ("run_dir", "resume", "force", "callbacks", "progress", "fused", "compile", "log")

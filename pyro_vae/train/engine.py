@@ -41,6 +41,7 @@ from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
 from pyro_vae.train.early_stopping import EarlyStopping, stopped_epoch
 from pyro_vae.train.fused import training_loss
+from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger, require_logger
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
 from pyro_vae.train.parallel import Replicas
 from pyro_vae.train.sources import BuiltinData, UserData
@@ -171,6 +172,10 @@ def fit(
     config, options = _settings(config, options, data, keywords)
     if options.resume and options.run_dir is None:
         raise ConfigError("resume needs a run folder")
+    if options.log is not None:  # refused before the run folder: what to install, or a folder
+        require_logger(options.log)
+        if options.run_dir is None:
+            raise ConfigError(f"log={options.log!r} writes into the run folder: give run_dir")
     held_out_given = config.dataset is not None or test_data is not None or config.test_data
     if config.patience is not None and not held_out_given:
         raise ConfigError(
@@ -356,6 +361,8 @@ def _hooks(
                 loop.held_out.source, config.final_particles, config.batch_size, config.seed, dist
             )
         )
+    if options.log is not None and run_dir is not None:  # after the final estimate: it logs it
+        hooks.append(TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), dist.is_main))
     if run_dir is not None and dist.is_main:
         hooks.append(
             RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, feed.dataset, config))

@@ -1,0 +1,61 @@
+"""The TensorBoard logger: the event file's scalars, read back with TensorBoard's own reader,
+are the history's; a resumed run's curves are the uninterrupted run's; without the package,
+one line saying what to install."""
+
+import json
+
+import pytest
+
+from pyro_vae.app.cli import main
+
+SMALL = ["--batch-size", "256", "--latent-dim", "2", "--hidden", "16", "--device", "cpu", "--quiet"]
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_the_event_files_scalars_are_the_historys(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "3", "--log", "tensorboard", "--out", str(out)]) == 0
+    history = json.loads((out / "history.json").read_text())
+    scalars = _scalars(out / "tensorboard")
+    for tag, key in (("train/loss", "train_loss"), ("test/elbo", "test_elbo")):
+        steps, values = zip(*scalars[tag])
+        assert list(steps) == history["epoch"]
+        assert list(values) == pytest.approx(history[key], rel=1e-6)  # float32 in the file
+    assert [v for _, v in scalars["train/beta"]] == [1.0, 1.0, 1.0]
+    final = history["final"]
+    assert scalars["final/test_log_px"] == [(3, pytest.approx(final["test_log_px"], rel=1e-6))]
+
+
+def test_a_resumed_runs_curves_are_those_of_its_history(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    logged = ["train", *SMALL, "--log", "tensorboard"]
+    assert main([*logged, "--epochs", "2", "--out", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "4", "--log", "tensorboard"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    steps, values = zip(*_scalars(out / "tensorboard")["train/loss"])
+    assert list(steps) == [1, 2, 3, 4]
+    assert list(values) == pytest.approx(history["train_loss"], rel=1e-6)
+
+
+def test_without_the_package_the_logger_is_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--log", "tensorboard", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pyro-vae train: error: --log tensorboard needs the tensorboard package: "
+        "pip install 'pyro-vae[tensorboard]'"
+    )
+    assert not out.exists()  # refused before the run folder
