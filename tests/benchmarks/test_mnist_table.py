@@ -210,27 +210,11 @@ def test_the_vampprior_row_on_the_fixed_protocol(table, fake_dir, tmp_path):
 
 
 #: the settings a budget run records in its budget.json
-BUDGET_CONFIG_KEYS = [
-    "data_dir",
-    "estimator",
-    "importance_samples",
-    "minutes",
-    "batch_size",
-    "lr",
-    "lr_final",
-    "train_matmul_precision",
-    "device",
-    "threads",
-    "seed",
-    "eval_particles",
-    "eval_batch_size",
-    "eval_particle_chunk",
-    "probe_seconds",
-    "probe_images",
-    "probe_particles",
-    "limit",
-    "out_dir",
-]
+BUDGET_CONFIG_KEYS = (
+    "data_dir estimator importance_samples minutes batch_size lr lr_final "
+    "train_matmul_precision device threads seed eval_particles eval_batch_size "
+    "eval_particle_chunk probe_seconds probe_images probe_particles limit out_dir"
+).split()
 
 
 def test_the_budget_rows_run_every_one_layer_row_and_pair_them(
