@@ -761,7 +761,7 @@ def rows_main(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Every mode's options; those left unset take their mode's :data:`DEFAULTS`."""
     positive, number = harness.positive_int, float
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument(
         "--data-dir",
         help="folder with the MNIST IDX files, or with "
@@ -883,6 +883,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, argparse.Namespace]:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.pairs or args.plot:
+        if mode == "budget":
+            raise PyroVAEError("--pairs and --plot read the table's files: drop --out-dir")
         return ("pairs" if args.pairs else "plot"), args
     if mode == "table":
         if args.device != "cpu":
@@ -969,16 +971,16 @@ def main(argv: list[str] | None = None) -> int:
     except PyroVAEError as exc:
         print(f"mnist_table: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if mode == "plot":
-        plot_curves(args.out, args.plot)
-        print(f"wrote {args.plot}")
-        return 0
     harness.set_threads(args.threads)
     if mode == "budget":
         return budget_main(args)
     if mode == "rows":
         return rows_main(args)
     try:
+        if mode == "plot":
+            plot_curves(args.out, args.plot)
+            print(f"wrote {args.plot}")
+            return 0
         if mode == "pairs":
             print_pairs(paired_differences(args.pairs))
             return 0

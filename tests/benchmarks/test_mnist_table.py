@@ -60,6 +60,15 @@ def fake_dir(tmp_path):
     return tmp_path
 
 
+def tiny_fixed(data_dir):
+    """A fixed-protocol row of one epoch on the first 100 images of the fake data."""
+    return [
+        *("--protocol", "fixed", "--data-dir", str(data_dir), "--epochs", "1"),
+        *("--limit", "100", "--batch-size", "50", "--eval-particles", "5"),
+        *("--probe-images", "10", "--probe-every", "1"),
+    ]
+
+
 def test_the_loader_checks_the_published_file(fake_dir):
     with pytest.raises(DataError, match="not the published binarized MNIST"):
         load_binarized_mnist(fake_dir)
@@ -71,22 +80,7 @@ def test_the_loader_checks_the_published_file(fake_dir):
 def test_fixed_protocol_rows_and_their_paired_difference(table, fake_dir, tmp_path, capsys):
     out = tmp_path / "table.json"
     common = [
-        "--protocol",
-        "fixed",
-        "--data-dir",
-        str(fake_dir),
-        "--epochs",
-        "1",
-        "--limit",
-        "100",
-        "--batch-size",
-        "50",
-        "--eval-particles",
-        "5",
-        "--probe-images",
-        "10",
-        "--probe-every",
-        "1",
+        *tiny_fixed(fake_dir),
         "--quiet",
         "--out",
         str(out),
@@ -116,22 +110,7 @@ def test_fixed_protocol_rows_and_their_paired_difference(table, fake_dir, tmp_pa
 def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(table, fake_dir, tmp_path, capsys):
     out, folder = tmp_path / "table.json", tmp_path / "scores"
     common = [
-        "--protocol",
-        "fixed",
-        "--data-dir",
-        str(fake_dir),
-        "--epochs",
-        "1",
-        "--limit",
-        "100",
-        "--batch-size",
-        "50",
-        "--eval-particles",
-        "5",
-        "--probe-images",
-        "10",
-        "--probe-every",
-        "1",
+        *tiny_fixed(fake_dir),
         "--pseudo-inputs",
         "5",
         "--quiet",
@@ -176,22 +155,7 @@ def test_the_vampprior_row_on_the_fixed_protocol(table, fake_dir, tmp_path):
     assert (
         table.main(
             [
-                "--protocol",
-                "fixed",
-                "--data-dir",
-                str(fake_dir),
-                "--epochs",
-                "1",
-                "--limit",
-                "100",
-                "--batch-size",
-                "50",
-                "--eval-particles",
-                "5",
-                "--probe-images",
-                "10",
-                "--probe-every",
-                "1",
+                *tiny_fixed(fake_dir),
                 "--quiet",
                 "--out",
                 str(out),
@@ -267,6 +231,7 @@ def test_the_budget_rows_run_every_one_layer_row_and_pair_them(
         (["--out-dir", "OUT", "--row", "all", "--k", "5"], "drop --k"),
         (["--out-dir", "OUT", "--row", "vae", "--parallel"], "--parallel trains the rows"),
         (["--row", "vae"], "give --minutes or --epochs"),
+        (["--out-dir", "OUT", "--plot", "curves.png"], "drop --out-dir"),
     ],
 )
 def test_an_option_of_the_other_mode_is_refused_in_one_line(table, tmp_path, capsys, argv, message):
