@@ -1,25 +1,52 @@
-"""Smoke test of the MNIST table's code paths on a small fake fixed-binarized MNIST (nothing
-is trained for real here; the table's numbers come from benchmarks/mnist_table.py runs)."""
+"""Smoke test of the MNIST table's code paths (its CPU table, its budget and its budget's rows)
+on a small fake MNIST (nothing is trained for real here; the table's numbers come from
+benchmarks/mnist_table.py runs)."""
 
-import importlib.util
 import json
-from pathlib import Path
+import sys
 
 import numpy as np
 import pytest
 import torch
+from benchmark_loader import BENCHMARKS, load_benchmark
 
-from pyro_vae.data.images import load_binarized_mnist
+from pyro_vae.data.images import Dataset, Split, load_binarized_mnist
 from pyro_vae.util.errors import DataError
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mnist_table.py"
+SCRIPT = BENCHMARKS / "mnist_table.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("mnist_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def table(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ on it
+    return load_benchmark("mnist_table", monkeypatch)
+
+
+def fake_mnist(data_dir=None):
+    """64 training and 20 test images of random intensities, in place of MNIST's files."""
+    g = torch.Generator().manual_seed(0)
+    return Dataset(
+        "mnist",
+        Split(torch.rand(64, 784, generator=g), torch.zeros(64).long()),
+        Split(torch.rand(20, 784, generator=g), torch.zeros(20).long()),
+        (28, 28),
+        10,
+    )
+
+
+#: a budget's options for a run of a few steps on the CPU
+TINY_BUDGET = [
+    "--device",
+    "cpu",
+    "--eval-particles",
+    "4",
+    "--eval-particle-chunk",
+    "4",
+    "--probe-images",
+    "5",
+    "--probe-particles",
+    "3",
+]
 
 
 @pytest.fixture
@@ -33,6 +60,15 @@ def fake_dir(tmp_path):
     return tmp_path
 
 
+def tiny_fixed(data_dir):
+    """A fixed-protocol row of one epoch on the first 100 images of the fake data."""
+    return [
+        *("--protocol", "fixed", "--data-dir", str(data_dir), "--epochs", "1"),
+        *("--limit", "100", "--batch-size", "50", "--eval-particles", "5"),
+        *("--probe-images", "10", "--probe-every", "1"),
+    ]
+
+
 def test_the_loader_checks_the_published_file(fake_dir):
     with pytest.raises(DataError, match="not the published binarized MNIST"):
         load_binarized_mnist(fake_dir)
@@ -41,26 +77,10 @@ def test_the_loader_checks_the_published_file(fake_dir):
     assert set(data.test.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_fixed_protocol_rows_and_their_paired_difference(fake_dir, tmp_path, capsys):
-    table = _script()
+def test_fixed_protocol_rows_and_their_paired_difference(table, fake_dir, tmp_path, capsys):
     out = tmp_path / "table.json"
     common = [
-        "--protocol",
-        "fixed",
-        "--data-dir",
-        str(fake_dir),
-        "--epochs",
-        "1",
-        "--limit",
-        "100",
-        "--batch-size",
-        "50",
-        "--eval-particles",
-        "5",
-        "--probe-images",
-        "10",
-        "--probe-every",
-        "1",
+        *tiny_fixed(fake_dir),
         "--quiet",
         "--out",
         str(out),
@@ -87,26 +107,10 @@ def test_fixed_protocol_rows_and_their_paired_difference(fake_dir, tmp_path, cap
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(fake_dir, tmp_path, capsys):
-    table = _script()
+def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(table, fake_dir, tmp_path, capsys):
     out, folder = tmp_path / "table.json", tmp_path / "scores"
     common = [
-        "--protocol",
-        "fixed",
-        "--data-dir",
-        str(fake_dir),
-        "--epochs",
-        "1",
-        "--limit",
-        "100",
-        "--batch-size",
-        "50",
-        "--eval-particles",
-        "5",
-        "--probe-images",
-        "10",
-        "--probe-every",
-        "1",
+        *tiny_fixed(fake_dir),
         "--pseudo-inputs",
         "5",
         "--quiet",
@@ -146,28 +150,12 @@ def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(fake_dir, tmp_p
     assert "drop --k" in capsys.readouterr().err
 
 
-def test_the_vampprior_row_on_the_fixed_protocol(fake_dir, tmp_path):
-    table = _script()
+def test_the_vampprior_row_on_the_fixed_protocol(table, fake_dir, tmp_path):
     out = tmp_path / "table.json"
     assert (
         table.main(
             [
-                "--protocol",
-                "fixed",
-                "--data-dir",
-                str(fake_dir),
-                "--epochs",
-                "1",
-                "--limit",
-                "100",
-                "--batch-size",
-                "50",
-                "--eval-particles",
-                "5",
-                "--probe-images",
-                "10",
-                "--probe-every",
-                "1",
+                *tiny_fixed(fake_dir),
                 "--quiet",
                 "--out",
                 str(out),
@@ -185,68 +173,73 @@ def test_the_vampprior_row_on_the_fixed_protocol(fake_dir, tmp_path):
     assert table.main(["--row", "vamp", "--layers", "2", "--epochs", "1", "--out", str(out)]) == 2
 
 
-def test_the_gpu_rows_driver_runs_every_one_layer_row_and_pairs_them(tmp_path, monkeypatch, capsys):
-    """The GPU script's code path, on a CPU with a tiny fake MNIST (the loader is replaced)."""
-    from pyro_vae.data.images import Dataset, Split
+#: the settings a budget run records in its budget.json
+BUDGET_CONFIG_KEYS = (
+    "data_dir estimator importance_samples minutes batch_size lr lr_final "
+    "train_matmul_precision device threads seed eval_particles eval_batch_size "
+    "eval_particle_chunk probe_seconds probe_images probe_particles limit out_dir"
+).split()
 
-    g = torch.Generator().manual_seed(0)
-    fake = Dataset(
-        "mnist",
-        Split(torch.rand(64, 784, generator=g), torch.zeros(64).long()),
-        Split(torch.rand(20, 784, generator=g), torch.zeros(20).long()),
-        (28, 28),
-        10,
-    )
-    spec = importlib.util.spec_from_file_location(
-        "mnist_gpu_rows", SCRIPT.parent / "mnist_gpu_rows.py"
-    )
-    rows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rows)
-    real = rows._sibling
 
-    def sibling(name):
-        module = real(name)
-        if name == "mnist_gpu_budget":
-            monkeypatch.setattr(module, "load_mnist", lambda data_dir: fake)
-        return module
-
-    monkeypatch.setattr(rows, "_sibling", sibling)
+def test_the_budget_rows_run_every_one_layer_row_and_pair_them(
+    table, tmp_path, monkeypatch, capsys
+):
+    """The budget's code path (meant for a GPU), on a CPU with a tiny fake MNIST."""
+    monkeypatch.setattr(table, "load_mnist", fake_mnist)
     out = tmp_path / "rows"
-    assert (
-        rows.main(
-            [
-                "--data-dir",
-                str(tmp_path),
-                "--device",
-                "cpu",
-                "--minutes",
-                "0.002",
-                "--eval-particles",
-                "4",
-                "--eval-particle-chunk",
-                "4",
-                "--probe-images",
-                "5",
-                "--probe-particles",
-                "3",
-                "--rows",
-                "vae",
-                "iwae5",
-                "--out-dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["--data-dir", str(tmp_path), *TINY_BUDGET, "--minutes", "0.002"]
+    assert table.main([*argv, "--rows", "vae", "iwae5", "--out-dir", str(out)]) == 0
     written = json.loads((out / "rows.json").read_text())
     assert [(r["row"], r["estimator"], r["k"]) for r in written["rows"]] == [
         ("vae", "meanfield", 1),
         ("iwae5", "iwae", 5),
     ]
+    assert [r["published"] for r in written["rows"]] == [-86.76, -85.54]
     (pair,) = written["pairs"]
     a, b = (torch.load(out / name / "per_image.pt")["log_px"] for name in ("vae", "iwae5"))
     assert (pair["a"], pair["b"]) == ("vae", "iwae5")
     assert abs(pair["mean"] - (a - b).mean().item()) < 1e-9 and len(a) == 20
+    report = json.loads((out / "iwae5" / "budget.json").read_text())
+    assert list(report["config"]) == BUDGET_CONFIG_KEYS
+    assert (report["config"]["estimator"], report["config"]["batch_size"], report["k"]) == (
+        "iwae",
+        256,
+        5,
+    )
+    assert report["partial"] is False and report["full_protocol"] is False
+    assert report["target"] == -84.5 and report["passed"] == (report["log_px"]["mean"] >= -84.5)
+    assert report["training"]["curve"]["probe_log_px"]  # a probe at the end of the budget
+    assert (out / "vae" / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    # one budget row on its own: --limit keeps the first training and test images
+    single = tmp_path / "single"
+    assert table.main([*argv, "--row", "dreg", "--limit", "10", "--out-dir", str(single)]) == 0
+    report = json.loads((single / "budget.json").read_text())
+    assert (report["config"]["estimator"], report["config"]["limit"], report["k"]) == (
+        "dreg",
+        10,
+        50,
+    )
+    assert torch.load(single / "per_image.pt")["log_px"].shape == (10,)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out-dir", "OUT", "--probe-every", "2"], "--probe-every is an option of the table"),
+        (["--epochs", "1", "--probe-seconds", "2"], "--probe-seconds is an option of the budget"),
+        (["--epochs", "1", "--device", "cuda"], "the table trains on the CPU"),
+        (["--out-dir", "OUT", "--row", "all", "--k", "5"], "drop --k"),
+        (["--out-dir", "OUT", "--row", "vae", "--parallel"], "--parallel trains the rows"),
+        (["--row", "vae"], "give --minutes or --epochs"),
+        (["--out-dir", "OUT", "--plot", "curves.png"], "drop --out-dir"),
+    ],
+)
+def test_an_option_of_the_other_mode_is_refused_in_one_line(table, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert table.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mnist_table: ") and message in err and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
 
 
 WRAPPER = """
@@ -255,58 +248,46 @@ start = time.time()
 import importlib.util, sys
 import torch
 from pyro_vae.data.images import Dataset, Split
-spec = importlib.util.spec_from_file_location("mnist_gpu_budget", {script!r})
-budget = importlib.util.module_from_spec(spec)
-sys.modules["mnist_gpu_budget"] = budget
-spec.loader.exec_module(budget)
+spec = importlib.util.spec_from_file_location("mnist_table", {script!r})
+table = importlib.util.module_from_spec(spec)
+sys.modules["mnist_table"] = table
+spec.loader.exec_module(table)
 g = torch.Generator().manual_seed(0)
-budget.load_mnist = lambda data_dir: Dataset(
+table.load_mnist = lambda data_dir: Dataset(
     "mnist", Split(torch.rand(64, 784, generator=g), torch.zeros(64).long()),
     Split(torch.rand(20, 784, generator=g), torch.zeros(20).long()), (28, 28), 10)
 args = sys.argv[1:]
 if {fail!r} in args:
-    print("mnist_gpu_budget: error: this row is refused", file=sys.stderr)
+    print("mnist_table: this row is refused", file=sys.stderr)
     sys.exit(2)
-status = budget.main(args)
+status = table.main(args)
 print("ran", start, time.time())
 sys.exit(status)
 """
 
 
-def _parallel_rows(tmp_path, monkeypatch, fail):
-    spec = importlib.util.spec_from_file_location(
-        "mnist_gpu_rows", SCRIPT.parent / "mnist_gpu_rows.py"
-    )
-    rows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rows)
+def _parallel_rows(table, tmp_path, monkeypatch, fail):
+    """The script whose rows run in processes that read a fake MNIST (and refuse a row whose
+    command line holds ``fail``)."""
     wrapper = tmp_path / "budget_on_fake_mnist.py"
-    wrapper.write_text(WRAPPER.format(script=str(SCRIPT.parent / "mnist_gpu_budget.py"), fail=fail))
-    monkeypatch.setattr(rows, "BUDGET_SCRIPT", wrapper)
-    return rows
+    wrapper.write_text(WRAPPER.format(script=str(SCRIPT), fail=fail))
+    monkeypatch.setattr(table, "ROW_COMMAND", [sys.executable, str(wrapper)])
+    return table
 
 
 @pytest.mark.parametrize("fail", ["no row", "iwae"])
-def test_the_gpu_rows_driver_trains_rows_at_once_in_parallel(tmp_path, monkeypatch, capsys, fail):
-    rows = _parallel_rows(tmp_path, monkeypatch, fail)
+def test_the_budget_rows_train_at_once_in_parallel(table, tmp_path, monkeypatch, capsys, fail):
+    rows = _parallel_rows(table, tmp_path, monkeypatch, fail)
     out = tmp_path / "rows"
     status = rows.main(
         [
             "--data-dir",
             str(tmp_path),
-            "--device",
-            "cpu",
+            *TINY_BUDGET,
             "--threads",
             "1",
             "--minutes",
             "0.01",
-            "--eval-particles",
-            "4",
-            "--eval-particle-chunk",
-            "4",
-            "--probe-images",
-            "5",
-            "--probe-particles",
-            "3",
             "--rows",
             "vae",
             "iwae5",
@@ -328,16 +309,16 @@ def test_the_gpu_rows_driver_trains_rows_at_once_in_parallel(tmp_path, monkeypat
     if fail == "iwae":
         assert status == 2
         assert capsys.readouterr().err.strip() == (
-            "mnist_gpu_rows: the iwae5 row failed (mnist_gpu_budget: error: this row is refused)"
+            "mnist_table: the iwae5 row failed (mnist_table: this row is refused)"
         )
     else:
         assert status == 0
 
 
-def test_the_parallel_driver_refuses_bad_input_in_one_line_and_writes_nothing(
-    tmp_path, monkeypatch, capsys
+def test_the_parallel_rows_refuse_bad_input_in_one_line_and_write_nothing(
+    table, tmp_path, monkeypatch, capsys
 ):
-    rows = _parallel_rows(tmp_path, monkeypatch, "--out-dir")
+    rows = _parallel_rows(table, tmp_path, monkeypatch, "--out-dir")
     out = tmp_path / "rows"
     assert (
         rows.main(
@@ -355,6 +336,6 @@ def test_the_parallel_driver_refuses_bad_input_in_one_line_and_writes_nothing(
         == 2
     )
     assert capsys.readouterr().err == (
-        "mnist_gpu_rows: every row failed (mnist_gpu_budget: error: this row is refused)\n"
+        "mnist_table: every row failed (mnist_table: this row is refused)\n"
     )
     assert not out.exists()
