@@ -125,6 +125,7 @@ STOCK_ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 ELBOS = tuple(STOCK_ELBOS)
 ADAMS = ("fused", "plain")
 DATA = ("digits", "mnist", "random")
+PIXELS = {"digits": 64, "mnist": 784}
 DEFAULT_NETS = {"digits": "64-128-8", "mnist": "784-400-20", "random": "64-128-8"}
 PEER_ROWS = (
     ("64-128-8", 128, "meanfield"),
@@ -446,7 +447,7 @@ def load_baseline(path: str) -> Any:
 def baseline_step(problem: Problem, pair: VAE, config) -> Callable[[], Any]:
     """The traced step of the package copy of ``--baseline`` on a twin of ``pair``."""
     package, model = config.baseline_package, pair.config
-    twin = package.models.VAE(pair.input_dim, model.latent_dim, model.hidden, model.scale_fn)
+    twin = package.VAE(pair.input_dim, model.latent_dim, model.hidden, model.scale_fn)
     twin = twin.to(problem.args[0].device)
     twin.load_state_dict(pair.state_dict())
     twin.name = f"{pair.name}-baseline"
@@ -1134,6 +1135,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if config.data == "mnist" and config.data_dir is None and "PYRO_VAE_DATA_DIR" not in os.environ:
         p.error("--data mnist needs --data-dir (or $PYRO_VAE_DATA_DIR)")
     nets = config.nets or [DEFAULT_NETS[config.data]]
+    wrong = [net for net in nets if parse_net(net)[0] != PIXELS.get(config.data, parse_net(net)[0])]
+    if wrong:
+        p.error(f"--nets: {config.data} images have {PIXELS[config.data]} pixels, not {wrong}")
     if preset == "peers" and not (config.nets or config.batch_sizes or config.elbos):
         rows = list(PEER_ROWS)
     else:
