@@ -135,17 +135,10 @@ PEER_ROWS = (
     ("784-200-50", 20, "trace"),
     *((pair, None, "trace") for pair in step_pairs.USER_PAIRS),
 )
-PRESETS = {
-    "svi": dict(data="digits", contenders=IMPLEMENTATIONS, stock_validation="on"),
-    "peers": dict(
-        data="random",
-        contenders=PEER_ORDER,
-        stock_validation="off",
-        rounds=7,
-        block_seconds=0.5,
-        warmup_steps=5,
-        min_block_steps=10,
-    ),
+PRESETS = {  # the defaults each preset gives the options
+    "svi": {"data": "digits", "contenders": IMPLEMENTATIONS, "stock_validation": "on"},
+    "peers": {"data": "random", "contenders": PEER_ORDER, "stock_validation": "off"}
+    | {"rounds": 7, "block_seconds": 0.5, "warmup_steps": 5, "min_block_steps": 10},
 }
 NUMPYRO_SKIPPED = "numpyro skipped: jax/numpyro not installed (pip install -e '.[peers]')"
 BASELINE_MODULE = "pyro_vae_baseline"
@@ -874,44 +867,35 @@ def vae_problems(config: argparse.Namespace, device: torch.device):
 
 # ----------------------------------------------------------------------------- profile
 
-# Profile landmarks: (label, filename suffix, function name). Cumulative times overlap.
-LANDMARKS = (
-    ("SVI.step", "pyro/infer/svi.py", "step"),
-    ("ELBO differentiable_loss", "pyro/infer/trace_elbo.py", "differentiable_loss"),
-    ("ELBO loss_and_grads", "pyro/infer/trace_elbo.py", "loss_and_grads"),
-    ("package fused loss", "pyro_vae/train/fused.py", "__call__"),
-    ("package estimator differentiable_loss", "pyro_vae/infer/elbo.py", "differentiable_loss"),
-    (
-        "  vectorized_log_probs (particle plate)",
-        "pyro_vae/core/log_probs.py",
-        "vectorized_log_probs",
-    ),
-    ("  get_importance_trace", "pyro/infer/enum.py", "get_importance_trace"),
-    (
-        "    run guide, replay model under poutine.trace",
-        "pyro/poutine/trace_messenger.py",
-        "get_trace",
-    ),
-    ("    Trace.compute_log_prob", "pyro/poutine/trace_struct.py", "compute_log_prob"),
-    ("    Trace.compute_score_parts", "pyro/poutine/trace_struct.py", "compute_score_parts"),
-    ("    pyro.sample", "pyro/primitives.py", "sample"),
-    ("    plate messenger", "pyro/poutine/plate_messenger.py", "_process_message"),
-    ("    register_module (pyro.param per weight)", "pyro_vae/models/vae.py", "register_module"),
-    ("      pyro.param", "pyro/primitives.py", "param"),
-    ("    encoder / decoder forward", "pyro_vae/models/nets.py", "forward"),
-    ("    distribution __init__ (torch)", "torch/distributions/distribution.py", "__init__"),
-    ("    kl_divergence", "torch/distributions/kl.py", "kl_divergence"),
-    ("    validation: check_model_guide_match", "pyro/util.py", "check_model_guide_match"),
-    ("    validation: check_site_shape", "pyro/util.py", "check_site_shape"),
-    (
-        "    validation: Distribution._validate_sample",
-        "torch/distributions/distribution.py",
-        "_validate_sample",
-    ),
-    ("  pyro.optim per-parameter optimizers", "pyro/optim/optim.py", "__call__"),
-    ("  Tensor.backward", "torch/_tensor.py", "backward"),
-    ("  Adam.step", "torch/optim/adam.py", "step"),
-    ("  Optimizer.zero_grad", "torch/optim/optimizer.py", "zero_grad"),
+# Profile landmarks: "label|filename suffix|function name". Cumulative times overlap.
+LANDMARKS = tuple(
+    tuple(entry.split("|"))
+    for entry in (
+        "SVI.step|pyro/infer/svi.py|step",
+        "ELBO differentiable_loss|pyro/infer/trace_elbo.py|differentiable_loss",
+        "ELBO loss_and_grads|pyro/infer/trace_elbo.py|loss_and_grads",
+        "package fused loss|pyro_vae/train/fused.py|__call__",
+        "package estimator differentiable_loss|pyro_vae/infer/elbo.py|differentiable_loss",
+        "  vectorized_log_probs (particle plate)|pyro_vae/core/log_probs.py|vectorized_log_probs",
+        "  get_importance_trace|pyro/infer/enum.py|get_importance_trace",
+        "    run guide, replay model under poutine.trace|pyro/poutine/trace_messenger.py|get_trace",
+        "    Trace.compute_log_prob|pyro/poutine/trace_struct.py|compute_log_prob",
+        "    Trace.compute_score_parts|pyro/poutine/trace_struct.py|compute_score_parts",
+        "    pyro.sample|pyro/primitives.py|sample",
+        "    plate messenger|pyro/poutine/plate_messenger.py|_process_message",
+        "    register_module (pyro.param per weight)|pyro_vae/models/vae.py|register_module",
+        "      pyro.param|pyro/primitives.py|param",
+        "    encoder / decoder forward|pyro_vae/models/nets.py|forward",
+        "    distribution __init__ (torch)|torch/distributions/distribution.py|__init__",
+        "    kl_divergence|torch/distributions/kl.py|kl_divergence",
+        "    validation: check_model_guide_match|pyro/util.py|check_model_guide_match",
+        "    validation: check_site_shape|pyro/util.py|check_site_shape",
+        "    validation: _validate_sample|torch/distributions/distribution.py|_validate_sample",
+        "  pyro.optim per-parameter optimizers|pyro/optim/optim.py|__call__",
+        "  Tensor.backward|torch/_tensor.py|backward",
+        "  Adam.step|torch/optim/adam.py|step",
+        "  Optimizer.zero_grad|torch/optim/optimizer.py|zero_grad",
+    )
 )
 
 
