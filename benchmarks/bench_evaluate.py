@@ -314,6 +314,8 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of the package's evaluator (k-hat off) at ``spec["particles"]`` on the first
     ``spec["num_data"]`` test images in one batch, in this process."""
     args = argparse.Namespace(**spec)
+    harness.set_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     vae, images = _setup(args)
 
     def work() -> None:

@@ -221,7 +221,9 @@ class Problem:
 
 
 def make_problem(row: tuple, config: argparse.Namespace, device: torch.device) -> Problem:
+    """The row's pair and batch; Pyro's param store starts empty for it."""
     net, batch, elbo = row
+    pyro.clear_param_store()
     if net in step_pairs.USER_PAIRS:
         torch.manual_seed(config.seed)
         pair, args, kwargs, label, batch, num_data = step_pairs.make(net, config.seed)
@@ -718,6 +720,9 @@ def run_benchmark(config: argparse.Namespace, device: torch.device) -> dict[str,
                 f"(bit for bit), torch == traced (to rounding): loss/B {value:.4f}"
             )
         steps = build_steps(problem, config)
+        if not steps:
+            _log(f"{problem.label}: none of the contenders runs on this pair; row skipped")
+            continue
         timings, counts, first = time_steps(steps, config, device)
         notes = {name: step.notes() for name, step in steps.items() if hasattr(step, "notes")}
         if "torch_compile" in notes:
@@ -765,6 +770,8 @@ def _plain(value: Any) -> bool:
 
 
 def print_tables(report: dict[str, Any], config: argparse.Namespace, device) -> None:
+    if not report["summary"]:
+        return
     print(
         f"\nSVI step, {config.data} data, {device}, {torch.get_num_threads()} threads, "
         f"{config.adam} Adam; medians of {config.rounds} interleaved rounds; load average "
