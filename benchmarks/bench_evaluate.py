@@ -566,7 +566,7 @@ def _cli() -> int:
     """``main`` from the command line: bad input (data, device) gives one line and status 2."""
     try:
         main()
-    except PyroVAEError as exc:
+    except (PyroVAEError, peak_memory.ProbeError) as exc:
         print(f"bench_evaluate: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

@@ -1150,7 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         return _main(config)
-    except (PyroVAEError, UsageError) as exc:
+    except (PyroVAEError, UsageError, peak_memory.ProbeError) as exc:
         print(f"bench_step: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

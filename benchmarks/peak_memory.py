@@ -26,6 +26,10 @@ PROBE_PREFIX = "PROBE "
 MMAP_THRESHOLD = 128 * KIB
 
 
+class ProbeError(RuntimeError):
+    """A memory probe's child process failed; the message is the last line it wrote."""
+
+
 def _status_kib() -> dict[str, int]:
     fields = {}
     with open("/proc/self/status") as status:
@@ -64,8 +68,8 @@ def probe(
     here: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> dict[str, Any]:
     """``here(spec)`` on CUDA (the allocator's peak is the process's own); on the CPU, ``script
-    --memory-probe SPEC`` in a fresh child process. A failed child raises RuntimeError with
-    the last line it wrote."""
+    --memory-probe SPEC`` in a fresh child process. A failed child raises :class:`ProbeError`
+    with the last line it wrote."""
     if device.type == "cuda":
         return here(spec)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
@@ -78,5 +82,5 @@ def probe(
     lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_PREFIX)]
     if done.returncode or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the memory probe {script.name} failed: {last}")
+        raise ProbeError(f"the memory probe {script.name} failed: {last}")
     return json.loads(lines[-1][len(PROBE_PREFIX) :])

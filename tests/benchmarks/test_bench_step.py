@@ -74,6 +74,25 @@ def test_the_peak_covers_a_tensor_that_was_freed(bench):
     assert peak >= 0.9 * size and idle < 0.1 * size and method.startswith("VmHWM")
 
 
+def test_a_probe_runs_its_script_in_a_child_and_reads_its_line(bench, tmp_path):
+    """The child gets the spec as ``--memory-probe JSON`` and glibc's fixed mmap threshold; a
+    child that fails gives its last line, not a traceback."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "spec = json.loads(sys.argv[2])\n"
+        "if spec.get('fail'):\n"
+        "    sys.exit('boom: ' + spec['fail'])\n"
+        "print('noise')\n"
+        "print('PROBE ' + json.dumps({**spec, 'mmap': os.environ['MALLOC_MMAP_THRESHOLD_']}))\n"
+    )
+    probe, cpu = bench.peak_memory.probe, torch.device("cpu")
+    got = probe(script, {"k": 3}, cpu, here=None)
+    assert got == {"k": 3, "mmap": str(bench.peak_memory.MMAP_THRESHOLD)}
+    with pytest.raises(bench.peak_memory.ProbeError, match="probe.py failed: boom: no data"):
+        probe(script, {"fail": "no data"}, cpu, here=None)
+
+
 def test_bad_rows_and_networks_are_usage_errors(bench, capsys):
     for argv, message in (
         (["--preset", "peers", "--rows", "7"], "--rows: the rows are 0-6"),
