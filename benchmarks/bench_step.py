@@ -612,7 +612,8 @@ def timing_records(problem: Problem, timings, counts, first) -> list[dict[str, A
 def summary_row(problem: Problem, timings: harness.Timings) -> dict[str, Any]:
     """Medians (``{impl}_ms`` wall, ``{impl}_cpu_ms`` CPU) and each ratio of :data:`RATIOS`: of
     wall medians (``name``), of CPU medians (``name_cpu``) and the per-round CPU ratio's median
-    and quartiles (``name_paired_cpu``, ``name_paired_cpu_quartiles``)."""
+    and quartiles (``name_paired_cpu``, ``name_paired_cpu_quartiles``); ``paired``: every
+    contender's per-round ratios to the hand-written step (:func:`harness.ratios`)."""
     wall = {name: timings.median(name, "wall") for name in timings.cpu}
     cpu = {name: timings.median(name, "cpu") for name in timings.cpu}
     row = {"net": problem.label, "elbo": problem.elbo, "batch_size": problem.batch}
@@ -624,6 +625,8 @@ def summary_row(problem: Problem, timings: harness.Timings) -> dict[str, Any]:
         row[f"{key}_cpu"] = cpu[top] / cpu[bottom]
         middle, low, high = quartile_ratio(timings.cpu[top], timings.cpu[bottom])
         row[f"{key}_paired_cpu"], row[f"{key}_paired_cpu_quartiles"] = middle, [low, high]
+    baseline = "torch" if "torch" in wall else next(iter(wall))
+    row["paired"] = {"baseline": baseline, "ratios": harness.ratios(timings, baseline)}
     return row
 
 
@@ -753,7 +756,10 @@ def finished(report, session, config, device, final: bool = True) -> dict[str, A
         "torch": torch.__version__,
         "command": " ".join([sys.executable, *sys.argv]),
         "load": harness.load_average(),
-        "load_average": {"start": session.load_start, "end": harness.load_average()},
+        "load_average": {
+            "start": session.load_start,
+            "end": session.load_end if final else harness.load_average(),
+        },
     }
 
 
