@@ -30,16 +30,31 @@ depends on the order of allocations, not on the arithmetic. The report gives the
 allocator settings (``MALLOC_*`` and ``THP_MEM_ALLOC_ENABLE`` environment variables) next to the
 times, and the machine's load average before and after, so a ratio can be read in context.
 
+``--throughput`` adds the arithmetic: FLOPs are the matrix products' 2·in·out per row, the
+decoder once per (datapoint, particle) and the encoder once per datapoint (the package's
+evaluator runs it once per chunk; that extra work is overhead, not counted), divided by each
+evaluator's fastest round, next to the rate of the decoder's matrix products alone on one
+chunk's shapes (``[chunk·batch, in] @ [in, out]``, ``addmm``, no activations), and the fastest
+round scaled to the full protocol (10 000 images, K = 5000). ``--memory`` adds the evaluator's
+peak memory (k-hat off) at each K of ``--memory-particles`` with the same particle chunk, each
+in a fresh child process on the CPU (:mod:`peak_memory`): equal peaks show that evaluation
+memory does not grow with K.
+
     python benchmarks/bench_evaluate.py                                   # digits, K = 5000
     python benchmarks/bench_evaluate.py --data mnist --data-dir DIR --num-data 200 --out b.json
     python benchmarks/bench_evaluate.py --run-dir runs/my-run --particles 1000
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
         python benchmarks/bench_evaluate.py                 # glibc keeps freed memory: no refaults
+    python benchmarks/bench_evaluate.py --data mnist --data-dir DIR --threads 1 --num-data 200 \
+        --particles 1000 --rounds 3 --throughput --memory --out eval-cpu.json
+    python benchmarks/bench_evaluate.py --data mnist --data-dir DIR --device cuda --throughput \
+        --num-data 10000 --batch-size 500 --particle-chunk 1000 --memory-particles 1000 5000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -58,10 +73,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
+import peak_memory
 
 from pyro_vae import VAE, ModelConfig, PyroVAEError, TrainConfig, load_digits, load_mnist
+from pyro_vae.data.batches import resolve_device
 from pyro_vae.data.images import fixed_binarization
 from pyro_vae.evaluate import evaluate_dataset, format_table
+from pyro_vae.models.config import DEVICES
 
 NETWORKS = {
     "digits": ModelConfig(latent_dim=8, hidden=(128,)),
@@ -72,6 +90,8 @@ TARGET_IMPORTANCE_SPEEDUP = 100.0
 EXIT_USER_ERROR = 2
 NUM_SE = 4.0
 ROUNDING_TOLERANCE = 1e-3
+FULL_PROTOCOL = 10_000 * 5000  # test images × K
+MATMUL_ROUNDS = 5
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -106,18 +126,49 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="turn Pyro's distribution validation off (default: Pyro's default, on)",
     )
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="where to evaluate (cpu)")
+    p.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="highest",
+        help="torch.set_float32_matmul_precision (high: TF32 on GPUs)",
+    )
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="also FLOP/s of both evaluators and of the decoder's matrix products alone",
+    )
+    p.add_argument(
+        "--memory", action="store_true", help="also the evaluator's peak memory at two K"
+    )
+    p.add_argument(
+        "--memory-particles",
+        type=harness.positive_int,
+        nargs="+",
+        default=(500, 2000),
+        metavar="K",
+        help="the K of --memory (500 2000)",
+    )
+    p.add_argument(
+        "--memory-num-data",
+        type=harness.positive_int,
+        default=100,
+        help="test images of --memory, in one batch (100)",
+    )
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     harness.check_out(p, args.out)
     return args
 
 
 def _setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor]:
-    """The VAE and the binarized test images (first ``--num-data``)."""
+    """The VAE and the binarized test images (first ``--num-data``), on ``--device``."""
+    device = resolve_device(args.device)
     if args.run_dir:
         from pyro_vae.runs import load_run
 
-        run = load_run(args.run_dir, device="cpu", data_dir=args.data_dir)
-        return run.model, run.eval_images("test")[: args.num_data]
+        run = load_run(args.run_dir, device=str(device), data_dir=args.data_dir)
+        return run.model.eval(), run.eval_images("test")[: args.num_data].to(device)
     dataset = load_digits() if args.data == "digits" else load_mnist(args.data_dir)
     images = fixed_binarization(dataset.test.images[: args.num_data], args.seed)
     if args.epochs > 0:
@@ -137,7 +188,7 @@ def _setup(args: argparse.Namespace) -> tuple[VAE, torch.Tensor]:
         model = VAE(dataset.input_dim, NETWORKS[args.data].latent_dim, NETWORKS[args.data].hidden)
         model.decoder.set_output_bias(dataset.train.images.mean(0))
     pyro.clear_param_store()
-    return model.eval(), images
+    return model.to(device).eval(), images.to(device)
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -193,6 +244,112 @@ def importance_log_px(vae: VAE, images: torch.Tensor, particles: int) -> torch.T
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _linear_layers(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear)]
+
+
+def matmul_flops(module: torch.nn.Module) -> int:
+    """2·in·out per input row, summed over the module's linear layers."""
+    return sum(2 * layer.in_features * layer.out_features for layer in _linear_layers(module))
+
+
+@torch.no_grad()
+def decoder_matmul_rate(vae: VAE, rows: int, sync: Callable[[], None]) -> dict[str, float]:
+    """FLOP/s of the decoder's matrix products alone (``addmm``, no activations) on inputs of
+    ``rows`` rows, the shapes of one evaluation chunk: two random input sets alternate over
+    :data:`MATMUL_ROUNDS` rounds."""
+    layers = _linear_layers(vae.decoder)
+    device = layers[0].weight.device
+    inputs = [torch.randn(rows, layers[0].in_features, device=device) for _ in range(2)]
+
+    def chain(h: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            h = torch.addmm(layer.bias, h, layer.weight.t())
+        return h
+
+    turn = iter(range(2 * MATMUL_ROUNDS))
+    timings = harness.interleave(
+        {"matmul": lambda: chain(inputs[next(turn) % 2])},
+        MATMUL_ROUNDS,
+        warmup=1,
+        clocks=harness.synced_clocks(sync),
+    )
+    seconds, flops = timings.wall["matmul"], rows * matmul_flops(vae.decoder)
+    return {
+        "rows": rows,
+        "flops_per_call": flops,
+        "seconds_min": min(seconds),
+        "seconds_median": statistics.median(seconds),
+        "flops_per_s": flops / min(seconds),
+    }
+
+
+def throughput(vae: VAE, report: dict[str, Any], sync: Callable[[], None]) -> dict[str, Any]:
+    """FLOPs of log p̂_K over the images, each evaluator's rate by its fastest round, the same
+    as a fraction of the decoder's matrix products' rate, and the full protocol's projection."""
+    setup, best = report["setup"], report["seconds_min"]
+    n, k = setup["num_data"], setup["particles"]
+    flops = n * k * matmul_flops(vae.decoder) + n * matmul_flops(vae.encoder)
+    rows = min(setup["batch_size"], n) * min(setup["particle_chunk"], k)
+    matmul = decoder_matmul_rate(vae, rows, sync)
+    rates = {name: flops / seconds for name, seconds in best.items()}
+    return {
+        "flops": flops,
+        "flops_per_s": rates,
+        "matmul": matmul,
+        "fraction_of_matmul_rate": {
+            name: rate / matmul["flops_per_s"] for name, rate in rates.items()
+        },
+        "projected_seconds_full_protocol": {
+            name: seconds * FULL_PROTOCOL / (n * k) for name, seconds in best.items()
+        },
+    }
+
+
+def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of the package's evaluator (k-hat off) at ``spec["particles"]`` on the first
+    ``spec["num_data"]`` test images in one batch, in this process."""
+    args = argparse.Namespace(**spec)
+    harness.set_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    vae, images = _setup(args)
+
+    def work() -> None:
+        package_log_px(
+            vae, images, spec["particles"], spec["num_data"], spec["particle_chunk"], khat=False
+        )
+
+    peak, method = peak_memory.peak_bytes(work, images.device)
+    return {**spec, "peak_bytes": peak, "peak_mib": peak / peak_memory.MIB, "method": method}
+
+
+def memory_section(args: argparse.Namespace, vae: VAE, device: torch.device) -> dict[str, Any]:
+    """:func:`memory_probe` at each K of ``--memory-particles``, each in a fresh process (CPU)."""
+    keys = ("data", "data_dir", "run_dir", "epochs", "seed", "device", "threads")
+    keys += ("particle_chunk", "matmul_precision")
+    base = {key: getattr(args, key) for key in keys}
+    base.update(num_data=args.memory_num_data)
+    probes = []
+    for k in args.memory_particles:
+        probe = peak_memory.probe(Path(__file__), {**base, "particles": k}, device, memory_probe)
+        probes.append(probe)
+        print(
+            f"memory: evaluation, N = {probe['num_data']}, K = {k}, chunk "
+            f"{probe['particle_chunk']}: {probe['peak_mib']:.1f} MiB above the start "
+            f"({probe['method']})"
+        )
+    peaks = [probe["peak_bytes"] for probe in probes]
+    return {
+        "evaluation": probes,
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in vae.parameters()),
+        "evaluation_peak_ratio_largest_over_smallest_k": max(peaks) / max(min(peaks), 1),
+    }
+
+
 def _minor_faults() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -219,7 +376,13 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     harness.set_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    if args.memory_probe:
+        result = memory_probe(json.loads(args.memory_probe))
+        peak_memory.answer(result)
+        return result
     vae, images = _setup(args)
+    sync = _synchronizer(images.device)
     n, k = images.shape[0], args.particles
     shared = dict(particles=k, batch_size=args.batch_size, particle_chunk=args.particle_chunk)
     runners: dict[str, Callable[[], torch.Tensor]] = {
@@ -240,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             runners,
             args.rounds,
             args.warmup,
+            clocks=harness.synced_clocks(sync),
             counters={"page_faults": _minor_faults},
             before=lambda name, r: pyro.set_rng_seed(args.seed + max(r, 0)),
         )
@@ -308,6 +472,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "paired": session.report(timings, baseline="torch"),
     }
     _print(report)
+    if args.throughput:
+        report["throughput"] = throughput(vae, report, sync)
+        _print_throughput(report["throughput"], best)
+    if args.memory:
+        report["memory"] = memory_section(args, vae, images.device)
     with pyro.validation_enabled(not args.no_validation):
         pyro.set_rng_seed(args.seed)
         summary = evaluate_dataset(
@@ -380,11 +549,24 @@ def _print(report: dict[str, Any]) -> None:
     )
 
 
+def _print_throughput(section: dict[str, Any], best: dict[str, float]) -> None:
+    print(f"\n{'implementation':<24}{'fastest s':>10}{'GFLOP/s':>10}{'of matmul rate':>16}")
+    for name, seconds in best.items():
+        print(
+            f"{name:<24}{seconds:>10.3f}{section['flops_per_s'][name] / 1e9:>10.1f}"
+            f"{section['fraction_of_matmul_rate'][name]:>16.0%}"
+        )
+    matmul = section["matmul"]
+    print(f"{'decoder matmuls alone':<24}{'':>10}{matmul['flops_per_s'] / 1e9:>10.1f}{1:>16.0%}")
+    projected = section["projected_seconds_full_protocol"]["package"]
+    print(f"full protocol (10 000 × K = 5000) projected for the package: {projected:.1f} s")
+
+
 def _cli() -> int:
     """``main`` from the command line: bad input (data, device) gives one line and status 2."""
     try:
         main()
-    except PyroVAEError as exc:
+    except (PyroVAEError, peak_memory.ProbeError) as exc:
         print(f"bench_evaluate: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

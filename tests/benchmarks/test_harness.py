@@ -214,21 +214,27 @@ def test_calibration_and_calls_per_contender(harness):
         harness.interleave(contenders, rounds=1, calls={"fast": 1})
 
 
-def test_perf_report_evaluation_section_from_interleaved_rounds(monkeypatch):
-    """benchmarks/bench_perf.py's evaluation section on a tiny digits setup: both evaluators
-    are timed every round, the ratio is the quotient of the recorded best times, and the two
-    give the same log p̂ (same draws)."""
-    import torch
-
+def test_evaluate_benchmark_throughput_from_its_fastest_rounds(tmp_path, monkeypatch, capsys):
+    """benchmarks/bench_evaluate.py --throughput on a tiny digits setup: both evaluators are
+    timed every round, the ratio is the quotient of the recorded best times, the two give the
+    same log p̂ (same draws), and the FLOP count and rates follow from the network's sizes."""
     load_benchmark("harness", monkeypatch)
-    bench = load_benchmark("bench_perf", monkeypatch)
-    config = bench.PerfConfig(
-        eval_num_data=4, eval_particles=6, eval_batch_size=2, eval_particle_chunk=3, eval_rounds=2
+    bench = load_benchmark("bench_evaluate", monkeypatch)
+    argv = "--threads 1 --rounds 2 --num-data 6 --particles 30 --batch-size 3 --particle-chunk 10"
+    report = bench.main(
+        [*argv.split(), "--importance-data", "1", "--importance-particles", "3", "--throughput"]
     )
-    lines = []
-    section = bench.evaluation_section(config, torch.device("cpu"), lines.append)
-    seconds = section["seconds_all"]
+    seconds = report["seconds_all"]
     assert {len(values) for values in seconds.values()} == {2}
-    assert section["ratio_package_over_torch"] == (min(seconds["package"]) / min(seconds["torch"]))
-    assert section["max_abs_difference_package_torch"] < 1e-3
-    assert len(lines) == 4 and lines[0].startswith("evaluation round 1/2")
+    assert report["ratio_package_over_torch"] == min(seconds["package"]) / min(seconds["torch"])
+    assert report["agreement_package_minus_torch"]["max_abs_difference"] < 1e-3
+    section = report["throughput"]
+    # digits 64-128-8: decoder 2·(8·128 + 128·64) per particle, encoder 2·(64·128 + 128·16)
+    assert section["flops"] == 6 * 30 * 18432 + 6 * 20480
+    assert section["matmul"]["rows"] == 3 * 10
+    for name, best in report["seconds_min"].items():
+        rate = section["flops_per_s"][name]
+        assert rate == section["flops"] / best
+        assert section["fraction_of_matmul_rate"][name] == rate / section["matmul"]["flops_per_s"]
+    printed = capsys.readouterr().out
+    assert printed.count("round 1/2 ") == 3 and "decoder matmuls alone" in printed

@@ -10,7 +10,7 @@ Two shortcuts make the package's training step cheaper (``docs/performance.rst``
 Each test states an equivalence: the same random draws give bit-identical losses and
 gradients with and without the particle plate and with and without the fused loss, Pyro's own
 estimators' values to float rounding, and the param store stays what ``pyro.param`` calls would
-have made it. Nothing is timed here; ``benchmarks/bench_perf.py`` times.
+have made it. Nothing is timed here; ``benchmarks/bench_step.py`` times.
 """
 
 from __future__ import annotations
@@ -528,13 +528,15 @@ def test_the_fused_loss_goes_the_traced_way_under_handlers_and_validation():
 # ----------------------------------------------------------------------------- benchmark smoke
 
 
-def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkeypatch, capsys):
-    """A tiny run of benchmarks/bench_svi.py: its fused-vs-traced check passes (bit for bit) and
-    the JSON holds every implementation and ratio. Nothing about the timings is asserted."""
+def test_step_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkeypatch, capsys):
+    """A tiny run of benchmarks/bench_step.py: its fused-vs-traced check passes (bit for bit) and
+    the JSON holds every implementation and ratio, and each row by the peers' names. Nothing
+    about the timings is asserted."""
     import json
 
-    bench = load_benchmark("bench_svi", monkeypatch)
-    out = tmp_path / "svi.json"
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_step", monkeypatch)
+    out = tmp_path / "step.json"
     assert (
         bench.main(
             [
@@ -556,7 +558,7 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
     )
     report = json.loads(out.read_text())
     assert {t["implementation"] for t in report["timings"]} == set(bench.IMPLEMENTATIONS)
-    for row in report["summary"]:
+    for row, peers in zip(report["summary"], report["rows"], strict=True):
         assert {
             "fused_over_torch_cpu",
             "traced_over_torch_cpu",
@@ -573,15 +575,23 @@ def test_svi_benchmark_times_all_four_paths_after_checking_them(tmp_path, monkey
             cpu["fused"][0] / cpu["torch"][0]
         )  # one round: the ratio of its two blocks
         assert row["fused_over_torch_paired_cpu"] > 0
+        assert (peers["net"], peers["batch"], peers["elbo"]) == ("64-128-8", 4, row["elbo"])
+        assert peers["ms"] == {
+            "hand": row["torch_ms"],
+            "stock_pyro": row["pyro_ms"],
+            "eager": row["fused_ms"],
+            "eager_traced": row["traced_ms"],
+        }
     printed = capsys.readouterr()
     assert "fused == traced (bit for bit)" in printed.err
     assert "package, fused path ms" in printed.out and "CPU time: medians" in printed.out
 
 
-def test_svi_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeypatch, capsys):
+def test_step_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeypatch, capsys):
     """--profiler torch: every profiled step runs the encoder's and decoder's linear layers, so
     the operator table must list their matrix products with a positive self time."""
-    bench = load_benchmark("bench_svi", monkeypatch)
+    load_benchmark("harness", monkeypatch)
+    bench = load_benchmark("bench_step", monkeypatch)
     config = bench.parse_args(
         [
             "--profile",
@@ -601,11 +611,11 @@ def test_svi_benchmark_torch_profiler_finds_the_networks_matrix_products(monkeyp
             "3",
         ]
     )
-    report = bench.run_profile(config, log=lambda line: None)
-    operators = report["trace/4"]["operators_self_us_per_step"]
+    report = bench.run_profile(config, torch.device("cpu"))
+    operators = report["64-128-8/trace/4"]["operators_self_us_per_step"]
     products = {"aten::mm", "aten::addmm"} & set(operators)
     assert products and all(operators[name] > 0 for name in products)
-    assert report["trace/4"]["total_self_us_per_step"] > 0
+    assert report["64-128-8/trace/4"]["total_self_us_per_step"] > 0
 
 
 def test_dreg_benchmark_checks_the_single_run_against_two_runs(tmp_path, monkeypatch, capsys):
