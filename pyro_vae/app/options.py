@@ -119,3 +119,16 @@ def add_dist_timeout(parser: argparse.ArgumentParser) -> None:
         help="under torchrun: how long a rank waits for the others before "
         f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})",
     )
+
+
+def json_object(text: str) -> dict:
+    """An argparse ``type``: ``text`` as a JSON object (``'{"momentum": 0.9}'``)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value

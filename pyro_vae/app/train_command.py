@@ -44,6 +44,9 @@ TRAINING_OPTIONS = (
     "device",
     "patience",
     "min_delta",
+    "optimizer",
+    "optimizer_options",
+    "clip_norm",
 )
 
 

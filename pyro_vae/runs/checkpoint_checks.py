@@ -104,10 +104,10 @@ def _check_optimizer(optimizer: Any) -> None:
     for key, value in optimizer["state"].items():
         _expect(isinstance(value, dict), f"optimizer.state[{key!r}]", "a mapping", value)
         for name, item in value.items():
-            _expect(
-                isinstance(item, torch.Tensor) or _is_number(item),
+            _expect(  # None: e.g. SGD's momentum buffer without momentum
+                item is None or isinstance(item, torch.Tensor) or _is_number(item),
                 f"optimizer.state[{key!r}].{name}",
-                "a tensor or a number",
+                "a tensor, a number or null",
                 item,
             )
     for index, group in enumerate(optimizer["param_groups"]):
@@ -121,7 +121,8 @@ def _check_optimizer(optimizer: Any) -> None:
             params,
         )
         for key in ("lr", "eps", "weight_decay"):
-            if key in group:
+            # eps may be a pair (Adafactor's): a number is checked, as lr always is
+            if key in group and (key == "lr" or _is_number(group[key])):
                 value = group[key]
                 _expect(
                     _is_number(value) and math.isfinite(value) and value >= 0,

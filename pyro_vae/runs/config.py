@@ -8,12 +8,44 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from pyro_vae.infer import ESTIMATORS, LinearWarmup, make_estimator
 from pyro_vae.models.config import BINARIZATIONS, DATASETS, DEVICES, ModelConfig, check_seed
 from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.optimizers import OPTIMIZERS, make_optimizer
 
 #: the estimators a run may name (:data:`pyro_vae.infer.ESTIMATORS`)
 ELBOS = ESTIMATORS
+
+
+def check_optimizer(name: str, options: Any, lr: float) -> None:
+    """Refuse, in one line, an optimizer that torch does not have or would not build with
+    these ``options`` (tried on one parameter)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
+    scalar = (bool, int, float, str)
+    if not isinstance(options, dict) or not all(
+        isinstance(key, str)
+        and (
+            isinstance(value, scalar)
+            or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
+        )
+        for key, value in options.items()
+    ):
+        raise ConfigError(
+            "optimizer_options must map option names to numbers, booleans, strings or lists "
+            f"of numbers, got {options!r}"
+        )
+    if "lr" in options or "params" in options:
+        raise ConfigError("optimizer_options may not hold lr or params: give lr itself")
+    try:
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], lr, name, options)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"optimizer={name!r} with optimizer_options={options!r} is refused by torch: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -30,6 +62,12 @@ class TrainConfig:
     of the held-out ELBO by more than ``min_delta`` nats per datapoint (``None``: by more than
     its paired standard error; :mod:`pyro_vae.train.early_stopping`); ``None``: every epoch
     runs.
+
+    ``optimizer`` names a :mod:`torch.optim` optimizer in lower case (``"adam"``, ``"adamw"``,
+    ``"sgd"``, ...: :data:`~pyro_vae.util.optimizers.OPTIMIZERS`) built with ``lr`` and its
+    keyword ``optimizer_options`` (numbers, booleans, strings or lists of numbers: ``{"momentum":
+    0.9}``); ``clip_norm`` scales each step's gradients down to that total norm when they exceed
+    it (``None``: not clipped).
 
     ``dataset`` names a built-in dataset (``"digits"``, ``"mnist"``) or is ``None`` for data the
     user gives (:func:`pyro_vae.fit`); such a run has no ``model`` family (its pair is the
@@ -58,6 +96,9 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 64
     lr: float = 3e-3
+    optimizer: str = "adam"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    clip_norm: float | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -104,6 +145,10 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (
+                self.clip_norm is None or 0 < self.clip_norm < float("inf"),
+                f"clip_norm={self.clip_norm} must be a finite number > 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -117,6 +162,7 @@ class TrainConfig:
                 'binarize="fixed") and a Gaussian one needs the intensities '
                 '(binarize="none")'
             )
+        check_optimizer(self.optimizer, self.optimizer_options, self.lr)
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 

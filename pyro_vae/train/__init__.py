@@ -19,7 +19,8 @@ from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.config import RunOptions
 from pyro_vae.train.engine import TrainResult, fit
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
-from pyro_vae.train.step import make_optimizer, svi_step
+from pyro_vae.train.step import svi_step
+from pyro_vae.util.optimizers import make_optimizer
 
 __all__ = [
     "Batches",

@@ -45,7 +45,7 @@ from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger, require_logger
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
 from pyro_vae.train.parallel import Replicas
 from pyro_vae.train.sources import BuiltinData, UserData
-from pyro_vae.train.step import BUILTIN_PLATE_NESTING, make_optimizer
+from pyro_vae.train.step import BUILTIN_PLATE_NESTING
 from pyro_vae.util.distributed import (
     SHARED_ORDER_STREAM,
     barrier,
@@ -55,6 +55,7 @@ from pyro_vae.util.distributed import (
     rank_seed,
 )
 from pyro_vae.util.errors import ConfigError, TrainingDiverged
+from pyro_vae.util.optimizers import make_optimizer
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -248,10 +249,14 @@ def _train(
         if dist.rank:
             pyro.set_rng_seed(rank_seed(config.seed, dist.rank))
     # a compiled step performs Adam's single-tensor update; eager steps must do the same
-    optimizer = (
-        torch.optim.Adam(model.parameters(), lr=config.lr)
-        if options.compile
-        else make_optimizer(model.parameters(), config.lr)
+    optimizer = make_optimizer(
+        model.parameters(),
+        config.lr,
+        config.optimizer,
+        {
+            **config.optimizer_options,
+            **({"fused": False} if options.compile and config.optimizer == "adam" else {}),
+        },
     )
     history = History()
 
@@ -290,6 +295,7 @@ def _train(
         training_loss(model, estimator, options.fused),
         estimator,
         LinearWarmup(config.warmup, config.warmup_start, config.beta),
+        clip_norm=config.clip_norm,
     )
     scored = (
         None
@@ -386,6 +392,9 @@ def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
     )
     if dist.enabled and not step.disabled:
         step.disabled = "under torchrun the gradients are averaged between backward and update"
+        log(f"compiled steps off: {step.disabled}; training eagerly")
+    elif loop.step.clip_norm is not None and not step.disabled:
+        step.disabled = "the gradients are clipped by their norm between backward and update"
         log(f"compiled steps off: {step.disabled}; training eagerly")
     return step
 

@@ -64,6 +64,8 @@ class Step:
     estimator: ELBOEstimator
     warmup: LinearWarmup
     compiled: Callable[[tuple, dict, int], torch.Tensor] | None = None
+    #: the gradients' largest total norm (``None``: not clipped)
+    clip_norm: float | None = None
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Loop:
                         lambda batch=batch: step.loss(*batch.args, **batch.kwargs),
                         size,
                         step.optimizer,
+                        step.clip_norm,
                     )
                 if self.initial_loss is None:  # one synchronisation per run
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)

@@ -64,9 +64,13 @@ class Replicas:
         return source.steps(batch_size, self.dist)
 
     def step(
-        self, loss_fn: Callable[[], torch.Tensor], num_data: int, optimizer: torch.optim.Optimizer
+        self,
+        loss_fn: Callable[[], torch.Tensor],
+        num_data: int,
+        optimizer: torch.optim.Optimizer,
+        clip_norm: float | None = None,
     ) -> torch.Tensor:
-        return svi_step(loss_fn, num_data, optimizer, self.dist)
+        return svi_step(loss_fn, num_data, optimizer, self.dist, clip_norm)
 
     def mean(self, total: torch.Tensor, count: int) -> float:
         """``total / count`` summed over the ranks (every rank gets the value)."""
