@@ -22,6 +22,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from benchmark_loader import load_benchmark
+from gradients import Calling, loss_and_grads
 from linear_gaussian import LinearGaussian
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
@@ -105,17 +106,6 @@ PAIRS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
 }
 
 
-def _loss_and_grads(
-    module: nn.Module, args: tuple, estimator: ELBOEstimator, seed: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    params = [p for p in module.parameters() if p.requires_grad]
-    pyro.set_rng_seed(seed)
-    with pyro.validation_enabled(False):
-        loss = estimator.differentiable_loss(module.model, module.guide, *args)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
 # ----------------------------------------------------------------------------- single draw
 
 
@@ -151,7 +141,7 @@ def test_single_draw_without_the_particle_plate_is_bit_identical(pair, name):
     module, args = PAIRS[pair]()
     beta = 0.7 if name in ("trace", "meanfield") else 1.0
     estimator = make_estimator(name, beta=beta, max_plate_nesting=1)
-    fast = _loss_and_grads(module, args, estimator, 3)
+    fast = loss_and_grads(module, args, estimator, 3)
     assert not estimator.draw(module.model, module.guide, args, {}).plated
     params = [p for p in module.parameters() if p.requires_grad]
     pyro.set_rng_seed(3)
@@ -171,9 +161,9 @@ def test_single_draw_without_the_particle_plate_is_bit_identical(pair, name):
 @pytest.mark.parametrize("name", sorted(STOCK))
 def test_single_draw_equals_pyros_own_estimators(pair, name):
     module, args = PAIRS[pair]()
-    ours = _loss_and_grads(module, args, make_estimator(name, max_plate_nesting=1), 4)
+    ours = loss_and_grads(module, args, make_estimator(name, max_plate_nesting=1), 4)
     reference = STOCK[name](max_plate_nesting=1)
-    theirs = _loss_and_grads(module, args, reference, 4)
+    theirs = loss_and_grads(module, args, reference, 4)
     torch.testing.assert_close(ours[0], theirs[0])
     for mine, want in zip(ours[1], theirs[1]):
         torch.testing.assert_close(mine, want)
@@ -358,21 +348,8 @@ def _traced_and_fused(vae: VAE, x: torch.Tensor, estimator: ELBOEstimator, seed:
     fused = FusedLoss(vae, estimator)
     results = []
     for loss_fn in (fused.traced, fused):
-        results.append(
-            _loss_and_grads(vae, (x,), _Calling(loss_fn), seed) + (torch.get_rng_state(),)
-        )
+        results.append(loss_and_grads(vae, (x,), Calling(loss_fn), seed) + (torch.get_rng_state(),))
     return results
-
-
-class _Calling:
-    """An object with ``differentiable_loss(model, guide, *args)`` that calls ``loss_fn(*args)``
-    (so :func:`_loss_and_grads` can run either path)."""
-
-    def __init__(self, loss_fn: Callable):
-        self.loss_fn = loss_fn
-
-    def differentiable_loss(self, model, guide, *args):
-        return self.loss_fn(*args)
 
 
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))

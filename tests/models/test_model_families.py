@@ -3,6 +3,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from references import per_datapoint_elbo
 from torch import nn
 from torch.distributions import kl_divergence
 
@@ -273,20 +274,6 @@ FAMILIES = [
 ]
 
 
-def _per_datapoint_elbo(module, args: tuple, particles: int) -> torch.Tensor:
-    """The ``trace`` estimator's ELBO of each datapoint (one call per row): an implementation
-    of the bound independent of the evaluator's."""
-    estimator = make_estimator("trace", num_particles=particles, max_plate_nesting=1)
-    with pyro.validation_enabled(False), torch.no_grad():
-        return torch.tensor(
-            [
-                -estimator.loss(module.model, module.guide, *(a[i : i + 1] for a in args))
-                for i in range(args[0].shape[0])
-            ],
-            dtype=torch.float64,
-        )
-
-
 @pytest.mark.parametrize("name, model_config, binarize", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_each_family_trains_and_its_gap_is_nonnegative(name, model_config, binarize):
     """Six epochs on digits raise the test ELBO above the untrained model's (the same
@@ -324,7 +311,7 @@ def test_each_family_trains_and_its_gap_is_nonnegative(name, model_config, binar
 
     before, after = evaluated(initial), evaluated(result.model)
     assert significantly_positive(after.elbo - before.elbo)
-    gap = after.log_px.double() - _per_datapoint_elbo(result.model, args, particles=50)
+    gap = after.log_px.double() - per_datapoint_elbo(result.model, args, particles=50)
     assert gap.mean() > -3 * gap.std() / gap.numel() ** 0.5
 
 

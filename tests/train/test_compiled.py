@@ -307,10 +307,13 @@ def test_the_captured_step_of_a_guide_with_an_enumerated_site_equals_the_eager_s
 def test_the_captured_step_of_a_replayed_batchnorm_guide_equals_the_eager_step(name):
     """stl and dreg replay this guide, whose BatchNorm runs in train mode: the graph moves the
     running statistics as the eager step does, once per step."""
-    from test_particle_safety import BatchNormTwoSiteGuide, _data
+    from batchnorm_pair import BatchNormTwoSiteGuide, D
 
     torch.manual_seed(0)
-    module, x = BatchNormTwoSiteGuide(), _data(False)
+    module, x = (
+        BatchNormTwoSiteGuide(),
+        torch.randn(12, D, generator=torch.Generator().manual_seed(3)),
+    )
     _assert_same_steps(module, make_estimator(name, 1, 1, max_plate_nesting=1), (x,))
     statistics = [
         _steps(
