@@ -30,6 +30,8 @@ FLAGS = {
     "optimizer": "--optimizer",
     "optimizer_options": "--optimizer-options",
     "clip_norm": "--clip-norm",
+    "scheduler": "--scheduler",
+    "scheduler_options": "--scheduler-options",
     "min_delta": "--min-delta",
     "binarize": "--binarize",
     "likelihood": "--likelihood",

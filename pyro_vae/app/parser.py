@@ -30,7 +30,7 @@ from pyro_vae.models.config import (
 )
 from pyro_vae.runs.config import ELBOS, TrainConfig
 from pyro_vae.train.loggers import LOGGERS
-from pyro_vae.util.optimizers import OPTIMIZERS
+from pyro_vae.util.optimizers import OPTIMIZERS, SCHEDULERS
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -196,6 +196,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         type=json_object,
         metavar="JSON",
         help="the optimizer's keyword options as a JSON object, e.g. '{\"momentum\": 0.9}'",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        metavar="NAME",
+        help="a torch.optim.lr_scheduler scheduler, in lower case, stepped after each epoch: "
+        f"{', '.join(SCHEDULERS)} (default: none)",
+    )
+    p.add_argument(
+        "--scheduler-options",
+        type=json_object,
+        metavar="JSON",
+        help="the scheduler's keyword options as a JSON object, e.g. '{\"step_size\": 10}'",
     )
     p.add_argument(
         "--clip-norm",

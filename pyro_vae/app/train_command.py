@@ -47,6 +47,8 @@ TRAINING_OPTIONS = (
     "optimizer",
     "optimizer_options",
     "clip_norm",
+    "scheduler",
+    "scheduler_options",
 )
 
 

@@ -152,12 +152,14 @@ def save_checkpoint(
     config: TrainConfig,
     ranks: dict[str, Any] | None = None,
     best: dict[str, torch.Tensor] | None = None,
+    scheduler: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint, weights, history and config as one set (all renamed into place
     at the end, the checkpoint last; a failed write leaves the previous set and raises
     :class:`~pyro_vae.util.io.WriteError`); ``ranks`` (a distributed run's world size, every rank's
     random states and the shared order generator's) is stored under ``"distributed"``; ``best``
-    weights (early stopping's best epoch) are written to ``best.safetensors`` in the same set."""
+    weights (early stopping's best epoch) are written to ``best.safetensors`` in the same set;
+    a learning-rate ``scheduler``'s state is stored under ``"scheduler"``."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -167,6 +169,8 @@ def save_checkpoint(
     }
     if ranks is not None:
         state["distributed"] = ranks
+    if scheduler is not None:
+        state["scheduler"] = scheduler
     model_class = user_model_class(model, config)
     recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
     state.update(recorded)

@@ -156,6 +156,8 @@ def check_checkpoint(state: dict[str, Any]) -> None:
         _expect(isinstance(value, torch.Tensor), f"model[{key!r}]", "a tensor", value)
     _check_optimizer(state["optimizer"])
     _check_rng("rng", state["rng"])
+    if "scheduler" in state:
+        _expect(isinstance(state["scheduler"], dict), "scheduler", "a mapping", state["scheduler"])
     _check_history(state["history"])
     _expect(isinstance(state["config"], dict), "config", "a mapping", state["config"])
     try:

@@ -13,17 +13,13 @@ import torch
 from pyro_vae.infer import ESTIMATORS, LinearWarmup, make_estimator
 from pyro_vae.models.config import BINARIZATIONS, DATASETS, DEVICES, ModelConfig, check_seed
 from pyro_vae.util.errors import ConfigError
-from pyro_vae.util.optimizers import OPTIMIZERS, make_optimizer
+from pyro_vae.util.optimizers import OPTIMIZERS, SCHEDULERS, make_optimizer, make_scheduler
 
 #: the estimators a run may name (:data:`pyro_vae.infer.ESTIMATORS`)
 ELBOS = ESTIMATORS
 
 
-def check_optimizer(name: str, options: Any, lr: float) -> None:
-    """Refuse, in one line, an optimizer that torch does not have or would not build with
-    these ``options`` (tried on one parameter)."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
+def _check_options(field_name: str, options: Any) -> None:
     scalar = (bool, int, float, str)
     if not isinstance(options, dict) or not all(
         isinstance(key, str)
@@ -34,18 +30,46 @@ def check_optimizer(name: str, options: Any, lr: float) -> None:
         for key, value in options.items()
     ):
         raise ConfigError(
-            "optimizer_options must map option names to numbers, booleans, strings or lists "
+            f"{field_name} must map option names to numbers, booleans, strings or lists "
             f"of numbers, got {options!r}"
         )
+
+
+def _refused(what: str, exc: Exception) -> ConfigError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(f"{what} is refused by torch: {reason}")
+
+
+def check_optimizer(
+    name: str,
+    options: Any,
+    lr: float,
+    scheduler: str | None = None,
+    scheduler_options: Any = None,
+) -> None:
+    """Refuse, in one line, an optimizer or scheduler that torch does not have or would not
+    build with these options (tried on one parameter)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
+    _check_options("optimizer_options", options)
     if "lr" in options or "params" in options:
         raise ConfigError("optimizer_options may not hold lr or params: give lr itself")
     try:
-        make_optimizer([torch.nn.Parameter(torch.zeros(1))], lr, name, options)
+        optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))], lr, name, options)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(
-            f"optimizer={name!r} with optimizer_options={options!r} is refused by torch: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        raise _refused(f"optimizer={name!r} with optimizer_options={options!r}", exc) from None
+    if scheduler is None:
+        if scheduler_options:
+            raise ConfigError("scheduler_options are a scheduler's: give scheduler=NAME")
+        return
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {scheduler!r}")
+    _check_options("scheduler_options", scheduler_options)
+    try:
+        make_scheduler(optimizer, scheduler, scheduler_options)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        what = f"scheduler={scheduler!r} with scheduler_options={scheduler_options!r}"
+        raise _refused(what, exc) from None
 
 
 @dataclass(frozen=True)
@@ -67,7 +91,11 @@ class TrainConfig:
     ``"sgd"``, ...: :data:`~pyro_vae.util.optimizers.OPTIMIZERS`) built with ``lr`` and its
     keyword ``optimizer_options`` (numbers, booleans, strings or lists of numbers: ``{"momentum":
     0.9}``); ``clip_norm`` scales each step's gradients down to that total norm when they exceed
-    it (``None``: not clipped).
+    it (``None``: not clipped). ``scheduler`` names a :mod:`torch.optim.lr_scheduler` scheduler
+    in lower case (``"steplr"``, ``"cosineannealinglr"``, ``"reducelronplateau"``, ...:
+    :data:`~pyro_vae.util.optimizers.SCHEDULERS`) with its keyword ``scheduler_options``,
+    stepped after every epoch (``reducelronplateau`` on the held-out ELBO, else the training
+    loss); ``None``: the learning rate stays ``lr``.
 
     ``dataset`` names a built-in dataset (``"digits"``, ``"mnist"``) or is ``None`` for data the
     user gives (:func:`pyro_vae.fit`); such a run has no ``model`` family (its pair is the
@@ -99,6 +127,8 @@ class TrainConfig:
     optimizer: str = "adam"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     clip_norm: float | None = None
+    scheduler: str | None = None
+    scheduler_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
 
@@ -162,7 +192,9 @@ class TrainConfig:
                 'binarize="fixed") and a Gaussian one needs the intensities '
                 '(binarize="none")'
             )
-        check_optimizer(self.optimizer, self.optimizer_options, self.lr)
+        check_optimizer(
+            self.optimizer, self.optimizer_options, self.lr, self.scheduler, self.scheduler_options
+        )
         make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 

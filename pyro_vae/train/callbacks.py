@@ -53,6 +53,8 @@ class Checkpoint(Callback):
     is_main: bool = True
     #: whose best weights are written with the set, in an epoch that became the best
     early_stopping: EarlyStopping | None = None
+    #: the learning-rate scheduler whose state is saved with the set
+    scheduler: Any = None
 
     def on_epoch_end(self, loop: Loop) -> None:
         ranks = loop.replicas.rng_states(loop.generator, loop.order_generator)
@@ -68,7 +70,26 @@ class Checkpoint(Callback):
                 self.config,
                 ranks,
                 best,
+                None if self.scheduler is None else self.scheduler.state_dict(),
             )
+
+
+@dataclass
+class LearningRateSchedule(Callback):
+    """After each epoch: the epoch's learning rate recorded in the history (``extra["lr"]``),
+    then a step of the ``scheduler``; ``ReduceLROnPlateau`` steps on the held-out −ELBO (the
+    training loss without held-out data). Runs before the checkpoint, which saves its state."""
+
+    scheduler: Any
+
+    def on_epoch_end(self, loop: Loop) -> None:
+        history = loop.history
+        history.extra.setdefault("lr", []).append(loop.optimizer.param_groups[0]["lr"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            held_out = len(history.test_elbo) == len(history.epoch)
+            self.scheduler.step(-history.test_elbo[-1] if held_out else history.train_loss[-1])
+        else:
+            self.scheduler.step()
 
 
 @dataclass

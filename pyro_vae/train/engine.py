@@ -34,6 +34,7 @@ from pyro_vae.train.callbacks import (
     Checkpoint,
     EpochFunction,
     FinalEstimate,
+    LearningRateSchedule,
     ProgressBar,
     RunFolderPlots,
 )
@@ -54,8 +55,8 @@ from pyro_vae.util.distributed import (
     init_distributed,
     rank_seed,
 )
-from pyro_vae.util.errors import ConfigError, TrainingDiverged
-from pyro_vae.util.optimizers import make_optimizer
+from pyro_vae.util.errors import CheckpointError, ConfigError, TrainingDiverged
+from pyro_vae.util.optimizers import make_optimizer, make_scheduler
 
 USER_DATA = dict(dataset=None, model=None, binarize="none")
 
@@ -258,6 +259,11 @@ def _train(
             **({"fused": False} if options.compile and config.optimizer == "adam" else {}),
         },
     )
+    scheduler = (
+        None
+        if config.scheduler is None
+        else make_scheduler(optimizer, config.scheduler, config.scheduler_options)
+    )
     history = History()
 
     if resume:
@@ -266,6 +272,10 @@ def _train(
         saved_class = state.get("model_class")
         load_weights(model, state["model"], run_dir, saved_class)
         load_weights(optimizer, state["optimizer"], run_dir, saved_class)
+        if scheduler is not None:
+            if "scheduler" not in state:
+                raise CheckpointError(f"{run_dir}'s checkpoint holds no scheduler state")
+            scheduler.load_state_dict(state["scheduler"])
         replicas.restore_rng_states(state, generator, order_generator, run_dir)
         history = History.from_dict(state["history"])
         if config.epochs < len(history.epoch):
@@ -296,6 +306,7 @@ def _train(
         estimator,
         LinearWarmup(config.warmup, config.warmup_start, config.beta),
         clip_norm=config.clip_norm,
+        scheduler=scheduler,
     )
     scored = (
         None
@@ -352,12 +363,14 @@ def _hooks(
     hooks: list[Callback] = [
         ProgressBar(loop.epoch + 1, config.epochs, options.progress and dist.is_main)
     ]
-    stopping = None
+    stopping, scheduler = None, loop.step.scheduler
     if config.patience is not None:  # before the checkpoint, which saves its state
         stopping = EarlyStopping(config.patience, config.min_delta)
         hooks.append(stopping)
+    if scheduler is not None:  # likewise
+        hooks.append(LearningRateSchedule(scheduler))
     if run_dir is not None:
-        hooks.append(Checkpoint(run_dir, config, dist.is_main, stopping))
+        hooks.append(Checkpoint(run_dir, config, dist.is_main, stopping, scheduler))
     if options.on_epoch is not None:
         hooks.append(EpochFunction(options.on_epoch))
     hooks.extend(options.callbacks)

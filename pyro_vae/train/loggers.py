@@ -69,7 +69,9 @@ class TensorBoardLogger(Callback):
         writer.add_scalar("train/loss", history.train_loss[-1], epoch)
         writer.add_scalar("train/seconds", history.seconds[-1], epoch)
         writer.add_scalar("train/beta", loop.step.estimator.beta, epoch)
-        writer.add_scalar("train/lr", loop.optimizer.param_groups[0]["lr"], epoch)
+        rates = history.extra.get("lr")  # the epoch's own, before a scheduler's step
+        rate = rates[-1] if rates else loop.optimizer.param_groups[0]["lr"]
+        writer.add_scalar("train/lr", rate, epoch)
         if len(history.test_elbo) == len(history.epoch):
             writer.add_scalar("test/elbo", history.test_elbo[-1], epoch)
         stopping = history.extra.get("early_stopping")

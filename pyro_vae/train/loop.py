@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import torch
@@ -66,6 +67,8 @@ class Step:
     compiled: Callable[[tuple, dict, int], torch.Tensor] | None = None
     #: the gradients' largest total norm (``None``: not clipped)
     clip_norm: float | None = None
+    #: the optimizer's learning-rate scheduler, stepped after each epoch (``None``: none)
+    scheduler: Any = None
 
 
 @dataclass

@@ -47,3 +47,31 @@ def make_optimizer(
         except RuntimeError:
             pass
     return cls(params, lr=lr, **options)
+
+
+#: schedulers that take functions or other schedulers, which a run's config cannot hold
+NOT_NAMED = ("ChainedScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR")
+#: the other learning-rate schedulers of :mod:`torch.optim.lr_scheduler` by lower-case name
+#: (``"steplr"``, ``"cosineannealinglr"``, ``"reducelronplateau"``, ...)
+SCHEDULERS: dict[str, type] = {
+    name.lower(): cls
+    for name, cls in sorted(vars(torch.optim.lr_scheduler).items())
+    if isinstance(cls, type)
+    and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)
+    and not name.startswith("_")
+    and cls is not torch.optim.lr_scheduler.LRScheduler
+    and name not in NOT_NAMED
+}
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, options: Mapping[str, Any] | None = None
+) -> Any:
+    """The learning-rate scheduler ``name`` (:data:`SCHEDULERS`) of ``optimizer`` with its
+    keyword ``options`` (``step_size``, ``gamma``, ``T_max``, ...).
+
+    :raises ValueError: for an unknown name; torch's own errors for a bad option.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name](optimizer, **dict(options or {}))

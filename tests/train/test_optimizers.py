@@ -84,3 +84,47 @@ def test_fit_clips_every_step_to_the_norm():
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     # the gradient's norm is far above 1e-3: the step is cut to that length (float32 rounding)
     assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def _lr_history(run_dir):
+    import json
+
+    return json.loads((run_dir / "history.json").read_text())["lr"]
+
+
+def test_a_step_schedule_halves_the_rate_and_resumes_bit_for_bit(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    args = ["train", *SMALL, "--lr", "0.004", "--scheduler", "steplr"]
+    args += ["--scheduler-options", '{"step_size": 2, "gamma": 0.5}']
+    assert main([*args, "--epochs", "5", "--out", str(whole)]) == 0
+    assert _lr_history(whole) == [0.004, 0.004, 0.002, 0.002, 0.001]  # each epoch's own rate
+    assert main([*args, "--epochs", "3", "--out", str(part)]) == 0
+    assert main(["train", "--resume", str(part), "--epochs", "5", "--quiet"]) == 0
+    assert _lr_history(part) == _lr_history(whole)
+    assert (part / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+
+
+def test_reduce_on_plateau_steps_on_the_held_out_elbo(tmp_path):
+    # an improvement must be a millionfold (relative to the best, which starts at infinity):
+    # no epoch improves, so with patience 0 every epoch halves the rate after it
+    out = tmp_path / "run"
+    options = '{"factor": 0.5, "patience": 0, "threshold": 1000000.0}'
+    args = ["train", *SMALL, "--lr", "0.004", "--scheduler", "reducelronplateau"]
+    assert main([*args, "--scheduler-options", options, "--epochs", "4", "--out", str(out)]) == 0
+    assert _lr_history(out) == [0.004, 0.002, 0.001, 0.0005]
+
+
+def test_scheduler_options_need_a_scheduler(capsys, tmp_path):
+    with pytest.raises(ConfigError, match="scheduler_options are a scheduler's"):
+        TrainConfig(scheduler_options={"gamma": 0.5})
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--scheduler", "steplr", "--out", str(out)]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(
+            "pyro-vae train: error: --scheduler steplr with --scheduler-options {} is refused by "
+            "torch: StepLR"
+        )
+    )
+    assert not out.exists()
