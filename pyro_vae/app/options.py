@@ -132,3 +132,41 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+def add_optimizer_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--optimizer`` (``default`` unless given), ``--optimizer-options``, ``--scheduler``,
+    ``--scheduler-options`` and ``--clip-norm``: how the steps update the parameters."""
+    from pyro_vae.util.optimizers import OPTIMIZERS, SCHEDULERS
+
+    parser.add_argument(
+        "--optimizer",
+        choices=tuple(OPTIMIZERS),
+        metavar="NAME",
+        help=f"a torch.optim optimizer, in lower case: {', '.join(OPTIMIZERS)} (default {default})",
+    )
+    parser.add_argument(
+        "--optimizer-options",
+        type=json_object,
+        metavar="JSON",
+        help="the optimizer's keyword options as a JSON object, e.g. '{\"momentum\": 0.9}'",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=tuple(SCHEDULERS),
+        metavar="NAME",
+        help="a torch.optim.lr_scheduler scheduler, in lower case, stepped after each epoch: "
+        f"{', '.join(SCHEDULERS)} (default: none)",
+    )
+    parser.add_argument(
+        "--scheduler-options",
+        type=json_object,
+        metavar="JSON",
+        help="the scheduler's keyword options as a JSON object, e.g. '{\"step_size\": 10}'",
+    )
+    parser.add_argument(
+        "--clip-norm",
+        type=positive_float,
+        metavar="MAX",
+        help="scale each step's gradients down to this total norm when they exceed it",
+    )

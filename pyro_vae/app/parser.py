@@ -12,11 +12,10 @@ from pyro_vae.app.options import (
     add_dist_timeout,
     add_max_memory,
     add_max_seconds,
-    json_object,
+    add_optimizer_options,
     layer_sizes,
     parse_seed,
     path_arg,
-    positive_float,
     positive_int,
 )
 from pyro_vae.models.config import (
@@ -30,7 +29,6 @@ from pyro_vae.models.config import (
 )
 from pyro_vae.runs.config import ELBOS, TrainConfig
 from pyro_vae.train.loggers import LOGGERS
-from pyro_vae.util.optimizers import OPTIMIZERS, SCHEDULERS
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -184,38 +182,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")
-    p.add_argument(
-        "--optimizer",
-        choices=tuple(OPTIMIZERS),
-        metavar="NAME",
-        help=f"a torch.optim optimizer, in lower case: {', '.join(OPTIMIZERS)} "
-        f"(default {defaults.optimizer})",
-    )
-    p.add_argument(
-        "--optimizer-options",
-        type=json_object,
-        metavar="JSON",
-        help="the optimizer's keyword options as a JSON object, e.g. '{\"momentum\": 0.9}'",
-    )
-    p.add_argument(
-        "--scheduler",
-        choices=tuple(SCHEDULERS),
-        metavar="NAME",
-        help="a torch.optim.lr_scheduler scheduler, in lower case, stepped after each epoch: "
-        f"{', '.join(SCHEDULERS)} (default: none)",
-    )
-    p.add_argument(
-        "--scheduler-options",
-        type=json_object,
-        metavar="JSON",
-        help="the scheduler's keyword options as a JSON object, e.g. '{\"step_size\": 10}'",
-    )
-    p.add_argument(
-        "--clip-norm",
-        type=positive_float,
-        metavar="MAX",
-        help="scale each step's gradients down to this total norm when they exceed it",
-    )
+    add_optimizer_options(p, defaults.optimizer)
     p.add_argument("--seed", type=parse_seed, help=f"default {defaults.seed}")
     p.add_argument("--device", choices=DEVICES, help=f"default {defaults.device}")
     p.add_argument(
