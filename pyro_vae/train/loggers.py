@@ -53,19 +53,20 @@ class TensorBoardLogger(Callback):
             None  # made after the first epoch: a run that trains nothing logs nothing
         )
 
-    def _writer(self, loop: Loop) -> Any:
+    def _writer(self, loop: Loop, first_new: int) -> Any:
+        """The writer, made on first use: the steps from ``first_new`` on are this process's,
+        so those an interrupted run logged there are dropped."""
         if self.writer is None:
-            # the steps from this epoch on are this run's: an interrupted run's are dropped
-            self.writer = self.writer_class(log_dir=str(self.log_dir), purge_step=loop.epoch)
+            self.writer = self.writer_class(log_dir=str(self.log_dir), purge_step=first_new)
             if self.config is not None:
                 text = json.dumps(self.config, indent=2, sort_keys=True)
-                self.writer.add_text("config", f"```\n{text}\n```", loop.epoch)
+                self.writer.add_text("config", f"```\n{text}\n```", first_new)
         return self.writer
 
     def on_epoch_end(self, loop: Loop) -> None:
         if not self.is_main:
             return
-        writer, history, epoch = self._writer(loop), loop.history, loop.epoch
+        writer, history, epoch = self._writer(loop, loop.epoch), loop.history, loop.epoch
         writer.add_scalar("train/loss", history.train_loss[-1], epoch)
         writer.add_scalar("train/seconds", history.seconds[-1], epoch)
         writer.add_scalar("train/beta", loop.step.estimator.beta, epoch)
@@ -83,7 +84,7 @@ class TensorBoardLogger(Callback):
         final = loop.history.extra.get("final")
         if not self.is_main or not final or not loop.history.epoch:
             return
-        writer = self._writer(loop)
+        writer = self._writer(loop, loop.epoch + 1)  # no epoch trained here: keep them all
         for name in ("test_log_px", "test_log_px_stderr", "test_elbo", "test_gap"):
             if final.get(name) is not None:
                 writer.add_scalar(f"final/{name}", final[name], loop.history.epoch[-1])

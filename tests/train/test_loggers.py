@@ -59,3 +59,18 @@ def test_without_the_package_the_logger_is_one_line(tmp_path, monkeypatch, capsy
         "pip install 'pyro-vae[tensorboard]'"
     )
     assert not out.exists()  # refused before the run folder
+
+
+def test_a_run_resumed_only_for_its_final_estimate_keeps_its_curves(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--log", "tensorboard", "--patience", "1", "--min-delta", "1e6"]
+    assert main([*args, "--epochs", "20", "--out", str(out)]) == 0  # stops after epoch 2
+    history_file = out / "history.json"
+    history = json.loads(history_file.read_text())
+    del history["finished_at_epoch"]  # as if killed before its end mark was written
+    history_file.write_text(json.dumps(history))
+    assert main(["train", "--resume", str(out), "--epochs", "20", "--log", "tensorboard"]) == 0
+    scalars = _scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]  # no epoch trained, none lost
+    assert [step for step, _ in scalars["final/test_log_px"]] == [2, 2]
