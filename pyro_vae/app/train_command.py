@@ -160,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--force is for a new run's --out, not for --resume")
         config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
         refuse_python_only(args.resume, config, model_class)
-        updates = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
+        updates = _given(args, tuple(RESUMABLE))
         config = config.replace(**updates)
         run_dir = args.resume
         done = finished_epoch(run_dir)  # its final estimate and plots are written

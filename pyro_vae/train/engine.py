@@ -265,6 +265,7 @@ def _train(
         else make_scheduler(optimizer, config.scheduler, config.scheduler_options)
     )
     history = History()
+    last = config.epochs  # the epoch training ends at (earlier, for a run that stopped early)
 
     if resume:
         state = load_checkpoint(run_dir, map_location=device)
@@ -337,7 +338,6 @@ def _train(
         forget_params(model.name)
 
     try:
-        last = stopped_epoch(history.extra) or config.epochs  # a resumed run that had stopped
         run_epochs(loop, last, _hooks(loop, feed, config, options, run_dir, dist))
     except TrainingDiverged as exc:
         kept = (

@@ -174,7 +174,7 @@ class Loop:
         with _quiet_numerics():
             for batch in self.replicas.share(held_out.source.ordered(self.data.batch_size)):
                 elbo.global_weight = batch.size / held_out.source.num_data
-                values = 0.0
+                values = 0.0  # the batch's per-datapoint bound, with per_datapoint
                 for _ in range(held_out.repeats):
                     if not held_out.per_datapoint:
                         loss = elbo.loss(model.model, model.guide, *batch.args, **batch.kwargs)
@@ -184,7 +184,8 @@ class Loop:
                         bound = elbo.objective(particles, gradient=False).per_datapoint
                         values = values + bound.mean(0).double().cpu() / held_out.repeats
                     total -= loss / held_out.repeats
-                parts.append(values)
+                if held_out.per_datapoint:
+                    parts.append(values)
         if held_out.per_datapoint:
             self.held_out_values = torch.cat(self.replicas.gather_shared(parts))
         return self.replicas.total(total, self.data.generator.device) / held_out.source.num_data
