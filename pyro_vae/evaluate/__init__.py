@@ -35,7 +35,9 @@ every log-weight equals log p(x).
 Pyro's distribution validation, when enabled, runs once per model/guide call or batch, on a
 one-particle call on a copy of the random state (so every batch's data are checked and the
 draws are unchanged); the particle chunks run unvalidated, as they see the same data and
-parameters. Non-finite log-weights raise :class:`EvaluationError`.
+parameters. A first chunk of a few particles is validated itself instead of after a separate
+call, and one particle is drawn without a particle plate and without the vectorization probe.
+Non-finite log-weights raise :class:`EvaluationError`.
 """
 
 from pyro_vae.evaluate.chunks import log_weights

@@ -23,6 +23,9 @@ from pyro_vae.util.errors import ConfigError, DataError
 from pyro_vae.util.rng import forked_rng
 
 DEFAULT_PARTICLE_CHUNK = 500
+#: a first chunk of at most this many particles is itself run with Pyro's validation (when it
+#: is enabled) instead of after a separate one-particle call: checking it costs about as much
+VALIDATED_CHUNK = 8
 
 
 class Chunk(NamedTuple):
@@ -52,7 +55,10 @@ class Draws:
 
     def probed(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Draws:
         """These draws, vectorized unless a probe on this call (:func:`_vectorizable`) finds
-        that the pair's networks see the particle dimension."""
+        that the pair's networks see the particle dimension. One particle needs no probe: it
+        is drawn without a particle plate (:func:`log_weight_chunks`)."""
+        if self.num_particles == 1:
+            return replace(self, vectorize=True)
         nesting, plate, whole = self.max_plate_nesting, self.data_plate, self.whole
         return replace(
             self, vectorize=_vectorizable(model, guide, args, kwargs, nesting, plate, whole)
@@ -89,8 +95,11 @@ def log_weight_chunks(
     against every observed site's support and the distributions' parameters. The chunks then run
     with validation off: they see the same data and parameters, and checking every chunk's
     parameters would cost a full pass over the largest tensors (the decoder's ``[k, N, D]``
-    output) per chunk. NaN densities are caught by the statistics regardless
-    (:mod:`pyro_vae.evaluate.weights`).
+    output) per chunk. A first chunk of at most :data:`VALIDATED_CHUNK` particles is checked
+    itself instead, which costs no more than the separate call (validation draws no random
+    numbers, so the draws are the same either way). NaN densities are caught by the statistics
+    regardless (:mod:`pyro_vae.evaluate.weights`). A chunk of one particle is drawn without a
+    particle plate, as the pair runs on its own (the same draws and values).
 
     ``pyro.param`` messages are hidden from the traces (the parameters are read as usual): the
     evaluation needs only the sample sites.
@@ -121,7 +130,7 @@ def log_weight_chunks(
 
     def draw(size: int) -> Chunk:
         if draws.vectorize:
-            return one_call(size, True)
+            return one_call(size, size > 1)
         singles = [one_call(1, False) for _ in range(size)]
         enum_elbos = [c.trace_enum_elbo for c in singles]
         return Chunk(
@@ -133,12 +142,15 @@ def log_weight_chunks(
             None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos),
         )
 
-    if is_validation_enabled():
+    sizes = list(_chunk_sizes(draws.num_particles, draws.particle_chunk))
+    validate_first = is_validation_enabled() and bool(sizes) and sizes[0] <= VALIDATED_CHUNK
+    if is_validation_enabled() and not validate_first:
         with forked_rng():
             draw(1)
     num_data = None
-    for size in _chunk_sizes(draws.num_particles, draws.particle_chunk):
-        with pyro.validation_enabled(False):  # not across the yield: the caller's setting holds
+    for index, size in enumerate(sizes):
+        # not across the yield: the caller's setting holds there
+        with pyro.validation_enabled(validate_first and index == 0):
             chunk = draw(size)
         num_data = chunk.log_weights.shape[1] if num_data is None else num_data
         assert chunk.log_weights.shape == (size, num_data), (
