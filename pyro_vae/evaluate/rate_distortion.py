@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyro
@@ -141,24 +141,42 @@ def format_rate_distortion(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _check_options(values: dict[str, Any]) -> None:
-    def at_least(name: str, low: int) -> tuple[str, bool, str]:
-        value = values[name]
-        return name, value is None or value >= low, f">= {low}"
+#: each option's rule: a test of its value and the rule in words
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_particles": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "particle_chunk": (lambda v: v is None or v >= 1, ">= 1"),
+    "surgery_points": (lambda v: v is None or v >= 2, ">= 2 (or None)"),
+    "surgery_samples": (lambda v: v >= 1, ">= 1"),
+    "prior_draws": (lambda v: v >= 0, ">= 0"),
+    "hole_percentile": (lambda v: 0 < v < 100, "between 0 and 100"),
+    "active_threshold": (lambda v: v >= 0, ">= 0"),
+}
 
-    checks = [
-        at_least("num_particles", 1),
-        at_least("batch_size", 1),
-        at_least("particle_chunk", 1),
-        at_least("surgery_points", 2),
-        at_least("surgery_samples", 1),
-        at_least("prior_draws", 0),
-        ("hole_percentile", 0 < values["hole_percentile"] < 100, "between 0 and 100"),
-        ("active_threshold", values["active_threshold"] >= 0, ">= 0"),
-    ]
-    for name, ok, rule in checks:
-        if not ok:
+
+def check_options(values: dict[str, Any]) -> None:
+    """Refuse an option of :func:`rate_distortion` (those of ``values`` that it takes) that
+    breaks its rule in :data:`RULES`, naming the parameter."""
+    for name, (ok, rule) in RULES.items():
+        if name in values and not ok(values[name]):
             raise ConfigError(f"{name} must be {rule}, got {values[name]}")
+
+
+@dataclass(frozen=True)
+class RateDistortionOptions:
+    """The options of :func:`rate_distortion` that a run's evaluation
+    (:func:`~pyro_vae.runs.evaluate_run`) passes on, checked when made; batches, chunks and
+    the seed are the evaluation's."""
+
+    num_particles: int = 100
+    surgery_points: int | None = 1000
+    surgery_samples: int = 1
+    prior_draws: int = 1000
+    hole_percentile: float = 1.0
+    active_threshold: float = ACTIVE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        check_options(asdict(self))
 
 
 @torch.no_grad()
@@ -199,7 +217,7 @@ def rate_distortion(
     :raises DataError: for NaN or infinite data.
     :raises EvaluationError: for a non-finite rate or distortion.
     """
-    _check_options(locals())
+    check_options(locals())
     source = as_source(data, collate_fn)
     with forked_rng() if seed is not None else nullcontext(), eval_mode(model, guide):
         if seed is not None:
