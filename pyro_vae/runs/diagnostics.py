@@ -4,6 +4,7 @@ images, the prior draws that fell into holes of the aggregate posterior, decoded
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,11 @@ def run_rate_distortion(
         run.model.model,
         run.model.guide,
         source,
-        num_particles=options.num_particles,
         batch_size=batch_size,
         particle_chunk=chunk,
-        surgery_points=options.surgery_points,
-        surgery_samples=options.surgery_samples,
-        prior_draws=options.prior_draws,
-        hole_percentile=options.hole_percentile,
-        active_threshold=options.active_threshold,
         data_plate=data_plate_name(run.model),
         seed=seed,
+        **asdict(options),
     )
 
 
