@@ -42,16 +42,19 @@ from harness import at_least, set_threads, write_json
 positive_int = at_least(1)
 
 
+def _beta(part: str) -> float:
+    try:
+        value = float(part)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"every beta must be a number > 0, got {part!r}")
+    return value
+
+
 def betas(text: str) -> tuple[float, ...]:
     """An argparse type: comma-separated β values, each a number > 0, no two the same."""
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 0.1,1,3, got {text!r}"
-        ) from None
-    if not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"every beta must be a number > 0, got {text!r}")
+    values = tuple(_beta(part) for part in text.split(","))
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"a beta is given twice in {text!r}")
     return values
@@ -89,16 +92,9 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for beta in args.beta:
         folder = run_folder(args.out, beta)
-        config = TrainConfig(
-            model=ModelConfig(latent_dim=args.latent_dim, hidden=args.hidden),
-            beta=beta,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            final_particles=0,
-            device="cpu",
-        )
+        shared = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "seed")}
+        network = ModelConfig(latent_dim=args.latent_dim, hidden=args.hidden)
+        config = TrainConfig(model=network, beta=beta, final_particles=0, device="cpu", **shared)
         fit(config=config, run_dir=folder, progress=False)
         result = evaluate_run(
             folder,

@@ -35,7 +35,7 @@ def test_a_larger_beta_buys_a_lower_rate(sweep, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "beta, message",
-    [("0,1", "every beta must be a number > 0"), ("a", "comma-separated"), ("1,1", "twice")],
+    [("0,1", "every beta must be a number > 0, got '0'"), ("a", "got 'a'"), ("1,1", "twice")],
 )
 def test_bad_betas_are_one_line_and_write_nothing(sweep, tmp_path, capsys, beta, message):
     out = tmp_path / "sweep"
