@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from pyro_vae.app.flags import given_flags
+from pyro_vae.app.options import RATE_DISTORTION_ONLY
 from pyro_vae.app.train_command import cmd_train
 from pyro_vae.util.errors import ConfigError
 
@@ -220,6 +221,13 @@ def _fill_evaluate_options(args: argparse.Namespace) -> None:
     from pyro_vae.runs import EvalConfig
 
     unused = given_flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
+    rd_unused = "" if args.rate_distortion else given_flags(args, RATE_DISTORTION_ONLY)
+    if rd_unused or (args.rate_distortion and args.ais):
+        raise ConfigError(
+            f"{rd_unused} need(s) --rate-distortion"
+            if rd_unused
+            else "--rate-distortion applies to importance sampling, not to --ais"
+        )
     if unused:
         raise ConfigError(
             f"{unused} appl(ies) to importance sampling, not to --ais"
@@ -254,14 +262,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.quiet,
         dist_timeout=args.dist_timeout,
+        rate_distortion=_rate_distortion_options(args),
     )
     if not current_context().is_main:
         return 0
     model = read_config(args.run_dir).model
     conditional = model is not None and model.family == "cvae"
     print(format_table(result.summary(), observed="x, y" if conditional else "x"))
+    if result.rate_distortion is not None:
+        from pyro_vae.evaluate import format_rate_distortion
+
+        print(format_rate_distortion(result.rate_distortion.summary()))
     print(f"wrote {', '.join(path.name for path in result.paths.values())} in {args.run_dir}")
     return 0
+
+
+def _rate_distortion_options(args: argparse.Namespace):
+    """The options of ``--rate-distortion`` (``None`` without it), the defaults for those
+    not given; ``--surgery-points 0`` leaves the surgery out."""
+    if not args.rate_distortion:
+        return None
+    from pyro_vae.evaluate.rate_distortion import RateDistortionOptions
+
+    given = {
+        "num_particles": args.rd_particles,
+        "surgery_points": args.surgery_points,
+        "prior_draws": args.prior_draws,
+        "hole_percentile": args.hole_percentile,
+    }
+    chosen = {name: value for name, value in given.items() if value is not None}
+    if chosen.get("surgery_points") == 0:
+        chosen["surgery_points"] = None
+    return RateDistortionOptions(**chosen)
 
 
 def _load_conditional_run(args: argparse.Namespace):

@@ -170,3 +170,73 @@ def add_optimizer_options(parser: argparse.ArgumentParser, default: str) -> None
         metavar="MAX",
         help="scale each step's gradients down to this total norm when they exceed it",
     )
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _surgery_points(text: str) -> int:
+    value = _whole_number(text)
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"expected 0 (none) or a number >= 2, got {value}")
+    return value
+
+
+def _prior_draws(text: str) -> int:
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _percentile(text: str) -> float:
+    value = positive_float(text)
+    if not value < 100:
+        raise argparse.ArgumentTypeError(f"expected a percentile between 0 and 100, got {text}")
+    return value
+
+
+#: the options of ``evaluate --rate-distortion`` (their Python names), which need it
+RATE_DISTORTION_ONLY = ("rd_particles", "surgery_points", "prior_draws", "hole_percentile")
+
+
+def add_rate_distortion_options(parser: argparse.ArgumentParser) -> None:
+    """``--rate-distortion`` and its options (``None`` when not given: the defaults are
+    :class:`~pyro_vae.evaluate.rate_distortion.RateDistortionOptions`')."""
+    from pyro_vae.evaluate.rate_distortion import RateDistortionOptions
+
+    defaults = RateDistortionOptions()
+    parser.add_argument(
+        "--rate-distortion",
+        action="store_true",
+        help="also the rate-distortion diagnostics: per datapoint the rate KL(q(z|x) || p(z)) "
+        "and distortion -E_q log p(x|z), KL per latent dimension, active units, ELBO surgery "
+        "and the prior-hole check, into eval-<split>.json and .nc (and holes-<split>.png)",
+    )
+    parser.add_argument(
+        "--rd-particles",
+        type=positive_int,
+        help=f"draws z ~ q(z|x) per datapoint of --rate-distortion "
+        f"(default {defaults.num_particles})",
+    )
+    parser.add_argument(
+        "--surgery-points",
+        type=_surgery_points,
+        help="ELBO surgery of --rate-distortion on the first N datapoints: N^2 guide "
+        f"densities (default {defaults.surgery_points}; 0: none)",
+    )
+    parser.add_argument(
+        "--prior-draws",
+        type=_prior_draws,
+        help=f"prior draws of the prior-hole check (default {defaults.prior_draws}; 0: none)",
+    )
+    parser.add_argument(
+        "--hole-percentile",
+        type=_percentile,
+        help="a prior draw is in a hole below this percentile of the data codes' "
+        f"log q(z) (default {defaults.hole_percentile:g})",
+    )

@@ -13,6 +13,7 @@ from pyro_vae.app.options import (
     add_max_memory,
     add_max_seconds,
     add_optimizer_options,
+    add_rate_distortion_options,
     layer_sizes,
     parse_seed,
     path_arg,
@@ -299,6 +300,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "the prior p(z), which needs more steps",
     )
     p.add_argument("--chains", type=positive_int, help="AIS chains per datapoint (default 16)")
+    add_rate_distortion_options(p)
     add_max_memory(p)
     add_max_seconds(p)
     add_dist_timeout(p)

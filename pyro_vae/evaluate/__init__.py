@@ -43,6 +43,11 @@ Non-finite log-weights raise :class:`EvaluationError`.
 from pyro_vae.evaluate.chunks import log_weights
 from pyro_vae.evaluate.dataset import evaluate_dataset
 from pyro_vae.evaluate.khat import KHAT_GOOD, KHAT_OK, MIN_KHAT_PARTICLES, khat_reading, pareto_khat
+from pyro_vae.evaluate.rate_distortion import (
+    RateDistortion,
+    format_rate_distortion,
+    rate_distortion,
+)
 from pyro_vae.evaluate.results import (
     INFERENCE_DATA_GROUP,
     METRICS,
@@ -50,6 +55,7 @@ from pyro_vae.evaluate.results import (
     format_table,
     save_evaluation,
 )
+from pyro_vae.evaluate.surgery import Surgery
 from pyro_vae.evaluate.weights import EvaluationError, evaluate, weight_statistics
 
 __all__ = [
@@ -60,12 +66,16 @@ __all__ = [
     "KHAT_OK",
     "METRICS",
     "MIN_KHAT_PARTICLES",
+    "RateDistortion",
+    "Surgery",
     "evaluate",
     "evaluate_dataset",
+    "format_rate_distortion",
     "format_table",
     "khat_reading",
     "log_weights",
     "pareto_khat",
+    "rate_distortion",
     "save_evaluation",
     "weight_statistics",
 ]

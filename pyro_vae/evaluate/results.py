@@ -145,13 +145,18 @@ def write_netcdf(inference_data: Any, path: Path) -> None:
 
 
 def save_evaluation(
-    result: EvaluationResult, folder: str | Path, split: str, metadata: dict[str, Any] | None = None
+    result: EvaluationResult,
+    folder: str | Path,
+    split: str,
+    metadata: dict[str, Any] | None = None,
+    figures: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``eval-<split>.json``, ``eval-<split>.nc``, ``gap-<split>.png`` and (with k-hat)
     ``khat-<split>.png`` into ``folder`` as one set (each to a temporary file, all renamed at
     the end: a failed write, such as a full disk, leaves the previous evaluation's files and
     raises :class:`~pyro_vae.util.io.WriteError`); return their paths by kind. Without k-hat an
-    older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations."""
+    older ``khat-<split>.png`` is removed, so the folder never mixes two evaluations.
+    ``figures`` adds files to the set: kind → (file name, function writing it to a path)."""
     folder = Path(folder)
     paths = {
         "json": folder / f"eval-{split}.json",
@@ -170,6 +175,10 @@ def save_evaluation(
             paths["khat"] = khat_path
             with files.path(khat_path) as tmp:
                 _plot_khat(result.khat, tmp, title)
+        for kind, (name, write) in (figures or {}).items():
+            paths[kind] = folder / name
+            with files.path(paths[kind]) as tmp:
+                write(tmp)
     if result.khat is None:
         khat_path.unlink(missing_ok=True)
     return paths
@@ -230,6 +239,9 @@ class EvaluationResult:
     #: that ``TraceEnum_ELBO`` (and the ``trace`` estimator) computes, averaged over the
     #: particles (``None`` otherwise, or where it is not defined)
     trace_enum_elbo: torch.Tensor | None = None
+    #: the rate–distortion diagnostics of the same data, when asked
+    #: (:class:`~pyro_vae.evaluate.rate_distortion.RateDistortion`)
+    rate_distortion: Any = None
 
     def __post_init__(self) -> None:
         shape = self.log_px.shape
@@ -334,7 +346,10 @@ class EvaluationResult:
         if self.trace_enum_elbo is not None:
             names.append("trace_enum_elbo")
         datapoints = {name: getattr(self, name).tolist() for name in names}
-        return _json_safe({"summary": self.summary(), "datapoints": datapoints})
+        out = {"summary": self.summary(), "datapoints": datapoints}
+        if self.rate_distortion is not None:
+            out["rate_distortion"] = self.rate_distortion.to_dict()
+        return _json_safe(out)
 
     def to_inference_data(self) -> Any:
         """ArviZ ``InferenceData`` with one group, ``evaluation``: every per-datapoint metric
@@ -348,6 +363,9 @@ class EvaluationResult:
             data_vars["khat"] = (("datapoint",), self.khat.numpy())
         if self.trace_enum_elbo is not None:
             data_vars["trace_enum_elbo"] = (("datapoint",), self.trace_enum_elbo.numpy())
+        if self.rate_distortion is not None:
+            for name in ("rate", "distortion"):
+                data_vars[name] = (("datapoint",), getattr(self.rate_distortion, name).numpy())
         if self.log_weights is not None:
             data_vars["log_weight"] = (("particle", "datapoint"), self.log_weights.numpy())
             coords["particle"] = np.arange(self.num_particles)
@@ -357,6 +375,8 @@ class EvaluationResult:
             "khat_ok": KHAT_OK,
             "summary": json.dumps(_json_safe(self.summary())),
         }
+        if self.rate_distortion is not None:
+            attrs["rate_distortion"] = json.dumps(_json_safe(self.rate_distortion.summary()))
         if self.global_term is not None:
             attrs["global_sites"] = ",".join(self.global_term.sites)
             attrs["global_log_p_minus_log_q"] = self.global_term.mean

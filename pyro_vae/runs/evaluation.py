@@ -16,8 +16,10 @@ from pyro_vae.data.specs import load_data
 from pyro_vae.evaluate.chunks import DEFAULT_PARTICLE_CHUNK
 from pyro_vae.evaluate.dataset import DEFAULT_BATCH_SIZE, evaluate_dataset
 from pyro_vae.evaluate.khat import tail_size
+from pyro_vae.evaluate.rate_distortion import RateDistortionOptions
 from pyro_vae.evaluate.results import EvaluationResult, save_evaluation
 from pyro_vae.models.config import check_seed
+from pyro_vae.runs.diagnostics import holes_figure, holes_file, run_rate_distortion
 from pyro_vae.runs.loading import load_run
 from pyro_vae.util import memory
 from pyro_vae.util.distributed import init_distributed
@@ -189,6 +191,7 @@ def evaluate_run(
     progress: bool = False,
     dist_timeout: float | None = None,
     data: Any = None,
+    rate_distortion: RateDistortionOptions | None = None,
 ) -> EvaluationResult:
     """Evaluate a trained run folder on ``split`` (or on ``data``: a data spec or data in any
     form :func:`evaluate_dataset` takes) and write the results into ``out``.
@@ -210,6 +213,11 @@ def evaluate_run(
     (:func:`evaluate_dataset` with ``dist``), every rank returns the whole result, identical per
     datapoint to a single process's, and rank 0 alone writes the files. Collectives wait at most
     ``dist_timeout`` seconds (see :func:`pyro_vae.util.distributed.init_distributed`).
+
+    With ``rate_distortion`` (:class:`~pyro_vae.evaluate.rate_distortion.RateDistortionOptions`)
+    rank 0 also computes the rate–distortion diagnostics of the same data, seeded by ``seed``
+    (``result.rate_distortion``; in the JSON and netCDF files, and for the package's VAEs on
+    images the decoded prior holes, ``holes-<split>.png``).
     """
     config = EvalConfig(
         particles=particles,
@@ -248,6 +256,10 @@ def evaluate_run(
                 dist=dist,
                 data_plate=data_plate_name(run.model),
             )
+            if rate_distortion is not None and dist.is_main:
+                result.rate_distortion = run_rate_distortion(
+                    run, source, rate_distortion, config.batch_size, config.particle_chunk, seed
+                )
     if dist.is_main:
         metadata = {
             "run_dir": str(run_dir),
@@ -257,7 +269,11 @@ def evaluate_run(
             if isinstance(data, (str, Path))
             else (None if data is None else "given"),
         }
-        result.paths = save_evaluation(
-            result, run_dir if out is None else out, output_label(config.split, data), metadata
+        label, folder = output_label(config.split, data), Path(run_dir if out is None else out)
+        figures = (
+            {} if rate_distortion is None else holes_figure(run, result.rate_distortion, label)
         )
+        result.paths = save_evaluation(result, folder, label, metadata, figures)
+        if not figures:  # never an older evaluation's holes beside this one
+            (folder / holes_file(label)).unlink(missing_ok=True)
     return result
