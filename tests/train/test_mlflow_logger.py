@@ -171,3 +171,20 @@ def test_each_steps_loss_reaches_the_step_hook(compile):
     # equal batches: an epoch's mean loss is the mean of its steps'
     for epoch, loss in enumerate(result.history.train_loss):
         assert sum(recorder.losses[2 * epoch : 2 * epoch + 2]) / 2 == pytest.approx(loss, rel=1e-6)
+
+
+def test_a_callback_without_a_step_hook_is_not_called_per_step(monkeypatch):
+    def called(self, loop, step, loss):
+        raise AssertionError("on_step_end called for a callback that does not define it")
+
+    monkeypatch.setattr(Callback, "on_step_end", called)
+    result = fit(
+        FactorAnalysis(),
+        fa_data(64),
+        batch_size=32,
+        epochs=2,
+        final_particles=0,
+        progress=False,
+        callbacks=[Callback()],
+    )
+    assert result.history.epoch == [1, 2]
