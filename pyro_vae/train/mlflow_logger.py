@@ -80,6 +80,7 @@ class MLflowLogger(Callback):
         self.run_dir, self.is_main = Path(run_dir), is_main
         self.client_class = require_logger("mlflow")
         self.client: Any = None
+        self.uri: str | None = None  # the tracking store's
         self.run_id: str | None = None
         self.logged: set[int] = set()  # the epochs the MLflow run holds
         self.step_losses = StepLosses()
@@ -87,15 +88,19 @@ class MLflowLogger(Callback):
         if is_main:
             self._open(history, config, tracking_uri)
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """The client's ``method``; MLflow's refusal as one line."""
+    def _call(self, method: str | None, *args: Any, **kwargs: Any) -> Any:
+        """The client's ``method`` (``None``: make the client for the store ``args[0]``);
+        MLflow's refusal as one line."""
         from mlflow.exceptions import MlflowException
 
         try:
+            if method is None:
+                self.client = self.client_class(tracking_uri=args[0])
+                return self.client
             return getattr(self.client, method)(*args, **kwargs)
         except MlflowException as exc:
-            message = str(exc.message).strip().splitlines()[0]
-            raise ConfigError(f"log='mlflow': the tracking store refused: {message}") from None
+            message = " ".join(str(exc.message).split())
+            raise ConfigError(f"log='mlflow', tracking store {self.uri}: {message}") from None
 
     def _store(self, given: str | None, recorded: dict[str, Any]) -> str:
         uri = (
@@ -121,8 +126,8 @@ class MLflowLogger(Callback):
 
     def _open(self, history: History, config: dict[str, Any] | None, given: str | None) -> None:
         recorded = history.extra.get("mlflow") or {}
-        uri = self._store(given, recorded)
-        self.client = self.client_class(tracking_uri=uri)
+        uri = self.uri = self._store(given, recorded)
+        self._call(None, uri)
         if recorded.get("run_id"):
             self.run_id = recorded["run_id"]
             try:

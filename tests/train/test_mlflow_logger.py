@@ -135,6 +135,18 @@ def test_the_tracking_store_is_mlflows_variable_and_a_run_not_in_it_is_refused(
     assert (out / "history.json").read_bytes() == before  # refused before any epoch
 
 
+def test_a_store_mlflow_cannot_open_is_one_line_and_leaves_no_run_folder(tmp_path, store, capsys):
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--log", "mlflow", "--log-uri", "nosuchscheme://x", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(
+        "pyro-vae train: error: --log mlflow, tracking store nosuchscheme://x: "
+    )
+    assert not out.exists()
+
+
 def test_a_tracking_store_without_the_mlflow_logger_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--log-uri", "mlruns", "--out", str(out)]) == 2
