@@ -27,6 +27,7 @@ FLAGS = {
     "lr": "--lr",
     "patience": "--patience",
     "log": "--log",
+    "log_uri": "--log-uri",
     "optimizer": "--optimizer",
     "optimizer_options": "--optimizer-options",
     "clip_norm": "--clip-norm",

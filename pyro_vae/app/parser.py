@@ -179,7 +179,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--log",
         choices=LOGGERS,
         help="write the run's curves for a dashboard: tensorboard (event files in "
-        "RUN_DIR/tensorboard; needs the tensorboard package)",
+        "RUN_DIR/tensorboard; needs the tensorboard package), mlflow (an MLflow run; needs "
+        "mlflow-skinny)",
+    )
+    p.add_argument(
+        "--log-uri",
+        metavar="URI",
+        help="with --log mlflow: the tracking store (default: the resumed run's, else "
+        "$MLFLOW_TRACKING_URI, else the file store mlruns beside the run folder)",
     )
     p.add_argument("--batch-size", type=positive_int, help=f"default {defaults.batch_size}")
     p.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr})")

@@ -199,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             download=args.download,
             dist_timeout=args.dist_timeout,
             log=args.log,
+            log_uri=args.log_uri,
         ),
     )
     if not current_context().is_main:

@@ -26,7 +26,8 @@ class RunOptions:
     (:mod:`pyro_vae.train.compiled`); ``download`` fetches the MNIST files if they are missing;
     ``dist_timeout`` bounds, in seconds, the wait for torchrun's other ranks. ``log`` names a
     logger of the run's curves (:data:`~pyro_vae.train.loggers.LOGGERS`: ``"tensorboard"``,
-    event files in the run folder's ``tensorboard/``).
+    event files in the run folder's ``tensorboard/``; ``"mlflow"``, an MLflow run in the
+    tracking store ``log_uri``, by default :mod:`pyro_vae.train.mlflow_logger`'s).
     """
 
     run_dir: str | Path | None = None
@@ -40,10 +41,21 @@ class RunOptions:
     download: bool = False
     dist_timeout: float | None = None
     log: str | None = None
+    log_uri: str | None = None
 
     def replace(self, **changes: Any) -> RunOptions:
         return dataclasses.replace(self, **changes)
 
 
 #: the :class:`RunOptions` fields :func:`~pyro_vae.train.fit` also takes as keywords
-FIT_KEYWORDS = ("run_dir", "resume", "force", "callbacks", "progress", "fused", "compile", "log")
+FIT_KEYWORDS = (
+    "run_dir",
+    "resume",
+    "force",
+    "callbacks",
+    "progress",
+    "fused",
+    "compile",
+    "log",
+    "log_uri",
+)

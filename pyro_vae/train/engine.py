@@ -42,8 +42,9 @@ from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
 from pyro_vae.train.early_stopping import EarlyStopping, stopped_epoch
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger, require_logger
+from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger, check_log_options
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
+from pyro_vae.train.mlflow_logger import MLflowLogger
 from pyro_vae.train.parallel import Replicas
 from pyro_vae.train.sources import BuiltinData, UserData
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING
@@ -130,7 +131,8 @@ def fit(
     ``importance_samples``, ``beta``, ``warmup``, ``epochs``, ``batch_size``, ``lr``, ``seed``,
     ``device``, ...) determines the run; ``options`` (:class:`~pyro_vae.train.RunOptions`) say
     how it runs. Keywords replace the fields of ``config``, and of ``options`` for
-    ``run_dir``, ``resume``, ``force``, ``callbacks``, ``progress``, ``fused`` and ``compile``.
+    ``run_dir``, ``resume``, ``force``, ``callbacks``, ``progress``, ``fused``, ``compile``,
+    ``log`` and ``log_uri``.
 
     With ``run_dir`` the config, history, checkpoint and weights are written there after every
     epoch (atomically, as one set); ``resume=True`` continues that run up to ``config.epochs``
@@ -174,10 +176,7 @@ def fit(
     config, options = _settings(config, options, data, keywords)
     if options.resume and options.run_dir is None:
         raise ConfigError("resume needs a run folder")
-    if options.log is not None:  # refused before the run folder: what to install, or a folder
-        require_logger(options.log)
-        if options.run_dir is None:
-            raise ConfigError(f"log={options.log!r} writes into the run folder: give run_dir")
+    check_log_options(options.log, options.log_uri, options.run_dir)  # before the run folder
     held_out_given = config.dataset is not None or test_data is not None or config.test_data
     if config.patience is not None and not held_out_given:
         raise ConfigError(
@@ -360,6 +359,12 @@ def _hooks(
 ) -> list[Callback]:
     """The run's callbacks, in order: the progress bar, the checkpoint, the user's, the final
     estimate and the plots."""
+    logger: Callback | None = None  # first: a store that refuses the run does so before the bar
+    if options.log == "tensorboard":
+        logger = TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), dist.is_main)
+    elif options.log == "mlflow":
+        uri = options.log_uri
+        logger = MLflowLogger(run_dir, loop.history, config.to_dict(), uri, dist.is_main)
     hooks: list[Callback] = [
         ProgressBar(loop.epoch + 1, config.epochs, options.progress and dist.is_main)
     ]
@@ -380,12 +385,12 @@ def _hooks(
                 loop.held_out.source, config.final_particles, config.batch_size, config.seed, dist
             )
         )
-    if options.log is not None and run_dir is not None:  # after the final estimate: it logs it
-        hooks.append(TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), dist.is_main))
     if run_dir is not None and dist.is_main:
         hooks.append(
             RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, feed.dataset, config))
         )
+    if logger is not None:  # after the final estimate and the plots: it logs them
+        hooks.append(logger)
     return hooks
 
 

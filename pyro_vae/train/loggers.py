@@ -1,6 +1,7 @@
 """Training curves for a dashboard: a :class:`~pyro_vae.train.Callback` that writes what the
 history records to TensorBoard's event files (``torch.utils.tensorboard``; the ``tensorboard``
-package is an optional extra, imported only when a logger is made).
+package is an optional extra, imported only when a logger is made); the names and values
+shared with :mod:`pyro_vae.train.mlflow_logger`.
 
 Per epoch (the epoch as the step): ``train/loss`` (−ELBO per datapoint, the estimator's),
 ``test/elbo`` (the held-out ELBO, with held-out data), ``train/seconds``, ``train/beta`` (the
@@ -9,35 +10,103 @@ the end, the final estimate's numbers (``final/test_log_px``, ``final/test_log_p
 ``final/test_elbo``, ``final/test_gap``) at the last epoch, and the run's config as text. A
 resumed run appends to the same folder and drops what an interrupted run had logged after its
 last checkpoint (``purge_step``), so the curves are those of the history.
+
+Per step (the run's step count from 1 as the step): ``train/step_loss``, each step's mean loss
+per datapoint of its batch, written with the epoch's scalars (after its checkpoint) into the
+subfolder ``steps`` (its own steps, its own purge).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.errors import ConfigError
 
 #: the loggers by the name ``RunOptions.log`` (``--log``) gives them
-LOGGERS = ("tensorboard",)
+LOGGERS = ("tensorboard", "mlflow")
 #: the run folder's subfolder of the event files
 LOG_DIR = "tensorboard"
+#: the per-step scalar's name
+STEP_LOSS = "train/step_loss"
+#: the final estimate's numbers logged as ``final/NAME`` at the last epoch
+FINAL_NAMES = ("test_log_px", "test_log_px_stderr", "test_elbo", "test_gap")
 
 
 def require_logger(name: str) -> type:
-    """The writer class of the logger ``name`` (one of :data:`LOGGERS`), or one line saying
-    what to install: checked before a run starts."""
+    """The writer class of the logger ``name`` (one of :data:`LOGGERS`: TensorBoard's
+    ``SummaryWriter``, MLflow's ``MlflowClient``), or one line saying what to install: checked
+    before a run starts."""
     if name not in LOGGERS:
         raise ConfigError(f"log must be one of {LOGGERS}, got {name!r}")
     try:
+        if name == "mlflow":
+            from mlflow.tracking import MlflowClient
+
+            return MlflowClient
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError(
-            "log='tensorboard' needs the tensorboard package: pip install 'pyro-vae[tensorboard]'"
+            f"log={name!r} needs the {name} package: pip install 'pyro-vae[{name}]'"
         ) from None
     return SummaryWriter
+
+
+def check_log_options(log: str | None, log_uri: str | None, run_dir: Any) -> None:
+    """``fit``'s logging options checked before the run folder is touched."""
+    if log_uri is not None and log != "mlflow":
+        raise ConfigError(f"log_uri={log_uri!r} is an MLflow tracking store: it needs log='mlflow'")
+    if log is not None:
+        require_logger(log)
+        if run_dir is None:
+            raise ConfigError(f"log={log!r} writes into the run folder: give run_dir")
+
+
+def epoch_scalars(loop: Loop, index: int) -> dict[str, float]:
+    """The scalars of the history's epoch at ``index``, by name (``test/best_elbo`` for the
+    last epoch only: the history keeps the current best alone)."""
+    history = loop.history
+    epoch = history.epoch[index]
+    steps = loop.replicas.steps_per_epoch(loop.data.source, loop.data.batch_size)
+    rates = history.extra.get("lr")  # each epoch's own, before a scheduler's step
+    scalars = {
+        "train/loss": history.train_loss[index],
+        "train/seconds": history.seconds[index],
+        "train/beta": float(loop.step.warmup(epoch * steps - 1)),  # at the epoch's last step
+        "train/lr": rates[index] if rates else loop.optimizer.param_groups[0]["lr"],
+    }
+    if len(history.test_elbo) == len(history.epoch):
+        scalars["test/elbo"] = history.test_elbo[index]
+    stopping = history.extra.get("early_stopping")
+    if stopping and epoch == history.epoch[-1]:
+        scalars["test/best_elbo"] = stopping["best_test_elbo"]
+    return scalars
+
+
+class StepLosses:
+    """The steps' losses gathered as tensors, read in one synchronisation per epoch."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.times: list[float] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.times.append(time.time())
+
+    def drain(self) -> list[tuple[int, float, float]]:
+        """(step, loss, wall-clock time) of each step gathered since the last call."""
+        values = torch.stack(self.losses).tolist() if self.losses else []
+        drained = list(zip(self.steps, values, self.times))
+        self.steps, self.losses, self.times = [], [], []
+        return drained
 
 
 class TensorBoardLogger(Callback):
@@ -52,6 +121,8 @@ class TensorBoardLogger(Callback):
         self.writer: Any = (
             None  # made after the first epoch: a run that trains nothing logs nothing
         )
+        self.step_writer: Any = None
+        self.step_losses = StepLosses()
 
     def _writer(self, loop: Loop, first_new: int) -> Any:
         """The writer, made on first use: the steps from ``first_new`` on are this process's,
@@ -63,34 +134,39 @@ class TensorBoardLogger(Callback):
                 self.writer.add_text("config", f"```\n{text}\n```", first_new)
         return self.writer
 
+    def on_step_end(self, loop: Loop, step: int, loss: torch.Tensor) -> None:
+        if self.is_main:
+            self.step_losses.add(step, loss)
+
     def on_epoch_end(self, loop: Loop) -> None:
         if not self.is_main:
             return
-        writer, history, epoch = self._writer(loop, loop.epoch), loop.history, loop.epoch
-        writer.add_scalar("train/loss", history.train_loss[-1], epoch)
-        writer.add_scalar("train/seconds", history.seconds[-1], epoch)
-        writer.add_scalar("train/beta", loop.step.estimator.beta, epoch)
-        rates = history.extra.get("lr")  # the epoch's own, before a scheduler's step
-        rate = rates[-1] if rates else loop.optimizer.param_groups[0]["lr"]
-        writer.add_scalar("train/lr", rate, epoch)
-        if len(history.test_elbo) == len(history.epoch):
-            writer.add_scalar("test/elbo", history.test_elbo[-1], epoch)
-        stopping = history.extra.get("early_stopping")
-        if stopping:
-            writer.add_scalar("test/best_elbo", stopping["best_test_elbo"], epoch)
+        writer = self._writer(loop, loop.epoch)
+        for name, value in epoch_scalars(loop, -1).items():
+            writer.add_scalar(name, value, loop.epoch)
         writer.flush()
+        steps = self.step_losses.drain()
+        if steps:
+            if self.step_writer is None:  # purges what an interrupted run logged from here
+                self.step_writer = self.writer_class(
+                    log_dir=str(self.log_dir / "steps"), purge_step=steps[0][0]
+                )
+            for step, value, wall_time in steps:
+                self.step_writer.add_scalar(STEP_LOSS, value, step, walltime=wall_time)
+            self.step_writer.flush()
 
     def on_fit_end(self, loop: Loop) -> None:
         final = loop.history.extra.get("final")
         if not self.is_main or not final or not loop.history.epoch:
             return
         writer = self._writer(loop, loop.epoch + 1)  # no epoch trained here: keep them all
-        for name in ("test_log_px", "test_log_px_stderr", "test_elbo", "test_gap"):
+        for name in FINAL_NAMES:
             if final.get(name) is not None:
                 writer.add_scalar(f"final/{name}", final[name], loop.history.epoch[-1])
         writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for writer in (self.writer, self.step_writer):
+            if writer is not None:
+                writer.close()
+        self.writer = self.step_writer = None

@@ -31,6 +31,15 @@ clock: Callable[[], float] = time.perf_counter
 class Callback:
     """A hook with one job; each method is called by :func:`run_epochs` (all optional)."""
 
+    def on_fit_start(self, loop: Loop) -> None:
+        """Before the first epoch this process trains, ``loop.history`` restored (resumed)."""
+
+    def on_step_end(self, loop: Loop, step: int, loss: torch.Tensor) -> None:
+        """After each training step: ``step`` counts the run's steps from 1, ``loss`` is the
+        step's mean loss per datapoint of this rank's batch, a tensor on the device (not
+        synchronized: read it once per epoch, not per step). Called only for a callback that
+        overrides it, so the steps of a run without one pay nothing."""
+
     def on_epoch_end(self, loop: Loop) -> None:
         """After an epoch's training and held-out score, ``loop.history`` updated."""
 
@@ -131,8 +140,9 @@ class Loop:
     def order_generator(self) -> torch.Generator:
         return self.data.order_generator
 
-    def train_epoch(self) -> float:
-        """One pass over the training source; the mean loss per datapoint."""
+    def train_epoch(self, hooks: Sequence[Callback] = ()) -> float:
+        """One pass over the training source; the mean loss per datapoint. ``hooks`` are
+        told of each step (:meth:`Callback.on_step_end`)."""
         step, data = self.step, self.data
         step.model.train()
         steps = self.replicas.steps_per_epoch(data.source, data.batch_size)
@@ -159,6 +169,10 @@ class Loop:
                     self.initial_loss = self.replicas.mean(loss.detach().clone(), size)
                 loss_sum += loss
                 count += size
+                if hooks:
+                    mean = loss.detach() / size
+                    for hook in hooks:
+                        hook.on_step_end(self, index + 1, mean)
                 budget.piece_done()
         return self.replicas.mean(loss_sum, count)
 
@@ -217,6 +231,8 @@ def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) 
     steps = loop.replicas.steps_per_epoch(loop.data.source, loop.data.batch_size)
     epochs = last_epoch - loop.epoch
     try:
+        for callback in callbacks:  # not timed with the steps
+            callback.on_fit_start(loop)
         # the ranks would not agree on a refusal timed by each: the bound holds one process
         with (
             nullcontext()
@@ -235,10 +251,11 @@ def run_epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback] = ()) 
 
 
 def _epochs(loop: Loop, last_epoch: int, callbacks: Sequence[Callback]) -> None:
+    stepped = [c for c in callbacks if type(c).on_step_end is not Callback.on_step_end]
     for epoch in range(loop.epoch + 1, last_epoch + 1):
         start = clock()
         loop.epoch = epoch
-        mean_loss = loop.train_epoch()
+        mean_loss = loop.train_epoch(stepped)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"the training loss became {mean_loss} in epoch {epoch}")
         if diverged(mean_loss, loop.initial_loss):

@@ -1,14 +1,22 @@
 """The TensorBoard logger: the event file's scalars, read back with TensorBoard's own reader,
-are the history's; a resumed run's curves are the uninterrupted run's; without the package,
-one line saying what to install."""
+are the history's, and each step's loss is there once; a resumed run's curves are the
+uninterrupted run's; without its package, a logger (TensorBoard's, MLflow's) is one line saying
+what to install."""
 
 import json
+import math
 
 import pytest
 
 from pyro_vae.app.cli import main
 
 SMALL = ["--batch-size", "256", "--latent-dim", "2", "--hidden", "16", "--device", "cpu", "--quiet"]
+
+
+def _steps_trained(epochs):
+    from pyro_vae import load_digits
+
+    return list(range(1, epochs * math.ceil(len(load_digits().train.images) / 256) + 1))
 
 
 def _scalars(log_dir):
@@ -34,6 +42,8 @@ def test_the_event_files_scalars_are_the_historys(tmp_path):
     assert [v for _, v in scalars["train/beta"]] == [1.0, 1.0, 1.0]
     final = history["final"]
     assert scalars["final/test_log_px"] == [(3, pytest.approx(final["test_log_px"], rel=1e-6))]
+    steps = _scalars(out / "tensorboard" / "steps")["train/step_loss"]
+    assert [step for step, _ in steps] == _steps_trained(3)
 
 
 def test_a_resumed_runs_curves_are_those_of_its_history(tmp_path):
@@ -46,17 +56,24 @@ def test_a_resumed_runs_curves_are_those_of_its_history(tmp_path):
     steps, values = zip(*_scalars(out / "tensorboard")["train/loss"])
     assert list(steps) == [1, 2, 3, 4]
     assert list(values) == pytest.approx(history["train_loss"], rel=1e-6)
+    steps = _scalars(out / "tensorboard" / "steps")["train/step_loss"]
+    assert [step for step, _ in steps] == _steps_trained(4)
 
 
-def test_without_the_package_the_logger_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "name, modules",
+    [("tensorboard", ["torch.utils.tensorboard"]), ("mlflow", ["mlflow", "mlflow.tracking"])],
+)
+def test_without_the_package_the_logger_is_one_line(name, modules, tmp_path, monkeypatch, capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # import fails
     out = tmp_path / "run"
-    assert main(["train", *SMALL, "--epochs", "1", "--log", "tensorboard", "--out", str(out)]) == 2
+    assert main(["train", *SMALL, "--epochs", "1", "--log", name, "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "pyro-vae train: error: --log tensorboard needs the tensorboard package: "
-        "pip install 'pyro-vae[tensorboard]'"
+        f"pyro-vae train: error: --log {name} needs the {name} package: "
+        f"pip install 'pyro-vae[{name}]'"
     )
     assert not out.exists()  # refused before the run folder
 
