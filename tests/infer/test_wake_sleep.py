@@ -342,3 +342,51 @@ def test_the_command_line_trains_with_piwae(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--importance-samples" in err, err
     assert not (tmp_path / "bad").exists()
+
+
+class TwoSites(nn.Module):
+    """z1 ~ N(0, 1), z2 | z1 ~ N(a z1, 1), x | z2 ~ N(z2, 1); the guide draws z1 and then z2
+    given z1, so rws's log q(sg z) comes from a replay of the guide."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.r = (nn.Parameter(torch.tensor(v)) for v in (0.5, 0.2, 0.3))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x.new_zeros(()), 1.0))
+            z2 = pyro.sample("z2", dist.Normal(self.a * z1, 1.0))
+            pyro.sample("x", dist.Normal(z2, 1.0), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(self.m * x, 1.0))
+            pyro.sample("z2", dist.Normal(self.r * (z1 + x), 0.8))
+
+
+def test_rws_on_a_hierarchical_guide_follows_its_formulas():
+    pair, x = TwoSites().double(), torch.linspace(-1, 2, N, dtype=torch.float64)
+    estimator = make_estimator("rws", num_particles=2, importance_samples=3)
+    pyro.set_rng_seed(0)
+    particles = estimator.draw(pair.model, pair.guide, (x,), {})
+    loss = estimator.loss_of(particles)
+    grads = torch.autograd.grad(loss, [pair.a, pair.m, pair.r])
+    z1, z2 = (particles.guide_trace.nodes[s]["value"].detach() for s in ("z1", "z2"))
+    log_q = dist.Normal(pair.m * x, 1.0).log_prob(z1) + dist.Normal(
+        pair.r * (z1 + x), 0.8
+    ).log_prob(z2)
+    log_p = (
+        dist.Normal(0.0, 1.0).log_prob(z1)
+        + dist.Normal(pair.a * z1, 1.0).log_prob(z2)
+        + dist.Normal(z2, 1.0).log_prob(x)
+    )
+    log_w = (log_p - log_q.detach()).reshape(2, 3, N)
+    bound = _iwae(log_w)
+    wake_phi = (torch.softmax(log_w.detach(), 1) * log_q.reshape(2, 3, N)).sum(1).sum(-1).mean()
+    want = [
+        *torch.autograd.grad(-bound, [pair.a], retain_graph=True),
+        *torch.autograd.grad(-wake_phi, [pair.m, pair.r]),
+    ]
+    torch.testing.assert_close(loss, -bound.detach(), rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
