@@ -128,7 +128,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
         "stl (sticking the landing), dreg (doubly reparameterized IWAE), "
         "vimco (IWAE with leave-one-out baselines for discrete guide sites "
-        "that are sampled); guide sites marked for enumeration are summed out; "
+        "that are sampled), miwae (IWAE of K averaged over P), piwae (IWAE of all P*K draws "
+        "for the model, miwae for the guide), rws (reweighted wake-sleep; sampled discrete "
+        "guide sites); guide sites marked for enumeration are summed out; "
         f"default {defaults.elbo}",
     )
     p.add_argument(
@@ -140,7 +142,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--importance-samples",
         type=positive_int,
-        help="draws inside the log, a tighter bound (iwae, dreg and vimco only; "
+        help="draws inside the log, a tighter bound (iwae, dreg, vimco, miwae, piwae and "
+        "rws only; "
         f"default {defaults.importance_samples})",
     )
     p.add_argument(

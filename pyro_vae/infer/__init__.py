@@ -1,22 +1,28 @@
-r"""ELBO estimators: six named Monte Carlo objectives for one Pyro model/guide pair.
+r"""ELBO estimators: nine named Monte Carlo objectives for one Pyro model/guide pair.
 
 One estimator per module, as Pyro keeps them (``pyro/infer/trace_elbo.py``, ...):
 
-=============  =======================================  =========================================
-name           class (module)                           bound; gradient
-=============  =======================================  =========================================
-``trace``      :class:`TraceELBO` (``trace_elbo``)      ELBO, Monte Carlo rate; path + score
-``meanfield``  :class:`MeanFieldELBO`                   ELBO, closed-form KL where registered;
-               (``meanfield_elbo``)                     reparameterization
-``iwae``       :class:`ImportanceWeightedELBO`          K-sample importance-weighted bound;
-               (``iwae``)                               reparameterization of the bound
-``stl``        :class:`StickingTheLandingELBO`          ELBO; sticking the landing (no score
-               (``stl``)                                term)
-``dreg``       :class:`DoublyReparameterizedELBO`       K-sample bound; doubly reparameterized
+=============  =========================================  =======================================
+name           class (module)                             bound; gradient
+=============  =========================================  =======================================
+``trace``      :class:`TraceELBO` (``trace_elbo``)        ELBO, Monte Carlo rate; path + score
+``meanfield``  :class:`MeanFieldELBO`                     ELBO, closed-form KL where registered;
+               (``meanfield_elbo``)                       reparameterization
+``iwae``       :class:`ImportanceWeightedELBO`            K-sample importance-weighted bound;
+               (``iwae``)                                 reparameterization of the bound
+``stl``        :class:`StickingTheLandingELBO`            ELBO; sticking the landing (no score
+               (``stl``)                                  term)
+``dreg``       :class:`DoublyReparameterizedELBO`         K-sample bound; doubly reparameterized
                (``dreg``)
-``vimco``      :class:`VIMCO` (``vimco``)               K-sample bound (K ≥ 2); leave-one-out
-                                                        score terms for sampled discrete sites
-=============  =======================================  =========================================
+``vimco``      :class:`VIMCO` (``vimco``)                 K-sample bound (K ≥ 2); leave-one-out
+                                                          score terms for sampled discrete sites
+``miwae``      :class:`MultipleImportanceWeightedELBO`    M IWAE-K bounds averaged (``iwae`` with
+               (``miwae``)                                M particles); same for both networks
+``piwae``      :class:`PartiallyImportanceWeightedELBO`   IWAE bound of all M·K draws; the model
+               (``piwae``)                                its gradient, the guide MIWAE(M, K)'s
+``rws``        :class:`ReweightedWakeSleep` (``rws``)     K-sample bound; wake-θ and wake-φ at
+                                                          fixed draws (sampled discrete sites)
+=============  =========================================  =======================================
 
 The shared machinery: :mod:`pyro_vae.core.particles` draws the particles and reads their
 log-densities (which latents count, scale factors, enumeration; the evaluator reads the same
@@ -55,7 +61,10 @@ from pyro_vae.infer.dreg import DoublyReparameterizedELBO
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
+from pyro_vae.infer.miwae import MultipleImportanceWeightedELBO
+from pyro_vae.infer.piwae import PartiallyImportanceWeightedELBO
 from pyro_vae.infer.registry import CLASSES, ESTIMATORS, make_estimator
+from pyro_vae.infer.rws import ReweightedWakeSleep
 from pyro_vae.infer.schedule import LinearWarmup
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
@@ -69,6 +78,9 @@ __all__ = [
     "ImportanceWeightedELBO",
     "LinearWarmup",
     "MeanFieldELBO",
+    "MultipleImportanceWeightedELBO",
+    "PartiallyImportanceWeightedELBO",
+    "ReweightedWakeSleep",
     "Objective",
     "StickingTheLandingELBO",
     "TraceELBO",

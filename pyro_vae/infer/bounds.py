@@ -1,8 +1,10 @@
 r"""The math that several estimators share, over the draws of
 :class:`~pyro_vae.core.particles.Particles` (M = P·K draws, N datapoints): the β-weighted
 log-weight of one draw, the log-mean-exp of K log-weights, the global latents' term, the
-score-free log q that ``stl`` and ``dreg`` share, and :class:`Objective`, what an estimator's
-:meth:`~pyro_vae.infer.ELBOEstimator.objective` returns.
+score-free log q that ``stl``, ``dreg`` and ``rws`` share, the log-weights at fixed draws whose
+gradient is the model's part of an importance-weighted gradient (``dreg``, ``piwae``, ``rws``),
+and :class:`Objective`, what an estimator's :meth:`~pyro_vae.infer.ELBOEstimator.objective`
+returns.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from pyro import poutine
 
 from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import latent_sites
@@ -106,3 +109,21 @@ def stl_log_weights(particles: Particles, beta: float) -> torch.Tensor:
     score = score_free_log_q(particles)
     log_q = particles.log_q + (score.detach() - score)
     return beta_log_weight(particles.log_lik, particles.log_prior, log_q, beta)
+
+
+def fixed_draw_log_weights(
+    particles: Particles, beta: float, model_trace: poutine.Trace
+) -> torch.Tensor:
+    r"""The β-weighted log-weights with the model's densities read at the detached draws and
+    log q by value only, :math:`\log p_\theta(x \mid \mathrm{sg}\,z) + \beta\,[\log
+    p_\theta(\mathrm{sg}\,z) - \mathrm{sg}\log q(z \mid x)]`, ``[P·K, N]``, from
+    ``model_trace``: a run of the model on the detached draws
+    (:meth:`~pyro_vae.core.particles.Particles.replay` with ``model=True``, or the draw's own
+    model trace when the model was handed detached draws). The value is log w_β; the gradient
+    of an importance-weighted bound of these is :math:`\sum_k \tilde w_k \nabla_\theta \log
+    p_\theta(x, z_k)` at fixed draws: no path through the draws, no score of q."""
+    log_lik = particles.log_lik_of(model_trace)
+    log_prior = particles.site_total(
+        [model_trace.nodes[site["name"]] for site in particles.guided_latents]
+    )
+    return beta_log_weight(log_lik, log_prior, particles.log_q.detach(), beta)

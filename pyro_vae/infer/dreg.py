@@ -12,6 +12,7 @@ from pyro_vae.core.traces import latent_sites
 from pyro_vae.infer.bounds import (
     Objective,
     beta_log_weight,
+    fixed_draw_log_weights,
     global_term,
     grouped,
     log_weights,
@@ -182,11 +183,7 @@ def _parts(particles: Particles, beta: float, importance_samples: int) -> _Parts
     lw^stl(sg z) with the unguided latents' score put back, and the plain β-weighted ones."""
     stl = stl_log_weights(particles, beta)
     replayed = particles.replay(model=True)
-    log_lik = particles.log_lik_of(replayed)
-    log_prior = particles.site_total(
-        [replayed.nodes[site["name"]] for site in particles.guided_latents]
-    )
-    stl_fixed = beta_log_weight(log_lik, log_prior, particles.log_q.detach(), beta)
+    stl_fixed = fixed_draw_log_weights(particles, beta, replayed)
     fixed_weights = stl_fixed
     if particles.unguided_latents and beta != 0:
         score = particles.site_total(

@@ -151,3 +151,22 @@ def check_estimable(
             particles.guide_trace,
             particles.max_plate_nesting + particles.plated,
         )
+
+
+def check_guided_and_local(name: str, particles: Particles) -> None:
+    """Refuse a model latent that the guide does not sample, or a latent outside the data
+    plate, for an estimator that gives the model's and the guide's parameters different
+    gradients of per-datapoint bounds (``piwae``, ``rws``): such a latent's draws are part of
+    no datapoint's weights alone, or are drawn by the model's parameters."""
+    unguided = [site["name"] for site in particles.unguided_latents]
+    if unguided:
+        raise ConfigError(
+            f"{name} needs every model latent sampled by the guide, but the guide leaves "
+            f"{unguided} to the model's prior: sample them in the guide, or use iwae or dreg"
+        )
+    if particles.global_latents:
+        raise ConfigError(
+            f"{name} weighs each datapoint's draws, but the guide's latents "
+            f"{[site['name'] for site in particles.global_latents]} lie outside the data "
+            "plate: use iwae or dreg for global latents"
+        )

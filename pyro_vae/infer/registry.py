@@ -6,6 +6,9 @@ from pyro_vae.infer.dreg import DoublyReparameterizedELBO
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
+from pyro_vae.infer.miwae import MultipleImportanceWeightedELBO
+from pyro_vae.infer.piwae import PartiallyImportanceWeightedELBO
+from pyro_vae.infer.rws import ReweightedWakeSleep
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
 from pyro_vae.infer.vimco import VIMCO
@@ -22,10 +25,14 @@ CLASSES: dict[str, type[ELBOEstimator]] = {
         StickingTheLandingELBO,
         DoublyReparameterizedELBO,
         VIMCO,
+        MultipleImportanceWeightedELBO,
+        PartiallyImportanceWeightedELBO,
+        ReweightedWakeSleep,
     )
 }
 #: the names of the package's estimators, in the order the documentation gives them (``vimco``,
-#: for sampled discrete latents, needs ``importance_samples >= 2``: see each class's
+#: for sampled discrete latents, and ``miwae``, ``piwae``, ``rws`` need
+#: ``importance_samples >= 2``: see each class's
 #: :attr:`~pyro_vae.infer.ELBOEstimator.min_importance_samples`)
 ESTIMATORS = tuple(CLASSES)
 
