@@ -1,4 +1,4 @@
-r"""ELBO estimators: six named Monte Carlo objectives for one Pyro model/guide pair.
+r"""ELBO estimators: eight named Monte Carlo objectives for one Pyro model/guide pair.
 
 One estimator per module, as Pyro keeps them (``pyro/infer/trace_elbo.py``, ...):
 
@@ -16,6 +16,11 @@ name           class (module)                           bound; gradient
                (``dreg``)
 ``vimco``      :class:`VIMCO` (``vimco``)               K-sample bound (K ≥ 2); leave-one-out
                                                         score terms for sampled discrete sites
+``renyi``      :class:`VariationalRenyiBound`           K-sample Rényi bound of order α;
+               (``renyi``)                              reparameterization or doubly
+                                                        reparameterized
+``ciwae``      :class:`CombinedImportanceWeightedELBO`  λ ELBO + (1 − λ) IWAE of the same K
+               (``ciwae``)                              draws; reparameterization
 =============  =======================================  =========================================
 
 The shared machinery: :mod:`pyro_vae.core.particles` draws the particles and reads their
@@ -51,11 +56,13 @@ the estimator's.
 """
 
 from pyro_vae.infer.bounds import Objective, beta_log_weight, importance_weighted_bound
+from pyro_vae.infer.ciwae import CombinedImportanceWeightedELBO
 from pyro_vae.infer.dreg import DoublyReparameterizedELBO
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
-from pyro_vae.infer.registry import CLASSES, ESTIMATORS, make_estimator
+from pyro_vae.infer.registry import CLASSES, ESTIMATORS, estimator_options, make_estimator
+from pyro_vae.infer.renyi import VariationalRenyiBound
 from pyro_vae.infer.schedule import LinearWarmup
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
@@ -64,6 +71,7 @@ from pyro_vae.infer.vimco import VIMCO
 __all__ = [
     "CLASSES",
     "ESTIMATORS",
+    "CombinedImportanceWeightedELBO",
     "DoublyReparameterizedELBO",
     "ELBOEstimator",
     "ImportanceWeightedELBO",
@@ -73,7 +81,9 @@ __all__ = [
     "StickingTheLandingELBO",
     "TraceELBO",
     "VIMCO",
+    "VariationalRenyiBound",
     "beta_log_weight",
     "importance_weighted_bound",
+    "estimator_options",
     "make_estimator",
 ]
