@@ -66,8 +66,8 @@ class ELBOEstimator(ELBO):
     :mod:`pyro_vae.core.particles`).
 
     :param num_particles: P, draws averaged outside the log (variance knob).
-    :param importance_samples: K, draws inside the log (bound knob); only ``iwae``, ``dreg``
-        and ``vimco`` accept K > 1 (``vimco`` needs K ≥ 2).
+    :param importance_samples: K, draws inside the log (bound knob); only ``iwae``, ``dreg``,
+        ``vimco``, ``renyi`` and ``ciwae`` accept K > 1 (``vimco`` needs K ≥ 2).
     :param beta: weight of the rate (log p(z) − log q(z|x), or the KL); settable as
         ``estimator.beta`` between steps (see :class:`LinearWarmup`).
     :param max_plate_nesting: the number of nested plates of the model and guide; guessed by

@@ -78,9 +78,9 @@ class TrainConfig:
 
     ``elbo`` names the estimator (:data:`pyro_vae.infer.ESTIMATORS`), ``elbo_options`` its own
     keyword options (``{"alpha": 0.5}`` for ``renyi``: :func:`~pyro_vae.infer.make_estimator`'s
-    ``options``); ``particles`` is the
-    number of draws averaged per datapoint outside the log (variance), ``importance_samples`` the
-    number inside it (the bound: ``iwae`` and ``dreg`` only). ``beta`` weights the rate (KL) term;
+    ``options``); ``particles`` is the number of draws averaged per datapoint outside the log
+    (variance), ``importance_samples`` the number inside it (the bound: ``iwae``, ``dreg``,
+    ``renyi``, ...). ``beta`` weights the rate (KL) term;
     with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
     ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
     ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
