@@ -3,6 +3,8 @@ Le, Maddison, Igl, Wood and Teh 2018), see :class:`CombinedImportanceWeightedELB
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyro_vae.core.particles import Particles
 from pyro_vae.infer.bounds import Objective, global_term, importance_weighted_bound, log_weights
 from pyro_vae.infer.elbo import ELBOEstimator
@@ -53,16 +55,9 @@ class CombinedImportanceWeightedELBO(ELBOEstimator):
     name = "ciwae"
     sums_enumerated = True
 
-    def __init__(
-        self,
-        num_particles: int = 1,
-        importance_samples: int = 1,
-        beta: float = 1.0,
-        max_plate_nesting: int | None = None,
-        data_plate: str | None = None,
-        elbo_weight: float = 0.5,
-    ):
-        super().__init__(num_particles, importance_samples, beta, max_plate_nesting, data_plate)
+    def __init__(self, *args: Any, elbo_weight: float = 0.5, **kwargs: Any):
+        # the base class's arguments (P, K, β, ...), then this estimator's own options
+        super().__init__(*args, **kwargs)
         self.elbo_weight = check_elbo_weight(elbo_weight)
 
     def __repr__(self) -> str:

@@ -4,6 +4,7 @@ Daudel, Benton, Shi and Doucet 2023), see :class:`VariationalRenyiBound`."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -108,16 +109,10 @@ class VariationalRenyiBound(ELBOEstimator):
     sums_enumerated = True
 
     def __init__(
-        self,
-        num_particles: int = 1,
-        importance_samples: int = 1,
-        beta: float = 1.0,
-        max_plate_nesting: int | None = None,
-        data_plate: str | None = None,
-        alpha: float | str = 0.5,
-        gradient: str = "reparameterized",
+        self, *args: Any, alpha: float | str = 0.5, gradient: str = "reparameterized", **kwargs: Any
     ):
-        super().__init__(num_particles, importance_samples, beta, max_plate_nesting, data_plate)
+        # the base class's arguments (P, K, β, ...), then this estimator's own options
+        super().__init__(*args, **kwargs)
         self.alpha = check_alpha(alpha)
         if gradient not in GRADIENTS:
             raise ConfigError(

@@ -36,6 +36,8 @@ from pyro_vae.util.errors import CheckpointError, ConfigError
 NUM_SE = 5.0
 ROUNDING = 1e-10
 ALPHAS = (-math.inf, -1.0, 0.0, 0.5, 1.0, 2.0)
+#: full-batch training of the factor-analysis pair, K = 4 draws inside the log
+FA_FIT = dict(epochs=400, batch_size=400, lr=0.05, particles=4, importance_samples=4)
 
 
 @pytest.fixture(autouse=True)
@@ -379,19 +381,7 @@ def test_factor_analysis_trained_with_them_reaches_the_maximum_likelihood_fit(na
     x = fa_data()
     reference = SkFA(n_components=2, tol=1e-5, max_iter=20000).fit(x).score(x)
     model = FactorAnalysis()
-    fit(
-        model,
-        x,
-        elbo=name,
-        elbo_options=options,
-        importance_samples=4,
-        particles=4,
-        epochs=400,
-        batch_size=400,
-        lr=0.05,
-        final_particles=0,
-        progress=False,
-    )
+    fit(model, x, elbo=name, elbo_options=options, final_particles=0, progress=False, **FA_FIT)
     exact = model.exact_log_likelihood(torch.as_tensor(x)).mean().item()
     assert reference - 0.01 <= exact <= reference + 1e-3, (exact, reference)
 
