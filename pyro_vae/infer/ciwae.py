@@ -3,6 +3,7 @@ Le, Maddison, Igl, Wood and Teh 2018), see :class:`CombinedImportanceWeightedELB
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from pyro_vae.core.particles import Particles
@@ -15,7 +16,7 @@ def check_elbo_weight(elbo_weight: object) -> float:
     """``elbo_weight`` (λ) as a float in [0, 1]; refused in one line otherwise."""
     if (
         isinstance(elbo_weight, bool)
-        or not isinstance(elbo_weight, (int, float))
+        or not isinstance(elbo_weight, numbers.Real)
         or not 0 <= elbo_weight <= 1
     ):
         raise ConfigError(

@@ -4,6 +4,7 @@ Daudel, Benton, Shi and Doucet 2023), see :class:`VariationalRenyiBound`."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ def check_alpha(alpha: object) -> float:
         return -math.inf
     if (
         isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
+        or not isinstance(alpha, numbers.Real)
         or math.isnan(alpha)
         or alpha == math.inf
     ):

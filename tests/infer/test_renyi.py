@@ -102,7 +102,7 @@ def _draws_and_eps(estimator, lg, x):
 
 
 def _value_and_grad(loss: torch.Tensor, params) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
     flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return torch.cat([loss.detach().reshape(1), *(g.flatten() for g in flat)])
 
@@ -153,6 +153,18 @@ def test_renyi_doubly_reparameterized_gradient_equals_its_formula_on_the_same_dr
     surrogate = _vr(fixed, alpha) + (coefficient * (path - fixed)).sum(1)
     reference = _value_and_grad(-surrogate.sum(-1).mean(0), params)
     torch.testing.assert_close(ours, reference, rtol=ROUNDING, atol=ROUNDING)
+
+
+def test_renyi_doubly_reparameterized_at_alpha_zero_is_dreg_on_the_same_draws():
+    lg = _pair()
+    x = _data(lg)
+    params = list(lg.parameters())
+    renyi = _estimator("renyi", 4, particles=3, beta=0.4, alpha=0.0, gradient="dreg")
+    pyro.set_rng_seed(9)
+    particles = renyi.draw(lg.model, lg.guide, (x,), {})
+    ours = _value_and_grad(renyi.loss_of(particles), params)
+    dreg = _value_and_grad(_estimator("dreg", 4, 3, beta=0.4).loss_of(particles), params)
+    torch.testing.assert_close(ours, dreg, rtol=ROUNDING, atol=ROUNDING)
 
 
 def test_renyi_on_the_same_draws_orders_by_alpha_and_equals_iwae_at_zero():
