@@ -21,6 +21,7 @@ FLAGS = {
     "particles": "--particles",
     "importance_samples": "--importance-samples",
     "elbo": "--elbo",
+    "elbo_options": "--elbo-options",
     "beta": "--beta",
     "warmup": "--warmup",
     "epochs": "--epochs",

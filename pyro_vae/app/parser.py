@@ -14,6 +14,7 @@ from pyro_vae.app.options import (
     add_max_seconds,
     add_optimizer_options,
     add_rate_distortion_options,
+    json_object,
     layer_sizes,
     parse_seed,
     path_arg,
@@ -128,10 +129,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="estimator: trace (Monte Carlo KL), meanfield (closed-form KL), iwae, "
         "stl (sticking the landing), dreg (doubly reparameterized IWAE), "
         "vimco (IWAE with leave-one-out baselines for discrete guide sites "
-        "that are sampled), miwae (IWAE of K averaged over P), piwae (IWAE of all P*K draws "
+        "that are sampled), renyi (the Renyi bound of order alpha), ciwae (ELBO and IWAE "
+        "combined), miwae (IWAE of K averaged over P), piwae (IWAE of all P*K draws "
         "for the model, miwae for the guide), rws (reweighted wake-sleep; sampled discrete "
         "guide sites); guide sites marked for enumeration are summed out; "
         f"default {defaults.elbo}",
+    )
+    p.add_argument(
+        "--elbo-options",
+        type=json_object,
+        metavar="JSON",
+        help="the estimator's own options as a JSON object: renyi takes alpha (a number, or "
+        '"-inf" for the largest weight; default 0.5) and gradient (reparameterized or dreg), '
+        'e.g. \'{"alpha": 0, "gradient": "dreg"}\'; ciwae elbo_weight in [0, 1] (default 0.5)',
     )
     p.add_argument(
         "--particles",
@@ -142,8 +152,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--importance-samples",
         type=positive_int,
-        help="draws inside the log, a tighter bound (iwae, dreg, vimco, miwae, piwae and "
-        "rws only; "
+        help="draws inside the log, a tighter bound (iwae, dreg, vimco, renyi, ciwae, miwae, "
+        "piwae and rws only; "
         f"default {defaults.importance_samples})",
     )
     p.add_argument(

@@ -33,6 +33,7 @@ BUILTIN_MODEL_FLAGS = (
 #: the options of how any pair is trained (TrainConfig's fields, as the parser names them)
 TRAINING_OPTIONS = (
     "elbo",
+    "elbo_options",
     "particles",
     "importance_samples",
     "beta",

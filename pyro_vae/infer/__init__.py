@@ -1,4 +1,4 @@
-r"""ELBO estimators: nine named Monte Carlo objectives for one Pyro model/guide pair.
+r"""ELBO estimators: eleven named Monte Carlo objectives for one Pyro model/guide pair.
 
 One estimator per module, as Pyro keeps them (``pyro/infer/trace_elbo.py``, ...):
 
@@ -16,6 +16,11 @@ name           class (module)                             bound; gradient
                (``dreg``)
 ``vimco``      :class:`VIMCO` (``vimco``)                 K-sample bound (K ≥ 2); leave-one-out
                                                           score terms for sampled discrete sites
+``renyi``      :class:`VariationalRenyiBound`             K-sample Rényi bound of order α;
+               (``renyi``)                                reparameterization or doubly
+                                                          reparameterized
+``ciwae``      :class:`CombinedImportanceWeightedELBO`    λ ELBO + (1 − λ) IWAE of the same K
+               (``ciwae``)                                draws; reparameterization
 ``miwae``      :class:`MultipleImportanceWeightedELBO`    M IWAE-K bounds averaged (``iwae`` with
                (``miwae``)                                M particles); same for both networks
 ``piwae``      :class:`PartiallyImportanceWeightedELBO`   IWAE bound of all M·K draws; the model
@@ -57,13 +62,15 @@ the estimator's.
 """
 
 from pyro_vae.infer.bounds import Objective, beta_log_weight, importance_weighted_bound
+from pyro_vae.infer.ciwae import CombinedImportanceWeightedELBO
 from pyro_vae.infer.dreg import DoublyReparameterizedELBO
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
 from pyro_vae.infer.miwae import MultipleImportanceWeightedELBO
 from pyro_vae.infer.piwae import PartiallyImportanceWeightedELBO
-from pyro_vae.infer.registry import CLASSES, ESTIMATORS, make_estimator
+from pyro_vae.infer.registry import CLASSES, ESTIMATORS, estimator_options, make_estimator
+from pyro_vae.infer.renyi import VariationalRenyiBound
 from pyro_vae.infer.rws import ReweightedWakeSleep
 from pyro_vae.infer.schedule import LinearWarmup
 from pyro_vae.infer.stl import StickingTheLandingELBO
@@ -73,6 +80,7 @@ from pyro_vae.infer.vimco import VIMCO
 __all__ = [
     "CLASSES",
     "ESTIMATORS",
+    "CombinedImportanceWeightedELBO",
     "DoublyReparameterizedELBO",
     "ELBOEstimator",
     "ImportanceWeightedELBO",
@@ -85,7 +93,9 @@ __all__ = [
     "StickingTheLandingELBO",
     "TraceELBO",
     "VIMCO",
+    "VariationalRenyiBound",
     "beta_log_weight",
     "importance_weighted_bound",
+    "estimator_options",
     "make_estimator",
 ]

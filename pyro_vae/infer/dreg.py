@@ -178,7 +178,7 @@ class DoublyReparameterizedELBO(ELBOEstimator):
 _Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _parts(particles: Particles, beta: float, importance_samples: int) -> _Parts:
+def surrogate_parts(particles: Particles, beta: float, importance_samples: int) -> _Parts:
     """The log-weights the surrogate combines, each ``[P, K, N]``: lw^stl(z), lw^stl(sg z),
     lw^stl(sg z) with the unguided latents' score put back, and the plain β-weighted ones."""
     stl = stl_log_weights(particles, beta)
@@ -217,7 +217,7 @@ def doubly_reparameterized_surrogate(
     of the model on the detached draws (guided and unguided latents): any pair, and the same
     loss and gradients, up to rounding, as the single run through the gate."""
     return doubly_reparameterized(
-        beta, [_parts(particles, beta, importance_samples)], importance_samples
+        beta, [surrogate_parts(particles, beta, importance_samples)], importance_samples
     )
 
 
@@ -229,5 +229,7 @@ def summed_doubly_reparameterized(
     reparameterized proposal: the identity that rewrites the score terms holds draw by draw,
     so the gradient is the one above with w̃ normalized over all K·C draws; ``[P, N]``, from
     the draws of each configuration (:attr:`~pyro_vae.core.particles.Particles.configurations`)."""
-    groups = [_parts(particles, beta, importance_samples) for _, particles in configurations]
+    groups = [
+        surrogate_parts(particles, beta, importance_samples) for _, particles in configurations
+    ]
     return doubly_reparameterized(beta, groups, importance_samples)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
+from pyro_vae.infer.ciwae import CombinedImportanceWeightedELBO
 from pyro_vae.infer.dreg import DoublyReparameterizedELBO
 from pyro_vae.infer.elbo import ELBOEstimator
 from pyro_vae.infer.iwae import ImportanceWeightedELBO
 from pyro_vae.infer.meanfield_elbo import MeanFieldELBO
 from pyro_vae.infer.miwae import MultipleImportanceWeightedELBO
 from pyro_vae.infer.piwae import PartiallyImportanceWeightedELBO
+from pyro_vae.infer.renyi import VariationalRenyiBound
 from pyro_vae.infer.rws import ReweightedWakeSleep
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
@@ -25,6 +29,8 @@ CLASSES: dict[str, type[ELBOEstimator]] = {
         StickingTheLandingELBO,
         DoublyReparameterizedELBO,
         VIMCO,
+        VariationalRenyiBound,
+        CombinedImportanceWeightedELBO,
         MultipleImportanceWeightedELBO,
         PartiallyImportanceWeightedELBO,
         ReweightedWakeSleep,
@@ -44,21 +50,50 @@ def make_estimator(
     beta: float = 1.0,
     max_plate_nesting: int | None = None,
     data_plate: str | None = None,
+    options: dict | None = None,
 ) -> ELBOEstimator:
     """The estimator called ``name`` (one of :data:`ESTIMATORS`, or a name registered in
     :data:`CLASSES`), with its arguments (:class:`~pyro_vae.infer.ELBOEstimator`);
     ``max_plate_nesting=None`` guesses the plate nesting from the first call (one run of
-    the pair), the package's own models have 1.
+    the pair), the package's own models have 1. ``options``: the estimator's own keyword
+    arguments (:func:`estimator_options`), e.g. ``{"alpha": 0.5}`` for ``renyi``.
 
-    :raises ConfigError: (a ``ValueError``) for an unknown name or a bad combination, with what
-        to use instead.
+    :raises ConfigError: (a ``ValueError``) for an unknown name, an option the estimator does
+        not take, or a bad combination, with what to use instead.
     """
     if name not in CLASSES:
         raise ConfigError(f"unknown estimator {name!r}: choose one of {', '.join(CLASSES)}")
-    return CLASSES[name](
+    cls = CLASSES[name]
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise ConfigError(f"options must be a dict of {name}'s keyword options, got {options!r}")
+    accepted = estimator_options(cls)
+    unknown = sorted(set(options) - set(accepted), key=str)
+    if unknown:
+        takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
+        own = [key for key in unknown if key in inspect.signature(ELBOEstimator).parameters]
+        raise ConfigError(
+            f"{name} has no option {', '.join(map(repr, unknown))}: {takes}"
+            + (f" ({', '.join(own)}: an argument of its own)" if own else "")
+        )
+    return cls(
         num_particles=num_particles,
         importance_samples=importance_samples,
         beta=beta,
         max_plate_nesting=max_plate_nesting,
         data_plate=data_plate,
+        **options,
+    )
+
+
+def estimator_options(cls: type[ELBOEstimator]) -> tuple[str, ...]:
+    """The keyword options of an estimator class: the parameters of its ``__init__`` that
+    :class:`~pyro_vae.infer.ELBOEstimator`'s lacks (``("alpha", "gradient")`` for
+    ``renyi``, ``()`` for ``iwae``)."""
+    base = inspect.signature(ELBOEstimator.__init__).parameters
+    return tuple(
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if name not in base
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
     )

@@ -76,9 +76,11 @@ def check_optimizer(
 class TrainConfig:
     """Everything that determines a training run (and so must be saved with it).
 
-    ``elbo`` names the estimator (:data:`pyro_vae.infer.ESTIMATORS`); ``particles`` is the
-    number of draws averaged per datapoint outside the log (variance), ``importance_samples`` the
-    number inside it (the bound: ``iwae`` and ``dreg`` only). ``beta`` weights the rate (KL) term;
+    ``elbo`` names the estimator (:data:`pyro_vae.infer.ESTIMATORS`), ``elbo_options`` its own
+    keyword options (``{"alpha": 0.5}`` for ``renyi``: :func:`~pyro_vae.infer.make_estimator`'s
+    ``options``); ``particles`` is the number of draws averaged per datapoint outside the log
+    (variance), ``importance_samples`` the number inside it (the bound: ``iwae``, ``dreg``,
+    ``renyi``, ...). ``beta`` weights the rate (KL) term;
     with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
     ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
     ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
@@ -112,6 +114,7 @@ class TrainConfig:
     test_data: str | None = None
     model_factory: str | None = None
     elbo: str = "meanfield"
+    elbo_options: dict[str, Any] = field(default_factory=dict)
     particles: int = 1
     importance_samples: int = 1
     beta: float = 1.0
@@ -195,7 +198,10 @@ class TrainConfig:
         check_optimizer(
             self.optimizer, self.optimizer_options, self.lr, self.scheduler, self.scheduler_options
         )
-        make_estimator(self.elbo, self.particles, self.importance_samples, self.beta)
+        _check_options("elbo_options", self.elbo_options)
+        make_estimator(
+            self.elbo, self.particles, self.importance_samples, self.beta, options=self.elbo_options
+        )
         LinearWarmup(self.warmup, self.warmup_start, self.beta)
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -298,6 +298,7 @@ def _train(
         config.beta,
         max_plate_nesting=nesting,
         data_plate=plate,
+        options=config.elbo_options,
     )
     step = Step(
         model,

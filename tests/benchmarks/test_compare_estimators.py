@@ -364,7 +364,8 @@ def test_warmup_starts_where_training_does(bench, monkeypatch):
                 betas.append(self.beta)
                 return super().differentiable_loss(*loss_args, **loss_kwargs)
 
-        return Recording(*args, **kwargs)
+        options = kwargs.pop("options", None) or {}  # the estimator's own keywords
+        return Recording(*args, **kwargs, **options)
 
     monkeypatch.setattr(bench, "make_estimator", recording)
     monkeypatch.setattr(

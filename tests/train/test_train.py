@@ -124,7 +124,8 @@ def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
                 seen.append(self.beta)
                 return super().differentiable_loss(*a, **k)
 
-        return Recording(*args, **kwargs)
+        options = kwargs.pop("options", None) or {}  # the estimator's own keywords
+        return Recording(*args, **kwargs, **options)
 
     monkeypatch.setattr(train_module, "make_estimator", recording)
     config = TINY.replace(epochs=2, batch_size=300, warmup=5, warmup_start=0.1, beta=0.6)
