@@ -122,11 +122,18 @@ def add_dist_timeout(parser: argparse.ArgumentParser) -> None:
 
 
 def json_object(text: str) -> dict:
-    """An argparse ``type``: ``text`` as a JSON object (``'{"momentum": 0.9}'``)."""
+    """An argparse ``type``: ``text`` as a JSON object (``'{"momentum": 0.9}'``). JSON has no
+    ``NaN`` or ``Infinity`` (Python's reader takes them, other readers of config.json do not):
+    an option that takes an infinity takes it as a string, ``"-inf"``."""
     import json
 
+    def refuse(constant: str) -> None:
+        raise ValueError(
+            f'{constant} is not JSON: write a string such as "-inf" where an option takes one'
+        )
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=refuse)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from None
     if not isinstance(value, dict):

@@ -448,6 +448,8 @@ def _snapshot(folder) -> dict[str, bytes]:
         ),
         ("[0.5]", "argument --elbo-options: expected a JSON object"),
         ('{"alpha": 0.5', "argument --elbo-options: expected a JSON object"),
+        ('{"alpha": -Infinity}', '-Infinity is not JSON: write a string such as "-inf"'),
+        ('{"alpha": NaN}', "NaN is not JSON"),
     ],
 )
 def test_the_command_line_refuses_bad_elbo_options_in_one_line(tmp_path, capsys, options, message):
