@@ -29,6 +29,7 @@ from pyro_vae.core.drawing import draw_particles
 from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import guess_max_plate_nesting, is_auxiliary, masked
 from pyro_vae.evaluate.chunks import Draws
+from pyro_vae.util import budget
 from pyro_vae.util.rng import forked_rng
 
 CLOSED_FORM = "closed form"
@@ -221,7 +222,8 @@ class Drawer:
                 size = min(chunk, num_particles - start)
                 if self.vectorize:
                     sums.add(self.draw(args, kwargs, size, True))
-                    continue
-                for _ in range(size):
-                    sums.add(self.draw(args, kwargs, 1, False))
+                else:
+                    for _ in range(size):
+                        sums.add(self.draw(args, kwargs, 1, False))
+                budget.piece_done()
         return sums

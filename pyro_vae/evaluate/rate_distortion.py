@@ -16,10 +16,11 @@ import pyro
 import torch
 
 from pyro_vae.data.batches import as_source
-from pyro_vae.evaluate.chunks import DEFAULT_PARTICLE_CHUNK, check_finite_inputs
+from pyro_vae.evaluate.chunks import DEFAULT_PARTICLE_CHUNK, check_finite_inputs, num_chunks
 from pyro_vae.evaluate.rate import Drawer, RateSums
 from pyro_vae.evaluate.surgery import Surgery, elbo_surgery, mean_and_stderr
 from pyro_vae.evaluate.weights import EvaluationError, eval_mode
+from pyro_vae.util import budget
 from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.rng import forked_rng
 
@@ -219,7 +220,12 @@ def rate_distortion(
     """
     check_options(locals())
     source = as_source(data, collate_fn)
-    with forked_rng() if seed is not None else nullcontext(), eval_mode(model, guide):
+    pieces = budget.num_batches(source, batch_size) * num_chunks(num_particles, particle_chunk)
+    with (
+        forked_rng() if seed is not None else nullcontext(),
+        eval_mode(model, guide),
+        budget.work(pieces, f"the rate and distortion of {num_particles:,} particles"),
+    ):
         if seed is not None:
             torch.manual_seed(seed)
         parts, first_index, chunk = [], 0, particle_chunk or num_particles

@@ -252,3 +252,21 @@ def _exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:  # argparse's refusals
         return exc.code
+
+
+def test_the_time_estimate_counts_every_particle_chunk_of_every_batch(monkeypatch):
+    """Under a time bound the pass is refused from its first chunks' time: 3 batches × 4
+    chunks at 1 s each (a fake clock) is 12 s."""
+    import itertools
+
+    from pyro_vae.util import budget
+
+    lg, x = _pair()
+    ticks = itertools.count()
+    monkeypatch.setattr(budget, "clock", lambda: float(next(ticks)))  # 1 s per chunk
+    options = dict(num_particles=40, particle_chunk=10, batch_size=len(x) // 3 + 1)
+    expected = r"the rate and distortion of 40 particles would take about 12 s \(12 pieces"
+    with budget.time_limit(11), pytest.raises(budget.TimeLimitError, match=expected):
+        rate_distortion(lg.model, lg.guide, x, **options)
+    with budget.time_limit(12):
+        assert rate_distortion(lg.model, lg.guide, x, **options).rate.shape == (len(x),)
