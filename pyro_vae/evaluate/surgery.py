@@ -42,6 +42,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro_vae.core.drawing import draw_particles
 from pyro_vae.core.particle_plate import in_particle_plate
 from pyro_vae.core.traces import is_auxiliary, reduce_to_particles_and_data, site_log_prob
+from pyro_vae.util import budget
 from pyro_vae.util.errors import ConfigError
 
 
@@ -212,18 +213,21 @@ def elbo_surgery(
     full = torch.full((total,), -math.inf, dtype=torch.float64)
     loo, own = full.clone(), torch.zeros(total, dtype=torch.float64)
     start = 0
-    for args, call_kwargs, rows in batches:
-        for first in range(0, total, code_chunk):
-            block = slice(first, min(first + code_chunk, total))
-            chunk = {name: c[block] for name, c in all_codes.items()}
-            log_q = mixture.log_q(chunk, args, call_kwargs, rows).cpu()
-            mine = (owner[block, None] - start) == torch.arange(rows)[None]
-            own[block] += torch.where(mine, log_q, 0.0).sum(1)
-            full[block] = torch.logaddexp(full[block], log_q.logsumexp(1))
-            loo[block] = torch.logaddexp(
-                loo[block], log_q.masked_fill(mine, -math.inf).logsumexp(1)
-            )
-        start += rows
+    blocks = len(batches) * -(-total // code_chunk)
+    with budget.aside(), budget.work(blocks, f"ELBO surgery of {num_points:,} points"):
+        for args, call_kwargs, rows in batches:
+            for first in range(0, total, code_chunk):
+                block = slice(first, min(first + code_chunk, total))
+                chunk = {name: c[block] for name, c in all_codes.items()}
+                log_q = mixture.log_q(chunk, args, call_kwargs, rows).cpu()
+                mine = (owner[block, None] - start) == torch.arange(rows)[None]
+                own[block] += torch.where(mine, log_q, 0.0).sum(1)
+                full[block] = torch.logaddexp(full[block], log_q.logsumexp(1))
+                loo[block] = torch.logaddexp(
+                    loo[block], log_q.masked_fill(mine, -math.inf).logsumexp(1)
+                )
+                budget.piece_done()
+            start += rows
     num_codes = samples * num_points
     log_q_agg = full[:num_codes] - math.log(num_points)
     prior_log_p = torch.cat(log_prior, 1).flatten().cpu()
