@@ -337,6 +337,10 @@ must be the size of a subsampled data plate; ``example`` a first training batch 
 :meth:`prepare` (default: the training DataLoader's first); ``fused=False`` takes the built-in
 VAE's steps through Pyro's traces. Every floating-point batch is cast to the pair's dtype.
 
+``module.prepare(batch)`` runs the pair once on a batch: its lazily created parameters made,
+the pair checked as ``fit`` checks it and its data plate as the module docstring says;
+``setup`` calls it on the first training batch, before the optimizer is built.
+
 :raises ConfigError: in one line, for what ``fit`` refuses, a data plate whose scale would be
     wrong, or (on first use) a missing ``lightning`` package.
 """
