@@ -38,7 +38,7 @@ from pyro_vae.data.batches import Batch, to_device
 from pyro_vae.evaluate import evaluate
 from pyro_vae.evaluate.chunks import DEFAULT_PARTICLE_CHUNK
 from pyro_vae.infer import LinearWarmup, make_estimator
-from pyro_vae.train.fused import training_loss
+from pyro_vae.train.fused import FusedLoss, supports
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING
 from pyro_vae.util.distributed import all_gather_objects, current_context, rank_seed
 from pyro_vae.util.errors import ConfigError, TrainingDiverged
@@ -97,12 +97,18 @@ class _PairSteps:
             data_plate=self.data_plate,
         )
         self.warmup = LinearWarmup(warmup, warmup_start, beta)
-        self.step_loss = training_loss(self.pair, self.estimator, fused)
+        #: the built-in VAE's loss without traces, where ``fit`` takes it (the same numbers)
+        self.fused_loss = (
+            FusedLoss(self.pair, self.estimator)
+            if fused and supports(self.pair, self.estimator)
+            else None
+        )
         if val_particles < 1:
             raise ConfigError(f"val_particles must be >= 1, got {val_particles}")
         if num_data is not None and num_data < 1:
             raise ConfigError(f"num_data must be >= 1, got {num_data}")
         self.example, self.num_data, self.prepared = example, num_data, False
+        self.num_data_given = num_data is not None
         self.save_hyperparameters(
             dict(
                 elbo=elbo,
@@ -125,14 +131,16 @@ class _PairSteps:
     def setup(self, stage: str) -> None:
         """Before DDP wraps the module (``stage="fit"``): :meth:`prepare` on the first training
         batch (or ``example``), ``num_data`` taken from the training set's length."""
-        if stage != "fit" or self.prepared:
+        if stage != "fit":
             return
         trainer = self.trainer
         trainer.fit_loop.setup_data()  # the training DataLoader, as Lightning will use it
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
-        if self.num_data is None and dataset is not None and hasattr(dataset, "__len__"):
-            self.num_data = len(dataset)
+        if not self.num_data_given and hasattr(dataset, "__len__"):
+            self.num_data = len(dataset)  # this fit's training set, a later fit's its own
+        if self.prepared:
+            return
         example = self.example
         if example is None:
             if not isinstance(loader, torch.utils.data.DataLoader):
@@ -229,7 +237,7 @@ class _PairSteps:
         draws) reseeded with ``rank_seed(seed, r)`` of the seed it was given (the same on every
         rank after ``lightning.seed_everything``), as ``fit`` does; rank 0 keeps its stream."""
         if self.trainer.world_size > 1 and self.global_rank > 0:
-            pyro.set_rng_seed(rank_seed(torch.initial_seed(), self.global_rank))
+            torch.manual_seed(rank_seed(torch.initial_seed(), self.global_rank))
 
     def _pair_device(self) -> torch.device:
         return next((p.device for p in self.pair.parameters()), torch.device("cpu"))
@@ -263,7 +271,14 @@ class _PairSteps:
         estimator.beta = self.warmup(self.global_step)
         estimator.global_weight = size / self.num_data if self.num_data else 1.0
         with pyro.validation_enabled(False):
-            loss = self.step_loss(*call.args, **call.kwargs) / size
+            if self.fused_loss is not None:
+                loss = self.fused_loss(*call.args, **call.kwargs) / size
+            else:
+                pair = self.pair
+                loss = estimator.differentiable_loss(
+                    pair.model, pair.guide, *call.args, **call.kwargs
+                )
+                loss = loss / size
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss became {loss.item()} at step {self.global_step}. Try a "
