@@ -175,6 +175,33 @@ def test_a_data_plate_whose_scale_would_be_wrong_is_refused(runs):
         PairModule(global_mean, AutoNormal(global_mean)).prepare(batch)
 
 
+def test_a_parameter_made_after_the_optimizer_is_refused_after_the_first_step(runs, monkeypatch):
+    from pyro.infer.autoguide import AutoNormal
+    from torch import nn
+
+    from pyro_vae.lightning import PairModule
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.zeros(2))
+            self.auto = AutoNormal(self.model)  # its parameters come with its first run
+
+        def model(self, x):
+            mu = pyro.sample("mu", dist.Normal(self.shift, 1.0).to_event(1))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
+
+        def guide(self, x):
+            return self.auto(x)
+
+    monkeypatch.setattr(PairModule, "prepare", lambda self, *args, **kwargs: None)
+    with pytest.raises(
+        ConfigError, match=r"made parameters \['auto\.locs\.mu_unconstrained'.*during training"
+    ):
+        runs.train(Pair(), torch.zeros(20, 2), 1, 10)
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_stay_in_sync_and_agree_with_one(runs, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
