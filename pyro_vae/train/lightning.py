@@ -159,7 +159,8 @@ class _PairSteps:
         data too), and its data plate checked against ``num_data`` and ``world_size``
         processes. ``setup`` calls it; call it yourself before building an optimizer of your
         own."""
-        call = Batch.of(to_device(example, self._pair_device(), self.data_dtype))
+        device = next((p.device for p in self.pair.parameters()), torch.device("cpu"))
+        call = Batch.of(to_device(example, device, self.data_dtype))
         args, kwargs = call.args, call.kwargs
         if isinstance(self.pair, PyroPair):
             self.pair.discover(*args, **kwargs)
@@ -239,9 +240,6 @@ class _PairSteps:
         if self.trainer.world_size > 1 and self.global_rank > 0:
             torch.manual_seed(rank_seed(torch.initial_seed(), self.global_rank))
 
-    def _pair_device(self) -> torch.device:
-        return next((p.device for p in self.pair.parameters()), torch.device("cpu"))
-
     @property
     def data_dtype(self) -> torch.dtype:
         """The pair's floating-point dtype: every floating-point batch is cast to it."""
@@ -270,15 +268,10 @@ class _PairSteps:
         size, estimator = call.size, self.estimator
         estimator.beta = self.warmup(self.global_step)
         estimator.global_weight = size / self.num_data if self.num_data else 1.0
+        fused, pair = self.fused_loss, self.pair
         with pyro.validation_enabled(False):
-            if self.fused_loss is not None:
-                loss = self.fused_loss(*call.args, **call.kwargs) / size
-            else:
-                pair = self.pair
-                loss = estimator.differentiable_loss(
-                    pair.model, pair.guide, *call.args, **call.kwargs
-                )
-                loss = loss / size
+            args = call.args if fused is not None else (pair.model, pair.guide, *call.args)
+            loss = (fused or estimator.differentiable_loss)(*args, **call.kwargs) / size
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"the training loss became {loss.item()} at step {self.global_step}. Try a "
@@ -290,7 +283,7 @@ class _PairSteps:
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step > 1:
+        if self.global_step > 1:  # a parameter made after the optimizer: refused, not ignored
             return
         held = {id(p) for group in self.optimizers().param_groups for p in group["params"]}
         missing = [n for n, p in self.pair.named_parameters() if id(p) not in held]
