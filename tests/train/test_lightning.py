@@ -228,13 +228,17 @@ def test_two_ddp_processes_stay_in_sync_and_agree_with_one(runs, tmp_path):
 
 
 def test_without_lightning_the_module_says_how_to_install_it(monkeypatch):
+    import pyro_vae.lightning
+    import pyro_vae.train
+    import pyro_vae.train.lightning as installed
     from pyro_vae.train.lightning import INSTALL
 
     monkeypatch.setitem(sys.modules, "lightning", None)  # ``import lightning`` fails
     monkeypatch.delitem(sys.modules, "pyro_vae.train.lightning")
+    monkeypatch.setattr(pyro_vae.train, "lightning", installed)  # given back at the end
     fresh = importlib.import_module("pyro_vae.train.lightning")  # importing it needs none
     monkeypatch.setitem(sys.modules, "pyro_vae.train.lightning", fresh)
-    for where in (fresh, importlib.import_module("pyro_vae.lightning")):
+    for where in (fresh, pyro_vae.lightning):
         with pytest.raises(ConfigError) as caught:
             _ = where.PairModule
         assert str(caught.value) == INSTALL
