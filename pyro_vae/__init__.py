@@ -31,10 +31,17 @@ _EXPORTS = {  # name: the module it comes from, bottom layer first
     **dict.fromkeys(("Callback", "TrainResult", "fit", "RunOptions"), "train"),
 }
 
+#: modules re-exported under a short name: ``pyro_vae.lightning.PairModule``
+_MODULES = {"lightning": "lightning"}
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+        globals()[name] = value
+        return value
     if name not in _EXPORTS:
         raise AttributeError(f"module 'pyro_vae' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
@@ -43,4 +50,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted([*globals(), *_EXPORTS, *_MODULES])
