@@ -11,6 +11,7 @@ import pytest
 import torch
 from batchnorm_pair import BatchNormTwoSiteGuide
 from pyro import poutine
+from references import plain_pyro_log_weight
 from torch import nn
 
 from pyro_vae import VAE
@@ -82,16 +83,7 @@ def _data(counts: bool) -> torch.Tensor:
 
 def _plain_pyro_log_weights(pair: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Reference: one ordinary Pyro call per particle, log p(x, z) − log q(z|x) per datapoint."""
-    rows = []
-    for _ in range(K):
-        guide_trace = poutine.trace(pair.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(pair.model, trace=guide_trace)).get_trace(x)
-        log_p = sum(
-            site["fn"].log_prob(site["value"])
-            for site in model_trace.nodes.values()
-            if site["type"] == "sample"
-        )
-        rows.append(log_p - guide_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"]))
+    rows = [plain_pyro_log_weight(pair.model, pair.guide, x) for _ in range(K)]
     return torch.stack(rows)
 
 
