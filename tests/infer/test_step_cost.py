@@ -1,0 +1,51 @@
+"""What one step of each estimator runs, counted in network calls on the built-in VAE (one
+local latent site): the costs ``docs/estimators.rst`` states in "Choosing an estimator"."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from pyro_vae import VAE
+from pyro_vae.infer import ESTIMATORS, make_estimator
+
+#: (estimator, K, options) -> (encoder calls, decoder calls) of one step after the first
+EXPECTED = {
+    ("trace", 1, None): (1, 1),
+    ("meanfield", 1, None): (1, 1),
+    ("iwae", 5, None): (1, 1),
+    ("stl", 1, None): (1, 1),  # one local site: log q read from the traced site, no replay
+    ("dreg", 5, None): (1, 1),  # the gradient gate: one run
+    ("vimco", 5, None): (1, 1),
+    ("renyi", 5, None): (1, 1),
+    ("renyi", 5, (("gradient", "dreg"),)): (1, 2),  # the model again, on detached draws
+    ("ciwae", 5, None): (1, 1),
+    ("miwae", 5, None): (1, 1),
+    ("piwae", 5, None): (1, 2),  # the model again, on detached draws
+    ("rws", 5, None): (1, 1),  # the model runs on detached draws in the one run
+}
+
+
+def test_every_estimator_has_a_stated_cost():
+    assert {name for name, _, _ in EXPECTED} == set(ESTIMATORS)
+
+
+@pytest.mark.parametrize("name, k, options", list(EXPECTED))
+def test_network_calls_per_step(name, k, options):
+    torch.manual_seed(0)
+    vae = VAE(16, latent_dim=3, hidden=(8,))
+    calls: collections.Counter = collections.Counter()
+    for part in ("encoder", "decoder"):
+        getattr(vae, part).register_forward_hook(
+            lambda module, args, out, part=part: calls.update([part])
+        )
+    x = (torch.rand(12, 16, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    estimator = make_estimator(
+        name, importance_samples=k, max_plate_nesting=1, options=dict(options or ())
+    )
+    estimator.loss_and_grads(vae.model, vae.guide, x)  # the first call probes the pair
+    calls.clear()
+    estimator.loss_and_grads(vae.model, vae.guide, x)
+    assert (calls["encoder"], calls["decoder"]) == EXPECTED[name, k, options]
