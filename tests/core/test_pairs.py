@@ -306,32 +306,32 @@ def test_a_guide_with_a_parameter_per_datapoint_trains_on_the_whole_data_set_in_
 
 
 @pytest.mark.parametrize("elbo", ["trace", "iwae"])
-def test_a_function_pair_trains_compiled_as_it_trains_eagerly(elbo, monkeypatch):
+def test_a_function_pair_trains_compiled_as_it_trains_eagerly(elbo):
     """compile=True captures the step of a PyroPair (its adopted entries are parameters of the
     module): the same losses and parameters as the eager run, up to float rounding (with
     inductor's random numbers taken from torch's eager generator, as the compiled-step tests
     do: its own generator draws other numbers of the same distribution)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     x = fa_data(120)
     runs = {}
     for compile in (False, True):
         pyro.clear_param_store()
-        result = fit(
-            fa_model,
-            fa_guide,
-            x,
-            elbo=elbo,
-            importance_samples=2 if elbo == "iwae" else 1,
-            epochs=3,
-            batch_size=40,
-            lr=0.05,
-            progress=False,
-            seed=0,
-            final_particles=0,
-            compile=compile,
-        )
+        with inductor_config.patch(fallback_random=True):  # torch's own patcher: undone as set
+            result = fit(
+                fa_model,
+                fa_guide,
+                x,
+                elbo=elbo,
+                importance_samples=2 if elbo == "iwae" else 1,
+                epochs=3,
+                batch_size=40,
+                lr=0.05,
+                progress=False,
+                seed=0,
+                final_particles=0,
+                compile=compile,
+            )
         runs[compile] = result
     compiled = runs[True].compiled
     assert compiled.compiled_steps == 9 and compiled.disabled is None
