@@ -88,6 +88,9 @@ class ELBOEstimator(ELBO):
     importance_hint: ClassVar[str | None] = None
     #: the least K it accepts (``vimco``'s leave-one-out baselines need two)
     min_importance_samples: ClassVar[int] = 1
+    #: for an estimator that is another one at P = 1 (``miwae`` and ``piwae`` are ``iwae``
+    #: there): that one's name, said when P = 1 is asked for; ``None`` accepts P = 1
+    single_particle_is: ClassVar[str | None] = None
     #: The guide is replayed on its own draws (``stl``, ``dreg``): its networks must give the
     #: same output twice, so a module in train mode with active dropout is refused.
     needs_deterministic_guide: ClassVar[bool] = False
@@ -128,6 +131,12 @@ class ELBOEstimator(ELBO):
                 f"{self.name} needs importance_samples >= {self.min_importance_samples} (got "
                 f"{importance_samples}): give importance_samples=K, K >= "
                 f"{self.min_importance_samples}"
+            )
+        if num_particles == 1 and self.single_particle_is is not None:
+            raise ConfigError(
+                f"{self.name} with num_particles=1 is {self.single_particle_is}, draw for draw: "
+                f"give num_particles=M >= 2 (M sets of K importance samples), or use "
+                f"{self.single_particle_is}"
             )
         check_count("max_plate_nesting", max_plate_nesting, minimum=0, optional=True)
         if data_plate is not None and not isinstance(data_plate, str):

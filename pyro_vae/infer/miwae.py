@@ -26,3 +26,4 @@ class MultipleImportanceWeightedELBO(ImportanceWeightedELBO):
 
     name = "miwae"
     min_importance_samples = 2
+    single_particle_is = "iwae"

@@ -63,6 +63,7 @@ class PartiallyImportanceWeightedELBO(ELBOEstimator):
 
     name = "piwae"
     min_importance_samples = 2
+    single_particle_is = "iwae"
     needs_deterministic_guide = True
 
     def objective(self, particles: Particles, gradient: bool = True) -> Objective:

@@ -57,7 +57,7 @@ def test_importance_samples_help_names_every_estimator_that_takes_them(capsys, m
     takes_them = []
     for name in ELBOS:
         try:
-            make_estimator(name, importance_samples=2)
+            make_estimator(name, num_particles=2, importance_samples=2)
         except (ConfigError, ValueError):
             continue
         takes_them.append(name)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyro_vae import VAE
-from pyro_vae.infer import ESTIMATORS, make_estimator
+from pyro_vae.infer import CLASSES, ESTIMATORS, make_estimator
 
 #: (estimator, K, options) -> (encoder calls, decoder calls) of one step after the first
 EXPECTED = {
@@ -42,9 +42,8 @@ def test_network_calls_per_step(name, k, options):
             lambda module, args, out, part=part: calls.update([part])
         )
     x = (torch.rand(12, 16, generator=torch.Generator().manual_seed(1)) < 0.5).float()
-    estimator = make_estimator(
-        name, importance_samples=k, max_plate_nesting=1, options=dict(options or ())
-    )
+    particles = 1 if CLASSES[name].single_particle_is is None else 2  # miwae, piwae: M >= 2
+    estimator = make_estimator(name, particles, k, max_plate_nesting=1, options=dict(options or ()))
     estimator.loss_and_grads(vae.model, vae.guide, x)  # the first call probes the pair
     calls.clear()
     estimator.loss_and_grads(vae.model, vae.guide, x)

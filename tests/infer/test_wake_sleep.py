@@ -299,7 +299,7 @@ def _enumerated_guide(x):
     ],
 )
 def test_pairs_they_cannot_weigh_are_refused_in_one_line(name, pair, message):
-    estimator = make_estimator(name, importance_samples=2, max_plate_nesting=1)
+    estimator = make_estimator(name, 2, importance_samples=2, max_plate_nesting=1)
     x = torch.randn(4)
     for call in (estimator.loss, estimator.differentiable_loss):
         with pytest.raises(ConfigError, match=message) as raised, pyro.validation_enabled(False):
@@ -311,6 +311,13 @@ def test_pairs_they_cannot_weigh_are_refused_in_one_line(name, pair, message):
 def test_one_importance_sample_is_refused(name):
     with pytest.raises(ConfigError, match=f"{name} needs importance_samples >= 2 \\(got 1\\)"):
         make_estimator(name, num_particles=4)
+
+
+@pytest.mark.parametrize("name", ["miwae", "piwae"])
+def test_one_particle_is_refused_as_iwae(name):
+    # with M = 1 both are iwae draw for draw: asking for them so trains something else
+    with pytest.raises(ConfigError, match=f"{name} with num_particles=1 is iwae, draw for draw"):
+        make_estimator(name, importance_samples=4)
 
 
 def test_fit_reaches_the_maximum_likelihood_factor_analysis():
