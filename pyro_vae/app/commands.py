@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from pyro_vae.app.flags import given_flags
-from pyro_vae.app.options import RATE_DISTORTION_ONLY
+from pyro_vae.app.options import RATE_DISTORTION_ONLY, output_path, say_written
 from pyro_vae.app.train_command import cmd_train
 from pyro_vae.util.errors import ConfigError
 
@@ -29,6 +29,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     from pyro_vae.util.memory import inference_bytes, require
 
+    output, replaced = output_path(args, args.run_dir / f"samples-{args.seed}.png")
     run = load_run(args.run_dir, device=args.device)
     if run.dataset is None or not callable(getattr(run.model, "sample", None)):
         raise ConfigError(
@@ -56,7 +57,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         device,
     )
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:
         wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
         images = run.model.sample(
@@ -73,7 +73,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         images = run.model.sample(rows, mean=not args.binary, generator=generator)
         figure = plot_grid(images, run.dataset.image_shape, ncols, f"{rows} samples from the prior")
     save_figure(figure, output)
-    print(f"wrote {output}")
+    say_written(output, replaced)
     return 0
 
 
@@ -349,6 +349,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
     from pyro_vae.runs.plots import plot_grid, save_figure
 
+    output, replaced = output_path(args, args.run_dir / "transfer.png")
     run = _load_conditional_run(args)
     available = len(run.dataset.test)
     if args.num > available:
@@ -377,9 +378,8 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         row_labels=[f"y={int(label)}" for label in labels],
         col_labels=["source", *map(str, range(run.model.num_classes))],
     )
-    output = args.output or args.run_dir / "transfer.png"
     save_figure(figure, output)
-    print(f"wrote {output}")
+    say_written(output, replaced)
     return 0
 
 

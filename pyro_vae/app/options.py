@@ -4,10 +4,13 @@ as it is parsed (one line and status :data:`EXIT_USER_ERROR` for a bad one)."""
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+import sys
 from pathlib import Path
 
 from pyro_vae.models.config import check_seed
-from pyro_vae.util.errors import PyroVAEError
+from pyro_vae.util.errors import ConfigError, PyroVAEError
 
 EXIT_USER_ERROR = 2
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
@@ -42,6 +45,72 @@ def path_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?)")
     return Path(text)
+
+
+def add_output(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--output FILE.png`` (``default`` when not given) and ``--force``, which lets it
+    replace a file: :func:`output_path` checks them."""
+    parser.add_argument(
+        "--output", type=path_arg, help=f"PNG path (default {default}); a file there needs --force"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="let --output replace a file (never a run's own file, a folder or a device)",
+    )
+
+
+#: what a path that is not a regular file is, by its mode
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def output_path(args: argparse.Namespace, default: Path) -> tuple[Path, bool]:
+    """The PNG file a command writes (``args.output``, else ``default``) and whether it
+    replaces a file (``--force``); :class:`~pyro_vae.util.errors.ConfigError` before any work
+    for a path that exists and is not a regular file (a folder, a device, a FIFO, a link),
+    and for a given ``--output`` in a missing folder, that is a run's own file
+    (:func:`~pyro_vae.runs.folder.is_run_file`), whose name does not end in ``.png``, or that
+    exists without ``--force``."""
+    from pyro_vae.runs.folder import is_run_file
+
+    path = default if args.output is None else args.output
+    named = f"--output {path}" if args.output is not None else str(path)
+    if args.force and args.output is None:
+        raise ConfigError("--force lets --output replace a file: give it with --output FILE.png")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = next((what for test, what in _KINDS if test(mode)), "not a file")
+        raise ConfigError(f"{named} is {kind}, not a regular file: name a .png file")
+    if args.output is None:
+        return path, False
+    if not path.parent.is_dir():
+        raise ConfigError(f"{named}: the folder {path.parent} does not exist")
+    if is_run_file(path):
+        raise ConfigError(
+            f"{named} is a file of the run in {path.parent}: name a .png file of your own"
+        )
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{named} does not end in .png: the file written is a PNG image")
+    if mode is not None and not args.force:
+        raise ConfigError(f"{named} exists: give --force to replace it, or name a new file")
+    return path, mode is not None
+
+
+def say_written(path: Path, replaced: bool) -> None:
+    """``wrote PATH``, and the file replaced (``--force``) in one line of its own."""
+    if replaced:
+        print(f"pyro-vae: {path} existed: replaced it (--force)", file=sys.stderr)
+    print(f"wrote {path}")
 
 
 def positive_int(text: str) -> int:

@@ -6,7 +6,9 @@ take longer than the bound (timed on an injected clock, never the wall clock).""
 import io
 import itertools
 import json
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -448,6 +450,48 @@ def test_run_files_that_are_not_regular_bounded_files_are_one_line(
     assert not list(run_dir.glob("samples-*.png"))
     if before is not None:
         assert snapshot(run_dir) == before
+
+
+# --- the PNG files that sample and transfer write ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, target, expected",
+    [
+        ("sample", "fifo.png", "is a FIFO, not a regular file"),
+        ("sample", "folder.png", "is a folder, not a regular file"),
+        ("sample", "RUN/checkpoint.pt", "is a file of the run in"),
+        ("sample", "RUN/samples.png", "is a file of the run in"),
+        ("sample", "notes.txt", "does not end in .png"),
+        ("sample", "mine.png", "exists: give --force to replace it"),
+        ("transfer", "notes.txt", "does not end in .png"),
+        ("transfer", "fifo.png", "is a FIFO, not a regular file"),
+    ],
+)
+def test_an_output_that_is_not_a_new_png_file_is_refused(
+    run_dir, tmp_path, capsys, command, target, expected
+):
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "mine.png").write_bytes(b"mine")
+    (tmp_path / "notes.txt").write_text("notes")
+    output = run_dir / target[4:] if target.startswith("RUN/") else tmp_path / target
+    before, files = snapshot(run_dir), snapshot(tmp_path)
+    assert status([command, run_dir, "--num", "4", "--output", output]) == 2
+    assert f"--output {output} {expected}" in one_line(capsys)
+    assert snapshot(run_dir) == before and snapshot(tmp_path) == files
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo.png").st_mode)
+
+
+def test_force_replaces_a_file_and_says_so(run_dir, tmp_path, capsys):
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"mine")
+    assert status(["sample", run_dir, "--num", "4", "--device", "cpu", "--force"]) == 2
+    assert "--force lets --output replace a file" in one_line(capsys)
+    argv = ["sample", run_dir, "--num", "4", "--device", "cpu", "--output", mine, "--force"]
+    assert status(argv) == 0
+    assert capsys.readouterr().err == f"pyro-vae: {mine} existed: replaced it (--force)\n"
+    assert mine.read_bytes().startswith(b"\x89PNG")
 
 
 # --- options that would do nothing, caps that are said -----------------------------------
