@@ -20,7 +20,12 @@ DEFAULT_MAX_SECONDS = 3600.0
 
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit status :data:`EXIT_USER_ERROR`
-    (the usage is one ``--help`` away)."""
+    (the usage is one ``--help`` away), and which reads no abbreviation of an option (``--data``
+    is not ``--data-dir``): its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -188,6 +193,38 @@ def add_dist_timeout(parser: argparse.ArgumentParser) -> None:
         help="under torchrun: how long a rank waits for the others before "
         f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})",
     )
+
+
+def check_dist_timeout(args: argparse.Namespace) -> None:
+    """Refuse ``--dist-timeout`` in a process that torchrun did not start (``WORLD_SIZE`` unset
+    or 1): it waits for no other rank."""
+    try:
+        alone = int(os.environ.get("WORLD_SIZE") or 1) <= 1
+    except ValueError:
+        return  # joining the ranks says what is wrong with WORLD_SIZE
+    if args.dist_timeout is not None and alone:
+        raise ConfigError(
+            "--dist-timeout is how long a rank waits for the others under torchrun: this "
+            "process is the only one (WORLD_SIZE unset or 1)"
+        )
+
+
+def check_data_dir(args: argparse.Namespace) -> None:
+    """Refuse ``--data-dir`` for a run (``args.run_dir``) that reads no MNIST files."""
+    if getattr(args, "data_dir", None) is None:
+        return
+    from pyro_vae.runs import read_config
+
+    dataset = read_config(args.run_dir).dataset
+    if dataset != "mnist":
+        raise ConfigError(
+            f"--data-dir locates the MNIST files; the run in {args.run_dir} "
+            + (
+                f"is of the {dataset} images, which ship with the package"
+                if dataset
+                else "reads the data it was given, not MNIST's"
+            )
+        )
 
 
 def json_object(text: str) -> dict:

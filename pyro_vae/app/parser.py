@@ -294,6 +294,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _add_scored_split(
         p, defaults, "datapoint", "evaluate only the first N datapoints", particles=None
     )
+    p.set_defaults(split=None)  # the default split, unless --data is given
     p.add_argument(
         "--data",
         metavar="DATA",
