@@ -91,7 +91,9 @@ def output_path(args: argparse.Namespace, default: Path) -> tuple[Path, bool]:
         raise ConfigError("--force lets --output replace a file: give it with --output FILE.png")
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except OSError as exc:  # in RUN_DIR, a path through a file: loading the run says so
+        if args.output is not None and not isinstance(exc, FileNotFoundError):
+            raise
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         kind = next((what for test, what in _KINDS if test(mode)), "not a file")
