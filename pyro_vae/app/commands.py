@@ -5,10 +5,15 @@ is :mod:`pyro_vae.app.train_command`; the commands that read a run folder are he
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pyro_vae.app.flags import given_flags
-from pyro_vae.app.options import RATE_DISTORTION_ONLY
+from pyro_vae.app.options import (
+    RATE_DISTORTION_ONLY,
+    check_data_dir,
+    check_dist_timeout,
+    output_path,
+    say_written,
+)
 from pyro_vae.app.train_command import cmd_train
 from pyro_vae.util.errors import ConfigError
 
@@ -29,6 +34,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     from pyro_vae.util.memory import inference_bytes, require
 
+    output, replaced = output_path(args, args.run_dir / f"samples-{args.seed}.png")
     run = load_run(args.run_dir, device=args.device)
     if run.dataset is None or not callable(getattr(run.model, "sample", None)):
         raise ConfigError(
@@ -56,7 +62,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         device,
     )
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    output = args.output or args.run_dir / f"samples-{args.seed}.png"
     if run.model.conditional:
         wanted = torch.tensor(labels, device=device).repeat_interleave(per_label)
         images = run.model.sample(
@@ -73,7 +78,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         images = run.model.sample(rows, mean=not args.binary, generator=generator)
         figure = plot_grid(images, run.dataset.image_shape, ncols, f"{rows} samples from the prior")
     save_figure(figure, output)
-    print(f"wrote {output}")
+    say_written(output, replaced)
     return 0
 
 
@@ -155,6 +160,7 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
     from pyro_vae.util.io import write_json
     from pyro_vae.util.rng import forked_rng
 
+    check_data_dir(args)
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if getattr(run.model, "conditional", False):
         raise ConfigError(
@@ -170,10 +176,9 @@ def _cmd_bdmc(args: argparse.Namespace) -> int:
         )
     rows = len(template[0])
     if rows < args.num:
-        print(
-            f"pyro-vae bdmc: --num {args.num:,} is more than the {rows:,} test images whose "
-            f"shape the simulated data take: simulating {rows:,}",
-            file=sys.stderr,
+        raise ConfigError(
+            f"--num {args.num:,} is more than the {rows:,} test images whose shape the "
+            f"simulated data take: give --num {rows:,} or fewer"
         )
     with forked_rng(), pyro.get_param_store().scope(), pyro.validation_enabled(False):
         torch.manual_seed(args.seed)
@@ -217,9 +222,18 @@ IMPORTANCE_ONLY = ("particles", "particle_chunk")
 
 def _fill_evaluate_options(args: argparse.Namespace) -> None:
     """Refuse the options that do nothing in the evaluation asked for (the AIS options without
-    ``--ais``, the importance sampler's with it); fill in the defaults of the others."""
+    ``--ais``, the importance sampler's with it, ``--split`` with ``--data``, ``--data-dir``
+    for a run without MNIST files, ``--dist-timeout`` outside torchrun); fill in the defaults
+    of the others."""
     from pyro_vae.runs import EvalConfig
 
+    if args.data is not None and args.split is not None:
+        raise ConfigError(
+            "--split picks a split of the run's dataset; with --data those data are evaluated: "
+            "give one of them"
+        )
+    check_data_dir(args)
+    check_dist_timeout(args)
     unused = given_flags(args, IMPORTANCE_ONLY if args.ais else AIS_ONLY)
     rd_unused = "" if args.rate_distortion else given_flags(args, RATE_DISTORTION_ONLY)
     if rd_unused or (args.rate_distortion and args.ais):
@@ -235,6 +249,8 @@ def _fill_evaluate_options(args: argparse.Namespace) -> None:
             else f"{unused} need(s) --ais (without it importance sampling runs)"
         )
     defaults = EvalConfig()
+    if args.split is None:
+        args.split = defaults.split
     for name, value in {**AIS_ONLY, **{k: getattr(defaults, k) for k in IMPORTANCE_ONLY}}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -299,6 +315,7 @@ def _rate_distortion_options(args: argparse.Namespace):
 def _load_conditional_run(args: argparse.Namespace):
     from pyro_vae.runs import load_run
 
+    check_data_dir(args)
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
     if run.dataset is None or not getattr(run.model, "conditional", False):
         raise ConfigError(
@@ -349,6 +366,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
     from pyro_vae.runs.plots import plot_grid, save_figure
 
+    output, replaced = output_path(args, args.run_dir / "transfer.png")
     run = _load_conditional_run(args)
     available = len(run.dataset.test)
     if args.num > available:
@@ -377,9 +395,8 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
         row_labels=[f"y={int(label)}" for label in labels],
         col_labels=["source", *map(str, range(run.model.num_classes))],
     )
-    output = args.output or args.run_dir / "transfer.png"
     save_figure(figure, output)
-    print(f"wrote {output}")
+    say_written(output, replaced)
     return 0
 
 

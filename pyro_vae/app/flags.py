@@ -6,7 +6,10 @@ The library's errors name a Python parameter as ``name=value``: ``importance_sam
 ``--importance-samples K``, ``--elbo dreg``, ``--force``, ``--out DIR``. A value of ``True``
 is the flag alone, a quoted value loses its quotes; ``False`` and ``None`` (no flag says
 them), names the table lacks and the arguments of a Python call quoted in the message
-(``fit(model, data, run_dir=DIR, resume=True)``) are left as they are.
+(``fit(model, data, run_dir=DIR, resume=True)``) are left as they are. A parameter named
+without a value (``lr must be > 0``) becomes its flag where its name is no English word,
+except in a message about a file read (``cannot read PATH: ...``, a config field
+``config field lr ...``), which names that file's fields.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ _MENTION = re.compile(
     r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;:()\[\]]+?)"
     r"(?=[\s,;:()\[\]]|\.(?!\w)|$)"
 )
+#: the parameters a message may name alone (``lr must be > 0``, ``give test_data``): those
+#: whose names are no English word (``lr``, the names with an underscore) and whose flag is a
+#: plain option of every command that has it
+_ALONE = {
+    name: flag
+    for name, flag in FLAGS.items()
+    if (name == "lr" or "_" in name) and " " not in flag and name != "run_dir"
+}
+_NAME = re.compile(
+    r"(?<![\w.\-/'\"])(?<!field )(?P<name>"
+    + "|".join(sorted(_ALONE, key=len, reverse=True))
+    + r")(?![\w\-/=]|\.\w)"
+)
 #: a Python call (one level of nested parentheses), whose keyword arguments stay Python
 _CALL = re.compile(r"[A-Za-z_][\w.]*\((?:[^()]|\([^()]*\))*\)")
 
@@ -75,12 +91,21 @@ def _flag(match: re.Match) -> str:
 def as_flags(text: str) -> str:
     """``text`` with every ``name=value`` of a parameter in :data:`FLAGS` in the command
     line's words: ``'use elbo="iwae", or num_particles=4'`` -> ``'use --elbo iwae, or
-    --particles 4'``."""
+    --particles 4'``; so is a parameter named alone whose name is no English word: ``'lr must
+    be > 0'`` -> ``'--lr must be > 0'``, ``'give test_data'`` -> ``'give --test-data'``."""
+    alone = "cannot read " not in text  # a file's own fields (config.json's) stay as they are
     pieces, start = [], 0
     for call in _CALL.finditer(text):
-        pieces += [_MENTION.sub(_flag, text[start : call.start()]), call[0]]
+        pieces += [_said(text[start : call.start()], alone), call[0]]
         start = call.end()
-    return "".join([*pieces, _MENTION.sub(_flag, text[start:])])
+    return "".join([*pieces, _said(text[start:], alone)])
+
+
+def _said(text: str, alone: bool) -> str:
+    """``text``, outside a Python call, in flags: ``name=value``, and with ``alone`` a
+    parameter named alone."""
+    text = _MENTION.sub(_flag, text)
+    return _NAME.sub(lambda match: _ALONE[match["name"]], text) if alone else text
 
 
 def given_flags(args: object, names: Sequence[str]) -> str:

@@ -4,10 +4,13 @@ as it is parsed (one line and status :data:`EXIT_USER_ERROR` for a bad one)."""
 from __future__ import annotations
 
 import argparse
+import os
+import stat
+import sys
 from pathlib import Path
 
 from pyro_vae.models.config import check_seed
-from pyro_vae.util.errors import PyroVAEError
+from pyro_vae.util.errors import ConfigError, PyroVAEError
 
 EXIT_USER_ERROR = 2
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu or cuda (default auto)"
@@ -17,7 +20,12 @@ DEFAULT_MAX_SECONDS = 3600.0
 
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit status :data:`EXIT_USER_ERROR`
-    (the usage is one ``--help`` away)."""
+    (the usage is one ``--help`` away), and which reads no abbreviation of an option (``--data``
+    is not ``--data-dir``): its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -42,6 +50,74 @@ def path_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("the path is empty (an unset shell variable?)")
     return Path(text)
+
+
+def add_output(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--output FILE.png`` (``default`` when not given) and ``--force``, which lets it
+    replace a file: :func:`output_path` checks them."""
+    parser.add_argument(
+        "--output", type=path_arg, help=f"PNG path (default {default}); a file there needs --force"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="let --output replace a file (never a run's own file, a folder or a device)",
+    )
+
+
+#: what a path that is not a regular file is, by its mode
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def output_path(args: argparse.Namespace, default: Path) -> tuple[Path, bool]:
+    """The PNG file a command writes (``args.output``, else ``default``) and whether it
+    replaces a file (``--force``); :class:`~pyro_vae.util.errors.ConfigError` before any work
+    for a path that exists and is not a regular file (a folder, a device, a FIFO, a link),
+    and for a given ``--output`` in a missing folder, that is a run's own file
+    (:func:`~pyro_vae.runs.folder.is_run_file`), whose name does not end in ``.png``, or that
+    exists without ``--force``."""
+    from pyro_vae.runs.folder import is_run_file
+
+    path = default if args.output is None else args.output
+    named = f"--output {path}" if args.output is not None else str(path)
+    if args.force and args.output is None:
+        raise ConfigError("--force lets --output replace a file: give it with --output FILE.png")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:  # in RUN_DIR, a path through a file: loading the run says so
+        if args.output is not None and not isinstance(exc, FileNotFoundError):
+            raise
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = next((what for test, what in _KINDS if test(mode)), "not a file")
+        raise ConfigError(f"{named} is {kind}, not a regular file: name a .png file")
+    if args.output is None:
+        return path, False
+    if not path.parent.is_dir():
+        raise ConfigError(f"{named}: the folder {path.parent} does not exist")
+    if is_run_file(path):
+        raise ConfigError(
+            f"{named} is a file of the run in {path.parent}: name a .png file of your own"
+        )
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{named} does not end in .png: the file written is a PNG image")
+    if mode is not None and not args.force:
+        raise ConfigError(f"{named} exists: give --force to replace it, or name a new file")
+    return path, mode is not None
+
+
+def say_written(path: Path, replaced: bool) -> None:
+    """``wrote PATH``, and the file replaced (``--force``) in one line of its own."""
+    if replaced:
+        print(f"pyro-vae: {path} existed: replaced it (--force)", file=sys.stderr)
+    print(f"wrote {path}")
 
 
 def positive_int(text: str) -> int:
@@ -119,6 +195,38 @@ def add_dist_timeout(parser: argparse.ArgumentParser) -> None:
         help="under torchrun: how long a rank waits for the others before "
         f"failing (default ${ENV_TIMEOUT} or {DEFAULT_TIMEOUT_S:g})",
     )
+
+
+def check_dist_timeout(args: argparse.Namespace) -> None:
+    """Refuse ``--dist-timeout`` in a process that torchrun did not start (``WORLD_SIZE`` unset
+    or 1): it waits for no other rank."""
+    try:
+        alone = int(os.environ.get("WORLD_SIZE") or 1) <= 1
+    except ValueError:
+        return  # joining the ranks says what is wrong with WORLD_SIZE
+    if args.dist_timeout is not None and alone:
+        raise ConfigError(
+            "--dist-timeout is how long a rank waits for the others under torchrun: this "
+            "process is the only one (WORLD_SIZE unset or 1)"
+        )
+
+
+def check_data_dir(args: argparse.Namespace) -> None:
+    """Refuse ``--data-dir`` for a run (``args.run_dir``) that reads no MNIST files."""
+    if getattr(args, "data_dir", None) is None:
+        return
+    from pyro_vae.runs import read_config
+
+    dataset = read_config(args.run_dir).dataset
+    if dataset != "mnist":
+        raise ConfigError(
+            f"--data-dir locates the MNIST files; the run in {args.run_dir} "
+            + (
+                f"is of the {dataset} images, which ship with the package"
+                if dataset
+                else "reads the data it was given, not MNIST's"
+            )
+        )
 
 
 def json_object(text: str) -> dict:

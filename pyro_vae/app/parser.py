@@ -13,6 +13,7 @@ from pyro_vae.app.options import (
     add_max_memory,
     add_max_seconds,
     add_optimizer_options,
+    add_output,
     add_rate_distortion_options,
     json_object,
     layer_sizes,
@@ -271,7 +272,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="CVAE runs: generate this label (repeatable; default one row per label)",
     )
-    p.add_argument("--output", type=path_arg, help="PNG path (default RUN_DIR/samples-<seed>.png)")
+    add_output(p, "RUN_DIR/samples-<seed>.png")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     add_max_memory(p)
 
@@ -293,6 +294,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     _add_scored_split(
         p, defaults, "datapoint", "evaluate only the first N datapoints", particles=None
     )
+    p.set_defaults(split=None)  # the default split, unless --data is given
     p.add_argument(
         "--data",
         metavar="DATA",
@@ -392,7 +394,7 @@ def _add_cvae_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
     p.add_argument("--num", type=positive_int, default=8, help="source images (default 8)")
-    p.add_argument("--output", type=path_arg, help="PNG path (default RUN_DIR/transfer.png)")
+    add_output(p, "RUN_DIR/transfer.png")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files, if it moved")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 

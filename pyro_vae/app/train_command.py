@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 from pyro_vae.app.flags import given_flags
+from pyro_vae.app.options import check_dist_timeout
 from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.config import RunOptions
 from pyro_vae.util.errors import ConfigError
@@ -140,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pyro_vae.train.early_stopping import stopped_epoch
     from pyro_vae.util.distributed import current_context
 
+    check_dist_timeout(args)
     if args.resume is not None:
         fixed = (
             "dataset",
@@ -174,6 +176,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = _train_config(args)
         run_dir = args.out or _default_out(config)
+        if config.patience is not None and config.patience >= config.epochs:
+            raise ConfigError(
+                f"--patience {config.patience} can never stop a run of {config.epochs} "
+                "epoch(s) early (it stops after that many epochs without an improvement): "
+                "give a --patience below --epochs"
+            )
     unused = ", ".join(
         flag
         for flag, given in (("--download", args.download), ("--data-dir", args.data_dir))

@@ -40,6 +40,19 @@ def sweep_temporary_files(run_dir: Path) -> list[str]:
     return tempnames.sweep(run_dir)
 
 
+#: The files of a run folder that are its run's: those training writes, and the lock.
+RUN_FILES = (*TRAINING_FILES, LOCK_FILE)
+
+
+def is_run_file(path: str | Path) -> bool:
+    """Whether ``path`` is one of :data:`RUN_FILES` in a folder that holds a run (a checkpoint
+    or a config.json; a folder without them holds the user's files only)."""
+    path = Path(path)
+    folder = path.parent
+    holds_run = (folder / CHECKPOINT_FILE).exists() or (folder / CONFIG_FILE).exists()
+    return holds_run and path.name in RUN_FILES
+
+
 def _is_own_entry(entry: str) -> bool:
     """The lock this process holds, and temporary files of pyro-vae's format."""
     return entry == LOCK_FILE or tempnames.writer_of(entry) is not None

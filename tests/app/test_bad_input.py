@@ -3,10 +3,13 @@
 support, options that would do nothing, sizes the machine cannot hold and work that would
 take longer than the bound (timed on an injected clock, never the wall clock)."""
 
+import argparse
 import io
 import itertools
 import json
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from tiny_runs import TINY
 
 from pyro_vae.app.cli import main
+from pyro_vae.app.options import check_data_dir
 from pyro_vae.util import budget
 
 USER_MODELS = Path(__file__).resolve().parents[1] / "support" / "user_models.py"
@@ -450,6 +454,48 @@ def test_run_files_that_are_not_regular_bounded_files_are_one_line(
         assert snapshot(run_dir) == before
 
 
+# --- the PNG files that sample and transfer write ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, target, expected",
+    [
+        ("sample", "fifo.png", "is a FIFO, not a regular file"),
+        ("sample", "folder.png", "is a folder, not a regular file"),
+        ("sample", "RUN/checkpoint.pt", "is a file of the run in"),
+        ("sample", "RUN/samples.png", "is a file of the run in"),
+        ("sample", "notes.txt", "does not end in .png"),
+        ("sample", "mine.png", "exists: give --force to replace it"),
+        ("transfer", "notes.txt", "does not end in .png"),
+        ("transfer", "fifo.png", "is a FIFO, not a regular file"),
+    ],
+)
+def test_an_output_that_is_not_a_new_png_file_is_refused(
+    run_dir, tmp_path, capsys, command, target, expected
+):
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "mine.png").write_bytes(b"mine")
+    (tmp_path / "notes.txt").write_text("notes")
+    output = run_dir / target[4:] if target.startswith("RUN/") else tmp_path / target
+    before, files = snapshot(run_dir), snapshot(tmp_path)
+    assert status([command, run_dir, "--num", "4", "--output", output]) == 2
+    assert f"--output {output} {expected}" in one_line(capsys)
+    assert snapshot(run_dir) == before and snapshot(tmp_path) == files
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo.png").st_mode)
+
+
+def test_force_replaces_a_file_and_says_so(run_dir, tmp_path, capsys):
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"mine")
+    assert status(["sample", run_dir, "--num", "4", "--device", "cpu", "--force"]) == 2
+    assert "--force lets --output replace a file" in one_line(capsys)
+    argv = ["sample", run_dir, "--num", "4", "--device", "cpu", "--output", mine, "--force"]
+    assert status(argv) == 0
+    assert capsys.readouterr().err == f"pyro-vae: {mine} existed: replaced it (--force)\n"
+    assert mine.read_bytes().startswith(b"\x89PNG")
+
+
 # --- options that would do nothing, caps that are said -----------------------------------
 
 
@@ -473,9 +519,28 @@ def test_run_files_that_are_not_regular_bounded_files_are_one_line(
             ["train", "--resume", "RUN", "--epochs", "2", "--data-dir", "RUN"],
             "--data-dir locate(s)",
         ),
+        (["classify", "RUN", "--data", "RUN/x.npz"], "unrecognized arguments: --data"),
+        (["sample", "RUN", "--nu", "4"], "unrecognized arguments: --nu 4"),
+        (["classify", "RUN", "--data-dir", "RUN"], "--data-dir locates the MNIST files; the run"),
+        (["evaluate", "RUN", "--data-dir", "RUN"], "is of the digits images, which ship with"),
+        (["evaluate", "RUN", "--data", "RUN/x.npz", "--split", "test"], "--split picks a split"),
+        (["evaluate", "RUN", "--dist-timeout", "5"], "this process is the only one"),
+        (["train", "--dist-timeout", "5", *TINY, "--out", "RUN/new"], "--dist-timeout is how"),
+        (
+            ["train", "--patience", "1", *TINY, "--out", "RUN/new"],
+            "--patience 1 can never stop a run of 1 epoch(s) early",
+        ),
+        (
+            ["bdmc", "RUN", "--num", "400", "--ais-steps", "2", "--chains", "2", "--device", "cpu"],
+            "--num 400 is more than the 300 test images whose shape the simulated data take: "
+            "give --num 300 or fewer",
+        ),
     ],
 )
-def test_options_that_do_nothing_in_the_command_are_refused(run_dir, capsys, argv, expected):
+def test_options_that_do_nothing_in_the_command_are_refused(
+    run_dir, capsys, monkeypatch, argv, expected
+):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     before = snapshot(run_dir)
     assert (
         status([str(run_dir) if a == "RUN" else a.replace("RUN", str(run_dir)) for a in argv]) == 2
@@ -484,30 +549,10 @@ def test_options_that_do_nothing_in_the_command_are_refused(run_dir, capsys, arg
     assert snapshot(run_dir) == before and not (run_dir / "new").exists()
 
 
-def test_bdmc_says_when_num_is_capped_by_the_test_images(run_dir, capsys):
-    assert (
-        status(
-            [
-                "bdmc",
-                run_dir,
-                "--num",
-                "400",
-                "--ais-steps",
-                "2",
-                "--chains",
-                "2",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
-    captured = capsys.readouterr()
-    assert (
-        "--num 400 is more than the 300 test images whose shape the simulated data take: "
-        "simulating 300"
-    ) in captured.err
-    assert json.loads((run_dir / "bdmc.json").read_text())["num_datapoints"] == 300
+def test_data_dir_is_taken_for_a_run_of_the_mnist_files(run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "dataset": "mnist"}))
+    check_data_dir(argparse.Namespace(run_dir=run_dir, data_dir=str(run_dir)))
 
 
 # --- sizes the machine cannot hold ---------------------------------------------------------

@@ -95,6 +95,20 @@ def test_the_model_config_and_the_estimators_use_it():
             "Try a smaller learning rate than --lr 1e+06.",
         ),
         ("choose another run_dir=DIR", "choose another --out DIR"),
+        # a parameter named alone, where its name is no English word
+        ("lr must be > 0, got -1.0", "--lr must be > 0, got -1.0"),
+        ("so importance_samples must be 1 (got 3)", "so --importance-samples must be 1 (got 3)"),
+        ("give test_data (early stopping", "give --test-data (early stopping"),
+        ("scheduler_options are a scheduler's", "--scheduler-options are a scheduler's"),
+        (
+            "cannot read run/config.json: lr must be > 0",
+            "cannot read run/config.json: lr must be > 0",
+        ),
+        ("config field lr must be a finite number", "config field lr must be a finite number"),
+        (
+            "in /tmp/test_data.npz, model.lr_scale or 'lr'",
+            "in /tmp/test_data.npz, model.lr_scale or 'lr'",
+        ),
         # left alone: no flag says False or None, unknown names, dotted names, torchrun's flags,
         # and the keyword arguments of a Python call quoted in the message
         ("download=False, obs_scale=None", "download=False, obs_scale=None"),
@@ -135,6 +149,22 @@ def test_a_gaussian_scale_without_the_gaussian_likelihood(capsys):
         ModelConfig(obs_scale=0.1)
     assert exit_status(["train", "--obs-scale", "0.1"]) == 2
     assert one_line(capsys).endswith("it needs --likelihood gaussian")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--lr", "-1"], "error: --lr must be > 0, got -1.0"),
+        (["--obs-scale", "-1", "--likelihood", "gaussian"], "error: --obs-scale must be > 0"),
+        (["--scheduler-options", '{"gamma": 0.5}'], "error: --scheduler-options are a scheduler's"),
+    ],
+)
+def test_a_parameter_named_alone_is_its_flag(tmp_path, capsys, argv, expected):
+    with pytest.raises(ConfigError, match="^lr must be > 0"):
+        TrainConfig(lr=-1.0)
+    assert exit_status(["train", *argv, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert expected in one_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_folder_of_other_files(tmp_path, capsys):
