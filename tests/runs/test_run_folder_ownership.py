@@ -265,7 +265,7 @@ def test_a_forced_start_that_trains_nothing_puts_the_users_files_back(
     (out / HISTORY_FILE).write_text("my history")
     before = snapshot(out)
 
-    def interrupt(self):
+    def interrupt(self, hooks=()):
         assert not (out / HISTORY_FILE).exists()  # kept aside while the run starts
         raise KeyboardInterrupt
 

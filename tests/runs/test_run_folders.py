@@ -197,7 +197,7 @@ def test_an_interrupted_first_epoch_leaves_no_trace(tmp_path, monkeypatch, capsy
 
     out = tmp_path / "new" / "run"
 
-    def interrupt(self):
+    def interrupt(self, hooks=()):
         assert json.loads((out / CONFIG_FILE).read_text())["epochs"] == 1  # written first
         raise KeyboardInterrupt
 
