@@ -85,3 +85,18 @@ def test_a_pair_edited_after_training_is_one_line_in_evaluate_ais_and_resume(use
         code, err = run(argv, capsys)
         assert (code, MISMATCH in err) == (2, True), (argv, err)
     assert contents(out) == before
+
+
+@pytest.mark.parametrize("length", ["-1", "2.5"])
+def test_a_dataset_whose_length_is_not_a_count_is_one_line_naming_its_len(user, capsys, length):
+    source = "import torch\n\n\nclass Rows(torch.utils.data.Dataset):\n"
+    source += f"    def __len__(self):\n        return {length}\n\n"
+    source += "    def __getitem__(self, i):\n        return torch.zeros(5)\n"
+    (user / "rows.py").write_text(source + "\n\ndef rows():\n    return Rows()\n")
+    argv = train_argv(user, "--out", user / "run")
+    argv[argv.index("--data") + 1] = f"{user / 'rows.py'}:rows"
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert err.endswith(f"rows.py:5: Rows.__len__ returned {length}: the length of a Dataset is "
+                        "its number of datapoints, an integer >= 0"), err  # fmt: skip
+    assert not (user / "run").exists()
