@@ -57,8 +57,8 @@ def user(tmp_path):
     return tmp_path
 
 
-def train_argv(user: Path, *extra) -> list:
-    return ["train", "--model-factory", f"{user / 'pair.py'}:make", "--data", user / "x.npz",
+def train_argv(user: Path, *extra, data="x.npz") -> list:
+    return ["train", "--model-factory", f"{user / 'pair.py'}:make", "--data", user / data,
             "--batch-size", "32", "--quiet", *extra]  # fmt: skip
 
 
@@ -93,10 +93,24 @@ def test_a_dataset_whose_length_is_not_a_count_is_one_line_naming_its_len(user, 
     source += f"    def __len__(self):\n        return {length}\n\n"
     source += "    def __getitem__(self, i):\n        return torch.zeros(5)\n"
     (user / "rows.py").write_text(source + "\n\ndef rows():\n    return Rows()\n")
-    argv = train_argv(user, "--out", user / "run")
-    argv[argv.index("--data") + 1] = f"{user / 'rows.py'}:rows"
-    code, err = run(argv, capsys)
-    assert code == 2
-    assert err.endswith(f"rows.py:5: Rows.__len__ returned {length}: the length of a Dataset is "
-                        "its number of datapoints, an integer >= 0"), err  # fmt: skip
+    code, err = run(train_argv(user, "--out", user / "run", data="rows.py:rows"), capsys)
+    said = f"rows.py:5: Rows.__len__ returned {length}: the length of a Dataset is its number"
+    assert (code, said in err, err.endswith("datapoints, an integer >= 0")) == (2, True, True), err
+    assert not (user / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--test-data"])
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_data_not_finite_in_a_late_row_are_named_before_training(user, capsys, flag, bad):
+    x = np.random.default_rng(1).normal(size=(100, 5)).astype(np.float32)
+    x[97, 3] = x[99, 0] = bad
+    np.savez(user / "late.npz", x=x)
+    given = {"data": "late.npz"} if flag == "--data" else {}
+    extra = ["--test-data", user / "late.npz"] if flag == "--test-data" else []
+    code, err = run(train_argv(user, "--out", user / "run", *extra, **given), capsys)
+    shown = "NaN" if np.isnan(bad) else "-inf"
+    assert code == 2 and err.endswith(
+        f"late.npz: the array 'x' holds {shown} in row 97 (2 of its 100 rows hold NaN or "
+        "infinite values): training and evaluation need finite data"
+    ), err
     assert not (user / "run").exists()
