@@ -12,7 +12,8 @@ waits for it:
   itself, in its one line), once the child has said that its command finished
   (:mod:`pyro_vae.util.child_report`); a child that ends with status 0 without saying so
   (``os._exit(0)`` in the user's code) becomes one line and exit status 2, and after any end
-  without it the run folder the child created is removed again if no epoch was saved in it;
+  without it the child's run folder lock is removed, and a run folder it created, if no epoch
+  was saved in it;
 - a child killed by a signal becomes one line: the user's file and line where it happened when
   the innermost frame of the user's own code on the crashing thread is known (exit status 2, as
   for any other failure of the user's code), else the frame where it happened and exit status
@@ -38,7 +39,6 @@ import sys
 import tempfile
 
 from pyro_vae.util import child_report
-from pyro_vae.util.child_report import REPORT_FILE_ENV, read_report, remove_leftovers
 from pyro_vae.util.usercode import is_user_file
 
 #: names the child's crash file; set by the parent, read (and removed) by the child
@@ -57,7 +57,6 @@ def supervised() -> bool:
         import faulthandler
 
         child_report.adopt(os.environ)
-
         faulthandler.enable(open(fault_file, "w"), all_threads=True)
         return False
     return (
@@ -80,12 +79,16 @@ def run_child(argv: list[str]) -> int:
     try:
         child = subprocess.Popen(
             [sys.executable, *interpreter_options(argv), "-m", "pyro_vae", *argv],
-            env={**os.environ, FAULT_FILE_ENV: fault_file, REPORT_FILE_ENV: report_file},
+            env={
+                **os.environ,
+                FAULT_FILE_ENV: fault_file,
+                child_report.REPORT_FILE_ENV: report_file,
+            },
         )
         status = _wait(child, watched, early)
-        finished, records = read_report(report_file)
+        finished, records = child_report.read_report(report_file)
         if not finished:  # its own clean-up did not run
-            remove_leftovers(records)
+            child_report.remove_leftovers(records)
         return _exit_status(status, command, fault_file, finished)
     finally:
         for s, handler in previous.items():
