@@ -41,4 +41,9 @@ def run() -> None:
     if interrupted:
         print("pyro-vae: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:  # however it ended, in Python: a watched parent learns the command finished
+        from pyro_vae.util import child_report
+
+        child_report.finished()

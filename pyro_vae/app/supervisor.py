@@ -9,7 +9,11 @@ crash to a temporary file, and this parent process, which imports neither torch 
 waits for it:
 
 - the child's own exit status is the program's (every error the child can handle it reports
-  itself, in its one line);
+  itself, in its one line), once the child has said that its command finished
+  (:mod:`pyro_vae.util.child_report`); a child that ends with status 0 without saying so
+  (``os._exit(0)`` in the user's code) becomes one line and exit status 2, and after any end
+  without it the child's run folder lock is removed, and a run folder it created, if no epoch
+  was saved in it;
 - a child killed by a signal becomes one line: the user's file and line where it happened when
   the innermost frame of the user's own code on the crashing thread is known (exit status 2, as
   for any other failure of the user's code), else the frame where it happened and exit status
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 
+from pyro_vae.util import child_report
 from pyro_vae.util.usercode import is_user_file
 
 #: names the child's crash file; set by the parent, read (and removed) by the child
@@ -51,6 +56,7 @@ def supervised() -> bool:
     if fault_file is not None:
         import faulthandler
 
+        child_report.adopt(os.environ)
         faulthandler.enable(open(fault_file, "w"), all_threads=True)
         return False
     return (
@@ -65,21 +71,31 @@ def run_child(argv: list[str]) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     handle, fault_file = tempfile.mkstemp(prefix="pyro-vae-fault-", suffix=".txt")
     os.close(handle)
+    handle, report_file = tempfile.mkstemp(prefix="pyro-vae-report-", suffix=".txt")
+    os.close(handle)
     early: list[int] = []
     watched = [s for s in FORWARDED if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in watched}
     try:
         child = subprocess.Popen(
             [sys.executable, *interpreter_options(argv), "-m", "pyro_vae", *argv],
-            env={**os.environ, FAULT_FILE_ENV: fault_file},
+            env={
+                **os.environ,
+                FAULT_FILE_ENV: fault_file,
+                child_report.REPORT_FILE_ENV: report_file,
+            },
         )
         status = _wait(child, watched, early)
-        return _exit_status(status, command, fault_file)
+        finished, records = child_report.read_report(report_file)
+        if not finished:  # its own clean-up did not run
+            child_report.remove_leftovers(records)
+        return _exit_status(status, command, fault_file, finished)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        with contextlib.suppress(OSError):
-            os.unlink(fault_file)
+        for path in (fault_file, report_file):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def interpreter_options(argv: list[str]) -> list[str]:
@@ -114,11 +130,18 @@ def _wait(child: subprocess.Popen, watched: list[int], early: list[int]) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, waited)
 
 
-def _exit_status(status: int, command: str | None, fault_file: str) -> int:
+def _exit_status(status: int, command: str | None, fault_file: str, finished: bool) -> int:
+    prefix = f"pyro-vae {command}" if command else "pyro-vae"
+    if status == 0 and not finished:
+        print(
+            f"{prefix}: error: the process ended with status 0 before the command finished, "
+            "without a word (os._exit in a model, guide, factory or data function?)",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     if status >= 0:
         return status
     signum = -status
-    prefix = f"pyro-vae {command}" if command else "pyro-vae"
     if signum in (signal.SIGTERM, signal.SIGHUP):
         print(f"{prefix}: terminated", file=sys.stderr)
         return 128 + signum

@@ -47,6 +47,7 @@ from torch.distributions import constraints
 from pyro_vae.core.arguments import batch_length, floating_tensors
 from pyro_vae.core.enumeration import is_enumerated
 from pyro_vae.core.traces import DATA_PLATE, find_data_plate, trace_pair
+from pyro_vae.util import usercode
 from pyro_vae.util.errors import ConfigError, DataError
 from pyro_vae.util.module_state import running_statistics_kept
 from pyro_vae.util.rng import forked_rng
@@ -130,6 +131,7 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
             f"running the model and guide of {what} on a batch of {rows} rows "
             f"failed: {first_line} ({hint})"
         ) from None
+    check_latent_shapes(model_trace, what)
     if foreign:
         raise ConfigError(
             f"the param site(s) {foreign} of {what} are not parameters of the module, so "
@@ -189,6 +191,30 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
         )
     if any(site["type"] == "sample" and site["is_observed"] for site in guide_trace.nodes.values()):
         raise ConfigError(f"the guide of {what} observes a site: observations belong in the model")
+
+
+def check_latent_shapes(model_trace: Any, what: str) -> None:
+    """Refuse, in one line, a latent whose value (the guide's draw, replayed in the model) does
+    not fit the shape of the model's distribution at that site: its event dimensions differ,
+    or its batch dimensions do not broadcast against the distribution's."""
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or not torch.is_tensor(site["value"]):
+            continue
+        batch, event = tuple(site["fn"].batch_shape), tuple(site["fn"].event_shape)
+        shape = tuple(site["value"].shape)
+        head = len(shape) - len(event)
+        fits = head >= 0 and shape[head:] == event
+        try:
+            torch.broadcast_shapes(shape[: max(head, 0)], batch)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ConfigError(
+                f"the latent {name!r} of {what} has shape {list(shape)} in the guide but "
+                f"the model's distribution there has shape {list(batch + event)} (batch "
+                f"{list(batch)}, event {list(event)}): the model and guide must give each "
+                "latent the same shape"
+            )
 
 
 def guide_parameters(module: nn.Module, *args: torch.Tensor) -> list[nn.Parameter]:
@@ -266,7 +292,17 @@ def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
 
     def one_particle() -> None:
         model_trace, guide_trace = trace_pair(module.model, module.guide, args, kwargs)
-        (model_trace.log_prob_sum() - guide_trace.log_prob_sum()).sum()
+        check_latent_shapes(model_trace, type(module).__name__)
+        try:
+            (model_trace.log_prob_sum() - guide_trace.log_prob_sum()).sum()
+        except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+            if usercode.user_frame(exc.__traceback__) is not None:
+                raise  # the user's own code failed: named by its file and line
+            rows = batch_length(args, kwargs)
+            raise ConfigError(
+                f"the log-densities of the model and guide of {type(module).__name__} "
+                f"failed on a batch of {rows} rows: {usercode.first_line(exc)}"
+            ) from None
 
     with (
         poutine.block(),

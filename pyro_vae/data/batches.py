@@ -45,6 +45,7 @@ from torch.utils.data import (
 from pyro_vae.core.arguments import batch_length, leaves
 from pyro_vae.util.distributed import SINGLE, DistributedContext, shard_indices
 from pyro_vae.util.errors import ConfigError, DataError
+from pyro_vae.util.usercode import defined_at
 
 LOADER_OPTIONS = (
     "num_workers",
@@ -218,12 +219,7 @@ class LoaderSource:
                 "an IterableDataset has no length or index: give a map-style "
                 "Dataset (with __len__ and __getitem__)"
             )
-        try:
-            self.num_data = len(dataset)
-        except TypeError:
-            raise DataError(
-                f"{type(dataset).__name__} has no __len__: the engine needs a map-style Dataset"
-            ) from None
+        self.num_data = _length(dataset)
         if self.num_data == 0:
             raise DataError("the dataset is empty")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
@@ -341,6 +337,22 @@ class LoaderSource:
             self.dataset, batch_sampler=chunks, collate_fn=self.collate_fn, **self.options
         )
         yield from self._iterate(loader)
+
+
+def _length(dataset: Dataset) -> int:
+    """What ``dataset.__len__()`` returns, refused (naming the method's file and line) unless
+    a whole number of datapoints, as ``len`` would refuse it."""
+    what = type(dataset).__name__
+    method = getattr(type(dataset), "__len__", None)
+    if method is None:
+        raise DataError(f"{what} has no __len__: the engine needs a map-style Dataset")
+    length = dataset.__len__()
+    if not isinstance(length, bool) and hasattr(type(length), "__index__") and length >= 0:
+        return int(length)
+    raise DataError(
+        f"{defined_at(method)}{what}.__len__ returned {length!r}: the length of a Dataset is "
+        "its number of datapoints, an integer >= 0"
+    )
 
 
 def _from_loader(loader: DataLoader) -> LoaderSource:

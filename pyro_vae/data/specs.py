@@ -189,9 +189,44 @@ def load_data(spec: str) -> tuple[Any, Any]:
     if spec.endswith(DATA_SUFFIXES):
         if not path.exists():
             raise DataError(f"no data file {path}")
-        return (_read_npz(path) if spec.endswith(".npz") else _read_pt(path)), None
-    if ":" not in spec:
+        loaded = (_read_npz(path) if spec.endswith(".npz") else _read_pt(path)), None
+    elif ":" not in spec:
         raise ConfigError(
             f"expected a .npz or .pt file or FILE.py:FUNCTION for the data, got {spec!r}"
         )
-    return _split_pair(call_factory(spec))
+    else:
+        loaded = _split_pair(call_factory(spec))
+    for part in loaded:
+        _check_finite(spec, part)
+    return loaded
+
+
+def _check_finite(spec: str, data: Any) -> None:
+    """Refuse, naming ``spec``, the array and its first row, floating-point arrays or tensors
+    of ``data`` (one, or a tuple, list or dict of them) that hold NaN or infinite values:
+    checked once, as loaded, so that no epoch trains on them. A Dataset's items are checked
+    batch by batch, as they are made."""
+    if isinstance(data, dict):
+        named = [(f"the array {key!r}", value) for key, value in data.items()]
+    elif isinstance(data, (tuple, list)):
+        named = [(f"array {i}", value) for i, value in enumerate(data)]
+    else:
+        named = [("the array", data)]
+    for where, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim:
+            flat = value.detach().reshape(len(value), -1)
+            bad = ~torch.isfinite(flat)
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim:
+            flat = value.reshape(len(value), -1)
+            bad = ~np.isfinite(flat)
+        else:
+            continue
+        rows = bad.any(1).tolist()
+        if True in rows:
+            row = rows.index(True)
+            shown = str(float(flat[row][bad[row]][0])).replace("nan", "NaN")
+            raise DataError(
+                f"{spec}: {where} holds {shown} in row {row} "
+                f"({sum(rows)} of its {len(rows)} rows hold NaN or infinite values): "
+                "training and evaluation need finite data"
+            )

@@ -32,7 +32,7 @@ from pyro_vae.util.distributed import (
     check_same_on_every_rank,
     derive_seed,
 )
-from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util.errors import ConfigError, PyroVAEError, check_count
 from pyro_vae.util.rng import forked_rng
 
 DEFAULT_BATCH_SIZE = 100
@@ -100,8 +100,9 @@ def evaluate_dataset(
             "sharded evaluation needs batch_seed, so that each batch draws the "
             "same particles whichever rank evaluates it"
         )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_count("num_particles", num_particles)
+    check_count("batch_size", batch_size)
+    check_count("particle_chunk", particle_chunk, optional=True)
     source = as_source(data, collate_fn)
     if dist.enabled:  # ranks sharing out different data would gather a wrong result
         check_same_on_every_rank(describe(source), dist, "data")

@@ -6,17 +6,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import torch
 
 from pyro_vae.infer import ESTIMATORS, LinearWarmup, make_estimator
 from pyro_vae.models.config import BINARIZATIONS, DATASETS, DEVICES, ModelConfig, check_seed
-from pyro_vae.util.errors import ConfigError
+from pyro_vae.util.errors import ConfigError, check_count
 from pyro_vae.util.optimizers import OPTIMIZERS, SCHEDULERS, make_optimizer, make_scheduler
 
 #: the estimators a run may name (:data:`pyro_vae.infer.ESTIMATORS`)
 ELBOS = ESTIMATORS
+#: the fields of a :class:`TrainConfig` that count something, with their least values
+COUNTS = {
+    "particles": 1,
+    "importance_samples": 1,
+    "warmup": 0,
+    "eval_particles": 1,
+    "final_particles": 0,
+    "patience": 1,
+    "epochs": 1,
+    "batch_size": 1,
+}
+#: its fields that are real numbers (their ranges checked after their types)
+NUMBERS = ("beta", "warmup_start", "min_delta", "lr", "clip_norm")
 
 
 def _check_options(field_name: str, options: Any) -> None:
@@ -136,6 +150,14 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name, minimum in COUNTS.items():  # whole numbers first: 2.5 or True is no count
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                check_count(name, value, minimum, optional=name == "patience")
+        for name in NUMBERS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         checks = [
             (
                 self.dataset is None or self.dataset in DATASETS,

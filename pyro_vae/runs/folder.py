@@ -27,7 +27,7 @@ from pyro_vae.runs.checkpoint import (
 from pyro_vae.runs.config import TrainConfig
 from pyro_vae.runs.loading import check_same_config, read_run_config, refuse_python_only
 from pyro_vae.runs.lock import RunFolderLock
-from pyro_vae.util import tempnames
+from pyro_vae.util import child_report, tempnames
 from pyro_vae.util.errors import CheckpointError, ConfigError
 from pyro_vae.util.files import read_json
 from pyro_vae.util.io import DISK_FULL, WriteError, reason, write_json
@@ -181,9 +181,11 @@ def open_run_folder(
     interrupted writer on entry and its own on every exit, rebuilds a missing config.json from
     the checkpoint, and writes a new run's config.json before training starts. If the block
     ends, by an error or an interruption, before the first checkpoint, that config.json and the
-    folders created are removed again (a start that trained nothing leaves no trace); only a
-    process killed outright leaves it, and then the folder is a run stopped before its first
-    checkpoint, which ``resume`` trains from epoch 1. Other ranks only check."""
+    folders created are removed again (a start that trained nothing leaves no trace); a process
+    killed outright leaves it (unless the program watching it removes it, told of the lock and
+    the folders created: :mod:`pyro_vae.util.child_report`), and then the folder is a run
+    stopped before its first checkpoint, which ``resume`` trains from epoch 1. Other ranks only
+    check."""
     path = check_run_folder_path(run_dir)
     checkpoint, config_file = path / CHECKPOINT_FILE, path / CONFIG_FILE
     if not writer:
@@ -254,6 +256,7 @@ def open_run_folder(
             recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
             write_json(config_file, {**config.to_dict(), **recorded})
             wrote_config = True
+            child_report.created_run_folder(created, [config_file])
             folder = RunFolder(path, False)
         try:
             yield folder

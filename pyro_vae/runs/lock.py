@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_vae.runs.checkpoint import LOCK_FILE
+from pyro_vae.util import child_report
 from pyro_vae.util.errors import CheckpointError
 from pyro_vae.util.io import reason
 from pyro_vae.util.tempnames import Writer, this_process
@@ -155,6 +156,7 @@ class RunFolderLock:
             self._fd = self._create()
             if self._fd is None:
                 self._fd = self._take_over()
+        child_report.locked(self.path, lock_text(this_process()))  # for a watching parent
         return self
 
     def release(self) -> None:

@@ -51,6 +51,15 @@ def user_frame(tb: TracebackType | None) -> tuple[str, int] | None:
     return found
 
 
+def defined_at(function: object) -> str:
+    """``"FILE:LINE: "`` where the user's ``function`` is defined, or ``""`` for one that is not
+    the user's code (a built-in, a function of an installed package)."""
+    code = getattr(function, "__code__", None)
+    if code is None or not is_user_file(code.co_filename):
+        return ""
+    return f"{code.co_filename}:{code.co_firstlineno}: "
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (Pyro appends shape tables), cut to
     :data:`MESSAGE_LIMIT` characters."""

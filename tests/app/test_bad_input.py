@@ -214,7 +214,7 @@ def test_factories_of_pythons_own_library_are_refused(tmp_path, capsys, files, s
         ("make", "pair.py:data_raises", r"pair.py:\d+: RuntimeError: the data are elsewhere", 2),
         ("make", "pair.py:lying", r"pair.py:\d+: IndexError: no row 1\d", 2),
         ("make", "pair.py:ragged", r"cannot collate a batch of the Ragged: stack expects", 2),
-        ("make", "pair.py:not_finite", r"the data's argument 0 holds NaN or infinite values", 2),
+        ("make", "pair.py:not_finite", r"pair.py:not_finite: the array holds NaN in row 0", 2),
     ],
 )
 def test_the_users_model_and_data_functions_fail_in_one_line(

@@ -73,6 +73,62 @@ def test_a_crash_in_the_users_factory_is_one_line_naming_its_file_and_line(
     assert os.listdir(tmp_path / "tmp") == []  # the crash file is gone
 
 
+ENDING = """
+import os
+import pyro, pyro.distributions as dist, torch
+
+
+class Pair(torch.nn.Module):  # ends the process in its model when the file "end" says how
+    def __init__(self):
+        super().__init__()
+        self.dec, self.enc = torch.nn.Linear(2, 64), torch.nn.Linear(64, 4)
+
+    def model(self, x):
+        if os.path.exists("end"):
+            os.abort() if open("end").read() == "abort" else os._exit(0)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            h = self.enc(x)
+            pyro.sample("z", dist.Normal(h[:, :2], h[:, 2:].exp()).to_event(1))
+"""
+ENDED = (
+    "pyro-vae train: error: the process ended with status 0 before the command finished, "
+    "without a word (os._exit in a model, guide, factory or data function?)"
+)
+
+
+def _train(tmp_path, *args):
+    (tmp_path / "ending.py").write_text(ENDING)
+    factory = [] if "--resume" in args else ["--model-factory", "ending.py:Pair"]
+    program = _program(tmp_path, "train", *factory, *args)
+    out, err = program.communicate(timeout=120)
+    return program.returncode, err.strip().splitlines()
+
+
+@pytest.mark.parametrize("end", ["exit", "abort"])
+def test_a_start_the_users_code_ends_outright_leaves_no_run_folder(tmp_path, end):
+    (tmp_path / "end").write_text(end)
+    status, lines = _train(tmp_path, "--out", "runs/new", "--quiet")
+    assert status == 2 and len(lines) == 1, lines
+    aborted = f"pyro-vae train: error: {tmp_path / 'ending.py'}:13: the process died of SIGABRT"
+    assert lines[0] == ENDED if end == "exit" else lines[0].startswith(aborted), lines
+    assert not (tmp_path / "runs").exists()  # no config.json, no .lock, no folders
+    assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("pyro-vae-")]
+
+
+def test_a_resumed_run_the_users_code_ends_outright_is_left_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    assert _train(tmp_path, "--out", run, "--epochs", "1", "--batch-size", "512", "--quiet")[0] == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    (tmp_path / "end").write_text("exit")
+    assert _train(tmp_path, "--resume", run, "--epochs", "2", "--quiet") == (2, [ENDED])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # and no stale .lock
+
+
 def test_a_process_killed_outright_says_so_and_exits_with_the_signals_status(tmp_path):
     program = _program(tmp_path, "train", "--model-factory", "crashy.py:killed", "--quiet")
     _, err = program.communicate(timeout=120)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -435,6 +436,28 @@ def test_non_finite_inputs_are_refused_before_tracing():
         ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=30, batch_size=4)
     with pytest.raises(DataError, match="NaN or infinite"):
         ev.evaluate(lg.model, lg.guide, x, num_particles=30)
+
+
+@pytest.mark.parametrize(
+    "sizes, named",
+    [
+        ({"num_particles": 10.5}, "num_particles must be an integer >= 1, got 10.5"),
+        ({"num_particles": 0}, "num_particles must be an integer >= 1, got 0"),
+        ({"num_particles": True}, "num_particles must be an integer >= 1, got True"),
+        ({"num_particles": 4, "batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"num_particles": 4, "particle_chunk": 0}, "particle_chunk must be an integer >= 1 or"),
+    ],
+)
+def test_sizes_that_are_not_counts_are_refused_before_the_pair_runs(sizes, named):
+    lg, calls = _exact_pair(), []
+
+    def guide(x):
+        calls.append(x.shape)
+        return lg.guide(x)
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(named)}"):
+        ev.evaluate_dataset(lg.model, guide, _data(lg, 8), **sizes)
+    assert calls == []
 
 
 def test_non_finite_log_weights_raise_with_the_datapoint_index():

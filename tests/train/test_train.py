@@ -1,5 +1,6 @@
 import importlib
 import json
+import re
 import subprocess
 import sys
 
@@ -111,6 +112,25 @@ def test_resume_refuses_a_changed_config(tmp_path):
 def test_bad_configs(changes, message):
     with pytest.raises(ConfigError, match=message):
         fit(config=TINY.replace(**changes), progress=False)
+
+
+@pytest.mark.parametrize(
+    "keywords, named",
+    [
+        ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+        ({"epochs": 1.7}, "epochs must be an integer >= 1, got 1.7"),
+    ],
+)
+def test_fit_refuses_keywords_of_the_wrong_kind_before_it_starts(tmp_path, capsys, keywords, named):
+    from user_models import fa_data, make_fa
+
+    data = torch.as_tensor(fa_data(32))
+    with pytest.raises(ConfigError, match=f"^{re.escape(named)}$"):
+        fit(make_fa(), data, run_dir=tmp_path / "run", progress=True, **keywords)
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().err == ""  # no progress bar started
 
 
 def test_warmup_ramps_beta_over_optimizer_steps(monkeypatch):
