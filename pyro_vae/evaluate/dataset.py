@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pyro_vae.core.traces import guess_max_plate_nesting
-from pyro_vae.data.batches import as_source, describe
+from pyro_vae.data.batches import as_source, describe, fingerprint
 from pyro_vae.evaluate.chunks import (
     DEFAULT_PARTICLE_CHUNK,
     Draws,
@@ -104,7 +104,7 @@ def evaluate_dataset(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     source = as_source(data, collate_fn)
     if dist.enabled:  # ranks sharing out different data would gather a wrong result
-        check_same_on_every_rank(describe(source), dist, "data")
+        check_same_on_every_rank(describe(source), dist, "data", fingerprint(source))
     # data that fit one batch may come from a pair with no data plate: one datapoint, the set
     whole = source.num_data <= batch_size
     from tqdm.auto import tqdm
