@@ -259,13 +259,16 @@ def check_finite_data(*args: Any, **kwargs: Any) -> None:
             raise DataError(f"the data's {where} holds NaN or infinite values (in the first batch)")
 
 
-def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
+def check_data(module: Any, *args: Any, **kwargs: Any) -> list[tuple]:
     """Refuse, in one line, a batch whose observed values lie outside the support of their
     site's distribution (pixel values 2.0 for a Bernoulli likelihood), naming the site and the
     first values that fail: the pair is run once on the batch with Pyro's validation on (on a
     fork of the random state, in an empty param store), and each observed site's density
     evaluated at its data, which checks them as ``validate_args`` does (a distribution made
-    with ``validate_args=False`` is not checked)."""
+    with ``validate_args=False`` is not checked). Returns the checks of the observed sites
+    whose value is one of the batch's own tensors, for :func:`check_batches` to apply to the
+    data's other batches without running the pair again."""
+    checks = []
     with (
         poutine.block(),
         forked_rng(),
@@ -280,6 +283,67 @@ def check_data(module: Any, *args: Any, **kwargs: Any) -> None:
                     site["fn"].log_prob(site["value"])
                 except ValueError as exc:
                     _refuse_observed(name, site, type(module).__name__, exc)
+                checks += _batch_check(name, site, type(module).__name__, args, kwargs)
+    return checks
+
+
+def _batch_check(name: str, site: dict, what: str, args: tuple, kwargs: dict) -> list[tuple]:
+    """``[(key, support, where)]`` for an observed site whose value is the batch's argument
+    ``key`` (a position or a keyword: the same storage and size) and whose support is checked
+    value by value, against the same bounds for every datapoint; ``[]`` else (a Binomial's
+    ``total_count`` per datapoint: its first batch alone is checked)."""
+    value, base = site["value"], site["fn"]
+    support = base.support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    bounds = [v for v in vars(support).values() if isinstance(v, torch.Tensor)]
+    if (
+        not isinstance(value, torch.Tensor)
+        or support.event_dim != 0
+        or not value.numel()
+        or any(bound.numel() != 1 for bound in bounds)  # bounds of this batch's datapoints
+    ):
+        return []
+    if getattr(site["fn"], "_validate_args", True) is False:
+        return []
+    where = f"the {type(base).__name__} likelihood at the observed site {name!r} of {what}"
+    for key, arg in [*enumerate(args), *kwargs.items()]:
+        if (
+            isinstance(arg, torch.Tensor)
+            and arg.dim() > 0
+            and arg.numel() == value.numel()
+            and arg.data_ptr() == value.data_ptr()
+        ):
+            return [(key, support, where)]
+    return []
+
+
+def check_batches(checks: list[tuple], batches: Any) -> None:
+    """Refuse, in one line naming the first failing row (counted over ``batches`` in their
+    order), data whose observed values lie outside their site's support: ``checks`` from
+    :func:`check_data` on the first batch, applied to each batch's tensors (no model run; on
+    a fork of the random state, which a loader draws its seed from)."""
+    with forked_rng():
+        _check_batches(checks, batches)
+
+
+def _check_batches(checks: list[tuple], batches: Any) -> None:
+    row = 0
+    for batch in batches if checks else ():
+        for key, support, where in checks:
+            value = batch.args[key] if isinstance(key, int) else batch.kwargs[key]
+            ok = support.check(value)
+            if not bool(ok.all()):
+                failing = (~ok).reshape(ok.shape[0], -1).any(1).nonzero()[0, 0]
+                bad = value[failing][~ok[failing]].detach().double()
+                shown = ", ".join(f"{v:g}" for v in torch.unique(bad).tolist()[:3])
+                raise DataError(
+                    f"the data hold values {shown} outside {_support_text(support)}, the "
+                    f"support of {where} (row {row + int(failing)})"
+                )
+        row += batch_length(batch.args, batch.kwargs)
 
 
 def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:

@@ -18,7 +18,10 @@ Memory stays bounded: particles are drawn in chunks of ``particle_chunk`` and da
 batches of ``batch_size``; log p̂, ELBO, variance and ESS are accumulated over chunks with a
 streaming logsumexp; k-hat needs only the M + 1 largest weights of each datapoint
 (M = ceil(min(K/5, 3√K))), kept as a running top-M, so memory does not grow with K; the full
-``[K, N]`` log-weights are kept only on request.
+``[K, N]`` log-weights are kept only on request. Before anything is drawn, the arrays that grow
+with K (a chunk's log-weights, the top-M, the kept log-weights) are sized and refused with
+:class:`~pyro_vae.util.memory.MemoryLimitError` when they exceed the free memory (or
+:func:`pyro_vae.util.memory.limit`); the pair's own activations are not measured here.
 
 Random numbers come from torch's global generator in a fixed order (batch by batch, chunk by
 chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk``. With

@@ -142,13 +142,14 @@ def log_weight_chunks(
             None if any(e is None for e in enum_elbos) else torch.cat(enum_elbos),
         )
 
-    sizes = list(_chunk_sizes(draws.num_particles, draws.particle_chunk))
-    validate_first = is_validation_enabled() and bool(sizes) and sizes[0] <= VALIDATED_CHUNK
+    # the sizes one at a time: a list of them would grow with the number of chunks
+    first = next(_chunk_sizes(draws.num_particles, draws.particle_chunk), None)
+    validate_first = is_validation_enabled() and first is not None and first <= VALIDATED_CHUNK
     if is_validation_enabled() and not validate_first:
         with forked_rng():
             draw(1)
     num_data = None
-    for index, size in enumerate(sizes):
+    for index, size in enumerate(_chunk_sizes(draws.num_particles, draws.particle_chunk)):
         # not across the yield: the caller's setting holds there
         with pyro.validation_enabled(validate_first and index == 0):
             chunk = draw(size)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pyro_vae.core.traces import guess_max_plate_nesting
-from pyro_vae.data.batches import as_source, describe
+from pyro_vae.data.batches import TensorSource, as_source, describe, fingerprint
 from pyro_vae.evaluate.chunks import (
     DEFAULT_PARTICLE_CHUNK,
     Draws,
@@ -22,7 +22,12 @@ from pyro_vae.evaluate.chunks import (
     num_chunks,
 )
 from pyro_vae.evaluate.results import EvaluationResult
-from pyro_vae.evaluate.weights import batch_result, eval_mode
+from pyro_vae.evaluate.weights import (
+    batch_result,
+    data_device,
+    eval_mode,
+    require_weights_memory,
+)
 from pyro_vae.util import budget
 from pyro_vae.util.distributed import (
     EVAL_BATCH_STREAM,
@@ -104,8 +109,19 @@ def evaluate_dataset(
     check_count("batch_size", batch_size)
     check_count("particle_chunk", particle_chunk, optional=True)
     source = as_source(data, collate_fn)
+    require_weights_memory(
+        num_particles,
+        particle_chunk,
+        min(batch_size, source.num_data),
+        source.num_data,
+        khat,
+        keep_log_weights,
+        data_device((source.tensors,), {})
+        if isinstance(source, TensorSource)
+        else getattr(source, "device", None) or torch.device("cpu"),
+    )
     if dist.enabled:  # ranks sharing out different data would gather a wrong result
-        check_same_on_every_rank(describe(source), dist, "data")
+        check_same_on_every_rank(describe(source), dist, "data", fingerprint(source))
     # data that fit one batch may come from a pair with no data plate: one datapoint, the set
     whole = source.num_data <= batch_size
     from tqdm.auto import tqdm

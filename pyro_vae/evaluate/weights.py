@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pyro_vae.core.arguments import batch_length, leaves
 from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.evaluate.chunks import (
     Draws,
@@ -21,10 +22,10 @@ from pyro_vae.evaluate.chunks import (
     log_weight_chunks,
     num_chunks,
 )
-from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat
+from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat, tail_size
 from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
-from pyro_vae.util import budget
-from pyro_vae.util.errors import ConfigError, PyroVAEError
+from pyro_vae.util import budget, memory
+from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError
 
 
 class EvaluationError(PyroVAEError):
@@ -196,6 +197,13 @@ def evaluate(
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
     check_finite_inputs(args, kwargs)
+    try:
+        rows = batch_length(args, kwargs)
+    except DataError:  # no tensor with a datapoint dimension: the data set is one datapoint
+        rows = 1
+    require_weights_memory(
+        num_particles, particle_chunk, rows, rows, khat, keep_log_weights, data_device(args, kwargs)
+    )
     with (
         eval_mode(model, guide),
         budget.work(
@@ -210,6 +218,44 @@ def evaluate(
         return batch_result(
             model, guide, args, kwargs, draws, khat=khat, keep_log_weights=keep_log_weights
         )
+
+
+def data_device(args: tuple, kwargs: dict) -> torch.device:
+    """The device of a call's first tensor (the CPU without one)."""
+    tensors = (t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+    return next((t.device for t in tensors), torch.device("cpu"))
+
+
+def require_weights_memory(
+    num_particles: int,
+    particle_chunk: int | None,
+    rows: int,
+    total_rows: int,
+    khat: bool | None,
+    keep_log_weights: bool,
+    device: torch.device,
+) -> None:
+    """Refuse, before drawing anything, an evaluation whose arrays that grow with the number
+    of particles cannot fit (:func:`pyro_vae.util.memory.require`): a chunk's ``[k, rows]``
+    log-weights, the ``[M + 1, rows]`` largest ones k-hat keeps and, when kept, all
+    ``[K, total_rows]`` log-weights, in float64. The pair's own activations are not counted
+    (the command line measures them first). A ``num_particles`` that is not a positive integer
+    is left to the evaluation's own checks."""
+    if not isinstance(num_particles, int) or num_particles < 1:
+        return
+    chunk = num_particles if particle_chunk is None else min(particle_chunk, num_particles)
+    with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
+    nbytes = 8 * (
+        max(chunk, 1) * rows
+        + (tail_size(num_particles) + 1) * rows * bool(with_khat)
+        + num_particles * total_rows * bool(keep_log_weights)
+    )
+    memory.require(
+        nbytes,
+        f"evaluating num_particles={num_particles} in chunks of particle_chunk={chunk} on "
+        f"{rows:,} datapoints at a time",
+        device,
+    )
 
 
 def weight_statistics(log_weights: torch.Tensor, khat: bool | None = None) -> EvaluationResult:

@@ -5,6 +5,8 @@ against :mod:`pyro_vae.infer`'s registry."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
@@ -33,6 +35,10 @@ COUNTS = {
 NUMBERS = ("beta", "warmup_start", "min_delta", "lr", "clip_norm")
 
 
+#: the most epochs of a scheduler :func:`check_optimizer` steps through
+SCHEDULE_CHECKED = 1000
+
+
 def _check_options(field_name: str, options: Any) -> None:
     scalar = (bool, int, float, str)
     if not isinstance(options, dict) or not all(
@@ -47,6 +53,12 @@ def _check_options(field_name: str, options: Any) -> None:
             f"{field_name} must map option names to numbers, booleans, strings or lists "
             f"of numbers, got {options!r}"
         )
+    for key, value in options.items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(
+                f"the option {key!r} of {field_name}={options!r} must be finite, got {value!r}"
+            )
 
 
 def _refused(what: str, exc: Exception) -> ConfigError:
@@ -60,9 +72,13 @@ def check_optimizer(
     lr: float,
     scheduler: str | None = None,
     scheduler_options: Any = None,
+    epochs: int = 1,
 ) -> None:
     """Refuse, in one line, an optimizer or scheduler that torch does not have or would not
-    build with these options (tried on one parameter)."""
+    build with these options (tried on one parameter), options that are not finite numbers,
+    and a scheduler that would make the learning rate negative or not finite in the first
+    ``epochs`` epochs (stepped that many times, at most :data:`SCHEDULE_CHECKED`; a
+    ``reducelronplateau`` only lowers it to its ``min_lr``)."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
     _check_options("optimizer_options", options)
@@ -79,11 +95,26 @@ def check_optimizer(
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"scheduler must be one of {tuple(SCHEDULERS)}, got {scheduler!r}")
     _check_options("scheduler_options", scheduler_options)
+    what = f"scheduler={scheduler!r} with scheduler_options={scheduler_options!r}"
     try:
-        make_scheduler(optimizer, scheduler, scheduler_options)
+        schedule = make_scheduler(optimizer, scheduler, scheduler_options)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        what = f"scheduler={scheduler!r} with scheduler_options={scheduler_options!r}"
         raise _refused(what, exc) from None
+    if scheduler == "reducelronplateau":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepped without an optimizer step
+        for epoch in range(1, min(epochs, SCHEDULE_CHECKED) + 1):
+            try:
+                schedule.step()
+            except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError) as exc:
+                raise _refused(what, exc) from None
+            rate = float(optimizer.param_groups[0]["lr"])
+            if not 0 <= rate < math.inf:
+                raise ConfigError(
+                    f"{what} makes the learning rate {rate:g} after epoch {epoch}: it must "
+                    "stay a finite number >= 0"
+                )
 
 
 @dataclass(frozen=True)
@@ -199,7 +230,7 @@ class TrainConfig:
             ),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}"),
             (
                 self.clip_norm is None or 0 < self.clip_norm < float("inf"),
                 f"clip_norm={self.clip_norm} must be a finite number > 0",
@@ -218,7 +249,12 @@ class TrainConfig:
                 '(binarize="none")'
             )
         check_optimizer(
-            self.optimizer, self.optimizer_options, self.lr, self.scheduler, self.scheduler_options
+            self.optimizer,
+            self.optimizer_options,
+            self.lr,
+            self.scheduler,
+            self.scheduler_options,
+            self.epochs,
         )
         _check_options("elbo_options", self.elbo_options)
         make_estimator(

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyro
 
-from pyro_vae.core.protocol import check_data, data_plate_name, pair_activation_bytes
+from pyro_vae.core.protocol import check_batches, check_data, data_plate_name, pair_activation_bytes
 from pyro_vae.data import builtin
 from pyro_vae.data.batches import as_source, resolve_device
 from pyro_vae.data.specs import load_data
@@ -87,15 +87,17 @@ def checkpoint_epoch(run: Any) -> int:
 
 
 def given_data(run: Any, data: Any, limit: int | None) -> Any:
-    """``data`` (a spec or data) as a source on the run's device and parameter dtype, its
-    first batch checked against the likelihood's support
-    (:func:`~pyro_vae.core.protocol.check_data`)."""
+    """``data`` (a spec or data) as a source on the run's device and parameter dtype, every
+    batch checked against the likelihood's support
+    (:func:`~pyro_vae.core.protocol.check_data`, then
+    :func:`~pyro_vae.core.protocol.check_batches`)."""
     if isinstance(data, (str, Path)):
         data = load_data(str(data))[0]
     param = next(run.model.parameters())
     source = as_source(data).head(limit).to(param.device, param.dtype)
     first = next(iter(source.ordered(DEFAULT_BATCH_SIZE)))
-    check_data(run.model, *first.args, **first.kwargs)
+    checks = check_data(run.model, *first.args, **first.kwargs)
+    check_batches(checks, source.ordered(DEFAULT_BATCH_SIZE))
     return source
 
 

@@ -15,6 +15,7 @@ import torch
 
 from pyro_vae.core.pairs import PyroPair
 from pyro_vae.core.protocol import (
+    check_batches,
     check_data,
     check_finite_data,
     check_model,
@@ -123,7 +124,8 @@ class UserData:
             try:
                 check_finite_data(*first.args, **first.kwargs)
                 check_model(model, *first.args, **first.kwargs)
-                check_data(model, *first.args, **first.kwargs)
+                checks = check_data(model, *first.args, **first.kwargs)
+                check_batches(checks, held_out.ordered(config.batch_size))
             except PyroVAEError as exc:
                 raise type(exc)(f"the test data: {exc}") from None
         return source, held_out, vectorizable
@@ -149,7 +151,8 @@ def _check_pair(
         model.discover(*first.args, **first.kwargs)
     check_model(model, *first.args, **first.kwargs)
     if getattr(source, "transform", None) is None:  # a transform (binarization) acts per epoch
-        check_data(model, *first.args, **first.kwargs)
+        checks = check_data(model, *first.args, **first.kwargs)
+        check_batches(checks, source.ordered(config.batch_size))
     per_particle = pair_activation_bytes(model, *first.args, **first.kwargs)
     draws = config.particles * config.importance_samples
     params = sum(p.numel() for p in model.parameters())

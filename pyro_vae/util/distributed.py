@@ -353,17 +353,24 @@ def all_gather_objects(obj: Any, context: DistributedContext, what: str) -> list
     return gathered
 
 
-def check_same_on_every_rank(value: Any, context: DistributedContext, what: str) -> None:
+def check_same_on_every_rank(
+    value: Any, context: DistributedContext, what: str, content: Any = None
+) -> None:
     """Raise :class:`DistributedError` on every rank, with the same message, unless every
-    rank's ``value`` (picklable, with a readable ``str``) equals rank 0's: one gather, before
-    the ranks rely on it (training on data of different sizes would deadlock or abort)."""
-    values = all_gather_objects(value, context, f"comparing the ranks' {what}")
-    if all(other == values[0] for other in values):
-        return
-    differ = "; ".join(f"rank {rank}: {other}" for rank, other in enumerate(values))
-    raise DistributedError(
-        f"the ranks were given different {what} ({differ}): every rank must load the same data"
-    )
+    rank's ``value`` (picklable, with a readable ``str``) equals rank 0's, and then its
+    ``content`` too (a fingerprint of what ``value`` sizes): one gather, before the ranks rely
+    on it (training on data of different sizes would deadlock or abort, on data of different
+    content it would mix them)."""
+    pairs = all_gather_objects((value, content), context, f"comparing the ranks' {what}")
+    for index, kind in ((0, ""), (1, " content")):
+        values = [pair[index] for pair in pairs]
+        if all(other == values[0] for other in values):
+            continue
+        differ = "; ".join(f"rank {rank}: {other}" for rank, other in enumerate(values))
+        raise DistributedError(
+            f"the ranks were given different {what}{kind} ({differ}): every rank must load "
+            "the same data"
+        )
 
 
 def barrier(context: DistributedContext, what: str) -> None:

@@ -295,6 +295,27 @@ def test_data_outside_the_likelihoods_support_are_named_in_one_line(tmp_path, ca
     assert not out.exists()
 
 
+def test_values_outside_the_support_in_a_later_batch_name_their_row(tmp_path, capsys, files):
+    """Every batch is checked, not the first alone: train --data, --test-data, evaluate --data."""
+    x = np.zeros((160, 5), dtype=np.float32)
+    x[150, 3] = 2.0
+    np.savez(tmp_path / "late.npz", x=x)
+    pair, good, late = f"{files / 'pair.py'}:make", files / "binary.npz", tmp_path / "late.npz"
+    run = tmp_path / "run"
+    common = ["train", "--model-factory", pair, "--epochs", "1", "--quiet", "--out"]
+    for data, test in [(late, good), (good, late)]:
+        assert status([*common, run, "--data", data, "--test-data", test]) == 2
+        line = one_line(capsys)
+        assert "values 2 outside {0, 1}" in line and "site 'x'" in line, line
+        assert line.endswith("(row 150)") and not run.exists(), line
+    assert status([*common, run, "--data", good]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+    assert status(["evaluate", run, "--data", late, "--particles", "2", "--quiet"]) == 2
+    assert one_line(capsys).endswith("site 'x' of Pair (row 150)")
+    assert snapshot(run) == before
+
+
 def test_test_data_of_the_wrong_width_are_one_line_before_training(tmp_path, capsys, files):
     np.savez(tmp_path / "wide.npz", x=np.ones((8, 7), dtype=np.float32))
     out = tmp_path / "run"

@@ -3,6 +3,7 @@ and factories returning ``(model, guide)``, through fit, the run folder and the 
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -419,3 +420,32 @@ def test_a_module_outside_plain_functions_that_pyro_module_registers_is_trained(
     )
     assert not torch.equal(decoder.weight, before)
     assert any(p is decoder.weight for p in result.model.parameters())
+
+
+@pytest.mark.parametrize(
+    "likelihood, refused",
+    [
+        (lambda x: dist.Categorical(logits=torch.zeros(x.shape + (4,))), "{0, ..., 3}"),
+        (lambda x: dist.Beta(torch.ones_like(x), 1.0), "[0.0, 1.0]"),
+        (lambda x: dist.Binomial(5 * torch.ones_like(x), 0.5), None),  # bounds per datapoint
+    ],
+)
+def test_every_batch_is_checked_against_the_support_without_running_the_pair(likelihood, refused):
+    from pyro_vae.core.protocol import check_batches, check_data
+    from pyro_vae.data.batches import as_source
+    from pyro_vae.util.errors import DataError
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", likelihood(x).to_event(1), obs=x)
+
+    x = torch.full((7, 3), 0.5 if refused == "[0.0, 1.0]" else 1.0)
+    x[6, 1] = 9.0
+    pair = PyroPair(model, lambda x: None)
+    first = next(iter(as_source(x).ordered(4)))
+    checks = check_data(pair, *first.args)  # rows 0..3 are fine
+    if refused is None:
+        assert checks == []
+        return
+    with pytest.raises(DataError, match=rf"values 9 outside {re.escape(refused)}.*\(row 6\)$"):
+        check_batches(checks, as_source(x).ordered(4))

@@ -584,3 +584,22 @@ def test_evaluate_run_writes_files_into_the_run_folder(tmp_path):
     )
     assert torch.equal(again.log_px, result.log_px) and again.log_weights is None
     assert (tmp_path / "elsewhere" / "eval-test.nc").is_file()
+
+
+def test_particles_whose_log_weights_cannot_fit_are_refused_before_drawing():
+    """The arrays that grow with K (a chunk's log-weights, k-hat's tail, the kept
+    log-weights) are sized first: no particle is drawn and no list of chunks built."""
+    from pyro_vae.util.memory import MemoryLimitError, limit
+
+    _seed()
+    lg = _exact_pair()
+    x = _data(lg, 10)
+    with pytest.raises(MemoryLimitError, match=r"num_particles=1000000000000000000 in chunks"):
+        ev.evaluate_dataset(lg.model, lg.guide, x, num_particles=10**18, batch_size=5)
+    with pytest.raises(MemoryLimitError, match=r"evaluating num_particles=1000000000000 "):
+        ev.evaluate(lg.model, lg.guide, x, num_particles=10**12)  # keeps [K, N] log-weights
+    with limit("1M"):
+        with pytest.raises(MemoryLimitError, match="more than the memory limit of 1.0 MiB"):
+            ev.evaluate(lg.model, lg.guide, x, num_particles=20_000, particle_chunk=100)
+        kept = ev.evaluate(lg.model, lg.guide, x, num_particles=200, particle_chunk=100)
+        assert kept.log_weights.shape == (200, 10)

@@ -602,6 +602,15 @@ from user_models import fa_data
 
 def rank_data():
     return fa_data(num=120 if os.environ.get("RANK") == "0" else 80)
+
+
+def rank_seeded():
+    return fa_data(num=120, seed=int(os.environ.get("RANK", "0")))
+
+
+def rank_reordered():
+    data = fa_data(num=120)
+    return data if os.environ.get("RANK") == "0" else data[::-1].copy()
 """
 
 
@@ -631,9 +640,11 @@ def _refused_on_every_rank(argv: list[str], tmp_path: Path) -> str:
     return logs[0]
 
 
-def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_training(tmp_path):
-    """One gather compares the ranks' data: each rank prints the same line and exits with 2,
-    and nothing is trained (no rank aborts in a collective of mismatched steps)."""
+@pytest.mark.parametrize("function", ["rank_data", "rank_seeded", "rank_reordered"])
+def test_ranks_given_different_data_stop_with_the_same_line_before_training(tmp_path, function):
+    """One gather compares the ranks' data, their sizes then their content (other values, or
+    the same rows in another order): each rank prints the same line and exits with 2, and
+    nothing is trained (no rank aborts in a collective of mismatched steps)."""
     data = tmp_path / "rank_data.py"
     data.write_text(RANK_DATA.format(tests=str(SUPPORT)))
     argv = [
@@ -644,7 +655,7 @@ def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_trai
         "--model-factory",
         f"{SUPPORT / 'user_models.py'}:make_fa",
         "--data",
-        f"{data}:rank_data",
+        f"{data}:{function}",
         "--epochs",
         "1",
         "--device",
@@ -657,11 +668,20 @@ def test_ranks_given_data_of_different_sizes_stop_with_the_same_line_before_trai
     ]
     from user_models import FA_DIM
 
-    assert _refused_on_every_rank(argv, tmp_path) == (
-        f"pyro-vae train: error: the ranks were given different data (rank 0: training 120 "
-        f"datapoints of [{FA_DIM}], test none; rank 1: training 80 datapoints of [{FA_DIM}], "
-        "test none): every rank must load the same data"
-    )
+    line = _refused_on_every_rank(argv, tmp_path)
+    if function == "rank_data":
+        assert line == (
+            f"pyro-vae train: error: the ranks were given different data (rank 0: training 120 "
+            f"datapoints of [{FA_DIM}], test none; rank 1: training 80 datapoints of "
+            f"[{FA_DIM}], test none): every rank must load the same data"
+        )
+    else:
+        sums = r"training sums [-\d.e+]+/[-\d.e+]+/[-\d.e+]+, test none"
+        assert re.fullmatch(
+            rf"pyro-vae train: error: the ranks were given different data content \(rank 0: "
+            rf"{sums}; rank 1: {sums}\): every rank must load the same data",
+            line,
+        ), line
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 

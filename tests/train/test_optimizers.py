@@ -39,11 +39,40 @@ def test_clipping_scales_the_gradient_down_to_the_norm():
         (dict(optimizer_options={"lr": 0.1}), "may not hold lr or params"),
         (dict(optimizer_options={"betas": {"a": 1}}), "optimizer_options must map option names"),
         (dict(clip_norm=-1.0), "clip_norm=-1.0 must be a finite number > 0"),
+        (dict(lr=float("inf")), "lr must be > 0 and finite, got inf"),
+        (
+            dict(optimizer="sgd", optimizer_options={"momentum": float("nan")}),
+            "the option 'momentum' of optimizer_options=.* must be finite, got nan",
+        ),
+        (
+            dict(optimizer_options={"betas": [0.9, float("inf")]}),
+            "the option 'betas' of optimizer_options=.* must be finite",
+        ),
+        (
+            dict(scheduler="steplr", scheduler_options={"step_size": float("inf")}),
+            "the option 'step_size' of scheduler_options=.* must be finite, got inf",
+        ),
+        (
+            dict(scheduler="steplr", scheduler_options={"step_size": 2, "gamma": -5.0}, epochs=3),
+            r"makes the learning rate -0.015 after epoch 2: it must stay a finite number >= 0",
+        ),
+        (
+            dict(scheduler="exponentiallr", scheduler_options={"gamma": 1e200}, epochs=3),
+            "makes the learning rate inf after epoch 2",
+        ),
     ],
 )
 def test_bad_optimizer_settings_are_refused_in_one_line(changes, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**changes)
+
+
+def test_a_scheduler_is_checked_over_the_epochs_of_the_run():
+    """A schedule that turns bad only after the run's last epoch is not refused."""
+    late = dict(scheduler="steplr", scheduler_options={"step_size": 3, "gamma": -1.0})
+    assert TrainConfig(epochs=2, **late).epochs == 2
+    with pytest.raises(ConfigError, match="after epoch 3"):
+        TrainConfig(epochs=3, **late)
 
 
 def test_a_run_with_sgd_and_clipping_resumes_bit_for_bit(tmp_path, capsys):
