@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from pyro_vae.core.traces import guess_max_plate_nesting
-from pyro_vae.data.batches import TensorSource, as_source, describe, fingerprint
+from pyro_vae.data.agreement import describe, fingerprint
+from pyro_vae.data.batches import TensorSource, as_source
 from pyro_vae.evaluate.chunks import (
     DEFAULT_PARTICLE_CHUNK,
     Draws,

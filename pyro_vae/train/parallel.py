@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from pyro_vae.data.batches import Batch, Source, describe, fingerprint
+from pyro_vae.data.agreement import describe, fingerprint
+from pyro_vae.data.batches import Batch, Source
 from pyro_vae.runs import rng_state, set_generator_state, set_rng_state
 from pyro_vae.train.step import svi_step
 from pyro_vae.util.distributed import (
@@ -40,7 +41,7 @@ class Replicas:
     def check_same_data(self, train: Source, test: Source | None) -> None:
         """Stop every rank with one line unless all ranks hold data of the same lengths and
         the same shapes per datapoint, and then of the same content
-        (:func:`~pyro_vae.data.batches.fingerprint`; one gather)."""
+        (:func:`~pyro_vae.data.agreement.fingerprint`; one gather)."""
         if self.dist.enabled:
             check_same_on_every_rank(
                 f"training {describe(train)}, test {'none' if test is None else describe(test)}",
