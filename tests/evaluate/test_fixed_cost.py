@@ -8,28 +8,14 @@ one-particle run before large ones). Skipping work must leave the numbers as the
 
 from __future__ import annotations
 
-import collections
-
 import pyro
 import pytest
 import torch
+from counting import counted_vae
 from references import plain_pyro_log_weight
 
-from pyro_vae import VAE
 from pyro_vae import evaluate as ev
 from pyro_vae.evaluate.chunks import VALIDATED_CHUNK
-
-
-def _counted_vae() -> tuple[VAE, collections.Counter, torch.Tensor]:
-    torch.manual_seed(0)
-    vae = VAE(16, latent_dim=3, hidden=(8,))
-    calls: collections.Counter = collections.Counter()
-    for name in ("encoder", "decoder"):
-        getattr(vae, name).register_forward_hook(
-            lambda module, args, out, name=name: calls.update([name])
-        )
-    x = (torch.rand(12, 16, generator=torch.Generator().manual_seed(1)) < 0.5).float()
-    return vae, calls, x
 
 
 @pytest.mark.parametrize(
@@ -42,7 +28,7 @@ def _counted_vae() -> tuple[VAE, collections.Counter, torch.Tensor]:
     ],
 )
 def test_network_calls_per_evaluation(num_particles, nesting_given, expected):
-    vae, calls, x = _counted_vae()
+    vae, calls, x = counted_vae()
     with pyro.validation_enabled(True):
         ev.evaluate_dataset(
             vae.model,
@@ -60,7 +46,7 @@ def test_network_calls_per_evaluation(num_particles, nesting_given, expected):
 def test_one_particle_is_the_pair_run_on_its_own(validate):
     # A chunk of one particle is drawn without a particle plate: its log-weights are those of
     # one plain run of the guide and of the model replayed on it, from the same random state.
-    vae, _, x = _counted_vae()
+    vae, _, x = counted_vae()
     torch.manual_seed(3)
     with pyro.validation_enabled(validate):
         got = ev.evaluate(vae.model, vae.guide, x, num_particles=1, khat=False).log_weights
@@ -72,7 +58,7 @@ def test_one_particle_is_the_pair_run_on_its_own(validate):
 
 @pytest.mark.parametrize("num_particles", [1, VALIDATED_CHUNK, VALIDATED_CHUNK + 1])
 def test_validation_still_checks_the_data(num_particles):
-    vae, _, x = _counted_vae()
+    vae, _, x = counted_vae()
     x[2, 5] = 0.5  # not a Bernoulli value
     with pyro.validation_enabled(True), pytest.raises(ValueError, match="support"):
         ev.evaluate(vae.model, vae.guide, x, num_particles=num_particles)

@@ -3,12 +3,9 @@ local latent site): the costs ``docs/estimators.rst`` states in "Choosing an est
 
 from __future__ import annotations
 
-import collections
-
 import pytest
-import torch
+from counting import counted_vae
 
-from pyro_vae import VAE
 from pyro_vae.infer import CLASSES, ESTIMATORS, make_estimator
 
 #: (estimator, K, options) -> (encoder calls, decoder calls) of one step after the first
@@ -34,14 +31,7 @@ def test_every_estimator_has_a_stated_cost():
 
 @pytest.mark.parametrize("name, k, options", list(EXPECTED))
 def test_network_calls_per_step(name, k, options):
-    torch.manual_seed(0)
-    vae = VAE(16, latent_dim=3, hidden=(8,))
-    calls: collections.Counter = collections.Counter()
-    for part in ("encoder", "decoder"):
-        getattr(vae, part).register_forward_hook(
-            lambda module, args, out, part=part: calls.update([part])
-        )
-    x = (torch.rand(12, 16, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    vae, calls, x = counted_vae()
     particles = 1 if CLASSES[name].single_particle_is is None else 2  # miwae, piwae: M >= 2
     estimator = make_estimator(name, particles, k, max_plate_nesting=1, options=dict(options or ()))
     estimator.loss_and_grads(vae.model, vae.guide, x)  # the first call probes the pair
