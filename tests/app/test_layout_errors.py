@@ -154,7 +154,7 @@ def test_a_gaussian_scale_without_the_gaussian_likelihood(capsys):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--lr", "-1"], "error: --lr must be > 0, got -1.0"),
+        (["--lr", "-1"], "error: --lr must be > 0 and finite, got -1.0"),
         (["--obs-scale", "-1", "--likelihood", "gaussian"], "error: --obs-scale must be > 0"),
         (["--scheduler-options", '{"gamma": 0.5}'], "error: --scheduler-options are a scheduler's"),
     ],

@@ -318,6 +318,10 @@ def test_bad_options_are_refused_in_one_line(name, options, message):
     with pytest.raises(ConfigError, match=message) as refusal:
         make_estimator(name, importance_samples=2, options=options)
     assert "\n" not in str(refusal.value)
+    # a run's options are JSON's numbers: the config refuses a non-finite one before the class
+    value = options.get("alpha")
+    if isinstance(value, float) and not math.isfinite(value):
+        message = r"the option 'alpha' of elbo_options=.* must be finite"
     with pytest.raises(ConfigError, match=message):
         TrainConfig(elbo=name, importance_samples=2, elbo_options=options)
 
