@@ -54,14 +54,14 @@ class Draws:
     whole: bool = False
 
     def probed(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Draws:
-        """These draws, vectorized unless a probe on this call (:func:`_vectorizable`) finds
+        """These draws, vectorized unless a probe on this call (:func:`vectorizable`) finds
         that the pair's networks see the particle dimension. One particle needs no probe: it
         is drawn without a particle plate (:func:`log_weight_chunks`)."""
         if self.num_particles == 1:
             return replace(self, vectorize=True)
         nesting, plate, whole = self.max_plate_nesting, self.data_plate, self.whole
         return replace(
-            self, vectorize=_vectorizable(model, guide, args, kwargs, nesting, plate, whole)
+            self, vectorize=vectorizable(model, guide, args, kwargs, nesting, plate, whole)
         )
 
 
@@ -198,7 +198,7 @@ def log_weights(
     return torch.cat(chunks)
 
 
-def _vectorizable(
+def vectorizable(
     model: Callable,
     guide: Callable,
     args: tuple,

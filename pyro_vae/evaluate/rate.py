@@ -28,7 +28,7 @@ from torch.distributions import Independent, kl_divergence
 from pyro_vae.core.drawing import draw_particles
 from pyro_vae.core.particles import Particles
 from pyro_vae.core.traces import guess_max_plate_nesting, is_auxiliary, masked
-from pyro_vae.evaluate.chunks import Draws
+from pyro_vae.evaluate.chunks import vectorizable
 from pyro_vae.util import budget
 from pyro_vae.util.rng import forked_rng
 
@@ -192,8 +192,8 @@ class Drawer:
     def probed(cls, model, guide, args, kwargs, nesting, data_plate) -> Drawer:
         if nesting is None:
             nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        draws = Draws(1, None, nesting, data_plate).probed(model, guide, args, kwargs)
-        return cls(model, guide, nesting, data_plate, draws.vectorize)
+        vectorize = vectorizable(model, guide, args, kwargs, nesting, data_plate)
+        return cls(model, guide, nesting, data_plate, vectorize)
 
     def draw(self, args: tuple, kwargs: dict, size: int, plated: bool) -> Any:
         return draw_particles(

@@ -270,3 +270,34 @@ def test_the_time_estimate_counts_every_particle_chunk_of_every_batch(monkeypatc
         rate_distortion(lg.model, lg.guide, x, **options)
     with budget.time_limit(12):
         assert rate_distortion(lg.model, lg.guide, x, **options).rate.shape == (len(x),)
+
+
+class _SoftmaxOverRows(torch.nn.Module):
+    """Word probabilities by ``softmax(dim=1)``: the feature axis of an ``[N, D]`` decoder
+    output, the datapoint axis of a ``[K, N, D]`` one, so a particle plate changes its numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = torch.nn.Linear(6, 6), torch.nn.Linear(3, 6)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 3), 1.0).to_event(1))
+            probs = torch.softmax(self.decoder(z), dim=1)
+            pyro.sample("x", dist.Multinomial(probs=probs, validate_args=False), obs=x)
+
+    def guide(self, x):
+        loc, raw = self.encoder(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 0.1).to_event(1))
+
+
+def test_networks_that_see_the_particle_dimension_are_drawn_one_particle_at_a_time():
+    pair = _SoftmaxOverRows()
+    x = torch.randint(0, 5, (8, 6), generator=torch.Generator().manual_seed(3)).float()
+    with pyro.validation_enabled(False):
+        result = rate_distortion(pair.model, pair.guide, x, num_particles=4, seed=0)
+        # a vectorized draw would score each particle with another softmax: not the pair's
+        assert result.vectorized is False
+        with pytest.raises(ConfigError, match="see the particle dimension"):
+            rate_distortion(pair.model, pair.guide, x, num_particles=4, surgery_points=4)
