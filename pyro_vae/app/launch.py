@@ -26,18 +26,27 @@ def run() -> None:
         print("pyro-vae: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     interrupted = []
+    unraisable_hook = sys.unraisablehook
 
     def on_interrupt(signum: int, frame: object) -> None:
         interrupted.append(signum)
         raise KeyboardInterrupt
 
+    def quiet_interrupts(unraisable: object) -> None:
+        # Ctrl-C inside a callback Python cannot raise from (an import lock's) is printed as
+        # "Exception ignored in ...": it is recorded above, so say nothing of it here
+        if not isinstance(getattr(unraisable, "exc_value", None), KeyboardInterrupt):
+            unraisable_hook(unraisable)
+
     signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = quiet_interrupts
     try:
         from pyro_vae.app.cli import main
     except KeyboardInterrupt:
         interrupted.append(signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = unraisable_hook
     if interrupted:
         print("pyro-vae: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
