@@ -30,6 +30,7 @@ FLAGS = {
     "epochs": "--epochs",
     "lr": "--lr",
     "patience": "--patience",
+    "estimate_every": "--estimate-every",
     "log": "--log",
     "log_uri": "--log-uri",
     "optimizer": "--optimizer",

@@ -46,6 +46,7 @@ TRAINING_OPTIONS = (
     "device",
     "patience",
     "min_delta",
+    "estimate_every",
     "optimizer",
     "optimizer_options",
     "clip_norm",

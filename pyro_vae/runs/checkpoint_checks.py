@@ -90,6 +90,15 @@ def _check_history(history: Any) -> None:
         )
     if "final" in history:
         _expect(isinstance(history["final"], dict), "history.final", "a mapping", history["final"])
+    estimates = history.get("estimates", [])
+    _expect(isinstance(estimates, list), "history.estimates", "a list", estimates)
+    for index, entry in enumerate(estimates):
+        _expect(
+            isinstance(entry, dict) and _is_whole(entry.get("epoch")) and entry["epoch"] >= 0,
+            f"history.estimates[{index}]",
+            "a mapping with its epoch (a whole number >= 0)",
+            entry,
+        )
 
 
 def _check_optimizer(optimizer: Any) -> None:

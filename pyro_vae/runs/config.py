@@ -28,9 +28,12 @@ COUNTS = {
     "eval_particles": 1,
     "final_particles": 0,
     "patience": 1,
+    "estimate_every": 1,
     "epochs": 1,
     "batch_size": 1,
 }
+#: the counts that may be ``None``
+OPTIONAL_COUNTS = ("patience", "estimate_every")
 #: its fields that are real numbers (their ranges checked after their types)
 NUMBERS = ("beta", "warmup_start", "min_delta", "lr", "clip_norm")
 
@@ -129,10 +132,12 @@ class TrainConfig:
     with ``warmup`` > 0 it rises linearly from ``warmup_start`` to ``beta`` over that many steps.
     ``eval_particles`` is the number of particles of the per-epoch test ELBO (closed-form KL);
     ``final_particles`` the K of the importance-weighted test log p̂_K(x) reported at the end
-    (0: none). ``patience`` stops the run early after that many epochs without an improvement
-    of the held-out ELBO by more than ``min_delta`` nats per datapoint (``None``: by more than
-    its paired standard error; :mod:`pyro_vae.train.early_stopping`); ``None``: every epoch
-    runs.
+    (0: none); with ``estimate_every`` N, the held-out log p̂_K(x), its gap, ESS and k-hat, and
+    the rate and distortion are also estimated every N epochs and before the first
+    (:mod:`pyro_vae.train.estimates`). ``patience`` stops the run early after that many epochs
+    without an improvement of the held-out ELBO by more than ``min_delta`` nats per datapoint
+    (``None``: by more than its paired standard error; :mod:`pyro_vae.train.early_stopping`);
+    ``None``: every epoch runs.
 
     ``optimizer`` names a :mod:`torch.optim` optimizer in lower case (``"adam"``, ``"adamw"``,
     ``"sgd"``, ...: :data:`~pyro_vae.util.optimizers.OPTIMIZERS`) built with ``lr`` and its
@@ -167,6 +172,7 @@ class TrainConfig:
     warmup_start: float = 0.01
     eval_particles: int = 10
     final_particles: int = 100
+    estimate_every: int | None = None
     patience: int | None = None
     min_delta: float | None = None
     epochs: int = 100
@@ -184,7 +190,7 @@ class TrainConfig:
         for name, minimum in COUNTS.items():  # whole numbers first: 2.5 or True is no count
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                check_count(name, value, minimum, optional=name == "patience")
+                check_count(name, value, minimum, optional=name in OPTIONAL_COUNTS)
         for name in NUMBERS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
@@ -215,6 +221,15 @@ class TrainConfig:
             (
                 self.final_particles >= 0,
                 f"final_particles must be >= 0, got {self.final_particles}",
+            ),
+            (
+                self.estimate_every is None or self.estimate_every >= 1,
+                f"estimate_every must be >= 1 (or None), got {self.estimate_every}",
+            ),
+            (
+                self.estimate_every is None or self.final_particles >= 1,
+                f"estimate_every={self.estimate_every} estimates log p̂_K with "
+                "K = final_particles: it needs final_particles >= 1",
             ),
             (
                 self.patience is None or self.patience >= 1,

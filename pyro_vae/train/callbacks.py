@@ -16,13 +16,15 @@ from pyro_vae.data.batches import Source
 from pyro_vae.runs import save_checkpoint, write_history
 from pyro_vae.runs.config import TrainConfig
 from pyro_vae.train.early_stopping import EarlyStopping
+from pyro_vae.train.estimates import estimate_at
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.distributed import SINGLE, DistributedContext
 from pyro_vae.util.rng import forked_rng
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over the epochs with the last loss and held-out ELBO."""
+    """A tqdm bar over the epochs with the last loss and held-out ELBO (and log p̂_K after an
+    epoch with a held-out estimate)."""
 
     def __init__(self, first_epoch: int, epochs: int, enabled: bool = True) -> None:
         from tqdm.auto import tqdm
@@ -36,6 +38,9 @@ class ProgressBar(Callback):
         postfix = {"loss": f"{history.train_loss[-1]:.2f}"}
         if len(history.test_elbo) == len(history.epoch):
             postfix["test_elbo"] = f"{history.test_elbo[-1]:.2f}"
+        estimate = estimate_at(history, loop.epoch)
+        if estimate is not None:
+            postfix["test_log_px"] = f"{estimate['log_px']:.2f}"
         self.bar.update(1)
         self.bar.set_postfix(postfix)
 

@@ -30,21 +30,13 @@ from pyro_vae.runs import (
     read_history,
 )
 from pyro_vae.runs.config import TrainConfig
-from pyro_vae.train.callbacks import (
-    Checkpoint,
-    EpochFunction,
-    FinalEstimate,
-    LearningRateSchedule,
-    ProgressBar,
-    RunFolderPlots,
-)
 from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
-from pyro_vae.train.early_stopping import EarlyStopping, stopped_epoch
+from pyro_vae.train.early_stopping import stopped_epoch
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger, check_log_options
-from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
-from pyro_vae.train.mlflow_logger import MLflowLogger
+from pyro_vae.train.hooks import run_callbacks
+from pyro_vae.train.loggers import check_log_options
+from pyro_vae.train.loop import Batches, HeldOut, Loop, Step, run_epochs
 from pyro_vae.train.parallel import Replicas
 from pyro_vae.train.sources import BuiltinData, UserData
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING
@@ -182,6 +174,11 @@ def fit(
         raise ConfigError(
             f"patience={config.patience} stops on the held-out ELBO: give test_data "
             "(early stopping needs held-out data)"
+        )
+    if config.estimate_every is not None and not held_out_given:
+        raise ConfigError(
+            f"estimate_every={config.estimate_every} estimates log p(x) on held-out data: "
+            "give test_data"
         )
     if options.run_dir is None:
         return _train(model, (data, test_data, collate_fn), config, options, None, False)
@@ -338,7 +335,7 @@ def _train(
         forget_params(model.name)
 
     try:
-        run_epochs(loop, last, _hooks(loop, feed, config, options, run_dir, dist))
+        run_epochs(loop, last, run_callbacks(loop, feed, config, options, run_dir, dist))
     except TrainingDiverged as exc:
         kept = (
             f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
@@ -348,51 +345,6 @@ def _train(
         raise TrainingDiverged(f"{exc}{kept}. {_divergence_hint(config)}") from None
     barrier(dist, "waiting for rank 0 to write the run folder")
     return TrainResult(model, history, run_dir, step.compiled)
-
-
-def _hooks(
-    loop: Loop,
-    feed: BuiltinData | UserData,
-    config: TrainConfig,
-    options: RunOptions,
-    run_dir: Path | None,
-    dist: Any,
-) -> list[Callback]:
-    """The run's callbacks, in order: the progress bar, the checkpoint, the user's, the final
-    estimate and the plots."""
-    logger: Callback | None = None  # first: a store that refuses the run does so before the bar
-    if options.log == "tensorboard":
-        logger = TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), dist.is_main)
-    elif options.log == "mlflow":
-        uri = options.log_uri
-        logger = MLflowLogger(run_dir, loop.history, config.to_dict(), uri, dist.is_main)
-    hooks: list[Callback] = [
-        ProgressBar(loop.epoch + 1, config.epochs, options.progress and dist.is_main)
-    ]
-    stopping, scheduler = None, loop.step.scheduler
-    if config.patience is not None:  # before the checkpoint, which saves its state
-        stopping = EarlyStopping(config.patience, config.min_delta)
-        hooks.append(stopping)
-    if scheduler is not None:  # likewise
-        hooks.append(LearningRateSchedule(scheduler))
-    if run_dir is not None:
-        hooks.append(Checkpoint(run_dir, config, dist.is_main, stopping, scheduler))
-    if options.on_epoch is not None:
-        hooks.append(EpochFunction(options.on_epoch))
-    hooks.extend(options.callbacks)
-    if config.final_particles and loop.held_out is not None:
-        hooks.append(
-            FinalEstimate(
-                loop.held_out.source, config.final_particles, config.batch_size, config.seed, dist
-            )
-        )
-    if run_dir is not None and dist.is_main:
-        hooks.append(
-            RunFolderPlots(run_dir, lambda loop: _plots(run_dir, loop, feed.dataset, config))
-        )
-    if logger is not None:  # after the final estimate and the plots: it logs them
-        hooks.append(logger)
-    return hooks
 
 
 def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
@@ -437,10 +389,3 @@ def _divergence_hint(config: TrainConfig) -> str:
             "to learn it"
         )
     return f"Try a smaller learning rate than lr={config.lr:g}"
-
-
-def _plots(run_dir: Path, loop: Loop, dataset: Any, config: TrainConfig) -> None:
-    from pyro_vae.runs.plots import write_run_plots
-
-    images = builtin.evaluation_images(dataset, "test", config) if dataset is not None else None
-    write_run_plots(run_dir, loop.model, dataset, loop.history, images)

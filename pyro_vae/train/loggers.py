@@ -5,8 +5,12 @@ shared with :mod:`pyro_vae.train.mlflow_logger`.
 
 Per epoch (the epoch as the step): ``train/loss`` (−ELBO per datapoint, the estimator's),
 ``test/elbo`` (the held-out ELBO, with held-out data), ``train/seconds``, ``train/beta`` (the
-KL weight at the epoch's last step) and ``train/lr``; with early stopping ``test/best_elbo``. At
-the end, the final estimate's numbers (``final/test_log_px``, ``final/test_log_px_stderr``,
+KL weight at the epoch's last step) and ``train/lr``; with early stopping ``test/best_elbo``;
+in an epoch with a held-out estimate (:mod:`pyro_vae.train.estimates`) ``test/log_px``,
+``test/gap``, ``test/ess``, ``test/khat_max``, ``test/khat_bad``, ``test/rate``,
+``test/distortion``, and ``test/log_px_stderr``, ``test/rate_stderr``,
+``test/distortion_stderr`` (the estimate before training is in the history alone). At the
+end, the final estimate's numbers (``final/test_log_px``, ``final/test_log_px_stderr``,
 ``final/test_elbo``, ``final/test_gap``) at the last epoch, and the run's config as text. A
 resumed run appends to the same folder and drops what an interrupted run had logged after its
 last checkpoint (``purge_step``), so the curves are those of the history.
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pyro_vae.train.estimates import NAMES, estimate_at
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.errors import ConfigError
 
@@ -82,6 +87,10 @@ def epoch_scalars(loop: Loop, index: int) -> dict[str, float]:
     }
     if len(history.test_elbo) == len(history.epoch):
         scalars["test/elbo"] = history.test_elbo[index]
+    estimate = estimate_at(history, epoch)
+    for name in NAMES if estimate is not None else ():
+        if estimate.get(name) is not None:
+            scalars[f"test/{name}"] = estimate[name]
     stopping = history.extra.get("early_stopping")
     if stopping and epoch == history.epoch[-1]:
         scalars["test/best_elbo"] = stopping["best_test_elbo"]

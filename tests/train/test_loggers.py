@@ -91,3 +91,16 @@ def test_a_run_resumed_only_for_its_final_estimate_keeps_its_curves(tmp_path):
     scalars = _scalars(out / "tensorboard")
     assert [step for step, _ in scalars["train/loss"]] == [1, 2]  # no epoch trained, none lost
     assert [step for step, _ in scalars["final/test_log_px"]] == [2, 2]
+
+
+def test_the_held_out_estimates_are_logged_at_their_epochs(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    run = ["train", *SMALL, "--epochs", "4", "--estimate-every", "2", "--log", "tensorboard"]
+    assert main([*run, "--out", str(out)]) == 0
+    estimates = json.loads((out / "history.json").read_text())["estimates"]
+    assert [entry["epoch"] for entry in estimates] == [0, 2, 4]
+    scalars = _scalars(out / "tensorboard")
+    for name in ("log_px", "log_px_stderr", "gap", "ess", "khat_bad", "rate", "distortion"):
+        expected = [(e["epoch"], pytest.approx(e[name], rel=1e-6, abs=1e-7)) for e in estimates]
+        assert scalars[f"test/{name}"] == expected[1:]  # epoch 0's is in the history alone

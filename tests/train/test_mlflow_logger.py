@@ -200,3 +200,14 @@ def test_a_callback_without_a_step_hook_is_not_called_per_step(monkeypatch):
         callbacks=[Callback()],
     )
     assert result.history.epoch == [1, 2]
+
+
+def test_the_held_out_estimates_are_metrics_at_their_epochs(tmp_path, store):
+    out = tmp_path / "run"
+    run = ["train", *SMALL, "--epochs", "2", "--estimate-every", "1", "--log", "mlflow"]
+    assert main([*run, "--out", str(out)]) == 0
+    client, mlflow_run, history = _run(store, out)
+    estimates = history["estimates"][1:]  # epoch 0's is in the history alone
+    for name in ("log_px", "gap", "ess", "rate", "distortion_stderr"):
+        expected = [(e["epoch"], e[name]) for e in estimates]
+        assert _points(client, mlflow_run, f"test/{name}") == expected
