@@ -1,8 +1,9 @@
 """Small Lightning runs of the package's pairs, shared by tests/train/test_lightning.py and its
-two-process run: ``python lightning_runs.py OUT_DIR`` trains the factor-analysis pair with
-``Trainer(devices=2, strategy="ddp", accelerator="cpu")`` (Lightning starts the second rank by
-running this script again); each rank saves its trained weights (``pair0.pt``, ``pair1.pt``)
-and rank 0 the logged losses (``losses.json``) in ``OUT_DIR``."""
+two-process runs: ``python lightning_runs.py OUT_DIR [fa|vae]`` trains the factor-analysis pair
+(``fa``, the default) or the built-in VAE on digits (``vae``) with ``Trainer(devices=2,
+strategy="ddp", accelerator="cpu")`` (Lightning starts the second rank by running this script
+again); each rank saves its trained weights (``pair0.pt``, ``pair1.pt``) and rank 0 the logged
+losses (``losses.json``) in ``OUT_DIR``."""
 
 from __future__ import annotations
 
@@ -92,9 +93,48 @@ def train_fa(
     )
 
 
+#: the built-in VAE's runs: its size, images (train, held out), epochs, batch size, learning rate
+VAE_RUN = dict(latent_dim=2, hidden=(32,), train=400, test=100, epochs=8, batch_size=100, lr=0.03)
+
+
+def vae_split() -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits binarized once, with a fixed seed: the training and the held-out images."""
+    from pyro_vae import load_digits
+
+    count = VAE_RUN["train"] + VAE_RUN["test"]
+    images = load_digits().train.images[:count]
+    binary = torch.bernoulli(images, generator=torch.Generator().manual_seed(SEED))
+    return binary[: VAE_RUN["train"]], binary[VAE_RUN["train"] :]
+
+
+def make_vae() -> torch.nn.Module:
+    from pyro_vae import VAE
+
+    return VAE(64, latent_dim=VAE_RUN["latent_dim"], hidden=VAE_RUN["hidden"])
+
+
+def train_vae(
+    devices: int = 1, strategy: str = "auto", seed: int = SEED
+) -> tuple[PairModule, EpochMetrics]:
+    """The built-in VAE trained as :data:`VAE_RUN` says (meanfield), the batch shared out among
+    ``devices`` processes."""
+    lightning.seed_everything(seed, verbose=False)
+    batch_size = VAE_RUN["batch_size"] // devices
+    return train(
+        make_vae(),
+        vae_split()[0],
+        VAE_RUN["epochs"],
+        batch_size,
+        devices,
+        strategy,
+        lr=VAE_RUN["lr"],
+    )
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    module, metrics = train_fa(devices=2, strategy="ddp")
+    run = train_vae if sys.argv[2:] == ["vae"] else train_fa
+    module, metrics = run(devices=2, strategy="ddp")
     torch.save(module.pair.state_dict(), out / f"pair{module.global_rank}.pt")
     if module.global_rank == 0:
         (out / "losses.json").write_text(json.dumps(metrics["train_loss"]))

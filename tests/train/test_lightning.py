@@ -202,12 +202,13 @@ def test_a_parameter_made_after_the_optimizer_is_refused_after_the_first_step(ru
         runs.train(Pair(), torch.zeros(20, 2), 1, 10)
 
 
-@pytest.mark.slow
-def test_two_ddp_processes_stay_in_sync_and_agree_with_one(runs, tmp_path):
+def _two_processes(tmp_path: Path, which: str) -> dict[str, torch.Tensor]:
+    """lightning_runs.py's run ``which`` under DDP on two CPU processes: rank 0's trained
+    weights, after checking that both ranks hold the same and that the loss fell."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(SUPPORT), env.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, str(SUPPORT / "lightning_runs.py"), str(tmp_path)],
+        [sys.executable, str(SUPPORT / "lightning_runs.py"), str(tmp_path), which],
         env={**env, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path,
         capture_output=True,
@@ -220,11 +221,33 @@ def test_two_ddp_processes_stay_in_sync_and_agree_with_one(runs, tmp_path):
         assert torch.equal(value, ranks[1][name]), name
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert losses[-1] < losses[0] - 1, losses
+    return ranks[0]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_stay_in_sync_and_agree_with_one(runs, tmp_path):
     two = FactorAnalysis()
-    two.load_state_dict(ranks[0])
+    two.load_state_dict(_two_processes(tmp_path, "fa"))
     one, _ = runs.train_fa()
     test = runs.fa_split()[1]
     assert_agree(held_out(two, test), held_out(one.pair, test))
+
+
+@pytest.mark.slow
+def test_the_builtin_vae_under_ddp_agrees_with_one_process_and_with_fit(runs, tmp_path):
+    from pyro_vae import fit
+
+    two = runs.make_vae()
+    two.load_state_dict(_two_processes(tmp_path, "vae"))
+    one, _ = runs.train_vae()
+    train, test = runs.vae_split()
+    pyro.set_rng_seed(runs.SEED)
+    options = {k: runs.VAE_RUN[k] for k in ("epochs", "batch_size", "lr")}
+    fitted = fit(runs.make_vae(), train, seed=runs.SEED, progress=False, **options).model
+    reference = held_out(fitted, test)
+    assert_agree(held_out(two, test), held_out(one.pair, test))
+    assert_agree(held_out(two, test), reference)
+    assert_agree(held_out(one.pair, test), reference)
 
 
 def test_without_lightning_the_module_says_how_to_install_it(monkeypatch):
