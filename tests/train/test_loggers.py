@@ -104,3 +104,34 @@ def test_the_held_out_estimates_are_logged_at_their_epochs(tmp_path):
     for name in ("log_px", "log_px_stderr", "gap", "ess", "khat_bad", "rate", "distortion"):
         expected = [(e["epoch"], pytest.approx(e[name], rel=1e-6, abs=1e-7)) for e in estimates]
         assert scalars[f"test/{name}"] == expected[1:]  # epoch 0's is in the history alone
+
+
+def test_the_plots_are_images_and_the_config_the_final_numbers_hyperparameters(tmp_path):
+    pytest.importorskip("tensorboard")
+    from matplotlib.image import imread
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "2", "--log", "tensorboard", "--out", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    plots = sorted(out.glob("*.png"))
+    assert sorted(events.Tags()["images"]) == sorted(f"plots/{p.stem}" for p in plots)
+    for plot in plots:
+        (image,) = events.Images(f"plots/{plot.stem}")
+        height, width = imread(plot).shape[:2]
+        assert (image.step, image.height, image.width) == (2, height, width)
+    hparams = EventAccumulator(str(out / "tensorboard" / "hparams"))
+    hparams.Reload()
+    content = hparams.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    logged = start.session_start_info.hparams
+    config = json.loads((out / "config.json").read_text())
+    assert logged["lr"].number_value == config["lr"]
+    assert logged["elbo"].string_value == config["elbo"]
+    assert logged["model.latent_dim"].number_value == config["model"]["latent_dim"]
+    assert logged["model.hidden"].string_value == json.dumps(config["model"]["hidden"])
+    final = json.loads((out / "history.json").read_text())["final"]
+    (point,) = hparams.Scalars("final/test_log_px")
+    assert point.value == pytest.approx(final["test_log_px"], rel=1e-6)
