@@ -31,7 +31,7 @@ def make_logger(
     """The logger ``options.log`` names (``None``: none), made before any training: a store
     that refuses the run does so before anything is trained."""
     if options.log == "tensorboard":
-        return TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), is_main)
+        return TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), is_main, run_dir)
     if options.log == "mlflow":
         return MLflowLogger(run_dir, loop.history, config.to_dict(), options.log_uri, is_main)
     return None

@@ -11,9 +11,11 @@ in an epoch with a held-out estimate (:mod:`pyro_vae.train.estimates`) ``test/lo
 ``test/distortion``, and ``test/log_px_stderr``, ``test/rate_stderr``,
 ``test/distortion_stderr`` (the estimate before training is in the history alone). At the
 end, the final estimate's numbers (``final/test_log_px``, ``final/test_log_px_stderr``,
-``final/test_elbo``, ``final/test_gap``) at the last epoch, and the run's config as text. A
-resumed run appends to the same folder and drops what an interrupted run had logged after its
-last checkpoint (``purge_step``), so the curves are those of the history.
+``final/test_elbo``, ``final/test_gap``) at the last epoch, the run folder's plots as images
+(``plots/NAME``), and the run's config as text and as the final numbers' hyperparameters
+(the HParams dashboard's run ``hparams``). A resumed run appends to the same folder and
+drops what an interrupted run had logged after its last checkpoint (``purge_step``), so the
+curves are those of the history.
 
 Per step (the run's step count from 1 as the step): ``train/step_loss``, each step's mean loss
 per datapoint of its batch, written with the epoch's scalars (after its checkpoint) into the
@@ -37,10 +39,26 @@ from pyro_vae.util.errors import ConfigError
 LOGGERS = ("tensorboard", "mlflow")
 #: the run folder's subfolder of the event files
 LOG_DIR = "tensorboard"
+#: the subfolder of the hyperparameters (TensorBoard's HParams dashboard)
+HPARAMS_RUN = "hparams"
 #: the per-step scalar's name
 STEP_LOSS = "train/step_loss"
 #: the final estimate's numbers logged as ``final/NAME`` at the last epoch
 FINAL_NAMES = ("test_log_px", "test_log_px_stderr", "test_elbo", "test_gap")
+
+
+def hparam_values(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The config's entries as flat hyperparameters: nested mappings as ``outer.inner`` keys,
+    numbers, booleans and strings as they are, anything else (``None``, lists) as its JSON."""
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            values.update(hparam_values(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            values[f"{prefix}{key}"] = value
+        else:
+            values[f"{prefix}{key}"] = json.dumps(value)
+    return values
 
 
 def require_logger(name: str) -> type:
@@ -120,12 +138,19 @@ class StepLosses:
 
 class TensorBoardLogger(Callback):
     """Writes the run's curves to TensorBoard event files in ``log_dir`` (rank 0 only, as
-    ``is_main`` says); ``config`` (a mapping) is logged once as text."""
+    ``is_main`` says); ``config`` (a mapping) is logged once as text and, at the end, as the
+    hyperparameters of the final numbers (the HParams dashboard, in ``log_dir/hparams``),
+    with the PNG plots of ``plots_dir`` as images (``plots/NAME``)."""
 
     def __init__(
-        self, log_dir: str | Path, config: dict[str, Any] | None = None, is_main: bool = True
+        self,
+        log_dir: str | Path,
+        config: dict[str, Any] | None = None,
+        is_main: bool = True,
+        plots_dir: str | Path | None = None,
     ) -> None:
         self.log_dir, self.config, self.is_main = Path(log_dir), config, is_main
+        self.plots_dir = None if plots_dir is None else Path(plots_dir)
         self.writer_class = require_logger("tensorboard")
         self.writer: Any = (
             None  # made after the first epoch: a run that trains nothing logs nothing
@@ -165,13 +190,21 @@ class TensorBoardLogger(Callback):
             self.step_writer.flush()
 
     def on_fit_end(self, loop: Loop) -> None:
-        final = loop.history.extra.get("final")
-        if not self.is_main or not final or not loop.history.epoch:
+        if not self.is_main or not loop.history.epoch:
             return
         writer = self._writer(loop, loop.epoch + 1)  # no epoch trained here: keep them all
-        for name in FINAL_NAMES:
-            if final.get(name) is not None:
-                writer.add_scalar(f"final/{name}", final[name], loop.history.epoch[-1])
+        last = loop.history.epoch[-1]
+        final = loop.history.extra.get("final") or {}
+        metrics = {f"final/{n}": final[n] for n in FINAL_NAMES if final.get(n) is not None}
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, last)
+        if self.plots_dir is not None:
+            from matplotlib.image import imread
+
+            for plot in sorted(self.plots_dir.glob("*.png")):
+                writer.add_image(f"plots/{plot.stem}", imread(plot), last, dataformats="HWC")
+        if self.config is not None:  # the HParams dashboard: the config beside the final numbers
+            writer.add_hparams(hparam_values(self.config), metrics, run_name=HPARAMS_RUN)
         writer.flush()
 
     def close(self) -> None:
