@@ -42,9 +42,8 @@ from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
 from pyro_vae.train.early_stopping import EarlyStopping, stopped_epoch
 from pyro_vae.train.fused import training_loss
-from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger, check_log_options
+from pyro_vae.train.loggers import check_log_options, make_logger
 from pyro_vae.train.loop import Batches, Callback, HeldOut, Loop, Step, run_epochs
-from pyro_vae.train.mlflow_logger import MLflowLogger
 from pyro_vae.train.parallel import Replicas
 from pyro_vae.train.sources import BuiltinData, UserData
 from pyro_vae.train.step import BUILTIN_PLATE_NESTING
@@ -360,12 +359,10 @@ def _hooks(
 ) -> list[Callback]:
     """The run's callbacks, in order: the progress bar, the checkpoint, the user's, the final
     estimate and the plots."""
-    logger: Callback | None = None  # first: a store that refuses the run does so before the bar
-    if options.log == "tensorboard":
-        logger = TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), dist.is_main)
-    elif options.log == "mlflow":
-        uri = options.log_uri
-        logger = MLflowLogger(run_dir, loop.history, config.to_dict(), uri, dist.is_main)
+    # first: a store that refuses the run does so before the bar
+    logger = make_logger(
+        options.log, run_dir, loop.history, config.to_dict(), options.log_uri, dist.is_main
+    )
     hooks: list[Callback] = [
         ProgressBar(loop.epoch + 1, config.epochs, options.progress and dist.is_main)
     ]

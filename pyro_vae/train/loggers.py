@@ -1,7 +1,7 @@
 """Training curves for a dashboard: a :class:`~pyro_vae.train.Callback` that writes what the
 history records to TensorBoard's event files (``torch.utils.tensorboard``; the ``tensorboard``
 package is an optional extra, imported only when a logger is made); the names and values
-shared with :mod:`pyro_vae.train.mlflow_logger`.
+shared with :mod:`pyro_vae.train.mlflow_logger` and :mod:`pyro_vae.train.wandb_logger`.
 
 Per epoch (the epoch as the step): ``train/loss`` (−ELBO per datapoint, the estimator's),
 ``test/elbo`` (the held-out ELBO, with held-out data), ``train/seconds``, ``train/beta`` (the
@@ -29,7 +29,7 @@ from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.errors import ConfigError
 
 #: the loggers by the name ``RunOptions.log`` (``--log``) gives them
-LOGGERS = ("tensorboard", "mlflow")
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 #: the run folder's subfolder of the event files
 LOG_DIR = "tensorboard"
 #: the per-step scalar's name
@@ -38,10 +38,10 @@ STEP_LOSS = "train/step_loss"
 FINAL_NAMES = ("test_log_px", "test_log_px_stderr", "test_elbo", "test_gap")
 
 
-def require_logger(name: str) -> type:
-    """The writer class of the logger ``name`` (one of :data:`LOGGERS`: TensorBoard's
-    ``SummaryWriter``, MLflow's ``MlflowClient``), or one line saying what to install: checked
-    before a run starts."""
+def require_logger(name: str) -> Any:
+    """The writer of the logger ``name`` (one of :data:`LOGGERS`: TensorBoard's
+    ``SummaryWriter``, MLflow's ``MlflowClient``, the ``wandb`` module), or one line saying what
+    to install: checked before a run starts."""
     if name not in LOGGERS:
         raise ConfigError(f"log must be one of {LOGGERS}, got {name!r}")
     try:
@@ -49,6 +49,10 @@ def require_logger(name: str) -> type:
             from mlflow.tracking import MlflowClient
 
             return MlflowClient
+        if name == "wandb":
+            import wandb
+
+            return wandb
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError(
@@ -65,6 +69,29 @@ def check_log_options(log: str | None, log_uri: str | None, run_dir: Any) -> Non
         require_logger(log)
         if run_dir is None:
             raise ConfigError(f"log={log!r} writes into the run folder: give run_dir")
+
+
+def make_logger(
+    log: str | None,
+    run_dir: Path,
+    history: Any,
+    config: dict[str, Any],
+    log_uri: str | None = None,
+    is_main: bool = True,
+) -> Callback | None:
+    """The logger ``log`` names (``None``: none) of the run in ``run_dir``, its store reached
+    and its run started (or continued, as ``history`` records): before any training."""
+    if log == "tensorboard":
+        return TensorBoardLogger(run_dir / LOG_DIR, config, is_main)
+    if log == "mlflow":
+        from pyro_vae.train.mlflow_logger import MLflowLogger
+
+        return MLflowLogger(run_dir, history, config, log_uri, is_main)
+    if log == "wandb":
+        from pyro_vae.train.wandb_logger import WandbLogger
+
+        return WandbLogger(run_dir, history, config, is_main)
+    return None
 
 
 def epoch_scalars(loop: Loop, index: int) -> dict[str, float]:
