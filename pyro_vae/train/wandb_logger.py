@@ -55,6 +55,17 @@ DEFAULT_MODE = "offline"
 OFFLINE_MODES = ("offline", "dryrun")
 
 
+def _one_line(exc: Exception) -> str:
+    """W&B's refusal on one line; a setting that W&B's settings model refuses, by its name."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        with contextlib.suppress(Exception):
+            first = errors()[0]
+            name = ".".join(str(part) for part in first["loc"])
+            return f"{name}={first['input']!r}: {first['msg']}"
+    return " ".join(str(exc).split())
+
+
 def _quiet_settings(wandb: Any, offline: bool) -> Any:
     """W&B's settings of a logger's run: no output of W&B's own on the terminal and no
     capture of the process's; offline, no system metrics sampled."""
@@ -114,10 +125,9 @@ class WandbLogger(Callback):
                 reinit="create_new",
                 settings=_quiet_settings(wandb, offline),
             )
-        except wandb.errors.Error as exc:
+        except (wandb.errors.Error, ValueError) as exc:  # W&B's settings: pydantic's errors
             self._teardown()
-            message = " ".join(str(exc).split())
-            raise ConfigError(f"log='wandb', W&B run in {wandb_dir}: {message}") from None
+            raise ConfigError(f"log='wandb', W&B run in {wandb_dir}: {_one_line(exc)}") from None
         self.run.define_metric(EPOCH_AXIS, hidden=True)
         self.run.define_metric(STEP_AXIS, hidden=True)
         self.record = wandb_dir / "wandb" / f"pyro-vae-{self.run.id}.json"

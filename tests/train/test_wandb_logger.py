@@ -238,3 +238,17 @@ def test_importing_the_package_imports_no_wandb():
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_mode_wandb_refuses_is_one_line_and_leaves_no_run_folder(
+    tmp_path, wandb, monkeypatch, capsys
+):
+    monkeypatch.setenv("WANDB_MODE", "nosuchmode")
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--log", "wandb", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(
+        f"pyro-vae train: error: --log wandb, W&B run in {out}: mode='nosuchmode': "
+    )
+    assert not out.exists() and _services() == []
