@@ -116,9 +116,9 @@ def _steps_per_epoch(batch_size=256):
 
 
 def _services():
-    """This process's wandb-core children (Linux's /proc)."""
+    """This process's wandb-core children (Linux's /proc; elsewhere none are seen)."""
     children = []
-    for entry in Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             name = (entry / "comm").read_text().strip()
