@@ -199,8 +199,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--log",
         choices=LOGGERS,
         help="write the run's curves for a dashboard: tensorboard (event files in "
-        "RUN_DIR/tensorboard; needs the tensorboard package), mlflow (an MLflow run; needs "
-        "mlflow-skinny)",
+        "RUN_DIR/tensorboard), mlflow (an MLflow run), wandb (a W&B run, offline in "
+        "RUN_DIR/wandb unless $WANDB_MODE says otherwise); each needs its package",
     )
     p.add_argument(
         "--log-uri",

@@ -27,7 +27,9 @@ class RunOptions:
     ``dist_timeout`` bounds, in seconds, the wait for torchrun's other ranks. ``log`` names a
     logger of the run's curves (:data:`~pyro_vae.train.loggers.LOGGERS`: ``"tensorboard"``,
     event files in the run folder's ``tensorboard/``; ``"mlflow"``, an MLflow run in the
-    tracking store ``log_uri``, by default :mod:`pyro_vae.train.mlflow_logger`'s).
+    tracking store ``log_uri``, by default :mod:`pyro_vae.train.mlflow_logger`'s; ``"wandb"``,
+    a W&B run, offline in the run folder's ``wandb/`` unless ``WANDB_MODE`` says otherwise:
+    :mod:`pyro_vae.train.wandb_logger`).
     """
 
     run_dir: str | Path | None = None

@@ -23,6 +23,7 @@ from pyro_vae.train.estimates import HeldOutEstimate
 from pyro_vae.train.loggers import LOG_DIR, TensorBoardLogger
 from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.train.mlflow_logger import MLflowLogger
+from pyro_vae.train.wandb_logger import WandbLogger
 
 
 def make_logger(
@@ -34,6 +35,8 @@ def make_logger(
         return TensorBoardLogger(run_dir / LOG_DIR, config.to_dict(), is_main, run_dir)
     if options.log == "mlflow":
         return MLflowLogger(run_dir, loop.history, config.to_dict(), options.log_uri, is_main)
+    if options.log == "wandb":
+        return WandbLogger(run_dir, loop.history, config.to_dict(), is_main)
     return None
 
 

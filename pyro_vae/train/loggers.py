@@ -1,7 +1,7 @@
 """Training curves for a dashboard: a :class:`~pyro_vae.train.Callback` that writes what the
 history records to TensorBoard's event files (``torch.utils.tensorboard``; the ``tensorboard``
 package is an optional extra, imported only when a logger is made); the names and values
-shared with :mod:`pyro_vae.train.mlflow_logger`.
+shared with :mod:`pyro_vae.train.mlflow_logger` and :mod:`pyro_vae.train.wandb_logger`.
 
 Per epoch (the epoch as the step): ``train/loss`` (−ELBO per datapoint, the estimator's),
 ``test/elbo`` (the held-out ELBO, with held-out data), ``train/seconds``, ``train/beta`` (the
@@ -36,7 +36,7 @@ from pyro_vae.train.loop import Callback, Loop
 from pyro_vae.util.errors import ConfigError
 
 #: the loggers by the name ``RunOptions.log`` (``--log``) gives them
-LOGGERS = ("tensorboard", "mlflow")
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 #: the run folder's subfolder of the event files
 LOG_DIR = "tensorboard"
 #: the subfolder of the hyperparameters (TensorBoard's HParams dashboard)
@@ -61,10 +61,10 @@ def hparam_values(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return values
 
 
-def require_logger(name: str) -> type:
-    """The writer class of the logger ``name`` (one of :data:`LOGGERS`: TensorBoard's
-    ``SummaryWriter``, MLflow's ``MlflowClient``), or one line saying what to install: checked
-    before a run starts."""
+def require_logger(name: str) -> Any:
+    """The writer of the logger ``name`` (one of :data:`LOGGERS`: TensorBoard's
+    ``SummaryWriter``, MLflow's ``MlflowClient``, the ``wandb`` module), or one line saying what
+    to install: checked before a run starts."""
     if name not in LOGGERS:
         raise ConfigError(f"log must be one of {LOGGERS}, got {name!r}")
     try:
@@ -72,6 +72,10 @@ def require_logger(name: str) -> type:
             from mlflow.tracking import MlflowClient
 
             return MlflowClient
+        if name == "wandb":
+            import wandb
+
+            return wandb
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError(

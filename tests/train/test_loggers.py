@@ -1,7 +1,7 @@
 """The TensorBoard logger: the event file's scalars, read back with TensorBoard's own reader,
 are the history's, and each step's loss is there once; a resumed run's curves are the
-uninterrupted run's; without its package, a logger (TensorBoard's, MLflow's) is one line saying
-what to install."""
+uninterrupted run's; without its package, a logger (TensorBoard's, MLflow's, W&B's) is one line
+saying what to install."""
 
 import json
 import math
@@ -62,7 +62,11 @@ def test_a_resumed_runs_curves_are_those_of_its_history(tmp_path):
 
 @pytest.mark.parametrize(
     "name, modules",
-    [("tensorboard", ["torch.utils.tensorboard"]), ("mlflow", ["mlflow", "mlflow.tracking"])],
+    [
+        ("tensorboard", ["torch.utils.tensorboard"]),
+        ("mlflow", ["mlflow", "mlflow.tracking"]),
+        ("wandb", ["wandb"]),
+    ],
 )
 def test_without_the_package_the_logger_is_one_line(name, modules, tmp_path, monkeypatch, capsys):
     import sys
