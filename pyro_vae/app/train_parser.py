@@ -130,7 +130,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "that are sampled), renyi (the Renyi bound of order alpha), ciwae (ELBO and IWAE "
         "combined), miwae (IWAE of K averaged over P), piwae (IWAE of all P*K draws "
         "for the model, miwae for the guide), rws (reweighted wake-sleep; sampled discrete "
-        "guide sites); guide sites marked for enumeration are summed out; "
+        "guide sites), tvo (the thermodynamic variational objective); guide sites marked "
+        "for enumeration are summed out; "
         f"default {defaults.elbo}",
     )
     p.add_argument(
@@ -139,7 +140,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="the estimator's own options as a JSON object: renyi takes alpha (a number, or "
         '"-inf" for the largest weight; default 0.5) and gradient (reparameterized or dreg), '
-        'e.g. \'{"alpha": 0, "gradient": "dreg"}\'; ciwae elbo_weight in [0, 1] (default 0.5)',
+        'e.g. \'{"alpha": 0, "gradient": "dreg"}\'; ciwae elbo_weight in [0, 1] (default 0.5); '
+        "tvo partitions (default 5) and first_point in (0, 1) (default 0.1)",
     )
     p.add_argument(
         "--particles",
@@ -151,7 +153,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--importance-samples",
         type=positive_int,
         help="draws inside the log, a tighter bound (iwae, dreg, vimco, renyi, ciwae, miwae, "
-        "piwae and rws only; "
+        "piwae, rws and tvo only; "
         f"default {defaults.importance_samples})",
     )
     p.add_argument(

@@ -1,4 +1,4 @@
-r"""ELBO estimators: eleven named Monte Carlo objectives for one Pyro model/guide pair.
+r"""ELBO estimators: twelve named Monte Carlo objectives for one Pyro model/guide pair.
 
 One estimator per module, as Pyro keeps them (``pyro/infer/trace_elbo.py``, ...):
 
@@ -27,6 +27,8 @@ name           class (module)                             bound; gradient
                (``piwae``)                                its gradient, the guide MIWAE(M, K)'s
 ``rws``        :class:`ReweightedWakeSleep` (``rws``)     K-sample bound; wake-θ and wake-φ at
                                                           fixed draws (sampled discrete sites)
+``tvo``        :class:`ThermodynamicVariationalObjective` left Riemann sum of the thermodynamic
+               (``tvo``)                                  integral, S points; reparameterization
 =============  =========================================  =======================================
 
 The shared machinery: :mod:`pyro_vae.core.particles` draws the particles and reads their
@@ -75,6 +77,7 @@ from pyro_vae.infer.rws import ReweightedWakeSleep
 from pyro_vae.infer.schedule import LinearWarmup
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
+from pyro_vae.infer.tvo import ThermodynamicVariationalObjective
 from pyro_vae.infer.vimco import VIMCO
 
 __all__ = [
@@ -91,6 +94,7 @@ __all__ = [
     "ReweightedWakeSleep",
     "Objective",
     "StickingTheLandingELBO",
+    "ThermodynamicVariationalObjective",
     "TraceELBO",
     "VIMCO",
     "VariationalRenyiBound",

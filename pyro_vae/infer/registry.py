@@ -15,6 +15,7 @@ from pyro_vae.infer.renyi import VariationalRenyiBound
 from pyro_vae.infer.rws import ReweightedWakeSleep
 from pyro_vae.infer.stl import StickingTheLandingELBO
 from pyro_vae.infer.trace_elbo import TraceELBO
+from pyro_vae.infer.tvo import ThermodynamicVariationalObjective
 from pyro_vae.infer.vimco import VIMCO
 from pyro_vae.util.errors import ConfigError
 
@@ -34,6 +35,7 @@ CLASSES: dict[str, type[ELBOEstimator]] = {
         MultipleImportanceWeightedELBO,
         PartiallyImportanceWeightedELBO,
         ReweightedWakeSleep,
+        ThermodynamicVariationalObjective,
     )
 }
 #: the names of the package's estimators, in the order the documentation gives them (``vimco``,
