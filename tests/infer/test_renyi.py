@@ -15,6 +15,7 @@ import math
 import pyro
 import pytest
 import torch
+from gradients import draws_and_eps, value_and_grad
 from linear_gaussian import LinearGaussian
 from threads import one_thread
 from torch.distributions import Normal
@@ -91,22 +92,6 @@ def _vr(log_w: torch.Tensor, alpha: float) -> torch.Tensor:
     return (torch.logsumexp((1 - alpha) * log_w, 1) - math.log(k)) / (1 - alpha)
 
 
-def _draws_and_eps(estimator, lg, x):
-    """One call's particles and the standard normals behind them, ``[P, K, N, d]``."""
-    particles = estimator.draw(lg.model, lg.guide, (x,), {})
-    q = lg.guide_distribution(x)
-    z = particles.guide_trace.nodes["z"]["value"].detach()
-    eps = (z - q.base_dist.loc) / q.base_dist.scale
-    shape = (estimator.num_particles, estimator.importance_samples, *eps.shape[-2:])
-    return particles, eps.detach().reshape(shape)
-
-
-def _value_and_grad(loss: torch.Tensor, params) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-    flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    return torch.cat([loss.detach().reshape(1), *(g.flatten() for g in flat)])
-
-
 def _assert_means_match(samples: torch.Tensor, expected: torch.Tensor, extra_se=0.0, what=""):
     mean = samples.mean(0)
     se = (samples.var(0) / samples.shape[0] + torch.as_tensor(extra_se) ** 2).sqrt()
@@ -125,11 +110,11 @@ def test_renyi_value_and_gradient_equal_the_formula_on_the_same_draws(alpha, bet
     params = list(lg.parameters())
     estimator = _estimator("renyi", 4, particles=3, beta=beta, alpha=alpha)
     pyro.set_rng_seed(5)
-    particles, eps = _draws_and_eps(estimator, lg, x)
-    ours = _value_and_grad(estimator.loss_of(particles), params)
+    particles, eps = draws_and_eps(estimator, lg, x)
+    ours = value_and_grad(estimator.loss_of(particles), params)
     reference = -_vr(_torch_log_weights(lg, x, eps, beta), alpha).sum(-1).mean(0)
     torch.testing.assert_close(
-        ours, _value_and_grad(reference, params), rtol=ROUNDING, atol=ROUNDING
+        ours, value_and_grad(reference, params), rtol=ROUNDING, atol=ROUNDING
     )
 
 
@@ -143,15 +128,15 @@ def test_renyi_doubly_reparameterized_gradient_equals_its_formula_on_the_same_dr
     params = list(lg.parameters())
     estimator = _estimator("renyi", 4, particles=3, beta=beta, alpha=alpha, gradient="dreg")
     pyro.set_rng_seed(6)
-    particles, eps = _draws_and_eps(estimator, lg, x)
-    ours = _value_and_grad(estimator.loss_of(particles), params)
+    particles, eps = draws_and_eps(estimator, lg, x)
+    ours = value_and_grad(estimator.loss_of(particles), params)
     path = _torch_log_weights(lg, x, eps, beta, stop_score=True)
     fixed = _torch_log_weights(lg, x, eps, beta, stop_draw=True)
     power = 1 - alpha
     normalized = torch.softmax(power * fixed.detach(), 1)
     coefficient = (1 - beta * power) * normalized + beta * power * normalized.square()
     surrogate = _vr(fixed, alpha) + (coefficient * (path - fixed)).sum(1)
-    reference = _value_and_grad(-surrogate.sum(-1).mean(0), params)
+    reference = value_and_grad(-surrogate.sum(-1).mean(0), params)
     torch.testing.assert_close(ours, reference, rtol=ROUNDING, atol=ROUNDING)
 
 
@@ -162,8 +147,8 @@ def test_renyi_doubly_reparameterized_at_alpha_zero_is_dreg_on_the_same_draws():
     renyi = _estimator("renyi", 4, particles=3, beta=0.4, alpha=0.0, gradient="dreg")
     pyro.set_rng_seed(9)
     particles = renyi.draw(lg.model, lg.guide, (x,), {})
-    ours = _value_and_grad(renyi.loss_of(particles), params)
-    dreg = _value_and_grad(_estimator("dreg", 4, 3, beta=0.4).loss_of(particles), params)
+    ours = value_and_grad(renyi.loss_of(particles), params)
+    dreg = value_and_grad(_estimator("dreg", 4, 3, beta=0.4).loss_of(particles), params)
     torch.testing.assert_close(ours, dreg, rtol=ROUNDING, atol=ROUNDING)
 
 
@@ -212,11 +197,11 @@ def test_ciwae_is_the_mix_of_the_elbo_and_iwae_on_the_same_draws(weight):
     params = list(lg.parameters())
     estimator = _estimator("ciwae", 4, particles=3, beta=0.7, elbo_weight=weight)
     pyro.set_rng_seed(8)
-    particles, eps = _draws_and_eps(estimator, lg, x)
-    ours = _value_and_grad(estimator.loss_of(particles), params)
+    particles, eps = draws_and_eps(estimator, lg, x)
+    ours = value_and_grad(estimator.loss_of(particles), params)
     log_w = _torch_log_weights(lg, x, eps, 0.7)
     mix = weight * _vr(log_w, 1.0) + (1 - weight) * _vr(log_w, 0.0)
-    reference = _value_and_grad(-mix.sum(-1).mean(0), params)
+    reference = value_and_grad(-mix.sum(-1).mean(0), params)
     torch.testing.assert_close(ours, reference, rtol=ROUNDING, atol=ROUNDING)
     with torch.no_grad():
         parts = [
@@ -285,7 +270,7 @@ def test_renyi_doubly_reparameterized_gradient_is_unbiased(beta):
         estimator = _estimator("renyi", 3, particles=64, beta=beta, alpha=0.5, gradient=gradient)
         rows = torch.stack(
             [
-                _value_and_grad(estimator.differentiable_loss(lg.model, lg.guide, x), params)
+                value_and_grad(estimator.differentiable_loss(lg.model, lg.guide, x), params)
                 for _ in range(40)
             ]
         )

@@ -15,6 +15,7 @@ import math
 import pyro
 import pytest
 import torch
+from gradients import draws_and_eps, value_and_grad
 from linear_gaussian import LinearGaussian
 from threads import one_thread
 from torch.distributions import Normal
@@ -71,22 +72,6 @@ def _riemann_sum(log_w: torch.Tensor, points) -> torch.Tensor:
     return total
 
 
-def _draws(estimator, lg, x):
-    """One call's particles and the standard normals behind them, ``[P, K, N, d]``."""
-    particles = estimator.draw(lg.model, lg.guide, (x,), {})
-    q = lg.guide_distribution(x)
-    z = particles.guide_trace.nodes["z"]["value"].detach()
-    eps = (z - q.base_dist.loc) / q.base_dist.scale
-    shape = (estimator.num_particles, estimator.importance_samples, *eps.shape[-2:])
-    return particles, eps.detach().reshape(shape)
-
-
-def _value_and_grad(loss: torch.Tensor, params) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-    flat = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-    return torch.cat([loss.detach().reshape(1), *(g.flatten() for g in flat)])
-
-
 def _expected_log_normal(mean, precision, at_mean, at_cov):
     """E log N(z; mean, precision⁻¹) for z ~ N(at_mean, at_cov), batched over datapoints."""
     diff = (at_mean - mean).unsqueeze(-1)
@@ -129,11 +114,11 @@ def test_value_and_gradient_equal_the_formula_on_the_same_draws(partitions, firs
     params = list(lg.parameters())
     estimator = _tvo(4, particles=3, beta=beta, partitions=partitions, first_point=first_point)
     pyro.set_rng_seed(8)
-    particles, eps = _draws(estimator, lg, x)
-    ours = _value_and_grad(estimator.loss_of(particles), params)
+    particles, eps = draws_and_eps(estimator, lg, x)
+    ours = value_and_grad(estimator.loss_of(particles), params)
     log_w = _torch_log_weights(lg, x, eps, beta)
     bound = _riemann_sum(log_w, estimator.points)
-    reference = _value_and_grad(-bound.sum(-1).mean(0), params)
+    reference = value_and_grad(-bound.sum(-1).mean(0), params)
     torch.testing.assert_close(ours, reference, rtol=ROUNDING, atol=ROUNDING)
     # the λ_0 = 0 term is the mean log-weight, and every later one at least that (the weights
     # w^λ favour the larger log-weights), so on every set of draws the estimate is at least
@@ -179,7 +164,7 @@ def test_many_draws_estimate_the_closed_form_riemann_sum():
     x = _data(lg)
     estimator = _tvo(5000, particles=20, partitions=5, first_point=0.1)
     pyro.set_rng_seed(0)
-    particles, _ = _draws(estimator, lg, x)
+    particles, _ = draws_and_eps(estimator, lg, x)
     with torch.no_grad():
         totals = estimator.objective(particles, False).per_datapoint.sum(-1)  # [P]
     exact = _exact_tvo(lg, x, estimator.points).sum()
