@@ -92,7 +92,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     from pyro_vae.runs import load_run
     from pyro_vae.runs.evaluation import (
         checkpoint_epoch,
-        given_data,
+        evaluation_data,
         output_label,
         require_ais_memory,
     )
@@ -100,11 +100,7 @@ def _cmd_ais(args: argparse.Namespace) -> int:
     from pyro_vae.util.rng import forked_rng
 
     run = load_run(args.run_dir, device=args.device, data_dir=args.data_dir)
-    data = (
-        run.data(args.split, args.limit)
-        if args.data is None
-        else given_data(run, args.data, args.limit)
-    )
+    data = evaluation_data(run, args.split, args.data, args.limit)
     require_ais_memory(run, args.chains, args.batch_size, data, args.ais_steps)
     with forked_rng(), pyro.get_param_store().scope(), pyro.validation_enabled(False):
         torch.manual_seed(args.seed)

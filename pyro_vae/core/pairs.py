@@ -16,7 +16,8 @@ does not lose it. Constraints are Pyro's: the entry's unconstrained value is wha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pyro
@@ -28,6 +29,23 @@ from torch import nn
 from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.module_state import running_statistics_kept
 from pyro_vae.util.rng import forked_rng
+
+
+@contextmanager
+def isolated_run(module: Any, validate: bool | None = None) -> Iterator[None]:
+    """Run the block as a look at the pair ``module`` that leaves nothing behind: hidden from
+    the effect handlers around it (``poutine.block``), on a fork of the random state, in an
+    empty param store (so a stale entry under one of the pair's names cannot mislead, and
+    none is left), with the running statistics of ``module``'s BatchNorm layers kept.
+    ``validate`` turns Pyro's validation on or off inside (``None``: as it is)."""
+    with ExitStack() as stack:
+        stack.enter_context(poutine.block())
+        stack.enter_context(forked_rng())
+        if validate is not None:
+            stack.enter_context(pyro.validation_enabled(validate))
+        stack.enter_context(pyro.get_param_store().scope())
+        stack.enter_context(running_statistics_kept(module))
+        yield
 
 
 def _key(name: str) -> str:
@@ -101,12 +119,7 @@ class PyroPair(nn.Module):
         starts from its initial value, whatever the global store holds under its name (as
         after ``pyro.clear_param_store()``); the pair's own entries are kept, and are in the
         current param store afterwards."""
-        with (
-            poutine.block(),
-            forked_rng(),
-            running_statistics_kept(self),
-            pyro.get_param_store().scope(),
-        ):
+        with isolated_run(self):
             guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
             poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
         self._owned = None

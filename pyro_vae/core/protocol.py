@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyro
 import torch
 from pyro import poutine
 from torch import nn
@@ -46,10 +45,10 @@ from torch.distributions import constraints
 
 from pyro_vae.core.arguments import batch_length, floating_tensors
 from pyro_vae.core.enumeration import is_enumerated
+from pyro_vae.core.pairs import isolated_run
 from pyro_vae.core.traces import DATA_PLATE, find_data_plate, trace_pair
 from pyro_vae.util import usercode
 from pyro_vae.util.errors import ConfigError, DataError
-from pyro_vae.util.module_state import running_statistics_kept
 from pyro_vae.util.rng import forked_rng
 
 UNSIZED = -1  # the size Pyro gives a plate declared without one
@@ -107,13 +106,7 @@ def check_model(module: Any, *example_args: Any, **example_kwargs: Any) -> None:
         "dist.Normal(loc, scale).to_event(1)"
     )
     try:  # in an empty param store, so a stale entry under a name of the pair cannot mislead
-        with (
-            poutine.block(),
-            pyro.validation_enabled(True),
-            forked_rng(),
-            pyro.get_param_store().scope(),
-            running_statistics_kept(module),
-        ):
+        with isolated_run(module, validate=True):
             model_trace, guide_trace = trace_pair(
                 module.model, module.guide, example_args, example_kwargs
             )
@@ -269,13 +262,7 @@ def check_data(module: Any, *args: Any, **kwargs: Any) -> list[tuple]:
     whose value is one of the batch's own tensors, for :func:`check_batches` to apply to the
     data's other batches without running the pair again."""
     checks = []
-    with (
-        poutine.block(),
-        forked_rng(),
-        pyro.validation_enabled(True),
-        pyro.get_param_store().scope(),
-        running_statistics_kept(module),
-    ):
+    with isolated_run(module, validate=True):
         model_trace, _ = trace_pair(module.model, module.guide, args, kwargs)
         for name, site in model_trace.nodes.items():
             if site["type"] == "sample" and site["is_observed"]:
@@ -368,13 +355,7 @@ def pair_activation_bytes(module: Any, *args: Any, **kwargs: Any) -> int:
                 f"failed on a batch of {rows} rows: {usercode.first_line(exc)}"
             ) from None
 
-    with (
-        poutine.block(),
-        forked_rng(),
-        pyro.validation_enabled(False),
-        pyro.get_param_store().scope(),
-        running_statistics_kept(module),
-    ):
+    with isolated_run(module, validate=False):
         return saved_bytes(one_particle, exclude=list(module.parameters()))
 
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -146,13 +146,10 @@ def ais(
     ``schedule`` overrides the sigmoidal β's (a 1-D increasing tensor from 0 to 1); ``start``
     is ``"guide"`` (anneal from q(z|x)) or ``"prior"`` (from p(z)).
     """
-    if num_chains < 1 or num_steps < 1 or leapfrog_steps < 1:
-        raise ConfigError("num_chains, num_steps and leapfrog_steps must be >= 1")
+    path = _path(num_chains, num_steps, leapfrog_steps, step_size, target_accept, schedule)
     if start not in STARTS:
         raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
-    betas = sigmoid_schedule(num_steps) if schedule is None else schedule.double()
-    if betas[0] != 0 or betas[-1] != 1 or not bool((betas[1:] >= betas[:-1]).all()):
-        raise ConfigError("the schedule must rise from 0 to 1")
+    betas = path.betas
     source = as_source(data, collate_fn)
     first = next(iter(source.ordered(batch_size)), None)
     runs = (
@@ -167,7 +164,6 @@ def ais(
         f"AIS of {len(betas) - 1:,} steps with {num_chains:,} chains"
         + (f" for each of {runs:,} enumerated configurations" if runs > 1 else ""),
     ):
-        path = Annealing(num_chains, betas, leapfrog_steps, step_size, target_accept)
         return _forward_ais(
             model,
             guide,
@@ -178,6 +174,24 @@ def ais(
             max_plate_nesting=max_plate_nesting,
             data_plate=data_plate,
         )
+
+
+def _path(
+    num_chains: int,
+    num_steps: int,
+    leapfrog_steps: int,
+    step_size: float,
+    target_accept: float,
+    schedule: torch.Tensor | None,
+) -> Annealing:
+    """The chains and their path from 0 to 1 (the sigmoidal β's unless ``schedule`` is given),
+    the counts and the schedule checked."""
+    if num_chains < 1 or num_steps < 1 or leapfrog_steps < 1:
+        raise ConfigError("num_chains, num_steps and leapfrog_steps must be >= 1")
+    betas = sigmoid_schedule(num_steps) if schedule is None else schedule.double()
+    if betas[0] != 0 or betas[-1] != 1 or not bool((betas[1:] >= betas[:-1]).all()):
+        raise ConfigError("the schedule must rise from 0 to 1")
+    return Annealing(num_chains, betas, leapfrog_steps, step_size, target_accept)
 
 
 def _prepared(
@@ -303,8 +317,9 @@ def reverse_ais(
     E[w_rev] = 1/p(x), so ``log_px`` = −(logsumexp_c log w_rev − log C) is a stochastic
     *upper* bound on log p(x), which falls towards it as the number of steps grows. With
     :func:`ais` (a lower bound) it brackets log p(x): :func:`pyro_vae.evaluate.bdmc.bdmc`."""
-    betas = (sigmoid_schedule(num_steps) if schedule is None else schedule.double()).flip(0)
-    path = Annealing(num_chains, betas, leapfrog_steps, step_size, target_accept)
+    forward = _path(num_chains, num_steps, leapfrog_steps, step_size, target_accept, schedule)
+    betas = forward.betas.flip(0)
+    path = replace(forward, betas=betas)
     log_ws, accepts, offset = [], [], 0
     for batch in as_source(data).ordered(batch_size):
         nesting, sites = _prepared(model, guide, batch, max_plate_nesting, data_plate, offset == 0)

@@ -14,6 +14,7 @@ log p(x, y) = log p(x | y) + log π_y; with ``y=None`` the model draws y from π
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pyro
 import pyro.distributions as dist
@@ -75,7 +76,7 @@ class CVAE(VAE):
             decoder_input_dim=latent_dim + num_classes,
             **options,
         )
-        self.config = self.config.__class__(**{**self.config.__dict__, "family": "cvae"})
+        self.config = replace(self.config, family="cvae")
         self.num_classes = num_classes
         self.encoder = _Conditioned(self.encoder, num_classes)
         self.decoder = _Conditioned(self.decoder, num_classes)

@@ -19,6 +19,7 @@ The guide is hierarchical (z2's distribution depends on the sampled z1), which e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pyro
 import pyro.distributions as dist
@@ -62,17 +63,7 @@ class VAE2(VAE):
         )
         self.latent2_dim = latent2_dim
         hidden2 = tuple(hidden2)
-        self.config = self.config.__class__(
-            family="vae2",
-            latent_dim=latent_dim,
-            hidden=self.config.hidden,
-            scale_fn=scale_fn,
-            likelihood=likelihood,
-            obs_scale=obs_scale,
-            activation=activation,
-            latent2_dim=latent2_dim,
-            hidden2=hidden2,
-        )
+        self.config = replace(self.config, family="vae2", latent2_dim=latent2_dim, hidden2=hidden2)
         self.prior_net = GaussianEncoder(
             latent2_dim, tuple(reversed(hidden2)), latent_dim, scale_fn, activation
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pyro
 import torch
@@ -140,16 +141,7 @@ class VampPriorVAE(VAE):
             obs_scale=obs_scale,
             activation=activation,
         )
-        self.config = self.config.__class__(
-            family="vampprior",
-            latent_dim=latent_dim,
-            hidden=self.config.hidden,
-            scale_fn=scale_fn,
-            likelihood=likelihood,
-            obs_scale=obs_scale,
-            activation=activation,
-            pseudo_inputs=pseudo_inputs,
-        )
+        self.config = replace(self.config, family="vampprior", pseudo_inputs=pseudo_inputs)
         self.pseudo_inputs = PseudoInputs(pseudo_inputs, input_dim, clamp=likelihood == "bernoulli")
         #: float64 values per datapoint-particle that the prior's density keeps beside the
         #: networks' activations (for the memory estimate, :mod:`pyro_vae.util.memory`)

@@ -86,11 +86,14 @@ def checkpoint_epoch(run: Any) -> int:
     return run.history.epoch[-1] if run.history.epoch else 0
 
 
-def given_data(run: Any, data: Any, limit: int | None) -> Any:
-    """``data`` (a spec or data) as a source on the run's device and parameter dtype, every
-    batch checked against the likelihood's support
+def evaluation_data(run: Any, split: str, data: Any, limit: int | None) -> Any:
+    """What an evaluation of ``run`` reads, its first ``limit`` datapoints: the run's own
+    ``split`` when ``data`` is ``None``; else ``data`` (a spec or data) as a source on the run's
+    device and parameter dtype, every batch checked against the likelihood's support
     (:func:`~pyro_vae.core.protocol.check_data`, then
     :func:`~pyro_vae.core.protocol.check_batches`)."""
+    if data is None:
+        return run.data(split, limit)
     if isinstance(data, (str, Path)):
         data = load_data(str(data))[0]
     param = next(run.model.parameters())
@@ -233,11 +236,7 @@ def evaluate_run(
     dist = init_distributed(resolve_device(device), dist_timeout)
     with forked_rng():
         run = load_run(run_dir, device=device, data_dir=data_dir)
-        source = (
-            run.data(config.split, config.limit)
-            if data is None
-            else given_data(run, data, config.limit)
-        )
+        source = evaluation_data(run, config.split, data, config.limit)
         keep = (
             particles * source.num_data <= KEEP_LOG_WEIGHTS_MAX
             if config.keep_log_weights is None

@@ -212,7 +212,7 @@ class AtomicFiles:
 
     def write_text(self, target: str | os.PathLike, text: str) -> None:
         with self.path(target) as tmp:
-            _write_text(tmp, text)
+            tmp.write_text(text, encoding="utf-8")
 
     def write_json(self, target: str | os.PathLike, obj: Any) -> None:
         self.write_text(target, json.dumps(obj, indent=2) + "\n")
@@ -350,11 +350,6 @@ def write_in_child(write: Callable[[], None], path: str | os.PathLike) -> None:
         )
         raise WriteError(f"cannot write {path}: {why}", code, why)
     raise RuntimeError(f"writing {path} failed: {message or 'no message'}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """The one place text files are written (tests replace it to simulate a full disk)."""
-    path.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

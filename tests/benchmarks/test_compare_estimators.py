@@ -21,6 +21,7 @@ from user_models import fa_data
 
 from pyro_vae import TrainConfig, fit
 from pyro_vae.data import images as data_lib
+from pyro_vae.data.batches import as_source
 from pyro_vae.models.vae import VAE
 from pyro_vae.util.errors import ConfigError
 
@@ -463,7 +464,7 @@ def test_a_run_is_the_engines_run_undisturbed_by_its_probes(bench, fa_files, set
     _same_weights(initial, before)
     assert not torch.equal(next(run["model"].parameters()), next(initial.parameters()))
     assert [epoch for epoch, _ in run["curve"]] == [0, 1, 2]
-    steps = bare.history.epoch[-1] * math.ceil(bench._num_data(data.train) / config.batch_size)
+    steps = bare.history.epoch[-1] * math.ceil(as_source(data.train).num_data / config.batch_size)
     assert run["metrics"]["epochs"] == 2 and run["metrics"]["steps"] == steps
 
 

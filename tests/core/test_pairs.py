@@ -17,7 +17,7 @@ from user_models import FactorAnalysis, fa_data, fa_guide, fa_model
 
 from pyro_vae import fit
 from pyro_vae.app.cli import main
-from pyro_vae.core.pairs import PyroPair
+from pyro_vae.core.pairs import PyroPair, isolated_run
 from pyro_vae.evaluate import evaluate_dataset
 from pyro_vae.runs import load_run
 from pyro_vae.util.errors import ConfigError
@@ -449,3 +449,30 @@ def test_every_batch_is_checked_against_the_support_without_running_the_pair(lik
         return
     with pytest.raises(DataError, match=rf"values 9 outside {re.escape(refused)}.*\(row 6\)$"):
         check_batches(checks, as_source(x).ordered(4))
+
+
+@pytest.mark.parametrize("validate", [True, False, None])
+def test_an_isolated_run_leaves_nothing_behind(validate):
+    """Inside: an empty param store, the validation asked for, effects hidden from a trace
+    around it; afterwards the random state, the store and BatchNorm's statistics as before."""
+    net = torch.nn.BatchNorm1d(3).train()
+    pyro.clear_param_store()
+    pyro.param("kept", torch.ones(2))
+    state = torch.get_rng_state()
+    statistics = [b.clone() for b in net.buffers()]
+    outer_validation = pyro.infer.util.is_validation_enabled()
+
+    def look():
+        with isolated_run(net, validate=validate):
+            assert list(pyro.get_param_store().keys()) == []
+            inside = pyro.infer.util.is_validation_enabled()
+            assert inside == (outer_validation if validate is None else validate)
+            net(torch.randn(5, 3))
+            pyro.param("left", torch.zeros(1))
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    trace = pyro.poutine.trace(look).get_trace()
+    assert [name for name, site in trace.nodes.items() if site["type"] in ("sample", "param")] == []
+    assert torch.equal(torch.get_rng_state(), state)
+    assert list(pyro.get_param_store().keys()) == ["kept"]
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), statistics))

@@ -259,6 +259,29 @@ def test_reverse_ais_refuses_enumerated_sites_and_ais_refuses_an_unknown_start()
         ais(pair.model, pair.guide, x, start="posterior")
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_chains": 0}, "num_chains, num_steps and leapfrog_steps must be >= 1"),
+        ({"leapfrog_steps": 0}, "num_chains, num_steps and leapfrog_steps must be >= 1"),
+        ({"schedule": torch.tensor([0.0, 0.7, 0.5, 1.0])}, "the schedule must rise from 0 to 1"),
+        ({"schedule": torch.tensor([0.1, 1.0])}, "the schedule must rise from 0 to 1"),
+    ],
+)
+def test_both_directions_refuse_the_same_bad_chains_and_schedules(direction, options, message):
+    from pyro_vae.evaluate.ais import reverse_ais
+    from pyro_vae.util.errors import ConfigError
+
+    x = torch.as_tensor(fa_data(4))
+    pair = _pair(x)
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        if direction == "forward":
+            ais(pair.model, pair.guide, x, num_steps=2, **options)
+        else:
+            reverse_ais(pair.model, pair.guide, x, {"z": torch.zeros(4, 2)}, num_steps=2, **options)
+
+
 @pytest.mark.parametrize("batch_size", [100, 4])
 def test_changing_one_datapoint_leaves_the_others_ais_estimates_bit_identical(batch_size):
     """Each datapoint's chains, step sizes and acceptances use only its own sites: with the

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors
@@ -407,7 +408,7 @@ def _safetensors_no_space(tensors, path):
         ("torch.save", _no_space, CHECKPOINT_FILE),
         ("torch.save", _torch_no_space, CHECKPOINT_FILE),
         ("safetensors.torch.save_file", _safetensors_no_space, WEIGHTS_FILE),
-        ("pyro_vae.util.io._write_text", _no_space, CONFIG_FILE),
+        ("pathlib.Path.write_text", _no_space, CONFIG_FILE),
     ],
 )
 def test_a_full_disk_while_checkpointing_keeps_the_last_complete_epoch(
@@ -451,7 +452,7 @@ def test_a_full_disk_while_evaluating_keeps_the_previous_evaluation(run_dir, mon
 
     with monkeypatch.context() as patch:
         patch.setattr(EvaluationResult, "to_inference_data", lambda self: Unwritable())
-        patch.setattr("pyro_vae.util.io._free_bytes", lambda folder: 0)
+        patch.setattr(os, "statvfs", lambda folder: SimpleNamespace(f_bavail=0, f_frsize=4096))
         assert exit_status([*argv[:3], "40", *argv[4:]]) == 2
     assert f"cannot write {run_dir / 'eval-test.nc'}: no space left on device" in one_line(capsys)
     assert snapshot(run_dir) == before
