@@ -140,7 +140,20 @@ class StepLosses:
         return drained
 
 
-class TensorBoardLogger(Callback):
+class DashboardLogger(Callback):
+    """The part every logger shares: rank 0 alone logs (``is_main``), and each step's loss is
+    gathered (:class:`StepLosses`) to be read once at the epoch's end. A subclass sets
+    ``is_main`` and ``step_losses`` in its constructor."""
+
+    is_main: bool
+    step_losses: StepLosses
+
+    def on_step_end(self, loop: Loop, step: int, loss: torch.Tensor) -> None:
+        if self.is_main:
+            self.step_losses.add(step, loss)
+
+
+class TensorBoardLogger(DashboardLogger):
     """Writes the run's curves to TensorBoard event files in ``log_dir`` (rank 0 only, as
     ``is_main`` says); ``config`` (a mapping) is logged once as text and, at the end, as the
     hyperparameters of the final numbers (the HParams dashboard, in ``log_dir/hparams``),
@@ -171,10 +184,6 @@ class TensorBoardLogger(Callback):
                 text = json.dumps(self.config, indent=2, sort_keys=True)
                 self.writer.add_text("config", f"```\n{text}\n```", first_new)
         return self.writer
-
-    def on_step_end(self, loop: Loop, step: int, loss: torch.Tensor) -> None:
-        if self.is_main:
-            self.step_losses.add(step, loss)
 
     def on_epoch_end(self, loop: Loop) -> None:
         if not self.is_main:

@@ -28,11 +28,12 @@ from pyro_vae.runs import History
 from pyro_vae.train.loggers import (
     FINAL_NAMES,
     STEP_LOSS,
+    DashboardLogger,
     StepLosses,
     epoch_scalars,
     require_logger,
 )
-from pyro_vae.train.loop import Callback, Loop
+from pyro_vae.train.loop import Loop
 from pyro_vae.util.errors import ConfigError
 
 #: the experiment of runs logged without ``MLFLOW_EXPERIMENT_NAME`` or ``MLFLOW_EXPERIMENT_ID``
@@ -64,7 +65,7 @@ def local_uri(uri: str) -> str:
     return uri
 
 
-class MLflowLogger(Callback):
+class MLflowLogger(DashboardLogger):
     """Logs the run's curves to an MLflow run (rank 0 only, as ``is_main`` says): the one
     ``history`` records, else a new one whose params are ``config`` (a mapping). The store is
     reached, and the run created or found, when the logger is made, before any training."""
@@ -178,10 +179,6 @@ class MLflowLogger(Callback):
         points = [(name, v, epoch, now) for name, v in epoch_scalars(loop, index).items()]
         self._metrics(points)
         self.logged.add(epoch)
-
-    def on_step_end(self, loop: Loop, step: int, loss: Any) -> None:
-        if self.is_main:
-            self.step_losses.add(step, loss)
 
     def on_epoch_end(self, loop: Loop) -> None:
         if not self.is_main:

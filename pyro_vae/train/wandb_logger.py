@@ -36,11 +36,12 @@ from pyro_vae.runs import History
 from pyro_vae.train.loggers import (
     FINAL_NAMES,
     STEP_LOSS,
+    DashboardLogger,
     StepLosses,
     epoch_scalars,
     require_logger,
 )
-from pyro_vae.train.loop import Callback, Loop
+from pyro_vae.train.loop import Loop
 from pyro_vae.util.errors import ConfigError
 from pyro_vae.util.files import read_json
 from pyro_vae.util.io import write_json
@@ -72,7 +73,7 @@ def _quiet_settings(wandb: Any, offline: bool) -> Any:
     return wandb.Settings(silent=True, console="off", x_disable_stats=offline)
 
 
-class WandbLogger(Callback):
+class WandbLogger(DashboardLogger):
     """Logs the run's curves to a W&B run (rank 0 only, as ``is_main`` says): the one
     ``history`` records, else a new one whose config is ``config`` (a mapping). The W&B run is
     started when the logger is made, before any training."""
@@ -161,10 +162,6 @@ class WandbLogger(Callback):
         for index, epoch in enumerate(loop.history.epoch):  # what an earlier process left out
             if self.is_main and epoch not in self.logged:
                 self._log_epoch(loop, index)
-
-    def on_step_end(self, loop: Loop, step: int, loss: Any) -> None:
-        if self.is_main:
-            self.step_losses.add(step, loss)
 
     def on_epoch_end(self, loop: Loop) -> None:
         if not self.is_main:
