@@ -1,23 +1,28 @@
-"""Trace the rate–distortion plane with β: one digits VAE per β, each scored for its rate and
+"""Trace the rate–distortion plane with β: one VAE per β, each scored for its rate and
 distortion (Alemi et al. 2018, *Fixing a broken ELBO*).
 
 For each β of ``--beta`` (comma-separated, > 0) the built-in VAE is trained on the built-in
-digits by :func:`pyro_vae.fit` on the loss D + β R (the ``meanfield`` estimator: the rate in
-closed form), every run with the same ``--seed``, so the same initial weights and the same data
-order, for ``--epochs`` epochs, into the run folder ``--out``/beta-<β>. Each run is then
-evaluated by :func:`pyro_vae.runs.evaluate_run` on the first ``--limit`` test images (the run's
-fixed binarization) with ``--particles`` K for log p̂_K and its rate–distortion diagnostics
-(``--rd-particles`` draws per image, no surgery): the mean rate R = KL(q(z|x) ‖ p(z)) and
-distortion D = −E_q log p(x|z), with their standard errors, and the active units.
+images (``--dataset digits``, the default, or ``mnist`` with ``--data-dir``, the folder of the
+MNIST IDX files) by :func:`pyro_vae.fit` on the loss D + β R (the ``meanfield`` estimator:
+the rate in closed form), every run with the same ``--seed``, so the same initial weights and
+the same data order, for ``--epochs`` epochs, into the run folder ``--out``/beta-<β>. Each run
+is then evaluated by :func:`pyro_vae.runs.evaluate_run` on the first ``--limit`` test images
+(the run's fixed binarization) with ``--particles`` K for log p̂_K and its rate–distortion
+diagnostics (``--rd-particles`` draws per image, no surgery): the mean rate
+R = KL(q(z|x) ‖ p(z)) and distortion D = −E_q log p(x|z), with their standard errors, and the
+active units; beside them the evaluator's ELBO (the mean log-weight of the K particles, other
+draws than those of R and D) and its paired difference from −(R + D) over the same images,
+whose standard error is the Monte Carlo error of the check R + D = −ELBO.
 
 Outputs in ``--out`` (written atomically): ``results.json`` (the command, and per β the rate,
-distortion, ELBO = −(R + D), log p̂_K and active units), ``rd_plane.png`` (each β a point at
-(D, R) with its standard errors, and through each point the line R + D = −ELBO on which every
-model with the same ELBO lies: β < 1 buys lower distortion with a higher rate, β > 1 the
-reverse), beside the run folders.
+distortion, ELBO = −(R + D), the evaluator's ELBO and the difference, log p̂_K and active
+units), ``rd_plane.png`` (each β a point at (D, R) with its standard errors, and through each
+point the line R + D = −ELBO on which every model with the same ELBO lies: β < 1 buys lower
+distortion with a higher rate, β > 1 the reverse), beside the run folders.
 
     python benchmarks/beta_sweep.py --beta 0.1,0.3,1,3 --epochs 30 --out sweep
     python benchmarks/beta_sweep.py --beta 0.5,2 --epochs 2 --limit 100 --out /tmp/quick
+    python benchmarks/beta_sweep.py --data-dir ~/mnist --epochs 10 --limit 1000 --out mnist
 
 Bad options give one error line and exit status 2 before anything is written, as does a run
 folder of the sweep that exists already.
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_vae.app.options import EXIT_USER_ERROR, OneLineParser, layer_sizes
+from pyro_vae.models.config import DATASETS
 from pyro_vae.util.errors import PyroVAEError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,6 +69,13 @@ def betas(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="beta_sweep.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--beta", type=betas, default=(0.1, 0.3, 1.0, 3.0), help="(0.1,0.3,1,3)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="built-in images: mnist if --data-dir is given, else digits",
+    )
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--epochs", type=positive_int, default=30, help="epochs per run (30)")
     p.add_argument("--latent-dim", type=positive_int, default=8, help="latent dimensions (8)")
     p.add_argument("--hidden", type=layer_sizes, default=(64,), help="hidden layers (64)")
@@ -81,6 +94,21 @@ def run_folder(out: Path, beta: float) -> Path:
     return out / f"beta-{beta:g}"
 
 
+def dataset_of(args: argparse.Namespace) -> str:
+    return args.dataset or ("mnist" if args.data_dir else "digits")
+
+
+def elbo_check(result: Any) -> dict[str, Any]:
+    """The evaluator's ELBO and its paired difference from −(R + D) on the same datapoints."""
+    from pyro_vae.evaluate.surgery import mean_and_stderr
+
+    difference = result.elbo - result.rate_distortion.elbo
+    return {
+        "elbo_evaluator": mean_and_stderr(result.elbo),
+        "elbo_difference": mean_and_stderr(difference),
+    }
+
+
 def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train and score one run per β; the rows of ``results.json``."""
     from pyro_vae import TrainConfig, fit
@@ -94,7 +122,15 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         folder = run_folder(args.out, beta)
         shared = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "seed")}
         network = ModelConfig(latent_dim=args.latent_dim, hidden=args.hidden)
-        config = TrainConfig(model=network, beta=beta, final_particles=0, device="cpu", **shared)
+        config = TrainConfig(
+            dataset=dataset_of(args),
+            data_dir=args.data_dir,
+            model=network,
+            beta=beta,
+            final_particles=0,
+            device="cpu",
+            **shared,
+        )
         fit(config=config, run_dir=folder, progress=False)
         result = evaluate_run(
             folder,
@@ -102,6 +138,7 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
             limit=args.limit,
             seed=args.seed,
             device="cpu",
+            data_dir=args.data_dir,
             rate_distortion=options,
         )
         summary = result.rate_distortion.summary()
@@ -112,13 +149,17 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "rate": summary["rate"],
                 "distortion": summary["distortion"],
                 "elbo": summary["elbo"],
+                **elbo_check(result),
                 "log_px": result.summary()["log_px"],
                 "active_units": summary["sites"]["z"]["active_units"],
             }
         )
+        check = rows[-1]["elbo_difference"]
         print(
             f"beta {beta:g}: R {summary['rate']['mean']:.3f}, D "
-            f"{summary['distortion']['mean']:.3f}, ELBO {summary['elbo']['mean']:.3f} nats, "
+            f"{summary['distortion']['mean']:.3f}, ELBO {summary['elbo']['mean']:.3f} nats "
+            f"(evaluator's {rows[-1]['elbo_evaluator']['mean']:.3f}, difference "
+            f"{check['mean']:.3f} ± {check['stderr']:.3f}), "
             f"{rows[-1]['active_units']} active units",
             file=sys.stderr,
         )
@@ -167,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     written."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if dataset_of(args) == "mnist" and args.data_dir is None:
+        parser.error("--dataset mnist needs --data-dir DIR, the folder of the MNIST IDX files")
+    if dataset_of(args) == "digits" and args.data_dir is not None:
+        parser.error("--data-dir is MNIST's folder: the digits are built in")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a folder")
     taken = [str(run_folder(args.out, beta)) for beta in args.beta]

@@ -55,9 +55,14 @@ Then, per run:
     through Pyro's traces, as ``pyro-vae train --traced`` does.
 
 With several ``--seeds`` the table shows mean ± std over seeds. Also, at the final parameters of
-each seed's ``iwae`` run (or its first run), the encoder and decoder SNR of the iwae and dreg
-gradients for each K of ``--snr-ks``. Outputs in ``--out`` (written atomically): ``table.md``,
-``runs.csv``, ``summary.csv``, ``results.json``, ``log_px_vs_epoch.png``, ``snr_vs_k.png``.
+each seed's ``iwae`` run (or its first run), the encoder and decoder SNR and gradient variance
+(the mean over elements of var g) of each estimator of ``--snr-estimators`` (comma-separated,
+default ``iwae,dreg``; any estimator that takes importance samples) for each K of
+``--snr-ks``, averaged over the seeds: K importance samples and ``--particles`` P for the
+single-bound estimators, M bounds of K / M draws each for miwae and piwae (M =
+``--snr-particles``; n/a where M does not divide K or K / M is below 2, as for any estimator at
+a K below its least). Outputs in ``--out`` (written atomically): ``table.md``, ``runs.csv``,
+``summary.csv``, ``results.json``, ``snr_vs_k.csv``, ``log_px_vs_epoch.png``, ``snr_vs_k.png``.
 
     python benchmarks/compare_estimators.py --out bench-estimators  # digits, 3 seeds x 100 epochs
     python benchmarks/compare_estimators.py --seeds 0 --epochs 20 --out /tmp/quick
@@ -87,9 +92,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pyro
@@ -97,7 +100,7 @@ import torch
 from pyro import poutine
 
 from pyro_vae.app.options import EXIT_USER_ERROR, OneLineParser, parse_seed
-from pyro_vae.core.protocol import check_model, guide_parameters
+from pyro_vae.core.protocol import check_model
 from pyro_vae.data import images as data_lib
 from pyro_vae.data.batches import Batch, TensorSource, as_source, resolve_device
 from pyro_vae.data.builtin import is_builtin
@@ -119,6 +122,10 @@ from pyro_vae.train import Callback, Loop, TrainConfig, fit
 from pyro_vae.util.errors import ConfigError, PyroVAEError, TrainingDiverged, check_count
 from pyro_vae.util.io import atomic_path, write_json, write_text
 from pyro_vae.util.rng import forked_rng
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gradient_snr as snr_lib
+from gradient_snr import gradient_snr
 
 #: the estimators compared (vimco, on continuous latents, is iwae; the estimators with options
 #: of their own, renyi and ciwae, and miwae, piwae and rws, which need importance samples, are
@@ -180,6 +187,8 @@ class BenchmarkConfig:
     eval_every: int = 10
     snr_draws: int = 100
     snr_ks: tuple[int, ...] = (1, 5, 10, 50)
+    snr_estimators: tuple[str, ...] = INSIDE_LOG
+    snr_particles: int = 2
     threads: int = 1
     model_factory: str | None = None
     likelihood: str | None = None
@@ -254,6 +263,7 @@ class BenchmarkConfig:
             "curve_particles": 1,
             "eval_every": 1,
             "snr_draws": 2,
+            "snr_particles": 2,
             "threads": 1,
             "warmup": 0,
         }
@@ -270,6 +280,7 @@ class BenchmarkConfig:
         _check_real("beta", self.beta, strictly_positive=False)
         if self.time_budget is not None:
             _check_real("time_budget", self.time_budget, strictly_positive=True)
+        object.__setattr__(self, "snr_estimators", snr_lib.check_estimators(self.snr_estimators))
         warmup_schedule(self)
 
     def _check_user_data(self) -> None:
@@ -510,64 +521,6 @@ def active_units(model: torch.nn.Module, images: torch.Tensor | None) -> float:
     return int((loc.var(0) > ACTIVE_UNIT_THRESHOLD).sum())
 
 
-def _with_kwargs(model: torch.nn.Module, kwargs: dict) -> Any:
-    """``model`` whose guide takes ``kwargs`` as given (for :func:`guide_parameters`, which
-    passes positional arguments only)."""
-    if not kwargs:
-        return model
-    return SimpleNamespace(parameters=model.parameters, guide=partial(model.guide, **kwargs))
-
-
-def gradient_snr(
-    model: torch.nn.Module,
-    estimator: ELBOEstimator,
-    batch: torch.Tensor | Batch,
-    draws: int,
-    num_data: int | None = None,
-) -> dict[str, float]:
-    """Mean over parameter elements of |E g| / std g, from ``draws`` gradients at fixed
-    parameters on ``batch`` (a tensor of images or a :class:`~pyro_vae.data.batches.Batch`), for
-    the guide's (encoder) and the model's (decoder) parameters; NaN for a group with no
-    element whose draws vary. With ``num_data`` a global latent's term is weighted by the
-    batch's share of the data, as in training."""
-    batch = batch if isinstance(batch, Batch) else Batch((batch,))
-    size = batch.size
-    encoder = guide_parameters(_with_kwargs(model, batch.kwargs), *batch.args)
-    encoder_ids = {id(p) for p in encoder}
-    decoder = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
-    groups = {"snr_encoder": encoder, "snr_decoder": decoder}
-    params = [p for group in groups.values() for p in group]
-    if num_data is not None:
-        estimator.global_weight = size / num_data
-    samples = []
-    for _ in range(draws):
-        loss = (
-            estimator.differentiable_loss(model.model, model.guide, *batch.args, **batch.kwargs)
-            / size
-        )
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        samples.append(
-            torch.cat(
-                [
-                    torch.zeros_like(p).flatten() if g is None else g.flatten()
-                    for p, g in zip(params, grads)
-                ]
-            )
-        )
-    grads = torch.stack(samples).double()
-    mean, std = grads.mean(0).abs(), grads.std(0)
-    out, start = {}, 0
-    for key, group in groups.items():
-        size = sum(p.numel() for p in group)
-        m, s = mean[start : start + size], std[start : start + size]
-        informative = s > 0
-        out[key] = (
-            (m[informative] / s[informative]).mean().item() if informative.any() else math.nan
-        )
-        start += size
-    return out
-
-
 # ------------------------------------------------------------------------------ the pairs
 
 
@@ -781,24 +734,31 @@ def train_run(
 def snr_versus_k(
     model: torch.nn.Module, config: BenchmarkConfig, data: Data, seed: int
 ) -> dict[str, dict[str, list[float]]]:
-    """Encoder/decoder SNR of the iwae and dreg gradients at ``model``'s parameters, per K."""
-    out: dict[str, dict[str, list[float]]] = {}
+    """Encoder/decoder SNR and variance of the gradients of ``config.snr_estimators`` at
+    ``model``'s parameters, per K of ``config.snr_ks`` (:func:`gradient_snr.snr_versus_draws`)."""
     data = data.cast(_param_dtype(model))
-    batch = _first_batch(data.train_eval, config.batch_size)
-    num_data = _num_data(data.train_eval)
-    for name in INSIDE_LOG:
-        rows: dict[str, list[float]] = {"snr_encoder": [], "snr_decoder": []}
-        for k in config.snr_ks:
-            estimator = _estimator(
-                name, config, importance_samples=k, max_plate_nesting=_nesting(model)
-            )
-            with pyro.validation_enabled(False), forked_rng():
-                torch.manual_seed(seed + EVAL_RNG_OFFSET)
-                snr = gradient_snr(model, estimator, batch, config.snr_draws, num_data)
-            for key, value in snr.items():
-                rows[key].append(value)
-        out[name] = rows
-    return out
+
+    def make(name: str, particles: int, samples: int) -> ELBOEstimator:
+        return make_estimator(
+            name,
+            num_particles=particles,
+            importance_samples=samples,
+            beta=config.beta,
+            max_plate_nesting=_nesting(model),
+        )
+
+    return snr_lib.snr_versus_draws(
+        model,
+        make,
+        _first_batch(data.train_eval, config.batch_size),
+        config.snr_estimators,
+        config.snr_ks,
+        particles=config.particles,
+        multi_particles=config.snr_particles,
+        draws=config.snr_draws,
+        num_data=_num_data(data.train_eval),
+        seed=seed + EVAL_RNG_OFFSET,
+    )
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -908,25 +868,6 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path, k:
         fig.savefig(tmp, format="png", dpi=120)
 
 
-def plot_snr(snr: dict[str, dict[str, list[float]]], ks: Sequence[int], path: Path) -> None:
-    fig = _figure(2)
-    for i, (key, title) in enumerate(
-        (("snr_encoder", "encoder (guide)"), ("snr_decoder", "decoder (model)"))
-    ):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for name, rows in snr.items():
-            ax.plot(list(ks), rows[key], marker="o", label=name)
-        ax.set(
-            xscale="log",
-            xlabel="importance samples K",
-            ylabel="mean |E g| / std g",
-            title=f"gradient SNR: {title}",
-        )
-        ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-
-
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every (seed, estimator); return everything that gets written."""
     device = resolve_device(config.device)
@@ -956,14 +897,8 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
         base = models.get("iwae", next(iter(models.values())))
         snr_runs.append(snr_versus_k(base, config, data, seed))
     snr = {
-        name: {
-            key: [
-                statistics.fmean(run[name][key][i] for run in snr_runs)
-                for i in range(len(config.snr_ks))
-            ]
-            for key in ("snr_encoder", "snr_decoder")
-        }
-        for name in INSIDE_LOG
+        name: snr_lib.mean_over_seeds([run[name] for run in snr_runs])
+        for name in config.snr_estimators
     }
     return {
         "config": config.to_dict(),
@@ -992,8 +927,9 @@ def write_outputs(results: dict[str, Any], out: Path, command: str) -> str:
     write_text(out / "summary.csv", _csv(results["summary"]))
     write_json(out / "results.json", {**results, "command": command})
     plot_curves(results["curves"], out / "log_px_vs_epoch.png", config["curve_particles"])
-    snr = {name: results["snr_vs_k"][name] for name in INSIDE_LOG}
-    plot_snr(snr, results["snr_vs_k"]["K"], out / "snr_vs_k.png")
+    snr = {name: results["snr_vs_k"][name] for name in config["snr_estimators"]}
+    write_text(out / "snr_vs_k.csv", _csv(snr_lib.csv_rows(results["snr_vs_k"])))
+    snr_lib.plot_snr(snr, results["snr_vs_k"]["K"], out / "snr_vs_k.png")
     return table
 
 
@@ -1042,6 +978,22 @@ def _real(strictly_positive: bool) -> Callable[[str], float]:
         f"a finite number {'> 0' if strictly_positive else '>= 0'}",
         show_text=True,
     )
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated names, each one of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",")]
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"{unknown[0]!r} is no estimator that takes importance samples; choose "
+                f"among {', '.join(choices)}"
+            )
+        return names
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1127,6 +1079,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=positive, default=defaults.eval_every)
     p.add_argument("--snr-draws", type=_whole(2), default=defaults.snr_draws)
     p.add_argument("--snr-ks", nargs="+", type=positive, default=list(defaults.snr_ks))
+    p.add_argument(
+        "--snr-estimators",
+        type=_names(snr_lib.importance_estimators()),
+        default=list(defaults.snr_estimators),
+        metavar="NAMES",
+        help="comma-separated estimators whose gradient SNR and variance are measured "
+        f"against --snr-ks (default {','.join(defaults.snr_estimators)}); any of "
+        f"{', '.join(snr_lib.importance_estimators())}",
+    )
+    p.add_argument(
+        "--snr-particles",
+        type=_whole(2),
+        default=defaults.snr_particles,
+        metavar="M",
+        help=f"M of {' and '.join(snr_lib.MULTI_BOUND)} in the SNR against K: M bounds of "
+        f"K / M draws each, for a K of --snr-ks that M divides (default {defaults.snr_particles})",
+    )
     p.add_argument("--threads", type=positive, default=defaults.threads)
     p.add_argument(
         "--device",
@@ -1242,6 +1211,8 @@ def parse_args(
             eval_every=args.eval_every,
             snr_draws=args.snr_draws,
             snr_ks=tuple(args.snr_ks),
+            snr_estimators=tuple(args.snr_estimators),
+            snr_particles=args.snr_particles,
             threads=args.threads,
             model_factory=args.model_factory,
             likelihood=args.likelihood,

@@ -5,6 +5,7 @@ smoke tests and option errors are in test_objectives.py and test_own_model.py.)"
 from __future__ import annotations
 
 import copy
+import csv
 import importlib
 import json
 import math
@@ -107,7 +108,8 @@ def _snr_by_hand(draws: torch.Tensor) -> float:
 def test_gradient_snr_is_the_mean_over_elements_of_abs_mean_over_std(bench):
     """Scripted draws: the SNR of each group is |mean| / std per element (sample std, n − 1),
     averaged over the group's elements, skipping an element whose draws are all equal (the
-    encoder's third here, and the unused parameter's zeros)."""
+    encoder's third here, and the unused parameter's zeros); the variance is the sample
+    variance averaged over every element of the group."""
     generator = torch.Generator().manual_seed(0)
     draws = 7
     encoder_draws = torch.randn(draws, 3, generator=generator) + torch.tensor([2.0, -0.5, 0.0])
@@ -120,6 +122,11 @@ def test_gradient_snr_is_the_mean_over_elements_of_abs_mean_over_std(bench):
     )
     assert snr["snr_encoder"] == pytest.approx(_snr_by_hand(encoder_draws[:, :2]), rel=1e-6)
     assert snr["snr_decoder"] == pytest.approx(_snr_by_hand(decoder_draws), rel=1e-6)
+    by_hand = [statistics.variance(column) for column in encoder_draws.T.tolist()]
+    assert snr["var_encoder"] == pytest.approx(statistics.fmean(by_hand), rel=1e-6)
+    by_hand = [statistics.variance(column) for column in decoder_draws.T.tolist()]
+    by_hand += [0.0, 0.0]  # the variance counts every element: the unused pair's zeros too
+    assert snr["var_decoder"] == pytest.approx(statistics.fmean(by_hand), rel=1e-6)
 
 
 def test_gradient_snr_of_gaussian_draws_matches_its_closed_form(bench):
@@ -153,6 +160,89 @@ def test_gradient_snr_groups_follow_the_guide(bench):
     assert first["snr_encoder"] == pytest.approx(second["snr_decoder"], rel=1e-6)
     assert first["snr_decoder"] == pytest.approx(second["snr_encoder"], rel=1e-6)
     assert first["snr_encoder"] > first["snr_decoder"]
+
+
+SNR_NAMES = "iwae,renyi,ciwae,miwae,piwae,rws,vimco"
+
+
+def test_snr_of_every_estimator_follows_the_estimators_identities(bench, tmp_path):
+    """--snr-estimators: every estimator's SNR and variance against K, from the same draws at
+    the same parameters, so the estimators' identities hold number for number. At K = 1 the
+    Rényi bound and CIWAE are the ELBO, as IWAE is; PIWAE's guide follows MIWAE(M, K) and its
+    model the IWAE bound of all M·K draws; RWS's wake-θ is IWAE's model gradient; VIMCO with no
+    discrete latent is IWAE. miwae and piwae (M = 2) have no split of K = 1 or 2 and rws none
+    of K = 1 (n/a); snr_vs_k.csv holds the same numbers."""
+    out = tmp_path / "out"
+    argv = [*TINY[:-5], "--snr-draws", "3", "--snr-ks", "1", "2", "4"]
+    argv += ["--estimators", "iwae", "--snr-estimators", SNR_NAMES, "--out", str(out)]
+    assert bench.main(argv) == 0
+    snr = json.loads((out / "results.json").read_text())["snr_vs_k"]
+    assert snr["K"] == [1, 2, 4] and set(snr) == {"K", *SNR_NAMES.split(",")}
+    iwae = snr["iwae"]
+    for key in ("snr_encoder", "snr_decoder", "var_encoder", "var_decoder"):
+        assert all(math.isfinite(v) and v > 0 for v in iwae[key])
+        for name in ("renyi", "ciwae"):
+            assert snr[name][key][0] == pytest.approx(iwae[key][0], rel=1e-5)
+        assert snr["vimco"][key][1:] == pytest.approx(iwae[key][1:], rel=1e-5)
+        assert all(math.isnan(snr[name][key][i]) for name in ("miwae", "piwae") for i in (0, 1))
+        assert math.isnan(snr["rws"][key][0])
+    for key in ("snr_encoder", "var_encoder"):
+        assert snr["piwae"][key][2] == pytest.approx(snr["miwae"][key][2], rel=1e-5)
+    for key in ("snr_decoder", "var_decoder"):
+        assert snr["piwae"][key][2] == pytest.approx(iwae[key][2], rel=1e-4)
+        assert snr["rws"][key][1:] == pytest.approx(iwae[key][1:], rel=1e-5)
+    assert snr["miwae"]["var_decoder"][2] != pytest.approx(iwae["var_decoder"][2], rel=1e-3)
+    assert (snr["miwae"]["particles"][2], snr["miwae"]["importance_samples"][2]) == (2, 2)
+    assert snr["iwae"]["particles"] == [1, 1, 1] and snr["iwae"]["importance_samples"] == [1, 2, 4]
+    with (out / "snr_vs_k.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 * 3 and rows[0].keys() >= {"estimator", "draws", "P", "K"}
+    for row in rows:
+        index = snr["K"].index(int(row["draws"]))
+        assert float(row["var_encoder"]) == pytest.approx(
+            snr[row["estimator"]]["var_encoder"][index], nan_ok=True
+        )
+
+
+def test_the_variance_of_m_averaged_bounds_is_one_mth(bench):
+    """MIWAE(M, K)'s gradient is the mean of M independent IWAE_K gradients, so each element's
+    variance is IWAE_K's over M. With 400 draws each group's mean variance has a relative
+    error of a few percent (about sqrt(2 / 399) per element, less averaged over elements); the
+    ratio is checked to within 25%."""
+    from pyro_vae.infer import make_estimator
+
+    torch.manual_seed(0)
+    pair = VAE(6, 2, (5,), name="snr-variance")
+    batch = torch.bernoulli(torch.full((16, 6), 0.4))
+    M, K, draws = 4, 2, 400
+    stats = {}
+    for name, particles in (("iwae", 1), ("miwae", M)):
+        estimator = make_estimator(name, particles, K, max_plate_nesting=1)
+        stats[name] = bench.gradient_snr(pair, estimator, batch, draws)
+    for group in ("encoder", "decoder"):
+        ratio = stats["iwae"][f"var_{group}"] / stats["miwae"][f"var_{group}"]
+        assert ratio == pytest.approx(M, rel=0.25), (group, ratio)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--snr-estimators", "iwae,stl"], "'stl' is no estimator that takes importance samples"),
+        (["--snr-estimators", "nope"], "'nope' is no estimator"),
+        (["--snr-particles", "1"], "argument --snr-particles: expected a whole number >= 2"),
+    ],
+)
+def test_bad_snr_options_give_one_line_and_exit_2(bench, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert message in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_snr_estimators_are_checked_in_the_config(bench):
+    with pytest.raises(ConfigError, match="'trace' takes no importance samples"):
+        bench.BenchmarkConfig(snr_estimators=("iwae", "trace"))
 
 
 # ------------------------------------------------------------------------------ active units
