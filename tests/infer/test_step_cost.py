@@ -22,6 +22,7 @@ EXPECTED = {
     ("miwae", 5, None): (1, 1),
     ("piwae", 5, None): (1, 2),  # the model again, on detached draws
     ("rws", 5, None): (1, 1),  # the model runs on detached draws in the one run
+    ("tvo", 5, None): (1, 1),
 }
 
 
