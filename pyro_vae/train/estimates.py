@@ -3,8 +3,10 @@ the evaluator's numbers on the held-out data, in the history and so in the logge
 
 Each estimate is one entry of ``history.extra["estimates"]`` (saved with every checkpoint):
 the epoch (0: before training), K, log p̂_K(x) and its standard error, the ELBO and the gap
-log p̂_K − ELBO, the mean effective sample size over K, k-hat (the largest, and the fraction of
-datapoints above 0.7) where K allows it, and the rate R = KL(q(z|x) ‖ p(z)) and distortion
+log p̂_K − ELBO (with guide sites summed out, the summed bound E log Σ_c w; the ELBO of
+Pyro's ``TraceEnum_ELBO`` is then ``trace_enum_elbo``, which is −(R + D)), the mean effective
+sample size over K, k-hat (the largest, and the fraction of datapoints above 0.7) where K
+allows it, and the rate R = KL(q(z|x) ‖ p(z)) and distortion
 D = −E_q log p(x|z) with their standard errors (:func:`~pyro_vae.evaluate.rate_distortion`,
 K draws each). Every estimate draws from ``torch.manual_seed(seed)`` on a fork of the random
 state: the training is not disturbed, and two epochs' estimates share their random numbers, so
@@ -14,6 +16,7 @@ numbers as one that was never interrupted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +122,13 @@ class HeldOutEstimate(Callback):
         if khat:
             out["khat_max"] = summary["khat"]["max"]
             out["khat_bad"] = summary["khat"]["fraction_bad"]  # k-hat > 0.7
+        if "trace_enum_elbo" in summary:  # elbo is then the summed bound E log Σ_c w
+            out["trace_enum_elbo"] = summary["trace_enum_elbo"]["mean"]
         for name in ("rate", "distortion"):
             out[name] = rd[name]["mean"]
             out[f"{name}_stderr"] = rd[name]["stderr"]
-        return out
+        # JSON has no infinities: a number that is not finite (the k-hat of weights that are
+        # all equal, a standard error of one datapoint) is recorded as null, not logged
+        return {
+            k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in out.items()
+        }

@@ -147,3 +147,28 @@ def test_with_the_exact_posterior_as_guide_the_estimate_is_the_closed_form(tmp_p
     assert entry["gap"] == pytest.approx(0.0, abs=1e-4)  # every weight is p(x)
     assert entry["ess"] == pytest.approx(1.0, abs=1e-4)
     assert entry["rate"] == pytest.approx(rate.mean().item(), rel=1e-6)  # closed form
+
+
+def test_a_guide_site_summed_out_has_its_elbo_beside_the_summed_bound(tmp_path):
+    """The guide enumerates the class y of a Gaussian mixture: log p̂_K is then exact for every
+    K (one discrete latent summed out: every weight is p(x)), the evaluator's ELBO is the summed
+    bound (the same), and −(R + D), with y drawn, is Pyro's TraceEnum_ELBO; the k-hat of equal
+    weights is not finite and is recorded as null (strict JSON)."""
+    from tests.support.mixtures import GaussianMixture, mixture_data
+
+    torch.manual_seed(0)
+    pair, x = GaussianMixture(), torch.as_tensor(mixture_data())
+    result = fit(
+        pair, x, test_data=x, epochs=1, estimate_every=1, run_dir=tmp_path / "run", **SMALL
+    )
+    entry = result.history.extra["estimates"][-1]
+    with torch.no_grad():
+        assert entry["log_px"] == pytest.approx(
+            pair.exact_log_likelihood(x).mean().item(), abs=1e-5
+        )
+    assert entry["gap"] == pytest.approx(0.0, abs=1e-6) and entry["khat_max"] is None
+    assert entry["trace_enum_elbo"] < entry["log_px"]
+    difference = entry["rate"] + entry["distortion"] + entry["trace_enum_elbo"]
+    assert abs(difference) < entry["distortion_stderr"] / 2, difference
+    text = (tmp_path / "run" / "history.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in history.json"))
