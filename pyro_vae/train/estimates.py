@@ -38,6 +38,7 @@ NAMES = (
     "log_px",
     "log_px_stderr",
     "gap",
+    "trace_enum_elbo",
     "ess",
     "khat_max",
     "khat_bad",
