@@ -9,7 +9,8 @@ KL weight at the epoch's last step) and ``train/lr``; with early stopping ``test
 in an epoch with a held-out estimate (:mod:`pyro_vae.train.estimates`) ``test/log_px``,
 ``test/gap``, ``test/ess``, ``test/khat_max``, ``test/khat_bad``, ``test/rate``,
 ``test/distortion``, and ``test/log_px_stderr``, ``test/rate_stderr``,
-``test/distortion_stderr`` (the estimate before training is in the history alone). At the
+``test/distortion_stderr`` (``test/trace_enum_elbo`` too, with guide sites summed out; the
+estimate before training is in the history alone). At the
 end, the final estimate's numbers (``final/test_log_px``, ``final/test_log_px_stderr``,
 ``final/test_elbo``, ``final/test_gap``) at the last epoch, the run folder's plots as images
 (``plots/NAME``), and the run's config as text and as the final numbers' hyperparameters
