@@ -141,6 +141,23 @@ class StepLosses:
         return drained
 
 
+def after_existing_event_files(log_dir: Path) -> None:
+    """Wait, if need be, until a new event file in ``log_dir`` sorts after those there.
+
+    TensorBoard reads a folder's event files in the order of their names,
+    ``events.out.tfevents.SECONDS.HOST.PID.N``, and takes a step that goes back as a restart
+    (it drops the later steps it read). A file opened in the same second as the newest one can
+    sort before it (``...PID.10`` < ``...PID.9``), which would drop a resumed run's curves;
+    waiting for the next second (at most one) orders them as they were written."""
+    stamps = [
+        int(parts[3])
+        for path in log_dir.glob("events.out.tfevents.*")
+        if len(parts := path.name.split(".")) > 3 and parts[3].isdigit()
+    ]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class DashboardLogger(Callback):
     """The part every logger shares: rank 0 alone logs (``is_main``), and each step's loss is
     gathered (:class:`StepLosses`) to be read once at the epoch's end. A subclass sets
@@ -180,6 +197,7 @@ class TensorBoardLogger(DashboardLogger):
         """The writer, made on first use: the steps from ``first_new`` on are this process's,
         so those an interrupted run logged there are dropped."""
         if self.writer is None:
+            after_existing_event_files(self.log_dir)
             self.writer = self.writer_class(log_dir=str(self.log_dir), purge_step=first_new)
             if self.config is not None:
                 text = json.dumps(self.config, indent=2, sort_keys=True)
@@ -196,6 +214,7 @@ class TensorBoardLogger(DashboardLogger):
         steps = self.step_losses.drain()
         if steps:
             if self.step_writer is None:  # purges what an interrupted run logged from here
+                after_existing_event_files(self.log_dir / "steps")
                 self.step_writer = self.writer_class(
                     log_dir=str(self.log_dir / "steps"), purge_step=steps[0][0]
                 )

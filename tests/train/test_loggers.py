@@ -139,3 +139,17 @@ def test_the_plots_are_images_and_the_config_the_final_numbers_hyperparameters(t
     final = json.loads((out / "history.json").read_text())["final"]
     (point,) = hparams.Scalars("final/test_log_px")
     assert point.value == pytest.approx(final["test_log_px"], rel=1e-6)
+
+
+def test_a_new_event_file_sorts_after_those_in_the_folder(tmp_path):
+    """TensorBoard reads event files in name order: one opened in the same second as the newest
+    (the same process resuming, ``...PID.10`` < ``...PID.9``) waits for the next second."""
+    import time
+
+    from pyro_vae.train.loggers import after_existing_event_files
+
+    stamp = int(time.time())
+    (tmp_path / f"events.out.tfevents.{stamp}.host.7.9").write_bytes(b"")
+    after_existing_event_files(tmp_path)
+    assert int(time.time()) > stamp
+    after_existing_event_files(tmp_path / "absent")  # no files: nothing to wait for
