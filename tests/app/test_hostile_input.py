@@ -1,0 +1,146 @@
+"""A careless or unlucky user's input, each case one line and a non-zero exit with the run
+folder untouched: a damaged or edited config.json on --resume, an option the command does not
+take, one AIS chain, memory that runs out while the program starts."""
+
+import importlib
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from pyro_vae.app.cli import main
+from pyro_vae.util.memory import is_allocation_failure
+
+
+def status(argv) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bool, bytes]]:
+    """Every entry of ``folder``: whether it is a link, and a regular file's bytes."""
+    return {
+        p.name: (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else b"")
+        for p in sorted(folder.iterdir())
+    }
+
+
+def _truncated(config: Path) -> None:
+    config.write_bytes(config.read_bytes()[:200])
+
+
+def _edited(config: Path) -> None:
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps({**raw, "lr": raw["lr"] * 10}))
+
+
+def _endless(config: Path) -> None:
+    config.unlink()
+    config.symlink_to("/dev/zero")
+
+
+def _wrong_type(config: Path) -> None:
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps({**raw, "seed": "zero"}))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_truncated, r"cannot read .*config.json: Expecting"),
+        (_edited, r"config.json differs from the config its checkpoint holds \(--lr\)"),
+        (_endless, r"config.json is a device, not a regular file"),
+        (_wrong_type, r"config field seed must be a whole number"),
+    ],
+)
+def test_resume_refuses_a_damaged_or_edited_config_and_leaves_the_folder_as_it_was(
+    run_dir, capsys, damage, expected
+):
+    import re
+
+    damage(run_dir / "config.json")
+    before = snapshot(run_dir)
+    assert status(["train", "--resume", run_dir, "--epochs", "2", "--quiet"]) == 2
+    line = one_line(capsys)
+    assert re.search(expected, line), line
+    assert line.endswith("move it aside to resume with the config the checkpoint holds")
+    assert snapshot(run_dir) == before
+
+
+def test_resume_goes_on_once_the_damaged_config_is_moved_aside(run_dir, capsys):
+    _truncated(run_dir / "config.json")
+    (run_dir / "config.json").rename(run_dir.parent / "config.json.damaged")
+    assert status(["train", "--resume", run_dir, "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["classify", "RUN", "--quiet"], "classify"),
+        (["sample", "RUN", "--epochs", "3"], "sample"),
+        (["train", "--epochs", "1", "stray"], "train"),
+    ],
+)
+def test_an_argument_the_command_does_not_take_is_named_by_that_command(capsys, argv, command):
+    assert status(argv) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"pyro-vae {command}: error: unrecognized arguments: "), line
+    assert line.endswith(f"(see pyro-vae {command} --help)")
+
+
+def test_one_ais_chain_gives_its_bounds_without_a_warning(run_dir, capsys, recwarn):
+    assert status(["bdmc", run_dir, "--num", "2", "--ais-steps", "2", "--chains", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert "1 chains, 2 steps" in captured.out
+    assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        MemoryError(),
+        ImportError("libtorch_cpu.so: failed to map segment from shared object"),
+    ],
+)
+def test_memory_running_out_while_the_program_starts_is_one_line(monkeypatch, capsys, failure):
+    launch = importlib.import_module("pyro_vae.app.launch")
+    supervisor = importlib.import_module("pyro_vae.app.supervisor")
+    module = types.ModuleType("pyro_vae.app.cli")
+
+    def fail(name: str) -> object:
+        raise failure
+
+    module.__getattr__ = fail
+    monkeypatch.setitem(sys.modules, "pyro_vae.app.cli", module)
+    monkeypatch.setattr(supervisor, "supervised", lambda: False)
+
+    def exit_now(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(launch.os, "_exit", exit_now)
+    with pytest.raises(SystemExit) as ended:
+        launch.run()
+    assert ended.value.code == 2
+    assert one_line(capsys).startswith(
+        "pyro-vae: error: out of memory while loading torch and Pyro: the memory this "
+        "process may use (ulimit -v)"
+    )
+
+
+def test_a_library_that_cannot_be_mapped_late_is_an_allocation_failure():
+    assert is_allocation_failure(ImportError("_core.so: failed to map segment from shared object"))
+    assert not is_allocation_failure(ImportError("No module named 'scipy'"))
