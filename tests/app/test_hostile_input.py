@@ -144,3 +144,87 @@ def test_memory_running_out_while_the_program_starts_is_one_line(monkeypatch, ca
 def test_a_library_that_cannot_be_mapped_late_is_an_allocation_failure():
     assert is_allocation_failure(ImportError("_core.so: failed to map segment from shared object"))
     assert not is_allocation_failure(ImportError("No module named 'scipy'"))
+
+
+PAIR = """
+import pyro, pyro.distributions as dist
+from torch import nn
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dec, self.enc = nn.Linear(2, 5), nn.Linear(5, 4)
+
+    def model(self, x):
+        pyro.module("pair", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("pair", self)
+        h = self.enc(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(h[:, :2], h[:, 2:].exp()).to_event(1))
+
+
+def make():
+    return Pair()
+"""
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """A folder holding a module and a package of the user's, the current folder and on
+    ``sys.path`` as ``python -m`` puts it there."""
+    folder = tmp_path / "work"
+    (folder / "userpkg").mkdir(parents=True)
+    (folder / "userpair.py").write_text(PAIR)
+    (folder / "userpkg" / "__init__.py").write_text("")
+    (folder / "userpkg" / "pairs.py").write_text(PAIR)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def test_a_module_only_the_current_folder_holds_is_recorded_by_its_file(here, tmp_path):
+    from pyro_vae.data.specs import absolute_spec
+
+    assert absolute_spec("userpair:make") == f"{here / 'userpair.py'}:make"
+    assert absolute_spec("json.decoder:JSONDecoder") == "json.decoder:JSONDecoder"
+    assert absolute_spec("nosuchmodule:make") == "nosuchmodule:make"
+
+
+def test_a_package_only_the_current_folder_holds_is_refused_in_one_line(here, capsys, tmp_path):
+    import numpy as np
+
+    np.savez(here / "binary.npz", x=(np.arange(320).reshape(64, 5) % 2).astype(np.float32))
+    out = tmp_path / "run"
+    argv = ["train", "--model-factory", "userpkg.pairs:make", "--data", "binary.npz"]
+    assert status([*argv, "--out", out, "--quiet"]) == 2
+    line = one_line(capsys)
+    assert line == (
+        f"pyro-vae train: error: userpkg.pairs is found only in the current folder ({here}), "
+        "where a later command run elsewhere would not find it: give it as FILE.py:make, or "
+        "put its folder on PYTHONPATH as an absolute path"
+    )
+    assert not out.exists()
+
+
+def test_a_run_of_a_module_in_the_current_folder_is_evaluated_from_another(
+    here, tmp_path, monkeypatch, capsys
+):
+    import numpy as np
+
+    np.savez(here / "binary.npz", x=(np.arange(320).reshape(64, 5) % 2).astype(np.float32))
+    out = tmp_path / "run"
+    argv = ["train", "--model-factory", "userpair:make", "--data", "binary.npz", "--epochs", "1"]
+    assert status([*argv, "--out", out, "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "userpair", raising=False)
+    sys.path.remove(str(here))
+    capsys.readouterr()
+    data = here / "binary.npz"
+    assert status(["evaluate", out, "--data", data, "--particles", "2", "--quiet"]) == 0
+    assert (out / "eval-data-binary.json").is_file()
