@@ -4,6 +4,8 @@ take, one AIS chain, memory that runs out while the program starts."""
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -228,3 +230,36 @@ def test_a_run_of_a_module_in_the_current_folder_is_evaluated_from_another(
     data = here / "binary.npz"
     assert status(["evaluate", out, "--data", data, "--particles", "2", "--quiet"]) == 0
     assert (out / "eval-data-binary.json").is_file()
+
+
+KILLED_IN_ITS_FIRST_STEP = PAIR.replace("import pyro,", "import os, signal\nimport pyro,").replace(
+    'def model(self, x):\n        pyro.module("pair", self)',
+    "def model(self, x):\n        os.kill(os.getpid(), signal.SIGKILL)",
+)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the supervisor is POSIX only")
+def test_the_users_files_kept_aside_by_force_are_put_back_after_a_crash(tmp_path):
+    import numpy as np
+
+    (tmp_path / "dying.py").write_text(KILLED_IN_ITS_FIRST_STEP)
+    np.savez(tmp_path / "binary.npz", x=(np.arange(320).reshape(64, 5) % 2).astype(np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "history.json").write_text("the user's own history")
+    (out / "notes.txt").write_text("the user's notes")
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "GROUP_RANK")}
+    argv = ["train", "--model-factory", "dying.py:make", "--data", "binary.npz", "--force"]
+    ended = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", *argv, "--out", str(out), "--quiet"],
+        cwd=tmp_path,
+        env={**env, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ended.returncode != 0
+    assert "history.json.orig" in ended.stderr  # said when it was kept aside
+    assert (out / "history.json").read_text() == "the user's own history"
+    assert not (out / "history.json.orig").exists()
+    assert (out / "notes.txt").read_text() == "the user's notes"
