@@ -39,11 +39,11 @@ def load_factory(spec: str) -> Callable:
     module_name, sep, attribute = spec.rpartition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise ConfigError(f"no file {module_name}")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
-            if not path.is_file():
-                raise ConfigError(f"no file {path}")
             loaded = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)
@@ -241,10 +241,17 @@ def _check_finite(spec: str, data: Any) -> None:
     else:
         named = [("the array", data)]
     for where, value in named:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.ndim
+            and value.numel()
+        ):
             flat = value.detach().reshape(len(value), -1)
             bad = ~torch.isfinite(flat)
-        elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim:
+        elif (
+            isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim and value.size
+        ):
             flat = value.reshape(len(value), -1)
             bad = ~np.isfinite(flat)
         else:

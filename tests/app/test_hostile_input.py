@@ -263,3 +263,33 @@ def test_the_users_files_kept_aside_by_force_are_put_back_after_a_crash(tmp_path
     assert (out / "history.json").read_text() == "the user's own history"
     assert not (out / "history.json.orig").exists()
     assert (out / "notes.txt").read_text() == "the user's notes"
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (
+            "userpair.py:empty",
+            "the data must hold at least one datapoint (a first dimension of size >= 1)",
+        ),
+        ("empty.npz", "the data must hold at least one datapoint (a first dimension of size >= 1)"),
+    ],
+)
+def test_data_without_rows_are_one_line(here, tmp_path, capsys, data, expected):
+    import numpy as np
+
+    with open(here / "userpair.py", "a") as source:
+        source.write("\n\ndef empty():\n    import torch\n    return torch.zeros(0, 5)\n")
+    np.savez(here / "empty.npz", x=np.zeros((0, 5), dtype=np.float32))
+    out = tmp_path / "run"
+    argv = ["train", "--model-factory", "userpair.py:make", "--data", data, "--out", out]
+    assert status([*argv, "--quiet"]) == 2
+    assert one_line(capsys) == f"pyro-vae train: error: {expected}"
+    assert not out.exists()
+
+
+def test_a_factory_file_that_does_not_exist_is_named_plainly(here, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model-factory", "missing.py:make", "--data", "x.npz", "--out", out]
+    assert status(argv) == 2
+    assert one_line(capsys) == f"pyro-vae train: error: no file {here / 'missing.py'}"
