@@ -32,9 +32,9 @@ def _short_of_memory(exc: BaseException) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         text = str(exc)
-        if isinstance(exc, MemoryError) or "failed to map segment" in text:
-            return True
-        if "Cannot allocate memory" in text:
+        if isinstance(exc, MemoryError) or any(
+            words in text for words in ("failed to map segment", "Cannot allocate memory")
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

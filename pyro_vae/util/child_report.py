@@ -51,11 +51,19 @@ def created_run_folder(created: list[Path], files: list[Path]) -> None:
         _append({"created": [str(p) for p in created], "files": [str(p) for p in files]})
 
 
-def kept_aside(moved: list[tuple[Path, Path]], unless: Path) -> None:
-    """The child renamed the user's files ``(original, kept)`` out of a new run's way; they go
-    back if it ends before ``unless`` (the run's first checkpoint) exists."""
+def kept_aside(moved: list[tuple[Path, Path]], unless: Path, writes: list[Path]) -> None:
+    """The child renamed the user's files ``(original, kept)`` out of a new run's way, and
+    will write the files ``writes`` (none there now); if it ends before ``unless`` (the run's
+    first checkpoint) exists, those it wrote are removed and the user's files go back, so no
+    later resume of a run that never started writes over them."""
     if moved:
-        _append({"kept": [[str(a), str(b)] for a, b in moved], "unless": str(unless)})
+        _append(
+            {
+                "kept": [[str(a), str(b)] for a, b in moved],
+                "unless": str(unless),
+                "writes": [str(p) for p in writes],
+            }
+        )
 
 
 def finished() -> None:
@@ -93,6 +101,9 @@ def remove_leftovers(records: list[dict]) -> None:
                     os.unlink(record["lock"])
     for record in records:
         if "kept" in record and not Path(record.get("unless", "")).exists():
+            for path in record.get("writes", []):
+                with contextlib.suppress(OSError, TypeError):
+                    os.unlink(path)
             _put_back(record["kept"])
     for record in records:
         if "created" in record:

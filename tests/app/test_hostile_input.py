@@ -263,6 +263,7 @@ def test_the_users_files_kept_aside_by_force_are_put_back_after_a_crash(tmp_path
     assert (out / "history.json").read_text() == "the user's own history"
     assert not (out / "history.json.orig").exists()
     assert (out / "notes.txt").read_text() == "the user's notes"
+    assert sorted(p.name for p in out.iterdir()) == ["history.json", "notes.txt"]
 
 
 @pytest.mark.parametrize(
