@@ -144,7 +144,7 @@ def build_factory_model(spec: str) -> torch.nn.Module:
         return as_pair(model)
     if not is_pair_module(model):
         raise ConfigError(
-            f"{spec} returned a {type(model).__name__}, not a model/guide pair "
+            f"{spec} returned an object of type {type(model).__name__}, not a model/guide pair "
             "(a torch.nn.Module with model and guide methods, or a (model, "
             "guide) tuple)"
         )

@@ -294,3 +294,19 @@ def test_a_factory_file_that_does_not_exist_is_named_plainly(here, tmp_path, cap
     argv = ["train", "--model-factory", "missing.py:make", "--data", "x.npz", "--out", out]
     assert status(argv) == 2
     assert one_line(capsys) == f"pyro-vae train: error: no file {here / 'missing.py'}"
+
+
+def test_a_factory_that_returns_no_pair_names_the_type_it_returned(here, tmp_path, capsys):
+    import numpy as np
+
+    with open(here / "userpair.py", "a") as source:
+        source.write("\n\ndef number():\n    return 3\n")
+    np.savez(here / "binary.npz", x=(np.arange(320).reshape(64, 5) % 2).astype(np.float32))
+    out = tmp_path / "run"
+    argv = ["train", "--model-factory", "userpair.py:number", "--data", "binary.npz"]
+    assert status([*argv, "--out", out, "--quiet"]) == 2
+    assert one_line(capsys).startswith(
+        f"pyro-vae train: error: {here / 'userpair.py'}:number returned an object of type int, "
+        "not a model/guide pair"
+    )
+    assert not out.exists()
