@@ -5,10 +5,39 @@ native code is one line too."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 EXIT_INTERRUPTED = 130
+EXIT_USER_ERROR = 2
+
+
+def _out_of_memory(when: str = "while loading torch and Pyro") -> None:
+    """End a start-up that ran out of memory with one line and status 2, at once: the
+    interpreter's own clean-up would meet the same limit and print its traceback."""
+    print(
+        f"pyro-vae: error: out of memory {when}: the memory this process may use "
+        "(ulimit -v) is below what torch and Pyro need",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(EXIT_USER_ERROR)
+
+
+def _short_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it arose from, is the memory running out: a
+    ``MemoryError``, or a shared library (torch's, NumPy's) that could not be mapped."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc)
+        if isinstance(exc, MemoryError) or any(
+            words in text for words in ("failed to map segment", "Cannot allocate memory")
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def run() -> None:
@@ -25,6 +54,8 @@ def run() -> None:
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except MemoryError:
+        _out_of_memory()
     interrupted = []
     unraisable_hook = sys.unraisablehook
 
@@ -44,6 +75,10 @@ def run() -> None:
         from pyro_vae.app.cli import main
     except KeyboardInterrupt:
         interrupted.append(signal.SIGINT)
+    except (MemoryError, ImportError, OSError) as exc:
+        if not _short_of_memory(exc):
+            raise
+        _out_of_memory()
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.unraisablehook = unraisable_hook
@@ -52,6 +87,8 @@ def run() -> None:
         sys.exit(EXIT_INTERRUPTED)
     try:
         sys.exit(main())
+    except MemoryError:  # before the command's own handler runs: building the parser
+        _out_of_memory("while reading the command line")
     finally:  # however it ended, in Python: a watched parent learns the command finished
         from pyro_vae.util import child_report
 

@@ -30,6 +30,22 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an argument no parser took is told by the subcommand it was
+        given to (``pyro-vae classify: error: unrecognized arguments: --quiet``)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._command_parser(namespace).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+    def _command_parser(self, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(namespace, action.dest, None))
+                if chosen is not None:
+                    return chosen
+        return self
+
 
 def parse_seed(text: str) -> int:
     """An argparse ``type``: ``text`` as a seed that :func:`~pyro_vae.models.config.check_seed`

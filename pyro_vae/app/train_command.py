@@ -137,7 +137,13 @@ def _default_out(config: TrainConfig) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a new run, or resume one (``--resume``); print its last epoch and estimate."""
-    from pyro_vae.runs import finished_epoch, read_history, read_run_config, refuse_python_only
+    from pyro_vae.runs import (
+        check_config_file,
+        finished_epoch,
+        read_history,
+        read_run_config,
+        refuse_python_only,
+    )
     from pyro_vae.train import fit
     from pyro_vae.train.early_stopping import stopped_epoch
     from pyro_vae.util.distributed import current_context
@@ -164,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--force is for a new run's --out, not for --resume")
         config, model_class = read_run_config(args.resume, prefer_checkpoint=True)
         refuse_python_only(args.resume, config, model_class)
+        check_config_file(args.resume, config)
         updates = _given(args, tuple(RESUMABLE))
         config = config.replace(**updates)
         run_dir = args.resume

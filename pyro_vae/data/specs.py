@@ -39,11 +39,11 @@ def load_factory(spec: str) -> Callable:
     module_name, sep, attribute = spec.rpartition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if module_name.endswith(".py") and not Path(module_name).is_file():
+        raise ConfigError(f"no file {module_name}")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
-            if not path.is_file():
-                raise ConfigError(f"no file {path}")
             loaded = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)
@@ -117,13 +117,41 @@ def _not_user_code(module_name: str, factory: Callable) -> bool:
 
 def absolute_spec(spec: str) -> str:
     """``spec`` with its file part made absolute (so a run folder's record works from any
-    directory); a ``module:function`` spec is returned as it is."""
+    directory). A ``module:function`` spec is returned as it is, unless only the current
+    folder holds the module: a top-level one becomes its file's absolute ``FILE.py:function``,
+    a module of a package there is refused (:class:`~pyro_vae.util.errors.ConfigError`)."""
     if spec.endswith(DATA_SUFFIXES):
         return str(Path(spec).resolve())
     module_name, sep, attribute = spec.rpartition(":")
     if sep and module_name.endswith(".py"):
         return f"{Path(module_name).resolve()}:{attribute}"
-    return spec
+    found = _found_only_here(module_name) if sep and module_name else None
+    if found is None:
+        return spec
+    if "." not in module_name:  # the same module, under the same name, from any folder
+        return f"{found}:{attribute}"
+    raise ConfigError(
+        f"{module_name} is found only in the current folder ({Path.cwd()}), where a later "
+        f"command run elsewhere would not find it: give it as FILE.py:{attribute}, or put "
+        "its folder on PYTHONPATH as an absolute path"
+    )
+
+
+def _found_only_here(module_name: str) -> Path | None:
+    """The file of the top-level module of ``module_name`` when only the current folder holds
+    it (``python -m`` and a relative ``PYTHONPATH`` put it on :data:`sys.path`), without
+    running it; ``None`` when it is found elsewhere, or not at all."""
+    from importlib.machinery import PathFinder
+
+    top = module_name.partition(".")[0]
+    here = Path.cwd().resolve()
+    if top in sys.modules or top in sys.builtin_module_names:
+        return None
+    elsewhere = [p for p in sys.path if p and Path(p).is_absolute() and Path(p).resolve() != here]
+    local = PathFinder.find_spec(top, [str(here)])
+    if local is None or local.origin is None or PathFinder.find_spec(top, elsewhere) is not None:
+        return None
+    return Path(local.origin).resolve()
 
 
 def _read_npz(path: Path) -> tuple | dict:
@@ -213,10 +241,17 @@ def _check_finite(spec: str, data: Any) -> None:
     else:
         named = [("the array", data)]
     for where, value in named:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.ndim
+            and value.numel()
+        ):
             flat = value.detach().reshape(len(value), -1)
             bad = ~torch.isfinite(flat)
-        elif isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim:
+        elif (
+            isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim and value.size
+        ):
             flat = value.reshape(len(value), -1)
             bad = ~np.isfinite(flat)
         else:

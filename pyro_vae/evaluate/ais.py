@@ -284,9 +284,14 @@ def _result(
     num_chains = log_w.shape[0]
     weights = (log_w - log_w.max(0).values).exp()
     normalized = weights / weights.sum(0)
+    stderr = (
+        weights.std(0) / weights.mean(0) / math.sqrt(num_chains)
+        if num_chains > 1
+        else torch.full_like(log_px, math.nan)  # one chain has no spread to measure
+    )
     return AISResult(
         log_px=log_px,
-        stderr=weights.std(0) / weights.mean(0) / math.sqrt(num_chains),
+        stderr=stderr,
         ess=1.0 / (num_chains * normalized.square().sum(0)),
         accept=accept,
         log_weights=log_w,

@@ -54,6 +54,7 @@ from pyro_vae.runs.folder import (
 from pyro_vae.runs.loading import (
     LoadedRun,
     build_factory_model,
+    check_config_file,
     check_resumable,
     load_run,
     read_config,
@@ -93,6 +94,7 @@ __all__ = [
     "read_config",
     "read_history",
     "read_run_config",
+    "check_config_file",
     "refuse_python_only",
     "rng_state",
     "save_checkpoint",

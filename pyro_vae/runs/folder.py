@@ -252,6 +252,7 @@ def open_run_folder(
                     "force=True to write the run among them"
                 )
             kept_aside = _keep_aside(path)
+            child_report.kept_aside(kept_aside, checkpoint, [config_file])
             model_class = None if model is None else user_model_class(model, config)
             recorded = {} if model_class is None else {MODEL_CLASS_KEY: model_class}
             write_json(config_file, {**config.to_dict(), **recorded})

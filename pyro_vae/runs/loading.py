@@ -105,6 +105,32 @@ def read_run_config(
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
+def check_config_file(run_dir: str | Path, config: TrainConfig) -> None:
+    """Refuse to resume the run in ``run_dir`` from its checkpoint's ``config`` while its
+    ``config.json`` is damaged or says otherwise (beyond epochs, device and data_dir, which
+    resuming may change): resuming would replace the file without a word."""
+    run_dir = run_folder(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.exists() and not path.is_symlink():
+        return
+    advice = "restore it, or move it aside to resume with the config the checkpoint holds"
+    try:
+        written, _ = read_run_config(run_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {advice}") from None
+    keep = {"epochs": config.epochs, "device": config.device, "data_dir": config.data_dir}
+    if written.replace(**keep) != config:
+        fields = [
+            name
+            for name, value in config.to_dict().items()
+            if name not in keep and written.to_dict().get(name) != value
+        ]
+        raise CheckpointError(
+            f"{path} differs from the config its checkpoint holds ({', '.join(fields)}): "
+            f"only epochs, device and data_dir may change on resume; {advice}"
+        )
+
+
 def refuse_python_only(run_dir: str | Path, config: TrainConfig, model_class: str | None) -> None:
     """Refuse a run whose pair only Python can rebuild (trained from Python, no factory)."""
     if model_class is not None and config.model_factory is None:
@@ -118,7 +144,7 @@ def build_factory_model(spec: str) -> torch.nn.Module:
         return as_pair(model)
     if not is_pair_module(model):
         raise ConfigError(
-            f"{spec} returned a {type(model).__name__}, not a model/guide pair "
+            f"{spec} returned an object of type {type(model).__name__}, not a model/guide pair "
             "(a torch.nn.Module with model and guide methods, or a (model, "
             "guide) tuple)"
         )

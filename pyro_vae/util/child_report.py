@@ -8,8 +8,9 @@ the user's code, even with status 0) did not run its own clean-up; the parent th
 locks that still hold the child's text, and a folder the child created, with those files,
 where it holds nothing else (no checkpoint: no epoch finished), so a start that trained
 nothing leaves no trace. Each record is one line of JSON, appended at once: a line cut off by
-the child's end is ignored. Outside a watched child (the parent names no file) reporting does
-nothing.
+the child's end is ignored. The user's files that a new run kept aside (:func:`kept_aside`)
+are put back when no epoch finished. Outside a watched child (the parent names no file)
+reporting does nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def created_run_folder(created: list[Path], files: list[Path]) -> None:
         _append({"created": [str(p) for p in created], "files": [str(p) for p in files]})
 
 
+def kept_aside(moved: list[tuple[Path, Path]], unless: Path, writes: list[Path]) -> None:
+    """The child renamed the user's files ``(original, kept)`` out of a new run's way, and
+    will write the files ``writes`` (none there now); if it ends before ``unless`` (the run's
+    first checkpoint) exists, those it wrote are removed and the user's files go back, so no
+    later resume of a run that never started writes over them."""
+    if moved:
+        _append(
+            {
+                "kept": [[str(a), str(b)] for a, b in moved],
+                "unless": str(unless),
+                "writes": [str(p) for p in writes],
+            }
+        )
+
+
 def finished() -> None:
     """The command finished (with whatever status): the child cleaned up after itself."""
     _append(_FINISHED)
@@ -84,8 +100,22 @@ def remove_leftovers(records: list[dict]) -> None:
                 if Path(record["lock"]).read_text(encoding="ascii") == record.get("text"):
                     os.unlink(record["lock"])
     for record in records:
+        if "kept" in record and not Path(record.get("unless", "")).exists():
+            for path in record.get("writes", []):
+                with contextlib.suppress(OSError, TypeError):
+                    os.unlink(path)
+            _put_back(record["kept"])
+    for record in records:
         if "created" in record:
             _remove_unfinished_start(record)
+
+
+def _put_back(moved: list) -> None:
+    """The user's files a run kept aside, under their names again where nothing took them."""
+    for original, kept in moved:
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            if os.path.lexists(kept) and not os.path.lexists(original):
+                os.rename(kept, original)
 
 
 def _remove_unfinished_start(record: dict) -> None:

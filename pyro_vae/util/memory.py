@@ -184,10 +184,13 @@ def inference_bytes(params: int, width: int, rows: int) -> int:
 
 
 def is_allocation_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator's refusal (CPU or CUDA out of memory)."""
+    """Whether ``exc`` is an allocator's refusal (CPU or CUDA out of memory), or a shared
+    library that could not be mapped into the memory left (a module imported late)."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     text = str(exc)
+    if isinstance(exc, ImportError) and "failed to map segment" in text:
+        return True
     return isinstance(exc, RuntimeError) and (
         "can't allocate memory" in text or "out of memory" in text.lower()
     )
