@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_calls import one_line, status
 from tiny_runs import TINY
 
 from pyro_vae.app.cli import main
@@ -101,21 +102,6 @@ def ragged():
 def not_finite():
     return torch.full((10, 5), float("nan"))
 """
-
-
-def status(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -11,24 +11,9 @@ import types
 from pathlib import Path
 
 import pytest
+from cli_calls import one_line, status
 
-from pyro_vae.app.cli import main
 from pyro_vae.util.memory import is_allocation_failure
-
-
-def status(argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:
-        return exc.code
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bool, bytes]]:
