@@ -35,6 +35,10 @@ difference of every two rows in ``--out``:
 
     python benchmarks/mnist_table.py --data-dir DIR --row all --epochs 30 --threads 1
 
+``--row families`` trains IWAE k=50 and the estimator families beside it the same way: ``renyi``
+(α = 0.5), ``miwae`` and ``piwae`` (M = 5 groups of K = 10 draws), ``ciwae`` (``elbo_weight``
+0.5) and ``rws``, each drawing 50 samples per datapoint and step, with every paired difference.
+
 **The budget** (``--out-dir``; meant for one GPU, ``--device`` auto): a one-layer dynamic row
 (``--row`` ``iwae`` by default) trained by this script's own loop around the package's step
 (:func:`pyro_vae.train.svi_step` on :func:`pyro_vae.train.fused.training_loss`: the fused loss
@@ -120,10 +124,25 @@ from pyro_vae.util.io import write_json
 from pyro_vae.util.rng import forked_rng
 
 ROWS = {"vae": "meanfield", "iwae": "iwae", "dreg": "dreg", "vamp": "meanfield"}
+#: the estimator families' rows (table mode): their estimator, its options and M, each drawing
+#: M·K = 50 samples per datapoint and step at the default K, as the IWAE k=50 row does
+FAMILIES = {
+    "renyi": {"elbo_options": {"alpha": 0.5}},
+    "miwae": {"particles": 5},
+    "piwae": {"particles": 5},
+    "ciwae": {"elbo_options": {"elbo_weight": 0.5}},
+    "rws": {},
+}
+ROWS.update({name: name for name in FAMILIES})
 TABLE = {  # --row all: (row, k) in the order trained
     "dynamic": [("vae", 1), ("iwae", 5), ("iwae", 50), ("dreg", 50)],
     "fixed": [("vae", 1), ("iwae", 50), ("vamp", 1)],
 }
+#: --row families: IWAE k=50 and the families beside it, paired on the same test images
+FAMILY_TABLE = [
+    ("iwae", 50),
+    *((name, 10 if "particles" in FAMILIES[name] else 50) for name in FAMILIES),
+]
 PUBLISHED = {  # (protocol, layers, row, k): test log p̂ at K = 5000 (fixed: pythae's table)
     ("dynamic", 1, "vae", 1): -86.76,
     ("dynamic", 1, "iwae", 5): -85.54,
@@ -207,8 +226,13 @@ ROW_COMMAND = [sys.executable, str(Path(__file__).resolve())]
 
 
 def row_k(args: argparse.Namespace) -> int:
-    """The row's importance samples: 1 for ``meanfield``, else ``--k`` (50 by default)."""
-    return 1 if ROWS[args.row] == "meanfield" else (50 if args.k is None else args.k)
+    """The row's importance samples: 1 for ``meanfield``, else ``--k`` (50 by default; 10 for
+    ``miwae`` and ``piwae``, whose M = 5 makes 50 draws)."""
+    if ROWS[args.row] == "meanfield":
+        return 1
+    if args.k is not None:
+        return args.k
+    return 10 if "particles" in FAMILIES.get(args.row, {}) else 50
 
 
 def score(model, images: torch.Tensor, particles: int, **options: Any):
@@ -283,6 +307,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         model=network,
         elbo=ROWS[args.row],
         importance_samples=k,
+        particles=FAMILIES.get(args.row, {}).get("particles", 1),
+        elbo_options=FAMILIES.get(args.row, {}).get("elbo_options", {}),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -346,6 +372,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         "model": MODEL_NAMES[args.layers]
         + (f", VampPrior with {args.pseudo_inputs} pseudo-inputs" if args.row == "vamp" else ""),
         "k": k,
+        "particles": config.particles,
+        "elbo_options": config.elbo_options,
         "budget_minutes": args.minutes,
         "epochs": len(history.epoch),
         "steps": len(history.epoch) * steps_per_epoch if args.limit is None else None,
@@ -776,9 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--row",
-        choices=[*sorted(ROWS), "all"],
+        choices=[*sorted(ROWS), "all", "families"],
         help="the row to train (table: vae, budget: iwae), or all: every row of --protocol "
-        "and --layers at the same budget, with their paired differences",
+        "and --layers at the same budget, with their paired differences; families: IWAE k=50 "
+        "and renyi (alpha 0.5), miwae and piwae (M = 5, K = 10), ciwae (elbo_weight 0.5) and "
+        "rws, paired",
     )
     p.add_argument(
         "--rows",
@@ -894,8 +924,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, argparse.Namespace]:
         if args.minutes is None and args.epochs == DEFAULTS["table"]["epochs"]:
             raise PyroVAEError("give --minutes or --epochs")
         return mode, args
-    if args.row == "vamp":
-        raise PyroVAEError("--row vamp: the budget trains the vae, iwae and dreg rows")
+    if args.row == "vamp" or args.row in FAMILIES or args.row == "families":
+        raise PyroVAEError(f"--row {args.row}: the budget trains the vae, iwae and dreg rows")
     if args.row != "all" and args.rows is None:
         if args.parallel:
             raise PyroVAEError("--parallel trains the rows of --row all or --rows")
@@ -992,17 +1022,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_table(args: argparse.Namespace) -> int:
     """The table's row, or (``--row all``) every row and their paired differences."""
-    if args.row != "all":
+    if args.row not in ("all", "families"):
         train_and_record(args)
         return 0
     if args.k is not None or args.per_image is not None:
         raise PyroVAEError(
-            "--row all trains k = 5 and 50 and names its per-image files: "
+            f"--row {args.row} sets each row's k and names its per-image files: "
             "drop --k and --per-image (see --per-image-dir)"
         )
     folder = args.per_image_dir or args.out.with_name(args.out.stem + "-per-image")
     saved = {}
-    for row, k in table_rows(args.protocol, args.layers):
+    rows = FAMILY_TABLE if args.row == "families" else table_rows(args.protocol, args.layers)
+    for row, k in rows:
         name = row_name(args.protocol, args.layers, row, k)
         saved[name] = folder / f"{name}.pt"
         train_and_record(
@@ -1031,7 +1062,8 @@ def row_name(protocol: str, layers: int, row: str, k: int) -> str:
     return (
         ("fixed_" if protocol == "fixed" else "")
         + row
-        + (str(k) if row in ("iwae", "dreg") else "")
+        + (f"{FAMILIES[row]['particles']}x" if "particles" in FAMILIES.get(row, {}) else "")
+        + (str(k) if k > 1 else "")
         + ("_2l" if layers == 2 else "")
     )
 

@@ -150,6 +150,37 @@ def test_row_all_trains_the_whole_table_and_pairs_every_two_rows(table, fake_dir
     assert "drop --k" in capsys.readouterr().err
 
 
+def test_row_families_trains_iwae_and_the_estimator_families_and_pairs_them(
+    table, fake_dir, tmp_path, capsys
+):
+    out, folder = tmp_path / "table.json", tmp_path / "scores"
+    common = [*tiny_fixed(fake_dir), "--quiet", "--out", str(out)]
+    assert table.main([*common, "--row", "families", "--per-image-dir", str(folder)]) == 0
+    written = json.loads(out.read_text())
+    assert [
+        (r["estimator"], r["particles"], r["k"], r["elbo_options"]) for r in written["rows"]
+    ] == [
+        ("iwae", 1, 50, {}),
+        ("renyi", 1, 50, {"alpha": 0.5}),
+        ("miwae", 5, 10, {}),
+        ("piwae", 5, 10, {}),
+        ("ciwae", 1, 50, {"elbo_weight": 0.5}),
+        ("rws", 1, 50, {}),
+    ]
+    names = ["fixed_iwae50", "fixed_renyi50", "fixed_miwae5x10", "fixed_piwae5x10"]
+    names += ["fixed_ciwae50", "fixed_rws50"]
+    assert [p["a"] for p in written["pairs"][:5]] == ["fixed_iwae50"] * 5
+    assert [p["b"] for p in written["pairs"][:5]] == names[1:]
+    assert len(written["pairs"]) == 15
+    for pair in written["pairs"]:
+        a, b = (torch.load(folder / f"{pair[n]}.pt")["log_px"] for n in ("a", "b"))
+        assert abs(pair["mean"] - (a - b).mean().item()) < 1e-9
+    assert "fixed_iwae50 − fixed_rws50: " in capsys.readouterr().out
+    # the families are the table's rows: the wall-clock budget trains only its own
+    assert table.main(["--row", "rws", "--out-dir", str(tmp_path / "b")]) == 2
+    assert "the budget trains the vae, iwae and dreg rows" in capsys.readouterr().err
+
+
 def test_the_vampprior_row_on_the_fixed_protocol(table, fake_dir, tmp_path):
     out = tmp_path / "table.json"
     assert (
