@@ -38,6 +38,7 @@ difference of every two rows in ``--out``:
 ``--row families`` trains IWAE k=50 and the estimator families beside it the same way: ``renyi``
 (α = 0.5), ``miwae`` and ``piwae`` (M = 5 groups of K = 10 draws), ``ciwae`` (``elbo_weight``
 0.5) and ``rws``, each drawing 50 samples per datapoint and step, with every paired difference.
+``--device cuda`` (or ``auto``) trains and scores the table's rows the same way on a GPU.
 
 **The budget** (``--out-dir``; meant for one GPU, ``--device`` auto): a one-layer dynamic row
 (``--row`` ``iwae`` by default) trained by this script's own loop around the package's step
@@ -315,15 +316,16 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         eval_particles=1,
         final_particles=0,
-        device="cpu",
+        device=args.device,
     )
+    device = resolve_device(args.device)
     schedule = Schedule(args.lr, args.lr_final, args.minutes, args.epochs)
     start = time.perf_counter()
     if args.protocol == "dynamic":
         test_count = len(load_mnist(args.data_dir).test)
         probe_images = builtin.evaluation_images(load_mnist(args.data_dir), "test", config)[
             : args.probe_images
-        ]
+        ].to(device)
         probe = Probe(probe_images, args.probe_particles, args.probe_every)
         load = builtin.prepare_data  # a smoke run (--limit): the first training images only
 
@@ -335,9 +337,10 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         images = builtin.evaluation_images(load_mnist(args.data_dir), "test", config)
     else:  # the fixed binarization: the package's network as a pair on the user-data path
         data = load_binarized_mnist(args.data_dir, verify=args.limit is None)
-        train = data.train if args.limit is None else data.train[: args.limit]
-        probe = Probe(data.valid[: args.probe_images], args.probe_particles, args.probe_every)
-        model = build_network(network, train)
+        train = (data.train if args.limit is None else data.train[: args.limit]).to(device)
+        valid = data.valid[: args.probe_images].to(device)
+        probe = Probe(valid, args.probe_particles, args.probe_every)
+        model = build_network(network, train, device)
         result = fit(
             model,
             train,
@@ -347,7 +350,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         )
         images, test_count = data.test, len(data.test)
     train_seconds = time.perf_counter() - start
-    images = images[: args.eval_limit] if args.eval_limit else images
+    images = (images[: args.eval_limit] if args.eval_limit else images).to(device)
     start = time.perf_counter()
     with forked_rng():
         torch.manual_seed(args.seed)
@@ -379,7 +382,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         "steps": len(history.epoch) * steps_per_epoch if args.limit is None else None,
         "batch_size": args.batch_size,
         "lr": [args.lr, args.lr_final],
-        "device": "cpu",
+        "device": device.type,
         "threads": torch.get_num_threads(),
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start,
@@ -841,7 +844,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pseudo-inputs", type=positive, help="pseudo-inputs of the VampPrior row (500)"
     )
-    p.add_argument("--device", choices=DEVICES, help="table: cpu; budget: auto, cpu or cuda")
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        help="table: cpu (or auto, cuda: the same rows on a GPU); budget: auto, cpu or cuda",
+    )
     p.add_argument("--minutes", type=number, help="wall-clock training budget (budget: 10)")
     p.add_argument("--epochs", type=positive, help="epoch cap (the budget usually stops first)")
     p.add_argument("--batch-size", type=positive, help="table 128, budget 256")
@@ -917,10 +924,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, argparse.Namespace]:
             raise PyroVAEError("--pairs and --plot read the table's files: drop --out-dir")
         return ("pairs" if args.pairs else "plot"), args
     if mode == "table":
-        if args.device != "cpu":
-            raise PyroVAEError(
-                f"--device {args.device}: the table trains on the CPU (a GPU row: give --out-dir)"
-            )
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise PyroVAEError("--device cuda: no CUDA GPU is available here")
         if args.minutes is None and args.epochs == DEFAULTS["table"]["epochs"]:
             raise PyroVAEError("give --minutes or --epochs")
         return mode, args

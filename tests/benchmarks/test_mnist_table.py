@@ -258,7 +258,11 @@ def test_the_budget_rows_run_every_one_layer_row_and_pair_them(
     [
         (["--out-dir", "OUT", "--probe-every", "2"], "--probe-every is an option of the table"),
         (["--epochs", "1", "--probe-seconds", "2"], "--probe-seconds is an option of the budget"),
-        (["--epochs", "1", "--device", "cuda"], "the table trains on the CPU"),
+        pytest.param(
+            ["--epochs", "1", "--device", "cuda"],
+            "--device cuda: no CUDA GPU is available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
         (["--out-dir", "OUT", "--row", "all", "--k", "5"], "drop --k"),
         (["--out-dir", "OUT", "--row", "vae", "--parallel"], "--parallel trains the rows"),
         (["--row", "vae"], "give --minutes or --epochs"),
