@@ -144,7 +144,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
         data_dir = os.environ.get(DATA_DIR_ENV)
     if not data_dir:
         raise DataError(f"MNIST needs a folder: pass data_dir=DIR or set {DATA_DIR_ENV}")
-    return Path(data_dir).expanduser()
+    folder = Path(data_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"data_dir {folder} is a file, not a folder")
+    return folder
 
 
 def download_mnist(data_dir: str | os.PathLike, mirrors: tuple[str, ...] = MNIST_MIRRORS) -> Path:
@@ -190,6 +193,8 @@ def load_mnist(
     folder = resolve_data_dir(data_dir)
     if download:
         download_mnist(folder)
+    elif not folder.exists():
+        raise DataError(f"data_dir {folder} does not exist (download=True fetches MNIST into it)")
     arrays = {}
     for key, (filename, md5) in MNIST_FILES.items():
         path = folder / filename
@@ -241,6 +246,8 @@ def load_binarized_mnist(
     0 or 1 either way. It is not downloaded: the ``.amat`` originals are text files of another
     format, so put the ``.npz`` in the folder."""
     folder = resolve_data_dir(data_dir)
+    if not folder.exists():
+        raise DataError(f"data_dir {folder} does not exist")
     name, md5 = BINARIZED_MNIST_FILE
     path = folder / name
     if not path.exists():

@@ -78,6 +78,16 @@ def test_load_mnist_verifies_checksums_and_names_the_file(tmp_path):
         data.load_mnist(tmp_path, verify=False)
 
 
+@pytest.mark.parametrize("load", [data.load_mnist, data.load_binarized_mnist])
+def test_a_data_dir_that_is_a_file_or_missing_is_named(tmp_path, load):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^data_dir .*file is a file, not a folder$"):
+        load(tmp_path / "file")
+    with pytest.raises(DataError, match=r"^data_dir .*missing does not exist"):
+        load(tmp_path / "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_mnist_folder_from_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     with pytest.raises(DataError, match=data.DATA_DIR_ENV):
