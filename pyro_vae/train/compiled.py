@@ -39,7 +39,7 @@ from pyro_vae.util.rng import forked_rng
 
 DEFAULT_MAX_GRAPHS = 4
 #: compiled calls timed after a graph is made, and throwaway eager steps timed beside them
-TIMED_STEPS = 3
+TIMED_STEPS = 5
 _CONSTANTS = (type(None), bool, int, float, str)
 
 
