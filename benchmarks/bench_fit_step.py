@@ -8,6 +8,12 @@ the two CPU times per step is taken per round; the first epoch (the compile) is 
 What fit adds around the compiled graph (batches, β, the loss total, callbacks) is in its time.
 
     python benchmarks/bench_fit_step.py --batch-sizes 20 128 --rounds 11 --threads 1
+
+``--calls`` counts instead of timing: the Python-level calls per step (cProfile's count, which
+does not depend on the machine's load) of the bare compiled step and of an epoch through fit,
+for whichever copy of the package is imported (``PYTHONPATH``).
+
+    python benchmarks/bench_fit_step.py --calls --batch-sizes 20
 """
 
 from __future__ import annotations
@@ -33,6 +39,79 @@ import step_pairs
 
 from pyro_vae import fit
 from pyro_vae.train import Callback
+
+
+class Profiled(Callback):
+    """cProfile over the second epoch (the first compiles)."""
+
+    def __init__(self):
+        import cProfile
+
+        self.profile = cProfile.Profile()
+
+    def on_epoch_end(self, loop) -> None:
+        if loop.epoch == 1:
+            self.profile.enable()
+        elif loop.epoch == 2:
+            self.profile.disable()
+
+
+def _calls(profile) -> int:
+    import pstats
+
+    return sum(entry[1] for entry in pstats.Stats(profile).stats.values())
+
+
+def count_calls(batch: int, config: argparse.Namespace) -> dict:
+    """Python calls per step: the bare compiled step on one batch, and one epoch of fit."""
+    import cProfile
+
+    from pyro_vae.infer import make_estimator
+    from pyro_vae.train.compiled import CompiledStep
+    from pyro_vae.train.fused import training_loss
+    from pyro_vae.train.step import svi_step
+
+    g = torch.Generator().manual_seed(config.seed)
+    data = torch.bernoulli(torch.full((batch * config.steps, 64), 0.3), generator=g)
+    torch.manual_seed(config.seed)
+    pair = step_pairs.UserVAE()
+    estimator = make_estimator("meanfield", max_plate_nesting=None)
+    loss = training_loss(pair, estimator)
+    optimizer = torch.optim.Adam(pair.parameters(), lr=config.lr)
+
+    def eager(a, k, n):
+        return svi_step(lambda: loss(*a, **k), n, optimizer)
+
+    step = CompiledStep(pair, estimator, optimizer, loss, eager, log=lambda line: None)
+    x = data[:batch]
+    profile = cProfile.Profile()
+    with pyro.validation_enabled(False):
+        for _ in range(20):
+            step((x,), {}, batch)
+        profile.enable()
+        for _ in range(config.steps):
+            step((x,), {}, batch)
+        profile.disable()
+    compiled = step.disabled is None and step.eager_steps == 0
+    timer = Profiled()
+    fit(
+        step_pairs.UserVAE(),
+        data,
+        batch_size=batch,
+        epochs=2,
+        lr=config.lr,
+        elbo="meanfield",
+        compile=True,
+        progress=False,
+        final_particles=0,
+        callbacks=[timer],
+    )
+    return {
+        "batch": batch,
+        "compiled": compiled,
+        "step_calls": _calls(profile) / config.steps,
+        "fit_calls": _calls(timer.profile) / config.steps,
+    }
 
 
 class Interleaved(Callback):
@@ -101,8 +180,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=harness.positive_int, default=[20, 128])
     p.add_argument("--steps", type=harness.positive_int, default=400, help="steps per epoch")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--calls", action="store_true", help="count Python calls per step instead")
     config = p.parse_args(argv)
     harness.set_threads(config.threads)
+    if config.calls:
+        import pyro_vae
+
+        for batch in config.batch_sizes:
+            row = count_calls(batch, config)
+            print(
+                f"{pyro_vae.__file__}, B = {batch}: Python calls per step (cProfile) "
+                f"{row['step_calls']:.1f} for the compiled step, {row['fit_calls']:.1f} "
+                f"through fit (compiled: {row['compiled']})"
+            )
+        return 0
     session = harness.Session()
     rows = []
     print(f"load average at start: {harness.load_average()}")
