@@ -138,7 +138,7 @@ PEER_ROWS = (
 PRESETS = {  # the defaults each preset gives the options
     "svi": {"data": "digits", "contenders": IMPLEMENTATIONS, "stock_validation": "on"},
     "peers": {"data": "random", "contenders": PEER_ORDER, "stock_validation": "off"}
-    | {"rounds": 7, "block_seconds": 0.5, "warmup_steps": 5, "min_block_steps": 10},
+    | {"rounds": 9, "block_seconds": 0.3, "warmup_steps": 5, "min_block_steps": 10},
 }
 NUMPYRO_SKIPPED = "numpyro skipped: jax/numpyro not installed (pip install -e '.[peers]')"
 BASELINE_MODULE = "pyro_vae_baseline"
@@ -585,6 +585,12 @@ def quartile_ratio(top: Sequence[float], bottom: Sequence[float]) -> tuple[float
     return middle, low, high
 
 
+def range_ratio(top: Sequence[float], bottom: Sequence[float]) -> tuple[float, float, float]:
+    """Median, minimum and maximum over rounds of the per-round ratio."""
+    ratio = harness.paired_ratio(top, bottom)
+    return ratio["median"], ratio["min"], ratio["max"]
+
+
 def timing_records(problem: Problem, timings, counts, first) -> list[dict[str, Any]]:
     records = []
     for name in timings.cpu:
@@ -625,6 +631,8 @@ def summary_row(problem: Problem, timings: harness.Timings) -> dict[str, Any]:
         row[f"{key}_cpu"] = cpu[top] / cpu[bottom]
         middle, low, high = quartile_ratio(timings.cpu[top], timings.cpu[bottom])
         row[f"{key}_paired_cpu"], row[f"{key}_paired_cpu_quartiles"] = middle, [low, high]
+        _, low, high = range_ratio(timings.cpu[top], timings.cpu[bottom])
+        row[f"{key}_paired_cpu_range"] = [low, high]
     baseline = "torch" if "torch" in wall else next(iter(wall))
     row["paired"] = {"baseline": baseline, "ratios": harness.ratios(timings, baseline)}
     return row
@@ -647,7 +655,7 @@ def peer_row(problem: Problem, timings: harness.Timings, first, notes) -> dict[s
 
 
 def format_paired(row: dict[str, Any], name: str) -> str:
-    low, high = row[f"{name}_paired_cpu_quartiles"]
+    low, high = row[f"{name}_paired_cpu_range"]
     return f"{row[f'{name}_paired_cpu']:.2f}× ({low:.2f}–{high:.2f})"
 
 
@@ -664,7 +672,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], clock: str = "cpu") -> str:
         + " |"
     )
     title = (
-        "CPU time: medians, and per-round ratios' median (quartiles)"
+        "CPU time: medians, and per-round ratios' median (min–max)"
         if clock == "cpu"
         else "wall clock: medians and ratios of medians"
     )
@@ -723,6 +731,7 @@ def run_benchmark(config: argparse.Namespace, device: torch.device) -> dict[str,
                 f"(bit for bit), torch == traced (to rounding): loss/B {value:.4f}"
             )
         steps = build_steps(problem, config)
+        load = harness.load_average()
         if not steps:
             _log(f"{problem.label}: none of the contenders runs on this pair; row skipped")
             continue
@@ -738,6 +747,14 @@ def run_benchmark(config: argparse.Namespace, device: torch.device) -> dict[str,
         cells = "  ".join(f"{name} {value:.3f}" for name, value in peers["ms"].items())
         compile_s = f"  (compile {peers['compile_s']:.1f} s)" if "compile_s" in peers else ""
         print(f"{peers['net']}, {peers['batch']}, {peers['elbo']}: ms/step  {cells}{compile_s}")
+        for top, bottom in (("compiled", "numpyro"), ("compiled", "torch")):
+            if top in timings.cpu and bottom in timings.cpu:
+                ratio = harness.paired_ratio(timings.cpu[top], timings.cpu[bottom])
+                print(
+                    f"  {top} / {bottom}, CPU time per round: {harness.format_ratio(ratio)} "
+                    f"over {len(ratio['per_round'])} rounds; load {_load_text(load)} -> "
+                    f"{_load_text(harness.load_average())}"
+                )
         if config.out:
             harness.write_json(config.out, finished(report, session, config, device, final=False))
     return finished(report, session, config, device)

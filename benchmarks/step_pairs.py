@@ -80,3 +80,26 @@ def make(name: str, seed: int) -> tuple:
         kwargs = {"x": torch.randn(32, 20, generator=g) * mask, "mask": mask}
         return MaskedSequences(), (), kwargs, "sequences T=20, 20-64-4", 32, 32
     raise ValueError(f"name must be one of {USER_PAIRS}, got {name!r}")
+
+
+class UserVAE(torch.nn.Module):
+    """A VAE as a user writes it (not the package's :class:`~pyro_vae.models.vae.VAE`, so no
+    fused path): softplus MLPs ``d-h-2·latent`` and ``latent-h-d``, a diagonal Gaussian guide
+    and Bernoulli pixels; registered in Pyro's param store as ``name``."""
+
+    def __init__(self, d: int = 64, h: int = 128, latent: int = 8, name: str = "user_vae"):
+        super().__init__()
+        self.encoder, self.decoder = _mlp(d, h, 2 * latent), _mlp(latent, h, d)
+        self.latent, self.name = latent, name
+
+    def model(self, x):
+        pyro.module(self.name, self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], self.latent), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module(self.name, self)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw)).to_event(1))

@@ -91,10 +91,12 @@ class Batch:
 
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    #: the number of datapoints when the source knows it (else read from the tensors)
+    count: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def size(self) -> int:
-        return batch_length(self.args, self.kwargs)
+        return self.count if self.count is not None else batch_length(self.args, self.kwargs)
 
     @classmethod
     def of(cls, collated: Any) -> Batch:
@@ -143,8 +145,8 @@ class TensorSource:
             return {key: fn(value) for key, value in tensors.items()}
         return tuple(fn(value) for value in tensors)
 
-    def _batch(self, tensors: tuple | dict) -> Batch:
-        return Batch((), tensors) if isinstance(tensors, dict) else Batch(tensors)
+    def _batch(self, tensors: tuple | dict, count: int | None = None) -> Batch:
+        return Batch((), tensors, count) if isinstance(tensors, dict) else Batch(tensors, {}, count)
 
     def to(self, device: torch.device | None, dtype: torch.dtype | None = None) -> TensorSource:
         return TensorSource(self._map(lambda t: to_device(t, device, dtype)), self.transform)
@@ -189,9 +191,14 @@ class TensorSource:
                 if batch_size >= self.num_data
                 else torch.randperm(self.num_data, device=device, generator=order_generator)
             )
-        for begin in range(0, order.shape[0], batch_size):
-            index = order[begin : begin + batch_size]
-            yield self._batch(self._map(lambda t, index=index: t[index], tensors))
+        # the rows of each batch by index_select, which equals t[index] in fewer operations
+        single = isinstance(tensors, tuple) and len(tensors) == 1
+        for index in order.split(batch_size):
+            if single:
+                yield Batch((tensors[0].index_select(0, index),), {}, index.shape[0])
+            else:
+                rows = self._map(lambda t, index=index: t.index_select(0, index), tensors)
+                yield self._batch(rows, index.shape[0])
 
     def ordered(self, batch_size: int) -> Iterator[Batch]:
         """Every datapoint once, in order, untransformed: for evaluation."""

@@ -30,7 +30,7 @@ from pyro_vae.runs import (
     read_history,
 )
 from pyro_vae.runs.config import TrainConfig
-from pyro_vae.train.compiled import CompiledStep
+from pyro_vae.train.compiled import CompiledStep, CompileReport
 from pyro_vae.train.config import FIT_KEYWORDS, RunOptions
 from pyro_vae.train.early_stopping import stopped_epoch
 from pyro_vae.train.fused import training_loss
@@ -334,8 +334,11 @@ def _train(
     if hasattr(model, "name"):
         forget_params(model.name)
 
+    callbacks = run_callbacks(loop, feed, config, options, run_dir, dist)
+    if step.compiled is not None and dist.is_main:
+        callbacks.insert(0, CompileReport(step.compiled, _note))
     try:
-        run_epochs(loop, last, run_callbacks(loop, feed, config, options, run_dir, dist))
+        run_epochs(loop, last, callbacks)
     except TrainingDiverged as exc:
         kept = (
             f"; the last good checkpoint (epoch {len(history.epoch)}) is kept in {run_dir}"
@@ -356,7 +359,7 @@ def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
 
     def log(message: str) -> None:
         if dist.is_main:
-            print(f"pyro-vae: {message}", file=sys.stderr, flush=True)
+            _note(message)
 
     step = CompiledStep(
         loop.model, loop.step.estimator, loop.optimizer, loop.step.loss, eager, log=log
@@ -368,6 +371,10 @@ def _compiled_step(loop: Loop, dist: Any) -> CompiledStep:
         step.disabled = "the gradients are clipped by their norm between backward and update"
         log(f"compiled steps off: {step.disabled}; training eagerly")
     return step
+
+
+def _note(message: str) -> None:
+    print(f"pyro-vae: {message}", file=sys.stderr, flush=True)
 
 
 #: A fixed Gaussian scale below this makes log p(x|z) ~ −(x − μ)²/(2σ²) overflow or dominate.

@@ -151,13 +151,16 @@ class Loop:
         batches = self.replicas.batches(
             data.source, data.batch_size, data.generator, data.order_generator
         )
+        # what each step reads, looked up once per epoch
+        estimator, warmup, compiled = step.estimator, step.warmup, step.compiled
+        num_data, piece_done = data.source.num_data, budget.piece_done
         with _quiet_numerics():
             for index, batch in enumerate(batches, start=(self.epoch - 1) * steps):
-                step.estimator.beta = step.warmup(index)
+                estimator.beta = warmup(index)
                 size = batch.size
-                step.estimator.global_weight = size / data.source.num_data
-                if step.compiled is not None:
-                    loss = step.compiled(batch.args, batch.kwargs, size)
+                estimator.global_weight = size / num_data
+                if compiled is not None:
+                    loss = compiled(batch.args, batch.kwargs, size)
                 else:
                     loss = self.replicas.step(
                         lambda batch=batch: step.loss(*batch.args, **batch.kwargs),
@@ -173,7 +176,7 @@ class Loop:
                     mean = loss.detach() / size
                     for hook in hooks:
                         hook.on_step_end(self, index + 1, mean)
-                budget.piece_done()
+                piece_done()
         return self.replicas.mean(loss_sum, count)
 
     @torch.no_grad()
