@@ -1,5 +1,7 @@
+import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pyro
@@ -15,6 +17,12 @@ def pytest_configure(config):
     # interrupted: the tests of Ctrl-C need it at its default.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Compiled steps are kept in a folder of the suite's own (shared by the programs the tests
+    # start), so that no entry of an earlier suite or of the user's runs is read.
+    if "PYRO_VAE_COMPILE_CACHE" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="pyro_vae_compile_cache_")
+        os.environ["PYRO_VAE_COMPILE_CACHE"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)

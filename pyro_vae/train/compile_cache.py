@@ -7,8 +7,9 @@ its graph and looks the compiled code up under a key computed from the graph its
 
 * the graph's code (every operation and its arguments: what the pair's code, Pyro, the
   estimator and Adam issued at these shapes), its inputs' shapes, strides, dtypes and
-  devices (the parameters', the batch's), the inductor options in force, and the versions of
-  torch and Python, the machine and this format.
+  devices (the parameters', the batch's), the inductor options in force, the versions of
+  torch and Python, the machine, its CPU's instruction-set flags and its GPUs' names and
+  compute capabilities, and this format.
 
 Keying by the graph rather than by the pair's source text is exact: any change of the model,
 the guide, a helper they call, Pyro, the estimator or a hyperparameter that changes what is
@@ -68,12 +69,31 @@ def _inductor_options() -> str:
     return json.dumps(inductor_config.save_config_portable(), sort_keys=True, default=repr)
 
 
+def _processors(inputs: Sequence[torch.Tensor]) -> str:
+    """What the compiled code is specific to beyond the architecture's name: the CPU's
+    instruction-set flags (inductor vectorizes for those it finds; a cache folder shared by
+    machines of other CPUs must not hand one's code to another) and each GPU's name and
+    compute capability."""
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+        parts.append(hashlib.sha256(flags.encode()).hexdigest())
+    except OSError:  # not Linux: the processor string is all there is
+        parts.append(platform.processor())
+    for device in sorted({t.device for t in inputs if t.device.type == "cuda"}, key=str):
+        parts.append(f"{device}: {torch.cuda.get_device_name(device)}, "
+                     f"{torch.cuda.get_device_capability(device)}")  # fmt: skip
+    return "; ".join(parts)
+
+
 def graph_key(graph: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> str:
     """The key of ``graph`` compiled for ``inputs`` (see the module docstring)."""
     digest = hashlib.sha256()
     for part in (
         f"pyro_vae compiled step, format {FORMAT}",
         f"torch {torch.__version__}, python {sys.version}, {platform.machine()}",
+        _processors(inputs),
         graph.code,
         repr([(tuple(t.shape), t.stride(), str(t.dtype), str(t.device)) for t in inputs]),
         _inductor_options(),

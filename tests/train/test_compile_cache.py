@@ -162,6 +162,24 @@ def test_the_key_is_the_graph_its_input_shapes_and_the_inductor_options():
         assert key != graph_key(graph, [x])
 
 
+def test_the_key_holds_the_processors_instruction_sets(monkeypatch):
+    import builtins
+    import io
+
+    graph = torch.fx.symbolic_trace(lambda x: (x.sin() * 2,))
+    real_open, keys = builtins.open, []
+    for flags in ("fpu sse2 avx2", "fpu sse2 avx2 avx512f"):
+
+        def fake_open(path, *args, flags=flags, **kwargs):
+            if str(path) == "/proc/cpuinfo":
+                return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        keys.append(graph_key(graph, [torch.ones(3)]))
+    assert keys[0] != keys[1]
+
+
 def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert cache_folder() == tmp_path
