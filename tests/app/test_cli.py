@@ -83,7 +83,7 @@ def assert_one_line_error(capsys, message):
     [
         (
             ["train", "--dataset", "mnist", "--data-dir", "/nonexistent/mnist"],
-            "train-images-idx3-ubyte.gz not found",
+            "--data-dir /nonexistent/mnist does not exist",
         ),
         (["train", "--resume", "/nonexistent/run"], "run folder /nonexistent/run does not exist"),
         (["sample", "/nonexistent/run"], "does not exist"),

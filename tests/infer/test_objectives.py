@@ -1169,7 +1169,7 @@ def test_compare_estimators_bad_data_dir_is_one_line_before_any_output(bench, tm
     out = tmp_path / "out"
     assert bench.main(["--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "compare_estimators.py: error: MNIST file" in err, err
+    assert err.count("\n") == 1 and "compare_estimators.py: error: data_dir " in err, err
     assert not out.exists()
 
 

@@ -368,7 +368,7 @@ def test_under_torchrun_a_bad_input_fails_each_rank_with_its_one_line(tmp_path):
     )
     assert done.returncode == TORCHRUN_FAILED, done.stderr
     assert done.stdout == ""
-    lines = done.stderr.count("pyro-vae train: error: MNIST file ")
+    lines = done.stderr.count("pyro-vae train: error: --data-dir ")
     assert 1 <= lines <= WORLD_SIZE, done.stderr
     assert re.search(r"exitcode\s*:\s*2\b", done.stderr), done.stderr
     assert not (tmp_path / "run").exists()
