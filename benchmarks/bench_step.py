@@ -34,8 +34,11 @@ Contenders (``--contenders``; each is built on its own copy of the same weights)
     -C /tmp/before``, then ``--baseline /tmp/before/pyro_vae``), imported under another name in
     this process, with the same weights.
 
-Rows: a network ``D-H-L`` (``--nets``; more hidden widths as ``D-H1-H2-L``), a batch size and an
-estimator (``meanfield``, ``trace``), on the data of ``--data`` (``digits`` or ``mnist``:
+Rows: a network ``D-H-L`` (``--nets``; more hidden widths as ``D-H1-H2-L``; ``--activation``), a
+batch size and an estimator (``meanfield``, ``trace``; ``iwae`` with K = ``--importance-samples``
+draws per datapoint, for which ``torch`` is the K-sample bound written out and only ``torch``,
+``fused``, ``traced``, ``compiled`` and ``baseline`` run), on the data of ``--data`` (``digits`` or
+``mnist``:
 binarized training images; ``random``: fixed random binary images). ``--preset svi`` (the
 default) times the digits network at B = 20 and 128 with both estimators; ``--preset peers``
 times five networks on random data and two users' pairs (a global bias latent on the 64-128-8
@@ -60,6 +63,8 @@ high-water mark; CUDA: the allocator's peak).
     python benchmarks/bench_step.py --profile --elbos trace --batch-sizes 128 --threads 1
     python benchmarks/bench_step.py --breakdown --elbos meanfield --batch-sizes 20 --threads 1
     python benchmarks/bench_step.py --memory --elbos meanfield --batch-sizes 128 --threads 1
+    python benchmarks/bench_step.py --data mnist --data-dir DIR --nets 784-200-200-50 \
+        --activation tanh --elbos iwae --importance-samples 5 --batch-sizes 20 --threads 1
 """
 
 from __future__ import annotations
@@ -474,7 +479,13 @@ def load_baseline(path: str) -> Any:
 def baseline_step(problem: Problem, pair: VAE, config) -> Callable[[], Any]:
     """The traced step of the package copy of ``--baseline`` on a twin of ``pair``."""
     package, model = config.baseline_package, pair.config
-    twin = package.VAE(pair.input_dim, model.latent_dim, model.hidden, model.scale_fn)
+    twin = package.VAE(
+        pair.input_dim,
+        model.latent_dim,
+        model.hidden,
+        model.scale_fn,
+        **({"activation": model.activation} if model.activation != "softplus" else {}),
+    )
     twin = twin.to(problem.args[0].device)
     twin.load_state_dict(pair.state_dict())
     twin.name = f"{pair.name}-baseline"
