@@ -37,10 +37,9 @@ Contenders (``--contenders``; each is built on its own copy of the same weights)
 Rows: a network ``D-H-L`` (``--nets``; more hidden widths as ``D-H1-H2-L``; ``--activation``), a
 batch size and an estimator (``meanfield``, ``trace``; ``iwae`` with K = ``--importance-samples``
 draws per datapoint, for which ``torch`` is the K-sample bound written out and only ``torch``,
-``fused``, ``traced``, ``compiled`` and ``baseline`` run), on the data of ``--data`` (``digits`` or
-``mnist``:
-binarized training images; ``random``: fixed random binary images). ``--preset svi`` (the
-default) times the digits network at B = 20 and 128 with both estimators; ``--preset peers``
+``fused``, ``traced``, ``compiled`` and ``baseline`` run), on the data of ``--data`` (``digits``
+or ``mnist``: binarized training images; ``random``: fixed random binary images). ``--preset
+svi`` (the default) times the digits network at B = 20 and 128 with both estimators; ``--preset peers``
 times five networks on random data and two users' pairs (a global bias latent on the 64-128-8
 VAE; masked sequences), for which only ``traced``, ``compiled`` and ``pyro`` exist, with every
 contender and stock Pyro's validation off. ``--rows`` picks rows of the preset by index.
