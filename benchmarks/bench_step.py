@@ -34,15 +34,18 @@ Contenders (``--contenders``; each is built on its own copy of the same weights)
     -C /tmp/before``, then ``--baseline /tmp/before/pyro_vae``), imported under another name in
     this process, with the same weights.
 
-Rows: a network ``D-H-L`` (``--nets``; more hidden widths as ``D-H1-H2-L``; ``--activation``), a
-batch size and an estimator (``meanfield``, ``trace``; ``iwae`` with K = ``--importance-samples``
-draws per datapoint, for which ``torch`` is the K-sample bound written out and only ``torch``,
-``fused``, ``traced``, ``compiled`` and ``baseline`` run), on the data of ``--data`` (``digits``
-or ``mnist``: binarized training images; ``random``: fixed random binary images). ``--preset
-svi`` (the default) times the digits network at B = 20 and 128 with both estimators; ``--preset peers``
+Rows: a network ``D-H-L`` (``--nets``; more hidden widths as ``D-H1-H2-L``), a batch size and an
+estimator (``meanfield``, ``trace``), on the data of ``--data`` (``digits`` or ``mnist``:
+binarized training images; ``random``: fixed random binary images). ``--preset svi`` (the
+default) times the digits network at B = 20 and 128 with both estimators; ``--preset peers``
 times five networks on random data and two users' pairs (a global bias latent on the 64-128-8
 VAE; masked sequences), for which only ``traced``, ``compiled`` and ``pyro`` exist, with every
 contender and stock Pyro's validation off. ``--rows`` picks rows of the preset by index.
+
+``--elbos iwae`` adds rows of the K-sample importance-weighted bound, K =
+``--importance-samples``, on the built-in VAE with ``--activation`` (the IWAE paper's
+networks: tanh); there ``torch`` is the bound written out in torch on the same K draws, and
+only ``torch``, ``fused``, ``traced``, ``compiled`` and ``baseline`` run.
 
 Before timing, the fused loss and gradients are checked against the traced path's (bit for
 bit) and the hand-written ones (to float rounding) on the same draw. Each contender is warmed
