@@ -42,6 +42,11 @@ times five networks on random data and two users' pairs (a global bias latent on
 VAE; masked sequences), for which only ``traced``, ``compiled`` and ``pyro`` exist, with every
 contender and stock Pyro's validation off. ``--rows`` picks rows of the preset by index.
 
+``--elbos iwae`` adds rows of the K-sample importance-weighted bound, K =
+``--importance-samples``, on the built-in VAE with ``--activation`` (the IWAE paper's
+networks: tanh); there ``torch`` is the bound written out in torch on the same K draws, and
+only ``torch``, ``fused``, ``traced``, ``compiled`` and ``baseline`` run.
+
 Before timing, the fused loss and gradients are checked against the traced path's (bit for
 bit) and the hand-written ones (to float rounding) on the same draw. Each contender is warmed
 up, calibrated to blocks of about ``--block-seconds`` and timed in ``--rounds`` interleaved
@@ -60,6 +65,8 @@ high-water mark; CUDA: the allocator's peak).
     python benchmarks/bench_step.py --profile --elbos trace --batch-sizes 128 --threads 1
     python benchmarks/bench_step.py --breakdown --elbos meanfield --batch-sizes 20 --threads 1
     python benchmarks/bench_step.py --memory --elbos meanfield --batch-sizes 128 --threads 1
+    python benchmarks/bench_step.py --data mnist --data-dir DIR --nets 784-200-200-50 \
+        --activation tanh --elbos iwae --importance-samples 5 --batch-sizes 20 --threads 1
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ from pyro_vae import VAE, PyroVAEError, make_estimator
 from pyro_vae.data.batches import resolve_device
 from pyro_vae.data.images import load_dataset
 from pyro_vae.models.config import DEVICES
+from pyro_vae.models.nets import ACTIVATIONS
 from pyro_vae.train import make_optimizer, svi_step
 from pyro_vae.train.compiled import CompiledStep
 from pyro_vae.train.fused import FusedLoss, training_loss
@@ -123,6 +131,11 @@ PEER_NAMES = {"torch": "hand", "pyro": "stock_pyro", "fused": "eager", "traced":
 PEER_ORDER = ("numpyro", "torch", "pyro", "fused", "traced", "compiled")
 STOCK_ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 ELBOS = tuple(STOCK_ELBOS)
+#: the importance-weighted bound (``--elbos iwae``, K = ``--importance-samples``): only the
+#: hand-written, fused (where the package has one), traced and compiled steps exist for it
+IWAE = "iwae"
+ESTIMATOR_NAMES = (*ELBOS, IWAE)
+IWAE_CONTENDERS = ("torch", "fused", "traced", "compiled", "baseline")
 ADAMS = ("fused", "plain")
 DATA = ("digits", "mnist", "random")
 PIXELS = {"digits": 64, "mnist": 784}
@@ -192,11 +205,13 @@ def make_data(data: str, input_dim: int, rows: int, seed: int, data_dir: str | N
     return torch.bernoulli(images[order], generator=generator)
 
 
-def build_vae(net: str, seed: int, device: torch.device, name: str = "vae") -> VAE:
+def build_vae(
+    net: str, seed: int, device: torch.device, name: str = "vae", activation: str = "softplus"
+) -> VAE:
     """The package's VAE of network ``net`` (``D-H-L``), weights drawn from ``seed``."""
     input_dim, hidden, latent = parse_net(net)
     torch.manual_seed(seed)
-    return VAE(input_dim, latent, hidden, name=name).to(device)
+    return VAE(input_dim, latent, hidden, name=name, activation=activation).to(device)
 
 
 @dataclass
@@ -212,6 +227,8 @@ class Problem:
     kwargs: dict = field(default_factory=dict)
     num_data: int | None = None
     net: str | None = None
+    #: K of ``iwae`` (1 for the single-draw estimators)
+    importance_samples: int = 1
 
     def copy(self, name: str) -> torch.nn.Module:
         """An independent copy of the pair, registered in Pyro's param store as ``name``."""
@@ -229,17 +246,21 @@ def make_problem(row: tuple, config: argparse.Namespace, device: torch.device) -
         pair, args, kwargs, label, batch, num_data = step_pairs.make(net, config.seed)
         return Problem(label, batch, elbo, pair, args, kwargs, num_data)
     x = make_data(config.data, parse_net(net)[0], batch, config.seed, config.data_dir)
-    vae = build_vae(net, config.seed, device)
-    return Problem(net, batch, elbo, vae, (x.to(device),), net=net)
+    vae = build_vae(net, config.seed, device, activation=getattr(config, "activation", "softplus"))
+    k = getattr(config, "importance_samples", 1) if elbo == IWAE else 1
+    label = f"{net} K={k}" if elbo == IWAE else net
+    return Problem(label, batch, elbo, vae, (x.to(device),), net=net, importance_samples=k)
 
 
 # ----------------------------------------------------------------------------- contenders
 
 
-def torch_loss(model: VAE, x: torch.Tensor, elbo: str) -> torch.Tensor:
+def torch_loss(model: VAE, x: torch.Tensor, elbo: str, k: int = 1) -> torch.Tensor:
     """−ELBO averaged over the batch, written directly in torch (closed forms on purpose: the
     no-distribution-object floor). ``trace`` leaves out the −½ log 2π of log q and log p,
-    which cancel."""
+    which cancel; ``iwae`` (:func:`torch_iwae_loss`) is the K-sample bound."""
+    if elbo == IWAE:
+        return torch_iwae_loss(model, x, k)
     loc, scale = model.encoder(x)
     z = loc + scale * torch.randn_like(loc)
     nll = F.binary_cross_entropy_with_logits(model.decoder(z), x, reduction="none").sum(-1)
@@ -251,6 +272,23 @@ def torch_loss(model: VAE, x: torch.Tensor, elbo: str) -> torch.Tensor:
     return (nll + kl).mean()
 
 
+def torch_iwae_loss(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """−(the K-sample IWAE bound) averaged over the batch, written directly in torch: K draws
+    ``z = loc + scale * eps`` per datapoint (``eps`` ``[K, B, L]``, drawn by the same call as
+    the traced path's ``rsample``), the decoder on all K·B at once, log w = log p(x|z) + log
+    p(z) − log q(z|x) (the −½ log 2π of log p and log q cancel), logsumexp over K − log K."""
+    loc, scale = model.encoder(x)
+    eps = torch.empty((k, *loc.shape), dtype=loc.dtype, device=loc.device).normal_()
+    z = loc + scale * eps
+    logits = model.decoder(z)
+    log_lik = -F.binary_cross_entropy_with_logits(
+        logits, x.expand_as(logits), reduction="none"
+    ).sum(-1)
+    log_q = (-0.5 * eps.square() - scale.log()).sum(-1)
+    log_w = log_lik + (-0.5 * z.square()).sum(-1) - log_q
+    return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
+
+
 def _adam(model: torch.nn.Module, config: argparse.Namespace) -> torch.optim.Adam:
     """``--adam fused``: :func:`pyro_vae.train.make_optimizer`'s Adam; ``plain``: torch's."""
     if config.adam == "fused":
@@ -260,7 +298,8 @@ def _adam(model: torch.nn.Module, config: argparse.Namespace) -> torch.optim.Ada
 
 def _estimator(problem: Problem, module: Any = None):
     make = make_estimator if module is None else module.make_estimator
-    estimator = make(problem.elbo, max_plate_nesting=1)
+    k = {"importance_samples": problem.importance_samples} if problem.elbo == IWAE else {}
+    estimator = make(problem.elbo, max_plate_nesting=1, **k)
     if problem.num_data:
         estimator.global_weight = problem.batch / problem.num_data
     return estimator
@@ -277,7 +316,7 @@ def torch_step(problem: Problem, pair: VAE, config) -> Callable[[], Any]:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        torch_loss(pair, x, problem.elbo).backward()
+        torch_loss(pair, x, problem.elbo, problem.importance_samples).backward()
         optimizer.step()
 
     return step
@@ -442,7 +481,13 @@ def load_baseline(path: str) -> Any:
 def baseline_step(problem: Problem, pair: VAE, config) -> Callable[[], Any]:
     """The traced step of the package copy of ``--baseline`` on a twin of ``pair``."""
     package, model = config.baseline_package, pair.config
-    twin = package.VAE(pair.input_dim, model.latent_dim, model.hidden, model.scale_fn)
+    twin = package.VAE(
+        pair.input_dim,
+        model.latent_dim,
+        model.hidden,
+        model.scale_fn,
+        **({"activation": model.activation} if model.activation != "softplus" else {}),
+    )
     twin = twin.to(problem.args[0].device)
     twin.load_state_dict(pair.state_dict())
     twin.name = f"{pair.name}-baseline"
@@ -482,18 +527,21 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def check_equivalence(problem: Problem, seed: int) -> float:
-    """On the same draw the fused loss and gradients equal the traced path's bit for bit, and
-    :func:`torch_loss`'s equal them to float rounding; returns the loss per datapoint."""
+    """On the same draw the fused loss and gradients (where the package has a fused loss)
+    equal the traced path's bit for bit, and :func:`torch_loss`'s equal them to float
+    rounding; returns the loss per datapoint."""
     model, (x,), b = (
         problem.copy(f"check-{problem.label}-{problem.elbo}"),
         problem.args,
         problem.batch,
     )
-    estimator = make_estimator(problem.elbo, max_plate_nesting=1)
+    estimator = _estimator(problem)
     fused, traced = training_loss(model, estimator), training_loss(model, estimator, fused=False)
     want, want_grads = _loss_and_grads(model, lambda: traced(x) / b, seed)
     value, grads = _loss_and_grads(model, lambda: fused(x) / b, seed)
-    hand, hand_grads = _loss_and_grads(model, lambda: torch_loss(model, x, problem.elbo), seed)
+    hand, hand_grads = _loss_and_grads(
+        model, lambda: torch_loss(model, x, problem.elbo, problem.importance_samples), seed
+    )
     if not (torch.equal(value, want) and all(map(torch.equal, grads, want_grads))):
         raise AssertionError(
             f"{problem.elbo}, B = {b}: the fused loss or gradients differ from the traced path's"
@@ -509,6 +557,12 @@ def build_steps(problem: Problem, config: argparse.Namespace) -> dict[str, Calla
     steps = {}
     for name in config.contenders:
         if name in VAE_ONLY and problem.net is None:
+            continue
+        if problem.elbo == IWAE and name not in IWAE_CONTENDERS:
+            continue
+        if name == "fused" and not isinstance(
+            training_loss(problem.pair, _estimator(problem)), FusedLoss
+        ):
             continue
         pyro.set_rng_seed(config.seed)
         step = BUILDERS[name](problem, problem.copy(f"bench-{name}-{len(steps)}"), config)
@@ -726,9 +780,11 @@ def run_benchmark(config: argparse.Namespace, device: torch.device) -> dict[str,
         problem = make_problem(row, config, device)
         if config.check and problem.net is not None:
             value = check_equivalence(problem, config.seed)
+            fused = isinstance(training_loss(problem.pair, _estimator(problem)), FusedLoss)
             _log(
-                f"check {problem.label} {problem.elbo:9s} B={problem.batch:<4d} fused == traced "
-                f"(bit for bit), torch == traced (to rounding): loss/B {value:.4f}"
+                f"check {problem.label} {problem.elbo:9s} B={problem.batch:<4d} "
+                + ("fused == traced (bit for bit), " if fused else "")
+                + f"torch == traced (to rounding): loss/B {value:.4f}"
             )
         steps = build_steps(problem, config)
         load = harness.load_average()
@@ -1035,7 +1091,7 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     config = argparse.Namespace(**spec)
     problem = make_problem((spec["net"], spec["batch"], spec["elbo"]), config, device)
     pair = problem.copy("memory")
-    step = (fused_step if spec["path"] == "fused" else traced_step)(problem, pair, config)
+    step = MEMORY_PATHS[spec["path"]](problem, pair, config)
 
     def work() -> None:
         with pyro.validation_enabled(False):
@@ -1053,22 +1109,33 @@ def memory_probe(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MEMORY_PATHS = {"fused": fused_step, "traced": traced_step, "torch": torch_step}
+
+
 def run_memory(config: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """:func:`memory_probe` of the fused and the traced path for every VAE row, each in a fresh
-    child process on the CPU."""
+    """:func:`memory_probe` of the fused and the traced path for every VAE row (``iwae``: the
+    hand-written and the traced step, and the fused one where the package has it), each in a
+    fresh child process on the CPU."""
     training = []
     keys = ("data", "data_dir", "seed", "adam", "lr", "device", "threads")
+    keys += ("activation", "importance_samples")
     for net, batch, elbo in config.rows:
         if net in step_pairs.USER_PAIRS:
             continue
-        for path in ("fused", "traced"):
+        paths = ("fused", "traced")
+        if elbo == IWAE:
+            problem = make_problem((net, batch, elbo), config, device)
+            fused = isinstance(training_loss(problem.pair, _estimator(problem)), FusedLoss)
+            paths = ("torch", "fused", "traced") if fused else ("torch", "traced")
+        for path in paths:
             spec = {key: getattr(config, key) for key in keys}
             spec.update(net=net, batch=batch, elbo=elbo, path=path, steps=config.memory_steps)
             probe = peak_memory.probe(Path(__file__), spec, device, memory_probe)
             training.append(probe)
             print(
-                f"memory: {probe['steps']} training steps, {path} path, {net}, {elbo}, "
-                f"B = {batch}: {probe['peak_mib']:.1f} MiB above the start ({probe['method']}; "
+                f"memory: {probe['steps']} training steps, {path} path, {net}, {elbo}"
+                + (f" K={config.importance_samples}" if elbo == IWAE else "")
+                + f", B = {batch}: {probe['peak_mib']:.1f} MiB above the start ({probe['method']}; "
                 f"parameters {probe['parameter_bytes'] / peak_memory.MIB:.1f} MiB)"
             )
     return {"training": training}
@@ -1089,7 +1156,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (--data mnist)")
     p.add_argument("--nets", nargs="+", type=net_text, metavar="D-H-L", help="e.g. 64-128-8")
     p.add_argument("--batch-sizes", nargs="+", type=harness.positive_int, metavar="B")
-    p.add_argument("--elbos", nargs="+", choices=ELBOS, help="estimators (default both)")
+    p.add_argument(
+        "--elbos",
+        nargs="+",
+        choices=ESTIMATOR_NAMES,
+        help="estimators (default trace meanfield; iwae: K = --importance-samples)",
+    )
+    p.add_argument(
+        "--importance-samples",
+        type=harness.positive_int,
+        default=5,
+        metavar="K",
+        help="K of the iwae rows (5)",
+    )
+    p.add_argument(
+        "--activation",
+        choices=tuple(ACTIVATIONS),
+        default="softplus",
+        help="the built-in VAE's activation (softplus; the IWAE paper's nets: tanh)",
+    )
     p.add_argument("--rows", nargs="+", type=harness.whole_int, metavar="I", help="preset rows")
     p.add_argument(
         "--contenders",

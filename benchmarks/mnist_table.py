@@ -43,7 +43,7 @@ difference of every two rows in ``--out``:
 **The budget** (``--out-dir``; meant for one GPU, ``--device`` auto): a one-layer dynamic row
 (``--row`` ``iwae`` by default) trained by this script's own loop around the package's step
 (:func:`pyro_vae.train.svi_step` on :func:`pyro_vae.train.fused.training_loss`: the fused loss
-for ``meanfield``, the traced one for ``iwae`` and ``dreg``; Pyro validation off) until
+for ``meanfield`` and ``iwae``, the traced one for ``dreg``; Pyro validation off) until
 ``--minutes`` (10) of training wall time have passed. The whole training set lives on the
 device and is binarized afresh there every epoch; batch 256 (a step costs about the same Python
 time at any batch size on a GPU, so larger batches buy epochs); Adam with ε = 1e-4 as in the

@@ -118,7 +118,14 @@ class Particles:
         """The one scale factor of every sample site (1 without ``poutine.scale`` or
         subsampling, or when each site is weighted by its own, :attr:`site_scales`);
         differing factors are refused (see the module docstring)."""
-        return 1.0 if self.site_scales else common_scale(self.model_trace, self.guide_trace)
+        return 1.0 if self.site_scales else self.common_scale
+
+    @cached_property
+    def common_scale(self) -> float:
+        """The scale factor that every sample site of the two traces shares
+        (:func:`~pyro_vae.core.traces.common_scale`), read once per draw: the checks and the
+        loss both ask for it. Differing factors raise each time it is asked for."""
+        return common_scale(self.model_trace, self.guide_trace)
 
     def log_prob(
         self, site: dict, detach: bool = False, value: torch.Tensor | None = None

@@ -1,5 +1,6 @@
 """benchmarks/bench_step.py beyond its default run (tests/infer/test_performance_paths.py): the
-NumPyro contender's skip, the peers' rows of users' pairs, and the memory probe in a child."""
+NumPyro contender's skip, the peers' rows of users' pairs, the memory probe in a child, and the
+iwae rows (``--elbos iwae``) with their hand-written bound."""
 
 from __future__ import annotations
 
@@ -102,3 +103,36 @@ def test_bad_rows_and_networks_are_usage_errors(bench, capsys):
         with pytest.raises(SystemExit) as exit_:
             bench.parse_args(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_iwae_row_checks_fused_against_traced_and_times_the_hand_written_bound(
+    bench, tmp_path, capsys
+):
+    """--elbos iwae: the fused loss equals the traced one bit for bit and the hand-written
+    K-sample bound equals it to rounding (the check before timing); only the contenders an
+    importance-weighted bound has are timed (stock Pyro has no per-datapoint IWAE loss)."""
+    out = tmp_path / "i.json"
+    argv = [*TINY, "--elbos", "iwae", "--importance-samples", "3", "--batch-sizes", "4"]
+    argv += ["--activation", "tanh", "--contenders", "torch", "fused", "traced", "pyro"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    assert "K=3 iwae" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert [t["implementation"] for t in report["timings"]] == ["torch", "fused", "traced"]
+    assert report["summary"][0]["net"] == "64-128-8 K=3"
+
+
+def test_the_hand_written_iwae_is_the_k_sample_bound_of_the_same_draws(bench):
+    """:func:`torch_iwae_loss` at K = 1 is the hand-written ``trace`` loss of the same draw,
+    and at K > 1 it lies below it on average (a bound that tightens with K: Jensen)."""
+    vae = bench.build_vae("64-32-4", 0, torch.device("cpu"), activation="tanh")
+    x = bench.make_data("random", 64, 6, 0)
+    torch.manual_seed(3)
+    one = bench.torch_iwae_loss(vae, x, 1)
+    torch.manual_seed(3)
+    torch.testing.assert_close(one, bench.torch_loss(vae, x, "trace"), rtol=1e-6, atol=1e-5)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        single = torch.stack([bench.torch_iwae_loss(vae, x, 1) for _ in range(200)]).mean()
+        torch.manual_seed(4)
+        many = torch.stack([bench.torch_iwae_loss(vae, x, 20) for _ in range(200)]).mean()
+    assert many < single

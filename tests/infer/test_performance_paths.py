@@ -5,7 +5,8 @@ Two shortcuts make the package's training step cheaper (``docs/performance.rst``
 * a single draw (P·K = 1) is traced without the particle plate, and each estimator computes
   only the log-densities it needs (``meanfield``: log p(x|z) and the KL);
 * the package's own VAE with the ``trace`` or ``meanfield`` estimator and one draw is trained
-  with a fused loss computed straight from its networks (:mod:`pyro_vae.train.fused`).
+  with a fused loss computed straight from its networks (:mod:`pyro_vae.train.fused`; its
+  ``iwae`` with any number of draws: ``tests/infer/test_fused_iwae.py``).
 
 Each test states an equivalence: the same random draws give bit-identical losses and
 gradients with and without the particle plate and with and without the fused loss, Pyro's own
@@ -464,7 +465,6 @@ class _OwnModelVAE(VAE):
         "vae-full-guide",
         "subclass",
         "instance-override",
-        "iwae",
         "stl",
         "dreg",
         "two-particles",
