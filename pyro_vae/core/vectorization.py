@@ -12,6 +12,8 @@ each particle's draws replayed through the pair run on its own, without the part
 the pair would run in plain Pyro). When the log-weights differ beyond float rounding, or the
 vectorized call fails, it returns the reason; the evaluator then draws particles one call at a
 time (correct, K times slower) and the estimators refuse more than one draw per step.
+:func:`replay_mismatch` and :func:`failure_mismatch` are its two halves for a vectorized draw
+made anyway (the evaluator's first particle chunk): the check costs the two replays alone.
 """
 
 from __future__ import annotations
