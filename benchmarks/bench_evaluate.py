@@ -186,6 +186,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="test images of --memory, in one batch (100)",
     )
     p.add_argument(
+        "--no-khat-contender",
+        action="store_true",
+        help="leave out the package with k-hat (a shorter run)",
+    )
+    p.add_argument(
         "--min-seconds",
         type=float,
         default=0.25,
@@ -461,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     runners: dict[str, Callable[[], torch.Tensor]] = {
         "package": lambda: package_log_px(vae, images, khat=False, **package),
     }
-    if k >= MIN_KHAT_PARTICLES:  # PSIS needs enough weights
+    if k >= MIN_KHAT_PARTICLES and not args.no_khat_contender:  # PSIS needs enough weights
         runners["package+khat"] = lambda: package_log_px(vae, images, khat=True, **package)
     hands = [f"torch@{chunk}" for chunk in args.hand_chunks]
     for name, chunk in zip(hands, args.hand_chunks):

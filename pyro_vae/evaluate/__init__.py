@@ -17,7 +17,7 @@ size (Σ w)² / (K Σ w²) and the Pareto k-hat of the weights' right tail (Veht
 Memory stays bounded: particles are drawn in chunks of ``particle_chunk`` and datapoints in
 batches of ``batch_size`` (:func:`evaluate_dataset` sizes the chunk from the pair by default,
 ``particle_chunk="auto"``: as many particles per call as keep the largest sample-site tensor
-near 16 MiB, :mod:`pyro_vae.evaluate.sizing`, so the elementwise passes run in cache); log p̂,
+near 12 MiB, :mod:`pyro_vae.evaluate.sizing`, so the elementwise passes run in cache); log p̂,
 ELBO, variance and ESS are accumulated over chunks with a streaming logsumexp; k-hat needs only
 the M + 1 largest weights of each datapoint (M = ceil(min(K/5, 3√K))), kept as a running top-M,
 so memory does not grow with K; the full ``[K, N]`` log-weights are kept only on request.

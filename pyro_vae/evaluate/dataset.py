@@ -89,7 +89,7 @@ def evaluate_dataset(
     ``particle_chunk="auto"`` (the default) sizes the chunk from the pair on the first batch
     (:func:`~pyro_vae.evaluate.weights.resolve_draws`): as many particles per call as keep the
     largest sample-site tensor of a call (a Bernoulli decoder's ``[k, batch, D]`` logits) near
-    :data:`~pyro_vae.evaluate.sizing.CHUNK_BYTES` (16 MiB), so the elementwise work runs in
+    :data:`~pyro_vae.evaluate.sizing.CHUNK_BYTES` (12 MiB), so the elementwise work runs in
     cache; it depends only on the pair's shapes and ``batch_size``, the same on every machine.
     An integer is used as given, and ``None`` draws all particles in one call. The plate
     nesting's guess (when ``max_plate_nesting`` is not given) and the chunk's size come from

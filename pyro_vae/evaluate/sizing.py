@@ -1,7 +1,11 @@
 """The particle chunk sized from the pair: as many particles per call as keep the largest
 tensor of a sample site near :data:`CHUNK_BYTES`, so that a chunk's elementwise passes (the
-likelihood's log-density over the decoder's output, the activations) run in cache rather than
-in main memory.
+likelihood's log-density over the decoder's output, the activations) work on tensors that stay
+near the cache, and that the allocator reuses rather than maps afresh: glibc hands tensors over
+32 MiB (its largest mmap threshold) to the system when freed, and the next chunk's tensors are
+then new zeroed pages, faulted in one by one. On the IWAE paper's 784-200-200-50 MNIST network
+with batches of 100, one CPU thread, chunks of 500 particles took about twice the time of
+chunks of 25–50 (``benchmarks/bench_evaluate.py``, ``docs/performance.rst``).
 
 The size comes from one plain run of the pair (no particle plate, on a fork of the random state,
 Pyro's effects hidden, running statistics kept): the bytes of its largest sample-site tensor
@@ -29,7 +33,7 @@ from pyro_vae.util.rng import forked_rng
 #: ``particle_chunk="auto"``: sized by :func:`auto_chunk`
 AUTO = "auto"
 #: the bytes of a chunk's largest site tensor the automatic chunk aims at
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 12 * 2**20
 
 
 class PlainRun(NamedTuple):

@@ -111,3 +111,13 @@ def test_particle_chunk_must_be_a_count_none_or_auto(bad):
     with pytest.raises(ConfigError, match="particle_chunk must be an integer >= 1"):
         ev.evaluate(vae.model, vae.guide, x, num_particles=3, particle_chunk=bad)
     assert not calls
+
+
+def test_the_iwae_mnist_network_gets_40_particles_per_batch_of_100():
+    # 784-200-200-50: the largest site is the [100, 784] float32 Bernoulli logits, 313,600 bytes
+    from pyro_vae import VAE
+
+    vae = VAE(784, 50, (200, 200), activation="tanh").eval()
+    x = (torch.rand(100, 784, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    draws = resolve_draws(vae.model, vae.guide, (x,), {}, 5000, "auto", None, None)
+    assert draws.particle_chunk == sizing.CHUNK_BYTES // (100 * 784 * 4) == 40
