@@ -67,9 +67,13 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     guessing does not shift later draws or move BatchNorm's statistics.
     """
     with poutine.block(), forked_rng(), running_statistics_kept(model, guide):
-        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+        return plate_nesting(*trace_pair(model, guide, args, kwargs))
+
+
+def plate_nesting(*traces: Any) -> int:
+    """The deepest nesting of vectorized plates over the sample sites of ``traces``."""
     depth = 0
-    for trace in (model_trace, guide_trace):
+    for trace in traces:
         for site in trace.nodes.values():
             if site["type"] == "sample":
                 dims = [-frame.dim for frame in site["cond_indep_stack"] if frame.vectorized]

@@ -12,6 +12,8 @@ each particle's draws replayed through the pair run on its own, without the part
 the pair would run in plain Pyro). When the log-weights differ beyond float rounding, or the
 vectorized call fails, it returns the reason; the evaluator then draws particles one call at a
 time (correct, K times slower) and the estimators refuse more than one draw per step.
+:func:`replay_mismatch` and :func:`failure_mismatch` are its two halves for a vectorized draw
+made anyway (the evaluator's first particle chunk): the check costs the two replays alone.
 """
 
 from __future__ import annotations
@@ -22,23 +24,26 @@ from typing import Any
 import torch
 from pyro import poutine
 
-from pyro_vae.core.log_probs import vectorized_log_probs
+from pyro_vae.core.log_probs import ParticleLogProbs, vectorized_log_probs
 from pyro_vae.util.errors import PyroVAEError
+from pyro_vae.util.rng import saved_rng
 
 PROBE_PARTICLES = 2
 RELATIVE_TOLERANCE = 1e-4  # float32 rounding of sums over a few hundred terms, with margin
 
 
-def _particle_trace(trace_in: Any, index: int, particle_dim_from_right: int, skip: Any = ()) -> Any:
-    """A trace holding particle ``index``'s value of every latent site of ``trace_in`` (except
-    those named in ``skip``)."""
+def _particle_trace(
+    trace_in: Any, index: int, particle_dim_from_right: int, num_particles: int, skip: Any = ()
+) -> Any:
+    """A trace holding particle ``index``'s value of every latent site of ``trace_in`` (drawn
+    with ``num_particles`` particles; except the sites named in ``skip``)."""
     trace = poutine.Trace()
     for name, site in trace_in.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name in skip:
             continue
         value = site["value"]
         dim = value.dim() - site["fn"].event_dim - particle_dim_from_right
-        if dim >= 0 and value.shape[dim] == PROBE_PARTICLES:
+        if dim >= 0 and value.shape[dim] == num_particles:
             value = value.select(dim, index)
         trace.add_node(
             name, type="sample", value=value, is_observed=False, infer=site["infer"], fn=site["fn"]
@@ -55,14 +60,15 @@ def _single(
     guide: Callable,
     args: tuple,
     kwargs: dict,
-    seed: int,
+    start: Callable[[], None],
     max_plate_nesting: int,
     data_plate: str | None,
     require_data_plate: bool = True,
 ) -> torch.Tensor | None:
-    """``[1, N]`` log-weights of one call without the particle plate (``None`` if the pair
-    fails that way too: then the particle dimension is not what it trips on)."""
-    torch.manual_seed(seed)
+    """``[1, N]`` log-weights of one call without the particle plate, from the random state
+    ``start()`` sets (``None`` if the pair fails that way too: then the particle dimension is
+    not what it trips on)."""
+    start()
     try:
         return vectorized_log_probs(
             model,
@@ -94,9 +100,11 @@ def particle_mismatch(
 ) -> str | None:
     """``None`` when two vectorized particles give the log-weights of the same draws replayed
     one at a time (or when the pair fails without a particle dimension too); otherwise why
-    not, in one line. Reseeds torch's random state: call it on a fork."""
-    seed = int(torch.randint(2**31, ()))  # every call starts here: a subsampled plate
-    torch.manual_seed(seed)  # draws its subsample first, the same each time
+    not, in one line. Every run starts from the random state found on entry (a subsampled
+    plate draws its subsample first, the same each time), which it leaves advanced: call it
+    on a fork."""
+    start = saved_rng()
+    options = (max_plate_nesting, data_plate, require_data_plate)
     try:
         vectorized = vectorized_log_probs(
             model,
@@ -109,31 +117,63 @@ def particle_mismatch(
             **kwargs,
         )
     except Exception as exc:  # the user's code meeting a shape it was not written for?
-        if (
-            _single(
-                model, guide, args, kwargs, seed, max_plate_nesting, data_plate, require_data_plate
-            )
-            is None
-        ):
-            if isinstance(exc, PyroVAEError):  # a rule of the package, broken either way
-                raise
-            return None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"with a particle dimension the pair fails ({type(exc).__name__}: {first})"
+        return failure_mismatch(exc, model, guide, args, kwargs, start, *options)
+    return replay_mismatch(vectorized, PROBE_PARTICLES, model, guide, args, kwargs, start, *options)
+
+
+def failure_mismatch(
+    exc: Exception,
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    start: Callable[[], None],
+    max_plate_nesting: int,
+    data_plate: str | None = None,
+    require_data_plate: bool = True,
+) -> str | None:
+    """Why a vectorized call that raised ``exc`` cannot be used, or ``None`` when the pair run
+    without a particle plate (from ``start()``'s random state) fails too: then the particle
+    dimension is not what it trips on (a rule of the package broken either way re-raises)."""
+    options = (max_plate_nesting, data_plate, require_data_plate)
+    if _single(model, guide, args, kwargs, start, *options) is None:
+        if isinstance(exc, PyroVAEError):
+            raise exc
+        return None
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"with a particle dimension the pair fails ({type(exc).__name__}: {first})"
+
+
+def replay_mismatch(
+    vectorized: ParticleLogProbs,
+    num_particles: int,
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    start: Callable[[], None],
+    max_plate_nesting: int,
+    data_plate: str | None = None,
+    require_data_plate: bool = True,
+) -> str | None:
+    """``None`` when the first and last of the ``num_particles`` particles of a vectorized draw
+    (drawn from ``start()``'s random state) give the same log-weights replayed one at a time,
+    each through the pair run without the particle plate; otherwise why not, in one line."""
     particle_dim = max_plate_nesting + 1
+    indices = sorted({0, num_particles - 1})
     singles = []
-    for index in range(PROBE_PARTICLES):
-        guide_draws = _particle_trace(vectorized.guide_trace, index, particle_dim)
+    for index in indices:
+        guide_draws = _particle_trace(vectorized.guide_trace, index, particle_dim, num_particles)
         # latents the guide leaves to the prior are drawn by the model: replay those too
         prior_draws = _particle_trace(
-            vectorized.model_trace, index, particle_dim, skip=guide_draws.nodes
+            vectorized.model_trace, index, particle_dim, num_particles, skip=guide_draws.nodes
         )
         single = _single(
             poutine.replay(model, trace=prior_draws),
             poutine.replay(guide, trace=guide_draws),
             args,
             kwargs,
-            seed,
+            start,
             max_plate_nesting,
             data_plate,
             require_data_plate,
@@ -143,10 +183,12 @@ def particle_mismatch(
         singles.append(single)
     single = torch.cat(singles)
     batched = vectorized.log_weights
+    if batched.dim() == 2 and batched.shape[0] == num_particles:
+        batched = batched[indices]
     if single.shape != batched.shape:
         return (
-            f"with a particle dimension the log-weights have shape {list(batched.shape)}, "
-            f"one particle at a time {list(single.shape)}"
+            f"with a particle dimension the log-weights have shape "
+            f"{list(vectorized.log_weights.shape)}, one particle at a time {list(single.shape)}"
         )
     error = float((single - batched).abs().max())
     if not error <= RELATIVE_TOLERANCE * _scale(single):

@@ -15,16 +15,20 @@ size (Σ w)² / (K Σ w²) and the Pareto k-hat of the weights' right tail (Veht
 "Pareto smoothed importance sampling", JMLR 25(72)), the estimate of :func:`arviz.psislw`.
 
 Memory stays bounded: particles are drawn in chunks of ``particle_chunk`` and datapoints in
-batches of ``batch_size``; log p̂, ELBO, variance and ESS are accumulated over chunks with a
-streaming logsumexp; k-hat needs only the M + 1 largest weights of each datapoint
-(M = ceil(min(K/5, 3√K))), kept as a running top-M, so memory does not grow with K; the full
-``[K, N]`` log-weights are kept only on request. Before anything is drawn, the arrays that grow
-with K (a chunk's log-weights, the top-M, the kept log-weights) are sized and refused with
-:class:`~pyro_vae.util.memory.MemoryLimitError` when they exceed the free memory (or
+batches of ``batch_size`` (:func:`evaluate_dataset` sizes the chunk from the pair by default,
+``particle_chunk="auto"``: as many particles per call as keep the largest sample-site tensor
+near 12 MiB, :mod:`pyro_vae.evaluate.sizing`, so the elementwise passes run in cache); log p̂,
+ELBO, variance and ESS are accumulated over chunks with a streaming logsumexp; k-hat needs only
+the M + 1 largest weights of each datapoint (M = ceil(min(K/5, 3√K))), kept as a running top-M,
+so memory does not grow with K; the full ``[K, N]`` log-weights are kept only on request.
+Before anything is drawn, the arrays that grow with K (a chunk's log-weights, the top-M, the
+kept log-weights) are sized and refused with :class:`~pyro_vae.util.memory.MemoryLimitError`
+when they exceed the free memory (or
 :func:`pyro_vae.util.memory.limit`); the pair's own activations are not measured here.
 
 Random numbers come from torch's global generator in a fixed order (batch by batch, chunk by
-chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk``. With
+chunk), so a run is reproducible for a given seed, ``batch_size`` and ``particle_chunk`` (the
+automatic chunk depends only on the pair's shapes and the batch size, not on the machine). With
 ``batch_seed`` (as :func:`evaluate_run` does) each batch is instead drawn from its own seed, made
 from ``batch_seed`` and the batch's index, so its numbers do not depend on which process
 evaluates it: that is what lets ranks under torchrun share the batches out and still reproduce a
@@ -40,6 +44,10 @@ one-particle call on a copy of the random state (so every batch's data are check
 draws are unchanged); the particle chunks run unvalidated, as they see the same data and
 parameters. A first chunk of a few particles is validated itself instead of after a separate
 call, and one particle is drawn without a particle plate and without the vectorization probe.
+The probe (whether the pair's networks may see a particle dimension,
+:mod:`pyro_vae.core.vectorization`) runs once per call, on the first chunk: its first and last
+particles are replayed one at a time on a fork of the random state, and the chunk is kept when
+they agree (otherwise it is drawn again, one particle per call, from the same random state).
 Non-finite log-weights raise :class:`EvaluationError`.
 """
 

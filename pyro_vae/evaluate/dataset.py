@@ -9,25 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
+from itertools import chain
 from typing import Any
 
 import torch
 
-from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.data.agreement import describe, fingerprint
 from pyro_vae.data.batches import TensorSource, as_source
-from pyro_vae.evaluate.chunks import (
-    DEFAULT_PARTICLE_CHUNK,
-    Draws,
-    check_finite_inputs,
-    num_chunks,
-)
+from pyro_vae.evaluate.chunks import check_finite_inputs, num_chunks
 from pyro_vae.evaluate.results import EvaluationResult
+from pyro_vae.evaluate.sizing import AUTO, check_particle_chunk
 from pyro_vae.evaluate.weights import (
     batch_result,
     data_device,
     eval_mode,
     require_weights_memory,
+    resolve_draws,
 )
 from pyro_vae.util import budget
 from pyro_vae.util.distributed import (
@@ -64,7 +62,7 @@ def evaluate_dataset(
     *,
     num_particles: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    particle_chunk: int | None = DEFAULT_PARTICLE_CHUNK,
+    particle_chunk: int | str | None = AUTO,
     khat: bool | None = None,
     keep_log_weights: bool = False,
     max_plate_nesting: int | None = None,
@@ -88,13 +86,25 @@ def evaluate_dataset(
     keeps all ``[K, N]`` log-weights (on the CPU). Datapoints are independent given the
     parameters, so batching changes which particles are drawn but not their distribution.
 
+    ``particle_chunk="auto"`` (the default) sizes the chunk from the pair on the first batch
+    (:func:`~pyro_vae.evaluate.weights.resolve_draws`): as many particles per call as keep the
+    largest sample-site tensor of a call (a Bernoulli decoder's ``[k, batch, D]`` logits) near
+    :data:`~pyro_vae.evaluate.sizing.CHUNK_BYTES` (12 MiB), so the elementwise work runs in
+    cache; it depends only on the pair's shapes and ``batch_size``, the same on every machine.
+    An integer is used as given, and ``None`` draws all particles in one call. The plate
+    nesting's guess (when ``max_plate_nesting`` is not given) and the chunk's size come from
+    one plain run of the pair on the first batch; whether particles can be drawn in one
+    vectorized call is probed on the first chunk of the first batch a process evaluates
+    (:func:`~pyro_vae.evaluate.chunks.log_weight_chunks`), once per call.
+
     With ``batch_seed`` batch i draws from torch's generator seeded with
     ``derive_seed(batch_seed, EVAL_BATCH_STREAM, i)``
     (:func:`pyro_vae.util.distributed.derive_seed`; on a fork: the caller's random state is left
     alone), so each batch's numbers depend only on the seed, ``batch_size``, ``particle_chunk``
     and the batch's own data; with ``batch_size=1``
     datapoint i gets exactly the numbers of :func:`evaluate` on it alone after
-    ``torch.manual_seed`` of that seed. Data that fit in one batch may come from a pair with
+    ``torch.manual_seed`` of that seed (with the same ``particle_chunk``). Data that fit in one
+    batch may come from a pair with
     no data plate, scored as :func:`evaluate` scores it (one datapoint, the data set). Under a
     ``dist`` of several ranks
     (:func:`~pyro_vae.util.distributed.init_distributed`), which needs ``batch_seed``, rank r
@@ -108,7 +118,7 @@ def evaluate_dataset(
         )
     check_count("num_particles", num_particles)
     check_count("batch_size", batch_size)
-    check_count("particle_chunk", particle_chunk, optional=True)
+    check_particle_chunk(particle_chunk)
     source = as_source(data, collate_fn)
     require_weights_memory(
         num_particles,
@@ -128,63 +138,69 @@ def evaluate_dataset(
     from tqdm.auto import tqdm
 
     parts, failure, num_batches, first_index = [], None, 0, 0
-    draws: Draws | None = None  # fixed by the first batch
-    batches = tqdm(
-        source.ordered(batch_size),
-        desc="evaluate",
-        unit="batch",
-        leave=False,
-        disable=not progress or not dist.is_main,
-    )
-    pieces = budget.num_batches(source, batch_size, dist) * num_chunks(
-        num_particles, particle_chunk
+    batches = iter(
+        tqdm(
+            source.ordered(batch_size),
+            desc="evaluate",
+            unit="batch",
+            leave=False,
+            disable=not progress or not dist.is_main,
+        )
     )
     try:
-        with (
-            eval_mode(model, guide),
-            budget.work(
-                pieces, f"evaluating {num_particles:,} particles on {source.num_data:,} datapoints"
-            ),
-        ):
-            for index, batch in enumerate(batches):
-                num_batches, size = index + 1, batch.size
-                start, first_index = first_index, first_index + size
-                if index % dist.world_size != dist.rank:
-                    continue
-                call_kwargs = {**batch.kwargs, **kwargs}
-                check_finite_inputs(batch.args, call_kwargs)
-                if max_plate_nesting is None:
-                    with nullcontext() if batch_seed is None else forked_rng():
-                        max_plate_nesting = guess_max_plate_nesting(
-                            model, guide, batch.args, call_kwargs
+        with eval_mode(model, guide):
+            first = next(batches)
+            first_kwargs = {**first.kwargs, **kwargs}
+            check_finite_inputs(first.args, first_kwargs)
+            with nullcontext() if batch_seed is None else forked_rng():
+                draws = resolve_draws(
+                    model,
+                    guide,
+                    first.args,
+                    first_kwargs,
+                    num_particles,
+                    particle_chunk,
+                    max_plate_nesting,
+                    data_plate,
+                )
+            draws = replace(draws, whole=whole)
+            pieces = budget.num_batches(source, batch_size, dist) * num_chunks(
+                num_particles, draws.particle_chunk
+            )
+            what = f"evaluating {num_particles:,} particles on {source.num_data:,} datapoints"
+            with budget.work(pieces, what):
+                for index, batch in enumerate(chain([first], batches)):
+                    num_batches, size = index + 1, batch.size
+                    start, first_index = first_index, first_index + size
+                    if index % dist.world_size != dist.rank:
+                        continue
+                    call_kwargs = {**batch.kwargs, **kwargs}
+                    if index > 0:
+                        check_finite_inputs(batch.args, call_kwargs)
+                    with _batch_rng(batch_seed, index):
+                        part = batch_result(
+                            model,
+                            guide,
+                            batch.args,
+                            call_kwargs,
+                            draws,
+                            khat=khat,
+                            keep_log_weights=keep_log_weights,
+                            first_index=start,
                         )
-                if draws is None:
-                    draws = Draws(
-                        num_particles, particle_chunk, max_plate_nesting, data_plate, whole=whole
-                    ).probed(model, guide, batch.args, call_kwargs)
-                with _batch_rng(batch_seed, index):
-                    part = batch_result(
-                        model,
-                        guide,
-                        batch.args,
-                        call_kwargs,
-                        draws,
-                        khat=khat,
-                        keep_log_weights=keep_log_weights,
-                        first_index=start,
-                    )
-                if part.whole_data_set and index > 0:
-                    raise ConfigError(
-                        "no pyro.plate holds every observed site, so the data set is one "
-                        "datapoint: evaluate it in one batch (batch_size >= its length)"
-                    )
-                if part.num_datapoints != size and not part.whole_data_set:
-                    raise ConfigError(
-                        f"the data plate has {part.num_datapoints} entries for a "
-                        f"batch of {size} rows: its size must be the batch's "
-                        "length"
-                    )
-                parts.append(part)
+                    draws = replace(draws, vectorize=part.vectorized)  # probed once
+                    if part.whole_data_set and index > 0:
+                        raise ConfigError(
+                            "no pyro.plate holds every observed site, so the data set is one "
+                            "datapoint: evaluate it in one batch (batch_size >= its length)"
+                        )
+                    if part.num_datapoints != size and not part.whole_data_set:
+                        raise ConfigError(
+                            f"the data plate has {part.num_datapoints} entries for a "
+                            f"batch of {size} rows: its size must be the batch's "
+                            "length"
+                        )
+                    parts.append(part)
     except PyroVAEError as exc:
         if not dist.enabled:
             raise

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from pyro_vae.core.arguments import batch_length, leaves
-from pyro_vae.core.traces import guess_max_plate_nesting
 from pyro_vae.evaluate.chunks import (
     Draws,
     check_finite_inputs,
@@ -24,8 +24,15 @@ from pyro_vae.evaluate.chunks import (
 )
 from pyro_vae.evaluate.khat import MIN_KHAT_PARTICLES, ParetoTail, pareto_khat, tail_size
 from pyro_vae.evaluate.results import EvaluationResult, GlobalTerm
+from pyro_vae.evaluate.sizing import (
+    AUTO,
+    auto_chunk,
+    check_particle_chunk,
+    chunk_bound,
+    plain_run,
+)
 from pyro_vae.util import budget, memory
-from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError
+from pyro_vae.util.errors import ConfigError, DataError, PyroVAEError, check_count
 
 
 class EvaluationError(PyroVAEError):
@@ -95,7 +102,8 @@ def batch_result(
     first_index: int = 0,
 ) -> EvaluationResult:
     """The statistics of one call's datapoints (the first of them ``first_index`` of the data
-    set, for messages), streamed over the particle chunks of ``draws``."""
+    set, for messages), streamed over the particle chunks of ``draws`` (``result.vectorized``
+    says how they were drawn, found by the probe when ``draws.vectorize`` is ``None``)."""
     num_particles = draws.num_particles
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     accumulator = _WeightAccumulator()
@@ -104,7 +112,9 @@ def batch_result(
     global_sum, global_sites, summed_sites, whole_data_set = 0.0, (), (), False
     #: each chunk's Σ over its particles of TraceEnum's ELBO, [N]; None once one lacks it
     enum_sums: list[torch.Tensor] | None = []
+    vectorized = draws.vectorize is not False
     for chunk in log_weight_chunks(model, guide, args, kwargs, draws):
+        vectorized = chunk.vectorized
         accumulator.update(chunk.log_weights)
         budget.piece_done()
         whole_data_set = chunk.whole
@@ -133,7 +143,7 @@ def batch_result(
         **stats,
         khat=tail.khat() if tail is not None else None,
         log_weights=full.cpu() if full is not None else None,
-        vectorized=draws.vectorize,
+        vectorized=vectorized,
         global_term=global_term,
         summed_sites=summed_sites,
         whole_data_set=whole_data_set,
@@ -168,7 +178,7 @@ def evaluate(
     guide: Callable,
     *args: Any,
     num_particles: int,
-    particle_chunk: int | None = None,
+    particle_chunk: int | str | None = None,
     khat: bool | None = None,
     keep_log_weights: bool = True,
     max_plate_nesting: int | None = None,
@@ -180,13 +190,16 @@ def evaluate(
     ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)`` must put every sample site inside
     one data plate (found automatically unless ``data_plate`` names it). ``khat=None`` computes
     k-hat when ``num_particles >= MIN_KHAT_PARTICLES``; ``True`` demands it, ``False`` skips it.
-    With ``keep_log_weights`` the ``[K, N]`` log-weights are kept on the result.
+    With ``keep_log_weights`` the ``[K, N]`` log-weights are kept on the result. Particles are
+    drawn all at once by default; ``particle_chunk`` bounds a call's particles, and ``"auto"``
+    sizes the chunk from the pair (:func:`resolve_draws`).
 
     The module behind ``model`` and ``guide`` (when they are its bound methods) runs in eval
     mode (dropout off, batch norm on its running statistics) and gets its mode back at the end.
     Particles are drawn in one vectorized call unless a probe finds that the pair's networks
-    see the particle dimension (:func:`pyro_vae.core.vectorization.particle_mismatch`); then one
-    call per particle, K times slower, and the result says ``vectorized = False``.
+    see the particle dimension (:mod:`pyro_vae.core.vectorization`, on the first chunk: see
+    :func:`~pyro_vae.evaluate.chunks.log_weight_chunks`); then one call per particle, K times
+    slower, and the result says ``vectorized = False``.
 
     A pair with no plate that holds every observed site is scored as one datapoint, the
     whole data set (``result.whole_data_set``): its log p̂ and bound are the data set's, and
@@ -196,6 +209,8 @@ def evaluate(
     :raises DataError: if a floating-point tensor argument holds NaN or infinite values.
     :raises EvaluationError: if any datapoint's log-weights are NaN or infinite.
     """
+    check_count("num_particles", num_particles)
+    check_particle_chunk(particle_chunk)
     check_finite_inputs(args, kwargs)
     try:
         rows = batch_length(args, kwargs)
@@ -204,20 +219,46 @@ def evaluate(
     require_weights_memory(
         num_particles, particle_chunk, rows, rows, khat, keep_log_weights, data_device(args, kwargs)
     )
-    with (
-        eval_mode(model, guide),
-        budget.work(
-            num_chunks(num_particles, particle_chunk), f"evaluating {num_particles:,} particles"
-        ),
-    ):
-        if max_plate_nesting is None:
-            max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        draws = Draws(
-            num_particles, particle_chunk, max_plate_nesting, data_plate, whole=True
-        ).probed(model, guide, args, kwargs)
-        return batch_result(
-            model, guide, args, kwargs, draws, khat=khat, keep_log_weights=keep_log_weights
+    with eval_mode(model, guide):
+        draws = resolve_draws(
+            model, guide, args, kwargs, num_particles, particle_chunk, max_plate_nesting, data_plate
         )
+        draws = replace(draws, whole=True)
+        with budget.work(
+            num_chunks(num_particles, draws.particle_chunk),
+            f"evaluating {num_particles:,} particles",
+        ):
+            return batch_result(
+                model, guide, args, kwargs, draws, khat=khat, keep_log_weights=keep_log_weights
+            )
+
+
+def resolve_draws(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    particle_chunk: int | str | None,
+    max_plate_nesting: int | None,
+    data_plate: str | None,
+) -> Draws:
+    """The :class:`Draws` of an evaluation, the vectorization left to the first chunk's probe.
+
+    ``particle_chunk`` is kept as given (``None``: all particles in one call) except
+    ``"auto"``: then :func:`~pyro_vae.evaluate.sizing.auto_chunk` sizes it from one plain run
+    of the pair (:func:`~pyro_vae.evaluate.sizing.plain_run`, which also gives the plate
+    nesting when ``max_plate_nesting`` is not given), so that a chunk's largest site tensor
+    holds about :data:`~pyro_vae.evaluate.sizing.CHUNK_BYTES`; one particle needs no sizing.
+    The size changes which random numbers a particle gets, not their distribution."""
+    run = None
+    if max_plate_nesting is None or (particle_chunk == AUTO and num_particles > 1):
+        run = plain_run(model, guide, args, kwargs)
+    nesting = run.max_plate_nesting if max_plate_nesting is None else max_plate_nesting
+    chunk = particle_chunk
+    if particle_chunk == AUTO:
+        chunk = 1 if run is None else auto_chunk(num_particles, run.bytes_per_particle)
+    return Draws(num_particles, chunk, nesting, data_plate, vectorize=None)
 
 
 def data_device(args: tuple, kwargs: dict) -> torch.device:
@@ -228,7 +269,7 @@ def data_device(args: tuple, kwargs: dict) -> torch.device:
 
 def require_weights_memory(
     num_particles: int,
-    particle_chunk: int | None,
+    particle_chunk: int | str | None,
     rows: int,
     total_rows: int,
     khat: bool | None,
@@ -240,10 +281,14 @@ def require_weights_memory(
     log-weights, the ``[M + 1, rows]`` largest ones k-hat keeps and, when kept, all
     ``[K, total_rows]`` log-weights, in float64. The pair's own activations are not counted
     (the command line measures them first). A ``num_particles`` that is not a positive integer
-    is left to the evaluation's own checks."""
+    is left to the evaluation's own checks. An automatic chunk counts as the largest it can be
+    on ``rows`` datapoints (:func:`~pyro_vae.evaluate.sizing.chunk_bound`)."""
     if not isinstance(num_particles, int) or num_particles < 1:
         return
-    chunk = num_particles if particle_chunk is None else min(particle_chunk, num_particles)
+    if particle_chunk == AUTO:
+        chunk = chunk_bound(num_particles, rows)
+    else:
+        chunk = num_particles if particle_chunk is None else min(particle_chunk, num_particles)
     with_khat = num_particles >= MIN_KHAT_PARTICLES if khat is None else khat
     nbytes = 8 * (
         max(chunk, 1) * rows

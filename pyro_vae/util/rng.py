@@ -4,7 +4,7 @@ as if it had not run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -25,3 +25,19 @@ def forked_rng() -> Iterator[None]:
     ``torch.manual_seed`` inside the block seeds CUDA for when it starts (torch defers it)."""
     with torch.random.fork_rng(devices=cuda_devices()):
         yield
+
+
+def saved_rng() -> Callable[[], None]:
+    """A function that puts torch's random state (CPU and every CUDA device in use,
+    :func:`cuda_devices`) back to what it is now: to draw again from the same point, e.g. one
+    particle of a vectorized draw replayed on its own."""
+    devices = cuda_devices()
+    cpu = torch.get_rng_state()
+    cuda = [torch.cuda.get_rng_state(device) for device in devices]
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        for device, state in zip(devices, cuda):
+            torch.cuda.set_rng_state(state, device)
+
+    return restore
