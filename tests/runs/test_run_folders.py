@@ -229,7 +229,7 @@ def test_a_failed_start_leaves_no_trace(tmp_path, capsys):
         )
         == 2
     )
-    assert "not found" in one_line(capsys)
+    assert "does not exist" in one_line(capsys)
     assert not (tmp_path / "new").exists()
 
 
