@@ -102,8 +102,9 @@ def capture(
 def lift_constants(graph: torch.fx.GraphModule) -> list[torch.Tensor]:
     """Turn each tensor constant of ``graph`` (a ``get_attr`` node) into a trailing input, in
     place; returns their values, the inputs to pass for them."""
-    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
-    constants, last = [], placeholders[-1] if placeholders else None
+    # FX calls a graph's input nodes "placeholder" nodes (its op name and Graph.placeholder)
+    inputs = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    constants, last = [], inputs[-1] if inputs else None
     for node in list(graph.graph.nodes):
         if node.op != "get_attr" or not isinstance(getattr(graph, node.target), torch.Tensor):
             continue
