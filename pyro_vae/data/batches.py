@@ -192,13 +192,9 @@ class TensorSource:
                 else torch.randperm(self.num_data, device=device, generator=order_generator)
             )
         # the rows of each batch by index_select, which equals t[index] in fewer operations
-        single = isinstance(tensors, tuple) and len(tensors) == 1
         for index in order.split(batch_size):
-            if single:
-                yield Batch((tensors[0].index_select(0, index),), {}, index.shape[0])
-            else:
-                rows = self._map(lambda t, index=index: t.index_select(0, index), tensors)
-                yield self._batch(rows, index.shape[0])
+            rows = self._map(lambda t, index=index: t.index_select(0, index), tensors)
+            yield self._batch(rows, index.shape[0])
 
     def ordered(self, batch_size: int) -> Iterator[Batch]:
         """Every datapoint once, in order, untransformed: for evaluation."""
